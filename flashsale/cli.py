@@ -1,0 +1,353 @@
+"""The ``flashsale`` command line. Every command reads Settings once, here, and passes them down.
+
+Errors are one line on stderr (``flashsale: error: skus[0].stock: must be a positive integer``)
+with a non-zero exit: 2 for bad input, 1 for anything else. Nothing is written on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+import redis.exceptions
+
+from flashsale import __version__
+from flashsale.clients import pg_pool, redis_client
+from flashsale.devstack import DevStack
+from flashsale.errors import FlashsaleError, InvalidInput, Unavailable
+from flashsale.migrate import migrate
+from flashsale.sales import SaleAdmin
+from flashsale.salespec import parse_csv, parse_sale
+from flashsale.settings import Settings, configure_logging
+
+EXAMPLE_SALE = Path(__file__).with_name("example_sale.json")
+
+
+def out(line: str = "") -> None:
+    print(line, flush=True)
+
+
+def dump_json(data: Any) -> None:
+    sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+@contextlib.asynccontextmanager
+async def admin(settings: Settings) -> AsyncIterator[SaleAdmin]:
+    """A SaleAdmin over fresh clients, closed on exit."""
+    pool = await pg_pool(settings, max_size=4)
+    client = redis_client(settings)
+    try:
+        yield SaleAdmin.build(pool, client)
+    finally:
+        await client.aclose()
+        await pool.close()
+
+
+# -- dev stack ------------------------------------------------------------------------------
+
+
+def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
+    stack = DevStack(settings.home)
+    if args.dev_command == "up":
+        seconds = stack.up(timeout=args.timeout)
+        out(f"stack ready in {seconds:.1f}s; env in {stack.env_file}")
+        out('use it from a shell with: eval "$(flashsale dev env)"')
+        return 0
+    if args.dev_command == "down":
+        stack.down(purge=args.purge)
+        return 0
+    if args.dev_command == "env":
+        sys.stdout.write(stack.env_lines())
+        return 0
+    rows = stack.status()
+    for row in rows:
+        where = row.url or "-"
+        pid = f"pid {row.pid}" if row.pid else ""
+        version = f"v{row.version}" if row.version else ""
+        out(f"{row.name:9} {row.state:8} {where:48} {pid:10} {version:8} {row.detail}")
+    return 0 if all(r.state in ("running", "external") for r in rows) else 3
+
+
+# -- migrations -----------------------------------------------------------------------------
+
+
+async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    dsn = settings.require_database()
+    try:
+        conn = await asyncpg.connect(dsn, timeout=5)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        raise Unavailable(f"cannot reach Postgres: {exc}") from exc
+    try:
+        await migrate(conn, progress=out)
+    finally:
+        await conn.close()
+    return 0
+
+
+# -- sales ----------------------------------------------------------------------------------
+
+
+def read_input(path: str) -> str:
+    """The text of ``path`` ('-' is stdin); an unreadable file is bad input."""
+    try:
+        return sys.stdin.read() if path == "-" else Path(path).read_text()
+    except OSError as exc:
+        raise InvalidInput("file", f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise InvalidInput("file", f"{path} is not UTF-8 text") from None
+
+
+def read_json_file(path: str) -> Any:
+    raw = read_input(path)
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(
+            "file", f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from None
+
+
+SKU_FLAGS = {
+    "title": "title",
+    "stock": "stock",
+    "price": "price",
+    "currency": "currency",
+    "limit": "per_buyer_limit",
+    "ttl": "hold_ttl_seconds",
+}
+SALE_FLAGS = {
+    "name": "name",
+    "starts_at": "starts_at",
+    "ends_at": "ends_at",
+    "admission_rate": "admission_rate",
+    "max_queue": "max_queue",
+}
+
+
+def sale_from_flags(args: argparse.Namespace) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        key: getattr(args, flag) for flag, key in SALE_FLAGS.items() if getattr(args, flag)
+    }
+    sku = {key: getattr(args, flag) for flag, key in SKU_FLAGS.items() if getattr(args, flag)}
+    if args.sku:
+        data["skus"] = [{"sku": args.sku, **sku}]
+    elif sku:
+        raise InvalidInput("sku", "--sku is required with --stock/--price/--currency/...")
+    return data
+
+
+async def cmd_sale(args: argparse.Namespace, settings: Settings) -> int:
+    command = args.sale_command
+    # Validate everything before opening a connection: bad input writes nothing.
+    if command == "create":
+        given_flags = [f for f in (*SALE_FLAGS, *SKU_FLAGS, "sku") if getattr(args, f)]
+        if args.file and given_flags:
+            raise InvalidInput(given_flags[0], "give either --file or flags, not both")
+        spec = parse_sale(read_json_file(args.file) if args.file else sale_from_flags(args))
+        async with admin(settings) as sales:
+            created = await sales.create(spec)
+        dump_json(created) if args.json else out(created["id"])
+        return 0
+    if command == "import":
+        specs = parse_csv(read_input(args.file))
+        async with admin(settings) as sales:
+            await sales.import_skus(args.sale, specs)
+        out(
+            f"imported {len(specs)} SKUs into {args.sale}; run `flashsale sale preload {args.sale}`"
+        )
+        return 0
+    async with admin(settings) as sales:
+        if command == "list":
+            for sale in await sales.list_sales():
+                out(f"{sale['id']}  {sale['state']:9}  {sale['starts_at']}  {sale['name']}")
+        elif command == "show":
+            dump_json(await sales.get(args.sale))
+        elif command == "preload":
+            results = await sales.preload(args.sale, force=args.force)
+            for r in results:
+                out(f"{r.sku}: {r.outcome} (total {r.counts.total}, available {r.counts.available},"
+                    f" held {r.counts.held}, sold {r.counts.sold})")  # fmt: skip
+        elif command == "status":
+            print_status(await sales.status(args.sale), as_json=args.json)
+        elif command == "add-stock":
+            print_status(await sales.add_stock(args.sale, args.sku, args.units), as_json=False)
+        else:
+            sale = await sales.set_status(args.sale, command)
+            out(f"{sale['id']}: status {sale['status']} (state {sale['state']})")
+    return 0
+
+
+def print_status(status: dict[str, Any], *, as_json: bool) -> None:
+    if as_json:
+        dump_json(status)
+        return
+    sale = status["sale"]
+    out(f'sale {sale["id"]}  "{sale["name"]}"  state={sale["state"]}  status={sale["status"]}')
+    out(f"  starts {sale['starts_at']}  ends {sale['ends_at']}  preloaded {sale['preloaded_at']}")
+    out(f"  {'SKU':20} {'STOCK':>10} {'AVAILABLE':>10} {'HELD':>8} {'SOLD':>8} {'CONFIRMED':>10}")
+
+    def cell(value: int | None) -> str:
+        return "-" if value is None else str(value)
+
+    for row in status["skus"]:
+        out(
+            f"  {row['sku']:20} {row['stock_total']:>10} {cell(row['available']):>10}"
+            f" {cell(row['held']):>8} {cell(row['sold']):>8} {row['confirmed']:>10}"
+        )
+
+
+# -- demo -----------------------------------------------------------------------------------
+
+
+async def run_demo(settings: Settings) -> int:
+    conn = await asyncpg.connect(settings.require_database(), timeout=5)
+    try:
+        out("== applying migrations")
+        await migrate(conn, progress=lambda line: out(f"   {line}"))
+    finally:
+        await conn.close()
+    data = json.loads(EXAMPLE_SALE.read_text())
+    now = datetime.now(UTC).replace(microsecond=0)
+    data["starts_at"] = now.isoformat()
+    data["ends_at"] = (now + timedelta(hours=1)).isoformat()
+    async with admin(settings) as sales:
+        created = await sales.create(parse_sale(data))
+        out(f"== created sale {created['id']} ({created['name']}) from {EXAMPLE_SALE.name}")
+        for result in await sales.preload(created["id"]):
+            out(f"   preload {result.sku}: {result.outcome}")
+        out("== status")
+        print_status(await sales.status(created["id"]), as_json=False)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    out("== starting the embedded stack (servers given by env vars are used as they are)")
+    stack = DevStack(settings.home)
+    seconds = stack.up()
+    out(f"   ready in {seconds:.1f}s")
+    settings = Settings.from_env()  # pick up the freshly written dev.env
+    code = asyncio.run(run_demo(settings))
+    out("\nThe stack keeps running; stop it with `.venv/bin/flashsale dev down`.")
+    return code
+
+
+# -- parser ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flashsale",
+        description="Flash-sale allocation engine: dev stack, migrations and sale administration.",
+    )
+    parser.add_argument("--version", action="version", version=f"flashsale {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    dev = commands.add_parser("dev", help="embedded Redis + PostgreSQL + Kafka broker")
+    dev_sub = dev.add_subparsers(dest="dev_command", required=True, metavar="ACTION")
+    up = dev_sub.add_parser("up", help="start (or reuse) the stack; write .flashsale/dev.env")
+    up.add_argument("--timeout", type=float, default=30.0, help="seconds to wait (default 30)")
+    down = dev_sub.add_parser("down", help="stop the stack cleanly")
+    down.add_argument("--purge", action="store_true", help="also delete its data and secrets")
+    dev_sub.add_parser("status", help="what runs where (exit 3 if something is down)")
+    dev_sub.add_parser("env", help="print the export lines of .flashsale/dev.env")
+
+    commands.add_parser("migrate", help="apply pending Postgres migrations (re-runnable)")
+
+    sale = commands.add_parser("sale", help="create, preload and operate sales")
+    sale_sub = sale.add_subparsers(dest="sale_command", required=True, metavar="ACTION")
+    create = sale_sub.add_parser(
+        "create",
+        help="create a sale from --file or flags; prints its id",
+        description="Create a sale from a JSON sale file (--file, '-' for stdin) or from flags "
+        "describing the sale and at most one SKU. Prints the sale id, or the whole sale with "
+        "--json.",
+    )
+    create.add_argument("--file", help="sale file (JSON, see README); '-' reads stdin")
+    create.add_argument("--json", action="store_true", help="print the created sale as JSON")
+    create.add_argument("--name")
+    create.add_argument("--starts-at", help="ISO 8601 with timezone (default: now)")
+    create.add_argument("--ends-at", help="ISO 8601 with timezone (default: starts + 1h)")
+    create.add_argument("--admission-rate", help="buyers admitted per second (default 500)")
+    create.add_argument("--max-queue", help="queue cap (default 200000)")
+    create.add_argument("--sku", help="SKU id (letters, digits, . _ -)")
+    create.add_argument("--title", help="SKU title (default: the SKU id)")
+    create.add_argument("--stock", help="units (positive integer)")
+    create.add_argument("--price", help="price in integer minor units (cents)")
+    create.add_argument("--currency", help="ISO 4217 code, e.g. EUR")
+    create.add_argument("--limit", help="per-buyer limit (default 1)")
+    create.add_argument("--ttl", help="hold TTL in seconds (default 120)")
+
+    imp = sale_sub.add_parser("import", help="add SKUs from a CSV file (all rows validated first)")
+    imp.add_argument("file", help="CSV with header sku,title,stock,price,currency,...")
+    imp.add_argument("--sale", required=True, help="sale id")
+
+    sale_sub.add_parser("list", help="list sales")
+    show = sale_sub.add_parser("show", help="print a sale's configuration as JSON")
+    show.add_argument("sale")
+    preload = sale_sub.add_parser("preload", help="copy configuration and stock into Redis")
+    preload.add_argument("sale")
+    preload.add_argument(
+        "--force", action="store_true",
+        help="reload even with held or sold units (they are never reset)",
+    )  # fmt: skip
+    status = sale_sub.add_parser("status", help="per SKU: stock, available, held, sold, confirmed")
+    status.add_argument("sale")
+    status.add_argument("--json", action="store_true")
+    add = sale_sub.add_parser("add-stock", help="add N units to a SKU (Postgres, then Redis)")
+    add.add_argument("sale")
+    add.add_argument("sku")
+    add.add_argument("units", metavar="N")
+    for action, text in (
+        ("pause", "stop granting reservations"),
+        ("resume", "resume a paused sale"),
+        ("end", "end the sale for good"),
+    ):
+        sale_sub.add_parser(action, help=text).add_argument("sale")
+
+    commands.add_parser(
+        "demo", help="bring up the stack, migrate, create and preload a sample sale, show status"
+    )
+    return parser
+
+
+HANDLERS: dict[str, Callable[[argparse.Namespace, Settings], Any]] = {
+    "dev": cmd_dev,
+    "migrate": cmd_migrate,
+    "sale": cmd_sale,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = Settings.from_env()
+    configure_logging(settings)
+    try:
+        result = HANDLERS[args.command](args, settings)
+        if asyncio.iscoroutine(result):
+            result = asyncio.run(result)
+        return int(result)
+    except InvalidInput as exc:
+        print(f"flashsale: error: {exc.message}", file=sys.stderr)
+        return 2
+    except FlashsaleError as exc:
+        print(f"flashsale: error: {exc.message}", file=sys.stderr)
+        return 1
+    except (redis.exceptions.ConnectionError, OSError) as exc:
+        print(f"flashsale: error: a server is unreachable: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""Client factories. Nothing is created at import time: entry points build clients from Settings
+and own their lifecycle (close what you open)."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from flashsale.errors import Unavailable
+from flashsale.settings import Settings
+
+
+def redis_client(settings: Settings, **options: Any) -> aioredis.Redis:
+    """An asyncio Redis client (bytes responses) for ``REDIS_URL``."""
+    options.setdefault("socket_connect_timeout", 2.0)
+    options.setdefault("health_check_interval", 15)
+    return aioredis.Redis.from_url(settings.require_redis(), **options)
+
+
+async def pg_pool(settings: Settings, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+    """An asyncpg pool for ``DATABASE_URL``; raises Unavailable with where it tried."""
+    dsn = settings.require_database()
+    try:
+        return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, timeout=5)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        where = urlsplit(dsn)
+        raise Unavailable(f"cannot reach Postgres at {where.hostname}:{where.port}: {exc}") from exc

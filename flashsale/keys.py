@@ -1,0 +1,84 @@
+"""The Redis key layout. Every key of one SKU shares one hash tag, so each script touches one slot.
+
+    fs:{<sale>:<sku>}:meta       hash   sale/SKU configuration copied from Postgres by preload
+    fs:{<sale>:<sku>}:stock      hash   total, available, active, paying, sold (units)
+    fs:{<sale>:<sku>}:holds      hash   reservation id -> hold record
+    fs:{<sale>:<sku>}:deadlines  zset   reservation id scored by hold deadline (ms, Redis TIME)
+    fs:{<sale>:<sku>}:buyers     hash   buyer id -> units counted against the per-buyer limit
+    fs:{<sale>:<sku>}:idem       hash   idempotency key -> first answer
+    fs:{<sale>:<sku>}:outbox     stream reservation events for the relay
+    fs:{<sale>}:sale             hash   sale-level configuration and status
+    fs:{<sale>}:...              queue keys share the sale's tag
+
+Sale and SKU ids are restricted (see :data:`ID_PATTERN`) so no id can break a hash tag.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+PREFIX = "fs"
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True, slots=True)
+class SkuKeys:
+    sale_id: str
+    sku: str
+
+    @property
+    def tag(self) -> str:
+        return f"{PREFIX}:{{{self.sale_id}:{self.sku}}}"
+
+    @property
+    def meta(self) -> str:
+        return f"{self.tag}:meta"
+
+    @property
+    def stock(self) -> str:
+        return f"{self.tag}:stock"
+
+    @property
+    def holds(self) -> str:
+        return f"{self.tag}:holds"
+
+    @property
+    def deadlines(self) -> str:
+        return f"{self.tag}:deadlines"
+
+    @property
+    def buyers(self) -> str:
+        return f"{self.tag}:buyers"
+
+    @property
+    def idem(self) -> str:
+        return f"{self.tag}:idem"
+
+    @property
+    def outbox(self) -> str:
+        return f"{self.tag}:outbox"
+
+    def all(self) -> list[str]:
+        return [
+            self.meta,
+            self.stock,
+            self.holds,
+            self.deadlines,
+            self.buyers,
+            self.idem,
+            self.outbox,
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class SaleKeys:
+    sale_id: str
+
+    @property
+    def tag(self) -> str:
+        return f"{PREFIX}:{{{self.sale_id}}}"
+
+    @property
+    def sale(self) -> str:
+        return f"{self.tag}:sale"

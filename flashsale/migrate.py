@@ -1,0 +1,90 @@
+"""Versioned SQL migrations: ``flashsale/migrations/NNNN_name.sql``, applied in order.
+
+Re-runnable: applied versions are recorded in ``schema_migrations`` (with a checksum, so an
+edited migration that was already applied is reported instead of silently diverging), each
+migration runs in its own transaction, and an advisory lock serialises concurrent runners.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import asyncpg
+
+from flashsale.errors import ConfigError
+
+_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+_LOCK_ID = 0x666C617368  # "flash": any constant shared by every runner
+
+_BOOTSTRAP = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version     integer PRIMARY KEY,
+    name        text        NOT NULL,
+    checksum    text        NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def available() -> list[Migration]:
+    found = []
+    for entry in importlib.resources.files("flashsale.migrations").iterdir():
+        match = _NAME.match(entry.name)
+        if match:
+            found.append(Migration(int(match.group(1)), match.group(2), entry.read_text()))
+    return sorted(found, key=lambda m: m.version)
+
+
+async def migrate(conn: asyncpg.Connection, progress: Callable[[str], None] = print) -> list[int]:
+    """Apply every pending migration; return the versions applied by this call."""
+    applied_now: list[int] = []
+    await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_ID)
+    try:
+        await conn.execute(_BOOTSTRAP)
+        done = {
+            row["version"]: row["checksum"]
+            for row in await conn.fetch("SELECT version, checksum FROM schema_migrations")
+        }
+        for migration in available():
+            if migration.version in done:
+                if done[migration.version] != migration.checksum:
+                    raise ConfigError(
+                        f"migration {migration.version:04d}_{migration.name} was edited after it "
+                        "was applied; add a new migration instead"
+                    )
+                continue
+            async with conn.transaction():
+                await conn.execute(migration.sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                    migration.version,
+                    migration.name,
+                    migration.checksum,
+                )
+            progress(f"applied {migration.version:04d}_{migration.name}")
+            applied_now.append(migration.version)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_ID)
+    if not applied_now:
+        progress("schema up to date")
+    return applied_now
+
+
+async def applied_versions(conn: asyncpg.Connection) -> list[int]:
+    rows = await conn.fetch("SELECT version FROM schema_migrations ORDER BY version")
+    return [row["version"] for row in rows]

@@ -1,0 +1,212 @@
+"""Validation of merchandiser input: the sale file format, CLI flags and CSV rows.
+
+Every parser raises :class:`~flashsale.errors.InvalidInput` naming the first bad field
+(``skus[0].stock``, ``row 3.price``) before anything is written. Numbers may arrive as JSON
+numbers or, from flags and CSV, as text; booleans and fractional values are never numbers here.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from flashsale.currencies import is_currency
+from flashsale.errors import InvalidInput
+from flashsale.keys import ID_PATTERN
+
+MAX_STOCK = 1_000_000_000
+MAX_PRICE = 10**15
+MAX_TTL_SECONDS = 24 * 3600
+MAX_LIMIT = 10_000
+DEFAULT_DURATION = timedelta(hours=1)
+
+SALE_FIELDS = {"name", "starts_at", "ends_at", "admission_rate", "max_queue", "skus"}
+SKU_FIELDS = ("sku", "title", "stock", "price", "currency", "per_buyer_limit", "hold_ttl_seconds")
+SKU_REQUIRED = {"sku", "stock", "price", "currency"}
+
+
+@dataclass(frozen=True, slots=True)
+class SkuSpec:
+    sku: str
+    title: str
+    stock: int
+    price: int
+    currency: str
+    per_buyer_limit: int = 1
+    hold_ttl_seconds: int = 120
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class SaleSpec:
+    name: str
+    starts_at: datetime
+    ends_at: datetime
+    admission_rate: int = 500
+    max_queue: int = 200_000
+    skus: tuple[SkuSpec, ...] = field(default_factory=tuple)
+
+
+def integer(value: Any, where: str, *, minimum: int, maximum: int, what: str) -> int:
+    """An integer in ``[minimum, maximum]`` from a JSON number or decimal text."""
+    if isinstance(value, bool):
+        raise InvalidInput(where, f"must be {what}, got {value!r}")
+    if isinstance(value, str):
+        text = value.strip()
+        if not text.lstrip("-").isdigit():
+            raise InvalidInput(where, f"must be {what}, got {value!r}")
+        value = int(text)
+    elif isinstance(value, float):
+        raise InvalidInput(where, f"must be {what}, got {value!r}")
+    if not isinstance(value, int):
+        raise InvalidInput(where, f"must be {what}, got {value!r}")
+    if value < minimum or value > maximum:
+        raise InvalidInput(where, f"must be {what}, got {value}")
+    return value
+
+
+def text(value: Any, where: str, *, max_len: int = 200) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidInput(where, "must be a non-empty string")
+    if len(value) > max_len:
+        raise InvalidInput(where, f"must be at most {max_len} characters")
+    return value.strip()
+
+
+def identifier(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not ID_PATTERN.match(value):
+        raise InvalidInput(where, "must be 1-64 characters of letters, digits, '.', '_' or '-'")
+    return value
+
+
+def timestamp(value: Any, where: str) -> datetime:
+    if not isinstance(value, str):
+        raise InvalidInput(where, "must be an ISO 8601 timestamp, e.g. 2026-12-01T12:00:00Z")
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise InvalidInput(
+            where, f"must be an ISO 8601 timestamp, e.g. 2026-12-01T12:00:00Z, got {value!r}"
+        ) from None
+    if parsed.tzinfo is None:
+        raise InvalidInput(where, "must include a timezone, e.g. 2026-12-01T12:00:00Z")
+    return parsed.astimezone(UTC)
+
+
+def _check_fields(data: Mapping[str, Any], allowed: Iterable[str], where: str) -> None:
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise InvalidInput(f"{prefix}{unknown[0]}", "unknown field")
+
+
+def parse_sku(data: Any, where: str) -> SkuSpec:
+    """One SKU from a JSON object or a CSV row (``where`` prefixes field names in errors)."""
+    if not isinstance(data, Mapping):
+        raise InvalidInput(where, "must be an object")
+    _check_fields(data, SKU_FIELDS, where)
+    present = {k for k, v in data.items() if v not in (None, "")}
+    for name in SKU_FIELDS:
+        if name in SKU_REQUIRED and name not in present:
+            raise InvalidInput(f"{where}.{name}", "is required")
+    sku = identifier(data["sku"], f"{where}.sku")
+    currency = data["currency"]
+    if not isinstance(currency, str) or not is_currency(currency.strip()):
+        raise InvalidInput(f"{where}.currency", f"unknown ISO 4217 currency {currency!r}")
+    return SkuSpec(
+        sku=sku,
+        title=text(data["title"], f"{where}.title") if "title" in present else sku,
+        stock=integer(
+            data["stock"], f"{where}.stock", minimum=1, maximum=MAX_STOCK,
+            what="a positive integer",
+        ),
+        price=integer(
+            data["price"], f"{where}.price", minimum=0, maximum=MAX_PRICE,
+            what="a non-negative integer amount in minor units",
+        ),
+        currency=currency.strip(),
+        per_buyer_limit=integer(
+            data.get("per_buyer_limit", 1) if "per_buyer_limit" in present else 1,
+            f"{where}.per_buyer_limit", minimum=1, maximum=MAX_LIMIT,
+            what=f"an integer from 1 to {MAX_LIMIT}",
+        ),
+        hold_ttl_seconds=integer(
+            data.get("hold_ttl_seconds", 120) if "hold_ttl_seconds" in present else 120,
+            f"{where}.hold_ttl_seconds", minimum=1, maximum=MAX_TTL_SECONDS,
+            what=f"a positive number of seconds up to {MAX_TTL_SECONDS}",
+        ),
+    )  # fmt: skip
+
+
+def parse_sale(data: Any, *, now: datetime | None = None) -> SaleSpec:
+    """A whole sale from the sale file format (see README). Optional fields get defaults."""
+    if not isinstance(data, Mapping):
+        raise InvalidInput("sale", "must be a JSON object")
+    _check_fields(data, SALE_FIELDS, "")
+    name = text(data.get("name"), "name")
+    now = now or datetime.now(UTC)
+    starts_at = timestamp(data["starts_at"], "starts_at") if data.get("starts_at") else now
+    ends_at = (
+        timestamp(data["ends_at"], "ends_at")
+        if data.get("ends_at")
+        else starts_at + DEFAULT_DURATION
+    )
+    if ends_at <= starts_at:
+        raise InvalidInput("ends_at", "must be after starts_at")
+    admission_rate = integer(
+        data.get("admission_rate", 500), "admission_rate", minimum=1, maximum=1_000_000,
+        what="a positive integer (buyers per second)",
+    )  # fmt: skip
+    max_queue = integer(
+        data.get("max_queue", 200_000), "max_queue", minimum=1, maximum=100_000_000,
+        what="a positive integer",
+    )  # fmt: skip
+    raw_skus = data.get("skus", [])
+    if not isinstance(raw_skus, list):
+        raise InvalidInput("skus", "must be a list")
+    skus = tuple(parse_sku(item, f"skus[{i}]") for i, item in enumerate(raw_skus))
+    reject_duplicates(skus, lambda i: f"skus[{i}].sku")
+    return SaleSpec(name, starts_at, ends_at, admission_rate, max_queue, skus)
+
+
+def reject_duplicates(skus: Iterable[SkuSpec], where: Any) -> None:
+    seen: set[str] = set()
+    for index, spec in enumerate(skus):
+        if spec.sku in seen:
+            raise InvalidInput(where(index), f"duplicate SKU {spec.sku!r} in this sale")
+        seen.add(spec.sku)
+
+
+def parse_csv(content: str) -> tuple[SkuSpec, ...]:
+    """SKU rows from CSV with a header naming the SKU fields. Validates every row first."""
+    reader = csv.DictReader(io.StringIO(content, newline=""))
+    header = reader.fieldnames
+    if not header:
+        raise InvalidInput("csv", "is empty: expected a header row " + ",".join(SKU_FIELDS))
+    header = [h.strip() for h in header]
+    reader.fieldnames = header
+    unknown = [h for h in header if h not in SKU_FIELDS]
+    if unknown:
+        raise InvalidInput(f"csv.header.{unknown[0]}", "unknown column")
+    missing = sorted(SKU_REQUIRED - set(header))
+    if missing:
+        raise InvalidInput(f"csv.header.{missing[0]}", "required column is missing")
+    specs: list[SkuSpec] = []
+    try:
+        for row in reader:
+            line = reader.line_num
+            if None in row or any(v is None for v in row.values()):
+                raise InvalidInput(f"row {line}", f"must have exactly {len(header)} columns")
+            specs.append(parse_sku(row, f"row {line}"))
+    except csv.Error as exc:
+        raise InvalidInput(f"row {reader.line_num}", f"malformed CSV: {exc}") from None
+    if not specs:
+        raise InvalidInput("csv", "has a header but no rows")
+    reject_duplicates(specs, lambda i: f"row {i + 2}.sku")
+    return tuple(specs)

@@ -1,0 +1,1 @@
+"""Every Redis script of the engine, one file each, shipped as package data."""

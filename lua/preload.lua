@@ -1,0 +1,46 @@
+-- preload: copy one SKU's configuration and stock from Postgres into Redis, atomically.
+--
+-- KEYS[1] meta hash   KEYS[2] stock hash
+-- ARGV[1] force ('1' | '0')   ARGV[2] stock_total   ARGV[3..] meta field/value pairs
+--
+-- Never resets held (active, paying) or sold units: available = total - active - paying - sold.
+-- Returns {outcome, total, available, active, paying, sold} where outcome is
+--   'loaded'                   configuration and stock written
+--   'unchanged'                Redis already holds exactly this: nothing written
+--   'refused_committed'        units are held or sold and force was not given: nothing written
+--   'refused_below_committed'  total would be below held + sold units: nothing written
+local meta, stock = KEYS[1], KEYS[2]
+local force = ARGV[1] == '1'
+local total = tonumber(ARGV[2])
+
+local cur = redis.call('HMGET', stock, 'total', 'available', 'active', 'paying', 'sold')
+local cur_total = tonumber(cur[1])
+local available = tonumber(cur[2]) or 0
+local active = tonumber(cur[3]) or 0
+local paying = tonumber(cur[4]) or 0
+local sold = tonumber(cur[5]) or 0
+local committed = active + paying + sold
+
+local same = cur_total == total and available == total - committed
+if same then
+  for i = 3, #ARGV, 2 do
+    if redis.call('HGET', meta, ARGV[i]) ~= ARGV[i + 1] then
+      same = false
+      break
+    end
+  end
+end
+if same then
+  return {'unchanged', total, available, active, paying, sold}
+end
+if committed > 0 and not force then
+  return {'refused_committed', cur_total or 0, available, active, paying, sold}
+end
+if total < committed then
+  return {'refused_below_committed', cur_total or 0, available, active, paying, sold}
+end
+
+redis.call('HSET', meta, unpack(ARGV, 3))
+redis.call('HSET', stock, 'total', total, 'available', total - committed,
+  'active', active, 'paying', paying, 'sold', sold)
+return {'loaded', total, total - committed, active, paying, sold}

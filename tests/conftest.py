@@ -1,0 +1,121 @@
+"""Fixtures: the real stack, from the environment or the embedded dev stack.
+
+When ``REDIS_URL``, ``DATABASE_URL`` and ``KAFKA_BOOTSTRAP`` are all set, tests use those servers.
+Otherwise the session starts (or reuses) the embedded stack under ``./.flashsale`` and stops it
+at the end if it was the one that started it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import redis
+
+from flashsale.cli import main
+from flashsale.devstack import EXTERNAL_VAR, DevStack
+from flashsale.migrate import migrate
+from flashsale.settings import Settings, home_dir, read_env_file
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Settings]:
+    """Settings pointing at running servers, with the schema migrated."""
+    external = all(os.environ.get(var) for var in EXTERNAL_VAR.values())
+    started = False
+    home = home_dir()
+    if not external:
+        dev = DevStack(home)
+        started = any(row.state == "stopped" for row in dev.status())
+        dev.up(progress=lambda _line: None)
+        for key, value in read_env_file(dev.env_file).items():
+            os.environ.setdefault(key, value)
+    settings = Settings.from_env()
+
+    async def prepare() -> None:
+        conn = await asyncpg.connect(settings.require_database())
+        try:
+            await migrate(conn, progress=lambda _line: None)
+        finally:
+            await conn.close()
+
+    asyncio.run(prepare())
+    yield settings
+    if started:
+        DevStack(home).down(progress=lambda _line: None)
+
+
+@pytest.fixture
+def rdb(stack: Settings) -> Iterator[redis.Redis]:
+    """A synchronous Redis client for assertions."""
+    client = redis.Redis.from_url(stack.require_redis(), decode_responses=True)
+    yield client
+    client.close()
+
+
+@dataclass
+class Db:
+    """Synchronous one-shot queries for assertions (each opens and closes a connection)."""
+
+    dsn: str
+
+    def _run(self, method: str, sql: str, *args: Any) -> Any:
+        async def go() -> Any:
+            conn = await asyncpg.connect(self.dsn)
+            try:
+                return await getattr(conn, method)(sql, *args)
+            finally:
+                await conn.close()
+
+        return asyncio.run(go())
+
+    def val(self, sql: str, *args: Any) -> Any:
+        return self._run("fetchval", sql, *args)
+
+    def rows(self, sql: str, *args: Any) -> list[Any]:
+        return list(self._run("fetch", sql, *args))
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        return self._run("execute", sql, *args)
+
+
+@pytest.fixture
+def db(stack: Settings) -> Db:
+    return Db(stack.require_database())
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+Cli = Callable[..., Result]
+
+
+@pytest.fixture
+def run_cli(capsys: pytest.CaptureFixture[str]) -> Cli:
+    """Run ``flashsale ARGS...`` in-process with the current environment (no stack implied)."""
+
+    def run(*argv: str) -> Result:
+        capsys.readouterr()
+        code = main(list(argv))
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return run
+
+
+@pytest.fixture
+def cli(stack: Settings, run_cli: Cli) -> Cli:
+    """``run_cli`` against the test stack."""
+    return run_cli

@@ -1,0 +1,91 @@
+"""The embedded stack: up, reuse, status, env, down, and a failed start, on real servers."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from flashsale.devstack import EXTERNAL_VAR, DevStack, pid_alive
+from flashsale.settings import read_env_file
+
+from .conftest import REPO, Cli
+
+SECRET_VARS = ("FLASHSALE_ADMIN_TOKEN", "FLASHSALE_SECRET", "FLASHSALE_BUYER_TOKEN_SECRET")
+
+
+@pytest.fixture
+def scratch_home(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A second, private embedded stack: no external servers, its own home."""
+    # Under the repo (not /tmp/pytest-*, which is 0700): a root run hands Postgres to `nobody`.
+    home = REPO / ".flashsale" / f"test-{uuid.uuid4().hex[:8]}"
+    for var in (*EXTERNAL_VAR.values(), *SECRET_VARS):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("FLASHSALE_HOME", str(home))
+    yield home
+    DevStack(home, environ={}).down(purge=True, progress=lambda _l: None)
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def test_up_reuse_env_status_down(scratch_home: Path, run_cli: Cli) -> None:
+    run = run_cli
+    first = run("dev", "up")
+    assert first.code == 0, first.err
+    assert "stack ready" in first.out
+    stack = DevStack(scratch_home, environ={})
+    pids = {row.name: row.pid for row in stack.status()}
+    assert all(pids.values()), pids
+    assert all(row.detail == "ping ok" for row in stack.status())
+
+    again = run("dev", "up")
+    assert again.code == 0
+    assert again.out.count("reusing") == 3
+    assert {row.name: row.pid for row in stack.status()} == pids
+
+    env = run("dev", "env")
+    values = read_env_file(scratch_home / "dev.env")
+    for var in (*EXTERNAL_VAR.values(), *SECRET_VARS):
+        assert f"export {var}=" in env.out
+        assert values[var]
+    assert values["REDIS_URL"].startswith("redis://")
+    assert values["DATABASE_URL"].startswith("postgresql://")
+
+    status = run("dev", "status")
+    assert status.code == 0
+    assert status.out.count("running") == 3
+    assert values["FLASHSALE_ADMIN_TOKEN"] not in status.out  # passwords masked
+    assert "***" in status.out
+
+    down = run("dev", "down")
+    assert down.code == 0
+    assert not any(pid_alive(pid) for pid in pids.values() if pid)
+    after = run("dev", "status")
+    assert after.code == 3
+    assert after.out.count("stopped") == 3
+
+
+def test_failed_start_prints_log_tail_and_stops_the_rest(scratch_home: Path, run_cli: Cli) -> None:
+    run = run_cli
+    assert run("dev", "up").code == 0
+    assert run("dev", "down").code == 0
+    conf = scratch_home / "postgres" / "data" / "postgresql.conf"
+    conf.write_text(conf.read_text() + "\nbogus_setting_for_test = 1\n")
+
+    failed = run("dev", "up", "--timeout", "20")
+    assert failed.code == 1
+    assert "postgres" in failed.err
+    assert "log tail" in failed.err
+    assert "bogus_setting_for_test" in failed.err
+    # The servers this failed call started were stopped again.
+    assert all(row.state == "stopped" for row in DevStack(scratch_home, environ={}).status())
+
+
+def test_external_servers_are_used_as_given(scratch_home: Path) -> None:
+    stack = DevStack(scratch_home, environ={"REDIS_URL": "redis://example.invalid:6379/0"})
+    rows = {row.name: row for row in stack.status()}
+    assert rows["redis"].state == "external"
+    assert rows["redis"].url == "redis://example.invalid:6379/0"
+    assert rows["postgres"].state == "stopped"

@@ -1,0 +1,104 @@
+"""Migrations on a fresh database: applied once, re-runnable, recorded; schema guards hold."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from flashsale.migrate import available, migrate
+from flashsale.settings import Settings
+
+from .conftest import Cli
+
+
+@pytest.fixture
+def fresh_dsn(stack: Settings) -> Iterator[str]:
+    dsn = stack.require_database()
+    name = f"migr_{uuid.uuid4().hex[:10]}"
+    parts = urlsplit(dsn)
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")))
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f"CREATE DATABASE {name}"))
+    yield urlunsplit(parts._replace(path=f"/{name}"))
+    asyncio.run(admin(f"DROP DATABASE {name} WITH (FORCE)"))
+
+
+async def test_migrations_apply_once_and_rerun_cleanly(fresh_dsn: str) -> None:
+    conn = await asyncpg.connect(fresh_dsn)
+    try:
+        lines: list[str] = []
+        first = await migrate(conn, progress=lines.append)
+        assert first == [m.version for m in available()]
+        assert first, "at least one migration ships"
+        second = await migrate(conn, progress=lines.append)
+        assert second == []
+        assert lines[-1] == "schema up to date"
+        recorded = await conn.fetch("SELECT version, checksum FROM schema_migrations")
+        assert {r["version"]: r["checksum"] for r in recorded} == {
+            m.version: m.checksum for m in available()
+        }
+        tables = {
+            r["tablename"]
+            for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname='public'")
+        }
+        assert {
+            "sales", "sale_skus", "orders", "order_events", "payments", "inbox", "outbox",
+        } <= tables  # fmt: skip
+    finally:
+        await conn.close()
+
+
+async def test_schema_guards(fresh_dsn: str) -> None:
+    conn = await asyncpg.connect(fresh_dsn)
+    try:
+        await migrate(conn, progress=lambda _l: None)
+        await conn.execute(
+            "INSERT INTO sales (id, name, starts_at, ends_at, admission_rate, max_queue)"
+            " VALUES ('s1', 'n', now(), now() + interval '1 hour', 10, 10)"
+        )
+        await conn.execute(
+            "INSERT INTO sale_skus (sale_id, sku, title, stock_total, price, currency,"
+            " per_buyer_limit, hold_ttl_seconds) VALUES ('s1', 'A', 'A', 5, 100, 'EUR', 1, 60)"
+        )
+        await conn.execute("UPDATE sale_skus SET sold = 5 WHERE sku = 'A'")
+        # The last guard against oversell: sold can never exceed stock_total.
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conn.execute("UPDATE sale_skus SET sold = 6 WHERE sku = 'A'")
+        with pytest.raises(asyncpg.UniqueViolationError):
+            for _ in range(2):
+                await conn.execute(
+                    "INSERT INTO payments (idempotency_key, order_id, amount, currency, state)"
+                    " VALUES ('r1', 'r1', 100, 'EUR', 'PENDING')"
+                )
+        await conn.execute(
+            "INSERT INTO orders (id, sale_id, sku, buyer_id, quantity, amount, currency,"
+            " admission_id, payment_token, state)"
+            " VALUES ('r1', 's1', 'A', 'b1', 1, 100, 'EUR', 'adm', 'tok', 'PENDING')"
+        )
+        await conn.execute(
+            "INSERT INTO order_events (order_id, seq, type, to_state, cause)"
+            " VALUES ('r1', 1, 'order.created', 'PENDING', 'test')"
+        )
+        with pytest.raises(asyncpg.RaiseError, match="append-only"):
+            await conn.execute("UPDATE order_events SET cause = 'x'")
+        with pytest.raises(asyncpg.RaiseError, match="append-only"):
+            await conn.execute("DELETE FROM order_events")
+    finally:
+        await conn.close()
+
+
+def test_migrate_command_is_rerunnable(cli: Cli) -> None:
+    result = cli("migrate")
+    assert result.code == 0
+    assert "schema up to date" in result.out

@@ -1,0 +1,326 @@
+"""Merchandiser setup through the real CLI, against real Redis and Postgres."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from flashsale.keys import SaleKeys, SkuKeys
+
+from .conftest import Cli, Db
+
+SALE: dict[str, Any] = {
+    "name": "Sneaker drop",
+    "starts_at": "2026-12-01T12:00:00Z",
+    "ends_at": "2026-12-01T13:00:00Z",
+    "admission_rate": 500,
+    "max_queue": 200000,
+    "skus": [
+        {"sku": "SNK-42", "title": "Sneaker 42", "stock": 100, "price": 12900,
+         "currency": "EUR", "per_buyer_limit": 1, "hold_ttl_seconds": 120},
+        {"sku": "SNK-43", "stock": 10, "price": 12900, "currency": "EUR"},
+    ],
+}  # fmt: skip
+
+
+def write(tmp_path: Path, data: Any, name: str = "sale.json") -> str:
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return str(path)
+
+
+def create(cli: Cli, tmp_path: Path, data: Any = None) -> str:
+    result = cli("sale", "create", "--file", write(tmp_path, data or SALE))
+    assert result.code == 0, result.err
+    sale_id = result.out.strip()
+    assert sale_id.startswith("sale-")
+    return sale_id
+
+
+def status(cli: Cli, sale_id: str) -> dict[str, Any]:
+    result = cli("sale", "status", sale_id, "--json")
+    assert result.code == 0, result.err
+    data: dict[str, Any] = json.loads(result.out)
+    return data
+
+
+def by_sku(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {row["sku"]: row for row in data["skus"]}
+
+
+def test_create_from_file_json_output_and_defaults(cli: Cli, tmp_path: Path) -> None:
+    result = cli("sale", "create", "--file", write(tmp_path, SALE), "--json")
+    assert result.code == 0, result.err
+    sale = json.loads(result.out)
+    assert sale["id"].startswith("sale-")
+    assert sale["name"] == "Sneaker drop"
+    assert sale["starts_at"] == "2026-12-01T12:00:00Z"
+    skus = {s["sku"]: s for s in sale["skus"]}
+    assert skus["SNK-42"]["price"] == 12900
+    # Optional fields got their defaults.
+    assert skus["SNK-43"] == {
+        "sku": "SNK-43", "title": "SNK-43", "stock": 10, "price": 12900, "currency": "EUR",
+        "per_buyer_limit": 1, "hold_ttl_seconds": 120,
+    }  # fmt: skip
+
+
+def test_create_from_flags(cli: Cli, db: Db) -> None:
+    result = cli(
+        "sale", "create", "--name", "Flags", "--starts-at", "2026-12-01T12:00:00+01:00",
+        "--sku", "CAP", "--stock", "7", "--price", "990", "--currency", "JPY",
+        "--limit", "2", "--ttl", "30",
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    sale_id = result.out.strip()
+    row = db.rows("SELECT * FROM sale_skus WHERE sale_id = $1", sale_id)[0]
+    assert (row["stock_total"], row["per_buyer_limit"], row["hold_ttl_seconds"]) == (7, 2, 30)
+    ends = db.val("SELECT ends_at - starts_at FROM sales WHERE id = $1", sale_id)
+    assert ends.total_seconds() == 3600  # default duration
+
+
+def test_round_trip_preload_status_add_stock_lifecycle(
+    cli: Cli, db: Db, rdb: redis.Redis, tmp_path: Path
+) -> None:
+    sale_id = create(cli, tmp_path)
+    before = by_sku(status(cli, sale_id))
+    assert before["SNK-42"]["preloaded"] is False
+    assert before["SNK-42"]["available"] is None
+
+    preload = cli("sale", "preload", sale_id)
+    assert preload.code == 0, preload.err
+    assert preload.out.count("loaded") == 2
+    rows = by_sku(status(cli, sale_id))
+    assert rows["SNK-42"] == {
+        "sku": "SNK-42", "title": "Sneaker 42", "stock_total": 100, "available": 100,
+        "held": 0, "sold": 0, "confirmed": 0, "preloaded": True,
+    }  # fmt: skip
+    meta = rdb.hgetall(SkuKeys(sale_id, "SNK-42").meta)
+    assert meta["per_buyer_limit"] == "1"
+    assert meta["hold_ttl_ms"] == "120000"
+    assert meta["status"] == "active"
+    assert rdb.hget(SaleKeys(sale_id).sale, "skus") == "SNK-42,SNK-43"
+
+    added = cli("sale", "add-stock", sale_id, "SNK-42", "25")
+    assert added.code == 0, added.err
+    rows = by_sku(status(cli, sale_id))
+    assert (rows["SNK-42"]["stock_total"], rows["SNK-42"]["available"]) == (125, 125)
+    assert (
+        db.val("SELECT stock_total FROM sale_skus WHERE sale_id=$1 AND sku='SNK-42'", sale_id)
+        == 125
+    )
+
+    for action, expected in (("pause", "paused"), ("resume", "active"), ("end", "ended")):
+        result = cli("sale", action, sale_id)
+        assert result.code == 0, result.err
+        assert db.val("SELECT status FROM sales WHERE id = $1", sale_id) == expected
+        assert rdb.hget(SkuKeys(sale_id, "SNK-42").meta, "status") == expected
+        assert rdb.hget(SaleKeys(sale_id).sale, "status") == expected
+    assert status(cli, sale_id)["sale"]["state"] == "ended"
+
+    refused = cli("sale", "resume", sale_id)
+    assert refused.code == 1
+    assert "has ended" in refused.err
+    assert db.val("SELECT status FROM sales WHERE id = $1", sale_id) == "ended"
+
+
+def test_preload_is_idempotent(cli: Cli, rdb: redis.Redis, tmp_path: Path) -> None:
+    sale_id = create(cli, tmp_path)
+    assert cli("sale", "preload", sale_id).code == 0
+    keys = SkuKeys(sale_id, "SNK-42")
+    snapshot = (rdb.hgetall(keys.meta), rdb.hgetall(keys.stock))
+    again = cli("sale", "preload", sale_id)
+    assert again.code == 0
+    assert again.out.count("unchanged") == 2
+    assert "loaded" not in again.out
+    assert (rdb.hgetall(keys.meta), rdb.hgetall(keys.stock)) == snapshot
+
+
+def _hold(rdb: redis.Redis, keys: SkuKeys, active: int, sold: int) -> None:
+    """Simulate units held and sold, as the allocator scripts record them."""
+    rdb.hincrby(keys.stock, "available", -(active + sold))
+    rdb.hincrby(keys.stock, "active", active)
+    rdb.hincrby(keys.stock, "sold", sold)
+
+
+def test_preload_refuses_with_holds_and_force_keeps_them(
+    cli: Cli, db: Db, rdb: redis.Redis, tmp_path: Path
+) -> None:
+    sale_id = create(cli, tmp_path)
+    assert cli("sale", "preload", sale_id).code == 0
+    keys = SkuKeys(sale_id, "SNK-42")
+    _hold(rdb, keys, active=3, sold=2)
+
+    # Unchanged configuration: still a no-op, holds or not.
+    assert "unchanged" in cli("sale", "preload", sale_id).out
+
+    db.execute("UPDATE sale_skus SET price = 9900 WHERE sale_id = $1 AND sku = 'SNK-42'", sale_id)
+    snapshot = (rdb.hgetall(keys.meta), rdb.hgetall(keys.stock))
+    refused = cli("sale", "preload", sale_id)
+    assert refused.code == 1
+    assert "SNK-42" in refused.err
+    assert "--force" in refused.err
+    assert (rdb.hgetall(keys.meta), rdb.hgetall(keys.stock)) == snapshot
+
+    forced = cli("sale", "preload", sale_id, "--force")
+    assert forced.code == 0, forced.err
+    stock = rdb.hgetall(keys.stock)
+    assert stock == {"total": "100", "available": "95", "active": "3", "paying": "0", "sold": "2"}
+    assert rdb.hget(keys.meta, "price") == "9900"
+
+    # Even --force never lets the total fall below held + sold units.
+    db.execute(
+        "UPDATE sale_skus SET stock_total = 4 WHERE sale_id = $1 AND sku = 'SNK-42'", sale_id
+    )
+    below = cli("sale", "preload", sale_id, "--force")
+    assert below.code == 1
+    assert "exceed the new stock" in below.err
+    assert rdb.hgetall(keys.stock) == stock
+
+
+def test_import_csv_adds_skus(cli: Cli, db: Db, tmp_path: Path) -> None:
+    sale_id = create(cli, tmp_path)
+    csv_path = write(
+        tmp_path,
+        "sku,title,stock,price,currency,per_buyer_limit,hold_ttl_seconds\n"
+        "HOOD-M,Hoodie M,50,5900,EUR,2,300\nCAP,,200,1900,USD,,\n",
+        "skus.csv",
+    )
+    result = cli("sale", "import", csv_path, "--sale", sale_id)
+    assert result.code == 0, result.err
+    rows = {r["sku"]: r for r in db.rows("SELECT * FROM sale_skus WHERE sale_id=$1", sale_id)}
+    assert set(rows) == {"SNK-42", "SNK-43", "HOOD-M", "CAP"}
+    assert (rows["CAP"]["title"], rows["CAP"]["per_buyer_limit"]) == ("CAP", 1)
+
+
+# -- bad input: one line naming the field, non-zero exit, nothing written ---------------------
+
+
+def _sku(**overrides: Any) -> dict[str, Any]:
+    return {**SALE, "skus": [{**SALE["skus"][0], **overrides}]}
+
+
+BAD_SALES = [
+    ("stock zero", _sku(stock=0), "skus[0].stock"),
+    ("stock negative", _sku(stock=-5), "skus[0].stock"),
+    ("stock fractional", _sku(stock=1.5), "skus[0].stock"),
+    ("stock text", _sku(stock="many"), "skus[0].stock"),
+    ("stock boolean", _sku(stock=True), "skus[0].stock"),
+    ("price negative", _sku(price=-1), "skus[0].price"),
+    ("price fractional", _sku(price=129.99), "skus[0].price"),
+    ("unknown currency", _sku(currency="XYZ"), "skus[0].currency"),
+    ("lowercase currency", _sku(currency="eur"), "skus[0].currency"),
+    ("limit zero", _sku(per_buyer_limit=0), "skus[0].per_buyer_limit"),
+    ("ttl zero", _sku(hold_ttl_seconds=0), "skus[0].hold_ttl_seconds"),
+    ("ttl negative", _sku(hold_ttl_seconds=-1), "skus[0].hold_ttl_seconds"),
+    ("ends before starts", {**SALE, "ends_at": "2026-12-01T11:00:00Z"}, "ends_at"),
+    ("naive timestamp", {**SALE, "starts_at": "2026-12-01T12:00:00"}, "starts_at"),
+    ("bad timestamp", {**SALE, "starts_at": "tomorrow"}, "starts_at"),
+    ("duplicate sku", {**SALE, "skus": [SALE["skus"][0], SALE["skus"][0]]}, "skus[1].sku"),
+    ("unknown field", {**SALE, "colour": "red"}, "colour"),
+    ("unknown sku field", _sku(colour="red"), "skus[0].colour"),
+    ("bad sku id", _sku(sku="A:B{x}"), "skus[0].sku"),
+    ("missing price", {**SALE, "skus": [{"sku": "A", "stock": 1, "currency": "EUR"}]},
+     "skus[0].price"),
+    ("missing name", {k: v for k, v in SALE.items() if k != "name"}, "name"),
+    ("malformed json", '{"name": "x", "skus": [', "file"),
+    ("not an object", "[1, 2]", "sale"),
+]  # fmt: skip
+
+
+@pytest.fixture
+def counts(db: Db) -> Any:
+    def snapshot() -> tuple[int, int]:
+        return db.val("SELECT count(*) FROM sales"), db.val("SELECT count(*) FROM sale_skus")
+
+    return snapshot
+
+
+@pytest.mark.parametrize(("case", "data", "field"), BAD_SALES, ids=[c[0] for c in BAD_SALES])
+def test_bad_sale_input(
+    cli: Cli, counts: Any, tmp_path: Path, case: str, data: Any, field: str
+) -> None:
+    before = counts()
+    result = cli("sale", "create", "--file", write(tmp_path, data))
+    assert result.code == 2, (case, result.out, result.err)
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"flashsale: error: {field}:"), lines[0]
+    assert counts() == before
+
+
+def test_bad_flags(cli: Cli, counts: Any) -> None:
+    before = counts()
+    result = cli("sale", "create", "--name", "x", "--sku", "A", "--stock", "0",
+                 "--price", "1", "--currency", "EUR")  # fmt: skip
+    assert result.code == 2
+    assert "stock: must be a positive integer" in result.err
+    assert counts() == before
+
+
+BAD_CSV = [
+    ("bad stock", "sku,stock,price,currency\nA,1,100,EUR\nB,zero,100,EUR\n", "row 3.stock"),
+    ("bad currency", "sku,stock,price,currency\nA,1,100,EURO\n", "row 2.currency"),
+    ("ragged row", "sku,stock,price,currency\nA,1,100\n", "row 2"),
+    ("unknown column", "sku,stock,price,currency,colour\nA,1,1,EUR,red\n", "csv.header.colour"),
+    ("missing column", "sku,stock,currency\nA,1,EUR\n", "csv.header.price"),
+    ("duplicate", "sku,stock,price,currency\nA,1,1,EUR\nA,2,1,EUR\n", "row 3.sku"),
+    ("existing sku", "sku,stock,price,currency\nNEW,1,1,EUR\nSNK-42,2,1,EUR\n", "row 3.sku"),
+    ("empty", "", "csv"),
+]
+
+
+@pytest.mark.parametrize(("case", "content", "field"), BAD_CSV, ids=[c[0] for c in BAD_CSV])
+def test_bad_csv_writes_nothing(
+    cli: Cli, counts: Any, tmp_path: Path, case: str, content: str, field: str
+) -> None:
+    sale_id = create(cli, tmp_path)
+    before = counts()
+    result = cli("sale", "import", write(tmp_path, content, "skus.csv"), "--sale", sale_id)
+    assert result.code == 2, (case, result.err)
+    assert result.err.startswith(f"flashsale: error: {field}")
+    assert len(result.err.strip().splitlines()) == 1
+    assert counts() == before
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("sale", "preload", "sale-doesnotexist"),
+        ("sale", "status", "sale-doesnotexist"),
+        ("sale", "pause", "sale-doesnotexist"),
+        ("sale", "end", "sale-doesnotexist"),
+        ("sale", "add-stock", "sale-doesnotexist", "A", "5"),
+        ("sale", "import", "examples/extra-skus.csv", "--sale", "sale-doesnotexist"),
+        ("sale", "status", "{bad}"),
+    ],
+)
+def test_unknown_sale(cli: Cli, counts: Any, argv: tuple[str, ...]) -> None:
+    before = counts()
+    result = cli(*argv)
+    assert result.code == 1
+    assert "unknown sale" in result.err
+    assert len(result.err.strip().splitlines()) == 1
+    assert counts() == before
+
+
+@pytest.mark.parametrize(("units", "code"), [("0", 2), ("-3", 2), ("2.5", 2), ("lots", 2)])
+def test_bad_add_stock(
+    cli: Cli, db: Db, rdb: redis.Redis, tmp_path: Path, units: str, code: int
+) -> None:
+    sale_id = create(cli, tmp_path)
+    assert cli("sale", "preload", sale_id).code == 0
+    result = cli("sale", "add-stock", sale_id, "SNK-42", units)
+    assert result.code == code
+    assert result.err.startswith("flashsale: error: add:")
+    assert (
+        db.val("SELECT stock_total FROM sale_skus WHERE sale_id=$1 AND sku='SNK-42'", sale_id)
+        == 100
+    )
+    assert rdb.hget(SkuKeys(sale_id, "SNK-42").stock, "total") == "100"
+    unknown = cli("sale", "add-stock", sale_id, "NOPE", "5")
+    assert unknown.code == 1
+    assert "unknown SKU" in unknown.err

@@ -1,0 +1,56 @@
+"""Settings: environment first, then dev.env; secrets never in repr or logs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from flashsale.errors import ConfigError
+from flashsale.settings import RedactSecrets, Settings, mask_url
+
+
+def test_environment_wins_over_dev_env(tmp_path: Path) -> None:
+    (tmp_path / "dev.env").write_text(
+        "export REDIS_URL=redis://dev:6379/0\nexport DATABASE_URL=postgresql://dev/db\n"
+        "export FLASHSALE_SECRET=from-dev-env\n"
+    )
+    env = {"FLASHSALE_HOME": str(tmp_path), "REDIS_URL": "redis://external:6379/0"}
+    settings = Settings.from_env(env)
+    assert settings.redis_url == "redis://external:6379/0"
+    assert settings.database_url == "postgresql://dev/db"
+    assert settings.secret.reveal() == "from-dev-env"
+    assert settings.from_dev_env == frozenset({"DATABASE_URL", "FLASHSALE_SECRET"})
+
+
+def test_missing_server_is_an_actionable_error(tmp_path: Path) -> None:
+    settings = Settings.from_env({"FLASHSALE_HOME": str(tmp_path)})
+    with pytest.raises(ConfigError, match="flashsale dev up"):
+        settings.require_kafka()
+
+
+def test_secrets_are_masked_in_repr_and_logs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings.from_env(
+        {
+            "FLASHSALE_HOME": str(tmp_path),
+            "DATABASE_URL": "postgresql://app:pg-password-123@db:5432/x",
+            "FLASHSALE_ADMIN_TOKEN": "admin-token-xyz",
+            "FLASHSALE_SECRET": "signing-secret-xyz",
+            "FLASHSALE_BUYER_TOKEN_SECRET": "buyer-secret-xyz",
+        }
+    )
+    text = repr(settings) + str(settings.admin_token)
+    for secret in ("pg-password-123", "admin-token-xyz", "signing-secret-xyz", "buyer-secret-xyz"):
+        assert secret not in text
+    assert mask_url(settings.database_url) == "postgresql://app:***@db:5432/x"
+
+    logger = logging.getLogger("test.redact")
+    logger.addFilter(RedactSecrets(settings.secrets()))
+    with caplog.at_level(logging.INFO, logger="test.redact"):
+        logger.info("connecting with %s and %s", "admin-token-xyz", settings.database_url)
+    assert "admin-token-xyz" not in caplog.text
+    assert "pg-password-123" not in caplog.text
+    assert "********" in caplog.text
