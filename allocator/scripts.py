@@ -14,15 +14,25 @@ from typing import Any, Literal
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
+from flashsale.errors import InvalidInput
 from flashsale.keys import SaleKeys, SkuKeys
 
 PreloadOutcome = Literal["loaded", "unchanged", "refused_committed", "refused_below_committed"]
 
 
+HOLD_SCRIPTS = ("reserve", "begin_payment", "confirm", "release", "expire")
+# Hold records and idempotency entries are delimited by these bytes inside Redis.
+_FORBIDDEN = ("\x1e", "\x1f")
+
+
 @cache
 def source(name: str) -> str:
-    """The text of ``lua/<name>.lua``."""
-    return importlib.resources.files("lua").joinpath(f"{name}.lua").read_text()
+    """The text of ``lua/<name>.lua``; hold-lifecycle scripts get ``lua/lib.lua`` prepended."""
+    files = importlib.resources.files("lua")
+    text = files.joinpath(f"{name}.lua").read_text()
+    if name in HOLD_SCRIPTS:
+        text = files.joinpath("lib.lua").read_text() + "\n" + text
+    return text
 
 
 def _text(value: Any) -> str:
@@ -77,3 +87,110 @@ class Scripts:
         for name, value in fields.items():
             args += [name, value]
         return int(await self._put_sale(keys=[keys.sale], args=args))
+
+
+# -- the hold lifecycle ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveRequest:
+    """One buyer's request. ``reservation_id`` is fresh per attempt; it is used only if granted."""
+
+    reservation_id: str
+    buyer_id: str
+    quantity: int
+    idempotency_key: str
+    payment_ref: str
+    admission_id: str
+
+    def validate(self) -> None:
+        for name in (
+            "reservation_id",
+            "buyer_id",
+            "idempotency_key",
+            "payment_ref",
+            "admission_id",
+        ):
+            value = getattr(self, name)
+            if not value or any(c in value for c in _FORBIDDEN):
+                raise InvalidInput(name, "must be a non-empty string without control separators")
+        if isinstance(self.quantity, bool) or not isinstance(self.quantity, int):
+            raise InvalidInput("quantity", "must be an integer")
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveResult:
+    """The script's answer for one request.
+
+    ``outcome`` is reserved, sold_out, limit_exceeded, idempotency_mismatch, not_started, paused,
+    ended, unavailable or invalid_quantity.
+    """
+
+    outcome: str
+    reservation_id: str | None = None
+    hold_expires_at_ms: int | None = None
+    holds_pending: bool = False  # sold_out: active or paying holds may still return stock
+    counted: int | None = None  # limit_exceeded: units already counted for this buyer
+
+    @classmethod
+    def parse(cls, raw: bytes | str) -> ReserveResult:
+        parts = _text(raw).split("\x1f")
+        outcome = parts[0]
+        if outcome == "reserved":
+            return cls(outcome, reservation_id=parts[1], hold_expires_at_ms=int(parts[2]))
+        if outcome == "sold_out":
+            return cls(outcome, holds_pending=parts[1] == "1")
+        if outcome == "limit_exceeded":
+            return cls(outcome, counted=int(parts[1]))
+        return cls(outcome)
+
+
+@dataclass(frozen=True, slots=True)
+class TransitionResult:
+    """``ok`` when the hold is (now or already) in the requested state; else ``reason`` says why."""
+
+    ok: bool
+    state: str
+    reason: str
+
+
+class HoldScripts:
+    """The hold-lifecycle scripts registered on one client. Every call touches one SKU slot."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+        self._reserve: AsyncScript = client.register_script(source("reserve"))
+        self._begin_payment: AsyncScript = client.register_script(source("begin_payment"))
+        self._confirm: AsyncScript = client.register_script(source("confirm"))
+        self._release: AsyncScript = client.register_script(source("release"))
+        self._expire: AsyncScript = client.register_script(source("expire"))
+
+    async def reserve(self, keys: SkuKeys, requests: list[ReserveRequest]) -> list[ReserveResult]:
+        """Decide ``requests`` in order in one atomic call; one result per request."""
+        args: list[str | int] = [len(requests)]
+        for r in requests:
+            args += [r.reservation_id, r.buyer_id, r.quantity, r.idempotency_key,
+                     r.payment_ref, r.admission_id]  # fmt: skip
+        raw = await self._reserve(keys=keys.all(), args=args)
+        return [ReserveResult.parse(item) for item in raw]
+
+    async def _transition(
+        self, script: AsyncScript, keys: SkuKeys, args: list[str]
+    ) -> TransitionResult:
+        ok, state, reason = await script(keys=keys.all(), args=args)
+        return TransitionResult(bool(ok), _text(state), _text(reason))
+
+    async def begin_payment(self, keys: SkuKeys, reservation_id: str) -> TransitionResult:
+        return await self._transition(self._begin_payment, keys, [reservation_id])
+
+    async def confirm(self, keys: SkuKeys, reservation_id: str) -> TransitionResult:
+        return await self._transition(self._confirm, keys, [reservation_id])
+
+    async def release(
+        self, keys: SkuKeys, reservation_id: str, cause: str = "cancelled"
+    ) -> TransitionResult:
+        return await self._transition(self._release, keys, [reservation_id, cause])
+
+    async def expire(self, keys: SkuKeys, limit: int = 500) -> list[str]:
+        """Expire up to ``limit`` overdue ACTIVE holds; returns their ids."""
+        return [_text(item) for item in await self._expire(keys=keys.all(), args=[limit])]

@@ -6,6 +6,7 @@
     ├── NotFound                   unknown sale / SKU / reservation (``not_found``)
     ├── Conflict                   a legal request refused by current state (``conflict``)
     ├── Unavailable                a dependency is down or a SKU is being rebuilt
+    │   └── Overloaded             a bounded wait queue is full (``overloaded``)
     └── StackError                 the embedded dev stack failed to start or stop
 
 Third-party errors are translated at the boundary with ``raise ... from exc``; the HTTP layer
@@ -60,3 +61,9 @@ class Unavailable(FlashsaleError):
 
 class StackError(FlashsaleError):
     code = "stack_error"
+
+
+class Overloaded(Unavailable):
+    """Backpressure: a bounded queue is full. Retry later; nothing was decided."""
+
+    code = "overloaded"

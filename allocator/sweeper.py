@@ -1,0 +1,72 @@
+"""The hold-expiry sweeper: gives back the stock of ACTIVE holds whose deadline has passed.
+
+Deadlines are judged by Redis ``TIME`` inside the ``expire`` script, never by this process's
+clock. Several sweepers may run at once (one per allocator service, or a spare): the script's
+state check makes each hold's stock come back exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+
+import redis.asyncio as aioredis
+
+from allocator.scripts import HoldScripts
+from flashsale.keys import SkuKeys
+
+log = logging.getLogger("flashsale.sweeper")
+
+
+def _text(value: bytes | str | None) -> str:
+    return value.decode() if isinstance(value, bytes) else (value or "")
+
+
+async def sweep_once(scripts: HoldScripts, skus: Iterable[SkuKeys], batch: int = 500) -> int:
+    """Expire every overdue hold of ``skus`` now; returns how many this call expired."""
+    total = 0
+    for keys in skus:
+        while True:
+            expired = await scripts.expire(keys, batch)
+            total += len(expired)
+            if len(expired) < batch:
+                break
+    return total
+
+
+async def preloaded_skus(client: aioredis.Redis) -> list[SkuKeys]:
+    """Every SKU of every preloaded sale that has not ended (from the sale hashes)."""
+    found: list[SkuKeys] = []
+    async for key in client.scan_iter(match="fs:{*}:sale", count=500):
+        status, sale_id, skus = (_text(v) for v in await client.hmget(key, "status", "id", "skus"))
+        if not status or status == "ended" or not sale_id or not skus:
+            continue
+        found += [SkuKeys(sale_id, sku) for sku in skus.split(",")]
+    return found
+
+
+async def run_sweeper(
+    scripts: HoldScripts,
+    skus: Callable[[], Awaitable[list[SkuKeys]]],
+    *,
+    stop: asyncio.Event,
+    interval: float = 0.25,
+    batch: int = 500,
+    on_expired: Callable[[int], None] | None = None,
+) -> None:
+    """Sweep every ``interval`` seconds until ``stop`` is set. Redis errors are logged and the
+    loop goes on: a missed sweep only delays stock coming back, it never loses it."""
+    while not stop.is_set():
+        try:
+            expired = await sweep_once(scripts, await skus(), batch)
+        except (OSError, aioredis.RedisError) as exc:
+            log.warning("sweep failed, retrying in %.2fs: %r", interval, exc)
+        else:
+            if expired:
+                log.info("expired %d holds", expired)
+            if on_expired is not None:
+                on_expired(expired)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)

@@ -1,0 +1,50 @@
+-- lib: shared helpers, prepended by the bindings to every hold-lifecycle script.
+--
+-- Hold record (one field of the holds hash, fields joined by \31):
+--   state, buyer, qty, deadline_ms, idem, payment_ref, admission_id, created_ms, cause
+-- States: ACTIVE -> PAYING -> SOLD; ACTIVE|PAYING -> RELEASED.
+local SEP = '\31'
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function split(s)
+  local out = {}
+  for part in string.gmatch(s .. SEP, '(.-)' .. SEP) do
+    out[#out + 1] = part
+  end
+  return out
+end
+
+local function decode_hold(raw)
+  local f = split(raw)
+  return {state = f[1], buyer = f[2], qty = tonumber(f[3]), deadline = tonumber(f[4]),
+          idem = f[5], payref = f[6], admission = f[7], created = f[8], cause = f[9] or ''}
+end
+
+local function encode_hold(h)
+  return table.concat({h.state, h.buyer, h.qty, h.deadline, h.idem, h.payref, h.admission,
+                       h.created, h.cause or ''}, SEP)
+end
+
+-- Give a hold's units back exactly once: the caller has checked the state is ACTIVE/PAYING.
+-- K: meta, stock, holds, deadlines, buyers, idem, outbox
+local function release_hold(K, id, h, cause, event, now)
+  local counter = h.state == 'ACTIVE' and 'active' or 'paying'
+  redis.call('HINCRBY', K[2], counter, -h.qty)
+  redis.call('HINCRBY', K[2], 'available', h.qty)
+  if redis.call('HINCRBY', K[5], h.buyer, -h.qty) <= 0 then
+    redis.call('HDEL', K[5], h.buyer)
+  end
+  redis.call('ZREM', K[4], id)
+  local previous = h.state
+  h.state = 'RELEASED'
+  h.cause = cause
+  redis.call('HSET', K[3], id, encode_hold(h))
+  redis.call('XADD', K[7], '*', 'type', event, 'reservation_id', id,
+    'sale_id', redis.call('HGET', K[1], 'sale_id'), 'sku', redis.call('HGET', K[1], 'sku'),
+    'buyer_id', h.buyer, 'quantity', h.qty, 'from_state', previous, 'cause', cause,
+    'at_ms', now)
+end

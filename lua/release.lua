@@ -1,0 +1,19 @@
+-- release: ACTIVE or PAYING -> RELEASED; the units go back to available exactly once.
+--
+-- KEYS: meta, stock, holds, deadlines, buyers, idem, outbox
+-- ARGV[1] reservation id   ARGV[2] cause (cancelled | payment_failed | ...)
+-- Returns {ok, state, reason}: ok = 1 when the hold is (now or already) RELEASED.
+local K, id = KEYS, ARGV[1]
+local raw = redis.call('HGET', K[3], id)
+if not raw then
+  return {0, 'UNKNOWN', 'unknown_reservation'}
+end
+local h = decode_hold(raw)
+if h.state == 'RELEASED' then
+  return {1, 'RELEASED', 'already_released'}
+end
+if h.state == 'SOLD' then
+  return {0, 'SOLD', 'already_sold'}
+end
+release_hold(K, id, h, ARGV[2], 'reservation.released', now_ms())
+return {1, 'RELEASED', 'ok'}
