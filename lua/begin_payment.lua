@@ -5,11 +5,10 @@
 -- An ACTIVE hold past its deadline is expired here (stock back, reservation.expired) and
 -- refused, exactly as the sweeper would have done: a late payment never revives it.
 local K, id = KEYS, ARGV[1]
-local raw = redis.call('HGET', K[3], id)
-if not raw then
+local h = load_hold(K, id)
+if not h then
   return {0, 'UNKNOWN', 'unknown_reservation'}
 end
-local h = decode_hold(raw)
 if h.state == 'PAYING' then
   return {1, 'PAYING', 'already_paying'}
 end

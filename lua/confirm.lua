@@ -3,11 +3,10 @@
 -- KEYS: meta, stock, holds, deadlines, buyers, idem, outbox   ARGV[1] reservation id
 -- Returns {ok, state, reason}: ok = 1 when the hold is (now or already) SOLD.
 local K, id = KEYS, ARGV[1]
-local raw = redis.call('HGET', K[3], id)
-if not raw then
+local h = load_hold(K, id)
+if not h then
   return {0, 'UNKNOWN', 'unknown_reservation'}
 end
-local h = decode_hold(raw)
 if h.state == 'SOLD' then
   return {1, 'SOLD', 'already_sold'}
 end

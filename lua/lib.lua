@@ -48,3 +48,12 @@ local function release_hold(K, id, h, cause, event, now)
     'buyer_id', h.buyer, 'quantity', h.qty, 'from_state', previous, 'cause', cause,
     'at_ms', now)
 end
+
+-- The hold `id` decoded, or nil when no such reservation exists. K[3] is the holds hash.
+local function load_hold(K, id)
+  local raw = redis.call('HGET', K[3], id)
+  if raw then
+    return decode_hold(raw)
+  end
+  return nil
+end

@@ -4,11 +4,10 @@
 -- ARGV[1] reservation id   ARGV[2] cause (cancelled | payment_failed | ...)
 -- Returns {ok, state, reason}: ok = 1 when the hold is (now or already) RELEASED.
 local K, id = KEYS, ARGV[1]
-local raw = redis.call('HGET', K[3], id)
-if not raw then
+local h = load_hold(K, id)
+if not h then
   return {0, 'UNKNOWN', 'unknown_reservation'}
 end
-local h = decode_hold(raw)
 if h.state == 'RELEASED' then
   return {1, 'RELEASED', 'already_released'}
 end
