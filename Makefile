@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint types pytest install stack-down clean
+.PHONY: demo test lint types pytest install bench stack-down clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required")'
@@ -33,6 +33,11 @@ pytest: $(STAMP)
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
 test: lint types pytest
+
+# Benchmarks are not part of `make test`: they need a quiet machine and report ratios.
+bench: $(STAMP)
+	$(BIN)/flashsale dev up
+	$(BIN)/flashsale bench allocate --json bench-allocate.json
 
 stack-down: $(STAMP)
 	$(BIN)/flashsale dev down

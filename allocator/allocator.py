@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 import redis.exceptions
 
-from allocator.scripts import HoldScripts, ReserveRequest, ReserveResult
+from allocator.scripts import MAX_RESERVE_BATCH, HoldScripts, ReserveRequest, ReserveResult
 from flashsale.errors import Overloaded, Unavailable
 from flashsale.keys import SkuKeys
 
@@ -45,6 +45,8 @@ class SkuAllocator:
         attempts: int = 3,
         retry_backoff: float = 0.05,
     ) -> None:
+        if not 0 < max_batch <= MAX_RESERVE_BATCH:
+            raise ValueError(f"max_batch must be within 1..{MAX_RESERVE_BATCH}")
         self.scripts = scripts
         self.keys = keys
         self.window = window

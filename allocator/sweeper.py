@@ -29,9 +29,9 @@ async def sweep_once(scripts: HoldScripts, skus: Iterable[SkuKeys], batch: int =
     total = 0
     for keys in skus:
         while True:
-            expired = await scripts.expire(keys, batch)
-            total += len(expired)
-            if len(expired) < batch:
+            result = await scripts.expire(keys, batch)
+            total += len(result.expired)
+            if not result.more:
                 break
     return total
 

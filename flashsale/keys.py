@@ -3,10 +3,11 @@
     fs:{<sale>:<sku>}:meta       hash   sale/SKU configuration copied from Postgres by preload
     fs:{<sale>:<sku>}:stock      hash   total, available, active, paying, sold (units)
     fs:{<sale>:<sku>}:holds      hash   reservation id -> hold record
-    fs:{<sale>:<sku>}:deadlines  zset   reservation id scored by hold deadline (ms, Redis TIME)
+    fs:{<sale>:<sku>}:deadlines  zset   one member per reserve batch (its ids joined by \x1f),
+                                        scored by the batch's hold deadline (ms, Redis TIME)
     fs:{<sale>:<sku>}:buyers     hash   buyer id -> units counted against the per-buyer limit
-    fs:{<sale>:<sku>}:idem       hash   idempotency key -> first answer
-    fs:{<sale>:<sku>}:outbox     stream reservation events for the relay
+    fs:{<sale>:<sku>}:idem       hash   buyer \x1f idempotency key -> first answer
+    fs:{<sale>:<sku>}:outbox     stream reservation events for the relay (flashsale.events)
     fs:{<sale>}:sale             hash   sale-level configuration and status
     fs:{<sale>}:...              queue keys share the sale's tag
 

@@ -22,7 +22,6 @@ if now >= h.deadline then
 end
 redis.call('HINCRBY', K[2], 'active', -h.qty)
 redis.call('HINCRBY', K[2], 'paying', h.qty)
-redis.call('ZREM', K[4], id)
 h.state = 'PAYING'
 redis.call('HSET', K[3], id, encode_hold(h))
 return {1, 'PAYING', 'ok'}

@@ -1,7 +1,9 @@
 -- lib: shared helpers, prepended by the bindings to every hold-lifecycle script.
 --
 -- Hold record (one field of the holds hash, fields joined by \31):
---   state, buyer, qty, deadline_ms, idem, payment_ref, admission_id, created_ms, cause
+--   state, qty, deadline_ms, payment_ref, admission_id, created_ms, cause, buyer, idem
+-- The record ends with the idempotency field "buyer \31 key", so reserve builds it with one
+-- concatenation. Python reads it with allocator.scripts.HoldRecord.
 -- States: ACTIVE -> PAYING -> SOLD; ACTIVE|PAYING -> RELEASED.
 local SEP = '\31'
 
@@ -20,16 +22,17 @@ end
 
 local function decode_hold(raw)
   local f = split(raw)
-  return {state = f[1], buyer = f[2], qty = tonumber(f[3]), deadline = tonumber(f[4]),
-          idem = f[5], payref = f[6], admission = f[7], created = f[8], cause = f[9] or ''}
+  return {state = f[1], qty = tonumber(f[2]), deadline = tonumber(f[3]), payref = f[4],
+          admission = f[5], created = f[6], cause = f[7], buyer = f[8], idem = f[9]}
 end
 
 local function encode_hold(h)
-  return table.concat({h.state, h.buyer, h.qty, h.deadline, h.idem, h.payref, h.admission,
-                       h.created, h.cause or ''}, SEP)
+  return table.concat({h.state, h.qty, h.deadline, h.payref, h.admission, h.created,
+                       h.cause or '', h.buyer, h.idem}, SEP)
 end
 
 -- Give a hold's units back exactly once: the caller has checked the state is ACTIVE/PAYING.
+-- The hold's id stays in its deadline-index member; the sweeper skips holds no longer ACTIVE.
 -- K: meta, stock, holds, deadlines, buyers, idem, outbox
 local function release_hold(K, id, h, cause, event, now)
   local counter = h.state == 'ACTIVE' and 'active' or 'paying'
@@ -38,7 +41,6 @@ local function release_hold(K, id, h, cause, event, now)
   if redis.call('HINCRBY', K[5], h.buyer, -h.qty) <= 0 then
     redis.call('HDEL', K[5], h.buyer)
   end
-  redis.call('ZREM', K[4], id)
   local previous = h.state
   h.state = 'RELEASED'
   h.cause = cause

@@ -1,17 +1,24 @@
 -- reserve: decide a batch of N reservation requests for one SKU, independently and in order.
 --
 -- KEYS: meta, stock, holds, deadlines, buyers, idem, outbox
--- ARGV[1] = N; then per request 6 fields:
---   reservation_id (fresh, used only if granted), buyer_id, quantity, idempotency_key,
---   payment_ref, admission_id
+-- ARGV[1] = N, then six columns of N values each, request i being the i-th of every column:
+--   reservation_id (fresh, used only if granted), buyer_id, quantity, payment_ref,
+--   admission_id, idem_field (buyer_id \31 idempotency_key: the request's idempotency scope)
 -- Returns N strings "outcome\31a\31b":
 --   reserved\31<id>\31<deadline_ms>       granted (or replayed: same key, same answer)
 --   sold_out\31<0|1>                      1 = active or paying holds may still return stock
 --   limit_exceeded\31<units already counted>
 --   idempotency_mismatch                  same key, different quantity or payment
 --   not_started | paused | ended | unavailable (not preloaded / lost) | invalid_quantity
--- Granted, sold_out and limit_exceeded answers are remembered per (buyer, key) and replayed
--- unchanged; answers about the sale's state are not, so a retry after the start can succeed.
+-- Granted, sold_out, limit_exceeded and invalid_quantity answers are remembered per
+-- idem_field and replayed unchanged; answers about the sale's state are not, so a retry after
+-- the start can succeed.
+--
+-- Cost model: every Redis command runs once per *batch*, not once per request. Lookups are one
+-- HMGET each (idempotency answers, buyer counts, counters), reading columns straight from ARGV,
+-- and writes are one multi-field command each (holds, buyers, idempotency answers, counters),
+-- plus one deadline-index member and one outbox entry for the whole batch. Requests later in
+-- the batch see the effects of earlier ones through the Lua tables below.
 local K = KEYS
 local n = tonumber(ARGV[1])
 local results = {}
@@ -29,55 +36,104 @@ elseif meta[1] == 'paused' then
 elseif now < tonumber(meta[2]) then
   gate = 'not_started'
 end
-local limit = tonumber(meta[4])
-local ttl = tonumber(meta[5])
 
-for i = 0, n - 1 do
-  local b = 2 + i * 6
-  local id, buyer, qty = ARGV[b], ARGV[b + 1], tonumber(ARGV[b + 2])
-  local idem, payref, admission = ARGV[b + 3], ARGV[b + 4], ARGV[b + 5]
-  local idem_field = buyer .. SEP .. idem
-  local fingerprint = ARGV[b + 2] .. SEP .. payref
-  local seen = redis.call('HGET', K[6], idem_field)
-  local answer
-  if seen then
-    local sep_at = string.find(seen, '\30', 1, true)
-    if string.sub(seen, 1, sep_at - 1) ~= fingerprint then
-      answer = 'idempotency_mismatch'
-    else
-      answer = string.sub(seen, sep_at + 1)
-    end
-  elseif gate then
-    answer = gate
-  elseif not qty or qty < 1 or qty ~= math.floor(qty) then
-    answer = 'invalid_quantity'
-  else
-    local counted = tonumber(redis.call('HGET', K[5], buyer) or '0')
-    local available = tonumber(redis.call('HGET', K[2], 'available'))
-    if counted + qty > limit then
-      answer = 'limit_exceeded' .. SEP .. counted
-    elseif available < qty then
-      local s = redis.call('HMGET', K[2], 'active', 'paying')
-      local pending = (tonumber(s[1]) + tonumber(s[2])) > 0 and '1' or '0'
-      answer = 'sold_out' .. SEP .. pending
-    else
-      local deadline = now + ttl
-      redis.call('HINCRBY', K[2], 'available', -qty)
-      redis.call('HINCRBY', K[2], 'active', qty)
-      redis.call('HINCRBY', K[5], buyer, qty)
-      redis.call('HSET', K[3], id, encode_hold({state = 'ACTIVE', buyer = buyer, qty = qty,
-        deadline = deadline, idem = idem, payref = payref, admission = admission,
-        created = now, cause = ''}))
-      redis.call('ZADD', K[4], deadline, id)
-      redis.call('XADD', K[7], '*', 'type', 'reservation.created', 'reservation_id', id,
-        'sale_id', meta[8], 'sku', meta[9], 'buyer_id', buyer, 'quantity', qty,
-        'unit_price', meta[6], 'amount', tonumber(meta[6]) * qty, 'currency', meta[7],
-        'payment_ref', payref, 'admission_id', admission, 'idempotency_key', idem,
-        'hold_deadline_ms', deadline, 'created_ms', now)
-      answer = 'reserved' .. SEP .. id .. SEP .. deadline
-    end
-    redis.call('HSET', K[6], idem_field, fingerprint .. '\30' .. answer)
+local ID, BUYER, QTY, PAYREF, ADMISSION, IDEM = 1, n + 1, 2 * n + 1, 3 * n + 1, 4 * n + 1, 5 * n + 1
+local seen = redis.call('HMGET', K[6], unpack(ARGV, IDEM + 1, IDEM + n))
+
+-- The remembered answer for a repeated key, or idempotency_mismatch when the quantity or the
+-- payment differ from the first request's.
+local function replay(prior, qty_raw, payref)
+  local sep_at = string.find(prior, '\30', 1, true)
+  if string.sub(prior, 1, sep_at - 1) ~= qty_raw .. SEP .. payref then
+    return 'idempotency_mismatch'
   end
-  results[i + 1] = answer
+  return string.sub(prior, sep_at + 1)
+end
+
+if gate then
+  -- Nothing can be granted: replay remembered answers, refuse the rest with the sale's state.
+  for i = 1, n do
+    results[i] = seen[i] and replay(seen[i], ARGV[QTY + i], ARGV[PAYREF + i]) or gate
+  end
+  return results
+end
+
+local limit = tonumber(meta[4])
+local deadline = now + tonumber(meta[5])
+local counted_raw = redis.call('HMGET', K[5], unpack(ARGV, BUYER + 1, BUYER + n))
+local stock = redis.call('HMGET', K[2], 'available', 'active', 'paying')
+local available, active, paying = tonumber(stock[1]), tonumber(stock[2]), tonumber(stock[3])
+
+-- Strings shared by every hold of the batch, built once.
+local at = SEP .. deadline .. SEP                 -- qty .. at .. payref
+local created = SEP .. now .. SEP .. SEP          -- admission .. created .. idem_field
+local granted_tail = SEP .. deadline              -- 'reserved' .. SEP .. id .. granted_tail
+local sold_out = (active + paying) > 0 and 'sold_out' .. SEP .. '1' or 'sold_out' .. SEP .. '0'
+
+local counted = {}     -- buyer -> units counted against the limit, as updated by this batch
+local decided = {}     -- idem_field -> remembered value, for repeats inside this batch
+local holds = {}       -- id, record, id, record, ... for HSET holds and the outbox entry
+local ids = {}         -- granted ids, one deadline-index member for the batch
+local idem_out = {}    -- idem_field, value, ... for HSET idem
+local granted, answered = 0, 0  -- explicit lengths: # on a table costs a search in Lua 5.1
+
+for i = 1, n do
+  local qty_raw, payref, idem_field = ARGV[QTY + i], ARGV[PAYREF + i], ARGV[IDEM + i]
+  local prior = decided[idem_field] or seen[i]
+  local answer
+  if prior then
+    answer = replay(prior, qty_raw, payref)
+  else
+    local qty = tonumber(qty_raw)
+    if not qty or qty < 1 or qty ~= math.floor(qty) then
+      answer = 'invalid_quantity'
+    else
+      local buyer = ARGV[BUYER + i]
+      local have = counted[buyer] or tonumber(counted_raw[i] or '0')
+      if have + qty > limit then
+        answer = 'limit_exceeded' .. SEP .. have
+      elseif available < qty then
+        answer = sold_out
+      else
+        local id = ARGV[ID + i]
+        available = available - qty
+        active = active + qty
+        counted[buyer] = have + qty
+        granted = granted + 1
+        ids[granted] = id
+        holds[2 * granted - 1] = id
+        holds[2 * granted] = 'ACTIVE' .. SEP .. qty_raw .. at .. payref .. SEP
+          .. ARGV[ADMISSION + i] .. created .. idem_field
+        answer = 'reserved' .. SEP .. id .. granted_tail
+      end
+    end
+    local value = qty_raw .. SEP .. payref .. '\30' .. answer
+    decided[idem_field] = value
+    answered = answered + 1
+    idem_out[2 * answered - 1] = idem_field
+    idem_out[2 * answered] = value
+  end
+  results[i] = answer
+end
+
+if granted > 0 then
+  local buyers_out = {}
+  for buyer, have in pairs(counted) do
+    buyers_out[#buyers_out + 1] = buyer
+    buyers_out[#buyers_out + 1] = have
+  end
+  redis.call('HSET', K[2], 'available', available, 'active', active)
+  redis.call('HSET', K[5], unpack(buyers_out))
+  redis.call('HSET', K[3], unpack(holds))
+  -- The deadline index holds one member per batch: its granted ids, scored by their deadline.
+  redis.call('ZADD', K[4], deadline, table.concat(ids, SEP))
+  -- One outbox entry carries every hold granted by this batch: a header with the SKU's fields,
+  -- then one field per reservation id whose value is its hold record (see lib.lua).
+  redis.call('XADD', K[7], '*', 'type', 'reservation.created', 'sale_id', meta[8],
+    'sku', meta[9], 'unit_price', meta[6], 'currency', meta[7], 'count', granted,
+    unpack(holds))
+end
+if answered > 0 then
+  redis.call('HSET', K[6], unpack(idem_out))
 end
 return results

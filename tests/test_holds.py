@@ -7,7 +7,7 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -18,6 +18,7 @@ from allocator.allocator import SkuAllocator
 from allocator.scripts import HoldScripts, ReserveRequest, ReserveResult, Scripts
 from allocator.sweeper import sweep_once
 from flashsale.errors import InvalidInput, Overloaded
+from flashsale.events import HoldRecord, ReservationEvent, outbox_events
 from flashsale.keys import SkuKeys
 from flashsale.settings import Settings
 
@@ -52,11 +53,16 @@ class Sku:
     async def hold_state(self, reservation_id: str) -> str:
         raw = await self.client.hget(self.keys.holds, reservation_id)
         assert raw is not None
-        return text(raw).split("\x1f")[0]
+        return HoldRecord.parse(raw).state
 
-    async def events(self) -> list[dict[str, str]]:
+    async def events(self) -> list[ReservationEvent]:
         entries: Any = await self.client.xrange(self.keys.outbox)
-        return [{text(k): text(v) for k, v in fields.items()} for _, fields in entries]
+        return [event for _, fields in entries for event in outbox_events(fields)]
+
+    async def deadline_index(self) -> dict[str, float]:
+        """reservation id -> indexed deadline (the index keeps one member per batch)."""
+        members: Any = await self.client.zrange(self.keys.deadlines, 0, -1, withscores=True)
+        return {rid: score for member, score in members for rid in text(member).split("\x1f")}
 
 
 async def make_sku(
@@ -112,15 +118,17 @@ async def test_reserve_grants_and_records_everything(client: aioredis.Redis) -> 
     counts = await sku.assert_conserved()
     assert (counts["available"], counts["active"]) == (8, 2)
     assert await sku.hold_state(req.reservation_id) == "ACTIVE"
-    assert await client.zscore(sku.keys.deadlines, req.reservation_id) == result.hold_expires_at_ms
+    assert (await sku.deadline_index())[req.reservation_id] == result.hold_expires_at_ms
     assert await client.hget(sku.keys.buyers, "alice") == b"2"
     [event] = await sku.events()
-    assert event["type"] == "reservation.created"
-    assert event["reservation_id"] == req.reservation_id
-    assert (event["buyer_id"], event["quantity"], event["amount"]) == ("alice", "2", "3000")
-    assert (event["sale_id"], event["sku"], event["currency"]) == (sku.keys.sale_id, "SKU-1", "EUR")
-    assert (event["payment_ref"], event["admission_id"]) == ("tok_ok", "adm-alice")
-    assert event["hold_deadline_ms"] == str(result.hold_expires_at_ms)
+    assert event.type == "reservation.created"
+    assert event.reservation_id == req.reservation_id
+    assert (event.buyer_id, event.quantity, event.amount) == ("alice", 2, 3000)
+    assert (event.sale_id, event.sku, event.currency) == (sku.keys.sale_id, "SKU-1", "EUR")
+    assert (event.payment_ref, event.admission_id) == ("tok_ok", "adm-alice")
+    assert event.idempotency_key == req.idempotency_key
+    assert event.hold_deadline_ms == result.hold_expires_at_ms
+    assert event.created_ms is not None and abs(event.created_ms - before_ms) < 5_000
 
 
 async def test_repeated_key_returns_the_original_answer(client: aioredis.Redis) -> None:
@@ -208,6 +216,33 @@ async def test_batch_requests_are_decided_independently_in_order(client: aioredi
     await sku.assert_conserved()
 
 
+async def test_repeats_inside_one_batch_see_earlier_answers(client: aioredis.Redis) -> None:
+    """A double click can land both requests in one batch: the second must replay the first."""
+    sku = await make_sku(client, stock=10, limit=2)
+    first = request("eve", 2, key="dbl")
+    reqs = [
+        first,
+        request("eve", 2, key="dbl"),  # same key, same body: replayed, not granted again
+        replace(first, reservation_id="r-other", payment_ref="tok_other"),  # same key, new body
+        request("eve", 1),  # new key: eve already has 2 of 2
+        request("sam", 1),
+        request("sam", 1),
+    ]
+    results = await sku.scripts.reserve(sku.keys, reqs)
+    assert results[1] == results[0] and results[0].reservation_id == first.reservation_id
+    assert [r.outcome for r in results[2:]] == [
+        "idempotency_mismatch", "limit_exceeded", "reserved", "reserved",
+    ]  # fmt: skip
+    assert results[3].counted == 2
+    counts = await sku.assert_conserved()
+    assert counts["active"] == 4
+    assert {text(k): int(v) for k, v in (await client.hgetall(sku.keys.buyers)).items()} == {
+        "eve": 2, "sam": 2,
+    }  # fmt: skip
+    assert len(await sku.events()) == 3
+    assert len(await sku.deadline_index()) == 3
+
+
 # -- transitions -----------------------------------------------------------------------------
 
 
@@ -217,7 +252,6 @@ async def test_happy_path_and_idempotent_transitions(client: aioredis.Redis) -> 
     assert rid
     begin = await sku.scripts.begin_payment(sku.keys, rid)
     assert (begin.ok, begin.state) == (True, "PAYING")
-    assert await client.zscore(sku.keys.deadlines, rid) is None  # cannot expire mid-charge
     assert (await sku.scripts.begin_payment(sku.keys, rid)).reason == "already_paying"
     confirm = await sku.scripts.confirm(sku.keys, rid)
     assert (confirm.ok, confirm.state) == (True, "SOLD")
@@ -225,6 +259,18 @@ async def test_happy_path_and_idempotent_transitions(client: aioredis.Redis) -> 
     assert (again.ok, again.state, again.reason) == (True, "SOLD", "already_sold")
     counts = await sku.assert_conserved()
     assert (counts["sold"], counts["paying"], counts["available"]) == (2, 0, 8)
+
+
+async def test_a_paying_hold_never_expires(client: aioredis.Redis) -> None:
+    sku = await make_sku(client, ttl_ms=150)
+    rid = (await reserve(sku, request("pat", 1))).reservation_id
+    assert rid
+    assert (await sku.scripts.begin_payment(sku.keys, rid)).ok
+    await asyncio.sleep(0.2)
+    assert (await sku.scripts.expire(sku.keys, 100)).expired == []
+    assert await sku.hold_state(rid) == "PAYING"
+    assert (await sku.scripts.confirm(sku.keys, rid)).ok
+    assert await client.zcard(sku.keys.deadlines) == 0  # the sweep dropped the spent member
 
 
 async def test_illegal_transitions_change_nothing(client: aioredis.Redis) -> None:
@@ -265,7 +311,7 @@ async def test_release_from_paying_returns_stock(client: aioredis.Redis) -> None
     counts = await sku.assert_conserved()
     assert (counts["available"], counts["paying"]) == (5, 0)
     assert await client.hget(sku.keys.buyers, "max") is None
-    assert (await sku.events())[-1]["cause"] == "payment_failed"
+    assert (await sku.events())[-1].cause == "payment_failed"
 
 
 async def test_expiry_and_begin_payment_after_expiry(client: aioredis.Redis) -> None:
@@ -277,12 +323,13 @@ async def test_expiry_and_begin_payment_after_expiry(client: aioredis.Redis) -> 
     # begin_payment on an overdue hold refuses it and releases it, like the sweeper would.
     refused = await sku.scripts.begin_payment(sku.keys, late)
     assert (refused.ok, refused.state, refused.reason) == (False, "RELEASED", "expired")
-    assert await sku.scripts.expire(sku.keys, 100) == [swept]
-    assert await sku.scripts.expire(sku.keys, 100) == []  # double expiry: nothing more
+    assert (await sku.scripts.expire(sku.keys, 100)).expired == [swept]
+    assert (await sku.scripts.expire(sku.keys, 100)).expired == []  # double expiry: nothing
+    assert await client.zcard(sku.keys.deadlines) == 0
     counts = await sku.assert_conserved()
     assert counts["available"] == 5
-    expired = [e for e in await sku.events() if e["type"] == "reservation.expired"]
-    assert sorted(e["reservation_id"] for e in expired) == sorted([swept, late])
+    expired = [e for e in await sku.events() if e.type == "reservation.expired"]
+    assert sorted(e.reservation_id for e in expired) == sorted([swept, late])
     assert (await sku.scripts.confirm(sku.keys, late)).reason == "released"
 
 
@@ -300,8 +347,8 @@ async def test_racing_sweepers_return_each_hold_once(stack: Settings) -> None:
         assert a + b == 300
         counts = await sku.assert_conserved()
         assert (counts["available"], counts["active"]) == (300, 0)
-        expired = [e for e in await sku.events() if e["type"] == "reservation.expired"]
-        assert len({e["reservation_id"] for e in expired}) == len(expired) == 300
+        expired = [e for e in await sku.events() if e.type == "reservation.expired"]
+        assert len({e.reservation_id for e in expired}) == len(expired) == 300
     finally:
         for c in clients:
             await c.aclose()
@@ -402,23 +449,58 @@ async def test_twenty_thousand_attempts_never_oversell(stack: Settings) -> None:
 
         counts = await sku.assert_conserved()
         assert (counts["active"], counts["available"]) == (100, 0)
-        holds = [text(v).split("\x1f") for v in (await clients[0].hgetall(sku.keys.holds)).values()]
-        assert sum(int(h[2]) for h in holds) == 100
+        raw_holds = (await clients[0].hgetall(sku.keys.holds)).values()
+        holds = [HoldRecord.parse(v) for v in raw_holds]
+        assert sum(h.quantity for h in holds) == 100
         per_buyer: dict[str, int] = {}
         for h in holds:
-            per_buyer[h[1]] = per_buyer.get(h[1], 0) + int(h[2])
+            per_buyer[h.buyer_id] = per_buyer.get(h.buyer_id, 0) + h.quantity
         assert max(per_buyer.values()) <= 2
         assert len(await sku.events()) == len(holds)
         # Every repeated key got its first answer (sale-state refusals aside: none here).
         first: dict[tuple[str, str], ReserveResult] = {}
         repeats = 0
         for req, result in zip(attempts, results, strict=True):
-            seen = first.setdefault((req.buyer_id, req.idempotency_key), result)
-            if seen is not result:
+            scope = (req.buyer_id, req.idempotency_key)
+            if scope in first:
                 repeats += 1
-                assert result == seen, (req, result, seen)
+                assert result == first[scope], (req, result, first[scope])
+            else:
+                first[scope] = result
         assert repeats > 10_000
     finally:
         for c in clients:
             await c.aclose()
             await c.connection_pool.disconnect()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("reservation_id", ""),
+        ("buyer_id", "a\x1fb"),
+        ("idempotency_key", "k\x1e"),
+        ("payment_ref", None),
+        ("admission_id", 7),
+        ("quantity", "1"),
+        ("quantity", True),
+    ],
+)
+def test_request_validation_names_the_field(field: str, value: object) -> None:
+    changes: dict[str, Any] = {field: value}
+    bad = replace(request("val"), **changes)
+    with pytest.raises(InvalidInput) as caught:
+        bad.validate()
+    assert caught.value.field == field
+
+
+def test_outbox_entry_must_carry_what_it_says() -> None:
+    record = "ACTIVE\x1f1\x1f2000\x1ftok\x1fadm\x1f1000\x1f\x1fbuyer\x1fkey"
+    entry = {"type": "reservation.created", "sale_id": "s", "sku": "k", "unit_price": "5",
+             "currency": "EUR", "count": "2", "r-1": record}  # fmt: skip
+    with pytest.raises(ValueError, match="says 2 holds"):
+        outbox_events(entry)
+    [event] = outbox_events({**entry, "count": "1"})
+    assert (event.reservation_id, event.buyer_id, event.amount) == ("r-1", "buyer", 5)
+    with pytest.raises(ValueError, match="malformed hold record"):
+        HoldRecord.parse("ACTIVE\x1f1")

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from allocator.scripts import source
+from flashsale.events import HoldRecord
 from flashsale.keys import SkuKeys
 from flashsale.settings import Settings
 
@@ -61,8 +62,8 @@ def test_hold_lifecycle_state_machine(redis_url: str) -> None:
             return result
 
         def reserve(self, buyer: str, qty: int, key: str) -> None:
-            [answer] = self.call("reserve", 1, f"r-{uuid.uuid4().hex}", buyer, qty, key,
-                                 "tok", "adm")  # fmt: skip
+            [answer] = self.call("reserve", 1, f"r-{uuid.uuid4().hex}", buyer, qty, "tok",
+                                 "adm", f"{buyer}\x1f{key}")  # fmt: skip
             first = self.answers.setdefault((buyer, key), answer)
             assert answer == first, (answer, first)
             if answer.startswith("reserved") and answer.split("\x1f")[1] not in self.reservations:
@@ -94,7 +95,8 @@ def test_hold_lifecycle_state_machine(redis_url: str) -> None:
 
         @rule(limit=st.integers(1, 5))
         def expire(self, limit: int) -> None:
-            for rid in self.call("expire", limit):
+            _more, *expired = self.call("expire", limit)
+            for rid in expired:
                 assert rid not in self.terminal, f"{rid} resolved twice"
                 self.terminal[rid] = "RELEASED"
 
@@ -110,13 +112,13 @@ def test_hold_lifecycle_state_machine(redis_url: str) -> None:
                 stock["available"] + stock["active"] + stock["paying"] + stock["sold"]
             ), stock
             assert min(stock.values()) >= 0, stock
-            holds = [str(h).split("\x1f") for h in client.hgetall(self.keys.holds).values()]
+            holds = [HoldRecord.parse(h) for h in client.hgetall(self.keys.holds).values()]
             by_state: dict[str, int] = {}
             by_buyer: dict[str, int] = {}
-            for state, buyer, qty, *_ in holds:
-                by_state[state] = by_state.get(state, 0) + int(qty)
-                if state != "RELEASED":
-                    by_buyer[buyer] = by_buyer.get(buyer, 0) + int(qty)
+            for h in holds:
+                by_state[h.state] = by_state.get(h.state, 0) + h.quantity
+                if h.state != "RELEASED":
+                    by_buyer[h.buyer_id] = by_buyer.get(h.buyer_id, 0) + h.quantity
             assert by_state.get("ACTIVE", 0) == stock["active"]
             assert by_state.get("PAYING", 0) == stock["paying"]
             assert by_state.get("SOLD", 0) == stock["sold"]

@@ -1,0 +1,137 @@
+"""Event schemas: hold records as Redis stores them, and the reservation events of the outbox.
+
+A SKU's outbox stream (``fs:{sale:sku}:outbox``) holds two shapes of entry:
+
+* ``reservation.created``: one entry per reserve *batch*. A header (``type``, ``sale_id``,
+  ``sku``, ``unit_price``, ``currency``, ``count``) then one field per granted reservation id
+  whose value is that hold's record. :func:`outbox_events` expands it into one
+  :class:`ReservationEvent` per reservation, carrying every field a worker needs.
+* ``reservation.expired`` / ``reservation.released``: one entry per hold, with ``type``,
+  ``reservation_id``, ``sale_id``, ``sku``, ``buyer_id``, ``quantity``, ``from_state``,
+  ``cause`` and ``at_ms``.
+
+Writing one entry per batch keeps the reserve script's cost per decision low (one ``XADD`` per
+batch instead of one per buyer); the expansion happens here, off the hot path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+SEP = "\x1f"
+HoldState = Literal["ACTIVE", "PAYING", "SOLD", "RELEASED"]
+EventType = Literal["reservation.created", "reservation.expired", "reservation.released"]
+_CREATED_HEADER = frozenset({"type", "sale_id", "sku", "unit_price", "currency", "count"})
+_HOLD_FIELDS = 9
+
+
+@dataclass(frozen=True, slots=True)
+class HoldRecord:
+    """One field of the ``holds`` hash (see ``lua/lib.lua``), fields joined by \\x1f:
+    state, qty, deadline_ms, payment_ref, admission_id, created_ms, cause, buyer, idem."""
+
+    state: HoldState
+    quantity: int
+    deadline_ms: int
+    payment_ref: str
+    admission_id: str
+    created_ms: int
+    cause: str
+    buyer_id: str
+    idempotency_key: str
+
+    @classmethod
+    def parse(cls, raw: bytes | str) -> HoldRecord:
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        f = text.split(SEP)
+        if len(f) != _HOLD_FIELDS:
+            raise ValueError(f"malformed hold record: {text!r}")
+        return cls(
+            state=f[0],  # type: ignore[arg-type]
+            quantity=int(f[1]),
+            deadline_ms=int(f[2]),
+            payment_ref=f[3],
+            admission_id=f[4],
+            created_ms=int(f[5]),
+            cause=f[6],
+            buyer_id=f[7],
+            idempotency_key=f[8],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ReservationEvent:
+    """One reservation's event, as workers consume it. ``hold`` fields are set for
+    ``reservation.created``; ``from_state``/``cause``/``at_ms`` for expired and released."""
+
+    type: EventType
+    reservation_id: str
+    sale_id: str
+    sku: str
+    buyer_id: str
+    quantity: int
+    unit_price: int | None = None
+    currency: str | None = None
+    payment_ref: str | None = None
+    admission_id: str | None = None
+    idempotency_key: str | None = None
+    hold_deadline_ms: int | None = None
+    created_ms: int | None = None
+    from_state: str | None = None
+    cause: str | None = None
+    at_ms: int | None = None
+
+    @property
+    def amount(self) -> int | None:
+        """Total in minor units (``reservation.created`` only)."""
+        return None if self.unit_price is None else self.unit_price * self.quantity
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def outbox_events(entry: Mapping[Any, Any]) -> list[ReservationEvent]:
+    """The reservation events of one outbox stream entry, in the order they were decided."""
+    fields = {_text(k): _text(v) for k, v in entry.items()}
+    kind = fields.get("type")
+    if kind == "reservation.created":
+        holds = [(k, HoldRecord.parse(v)) for k, v in fields.items() if k not in _CREATED_HEADER]
+        if len(holds) != int(fields["count"]):
+            raise ValueError(f"outbox entry says {fields['count']} holds, carries {len(holds)}")
+        unit_price = int(fields["unit_price"])
+        return [
+            ReservationEvent(
+                type="reservation.created",
+                reservation_id=rid,
+                sale_id=fields["sale_id"],
+                sku=fields["sku"],
+                buyer_id=h.buyer_id,
+                quantity=h.quantity,
+                unit_price=unit_price,
+                currency=fields["currency"],
+                payment_ref=h.payment_ref,
+                admission_id=h.admission_id,
+                idempotency_key=h.idempotency_key,
+                hold_deadline_ms=h.deadline_ms,
+                created_ms=h.created_ms,
+            )
+            for rid, h in holds
+        ]
+    if kind in ("reservation.expired", "reservation.released"):
+        return [
+            ReservationEvent(
+                type=kind,  # type: ignore[arg-type]
+                reservation_id=fields["reservation_id"],
+                sale_id=fields["sale_id"],
+                sku=fields["sku"],
+                buyer_id=fields["buyer_id"],
+                quantity=int(fields["quantity"]),
+                from_state=fields["from_state"],
+                cause=fields["cause"],
+                at_ms=int(fields["at_ms"]),
+            )
+        ]
+    raise ValueError(f"unknown outbox entry type {kind!r}")

@@ -1,0 +1,172 @@
+"""Benchmark harness: a closed-loop driver, the machine's description, tables and JSON reports.
+
+Benchmarks compare rows measured in the same run (this machine is shared and noisy, so only
+ratios within one run mean anything). Every report carries the machine it ran on and the
+command that reproduces it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+
+@dataclass(slots=True)
+class Row:
+    """One measured configuration. ``extra`` holds per-row figures such as server µs."""
+
+    name: str
+    what: str
+    per_second: float
+    decisions: int
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "what": self.what,
+            "per_second": round(self.per_second, 1),
+            "decisions": self.decisions,
+            "seconds": round(self.seconds, 3),
+            **self.extra,
+        }
+
+
+@dataclass(slots=True)
+class Target:
+    name: str
+    goal: str
+    measured: str
+    met: bool
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "goal": self.goal, "measured": self.measured, "met": self.met}
+
+
+@dataclass(slots=True)
+class Report:
+    benchmark: str
+    command: str
+    rows: list[Row]
+    targets: list[Target]
+    machine: dict[str, Any]
+    config: dict[str, Any]
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "benchmark": self.benchmark,
+            "command": self.command,
+            "results": [r.as_json() for r in self.rows],
+            "targets": [t.as_json() for t in self.targets],
+            "machine": self.machine,
+            "config": self.config,
+        }
+
+    def write_json(self, path: str | Path) -> None:
+        Path(path).write_bytes(orjson.dumps(self.as_json(), option=orjson.OPT_INDENT_2) + b"\n")
+
+
+async def drive(
+    op: Callable[[], Awaitable[Any]], *, concurrency: int, seconds: float
+) -> tuple[int, float]:
+    """Run ``op`` in a closed loop from ``concurrency`` tasks for ``seconds``.
+
+    Returns (completed calls, elapsed seconds). Calls in flight when time is up are waited for
+    and counted, so elapsed covers every counted call.
+    """
+    loop = asyncio.get_running_loop()
+    running = True
+    done = 0
+
+    def stop() -> None:
+        nonlocal running
+        running = False
+
+    async def worker() -> None:
+        nonlocal done
+        n = 0
+        while running:
+            await op()
+            n += 1
+        done += n
+
+    began = time.perf_counter()
+    timer = loop.call_later(seconds, stop)
+    try:
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    finally:
+        timer.cancel()
+    return done, time.perf_counter() - began
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _memory_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 1024 / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+def machine(**servers: str) -> dict[str, Any]:
+    """What the numbers were measured on; ``servers`` adds server versions."""
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = []
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "memory_gib": _memory_gib(),
+        "os": platform.platform(),
+        "python": sys.version.split()[0],
+        "load_average_at_start": load,
+        "when": datetime.now(UTC).replace(microsecond=0).isoformat(),
+        **servers,
+    }
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table, numbers right-aligned."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    numeric = [all(isinstance(row[i], int | float) or row[i] is None for row in rows)
+               for i in range(len(headers))]  # fmt: skip
+
+    def line(values: Sequence[str]) -> str:
+        aligned = zip(values, widths, numeric, strict=True)
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in aligned).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, cells)])
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.2f}" if value < 100 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)

@@ -1,0 +1,425 @@
+"""``flashsale bench allocate``: seven ways to decide "may this buyer have one unit?".
+
+Every row works on one hot SKU with 1,000,000 units, driven by the same number of concurrent
+callers from this one process, each caller awaiting one decision at a time. Rows run one after
+the other in the same run, so their ratios are comparable even on a noisy machine.
+
+Rows that talk to a server one request at a time share one pool size (``POOL``), so no row
+wins by opening more connections. The ceiling row is deliberately not limited by the client:
+it sends pre-packed, deep pipelines of ``DECR`` to show what the Redis server itself can do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import asyncpg
+import hiredis
+import redis.asyncio as aioredis
+
+from allocator.allocator import SkuAllocator
+from allocator.ids import new_reservation_id
+from allocator.scripts import HoldScripts, ReserveRequest, Scripts, pack_command
+from flashsale.keys import SkuKeys
+from flashsale.settings import Settings
+from loadtest.bench import Report, Row, Target, drive, machine, table
+
+STOCK = 1_000_000
+POOL = 64  # connections for the one-request-at-a-time rows (Postgres and Redis alike)
+BUYERS = 10_000
+PG_TABLE = "bench_allocate_stock"
+CEILING_DEPTH = 1_000  # DECRs per pipeline in the ceiling row
+CEILING_PIPELINES = 4  # pipelines in flight in the ceiling row
+
+# Targets of the allocation core (issue 3), checked against this run's own rows.
+TARGET_PER_SECOND = 250_000
+TARGET_SERVER_US = 1.0
+TARGET_VS_POSTGRES = 10.0
+TARGET_VS_PER_REQUEST = 3.0
+
+Progress = Callable[[str], None]
+
+
+@dataclass(slots=True)
+class Options:
+    seconds: float = 3.0
+    concurrency: int = 512
+    max_batch: int = 256
+    window: float = 0.001
+
+
+@dataclass(slots=True)
+class ServerSample:
+    """Redis counters read before and after a row."""
+
+    calls: dict[str, int]
+    usec: dict[str, int]
+    cpu_seconds: float
+
+    @classmethod
+    async def take(cls, client: aioredis.Redis) -> ServerSample:
+        stats: dict[str, Any] = await client.info("commandstats")
+        cpu: dict[str, Any] = await client.info("cpu")
+        calls = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
+        usec = {k.removeprefix("cmdstat_"): int(v["usec"]) for k, v in stats.items()}
+        return cls(calls, usec, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]))
+
+    def since(self, before: ServerSample, command: str, decisions: int) -> dict[str, float]:
+        """Redis time per decision: ``command``'s own time (INFO commandstats) and the whole
+        server process's CPU (which adds networking, AOF writes and everything else)."""
+        usec = self.usec.get(command, 0) - before.usec.get(command, 0)
+        cpu = self.cpu_seconds - before.cpu_seconds
+        return {
+            "server_us_per_decision": round(usec / max(decisions, 1), 3),
+            "server_cpu_us_per_decision": round(cpu * 1e6 / max(decisions, 1), 3),
+        }
+
+
+def _sku_meta(keys: SkuKeys) -> dict[str, str]:
+    now = int(time.time() * 1000)
+    return {
+        "sale_id": keys.sale_id, "sku": keys.sku, "price": "1999", "currency": "EUR",
+        "per_buyer_limit": str(STOCK), "hold_ttl_ms": "600000",
+        "starts_at_ms": str(now - 1000), "ends_at_ms": str(now + 3_600_000), "status": "active",
+    }  # fmt: skip
+
+
+class Bench:
+    def __init__(self, settings: Settings, options: Options, progress: Progress) -> None:
+        self.settings = settings
+        self.options = options
+        self.progress = progress
+        self.run_id = uuid.uuid4().hex[:8]
+        self.rows: list[Row] = []
+        self._skus: list[SkuKeys] = []
+        self._n = itertools.count()
+        self.buyers = [f"bench-buyer-{i}" for i in range(BUYERS)]
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def redis(self, max_connections: int = POOL) -> aioredis.Redis:
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self.settings.require_redis(), max_connections=max_connections, timeout=None
+        )
+        return aioredis.Redis(connection_pool=pool)
+
+    async def fresh_sku(self, client: aioredis.Redis, name: str) -> SkuKeys:
+        keys = SkuKeys(f"bench-{self.run_id}", name)
+        await Scripts(client).preload(keys, total=STOCK, meta=_sku_meta(keys), force=True)
+        self._skus.append(keys)
+        return keys
+
+    def request(self) -> ReserveRequest:
+        n = next(self._n)
+        buyer = self.buyers[n % BUYERS]
+        return ReserveRequest(new_reservation_id(), buyer, 1, f"k{n}", "tok_bench", buyer)
+
+    async def measure(
+        self,
+        name: str,
+        what: str,
+        op: Callable[[], Awaitable[Any]],
+        *,
+        client: aioredis.Redis | None = None,
+        command: str | None = None,
+        granted: Callable[[], Awaitable[int]] | None = None,
+        per_call: int = 1,
+    ) -> Row:
+        """Warm up, then drive ``op`` for the configured time and record a row. Each call of
+        ``op`` makes ``per_call`` decisions."""
+        for _ in range(50):
+            await op()
+        before = await ServerSample.take(client) if client is not None and command else None
+        granted_before = await granted() if granted else 0
+        cpu_before = time.process_time()
+        calls, seconds = await drive(
+            op, concurrency=self.options.concurrency, seconds=self.options.seconds
+        )
+        decisions = calls * per_call
+        # This process's CPU per decision: what one more gateway process would have to add.
+        client_cpu = (time.process_time() - cpu_before) * 1e6 / max(decisions, 1)
+        extra: dict[str, Any] = {"client_cpu_us_per_decision": round(client_cpu, 3)}
+        if before is not None and client is not None and command:
+            extra |= (await ServerSample.take(client)).since(before, command, decisions)
+        if granted is not None:
+            # Every decision of a row is a grant (1,000,000 units never run out in one row):
+            # the stock must have moved by exactly the decisions made, no more, no less.
+            moved = await granted() - granted_before
+            extra["stock_moved"] = moved
+            extra["consistent"] = moved == decisions
+        row = Row(name, what, decisions / seconds, decisions, seconds, extra)
+        self.rows.append(row)
+        self.progress(f"  {name:30} {row.per_second:>12,.0f}/s  ({decisions:,} in {seconds:.2f}s)")
+        return row
+
+    # -- Postgres rows ----------------------------------------------------------------------
+
+    async def postgres_rows(self) -> str:
+        pool = await asyncpg.create_pool(
+            self.settings.require_database(), min_size=POOL, max_size=POOL, timeout=10
+        )
+        sku = f"bench-{self.run_id}"
+        try:
+            version = str(await pool.fetchval("SHOW server_version"))
+            await pool.execute(
+                f"CREATE TABLE IF NOT EXISTS {PG_TABLE} ("
+                "sku text PRIMARY KEY, stock bigint NOT NULL CHECK (stock >= 0),"
+                " version bigint NOT NULL DEFAULT 0)"
+            )
+
+            async def reset() -> None:
+                await pool.execute(
+                    f"INSERT INTO {PG_TABLE} (sku, stock) VALUES ($1, $2) ON CONFLICT (sku)"
+                    " DO UPDATE SET stock = excluded.stock, version = 0",
+                    sku, STOCK,
+                )  # fmt: skip
+
+            async def sold() -> int:
+                return STOCK - int(await pool.fetchval(
+                    f"SELECT stock FROM {PG_TABLE} WHERE sku = $1", sku
+                ))  # fmt: skip
+
+            async def for_update() -> None:
+                async with pool.acquire() as conn, conn.transaction():
+                    stock = await conn.fetchval(
+                        f"SELECT stock FROM {PG_TABLE} WHERE sku = $1 FOR UPDATE", sku
+                    )
+                    if stock >= 1:
+                        await conn.execute(
+                            f"UPDATE {PG_TABLE} SET stock = stock - 1 WHERE sku = $1", sku
+                        )
+
+            retries = 0
+
+            async def optimistic() -> None:
+                nonlocal retries
+                async with pool.acquire() as conn:
+                    while True:
+                        stock, version = await conn.fetchrow(
+                            f"SELECT stock, version FROM {PG_TABLE} WHERE sku = $1", sku
+                        )
+                        if stock < 1:
+                            return
+                        status = await conn.execute(
+                            f"UPDATE {PG_TABLE} SET stock = $2, version = version + 1"
+                            " WHERE sku = $1 AND version = $3",
+                            sku, stock - 1, version,
+                        )  # fmt: skip
+                        if status == "UPDATE 1":
+                            return
+                        retries += 1
+
+            async def conditional() -> None:
+                await pool.fetchval(
+                    f"UPDATE {PG_TABLE} SET stock = stock - 1 WHERE sku = $1 AND stock >= 1"
+                    " RETURNING stock",
+                    sku,
+                )
+
+            rows = (
+                ("pg_for_update", "SELECT ... FOR UPDATE, then UPDATE, in a transaction",
+                 for_update),
+                ("pg_optimistic", "version column, compare-and-set UPDATE, retry", optimistic),
+                ("pg_conditional_update", "UPDATE ... SET stock = stock - 1 WHERE stock >= 1",
+                 conditional),
+            )  # fmt: skip
+            for name, what, op in rows:
+                await reset()
+                retries = 0
+                row = await self.measure(name, what, op, granted=sold)
+                if name == "pg_optimistic":
+                    row.extra["retries_per_decision"] = round(retries / max(row.decisions, 1), 2)
+            await pool.execute(f"DROP TABLE IF EXISTS {PG_TABLE}")
+        finally:
+            await pool.close()
+        return version
+
+    # -- Redis rows -------------------------------------------------------------------------
+
+    async def redis_rows(self) -> str:
+        client = self.redis()
+        try:
+            info: dict[str, Any] = await client.info("server")
+            await self._decr_restore(client)
+            await self._lua_per_request(client)
+            await self._lua_batched(client)
+            await self._ceiling(client)
+            return str(info["redis_version"])
+        finally:
+            await self.cleanup(client)
+            await client.aclose()
+            await client.connection_pool.disconnect()
+
+    async def _decr_restore(self, client: aioredis.Redis) -> None:
+        key = f"fs:{{bench-{self.run_id}:DECR}}:available"
+        await client.set(key, STOCK)
+
+        async def op() -> None:
+            if await client.decrby(key, 1) < 0:
+                await client.incrby(key, 1)
+
+        async def moved() -> int:
+            return STOCK - int(await client.get(key) or b"0")
+
+        await self.measure(
+            "redis_decr_restore", "DECRBY per request, INCRBY back when below zero", op,
+            client=client, command="decrby", granted=moved,
+        )  # fmt: skip
+        await client.unlink(key)
+
+    def _active(self, client: aioredis.Redis, keys: SkuKeys) -> Callable[[], Awaitable[int]]:
+        async def active() -> int:
+            total, available, active, paying, sold = (
+                int(v or 0) for v in await client.hmget(
+                    keys.stock, "total", "available", "active", "paying", "sold"
+                )
+            )  # fmt: skip
+            if total != available + active + paying + sold or available < 0:
+                raise AssertionError(f"stock not conserved for {keys.sku}")
+            return active
+
+        return active
+
+    async def _lua_per_request(self, client: aioredis.Redis) -> None:
+        keys = await self.fresh_sku(client, "PER-REQUEST")
+        scripts = HoldScripts(client)
+
+        async def op() -> None:
+            await scripts.reserve(keys, [self.request()])
+
+        await self.measure(
+            "lua_per_request", "one reserve script call per buyer", op,
+            client=client, command="evalsha", granted=self._active(client, keys),
+        )  # fmt: skip
+
+    async def _lua_batched(self, client: aioredis.Redis) -> None:
+        keys = await self.fresh_sku(client, "BATCHED")
+        allocator = SkuAllocator(
+            HoldScripts(client), keys, window=self.options.window, max_batch=self.options.max_batch
+        )
+
+        async def op() -> None:
+            await allocator.reserve(self.request())
+
+        batches_before = allocator.batches
+        row = await self.measure(
+            "lua_batched_allocator", "one awaited SkuAllocator.reserve per buyer, coalesced", op,
+            client=client, command="evalsha", granted=self._active(client, keys),
+        )  # fmt: skip
+        await allocator.aclose()
+        batches = allocator.batches - batches_before
+        row.extra["mean_batch"] = round(row.decisions / max(batches, 1), 1)
+
+    async def _ceiling(self, client: aioredis.Redis) -> None:
+        url = urlsplit(self.settings.require_redis())
+        key = f"fs:{{bench-{self.run_id}:CEILING}}:available"
+        await client.set(key, STOCK)
+        blob = pack_command(("DECR", key)) * CEILING_DEPTH
+        streams = []
+        for _ in range(CEILING_PIPELINES):
+            reader, writer = await asyncio.open_connection(url.hostname, url.port or 6379)
+            parser = hiredis.Reader()
+            if url.password:
+                auth = ("AUTH", unquote(url.username), unquote(url.password)) if url.username \
+                    else ("AUTH", unquote(url.password))  # fmt: skip
+                writer.write(pack_command(auth))
+                parser.feed(await reader.read(1024))
+                reply = parser.gets()
+                if isinstance(reply, Exception):
+                    raise reply
+            streams.append((reader, writer, parser))
+        free = asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter, hiredis.Reader]]()
+        for stream in streams:
+            free.put_nowait(stream)
+
+        async def pipeline() -> None:
+            reader, writer, parser = await free.get()
+            writer.write(blob)
+            left = CEILING_DEPTH
+            while left:
+                parser.feed(await reader.read(65536))
+                while left and parser.gets() is not False:
+                    left -= 1
+            free.put_nowait((reader, writer, parser))
+
+        try:
+            await self.measure(
+                "redis_pipelined_decr_ceiling",
+                f"raw DECR, {CEILING_PIPELINES} pipelines of {CEILING_DEPTH}, pre-packed",
+                pipeline, client=client, command="decr", per_call=CEILING_DEPTH,
+            )  # fmt: skip
+        finally:
+            for _, writer, _ in streams:
+                writer.close()
+            await client.unlink(key)
+
+    async def cleanup(self, client: aioredis.Redis) -> None:
+        for keys in self._skus:
+            await client.unlink(*keys.all())
+
+
+def check_targets(rows: list[Row]) -> list[Target]:
+    by = {r.name: r for r in rows}
+    batched = by["lua_batched_allocator"]
+    per_request = by["lua_per_request"]
+    best_pg = max((r for r in rows if r.name.startswith("pg_")), key=lambda r: r.per_second)
+    server_us = float(batched.extra["server_us_per_decision"])
+    vs_pg = batched.per_second / best_pg.per_second
+    vs_lua = batched.per_second / per_request.per_second
+    return [
+        Target("batched decisions/s from one process", f">= {TARGET_PER_SECOND:,}",
+               f"{batched.per_second:,.0f}", batched.per_second >= TARGET_PER_SECOND),
+        Target("Redis server us per batched decision", f"<= {TARGET_SERVER_US}",
+               f"{server_us:.2f}", server_us <= TARGET_SERVER_US),
+        Target(f"batched vs best Postgres row ({best_pg.name})", f">= {TARGET_VS_POSTGRES:.0f}x",
+               f"{vs_pg:.1f}x", vs_pg >= TARGET_VS_POSTGRES),
+        Target("batched vs lua_per_request", f">= {TARGET_VS_PER_REQUEST:.0f}x", f"{vs_lua:.1f}x",
+               vs_lua >= TARGET_VS_PER_REQUEST),
+    ]  # fmt: skip
+
+
+async def run(settings: Settings, options: Options, progress: Progress, command: str) -> Report:
+    bench = Bench(settings, options, progress)
+    progress(
+        f"bench allocate: {options.concurrency} concurrent callers, {options.seconds:g}s per row,"
+        f" {STOCK:,} units per SKU"
+    )
+    pg_version = await bench.postgres_rows()
+    redis_version = await bench.redis_rows()
+    ceiling = next(r for r in bench.rows if r.name == "redis_pipelined_decr_ceiling")
+    for row in bench.rows:
+        row.extra["ratio_to_ceiling"] = round(row.per_second / ceiling.per_second, 4)
+    return Report(
+        benchmark="allocate",
+        command=command,
+        rows=bench.rows,
+        targets=check_targets(bench.rows),
+        machine=machine(redis=redis_version, postgres=pg_version),
+        config={
+            "stock": STOCK, "concurrency": options.concurrency, "seconds_per_row": options.seconds,
+            "pool_connections": POOL, "max_batch": options.max_batch, "window_s": options.window,
+            "buyers": BUYERS,
+        },
+    )  # fmt: skip
+
+
+def render(report: Report) -> str:
+    rows = [
+        (r.name, r.per_second, r.extra.get("server_us_per_decision"),
+         r.extra.get("server_cpu_us_per_decision"), r.extra.get("client_cpu_us_per_decision"),
+         r.extra.get("ratio_to_ceiling"), r.extra.get("mean_batch"))
+        for r in report.rows
+    ]  # fmt: skip
+    targets = [(t.name, t.goal, t.measured, "met" if t.met else "MISSED") for t in report.targets]
+    return "\n\n".join([
+        table(("row", "decisions/s", "server us/dec", "server cpu us/dec", "client cpu us/dec",
+               "x ceiling", "mean batch"), rows),
+        table(("target", "goal", "measured", ""), targets),
+    ])  # fmt: skip
