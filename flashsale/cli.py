@@ -25,11 +25,13 @@ from allocator.scripts import MAX_RESERVE_BATCH
 from flashsale import __version__
 from flashsale.clients import pg_pool, redis_client
 from flashsale.devstack import DevStack
-from flashsale.errors import FlashsaleError, InvalidInput, Unavailable
+from flashsale.errors import ConfigError, FlashsaleError, InvalidInput, Unavailable
+from flashsale.keys import ID_PATTERN
 from flashsale.migrate import migrate
 from flashsale.sales import SaleAdmin
 from flashsale.salespec import parse_csv, parse_sale
 from flashsale.settings import Settings, configure_logging
+from flashsale.tokens import Signer
 
 EXAMPLE_SALE = Path(__file__).with_name("example_sale.json")
 
@@ -242,6 +244,26 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return code
 
 
+# -- tokens ---------------------------------------------------------------------------------
+
+
+def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
+    count = positive(int, "count", args.count)
+    ttl = positive(float, "ttl", args.ttl)
+    if not ID_PATTERN.match(f"{args.prefix}0"):
+        raise InvalidInput("prefix", "letters, digits, '.', '_' or '-' (buyer ids are ids)")
+    secret = settings.buyer_token_secret.reveal()
+    if not secret:
+        raise ConfigError(
+            "FLASHSALE_BUYER_TOKEN_SECRET is not set: run `flashsale dev up` or export it"
+        )
+    signer = Signer.from_setting(secret, "buyer")
+    lines = (f"{args.prefix}{i}\t{signer.sign({'sub': f'{args.prefix}{i}'}, ttl)}\n"
+             for i in range(count))  # fmt: skip
+    sys.stdout.writelines(lines)
+    return 0
+
+
 # -- benchmarks -----------------------------------------------------------------------------
 
 
@@ -363,6 +385,18 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="bring up the stack, migrate, create and preload a sample sale, show status"
     )
 
+    token = commands.add_parser("token", help="mint signed tokens for tests and load tools")
+    token_sub = token.add_subparsers(dest="token_command", required=True, metavar="KIND")
+    buyers = token_sub.add_parser(
+        "buyers",
+        help="print 'buyer_id<TAB>token' lines signed with FLASHSALE_BUYER_TOKEN_SECRET",
+        description="Mint buyer tokens as the storefront would: one 'buyer_id<TAB>token' line "
+        "per buyer, ids PREFIX0, PREFIX1, ... Send a token as 'Authorization: Bearer TOKEN'.",
+    )
+    buyers.add_argument("--count", default="1", help="how many buyers (default 1)")
+    buyers.add_argument("--prefix", default="buyer-", help="buyer id prefix (default buyer-)")
+    buyers.add_argument("--ttl", default="86400", help="validity in seconds (default 86400)")
+
     bench = commands.add_parser("bench", help="benchmarks (need a running stack)")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     allocate = bench_sub.add_parser(
@@ -387,6 +421,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace, Settings], Any]] = {
     "sale": cmd_sale,
     "demo": cmd_demo,
     "bench": cmd_bench,
+    "token": cmd_token,
 }
 
 

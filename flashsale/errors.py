@@ -3,6 +3,8 @@
     FlashsaleError                 base; ``code`` is stable and machine-readable
     ├── ConfigError                the environment is incomplete (``config_error``)
     ├── InvalidInput               bad input, names the field (``invalid_input``)
+    ├── Unauthorized               missing or invalid credentials (``unauthorized``, 401)
+    ├── Forbidden                  valid credentials, not allowed here (``forbidden``, 403)
     ├── NotFound                   unknown sale / SKU / reservation (``not_found``)
     ├── Conflict                   a legal request refused by current state (``conflict``)
     ├── Unavailable                a dependency is down or a SKU is being rebuilt
@@ -42,6 +44,16 @@ class InvalidInput(FlashsaleError):
     def __init__(self, field: str, message: str, *, code: str | None = None) -> None:
         super().__init__(f"{field}: {message}", code=code)
         self.field = field
+
+
+class Unauthorized(FlashsaleError):
+    code = "unauthorized"
+    http_status = 401
+
+
+class Forbidden(FlashsaleError):
+    code = "forbidden"
+    http_status = 403
 
 
 class NotFound(FlashsaleError):

@@ -1,0 +1,85 @@
+"""The admin API under ``/admin/v1/``: the same SaleAdmin functions as the CLI.
+
+Every path under ``/admin/`` needs ``Authorization: Bearer $FLASHSALE_ADMIN_TOKEN``, compared
+in constant time, and answers 401 before anything else without it: unknown paths and wrong
+methods included, so the API's shape is not visible to strangers. Buyer tokens never pass.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from aiohttp import web
+
+from flashsale.errors import InvalidInput, Unauthorized
+from flashsale.salespec import parse_sale
+from gateway.app import SALES, SETTINGS, Handler, error_response, json_response
+from gateway.http import bearer, json_body
+
+PREFIX = "/admin/"
+
+
+@web.middleware
+async def require_admin(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path.startswith(PREFIX) or request.path == PREFIX.rstrip("/"):
+        expected = request.app[SETTINGS].admin_token.reveal().encode()
+        try:
+            given = bearer(request).encode()
+        except Unauthorized as exc:
+            return error_response(401, exc.code, exc.message)
+        # compare_digest on equal-length inputs only leaks the length, which is public.
+        if not expected or not hmac.compare_digest(given, expected):
+            return error_response(401, "unauthorized", "invalid admin token")
+    return await handler(request)
+
+
+async def create_sale(request: web.Request) -> web.Response:
+    spec = parse_sale(await json_body(request))
+    return json_response(await request.app[SALES].create(spec), 201)
+
+
+async def sale_status(request: web.Request) -> web.Response:
+    return json_response(await request.app[SALES].status(request.match_info["sale"]))
+
+
+async def preload(request: web.Request) -> web.Response:
+    body = await json_body(request, allowed={"force"}, optional=True)
+    force = body.get("force", False)
+    if not isinstance(force, bool):
+        raise InvalidInput("force", "must be true or false")
+    results = await request.app[SALES].preload(request.match_info["sale"], force=force)
+    return json_response({
+        "results": [
+            {"sku": r.sku, "outcome": r.outcome, "total": r.counts.total,
+             "available": r.counts.available, "held": r.counts.held, "sold": r.counts.sold}
+            for r in results
+        ]
+    })  # fmt: skip
+
+
+async def add_stock(request: web.Request) -> web.Response:
+    body = await json_body(request, allowed={"sku", "add"})
+    sku = body.get("sku")
+    if not isinstance(sku, str) or not sku:
+        raise InvalidInput("sku", "must be a SKU id")
+    sales = request.app[SALES]
+    return json_response(await sales.add_stock(request.match_info["sale"], sku, body.get("add")))
+
+
+def lifecycle(action: str) -> Handler:
+    async def handle(request: web.Request) -> web.Response:
+        return json_response(
+            await request.app[SALES].set_status(request.match_info["sale"], action)
+        )
+
+    return handle
+
+
+def setup(app: web.Application) -> None:
+    r = app.router
+    r.add_post("/admin/v1/sales", create_sale)
+    r.add_get("/admin/v1/sales/{sale}", sale_status)
+    r.add_post("/admin/v1/sales/{sale}/preload", preload)
+    r.add_post("/admin/v1/sales/{sale}/stock", add_stock)
+    for action in ("pause", "resume", "end"):
+        r.add_post(f"/admin/v1/sales/{{sale}}/{action}", lifecycle(action))

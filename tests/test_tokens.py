@@ -1,0 +1,130 @@
+"""Signed tokens: round trip, rotation, and that nothing but an untouched valid token passes."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flashsale.tokens import InvalidToken, Signer
+from tests.conftest import Cli
+
+SECRET = "s" * 32
+OLD = "o" * 32
+
+
+def test_round_trip_and_claims() -> None:
+    signer = Signer([SECRET], "buyer")
+    claims = signer.verify(signer.sign({"sub": "alice"}, ttl_s=60))
+    assert claims["sub"] == "alice" and claims["typ"] == "buyer"
+    assert claims["exp"] > time.time()
+
+
+def test_expired_tokens_are_refused() -> None:
+    signer = Signer([SECRET], "buyer")
+    token = signer.sign({"sub": "a"}, ttl_s=10, now=1_000)
+    assert signer.verify(token, now=1_005)["sub"] == "a"
+    with pytest.raises(InvalidToken) as caught:
+        signer.verify(token, now=1_010)
+    assert caught.value.reason == "expired"
+
+
+def test_one_kind_never_passes_as_another() -> None:
+    # Same secret, different kinds: the derived keys differ, so the signature fails.
+    ticket = Signer([SECRET], "ticket").sign({"sub": "a"}, ttl_s=60)
+    with pytest.raises(InvalidToken) as caught:
+        Signer([SECRET], "admission").verify(ticket)
+    assert caught.value.reason == "signature"
+
+
+def test_rotation_old_tokens_verify_new_ones_are_signed_with_the_first() -> None:
+    old_token = Signer([OLD], "buyer").sign({"sub": "a"}, ttl_s=60)
+    rotated = Signer.from_setting(f"{SECRET}, {OLD}", "buyer")
+    assert rotated.verify(old_token)["sub"] == "a"
+    new_token = rotated.sign({"sub": "b"}, ttl_s=60)
+    assert Signer([SECRET], "buyer").verify(new_token)["sub"] == "b"
+    with pytest.raises(InvalidToken) as caught:
+        Signer([OLD], "buyer").verify(new_token)
+    assert caught.value.reason == "unknown_key"
+
+
+def test_short_or_missing_secrets_are_refused() -> None:
+    with pytest.raises(ValueError, match="at least 16"):
+        Signer(["short"], "buyer")
+    with pytest.raises(ValueError, match="no secret"):
+        Signer.from_setting(" , ", "buyer")
+
+
+def test_forged_claims_fail_the_signature() -> None:
+    signer = Signer([SECRET], "buyer")
+    version, kid, _claims, sig = signer.sign({"sub": "alice"}, ttl_s=60).split(".")
+    forged = base64.urlsafe_b64encode(b'{"sub":"mallory","typ":"buyer","exp":9999999999}')
+    with pytest.raises(InvalidToken) as caught:
+        signer.verify(".".join([version, kid, forged.decode().rstrip("="), sig]))
+    assert caught.value.reason == "signature"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=300))
+def test_arbitrary_strings_only_ever_raise_invalid_token(text: str) -> None:
+    with pytest.raises(InvalidToken):
+        Signer([SECRET], "buyer").verify(text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_any_change_to_a_valid_token_is_refused(data: st.DataObject) -> None:
+    signer = Signer([SECRET], "buyer")
+    token = signer.sign({"sub": "alice"}, ttl_s=60)
+    alphabet = "abcdefABCDEF0123456789-_.=v"
+    at = data.draw(st.integers(0, len(token)))
+    cut = data.draw(st.integers(0, 3))
+    insert = data.draw(st.text(alphabet, max_size=3))
+    mutated = token[:at] + insert + token[at + cut :]
+    if mutated == token:
+        return
+    with pytest.raises(InvalidToken):
+        signer.verify(mutated)
+
+
+def test_cli_mints_tokens_that_verify(run_cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLASHSALE_BUYER_TOKEN_SECRET", SECRET)
+    result = run_cli("token", "buyers", "--count", "3", "--prefix", "load-")
+    assert result.code == 0, result.err
+    lines = [line.split("\t") for line in result.out.splitlines()]
+    assert [buyer for buyer, _ in lines] == ["load-0", "load-1", "load-2"]
+    signer = Signer([SECRET], "buyer")
+    assert [signer.verify(token)["sub"] for _, token in lines] == ["load-0", "load-1", "load-2"]
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [(["--count", "-1"], "count"), (["--ttl", "x"], "ttl"), (["--prefix", "a b"], "prefix")],
+)
+def test_cli_bad_input(run_cli: Cli, monkeypatch: pytest.MonkeyPatch, args: list[str],
+                       field: str) -> None:  # fmt: skip
+    monkeypatch.setenv("FLASHSALE_BUYER_TOKEN_SECRET", SECRET)
+    result = run_cli("token", "buyers", *args)
+    assert result.code == 2 and result.out == ""
+    assert result.err.startswith(f"flashsale: error: {field}:")
+
+
+def test_signature_has_one_spelling() -> None:
+    """base64 leaves spare bits in the last character: variants decode to the same bytes and
+    must still be refused, or one token would have many valid spellings."""
+    signer = Signer([SECRET], "buyer")
+    token = signer.sign({"sub": "alice"}, ttl_s=60)
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    passed = []
+    for c in alphabet:
+        try:
+            signer.verify(token[:-1] + c)
+            passed.append(c)
+        except InvalidToken:
+            pass
+    assert passed == [token[-1]]
+    with pytest.raises(InvalidToken):
+        signer.verify(token + "=")
