@@ -290,9 +290,8 @@ async def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     settings.require_redis()
     settings.require_database()
     command = (
-        "flashsale " + " ".join(sys.argv[1:])
-        if sys.argv[1:2] == ["bench"]
-        else ("flashsale bench allocate")
+        f"flashsale bench allocate --seconds {options.seconds:g}"
+        f" --concurrency {options.concurrency} --max-batch {options.max_batch}"
     )
     report = await bench_allocate.run(settings, options, out, command)
     out()

@@ -20,7 +20,7 @@ from flashsale.clients import pg_pool, redis_client
 from flashsale.errors import FlashsaleError
 from flashsale.sales import SaleAdmin
 from flashsale.settings import Settings
-from gateway.metrics import Metrics
+from gateway.metrics import ERROR_CODE, Metrics
 
 log = logging.getLogger("flashsale.gateway")
 
@@ -46,7 +46,9 @@ def json_response(
 def error_response(
     status: int, code: str, message: str, headers: Mapping[str, str] | None = None
 ) -> web.Response:
-    return json_response({"error": {"code": code, "message": message}}, status, headers)
+    response = json_response({"error": {"code": code, "message": message}}, status, headers)
+    response[ERROR_CODE] = code
+    return response
 
 
 @web.middleware

@@ -8,6 +8,9 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+# Error responses carry their stable code as response[ERROR_CODE] (set by error_response).
+ERROR_CODE = web.ResponseKey("error_code", str)
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
