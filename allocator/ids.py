@@ -28,3 +28,20 @@ os.register_at_fork(after_in_child=_fresh_prefix)
 def new_reservation_id() -> str:
     """A fresh reservation id, e.g. ``r-9f2c4e1a0b3d5c7e-1f4``."""
     return f"{_prefix}{next(_counter):x}"
+
+
+ROUTE_SEP = "~"  # never in a sale or SKU id (see flashsale.keys.ID_PATTERN)
+
+
+def routed_reservation_id(sale_id: str, sku: str) -> str:
+    """A reservation id that names its sale and SKU (``<sale>~<sku>~r-...``), so any gateway
+    process can find the hold's slot from the id alone."""
+    return f"{sale_id}{ROUTE_SEP}{sku}{ROUTE_SEP}{new_reservation_id()}"
+
+
+def route_of(reservation_id: str) -> tuple[str, str] | None:
+    """(sale id, SKU) of a routed reservation id; None when it is not one."""
+    parts = reservation_id.split(ROUTE_SEP)
+    if len(parts) != 3 or not all(parts):
+        return None
+    return parts[0], parts[1]

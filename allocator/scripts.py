@@ -26,6 +26,7 @@ PreloadOutcome = Literal["loaded", "unchanged", "refused_committed", "refused_be
 # Requests per reserve call: bounded by Lua's unpack() stack and to keep one call short.
 MAX_RESERVE_BATCH = 1000
 HOLD_SCRIPTS = ("reserve", "begin_payment", "confirm", "release", "expire")
+QUEUE_SCRIPTS = ("join", "claim", "lease", "advance", "assign")
 # Hold records and idempotency entries are delimited by these bytes inside Redis.
 _FORBIDDEN = ("\x1e", "\x1f")
 _TEXT_FIELDS = ("reservation_id", "buyer_id", "idempotency_key", "payment_ref", "admission_id")
@@ -41,10 +42,11 @@ def pack_command(args: tuple[str | int | bytes, ...]) -> bytes:
 
 @cache
 def source(name: str) -> str:
-    """The text of ``lua/<name>.lua``; hold-lifecycle scripts get ``lua/lib.lua`` prepended."""
+    """The text of ``lua/<name>.lua``; hold-lifecycle and queue scripts get ``lua/lib.lua``
+    prepended."""
     files = importlib.resources.files("lua")
     text = files.joinpath(f"{name}.lua").read_text()
-    if name in HOLD_SCRIPTS:
+    if name in HOLD_SCRIPTS or name in QUEUE_SCRIPTS:
         text = files.joinpath("lib.lua").read_text() + "\n" + text
     return text
 
@@ -264,6 +266,17 @@ class HoldScripts:
         self, keys: SkuKeys, reservation_id: str, cause: str = "cancelled"
     ) -> TransitionResult:
         return await self._transition(self._release, keys, [reservation_id, cause])
+
+    async def cancel(self, keys: SkuKeys, reservation_id: str) -> TransitionResult:
+        """A buyer's cancel: releases an ACTIVE hold, refuses a PAYING one."""
+        return await self._transition(
+            self._release, keys, [reservation_id, "cancelled", "active_only"]
+        )
+
+    async def hold(self, keys: SkuKeys, reservation_id: str) -> bytes | None:
+        """The raw hold record (see flashsale.events.HoldRecord), or None."""
+        raw = await self.client.hget(keys.holds, reservation_id)
+        return raw.encode() if isinstance(raw, str) else raw
 
     async def expire(self, keys: SkuKeys, limit: int = 500) -> ExpireResult:
         """Look at up to ``limit`` overdue holds and expire those still ACTIVE."""

@@ -307,6 +307,69 @@ async def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+# -- services -------------------------------------------------------------------------------
+
+
+def port_number(field: str, value: str) -> int:
+    port = positive(int, field, value)
+    if port > 65535:
+        raise InvalidInput(field, f"must be a TCP port (1..65535), got {value!r}")
+    return int(port)
+
+
+def _service_settings(settings: Settings) -> None:
+    """Fail before forking anything when the stack or the secrets are not configured."""
+    from gateway.app import Signers  # noqa: PLC0415
+
+    settings.require_redis()
+    settings.require_database()
+    Signers.from_settings(settings)
+
+
+def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
+    from flashsale import services  # noqa: PLC0415
+
+    port = port_number("port", args.port)
+    workers = positive(int, "workers", args.workers)
+    _service_settings(settings)
+    if workers == 1:
+        return int(uvloop.run(
+            services.serve_gateway(settings, args.host, port, reuse_port=args.reuse_port)
+        ))  # fmt: skip
+    metrics_dir = services.fresh_metrics_dir(settings.home, f"gateway-{port}")
+    out(f"gateway: {workers} processes on http://{args.host}:{port} (Ctrl-C stops them)")
+    children = services.gateway_children(args.host, port, workers, metrics_dir)
+    return services.supervise(children, metrics_dir)
+
+
+def cmd_allocator(args: argparse.Namespace, settings: Settings) -> int:
+    from flashsale import services  # noqa: PLC0415
+
+    ops_port = port_number("ops-port", args.ops_port) if args.ops_port else None
+    settings.require_redis()
+    settings.require_database()
+    return int(uvloop.run(services.serve_allocator(settings, args.host, ops_port)))
+
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    from flashsale import services  # noqa: PLC0415
+
+    port = port_number("port", args.port)
+    workers = positive(int, "workers", args.workers)
+    allocator_port = port_number("allocator-port", args.allocator_port or str(port + 1))
+    _service_settings(settings)
+    metrics_dir = services.fresh_metrics_dir(settings.home, f"gateway-{port}")
+    children = [
+        *services.gateway_children(args.host, port, workers, metrics_dir),
+        services.allocator_child(args.host, allocator_port),
+    ]
+    out(
+        f"flashsale up: gateway x{workers} on http://{args.host}:{port}, allocator service "
+        f"(health and metrics on :{allocator_port}). Ctrl-C or SIGTERM stops everything."
+    )
+    return services.supervise(children, metrics_dir)
+
+
 # -- parser ---------------------------------------------------------------------------------
 
 
@@ -411,6 +474,38 @@ def build_parser() -> argparse.ArgumentParser:
     allocate.add_argument("--seconds", default="3", help="seconds per row (default 3)")
     allocate.add_argument("--concurrency", default="512", help="concurrent callers (default 512)")
     allocate.add_argument("--max-batch", default="256", help="SkuAllocator max batch (default 256)")
+
+    gw = commands.add_parser(
+        "gateway",
+        help="serve the buyer API, the waiting room and the admin API",
+        description="Serve the HTTP gateway. With --workers N, N processes share the port "
+        "(SO_REUSEPORT) under a supervisor that restarts crashed ones.",
+    )
+    gw.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    gw.add_argument("--port", default="8080", help="TCP port (default 8080)")
+    gw.add_argument("--workers", default="1", help="processes (default 1)")
+    gw.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+
+    alloc = commands.add_parser(
+        "allocator",
+        help="run the admission pumps and the hold sweeper",
+        description="The allocator service: one admission pump per live sale (leader-elected "
+        "through a Redis lease, so replicas are safe) and the hold-expiry sweeper.",
+    )
+    alloc.add_argument("--host", default="127.0.0.1", help="address of the ops endpoints")
+    alloc.add_argument("--ops-port", help="serve /healthz and /metrics on this port")
+
+    up = commands.add_parser(
+        "up",
+        help="run the whole engine against the configured stack, supervised",
+        description="Run every service of the engine against REDIS_URL, DATABASE_URL and "
+        "KAFKA_BOOTSTRAP (or the embedded stack): the gateway processes and the allocator "
+        "service. Crashed processes are restarted with backoff; SIGTERM or Ctrl-C stops all.",
+    )
+    up.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    up.add_argument("--port", default="8080", help="gateway port (default 8080)")
+    up.add_argument("--workers", default="2", help="gateway processes (default 2)")
+    up.add_argument("--allocator-port", help="allocator /healthz and /metrics (default PORT+1)")
     return parser
 
 
@@ -421,6 +516,9 @@ HANDLERS: dict[str, Callable[[argparse.Namespace, Settings], Any]] = {
     "demo": cmd_demo,
     "bench": cmd_bench,
     "token": cmd_token,
+    "gateway": cmd_gateway,
+    "allocator": cmd_allocator,
+    "up": cmd_up,
 }
 
 

@@ -7,6 +7,8 @@
     ├── Forbidden                  valid credentials, not allowed here (``forbidden``, 403)
     ├── NotFound                   unknown sale / SKU / reservation (``not_found``)
     ├── Conflict                   a legal request refused by current state (``conflict``)
+    ├── RateLimited                a client went over its rate (``rate_limited``, 429)
+    ├── RequestTimeout             a request body arrived too slowly (``body_timeout``, 408)
     ├── Unavailable                a dependency is down or a SKU is being rebuilt
     │   └── Overloaded             a bounded wait queue is full (``overloaded``)
     └── StackError                 the embedded dev stack failed to start or stop
@@ -22,6 +24,8 @@ from __future__ import annotations
 class FlashsaleError(Exception):
     code = "error"
     http_status = 500
+    # Seconds after which a retry may succeed; HTTP answers carry it as Retry-After.
+    retry_after_s: float | None = None
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)
@@ -66,9 +70,24 @@ class Conflict(FlashsaleError):
     http_status = 409
 
 
+class RateLimited(FlashsaleError):
+    code = "rate_limited"
+    http_status = 429
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RequestTimeout(FlashsaleError):
+    code = "body_timeout"
+    http_status = 408
+
+
 class Unavailable(FlashsaleError):
     code = "unavailable"
     http_status = 503
+    retry_after_s = 1.0
 
 
 class StackError(FlashsaleError):

@@ -8,8 +8,15 @@
     fs:{<sale>:<sku>}:buyers     hash   buyer id -> units counted against the per-buyer limit
     fs:{<sale>:<sku>}:idem       hash   buyer \x1f idempotency key -> first answer
     fs:{<sale>:<sku>}:outbox     stream reservation events for the relay (flashsale.events)
-    fs:{<sale>}:sale             hash   sale-level configuration and status
-    fs:{<sale>}:...              queue keys share the sale's tag
+    fs:{<sale>}:sale             hash   sale-level configuration and status (put by preload)
+    fs:{<sale>}:queue            hash   waiting-room counters: pre, tail, sealed, shuffled,
+                                        serving, cutoff, sold_out, rates (see lua/join.lua)
+    fs:{<sale>}:members          hash   buyer id -> queue position (0: in the pre-queue)
+    fs:{<sale>}:steps            zset   admission steps: member "<to>:<at_ms>", score <to>
+    fs:{<sale>}:claims           zset   used admissions: member "<position>\x1f<key>\x1f<print>"
+    fs:{<sale>}:lease            string the admission pump's leader lease "<owner>\x1f<token>"
+    fs:{<sale>}:fence            string the last fencing token handed out
+    fs:rl:{<subject>}            string GCRA theoretical arrival time of one rate-limited subject
 
 Sale and SKU ids are restricted (see :data:`ID_PATTERN`) so no id can break a hash tag.
 """
@@ -83,3 +90,32 @@ class SaleKeys:
     @property
     def sale(self) -> str:
         return f"{self.tag}:sale"
+
+    @property
+    def queue(self) -> str:
+        return f"{self.tag}:queue"
+
+    @property
+    def members(self) -> str:
+        return f"{self.tag}:members"
+
+    @property
+    def steps(self) -> str:
+        return f"{self.tag}:steps"
+
+    @property
+    def claims(self) -> str:
+        return f"{self.tag}:claims"
+
+    @property
+    def lease(self) -> str:
+        return f"{self.tag}:lease"
+
+    @property
+    def fence(self) -> str:
+        return f"{self.tag}:fence"
+
+
+def rate_limit_key(subject: str) -> str:
+    """One GCRA key per limited subject (``ip:1.2.3.4``, ``buyer:alice``), in its own slot."""
+    return f"{PREFIX}:rl:{{{subject}}}"

@@ -7,8 +7,9 @@ operations that are idempotent, so re-running a command after a partial failure 
 
 from __future__ import annotations
 
+import hashlib
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -24,6 +25,21 @@ from flashsale.salespec import MAX_STOCK, SaleSpec, SkuSpec, integer
 STATUS_BY_ACTION = {"pause": "paused", "resume": "active", "end": "ended"}
 
 
+SHUFFLE_ALGORITHM = "sort pre-queue buyer ids by hex(sha256(seed || 0x00 || buyer_id))"
+
+
+def seed_commitment(seed: str) -> str:
+    """What is published before the start: SHA-256 of the shuffle seed, hex."""
+    return hashlib.sha256(seed.encode()).hexdigest()
+
+
+def shuffle_order(seed: str, buyers: Iterable[str]) -> list[str]:
+    """The pre-queue order: position 1 first. Anyone holding the revealed seed and the buyer
+    ids can recompute it (see ``SHUFFLE_ALGORITHM``)."""
+    prefix = seed.encode() + b"\x00"
+    return sorted(buyers, key=lambda b: (hashlib.sha256(prefix + b.encode()).hexdigest(), b))
+
+
 def new_sale_id() -> str:
     return f"sale-{secrets.token_hex(6)}"
 
@@ -36,6 +52,12 @@ def iso(moment: datetime | None) -> str | None:
     if moment is None:
         return None
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def iso_ms(ms: int) -> str:
+    """ISO 8601 (UTC, milliseconds) of a Unix time in milliseconds."""
+    moment = datetime.fromtimestamp(ms / 1000, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def sale_state(status: str, starts_at: datetime, ends_at: datetime, now: datetime) -> str:
@@ -94,10 +116,12 @@ class SaleAdmin:
         sale_id = new_sale_id()
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(
-                "INSERT INTO sales (id, name, starts_at, ends_at, admission_rate, max_queue)"
-                " VALUES ($1, $2, $3, $4, $5, $6)",
-                sale_id, spec.name, spec.starts_at, spec.ends_at,
-                spec.admission_rate, spec.max_queue,
+                "INSERT INTO sales (id, name, starts_at, ends_at, admission_rate, max_queue,"
+                " admission_window_seconds, admission_capacity, shuffle_seed)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                sale_id, spec.name, spec.starts_at, spec.ends_at, spec.admission_rate,
+                spec.max_queue, spec.admission_window_seconds, spec.admission_capacity,
+                secrets.token_hex(32),
             )  # fmt: skip
             await _insert_skus(conn, sale_id, spec.skus)
         return await self.get(sale_id)
@@ -270,6 +294,9 @@ def _sale_fields(sale: asyncpg.Record, skus: Sequence[asyncpg.Record]) -> dict[s
         "ends_at_ms": _ms(sale["ends_at"]),
         "admission_rate": str(sale["admission_rate"]),
         "max_queue": str(sale["max_queue"]),
+        "window_ms": str(sale["admission_window_seconds"] * 1000),
+        "capacity": str(sale["admission_capacity"]),
+        "seed_hash": seed_commitment(sale["shuffle_seed"]),
         "skus": ",".join(s["sku"] for s in skus),
     }
 
@@ -286,9 +313,17 @@ def _sale_json(
         "ends_at": iso(sale["ends_at"]),
         "admission_rate": sale["admission_rate"],
         "max_queue": sale["max_queue"],
+        "admission_window_seconds": sale["admission_window_seconds"],
+        "admission_capacity": sale["admission_capacity"],
         "status": sale["status"],
         "state": sale_state(sale["status"], sale["starts_at"], sale["ends_at"], now),
         "preloaded_at": iso(sale["preloaded_at"]),
+        # The seed is revealed only once the pre-queue is closed (the sale has started).
+        "shuffle": {
+            "algorithm": SHUFFLE_ALGORITHM,
+            "commitment": seed_commitment(sale["shuffle_seed"]),
+            "seed": sale["shuffle_seed"] if now >= sale["starts_at"] else None,
+        },
     }
     if skus is not None:
         data["skus"] = [

@@ -24,7 +24,10 @@ MAX_TTL_SECONDS = 24 * 3600
 MAX_LIMIT = 10_000
 DEFAULT_DURATION = timedelta(hours=1)
 
-SALE_FIELDS = {"name", "starts_at", "ends_at", "admission_rate", "max_queue", "skus"}
+SALE_FIELDS = {
+    "name", "starts_at", "ends_at", "admission_rate", "max_queue", "admission_window_seconds",
+    "admission_capacity", "skus",
+}  # fmt: skip
 SKU_FIELDS = ("sku", "title", "stock", "price", "currency", "per_buyer_limit", "hold_ttl_seconds")
 SKU_REQUIRED = {"sku", "stock", "price", "currency"}
 
@@ -51,6 +54,8 @@ class SaleSpec:
     admission_rate: int = 500
     max_queue: int = 200_000
     skus: tuple[SkuSpec, ...] = field(default_factory=tuple)
+    admission_window_seconds: int = 60
+    admission_capacity: int = 1000
 
 
 def integer(value: Any, where: str, *, minimum: int, maximum: int, what: str) -> int:
@@ -167,12 +172,20 @@ def parse_sale(data: Any, *, now: datetime | None = None) -> SaleSpec:
         data.get("max_queue", 200_000), "max_queue", minimum=1, maximum=100_000_000,
         what="a positive integer",
     )  # fmt: skip
+    window = integer(
+        data.get("admission_window_seconds", 60), "admission_window_seconds", minimum=5,
+        maximum=3600, what="a number of seconds from 5 to 3600",
+    )  # fmt: skip
+    capacity = integer(
+        data.get("admission_capacity", 1000), "admission_capacity", minimum=1,
+        maximum=10_000_000, what="a positive integer (admitted, unfinished buyers)",
+    )  # fmt: skip
     raw_skus = data.get("skus", [])
     if not isinstance(raw_skus, list):
         raise InvalidInput("skus", "must be a list")
     skus = tuple(parse_sku(item, f"skus[{i}]") for i, item in enumerate(raw_skus))
     reject_duplicates(skus, lambda i: f"skus[{i}].sku")
-    return SaleSpec(name, starts_at, ends_at, admission_rate, max_queue, skus)
+    return SaleSpec(name, starts_at, ends_at, admission_rate, max_queue, skus, window, capacity)
 
 
 def reject_duplicates(skus: Iterable[SkuSpec], where: Any) -> None:

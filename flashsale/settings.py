@@ -75,6 +75,46 @@ def home_dir(environ: Mapping[str, str] | None = None) -> Path:
     return Path(env.get("FLASHSALE_HOME") or Path.cwd() / ".flashsale").resolve()
 
 
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """A rate limit: ``per_second`` sustained, ``burst`` at once. ``per_second == 0``: off."""
+
+    per_second: float
+    burst: int
+
+    @classmethod
+    def parse(cls, text: str, name: str) -> Rate:
+        """``"R"`` or ``"R,B"`` (requests per second, burst; burst defaults to 2R) or ``off``."""
+        if text.strip().lower() in ("off", "0", "none"):
+            return cls(0.0, 0)
+        rate_text, _, burst_text = text.partition(",")
+        try:
+            rate = float(rate_text)
+            burst = int(burst_text) if burst_text.strip() else max(1, int(rate * 2))
+        except ValueError:
+            raise ConfigError(f"{name} must be 'RATE[,BURST]' or 'off', got {text!r}") from None
+        if rate <= 0 or burst < 1:
+            raise ConfigError(f"{name} needs a positive rate and burst, got {text!r}")
+        return cls(rate, burst)
+
+    @property
+    def enabled(self) -> bool:
+        return self.per_second > 0
+
+
+def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float) -> float:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum:g}, got {raw!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the engine reads from its environment. Build it with :meth:`from_env`."""
@@ -87,6 +127,13 @@ class Settings:
     secret: Secret = Secret("")
     buyer_token_secret: Secret = Secret("")
     log_level: str = "INFO"
+    # Gateway protection (see docs/OPERATIONS.md): GCRA limits per client IP and per buyer on
+    # the routes that write, a per-process cap on requests in flight, a deadline for bodies.
+    rate_per_ip: Rate = Rate(100.0, 200)
+    rate_per_buyer: Rate = Rate(5.0, 10)
+    max_in_flight: int = 2000
+    body_timeout_s: float = 5.0
+    trust_forwarded: bool = False
     # Which values came from the embedded stack's dev.env rather than the environment.
     from_dev_env: frozenset[str] = frozenset()
 
@@ -116,6 +163,16 @@ class Settings:
             secret=Secret(pick("FLASHSALE_SECRET") or ""),
             buyer_token_secret=Secret(pick("FLASHSALE_BUYER_TOKEN_SECRET") or ""),
             log_level=(env.get("FLASHSALE_LOG_LEVEL") or "INFO").upper(),
+            rate_per_ip=Rate.parse(
+                env.get("FLASHSALE_RATE_PER_IP") or "100,200", "FLASHSALE_RATE_PER_IP"
+            ),
+            rate_per_buyer=Rate.parse(
+                env.get("FLASHSALE_RATE_PER_BUYER") or "5,10", "FLASHSALE_RATE_PER_BUYER"
+            ),
+            max_in_flight=int(_number(env, "FLASHSALE_MAX_IN_FLIGHT", 2000, minimum=1)),
+            body_timeout_s=_number(env, "FLASHSALE_BODY_TIMEOUT", 5.0, minimum=0.1),
+            trust_forwarded=(env.get("FLASHSALE_TRUST_FORWARDED") or "").lower()
+            in ("1", "true", "yes"),
             from_dev_env=frozenset(used_dev),
         )
         return settings

@@ -8,7 +8,9 @@ only wires them together.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 
 import asyncpg
 import orjson
@@ -16,11 +18,17 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from allocator.allocator import Allocators
+from allocator.queue import QueueScripts
+from allocator.scripts import HoldScripts
 from flashsale.clients import pg_pool, redis_client
-from flashsale.errors import FlashsaleError
+from flashsale.errors import ConfigError, FlashsaleError
 from flashsale.sales import SaleAdmin
 from flashsale.settings import Settings
+from flashsale.tokens import Signer
+from gateway.counters import CounterCache
 from gateway.metrics import ERROR_CODE, Metrics
+from gateway.protect import RateLimiter
 
 log = logging.getLogger("flashsale.gateway")
 
@@ -29,6 +37,36 @@ REDIS = web.AppKey("redis", aioredis.Redis)
 PG = web.AppKey("pg", asyncpg.Pool)
 SALES = web.AppKey("sales", SaleAdmin)
 METRICS = web.AppKey("metrics", Metrics)
+QUEUE = web.AppKey("queue", QueueScripts)
+HOLDS = web.AppKey("holds", HoldScripts)
+ALLOCATORS = web.AppKey("allocators", Allocators)
+LIMITER = web.AppKey("limiter", RateLimiter)
+COUNTERS = web.AppKey("counters", CounterCache)
+
+
+@dataclass(frozen=True, slots=True)
+class Signers:
+    """Buyer tokens are the storefront's (``FLASHSALE_BUYER_TOKEN_SECRET``); queue tickets and
+    admission tokens are the engine's own (``FLASHSALE_SECRET``)."""
+
+    buyer: Signer
+    ticket: Signer
+    admission: Signer
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Signers:
+        buyer, own = settings.buyer_token_secret.reveal(), settings.secret.reveal()
+        for name, value in (("FLASHSALE_BUYER_TOKEN_SECRET", buyer), ("FLASHSALE_SECRET", own)):
+            if len(value.split(",")[0].strip()) < 16:
+                raise ConfigError(f"{name} must be set to a secret of at least 16 characters")
+        return cls(
+            Signer.from_setting(buyer, "buyer"),
+            Signer.from_setting(own, "ticket"),
+            Signer.from_setting(own, "admission"),
+        )
+
+
+SIGNERS = web.AppKey("signers", Signers)
 
 MAX_BODY = 16 * 1024
 
@@ -59,7 +97,10 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except FlashsaleError as exc:
-        return error_response(exc.http_status, exc.code, exc.message)
+        headers = None
+        if exc.retry_after_s is not None:
+            headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+        return error_response(exc.http_status, exc.code, exc.message, headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -73,6 +114,36 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(500, "internal", "internal error")
 
 
+class InFlight:
+    """The per-process in-flight cap: beyond ``limit`` concurrent requests, answer 503
+    ``overloaded`` with ``Retry-After`` at once instead of queueing without bound.
+    ``/healthz`` and ``/metrics`` are exempt so operators can still look."""
+
+    EXEMPT = frozenset({"/healthz", "/metrics"})
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.current = 0
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in self.EXEMPT:
+            return await handler(request)
+        if self.current >= self.limit:
+            return error_response(
+                503, "overloaded", "the gateway is at capacity; retry shortly",
+                {"Retry-After": "1"},
+            )  # fmt: skip
+        self.current += 1
+        gauge = request.app[METRICS].in_flight
+        gauge.inc()
+        try:
+            return await handler(request)
+        finally:
+            self.current -= 1
+            gauge.dec()
+
+
 async def clients(app: web.Application) -> AsyncIterator[None]:
     """Open every client the gateway uses, and close them when the app stops."""
     settings = app[SETTINGS]
@@ -81,25 +152,35 @@ async def clients(app: web.Application) -> AsyncIterator[None]:
     app[REDIS] = redis
     app[PG] = pool
     app[SALES] = SaleAdmin.build(pool, redis)
+    app[QUEUE] = queue = QueueScripts(redis)
+    app[HOLDS] = holds = HoldScripts(redis)
+    app[ALLOCATORS] = allocators = Allocators(holds)
+    app[LIMITER] = RateLimiter(redis)
+    app[COUNTERS] = CounterCache(queue)
     try:
         yield
     finally:
+        await allocators.aclose()
         await pool.close()
         await redis.aclose()
 
 
 def create_app(settings: Settings, registry: CollectorRegistry | None = None) -> web.Application:
-    from gateway import admin, health, public  # noqa: PLC0415 - they import this module
+    from gateway import admin, health, public, queue, reservations  # noqa: PLC0415 - cyclic
 
     metrics = Metrics(registry or CollectorRegistry())
+    in_flight = InFlight(settings.max_in_flight)
     app = web.Application(
-        middlewares=[metrics.middleware, errors, admin.require_admin],
+        middlewares=[metrics.middleware, errors, admin.require_admin, in_flight.middleware],
         client_max_size=MAX_BODY,
     )
     app[SETTINGS] = settings
     app[METRICS] = metrics
+    app[SIGNERS] = Signers.from_settings(settings)
     app.cleanup_ctx.append(clients)
     health.setup(app)
     public.setup(app)
     admin.setup(app)
+    queue.setup(app)
+    reservations.setup(app)
     return app

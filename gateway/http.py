@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Collection
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from flashsale.errors import InvalidInput, Unauthorized
+from flashsale.errors import InvalidInput, RequestTimeout, Unauthorized
+from gateway.app import SETTINGS
 
 
 async def json_body(
@@ -16,7 +18,11 @@ async def json_body(
 ) -> dict[str, Any]:
     """The request's JSON object. Malformed JSON, a non-object or (with ``allowed``) an unknown
     field is a 422 naming the problem; an empty body is ``{}`` when ``optional``."""
-    raw = await request.read()
+    try:
+        async with asyncio.timeout(request.app[SETTINGS].body_timeout_s):
+            raw = await request.read()
+    except TimeoutError:
+        raise RequestTimeout("the request body did not arrive in time") from None
     if not raw.strip() and optional:
         return {}
     try:
@@ -39,3 +45,14 @@ def bearer(request: web.Request) -> str:
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("missing bearer token", code="missing_token")
     return token.strip()
+
+
+def client_ip(request: web.Request) -> str:
+    """The caller's address; the first ``X-Forwarded-For`` hop only when trusted (behind a
+    proxy that sets it), since clients can write that header themselves."""
+    if request.app[SETTINGS].trust_forwarded:
+        forwarded = request.headers.get("X-Forwarded-For", "")
+        first = forwarded.split(",")[0].strip()
+        if first:
+            return first
+    return request.remote or "unknown"

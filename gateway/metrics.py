@@ -6,7 +6,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Error responses carry their stable code as response[ERROR_CODE] (set by error_response).
 ERROR_CODE = web.ResponseKey("error_code", str)
@@ -30,6 +30,35 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=registry,
         )
+        self.joins = Counter(
+            "flashsale_gateway_queue_joins",
+            "Queue joins by outcome (queued, pre_queue, sold_out, ...)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.polls = Counter(
+            "flashsale_gateway_queue_polls",
+            "Queue status answers by state, and whether Redis was asked",
+            ["state", "source"],
+            registry=registry,
+        )
+        self.admissions = Counter(
+            "flashsale_gateway_admission_tokens",
+            "Admission tokens handed to admitted buyers",
+            registry=registry,
+        )
+        self.reservations = Counter(
+            "flashsale_gateway_reservations",
+            "Reservation requests by outcome",
+            ["outcome"],
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "flashsale_gateway_in_flight",
+            "Requests being handled by this process",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
         self.rejections = Counter(
             "flashsale_gateway_rejections",
             "Requests refused, by reason (error code)",
@@ -52,9 +81,4 @@ class Metrics:
 
 
 def _code(response: web.Response) -> str:
-    body = response.body
-    if isinstance(body, bytes) and body.startswith(b'{"error":{"code":"'):
-        start = len(b'{"error":{"code":"')
-        end = body.find(b'"', start)
-        return body[start:end].decode()
-    return str(response.status)
+    return response.get(ERROR_CODE) or str(response.status)

@@ -2,7 +2,8 @@
 
 Sale pages are read by every buyer in a spike, so the answer is cached per process for
 ``INFO_TTL_S``: remaining units may lag that long, which the page tolerates (the reservation
-path decides against live stock).
+path decides against live stock). The same cached summary gives the reservation route its
+SKUs and per-buyer limits without a Postgres round trip per request.
 """
 
 from __future__ import annotations
@@ -12,21 +13,25 @@ from typing import Any
 
 from aiohttp import web
 
+from flashsale.errors import NotFound
+from flashsale.keys import ID_PATTERN
 from gateway.app import SALES, json_response
 
 INFO_TTL_S = 0.5
 INFO = web.AppKey("public_info_cache", dict)
 
 
-async def sale_info(request: web.Request) -> web.Response:
-    sale_id = request.match_info["sale"]
+async def sale_summary(request: web.Request, sale_id: str) -> dict[str, Any]:
+    """The public view of a sale, at most ``INFO_TTL_S`` old. Raises NotFound."""
+    if not ID_PATTERN.match(sale_id):
+        raise NotFound(f"unknown sale {sale_id!r}", code="unknown_sale")
     cache: dict[str, tuple[float, dict[str, Any]]] = request.app[INFO]
     now = time.monotonic()
     cached = cache.get(sale_id)
     if cached is None or cached[0] <= now:
         sales = request.app[SALES]
-        sale = await sales.get(sale_id)
         status = await sales.status(sale_id)
+        sale = await sales.get(sale_id)
         remaining = {row["sku"]: row["available"] for row in status["skus"]}
         body = {
             "id": sale["id"],
@@ -34,6 +39,8 @@ async def sale_info(request: web.Request) -> web.Response:
             "state": sale["state"],
             "starts_at": sale["starts_at"],
             "ends_at": sale["ends_at"],
+            "admission_window_seconds": sale["admission_window_seconds"],
+            "shuffle": sale["shuffle"],
             "skus": [
                 {
                     "sku": s["sku"],
@@ -50,7 +57,12 @@ async def sale_info(request: web.Request) -> web.Response:
         if len(cache) > 1024:
             cache.clear()
         cache[sale_id] = cached = (now + INFO_TTL_S, body)
-    return json_response(cached[1], headers={"Cache-Control": f"max-age={int(INFO_TTL_S) or 1}"})
+    return cached[1]
+
+
+async def sale_info(request: web.Request) -> web.Response:
+    body = await sale_summary(request, request.match_info["sale"])
+    return json_response(body, headers={"Cache-Control": "max-age=1"})
 
 
 def setup(app: web.Application) -> None:

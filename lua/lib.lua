@@ -59,3 +59,19 @@ local function load_hold(K, id)
   end
   return nil
 end
+
+-- The waiting room: the first join or pump step at or after the start closes the pre-queue.
+-- Its buyers own positions 1..pre (the pump assigns them by the seeded shuffle); later joins
+-- take tail + 1. Returns the tail. `queue` is the sale's queue hash, `starts` its start (ms).
+local function seal_prequeue(queue, starts, now)
+  local q = redis.call('HMGET', queue, 'sealed', 'pre', 'tail')
+  if q[1] == '1' then
+    return tonumber(q[3] or '0')
+  end
+  if now < starts then
+    return nil
+  end
+  local pre = tonumber(q[2] or '0')
+  redis.call('HSET', queue, 'sealed', 1, 'tail', pre, 'shuffled', pre == 0 and 1 or 0)
+  return pre
+end

@@ -1,0 +1,277 @@
+"""The admission pump: moves a sale's serving position forward, one leader per sale.
+
+Every tick the leader reads the sale (stock of every SKU, waiting-room counters, used
+admissions) and admits the next buyers, bounded by
+
+* **rate**: the sale's ``admission_rate`` per second (a token bucket, no burst beyond 0.5 s);
+* **capacity**: admitted buyers who have neither reserved nor lapsed (``admission_capacity``);
+* **inventory**: expected takers never exceed the units available, using the learned no-show
+  rate (admitted buyers whose window lapsed without a reservation);
+* **the cutoff**: the last position that may ever be admitted. Status pages tell every buyer
+  beyond it ``sold_out`` at once, so the pump promises never to pass it, and it only moves
+  back. It assumes at most ``noshow_ceiling`` of the admitted buyers do not show up.
+
+A buyer who lets the admission window lapse stops counting against capacity and inventory, so
+the next ticks admit someone else in their place (compensation). With no units left, available
+or held, the sale is marked sold out and the pump stops admitting.
+
+Leadership is a Redis lease with a fencing token (``lua/lease.lua``); every write the pump
+makes is checked against the token (``lua/advance.lua``, ``lua/assign.lua``), so a paused
+former leader cannot publish after a new one took over.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from allocator.queue import QUEUE_FIELDS, SALE_FIELDS, QueueScripts, QueueView, Step, _text
+from flashsale.keys import SaleKeys, SkuKeys
+from flashsale.sales import shuffle_order
+
+log = logging.getLogger("flashsale.pump")
+
+NOSHOW_PRIOR = 0.2  # assumed before any admission window has closed
+PRIOR_WEIGHT = 20  # ... with the weight of this many observed admissions
+RATE_HISTORY_MS = 30_000
+ASSIGN_CHUNK = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Inputs:
+    serving: int
+    tail: int
+    cutoff: int | None
+    available: int  # units free now, summed over the sale's SKUs
+    held: int  # units in active or paying holds: they may still come back
+    outstanding: int  # admitted, not reserved, window still open
+    noshow: float
+    credit: float  # admissions the rate allows now
+    capacity: int
+    noshow_ceiling: float
+    all_preloaded: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    serving: int
+    cutoff: int | None
+    sold_out: bool
+    admitted: int
+
+
+def plan(s: Inputs) -> Plan:
+    """One tick's decision, as a pure function of what the pump read."""
+    units = s.available + s.held
+    if s.all_preloaded and units == 0:
+        return Plan(s.serving, s.serving, True, 0)
+    show = max(0.05, 1.0 - s.noshow)
+    room_capacity = s.capacity - s.outstanding
+    room_inventory = math.ceil(max(0.0, s.available - s.outstanding * show) / show)
+    room_cutoff = s.tail if s.cutoff is None else s.cutoff
+    admit = max(
+        0, min(int(s.credit), room_capacity, room_inventory, s.tail - s.serving,
+               room_cutoff - s.serving)
+    )  # fmt: skip
+    serving = s.serving + admit
+    # Positions beyond this could only be reached if more than noshow_ceiling of the admitted
+    # buyers walked away; slack absorbs rounding and a few more.
+    floor_show = max(0.05, 1.0 - s.noshow_ceiling)
+    reach = math.ceil(max(0.0, units - (s.outstanding + admit) * floor_show) / floor_show)
+    offer = serving + reach + max(5, math.ceil(0.1 * units))
+    cutoff = offer if s.cutoff is None else min(s.cutoff, offer)
+    return Plan(serving, cutoff, False, admit)
+
+
+def quantile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@dataclass
+class SaleSnapshot:
+    view: QueueView
+    available: int
+    held: int
+    preloaded: bool
+    claimed: int
+    claimed_lapsed: int
+    lapsed_through: int
+
+
+@dataclass
+class AdmissionPump:
+    """The pump of one sale. Call :meth:`tick` periodically; it is a no-op unless this
+    process holds the sale's lease."""
+
+    queue: QueueScripts
+    pool: asyncpg.Pool
+    sale_id: str
+    skus: list[str]
+    owner: str
+    lease_ms: int = 2000
+    noshow_ceiling: float = 0.5
+    token: int = 0
+    steps: list[Step] = field(default_factory=list)
+    credit: float = 0.0
+    last_tick: float = 0.0
+    history: deque[tuple[int, int, bool]] = field(default_factory=deque)
+    last: Plan | None = None
+    noshow: float = NOSHOW_PRIOR
+    outstanding: int = 0
+    window_ms: int = 60_000  # the sale's admission window, as last read
+    clock_offset_ms: int = 0  # Redis TIME minus this host's clock, as of the last step
+    seed: str | None = None
+
+    @property
+    def keys(self) -> SaleKeys:
+        return SaleKeys(self.sale_id)
+
+    async def tick(self) -> Plan | None:
+        """Renew (or take) the lease, then make one step. None when not the leader."""
+        token = await self.queue.acquire(self.keys, self.owner, self.lease_ms)
+        if token == 0:
+            self.token = 0
+            return None
+        if token != self.token:  # newly elected: start from what Redis says
+            log.info("pump for %s is leader (fencing token %d)", self.sale_id, token)
+            self.token = token
+            self.steps = await self.queue.steps_after(self.keys, 0)
+            self.credit = 0.0
+            self.history.clear()
+        now = time.monotonic()
+        elapsed = min(1.0, now - self.last_tick) if self.last_tick else 0.0
+        self.last_tick = now
+        snap = await self._read()
+        view = snap.view
+        if not view.preloaded or view.status == "ended":
+            return None
+        if view.sealed and not view.shuffled:
+            await self._shuffle()
+            return None
+        rate = max(1, view.admission_rate)
+        self.credit = min(self.credit + rate * elapsed, max(1.0, rate * 0.5))
+        self.window_ms = view.window_ms
+        lapsed = snap.lapsed_through
+        noshow_count = lapsed - snap.claimed_lapsed
+        self.noshow = (noshow_count + NOSHOW_PRIOR * PRIOR_WEIGHT) / (lapsed + PRIOR_WEIGHT)
+        self.outstanding = max(0, view.serving - snap.claimed - noshow_count)
+        started = view.sealed
+        inputs = Inputs(
+            serving=view.serving, tail=view.tail if started else 0, cutoff=view.cutoff,
+            available=snap.available, held=snap.held, outstanding=self.outstanding,
+            noshow=self.noshow, credit=self.credit if view.status == "active" else 0.0,
+            capacity=view.capacity, noshow_ceiling=self.noshow_ceiling,
+            all_preloaded=snap.preloaded,
+        )  # fmt: skip
+        decided = plan(inputs) if started else Plan(view.serving, None, False, 0)
+        p50, p10 = self._rates()
+        result = await self.queue.advance(
+            self.keys, self.token, serving=decided.serving, cutoff=decided.cutoff,
+            sold_out=decided.sold_out,
+            published={
+                "rate_p50": f"{p50 if self.history else rate:.3f}",
+                "rate_p10": f"{p10 if self.history else rate / 2:.3f}",
+                "noshow": f"{self.noshow:.4f}", "outstanding": str(self.outstanding),
+                "available": str(snap.available), "held": str(snap.held),
+            },
+        )  # fmt: skip
+        if result is None:
+            log.warning("pump for %s was fenced out (token %d)", self.sale_id, self.token)
+            self.token = 0
+            return None
+        self.clock_offset_ms = result.now_ms - int(time.time() * 1000)
+        admitted = result.serving - view.serving
+        self.credit = max(0.0, self.credit - admitted)
+        if admitted > 0:
+            self.steps.append(Step(result.serving, result.now_ms))
+        self.history.append((result.now_ms, result.serving, result.tail > result.serving))
+        while self.history and self.history[0][0] < result.now_ms - RATE_HISTORY_MS:
+            self.history.popleft()
+        self.last = Plan(result.serving, result.cutoff, decided.sold_out, admitted)
+        return self.last
+
+    async def _read(self) -> SaleSnapshot:
+        keys = self.keys
+        lapsed = self._lapsed_through()
+        pipe = self.queue.client.pipeline(transaction=False)
+        pipe.hmget(keys.sale, *SALE_FIELDS)
+        pipe.hmget(keys.queue, *QUEUE_FIELDS)
+        pipe.zcard(keys.claims)
+        pipe.zcount(keys.claims, 1, lapsed) if lapsed > 0 else pipe.echo("0")
+        for sku in self.skus:
+            pipe.hmget(SkuKeys(self.sale_id, sku).stock, "available", "active", "paying")
+        sale, queue, claimed, claimed_lapsed, *stocks = await pipe.execute()
+        available = held = 0
+        preloaded = bool(self.skus)
+        for row in stocks:
+            if row[0] is None:
+                preloaded = False
+                continue
+            available += int(row[0])
+            held += int(row[1]) + int(row[2])
+        return SaleSnapshot(
+            QueueView.parse(sale, queue), available, held, preloaded, int(claimed),
+            int(_text(claimed_lapsed)), lapsed,
+        )  # fmt: skip
+
+    def _lapsed_through(self) -> int:
+        """The last position whose admission window has closed, judged on Redis's clock (the
+        steps carry Redis times; the offset comes from the last step)."""
+        now_ms = int(time.time() * 1000) + self.clock_offset_ms
+        last = 0
+        for step in self.steps:
+            if step.at_ms + self.window_ms >= now_ms:
+                break
+            last = step.to
+        return last
+
+    def _rates(self) -> tuple[float, float]:
+        """Admissions per second over 1 s windows while buyers were waiting: median and 10th
+        percentile, for the ETAs the gateways quote."""
+        samples: list[float] = []
+        points = list(self.history)
+        j = 0
+        for i, (t, serving, _) in enumerate(points):
+            while j < i and t - points[j + 1][0] >= 1000:
+                j += 1
+            t0, serving0, waiting0 = points[j]
+            if t - t0 >= 1000 and waiting0:
+                samples.append((serving - serving0) * 1000 / (t - t0))
+        return quantile(samples, 0.5), quantile(samples, 0.1)
+
+    async def _shuffle(self) -> None:
+        """Assign positions 1..pre to the pre-queue by the seeded permutation."""
+        if self.seed is None:
+            self.seed = await self.pool.fetchval(
+                "SELECT shuffle_seed FROM sales WHERE id = $1", self.sale_id
+            )
+        if self.seed is None:
+            log.error("sale %s has no shuffle seed in Postgres", self.sale_id)
+            return
+        members = await self.queue.client.hgetall(self.keys.members)
+        buyers = [_text(b) for b, p in members.items() if int(p) == 0]
+        order = shuffle_order(self.seed, buyers)
+        chunks = [order[i : i + ASSIGN_CHUNK] for i in range(0, len(order), ASSIGN_CHUNK)] or [[]]
+        for number, chunk in enumerate(chunks):
+            start = number * ASSIGN_CHUNK
+            pairs = [(buyer, start + i + 1) for i, buyer in enumerate(chunk)]
+            if not await self.queue.assign(
+                self.keys, self.token, pairs, last=number == len(chunks) - 1
+            ):
+                log.warning("shuffle of %s fenced out", self.sale_id)
+                self.token = 0
+                return
+        log.info("shuffled the pre-queue of %s: %d buyers", self.sale_id, len(order))
+
+    async def resign(self) -> None:
+        if self.token:
+            await self.queue.release(self.keys, self.owner)
+            self.token = 0

@@ -1,0 +1,204 @@
+"""Typed bindings of the waiting-room scripts: join, claim, the pump's lease and steps.
+
+Every call touches one sale's slot (``fs:{<sale>}:...``). The scripts judge time by Redis
+``TIME``; callers never pass their own clock for a decision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+
+from allocator.scripts import source
+from flashsale.keys import SaleKeys
+
+SEP = "\x1f"
+# Fields of the sale hash the waiting room reads (put there by preload).
+SALE_FIELDS = ("status", "starts_at_ms", "ends_at_ms", "admission_rate", "window_ms", "capacity")
+QUEUE_FIELDS = (
+    "serving", "cutoff", "tail", "pre", "sealed", "shuffled", "sold_out",
+    "rate_p50", "rate_p10", "noshow", "outstanding", "beat_ms",
+)  # fmt: skip
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _int(value: Any, default: int = 0) -> int:
+    return int(value) if value not in (None, b"", "") else default
+
+
+def _float(value: Any, default: float = 0.0) -> float:
+    return float(value) if value not in (None, b"", "") else default
+
+
+@dataclass(frozen=True, slots=True)
+class JoinResult:
+    """``outcome`` is queued, sold_out, full, ended or unavailable; ``position`` 0 means the
+    pre-queue (the position is assigned by the shuffle at the start)."""
+
+    outcome: str
+    position: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueueView:
+    """One consistent read of a sale's configuration and waiting-room counters."""
+
+    preloaded: bool
+    status: str
+    starts_at_ms: int
+    ends_at_ms: int
+    admission_rate: int
+    window_ms: int
+    capacity: int
+    serving: int
+    cutoff: int | None  # the last position that may ever be admitted; None: not yet known
+    tail: int
+    pre: int
+    sealed: bool
+    shuffled: bool
+    sold_out: bool
+    rate_p50: float  # measured admissions per second (median, and 10th percentile)
+    rate_p10: float
+    noshow: float
+    outstanding: int
+    beat_ms: int  # Redis time of the pump's last step (0: no pump has run)
+
+    @classmethod
+    def parse(cls, sale: list[Any], queue: list[Any]) -> QueueView:
+        s = dict(zip(SALE_FIELDS, sale, strict=True))
+        q = dict(zip(QUEUE_FIELDS, queue, strict=True))
+        cutoff = _int(q["cutoff"], -1)
+        return cls(
+            preloaded=s["status"] is not None,
+            status=_text(s["status"]) if s["status"] is not None else "",
+            starts_at_ms=_int(s["starts_at_ms"]),
+            ends_at_ms=_int(s["ends_at_ms"]),
+            admission_rate=_int(s["admission_rate"], 1),
+            window_ms=_int(s["window_ms"], 60_000),
+            capacity=_int(s["capacity"], 1000),
+            serving=_int(q["serving"]),
+            cutoff=None if cutoff < 0 else cutoff,
+            tail=_int(q["tail"]),
+            pre=_int(q["pre"]),
+            sealed=_int(q["sealed"]) == 1,
+            shuffled=_int(q["shuffled"]) == 1,
+            sold_out=_int(q["sold_out"]) == 1,
+            rate_p50=_float(q["rate_p50"]),
+            rate_p10=_float(q["rate_p10"]),
+            noshow=_float(q["noshow"]),
+            outstanding=_int(q["outstanding"]),
+            beat_ms=_int(q["beat_ms"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """The pump admitted every position up to ``to`` at ``at_ms`` (Redis time)."""
+
+    to: int
+    at_ms: int
+
+    @classmethod
+    def parse(cls, member: Any) -> Step:
+        to, _, at = _text(member).partition(":")
+        return cls(int(to), int(at))
+
+
+@dataclass(frozen=True, slots=True)
+class AdvanceResult:
+    serving: int
+    cutoff: int | None
+    tail: int
+    now_ms: int
+
+
+class QueueScripts:
+    """The waiting-room scripts registered on one client."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+        self._join: AsyncScript = client.register_script(source("join"))
+        self._claim: AsyncScript = client.register_script(source("claim"))
+        self._lease: AsyncScript = client.register_script(source("lease"))
+        self._advance: AsyncScript = client.register_script(source("advance"))
+        self._assign: AsyncScript = client.register_script(source("assign"))
+
+    async def join(self, keys: SaleKeys, buyer_id: str) -> JoinResult:
+        outcome, position = await self._join(
+            keys=[keys.sale, keys.queue, keys.members], args=[buyer_id]
+        )
+        return JoinResult(_text(outcome), int(position))
+
+    async def claim(
+        self, keys: SaleKeys, position: int, key: str, fingerprint: str, deadline_ms: int
+    ) -> str:
+        """Bind admission ``position`` to the request (``key``, ``fingerprint``): ok, mismatch,
+        used, expired or not_admitted (see ``lua/claim.lua``)."""
+        raw = await self._claim(
+            keys=[keys.queue, keys.claims], args=[position, key, fingerprint, deadline_ms]
+        )
+        return _text(raw)
+
+    async def acquire(self, keys: SaleKeys, owner: str, ttl_ms: int) -> int:
+        """The fencing token of ``owner``'s lease (acquired or renewed); 0 if held by another."""
+        return int(
+            await self._lease(keys=[keys.lease, keys.fence], args=[owner, ttl_ms, "acquire"])
+        )
+
+    async def release(self, keys: SaleKeys, owner: str) -> bool:
+        return bool(await self._lease(keys=[keys.lease, keys.fence], args=[owner, 0, "release"]))
+
+    async def advance(
+        self,
+        keys: SaleKeys,
+        token: int,
+        *,
+        serving: int,
+        cutoff: int | None,
+        sold_out: bool,
+        published: dict[str, str],
+    ) -> AdvanceResult | None:
+        """Publish one pump step; None when ``token`` has been fenced out by a newer leader."""
+        args: list[str | int] = [token, serving, -1 if cutoff is None else cutoff, int(sold_out)]
+        for name, value in published.items():
+            args += [name, value]
+        raw = await self._advance(keys=[keys.sale, keys.queue, keys.steps, keys.fence], args=args)
+        if int(raw[0]) < 0:
+            return None
+        serving_now, cutoff_now, tail, now = (int(v) for v in raw)
+        return AdvanceResult(serving_now, None if cutoff_now < 0 else cutoff_now, tail, now)
+
+    async def assign(
+        self, keys: SaleKeys, token: int, positions: list[tuple[str, int]], *, last: bool
+    ) -> bool:
+        """Write pre-queue positions; False when fenced out."""
+        args: list[str | int] = [token, int(last)]
+        for buyer, position in positions:
+            args += [buyer, position]
+        raw = await self._assign(keys=[keys.queue, keys.members, keys.fence], args=args)
+        return int(raw) == 1
+
+    async def view(self, keys: SaleKeys) -> QueueView:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hmget(keys.sale, *SALE_FIELDS)
+        pipe.hmget(keys.queue, *QUEUE_FIELDS)
+        sale, queue = await pipe.execute()
+        return QueueView.parse(sale, queue)
+
+    async def steps_after(self, keys: SaleKeys, position: int) -> list[Step]:
+        """Admission steps that reached beyond ``position``, in order."""
+        raw = await self.client.zrangebyscore(keys.steps, f"({position}", "+inf")
+        return [Step.parse(member) for member in raw]
+
+    async def position_of(self, keys: SaleKeys, buyer_id: str) -> int | None:
+        raw = await self.client.hget(keys.members, buyer_id)
+        return None if raw is None else int(raw)
+
+    async def claimed(self, keys: SaleKeys, position: int) -> bool:
+        return bool(await self.client.zcount(keys.claims, position, position))

@@ -1,0 +1,179 @@
+"""The allocator service (``flashsale allocator``): admission pumps and the hold sweeper.
+
+It finds live sales in Postgres (preloaded, not ended), runs one :class:`AdmissionPump` per
+sale (a no-op on every replica but the sale's lease holder, so several services may run for
+availability) and sweeps expired holds of every SKU of those sales. Its ``/healthz`` pings Redis
+and Postgres and its ``/metrics`` shows what the pumps and the sweeper do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+
+import asyncpg
+import redis.asyncio as aioredis
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from allocator.pump import AdmissionPump
+from allocator.queue import QueueScripts
+from allocator.scripts import HoldScripts
+from allocator.sweeper import run_sweeper
+from flashsale.clients import pg_pool, redis_client
+from flashsale.keys import SkuKeys
+from flashsale.ops import ops_app
+from flashsale.settings import Settings
+
+log = logging.getLogger("flashsale.allocator")
+
+LIVE_SALES = """
+SELECT s.id, array_agg(k.sku ORDER BY k.sku) AS skus
+FROM sales s JOIN sale_skus k ON k.sale_id = s.id
+WHERE s.status <> 'ended' AND s.preloaded_at IS NOT NULL AND s.ends_at > now()
+GROUP BY s.id
+"""
+
+
+class ServiceMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.admitted = Counter(
+            "flashsale_pump_admitted", "Buyers admitted by this process's pumps", ["sale"],
+            registry=registry,
+        )  # fmt: skip
+        self.leader = Gauge(
+            "flashsale_pump_leader", "1 when this process leads the sale's pump", ["sale"],
+            registry=registry,
+        )  # fmt: skip
+        self.serving = Gauge("flashsale_queue_serving", "Serving position", ["sale"],
+                             registry=registry)  # fmt: skip
+        self.tail = Gauge("flashsale_queue_tail", "Last position handed out", ["sale"],
+                          registry=registry)  # fmt: skip
+        self.cutoff = Gauge("flashsale_queue_cutoff", "Last position that may be admitted",
+                            ["sale"], registry=registry)  # fmt: skip
+        self.outstanding = Gauge(
+            "flashsale_queue_outstanding", "Admitted buyers who have not reserved yet", ["sale"],
+            registry=registry,
+        )  # fmt: skip
+        self.noshow = Gauge("flashsale_queue_noshow_rate", "Learned no-show rate", ["sale"],
+                            registry=registry)  # fmt: skip
+        self.sold_out = Gauge("flashsale_sale_sold_out", "1 once the sale is sold out", ["sale"],
+                              registry=registry)  # fmt: skip
+        self.expired = Counter("flashsale_holds_expired", "Holds expired by the sweeper",
+                               registry=registry)  # fmt: skip
+        self.errors = Counter("flashsale_pump_errors", "Pump ticks that failed", ["sale"],
+                              registry=registry)  # fmt: skip
+
+
+class AllocatorService:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        tick_s: float = 0.1,
+        discover_s: float = 2.0,
+        sweep_s: float = 0.25,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.settings = settings
+        self.tick_s = tick_s
+        self.discover_s = discover_s
+        self.sweep_s = sweep_s
+        self.metrics = ServiceMetrics(registry or CollectorRegistry())
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{time.monotonic_ns()}"
+        self.pumps: dict[str, AdmissionPump] = {}
+        self.redis: aioredis.Redis | None = None
+        self.pool: asyncpg.Pool | None = None
+
+    async def run(
+        self, stop: asyncio.Event, ops_port: int | None = None, host: str = "127.0.0.1"
+    ) -> None:
+        self.redis = redis_client(self.settings)
+        self.pool = await pg_pool(self.settings, min_size=1, max_size=4)
+        queue = QueueScripts(self.redis)
+        runner: web.AppRunner | None = None
+        try:
+            if ops_port is not None:
+                runner = await self._serve_ops(host, ops_port)
+            sweeper = asyncio.create_task(
+                run_sweeper(
+                    HoldScripts(self.redis), self._skus, stop=stop, interval=self.sweep_s,
+                    on_expired=self.metrics.expired.inc,
+                )
+            )  # fmt: skip
+            next_discovery = 0.0
+            while not stop.is_set():
+                if time.monotonic() >= next_discovery:
+                    await self._discover(queue)
+                    next_discovery = time.monotonic() + self.discover_s
+                await asyncio.gather(*(self._tick(p) for p in list(self.pumps.values())))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.tick_s)
+            await sweeper
+        finally:
+            for pump in self.pumps.values():
+                with contextlib.suppress(Exception):
+                    await pump.resign()
+            if runner is not None:
+                await runner.cleanup()
+            await self.pool.close()
+            await self.redis.aclose()
+
+    async def _skus(self) -> list[SkuKeys]:
+        return [SkuKeys(p.sale_id, sku) for p in self.pumps.values() for sku in p.skus]
+
+    async def _discover(self, queue: QueueScripts) -> None:
+        assert self.pool is not None
+        try:
+            rows = await self.pool.fetch(LIVE_SALES)
+        except (OSError, asyncpg.PostgresError) as exc:
+            log.warning("cannot list live sales: %r", exc)
+            return
+        live = {row["id"]: list(row["skus"]) for row in rows}
+        for sale_id in set(self.pumps) - set(live):
+            pump = self.pumps.pop(sale_id)
+            with contextlib.suppress(Exception):
+                await pump.resign()
+            self.metrics.leader.labels(sale_id).set(0)
+        for sale_id, skus in live.items():
+            if sale_id in self.pumps:
+                self.pumps[sale_id].skus = skus
+            else:
+                self.pumps[sale_id] = AdmissionPump(queue, self.pool, sale_id, skus, self.owner)
+
+    async def _tick(self, pump: AdmissionPump) -> None:
+        m, sale = self.metrics, pump.sale_id
+        try:
+            step = await pump.tick()
+        except (OSError, aioredis.RedisError, asyncpg.PostgresError) as exc:
+            m.errors.labels(sale).inc()
+            log.warning("pump for %s failed a tick: %r", sale, exc)
+            return
+        m.leader.labels(sale).set(1 if pump.token else 0)
+        if step is None:
+            return
+        if step.admitted:
+            m.admitted.labels(sale).inc(step.admitted)
+        m.serving.labels(sale).set(step.serving)
+        m.cutoff.labels(sale).set(step.cutoff if step.cutoff is not None else -1)
+        m.outstanding.labels(sale).set(pump.outstanding)
+        m.noshow.labels(sale).set(pump.noshow)
+        m.sold_out.labels(sale).set(1 if step.sold_out else 0)
+
+    async def _serve_ops(self, host: str, port: int) -> web.AppRunner:
+        redis, pool = self.redis, self.pool
+        assert redis is not None and pool is not None
+        app = ops_app(
+            lambda: {"redis": redis.ping, "postgres": lambda: pool.fetchval("SELECT 1")},
+            self.metrics.registry,
+        )
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, host, port).start()
+        log.info("allocator ops endpoints on http://%s:%d/healthz and /metrics", host, port)
+        return runner

@@ -1,0 +1,73 @@
+"""What every service serves for operators: ``/healthz`` that really pings its dependencies,
+and ``/metrics`` in the Prometheus text format.
+
+With ``PROMETHEUS_MULTIPROC_DIR`` set (``flashsale gateway --workers N`` sets it), metrics are
+aggregated across the processes of one service, so any worker answers for all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable, Mapping
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
+
+PING_TIMEOUT_S = 2.0
+
+Probe = Callable[[], Awaitable[object]]
+
+
+async def check(probe: Probe) -> str | None:
+    """None when the probe answered in time, else why not."""
+    try:
+        await asyncio.wait_for(probe(), PING_TIMEOUT_S)
+    except TimeoutError:
+        return f"no answer within {PING_TIMEOUT_S:g}s"
+    except Exception as exc:  # noqa: BLE001 - any failure means down; say which
+        return f"{type(exc).__name__}: {exc}"[:200]
+    return None
+
+
+async def health(probes: Mapping[str, Probe]) -> tuple[int, dict[str, object]]:
+    """(HTTP status, body): 200 when every dependency answered, else 503 naming what is down."""
+    results = dict(zip(probes, await asyncio.gather(*(check(p) for p in probes.values())),
+                       strict=True))  # fmt: skip
+    down = sorted(name for name, why in results.items() if why is not None)
+    body: dict[str, object] = {
+        "status": "ok" if not down else "down",
+        "checks": {name: "ok" if why is None else f"down: {why}" for name, why in results.items()},
+    }
+    if down:
+        body["error"] = {"code": "dependency_down", "message": "down: " + ", ".join(down)}
+    return (503 if down else 200), body
+
+
+def metrics_text(registry: CollectorRegistry) -> bytes:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+        return generate_latest(merged)
+    return generate_latest(registry)
+
+
+def ops_app(
+    probes: Callable[[], Mapping[str, Probe]], registry: CollectorRegistry
+) -> web.Application:
+    """A small app with only ``/healthz`` and ``/metrics``, for services without an API."""
+
+    async def healthz(_request: web.Request) -> web.Response:
+        status, body = await health(probes())
+        return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+    async def metrics(_request: web.Request) -> web.Response:
+        return web.Response(
+            body=metrics_text(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    return app

@@ -1,0 +1,88 @@
+"""Running the engine's services: the gateway, the allocator service, and ``up`` for all.
+
+A single gateway process serves one port; ``--workers N`` runs N of them on that same port with
+``SO_REUSEPORT`` (the kernel spreads connections between them) under the supervisor, with
+Prometheus in multiprocess mode so ``/metrics`` on any worker shows the sum of all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import multiprocess
+
+from flashsale.settings import Settings
+from flashsale.supervisor import Child, Supervisor
+
+log = logging.getLogger("flashsale.services")
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+
+
+async def serve_gateway(settings: Settings, host: str, port: int, *, reuse_port: bool) -> int:
+    from gateway.app import create_app  # noqa: PLC0415 - only the gateway needs aiohttp's app
+
+    runner = web.AppRunner(create_app(settings), access_log=None, shutdown_timeout=10)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=4096)
+        await site.start()
+        log.info("gateway (pid %d) listening on http://%s:%d", os.getpid(), host, port)
+        await _until_signalled()
+        log.info("gateway (pid %d) stopping", os.getpid())
+    finally:
+        await runner.cleanup()
+    return 0
+
+
+async def serve_allocator(settings: Settings, host: str, ops_port: int | None) -> int:
+    from allocator.service import AllocatorService  # noqa: PLC0415
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    service = AllocatorService(settings)
+    log.info("allocator service (pid %d) running", os.getpid())
+    await service.run(stop, ops_port=ops_port, host=host)
+    return 0
+
+
+def fresh_metrics_dir(home: Path, name: str) -> Path:
+    """An empty folder for one supervised service's multiprocess metrics."""
+    path = home / "metrics" / name
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def gateway_children(host: str, port: int, workers: int, metrics_dir: Path) -> list[Child]:
+    env = {MULTIPROC_ENV: str(metrics_dir)}
+    args = ["gateway", "--host", host, "--port", str(port), "--workers", "1", "--reuse-port"]
+    return [Child(f"gateway-{i + 1}", args, env) for i in range(workers)]
+
+
+def allocator_child(host: str, ops_port: int) -> Child:
+    return Child("allocator", ["allocator", "--host", host, "--ops-port", str(ops_port)])
+
+
+def supervise(children: list[Child], metrics_dir: Path | None) -> int:
+    def on_exit(pid: int) -> None:
+        if metrics_dir is not None:
+            multiprocess.mark_process_dead(pid, str(metrics_dir))  # type: ignore[no-untyped-call]
+
+    return Supervisor(children, on_exit=on_exit).run()

@@ -1,0 +1,89 @@
+"""Each gateway process's copy of the waiting-room counters of the sales it serves.
+
+Status polls are answered from here: the counters of a sale are read from Redis at most every
+``REFRESH_S`` (one pipelined round trip: sale configuration, queue counters, the admission
+steps since the last read, and Redis ``TIME`` to relate this host's clock to Redis's), however
+many buyers poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import time
+from dataclasses import dataclass, field
+
+from allocator.queue import QUEUE_FIELDS, SALE_FIELDS, QueueScripts, QueueView, Step
+from flashsale.keys import SaleKeys
+
+REFRESH_S = 0.1
+
+
+@dataclass
+class Counters:
+    """This process's copy of one sale's waiting-room counters and admission steps."""
+
+    view: QueueView
+    steps: list[Step] = field(default_factory=list)
+    fetched: float = 0.0  # time.monotonic() of the read
+    offset_ms: int = 0  # Redis TIME minus this host's clock at the read
+
+    def redis_now_ms(self) -> int:
+        return int(time.time() * 1000) + self.offset_ms
+
+    def admitted_at_ms(self, position: int) -> int | None:
+        """Redis time of the step that admitted ``position`` (None: not known here)."""
+        index = bisect.bisect_left([s.to for s in self.steps], position)
+        return self.steps[index].at_ms if index < len(self.steps) else None
+
+
+class CounterCache:
+    """Counters per sale, refreshed on demand at most every ``refresh_s``; concurrent requests
+    share one refresh."""
+
+    def __init__(self, queue: QueueScripts, refresh_s: float = REFRESH_S) -> None:
+        self.queue = queue
+        self.refresh_s = refresh_s
+        self._by_sale: dict[str, Counters] = {}
+        self._pending: dict[str, asyncio.Future[Counters]] = {}
+
+    async def get(self, sale_id: str) -> Counters:
+        current = self._by_sale.get(sale_id)
+        if current is not None and time.monotonic() - current.fetched < self.refresh_s:
+            return current
+        pending = self._pending.get(sale_id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[Counters] = asyncio.get_running_loop().create_future()
+        self._pending[sale_id] = future
+        try:
+            fresh = await self._refresh(sale_id, current)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters re-raise it, nobody else must
+            raise
+        finally:
+            self._pending.pop(sale_id, None)
+        future.set_result(fresh)
+        return fresh
+
+    async def _refresh(self, sale_id: str, current: Counters | None) -> Counters:
+        keys = SaleKeys(sale_id)
+        known = current.steps[-1].to if current and current.steps else 0
+        pipe = self.queue.client.pipeline(transaction=False)
+        pipe.hmget(keys.sale, *SALE_FIELDS)
+        pipe.hmget(keys.queue, *QUEUE_FIELDS)
+        pipe.zrangebyscore(keys.steps, f"({known}", "+inf")
+        pipe.time()
+        before = time.time()
+        sale, queue, new_steps, (seconds, micros) = await pipe.execute()
+        local_ms = (before + time.time()) * 500
+        view = QueueView.parse(sale, queue)
+        steps = current.steps if current is not None and view.serving >= known else []
+        steps = steps + [Step.parse(m) for m in new_steps]
+        if len(self._by_sale) > 1024:
+            self._by_sale.clear()
+        offset = int(seconds * 1000 + micros // 1000 - local_ms)
+        fresh = Counters(view, steps, time.monotonic(), offset)
+        self._by_sale[sale_id] = fresh
+        return fresh

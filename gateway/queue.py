@@ -1,0 +1,194 @@
+"""The waiting room: ``POST /v1/sales/{sale}/queue`` and ``GET .../queue/status``.
+
+Joining is one Lua call (``lua/join.lua``). Polling is answered from the signed ticket and
+this process's copy of the sale's counters (:class:`Counters`, refreshed at most every
+``REFRESH_S``), so a poll costs no Redis round trip in the common case. Redis is asked only
+at three moments of a buyer's wait: the first poll after the pre-queue shuffle (to learn the
+assigned position), and after an admission window closed (to tell "reserved" from "lapsed").
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from allocator.queue import QueueView
+from flashsale.errors import Conflict, Forbidden, NotFound, Unavailable
+from flashsale.keys import ID_PATTERN, SaleKeys
+from flashsale.tokens import InvalidToken, Signer, buyer_subject
+from gateway.app import COUNTERS, LIMITER, METRICS, QUEUE, SALES, SETTINGS, SIGNERS, json_response
+from gateway.counters import Counters
+from gateway.http import bearer, client_ip
+
+TICKET_GRACE_S = 3600  # tickets outlive the sale's end by this much
+MIN_RETRY_MS, MAX_RETRY_MS = 250, 10_000
+
+
+# -- answers --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    state: str  # waiting | admitted | sold_out | expired
+    position: int | None
+    ahead: int | None
+    eta_p50: float | None
+    eta_p90: float | None
+    retry_after_ms: int
+    admission_deadline_ms: int | None = None  # admitted: Redis time the window closes
+    check_claim: bool = False  # the window closed: ask Redis whether the buyer reserved
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "position": self.position,
+            "ahead": self.ahead,
+            "eta_seconds": {"p50": self.eta_p50, "p90": self.eta_p90},
+            "retry_after_ms": self.retry_after_ms,
+        }
+
+
+def _eta(ahead: int, rate: float) -> float | None:
+    return round(ahead / rate, 1) if rate > 0 else None
+
+
+def retry_after_ms(ahead: int, rate: float) -> int:
+    """Poll again after about a quarter of the expected wait: slowly far from the front,
+    quickly near it."""
+    if rate <= 0:
+        return MAX_RETRY_MS
+    return max(MIN_RETRY_MS, min(MAX_RETRY_MS, int(ahead / rate * 250)))
+
+
+def status_of(c: Counters, position: int, now_ms: int) -> Status:
+    """The state of the buyer at ``position`` (0: still in the unshuffled pre-queue)."""
+    v = c.view
+    if v.status == "ended" or now_ms >= v.ends_at_ms:
+        state = "sold_out" if v.sold_out else "expired"
+        return Status(state, position or None, None, None, None, MAX_RETRY_MS)
+    if position == 0:  # pre-queue: the order is drawn at the start
+        wait = max(0.0, (v.starts_at_ms - now_ms) / 1000)
+        retry = max(MIN_RETRY_MS, min(MAX_RETRY_MS, int(wait * 250)))
+        return Status("waiting", None, None, round(wait, 1), None, retry)
+    if v.sold_out or (v.cutoff is not None and position > v.cutoff):
+        return Status("sold_out", position, None, None, None, MAX_RETRY_MS)
+    if position <= v.serving:
+        at = c.admitted_at_ms(position)
+        deadline = None if at is None else at + v.window_ms
+        if deadline is None or deadline <= now_ms:
+            return Status("expired", position, 0, None, None, MAX_RETRY_MS, check_claim=True)
+        return Status("admitted", position, 0, 0.0, 0.0, MIN_RETRY_MS, deadline)
+    ahead = position - v.serving - 1
+    rate50 = v.rate_p50 if v.status == "active" else 0.0
+    rate10 = v.rate_p10 if v.status == "active" else 0.0
+    before_start = max(0.0, (v.starts_at_ms - now_ms) / 1000)
+    p50, p90 = _eta(ahead + 1, rate50), _eta(ahead + 1, rate10)
+    if before_start:
+        p50 = None if p50 is None else round(p50 + before_start, 1)
+        p90 = None if p90 is None else round(p90 + before_start, 1)
+    return Status("waiting", position, ahead, p50, p90, retry_after_ms(ahead, rate50))
+
+
+# -- routes ---------------------------------------------------------------------------------
+
+
+def buyer_of(request: web.Request) -> str:
+    return buyer_subject(request.app[SIGNERS].buyer.verify(bearer(request)))
+
+
+def sale_of(request: web.Request) -> str:
+    sale_id = request.match_info["sale"]
+    if not ID_PATTERN.match(sale_id):
+        raise NotFound(f"unknown sale {sale_id!r}", code="unknown_sale")
+    return sale_id
+
+
+def sign_ticket(signer: Signer, sale_id: str, buyer: str, position: int, v: QueueView) -> str:
+    ttl = max(60.0, v.ends_at_ms / 1000 - time.time() + TICKET_GRACE_S)
+    return signer.sign({"s": sale_id, "sub": buyer, "p": position}, ttl)
+
+
+async def join(request: web.Request) -> web.Response:
+    app = request.app
+    buyer = buyer_of(request)
+    sale_id = sale_of(request)
+    settings = app[SETTINGS]
+    await app[LIMITER].check(
+        [
+            (f"ip:{client_ip(request)}", settings.rate_per_ip),
+            (f"buyer:{buyer}", settings.rate_per_buyer),
+        ]
+    )
+    result = await app[QUEUE].join(SaleKeys(sale_id), buyer)
+    metrics = app[METRICS]
+    outcome = result.outcome
+    if outcome == "unavailable":
+        await app[SALES].get(sale_id)  # NotFound for an unknown sale
+        raise Conflict(f"sale {sale_id} is not open for queueing yet", code="sale_not_open")
+    if outcome == "ended":
+        raise Conflict(f"sale {sale_id} has ended", code="sale_ended")
+    if outcome == "full":
+        metrics.joins.labels("full").inc()
+        raise Unavailable("the waiting room is full; try again later", code="queue_full")
+    if outcome == "sold_out":
+        metrics.joins.labels("sold_out").inc()
+        return json_response({"ticket": None, "position": None, "state": "sold_out"})
+    counters = await app[COUNTERS].get(sale_id)
+    position = result.position
+    metrics.joins.labels("pre_queue" if position == 0 else "queued").inc()
+    ticket = sign_ticket(app[SIGNERS].ticket, sale_id, buyer, position, counters.view)
+    status = status_of(counters, position, counters.redis_now_ms())
+    body = {"ticket": ticket, "position": position or None, "state": status.state,
+            "pre_queue": position == 0}  # fmt: skip
+    return json_response(body)
+
+
+async def queue_status(request: web.Request) -> web.Response:
+    app = request.app
+    sale_id = sale_of(request)
+    raw = request.headers.get("X-Queue-Ticket")
+    if not raw:
+        raise InvalidToken("missing", "missing X-Queue-Ticket header")
+    claims = app[SIGNERS].ticket.verify(raw)
+    buyer, position = buyer_subject(claims), claims.get("p")
+    if claims.get("s") != sale_id:
+        raise Forbidden("this ticket is for another sale", code="ticket_other_sale")
+    if not isinstance(position, int) or isinstance(position, bool) or position < 0:
+        raise InvalidToken("malformed")
+    counters = await app[COUNTERS].get(sale_id)
+    queue, keys, source = app[QUEUE], SaleKeys(sale_id), "cache"
+    body: dict[str, Any] = {}
+    if position == 0 and counters.view.shuffled:
+        assigned = await queue.position_of(keys, buyer)
+        source = "redis"
+        if assigned:
+            position = assigned
+            body["ticket"] = sign_ticket(
+                app[SIGNERS].ticket, sale_id, buyer, position, counters.view
+            )
+    now_ms = counters.redis_now_ms()
+    status = status_of(counters, position, now_ms)
+    if status.check_claim:
+        source = "redis"
+        if await queue.claimed(keys, position):
+            status = Status("admitted", position, 0, 0.0, 0.0, MAX_RETRY_MS)
+            body["reserved"] = True
+    body.update(status.body())
+    if status.admission_deadline_ms is not None:
+        deadline_s = status.admission_deadline_ms / 1000 - counters.offset_ms / 1000
+        body["admission_token"] = app[SIGNERS].admission.sign(
+            {"s": sale_id, "sub": buyer, "p": position, "d": status.admission_deadline_ms},
+            ttl_s=deadline_s - time.time(),
+        )
+        body["admission_expires_in_ms"] = status.admission_deadline_ms - now_ms
+        app[METRICS].admissions.inc()
+    app[METRICS].polls.labels(status.state, source).inc()
+    return json_response(body)
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_post("/v1/sales/{sale}/queue", join)
+    app.router.add_get("/v1/sales/{sale}/queue/status", queue_status)

@@ -1,0 +1,229 @@
+"""Reservations: ``POST /v1/sales/{sale}/reservations``, ``GET`` and ``DELETE
+/v1/reservations/{id}``.
+
+A reservation needs the buyer's bearer token, an admission token for that buyer and sale, and
+an ``Idempotency-Key``. The admission is first bound to this one request in the sale's slot
+(``lua/claim.lua``: one admission, one request, judged by Redis ``TIME``); the request then
+goes to the in-process :class:`~allocator.allocator.SkuAllocator`, which batches concurrent
+requests for the SKU into one script call. A replay of the same key and body gets the same
+answer; the same key with another body gets 422 ``idempotency_mismatch``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+from aiohttp import web
+
+from allocator.ids import route_of, routed_reservation_id
+from allocator.scripts import ReserveRequest
+from flashsale.errors import (
+    Conflict,
+    FlashsaleError,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    Unavailable,
+)
+from flashsale.events import HoldRecord
+from flashsale.keys import SaleKeys, SkuKeys
+from flashsale.sales import iso_ms
+from flashsale.tokens import InvalidToken
+from gateway.app import (
+    ALLOCATORS,
+    HOLDS,
+    LIMITER,
+    METRICS,
+    PG,
+    QUEUE,
+    SETTINGS,
+    SIGNERS,
+    json_response,
+)  # fmt: skip
+from gateway.http import client_ip, json_body
+from gateway.public import sale_summary
+from gateway.queue import buyer_of, sale_of
+
+IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,100}$")
+MAX_PAYMENT_TOKEN = 200
+
+# Refusals of the reserve script, as HTTP answers.
+REFUSALS: dict[str, tuple[type[FlashsaleError], str, str]] = {
+    "sold_out": (Conflict, "sold_out", "sold out"),
+    "limit_exceeded": (Conflict, "limit_exceeded", "per-buyer limit reached for this SKU"),
+    "idempotency_mismatch": (
+        InvalidInput, "idempotency_mismatch", "this Idempotency-Key was used for another request"
+    ),
+    "invalid_quantity": (InvalidInput, "invalid_quantity", "quantity must be a positive integer"),
+    "not_started": (Conflict, "sale_not_started", "the sale has not started"),
+    "paused": (Conflict, "sale_paused", "the sale is paused"),
+    "ended": (Conflict, "sale_ended", "the sale has ended"),
+    "unavailable": (Unavailable, "unavailable", "this SKU is not available right now; retry"),
+}  # fmt: skip
+
+
+def _refuse(outcome: str) -> FlashsaleError:
+    kind, code, message = REFUSALS.get(outcome, (Unavailable, "unavailable", outcome))
+    if kind is InvalidInput:
+        field = "Idempotency-Key" if code == "idempotency_mismatch" else "quantity"
+        return InvalidInput(field, message, code=code)
+    return kind(message, code=code)
+
+
+def _admission(request: web.Request, sale_id: str, buyer: str) -> tuple[int, int]:
+    """(position, deadline ms) of the request's admission token; 403 for any problem."""
+    raw = request.headers.get("X-Admission-Token")
+    if not raw:
+        raise Forbidden("an X-Admission-Token is required: wait for admission", code="not_admitted")
+    try:
+        claims = request.app[SIGNERS].admission.verify(raw)
+    except InvalidToken as exc:
+        code = "admission_expired" if exc.reason == "expired" else "admission_invalid"
+        raise Forbidden(f"admission token refused ({exc.reason})", code=code) from None
+    if claims.get("s") != sale_id:
+        raise Forbidden("this admission is for another sale", code="admission_other_sale")
+    if claims.get("sub") != buyer:
+        raise Forbidden("this admission belongs to another buyer", code="admission_other_buyer")
+    position, deadline = claims.get("p"), claims.get("d")
+    if type(position) is not int or type(deadline) is not int or position < 1:
+        raise Forbidden("admission token refused (malformed)", code="admission_invalid")
+    return position, deadline
+
+
+def _body(raw: dict[str, Any], limit: int) -> tuple[str, int, str]:
+    sku, quantity, payment = raw.get("sku"), raw.get("quantity"), raw.get("payment_token")
+    if not isinstance(sku, str) or not sku:
+        raise InvalidInput("sku", "required: a SKU id of this sale")
+    if type(quantity) is not int:
+        raise InvalidInput("quantity", "required: an integer", code="invalid_quantity")
+    if not 1 <= quantity <= limit:
+        raise InvalidInput(
+            "quantity", f"must be between 1 and the per-buyer limit {limit}",
+            code="invalid_quantity",
+        )  # fmt: skip
+    if (
+        not isinstance(payment, str) or not payment or len(payment) > MAX_PAYMENT_TOKEN
+        or not payment.isprintable() or "\x1f" in payment or "\x1e" in payment
+    ):  # fmt: skip
+        raise InvalidInput("payment_token", f"required: printable text of 1..{MAX_PAYMENT_TOKEN}")
+    return sku, quantity, payment
+
+
+async def reserve(request: web.Request) -> web.Response:
+    app = request.app
+    buyer = buyer_of(request)
+    sale_id = sale_of(request)
+    settings = app[SETTINGS]
+    await app[LIMITER].check([
+        (f"ip:{client_ip(request)}", settings.rate_per_ip),
+        (f"buyer:{buyer}", settings.rate_per_buyer),
+    ])  # fmt: skip
+    position, deadline_ms = _admission(request, sale_id, buyer)
+    key = request.headers.get("Idempotency-Key", "")
+    if not IDEMPOTENCY_KEY.match(key):
+        raise InvalidInput("Idempotency-Key", "required header: 1..100 of A-Z a-z 0-9 . _ : -")
+    raw = await json_body(request, allowed={"sku", "quantity", "payment_token"})
+    summary = await sale_summary(request, sale_id)
+    sku_info = {s["sku"]: s for s in summary["skus"]}
+    sku = raw.get("sku")
+    limit = sku_info[sku]["per_buyer_limit"] if isinstance(sku, str) and sku in sku_info else 1
+    sku, quantity, payment = _body(raw, limit)
+    if sku not in sku_info:
+        raise NotFound(f"unknown SKU {sku!r} in sale {sale_id}", code="unknown_sku")
+    fingerprint = hashlib.sha256(f"{sku}\0{quantity}\0{payment}".encode()).hexdigest()[:16]
+    claim = await app[QUEUE].claim(SaleKeys(sale_id), position, key, fingerprint, deadline_ms)
+    metrics = app[METRICS]
+    if claim != "ok":
+        metrics.reservations.labels(f"admission_{claim}").inc()
+        if claim == "mismatch":
+            raise InvalidInput(
+                "Idempotency-Key", "this key was used for another request",
+                code="idempotency_mismatch",
+            )  # fmt: skip
+        messages = {
+            "used": ("admission_used", "this admission was already used for another request"),
+            "expired": ("admission_expired", "the admission window has closed"),
+            "not_admitted": ("not_admitted", "this position has not been admitted"),
+        }
+        code, message = messages.get(claim, ("admission_invalid", claim))
+        raise Forbidden(message, code=code)
+    result = await app[ALLOCATORS].for_sku(sale_id, sku).reserve(
+        ReserveRequest(routed_reservation_id(sale_id, sku), buyer, quantity, key, payment,
+                       str(position))
+    )  # fmt: skip
+    metrics.reservations.labels(result.outcome).inc()
+    if result.outcome != "reserved":
+        raise _refuse(result.outcome)
+    assert result.reservation_id is not None and result.hold_expires_at_ms is not None
+    return json_response(
+        {
+            "reservation_id": result.reservation_id,
+            "state": "ACTIVE",
+            "sku": sku,
+            "quantity": quantity,
+            "hold_expires_at": iso_ms(result.hold_expires_at_ms),
+            "message": "order processing",
+        },
+        201,
+    )
+
+
+async def _owned_hold(request: web.Request) -> tuple[str, SkuKeys, HoldRecord]:
+    """The caller's hold; 404 for unknown ids and for other buyers' holds alike."""
+    buyer = buyer_of(request)
+    reservation_id = request.match_info["id"]
+    route = route_of(reservation_id)
+    if route is not None:
+        keys = SkuKeys(*route)
+        raw = await request.app[HOLDS].hold(keys, reservation_id)
+        if raw is not None:
+            hold = HoldRecord.parse(raw)
+            if hold.buyer_id == buyer:
+                return reservation_id, keys, hold
+    raise NotFound(f"no reservation {reservation_id!r} of yours", code="unknown_reservation")
+
+
+async def _reservation_json(request: web.Request, rid: str, keys: SkuKeys, hold: HoldRecord
+                            ) -> dict[str, Any]:  # fmt: skip
+    order = await request.app[PG].fetchrow(
+        "SELECT state, amount, currency, updated_at FROM orders WHERE id = $1", rid
+    )
+    return {
+        "reservation_id": rid,
+        "sale_id": keys.sale_id,
+        "sku": keys.sku,
+        "quantity": hold.quantity,
+        "state": hold.state,
+        "cause": hold.cause or None,
+        "hold_expires_at": iso_ms(hold.deadline_ms),
+        "order": None if order is None else {
+            "state": order["state"], "amount": order["amount"],
+            "currency": order["currency"].strip(), "updated_at": order["updated_at"].isoformat(),
+        },
+    }  # fmt: skip
+
+
+async def get_reservation(request: web.Request) -> web.Response:
+    rid, keys, hold = await _owned_hold(request)
+    return json_response(await _reservation_json(request, rid, keys, hold))
+
+
+async def cancel_reservation(request: web.Request) -> web.Response:
+    rid, keys, hold = await _owned_hold(request)
+    settings = request.app[SETTINGS]
+    await request.app[LIMITER].check([(f"ip:{client_ip(request)}", settings.rate_per_ip)])
+    result = await request.app[HOLDS].cancel(keys, rid)
+    if not result.ok:
+        code = {"SOLD": "already_sold", "PAYING": "payment_in_progress"}.get(result.state)
+        raise Conflict(f"reservation is {result.state}: cannot cancel", code=code or "conflict")
+    hold = HoldRecord.parse(await request.app[HOLDS].hold(keys, rid) or b"")
+    request.app[METRICS].reservations.labels("cancelled").inc()
+    return json_response(await _reservation_json(request, rid, keys, hold))
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_post("/v1/sales/{sale}/reservations", reserve)
+    app.router.add_get("/v1/reservations/{id}", get_reservation)
+    app.router.add_delete("/v1/reservations/{id}", cancel_reservation)
