@@ -13,11 +13,21 @@ from flashsale.errors import Unavailable
 from flashsale.settings import Settings
 
 
-def redis_client(settings: Settings, **options: Any) -> aioredis.Redis:
-    """An asyncio Redis client (bytes responses) for ``REDIS_URL``."""
+def redis_client(
+    settings: Settings, *, max_connections: int = 64, wait_s: float = 5.0, **options: Any
+) -> aioredis.Redis:
+    """An asyncio Redis client (bytes responses) for ``REDIS_URL``.
+
+    Its pool holds at most ``max_connections``; a caller beyond that waits up to ``wait_s`` for
+    one to come back instead of failing (a spike queues here briefly, it does not open
+    thousands of connections).
+    """
     options.setdefault("socket_connect_timeout", 2.0)
     options.setdefault("health_check_interval", 15)
-    return aioredis.Redis.from_url(settings.require_redis(), **options)
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.require_redis(), max_connections=max_connections, timeout=wait_s, **options
+    )
+    return aioredis.Redis.from_pool(pool)
 
 
 async def pg_pool(settings: Settings, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:

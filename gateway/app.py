@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import asyncpg
 import orjson
 import redis.asyncio as aioredis
+import redis.exceptions
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -101,6 +102,13 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if exc.retry_after_s is not None:
             headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
         return error_response(exc.http_status, exc.code, exc.message, headers)
+    except (
+        redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+        asyncpg.PostgresConnectionError, OSError,
+    ) as exc:  # fmt: skip
+        log.warning("dependency unavailable on %s %s: %r", request.method, request.path, exc)
+        return error_response(503, "unavailable", "a dependency is unavailable; retry shortly",
+                              {"Retry-After": "1"})  # fmt: skip
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

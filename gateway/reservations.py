@@ -120,12 +120,12 @@ async def reserve(request: web.Request) -> web.Response:
         (f"ip:{client_ip(request)}", settings.rate_per_ip),
         (f"buyer:{buyer}", settings.rate_per_buyer),
     ])  # fmt: skip
+    summary = await sale_summary(request, sale_id)  # 404 for an unknown sale comes first
     position, deadline_ms = _admission(request, sale_id, buyer)
     key = request.headers.get("Idempotency-Key", "")
     if not IDEMPOTENCY_KEY.match(key):
         raise InvalidInput("Idempotency-Key", "required header: 1..100 of A-Z a-z 0-9 . _ : -")
     raw = await json_body(request, allowed={"sku", "quantity", "payment_token"})
-    summary = await sale_summary(request, sale_id)
     sku_info = {s["sku"]: s for s in summary["skus"]}
     sku = raw.get("sku")
     limit = sku_info[sku]["per_buyer_limit"] if isinstance(sku, str) and sku in sku_info else 1

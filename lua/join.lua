@@ -35,7 +35,8 @@ if not tail then
   return {'queued', 0}
 end
 -- The pump never admits beyond its cutoff, so a position past it could never be served.
-if q[2] and tail >= tonumber(q[2]) then
+local cutoff = tonumber(q[2] or '-1')  -- -1: no cutoff published yet
+if cutoff >= 0 and tail >= cutoff then
   return {'sold_out', 0}
 end
 if tail - tonumber(q[3] or '0') >= max_queue then

@@ -1,0 +1,147 @@
+"""A gateway over the real stack for HTTP tests: an in-process aiohttp server, the admin API to
+set up sales, buyer tokens, and admission pumps ticking in the test's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from aiohttp.test_utils import TestClient, TestServer
+
+from allocator.pump import AdmissionPump
+from allocator.queue import QueueScripts
+from flashsale.settings import Rate, Secret, Settings
+from flashsale.tokens import Signer
+from gateway.app import PG, REDIS, create_app
+
+ADMIN = "test-admin-token-0123456789"
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@dataclass
+class Gateway:
+    http: TestClient[Any, Any]
+    settings: Settings
+    pumps: list[asyncio.Task[None]] = field(default_factory=list)
+    stopping: bool = False
+
+    @property
+    def app(self) -> Any:
+        assert self.http.app is not None
+        return self.http.app
+
+    def token(self, buyer: str, ttl: float = 3600) -> str:
+        signer = Signer.from_setting(self.settings.buyer_token_secret.reveal(), "buyer")
+        return signer.sign({"sub": buyer}, ttl)
+
+    async def create_sale(
+        self, *, stock: int = 5, limit: int = 1, starts_in: float = -1.0, preload: bool = True,
+        **sale: Any,
+    ) -> str:  # fmt: skip
+        now = datetime.now(UTC)
+        body = {
+            "name": "HTTP test sale",
+            "starts_at": (now + timedelta(seconds=starts_in)).isoformat(),
+            "ends_at": (now + timedelta(hours=1)).isoformat(),
+            "skus": [
+                {
+                    "sku": "SKU-1",
+                    "stock": stock,
+                    "price": 5000,
+                    "currency": "EUR",
+                    "per_buyer_limit": limit,
+                }
+            ],
+            **sale,
+        }
+        created = await self.http.post("/admin/v1/sales", json=body, headers=auth(ADMIN))
+        assert created.status == 201, await created.text()
+        sale_id = str((await created.json())["id"])
+        if preload:
+            loaded = await self.http.post(f"/admin/v1/sales/{sale_id}/preload", headers=auth(ADMIN))
+            assert loaded.status == 200, await loaded.text()
+        return sale_id
+
+    def pump(self, sale_id: str, *, interval: float = 0.02, owner: str = "test") -> AdmissionPump:
+        """Start ticking an admission pump for ``sale_id`` until the harness closes."""
+        pump = AdmissionPump(QueueScripts(self.app[REDIS]), self.app[PG], sale_id, ["SKU-1"], owner)
+
+        async def run() -> None:
+            while not self.stopping:
+                await pump.tick()
+                await asyncio.sleep(interval)
+
+        self.pumps.append(asyncio.get_running_loop().create_task(run()))
+        return pump
+
+    async def join(self, sale_id: str, buyer: str) -> tuple[int, dict[str, Any]]:
+        response = await self.http.post(
+            f"/v1/sales/{sale_id}/queue", headers=auth(self.token(buyer))
+        )
+        return response.status, await response.json()
+
+    async def status(self, sale_id: str, ticket: str) -> tuple[int, dict[str, Any]]:
+        response = await self.http.get(
+            f"/v1/sales/{sale_id}/queue/status", headers={"X-Queue-Ticket": ticket}
+        )
+        return response.status, await response.json()
+
+    async def admitted(self, sale_id: str, ticket: str, patience: float = 10.0) -> dict[str, Any]:
+        """Poll (at the server's pace, capped) until the buyer's state is not waiting."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + patience
+        while True:
+            code, body = await self.status(sale_id, ticket)
+            assert code == 200, body
+            ticket = body.get("ticket", ticket)
+            if body["state"] != "waiting":
+                return body
+            assert loop.time() < deadline, f"still waiting: {body}"
+            await asyncio.sleep(min(body["retry_after_ms"], 100) / 1000)
+
+    async def reserve(
+        self, sale_id: str, buyer: str, admission: str | None, *, key: str = "k1",
+        body: Any = None, headers: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, Any]]:  # fmt: skip
+        all_headers = {**auth(self.token(buyer)), "Idempotency-Key": key, **(headers or {})}
+        if admission is not None:
+            all_headers["X-Admission-Token"] = admission
+        payload = (
+            {"sku": "SKU-1", "quantity": 1, "payment_token": "tok_ok"} if body is None else body
+        )
+        response = await self.http.post(
+            f"/v1/sales/{sale_id}/reservations", json=payload, headers=all_headers
+        )
+        return response.status, await response.json()
+
+    async def close(self) -> None:
+        # Pumps stop at their next turn rather than by cancellation: a CancelledError that
+        # lands inside a redis-py call can be swallowed there, leaving the task running.
+        self.stopping = True
+        await asyncio.gather(*self.pumps)
+        await self.http.close()
+
+
+@contextlib.asynccontextmanager
+async def gateway(stack: Settings, **overrides: Any) -> AsyncIterator[Gateway]:
+    """A gateway with the admin token set and rate limits off unless ``overrides`` say so."""
+    options: dict[str, Any] = {
+        "admin_token": Secret(ADMIN), "rate_per_ip": Rate(0, 0), "rate_per_buyer": Rate(0, 0),
+        **overrides,
+    }  # fmt: skip
+    settings = dataclasses.replace(stack, **options)
+    client: TestClient[Any, Any] = TestClient(TestServer(create_app(settings)))
+    await client.start_server()
+    harness = Gateway(client, settings)
+    try:
+        yield harness
+    finally:
+        await harness.close()

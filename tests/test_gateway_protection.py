@@ -1,0 +1,183 @@
+"""Every bad input gets the right 4xx, changes nothing and is counted by reason; rate limits,
+the in-flight cap and the slow-body deadline, over HTTP against the real stack."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from flashsale.keys import SaleKeys, SkuKeys
+from flashsale.settings import Rate, Settings
+from flashsale.tokens import Signer
+from gateway.app import REDIS
+from tests.harness import Gateway, auth, gateway
+
+GOOD = {"sku": "SKU-1", "quantity": 1, "payment_token": "tok_ok"}
+
+
+@pytest.fixture
+async def gw(stack: Settings) -> AsyncIterator[Gateway]:
+    async with gateway(stack) as harness:
+        yield harness
+
+
+async def _admitted(gw: Gateway, sale: str, buyer: str) -> str:
+    _, joined = await gw.join(sale, buyer)
+    return str((await gw.admitted(sale, joined["ticket"]))["admission_token"])
+
+
+async def test_bad_reservation_inputs_are_refused_and_change_nothing(gw: Gateway) -> None:
+    sale = await gw.create_sale(stock=3, limit=2)
+    other_sale = await gw.create_sale(stock=3)
+    gw.pump(sale)
+    gw.pump(other_sale)
+    admission = await _admitted(gw, sale, "alice")
+    bobs = await _admitted(gw, sale, "bob")
+    elsewhere = await _admitted(gw, other_sale, "alice")
+    own = Signer.from_setting(gw.settings.secret.reveal(), "admission")
+    expired = own.sign({"s": sale, "sub": "alice", "p": 1, "d": 0}, ttl_s=-1)
+    stranger = Signer(["f" * 32], "admission")
+    forged = stranger.sign({"s": sale, "sub": "alice", "p": 1, "d": 9 * 10**12}, 60)
+    forged_buyer = Signer(["x" * 32], "buyer").sign({"sub": "alice"}, 60)
+    ticket_kind = Signer.from_setting(gw.settings.secret.reveal(), "ticket").sign(
+        {"s": sale, "sub": "alice", "p": 1}, 60
+    )
+    tampered = admission[:-3] + ("AAA" if not admission.endswith("AAA") else "BBB")
+
+    cases: list[tuple[str, dict[str, Any], int, str]] = [
+        ("malformed json", {"raw": b"{nope"}, 422, "malformed_json"),
+        ("not an object", {"raw": b"[1]"}, 422, "invalid_input"),
+        ("unknown field", {"body": {**GOOD, "coupon": "x"}}, 422, "unknown_field"),
+        ("quantity zero", {"body": {**GOOD, "quantity": 0}}, 422, "invalid_quantity"),
+        ("quantity over limit", {"body": {**GOOD, "quantity": 3}}, 422, "invalid_quantity"),
+        ("quantity as text", {"body": {**GOOD, "quantity": "1"}}, 422, "invalid_quantity"),
+        ("quantity as bool", {"body": {**GOOD, "quantity": True}}, 422, "invalid_quantity"),
+        ("quantity fraction", {"body": {**GOOD, "quantity": 1.5}}, 422, "invalid_quantity"),
+        ("sku wrong type", {"body": {**GOOD, "sku": 7}}, 422, "invalid_input"),
+        ("unknown sku", {"body": {**GOOD, "sku": "NOPE"}}, 404, "unknown_sku"),
+        ("no payment token", {"body": {"sku": "SKU-1", "quantity": 1}}, 422, "invalid_input"),
+        ("no idempotency key", {"headers": {"Idempotency-Key": ""}}, 422, "invalid_input"),
+        ("bad idempotency key", {"headers": {"Idempotency-Key": "a b"}}, 422, "invalid_input"),
+        ("no admission", {"admission": None}, 403, "not_admitted"),
+        ("tampered admission", {"admission": tampered}, 403, "admission_invalid"),
+        ("forged admission", {"admission": forged}, 403, "admission_invalid"),
+        ("expired admission", {"admission": expired}, 403, "admission_expired"),
+        ("ticket as admission", {"admission": ticket_kind}, 403, "admission_invalid"),
+        ("other buyer's admission", {"admission": bobs}, 403, "admission_other_buyer"),
+        ("other sale's admission", {"admission": elsewhere}, 403, "admission_other_sale"),
+        ("no buyer token", {"no_auth": True}, 401, "missing_token"),
+        ("buyer token forged", {"buyer_token": forged_buyer}, 401, "invalid_token"),
+        ("admin token as buyer", {"buyer_token": gw.settings.admin_token.reveal()}, 401,
+         "invalid_token"),
+        ("unknown sale", {"sale": "no-such-sale"}, 404, "unknown_sale"),
+    ]  # fmt: skip
+    for name, case, status, code in cases:
+        headers = {
+            "Authorization": f"Bearer {case.get('buyer_token', gw.token('alice'))}",
+            "Idempotency-Key": "key-1",
+        }
+        if case.get("no_auth"):
+            del headers["Authorization"]
+        chosen = case.get("admission", admission)
+        if chosen is not None:
+            headers["X-Admission-Token"] = chosen
+        headers.update(case.get("headers", {}))
+        target = case.get("sale", sale)
+        if "raw" in case:
+            response = await gw.http.post(
+                f"/v1/sales/{target}/reservations", data=case["raw"],
+                headers={**headers, "Content-Type": "application/json"},
+            )  # fmt: skip
+        else:
+            response = await gw.http.post(
+                f"/v1/sales/{target}/reservations", json=case.get("body", GOOD), headers=headers
+            )
+        body = await response.json()
+        assert (response.status, body["error"]["code"]) == (status, code), name
+        assert body["error"]["message"], name
+
+    # Nothing was written: stock untouched, the admission never claimed.
+    stock = await gw.app[REDIS].hmget(SkuKeys(sale, "SKU-1").stock, "available", "active")
+    assert [int(v) for v in stock] == [3, 0]
+    assert await gw.app[REDIS].zcard(SaleKeys(sale).claims) == 0
+    # ... and the admission is still good for a real request.
+    assert (await gw.reserve(sale, "alice", admission))[0] == 201
+
+    metrics = await (await gw.http.get("/metrics")).text()
+    for _, _, _, code in cases:
+        assert f'flashsale_gateway_rejections_total{{reason="{code}"}}' in metrics, code
+
+
+async def test_bad_queue_inputs(gw: Gateway) -> None:
+    sale = await gw.create_sale(stock=3)
+    other = await gw.create_sale(stock=3)
+    _, joined = await gw.join(sale, "alice")
+    ticket = joined["ticket"]
+    assert (await gw.http.post(f"/v1/sales/{sale}/queue")).status == 401
+    missing = await gw.http.post("/v1/sales/no-such-sale/queue", headers=auth(gw.token("a")))
+    assert missing.status == 404 and (await missing.json())["error"]["code"] == "unknown_sale"
+    bad_id = await gw.http.post("/v1/sales/bad%20id/queue", headers=auth(gw.token("a")))
+    assert bad_id.status == 404
+    unloaded = await gw.create_sale(stock=3, preload=False)
+    not_open = await gw.http.post(f"/v1/sales/{unloaded}/queue", headers=auth(gw.token("a")))
+    assert not_open.status == 409 and (await not_open.json())["error"]["code"] == "sale_not_open"
+
+    for headers, status, code in (
+        ({}, 401, "invalid_token"),
+        ({"X-Queue-Ticket": ticket[:-2] + "xx"}, 401, "invalid_token"),
+        ({"X-Queue-Ticket": gw.token("alice")}, 401, "invalid_token"),  # a buyer token
+    ):
+        response = await gw.http.get(f"/v1/sales/{sale}/queue/status", headers=headers)
+        assert response.status == status and (await response.json())["error"]["code"] == code
+    wrong_sale = await gw.http.get(
+        f"/v1/sales/{other}/queue/status", headers={"X-Queue-Ticket": ticket}
+    )
+    assert wrong_sale.status == 403
+    assert (await wrong_sale.json())["error"]["code"] == "ticket_other_sale"
+    assert await gw.app[REDIS].hlen(SaleKeys(other).members) == 0
+
+
+async def test_rate_limits_are_429_with_retry_after(stack: Settings) -> None:
+    async with gateway(stack, rate_per_buyer=Rate(1.0, 2)) as gw:
+        sale = await gw.create_sale(stock=3)
+        codes = [(await gw.join(sale, "eager"))[0] for _ in range(3)]
+        assert codes == [200, 200, 429]
+        response = await gw.http.post(f"/v1/sales/{sale}/queue", headers=auth(gw.token("eager")))
+        assert response.status == 429
+        assert (await response.json())["error"]["code"] == "rate_limited"
+        assert 1 <= int(response.headers["Retry-After"]) <= 2
+        assert (await gw.join(sale, "patient"))[0] == 200  # per buyer: others are not affected
+        await asyncio.sleep(1.1)
+        assert (await gw.join(sale, "eager"))[0] == 200  # the limit refills
+
+
+async def test_slow_bodies_time_out_and_the_in_flight_cap_sheds_load(stack: Settings) -> None:
+    async with gateway(stack, max_in_flight=1, body_timeout_s=1.0) as gw:
+        sale = await gw.create_sale(stock=3)
+        server = gw.http.server
+        reader, writer = await asyncio.open_connection(server.host, server.port)
+        # A request that promises 100 bytes of body and sends one.
+        writer.write(
+            f"POST /admin/v1/sales HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            f"{gw.settings.admin_token.reveal()}\r\nContent-Type: application/json\r\n"
+            "Content-Length: 100\r\n\r\n{".encode()
+        )
+        await writer.drain()
+        began = time.monotonic()
+        await asyncio.sleep(0.2)  # the slow request holds the only slot
+        shed = await gw.http.get(f"/v1/sales/{sale}")
+        assert shed.status == 503 and (await shed.json())["error"]["code"] == "overloaded"
+        assert shed.headers["Retry-After"] == "1"
+        assert (await gw.http.get("/healthz")).status == 200  # operators can still look
+        head = await asyncio.wait_for(reader.readline(), 5)
+        writer.close()
+        assert head.split()[1] == b"408"
+        assert 0.9 < time.monotonic() - began < 3
+        assert (await gw.http.get(f"/v1/sales/{sale}")).status == 200  # the slot is free again
+        metrics = await (await gw.http.get("/metrics")).text()
+        assert 'flashsale_gateway_rejections_total{reason="body_timeout"}' in metrics
+        assert 'flashsale_gateway_rejections_total{reason="overloaded"}' in metrics

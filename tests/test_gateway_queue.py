@@ -1,0 +1,186 @@
+"""The waiting room and reservations over HTTP, against the real stack, with a real pump."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+
+import pytest
+
+from allocator.scripts import HoldScripts
+from flashsale.keys import SaleKeys, SkuKeys
+from flashsale.sales import shuffle_order
+from flashsale.settings import Settings
+from gateway.app import REDIS
+from tests.harness import Gateway, auth, gateway
+
+
+@pytest.fixture
+async def gw(stack: Settings) -> AsyncIterator[Gateway]:
+    async with gateway(stack) as harness:
+        yield harness
+
+
+async def test_full_journey(gw: Gateway) -> None:
+    sale = await gw.create_sale(stock=2)
+    gw.pump(sale)
+    code, joined = await gw.join(sale, "alice")
+    assert code == 200 and joined["state"] in ("waiting", "admitted") and joined["position"] == 1
+    again = await gw.join(sale, "alice")
+    assert again[1]["position"] == 1  # idempotent per buyer
+
+    status = await gw.admitted(sale, joined["ticket"])
+    assert status["state"] == "admitted" and status["admission_token"]
+    admission = status["admission_token"]
+
+    code, reserved = await gw.reserve(sale, "alice", admission)
+    assert code == 201, reserved
+    assert reserved["state"] == "ACTIVE" and reserved["hold_expires_at"].endswith("Z")
+    rid = reserved["reservation_id"]
+    replay = await gw.reserve(sale, "alice", admission)
+    assert replay == (201, reserved)  # same key, same body: the same answer
+    mismatch = await gw.reserve(
+        sale, "alice", admission, body={"sku": "SKU-1", "quantity": 1, "payment_token": "other"}
+    )
+    assert mismatch[0] == 422 and mismatch[1]["error"]["code"] == "idempotency_mismatch"
+    other_key = await gw.reserve(sale, "alice", admission, key="k2")
+    assert other_key[0] == 403 and other_key[1]["error"]["code"] == "admission_used"
+
+    mine = await gw.http.get(f"/v1/reservations/{rid}", headers=auth(gw.token("alice")))
+    body = await mine.json()
+    assert mine.status == 200 and body["state"] == "ACTIVE" and body["order"] is None
+    theirs = await gw.http.get(f"/v1/reservations/{rid}", headers=auth(gw.token("mallory")))
+    assert theirs.status == 404  # another buyer's reservation does not exist for you
+    stolen = await gw.http.delete(f"/v1/reservations/{rid}", headers=auth(gw.token("mallory")))
+    assert stolen.status == 404
+
+    info = await (await gw.http.get(f"/v1/sales/{sale}")).json()
+    assert info["skus"][0]["remaining"] in (1, 2)  # cached up to 0.5 s
+    cancelled = await gw.http.delete(f"/v1/reservations/{rid}", headers=auth(gw.token("alice")))
+    assert cancelled.status == 200 and (await cancelled.json())["state"] == "RELEASED"
+    twice = await gw.http.delete(f"/v1/reservations/{rid}", headers=auth(gw.token("alice")))
+    assert twice.status == 200  # cancelling is idempotent
+    stock = await gw.app[REDIS].hmget(SkuKeys(sale, "SKU-1").stock, "available", "active")
+    assert [int(v) for v in stock] == [2, 0]
+
+
+async def test_cancel_refuses_a_hold_being_paid(gw: Gateway) -> None:
+    sale = await gw.create_sale(stock=1)
+    gw.pump(sale)
+    _, joined = await gw.join(sale, "bob")
+    admission = (await gw.admitted(sale, joined["ticket"]))["admission_token"]
+    _, reserved = await gw.reserve(sale, "bob", admission)
+    rid = reserved["reservation_id"]
+    await HoldScripts(gw.app[REDIS]).begin_payment(SkuKeys(sale, "SKU-1"), rid)
+    response = await gw.http.delete(f"/v1/reservations/{rid}", headers=auth(gw.token("bob")))
+    assert response.status == 409
+    assert (await response.json())["error"]["code"] == "payment_in_progress"
+
+
+async def test_pre_queue_shuffle_is_reproducible_from_the_revealed_seed(gw: Gateway) -> None:
+    sale = await gw.create_sale(stock=100, starts_in=2.0)
+    info = await (await gw.http.get(f"/v1/sales/{sale}")).json()
+    commitment = info["shuffle"]["commitment"]
+    assert info["shuffle"]["seed"] is None  # not revealed before the start
+    buyers = [f"early-{i}" for i in range(40)]
+    tickets = {}
+    for buyer in buyers:
+        code, body = await gw.join(sale, buyer)
+        assert code == 200 and body["position"] is None and body["pre_queue"] is True
+        tickets[buyer] = body["ticket"]
+    code, pre_status = await gw.status(sale, tickets["early-0"])
+    assert pre_status["state"] == "waiting" and pre_status["eta_seconds"]["p50"] > 0
+
+    gw.pump(sale)
+    await asyncio.sleep(2.2)
+    positions = {}
+    for buyer in buyers:
+        for _ in range(100):
+            code, body = await gw.status(sale, tickets[buyer])
+            if body["position"] is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert "ticket" in body  # a fresh ticket that carries the assigned position
+        positions[buyer] = body["position"]
+    _, late = await gw.join(sale, "late-comer")
+    assert late["position"] == len(buyers) + 1  # after the pre-queue: FIFO
+
+    await asyncio.sleep(0.6)  # the public info cache
+    revealed = (await (await gw.http.get(f"/v1/sales/{sale}")).json())["shuffle"]
+    assert revealed["commitment"] == commitment
+    assert hashlib.sha256(revealed["seed"].encode()).hexdigest() == commitment
+    expected = shuffle_order(revealed["seed"], buyers)
+    assert sorted(buyers, key=positions.__getitem__) == expected
+    assert sorted(positions.values()) == list(range(1, len(buyers) + 1))
+
+
+async def test_joining_a_sold_out_sale_says_so_at_once(gw: Gateway) -> None:
+    sale = await gw.create_sale(stock=1)
+    pump = gw.pump(sale)
+    _, first = await gw.join(sale, "winner")
+    admission = (await gw.admitted(sale, first["ticket"]))["admission_token"]
+    _, reserved = await gw.reserve(sale, "winner", admission)
+    _, waiting = await gw.join(sale, "second")
+    # Confirm the only unit: nothing can come back, so the pump marks the sale sold out.
+    keys = SkuKeys(sale, "SKU-1")
+    holds = HoldScripts(gw.app[REDIS])
+    await holds.begin_payment(keys, reserved["reservation_id"])
+    await holds.confirm(keys, reserved["reservation_id"])
+    for _ in range(100):
+        if pump.last is not None and pump.last.sold_out:
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.15)  # gateway counters refresh every 100 ms
+    code, body = await gw.join(sale, "late")
+    assert code == 200 and body == {"ticket": None, "position": None, "state": "sold_out"}
+    assert (await gw.status(sale, waiting["ticket"]))[1]["state"] == "sold_out"
+    assert not await gw.app[REDIS].hexists(SaleKeys(sale).members, "late")  # not queued
+
+
+async def test_positions_beyond_the_cutoff_are_sold_out_immediately(gw: Gateway) -> None:
+    sale = await gw.create_sale(stock=2)
+    pump = gw.pump(sale)
+    for _ in range(100):
+        if pump.last is not None and pump.last.cutoff is not None:
+            break
+        await asyncio.sleep(0.02)
+    assert pump.last is not None and pump.last.cutoff is not None
+    cutoff = pump.last.cutoff
+    assert cutoff < 50  # 2 units: a handful of positions, never thousands
+    answers = [await gw.join(sale, f"b{i}") for i in range(cutoff + 5)]
+    queued = [body for _, body in answers if body["state"] != "sold_out"]
+    refused = [body for _, body in answers if body["state"] == "sold_out"]
+    assert len(queued) == cutoff and len(refused) == 5
+    assert all(body["ticket"] is None for body in refused)
+
+
+async def test_a_full_queue_is_503_queue_full(gw: Gateway) -> None:
+    sale = await gw.create_sale(stock=1000, max_queue=2, starts_in=30)
+    assert (await gw.join(sale, "a"))[0] == 200
+    assert (await gw.join(sale, "b"))[0] == 200
+    code, body = await gw.join(sale, "c")
+    assert code == 503 and body["error"]["code"] == "queue_full"
+    assert (await gw.join(sale, "a"))[0] == 200  # already queued: still answered
+
+
+async def test_two_pumps_one_leader_and_the_old_one_is_fenced_out(gw: Gateway) -> None:
+    sale = await gw.create_sale(stock=10)
+    from allocator.pump import AdmissionPump
+    from allocator.queue import QueueScripts
+    from gateway.app import PG
+
+    queue = QueueScripts(gw.app[REDIS])
+    first = AdmissionPump(queue, gw.app[PG], sale, ["SKU-1"], "one")
+    second = AdmissionPump(queue, gw.app[PG], sale, ["SKU-1"], "two")
+    assert await first.tick() is not None and first.token > 0
+    assert await second.tick() is None and second.token == 0  # the lease is held
+    # The first leader stalls; its lease lapses and the second takes over with a larger token.
+    await gw.app[REDIS].delete(SaleKeys(sale).lease)
+    assert await second.tick() is not None and second.token > first.token
+    stale = await queue.advance(
+        SaleKeys(sale), first.token, serving=99, cutoff=None, sold_out=False, published={}
+    )
+    assert stale is None  # fenced: the old leader's write is refused
+    view = await queue.view(SaleKeys(sale))
+    assert view.serving <= view.tail

@@ -1,0 +1,106 @@
+"""The admission pump's decisions (a pure function) and its no-show accounting."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from allocator.pump import Inputs, plan
+from allocator.queue import Step
+from flashsale.keys import SaleKeys
+from flashsale.settings import Settings
+from gateway.app import REDIS
+from tests.harness import gateway
+
+BASE = Inputs(
+    serving=0, tail=10_000, cutoff=None, available=100, held=0, outstanding=0, noshow=0.2,
+    credit=1000.0, capacity=1000, noshow_ceiling=0.5, all_preloaded=True,
+)  # fmt: skip
+
+
+def test_rate_bounds_admissions() -> None:
+    assert plan(dataclasses.replace(BASE, credit=7.9)).admitted == 7
+
+
+def test_capacity_bounds_admissions() -> None:
+    step = plan(dataclasses.replace(BASE, available=10_000, capacity=30, outstanding=20))
+    assert step.admitted == 10
+
+
+def test_inventory_bounds_admissions_with_the_no_show_rate() -> None:
+    # 100 units, 20 % no-shows: admitting 125 buyers is expected to take the 100 units.
+    assert plan(BASE).admitted == 125
+    assert plan(dataclasses.replace(BASE, outstanding=125, serving=125)).admitted == 0
+
+
+def test_nothing_left_means_sold_out_and_no_admissions() -> None:
+    step = plan(dataclasses.replace(BASE, available=0, held=0, serving=40))
+    assert step.sold_out and step.admitted == 0 and step.cutoff == 40
+
+
+def test_held_units_keep_the_sale_open_but_admit_nobody() -> None:
+    step = plan(dataclasses.replace(BASE, available=0, held=3, serving=40))
+    assert not step.sold_out and step.admitted == 0
+    assert step.cutoff is not None and step.cutoff > 40
+
+
+def test_the_cutoff_is_respected_and_never_moves_back_up() -> None:
+    step = plan(dataclasses.replace(BASE, cutoff=50))
+    assert step.serving <= 50 and step.cutoff is not None and step.cutoff <= 50
+
+
+@given(
+    serving=st.integers(0, 5000), waiting=st.integers(0, 5000),
+    cutoff=st.none() | st.integers(0, 9000),
+    available=st.integers(0, 500), held=st.integers(0, 500), outstanding=st.integers(0, 600),
+    noshow=st.floats(0, 0.99), credit=st.floats(0, 2000), capacity=st.integers(1, 1000),
+)  # fmt: skip
+def test_plan_invariants(
+    serving: int, waiting: int, cutoff: int | None, available: int, held: int,
+    outstanding: int, noshow: float, credit: float, capacity: int,
+) -> None:  # fmt: skip
+    if cutoff is not None:
+        cutoff = max(cutoff, serving)  # a published cutoff is never behind the serving position
+    inputs = Inputs(serving, serving + waiting, cutoff, available, held, outstanding, noshow,
+                    credit, capacity, 0.5, True)  # fmt: skip
+    step = plan(inputs)
+    assert step.serving == serving + step.admitted
+    assert 0 <= step.admitted <= int(credit)
+    assert step.serving <= serving + waiting  # never past the tail
+    assert step.admitted <= max(0, capacity - outstanding)
+    assert step.cutoff is not None and step.serving <= step.cutoff
+    if cutoff is not None:
+        assert step.cutoff <= cutoff  # only moves back
+    if available + held == 0:
+        assert step.sold_out and step.admitted == 0
+
+
+@pytest.mark.parametrize("claimed", [0, 4])
+async def test_lapsed_admissions_are_learned_as_no_shows_and_replaced(
+    stack: Settings, claimed: int
+) -> None:
+    async with gateway(stack) as gw:
+        sale = await gw.create_sale(stock=10, admission_rate=1000)
+        for i in range(30):
+            await gw.join(sale, f"q{i}")
+        pump = gw.pump(sale, interval=0.02)
+        redis = gw.app[REDIS]
+        keys = SaleKeys(sale)
+        for _ in range(100):
+            if pump.last is not None and pump.last.serving > 0:
+                break
+            await asyncio.sleep(0.02)
+        first = pump.last
+        assert first is not None and first.serving == 13  # 10 units / 0.8 show rate
+        for position in range(1, claimed + 1):  # some admitted buyers reserved in time
+            await redis.zadd(keys.claims, {f"{position}\x1fk\x1fp": position})
+        # Pretend the admission window of that step closed long ago.
+        pump.steps = [Step(first.serving, pump.steps[0].at_ms - 10 * pump.window_ms)]
+        await asyncio.sleep(0.2)
+        lapsed = first.serving - claimed
+        assert pump.noshow == pytest.approx((lapsed + 0.2 * 20) / (first.serving + 20))
+        assert pump.last is not None and pump.last.serving > first.serving  # compensated
