@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint types pytest install bench stack-down clean
+.PHONY: demo test lint types pytest install bench stack-down clean browser
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required")'
@@ -27,8 +27,18 @@ lint: $(STAMP)
 types: $(STAMP)
 	$(BIN)/mypy
 
+# The page test drives Debian's chromium (Playwright's own browser download does not work
+# here). Installed with apt when missing and running as root; otherwise the test says how.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium (apt) for the page test"; \
+	    apt-get install -y -q chromium >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }; \
+	  else echo "chromium not found: install it (apt install chromium) for the page test"; fi; }
+
 # pytest's exit code 5 means "no tests ran": that is a failure here, never a pass.
-pytest: $(STAMP)
+pytest: $(STAMP) browser
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 

@@ -174,7 +174,15 @@ async def clients(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings, registry: CollectorRegistry | None = None) -> web.Application:
-    from gateway import admin, health, public, queue, reservations  # noqa: PLC0415 - cyclic
+    from gateway import (  # noqa: PLC0415 - they import this module
+        admin,
+        health,
+        openapi,
+        page,
+        public,
+        queue,
+        reservations,
+    )  # fmt: skip
 
     metrics = Metrics(registry or CollectorRegistry())
     in_flight = InFlight(settings.max_in_flight)
@@ -191,4 +199,6 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     admin.setup(app)
     queue.setup(app)
     reservations.setup(app)
+    openapi.setup(app)
+    page.setup(app)
     return app

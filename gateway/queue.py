@@ -82,8 +82,9 @@ def status_of(c: Counters, position: int, now_ms: int) -> Status:
             return Status("expired", position, 0, None, None, MAX_RETRY_MS, check_claim=True)
         return Status("admitted", position, 0, 0.0, 0.0, MIN_RETRY_MS, deadline)
     ahead = position - v.serving - 1
-    rate50 = v.rate_p50 if v.status == "active" else 0.0
-    rate10 = v.rate_p10 if v.status == "active" else 0.0
+    # Measured rates once the pump runs; until its first step, the sale's configured rate.
+    rate50 = (v.rate_p50 if v.beat_ms else v.admission_rate) if v.status == "active" else 0.0
+    rate10 = (v.rate_p10 if v.beat_ms else v.admission_rate / 2) if v.status == "active" else 0.0
     before_start = max(0.0, (v.starts_at_ms - now_ms) / 1000)
     p50, p90 = _eta(ahead + 1, rate50), _eta(ahead + 1, rate10)
     if before_start:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -145,3 +146,89 @@ async def gateway(stack: Settings, **overrides: Any) -> AsyncIterator[Gateway]:
         yield harness
     finally:
         await harness.close()
+
+
+@dataclass
+class LiveGateway:
+    """The gateway on a real TCP port, served by a thread with its own event loop, for clients
+    that are not asyncio (schemathesis, a browser)."""
+
+    base_url: str
+    loop: asyncio.AbstractEventLoop
+    app: Any
+    settings: Settings
+
+    def run(self, coro: Any, timeout: float = 30) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def pump_forever(self, sale_id: str, skus: list[str]) -> None:
+        """Tick an admission pump for ``sale_id`` in the server's loop until shutdown."""
+        pump = AdmissionPump(QueueScripts(self.app[REDIS]), self.app[PG], sale_id, skus, "live")
+
+        async def run() -> None:
+            while True:
+                await pump.tick()
+                await asyncio.sleep(0.02)
+
+        self.loop.call_soon_threadsafe(lambda: self.loop.create_task(run()))
+
+
+@contextlib.contextmanager
+def live_gateway(stack: Settings) -> Iterator[LiveGateway]:
+    import threading
+
+    from aiohttp import web
+
+    settings = dataclasses.replace(
+        stack, admin_token=Secret(ADMIN), rate_per_ip=Rate(0, 0), rate_per_buyer=Rate(0, 0)
+    )
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(create_app(settings), access_log=None)
+    ready = threading.Event()
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(runner.setup())
+        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert ready.wait(15), "the gateway did not start"
+    try:
+        yield LiveGateway(f"http://127.0.0.1:{port}", loop, runner.app, settings)
+    finally:
+        for task in asyncio.all_tasks(loop):
+            loop.call_soon_threadsafe(task.cancel)
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(15)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+
+
+def create_live_sale(base_url: str, *, stock: int = 50, name: str = "live test") -> str:
+    """A preloaded sale that started a second ago, through the admin API."""
+    import requests
+
+    now = datetime.now(UTC)
+    headers = {"Authorization": f"Bearer {ADMIN}"}
+    created = requests.post(
+        f"{base_url}/admin/v1/sales",
+        json={
+            "name": name,
+            "starts_at": (now - timedelta(seconds=1)).isoformat(),
+            "ends_at": (now + timedelta(hours=1)).isoformat(),
+            "skus": [
+                {"sku": "S1", "title": "Sneaker", "stock": stock, "price": 12900, "currency": "EUR"}
+            ],
+        },
+        headers=headers,
+        timeout=10,
+    )
+    created.raise_for_status()
+    sale_id = str(created.json()["id"])
+    requests.post(f"{base_url}/admin/v1/sales/{sale_id}/preload", headers=headers, timeout=10)
+    return sale_id

@@ -1,0 +1,455 @@
+"""``GET /openapi.json``: the gateway's OpenAPI 3.1 document.
+
+Written by hand next to the routes it describes and checked against the running gateway by
+schemathesis in the test suite (every documented status, every response schema), so it stays
+true to what the code does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from flashsale import __version__
+from gateway.app import json_response
+
+JSON = "application/json"
+
+ERROR: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+        }
+    },
+}
+ID = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"}
+NULLABLE_INT = {"type": ["integer", "null"]}
+NULLABLE_NUMBER = {"type": ["number", "null"]}
+NULLABLE_STRING = {"type": ["string", "null"]}
+
+# Every route can answer these: the body limit, the per-process in-flight cap and a dependency
+# that does not answer.
+ALWAYS = (413, 503)
+REASONS = {
+    400: "Bad request",
+    401: "Missing or invalid credentials",
+    403: "Not allowed (admission missing, invalid, expired, used, or someone else's)",
+    404: "Unknown sale, SKU, reservation or path",
+    405: "Method not allowed",
+    408: "The request body did not arrive in time",
+    409: "Refused by the sale's state (sold out, limit reached, not open, ended, ...)",
+    413: "Body larger than 16 KiB",
+    422: "Invalid input; the message names the field",
+    429: "Rate limited; see Retry-After",
+    503: "Overloaded, queue full or a dependency down; see Retry-After",
+}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    return {
+        str(code): {
+            "description": REASONS[code],
+            "content": {JSON: {"schema": {"$ref": "#/components/schemas/Error"}}},
+        }
+        for code in sorted({*codes, *ALWAYS})
+    }
+
+
+def _ok(status: int, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {str(status): {"description": description, "content": {JSON: {"schema": schema}}}}
+
+
+def _sale_param() -> dict[str, Any]:
+    return {"name": "sale", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _op(
+    summary: str,
+    responses: dict[str, Any],
+    *,
+    security: str | None = None,
+    params: list[dict[str, Any]] | None = None,
+    body: dict[str, Any] | None = None,
+    body_required: bool = True,
+) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "responses": responses}
+    if security:
+        op["security"] = [{security: []}]
+    if params:
+        op["parameters"] = params
+    if body is not None:
+        op["requestBody"] = {"required": body_required, "content": {JSON: {"schema": body}}}
+    return op
+
+
+def _obj(props: dict[str, Any], required: list[str] | None = None, **extra: Any) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "object", "properties": props, **extra}
+    if required:
+        schema["required"] = required
+    return schema
+
+
+SKU_SPEC = _obj(
+    {
+        "sku": ID,
+        "title": {"type": "string"},
+        "stock": {"type": ["integer", "string"]},
+        "price": {"type": ["integer", "string"]},
+        "currency": {"type": "string"},
+        "per_buyer_limit": {"type": ["integer", "string"]},
+        "hold_ttl_seconds": {"type": ["integer", "string"]},
+    },
+    ["sku", "stock", "price", "currency"],
+)
+SALE_SPEC = _obj(
+    {
+        "name": {"type": "string"},
+        "starts_at": {"type": "string"},
+        "ends_at": {"type": "string"},
+        "admission_rate": {"type": ["integer", "string"]},
+        "max_queue": {"type": ["integer", "string"]},
+        "admission_window_seconds": {"type": ["integer", "string"]},
+        "admission_capacity": {"type": ["integer", "string"]},
+        "skus": {"type": "array", "items": SKU_SPEC},
+    },
+    ["name"],
+)
+SHUFFLE = _obj(
+    {"algorithm": {"type": "string"}, "commitment": {"type": "string"}, "seed": NULLABLE_STRING},
+    ["algorithm", "commitment", "seed"],
+)
+SALE = _obj(
+    {
+        "id": ID,
+        "name": {"type": "string"},
+        "status": {"enum": ["active", "paused", "ended"]},
+        "state": {"enum": ["scheduled", "live", "paused", "ended"]},
+        "starts_at": {"type": "string"},
+        "ends_at": {"type": "string"},
+        "preloaded_at": NULLABLE_STRING,
+        "shuffle": SHUFFLE,
+        "skus": {"type": "array", "items": {"type": "object"}},
+    },
+    ["id", "name", "status", "state", "starts_at", "ends_at", "shuffle"],
+)
+SALE_STATUS = _obj(
+    {
+        "sale": SALE,
+        "skus": {
+            "type": "array",
+            "items": _obj(
+                {
+                    "sku": ID,
+                    "stock_total": {"type": "integer"},
+                    "available": NULLABLE_INT,
+                    "held": NULLABLE_INT,
+                    "sold": NULLABLE_INT,
+                    "confirmed": {"type": "integer"},
+                    "preloaded": {"type": "boolean"},
+                },
+                ["sku", "stock_total", "available", "held", "sold", "confirmed", "preloaded"],
+            ),
+        },
+    },
+    ["sale", "skus"],
+)
+PUBLIC_SALE = _obj(
+    {
+        "id": ID,
+        "name": {"type": "string"},
+        "state": {"enum": ["scheduled", "live", "paused", "ended"]},
+        "starts_at": {"type": "string"},
+        "ends_at": {"type": "string"},
+        "admission_window_seconds": {"type": "integer"},
+        "shuffle": SHUFFLE,
+        "skus": {
+            "type": "array",
+            "items": _obj(
+                {
+                    "sku": ID,
+                    "title": {"type": "string"},
+                    "price": {"type": "integer"},
+                    "currency": {"type": "string"},
+                    "per_buyer_limit": {"type": "integer"},
+                    "remaining": NULLABLE_INT,
+                    "sold_out": {"type": "boolean"},
+                },
+                ["sku", "price", "currency", "per_buyer_limit", "remaining", "sold_out"],
+            ),
+        },
+    },
+    ["id", "name", "state", "starts_at", "ends_at", "shuffle", "skus"],
+)
+JOINED = _obj(
+    {
+        "ticket": NULLABLE_STRING,
+        "position": NULLABLE_INT,
+        "state": {"enum": ["waiting", "admitted", "sold_out", "expired"]},
+        "pre_queue": {"type": "boolean"},
+    },
+    ["ticket", "position", "state"],
+)
+STATUS = _obj(
+    {
+        "state": {"enum": ["waiting", "admitted", "sold_out", "expired"]},
+        "position": NULLABLE_INT,
+        "ahead": NULLABLE_INT,
+        "eta_seconds": _obj({"p50": NULLABLE_NUMBER, "p90": NULLABLE_NUMBER}, ["p50", "p90"]),
+        "retry_after_ms": {"type": "integer", "minimum": 0},
+        "admission_token": {"type": "string"},
+        "admission_expires_in_ms": {"type": "integer"},
+        "ticket": {"type": "string"},
+        "reserved": {"type": "boolean"},
+    },
+    ["state", "position", "ahead", "eta_seconds", "retry_after_ms"],
+)
+RESERVE_BODY = _obj(
+    {
+        "sku": {"type": "string"},
+        "quantity": {"type": "integer", "minimum": 1},
+        "payment_token": {"type": "string", "minLength": 1, "maxLength": 200},
+    },
+    ["sku", "quantity", "payment_token"],
+    additionalProperties=False,
+)
+RESERVED = _obj(
+    {
+        "reservation_id": {"type": "string"},
+        "state": {"const": "ACTIVE"},
+        "sku": ID,
+        "quantity": {"type": "integer"},
+        "hold_expires_at": {"type": "string"},
+        "message": {"type": "string"},
+    },
+    ["reservation_id", "state", "hold_expires_at"],
+)
+RESERVATION = _obj(
+    {
+        "reservation_id": {"type": "string"},
+        "sale_id": ID,
+        "sku": ID,
+        "quantity": {"type": "integer"},
+        "state": {"enum": ["ACTIVE", "PAYING", "SOLD", "RELEASED"]},
+        "cause": NULLABLE_STRING,
+        "hold_expires_at": {"type": "string"},
+        "order": {"type": ["object", "null"]},
+    },
+    ["reservation_id", "sale_id", "sku", "quantity", "state", "hold_expires_at", "order"],
+)
+HEALTH = _obj(
+    {
+        "status": {"enum": ["ok", "down"]},
+        "checks": {"type": "object"},
+        "error": ERROR["properties"]["error"],
+    },
+    ["status", "checks"],
+)
+
+
+def document() -> dict[str, Any]:
+    sale = [_sale_param()]
+    ticket = {
+        "name": "X-Queue-Ticket",
+        "in": "header",
+        "required": True,
+        "schema": {"type": "string"},
+    }
+    admission = {
+        "name": "X-Admission-Token",
+        "in": "header",
+        "required": True,
+        "schema": {"type": "string"},
+    }
+    idem = {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": True,
+        "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,100}$"},
+    }
+    rid = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+    admin_errors = (401, 404, 408, 409, 422)
+    lifecycle = {
+        f"/admin/v1/sales/{{sale}}/{action}": {
+            "post": _op(
+                f"{action.capitalize()} a sale",
+                {**_ok(200, "The sale", SALE), **_errors(*admin_errors)},
+                security="admin",
+                params=sale,
+            )
+        }
+        for action in ("pause", "resume", "end")
+    }
+    paths: dict[str, Any] = {
+        "/v1/sales/{sale}": {
+            "get": _op(
+                "Public sale information (cached up to 0.5 s)",
+                {**_ok(200, "The sale", PUBLIC_SALE), **_errors(404)},
+                params=sale,
+            )
+        },
+        "/v1/sales/{sale}/queue": {
+            "post": _op(
+                "Join the waiting room (idempotent per buyer)",
+                {**_ok(200, "Queued, or sold out at once", JOINED), **_errors(401, 404, 409, 429)},
+                security="buyer",
+                params=sale,
+            )
+        },
+        "/v1/sales/{sale}/queue/status": {
+            "get": _op(
+                "Where the buyer stands: answered from the ticket and cached counters",
+                {**_ok(200, "The buyer's state", STATUS), **_errors(401, 403, 404)},
+                params=[*sale, ticket],
+            )
+        },
+        "/v1/sales/{sale}/reservations": {
+            "post": _op(
+                "Reserve units with an admission (idempotent per Idempotency-Key)",
+                {
+                    **_ok(201, "Held; the order is processing", RESERVED),
+                    **_errors(401, 403, 404, 408, 409, 422, 429),
+                },
+                security="buyer",
+                params=[*sale, admission, idem],
+                body=RESERVE_BODY,
+            )
+        },
+        "/v1/reservations/{id}": {
+            "get": _op(
+                "A reservation of the caller, with its order",
+                {**_ok(200, "The reservation", RESERVATION), **_errors(401, 404)},
+                security="buyer",
+                params=[rid],
+            ),
+            "delete": _op(
+                "Cancel an ACTIVE hold (its units go back)",
+                {**_ok(200, "Released", RESERVATION), **_errors(401, 404, 409, 429)},
+                security="buyer",
+                params=[rid],
+            ),
+        },
+        "/admin/v1/sales": {
+            "post": _op(
+                "Create a sale (the sale file format)",
+                {**_ok(201, "The created sale", SALE), **_errors(401, 408, 422)},
+                security="admin",
+                body=SALE_SPEC,
+            )
+        },
+        "/admin/v1/sales/{sale}": {
+            "get": _op(
+                "Sale status per SKU",
+                {**_ok(200, "Status", SALE_STATUS), **_errors(401, 404)},
+                security="admin",
+                params=sale,
+            )
+        },
+        "/admin/v1/sales/{sale}/preload": {
+            "post": _op(
+                "Copy configuration and stock into Redis",
+                {
+                    **_ok(
+                        200, "Per SKU outcome", _obj({"results": {"type": "array"}}, ["results"])
+                    ),
+                    **_errors(*admin_errors),
+                },
+                security="admin",
+                params=sale,
+                body=_obj({"force": {"type": "boolean"}}, additionalProperties=False),
+                body_required=False,
+            )
+        },
+        "/admin/v1/sales/{sale}/stock": {
+            "post": _op(
+                "Add stock to a SKU",
+                {**_ok(200, "Status", SALE_STATUS), **_errors(*admin_errors)},
+                security="admin",
+                params=sale,
+                body=_obj(
+                    {"sku": {"type": "string"}, "add": {"type": ["integer", "string"]}},
+                    ["sku", "add"],
+                    additionalProperties=False,
+                ),
+            )
+        },
+        **lifecycle,
+        "/healthz": {
+            "get": _op(
+                "Pings Redis, Postgres and the broker",
+                {**_ok(200, "All up", HEALTH), **_ok(503, "Something is down", HEALTH)},
+            )
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics",
+                "responses": {
+                    "200": {
+                        "description": "Text exposition format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+        "/sales/{sale}": {
+            "get": {
+                "summary": "The waiting-room page",
+                "parameters": sale,
+                "responses": {
+                    "200": {
+                        "description": "HTML",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    },
+                    **_errors(404),
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "responses": {
+                    "200": {
+                        "description": "OpenAPI 3.1",
+                        "content": {JSON: {"schema": {"type": "object"}}},
+                    }
+                },
+            }
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "flashsale gateway",
+            "version": __version__,
+            "description": "The waiting room, reservations and the admin API. Errors are "
+            '`{"error": {"code", "message"}}` with a stable code.',
+        },
+        "paths": paths,
+        "components": {
+            "schemas": {"Error": ERROR},
+            "securitySchemes": {
+                "buyer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "A buyer token signed by the storefront",
+                },
+                "admin": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "FLASHSALE_ADMIN_TOKEN",
+                },
+            },
+        },
+    }
+
+
+async def openapi(_request: web.Request) -> web.Response:
+    return json_response(document())
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_get("/openapi.json", openapi)
