@@ -278,6 +278,8 @@ def positive(kind: type[int] | type[float], field: str, value: str) -> Any:
 
 
 async def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    if args.bench_command == "gateway":
+        return await bench_gateway(args, settings)
     from loadtest import bench_allocate  # noqa: PLC0415 - keep the CLI's start-up light
 
     options = bench_allocate.Options(
@@ -303,6 +305,34 @@ async def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     if broken:
         print(f"flashsale: error: stock moved by a different amount than decisions in {broken}",
               file=sys.stderr)  # fmt: skip
+        return 1
+    return 0
+
+
+async def bench_gateway(args: argparse.Namespace, settings: Settings) -> int:
+    from loadtest import bench_gateway as bench  # noqa: PLC0415
+
+    options = bench.Options(
+        seconds=positive(float, "seconds", args.seconds),
+        concurrency=positive(int, "concurrency", args.concurrency),
+        workers=positive(int, "workers", args.workers),
+    )
+    _service_settings(settings)
+    if not settings.admin_token:
+        raise ConfigError("FLASHSALE_ADMIN_TOKEN is not set: run `flashsale dev up` or export it")
+    command = (
+        f"flashsale bench gateway --seconds {options.seconds:g}"
+        f" --concurrency {options.concurrency} --workers {options.workers}"
+    )
+    report = await bench.run(settings, options, out, command)
+    out()
+    out(bench.render(report))
+    if args.json:
+        report.write_json(args.json)
+        out(f"\nwrote {args.json}")
+    failed = [r.name for r in report.rows if r.extra["non_200"]]
+    if failed:
+        print(f"flashsale: error: requests failed in {failed}", file=sys.stderr)
         return 1
     return 0
 
@@ -474,6 +504,18 @@ def build_parser() -> argparse.ArgumentParser:
     allocate.add_argument("--seconds", default="3", help="seconds per row (default 3)")
     allocate.add_argument("--concurrency", default="512", help="concurrent callers (default 512)")
     allocate.add_argument("--max-batch", default="256", help="SkuAllocator max batch (default 256)")
+    gw_bench = bench_sub.add_parser(
+        "gateway",
+        help="queue join and status req/s against a bare aiohttp endpoint",
+        description="Starts the gateway and a trivial aiohttp endpoint with --workers processes "
+        "each, drives each row with the same closed-loop client for --seconds, and prints "
+        "req/s, p50 and p99 and the ratio to the bare endpoint (targets: status >= 70%%, "
+        "join >= 40%%). Exit 1 only if a request failed.",
+    )
+    gw_bench.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    gw_bench.add_argument("--seconds", default="5", help="seconds per row (default 5)")
+    gw_bench.add_argument("--concurrency", default="64", help="requests in flight (default 64)")
+    gw_bench.add_argument("--workers", default="2", help="processes per server (default 2)")
 
     gw = commands.add_parser(
         "gateway",
