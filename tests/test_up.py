@@ -1,0 +1,77 @@
+"""``flashsale up``: every service starts, a crashed child is restarted, SIGTERM stops all."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import requests
+
+from flashsale.settings import Settings
+
+
+def _free_port_pair() -> int:
+    while True:
+        with socket.socket() as a, socket.socket() as b:
+            a.bind(("127.0.0.1", 0))
+            port = int(a.getsockname()[1])
+            try:
+                b.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
+
+
+def _healthy(url: str, patience: float = 30) -> None:
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} never became healthy")
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
+    return [int(p) for p in out.stdout.split()]
+
+
+def test_up_supervises_and_stops_cleanly(stack: Settings) -> None:
+    port = _free_port_pair()
+    up = subprocess.Popen(
+        [sys.executable, "-m", "flashsale", "up", "--port", str(port), "--workers", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "FLASHSALE_LOG_LEVEL": "INFO"},
+    )
+    try:
+        _healthy(f"http://127.0.0.1:{port}/healthz")
+        _healthy(f"http://127.0.0.1:{port + 1}/healthz")  # the allocator service
+        children = _children(up.pid)
+        assert len(children) == 3  # two gateway processes and the allocator
+        os.kill(children[0], signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            now = _children(up.pid)
+            if len(now) == 3 and children[0] not in now:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the killed child was not restarted")
+        _healthy(f"http://127.0.0.1:{port}/healthz")
+        survivors = _children(up.pid)
+    finally:
+        up.send_signal(signal.SIGTERM)
+        output, _ = up.communicate(timeout=30)
+    log = output.decode()
+    assert up.returncode == 0, log
+    assert "killed by SIGKILL" in log and "restarting in" in log
+    for pid in survivors:
+        assert not os.path.exists(f"/proc/{pid}"), f"child {pid} outlived the supervisor"
