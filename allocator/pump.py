@@ -22,6 +22,7 @@ former leader cannot publish after a new one took over.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import time
@@ -226,12 +227,8 @@ class AdmissionPump:
         """The last position whose admission window has closed, judged on Redis's clock (the
         steps carry Redis times; the offset comes from the last step)."""
         now_ms = int(time.time() * 1000) + self.clock_offset_ms
-        last = 0
-        for step in self.steps:
-            if step.at_ms + self.window_ms >= now_ms:
-                break
-            last = step.to
-        return last
+        closed = bisect.bisect_left(self.steps, now_ms - self.window_ms, key=lambda s: s.at_ms)
+        return self.steps[closed - 1].to if closed else 0
 
     def _rates(self) -> tuple[float, float]:
         """Admissions per second over 1 s windows while buyers were waiting: median and 10th

@@ -117,8 +117,7 @@ class AllocatorService:
             await sweeper
         finally:
             for pump in self.pumps.values():
-                with contextlib.suppress(Exception):
-                    await pump.resign()
+                await self._resign(pump)
             if runner is not None:
                 await runner.cleanup()
             await self.pool.close()
@@ -136,15 +135,20 @@ class AllocatorService:
             return
         live = {row["id"]: list(row["skus"]) for row in rows}
         for sale_id in set(self.pumps) - set(live):
-            pump = self.pumps.pop(sale_id)
-            with contextlib.suppress(Exception):
-                await pump.resign()
+            await self._resign(self.pumps.pop(sale_id))
             self.metrics.leader.labels(sale_id).set(0)
         for sale_id, skus in live.items():
             if sale_id in self.pumps:
                 self.pumps[sale_id].skus = skus
             else:
                 self.pumps[sale_id] = AdmissionPump(queue, self.pool, sale_id, skus, self.owner)
+
+    async def _resign(self, pump: AdmissionPump) -> None:
+        """Give the lease back early; if Redis does not answer, it lapses by its TTL anyway."""
+        try:
+            await pump.resign()
+        except (OSError, aioredis.RedisError) as exc:
+            log.warning("could not release the pump lease of %s (it lapses): %r", pump.sale_id, exc)
 
     async def _tick(self, pump: AdmissionPump) -> None:
         m, sale = self.metrics, pump.sale_id

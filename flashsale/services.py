@@ -25,12 +25,13 @@ log = logging.getLogger("flashsale.services")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
-async def _until_signalled() -> None:
+def _stop_on_signals() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT: how every service is told to finish."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
+    return stop
 
 
 async def serve_gateway(settings: Settings, host: str, port: int, *, reuse_port: bool) -> int:
@@ -42,7 +43,7 @@ async def serve_gateway(settings: Settings, host: str, port: int, *, reuse_port:
         site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=4096)
         await site.start()
         log.info("gateway (pid %d) listening on http://%s:%d", os.getpid(), host, port)
-        await _until_signalled()
+        await _stop_on_signals().wait()
         log.info("gateway (pid %d) stopping", os.getpid())
     finally:
         await runner.cleanup()
@@ -52,13 +53,9 @@ async def serve_gateway(settings: Settings, host: str, port: int, *, reuse_port:
 async def serve_allocator(settings: Settings, host: str, ops_port: int | None) -> int:
     from allocator.service import AllocatorService  # noqa: PLC0415
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    service = AllocatorService(settings)
+    stop = _stop_on_signals()
     log.info("allocator service (pid %d) running", os.getpid())
-    await service.run(stop, ops_port=ops_port, host=host)
+    await AllocatorService(settings).run(stop, ops_port=ops_port, host=host)
     return 0
 
 

@@ -33,7 +33,7 @@ class Counters:
 
     def admitted_at_ms(self, position: int) -> int | None:
         """Redis time of the step that admitted ``position`` (None: not known here)."""
-        index = bisect.bisect_left([s.to for s in self.steps], position)
+        index = bisect.bisect_left(self.steps, position, key=lambda s: s.to)
         return self.steps[index].at_ms if index < len(self.steps) else None
 
 

@@ -10,7 +10,7 @@ import orjson
 from aiohttp import web
 
 from flashsale.errors import InvalidInput, RequestTimeout, Unauthorized
-from gateway.app import SETTINGS
+from gateway.app import LIMITER, SETTINGS
 
 
 async def json_body(
@@ -56,3 +56,12 @@ def client_ip(request: web.Request) -> str:
         if first:
             return first
     return request.remote or "unknown"
+
+
+async def rate_limit(request: web.Request, buyer: str | None = None) -> None:
+    """Count a writing request against the caller's IP and, when known, the buyer's limit."""
+    settings = request.app[SETTINGS]
+    subjects = [(f"ip:{client_ip(request)}", settings.rate_per_ip)]
+    if buyer is not None:
+        subjects.append((f"buyer:{buyer}", settings.rate_per_buyer))
+    await request.app[LIMITER].check(subjects)

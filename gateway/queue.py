@@ -19,9 +19,9 @@ from allocator.queue import QueueView
 from flashsale.errors import Conflict, Forbidden, NotFound, Unavailable
 from flashsale.keys import ID_PATTERN, SaleKeys
 from flashsale.tokens import InvalidToken, Signer, buyer_subject
-from gateway.app import COUNTERS, LIMITER, METRICS, QUEUE, SALES, SETTINGS, SIGNERS, json_response
+from gateway.app import COUNTERS, METRICS, QUEUE, SALES, SIGNERS, json_response
 from gateway.counters import Counters
-from gateway.http import bearer, client_ip
+from gateway.http import bearer, rate_limit
 
 TICKET_GRACE_S = 3600  # tickets outlive the sale's end by this much
 MIN_RETRY_MS, MAX_RETRY_MS = 250, 10_000
@@ -116,13 +116,7 @@ async def join(request: web.Request) -> web.Response:
     app = request.app
     buyer = buyer_of(request)
     sale_id = sale_of(request)
-    settings = app[SETTINGS]
-    await app[LIMITER].check(
-        [
-            (f"ip:{client_ip(request)}", settings.rate_per_ip),
-            (f"buyer:{buyer}", settings.rate_per_buyer),
-        ]
-    )
+    await rate_limit(request, buyer)
     result = await app[QUEUE].join(SaleKeys(sale_id), buyer)
     metrics = app[METRICS]
     outcome = result.outcome

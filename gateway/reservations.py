@@ -34,15 +34,13 @@ from flashsale.tokens import InvalidToken
 from gateway.app import (
     ALLOCATORS,
     HOLDS,
-    LIMITER,
     METRICS,
     PG,
     QUEUE,
-    SETTINGS,
     SIGNERS,
     json_response,
 )  # fmt: skip
-from gateway.http import client_ip, json_body
+from gateway.http import json_body, rate_limit
 from gateway.public import sale_summary
 from gateway.queue import buyer_of, sale_of
 
@@ -115,11 +113,7 @@ async def reserve(request: web.Request) -> web.Response:
     app = request.app
     buyer = buyer_of(request)
     sale_id = sale_of(request)
-    settings = app[SETTINGS]
-    await app[LIMITER].check([
-        (f"ip:{client_ip(request)}", settings.rate_per_ip),
-        (f"buyer:{buyer}", settings.rate_per_buyer),
-    ])  # fmt: skip
+    await rate_limit(request, buyer)
     summary = await sale_summary(request, sale_id)  # 404 for an unknown sale comes first
     position, deadline_ms = _admission(request, sale_id, buyer)
     key = request.headers.get("Idempotency-Key", "")
@@ -212,8 +206,7 @@ async def get_reservation(request: web.Request) -> web.Response:
 
 async def cancel_reservation(request: web.Request) -> web.Response:
     rid, keys, hold = await _owned_hold(request)
-    settings = request.app[SETTINGS]
-    await request.app[LIMITER].check([(f"ip:{client_ip(request)}", settings.rate_per_ip)])
+    await rate_limit(request)
     result = await request.app[HOLDS].cancel(keys, rid)
     if not result.ok:
         code = {"SOLD": "already_sold", "PAYING": "payment_in_progress"}.get(result.state)

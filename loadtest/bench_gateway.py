@@ -33,6 +33,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from allocator.pump import quantile
 from flashsale.settings import Settings
 from flashsale.tokens import Signer
 from loadtest.bench import Report, Row, Target, drive, machine, table
@@ -117,11 +118,6 @@ async def _ready(session: aiohttp.ClientSession, url: str, patience: float = 20)
         await asyncio.sleep(0.1)
 
 
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
-
-
 async def _row(
     name: str, what: str, request: Callable[[], Any], options: Options, progress: Progress
 ) -> Row:
@@ -140,8 +136,8 @@ async def _row(
     done, elapsed = await drive(op, concurrency=options.concurrency, seconds=options.seconds)
     row = Row(name, what, done / elapsed, done, elapsed)
     row.extra.update(
-        p50_ms=round(_quantile(latencies, 0.5) * 1000, 2),
-        p99_ms=round(_quantile(latencies, 0.99) * 1000, 2),
+        p50_ms=round(quantile(latencies, 0.5) * 1000, 2),
+        p99_ms=round(quantile(latencies, 0.99) * 1000, 2),
         non_200=failures,
     )
     progress(f"  {name:14} {row.per_second:>10,.0f} req/s  p50 {row.extra['p50_ms']} ms"

@@ -27,6 +27,20 @@ def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
+def sale_spec(
+    name: str, sku: str, stock: int, starts_in: float = -1.0, limit: int = 1
+) -> dict[str, Any]:
+    """A one-SKU sale in the sale file format, starting ``starts_in`` seconds from now."""
+    now = datetime.now(UTC)
+    return {
+        "name": name,
+        "starts_at": (now + timedelta(seconds=starts_in)).isoformat(),
+        "ends_at": (now + timedelta(hours=1)).isoformat(),
+        "skus": [{"sku": sku, "title": "Sneaker", "stock": stock, "price": 12900,
+                  "currency": "EUR", "per_buyer_limit": limit}],
+    }  # fmt: skip
+
+
 @dataclass
 class Gateway:
     http: TestClient[Any, Any]
@@ -47,22 +61,7 @@ class Gateway:
         self, *, stock: int = 5, limit: int = 1, starts_in: float = -1.0, preload: bool = True,
         **sale: Any,
     ) -> str:  # fmt: skip
-        now = datetime.now(UTC)
-        body = {
-            "name": "HTTP test sale",
-            "starts_at": (now + timedelta(seconds=starts_in)).isoformat(),
-            "ends_at": (now + timedelta(hours=1)).isoformat(),
-            "skus": [
-                {
-                    "sku": "SKU-1",
-                    "stock": stock,
-                    "price": 5000,
-                    "currency": "EUR",
-                    "per_buyer_limit": limit,
-                }
-            ],
-            **sale,
-        }
+        body = {**sale_spec("HTTP test sale", "SKU-1", stock, starts_in, limit), **sale}
         created = await self.http.post("/admin/v1/sales", json=body, headers=auth(ADMIN))
         assert created.status == 201, await created.text()
         sale_id = str((await created.json())["id"])
@@ -213,18 +212,10 @@ def create_live_sale(base_url: str, *, stock: int = 50, name: str = "live test")
     """A preloaded sale that started a second ago, through the admin API."""
     import requests
 
-    now = datetime.now(UTC)
     headers = {"Authorization": f"Bearer {ADMIN}"}
     created = requests.post(
         f"{base_url}/admin/v1/sales",
-        json={
-            "name": name,
-            "starts_at": (now - timedelta(seconds=1)).isoformat(),
-            "ends_at": (now + timedelta(hours=1)).isoformat(),
-            "skus": [
-                {"sku": "S1", "title": "Sneaker", "stock": stock, "price": 12900, "currency": "EUR"}
-            ],
-        },
+        json=sale_spec(name, "S1", stock),
         headers=headers,
         timeout=10,
     )
