@@ -12,7 +12,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
-from allocator.scripts import source
+from allocator.scripts import call_packed, source
 from flashsale.keys import SaleKeys
 
 SEP = "\x1f"
@@ -130,9 +130,8 @@ class QueueScripts:
         self._assign: AsyncScript = client.register_script(source("assign"))
 
     async def join(self, keys: SaleKeys, buyer_id: str) -> JoinResult:
-        outcome, position = await self._join(
-            keys=[keys.sale, keys.queue, keys.members], args=[buyer_id]
-        )
+        command = ("EVALSHA", self._join.sha, 3, keys.sale, keys.queue, keys.members, buyer_id)
+        outcome, position = await call_packed(self.client, self._join, command)
         return JoinResult(_text(outcome), int(position))
 
     async def claim(

@@ -40,6 +40,31 @@ def pack_command(args: tuple[str | int | bytes, ...]) -> bytes:
     return _pack(args)
 
 
+async def call_packed(
+    client: aioredis.Redis, script: AsyncScript, command: tuple[str | int, ...]
+) -> Any:
+    """EVALSHA ``command`` (packed by hiredis in C) on one pooled connection; load the script
+    once on NOSCRIPT. The hot paths (reserve, join) use this instead of redis-py's packer."""
+    packed = pack_command(command)
+    pool = client.connection_pool
+    for attempt in (1, 2):
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            await conn.send_packed_command(packed, check_health=False)
+            return await conn.read_response()
+        except redis.exceptions.NoScriptError:
+            if attempt == 2:
+                raise
+        except BaseException:
+            # Timeout or cancellation mid-reply: the connection may still hold the reply.
+            await conn.disconnect()
+            raise
+        finally:
+            await pool.release(conn)
+        await client.script_load(script.script)
+    raise AssertionError("unreachable")
+
+
 @cache
 def source(name: str) -> str:
     """The text of ``lua/<name>.lua``; hold-lifecycle and queue scripts get ``lua/lib.lua``
@@ -226,29 +251,8 @@ class HoldScripts:
             *[r.admission_id for r in requests],
             *[f"{r.buyer_id}\x1f{r.idempotency_key}" for r in requests],
         )  # fmt: skip
-        raw = await self._packed(self._reserve, command)
+        raw = await call_packed(self.client, self._reserve, command)
         return [ReserveResult.parse(item) for item in raw]
-
-    async def _packed(self, script: AsyncScript, command: tuple[str | int, ...]) -> Any:
-        """EVALSHA ``command`` on one pooled connection; load the script once on NOSCRIPT."""
-        packed = pack_command(command)
-        pool = self.client.connection_pool
-        for attempt in (1, 2):
-            conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-            try:
-                await conn.send_packed_command(packed, check_health=False)
-                return await conn.read_response()
-            except redis.exceptions.NoScriptError:
-                if attempt == 2:
-                    raise
-            except BaseException:
-                # Timeout or cancellation mid-reply: the connection may still hold the reply.
-                await conn.disconnect()
-                raise
-            finally:
-                await pool.release(conn)
-            await self.client.script_load(script.script)
-        raise AssertionError("unreachable")
 
     async def _transition(
         self, script: AsyncScript, keys: SkuKeys, args: list[str]
