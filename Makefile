@@ -48,6 +48,7 @@ test: lint types pytest
 bench: $(STAMP)
 	$(BIN)/flashsale dev up
 	$(BIN)/flashsale bench allocate --json bench-allocate.json
+	$(BIN)/flashsale bench gateway --json bench-gateway.json
 
 stack-down: $(STAMP)
 	$(BIN)/flashsale dev down

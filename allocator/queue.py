@@ -12,10 +12,12 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
+from allocator.batching import Coalescer, PerKey
 from allocator.scripts import call_packed, source
 from flashsale.keys import SaleKeys
 
 SEP = "\x1f"
+MAX_JOIN_BATCH = 256  # Lua's unpack() of ARGV stays far below its stack limit
 # Fields of the sale hash the waiting room reads (put there by preload).
 SALE_FIELDS = ("status", "starts_at_ms", "ends_at_ms", "admission_rate", "window_ms", "capacity")
 QUEUE_FIELDS = (
@@ -129,10 +131,16 @@ class QueueScripts:
         self._advance: AsyncScript = client.register_script(source("advance"))
         self._assign: AsyncScript = client.register_script(source("assign"))
 
-    async def join(self, keys: SaleKeys, buyer_id: str) -> JoinResult:
-        command = ("EVALSHA", self._join.sha, 3, keys.sale, keys.queue, keys.members, buyer_id)
-        outcome, position = await call_packed(self.client, self._join, command)
-        return JoinResult(_text(outcome), int(position))
+    async def join(self, keys: SaleKeys, buyer_ids: list[str]) -> list[JoinResult]:
+        """Join each buyer, in order, with one script call (see ``lua/join.lua``). Idempotent
+        per buyer, so a batch whose reply was lost can be sent again."""
+        if not 0 < len(buyer_ids) <= MAX_JOIN_BATCH:
+            raise ValueError(f"a join batch holds 1..{MAX_JOIN_BATCH} buyers")
+        command: tuple[str | int, ...] = (
+            "EVALSHA", self._join.sha, 3, keys.sale, keys.queue, keys.members, *buyer_ids
+        )  # fmt: skip
+        raw = await call_packed(self.client, self._join, command)
+        return [JoinResult(_text(raw[i]), int(raw[i + 1])) for i in range(0, len(raw), 2)]
 
     async def claim(
         self, keys: SaleKeys, position: int, key: str, fingerprint: str, deadline_ms: int
@@ -201,3 +209,22 @@ class QueueScripts:
 
     async def claimed(self, keys: SaleKeys, position: int) -> bool:
         return bool(await self.client.zcount(keys.claims, position, position))
+
+
+class Joins(PerKey[SaleKeys, "Coalescer[str, JoinResult]"]):
+    """Concurrent joins to one sale, coalesced per process into one ``join`` script call
+    (within ``window`` seconds, at most ``MAX_JOIN_BATCH``), as reservations are per SKU."""
+
+    def __init__(self, scripts: QueueScripts, *, window: float = 0.001) -> None:
+        def coalescer(keys: SaleKeys) -> Coalescer[str, JoinResult]:
+            async def call(buyers: list[str]) -> list[JoinResult]:
+                return await scripts.join(keys, buyers)
+
+            return Coalescer(call, f"sale {keys.sale_id}", window=window,
+                             max_batch=MAX_JOIN_BATCH)  # fmt: skip
+
+        super().__init__(coalescer)
+
+    async def join(self, keys: SaleKeys, buyer_id: str) -> JoinResult:
+        """Join one buyer; Overloaded or Unavailable as :class:`Coalescer` raises them."""
+        return await self.get(keys).submit(buyer_id)

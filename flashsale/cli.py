@@ -314,6 +314,7 @@ async def bench_gateway(args: argparse.Namespace, settings: Settings) -> int:
 
     options = bench.Options(
         seconds=positive(float, "seconds", args.seconds),
+        rounds=positive(int, "rounds", args.rounds),
         concurrency=positive(int, "concurrency", args.concurrency),
         workers=positive(int, "workers", args.workers),
     )
@@ -321,7 +322,7 @@ async def bench_gateway(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.admin_token:
         raise ConfigError("FLASHSALE_ADMIN_TOKEN is not set: run `flashsale dev up` or export it")
     command = (
-        f"flashsale bench gateway --seconds {options.seconds:g}"
+        f"flashsale bench gateway --seconds {options.seconds:g} --rounds {options.rounds}"
         f" --concurrency {options.concurrency} --workers {options.workers}"
     )
     report = await bench.run(settings, options, out, command)
@@ -513,7 +514,10 @@ def build_parser() -> argparse.ArgumentParser:
         "join >= 40%%). Exit 1 only if a request failed.",
     )
     gw_bench.add_argument("--json", metavar="PATH", help="also write the report as JSON")
-    gw_bench.add_argument("--seconds", default="5", help="seconds per row (default 5)")
+    gw_bench.add_argument("--seconds", default="10", help="seconds per row (default 10)")
+    gw_bench.add_argument(
+        "--rounds", default="5", help="interleaved rounds the seconds are split into (default 5)"
+    )
     gw_bench.add_argument("--concurrency", default="64", help="requests in flight (default 64)")
     gw_bench.add_argument("--workers", default="2", help="processes per server (default 2)")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
@@ -17,10 +18,11 @@ import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client import CollectorRegistry
 
 from allocator.allocator import Allocators
-from allocator.queue import QueueScripts
+from allocator.queue import Joins, QueueScripts
 from allocator.scripts import HoldScripts
 from flashsale.clients import pg_pool, redis_client
 from flashsale.errors import ConfigError, FlashsaleError
@@ -39,6 +41,7 @@ PG = web.AppKey("pg", asyncpg.Pool)
 SALES = web.AppKey("sales", SaleAdmin)
 METRICS = web.AppKey("metrics", Metrics)
 QUEUE = web.AppKey("queue", QueueScripts)
+JOINS = web.AppKey("joins", Joins)
 HOLDS = web.AppKey("holds", HoldScripts)
 ALLOCATORS = web.AppKey("allocators", Allocators)
 LIMITER = web.AppKey("limiter", RateLimiter)
@@ -62,12 +65,14 @@ class Signers:
                 raise ConfigError(f"{name} must be set to a secret of at least 16 characters")
         return cls(
             Signer.from_setting(buyer, "buyer"),
-            Signer.from_setting(own, "ticket"),
+            # Every waiting buyer presents the same ticket on each poll: remember verified ones.
+            Signer.from_setting(own, "ticket", remember=TICKETS_REMEMBERED),
             Signer.from_setting(own, "admission"),
         )
 
 
 SIGNERS = web.AppKey("signers", Signers)
+TICKETS_REMEMBERED = 100_000  # per process: about 70 MB when full (claims, token strings)
 
 MAX_BODY = 16 * 1024
 
@@ -90,66 +95,84 @@ def error_response(
     return response
 
 
-@web.middleware
-async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+Guard = Callable[[web.Request], None]
+
+
+def error_for(request: web.Request, exc: Exception) -> web.Response:
     """The one place where exceptions become HTTP: domain errors by their ``http_status`` and
-    stable ``code``, aiohttp's own (404, 405, 413) in the same JSON shape, anything else a
-    logged 500 that names no internals."""
-    try:
-        return await handler(request)
-    except FlashsaleError as exc:
+    stable ``code``, aiohttp's own (404, 405, 413) in the same JSON shape, an unreachable
+    dependency 503, anything else a logged 500 that names no internals. Re-raises aiohttp's
+    redirects, which are not errors."""
+    if isinstance(exc, FlashsaleError):
         headers = None
         if exc.retry_after_s is not None:
             headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
         return error_response(exc.http_status, exc.code, exc.message, headers)
-    except (
-        redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-        asyncpg.PostgresConnectionError, OSError,
-    ) as exc:  # fmt: skip
+    if isinstance(exc, DEPENDENCY_ERRORS):
         log.warning("dependency unavailable on %s %s: %r", request.method, request.path, exc)
         return error_response(503, "unavailable", "a dependency is unavailable; retry shortly",
                               {"Retry-After": "1"})  # fmt: skip
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
+    if isinstance(exc, web.HTTPException) and exc.status >= 400:
         code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
             exc.status, "http_error"
         )
-        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+        kept = ("allow", "retry-after")
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in kept}
         return error_response(exc.status, code, exc.reason, headers)
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(500, "internal", "internal error")
+    if isinstance(exc, web.HTTPException):
+        raise exc
+    log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
+    return error_response(500, "internal", "internal error")
 
 
-class InFlight:
-    """The per-process in-flight cap: beyond ``limit`` concurrent requests, answer 503
-    ``overloaded`` with ``Retry-After`` at once instead of queueing without bound.
-    ``/healthz`` and ``/metrics`` are exempt so operators can still look."""
+DEPENDENCY_ERRORS = (
+    redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+    asyncpg.PostgresConnectionError, OSError,
+)  # fmt: skip
 
-    EXEMPT = frozenset({"/healthz", "/metrics"})
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.current = 0
+def edge(metrics: Metrics, limit: int, guard: Guard) -> Middleware:
+    """The gateway's one middleware, so each request pays for one layer:
+
+    * the per-process in-flight cap: beyond ``limit`` concurrent requests, 503 ``overloaded``
+      with ``Retry-After`` at once instead of queueing without bound (``/healthz`` and
+      ``/metrics`` are exempt, so operators can still look);
+    * ``guard`` before any handler and before routing errors, so an unauthorised admin path
+      is 401 even when it does not exist;
+    * every exception mapped to HTTP by :func:`error_for`;
+    * every answer counted and timed, refusals by reason.
+    """
+    exempt = frozenset({"/healthz", "/metrics"})
+    gauge = metrics.in_flight
+    current = 0
 
     @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in self.EXEMPT:
-            return await handler(request)
-        if self.current >= self.limit:
-            return error_response(
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        nonlocal current
+        began = time.perf_counter()
+        counted = request.path not in exempt
+        if counted and current >= limit:
+            response: web.StreamResponse = error_response(
                 503, "overloaded", "the gateway is at capacity; retry shortly",
                 {"Retry-After": "1"},
             )  # fmt: skip
-        self.current += 1
-        gauge = request.app[METRICS].in_flight
-        gauge.inc()
-        try:
-            return await handler(request)
-        finally:
-            self.current -= 1
-            gauge.dec()
+        else:
+            if counted:
+                current += 1
+                gauge.inc()
+            try:
+                guard(request)
+                response = await handler(request)
+            except Exception as exc:  # noqa: BLE001 - the error boundary: error_for logs or re-raises
+                response = error_for(request, exc)
+            finally:
+                if counted:
+                    current -= 1
+                    gauge.dec()
+        metrics.observe(request, response, began)
+        return response
+
+    return middleware
 
 
 async def clients(app: web.Application) -> AsyncIterator[None]:
@@ -163,12 +186,14 @@ async def clients(app: web.Application) -> AsyncIterator[None]:
     app[QUEUE] = queue = QueueScripts(redis)
     app[HOLDS] = holds = HoldScripts(redis)
     app[ALLOCATORS] = allocators = Allocators(holds)
+    app[JOINS] = joins = Joins(queue)
     app[LIMITER] = RateLimiter(redis)
     app[COUNTERS] = CounterCache(queue)
     try:
         yield
     finally:
         await allocators.aclose()
+        await joins.aclose()
         await pool.close()
         await redis.aclose()
 
@@ -185,9 +210,8 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     )  # fmt: skip
 
     metrics = Metrics(registry or CollectorRegistry())
-    in_flight = InFlight(settings.max_in_flight)
     app = web.Application(
-        middlewares=[metrics.middleware, errors, admin.require_admin, in_flight.middleware],
+        middlewares=[edge(metrics, settings.max_in_flight, admin.require_admin)],
         client_max_size=MAX_BODY,
     )
     app[SETTINGS] = settings

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Error responses carry their stable code as response[ERROR_CODE] (set by error_response).
 ERROR_CODE = web.ResponseKey("error_code", str)
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class Metrics:
@@ -65,19 +62,31 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._labelled: dict[tuple[Counter, tuple[str, ...]], Counter] = {}
 
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Outermost: counts every answer, including the error middleware's."""
-        began = time.perf_counter()
-        response = await handler(request)
+    def count(self, counter: Counter, *labels: str) -> None:
+        """``counter.labels(*labels).inc()``, with the labelled child looked up once."""
+        child = self._labelled.get((counter, labels))
+        if child is None:
+            child = self._labelled[counter, labels] = counter.labels(*labels)
+        child.inc()
+
+    def observe(self, request: web.Request, response: web.StreamResponse, began: float) -> None:
+        """Count one answer (route, method, status), its latency and its refusal reason."""
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
-        self.requests.labels(route, request.method, str(response.status)).inc()
-        self.latency.labels(route).observe(time.perf_counter() - began)
+        key = (route, request.method, response.status)
+        children = self._children.get(key)
+        if children is None:  # labels() takes a lock and builds a tuple: once per key
+            children = self._children[key] = (
+                self.requests.labels(route, request.method, str(response.status)),
+                self.latency.labels(route),
+            )
+        children[0].inc()
+        children[1].observe(time.perf_counter() - began)
         if response.status >= 400 and isinstance(response, web.Response):
-            self.rejections.labels(_code(response)).inc()
-        return response
+            self.count(self.rejections, _code(response))
 
 
 def _code(response: web.Response) -> str:

@@ -1,10 +1,12 @@
 """The waiting room: ``POST /v1/sales/{sale}/queue`` and ``GET .../queue/status``.
 
-Joining is one Lua call (``lua/join.lua``). Polling is answered from the signed ticket and
-this process's copy of the sale's counters (:class:`Counters`, refreshed at most every
-``REFRESH_S``), so a poll costs no Redis round trip in the common case. Redis is asked only
-at three moments of a buyer's wait: the first poll after the pre-queue shuffle (to learn the
-assigned position), and after an admission window closed (to tell "reserved" from "lapsed").
+Joining is one Lua call (``lua/join.lua``), shared by the joins that arrive within a
+millisecond in this process (:class:`~allocator.queue.Joins`). Polling is answered from the
+signed ticket and this process's copy of the sale's counters (:class:`Counters`, refreshed at
+most every ``REFRESH_S``), so a poll costs no Redis round trip in the common case. Redis is
+asked only at two moments of a buyer's wait: the first poll after the pre-queue shuffle (to
+learn the assigned position), and after an admission window closed (to tell "reserved" from
+"lapsed").
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from allocator.queue import QueueView
 from flashsale.errors import Conflict, Forbidden, NotFound, Unavailable
 from flashsale.keys import ID_PATTERN, SaleKeys
 from flashsale.tokens import InvalidToken, Signer, buyer_subject
-from gateway.app import COUNTERS, METRICS, QUEUE, SALES, SIGNERS, json_response
+from gateway.app import COUNTERS, JOINS, METRICS, QUEUE, SALES, SIGNERS, json_response
 from gateway.counters import Counters
 from gateway.http import bearer, rate_limit
 
@@ -117,7 +119,7 @@ async def join(request: web.Request) -> web.Response:
     buyer = buyer_of(request)
     sale_id = sale_of(request)
     await rate_limit(request, buyer)
-    result = await app[QUEUE].join(SaleKeys(sale_id), buyer)
+    result = await app[JOINS].join(SaleKeys(sale_id), buyer)
     metrics = app[METRICS]
     outcome = result.outcome
     if outcome == "unavailable":
@@ -126,14 +128,14 @@ async def join(request: web.Request) -> web.Response:
     if outcome == "ended":
         raise Conflict(f"sale {sale_id} has ended", code="sale_ended")
     if outcome == "full":
-        metrics.joins.labels("full").inc()
+        metrics.count(metrics.joins, "full")
         raise Unavailable("the waiting room is full; try again later", code="queue_full")
     if outcome == "sold_out":
-        metrics.joins.labels("sold_out").inc()
+        metrics.count(metrics.joins, "sold_out")
         return json_response({"ticket": None, "position": None, "state": "sold_out"})
     counters = await app[COUNTERS].get(sale_id)
     position = result.position
-    metrics.joins.labels("pre_queue" if position == 0 else "queued").inc()
+    metrics.count(metrics.joins, "pre_queue" if position == 0 else "queued")
     ticket = sign_ticket(app[SIGNERS].ticket, sale_id, buyer, position, counters.view)
     status = status_of(counters, position, counters.redis_now_ms())
     body = {"ticket": ticket, "position": position or None, "state": status.state,
@@ -154,7 +156,7 @@ async def queue_status(request: web.Request) -> web.Response:
     if not isinstance(position, int) or isinstance(position, bool) or position < 0:
         raise InvalidToken("malformed")
     counters = await app[COUNTERS].get(sale_id)
-    queue, keys, source = app[QUEUE], SaleKeys(sale_id), "cache"
+    queue, keys, source, metrics = app[QUEUE], SaleKeys(sale_id), "cache", app[METRICS]
     body: dict[str, Any] = {}
     if position == 0 and counters.view.shuffled:
         assigned = await queue.position_of(keys, buyer)
@@ -179,8 +181,8 @@ async def queue_status(request: web.Request) -> web.Response:
             ttl_s=deadline_s - time.time(),
         )
         body["admission_expires_in_ms"] = status.admission_deadline_ms - now_ms
-        app[METRICS].admissions.inc()
-    app[METRICS].polls.labels(status.state, source).inc()
+        metrics.admissions.inc()
+    metrics.count(metrics.polls, status.state, source)
     return json_response(body)
 
 

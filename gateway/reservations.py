@@ -130,7 +130,7 @@ async def reserve(request: web.Request) -> web.Response:
     claim = await app[QUEUE].claim(SaleKeys(sale_id), position, key, fingerprint, deadline_ms)
     metrics = app[METRICS]
     if claim != "ok":
-        metrics.reservations.labels(f"admission_{claim}").inc()
+        metrics.count(metrics.reservations, f"admission_{claim}")
         if claim == "mismatch":
             raise InvalidInput(
                 "Idempotency-Key", "this key was used for another request",
@@ -147,7 +147,7 @@ async def reserve(request: web.Request) -> web.Response:
         ReserveRequest(routed_reservation_id(sale_id, sku), buyer, quantity, key, payment,
                        str(position))
     )  # fmt: skip
-    metrics.reservations.labels(result.outcome).inc()
+    metrics.count(metrics.reservations, result.outcome)
     if result.outcome != "reserved":
         raise _refuse(result.outcome)
     assert result.reservation_id is not None and result.hold_expires_at_ms is not None
@@ -212,7 +212,8 @@ async def cancel_reservation(request: web.Request) -> web.Response:
         code = {"SOLD": "already_sold", "PAYING": "payment_in_progress"}.get(result.state)
         raise Conflict(f"reservation is {result.state}: cannot cancel", code=code or "conflict")
     hold = HoldRecord.parse(await request.app[HOLDS].hold(keys, rid) or b"")
-    request.app[METRICS].reservations.labels("cancelled").inc()
+    metrics = request.app[METRICS]
+    metrics.count(metrics.reservations, "cancelled")
     return json_response(await _reservation_json(request, rid, keys, hold))
 
 

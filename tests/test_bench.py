@@ -54,11 +54,13 @@ def test_bench_rejects_bad_options(run_cli: Cli) -> None:
 def test_bench_gateway_smoke(cli: Cli, tmp_path: Path) -> None:
     """A short run: real gateway and bare processes, every row served, JSON written."""
     path = tmp_path / "gateway.json"
-    result = cli("bench", "gateway", "--seconds", "0.5", "--workers", "1", "--concurrency", "8",
-                 "--json", str(path))  # fmt: skip
+    result = cli("bench", "gateway", "--seconds", "0.6", "--rounds", "2", "--workers", "1",
+                 "--concurrency", "8", "--json", str(path))  # fmt: skip
     assert result.code == 0, result.err
     report = json.loads(path.read_text())
     rows = {row["name"]: row for row in report["results"]}
     assert set(rows) == {"bare_aiohttp", "queue_status", "queue_join"}
     assert all(row["per_second"] > 0 and row["non_200"] == 0 for row in rows.values())
+    assert all(len(row["round_ratios"]) == 2 for row in rows.values())
+    assert rows["bare_aiohttp"]["ratio_to_bare"] == 1.0
     assert {t["name"] for t in report["targets"]} == {"queue_status vs bare", "queue_join vs bare"}

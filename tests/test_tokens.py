@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import base64
+import hmac
 import time
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flashsale.tokens import InvalidToken, Signer
+from flashsale.tokens import InvalidToken, Signer, _Key
 from tests.conftest import Cli
 
 SECRET = "s" * 32
@@ -128,3 +129,30 @@ def test_signature_has_one_spelling() -> None:
     assert passed == [token[-1]]
     with pytest.raises(InvalidToken):
         signer.verify(token + "=")
+
+
+@given(key=st.binary(min_size=0, max_size=64), message=st.binary(max_size=512))
+@settings(max_examples=300)
+def test_prepared_hmac_equals_the_standard_library(key: bytes, message: bytes) -> None:
+    """The hand-rolled HMAC (prepared pads) agrees with hmac.digest for every key and message
+    a token can meet."""
+    assert _Key("kid", key).mac(message) == hmac.digest(key, message, "sha256")
+
+
+def test_remembered_tokens_still_expire_and_forgeries_are_never_remembered() -> None:
+    signer = Signer([SECRET], "ticket", remember=2)
+    token = signer.sign({"sub": "a", "p": 1}, ttl_s=10, now=1_000)
+    first = signer.verify(token, now=1_001)
+    assert signer.verify(token, now=1_002) is first  # the second presentation is a lookup
+    with pytest.raises(InvalidToken) as caught:
+        signer.verify(token, now=1_010)  # remembered, but expired all the same
+    assert caught.value.reason == "expired"
+    forged = token[:-2] + ("AA" if token[-2:] != "AA" else "BB")
+    for _ in range(2):
+        with pytest.raises(InvalidToken):
+            signer.verify(forged, now=1_001)
+    others = [signer.sign({"sub": f"b{i}", "p": i}, ttl_s=10, now=1_000) for i in range(5)]
+    for other in others:
+        signer.verify(other, now=1_001)
+    assert len(signer._verified) == 2  # bounded: the oldest are forgotten
+    assert signer.verify(others[0], now=1_001)["sub"] == "b0"  # forgotten, verified again

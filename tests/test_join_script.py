@@ -1,0 +1,117 @@
+"""``lua/join.lua`` on its own, batched, against the real Redis; and the per-sale coalescer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from allocator.queue import MAX_JOIN_BATCH, JoinResult, Joins, QueueScripts
+from flashsale.keys import SaleKeys
+from flashsale.settings import Settings
+
+
+@pytest.fixture
+async def client(stack: Settings) -> AsyncIterator[aioredis.Redis]:
+    c = aioredis.Redis.from_url(stack.require_redis(), decode_responses=True)
+    yield c
+    await c.aclose()
+
+
+async def open_sale(
+    client: aioredis.Redis, *, started: bool = True, max_queue: int = 1000
+) -> SaleKeys:
+    keys = SaleKeys(f"join-{uuid.uuid4().hex[:10]}")
+    now = int(time.time() * 1000)
+    starts = now - 1000 if started else now + 3_600_000
+    await client.hset(keys.sale, mapping={
+        "status": "active", "starts_at_ms": starts, "ends_at_ms": now + 7_200_000,
+        "max_queue": max_queue,
+    })  # fmt: skip
+    return keys
+
+
+def outcomes(results: list[JoinResult]) -> list[tuple[str, int]]:
+    return [(r.outcome, r.position) for r in results]
+
+
+async def test_batch_is_fifo_and_idempotent_within_and_across_batches(
+    client: aioredis.Redis,
+) -> None:
+    scripts = QueueScripts(client)
+    keys = await open_sale(client)
+    first = await scripts.join(keys, ["a", "b", "a", "c"])
+    assert outcomes(first) == [("queued", 1), ("queued", 2), ("queued", 1), ("queued", 3)]
+    again = await scripts.join(keys, ["c", "d", "b"])
+    assert outcomes(again) == [("queued", 3), ("queued", 4), ("queued", 2)]
+    assert await client.hget(keys.queue, "tail") == "4"
+    assert await client.hgetall(keys.members) == {"a": "1", "b": "2", "c": "3", "d": "4"}
+
+
+async def test_pre_queue_batch_counts_each_buyer_once(client: aioredis.Redis) -> None:
+    scripts = QueueScripts(client)
+    keys = await open_sale(client, started=False, max_queue=3)
+    results = await scripts.join(keys, ["a", "b", "a", "c", "d"])
+    assert outcomes(results) == [
+        ("queued", 0), ("queued", 0), ("queued", 0), ("queued", 0), ("full", 0),
+    ]  # fmt: skip
+    assert await client.hget(keys.queue, "pre") == "3"
+    assert await client.hget(keys.queue, "sealed") is None  # before the start: not sealed
+
+
+async def test_cap_cutoff_and_sold_out_inside_one_batch(client: aioredis.Redis) -> None:
+    scripts = QueueScripts(client)
+    keys = await open_sale(client, max_queue=2)
+    assert outcomes(await scripts.join(keys, ["a", "b", "c"])) == [
+        ("queued", 1), ("queued", 2), ("full", 0),
+    ]  # fmt: skip
+    await client.hset(keys.queue, mapping={"serving": 2, "cutoff": 3})
+    assert outcomes(await scripts.join(keys, ["d", "e", "a"])) == [
+        ("queued", 3), ("sold_out", 0), ("queued", 1),
+    ]  # fmt: skip
+    await client.hset(keys.queue, "sold_out", 1)
+    assert outcomes(await scripts.join(keys, ["f", "d"])) == [("sold_out", 0), ("queued", 3)]
+    assert await client.hget(keys.queue, "tail") == "3"
+
+
+async def test_unknown_and_ended_sales_write_nothing(client: aioredis.Redis) -> None:
+    scripts = QueueScripts(client)
+    missing = SaleKeys(f"join-missing-{uuid.uuid4().hex[:8]}")
+    assert outcomes(await scripts.join(missing, ["a", "b"])) == [
+        ("unavailable", 0), ("unavailable", 0),
+    ]  # fmt: skip
+    assert not await client.exists(missing.queue, missing.members)
+    keys = await open_sale(client)
+    await client.hset(keys.sale, "status", "ended")
+    assert outcomes(await scripts.join(keys, ["a"])) == [("ended", 0)]
+    assert not await client.exists(keys.queue, keys.members)
+
+
+async def test_batch_size_is_bounded(client: aioredis.Redis) -> None:
+    scripts = QueueScripts(client)
+    keys = await open_sale(client)
+    with pytest.raises(ValueError, match=r"1\.\.256"):
+        await scripts.join(keys, [f"b{i}" for i in range(MAX_JOIN_BATCH + 1)])
+    with pytest.raises(ValueError):
+        await scripts.join(keys, [])
+
+
+async def test_concurrent_joins_share_script_calls_and_positions_stay_unique(
+    client: aioredis.Redis,
+) -> None:
+    joins = Joins(QueueScripts(client), window=0.005)
+    keys = await open_sale(client, max_queue=10_000)
+    buyers = [f"b{i}" for i in range(1000)] + [f"b{i}" for i in range(0, 1000, 7)]
+    results = await asyncio.gather(*(joins.join(keys, b) for b in buyers))
+    coalescer = joins.get(keys)
+    await joins.aclose()
+    by_buyer: dict[str, int] = {}
+    for buyer, result in zip(buyers, results, strict=True):
+        assert result.outcome == "queued"
+        assert by_buyer.setdefault(buyer, result.position) == result.position
+    assert sorted(by_buyer.values()) == list(range(1, 1001))
+    assert coalescer.batches < 50  # 1,143 joins, a handful of script calls
