@@ -7,7 +7,7 @@ so a Redis restart or ``SCRIPT FLUSH`` is survived transparently.
 from __future__ import annotations
 
 import importlib.resources
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, Literal, cast
@@ -276,6 +276,30 @@ class HoldScripts:
         return await self._transition(
             self._release, keys, [reservation_id, "cancelled", "active_only"]
         )
+
+    async def many(
+        self, transition: str, calls: Sequence[tuple[SkuKeys, Sequence[str]]]
+    ) -> list[TransitionResult]:
+        """Run one transition script (``begin_payment``, ``confirm``, ``release``) for many
+        holds in one pipelined round trip: ``calls`` are (keys, ARGV) pairs. Each call is
+        still its own atomic, idempotent script run."""
+        script = {"begin_payment": self._begin_payment, "confirm": self._confirm,
+                  "release": self._release}[transition]  # fmt: skip
+        if not calls:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for keys, args in calls:
+            await script(keys=keys.all(), args=list(args), client=pipe)
+        replies = await pipe.execute()
+        return [TransitionResult(bool(ok), _text(state), _text(reason))
+                for ok, state, reason in replies]  # fmt: skip
+
+    async def holds(self, items: Sequence[tuple[SkuKeys, str]]) -> list[bytes | None]:
+        """Raw hold records of many reservations in one round trip (None where missing)."""
+        pipe = self.client.pipeline(transaction=False)
+        for keys, reservation_id in items:
+            pipe.hget(keys.holds, reservation_id)
+        return [r.encode() if isinstance(r, str) else r for r in await pipe.execute()]
 
     async def hold(self, keys: SkuKeys, reservation_id: str) -> bytes | None:
         """The raw hold record (see flashsale.events.HoldRecord), or None."""

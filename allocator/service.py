@@ -1,9 +1,12 @@
-"""The allocator service (``flashsale allocator``): admission pumps and the hold sweeper.
+"""The allocator service (``flashsale allocator``): admission pumps, the hold sweeper and the
+outbox relay.
 
 It finds live sales in Postgres (preloaded, not ended), runs one :class:`AdmissionPump` per
 sale (a no-op on every replica but the sale's lease holder, so several services may run for
-availability) and sweeps expired holds of every SKU of those sales. Its ``/healthz`` pings Redis
-and Postgres and its ``/metrics`` shows what the pumps and the sweeper do.
+availability), sweeps expired holds of every SKU of those sales, and relays their outbox
+streams to the ``reservations`` topic (:mod:`allocator.relay`; replicas share the streams
+through a consumer group). Its ``/healthz`` pings Redis, Postgres and the broker, and its
+``/metrics`` shows what the pumps, the sweeper and the relay do.
 """
 
 from __future__ import annotations
@@ -22,9 +25,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from allocator.pump import AdmissionPump
 from allocator.queue import QueueScripts
+from allocator.relay import OutboxRelay, run_relay
 from allocator.scripts import HoldScripts
 from allocator.sweeper import run_sweeper
 from flashsale.clients import pg_pool, redis_client
+from flashsale.devstack import ping_kafka
+from flashsale.kafka import ensure_topics, producer
 from flashsale.keys import SkuKeys
 from flashsale.ops import ops_app
 from flashsale.settings import Settings
@@ -35,6 +41,14 @@ LIVE_SALES = """
 SELECT s.id, array_agg(k.sku ORDER BY k.sku) AS skus
 FROM sales s JOIN sale_skus k ON k.sale_id = s.id
 WHERE s.status <> 'ended' AND s.preloaded_at IS NOT NULL AND s.ends_at > now()
+GROUP BY s.id
+"""
+# The relay keeps draining a sale's outboxes this long after it ended: holds expire and
+# late cancels happen after the end too.
+RELAY_SALES = """
+SELECT s.id, array_agg(k.sku ORDER BY k.sku) AS skus
+FROM sales s JOIN sale_skus k ON k.sale_id = s.id
+WHERE s.preloaded_at IS NOT NULL AND s.ends_at > now() - interval '1 day'
 GROUP BY s.id
 """
 
@@ -68,6 +82,9 @@ class ServiceMetrics:
                                registry=registry)  # fmt: skip
         self.errors = Counter("flashsale_pump_errors", "Pump ticks that failed", ["sale"],
                               registry=registry)  # fmt: skip
+        self.relayed = Counter("flashsale_relay_entries",
+                               "Outbox stream entries published to Kafka and acknowledged",
+                               registry=registry)  # fmt: skip
 
 
 class AllocatorService:
@@ -87,17 +104,25 @@ class AllocatorService:
         self.metrics = ServiceMetrics(registry or CollectorRegistry())
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{time.monotonic_ns()}"
         self.pumps: dict[str, AdmissionPump] = {}
+        self.relay_skus: list[SkuKeys] = []
+        self.relay: OutboxRelay | None = None
         self.redis: aioredis.Redis | None = None
         self.pool: asyncpg.Pool | None = None
 
     async def run(
         self, stop: asyncio.Event, ops_port: int | None = None, host: str = "127.0.0.1"
     ) -> None:
+        await ensure_topics(self.settings)
         self.redis = redis_client(self.settings)
         self.pool = await pg_pool(self.settings, min_size=1, max_size=4)
         queue = QueueScripts(self.redis)
         runner: web.AppRunner | None = None
+        out = producer(self.settings)
+        topics = self.settings.topics
+        self.relay = OutboxRelay(self.redis, out, topics.reservations, topics.dead_letter,
+                                 self.owner)  # fmt: skip
         try:
+            await out.start()
             if ops_port is not None:
                 runner = await self._serve_ops(host, ops_port)
             sweeper = asyncio.create_task(
@@ -106,6 +131,11 @@ class AllocatorService:
                     on_expired=self.metrics.expired.inc,
                 )
             )  # fmt: skip
+            relay = asyncio.create_task(
+                run_relay(
+                    self.relay, self._relay_skus, stop=stop, on_round=self.metrics.relayed.inc
+                )
+            )
             next_discovery = 0.0
             while not stop.is_set():
                 if time.monotonic() >= next_discovery:
@@ -115,24 +145,31 @@ class AllocatorService:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.tick_s)
             await sweeper
+            await relay
         finally:
             for pump in self.pumps.values():
                 await self._resign(pump)
             if runner is not None:
                 await runner.cleanup()
+            await out.stop()
             await self.pool.close()
             await self.redis.aclose()
 
     async def _skus(self) -> list[SkuKeys]:
         return [SkuKeys(p.sale_id, sku) for p in self.pumps.values() for sku in p.skus]
 
+    async def _relay_skus(self) -> list[SkuKeys]:
+        return self.relay_skus
+
     async def _discover(self, queue: QueueScripts) -> None:
         assert self.pool is not None
         try:
             rows = await self.pool.fetch(LIVE_SALES)
+            relayed = await self.pool.fetch(RELAY_SALES)
         except (OSError, asyncpg.PostgresError) as exc:
             log.warning("cannot list live sales: %r", exc)
             return
+        self.relay_skus = [SkuKeys(r["id"], sku) for r in relayed for sku in r["skus"]]
         live = {row["id"]: list(row["skus"]) for row in rows}
         for sale_id in set(self.pumps) - set(live):
             await self._resign(self.pumps.pop(sale_id))
@@ -172,10 +209,12 @@ class AllocatorService:
     async def _serve_ops(self, host: str, port: int) -> web.AppRunner:
         redis, pool = self.redis, self.pool
         assert redis is not None and pool is not None
+        bootstrap = self.settings.require_kafka()
         app = ops_app(
-            lambda: {"redis": redis.ping, "postgres": lambda: pool.fetchval("SELECT 1")},
+            lambda: {"redis": redis.ping, "postgres": lambda: pool.fetchval("SELECT 1"),
+                     "kafka": lambda: ping_kafka(bootstrap)},
             self.metrics.registry,
-        )
+        )  # fmt: skip
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, host, port).start()

@@ -382,21 +382,87 @@ def cmd_allocator(args: argparse.Namespace, settings: Settings) -> int:
     return int(uvloop.run(services.serve_allocator(settings, args.host, ops_port)))
 
 
+async def cmd_kafka(args: argparse.Namespace, settings: Settings) -> int:
+    from flashsale.kafka import ensure_topics  # noqa: PLC0415
+
+    await ensure_topics(settings, progress=out)
+    return 0
+
+
+def cmd_workers(args: argparse.Namespace, settings: Settings) -> int:
+    from flashsale import services  # noqa: PLC0415
+
+    concurrency = positive(int, "concurrency", args.concurrency)
+    ops_port = port_number("ops-port", args.ops_port) if args.ops_port else None
+    settings.require_redis()
+    settings.require_database()
+    settings.require_kafka()
+    if not settings.psp_url:
+        raise ConfigError("FLASHSALE_PSP_URL is not set: point it at the payment provider "
+                          "(`flashsale psp` serves a simulator)")  # fmt: skip
+    return int(uvloop.run(services.serve_workers(settings, args.host, ops_port, concurrency)))
+
+
+def cmd_psp(args: argparse.Namespace, settings: Settings) -> int:
+    from flashsale import services  # noqa: PLC0415
+    from workers.psp import Knobs  # noqa: PLC0415
+
+    port = port_number("port", args.port)
+    knobs = Knobs(
+        latency_ms=non_negative("latency-ms", args.latency_ms),
+        jitter_ms=non_negative("jitter-ms", args.jitter_ms),
+        decline_rate=fraction("decline-rate", args.decline_rate),
+        error_rate=fraction("error-rate", args.error_rate),
+        timeout_rate=fraction("timeout-rate", args.timeout_rate),
+        hang_s=non_negative("hang-s", args.hang_s),
+        seed=int(non_negative("seed", args.seed)),
+    )
+    out(f"psp simulator on http://{args.host}:{port} ({knobs})")
+    return int(uvloop.run(services.serve_psp(args.host, port, knobs)))
+
+
+def non_negative(field: str, value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise InvalidInput(field, f"must be a number, got {value!r}") from None
+    if not number >= 0:
+        raise InvalidInput(field, f"must be >= 0, got {value!r}")
+    return number
+
+
+def fraction(field: str, value: str) -> float:
+    number = non_negative(field, value)
+    if number > 1:
+        raise InvalidInput(field, f"must be within 0..1, got {value!r}")
+    return number
+
+
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     from flashsale import services  # noqa: PLC0415
 
     port = port_number("port", args.port)
     workers = positive(int, "workers", args.workers)
     allocator_port = port_number("allocator-port", args.allocator_port or str(port + 1))
+    workers_port = port_number("workers-port", args.workers_port or str(port + 2))
+    psp_port = port_number("psp-port", args.psp_port or str(port + 3))
     _service_settings(settings)
+    settings.require_kafka()
     metrics_dir = services.fresh_metrics_dir(settings.home, f"gateway-{port}")
+    psp_url = settings.psp_url or f"http://{args.host}:{psp_port}"
     children = [
         *services.gateway_children(args.host, port, workers, metrics_dir),
         services.allocator_child(args.host, allocator_port),
+        services.workers_child(args.host, workers_port, psp_url),
     ]
+    if not settings.psp_url:
+        children.append(services.psp_child(args.host, psp_port))
     out(
-        f"flashsale up: gateway x{workers} on http://{args.host}:{port}, allocator service "
-        f"(health and metrics on :{allocator_port}). Ctrl-C or SIGTERM stops everything."
+        f"flashsale up: gateway x{workers} on http://{args.host}:{port}; ops endpoints "
+        f"(/healthz, /metrics): allocator :{allocator_port}, workers :{workers_port}; "
+        f"payments: {psp_url}"
+        + ("" if settings.psp_url else " (simulator)")
+        + ". Ctrl-C or SIGTERM stops everything."
     )
     return services.supervise(children, metrics_dir)
 
@@ -541,17 +607,58 @@ def build_parser() -> argparse.ArgumentParser:
     alloc.add_argument("--host", default="127.0.0.1", help="address of the ops endpoints")
     alloc.add_argument("--ops-port", help="serve /healthz and /metrics on this port")
 
+    kafka = commands.add_parser("kafka", help="Kafka topics")
+    kafka_sub = kafka.add_subparsers(dest="kafka_command", required=True, metavar="ACTION")
+    kafka_sub.add_parser(
+        "init", help="create the topics that are missing (reservations, order events, dead "
+        "letters; names from FLASHSALE_TOPIC_*)",
+    )  # fmt: skip
+
+    wk = commands.add_parser(
+        "workers",
+        help="run the order saga: Kafka reservations -> payments -> orders in Postgres",
+        description="Consume the reservations topic (consumer group flashsale-workers), run "
+        "the payment saga against FLASHSALE_PSP_URL, write orders to Postgres and publish "
+        "order events. Offsets are committed only after the effects are durable; SIGTERM "
+        "drains the batch in hand.",
+    )
+    wk.add_argument("--concurrency", default="256", help="charges in flight (default 256)")
+    wk.add_argument("--host", default="127.0.0.1", help="address of the ops endpoints")
+    wk.add_argument("--ops-port", help="serve /healthz and /metrics on this port")
+
+    psp = commands.add_parser(
+        "psp",
+        help="run the payment-provider simulator",
+        description="A Stripe-like payment provider for tests and demos: idempotency keys, "
+        "and deterministic outcomes by token (tok_decline..., tok_timeout..., tok_error...) "
+        "and by the knobs below (drawn per idempotency key from --seed).",
+    )
+    psp.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    psp.add_argument("--port", default="8090", help="TCP port (default 8090)")
+    psp.add_argument("--latency-ms", default="0", help="mean latency per charge (default 0)")
+    psp.add_argument("--jitter-ms", default="0", help="latency standard deviation (default 0)")
+    psp.add_argument("--decline-rate", default="0", help="share of charges declined (0..1)")
+    psp.add_argument("--error-rate", default="0", help="share of calls failing 500 (0..1)")
+    psp.add_argument("--timeout-rate", default="0",
+                     help="share of charges that capture, then answer too late (0..1)")  # fmt: skip
+    psp.add_argument("--hang-s", default="30", help="how late those answer (default 30)")
+    psp.add_argument("--seed", default="0", help="seed of the random knobs (default 0)")
+
     up = commands.add_parser(
         "up",
         help="run the whole engine against the configured stack, supervised",
         description="Run every service of the engine against REDIS_URL, DATABASE_URL and "
-        "KAFKA_BOOTSTRAP (or the embedded stack): the gateway processes and the allocator "
-        "service. Crashed processes are restarted with backoff; SIGTERM or Ctrl-C stops all.",
+        "KAFKA_BOOTSTRAP (or the embedded stack): the gateway processes, the allocator "
+        "service (pumps, sweeper, outbox relay), the order workers, and the payment simulator "
+        "unless FLASHSALE_PSP_URL names a provider. Crashed processes are restarted with "
+        "backoff; SIGTERM or Ctrl-C stops all.",
     )
     up.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     up.add_argument("--port", default="8080", help="gateway port (default 8080)")
     up.add_argument("--workers", default="2", help="gateway processes (default 2)")
     up.add_argument("--allocator-port", help="allocator /healthz and /metrics (default PORT+1)")
+    up.add_argument("--workers-port", help="workers /healthz and /metrics (default PORT+2)")
+    up.add_argument("--psp-port", help="payment simulator port (default PORT+3)")
     return parser
 
 
@@ -564,6 +671,9 @@ HANDLERS: dict[str, Callable[[argparse.Namespace, Settings], Any]] = {
     "token": cmd_token,
     "gateway": cmd_gateway,
     "allocator": cmd_allocator,
+    "kafka": cmd_kafka,
+    "workers": cmd_workers,
+    "psp": cmd_psp,
     "up": cmd_up,
 }
 

@@ -11,6 +11,10 @@
     ├── RequestTimeout             a request body arrived too slowly (``body_timeout``, 408)
     ├── Unavailable                a dependency is down or a SKU is being rebuilt
     │   └── Overloaded             a bounded wait queue is full (``overloaded``)
+    ├── PaymentError               the payment provider did not give a definite answer
+    │   ├── PaymentUnknown         sent, outcome unknown (timeout, 5xx): retry with the same key
+    │   │   └── ProviderDown       the circuit is open: not sent at all, failed fast
+    │   └── PaymentConflict        the key was used with other parameters (a bug, not retried)
     └── StackError                 the embedded dev stack failed to start or stop
 
 Third-party errors are translated at the boundary with ``raise ... from exc``; the HTTP layer
@@ -98,3 +102,25 @@ class Overloaded(Unavailable):
     """Backpressure: a bounded queue is full. Retry later; nothing was decided."""
 
     code = "overloaded"
+
+
+class PaymentError(FlashsaleError):
+    code = "payment_error"
+    http_status = 502
+
+
+class PaymentUnknown(PaymentError):
+    """The charge may or may not have happened. Never guess: ask again with the same
+    idempotency key, which the provider answers with the first outcome."""
+
+    code = "payment_unknown"
+
+
+class ProviderDown(PaymentUnknown):
+    """The circuit breaker is open: the request was not sent."""
+
+    code = "provider_down"
+
+
+class PaymentConflict(PaymentError):
+    code = "payment_conflict"

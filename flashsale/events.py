@@ -17,8 +17,10 @@ batch instead of one per buyer); the expansion happens here, off the hot path.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
+
+import orjson
 
 SEP = "\x1f"
 HoldState = Literal["ACTIVE", "PAYING", "SOLD", "RELEASED"]
@@ -135,3 +137,52 @@ def outbox_events(entry: Mapping[Any, Any]) -> list[ReservationEvent]:
             )
         ]
     raise ValueError(f"unknown outbox entry type {kind!r}")
+
+
+# -- the Kafka wire format ------------------------------------------------------------------
+
+_EVENT_FIELDS = frozenset(ReservationEvent.__dataclass_fields__)
+_INT_FIELDS = ("quantity", "unit_price", "hold_deadline_ms", "created_ms", "at_ms")
+
+
+def event_id(event: ReservationEvent) -> str:
+    """The event's identity for the inbox: one per reservation and event type."""
+    return f"{event.reservation_id}/{event.type}"
+
+
+def encode_event(event: ReservationEvent) -> bytes:
+    """One ``reservations`` topic message value: compact JSON, unset fields left out."""
+    return orjson.dumps({k: v for k, v in asdict(event).items() if v is not None})
+
+
+def decode_event(value: bytes | None) -> ReservationEvent:
+    """The event of a ``reservations`` message; ValueError names what is wrong (a poison
+    message, for the dead-letter topic)."""
+    if not value:
+        raise ValueError("empty message")
+    try:
+        data = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    unknown = set(data) - _EVENT_FIELDS
+    if unknown:
+        raise ValueError(f"unknown fields {sorted(unknown)}")
+    if data.get("type") not in ("reservation.created", "reservation.expired",
+                                "reservation.released"):  # fmt: skip
+        raise ValueError(f"unknown event type {data.get('type')!r}")
+    for name in ("reservation_id", "sale_id", "sku", "buyer_id"):
+        if not isinstance(data.get(name), str) or not data[name]:
+            raise ValueError(f"{name} must be a non-empty string")
+    for name in _INT_FIELDS:
+        value_ = data.get(name)
+        if value_ is not None and (type(value_) is not int or value_ < 0):
+            raise ValueError(f"{name} must be a non-negative integer")
+    if data.get("quantity", 0) < 1:
+        raise ValueError("quantity must be at least 1")
+    if data["type"] == "reservation.created":
+        for name in ("unit_price", "currency", "payment_ref", "admission_id"):
+            if data.get(name) is None:
+                raise ValueError(f"{name} is required for reservation.created")
+    return ReservationEvent(**data)

@@ -13,12 +13,16 @@ import os
 import shutil
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import multiprocess
 
 from flashsale.settings import Settings
 from flashsale.supervisor import Child, Supervisor
+
+if TYPE_CHECKING:
+    from workers.psp import Knobs
 
 log = logging.getLogger("flashsale.services")
 
@@ -59,6 +63,24 @@ async def serve_allocator(settings: Settings, host: str, ops_port: int | None) -
     return 0
 
 
+async def serve_workers(
+    settings: Settings, host: str, ops_port: int | None, concurrency: int
+) -> int:
+    from workers.service import WorkerService  # noqa: PLC0415
+
+    stop = _stop_on_signals()
+    log.info("order workers (pid %d) running", os.getpid())
+    await WorkerService(settings, concurrency=concurrency).run(stop, ops_port=ops_port, host=host)
+    return 0
+
+
+async def serve_psp(host: str, port: int, knobs: Knobs) -> int:
+    from workers.psp import serve  # noqa: PLC0415
+
+    await serve(host, port, knobs, _stop_on_signals())
+    return 0
+
+
 def fresh_metrics_dir(home: Path, name: str) -> Path:
     """An empty folder for one supervised service's multiprocess metrics."""
     path = home / "metrics" / name
@@ -75,6 +97,15 @@ def gateway_children(host: str, port: int, workers: int, metrics_dir: Path) -> l
 
 def allocator_child(host: str, ops_port: int) -> Child:
     return Child("allocator", ["allocator", "--host", host, "--ops-port", str(ops_port)])
+
+
+def workers_child(host: str, ops_port: int, psp_url: str) -> Child:
+    args = ["workers", "--host", host, "--ops-port", str(ops_port)]
+    return Child("workers", args, {"FLASHSALE_PSP_URL": psp_url})
+
+
+def psp_child(host: str, port: int) -> Child:
+    return Child("psp", ["psp", "--host", host, "--port", str(port)])
 
 
 def supervise(children: list[Child], metrics_dir: Path | None) -> int:

@@ -116,6 +116,35 @@ def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float
 
 
 @dataclass(frozen=True)
+class Topics:
+    """Kafka topic names: ``FLASHSALE_TOPIC_PREFIX`` + the base name, or each one set in full
+    by ``FLASHSALE_TOPIC_RESERVATIONS``, ``..._ORDER_EVENTS``, ``..._DEAD_LETTER``."""
+
+    reservations: str = "reservations"
+    order_events: str = "order-events"
+    dead_letter: str = "flashsale-dead-letter"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Topics:
+        prefix = env.get("FLASHSALE_TOPIC_PREFIX", "")
+        names = {}
+        for name, default in DEFAULT_TOPICS.items():
+            value = env.get(f"FLASHSALE_TOPIC_{name.upper()}") or prefix + default
+            if not _TOPIC.match(value):
+                raise ConfigError(f"topic name {value!r} must be 1-200 of [A-Za-z0-9._-]")
+            names[name] = value
+        return cls(**names)
+
+    def all(self) -> list[str]:
+        return [self.reservations, self.order_events, self.dead_letter]
+
+
+_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+DEFAULT_TOPICS = {"reservations": Topics.reservations, "order_events": Topics.order_events,
+                  "dead_letter": Topics.dead_letter}  # fmt: skip
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the engine reads from its environment. Build it with :meth:`from_env`."""
 
@@ -134,6 +163,10 @@ class Settings:
     max_in_flight: int = 2000
     body_timeout_s: float = 5.0
     trust_forwarded: bool = False
+    topics: Topics = Topics()
+    consumer_group: str = "flashsale-workers"
+    # The payment provider: FLASHSALE_PSP_URL, or the simulator that `flashsale up` starts.
+    psp_url: str | None = None
     # Which values came from the embedded stack's dev.env rather than the environment.
     from_dev_env: frozenset[str] = frozenset()
 
@@ -173,6 +206,9 @@ class Settings:
             body_timeout_s=_number(env, "FLASHSALE_BODY_TIMEOUT", 5.0, minimum=0.1),
             trust_forwarded=(env.get("FLASHSALE_TRUST_FORWARDED") or "").lower()
             in ("1", "true", "yes"),
+            topics=Topics.from_env(env),
+            consumer_group=env.get("FLASHSALE_CONSUMER_GROUP") or "flashsale-workers",
+            psp_url=env.get("FLASHSALE_PSP_URL") or None,
             from_dev_env=frozenset(used_dev),
         )
         return settings

@@ -14,16 +14,22 @@ import requests
 from flashsale.settings import Settings
 
 
-def _free_port_pair() -> int:
+def _free_ports(count: int) -> int:
+    """A port P with P..P+count-1 all free (the gateway, then the ops ports of up)."""
     while True:
-        with socket.socket() as a, socket.socket() as b:
-            a.bind(("127.0.0.1", 0))
-            port = int(a.getsockname()[1])
+        socks = [socket.socket() for _ in range(count)]
+        try:
+            socks[0].bind(("127.0.0.1", 0))
+            port = int(socks[0].getsockname()[1])
             try:
-                b.bind(("127.0.0.1", port + 1))
+                for i, sock in enumerate(socks[1:], start=1):
+                    sock.bind(("127.0.0.1", port + i))
             except OSError:
                 continue
             return port
+        finally:
+            for sock in socks:
+                sock.close()
 
 
 def _healthy(url: str, patience: float = 30) -> None:
@@ -44,7 +50,7 @@ def _children(pid: int) -> list[int]:
 
 
 def test_up_supervises_and_stops_cleanly(stack: Settings) -> None:
-    port = _free_port_pair()
+    port = _free_ports(4)
     up = subprocess.Popen(
         [sys.executable, "-m", "flashsale", "up", "--port", str(port), "--workers", "2"],
         stdout=subprocess.PIPE,
@@ -54,13 +60,15 @@ def test_up_supervises_and_stops_cleanly(stack: Settings) -> None:
     try:
         _healthy(f"http://127.0.0.1:{port}/healthz")
         _healthy(f"http://127.0.0.1:{port + 1}/healthz")  # the allocator service
+        _healthy(f"http://127.0.0.1:{port + 2}/healthz")  # the order workers
+        _healthy(f"http://127.0.0.1:{port + 3}/healthz")  # the payment simulator
         children = _children(up.pid)
-        assert len(children) == 3  # two gateway processes and the allocator
+        assert len(children) == 5  # two gateway processes, allocator, workers, psp
         os.kill(children[0], signal.SIGKILL)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             now = _children(up.pid)
-            if len(now) == 3 and children[0] not in now:
+            if len(now) == 5 and children[0] not in now:
                 break
             time.sleep(0.2)
         else:

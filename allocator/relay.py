@@ -1,0 +1,187 @@
+"""The outbox relay: SKU outbox streams (Redis) -> the ``reservations`` topic (Kafka), at least
+once.
+
+Each SKU's outbox stream is read through the consumer group ``relay``; every allocator service
+runs one relay consumer. An entry is acknowledged (and deleted) only after the broker has
+acknowledged every message made from it, so a relay that dies mid-way leaves its entries
+pending; another relay claims them with ``XAUTOCLAIM`` once they have been idle for
+``claim_idle_ms``. A message can therefore be published twice; workers deduplicate by event id.
+
+One ``reservation.created`` entry carries a whole reserve batch; it becomes one message per
+reservation (:func:`flashsale.events.outbox_events`), keyed by the SKU's slot so that every
+event of one SKU lands on one partition, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from flashsale.events import encode_event, outbox_events
+from flashsale.keys import SkuKeys
+
+log = logging.getLogger("flashsale.relay")
+
+GROUP = "relay"
+
+
+@dataclass
+class RelayStats:
+    entries: int = 0  # stream entries acknowledged
+    messages: int = 0  # Kafka messages acknowledged by the broker
+    claimed: int = 0  # entries taken over from another relay
+    poison: int = 0  # entries that could not be read, sent to the dead-letter topic
+    failures: int = 0  # rounds that could not publish (retried)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class OutboxRelay:
+    """Relays the outboxes of the SKUs it is given. Several relays may run at once."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        producer: AIOKafkaProducer,
+        topic: str,
+        dead_letter_topic: str,
+        consumer: str,
+        *,
+        batch: int = 1000,
+        claim_idle_ms: int = 10_000,
+    ) -> None:
+        self.client = client
+        self.producer = producer
+        self.topic = topic
+        self.dead_letter_topic = dead_letter_topic
+        self.consumer = consumer
+        self.batch = batch
+        self.claim_idle_ms = claim_idle_ms
+        self.stats = RelayStats()
+        self._groups: set[SkuKeys] = set()
+        self._retry_own = False
+
+    async def _ensure_group(self, keys: SkuKeys) -> None:
+        if keys in self._groups:
+            return
+        try:
+            # From the start of the stream: entries written before any relay ran count too.
+            await self.client.xgroup_create(keys.outbox, GROUP, id="0", mkstream=True)
+        except redis.exceptions.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._groups.add(keys)
+
+    async def relay_once(self, skus: list[SkuKeys]) -> int:
+        """One round over ``skus``: take over idle entries of dead relays, read new ones,
+        publish, acknowledge. Returns the stream entries acknowledged; raises KafkaError or a
+        Redis error when a round could not finish (its entries stay pending and are retried)."""
+        for keys in skus:
+            await self._ensure_group(keys)
+        pipe = self.client.pipeline(transaction=False)
+        for keys in skus:
+            pipe.xautoclaim(keys.outbox, GROUP, self.consumer, self.claim_idle_ms, "0-0",
+                            count=self.batch)  # fmt: skip
+            # After a failed round, our own pending entries first ("0"), then new ones.
+            pipe.xreadgroup(GROUP, self.consumer, {keys.outbox: "0" if self._retry_own else ">"},
+                            count=self.batch)  # fmt: skip
+        replies = await pipe.execute()
+        work: list[tuple[SkuKeys, list[tuple[Any, dict[Any, Any]]]]] = []
+        for i, keys in enumerate(skus):
+            claimed = replies[2 * i][1]
+            read = replies[2 * i + 1]
+            entries = list(claimed) + (list(read[0][1]) if read else [])
+            self.stats.claimed += len(claimed)
+            if entries:
+                work.append((keys, entries))
+        if not work:
+            self._retry_own = False
+            return 0
+        try:
+            acked = await self._publish(work)
+        except BaseException:
+            self._retry_own = True
+            self.stats.failures += 1
+            raise
+        self._retry_own = False
+        return acked
+
+    async def _publish(self, work: list[tuple[SkuKeys, list[tuple[Any, dict[Any, Any]]]]]) -> int:
+        sends: list[Awaitable[Any]] = []
+        done: list[tuple[SkuKeys, list[Any]]] = []
+        for keys, entries in work:
+            key = f"{keys.sale_id}:{keys.sku}".encode()
+            ids = []
+            for entry_id, fields in entries:
+                ids.append(entry_id)
+                if not fields:  # deleted while pending (XAUTOCLAIM reports it): nothing to send
+                    continue
+                try:
+                    events = outbox_events(fields)
+                except (ValueError, KeyError) as exc:
+                    log.error("unreadable outbox entry %s of %s: %r", _text(entry_id), keys.outbox,
+                              exc)  # fmt: skip
+                    self.stats.poison += 1
+                    sends.append(await self.producer.send(
+                        self.dead_letter_topic, key=key,
+                        value=repr({_text(k): _text(v) for k, v in fields.items()}).encode(),
+                        headers=[("reason", f"unreadable outbox entry: {exc}".encode()),
+                                 ("source", keys.outbox.encode())],
+                    ))  # fmt: skip
+                    continue
+                for event in events:
+                    sends.append(
+                        await self.producer.send(self.topic, key=key, value=encode_event(event))
+                    )
+            done.append((keys, ids))
+        # Every message acknowledged by the broker before any entry is.
+        await asyncio.gather(*sends)
+        pipe = self.client.pipeline(transaction=False)
+        for keys, ids in done:
+            pipe.xack(keys.outbox, GROUP, *ids)
+            pipe.xdel(keys.outbox, *ids)
+        await pipe.execute()
+        acked = sum(len(ids) for _, ids in done)
+        self.stats.entries += acked
+        self.stats.messages += len(sends)
+        return acked
+
+
+async def run_relay(
+    relay: OutboxRelay,
+    skus: Callable[[], Awaitable[list[SkuKeys]]],
+    *,
+    stop: asyncio.Event,
+    interval: float = 0.01,
+    on_round: Callable[[int], None] | None = None,
+) -> None:
+    """Relay until ``stop`` is set: at once again while there is work, else every
+    ``interval`` seconds. A failed round is logged and retried with backoff; its entries
+    stay pending, so nothing is lost."""
+    backoff = interval
+    while not stop.is_set():
+        try:
+            acked = await relay.relay_once(await skus())
+        except (OSError, KafkaError, redis.exceptions.RedisError) as exc:
+            backoff = min(2.0, max(0.1, backoff * 2))
+            log.warning("relay round failed, retrying in %.2fs: %r", backoff, exc)
+            acked = 0
+        else:
+            backoff = interval
+            if on_round is not None:
+                on_round(acked)
+            if acked:
+                continue
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), backoff)

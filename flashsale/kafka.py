@@ -1,0 +1,79 @@
+"""Kafka plumbing shared by the relay, the workers and the CLI: topics and producers.
+
+The broker may be Apache Kafka or a Kafka-protocol broker such as tansu, which supports plain
+produce, consumer groups and offset commits but neither idempotent producers nor transactions.
+Nothing here needs them: producers wait for every acknowledgement (``acks="all"``) and every
+consumer effect is keyed by reservation id, so a duplicate is harmless.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+from flashsale.errors import Unavailable
+from flashsale.settings import Settings, Topics
+
+log = logging.getLogger("flashsale.kafka")
+
+# Partitions bound how many worker processes can share the reservations topic.
+PARTITIONS = {"reservations": 8, "order_events": 4, "dead_letter": 1}
+
+
+async def ensure_topics(
+    settings: Settings, progress: Callable[[str], None] | None = None
+) -> dict[str, str]:
+    """Create the engine's topics that are missing; returns topic -> created | exists.
+    Raises Unavailable when the broker cannot be reached."""
+    topics: Topics = settings.topics
+    wanted = {
+        topics.reservations: PARTITIONS["reservations"],
+        topics.order_events: PARTITIONS["order_events"],
+        topics.dead_letter: PARTITIONS["dead_letter"],
+    }
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.require_kafka(), request_timeout_ms=10_000
+    )
+    try:
+        await admin.start()
+        existing = set(await admin.list_topics())
+        outcome = {name: "exists" for name in wanted if name in existing}
+        missing = [
+            NewTopic(name, num_partitions=n, replication_factor=1)
+            for name, n in wanted.items()
+            if name not in existing
+        ]
+        if missing:
+            # Another service may have created one first: fine.
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(missing)
+            for topic in missing:
+                outcome[topic.name] = "created"
+    except KafkaError as exc:
+        raise Unavailable(
+            f"cannot reach the Kafka broker at {settings.kafka_bootstrap}: {exc!r}"
+        ) from exc
+    finally:
+        await admin.close()
+    for name, what in outcome.items():
+        if progress is not None:
+            progress(f"topic {name}: {what} ({wanted[name]} partitions)")
+    return outcome
+
+
+def producer(settings: Settings, *, linger_ms: int = 2) -> AIOKafkaProducer:
+    """A producer that counts a message as sent only when every in-sync replica has it. Not
+    idempotent (the local broker does not support it): consumers deduplicate instead."""
+    return AIOKafkaProducer(
+        bootstrap_servers=settings.require_kafka(),
+        acks="all",
+        enable_idempotence=False,
+        linger_ms=linger_ms,
+        max_batch_size=256 * 1024,
+        request_timeout_ms=15_000,
+    )

@@ -1,0 +1,254 @@
+"""The order pipeline over the real stack, for tests: sales set up through SaleAdmin, holds
+reserved through the Lua scripts, the outbox relay and the payment simulator running in the
+test's loop, and workers in-process or as real ``flashsale workers`` processes.
+
+Each harness has its own topics (a unique prefix) and consumer group, so tests never see each
+other's messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiohttp
+import asyncpg
+import redis.asyncio as aioredis
+from aiohttp import web
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from allocator.ids import new_reservation_id
+from allocator.relay import OutboxRelay, run_relay
+from allocator.scripts import HoldScripts, ReserveRequest
+from flashsale.clients import pg_pool, redis_client
+from flashsale.kafka import ensure_topics, producer
+from flashsale.keys import SkuKeys
+from flashsale.sales import SaleAdmin
+from flashsale.salespec import parse_sale
+from flashsale.settings import Settings, Topics
+from workers.orders import TERMINAL
+from workers.payments import CircuitBreaker, HttpProvider
+from workers.psp import Knobs, Simulator
+from workers.service import WorkerService
+
+SKU = "SKU-1"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Workers:
+    """An in-process WorkerService and how to stop it (drain)."""
+
+    service: WorkerService
+    stop: asyncio.Event
+    task: asyncio.Task[None]
+
+    async def drain(self) -> None:
+        self.stop.set()
+        await asyncio.wait_for(self.task, 30)
+
+
+@dataclass
+class Pipeline:
+    settings: Settings
+    pool: asyncpg.Pool
+    redis: aioredis.Redis
+    psp: Simulator
+    psp_url: str
+    relay: OutboxRelay
+    skus: list[SkuKeys] = field(default_factory=list)
+    workers: list[Workers] = field(default_factory=list)
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def holds(self) -> HoldScripts:
+        return HoldScripts(self.redis)
+
+    async def sale(self, *, stock: int = 100, limit: int = 5, ttl: int = 120) -> str:
+        now = datetime.now(UTC)
+        spec = {
+            "name": "pipeline test", "starts_at": (now - timedelta(seconds=1)).isoformat(),
+            "ends_at": (now + timedelta(hours=1)).isoformat(),
+            "skus": [{"sku": SKU, "stock": stock, "price": 1500, "currency": "EUR",
+                      "per_buyer_limit": limit, "hold_ttl_seconds": ttl}],
+        }  # fmt: skip
+        admin = SaleAdmin.build(self.pool, self.redis)
+        sale_id = str((await admin.create(parse_sale(spec)))["id"])
+        await admin.preload(sale_id)
+        self.skus.append(SkuKeys(sale_id, SKU))
+        return sale_id
+
+    async def reserve(self, sale_id: str, tokens: list[str], *, quantity: int = 1) -> list[str]:
+        """One reservation per token (each by a new buyer); their ids, all granted."""
+        requests = [
+            ReserveRequest(new_reservation_id(), f"buyer-{uuid.uuid4().hex[:12]}", quantity,
+                           uuid.uuid4().hex, token, f"adm-{i}")
+            for i, token in enumerate(tokens)
+        ]  # fmt: skip
+        ids = []
+        for start in range(0, len(requests), 200):
+            chunk = requests[start : start + 200]
+            results = await self.holds.reserve(SkuKeys(sale_id, SKU), chunk)
+            assert all(r.outcome == "reserved" for r in results), results
+            ids += [r.reservation_id for r in results if r.reservation_id]
+        return ids
+
+    def start_workers(self, **options: Any) -> Workers:
+        stop = asyncio.Event()
+        service = WorkerService(self.settings, **options)
+        task = asyncio.get_running_loop().create_task(service.run(stop))
+        workers = Workers(service, stop, task)
+        self.workers.append(workers)
+        return workers
+
+    def spawn_workers(self) -> subprocess.Popen[bytes]:
+        """A real ``flashsale workers`` process on this harness's topics and group."""
+        env = {**os.environ, **self.env()}
+        process = subprocess.Popen(
+            [sys.executable, "-m", "flashsale", "workers", "--concurrency", "64"],
+            env=env, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        self.processes.append(process)
+        return process
+
+    def env(self) -> dict[str, str]:
+        t = self.settings.topics
+        return {
+            "REDIS_URL": self.settings.require_redis(),
+            "DATABASE_URL": self.settings.require_database(),
+            "KAFKA_BOOTSTRAP": self.settings.require_kafka(),
+            "FLASHSALE_TOPIC_RESERVATIONS": t.reservations,
+            "FLASHSALE_TOPIC_ORDER_EVENTS": t.order_events,
+            "FLASHSALE_TOPIC_DEAD_LETTER": t.dead_letter,
+            "FLASHSALE_CONSUMER_GROUP": self.settings.consumer_group,
+            "FLASHSALE_PSP_URL": self.psp_url,
+            "FLASHSALE_LOG_LEVEL": "WARNING",
+        }
+
+    async def orders(self, ids: list[str]) -> dict[str, str]:
+        rows = await self.pool.fetch("SELECT id, state FROM orders WHERE id = ANY($1)", ids)
+        return {r["id"]: r["state"] for r in rows}
+
+    async def wait_terminal(self, ids: list[str], patience: float = 60) -> dict[str, str]:
+        """Every order of ``ids`` in a terminal state, or AssertionError naming what is not."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + patience
+        while True:
+            states = await self.orders(ids)
+            if len(states) == len(ids) and all(s in TERMINAL for s in states.values()):
+                return states
+            if loop.time() > deadline:
+                open_ = {i: states.get(i, "missing") for i in ids if states.get(i) not in TERMINAL}
+                raise AssertionError(f"{len(open_)} orders not terminal: {list(open_.items())[:5]}")
+            await asyncio.sleep(0.1)
+
+    async def counts(self, sale_id: str) -> dict[str, int]:
+        raw = await self.redis.hgetall(SkuKeys(sale_id, SKU).stock)
+        return {k.decode() if isinstance(k, bytes) else k: int(v) for k, v in raw.items()}
+
+    async def confirmed_units(self, sale_id: str) -> int:
+        return int(await self.pool.fetchval(
+            "SELECT sold FROM sale_skus WHERE sale_id = $1 AND sku = $2", sale_id, SKU
+        ))  # fmt: skip
+
+    async def topic_messages(self, topic: str, *, at_least: int = 1,
+                             patience: float = 15) -> list[Any]:  # fmt: skip
+        """The messages of ``topic`` from the start (waits for ``at_least``)."""
+        # No consumer group (no join, no rebalance delay): every partition, from the start.
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.require_kafka(), enable_auto_commit=False,
+            auto_offset_reset="earliest",
+        )  # fmt: skip
+        await consumer.start()
+        partitions = consumer.partitions_for_topic(topic) or set()
+        if not partitions:
+            await consumer.stop()
+            raise AssertionError(f"no partitions known for {topic}")
+        consumer.assign([TopicPartition(topic, p) for p in partitions])
+        await consumer.seek_to_beginning()
+        found: list[Any] = []
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + patience
+            while len(found) < at_least and loop.time() < deadline:
+                batch = await consumer.getmany(timeout_ms=200)
+                found += [r for records in batch.values() for r in records]
+        finally:
+            await consumer.stop()
+        return found
+
+    async def psp_stats(self) -> dict[str, Any]:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{self.psp_url}/v1/stats") as response,
+        ):
+            return dict(await response.json())
+
+
+@contextlib.asynccontextmanager
+async def pipeline(stack: Settings, knobs: Knobs | None = None) -> AsyncIterator[Pipeline]:
+    run = uuid.uuid4().hex[:8]
+    topics = Topics(f"t{run}-reservations", f"t{run}-order-events", f"t{run}-dead-letter")
+    settings = dataclasses.replace(stack, topics=topics, consumer_group=f"workers-{run}")
+    await ensure_topics(settings)
+    psp = Simulator(knobs or Knobs())
+    psp_runner = web.AppRunner(psp.app(), access_log=None, shutdown_timeout=0.5)
+    await psp_runner.setup()
+    port = free_port()
+    await web.TCPSite(psp_runner, "127.0.0.1", port).start()
+    psp_url = f"http://127.0.0.1:{port}"
+    settings = dataclasses.replace(settings, psp_url=psp_url)
+    redis = redis_client(settings)
+    pool = await pg_pool(settings, min_size=1, max_size=6)
+    out = producer(settings)
+    await out.start()
+    relay = OutboxRelay(redis, out, topics.reservations, topics.dead_letter, f"relay-{run}",
+                        claim_idle_ms=1000)  # fmt: skip
+    harness = Pipeline(settings, pool, redis, psp, psp_url, relay)
+
+    async def skus() -> list[SkuKeys]:
+        return harness.skus
+
+    stop = asyncio.Event()
+    relay_task = asyncio.get_running_loop().create_task(run_relay(relay, skus, stop=stop))
+    try:
+        yield harness
+    finally:
+        for process in harness.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in harness.processes:
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for workers in harness.workers:
+            if not workers.task.done():
+                await workers.drain()
+        stop.set()
+        await relay_task
+        await out.stop()
+        await pool.close()
+        await redis.aclose()
+        await psp_runner.cleanup()
+
+
+def provider(url: str, *, timeout_s: float = 2.0) -> HttpProvider:
+    return HttpProvider(url, timeout_s=timeout_s, breaker=CircuitBreaker(threshold=5))

@@ -1,0 +1,224 @@
+"""The order pipeline end to end on the real stack: Redis outbox -> relay -> Kafka (tansu) ->
+workers -> payment simulator -> Postgres."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import orjson
+
+from allocator.sweeper import sweep_once
+from flashsale.events import ReservationEvent, encode_event
+from flashsale.keys import SkuKeys
+from flashsale.settings import Settings
+from tests.pipeline import SKU, Pipeline, pipeline, provider
+from workers.orders import OrderStore
+from workers.psp import Knobs
+from workers.saga import Saga
+
+
+async def assert_invariants(p: Pipeline, sale_id: str, ids: list[str]) -> dict[str, str]:
+    """DESIGN §7 for one drained sale: one terminal state each, conservation, Redis sold =
+    Postgres confirmed, one capture per confirmed order, every capture confirmed or refunded."""
+    states = await p.wait_terminal(ids)
+    counts = await p.counts(sale_id)
+    assert counts["total"] == counts["available"] + counts["active"] + counts["paying"] + \
+        counts["sold"], counts  # fmt: skip
+    assert counts["active"] == counts["paying"] == 0, counts
+    confirmed = [i for i, s in states.items() if s == "CONFIRMED"]
+    assert counts["sold"] == len(confirmed) == await p.confirmed_units(sale_id)
+    events = await p.pool.fetch(
+        "SELECT order_id, count(*) FILTER (WHERE to_state IN ('CONFIRMED', 'PAYMENT_FAILED', "
+        "'EXPIRED', 'CANCELLED') AND from_state IS DISTINCT FROM to_state) AS terminal "
+        "FROM order_events WHERE order_id = ANY($1) GROUP BY order_id", ids,
+    )  # fmt: skip
+    assert len(events) == len(ids) and all(r["terminal"] == 1 for r in events)
+    payments = {r["idempotency_key"]: r["state"] for r in await p.pool.fetch(
+        "SELECT idempotency_key, state FROM payments WHERE order_id = ANY($1)", ids)}  # fmt: skip
+    assert {k for k, s in payments.items() if s == "CAPTURED"} == set(confirmed)
+    stats = await p.psp_stats()
+    assert stats["max_captures_per_key"] <= 1
+    captured_at_psp = {k for k, c in p.psp.charges.items() if c["status"] == "captured"}
+    assert captured_at_psp == set(confirmed)
+    refunded_at_psp = {k for k, c in p.psp.charges.items() if c["status"] == "refunded"}
+    assert refunded_at_psp == {k for k, s in payments.items() if s == "REFUNDED"}
+    return states
+
+
+async def test_reservations_become_confirmed_or_failed_orders(stack: Settings) -> None:
+    async with pipeline(stack) as p:
+        sale = await p.sale(stock=100)
+        ids = await p.reserve(sale, ["tok_visa"] * 60 + ["tok_decline"] * 20)
+        workers = p.start_workers()
+        states = await assert_invariants(p, sale, ids)
+        assert sorted(states.values()).count("CONFIRMED") == 60
+        assert sorted(states.values()).count("PAYMENT_FAILED") == 20
+        # Declines gave their stock back, in Redis and in the sale status.
+        counts = await p.counts(sale)
+        assert (counts["available"], counts["sold"]) == (40, 60)
+        from flashsale.sales import SaleAdmin
+
+        status = await SaleAdmin.build(p.pool, p.redis).status(sale)
+        assert status["skus"][0]["available"] == 40 and status["skus"][0]["confirmed"] == 60
+        # Every transition went out on the order-events topic, through the Postgres outbox.
+        published = await p.topic_messages(p.settings.topics.order_events, at_least=80 * 3)
+        kinds = [orjson.loads(m.value)["type"] for m in published]
+        assert kinds.count("order.confirmed") == 60 and kinds.count("order.payment_failed") == 20
+        await workers.drain()
+
+
+async def test_duplicates_create_nothing_twice(stack: Settings) -> None:
+    async with pipeline(stack) as p:
+        sale = await p.sale(stock=50)
+        ids = await p.reserve(sale, ["tok_visa"] * 30)
+        workers = p.start_workers()
+        await assert_invariants(p, sale, ids)
+        calls = (await p.psp_stats())["calls"]
+        # A replayed Kafka message and a relay re-publish: the same events, sent again.
+        messages = await p.topic_messages(p.settings.topics.reservations, at_least=30)
+        for message in messages:
+            await p.relay.producer.send_and_wait(
+                p.settings.topics.reservations, key=message.key, value=message.value
+            )
+        m = workers.service.metrics
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while m.duplicates._value.get() < 30:
+            assert loop.time() < deadline, "the replayed events were not seen"
+            await asyncio.sleep(0.1)
+        assert (await p.psp_stats())["calls"] == calls  # nothing charged again
+        events = await p.pool.fetchval(
+            "SELECT count(*) FROM order_events WHERE order_id = ANY($1)", ids
+        )
+        assert events == 30 * 3  # created, paying, confirmed: once each
+        await assert_invariants(p, sale, ids)
+        await workers.drain()
+
+
+async def test_redelivery_to_another_worker_changes_nothing(stack: Settings) -> None:
+    """A worker ran the saga and died before committing: the next owner of the partitions
+    gets the same messages again."""
+    async with pipeline(stack) as p:
+        sale = await p.sale(stock=20)
+        ids = await p.reserve(sale, ["tok_visa"] * 10)
+        messages = await p.topic_messages(p.settings.topics.reservations, at_least=10)
+        from workers.orders import OrderStore
+        from workers.service import CONSUMER
+
+        store = OrderStore(p.pool, p.settings.topics.order_events, CONSUMER)
+        async with provider(p.psp_url) as psp:
+            first = Saga(store, p.holds, psp)
+            from flashsale.events import decode_event
+
+            result = await first.run([decode_event(m.value) for m in messages])
+        assert result.confirmed == 10
+        calls = (await p.psp_stats())["calls"]
+        workers = p.start_workers()  # the group has committed nothing: everything comes again
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while workers.service.metrics.duplicates._value.get() < 10:
+            assert loop.time() < deadline
+            await asyncio.sleep(0.1)
+        assert (await p.psp_stats())["calls"] == calls
+        await assert_invariants(p, sale, ids)
+        await workers.drain()
+
+
+async def test_timeout_after_success_gives_exactly_one_capture(stack: Settings) -> None:
+    async with pipeline(stack, Knobs(hang_s=1.5)) as p:
+        sale = await p.sale(stock=10)
+        ids = await p.reserve(sale, ["tok_timeout"] * 3 + ["tok_error"] * 2)
+        async with provider(p.psp_url, timeout_s=0.5) as psp:
+            workers = p.start_workers(provider=psp)
+            states = await assert_invariants(p, sale, ids)
+            await workers.drain()
+        assert set(states.values()) == {"CONFIRMED"}
+        for rid in ids:
+            assert p.psp.calls[rid] >= 2  # asked again with the same key
+            assert p.psp.captures[rid] == 1
+
+
+async def test_expired_holds_close_their_orders_without_charging(stack: Settings) -> None:
+    async with pipeline(stack) as p:
+        sale = await p.sale(stock=10, ttl=1)
+        ids = await p.reserve(sale, ["tok_visa"] * 4)
+        await asyncio.sleep(1.2)
+        assert await sweep_once(p.holds, [SkuKeys(sale, SKU)]) == 4
+        workers = p.start_workers()
+        states = await assert_invariants(p, sale, ids)
+        assert set(states.values()) == {"EXPIRED"}
+        assert not any(k in p.psp.calls for k in ids)
+        assert (await p.counts(sale))["available"] == 10
+        await workers.drain()
+
+
+async def test_a_late_capture_is_refunded_and_recorded(stack: Settings) -> None:
+    """The order went PAYING and the provider captured, but the hold was released meanwhile
+    (the reconciler gave a stuck hold back): the capture must be refunded, never confirmed."""
+    async with pipeline(stack) as p:
+        sale = await p.sale(stock=5)
+        [rid] = await p.reserve(sale, ["tok_visa"])
+        keys = SkuKeys(sale, SKU)
+        messages = await p.topic_messages(p.settings.topics.reservations, at_least=1)
+        from flashsale.events import decode_event
+
+        event = decode_event(messages[0].value)
+        store = OrderStore(p.pool, p.settings.topics.order_events, "test")
+        await store.create([event])
+        assert (await p.holds.begin_payment(keys, rid)).ok
+        async with p.pool.acquire() as conn:
+            await store.advance(conn, [(rid, "payment_started")], ["PENDING"], "PAYING", "x")
+        async with provider(p.psp_url) as psp:
+            await psp.charge(rid, event.amount or 0, "EUR", "tok_visa")  # captured ...
+            assert (await p.holds.release(keys, rid, "expired")).ok  # ... but released first
+            result = await Saga(store, p.holds, psp).run([event])
+        assert result.refunded == 1 and result.confirmed == 0
+        assert (await p.orders([rid]))[rid] == "EXPIRED"
+        assert p.psp.charges[rid]["status"] == "refunded"
+        payment = await p.pool.fetchval(
+            "SELECT state FROM payments WHERE idempotency_key = $1", rid
+        )
+        assert payment == "REFUNDED"
+        assert (await p.counts(sale))["available"] == 5
+
+
+async def test_poison_messages_go_to_the_dead_letter_topic(stack: Settings) -> None:
+    async with pipeline(stack) as p:
+        sale = await p.sale(stock=10)
+        topic = p.settings.topics.reservations
+        out = p.relay.producer
+        await out.send_and_wait(topic, key=b"x", value=b"{not json")
+        ghost = ReservationEvent("reservation.created", "ghost~SKU~r-1", "no-such-sale", "SKU",
+                                 "b", 1, 100, "EUR", "tok_visa", "adm", "k", 0, 0)  # fmt: skip
+        await out.send_and_wait(topic, key=b"x", value=encode_event(ghost))
+        ids = await p.reserve(sale, ["tok_visa"] * 3)
+        workers = p.start_workers(attempts=2)
+        await assert_invariants(p, sale, ids)  # the good ones are not held up
+        dead = await p.topic_messages(p.settings.topics.dead_letter, at_least=2)
+        reasons = sorted(dict(m.headers)["reason"].decode() for m in dead)
+        assert len(dead) == 2
+        assert reasons[0].startswith("failed 2 times") and "ForeignKeyViolation" in reasons[0]
+        assert reasons[1].startswith("unreadable: not JSON")
+        await workers.drain()
+
+
+async def test_sigkill_mid_saga_then_restart_resolves_everything(stack: Settings) -> None:
+    async with pipeline(stack, Knobs(latency_ms=40, jitter_ms=10, decline_rate=0.2)) as p:
+        sale = await p.sale(stock=300)
+        ids = await p.reserve(sale, ["tok_visa"] * 250)
+        first = p.spawn_workers()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while not (await p.pool.fetchval(
+            "SELECT count(*) FROM orders WHERE id = ANY($1) AND state = 'PAYING'", ids
+        )):  # fmt: skip
+            assert loop.time() < deadline, "the worker never started charging"
+            await asyncio.sleep(0.02)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        before = await p.orders(ids)
+        assert any(s in ("PENDING", "PAYING") for s in before.values()) or len(before) < len(ids)
+        p.spawn_workers()
+        states = await assert_invariants(p, sale, ids)
+        assert set(states.values()) <= {"CONFIRMED", "PAYMENT_FAILED"}

@@ -1,0 +1,217 @@
+"""Orders in Postgres, written a batch at a time.
+
+Every write is one set-based statement over arrays (``unnest``), so a batch of a thousand
+reservations costs a handful of round trips, not thousands. Every state change is
+conditional on the state it leaves (``WHERE state = ANY(from)``): two workers running the
+same saga step move an order once, and an order reaches exactly one terminal state. Each
+change bumps ``orders.version``, appends to ``order_events`` (``seq`` = the new version) and
+queues an ``order-events`` message in the ``outbox`` table, in the same statement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import asyncpg
+
+from flashsale.events import ReservationEvent
+
+TERMINAL = frozenset({"CONFIRMED", "PAYMENT_FAILED", "EXPIRED", "CANCELLED"})
+# What a hold's release cause means for its order.
+CAUSE_STATE = {"expired": "EXPIRED", "payment_failed": "PAYMENT_FAILED", "cancelled": "CANCELLED"}
+
+
+def state_for_cause(cause: str) -> str:
+    return CAUSE_STATE.get(cause, "CANCELLED")
+
+
+@dataclass(frozen=True, slots=True)
+class Order:
+    id: str
+    state: str
+    quantity: int
+    amount: int
+    currency: str
+    payment_token: str
+
+
+_CREATE = """
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[],
+                         $6::bigint[], $7::text[], $8::text[], $9::text[])
+        AS t(id, sale_id, sku, buyer_id, quantity, amount, currency, admission_id, payment_token)
+), inserted AS (
+    INSERT INTO orders (id, sale_id, sku, buyer_id, quantity, amount, currency, admission_id,
+                        payment_token, state)
+    SELECT id, sale_id, sku, buyer_id, quantity, amount, currency, admission_id, payment_token,
+           'PENDING'
+    FROM input
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id, version, quantity, amount, currency, payment_token
+), logged AS (
+    INSERT INTO order_events (order_id, seq, type, from_state, to_state, cause)
+    SELECT id, version, 'order.created', NULL, 'PENDING', 'reservation.created' FROM inserted
+), queued AS (
+    INSERT INTO outbox (topic, key, payload)
+    SELECT $10, id, jsonb_build_object('order_id', id, 'type', 'order.created',
+                                       'state', 'PENDING', 'version', version)
+    FROM inserted
+)
+SELECT id, 'PENDING' AS state, quantity, amount, currency, payment_token FROM inserted
+UNION ALL
+SELECT o.id, o.state, o.quantity, o.amount, o.currency, o.payment_token
+FROM orders o JOIN input USING (id)
+"""
+
+# $1 ids, $2 causes, $3 from-states, $4 to-state, $5 event type, $6 topic, $7 count as sold
+_ADVANCE = """
+WITH wanted AS (
+    SELECT o.id, o.state AS before, t.cause
+    FROM unnest($1::text[], $2::text[]) AS t(id, cause) JOIN orders o ON o.id = t.id
+    WHERE o.state = ANY($3::text[])
+), moved AS (
+    UPDATE orders o
+    SET state = $4, version = o.version + 1, updated_at = now()
+    FROM wanted w
+    WHERE o.id = w.id AND o.state = w.before
+    RETURNING o.id, o.version, o.sale_id, o.sku, o.quantity, w.before, w.cause
+), logged AS (
+    INSERT INTO order_events (order_id, seq, type, from_state, to_state, cause)
+    SELECT id, version, $5, before, $4, cause FROM moved
+), queued AS (
+    INSERT INTO outbox (topic, key, payload)
+    SELECT $6, id, jsonb_build_object('order_id', id, 'type', $5::text, 'state', $4::text,
+                                      'from_state', before, 'cause', cause, 'version', version)
+    FROM moved
+), sold AS (
+    UPDATE sale_skus k SET sold = k.sold + m.units
+    FROM (SELECT sale_id, sku, sum(quantity) AS units FROM moved WHERE $7
+          GROUP BY sale_id, sku) m
+    WHERE k.sale_id = m.sale_id AND k.sku = m.sku
+)
+SELECT id FROM moved
+"""
+
+# An event on the log that changes no state (a refund): $1 ids, $2 causes, $3 type, $4 topic
+_NOTE = """
+WITH noted AS (
+    UPDATE orders o SET version = o.version + 1, updated_at = now()
+    FROM unnest($1::text[], $2::text[]) AS t(id, cause)
+    WHERE o.id = t.id
+    RETURNING o.id, o.version, o.state, t.cause
+), logged AS (
+    INSERT INTO order_events (order_id, seq, type, from_state, to_state, cause)
+    SELECT id, version, $3, state, state, cause FROM noted
+), queued AS (
+    INSERT INTO outbox (topic, key, payload)
+    SELECT $4, id, jsonb_build_object('order_id', id, 'type', $3::text, 'state', state,
+                                      'cause', cause, 'version', version)
+    FROM noted
+)
+SELECT id FROM noted
+"""
+
+_PAYMENTS_OPEN = """
+INSERT INTO payments (idempotency_key, order_id, amount, currency, state)
+SELECT t.id, t.id, o.amount, o.currency, 'PENDING'
+FROM unnest($1::text[]) AS t(id) JOIN orders o ON o.id = t.id
+ON CONFLICT (idempotency_key) DO NOTHING
+"""
+
+# $1 keys, $2 provider refs, $3 states: the provider's definite answer for each key.
+_PAYMENTS_SETTLE = """
+INSERT INTO payments (idempotency_key, order_id, provider_ref, amount, currency, state)
+SELECT t.id, t.id, t.ref, o.amount, o.currency, t.state
+FROM unnest($1::text[], $2::text[], $3::text[]) AS t(id, ref, state) JOIN orders o ON o.id = t.id
+ON CONFLICT (idempotency_key) DO UPDATE
+SET provider_ref = EXCLUDED.provider_ref, state = EXCLUDED.state, updated_at = now()
+WHERE payments.state IS DISTINCT FROM EXCLUDED.state
+"""
+
+_INBOX_SEEN = "SELECT event_id FROM inbox WHERE consumer = $1 AND event_id = ANY($2::text[])"
+_INBOX_ADD = """
+INSERT INTO inbox (consumer, event_id) SELECT $1, unnest($2::text[])
+ON CONFLICT DO NOTHING
+"""
+
+
+class OrderStore:
+    """The saga's Postgres writes. Methods take a connection so a caller can group them in
+    one transaction."""
+
+    def __init__(self, pool: asyncpg.Pool, order_events_topic: str, consumer: str) -> None:
+        self.pool = pool
+        self.topic = order_events_topic
+        self.consumer = consumer
+
+    async def seen(self, event_ids: Sequence[str]) -> set[str]:
+        """The event ids this consumer has already processed (the inbox)."""
+        rows = await self.pool.fetch(_INBOX_SEEN, self.consumer, list(event_ids))
+        return {row["event_id"] for row in rows}
+
+    async def processed(self, conn: asyncpg.Connection, event_ids: Sequence[str]) -> None:
+        if event_ids:
+            await conn.execute(_INBOX_ADD, self.consumer, list(event_ids))
+
+    async def create(self, events: Sequence[ReservationEvent]) -> dict[str, Order]:
+        """An order PENDING for each ``reservation.created`` that has none; every order of
+        ``events`` as it now stands."""
+        rows = await self.pool.fetch(
+            _CREATE,
+            [e.reservation_id for e in events],
+            [e.sale_id for e in events],
+            [e.sku for e in events],
+            [e.buyer_id for e in events],
+            [e.quantity for e in events],
+            [e.amount or 0 for e in events],
+            [e.currency or "" for e in events],
+            [e.admission_id or "" for e in events],
+            [e.payment_ref or "" for e in events],
+            self.topic,
+        )
+        return {r["id"]: Order(r["id"], r["state"], r["quantity"], r["amount"],
+                               r["currency"], r["payment_token"]) for r in rows}  # fmt: skip
+
+    async def advance(
+        self,
+        conn: asyncpg.Connection,
+        moves: Sequence[tuple[str, str]],
+        from_states: Sequence[str],
+        to_state: str,
+        event_type: str,
+        *,
+        count_sold: bool = False,
+    ) -> set[str]:
+        """Move each (order id, cause) that is in one of ``from_states`` to ``to_state``;
+        returns the ids moved. With ``count_sold``, the moved units are added to the SKU's
+        sold counter in the same statement (``CHECK (sold <= stock_total)`` guards it)."""
+        if not moves:
+            return set()
+        rows = await conn.fetch(
+            _ADVANCE, [m[0] for m in moves], [m[1] for m in moves], list(from_states),
+            to_state, event_type, self.topic, count_sold,
+        )  # fmt: skip
+        return {row["id"] for row in rows}
+
+    async def note(
+        self, conn: asyncpg.Connection, notes: Sequence[tuple[str, str]], event_type: str
+    ) -> None:
+        if notes:
+            await conn.execute(
+                _NOTE, [n[0] for n in notes], [n[1] for n in notes], event_type, self.topic
+            )
+
+    async def open_payments(self, conn: asyncpg.Connection, ids: Sequence[str]) -> None:
+        if ids:
+            await conn.execute(_PAYMENTS_OPEN, list(ids))
+
+    async def settle_payments(
+        self, conn: asyncpg.Connection, settled: Sequence[tuple[str, str, str]]
+    ) -> None:
+        """Record (key, provider ref, CAPTURED | DECLINED | REFUNDED) for each payment."""
+        if settled:
+            await conn.execute(
+                _PAYMENTS_SETTLE, [s[0] for s in settled], [s[1] for s in settled],
+                [s[2] for s in settled],
+            )  # fmt: skip

@@ -1,0 +1,169 @@
+"""The payment provider as the saga sees it: authorize+capture, refund, look up by key.
+
+Every call carries the reservation id as the idempotency key, so asking twice is asking once:
+the provider answers a repeated key with the first outcome. A call that may have reached the
+provider but gave no definite answer raises :class:`~flashsale.errors.PaymentUnknown`; the
+caller asks again with the same key and never guesses. While the provider keeps failing, the
+:class:`CircuitBreaker` fails calls fast with :class:`~flashsale.errors.ProviderDown`
+instead of piling requests onto it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import aiohttp
+import orjson
+
+from flashsale.errors import PaymentConflict, PaymentUnknown, ProviderDown
+
+ChargeStatus = Literal["captured", "declined", "refunded"]
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """A definite answer about the charge made under ``key``."""
+
+    key: str
+    status: ChargeStatus
+    provider_ref: str
+    amount: int
+    currency: str
+    decline_code: str | None = None
+
+    @classmethod
+    def parse(cls, data: Any) -> Charge:
+        if not isinstance(data, dict) or data.get("status") not in (
+            "captured", "declined", "refunded",
+        ):  # fmt: skip
+            raise PaymentUnknown(f"unreadable provider answer: {data!r}"[:200])
+        return cls(
+            str(data["idempotency_key"]), data["status"], str(data["id"]), int(data["amount"]),
+            str(data["currency"]), data.get("decline_code"),
+        )  # fmt: skip
+
+
+class PaymentProvider(Protocol):
+    async def charge(self, key: str, amount: int, currency: str, token: str) -> Charge:
+        """Authorize and capture; raises PaymentUnknown (retry with the same key),
+        ProviderDown or PaymentConflict."""
+
+    async def refund(self, key: str) -> Charge:
+        """Refund the capture made under ``key`` (idempotent)."""
+
+    async def lookup(self, key: str) -> Charge | None:
+        """The charge made under ``key``, or None when the provider has none."""
+
+
+class CircuitBreaker:
+    """Closed: calls go through. After ``threshold`` failures in a row it opens for
+    ``cooldown_s``: calls fail fast. Then one trial call is let through (half-open): a success
+    closes it, a failure opens it again."""
+
+    def __init__(self, threshold: int = 5, cooldown_s: float = 2.0) -> None:
+        self.threshold = threshold
+        self.cooldown_s = cooldown_s
+        self.failures = 0
+        self.opened_at: float | None = None
+        self._trial = False
+
+    @property
+    def state(self) -> str:
+        if self.opened_at is None:
+            return "closed"
+        return "half_open" if time.monotonic() - self.opened_at >= self.cooldown_s else "open"
+
+    def before(self) -> None:
+        """Raise ProviderDown when a call may not go through now."""
+        state = self.state
+        if state == "open" or (state == "half_open" and self._trial):
+            raise ProviderDown("the payment provider is failing; not calling it for now")
+        if state == "half_open":
+            self._trial = True
+
+    def succeeded(self) -> None:
+        self.failures, self.opened_at, self._trial = 0, None, False
+
+    def failed(self) -> None:
+        self.failures += 1
+        self._trial = False
+        if self.opened_at is not None or self.failures >= self.threshold:
+            self.opened_at = time.monotonic()
+
+
+class HttpProvider:
+    """A client of a Stripe-like HTTP provider (the ``flashsale psp`` simulator's API)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout_s: float = 2.0,
+        breaker: CircuitBreaker | None = None,
+        connections: int = 256,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.breaker = breaker or CircuitBreaker()
+        self.connections = connections
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> HttpProvider:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self.connections),
+            timeout=self.timeout,
+            json_serialize=lambda obj: orjson.dumps(obj).decode(),
+        )
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _call(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+        if self._session is None:
+            raise RuntimeError("HttpProvider is not open (use `async with`)")
+        self.breaker.before()
+        try:
+            async with self._session.request(method, self.base_url + path, **kwargs) as response:
+                body = orjson.loads(await response.read() or b"null")
+                status = response.status
+        except (TimeoutError, aiohttp.ClientError, orjson.JSONDecodeError) as exc:
+            self.breaker.failed()
+            raise PaymentUnknown(f"{method} {path}: no definite answer ({exc!r})") from exc
+        if status >= 500:
+            self.breaker.failed()
+            raise PaymentUnknown(f"{method} {path}: provider answered {status}")
+        self.breaker.succeeded()
+        return status, body
+
+    async def charge(self, key: str, amount: int, currency: str, token: str) -> Charge:
+        status, body = await self._call(
+            "POST", "/v1/charges", headers={"Idempotency-Key": key},
+            json={"amount": amount, "currency": currency, "token": token},
+        )  # fmt: skip
+        if status == 409:
+            raise PaymentConflict(f"idempotency key {key} was used with other parameters")
+        if status != 200:
+            raise PaymentUnknown(f"charge {key}: unexpected answer {status} {body!r}"[:300])
+        return Charge.parse(body)
+
+    async def refund(self, key: str) -> Charge:
+        status, body = await self._call("POST", f"/v1/charges/{key}/refund")
+        if status != 200:
+            raise PaymentUnknown(f"refund {key}: unexpected answer {status} {body!r}"[:300])
+        return Charge.parse(body)
+
+    async def lookup(self, key: str) -> Charge | None:
+        status, body = await self._call("GET", f"/v1/charges/{key}")
+        if status == 404:
+            return None
+        if status != 200:
+            raise PaymentUnknown(f"lookup {key}: unexpected answer {status} {body!r}"[:300])
+        return Charge.parse(body)

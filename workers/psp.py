@@ -1,0 +1,172 @@
+"""``flashsale psp``: a payment-provider simulator with Stripe-like idempotency.
+
+* ``POST /v1/charges`` with ``Idempotency-Key`` and ``{"amount", "currency", "token"}``:
+  authorize and capture. The same key returns the same charge; the same key with other
+  parameters is 409 ``idempotency_mismatch``.
+* ``GET /v1/charges/{key}``: the charge made under a key (404 if none).
+* ``POST /v1/charges/{key}/refund``: refund a capture (idempotent).
+* ``GET /v1/stats``: captures, declines, refunds, and how many times each key was captured
+  (``max_captures_per_key`` must stay 1).
+
+Outcomes are deterministic: the payment token decides the test cases, and random knobs draw
+from a generator seeded by the idempotency key, so a rerun behaves the same.
+
+* ``tok_decline…``: always declined (``card_declined``);
+* ``tok_timeout…``: the first call under a key captures, then answers too late (a timeout
+  after success);
+* ``tok_error…``: the first call under a key fails with 500 before charging;
+* anything else: captured, subject to the knobs below.
+
+Knobs (``flashsale psp --help``): latency mean and jitter, decline rate, 5xx rate,
+timeout-after-success rate. Charges live in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import random
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client import Counter as PromCounter
+
+from flashsale.ops import ops_app
+
+
+@dataclass(frozen=True)
+class Knobs:
+    latency_ms: float = 0.0
+    jitter_ms: float = 0.0
+    decline_rate: float = 0.0
+    error_rate: float = 0.0
+    timeout_rate: float = 0.0
+    hang_s: float = 30.0  # how late a "timeout after success" answers
+    seed: int = 0
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return _json({"error": {"code": code, "message": message}}, status)
+
+
+class Simulator:
+    def __init__(self, knobs: Knobs, registry: CollectorRegistry | None = None) -> None:
+        self.knobs = knobs
+        self.charges: dict[str, dict[str, Any]] = {}
+        self.params: dict[str, tuple[int, str, str]] = {}
+        self.calls: Counter[str] = Counter()  # charge calls per key
+        self.captures: Counter[str] = Counter()  # captures per key (must stay <= 1)
+        self.refunds = 0
+        self._ids = itertools.count(1)
+        self.registry = registry or CollectorRegistry()
+        self.outcomes = PromCounter("flashsale_psp_charges", "Charge calls by outcome",
+                                    ["outcome"], registry=self.registry)  # fmt: skip
+
+    def _rng(self, key: str, attempt: int) -> random.Random:
+        digest = hashlib.sha256(f"{self.knobs.seed}:{key}:{attempt}".encode()).digest()
+        return random.Random(int.from_bytes(digest[:8], "big"))  # noqa: S311 - a simulation
+
+    async def _latency(self, rng: random.Random) -> None:
+        k = self.knobs
+        delay = max(0.0, rng.gauss(k.latency_ms, k.jitter_ms)) if k.jitter_ms else k.latency_ms
+        if delay > 0:
+            await asyncio.sleep(delay / 1000)
+
+    async def charge(self, request: web.Request) -> web.StreamResponse:
+        key = request.headers.get("Idempotency-Key", "")
+        if not key or len(key) > 255:
+            return _error(400, "missing_idempotency_key", "Idempotency-Key header is required")
+        try:
+            body = orjson.loads(await request.read())
+            amount, currency, token = int(body["amount"]), str(body["currency"]), str(body["token"])
+        except (ValueError, KeyError, TypeError, orjson.JSONDecodeError):
+            return _error(400, "invalid_request", "body must be {amount, currency, token}")
+        if amount < 0:
+            return _error(400, "invalid_request", "amount must be >= 0")
+        self.calls[key] += 1
+        attempt = self.calls[key]
+        rng = self._rng(key, attempt)
+        await self._latency(rng)
+        params = (amount, currency, token)
+        known = self.charges.get(key)
+        if known is not None:
+            if self.params[key] != params:
+                self.outcomes.labels("idempotency_mismatch").inc()
+                return _error(409, "idempotency_mismatch", "key reused with other parameters")
+            self.outcomes.labels("replayed").inc()
+            return _json(known)
+        first = attempt == 1
+        if (token.startswith("tok_error") and first) or rng.random() < self.knobs.error_rate:
+            self.outcomes.labels("error").inc()
+            return _error(500, "provider_error", "simulated failure before charging")
+        declined = token.startswith("tok_decline") or rng.random() < self.knobs.decline_rate
+        charge = {
+            "id": f"ch_{next(self._ids):08d}", "idempotency_key": key, "amount": amount,
+            "currency": currency, "status": "declined" if declined else "captured",
+        }  # fmt: skip
+        if declined:
+            charge["decline_code"] = "card_declined"
+        else:
+            self.captures[key] += 1
+        self.charges[key] = charge
+        self.params[key] = params
+        self.outcomes.labels(charge["status"]).inc()
+        if (token.startswith("tok_timeout") and first) or rng.random() < self.knobs.timeout_rate:
+            self.outcomes.labels("timeout_after_success").inc()
+            await asyncio.sleep(self.knobs.hang_s)  # the client has given up by now
+        return _json(charge)
+
+    async def lookup(self, request: web.Request) -> web.Response:
+        charge = self.charges.get(request.match_info["key"])
+        if charge is None:
+            return _error(404, "not_found", "no charge under this key")
+        return _json(charge)
+
+    async def refund(self, request: web.Request) -> web.Response:
+        key = request.match_info["key"]
+        charge = self.charges.get(key)
+        if charge is None:
+            return _error(404, "not_found", "no charge under this key")
+        if charge["status"] == "declined":
+            return _error(409, "not_captured", "a declined charge cannot be refunded")
+        if charge["status"] == "captured":
+            charge["status"] = "refunded"
+            self.refunds += 1
+            self.outcomes.labels("refunded").inc()
+        return _json(charge)
+
+    async def stats(self, _request: web.Request) -> web.Response:
+        statuses = Counter(c["status"] for c in self.charges.values())
+        return _json({
+            "charges": len(self.charges), "captured": statuses["captured"],
+            "declined": statuses["declined"], "refunded": statuses["refunded"],
+            "calls": sum(self.calls.values()),
+            "max_captures_per_key": max(self.captures.values(), default=0),
+        })  # fmt: skip
+
+    def app(self) -> web.Application:
+        app = ops_app(lambda: {}, self.registry)
+        app.router.add_post("/v1/charges", self.charge)
+        app.router.add_get("/v1/charges/{key}", self.lookup)
+        app.router.add_post("/v1/charges/{key}/refund", self.refund)
+        app.router.add_get("/v1/stats", self.stats)
+        return app
+
+
+async def serve(host: str, port: int, knobs: Knobs, stop: asyncio.Event) -> None:
+    runner = web.AppRunner(Simulator(knobs).app(), access_log=None, shutdown_timeout=1)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port, backlog=4096).start()
+        await stop.wait()
+    finally:
+        await runner.cleanup()

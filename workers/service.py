@@ -1,0 +1,316 @@
+"""``flashsale workers``: the Kafka consumer that runs the order saga, and the publisher of the
+``order-events`` outbox.
+
+* One consumer group (``FLASHSALE_CONSUMER_GROUP``, default ``flashsale-workers``) on the
+  ``reservations`` topic; scale by running more processes (up to the topic's partitions).
+* Offsets are committed by hand, only after the batch's effects are durable in Postgres (and
+  the events that could not finish are parked on the dead-letter topic).
+* A rebalance waits for the batch in hand to finish and commit before partitions move, so the
+  next owner starts where this one stopped; a duplicate is harmless anyway (inbox, keys).
+* SIGTERM drains: the batch in hand finishes and commits, then the consumer leaves.
+* A message that cannot be read, or an event that keeps failing for reasons other than an
+  unreachable dependency, goes to the dead-letter topic with the reason, after bounded
+  retries. An unreachable dependency (Postgres, Redis, the provider's open circuit) is waited
+  out instead: nothing is committed until it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import asyncpg
+import orjson
+import redis.asyncio as aioredis
+import redis.exceptions
+from aiohttp import web
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka.errors import KafkaError
+from aiokafka.structs import ConsumerRecord, TopicPartition
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from allocator.scripts import HoldScripts
+from flashsale.clients import pg_pool, redis_client
+from flashsale.errors import ProviderDown
+from flashsale.events import ReservationEvent, decode_event, event_id
+from flashsale.kafka import ensure_topics, producer
+from flashsale.ops import ops_app
+from flashsale.settings import Settings
+from workers.orders import OrderStore
+from workers.payments import HttpProvider, PaymentProvider
+from workers.saga import BatchResult, Saga
+
+log = logging.getLogger("flashsale.workers")
+
+CONSUMER = "order-saga"  # the inbox's consumer name
+# Dependencies that are down, not data that is bad: wait and retry, never dead-letter.
+OUTAGES = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+           redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ProviderDown,
+           KafkaError)  # fmt: skip
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.events = Counter("flashsale_worker_events", "Reservation events consumed, by type",
+                              ["type"], registry=registry)  # fmt: skip
+        self.orders = Counter("flashsale_worker_orders", "Orders reaching a terminal state",
+                              ["state"], registry=registry)  # fmt: skip
+        self.duplicates = Counter(
+            "flashsale_worker_duplicates", "Events already processed (inbox)", registry=registry
+        )
+        self.dead_letters = Counter("flashsale_worker_dead_letters",
+                                    "Messages parked on the dead-letter topic", ["reason"],
+                                    registry=registry)  # fmt: skip
+        self.retries = Counter(
+            "flashsale_worker_batch_retries",
+            "Batches run again after a dependency failed",
+            registry=registry,
+        )
+        self.batch = Histogram("flashsale_worker_batch_seconds", "Time to run one batch",
+                               registry=registry)  # fmt: skip
+        self.published = Counter(
+            "flashsale_worker_order_events_published",
+            "Order events moved from the outbox to Kafka",
+            registry=registry,
+        )
+        self.assigned = Gauge("flashsale_worker_partitions", "Partitions assigned",
+                              registry=registry)  # fmt: skip
+
+
+@dataclass
+class _Parked:
+    record: ConsumerRecord
+    reason: str
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, service: WorkerService) -> None:
+        self.service = service
+
+    async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        # The batch in hand finishes and commits before its partitions go to another worker.
+        async with self.service.batch_lock:
+            log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
+
+    async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        self.service.metrics.assigned.set(len(assigned))
+        log.info("partitions assigned: %s", sorted(tp.partition for tp in assigned))
+
+
+class WorkerService:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        concurrency: int = 256,
+        max_batch: int = 2000,
+        attempts: int = 3,
+        provider: PaymentProvider | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.settings = settings
+        self.concurrency = concurrency
+        self.max_batch = max_batch
+        self.attempts = attempts
+        self.provider = provider
+        self.metrics = WorkerMetrics(registry or CollectorRegistry())
+        self.batch_lock = asyncio.Lock()
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+
+    async def run(self, stop: asyncio.Event, ops_port: int | None = None,
+                  host: str = "127.0.0.1") -> None:  # fmt: skip
+        settings = self.settings
+        await ensure_topics(settings)
+        redis = redis_client(settings)
+        pool = await pg_pool(settings, min_size=2, max_size=8)
+        out = producer(settings)
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.require_kafka(), group_id=settings.consumer_group,
+            client_id=f"flashsale-worker-{self.name}", enable_auto_commit=False,
+            auto_offset_reset="earliest", max_poll_records=self.max_batch,
+            session_timeout_ms=10_000, heartbeat_interval_ms=1_000,
+        )  # fmt: skip
+        runner: web.AppRunner | None = None
+        provider_cm: contextlib.AbstractAsyncContextManager[PaymentProvider]
+        if self.provider is not None:
+            provider_cm = contextlib.nullcontext(self.provider)
+        else:
+            if not settings.psp_url:
+                raise RuntimeError("FLASHSALE_PSP_URL is not set (flashsale up starts a psp)")
+            provider_cm = HttpProvider(settings.psp_url, connections=self.concurrency)
+        try:
+            await out.start()
+            async with provider_cm as provider:
+                store = OrderStore(pool, settings.topics.order_events, CONSUMER)
+                saga = Saga(store, HoldScripts(redis), provider, concurrency=self.concurrency)
+                if ops_port is not None:
+                    runner = await self._serve_ops(host, ops_port, redis, pool, consumer)
+                consumer.subscribe([settings.topics.reservations], listener=_Rebalance(self))
+                await consumer.start()
+                publisher = asyncio.create_task(publish_outbox(pool, out, stop, self.metrics))
+                try:
+                    await self._consume(consumer, out, saga, stop)
+                finally:
+                    stop.set()
+                    await publisher
+        finally:
+            with contextlib.suppress(KafkaError, OSError):
+                await consumer.stop()
+            await out.stop()
+            if runner is not None:
+                await runner.cleanup()
+            await pool.close()
+            await redis.aclose()
+
+    async def _consume(self, consumer: AIOKafkaConsumer, out: AIOKafkaProducer, saga: Saga,
+                       stop: asyncio.Event) -> None:  # fmt: skip
+        while not stop.is_set():
+            batch = await consumer.getmany(timeout_ms=100, max_records=self.max_batch)
+            if not batch:
+                continue
+            async with self.batch_lock:
+                records = [r for tp in sorted(batch) for r in batch[tp]]
+                await self._settle(records, out, saga, stop)
+                # Committed only now: every effect is durable or parked on the dead letters.
+                await consumer.commit({tp: rs[-1].offset + 1 for tp, rs in batch.items()})
+
+    async def _settle(self, records: list[ConsumerRecord], out: AIOKafkaProducer, saga: Saga,
+                      stop: asyncio.Event) -> None:  # fmt: skip
+        """Run the batch until every event is done or parked. Outages are waited out."""
+        events: list[tuple[ConsumerRecord, ReservationEvent]] = []
+        parked: list[_Parked] = []
+        for record in records:
+            try:
+                events.append((record, decode_event(record.value)))
+            except ValueError as exc:
+                parked.append(_Parked(record, f"unreadable: {exc}"))
+        failures: dict[str, int] = {}
+        backoff = 0.1
+        while events:
+            try:
+                with self.metrics.batch.time():
+                    result = await saga.run([e for _, e in events])
+            except OUTAGES as exc:
+                if stop.is_set() and not isinstance(exc, ProviderDown):
+                    raise
+                self.metrics.retries.inc()
+                log.warning("batch of %d waits for a dependency (%r); retrying in %.1fs",
+                            len(events), exc, backoff)  # fmt: skip
+                await asyncio.sleep(backoff)
+                backoff = min(5.0, backoff * 2)
+                continue
+            except Exception as exc:  # noqa: BLE001 - bad data somewhere: isolate it below
+                if len(events) > 1:
+                    log.warning("batch failed (%r); running its %d events one by one",
+                                exc, len(events))  # fmt: skip
+                    for record, _ in events:
+                        await self._settle([record], out, saga, stop)
+                    events = []
+                    break
+                record, event = events[0]
+                key = event_id(event)
+                failures[key] = failures.get(key, 0) + 1
+                if failures[key] >= self.attempts:
+                    parked.append(_Parked(record, f"failed {self.attempts} times: {exc!r}"))
+                    events = []
+                    break
+                await asyncio.sleep(backoff)
+                continue
+            self._count(events, result)
+            retry = result.unresolved
+            unresolved = [(r, e) for r, e in events if event_id(e) in retry]
+            for record, event in unresolved:
+                key = event_id(event)
+                failures[key] = failures.get(key, 0) + 1
+                if failures[key] >= self.attempts:
+                    parked.append(_Parked(record, retry[key]))
+            events = [(r, e) for r, e in unresolved if failures[event_id(e)] < self.attempts]
+            if events:
+                await asyncio.sleep(backoff)
+        await self._dead_letter(parked, out)
+
+    def _count(self, events: list[tuple[ConsumerRecord, ReservationEvent]],
+               result: BatchResult) -> None:  # fmt: skip
+        m = self.metrics
+        for _, event in events:
+            m.events.labels(event.type).inc()
+        m.duplicates.inc(result.duplicates)
+        m.orders.labels("CONFIRMED").inc(result.confirmed)
+        m.orders.labels("PAYMENT_FAILED").inc(result.failed)
+        m.orders.labels("CLOSED").inc(result.closed)
+
+    async def _dead_letter(self, parked: list[_Parked], out: AIOKafkaProducer) -> None:
+        """Park messages on the dead-letter topic, with the reason and where they came from;
+        acknowledged by the broker before the batch's offsets are committed."""
+        sends = []
+        for item in parked:
+            r = item.record
+            log.error("dead-lettering %s[%d]@%d: %s", r.topic, r.partition, r.offset, item.reason)
+            self.metrics.dead_letters.labels(item.reason.split(":")[0][:40]).inc()
+            sends.append(await out.send(
+                self.settings.topics.dead_letter, key=r.key, value=r.value,
+                headers=[("reason", item.reason.encode()[:1000]),
+                         ("source", f"{r.topic}/{r.partition}/{r.offset}".encode())],
+            ))  # fmt: skip
+        await asyncio.gather(*sends)
+
+    async def _serve_ops(self, host: str, port: int, redis: aioredis.Redis, pool: asyncpg.Pool,
+                         consumer: AIOKafkaConsumer) -> web.AppRunner:  # fmt: skip
+        async def broker() -> object:
+            return await consumer.topics()
+
+        app = ops_app(
+            lambda: {"redis": redis.ping, "postgres": lambda: pool.fetchval("SELECT 1"),
+                     "kafka": broker},
+            self.metrics.registry,
+        )  # fmt: skip
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, host, port).start()
+        log.info("workers ops endpoints on http://%s:%d/healthz and /metrics", host, port)
+        return runner
+
+
+_CLAIM_OUTBOX = """
+SELECT id, topic, key, payload FROM outbox WHERE published_at IS NULL
+ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
+"""
+
+
+async def publish_outbox(pool: asyncpg.Pool, out: AIOKafkaProducer, stop: asyncio.Event,
+                         metrics: WorkerMetrics, *, batch: int = 2000,
+                         interval: float = 0.05) -> None:  # fmt: skip
+    """Move the ``outbox`` table to Kafka: rows are marked published in the transaction that
+    locked them, after the broker acknowledged them (a crash in between republishes; consumers
+    key on order id and version). Several publishers share the work (SKIP LOCKED)."""
+    while not stop.is_set():
+        try:
+            sent = await _publish_some(pool, out, batch)
+        except OUTAGES as exc:
+            log.warning("order-events outbox: %r; retrying", exc)
+            sent = 0
+        if sent:
+            metrics.published.inc(sent)
+        if sent < batch:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+
+
+async def _publish_some(pool: asyncpg.Pool, out: AIOKafkaProducer, batch: int) -> int:
+    async with pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(_CLAIM_OUTBOX, batch)
+        if not rows:
+            return 0
+        sends = [await out.send(r["topic"], key=r["key"].encode(),
+                                value=orjson.dumps(orjson.loads(r["payload"])))
+                 for r in rows]  # fmt: skip
+        await asyncio.gather(*sends)
+        await conn.execute("UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])",
+                           [r["id"] for r in rows])  # fmt: skip
+    return len(rows)
