@@ -27,6 +27,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from flashsale.events import encode_event, outbox_events
+from flashsale.kafka import publish
 from flashsale.keys import SkuKeys
 
 log = logging.getLogger("flashsale.relay")
@@ -119,6 +120,7 @@ class OutboxRelay:
 
     async def _publish(self, work: list[tuple[SkuKeys, list[tuple[Any, dict[Any, Any]]]]]) -> int:
         sends: list[Awaitable[Any]] = []
+        messages: list[tuple[bytes, bytes]] = []
         done: list[tuple[SkuKeys, list[Any]]] = []
         for keys, entries in work:
             key = f"{keys.sale_id}:{keys.sku}".encode()
@@ -140,12 +142,10 @@ class OutboxRelay:
                                  ("source", keys.outbox.encode())],
                     ))  # fmt: skip
                     continue
-                for event in events:
-                    sends.append(
-                        await self.producer.send(self.topic, key=key, value=encode_event(event))
-                    )
+                messages += [(key, encode_event(event)) for event in events]
             done.append((keys, ids))
         # Every message acknowledged by the broker before any entry is.
+        await publish(self.producer, self.topic, messages)
         await asyncio.gather(*sends)
         pipe = self.client.pipeline(transaction=False)
         for keys, ids in done:
@@ -154,7 +154,7 @@ class OutboxRelay:
         await pipe.execute()
         acked = sum(len(ids) for _, ids in done)
         self.stats.entries += acked
-        self.stats.messages += len(sends)
+        self.stats.messages += len(messages) + len(sends)
         return acked
 
 

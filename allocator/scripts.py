@@ -26,6 +26,8 @@ PreloadOutcome = Literal["loaded", "unchanged", "refused_committed", "refused_be
 # Requests per reserve call: bounded by Lua's unpack() stack and to keep one call short.
 MAX_RESERVE_BATCH = 1000
 HOLD_SCRIPTS = ("reserve", "begin_payment", "confirm", "release", "expire")
+Transition = Literal["begin_payment", "confirm", "release"]
+MAX_TRANSITION_BATCH = 1000  # ids per transition script call
 QUEUE_SCRIPTS = ("join", "claim", "lease", "advance", "assign")
 # Hold records and idempotency entries are delimited by these bytes inside Redis.
 _FORBIDDEN = ("\x1e", "\x1f")
@@ -254,45 +256,61 @@ class HoldScripts:
         raw = await call_packed(self.client, self._reserve, command)
         return [ReserveResult.parse(item) for item in raw]
 
-    async def _transition(
-        self, script: AsyncScript, keys: SkuKeys, args: list[str]
-    ) -> TransitionResult:
-        ok, state, reason = await script(keys=keys.all(), args=args)
-        return TransitionResult(bool(ok), _text(state), _text(reason))
-
     async def begin_payment(self, keys: SkuKeys, reservation_id: str) -> TransitionResult:
-        return await self._transition(self._begin_payment, keys, [reservation_id])
+        [result] = await self.transition("begin_payment", [(keys, reservation_id)])
+        return result
 
     async def confirm(self, keys: SkuKeys, reservation_id: str) -> TransitionResult:
-        return await self._transition(self._confirm, keys, [reservation_id])
+        [result] = await self.transition("confirm", [(keys, reservation_id)])
+        return result
 
     async def release(
         self, keys: SkuKeys, reservation_id: str, cause: str = "cancelled"
     ) -> TransitionResult:
-        return await self._transition(self._release, keys, [reservation_id, cause])
+        [result] = await self.transition("release", [(keys, reservation_id)], cause=cause)
+        return result
 
     async def cancel(self, keys: SkuKeys, reservation_id: str) -> TransitionResult:
         """A buyer's cancel: releases an ACTIVE hold, refuses a PAYING one."""
-        return await self._transition(
-            self._release, keys, [reservation_id, "cancelled", "active_only"]
+        [result] = await self.transition(
+            "release", [(keys, reservation_id)], cause="cancelled", active_only=True
         )
+        return result
 
-    async def many(
-        self, transition: str, calls: Sequence[tuple[SkuKeys, Sequence[str]]]
+    async def transition(
+        self,
+        name: Transition,
+        items: Sequence[tuple[SkuKeys, str]],
+        *,
+        cause: str = "cancelled",
+        active_only: bool = False,
     ) -> list[TransitionResult]:
-        """Run one transition script (``begin_payment``, ``confirm``, ``release``) for many
-        holds in one pipelined round trip: ``calls`` are (keys, ARGV) pairs. Each call is
-        still its own atomic, idempotent script run."""
-        script = {"begin_payment": self._begin_payment, "confirm": self._confirm,
-                  "release": self._release}[transition]  # fmt: skip
-        if not calls:
+        """Move many holds with one script (``begin_payment``, ``confirm`` or ``release``
+        with ``cause``): one call per SKU and per ``MAX_TRANSITION_BATCH`` ids, all pipelined
+        in one round trip. Each call is atomic; results come back in the order of ``items``."""
+        if not items:
             return []
+        script = {"begin_payment": self._begin_payment, "confirm": self._confirm,
+                  "release": self._release}[name]  # fmt: skip
+        prefix = [cause, "active_only" if active_only else ""] if name == "release" else []
+        by_sku: dict[SkuKeys, list[int]] = {}
+        for index, (keys, _) in enumerate(items):
+            by_sku.setdefault(keys, []).append(index)
+        calls: list[list[int]] = []
         pipe = self.client.pipeline(transaction=False)
-        for keys, args in calls:
-            await script(keys=keys.all(), args=list(args), client=pipe)
+        for keys, indexes in by_sku.items():
+            for start in range(0, len(indexes), MAX_TRANSITION_BATCH):
+                chunk = indexes[start : start + MAX_TRANSITION_BATCH]
+                calls.append(chunk)
+                ids = [items[i][1] for i in chunk]
+                await script(keys=keys.all(), args=[*prefix, *ids], client=pipe)
         replies = await pipe.execute()
-        return [TransitionResult(bool(ok), _text(state), _text(reason))
-                for ok, state, reason in replies]  # fmt: skip
+        results: list[TransitionResult | None] = [None] * len(items)
+        for chunk, reply in zip(calls, replies, strict=True):
+            for k, index in enumerate(chunk):
+                ok, state, reason = reply[3 * k : 3 * k + 3]
+                results[index] = TransitionResult(bool(ok), _text(state), _text(reason))
+        return cast(list[TransitionResult], results)
 
     async def holds(self, items: Sequence[tuple[SkuKeys, str]]) -> list[bytes | None]:
         """Raw hold records of many reservations in one round trip (None where missing)."""

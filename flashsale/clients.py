@@ -30,11 +30,19 @@ def redis_client(
     return aioredis.Redis.from_pool(pool)
 
 
-async def pg_pool(settings: Settings, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+async def pg_pool(
+    settings: Settings,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    server_settings: dict[str, str] | None = None,
+) -> asyncpg.Pool:
     """An asyncpg pool for ``DATABASE_URL``; raises Unavailable with where it tried."""
     dsn = settings.require_database()
     try:
-        return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, timeout=5)
+        return await asyncpg.create_pool(
+            dsn, min_size=min_size, max_size=max_size, timeout=5, server_settings=server_settings
+        )
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         where = urlsplit(dsn)
         raise Unavailable(f"cannot reach Postgres at {where.hostname}:{where.port}: {exc}") from exc

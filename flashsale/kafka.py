@@ -8,9 +8,11 @@ consumer effect is keyed by reservation id, so a duplicate is harmless.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Sequence
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -77,3 +79,34 @@ def producer(settings: Settings, *, linger_ms: int = 2) -> AIOKafkaProducer:
         max_batch_size=256 * 1024,
         request_timeout_ms=15_000,
     )
+
+
+async def publish(
+    out: AIOKafkaProducer, topic: str, messages: Sequence[tuple[bytes, bytes]]
+) -> int:
+    """Send (key, value) messages and wait until the broker has acknowledged every one.
+
+    Messages are packed into per-partition batches directly: a key always maps to the same
+    partition (CRC-32 of the key, computed in C), so each key's messages stay in order.
+    Sending them one by one costs aiokafka's pure-Python partitioner and bookkeeping per
+    message, which was the largest cost of the workers' order-events publisher.
+    """
+    if not messages:
+        return 0
+    partitions = sorted(await out.partitions_for(topic))
+    by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
+    for key, value in messages:
+        by_partition.setdefault(partitions[zlib.crc32(key) % len(partitions)], []).append(
+            (key, value)
+        )
+    sends = []
+    for partition, items in by_partition.items():
+        batch = out.create_batch()
+        for key, value in items:
+            if batch.append(key=key, value=value, timestamp=None) is None:  # full
+                sends.append(await out.send_batch(batch, topic, partition=partition))
+                batch = out.create_batch()
+                batch.append(key=key, value=value, timestamp=None)
+        sends.append(await out.send_batch(batch, topic, partition=partition))
+    await asyncio.gather(*sends)
+    return len(messages)

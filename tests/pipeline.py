@@ -40,7 +40,7 @@ from flashsale.settings import Settings, Topics
 from workers.orders import TERMINAL
 from workers.payments import CircuitBreaker, HttpProvider
 from workers.psp import Knobs, Simulator
-from workers.service import WorkerService
+from workers.service import BATCH_PLANNING, WorkerService
 
 SKU = "SKU-1"
 
@@ -215,7 +215,7 @@ async def pipeline(stack: Settings, knobs: Knobs | None = None) -> AsyncIterator
     psp_url = f"http://127.0.0.1:{port}"
     settings = dataclasses.replace(settings, psp_url=psp_url)
     redis = redis_client(settings)
-    pool = await pg_pool(settings, min_size=1, max_size=6)
+    pool = await pg_pool(settings, min_size=1, max_size=6, server_settings=BATCH_PLANNING)
     out = producer(settings)
     await out.start()
     relay = OutboxRelay(redis, out, topics.reservations, topics.dead_letter, f"relay-{run}",

@@ -84,14 +84,18 @@ def test_hold_lifecycle_state_machine(redis_url: str) -> None:
         def transition(self, data: st.DataObject, action: str) -> None:
             if not self.reservations:
                 return
-            rid = data.draw(st.sampled_from(self.reservations))
-            args: list[str] = [rid] + (["cancelled"] if action == "release" else [])
-            _ok, state, _reason = self.call(action, *args)
-            if rid in self.terminal:
-                # A reservation that reached a terminal state never leaves it.
-                assert state == self.terminal[rid], (rid, state, self.terminal[rid])
-            if state in TERMINAL:
-                self.terminal[rid] = state
+            # One script call moves a batch of holds, a hold possibly twice in it.
+            rids = data.draw(st.lists(st.sampled_from(self.reservations), min_size=1, max_size=3))
+            args: list[str] = (["cancelled", ""] if action == "release" else []) + rids
+            reply = self.call(action, *args)
+            assert len(reply) == 3 * len(rids)
+            for i, rid in enumerate(rids):
+                state = reply[3 * i + 1]
+                if rid in self.terminal:
+                    # A reservation that reached a terminal state never leaves it.
+                    assert state == self.terminal[rid], (rid, state, self.terminal[rid])
+                if state in TERMINAL:
+                    self.terminal[rid] = state
 
         @rule(limit=st.integers(1, 5))
         def expire(self, limit: int) -> None:

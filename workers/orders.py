@@ -1,11 +1,15 @@
 """Orders in Postgres, written a batch at a time.
 
 Every write is one set-based statement over arrays (``unnest``), so a batch of a thousand
-reservations costs a handful of round trips, not thousands. Every state change is
+reservations costs a handful of round trips, not thousands. Each statement finds its orders
+by ``id = ANY($1)`` (the primary key) and the workers' connections plan every execution for
+its own arrays (``plan_cache_mode = force_custom_plan``): a generic plan, or one driven from
+the state index, joined a batch against every open order. Every state change is
 conditional on the state it leaves (``WHERE state = ANY(from)``): two workers running the
 same saga step move an order once, and an order reaches exactly one terminal state. Each
-change bumps ``orders.version``, appends to ``order_events`` (``seq`` = the new version) and
-queues an ``order-events`` message in the ``outbox`` table, in the same statement.
+change bumps ``orders.version`` and appends to ``order_events`` (``seq`` = the new version),
+and the statement queues its events for the ``order-events`` topic as one ``outbox`` row (a
+JSON array, key ``*``): one outbox row per statement, not one per order.
 """
 
 from __future__ import annotations
@@ -36,54 +40,74 @@ class Order:
     payment_token: str
 
 
+# One statement for a batch of new orders, each inserted straight into the state its hold
+# is already in (PAYING, or terminal when Redis released it first; PENDING when Redis does
+# not know it), with the log of how it got there. $1..$9 the order columns, $10 states,
+# $11 causes, $12 the order-events topic. Returns every order of the input as it now stands.
 _CREATE = """
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[],
-                         $6::bigint[], $7::text[], $8::text[], $9::text[])
-        AS t(id, sale_id, sku, buyer_id, quantity, amount, currency, admission_id, payment_token)
+                         $6::bigint[], $7::text[], $8::text[], $9::text[], $10::text[],
+                         $11::text[])
+        AS t(id, sale_id, sku, buyer_id, quantity, amount, currency, admission_id,
+             payment_token, state, cause)
 ), inserted AS (
     INSERT INTO orders (id, sale_id, sku, buyer_id, quantity, amount, currency, admission_id,
-                        payment_token, state)
-    SELECT id, sale_id, sku, buyer_id, quantity, amount, currency, admission_id, payment_token,
-           'PENDING'
-    FROM input
+                        payment_token, state, version)
+    SELECT i.id, i.sale_id, i.sku, i.buyer_id, i.quantity, i.amount, i.currency,
+           i.admission_id, i.payment_token, i.state,
+           CASE WHEN i.state = 'PENDING' THEN 1 ELSE 2 END
+    FROM input i JOIN sale_skus k ON k.sale_id = i.sale_id AND k.sku = i.sku  -- else no order
     ON CONFLICT (id) DO NOTHING
-    RETURNING id, version, quantity, amount, currency, payment_token
+    RETURNING id, state, quantity, amount, currency, payment_token
+), events AS (
+    SELECT id, 1 AS seq, 'order.created' AS type, NULL::text AS from_state,
+           'PENDING' AS to_state, 'reservation.created' AS cause
+    FROM inserted
+    UNION ALL
+    SELECT i.id, 2, 'order.' || lower(i.state), 'PENDING', i.state, t.cause
+    FROM inserted i JOIN input t USING (id) WHERE i.state <> 'PENDING'
 ), logged AS (
     INSERT INTO order_events (order_id, seq, type, from_state, to_state, cause)
-    SELECT id, version, 'order.created', NULL, 'PENDING', 'reservation.created' FROM inserted
+    SELECT id, seq, type, from_state, to_state, cause FROM events
 ), queued AS (
     INSERT INTO outbox (topic, key, payload)
-    SELECT $10, id, jsonb_build_object('order_id', id, 'type', 'order.created',
-                                       'state', 'PENDING', 'version', version)
-    FROM inserted
+    SELECT $12, '*', json_agg(json_build_object(
+        'order_id', id, 'type', type, 'state', to_state, 'from_state', from_state,
+        'cause', cause, 'version', seq))
+    FROM events HAVING count(*) > 0
 )
-SELECT id, 'PENDING' AS state, quantity, amount, currency, payment_token FROM inserted
+SELECT id, state, quantity, amount, currency, payment_token FROM inserted
 UNION ALL
 SELECT o.id, o.state, o.quantity, o.amount, o.currency, o.payment_token
-FROM orders o JOIN input USING (id)
+FROM unnest($1::text[]) AS t(id)
+CROSS JOIN LATERAL (SELECT * FROM orders WHERE id = t.id OFFSET 0) o
 """
 
 # $1 ids, $2 causes, $3 from-states, $4 to-state, $5 event type, $6 topic, $7 count as sold
 _ADVANCE = """
-WITH wanted AS (
+WITH wanted AS MATERIALIZED (
+    -- Driven from the batch, one primary-key lookup per id (OFFSET 0 keeps the planner from
+    -- flattening it into a join led by the state index, whose statistics lag behind).
     SELECT o.id, o.state AS before, t.cause
-    FROM unnest($1::text[], $2::text[]) AS t(id, cause) JOIN orders o ON o.id = t.id
+    FROM unnest($1::text[], $2::text[]) AS t(id, cause)
+    CROSS JOIN LATERAL (SELECT id, state FROM orders WHERE id = t.id OFFSET 0) o
     WHERE o.state = ANY($3::text[])
 ), moved AS (
     UPDATE orders o
     SET state = $4, version = o.version + 1, updated_at = now()
     FROM wanted w
-    WHERE o.id = w.id AND o.state = w.before
+    WHERE o.id = ANY($1::text[]) AND o.id = w.id AND o.state = w.before
     RETURNING o.id, o.version, o.sale_id, o.sku, o.quantity, w.before, w.cause
 ), logged AS (
     INSERT INTO order_events (order_id, seq, type, from_state, to_state, cause)
     SELECT id, version, $5, before, $4, cause FROM moved
 ), queued AS (
     INSERT INTO outbox (topic, key, payload)
-    SELECT $6, id, jsonb_build_object('order_id', id, 'type', $5::text, 'state', $4::text,
-                                      'from_state', before, 'cause', cause, 'version', version)
-    FROM moved
+    SELECT $6, '*', json_agg(json_build_object(
+        'order_id', id, 'type', $5::text, 'state', $4::text, 'from_state', before,
+        'cause', cause, 'version', version))
+    FROM moved HAVING count(*) > 0
 ), sold AS (
     UPDATE sale_skus k SET sold = k.sold + m.units
     FROM (SELECT sale_id, sku, sum(quantity) AS units FROM moved WHERE $7
@@ -98,32 +122,27 @@ _NOTE = """
 WITH noted AS (
     UPDATE orders o SET version = o.version + 1, updated_at = now()
     FROM unnest($1::text[], $2::text[]) AS t(id, cause)
-    WHERE o.id = t.id
+    WHERE o.id = ANY($1::text[]) AND o.id = t.id
     RETURNING o.id, o.version, o.state, t.cause
 ), logged AS (
     INSERT INTO order_events (order_id, seq, type, from_state, to_state, cause)
     SELECT id, version, $3, state, state, cause FROM noted
 ), queued AS (
     INSERT INTO outbox (topic, key, payload)
-    SELECT $4, id, jsonb_build_object('order_id', id, 'type', $3::text, 'state', state,
-                                      'cause', cause, 'version', version)
-    FROM noted
+    SELECT $4, '*', json_agg(json_build_object(
+        'order_id', id, 'type', $3::text, 'state', state, 'cause', cause,
+        'version', version))
+    FROM noted HAVING count(*) > 0
 )
 SELECT id FROM noted
-"""
-
-_PAYMENTS_OPEN = """
-INSERT INTO payments (idempotency_key, order_id, amount, currency, state)
-SELECT t.id, t.id, o.amount, o.currency, 'PENDING'
-FROM unnest($1::text[]) AS t(id) JOIN orders o ON o.id = t.id
-ON CONFLICT (idempotency_key) DO NOTHING
 """
 
 # $1 keys, $2 provider refs, $3 states: the provider's definite answer for each key.
 _PAYMENTS_SETTLE = """
 INSERT INTO payments (idempotency_key, order_id, provider_ref, amount, currency, state)
 SELECT t.id, t.id, t.ref, o.amount, o.currency, t.state
-FROM unnest($1::text[], $2::text[], $3::text[]) AS t(id, ref, state) JOIN orders o ON o.id = t.id
+FROM unnest($1::text[], $2::text[], $3::text[]) AS t(id, ref, state)
+JOIN orders o ON o.id = t.id AND o.id = ANY($1::text[])
 ON CONFLICT (idempotency_key) DO UPDATE
 SET provider_ref = EXCLUDED.provider_ref, state = EXCLUDED.state, updated_at = now()
 WHERE payments.state IS DISTINCT FROM EXCLUDED.state
@@ -154,9 +173,12 @@ class OrderStore:
         if event_ids:
             await conn.execute(_INBOX_ADD, self.consumer, list(event_ids))
 
-    async def create(self, events: Sequence[ReservationEvent]) -> dict[str, Order]:
-        """An order PENDING for each ``reservation.created`` that has none; every order of
-        ``events`` as it now stands."""
+    async def create(
+        self, events: Sequence[ReservationEvent], targets: dict[str, tuple[str, str]]
+    ) -> dict[str, Order]:
+        """Insert the order of each ``reservation.created`` that has none, in the state
+        ``targets`` gives it (reservation id -> (state, cause)); every order of ``events`` as
+        it now stands."""
         rows = await self.pool.fetch(
             _CREATE,
             [e.reservation_id for e in events],
@@ -168,6 +190,8 @@ class OrderStore:
             [e.currency or "" for e in events],
             [e.admission_id or "" for e in events],
             [e.payment_ref or "" for e in events],
+            [targets[e.reservation_id][0] for e in events],
+            [targets[e.reservation_id][1] for e in events],
             self.topic,
         )
         return {r["id"]: Order(r["id"], r["state"], r["quantity"], r["amount"],
@@ -202,14 +226,11 @@ class OrderStore:
                 _NOTE, [n[0] for n in notes], [n[1] for n in notes], event_type, self.topic
             )
 
-    async def open_payments(self, conn: asyncpg.Connection, ids: Sequence[str]) -> None:
-        if ids:
-            await conn.execute(_PAYMENTS_OPEN, list(ids))
-
     async def settle_payments(
         self, conn: asyncpg.Connection, settled: Sequence[tuple[str, str, str]]
     ) -> None:
-        """Record (key, provider ref, CAPTURED | DECLINED | REFUNDED) for each payment."""
+        """Record (key, provider ref, CAPTURED | DECLINED | REFUNDED | UNKNOWN) for each
+        payment, as the provider last answered for its key."""
         if settled:
             await conn.execute(
                 _PAYMENTS_SETTLE, [s[0] for s in settled], [s[1] for s in settled],

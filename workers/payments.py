@@ -10,14 +10,16 @@ instead of piling requests onto it.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import aiohttp
 import orjson
 
-from flashsale.errors import PaymentConflict, PaymentUnknown, ProviderDown
+from flashsale.errors import PaymentConflict, PaymentError, PaymentUnknown, ProviderDown
 
 ChargeStatus = Literal["captured", "declined", "refunded"]
 
@@ -45,10 +47,22 @@ class Charge:
         )  # fmt: skip
 
 
+@dataclass(frozen=True, slots=True)
+class ChargeRequest:
+    key: str  # the idempotency key: the reservation id
+    amount: int
+    currency: str
+    token: str
+
+
 class PaymentProvider(Protocol):
     async def charge(self, key: str, amount: int, currency: str, token: str) -> Charge:
         """Authorize and capture; raises PaymentUnknown (retry with the same key),
         ProviderDown or PaymentConflict."""
+
+    async def charge_many(self, requests: Sequence[ChargeRequest]) -> list[Charge | PaymentError]:
+        """Each request's definite charge, or the error saying why there is none (per item);
+        raises ProviderDown or PaymentUnknown when the whole call got no answer."""
 
     async def refund(self, key: str) -> Charge:
         """Refund the capture made under ``key`` (idempotent)."""
@@ -103,8 +117,12 @@ class HttpProvider:
         timeout_s: float = 2.0,
         breaker: CircuitBreaker | None = None,
         connections: int = 256,
+        batch: bool = True,
+        batch_size: int = 500,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.batch = batch
+        self.batch_size = batch_size
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.breaker = breaker or CircuitBreaker()
         self.connections = connections
@@ -142,6 +160,47 @@ class HttpProvider:
             raise PaymentUnknown(f"{method} {path}: provider answered {status}")
         self.breaker.succeeded()
         return status, body
+
+    async def charge_many(self, requests: Sequence[ChargeRequest]) -> list[Charge | PaymentError]:
+        """One ``POST /v1/charges/batch`` per ``batch_size`` requests when the provider has
+        that route (each item still keyed and idempotent on its own); one ``charge`` per
+        request otherwise (a 404 on the batch route switches to that for good)."""
+        if not self.batch:
+            return list(await asyncio.gather(*(self._one(r) for r in requests)))
+        chunks = [requests[i : i + self.batch_size]
+                  for i in range(0, len(requests), self.batch_size)]  # fmt: skip
+        answers = await asyncio.gather(*(self._batch(chunk) for chunk in chunks))
+        return [answer for chunk in answers for answer in chunk]
+
+    async def _one(self, request: ChargeRequest) -> Charge | PaymentError:
+        try:
+            return await self.charge(request.key, request.amount, request.currency, request.token)
+        except ProviderDown:
+            raise
+        except PaymentError as exc:
+            return exc
+
+    async def _batch(self, requests: Sequence[ChargeRequest]) -> list[Charge | PaymentError]:
+        status, body = await self._call("POST", "/v1/charges/batch", json={"charges": [
+            {"idempotency_key": r.key, "amount": r.amount, "currency": r.currency,
+             "token": r.token} for r in requests
+        ]})  # fmt: skip
+        if status == 404:
+            self.batch = False
+            return list(await asyncio.gather(*(self._one(r) for r in requests)))
+        results = body.get("results") if isinstance(body, dict) else None
+        if status != 200 or not isinstance(results, list) or len(results) != len(requests):
+            raise PaymentUnknown(f"charge batch: unexpected answer {status} {body!r}"[:300])
+        out: list[Charge | PaymentError] = []
+        for request, item in zip(requests, results, strict=True):
+            error = item.get("error") if isinstance(item, dict) else None
+            if error is None:
+                out.append(Charge.parse(item))
+            elif error.get("code") == "idempotency_mismatch":
+                out.append(PaymentConflict(f"key {request.key} was used with other parameters"))
+            else:
+                out.append(PaymentUnknown(f"charge {request.key}: {error!r}"[:300]))
+        return out
 
     async def charge(self, key: str, amount: int, currency: str, token: str) -> Charge:
         status, body = await self._call(

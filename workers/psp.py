@@ -3,6 +3,9 @@
 * ``POST /v1/charges`` with ``Idempotency-Key`` and ``{"amount", "currency", "token"}``:
   authorize and capture. The same key returns the same charge; the same key with other
   parameters is 409 ``idempotency_mismatch``.
+* ``POST /v1/charges/batch`` with ``{"charges": [{"idempotency_key", ...}, ...]}``: many
+  charges in one request, each decided as its own call (results in order; an item that fails
+  carries ``{"error"}``). One round trip and one latency for the lot.
 * ``GET /v1/charges/{key}``: the charge made under a key (404 if none).
 * ``POST /v1/charges/{key}/refund``: refund a capture (idempotent).
 * ``GET /v1/stats``: captures, declines, refunds, and how many times each key was captured
@@ -54,8 +57,22 @@ def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
+def _problem(code: str, message: str) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message}}
+
+
 def _error(status: int, code: str, message: str) -> web.Response:
-    return _json({"error": {"code": code, "message": message}}, status)
+    return _json(_problem(code, message), status)
+
+
+def _params(key: str, body: Any) -> tuple[int, str, str]:
+    """(amount, currency, token) of a charge request; ValueError names what is wrong."""
+    if not key or len(key) > 255:
+        raise ValueError("an idempotency key of 1..255 characters is required")
+    amount, currency, token = int(body["amount"]), str(body["currency"]), str(body["token"])
+    if amount < 0:
+        raise ValueError("amount must be >= 0")
+    return amount, currency, token
 
 
 class Simulator:
@@ -68,6 +85,7 @@ class Simulator:
         self.refunds = 0
         self._ids = itertools.count(1)
         self.registry = registry or CollectorRegistry()
+        self._jitter = random.Random(knobs.seed)  # noqa: S311 - a simulation
         self.outcomes = PromCounter("flashsale_psp_charges", "Charge calls by outcome",
                                     ["outcome"], registry=self.registry)  # fmt: skip
 
@@ -75,39 +93,24 @@ class Simulator:
         digest = hashlib.sha256(f"{self.knobs.seed}:{key}:{attempt}".encode()).digest()
         return random.Random(int.from_bytes(digest[:8], "big"))  # noqa: S311 - a simulation
 
-    async def _latency(self, rng: random.Random) -> None:
-        k = self.knobs
-        delay = max(0.0, rng.gauss(k.latency_ms, k.jitter_ms)) if k.jitter_ms else k.latency_ms
-        if delay > 0:
-            await asyncio.sleep(delay / 1000)
-
-    async def charge(self, request: web.Request) -> web.StreamResponse:
-        key = request.headers.get("Idempotency-Key", "")
-        if not key or len(key) > 255:
-            return _error(400, "missing_idempotency_key", "Idempotency-Key header is required")
-        try:
-            body = orjson.loads(await request.read())
-            amount, currency, token = int(body["amount"]), str(body["currency"]), str(body["token"])
-        except (ValueError, KeyError, TypeError, orjson.JSONDecodeError):
-            return _error(400, "invalid_request", "body must be {amount, currency, token}")
-        if amount < 0:
-            return _error(400, "invalid_request", "amount must be >= 0")
+    def _decide(self, key: str, params: tuple[int, str, str]) -> tuple[int, Any, bool]:
+        """(HTTP status, body, answer late?) for one charge call under ``key``."""
         self.calls[key] += 1
         attempt = self.calls[key]
         rng = self._rng(key, attempt)
-        await self._latency(rng)
-        params = (amount, currency, token)
         known = self.charges.get(key)
         if known is not None:
             if self.params[key] != params:
                 self.outcomes.labels("idempotency_mismatch").inc()
-                return _error(409, "idempotency_mismatch", "key reused with other parameters")
+                return 409, _problem("idempotency_mismatch", "key reused with other parameters"), \
+                    False  # fmt: skip
             self.outcomes.labels("replayed").inc()
-            return _json(known)
+            return 200, known, False
+        amount, currency, token = params
         first = attempt == 1
         if (token.startswith("tok_error") and first) or rng.random() < self.knobs.error_rate:
             self.outcomes.labels("error").inc()
-            return _error(500, "provider_error", "simulated failure before charging")
+            return 500, _problem("provider_error", "simulated failure before charging"), False
         declined = token.startswith("tok_decline") or rng.random() < self.knobs.decline_rate
         charge = {
             "id": f"ch_{next(self._ids):08d}", "idempotency_key": key, "amount": amount,
@@ -120,10 +123,49 @@ class Simulator:
         self.charges[key] = charge
         self.params[key] = params
         self.outcomes.labels(charge["status"]).inc()
-        if (token.startswith("tok_timeout") and first) or rng.random() < self.knobs.timeout_rate:
+        late = (token.startswith("tok_timeout") and first) or rng.random() < self.knobs.timeout_rate
+        if late:
             self.outcomes.labels("timeout_after_success").inc()
+        return 200, charge, late
+
+    async def _latency(self) -> None:
+        k = self.knobs
+        delay = max(0.0, self._jitter.gauss(k.latency_ms, k.jitter_ms)) if k.jitter_ms \
+            else k.latency_ms  # fmt: skip
+        if delay > 0:
+            await asyncio.sleep(delay / 1000)
+
+    async def charge(self, request: web.Request) -> web.StreamResponse:
+        key = request.headers.get("Idempotency-Key", "")
+        try:
+            params = _params(key, orjson.loads(await request.read()))
+        except (ValueError, KeyError, TypeError, orjson.JSONDecodeError) as exc:
+            return _json(_problem("invalid_request", str(exc)), 400)
+        await self._latency()
+        status, body, late = self._decide(key, params)
+        if late:
             await asyncio.sleep(self.knobs.hang_s)  # the client has given up by now
-        return _json(charge)
+        return _json(body, status)
+
+    async def charge_batch(self, request: web.Request) -> web.StreamResponse:
+        """``{"charges": [{"idempotency_key", "amount", "currency", "token"}, ...]}`` ->
+        ``{"results": [charge or {"error"}, ...]}``: each item as its own charge call, one
+        latency for the whole request. Answers late if any item does."""
+        try:
+            items = orjson.loads(await request.read())["charges"]
+            calls = [(str(i["idempotency_key"]), _params(str(i["idempotency_key"]), i))
+                     for i in items]  # fmt: skip
+        except (ValueError, KeyError, TypeError, orjson.JSONDecodeError) as exc:
+            return _json(_problem("invalid_request", str(exc)), 400)
+        await self._latency()
+        results, late = [], False
+        for key, params in calls:
+            _status, body, item_late = self._decide(key, params)
+            results.append(body)
+            late = late or item_late
+        if late:
+            await asyncio.sleep(self.knobs.hang_s)
+        return _json({"results": results})
 
     async def lookup(self, request: web.Request) -> web.Response:
         charge = self.charges.get(request.match_info["key"])
@@ -156,6 +198,7 @@ class Simulator:
     def app(self) -> web.Application:
         app = ops_app(lambda: {}, self.registry)
         app.router.add_post("/v1/charges", self.charge)
+        app.router.add_post("/v1/charges/batch", self.charge_batch)
         app.router.add_get("/v1/charges/{key}", self.lookup)
         app.router.add_post("/v1/charges/{key}/refund", self.refund)
         app.router.add_get("/v1/stats", self.stats)

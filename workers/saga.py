@@ -2,10 +2,16 @@
 
 For each ``reservation.created`` (DESIGN §3 step 5)::
 
-    order PENDING  ->  hold ACTIVE->PAYING  ->  order PAYING + payment row
-                   ->  charge (idempotency key = reservation id)
-                   ->  captured: hold PAYING->SOLD, then order CONFIRMED + sold += qty
-                       declined: hold ->RELEASED (stock back), then order PAYMENT_FAILED
+    hold ACTIVE->PAYING  ->  order inserted PAYING (log: created, paying)
+                         ->  charge (idempotency key = reservation id)
+                         ->  captured: hold PAYING->SOLD, then order CONFIRMED + sold += qty
+                             declined: hold ->RELEASED (stock back), then order PAYMENT_FAILED
+                             with the payment row (CAPTURED, DECLINED; UNKNOWN if no answer)
+
+The hold moves first, so the order is written once in the state its hold is already in:
+PAYING, or terminal when the hold was released before the worker got to it (an order the
+hold of which Redis has lost is written PENDING and left to the reconciler). Every
+transition is in the order log before the charge starts.
 
 Every step is written before the next one starts and every step is idempotent, so a batch
 can be run again from the top at any time (a redelivery, a restarted worker, two workers
@@ -21,7 +27,7 @@ after a rebalance) and resumes where the last run stopped:
 
 ``reservation.expired`` / ``.released`` move a still-open order to the terminal state their
 cause names. Each stage is one pipelined Redis round trip or one Postgres statement for the
-whole batch; charges run concurrently up to ``concurrency``.
+whole batch; charges go to the provider in batches of up to ``concurrency``.
 """
 
 from __future__ import annotations
@@ -34,13 +40,14 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from allocator.scripts import HoldScripts
-from flashsale.errors import PaymentConflict, PaymentUnknown, ProviderDown
+from flashsale.errors import PaymentConflict, PaymentError, PaymentUnknown, ProviderDown
 from flashsale.events import HoldRecord, ReservationEvent, event_id
 from flashsale.keys import SkuKeys
 from workers.orders import TERMINAL, Order, OrderStore, state_for_cause
-from workers.payments import Charge, PaymentProvider
+from workers.payments import Charge, ChargeRequest, PaymentProvider
 
 log = logging.getLogger("flashsale.saga")
+UNKNOWN = "payment outcome unknown"
 
 
 @dataclass
@@ -67,7 +74,7 @@ class Saga:
         holds: HoldScripts,
         provider: PaymentProvider,
         *,
-        concurrency: int = 256,
+        concurrency: int = 1000,
         charge_attempts: int = 4,
         retry_backoff_s: float = 0.2,
     ) -> None:
@@ -80,69 +87,87 @@ class Saga:
 
     async def run(self, events: Sequence[ReservationEvent]) -> BatchResult:
         """Take ``events`` as far as they can go. Raises on an unreachable dependency
-        (Postgres, Redis, ProviderDown): nothing is lost, the batch is simply run again."""
+        (Postgres, Redis, ProviderDown): nothing is lost, the batch is simply run again.
+        Events that finished are marked processed (the inbox) in the transaction that wrote
+        their last effect."""
         result = BatchResult()
         unique = {event_id(e): e for e in events}
         seen = await self.store.seen(list(unique))
         result.duplicates = len(events) - len(unique) + len(seen)
-        todo = {eid: e for eid, e in unique.items() if eid not in seen}
-        created = [e for e in todo.values() if e.type == "reservation.created"]
-        closing = [e for e in todo.values() if e.type != "reservation.created"]
-        done: list[str] = []
+        todo = [e for eid, e in unique.items() if eid not in seen]
+        created = [e for e in todo if e.type == "reservation.created"]
+        closing = [e for e in todo if e.type != "reservation.created"]
         if created:
-            done += await self._created(created, result)
+            await self._created(created, result)
         if closing:
-            done += await self._closing(closing, result)
-        async with self.store.pool.acquire() as conn:
-            await self.store.processed(conn, done)
+            await self._closing(closing, result)
         return result
 
     # -- reservation.created ------------------------------------------------------------
 
-    async def _created(self, events: list[ReservationEvent], result: BatchResult) -> list[str]:
+    async def _created(self, events: list[ReservationEvent], result: BatchResult) -> None:
         by_id = {e.reservation_id: e for e in events}
-        orders = await self.store.create(events)
-        open_ = [o for o in orders.values() if o.state not in TERMINAL]
-
-        # Hold ACTIVE -> PAYING for the orders not yet paying.
-        pending = [o for o in open_ if o.state == "PENDING"]
-        begun = await self.holds.many(
-            "begin_payment", [(_keys(by_id[o.id]), [o.id]) for o in pending]
+        # 1. Hold ACTIVE -> PAYING in Redis first: from then on it cannot expire. Asking again
+        #    is harmless (already_paying, already_sold, released).
+        begun = await self.holds.transition(
+            "begin_payment", [(_keys(e), e.reservation_id) for e in events]
         )
-        paying_now: list[str] = []
-        released: list[Order] = []
-        for order, answer in zip(pending, begun, strict=True):
+        targets: dict[str, tuple[str, str]] = {}
+        released: list[str] = []
+        for event, answer in zip(events, begun, strict=True):
+            rid = event.reservation_id
             if answer.ok or answer.state == "SOLD":
-                paying_now.append(order.id)
+                targets[rid] = ("PAYING", "payment_started")
             elif answer.state == "RELEASED":
-                released.append(order)
-            else:  # the hold is unknown to Redis: the reconciler rebuilds it from Postgres
-                result.unresolved[event_id(by_id[order.id])] = f"hold {answer.reason}"
-        causes = await self._release_causes(released, by_id)
-        async with self.store.pool.acquire() as conn, conn.transaction():
-            moved = await self.store.advance(
-                conn, [(rid, "payment_started") for rid in paying_now], ["PENDING"], "PAYING",
-                "order.paying",
-            )  # fmt: skip
-            await self.store.open_payments(conn, paying_now)
-            await self._close(conn, causes, ["PENDING"], result)
-        del moved  # PAYING either way: moved now or by a concurrent run
+                released.append(rid)
+            else:  # Redis does not know the hold: the reconciler rebuilds it from Postgres
+                targets[rid] = ("PENDING", "reservation.created")
+                result.unresolved[event_id(event)] = f"hold {answer.reason}"
+        for rid, cause in await self._release_causes(released, by_id):
+            targets[rid] = (state_for_cause(cause), cause)
 
-        # Charge every PAYING order (asking again is looking up: same key, same answer).
-        paying = [o for o in open_ if o.state == "PAYING" or o.id in paying_now]
+        # 2. The order, inserted once in the state its hold is in, with its log, before any
+        #    charge.
+        orders = await self.store.create(events, targets)
+        for event in events:
+            if event.reservation_id not in orders:  # nothing written: bad data, not an outage
+                result.unresolved[event_id(event)] = (
+                    f"no such sale or SKU: {event.sale_id}/{event.sku}"
+                )
+        late_paying = [rid for rid, o in orders.items()
+                       if o.state == "PENDING" and targets[rid][0] == "PAYING"]  # fmt: skip
+        late_closed = [(rid, targets[rid][1]) for rid, o in orders.items()
+                       if o.state == "PENDING" and targets[rid][0] in TERMINAL]  # fmt: skip
+        if late_paying or late_closed:  # orders written as PENDING by an earlier run
+            async with self.store.pool.acquire() as conn, conn.transaction():
+                await self.store.advance(
+                    conn, [(rid, "payment_started") for rid in late_paying], ["PENDING"],
+                    "PAYING", "order.paying",
+                )  # fmt: skip
+                await self._close(conn, late_closed, ["PENDING"], result)
+        paying = [o for o in orders.values() if o.state == "PAYING" or o.id in late_paying]
+
+        # 3. Charge (asking again is looking up: same key, same answer).
         charges = await self._charge_all(paying, by_id, result)
 
+        # 4. Redis decides between the sale and a release that came first.
         captured = [(o, c) for o, c in charges if c.status in ("captured", "refunded")]
         declined = [(o, c) for o, c in charges if c.status == "declined"]
-        confirmed = await self.holds.many("confirm", [(_keys(by_id[o.id]), [o.id])
-                                                      for o, _ in captured])  # fmt: skip
-        await self.holds.many("release", [(_keys(by_id[o.id]), [o.id, "payment_failed"])
-                                          for o, _ in declined])  # fmt: skip
+        confirmed = await self.holds.transition(
+            "confirm", [(_keys(by_id[o.id]), o.id) for o, _ in captured]
+        )
+        await self.holds.transition(
+            "release", [(_keys(by_id[o.id]), o.id) for o, _ in declined], cause="payment_failed"
+        )
         to_confirm = [(o, c) for (o, c), a in zip(captured, confirmed, strict=True) if a.ok]
         late = [(o, c) for (o, c), a in zip(captured, confirmed, strict=True) if not a.ok]
         refunds = await self._refund(late)
-        late_causes = await self._release_causes([o for o, _ in late], by_id)
+        late_causes = await self._release_causes([o.id for o, _ in late], by_id)
+        charged = {o.id for o, _ in charges}
+        unknown = [o.id for o in paying if o.id not in charged
+                   and result.unresolved.get(event_id(by_id[o.id])) == UNKNOWN]  # fmt: skip
 
+        # 5. Postgres follows, in one transaction with the inbox.
         async with self.store.pool.acquire() as conn, conn.transaction():
             result.confirmed += len(await self.store.advance(
                 conn, [(o.id, "payment_captured") for o, _ in to_confirm], ["PAYING"],
@@ -159,17 +184,20 @@ class Saga:
                 *((c.key, c.provider_ref, "CAPTURED") for _, c in to_confirm),
                 *((c.key, c.provider_ref, "DECLINED") for _, c in declined),
                 *((c.key, c.provider_ref, "REFUNDED") for c in refunds),
+                *((rid, "", "UNKNOWN") for rid in unknown),
             ])  # fmt: skip
+            await self.store.processed(conn, [event_id(e) for e in events
+                                              if event_id(e) not in result.unresolved])  # fmt: skip
+        result.closed += sum(1 for rid in released if rid in orders)
         result.refunded += len(refunds)
-        return [event_id(e) for e in events if event_id(e) not in result.unresolved]
 
     async def _release_causes(
-        self, orders: Sequence[Order], by_id: dict[str, ReservationEvent]
+        self, ids: Sequence[str], by_id: dict[str, ReservationEvent]
     ) -> list[tuple[str, str]]:
-        """(order id, the cause its hold was released with) for released holds."""
-        raw = await self.holds.holds([(_keys(by_id[o.id]), o.id) for o in orders])
-        return [(o.id, HoldRecord.parse(r).cause if r else "cancelled")
-                for o, r in zip(orders, raw, strict=True)]  # fmt: skip
+        """(reservation id, the cause its hold was released with) for released holds."""
+        raw = await self.holds.holds([(_keys(by_id[rid]), rid) for rid in ids])
+        return [(rid, HoldRecord.parse(r).cause if r else "cancelled")
+                for rid, r in zip(ids, raw, strict=True)]  # fmt: skip
 
     async def _close(
         self,
@@ -194,38 +222,42 @@ class Saga:
     async def _charge_all(
         self, orders: Sequence[Order], by_id: dict[str, ReservationEvent], result: BatchResult
     ) -> list[tuple[Order, Charge]]:
-        gate = asyncio.Semaphore(self.concurrency)
-
-        async def one(order: Order) -> tuple[Order, Charge] | None:
-            async with gate:
-                try:
-                    return order, await self._charge(order)
-                except PaymentUnknown as exc:
-                    if isinstance(exc, ProviderDown):
-                        raise
-                    result.unresolved[event_id(by_id[order.id])] = f"payment unknown: {exc}"
-                except PaymentConflict as exc:
-                    result.unresolved[event_id(by_id[order.id])] = f"payment conflict: {exc}"
-                return None
-
-        answers = await asyncio.gather(*(one(o) for o in orders))
-        return [a for a in answers if a is not None]
-
-    async def _charge(self, order: Order) -> Charge:
-        """The charge's definite outcome, asking again with the same key while it is unknown;
-        PaymentUnknown after ``charge_attempts``."""
+        """Definite outcomes for ``orders``, in chunks of ``concurrency`` charges in flight.
+        Items whose outcome is unknown are asked again with the same key, up to
+        ``charge_attempts`` times; then they are left unresolved (never guessed)."""
+        done: list[tuple[Order, Charge]] = []
+        remaining = list(orders)
         for attempt in range(1, self.charge_attempts + 1):
-            try:
-                return await self.provider.charge(
-                    order.id, order.amount, order.currency, order.payment_token
-                )
-            except PaymentUnknown as exc:
-                if isinstance(exc, ProviderDown) or attempt == self.charge_attempts:
+            if not remaining:
+                break
+            if attempt > 1:
+                await asyncio.sleep(self.retry_backoff_s * 2 ** (attempt - 2))
+            unknown: list[Order] = []
+            for start in range(0, len(remaining), self.concurrency):
+                chunk = remaining[start : start + self.concurrency]
+                try:
+                    answers: list[Charge | PaymentError] = await self.provider.charge_many(
+                        [ChargeRequest(o.id, o.amount, o.currency, o.payment_token)
+                         for o in chunk]
+                    )  # fmt: skip
+                except ProviderDown:
                     raise
-                log.info("charge %s outcome unknown (%s); asking again with the same key",
-                         order.id, exc)  # fmt: skip
-                await asyncio.sleep(self.retry_backoff_s * 2 ** (attempt - 1))
-        raise AssertionError("unreachable")
+                except PaymentUnknown as exc:
+                    answers = [exc] * len(chunk)
+                for order, answer in zip(chunk, answers, strict=True):
+                    if isinstance(answer, Charge):
+                        done.append((order, answer))
+                    elif isinstance(answer, PaymentConflict):
+                        result.unresolved[event_id(by_id[order.id])] = f"payment conflict: {answer}"
+                    else:
+                        unknown.append(order)
+            if unknown:
+                log.info("%d charge outcomes unknown (attempt %d); asking again with the same keys",
+                         len(unknown), attempt)  # fmt: skip
+            remaining = unknown
+        for order in remaining:
+            result.unresolved[event_id(by_id[order.id])] = UNKNOWN
+        return done
 
     async def _refund(self, late: Sequence[tuple[Order, Charge]]) -> list[Charge]:
         """Refund captures whose hold was released first; every one gets a recorded refund."""
@@ -240,7 +272,7 @@ class Saga:
 
     # -- reservation.expired / .released ------------------------------------------------
 
-    async def _closing(self, events: list[ReservationEvent], result: BatchResult) -> list[str]:
+    async def _closing(self, events: list[ReservationEvent], result: BatchResult) -> None:
         """Orders whose hold Redis released: to the terminal state of the cause. An order that
         does not exist yet is closed when its ``reservation.created`` is processed (its hold
         is found released then)."""
@@ -249,4 +281,4 @@ class Saga:
                 conn, [(e.reservation_id, e.cause or "cancelled") for e in events],
                 ["PENDING", "PAYING"], result,
             )  # fmt: skip
-        return [event_id(e) for e in events]
+            await self.store.processed(conn, [event_id(e) for e in events])

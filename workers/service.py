@@ -38,7 +38,7 @@ from allocator.scripts import HoldScripts
 from flashsale.clients import pg_pool, redis_client
 from flashsale.errors import ProviderDown
 from flashsale.events import ReservationEvent, decode_event, event_id
-from flashsale.kafka import ensure_topics, producer
+from flashsale.kafka import ensure_topics, producer, publish
 from flashsale.ops import ops_app
 from flashsale.settings import Settings
 from workers.orders import OrderStore
@@ -48,6 +48,8 @@ from workers.saga import BatchResult, Saga
 log = logging.getLogger("flashsale.workers")
 
 CONSUMER = "order-saga"  # the inbox's consumer name
+# Plan each batch statement for its own arrays (see workers.orders).
+BATCH_PLANNING = {"plan_cache_mode": "force_custom_plan"}
 # Dependencies that are down, not data that is bad: wait and retry, never dead-letter.
 OUTAGES = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
            redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ProviderDown,
@@ -128,7 +130,7 @@ class WorkerService:
         settings = self.settings
         await ensure_topics(settings)
         redis = redis_client(settings)
-        pool = await pg_pool(settings, min_size=2, max_size=8)
+        pool = await pg_pool(settings, min_size=2, max_size=8, server_settings=BATCH_PLANNING)
         out = producer(settings)
         consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.require_kafka(), group_id=settings.consumer_group,
@@ -284,11 +286,12 @@ ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
 
 
 async def publish_outbox(pool: asyncpg.Pool, out: AIOKafkaProducer, stop: asyncio.Event,
-                         metrics: WorkerMetrics, *, batch: int = 2000,
+                         metrics: WorkerMetrics, *, batch: int = 100,
                          interval: float = 0.05) -> None:  # fmt: skip
-    """Move the ``outbox`` table to Kafka: rows are marked published in the transaction that
-    locked them, after the broker acknowledged them (a crash in between republishes; consumers
-    key on order id and version). Several publishers share the work (SKIP LOCKED)."""
+    """Move the ``outbox`` table to Kafka, ``batch`` rows (each a statement's events) at a
+    time: rows are marked published in the transaction that locked them, after the broker
+    acknowledged every message (a crash in between republishes; consumers key on order id
+    and version). Several publishers share the work (SKIP LOCKED)."""
     while not stop.is_set():
         try:
             sent = await _publish_some(pool, out, batch)
@@ -297,7 +300,7 @@ async def publish_outbox(pool: asyncpg.Pool, out: AIOKafkaProducer, stop: asynci
             sent = 0
         if sent:
             metrics.published.inc(sent)
-        if sent < batch:
+        if not sent:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
 
@@ -307,10 +310,16 @@ async def _publish_some(pool: asyncpg.Pool, out: AIOKafkaProducer, batch: int) -
         rows = await conn.fetch(_CLAIM_OUTBOX, batch)
         if not rows:
             return 0
-        sends = [await out.send(r["topic"], key=r["key"].encode(),
-                                value=orjson.dumps(orjson.loads(r["payload"])))
-                 for r in rows]  # fmt: skip
-        await asyncio.gather(*sends)
+        by_topic: dict[str, list[tuple[bytes, bytes]]] = {}
+        for row in rows:
+            payload = orjson.loads(row["payload"])
+            events = payload if isinstance(payload, list) else [payload]
+            by_topic.setdefault(row["topic"], []).extend(
+                (str(e["order_id"]).encode(), orjson.dumps(e)) for e in events
+            )
+        sent = 0
+        for topic, messages in by_topic.items():
+            sent += await publish(out, topic, messages)
         await conn.execute("UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])",
                            [r["id"] for r in rows])  # fmt: skip
-    return len(rows)
+    return sent
