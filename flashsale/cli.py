@@ -12,7 +12,6 @@ import contextlib
 import json
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +31,6 @@ from flashsale.sales import SaleAdmin
 from flashsale.salespec import parse_csv, parse_sale
 from flashsale.settings import Settings, configure_logging
 from flashsale.tokens import Signer
-
-EXAMPLE_SALE = Path(__file__).with_name("example_sale.json")
 
 
 def out(line: str = "") -> None:
@@ -212,34 +209,17 @@ def print_status(status: dict[str, Any], *, as_json: bool) -> None:
 # -- demo -----------------------------------------------------------------------------------
 
 
-async def run_demo(settings: Settings) -> int:
-    conn = await asyncpg.connect(settings.require_database(), timeout=5)
-    try:
-        out("== applying migrations")
-        await migrate(conn, progress=lambda line: out(f"   {line}"))
-    finally:
-        await conn.close()
-    data = json.loads(EXAMPLE_SALE.read_text())
-    now = datetime.now(UTC).replace(microsecond=0)
-    data["starts_at"] = now.isoformat()
-    data["ends_at"] = (now + timedelta(hours=1)).isoformat()
-    async with admin(settings) as sales:
-        created = await sales.create(parse_sale(data))
-        out(f"== created sale {created['id']} ({created['name']}) from {EXAMPLE_SALE.name}")
-        for result in await sales.preload(created["id"]):
-            out(f"   preload {result.sku}: {result.outcome}")
-        out("== status")
-        print_status(await sales.status(created["id"]), as_json=False)
-    return 0
-
-
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     out("== starting the embedded stack (servers given by env vars are used as they are)")
     stack = DevStack(settings.home)
     seconds = stack.up()
     out(f"   ready in {seconds:.1f}s")
     settings = Settings.from_env()  # pick up the freshly written dev.env
-    code = asyncio.run(run_demo(settings))
+    from loadtest import demo  # noqa: PLC0415 - keep the CLI's start-up light
+
+    buyers = positive(int, "buyers", args.buyers)
+    stock = positive(int, "stock", args.stock)
+    code = uvloop.run(demo.run(settings, buyers=buyers, stock=stock, progress=out))
     out("\nThe stack keeps running; stop it with `.venv/bin/flashsale dev down`.")
     return code
 
@@ -580,9 +560,16 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sale_sub.add_parser(action, help=text).add_argument("sale")
 
-    commands.add_parser(
-        "demo", help="bring up the stack, migrate, create and preload a sample sale, show status"
+    demo = commands.add_parser(
+        "demo",
+        help="the whole engine on the embedded stack, with buyers going through it",
+        description="Starts the embedded stack and every service (flashsale up), creates a "
+        "sale, sends buyers through the real journey (one in ten with a declined card), and "
+        "shows reservations becoming confirmed orders. Exit 1 if a buyer got an error or "
+        "an order did not reach a final state.",
     )
+    demo.add_argument("--buyers", default="300", help="buyers arriving at once (default 300)")
+    demo.add_argument("--stock", default="100", help="units of the SKU (default 100)")
 
     token = commands.add_parser("token", help="mint signed tokens for tests and load tools")
     token_sub = token.add_subparsers(dest="token_command", required=True, metavar="KIND")

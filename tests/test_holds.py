@@ -504,3 +504,37 @@ def test_outbox_entry_must_carry_what_it_says() -> None:
     assert (event.reservation_id, event.buyer_id, event.amount) == ("r-1", "buyer", 5)
     with pytest.raises(ValueError, match="malformed hold record"):
         HoldRecord.parse("ACTIVE\x1f1")
+
+
+async def test_batched_transitions_keep_item_order_across_skus(client: aioredis.Redis) -> None:
+    a, b = await make_sku(client, stock=5), await make_sku(client, stock=5)
+    ra = [request(f"a{i}") for i in range(3)]
+    rb = [request(f"b{i}") for i in range(2)]
+    for sku, reqs in ((a, ra), (b, rb)):
+        assert all(r.outcome == "reserved" for r in await sku.scripts.reserve(sku.keys, reqs))
+    scripts = a.scripts
+    items = [(a.keys, ra[0].reservation_id), (b.keys, rb[0].reservation_id),
+             (a.keys, ra[0].reservation_id), (a.keys, "r-missing"),
+             (b.keys, rb[1].reservation_id)]  # fmt: skip
+    begun = await scripts.transition("begin_payment", items)
+    assert [(r.ok, r.state, r.reason) for r in begun] == [
+        (True, "PAYING", "ok"), (True, "PAYING", "ok"), (True, "PAYING", "ok"),
+        (False, "UNKNOWN", "unknown_reservation"), (True, "PAYING", "ok"),
+    ]  # fmt: skip
+    confirmed = await scripts.transition("confirm", items[:2])
+    assert [r.reason for r in confirmed] == ["ok", "ok"]
+    released = await scripts.transition(
+        "release", [(b.keys, rb[1].reservation_id), (b.keys, rb[1].reservation_id),
+                    (a.keys, ra[0].reservation_id), (a.keys, ra[1].reservation_id)],
+        cause="payment_failed",
+    )  # fmt: skip
+    assert [(r.ok, r.state, r.reason) for r in released] == [
+        (True, "RELEASED", "ok"), (True, "RELEASED", "already_released"),
+        (False, "SOLD", "already_sold"), (True, "RELEASED", "ok"),
+    ]  # fmt: skip
+    counts_a, counts_b = await a.assert_conserved(), await b.assert_conserved()
+    assert (counts_a["sold"], counts_a["active"], counts_a["available"]) == (1, 1, 3)
+    assert (counts_b["sold"], counts_b["paying"], counts_b["available"]) == (1, 0, 4)
+    assert [e.cause for e in await b.events() if e.type == "reservation.released"] == [
+        "payment_failed"
+    ]

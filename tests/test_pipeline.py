@@ -222,3 +222,21 @@ async def test_sigkill_mid_saga_then_restart_resolves_everything(stack: Settings
         p.spawn_workers()
         states = await assert_invariants(p, sale, ids)
         assert set(states.values()) <= {"CONFIRMED", "PAYMENT_FAILED"}
+
+
+async def test_sigterm_drains_the_batches_in_hand(stack: Settings) -> None:
+    async with pipeline(stack, Knobs(latency_ms=40)) as p:
+        sale = await p.sale(stock=300)
+        ids = await p.reserve(sale, ["tok_visa"] * 250)
+        first = p.spawn_workers()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while "CONFIRMED" not in (await p.orders(ids)).values():
+            assert loop.time() < deadline, "the worker never confirmed anything"
+            await asyncio.sleep(0.02)
+        first.send_signal(signal.SIGTERM)
+        assert await loop.run_in_executor(None, first.wait, 30) == 0
+        # Drained: whatever it had taken is finished; nothing is left mid-saga.
+        assert "PAYING" not in (await p.orders(ids)).values()
+        p.spawn_workers()
+        await assert_invariants(p, sale, ids)

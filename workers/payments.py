@@ -150,15 +150,21 @@ class HttpProvider:
         self.breaker.before()
         try:
             async with self._session.request(method, self.base_url + path, **kwargs) as response:
-                body = orjson.loads(await response.read() or b"null")
+                raw = await response.read()
                 status = response.status
-        except (TimeoutError, aiohttp.ClientError, orjson.JSONDecodeError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             self.breaker.failed()
             raise PaymentUnknown(f"{method} {path}: no definite answer ({exc!r})") from exc
         if status >= 500:
             self.breaker.failed()
             raise PaymentUnknown(f"{method} {path}: provider answered {status}")
         self.breaker.succeeded()
+        try:
+            body = orjson.loads(raw or b"null")
+        except orjson.JSONDecodeError:
+            if status == 200:
+                raise PaymentUnknown(f"{method} {path}: unreadable answer {raw[:100]!r}") from None
+            body = None  # a plain error page (a 404 from a provider without this route)
         return status, body
 
     async def charge_many(self, requests: Sequence[ChargeRequest]) -> list[Charge | PaymentError]:

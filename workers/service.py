@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import socket
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -92,13 +93,15 @@ class _Parked:
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, service: WorkerService) -> None:
+    def __init__(self, service: WorkerService, consumer: AIOKafkaConsumer) -> None:
         self.service = service
+        self.consumer = consumer
 
     async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
         # The batch in hand finishes and commits before its partitions go to another worker.
-        async with self.service.batch_lock:
-            log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
+        # Every batch in hand finishes and commits before its partitions go to another worker.
+        await self.service.retire_all(self.consumer)
+        log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         self.service.metrics.assigned.set(len(assigned))
@@ -112,6 +115,7 @@ class WorkerService:
         *,
         concurrency: int = 256,
         max_batch: int = 2000,
+        depth: int = 3,
         attempts: int = 3,
         provider: PaymentProvider | None = None,
         registry: CollectorRegistry | None = None,
@@ -122,7 +126,10 @@ class WorkerService:
         self.attempts = attempts
         self.provider = provider
         self.metrics = WorkerMetrics(registry or CollectorRegistry())
-        self.batch_lock = asyncio.Lock()
+        self.depth = depth
+        # Batches in hand, oldest first, with the offsets to commit once each is settled.
+        self.in_hand: deque[tuple[asyncio.Task[None], dict[TopicPartition, int]]] = deque()
+        self.commit_lock = asyncio.Lock()
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     async def run(self, stop: asyncio.Event, ops_port: int | None = None,
@@ -153,7 +160,9 @@ class WorkerService:
                 saga = Saga(store, HoldScripts(redis), provider, concurrency=self.concurrency)
                 if ops_port is not None:
                     runner = await self._serve_ops(host, ops_port, redis, pool, consumer)
-                consumer.subscribe([settings.topics.reservations], listener=_Rebalance(self))
+                consumer.subscribe(
+                    [settings.topics.reservations], listener=_Rebalance(self, consumer)
+                )
                 await consumer.start()
                 publisher = asyncio.create_task(publish_outbox(pool, out, stop, self.metrics))
                 try:
@@ -172,15 +181,39 @@ class WorkerService:
 
     async def _consume(self, consumer: AIOKafkaConsumer, out: AIOKafkaProducer, saga: Saga,
                        stop: asyncio.Event) -> None:  # fmt: skip
-        while not stop.is_set():
-            batch = await consumer.getmany(timeout_ms=100, max_records=self.max_batch)
-            if not batch:
-                continue
-            async with self.batch_lock:
+        """Up to ``depth`` batches in hand at once, so one batch's Postgres and provider
+        waits overlap the next one's work. Offsets are committed strictly in order, each
+        only once its batch (and every older one) is settled."""
+        try:
+            while not stop.is_set():
+                await self._retire(consumer, finished_only=True)
+                if len(self.in_hand) >= self.depth:
+                    await asyncio.wait({self.in_hand[0][0]})
+                    continue
+                batch = await consumer.getmany(timeout_ms=10 if self.in_hand else 100,
+                                               max_records=self.max_batch)  # fmt: skip
+                if not batch:
+                    continue
                 records = [r for tp in sorted(batch) for r in batch[tp]]
-                await self._settle(records, out, saga, stop)
+                task = asyncio.get_running_loop().create_task(
+                    self._settle(records, out, saga, stop)
+                )
+                self.in_hand.append((task, {tp: rs[-1].offset + 1 for tp, rs in batch.items()}))
+        finally:
+            await self.retire_all(consumer)
+
+    async def retire_all(self, consumer: AIOKafkaConsumer) -> None:
+        """Wait for every batch in hand, committing each in order (drain, rebalance)."""
+        await self._retire(consumer, finished_only=False)
+
+    async def _retire(self, consumer: AIOKafkaConsumer, *, finished_only: bool) -> None:
+        async with self.commit_lock:
+            while self.in_hand and (not finished_only or self.in_hand[0][0].done()):
+                task, offsets = self.in_hand[0]
+                await task  # a batch that raised (an outage while stopping) commits nothing
+                self.in_hand.popleft()
                 # Committed only now: every effect is durable or parked on the dead letters.
-                await consumer.commit({tp: rs[-1].offset + 1 for tp, rs in batch.items()})
+                await consumer.commit(offsets)
 
     async def _settle(self, records: list[ConsumerRecord], out: AIOKafkaProducer, saga: Saga,
                       stop: asyncio.Event) -> None:  # fmt: skip

@@ -1,0 +1,134 @@
+"""The payment provider client, its circuit breaker and the simulator's Stripe-like rules,
+over real HTTP (the simulator served on loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from flashsale.errors import PaymentConflict, PaymentUnknown, ProviderDown
+from tests.conftest import Cli
+from tests.pipeline import free_port
+from workers.payments import Charge, ChargeRequest, CircuitBreaker, HttpProvider
+from workers.psp import Knobs, Simulator
+
+
+@pytest.fixture
+async def psp() -> AsyncIterator[tuple[Simulator, str]]:
+    simulator = Simulator(Knobs(hang_s=1.0))
+    server = TestServer(simulator.app())
+    await server.start_server()
+    yield simulator, str(server.make_url("")).rstrip("/")
+    await server.close()
+
+
+async def test_same_key_same_charge_other_parameters_refused(psp: tuple[Simulator, str]) -> None:
+    simulator, url = psp
+    async with HttpProvider(url) as provider:
+        first = await provider.charge("r-1", 1500, "EUR", "tok_visa")
+        again = await provider.charge("r-1", 1500, "EUR", "tok_visa")
+        assert first == again and first.status == "captured"
+        with pytest.raises(PaymentConflict):
+            await provider.charge("r-1", 9900, "EUR", "tok_visa")
+        declined = await provider.charge("r-2", 1500, "EUR", "tok_decline_always")
+        assert declined.status == "declined" and declined.decline_code == "card_declined"
+        assert await provider.lookup("r-404") is None
+        assert (await provider.lookup("r-1")) == first
+        refunded = await provider.refund("r-1")
+        assert refunded.status == "refunded" and (await provider.refund("r-1")) == refunded
+    assert simulator.captures["r-1"] == 1 and simulator.refunds == 1
+
+
+async def test_unknown_outcomes_are_reported_never_guessed(psp: tuple[Simulator, str]) -> None:
+    simulator, url = psp
+    async with HttpProvider(url, timeout_s=0.3) as provider:
+        with pytest.raises(PaymentUnknown):  # 500 before charging
+            await provider.charge("r-e", 100, "EUR", "tok_error")
+        assert "r-e" not in simulator.charges
+        assert (await provider.charge("r-e", 100, "EUR", "tok_error")).status == "captured"
+        with pytest.raises(PaymentUnknown):  # captured, but the answer comes too late
+            await provider.charge("r-t", 100, "EUR", "tok_timeout")
+        assert simulator.charges["r-t"]["status"] == "captured"
+        assert (await provider.charge("r-t", 100, "EUR", "tok_timeout")).status == "captured"
+    assert simulator.captures["r-t"] == 1
+
+
+async def test_batch_route_answers_item_by_item(psp: tuple[Simulator, str]) -> None:
+    simulator, url = psp
+    async with HttpProvider(url, batch_size=2) as provider:
+        await provider.charge("b-0", 100, "EUR", "tok_visa")
+        answers = await provider.charge_many([
+            ChargeRequest("b-0", 999, "EUR", "tok_visa"),  # same key, other amount
+            ChargeRequest("b-1", 100, "EUR", "tok_visa"),
+            ChargeRequest("b-2", 100, "EUR", "tok_decline"),
+            ChargeRequest("b-3", 100, "EUR", "tok_error"),
+            ChargeRequest("b-1", 100, "EUR", "tok_visa"),  # a repeat in the same call
+        ])  # fmt: skip
+    assert isinstance(answers[0], PaymentConflict)
+    assert isinstance(answers[1], Charge) and answers[1].status == "captured"
+    assert isinstance(answers[2], Charge) and answers[2].status == "declined"
+    assert isinstance(answers[3], PaymentUnknown)
+    assert answers[4] == answers[1]
+    assert simulator.captures["b-1"] == 1
+
+
+async def test_a_provider_without_the_batch_route_is_called_per_charge() -> None:
+    simulator = Simulator(Knobs())
+    plain = web.Application()
+    plain.router.add_post("/v1/charges", simulator.charge)  # no /v1/charges/batch
+    server = TestServer(plain)
+    await server.start_server()
+    try:
+        async with HttpProvider(str(server.make_url("")).rstrip("/")) as provider:
+            answers = await provider.charge_many([ChargeRequest(f"p-{i}", 100, "EUR", "tok")
+                                                  for i in range(3)])  # fmt: skip
+            assert all(isinstance(a, Charge) and a.status == "captured" for a in answers)
+            assert provider.batch is False
+    finally:
+        await server.close()
+
+
+async def test_breaker_fails_fast_while_the_provider_is_down() -> None:
+    breaker = CircuitBreaker(threshold=3, cooldown_s=0.2)
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    async with HttpProvider(url, timeout_s=0.5, breaker=breaker) as provider:
+        for _ in range(3):
+            with pytest.raises(PaymentUnknown) as caught:
+                await provider.charge("r", 1, "EUR", "tok")
+            assert not isinstance(caught.value, ProviderDown)
+        assert breaker.state == "open"
+        with pytest.raises(ProviderDown):
+            await provider.charge("r", 1, "EUR", "tok")
+        await asyncio.sleep(0.25)
+        assert breaker.state == "half_open"
+        with pytest.raises(PaymentUnknown):  # the one trial call, still failing
+            await provider.charge("r", 1, "EUR", "tok")
+        assert breaker.state == "open"
+
+
+def test_breaker_closes_after_a_successful_trial() -> None:
+    breaker = CircuitBreaker(threshold=1, cooldown_s=0.0)
+    breaker.failed()
+    assert breaker.state == "half_open"
+    breaker.before()  # the trial
+    with pytest.raises(ProviderDown):
+        breaker.before()  # only one trial at a time
+    breaker.succeeded()
+    assert breaker.state == "closed"
+    breaker.before()
+
+
+def test_psp_and_workers_refuse_bad_options(run_cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    for flag, value in (("--decline-rate", "2"), ("--latency-ms", "-1"), ("--port", "0")):
+        result = run_cli("psp", flag, value)
+        assert result.code == 2, result
+        assert result.err.startswith(f"flashsale: error: {flag.lstrip('-')}:"), result.err
+    monkeypatch.delenv("FLASHSALE_PSP_URL", raising=False)
+    result = run_cli("workers", "--concurrency", "0")
+    assert result.code == 2 and "concurrency" in result.err
+    result = run_cli("bench", "pipeline", "--latencies", "fast")
+    assert result.code == 2 and "latencies" in result.err

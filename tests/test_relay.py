@@ -1,0 +1,101 @@
+"""The outbox relay on real Redis and the real broker, and the reservations wire format."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+import pytest
+from aiokafka.errors import KafkaError
+
+from allocator.relay import GROUP, OutboxRelay
+from flashsale.events import ReservationEvent, decode_event, encode_event
+from flashsale.kafka import producer
+from flashsale.keys import SkuKeys
+from flashsale.settings import Settings
+from tests.pipeline import SKU, pipeline
+
+
+async def test_a_dead_relays_entries_are_claimed_and_published_once_acked(
+    stack: Settings,
+) -> None:
+    async with pipeline(stack) as p:
+        p.relay.claim_idle_ms = 10**9  # the harness's own relay must not claim: we do below
+        sale = await p.sale(stock=20)
+        keys = SkuKeys(sale, SKU)
+        p.skus.clear()  # the harness relay stops looking at this SKU
+        await p.relay._ensure_group(keys)
+        ids = await p.reserve(sale, ["tok_visa"] * 5)
+        # A relay read the entry, then died before publishing: it stays pending for "dead".
+        taken: Any = await p.redis.xreadgroup(GROUP, "dead", {keys.outbox: ">"}, count=10)
+        assert taken and len(taken[0][1]) == 1
+        out = producer(p.settings)
+        await out.start()
+        try:
+            topics = p.settings.topics
+            rescuer = OutboxRelay(p.redis, out, topics.reservations, topics.dead_letter,
+                                  "rescuer", claim_idle_ms=50)  # fmt: skip
+            assert await rescuer.relay_once([keys]) == 0  # not idle long enough yet
+            await asyncio.sleep(0.1)
+            assert await rescuer.relay_once([keys]) == 1
+        finally:
+            await out.stop()
+        assert rescuer.stats.claimed == 1 and rescuer.stats.messages == 5
+        messages = await p.topic_messages(p.settings.topics.reservations, at_least=5)
+        assert sorted(decode_event(m.value).reservation_id for m in messages) == sorted(ids)
+        assert {m.key for m in messages} == {f"{sale}:{SKU}".encode()}
+        pending = await p.redis.xpending(keys.outbox, GROUP)
+        assert pending["pending"] == 0 and await p.redis.xlen(keys.outbox) == 0
+
+
+async def test_a_broker_outage_leaves_entries_pending_until_published(stack: Settings) -> None:
+    async with pipeline(stack) as p:
+        sale = await p.sale(stock=20)
+        keys = SkuKeys(sale, SKU)
+        p.skus.clear()
+        ids = await p.reserve(sale, ["tok_visa"] * 3)
+        gone = producer(p.settings)
+        await gone.start()
+        await gone.stop()  # the broker connection is gone: every send of this round fails
+        relay = OutboxRelay(p.redis, gone, p.settings.topics.reservations,
+                            p.settings.topics.dead_letter, "flaky")  # fmt: skip
+        with pytest.raises(KafkaError):
+            await relay.relay_once([keys])
+        assert (await p.redis.xpending(keys.outbox, GROUP))["pending"] == 1
+        assert relay.stats.failures == 1
+        out = producer(p.settings)
+        await out.start()
+        try:
+            relay.producer = out
+            assert await relay.relay_once([keys]) == 1  # its own pending entry, read again
+        finally:
+            await out.stop()
+        messages = await p.topic_messages(p.settings.topics.reservations, at_least=3)
+        assert sorted(decode_event(m.value).reservation_id for m in messages) == sorted(ids)
+        assert (await p.redis.xpending(keys.outbox, GROUP))["pending"] == 0
+
+
+def test_wire_format_round_trip_and_poison() -> None:
+    event = ReservationEvent("reservation.created", "s~K~r-1", "s", "K", "b", 2, 1500, "EUR",
+                             "tok", "adm", "key", 10, 5)  # fmt: skip
+    assert decode_event(encode_event(event)) == event
+    assert event.amount == 3000
+    expired = ReservationEvent("reservation.expired", "s~K~r-1", "s", "K", "b", 2,
+                               from_state="ACTIVE", cause="expired", at_ms=7)  # fmt: skip
+    assert decode_event(encode_event(expired)) == expired
+    good = orjson.loads(encode_event(event))
+    bad_cases = {
+        b"": "empty",
+        b"[1]": "not a JSON object",
+        b"{oops": "not JSON",
+        orjson.dumps({**good, "extra": 1}): "unknown fields",
+        orjson.dumps({**good, "type": "reservation.exploded"}): "unknown event type",
+        orjson.dumps({**good, "sale_id": ""}): "sale_id",
+        orjson.dumps({**good, "quantity": 0}): "quantity",
+        orjson.dumps({**good, "unit_price": -1}): "unit_price",
+        orjson.dumps({k: v for k, v in good.items() if k != "currency"}): "currency",
+    }
+    for raw, why in bad_cases.items():
+        with pytest.raises(ValueError, match=why):
+            decode_event(raw)
