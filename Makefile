@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(BIN)/flashsale dev up
 	$(BIN)/flashsale bench allocate --json bench-allocate.json
 	$(BIN)/flashsale bench gateway --json bench-gateway.json
+	$(BIN)/flashsale bench pipeline --json bench-pipeline.json
 
 stack-down: $(STAMP)
 	$(BIN)/flashsale dev down

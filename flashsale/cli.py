@@ -667,7 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
         "order events. Offsets are committed only after the effects are durable; SIGTERM "
         "drains the batch in hand.",
     )
-    wk.add_argument("--concurrency", default="256", help="charges in flight (default 256)")
+    wk.add_argument("--concurrency", default="256",
+                    help="charges sent to the provider at once (default 256)")  # fmt: skip
     wk.add_argument("--host", default="127.0.0.1", help="address of the ops endpoints")
     wk.add_argument("--ops-port", help="serve /healthz and /metrics on this port")
 

@@ -172,13 +172,14 @@ async def _one_latency(settings: Settings, latency_ms: float, options: Options,
         capacity = options.reservations / (ended - began)
         progress(f"    capacity {capacity:,.0f} orders/s")
 
-        rate = capacity / 2
+        # Half the capacity, within the stock left for this phase.
+        rate = min(capacity / 2, options.reservations / options.paced_seconds)
         progress(f"    paced at {rate:,.0f} holds/s for {options.paced_seconds:g}s")
         paced: list[str] = []
         tick = 0.02
         started = time.monotonic()
         while time.monotonic() - started < options.paced_seconds:
-            due = int((time.monotonic() - started) * rate) - len(paced)
+            due = min(int((time.monotonic() - started) * rate), options.reservations) - len(paced)
             if due > 0:
                 paced += await _reserve(run, due)
             await asyncio.sleep(tick)
@@ -248,6 +249,7 @@ async def _broker_ceiling(settings: Settings, count: int, progress: Progress) ->
 
 
 async def run(settings: Settings, options: Options, progress: Progress, command: str) -> Report:
+    described = machine()  # before the run: the load average is the machine's, not ours
     progress(f"bench pipeline: {options.reservations:,} reservations per latency, worker "
              f"concurrency {options.concurrency}")  # fmt: skip
     rows = [await _broker_ceiling(settings, options.reservations, progress)]
@@ -262,7 +264,7 @@ async def run(settings: Settings, options: Options, progress: Progress, command:
                r.per_second >= TARGETS[r.extra["provider_latency_ms"]])
         for r in rows[1:] if r.extra["provider_latency_ms"] in TARGETS
     ]  # fmt: skip
-    return Report("pipeline", command, rows, targets, machine(), {
+    return Report("pipeline", command, rows, targets, described, {
         "reservations": options.reservations, "latencies_ms": list(options.latencies),
         "concurrency": options.concurrency, "paced_seconds": options.paced_seconds,
         "worker_processes": 1,

@@ -64,3 +64,18 @@ def test_bench_gateway_smoke(cli: Cli, tmp_path: Path) -> None:
     assert all(len(row["round_ratios"]) == 2 for row in rows.values())
     assert rows["bare_aiohttp"]["ratio_to_bare"] == 1.0
     assert {t["name"] for t in report["targets"]} == {"queue_status vs bare", "queue_join vs bare"}
+
+
+def test_bench_pipeline_smoke(cli: Cli, tmp_path: Path) -> None:
+    """A short run: psp and worker processes, relay, broker; every hold confirmed once."""
+    path = tmp_path / "pipeline.json"
+    result = cli("bench", "pipeline", "--reservations", "300", "--latencies", "0",
+                 "--paced-seconds", "1", "--concurrency", "100", "--json", str(path))  # fmt: skip
+    assert result.code == 0, result.err
+    report = json.loads(path.read_text())
+    rows = {row["name"]: row for row in report["results"]}
+    assert set(rows) == {"broker_ceiling", "pipeline_0ms"}
+    run = rows["pipeline_0ms"]
+    assert run["per_second"] > 0 and run["consistent"] is True and run["oversold"] == 0
+    assert run["paced_orders"] > 0 and run["p50_ms"] > 0
+    assert [t["name"] for t in report["targets"]] == ["orders/s at 0 ms"]
