@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +62,7 @@ class OutboxRelay:
         *,
         batch: int = 1000,
         claim_idle_ms: int = 10_000,
+        claim_every_s: float = 1.0,
     ) -> None:
         self.client = client
         self.producer = producer
@@ -69,9 +71,11 @@ class OutboxRelay:
         self.consumer = consumer
         self.batch = batch
         self.claim_idle_ms = claim_idle_ms
+        self.claim_every_s = claim_every_s
         self.stats = RelayStats()
         self._groups: set[SkuKeys] = set()
         self._retry_own = False
+        self._next_claim = 0.0
 
     async def _ensure_group(self, keys: SkuKeys) -> None:
         if keys in self._groups:
@@ -90,18 +94,23 @@ class OutboxRelay:
         Redis error when a round could not finish (its entries stay pending and are retried)."""
         for keys in skus:
             await self._ensure_group(keys)
+        # Looking for a dead relay's entries now and then is plenty: they wait claim_idle_ms.
+        claim = time.monotonic() >= self._next_claim
+        if claim:
+            self._next_claim = time.monotonic() + self.claim_every_s
         pipe = self.client.pipeline(transaction=False)
         for keys in skus:
-            pipe.xautoclaim(keys.outbox, GROUP, self.consumer, self.claim_idle_ms, "0-0",
-                            count=self.batch)  # fmt: skip
+            if claim:
+                pipe.xautoclaim(keys.outbox, GROUP, self.consumer, self.claim_idle_ms, "0-0",
+                                count=self.batch)  # fmt: skip
             # After a failed round, our own pending entries first ("0"), then new ones.
             pipe.xreadgroup(GROUP, self.consumer, {keys.outbox: "0" if self._retry_own else ">"},
                             count=self.batch)  # fmt: skip
-        replies = await pipe.execute()
+        replies = iter(await pipe.execute())
         work: list[tuple[SkuKeys, list[tuple[Any, dict[Any, Any]]]]] = []
-        for i, keys in enumerate(skus):
-            claimed = replies[2 * i][1]
-            read = replies[2 * i + 1]
+        for keys in skus:
+            claimed = next(replies)[1] if claim else []
+            read = next(replies)
             entries = list(claimed) + (list(read[0][1]) if read else [])
             self.stats.claimed += len(claimed)
             if entries:

@@ -32,7 +32,7 @@ from flashsale.clients import pg_pool, redis_client
 from flashsale.devstack import ping_kafka
 from flashsale.kafka import ensure_topics, producer
 from flashsale.keys import SkuKeys
-from flashsale.ops import ops_app
+from flashsale.ops import serve_ops
 from flashsale.settings import Settings
 
 log = logging.getLogger("flashsale.allocator")
@@ -210,13 +210,11 @@ class AllocatorService:
         redis, pool = self.redis, self.pool
         assert redis is not None and pool is not None
         bootstrap = self.settings.require_kafka()
-        app = ops_app(
+        runner = await serve_ops(
+            host, port,
             lambda: {"redis": redis.ping, "postgres": lambda: pool.fetchval("SELECT 1"),
                      "kafka": lambda: ping_kafka(bootstrap)},
             self.metrics.registry,
         )  # fmt: skip
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, host, port).start()
         log.info("allocator ops endpoints on http://%s:%d/healthz and /metrics", host, port)
         return runner

@@ -31,6 +31,7 @@ from flashsale.sales import SaleAdmin
 from flashsale.salespec import parse_csv, parse_sale
 from flashsale.settings import Settings, configure_logging
 from flashsale.tokens import Signer
+from loadtest.bench import Report
 
 
 def out(line: str = "") -> None:
@@ -278,15 +279,21 @@ async def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         f" --concurrency {options.concurrency} --max-batch {options.max_batch}"
     )
     report = await bench_allocate.run(settings, options, out, command)
-    out()
-    out(bench_allocate.render(report))
-    if args.json:
-        report.write_json(args.json)
-        out(f"\nwrote {args.json}")
     broken = [r.name for r in report.rows if r.extra.get("consistent") is False]
-    if broken:
-        print(f"flashsale: error: stock moved by a different amount than decisions in {broken}",
-              file=sys.stderr)  # fmt: skip
+    return _report(report, bench_allocate.render, args.json, broken,
+                   "stock moved by a different amount than decisions in")  # fmt: skip
+
+
+def _report(report: Report, render: Callable[[Report], str], json_path: str | None,
+            failed: list[str], failure: str) -> int:  # fmt: skip
+    """Print a benchmark's tables, write its JSON, and exit 1 naming the rows that failed."""
+    out()
+    out(render(report))
+    if json_path:
+        report.write_json(json_path)
+        out(f"\nwrote {json_path}")
+    if failed:
+        print(f"flashsale: error: {failure} {failed}", file=sys.stderr)
         return 1
     return 0
 
@@ -316,17 +323,9 @@ async def bench_pipeline(args: argparse.Namespace, settings: Settings) -> int:
         f"{options.paced_seconds:g}"
     )
     report = await bench.run(settings, options, out, command)
-    out()
-    out(bench.render(report))
-    if args.json:
-        report.write_json(args.json)
-        out(f"\nwrote {args.json}")
     broken = [r.name for r in report.rows if r.extra.get("consistent") is False]
-    if broken:
-        print(f"flashsale: error: confirmed orders disagree with the holds granted in {broken}",
-              file=sys.stderr)  # fmt: skip
-        return 1
-    return 0
+    return _report(report, bench.render, args.json, broken,
+                   "confirmed orders disagree with the holds granted in")  # fmt: skip
 
 
 async def bench_gateway(args: argparse.Namespace, settings: Settings) -> int:
@@ -346,16 +345,8 @@ async def bench_gateway(args: argparse.Namespace, settings: Settings) -> int:
         f" --concurrency {options.concurrency} --workers {options.workers}"
     )
     report = await bench.run(settings, options, out, command)
-    out()
-    out(bench.render(report))
-    if args.json:
-        report.write_json(args.json)
-        out(f"\nwrote {args.json}")
     failed = [r.name for r in report.rows if r.extra["non_200"]]
-    if failed:
-        print(f"flashsale: error: requests failed in {failed}", file=sys.stderr)
-        return 1
-    return 0
+    return _report(report, bench.render, args.json, failed, "requests failed in")
 
 
 # -- services -------------------------------------------------------------------------------

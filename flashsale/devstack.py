@@ -173,6 +173,24 @@ def free_port(preferred: int | None = None) -> int:
         return port
 
 
+def free_ports(count: int) -> int:
+    """A loopback port P with P..P+count-1 all free (a service and its neighbours)."""
+    while True:
+        socks = [socket.socket() for _ in range(count)]
+        try:
+            socks[0].bind(("127.0.0.1", 0))
+            port = int(socks[0].getsockname()[1])
+            try:
+                for i, sock in enumerate(socks[1:], start=1):
+                    sock.bind(("127.0.0.1", port + i))
+            except OSError:
+                continue
+            return port
+        finally:
+            for sock in socks:
+                sock.close()
+
+
 def pid_alive(pid: int, binary: str | None = None) -> bool:
     """True if ``pid`` runs (not a zombie) and, when given, runs ``binary``."""
     with contextlib.suppress(ChildProcessError):

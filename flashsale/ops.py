@@ -71,3 +71,13 @@ def ops_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     return app
+
+
+async def serve_ops(
+    host: str, port: int, probes: Callable[[], Mapping[str, Probe]], registry: CollectorRegistry
+) -> web.AppRunner:
+    """Start :func:`ops_app` on ``host:port``; the caller cleans the runner up."""
+    runner = web.AppRunner(ops_app(probes, registry), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner

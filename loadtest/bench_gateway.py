@@ -24,7 +24,6 @@ import contextlib
 import itertools
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -40,6 +39,7 @@ import orjson
 from aiohttp import web
 
 from allocator.pump import quantile
+from flashsale.devstack import free_port
 from flashsale.settings import Settings
 from flashsale.tokens import Signer
 from loadtest.bench import Report, Row, Target, drive, machine, table
@@ -56,12 +56,6 @@ class Options:
     tickets: int = 10_000  # distinct waiting buyers polling in turn
     concurrency: int = 64
     workers: int = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # -- the bare endpoint ----------------------------------------------------------------------
@@ -203,7 +197,7 @@ class _Meter:
 
 
 async def run(settings: Settings, options: Options, progress: Progress, command: str) -> Report:
-    gateway_port, bare_port = _free_port(), _free_port()
+    gateway_port, bare_port = free_port(), free_port()
     servers = Servers()
     env = {"FLASHSALE_RATE_PER_IP": "off", "FLASHSALE_RATE_PER_BUYER": "off",
            "FLASHSALE_LOG_LEVEL": "WARNING"}  # fmt: skip

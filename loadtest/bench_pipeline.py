@@ -33,6 +33,7 @@ from allocator.pump import quantile
 from allocator.relay import OutboxRelay, run_relay
 from allocator.scripts import HoldScripts, ReserveRequest
 from flashsale.clients import pg_pool, redis_client
+from flashsale.devstack import free_port
 from flashsale.events import HoldRecord
 from flashsale.kafka import ensure_topics, producer
 from flashsale.keys import SkuKeys
@@ -40,7 +41,7 @@ from flashsale.sales import SaleAdmin
 from flashsale.salespec import parse_sale
 from flashsale.settings import Settings, Topics
 from loadtest.bench import Report, Row, Target, machine, table
-from loadtest.bench_gateway import Servers, _free_port, _ready
+from loadtest.bench_gateway import Servers, _ready
 
 TARGETS = {0.0: 5_000.0, 50.0: 2_000.0}  # orders/s on this 2-core machine (issue 5)
 SKU = "BENCH"
@@ -117,7 +118,7 @@ async def _one_latency(settings: Settings, latency_ms: float, options: Options,
     tag = uuid.uuid4().hex[:8]
     topics = Topics(f"bench{tag}-reservations", f"bench{tag}-order-events",
                     f"bench{tag}-dead-letter")  # fmt: skip
-    psp_port = _free_port()
+    psp_port = free_port()
     settings = replace(settings, topics=topics, consumer_group=f"bench-{tag}",
                        psp_url=f"http://127.0.0.1:{psp_port}")  # fmt: skip
     await ensure_topics(settings)

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
+from flashsale.devstack import free_ports
 from flashsale.kafka import ensure_topics
 from flashsale.migrate import migrate
 from flashsale.settings import Settings
@@ -37,24 +37,6 @@ from loadtest.driver import Buyers, DriverStats
 
 Progress = Callable[[str], None]
 SKU = "SNK-42"
-
-
-def _free_block(count: int) -> int:
-    """A port P with P..P+count-1 free."""
-    while True:
-        socks = [socket.socket() for _ in range(count)]
-        try:
-            socks[0].bind(("127.0.0.1", 0))
-            port = int(socks[0].getsockname()[1])
-            try:
-                for i, sock in enumerate(socks[1:], start=1):
-                    sock.bind(("127.0.0.1", port + i))
-            except OSError:
-                continue
-            return port
-        finally:
-            for sock in socks:
-                sock.close()
 
 
 @contextlib.contextmanager
@@ -105,7 +87,7 @@ async def run(settings: Settings, *, buyers: int, stock: int, progress: Progress
         await conn.close()
     progress("== Kafka topics")
     await ensure_topics(settings, progress=lambda line: progress(f"   {line}"))
-    port = _free_block(4)
+    port = free_ports(4)
     base = f"http://127.0.0.1:{port}"
     log_path = settings.home / "demo-engine.log"
     progress(f"== starting the engine: flashsale up --port {port} (log: {log_path})")

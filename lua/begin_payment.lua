@@ -6,49 +6,14 @@
 -- and refused, exactly as the sweeper would have done: a late payment never revives it.
 -- Ids are decided in order; an id given twice sees its own earlier outcome.
 local K = KEYS
-local n = #ARGV
-local raw = redis.call('HMGET', K[3], unpack(ARGV))
-local holds, dirty, order = {}, {}, {}
-local moved = 0
 local now = nil
-local out = {}
-for i = 1, n do
-  local id = ARGV[i]
-  local h = holds[id]
-  if h == nil then
-    h = raw[i] and decode_hold(raw[i]) or false
-    holds[id] = h
+return move_holds(K, ARGV, 'PAYING', 'active', 'paying', function(id, h)
+  if h.state ~= 'ACTIVE' then
+    return 0, h.state, h.state == 'SOLD' and 'already_sold' or 'released'
   end
-  local ok, state, reason
-  if not h then
-    ok, state, reason = 0, 'UNKNOWN', 'unknown_reservation'
-  elseif h.state == 'PAYING' then
-    ok, state, reason = 1, 'PAYING', dirty[id] and 'ok' or 'already_paying'
-  elseif h.state ~= 'ACTIVE' then
-    ok, state, reason = 0, h.state, h.state == 'SOLD' and 'already_sold' or 'released'
-  else
-    now = now or now_ms()
-    if now >= h.deadline then
-      release_hold(K, id, h, 'expired', 'reservation.expired', now)
-      ok, state, reason = 0, 'RELEASED', 'expired'
-    else
-      h.state = 'PAYING'
-      moved = moved + h.qty
-      dirty[id] = true
-      order[#order + 1] = id
-      ok, state, reason = 1, 'PAYING', 'ok'
-    end
+  now = now or now_ms()
+  if now >= h.deadline then
+    release_hold(K, id, h, 'expired', 'reservation.expired', now)
+    return 0, 'RELEASED', 'expired'
   end
-  out[3 * i - 2], out[3 * i - 1], out[3 * i] = ok, state, reason
-end
-if moved > 0 then
-  redis.call('HINCRBY', K[2], 'active', -moved)
-  redis.call('HINCRBY', K[2], 'paying', moved)
-  local writes = {}
-  for _, id in ipairs(order) do
-    writes[#writes + 1] = id
-    writes[#writes + 1] = encode_hold(holds[id])
-  end
-  redis.call('HSET', K[3], unpack(writes))
-end
-return out
+end)

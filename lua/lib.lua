@@ -75,3 +75,51 @@ local function seal_prequeue(queue, starts, now)
   redis.call('HSET', queue, 'sealed', 1, 'tail', pre, 'shuffled', pre == 0 and 1 or 0)
   return pre
 end
+
+-- Move a batch of holds (ids, decided in order) to state `to`, moving their units from the
+-- stock counter `from_counter` to `to_counter`. `decide(id, h)` looks at a hold not yet in
+-- `to`: it returns nothing to move it, or {ok, state, reason} to leave it. A hold already in
+-- `to` answers ok (`already_<to>`, or `ok` when this call moved it). Every counter and
+-- record is written once per batch. Returns {ok, state, reason} per id, flattened.
+-- K: meta, stock, holds, deadlines, buyers, idem, outbox
+local function move_holds(K, ids, to, from_counter, to_counter, decide)
+  local raw = redis.call('HMGET', K[3], unpack(ids))
+  local holds, moved_now, order, out = {}, {}, {}, {}
+  local units = 0
+  local already = 'already_' .. string.lower(to)
+  for i = 1, #ids do
+    local id = ids[i]
+    local h = holds[id]
+    if h == nil then
+      h = raw[i] and decode_hold(raw[i]) or false
+      holds[id] = h
+    end
+    local ok, state, reason
+    if not h then
+      ok, state, reason = 0, 'UNKNOWN', 'unknown_reservation'
+    elseif h.state == to then
+      ok, state, reason = 1, to, moved_now[id] and 'ok' or already
+    else
+      ok, state, reason = decide(id, h)
+      if ok == nil then
+        h.state = to
+        units = units + h.qty
+        moved_now[id] = true
+        order[#order + 1] = id
+        ok, state, reason = 1, to, 'ok'
+      end
+    end
+    out[3 * i - 2], out[3 * i - 1], out[3 * i] = ok, state, reason
+  end
+  if units > 0 then
+    redis.call('HINCRBY', K[2], from_counter, -units)
+    redis.call('HINCRBY', K[2], to_counter, units)
+    local writes = {}
+    for _, id in ipairs(order) do
+      writes[#writes + 1] = id
+      writes[#writes + 1] = encode_hold(holds[id])
+    end
+    redis.call('HSET', K[3], unpack(writes))
+  end
+  return out
+end

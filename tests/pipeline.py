@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import os
 import signal
-import socket
 import subprocess
 import sys
 import uuid
@@ -32,6 +31,7 @@ from allocator.ids import new_reservation_id
 from allocator.relay import OutboxRelay, run_relay
 from allocator.scripts import HoldScripts, ReserveRequest
 from flashsale.clients import pg_pool, redis_client
+from flashsale.devstack import free_port
 from flashsale.kafka import ensure_topics, producer
 from flashsale.keys import SkuKeys
 from flashsale.sales import SaleAdmin
@@ -43,12 +43,6 @@ from workers.psp import Knobs, Simulator
 from workers.service import BATCH_PLANNING, WorkerService
 
 SKU = "SKU-1"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -10,9 +10,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from flashsale.devstack import free_port
 from flashsale.errors import PaymentConflict, PaymentUnknown, ProviderDown
 from tests.conftest import Cli
-from tests.pipeline import free_port
 from workers.payments import Charge, ChargeRequest, CircuitBreaker, HttpProvider
 from workers.psp import Knobs, Simulator
 

@@ -35,9 +35,9 @@ async def test_a_dead_relays_entries_are_claimed_and_published_once_acked(
         try:
             topics = p.settings.topics
             rescuer = OutboxRelay(p.redis, out, topics.reservations, topics.dead_letter,
-                                  "rescuer", claim_idle_ms=50)  # fmt: skip
+                                  "rescuer", claim_idle_ms=1500, claim_every_s=0)  # fmt: skip
             assert await rescuer.relay_once([keys]) == 0  # not idle long enough yet
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(1.6)
             assert await rescuer.relay_once([keys]) == 1
         finally:
             await out.stop()

@@ -4,32 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import requests
 
+from flashsale.devstack import free_ports
 from flashsale.settings import Settings
-
-
-def _free_ports(count: int) -> int:
-    """A port P with P..P+count-1 all free (the gateway, then the ops ports of up)."""
-    while True:
-        socks = [socket.socket() for _ in range(count)]
-        try:
-            socks[0].bind(("127.0.0.1", 0))
-            port = int(socks[0].getsockname()[1])
-            try:
-                for i, sock in enumerate(socks[1:], start=1):
-                    sock.bind(("127.0.0.1", port + i))
-            except OSError:
-                continue
-            return port
-        finally:
-            for sock in socks:
-                sock.close()
 
 
 def _healthy(url: str, patience: float = 30) -> None:
@@ -50,7 +32,7 @@ def _children(pid: int) -> list[int]:
 
 
 def test_up_supervises_and_stops_cleanly(stack: Settings) -> None:
-    port = _free_ports(4)
+    port = free_ports(4)
     up = subprocess.Popen(
         [sys.executable, "-m", "flashsale", "up", "--port", str(port), "--workers", "2"],
         stdout=subprocess.PIPE,

@@ -40,7 +40,7 @@ from flashsale.clients import pg_pool, redis_client
 from flashsale.errors import ProviderDown
 from flashsale.events import ReservationEvent, decode_event, event_id
 from flashsale.kafka import ensure_topics, producer, publish
-from flashsale.ops import ops_app
+from flashsale.ops import serve_ops
 from flashsale.settings import Settings
 from workers.orders import OrderStore
 from workers.payments import HttpProvider, PaymentProvider
@@ -300,14 +300,12 @@ class WorkerService:
         async def broker() -> object:
             return await consumer.topics()
 
-        app = ops_app(
+        runner = await serve_ops(
+            host, port,
             lambda: {"redis": redis.ping, "postgres": lambda: pool.fetchval("SELECT 1"),
                      "kafka": broker},
             self.metrics.registry,
         )  # fmt: skip
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, host, port).start()
         log.info("workers ops endpoints on http://%s:%d/healthz and /metrics", host, port)
         return runner
 
