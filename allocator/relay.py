@@ -118,13 +118,14 @@ class OutboxRelay:
         if not work:
             self._retry_own = False
             return 0
+        published = False
         try:
             acked = await self._publish(work)
-        except BaseException:
-            self._retry_own = True
-            self.stats.failures += 1
-            raise
-        self._retry_own = False
+            published = True
+        finally:
+            # A round that did not publish: its entries stay pending, read first next round.
+            self._retry_own = not published
+            self.stats.failures += 0 if published else 1
         return acked
 
     async def _publish(self, work: list[tuple[SkuKeys, list[tuple[Any, dict[Any, Any]]]]]) -> int:
