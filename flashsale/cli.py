@@ -484,7 +484,8 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flashsale",
-        description="Flash-sale allocation engine: dev stack, migrations and sale administration.",
+        description="Flash-sale allocation engine: the dev stack, migrations, sale administration, "
+        "the services (gateway, allocator, workers, payment simulator) and benchmarks.",
     )
     parser.add_argument("--version", action="version", version=f"flashsale {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -636,14 +637,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     alloc = commands.add_parser(
         "allocator",
-        help="run the admission pumps and the hold sweeper",
+        help="run the admission pumps, the hold sweeper and the outbox relay",
         description="The allocator service: one admission pump per live sale (leader-elected "
-        "through a Redis lease, so replicas are safe) and the hold-expiry sweeper.",
+        "through a Redis lease, so replicas are safe), the hold-expiry sweeper, and the relay "
+        "of the SKU outbox streams to the Kafka reservations topic.",
     )
     alloc.add_argument("--host", default="127.0.0.1", help="address of the ops endpoints")
     alloc.add_argument("--ops-port", help="serve /healthz and /metrics on this port")
 
-    kafka = commands.add_parser("kafka", help="Kafka topics")
+    kafka = commands.add_parser("kafka", help="create the Kafka topics")
     kafka_sub = kafka.add_subparsers(dest="kafka_command", required=True, metavar="ACTION")
     kafka_sub.add_parser(
         "init", help="create the topics that are missing (reservations, order events, dead "
