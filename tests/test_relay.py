@@ -27,15 +27,15 @@ async def test_a_dead_relays_entries_are_claimed_and_published_once_acked(
         p.skus.clear()  # the harness relay stops looking at this SKU
         await p.relay._ensure_group(keys)
         ids = await p.reserve(sale, ["tok_visa"] * 5)
-        # A relay read the entry, then died before publishing: it stays pending for "dead".
-        taken: Any = await p.redis.xreadgroup(GROUP, "dead", {keys.outbox: ">"}, count=10)
-        assert taken and len(taken[0][1]) == 1
         out = producer(p.settings)
         await out.start()
         try:
             topics = p.settings.topics
             rescuer = OutboxRelay(p.redis, out, topics.reservations, topics.dead_letter,
                                   "rescuer", claim_idle_ms=1500, claim_every_s=0)  # fmt: skip
+            # A relay read the entry, then died before publishing: it stays pending for "dead".
+            taken: Any = await p.redis.xreadgroup(GROUP, "dead", {keys.outbox: ">"}, count=10)
+            assert taken and len(taken[0][1]) == 1
             assert await rescuer.relay_once([keys]) == 0  # not idle long enough yet
             await asyncio.sleep(1.6)
             assert await rescuer.relay_once([keys]) == 1
