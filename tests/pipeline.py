@@ -66,6 +66,7 @@ class Pipeline:
     psp: Simulator
     psp_url: str
     relay: OutboxRelay
+    psp_site: web.TCPSite | None = None
     skus: list[SkuKeys] = field(default_factory=list)
     workers: list[Workers] = field(default_factory=list)
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
@@ -187,6 +188,17 @@ class Pipeline:
             await consumer.stop()
         return found
 
+    async def psp_down(self) -> None:
+        """The provider stops listening (connections are refused)."""
+        assert self.psp_site is not None
+        await self.psp_site.stop()
+
+    async def psp_up(self) -> None:
+        assert self.psp_site is not None
+        runner, port = self.psp_site._runner, int(self.psp_url.rsplit(":", 1)[1])
+        self.psp_site = web.TCPSite(runner, "127.0.0.1", port)
+        await self.psp_site.start()
+
     async def psp_stats(self) -> dict[str, Any]:
         async with (
             aiohttp.ClientSession() as session,
@@ -205,7 +217,8 @@ async def pipeline(stack: Settings, knobs: Knobs | None = None) -> AsyncIterator
     psp_runner = web.AppRunner(psp.app(), access_log=None, shutdown_timeout=0.5)
     await psp_runner.setup()
     port = free_port()
-    await web.TCPSite(psp_runner, "127.0.0.1", port).start()
+    site = web.TCPSite(psp_runner, "127.0.0.1", port)
+    await site.start()
     psp_url = f"http://127.0.0.1:{port}"
     settings = dataclasses.replace(settings, psp_url=psp_url)
     redis = redis_client(settings)
@@ -214,7 +227,7 @@ async def pipeline(stack: Settings, knobs: Knobs | None = None) -> AsyncIterator
     await out.start()
     relay = OutboxRelay(redis, out, topics.reservations, topics.dead_letter, f"relay-{run}",
                         claim_idle_ms=1000)  # fmt: skip
-    harness = Pipeline(settings, pool, redis, psp, psp_url, relay)
+    harness = Pipeline(settings, pool, redis, psp, psp_url, relay, psp_site=site)
 
     async def skus() -> list[SkuKeys]:
         return harness.skus

@@ -240,3 +240,23 @@ async def test_sigterm_drains_the_batches_in_hand(stack: Settings) -> None:
         assert "PAYING" not in (await p.orders(ids)).values()
         p.spawn_workers()
         await assert_invariants(p, sale, ids)
+
+
+async def test_a_provider_outage_is_waited_out_not_dead_lettered(stack: Settings) -> None:
+    async with pipeline(stack) as p:
+        sale = await p.sale(stock=50)
+        await p.psp_down()
+        ids = await p.reserve(sale, ["tok_visa"] * 20)
+        workers = p.start_workers(concurrency=5)  # several provider calls per batch
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while workers.service.metrics.retries._value.get() < 1:
+            assert loop.time() < deadline, "the batch did not wait for the provider"
+            await asyncio.sleep(0.1)
+        assert set((await p.orders(ids)).values()) == {"PAYING"}  # nothing guessed
+        await p.psp_up()
+        states = await assert_invariants(p, sale, ids)
+        assert set(states.values()) == {"CONFIRMED"}
+        dead = workers.service.metrics.dead_letters.collect()
+        assert sum(s.value for m in dead for s in m.samples if s.name.endswith("_total")) == 0
+        await workers.drain()
