@@ -232,8 +232,8 @@ class WorkerService:
                 with self.metrics.batch.time():
                     result = await saga.run([e for _, e in events])
             except OUTAGES as exc:
-                if stop.is_set() and not isinstance(exc, ProviderDown):
-                    raise
+                if stop.is_set():
+                    raise  # stopping: commit nothing of this batch; its next owner runs it
                 self.metrics.retries.inc()
                 log.warning("batch of %d waits for a dependency (%r); retrying in %.1fs",
                             len(events), exc, backoff)  # fmt: skip
