@@ -260,3 +260,27 @@ async def test_a_provider_outage_is_waited_out_not_dead_lettered(stack: Settings
         dead = workers.service.metrics.dead_letters.collect()
         assert sum(s.value for m in dead for s in m.samples if s.name.endswith("_total")) == 0
         await workers.drain()
+
+
+async def test_a_capture_whose_hold_redis_lost_waits_and_is_not_refunded(stack: Settings) -> None:
+    """Redis lost the hold (no persistence, FLUSHALL) while the order was PAYING: that is no
+    release, so the capture stays and the order waits for the reconciler's rebuild."""
+    async with pipeline(stack) as p:
+        sale = await p.sale(stock=5)
+        [rid] = await p.reserve(sale, ["tok_visa"])
+        keys = SkuKeys(sale, SKU)
+        messages = await p.topic_messages(p.settings.topics.reservations, at_least=1)
+        from flashsale.events import decode_event
+
+        event = decode_event(messages[0].value)
+        store = OrderStore(p.pool, p.settings.topics.order_events, "test")
+        async with provider(p.psp_url) as psp:
+            saga = Saga(store, p.holds, psp)
+            assert (await p.holds.begin_payment(keys, rid)).ok
+            await store.create([event], {rid: ("PAYING", "payment_started")})
+            await p.redis.hdel(keys.holds, rid)  # Redis forgets the hold
+            result = await saga.run([event])
+        assert result.refunded == 0 and result.confirmed == 0
+        assert list(result.unresolved.values()) == ["hold unknown_reservation"]
+        assert (await p.orders([rid]))[rid] == "PAYING"
+        assert p.psp.charges[rid]["status"] == "captured"

@@ -160,7 +160,13 @@ class Saga:
             "release", [(_keys(by_id[o.id]), o.id) for o, _ in declined], cause="payment_failed"
         )
         to_confirm = [(o, c) for (o, c), a in zip(captured, confirmed, strict=True) if a.ok]
-        late = [(o, c) for (o, c), a in zip(captured, confirmed, strict=True) if not a.ok]
+        # Released first (expired, cancelled): refund. A hold Redis no longer knows is not a
+        # release: the order waits PAYING for the reconciler to rebuild it, nothing refunded.
+        late = [(o, c) for (o, c), a in zip(captured, confirmed, strict=True)
+                if a.state == "RELEASED"]  # fmt: skip
+        for (order, _), answer in zip(captured, confirmed, strict=True):
+            if not answer.ok and answer.state != "RELEASED":
+                result.unresolved[event_id(by_id[order.id])] = f"hold {answer.reason}"
         refunds = await self._refund(late)
         late_causes = await self._release_causes([o.id for o, _ in late], by_id)
         charged = {o.id for o, _ in charges}
