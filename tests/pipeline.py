@@ -32,12 +32,13 @@ from allocator.relay import OutboxRelay, run_relay
 from allocator.scripts import HoldScripts, ReserveRequest
 from flashsale.clients import pg_pool, redis_client
 from flashsale.devstack import free_port
+from flashsale.events import ReservationEvent, decode_event
 from flashsale.kafka import ensure_topics, producer
 from flashsale.keys import SkuKeys
 from flashsale.sales import SaleAdmin
 from flashsale.salespec import parse_sale
 from flashsale.settings import Settings, Topics
-from workers.orders import TERMINAL
+from workers.orders import TERMINAL, OrderStore
 from workers.payments import CircuitBreaker, HttpProvider
 from workers.psp import Knobs, Simulator
 from workers.service import BATCH_PLANNING, WorkerService
@@ -135,6 +136,15 @@ class Pipeline:
             "FLASHSALE_PSP_URL": self.psp_url,
             "FLASHSALE_LOG_LEVEL": "WARNING",
         }
+
+    async def one_reservation(self, sale_id: str) -> tuple[str, SkuKeys, ReservationEvent]:
+        """A single granted hold: its id, its SKU keys, and its event as relayed to Kafka."""
+        [rid] = await self.reserve(sale_id, ["tok_visa"])
+        messages = await self.topic_messages(self.settings.topics.reservations, at_least=1)
+        return rid, SkuKeys(sale_id, SKU), decode_event(messages[0].value)
+
+    def store(self, consumer: str = "test") -> OrderStore:
+        return OrderStore(self.pool, self.settings.topics.order_events, consumer)
 
     async def orders(self, ids: list[str]) -> dict[str, str]:
         rows = await self.pool.fetch("SELECT id, state FROM orders WHERE id = ANY($1)", ids)

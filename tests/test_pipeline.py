@@ -9,13 +9,14 @@ import signal
 import orjson
 
 from allocator.sweeper import sweep_once
-from flashsale.events import ReservationEvent, encode_event
+from flashsale.events import ReservationEvent, decode_event, encode_event
 from flashsale.keys import SkuKeys
+from flashsale.sales import SaleAdmin
 from flashsale.settings import Settings
 from tests.pipeline import SKU, Pipeline, pipeline, provider
-from workers.orders import OrderStore
 from workers.psp import Knobs
 from workers.saga import Saga
+from workers.service import CONSUMER
 
 
 async def assert_invariants(p: Pipeline, sale_id: str, ids: list[str]) -> dict[str, str]:
@@ -57,8 +58,6 @@ async def test_reservations_become_confirmed_or_failed_orders(stack: Settings) -
         # Declines gave their stock back, in Redis and in the sale status.
         counts = await p.counts(sale)
         assert (counts["available"], counts["sold"]) == (40, 60)
-        from flashsale.sales import SaleAdmin
-
         status = await SaleAdmin.build(p.pool, p.redis).status(sale)
         assert status["skus"][0]["available"] == 40 and status["skus"][0]["confirmed"] == 60
         # Every transition went out on the order-events topic, through the Postgres outbox.
@@ -103,14 +102,9 @@ async def test_redelivery_to_another_worker_changes_nothing(stack: Settings) -> 
         sale = await p.sale(stock=20)
         ids = await p.reserve(sale, ["tok_visa"] * 10)
         messages = await p.topic_messages(p.settings.topics.reservations, at_least=10)
-        from workers.orders import OrderStore
-        from workers.service import CONSUMER
-
-        store = OrderStore(p.pool, p.settings.topics.order_events, CONSUMER)
+        store = p.store(CONSUMER)
         async with provider(p.psp_url) as psp:
             first = Saga(store, p.holds, psp)
-            from flashsale.events import decode_event
-
             result = await first.run([decode_event(m.value) for m in messages])
         assert result.confirmed == 10
         calls = (await p.psp_stats())["calls"]
@@ -158,13 +152,8 @@ async def test_a_late_capture_is_refunded_and_recorded(stack: Settings) -> None:
     (the reconciler gave a stuck hold back): the capture must be refunded, never confirmed."""
     async with pipeline(stack) as p:
         sale = await p.sale(stock=5)
-        [rid] = await p.reserve(sale, ["tok_visa"])
-        keys = SkuKeys(sale, SKU)
-        messages = await p.topic_messages(p.settings.topics.reservations, at_least=1)
-        from flashsale.events import decode_event
-
-        event = decode_event(messages[0].value)
-        store = OrderStore(p.pool, p.settings.topics.order_events, "test")
+        rid, keys, event = await p.one_reservation(sale)
+        store = p.store()
         await store.create([event], {rid: ("PENDING", "reservation.created")})
         assert (await p.holds.begin_payment(keys, rid)).ok
         async with p.pool.acquire() as conn:
@@ -267,13 +256,8 @@ async def test_a_capture_whose_hold_redis_lost_waits_and_is_not_refunded(stack: 
     release, so the capture stays and the order waits for the reconciler's rebuild."""
     async with pipeline(stack) as p:
         sale = await p.sale(stock=5)
-        [rid] = await p.reserve(sale, ["tok_visa"])
-        keys = SkuKeys(sale, SKU)
-        messages = await p.topic_messages(p.settings.topics.reservations, at_least=1)
-        from flashsale.events import decode_event
-
-        event = decode_event(messages[0].value)
-        store = OrderStore(p.pool, p.settings.topics.order_events, "test")
+        rid, keys, event = await p.one_reservation(sale)
+        store = p.store()
         async with provider(p.psp_url) as psp:
             saga = Saga(store, p.holds, psp)
             assert (await p.holds.begin_payment(keys, rid)).ok
