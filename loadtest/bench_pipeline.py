@@ -91,11 +91,20 @@ async def _confirmed(pool: object, sale_id: str) -> int:
     ))  # fmt: skip
 
 
+async def _sold(pool: object, sale_id: str) -> int:
+    return int(await pool.fetchval(  # type: ignore[attr-defined]
+        "SELECT sold FROM sale_skus WHERE sale_id = $1 AND sku = $2", sale_id, SKU
+    ))  # fmt: skip
+
+
 async def _wait_confirmed(pool: object, sale_id: str, total: int, patience: float) -> float:
-    """Monotonic time at which ``total`` orders of the sale were CONFIRMED."""
+    """Monotonic time at which ``total`` orders of the sale were CONFIRMED. Polls the SKU's
+    sold counter (one row, moved in the confirming transaction; every order is one unit):
+    counting the orders themselves every 20 ms took a large share of Postgres from the
+    pipeline it measures. The orders are counted once at the end."""
     deadline = time.monotonic() + patience
     while True:
-        if await _confirmed(pool, sale_id) >= total:
+        if await _sold(pool, sale_id) >= total:
             return time.monotonic()
         if time.monotonic() > deadline:
             raise RuntimeError(f"orders not all confirmed within {patience:g}s")

@@ -42,8 +42,10 @@ class Order:
 
 # One statement for a batch of new orders, each inserted straight into the state its hold
 # is already in (PAYING, or terminal when Redis released it first; PENDING when Redis does
-# not know it), with the log of how it got there. $1..$9 the order columns, $10 states,
-# $11 causes, $12 the order-events topic. Returns every order of the input as it now stands.
+# not know it). The order was never in any other state, so its log starts with one
+# ``order.created`` row naming the state it was created in and why. $1..$9 the order
+# columns, $10 states, $11 causes, $12 the order-events topic. Returns every order of the
+# input as it now stands.
 _CREATE = """
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[],
@@ -55,18 +57,14 @@ WITH input AS (
     INSERT INTO orders (id, sale_id, sku, buyer_id, quantity, amount, currency, admission_id,
                         payment_token, state, version)
     SELECT i.id, i.sale_id, i.sku, i.buyer_id, i.quantity, i.amount, i.currency,
-           i.admission_id, i.payment_token, i.state,
-           CASE WHEN i.state = 'PENDING' THEN 1 ELSE 2 END
+           i.admission_id, i.payment_token, i.state, 1
     FROM input i JOIN sale_skus k ON k.sale_id = i.sale_id AND k.sku = i.sku  -- else no order
     ON CONFLICT (id) DO NOTHING
     RETURNING id, state, quantity, amount, currency, payment_token
 ), events AS (
-    SELECT id, 1 AS seq, 'order.created' AS type, NULL::text AS from_state,
-           'PENDING' AS to_state, 'reservation.created' AS cause
-    FROM inserted
-    UNION ALL
-    SELECT i.id, 2, 'order.' || lower(i.state), 'PENDING', i.state, t.cause
-    FROM inserted i JOIN input t USING (id) WHERE i.state <> 'PENDING'
+    SELECT i.id, 1 AS seq, 'order.created' AS type, NULL::text AS from_state,
+           i.state AS to_state, t.cause
+    FROM inserted i JOIN input t USING (id)
 ), logged AS (
     INSERT INTO order_events (order_id, seq, type, from_state, to_state, cause)
     SELECT id, seq, type, from_state, to_state, cause FROM events
@@ -148,7 +146,21 @@ SET provider_ref = EXCLUDED.provider_ref, state = EXCLUDED.state, updated_at = n
 WHERE payments.state IS DISTINCT FROM EXCLUDED.state
 """
 
-_INBOX_SEEN = "SELECT event_id FROM inbox WHERE consumer = $1 AND event_id = ANY($2::text[])"
+# The orders of $1 that are finished (in one of the states $2): their reservation.created
+# needs nothing more. One primary-key probe per id.
+_FINISHED = """
+SELECT o.id FROM unnest($1::text[]) AS t(id)
+CROSS JOIN LATERAL (SELECT id, state FROM orders WHERE id = t.id OFFSET 0) o
+WHERE o.state = ANY($2::text[])
+"""
+
+# One primary-key probe per id: with a batch of 2,000 ids in ``= ANY``, the planner priced
+# that many probes above a (parallel) sequential scan of the whole inbox, which then grew
+# with every event ever processed.
+_INBOX_SEEN = """
+SELECT t.id AS event_id FROM unnest($2::text[]) AS t(id)
+CROSS JOIN LATERAL (SELECT 1 FROM inbox WHERE consumer = $1 AND event_id = t.id OFFSET 0) i
+"""
 _INBOX_ADD = """
 INSERT INTO inbox (consumer, event_id) SELECT $1, unnest($2::text[])
 ON CONFLICT DO NOTHING
@@ -164,8 +176,17 @@ class OrderStore:
         self.topic = order_events_topic
         self.consumer = consumer
 
+    async def finished(self, order_ids: Sequence[str]) -> set[str]:
+        """The ids of ``order_ids`` whose order is in a terminal state."""
+        if not order_ids:
+            return set()
+        rows = await self.pool.fetch(_FINISHED, list(order_ids), sorted(TERMINAL))
+        return {row["id"] for row in rows}
+
     async def seen(self, event_ids: Sequence[str]) -> set[str]:
         """The event ids this consumer has already processed (the inbox)."""
+        if not event_ids:
+            return set()
         rows = await self.pool.fetch(_INBOX_SEEN, self.consumer, list(event_ids))
         return {row["event_id"] for row in rows}
 

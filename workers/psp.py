@@ -31,6 +31,7 @@ import hashlib
 import itertools
 import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,15 +90,28 @@ class Simulator:
         self.outcomes = PromCounter("flashsale_psp_charges", "Charge calls by outcome",
                                     ["outcome"], registry=self.registry)  # fmt: skip
 
-    def _rng(self, key: str, attempt: int) -> random.Random:
-        digest = hashlib.sha256(f"{self.knobs.seed}:{key}:{attempt}".encode()).digest()
-        return random.Random(int.from_bytes(digest[:8], "big"))  # noqa: S311 - a simulation
+    def _draw(self, key: str, attempt: int) -> Callable[[float], bool]:
+        """``chance(rate)`` for one call: True with probability ``rate``, drawn from a
+        generator seeded by the key and attempt (made only once a knob needs it: seeding
+        costs more than the rest of a charge)."""
+        rng: random.Random | None = None
+
+        def chance(rate: float) -> bool:
+            nonlocal rng
+            if rate <= 0:
+                return False
+            if rng is None:
+                digest = hashlib.sha256(f"{self.knobs.seed}:{key}:{attempt}".encode()).digest()
+                rng = random.Random(int.from_bytes(digest[:8], "big"))  # noqa: S311 - a simulation
+            return rng.random() < rate
+
+        return chance
 
     def _decide(self, key: str, params: tuple[int, str, str]) -> tuple[int, Any, bool]:
         """(HTTP status, body, answer late?) for one charge call under ``key``."""
         self.calls[key] += 1
         attempt = self.calls[key]
-        rng = self._rng(key, attempt)
+        chance = self._draw(key, attempt)
         known = self.charges.get(key)
         if known is not None:
             if self.params[key] != params:
@@ -108,10 +122,10 @@ class Simulator:
             return 200, known, False
         amount, currency, token = params
         first = attempt == 1
-        if (token.startswith("tok_error") and first) or rng.random() < self.knobs.error_rate:
+        if (token.startswith("tok_error") and first) or chance(self.knobs.error_rate):
             self.outcomes.labels("error").inc()
             return 500, _problem("provider_error", "simulated failure before charging"), False
-        declined = token.startswith("tok_decline") or rng.random() < self.knobs.decline_rate
+        declined = token.startswith("tok_decline") or chance(self.knobs.decline_rate)
         charge = {
             "id": f"ch_{next(self._ids):08d}", "idempotency_key": key, "amount": amount,
             "currency": currency, "status": "declined" if declined else "captured",
@@ -123,7 +137,7 @@ class Simulator:
         self.charges[key] = charge
         self.params[key] = params
         self.outcomes.labels(charge["status"]).inc()
-        late = (token.startswith("tok_timeout") and first) or rng.random() < self.knobs.timeout_rate
+        late = (token.startswith("tok_timeout") and first) or chance(self.knobs.timeout_rate)
         if late:
             self.outcomes.labels("timeout_after_success").inc()
         return 200, charge, late

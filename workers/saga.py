@@ -2,7 +2,8 @@
 
 For each ``reservation.created`` (DESIGN §3 step 5)::
 
-    hold ACTIVE->PAYING  ->  order inserted PAYING (log: created, paying)
+    already finished?    ->  skip (the order row, keyed by the reservation id, is the dedupe)
+    hold ACTIVE->PAYING  ->  order inserted PAYING (log: order.created in PAYING)
                          ->  charge (idempotency key = reservation id)
                          ->  captured: hold PAYING->SOLD, then order CONFIRMED + sold += qty
                              declined: hold ->RELEASED (stock back), then order PAYMENT_FAILED
@@ -10,8 +11,8 @@ For each ``reservation.created`` (DESIGN §3 step 5)::
 
 The hold moves first, so the order is written once in the state its hold is already in:
 PAYING, or terminal when the hold was released before the worker got to it (an order the
-hold of which Redis has lost is written PENDING and left to the reconciler). Every
-transition is in the order log before the charge starts.
+hold of which Redis has lost is written PENDING and left to the reconciler). The order and
+its log row are written before the charge starts.
 
 Every step is written before the next one starts and every step is idempotent, so a batch
 can be run again from the top at any time (a redelivery, a restarted worker, two workers
@@ -33,6 +34,7 @@ whole batch; charges go to the provider in batches of up to ``concurrency``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -63,8 +65,13 @@ class BatchResult:
     unresolved: dict[str, str] = field(default_factory=dict)
 
 
+@functools.lru_cache(maxsize=4096)
+def _sku_keys(sale_id: str, sku: str) -> SkuKeys:
+    return SkuKeys(sale_id, sku)
+
+
 def _keys(event: ReservationEvent) -> SkuKeys:
-    return SkuKeys(event.sale_id, event.sku)
+    return _sku_keys(event.sale_id, event.sku)
 
 
 class Saga:
@@ -92,11 +99,15 @@ class Saga:
         their last effect."""
         result = BatchResult()
         unique = {event_id(e): e for e in events}
-        seen = await self.store.seen(list(unique))
-        result.duplicates = len(events) - len(unique) + len(seen)
-        todo = [e for eid, e in unique.items() if eid not in seen]
-        created = [e for e in todo if e.type == "reservation.created"]
-        closing = [e for e in todo if e.type != "reservation.created"]
+        created = [e for e in unique.values() if e.type == "reservation.created"]
+        closing = [e for e in unique.values() if e.type != "reservation.created"]
+        # Dedupe: a reservation.created is done once its order is terminal (the order row,
+        # keyed by the reservation id, is its inbox entry); the other events use the inbox.
+        finished = await self.store.finished([e.reservation_id for e in created])
+        seen = await self.store.seen([event_id(e) for e in closing])
+        result.duplicates = len(events) - len(unique) + len(finished) + len(seen)
+        created = [e for e in created if e.reservation_id not in finished]
+        closing = [e for e in closing if event_id(e) not in seen]
         if created:
             await self._created(created, result)
         if closing:
@@ -173,7 +184,8 @@ class Saga:
         unknown = [o.id for o in paying if o.id not in charged
                    and result.unresolved.get(event_id(by_id[o.id])) == UNKNOWN]  # fmt: skip
 
-        # 5. Postgres follows, in one transaction with the inbox.
+        # 5. Postgres follows, in one transaction: the orders that reach a terminal state here
+        #    are what marks their events done.
         async with self.store.pool.acquire() as conn, conn.transaction():
             result.confirmed += len(await self.store.advance(
                 conn, [(o.id, "payment_captured") for o, _ in to_confirm], ["PAYING"],
@@ -192,8 +204,6 @@ class Saga:
                 *((c.key, c.provider_ref, "REFUNDED") for c in refunds),
                 *((rid, "", "UNKNOWN") for rid in unknown),
             ])  # fmt: skip
-            await self.store.processed(conn, [event_id(e) for e in events
-                                              if event_id(e) not in result.unresolved])  # fmt: skip
         result.closed += sum(1 for rid in released if rid in orders)
         result.refunded += len(refunds)
 

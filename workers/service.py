@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import socket
+from collections import Counter as Tally
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -115,7 +116,7 @@ class WorkerService:
         *,
         concurrency: int = 256,
         max_batch: int = 2000,
-        depth: int = 3,
+        depth: int = 5,
         attempts: int = 3,
         provider: PaymentProvider | None = None,
         registry: CollectorRegistry | None = None,
@@ -273,8 +274,8 @@ class WorkerService:
     def _count(self, events: list[tuple[ConsumerRecord, ReservationEvent]],
                result: BatchResult) -> None:  # fmt: skip
         m = self.metrics
-        for _, event in events:
-            m.events.labels(event.type).inc()
+        for kind, n in Tally(event.type for _, event in events).items():
+            m.events.labels(kind).inc(n)
         m.duplicates.inc(result.duplicates)
         m.orders.labels("CONFIRMED").inc(result.confirmed)
         m.orders.labels("PAYMENT_FAILED").inc(result.failed)
