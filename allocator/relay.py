@@ -50,7 +50,11 @@ def _text(value: Any) -> str:
 
 
 class OutboxRelay:
-    """Relays the outboxes of the SKUs it is given. Several relays may run at once."""
+    """Relays the outboxes of the SKUs it is given. Several relays may run at once.
+
+    ``batch`` is the stream entries read per SKU per round. An entry holds a whole reserve
+    batch (up to 256 reservations) and a round is published before the next is read, so
+    small rounds let the workers start on a burst while the relay is still reading it."""
 
     def __init__(
         self,
@@ -60,7 +64,7 @@ class OutboxRelay:
         dead_letter_topic: str,
         consumer: str,
         *,
-        batch: int = 1000,
+        batch: int = 16,
         claim_idle_ms: int = 10_000,
         claim_every_s: float = 1.0,
     ) -> None:

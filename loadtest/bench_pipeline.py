@@ -69,18 +69,24 @@ class _Run:
     granted: list[str] = field(default_factory=list)
 
 
-async def _reserve(run: _Run, count: int) -> list[str]:
-    """Grant ``count`` holds (batches of 256, one buyer each); their ids."""
-    requests = [
+def _requests(count: int) -> list[ReserveRequest]:
+    """``count`` reserve requests, one new buyer each: what gateways would send. Made before
+    the clock starts; the buyers' side is not the pipeline's work."""
+    return [
         ReserveRequest(new_reservation_id(), f"b-{uuid.uuid4().hex[:12]}", 1,
                        uuid.uuid4().hex[:16], "tok_visa", "bench")
         for _ in range(count)
     ]  # fmt: skip
-    chunks = [requests[i : i + 256] for i in range(0, count, 256)]
+
+
+async def _reserve(run: _Run, requests: list[ReserveRequest]) -> list[str]:
+    """Grant the holds of ``requests`` (script calls of 256, as the allocator batches them);
+    their ids."""
+    chunks = [requests[i : i + 256] for i in range(0, len(requests), 256)]
     results = await asyncio.gather(*(run.holds.reserve(run.keys, c) for c in chunks))
     ids = [r.reservation_id for batch in results for r in batch if r.reservation_id]
-    if len(ids) != count:
-        raise RuntimeError(f"only {len(ids)} of {count} holds were granted")
+    if len(ids) != len(requests):
+        raise RuntimeError(f"only {len(ids)} of {len(requests)} holds were granted")
     run.granted += ids
     return ids
 
@@ -171,12 +177,13 @@ async def _one_latency(settings: Settings, latency_ms: float, options: Options,
         async with aiohttp.ClientSession() as session:
             await _ready(session, f"{settings.psp_url}/healthz")
         # Warm-up: the worker has joined its group and every connection is open.
-        await _reserve(run, 100)
+        await _reserve(run, _requests(100))
         await _wait_confirmed(pool, sale_id, 100, options.patience_s)
 
         progress(f"  provider latency {latency_ms:g} ms: {options.reservations:,} holds at once")
+        burst = _requests(options.reservations)
         began = time.monotonic()
-        await _reserve(run, options.reservations)
+        await _reserve(run, burst)
         ended = await _wait_confirmed(pool, sale_id, 100 + options.reservations,
                                       options.patience_s)  # fmt: skip
         capacity = options.reservations / (ended - began)
@@ -186,12 +193,13 @@ async def _one_latency(settings: Settings, latency_ms: float, options: Options,
         rate = min(capacity / 2, options.reservations / options.paced_seconds)
         progress(f"    paced at {rate:,.0f} holds/s for {options.paced_seconds:g}s")
         paced: list[str] = []
+        pending = _requests(options.reservations)
         tick = 0.02
         started = time.monotonic()
         while time.monotonic() - started < options.paced_seconds:
             due = min(int((time.monotonic() - started) * rate), options.reservations) - len(paced)
             if due > 0:
-                paced += await _reserve(run, due)
+                paced += await _reserve(run, pending[len(paced) : len(paced) + due])
             await asyncio.sleep(tick)
         await _wait_confirmed(pool, sale_id, 100 + options.reservations + len(paced),
                               options.patience_s)  # fmt: skip

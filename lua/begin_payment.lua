@@ -13,7 +13,8 @@ return move_holds(K, ARGV, 'PAYING', 'active', 'paying', function(id, h)
   end
   now = now or now_ms()
   if now >= h.deadline then
-    release_hold(K, id, h, 'expired', 'reservation.expired', now)
+    release_hold(K, id, decode_hold(h.raw), 'expired', 'reservation.expired', now)
+    h.state = 'RELEASED'
     return 0, 'RELEASED', 'expired'
   end
 end)

@@ -116,7 +116,7 @@ class WorkerService:
         *,
         concurrency: int = 256,
         max_batch: int = 2000,
-        depth: int = 5,
+        depth: int = 8,
         attempts: int = 3,
         provider: PaymentProvider | None = None,
         registry: CollectorRegistry | None = None,
