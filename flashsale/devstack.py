@@ -378,7 +378,15 @@ class DevStack:
         return values
 
     def external(self, name: str) -> str | None:
-        return self.environ.get(EXTERNAL_VAR[name]) or None
+        """The server's URL from the environment, unless it is this stack's own: a process
+        that took its URLs from dev.env (a test session, ``eval $(flashsale dev env)``) must
+        not make ``up`` rewrite dev.env without them."""
+        value = self.environ.get(EXTERNAL_VAR[name]) or None
+        if value is not None:
+            own = self._load().get(name)
+            if own is not None and value == self.url(name, own.port):
+                return None
+        return value
 
     def url(self, name: str, port: int) -> str:
         keys = self._secrets()

@@ -53,6 +53,13 @@ def test_up_reuse_env_status_down(scratch_home: Path, run_cli: Cli) -> None:
     assert values["REDIS_URL"].startswith("redis://")
     assert values["DATABASE_URL"].startswith("postgresql://")
 
+    # A shell (or a test session) that exported these URLs and runs `up` again is using the
+    # stack's own servers, not external ones: dev.env keeps them.
+    own = DevStack(scratch_home, environ=values)
+    own.up(progress=lambda _line: None)
+    assert read_env_file(scratch_home / "dev.env") == values
+    assert all(row.state == "running" for row in own.status())
+
     status = run("dev", "status")
     assert status.code == 0
     assert status.out.count("running") == 3
