@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from allocator.queue import QUEUE_FIELDS, SALE_FIELDS, QueueScripts, QueueView, Step, _text
+from flashsale.errors import QueueLost
 from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.sales import shuffle_order
 
@@ -130,6 +131,7 @@ class AdmissionPump:
     window_ms: int = 60_000  # the sale's admission window, as last read
     clock_offset_ms: int = 0  # Redis TIME minus this host's clock, as of the last step
     seed: str | None = None
+    lost: bool = False  # the waiting room was not live at the last tick
 
     @property
     def keys(self) -> SaleKeys:
@@ -174,16 +176,25 @@ class AdmissionPump:
         )  # fmt: skip
         decided = plan(inputs) if started else Plan(view.serving, None, False, 0)
         p50, p10 = self._rates()
-        result = await self.queue.advance(
-            self.keys, self.token, serving=decided.serving, cutoff=decided.cutoff,
-            sold_out=decided.sold_out,
-            published={
-                "rate_p50": f"{p50 if self.history else rate:.3f}",
-                "rate_p10": f"{p10 if self.history else rate / 2:.3f}",
-                "noshow": f"{self.noshow:.4f}", "outstanding": str(self.outstanding),
-                "available": str(snap.available), "held": str(snap.held),
-            },
-        )  # fmt: skip
+        try:
+            result = await self.queue.advance(
+                self.keys, self.token, serving=decided.serving, cutoff=decided.cutoff,
+                sold_out=decided.sold_out,
+                published={
+                    "rate_p50": f"{p50 if self.history else rate:.3f}",
+                    "rate_p10": f"{p10 if self.history else rate / 2:.3f}",
+                    "noshow": f"{self.noshow:.4f}", "outstanding": str(self.outstanding),
+                    "available": str(snap.available), "held": str(snap.held),
+                },
+            )  # fmt: skip
+        except QueueLost:
+            # Admitting now could pass positions Redis forgot; the reconciler restores them.
+            if not self.lost:
+                log.warning("the waiting room of %s is not live in Redis; waiting for the "
+                            "reconciler to restore it", self.sale_id)  # fmt: skip
+            self.lost = True
+            return None
+        self.lost = False
         if result is None:
             log.warning("pump for %s was fenced out (token %d)", self.sale_id, self.token)
             self.token = 0

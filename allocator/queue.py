@@ -14,6 +14,7 @@ from redis.commands.core import AsyncScript
 
 from allocator.batching import Coalescer, PerKey
 from allocator.scripts import call_packed, source
+from flashsale.errors import QueueLost
 from flashsale.keys import SaleKeys
 
 SEP = "\x1f"
@@ -171,11 +172,14 @@ class QueueScripts:
         sold_out: bool,
         published: dict[str, str],
     ) -> AdvanceResult | None:
-        """Publish one pump step; None when ``token`` has been fenced out by a newer leader."""
+        """Publish one pump step; None when ``token`` has been fenced out by a newer leader.
+        Raises QueueLost when Redis lost the waiting room (the reconciler restores it)."""
         args: list[str | int] = [token, serving, -1 if cutoff is None else cutoff, int(sold_out)]
         for name, value in published.items():
             args += [name, value]
         raw = await self._advance(keys=[keys.sale, keys.queue, keys.steps, keys.fence], args=args)
+        if int(raw[0]) == -2:
+            raise QueueLost(f"the waiting room of {keys.sale_id} is not live in Redis")
         if int(raw[0]) < 0:
             return None
         serving_now, cutoff_now, tail, now = (int(v) for v in raw)

@@ -20,7 +20,9 @@ from redis.commands.core import AsyncScript
 from flashsale.errors import InvalidInput
 from flashsale.keys import SaleKeys, SkuKeys
 
-PreloadOutcome = Literal["loaded", "unchanged", "refused_committed", "refused_below_committed"]
+PreloadOutcome = Literal[
+    "loaded", "unchanged", "refused_committed", "refused_below_committed", "refused_lost"
+]
 
 
 # Requests per reserve call: bounded by Lua's unpack() stack and to keep one call short.
@@ -112,9 +114,12 @@ class Scripts:
         self._put_sale: AsyncScript = client.register_script(source("put_sale"))
 
     async def preload(
-        self, keys: SkuKeys, *, total: int, meta: dict[str, str], force: bool
+        self, keys: SkuKeys, *, total: int, meta: dict[str, str], force: bool, first: bool
     ) -> PreloadResult:
-        args: list[str | int] = ["1" if force else "0", total]
+        """Load the SKU's configuration and stock (see ``lua/preload.lua``). ``first``: the
+        SKU was never preloaded; otherwise a SKU missing from Redis is refused
+        (``refused_lost``): the reconciler rebuilds it from Postgres."""
+        args: list[str | int] = ["1" if force else "0", total, "1" if first else "0"]
         for name, value in meta.items():
             args += [name, value]
         raw = await self._preload(keys=[keys.meta, keys.stock], args=args)
@@ -125,11 +130,15 @@ class Scripts:
     async def set_status(self, key: str, status: str) -> bool:
         return bool(await self._set_status(keys=[key], args=[status]))
 
-    async def put_sale(self, keys: SaleKeys, fields: dict[str, str]) -> int:
-        args: list[str] = []
+    async def put_sale(
+        self, keys: SaleKeys, fields: dict[str, str], *, open_queue: bool = False
+    ) -> int:
+        """Replace the sale hash; ``open_queue`` (the first preload) marks the waiting room
+        live (see ``lua/put_sale.lua``)."""
+        args: list[str] = ["1" if open_queue else "0"]
         for name, value in fields.items():
             args += [name, value]
-        return int(await self._put_sale(keys=[keys.sale], args=args))
+        return int(await self._put_sale(keys=[keys.sale, keys.queue], args=args))
 
 
 # -- the hold lifecycle ---------------------------------------------------------------------

@@ -10,7 +10,8 @@
     ├── RateLimited                a client went over its rate (``rate_limited``, 429)
     ├── RequestTimeout             a request body arrived too slowly (``body_timeout``, 408)
     ├── Unavailable                a dependency is down or a SKU is being rebuilt
-    │   └── Overloaded             a bounded wait queue is full (``overloaded``)
+    │   ├── Overloaded             a bounded wait queue is full (``overloaded``)
+    │   └── QueueLost              Redis lost a sale's waiting room; the reconciler restores it
     ├── PaymentError               the payment provider did not give a definite answer
     │   ├── PaymentUnknown         sent, outcome unknown (timeout, 5xx): retry with the same key
     │   │   └── ProviderDown       the circuit is open: not sent at all, failed fast
@@ -102,6 +103,13 @@ class Overloaded(Unavailable):
     """Backpressure: a bounded queue is full. Retry later; nothing was decided."""
 
     code = "overloaded"
+
+
+class QueueLost(Unavailable):
+    """A sale's waiting room is not live in Redis (lost, not yet restored by the reconciler):
+    nothing may be queued or admitted until it is, or positions could be handed out twice."""
+
+    code = "unavailable"
 
 
 class PaymentError(FlashsaleError):

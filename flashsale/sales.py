@@ -161,7 +161,22 @@ class SaleAdmin:
                 code="no_skus",
             )
         results = [await self._sync_sku(sale, sku, force=force) for sku in skus]
-        await self.scripts.put_sale(SaleKeys(sale_id), _sale_fields(sale, skus))
+        await self.scripts.put_sale(
+            SaleKeys(sale_id), _sale_fields(sale, skus), open_queue=sale["preloaded_at"] is None
+        )
+        loaded = [r.sku for r in results if not r.outcome.startswith("refused")]
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                "UPDATE sale_skus SET preloaded_at = coalesce(preloaded_at, now())"
+                " WHERE sale_id = $1 AND sku = ANY($2::text[])", sale_id, loaded,
+            )  # fmt: skip
+        lost = [r.sku for r in results if r.outcome == "refused_lost"]
+        if lost:
+            raise Conflict(
+                f"Redis no longer holds {', '.join(lost)} of sale {sale_id} (or is rebuilding "
+                "it): run `flashsale reconcile --once` to rebuild it from Postgres",
+                code="rebuild_needed",
+            )  # fmt: skip
         refused = [r for r in results if r.outcome.startswith("refused")]
         if refused:
             detail = "; ".join(
@@ -192,8 +207,9 @@ class SaleAdmin:
             "status": sale["status"],
         }
         return await self.scripts.preload(
-            SkuKeys(sale["id"], sku["sku"]), total=sku["stock_total"], meta=meta, force=force
-        )
+            SkuKeys(sale["id"], sku["sku"]), total=sku["stock_total"], meta=meta, force=force,
+            first=sku["preloaded_at"] is None,
+        )  # fmt: skip
 
     # -- status --------------------------------------------------------------------------
 
@@ -247,6 +263,11 @@ class SaleAdmin:
         if sale["preloaded_at"] is not None:
             # Absolute sync from Postgres: idempotent, keeps held and sold units.
             result = await self._sync_sku(sale, row, force=True)
+            if result.outcome == "refused_lost":
+                raise Conflict(
+                    f"stock of {sku} was added in Postgres; Redis no longer holds the SKU: run "
+                    "`flashsale reconcile --once` to rebuild it", code="rebuild_needed",
+                )  # fmt: skip
             if result.outcome.startswith("refused"):
                 raise Conflict(f"Redis refused the new stock for {sku}: {result.outcome}")
         return await self.status(sale_id)

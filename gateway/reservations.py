@@ -131,6 +131,8 @@ async def reserve(request: web.Request) -> web.Response:
     metrics = app[METRICS]
     if claim != "ok":
         metrics.count(metrics.reservations, f"admission_{claim}")
+        if claim == "unavailable":
+            raise Unavailable("the waiting room is being restored; retry", code="unavailable")
         if claim == "mismatch":
             raise InvalidInput(
                 "Idempotency-Key", "this key was used for another request",

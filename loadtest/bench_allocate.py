@@ -112,7 +112,9 @@ class Bench:
 
     async def fresh_sku(self, client: aioredis.Redis, name: str) -> SkuKeys:
         keys = SkuKeys(f"bench-{self.run_id}", name)
-        await Scripts(client).preload(keys, total=STOCK, meta=_sku_meta(keys), force=True)
+        await Scripts(client).preload(
+            keys, total=STOCK, meta=_sku_meta(keys), force=True, first=True
+        )
         self._skus.append(keys)
         return keys
 

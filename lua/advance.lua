@@ -6,10 +6,14 @@
 -- The serving position only moves forward, never past the tail; the cutoff (the last
 -- position that may ever be admitted) only moves back; sold_out only turns on. So a status a
 -- gateway derived from older counters is never more pessimistic than the truth.
--- Returns {serving, cutoff (-1: none yet), tail, now_ms}, or {-1} when fenced out.
+-- Returns {serving, cutoff (-1: none yet), tail, now_ms}, {-1} when fenced out, or {-2} when
+-- the waiting room is not live (Redis lost it; the reconciler restores it).
 local sale, queue, steps, fence = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 if redis.call('GET', fence) ~= ARGV[1] then
   return {-1}
+end
+if redis.call('HEXISTS', queue, 'live') == 0 then
+  return {-2}
 end
 local now = now_ms()
 local tail = seal_prequeue(queue, tonumber(redis.call('HGET', sale, 'starts_at_ms') or now), now)

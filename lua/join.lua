@@ -5,7 +5,9 @@
 --   queued, p     p >= 1: FIFO position; p = 0: in the pre-queue (position assigned at start)
 --   sold_out, 0   nothing left for a new arrival: not queued
 --   full, 0       the queue holds max_queue waiting buyers: not queued
---   ended, 0      the sale is over          unavailable, 0   the sale is not preloaded
+--   ended, 0      the sale is over
+--   unavailable, 0   the sale is not preloaded, or Redis lost its waiting room (the queue
+--                    hash is not `live`) and the reconciler has not restored it yet
 -- A buyer already queued gets the same answer (queued, same position) whatever has changed,
 -- also when the same buyer appears twice in one batch.
 -- Every Redis command runs once per batch (the gateway coalesces concurrent joins).
@@ -13,7 +15,7 @@ local sale, queue, members = KEYS[1], KEYS[2], KEYS[3]
 local n = #ARGV
 local out = {}
 local cfg = redis.call('HMGET', sale, 'status', 'starts_at_ms', 'ends_at_ms', 'max_queue')
-if not cfg[1] then
+if not cfg[1] or redis.call('HEXISTS', queue, 'live') == 0 then
   for i = 1, n do
     out[2 * i - 1], out[2 * i] = 'unavailable', 0
   end

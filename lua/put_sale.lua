@@ -1,7 +1,14 @@
 -- put_sale: replace the sale-level configuration hash with the given field/value pairs.
 --
--- KEYS[1] sale hash   ARGV field/value pairs
--- Returns the number of fields written.
+-- KEYS[1] sale hash   KEYS[2] queue hash
+-- ARGV[1] '1' to open the waiting room (the sale's first preload), then field/value pairs.
+-- The waiting room only works on a queue hash marked `live`. The first preload marks it; a
+-- queue Redis lost later stays closed (joins answer unavailable) until the reconciler
+-- restores its counters from what gateways and pumps have seen, so no position is handed out
+-- twice. Returns the number of fields written.
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV))
-return #ARGV / 2
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+if ARGV[1] == '1' then
+  redis.call('HSETNX', KEYS[2], 'live', 1)
+end
+return (#ARGV - 1) / 2

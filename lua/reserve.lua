@@ -9,7 +9,9 @@
 --   sold_out\31<0|1>                      1 = active or paying holds may still return stock
 --   limit_exceeded\31<units already counted>
 --   idempotency_mismatch                  same key, different quantity or payment
---   not_started | paused | ended | unavailable (not preloaded / lost) | invalid_quantity
+--   not_started | paused | ended | invalid_quantity
+--   unavailable                           not preloaded, lost by Redis, or being rebuilt by
+--                                         the reconciler: never a wrong sold_out
 -- Granted, sold_out, limit_exceeded and invalid_quantity answers are remembered per
 -- idem_field and replayed unchanged; answers about the sale's state are not, so a retry after
 -- the start can succeed.
@@ -24,10 +26,11 @@ local n = tonumber(ARGV[1])
 local results = {}
 
 local meta = redis.call('HMGET', K[1], 'status', 'starts_at_ms', 'ends_at_ms',
-  'per_buyer_limit', 'hold_ttl_ms', 'price', 'currency', 'sale_id', 'sku')
+  'per_buyer_limit', 'hold_ttl_ms', 'price', 'currency', 'sale_id', 'sku', 'rebuilding')
+local stock = redis.call('HMGET', K[2], 'available', 'active', 'paying')
 local now = now_ms()
 local gate = nil
-if not meta[1] then
+if not meta[1] or meta[10] or not stock[1] then
   gate = 'unavailable'
 elseif meta[1] == 'ended' or now >= tonumber(meta[3]) then
   gate = 'ended'
@@ -61,7 +64,6 @@ end
 local limit = tonumber(meta[4])
 local deadline = now + tonumber(meta[5])
 local counted_raw = redis.call('HMGET', K[5], unpack(ARGV, BUYER + 1, BUYER + n))
-local stock = redis.call('HMGET', K[2], 'available', 'active', 'paying')
 local available, active, paying = tonumber(stock[1]), tonumber(stock[2]), tonumber(stock[3])
 
 -- Strings shared by every hold of the batch, built once.

@@ -83,7 +83,7 @@ async def make_sku(
         "starts_at_ms": str(now + starts_in_ms), "ends_at_ms": str(now + ends_in_ms),
         "status": status,
     }  # fmt: skip
-    await Scripts(client).preload(keys, total=stock, meta=meta, force=False)
+    await Scripts(client).preload(keys, total=stock, meta=meta, force=False, first=True)
     return Sku(keys, HoldScripts(client), client)
 
 

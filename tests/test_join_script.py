@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from allocator.queue import MAX_JOIN_BATCH, JoinResult, Joins, QueueScripts
+from allocator.queue import MAX_JOIN_BATCH, JoinResult, Joins, QueueScripts, _text
+from allocator.scripts import Scripts
 from flashsale.keys import SaleKeys
 from flashsale.settings import Settings
 
@@ -28,10 +29,10 @@ async def open_sale(
     keys = SaleKeys(f"join-{uuid.uuid4().hex[:10]}")
     now = int(time.time() * 1000)
     starts = now - 1000 if started else now + 3_600_000
-    await client.hset(keys.sale, mapping={
-        "status": "active", "starts_at_ms": starts, "ends_at_ms": now + 7_200_000,
-        "max_queue": max_queue,
-    })  # fmt: skip
+    await Scripts(client).put_sale(keys, {
+        "status": "active", "starts_at_ms": str(starts), "ends_at_ms": str(now + 7_200_000),
+        "max_queue": str(max_queue),
+    }, open_queue=True)  # fmt: skip
     return keys
 
 
@@ -88,7 +89,8 @@ async def test_unknown_and_ended_sales_write_nothing(client: aioredis.Redis) -> 
     keys = await open_sale(client)
     await client.hset(keys.sale, "status", "ended")
     assert outcomes(await scripts.join(keys, ["a"])) == [("ended", 0)]
-    assert not await client.exists(keys.queue, keys.members)
+    assert not await client.exists(keys.members)
+    assert [_text(f) for f in await client.hkeys(keys.queue)] == ["live"]  # as preloaded
 
 
 async def test_batch_size_is_bounded(client: aioredis.Redis) -> None:
@@ -115,3 +117,18 @@ async def test_concurrent_joins_share_script_calls_and_positions_stay_unique(
         assert by_buyer.setdefault(buyer, result.position) == result.position
     assert sorted(by_buyer.values()) == list(range(1, 1001))
     assert coalescer.batches < 50  # 1,143 joins, a handful of script calls
+
+
+async def test_a_waiting_room_redis_lost_takes_no_one_until_restored(
+    client: aioredis.Redis,
+) -> None:
+    """The queue hash is gone (FLUSHALL, eviction, a stray DEL) while the sale is configured:
+    joining again would hand out positions 1, 2, ... a second time. It answers unavailable."""
+    scripts = QueueScripts(client)
+    keys = await open_sale(client)
+    assert outcomes(await scripts.join(keys, ["a", "b"])) == [("queued", 1), ("queued", 2)]
+    await client.delete(keys.queue)
+    assert outcomes(await scripts.join(keys, ["c", "a"])) == [("unavailable", 0)] * 2
+    # Re-putting the sale (a later preload) does not reopen it; only a restore does.
+    await Scripts(client).put_sale(keys, {"status": "active"}, open_queue=False)
+    assert outcomes(await scripts.join(keys, ["c"])) == [("unavailable", 0)]

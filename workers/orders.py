@@ -44,20 +44,21 @@ class Order:
 # is already in (PAYING, or terminal when Redis released it first; PENDING when Redis does
 # not know it). The order was never in any other state, so its log starts with one
 # ``order.created`` row naming the state it was created in and why. $1..$9 the order
-# columns, $10 states, $11 causes, $12 the order-events topic. Returns every order of the
-# input as it now stands.
+# columns, $10 states, $11 causes, $12 the order-events topic, $13 the buyers' idempotency
+# keys (what a rebuild of Redis restores the buyer's remembered answer from). Returns every
+# order of the input as it now stands.
 _CREATE = """
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[],
                          $6::bigint[], $7::text[], $8::text[], $9::text[], $10::text[],
-                         $11::text[])
+                         $11::text[], $13::text[])
         AS t(id, sale_id, sku, buyer_id, quantity, amount, currency, admission_id,
-             payment_token, state, cause)
+             payment_token, state, cause, idempotency_key)
 ), inserted AS (
     INSERT INTO orders (id, sale_id, sku, buyer_id, quantity, amount, currency, admission_id,
-                        payment_token, state, version)
+                        payment_token, state, version, idempotency_key)
     SELECT i.id, i.sale_id, i.sku, i.buyer_id, i.quantity, i.amount, i.currency,
-           i.admission_id, i.payment_token, i.state, 1
+           i.admission_id, i.payment_token, i.state, 1, i.idempotency_key
     FROM input i JOIN sale_skus k ON k.sale_id = i.sale_id AND k.sku = i.sku  -- else no order
     ON CONFLICT (id) DO NOTHING
     RETURNING id, state, quantity, amount, currency, payment_token
@@ -214,6 +215,7 @@ class OrderStore:
             [targets[e.reservation_id][0] for e in events],
             [targets[e.reservation_id][1] for e in events],
             self.topic,
+            [e.idempotency_key or "" for e in events],
         )
         return {r["id"]: Order(r["id"], r["state"], r["quantity"], r["amount"],
                                r["currency"], r["payment_token"]) for r in rows}  # fmt: skip
