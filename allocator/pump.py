@@ -34,6 +34,7 @@ import asyncpg
 from allocator.queue import QUEUE_FIELDS, SALE_FIELDS, QueueScripts, QueueView, Step, _text
 from flashsale.errors import QueueLost
 from flashsale.keys import SaleKeys, SkuKeys
+from flashsale.marks import Mark, QueueMarks
 from flashsale.sales import shuffle_order
 
 log = logging.getLogger("flashsale.pump")
@@ -132,6 +133,7 @@ class AdmissionPump:
     clock_offset_ms: int = 0  # Redis TIME minus this host's clock, as of the last step
     seed: str | None = None
     lost: bool = False  # the waiting room was not live at the last tick
+    marks: QueueMarks | None = None  # counters seen, checkpointed for a restore
 
     @property
     def keys(self) -> SaleKeys:
@@ -195,6 +197,11 @@ class AdmissionPump:
             self.lost = True
             return None
         self.lost = False
+        if result is not None and self.marks is not None:
+            self.marks.note(self.sale_id, Mark(
+                result.tail, result.serving, view.pre, result.cutoff, view.sealed,
+                view.shuffled, decided.sold_out or view.sold_out,
+            ))  # fmt: skip
         if result is None:
             log.warning("pump for %s was fenced out (token %d)", self.sale_id, self.token)
             self.token = 0

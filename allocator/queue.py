@@ -16,6 +16,7 @@ from allocator.batching import Coalescer, PerKey
 from allocator.scripts import call_packed, source
 from flashsale.errors import QueueLost
 from flashsale.keys import SaleKeys
+from flashsale.marks import Mark
 
 SEP = "\x1f"
 MAX_JOIN_BATCH = 256  # Lua's unpack() of ARGV stays far below its stack limit
@@ -23,7 +24,7 @@ MAX_JOIN_BATCH = 256  # Lua's unpack() of ARGV stays far below its stack limit
 SALE_FIELDS = ("status", "starts_at_ms", "ends_at_ms", "admission_rate", "window_ms", "capacity")
 QUEUE_FIELDS = (
     "serving", "cutoff", "tail", "pre", "sealed", "shuffled", "sold_out",
-    "rate_p50", "rate_p10", "noshow", "outstanding", "beat_ms",
+    "rate_p50", "rate_p10", "noshow", "outstanding", "beat_ms", "live",
 )  # fmt: skip
 
 
@@ -71,6 +72,12 @@ class QueueView:
     noshow: float
     outstanding: int
     beat_ms: int  # Redis time of the pump's last step (0: no pump has run)
+    live: bool  # the waiting room is open in Redis (False: never opened, or lost)
+
+    def mark(self) -> Mark:
+        """These counters as a queue mark (what a restore must not go below)."""
+        return Mark(self.tail, self.serving, self.pre, self.cutoff, self.sealed, self.shuffled,
+                    self.sold_out)  # fmt: skip
 
     @classmethod
     def parse(cls, sale: list[Any], queue: list[Any]) -> QueueView:
@@ -97,6 +104,7 @@ class QueueView:
             noshow=_float(q["noshow"]),
             outstanding=_int(q["outstanding"]),
             beat_ms=_int(q["beat_ms"]),
+            live=_int(q["live"]) == 1,
         )
 
 

@@ -32,6 +32,7 @@ from flashsale.clients import pg_pool, redis_client
 from flashsale.devstack import ping_kafka
 from flashsale.kafka import ensure_topics, producer
 from flashsale.keys import SkuKeys
+from flashsale.marks import QueueMarks
 from flashsale.ops import serve_ops
 from flashsale.settings import Settings
 
@@ -104,6 +105,7 @@ class AllocatorService:
         self.metrics = ServiceMetrics(registry or CollectorRegistry())
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{time.monotonic_ns()}"
         self.pumps: dict[str, AdmissionPump] = {}
+        self.marks = QueueMarks(f"pump:{self.owner}")
         self.relay_skus: list[SkuKeys] = []
         self.relay: OutboxRelay | None = None
         self.redis: aioredis.Redis | None = None
@@ -136,6 +138,7 @@ class AllocatorService:
                     self.relay, self._relay_skus, stop=stop, on_round=self.metrics.relayed.inc
                 )
             )
+            checkpoints = asyncio.create_task(self.marks.run(self.pool, stop))
             next_discovery = 0.0
             while not stop.is_set():
                 if time.monotonic() >= next_discovery:
@@ -146,6 +149,7 @@ class AllocatorService:
                     await asyncio.wait_for(stop.wait(), self.tick_s)
             await sweeper
             await relay
+            await checkpoints
         finally:
             for pump in self.pumps.values():
                 await self._resign(pump)
@@ -178,7 +182,9 @@ class AllocatorService:
             if sale_id in self.pumps:
                 self.pumps[sale_id].skus = skus
             else:
-                self.pumps[sale_id] = AdmissionPump(queue, self.pool, sale_id, skus, self.owner)
+                self.pumps[sale_id] = AdmissionPump(
+                    queue, self.pool, sale_id, skus, self.owner, marks=self.marks
+                )
 
     async def _resign(self, pump: AdmissionPump) -> None:
         """Give the lease back early; if Redis does not answer, it lapses by its TTL anyway."""

@@ -393,6 +393,60 @@ def cmd_allocator(args: argparse.Namespace, settings: Settings) -> int:
     return int(uvloop.run(services.serve_allocator(settings, args.host, ops_port)))
 
 
+SHOWN = 20  # repairs listed by `reconcile --once` before "... and N more"
+
+
+def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    from flashsale import services  # noqa: PLC0415
+    from reconciler import service  # noqa: PLC0415
+
+    interval = positive(float, "interval", args.interval)
+    stuck = positive(float, "stuck-after", args.stuck_after)
+    for sale_id in args.sale or []:
+        if not ID_PATTERN.match(sale_id):
+            raise InvalidInput("sale", f"not a sale id: {sale_id!r}")
+    ops_port = port_number("ops-port", args.ops_port) if args.ops_port else None
+    settings.require_redis()
+    settings.require_database()
+    if not args.once:
+        return int(uvloop.run(services.serve_reconciler(
+            settings, args.host, ops_port, interval=interval, stuck_after_s=stuck,
+        )))  # fmt: skip
+    report = uvloop.run(service.reconcile_once(settings, args.sale, stuck))
+    if args.json:
+        dump_json(report.json())
+    else:
+        out(f"reconciled {report.skus} SKUs in {report.seconds:.3f}s: {report.changed} repairs, "
+            f"{len(report.flags)} flags, {len(report.unresolved)} unresolved")  # fmt: skip
+        items = report.repairs + report.flags
+        for item in items[:SHOWN]:
+            out(f"  {item.kind:16} {item.sale_id}/{item.sku or '-'} {item.subject or ''}"
+                f"  {item.before} -> {item.after}")  # fmt: skip
+        for line in report.unresolved[:SHOWN]:
+            out(f"  unresolved: {line}")
+        hidden = max(0, len(items) - SHOWN) + max(0, len(report.unresolved) - SHOWN)
+        if hidden:
+            out(f"  ... and {hidden} more (--json shows all; every repair is in reconcile_events)")
+    return 3 if report.unresolved else 0
+
+
+def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
+    from reconciler import service  # noqa: PLC0415
+
+    if not ID_PATTERN.match(args.sale):
+        raise InvalidInput("sale", f"not a sale id: {args.sale!r}")
+    settings.require_redis()
+    settings.require_database()
+    settings.require_kafka()
+    report = uvloop.run(service.audit(settings, args.sale))
+    if args.json:
+        dump_json({"passed": report.passed, "invariants": [i.json() for i in report.invariants],
+                   "sale_id": report.sale_id, "facts": report.facts})  # fmt: skip
+    else:
+        out(report.text())
+    return 0 if report.passed else 1
+
+
 async def cmd_kafka(args: argparse.Namespace, settings: Settings) -> int:
     from flashsale.kafka import ensure_topics  # noqa: PLC0415
 
@@ -457,6 +511,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     allocator_port = port_number("allocator-port", args.allocator_port or str(port + 1))
     workers_port = port_number("workers-port", args.workers_port or str(port + 2))
     psp_port = port_number("psp-port", args.psp_port or str(port + 3))
+    reconciler_port = port_number("reconciler-port", args.reconciler_port or str(port + 4))
     _service_settings(settings)
     settings.require_kafka()
     metrics_dir = services.fresh_metrics_dir(settings.home, f"gateway-{port}")
@@ -465,12 +520,14 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         *services.gateway_children(args.host, port, workers, metrics_dir),
         services.allocator_child(args.host, allocator_port),
         services.workers_child(args.host, workers_port, psp_url),
+        services.reconciler_child(args.host, reconciler_port, psp_url),
     ]
     if not settings.psp_url:
         children.append(services.psp_child(args.host, psp_port))
     out(
         f"flashsale up: gateway x{workers} on http://{args.host}:{port}; ops endpoints "
-        f"(/healthz, /metrics): allocator :{allocator_port}, workers :{workers_port}; "
+        f"(/healthz, /metrics): allocator :{allocator_port}, workers :{workers_port}, "
+        f"reconciler :{reconciler_port}; "
         f"payments: {psp_url}"
         + ("" if settings.psp_url else " (simulator)")
         + ". Ctrl-C or SIGTERM stops everything."
@@ -683,12 +740,49 @@ def build_parser() -> argparse.ArgumentParser:
     psp.add_argument("--hang-s", default="30", help="how late those answer (default 30)")
     psp.add_argument("--seed", default="0", help="seed of the random knobs (default 0)")
 
+    rec = commands.add_parser(
+        "reconcile",
+        help="find where Redis drifted from Postgres and repair it (once, or as a service)",
+        description="Compare every live SKU's Redis state with Postgres (the truth) and "
+        "repair drift: rebuild lost or corrupted SKUs, restore lost waiting rooms, resolve "
+        "orders stuck PENDING/PAYING through the payment provider (FLASHSALE_PSP_URL), refund "
+        "captures with no confirmed order, flag confirmed orders with no capture. Every repair "
+        "is recorded in reconcile_events. Without --once it runs a pass every --interval "
+        "seconds. Exit (with --once): 0 done, 3 something left unresolved, 1 error.",
+    )
+    rec.add_argument("--once", action="store_true", help="one pass, then exit")
+    rec.add_argument("--interval", default="5", help="seconds between passes (default 5)")
+    rec.add_argument("--sale", action="append", metavar="ID",
+                     help="only this sale (repeatable; default: every live sale)")  # fmt: skip
+    rec.add_argument(
+        "--stuck-after", default="60",
+        help="seconds after which a PENDING/PAYING order is stuck (default 60)",
+    )  # fmt: skip
+    rec.add_argument("--json", action="store_true", help="with --once: print the pass as JSON")
+    rec.add_argument("--host", default="127.0.0.1", help="address of the ops endpoints")
+    rec.add_argument("--ops-port", help="serve /healthz and /metrics on this port")
+
+    aud = commands.add_parser(
+        "audit",
+        help="check every invariant of a sale (after it): exit 0 only if all hold",
+        description="The post-sale audit: no oversell, conservation, one terminal state per "
+        "reservation, captures vs orders vs refunds, per-buyer limits, nothing lost, "
+        "admissions, and that a reconcile pass would change nothing. Reads Redis, Postgres, "
+        "the broker's consumer lag and the payment provider (FLASHSALE_PSP_URL).",
+    )
+    aud.add_argument("sale", help="the sale id")
+    aud.add_argument(
+        "--json", action="store_true",
+        help='print {"passed", "invariants": [{"name", "passed", "details"}]}',
+    )  # fmt: skip
+
     up = commands.add_parser(
         "up",
         help="run the whole engine against the configured stack, supervised",
         description="Run every service of the engine against REDIS_URL, DATABASE_URL and "
         "KAFKA_BOOTSTRAP (or the embedded stack): the gateway processes, the allocator "
-        "service (pumps, sweeper, outbox relay), the order workers, and the payment simulator "
+        "service (pumps, sweeper, outbox relay), the order workers, the reconciler, and the "
+        "payment simulator "
         "unless FLASHSALE_PSP_URL names a provider. Crashed processes are restarted with "
         "backoff; SIGTERM or Ctrl-C stops all.",
     )
@@ -698,6 +792,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--allocator-port", help="allocator /healthz and /metrics (default PORT+1)")
     up.add_argument("--workers-port", help="workers /healthz and /metrics (default PORT+2)")
     up.add_argument("--psp-port", help="payment simulator port (default PORT+3)")
+    up.add_argument("--reconciler-port",
+                    help="reconciler /healthz and /metrics (default PORT+4)")  # fmt: skip
     return parser
 
 
@@ -713,6 +809,8 @@ HANDLERS: dict[str, Callable[[argparse.Namespace, Settings], Any]] = {
     "kafka": cmd_kafka,
     "workers": cmd_workers,
     "psp": cmd_psp,
+    "reconcile": cmd_reconcile,
+    "audit": cmd_audit,
     "up": cmd_up,
 }
 

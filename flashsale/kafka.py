@@ -110,3 +110,34 @@ async def publish(
         sends.append(await out.send_batch(batch, topic, partition=partition))
     await asyncio.gather(*sends)
     return len(messages)
+
+
+async def consumer_lag(settings: Settings, topic: str, group: str) -> int:
+    """Messages of ``topic`` the consumer group has not committed yet, over all partitions
+    (a partition it never committed counts from its start). Raises Unavailable when the
+    broker cannot be reached."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition  # noqa: PLC0415
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.require_kafka(), group_id=group, enable_auto_commit=False,
+        request_timeout_ms=10_000,
+    )  # fmt: skip
+    try:
+        await consumer.start()
+        await consumer.topics()  # fresh metadata
+        known = consumer.partitions_for_topic(topic) or set()
+        partitions = [TopicPartition(topic, p) for p in sorted(known)]
+        if not partitions:
+            return 0
+        ends = await consumer.end_offsets(partitions)
+        starts = await consumer.beginning_offsets(partitions)
+        lag = 0
+        for tp in partitions:
+            committed = await consumer.committed(tp)
+            lag += max(0, ends[tp] - (starts[tp] if committed is None else committed))
+        return lag
+    except KafkaError as exc:
+        raise Unavailable(f"cannot read consumer lag from the broker: {exc!r}") from exc
+    finally:
+        with contextlib.suppress(KafkaError, OSError):
+            await consumer.stop()

@@ -162,7 +162,7 @@ class SaleAdmin:
             )
         results = [await self._sync_sku(sale, sku, force=force) for sku in skus]
         await self.scripts.put_sale(
-            SaleKeys(sale_id), _sale_fields(sale, skus), open_queue=sale["preloaded_at"] is None
+            SaleKeys(sale_id), sale_fields(sale, skus), open_queue=sale["preloaded_at"] is None
         )
         loaded = [r.sku for r in results if not r.outcome.startswith("refused")]
         async with self.pool.acquire() as conn:
@@ -195,17 +195,7 @@ class SaleAdmin:
     async def _sync_sku(
         self, sale: asyncpg.Record, sku: asyncpg.Record, *, force: bool
     ) -> PreloadResult:
-        meta = {
-            "sale_id": sale["id"],
-            "sku": sku["sku"],
-            "price": str(sku["price"]),
-            "currency": sku["currency"],
-            "per_buyer_limit": str(sku["per_buyer_limit"]),
-            "hold_ttl_ms": str(sku["hold_ttl_seconds"] * 1000),
-            "starts_at_ms": _ms(sale["starts_at"]),
-            "ends_at_ms": _ms(sale["ends_at"]),
-            "status": sale["status"],
-        }
+        meta = sku_meta(sale, sku)
         return await self.scripts.preload(
             SkuKeys(sale["id"], sku["sku"]), total=sku["stock_total"], meta=meta, force=force,
             first=sku["preloaded_at"] is None,
@@ -306,7 +296,23 @@ async def _insert_skus(conn: asyncpg.Connection, sale_id: str, skus: Sequence[Sk
     )  # fmt: skip
 
 
-def _sale_fields(sale: asyncpg.Record, skus: Sequence[asyncpg.Record]) -> dict[str, str]:
+def sku_meta(sale: asyncpg.Record, sku: asyncpg.Record) -> dict[str, str]:
+    """A SKU's Redis configuration (its ``meta`` hash) from its Postgres rows."""
+    return {
+        "sale_id": sale["id"],
+        "sku": sku["sku"],
+        "price": str(sku["price"]),
+        "currency": sku["currency"],
+        "per_buyer_limit": str(sku["per_buyer_limit"]),
+        "hold_ttl_ms": str(sku["hold_ttl_seconds"] * 1000),
+        "starts_at_ms": _ms(sale["starts_at"]),
+        "ends_at_ms": _ms(sale["ends_at"]),
+        "status": sale["status"],
+    }
+
+
+def sale_fields(sale: asyncpg.Record, skus: Sequence[asyncpg.Record]) -> dict[str, str]:
+    """The sale's Redis configuration (its ``sale`` hash) from its Postgres rows."""
     return {
         "id": sale["id"],
         "name": sale["name"],

@@ -1,4 +1,5 @@
-"""Running the engine's services: the gateway, the allocator service, and ``up`` for all.
+"""Running the engine's services: the gateway, the allocator service, the workers, the
+reconciler, and ``up`` for all.
 
 A single gateway process serves one port; ``--workers N`` runs N of them on that same port with
 ``SO_REUSEPORT`` (the kernel spreads connections between them) under the supervisor, with
@@ -74,6 +75,18 @@ async def serve_workers(
     return 0
 
 
+async def serve_reconciler(
+    settings: Settings, host: str, ops_port: int | None, *, interval: float, stuck_after_s: float
+) -> int:
+    from reconciler.service import serve  # noqa: PLC0415
+
+    stop = _stop_on_signals()
+    log.info("reconciler (pid %d) running, a pass every %gs", os.getpid(), interval)
+    await serve(settings, stop, interval=interval, stuck_after_s=stuck_after_s,
+                ops_port=ops_port, host=host)  # fmt: skip
+    return 0
+
+
 async def serve_psp(host: str, port: int, knobs: Knobs) -> int:
     from workers.psp import serve  # noqa: PLC0415
 
@@ -102,6 +115,11 @@ def allocator_child(host: str, ops_port: int) -> Child:
 def workers_child(host: str, ops_port: int, psp_url: str) -> Child:
     args = ["workers", "--host", host, "--ops-port", str(ops_port)]
     return Child("workers", args, {"FLASHSALE_PSP_URL": psp_url})
+
+
+def reconciler_child(host: str, ops_port: int, psp_url: str) -> Child:
+    args = ["reconcile", "--host", host, "--ops-port", str(ops_port)]
+    return Child("reconciler", args, {"FLASHSALE_PSP_URL": psp_url})
 
 
 def psp_child(host: str, port: int) -> Child:

@@ -7,8 +7,11 @@ only wires them together.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import os
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -26,6 +29,7 @@ from allocator.queue import Joins, QueueScripts
 from allocator.scripts import HoldScripts
 from flashsale.clients import pg_pool, redis_client
 from flashsale.errors import ConfigError, FlashsaleError
+from flashsale.marks import QueueMarks
 from flashsale.sales import SaleAdmin
 from flashsale.settings import Settings
 from flashsale.tokens import Signer
@@ -46,6 +50,7 @@ HOLDS = web.AppKey("holds", HoldScripts)
 ALLOCATORS = web.AppKey("allocators", Allocators)
 LIMITER = web.AppKey("limiter", RateLimiter)
 COUNTERS = web.AppKey("counters", CounterCache)
+MARKS = web.AppKey("marks", QueueMarks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,10 +193,15 @@ async def clients(app: web.Application) -> AsyncIterator[None]:
     app[ALLOCATORS] = allocators = Allocators(holds)
     app[JOINS] = joins = Joins(queue)
     app[LIMITER] = RateLimiter(redis)
-    app[COUNTERS] = CounterCache(queue)
+    app[MARKS] = marks = QueueMarks(f"gateway:{socket.gethostname()}:{os.getpid()}")
+    app[COUNTERS] = CounterCache(queue, marks=marks)
+    stop = asyncio.Event()
+    checkpoints = asyncio.create_task(marks.run(pool, stop))
     try:
         yield
     finally:
+        stop.set()
+        await checkpoints
         await allocators.aclose()
         await joins.aclose()
         await pool.close()

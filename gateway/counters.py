@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from allocator.queue import QUEUE_FIELDS, SALE_FIELDS, QueueScripts, QueueView, Step
 from flashsale.keys import SaleKeys
+from flashsale.marks import QueueMarks
 
 REFRESH_S = 0.1
 
@@ -41,9 +42,12 @@ class CounterCache:
     """Counters per sale, refreshed on demand at most every ``refresh_s``; concurrent requests
     share one refresh."""
 
-    def __init__(self, queue: QueueScripts, refresh_s: float = REFRESH_S) -> None:
+    def __init__(
+        self, queue: QueueScripts, refresh_s: float = REFRESH_S, marks: QueueMarks | None = None
+    ) -> None:
         self.queue = queue
         self.refresh_s = refresh_s
+        self.marks = marks  # what this process has seen, checkpointed for a restore
         self._by_sale: dict[str, Counters] = {}
         self._pending: dict[str, asyncio.Future[Counters]] = {}
 
@@ -79,6 +83,10 @@ class CounterCache:
         sale, queue, new_steps, (seconds, micros) = await pipe.execute()
         local_ms = (before + time.time()) * 500
         view = QueueView.parse(sale, queue)
+        if self.marks is not None and view.live:
+            self.marks.note(sale_id, view.mark())
+        elif self.marks is not None and sale_id in self.marks.seen:
+            self.marks.urgent.set()  # the waiting room was lost: checkpoint what we saw now
         steps = current.steps if current is not None and view.serving >= known else []
         steps = steps + [Step.parse(m) for m in new_steps]
         if len(self._by_sale) > 1024:

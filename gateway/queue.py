@@ -21,7 +21,7 @@ from allocator.queue import QueueView
 from flashsale.errors import Conflict, Forbidden, NotFound, Unavailable
 from flashsale.keys import ID_PATTERN, SaleKeys
 from flashsale.tokens import InvalidToken, Signer, buyer_subject
-from gateway.app import COUNTERS, JOINS, METRICS, QUEUE, SALES, SIGNERS, json_response
+from gateway.app import COUNTERS, JOINS, MARKS, METRICS, QUEUE, SALES, SIGNERS, json_response
 from gateway.counters import Counters
 from gateway.http import bearer, rate_limit
 
@@ -123,7 +123,9 @@ async def join(request: web.Request) -> web.Response:
     metrics = app[METRICS]
     outcome = result.outcome
     if outcome == "unavailable":
-        await app[SALES].get(sale_id)  # NotFound for an unknown sale
+        sale = await app[SALES].get(sale_id)  # NotFound for an unknown sale
+        if sale["preloaded_at"] is not None:  # Redis lost the waiting room: being restored
+            raise Unavailable("the waiting room is being restored; retry", code="unavailable")
         raise Conflict(f"sale {sale_id} is not open for queueing yet", code="sale_not_open")
     if outcome == "ended":
         raise Conflict(f"sale {sale_id} has ended", code="sale_ended")
@@ -135,6 +137,7 @@ async def join(request: web.Request) -> web.Response:
         return json_response({"ticket": None, "position": None, "state": "sold_out"})
     counters = await app[COUNTERS].get(sale_id)
     position = result.position
+    app[MARKS].note_position(sale_id, position)
     metrics.count(metrics.joins, "pre_queue" if position == 0 else "queued")
     ticket = sign_ticket(app[SIGNERS].ticket, sale_id, buyer, position, counters.view)
     status = status_of(counters, position, counters.redis_now_ms())

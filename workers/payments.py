@@ -70,6 +70,12 @@ class PaymentProvider(Protocol):
     async def lookup(self, key: str) -> Charge | None:
         """The charge made under ``key``, or None when the provider has none."""
 
+    async def list_charges(
+        self, prefix: str, after: str | None = None, limit: int = 100
+    ) -> tuple[list[Charge], bool]:
+        """Charges whose key starts with ``prefix``, oldest first, after the charge made
+        under ``after``; (charges, whether more follow)."""
+
 
 class CircuitBreaker:
     """Closed: calls go through. After ``threshold`` failures in a row it opens for
@@ -232,3 +238,15 @@ class HttpProvider:
         if status != 200:
             raise PaymentUnknown(f"lookup {key}: unexpected answer {status} {body!r}"[:300])
         return Charge.parse(body)
+
+    async def list_charges(
+        self, prefix: str, after: str | None = None, limit: int = 100
+    ) -> tuple[list[Charge], bool]:
+        params = {"prefix": prefix, "limit": str(limit)}
+        if after is not None:
+            params["starting_after"] = after
+        status, body = await self._call("GET", "/v1/charges", params=params)
+        data = body.get("data") if isinstance(body, dict) else None
+        if status != 200 or not isinstance(data, list):
+            raise PaymentUnknown(f"list charges: unexpected answer {status} {body!r}"[:300])
+        return [Charge.parse(item) for item in data], bool(body.get("has_more"))

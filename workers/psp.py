@@ -7,6 +7,9 @@
   charges in one request, each decided as its own call (results in order; an item that fails
   carries ``{"error"}``). One round trip and one latency for the lot.
 * ``GET /v1/charges/{key}``: the charge made under a key (404 if none).
+* ``GET /v1/charges?prefix=P&starting_after=K&limit=N``: charges whose key starts with ``P``,
+  in the order they were made, after the one made under ``K`` (a cursor, as Stripe lists):
+  ``{"data": [...], "has_more": bool}``. The reconciler finds captures with no order this way.
 * ``POST /v1/charges/{key}/refund``: refund a capture (idempotent).
 * ``GET /v1/stats``: captures, declines, refunds, and how many times each key was captured
   (``max_captures_per_key`` must stay 1).
@@ -80,6 +83,8 @@ class Simulator:
     def __init__(self, knobs: Knobs, registry: CollectorRegistry | None = None) -> None:
         self.knobs = knobs
         self.charges: dict[str, dict[str, Any]] = {}
+        self.made: list[str] = []  # keys in the order their charges were made (for listing)
+        self.position: dict[str, int] = {}
         self.params: dict[str, tuple[int, str, str]] = {}
         self.calls: Counter[str] = Counter()  # charge calls per key
         self.captures: Counter[str] = Counter()  # captures per key (must stay <= 1)
@@ -136,6 +141,8 @@ class Simulator:
             self.captures[key] += 1
         self.charges[key] = charge
         self.params[key] = params
+        self.position[key] = len(self.made)
+        self.made.append(key)
         self.outcomes.labels(charge["status"]).inc()
         late = (token.startswith("tok_timeout") and first) or chance(self.knobs.timeout_rate)
         if late:
@@ -187,6 +194,27 @@ class Simulator:
             return _error(404, "not_found", "no charge under this key")
         return _json(charge)
 
+    async def list_charges(self, request: web.Request) -> web.Response:
+        prefix = request.query.get("prefix", "")
+        after = request.query.get("starting_after")
+        try:
+            limit = min(1000, max(1, int(request.query.get("limit", "100"))))
+        except ValueError:
+            return _error(400, "invalid_request", "limit must be an integer")
+        if after is not None and after not in self.position:
+            return _error(400, "invalid_request", "starting_after names no charge")
+        start = 0 if after is None else self.position[after] + 1
+        data: list[dict[str, Any]] = []
+        index = start
+        while index < len(self.made) and len(data) < limit:
+            key = self.made[index]
+            if key.startswith(prefix):
+                data.append(self.charges[key])
+            index += 1
+        more = any(k.startswith(prefix) for k in self.made[index:]) if index < len(self.made) \
+            else False  # fmt: skip
+        return _json({"data": data, "has_more": more})
+
     async def refund(self, request: web.Request) -> web.Response:
         key = request.match_info["key"]
         charge = self.charges.get(key)
@@ -213,6 +241,7 @@ class Simulator:
         app = ops_app(lambda: {}, self.registry)
         app.router.add_post("/v1/charges", self.charge)
         app.router.add_post("/v1/charges/batch", self.charge_batch)
+        app.router.add_get("/v1/charges", self.list_charges)
         app.router.add_get("/v1/charges/{key}", self.lookup)
         app.router.add_post("/v1/charges/{key}/refund", self.refund)
         app.router.add_get("/v1/stats", self.stats)

@@ -1,0 +1,360 @@
+"""The post-sale audit: every invariant of DESIGN §7 for one sale, against Redis, Postgres, the
+broker (consumer lag) and the payment provider.
+
+Each invariant is reported by name with ``passed`` and ``details`` (counts, and the offending
+ids, at most :data:`SHOWN` of them). ``passed`` for the whole report only when every one holds.
+Checks that need the pipeline drained (Redis sold equal to Postgres confirmed, every hold with
+its order) fail with "not drained" while events are still in flight: run it after the sale.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from flashsale.errors import NotFound, PaymentError, Unavailable
+from flashsale.events import HoldRecord
+from flashsale.kafka import consumer_lag
+from flashsale.keys import SaleKeys, SkuKeys
+from flashsale.marks import highest
+from flashsale.settings import Settings
+from reconciler.rebuild import claim_member
+from reconciler.reconcile import Reconciler
+from workers.orders import TERMINAL
+from workers.payments import Charge, PaymentProvider
+
+SHOWN = 20  # offending ids listed per invariant
+HOLD_FOR = {"CONFIRMED": "SOLD", "EXPIRED": "RELEASED", "CANCELLED": "RELEASED",
+            "PAYMENT_FAILED": "RELEASED", "PAYING": "PAYING"}  # fmt: skip
+
+_ORDERS = """
+SELECT o.id, o.sku, o.buyer_id, o.quantity, o.state, o.admission_id, o.idempotency_key,
+       o.payment_token, p.state AS payment,
+       (SELECT count(*) FROM order_events e WHERE e.order_id = o.id
+          AND e.to_state IN ('CONFIRMED', 'PAYMENT_FAILED', 'EXPIRED', 'CANCELLED')
+          AND e.from_state IS DISTINCT FROM e.to_state) AS terminal_events
+FROM orders o LEFT JOIN payments p ON p.idempotency_key = o.id
+WHERE o.sale_id = $1
+"""
+
+
+@dataclass
+class Invariant:
+    name: str
+    passed: bool = True
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def fail(self, what: str, ids: list[str] | int | str) -> None:
+        self.passed = False
+        if isinstance(ids, list):
+            self.details[what] = {"count": len(ids), "ids": sorted(ids)[:SHOWN]}
+        else:
+            self.details[what] = ids
+
+    def json(self) -> dict[str, Any]:
+        return {"name": self.name, "passed": self.passed, "details": self.details}
+
+
+@dataclass
+class AuditReport:
+    sale_id: str
+    invariants: list[Invariant]
+    facts: dict[str, Any]
+
+    @property
+    def passed(self) -> bool:
+        return all(i.passed for i in self.invariants)
+
+    def json(self) -> dict[str, Any]:
+        return {"sale_id": self.sale_id, "passed": self.passed,
+                "invariants": [i.json() for i in self.invariants], "facts": self.facts}  # fmt: skip
+
+    def text(self) -> str:
+        lines = [f"audit of sale {self.sale_id}: {'PASSED' if self.passed else 'FAILED'}"]
+        lines += [f"  {k}: {v}" for k, v in self.facts.items()]
+        for inv in self.invariants:
+            lines.append(f"  [{'pass' if inv.passed else 'FAIL'}] {inv.name}")
+            lines += [f"        {k}: {v}" for k, v in inv.details.items()]
+        return "\n".join(lines)
+
+
+async def audit_sale(
+    pool: asyncpg.Pool,
+    client: aioredis.Redis,
+    provider: PaymentProvider | None,
+    settings: Settings,
+    sale_id: str,
+) -> AuditReport:
+    """Check DESIGN §7 for ``sale_id``. Raises NotFound for an unknown sale."""
+    sale = await pool.fetchrow("SELECT * FROM sales WHERE id = $1", sale_id)
+    if sale is None:
+        raise NotFound(f"unknown sale {sale_id!r}", code="unknown_sale")
+    skus = {r["sku"]: r for r in await pool.fetch(
+        "SELECT * FROM sale_skus WHERE sale_id = $1 ORDER BY sku", sale_id)}  # fmt: skip
+    orders = list(await pool.fetch(_ORDERS, sale_id))
+    redis = await _redis_state(client, sale_id, list(skus))
+    charges, provider_note = await _charges(provider, sale_id)
+    try:
+        lag: int | None = await consumer_lag(
+            settings, settings.topics.reservations, settings.consumer_group
+        )
+    except Unavailable:
+        lag = None
+    open_orders = [o["id"] for o in orders if o["state"] not in TERMINAL]
+    outbox = sum(r["outbox"] for r in redis["skus"].values())
+    paying = sum((r["stock"].get("paying") or 0) for r in redis["skus"].values())
+    drained = not open_orders and outbox == 0 and paying == 0 and lag == 0
+    facts = {
+        "orders": len(orders), "open_orders": len(open_orders), "outbox_entries": outbox,
+        "consumer_lag": lag if lag is not None else "broker unreachable",
+        "drained": drained, "provider_charges": len(charges) if charges is not None
+        else provider_note,
+    }  # fmt: skip
+    by_sku: dict[str, list[asyncpg.Record]] = defaultdict(list)
+    for order in orders:
+        by_sku[order["sku"]].append(order)
+    not_drained = (f"pipeline not drained: {len(open_orders)} open orders, {outbox} outbox "
+                   f"entries, {paying} paying units, consumer lag {lag}")  # fmt: skip
+    invariants = [
+        _no_oversell(skus, by_sku, redis),
+        _conservation(skus, by_sku, redis, drained, not_drained),
+        _one_terminal_state(orders, redis, drained, not_drained),
+        _payments(orders, charges, provider_note),
+        _buyer_limit(skus, by_sku, redis),
+        _nothing_lost(orders, redis, drained, not_drained),
+        await _admission(pool, sale_id, orders, redis),
+        await _converges(pool, client, settings, sale_id),
+    ]
+    return AuditReport(sale_id, invariants, facts)
+
+
+async def _redis_state(client: aioredis.Redis, sale_id: str, skus: list[str]) -> dict[str, Any]:
+    pipe = client.pipeline(transaction=False)
+    for sku in skus:
+        keys = SkuKeys(sale_id, sku)
+        pipe.hgetall(keys.stock)
+        pipe.hgetall(keys.holds)
+        pipe.hgetall(keys.buyers)
+        pipe.xlen(keys.outbox)
+    sale = SaleKeys(sale_id)
+    pipe.hmget(sale.queue, "serving", "live")
+    pipe.zrange(sale.claims, 0, -1)
+    replies = await pipe.execute()
+    out: dict[str, Any] = {"skus": {}}
+    for i, sku in enumerate(skus):
+        stock, holds, buyers, outbox = replies[4 * i : 4 * i + 4]
+        out["skus"][sku] = {
+            "stock": {_t(k): int(v) for k, v in stock.items()},
+            "holds": {_t(k): HoldRecord.parse(v) for k, v in holds.items()},
+            "buyers": {_t(k): int(v) for k, v in buyers.items()},
+            "outbox": int(outbox),
+        }
+    serving, live = replies[-2]
+    out["serving"] = int(serving or 0)
+    out["live"] = live is not None
+    out["claims"] = {_t(m) for m in replies[-1]}
+    return out
+
+
+async def _charges(provider: PaymentProvider | None, sale_id: str
+                   ) -> tuple[dict[str, Charge] | None, str]:  # fmt: skip
+    if provider is None:
+        return None, "no payment provider configured"
+    charges: dict[str, Charge] = {}
+    after = None
+    try:
+        while True:
+            page, more = await provider.list_charges(f"{sale_id}~", after, 1000)
+            for charge in page:
+                charges[charge.key] = charge
+            if page:
+                after = page[-1].key
+            if not more:
+                return charges, ""
+    except PaymentError as exc:
+        return None, f"provider unreachable: {exc}"
+
+
+def _no_oversell(skus: dict[str, Any], by_sku: dict[str, list[Any]],
+                 redis: dict[str, Any]) -> Invariant:  # fmt: skip
+    inv = Invariant("1. no oversell: confirmed units <= stock total, in Postgres and Redis")
+    over, counter, redis_over = [], [], []
+    for sku, row in skus.items():
+        confirmed = sum(o["quantity"] for o in by_sku[sku] if o["state"] == "CONFIRMED")
+        if confirmed > row["stock_total"]:
+            over.append(sku)
+        if row["sold"] != confirmed:
+            counter.append(f"{sku} (sold {row['sold']}, confirmed {confirmed})")
+        stock = redis["skus"][sku]["stock"]
+        if stock and stock.get("sold", 0) > stock.get("total", 0):
+            redis_over.append(sku)
+    if over:
+        inv.fail("oversold_skus_postgres", over)
+    if counter:
+        inv.fail("sold_counter_differs_from_confirmed_orders", counter)
+    if redis_over:
+        inv.fail("oversold_skus_redis", redis_over)
+    return inv
+
+
+def _conservation(skus: dict[str, Any], by_sku: dict[str, list[Any]], redis: dict[str, Any],
+                  drained: bool, not_drained: str) -> Invariant:  # fmt: skip
+    inv = Invariant("2. conservation: total = available + held + sold; Redis sold = Postgres "
+                    "confirmed once drained")  # fmt: skip
+    broken, lost, differs = [], [], []
+    for sku, row in skus.items():
+        stock = redis["skus"][sku]["stock"]
+        if row["preloaded_at"] is None:
+            continue
+        if not stock:
+            lost.append(sku)
+            continue
+        parts = [stock.get(n, 0) for n in ("available", "active", "paying", "sold")]
+        if stock.get("total") != sum(parts) or stock.get("total") != row["stock_total"]:
+            broken.append(f"{sku} {stock}")
+        confirmed = sum(o["quantity"] for o in by_sku[sku] if o["state"] == "CONFIRMED")
+        if drained and stock.get("sold", 0) != confirmed:
+            differs.append(f"{sku} (redis {stock.get('sold', 0)}, postgres {confirmed})")
+    if lost:
+        inv.fail("skus_missing_in_redis", lost)
+    if broken:
+        inv.fail("counters_do_not_add_up", broken)
+    if differs:
+        inv.fail("redis_sold_differs_from_postgres", differs)
+    if not drained:
+        inv.fail("cannot_compare", not_drained)
+    return inv
+
+
+def _one_terminal_state(orders: list[Any], redis: dict[str, Any], drained: bool,
+                        not_drained: str) -> Invariant:  # fmt: skip
+    inv = Invariant("3. every reservation ends in exactly one terminal state")
+    open_, twice, disagree = [], [], []
+    holds = {rid: h for s in redis["skus"].values() for rid, h in s["holds"].items()}
+    for order in orders:
+        if order["state"] not in TERMINAL:
+            open_.append(order["id"])
+        elif order["terminal_events"] != 1:
+            twice.append(order["id"])
+        hold = holds.get(order["id"])
+        if hold is not None and HOLD_FOR.get(order["state"], hold.state) != hold.state:
+            disagree.append(f"{order['id']} (order {order['state']}, hold {hold.state})")
+    unfinished = [rid for rid, h in holds.items() if h.state in ("ACTIVE", "PAYING")]
+    if open_:
+        inv.fail("orders_not_terminal", open_)
+    if twice:
+        inv.fail("orders_with_other_than_one_terminal_event", twice)
+    if disagree:
+        inv.fail("hold_and_order_disagree", disagree)
+    if unfinished:
+        inv.fail("holds_not_terminal", unfinished)
+    if not drained and not (open_ or unfinished):
+        inv.fail("cannot_conclude", not_drained)
+    return inv
+
+
+def _payments(orders: list[Any], charges: dict[str, Charge] | None, note: str) -> Invariant:
+    inv = Invariant("4. at most one capture per reservation; every capture confirmed or "
+                    "refunded; every confirmed order captured")  # fmt: skip
+    state = {o["id"]: o for o in orders}
+    confirmed = {o["id"] for o in orders if o["state"] == "CONFIRMED"}
+    recorded_capture = {o["id"] for o in orders if o["payment"] == "CAPTURED"}
+    if charges is None:
+        inv.fail("provider", note)
+        missing = confirmed - recorded_capture
+        if missing:
+            inv.fail("confirmed_without_recorded_capture", sorted(missing))
+        return inv
+    captured = {k for k, c in charges.items() if c.status == "captured"}
+    refunded = {k for k, c in charges.items() if c.status == "refunded"}
+    orphans = sorted(k for k in captured if k not in confirmed)
+    unrecorded = sorted(k for k in refunded
+                        if k not in state or state[k]["payment"] != "REFUNDED")  # fmt: skip
+    uncaptured = sorted(confirmed - captured)
+    double = sorted(k for k in refunded & confirmed)
+    if orphans:
+        inv.fail("captures_without_confirmed_order", orphans)
+    if unrecorded:
+        inv.fail("refunds_not_recorded", unrecorded)
+    if uncaptured:
+        inv.fail("confirmed_orders_without_capture", uncaptured)
+    if double:
+        inv.fail("confirmed_orders_refunded", double)
+    inv.details.setdefault("captures", len(captured))
+    inv.details.setdefault("refunds", len(refunded))
+    return inv
+
+
+def _buyer_limit(skus: dict[str, Any], by_sku: dict[str, list[Any]],
+                 redis: dict[str, Any]) -> Invariant:  # fmt: skip
+    inv = Invariant("5. per-buyer limit holds")
+    over = []
+    for sku, row in skus.items():
+        units: dict[str, int] = defaultdict(int)
+        for order in by_sku[sku]:
+            if order["state"] in ("CONFIRMED", "PAYING", "PENDING"):
+                units[order["buyer_id"]] += order["quantity"]
+        for rid, hold in redis["skus"][sku]["holds"].items():
+            if hold.state == "ACTIVE" and rid not in {o["id"] for o in by_sku[sku]}:
+                units[hold.buyer_id] += hold.quantity
+        limit = row["per_buyer_limit"]
+        over += [f"{sku}/{b} ({n} > {limit})" for b, n in units.items() if n > limit]
+        over += [f"{sku}/{b} (redis {n} > {limit})"
+                 for b, n in redis["skus"][sku]["buyers"].items() if n > limit]  # fmt: skip
+    if over:
+        inv.fail("buyers_over_limit", over)
+    return inv
+
+
+def _nothing_lost(orders: list[Any], redis: dict[str, Any], drained: bool,
+                  not_drained: str) -> Invariant:  # fmt: skip
+    inv = Invariant("6. nothing acknowledged is lost: every granted reservation has its order")
+    known = {o["id"] for o in orders}
+    holds = {rid for s in redis["skus"].values() for rid in s["holds"]}
+    missing = sorted(holds - known)
+    if missing and drained:
+        inv.fail("holds_without_order", missing)
+    elif missing:
+        inv.fail("cannot_conclude", f"{len(missing)} holds not yet orders; {not_drained}")
+    inv.details.setdefault("reservations", len(holds | known))
+    return inv
+
+
+async def _admission(pool: asyncpg.Pool, sale_id: str, orders: list[Any],
+                     redis: dict[str, Any]) -> Invariant:  # fmt: skip
+    inv = Invariant("7. every reservation traces back to a valid admission")
+    serving = max(redis["serving"], (await highest(pool, sale_id)).serving)
+    beyond, unclaimed = [], []
+    for order in orders:
+        admission = order["admission_id"]
+        if not admission.isdigit():
+            beyond.append(f"{order['id']} (admission {admission!r})")
+            continue
+        if int(admission) > serving:
+            beyond.append(f"{order['id']} (position {admission} > serving {serving})")
+        member = claim_member(admission, order["idempotency_key"], order["sku"],
+                              order["quantity"], order["payment_token"])  # fmt: skip
+        if order["idempotency_key"] and member not in redis["claims"]:
+            unclaimed.append(order["id"])
+    if beyond:
+        inv.fail("reservations_beyond_admission", beyond)
+    if unclaimed:
+        inv.fail("reservations_without_claim", unclaimed)
+    return inv
+
+
+async def _converges(pool: asyncpg.Pool, client: aioredis.Redis, settings: Settings,
+                     sale_id: str) -> Invariant:  # fmt: skip
+    inv = Invariant("8. reconciliation converges: a pass now would change nothing")
+    pending = await Reconciler(pool, client, None, settings.topics.order_events).pending([sale_id])
+    if pending:
+        inv.fail("would_repair", pending)
+    return inv
+
+
+def _t(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,237 @@
+"""Rebuilding Redis from Postgres: a SKU's holds and counters, a sale's waiting room.
+
+**A SKU** (:func:`rebuild_sku`). Postgres wins. The SKU is first closed (reservations answer
+``unavailable``), then every order in Postgres gets the hold its state implies, where Redis
+has none or a contradicting one:
+
+================  =========================================================================
+order in Postgres  hold written in Redis
+================  =========================================================================
+CONFIRMED          SOLD
+PAYING             PAYING (an ACTIVE hold moves to PAYING; SOLD and RELEASED are newer news
+                   the saga still has to follow, and are kept)
+PENDING            ACTIVE with a fresh deadline, and its ``reservation.created`` is appended
+                   to the outbox again so the saga charges it (the worker had found no hold)
+EXPIRED, ...       RELEASED with the order's cause
+================  =========================================================================
+
+Holds Postgres has no order for (granted, not yet through the pipeline) are kept as they are.
+Every write is compare-and-set against what was read, so a hold that moved meanwhile is left
+to the next pass. Then one atomic script recounts available / active / paying / sold and the
+per-buyer counts from the holds themselves, writes the configuration and reopens the SKU. If
+the holds need more units than the total (Redis granted units Postgres meanwhile sold), the
+newest ACTIVE holds Postgres knows nothing of are released (cause ``reconciled``) first:
+never an oversell.
+
+**A waiting room** (:func:`restore_queue`): the queue counters go back to at least the
+highest values gateways and pumps checkpointed (:mod:`flashsale.marks`), the admission
+claims come back from the orders, and the room reopens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from allocator.scripts import HoldScripts, HoldWrite, RepairScripts, StockCounts
+from flashsale.events import SEP, HoldRecord
+from flashsale.keys import SaleKeys, SkuKeys
+from flashsale.marks import Mark, highest
+from flashsale.sales import sku_meta
+
+log = logging.getLogger("flashsale.reconciler")
+
+# The cause a released hold records for each failed terminal order state.
+STATE_CAUSE = {"EXPIRED": "expired", "CANCELLED": "cancelled", "PAYMENT_FAILED": "payment_failed"}
+RECONCILED = "reconciled"  # cause of holds released because Postgres sold their units
+
+_SKU_ORDERS = """
+SELECT id, buyer_id, quantity, state, admission_id, payment_token, idempotency_key,
+       (extract(epoch FROM created_at) * 1000)::bigint AS created_ms
+FROM orders WHERE sale_id = $1 AND sku = $2
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class SkuRebuild:
+    """What a rebuild did: counters before (None: Redis had none) and after, holds written,
+    holds released to make room."""
+
+    before: StockCounts | None
+    after: StockCounts
+    written: int
+    released: list[str]
+
+
+def plan_holds(
+    orders: Sequence[asyncpg.Record],
+    holds: dict[str, bytes],
+    now_ms: int,
+    ttl_ms: int,
+    *,
+    release_unordered_sold: bool = False,
+) -> list[HoldWrite]:
+    """The hold writes that make Redis agree with the orders (see the module's table). With
+    ``release_unordered_sold`` (the SKU has drained), SOLD holds Postgres has no order for
+    are released too: the worker writes an order before any charge, so Postgres does not
+    count them sold."""
+    writes: list[HoldWrite] = []
+    if release_unordered_sold:
+        ordered = {o["id"] for o in orders}
+        for held_id, held in holds.items():
+            text = held.decode()
+            parts = text.split(SEP)
+            if held_id not in ordered and parts[0] == "SOLD":
+                parts[0], parts[6] = "RELEASED", RECONCILED
+                writes.append(HoldWrite(held_id, SEP.join(parts), expected=text))
+    for order in orders:
+        rid, state = order["id"], order["state"]
+        raw = holds.get(rid)
+        current = HoldRecord.parse(raw) if raw is not None else None
+        if current is None:
+            qty, key, buyer = order["quantity"], order["idempotency_key"], order["buyer_id"]
+            payref, admission = order["payment_token"], order["admission_id"]
+            hold_state = {"CONFIRMED": "SOLD", "PAYING": "PAYING", "PENDING": "ACTIVE"}.get(
+                state, "RELEASED"
+            )
+            deadline = now_ms + ttl_ms if hold_state == "ACTIVE" else order["created_ms"] + ttl_ms
+            record = SEP.join([hold_state, str(qty), str(deadline), payref, admission,
+                               str(order["created_ms"]), STATE_CAUSE.get(state, ""), buyer,
+                               key])  # fmt: skip
+            # The buyer's remembered reserve answer, as lua/reserve.lua writes it.
+            idem_field = f"{buyer}{SEP}{key}" if key else ""
+            idem_value = f"{qty}{SEP}{payref}\x1ereserved{SEP}{rid}{SEP}{deadline}" if key else ""
+            writes.append(HoldWrite(rid, record, None, idem_field, idem_value,
+                                    redrive=hold_state == "ACTIVE"))  # fmt: skip
+            continue
+        wanted: str | None = None
+        if state == "CONFIRMED" and current.state != "SOLD":
+            wanted = "SOLD"
+        elif state == "PAYING" and current.state == "ACTIVE":
+            wanted = "PAYING"
+        elif state in STATE_CAUSE and current.state != "RELEASED":
+            wanted = "RELEASED"
+        if wanted is not None:
+            text = raw.decode() if isinstance(raw, bytes) else str(raw)
+            fields = text.split(SEP)
+            fields[0] = wanted
+            if wanted == "RELEASED":
+                fields[6] = STATE_CAUSE[state]
+            writes.append(HoldWrite(rid, SEP.join(fields), expected=text))
+    return writes
+
+
+async def _hold_map(client: aioredis.Redis, keys: SkuKeys) -> dict[str, bytes]:
+    raw = await client.hgetall(keys.holds)
+    return {(k.decode() if isinstance(k, bytes) else k): (v if isinstance(v, bytes) else
+            v.encode()) for k, v in raw.items()}  # fmt: skip
+
+
+async def rebuild_sku(
+    pool: asyncpg.Pool,
+    client: aioredis.Redis,
+    keys: SkuKeys,
+    *,
+    attempts: int = 3,
+    release_unordered_sold: bool = False,
+) -> SkuRebuild:
+    """Rebuild one SKU's Redis state from Postgres (see the module docstring). The SKU answers
+    ``unavailable`` from the first step until the last; an interrupted rebuild leaves it
+    closed and the next pass finishes it."""
+    repair, holds_scripts = RepairScripts(client), HoldScripts(client)
+    sale = await pool.fetchrow("SELECT * FROM sales WHERE id = $1", keys.sale_id)
+    sku = await pool.fetchrow(
+        "SELECT * FROM sale_skus WHERE sale_id = $1 AND sku = $2", keys.sale_id, keys.sku
+    )
+    if sale is None or sku is None:
+        raise LookupError(f"no SKU {keys.sku} in sale {keys.sale_id}")
+    ttl_ms = sku["hold_ttl_seconds"] * 1000
+    header = (keys.sale_id, keys.sku, int(sku["price"]), str(sku["currency"]).strip())
+    await repair.begin(keys)
+    written = 0
+    for _ in range(attempts):
+        orders = await pool.fetch(_SKU_ORDERS, keys.sale_id, keys.sku)
+        holds = await _hold_map(client, keys)
+        writes = plan_holds(orders, holds, int(time.time() * 1000), ttl_ms,
+                            release_unordered_sold=release_unordered_sold)  # fmt: skip
+        if not writes:
+            break
+        count, skipped = await repair.write_holds(keys, header, writes)
+        written += count
+        if not skipped:
+            break
+    released: list[str] = []
+    meta = sku_meta(sale, sku)
+    result = await repair.finish(keys, sku["stock_total"], meta)
+    if not result.ok:
+        released = await _make_room(pool, client, holds_scripts, keys, result.overcommitted)
+        result = await repair.finish(keys, sku["stock_total"], meta)
+    if not result.ok or result.after is None:
+        raise RuntimeError(
+            f"{keys.sale_id}/{keys.sku}: holds need {result.overcommitted} units more than "
+            "the stock even after releasing every ACTIVE hold Postgres has no order for"
+        )
+    return SkuRebuild(result.before, result.after, written, released)
+
+
+async def _make_room(
+    pool: asyncpg.Pool, client: aioredis.Redis, scripts: HoldScripts, keys: SkuKeys, units: int
+) -> list[str]:
+    """Release the newest ACTIVE holds Postgres has no order for, until ``units`` are free."""
+    known = {r["id"] for r in await pool.fetch(_SKU_ORDERS, keys.sale_id, keys.sku)}
+    candidates = []
+    for rid, raw in (await _hold_map(client, keys)).items():
+        hold = HoldRecord.parse(raw)
+        if hold.state == "ACTIVE" and rid not in known:
+            candidates.append((hold.created_ms, rid, hold.quantity))
+    chosen: list[str] = []
+    for _, rid, qty in sorted(candidates, reverse=True):
+        if units <= 0:
+            break
+        chosen.append(rid)
+        units -= qty
+    results = await scripts.transition("release", [(keys, rid) for rid in chosen],
+                                       cause=RECONCILED)  # fmt: skip
+    released = [rid for rid, r in zip(chosen, results, strict=True) if r.ok]
+    log.warning("%s/%s: released %d ACTIVE holds Postgres sold the units of: %s",
+                keys.sale_id, keys.sku, len(released), released[:10])  # fmt: skip
+    return released
+
+
+# -- the waiting room -----------------------------------------------------------------------
+
+_CLAIMS = """
+SELECT admission_id, idempotency_key, sku, quantity, payment_token FROM orders
+WHERE sale_id = $1 AND admission_id ~ '^[0-9]+$' AND idempotency_key <> ''
+"""
+
+
+def claim_member(position: str, key: str, sku: str, quantity: int, payment: str) -> str:
+    """An admission claim as ``lua/claim.lua`` stores it (the gateway's request fingerprint)."""
+    fingerprint = hashlib.sha256(f"{sku}\0{quantity}\0{payment}".encode()).hexdigest()[:16]
+    return f"{position}{SEP}{key}{SEP}{fingerprint}"
+
+
+async def restore_queue(
+    pool: asyncpg.Pool, client: aioredis.Redis, sale_id: str
+) -> tuple[Mark, tuple[int, int, int | None]]:
+    """Reopen a sale's waiting room at no less than the checkpointed marks, with the claims
+    of its orders; (the marks used, (tail, serving, cutoff) as restored)."""
+    mark = await highest(pool, sale_id)
+    claims = [
+        claim_member(r["admission_id"], r["idempotency_key"], r["sku"], r["quantity"],
+                     r["payment_token"])
+        for r in await pool.fetch(_CLAIMS, sale_id)
+    ]  # fmt: skip
+    restored = await RepairScripts(client).restore_queue(
+        SaleKeys(sale_id), tail=mark.tail, serving=mark.serving, pre=mark.pre,
+        cutoff=mark.cutoff, sealed=mark.sealed, shuffled=mark.shuffled,
+        sold_out=mark.sold_out, claims=claims,
+    )  # fmt: skip
+    return mark, restored

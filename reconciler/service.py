@@ -1,0 +1,111 @@
+"""``flashsale reconcile``: one pass (``--once``) or the reconciler service (a pass every
+``--interval`` seconds, with ``/healthz`` and ``/metrics`` on the ops port).
+
+A pass that fails (a dependency down) is logged and counted; the next one starts afresh.
+Nothing a pass does depends on the previous one having finished: every repair re-reads what
+it repairs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import asyncpg
+import redis.asyncio as aioredis
+import redis.exceptions
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from flashsale.clients import pg_pool, redis_client
+from flashsale.errors import FlashsaleError
+from flashsale.ops import serve_ops
+from flashsale.settings import Settings
+from reconciler.audit import AuditReport, audit_sale
+from reconciler.reconcile import PassReport, Reconciler
+from workers.payments import HttpProvider, PaymentProvider
+
+log = logging.getLogger("flashsale.reconciler")
+
+FAILURES = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
+            redis.exceptions.RedisError, FlashsaleError)  # fmt: skip
+
+
+@dataclass
+class Clients:
+    pool: asyncpg.Pool
+    redis: aioredis.Redis
+    provider: PaymentProvider | None
+
+
+@contextlib.asynccontextmanager
+async def clients(settings: Settings) -> AsyncIterator[Clients]:
+    """Postgres, Redis and (when FLASHSALE_PSP_URL is set) the payment provider, closed on
+    exit."""
+    pool = await pg_pool(settings, min_size=1, max_size=4)
+    client = redis_client(settings)
+    provider = HttpProvider(settings.psp_url) if settings.psp_url else None
+    try:
+        if provider is not None:
+            await provider.__aenter__()
+        yield Clients(pool, client, provider)
+    finally:
+        if provider is not None:
+            await provider.aclose()
+        await client.aclose()
+        await pool.close()
+
+
+def reconciler(c: Clients, settings: Settings, *, stuck_after_s: float,
+               registry: CollectorRegistry | None = None) -> Reconciler:  # fmt: skip
+    if c.provider is None:
+        log.warning("FLASHSALE_PSP_URL is not set: payments are not checked")
+    return Reconciler(c.pool, c.redis, c.provider, settings.topics.order_events,
+                      stuck_after_s=stuck_after_s, registry=registry)  # fmt: skip
+
+
+async def reconcile_once(settings: Settings, sales: Sequence[str] | None,
+                         stuck_after_s: float) -> PassReport:  # fmt: skip
+    async with clients(settings) as c:
+        return await reconciler(c, settings, stuck_after_s=stuck_after_s).run_once(
+            sales, wait_for_grace=True
+        )
+
+
+async def audit(settings: Settings, sale_id: str) -> AuditReport:
+    async with clients(settings) as c:
+        return await audit_sale(c.pool, c.redis, c.provider, settings, sale_id)
+
+
+async def serve(settings: Settings, stop: asyncio.Event, *, interval: float,
+                stuck_after_s: float, ops_port: int | None, host: str) -> None:  # fmt: skip
+    """A pass every ``interval`` seconds until ``stop``."""
+    registry = CollectorRegistry()
+    async with clients(settings) as c:
+        rec = reconciler(c, settings, stuck_after_s=stuck_after_s, registry=registry)
+        runner: web.AppRunner | None = None
+        if ops_port is not None:
+            checks = {"redis": c.redis.ping, "postgres": lambda: c.pool.fetchval("SELECT 1")}
+            runner = await serve_ops(host, ops_port, lambda: checks, registry)
+            log.info("reconciler ops endpoints on http://%s:%d/healthz and /metrics", host,
+                     ops_port)  # fmt: skip
+        try:
+            while not stop.is_set():
+                try:
+                    report = await rec.run_once(full=False)
+                except FAILURES as exc:
+                    rec.metrics.failures.inc()
+                    log.warning("reconcile pass failed (next one in %gs): %r", interval, exc)
+                else:
+                    if report.changed or report.flags:
+                        log.warning("reconcile pass: %d repairs, %d flags over %d SKUs in %.3fs",
+                                    report.changed, len(report.flags), report.skus,
+                                    report.seconds)  # fmt: skip
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), interval)
+        finally:
+            if runner is not None:
+                await runner.cleanup()
