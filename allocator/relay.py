@@ -110,7 +110,17 @@ class OutboxRelay:
             # After a failed round, our own pending entries first ("0"), then new ones.
             pipe.xreadgroup(GROUP, self.consumer, {keys.outbox: "0" if self._retry_own else ">"},
                             count=self.batch)  # fmt: skip
-        replies = iter(await pipe.execute())
+        try:
+            replies = iter(await pipe.execute())
+        except redis.exceptions.ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                # Redis lost the stream or its group (FLUSHALL, a restart without persistence):
+                # create them again next round. Entries Redis lost are the reconciler's to
+                # restore; nothing Redis still holds is skipped (the group starts at 0).
+                log.warning("outbox consumer group missing (%s); creating it again", exc)
+                self._groups.clear()
+                return 0
+            raise
         work: list[tuple[SkuKeys, list[tuple[Any, dict[Any, Any]]]]] = []
         for keys in skus:
             claimed = next(replies)[1] if claim else []

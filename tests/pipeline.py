@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -27,14 +29,15 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from allocator.ids import new_reservation_id
+from allocator.ids import routed_reservation_id
+from allocator.queue import QueueScripts
 from allocator.relay import OutboxRelay, run_relay
 from allocator.scripts import HoldScripts, ReserveRequest
 from flashsale.clients import pg_pool, redis_client
 from flashsale.devstack import free_port
 from flashsale.events import ReservationEvent, decode_event
 from flashsale.kafka import ensure_topics, producer
-from flashsale.keys import SkuKeys
+from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.sales import SaleAdmin
 from flashsale.salespec import parse_sale
 from flashsale.settings import Settings, Topics
@@ -91,19 +94,43 @@ class Pipeline:
         return sale_id
 
     async def reserve(self, sale_id: str, tokens: list[str], *, quantity: int = 1) -> list[str]:
-        """One reservation per token (each by a new buyer); their ids, all granted."""
-        requests = [
-            ReserveRequest(new_reservation_id(), f"buyer-{uuid.uuid4().hex[:12]}", quantity,
-                           uuid.uuid4().hex, token, f"adm-{i}")
-            for i, token in enumerate(tokens)
-        ]  # fmt: skip
-        ids = []
+        """One reservation per token, each by a new buyer taking the buyer's path through the
+        waiting room's scripts (join, admitted by a pump step, the admission claimed, then
+        reserve), so the audit can trace every reservation to its admission. Their ids, all
+        granted."""
+        return [rid for rid, _ in await self.reserve_requests(sale_id, tokens,
+                                                              quantity=quantity)]  # fmt: skip
+
+    async def reserve_requests(
+        self, sale_id: str, tokens: list[str], *, quantity: int = 1
+    ) -> list[tuple[str, ReserveRequest]]:
+        """As :meth:`reserve`, with each granted id's request (to replay it)."""
+        queue, keys = QueueScripts(self.redis), SaleKeys(sale_id)
+        buyers = [f"buyer-{uuid.uuid4().hex[:12]}" for _ in tokens]
+        positions: list[int] = []
+        for start in range(0, len(buyers), 200):
+            joined = await queue.join(keys, buyers[start : start + 200])
+            assert all(j.outcome == "queued" for j in joined), joined
+            positions += [j.position for j in joined]
+        token = await queue.acquire(keys, "test-pump", 60_000)
+        step = await queue.advance(keys, token, serving=max(positions), cutoff=None,
+                                   sold_out=False, published={})  # fmt: skip
+        assert step is not None and step.serving >= max(positions)
+        deadline = int(time.time() * 1000) + 600_000
+        requests = []
+        for buyer, position, payment in zip(buyers, positions, tokens, strict=True):
+            key = uuid.uuid4().hex
+            fingerprint = hashlib.sha256(f"{SKU}\0{quantity}\0{payment}".encode()).hexdigest()
+            assert await queue.claim(keys, position, key, fingerprint[:16], deadline) == "ok"
+            rid = routed_reservation_id(sale_id, SKU)  # as the gateway makes them
+            requests.append(ReserveRequest(rid, buyer, quantity, key, payment, str(position)))
+        granted = []
         for start in range(0, len(requests), 200):
             chunk = requests[start : start + 200]
             results = await self.holds.reserve(SkuKeys(sale_id, SKU), chunk)
             assert all(r.outcome == "reserved" for r in results), results
-            ids += [r.reservation_id for r in results if r.reservation_id]
-        return ids
+            granted += [(r.reservation_id or "", q) for r, q in zip(results, chunk, strict=True)]
+        return granted
 
     def start_workers(self, **options: Any) -> Workers:
         stop = asyncio.Event()

@@ -1,0 +1,301 @@
+"""The reconciler and the post-sale audit on the real stack: each kind of drift is injected into
+a sale that went through the real pipeline; the audit fails, one reconcile pass repairs it,
+the audit passes, and a second pass changes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+
+from allocator.ids import new_reservation_id
+from allocator.queue import QueueScripts
+from allocator.scripts import RepairScripts, ReserveRequest
+from allocator.sweeper import sweep_once
+from flashsale.errors import Conflict
+from flashsale.events import decode_event
+from flashsale.kafka import consumer_lag
+from flashsale.keys import SaleKeys, SkuKeys
+from flashsale.marks import QueueMarks
+from flashsale.sales import SaleAdmin
+from flashsale.settings import Settings
+from reconciler.audit import AuditReport, audit_sale
+from reconciler.rebuild import rebuild_sku
+from reconciler.reconcile import PassReport, Reconciler
+from tests.pipeline import SKU, Pipeline, pipeline, provider
+from workers.payments import HttpProvider
+
+
+@asynccontextmanager
+async def checked(p: Pipeline) -> AsyncIterator[tuple[Reconciler, HttpProvider]]:
+    async with provider(p.psp_url) as psp:
+        yield Reconciler(p.pool, p.redis, psp, p.settings.topics.order_events,
+                         queue_grace_s=0.2), psp  # fmt: skip
+
+
+async def audit(p: Pipeline, psp: HttpProvider, sale: str) -> AuditReport:
+    return await audit_sale(p.pool, p.redis, psp, p.settings, sale)
+
+
+def failing(report: AuditReport) -> dict[str, list[str]]:
+    return {i.name.split(".")[0]: list(i.details) for i in report.invariants if not i.passed}
+
+
+async def drained(p: Pipeline, patience: float = 30) -> None:
+    """Every reservation event relayed and every relayed event consumed and committed."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + patience
+    while True:
+        outbox = sum([await p.redis.xlen(k.outbox) for k in p.skus])
+        lag = await consumer_lag(p.settings, p.settings.topics.reservations,
+                                 p.settings.consumer_group)  # fmt: skip
+        if outbox == 0 and lag == 0:
+            return
+        assert loop.time() < deadline, f"not drained: outbox {outbox}, lag {lag}"
+        await asyncio.sleep(0.1)
+
+
+async def converged(rec: Reconciler, sale: str) -> PassReport:
+    again = await rec.run_once([sale], wait_for_grace=True)
+    assert again.changed == 0 and not again.flags and not again.unresolved, again.json()
+    return again
+
+
+def request(buyer: str | None = None, key: str | None = None) -> ReserveRequest:
+    return ReserveRequest(new_reservation_id(), buyer or f"late-{uuid.uuid4().hex[:8]}", 1,
+                          key or uuid.uuid4().hex, "tok_visa", "1")  # fmt: skip
+
+
+async def test_deleted_keys_are_rebuilt_and_refused_as_unavailable_meanwhile(
+    stack: Settings,
+) -> None:
+    async with pipeline(stack) as p, checked(p) as (rec, psp):
+        sale = await p.sale(stock=20, limit=2)
+        reqs = await p.reserve_requests(sale, ["tok_visa"] * 8 + ["tok_decline"] * 2)
+        workers = p.start_workers()
+        await p.wait_terminal([rid for rid, _ in reqs])
+        await drained(p)
+        assert (await audit(p, psp, sale)).passed
+        keys = SkuKeys(sale, SKU)
+        await p.redis.delete(keys.stock, keys.holds, keys.buyers, keys.idem, keys.deadlines)
+
+        # Meanwhile: unavailable, never a wrong sold_out; preload will not load bare stock.
+        assert (await p.holds.reserve(keys, [request()]))[0].outcome == "unavailable"
+        with pytest.raises(Conflict) as refused:
+            await SaleAdmin.build(p.pool, p.redis).preload(sale)
+        assert refused.value.code == "rebuild_needed"
+        assert "2" in failing(await audit(p, psp, sale))
+
+        report = await rec.run_once([sale], wait_for_grace=True)
+        assert [(r.kind, r.before["reason"]) for r in report.repairs] == [("rebuild_sku", "lost")]
+        counts = await p.counts(sale)
+        assert counts == {"total": 20, "available": 12, "active": 0, "paying": 0, "sold": 8}
+        # The buyer's remembered answer came back: a retry is the same reservation, not a
+        # second unit (the limit, 2, would have allowed one).
+        rid, first = reqs[0]
+        retry = ReserveRequest(new_reservation_id(), first.buyer_id, 1, first.idempotency_key,
+                               first.payment_ref, first.admission_id)  # fmt: skip
+        [again] = await p.holds.reserve(keys, [retry])
+        assert (again.outcome, again.reservation_id) == ("reserved", rid)
+        audited = await audit(p, psp, sale)
+        assert audited.passed, audited.text()
+        await converged(rec, sale)
+        await workers.drain()
+
+
+async def test_flushall_mid_sale_restores_stock_holds_and_the_waiting_room(
+    stack: Settings,
+) -> None:
+    async with pipeline(stack) as p, checked(p) as (rec, psp):
+        sale = await p.sale(stock=30, limit=1)
+        reqs = await p.reserve_requests(sale, ["tok_visa"] * 12)
+        workers = p.start_workers()
+        await p.wait_terminal([rid for rid, _ in reqs])
+        await drained(p)
+        queue, sale_keys = QueueScripts(p.redis), SaleKeys(sale)
+        seen = await queue.view(sale_keys)
+        marks = QueueMarks("gateway:test")  # what every gateway checkpoints each second
+        marks.note(sale, seen.mark())
+        await marks.flush(p.pool)
+
+        await p.redis.flushall()
+        keys = SkuKeys(sale, SKU)
+        assert (await p.holds.reserve(keys, [request()]))[0].outcome == "unavailable"
+        assert (await queue.join(sale_keys, ["newcomer"]))[0].outcome == "unavailable"
+        assert await queue.claim(sale_keys, 1, "k", "f", 2**62) == "unavailable"
+
+        report = await rec.run_once([sale], wait_for_grace=True)
+        assert {r.kind for r in report.repairs} == {"restore_sale", "rebuild_sku", "restore_queue"}
+        assert (await p.counts(sale))["sold"] == 12
+        after = await queue.view(sale_keys)
+        assert after.live and (after.tail, after.serving) == (seen.tail, seen.serving)
+        # No position is handed out twice: the next buyer comes after every earlier one.
+        assert (await queue.join(sale_keys, ["newcomer"]))[0].position == seen.tail + 1
+        # An admitted buyer keeps the admission and its one request: the same request is
+        # accepted again and answered with the same reservation.
+        rid, first = reqs[0]
+        fingerprint = __import__("hashlib").sha256(
+            f"{SKU}\0{first.quantity}\0{first.payment_ref}".encode()).hexdigest()[:16]  # fmt: skip
+        position = int(first.admission_id)
+        assert await queue.claim(sale_keys, position, first.idempotency_key, fingerprint,
+                                 2**62) == "ok"  # fmt: skip
+        assert await queue.claim(sale_keys, position, "other-key", fingerprint, 2**62) == "used"
+        retry = ReserveRequest(new_reservation_id(), first.buyer_id, 1, first.idempotency_key,
+                               first.payment_ref, first.admission_id)  # fmt: skip
+        [again] = await p.holds.reserve(keys, [retry])
+        assert (again.outcome, again.reservation_id) == ("reserved", rid)
+
+        more = await p.reserve(sale, ["tok_visa"] * 5)  # the sale goes on
+        await p.wait_terminal(more)
+        await drained(p)
+        audited = await audit(p, psp, sale)
+        assert audited.passed, audited.text()
+        assert (await p.counts(sale))["sold"] == 17
+        await converged(rec, sale)
+        await workers.drain()
+
+
+async def test_corrupted_counters_are_recounted_from_the_holds(stack: Settings) -> None:
+    async with pipeline(stack) as p, checked(p) as (rec, psp):
+        sale = await p.sale(stock=15)
+        ids = await p.reserve(sale, ["tok_visa"] * 6)
+        workers = p.start_workers()
+        await p.wait_terminal(ids)
+        await drained(p)
+        keys = SkuKeys(sale, SKU)
+        for corrupt, reason in (
+            ({"available": 16}, "conservation"),
+            ({"available": 15, "sold": 0}, "sold_behind"),
+            ({"total": 40, "available": 34}, "total_differs"),
+        ):
+            await p.redis.hset(keys.stock, mapping=dict(corrupt))  # type: ignore[arg-type]
+            assert "2" in failing(await audit(p, psp, sale)) or "1" in failing(
+                await audit(p, psp, sale))  # fmt: skip
+            report = await rec.run_once([sale])
+            assert [r.before.get("reason") for r in report.repairs] == [reason]
+            assert await p.counts(sale) == {"total": 15, "available": 9, "active": 0,
+                                            "paying": 0, "sold": 6}  # fmt: skip
+            assert (await audit(p, psp, sale)).passed
+            await converged(rec, sale)
+        await workers.drain()
+
+
+async def test_stuck_orders_are_resolved_through_the_provider_never_guessed(
+    stack: Settings,
+) -> None:
+    """A worker died mid-saga: three orders PAYING, one captured, one declined, one whose
+    charge never left. The provider is asked by idempotency key; while it is down, nothing
+    is decided."""
+    async with pipeline(stack) as p, checked(p) as (rec, psp):
+        sale = await p.sale(stock=10)
+        ids = await p.reserve(sale, ["tok_visa", "tok_decline", "tok_visa"])
+        messages = await p.topic_messages(p.settings.topics.reservations, at_least=3)
+        events = [decode_event(m.value) for m in messages]
+        keys = SkuKeys(sale, SKU)
+        assert all(r.ok for r in await p.holds.transition("begin_payment",
+                                                          [(keys, i) for i in ids]))  # fmt: skip
+        await p.store().create(events, {i: ("PAYING", "payment_started") for i in ids})
+        by_id = {e.reservation_id: e for e in events}
+        for rid in ids[:2]:
+            e = by_id[rid]
+            await psp.charge(rid, e.amount or 0, e.currency or "", e.payment_ref or "")
+        await p.pool.execute("UPDATE orders SET updated_at = now() - interval '10 minutes' "
+                             "WHERE id = ANY($1)", ids)  # fmt: skip
+
+        await p.psp_down()
+        async with provider(p.psp_url) as unreachable:  # no connection kept from before
+            blind = Reconciler(p.pool, p.redis, unreachable, p.settings.topics.order_events)
+            down = await blind.run_once([sale])
+        assert down.changed == 0, down.json()
+        assert all(any(rid in line for line in down.unresolved) for rid in ids), down.unresolved
+        assert set((await p.orders(ids)).values()) == {"PAYING"}
+        await p.psp_up()
+
+        report = await rec.run_once([sale])
+        assert sorted(r.kind for r in report.repairs) == ["resolve_stuck"] * 3
+        assert await p.orders(ids) == {ids[0]: "CONFIRMED", ids[1]: "PAYMENT_FAILED",
+                                       ids[2]: "EXPIRED"}  # fmt: skip
+        assert await p.counts(sale) == {"total": 10, "available": 9, "active": 0, "paying": 0,
+                                        "sold": 1}  # fmt: skip
+        workers = p.start_workers()  # the relayed events come through as duplicates
+        await drained(p)
+        audited = await audit(p, psp, sale)
+        assert audited.passed, audited.text()
+        await converged(rec, sale)
+        await workers.drain()
+
+
+async def test_an_orphan_capture_is_refunded_and_recorded(stack: Settings) -> None:
+    async with pipeline(stack) as p, checked(p) as (rec, psp):
+        sale = await p.sale(stock=5, ttl=1)
+        ids = await p.reserve(sale, ["tok_visa"] * 2)
+        await asyncio.sleep(1.2)
+        assert await sweep_once(p.holds, [SkuKeys(sale, SKU)]) == 2
+        workers = p.start_workers()
+        assert set((await p.wait_terminal(ids)).values()) == {"EXPIRED"}
+        await drained(p)
+        await psp.charge(ids[0], 1500, "EUR", "tok_visa")  # captured, no order will confirm
+        assert "4" in failing(await audit(p, psp, sale))
+
+        report = await rec.run_once([sale])
+        assert [(r.kind, r.subject) for r in report.repairs] == [("refund_orphan", ids[0])]
+        assert p.psp.charges[ids[0]]["status"] == "refunded"
+        recorded = await p.pool.fetchval(
+            "SELECT state FROM payments WHERE idempotency_key = $1", ids[0]
+        )
+        assert recorded == "REFUNDED"
+        assert (await audit(p, psp, sale)).passed
+        await converged(rec, sale)
+        await workers.drain()
+
+
+async def test_a_confirmed_order_without_a_recorded_capture_is_flagged_once(
+    stack: Settings,
+) -> None:
+    async with pipeline(stack) as p, checked(p) as (rec, _psp):
+        sale = await p.sale(stock=5)
+        ids = await p.reserve(sale, ["tok_visa"] * 2)
+        workers = p.start_workers()
+        await p.wait_terminal(ids)
+        await p.pool.execute("DELETE FROM payments WHERE idempotency_key = $1", ids[1])
+        report = await rec.run_once([sale])
+        assert report.changed == 0
+        assert [(f.kind, f.subject) for f in report.flags] == [("flag_uncaptured", ids[1])]
+        await converged(rec, sale)  # flagged once, not every pass
+        await workers.drain()
+
+
+async def test_no_reservation_is_granted_while_a_sku_is_rebuilt(stack: Settings) -> None:
+    async with pipeline(stack) as p:
+        sale = await p.sale(stock=40, limit=1)
+        keys = SkuKeys(sale, SKU)
+        await RepairScripts(p.redis).begin(keys)
+        assert (await p.holds.reserve(keys, [request()]))[0].outcome == "unavailable"
+        await rebuild_sku(p.pool, p.redis, keys)
+        assert (await p.holds.reserve(keys, [request()]))[0].outcome == "reserved"
+
+        # Rebuilds racing buyers: every answer is a grant, unavailable or sold out, and the
+        # stock is never oversold.
+        async def buyers() -> list[str]:
+            answers = []
+            for _ in range(30):
+                batch = [request() for _ in range(5)]
+                answers += [r.outcome for r in await p.holds.reserve(keys, batch)]
+                await asyncio.sleep(0)
+            return answers
+
+        async def rebuilds() -> None:
+            for _ in range(8):
+                await rebuild_sku(p.pool, p.redis, keys)
+
+        answers, _ = await asyncio.gather(buyers(), rebuilds())
+        assert set(answers) <= {"reserved", "unavailable", "sold_out"}
+        counts = await p.counts(sale)
+        granted = 1 + answers.count("reserved")
+        assert counts["active"] == granted <= 40
+        assert counts["total"] == counts["available"] + counts["active"] + counts["paying"] + \
+            counts["sold"]  # fmt: skip
+        assert await p.redis.hlen(keys.holds) == granted
