@@ -13,7 +13,7 @@ from aiohttp import web
 
 from flashsale.errors import InvalidInput, Unauthorized
 from flashsale.salespec import parse_sale
-from gateway.app import SALES, SETTINGS, Handler, json_response
+from gateway.app import PG, REDIS, SALES, SETTINGS, Handler, json_response
 from gateway.http import bearer, json_body
 
 PREFIX = "/admin/"
@@ -63,6 +63,25 @@ async def add_stock(request: web.Request) -> web.Response:
     return json_response(await sales.add_stock(request.match_info["sale"], sku, body.get("add")))
 
 
+async def audit(request: web.Request) -> web.Response:
+    """The post-sale audit (``flashsale audit SALE --json``): 200 with the report whether it
+    passed or not; ``passed`` says which."""
+    from reconciler.audit import audit_sale  # noqa: PLC0415 - admin-only, rarely called
+    from workers.payments import HttpProvider  # noqa: PLC0415
+
+    app, sale_id = request.app, request.match_info["sale"]
+    await app[SALES].get(sale_id)  # 404 for an unknown sale
+    settings = app[SETTINGS]
+    if settings.psp_url:
+        async with HttpProvider(settings.psp_url) as provider:
+            report = await audit_sale(app[PG], app[REDIS], provider, settings, sale_id)
+    else:
+        report = await audit_sale(app[PG], app[REDIS], None, settings, sale_id)
+    return json_response({"passed": report.passed, "sale_id": sale_id,
+                          "invariants": [i.json() for i in report.invariants],
+                          "facts": report.facts})  # fmt: skip
+
+
 def lifecycle(action: str) -> Handler:
     async def handle(request: web.Request) -> web.Response:
         return json_response(
@@ -78,5 +97,6 @@ def setup(app: web.Application) -> None:
     r.add_get("/admin/v1/sales/{sale}", sale_status)
     r.add_post("/admin/v1/sales/{sale}/preload", preload)
     r.add_post("/admin/v1/sales/{sale}/stock", add_stock)
+    r.add_get("/admin/v1/sales/{sale}/audit", audit)
     for action in ("pause", "resume", "end"):
         r.add_post(f"/admin/v1/sales/{{sale}}/{action}", lifecycle(action))

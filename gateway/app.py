@@ -201,7 +201,7 @@ async def clients(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         stop.set()
-        await checkpoints
+        await asyncio.wait({checkpoints})  # a last flush; a cancelled task is just done
         await allocators.aclose()
         await joins.aclose()
         await pool.close()

@@ -158,6 +158,22 @@ SALE_STATUS = _obj(
     },
     ["sale", "skus"],
 )
+AUDIT = _obj(
+    {
+        "passed": {"type": "boolean"},
+        "sale_id": ID,
+        "invariants": {
+            "type": "array",
+            "items": _obj(
+                {"name": {"type": "string"}, "passed": {"type": "boolean"},
+                 "details": {"type": "object"}},
+                ["name", "passed", "details"],
+            ),
+        },
+        "facts": {"type": "object"},
+    },
+    ["passed", "invariants"],
+)  # fmt: skip
 PUBLIC_SALE = _obj(
     {
         "id": ID,
@@ -375,6 +391,14 @@ def document() -> dict[str, Any]:
                     ["sku", "add"],
                     additionalProperties=False,
                 ),
+            )
+        },
+        "/admin/v1/sales/{sale}/audit": {
+            "get": _op(
+                "The post-sale audit: every invariant of DESIGN §7, with offending ids",
+                {**_ok(200, "The report (passed or not)", AUDIT), **_errors(401, 404)},
+                security="admin",
+                params=sale,
             )
         },
         **lifecycle,

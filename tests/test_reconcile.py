@@ -5,11 +5,15 @@ the audit passes, and a second pass changes nothing."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
 from allocator.ids import new_reservation_id
 from allocator.queue import QueueScripts
@@ -21,12 +25,17 @@ from flashsale.kafka import consumer_lag
 from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.marks import QueueMarks
 from flashsale.sales import SaleAdmin
-from flashsale.settings import Settings
+from flashsale.settings import Secret, Settings
+from gateway.app import create_app
 from reconciler.audit import AuditReport, audit_sale
 from reconciler.rebuild import rebuild_sku
 from reconciler.reconcile import PassReport, Reconciler
+from tests.conftest import Cli, Result
 from tests.pipeline import SKU, Pipeline, pipeline, provider
 from workers.payments import HttpProvider
+
+ADMIN = "reconcile-test-admin-token-0123"
+ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN}"}
 
 
 @asynccontextmanager
@@ -299,3 +308,54 @@ async def test_no_reservation_is_granted_while_a_sku_is_rebuilt(stack: Settings)
         assert counts["total"] == counts["available"] + counts["active"] + counts["paying"] + \
             counts["sold"]  # fmt: skip
         assert await p.redis.hlen(keys.holds) == granted
+
+
+async def test_audit_and_reconcile_over_the_admin_api_and_the_cli(
+    stack: Settings, run_cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with pipeline(stack) as p:
+        sale = await p.sale(stock=8)
+        ids = await p.reserve(sale, ["tok_visa"] * 3)
+        workers = p.start_workers()
+        await p.wait_terminal(ids)
+        await drained(p)
+        settings = dataclasses.replace(p.settings, admin_token=Secret(ADMIN))
+        client: TestClient[Any, Any] = TestClient(TestServer(create_app(settings)))
+        await client.start_server()
+        try:
+            path = f"/admin/v1/sales/{sale}/audit"
+            assert (await client.get(path)).status == 401
+            missing = await client.get("/admin/v1/sales/sale-nope/audit", headers=ADMIN_AUTH)
+            assert missing.status == 404
+            good = await client.get(path, headers=ADMIN_AUTH)
+            body = await good.json()
+            assert good.status == 200 and body["passed"] is True, body
+            assert [i["name"][0] for i in body["invariants"]] == list("12345678")
+            await p.redis.hincrby(SkuKeys(sale, SKU).stock, "available", 3)
+            bad = await (await client.get(path, headers=ADMIN_AUTH)).json()
+            assert bad["passed"] is False
+            assert [i["passed"] for i in bad["invariants"]][1] is False
+        finally:
+            await client.close()
+
+        for name, value in p.env().items():
+            monkeypatch.setenv(name, value)
+
+        async def cli(*argv: str) -> Result:  # the CLI runs its own event loop
+            return await asyncio.to_thread(run_cli, *argv)
+
+        audit_cli = await cli("audit", sale, "--json")
+        assert audit_cli.code == 1  # the counters are still off
+        assert json.loads(audit_cli.out)["passed"] is False
+        fixed = await cli("reconcile", "--once", "--sale", sale, "--json")
+        assert fixed.code == 0, fixed.err
+        assert [r["kind"] for r in json.loads(fixed.out)["repairs"]] == ["rebuild_sku"]
+        after = await cli("audit", sale)
+        assert after.code == 0, after.out
+        assert "PASSED" in after.out.splitlines()[0]
+        again = await cli("reconcile", "--once", "--sale", sale)
+        assert again.code == 0 and ": 0 repairs, 0 flags, 0 unresolved" in again.out
+        bad_input = await cli("audit", "no such/sale")
+        assert bad_input.code == 2 and bad_input.err.count("\n") == 1 and "sale" in bad_input.err
+        assert (await cli("reconcile", "--once", "--interval", "-1")).code == 2
+        await workers.drain()
