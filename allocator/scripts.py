@@ -70,6 +70,29 @@ async def call_packed(
     raise AssertionError("unreachable")
 
 
+async def read_packed(
+    client: aioredis.Redis, commands: Sequence[tuple[str | int, ...]], *, chunk: int = 5000
+) -> list[Any]:
+    """Send read-only ``commands`` pipelined (packed by hiredis in C, ``chunk`` per write) on
+    one pooled connection; their replies in order. For wide reads such as one command per
+    SKU of a sale: redis-py's pipeline packs argument by argument in Python."""
+    pool = client.connection_pool
+    conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+    replies: list[Any] = []
+    try:
+        for start in range(0, len(commands), chunk):
+            part = commands[start : start + chunk]
+            await conn.send_packed_command(b"".join(pack_command(c) for c in part),
+                                           check_health=False)  # fmt: skip
+            replies += [await conn.read_response() for _ in part]
+    except BaseException:
+        await conn.disconnect()  # replies may be left unread on it
+        raise
+    finally:
+        await pool.release(conn)
+    return replies
+
+
 @cache
 def source(name: str) -> str:
     """The text of ``lua/<name>.lua``; hold-lifecycle and queue scripts get ``lua/lib.lua``

@@ -1,6 +1,7 @@
 """One reconcile pass: find where Redis drifted from Postgres (the truth) and repair it.
 
-For every SKU of the sales in scope (preloaded, ended less than a day ago) a pass reads the
+For every SKU of the sales in scope (preloaded, not ended more than an hour before their
+longest hold could have lived; or the sales named) a pass reads the
 Redis counters and configuration (one pipelined round trip for all SKUs) and the Postgres
 rows (one query), and repairs:
 
@@ -38,7 +39,7 @@ import orjson
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from allocator.scripts import HoldScripts, Scripts
+from allocator.scripts import HoldScripts, Scripts, read_packed
 from flashsale.errors import PaymentError
 from flashsale.events import HoldRecord
 from flashsale.keys import SaleKeys, SkuKeys
@@ -50,10 +51,15 @@ from workers.payments import Charge, PaymentProvider
 
 log = logging.getLogger("flashsale.reconciler")
 
+# Sales in scope: preloaded, and not ended more than an hour before their longest hold could
+# have lived (an ended sale ends when it was ended); or named explicitly.
 SCOPE = """
 SELECT k.sale_id, k.sku, k.stock_total, k.sold, s.status
 FROM sale_skus k JOIN sales s ON s.id = k.sale_id
-WHERE k.preloaded_at IS NOT NULL AND s.ends_at > now() - interval '1 day'
+WHERE k.preloaded_at IS NOT NULL
+  AND ($1::text[] IS NOT NULL OR
+       CASE WHEN s.status = 'ended' THEN least(s.ends_at, s.updated_at) ELSE s.ends_at END
+       + make_interval(secs => k.hold_ttl_seconds) + interval '1 hour' > now())
   AND ($1::text[] IS NULL OR k.sale_id = ANY($1::text[]))
 ORDER BY k.sale_id, k.sku
 """
@@ -73,11 +79,13 @@ SELECT p.idempotency_key AS key, o.state
 FROM unnest($1::text[]) AS s(sale)
 CROSS JOIN LATERAL (
     -- A sale's payments by key range: the key is the reservation id, "<sale>~<sku>~r-...".
+    -- OFFSET 0 keeps the planner from flattening this into a scan of every payment.
     SELECT idempotency_key, order_id FROM payments
     WHERE idempotency_key > s.sale || '~' AND idempotency_key < s.sale || '~~'
       AND state IN ('CAPTURED', 'UNKNOWN')
+    OFFSET 0
 ) p
-LEFT JOIN orders o ON o.id = p.order_id
+LEFT JOIN LATERAL (SELECT state FROM orders WHERE id = p.order_id OFFSET 0) o ON true
 WHERE o.state IS NULL OR o.state IN ('EXPIRED', 'CANCELLED', 'PAYMENT_FAILED')
 """
 _ORDER_STATES = "SELECT id, state FROM orders WHERE id = ANY($1::text[])"
@@ -206,19 +214,24 @@ class Reconciler:
     async def scope(self, sales: Sequence[str] | None = None) -> list[asyncpg.Record]:
         return list(await self.pool.fetch(SCOPE, list(sales) if sales is not None else None))
 
-    async def sku_drift(self, rows: Sequence[asyncpg.Record]) -> list[SkuDrift]:
-        """The SKUs whose Redis state needs a rebuild: one pipelined read for all of them."""
-        pipe = self.client.pipeline(transaction=False)
+    async def sku_drift(
+        self, rows: Sequence[asyncpg.Record]
+    ) -> tuple[list[SkuDrift], list[Repair]]:
+        """The SKUs whose Redis state needs a rebuild, and the status writes due on the
+        others: one pipelined read of every SKU's counters and configuration."""
+        commands: list[tuple[str | int, ...]] = []
         for row in rows:
             keys = SkuKeys(row["sale_id"], row["sku"])
-            pipe.hmget(keys.stock, "total", "available", "active", "paying", "sold")
-            pipe.hmget(keys.meta, "status", "rebuilding")
-        replies = await pipe.execute() if rows else []
+            commands.append(("HMGET", keys.stock, "total", "available", "active", "paying",
+                             "sold"))  # fmt: skip
+            commands.append(("HMGET", keys.meta, "status", "rebuilding"))
+        replies = await read_packed(self.client, commands)
         drift: list[SkuDrift] = []
+        statuses: list[Repair] = []
+        names = ("total", "available", "active", "paying", "sold")
         for index, row in enumerate(rows):
             keys = SkuKeys(row["sale_id"], row["sku"])
             counts, (status, rebuilding) = replies[2 * index], replies[2 * index + 1]
-            names = ("total", "available", "active", "paying", "sold")
             redis: dict[str, Any] = {
                 n: (None if v is None else int(v)) for n, v in zip(names, counts, strict=True)
             }
@@ -227,7 +240,12 @@ class Reconciler:
             if reason is not None:
                 redis["status"] = None if status is None else _text(status)
                 drift.append(SkuDrift(keys, reason, redis, pg))
-        return drift
+            elif _text(status) != row["status"]:
+                statuses.append(Repair(
+                    row["sale_id"], row["sku"], "status", None, {"status": _text(status)},
+                    {"status": row["status"]},
+                ))  # fmt: skip
+        return drift, statuses
 
     async def _reason(self, keys: SkuKeys, r: dict[str, Any], status: Any, rebuilding: Any,
                       pg: dict[str, Any]) -> str | None:  # fmt: skip
@@ -256,18 +274,6 @@ class Reconciler:
             return False
         return not await self.pool.fetchval(_OPEN_FOR_SKU, keys.sale_id, keys.sku)
 
-    async def status_drift(self, rows: Sequence[asyncpg.Record]) -> list[Repair]:
-        pipe = self.client.pipeline(transaction=False)
-        for row in rows:
-            pipe.hget(SkuKeys(row["sale_id"], row["sku"]).meta, "status")
-        found = await pipe.execute() if rows else []
-        return [
-            Repair(row["sale_id"], row["sku"], "status", None, {"status": _text(status)},
-                   {"status": row["status"]})
-            for row, status in zip(rows, found, strict=True)
-            if status is not None and _text(status) != row["status"]
-        ]  # fmt: skip
-
     async def queue_drift(self, sales: Sequence[str]) -> list[tuple[str, str, Mark, Mark]]:
         """(sale, why, Redis counters, checkpointed marks) for waiting rooms to restore:
         ``lost`` (not live) or ``behind`` (below what was seen)."""
@@ -293,9 +299,10 @@ class Reconciler:
         convergence check). Provider-side checks are left out: they need the provider."""
         rows = await self.scope(sales)
         in_scope = sorted({r["sale_id"] for r in rows})
-        found = [f"{d.keys.sale_id}/{d.keys.sku}: {d.reason}" for d in await self.sku_drift(rows)]
+        drift, statuses = await self.sku_drift(rows)
+        found = [f"{d.keys.sale_id}/{d.keys.sku}: {d.reason}" for d in drift]
         found += [f"{r.sale_id}/{r.sku}: status {r.before['status']} -> {r.after['status']}"
-                  for r in await self.status_drift(rows)]  # fmt: skip
+                  for r in statuses]  # fmt: skip
         found += [f"{sale}: waiting room {why}" for sale, why, _, _ in
                   await self.queue_drift(in_scope)]  # fmt: skip
         if in_scope:
@@ -319,9 +326,10 @@ class Reconciler:
         report.skus = len(rows)
         in_scope = sorted({r["sale_id"] for r in rows})
         await self._restore_sales(in_scope, report)
-        for drift in await self.sku_drift(rows):
+        drifted, statuses = await self.sku_drift(rows)
+        for drift in drifted:
             await self._rebuild(drift, report)
-        for repair in await self.status_drift(rows):
+        for repair in statuses:
             await self.scripts.set_status(SkuKeys(repair.sale_id, repair.sku or "").meta,
                                           repair.after["status"])  # fmt: skip
             report.repairs.append(repair)
@@ -356,7 +364,7 @@ class Reconciler:
             [orjson.dumps(i.after).decode() for i in items],
         )  # fmt: skip
         for item in items:
-            log.info("reconcile %s %s/%s %s: %s -> %s", item.kind, item.sale_id,
+            log.debug("reconcile %s %s/%s %s: %s -> %s", item.kind, item.sale_id,
                      item.sku or "-", item.subject or "", item.before, item.after)  # fmt: skip
 
     async def _restore_sales(self, sales: Sequence[str], report: PassReport) -> None:

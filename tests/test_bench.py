@@ -79,3 +79,23 @@ def test_bench_pipeline_smoke(cli: Cli, tmp_path: Path) -> None:
     assert run["per_second"] > 0 and run["consistent"] is True and run["oversold"] == 0
     assert run["paced_orders"] > 0 and run["p50_ms"] > 0
     assert [t["name"] for t in report["targets"]] == ["orders/s at 0 ms"]
+
+
+def test_bench_reconcile_smoke(cli: Cli, tmp_path: Path) -> None:
+    """A small run: every row, and the drift pass repairs exactly the corrupted SKUs."""
+    path = tmp_path / "reconcile.json"
+    result = cli("bench", "reconcile", "--skus", "300", "--passes", "1", "--json", str(path))
+    assert result.code == 0, result.err
+    report = json.loads(path.read_text())
+    rows = {row["name"]: row for row in report["results"]}
+    assert set(rows) == {"ceiling", "clean", "full", "drift"}
+    drift = rows["drift"]
+    assert drift["consistent"] is True and drift["repaired"] == drift["corrupted"] == 3
+    assert drift["next_pass_changed"] == 0
+    assert [t["name"] for t in report["targets"]] == ["clean pass over 10,000 SKUs"]
+    assert run_skus_ok(rows)
+
+
+def run_skus_ok(rows: dict[str, dict[str, object]]) -> bool:
+    return all(isinstance(r["ms_per_pass"], float | int) and r["decisions"] == 300
+               for r in rows.values())  # fmt: skip

@@ -1,0 +1,155 @@
+"""``flashsale bench reconcile``: how long one reconcile pass takes over many SKUs.
+
+One sale with ``--skus`` SKUs (10,000 by default) is created and preloaded. Then, each
+``--passes`` times (the median is reported):
+
+* **ceiling**: the pass's unavoidable reads and nothing else: the Postgres scope query and
+  one pipelined read of every SKU's counters and configuration from Redis;
+* **clean**: a service pass (``run_once(full=False)``) when nothing has drifted;
+* **full**: a ``--once`` pass, adding the checks that read the sale's open and confirmed
+  orders and its payments;
+* **drift**: a pass after 1 % of the SKUs had their counters corrupted: it finds and
+  rebuilds exactly those, and the next pass finds nothing.
+
+Target (issue 6): a clean pass over 10,000 SKUs in at most 1 s.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from allocator.scripts import read_packed
+from flashsale.clients import pg_pool, redis_client
+from flashsale.keys import SkuKeys
+from flashsale.sales import SaleAdmin
+from flashsale.salespec import parse_sale
+from flashsale.settings import Settings
+from loadtest.bench import Report, Row, Target, machine, table
+from reconciler.reconcile import SCOPE, Reconciler
+
+TARGET_S = 1.0  # per clean pass over 10,000 SKUs
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Options:
+    skus: int = 10_000
+    passes: int = 5
+    drift_share: float = 0.01
+
+
+async def _median(passes: int, run: Callable[[], Awaitable[Any]]) -> float:
+    times = []
+    for _ in range(passes):
+        began = time.perf_counter()
+        await run()
+        times.append(time.perf_counter() - began)
+    return statistics.median(times)
+
+
+async def run(settings: Settings, options: Options, progress: Progress, command: str) -> Report:
+    described = machine()
+    pool = await pg_pool(settings, min_size=1, max_size=4)
+    client = redis_client(settings)
+    try:
+        now = datetime.now(UTC)
+        spec = {
+            "name": f"bench reconcile {options.skus} SKUs",
+            "starts_at": (now - timedelta(seconds=1)).isoformat(),
+            "ends_at": (now + timedelta(hours=1)).isoformat(),
+            "skus": [{"sku": f"B{i:05d}", "stock": 100, "price": 100, "currency": "EUR"}
+                     for i in range(options.skus)],
+        }  # fmt: skip
+        admin = SaleAdmin.build(pool, client)
+        progress(f"bench reconcile: creating and preloading a sale of {options.skus:,} SKUs")
+        sale_id = str((await admin.create(parse_sale(spec)))["id"])
+        began = time.perf_counter()
+        await admin.preload(sale_id)
+        progress(f"  preloaded in {time.perf_counter() - began:.1f}s")
+        rec = Reconciler(pool, client, None, settings.topics.order_events)
+        scope = [sale_id]
+        first = await rec.run_once(scope)  # warm: opens the waiting room's checks, caches
+        if first.changed:
+            raise RuntimeError(f"a fresh sale needed {first.changed} repairs: {first.json()}")
+
+        async def ceiling() -> None:
+            rows = await pool.fetch(SCOPE, scope)
+            commands: list[tuple[str | int, ...]] = []
+            for row in rows:
+                keys = SkuKeys(row["sale_id"], row["sku"])
+                commands.append(("HMGET", keys.stock, "total", "available", "active", "paying",
+                                 "sold"))  # fmt: skip
+                commands.append(("HMGET", keys.meta, "status", "rebuilding"))
+            await read_packed(client, commands)
+
+        async def clean() -> None:
+            report = await rec.run_once(scope, full=False)
+            if report.changed:
+                raise RuntimeError(f"a clean pass repaired {report.changed} things")
+
+        async def full() -> None:
+            report = await rec.run_once(scope, full=True)
+            if report.changed:
+                raise RuntimeError(f"a clean full pass repaired {report.changed} things")
+
+        results: dict[str, float] = {}
+        for name, op in (("ceiling", ceiling), ("clean", clean), ("full", full)):
+            results[name] = await _median(options.passes, op)
+            progress(f"  {name}: {results[name] * 1000:,.0f} ms per pass")
+
+        corrupt = max(1, int(options.skus * options.drift_share))
+        pipe = client.pipeline(transaction=False)
+        for i in range(corrupt):
+            pipe.hincrby(SkuKeys(sale_id, f"B{i * (options.skus // corrupt):05d}").stock,
+                         "available", 3)  # fmt: skip
+        await pipe.execute()
+        began = time.perf_counter()
+        drift = await rec.run_once(scope, full=False)
+        results["drift"] = time.perf_counter() - began
+        after = await rec.run_once(scope, full=True)
+        progress(f"  drift: {results['drift'] * 1000:,.0f} ms to rebuild {drift.changed} of "
+                 f"{corrupt} corrupted SKUs; the next pass changed {after.changed}")  # fmt: skip
+        consistent = drift.changed == corrupt and after.changed == 0
+        await admin.set_status(sale_id, "end")  # out of every service's scope soon
+    finally:
+        await client.aclose()
+        await pool.close()
+
+    ceiling_s = results["ceiling"]
+    rows = [
+        Row("ceiling", "scope query + one pipelined read of every SKU", options.skus / ceiling_s,
+            options.skus, ceiling_s),
+        Row("clean", "service pass, nothing to repair", options.skus / results["clean"],
+            options.skus, results["clean"]),
+        Row("full", "--once pass, nothing to repair (adds order and payment checks)",
+            options.skus / results["full"], options.skus, results["full"]),
+        Row("drift", f"pass rebuilding {corrupt} corrupted SKUs", options.skus / results["drift"],
+            options.skus, results["drift"]),
+    ]  # fmt: skip
+    for row in rows:
+        row.extra["ms_per_pass"] = round(row.seconds * 1000, 1)
+        row.extra["ratio_to_ceiling"] = round(row.seconds / ceiling_s, 2)
+    rows[-1].extra.update(consistent=consistent, repaired=drift.changed, corrupted=corrupt,
+                          next_pass_changed=after.changed)  # fmt: skip
+    scaled = results["clean"] * 10_000 / options.skus
+    targets = [Target("clean pass over 10,000 SKUs", f"<= {TARGET_S:g} s",
+                      f"{scaled:.3f} s" + ("" if options.skus == 10_000 else " (scaled)"),
+                      scaled <= TARGET_S)]  # fmt: skip
+    return Report("reconcile", command, rows, targets, described,
+                  {"skus": options.skus, "passes": options.passes,
+                   "drift_share": options.drift_share, "sale_id": sale_id})  # fmt: skip
+
+
+def render(report: Report) -> str:
+    rows = [(r.name, r.extra["ms_per_pass"], r.per_second, r.extra["ratio_to_ceiling"], r.what)
+            for r in report.rows]  # fmt: skip
+    targets = [(t.name, t.goal, t.measured, "met" if t.met else "MISSED") for t in report.targets]
+    return "\n\n".join([
+        table(("row", "ms/pass", "SKUs/s", "x ceiling", "what"), rows),
+        table(("target", "goal", "measured", ""), targets),
+    ])  # fmt: skip
