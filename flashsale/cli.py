@@ -534,7 +534,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     metrics_dir = services.fresh_metrics_dir(settings.home, f"gateway-{port}")
     psp_url = settings.psp_url or f"http://{args.host}:{psp_port}"
     children = [
-        *services.gateway_children(args.host, port, workers, metrics_dir),
+        *services.gateway_children(args.host, port, workers, metrics_dir, psp_url),
         services.allocator_child(args.host, allocator_port),
         services.workers_child(args.host, workers_port, psp_url),
         services.reconciler_child(args.host, reconciler_port, psp_url),

@@ -102,8 +102,12 @@ def fresh_metrics_dir(home: Path, name: str) -> Path:
     return path
 
 
-def gateway_children(host: str, port: int, workers: int, metrics_dir: Path) -> list[Child]:
+def gateway_children(
+    host: str, port: int, workers: int, metrics_dir: Path, psp_url: str | None = None
+) -> list[Child]:
     env = {MULTIPROC_ENV: str(metrics_dir)}
+    if psp_url:  # the admin API's audit asks the payment provider
+        env["FLASHSALE_PSP_URL"] = psp_url
     args = ["gateway", "--host", host, "--port", str(port), "--workers", "1", "--reuse-port"]
     return [Child(f"gateway-{i + 1}", args, env) for i in range(workers)]
 

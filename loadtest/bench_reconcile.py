@@ -62,8 +62,9 @@ async def run(settings: Settings, options: Options, progress: Progress, command:
             "name": f"bench reconcile {options.skus} SKUs",
             "starts_at": (now - timedelta(seconds=1)).isoformat(),
             "ends_at": (now + timedelta(hours=1)).isoformat(),
-            "skus": [{"sku": f"B{i:05d}", "stock": 100, "price": 100, "currency": "EUR"}
-                     for i in range(options.skus)],
+            # A one-second hold TTL: once ended, the sale leaves the relay's scope in minutes.
+            "skus": [{"sku": f"B{i:05d}", "stock": 100, "price": 100, "currency": "EUR",
+                      "hold_ttl_seconds": 1} for i in range(options.skus)],
         }  # fmt: skip
         admin = SaleAdmin.build(pool, client)
         progress(f"bench reconcile: creating and preloading a sale of {options.skus:,} SKUs")

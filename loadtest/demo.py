@@ -8,7 +8,9 @@
 4. Sends ``buyers`` buyers through the real journey (join, poll, reserve), one in ten paying
    with a card that is declined.
 5. Shows reservations becoming orders (CONFIRMED or PAYMENT_FAILED) until every hold is
-   resolved, then the sale's status, and stops the engine.
+   resolved, then the sale's status.
+6. Ends with the post-sale audit (every invariant of DESIGN §7, through the admin API) once
+   the pipeline has drained, and stops the engine.
 """
 
 from __future__ import annotations
@@ -87,18 +89,22 @@ async def run(settings: Settings, *, buyers: int, stock: int, progress: Progress
         await conn.close()
     progress("== Kafka topics")
     await ensure_topics(settings, progress=lambda line: progress(f"   {line}"))
-    port = free_ports(4)
+    port = free_ports(5)
     base = f"http://127.0.0.1:{port}"
     log_path = settings.home / "demo-engine.log"
     progress(f"== starting the engine: flashsale up --port {port} (log: {log_path})")
     with engine(settings, port, log_path) as up:
         async with aiohttp.ClientSession() as session:
-            for offset, name in enumerate(("gateway", "allocator", "workers", "payments")):
+            names = ("gateway", "allocator", "workers", "payments", "reconciler")
+            for offset, name in enumerate(names):
                 await _healthy(session, f"http://127.0.0.1:{port + offset}/healthz")
                 progress(f"   {name:10} healthy on :{port + offset}")
             sale_id = await _create_sale(session, base, settings, stock)
         progress(f"== sale {sale_id}: {stock} units of {SKU}; {buyers} buyers arrive at once")
         code = await _drive(settings, base, sale_id, buyers, progress)
+        async with aiohttp.ClientSession() as session:
+            passed = await _audit(session, base, settings, sale_id, progress)
+        code = code or (0 if passed else 1)
         if up.poll() is not None:
             progress(f"the engine stopped early (exit {up.returncode}); see {log_path}")
             return 1
@@ -169,6 +175,32 @@ async def _drive(settings: Settings, base: str, sale_id: str, count: int,
              f"{sold}/{total} units sold, oversold {max(0, sold - total)}")  # fmt: skip
     ok = not errors and sold <= total and sum(states.values()) == len(stats.reservations)
     return 0 if ok and stats.outcomes["reserved"] > 0 else 1
+
+
+async def _audit(session: aiohttp.ClientSession, base: str, settings: Settings, sale_id: str,
+                 progress: Progress, *, patience: float = 60) -> bool:  # fmt: skip
+    """The post-sale audit through the admin API, once the pipeline has drained (the last
+    offsets committed, the outboxes empty); printed one invariant per line."""
+    admin = {"Authorization": f"Bearer {settings.admin_token.reveal()}"}
+    deadline = time.monotonic() + patience
+    while True:
+        async with session.get(f"{base}/admin/v1/sales/{sale_id}/audit", headers=admin) as r:
+            if r.status != 200:
+                raise RuntimeError(f"the audit failed: {r.status} {await r.text()}")
+            report = await r.json()
+        drained = report["facts"].get("drained")
+        if report["passed"] or drained or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.5)  # offsets still being committed: not drained yet
+    progress(f"== post-sale audit: {'PASSED' if report['passed'] else 'FAILED'} "
+             f"({report['facts']})")  # fmt: skip
+    for invariant in report["invariants"]:
+        mark = "pass" if invariant["passed"] else "FAIL"
+        progress(f"   [{mark}] {invariant['name']}")
+        if not invariant["passed"]:
+            for key, value in invariant["details"].items():
+                progress(f"          {key}: {value}")
+    return bool(report["passed"])
 
 
 async def _follow(pool: asyncpg.Pool, sale_id: str, reserved: int, progress: Progress,

@@ -1,6 +1,6 @@
 """One reconcile pass: find where Redis drifted from Postgres (the truth) and repair it.
 
-For every SKU of the sales in scope (preloaded, not ended more than an hour before their
+For every SKU of the sales in scope (preloaded, not ended more than 15 minutes before their
 longest hold could have lived; or the sales named) a pass reads the
 Redis counters and configuration (one pipelined round trip for all SKUs) and the Postgres
 rows (one query), and repairs:
@@ -51,15 +51,15 @@ from workers.payments import Charge, PaymentProvider
 
 log = logging.getLogger("flashsale.reconciler")
 
-# Sales in scope: preloaded, and not ended more than an hour before their longest hold could
-# have lived (an ended sale ends when it was ended); or named explicitly.
+# Sales in scope: preloaded, and not ended more than 15 minutes before their longest hold
+# could have lived (an ended sale ends when it was ended); or named explicitly.
 SCOPE = """
 SELECT k.sale_id, k.sku, k.stock_total, k.sold, s.status
 FROM sale_skus k JOIN sales s ON s.id = k.sale_id
 WHERE k.preloaded_at IS NOT NULL
   AND ($1::text[] IS NOT NULL OR
        CASE WHEN s.status = 'ended' THEN least(s.ends_at, s.updated_at) ELSE s.ends_at END
-       + make_interval(secs => k.hold_ttl_seconds) + interval '1 hour' > now())
+       + make_interval(secs => k.hold_ttl_seconds) + interval '15 minutes' > now())
   AND ($1::text[] IS NULL OR k.sale_id = ANY($1::text[]))
 ORDER BY k.sale_id, k.sku
 """

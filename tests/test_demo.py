@@ -28,3 +28,6 @@ def test_demo_turns_reservations_into_orders(stack: Settings) -> None:
     reserved = int(re.search(r"answered in [\d.]+s: (\d+) reserved", out).group(1))  # type: ignore[union-attr]
     assert reserved == confirmed + declined
     assert "0 errors" in out and "== engine stopped" in out
+    # It ends with the post-sale audit, every invariant passing.
+    assert "== post-sale audit: PASSED" in out
+    assert len(re.findall(r"\[pass\] \d\.", out)) == 8 and "[FAIL]" not in out
