@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(BIN)/flashsale bench allocate --json bench-allocate.json
 	$(BIN)/flashsale bench gateway --json bench-gateway.json
 	$(BIN)/flashsale bench pipeline --json bench-pipeline.json
+	$(BIN)/flashsale bench reconcile --json bench-reconcile.json
 
 stack-down: $(STAMP)
 	$(BIN)/flashsale dev down

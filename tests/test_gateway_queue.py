@@ -12,7 +12,7 @@ from allocator.scripts import HoldScripts
 from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.sales import shuffle_order
 from flashsale.settings import Settings
-from gateway.app import REDIS
+from gateway.app import COUNTERS, MARKS, PG, REDIS
 from tests.harness import Gateway, auth, gateway
 
 
@@ -184,3 +184,31 @@ async def test_two_pumps_one_leader_and_the_old_one_is_fenced_out(gw: Gateway) -
     assert stale is None  # fenced: the old leader's write is refused
     view = await queue.view(SaleKeys(sale))
     assert view.serving <= view.tail
+
+
+async def test_the_gateway_checkpoints_what_it_has_seen_and_flushes_when_it_goes_back(
+    gw: Gateway,
+) -> None:
+    """What a restore of a lost waiting room is based on: each gateway process's highest
+    counters, in Postgres about once a second, and at once after a regression."""
+    sale = await gw.create_sale(stock=5)
+    for buyer in ("a", "b", "c"):
+        assert (await gw.join(sale, buyer))[0] == 200
+    pg = gw.app[PG]
+    query = "SELECT max(tail) FROM queue_marks WHERE sale_id = $1 AND source LIKE 'gateway:%'"
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while (await pg.fetchval(query, sale)) != 3:
+        assert loop.time() < deadline, "the joins were not checkpointed"
+        await asyncio.sleep(0.1)
+    marks = gw.app[MARKS]
+    # Redis loses the room; the next status refresh sees it and the flush is not delayed.
+    await gw.app[REDIS].delete(SaleKeys(sale).queue)
+    code, joined = await gw.join(sale, "d")
+    assert code == 503 and joined["error"]["code"] == "unavailable"
+    await asyncio.sleep(0.15)  # past the counters' cache
+    await gw.app[COUNTERS].get(sale)
+    assert marks.urgent.is_set()  # the refresh saw the room gone
+    await asyncio.sleep(0.2)
+    assert not marks.urgent.is_set()  # and the checkpoint went out at once, not in a second
+    assert (await pg.fetchval(query, sale)) == 3

@@ -49,7 +49,7 @@ def test_hold_lifecycle_state_machine(redis_url: str) -> None:
                 "starts_at_ms": str(now - 1000), "ends_at_ms": str(now + 3_600_000),
                 "status": "active",
             }  # fmt: skip
-            args: list[str | int] = ["0", STOCK]
+            args: list[str | int] = ["0", STOCK, "1"]  # not forced; a first preload
             for k, v in meta.items():
                 args += [k, v]
             scripts["preload"](keys=[self.keys.meta, self.keys.stock], args=args)

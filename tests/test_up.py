@@ -32,7 +32,7 @@ def _children(pid: int) -> list[int]:
 
 
 def test_up_supervises_and_stops_cleanly(stack: Settings) -> None:
-    port = free_ports(4)
+    port = free_ports(5)
     up = subprocess.Popen(
         [sys.executable, "-m", "flashsale", "up", "--port", str(port), "--workers", "2"],
         stdout=subprocess.PIPE,
@@ -44,13 +44,14 @@ def test_up_supervises_and_stops_cleanly(stack: Settings) -> None:
         _healthy(f"http://127.0.0.1:{port + 1}/healthz")  # the allocator service
         _healthy(f"http://127.0.0.1:{port + 2}/healthz")  # the order workers
         _healthy(f"http://127.0.0.1:{port + 3}/healthz")  # the payment simulator
+        _healthy(f"http://127.0.0.1:{port + 4}/healthz")  # the reconciler
         children = _children(up.pid)
-        assert len(children) == 5  # two gateway processes, allocator, workers, psp
+        assert len(children) == 6  # two gateway processes, allocator, workers, psp, reconciler
         os.kill(children[0], signal.SIGKILL)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             now = _children(up.pid)
-            if len(now) == 5 and children[0] not in now:
+            if len(now) == 6 and children[0] not in now:
                 break
             time.sleep(0.2)
         else:
