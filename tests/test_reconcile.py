@@ -109,6 +109,14 @@ async def test_deleted_keys_are_rebuilt_and_refused_as_unavailable_meanwhile(
                                first.payment_ref, first.admission_id)  # fmt: skip
         [again] = await p.holds.reserve(keys, [retry])
         assert (again.outcome, again.reservation_id) == ("reserved", rid)
+        # ... and the saga, given the same reservation again, creates nothing twice.
+        await p.relay.producer.send_and_wait(
+            p.settings.topics.reservations, key=b"dup",
+            value=(await p.topic_messages(p.settings.topics.reservations, at_least=1))[0].value,
+        )  # fmt: skip
+        await drained(p)
+        orders = await p.pool.fetchval("SELECT count(*) FROM orders WHERE sale_id = $1", sale)
+        assert orders == 10
         audited = await audit(p, psp, sale)
         assert audited.passed, audited.text()
         await converged(rec, sale)
@@ -214,6 +222,7 @@ async def test_stuck_orders_are_resolved_through_the_provider_never_guessed(
         await p.pool.execute("UPDATE orders SET updated_at = now() - interval '10 minutes' "
                              "WHERE id = ANY($1)", ids)  # fmt: skip
 
+        assert "3" in failing(await audit(p, psp, sale))  # three orders not terminal
         await p.psp_down()
         async with provider(p.psp_url) as unreachable:  # no connection kept from before
             blind = Reconciler(p.pool, p.redis, unreachable, p.settings.topics.order_events)
