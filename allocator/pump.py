@@ -134,6 +134,7 @@ class AdmissionPump:
     seed: str | None = None
     lost: bool = False  # the waiting room was not live at the last tick
     marks: QueueMarks | None = None  # counters seen, checkpointed for a restore
+    next_tick: float = 0.0  # time.monotonic() before which the service skips this pump
 
     @property
     def keys(self) -> SaleKeys:

@@ -67,6 +67,7 @@ class OutboxRelay:
         batch: int = 16,
         claim_idle_ms: int = 10_000,
         claim_every_s: float = 1.0,
+        idle_poll_s: float = 0.25,
     ) -> None:
         self.client = client
         self.producer = producer
@@ -80,6 +81,11 @@ class OutboxRelay:
         self._groups: set[SkuKeys] = set()
         self._retry_own = False
         self._next_claim = 0.0
+        # A SKU whose stream had nothing new is read again after a delay that doubles up to
+        # idle_poll_s; one with entries is read again at once. Thousands of idle SKUs then
+        # cost a few reads a second each, not one every round.
+        self.idle_poll_s = idle_poll_s
+        self._quiet: dict[SkuKeys, tuple[float, float]] = {}  # SKU -> (next read, delay)
 
     async def _ensure_group(self, keys: SkuKeys) -> None:
         if keys in self._groups:
@@ -96,12 +102,17 @@ class OutboxRelay:
         """One round over ``skus``: take over idle entries of dead relays, read new ones,
         publish, acknowledge. Returns the stream entries acknowledged; raises KafkaError or a
         Redis error when a round could not finish (its entries stay pending and are retried)."""
+        now = time.monotonic()
+        # Looking for a dead relay's entries now and then is plenty: they wait claim_idle_ms.
+        claim = now >= self._next_claim
+        if claim:
+            self._next_claim = now + self.claim_every_s
+        elif not self._retry_own:
+            skus = [k for k in skus if self._quiet.get(k, (0.0, 0.0))[0] <= now]
+            if not skus:
+                return 0
         for keys in skus:
             await self._ensure_group(keys)
-        # Looking for a dead relay's entries now and then is plenty: they wait claim_idle_ms.
-        claim = time.monotonic() >= self._next_claim
-        if claim:
-            self._next_claim = time.monotonic() + self.claim_every_s
         pipe = self.client.pipeline(transaction=False)
         for keys in skus:
             if claim:
@@ -129,6 +140,10 @@ class OutboxRelay:
             self.stats.claimed += len(claimed)
             if entries:
                 work.append((keys, entries))
+                self._quiet.pop(keys, None)
+            else:
+                delay = min(self.idle_poll_s, max(0.01, 2 * self._quiet.get(keys, (0, 0))[1]))
+                self._quiet[keys] = (now + delay, delay)
         if not work:
             self._retry_own = False
             return 0

@@ -99,10 +99,12 @@ class AllocatorService:
         tick_s: float = 0.1,
         discover_s: float = 2.0,
         sweep_s: float = 0.25,
+        idle_tick_s: float = 1.0,
         registry: CollectorRegistry | None = None,
     ) -> None:
         self.settings = settings
         self.tick_s = tick_s
+        self.idle_tick_s = idle_tick_s
         self.discover_s = discover_s
         self.sweep_s = sweep_s
         self.metrics = ServiceMetrics(registry or CollectorRegistry())
@@ -147,7 +149,9 @@ class AllocatorService:
                 if time.monotonic() >= next_discovery:
                     await self._discover(queue)
                     next_discovery = time.monotonic() + self.discover_s
-                await asyncio.gather(*(self._tick(p) for p in list(self.pumps.values())))
+                now = time.monotonic()
+                due = [p for p in self.pumps.values() if p.next_tick <= now]
+                await asyncio.gather(*(self._tick(p) for p in due))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.tick_s)
             await sweeper
@@ -205,6 +209,10 @@ class AllocatorService:
             log.warning("pump for %s failed a tick: %r", sale, exc)
             return
         m.leader.labels(sale).set(1 if pump.token else 0)
+        # A sold-out sale has nothing left to admit or give back (no unit is held), so its
+        # pump only keeps its lease: every ``idle_tick_s``, under the lease's TTL.
+        quiet = step is not None and step.sold_out
+        pump.next_tick = time.monotonic() + (self.idle_tick_s if quiet else 0.0)
         if step is None:
             return
         if step.admitted:

@@ -150,10 +150,11 @@ def edge(metrics: Metrics, limit: int, guard: Guard) -> Middleware:
     exempt = frozenset({"/healthz", "/metrics"})
     gauge = metrics.in_flight
     current = 0
+    published = 0.0  # when the in-flight gauge was last set
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        nonlocal current
+        nonlocal current, published
         began = time.perf_counter()
         counted = request.path not in exempt
         if counted and current >= limit:
@@ -164,7 +165,6 @@ def edge(metrics: Metrics, limit: int, guard: Guard) -> Middleware:
         else:
             if counted:
                 current += 1
-                gauge.inc()
             try:
                 guard(request)
                 response = await handler(request)
@@ -173,7 +173,11 @@ def edge(metrics: Metrics, limit: int, guard: Guard) -> Middleware:
             finally:
                 if counted:
                     current -= 1
-                    gauge.dec()
+        # The gauge is a shared-memory write in multiprocess mode: set it at most every
+        # 50 ms rather than twice per request.
+        if began - published >= 0.05:
+            published = began
+            gauge.set(current)
         metrics.observe(request, response, began)
         return response
 
@@ -192,7 +196,7 @@ async def clients(app: web.Application) -> AsyncIterator[None]:
     app[HOLDS] = holds = HoldScripts(redis)
     app[ALLOCATORS] = allocators = Allocators(holds)
     app[JOINS] = joins = Joins(queue)
-    app[LIMITER] = RateLimiter(redis)
+    app[LIMITER] = limiter = RateLimiter(redis)
     app[MARKS] = marks = QueueMarks(f"gateway:{socket.gethostname()}:{os.getpid()}")
     app[COUNTERS] = CounterCache(queue, marks=marks)
     stop = asyncio.Event()
@@ -204,6 +208,7 @@ async def clients(app: web.Application) -> AsyncIterator[None]:
         await asyncio.wait({checkpoints})  # a last flush; a cancelled task is just done
         await allocators.aclose()
         await joins.aclose()
+        await limiter.aclose()
         await pool.close()
         await redis.aclose()
 

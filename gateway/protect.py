@@ -10,36 +10,61 @@
 from __future__ import annotations
 
 import redis.asyncio as aioredis
+import redis.exceptions
 from redis.commands.core import AsyncScript
 
-from allocator.scripts import source
+from allocator.batching import Coalescer
+from allocator.scripts import read_packed, source
 from flashsale.errors import RateLimited
 from flashsale.keys import rate_limit_key
 from flashsale.settings import Rate
 
 
 class RateLimiter:
-    def __init__(self, client: aioredis.Redis) -> None:
+    """GCRA checks of one process, coalesced: the checks of concurrent requests go to Redis in
+    one write of packed ``EVALSHA`` calls (one per subject; each subject is its own slot), and
+    their answers come back in one read. A rate check per request otherwise costs a socket
+    write and read of its own, which was a quarter of the gateway's CPU on joins."""
+
+    def __init__(self, client: aioredis.Redis, *, window: float = 0.001) -> None:
         self.client = client
         self._script: AsyncScript = client.register_script(source("ratelimit"))
+        # attempts=1: a GCRA call is not idempotent; a batch whose reply was lost is not sent
+        # again (the caller gets Unavailable), rather than counted twice.
+        self._batches: Coalescer[tuple[tuple[str, Rate], ...], int] = Coalescer(
+            self._check_many, "rate limits", window=window, max_batch=256, attempts=1
+        )
 
     async def check(self, subjects: list[tuple[str, Rate]]) -> None:
         """Count one request for each ``(subject, rate)``; raise RateLimited when any is over.
 
-        Every subject is checked in one round trip. A request refused by one subject is still
-        counted by the others, which only errs on the side of limiting."""
-        active = [(s, r) for s, r in subjects if r.enabled]
+        A request refused by one subject is still counted by the others, which only errs on
+        the side of limiting."""
+        active = tuple((s, r) for s, r in subjects if r.enabled)
         if not active:
             return
-        pipe = self.client.pipeline(transaction=False)
-        for subject, rate in active:
-            interval_us = 1_000_000 / rate.per_second
-            await self._script(
-                keys=[rate_limit_key(subject)],
-                args=[round(interval_us), round(interval_us * (rate.burst - 1))],
-                client=pipe,
-            )
-        waits = await pipe.execute()
-        worst = max(int(w) for w in waits)
+        worst = await self._batches.submit(active)
         if worst > 0:
             raise RateLimited("too many requests; slow down", retry_after_s=worst / 1_000_000)
+
+    async def _check_many(self, requests: list[tuple[tuple[str, Rate], ...]]) -> list[int]:
+        commands: list[tuple[str | int, ...]] = []
+        for subjects in requests:
+            for subject, rate in subjects:
+                interval_us = 1_000_000 / rate.per_second
+                tolerance_us = round(interval_us * (rate.burst - 1))
+                commands.append(("EVALSHA", self._script.sha, 1, rate_limit_key(subject),
+                                 round(interval_us), tolerance_us))  # fmt: skip
+        try:
+            waits = await read_packed(self.client, commands)
+        except redis.exceptions.NoScriptError:  # Redis restarted or SCRIPT FLUSH: load, retry
+            await self.client.script_load(self._script.script)
+            waits = await read_packed(self.client, commands)
+        worst, at = [], 0
+        for subjects in requests:
+            worst.append(max(int(w) for w in waits[at : at + len(subjects)]))
+            at += len(subjects)
+        return worst
+
+    async def aclose(self) -> None:
+        await self._batches.aclose()

@@ -1,16 +1,20 @@
-"""``flashsale demo``: the whole engine on the embedded stack, with buyers going through it.
+"""``flashsale demo``: the whole engine on the embedded stack, with a spike of buyers.
 
 1. Applies migrations and creates the Kafka topics.
 2. Starts ``flashsale up`` (gateway x2, allocator with pumps, sweeper and outbox relay, order
-   workers, payment simulator) on free loopback ports, and waits until every service's
-   ``/healthz`` answers.
-3. Creates a sale through the admin API and preloads it.
-4. Sends ``buyers`` buyers through the real journey (join, poll, reserve), one in ten paying
-   with a card that is declined.
+   workers, payment simulator, reconciler) on free loopback ports, and waits until every
+   service's ``/healthz`` answers.
+3. Creates a sale opening a few seconds later, through the admin API, and preloads it.
+4. At the opening, sends every buyer (50,000 by default, 100 units) through the real journey
+   (join, poll, reserve) with the fast asyncio driver, one in ten paying with a card that is
+   declined, and shows each second the queue depth, the admitted, held and sold units and
+   the answers.
 5. Shows reservations becoming orders (CONFIRMED or PAYMENT_FAILED) until every hold is
-   resolved, then the sale's status.
+   resolved.
 6. Ends with the post-sale audit (every invariant of DESIGN §7, through the admin API) once
-   the pipeline has drained, and stops the engine.
+   the pipeline has drained, stops the engine, and prints the report: seconds until every
+   buyer had a definitive answer, sold, oversold, p50/p99 per route, the audit
+   (``--json PATH`` writes it).
 """
 
 from __future__ import annotations
@@ -23,15 +27,19 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
+import orjson
 
+from flashsale.clients import redis_client
 from flashsale.devstack import free_ports
 from flashsale.kafka import ensure_topics
+from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.migrate import migrate
 from flashsale.settings import Settings
 from flashsale.tokens import Signer
@@ -39,6 +47,9 @@ from loadtest.driver import Buyers, DriverStats
 
 Progress = Callable[[str], None]
 SKU = "SNK-42"
+TARGET_S = 15.0  # every buyer answered within this long after the sale opens (issue 7)
+LEAD_S = 3.0  # the sale opens this long after it is created: tokens are signed meanwhile
+CONCURRENCY = 500  # buyers with a request in flight at once (connections to the gateway)
 
 
 @contextlib.contextmanager
@@ -80,7 +91,34 @@ async def _orders(pool: asyncpg.Pool, sale_id: str) -> dict[str, int]:
     return {r["state"]: int(r["n"]) for r in rows}
 
 
-async def run(settings: Settings, *, buyers: int, stock: int, progress: Progress) -> int:
+@dataclass
+class DemoReport:
+    """What ``--json`` writes."""
+
+    buyers: int
+    stock: int
+    sold: int = 0
+    oversold: int = 0
+    seconds_to_answer_all: float | None = None
+    audit_passed: bool = False
+    outcomes: dict[str, int] = field(default_factory=dict)
+    orders: dict[str, int] = field(default_factory=dict)
+    routes: dict[str, dict[str, float]] = field(default_factory=dict)
+    target_seconds: float = TARGET_S
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "buyers": self.buyers, "stock": self.stock, "sold": self.sold,
+            "oversold": self.oversold, "seconds_to_answer_all": self.seconds_to_answer_all,
+            "audit_passed": self.audit_passed, "routes": self.routes,
+            "outcomes": self.outcomes, "orders": self.orders,
+            "target_seconds": self.target_seconds,
+        }  # fmt: skip
+
+
+async def run(settings: Settings, *, buyers: int, stock: int, progress: Progress,
+              json_path: str | None = None, lead_s: float = LEAD_S) -> int:  # fmt: skip
+    report = DemoReport(buyers, stock)
     conn = await asyncpg.connect(settings.require_database(), timeout=5)
     try:
         progress("== applying migrations")
@@ -99,26 +137,48 @@ async def run(settings: Settings, *, buyers: int, stock: int, progress: Progress
             for offset, name in enumerate(names):
                 await _healthy(session, f"http://127.0.0.1:{port + offset}/healthz")
                 progress(f"   {name:10} healthy on :{port + offset}")
-            sale_id = await _create_sale(session, base, settings, stock)
-        progress(f"== sale {sale_id}: {stock} units of {SKU}; {buyers} buyers arrive at once")
-        code = await _drive(settings, base, sale_id, buyers, progress)
+            starts_at = datetime.now(UTC) + timedelta(seconds=lead_s)
+            sale_id = await _create_sale(session, base, settings, stock, starts_at)
+        progress(f"== sale {sale_id}: {stock} units of {SKU}, opening at "
+                 f"{starts_at:%H:%M:%S}; {buyers:,} buyers arrive at the start")  # fmt: skip
+        code = await _drive(settings, base, sale_id, starts_at=starts_at, report=report,
+                            progress=progress)  # fmt: skip
         async with aiohttp.ClientSession() as session:
-            passed = await _audit(session, base, settings, sale_id, progress)
-        code = code or (0 if passed else 1)
+            report.audit_passed = await _audit(session, base, settings, sale_id, progress)
+        code = code or (0 if report.audit_passed else 1)
         if up.poll() is not None:
             progress(f"the engine stopped early (exit {up.returncode}); see {log_path}")
-            return 1
+            code = 1
     progress("== engine stopped")
+    _summary(report, progress)
+    if json_path:
+        data = orjson.dumps(report.as_json(), option=orjson.OPT_INDENT_2)
+        await asyncio.to_thread(Path(json_path).write_bytes, data)
+        progress(f"   wrote {json_path}")
     return code
 
 
+def _summary(report: DemoReport, progress: Progress) -> None:
+    seconds = report.seconds_to_answer_all
+    met = seconds is not None and seconds <= report.target_seconds
+    progress(f"== report: {report.buyers:,} buyers, {report.stock} units")
+    progress(f"   every buyer had a definitive answer {seconds:.1f}s after the sale opened "
+             f"(target {report.target_seconds:g}s: {'met' if met else 'MISSED'})"
+             if seconds is not None else "   not every buyer got an answer")  # fmt: skip
+    progress(f"   sold {report.sold}/{report.stock}, oversold {report.oversold}; "
+             f"audit {'passed' if report.audit_passed else 'FAILED'}")  # fmt: skip
+    for route, figures in report.routes.items():
+        progress(f"   {route:8} {figures['requests']:>7,.0f} requests  p50 {figures['p50_ms']} "
+                 f"ms  p99 {figures['p99_ms']} ms")  # fmt: skip
+
+
 async def _create_sale(session: aiohttp.ClientSession, base: str, settings: Settings,
-                       stock: int) -> str:  # fmt: skip
+                       stock: int, starts_at: datetime) -> str:  # fmt: skip
     admin = {"Authorization": f"Bearer {settings.admin_token.reveal()}"}
-    now = datetime.now(UTC)
     spec = {
-        "name": "Demo sneaker drop", "starts_at": now.isoformat(),
-        "ends_at": (now + timedelta(hours=1)).isoformat(), "admission_rate": 500,
+        "name": "Demo sneaker drop", "starts_at": starts_at.isoformat(),
+        "ends_at": (starts_at + timedelta(hours=1)).isoformat(), "admission_rate": 500,
+        "max_queue": 1_000_000,
         "skus": [{"sku": SKU, "title": "Sneaker 42", "stock": stock, "price": 12900,
                   "currency": "EUR", "per_buyer_limit": 1, "hold_ttl_seconds": 120}],
     }  # fmt: skip
@@ -132,34 +192,67 @@ async def _create_sale(session: aiohttp.ClientSession, base: str, settings: Sett
     return sale_id
 
 
-async def _drive(settings: Settings, base: str, sale_id: str, count: int,
-                 progress: Progress) -> int:  # fmt: skip
+async def _watch(settings: Settings, sale_id: str, stats: DriverStats, *, total: int,
+                 opened: float, progress: Progress, stop: asyncio.Event) -> None:  # fmt: skip
+    """Each second: the waiting room and the stock as Redis has them, and the answers."""
+    client = redis_client(settings)
+    queue, stock = SaleKeys(sale_id).queue, SkuKeys(sale_id, SKU).stock
+    try:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+            q, k = await asyncio.gather(
+                client.hmget(queue, "tail", "serving"),
+                client.hmget(stock, "active", "paying", "sold"),
+            )
+            tail, serving = (int(v or 0) for v in q)
+            active, paying, sold = (int(v or 0) for v in k)
+            answered = sum(stats.outcomes.values())
+            progress(f"   {time.monotonic() - opened:5.1f}s  queue {max(0, tail - serving):>6,}"
+                     f"  admitted {serving:>5,}  held {active + paying:>4}  sold {sold:>4}  "
+                     f"answers {answered:>6,}/{total:,} ({stats.outcomes['reserved']} "
+                     f"reserved, {stats.outcomes['sold_out']:,} sold out)")  # fmt: skip
+    finally:
+        await client.aclose()
+
+
+async def _drive(settings: Settings, base: str, sale_id: str, *, starts_at: datetime,
+                 report: DemoReport, progress: Progress) -> int:  # fmt: skip
+    count = report.buyers
     signer = Signer.from_setting(settings.buyer_token_secret.reveal(), "buyer")
     run_id = os.urandom(3).hex()
+    progress(f"   signing {count:,} buyer tokens (the storefront's job, before the start)")
     people = [(signer.sign({"sub": f"demo-{run_id}-{i}"}, 3600),
                "tok_decline" if i % 10 == 9 else "tok_visa") for i in range(count)]  # fmt: skip
     driver = Buyers(base, sale_id, SKU)
-    started = time.monotonic()
-    last = [0.0]
-
-    def on_answer(stats: DriverStats) -> None:
-        now = time.monotonic()
-        answered = sum(stats.outcomes.values())
-        if now - last[0] >= 1.0 or answered == count:
-            last[0] = now
-            progress(f"   {now - started:5.1f}s  answered {answered}/{count}: "
-                     f"{stats.outcomes['reserved']} reserved, "
-                     f"{stats.outcomes['sold_out']} sold out")  # fmt: skip
-
-    stats = await driver.run(people, on_answer=on_answer)
-    answered_in = max(stats.answered_at, default=started) - started
+    await asyncio.sleep(max(0.0, (starts_at - datetime.now(UTC)).total_seconds()))
+    opened = time.monotonic()
+    progress("== the sale is open")
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(
+        _watch(
+            settings,
+            sale_id,
+            driver.stats,
+            total=count,
+            opened=opened,
+            progress=progress,
+            stop=stop,
+        )
+    )
+    try:
+        stats = await driver.run(people, concurrency=CONCURRENCY)
+    finally:
+        stop.set()
+        await watcher
     errors = {k: v for k, v in stats.outcomes.items() if k.startswith("error")}
-    progress(f"== every buyer answered in {answered_in:.1f}s: {stats.outcomes['reserved']} "
-             f"reserved, {stats.outcomes['sold_out']} sold out, {sum(errors.values())} errors"
-             + (f" {errors}" if errors else ""))  # fmt: skip
-    for route, figures in stats.routes().items():
-        progress(f"   {route:8} {figures['requests']:>6} requests  p50 {figures['p50_ms']} ms  "
-                 f"p99 {figures['p99_ms']} ms")  # fmt: skip
+    answered_all = max(stats.answered_at, default=opened) - opened
+    report.seconds_to_answer_all = round(answered_all, 2) if not errors else None
+    report.outcomes = dict(stats.outcomes)
+    report.routes = stats.routes()
+    progress(f"== every buyer answered {answered_all:.1f}s after the sale opened: "
+             f"{stats.outcomes['reserved']} reserved, {stats.outcomes['sold_out']:,} sold out, "
+             f"{sum(errors.values())} errors" + (f" {errors}" if errors else ""))  # fmt: skip
     progress("== reservations becoming orders (payment saga over Kafka)")
     pool = await asyncpg.create_pool(settings.require_database(), min_size=1, max_size=2)
     try:
@@ -170,6 +263,7 @@ async def _drive(settings: Settings, base: str, sale_id: str, count: int,
         )  # fmt: skip
     finally:
         await pool.close()
+    report.sold, report.oversold, report.orders = sold, max(0, sold - total), states
     progress(f"== result: {states.get('CONFIRMED', 0)} orders confirmed, "
              f"{states.get('PAYMENT_FAILED', 0)} payments declined (stock given back), "
              f"{sold}/{total} units sold, oversold {max(0, sold - total)}")  # fmt: skip

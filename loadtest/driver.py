@@ -4,7 +4,8 @@ would send them.
 Each buyer joins the queue, polls its status at the server's ``retry_after_ms`` (capped, so
 a demo does not idle), reserves once admitted, and ends with a definitive answer: a
 reservation or ``sold_out`` (or an error, counted). 429 and 503 answers are retried after
-their ``Retry-After``. Latencies are kept per route.
+their ``Retry-After``. Latencies are kept per route. Requests go through the small
+keep-alive client of :mod:`loadtest.http`: the driver shares the machine with the engine.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
-import aiohttp
 import orjson
 
 from allocator.pump import quantile
+from loadtest.http import Client, HttpError
 
 
 @dataclass
@@ -40,41 +42,45 @@ class DriverStats:
 class Buyers:
     def __init__(self, base_url: str, sale_id: str, sku: str, *, max_poll_ms: int = 500,
                  patience_s: float = 120.0) -> None:  # fmt: skip
-        self.base = base_url.rstrip("/")
+        parts = urlsplit(base_url)
+        if parts.scheme != "http" or not parts.hostname or not parts.port:
+            raise ValueError(f"the driver needs http://host:port, got {base_url!r}")
+        self.host, self.port = parts.hostname, parts.port
         self.sale = sale_id
         self.sku = sku
         self.max_poll_ms = max_poll_ms
         self.patience_s = patience_s
         self.stats = DriverStats()
 
-    async def _call(self, session: aiohttp.ClientSession, route: str, method: str, path: str,
-                    **kwargs: Any) -> tuple[int, Any]:  # fmt: skip
+    async def _call(self, client: Client, route: str, method: str, path: str, *,
+                    headers: dict[str, str], body: Any = None) -> tuple[int, Any]:  # fmt: skip
+        payload = b"" if body is None else orjson.dumps(body)
+        latencies = self.stats.latencies.setdefault(route, [])
         while True:
             began = time.monotonic()
-            async with session.request(method, self.base + path, **kwargs) as response:
-                body = orjson.loads(await response.read() or b"null")
-                status = response.status
-                retry_after = response.headers.get("Retry-After")
-            self.stats.latencies.setdefault(route, []).append(time.monotonic() - began)
+            response = await client.request(method, path, headers, payload)
+            latencies.append(time.monotonic() - began)
+            status = response.status
+            data = orjson.loads(response.body or b"null")
             self.stats.statuses[status] += 1
+            retry_after = response.headers.get("retry-after")
             if (
                 status in (429, 503)
                 and retry_after is not None
                 and not (
-                    isinstance(body, dict) and body.get("error", {}).get("code") == "queue_full"
+                    isinstance(data, dict) and data.get("error", {}).get("code") == "queue_full"
                 )
             ):
                 await asyncio.sleep(min(5.0, float(retry_after)))
                 continue
-            return status, body
+            return status, data
 
-    async def journey(self, session: aiohttp.ClientSession, token: str,
-                      payment_token: str) -> str:  # fmt: skip
+    async def journey(self, client: Client, token: str, payment_token: str) -> str:
         """One buyer, start to definitive answer; returns the outcome."""
         auth = {"Authorization": f"Bearer {token}"}
         deadline = time.monotonic() + self.patience_s
-        status, body = await self._call(session, "join", "POST",
-                                        f"/v1/sales/{self.sale}/queue", headers=auth)  # fmt: skip
+        status, body = await self._call(client, "join", "POST", f"/v1/sales/{self.sale}/queue",
+                                        headers=auth)  # fmt: skip
         if status != 200:
             return f"error:join:{status}"
         ticket = body["ticket"]
@@ -82,7 +88,7 @@ class Buyers:
         while state == "waiting" and time.monotonic() < deadline:
             await asyncio.sleep(min(self.max_poll_ms, body.get("retry_after_ms", 250)) / 1000)
             status, body = await self._call(
-                session, "status", "GET", f"/v1/sales/{self.sale}/queue/status",
+                client, "status", "GET", f"/v1/sales/{self.sale}/queue/status",
                 headers={"X-Queue-Ticket": ticket},
             )  # fmt: skip
             if status != 200:
@@ -92,10 +98,10 @@ class Buyers:
         if state != "admitted":
             return "sold_out" if state == "sold_out" else f"error:{state}"
         status, body = await self._call(
-            session, "reserve", "POST", f"/v1/sales/{self.sale}/reservations",
+            client, "reserve", "POST", f"/v1/sales/{self.sale}/reservations",
             headers={**auth, "X-Admission-Token": body["admission_token"],
                      "Idempotency-Key": uuid.uuid4().hex},
-            json={"sku": self.sku, "quantity": 1, "payment_token": payment_token},
+            body={"sku": self.sku, "quantity": 1, "payment_token": payment_token},
         )  # fmt: skip
         if status == 201:
             self.stats.reservations.append(body["reservation_id"])
@@ -111,16 +117,17 @@ class Buyers:
         concurrency: int = 500,
         on_answer: Callable[[DriverStats], None] | None = None,
     ) -> DriverStats:
-        """Drive ``buyers`` ((buyer token, payment token) pairs), ``concurrency`` at a time."""
+        """Drive ``buyers`` ((buyer token, payment token) pairs), ``concurrency`` at a time
+        (each buyer holds a connection only while a request is in flight)."""
         gate = asyncio.Semaphore(concurrency)
-        connector = aiohttp.TCPConnector(limit=concurrency)
-        async with aiohttp.ClientSession(connector=connector) as session:
+        client = Client(self.host, self.port, connections=concurrency)
+        try:
 
             async def one(token: str, payment: str) -> None:
                 async with gate:
                     try:
-                        outcome = await self.journey(session, token, payment)
-                    except (aiohttp.ClientError, TimeoutError) as exc:
+                        outcome = await self.journey(client, token, payment)
+                    except (HttpError, OSError, TimeoutError) as exc:
                         outcome = f"error:{type(exc).__name__}"
                 self.stats.outcomes[outcome] += 1
                 self.stats.answered_at.append(time.monotonic())
@@ -128,4 +135,6 @@ class Buyers:
                     on_answer(self.stats)
 
             await asyncio.gather(*(one(t, p) for t, p in buyers))
+        finally:
+            await client.aclose()
         return self.stats

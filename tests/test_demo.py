@@ -1,33 +1,49 @@
-"""``flashsale demo`` (what ``make demo`` runs), small: the engine comes up, buyers go through
-it, and every reservation becomes a final order with nothing oversold."""
+"""``flashsale demo`` (what ``make demo`` runs), at 2,000 buyers: the engine comes up, the spike
+goes through it, every reservation becomes a final order with nothing oversold, the audit
+passes, and the report says so, on screen and as JSON."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 from flashsale.settings import Settings
 
 
-def test_demo_turns_reservations_into_orders(stack: Settings) -> None:
+def test_demo_runs_a_spike_to_orders_and_a_passing_audit(stack: Settings, tmp_path: Path) -> None:
+    path = tmp_path / "demo.json"
     result = subprocess.run(
-        [sys.executable, "-m", "flashsale", "demo", "--buyers", "80", "--stock", "20"],
+        [sys.executable, "-m", "flashsale", "demo", "--buyers", "2000", "--stock", "100",
+         "--json", str(path)],
         capture_output=True, text=True, timeout=300, env=os.environ.copy(), check=False,
     )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    assert "80 buyers arrive at once" in out
-    match = re.search(r"result: (\d+) orders confirmed, (\d+) payments declined .* (\d+)/20 units "
-                      r"sold, oversold 0", out)  # fmt: skip
+    assert result.returncode == 0, out + result.stderr
+    assert "2,000 buyers arrive at the start" in out
+    # Live progress each second: queue depth, admitted, held, sold, answers.
+    assert re.search(r"queue +[\d,]+  admitted +[\d,]+  held +\d+  sold +\d+  answers", out)
+    match = re.search(r"result: (\d+) orders confirmed, (\d+) payments declined .* (\d+)/100 "
+                      r"units sold, oversold 0", out)  # fmt: skip
     assert match, out
     confirmed, declined, sold = (int(g) for g in match.groups())
     # Declined buyers (one in ten, wherever they queued) gave their units to later buyers.
-    assert confirmed == sold == 20
-    reserved = int(re.search(r"answered in [\d.]+s: (\d+) reserved", out).group(1))  # type: ignore[union-attr]
-    assert reserved == confirmed + declined
-    assert "0 errors" in out and "== engine stopped" in out
-    # It ends with the post-sale audit, every invariant passing.
+    assert confirmed == sold == 100
     assert "== post-sale audit: PASSED" in out
     assert len(re.findall(r"\[pass\] \d\.", out)) == 8 and "[FAIL]" not in out
+    assert "== engine stopped" in out
+
+    report = json.loads(path.read_text())
+    assert {"buyers", "stock", "sold", "oversold", "seconds_to_answer_all", "audit_passed",
+            "routes"} <= set(report)  # fmt: skip
+    assert (report["buyers"], report["stock"], report["sold"], report["oversold"]) == (
+        2000, 100, 100, 0)  # fmt: skip
+    assert report["audit_passed"] is True
+    assert report["outcomes"]["reserved"] == confirmed + declined
+    assert report["outcomes"]["reserved"] + report["outcomes"]["sold_out"] == 2000
+    assert report["seconds_to_answer_all"] > 0
+    assert set(report["routes"]) >= {"join", "reserve"}
+    assert report["routes"]["join"]["requests"] >= 2000
