@@ -226,6 +226,35 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return code
 
 
+def cmd_loadtest(args: argparse.Namespace, settings: Settings) -> int:
+    from loadtest import spike  # noqa: PLC0415 - keep the CLI's start-up light
+
+    options = spike.Options(
+        buyers=positive(int, "buyers", args.buyers), stock=positive(int, "stock", args.stock),
+        ramp=positive(float, "ramp", args.ramp), hold=non_negative("hold", args.hold),
+        host=args.host, out=Path(args.out), embedded=args.embedded,
+    )  # fmt: skip
+    if not options.host.startswith(("http://", "https://")):
+        raise InvalidInput("host", f"must be an http(s) URL, got {options.host!r}")
+    if args.embedded:
+        out("== starting the embedded stack (servers given by env vars are used as they are)")
+        DevStack(settings.home).up()
+        settings = Settings.from_env()
+        uvloop.run(_migrated(settings))
+    if not settings.admin_token.reveal() or not settings.buyer_token_secret.reveal():
+        raise ConfigError("FLASHSALE_ADMIN_TOKEN and FLASHSALE_BUYER_TOKEN_SECRET must be set "
+                          "(the spike makes its sale and signs its buyers' tokens)")  # fmt: skip
+    return int(uvloop.run(spike.run(settings, options, out)))
+
+
+async def _migrated(settings: Settings) -> None:
+    conn = await asyncpg.connect(settings.require_database(), timeout=5)
+    try:
+        await migrate(conn, progress=lambda _line: None)
+    finally:
+        await conn.close()
+
+
 # -- tokens ---------------------------------------------------------------------------------
 
 
@@ -642,6 +671,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--stock", default="100", help="units of the SKU (default 100)")
     demo.add_argument("--json", metavar="PATH", help="also write the final report as JSON")
 
+    loadtest = commands.add_parser("loadtest", help="spike tests with locust")
+    loadtest_sub = loadtest.add_subparsers(dest="loadtest_command", required=True,
+                                           metavar="KIND")  # fmt: skip
+    spike = loadtest_sub.add_parser(
+        "spike",
+        help="a locust spike (headless) against the engine, judged by the post-sale audit",
+        description="Run loadtest/locustfile.py headless: make and preload a sale, ramp 0 -> "
+        "--buyers in --ramp seconds, hold, let every buyer finish, then audit. Writes CSV and "
+        "HTML reports to --out. Exit non-zero on any failed invariant. With --embedded, start "
+        "the embedded stack and flashsale up first; otherwise --host names a running gateway "
+        "(and FLASHSALE_ADMIN_TOKEN, FLASHSALE_BUYER_TOKEN_SECRET must be its secrets).",
+    )
+    spike.add_argument("--buyers", default="1000", help="buyers in the spike (default 1000)")
+    spike.add_argument("--stock", default="100", help="units of the SKU (default 100)")
+    spike.add_argument("--ramp", default="10", help="seconds to bring every buyer in (default 10)")
+    spike.add_argument("--hold", default="5", help="seconds held after the ramp (default 5)")
+    spike.add_argument("--host", default="http://127.0.0.1:8080",
+                       help="the gateway (default http://127.0.0.1:8080)")  # fmt: skip
+    spike.add_argument("--out", default=".flashsale/spike", help="report folder")
+    spike.add_argument("--embedded", action="store_true",
+                       help="start the embedded stack and the engine for the run")  # fmt: skip
+
     token = commands.add_parser("token", help="mint signed tokens for tests and load tools")
     token_sub = token.add_subparsers(dest="token_command", required=True, metavar="KIND")
     buyers = token_sub.add_parser(
@@ -836,6 +887,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace, Settings], Any]] = {
     "migrate": cmd_migrate,
     "sale": cmd_sale,
     "demo": cmd_demo,
+    "loadtest": cmd_loadtest,
     "bench": cmd_bench,
     "token": cmd_token,
     "gateway": cmd_gateway,

@@ -72,7 +72,7 @@ def engine(settings: Settings, port: int, log_path: Path) -> Iterator[subprocess
                 process.wait()
 
 
-async def _healthy(session: aiohttp.ClientSession, url: str, patience: float = 60) -> None:
+async def healthy(session: aiohttp.ClientSession, url: str, patience: float = 60) -> None:
     deadline = time.monotonic() + patience
     while True:
         with contextlib.suppress(aiohttp.ClientError, TimeoutError):
@@ -135,7 +135,7 @@ async def run(settings: Settings, *, buyers: int, stock: int, progress: Progress
         async with aiohttp.ClientSession() as session:
             names = ("gateway", "allocator", "workers", "payments", "reconciler")
             for offset, name in enumerate(names):
-                await _healthy(session, f"http://127.0.0.1:{port + offset}/healthz")
+                await healthy(session, f"http://127.0.0.1:{port + offset}/healthz")
                 progress(f"   {name:10} healthy on :{port + offset}")
             starts_at = datetime.now(UTC) + timedelta(seconds=lead_s)
             sale_id = await _create_sale(session, base, settings, stock, starts_at)

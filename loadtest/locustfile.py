@@ -1,0 +1,300 @@
+"""Spike tests for SREs: locust buyers taking the real journey, and a verdict on correctness.
+
+Run against a running engine (``flashsale up``) with the admin token and the buyer-token
+secret in the environment (``FLASHSALE_ADMIN_TOKEN``, ``FLASHSALE_BUYER_TOKEN_SECRET``)::
+
+    locust -f loadtest/locustfile.py --headless --host http://127.0.0.1:8080 \\
+        --buyers 5000 --stock 100 --ramp 10 --hold 5 --csv spike --html spike.html
+
+or distributed (the master creates the sale and tells its workers)::
+
+    locust -f loadtest/locustfile.py --master --headless --expect-workers 2 \\
+        --host http://ENGINE:8080 --buyers 50000 --stock 100 --ramp 10
+    locust -f loadtest/locustfile.py --worker --master-host MASTER     # on each load machine
+
+* **test_start** (master or local run): makes and preloads a sale through the admin API
+  (``--sale ID`` uses an existing one), and tells the workers its id. Every process mints its
+  buyers' tokens with the buyer-token secret, as a storefront would.
+* **Buyer** (``FastHttpUser``): joins, polls at the server's ``retry_after_ms``, reserves once
+  admitted, follows the order to a final state, and stops: one journey per buyer. Each
+  definitive answer (``reserved`` or ``sold_out``) is recorded as a request of type ``ANSWER``
+  whose time is the seconds since the sale opened, so the ``ANSWER`` rows' maximum (in the
+  stats, the CSV and the HTML report, aggregated over workers) is the time until every buyer
+  had an answer.
+* **SpikeShape**: ramps from 0 to ``--buyers`` in ``--ramp`` seconds, holds ``--hold`` more,
+  then lets the last buyers finish (at most ``--drain`` seconds) and stops.
+* **test_stop** (master or local run): waits for the pipeline to drain, runs the post-sale
+  audit, prints sold against stock, the oversold units (must be 0) and the seconds until every
+  buyer had an answer, and sets a non-zero exit code on any failed invariant.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any, ClassVar
+
+import requests
+from locust import FastHttpUser, LoadTestShape, events, task
+from locust.env import Environment
+from locust.runners import MasterRunner, WorkerRunner
+
+from flashsale.tokens import Signer
+from loadtest.verdict import Verdict, judge
+
+log = logging.getLogger("flashsale.locust")
+
+SKU = "SPIKE-1"
+TERMINAL = {"CONFIRMED", "PAYMENT_FAILED", "EXPIRED", "CANCELLED"}
+MAX_POLL_S = 1.0  # poll at least this often whatever the server suggests
+
+
+class Spike:
+    """What this process knows about the run: the sale, the clock, the buyers' tokens."""
+
+    sale_id: str | None = None
+    opened_at: float = 0.0  # time.time() when the sale opened
+    tokens: ClassVar[list[str]] = []
+    lock = threading.Lock()
+    started_at: float = 0.0
+
+
+@events.init_command_line_parser.add_listener  # type: ignore[untyped-decorator]
+def _options(parser: Any) -> None:
+    group = parser.add_argument_group("flashsale spike")
+    group.add_argument("--buyers", type=int, default=1000, env_var="FLASHSALE_SPIKE_BUYERS",
+                       help="buyers in the spike (default 1000)")  # fmt: skip
+    group.add_argument("--stock", type=int, default=100, env_var="FLASHSALE_SPIKE_STOCK",
+                       help="units of the spike's SKU (default 100)")  # fmt: skip
+    group.add_argument("--ramp", type=float, default=10.0, env_var="FLASHSALE_SPIKE_RAMP",
+                       help="seconds to bring every buyer in (default 10)")  # fmt: skip
+    group.add_argument("--hold", type=float, default=5.0, env_var="FLASHSALE_SPIKE_HOLD",
+                       help="seconds to hold after the ramp (default 5)")  # fmt: skip
+    group.add_argument("--drain", type=float, default=120.0, env_var="FLASHSALE_SPIKE_DRAIN",
+                       help="most seconds to wait for the last buyers (default 120)")  # fmt: skip
+    group.add_argument("--sale", default="", env_var="FLASHSALE_SPIKE_SALE",
+                       help="use this preloaded sale instead of making one")  # fmt: skip
+
+
+def opts(environment: Environment) -> Any:
+    """The run's command-line options (locust parses them before any event fires)."""
+    assert environment.parsed_options is not None
+    return environment.parsed_options
+
+
+def _admin(environment: Environment) -> dict[str, str]:
+    token = os.environ.get("FLASHSALE_ADMIN_TOKEN", "")
+    if not token:
+        raise RuntimeError("FLASHSALE_ADMIN_TOKEN is not set: the spike needs the admin API")
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _make_sale(environment: Environment) -> str:
+    """Create and preload a sale opening now, through the admin API."""
+    options, host = opts(environment), environment.host
+    now = datetime.now(UTC)
+    spec = {
+        "name": f"locust spike {options.buyers} buyers", "starts_at": now.isoformat(),
+        "ends_at": (now + timedelta(hours=1)).isoformat(), "max_queue": 10_000_000,
+        "skus": [{"sku": SKU, "title": "Spike SKU", "stock": options.stock, "price": 1000,
+                  "currency": "EUR", "per_buyer_limit": 1, "hold_ttl_seconds": 120}],
+    }  # fmt: skip
+    body: Any = spec
+    created = requests.post(f"{host}/admin/v1/sales", json=body, headers=_admin(environment),
+                            timeout=30)  # fmt: skip
+    if created.status_code != 201:
+        raise RuntimeError(f"creating the sale failed: {created.status_code} {created.text}")
+    sale_id = str(created.json()["id"])
+    loaded = requests.post(f"{host}/admin/v1/sales/{sale_id}/preload",
+                           headers=_admin(environment), timeout=30)  # fmt: skip
+    if loaded.status_code != 200:
+        raise RuntimeError(f"preloading {sale_id} failed: {loaded.status_code} {loaded.text}")
+    return sale_id
+
+
+def _mint(count: int) -> list[str]:
+    secret = os.environ.get("FLASHSALE_BUYER_TOKEN_SECRET", "")
+    if not secret:
+        raise RuntimeError("FLASHSALE_BUYER_TOKEN_SECRET is not set: buyers need signed tokens")
+    signer = Signer.from_setting(secret, "buyer")
+    run = uuid.uuid4().hex[:8]
+    return [signer.sign({"sub": f"spike-{run}-{i}"}, 7200) for i in range(count)]
+
+
+def _set_sale(data: dict[str, Any]) -> None:
+    Spike.sale_id, Spike.opened_at = data["sale_id"], data["opened_at"]
+
+
+@events.init.add_listener  # type: ignore[untyped-decorator]
+def _on_init(environment: Environment, **_kwargs: Any) -> None:
+    if isinstance(environment.runner, WorkerRunner):
+        environment.runner.register_message("flashsale_sale", lambda msg, **_k: _set_sale(msg.data))
+
+
+@events.test_start.add_listener  # type: ignore[untyped-decorator]
+def _on_test_start(environment: Environment, **_kwargs: Any) -> None:
+    options = opts(environment)
+    Spike.started_at = time.time()
+    if not isinstance(environment.runner, WorkerRunner):
+        sale_id = options.sale or _make_sale(environment)
+        _set_sale({"sale_id": sale_id, "opened_at": time.time()})
+        log.info("spike on sale %s: %d buyers, %d units", sale_id, options.buyers, options.stock)
+        if isinstance(environment.runner, MasterRunner):
+            message = {"sale_id": sale_id, "opened_at": Spike.opened_at}
+            environment.runner.send_message("flashsale_sale", message)
+    if not isinstance(environment.runner, MasterRunner):
+        Spike.tokens = _mint(options.buyers)  # a worker mints enough for any share it gets
+
+
+class Buyer(FastHttpUser):
+    """One buyer, one journey, one definitive answer."""
+
+    def wait_time(self) -> float:
+        return 0.0
+
+    done = False  # after its journey a buyer idles, so the runner never spawns a replacement
+
+    def on_start(self) -> None:
+        with Spike.lock:
+            self.token = Spike.tokens.pop() if Spike.tokens else _mint(1)[0]
+        self.auth: dict[str, str] = {"Authorization": f"Bearer {self.token}"}
+
+    def _answer(self, outcome: str) -> None:
+        """A definitive answer, timed from the sale's opening (the spike's verdict)."""
+        self.environment.events.request.fire(
+            request_type="ANSWER", name=outcome, response_length=0, exception=None,
+            response_time=(time.time() - Spike.opened_at) * 1000, context={},
+        )  # fmt: skip
+
+    @task
+    def journey(self) -> None:
+        if self.done:
+            time.sleep(1.0)
+            return
+        self.done = True
+        while Spike.sale_id is None:  # a worker waits for the master's sale
+            time.sleep(0.05)
+        sale = Spike.sale_id
+        joined = self._json("POST", f"/v1/sales/{sale}/queue", "join")
+        if joined is None:
+            return
+        body = joined
+        ticket = str(body.get("ticket"))
+        while body.get("state") == "waiting":
+            time.sleep(min(MAX_POLL_S, body.get("retry_after_ms", 250) / 1000))
+            polled = self._json("GET", f"/v1/sales/{sale}/queue/status", "status",
+                                headers={"X-Queue-Ticket": ticket})  # fmt: skip
+            if polled is None:
+                return
+            body = polled
+            ticket = str(body.get("ticket", ticket))
+        if body.get("state") != "admitted":
+            self._answer("sold_out" if body.get("state") == "sold_out" else "other")
+            return
+        payment = "tok_decline" if random.random() < 0.1 else "tok_visa"  # noqa: S311
+        with self.client.post(
+            f"/v1/sales/{sale}/reservations", name="reserve", catch_response=True,
+            json={"sku": SKU, "quantity": 1, "payment_token": payment},
+            headers={**self.auth, "X-Admission-Token": body["admission_token"],
+                     "Idempotency-Key": uuid.uuid4().hex},
+        ) as response:  # fmt: skip
+            if response.status_code == 201:
+                reservation = response.json()["reservation_id"]
+                response.success()
+            elif response.status_code == 409 and response.json()["error"]["code"] == "sold_out":
+                response.success()
+                self._answer("sold_out")
+                return
+            else:
+                response.failure(f"reserve answered {response.status_code}: {response.text}")
+                return
+        self._answer("reserved")
+        self._follow(reservation)
+
+    def _follow(self, reservation: str) -> None:
+        """Poll the reservation until its order is final (the saga finished)."""
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            body = self._json("GET", f"/v1/reservations/{reservation}", "reservation")
+            order = (body or {}).get("order") or {}
+            if order.get("state") in TERMINAL:
+                return
+            time.sleep(0.5)
+
+    def _json(self, method: str, path: str, name: str,
+              headers: dict[str, str] | None = None) -> dict[str, Any] | None:  # fmt: skip
+        """One call, retried after 429/503 as the server asks; None on another failure."""
+        while True:
+            with self.client.request(method, path, name=name, catch_response=True,
+                                     headers=headers or self.auth) as response:  # fmt: skip
+                if response.status_code in (429, 503):
+                    response.success()  # backpressure, as designed: wait and retry
+                    time.sleep(min(5.0, float(response.headers.get("Retry-After") or 1)))
+                    continue
+                if response.status_code != 200:
+                    response.failure(f"{name} answered {response.status_code}: {response.text}")
+                    return None
+                response.success()
+                return dict(response.json())
+
+
+class SpikeShape(LoadTestShape):
+    """0 -> ``--buyers`` in ``--ramp`` seconds, hold ``--hold`` seconds, then stop once every
+    buyer has a definitive answer (the ``ANSWER`` rows, summed over workers), at most
+    ``--drain`` seconds more."""
+
+    def tick(self) -> tuple[int, float] | None:
+        runner = self.runner
+        assert runner is not None
+        options = opts(runner.environment)
+        elapsed = self.get_run_time()  # type: ignore[no-untyped-call]
+        buyers, ramp = options.buyers, max(0.1, options.ramp)
+        if elapsed < ramp + options.hold:
+            return buyers, buyers / ramp
+        answered = sum(e.num_requests for (_, kind), e in runner.stats.entries.items()
+                       if kind == "ANSWER")  # fmt: skip
+        if answered < buyers and elapsed < ramp + options.hold + options.drain:
+            return buyers, buyers / ramp
+        return None
+
+
+@events.test_stop.add_listener  # type: ignore[untyped-decorator]
+def _on_test_stop(environment: Environment, **_kwargs: Any) -> None:
+    if isinstance(environment.runner, WorkerRunner) or Spike.sale_id is None:
+        return
+    verdict = _verdict(environment, Spike.sale_id)
+    for line in verdict.lines:
+        print(line, flush=True)  # the run's verdict, on stdout beside locust's stats
+    if not verdict.ok:
+        environment.process_exit_code = 1
+
+
+def _verdict(environment: Environment, sale_id: str) -> Verdict:
+    """Drain, audit, and judge the run (:func:`loadtest.verdict.judge`)."""
+    host, options = environment.host, opts(environment)
+    deadline = time.time() + 120
+    while True:  # the audit needs the pipeline drained; until then it says so
+        response = requests.get(f"{host}/admin/v1/sales/{sale_id}/audit",
+                                headers=_admin(environment), timeout=60)  # fmt: skip
+        audit = response.json() if response.status_code == 200 else {}
+        if audit.get("passed") or audit.get("facts", {}).get("drained") or time.time() > deadline:
+            break
+        time.sleep(1)
+    status = requests.get(f"{host}/admin/v1/sales/{sale_id}", headers=_admin(environment),
+                          timeout=30).json()  # fmt: skip
+    sku = next((s for s in status.get("skus", []) if s["sku"] == SKU), status["skus"][0])
+    answers = [e for (_, kind), e in environment.stats.entries.items() if kind == "ANSWER"]
+    return judge(
+        sale_id,
+        audit,
+        sku["confirmed"],
+        sku["stock_total"],
+        answered=sum(e.num_requests for e in answers),
+        buyers=options.buyers,
+        slowest_s=max((e.max_response_time for e in answers), default=0) / 1000,
+    )

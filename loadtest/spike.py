@@ -1,0 +1,78 @@
+"""``flashsale loadtest spike``: the locust spike (``loadtest/locustfile.py``) headless against a
+running engine, or, with ``--embedded``, against the embedded stack and a ``flashsale up``
+started for the run. CSV and HTML reports go to ``--out``; the exit code is locust's, which
+the locustfile sets non-zero on any failed invariant."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.resources
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from flashsale.devstack import free_ports
+from flashsale.kafka import ensure_topics
+from flashsale.settings import Settings
+from loadtest.demo import engine, healthy
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Options:
+    buyers: int
+    stock: int
+    ramp: float
+    hold: float
+    host: str
+    out: Path
+    embedded: bool
+
+
+def locust_command(options: Options, host: str) -> list[str]:
+    locustfile = importlib.resources.files("loadtest").joinpath("locustfile.py")
+    prefix = options.out / "spike"
+    return [
+        sys.executable, "-m", "locust", "-f", str(locustfile), "--headless", "--host", host,
+        "--buyers", str(options.buyers), "--stock", str(options.stock),
+        "--ramp", f"{options.ramp:g}", "--hold", f"{options.hold:g}",
+        "--csv", str(prefix), "--html", f"{prefix}.html", "--only-summary",
+        "--loglevel", "WARNING",
+    ]  # fmt: skip
+
+
+def _run_locust(settings: Settings, options: Options, host: str, progress: Progress) -> int:
+    options.out.mkdir(parents=True, exist_ok=True)
+    command = locust_command(options, host)
+    progress(f"== {' '.join(command[1:])}")
+    env = {
+        **os.environ,
+        "FLASHSALE_ADMIN_TOKEN": settings.admin_token.reveal(),
+        "FLASHSALE_BUYER_TOKEN_SECRET": settings.buyer_token_secret.reveal(),
+    }
+    code = subprocess.run(command, env=env, check=False).returncode
+    progress(f"== reports: {options.out}/spike_stats.csv, spike.html (locust exit {code})")
+    return code
+
+
+async def run(settings: Settings, options: Options, progress: Progress) -> int:
+    if not options.embedded:
+        return await asyncio.to_thread(_run_locust, settings, options, options.host, progress)
+    await ensure_topics(settings)
+    port = free_ports(5)
+    log_path = settings.home / "spike-engine.log"
+    progress(f"== starting the engine: flashsale up --port {port} (log: {log_path})")
+    with engine(settings, port, log_path):
+        async with aiohttp.ClientSession() as session:
+            for offset in range(5):
+                await healthy(session, f"http://127.0.0.1:{port + offset}/healthz")
+        code = await asyncio.to_thread(_run_locust, settings, options,
+                                       f"http://127.0.0.1:{port}", progress)  # fmt: skip
+    progress("== engine stopped")
+    return code

@@ -1,0 +1,32 @@
+"""The spike's verdict, apart from locust (which patches the interpreter with gevent): whether
+the run stayed correct, from the post-sale audit, the SKU's status and the buyers' answers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    lines: list[str]
+
+
+def judge(sale_id: str, audit: dict[str, Any], sold: int, stock: int, *, answered: int,
+          buyers: int, slowest_s: float) -> Verdict:  # fmt: skip
+    """Correct means: the audit passed, nothing was oversold, and every buyer had a definitive
+    answer. Anything else fails the run."""
+    failed = [i["name"] for i in audit.get("invariants", []) if not i.get("passed")]
+    lines = [
+        f"== spike verdict for sale {sale_id}",
+        f"   buyers answered: {answered}/{buyers}; every answer within {slowest_s:.1f}s of the "
+        "sale opening",
+        f"   sold {sold}/{stock}, oversold {max(0, sold - stock)}",
+        f"   audit: {'PASSED' if audit.get('passed') else 'FAILED'}",
+        *(f"   FAILED: {name}" for name in failed),
+    ]
+    if answered < buyers:
+        lines.append(f"   {buyers - answered} buyers got no definitive answer")
+    ok = bool(audit.get("passed")) and sold <= stock and answered >= buyers
+    return Verdict(ok, lines)

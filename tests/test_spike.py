@@ -1,0 +1,101 @@
+"""Spike tests for SREs: the locust spike headless (through ``flashsale loadtest spike
+--embedded``) and distributed (a master and a worker on loopback), each judged by the audit;
+and the verdict's judgement on its own."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flashsale.devstack import free_ports
+from flashsale.settings import Settings
+from loadtest.demo import engine
+from loadtest.verdict import judge
+
+# Not imported here: locust patches the interpreter with gevent, which the asyncio tests of
+# this process must not run under.
+LOCUSTFILE = str(Path(__file__).resolve().parent.parent / "loadtest" / "locustfile.py")
+
+
+def test_headless_spike_through_the_cli(stack: Settings, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "flashsale", "loadtest", "spike", "--embedded", "--buyers", "300",
+         "--stock", "30", "--ramp", "2", "--hold", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env=os.environ.copy(), check=False,
+    )  # fmt: skip
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert "buyers answered: 300/300" in out and "sold 30/30, oversold 0" in out, out
+    assert "audit: PASSED" in out
+    with (tmp_path / "spike_stats.csv").open() as stats:
+        rows = {(r["Type"], r["Name"]): r for r in csv.DictReader(stats)}
+    answered = int(rows["ANSWER", "reserved"]["Request Count"]) + int(
+        rows["ANSWER", "sold_out"]["Request Count"])  # fmt: skip
+    assert answered == 300 and int(rows["POST", "join"]["Request Count"]) == 300
+    assert (tmp_path / "spike.html").stat().st_size > 0
+
+
+def test_distributed_spike_master_and_worker(stack: Settings, tmp_path: Path) -> None:
+    port, master_port = free_ports(5), free_ports(2)
+    env = {**os.environ, "FLASHSALE_ADMIN_TOKEN": stack.admin_token.reveal(),
+           "FLASHSALE_BUYER_TOKEN_SECRET": stack.buyer_token_secret.reveal()}  # fmt: skip
+    common = ["-f", LOCUSTFILE, "--buyers", "200", "--stock", "20", "--ramp", "2", "--hold", "1"]
+    with engine(stack, port, tmp_path / "engine.log"):
+        for offset in range(5):
+            _healthy(f"http://127.0.0.1:{port + offset}/healthz")
+        master = subprocess.Popen(
+            [sys.executable, "-m", "locust", *common, "--master", "--headless",
+             "--expect-workers", "1", "--master-bind-port", str(master_port),
+             "--host", f"http://127.0.0.1:{port}", "--only-summary"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "locust", *common, "--worker", "--master-host", "127.0.0.1",
+             "--master-port", str(master_port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+        )  # fmt: skip
+        try:
+            out, _ = master.communicate(timeout=240)
+        finally:
+            worker.wait(30)
+    text = out.decode()
+    assert master.returncode == 0, text
+    assert "buyers answered: 200/200" in text and "audit: PASSED" in text, text
+
+
+def _healthy(url: str, patience: float = 60) -> None:
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - loopback
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"{url} never became healthy"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize(("audit", "sold", "answered", "ok", "says"), [
+    ({"passed": True, "invariants": []}, 20, 100, True, "audit: PASSED"),
+    ({"passed": False, "invariants": [{"name": "1. no oversell", "passed": False}]}, 20, 100,
+     False, "FAILED: 1. no oversell"),
+    ({"passed": True, "invariants": []}, 21, 100, False, "oversold 1"),
+    ({"passed": True, "invariants": []}, 20, 99, False, "1 buyers got no definitive answer"),
+    ({}, 20, 100, False, "audit: FAILED"),  # no audit at all is no pass
+])  # fmt: skip
+def test_the_verdict_fails_the_run_on_any_violation(
+    audit: dict[str, Any], sold: int, answered: int, ok: bool, says: str
+) -> None:
+    verdict = judge("sale-x", audit, sold, 20, answered=answered, buyers=100, slowest_s=3.0)
+    assert verdict.ok is ok
+    assert any(says in line for line in verdict.lines), verdict.lines
