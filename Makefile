@@ -47,10 +47,7 @@ test: lint types pytest
 # Benchmarks are not part of `make test`: they need a quiet machine and report ratios.
 bench: $(STAMP)
 	$(BIN)/flashsale dev up
-	$(BIN)/flashsale bench allocate --json bench-allocate.json
-	$(BIN)/flashsale bench gateway --json bench-gateway.json
-	$(BIN)/flashsale bench pipeline --json bench-pipeline.json
-	$(BIN)/flashsale bench reconcile --json bench-reconcile.json
+	$(BIN)/flashsale bench all
 
 stack-down: $(STAMP)
 	$(BIN)/flashsale dev down

@@ -295,6 +295,8 @@ async def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         return await bench_pipeline(args, settings)
     if args.bench_command == "reconcile":
         return await bench_reconcile(args, settings)
+    if args.bench_command == "all":
+        return await bench_all(args, settings)
     from loadtest import bench_allocate  # noqa: PLC0415 - keep the CLI's start-up light
 
     options = bench_allocate.Options(
@@ -326,6 +328,101 @@ def _report(report: Report, render: Callable[[Report], str], json_path: str | No
         out(f"\nwrote {json_path}")
     if failed:
         print(f"flashsale: error: {failure} {failed}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def bench_all(args: argparse.Namespace, settings: Settings) -> int:
+    """Every benchmark, then the tables of docs/BENCHMARKS.md rewritten (see bench_all)."""
+    from loadtest import (  # noqa: PLC0415 - keep the CLI's start-up light
+        bench_all,
+        bench_allocate,
+        bench_gateway,
+        bench_pipeline,
+        bench_reconcile,
+        demo,
+    )
+    from loadtest.bench import machine  # noqa: PLC0415
+
+    _service_settings(settings)
+    settings.require_kafka()
+    quick = args.quick
+    folder = Path(args.json_dir)
+    await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
+    doc = Path(args.doc) if args.doc else (None if quick else Path("docs/BENCHMARKS.md"))
+    if doc is not None and not await asyncio.to_thread(doc.is_file):
+        raise InvalidInput("doc", f"no such file: {doc}")
+
+    def outcome(name: str, report: Report, render: Callable[[Report], str],
+                ok: bool) -> bench_all.Outcome:  # fmt: skip
+        bench_all.write_json(folder / f"bench-{name}.json", report.as_json())
+        out(render(report))
+        return bench_all.Outcome(name, bench_all.block_for_report(report, render(report)), ok,
+                                 all(t.met for t in report.targets))  # fmt: skip
+
+    async def allocate() -> bench_all.Outcome:
+        o = bench_allocate.Options(seconds=0.3) if quick else bench_allocate.Options()
+        command = (f"flashsale bench allocate --seconds {o.seconds:g} --concurrency "
+                   f"{o.concurrency} --max-batch {o.max_batch}")  # fmt: skip
+        report = await bench_allocate.run(settings, o, out, command)
+        ok = all(r.extra.get("consistent") is not False for r in report.rows)
+        return outcome("allocate", report, bench_allocate.render, ok)
+
+    async def gateway() -> bench_all.Outcome:
+        o = bench_gateway.Options(seconds=0.6, rounds=2, workers=1) if quick \
+            else bench_gateway.Options()  # fmt: skip
+        command = (f"flashsale bench gateway --seconds {o.seconds:g} --rounds {o.rounds} "
+                   f"--concurrency {o.concurrency} --workers {o.workers}")  # fmt: skip
+        report = await bench_gateway.run(settings, o, out, command)
+        ok = not any(r.extra["non_200"] for r in report.rows)
+        return outcome("gateway", report, bench_gateway.render, ok)
+
+    async def pipeline() -> bench_all.Outcome:
+        o = bench_pipeline.Options()
+        if quick:
+            o = bench_pipeline.Options(reservations=300, latencies=(0.0,), concurrency=100,
+                                       paced_seconds=1)  # fmt: skip
+        command = (f"flashsale bench pipeline --reservations {o.reservations} --latencies "
+                   f"{','.join(f'{x:g}' for x in o.latencies)} --concurrency {o.concurrency} "
+                   f"--paced-seconds {o.paced_seconds:g}")  # fmt: skip
+        report = await bench_pipeline.run(settings, o, out, command)
+        ok = all(r.extra.get("consistent") is not False for r in report.rows)
+        return outcome("pipeline", report, bench_pipeline.render, ok)
+
+    async def reconcile() -> bench_all.Outcome:
+        o = bench_reconcile.Options(skus=300, passes=1) if quick else bench_reconcile.Options()
+        command = f"flashsale bench reconcile --skus {o.skus} --passes {o.passes}"
+        report = await bench_reconcile.run(settings, o, out, command)
+        ok = all(r.extra.get("consistent") is not False for r in report.rows)
+        return outcome("reconcile", report, bench_reconcile.render, ok)
+
+    async def spike() -> bench_all.Outcome:
+        buyers = 2000 if quick else 50_000
+        path = folder / "bench-demo.json"
+        described = machine()
+        code = await demo.run(settings, buyers=buyers, stock=100, progress=out,
+                              json_path=str(path))  # fmt: skip
+        data = orjson.loads(await asyncio.to_thread(path.read_bytes))
+        seconds = data["seconds_to_answer_all"]
+        met = seconds is not None and seconds <= data["target_seconds"]
+        return bench_all.Outcome("demo", bench_all.block_for_demo(data, described), code == 0,
+                                 met)  # fmt: skip
+
+    runners: dict[str, bench_all.Runner] = {
+        "allocate": allocate, "gateway": gateway, "pipeline": pipeline, "reconcile": reconcile,
+        "demo": spike,
+    }  # fmt: skip
+    if doc is None:
+        outcomes = [await runner() for runner in runners.values()]
+    else:
+        outcomes = await bench_all.run_all(runners, doc, out)
+    out("\n" + "\n".join(
+        f"{o.name:10} checks {'ok' if o.ok else 'FAILED'}, targets "
+        f"{'all met' if o.targets_met else 'not all met'}" for o in outcomes
+    ))  # fmt: skip
+    failed = [o.name for o in outcomes if not o.ok]
+    if failed:
+        print(f"flashsale: error: consistency checks failed in {failed}", file=sys.stderr)
         return 1
     return 0
 
@@ -753,6 +850,19 @@ def build_parser() -> argparse.ArgumentParser:
                           help="worker charges in flight (default 1000)")  # fmt: skip
     pl_bench.add_argument("--paced-seconds", default="5",
                           help="length of the latency run (default 5)")  # fmt: skip
+
+    all_bench = bench_sub.add_parser(
+        "all",
+        help="run every benchmark and rewrite the tables of docs/BENCHMARKS.md",
+        description="Run bench allocate, gateway, pipeline, reconcile and the 50,000-buyer "
+        "demo with their defaults, write bench-NAME.json to --json-dir, and rewrite each "
+        "benchmark's '<!-- bench all: NAME -->' block in --doc (docs/BENCHMARKS.md). --quick "
+        "runs each small (a check that every one works; the document is left alone unless "
+        "--doc is given). Exit 1 if a benchmark's consistency check failed.",
+    )
+    all_bench.add_argument("--quick", action="store_true", help="small runs, as a check")
+    all_bench.add_argument("--json-dir", default=".", help="where bench-NAME.json go (default .)")
+    all_bench.add_argument("--doc", help="the document to rewrite (default docs/BENCHMARKS.md)")
 
     rc_bench = bench_sub.add_parser(
         "reconcile",

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.conftest import Cli
+import pytest
+
+from tests.conftest import REPO, Cli
 
 ROWS = [
     "pg_for_update",
@@ -99,3 +101,31 @@ def test_bench_reconcile_smoke(cli: Cli, tmp_path: Path) -> None:
 def run_skus_ok(rows: dict[str, dict[str, object]]) -> bool:
     return all(isinstance(r["ms_per_pass"], float | int) and r["decisions"] == 300
                for r in rows.values())  # fmt: skip
+
+
+def test_bench_all_rewrites_only_the_marked_blocks(tmp_path: Path) -> None:
+    from loadtest.bench_all import rewrite
+
+    doc = ("# B\nkept\n<!-- bench all: gateway -->\nold\n<!-- /bench all: gateway -->\nkept too\n"
+           "<!-- bench all: demo -->\nold demo\n<!-- /bench all: demo -->\n")  # fmt: skip
+    new = rewrite(doc, {"gateway": "new table\n"})
+    assert new == doc.replace(
+        "old\n<!-- /bench all: gateway", "new table\n<!-- /bench all: gateway"
+    )
+    with pytest.raises(ValueError, match="reconcile"):
+        rewrite(doc, {"reconcile": "x"})
+
+
+def test_bench_all_quick_runs_every_benchmark_and_fills_the_document(
+    cli: Cli, tmp_path: Path
+) -> None:
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text((REPO / "docs" / "BENCHMARKS.md").read_text())
+    result = cli("bench", "all", "--quick", "--json-dir", str(tmp_path), "--doc", str(doc))
+    assert result.code == 0, result.err
+    text = doc.read_text()
+    for name in ("allocate", "gateway", "pipeline", "reconcile", "demo"):
+        assert (tmp_path / f"bench-{name}.json").is_file()
+        block = text.split(f"<!-- bench all: {name} -->")[1].split("<!-- /bench all:")[0]
+        assert "Latest `flashsale bench all` run" in block, (name, block)
+    assert "| 2,000 | 100 |" in text  # the quick demo's row
