@@ -67,7 +67,7 @@ class OutboxRelay:
         batch: int = 16,
         claim_idle_ms: int = 10_000,
         claim_every_s: float = 1.0,
-        idle_poll_s: float = 0.25,
+        idle_poll_s: float = 0.5,
     ) -> None:
         self.client = client
         self.producer = producer

@@ -45,15 +45,15 @@ WHERE s.status <> 'ended' AND s.preloaded_at IS NOT NULL AND s.ends_at > now()
 GROUP BY s.id
 """
 # The relay keeps draining a sale's outboxes after it ended, for as long as a hold granted at
-# the end can live (its SKUs' longest hold TTL) and five minutes more: holds expire and late
-# cancels happen after the end too. An ended sale ends when it was ended.
+# the end can live (its SKUs' longest hold TTL) and a minute more for the sweeper: holds
+# expire and late cancels happen after the end too. An ended sale ends when it was ended.
 RELAY_SALES = """
 SELECT s.id, array_agg(k.sku ORDER BY k.sku) AS skus
 FROM sales s JOIN sale_skus k ON k.sale_id = s.id
 WHERE s.preloaded_at IS NOT NULL
 GROUP BY s.id
 HAVING CASE WHEN s.status = 'ended' THEN least(s.ends_at, s.updated_at) ELSE s.ends_at END
-       + make_interval(secs => max(k.hold_ttl_seconds)) + interval '5 minutes' > now()
+       + make_interval(secs => max(k.hold_ttl_seconds)) + interval '1 minute' > now()
 """
 
 
