@@ -135,6 +135,7 @@ class AdmissionPump:
     lost: bool = False  # the waiting room was not live at the last tick
     marks: QueueMarks | None = None  # counters seen, checkpointed for a restore
     next_tick: float = 0.0  # time.monotonic() before which the service skips this pump
+    busy: bool = True  # buyers are waiting or the sale is opening (see tick)
 
     @property
     def keys(self) -> SaleKeys:
@@ -157,7 +158,13 @@ class AdmissionPump:
         self.last_tick = now
         snap = await self._read()
         view = snap.view
+        # Busy: buyers wait, or the sale opens within 2 s or opened 10 s ago or less. An idle
+        # sale's pump can tick slowly: nobody is kept waiting by it.
+        redis_now = int(time.time() * 1000) + self.clock_offset_ms
+        self.busy = (view.tail > view.serving or (view.pre > 0 and not view.shuffled)
+                     or -2000 <= redis_now - view.starts_at_ms <= 10_000)  # fmt: skip
         if not view.preloaded or view.status == "ended":
+            self.busy = False
             return None
         if view.sealed and not view.shuffled:
             await self._shuffle()

@@ -209,9 +209,10 @@ class AllocatorService:
             log.warning("pump for %s failed a tick: %r", sale, exc)
             return
         m.leader.labels(sale).set(1 if pump.token else 0)
-        # A sold-out sale has nothing left to admit or give back (no unit is held), so its
-        # pump only keeps its lease: every ``idle_tick_s``, under the lease's TTL.
-        quiet = step is not None and step.sold_out
+        # A sold-out sale has nothing left to admit or give back (no unit is held), and a sale
+        # nobody waits in, away from its opening, has nobody to admit: their pumps only keep
+        # their leases, every ``idle_tick_s`` (under the lease's TTL).
+        quiet = (step is not None and step.sold_out) or not pump.busy
         pump.next_tick = time.monotonic() + (self.idle_tick_s if quiet else 0.0)
         if step is None:
             return

@@ -11,6 +11,7 @@ import asyncio
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,10 @@ import pytest
 import redis
 
 from flashsale.cli import main
+from flashsale.clients import pg_pool, redis_client
 from flashsale.devstack import EXTERNAL_VAR, DevStack
 from flashsale.migrate import migrate
+from flashsale.sales import SaleAdmin
 from flashsale.settings import Settings, home_dir, read_env_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,9 +51,28 @@ def stack() -> Iterator[Settings]:
             await conn.close()
 
     asyncio.run(prepare())
+    began = datetime.now(UTC)
     yield settings
+    asyncio.run(_end_sales_since(settings, began))
     if started:
         DevStack(home).down(progress=lambda _line: None)
+
+
+async def _end_sales_since(settings: Settings, began: datetime) -> None:
+    """End the sales this session made, as a merchandiser would: the services stop pumping,
+    relaying and reconciling them, instead of keeping an eye on them for an hour."""
+    pool = await pg_pool(settings, max_size=2)
+    client = redis_client(settings)
+    try:
+        admin = SaleAdmin.build(pool, client)
+        rows = await pool.fetch(
+            "SELECT id FROM sales WHERE created_at >= $1 AND status <> 'ended'", began
+        )
+        for row in rows:
+            await admin.set_status(row["id"], "end")
+    finally:
+        await client.aclose()
+        await pool.close()
 
 
 @pytest.fixture
