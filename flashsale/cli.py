@@ -308,11 +308,7 @@ async def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         raise InvalidInput("max-batch", f"must be at most {MAX_RESERVE_BATCH}")
     settings.require_redis()
     settings.require_database()
-    command = (
-        f"flashsale bench allocate --seconds {options.seconds:g}"
-        f" --concurrency {options.concurrency} --max-batch {options.max_batch}"
-    )
-    report = await bench_allocate.run(settings, options, out, command)
+    report = await bench_allocate.run(settings, options, out, options.command())
     broken = [r.name for r in report.rows if r.extra.get("consistent") is False]
     return _report(report, bench_allocate.render, args.json, broken,
                    "stock moved by a different amount than decisions in")  # fmt: skip
@@ -362,18 +358,14 @@ async def bench_all(args: argparse.Namespace, settings: Settings) -> int:
 
     async def allocate() -> bench_all.Outcome:
         o = bench_allocate.Options(seconds=0.3) if quick else bench_allocate.Options()
-        command = (f"flashsale bench allocate --seconds {o.seconds:g} --concurrency "
-                   f"{o.concurrency} --max-batch {o.max_batch}")  # fmt: skip
-        report = await bench_allocate.run(settings, o, out, command)
+        report = await bench_allocate.run(settings, o, out, o.command())
         ok = all(r.extra.get("consistent") is not False for r in report.rows)
         return outcome("allocate", report, bench_allocate.render, ok)
 
     async def gateway() -> bench_all.Outcome:
         o = bench_gateway.Options(seconds=0.6, rounds=2, workers=1) if quick \
             else bench_gateway.Options()  # fmt: skip
-        command = (f"flashsale bench gateway --seconds {o.seconds:g} --rounds {o.rounds} "
-                   f"--concurrency {o.concurrency} --workers {o.workers}")  # fmt: skip
-        report = await bench_gateway.run(settings, o, out, command)
+        report = await bench_gateway.run(settings, o, out, o.command())
         ok = not any(r.extra["non_200"] for r in report.rows)
         return outcome("gateway", report, bench_gateway.render, ok)
 
@@ -382,17 +374,13 @@ async def bench_all(args: argparse.Namespace, settings: Settings) -> int:
         if quick:
             o = bench_pipeline.Options(reservations=300, latencies=(0.0,), concurrency=100,
                                        paced_seconds=1)  # fmt: skip
-        command = (f"flashsale bench pipeline --reservations {o.reservations} --latencies "
-                   f"{','.join(f'{x:g}' for x in o.latencies)} --concurrency {o.concurrency} "
-                   f"--paced-seconds {o.paced_seconds:g}")  # fmt: skip
-        report = await bench_pipeline.run(settings, o, out, command)
+        report = await bench_pipeline.run(settings, o, out, o.command())
         ok = all(r.extra.get("consistent") is not False for r in report.rows)
         return outcome("pipeline", report, bench_pipeline.render, ok)
 
     async def reconcile() -> bench_all.Outcome:
         o = bench_reconcile.Options(skus=300, passes=1) if quick else bench_reconcile.Options()
-        command = f"flashsale bench reconcile --skus {o.skus} --passes {o.passes}"
-        report = await bench_reconcile.run(settings, o, out, command)
+        report = await bench_reconcile.run(settings, o, out, o.command())
         ok = all(r.extra.get("consistent") is not False for r in report.rows)
         return outcome("reconcile", report, bench_reconcile.render, ok)
 
@@ -437,8 +425,7 @@ async def bench_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     )
     settings.require_redis()
     settings.require_database()
-    command = f"flashsale bench reconcile --skus {options.skus} --passes {options.passes}"
-    report = await bench.run(settings, options, out, command)
+    report = await bench.run(settings, options, out, options.command())
     broken = [r.name for r in report.rows if r.extra.get("consistent") is False]
     return _report(report, bench.render, args.json, broken,
                    "the drift pass did not repair exactly the corrupted SKUs in")  # fmt: skip
@@ -463,12 +450,7 @@ async def bench_pipeline(args: argparse.Namespace, settings: Settings) -> int:
     settings.require_redis()
     settings.require_database()
     settings.require_kafka()
-    command = (
-        f"flashsale bench pipeline --reservations {options.reservations} --latencies "
-        f"{args.latencies} --concurrency {options.concurrency} --paced-seconds "
-        f"{options.paced_seconds:g}"
-    )
-    report = await bench.run(settings, options, out, command)
+    report = await bench.run(settings, options, out, options.command())
     broken = [r.name for r in report.rows if r.extra.get("consistent") is False]
     return _report(report, bench.render, args.json, broken,
                    "confirmed orders disagree with the holds granted in")  # fmt: skip
@@ -486,11 +468,7 @@ async def bench_gateway(args: argparse.Namespace, settings: Settings) -> int:
     _service_settings(settings)
     if not settings.admin_token:
         raise ConfigError("FLASHSALE_ADMIN_TOKEN is not set: run `flashsale dev up` or export it")
-    command = (
-        f"flashsale bench gateway --seconds {options.seconds:g} --rounds {options.rounds}"
-        f" --concurrency {options.concurrency} --workers {options.workers}"
-    )
-    report = await bench.run(settings, options, out, command)
+    report = await bench.run(settings, options, out, options.command())
     failed = [r.name for r in report.rows if r.extra["non_200"]]
     return _report(report, bench.render, args.json, failed, "requests failed in")
 

@@ -54,6 +54,11 @@ class Options:
     max_batch: int = 256
     window: float = 0.001
 
+    def command(self) -> str:
+        """The command line that reproduces a run with these options."""
+        return (f"flashsale bench allocate --seconds {self.seconds:g} --concurrency "
+                f"{self.concurrency} --max-batch {self.max_batch}")  # fmt: skip
+
 
 @dataclass(slots=True)
 class ServerSample:

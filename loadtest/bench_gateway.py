@@ -57,6 +57,11 @@ class Options:
     concurrency: int = 64
     workers: int = 2
 
+    def command(self) -> str:
+        """The command line that reproduces a run with these options."""
+        return (f"flashsale bench gateway --seconds {self.seconds:g} --rounds {self.rounds} "
+                f"--concurrency {self.concurrency} --workers {self.workers}")  # fmt: skip
+
 
 # -- the bare endpoint ----------------------------------------------------------------------
 

@@ -56,6 +56,13 @@ class Options:
     paced_seconds: float = 5.0
     patience_s: float = 300.0
 
+    def command(self) -> str:
+        """The command line that reproduces a run with these options."""
+        latencies = ",".join(f"{x:g}" for x in self.latencies)
+        return (f"flashsale bench pipeline --reservations {self.reservations} --latencies "
+                f"{latencies} --concurrency {self.concurrency} --paced-seconds "
+                f"{self.paced_seconds:g}")  # fmt: skip
+
 
 @dataclass
 class _Run:

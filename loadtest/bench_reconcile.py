@@ -30,7 +30,7 @@ from flashsale.sales import SaleAdmin
 from flashsale.salespec import parse_sale
 from flashsale.settings import Settings
 from loadtest.bench import Report, Row, Target, machine, table
-from reconciler.reconcile import SCOPE, Reconciler
+from reconciler.reconcile import SCOPE, Reconciler, sku_reads
 
 TARGET_S = 1.0  # per clean pass over 10,000 SKUs
 Progress = Callable[[str], None]
@@ -41,6 +41,10 @@ class Options:
     skus: int = 10_000
     passes: int = 5
     drift_share: float = 0.01
+
+    def command(self) -> str:
+        """The command line that reproduces a run with these options."""
+        return f"flashsale bench reconcile --skus {self.skus} --passes {self.passes}"
 
 
 async def _median(passes: int, run: Callable[[], Awaitable[Any]]) -> float:
@@ -79,14 +83,7 @@ async def run(settings: Settings, options: Options, progress: Progress, command:
             raise RuntimeError(f"a fresh sale needed {first.changed} repairs: {first.json()}")
 
         async def ceiling() -> None:
-            rows = await pool.fetch(SCOPE, scope)
-            commands: list[tuple[str | int, ...]] = []
-            for row in rows:
-                keys = SkuKeys(row["sale_id"], row["sku"])
-                commands.append(("HMGET", keys.stock, "total", "available", "active", "paying",
-                                 "sold"))  # fmt: skip
-                commands.append(("HMGET", keys.meta, "status", "rebuilding"))
-            await read_packed(client, commands)
+            await read_packed(client, sku_reads(await pool.fetch(SCOPE, scope)))
 
         async def clean() -> None:
             report = await rec.run_once(scope, full=False)

@@ -55,6 +55,11 @@ class Invariant:
         else:
             self.details[what] = ids
 
+    def check(self, what: str, offending: list[str]) -> None:
+        """Fail with ``offending`` under ``what``, if there is any."""
+        if offending:
+            self.fail(what, offending)
+
     def json(self) -> dict[str, Any]:
         return {"name": self.name, "passed": self.passed, "details": self.details}
 
@@ -192,12 +197,9 @@ def _no_oversell(skus: dict[str, Any], by_sku: dict[str, list[Any]],
         stock = redis["skus"][sku]["stock"]
         if stock and stock.get("sold", 0) > stock.get("total", 0):
             redis_over.append(sku)
-    if over:
-        inv.fail("oversold_skus_postgres", over)
-    if counter:
-        inv.fail("sold_counter_differs_from_confirmed_orders", counter)
-    if redis_over:
-        inv.fail("oversold_skus_redis", redis_over)
+    inv.check("oversold_skus_postgres", over)
+    inv.check("sold_counter_differs_from_confirmed_orders", counter)
+    inv.check("oversold_skus_redis", redis_over)
     return inv
 
 
@@ -219,12 +221,9 @@ def _conservation(skus: dict[str, Any], by_sku: dict[str, list[Any]], redis: dic
         confirmed = sum(o["quantity"] for o in by_sku[sku] if o["state"] == "CONFIRMED")
         if drained and stock.get("sold", 0) != confirmed:
             differs.append(f"{sku} (redis {stock.get('sold', 0)}, postgres {confirmed})")
-    if lost:
-        inv.fail("skus_missing_in_redis", lost)
-    if broken:
-        inv.fail("counters_do_not_add_up", broken)
-    if differs:
-        inv.fail("redis_sold_differs_from_postgres", differs)
+    inv.check("skus_missing_in_redis", lost)
+    inv.check("counters_do_not_add_up", broken)
+    inv.check("redis_sold_differs_from_postgres", differs)
     if not drained:
         inv.fail("cannot_compare", not_drained)
     return inv
@@ -244,14 +243,10 @@ def _one_terminal_state(orders: list[Any], redis: dict[str, Any], drained: bool,
         if hold is not None and HOLD_FOR.get(order["state"], hold.state) != hold.state:
             disagree.append(f"{order['id']} (order {order['state']}, hold {hold.state})")
     unfinished = [rid for rid, h in holds.items() if h.state in ("ACTIVE", "PAYING")]
-    if open_:
-        inv.fail("orders_not_terminal", open_)
-    if twice:
-        inv.fail("orders_with_other_than_one_terminal_event", twice)
-    if disagree:
-        inv.fail("hold_and_order_disagree", disagree)
-    if unfinished:
-        inv.fail("holds_not_terminal", unfinished)
+    inv.check("orders_not_terminal", open_)
+    inv.check("orders_with_other_than_one_terminal_event", twice)
+    inv.check("hold_and_order_disagree", disagree)
+    inv.check("holds_not_terminal", unfinished)
     if not drained and not (open_ or unfinished):
         inv.fail("cannot_conclude", not_drained)
     return inv
@@ -276,14 +271,10 @@ def _payments(orders: list[Any], charges: dict[str, Charge] | None, note: str) -
                         if k not in state or state[k]["payment"] != "REFUNDED")  # fmt: skip
     uncaptured = sorted(confirmed - captured)
     double = sorted(k for k in refunded & confirmed)
-    if orphans:
-        inv.fail("captures_without_confirmed_order", orphans)
-    if unrecorded:
-        inv.fail("refunds_not_recorded", unrecorded)
-    if uncaptured:
-        inv.fail("confirmed_orders_without_capture", uncaptured)
-    if double:
-        inv.fail("confirmed_orders_refunded", double)
+    inv.check("captures_without_confirmed_order", orphans)
+    inv.check("refunds_not_recorded", unrecorded)
+    inv.check("confirmed_orders_without_capture", uncaptured)
+    inv.check("confirmed_orders_refunded", double)
     inv.details.setdefault("captures", len(captured))
     inv.details.setdefault("refunds", len(refunded))
     return inv
@@ -305,8 +296,7 @@ def _buyer_limit(skus: dict[str, Any], by_sku: dict[str, list[Any]],
         over += [f"{sku}/{b} ({n} > {limit})" for b, n in units.items() if n > limit]
         over += [f"{sku}/{b} (redis {n} > {limit})"
                  for b, n in redis["skus"][sku]["buyers"].items() if n > limit]  # fmt: skip
-    if over:
-        inv.fail("buyers_over_limit", over)
+    inv.check("buyers_over_limit", over)
     return inv
 
 
@@ -340,10 +330,8 @@ async def _admission(pool: asyncpg.Pool, sale_id: str, orders: list[Any],
                               order["quantity"], order["payment_token"])  # fmt: skip
         if order["idempotency_key"] and member not in redis["claims"]:
             unclaimed.append(order["id"])
-    if beyond:
-        inv.fail("reservations_beyond_admission", beyond)
-    if unclaimed:
-        inv.fail("reservations_without_claim", unclaimed)
+    inv.check("reservations_beyond_admission", beyond)
+    inv.check("reservations_without_claim", unclaimed)
     return inv
 
 
@@ -351,8 +339,7 @@ async def _converges(pool: asyncpg.Pool, client: aioredis.Redis, settings: Setti
                      sale_id: str) -> Invariant:  # fmt: skip
     inv = Invariant("8. reconciliation converges: a pass now would change nothing")
     pending = await Reconciler(pool, client, None, settings.topics.order_events).pending([sale_id])
-    if pending:
-        inv.fail("would_repair", pending)
+    inv.check("would_repair", pending)
     return inv
 
 

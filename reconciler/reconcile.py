@@ -156,6 +156,16 @@ class SkuDrift:
     postgres: dict[str, Any]
 
 
+def sku_reads(rows: Sequence[asyncpg.Record]) -> list[tuple[str | int, ...]]:
+    """The pass's read of each SKU in scope: its counters, then its status and rebuild flag."""
+    commands: list[tuple[str | int, ...]] = []
+    for row in rows:
+        keys = SkuKeys(row["sale_id"], row["sku"])
+        commands.append(("HMGET", keys.stock, "total", "available", "active", "paying", "sold"))
+        commands.append(("HMGET", keys.meta, "status", "rebuilding"))
+    return commands
+
+
 class ReconcileMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
@@ -219,13 +229,7 @@ class Reconciler:
     ) -> tuple[list[SkuDrift], list[Repair]]:
         """The SKUs whose Redis state needs a rebuild, and the status writes due on the
         others: one pipelined read of every SKU's counters and configuration."""
-        commands: list[tuple[str | int, ...]] = []
-        for row in rows:
-            keys = SkuKeys(row["sale_id"], row["sku"])
-            commands.append(("HMGET", keys.stock, "total", "available", "active", "paying",
-                             "sold"))  # fmt: skip
-            commands.append(("HMGET", keys.meta, "status", "rebuilding"))
-        replies = await read_packed(self.client, commands)
+        replies = await read_packed(self.client, sku_reads(rows))
         drift: list[SkuDrift] = []
         statuses: list[Repair] = []
         names = ("total", "available", "active", "paying", "sold")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -73,6 +74,11 @@ async def converged(rec: Reconciler, sale: str) -> PassReport:
     return again
 
 
+def retry_of(first: ReserveRequest) -> ReserveRequest:
+    """The buyer sending the same request again (a fresh id, as every attempt has)."""
+    return dataclasses.replace(first, reservation_id=new_reservation_id())
+
+
 def request(buyer: str | None = None, key: str | None = None) -> ReserveRequest:
     return ReserveRequest(new_reservation_id(), buyer or f"late-{uuid.uuid4().hex[:8]}", 1,
                           key or uuid.uuid4().hex, "tok_visa", "1")  # fmt: skip
@@ -105,9 +111,7 @@ async def test_deleted_keys_are_rebuilt_and_refused_as_unavailable_meanwhile(
         # The buyer's remembered answer came back: a retry is the same reservation, not a
         # second unit (the limit, 2, would have allowed one).
         rid, first = reqs[0]
-        retry = ReserveRequest(new_reservation_id(), first.buyer_id, 1, first.idempotency_key,
-                               first.payment_ref, first.admission_id)  # fmt: skip
-        [again] = await p.holds.reserve(keys, [retry])
+        [again] = await p.holds.reserve(keys, [retry_of(first)])
         assert (again.outcome, again.reservation_id) == ("reserved", rid)
         # ... and the saga, given the same reservation again, creates nothing twice.
         await p.relay.producer.send_and_wait(
@@ -154,15 +158,13 @@ async def test_flushall_mid_sale_restores_stock_holds_and_the_waiting_room(
         # An admitted buyer keeps the admission and its one request: the same request is
         # accepted again and answered with the same reservation.
         rid, first = reqs[0]
-        fingerprint = __import__("hashlib").sha256(
+        fingerprint = hashlib.sha256(
             f"{SKU}\0{first.quantity}\0{first.payment_ref}".encode()).hexdigest()[:16]  # fmt: skip
         position = int(first.admission_id)
         assert await queue.claim(sale_keys, position, first.idempotency_key, fingerprint,
                                  2**62) == "ok"  # fmt: skip
         assert await queue.claim(sale_keys, position, "other-key", fingerprint, 2**62) == "used"
-        retry = ReserveRequest(new_reservation_id(), first.buyer_id, 1, first.idempotency_key,
-                               first.payment_ref, first.admission_id)  # fmt: skip
-        [again] = await p.holds.reserve(keys, [retry])
+        [again] = await p.holds.reserve(keys, [retry_of(first)])
         assert (again.outcome, again.reservation_id) == ("reserved", rid)
 
         more = await p.reserve(sale, ["tok_visa"] * 5)  # the sale goes on
