@@ -9,8 +9,9 @@
     fs:{<sale>:<sku>}:idem       hash   buyer \x1f idempotency key -> first answer
     fs:{<sale>:<sku>}:outbox     stream reservation events for the relay (flashsale.events)
     fs:{<sale>}:sale             hash   sale-level configuration and status (put by preload)
-    fs:{<sale>}:queue            hash   waiting-room counters: pre, tail, sealed, shuffled,
-                                        serving, cutoff, sold_out, rates (see lua/join.lua)
+    fs:{<sale>}:queue            hash   waiting-room counters: live, pre, tail, sealed,
+                                        shuffled, serving, cutoff, sold_out, rates (see
+                                        lua/join.lua, lua/put_sale.lua)
     fs:{<sale>}:members          hash   buyer id -> queue position (0: in the pre-queue)
     fs:{<sale>}:steps            zset   admission steps: member "<to>:<at_ms>", score <to>
     fs:{<sale>}:claims           zset   used admissions: member "<position>\x1f<key>\x1f<print>"
