@@ -85,8 +85,11 @@ class Buyers:
             return f"error:join:{status}"
         ticket = body["ticket"]
         state = body["state"]
-        while state == "waiting" and time.monotonic() < deadline:
-            await asyncio.sleep(min(self.max_poll_ms, body.get("retry_after_ms", 250)) / 1000)
+        # A join can already be admitted; the admission token comes with a status answer.
+        while (state == "waiting" or (state == "admitted" and "admission_token" not in body)) \
+                and time.monotonic() < deadline:  # fmt: skip
+            if state == "waiting":
+                await asyncio.sleep(min(self.max_poll_ms, body.get("retry_after_ms", 250)) / 1000)
             status, body = await self._call(
                 client, "status", "GET", f"/v1/sales/{self.sale}/queue/status",
                 headers={"X-Queue-Ticket": ticket},
@@ -97,6 +100,8 @@ class Buyers:
             state = body["state"]
         if state != "admitted":
             return "sold_out" if state == "sold_out" else f"error:{state}"
+        if "admission_token" not in body:
+            return "error:no_admission_token"
         status, body = await self._call(
             client, "reserve", "POST", f"/v1/sales/{self.sale}/reservations",
             headers={**auth, "X-Admission-Token": body["admission_token"],

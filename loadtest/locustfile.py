@@ -184,8 +184,12 @@ class Buyer(FastHttpUser):
             return
         body = joined
         ticket = str(body.get("ticket"))
-        while body.get("state") == "waiting":
-            time.sleep(body.get("retry_after_ms", 250) / 1000)  # as the server asks
+        # A join can already be admitted; the admission token comes with a status answer.
+        while body.get("state") == "waiting" or (
+            body.get("state") == "admitted" and "admission_token" not in body
+        ):
+            if body.get("state") == "waiting":
+                time.sleep(body.get("retry_after_ms", 250) / 1000)  # as the server asks
             polled = self._json("GET", f"/v1/sales/{sale}/queue/status", "status",
                                 headers={"X-Queue-Ticket": ticket})  # fmt: skip
             if polled is None:

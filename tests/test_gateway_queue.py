@@ -13,6 +13,8 @@ from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.sales import shuffle_order
 from flashsale.settings import Settings
 from gateway.app import COUNTERS, MARKS, PG, REDIS
+from loadtest.driver import Buyers
+from loadtest.http import Client
 from tests.harness import Gateway, auth, gateway
 
 
@@ -212,3 +214,26 @@ async def test_the_gateway_checkpoints_what_it_has_seen_and_flushes_when_it_goes
     await asyncio.sleep(0.2)
     assert not marks.urgent.is_set()  # and the checkpoint went out at once, not in a second
     assert (await pg.fetchval(query, sale)) == 3
+
+
+async def test_the_driver_reserves_for_a_buyer_whose_join_is_already_admitted(
+    gw: Gateway,
+) -> None:
+    """Joining again (a retried join) after the pump admitted the buyer answers "admitted"
+    without an admission token; the buyer gets it from a status poll and reserves."""
+    sale = await gw.create_sale(stock=2)
+    gw.pump(sale)
+    token = gw.token("carol")
+    code, joined = await gw.join(sale, "carol")
+    assert code == 200
+    await gw.admitted(sale, joined["ticket"])
+    again = await gw.join(sale, "carol")
+    assert again[1]["state"] == "admitted" and "admission_token" not in again[1]
+    host, port = gw.http.server.host, gw.http.server.port
+    assert port is not None
+    driver = Buyers(f"http://{host}:{port}", sale, "SKU-1")
+    client = Client(host, port)
+    try:
+        assert await driver.journey(client, token, "tok_visa") == "reserved"
+    finally:
+        await client.aclose()
