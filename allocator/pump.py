@@ -31,11 +31,12 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from allocator.queue import QUEUE_FIELDS, SALE_FIELDS, QueueScripts, QueueView, Step, _text
+from allocator.queue_scripts import QueueScripts, QueueView, Step
 from flashsale.errors import QueueLost
 from flashsale.keys import SaleKeys, SkuKeys
-from flashsale.marks import Mark, QueueMarks
-from flashsale.sales import shuffle_order
+from flashsale.queue_marks import Mark, QueueMarks
+from flashsale.records import text
+from flashsale.shuffle import shuffle_order
 
 log = logging.getLogger("flashsale.pump")
 
@@ -226,27 +227,15 @@ class AdmissionPump:
         return self.last
 
     async def _read(self) -> SaleSnapshot:
-        keys = self.keys
         lapsed = self._lapsed_through()
-        pipe = self.queue.client.pipeline(transaction=False)
-        pipe.hmget(keys.sale, *SALE_FIELDS)
-        pipe.hmget(keys.queue, *QUEUE_FIELDS)
-        pipe.zcard(keys.claims)
-        pipe.zcount(keys.claims, 1, lapsed) if lapsed > 0 else pipe.echo("0")
-        for sku in self.skus:
-            pipe.hmget(SkuKeys(self.sale_id, sku).stock, "available", "active", "paying")
-        sale, queue, claimed, claimed_lapsed, *stocks = await pipe.execute()
-        available = held = 0
-        preloaded = bool(self.skus)
-        for row in stocks:
-            if row[0] is None:
-                preloaded = False
-                continue
-            available += int(row[0])
-            held += int(row[1]) + int(row[2])
+        snap = await self.queue.snapshot(
+            self.keys, claims_through=lapsed, skus=[SkuKeys(self.sale_id, s) for s in self.skus]
+        )
+        counted = [units for units in snap.stock if units is not None]
         return SaleSnapshot(
-            QueueView.parse(sale, queue), available, held, preloaded, int(claimed),
-            int(_text(claimed_lapsed)), lapsed,
+            snap.view, sum(a for a, _ in counted), sum(h for _, h in counted),
+            bool(self.skus) and len(counted) == len(snap.stock), snap.claimed,
+            snap.claimed_through, lapsed,
         )  # fmt: skip
 
     def _lapsed_through(self) -> int:
@@ -280,7 +269,7 @@ class AdmissionPump:
             log.error("sale %s has no shuffle seed in Postgres", self.sale_id)
             return
         members = await self.queue.client.hgetall(self.keys.members)
-        buyers = [_text(b) for b, p in members.items() if int(p) == 0]
+        buyers = [text(b) for b, p in members.items() if int(p) == 0]
         order = shuffle_order(self.seed, buyers)
         chunks = [order[i : i + ASSIGN_CHUNK] for i in range(0, len(order), ASSIGN_CHUNK)] or [[]]
         for number, chunk in enumerate(chunks):

@@ -30,6 +30,7 @@ from aiokafka.errors import KafkaError
 from flashsale.events import encode_event, outbox_events
 from flashsale.kafka import publish
 from flashsale.keys import SkuKeys
+from flashsale.records import text
 
 log = logging.getLogger("flashsale.relay")
 
@@ -43,10 +44,6 @@ class RelayStats:
     claimed: int = 0  # entries taken over from another relay
     poison: int = 0  # entries that could not be read, sent to the dead-letter topic
     failures: int = 0  # rounds that could not publish (retried)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class OutboxRelay:
@@ -171,12 +168,12 @@ class OutboxRelay:
                 try:
                     events = outbox_events(fields)
                 except (ValueError, KeyError) as exc:
-                    log.error("unreadable outbox entry %s of %s: %r", _text(entry_id), keys.outbox,
+                    log.error("unreadable outbox entry %s of %s: %r", text(entry_id), keys.outbox,
                               exc)  # fmt: skip
                     self.stats.poison += 1
                     sends.append(await self.producer.send(
                         self.dead_letter_topic, key=key,
-                        value=repr({_text(k): _text(v) for k, v in fields.items()}).encode(),
+                        value=repr({text(k): text(v) for k, v in fields.items()}).encode(),
                         headers=[("reason", f"unreadable outbox entry: {exc}".encode()),
                                  ("source", keys.outbox.encode())],
                     ))  # fmt: skip

@@ -23,17 +23,16 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from allocator.hold_scripts import HoldScripts
 from allocator.pump import AdmissionPump
-from allocator.queue import QueueScripts
+from allocator.queue_scripts import QueueScripts
 from allocator.relay import OutboxRelay, run_relay
-from allocator.scripts import HoldScripts
 from allocator.sweeper import run_sweeper
 from flashsale.clients import pg_pool, redis_client
-from flashsale.devstack import ping_kafka
 from flashsale.kafka import ensure_topics, producer
 from flashsale.keys import SkuKeys
-from flashsale.marks import QueueMarks
-from flashsale.ops import serve_ops
+from flashsale.ops_endpoints import KafkaProbe, dependency_probes, serve_ops
+from flashsale.queue_marks import QueueMarks
 from flashsale.settings import Settings
 
 log = logging.getLogger("flashsale.allocator")
@@ -128,10 +127,12 @@ class AllocatorService:
         topics = self.settings.topics
         self.relay = OutboxRelay(self.redis, out, topics.reservations, topics.dead_letter,
                                  self.owner)  # fmt: skip
+        kafka = KafkaProbe(self.settings)
+        background: list[asyncio.Task[None]] = []
         try:
             await out.start()
             if ops_port is not None:
-                runner = await self._serve_ops(host, ops_port)
+                runner = await self._serve_ops(host, ops_port, kafka)
             sweeper = asyncio.create_task(
                 run_sweeper(
                     HoldScripts(self.redis), self._skus, stop=stop, interval=self.sweep_s,
@@ -144,6 +145,7 @@ class AllocatorService:
                 )
             )
             checkpoints = asyncio.create_task(self.marks.run(self.pool, stop))
+            background += [sweeper, relay, checkpoints]
             next_discovery = 0.0
             while not stop.is_set():
                 if time.monotonic() >= next_discovery:
@@ -158,10 +160,14 @@ class AllocatorService:
             await relay
             await checkpoints
         finally:
+            for task in background:  # still running only when the loop above raised
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             for pump in self.pumps.values():
                 await self._resign(pump)
             if runner is not None:
                 await runner.cleanup()
+            await kafka.aclose()
             await out.stop()
             await self.pool.close()
             await self.redis.aclose()
@@ -224,15 +230,10 @@ class AllocatorService:
         m.noshow.labels(sale).set(pump.noshow)
         m.sold_out.labels(sale).set(1 if step.sold_out else 0)
 
-    async def _serve_ops(self, host: str, port: int) -> web.AppRunner:
+    async def _serve_ops(self, host: str, port: int, kafka: KafkaProbe) -> web.AppRunner:
         redis, pool = self.redis, self.pool
         assert redis is not None and pool is not None
-        bootstrap = self.settings.require_kafka()
-        runner = await serve_ops(
-            host, port,
-            lambda: {"redis": redis.ping, "postgres": lambda: pool.fetchval("SELECT 1"),
-                     "kafka": lambda: ping_kafka(bootstrap)},
-            self.metrics.registry,
-        )  # fmt: skip
+        probes = dependency_probes(redis, pool, kafka)
+        runner = await serve_ops(host, port, lambda: probes, self.metrics.registry)
         log.info("allocator ops endpoints on http://%s:%d/healthz and /metrics", host, port)
         return runner

@@ -14,14 +14,10 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import redis.asyncio as aioredis
 
-from allocator.scripts import HoldScripts
+from allocator.hold_scripts import HoldScripts
 from flashsale.keys import SkuKeys
 
 log = logging.getLogger("flashsale.sweeper")
-
-
-def _text(value: bytes | str | None) -> str:
-    return value.decode() if isinstance(value, bytes) else (value or "")
 
 
 async def sweep_once(scripts: HoldScripts, skus: Iterable[SkuKeys], batch: int = 500) -> int:
@@ -34,17 +30,6 @@ async def sweep_once(scripts: HoldScripts, skus: Iterable[SkuKeys], batch: int =
             if not result.more:
                 break
     return total
-
-
-async def preloaded_skus(client: aioredis.Redis) -> list[SkuKeys]:
-    """Every SKU of every preloaded sale that has not ended (from the sale hashes)."""
-    found: list[SkuKeys] = []
-    async for key in client.scan_iter(match="fs:{*}:sale", count=500):
-        status, sale_id, skus = (_text(v) for v in await client.hmget(key, "status", "id", "skus"))
-        if not status or status == "ended" or not sale_id or not skus:
-            continue
-        found += [SkuKeys(sale_id, sku) for sku in skus.split(",")]
-    return found
 
 
 async def run_sweeper(

@@ -1,8 +1,11 @@
-"""Client factories. Nothing is created at import time: entry points build clients from Settings
+"""Client builders. Nothing is created at import time: entry points build clients from Settings
 and own their lifecycle (close what you open)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -10,6 +13,7 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from flashsale.errors import Unavailable
+from flashsale.payments import HttpProvider, PaymentProvider
 from flashsale.settings import Settings
 
 
@@ -46,3 +50,30 @@ async def pg_pool(
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         where = urlsplit(dsn)
         raise Unavailable(f"cannot reach Postgres at {where.hostname}:{where.port}: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Clients:
+    """A service's long-lived clients: Postgres, Redis and, when ``FLASHSALE_PSP_URL`` is set,
+    the payment provider (None otherwise)."""
+
+    pool: asyncpg.Pool
+    redis: aioredis.Redis
+    provider: PaymentProvider | None
+
+
+@contextlib.asynccontextmanager
+async def open_clients(settings: Settings, *, pool_size: int = 4) -> AsyncIterator[Clients]:
+    """:class:`Clients` for ``settings``, closed in reverse order on exit."""
+    pool = await pg_pool(settings, min_size=1, max_size=pool_size)
+    client = redis_client(settings)
+    provider = HttpProvider(settings.psp_url) if settings.psp_url else None
+    try:
+        if provider is not None:
+            await provider.__aenter__()
+        yield Clients(pool, client, provider)
+    finally:
+        if provider is not None:
+            await provider.aclose()
+        await client.aclose()
+        await pool.close()

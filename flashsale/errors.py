@@ -4,6 +4,9 @@
     ├── ConfigError                the environment is incomplete (``config_error``)
     ├── InvalidInput               bad input, names the field (``invalid_input``)
     ├── Unauthorized               missing or invalid credentials (``unauthorized``, 401)
+    │   └── InvalidToken           a signed token that does not verify (``invalid_token``);
+    │                              ``reason``: malformed, version, unknown_key, signature,
+    │                              kind, expired, missing
     ├── Forbidden                  valid credentials, not allowed here (``forbidden``, 403)
     ├── NotFound                   unknown sale / SKU / reservation (``not_found``)
     ├── Conflict                   a legal request refused by current state (``conflict``)
@@ -12,11 +15,14 @@
     ├── Unavailable                a dependency is down or a SKU is being rebuilt
     │   ├── Overloaded             a bounded wait queue is full (``overloaded``)
     │   └── QueueLost              Redis lost a sale's waiting room; the reconciler restores it
-    ├── PaymentError               the payment provider did not give a definite answer
-    │   ├── PaymentUnknown         sent, outcome unknown (timeout, 5xx): retry with the same key
-    │   │   └── ProviderDown       the circuit is open: not sent at all, failed fast
-    │   └── PaymentConflict        the key was used with other parameters (a bug, not retried)
-    └── StackError                 the embedded dev stack failed to start or stop
+    └── PaymentError               the payment provider did not give a definite answer
+        ├── PaymentUnknown         sent, outcome unknown (timeout, 5xx): retry with the same key
+        │   └── ProviderDown       the circuit is open: not sent at all, failed fast
+        └── PaymentConflict        the key was used with other parameters (a bug, not retried)
+
+The tree holds what the engine decides. The embedded dev stack's own failure,
+``StackError``, is a ``FlashsaleError`` defined with the dev stack (``flashsale.cli.devstack``),
+and which third-party exceptions mean "a dependency is down" is :mod:`flashsale.outages`.
 
 Third-party errors are translated at the boundary with ``raise ... from exc``; the HTTP layer
 maps these classes to status codes in exactly one middleware and the CLI to one line and a
@@ -60,6 +66,15 @@ class Unauthorized(FlashsaleError):
     http_status = 401
 
 
+class InvalidToken(Unauthorized):
+    """A token that does not verify. ``reason``: malformed, version, unknown_key, signature,
+    kind, expired, missing (no token where one is required)."""
+
+    def __init__(self, reason: str, message: str | None = None) -> None:
+        super().__init__(message or f"invalid token ({reason})", code="invalid_token")
+        self.reason = reason
+
+
 class Forbidden(FlashsaleError):
     code = "forbidden"
     http_status = 403
@@ -93,10 +108,6 @@ class Unavailable(FlashsaleError):
     code = "unavailable"
     http_status = 503
     retry_after_s = 1.0
-
-
-class StackError(FlashsaleError):
-    code = "stack_error"
 
 
 class Overloaded(Unavailable):

@@ -1,11 +1,12 @@
-"""Event schemas: hold records as Redis stores them, and the reservation events of the outbox.
+"""The reservation events: the SKU outboxes' entries and the ``reservations`` topic's messages.
 
 A SKU's outbox stream (``fs:{sale:sku}:outbox``) holds two shapes of entry:
 
 * ``reservation.created``: one entry per reserve *batch*. A header (``type``, ``sale_id``,
   ``sku``, ``unit_price``, ``currency``, ``count``) then one field per granted reservation id
-  whose value is that hold's record. :func:`outbox_events` expands it into one
-  :class:`ReservationEvent` per reservation, carrying every field a worker needs.
+  whose value is that hold's record (:class:`flashsale.records.HoldRecord`).
+  :func:`outbox_events` expands it into one :class:`ReservationEvent` per reservation,
+  carrying every field a worker needs.
 * ``reservation.expired`` / ``reservation.released``: one entry per hold, with ``type``,
   ``reservation_id``, ``sale_id``, ``sku``, ``buyer_id``, ``quantity``, ``from_state``,
   ``cause`` and ``at_ms``.
@@ -22,45 +23,10 @@ from typing import Any, Literal
 
 import orjson
 
-SEP = "\x1f"
-HoldState = Literal["ACTIVE", "PAYING", "SOLD", "RELEASED"]
+from flashsale.records import HoldRecord, text
+
 EventType = Literal["reservation.created", "reservation.expired", "reservation.released"]
 _CREATED_HEADER = frozenset({"type", "sale_id", "sku", "unit_price", "currency", "count"})
-_HOLD_FIELDS = 9
-
-
-@dataclass(frozen=True, slots=True)
-class HoldRecord:
-    """One field of the ``holds`` hash (see ``lua/lib.lua``), fields joined by \\x1f:
-    state, qty, deadline_ms, payment_ref, admission_id, created_ms, cause, buyer, idem."""
-
-    state: HoldState
-    quantity: int
-    deadline_ms: int
-    payment_ref: str
-    admission_id: str
-    created_ms: int
-    cause: str
-    buyer_id: str
-    idempotency_key: str
-
-    @classmethod
-    def parse(cls, raw: bytes | str) -> HoldRecord:
-        text = raw.decode() if isinstance(raw, bytes) else raw
-        f = text.split(SEP)
-        if len(f) != _HOLD_FIELDS:
-            raise ValueError(f"malformed hold record: {text!r}")
-        return cls(
-            state=f[0],  # type: ignore[arg-type]
-            quantity=int(f[1]),
-            deadline_ms=int(f[2]),
-            payment_ref=f[3],
-            admission_id=f[4],
-            created_ms=int(f[5]),
-            cause=f[6],
-            buyer_id=f[7],
-            idempotency_key=f[8],
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,13 +57,9 @@ class ReservationEvent:
         return None if self.unit_price is None else self.unit_price * self.quantity
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def outbox_events(entry: Mapping[Any, Any]) -> list[ReservationEvent]:
     """The reservation events of one outbox stream entry, in the order they were decided."""
-    fields = {_text(k): _text(v) for k, v in entry.items()}
+    fields = {text(k): text(v) for k, v in entry.items()}
     kind = fields.get("type")
     if kind == "reservation.created":
         holds = [(k, HoldRecord.parse(v)) for k, v in fields.items() if k not in _CREATED_HEADER]

@@ -83,8 +83,3 @@ async def migrate(conn: asyncpg.Connection, progress: Callable[[str], None] = pr
     if not applied_now:
         progress("schema up to date")
     return applied_now
-
-
-async def applied_versions(conn: asyncpg.Connection) -> list[int]:
-    rows = await conn.fetch("SELECT version FROM schema_migrations ORDER BY version")
-    return [row["version"] for row in rows]

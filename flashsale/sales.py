@@ -1,63 +1,46 @@
-"""Sale administration: create, import, preload, status, add stock, pause / resume / end.
+"""A sale as Postgres holds it: its rows, its public JSON shape, the state a buyer sees, and
+the configuration Redis gets from it (the SKU ``meta`` hashes and the sale hash).
 
-One set of functions behind both the ``flashsale sale`` CLI and the admin HTTP API. Postgres is
-written first (it is the truth); Redis is then brought in line through the Lua scripts, with
-operations that are idempotent, so re-running a command after a partial failure converges.
+Sale administration (create, preload, status, pause...) is :mod:`allocator.sale_admin`: it
+writes Postgres first and then brings Redis in line through the scripts.
 """
 
 from __future__ import annotations
 
-import hashlib
 import secrets
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeAlias
 
 import asyncpg
-import redis.asyncio as aioredis
 
-from allocator.scripts import PreloadResult, Scripts
-from flashsale.errors import Conflict, InvalidInput, NotFound
-from flashsale.keys import ID_PATTERN, SaleKeys, SkuKeys
-from flashsale.salespec import MAX_STOCK, SaleSpec, SkuSpec, integer
+from flashsale.shuffle import SHUFFLE_ALGORITHM, seed_commitment
+from flashsale.timefmt import iso, unix_ms
 
 STATUS_BY_ACTION = {"pause": "paused", "resume": "active", "end": "ended"}
 
-
-SHUFFLE_ALGORITHM = "sort pre-queue buyer ids by hex(sha256(seed || 0x00 || buyer_id))"
-
-
-def seed_commitment(seed: str) -> str:
-    """What is published before the start: SHA-256 of the shuffle seed, hex."""
-    return hashlib.sha256(seed.encode()).hexdigest()
-
-
-def shuffle_order(seed: str, buyers: Iterable[str]) -> list[str]:
-    """The pre-queue order: position 1 first. Anyone holding the revealed seed and the buyer
-    ids can recompute it (see ``SHUFFLE_ALGORITHM``)."""
-    prefix = seed.encode() + b"\x00"
-    return sorted(buyers, key=lambda b: (hashlib.sha256(prefix + b.encode()).hexdigest(), b))
+Db: TypeAlias = "asyncpg.Pool | asyncpg.Connection"  # either can fetch
 
 
 def new_sale_id() -> str:
     return f"sale-{secrets.token_hex(6)}"
 
 
-def _ms(moment: datetime) -> str:
-    return str(int(moment.timestamp() * 1000))
+async def fetch_sale(db: Db, sale_id: str) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await db.fetchrow("SELECT * FROM sales WHERE id = $1", sale_id)
+    return row
 
 
-def iso(moment: datetime | None) -> str | None:
-    if moment is None:
-        return None
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+async def fetch_skus(db: Db, sale_id: str) -> list[asyncpg.Record]:
+    """The sale's SKU rows, ordered by SKU."""
+    return list(await db.fetch("SELECT * FROM sale_skus WHERE sale_id = $1 ORDER BY sku", sale_id))
 
 
-def iso_ms(ms: int) -> str:
-    """ISO 8601 (UTC, milliseconds) of a Unix time in milliseconds."""
-    moment = datetime.fromtimestamp(ms / 1000, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+async def fetch_sku(db: Db, sale_id: str, sku: str) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await db.fetchrow(
+        "SELECT * FROM sale_skus WHERE sale_id = $1 AND sku = $2", sale_id, sku
+    )
+    return row
 
 
 def sale_state(status: str, starts_at: datetime, ends_at: datetime, now: datetime) -> str:
@@ -69,233 +52,6 @@ def sale_state(status: str, starts_at: datetime, ends_at: datetime, now: datetim
     return "scheduled" if now < starts_at else "live"
 
 
-@dataclass
-class SaleAdmin:
-    """Merchandiser operations over one Postgres pool and one Redis client."""
-
-    pool: asyncpg.Pool
-    redis: aioredis.Redis
-    scripts: Scripts
-
-    @classmethod
-    def build(cls, pool: asyncpg.Pool, client: aioredis.Redis) -> SaleAdmin:
-        return cls(pool, client, Scripts(client))
-
-    # -- reads ---------------------------------------------------------------------------
-
-    async def _sale_row(self, conn: asyncpg.Connection, sale_id: str) -> asyncpg.Record:
-        if not isinstance(sale_id, str) or not ID_PATTERN.match(sale_id):
-            raise NotFound(f"unknown sale {sale_id!r}", code="unknown_sale")
-        row = await conn.fetchrow("SELECT * FROM sales WHERE id = $1", sale_id)
-        if row is None:
-            raise NotFound(f"unknown sale {sale_id!r}", code="unknown_sale")
-        return row
-
-    async def _sku_rows(self, conn: asyncpg.Connection, sale_id: str) -> list[asyncpg.Record]:
-        rows: list[asyncpg.Record] = await conn.fetch(
-            "SELECT * FROM sale_skus WHERE sale_id = $1 ORDER BY sku", sale_id
-        )
-        return rows
-
-    async def get(self, sale_id: str) -> dict[str, Any]:
-        """The sale as JSON-ready data, with its SKUs. Raises NotFound."""
-        async with self.pool.acquire() as conn:
-            sale = await self._sale_row(conn, sale_id)
-            skus = await self._sku_rows(conn, sale_id)
-        return _sale_json(sale, skus)
-
-    async def list_sales(self) -> list[dict[str, Any]]:
-        async with self.pool.acquire() as conn:
-            rows = await conn.fetch("SELECT * FROM sales ORDER BY created_at DESC")
-        return [_sale_json(row) for row in rows]
-
-    # -- create / import -----------------------------------------------------------------
-
-    async def create(self, spec: SaleSpec) -> dict[str, Any]:
-        """Insert the sale and its SKUs in one transaction; returns the created sale."""
-        sale_id = new_sale_id()
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "INSERT INTO sales (id, name, starts_at, ends_at, admission_rate, max_queue,"
-                " admission_window_seconds, admission_capacity, shuffle_seed)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-                sale_id, spec.name, spec.starts_at, spec.ends_at, spec.admission_rate,
-                spec.max_queue, spec.admission_window_seconds, spec.admission_capacity,
-                secrets.token_hex(32),
-            )  # fmt: skip
-            await _insert_skus(conn, sale_id, spec.skus)
-        return await self.get(sale_id)
-
-    async def import_skus(self, sale_id: str, skus: Sequence[SkuSpec]) -> dict[str, Any]:
-        """Add SKUs (already validated as a whole) to a sale; all or nothing."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            sale = await self._sale_row(conn, sale_id)
-            if sale["status"] == "ended":
-                raise Conflict(f"sale {sale_id} has ended", code="sale_ended")
-            existing = {row["sku"] for row in await self._sku_rows(conn, sale_id)}
-            for index, spec in enumerate(skus):
-                if spec.sku in existing:
-                    raise InvalidInput(
-                        f"row {index + 2}.sku", f"SKU {spec.sku!r} already exists in {sale_id}"
-                    )
-            await _insert_skus(conn, sale_id, skus)
-        return await self.get(sale_id)
-
-    # -- preload -------------------------------------------------------------------------
-
-    async def preload(self, sale_id: str, *, force: bool = False) -> list[PreloadResult]:
-        """Copy configuration and stock into Redis, atomically per SKU.
-
-        Unchanged SKUs are left alone. A SKU with held or sold units is refused unless
-        ``force``; even then held and sold units are kept. Raises Conflict when any SKU
-        was refused (the others are still brought in line).
-        """
-        async with self.pool.acquire() as conn:
-            sale = await self._sale_row(conn, sale_id)
-            skus = await self._sku_rows(conn, sale_id)
-        if sale["status"] == "ended":
-            raise Conflict(f"sale {sale_id} has ended; nothing to preload", code="sale_ended")
-        if not skus:
-            raise Conflict(
-                f"sale {sale_id} has no SKUs; add some with `flashsale sale import`",
-                code="no_skus",
-            )
-        results = [await self._sync_sku(sale, sku, force=force) for sku in skus]
-        await self.scripts.put_sale(
-            SaleKeys(sale_id), sale_fields(sale, skus), open_queue=sale["preloaded_at"] is None
-        )
-        loaded = [r.sku for r in results if not r.outcome.startswith("refused")]
-        async with self.pool.acquire() as conn:
-            await conn.execute(
-                "UPDATE sale_skus SET preloaded_at = coalesce(preloaded_at, now())"
-                " WHERE sale_id = $1 AND sku = ANY($2::text[])", sale_id, loaded,
-            )  # fmt: skip
-        lost = [r.sku for r in results if r.outcome == "refused_lost"]
-        if lost:
-            raise Conflict(
-                f"Redis no longer holds {', '.join(lost)} of sale {sale_id} (or is rebuilding "
-                "it): run `flashsale reconcile --once` to rebuild it from Postgres",
-                code="rebuild_needed",
-            )  # fmt: skip
-        refused = [r for r in results if r.outcome.startswith("refused")]
-        if refused:
-            detail = "; ".join(
-                f"{r.sku}: {r.counts.held} held and {r.counts.sold} sold units"
-                + (" exceed the new stock" if r.outcome == "refused_below_committed" else "")
-                for r in refused
-            )
-            hint = "" if force else " (re-run with --force; held and sold units are kept)"
-            raise Conflict(f"preload refused for {detail}{hint}", code="preload_refused")
-        async with self.pool.acquire() as conn:
-            await conn.execute(
-                "UPDATE sales SET preloaded_at = now(), updated_at = now() WHERE id = $1", sale_id
-            )
-        return results
-
-    async def _sync_sku(
-        self, sale: asyncpg.Record, sku: asyncpg.Record, *, force: bool
-    ) -> PreloadResult:
-        meta = sku_meta(sale, sku)
-        return await self.scripts.preload(
-            SkuKeys(sale["id"], sku["sku"]), total=sku["stock_total"], meta=meta, force=force,
-            first=sku["preloaded_at"] is None,
-        )  # fmt: skip
-
-    # -- status --------------------------------------------------------------------------
-
-    async def status(self, sale_id: str) -> dict[str, Any]:
-        """Per SKU: stock_total, available, held, sold (Redis) and confirmed (Postgres)."""
-        async with self.pool.acquire() as conn:
-            sale = await self._sale_row(conn, sale_id)
-            skus = await self._sku_rows(conn, sale_id)
-        pipe = self.redis.pipeline(transaction=False)
-        for sku in skus:
-            pipe.hmget(SkuKeys(sale_id, sku["sku"]).stock, "available", "active", "paying", "sold")
-        counts = await pipe.execute() if skus else []
-        rows = []
-        for sku, (available, active, paying, sold) in zip(skus, counts, strict=True):
-            preloaded = available is not None
-            rows.append(
-                {
-                    "sku": sku["sku"],
-                    "title": sku["title"],
-                    "stock_total": sku["stock_total"],
-                    "available": int(available) if preloaded else None,
-                    "held": int(active) + int(paying) if preloaded else None,
-                    "sold": int(sold) if preloaded else None,
-                    "confirmed": sku["sold"],
-                    "preloaded": preloaded,
-                }
-            )
-        return {"sale": _sale_json(sale), "skus": rows}
-
-    # -- stock and lifecycle -------------------------------------------------------------
-
-    async def add_stock(self, sale_id: str, sku: str, add: Any) -> dict[str, Any]:
-        """Raise a SKU's stock by ``add`` units in Postgres, then in Redis if preloaded."""
-        units = integer(add, "add", minimum=1, maximum=MAX_STOCK, what="a positive integer")
-        async with self.pool.acquire() as conn, conn.transaction():
-            sale = await self._sale_row(conn, sale_id)
-            if sale["status"] == "ended":
-                raise Conflict(f"sale {sale_id} has ended", code="sale_ended")
-            row = await conn.fetchrow(
-                "SELECT * FROM sale_skus WHERE sale_id = $1 AND sku = $2 FOR UPDATE", sale_id, sku
-            )
-            if row is None:
-                raise NotFound(f"unknown SKU {sku!r} in sale {sale_id}", code="unknown_sku")
-            if row["stock_total"] + units > MAX_STOCK:
-                raise InvalidInput("add", f"stock would exceed {MAX_STOCK}")
-            row = await conn.fetchrow(
-                "UPDATE sale_skus SET stock_total = stock_total + $3"
-                " WHERE sale_id = $1 AND sku = $2 RETURNING *",
-                sale_id, sku, units,
-            )  # fmt: skip
-        if sale["preloaded_at"] is not None:
-            # Absolute sync from Postgres: idempotent, keeps held and sold units.
-            result = await self._sync_sku(sale, row, force=True)
-            if result.outcome == "refused_lost":
-                raise Conflict(
-                    f"stock of {sku} was added in Postgres; Redis no longer holds the SKU: run "
-                    "`flashsale reconcile --once` to rebuild it", code="rebuild_needed",
-                )  # fmt: skip
-            if result.outcome.startswith("refused"):
-                raise Conflict(f"Redis refused the new stock for {sku}: {result.outcome}")
-        return await self.status(sale_id)
-
-    async def set_status(self, sale_id: str, action: str) -> dict[str, Any]:
-        """pause, resume or end a sale. Idempotent; an ended sale stays ended."""
-        target = STATUS_BY_ACTION[action]
-        async with self.pool.acquire() as conn, conn.transaction():
-            sale = await conn.fetchrow("SELECT * FROM sales WHERE id = $1 FOR UPDATE", sale_id)
-            if sale is None:
-                raise NotFound(f"unknown sale {sale_id!r}", code="unknown_sale")
-            if sale["status"] == "ended" and target != "ended":
-                raise Conflict(f"sale {sale_id} has ended and cannot {action}", code="sale_ended")
-            await conn.execute(
-                "UPDATE sales SET status = $2, updated_at = now() WHERE id = $1", sale_id, target
-            )
-            skus = await self._sku_rows(conn, sale_id)
-        # Redis after Postgres; every step is idempotent, so a retry converges.
-        await self.scripts.set_status(SaleKeys(sale_id).sale, target)
-        for sku in skus:
-            await self.scripts.set_status(SkuKeys(sale_id, sku["sku"]).meta, target)
-        return await self.get(sale_id)
-
-
-async def _insert_skus(conn: asyncpg.Connection, sale_id: str, skus: Sequence[SkuSpec]) -> None:
-    if not skus:
-        return
-    await conn.executemany(
-        "INSERT INTO sale_skus (sale_id, sku, title, stock_total, price, currency,"
-        " per_buyer_limit, hold_ttl_seconds) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        [
-            (sale_id, s.sku, s.title, s.stock, s.price, s.currency, s.per_buyer_limit,
-             s.hold_ttl_seconds)
-            for s in skus
-        ],
-    )  # fmt: skip
-
-
 def sku_meta(sale: asyncpg.Record, sku: asyncpg.Record) -> dict[str, str]:
     """A SKU's Redis configuration (its ``meta`` hash) from its Postgres rows."""
     return {
@@ -305,20 +61,20 @@ def sku_meta(sale: asyncpg.Record, sku: asyncpg.Record) -> dict[str, str]:
         "currency": sku["currency"],
         "per_buyer_limit": str(sku["per_buyer_limit"]),
         "hold_ttl_ms": str(sku["hold_ttl_seconds"] * 1000),
-        "starts_at_ms": _ms(sale["starts_at"]),
-        "ends_at_ms": _ms(sale["ends_at"]),
+        "starts_at_ms": unix_ms(sale["starts_at"]),
+        "ends_at_ms": unix_ms(sale["ends_at"]),
         "status": sale["status"],
     }
 
 
-def sale_fields(sale: asyncpg.Record, skus: Sequence[asyncpg.Record]) -> dict[str, str]:
+def sale_hash(sale: asyncpg.Record, skus: Sequence[asyncpg.Record]) -> dict[str, str]:
     """The sale's Redis configuration (its ``sale`` hash) from its Postgres rows."""
     return {
         "id": sale["id"],
         "name": sale["name"],
         "status": sale["status"],
-        "starts_at_ms": _ms(sale["starts_at"]),
-        "ends_at_ms": _ms(sale["ends_at"]),
+        "starts_at_ms": unix_ms(sale["starts_at"]),
+        "ends_at_ms": unix_ms(sale["ends_at"]),
         "admission_rate": str(sale["admission_rate"]),
         "max_queue": str(sale["max_queue"]),
         "window_ms": str(sale["admission_window_seconds"] * 1000),
@@ -328,9 +84,7 @@ def sale_fields(sale: asyncpg.Record, skus: Sequence[asyncpg.Record]) -> dict[st
     }
 
 
-def _sale_json(
-    sale: asyncpg.Record, skus: Sequence[asyncpg.Record] | None = None
-) -> dict[str, Any]:
+def sale_json(sale: asyncpg.Record, skus: Sequence[asyncpg.Record] | None = None) -> dict[str, Any]:
     """The public JSON shape of a sale; ``skus`` is included when given (even if empty)."""
     now = datetime.now(UTC)
     data: dict[str, Any] = {

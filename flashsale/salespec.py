@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -24,7 +24,7 @@ MAX_TTL_SECONDS = 24 * 3600
 MAX_LIMIT = 10_000
 DEFAULT_DURATION = timedelta(hours=1)
 
-SALE_FIELDS = {
+SALE_FILE_FIELDS = {
     "name", "starts_at", "ends_at", "admission_rate", "max_queue", "admission_window_seconds",
     "admission_capacity", "skus",
 }  # fmt: skip
@@ -41,9 +41,6 @@ class SkuSpec:
     currency: str
     per_buyer_limit: int = 1
     hold_ttl_seconds: int = 120
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +150,7 @@ def parse_sale(data: Any, *, now: datetime | None = None) -> SaleSpec:
     """A whole sale from the sale file format (see README). Optional fields get defaults."""
     if not isinstance(data, Mapping):
         raise InvalidInput("sale", "must be a JSON object")
-    _check_fields(data, SALE_FIELDS, "")
+    _check_fields(data, SALE_FILE_FIELDS, "")
     name = text(data.get("name"), "name")
     now = now or datetime.now(UTC)
     starts_at = timestamp(data["starts_at"], "starts_at") if data.get("starts_at") else now

@@ -1,4 +1,4 @@
-"""Signed tokens: buyer identity, queue tickets and admission tokens.
+"""Signed tokens: buyer identity, queue tickets and admission tokens, and the gateway's signers.
 
 Format (version 1), four dot-separated parts, all URL-safe::
 
@@ -16,7 +16,8 @@ Format (version 1), four dot-separated parts, all URL-safe::
 A direct HMAC check costs a few microseconds, where a JWT library costs tens; and the format
 has nothing to negotiate (no ``alg`` header), so there is no algorithm-confusion attack.
 Verification checks, in order: shape, version, key id, signature (constant time), claims
-JSON, kind, expiry. Every failure is a :class:`InvalidToken` with a stable ``reason``.
+JSON, kind, expiry. Every failure is a :class:`~flashsale.errors.InvalidToken` with a stable
+``reason``.
 """
 
 from __future__ import annotations
@@ -27,24 +28,17 @@ import hashlib
 import hmac
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
 
-from flashsale.errors import Unauthorized
+from flashsale.errors import ConfigError, InvalidToken
+from flashsale.settings import Settings
 
 VERSION = "v1"
 TokenKind = Literal["buyer", "ticket", "admission"]
 MAX_TOKEN_LENGTH = 2048  # a token longer than this is refused before any work
-
-
-class InvalidToken(Unauthorized):
-    """A token that does not verify. ``reason``: malformed, version, unknown_key, signature,
-    kind, expired."""
-
-    def __init__(self, reason: str, message: str | None = None) -> None:
-        super().__init__(message or f"invalid token ({reason})", code="invalid_token")
-        self.reason = reason
 
 
 def _b64(data: bytes) -> str:
@@ -173,3 +167,30 @@ def buyer_subject(claims: dict[str, Any]) -> str:
     if not isinstance(sub, str) or not sub:
         raise InvalidToken("malformed")
     return sub
+
+
+TICKETS_REMEMBERED = 100_000  # per process: about 70 MB when full (claims, token strings)
+
+
+@dataclass(frozen=True, slots=True)
+class Signers:
+    """Buyer tokens are the storefront's (``FLASHSALE_BUYER_TOKEN_SECRET``); queue tickets and
+    admission tokens are the engine's own (``FLASHSALE_SECRET``)."""
+
+    buyer: Signer
+    ticket: Signer
+    admission: Signer
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Signers:
+        """Raises ConfigError when either secret is missing or shorter than 16 characters."""
+        buyer, own = settings.buyer_token_secret.reveal(), settings.secret.reveal()
+        for name, value in (("FLASHSALE_BUYER_TOKEN_SECRET", buyer), ("FLASHSALE_SECRET", own)):
+            if len(value.split(",")[0].strip()) < 16:
+                raise ConfigError(f"{name} must be set to a secret of at least 16 characters")
+        return cls(
+            Signer.from_setting(buyer, "buyer"),
+            # Every waiting buyer presents the same ticket on each poll: remember verified ones.
+            Signer.from_setting(own, "ticket", remember=TICKETS_REMEMBERED),
+            Signer.from_setting(own, "admission"),
+        )

@@ -13,15 +13,17 @@ from aiohttp import web
 
 from flashsale.errors import InvalidInput, Unauthorized
 from flashsale.salespec import parse_sale
-from gateway.app import PG, REDIS, SALES, SETTINGS, Handler, json_response
-from gateway.http import bearer, json_body
+from gateway.http import bearer, json_body, json_response
+from gateway.middleware import Handler
+from gateway.state import CLIENTS, SALES, SETTINGS
+from reconciler.audit import audit_sale
 
 PREFIX = "/admin/"
 
 
 def require_admin(request: web.Request) -> None:
-    """The guard run before every request (see ``gateway.app.errors``): 401 for a path under
-    ``/admin/`` without the admin token, before routing."""
+    """The guard run before every request (:func:`gateway.middleware.edge`): 401 for a path
+    under ``/admin/`` without the admin token, before routing."""
     if request.path.startswith(PREFIX) or request.path == PREFIX.rstrip("/"):
         expected = request.app[SETTINGS].admin_token.reveal().encode()
         given = bearer(request).encode()  # Unauthorized (missing_token) when absent
@@ -66,20 +68,11 @@ async def add_stock(request: web.Request) -> web.Response:
 async def audit(request: web.Request) -> web.Response:
     """The post-sale audit (``flashsale audit SALE --json``): 200 with the report whether it
     passed or not; ``passed`` says which."""
-    from reconciler.audit import audit_sale  # noqa: PLC0415 - admin-only, rarely called
-    from workers.payments import HttpProvider  # noqa: PLC0415
-
     app, sale_id = request.app, request.match_info["sale"]
     await app[SALES].get(sale_id)  # 404 for an unknown sale
-    settings = app[SETTINGS]
-    if settings.psp_url:
-        async with HttpProvider(settings.psp_url) as provider:
-            report = await audit_sale(app[PG], app[REDIS], provider, settings, sale_id)
-    else:
-        report = await audit_sale(app[PG], app[REDIS], None, settings, sale_id)
-    return json_response({"passed": report.passed, "sale_id": sale_id,
-                          "invariants": [i.json() for i in report.invariants],
-                          "facts": report.facts})  # fmt: skip
+    c = app[CLIENTS]
+    report = await audit_sale(c.pool, c.redis, c.provider, app[SETTINGS], sale_id)
+    return json_response(report.json())
 
 
 def lifecycle(action: str) -> Handler:

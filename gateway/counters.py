@@ -13,9 +13,9 @@ import bisect
 import time
 from dataclasses import dataclass, field
 
-from allocator.queue import QUEUE_FIELDS, SALE_FIELDS, QueueScripts, QueueView, Step
+from allocator.queue_scripts import QueueScripts, QueueView, Step
 from flashsale.keys import SaleKeys
-from flashsale.marks import QueueMarks
+from flashsale.queue_marks import QueueMarks
 
 REFRESH_S = 0.1
 
@@ -72,26 +72,20 @@ class CounterCache:
         return fresh
 
     async def _refresh(self, sale_id: str, current: Counters | None) -> Counters:
-        keys = SaleKeys(sale_id)
         known = current.steps[-1].to if current and current.steps else 0
-        pipe = self.queue.client.pipeline(transaction=False)
-        pipe.hmget(keys.sale, *SALE_FIELDS)
-        pipe.hmget(keys.queue, *QUEUE_FIELDS)
-        pipe.zrangebyscore(keys.steps, f"({known}", "+inf")
-        pipe.time()
         before = time.time()
-        sale, queue, new_steps, (seconds, micros) = await pipe.execute()
+        snap = await self.queue.snapshot(SaleKeys(sale_id), steps_after=known, redis_time=True)
         local_ms = (before + time.time()) * 500
-        view = QueueView.parse(sale, queue)
+        view = snap.view
         if self.marks is not None and view.live:
             self.marks.note(sale_id, view.mark())
         elif self.marks is not None and sale_id in self.marks.seen:
             self.marks.urgent.set()  # the waiting room was lost: checkpoint what we saw now
         steps = current.steps if current is not None and view.serving >= known else []
-        steps = steps + [Step.parse(m) for m in new_steps]
+        steps = steps + snap.steps
         if len(self._by_sale) > 1024:
             self._by_sale.clear()
-        offset = int(seconds * 1000 + micros // 1000 - local_ms)
+        offset = int(snap.redis_ms - local_ms)
         fresh = Counters(view, steps, time.monotonic(), offset)
         self._by_sale[sale_id] = fresh
         return fresh

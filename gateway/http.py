@@ -1,16 +1,40 @@
-"""Request helpers shared by every route module: JSON bodies and bearer credentials."""
+"""Request and response helpers shared by every route module: JSON answers and error bodies,
+JSON request bodies, bearer credentials, the caller's buyer id and sale, rate limits."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from flashsale.errors import InvalidInput, RequestTimeout, Unauthorized
-from gateway.app import LIMITER, SETTINGS
+from flashsale.errors import InvalidInput, NotFound, RequestTimeout, Unauthorized
+from flashsale.keys import ID_PATTERN
+from flashsale.tokens import buyer_subject
+from gateway.metrics import ERROR_CODE
+from gateway.state import LIMITER, SETTINGS, SIGNERS
+
+MAX_BODY = 16 * 1024
+
+
+def json_response(
+    data: object, status: int = 200, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(data), status=status, content_type="application/json", headers=headers
+    )
+
+
+def error_response(
+    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    """The one error body, ``{"error": {"code", "message"}}``; the code is kept on the response
+    for the refusal metrics."""
+    response = json_response({"error": {"code": code, "message": message}}, status, headers)
+    response[ERROR_CODE] = code
+    return response
 
 
 async def json_body(
@@ -65,3 +89,16 @@ async def rate_limit(request: web.Request, buyer: str | None = None) -> None:
     if buyer is not None:
         subjects.append((f"buyer:{buyer}", settings.rate_per_buyer))
     await request.app[LIMITER].check(subjects)
+
+
+def buyer_of(request: web.Request) -> str:
+    """The buyer id of the request's buyer token; 401 without a valid one."""
+    return buyer_subject(request.app[SIGNERS].buyer.verify(bearer(request)))
+
+
+def sale_of(request: web.Request) -> str:
+    """The ``{sale}`` of the path; 404 for anything that cannot be a sale id."""
+    sale_id = request.match_info["sale"]
+    if not ID_PATTERN.match(sale_id):
+        raise NotFound(f"unknown sale {sale_id!r}", code="unknown_sale")
+    return sale_id

@@ -13,7 +13,7 @@ import importlib.resources
 
 from aiohttp import web
 
-from gateway.public import sale_summary
+from gateway.catalog import sale_summary
 
 PAGE = importlib.resources.files("gateway").joinpath("waiting_room.html").read_text()
 

@@ -4,45 +4,36 @@
 A reservation needs the buyer's bearer token, an admission token for that buyer and sale, and
 an ``Idempotency-Key``. The admission is first bound to this one request in the sale's slot
 (``lua/claim.lua``: one admission, one request, judged by Redis ``TIME``); the request then
-goes to the in-process :class:`~allocator.allocator.SkuAllocator`, which batches concurrent
+goes to the in-process :class:`~allocator.sku_allocator.SkuAllocator`, which batches concurrent
 requests for the SKU into one script call. A replay of the same key and body gets the same
 answer; the same key with another body gets 422 ``idempotency_mismatch``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 from typing import Any
 
 from aiohttp import web
 
+from allocator.hold_scripts import ReserveRequest
 from allocator.ids import route_of, routed_reservation_id
-from allocator.scripts import ReserveRequest
 from flashsale.errors import (
     Conflict,
     FlashsaleError,
     Forbidden,
     InvalidInput,
+    InvalidToken,
     NotFound,
     Unavailable,
 )
-from flashsale.events import HoldRecord
 from flashsale.keys import SaleKeys, SkuKeys
-from flashsale.sales import iso_ms
-from flashsale.tokens import InvalidToken
-from gateway.app import (
-    ALLOCATORS,
-    HOLDS,
-    METRICS,
-    PG,
-    QUEUE,
-    SIGNERS,
-    json_response,
-)  # fmt: skip
-from gateway.http import json_body, rate_limit
-from gateway.public import sale_summary
-from gateway.queue import buyer_of, sale_of
+from flashsale.orders import order_view
+from flashsale.records import SEPARATORS, HoldRecord, request_fingerprint
+from flashsale.timefmt import iso_ms
+from gateway.catalog import sale_summary
+from gateway.http import buyer_of, json_body, json_response, rate_limit, sale_of
+from gateway.state import ALLOCATORS, CLIENTS, HOLDS, METRICS, QUEUE, SIGNERS
 
 IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,100}$")
 MAX_PAYMENT_TOKEN = 200
@@ -103,7 +94,7 @@ def _body(raw: dict[str, Any], limit: int) -> tuple[str, int, str]:
         )  # fmt: skip
     if (
         not isinstance(payment, str) or not payment or len(payment) > MAX_PAYMENT_TOKEN
-        or not payment.isprintable() or "\x1f" in payment or "\x1e" in payment
+        or not payment.isprintable() or any(c in payment for c in SEPARATORS)
     ):  # fmt: skip
         raise InvalidInput("payment_token", f"required: printable text of 1..{MAX_PAYMENT_TOKEN}")
     return sku, quantity, payment
@@ -126,7 +117,7 @@ async def reserve(request: web.Request) -> web.Response:
     sku, quantity, payment = _body(raw, limit)
     if sku not in sku_info:
         raise NotFound(f"unknown SKU {sku!r} in sale {sale_id}", code="unknown_sku")
-    fingerprint = hashlib.sha256(f"{sku}\0{quantity}\0{payment}".encode()).hexdigest()[:16]
+    fingerprint = request_fingerprint(sku, quantity, payment)
     claim = await app[QUEUE].claim(SaleKeys(sale_id), position, key, fingerprint, deadline_ms)
     metrics = app[METRICS]
     if claim != "ok":
@@ -183,9 +174,7 @@ async def _owned_hold(request: web.Request) -> tuple[str, SkuKeys, HoldRecord]:
 
 async def _reservation_json(request: web.Request, rid: str, keys: SkuKeys, hold: HoldRecord
                             ) -> dict[str, Any]:  # fmt: skip
-    order = await request.app[PG].fetchrow(
-        "SELECT state, amount, currency, updated_at FROM orders WHERE id = $1", rid
-    )
+    order = await order_view(request.app[CLIENTS].pool, rid)
     return {
         "reservation_id": rid,
         "sale_id": keys.sale_id,
@@ -194,11 +183,8 @@ async def _reservation_json(request: web.Request, rid: str, keys: SkuKeys, hold:
         "state": hold.state,
         "cause": hold.cause or None,
         "hold_expires_at": iso_ms(hold.deadline_ms),
-        "order": None if order is None else {
-            "state": order["state"], "amount": order["amount"],
-            "currency": order["currency"].strip(), "updated_at": order["updated_at"].isoformat(),
-        },
-    }  # fmt: skip
+        "order": None if order is None else order.json(),
+    }
 
 
 async def get_reservation(request: web.Request) -> web.Response:

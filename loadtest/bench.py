@@ -170,3 +170,8 @@ def _cell(value: Any) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
+
+
+def inconsistent(report: Report) -> list[str]:
+    """The rows whose consistency check failed (``extra["consistent"]`` False)."""
+    return [r.name for r in report.rows if r.extra.get("consistent") is False]

@@ -1,6 +1,10 @@
 """``flashsale bench all``: every benchmark, one after the other, and the tables of
 ``docs/BENCHMARKS.md`` rewritten from what they measured.
 
+:func:`run` runs them, the demo first (the others leave sales behind, the reconcile run with
+10,000 SKUs, that the services keep an eye on for a while); ``--quick`` runs each small, as a
+check that every one works.
+
 Each benchmark's section in the document holds a block between ``<!-- bench all: NAME -->``
 and ``<!-- /bench all: NAME -->``: the latest run's machine, command, table and targets. Only
 those blocks are rewritten; the analysis around them is written by people and kept. Each run
@@ -18,7 +22,9 @@ from typing import Any
 
 import orjson
 
-from loadtest.bench import Report
+from flashsale.settings import Settings
+from loadtest import bench_allocate, bench_gateway, bench_pipeline, bench_reconcile, demo
+from loadtest.bench import Report, machine
 
 Progress = Callable[[str], None]
 NAMES = ("allocate", "gateway", "pipeline", "reconcile", "demo")
@@ -103,3 +109,61 @@ async def run_all(runners: dict[str, Runner], doc: Path, progress: Progress) -> 
 
 def write_json(path: Path, data: Any) -> None:
     path.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
+
+
+async def run(settings: Settings, *, quick: bool, folder: Path, doc: Path | None,
+              progress: Progress) -> list[Outcome]:  # fmt: skip
+    """Every benchmark and the demo; their JSON in ``folder``, their blocks in ``doc`` (when
+    given). An outcome is ``ok`` when its consistency checks held."""
+
+    def outcome(name: str, report: Report, render: Callable[[Report], str], ok: bool) -> Outcome:
+        write_json(folder / f"bench-{name}.json", report.as_json())
+        progress(render(report))
+        return Outcome(name, block_for_report(report, render(report)), ok,
+                       all(t.met for t in report.targets))  # fmt: skip
+
+    async def allocate() -> Outcome:
+        o = bench_allocate.Options(seconds=0.3) if quick else bench_allocate.Options()
+        report = await bench_allocate.run(settings, o, progress, o.command())
+        return outcome("allocate", report, bench_allocate.render,
+                       not bench_allocate.failed(report))  # fmt: skip
+
+    async def gateway() -> Outcome:
+        o = bench_gateway.Options(seconds=0.6, rounds=2, workers=1) if quick \
+            else bench_gateway.Options()  # fmt: skip
+        report = await bench_gateway.run(settings, o, progress, o.command())
+        return outcome("gateway", report, bench_gateway.render, not bench_gateway.failed(report))
+
+    async def pipeline() -> Outcome:
+        o = bench_pipeline.Options()
+        if quick:
+            o = bench_pipeline.Options(reservations=300, latencies=(0.0,), concurrency=100,
+                                       paced_seconds=1)  # fmt: skip
+        report = await bench_pipeline.run(settings, o, progress, o.command())
+        return outcome("pipeline", report, bench_pipeline.render,
+                       not bench_pipeline.failed(report))  # fmt: skip
+
+    async def reconcile() -> Outcome:
+        o = bench_reconcile.Options(skus=300, passes=1) if quick else bench_reconcile.Options()
+        report = await bench_reconcile.run(settings, o, progress, o.command())
+        return outcome("reconcile", report, bench_reconcile.render,
+                       not bench_reconcile.failed(report))  # fmt: skip
+
+    async def spike() -> Outcome:
+        buyers = 2000 if quick else 50_000
+        path = folder / "bench-demo.json"
+        described = machine()
+        code = await demo.run(settings, buyers=buyers, stock=100, progress=progress,
+                              json_path=str(path))  # fmt: skip
+        data = orjson.loads(await asyncio.to_thread(path.read_bytes))
+        seconds = data["seconds_to_answer_all"]
+        met = seconds is not None and seconds <= data["target_seconds"]
+        return Outcome("demo", block_for_demo(data, described), code == 0, met)
+
+    runners: dict[str, Runner] = {
+        "demo": spike, "allocate": allocate, "gateway": gateway, "pipeline": pipeline,
+        "reconcile": reconcile,
+    }  # fmt: skip
+    if doc is None:
+        return [await runner() for runner in runners.values()]
+    return await run_all(runners, doc, progress)

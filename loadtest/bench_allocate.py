@@ -24,12 +24,14 @@ import asyncpg
 import hiredis
 import redis.asyncio as aioredis
 
-from allocator.allocator import SkuAllocator
+from allocator.hold_scripts import HoldScripts, ReserveRequest
 from allocator.ids import new_reservation_id
-from allocator.scripts import HoldScripts, ReserveRequest, Scripts, pack_command
+from allocator.redis_calls import pack_command
+from allocator.sale_scripts import SaleScripts
+from allocator.sku_allocator import SkuAllocator
 from flashsale.keys import SkuKeys
 from flashsale.settings import Settings
-from loadtest.bench import Report, Row, Target, drive, machine, table
+from loadtest.bench import Report, Row, Target, drive, inconsistent, machine, table
 
 STOCK = 1_000_000
 POOL = 64  # connections for the one-request-at-a-time rows (Postgres and Redis alike)
@@ -117,7 +119,7 @@ class Bench:
 
     async def fresh_sku(self, client: aioredis.Redis, name: str) -> SkuKeys:
         keys = SkuKeys(f"bench-{self.run_id}", name)
-        await Scripts(client).preload(
+        await SaleScripts(client).preload(
             keys, total=STOCK, meta=_sku_meta(keys), force=True, first=True
         )
         self._skus.append(keys)
@@ -390,6 +392,14 @@ def check_targets(rows: list[Row]) -> list[Target]:
         Target("batched vs lua_per_request", f">= {TARGET_VS_PER_REQUEST:.0f}x", f"{vs_lua:.1f}x",
                vs_lua >= TARGET_VS_PER_REQUEST),
     ]  # fmt: skip
+
+
+FAILURE = "stock moved by a different amount than decisions in"
+
+
+def failed(report: Report) -> list[str]:
+    """The rows whose check failed (named after ``FAILURE``)."""
+    return inconsistent(report)
 
 
 async def run(settings: Settings, options: Options, progress: Progress, command: str) -> Report:

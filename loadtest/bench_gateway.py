@@ -39,7 +39,7 @@ import orjson
 from aiohttp import web
 
 from allocator.pump import quantile
-from flashsale.devstack import free_port
+from flashsale.cli.devstack.processes import free_port
 from flashsale.settings import Settings
 from flashsale.tokens import Signer
 from loadtest.bench import Report, Row, Target, drive, machine, table
@@ -199,6 +199,14 @@ class _Meter:
             round_ratios=[round(r, 3) for r in ratios],
         )
         return row
+
+
+FAILURE = "requests failed in"
+
+
+def failed(report: Report) -> list[str]:
+    """The rows with an answer other than 200 (named after ``FAILURE``)."""
+    return [r.name for r in report.rows if r.extra["non_200"]]
 
 
 async def run(settings: Settings, options: Options, progress: Progress, command: str) -> Report:

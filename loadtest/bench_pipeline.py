@@ -28,19 +28,19 @@ from datetime import UTC, datetime, timedelta
 import aiohttp
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from allocator.hold_scripts import HoldScripts, ReserveRequest
 from allocator.ids import new_reservation_id
 from allocator.pump import quantile
 from allocator.relay import OutboxRelay, run_relay
-from allocator.scripts import HoldScripts, ReserveRequest
+from allocator.sale_admin import SaleAdmin
+from flashsale.cli.devstack.processes import free_port
 from flashsale.clients import pg_pool, redis_client
-from flashsale.devstack import free_port
-from flashsale.events import HoldRecord
 from flashsale.kafka import ensure_topics, producer
 from flashsale.keys import SkuKeys
-from flashsale.sales import SaleAdmin
+from flashsale.records import HoldRecord
 from flashsale.salespec import parse_sale
 from flashsale.settings import Settings, Topics
-from loadtest.bench import Report, Row, Target, machine, table
+from loadtest.bench import Report, Row, Target, inconsistent, machine, table
 from loadtest.bench_gateway import Servers, _ready
 
 TARGETS = {0.0: 5_000.0, 50.0: 2_000.0}  # orders/s on this 2-core machine (issue 5)
@@ -271,6 +271,14 @@ async def _broker_ceiling(settings: Settings, count: int, progress: Progress) ->
     progress(f"  broker ceiling: {count / elapsed:,.0f} messages/s produced and consumed")
     return Row("broker_ceiling", "produce + consume only, no effects", count / elapsed, count,
                elapsed)  # fmt: skip
+
+
+FAILURE = "confirmed orders disagree with the holds granted in"
+
+
+def failed(report: Report) -> list[str]:
+    """The rows whose check failed (named after ``FAILURE``)."""
+    return inconsistent(report)
 
 
 async def run(settings: Settings, options: Options, progress: Progress, command: str) -> Report:

@@ -23,14 +23,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from allocator.scripts import read_packed
+from allocator.redis_calls import read_packed
+from allocator.sale_admin import SaleAdmin
 from flashsale.clients import pg_pool, redis_client
 from flashsale.keys import SkuKeys
-from flashsale.sales import SaleAdmin
 from flashsale.salespec import parse_sale
 from flashsale.settings import Settings
-from loadtest.bench import Report, Row, Target, machine, table
-from reconciler.reconcile import SCOPE, Reconciler, sku_reads
+from loadtest.bench import Report, Row, Target, inconsistent, machine, table
+from reconciler.reconcile import Reconciler
+from reconciler.skus import SCOPE, sku_reads
 
 TARGET_S = 1.0  # per clean pass over 10,000 SKUs
 Progress = Callable[[str], None]
@@ -54,6 +55,14 @@ async def _median(passes: int, run: Callable[[], Awaitable[Any]]) -> float:
         await run()
         times.append(time.perf_counter() - began)
     return statistics.median(times)
+
+
+FAILURE = "the drift pass did not repair exactly the corrupted SKUs in"
+
+
+def failed(report: Report) -> list[str]:
+    """The rows whose check failed (named after ``FAILURE``)."""
+    return inconsistent(report)
 
 
 async def run(settings: Settings, options: Options, progress: Progress, command: str) -> Report:

@@ -36,8 +36,8 @@ import aiohttp
 import asyncpg
 import orjson
 
+from flashsale.cli.devstack.processes import free_ports
 from flashsale.clients import redis_client
-from flashsale.devstack import free_ports
 from flashsale.kafka import ensure_topics
 from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.migrate import migrate

@@ -5,7 +5,7 @@ Each buyer joins the queue, polls its status at the server's ``retry_after_ms`` 
 a demo does not idle), reserves once admitted, and ends with a definitive answer: a
 reservation or ``sold_out`` (or an error, counted). 429 and 503 answers are retried after
 their ``Retry-After``. Latencies are kept per route. Requests go through the small
-keep-alive client of :mod:`loadtest.http`: the driver shares the machine with the engine.
+keep-alive client of :mod:`loadtest.http_client`: the driver shares the machine with the engine.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from allocator.pump import quantile
-from loadtest.http import Client, HttpError
+from loadtest.http_client import Client, HttpError
 
 
 @dataclass

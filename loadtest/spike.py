@@ -16,7 +16,7 @@ from pathlib import Path
 
 import aiohttp
 
-from flashsale.devstack import free_ports
+from flashsale.cli.devstack.processes import free_ports
 from flashsale.kafka import ensure_topics
 from flashsale.settings import Settings
 from loadtest.demo import engine, healthy

@@ -24,13 +24,12 @@ newest ACTIVE holds Postgres knows nothing of are released (cause ``reconciled``
 never an oversell.
 
 **A waiting room** (:func:`restore_queue`): the queue counters go back to at least the
-highest values gateways and pumps checkpointed (:mod:`flashsale.marks`), the admission
+highest values gateways and pumps checkpointed (:mod:`flashsale.queue_marks`), the admission
 claims come back from the orders, and the room reopens.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -39,16 +38,17 @@ from dataclasses import dataclass
 import asyncpg
 import redis.asyncio as aioredis
 
-from allocator.scripts import HoldScripts, HoldWrite, RepairScripts, StockCounts
-from flashsale.events import SEP, HoldRecord
+from allocator.hold_scripts import HoldScripts
+from allocator.repair_scripts import HoldWrite, RepairScripts
+from allocator.sale_scripts import StockCounts
 from flashsale.keys import SaleKeys, SkuKeys
-from flashsale.marks import Mark, highest
-from flashsale.sales import sku_meta
+from flashsale.orders import STATE_CAUSE
+from flashsale.queue_marks import Mark, highest
+from flashsale.records import ClaimMember, HoldRecord, HoldState, IdemAnswer, ReserveResult, text
+from flashsale.sales import fetch_sale, fetch_sku, sku_meta
 
 log = logging.getLogger("flashsale.reconciler")
 
-# The cause a released hold records for each failed terminal order state.
-STATE_CAUSE = {"EXPIRED": "expired", "CANCELLED": "cancelled", "PAYMENT_FAILED": "payment_failed"}
 RECONCILED = "reconciled"  # cause of holds released because Postgres sold their units
 
 _SKU_ORDERS = """
@@ -85,32 +85,18 @@ def plan_holds(
     if release_unordered_sold:
         ordered = {o["id"] for o in orders}
         for held_id, held in holds.items():
-            text = held.decode()
-            parts = text.split(SEP)
-            if held_id not in ordered and parts[0] == "SOLD":
-                parts[0], parts[6] = "RELEASED", RECONCILED
-                writes.append(HoldWrite(held_id, SEP.join(parts), expected=text))
+            record = HoldRecord.parse(held)
+            if held_id not in ordered and record.state == "SOLD":
+                released = record.moved("RELEASED", RECONCILED)
+                writes.append(HoldWrite(held_id, released.encode(), expected=text(held)))
     for order in orders:
         rid, state = order["id"], order["state"]
         raw = holds.get(rid)
-        current = HoldRecord.parse(raw) if raw is not None else None
-        if current is None:
-            qty, key, buyer = order["quantity"], order["idempotency_key"], order["buyer_id"]
-            payref, admission = order["payment_token"], order["admission_id"]
-            hold_state = {"CONFIRMED": "SOLD", "PAYING": "PAYING", "PENDING": "ACTIVE"}.get(
-                state, "RELEASED"
-            )
-            deadline = now_ms + ttl_ms if hold_state == "ACTIVE" else order["created_ms"] + ttl_ms
-            record = SEP.join([hold_state, str(qty), str(deadline), payref, admission,
-                               str(order["created_ms"]), STATE_CAUSE.get(state, ""), buyer,
-                               key])  # fmt: skip
-            # The buyer's remembered reserve answer, as lua/reserve.lua writes it.
-            idem_field = f"{buyer}{SEP}{key}" if key else ""
-            idem_value = f"{qty}{SEP}{payref}\x1ereserved{SEP}{rid}{SEP}{deadline}" if key else ""
-            writes.append(HoldWrite(rid, record, None, idem_field, idem_value,
-                                    redrive=hold_state == "ACTIVE"))  # fmt: skip
+        if raw is None:
+            writes.append(_hold_for(order, now_ms, ttl_ms))
             continue
-        wanted: str | None = None
+        current = HoldRecord.parse(raw)
+        wanted: HoldState | None = None
         if state == "CONFIRMED" and current.state != "SOLD":
             wanted = "SOLD"
         elif state == "PAYING" and current.state == "ACTIVE":
@@ -118,19 +104,31 @@ def plan_holds(
         elif state in STATE_CAUSE and current.state != "RELEASED":
             wanted = "RELEASED"
         if wanted is not None:
-            text = raw.decode() if isinstance(raw, bytes) else str(raw)
-            fields = text.split(SEP)
-            fields[0] = wanted
-            if wanted == "RELEASED":
-                fields[6] = STATE_CAUSE[state]
-            writes.append(HoldWrite(rid, SEP.join(fields), expected=text))
+            moved = current.moved(wanted, STATE_CAUSE[state] if wanted == "RELEASED" else None)
+            writes.append(HoldWrite(rid, moved.encode(), expected=text(raw)))
     return writes
+
+
+def _hold_for(order: asyncpg.Record, now_ms: int, ttl_ms: int) -> HoldWrite:
+    """The hold an order implies where Redis has none, with the buyer's remembered answer."""
+    rid, state, key = order["id"], order["state"], order["idempotency_key"]
+    hold_state: HoldState = {"CONFIRMED": "SOLD", "PAYING": "PAYING", "PENDING": "ACTIVE"}.get(
+        state, "RELEASED"
+    )  # type: ignore[assignment]
+    deadline = now_ms + ttl_ms if hold_state == "ACTIVE" else order["created_ms"] + ttl_ms
+    hold = HoldRecord(hold_state, order["quantity"], deadline, order["payment_token"],
+                      order["admission_id"], order["created_ms"], STATE_CAUSE.get(state, ""),
+                      order["buyer_id"], key)  # fmt: skip
+    # The buyer's remembered reserve answer, as lua/reserve.lua writes it.
+    answer = IdemAnswer(hold.quantity, hold.payment_ref,
+                        ReserveResult("reserved", rid, deadline))  # fmt: skip
+    return HoldWrite(rid, hold.encode(), None, hold.idem_field if key else "",
+                     answer.encode() if key else "", redrive=hold_state == "ACTIVE")  # fmt: skip
 
 
 async def _hold_map(client: aioredis.Redis, keys: SkuKeys) -> dict[str, bytes]:
     raw = await client.hgetall(keys.holds)
-    return {(k.decode() if isinstance(k, bytes) else k): (v if isinstance(v, bytes) else
-            v.encode()) for k, v in raw.items()}  # fmt: skip
+    return {text(k): (v if isinstance(v, bytes) else v.encode()) for k, v in raw.items()}
 
 
 async def rebuild_sku(
@@ -145,10 +143,8 @@ async def rebuild_sku(
     ``unavailable`` from the first step until the last; an interrupted rebuild leaves it
     closed and the next pass finishes it."""
     repair, holds_scripts = RepairScripts(client), HoldScripts(client)
-    sale = await pool.fetchrow("SELECT * FROM sales WHERE id = $1", keys.sale_id)
-    sku = await pool.fetchrow(
-        "SELECT * FROM sale_skus WHERE sale_id = $1 AND sku = $2", keys.sale_id, keys.sku
-    )
+    sale = await fetch_sale(pool, keys.sale_id)
+    sku = await fetch_sku(pool, keys.sale_id, keys.sku)
     if sale is None or sku is None:
         raise LookupError(f"no SKU {keys.sku} in sale {keys.sale_id}")
     ttl_ms = sku["hold_ttl_seconds"] * 1000
@@ -212,12 +208,6 @@ WHERE sale_id = $1 AND admission_id ~ '^[0-9]+$' AND idempotency_key <> ''
 """
 
 
-def claim_member(position: str, key: str, sku: str, quantity: int, payment: str) -> str:
-    """An admission claim as ``lua/claim.lua`` stores it (the gateway's request fingerprint)."""
-    fingerprint = hashlib.sha256(f"{sku}\0{quantity}\0{payment}".encode()).hexdigest()[:16]
-    return f"{position}{SEP}{key}{SEP}{fingerprint}"
-
-
 async def restore_queue(
     pool: asyncpg.Pool, client: aioredis.Redis, sale_id: str
 ) -> tuple[Mark, tuple[int, int, int | None]]:
@@ -225,8 +215,8 @@ async def restore_queue(
     of its orders; (the marks used, (tail, serving, cutoff) as restored)."""
     mark = await highest(pool, sale_id)
     claims = [
-        claim_member(r["admission_id"], r["idempotency_key"], r["sku"], r["quantity"],
-                     r["payment_token"])
+        ClaimMember.of(int(r["admission_id"]), r["idempotency_key"], r["sku"], r["quantity"],
+                       r["payment_token"]).encode()
         for r in await pool.fetch(_CLAIMS, sale_id)
     ]  # fmt: skip
     restored = await RepairScripts(client).restore_queue(

@@ -11,52 +11,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import asyncpg
-import redis.asyncio as aioredis
 import redis.exceptions
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from flashsale.clients import pg_pool, redis_client
+from flashsale.clients import Clients, open_clients
 from flashsale.errors import FlashsaleError
-from flashsale.ops import serve_ops
+from flashsale.ops_endpoints import dependency_probes, serve_ops
 from flashsale.settings import Settings
 from reconciler.audit import AuditReport, audit_sale
-from reconciler.reconcile import PassReport, Reconciler
-from workers.payments import HttpProvider, PaymentProvider
+from reconciler.reconcile import Reconciler
+from reconciler.report import PassReport
 
 log = logging.getLogger("flashsale.reconciler")
 
 FAILURES = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
             redis.exceptions.RedisError, FlashsaleError)  # fmt: skip
-
-
-@dataclass
-class Clients:
-    pool: asyncpg.Pool
-    redis: aioredis.Redis
-    provider: PaymentProvider | None
-
-
-@contextlib.asynccontextmanager
-async def clients(settings: Settings) -> AsyncIterator[Clients]:
-    """Postgres, Redis and (when FLASHSALE_PSP_URL is set) the payment provider, closed on
-    exit."""
-    pool = await pg_pool(settings, min_size=1, max_size=4)
-    client = redis_client(settings)
-    provider = HttpProvider(settings.psp_url) if settings.psp_url else None
-    try:
-        if provider is not None:
-            await provider.__aenter__()
-        yield Clients(pool, client, provider)
-    finally:
-        if provider is not None:
-            await provider.aclose()
-        await client.aclose()
-        await pool.close()
 
 
 def reconciler(c: Clients, settings: Settings, *, stuck_after_s: float,
@@ -69,14 +42,14 @@ def reconciler(c: Clients, settings: Settings, *, stuck_after_s: float,
 
 async def reconcile_once(settings: Settings, sales: Sequence[str] | None,
                          stuck_after_s: float) -> PassReport:  # fmt: skip
-    async with clients(settings) as c:
+    async with open_clients(settings) as c:
         return await reconciler(c, settings, stuck_after_s=stuck_after_s).run_once(
             sales, wait_for_grace=True
         )
 
 
 async def audit(settings: Settings, sale_id: str) -> AuditReport:
-    async with clients(settings) as c:
+    async with open_clients(settings) as c:
         return await audit_sale(c.pool, c.redis, c.provider, settings, sale_id)
 
 
@@ -84,11 +57,11 @@ async def serve(settings: Settings, stop: asyncio.Event, *, interval: float,
                 stuck_after_s: float, ops_port: int | None, host: str) -> None:  # fmt: skip
     """A pass every ``interval`` seconds until ``stop``."""
     registry = CollectorRegistry()
-    async with clients(settings) as c:
+    async with open_clients(settings) as c:
         rec = reconciler(c, settings, stuck_after_s=stuck_after_s, registry=registry)
         runner: web.AppRunner | None = None
         if ops_port is not None:
-            checks = {"redis": c.redis.ping, "postgres": lambda: c.pool.fetchval("SELECT 1")}
+            checks = dependency_probes(c.redis, c.pool)
             runner = await serve_ops(host, ops_port, lambda: checks, registry)
             log.info("reconciler ops endpoints on http://%s:%d/healthz and /metrics", host,
                      ops_port)  # fmt: skip

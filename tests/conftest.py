@@ -19,11 +19,11 @@ import asyncpg
 import pytest
 import redis
 
+from allocator.sale_admin import SaleAdmin
 from flashsale.cli import main
+from flashsale.cli.devstack.stack import EXTERNAL_VAR, DevStack
 from flashsale.clients import pg_pool, redis_client
-from flashsale.devstack import EXTERNAL_VAR, DevStack
 from flashsale.migrate import migrate
-from flashsale.sales import SaleAdmin
 from flashsale.settings import Settings, home_dir, read_env_file
 
 REPO = Path(__file__).resolve().parent.parent

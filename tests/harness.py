@@ -15,10 +15,11 @@ from typing import Any
 from aiohttp.test_utils import TestClient, TestServer
 
 from allocator.pump import AdmissionPump
-from allocator.queue import QueueScripts
+from allocator.queue_scripts import QueueScripts
 from flashsale.settings import Rate, Secret, Settings
 from flashsale.tokens import Signer
-from gateway.app import PG, REDIS, create_app
+from gateway.app import create_app
+from gateway.state import CLIENTS
 
 ADMIN = "test-admin-token-0123456789"
 
@@ -72,7 +73,8 @@ class Gateway:
 
     def pump(self, sale_id: str, *, interval: float = 0.02, owner: str = "test") -> AdmissionPump:
         """Start ticking an admission pump for ``sale_id`` until the harness closes."""
-        pump = AdmissionPump(QueueScripts(self.app[REDIS]), self.app[PG], sale_id, ["SKU-1"], owner)
+        c = self.app[CLIENTS]
+        pump = AdmissionPump(QueueScripts(c.redis), c.pool, sale_id, ["SKU-1"], owner)
 
         async def run() -> None:
             while not self.stopping:
@@ -162,7 +164,8 @@ class LiveGateway:
 
     def pump_forever(self, sale_id: str, skus: list[str]) -> None:
         """Tick an admission pump for ``sale_id`` in the server's loop until shutdown."""
-        pump = AdmissionPump(QueueScripts(self.app[REDIS]), self.app[PG], sale_id, skus, "live")
+        c = self.app[CLIENTS]
+        pump = AdmissionPump(QueueScripts(c.redis), c.pool, sale_id, skus, "live")
 
         async def run() -> None:
             while True:

@@ -29,21 +29,21 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from allocator.hold_scripts import HoldScripts, ReserveRequest
 from allocator.ids import routed_reservation_id
-from allocator.queue import QueueScripts
+from allocator.queue_scripts import QueueScripts
 from allocator.relay import OutboxRelay, run_relay
-from allocator.scripts import HoldScripts, ReserveRequest
+from allocator.sale_admin import SaleAdmin
+from flashsale.cli.devstack.processes import free_port
 from flashsale.clients import pg_pool, redis_client
-from flashsale.devstack import free_port
 from flashsale.events import ReservationEvent, decode_event
 from flashsale.kafka import ensure_topics, producer
 from flashsale.keys import SaleKeys, SkuKeys
-from flashsale.sales import SaleAdmin
+from flashsale.orders import TERMINAL, OrderStore
+from flashsale.payments import CircuitBreaker, HttpProvider
 from flashsale.salespec import parse_sale
 from flashsale.settings import Settings, Topics
-from workers.orders import TERMINAL, OrderStore
-from workers.payments import CircuitBreaker, HttpProvider
-from workers.psp import Knobs, Simulator
+from workers.payment_simulator import Knobs, Simulator
 from workers.service import BATCH_PLANNING, WorkerService
 
 SKU = "SKU-1"

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from flashsale.devstack import EXTERNAL_VAR, DevStack, pid_alive
+from flashsale.cli.devstack.processes import pid_alive
+from flashsale.cli.devstack.stack import EXTERNAL_VAR, DevStack
 from flashsale.settings import read_env_file
 
 from .conftest import REPO, Cli

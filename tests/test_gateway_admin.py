@@ -11,7 +11,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from flashsale.settings import Secret, Settings
 from flashsale.tokens import Signer
-from gateway.app import PG, create_app
+from gateway.app import create_app
+from gateway.state import CLIENTS
 
 ADMIN = "test-admin-token-0123456789"
 SALE = {
@@ -103,7 +104,7 @@ async def test_bad_sale_bodies_are_422_and_write_nothing(
 ) -> None:
     app = http.app
     assert app is not None
-    pool = app[PG]
+    pool = app[CLIENTS].pool
     before = await pool.fetchval("SELECT count(*) FROM sales")
     response = await http.post(
         "/admin/v1/sales", data=body, headers={**auth(), "Content-Type": "application/json"}

@@ -13,7 +13,7 @@ import pytest
 from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.settings import Rate, Settings
 from flashsale.tokens import Signer
-from gateway.app import REDIS
+from gateway.state import CLIENTS
 from tests.harness import Gateway, auth, gateway
 
 GOOD = {"sku": "SKU-1", "quantity": 1, "payment_token": "tok_ok"}
@@ -101,9 +101,9 @@ async def test_bad_reservation_inputs_are_refused_and_change_nothing(gw: Gateway
         assert body["error"]["message"], name
 
     # Nothing was written: stock untouched, the admission never claimed.
-    stock = await gw.app[REDIS].hmget(SkuKeys(sale, "SKU-1").stock, "available", "active")
+    stock = await gw.app[CLIENTS].redis.hmget(SkuKeys(sale, "SKU-1").stock, "available", "active")
     assert [int(v) for v in stock] == [3, 0]
-    assert await gw.app[REDIS].zcard(SaleKeys(sale).claims) == 0
+    assert await gw.app[CLIENTS].redis.zcard(SaleKeys(sale).claims) == 0
     # ... and the admission is still good for a real request.
     assert (await gw.reserve(sale, "alice", admission))[0] == 201
 
@@ -138,7 +138,7 @@ async def test_bad_queue_inputs(gw: Gateway) -> None:
     )
     assert wrong_sale.status == 403
     assert (await wrong_sale.json())["error"]["code"] == "ticket_other_sale"
-    assert await gw.app[REDIS].hlen(SaleKeys(other).members) == 0
+    assert await gw.app[CLIENTS].redis.hlen(SaleKeys(other).members) == 0
 
 
 async def test_rate_limits_are_429_with_retry_after(stack: Settings) -> None:

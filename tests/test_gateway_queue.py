@@ -8,13 +8,13 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from allocator.scripts import HoldScripts
+from allocator.hold_scripts import HoldScripts
 from flashsale.keys import SaleKeys, SkuKeys
-from flashsale.sales import shuffle_order
 from flashsale.settings import Settings
-from gateway.app import COUNTERS, MARKS, PG, REDIS
+from flashsale.shuffle import shuffle_order
+from gateway.state import CLIENTS, COUNTERS, MARKS
 from loadtest.driver import Buyers
-from loadtest.http import Client
+from loadtest.http_client import Client
 from tests.harness import Gateway, auth, gateway
 
 
@@ -63,7 +63,7 @@ async def test_full_journey(gw: Gateway) -> None:
     assert cancelled.status == 200 and (await cancelled.json())["state"] == "RELEASED"
     twice = await gw.http.delete(f"/v1/reservations/{rid}", headers=auth(gw.token("alice")))
     assert twice.status == 200  # cancelling is idempotent
-    stock = await gw.app[REDIS].hmget(SkuKeys(sale, "SKU-1").stock, "available", "active")
+    stock = await gw.app[CLIENTS].redis.hmget(SkuKeys(sale, "SKU-1").stock, "available", "active")
     assert [int(v) for v in stock] == [2, 0]
 
 
@@ -74,7 +74,7 @@ async def test_cancel_refuses_a_hold_being_paid(gw: Gateway) -> None:
     admission = (await gw.admitted(sale, joined["ticket"]))["admission_token"]
     _, reserved = await gw.reserve(sale, "bob", admission)
     rid = reserved["reservation_id"]
-    await HoldScripts(gw.app[REDIS]).begin_payment(SkuKeys(sale, "SKU-1"), rid)
+    await HoldScripts(gw.app[CLIENTS].redis).begin_payment(SkuKeys(sale, "SKU-1"), rid)
     response = await gw.http.delete(f"/v1/reservations/{rid}", headers=auth(gw.token("bob")))
     assert response.status == 409
     assert (await response.json())["error"]["code"] == "payment_in_progress"
@@ -126,7 +126,7 @@ async def test_joining_a_sold_out_sale_says_so_at_once(gw: Gateway) -> None:
     _, waiting = await gw.join(sale, "second")
     # Confirm the only unit: nothing can come back, so the pump marks the sale sold out.
     keys = SkuKeys(sale, "SKU-1")
-    holds = HoldScripts(gw.app[REDIS])
+    holds = HoldScripts(gw.app[CLIENTS].redis)
     await holds.begin_payment(keys, reserved["reservation_id"])
     await holds.confirm(keys, reserved["reservation_id"])
     for _ in range(100):
@@ -137,7 +137,7 @@ async def test_joining_a_sold_out_sale_says_so_at_once(gw: Gateway) -> None:
     code, body = await gw.join(sale, "late")
     assert code == 200 and body == {"ticket": None, "position": None, "state": "sold_out"}
     assert (await gw.status(sale, waiting["ticket"]))[1]["state"] == "sold_out"
-    assert not await gw.app[REDIS].hexists(SaleKeys(sale).members, "late")  # not queued
+    assert not await gw.app[CLIENTS].redis.hexists(SaleKeys(sale).members, "late")  # not queued
 
 
 async def test_positions_beyond_the_cutoff_are_sold_out_immediately(gw: Gateway) -> None:
@@ -169,16 +169,16 @@ async def test_a_full_queue_is_503_queue_full(gw: Gateway) -> None:
 async def test_two_pumps_one_leader_and_the_old_one_is_fenced_out(gw: Gateway) -> None:
     sale = await gw.create_sale(stock=10)
     from allocator.pump import AdmissionPump
-    from allocator.queue import QueueScripts
-    from gateway.app import PG
+    from allocator.queue_scripts import QueueScripts
+    from gateway.state import CLIENTS
 
-    queue = QueueScripts(gw.app[REDIS])
-    first = AdmissionPump(queue, gw.app[PG], sale, ["SKU-1"], "one")
-    second = AdmissionPump(queue, gw.app[PG], sale, ["SKU-1"], "two")
+    queue = QueueScripts(gw.app[CLIENTS].redis)
+    first = AdmissionPump(queue, gw.app[CLIENTS].pool, sale, ["SKU-1"], "one")
+    second = AdmissionPump(queue, gw.app[CLIENTS].pool, sale, ["SKU-1"], "two")
     assert await first.tick() is not None and first.token > 0
     assert await second.tick() is None and second.token == 0  # the lease is held
     # The first leader stalls; its lease lapses and the second takes over with a larger token.
-    await gw.app[REDIS].delete(SaleKeys(sale).lease)
+    await gw.app[CLIENTS].redis.delete(SaleKeys(sale).lease)
     assert await second.tick() is not None and second.token > first.token
     stale = await queue.advance(
         SaleKeys(sale), first.token, serving=99, cutoff=None, sold_out=False, published={}
@@ -196,7 +196,7 @@ async def test_the_gateway_checkpoints_what_it_has_seen_and_flushes_when_it_goes
     sale = await gw.create_sale(stock=5)
     for buyer in ("a", "b", "c"):
         assert (await gw.join(sale, buyer))[0] == 200
-    pg = gw.app[PG]
+    pg = gw.app[CLIENTS].pool
     query = "SELECT max(tail) FROM queue_marks WHERE sale_id = $1 AND source LIKE 'gateway:%'"
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 5
@@ -205,7 +205,7 @@ async def test_the_gateway_checkpoints_what_it_has_seen_and_flushes_when_it_goes
         await asyncio.sleep(0.1)
     marks = gw.app[MARKS]
     # Redis loses the room; the next status refresh sees it and the flush is not delayed.
-    await gw.app[REDIS].delete(SaleKeys(sale).queue)
+    await gw.app[CLIENTS].redis.delete(SaleKeys(sale).queue)
     code, joined = await gw.join(sale, "d")
     assert code == 503 and joined["error"]["code"] == "unavailable"
     await asyncio.sleep(0.15)  # past the counters' cache

@@ -11,11 +11,11 @@ import asyncio
 import collections
 from typing import Any
 
-from allocator.scripts import HoldScripts
-from flashsale.events import HoldRecord
+from allocator.hold_scripts import HoldScripts
 from flashsale.keys import SaleKeys, SkuKeys
+from flashsale.records import HoldRecord
 from flashsale.settings import Settings
-from gateway.app import REDIS
+from gateway.state import CLIENTS
 from tests.harness import Gateway, auth, gateway
 
 BUYERS = 10_000
@@ -62,9 +62,9 @@ async def _buyer(gw: Gateway, sale: str, n: int, statuses: collections.Counter[i
 
 async def _pay_as_they_come(gw: Gateway, sale: str, stop: asyncio.Event) -> None:
     keys = SkuKeys(sale, "SKU-1")
-    holds = HoldScripts(gw.app[REDIS])
+    holds = HoldScripts(gw.app[CLIENTS].redis)
     while not stop.is_set():
-        for rid, raw in (await gw.app[REDIS].hgetall(keys.holds)).items():
+        for rid, raw in (await gw.app[CLIENTS].redis.hgetall(keys.holds)).items():
             if HoldRecord.parse(raw).state == "ACTIVE":
                 await holds.begin_payment(keys, rid.decode())
                 await holds.confirm(keys, rid.decode())
@@ -90,7 +90,7 @@ async def test_ten_thousand_buyers_for_one_hundred_units(stack: Settings) -> Non
         stop.set()
         await payer
 
-        redis = gw.app[REDIS]
+        redis = gw.app[CLIENTS].redis
         counters = ("available", "active", "paying", "sold")
         stock = [int(v) for v in await redis.hmget(SkuKeys(sale, "SKU-1").stock, *counters)]
         assert outcomes["reserved"] == STOCK, outcomes

@@ -14,12 +14,14 @@ import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from allocator.allocator import SkuAllocator
-from allocator.scripts import HoldScripts, ReserveRequest, ReserveResult, Scripts
+from allocator.hold_scripts import HoldScripts, ReserveRequest
+from allocator.sale_scripts import SaleScripts
+from allocator.sku_allocator import SkuAllocator
 from allocator.sweeper import sweep_once
 from flashsale.errors import InvalidInput, Overloaded
-from flashsale.events import HoldRecord, ReservationEvent, outbox_events
+from flashsale.events import ReservationEvent, outbox_events
 from flashsale.keys import SkuKeys
+from flashsale.records import HoldRecord, ReserveResult
 from flashsale.settings import Settings
 
 
@@ -83,7 +85,7 @@ async def make_sku(
         "starts_at_ms": str(now + starts_in_ms), "ends_at_ms": str(now + ends_in_ms),
         "status": status,
     }  # fmt: skip
-    await Scripts(client).preload(keys, total=stock, meta=meta, force=False, first=True)
+    await SaleScripts(client).preload(keys, total=stock, meta=meta, force=False, first=True)
     return Sku(keys, HoldScripts(client), client)
 
 

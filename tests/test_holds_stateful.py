@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
-from allocator.scripts import source
-from flashsale.events import HoldRecord
+from allocator.redis_calls import source
 from flashsale.keys import SkuKeys
+from flashsale.records import HoldRecord
 from flashsale.settings import Settings
 
 STOCK, LIMIT, TTL_MS = 6, 2, 30

@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from allocator.queue import MAX_JOIN_BATCH, JoinResult, Joins, QueueScripts, _text
-from allocator.scripts import Scripts
+from allocator.queue_scripts import MAX_JOIN_BATCH, JoinResult, Joins, QueueScripts
+from allocator.sale_scripts import SaleScripts
 from flashsale.keys import SaleKeys
+from flashsale.records import text
 from flashsale.settings import Settings
 
 
@@ -29,7 +30,7 @@ async def open_sale(
     keys = SaleKeys(f"join-{uuid.uuid4().hex[:10]}")
     now = int(time.time() * 1000)
     starts = now - 1000 if started else now + 3_600_000
-    await Scripts(client).put_sale(keys, {
+    await SaleScripts(client).put_sale(keys, {
         "status": "active", "starts_at_ms": str(starts), "ends_at_ms": str(now + 7_200_000),
         "max_queue": str(max_queue),
     }, open_queue=True)  # fmt: skip
@@ -90,7 +91,7 @@ async def test_unknown_and_ended_sales_write_nothing(client: aioredis.Redis) -> 
     await client.hset(keys.sale, "status", "ended")
     assert outcomes(await scripts.join(keys, ["a"])) == [("ended", 0)]
     assert not await client.exists(keys.members)
-    assert [_text(f) for f in await client.hkeys(keys.queue)] == ["live"]  # as preloaded
+    assert [text(f) for f in await client.hkeys(keys.queue)] == ["live"]  # as preloaded
 
 
 async def test_batch_size_is_bounded(client: aioredis.Redis) -> None:
@@ -130,5 +131,5 @@ async def test_a_waiting_room_redis_lost_takes_no_one_until_restored(
     await client.delete(keys.queue)
     assert outcomes(await scripts.join(keys, ["c", "a"])) == [("unavailable", 0)] * 2
     # Re-putting the sale (a later preload) does not reopen it; only a restore does.
-    await Scripts(client).put_sale(keys, {"status": "active"}, open_queue=False)
+    await SaleScripts(client).put_sale(keys, {"status": "active"}, open_queue=False)
     assert outcomes(await scripts.join(keys, ["c"])) == [("unavailable", 0)]

@@ -10,11 +10,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from flashsale.devstack import free_port
+from flashsale.cli.devstack.processes import free_port
 from flashsale.errors import PaymentConflict, PaymentUnknown, ProviderDown
+from flashsale.payments import Charge, ChargeRequest, CircuitBreaker, HttpProvider
 from tests.conftest import Cli
-from workers.payments import Charge, ChargeRequest, CircuitBreaker, HttpProvider
-from workers.psp import Knobs, Simulator
+from workers.payment_simulator import Knobs, Simulator
 
 
 @pytest.fixture

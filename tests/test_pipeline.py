@@ -8,13 +8,13 @@ import signal
 
 import orjson
 
+from allocator.sale_admin import SaleAdmin
 from allocator.sweeper import sweep_once
 from flashsale.events import ReservationEvent, decode_event, encode_event
 from flashsale.keys import SkuKeys
-from flashsale.sales import SaleAdmin
 from flashsale.settings import Settings
 from tests.pipeline import SKU, Pipeline, pipeline, provider
-from workers.psp import Knobs
+from workers.payment_simulator import Knobs
 from workers.saga import Saga
 from workers.service import CONSUMER
 

@@ -10,10 +10,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from allocator.pump import Inputs, plan
-from allocator.queue import Step
+from allocator.queue_scripts import Step
 from flashsale.keys import SaleKeys
 from flashsale.settings import Settings
-from gateway.app import REDIS
+from gateway.state import CLIENTS
 from tests.harness import gateway
 
 BASE = Inputs(
@@ -88,7 +88,7 @@ async def test_lapsed_admissions_are_learned_as_no_shows_and_replaced(
         for i in range(30):
             await gw.join(sale, f"q{i}")
         pump = gw.pump(sale, interval=0.02)
-        redis = gw.app[REDIS]
+        redis = gw.app[CLIENTS].redis
         keys = SaleKeys(sale)
         for _ in range(100):
             if pump.last is not None and pump.last.serving > 0:

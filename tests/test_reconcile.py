@@ -16,24 +16,26 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from allocator.hold_scripts import ReserveRequest
 from allocator.ids import new_reservation_id
-from allocator.queue import QueueScripts
-from allocator.scripts import RepairScripts, ReserveRequest
+from allocator.queue_scripts import QueueScripts
+from allocator.repair_scripts import RepairScripts
+from allocator.sale_admin import SaleAdmin
 from allocator.sweeper import sweep_once
 from flashsale.errors import Conflict
 from flashsale.events import decode_event
 from flashsale.kafka import consumer_lag
 from flashsale.keys import SaleKeys, SkuKeys
-from flashsale.marks import QueueMarks
-from flashsale.sales import SaleAdmin
+from flashsale.payments import HttpProvider
+from flashsale.queue_marks import QueueMarks
 from flashsale.settings import Secret, Settings
 from gateway.app import create_app
 from reconciler.audit import AuditReport, audit_sale
 from reconciler.rebuild import rebuild_sku
-from reconciler.reconcile import PassReport, Reconciler
+from reconciler.reconcile import Reconciler
+from reconciler.report import PassReport
 from tests.conftest import Cli, Result
 from tests.pipeline import SKU, Pipeline, pipeline, provider
-from workers.payments import HttpProvider
 
 ADMIN = "reconcile-test-admin-token-0123"
 ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN}"}

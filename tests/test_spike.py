@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from flashsale.devstack import free_ports
+from flashsale.cli.devstack.processes import free_ports
 from flashsale.settings import Settings
 from loadtest.demo import engine
 from loadtest.verdict import judge

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flashsale.tokens import InvalidToken, Signer, _Key
+from flashsale.errors import InvalidToken
+from flashsale.tokens import Signer, _Key
 from tests.conftest import Cli
 
 SECRET = "s" * 32

@@ -10,7 +10,7 @@ import time
 
 import requests
 
-from flashsale.devstack import free_ports
+from flashsale.cli.devstack.processes import free_ports
 from flashsale.settings import Settings
 
 

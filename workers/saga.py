@@ -41,12 +41,13 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from allocator.scripts import HoldScripts
+from allocator.hold_scripts import HoldScripts
 from flashsale.errors import PaymentConflict, PaymentError, PaymentUnknown, ProviderDown
-from flashsale.events import HoldRecord, ReservationEvent, event_id
+from flashsale.events import ReservationEvent, event_id
 from flashsale.keys import SkuKeys
-from workers.orders import TERMINAL, Order, OrderStore, state_for_cause
-from workers.payments import Charge, ChargeRequest, PaymentProvider
+from flashsale.orders import TERMINAL, Order, OrderStore, state_for_cause
+from flashsale.payments import Charge, ChargeRequest, PaymentProvider
+from flashsale.records import HoldRecord
 
 log = logging.getLogger("flashsale.saga")
 UNKNOWN = "payment outcome unknown"

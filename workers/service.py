@@ -1,5 +1,5 @@
-"""``flashsale workers``: the Kafka consumer that runs the order saga, and the publisher of the
-``order-events`` outbox.
+"""``flashsale workers``: the Kafka consumer that runs the order saga, with the publisher of
+the ``order-events`` outbox (:mod:`workers.order_events`) beside it.
 
 * One consumer group (``FLASHSALE_CONSUMER_GROUP``, default ``flashsale-workers``) on the
   ``reservations`` topic; scale by running more processes (up to the topic's partitions).
@@ -27,24 +27,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import asyncpg
-import orjson
 import redis.asyncio as aioredis
-import redis.exceptions
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from allocator.scripts import HoldScripts
+from allocator.hold_scripts import HoldScripts
 from flashsale.clients import pg_pool, redis_client
-from flashsale.errors import ProviderDown
 from flashsale.events import ReservationEvent, decode_event, event_id
-from flashsale.kafka import ensure_topics, producer, publish
-from flashsale.ops import serve_ops
+from flashsale.kafka import ensure_topics, producer
+from flashsale.ops_endpoints import dependency_probes, serve_ops
+from flashsale.orders import OrderStore
+from flashsale.outages import WAIT_OUT
+from flashsale.payments import HttpProvider, PaymentProvider
 from flashsale.settings import Settings
-from workers.orders import OrderStore
-from workers.payments import HttpProvider, PaymentProvider
+from workers.order_events import publish_outbox
 from workers.saga import BatchResult, Saga
 
 log = logging.getLogger("flashsale.workers")
@@ -52,10 +51,6 @@ log = logging.getLogger("flashsale.workers")
 CONSUMER = "order-saga"  # the inbox's consumer name
 # Plan each batch statement for its own arrays (see workers.orders).
 BATCH_PLANNING = {"plan_cache_mode": "force_custom_plan"}
-# Dependencies that are down, not data that is bad: wait and retry, never dead-letter.
-OUTAGES = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-           redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ProviderDown,
-           KafkaError)  # fmt: skip
 
 
 class WorkerMetrics:
@@ -99,7 +94,6 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self.consumer = consumer
 
     async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
-        # The batch in hand finishes and commits before its partitions go to another worker.
         # Every batch in hand finishes and commits before its partitions go to another worker.
         await self.service.retire_all(self.consumer)
         log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
@@ -165,7 +159,9 @@ class WorkerService:
                     [settings.topics.reservations], listener=_Rebalance(self, consumer)
                 )
                 await consumer.start()
-                publisher = asyncio.create_task(publish_outbox(pool, out, stop, self.metrics))
+                publisher = asyncio.create_task(
+                    publish_outbox(pool, out, stop, on_published=self.metrics.published.inc)
+                )
                 try:
                     await self._consume(consumer, out, saga, stop)
                 finally:
@@ -232,7 +228,7 @@ class WorkerService:
             try:
                 with self.metrics.batch.time():
                     result = await saga.run([e for _, e in events])
-            except OUTAGES as exc:
+            except WAIT_OUT as exc:
                 if stop.is_set():
                     raise  # stopping: commit nothing of this batch; its next owner runs it
                 self.metrics.retries.inc()
@@ -301,57 +297,7 @@ class WorkerService:
         async def broker() -> object:
             return await consumer.topics()
 
-        runner = await serve_ops(
-            host, port,
-            lambda: {"redis": redis.ping, "postgres": lambda: pool.fetchval("SELECT 1"),
-                     "kafka": broker},
-            self.metrics.registry,
-        )  # fmt: skip
+        probes = {**dependency_probes(redis, pool), "kafka": broker}
+        runner = await serve_ops(host, port, lambda: probes, self.metrics.registry)
         log.info("workers ops endpoints on http://%s:%d/healthz and /metrics", host, port)
         return runner
-
-
-_CLAIM_OUTBOX = """
-SELECT id, topic, key, payload FROM outbox WHERE published_at IS NULL
-ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
-"""
-
-
-async def publish_outbox(pool: asyncpg.Pool, out: AIOKafkaProducer, stop: asyncio.Event,
-                         metrics: WorkerMetrics, *, batch: int = 100,
-                         interval: float = 0.05) -> None:  # fmt: skip
-    """Move the ``outbox`` table to Kafka, ``batch`` rows (each a statement's events) at a
-    time: rows are marked published in the transaction that locked them, after the broker
-    acknowledged every message (a crash in between republishes; consumers key on order id
-    and version). Several publishers share the work (SKIP LOCKED)."""
-    while not stop.is_set():
-        try:
-            sent = await _publish_some(pool, out, batch)
-        except OUTAGES as exc:
-            log.warning("order-events outbox: %r; retrying", exc)
-            sent = 0
-        if sent:
-            metrics.published.inc(sent)
-        if not sent:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval)
-
-
-async def _publish_some(pool: asyncpg.Pool, out: AIOKafkaProducer, batch: int) -> int:
-    async with pool.acquire() as conn, conn.transaction():
-        rows = await conn.fetch(_CLAIM_OUTBOX, batch)
-        if not rows:
-            return 0
-        by_topic: dict[str, list[tuple[bytes, bytes]]] = {}
-        for row in rows:
-            payload = orjson.loads(row["payload"])
-            events = payload if isinstance(payload, list) else [payload]
-            by_topic.setdefault(row["topic"], []).extend(
-                (str(e["order_id"]).encode(), orjson.dumps(e)) for e in events
-            )
-        sent = 0
-        for topic, messages in by_topic.items():
-            sent += await publish(out, topic, messages)
-        await conn.execute("UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])",
-                           [r["id"] for r in rows])  # fmt: skip
-    return sent

@@ -1,9 +1,9 @@
 """The waiting room: ``POST /v1/sales/{sale}/queue`` and ``GET .../queue/status``.
 
 Joining is one Lua call (``lua/join.lua``), shared by the joins that arrive within a
-millisecond in this process (:class:`~allocator.queue.Joins`). Polling is answered from the
-signed ticket and this process's copy of the sale's counters (:class:`Counters`, refreshed at
-most every ``REFRESH_S``), so a poll costs no Redis round trip in the common case. Redis is
+millisecond in this process (:class:`~allocator.queue_scripts.Joins`). Polling is answered from the
+signed ticket and this process's copy of the sale's counters (:mod:`gateway.counters`,
+refreshed at most every 100 ms), so a poll costs no Redis round trip in the common case. Redis is
 asked only at two moments of a buyer's wait: the first poll after the pre-queue shuffle (to
 learn the assigned position), and after an admission window closed (to tell "reserved" from
 "lapsed").
@@ -17,13 +17,13 @@ from typing import Any
 
 from aiohttp import web
 
-from allocator.queue import QueueView
-from flashsale.errors import Conflict, Forbidden, NotFound, Unavailable
-from flashsale.keys import ID_PATTERN, SaleKeys
-from flashsale.tokens import InvalidToken, Signer, buyer_subject
-from gateway.app import COUNTERS, JOINS, MARKS, METRICS, QUEUE, SALES, SIGNERS, json_response
+from allocator.queue_scripts import QueueView
+from flashsale.errors import Conflict, Forbidden, InvalidToken, Unavailable
+from flashsale.keys import SaleKeys
+from flashsale.tokens import Signer, buyer_subject
 from gateway.counters import Counters
-from gateway.http import bearer, rate_limit
+from gateway.http import buyer_of, json_response, rate_limit, sale_of
+from gateway.state import COUNTERS, JOINS, MARKS, METRICS, QUEUE, SALES, SIGNERS
 
 TICKET_GRACE_S = 3600  # tickets outlive the sale's end by this much
 MIN_RETRY_MS, MAX_RETRY_MS = 250, 10_000
@@ -96,17 +96,6 @@ def status_of(c: Counters, position: int, now_ms: int) -> Status:
 
 
 # -- routes ---------------------------------------------------------------------------------
-
-
-def buyer_of(request: web.Request) -> str:
-    return buyer_subject(request.app[SIGNERS].buyer.verify(bearer(request)))
-
-
-def sale_of(request: web.Request) -> str:
-    sale_id = request.match_info["sale"]
-    if not ID_PATTERN.match(sale_id):
-        raise NotFound(f"unknown sale {sale_id!r}", code="unknown_sale")
-    return sale_id
 
 
 def sign_ticket(signer: Signer, sale_id: str, buyer: str, position: int, v: QueueView) -> str:

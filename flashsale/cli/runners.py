@@ -1,5 +1,6 @@
-"""Running the engine's services: the gateway, the allocator service, the workers, the
-reconciler, and ``up`` for all.
+"""How each service runs in its process (the gateway, the allocator service, the workers, the
+reconciler, the payment simulator), and the children that ``up`` and ``gateway --workers N``
+supervise.
 
 A single gateway process serves one port; ``--workers N`` runs N of them on that same port with
 ``SO_REUSEPORT`` (the kernel spreads connections between them) under the supervisor, with
@@ -19,11 +20,11 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from prometheus_client import multiprocess
 
+from flashsale.cli.supervisor import Child, Supervisor
 from flashsale.settings import Settings
-from flashsale.supervisor import Child, Supervisor
 
 if TYPE_CHECKING:
-    from workers.psp import Knobs
+    from workers.payment_simulator import Knobs
 
 log = logging.getLogger("flashsale.services")
 
@@ -88,7 +89,7 @@ async def serve_reconciler(
 
 
 async def serve_psp(host: str, port: int, knobs: Knobs) -> int:
-    from workers.psp import serve  # noqa: PLC0415
+    from workers.payment_simulator import serve  # noqa: PLC0415
 
     await serve(host, port, knobs, _stop_on_signals())
     return 0

@@ -1,9 +1,9 @@
-"""Public buyer-facing reads: ``GET /v1/sales/{sale}``.
+"""Each gateway process's cached public view of the sales it serves.
 
-Sale pages are read by every buyer in a spike, so the answer is cached per process for
+Sale pages are read by every buyer in a spike, so a sale's summary is cached per process for
 ``INFO_TTL_S``: remaining units may lag that long, which the page tolerates (the reservation
-path decides against live stock). The same cached summary gives the reservation route its
-SKUs and per-buyer limits without a Postgres round trip per request.
+path decides against live stock). The same summary gives the reservation route its SKUs and
+per-buyer limits without a Postgres round trip per request.
 """
 
 from __future__ import annotations
@@ -15,17 +15,16 @@ from aiohttp import web
 
 from flashsale.errors import NotFound
 from flashsale.keys import ID_PATTERN
-from gateway.app import SALES, json_response
+from gateway.state import CATALOG, SALES
 
 INFO_TTL_S = 0.5
-INFO = web.AppKey("public_info_cache", dict)
 
 
 async def sale_summary(request: web.Request, sale_id: str) -> dict[str, Any]:
     """The public view of a sale, at most ``INFO_TTL_S`` old. Raises NotFound."""
     if not ID_PATTERN.match(sale_id):
         raise NotFound(f"unknown sale {sale_id!r}", code="unknown_sale")
-    cache: dict[str, tuple[float, dict[str, Any]]] = request.app[INFO]
+    cache = request.app[CATALOG]
     now = time.monotonic()
     cached = cache.get(sale_id)
     if cached is None or cached[0] <= now:
@@ -58,13 +57,3 @@ async def sale_summary(request: web.Request, sale_id: str) -> dict[str, Any]:
             cache.clear()
         cache[sale_id] = cached = (now + INFO_TTL_S, body)
     return cached[1]
-
-
-async def sale_info(request: web.Request) -> web.Response:
-    body = await sale_summary(request, request.match_info["sale"])
-    return json_response(body, headers={"Cache-Control": "max-age=1"})
-
-
-def setup(app: web.Application) -> None:
-    app[INFO] = {}
-    app.router.add_get("/v1/sales/{sale}", sale_info)

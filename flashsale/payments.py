@@ -1,4 +1,5 @@
-"""The payment provider as the saga sees it: authorize+capture, refund, look up by key.
+"""The payment provider's client, as the saga and the reconciler use it: authorize+capture,
+refund, look up by key, list a sale's charges.
 
 Every call carries the reservation id as the idempotency key, so asking twice is asking once:
 the provider answers a repeated key with the first outcome. A call that may have reached the

@@ -10,8 +10,9 @@ decremented twice.
 from __future__ import annotations
 
 from allocator.batching import Coalescer, PerKey
-from allocator.scripts import MAX_RESERVE_BATCH, HoldScripts, ReserveRequest, ReserveResult
+from allocator.hold_scripts import MAX_RESERVE_BATCH, HoldScripts, ReserveRequest
 from flashsale.keys import SkuKeys
+from flashsale.records import ReserveResult
 
 
 class SkuAllocator:

@@ -11,7 +11,7 @@ from aiohttp import web
 from hypothesis import given
 from hypothesis import strategies as st
 
-from loadtest.http import Client, HttpError, ResponseParser
+from loadtest.http_client import Client, HttpError, ResponseParser
 
 BODIES = st.binary(max_size=300)
 STATUSES = st.sampled_from([200, 201, 204, 400, 404, 409, 429, 503])

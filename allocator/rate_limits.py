@@ -1,10 +1,9 @@
 """Rate limits: GCRA in Redis, shared by every gateway process.
 
-* Rate limits apply to the routes that write (join, reserve, cancel) per client IP and per
-  buyer, with the generic cell rate algorithm in ``lua/ratelimit.lua``: one key per subject
-  holding one timestamp, judged by Redis ``TIME`` so every gateway process shares the limit.
-  Over the limit: 429 ``rate_limited`` with ``Retry-After``.
-* The per-process in-flight cap is a middleware in ``gateway/app.py``.
+The gateway limits the routes that write (join, reserve, cancel) per client IP and per buyer
+with the generic cell rate algorithm in ``lua/ratelimit.lua``: one key per subject holding one
+timestamp, judged by Redis ``TIME`` so every gateway process shares the limit. Over the limit:
+:class:`~flashsale.errors.RateLimited` (429 with ``Retry-After``).
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import redis.exceptions
 from redis.commands.core import AsyncScript
 
 from allocator.batching import Coalescer
-from allocator.scripts import read_packed, source
+from allocator.redis_calls import read_packed, source
 from flashsale.errors import RateLimited
 from flashsale.keys import rate_limit_key
 from flashsale.settings import Rate

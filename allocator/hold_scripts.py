@@ -1,0 +1,177 @@
+"""Bindings of the hold-lifecycle scripts: reserve (batched), begin_payment, confirm,
+release and expire, and reads of hold records. Every call touches one SKU's slot."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, cast
+
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+
+from allocator.redis_calls import call_packed, source
+from flashsale.errors import InvalidInput
+from flashsale.keys import SkuKeys
+from flashsale.records import RS, SEP, SEPARATORS, ReserveResult, idem_field, text
+
+# Requests per reserve call: bounded by Lua's unpack() stack and to keep one call short.
+MAX_RESERVE_BATCH = 1000
+Transition = Literal["begin_payment", "confirm", "release"]
+MAX_TRANSITION_BATCH = 1000  # ids per transition script call
+_TEXT_FIELDS = ("reservation_id", "buyer_id", "idempotency_key", "payment_ref", "admission_id")
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveRequest:
+    """One buyer's request. ``reservation_id`` is fresh per attempt; it is used only if granted."""
+
+    reservation_id: str
+    buyer_id: str
+    quantity: int
+    idempotency_key: str
+    payment_ref: str
+    admission_id: str
+
+    def validate(self) -> None:
+        """Raise InvalidInput naming the first bad field. The common (valid) case costs one
+        join and two scans: this runs once per buyer decision on the hot path."""
+        rid, buyer, key = self.reservation_id, self.buyer_id, self.idempotency_key
+        payref, admission = self.payment_ref, self.admission_id
+        if not (
+            type(rid) is type(buyer) is type(key) is type(payref) is type(admission) is str
+            and rid and buyer and key and payref and admission
+            and RS not in (joined := rid + buyer + key + payref + admission)
+            and SEP not in joined
+        ):  # fmt: skip
+            for name in _TEXT_FIELDS:
+                value = getattr(self, name)
+                if not isinstance(value, str) or not value or any(c in value for c in SEPARATORS):
+                    raise InvalidInput(
+                        name, "must be a non-empty string without control separators"
+                    )
+        if type(self.quantity) is not int:
+            raise InvalidInput("quantity", "must be an integer")
+
+
+@dataclass(frozen=True, slots=True)
+class TransitionResult:
+    """``ok`` when the hold is (now or already) in the requested state; else ``reason`` says why."""
+
+    ok: bool
+    state: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ExpireResult:
+    """The ids one ``expire`` call released; ``more`` when overdue holds remain to look at."""
+
+    expired: list[str]
+    more: bool
+
+
+class HoldScripts:
+    """The hold-lifecycle scripts registered on one client. Every call touches one SKU slot."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+        self._reserve: AsyncScript = client.register_script(source("reserve"))
+        self._begin_payment: AsyncScript = client.register_script(source("begin_payment"))
+        self._confirm: AsyncScript = client.register_script(source("confirm"))
+        self._release: AsyncScript = client.register_script(source("release"))
+        self._expire: AsyncScript = client.register_script(source("expire"))
+
+    async def reserve(self, keys: SkuKeys, requests: list[ReserveRequest]) -> list[ReserveResult]:
+        """Decide ``requests`` in order in one atomic call; one result per request.
+
+        The arguments go as six columns (see ``lua/reserve.lua``). This is the hot path, so
+        the command is packed by hiredis in C rather than argument by argument in Python.
+        """
+        if not 0 < len(requests) <= MAX_RESERVE_BATCH:
+            raise ValueError(f"a reserve batch holds 1..{MAX_RESERVE_BATCH} requests")
+        sku_keys = keys.all()
+        command: tuple[str | int, ...] = (
+            "EVALSHA", self._reserve.sha, len(sku_keys), *sku_keys, len(requests),
+            *[r.reservation_id for r in requests],
+            *[r.buyer_id for r in requests],
+            *[r.quantity for r in requests],
+            *[r.payment_ref for r in requests],
+            *[r.admission_id for r in requests],
+            *[idem_field(r.buyer_id, r.idempotency_key) for r in requests],
+        )  # fmt: skip
+        raw = await call_packed(self.client, self._reserve, command)
+        return [ReserveResult.parse(item) for item in raw]
+
+    async def begin_payment(self, keys: SkuKeys, reservation_id: str) -> TransitionResult:
+        [result] = await self.transition("begin_payment", [(keys, reservation_id)])
+        return result
+
+    async def confirm(self, keys: SkuKeys, reservation_id: str) -> TransitionResult:
+        [result] = await self.transition("confirm", [(keys, reservation_id)])
+        return result
+
+    async def release(
+        self, keys: SkuKeys, reservation_id: str, cause: str = "cancelled"
+    ) -> TransitionResult:
+        [result] = await self.transition("release", [(keys, reservation_id)], cause=cause)
+        return result
+
+    async def cancel(self, keys: SkuKeys, reservation_id: str) -> TransitionResult:
+        """A buyer's cancel: releases an ACTIVE hold, refuses a PAYING one."""
+        [result] = await self.transition(
+            "release", [(keys, reservation_id)], cause="cancelled", active_only=True
+        )
+        return result
+
+    async def transition(
+        self,
+        name: Transition,
+        items: Sequence[tuple[SkuKeys, str]],
+        *,
+        cause: str = "cancelled",
+        active_only: bool = False,
+    ) -> list[TransitionResult]:
+        """Move many holds with one script (``begin_payment``, ``confirm`` or ``release``
+        with ``cause``): one call per SKU and per ``MAX_TRANSITION_BATCH`` ids, all pipelined
+        in one round trip. Each call is atomic; results come back in the order of ``items``."""
+        if not items:
+            return []
+        script = {"begin_payment": self._begin_payment, "confirm": self._confirm,
+                  "release": self._release}[name]  # fmt: skip
+        prefix = [cause, "active_only" if active_only else ""] if name == "release" else []
+        by_sku: dict[SkuKeys, list[int]] = {}
+        for index, (keys, _) in enumerate(items):
+            by_sku.setdefault(keys, []).append(index)
+        calls: list[list[int]] = []
+        pipe = self.client.pipeline(transaction=False)
+        for keys, indexes in by_sku.items():
+            for start in range(0, len(indexes), MAX_TRANSITION_BATCH):
+                chunk = indexes[start : start + MAX_TRANSITION_BATCH]
+                calls.append(chunk)
+                ids = [items[i][1] for i in chunk]
+                await script(keys=keys.all(), args=[*prefix, *ids], client=pipe)
+        replies = await pipe.execute()
+        results: list[TransitionResult | None] = [None] * len(items)
+        for chunk, reply in zip(calls, replies, strict=True):
+            for k, index in enumerate(chunk):
+                ok, state, reason = reply[3 * k : 3 * k + 3]
+                results[index] = TransitionResult(bool(ok), text(state), text(reason))
+        return cast(list[TransitionResult], results)
+
+    async def holds(self, items: Sequence[tuple[SkuKeys, str]]) -> list[bytes | None]:
+        """Raw hold records of many reservations in one round trip (None where missing)."""
+        pipe = self.client.pipeline(transaction=False)
+        for keys, reservation_id in items:
+            pipe.hget(keys.holds, reservation_id)
+        return [r.encode() if isinstance(r, str) else r for r in await pipe.execute()]
+
+    async def hold(self, keys: SkuKeys, reservation_id: str) -> bytes | None:
+        """The raw hold record (see flashsale.events.HoldRecord), or None."""
+        raw = await self.client.hget(keys.holds, reservation_id)
+        return raw.encode() if isinstance(raw, str) else raw
+
+    async def expire(self, keys: SkuKeys, limit: int = 500) -> ExpireResult:
+        """Look at up to ``limit`` overdue holds and expire those still ACTIVE."""
+        more, *ids = await self._expire(keys=keys.all(), args=[limit])
+        return ExpireResult([text(i) for i in ids], more=bool(int(more)))

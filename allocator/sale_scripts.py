@@ -1,0 +1,89 @@
+"""Bindings of the sale-configuration scripts: preload a SKU, copy a sale's status, put the
+sale hash (``lua/preload.lua``, ``lua/set_status.lua``, ``lua/put_sale.lua``), and the read of
+SKU counters that sale status shows."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+
+from allocator.redis_calls import source
+from flashsale.keys import SaleKeys, SkuKeys
+from flashsale.records import integer, text
+
+PreloadOutcome = Literal[
+    "loaded", "unchanged", "refused_committed", "refused_below_committed", "refused_lost"
+]
+STOCK_FIELDS = ("total", "available", "active", "paying", "sold")
+
+
+@dataclass(frozen=True, slots=True)
+class StockCounts:
+    total: int
+    available: int
+    active: int
+    paying: int
+    sold: int
+
+    @property
+    def held(self) -> int:
+        return self.active + self.paying
+
+
+@dataclass(frozen=True, slots=True)
+class PreloadResult:
+    sku: str
+    outcome: PreloadOutcome
+    counts: StockCounts
+
+
+class SaleScripts:
+    """The sale-configuration scripts registered on one client."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+        self._preload: AsyncScript = client.register_script(source("preload"))
+        self._set_status: AsyncScript = client.register_script(source("set_status"))
+        self._put_sale: AsyncScript = client.register_script(source("put_sale"))
+
+    async def preload(
+        self, keys: SkuKeys, *, total: int, meta: dict[str, str], force: bool, first: bool
+    ) -> PreloadResult:
+        """Load the SKU's configuration and stock (see ``lua/preload.lua``). ``first``: the
+        SKU was never preloaded; otherwise a SKU missing from Redis is refused
+        (``refused_lost``): the reconciler rebuilds it from Postgres."""
+        args: list[str | int] = ["1" if force else "0", total, "1" if first else "0"]
+        for name, value in meta.items():
+            args += [name, value]
+        raw = await self._preload(keys=[keys.meta, keys.stock], args=args)
+        outcome = text(raw[0])
+        counts = StockCounts(*(int(v) for v in raw[1:6]))
+        return PreloadResult(keys.sku, outcome, counts)  # type: ignore[arg-type]
+
+    async def set_status(self, key: str, status: str) -> bool:
+        return bool(await self._set_status(keys=[key], args=[status]))
+
+    async def put_sale(
+        self, keys: SaleKeys, fields: dict[str, str], *, open_queue: bool = False
+    ) -> int:
+        """Replace the sale hash; ``open_queue`` (the first preload) marks the waiting room
+        live (see ``lua/put_sale.lua``)."""
+        args: list[str] = ["1" if open_queue else "0"]
+        for name, value in fields.items():
+            args += [name, value]
+        return int(await self._put_sale(keys=[keys.sale, keys.queue], args=args))
+
+    async def stock(self, skus: Sequence[SkuKeys]) -> list[StockCounts | None]:
+        """Every SKU's counters in one round trip; None for a SKU Redis does not hold."""
+        if not skus:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for keys in skus:
+            pipe.hmget(keys.stock, *STOCK_FIELDS)
+        rows = await pipe.execute()
+        return [None if row[1] is None else StockCounts(*(integer(v) for v in row))
+                for row in rows]  # fmt: skip

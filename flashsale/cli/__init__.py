@@ -1,0 +1,61 @@
+"""The ``flashsale`` command line, and the engine's composition root: the only code that
+imports every floor (the services, the load tools) and the dev stack.
+
+Every command reads Settings once, here, and passes them down. Commands live by group:
+:mod:`~flashsale.cli.dev` (the stack, migrations, topics), :mod:`~flashsale.cli.sale`,
+:mod:`~flashsale.cli.serve` (the services) and :mod:`~flashsale.cli.load` (benchmarks, the demo,
+spike tests). Errors are one line on stderr (``flashsale: error: skus[0].stock: must be a
+positive integer``) with a non-zero exit: 2 for bad input, 1 for anything else. Nothing is
+written on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import Sequence
+
+import redis.exceptions
+import uvloop
+
+from flashsale import __version__
+from flashsale.cli import dev, load, sale, serve
+from flashsale.cli.output import fail
+from flashsale.errors import FlashsaleError, InvalidInput
+from flashsale.settings import Settings, configure_logging
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flashsale",
+        description="Flash-sale allocation engine: the dev stack, migrations, sale administration, "
+        "the services (gateway, allocator, workers, payment simulator, reconciler) and "
+        "benchmarks.",
+    )
+    parser.add_argument("--version", action="version", version=f"flashsale {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for group in (dev, sale, serve, load):
+        group.add_commands(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = Settings.from_env()
+    configure_logging(settings)
+    try:
+        result = args.handler(args, settings)
+        if asyncio.iscoroutine(result):
+            result = uvloop.run(result)
+        return int(result)
+    except InvalidInput as exc:
+        fail(exc.message)
+        return 2
+    except FlashsaleError as exc:
+        fail(exc.message)
+        return 1
+    except (redis.exceptions.ConnectionError, OSError) as exc:
+        fail(f"a server is unreachable: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,86 @@
+"""``flashsale dev`` (the embedded stack), ``flashsale migrate`` and ``flashsale kafka init``:
+the servers, the schema and the topics."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+import asyncpg
+
+from flashsale.cli.devstack.stack import DevStack
+from flashsale.cli.output import out
+from flashsale.errors import Unavailable
+from flashsale.kafka import ensure_topics
+from flashsale.migrate import migrate
+from flashsale.settings import Settings
+
+
+def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
+    stack = DevStack(settings.home)
+    if args.dev_command == "up":
+        seconds = stack.up(timeout=args.timeout)
+        out(f"stack ready in {seconds:.1f}s; env in {stack.env_file}")
+        out('use it from a shell with: eval "$(flashsale dev env)"')
+        return 0
+    if args.dev_command == "down":
+        stack.down(purge=args.purge)
+        return 0
+    if args.dev_command == "env":
+        sys.stdout.write(stack.env_lines())
+        return 0
+    rows = stack.status()
+    for row in rows:
+        where = row.url or "-"
+        pid = f"pid {row.pid}" if row.pid else ""
+        version = f"v{row.version}" if row.version else ""
+        out(f"{row.name:9} {row.state:8} {where:48} {pid:10} {version:8} {row.detail}")
+    return 0 if all(r.state in ("running", "external") for r in rows) else 3
+
+
+async def apply_migrations(settings: Settings, progress: Callable[[str], None] = out) -> None:
+    """Every pending migration, over one connection; Unavailable when Postgres is not there."""
+    try:
+        conn = await asyncpg.connect(settings.require_database(), timeout=5)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        raise Unavailable(f"cannot reach Postgres: {exc}") from exc
+    try:
+        await migrate(conn, progress=progress)
+    finally:
+        await conn.close()
+
+
+async def cmd_migrate(_args: argparse.Namespace, settings: Settings) -> int:
+    await apply_migrations(settings)
+    return 0
+
+
+async def cmd_kafka(_args: argparse.Namespace, settings: Settings) -> int:
+    await ensure_topics(settings, progress=out)
+    return 0
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    dev = commands.add_parser("dev", help="embedded Redis + PostgreSQL + Kafka broker")
+    dev.set_defaults(handler=cmd_dev)
+    dev_sub = dev.add_subparsers(dest="dev_command", required=True, metavar="ACTION")
+    up = dev_sub.add_parser("up", help="start (or reuse) the stack; write .flashsale/dev.env")
+    up.add_argument("--timeout", type=float, default=30.0, help="seconds to wait (default 30)")
+    down = dev_sub.add_parser("down", help="stop the stack cleanly")
+    down.add_argument("--purge", action="store_true", help="also delete its data and secrets")
+    dev_sub.add_parser("status", help="what runs where (exit 3 if something is down)")
+    dev_sub.add_parser("env", help="print the export lines of .flashsale/dev.env")
+
+    migrate_ = commands.add_parser(
+        "migrate", help="apply pending Postgres migrations (re-runnable)"
+    )
+    migrate_.set_defaults(handler=cmd_migrate)
+
+    kafka = commands.add_parser("kafka", help="create the Kafka topics")
+    kafka.set_defaults(handler=cmd_kafka)
+    kafka_sub = kafka.add_subparsers(dest="kafka_command", required=True, metavar="ACTION")
+    kafka_sub.add_parser(
+        "init", help="create the topics that are missing (reservations, order events, dead "
+        "letters; names from FLASHSALE_TOPIC_*)",
+    )  # fmt: skip

@@ -1,0 +1,1 @@
+"""The embedded development stack (``flashsale dev``): binaries, processes, pings, the stack."""

@@ -1,0 +1,130 @@
+"""Processes on loopback: free ports, servers started detached (their own session,
+re-parented away from the command that started them), liveness by pid and executable, and
+stopping with a grace."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from flashsale.cli.devstack.errors import StackError
+
+
+def free_port(preferred: int | None = None) -> int:
+    """A free loopback TCP port; ``preferred`` when it is still free (keeps dev.env stable)."""
+    if preferred:
+        with socket.socket() as sock, contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", preferred))
+            return preferred
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def free_ports(count: int) -> int:
+    """A loopback port P with P..P+count-1 all free (a service and its neighbours)."""
+    while True:
+        socks = [socket.socket() for _ in range(count)]
+        try:
+            socks[0].bind(("127.0.0.1", 0))
+            port = int(socks[0].getsockname()[1])
+            try:
+                for i, sock in enumerate(socks[1:], start=1):
+                    sock.bind(("127.0.0.1", port + i))
+            except OSError:
+                continue
+            return port
+        finally:
+            for sock in socks:
+                sock.close()
+
+
+def pid_alive(pid: int, binary: str | None = None) -> bool:
+    """True if ``pid`` runs (not a zombie) and, when given, runs ``binary``."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # reap it if it is our own exited child
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    if stat_line.rsplit(")", 1)[-1].split()[0] in ("Z", "X"):
+        return False
+    if binary is None:
+        return True
+    try:
+        # exe, not cmdline: redis-server rewrites its process title.
+        exe = os.readlink(f"/proc/{pid}/exe")
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return False
+    return Path(exe).name == Path(binary).name
+
+
+def spawn_detached(argv: list[str], log: Path, *, user: str | None = None) -> int:
+    """Start ``argv`` in its own session, stdout/stderr appended to ``log``; return its pid.
+
+    A throwaway ``sh`` starts the server in the background and exits, so the server is
+    re-parented away from this process: it outlives the CLI and leaves no zombie behind.
+    """
+    script = '"$@" </dev/null >>"$FLASHSALE_SPAWN_LOG" 2>&1 & echo $!'
+    env = {**os.environ, "FLASHSALE_SPAWN_LOG": str(log)}
+    out = subprocess.run(
+        ["/bin/sh", "-c", script, "sh", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        user=user,
+        start_new_session=True,
+        timeout=30,
+        check=False,
+    )
+    if out.returncode != 0 or not out.stdout.strip().isdigit():
+        raise StackError(f"could not start {argv[0]}: {out.stderr.strip()}")
+    return int(out.stdout.strip())
+
+
+def run_as(argv: list[str], *, user: str | None, log: Path) -> None:
+    with log.open("ab") as sink:
+        result = subprocess.run(
+            argv,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            user=user,
+            timeout=120,
+            check=False,
+            start_new_session=True,
+        )
+    if result.returncode != 0:
+        raise StackError(f"{Path(argv[0]).name} failed (exit {result.returncode})\n{tail(log)}")
+
+
+def tail(path: Path, lines: int = 25) -> str:
+    try:
+        content = path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return f"(no log at {path})"
+    return "\n".join(f"    {line}" for line in content[-lines:])
+
+
+def stop_pid(pid: int, sig: signal.Signals, timeout: float = 20.0) -> bool:
+    """Signal ``pid`` and wait for it to exit; SIGKILL after ``timeout``. True if it had run."""
+    if not pid_alive(pid):
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return True
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    while pid_alive(pid):
+        time.sleep(0.05)
+    return True

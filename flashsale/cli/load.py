@@ -1,0 +1,291 @@
+"""``flashsale bench`` (allocate, gateway, pipeline, reconcile, all), ``flashsale demo`` and
+``flashsale loadtest spike``: the load tools of :mod:`loadtest`, imported when a command runs
+so the other commands start light."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import uvloop
+
+from flashsale.cli.checks import non_negative, positive, service_settings
+from flashsale.cli.dev import apply_migrations
+from flashsale.cli.devstack.stack import DevStack
+from flashsale.cli.output import fail, out
+from flashsale.errors import ConfigError, InvalidInput
+from flashsale.settings import Settings
+
+if TYPE_CHECKING:
+    from loadtest.bench import Report
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from loadtest import demo  # noqa: PLC0415
+
+    buyers = positive(int, "buyers", args.buyers)
+    stock = positive(int, "stock", args.stock)
+    out("== starting the embedded stack (servers given by env vars are used as they are)")
+    seconds = DevStack(settings.home).up()
+    out(f"   ready in {seconds:.1f}s")
+    settings = Settings.from_env()  # pick up the freshly written dev.env
+    code = uvloop.run(demo.run(settings, buyers=buyers, stock=stock, progress=out,
+                               json_path=args.json))  # fmt: skip
+    out("\nThe stack keeps running; stop it with `.venv/bin/flashsale dev down`.")
+    return code
+
+
+def cmd_loadtest(args: argparse.Namespace, settings: Settings) -> int:
+    from loadtest import spike  # noqa: PLC0415
+
+    options = spike.Options(
+        buyers=positive(int, "buyers", args.buyers), stock=positive(int, "stock", args.stock),
+        ramp=positive(float, "ramp", args.ramp), hold=non_negative("hold", args.hold),
+        host=args.host, out=Path(args.out), embedded=args.embedded,
+    )  # fmt: skip
+    if not options.host.startswith(("http://", "https://")):
+        raise InvalidInput("host", f"must be an http(s) URL, got {options.host!r}")
+    if args.embedded:
+        out("== starting the embedded stack (servers given by env vars are used as they are)")
+        DevStack(settings.home).up()
+        settings = Settings.from_env()
+        uvloop.run(apply_migrations(settings, progress=lambda _line: None))
+    if not settings.admin_token.reveal() or not settings.buyer_token_secret.reveal():
+        raise ConfigError("FLASHSALE_ADMIN_TOKEN and FLASHSALE_BUYER_TOKEN_SECRET must be set "
+                          "(the spike makes its sale and signs its buyers' tokens)")  # fmt: skip
+    return int(uvloop.run(spike.run(settings, options, out)))
+
+
+async def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    run = {"allocate": _allocate, "gateway": _gateway, "pipeline": _pipeline,
+           "reconcile": _reconcile, "all": _bench_all}[args.bench_command]  # fmt: skip
+    return await run(args, settings)
+
+
+async def _allocate(args: argparse.Namespace, settings: Settings) -> int:
+    from allocator.hold_scripts import MAX_RESERVE_BATCH  # noqa: PLC0415
+    from loadtest import bench_allocate as bench  # noqa: PLC0415
+
+    options = bench.Options(
+        seconds=positive(float, "seconds", args.seconds),
+        concurrency=positive(int, "concurrency", args.concurrency),
+        max_batch=positive(int, "max-batch", args.max_batch),
+    )
+    if options.max_batch > MAX_RESERVE_BATCH:
+        raise InvalidInput("max-batch", f"must be at most {MAX_RESERVE_BATCH}")
+    settings.require_redis()
+    settings.require_database()
+    report = await bench.run(settings, options, out, options.command())
+    return _report(report, bench.render, args.json, bench.failed(report), bench.FAILURE)
+
+
+async def _gateway(args: argparse.Namespace, settings: Settings) -> int:
+    from loadtest import bench_gateway as bench  # noqa: PLC0415
+
+    options = bench.Options(
+        seconds=positive(float, "seconds", args.seconds),
+        rounds=positive(int, "rounds", args.rounds),
+        concurrency=positive(int, "concurrency", args.concurrency),
+        workers=positive(int, "workers", args.workers),
+    )
+    service_settings(settings)
+    if not settings.admin_token:
+        raise ConfigError("FLASHSALE_ADMIN_TOKEN is not set: run `flashsale dev up` or export it")
+    report = await bench.run(settings, options, out, options.command())
+    return _report(report, bench.render, args.json, bench.failed(report), bench.FAILURE)
+
+
+async def _pipeline(args: argparse.Namespace, settings: Settings) -> int:
+    from loadtest import bench_pipeline as bench  # noqa: PLC0415
+
+    options = bench.Options(
+        reservations=positive(int, "reservations", args.reservations),
+        latencies=_latencies(args.latencies),
+        concurrency=positive(int, "concurrency", args.concurrency),
+        paced_seconds=positive(float, "paced-seconds", args.paced_seconds),
+    )
+    settings.require_redis()
+    settings.require_database()
+    settings.require_kafka()
+    report = await bench.run(settings, options, out, options.command())
+    return _report(report, bench.render, args.json, bench.failed(report), bench.FAILURE)
+
+
+async def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    from loadtest import bench_reconcile as bench  # noqa: PLC0415
+
+    options = bench.Options(
+        skus=positive(int, "skus", args.skus), passes=positive(int, "passes", args.passes)
+    )
+    settings.require_redis()
+    settings.require_database()
+    report = await bench.run(settings, options, out, options.command())
+    return _report(report, bench.render, args.json, bench.failed(report), bench.FAILURE)
+
+
+def _latencies(text: str) -> tuple[float, ...]:
+    try:
+        latencies = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise InvalidInput("latencies", f"must be comma-separated numbers, got {text!r}"
+                           ) from None  # fmt: skip
+    if not latencies or any(x < 0 for x in latencies):
+        raise InvalidInput("latencies", "must be numbers >= 0")
+    return latencies
+
+
+def _report(report: Report, render: Callable[[Report], str], json_path: str | None,
+            failed: list[str], failure: str) -> int:  # fmt: skip
+    """Print a benchmark's tables, write its JSON, and exit 1 naming the rows that failed."""
+    out()
+    out(render(report))
+    if json_path:
+        report.write_json(json_path)
+        out(f"\nwrote {json_path}")
+    if failed:
+        fail(f"{failure} {failed}")
+        return 1
+    return 0
+
+
+async def _bench_all(args: argparse.Namespace, settings: Settings) -> int:
+    """Every benchmark, then the tables of docs/BENCHMARKS.md rewritten (see bench_all)."""
+    from loadtest import bench_all  # noqa: PLC0415
+
+    service_settings(settings)
+    settings.require_kafka()
+    folder = Path(args.json_dir)
+    await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
+    doc = Path(args.doc) if args.doc else (None if args.quick else Path("docs/BENCHMARKS.md"))
+    if doc is not None and not await asyncio.to_thread(doc.is_file):
+        raise InvalidInput("doc", f"no such file: {doc}")
+    outcomes = await bench_all.run(settings, quick=args.quick, folder=folder, doc=doc,
+                                   progress=out)  # fmt: skip
+    out("\n" + "\n".join(
+        f"{o.name:10} checks {'ok' if o.ok else 'FAILED'}, targets "
+        f"{'all met' if o.targets_met else 'not all met'}" for o in outcomes
+    ))  # fmt: skip
+    failed = [o.name for o in outcomes if not o.ok]
+    if failed:
+        fail(f"consistency checks failed in {failed}")
+        return 1
+    return 0
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    demo = commands.add_parser(
+        "demo",
+        help="the whole engine on the embedded stack, with buyers going through it",
+        description="Starts the embedded stack and every service (flashsale up), creates a "
+        "sale, sends a spike of buyers through the real journey when it opens (one in ten "
+        "with a declined card), shows reservations becoming confirmed orders, and ends with "
+        "the post-sale audit and a report (seconds until every buyer had an answer, sold, "
+        "oversold, p50/p99 per route). Exit 1 if a buyer got an error, an order did not "
+        "reach a final state, or the audit failed.",
+    )
+    demo.set_defaults(handler=cmd_demo)
+    demo.add_argument("--buyers", default="50000",
+                      help="buyers arriving when the sale opens (default 50000)")  # fmt: skip
+    demo.add_argument("--stock", default="100", help="units of the SKU (default 100)")
+    demo.add_argument("--json", metavar="PATH", help="also write the final report as JSON")
+
+    loadtest = commands.add_parser("loadtest", help="spike tests with locust")
+    loadtest.set_defaults(handler=cmd_loadtest)
+    loadtest_sub = loadtest.add_subparsers(dest="loadtest_command", required=True,
+                                           metavar="KIND")  # fmt: skip
+    spike = loadtest_sub.add_parser(
+        "spike",
+        help="a locust spike (headless) against the engine, judged by the post-sale audit",
+        description="Run loadtest/locustfile.py headless: make and preload a sale, ramp 0 -> "
+        "--buyers in --ramp seconds, hold, let every buyer finish, then audit. Writes CSV and "
+        "HTML reports to --out. Exit non-zero on any failed invariant. With --embedded, start "
+        "the embedded stack and flashsale up first; otherwise --host names a running gateway "
+        "(and FLASHSALE_ADMIN_TOKEN, FLASHSALE_BUYER_TOKEN_SECRET must be its secrets).",
+    )
+    spike.add_argument("--buyers", default="1000", help="buyers in the spike (default 1000)")
+    spike.add_argument("--stock", default="100", help="units of the SKU (default 100)")
+    spike.add_argument("--ramp", default="10", help="seconds to bring every buyer in (default 10)")
+    spike.add_argument("--hold", default="5", help="seconds held after the ramp (default 5)")
+    spike.add_argument("--host", default="http://127.0.0.1:8080",
+                       help="the gateway (default http://127.0.0.1:8080)")  # fmt: skip
+    spike.add_argument("--out", default=".flashsale/spike", help="report folder")
+    spike.add_argument("--embedded", action="store_true",
+                       help="start the embedded stack and the engine for the run")  # fmt: skip
+
+    bench = commands.add_parser("bench", help="benchmarks (need a running stack)")
+    bench.set_defaults(handler=cmd_bench)
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    allocate = bench_sub.add_parser(
+        "allocate",
+        help="Postgres vs Redis vs Lua vs the batched allocator on one hot SKU",
+        description="Seven ways to decide a reservation on one hot SKU with 1,000,000 units, "
+        "each driven by the same number of concurrent callers for --seconds. Prints a table "
+        "(decisions/s, Redis server us per decision, ratio to the raw pipelined DECR ceiling) "
+        "and the targets met or missed. Exit 1 only if a row's stock moved by a different "
+        "amount than the decisions it made.",
+    )
+    allocate.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    allocate.add_argument("--seconds", default="3", help="seconds per row (default 3)")
+    allocate.add_argument("--concurrency", default="512", help="concurrent callers (default 512)")
+    allocate.add_argument("--max-batch", default="256", help="SkuAllocator max batch (default 256)")
+    gw_bench = bench_sub.add_parser(
+        "gateway",
+        help="queue join and status req/s against a bare aiohttp endpoint",
+        description="Starts the gateway and a trivial aiohttp endpoint with --workers processes "
+        "each, drives each row with the same closed-loop client for --seconds, and prints "
+        "req/s, p50 and p99 and the ratio to the bare endpoint (targets: status >= 70%%, "
+        "join >= 40%%). Exit 1 only if a request failed.",
+    )
+    gw_bench.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    gw_bench.add_argument("--seconds", default="10", help="seconds per row (default 10)")
+    gw_bench.add_argument(
+        "--rounds", default="5", help="interleaved rounds the seconds are split into (default 5)"
+    )
+    gw_bench.add_argument("--concurrency", default="64", help="requests in flight (default 64)")
+    gw_bench.add_argument("--workers", default="2", help="processes per server (default 2)")
+
+    pl_bench = bench_sub.add_parser(
+        "pipeline",
+        help="reservations -> CONFIRMED orders per second through relay, Kafka, workers, Postgres",
+        description="For each provider latency: a payment simulator and one worker process on "
+        "fresh topics; N holds at once (capacity), then holds at half that rate (reserve -> "
+        "confirmed p50/p99). The broker alone is the ceiling. Exit 1 if confirmed orders "
+        "disagree with the holds granted.",
+    )
+    pl_bench.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    pl_bench.add_argument("--reservations", default="20000",
+                          help="holds per capacity run (default 20000)")  # fmt: skip
+    pl_bench.add_argument("--latencies", default="0,50",
+                          help="provider latencies in ms (default 0,50)")  # fmt: skip
+    pl_bench.add_argument("--concurrency", default="1000",
+                          help="worker charges in flight (default 1000)")  # fmt: skip
+    pl_bench.add_argument("--paced-seconds", default="5",
+                          help="length of the latency run (default 5)")  # fmt: skip
+
+    all_bench = bench_sub.add_parser(
+        "all",
+        help="run every benchmark and rewrite the tables of docs/BENCHMARKS.md",
+        description="Run bench allocate, gateway, pipeline, reconcile and the 50,000-buyer "
+        "demo with their defaults, write bench-NAME.json to --json-dir, and rewrite each "
+        "benchmark's '<!-- bench all: NAME -->' block in --doc (docs/BENCHMARKS.md). --quick "
+        "runs each small (a check that every one works; the document is left alone unless "
+        "--doc is given). Exit 1 if a benchmark's consistency check failed.",
+    )
+    all_bench.add_argument("--quick", action="store_true", help="small runs, as a check")
+    all_bench.add_argument("--json-dir", default=".", help="where bench-NAME.json go (default .)")
+    all_bench.add_argument("--doc", help="the document to rewrite (default docs/BENCHMARKS.md)")
+
+    rc_bench = bench_sub.add_parser(
+        "reconcile",
+        help="seconds per reconcile pass over many SKUs (target: 10,000 SKUs in <= 1 s)",
+        description="Create and preload a sale of --skus SKUs, then time reconcile passes: "
+        "the bare reads (ceiling), a clean service pass, a full --once pass, and a pass "
+        "rebuilding 1 %% of the SKUs after corrupting them. Medians of --passes. Exit 1 if "
+        "the drift pass repairs anything but the corrupted SKUs.",
+    )
+    rc_bench.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    rc_bench.add_argument("--skus", default="10000", help="SKUs in the sale (default 10000)")
+    rc_bench.add_argument("--passes", default="5", help="passes per row (default 5)")

@@ -1,0 +1,230 @@
+"""``flashsale sale`` (create, import, list, show, preload, status, add-stock, pause, resume,
+end) and ``flashsale token buyers``: the merchandiser's commands, over :mod:`allocator.sale_admin`.
+
+Input is validated before any connection is opened, so bad input writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from allocator.sale_admin import SaleAdmin
+from flashsale.cli.checks import positive
+from flashsale.cli.output import dump_json, out
+from flashsale.clients import pg_pool, redis_client
+from flashsale.errors import ConfigError, InvalidInput
+from flashsale.keys import ID_PATTERN
+from flashsale.salespec import parse_csv, parse_sale
+from flashsale.settings import Settings
+from flashsale.tokens import Signer
+
+
+@contextlib.asynccontextmanager
+async def admin(settings: Settings) -> AsyncIterator[SaleAdmin]:
+    """A SaleAdmin over fresh clients, closed on exit."""
+    pool = await pg_pool(settings, max_size=4)
+    client = redis_client(settings)
+    try:
+        yield SaleAdmin.build(pool, client)
+    finally:
+        await client.aclose()
+        await pool.close()
+
+
+def read_input(path: str) -> str:
+    """The text of ``path`` ('-' is stdin); an unreadable file is bad input."""
+    try:
+        return sys.stdin.read() if path == "-" else Path(path).read_text()
+    except OSError as exc:
+        raise InvalidInput("file", f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise InvalidInput("file", f"{path} is not UTF-8 text") from None
+
+
+def read_json_file(path: str) -> Any:
+    raw = read_input(path)
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(
+            "file", f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from None
+
+
+SKU_FLAGS = {
+    "title": "title",
+    "stock": "stock",
+    "price": "price",
+    "currency": "currency",
+    "limit": "per_buyer_limit",
+    "ttl": "hold_ttl_seconds",
+}
+SALE_FLAGS = {
+    "name": "name",
+    "starts_at": "starts_at",
+    "ends_at": "ends_at",
+    "admission_rate": "admission_rate",
+    "max_queue": "max_queue",
+}
+
+
+def sale_from_flags(args: argparse.Namespace) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        key: getattr(args, flag) for flag, key in SALE_FLAGS.items() if getattr(args, flag)
+    }
+    sku = {key: getattr(args, flag) for flag, key in SKU_FLAGS.items() if getattr(args, flag)}
+    if args.sku:
+        data["skus"] = [{"sku": args.sku, **sku}]
+    elif sku:
+        raise InvalidInput("sku", "--sku is required with --stock/--price/--currency/...")
+    return data
+
+
+async def cmd_sale(args: argparse.Namespace, settings: Settings) -> int:
+    command = args.sale_command
+    # Validate everything before opening a connection: bad input writes nothing.
+    if command == "create":
+        given_flags = [f for f in (*SALE_FLAGS, *SKU_FLAGS, "sku") if getattr(args, f)]
+        if args.file and given_flags:
+            raise InvalidInput(given_flags[0], "give either --file or flags, not both")
+        spec = parse_sale(read_json_file(args.file) if args.file else sale_from_flags(args))
+        async with admin(settings) as sales:
+            created = await sales.create(spec)
+        dump_json(created) if args.json else out(created["id"])
+        return 0
+    if command == "import":
+        specs = parse_csv(read_input(args.file))
+        async with admin(settings) as sales:
+            await sales.import_skus(args.sale, specs)
+        out(
+            f"imported {len(specs)} SKUs into {args.sale}; run `flashsale sale preload {args.sale}`"
+        )
+        return 0
+    async with admin(settings) as sales:
+        if command == "list":
+            for sale in await sales.list_sales():
+                out(f"{sale['id']}  {sale['state']:9}  {sale['starts_at']}  {sale['name']}")
+        elif command == "show":
+            dump_json(await sales.get(args.sale))
+        elif command == "preload":
+            results = await sales.preload(args.sale, force=args.force)
+            for r in results:
+                out(f"{r.sku}: {r.outcome} (total {r.counts.total}, available {r.counts.available},"
+                    f" held {r.counts.held}, sold {r.counts.sold})")  # fmt: skip
+        elif command == "status":
+            print_status(await sales.status(args.sale), as_json=args.json)
+        elif command == "add-stock":
+            print_status(await sales.add_stock(args.sale, args.sku, args.units), as_json=False)
+        else:
+            sale = await sales.set_status(args.sale, command)
+            out(f"{sale['id']}: status {sale['status']} (state {sale['state']})")
+    return 0
+
+
+def print_status(status: dict[str, Any], *, as_json: bool) -> None:
+    if as_json:
+        dump_json(status)
+        return
+    sale = status["sale"]
+    out(f'sale {sale["id"]}  "{sale["name"]}"  state={sale["state"]}  status={sale["status"]}')
+    out(f"  starts {sale['starts_at']}  ends {sale['ends_at']}  preloaded {sale['preloaded_at']}")
+    out(f"  {'SKU':20} {'STOCK':>10} {'AVAILABLE':>10} {'HELD':>8} {'SOLD':>8} {'CONFIRMED':>10}")
+
+    def cell(value: int | None) -> str:
+        return "-" if value is None else str(value)
+
+    for row in status["skus"]:
+        out(
+            f"  {row['sku']:20} {row['stock_total']:>10} {cell(row['available']):>10}"
+            f" {cell(row['held']):>8} {cell(row['sold']):>8} {row['confirmed']:>10}"
+        )
+
+
+def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
+    count = positive(int, "count", args.count)
+    ttl = positive(float, "ttl", args.ttl)
+    if not ID_PATTERN.match(f"{args.prefix}0"):
+        raise InvalidInput("prefix", "letters, digits, '.', '_' or '-' (buyer ids are ids)")
+    secret = settings.buyer_token_secret.reveal()
+    if not secret:
+        raise ConfigError(
+            "FLASHSALE_BUYER_TOKEN_SECRET is not set: run `flashsale dev up` or export it"
+        )
+    signer = Signer.from_setting(secret, "buyer")
+    lines = (f"{args.prefix}{i}\t{signer.sign({'sub': f'{args.prefix}{i}'}, ttl)}\n"
+             for i in range(count))  # fmt: skip
+    sys.stdout.writelines(lines)
+    return 0
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sale = commands.add_parser("sale", help="create, preload and operate sales")
+    sale.set_defaults(handler=cmd_sale)
+    sale_sub = sale.add_subparsers(dest="sale_command", required=True, metavar="ACTION")
+    create = sale_sub.add_parser(
+        "create",
+        help="create a sale from --file or flags; prints its id",
+        description="Create a sale from a JSON sale file (--file, '-' for stdin) or from flags "
+        "describing the sale and at most one SKU. Prints the sale id, or the whole sale with "
+        "--json.",
+    )
+    create.add_argument("--file", help="sale file (JSON, see README); '-' reads stdin")
+    create.add_argument("--json", action="store_true", help="print the created sale as JSON")
+    create.add_argument("--name")
+    create.add_argument("--starts-at", help="ISO 8601 with timezone (default: now)")
+    create.add_argument("--ends-at", help="ISO 8601 with timezone (default: starts + 1h)")
+    create.add_argument("--admission-rate", help="buyers admitted per second (default 500)")
+    create.add_argument("--max-queue", help="queue cap (default 200000)")
+    create.add_argument("--sku", help="SKU id (letters, digits, . _ -)")
+    create.add_argument("--title", help="SKU title (default: the SKU id)")
+    create.add_argument("--stock", help="units (positive integer)")
+    create.add_argument("--price", help="price in integer minor units (cents)")
+    create.add_argument("--currency", help="ISO 4217 code, e.g. EUR")
+    create.add_argument("--limit", help="per-buyer limit (default 1)")
+    create.add_argument("--ttl", help="hold TTL in seconds (default 120)")
+
+    imp = sale_sub.add_parser("import", help="add SKUs from a CSV file (all rows validated first)")
+    imp.add_argument("file", help="CSV with header sku,title,stock,price,currency,...")
+    imp.add_argument("--sale", required=True, help="sale id")
+
+    sale_sub.add_parser("list", help="list sales")
+    show = sale_sub.add_parser("show", help="print a sale's configuration as JSON")
+    show.add_argument("sale")
+    preload = sale_sub.add_parser("preload", help="copy configuration and stock into Redis")
+    preload.add_argument("sale")
+    preload.add_argument(
+        "--force", action="store_true",
+        help="reload even with held or sold units (they are never reset)",
+    )  # fmt: skip
+    status = sale_sub.add_parser("status", help="per SKU: stock, available, held, sold, confirmed")
+    status.add_argument("sale")
+    status.add_argument("--json", action="store_true")
+    add = sale_sub.add_parser("add-stock", help="add N units to a SKU (Postgres, then Redis)")
+    add.add_argument("sale")
+    add.add_argument("sku")
+    add.add_argument("units", metavar="N")
+    for action, text in (
+        ("pause", "stop granting reservations"),
+        ("resume", "resume a paused sale"),
+        ("end", "end the sale for good"),
+    ):
+        sale_sub.add_parser(action, help=text).add_argument("sale")
+
+    token = commands.add_parser("token", help="mint signed tokens for tests and load tools")
+    token.set_defaults(handler=cmd_token)
+    token_sub = token.add_subparsers(dest="token_command", required=True, metavar="KIND")
+    buyers = token_sub.add_parser(
+        "buyers",
+        help="print 'buyer_id<TAB>token' lines signed with FLASHSALE_BUYER_TOKEN_SECRET",
+        description="Mint buyer tokens as the storefront would: one 'buyer_id<TAB>token' line "
+        "per buyer, ids PREFIX0, PREFIX1, ... Send a token as 'Authorization: Bearer TOKEN'.",
+    )
+    buyers.add_argument("--count", default="1", help="how many buyers (default 1)")
+    buyers.add_argument("--prefix", default="buyer-", help="buyer id prefix (default buyer-)")
+    buyers.add_argument("--ttl", default="86400", help="validity in seconds (default 86400)")

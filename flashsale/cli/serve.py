@@ -1,0 +1,269 @@
+"""The engine's services as commands: ``gateway``, ``allocator``, ``workers``, ``psp``,
+``reconcile``, ``audit`` and ``up`` (all of them, supervised). Each checks its flags and its
+configuration before it starts anything (:mod:`flashsale.cli.checks`), then runs through
+:mod:`flashsale.cli.runners`."""
+
+from __future__ import annotations
+
+import argparse
+
+import uvloop
+
+from flashsale.cli import runners
+from flashsale.cli.checks import (
+    fraction,
+    non_negative,
+    port_number,
+    positive,
+    sale_id,
+    service_settings,
+)
+from flashsale.cli.output import dump_json, out
+from flashsale.errors import ConfigError
+from flashsale.settings import Settings
+
+
+def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
+    port = port_number("port", args.port)
+    workers = positive(int, "workers", args.workers)
+    service_settings(settings)
+    if workers == 1:
+        return int(uvloop.run(
+            runners.serve_gateway(settings, args.host, port, reuse_port=args.reuse_port)
+        ))  # fmt: skip
+    metrics_dir = runners.fresh_metrics_dir(settings.home, f"gateway-{port}")
+    out(f"gateway: {workers} processes on http://{args.host}:{port} (Ctrl-C stops them)")
+    children = runners.gateway_children(args.host, port, workers, metrics_dir)
+    return runners.supervise(children, metrics_dir)
+
+
+def cmd_allocator(args: argparse.Namespace, settings: Settings) -> int:
+    ops_port = port_number("ops-port", args.ops_port) if args.ops_port else None
+    settings.require_redis()
+    settings.require_database()
+    return int(uvloop.run(runners.serve_allocator(settings, args.host, ops_port)))
+
+
+SHOWN = 20  # repairs listed by `reconcile --once` before "... and N more"
+
+
+def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    from reconciler import service as reconciler_service  # noqa: PLC0415 - a light CLI start
+
+    interval = positive(float, "interval", args.interval)
+    stuck = positive(float, "stuck-after", args.stuck_after)
+    for sale in args.sale or []:
+        sale_id("sale", sale)
+    ops_port = port_number("ops-port", args.ops_port) if args.ops_port else None
+    settings.require_redis()
+    settings.require_database()
+    if not args.once:
+        return int(uvloop.run(runners.serve_reconciler(
+            settings, args.host, ops_port, interval=interval, stuck_after_s=stuck,
+        )))  # fmt: skip
+    report = uvloop.run(reconciler_service.reconcile_once(settings, args.sale, stuck))
+    if args.json:
+        dump_json(report.json())
+    else:
+        out(f"reconciled {report.skus} SKUs in {report.seconds:.3f}s: {report.changed} repairs, "
+            f"{len(report.flags)} flags, {len(report.unresolved)} unresolved")  # fmt: skip
+        items = report.repairs + report.flags
+        for item in items[:SHOWN]:
+            out(f"  {item.kind:16} {item.sale_id}/{item.sku or '-'} {item.subject or ''}"
+                f"  {item.before} -> {item.after}")  # fmt: skip
+        for line in report.unresolved[:SHOWN]:
+            out(f"  unresolved: {line}")
+        hidden = max(0, len(items) - SHOWN) + max(0, len(report.unresolved) - SHOWN)
+        if hidden:
+            out(f"  ... and {hidden} more (--json shows all; every repair is in reconcile_events)")
+    return 3 if report.unresolved else 0
+
+
+def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
+    from reconciler import service as reconciler_service  # noqa: PLC0415 - a light CLI start
+
+    sale_id("sale", args.sale)
+    settings.require_redis()
+    settings.require_database()
+    settings.require_kafka()
+    report = uvloop.run(reconciler_service.audit(settings, args.sale))
+    if args.json:
+        dump_json(report.json())
+    else:
+        out(report.text())
+    return 0 if report.passed else 1
+
+
+def cmd_workers(args: argparse.Namespace, settings: Settings) -> int:
+    concurrency = positive(int, "concurrency", args.concurrency)
+    ops_port = port_number("ops-port", args.ops_port) if args.ops_port else None
+    settings.require_redis()
+    settings.require_database()
+    settings.require_kafka()
+    if not settings.psp_url:
+        raise ConfigError("FLASHSALE_PSP_URL is not set: point it at the payment provider "
+                          "(`flashsale psp` serves a simulator)")  # fmt: skip
+    return int(uvloop.run(runners.serve_workers(settings, args.host, ops_port, concurrency)))
+
+
+def cmd_psp(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.payment_simulator import Knobs  # noqa: PLC0415 - a light CLI start
+
+    port = port_number("port", args.port)
+    knobs = Knobs(
+        latency_ms=non_negative("latency-ms", args.latency_ms),
+        jitter_ms=non_negative("jitter-ms", args.jitter_ms),
+        decline_rate=fraction("decline-rate", args.decline_rate),
+        error_rate=fraction("error-rate", args.error_rate),
+        timeout_rate=fraction("timeout-rate", args.timeout_rate),
+        hang_s=non_negative("hang-s", args.hang_s),
+        seed=int(non_negative("seed", args.seed)),
+    )
+    out(f"psp simulator on http://{args.host}:{port} ({knobs})")
+    return int(uvloop.run(runners.serve_psp(args.host, port, knobs)))
+
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    port = port_number("port", args.port)
+    workers = positive(int, "workers", args.workers)
+    allocator_port = port_number("allocator-port", args.allocator_port or str(port + 1))
+    workers_port = port_number("workers-port", args.workers_port or str(port + 2))
+    psp_port = port_number("psp-port", args.psp_port or str(port + 3))
+    reconciler_port = port_number("reconciler-port", args.reconciler_port or str(port + 4))
+    service_settings(settings)
+    settings.require_kafka()
+    metrics_dir = runners.fresh_metrics_dir(settings.home, f"gateway-{port}")
+    psp_url = settings.psp_url or f"http://{args.host}:{psp_port}"
+    children = [
+        *runners.gateway_children(args.host, port, workers, metrics_dir, psp_url),
+        runners.allocator_child(args.host, allocator_port),
+        runners.workers_child(args.host, workers_port, psp_url),
+        runners.reconciler_child(args.host, reconciler_port, psp_url),
+    ]
+    if not settings.psp_url:
+        children.append(runners.psp_child(args.host, psp_port))
+    out(
+        f"flashsale up: gateway x{workers} on http://{args.host}:{port}; ops endpoints "
+        f"(/healthz, /metrics): allocator :{allocator_port}, workers :{workers_port}, "
+        f"reconciler :{reconciler_port}; "
+        f"payments: {psp_url}"
+        + ("" if settings.psp_url else " (simulator)")
+        + ". Ctrl-C or SIGTERM stops everything."
+    )
+    return runners.supervise(children, metrics_dir)
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    gw = commands.add_parser(
+        "gateway",
+        help="serve the buyer API, the waiting room and the admin API",
+        description="Serve the HTTP gateway. With --workers N, N processes share the port "
+        "(SO_REUSEPORT) under a supervisor that restarts crashed ones.",
+    )
+    gw.set_defaults(handler=cmd_gateway)
+    gw.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    gw.add_argument("--port", default="8080", help="TCP port (default 8080)")
+    gw.add_argument("--workers", default="1", help="processes (default 1)")
+    gw.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+
+    alloc = commands.add_parser(
+        "allocator",
+        help="run the admission pumps, the hold sweeper and the outbox relay",
+        description="The allocator service: one admission pump per live sale (leader-elected "
+        "through a Redis lease, so replicas are safe), the hold-expiry sweeper, and the relay "
+        "of the SKU outbox streams to the Kafka reservations topic.",
+    )
+    alloc.set_defaults(handler=cmd_allocator)
+    alloc.add_argument("--host", default="127.0.0.1", help="address of the ops endpoints")
+    alloc.add_argument("--ops-port", help="serve /healthz and /metrics on this port")
+
+    wk = commands.add_parser(
+        "workers",
+        help="run the order saga: Kafka reservations -> payments -> orders in Postgres",
+        description="Consume the reservations topic (consumer group flashsale-workers), run "
+        "the payment saga against FLASHSALE_PSP_URL, write orders to Postgres and publish "
+        "order events. Offsets are committed only after the effects are durable; SIGTERM "
+        "drains the batch in hand.",
+    )
+    wk.set_defaults(handler=cmd_workers)
+    wk.add_argument("--concurrency", default="256",
+                    help="charges sent to the provider at once (default 256)")  # fmt: skip
+    wk.add_argument("--host", default="127.0.0.1", help="address of the ops endpoints")
+    wk.add_argument("--ops-port", help="serve /healthz and /metrics on this port")
+
+    psp = commands.add_parser(
+        "psp",
+        help="run the payment-provider simulator",
+        description="A Stripe-like payment provider for tests and demos: idempotency keys, "
+        "and deterministic outcomes by token (tok_decline..., tok_timeout..., tok_error...) "
+        "and by the knobs below (drawn per idempotency key from --seed).",
+    )
+    psp.set_defaults(handler=cmd_psp)
+    psp.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    psp.add_argument("--port", default="8090", help="TCP port (default 8090)")
+    psp.add_argument("--latency-ms", default="0", help="mean latency per charge (default 0)")
+    psp.add_argument("--jitter-ms", default="0", help="latency standard deviation (default 0)")
+    psp.add_argument("--decline-rate", default="0", help="share of charges declined (0..1)")
+    psp.add_argument("--error-rate", default="0", help="share of calls failing 500 (0..1)")
+    psp.add_argument("--timeout-rate", default="0",
+                     help="share of charges that capture, then answer too late (0..1)")  # fmt: skip
+    psp.add_argument("--hang-s", default="30", help="how late those answer (default 30)")
+    psp.add_argument("--seed", default="0", help="seed of the random knobs (default 0)")
+
+    rec = commands.add_parser(
+        "reconcile",
+        help="find where Redis drifted from Postgres and repair it (once, or as a service)",
+        description="Compare every live SKU's Redis state with Postgres (the truth) and "
+        "repair drift: rebuild lost or corrupted SKUs, restore lost waiting rooms, resolve "
+        "orders stuck PENDING/PAYING through the payment provider (FLASHSALE_PSP_URL), refund "
+        "captures with no confirmed order, flag confirmed orders with no capture. Every repair "
+        "is recorded in reconcile_events. Without --once it runs a pass every --interval "
+        "seconds. Exit (with --once): 0 done, 3 something left unresolved, 1 error.",
+    )
+    rec.set_defaults(handler=cmd_reconcile)
+    rec.add_argument("--once", action="store_true", help="one pass, then exit")
+    rec.add_argument("--interval", default="5", help="seconds between passes (default 5)")
+    rec.add_argument("--sale", action="append", metavar="ID",
+                     help="only this sale (repeatable; default: every live sale)")  # fmt: skip
+    rec.add_argument(
+        "--stuck-after", default="60",
+        help="seconds after which a PENDING/PAYING order is stuck (default 60)",
+    )  # fmt: skip
+    rec.add_argument("--json", action="store_true", help="with --once: print the pass as JSON")
+    rec.add_argument("--host", default="127.0.0.1", help="address of the ops endpoints")
+    rec.add_argument("--ops-port", help="serve /healthz and /metrics on this port")
+
+    aud = commands.add_parser(
+        "audit",
+        help="check every invariant of a sale (after it): exit 0 only if all hold",
+        description="The post-sale audit: no oversell, conservation, one terminal state per "
+        "reservation, captures vs orders vs refunds, per-buyer limits, nothing lost, "
+        "admissions, and that a reconcile pass would change nothing. Reads Redis, Postgres, "
+        "the broker's consumer lag and the payment provider (FLASHSALE_PSP_URL).",
+    )
+    aud.set_defaults(handler=cmd_audit)
+    aud.add_argument("sale", help="the sale id")
+    aud.add_argument(
+        "--json", action="store_true",
+        help='print {"passed", "invariants": [{"name", "passed", "details"}]}',
+    )  # fmt: skip
+
+    up = commands.add_parser(
+        "up",
+        help="run the whole engine against the configured stack, supervised",
+        description="Run every service of the engine against REDIS_URL, DATABASE_URL and "
+        "KAFKA_BOOTSTRAP (or the embedded stack): the gateway processes, the allocator "
+        "service (pumps, sweeper, outbox relay), the order workers, the reconciler, and the "
+        "payment simulator "
+        "unless FLASHSALE_PSP_URL names a provider. Crashed processes are restarted with "
+        "backoff; SIGTERM or Ctrl-C stops all.",
+    )
+    up.set_defaults(handler=cmd_up)
+    up.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    up.add_argument("--port", default="8080", help="gateway port (default 8080)")
+    up.add_argument("--workers", default="2", help="gateway processes (default 2)")
+    up.add_argument("--allocator-port", help="allocator /healthz and /metrics (default PORT+1)")
+    up.add_argument("--workers-port", help="workers /healthz and /metrics (default PORT+2)")
+    up.add_argument("--psp-port", help="payment simulator port (default PORT+3)")
+    up.add_argument("--reconciler-port",
+                    help="reconciler /healthz and /metrics (default PORT+4)")  # fmt: skip

@@ -1,0 +1,95 @@
+"""The gateway's one middleware, and the one place where exceptions become HTTP answers."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from flashsale.errors import FlashsaleError
+from flashsale.outages import DEPENDENCY_DOWN
+from gateway.http import error_response
+from gateway.metrics import Metrics
+
+log = logging.getLogger("flashsale.gateway")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Guard = Callable[[web.Request], None]
+
+
+def error_for(request: web.Request, exc: Exception) -> web.Response:
+    """Domain errors by their ``http_status`` and stable ``code``, aiohttp's own (404, 405,
+    413) in the same JSON shape, a dependency that is down 503, anything else a logged 500
+    that names no internals. Re-raises aiohttp's redirects, which are not errors."""
+    if isinstance(exc, FlashsaleError):
+        headers = None
+        if exc.retry_after_s is not None:
+            headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+        return error_response(exc.http_status, exc.code, exc.message, headers)
+    if isinstance(exc, DEPENDENCY_DOWN):
+        log.warning("dependency unavailable on %s %s: %r", request.method, request.path, exc)
+        return error_response(503, "unavailable", "a dependency is unavailable; retry shortly",
+                              {"Retry-After": "1"})  # fmt: skip
+    if isinstance(exc, web.HTTPException) and exc.status >= 400:
+        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
+            exc.status, "http_error"
+        )
+        kept = ("allow", "retry-after")
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in kept}
+        return error_response(exc.status, code, exc.reason, headers)
+    if isinstance(exc, web.HTTPException):
+        raise exc
+    log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
+    return error_response(500, "internal", "internal error")
+
+
+def edge(metrics: Metrics, limit: int, guard: Guard) -> Middleware:
+    """The gateway's one middleware, so each request pays for one layer:
+
+    * the per-process in-flight cap: beyond ``limit`` concurrent requests, 503 ``overloaded``
+      with ``Retry-After`` at once instead of queueing without bound (``/healthz`` and
+      ``/metrics`` are exempt, so operators can still look);
+    * ``guard`` before any handler and before routing errors, so an unauthorised admin path
+      is 401 even when it does not exist;
+    * every exception mapped to HTTP by :func:`error_for`;
+    * every answer counted and timed, refusals by reason.
+    """
+    exempt = frozenset({"/healthz", "/metrics"})
+    gauge = metrics.in_flight
+    current = 0
+    published = 0.0  # when the in-flight gauge was last set
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        nonlocal current, published
+        began = time.perf_counter()
+        counted = request.path not in exempt
+        if counted and current >= limit:
+            response: web.StreamResponse = error_response(
+                503, "overloaded", "the gateway is at capacity; retry shortly",
+                {"Retry-After": "1"},
+            )  # fmt: skip
+        else:
+            if counted:
+                current += 1
+            try:
+                guard(request)
+                response = await handler(request)
+            except Exception as exc:  # noqa: BLE001 - the error boundary: error_for logs or re-raises
+                response = error_for(request, exc)
+            finally:
+                if counted:
+                    current -= 1
+        # The gauge is a shared-memory write in multiprocess mode: set it at most every
+        # 50 ms rather than twice per request.
+        if began - published >= 0.05:
+            published = began
+            gauge.set(current)
+        metrics.observe(request, response, began)
+        return response
+
+    return middleware

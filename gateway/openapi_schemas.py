@@ -1,0 +1,203 @@
+"""The schemas of the gateway's OpenAPI document (:mod:`gateway.openapi`): request bodies and
+answers, written next to the code that produces them and checked against it by schemathesis."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def obj(props: dict[str, Any], required: list[str] | None = None, **extra: Any) -> dict[str, Any]:
+    """A JSON Schema object with ``props``; ``required`` when given."""
+    schema: dict[str, Any] = {"type": "object", "properties": props, **extra}
+    if required:
+        schema["required"] = required
+    return schema
+
+
+ERROR: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+        }
+    },
+}
+ID = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"}
+NULLABLE_INT = {"type": ["integer", "null"]}
+NULLABLE_NUMBER = {"type": ["number", "null"]}
+NULLABLE_STRING = {"type": ["string", "null"]}
+
+SKU_SPEC = obj(
+    {
+        "sku": ID,
+        "title": {"type": "string"},
+        "stock": {"type": ["integer", "string"]},
+        "price": {"type": ["integer", "string"]},
+        "currency": {"type": "string"},
+        "per_buyer_limit": {"type": ["integer", "string"]},
+        "hold_ttl_seconds": {"type": ["integer", "string"]},
+    },
+    ["sku", "stock", "price", "currency"],
+)
+SALE_SPEC = obj(
+    {
+        "name": {"type": "string"},
+        "starts_at": {"type": "string"},
+        "ends_at": {"type": "string"},
+        "admission_rate": {"type": ["integer", "string"]},
+        "max_queue": {"type": ["integer", "string"]},
+        "admission_window_seconds": {"type": ["integer", "string"]},
+        "admission_capacity": {"type": ["integer", "string"]},
+        "skus": {"type": "array", "items": SKU_SPEC},
+    },
+    ["name"],
+)
+SHUFFLE = obj(
+    {"algorithm": {"type": "string"}, "commitment": {"type": "string"}, "seed": NULLABLE_STRING},
+    ["algorithm", "commitment", "seed"],
+)
+SALE = obj(
+    {
+        "id": ID,
+        "name": {"type": "string"},
+        "status": {"enum": ["active", "paused", "ended"]},
+        "state": {"enum": ["scheduled", "live", "paused", "ended"]},
+        "starts_at": {"type": "string"},
+        "ends_at": {"type": "string"},
+        "preloaded_at": NULLABLE_STRING,
+        "shuffle": SHUFFLE,
+        "skus": {"type": "array", "items": {"type": "object"}},
+    },
+    ["id", "name", "status", "state", "starts_at", "ends_at", "shuffle"],
+)
+SALE_STATUS = obj(
+    {
+        "sale": SALE,
+        "skus": {
+            "type": "array",
+            "items": obj(
+                {
+                    "sku": ID,
+                    "stock_total": {"type": "integer"},
+                    "available": NULLABLE_INT,
+                    "held": NULLABLE_INT,
+                    "sold": NULLABLE_INT,
+                    "confirmed": {"type": "integer"},
+                    "preloaded": {"type": "boolean"},
+                },
+                ["sku", "stock_total", "available", "held", "sold", "confirmed", "preloaded"],
+            ),
+        },
+    },
+    ["sale", "skus"],
+)
+AUDIT = obj(
+    {
+        "passed": {"type": "boolean"},
+        "sale_id": ID,
+        "invariants": {
+            "type": "array",
+            "items": obj(
+                {"name": {"type": "string"}, "passed": {"type": "boolean"},
+                 "details": {"type": "object"}},
+                ["name", "passed", "details"],
+            ),
+        },
+        "facts": {"type": "object"},
+    },
+    ["passed", "invariants"],
+)  # fmt: skip
+PUBLIC_SALE = obj(
+    {
+        "id": ID,
+        "name": {"type": "string"},
+        "state": {"enum": ["scheduled", "live", "paused", "ended"]},
+        "starts_at": {"type": "string"},
+        "ends_at": {"type": "string"},
+        "admission_window_seconds": {"type": "integer"},
+        "shuffle": SHUFFLE,
+        "skus": {
+            "type": "array",
+            "items": obj(
+                {
+                    "sku": ID,
+                    "title": {"type": "string"},
+                    "price": {"type": "integer"},
+                    "currency": {"type": "string"},
+                    "per_buyer_limit": {"type": "integer"},
+                    "remaining": NULLABLE_INT,
+                    "sold_out": {"type": "boolean"},
+                },
+                ["sku", "price", "currency", "per_buyer_limit", "remaining", "sold_out"],
+            ),
+        },
+    },
+    ["id", "name", "state", "starts_at", "ends_at", "shuffle", "skus"],
+)
+JOINED = obj(
+    {
+        "ticket": NULLABLE_STRING,
+        "position": NULLABLE_INT,
+        "state": {"enum": ["waiting", "admitted", "sold_out", "expired"]},
+        "pre_queue": {"type": "boolean"},
+    },
+    ["ticket", "position", "state"],
+)
+STATUS = obj(
+    {
+        "state": {"enum": ["waiting", "admitted", "sold_out", "expired"]},
+        "position": NULLABLE_INT,
+        "ahead": NULLABLE_INT,
+        "eta_seconds": obj({"p50": NULLABLE_NUMBER, "p90": NULLABLE_NUMBER}, ["p50", "p90"]),
+        "retry_after_ms": {"type": "integer", "minimum": 0},
+        "admission_token": {"type": "string"},
+        "admission_expires_in_ms": {"type": "integer"},
+        "ticket": {"type": "string"},
+        "reserved": {"type": "boolean"},
+    },
+    ["state", "position", "ahead", "eta_seconds", "retry_after_ms"],
+)
+RESERVE_BODY = obj(
+    {
+        "sku": {"type": "string"},
+        "quantity": {"type": "integer", "minimum": 1},
+        "payment_token": {"type": "string", "minLength": 1, "maxLength": 200},
+    },
+    ["sku", "quantity", "payment_token"],
+    additionalProperties=False,
+)
+RESERVED = obj(
+    {
+        "reservation_id": {"type": "string"},
+        "state": {"const": "ACTIVE"},
+        "sku": ID,
+        "quantity": {"type": "integer"},
+        "hold_expires_at": {"type": "string"},
+        "message": {"type": "string"},
+    },
+    ["reservation_id", "state", "hold_expires_at"],
+)
+RESERVATION = obj(
+    {
+        "reservation_id": {"type": "string"},
+        "sale_id": ID,
+        "sku": ID,
+        "quantity": {"type": "integer"},
+        "state": {"enum": ["ACTIVE", "PAYING", "SOLD", "RELEASED"]},
+        "cause": NULLABLE_STRING,
+        "hold_expires_at": {"type": "string"},
+        "order": {"type": ["object", "null"]},
+    },
+    ["reservation_id", "sale_id", "sku", "quantity", "state", "hold_expires_at", "order"],
+)
+HEALTH = obj(
+    {
+        "status": {"enum": ["ok", "down"]},
+        "checks": {"type": "object"},
+        "error": ERROR["properties"]["error"],
+    },
+    ["status", "checks"],
+)

@@ -1,0 +1,37 @@
+"""What a gateway process holds, under typed AppKeys: its settings, signers and metrics, and
+the clients and per-process helpers that one cleanup context opens (:mod:`gateway.app`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from allocator.hold_scripts import HoldScripts
+from allocator.queue_scripts import Joins, QueueScripts
+from allocator.rate_limits import RateLimiter
+from allocator.sale_admin import SaleAdmin
+from allocator.sku_allocator import Allocators
+from flashsale.clients import Clients
+from flashsale.ops_endpoints import Probe
+from flashsale.queue_marks import QueueMarks
+from flashsale.settings import Settings
+from flashsale.tokens import Signers
+from gateway.counters import CounterCache
+from gateway.metrics import Metrics
+
+SETTINGS = web.AppKey("settings", Settings)
+SIGNERS = web.AppKey("signers", Signers)
+METRICS = web.AppKey("metrics", Metrics)
+CLIENTS = web.AppKey("clients", Clients)
+PROBES = web.AppKey("probes", dict[str, Probe])
+SALES = web.AppKey("sales", SaleAdmin)
+QUEUE = web.AppKey("queue", QueueScripts)
+JOINS = web.AppKey("joins", Joins)
+HOLDS = web.AppKey("holds", HoldScripts)
+ALLOCATORS = web.AppKey("allocators", Allocators)
+LIMITER = web.AppKey("limiter", RateLimiter)
+COUNTERS = web.AppKey("counters", CounterCache)
+MARKS = web.AppKey("marks", QueueMarks)
+# sale id -> (expires, the sale's public summary): see gateway.catalog
+CATALOG = web.AppKey("catalog", dict[str, tuple[float, dict[str, Any]]])

@@ -1,0 +1,79 @@
+"""What a reconcile pass reports: every repair and flag (as ``reconcile_events`` records
+them), what it could not decide, and the reconciler's metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+
+@dataclass(frozen=True, slots=True)
+class Repair:
+    """One change the reconciler made (or a flag it raised), as recorded in
+    ``reconcile_events``."""
+
+    sale_id: str
+    sku: str | None
+    kind: str
+    subject: str | None = None
+    before: dict[str, Any] = field(default_factory=dict)
+    after: dict[str, Any] = field(default_factory=dict)
+
+    def json(self) -> dict[str, Any]:
+        return {"sale_id": self.sale_id, "sku": self.sku, "kind": self.kind,
+                "subject": self.subject, "before": self.before, "after": self.after}  # fmt: skip
+
+
+@dataclass
+class PassReport:
+    """What one pass looked at and did. ``unresolved``: what it could not decide now
+    (provider down, a hold that moved meanwhile); the next pass tries again."""
+
+    skus: int = 0
+    seconds: float = 0.0
+    repairs: list[Repair] = field(default_factory=list)
+    flags: list[Repair] = field(default_factory=list)
+    unresolved: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> int:
+        return len(self.repairs)
+
+    def json(self) -> dict[str, Any]:
+        return {"skus": self.skus, "seconds": round(self.seconds, 4), "changed": self.changed,
+                "repairs": [r.json() for r in self.repairs],
+                "flags": [f.json() for f in self.flags], "unresolved": self.unresolved}  # fmt: skip
+
+
+class ReconcileMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.repairs = Counter("flashsale_reconcile_repairs", "Repairs made, by kind", ["kind"],
+                               registry=registry)  # fmt: skip
+        self.flags = Counter("flashsale_reconcile_flags", "Problems flagged for a human, by kind",
+                             ["kind"], registry=registry)  # fmt: skip
+        self.passes = Counter("flashsale_reconcile_passes", "Reconcile passes run",
+                              registry=registry)  # fmt: skip
+        self.failures = Counter("flashsale_reconcile_pass_failures",
+                                "Passes that stopped on an error", registry=registry)  # fmt: skip
+        self.seconds = Gauge("flashsale_reconcile_pass_seconds", "Duration of the last pass",
+                             registry=registry)  # fmt: skip
+        self.skus = Gauge("flashsale_reconcile_skus", "SKUs in scope of the last pass",
+                          registry=registry)  # fmt: skip
+        self.unresolved = Gauge(
+            "flashsale_reconcile_unresolved", "Items the last pass could not decide",
+            registry=registry,
+        )  # fmt: skip
+
+    def count(self, report: PassReport) -> None:
+        """Count one finished pass."""
+        self.passes.inc()
+        self.seconds.set(report.seconds)
+        self.skus.set(report.skus)
+        self.unresolved.set(len(report.unresolved))
+        for repair in report.repairs:
+            self.repairs.labels(repair.kind).inc()
+        for flag in report.flags:
+            self.flags.labels(flag.kind).inc()

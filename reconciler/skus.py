@@ -1,0 +1,172 @@
+"""SKU drift: where a SKU's Redis counters, configuration or sale status disagree with
+Postgres, and the repairs (a rebuild from Postgres, a status written again, a lost sale hash
+put back).
+
+Detection is one pipelined read of every SKU in scope (:func:`sku_reads`) and one query; a
+SKU needs a rebuild when Redis lost it, a rebuild was interrupted, its counters are corrupt or
+break conservation, its total differs from Postgres, its sold counter is behind Postgres, or
+it is ahead of Postgres once nothing of the SKU is in flight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from allocator.redis_calls import read_packed
+from allocator.sale_scripts import STOCK_FIELDS, SaleScripts, StockCounts
+from flashsale.keys import SaleKeys, SkuKeys
+from flashsale.records import text
+from flashsale.sales import fetch_sale, fetch_skus, sale_hash
+from reconciler.rebuild import rebuild_sku
+from reconciler.report import PassReport, Repair
+
+# Sales in scope: preloaded, and not ended more than 15 minutes before their longest hold
+# could have lived (an ended sale ends when it was ended); or named explicitly.
+SCOPE = """
+SELECT k.sale_id, k.sku, k.stock_total, k.sold, s.status
+FROM sale_skus k JOIN sales s ON s.id = k.sale_id
+WHERE k.preloaded_at IS NOT NULL
+  AND ($1::text[] IS NOT NULL OR
+       CASE WHEN s.status = 'ended' THEN least(s.ends_at, s.updated_at) ELSE s.ends_at END
+       + make_interval(secs => k.hold_ttl_seconds) + interval '15 minutes' > now())
+  AND ($1::text[] IS NULL OR k.sale_id = ANY($1::text[]))
+ORDER BY k.sale_id, k.sku
+"""
+_OPEN_FOR_SKU = """
+SELECT count(*) FROM orders WHERE sale_id = $1 AND sku = $2 AND state IN ('PENDING', 'PAYING')
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class SkuDrift:
+    """A SKU whose Redis state needs a rebuild, and why."""
+
+    keys: SkuKeys
+    reason: str
+    redis: dict[str, Any]
+    postgres: dict[str, Any]
+
+
+def sku_reads(rows: Sequence[asyncpg.Record]) -> list[tuple[str | int, ...]]:
+    """The pass's read of each SKU in scope: its counters, then its status and rebuild flag."""
+    commands: list[tuple[str | int, ...]] = []
+    for row in rows:
+        keys = SkuKeys(row["sale_id"], row["sku"])
+        commands.append(("HMGET", keys.stock, *STOCK_FIELDS))
+        commands.append(("HMGET", keys.meta, "status", "rebuilding"))
+    return commands
+
+
+class SkuChecks:
+    """SKU drift over one Postgres pool and one Redis client."""
+
+    def __init__(self, pool: asyncpg.Pool, client: aioredis.Redis) -> None:
+        self.pool = pool
+        self.client = client
+        self.scripts = SaleScripts(client)
+
+    async def scope(self, sales: Sequence[str] | None = None) -> list[asyncpg.Record]:
+        """The SKU rows in scope (see ``SCOPE``), or those of ``sales``."""
+        return list(await self.pool.fetch(SCOPE, list(sales) if sales is not None else None))
+
+    async def find(self, rows: Sequence[asyncpg.Record]) -> tuple[list[SkuDrift], list[Repair]]:
+        """The SKUs whose Redis state needs a rebuild, and the status writes due on the
+        others. Writes nothing."""
+        replies = await read_packed(self.client, sku_reads(rows))
+        drift: list[SkuDrift] = []
+        statuses: list[Repair] = []
+        for index, row in enumerate(rows):
+            keys = SkuKeys(row["sale_id"], row["sku"])
+            counts, (status, rebuilding) = replies[2 * index], replies[2 * index + 1]
+            redis: dict[str, Any] = {
+                n: (None if v is None else int(v))
+                for n, v in zip(STOCK_FIELDS, counts, strict=True)
+            }
+            pg = {"stock_total": row["stock_total"], "sold": row["sold"]}
+            reason = await self._reason(keys, redis, status, rebuilding, pg)
+            if reason is not None:
+                redis["status"] = None if status is None else text(status)
+                drift.append(SkuDrift(keys, reason, redis, pg))
+            elif text(status) != row["status"]:
+                statuses.append(Repair(
+                    row["sale_id"], row["sku"], "status", None, {"status": text(status)},
+                    {"status": row["status"]},
+                ))  # fmt: skip
+        return drift, statuses
+
+    async def _reason(self, keys: SkuKeys, r: dict[str, Any], status: Any, rebuilding: Any,
+                      pg: dict[str, Any]) -> str | None:  # fmt: skip
+        if status is None or r["total"] is None:
+            return "lost"
+        if rebuilding is not None:
+            return "rebuild_interrupted"
+        values = [r[n] for n in ("available", "active", "paying", "sold")]
+        if any(v is None or v < 0 for v in values):
+            return "counters_corrupt"
+        if r["total"] != sum(values):
+            return "conservation"
+        if r["total"] != pg["stock_total"]:
+            return "total_differs"
+        if r["sold"] < pg["sold"]:
+            return "sold_behind"
+        if r["sold"] > pg["sold"] and await self._drained(keys, r):
+            return "sold_ahead"
+        return None
+
+    async def _drained(self, keys: SkuKeys, r: dict[str, Any]) -> bool:
+        """Nothing of the SKU is in flight: no PAYING hold, no outbox entry, no open order."""
+        if r["paying"]:
+            return False
+        if await self.client.xlen(keys.outbox):
+            return False
+        return not await self.pool.fetchval(_OPEN_FOR_SKU, keys.sale_id, keys.sku)
+
+    # -- repairs --------------------------------------------------------------------------
+
+    async def restore_sales(self, sales: Sequence[str], report: PassReport) -> None:
+        """Sale configuration hashes Redis lost: written again from Postgres."""
+        pipe = self.client.pipeline(transaction=False)
+        for sale in sales:
+            pipe.exists(SaleKeys(sale).sale)
+        present = await pipe.execute() if sales else []
+        for sale, exists in zip(sales, present, strict=True):
+            if exists:
+                continue
+            async with self.pool.acquire() as conn:
+                row = await fetch_sale(conn, sale)
+                skus = await fetch_skus(conn, sale)
+            if row is None:
+                continue
+            fields = sale_hash(row, skus)
+            await self.scripts.put_sale(SaleKeys(sale), fields, open_queue=False)
+            report.repairs.append(Repair(sale, None, "restore_sale", None, {"present": False},
+                                         {"status": fields["status"]}))  # fmt: skip
+
+    async def rebuild(self, drift: SkuDrift, report: PassReport) -> None:
+        """Rebuild the SKU from Postgres (:func:`reconciler.rebuild.rebuild_sku`)."""
+        # Counted ahead of Postgres with nothing in flight: the SOLD holds Postgres has no
+        # order for are not sold as far as the truth is concerned.
+        done = await rebuild_sku(self.pool, self.client, drift.keys,
+                                 release_unordered_sold=drift.reason == "sold_ahead")  # fmt: skip
+        report.repairs.append(Repair(
+            drift.keys.sale_id, drift.keys.sku, "rebuild_sku", None,
+            {"reason": drift.reason, "redis": drift.redis, "postgres": drift.postgres},
+            {"redis": _counts(done.after), "holds_written": done.written,
+             "holds_released": done.released},
+        ))  # fmt: skip
+
+    async def write_statuses(self, statuses: Sequence[Repair], report: PassReport) -> None:
+        """Copy Postgres's sale status into the SKUs whose copy differs."""
+        for repair in statuses:
+            await self.scripts.set_status(SkuKeys(repair.sale_id, repair.sku or "").meta,
+                                          repair.after["status"])  # fmt: skip
+            report.repairs.append(repair)
+
+
+def _counts(counts: StockCounts) -> dict[str, int]:
+    return {n: getattr(counts, n) for n in STOCK_FIELDS}
