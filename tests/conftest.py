@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,6 +18,7 @@ from typing import Any
 import asyncpg
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from allocator.sale_admin import SaleAdmin
 from flashsale.cli import main
@@ -73,6 +74,14 @@ async def _end_sales_since(settings: Settings, began: datetime) -> None:
     finally:
         await client.aclose()
         await pool.close()
+
+
+@pytest.fixture
+async def client(stack: Settings) -> AsyncIterator[aioredis.Redis]:
+    """An asyncio Redis client (bytes replies) on the test stack."""
+    c = aioredis.Redis.from_url(stack.require_redis())
+    yield c
+    await c.aclose()
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from allocator.pump import quantile
 from tests.conftest import REPO, Cli
 
 ROWS = [
@@ -39,8 +40,21 @@ def test_bench_allocate_reports_all_rows(cli: Cli, tmp_path: Path) -> None:
     for name in ("lua_per_request", "lua_batched_allocator"):
         assert rows[name]["server_us_per_decision"] > 0
     assert rows["lua_batched_allocator"]["mean_batch"] > 1  # calls really were coalesced
-    assert rows["redis_pipelined_decr_ceiling"]["ratio_to_ceiling"] == 1.0
-    assert {t["name"] for t in report["targets"]} and len(report["targets"]) == 4
+    # Every row is reported against the ceiling measured in the same run.
+    ceiling = rows["redis_pipelined_decr_ceiling"]["per_second"]
+    for row in rows.values():
+        assert row["ratio_to_ceiling"] == pytest.approx(row["per_second"] / ceiling, abs=2e-4)
+    # Each target's verdict is what its figures say.
+    targets = {t["name"]: t for t in report["targets"]}
+    best_pg = max((n for n in ROWS if n.startswith("pg_")), key=lambda n: rows[n]["per_second"])
+    batched = rows["lua_batched_allocator"]["per_second"]
+    assert sorted(targets) == sorted([
+        "batched decisions/s from one process", "Redis server us per batched decision",
+        f"batched vs best Postgres row ({best_pg})", "batched vs lua_per_request",
+    ])  # fmt: skip
+    assert targets["batched decisions/s from one process"]["met"] == (batched >= 250_000)
+    vs_lua = batched / rows["lua_per_request"]["per_second"]
+    assert targets["batched vs lua_per_request"]["met"] == (vs_lua >= 3)
     assert {"cpu", "cores", "python", "redis", "postgres"} <= set(report["machine"])
     for name in ROWS:
         assert name in result.out  # the printed table names every row
@@ -64,8 +78,14 @@ def test_bench_gateway_smoke(cli: Cli, tmp_path: Path) -> None:
     assert set(rows) == {"bare_aiohttp", "queue_status", "queue_join"}
     assert all(row["per_second"] > 0 and row["non_200"] == 0 for row in rows.values())
     assert all(len(row["round_ratios"]) == 2 for row in rows.values())
-    assert rows["bare_aiohttp"]["ratio_to_bare"] == 1.0
-    assert {t["name"] for t in report["targets"]} == {"queue_status vs bare", "queue_join vs bare"}
+    # A row's ratio is the median of its rounds, and each verdict is what that ratio says.
+    for row in rows.values():
+        assert row["ratio_to_bare"] == quantile(row["round_ratios"], 0.5)
+    targets = {t["name"]: t["met"] for t in report["targets"]}
+    assert targets == {
+        "queue_status vs bare": rows["queue_status"]["ratio_to_bare"] >= 0.70,
+        "queue_join vs bare": rows["queue_join"]["ratio_to_bare"] >= 0.40,
+    }
 
 
 def test_bench_pipeline_smoke(cli: Cli, tmp_path: Path) -> None:

@@ -1,0 +1,133 @@
+"""The per-SKU allocator against real Redis: coalescing, back-pressure, a lost reply retried,
+and 20,000 concurrent attempts that never oversell."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from allocator.hold_scripts import HoldScripts, ReserveRequest
+from allocator.sku_allocator import SkuAllocator
+from flashsale.errors import InvalidInput, Overloaded
+from flashsale.keys import SkuKeys
+from flashsale.records import HoldRecord, ReserveResult
+from flashsale.settings import Settings
+from tests.holds import make_sku, request
+
+
+async def test_allocator_coalesces_and_answers_each_caller(client: aioredis.Redis) -> None:
+    sku = await make_sku(client, stock=50, limit=1)
+    allocator = SkuAllocator(sku.scripts, sku.keys, window=0.002, max_batch=64)
+    results = await asyncio.gather(*(allocator.reserve(request(f"p{i}")) for i in range(200)))
+    await allocator.aclose()
+    assert sum(r.outcome == "reserved" for r in results) == 50
+    assert sum(r.outcome == "sold_out" for r in results) == 150
+    assert allocator.batches < 20  # 200 calls, a handful of script calls
+    await sku.assert_conserved()
+
+
+async def test_allocator_backpressure(client: aioredis.Redis) -> None:
+    sku = await make_sku(client)
+    allocator = SkuAllocator(sku.scripts, sku.keys, window=0.5, max_batch=100, max_waiting=5)
+    waiting = [asyncio.ensure_future(allocator.reserve(request(f"q{i}"))) for i in range(5)]
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded):
+        await allocator.reserve(request("q-extra"))
+    with pytest.raises(InvalidInput):
+        await allocator.reserve(request("bad\x1fbuyer"))
+    await allocator.aclose()
+    assert all(w.result().outcome == "reserved" for w in waiting)
+
+
+class LostReply(HoldScripts):
+    """The script runs, then the reply is lost (a timeout): the outcome is unknown."""
+
+    def __init__(self, client: aioredis.Redis, failures: int) -> None:
+        super().__init__(client)
+        self.failures = failures
+
+    async def reserve(self, keys: SkuKeys, requests: list[ReserveRequest]) -> list[ReserveResult]:
+        results = await super().reserve(keys, requests)
+        if self.failures:
+            self.failures -= 1
+            raise redis.exceptions.TimeoutError("reply lost")
+        return results
+
+
+async def test_timeout_retry_never_decrements_twice(client: aioredis.Redis) -> None:
+    sku = await make_sku(client, stock=10, limit=5)
+    allocator = SkuAllocator(LostReply(client, failures=2), sku.keys, retry_backoff=0.001)
+    reqs = [request("rae", 1), request("sam", 2)]
+    results = await asyncio.gather(*(allocator.reserve(r) for r in reqs))
+    await allocator.aclose()
+    assert [r.reservation_id for r in results] == [r.reservation_id for r in reqs]
+    counts = await sku.assert_conserved()
+    assert (counts["active"], counts["available"]) == (3, 7)
+    assert len(await sku.events()) == 2
+
+
+async def test_twenty_thousand_attempts_never_oversell(stack: Settings) -> None:
+    """20,000 attempts, 50 connections, 1,000 buyers retrying keys, 100 units, limit 2."""
+    # 50 clients of exactly one connection each (a blocking pool waits for its connection).
+    clients = [
+        aioredis.Redis(
+            connection_pool=aioredis.BlockingConnectionPool.from_url(
+                stack.require_redis(), max_connections=1, timeout=None
+            )
+        )
+        for _ in range(50)
+    ]
+    try:
+        sku = await make_sku(clients[0], stock=100, limit=2)
+        rng = random.Random(7)
+        attempts = []
+        for _ in range(20_000):
+            buyer = f"buyer-{rng.randrange(1_000)}"
+            # Few keys per buyer, so many attempts are retries of an earlier key.
+            key = f"{buyer}-k{rng.randrange(3)}"
+            qty = 1 if key.endswith(("k0", "k1")) else 2
+            attempts.append(request(buyer, qty, key))
+        allocators = [SkuAllocator(HoldScripts(c), sku.keys) for c in clients[:25]]
+        direct = [HoldScripts(c) for c in clients[25:]]
+        semaphore = asyncio.Semaphore(400)
+
+        async def attempt(i: int, req: ReserveRequest) -> ReserveResult:
+            async with semaphore:
+                if i % 2:
+                    return await allocators[i % 25].reserve(req)
+                [result] = await direct[i % 25].reserve(sku.keys, [req])
+                return result
+
+        results = await asyncio.gather(*(attempt(i, r) for i, r in enumerate(attempts)))
+        for allocator in allocators:
+            await allocator.aclose()
+
+        counts = await sku.assert_conserved()
+        assert (counts["active"], counts["available"]) == (100, 0)
+        raw_holds = (await clients[0].hgetall(sku.keys.holds)).values()
+        holds = [HoldRecord.parse(v) for v in raw_holds]
+        assert sum(h.quantity for h in holds) == 100
+        per_buyer: dict[str, int] = {}
+        for h in holds:
+            per_buyer[h.buyer_id] = per_buyer.get(h.buyer_id, 0) + h.quantity
+        assert max(per_buyer.values()) <= 2
+        assert len(await sku.events()) == len(holds)
+        # Every repeated key got its first answer (sale-state refusals aside: none here).
+        first: dict[tuple[str, str], ReserveResult] = {}
+        repeats = 0
+        for req, result in zip(attempts, results, strict=True):
+            scope = (req.buyer_id, req.idempotency_key)
+            if scope in first:
+                repeats += 1
+                assert result == first[scope], (req, result, first[scope])
+            else:
+                first[scope] = result
+        assert repeats > 10_000
+    finally:
+        for c in clients:
+            await c.aclose()
+            await c.connection_pool.disconnect()
