@@ -2,11 +2,11 @@
 
     fs:{<sale>:<sku>}:meta       hash   sale/SKU configuration copied from Postgres by preload
     fs:{<sale>:<sku>}:stock      hash   total, available, active, paying, sold (units)
-    fs:{<sale>:<sku>}:holds      hash   reservation id -> hold record
+    fs:{<sale>:<sku>}:holds      hash   reservation id -> hold record (flashsale.records)
     fs:{<sale>:<sku>}:deadlines  zset   one member per reserve batch (its ids joined by \x1f),
                                         scored by the batch's hold deadline (ms, Redis TIME)
     fs:{<sale>:<sku>}:buyers     hash   buyer id -> units counted against the per-buyer limit
-    fs:{<sale>:<sku>}:idem       hash   buyer \x1f idempotency key -> first answer
+    fs:{<sale>:<sku>}:idem       hash   buyer \x1f idempotency key -> first answer (records)
     fs:{<sale>:<sku>}:outbox     stream reservation events for the relay (flashsale.events)
     fs:{<sale>}:sale             hash   sale-level configuration and status (put by preload)
     fs:{<sale>}:queue            hash   waiting-room counters: live, pre, tail, sealed,
@@ -14,7 +14,7 @@
                                         lua/join.lua, lua/put_sale.lua)
     fs:{<sale>}:members          hash   buyer id -> queue position (0: in the pre-queue)
     fs:{<sale>}:steps            zset   admission steps: member "<to>:<at_ms>", score <to>
-    fs:{<sale>}:claims           zset   used admissions: member "<position>\x1f<key>\x1f<print>"
+    fs:{<sale>}:claims           zset   used admissions: a claim member (flashsale.records)
     fs:{<sale>}:lease            string the admission pump's leader lease "<owner>\x1f<token>"
     fs:{<sale>}:fence            string the last fencing token handed out
     fs:rl:{<subject>}            string GCRA theoretical arrival time of one rate-limited subject

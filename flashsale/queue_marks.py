@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import asyncpg
 
-log = logging.getLogger("flashsale.marks")
+log = logging.getLogger("flashsale.queue_marks")
 
 _UPSERT = """
 INSERT INTO queue_marks AS m (sale_id, source, tail, serving, pre, cutoff, sealed, shuffled,

@@ -8,7 +8,6 @@ says how to fix it, never a silent default pointing at some other server.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 from collections.abc import Mapping
@@ -156,8 +155,8 @@ class Settings:
     secret: Secret = Secret("")
     buyer_token_secret: Secret = Secret("")
     log_level: str = "INFO"
-    # Gateway protection (see docs/OPERATIONS.md): GCRA limits per client IP and per buyer on
-    # the routes that write, a per-process cap on requests in flight, a deadline for bodies.
+    # Gateway protection (README, "Running the engine"): GCRA limits per client IP and per buyer
+    # on the routes that write, a per-process cap on requests in flight, a deadline for bodies.
     rate_per_ip: Rate = Rate(100.0, 200)
     rate_per_buyer: Rate = Rate(5.0, 10)
     max_in_flight: int = 2000
@@ -251,39 +250,3 @@ def _require(value: str | None, name: str) -> str:
             "run `flashsale dev up` or export it"
         )
     return value
-
-
-class RedactSecrets(logging.Filter):
-    """Replace any secret value that reaches a log record with ``********``."""
-
-    def __init__(self, secrets: list[str]) -> None:
-        super().__init__()
-        self._secrets = [s for s in secrets if len(s) >= 4]
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self._secrets:
-            message = record.getMessage()
-            redacted = message
-            for secret in self._secrets:
-                redacted = redacted.replace(secret, "********")
-            if redacted != message:
-                record.msg, record.args = redacted, None
-        return True
-
-
-class _EngineHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Marks the handler this module installed, so reconfiguring replaces only it."""
-
-
-def configure_logging(settings: Settings) -> None:
-    """Logs on stderr with secrets redacted. Idempotent; leaves other handlers alone."""
-    root = logging.getLogger()
-    for existing in [h for h in root.handlers if isinstance(h, _EngineHandler)]:
-        root.removeHandler(existing)
-    handler = _EngineHandler()
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s", "%H:%M:%S")
-    )
-    handler.addFilter(RedactSecrets(settings.secrets()))
-    root.addHandler(handler)
-    root.setLevel(settings.log_level)

@@ -1,4 +1,5 @@
-"""Benchmark harness: a closed-loop driver, the machine's description, tables and JSON reports.
+"""Benchmark harness: a closed-loop driver, the machine's description, Redis server samples,
+tables and JSON reports.
 
 Benchmarks compare rows measured in the same run (this machine is shared and noisy, so only
 ratios within one run mean anything). Every report carries the machine it ran on and the
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import redis.asyncio as aioredis
 
 
 @dataclass(slots=True)
@@ -175,3 +177,30 @@ def _cell(value: Any) -> str:
 def inconsistent(report: Report) -> list[str]:
     """The rows whose consistency check failed (``extra["consistent"]`` False)."""
     return [r.name for r in report.rows if r.extra.get("consistent") is False]
+
+
+@dataclass(slots=True)
+class ServerSample:
+    """Redis counters read before and after a row."""
+
+    calls: dict[str, int]
+    usec: dict[str, int]
+    cpu_seconds: float
+
+    @classmethod
+    async def take(cls, client: aioredis.Redis) -> ServerSample:
+        stats: dict[str, Any] = await client.info("commandstats")
+        cpu: dict[str, Any] = await client.info("cpu")
+        calls = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
+        usec = {k.removeprefix("cmdstat_"): int(v["usec"]) for k, v in stats.items()}
+        return cls(calls, usec, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]))
+
+    def since(self, before: ServerSample, command: str, decisions: int) -> dict[str, float]:
+        """Redis time per decision: ``command``'s own time (INFO commandstats) and the whole
+        server process's CPU (which adds networking, AOF writes and everything else)."""
+        usec = self.usec.get(command, 0) - before.usec.get(command, 0)
+        cpu = self.cpu_seconds - before.cpu_seconds
+        return {
+            "server_us_per_decision": round(usec / max(decisions, 1), 3),
+            "server_cpu_us_per_decision": round(cpu * 1e6 / max(decisions, 1), 3),
+        }

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-import asyncpg
 import hiredis
 import redis.asyncio as aioredis
 
@@ -31,12 +30,21 @@ from allocator.sale_scripts import SaleScripts
 from allocator.sku_allocator import SkuAllocator
 from flashsale.keys import SkuKeys
 from flashsale.settings import Settings
-from loadtest.bench import Report, Row, Target, drive, inconsistent, machine, table
+from loadtest.bench import (
+    Report,
+    Row,
+    ServerSample,
+    Target,
+    drive,
+    inconsistent,
+    machine,
+    table,
+)
+from loadtest.bench_allocate_postgres import postgres_rows
 
 STOCK = 1_000_000
 POOL = 64  # connections for the one-request-at-a-time rows (Postgres and Redis alike)
 BUYERS = 10_000
-PG_TABLE = "bench_allocate_stock"
 CEILING_DEPTH = 1_000  # DECRs per pipeline in the ceiling row
 CEILING_PIPELINES = 4  # pipelines in flight in the ceiling row
 
@@ -60,33 +68,6 @@ class Options:
         """The command line that reproduces a run with these options."""
         return (f"flashsale bench allocate --seconds {self.seconds:g} --concurrency "
                 f"{self.concurrency} --max-batch {self.max_batch}")  # fmt: skip
-
-
-@dataclass(slots=True)
-class ServerSample:
-    """Redis counters read before and after a row."""
-
-    calls: dict[str, int]
-    usec: dict[str, int]
-    cpu_seconds: float
-
-    @classmethod
-    async def take(cls, client: aioredis.Redis) -> ServerSample:
-        stats: dict[str, Any] = await client.info("commandstats")
-        cpu: dict[str, Any] = await client.info("cpu")
-        calls = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
-        usec = {k.removeprefix("cmdstat_"): int(v["usec"]) for k, v in stats.items()}
-        return cls(calls, usec, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]))
-
-    def since(self, before: ServerSample, command: str, decisions: int) -> dict[str, float]:
-        """Redis time per decision: ``command``'s own time (INFO commandstats) and the whole
-        server process's CPU (which adds networking, AOF writes and everything else)."""
-        usec = self.usec.get(command, 0) - before.usec.get(command, 0)
-        cpu = self.cpu_seconds - before.cpu_seconds
-        return {
-            "server_us_per_decision": round(usec / max(decisions, 1), 3),
-            "server_cpu_us_per_decision": round(cpu * 1e6 / max(decisions, 1), 3),
-        }
 
 
 def _sku_meta(keys: SkuKeys) -> dict[str, str]:
@@ -168,87 +149,9 @@ class Bench:
         self.progress(f"  {name:30} {row.per_second:>12,.0f}/s  ({decisions:,} in {seconds:.2f}s)")
         return row
 
-    # -- Postgres rows ----------------------------------------------------------------------
-
     async def postgres_rows(self) -> str:
-        pool = await asyncpg.create_pool(
-            self.settings.require_database(), min_size=POOL, max_size=POOL, timeout=10
-        )
-        sku = f"bench-{self.run_id}"
-        try:
-            version = str(await pool.fetchval("SHOW server_version"))
-            await pool.execute(
-                f"CREATE TABLE IF NOT EXISTS {PG_TABLE} ("
-                "sku text PRIMARY KEY, stock bigint NOT NULL CHECK (stock >= 0),"
-                " version bigint NOT NULL DEFAULT 0)"
-            )
-
-            async def reset() -> None:
-                await pool.execute(
-                    f"INSERT INTO {PG_TABLE} (sku, stock) VALUES ($1, $2) ON CONFLICT (sku)"
-                    " DO UPDATE SET stock = excluded.stock, version = 0",
-                    sku, STOCK,
-                )  # fmt: skip
-
-            async def sold() -> int:
-                return STOCK - int(await pool.fetchval(
-                    f"SELECT stock FROM {PG_TABLE} WHERE sku = $1", sku
-                ))  # fmt: skip
-
-            async def for_update() -> None:
-                async with pool.acquire() as conn, conn.transaction():
-                    stock = await conn.fetchval(
-                        f"SELECT stock FROM {PG_TABLE} WHERE sku = $1 FOR UPDATE", sku
-                    )
-                    if stock >= 1:
-                        await conn.execute(
-                            f"UPDATE {PG_TABLE} SET stock = stock - 1 WHERE sku = $1", sku
-                        )
-
-            retries = 0
-
-            async def optimistic() -> None:
-                nonlocal retries
-                async with pool.acquire() as conn:
-                    while True:
-                        stock, version = await conn.fetchrow(
-                            f"SELECT stock, version FROM {PG_TABLE} WHERE sku = $1", sku
-                        )
-                        if stock < 1:
-                            return
-                        status = await conn.execute(
-                            f"UPDATE {PG_TABLE} SET stock = $2, version = version + 1"
-                            " WHERE sku = $1 AND version = $3",
-                            sku, stock - 1, version,
-                        )  # fmt: skip
-                        if status == "UPDATE 1":
-                            return
-                        retries += 1
-
-            async def conditional() -> None:
-                await pool.fetchval(
-                    f"UPDATE {PG_TABLE} SET stock = stock - 1 WHERE sku = $1 AND stock >= 1"
-                    " RETURNING stock",
-                    sku,
-                )
-
-            rows = (
-                ("pg_for_update", "SELECT ... FOR UPDATE, then UPDATE, in a transaction",
-                 for_update),
-                ("pg_optimistic", "version column, compare-and-set UPDATE, retry", optimistic),
-                ("pg_conditional_update", "UPDATE ... SET stock = stock - 1 WHERE stock >= 1",
-                 conditional),
-            )  # fmt: skip
-            for name, what, op in rows:
-                await reset()
-                retries = 0
-                row = await self.measure(name, what, op, granted=sold)
-                if name == "pg_optimistic":
-                    row.extra["retries_per_decision"] = round(retries / max(row.decisions, 1), 2)
-            await pool.execute(f"DROP TABLE IF EXISTS {PG_TABLE}")
-        finally:
-            await pool.close()
-        return version
+        return await postgres_rows(self.settings, f"bench-{self.run_id}", self.measure,
+                                   stock=STOCK, connections=POOL)  # fmt: skip
 
     # -- Redis rows -------------------------------------------------------------------------
 

@@ -20,18 +20,15 @@ ratios, so a slow minute of this shared machine cannot favour or punish one row.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -43,6 +40,7 @@ from flashsale.cli.devstack.processes import free_port
 from flashsale.settings import Settings
 from flashsale.tokens import Signer
 from loadtest.bench import Report, Row, Target, drive, machine, table
+from loadtest.processes import Servers, wait_healthy
 
 STATUS_TARGET = 0.70
 JOIN_TARGET = 0.40
@@ -90,66 +88,6 @@ def serve_bare(port: int) -> None:
 
 
 # -- the run --------------------------------------------------------------------------------
-
-
-def _tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (Linux ``/proc``)."""
-    pids, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        pids.append(current)
-        for task in Path(f"/proc/{current}/task").glob("*/children"):
-            with contextlib.suppress(OSError):
-                todo += [int(child) for child in task.read_text().split()]
-    return pids
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of ``pid`` and its descendants (0 where /proc is missing)."""
-    total = 0
-    for each in _tree(pid):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            # Fields after the parenthesised command name: utime and stime are the 12th and
-            # 13th of them (man 5 proc), in clock ticks.
-            fields = Path(f"/proc/{each}/stat").read_text().rpartition(")")[2].split()
-            total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-class Servers:
-    def __init__(self) -> None:
-        self.processes: list[subprocess.Popen[bytes]] = []
-
-    def cpu(self, indexes: range | list[int]) -> float:
-        return sum(cpu_seconds(self.processes[i].pid) for i in indexes)
-
-    def start(self, argv: list[str], env: dict[str, str] | None = None) -> None:
-        self.processes.append(
-            subprocess.Popen(argv, env={**os.environ, **(env or {})}, stderr=subprocess.DEVNULL)
-        )
-
-    def stop(self) -> None:
-        for process in self.processes:
-            process.send_signal(signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-
-
-async def _ready(session: aiohttp.ClientSession, url: str, patience: float = 20) -> None:
-    deadline = time.monotonic() + patience
-    while True:
-        try:
-            async with session.get(url) as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{url} did not come up within {patience:g}s")
-        await asyncio.sleep(0.1)
 
 
 @dataclass
@@ -227,8 +165,8 @@ async def run(settings: Settings, options: Options, progress: Progress, command:
     try:
         async with aiohttp.ClientSession(connector=connector) as session:
             base, bare = f"http://127.0.0.1:{gateway_port}", f"http://127.0.0.1:{bare_port}/"
-            await _ready(session, f"{base}/healthz")
-            await _ready(session, bare)
+            await wait_healthy(session, f"{base}/healthz", patience=20)
+            await wait_healthy(session, bare, patience=20)
             sale_id, ticket = await _prepare(session, base, settings)
             tickets = _tickets(settings, sale_id, ticket, options.tickets)
             buyers = Signer.from_setting(settings.buyer_token_secret.reveal(), "buyer")

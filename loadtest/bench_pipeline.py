@@ -41,7 +41,7 @@ from flashsale.records import HoldRecord
 from flashsale.salespec import parse_sale
 from flashsale.settings import Settings, Topics
 from loadtest.bench import Report, Row, Target, inconsistent, machine, table
-from loadtest.bench_gateway import Servers, _ready
+from loadtest.processes import Servers, wait_healthy
 
 TARGETS = {0.0: 5_000.0, 50.0: 2_000.0}  # orders/s on this 2-core machine (issue 5)
 SKU = "BENCH"
@@ -182,7 +182,7 @@ async def _one_latency(settings: Settings, latency_ms: float, options: Options,
 
         relay_task = asyncio.get_running_loop().create_task(run_relay(relay, skus, stop=stop))
         async with aiohttp.ClientSession() as session:
-            await _ready(session, f"{settings.psp_url}/healthz")
+            await wait_healthy(session, f"{settings.psp_url}/healthz", patience=20)
         # Warm-up: the worker has joined its group and every connection is open.
         await _reserve(run, _requests(100))
         await _wait_confirmed(pool, sale_id, 100, options.patience_s)

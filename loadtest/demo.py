@@ -22,11 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -44,44 +41,13 @@ from flashsale.migrate import migrate
 from flashsale.settings import Settings
 from flashsale.tokens import Signer
 from loadtest.driver import Buyers, DriverStats
+from loadtest.processes import engine, wait_healthy
 
 Progress = Callable[[str], None]
 SKU = "SNK-42"
 TARGET_S = 15.0  # every buyer answered within this long after the sale opens (issue 7)
 LEAD_S = 3.0  # the sale opens this long after it is created: tokens are signed meanwhile
 CONCURRENCY = 500  # buyers with a request in flight at once (connections to the gateway)
-
-
-@contextlib.contextmanager
-def engine(settings: Settings, port: int, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """``flashsale up`` in the background; stopped with SIGTERM (and waited for) on exit."""
-    env = {**os.environ, "FLASHSALE_RATE_PER_IP": "off", "FLASHSALE_LOG_LEVEL": "WARNING"}
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "flashsale", "up", "--port", str(port), "--workers", "2"],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
-        )  # fmt: skip
-        try:
-            yield process
-        finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-async def healthy(session: aiohttp.ClientSession, url: str, patience: float = 60) -> None:
-    deadline = time.monotonic() + patience
-    while True:
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-            async with session.get(url) as response:
-                if response.status == 200:
-                    return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{url} did not become healthy within {patience:g}s")
-        await asyncio.sleep(0.2)
 
 
 async def _orders(pool: asyncpg.Pool, sale_id: str) -> dict[str, int]:
@@ -135,7 +101,7 @@ async def run(settings: Settings, *, buyers: int, stock: int, progress: Progress
         async with aiohttp.ClientSession() as session:
             names = ("gateway", "allocator", "workers", "payments", "reconciler")
             for offset, name in enumerate(names):
-                await healthy(session, f"http://127.0.0.1:{port + offset}/healthz")
+                await wait_healthy(session, f"http://127.0.0.1:{port + offset}/healthz")
                 progress(f"   {name:10} healthy on :{port + offset}")
             starts_at = datetime.now(UTC) + timedelta(seconds=lead_s)
             sale_id = await _create_sale(session, base, settings, stock, starts_at)

@@ -19,7 +19,7 @@ import aiohttp
 from flashsale.cli.devstack.processes import free_ports
 from flashsale.kafka import ensure_topics
 from flashsale.settings import Settings
-from loadtest.demo import engine, healthy
+from loadtest.processes import engine, wait_healthy
 
 Progress = Callable[[str], None]
 
@@ -71,7 +71,7 @@ async def run(settings: Settings, options: Options, progress: Progress) -> int:
     with engine(settings, port, log_path):
         async with aiohttp.ClientSession() as session:
             for offset in range(5):
-                await healthy(session, f"http://127.0.0.1:{port + offset}/healthz")
+                await wait_healthy(session, f"http://127.0.0.1:{port + offset}/healthz")
         code = await asyncio.to_thread(_run_locust, settings, options,
                                        f"http://127.0.0.1:{port}", progress)  # fmt: skip
     progress("== engine stopped")

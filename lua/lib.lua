@@ -1,9 +1,11 @@
--- lib: shared helpers, prepended by the bindings to every hold-lifecycle script.
+-- lib: shared helpers, prepended by the bindings (allocator/redis_calls.py) to the hold,
+-- waiting-room and repair scripts.
 --
 -- Hold record (one field of the holds hash, fields joined by \31):
 --   state, qty, deadline_ms, payment_ref, admission_id, created_ms, cause, buyer, idem
 -- The record ends with the idempotency field "buyer \31 key", so reserve builds it with one
--- concatenation. Python reads it with allocator.scripts.HoldRecord.
+-- concatenation. Python reads and writes it with flashsale.records.HoldRecord (held against
+-- these scripts by tests/test_records.py).
 -- States: ACTIVE -> PAYING -> SOLD; ACTIVE|PAYING -> RELEASED.
 local SEP = '\31'
 

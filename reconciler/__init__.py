@@ -1,1 +1,2 @@
-"""reconciler."""
+"""Redis against Postgres: the checks that find drift and repair it, the pass that runs them,
+and the post-sale audit."""

@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import hashlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -43,6 +42,7 @@ from flashsale.orders import TERMINAL, OrderStore
 from flashsale.payments import CircuitBreaker, HttpProvider
 from flashsale.salespec import parse_sale
 from flashsale.settings import Settings, Topics
+from loadtest.processes import stop_all
 from workers.payment_simulator import Knobs, Simulator
 from workers.service import BATCH_PLANNING, WorkerService
 
@@ -274,15 +274,7 @@ async def pipeline(stack: Settings, knobs: Knobs | None = None) -> AsyncIterator
     try:
         yield harness
     finally:
-        for process in harness.processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in harness.processes:
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_all(harness.processes, grace_s=20)
         for workers in harness.workers:
             if not workers.task.done():
                 await workers.drain()

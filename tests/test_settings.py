@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from flashsale.errors import ConfigError
-from flashsale.settings import RedactSecrets, Settings, mask_url
+from flashsale.logs import RedactSecrets
+from flashsale.settings import Settings, mask_url
 
 
 def test_environment_wins_over_dev_env(tmp_path: Path) -> None:

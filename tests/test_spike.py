@@ -15,7 +15,7 @@ import pytest
 
 from flashsale.cli.devstack.processes import free_ports
 from flashsale.settings import Settings
-from loadtest.demo import engine
+from loadtest.processes import engine
 from loadtest.verdict import judge
 
 # Not imported here: locust patches the interpreter with gevent, which the asyncio tests of

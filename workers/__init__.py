@@ -1,1 +1,1 @@
-"""workers."""
+"""The Kafka consumers: the order saga, the order-events publisher, the payment simulator."""

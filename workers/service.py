@@ -49,7 +49,7 @@ from workers.saga import BatchResult, Saga
 log = logging.getLogger("flashsale.workers")
 
 CONSUMER = "order-saga"  # the inbox's consumer name
-# Plan each batch statement for its own arrays (see workers.orders).
+# Plan each batch statement for its own arrays (see flashsale.orders).
 BATCH_PLANNING = {"plan_cache_mode": "force_custom_plan"}
 
 

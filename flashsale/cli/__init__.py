@@ -22,7 +22,8 @@ from flashsale import __version__
 from flashsale.cli import dev, load, sale, serve
 from flashsale.cli.output import fail
 from flashsale.errors import FlashsaleError, InvalidInput
-from flashsale.settings import Settings, configure_logging
+from flashsale.logs import configure_logging
+from flashsale.settings import Settings
 
 
 def build_parser() -> argparse.ArgumentParser:

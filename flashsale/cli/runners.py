@@ -26,7 +26,7 @@ from flashsale.settings import Settings
 if TYPE_CHECKING:
     from workers.payment_simulator import Knobs
 
-log = logging.getLogger("flashsale.services")
+log = logging.getLogger("flashsale.runners")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 

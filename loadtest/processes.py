@@ -1,0 +1,102 @@
+"""The processes the load tools start and watch: servers stopped with a grace, the CPU time
+they used, ``flashsale up`` in the background, and waiting until a URL answers 200."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import aiohttp
+
+from flashsale.settings import Settings
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (Linux ``/proc``)."""
+    pids, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        pids.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                todo += [int(child) for child in task.read_text().split()]
+    return pids
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` and its descendants (0 where /proc is missing)."""
+    total = 0
+    for each in _tree(pid):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            # Fields after the parenthesised command name: utime and stime are the 12th and
+            # 13th of them (man 5 proc), in clock ticks.
+            fields = Path(f"/proc/{each}/stat").read_text().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+class Servers:
+    """Processes started for one run, stopped together (SIGTERM, then SIGKILL after 15 s)."""
+
+    def __init__(self) -> None:
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def cpu(self, indexes: range | list[int]) -> float:
+        return sum(cpu_seconds(self.processes[i].pid) for i in indexes)
+
+    def start(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.processes.append(
+            subprocess.Popen(argv, env={**os.environ, **(env or {})}, stderr=subprocess.DEVNULL)
+        )
+
+    def stop(self) -> None:
+        stop_all(self.processes, grace_s=15)
+
+
+def stop_all(processes: Iterable[subprocess.Popen[bytes]], *, grace_s: float) -> None:
+    """SIGTERM every process still running, wait up to ``grace_s`` for each, then SIGKILL
+    what is left (and reap it)."""
+    running = [process for process in processes if process.poll() is None]
+    for process in running:
+        process.send_signal(signal.SIGTERM)
+    for process in running:
+        try:
+            process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextlib.contextmanager
+def engine(settings: Settings, port: int, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """``flashsale up`` in the background; stopped with SIGTERM (and waited for) on exit."""
+    env = {**os.environ, "FLASHSALE_RATE_PER_IP": "off", "FLASHSALE_LOG_LEVEL": "WARNING"}
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "flashsale", "up", "--port", str(port), "--workers", "2"],
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+        try:
+            yield process
+        finally:
+            stop_all([process], grace_s=30)
+
+
+async def wait_healthy(session: aiohttp.ClientSession, url: str, patience: float = 60) -> None:
+    """Return once ``url`` answers 200; RuntimeError after ``patience`` seconds."""
+    deadline = time.monotonic() + patience
+    while True:
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            async with session.get(url) as response:
+                if response.status == 200:
+                    return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not answer 200 within {patience:g}s")
+        await asyncio.sleep(0.1)
