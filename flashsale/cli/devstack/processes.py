@@ -1,13 +1,15 @@
 """Processes on loopback: free ports, servers started detached (their own session,
-re-parented away from the command that started them), liveness by pid and executable, and
-stopping with a grace."""
+re-parented away from the command that started them), liveness by pid and executable,
+stopping with a grace, and the files of a server that runs as another user."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import signal
 import socket
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -128,3 +130,18 @@ def stop_pid(pid: int, sig: signal.Signals, timeout: float = 20.0) -> bool:
     while pid_alive(pid):
         time.sleep(0.05)
     return True
+
+
+def chown(path: Path, user: str) -> None:
+    """Give ``path`` to ``user`` (and that user's group)."""
+    entry = pwd.getpwnam(user)
+    os.chown(path, entry.pw_uid, entry.pw_gid)
+
+
+def grant_traversal(path: Path, user: str) -> None:
+    """Let ``user`` reach ``path``: own it, and o+x on its ancestors."""
+    chown(path, user)
+    for parent in path.parents:
+        mode = parent.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            parent.chmod(mode | stat.S_IXOTH)

@@ -18,11 +18,9 @@ import contextlib
 import fcntl
 import json
 import os
-import pwd
 import secrets
 import shutil
 import signal
-import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -34,7 +32,9 @@ from flashsale.cli.devstack.binaries import find_postgres, find_redis, find_tans
 from flashsale.cli.devstack.errors import StackError
 from flashsale.cli.devstack.pings import PINGS
 from flashsale.cli.devstack.processes import (
+    chown,
     free_port,
+    grant_traversal,
     pid_alive,
     run_as,
     spawn_detached,
@@ -214,16 +214,16 @@ class DevStack:
         root.mkdir(parents=True, exist_ok=True)
         user = UNPRIVILEGED_USER if os.geteuid() == 0 else None
         if user:
-            self._grant_traversal(root, user)
+            grant_traversal(root, user)
         log = root / "postgres.log"
         log.touch()
         if user:
-            _chown(log, user)
+            chown(log, user)
         if not (data / "PG_VERSION").is_file():
             pwfile = root / "pwfile"
             pwfile.write_text(self._secrets()["postgres_password"] + "\n")
             if user:
-                _chown(pwfile, user)
+                chown(pwfile, user)
             try:
                 run_as(
                     [
@@ -257,14 +257,6 @@ class DevStack:
         ]  # fmt: skip
         pid = spawn_detached(argv, log, user=user)
         return ServerState(pid=pid, port=port, binary=argv[0], version=version, log=str(log))
-
-    def _grant_traversal(self, path: Path, user: str) -> None:
-        """Let the unprivileged postgres user reach ``path``: own it, and o+x on ancestors."""
-        _chown(path, user)
-        for parent in path.parents:
-            mode = parent.stat().st_mode
-            if not mode & stat.S_IXOTH:
-                parent.chmod(mode | stat.S_IXOTH)
 
     def _start_kafka(self, port: int) -> ServerState:
         binary, version = find_tansu()
@@ -390,11 +382,6 @@ class DevStack:
 
 # Redis SIGTERM = SHUTDOWN (AOF flushed); Postgres SIGINT = fast shutdown; tansu SIGTERM.
 _STOP_SIGNAL = {"redis": signal.SIGTERM, "postgres": signal.SIGINT, "kafka": signal.SIGTERM}
-
-
-def _chown(path: Path, user: str) -> None:
-    entry = pwd.getpwnam(user)
-    os.chown(path, entry.pw_uid, entry.pw_gid)
 
 
 def _mask(url: str) -> str:
