@@ -1,8 +1,24 @@
-"""Which third-party exceptions mean that a dependency is down, as opposed to bad data.
+"""Which exceptions mean that a dependency is down, as opposed to bad data: one classification
+for the gateway (503 with ``Retry-After``), the workers (the batch waits and runs again, nothing
+is parked on the dead letters) and the reconciler (the item is tried again next pass).
 
-A request that meets one of these gets 503 with ``Retry-After`` (the gateway), and a batch of
-events waits and is run again (the workers): nothing was decided, so nothing is refused or
-parked. Domain errors (:mod:`flashsale.errors`) are classified by their own class.
+A dependency that is unavailable, restarting, overloaded, read-only or in conflict is an
+outage: the same request can succeed later. Read from the libraries' own exception trees:
+
+* **Postgres** (asyncpg), by SQLSTATE class: ``08`` connection exception, ``53``
+  insufficient resources (too many connections, out of memory, disk full), ``57`` operator
+  intervention (admin or crash shutdown, cannot connect now, statement timeout), ``40``
+  transaction rollback (serialization failure, deadlock), and ``55P03`` lock not available.
+  asyncpg's client-state errors too (``InterfaceError``: a connection closed under it;
+  ``InternalClientError``: the protocol surprised by a server going away), except those about
+  the client's own configuration.
+* **Redis** (redis-py): connection errors (loading included), timeouts, ``READONLY`` (a
+  replica after a failover), ``OOM``, ``TRYAGAIN`` and a ``BUSY`` script.
+* **The rest**: ``OSError`` (refused, reset, timed out), the broker's errors, the payment
+  provider's open circuit, and the engine's own :class:`~flashsale.errors.Unavailable`.
+
+Everything else (a constraint violation, bad encoding, a wrong type, a malformed record) can
+never succeed as it is, and is handled as bad data.
 """
 
 from __future__ import annotations
@@ -11,20 +27,40 @@ import asyncpg
 import redis.exceptions
 from aiokafka.errors import KafkaError
 
-from flashsale.errors import ProviderDown
+from flashsale.errors import ProviderDown, Unavailable
 
-# Redis or Postgres unreachable, a connection lost mid-call, a timeout.
-DEPENDENCY_DOWN: tuple[type[BaseException], ...] = (
-    OSError,
-    asyncpg.PostgresConnectionError,
+_SQLSTATE_CLASSES = ("08", "53", "57", "40")
+_SQLSTATES = ("55P03",)
+_CLIENT_MISCONFIGURED = (
+    asyncpg.exceptions.ClientConfigurationError,
+    asyncpg.exceptions.UnsupportedClientFeatureError,
+    asyncpg.exceptions.UnsupportedServerFeatureError,
+)
+_ALWAYS = (
+    OSError,  # TimeoutError and ConnectionError included
+    KafkaError,
+    ProviderDown,
+    Unavailable,
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,
+    asyncpg.InternalClientError,
 )
-# What a worker waits out instead of parking its events on the dead letters: the above, a
-# Postgres connection closed under it, the payment provider's open circuit, the broker.
-WAIT_OUT: tuple[type[BaseException], ...] = (
-    *DEPENDENCY_DOWN,
-    asyncpg.InterfaceError,
-    ProviderDown,
-    KafkaError,
-)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """True when ``exc`` says a dependency is down: retry later, nothing is wrong with the
+    request or the event."""
+    if isinstance(exc, _ALWAYS):
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        state = str(getattr(exc, "sqlstate", "") or "")
+        return state[:2] in _SQLSTATE_CLASSES or state in _SQLSTATES
+    if isinstance(exc, asyncpg.InterfaceError):
+        return not isinstance(exc, _CLIENT_MISCONFIGURED)
+    if isinstance(exc, redis.exceptions.ResponseError):
+        return str(exc).startswith("BUSY")
+    return False

@@ -11,7 +11,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from flashsale.errors import FlashsaleError
-from flashsale.outages import DEPENDENCY_DOWN
+from flashsale.outages import is_outage
 from gateway.http import error_response
 from gateway.metrics import Metrics
 
@@ -30,7 +30,7 @@ def error_for(request: web.Request, exc: Exception) -> web.Response:
         if exc.retry_after_s is not None:
             headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
         return error_response(exc.http_status, exc.code, exc.message, headers)
-    if isinstance(exc, DEPENDENCY_DOWN):
+    if is_outage(exc):
         log.warning("dependency unavailable on %s %s: %r", request.method, request.path, exc)
         return error_response(503, "unavailable", "a dependency is unavailable; retry shortly",
                               {"Retry-After": "1"})  # fmt: skip

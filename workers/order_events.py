@@ -17,7 +17,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 
 from flashsale.kafka import publish
-from flashsale.outages import WAIT_OUT
+from flashsale.outages import is_outage
 
 log = logging.getLogger("flashsale.workers")
 
@@ -37,7 +37,9 @@ async def publish_outbox(pool: asyncpg.Pool, out: AIOKafkaProducer, stop: asynci
     while not stop.is_set():
         try:
             sent = await _publish_some(pool, out, batch)
-        except WAIT_OUT as exc:
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
             log.warning("order-events outbox: %r; retrying", exc)
             sent = 0
         if sent:

@@ -40,7 +40,7 @@ from flashsale.events import ReservationEvent, decode_event, event_id
 from flashsale.kafka import ensure_topics, producer
 from flashsale.ops_endpoints import dependency_probes, serve_ops
 from flashsale.orders import OrderStore
-from flashsale.outages import WAIT_OUT
+from flashsale.outages import is_outage
 from flashsale.payments import HttpProvider, PaymentProvider
 from flashsale.settings import Settings
 from workers.order_events import publish_outbox
@@ -228,16 +228,16 @@ class WorkerService:
             try:
                 with self.metrics.batch.time():
                     result = await saga.run([e for _, e in events])
-            except WAIT_OUT as exc:
-                if stop.is_set():
-                    raise  # stopping: commit nothing of this batch; its next owner runs it
-                self.metrics.retries.inc()
-                log.warning("batch of %d waits for a dependency (%r); retrying in %.1fs",
-                            len(events), exc, backoff)  # fmt: skip
-                await asyncio.sleep(backoff)
-                backoff = min(5.0, backoff * 2)
-                continue
-            except Exception as exc:  # noqa: BLE001 - bad data somewhere: isolate it below
+            except Exception as exc:  # an outage waits; bad data is isolated below
+                if is_outage(exc):
+                    if stop.is_set():
+                        raise  # stopping: commit nothing of this batch; its next owner runs it
+                    self.metrics.retries.inc()
+                    log.warning("batch of %d waits for a dependency (%r); retrying in %.1fs",
+                                len(events), exc, backoff)  # fmt: skip
+                    await asyncio.sleep(backoff)
+                    backoff = min(5.0, backoff * 2)
+                    continue
                 if len(events) > 1:
                     log.warning("batch failed (%r); running its %d events one by one",
                                 exc, len(events))  # fmt: skip

@@ -1,0 +1,68 @@
+"""Which exceptions mean "a dependency is down, wait and retry" and which mean "this can never
+succeed": one classification, shared by the gateway (503), the workers and the reconciler."""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+import redis.exceptions
+from aiokafka.errors import KafkaConnectionError
+
+from flashsale.errors import ProviderDown, Unavailable
+from flashsale.outages import is_outage
+
+WAIT = [
+    # Postgres: connection (08), insufficient resources (53), operator intervention (57),
+    # transaction rollback (40), lock not available (55P03)
+    asyncpg.ConnectionDoesNotExistError("gone"),
+    asyncpg.CannotConnectNowError("the database system is starting up"),
+    asyncpg.AdminShutdownError("terminating connection due to administrator command"),
+    asyncpg.CrashShutdownError("crash"),
+    asyncpg.QueryCanceledError("canceling statement due to statement timeout"),
+    asyncpg.TooManyConnectionsError("sorry, too many clients already"),
+    asyncpg.InsufficientResourcesError("out of memory"),
+    asyncpg.DeadlockDetectedError("deadlock detected"),
+    asyncpg.SerializationError("could not serialize access"),
+    asyncpg.LockNotAvailableError("could not obtain lock"),
+    # asyncpg's client state: a connection closed under it, a protocol surprise
+    asyncpg.InterfaceError("connection is closed"),
+    asyncpg.InternalClientError("unexpected connection_lost() call"),
+    asyncpg.exceptions.ProtocolError("unexpected message"),
+    # Redis: connection, timeout, loading, read-only (a failover), OOM, a busy script
+    redis.exceptions.ConnectionError("Connection refused"),
+    redis.exceptions.TimeoutError("Timeout reading from socket"),
+    redis.exceptions.BusyLoadingError("Redis is loading the dataset in memory"),
+    redis.exceptions.ReadOnlyError("You can't write against a read only replica."),
+    redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'"),
+    redis.exceptions.ResponseError("BUSY Redis is busy running a script."),
+    redis.exceptions.TryAgainError("Multiple keys request during rehashing of slot"),
+    # the network, the broker, the payment provider's open circuit
+    ConnectionResetError("reset by peer"),
+    TimeoutError(),
+    KafkaConnectionError("no broker"),
+    ProviderDown("the circuit is open"),
+    Unavailable("the SKU is being rebuilt"),
+]
+
+NEVER = [
+    asyncpg.CheckViolationError("new row violates check constraint"),
+    asyncpg.UniqueViolationError("duplicate key"),
+    asyncpg.CharacterNotInRepertoireError("invalid byte sequence for encoding UTF8: 0x00"),
+    asyncpg.UndefinedTableError("relation does not exist"),
+    asyncpg.exceptions.ClientConfigurationError("bad option"),
+    redis.exceptions.ResponseError("WRONGTYPE Operation against a key"),
+    redis.exceptions.NoScriptError("NOSCRIPT No matching script"),
+    redis.exceptions.DataError("Invalid input"),
+    ValueError("malformed hold record"),
+    KeyError("currency"),
+]
+
+
+@pytest.mark.parametrize("exc", WAIT, ids=lambda e: type(e).__name__)
+def test_a_dependency_that_is_down_is_waited_out(exc: BaseException) -> None:
+    assert is_outage(exc)
+
+
+@pytest.mark.parametrize("exc", NEVER, ids=lambda e: type(e).__name__)
+def test_what_can_never_succeed_is_not_an_outage(exc: BaseException) -> None:
+    assert not is_outage(exc)
