@@ -16,12 +16,12 @@ EXPIRED, ...       RELEASED with the order's cause
 ================  =========================================================================
 
 Holds Postgres has no order for (granted, not yet through the pipeline) are kept as they are.
-Every write is compare-and-set against what was read, so a hold that moved meanwhile is left
-to the next pass. Then one atomic script recounts available / active / paying / sold and the
-per-buyer counts from the holds themselves, writes the configuration and reopens the SKU. If
-the holds need more units than the total (Redis granted units Postgres meanwhile sold), the
-newest ACTIVE holds Postgres knows nothing of are released (cause ``reconciled``) first:
-never an oversell.
+Redis is read before Postgres, and every write is compare-and-set against what was read, so a
+hold that moved meanwhile is left to the next pass. Then one atomic script recounts available
+/ active / paying / sold and the per-buyer counts from the holds themselves, writes the
+configuration and reopens the SKU. If the holds need more units than the total (Redis granted
+units Postgres meanwhile sold), the newest ACTIVE holds Postgres knows nothing of are
+released (cause ``reconciled``) first: never an oversell.
 
 **A waiting room** (:func:`restore_queue`): the queue counters go back to at least the
 highest values gateways and pumps checkpointed (:mod:`flashsale.queue_marks`), the admission
@@ -152,8 +152,10 @@ async def rebuild_sku(
     await repair.begin(keys)
     written = 0
     for _ in range(attempts):
-        orders = await pool.fetch(_SKU_ORDERS, keys.sale_id, keys.sku)
+        # Redis before Postgres: a hold that is SOLD (or PAYING) when read has had its order
+        # row since before then, so an order read afterwards cannot be missed.
         holds = await _hold_map(client, keys)
+        orders = await pool.fetch(_SKU_ORDERS, keys.sale_id, keys.sku)
         writes = plan_holds(orders, holds, int(time.time() * 1000), ttl_ms,
                             release_unordered_sold=release_unordered_sold)  # fmt: skip
         if not writes:
@@ -179,10 +181,13 @@ async def rebuild_sku(
 async def _make_room(
     pool: asyncpg.Pool, client: aioredis.Redis, scripts: HoldScripts, keys: SkuKeys, units: int
 ) -> list[str]:
-    """Release the newest ACTIVE holds Postgres has no order for, until ``units`` are free."""
+    """Release the newest ACTIVE holds Postgres has no order for, until ``units`` are free.
+    Redis is read first, and only holds still ACTIVE are released: one that a worker has
+    begun paying for meanwhile is left alone."""
+    holds = await _hold_map(client, keys)
     known = {r["id"] for r in await pool.fetch(_SKU_ORDERS, keys.sale_id, keys.sku)}
     candidates = []
-    for rid, raw in (await _hold_map(client, keys)).items():
+    for rid, raw in holds.items():
         hold = HoldRecord.parse(raw)
         if hold.state == "ACTIVE" and rid not in known:
             candidates.append((hold.created_ms, rid, hold.quantity))
@@ -193,7 +198,7 @@ async def _make_room(
         chosen.append(rid)
         units -= qty
     results = await scripts.transition("release", [(keys, rid) for rid in chosen],
-                                       cause=RECONCILED)  # fmt: skip
+                                       cause=RECONCILED, active_only=True)  # fmt: skip
     released = [rid for rid, r in zip(chosen, results, strict=True) if r.ok]
     log.warning("%s/%s: released %d ACTIVE holds Postgres sold the units of: %s",
                 keys.sale_id, keys.sku, len(released), released[:10])  # fmt: skip

@@ -37,8 +37,11 @@ WHERE k.preloaded_at IS NOT NULL
   AND ($1::text[] IS NULL OR k.sale_id = ANY($1::text[]))
 ORDER BY k.sale_id, k.sku
 """
-_OPEN_FOR_SKU = """
-SELECT count(*) FROM orders WHERE sale_id = $1 AND sku = $2 AND state IN ('PENDING', 'PAYING')
+# Read after the Redis counters, in one statement: the sold count now and the open orders.
+_SOLD_AND_OPEN = """
+SELECT k.sold, (SELECT count(*) FROM orders o WHERE o.sale_id = $1 AND o.sku = $2
+                AND o.state IN ('PENDING', 'PAYING')) AS open
+FROM sale_skus k WHERE k.sale_id = $1 AND k.sku = $2
 """
 
 
@@ -114,17 +117,19 @@ class SkuChecks:
             return "total_differs"
         if r["sold"] < pg["sold"]:
             return "sold_behind"
-        if r["sold"] > pg["sold"] and await self._drained(keys, r):
+        if r["sold"] > pg["sold"] and await self._ahead(keys, r):
             return "sold_ahead"
         return None
 
-    async def _drained(self, keys: SkuKeys, r: dict[str, Any]) -> bool:
-        """Nothing of the SKU is in flight: no PAYING hold, no outbox entry, no open order."""
-        if r["paying"]:
+    async def _ahead(self, keys: SkuKeys, r: dict[str, Any]) -> bool:
+        """Redis's sold count (as read) is ahead of Postgres with nothing of the SKU in flight:
+        no PAYING hold, no outbox entry, no open order. Postgres is read after Redis, so a
+        capture confirmed meanwhile counts on both sides: a hold SOLD when Redis was read has
+        had its order since before then, and that order is open or counted now."""
+        if r["paying"] or await self.client.xlen(keys.outbox):
             return False
-        if await self.client.xlen(keys.outbox):
-            return False
-        return not await self.pool.fetchval(_OPEN_FOR_SKU, keys.sale_id, keys.sku)
+        row = await self.pool.fetchrow(_SOLD_AND_OPEN, keys.sale_id, keys.sku)
+        return row is not None and not row["open"] and r["sold"] > row["sold"]
 
     # -- repairs --------------------------------------------------------------------------
 
