@@ -1,10 +1,11 @@
 """The allocator service (``flashsale allocator``): admission pumps, the hold sweeper and the
 outbox relay.
 
-It finds live sales in Postgres (preloaded, not ended), runs one :class:`AdmissionPump` per
+It finds live sales in Postgres (preloaded, not ended) and runs one :class:`AdmissionPump` per
 sale (a no-op on every replica but the sale's lease holder, so several services may run for
-availability), sweeps expired holds of every SKU of those sales, and relays their outbox
-streams to the ``reservations`` topic (:mod:`allocator.relay`; replicas share the streams
+availability). For every sale in which a hold can still live (live, or ended less than its
+longest hold TTL and a minute ago) it sweeps expired holds and relays the outbox streams to
+the ``reservations`` topic (:mod:`allocator.relay`; replicas share the streams
 through a consumer group). Its ``/healthz`` pings Redis, Postgres and the broker, and its
 ``/metrics`` shows what the pumps, the sweeper and the relay do.
 """
@@ -43,10 +44,11 @@ FROM sales s JOIN sale_skus k ON k.sale_id = s.id
 WHERE s.status <> 'ended' AND s.preloaded_at IS NOT NULL AND s.ends_at > now()
 GROUP BY s.id
 """
-# The relay keeps draining a sale's outboxes after it ended, for as long as a hold granted at
-# the end can live (its SKUs' longest hold TTL) and a minute more for the sweeper: holds
-# expire and late cancels happen after the end too. An ended sale ends when it was ended.
-RELAY_SALES = """
+# The sales in which a hold can still live: after a sale ended, for as long as a hold granted
+# at the end can live (its SKUs' longest hold TTL) and a minute more. Holds expire and late
+# cancels happen after the end too, so the sweeper and the relay keep covering them. An
+# ended sale ends when it was ended.
+HOLDING_SALES = """
 SELECT s.id, array_agg(k.sku ORDER BY k.sku) AS skus
 FROM sales s JOIN sale_skus k ON k.sale_id = s.id
 WHERE s.preloaded_at IS NOT NULL
@@ -110,7 +112,7 @@ class AllocatorService:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{time.monotonic_ns()}"
         self.pumps: dict[str, AdmissionPump] = {}
         self.marks = QueueMarks(f"pump:{self.owner}")
-        self.relay_skus: list[SkuKeys] = []
+        self.holding_skus: list[SkuKeys] = []  # of HOLDING_SALES: swept and relayed
         self.relay: OutboxRelay | None = None
         self.redis: aioredis.Redis | None = None
         self.pool: asyncpg.Pool | None = None
@@ -135,13 +137,13 @@ class AllocatorService:
                 runner = await self._serve_ops(host, ops_port, kafka)
             sweeper = asyncio.create_task(
                 run_sweeper(
-                    HoldScripts(self.redis), self._skus, stop=stop, interval=self.sweep_s,
+                    HoldScripts(self.redis), self._holding_skus, stop=stop, interval=self.sweep_s,
                     on_expired=self.metrics.expired.inc,
                 )
             )  # fmt: skip
             relay = asyncio.create_task(
                 run_relay(
-                    self.relay, self._relay_skus, stop=stop, on_round=self.metrics.relayed.inc
+                    self.relay, self._holding_skus, stop=stop, on_round=self.metrics.relayed.inc
                 )
             )
             checkpoints = asyncio.create_task(self.marks.run(self.pool, stop))
@@ -172,21 +174,18 @@ class AllocatorService:
             await self.pool.close()
             await self.redis.aclose()
 
-    async def _skus(self) -> list[SkuKeys]:
-        return [SkuKeys(p.sale_id, sku) for p in self.pumps.values() for sku in p.skus]
-
-    async def _relay_skus(self) -> list[SkuKeys]:
-        return self.relay_skus
+    async def _holding_skus(self) -> list[SkuKeys]:
+        return self.holding_skus
 
     async def _discover(self, queue: QueueScripts) -> None:
         assert self.pool is not None
         try:
             rows = await self.pool.fetch(LIVE_SALES)
-            relayed = await self.pool.fetch(RELAY_SALES)
+            holding = await self.pool.fetch(HOLDING_SALES)
         except (OSError, asyncpg.PostgresError) as exc:
             log.warning("cannot list live sales: %r", exc)
             return
-        self.relay_skus = [SkuKeys(r["id"], sku) for r in relayed for sku in r["skus"]]
+        self.holding_skus = [SkuKeys(r["id"], sku) for r in holding for sku in r["skus"]]
         live = {row["id"]: list(row["skus"]) for row in rows}
         for sale_id in set(self.pumps) - set(live):
             await self._resign(self.pumps.pop(sale_id))

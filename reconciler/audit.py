@@ -27,6 +27,7 @@ from flashsale.records import ClaimMember, HoldRecord, text
 from flashsale.sales import fetch_sale, fetch_skus
 from flashsale.settings import Settings
 from reconciler.captures import recorded_orphans
+from reconciler.orphan_holds import ORDERLESS_AFTER_S, OrphanHolds
 from reconciler.skus import SkuChecks
 from reconciler.stuck_orders import find_stuck
 from reconciler.waiting_rooms import WaitingRooms
@@ -360,4 +361,8 @@ async def would_repair(pool: asyncpg.Pool, client: aioredis.Redis,
                   for r in await find_stuck(pool, in_scope, STUCK_AFTER_S)]  # fmt: skip
         found += [f"{r['key']}: payment recorded for an order {r['state']}"
                   for r in await recorded_orphans(pool, in_scope)]  # fmt: skip
+    held = [SkuKeys(r["sale_id"], r["sku"]) for r in rows]
+    orphans = OrphanHolds(pool, client, None, grace_s=ORDERLESS_AFTER_S)
+    found += [f"{rid}: ACTIVE past its deadline" for _, rid in await orphans.overdue(held)]
+    found += [f"{rid}: PAYING with no order" for _, rid in await orphans.orderless(held)]
     return found

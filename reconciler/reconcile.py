@@ -9,7 +9,9 @@ The pass runs the checks, each of which detects without writing and then repairs
   what gateways and pumps checkpointed;
 * **stuck orders** (:mod:`reconciler.stuck_orders`): resolved through the payment provider;
 * **captures** (:mod:`reconciler.captures`): orphan captures refunded, confirmed orders with no
-  capture flagged.
+  capture flagged;
+* **holds no order will follow** (:mod:`reconciler.orphan_holds`): overdue ACTIVE holds
+  expired in any sale in scope, PAYING holds whose order was never written released.
 
 Every repair is written to ``reconcile_events`` with its before and after values and counted in
 metrics; a second pass over a repaired state finds nothing to do. The post-sale audit runs the
@@ -28,9 +30,11 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
 from allocator.hold_scripts import HoldScripts
+from flashsale.keys import SkuKeys
 from flashsale.orders import OrderStore
 from flashsale.payments import PaymentProvider
 from reconciler.captures import Captures
+from reconciler.orphan_holds import ORDERLESS_AFTER_S, OrphanHolds
 from reconciler.report import PassReport, ReconcileMetrics
 from reconciler.skus import SkuChecks
 from reconciler.stuck_orders import StuckOrders
@@ -57,6 +61,7 @@ class Reconciler:
         *,
         stuck_after_s: float = 60.0,
         queue_grace_s: float = 2.0,
+        orderless_after_s: float = ORDERLESS_AFTER_S,
         slow_every_s: float = 30.0,
         registry: CollectorRegistry | None = None,
     ) -> None:
@@ -67,6 +72,7 @@ class Reconciler:
         self.stuck = StuckOrders(pool, HoldScripts(client), provider, store, self.skus,
                                  stuck_after_s=stuck_after_s)  # fmt: skip
         self.captures = Captures(pool, provider, store)
+        self.orphans = OrphanHolds(pool, client, provider, grace_s=orderless_after_s)
         self.metrics = ReconcileMetrics(registry or CollectorRegistry())
         # The checks that read every open or confirmed order of the sales in scope run at
         # most this often in the service (always with --once and in the audit).
@@ -97,6 +103,7 @@ class Reconciler:
             self._next_slow = time.monotonic() + self.slow_every_s
             await self.stuck.repair(in_scope, report)
             await self.captures.flag_uncaptured(in_scope, report)
+            await self.orphans.repair([SkuKeys(r["sale_id"], r["sku"]) for r in rows], report)
         report.seconds = time.monotonic() - began
         await self._record(report)
         self.metrics.count(report)
