@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from functools import partial
 
 import asyncpg
 
 from flashsale.errors import PaymentError
 from flashsale.orders import STATE_CAUSE, OrderStore
 from flashsale.payments import Charge, PaymentProvider
-from reconciler.report import PassReport, Repair
+from reconciler.report import PassReport, Repair, isolated
 
 log = logging.getLogger("flashsale.reconciler")
 
@@ -103,36 +104,42 @@ class Captures:
                 if state is None or state in STATE_CAUSE:
                     candidates[key] = state
         for key, state in candidates.items():
-            charge: Charge | None
-            try:
-                charge = listed.get(key) or await self.provider.lookup(key)
-            except PaymentError as exc:
-                report.unresolved.append(f"{key}: provider lookup failed ({exc})")
-                continue
-            if charge is None or charge.status != "captured":
-                if charge is not None:  # declined or already refunded: record what it is
-                    async with self.pool.acquire() as conn:
-                        await self.store.settle_payments(
-                            conn, [(key, charge.provider_ref, charge.status.upper())]
-                        )
-                    report.repairs.append(Repair(
-                        key.partition("~")[0], None, "record_payment", key,
-                        {"payment": "CAPTURED or UNKNOWN"}, {"payment": charge.status.upper()},
-                    ))  # fmt: skip
-                continue
-            refund = await refund_capture(self.provider, key)
-            sale_id, _, rest = key.partition("~")
-            sku = rest.partition("~")[0] or None
-            async with self.pool.acquire() as conn, conn.transaction():
-                if state is not None:
-                    await self.store.note(conn, [(key, "orphan_capture_refunded")],
-                                          "payment.refunded")  # fmt: skip
-                await conn.execute(_RECORD_REFUND, key, refund.provider_ref, refund.amount,
-                                   refund.currency)  # fmt: skip
-            report.repairs.append(Repair(
-                sale_id, sku, "refund_orphan", key, {"order": state, "payment": "captured"},
-                {"order": state, "payment": "refunded", "refund": refund.provider_ref},
-            ))  # fmt: skip
+            await isolated(report, f"{key}: refund the capture with no confirmed order",
+                           partial(self._refund, key, state, listed.get(key), report))  # fmt: skip
+
+    async def _refund(self, key: str, state: str | None, listed: Charge | None,
+                      report: PassReport) -> None:  # fmt: skip
+        assert self.provider is not None
+        charge: Charge | None
+        try:
+            charge = listed or await self.provider.lookup(key)
+        except PaymentError as exc:
+            report.unresolved.append(f"{key}: provider lookup failed ({exc})")
+            return
+        if charge is None or charge.status != "captured":
+            if charge is not None:  # declined or already refunded: record what it is
+                async with self.pool.acquire() as conn:
+                    await self.store.settle_payments(
+                        conn, [(key, charge.provider_ref, charge.status.upper())]
+                    )
+                report.repairs.append(Repair(
+                    key.partition("~")[0], None, "record_payment", key,
+                    {"payment": "CAPTURED or UNKNOWN"}, {"payment": charge.status.upper()},
+                ))  # fmt: skip
+            return
+        refund = await refund_capture(self.provider, key)
+        sale_id, _, rest = key.partition("~")
+        sku = rest.partition("~")[0] or None
+        async with self.pool.acquire() as conn, conn.transaction():
+            if state is not None:
+                await self.store.note(conn, [(key, "orphan_capture_refunded")],
+                                      "payment.refunded")  # fmt: skip
+            await conn.execute(_RECORD_REFUND, key, refund.provider_ref, refund.amount,
+                               refund.currency)  # fmt: skip
+        report.repairs.append(Repair(
+            sale_id, sku, "refund_orphan", key, {"order": state, "payment": "captured"},
+            {"order": state, "payment": "refunded", "refund": refund.provider_ref},
+        ))  # fmt: skip
 
     async def _new_charges(self, sale: str) -> list[Charge]:
         """The sale's charges made since the last pass (all of them on the first)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from functools import partial
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -29,7 +30,7 @@ from flashsale.payments import PaymentProvider
 from flashsale.records import HoldRecord, integer, text
 from reconciler.captures import refund_capture
 from reconciler.rebuild import RECONCILED
-from reconciler.report import PassReport, Repair
+from reconciler.report import PassReport, Repair, isolated
 
 _ORDERED = "SELECT id FROM orders WHERE id = ANY($1::text[])"
 # A PAYING hold this long after it was granted, with no order, will never get one.
@@ -86,18 +87,23 @@ class OrphanHolds:
     async def repair(self, skus: Sequence[SkuKeys], report: PassReport) -> None:
         active, _ = await self._held(skus)
         for keys in active:
-            expired: list[str] = []
-            while True:
-                result = await self.holds.expire(keys)
-                expired += result.expired
-                if not result.more:
-                    break
-            if expired:
-                report.repairs.append(Repair(keys.sale_id, keys.sku, "expire_overdue", None,
-                                             {"active": len(expired)},
-                                             {"expired": expired[:20]}))  # fmt: skip
+            await isolated(report, f"{keys.sale_id}/{keys.sku}: expire overdue holds",
+                           partial(self._expire, keys, report))  # fmt: skip
         for keys, rid in await self.orderless(skus):
-            await self._release(keys, rid, report)
+            await isolated(report, f"{rid}: release the PAYING hold with no order",
+                           partial(self._release, keys, rid, report))  # fmt: skip
+
+    async def _expire(self, keys: SkuKeys, report: PassReport) -> None:
+        expired: list[str] = []
+        while True:
+            result = await self.holds.expire(keys)
+            expired += result.expired
+            if not result.more:
+                break
+        if expired:
+            report.repairs.append(Repair(keys.sale_id, keys.sku, "expire_overdue", None,
+                                         {"active": len(expired)},
+                                         {"expired": expired[:20]}))  # fmt: skip
 
     async def _release(self, keys: SkuKeys, rid: str, report: PassReport) -> None:
         if self.provider is None:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -85,17 +85,18 @@ def plan_holds(
     if release_unordered_sold:
         ordered = {o["id"] for o in orders}
         for held_id, held in holds.items():
-            record = HoldRecord.parse(held)
-            if held_id not in ordered and record.state == "SOLD":
+            record = _parse(held)
+            if held_id not in ordered and record is not None and record.state == "SOLD":
                 released = record.moved("RELEASED", RECONCILED)
                 writes.append(HoldWrite(held_id, released.encode(), expected=text(held)))
     for order in orders:
         rid, state = order["id"], order["state"]
         raw = holds.get(rid)
-        if raw is None:
-            writes.append(_hold_for(order, now_ms, ttl_ms))
+        current = None if raw is None else _parse(raw)
+        if current is None:  # no hold, or one that cannot be read: the order's, in its place
+            write = _hold_for(order, now_ms, ttl_ms)
+            writes.append(write if raw is None else replace(write, expected=text(raw)))
             continue
-        current = HoldRecord.parse(raw)
         wanted: HoldState | None = None
         if state == "CONFIRMED" and current.state != "SOLD":
             wanted = "SOLD"
@@ -124,6 +125,18 @@ def _hold_for(order: asyncpg.Record, now_ms: int, ttl_ms: int) -> HoldWrite:
                         ReserveResult("reserved", rid, deadline))  # fmt: skip
     return HoldWrite(rid, hold.encode(), None, hold.idem_field if key else "",
                      answer.encode() if key else "", redrive=hold_state == "ACTIVE")  # fmt: skip
+
+
+def _parse(raw: bytes) -> HoldRecord | None:
+    try:
+        return HoldRecord.parse(raw)
+    except ValueError:
+        return None
+
+
+class MalformedHolds(ValueError):
+    """Hold records that cannot be read and that no order explains: the SKU cannot be recounted
+    and stays closed until a person looks."""
 
 
 async def _hold_map(client: aioredis.Redis, keys: SkuKeys) -> dict[str, bytes]:
@@ -164,6 +177,12 @@ async def rebuild_sku(
         written += count
         if not skipped:
             break
+    malformed = [rid for rid, raw in (await _hold_map(client, keys)).items() if _parse(raw) is None]
+    if malformed:
+        raise MalformedHolds(
+            f"{keys.sale_id}/{keys.sku}: malformed hold records with no order: {malformed[:10]}; "
+            "the SKU stays closed (unavailable) until they are repaired or removed"
+        )
     released: list[str] = []
     meta = sku_meta(sale, sku)
     result = await repair.finish(keys, sku["stock_total"], meta)

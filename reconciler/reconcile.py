@@ -87,13 +87,30 @@ class Reconciler:
         confirmed order only every ``slow_every_s``."""
         began = time.monotonic()
         report = PassReport()
+        stopped = True  # by an outage: the repairs made so far are still recorded
+        try:
+            await self._checks(report, sales, wait_for_grace=wait_for_grace, full=full)
+            stopped = False
+        finally:
+            report.seconds = time.monotonic() - began
+            try:
+                await self._record(report)
+            except Exception:
+                if not stopped:
+                    raise
+                log.exception("could not record this stopped pass's repairs: %s",
+                              [i.json() for i in report.repairs + report.flags])  # fmt: skip
+            self.metrics.count(report)
+        return report
+
+    async def _checks(self, report: PassReport, sales: Sequence[str] | None, *,
+                      wait_for_grace: bool, full: bool) -> None:  # fmt: skip
         rows = await self.skus.scope(sales)
         report.skus = len(rows)
         in_scope = sorted({r["sale_id"] for r in rows})
         await self.skus.restore_sales(in_scope, report)
         drifted, statuses = await self.skus.find(rows)
-        for drift in drifted:
-            await self.skus.rebuild(drift, report)
+        await self.skus.rebuild_each(drifted, report)
         await self.skus.write_statuses(statuses, report)
         await self.rooms.repair(in_scope, report, wait=wait_for_grace)
         slow = full or time.monotonic() >= self._next_slow
@@ -104,10 +121,6 @@ class Reconciler:
             await self.stuck.repair(in_scope, report)
             await self.captures.flag_uncaptured(in_scope, report)
             await self.orphans.repair([SkuKeys(r["sale_id"], r["sku"]) for r in rows], report)
-        report.seconds = time.monotonic() - began
-        await self._record(report)
-        self.metrics.count(report)
-        return report
 
     async def _record(self, report: PassReport) -> None:
         items = report.repairs + report.flags

@@ -3,10 +3,16 @@ them), what it could not decide, and the reconciler's metrics."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from flashsale.outages import is_outage
+
+log = logging.getLogger("flashsale.reconciler")
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +42,7 @@ class PassReport:
     repairs: list[Repair] = field(default_factory=list)
     flags: list[Repair] = field(default_factory=list)
     unresolved: list[str] = field(default_factory=list)
+    failures: int = 0  # items whose repair raised (each also in ``unresolved``)
 
     @property
     def changed(self) -> int:
@@ -45,6 +52,20 @@ class PassReport:
         return {"skus": self.skus, "seconds": round(self.seconds, 4), "changed": self.changed,
                 "repairs": [r.json() for r in self.repairs],
                 "flags": [f.json() for f in self.flags], "unresolved": self.unresolved}  # fmt: skip
+
+
+async def isolated(report: PassReport, item: str, repair: Callable[[], Awaitable[None]]) -> None:
+    """Run one item's repair. If it raises, the failure is logged, counted and reported as
+    unresolved (the next pass tries again) and the pass goes on with the other items; an
+    outage stops the pass instead, since every other item would meet it too."""
+    try:
+        await repair()
+    except Exception as exc:
+        if is_outage(exc):
+            raise
+        log.warning("reconcile: %s failed: %r", item, exc, exc_info=True)
+        report.failures += 1
+        report.unresolved.append(f"{item}: {type(exc).__name__}: {exc}"[:500])
 
 
 class ReconcileMetrics:
@@ -66,6 +87,10 @@ class ReconcileMetrics:
             "flashsale_reconcile_unresolved", "Items the last pass could not decide",
             registry=registry,
         )  # fmt: skip
+        self.item_failures = Counter(
+            "flashsale_reconcile_item_failures", "Items whose repair raised (the pass went on)",
+            registry=registry,
+        )  # fmt: skip
 
     def count(self, report: PassReport) -> None:
         """Count one finished pass."""
@@ -73,6 +98,7 @@ class ReconcileMetrics:
         self.seconds.set(report.seconds)
         self.skus.set(report.skus)
         self.unresolved.set(len(report.unresolved))
+        self.item_failures.inc(report.failures)
         for repair in report.repairs:
             self.repairs.labels(repair.kind).inc()
         for flag in report.flags:

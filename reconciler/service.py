@@ -1,7 +1,9 @@
 """``flashsale reconcile``: one pass (``--once``) or the reconciler service (a pass every
 ``--interval`` seconds, with ``/healthz`` and ``/metrics`` on the ops port).
 
-A pass that fails (a dependency down) is logged and counted; the next one starts afresh.
+A pass that fails (a dependency down, or a bug) is logged and counted, and the service goes on;
+the next one starts afresh. Inside a pass, an item that fails is reported and the others go on
+(:func:`reconciler.report.isolated`).
 Nothing a pass does depends on the previous one having finished: every repair re-reads what
 it repairs.
 """
@@ -13,23 +15,18 @@ import contextlib
 import logging
 from collections.abc import Sequence
 
-import asyncpg
-import redis.exceptions
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from flashsale.clients import Clients, open_clients
-from flashsale.errors import FlashsaleError
 from flashsale.ops_endpoints import dependency_probes, serve_ops
+from flashsale.outages import is_outage
 from flashsale.settings import Settings
 from reconciler.audit import AuditReport, audit_sale
 from reconciler.reconcile import Reconciler
 from reconciler.report import PassReport
 
 log = logging.getLogger("flashsale.reconciler")
-
-FAILURES = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
-            redis.exceptions.RedisError, FlashsaleError)  # fmt: skip
 
 
 def reconciler(c: Clients, settings: Settings, *, stuck_after_s: float,
@@ -69,9 +66,13 @@ async def serve(settings: Settings, stop: asyncio.Event, *, interval: float,
             while not stop.is_set():
                 try:
                     report = await rec.run_once(full=False)
-                except FAILURES as exc:
+                except Exception as exc:
                     rec.metrics.failures.inc()
-                    log.warning("reconcile pass failed (next one in %gs): %r", interval, exc)
+                    if is_outage(exc):
+                        log.warning("reconcile pass stopped by an outage (next one in %gs): %r",
+                                    interval, exc)  # fmt: skip
+                    else:
+                        log.exception("reconcile pass failed (next one in %gs)", interval)
                 else:
                     if report.changed or report.flags:
                         log.warning("reconcile pass: %d repairs, %d flags over %d SKUs in %.3fs",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import asyncpg
@@ -23,7 +24,7 @@ from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.records import text
 from flashsale.sales import fetch_sale, fetch_skus, sale_hash
 from reconciler.rebuild import rebuild_sku
-from reconciler.report import PassReport, Repair
+from reconciler.report import PassReport, Repair, isolated
 
 # Sales in scope: preloaded, and not ended more than 15 minutes before their longest hold
 # could have lived (an ended sale ends when it was ended); or named explicitly.
@@ -140,17 +141,27 @@ class SkuChecks:
             pipe.exists(SaleKeys(sale).sale)
         present = await pipe.execute() if sales else []
         for sale, exists in zip(sales, present, strict=True):
-            if exists:
-                continue
-            async with self.pool.acquire() as conn:
-                row = await fetch_sale(conn, sale)
-                skus = await fetch_skus(conn, sale)
-            if row is None:
-                continue
-            fields = sale_hash(row, skus)
-            await self.scripts.put_sale(SaleKeys(sale), fields, open_queue=False)
-            report.repairs.append(Repair(sale, None, "restore_sale", None, {"present": False},
-                                         {"status": fields["status"]}))  # fmt: skip
+            if not exists:
+                await isolated(report, f"{sale}: restore the sale hash",
+                               partial(self._restore_sale, sale, report))  # fmt: skip
+
+    async def _restore_sale(self, sale: str, report: PassReport) -> None:
+        async with self.pool.acquire() as conn:
+            row = await fetch_sale(conn, sale)
+            skus = await fetch_skus(conn, sale)
+        if row is None:
+            return
+        fields = sale_hash(row, skus)
+        await self.scripts.put_sale(SaleKeys(sale), fields, open_queue=False)
+        report.repairs.append(Repair(sale, None, "restore_sale", None, {"present": False},
+                                     {"status": fields["status"]}))  # fmt: skip
+
+    async def rebuild_each(self, drifts: Sequence[SkuDrift], report: PassReport) -> None:
+        """Rebuild each SKU of ``drifts``; one that cannot be rebuilt stays closed (it answers
+        ``unavailable``) and is reported, and the next pass takes it up again first."""
+        for drift in drifts:
+            await isolated(report, f"{drift.keys.sale_id}/{drift.keys.sku}: rebuild "
+                           f"({drift.reason})", partial(self.rebuild, drift, report))  # fmt: skip
 
     async def rebuild(self, drift: SkuDrift, report: PassReport) -> None:
         """Rebuild the SKU from Postgres (:func:`reconciler.rebuild.rebuild_sku`)."""
@@ -168,9 +179,13 @@ class SkuChecks:
     async def write_statuses(self, statuses: Sequence[Repair], report: PassReport) -> None:
         """Copy Postgres's sale status into the SKUs whose copy differs."""
         for repair in statuses:
-            await self.scripts.set_status(SkuKeys(repair.sale_id, repair.sku or "").meta,
-                                          repair.after["status"])  # fmt: skip
-            report.repairs.append(repair)
+            await isolated(report, f"{repair.sale_id}/{repair.sku}: write the status",
+                           partial(self._write_status, repair, report))  # fmt: skip
+
+    async def _write_status(self, repair: Repair, report: PassReport) -> None:
+        await self.scripts.set_status(SkuKeys(repair.sale_id, repair.sku or "").meta,
+                                      repair.after["status"])  # fmt: skip
+        report.repairs.append(repair)
 
 
 def _counts(counts: StockCounts) -> dict[str, int]:

@@ -6,6 +6,7 @@ A hold Redis lost is rebuilt from Postgres first."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import asyncpg
@@ -17,7 +18,7 @@ from flashsale.orders import OrderStore, state_for_cause
 from flashsale.payments import Charge, PaymentProvider
 from flashsale.records import HoldRecord
 from reconciler.captures import refund_capture
-from reconciler.report import PassReport, Repair
+from reconciler.report import PassReport, Repair, isolated
 from reconciler.skus import SkuChecks, SkuDrift
 
 _STUCK = """
@@ -60,23 +61,29 @@ class StuckOrders:
         keys_of = {r["id"]: SkuKeys(r["sale_id"], r["sku"]) for r in rows}
         raw = await self.holds.holds([(keys_of[r["id"]], r["id"]) for r in rows])
         missing = {keys_of[r["id"]] for r, h in zip(rows, raw, strict=True) if h is None}
-        for keys in missing:  # Redis lost these holds: bring them back first
-            await self.skus.rebuild(SkuDrift(keys, "holds_lost", {}, {}), report)
+        # Redis lost these holds: bring them back first.
+        await self.skus.rebuild_each([SkuDrift(k, "holds_lost", {}, {}) for k in missing], report)
         if missing:
             raw = await self.holds.holds([(keys_of[r["id"]], r["id"]) for r in rows])
         for row, hold_raw in zip(rows, raw, strict=True):
-            if hold_raw is None:
-                report.unresolved.append(f"{row['id']}: no hold even after a rebuild")
-                continue
-            hold = HoldRecord.parse(hold_raw)
-            if row["state"] == "PENDING" and hold.state == "ACTIVE":
-                continue  # re-driven to the saga by the rebuild, or the sweeper expires it
-            try:
-                charge = await self.provider.lookup(row["id"])
-            except PaymentError as exc:
-                report.unresolved.append(f"{row['id']}: provider lookup failed ({exc})")
-                continue
-            await self._settle(row, keys_of[row["id"]], hold, charge, report)
+            resolve = partial(self._resolve, row, keys_of[row["id"]], hold_raw, report)
+            await isolated(report, f"{row['id']}: resolve the stuck order", resolve)
+
+    async def _resolve(self, row: asyncpg.Record, keys: SkuKeys, hold_raw: bytes | None,
+                       report: PassReport) -> None:  # fmt: skip
+        assert self.provider is not None
+        if hold_raw is None:
+            report.unresolved.append(f"{row['id']}: no hold even after a rebuild")
+            return
+        hold = HoldRecord.parse(hold_raw)
+        if row["state"] == "PENDING" and hold.state == "ACTIVE":
+            return  # re-driven to the saga by the rebuild, or the sweeper expires it
+        try:
+            charge = await self.provider.lookup(row["id"])
+        except PaymentError as exc:
+            report.unresolved.append(f"{row['id']}: provider lookup failed ({exc})")
+            return
+        await self._settle(row, keys, hold, charge, report)
 
     async def _settle(self, row: asyncpg.Record, keys: SkuKeys, hold: HoldRecord,
                       charge: Charge | None, report: PassReport) -> None:  # fmt: skip

@@ -8,6 +8,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from functools import partial
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -16,7 +17,7 @@ from flashsale.keys import SaleKeys
 from flashsale.queue_marks import Mark, highest
 from flashsale.records import integer
 from reconciler.rebuild import restore_queue
-from reconciler.report import PassReport, Repair
+from reconciler.report import PassReport, Repair, isolated
 
 log = logging.getLogger("flashsale.reconciler")
 
@@ -70,11 +71,15 @@ class WaitingRooms:
                 report.unresolved.append(f"{sale}: waiting room lost; restored after "
                                          f"{self.grace_s:g}s of grace")  # fmt: skip
                 continue
-            mark, (tail, serving, cutoff) = await restore_queue(self.pool, self.client, sale)
-            self._lost_since.pop(sale, None)
-            report.repairs.append(Repair(
-                sale, None, "restore_queue", None,
-                {"reason": why, "tail": current.tail, "serving": current.serving},
-                {"tail": tail, "serving": serving, "cutoff": cutoff, "marks_tail": mark.tail,
-                 "marks_serving": mark.serving},
-            ))  # fmt: skip
+            await isolated(report, f"{sale}: restore the waiting room ({why})",
+                           partial(self._restore, sale, why, current, report))  # fmt: skip
+
+    async def _restore(self, sale: str, why: str, current: Mark, report: PassReport) -> None:
+        mark, (tail, serving, cutoff) = await restore_queue(self.pool, self.client, sale)
+        self._lost_since.pop(sale, None)
+        report.repairs.append(Repair(
+            sale, None, "restore_queue", None,
+            {"reason": why, "tail": current.tail, "serving": current.serving},
+            {"tail": tail, "serving": serving, "cutoff": cutoff, "marks_tail": mark.tail,
+             "marks_serving": mark.serving},
+        ))  # fmt: skip

@@ -1,0 +1,112 @@
+"""One item that cannot be repaired must not stop a reconcile pass: the other repairs are made
+and recorded, the failure is reported, the next pass tries it again, and the service goes on."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from flashsale.errors import PaymentError, PaymentUnknown
+from flashsale.keys import SkuKeys
+from flashsale.payments import Charge, ChargeRequest, PaymentProvider
+from flashsale.settings import Settings
+from reconciler import service
+from reconciler.reconcile import Reconciler
+from tests.pipeline import SKU, Pipeline, pipeline, provider
+
+
+class RefundsFail:
+    """A provider whose refunds never get a definite answer; everything else goes through."""
+
+    def __init__(self, inner: PaymentProvider) -> None:
+        self.inner = inner
+
+    async def charge(self, key: str, amount: int, currency: str, token: str) -> Charge:
+        return await self.inner.charge(key, amount, currency, token)
+
+    async def charge_many(self, requests: Sequence[ChargeRequest]) -> list[Charge | PaymentError]:
+        return await self.inner.charge_many(requests)
+
+    async def refund(self, key: str) -> Charge:
+        raise PaymentUnknown(f"refund {key}: the provider answered 500")
+
+    async def lookup(self, key: str) -> Charge | None:
+        return await self.inner.lookup(key)
+
+    async def list_charges(
+        self, prefix: str, after: str | None = None, limit: int = 100
+    ) -> tuple[list[Charge], bool]:
+        return await self.inner.list_charges(prefix, after, limit)
+
+
+async def corrupt(p: Pipeline, sale: str) -> None:
+    await p.redis.hset(SkuKeys(sale, SKU).stock, "available", 99)
+
+
+async def recorded(p: Pipeline, sale: str) -> list[str]:
+    rows = await p.pool.fetch("SELECT kind FROM reconcile_events WHERE sale_id = $1", sale)
+    return [r["kind"] for r in rows]
+
+
+async def test_a_refund_that_fails_does_not_stop_the_pass(stack: Settings) -> None:
+    async with pipeline(stack) as p, provider(p.psp_url) as psp:
+        orphaned, drifted = await p.sale(stock=5), await p.sale(stock=5)
+        await psp.charge(f"{orphaned}~{SKU}~r-ghost", 1500, "EUR", "tok_visa")  # no order
+        await corrupt(p, drifted)
+        rec = Reconciler(p.pool, p.redis, RefundsFail(psp), p.settings.topics.order_events)
+        report = await rec.run_once([orphaned, drifted])
+        assert [r.kind for r in report.repairs] == ["rebuild_sku"]
+        assert await recorded(p, drifted) == ["rebuild_sku"]
+        assert any("r-ghost" in line and "500" in line for line in report.unresolved)
+        assert (await p.counts(drifted))["available"] == 5
+
+
+async def test_a_sku_that_cannot_be_rebuilt_does_not_stop_the_others(stack: Settings) -> None:
+    async with pipeline(stack) as p:
+        broken, drifted = await p.sale(stock=5), await p.sale(stock=5)
+        await p.redis.hset(SkuKeys(broken, SKU).holds, "r-garbled", "ACTIVE\x1fnot a number")
+        await corrupt(p, broken)
+        await corrupt(p, drifted)
+        rec = Reconciler(p.pool, p.redis, None, p.settings.topics.order_events)
+        report = await rec.run_once([broken, drifted])
+        assert [(r.kind, r.sale_id) for r in report.repairs] == [("rebuild_sku", drifted)]
+        assert any(broken in line and "malformed" in line for line in report.unresolved)
+        assert (await p.counts(drifted))["available"] == 5
+        # The broken SKU stays closed (never reopened on counters nobody could check), and
+        # the next pass takes it up again first.
+        again = await rec.run_once([broken])
+        assert any(broken in line for line in again.unresolved)
+
+
+async def test_the_service_outlives_a_pass_that_raises(
+    stack: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    passes: list[str] = []
+    run_once = Reconciler.run_once
+
+    async def first_one_raises(self: Reconciler, *args: Any, **kwargs: Any) -> Any:
+        passes.append("pass")
+        if len(passes) == 1:
+            raise ValueError("a bug nobody foresaw")
+        return await run_once(self, *args, **kwargs)
+
+    monkeypatch.setattr(Reconciler, "run_once", first_one_raises)
+    stop = asyncio.Event()
+    task = asyncio.get_running_loop().create_task(
+        service.serve(stack, stop, interval=0.05, stuck_after_s=60, ops_port=None, host="")
+    )
+    try:
+        for _ in range(100):
+            if len(passes) >= 3 or task.done():
+                break
+            await asyncio.sleep(0.05)
+        assert not task.done(), task.exception()
+        assert len(passes) >= 3
+    finally:
+        stop.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 30)
