@@ -172,7 +172,9 @@ RESERVE_BODY = obj(
 RESERVED = obj(
     {
         "reservation_id": {"type": "string"},
-        "state": {"const": "ACTIVE"},
+        # ACTIVE when granted now; a replay of the request says where it stands since.
+        "state": {"enum": ["ACTIVE", "PAYING", "SOLD", "RELEASED"]},
+        "cause": NULLABLE_STRING,
         "sku": ID,
         "quantity": {"type": "integer"},
         "hold_expires_at": {"type": "string"},

@@ -136,22 +136,32 @@ async def reserve(request: web.Request) -> web.Response:
         }
         code, message = messages.get(claim, ("admission_invalid", claim))
         raise Forbidden(message, code=code)
-    result = await app[ALLOCATORS].for_sku(sale_id, sku).reserve(
-        ReserveRequest(routed_reservation_id(sale_id, sku), buyer, quantity, key, payment,
-                       str(position))
-    )  # fmt: skip
+    fresh = routed_reservation_id(sale_id, sku)
+    result = (
+        await app[ALLOCATORS]
+        .for_sku(sale_id, sku)
+        .reserve(ReserveRequest(fresh, buyer, quantity, key, payment, str(position)))
+    )
     metrics.count(metrics.reservations, result.outcome)
     if result.outcome != "reserved":
         raise _refuse(result.outcome)
-    assert result.reservation_id is not None and result.hold_expires_at_ms is not None
+    rid, expires_ms = result.reservation_id, result.hold_expires_at_ms
+    assert rid is not None and expires_ms is not None
+    state, cause = "ACTIVE", None
+    if rid != fresh:  # a replay: the reservation may have moved on since it was granted
+        held = await app[HOLDS].hold(SkuKeys(sale_id, sku), rid)
+        if held is not None:
+            hold = HoldRecord.parse(held)
+            state, cause = hold.state, hold.cause or None
     return json_response(
         {
-            "reservation_id": result.reservation_id,
-            "state": "ACTIVE",
+            "reservation_id": rid,
+            "state": state,
+            "cause": cause,
             "sku": sku,
             "quantity": quantity,
-            "hold_expires_at": iso_ms(result.hold_expires_at_ms),
-            "message": "order processing",
+            "hold_expires_at": iso_ms(expires_ms),
+            "message": "order processing" if state in ("ACTIVE", "PAYING") else state.lower(),
         },
         201,
     )

@@ -237,3 +237,22 @@ async def test_the_driver_reserves_for_a_buyer_whose_join_is_already_admitted(
         assert await driver.journey(client, token, "tok_visa") == "reserved"
     finally:
         await client.aclose()
+
+
+async def test_a_replayed_reservation_answers_with_its_state_now(gw: Gateway) -> None:
+    """The buyer cancelled, then their client sent the original request again (same
+    admission, key and body): the answer is the same reservation, as it stands now."""
+    sale = await gw.create_sale(stock=2)
+    gw.pump(sale)
+    _, joined = await gw.join(sale, "carol")
+    admission = (await gw.admitted(sale, joined["ticket"]))["admission_token"]
+    headers = {"Idempotency-Key": "carol-1"}
+    code, first = await gw.reserve(sale, "carol", admission, headers=headers)
+    assert (code, first["state"]) == (201, "ACTIVE")
+    rid = first["reservation_id"]
+    cancelled = await gw.http.delete(f"/v1/reservations/{rid}", headers=auth(gw.token("carol")))
+    assert cancelled.status == 200
+    code, again = await gw.reserve(sale, "carol", admission, headers=headers)
+    assert (code, again["reservation_id"], again["state"]) == (201, rid, "RELEASED")
+    looked = await gw.http.get(f"/v1/reservations/{rid}", headers=auth(gw.token("carol")))
+    assert (await looked.json())["state"] == again["state"]
