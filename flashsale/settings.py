@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -101,6 +102,19 @@ class Rate:
         return self.per_second > 0
 
 
+def _networks(text: str, name: str) -> tuple[IPv4Network | IPv6Network, ...]:
+    """Comma-separated CIDRs (a bare address is its own /32 or /128)."""
+    networks = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            networks.append(ip_network(part, strict=False))
+        except ValueError:
+            raise ConfigError(f"{name} must list networks like 10.0.0.0/8, got {part!r}") from None
+    return tuple(networks)
+
+
 def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float) -> float:
     raw = env.get(name)
     if not raw:
@@ -161,7 +175,10 @@ class Settings:
     rate_per_buyer: Rate = Rate(5.0, 10)
     max_in_flight: int = 2000
     body_timeout_s: float = 5.0
+    # X-Forwarded-For: FLASHSALE_TRUST_FORWARDED=1 trusts the direct peer (one proxy in front);
+    # FLASHSALE_TRUSTED_PROXIES lists the proxies' networks (CIDRs) for several hops.
     trust_forwarded: bool = False
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
     topics: Topics = Topics()
     consumer_group: str = "flashsale-workers"
     # The payment provider: FLASHSALE_PSP_URL, or the simulator that `flashsale up` starts.
@@ -205,6 +222,9 @@ class Settings:
             body_timeout_s=_number(env, "FLASHSALE_BODY_TIMEOUT", 5.0, minimum=0.1),
             trust_forwarded=(env.get("FLASHSALE_TRUST_FORWARDED") or "").lower()
             in ("1", "true", "yes"),
+            trusted_proxies=_networks(
+                env.get("FLASHSALE_TRUSTED_PROXIES") or "", "FLASHSALE_TRUSTED_PROXIES"
+            ),
             topics=Topics.from_env(env),
             consumer_group=env.get("FLASHSALE_CONSUMER_GROUP") or "flashsale-workers",
             psp_url=env.get("FLASHSALE_PSP_URL") or None,

@@ -5,6 +5,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Collection, Mapping
+from ipaddress import (
+    IPv4Address,
+    IPv4Network,
+    IPv6Address,
+    IPv6Network,
+    ip_address,
+    ip_network,
+)
 from typing import Any
 
 import orjson
@@ -72,14 +80,49 @@ def bearer(request: web.Request) -> str:
 
 
 def client_ip(request: web.Request) -> str:
-    """The caller's address; the first ``X-Forwarded-For`` hop only when trusted (behind a
-    proxy that sets it), since clients can write that header themselves."""
-    if request.app[SETTINGS].trust_forwarded:
-        forwarded = request.headers.get("X-Forwarded-For", "")
-        first = forwarded.split(",")[0].strip()
-        if first:
-            return first
-    return request.remote or "unknown"
+    """The caller's address, for per-IP limits: an IPv6 address as its /64 (one host has a
+    whole /64 to pick from).
+
+    ``X-Forwarded-For`` counts only when the direct peer is a trusted proxy, and then only its
+    rightmost address that is not a trusted proxy: each proxy appends the address it saw, and
+    everything to the left of what a trusted proxy appended was written by the client. With
+    ``FLASHSALE_TRUST_FORWARDED`` the peer alone is trusted; ``FLASHSALE_TRUSTED_PROXIES``
+    lists the proxies' networks."""
+    settings = request.app[SETTINGS]
+    peer = request.remote or "unknown"
+    proxies = settings.trusted_proxies
+    if not (settings.trust_forwarded or proxies) or not _within(peer, proxies, default=True):
+        return _bucket(peer)
+    hops = request.headers.get("X-Forwarded-For", "").split(",")
+    for hop in reversed(hops):
+        address = _address(hop.strip())
+        if address is None:
+            break  # not an address: the client wrote it
+        if not _within(str(address), proxies, default=False):
+            return _bucket(str(address))
+    return _bucket(peer)
+
+
+def _address(text: str) -> IPv4Address | IPv6Address | None:
+    try:
+        return ip_address(text)
+    except ValueError:
+        return None
+
+
+def _within(text: str, networks: tuple[IPv4Network | IPv6Network, ...], *, default: bool) -> bool:
+    """``text`` is in one of ``networks`` (``default`` when none are listed)."""
+    if not networks:
+        return default
+    address = _address(text)
+    return address is not None and any(address in network for network in networks)
+
+
+def _bucket(text: str) -> str:
+    address = _address(text)
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is None:
+        return str(ip_network(f"{address}/64", strict=False))
+    return text
 
 
 async def rate_limit(request: web.Request, buyer: str | None = None) -> None:

@@ -155,6 +155,27 @@ async def test_rate_limits_are_429_with_retry_after(stack: Settings) -> None:
         assert (await gw.join(sale, "eager"))[0] == 200  # the limit refills
 
 
+async def test_a_spoofed_forwarded_address_buys_no_fresh_rate_limit(stack: Settings) -> None:
+    """Behind a proxy that appends the address it saw (nginx, an ALB), the client writes the
+    left of X-Forwarded-For: a fresh made-up first hop on every request must not give it a
+    fresh per-IP bucket. The address is the rightmost one the trusted proxy added."""
+    async with gateway(stack, rate_per_ip=Rate(1.0, 1), trust_forwarded=True) as gw:
+        sale = await gw.create_sale(stock=3)
+        codes = []
+        for i in range(3):
+            forwarded = {"X-Forwarded-For": f"203.0.113.{i + 1}, 198.51.100.7"}
+            response = await gw.http.post(
+                f"/v1/sales/{sale}/queue", headers={**auth(gw.token(f"b{i}")), **forwarded}
+            )
+            codes.append(response.status)
+        assert codes == [200, 429, 429]
+        other = {"X-Forwarded-For": "198.51.100.8"}  # another client behind the same proxy
+        response = await gw.http.post(
+            f"/v1/sales/{sale}/queue", headers={**auth(gw.token("b9")), **other}
+        )
+        assert response.status == 200
+
+
 async def test_slow_bodies_time_out_and_the_in_flight_cap_sheds_load(stack: Settings) -> None:
     async with gateway(stack, max_in_flight=1, body_timeout_s=1.0) as gw:
         sale = await gw.create_sale(stock=3)
