@@ -233,6 +233,6 @@ class AllocatorService:
         redis, pool = self.redis, self.pool
         assert redis is not None and pool is not None
         probes = dependency_probes(redis, pool, kafka)
-        runner = await serve_ops(host, port, lambda: probes, self.metrics.registry)
+        runner = await serve_ops(host, port, probes, self.metrics.registry)
         log.info("allocator ops endpoints on http://%s:%d/healthz and /metrics", host, port)
         return runner

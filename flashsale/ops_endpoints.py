@@ -1,6 +1,10 @@
-"""What every service serves for operators: ``/healthz`` that really pings its dependencies,
-through clients that live as long as the service, and ``/metrics`` in the Prometheus text
-format.
+"""What every service serves for operators: ``/livez`` (the process answers), ``/readyz``
+that really pings its dependencies through clients that live as long as the service, with
+``/healthz`` as its alias, and ``/metrics`` in the Prometheus text format.
+
+Readiness is checked at most about once a second (:class:`Readiness`): concurrent callers
+share one check and later ones get its result, so a flood of probes costs the dependencies
+one ping a second, not a connection each.
 
 With ``PROMETHEUS_MULTIPROC_DIR`` set (``flashsale gateway --workers N`` sets it), metrics are
 aggregated across the processes of one service, so any worker answers for all of them.
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Awaitable, Callable, Mapping
 
 import asyncpg
@@ -90,6 +95,36 @@ async def health(probes: Mapping[str, Probe]) -> tuple[int, dict[str, object]]:
     return (503 if down else 200), body
 
 
+class Readiness:
+    """The dependencies' health, checked at most every ``ttl_s`` and shared by callers."""
+
+    def __init__(self, probes: Mapping[str, Probe], ttl_s: float = 1.0) -> None:
+        self.probes = probes
+        self.ttl_s = ttl_s
+        self._last: tuple[float, tuple[int, dict[str, object]]] | None = None
+        self._running: asyncio.Future[tuple[int, dict[str, object]]] | None = None
+
+    async def check(self) -> tuple[int, dict[str, object]]:
+        """(HTTP status, body), as :func:`health` gives them."""
+        if self._last is not None and time.monotonic() - self._last[0] < self.ttl_s:
+            return self._last[1]
+        if self._running is None:
+            self._running = asyncio.ensure_future(self._check())
+        return await asyncio.shield(self._running)
+
+    async def _check(self) -> tuple[int, dict[str, object]]:
+        try:
+            result = await health(self.probes)
+            self._last = (time.monotonic(), result)
+            return result
+        finally:
+            self._running = None
+
+
+LIVE = {"status": "ok"}
+PROBE_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
+
+
 def metrics_text(registry: CollectorRegistry) -> bytes:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         merged = CollectorRegistry()
@@ -98,13 +133,14 @@ def metrics_text(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry)
 
 
-def ops_app(
-    probes: Callable[[], Mapping[str, Probe]], registry: CollectorRegistry
-) -> web.Application:
-    """A small app with only ``/healthz`` and ``/metrics``, for services without an API."""
+def ops_app(readiness: Readiness, registry: CollectorRegistry) -> web.Application:
+    """A small app with only the probes and ``/metrics``, for services without an API."""
 
-    async def healthz(_request: web.Request) -> web.Response:
-        status, body = await health(probes())
+    async def livez(_request: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps(LIVE), content_type="application/json")
+
+    async def readyz(_request: web.Request) -> web.Response:
+        status, body = await readiness.check()
         return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
     async def metrics(_request: web.Request) -> web.Response:
@@ -113,16 +149,18 @@ def ops_app(
         )
 
     app = web.Application()
-    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/livez", livez)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/healthz", readyz)
     app.router.add_get("/metrics", metrics)
     return app
 
 
 async def serve_ops(
-    host: str, port: int, probes: Callable[[], Mapping[str, Probe]], registry: CollectorRegistry
+    host: str, port: int, probes: Mapping[str, Probe], registry: CollectorRegistry
 ) -> web.AppRunner:
     """Start :func:`ops_app` on ``host:port``; the caller cleans the runner up."""
-    runner = web.AppRunner(ops_app(probes, registry), access_log=None)
+    runner = web.AppRunner(ops_app(Readiness(probes), registry), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner

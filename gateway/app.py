@@ -18,7 +18,7 @@ from allocator.rate_limits import RateLimiter
 from allocator.sale_admin import SaleAdmin
 from allocator.sku_allocator import Allocators
 from flashsale.clients import open_clients
-from flashsale.ops_endpoints import KafkaProbe, dependency_probes
+from flashsale.ops_endpoints import KafkaProbe, Readiness, dependency_probes
 from flashsale.queue_marks import QueueMarks
 from flashsale.settings import Settings
 from flashsale.tokens import Signers
@@ -39,6 +39,7 @@ from gateway.state import (
     METRICS,
     PROBES,
     QUEUE,
+    READINESS,
     SALES,
     SETTINGS,
     SIGNERS,
@@ -51,7 +52,8 @@ async def clients(app: web.Application) -> AsyncIterator[None]:
     kafka = KafkaProbe(settings)
     async with open_clients(settings, pool_size=10) as c:
         app[CLIENTS] = c
-        app[PROBES] = dependency_probes(c.redis, c.pool, kafka)
+        app[PROBES] = probes = dependency_probes(c.redis, c.pool, kafka)
+        app[READINESS] = Readiness(probes)
         app[SALES] = SaleAdmin.build(c.pool, c.redis)
         app[QUEUE] = queue = QueueScripts(c.redis)
         app[HOLDS] = holds = HoldScripts(c.redis)

@@ -11,6 +11,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from flashsale.errors import FlashsaleError
+from flashsale.ops_endpoints import PROBE_PATHS
 from flashsale.outages import is_outage
 from gateway.http import error_response
 from gateway.metrics import Metrics
@@ -51,14 +52,14 @@ def edge(metrics: Metrics, limit: int, guard: Guard) -> Middleware:
     """The gateway's one middleware, so each request pays for one layer:
 
     * the per-process in-flight cap: beyond ``limit`` concurrent requests, 503 ``overloaded``
-      with ``Retry-After`` at once instead of queueing without bound (``/healthz`` and
-      ``/metrics`` are exempt, so operators can still look);
+      with ``Retry-After`` at once instead of queueing without bound (the probes and
+      ``/metrics`` are exempt, so operators can still look; readiness is cached);
     * ``guard`` before any handler and before routing errors, so an unauthorised admin path
       is 401 even when it does not exist;
     * every exception mapped to HTTP by :func:`error_for`;
     * every answer counted and timed, refusals by reason.
     """
-    exempt = frozenset({"/healthz", "/metrics"})
+    exempt = PROBE_PATHS
     gauge = metrics.in_flight
     current = 0
     published = 0.0  # when the in-flight gauge was last set

@@ -18,6 +18,7 @@ from gateway.openapi_schemas import (
     ERROR,
     HEALTH,
     JOINED,
+    LIVE,
     PUBLIC_SALE,
     RESERVATION,
     RESERVE_BODY,
@@ -220,9 +221,18 @@ def document() -> dict[str, Any]:
             )
         },
         **lifecycle,
+        "/livez": {
+            "get": _op("The process answers", _ok(200, "Alive", LIVE)),
+        },
+        "/readyz": {
+            "get": _op(
+                "Redis, Postgres and the broker answered (checked at most about once a second)",
+                {**_ok(200, "All up", HEALTH), **_ok(503, "Something is down", HEALTH)},
+            )
+        },
         "/healthz": {
             "get": _op(
-                "Pings Redis, Postgres and the broker",
+                "The same as /readyz",
                 {**_ok(200, "All up", HEALTH), **_ok(503, "Something is down", HEALTH)},
             )
         },

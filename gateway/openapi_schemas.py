@@ -203,3 +203,4 @@ HEALTH = obj(
     },
     ["status", "checks"],
 )
+LIVE = obj({"status": {"const": "ok"}}, ["status"])

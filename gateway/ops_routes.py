@@ -1,19 +1,23 @@
-"""``/healthz`` (really pings every dependency, through the gateway's long-lived clients) and
-``/metrics`` (Prometheus text)."""
+"""The probes and ``/metrics``: ``/livez`` (the process answers), ``/readyz`` (every dependency
+pinged through the gateway's long-lived clients, at most about once a second; see
+:class:`flashsale.ops_endpoints.Readiness`), ``/healthz`` (the same), ``/metrics``."""
 
 from __future__ import annotations
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from flashsale.ops_endpoints import health, metrics_text
+from flashsale.ops_endpoints import LIVE, metrics_text
 from gateway.http import json_response
-from gateway.state import METRICS, PROBES
+from gateway.state import METRICS, READINESS
 
 
-async def healthz(request: web.Request) -> web.Response:
-    probes = request.app[PROBES]
-    status, body = await health(probes)
+async def livez(_request: web.Request) -> web.Response:
+    return json_response(LIVE)
+
+
+async def readyz(request: web.Request) -> web.Response:
+    status, body = await request.app[READINESS].check()
     return json_response(body, status)
 
 
@@ -23,5 +27,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def setup(app: web.Application) -> None:
-    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/livez", livez)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/healthz", readyz)
     app.router.add_get("/metrics", metrics)

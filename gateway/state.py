@@ -13,7 +13,7 @@ from allocator.rate_limits import RateLimiter
 from allocator.sale_admin import SaleAdmin
 from allocator.sku_allocator import Allocators
 from flashsale.clients import Clients
-from flashsale.ops_endpoints import Probe
+from flashsale.ops_endpoints import Probe, Readiness
 from flashsale.queue_marks import QueueMarks
 from flashsale.settings import Settings
 from flashsale.tokens import Signers
@@ -25,6 +25,7 @@ SIGNERS = web.AppKey("signers", Signers)
 METRICS = web.AppKey("metrics", Metrics)
 CLIENTS = web.AppKey("clients", Clients)
 PROBES = web.AppKey("probes", dict[str, Probe])
+READINESS = web.AppKey("readiness", Readiness)
 SALES = web.AppKey("sales", SaleAdmin)
 QUEUE = web.AppKey("queue", QueueScripts)
 JOINS = web.AppKey("joins", Joins)

@@ -59,7 +59,7 @@ async def serve(settings: Settings, stop: asyncio.Event, *, interval: float,
         runner: web.AppRunner | None = None
         if ops_port is not None:
             checks = dependency_probes(c.redis, c.pool)
-            runner = await serve_ops(host, ops_port, lambda: checks, registry)
+            runner = await serve_ops(host, ops_port, checks, registry)
             log.info("reconciler ops endpoints on http://%s:%d/healthz and /metrics", host,
                      ops_port)  # fmt: skip
         try:

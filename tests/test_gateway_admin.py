@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,7 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from flashsale.settings import Secret, Settings
 from flashsale.tokens import Signer
 from gateway.app import create_app
-from gateway.state import CLIENTS
+from gateway.state import CLIENTS, PROBES
 
 ADMIN = "test-admin-token-0123456789"
 SALE = {
@@ -168,6 +169,36 @@ async def test_healthz_pings_every_dependency(stack: Settings) -> None:
         assert response.status == 503
         assert body["checks"]["redis"] == "ok" and body["checks"]["kafka"].startswith("down")
         assert body["error"]["message"] == "down: kafka"
+    finally:
+        await client.close()
+
+
+async def test_a_flood_of_probes_pings_the_dependencies_once_a_second(
+    stack: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/readyz (and /healthz, its alias) answers from a check made at most about once a second
+    and shared by concurrent callers; /livez checks the process only. 300 probes at once must
+    not take 300 Postgres connections."""
+    client = TestClient(TestServer(create_app(stack)))
+    await client.start_server()
+    try:
+        pings = {"postgres": 0}
+        probes = client.app[PROBES]
+        postgres = probes["postgres"]
+
+        async def counted() -> object:
+            pings["postgres"] += 1
+            return await postgres()
+
+        monkeypatch.setitem(probes, "postgres", counted)
+        answers = await asyncio.gather(
+            *(client.get("/readyz" if i % 2 else "/healthz") for i in range(300))
+        )
+        assert {a.status for a in answers} == {200}
+        assert pings["postgres"] <= 2
+        live = await client.get("/livez")
+        assert live.status == 200 and (await live.json())["status"] == "ok"
+        assert pings["postgres"] <= 2
     finally:
         await client.close()
 

@@ -43,7 +43,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client import Counter as PromCounter
 
-from flashsale.ops_endpoints import ops_app
+from flashsale.ops_endpoints import Readiness, ops_app
 
 
 @dataclass(frozen=True)
@@ -238,7 +238,7 @@ class Simulator:
         })  # fmt: skip
 
     def app(self) -> web.Application:
-        app = ops_app(lambda: {}, self.registry)
+        app = ops_app(Readiness({}), self.registry)
         app.router.add_post("/v1/charges", self.charge)
         app.router.add_post("/v1/charges/batch", self.charge_batch)
         app.router.add_get("/v1/charges", self.list_charges)

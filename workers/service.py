@@ -298,6 +298,6 @@ class WorkerService:
             return await consumer.topics()
 
         probes = {**dependency_probes(redis, pool), "kafka": broker}
-        runner = await serve_ops(host, port, lambda: probes, self.metrics.registry)
+        runner = await serve_ops(host, port, probes, self.metrics.registry)
         log.info("workers ops endpoints on http://%s:%d/healthz and /metrics", host, port)
         return runner
