@@ -1,7 +1,9 @@
 """One typed settings object, read from the environment once at the entry point.
 
 Resolution, per variable: the process environment wins; otherwise the values that
-``flashsale dev up`` wrote to ``<home>/dev.env`` (the embedded stack); otherwise unset.
+``flashsale dev up`` wrote to ``<home>/dev.env`` (the embedded stack), and for
+``FLASHSALE_PSP_URL`` the one a running ``flashsale up`` wrote to ``<home>/engine.env``;
+otherwise unset.
 A component that needs an unset server gets a :class:`~flashsale.errors.ConfigError` that
 says how to fix it, never a silent default pointing at some other server.
 """
@@ -19,6 +21,9 @@ from urllib.parse import urlsplit, urlunsplit
 from flashsale.errors import ConfigError
 
 DEV_ENV_FILE = "dev.env"
+# What a running `flashsale up` tells other commands in the same state folder (the payment
+# simulator it started), so `flashsale audit` run from another shell finds it.
+ENGINE_ENV_FILE = "engine.env"
 _EXPORT_LINE = re.compile(r"^export ([A-Z_][A-Z0-9_]*)=(.*)$")
 
 
@@ -183,7 +188,7 @@ class Settings:
     consumer_group: str = "flashsale-workers"
     # The payment provider: FLASHSALE_PSP_URL, or the simulator that `flashsale up` starts.
     psp_url: str | None = None
-    # Which values came from the embedded stack's dev.env rather than the environment.
+    # Which values came from the state folder (dev.env, engine.env) rather than the environment.
     from_dev_env: frozenset[str] = frozenset()
 
     @classmethod
@@ -191,8 +196,11 @@ class Settings:
         env = os.environ if environ is None else environ
         home = home_dir(env)
         dev = read_env_file(home / DEV_ENV_FILE)
+        engine = read_env_file(home / ENGINE_ENV_FILE)
 
         used_dev: set[str] = set()
+        if not env.get("FLASHSALE_PSP_URL") and engine.get("FLASHSALE_PSP_URL"):
+            used_dev.add("FLASHSALE_PSP_URL")
 
         def pick(name: str) -> str | None:
             value = env.get(name)
@@ -227,7 +235,7 @@ class Settings:
             ),
             topics=Topics.from_env(env),
             consumer_group=env.get("FLASHSALE_CONSUMER_GROUP") or "flashsale-workers",
-            psp_url=env.get("FLASHSALE_PSP_URL") or None,
+            psp_url=env.get("FLASHSALE_PSP_URL") or engine.get("FLASHSALE_PSP_URL") or None,
             from_dev_env=frozenset(used_dev),
         )
         return settings

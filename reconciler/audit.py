@@ -25,7 +25,7 @@ from flashsale.payments import Charge, PaymentProvider
 from flashsale.queue_marks import highest
 from flashsale.records import ClaimMember, HoldRecord, text
 from flashsale.sales import fetch_sale, fetch_skus
-from flashsale.settings import Settings
+from flashsale.settings import ENGINE_ENV_FILE, Settings
 from reconciler.captures import recorded_orphans
 from reconciler.orphan_holds import ORDERLESS_AFTER_S, OrphanHolds
 from reconciler.skus import SkuChecks
@@ -104,7 +104,7 @@ async def audit_sale(
     skus = {r["sku"]: r for r in await fetch_skus(pool, sale_id)}
     orders = list(await pool.fetch(_ORDERS, sale_id))
     redis = await _redis_state(client, sale_id, list(skus))
-    charges, provider_note = await _charges(provider, sale_id)
+    charges, provider_note = await _charges(provider, sale_id, settings)
     try:
         lag: int | None = await consumer_lag(
             settings, settings.topics.reservations, settings.consumer_group
@@ -167,10 +167,13 @@ async def _redis_state(client: aioredis.Redis, sale_id: str, skus: list[str]) ->
     return out
 
 
-async def _charges(provider: PaymentProvider | None, sale_id: str
-                   ) -> tuple[dict[str, Charge] | None, str]:  # fmt: skip
+async def _charges(provider: PaymentProvider | None, sale_id: str,
+                   settings: Settings) -> tuple[dict[str, Charge] | None, str]:  # fmt: skip
     if provider is None:
-        return None, "no payment provider configured"
+        return None, (
+            "no payment provider: set FLASHSALE_PSP_URL to the provider's URL, or run the audit "
+            f"beside `flashsale up` (it records its simulator in {settings.home / ENGINE_ENV_FILE})"
+        )
     charges: dict[str, Charge] = {}
     after = None
     try:

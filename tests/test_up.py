@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import pytest
 import requests
 
 from flashsale.cli.devstack.processes import free_ports
 from flashsale.settings import Settings
+from tests.conftest import Cli
 
 
 def _healthy(url: str, patience: float = 30) -> None:
@@ -31,7 +35,7 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
-def test_up_supervises_and_stops_cleanly(stack: Settings) -> None:
+def test_up_supervises_and_stops_cleanly(stack: Settings, cli: Cli) -> None:
     port = free_ports(5)
     up = subprocess.Popen(
         [sys.executable, "-m", "flashsale", "up", "--port", str(port), "--workers", "2"],
@@ -45,6 +49,13 @@ def test_up_supervises_and_stops_cleanly(stack: Settings) -> None:
         _healthy(f"http://127.0.0.1:{port + 2}/healthz")  # the order workers
         _healthy(f"http://127.0.0.1:{port + 3}/healthz")  # the payment simulator
         _healthy(f"http://127.0.0.1:{port + 4}/healthz")  # the reconciler
+        # The audit, run from another shell as the README shows, finds the simulator `up`
+        # started: it is recorded in the state folder.
+        created = cli("sale", "create", "--name", "audited", "--sku", "A", "--stock", "1",
+                      "--price", "100", "--currency", "EUR")  # fmt: skip
+        audited = cli("audit", created.out.strip(), "--json")
+        payments = json.loads(audited.out)["invariants"][3]
+        assert payments["passed"] and "provider" not in payments["details"], payments
         children = _children(up.pid)
         assert len(children) == 6  # two gateway processes, allocator, workers, psp, reconciler
         os.kill(children[0], signal.SIGKILL)
@@ -66,3 +77,17 @@ def test_up_supervises_and_stops_cleanly(stack: Settings) -> None:
     assert "killed by SIGKILL" in log and "restarting in" in log
     for pid in survivors:
         assert not os.path.exists(f"/proc/{pid}"), f"child {pid} outlived the supervisor"
+
+
+def test_an_audit_with_no_provider_says_what_to_set(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("FLASHSALE_HOME", str(tmp_path))  # no `flashsale up` recorded here
+    monkeypatch.delenv("FLASHSALE_PSP_URL", raising=False)
+    created = cli("sale", "create", "--name", "unaudited", "--sku", "A", "--stock", "1",
+                  "--price", "100", "--currency", "EUR")  # fmt: skip
+    audited = cli("audit", created.out.strip(), "--json")
+    payments = json.loads(audited.out)["invariants"][3]
+    assert not payments["passed"]
+    assert "set FLASHSALE_PSP_URL" in payments["details"]["provider"]
+    assert str(tmp_path / "engine.env") in payments["details"]["provider"]

@@ -10,10 +10,12 @@ Prometheus in multiprocess mode so ``/metrics`` on any worker shows the sum of a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,7 +23,7 @@ from aiohttp import web
 from prometheus_client import multiprocess
 
 from flashsale.cli.supervisor import Child, Supervisor
-from flashsale.settings import Settings
+from flashsale.settings import ENGINE_ENV_FILE, Settings
 
 if TYPE_CHECKING:
     from workers.payment_simulator import Knobs
@@ -93,6 +95,19 @@ async def serve_psp(host: str, port: int, knobs: Knobs) -> int:
 
     await serve(host, port, knobs, _stop_on_signals())
     return 0
+
+
+@contextlib.contextmanager
+def recorded_psp(home: Path, psp_url: str) -> Iterator[None]:
+    """Record the payment provider ``up`` uses in the state folder while it runs, so commands
+    run from another shell (``flashsale audit``) find it; removed when ``up`` stops."""
+    path = home / ENGINE_ENV_FILE
+    home.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"export FLASHSALE_PSP_URL={psp_url}\n")
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def fresh_metrics_dir(home: Path, name: str) -> Path:

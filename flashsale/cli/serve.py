@@ -133,24 +133,28 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     service_settings(settings)
     settings.require_kafka()
     metrics_dir = runners.fresh_metrics_dir(settings.home, f"gateway-{port}")
-    psp_url = settings.psp_url or f"http://{args.host}:{psp_port}"
+    # A provider named in the environment is used as it is; one that a previous `up` recorded
+    # in the state folder is not: this `up` starts its own simulator.
+    external = None if "FLASHSALE_PSP_URL" in settings.from_dev_env else settings.psp_url
+    psp_url = external or f"http://{args.host}:{psp_port}"
     children = [
         *runners.gateway_children(args.host, port, workers, metrics_dir, psp_url),
         runners.allocator_child(args.host, allocator_port),
         runners.workers_child(args.host, workers_port, psp_url),
         runners.reconciler_child(args.host, reconciler_port, psp_url),
     ]
-    if not settings.psp_url:
+    if not external:
         children.append(runners.psp_child(args.host, psp_port))
     out(
         f"flashsale up: gateway x{workers} on http://{args.host}:{port}; ops endpoints "
         f"(/healthz, /metrics): allocator :{allocator_port}, workers :{workers_port}, "
         f"reconciler :{reconciler_port}; "
         f"payments: {psp_url}"
-        + ("" if settings.psp_url else " (simulator)")
+        + ("" if external else " (simulator)")
         + ". Ctrl-C or SIGTERM stops everything."
     )
-    return runners.supervise(children, metrics_dir)
+    with runners.recorded_psp(settings.home, psp_url):
+        return runners.supervise(children, metrics_dir)
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
