@@ -28,7 +28,8 @@ import re
 from dataclasses import dataclass
 
 PREFIX = "fs"
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# \Z, not $: with match(), $ would let a trailing newline through.
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 
 
 @dataclass(frozen=True, slots=True)

@@ -157,7 +157,7 @@ class Topics:
         return [self.reservations, self.order_events, self.dead_letter]
 
 
-_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,200}\Z")
 DEFAULT_TOPICS = {"reservations": Topics.reservations, "order_events": Topics.order_events,
                   "dead_letter": Topics.dead_letter}  # fmt: skip
 

@@ -26,6 +26,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from typing import Any, Literal
 
 import orjson
 
-from flashsale.errors import ConfigError, InvalidToken
+from flashsale.errors import ConfigError, InvalidToken, Unauthorized
 from flashsale.settings import Settings
 
 VERSION = "v1"
@@ -161,11 +162,20 @@ class Signer:
         return claims
 
 
+# A buyer id is stored as it is (Redis hashes, Postgres text, logs): printable ASCII, no space.
+BUYER_ID = re.compile(r"[\x21-\x7e]{1,128}\Z")
+
+
 def buyer_subject(claims: dict[str, Any]) -> str:
-    """The buyer id of verified buyer-token claims."""
+    """The buyer id of verified buyer-token claims. Raises Unauthorized
+    (``invalid_buyer_id``) for one that is not 1 to 128 printable ASCII characters without
+    spaces: the storefront signs what it likes, and the engine stores it as it is."""
     sub = claims.get("sub")
-    if not isinstance(sub, str) or not sub:
-        raise InvalidToken("malformed")
+    if not isinstance(sub, str) or not BUYER_ID.match(sub):
+        raise Unauthorized(
+            "the token's buyer id (sub) must be 1 to 128 printable ASCII characters, no spaces",
+            code="invalid_buyer_id",
+        )
     return sub
 
 

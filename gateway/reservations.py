@@ -35,7 +35,7 @@ from gateway.catalog import sale_summary
 from gateway.http import buyer_of, json_body, json_response, rate_limit, sale_of
 from gateway.state import ALLOCATORS, CLIENTS, HOLDS, METRICS, QUEUE, SIGNERS
 
-IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,100}$")
+IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9._:-]{1,100}\Z")
 MAX_PAYMENT_TOKEN = 200
 
 # Refusals of the reserve script, as HTTP answers.

@@ -176,6 +176,22 @@ async def test_a_spoofed_forwarded_address_buys_no_fresh_rate_limit(stack: Setti
         assert response.status == 200
 
 
+@pytest.mark.parametrize(
+    "buyer", ["nul\x00byte", "tab\tinside", "", "x" * 129, "séance", "two words"]
+)
+async def test_a_buyer_id_that_is_not_an_id_is_refused_at_the_edge(gw: Gateway, buyer: str) -> None:
+    """The storefront signs whatever ``sub`` it likes: one that could not be stored as it is
+    (a NUL byte is a Postgres error later) is a 401 with its own code, and nothing is queued."""
+    sale = await gw.create_sale(stock=3)
+    token = Signer.from_setting(gw.settings.buyer_token_secret.reveal(), "buyer").sign(
+        {"sub": buyer}, 60
+    )
+    response = await gw.http.post(f"/v1/sales/{sale}/queue", headers=auth(token))
+    assert response.status == 401
+    assert (await response.json())["error"]["code"] == "invalid_buyer_id"
+    assert await gw.app[CLIENTS].redis.hlen(SaleKeys(sale).members) == 0
+
+
 async def test_slow_bodies_time_out_and_the_in_flight_cap_sheds_load(stack: Settings) -> None:
     async with gateway(stack, max_in_flight=1, body_timeout_s=1.0) as gw:
         sale = await gw.create_sale(stock=3)

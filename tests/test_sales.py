@@ -204,6 +204,7 @@ def _sku(**overrides: Any) -> dict[str, Any]:
 
 
 BAD_SALES = [
+    ("sku id with a trailing newline", _sku(sku="SNK-42\n"), "skus[0].sku"),
     ("stock zero", _sku(stock=0), "skus[0].stock"),
     ("stock negative", _sku(stock=-5), "skus[0].stock"),
     ("stock fractional", _sku(stock=1.5), "skus[0].stock"),
