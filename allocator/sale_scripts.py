@@ -77,6 +77,19 @@ class SaleScripts:
             args += [name, value]
         return int(await self._put_sale(keys=[keys.sale, keys.queue], args=args))
 
+    async def sku_limits(self, keys: SaleKeys) -> dict[str, int] | None:
+        """The sale's SKUs and their per-buyer limits as preload copied them (two round trips);
+        None when Redis has no sale hash for it."""
+        listed = await self.client.hget(keys.sale, "skus")
+        if listed is None:
+            return None
+        skus = [s for s in text(listed).split(",") if s]
+        pipe = self.client.pipeline(transaction=False)
+        for sku in skus:
+            pipe.hget(SkuKeys(keys.sale_id, sku).meta, "per_buyer_limit")
+        limits = await pipe.execute() if skus else []
+        return {sku: integer(limit, 1) for sku, limit in zip(skus, limits, strict=True)}
+
     async def stock(self, skus: Sequence[SkuKeys]) -> list[StockCounts | None]:
         """Every SKU's counters in one round trip; None for a SKU Redis does not hold."""
         if not skus:

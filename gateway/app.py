@@ -43,6 +43,7 @@ from gateway.state import (
     SALES,
     SETTINGS,
     SIGNERS,
+    SKU_LIMITS,
 )
 
 
@@ -85,6 +86,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     app[METRICS] = metrics
     app[SIGNERS] = Signers.from_settings(settings)
     app[CATALOG] = {}
+    app[SKU_LIMITS] = {}
     app.cleanup_ctx.append(clients)
     for routes in (ops_routes, sale_info, admin, waiting_room, reservations, openapi, page):
         routes.setup(app)

@@ -1,9 +1,12 @@
-"""Each gateway process's cached public view of the sales it serves.
+"""Each gateway process's cached view of the sales it serves.
 
-Sale pages are read by every buyer in a spike, so a sale's summary is cached per process for
-``INFO_TTL_S``: remaining units may lag that long, which the page tolerates (the reservation
-path decides against live stock). The same summary gives the reservation route its SKUs and
-per-buyer limits without a Postgres round trip per request.
+* **The public summary** (:func:`sale_summary`, from Postgres): read by every buyer in a
+  spike, so cached per process for ``INFO_TTL_S``; remaining units may lag that long, which the
+  page tolerates. While Postgres is down, the last summary is served as it was.
+* **The SKUs and their per-buyer limits** (:func:`sku_limits`) that the reservation route
+  checks a request against, from the copy preload put in Redis, cached for ``LIMITS_TTL_S``:
+  reserving needs no Postgres at all, so buyers keep buying while it is down. Only a sale
+  Redis does not know is looked up in Postgres (an unknown one is a 404).
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ from typing import Any
 from aiohttp import web
 
 from flashsale.errors import NotFound
-from flashsale.keys import ID_PATTERN
-from gateway.state import CATALOG, SALES
+from flashsale.keys import ID_PATTERN, SaleKeys
+from flashsale.outages import is_outage
+from gateway.state import CATALOG, SALES, SKU_LIMITS
 
 INFO_TTL_S = 0.5
+LIMITS_TTL_S = 1.0
 
 
 async def sale_summary(request: web.Request, sale_id: str) -> dict[str, Any]:
@@ -29,8 +34,13 @@ async def sale_summary(request: web.Request, sale_id: str) -> dict[str, Any]:
     cached = cache.get(sale_id)
     if cached is None or cached[0] <= now:
         sales = request.app[SALES]
-        status = await sales.status(sale_id)
-        sale = await sales.get(sale_id)
+        try:
+            status = await sales.status(sale_id)
+            sale = await sales.get(sale_id)
+        except Exception as exc:
+            if cached is None or not is_outage(exc):
+                raise
+            return cached[1]  # Postgres is down: the sale as last seen
         remaining = {row["sku"]: row["available"] for row in status["skus"]}
         body = {
             "id": sale["id"],
@@ -57,3 +67,23 @@ async def sale_summary(request: web.Request, sale_id: str) -> dict[str, Any]:
             cache.clear()
         cache[sale_id] = cached = (now + INFO_TTL_S, body)
     return cached[1]
+
+
+async def sku_limits(request: web.Request, sale_id: str) -> dict[str, int]:
+    """The sale's SKUs and their per-buyer limits, at most ``LIMITS_TTL_S`` old, from Redis;
+    from Postgres for a sale Redis does not know. Raises NotFound for an unknown sale."""
+    if not ID_PATTERN.match(sale_id):
+        raise NotFound(f"unknown sale {sale_id!r}", code="unknown_sale")
+    cache = request.app[SKU_LIMITS]
+    now = time.monotonic()
+    cached = cache.get(sale_id)
+    if cached is not None and cached[0] > now:
+        return cached[1]
+    limits = await request.app[SALES].scripts.sku_limits(SaleKeys(sale_id))
+    if limits is None:  # not preloaded, or lost by Redis: Postgres knows whether it exists
+        summary = await sale_summary(request, sale_id)
+        return {s["sku"]: s["per_buyer_limit"] for s in summary["skus"]}
+    if len(cache) > 1024:
+        cache.clear()
+    cache[sale_id] = (now + LIMITS_TTL_S, limits)
+    return limits

@@ -191,7 +191,11 @@ RESERVATION = obj(
         "state": {"enum": ["ACTIVE", "PAYING", "SOLD", "RELEASED"]},
         "cause": NULLABLE_STRING,
         "hold_expires_at": {"type": "string"},
-        "order": {"type": ["object", "null"]},
+        "order": {
+            "type": ["object", "null"],
+            "description": "the order, from the order store: null until one exists, and while "
+            "the order store cannot be reached (the hold's state is always current)",
+        },
     },
     ["reservation_id", "sale_id", "sku", "quantity", "state", "hold_expires_at", "order"],
 )

@@ -29,9 +29,10 @@ from flashsale.errors import (
 )
 from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.orders import order_view
+from flashsale.outages import is_outage
 from flashsale.records import SEPARATORS, HoldRecord, request_fingerprint
 from flashsale.timefmt import iso_ms
-from gateway.catalog import sale_summary
+from gateway.catalog import sku_limits
 from gateway.http import buyer_of, json_body, json_response, rate_limit, sale_of
 from gateway.state import ALLOCATORS, CLIENTS, HOLDS, METRICS, QUEUE, SIGNERS
 
@@ -105,17 +106,16 @@ async def reserve(request: web.Request) -> web.Response:
     buyer = buyer_of(request)
     sale_id = sale_of(request)
     await rate_limit(request, buyer)
-    summary = await sale_summary(request, sale_id)  # 404 for an unknown sale comes first
+    limits = await sku_limits(request, sale_id)  # 404 for an unknown sale comes first
     position, deadline_ms = _admission(request, sale_id, buyer)
     key = request.headers.get("Idempotency-Key", "")
     if not IDEMPOTENCY_KEY.match(key):
         raise InvalidInput("Idempotency-Key", "required header: 1..100 of A-Z a-z 0-9 . _ : -")
     raw = await json_body(request, allowed={"sku", "quantity", "payment_token"})
-    sku_info = {s["sku"]: s for s in summary["skus"]}
     sku = raw.get("sku")
-    limit = sku_info[sku]["per_buyer_limit"] if isinstance(sku, str) and sku in sku_info else 1
+    limit = limits[sku] if isinstance(sku, str) and sku in limits else 1
     sku, quantity, payment = _body(raw, limit)
-    if sku not in sku_info:
+    if sku not in limits:
         raise NotFound(f"unknown SKU {sku!r} in sale {sale_id}", code="unknown_sku")
     fingerprint = request_fingerprint(sku, quantity, payment)
     claim = await app[QUEUE].claim(SaleKeys(sale_id), position, key, fingerprint, deadline_ms)
@@ -184,7 +184,12 @@ async def _owned_hold(request: web.Request) -> tuple[str, SkuKeys, HoldRecord]:
 
 async def _reservation_json(request: web.Request, rid: str, keys: SkuKeys, hold: HoldRecord
                             ) -> dict[str, Any]:  # fmt: skip
-    order = await order_view(request.app[CLIENTS].pool, rid)
+    try:
+        order = await order_view(request.app[CLIENTS].pool, rid)
+    except Exception as exc:
+        if not is_outage(exc):
+            raise
+        order = None  # Postgres is down: the hold, which Redis has, is the answer for now
     return {
         "reservation_id": rid,
         "sale_id": keys.sale_id,

@@ -34,5 +34,7 @@ ALLOCATORS = web.AppKey("allocators", Allocators)
 LIMITER = web.AppKey("limiter", RateLimiter)
 COUNTERS = web.AppKey("counters", CounterCache)
 MARKS = web.AppKey("marks", QueueMarks)
-# sale id -> (expires, the sale's public summary): see gateway.catalog
+# sale id -> (expires, the sale's public summary), and (expires, its SKUs' per-buyer limits
+# as Redis holds them): see gateway.catalog
 CATALOG = web.AppKey("catalog", dict[str, tuple[float, dict[str, Any]]])
+SKU_LIMITS = web.AppKey("sku_limits", dict[str, tuple[float, dict[str, int]]])

@@ -3,8 +3,10 @@ Retry-After at the edge and is waited out by the workers, never a 500, never a d
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -13,7 +15,8 @@ import redis.exceptions
 from flashsale.orders import OrderStore
 from flashsale.settings import Settings
 from gateway.state import SALES
-from tests.harness import Gateway, gateway
+from loadtest.fault_proxy import FaultProxy
+from tests.harness import Gateway, auth, gateway
 from tests.pipeline import pipeline
 
 
@@ -86,3 +89,39 @@ async def test_workers_wait_out_an_outage_and_park_nothing(
         dead = metrics.dead_letters.collect()
         assert sum(s.value for m in dead for s in m.samples if s.name.endswith("_total")) == 0
         await workers.drain()
+
+
+async def test_buyers_are_served_while_postgres_is_down(stack: Settings) -> None:
+    """Everything a buyer does after the sale is preloaded (join, status, reserve, look at and
+    cancel the reservation) is decided in Redis: with the gateway's Postgres gone, it goes on,
+    and the sale's page is served as last seen."""
+    dsn = urlsplit(stack.require_database())
+    proxy = await FaultProxy(dsn.hostname or "127.0.0.1", dsn.port or 5432).start()
+    netloc = f"{dsn.username}:{dsn.password}@127.0.0.1:{proxy.port}"
+    proxied = urlunsplit(dsn._replace(netloc=netloc))
+    try:
+        async with gateway(stack, database_url=proxied) as gw:
+            sale = await gw.create_sale(stock=3)
+            gw.pump(sale)
+            assert (await gw.http.get(f"/v1/sales/{sale}")).status == 200
+            _, early = await gw.join(sale, "early")
+            proxy.set("refuse")  # Postgres is down, for the gateway
+            await asyncio.sleep(0.6)  # longer than any per-process cache of Postgres answers
+            code, late = await gw.join(sale, "late")
+            assert code == 200, late
+            for buyer, joined in (("early", early), ("late", late)):
+                admission = (await gw.admitted(sale, joined["ticket"]))["admission_token"]
+                code, reserved = await gw.reserve(sale, buyer, admission, key=f"{buyer}-1")
+                assert (code, reserved["state"]) == (201, "ACTIVE"), reserved
+            rid = reserved["reservation_id"]
+            looked = await gw.http.get(f"/v1/reservations/{rid}", headers=auth(gw.token("late")))
+            assert looked.status == 200 and (await looked.json())["state"] == "ACTIVE"
+            cancelled = await gw.http.delete(
+                f"/v1/reservations/{rid}", headers=auth(gw.token("late"))
+            )
+            assert cancelled.status == 200 and (await cancelled.json())["state"] == "RELEASED"
+            page = await gw.http.get(f"/v1/sales/{sale}")
+            assert page.status == 200 and (await page.json())["id"] == sale
+            proxy.set("pass")
+    finally:
+        await proxy.stop()
