@@ -25,11 +25,11 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
 
 from flashsale.events import encode_event, outbox_events
 from flashsale.kafka import publish
 from flashsale.keys import SkuKeys
+from flashsale.outages import log_failure
 from flashsale.records import text
 
 log = logging.getLogger("flashsale.relay")
@@ -209,9 +209,9 @@ async def run_relay(
     while not stop.is_set():
         try:
             acked = await relay.relay_once(await skus())
-        except (OSError, KafkaError, redis.exceptions.RedisError) as exc:
+        except Exception as exc:  # noqa: BLE001 - the loop outlives any round
             backoff = min(2.0, max(0.1, backoff * 2))
-            log.warning("relay round failed, retrying in %.2fs: %r", backoff, exc)
+            log_failure(log, f"relay round failed, retrying in {backoff:.2f}s", exc)
             acked = 0
         else:
             backoff = interval

@@ -33,6 +33,7 @@ from flashsale.clients import pg_pool, redis_client
 from flashsale.kafka import ensure_topics, producer
 from flashsale.keys import SkuKeys
 from flashsale.ops_endpoints import KafkaProbe, dependency_probes, serve_ops
+from flashsale.outages import log_failure
 from flashsale.queue_marks import QueueMarks
 from flashsale.settings import Settings
 
@@ -182,8 +183,8 @@ class AllocatorService:
         try:
             rows = await self.pool.fetch(LIVE_SALES)
             holding = await self.pool.fetch(HOLDING_SALES)
-        except (OSError, asyncpg.PostgresError) as exc:
-            log.warning("cannot list live sales: %r", exc)
+        except Exception as exc:  # noqa: BLE001 - the pumps it has go on
+            log_failure(log, "cannot list live sales", exc)
             return
         self.holding_skus = [SkuKeys(r["id"], sku) for r in holding for sku in r["skus"]]
         live = {row["id"]: list(row["skus"]) for row in rows}
@@ -202,16 +203,17 @@ class AllocatorService:
         """Give the lease back early; if Redis does not answer, it lapses by its TTL anyway."""
         try:
             await pump.resign()
-        except (OSError, aioredis.RedisError) as exc:
-            log.warning("could not release the pump lease of %s (it lapses): %r", pump.sale_id, exc)
+        except Exception as exc:  # noqa: BLE001 - the lease lapses by its TTL anyway
+            log_failure(log, f"could not release the pump lease of {pump.sale_id} (it lapses)",
+                        exc)  # fmt: skip
 
     async def _tick(self, pump: AdmissionPump) -> None:
         m, sale = self.metrics, pump.sale_id
         try:
             step = await pump.tick()
-        except (OSError, aioredis.RedisError, asyncpg.PostgresError) as exc:
+        except Exception as exc:  # noqa: BLE001 - the next tick tries again
             m.errors.labels(sale).inc()
-            log.warning("pump for %s failed a tick: %r", sale, exc)
+            log_failure(log, f"pump for {sale} failed a tick", exc)
             return
         m.leader.labels(sale).set(1 if pump.token else 0)
         # A sold-out sale has nothing left to admit or give back (no unit is held), and a sale

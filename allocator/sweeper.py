@@ -12,10 +12,9 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 
-import redis.asyncio as aioredis
-
 from allocator.hold_scripts import HoldScripts
 from flashsale.keys import SkuKeys
+from flashsale.outages import log_failure
 
 log = logging.getLogger("flashsale.sweeper")
 
@@ -41,13 +40,14 @@ async def run_sweeper(
     batch: int = 500,
     on_expired: Callable[[int], None] | None = None,
 ) -> None:
-    """Sweep every ``interval`` seconds until ``stop`` is set. Redis errors are logged and the
-    loop goes on: a missed sweep only delays stock coming back, it never loses it."""
+    """Sweep every ``interval`` seconds until ``stop`` is set. A failed round (Redis down, or
+    anything else) is logged and the loop goes on: a missed sweep only delays stock coming
+    back, it never loses it."""
     while not stop.is_set():
         try:
             expired = await sweep_once(scripts, await skus(), batch)
-        except (OSError, aioredis.RedisError) as exc:
-            log.warning("sweep failed, retrying in %.2fs: %r", interval, exc)
+        except Exception as exc:  # noqa: BLE001 - the loop outlives any round
+            log_failure(log, f"sweep failed, retrying in {interval:.2f}s", exc)
         else:
             if expired:
                 log.info("expired %d holds", expired)

@@ -23,6 +23,8 @@ never succeed as it is, and is handled as bad data.
 
 from __future__ import annotations
 
+import logging
+
 import asyncpg
 import redis.exceptions
 from aiokafka.errors import KafkaError
@@ -64,3 +66,12 @@ def is_outage(exc: BaseException) -> bool:
     if isinstance(exc, redis.exceptions.ResponseError):
         return str(exc).startswith("BUSY")
     return False
+
+
+def log_failure(logger: logging.Logger, what: str, exc: BaseException) -> None:
+    """Log a failed round of a loop that goes on: one warning line for an outage, the traceback
+    for anything else (a bug or bad data, which the next round may meet again)."""
+    if is_outage(exc):
+        logger.warning("%s: %r", what, exc)
+    else:
+        logger.error("%s: %r", what, exc, exc_info=exc)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, replace
 
 import asyncpg
 
+from flashsale.outages import log_failure
+
 log = logging.getLogger("flashsale.queue_marks")
 
 _UPSERT = """
@@ -116,8 +118,8 @@ class QueueMarks:
                 await asyncio.wait_for(_first(stop, self.urgent), interval)
             try:
                 await self.flush(pool)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("could not checkpoint queue marks: %r", exc)
+            except Exception as exc:  # noqa: BLE001 - the loop outlives any flush
+                log_failure(log, "could not checkpoint queue marks", exc)
             if stop.is_set():
                 return
 
