@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -55,6 +57,58 @@ async def test_unknown_outcomes_are_reported_never_guessed(psp: tuple[Simulator,
         assert simulator.charges["r-t"]["status"] == "captured"
         assert (await provider.charge("r-t", 100, "EUR", "tok_timeout")).status == "captured"
     assert simulator.captures["r-t"] == 1
+
+
+async def test_a_journaled_simulator_forgets_nothing_when_it_restarts(tmp_path: Path) -> None:
+    """Killed and started again (as ``flashsale chaos`` does), the simulator still knows every
+    charge: a retried key replays its charge, a refund stays refunded, the next id is new."""
+    journal = tmp_path / "charges.jsonl"
+    first = Simulator(Knobs(), journal=journal)
+    server = TestServer(first.app())
+    await server.start_server()
+    async with HttpProvider(str(server.make_url("")).rstrip("/")) as provider:
+        kept = await provider.charge("j-1", 1500, "EUR", "tok_visa")
+        await provider.charge("j-2", 1500, "EUR", "tok_visa")
+        await provider.refund("j-2")
+        await provider.charge("j-3", 1500, "EUR", "tok_decline")
+    await server.close()
+    first.close()  # every line was flushed as it was written: as good as killed here
+    with journal.open("ab") as torn:
+        torn.write(b'{"key": "j-4", "par')  # a line cut short by the kill
+    again = Simulator(Knobs(), journal=journal)
+    server = TestServer(again.app())
+    await server.start_server()
+    try:
+        async with HttpProvider(str(server.make_url("")).rstrip("/")) as provider:
+            assert await provider.charge("j-1", 1500, "EUR", "tok_visa") == kept
+            with pytest.raises(PaymentConflict):
+                await provider.charge("j-1", 999, "EUR", "tok_visa")
+            assert (await provider.lookup("j-2")).status == "refunded"  # type: ignore[union-attr]
+            assert (await provider.lookup("j-3")).status == "declined"  # type: ignore[union-attr]
+            fresh = await provider.charge("j-5", 100, "EUR", "tok_visa")
+            assert fresh.provider_ref != kept.provider_ref and fresh.status == "captured"
+        assert again.captures == {"j-1": 1, "j-2": 1, "j-5": 1} and again.refunds == 1
+    finally:
+        await server.close()
+        again.close()
+
+
+async def test_knobs_change_while_it_runs(psp: tuple[Simulator, str]) -> None:
+    _simulator, url = psp
+    async with HttpProvider(url) as provider, aiohttp.ClientSession() as session:
+        changed = await session.put(f"{url}/v1/knobs", json={"error_rate": 1})
+        assert changed.status == 200 and (await changed.json())["error_rate"] == 1
+        with pytest.raises(PaymentUnknown):
+            await provider.charge("k-1", 100, "EUR", "tok_visa")
+        bad_knobs: list[object] = [{"error_rate": 2}, {"seed": 1}, {"latency_ms": -1},
+                                   {"nope": 1}, []]  # fmt: skip
+        for bad in bad_knobs:
+            async with session.put(f"{url}/v1/knobs", json=bad) as refused:
+                assert refused.status == 400, bad
+                assert (await refused.json())["error"]["code"] == "invalid_request"
+        async with session.put(f"{url}/v1/knobs", json={"error_rate": 0}) as calm:
+            assert calm.status == 200
+        assert (await provider.charge("k-1", 100, "EUR", "tok_visa")).status == "captured"
 
 
 async def test_batch_route_answers_item_by_item(psp: tuple[Simulator, str]) -> None:

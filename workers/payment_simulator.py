@@ -13,6 +13,9 @@
 * ``POST /v1/charges/{key}/refund``: refund a capture (idempotent).
 * ``GET /v1/stats``: captures, declines, refunds, and how many times each key was captured
   (``max_captures_per_key`` must stay 1).
+* ``GET /v1/knobs`` and ``PUT /v1/knobs`` with some of ``{"latency_ms", "jitter_ms",
+  "decline_rate", "error_rate", "timeout_rate", "hang_s"}``: read or change the knobs while it
+  runs (a storm of 500s, slow answers), as ``flashsale chaos`` does.
 
 Outcomes are deterministic: the payment token decides the test cases, and random knobs draw
 from a generator seeded by the idempotency key, so a rerun behaves the same.
@@ -24,19 +27,23 @@ from a generator seeded by the idempotency key, so a rerun behaves the same.
 * anything else: captured, subject to the knobs below.
 
 Knobs (``flashsale psp --help``): latency mean and jitter, decline rate, 5xx rate,
-timeout-after-success rate. Charges live in memory.
+timeout-after-success rate. Charges live in memory and, with a journal (``--journal PATH``, as
+``flashsale up`` runs it), are appended to it as JSON lines and read back at start: a real
+provider does not forget a capture because it restarted, and neither does the simulator.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import itertools
 import random
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import orjson
 from aiohttp import web
@@ -55,6 +62,22 @@ class Knobs:
     timeout_rate: float = 0.0
     hang_s: float = 30.0  # how late a "timeout after success" answers
     seed: int = 0
+
+    def changed(self, body: Any) -> Knobs:
+        """These knobs with the ones ``body`` names changed; ValueError names a bad one."""
+        if not isinstance(body, dict) or not body:
+            raise ValueError("a JSON object of knobs to change is required")
+        names = {f.name for f in dataclasses.fields(self)} - {"seed"}
+        values: dict[str, float] = {}
+        for name, value in body.items():
+            if name not in names:
+                raise ValueError(f"{name}: not a knob (one of {', '.join(sorted(names))})")
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ValueError(f"{name}: must be a number >= 0")
+            if name.endswith("_rate") and value > 1:
+                raise ValueError(f"{name}: must be between 0 and 1")
+            values[name] = float(value)
+        return dataclasses.replace(self, **values)  # type: ignore[arg-type]
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -80,7 +103,8 @@ def _params(key: str, body: Any) -> tuple[int, str, str]:
 
 
 class Simulator:
-    def __init__(self, knobs: Knobs, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, knobs: Knobs, registry: CollectorRegistry | None = None,
+                 journal: Path | None = None) -> None:  # fmt: skip
         self.knobs = knobs
         self.charges: dict[str, dict[str, Any]] = {}
         self.made: list[str] = []  # keys in the order their charges were made (for listing)
@@ -94,6 +118,45 @@ class Simulator:
         self._jitter = random.Random(knobs.seed)  # noqa: S311 - a simulation
         self.outcomes = PromCounter("flashsale_psp_charges", "Charge calls by outcome",
                                     ["outcome"], registry=self.registry)  # fmt: skip
+        self._journal: IO[bytes] | None = None
+        if journal is not None:
+            self._replay(journal)
+            self._journal = journal.open("ab")
+
+    def _replay(self, journal: Path) -> None:
+        """Charges and refunds recorded by an earlier run (a torn last line is skipped)."""
+        if not journal.is_file():
+            return
+        for line in journal.read_bytes().splitlines():
+            try:
+                entry = orjson.loads(line)
+                key, charge = entry["key"], entry["charge"]
+                params = (int(entry["params"][0]), str(entry["params"][1]),
+                          str(entry["params"][2]))  # fmt: skip
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, IndexError):
+                continue
+            if key not in self.charges:
+                self.position[key] = len(self.made)
+                self.made.append(key)
+                self.params[key] = params
+                if charge["status"] != "declined":
+                    self.captures[key] = 1
+            elif charge["status"] == "refunded" and self.charges[key]["status"] == "captured":
+                self.refunds += 1
+            self.charges[key] = charge
+        numbers = [int(c["id"].removeprefix("ch_")) for c in self.charges.values()]
+        self._ids = itertools.count(max(numbers, default=0) + 1)
+
+    def _record(self, key: str, charge: dict[str, Any]) -> None:
+        if self._journal is not None:
+            entry = {"key": key, "params": list(self.params[key]), "charge": charge}
+            self._journal.write(orjson.dumps(entry) + b"\n")
+            self._journal.flush()  # in the OS's hands: it survives this process being killed
+
+    def close(self) -> None:
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
 
     def _draw(self, key: str, attempt: int) -> Callable[[float], bool]:
         """``chance(rate)`` for one call: True with probability ``rate``, drawn from a
@@ -143,6 +206,7 @@ class Simulator:
         self.params[key] = params
         self.position[key] = len(self.made)
         self.made.append(key)
+        self._record(key, charge)
         self.outcomes.labels(charge["status"]).inc()
         late = (token.startswith("tok_timeout") and first) or chance(self.knobs.timeout_rate)
         if late:
@@ -224,6 +288,7 @@ class Simulator:
             return _error(409, "not_captured", "a declined charge cannot be refunded")
         if charge["status"] == "captured":
             charge["status"] = "refunded"
+            self._record(key, charge)
             self.refunds += 1
             self.outcomes.labels("refunded").inc()
         return _json(charge)
@@ -237,6 +302,16 @@ class Simulator:
             "max_captures_per_key": max(self.captures.values(), default=0),
         })  # fmt: skip
 
+    async def get_knobs(self, _request: web.Request) -> web.Response:
+        return _json(dataclasses.asdict(self.knobs))
+
+    async def put_knobs(self, request: web.Request) -> web.Response:
+        try:
+            self.knobs = self.knobs.changed(orjson.loads(await request.read()))
+        except (ValueError, orjson.JSONDecodeError) as exc:
+            return _json(_problem("invalid_request", str(exc)), 400)
+        return _json(dataclasses.asdict(self.knobs))
+
     def app(self) -> web.Application:
         app = ops_app(Readiness({}), self.registry)
         app.router.add_post("/v1/charges", self.charge)
@@ -245,14 +320,19 @@ class Simulator:
         app.router.add_get("/v1/charges/{key}", self.lookup)
         app.router.add_post("/v1/charges/{key}/refund", self.refund)
         app.router.add_get("/v1/stats", self.stats)
+        app.router.add_get("/v1/knobs", self.get_knobs)
+        app.router.add_put("/v1/knobs", self.put_knobs)
         return app
 
 
-async def serve(host: str, port: int, knobs: Knobs, stop: asyncio.Event) -> None:
-    runner = web.AppRunner(Simulator(knobs).app(), access_log=None, shutdown_timeout=1)
+async def serve(host: str, port: int, knobs: Knobs, stop: asyncio.Event,
+                journal: Path | None = None) -> None:  # fmt: skip
+    simulator = Simulator(knobs, journal=journal)
+    runner = web.AppRunner(simulator.app(), access_log=None, shutdown_timeout=1)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port, backlog=4096).start()
         await stop.wait()
     finally:
         await runner.cleanup()
+        simulator.close()

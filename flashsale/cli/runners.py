@@ -90,10 +90,10 @@ async def serve_reconciler(
     return 0
 
 
-async def serve_psp(host: str, port: int, knobs: Knobs) -> int:
+async def serve_psp(host: str, port: int, knobs: Knobs, journal: Path | None) -> int:
     from workers.payment_simulator import serve  # noqa: PLC0415
 
-    await serve(host, port, knobs, _stop_on_signals())
+    await serve(host, port, knobs, _stop_on_signals(), journal)
     return 0
 
 
@@ -142,8 +142,8 @@ def reconciler_child(host: str, ops_port: int, psp_url: str) -> Child:
     return Child("reconciler", args, {"FLASHSALE_PSP_URL": psp_url})
 
 
-def psp_child(host: str, port: int) -> Child:
-    return Child("psp", ["psp", "--host", host, "--port", str(port)])
+def psp_child(host: str, port: int, journal: Path) -> Child:
+    return Child("psp", ["psp", "--host", host, "--port", str(port), "--journal", str(journal)])
 
 
 def supervise(children: list[Child], metrics_dir: Path | None) -> int:

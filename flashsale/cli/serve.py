@@ -6,6 +6,7 @@ configuration before it starts anything (:mod:`flashsale.cli.checks`), then runs
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import uvloop
 
@@ -19,8 +20,10 @@ from flashsale.cli.checks import (
     service_settings,
 )
 from flashsale.cli.output import dump_json, out
-from flashsale.errors import ConfigError
+from flashsale.errors import ConfigError, InvalidInput
 from flashsale.settings import Settings
+
+PSP_JOURNAL = "psp/charges.jsonl"  # the simulator's journal under `flashsale up`, in <home>
 
 
 def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
@@ -119,8 +122,14 @@ def cmd_psp(args: argparse.Namespace, settings: Settings) -> int:
         hang_s=non_negative("hang-s", args.hang_s),
         seed=int(non_negative("seed", args.seed)),
     )
-    out(f"psp simulator on http://{args.host}:{port} ({knobs})")
-    return int(uvloop.run(runners.serve_psp(args.host, port, knobs)))
+    journal = Path(args.journal) if args.journal else None
+    if journal is not None and not journal.parent.is_dir():
+        raise InvalidInput("journal", f"no folder {journal.parent} to keep it in")
+    out(
+        f"psp simulator on http://{args.host}:{port} ({knobs})"
+        + (f", charges journaled to {journal}" if journal else ", charges in memory only")
+    )
+    return int(uvloop.run(runners.serve_psp(args.host, port, knobs, journal)))
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
@@ -144,7 +153,9 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         runners.reconciler_child(args.host, reconciler_port, psp_url),
     ]
     if not external:
-        children.append(runners.psp_child(args.host, psp_port))
+        journal = settings.home / PSP_JOURNAL
+        journal.parent.mkdir(parents=True, exist_ok=True)
+        children.append(runners.psp_child(args.host, psp_port, journal))
     out(
         f"flashsale up: gateway x{workers} on http://{args.host}:{port}; ops endpoints "
         f"(/healthz, /metrics): allocator :{allocator_port}, workers :{workers_port}, "
@@ -213,6 +224,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
                      help="share of charges that capture, then answer too late (0..1)")  # fmt: skip
     psp.add_argument("--hang-s", default="30", help="how late those answer (default 30)")
     psp.add_argument("--seed", default="0", help="seed of the random knobs (default 0)")
+    psp.add_argument("--journal", help="append every charge and refund to this file and read "
+                     "it back at start, so a restart forgets nothing (default: memory only; "
+                     f"`flashsale up` uses <home>/{PSP_JOURNAL})")  # fmt: skip
 
     rec = commands.add_parser(
         "reconcile",
