@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import shutil
+import socket
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from flashsale.cli.devstack.processes import pid_alive
+from flashsale.cli.devstack.processes import free_port, free_ports, pid_alive
 from flashsale.cli.devstack.stack import EXTERNAL_VAR, DevStack
 from flashsale.settings import read_env_file
 
@@ -97,3 +99,33 @@ def test_external_servers_are_used_as_given(scratch_home: Path) -> None:
     assert rows["redis"].state == "external"
     assert rows["redis"].url == "redis://example.invalid:6379/0"
     assert rows["postgres"].state == "stopped"
+
+
+def _ephemeral_range() -> range:
+    low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+    return range(int(low), int(high) + 1)
+
+
+def test_fresh_ports_are_outside_the_ephemeral_range() -> None:
+    """A server on an ephemeral port can find it taken when it restarts: any outgoing
+    connection may have been given that port meanwhile (a Redis killed mid-spike came back
+    on another port, and every service kept calling the old one)."""
+    ephemeral = _ephemeral_range()
+    assert all(free_port() not in ephemeral for _ in range(200))
+    first = free_ports(5)
+    assert not set(range(first, first + 5)) & set(ephemeral)
+
+
+def test_a_preferred_port_taken_for_a_moment_is_waited_for() -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    threading.Timer(0.5, taken.close).start()
+    assert free_port(port, patience=5) == port
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    try:
+        other = free_port(held.getsockname()[1], patience=0.2)  # still taken: another port
+        assert other != held.getsockname()[1]
+    finally:
+        held.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import random
 import signal
 import socket
 import stat
@@ -16,36 +17,70 @@ from pathlib import Path
 
 from flashsale.cli.devstack.errors import StackError
 
+# Ports handed out for servers: below the kernel's ephemeral range, which outgoing connections
+# draw from. A server on an ephemeral port can find it taken when it restarts (any connection
+# may have been given it meanwhile) and would come back on another port, with every service
+# still calling the old one.
+_FIRST_PORT = 10_000
+_FALLBACK_EPHEMERAL = (32_768, 60_999)
 
-def free_port(preferred: int | None = None) -> int:
-    """A free loopback TCP port; ``preferred`` when it is still free (keeps dev.env stable)."""
+
+def _ephemeral() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return _FALLBACK_EPHEMERAL
+
+
+def _candidates() -> list[int]:
+    """Ports outside the ephemeral range, in random order (empty if there are none)."""
+    low, high = _ephemeral()
+    ports = [p for p in range(_FIRST_PORT, 65_536) if not low <= p <= high]
+    random.shuffle(ports)
+    return ports
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port(preferred: int | None = None, *, patience: float = 0.0) -> int:
+    """A free loopback TCP port outside the ephemeral range; ``preferred`` when it is free, or
+    becomes free within ``patience`` seconds (a restart keeps its port, and dev.env stays
+    true)."""
     if preferred:
-        with socket.socket() as sock, contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("127.0.0.1", preferred))
-            return preferred
+        deadline = time.monotonic() + patience
+        while True:
+            if _bindable(preferred):
+                return preferred
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
+    for port in _candidates():
+        if _bindable(port):
+            return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+        found: int = sock.getsockname()[1]
+        return found
 
 
 def free_ports(count: int) -> int:
-    """A loopback port P with P..P+count-1 all free (a service and its neighbours)."""
-    while True:
-        socks = [socket.socket() for _ in range(count)]
-        try:
-            socks[0].bind(("127.0.0.1", 0))
-            port = int(socks[0].getsockname()[1])
-            try:
-                for i, sock in enumerate(socks[1:], start=1):
-                    sock.bind(("127.0.0.1", port + i))
-            except OSError:
-                continue
-            return port
-        finally:
-            for sock in socks:
-                sock.close()
+    """A loopback port P with P..P+count-1 all free (a service and its neighbours), outside
+    the ephemeral range."""
+    for port in _candidates():
+        if port + count <= 65_536 and all(_bindable(port + i) for i in range(count)):
+            low, high = _ephemeral()
+            if not any(low <= port + i <= high for i in range(count)):
+                return port
+    raise OSError(f"no {count} consecutive free ports outside the ephemeral range")
 
 
 def pid_alive(pid: int, binary: str | None = None) -> bool:

@@ -182,7 +182,7 @@ class DevStack:
         return elapsed
 
     def _start(self, name: str, preferred_port: int | None) -> ServerState:
-        port = free_port(preferred_port)
+        port = free_port(preferred_port, patience=10.0)
         if name == "redis":
             return self._start_redis(port)
         if name == "postgres":
@@ -317,6 +317,25 @@ class DevStack:
         fd = os.open(self.env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write("\n".join(lines) + "\n")
+
+    # -- what the fault suite acts on ----------------------------------------------------
+
+    def running_pid(self, name: str) -> int | None:
+        """The pid of the embedded ``name`` server while it runs; None when the server is
+        external or stopped."""
+        if self.external(name):
+            return None
+        server = self._load().get(name)
+        return server.pid if server and pid_alive(server.pid, server.binary) else None
+
+    def start_stopped(self) -> None:
+        """Start every embedded server that is not running (same port, same data) and wait
+        until each answers; quietly."""
+        self.up(progress=lambda _line: None)
+
+    def data_dir(self, name: str) -> Path:
+        """Where the embedded ``name`` server keeps its data."""
+        return self.home / {"redis": "redis", "postgres": "postgres/data", "kafka": "kafka"}[name]
 
     # -- env / status / down -------------------------------------------------------------
 
