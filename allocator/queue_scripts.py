@@ -29,7 +29,7 @@ ROOM_SALE_FIELDS = (
 )  # fmt: skip
 QUEUE_FIELDS = (
     "serving", "cutoff", "tail", "pre", "sealed", "shuffled", "sold_out",
-    "rate_p50", "rate_p10", "noshow", "outstanding", "beat_ms", "live",
+    "rate_p50", "rate_p10", "noshow", "outstanding", "beat_ms", "live", "restored_ms",
 )  # fmt: skip
 
 
@@ -66,6 +66,7 @@ class QueueView:
     outstanding: int
     beat_ms: int  # Redis time of the pump's last step (0: no pump has run)
     live: bool  # the waiting room is open in Redis (False: never opened, or lost)
+    restored_ms: int = 0  # Redis time of the last restore after a loss (0: never lost)
 
     def mark(self) -> Mark:
         """These counters as a queue mark (what a restore must not go below)."""
@@ -98,6 +99,7 @@ class QueueView:
             outstanding=integer(q["outstanding"]),
             beat_ms=integer(q["beat_ms"]),
             live=integer(q["live"]) == 1,
+            restored_ms=integer(q["restored_ms"]),
         )
 
 

@@ -105,6 +105,9 @@ class RepairScripts:
         ``lua/restore_queue.lua``); (tail, serving, cutoff) as restored."""
         args: list[str | int] = [tail, serving, pre, -1 if cutoff is None else cutoff,
                                  int(sealed), int(shuffled), int(sold_out), *claims]  # fmt: skip
-        raw = await self._queue(keys=[keys.sale, keys.queue, keys.steps, keys.claims], args=args)
+        raw = await self._queue(
+            keys=[keys.sale, keys.queue, keys.steps, keys.claims, keys.lease, keys.fence],
+            args=args,
+        )
         restored_cutoff = int(raw[2])
         return int(raw[0]), int(raw[1]), None if restored_cutoff < 0 else restored_cutoff

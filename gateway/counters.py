@@ -74,7 +74,13 @@ class CounterCache:
     async def _refresh(self, sale_id: str, current: Counters | None) -> Counters:
         known = current.steps[-1].to if current and current.steps else 0
         before = time.time()
-        snap = await self.queue.snapshot(SaleKeys(sale_id), steps_after=known, redis_time=True)
+        keys = SaleKeys(sale_id)
+        snap = await self.queue.snapshot(keys, steps_after=known, redis_time=True)
+        if current is not None and snap.view.restored_ms != current.view.restored_ms and known:
+            # Restored after a loss: the admission steps were written again (windows started
+            # afresh); the ones kept here are not Redis's any more.
+            current, known = None, 0
+            snap = await self.queue.snapshot(keys, steps_after=0, redis_time=True)
         local_ms = (before + time.time()) * 500
         view = snap.view
         if self.marks is not None and view.live:

@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from allocator.hold_scripts import HoldScripts
+from allocator.queue_scripts import QueueScripts
+from allocator.repair_scripts import RepairScripts
 from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.settings import Settings
 from flashsale.shuffle import shuffle_order
@@ -214,6 +216,76 @@ async def test_the_gateway_checkpoints_what_it_has_seen_and_flushes_when_it_goes
     await asyncio.sleep(0.2)
     assert not marks.urgent.is_set()  # and the checkpoint went out at once, not in a second
     assert (await pg.fetchval(query, sale)) == 3
+
+
+@pytest.mark.parametrize("lost", ["room", "everything"])
+async def test_a_status_poll_while_the_room_is_lost_is_503_never_a_verdict(
+    gw: Gateway, lost: str
+) -> None:
+    """Redis lost the waiting room (a FLUSHALL, a restart without persistence): until the
+    reconciler restores it, a waiting buyer is told to retry, not "expired" (what the missing
+    sale hash looked like: a sale that had ended) or anything else final."""
+    sale = await gw.create_sale(stock=5)
+    code, joined = await gw.join(sale, "patient")
+    assert code == 200 and joined["state"] == "waiting"
+    keys = SaleKeys(sale)
+    lose = [keys.queue] if lost == "room" else [keys.queue, keys.sale, keys.steps]
+    await gw.app[CLIENTS].redis.delete(*lose)
+    await asyncio.sleep(0.15)  # past the counters' cache
+    response = await gw.http.get(
+        f"/v1/sales/{sale}/queue/status", headers={"X-Queue-Ticket": joined["ticket"]}
+    )
+    body = await response.json()
+    assert response.status == 503, body
+    assert body["error"]["code"] == "unavailable" and response.headers["Retry-After"]
+
+
+async def test_after_a_restore_the_gateway_reads_the_admission_windows_again(gw: Gateway) -> None:
+    """A restore starts the windows of admitted buyers afresh; a gateway that kept its own copy
+    of the old steps would still count down the old window (and say "expired" too early)."""
+    sale = await gw.create_sale(stock=5)
+    pump = gw.pump(sale)
+    _, joined = await gw.join(sale, "early")
+    admitted = await gw.admitted(sale, joined["ticket"])
+    before = admitted["admission_expires_in_ms"]
+    gw.stopping = True  # the pump stops: nothing but the restore writes the room now
+    await asyncio.sleep(2.0)
+    keys = SaleKeys(sale)
+    client = gw.app[CLIENTS].redis
+    await client.delete(keys.queue, keys.steps)
+    await RepairScripts(client).restore_queue(
+        keys, tail=1, serving=1, pre=0, cutoff=None, sealed=True, shuffled=True,
+        sold_out=False, claims=[],
+    )  # fmt: skip
+    await asyncio.sleep(0.15)  # past the counters' cache
+    code, again = await gw.status(sale, joined["ticket"])
+    assert code == 200 and again["state"] == "admitted", again
+    # The window started again at the restore (not 2 s ago, at the admission).
+    assert again["admission_expires_in_ms"] > before - 1000
+    assert pump.token  # it led before the loss
+
+
+async def test_a_pump_that_led_before_a_loss_is_fenced_after_the_restore(gw: Gateway) -> None:
+    """Redis lost the lease and the fence with the room; the restore moves the fence past
+    every token handed out before, so the old leader cannot publish with its token even if
+    the counter started again from nothing."""
+    sale = await gw.create_sale(stock=5)
+    keys = SaleKeys(sale)
+    client = gw.app[CLIENTS].redis
+    queue = QueueScripts(client)
+    old = await queue.acquire(keys, "old-leader", 2000)
+    assert old > 0
+    await client.delete(keys.queue, keys.steps, keys.lease, keys.fence)
+    await RepairScripts(client).restore_queue(
+        keys, tail=0, serving=0, pre=0, cutoff=None, sealed=True, shuffled=True,
+        sold_out=False, claims=[],
+    )  # fmt: skip
+    new = await queue.acquire(keys, "new-leader", 2000)
+    assert new > old
+    stale = await queue.advance(keys, old, serving=1, cutoff=None, sold_out=False, published={})
+    assert stale is None
+    assert await queue.advance(keys, new, serving=0, cutoff=None, sold_out=False,
+                               published={}) is not None  # fmt: skip
 
 
 async def test_the_driver_reserves_for_a_buyer_whose_join_is_already_admitted(
