@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from loadtest.fault_proxy import FaultProxy
+from loadtest.fault_proxy import FaultProxy, ProxyProcess
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ async def proxy() -> AsyncIterator[FaultProxy]:
     await server.wait_closed()
 
 
-async def roundtrip(proxy: FaultProxy, patience: float = 1.0) -> bytes:
+async def roundtrip(proxy: FaultProxy | ProxyProcess, patience: float = 1.0) -> bytes:
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     try:
         writer.write(b"ping")
@@ -66,3 +66,23 @@ async def test_reset_all_breaks_open_connections(proxy: FaultProxy) -> None:
         if not data:
             raise ConnectionResetError("closed")
     writer.close()
+
+
+async def test_the_proxy_in_its_own_process_obeys_commands(proxy: FaultProxy) -> None:
+    """The child-process proxy (what the fault suite uses), in front of the echo server."""
+    child = await ProxyProcess("127.0.0.1", proxy.target_port).start()
+    try:
+        assert await roundtrip(child) == b"ping"
+        await child.command("blackhole")
+        with pytest.raises(TimeoutError):
+            await roundtrip(child, patience=0.3)
+        await child.command("latency 0.1")
+        began = time.monotonic()
+        assert await roundtrip(child) == b"ping"
+        assert time.monotonic() - began >= 0.2
+        with pytest.raises(RuntimeError, match="unknown command"):
+            await child.command("explode")
+        await child.command("pass")
+        assert await roundtrip(child) == b"ping"
+    finally:
+        await child.stop()
