@@ -144,14 +144,17 @@ class HoldScripts:
         for index, (keys, _) in enumerate(items):
             by_sku.setdefault(keys, []).append(index)
         calls: list[list[int]] = []
-        pipe = self.client.pipeline(transaction=False)
-        for keys, indexes in by_sku.items():
-            for start in range(0, len(indexes), MAX_TRANSITION_BATCH):
-                chunk = indexes[start : start + MAX_TRANSITION_BATCH]
-                calls.append(chunk)
-                ids = [items[i][1] for i in chunk]
-                await script(keys=keys.all(), args=[*prefix, *ids], client=pipe)
-        replies = await pipe.execute()
+        # As a context manager: a pipeline that fails while loading its scripts (SCRIPT EXISTS
+        # on a dead connection) keeps its pooled connection otherwise; leaving the block
+        # gives it back.
+        async with self.client.pipeline(transaction=False) as pipe:
+            for keys, indexes in by_sku.items():
+                for start in range(0, len(indexes), MAX_TRANSITION_BATCH):
+                    chunk = indexes[start : start + MAX_TRANSITION_BATCH]
+                    calls.append(chunk)
+                    ids = [items[i][1] for i in chunk]
+                    await script(keys=keys.all(), args=[*prefix, *ids], client=pipe)
+            replies = await pipe.execute()
         results: list[TransitionResult | None] = [None] * len(items)
         for chunk, reply in zip(calls, replies, strict=True):
             for k, index in enumerate(chunk):
