@@ -16,6 +16,11 @@ outage: the same request can succeed later. Read from the libraries' own excepti
   replica after a failover), ``OOM``, ``TRYAGAIN`` and a ``BUSY`` script.
 * **The rest**: ``OSError`` (refused, reset, timed out), the broker's errors, the payment
   provider's open circuit, and the engine's own :class:`~flashsale.errors.Unavailable`.
+* **uvloop's closed transport**: writing to a connection the peer reset raises
+  ``RuntimeError("unable to perform operation on <TCPTransport closed=True ...>; the handler
+  is closed")`` under uvloop, where asyncio raises ``ConnectionResetError``
+  (MagicStack/uvloop#506). redis-py and asyncpg let it through as it is (and drop the
+  connection), so it is recognised here by uvloop's wording.
 
 Everything else (a constraint violation, bad encoding, a wrong type, a malformed record) can
 never succeed as it is, and is handled as bad data.
@@ -53,10 +58,15 @@ _ALWAYS = (
 )
 
 
+_CLOSED_TRANSPORT = "the handler is closed"
+
+
 def is_outage(exc: BaseException) -> bool:
     """True when ``exc`` says a dependency is down: retry later, nothing is wrong with the
     request or the event."""
     if isinstance(exc, _ALWAYS):
+        return True
+    if type(exc) is RuntimeError and _CLOSED_TRANSPORT in str(exc):
         return True
     if isinstance(exc, asyncpg.PostgresError):
         state = str(getattr(exc, "sqlstate", "") or "")
@@ -68,10 +78,16 @@ def is_outage(exc: BaseException) -> bool:
     return False
 
 
+def describe(exc: BaseException) -> str:
+    """``Type: message``, for logs: redis-py's repr of its errors leaves the message out."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def log_failure(logger: logging.Logger, what: str, exc: BaseException) -> None:
     """Log a failed round of a loop that goes on: one warning line for an outage, the traceback
     for anything else (a bug or bad data, which the next round may meet again)."""
     if is_outage(exc):
-        logger.warning("%s: %r", what, exc)
+        logger.warning("%s: %s", what, describe(exc))
     else:
-        logger.error("%s: %r", what, exc, exc_info=exc)
+        logger.error("%s: %s", what, describe(exc), exc_info=exc)

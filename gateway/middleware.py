@@ -12,7 +12,7 @@ from aiohttp.typedefs import Middleware
 
 from flashsale.errors import FlashsaleError
 from flashsale.ops_endpoints import PROBE_PATHS
-from flashsale.outages import is_outage
+from flashsale.outages import describe, is_outage
 from gateway.http import error_response
 from gateway.metrics import Metrics
 
@@ -32,7 +32,8 @@ def error_for(request: web.Request, exc: Exception) -> web.Response:
             headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
         return error_response(exc.http_status, exc.code, exc.message, headers)
     if is_outage(exc):
-        log.warning("dependency unavailable on %s %s: %r", request.method, request.path, exc)
+        log.warning("dependency unavailable on %s %s: %s", request.method, request.path,
+                    describe(exc))  # fmt: skip
         return error_response(503, "unavailable", "a dependency is unavailable; retry shortly",
                               {"Retry-After": "1"})  # fmt: skip
     if isinstance(exc, web.HTTPException) and exc.status >= 400:

@@ -10,7 +10,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from flashsale.outages import is_outage
+from flashsale.outages import describe, is_outage
 
 log = logging.getLogger("flashsale.reconciler")
 
@@ -63,7 +63,7 @@ async def isolated(report: PassReport, item: str, repair: Callable[[], Awaitable
     except Exception as exc:
         if is_outage(exc):
             raise
-        log.warning("reconcile: %s failed: %r", item, exc, exc_info=True)
+        log.warning("reconcile: %s failed: %s", item, describe(exc), exc_info=True)
         report.failures += 1
         report.unresolved.append(f"{item}: {type(exc).__name__}: {exc}"[:500])
 

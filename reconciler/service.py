@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from flashsale.clients import Clients, open_clients
 from flashsale.ops_endpoints import dependency_probes, serve_ops
-from flashsale.outages import is_outage
+from flashsale.outages import describe, is_outage
 from flashsale.settings import Settings
 from reconciler.audit import AuditReport, audit_sale
 from reconciler.reconcile import Reconciler
@@ -69,8 +69,8 @@ async def serve(settings: Settings, stop: asyncio.Event, *, interval: float,
                 except Exception as exc:
                     rec.metrics.failures.inc()
                     if is_outage(exc):
-                        log.warning("reconcile pass stopped by an outage (next one in %gs): %r",
-                                    interval, exc)  # fmt: skip
+                        log.warning("reconcile pass stopped by an outage (next one in %gs): %s",
+                                    interval, describe(exc))  # fmt: skip
                     else:
                         log.exception("reconcile pass failed (next one in %gs)", interval)
                 else:

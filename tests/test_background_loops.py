@@ -18,6 +18,7 @@ from allocator.sweeper import run_sweeper
 from flashsale.keys import SkuKeys
 from flashsale.queue_marks import Mark, QueueMarks
 from flashsale.settings import Settings
+from workers import order_events
 
 FAILURES = [
     asyncpg.InterfaceError("connection is closed"),  # a Postgres restart, mid-call
@@ -97,3 +98,18 @@ async def test_discovery_that_fails_keeps_the_pumps_it_had(exc: Exception) -> No
     service.pumps = {"S": object()}  # type: ignore[dict-item]
     await service._discover(None)  # type: ignore[arg-type]
     assert list(service.pumps) == ["S"]
+
+
+async def test_the_order_events_publisher_outlives_any_failed_round(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stop = asyncio.Event()
+    publish = failing_then(stop, 0)
+    monkeypatch.setattr(order_events, "_publish_some", publish)
+    publishing = order_events.publish_outbox(
+        None,
+        None,
+        stop, on_published=lambda _n: None, interval=0.001,
+    )  # fmt: skip
+    await asyncio.wait_for(publishing, 5)
+    assert not publish.left  # type: ignore[attr-defined]

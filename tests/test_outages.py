@@ -3,13 +3,20 @@ succeed": one classification, shared by the gateway (503), the workers and the r
 
 from __future__ import annotations
 
+import asyncio
+from urllib.parse import urlsplit
+
 import asyncpg
 import pytest
+import redis.asyncio as aioredis
 import redis.exceptions
+import uvloop
 from aiokafka.errors import KafkaConnectionError
 
 from flashsale.errors import ProviderDown, Unavailable
 from flashsale.outages import is_outage
+from flashsale.settings import Settings
+from loadtest.fault_proxy import FaultProxy, through
 
 WAIT = [
     # Postgres: connection (08), insufficient resources (53), operator intervention (57),
@@ -42,6 +49,11 @@ WAIT = [
     KafkaConnectionError("no broker"),
     ProviderDown("the circuit is open"),
     Unavailable("the SKU is being rebuilt"),
+    # uvloop, writing to a connection the peer reset (found by flashsale chaos network-reset)
+    RuntimeError(
+        "unable to perform operation on <TCPTransport closed=True reading=False "
+        "0x56083ea45d10>; the handler is closed"
+    ),
 ]
 
 NEVER = [
@@ -54,6 +66,7 @@ NEVER = [
     redis.exceptions.NoScriptError("NOSCRIPT No matching script"),
     redis.exceptions.DataError("Invalid input"),
     ValueError("malformed hold record"),
+    RuntimeError("Event loop is closed"),
     KeyError("currency"),
 ]
 
@@ -66,3 +79,35 @@ def test_a_dependency_that_is_down_is_waited_out(exc: BaseException) -> None:
 @pytest.mark.parametrize("exc", NEVER, ids=lambda e: type(e).__name__)
 def test_what_can_never_succeed_is_not_an_outage(exc: BaseException) -> None:
     assert not is_outage(exc)
+
+
+def test_what_uvloop_raises_on_a_reset_connection_is_an_outage(stack: Settings) -> None:
+    """The engine runs on uvloop. A Redis connection the network reset fails, on its next
+    write, with uvloop's own RuntimeError rather than a ConnectionError; it must still be an
+    outage (a 503 to the buyer), not a 500. Each failure also drops the connection, so the
+    call after it works."""
+
+    async def scenario() -> list[BaseException]:
+        target = urlsplit(stack.require_redis())
+        proxy = await FaultProxy(target.hostname or "127.0.0.1", target.port or 6379).start()
+        client = aioredis.Redis.from_url(through(stack.require_redis(), proxy.port),
+                                         health_check_interval=0)  # fmt: skip
+        failures: list[BaseException] = []
+        try:
+            for _ in range(5):
+                await client.ping()
+                proxy.reset_all()
+                await asyncio.sleep(0.05)  # the RST has arrived; the client does not know yet
+                try:
+                    await client.ping()
+                except Exception as exc:  # noqa: BLE001 - what is raised is the point
+                    failures.append(exc)
+            assert await client.ping()  # and it reconnects
+        finally:
+            await client.aclose()
+            await proxy.stop()
+        return failures
+
+    failures = uvloop.run(scenario())
+    assert failures, "a reset connection never failed a call"
+    assert all(is_outage(exc) for exc in failures), [repr(e) for e in failures]

@@ -17,7 +17,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 
 from flashsale.kafka import publish
-from flashsale.outages import is_outage
+from flashsale.outages import log_failure
 
 log = logging.getLogger("flashsale.workers")
 
@@ -37,10 +37,8 @@ async def publish_outbox(pool: asyncpg.Pool, out: AIOKafkaProducer, stop: asynci
     while not stop.is_set():
         try:
             sent = await _publish_some(pool, out, batch)
-        except Exception as exc:
-            if not is_outage(exc):
-                raise
-            log.warning("order-events outbox: %r; retrying", exc)
+        except Exception as exc:  # noqa: BLE001 - the loop outlives any round
+            log_failure(log, "order-events outbox: retrying", exc)
             sent = 0
         if sent:
             on_published(sent)

@@ -40,7 +40,7 @@ from flashsale.events import ReservationEvent, decode_event, event_id
 from flashsale.kafka import ensure_topics, producer
 from flashsale.ops_endpoints import dependency_probes, serve_ops
 from flashsale.orders import OrderStore
-from flashsale.outages import is_outage
+from flashsale.outages import describe, is_outage
 from flashsale.payments import HttpProvider, PaymentProvider
 from flashsale.settings import Settings
 from workers.order_events import publish_outbox
@@ -233,14 +233,14 @@ class WorkerService:
                     if stop.is_set():
                         raise  # stopping: commit nothing of this batch; its next owner runs it
                     self.metrics.retries.inc()
-                    log.warning("batch of %d waits for a dependency (%r); retrying in %.1fs",
-                                len(events), exc, backoff)  # fmt: skip
+                    log.warning("batch of %d waits for a dependency (%s); retrying in %.1fs",
+                                len(events), describe(exc), backoff)  # fmt: skip
                     await asyncio.sleep(backoff)
                     backoff = min(5.0, backoff * 2)
                     continue
                 if len(events) > 1:
-                    log.warning("batch failed (%r); running its %d events one by one",
-                                exc, len(events))  # fmt: skip
+                    log.warning("batch failed (%s); running its %d events one by one",
+                                describe(exc), len(events))  # fmt: skip
                     for record, _ in events:
                         await self._settle([record], out, saga, stop)
                     events = []
