@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint contracts types pytest install bench stack-down clean browser
+.PHONY: demo test lint contracts types pytest chaos-quick chaos install bench stack-down clean browser
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required")'
@@ -46,7 +46,16 @@ pytest: $(STAMP) browser
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
-test: lint contracts types pytest
+# The fault suite (docs/RELIABILITY.md) against the embedded stack, started if needed and
+# stopped again if it started it: `make test` runs the short set, `make chaos` all of it
+# (about half an hour) and rewrites the results in docs/RELIABILITY.md.
+chaos-quick: $(STAMP)
+	$(BIN)/flashsale chaos --quick
+
+chaos: $(STAMP)
+	$(BIN)/flashsale chaos --json chaos.json
+
+test: lint contracts types pytest chaos-quick
 
 # Benchmarks are not part of `make test`: they need a quiet machine and report ratios.
 bench: $(STAMP)

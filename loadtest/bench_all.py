@@ -28,9 +28,6 @@ from loadtest.bench import Report, machine
 
 Progress = Callable[[str], None]
 NAMES = ("allocate", "gateway", "pipeline", "reconcile", "demo")
-_BLOCK = re.compile(
-    r"(<!-- bench all: (?P<name>[a-z]+) -->\n)(.*?)(<!-- /bench all: (?P=name) -->)", re.S
-)
 
 
 @dataclass
@@ -77,11 +74,16 @@ def block_for_demo(report: dict[str, Any], machine: dict[str, Any]) -> str:
     )
 
 
-def rewrite(document: str, blocks: dict[str, str]) -> str:
-    """``document`` with the named blocks replaced; ValueError names a block it lacks."""
-    missing = set(blocks) - {m.group("name") for m in _BLOCK.finditer(document)}
+def rewrite(document: str, blocks: dict[str, str], tool: str = "bench all") -> str:
+    """``document`` with the named blocks (between ``<!-- TOOL: NAME -->`` and
+    ``<!-- /TOOL: NAME -->``) replaced; ValueError names a block it lacks."""
+    pattern = re.compile(
+        rf"(<!-- {re.escape(tool)}: (?P<name>[a-z-]+) -->\n)(.*?)"
+        rf"(<!-- /{re.escape(tool)}: (?P=name) -->)", re.S
+    )  # fmt: skip
+    missing = set(blocks) - {m.group("name") for m in pattern.finditer(document)}
     if missing:
-        raise ValueError(f"no '<!-- bench all: NAME -->' block for {sorted(missing)}")
+        raise ValueError(f"no '<!-- {tool}: NAME -->' block for {sorted(missing)}")
 
     def replace(match: re.Match[str]) -> str:
         name = match.group("name")
@@ -89,7 +91,7 @@ def rewrite(document: str, blocks: dict[str, str]) -> str:
             return match.group(0)
         return f"{match.group(1)}{blocks[name]}{match.group(4)}"
 
-    return _BLOCK.sub(replace, document)
+    return pattern.sub(replace, document)
 
 
 Runner = Callable[[], Awaitable[Outcome]]

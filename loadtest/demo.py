@@ -40,6 +40,7 @@ from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.migrate import migrate
 from flashsale.settings import Settings
 from flashsale.tokens import Signer
+from loadtest import admin_api
 from loadtest.driver import Buyers, DriverStats
 from loadtest.processes import engine, wait_healthy
 
@@ -104,7 +105,8 @@ async def run(settings: Settings, *, buyers: int, stock: int, progress: Progress
                 await wait_healthy(session, f"http://127.0.0.1:{port + offset}/healthz")
                 progress(f"   {name:10} healthy on :{port + offset}")
             starts_at = datetime.now(UTC) + timedelta(seconds=lead_s)
-            sale_id = await _create_sale(session, base, settings, stock, starts_at)
+            sale_id = await admin_api.create_sale(session, base, settings.admin_token.reveal(),
+                                                  sale_spec(stock, starts_at))  # fmt: skip
         progress(f"== sale {sale_id}: {stock} units of {SKU}, opening at "
                  f"{starts_at:%H:%M:%S}; {buyers:,} buyers arrive at the start")  # fmt: skip
         code = await _drive(settings, base, sale_id, starts_at=starts_at, report=report,
@@ -138,24 +140,14 @@ def _summary(report: DemoReport, progress: Progress) -> None:
                  f"ms  p99 {figures['p99_ms']} ms")  # fmt: skip
 
 
-async def _create_sale(session: aiohttp.ClientSession, base: str, settings: Settings,
-                       stock: int, starts_at: datetime) -> str:  # fmt: skip
-    admin = {"Authorization": f"Bearer {settings.admin_token.reveal()}"}
-    spec = {
+def sale_spec(stock: int, starts_at: datetime) -> dict[str, Any]:
+    return {
         "name": "Demo sneaker drop", "starts_at": starts_at.isoformat(),
         "ends_at": (starts_at + timedelta(hours=1)).isoformat(), "admission_rate": 500,
         "max_queue": 1_000_000,
         "skus": [{"sku": SKU, "title": "Sneaker 42", "stock": stock, "price": 12900,
                   "currency": "EUR", "per_buyer_limit": 1, "hold_ttl_seconds": 120}],
     }  # fmt: skip
-    async with session.post(f"{base}/admin/v1/sales", json=spec, headers=admin) as response:
-        if response.status != 201:
-            raise RuntimeError(f"creating the sale failed: {await response.text()}")
-        sale_id = str((await response.json())["id"])
-    async with session.post(f"{base}/admin/v1/sales/{sale_id}/preload", headers=admin) as r:
-        if r.status != 200:
-            raise RuntimeError(f"preloading the sale failed: {await r.text()}")
-    return sale_id
 
 
 async def _watch(settings: Settings, sale_id: str, stats: DriverStats, *, total: int,
@@ -238,20 +230,9 @@ async def _drive(settings: Settings, base: str, sale_id: str, *, starts_at: date
 
 
 async def _audit(session: aiohttp.ClientSession, base: str, settings: Settings, sale_id: str,
-                 progress: Progress, *, patience: float = 60) -> bool:  # fmt: skip
-    """The post-sale audit through the admin API, once the pipeline has drained (the last
-    offsets committed, the outboxes empty); printed one invariant per line."""
-    admin = {"Authorization": f"Bearer {settings.admin_token.reveal()}"}
-    deadline = time.monotonic() + patience
-    while True:
-        async with session.get(f"{base}/admin/v1/sales/{sale_id}/audit", headers=admin) as r:
-            if r.status != 200:
-                raise RuntimeError(f"the audit failed: {r.status} {await r.text()}")
-            report = await r.json()
-        drained = report["facts"].get("drained")
-        if report["passed"] or drained or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.5)  # offsets still being committed: not drained yet
+                 progress: Progress) -> bool:  # fmt: skip
+    """The post-sale audit through the admin API, printed one invariant per line."""
+    report = await admin_api.audit(session, base, settings.admin_token.reveal(), sale_id)
     progress(f"== post-sale audit: {'PASSED' if report['passed'] else 'FAILED'} "
              f"({report['facts']})")  # fmt: skip
     for invariant in report["invariants"]:

@@ -4,7 +4,10 @@ would send them.
 Each buyer joins the queue, polls its status at the server's ``retry_after_ms`` (capped, so
 a demo does not idle), reserves once admitted, and ends with a definitive answer: a
 reservation or ``sold_out`` (or an error, counted). 429 and 503 answers are retried after
-their ``Retry-After``. Latencies are kept per route. Requests go through the small
+their ``Retry-After``, and a request whose connection failed is sent again after a short,
+growing pause, as a storefront would (a join and a status read are safe to repeat, a
+reservation carries its ``Idempotency-Key``), until the buyer's patience runs out. Latencies
+are kept per route. Requests go through the small
 keep-alive client of :mod:`loadtest.http_client`: the driver shares the machine with the engine.
 """
 
@@ -32,6 +35,9 @@ class DriverStats:
     latencies: dict[str, list[float]] = field(default_factory=dict)
     reservations: list[str] = field(default_factory=list)
     answered_at: list[float] = field(default_factory=list)  # monotonic, per definitive answer
+    reserved_at: list[float] = field(default_factory=list)  # monotonic, per reservation granted
+    no_retry_after: int = 0  # 429 or 503 answers without Retry-After
+    connection_failures: int = 0  # requests sent again after their connection failed
 
     def routes(self) -> dict[str, dict[str, float]]:
         return {route: {"requests": len(v), "p50_ms": round(quantile(v, 0.5) * 1000, 1),
@@ -53,23 +59,39 @@ class Buyers:
         self.stats = DriverStats()
 
     async def _call(self, client: Client, route: str, method: str, path: str, *,
-                    headers: dict[str, str], body: Any = None) -> tuple[int, Any]:  # fmt: skip
+                    headers: dict[str, str], deadline: float, body: Any = None
+                    ) -> tuple[int, Any]:  # fmt: skip
+        """One request, repeated after 429/503 (at their ``Retry-After``) and after a failed
+        connection (with a pause from 0.1 s doubling to 2 s) until ``deadline``; HttpError
+        when the connection still fails then."""
         payload = b"" if body is None else orjson.dumps(body)
         latencies = self.stats.latencies.setdefault(route, [])
+        pause = 0.1
         while True:
             began = time.monotonic()
-            response = await client.request(method, path, headers, payload)
+            try:
+                response = await client.request(method, path, headers, payload)
+            except (HttpError, OSError) as exc:
+                if time.monotonic() + pause > deadline:
+                    raise HttpError(f"{route}: {exc}") from exc
+                self.stats.connection_failures += 1
+                await asyncio.sleep(pause)
+                pause = min(2.0, pause * 2)
+                continue
             latencies.append(time.monotonic() - began)
             status = response.status
             data = orjson.loads(response.body or b"null")
             self.stats.statuses[status] += 1
             retry_after = response.headers.get("retry-after")
+            if status in (429, 503) and retry_after is None:
+                self.stats.no_retry_after += 1
             if (
                 status in (429, 503)
                 and retry_after is not None
                 and not (
                     isinstance(data, dict) and data.get("error", {}).get("code") == "queue_full"
                 )
+                and time.monotonic() < deadline
             ):
                 await asyncio.sleep(min(5.0, float(retry_after)))
                 continue
@@ -80,7 +102,7 @@ class Buyers:
         auth = {"Authorization": f"Bearer {token}"}
         deadline = time.monotonic() + self.patience_s
         status, body = await self._call(client, "join", "POST", f"/v1/sales/{self.sale}/queue",
-                                        headers=auth)  # fmt: skip
+                                        headers=auth, deadline=deadline)  # fmt: skip
         if status != 200:
             return f"error:join:{status}"
         ticket = body["ticket"]
@@ -92,7 +114,7 @@ class Buyers:
                 await asyncio.sleep(min(self.max_poll_ms, body.get("retry_after_ms", 250)) / 1000)
             status, body = await self._call(
                 client, "status", "GET", f"/v1/sales/{self.sale}/queue/status",
-                headers={"X-Queue-Ticket": ticket},
+                headers={"X-Queue-Ticket": ticket}, deadline=deadline,
             )  # fmt: skip
             if status != 200:
                 return f"error:status:{status}"
@@ -107,9 +129,11 @@ class Buyers:
             headers={**auth, "X-Admission-Token": body["admission_token"],
                      "Idempotency-Key": uuid.uuid4().hex},
             body={"sku": self.sku, "quantity": 1, "payment_token": payment_token},
+            deadline=deadline,
         )  # fmt: skip
         if status == 201:
             self.stats.reservations.append(body["reservation_id"])
+            self.stats.reserved_at.append(time.monotonic())
             return "reserved"
         if status == 409 and body["error"]["code"] == "sold_out":
             return "sold_out"

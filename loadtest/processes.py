@@ -18,7 +18,7 @@ import aiohttp
 from flashsale.settings import Settings
 
 
-def _tree(pid: int) -> list[int]:
+def tree(pid: int) -> list[int]:
     """``pid`` and its descendants (Linux ``/proc``)."""
     pids, todo = [], [pid]
     while todo:
@@ -33,7 +33,7 @@ def _tree(pid: int) -> list[int]:
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of ``pid`` and its descendants (0 where /proc is missing)."""
     total = 0
-    for each in _tree(pid):
+    for each in tree(pid):
         with contextlib.suppress(OSError, IndexError, ValueError):
             # Fields after the parenthesised command name: utime and stime are the 12th and
             # 13th of them (man 5 proc), in clock ticks.
@@ -75,10 +75,14 @@ def stop_all(processes: Iterable[subprocess.Popen[bytes]], *, grace_s: float) ->
 
 
 @contextlib.contextmanager
-def engine(settings: Settings, port: int, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """``flashsale up`` in the background; stopped with SIGTERM (and waited for) on exit."""
-    env = {**os.environ, "FLASHSALE_RATE_PER_IP": "off", "FLASHSALE_LOG_LEVEL": "WARNING"}
-    with log_path.open("wb") as log:
+def engine(settings: Settings, port: int, log_path: Path, env: dict[str, str] | None = None,
+           *, append: bool = False) -> Iterator[subprocess.Popen[bytes]]:  # fmt: skip
+    """``flashsale up`` in the background (``env`` added to this process's environment), its
+    output in ``log_path`` (appended to with ``append``); stopped with SIGTERM (and waited
+    for) on exit."""
+    env = {**os.environ, "FLASHSALE_RATE_PER_IP": "off", "FLASHSALE_LOG_LEVEL": "WARNING",
+           **(env or {})}  # fmt: skip
+    with log_path.open("ab" if append else "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "flashsale", "up", "--port", str(port), "--workers", "2"],
             stdout=log, stderr=subprocess.STDOUT, env=env,

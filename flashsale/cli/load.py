@@ -1,6 +1,6 @@
-"""``flashsale bench`` (allocate, gateway, pipeline, reconcile, all), ``flashsale demo`` and
-``flashsale loadtest spike``: the load tools of :mod:`loadtest`, imported when a command runs
-so the other commands start light."""
+"""``flashsale bench`` (allocate, gateway, pipeline, reconcile, all), ``flashsale demo``,
+``flashsale loadtest spike`` and ``flashsale chaos``: the load tools of :mod:`loadtest`,
+imported when a command runs so the other commands start light."""
 
 from __future__ import annotations
 
@@ -57,6 +57,47 @@ def cmd_loadtest(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError("FLASHSALE_ADMIN_TOKEN and FLASHSALE_BUYER_TOKEN_SECRET must be set "
                           "(the spike makes its sale and signs its buyers' tokens)")  # fmt: skip
     return int(uvloop.run(spike.run(settings, options, out)))
+
+
+def cmd_chaos(args: argparse.Namespace, settings: Settings) -> int:
+    from loadtest.chaos import suite  # noqa: PLC0415
+    from loadtest.chaos.scenarios import SCENARIOS  # noqa: PLC0415
+
+    if args.list:
+        for scenario in SCENARIOS:
+            count = f"{scenario.times} faults" if scenario.inject else "abuse"
+            quick = f", --quick: {scenario.quick_times}" if scenario.quick_times else ""
+            out(f"{scenario.name:26} {scenario.group:9} {count}{quick}. {scenario.what}")
+        return 0
+    try:
+        chosen = suite.choose(args.scenario, quick=args.quick)
+    except ValueError as exc:
+        raise InvalidInput("scenario", str(exc)) from exc
+    full = not args.scenario and not args.quick
+    doc = Path(args.doc) if args.doc else (Path("docs/RELIABILITY.md") if full else None)
+    if doc is not None and not doc.is_file():
+        raise InvalidInput("doc", f"no such file: {doc}")
+    json_path = Path(args.json) if args.json else None
+    if json_path is not None and not json_path.parent.is_dir():
+        raise InvalidInput("json", f"no folder {json_path.parent} to write it in")
+    dev = DevStack(settings.home)
+    was_stopped = all(row.state == "stopped" for row in dev.status())
+    out("== starting the embedded stack (servers given by env vars are used as they are; the "
+        "suite kills, pauses and flushes those it started itself)")  # fmt: skip
+    dev.up()
+    settings = Settings.from_env()
+    command = " ".join(["flashsale chaos", *(["--quick"] if args.quick else []),
+                        *(f"--scenario {n}" for n in args.scenario or [])])  # fmt: skip
+    try:
+        uvloop.run(apply_migrations(settings, progress=lambda _line: None))
+        return int(uvloop.run(suite.main(
+            settings, dev, chosen, quick=args.quick, command=command, json_path=json_path,
+            doc=doc, progress=out,
+        )))  # fmt: skip
+    finally:
+        if was_stopped:
+            out("== stopping the embedded stack this run started")
+            dev.down(progress=lambda _line: None)
 
 
 async def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
@@ -214,6 +255,40 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     spike.add_argument("--out", default=".flashsale/spike", help="report folder")
     spike.add_argument("--embedded", action="store_true",
                        help="start the embedded stack and the engine for the run")  # fmt: skip
+
+    chaos = commands.add_parser(
+        "chaos",
+        help="the fault-injection suite: spikes of buyers while servers and processes fail",
+        description="Run named scenarios against the embedded stack (started if needed, and "
+        "stopped again if this run started it) and the engine (flashsale up, started for the "
+        "run). Each scenario is a spike of buyers with one kind of fault injected several "
+        "times (Postgres, Redis and broker restarts, kills and stalls; SIGKILL of engine "
+        "processes; payment provider storms; network faults through a TCP proxy; the "
+        "reconciler racing live confirms) or hostile requests sent beside it. Afterwards it "
+        "drains, makes a reconcile pass, runs the audit and judges: 0 HTTP 5xx other than 503, "
+        "a Retry-After on every 503, 0 buyers without an answer, 0 invariant violations, 0 "
+        "acknowledged reservations lost. DESTRUCTIVE: it kills, flushes and restarts the "
+        "stack's servers; run it on a stack whose data you can lose. A full run (no --quick, "
+        "no --scenario) rewrites the '<!-- chaos: results -->' block of docs/RELIABILITY.md. "
+        "Exit 0 only when every scenario is clean.",
+    )
+    chaos.set_defaults(handler=cmd_chaos)
+    chaos.add_argument(
+        "--quick",
+        action="store_true",
+        help="the short set (a Postgres restart, a Redis SIGKILL with AOF "
+        "restart, a worker SIGKILL, the reconciler race), few faults each",
+    )
+    chaos.add_argument(
+        "--scenario",
+        action="append",
+        metavar="NAME",
+        help="run only this scenario (repeatable; see --list)",
+    )
+    chaos.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    chaos.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    chaos.add_argument("--doc", help="the document whose results block to rewrite "
+                       "(default: docs/RELIABILITY.md after a full run)")  # fmt: skip
 
     bench = commands.add_parser("bench", help="benchmarks (need a running stack)")
     bench.set_defaults(handler=cmd_bench)

@@ -25,7 +25,7 @@ log = logging.getLogger("flashsale.supervisor")
 
 BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 15.0
-STABLE_AFTER_S = 10.0
+STABLE_AFTER_S = 5.0
 GRACE_S = 15.0
 POLL_S = 0.2
 

@@ -1,0 +1,93 @@
+"""schemathesis against a running gateway, in a process of its own (it is synchronous, and its
+requests would otherwise share an event loop with the buyers of the spike).
+
+``python -m loadtest.chaos.fuzz BASE_URL SALE REQUESTS`` draws requests for every operation of
+``BASE_URL/openapi.json``, valid and invalid ones alike (schemathesis's positive and negative
+generation), until it has sent ``REQUESTS``; path parameters name the live sale ``SALE`` half
+the time, so generated bodies get past "unknown sale". Admin routes carry the admin token
+(``FLASHSALE_ADMIN_TOKEN``), the others a buyer token signed with
+``FLASHSALE_BUYER_TOKEN_SECRET``. Prints one JSON line: ``{"requests", "operations",
+"statuses", "no_retry_after", "server_errors"}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections import Counter
+from typing import Any
+
+import orjson
+import requests
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, seed, settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode
+from schemathesis.core.result import Ok
+
+from flashsale.tokens import Signer
+
+
+def run(base_url: str, sale: str, wanted: int) -> dict[str, Any]:
+    schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()
+                  if isinstance(result, Ok) and result.ok().path != "/metrics"]  # fmt: skip
+    admin = os.environ["FLASHSALE_ADMIN_TOKEN"]
+    buyer = Signer.from_setting(os.environ["FLASHSALE_BUYER_TOKEN_SECRET"], "buyer").sign(
+        {"sub": "fuzzer"}, 3600
+    )
+    statuses: Counter[int] = Counter()
+    errors: list[str] = []
+    missing_retry_after = 0
+    sent = 0
+    http = requests.Session()
+
+    def send(case: Any) -> None:
+        nonlocal sent, missing_retry_after
+        if sent >= wanted:
+            return
+        if case.path_parameters and "sale" in case.path_parameters and sent % 2 == 0:
+            case.path_parameters["sale"] = sale
+        token = admin if case.path.startswith("/admin/") else buyer
+        try:
+            response = case.call(
+                base_url=base_url,
+                session=http,
+                headers={"Authorization": f"Bearer {token}"},
+                timeout=30,
+            )
+        except (requests.RequestException, ValueError, UnicodeError):
+            return  # not sendable as generated (a header the client refuses): not a request
+        sent += 1
+        statuses[response.status_code] += 1
+        if response.status_code in (429, 503) and "Retry-After" not in response.headers:
+            missing_retry_after += 1
+        if response.status_code >= 500 and response.status_code != 503 and len(errors) < 20:
+            errors.append(f"{case.method} {case.formatted_path} -> {response.status_code}: "
+                          f"{response.text[:200]}")  # fmt: skip
+
+    round_number = 0
+    while sent < wanted:
+        before = sent
+        per_operation = max(10, (wanted - sent) // (2 * len(operations)) + 1)
+        for operation in operations:
+            for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+                test = given(case=operation.as_strategy(generation_mode=mode))(send)
+                test = settings(max_examples=per_operation, deadline=None, database=None,
+                                phases=[Phase.generate],
+                                suppress_health_check=list(HealthCheck))(test)  # fmt: skip
+                with contextlib.suppress(Unsatisfiable):  # nothing (negative) to draw here
+                    seed(round_number)(test)()
+        round_number += 1
+        if sent == before:
+            break  # nothing new can be generated
+    return {"requests": sent, "operations": len(operations), "statuses": dict(statuses),
+            "no_retry_after": missing_retry_after, "server_errors": errors}  # fmt: skip
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4:
+        sys.exit("usage: python -m loadtest.chaos.fuzz BASE_URL SALE REQUESTS")
+    report = run(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    sys.stdout.write(orjson.dumps(report).decode() + "\n")

@@ -1,0 +1,125 @@
+"""The catalogue of ``flashsale chaos``: every scenario, its fault and its schedule.
+
+A fault scenario injects its fault ``times`` times, one every ``period_s`` seconds, while a
+spike of buyers is served (``quick_times`` in ``--quick``; scenarios with none are left out of
+it). An abuse scenario sends hostile requests beside the spike instead, and counts those.
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
+from functools import partial
+
+from loadtest.chaos import abuse, faults
+from loadtest.chaos.faults import Injector, repeated
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    group: str  # postgres, redis, broker, processes, payments, network, races, abuse
+    what: str
+    inject: Injector | None = None
+    times: int = 0  # faults in the full suite
+    period_s: float = 5.0
+    quick_times: int = 0  # faults in --quick; 0 leaves the scenario out of it
+    proxied: bool = False  # the engine reaches Redis and Postgres through fault proxies
+    postgres_only: bool = False  # only Postgres is out: count reservations granted meanwhile
+    abuse: abuse.Abuse | None = None
+
+    def count(self, quick: bool) -> int:
+        return self.quick_times if quick else self.times
+
+
+def _kill(role: str, times: int, quick: int = 0) -> Scenario:
+    return Scenario(
+        f"kill-{role}", "processes",
+        f"SIGKILL of the {role} process{' (one of two)' if role == 'gateway' else ''} "
+        "mid-spike; flashsale up restarts it",
+        repeated(partial(faults.kill_role, role=role)), times, 6.0, quick,
+    )  # fmt: skip
+
+
+SCENARIOS: list[Scenario] = [
+    Scenario("postgres-restart-fast", "postgres", "fast shutdown, then started again",
+             repeated(partial(faults.postgres_restart, sig=signal.SIGINT)), 10, 4.0, 2,
+             postgres_only=True),
+    Scenario("postgres-restart-crash", "postgres",
+             "immediate shutdown (a crash: recovery replays the WAL), then started again",
+             repeated(partial(faults.postgres_restart, sig=signal.SIGQUIT)), 10, 4.0,
+             postgres_only=True),
+    Scenario("postgres-terminate", "postgres", "pg_terminate_backend of every engine connection",
+             repeated(faults.postgres_terminate), 20, 2.0, postgres_only=True),
+    Scenario("postgres-down-30s", "postgres", "down for 30 s, then started again",
+             repeated(partial(faults.postgres_restart, sig=signal.SIGINT, down_s=30.0)), 2, 40.0,
+             postgres_only=True),
+    Scenario("postgres-max-connections", "postgres",
+             "another client takes every free connection slot for 5 s",
+             repeated(partial(faults.postgres_exhaust, hold_s=5.0)), 6, 9.0,
+             postgres_only=True),
+    Scenario("redis-kill-aof", "redis", "SIGKILL, then started again from its AOF",
+             repeated(partial(faults.redis_kill, keep_data=True)), 12, 4.0, 2),
+    Scenario("redis-restart-empty", "redis",
+             "SIGKILL, then started again with no data (a server without persistence)",
+             repeated(partial(faults.redis_kill, keep_data=False)), 5, 12.0),
+    Scenario("redis-flushall", "redis", "FLUSHALL: every key gone at once",
+             repeated(faults.redis_flushall), 5, 12.0),
+    Scenario("redis-stall-5s", "redis", "SIGSTOP for 5 s (a stalled server), then SIGCONT",
+             repeated(partial(faults.pause_server, name="redis", seconds=5.0)), 6, 8.0),
+    Scenario("redis-client-kill", "redis", "CLIENT KILL of every engine connection",
+             repeated(faults.redis_client_kill), 20, 2.0),
+    Scenario("broker-stall-10s", "broker",
+             "SIGSTOP of the broker for 10 s (its data is in memory: paused, not restarted)",
+             repeated(partial(faults.pause_server, name="kafka", seconds=10.0)), 3, 16.0),
+    _kill("gateway", 10),
+    _kill("allocator", 8),
+    _kill("workers", 8, 2),
+    _kill("reconciler", 8),
+    _kill("psp", 8),
+    Scenario("allocator-stall", "processes",
+             "SIGSTOP of the pump leader for 5 s, beyond its 2 s lease, with a second "
+             "allocator running: the fencing token must keep the woken one from admitting",
+             faults.with_second_allocator(repeated(partial(faults.pause_pump_leader,
+                                                           seconds=5.0))), 6, 8.0),
+    Scenario("provider-5xx-storm", "payments", "every charge answers 500 for 3 s",
+             repeated(partial(faults.provider_storm, knobs={"error_rate": 1.0}, seconds=3.0)),
+             8, 5.0),
+    Scenario("provider-timeouts", "payments",
+             "every charge captures, then answers after the client gave up, for 3 s",
+             repeated(partial(faults.provider_storm, knobs={"timeout_rate": 1.0, "hang_s": 3.0},
+                              seconds=3.0)), 8, 5.0),
+    Scenario("provider-slow-2s", "payments", "every charge answers after 2 s, for 5 s",
+             repeated(partial(faults.provider_storm, knobs={"latency_ms": 2000.0},
+                              seconds=5.0)), 6, 7.0),
+    Scenario("network-latency", "network", "100 ms added each way to Redis and Postgres for 4 s",
+             repeated(partial(faults.network, command="latency 0.1", seconds=4.0)), 8, 6.0,
+             proxied=True),
+    Scenario("network-reset", "network", "every Redis and Postgres connection reset (RST)",
+             repeated(partial(faults.network, command="reset")), 20, 2.0, proxied=True),
+    Scenario("network-blackhole", "network",
+             "Redis and Postgres unreachable for 3 s: connections open, nothing flows",
+             repeated(partial(faults.network, command="blackhole", seconds=3.0)), 6, 7.0,
+             proxied=True),
+    Scenario("reconciler-race", "races",
+             "a second reconciler making passes back to back while buyers reserve and the "
+             "workers confirm: it must never release a hold whose order is PAYING or CONFIRMED",
+             faults.racing_reconciler, 1, 20.0, 1),
+    Scenario("abuse-fuzz", "abuse",
+             "schemathesis: requests generated from /openapi.json, valid and invalid",
+             abuse=abuse.fuzz),
+    Scenario("abuse-slow", "abuse", "slow request heads and bodies (slowloris)",
+             abuse=abuse.slow),
+    Scenario("abuse-oversized", "abuse", "huge headers, URLs, tokens and bodies",
+             abuse=abuse.oversized),
+    Scenario("abuse-tokens", "abuse",
+             "forged, expired, tampered, replayed and cross-sale buyer tokens, tickets and "
+             "admission tokens", abuse=abuse.tokens),
+    Scenario("abuse-forwarded", "abuse",
+             "spoofed X-Forwarded-For first hops behind a trusted proxy, against a per-IP limit",
+             abuse=abuse.forwarded),
+    Scenario("abuse-floods", "abuse", "floods of /healthz, /readyz, /metrics and unknown sales",
+             abuse=abuse.floods),
+]  # fmt: skip
+
+BY_NAME = {s.name: s for s in SCENARIOS}

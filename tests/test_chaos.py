@@ -1,0 +1,114 @@
+"""The fault suite's own arithmetic and interface: how recovery and grants during an outage are
+measured, what makes a scenario clean, the JSON other scripts read, the catalogue, the document
+block, and the command's refusals. (The suite itself runs against the real stack in
+``make test`` as ``flashsale chaos --quick``, and in full as ``make chaos``.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from loadtest.bench_all import rewrite
+from loadtest.chaos import report
+from loadtest.chaos.faults import Timing, Window
+from loadtest.chaos.report import Result
+from loadtest.chaos.scenarios import SCENARIOS
+from loadtest.chaos.spike import during, recovery
+from loadtest.chaos.suite import choose
+from loadtest.fault_proxy import through
+from tests.conftest import Cli
+
+
+def test_recovery_is_the_longest_wait_from_a_fault_to_the_next_grant() -> None:
+    windows = [Window(10.0, 12.0), Window(20.0, 20.0), Window(40.0, 41.0)]
+    granted = [5.0, 11.0, 12.5, 20.25, 33.0]
+    # 12.0 -> 12.5, 20.0 -> 20.25; nothing was granted after 41 (sold out): left out
+    assert recovery(windows, granted) == 0.5
+    assert recovery(windows, []) is None
+    assert during(windows, granted) == 1  # 11.0, inside the first
+    assert during([Window(0.0, 100.0)], granted) == 5
+
+
+def test_a_schedule_spaces_its_faults() -> None:
+    timing = Timing(first_at=100.0, period_s=4.0, times=3)
+    assert [timing.at(i) for i in range(3)] == [100.0, 104.0, 108.0]
+    assert timing.last_ends == 112.0
+
+
+@pytest.mark.parametrize(
+    "field", ["non_503_5xx", "no_retry_after", "unanswered", "violations", "lost_reservations"]
+)
+def test_any_count_that_must_be_zero_makes_a_scenario_fail(field: str) -> None:
+    result = Result("s", "g", "w", faults=3, buyers=10)
+    assert result.verdict() == "clean"
+    setattr(result, field, 1)
+    assert result.verdict() == "FAILED"
+
+
+def test_a_problem_in_words_fails_it_too_and_a_skip_does_not() -> None:
+    broken = Result("s", "g", "w", problems=["the fault could not be injected"])
+    assert not broken.clean
+    skipped = Result("s", "g", "w", skipped="redis is external")
+    assert skipped.clean and skipped.verdict() == "skipped"
+
+
+def test_the_json_has_the_fields_scripts_read() -> None:
+    data = Result("pg", "postgres", "w", faults=2, buyers=9, requests=99,
+                  recovery_seconds=0.4, granted_during_outage=7).as_json()  # fmt: skip
+    assert {"name", "faults", "buyers", "requests", "non_503_5xx", "unanswered", "violations",
+            "lost_reservations", "recovery_seconds"} <= set(data)  # fmt: skip
+    assert (data["name"], data["faults"], data["granted_during_outage"]) == ("pg", 2, 7)
+
+
+def test_the_table_and_the_document_block() -> None:
+    results = [
+        Result("a", "postgres", "w", faults=3, buyers=10, requests=100, recovery_seconds=0.5),
+        Result("b", "abuse", "w", requests=5000, violations=1, problems=["accepted x"]),
+        Result("c", "redis", "w", skipped="external"),
+    ]
+    table = report.table(results)
+    assert "| a | 3 | 10 | 100 | 0 | 0 | 0 | 0 | 0 | 0.5 | - | clean |" in table
+    assert "| b |" in table and "FAILED" in table and "skipped: external" in table
+    assert "**2 scenarios** | **3**" in table and "**1/2 clean**" in table
+    totals = report.totals(results)
+    assert (totals["abuse_requests"], totals["faults"], totals["clean"]) == (5000, 3, 1)
+    machine = {"when": "today", "cpu": "x", "cores": 2, "memory_gib": 24, "python": "3.11"}
+    block = report.block(results, machine, "flashsale chaos")
+    doc = "# R\n\n<!-- chaos: results -->\nold\n<!-- /chaos: results -->\nkept\n"
+    new = rewrite(doc, {"results": block}, "chaos")
+    assert "old" not in new and "Reproduce: `flashsale chaos`" in new and new.endswith("kept\n")
+    assert "- **b**: accepted x" in new
+
+
+def test_the_catalogue_meets_the_suite_it_promises() -> None:
+    faulty = [s for s in SCENARIOS if s.inject is not None and s.group != "races"]
+    assert len(SCENARIOS) >= 20
+    assert sum(s.times for s in faulty) >= 200  # real faults, the races' passes not counted
+    assert len({s.name for s in SCENARIOS}) == len(SCENARIOS)
+    quick = {s.name for s in choose(None, quick=True)}
+    assert quick == {"postgres-restart-fast", "redis-kill-aof", "kill-workers", "reconciler-race"}
+    groups = {s.group for s in SCENARIOS}
+    assert {"postgres", "redis", "broker", "processes", "payments", "network", "races",
+            "abuse"} <= groups  # fmt: skip
+    with pytest.raises(ValueError, match="no scenario nope"):
+        choose(["nope"], quick=False)
+
+
+def test_through_keeps_the_credentials() -> None:
+    assert through("redis://:pw@127.0.0.1:6379/0", 7000) == "redis://:pw@127.0.0.1:7000/0"
+    assert (through("postgresql://u:p@db.example:5432/x?sslmode=disable", 15)
+            == "postgresql://u:p@127.0.0.1:15/x?sslmode=disable")  # fmt: skip
+
+
+def test_the_command_lists_and_refuses_in_one_line(run_cli: Cli, tmp_path: Path) -> None:
+    listed = run_cli("chaos", "--list")
+    assert listed.code == 0 and all(s.name in listed.out for s in SCENARIOS)
+    for args, field in (
+        (["--scenario", "nope"], "scenario"),
+        (["--quick", "--doc", str(tmp_path / "missing.md")], "doc"),
+        (["--quick", "--json", str(tmp_path / "no" / "x.json")], "json"),
+    ):
+        result = run_cli("chaos", *args)
+        assert result.code == 2, (args, result)
+        assert field in result.err and len(result.err.strip().splitlines()) == 1, result.err
