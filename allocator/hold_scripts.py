@@ -12,8 +12,9 @@ from redis.commands.core import AsyncScript
 
 from allocator.redis_calls import call_packed, source
 from flashsale.errors import InvalidInput
+from flashsale.events import ReservationEvent, created_event
 from flashsale.keys import SkuKeys
-from flashsale.records import RS, SEP, SEPARATORS, ReserveResult, idem_field, text
+from flashsale.records import RS, SEP, SEPARATORS, HoldRecord, ReserveResult, idem_field, text
 
 # Requests per reserve call: bounded by Lua's unpack() stack and to keep one call short.
 MAX_RESERVE_BATCH = 1000
@@ -168,6 +169,22 @@ class HoldScripts:
         for keys, reservation_id in items:
             pipe.hget(keys.holds, reservation_id)
         return [r.encode() if isinstance(r, str) else r for r in await pipe.execute()]
+
+    async def granted(self, keys: SkuKeys, reservation_id: str
+                      ) -> tuple[HoldRecord, ReservationEvent] | None:  # fmt: skip
+        """A granted hold as it stands now, and its ``reservation.created`` event as the relay
+        would publish it (the SKU's price and currency read with it, in one round trip);
+        None when Redis has no such hold."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.hget(keys.holds, reservation_id)
+            pipe.hmget(keys.meta, "price", "currency")
+            raw, (price, currency) = await pipe.execute()
+        if raw is None or price is None or currency is None:
+            return None
+        hold = HoldRecord.parse(raw)
+        event = created_event(reservation_id, hold, sale_id=keys.sale_id, sku=keys.sku,
+                              unit_price=int(price), currency=text(currency))  # fmt: skip
+        return hold, event
 
     async def hold(self, keys: SkuKeys, reservation_id: str) -> bytes | None:
         """The raw hold record (see flashsale.events.HoldRecord), or None."""

@@ -26,7 +26,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from aiokafka import AIOKafkaProducer
 
-from flashsale.events import encode_event, outbox_events
+from flashsale.events import encode_event, message_key, outbox_events
 from flashsale.kafka import publish
 from flashsale.keys import SkuKeys
 from flashsale.outages import log_failure
@@ -159,7 +159,7 @@ class OutboxRelay:
         messages: list[tuple[bytes, bytes]] = []
         done: list[tuple[SkuKeys, list[Any]]] = []
         for keys, entries in work:
-            key = f"{keys.sale_id}:{keys.sku}".encode()
+            key = message_key(keys.sale_id, keys.sku)
             ids = []
             for entry_id, fields in entries:
                 ids.append(entry_id)

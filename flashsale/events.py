@@ -57,6 +57,28 @@ class ReservationEvent:
         return None if self.unit_price is None else self.unit_price * self.quantity
 
 
+def created_event(reservation_id: str, hold: HoldRecord, *, sale_id: str, sku: str,
+                  unit_price: int, currency: str) -> ReservationEvent:  # fmt: skip
+    """The ``reservation.created`` event of one granted hold: what the outbox relay publishes
+    for it, and what the gateway publishes before it answers the buyer (the same event, so
+    workers see a duplicate, never two reservations)."""
+    return ReservationEvent(
+        type="reservation.created",
+        reservation_id=reservation_id,
+        sale_id=sale_id,
+        sku=sku,
+        buyer_id=hold.buyer_id,
+        quantity=hold.quantity,
+        unit_price=unit_price,
+        currency=currency,
+        payment_ref=hold.payment_ref,
+        admission_id=hold.admission_id,
+        idempotency_key=hold.idempotency_key,
+        hold_deadline_ms=hold.deadline_ms,
+        created_ms=hold.created_ms,
+    )
+
+
 def outbox_events(entry: Mapping[Any, Any]) -> list[ReservationEvent]:
     """The reservation events of one outbox stream entry, in the order they were decided."""
     fields = {text(k): text(v) for k, v in entry.items()}
@@ -66,24 +88,9 @@ def outbox_events(entry: Mapping[Any, Any]) -> list[ReservationEvent]:
         if len(holds) != int(fields["count"]):
             raise ValueError(f"outbox entry says {fields['count']} holds, carries {len(holds)}")
         unit_price = int(fields["unit_price"])
-        return [
-            ReservationEvent(
-                type="reservation.created",
-                reservation_id=rid,
-                sale_id=fields["sale_id"],
-                sku=fields["sku"],
-                buyer_id=h.buyer_id,
-                quantity=h.quantity,
-                unit_price=unit_price,
-                currency=fields["currency"],
-                payment_ref=h.payment_ref,
-                admission_id=h.admission_id,
-                idempotency_key=h.idempotency_key,
-                hold_deadline_ms=h.deadline_ms,
-                created_ms=h.created_ms,
-            )
-            for rid, h in holds
-        ]
+        return [created_event(rid, h, sale_id=fields["sale_id"], sku=fields["sku"],
+                              unit_price=unit_price, currency=fields["currency"])
+                for rid, h in holds]  # fmt: skip
     if kind in ("reservation.expired", "reservation.released"):
         return [
             ReservationEvent(
@@ -106,6 +113,11 @@ def outbox_events(entry: Mapping[Any, Any]) -> list[ReservationEvent]:
 _FIELD_ORDER = tuple(ReservationEvent.__dataclass_fields__)  # asdict() deep-copies: slow
 _EVENT_FIELDS = frozenset(_FIELD_ORDER)
 _INT_FIELDS = ("quantity", "unit_price", "hold_deadline_ms", "created_ms", "at_ms")
+
+
+def message_key(sale_id: str, sku: str) -> bytes:
+    """The Kafka key of a SKU's events: all of them on one partition, in order."""
+    return f"{sale_id}:{sku}".encode()
 
 
 def event_id(event: ReservationEvent) -> str:

@@ -81,6 +81,22 @@ def producer(settings: Settings, *, linger_ms: int = 2) -> AIOKafkaProducer:
     )
 
 
+def partition_of(key: bytes, partitions: Sequence[int]) -> int:
+    """The partition of ``key`` among ``partitions`` (sorted): CRC-32 of the key, computed in
+    C, the same for every producer of the engine, so one key's messages stay in order."""
+    return partitions[zlib.crc32(key) % len(partitions)]
+
+
+async def publish_one(out: AIOKafkaProducer, topic: str, key: bytes, value: bytes) -> None:
+    """Send one message and wait until the broker has acknowledged it. Unlike :func:`publish`
+    (a batch per partition, one batch in flight per partition), many callers may do this at
+    once: aiokafka gathers what they send meanwhile into shared batches."""
+    partitions = sorted(await out.partitions_for(topic))
+    delivered = await out.send(topic, value=value, key=key,
+                               partition=partition_of(key, partitions))  # fmt: skip
+    await delivered
+
+
 async def publish(
     out: AIOKafkaProducer, topic: str, messages: Sequence[tuple[bytes, bytes]]
 ) -> int:
@@ -96,9 +112,7 @@ async def publish(
     partitions = sorted(await out.partitions_for(topic))
     by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
     for key, value in messages:
-        by_partition.setdefault(partitions[zlib.crc32(key) % len(partitions)], []).append(
-            (key, value)
-        )
+        by_partition.setdefault(partition_of(key, partitions), []).append((key, value))
     sends = []
     for partition, items in by_partition.items():
         batch = out.create_batch()

@@ -23,12 +23,14 @@ from flashsale.queue_marks import QueueMarks
 from flashsale.settings import Settings
 from flashsale.tokens import Signers
 from gateway import admin, openapi, ops_routes, page, reservations, sale_info, waiting_room
+from gateway.announcer import Announcer
 from gateway.counters import CounterCache
 from gateway.http import MAX_BODY
 from gateway.metrics import Metrics
 from gateway.middleware import edge
 from gateway.state import (
     ALLOCATORS,
+    ANNOUNCER,
     CATALOG,
     CLIENTS,
     COUNTERS,
@@ -63,6 +65,7 @@ async def clients(app: web.Application) -> AsyncIterator[None]:
         app[LIMITER] = limiter = RateLimiter(c.redis)
         app[MARKS] = marks = QueueMarks(f"gateway:{socket.gethostname()}:{os.getpid()}")
         app[COUNTERS] = CounterCache(queue, marks=marks)
+        app[ANNOUNCER] = announcer = Announcer(settings)
         stop = asyncio.Event()
         checkpoints = asyncio.create_task(marks.run(c.pool, stop))
         try:
@@ -73,6 +76,7 @@ async def clients(app: web.Application) -> AsyncIterator[None]:
             await allocators.aclose()
             await joins.aclose()
             await limiter.aclose()
+            await announcer.aclose()
             await kafka.aclose()
 
 

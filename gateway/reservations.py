@@ -34,7 +34,7 @@ from flashsale.records import SEPARATORS, HoldRecord, request_fingerprint
 from flashsale.timefmt import iso_ms
 from gateway.catalog import sku_limits
 from gateway.http import buyer_of, json_body, json_response, rate_limit, sale_of
-from gateway.state import ALLOCATORS, CLIENTS, HOLDS, METRICS, QUEUE, SIGNERS
+from gateway.state import ALLOCATORS, ANNOUNCER, CLIENTS, HOLDS, METRICS, QUEUE, SIGNERS
 
 IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9._:-]{1,100}\Z")
 MAX_PAYMENT_TOKEN = 200
@@ -147,12 +147,20 @@ async def reserve(request: web.Request) -> web.Response:
         raise _refuse(result.outcome)
     rid, expires_ms = result.reservation_id, result.hold_expires_at_ms
     assert rid is not None and expires_ms is not None
-    state, cause = "ACTIVE", None
-    if rid != fresh:  # a replay: the reservation may have moved on since it was granted
-        held = await app[HOLDS].hold(SkuKeys(sale_id, sku), rid)
-        if held is not None:
-            hold = HoldRecord.parse(held)
-            state, cause = hold.state, hold.cause or None
+    # The hold as it stands now (a replay's may have moved on since it was granted), and its
+    # event: published before the buyer hears of it (see gateway.announcer).
+    granted = await app[HOLDS].granted(SkuKeys(sale_id, sku), rid)
+    if granted is None:  # Redis lost it just now: the reconciler restores what it can
+        raise Unavailable("the reservation is being restored; retry with the same "
+                          "Idempotency-Key", code="unavailable")  # fmt: skip
+    hold, event = granted
+    if hold.state == "ACTIVE":
+        try:
+            await app[ANNOUNCER].announce(event)
+        except Exception:
+            metrics.count(metrics.reservations, "unannounced")
+            raise
+    state, cause = hold.state, hold.cause or None
     return json_response(
         {
             "reservation_id": rid,

@@ -17,6 +17,7 @@ from flashsale.ops_endpoints import Probe, Readiness
 from flashsale.queue_marks import QueueMarks
 from flashsale.settings import Settings
 from flashsale.tokens import Signers
+from gateway.announcer import Announcer
 from gateway.counters import CounterCache
 from gateway.metrics import Metrics
 
@@ -34,6 +35,7 @@ ALLOCATORS = web.AppKey("allocators", Allocators)
 LIMITER = web.AppKey("limiter", RateLimiter)
 COUNTERS = web.AppKey("counters", CounterCache)
 MARKS = web.AppKey("marks", QueueMarks)
+ANNOUNCER = web.AppKey("announcer", Announcer)
 # sale id -> (expires, the sale's public summary), and (expires, its SKUs' per-buyer limits
 # as Redis holds them): see gateway.catalog
 CATALOG = web.AppKey("catalog", dict[str, tuple[float, dict[str, Any]]])

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import socket
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -16,12 +17,17 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from allocator.pump import AdmissionPump
 from allocator.queue_scripts import QueueScripts
-from flashsale.settings import Rate, Secret, Settings
+from flashsale.settings import Rate, Secret, Settings, Topics
 from flashsale.tokens import Signer
 from gateway.app import create_app
 from gateway.state import CLIENTS
 
 ADMIN = "test-admin-token-0123456789"
+# The HTTP tests' own topics: the gateway publishes every granted reservation, and nothing
+# consumes these (an engine a test starts reads the default ones).
+_RUN = uuid.uuid4().hex[:8]
+TOPICS = Topics(f"http{_RUN}-reservations", f"http{_RUN}-order-events",
+                f"http{_RUN}-dead-letter")  # fmt: skip
 
 
 def auth(token: str) -> dict[str, str]:
@@ -137,7 +143,7 @@ async def gateway(stack: Settings, **overrides: Any) -> AsyncIterator[Gateway]:
     """A gateway with the admin token set and rate limits off unless ``overrides`` say so."""
     options: dict[str, Any] = {
         "admin_token": Secret(ADMIN), "rate_per_ip": Rate(0, 0), "rate_per_buyer": Rate(0, 0),
-        **overrides,
+        "topics": TOPICS, **overrides,
     }  # fmt: skip
     settings = dataclasses.replace(stack, **options)
     client: TestClient[Any, Any] = TestClient(TestServer(create_app(settings)))
@@ -182,7 +188,11 @@ def live_gateway(stack: Settings) -> Iterator[LiveGateway]:
     from aiohttp import web
 
     settings = dataclasses.replace(
-        stack, admin_token=Secret(ADMIN), rate_per_ip=Rate(0, 0), rate_per_buyer=Rate(0, 0)
+        stack,
+        admin_token=Secret(ADMIN),
+        rate_per_ip=Rate(0, 0),
+        rate_per_buyer=Rate(0, 0),
+        topics=TOPICS,
     )
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

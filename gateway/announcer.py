@@ -1,0 +1,79 @@
+"""Each granted reservation is published to Kafka before the buyer is told about it.
+
+A reservation is decided in Redis, and a 201 promises it will become an order. Redis can lose
+its last moments (``FLUSHALL``, a restart without persistence, a machine crash inside the AOF's
+fsync window) before the outbox relay has moved the reservation to Kafka: the buyer would hold
+a 201 for a reservation that no longer exists anywhere. So the gateway publishes the
+reservation's ``reservation.created`` event itself and answers 201 only once the broker has
+acknowledged it (``acks="all"``).
+
+The relay still publishes the same event from the outbox (the workers' inbox drops the
+duplicate), and stays the only path for what the gateway never acknowledged. If the broker
+does not acknowledge within ``ANNOUNCE_TIMEOUT_S`` the buyer is answered 503 with
+``Retry-After``: the hold stays, and a retry with the same ``Idempotency-Key`` publishes again
+and answers 201. Only granted reservations are published, a few per unit of stock; refusals
+and sold-out answers never wait for the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from aiokafka import AIOKafkaProducer
+
+from flashsale.errors import Unavailable
+from flashsale.events import ReservationEvent, encode_event, message_key
+from flashsale.kafka import ensure_topics, producer, publish_one
+from flashsale.settings import Settings
+
+ANNOUNCE_TIMEOUT_S = 3.0
+
+
+class Announcer:
+    """One producer per gateway process, started at its first use (a gateway starts and
+    serves everything else while the broker is down), after the topics are made sure of (a
+    broker that does not create topics on first use would refuse every reservation)."""
+
+    def __init__(self, settings: Settings, timeout_s: float = ANNOUNCE_TIMEOUT_S) -> None:
+        self.settings = settings
+        self.timeout_s = timeout_s
+        self._out: AIOKafkaProducer | None = None
+        self._lock = asyncio.Lock()
+
+    async def announce(self, event: ReservationEvent) -> None:
+        """Return once the broker has acknowledged ``event``; Unavailable when it cannot."""
+        out = await self._producer()
+        key, value = message_key(event.sale_id, event.sku), encode_event(event)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await publish_one(out, self.settings.topics.reservations, key, value)
+        except TimeoutError as exc:
+            raise Unavailable(
+                "the order pipeline did not take the reservation in time; retry with the same "
+                "Idempotency-Key"
+            ) from exc
+
+    async def _producer(self) -> AIOKafkaProducer:
+        if self._out is not None:
+            return self._out
+        async with self._lock:
+            if self._out is None:
+                out = producer(self.settings, linger_ms=1)
+                try:
+                    async with asyncio.timeout(self.timeout_s):
+                        await ensure_topics(self.settings)
+                        await out.start()
+                except Exception as exc:
+                    with contextlib.suppress(Exception):
+                        await out.stop()
+                    raise Unavailable(
+                        "the order pipeline is unavailable; retry with the same Idempotency-Key"
+                    ) from exc
+                self._out = out
+            return self._out
+
+    async def aclose(self) -> None:
+        if self._out is not None:
+            await self._out.stop()
+            self._out = None
