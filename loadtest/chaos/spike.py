@@ -187,13 +187,14 @@ async def _settle(rig: Rig, sale: str, reservations: list[str], result: Result,
     """Wait until every acknowledged reservation is a terminal order, make one reconcile pass,
     and take the audit's verdict."""
     waited = time.monotonic()
-    final = await _terminal_orders(rig, reservations)
+    final, missing = await _terminal_orders(rig, reservations)
     result.lost_reservations = len(reservations) - final
     progress(f"   {final}/{len(reservations)} acknowledged reservations are terminal orders "
              f"({time.monotonic() - waited:.1f}s after the buyers were done)")  # fmt: skip
     if result.lost_reservations:
         result.problems.append(f"{result.lost_reservations} acknowledged reservations did not "
-                               f"become terminal orders within {DRAIN_S:g}s")  # fmt: skip
+                               f"become terminal orders within {DRAIN_S:g}s: "
+                               f"{', '.join(missing[:5])}")  # fmt: skip
     code = await asyncio.to_thread(_reconcile_once, rig, sale)
     if code == 1:
         result.problems.append("the reconcile pass failed (exit 1)")
@@ -208,25 +209,28 @@ async def _settle(rig: Rig, sale: str, reservations: list[str], result: Result,
         result.problems.append(f"audit: {invariant['name']}: {invariant['details']}")
 
 
-async def _terminal_orders(rig: Rig, ids: list[str]) -> int:
-    """How many of ``ids`` are terminal orders, waiting up to DRAIN_S for all of them."""
+async def _terminal_orders(rig: Rig, ids: list[str]) -> tuple[int, list[str]]:
+    """How many of ``ids`` are terminal orders, and which are not (as ``id: state``), waiting
+    up to DRAIN_S for all of them."""
     deadline = time.monotonic() + DRAIN_S
-    final = 0
+    states: dict[str, str] = {}
     while True:
         try:
             conn = await asyncpg.connect(rig.settings.require_database(), timeout=10)
             try:
-                final = await conn.fetchval(
-                    "SELECT count(*) FROM orders WHERE id = ANY($1::text[]) AND state = ANY($2)",
-                    ids, TERMINAL,
-                )  # fmt: skip
+                rows = await conn.fetch("SELECT id, state FROM orders WHERE id = ANY($1::text[])",
+                                        ids)  # fmt: skip
             finally:
                 await conn.close()
+            states = {r["id"]: r["state"] for r in rows}
         except Exception as exc:
             if not is_outage(exc):
                 raise
+        final = sum(1 for i in ids if states.get(i) in TERMINAL)
         if final >= len(ids) or time.monotonic() > deadline:
-            return int(final)
+            missing = [f"{i}: {states.get(i, 'no order')}" for i in ids
+                       if states.get(i) not in TERMINAL]  # fmt: skip
+            return final, missing
         await asyncio.sleep(1.0)
 
 
