@@ -148,9 +148,9 @@ async def queue_status(request: web.Request) -> web.Response:
     if not isinstance(position, int) or isinstance(position, bool) or position < 0:
         raise InvalidToken("malformed")
     counters = await app[COUNTERS].get(sale_id)
-    if not counters.view.live:
-        # Redis lost the room (the ticket proves it was open): nothing here is true until the
-        # reconciler restores it, so no verdict, least of all "expired".
+    if not (counters.view.live and counters.view.preloaded):
+        # Redis lost the room or the sale's hash (the ticket proves both existed): nothing here
+        # is true until the reconciler restores them, so no verdict, least of all "expired".
         raise Unavailable("the waiting room is being restored; retry", code="unavailable")
     queue, keys, source, metrics = app[QUEUE], SaleKeys(sale_id), "cache", app[METRICS]
     body: dict[str, Any] = {}

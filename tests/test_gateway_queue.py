@@ -218,7 +218,7 @@ async def test_the_gateway_checkpoints_what_it_has_seen_and_flushes_when_it_goes
     assert (await pg.fetchval(query, sale)) == 3
 
 
-@pytest.mark.parametrize("lost", ["room", "everything"])
+@pytest.mark.parametrize("lost", ["room", "sale", "everything"])
 async def test_a_status_poll_while_the_room_is_lost_is_503_never_a_verdict(
     gw: Gateway, lost: str
 ) -> None:
@@ -229,7 +229,8 @@ async def test_a_status_poll_while_the_room_is_lost_is_503_never_a_verdict(
     code, joined = await gw.join(sale, "patient")
     assert code == 200 and joined["state"] == "waiting"
     keys = SaleKeys(sale)
-    lose = [keys.queue] if lost == "room" else [keys.queue, keys.sale, keys.steps]
+    lose = {"room": [keys.queue], "sale": [keys.sale],  # the room restored before the sale
+            "everything": [keys.queue, keys.sale, keys.steps]}[lost]  # fmt: skip
     await gw.app[CLIENTS].redis.delete(*lose)
     await asyncio.sleep(0.15)  # past the counters' cache
     response = await gw.http.get(
