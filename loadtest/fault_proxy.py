@@ -99,7 +99,8 @@ class FaultProxy:
                 writer.close()
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+        # A connection reset under uvloop fails a write with RuntimeError, not OSError.
+        with contextlib.suppress(OSError, RuntimeError, asyncio.IncompleteReadError):
             while True:
                 data = await reader.read(CHUNK)
                 if not data:
@@ -111,7 +112,7 @@ class FaultProxy:
                     await asyncio.sleep(self.latency_s)
                 writer.write(data)
                 await writer.drain()
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, RuntimeError):
             if writer.can_write_eof():
                 writer.write_eof()
 

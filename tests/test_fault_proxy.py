@@ -84,5 +84,14 @@ async def test_the_proxy_in_its_own_process_obeys_commands(proxy: FaultProxy) ->
             await child.command("explode")
         await child.command("pass")
         assert await roundtrip(child) == b"ping"
+        reader, writer = await asyncio.open_connection("127.0.0.1", child.port)
+        writer.write(b"ping")
+        assert await reader.read(4) == b"ping"  # through the proxy: its connection is open
+        await child.command("reset")  # reset under the child's uvloop
+        with pytest.raises(ConnectionError):
+            if not await asyncio.wait_for(reader.read(4), 1):
+                raise ConnectionResetError("closed")
+        writer.close()
+        assert await roundtrip(child) == b"ping"  # and the proxy goes on
     finally:
         await child.stop()

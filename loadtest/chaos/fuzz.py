@@ -82,7 +82,8 @@ def run(base_url: str, sale: str, wanted: int) -> dict[str, Any]:
         round_number += 1
         if sent == before:
             break  # nothing new can be generated
-    return {"requests": sent, "operations": len(operations), "statuses": dict(statuses),
+    return {"requests": sent, "operations": len(operations),
+            "statuses": {str(code): n for code, n in sorted(statuses.items())},
             "no_retry_after": missing_retry_after, "server_errors": errors}  # fmt: skip
 
 
