@@ -162,7 +162,7 @@ async def slow(target: Target) -> AbuseResult:
     result.notes.append(
         f"{count} slow connections for {target.seconds:.0f}s: the gateway closed "
         f"{closed['body']}/{count - len(heads)} slow bodies and {closed['head']}/{len(heads)} "
-        "slow heads"
+        "slow heads (aiohttp has no timeout on a request head: see PRODUCTION.md)"
     )
     if closed["body"] < count - len(heads):
         result.accepted.append(f"{count - len(heads) - closed['body']} slow bodies were never "
