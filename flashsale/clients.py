@@ -11,6 +11,8 @@ from urllib.parse import urlsplit
 
 import asyncpg
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 
 from flashsale.errors import Unavailable
 from flashsale.payments import HttpProvider, PaymentProvider
@@ -25,8 +27,16 @@ def redis_client(
     Its pool holds at most ``max_connections``; a caller beyond that waits up to ``wait_s`` for
     one to come back instead of failing (a spike queues here briefly, it does not open
     thousands of connections).
+
+    A call that meets a dead connection (Redis restarted, the network reset it) is retried
+    twice on a fresh one, 50-500 ms apart with jitter, before it fails: without it every
+    connection that died idle in the pool cost one caller a 503 after Redis was back. What a
+    retry may repeat is safe to repeat: each script is idempotent by request, hold state or
+    fence, the pump publishes an absolute serving position, a re-read stream entry stays
+    pending until acknowledged, and a retried rate-limit check can only count a request twice.
     """
     options.setdefault("socket_connect_timeout", 2.0)
+    options.setdefault("retry", Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 2))
     options.setdefault("health_check_interval", 15)
     pool = aioredis.BlockingConnectionPool.from_url(
         settings.require_redis(), max_connections=max_connections, timeout=wait_s, **options
