@@ -36,11 +36,11 @@ def test_connections_killed_while_idle_are_replaced_not_failed(stack: Settings) 
         try:
             for _ in range(3):
                 # fill the pool: POOL callers at once each hold a connection, then give it back
-                await asyncio.gather(*(client.execute_command("PING") for _ in range(POOL)))
+                await asyncio.gather(*(client.ping() for _ in range(POOL)))
                 assert await _kill_named(admin) == POOL
                 await asyncio.sleep(0.05)  # the FIN has arrived; the pool does not know yet
                 answers = await asyncio.gather(
-                    *(client.execute_command("PING") for _ in range(POOL)),
+                    *(client.ping() for _ in range(POOL)),
                     return_exceptions=True,
                 )
                 failures += [a for a in answers if isinstance(a, BaseException)]
