@@ -32,8 +32,10 @@ def redis_client(
     twice on a fresh one, 50-500 ms apart with jitter, before it fails: without it every
     connection that died idle in the pool cost one caller a 503 after Redis was back. What a
     retry may repeat is safe to repeat: each script is idempotent by request, hold state or
-    fence, the pump publishes an absolute serving position, a re-read stream entry stays
-    pending until acknowledged, and a retried rate-limit check can only count a request twice.
+    fence, the pump publishes an absolute serving position, and a re-read stream entry stays
+    pending until acknowledged. Packed calls (``allocator.redis_calls.read_packed``: the
+    reserve batches, the rate limits) take a raw connection and are not retried here; their
+    callers decide.
     """
     options.setdefault("socket_connect_timeout", 2.0)
     options.setdefault("retry", Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 2))

@@ -285,8 +285,8 @@ class OrderStore:
     async def settle_payments(
         self, conn: asyncpg.Connection, settled: Sequence[tuple[str, str, str]]
     ) -> None:
-        """Record (key, provider ref, CAPTURED | DECLINED | REFUNDED | UNKNOWN) for each
-        payment, as the provider last answered for its key."""
+        """Record (key, provider ref, CAPTURED | DECLINED | REFUNDED | UNKNOWN | NOT_CHARGED)
+        for each payment, as the provider last answered for its key."""
         if settled:
             await conn.execute(
                 _PAYMENTS_SETTLE, [s[0] for s in settled], [s[1] for s in settled],

@@ -48,6 +48,17 @@ class Charge:
         )  # fmt: skip
 
 
+NOT_CHARGED = "NOT_CHARGED"  # the provider has no charge under the key: nothing was taken
+
+
+def payment_row(key: str, charge: Charge | None) -> tuple[str, str, str]:
+    """(key, provider ref, state) recording what the provider answered when asked about
+    ``key``: the charge's status, or NOT_CHARGED when it has none under the key."""
+    if charge is None:
+        return key, "", NOT_CHARGED
+    return key, charge.provider_ref, charge.status.upper()
+
+
 @dataclass(frozen=True, slots=True)
 class ChargeRequest:
     key: str  # the idempotency key: the reservation id

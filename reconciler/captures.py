@@ -16,7 +16,7 @@ import asyncpg
 
 from flashsale.errors import PaymentError
 from flashsale.orders import STATE_CAUSE, OrderStore
-from flashsale.payments import Charge, PaymentProvider
+from flashsale.payments import Charge, PaymentProvider, payment_row
 from reconciler.report import PassReport, Repair, isolated
 
 log = logging.getLogger("flashsale.reconciler")
@@ -117,15 +117,14 @@ class Captures:
             report.unresolved.append(f"{key}: provider lookup failed ({exc})")
             return
         if charge is None or charge.status != "captured":
-            if charge is not None:  # declined or already refunded: record what it is
-                async with self.pool.acquire() as conn:
-                    await self.store.settle_payments(
-                        conn, [(key, charge.provider_ref, charge.status.upper())]
-                    )
-                report.repairs.append(Repair(
-                    key.partition("~")[0], None, "record_payment", key,
-                    {"payment": "CAPTURED or UNKNOWN"}, {"payment": charge.status.upper()},
-                ))  # fmt: skip
+            # Declined, already refunded, or never made: record what it is, nothing to refund.
+            payment = payment_row(key, charge)
+            async with self.pool.acquire() as conn:
+                await self.store.settle_payments(conn, [payment])
+            report.repairs.append(Repair(
+                key.partition("~")[0], None, "record_payment", key,
+                {"payment": "CAPTURED or UNKNOWN"}, {"payment": payment[2]},
+            ))  # fmt: skip
             return
         refund = await refund_capture(self.provider, key)
         sale_id, _, rest = key.partition("~")

@@ -15,7 +15,7 @@ from allocator.hold_scripts import HoldScripts
 from flashsale.errors import PaymentError
 from flashsale.keys import SkuKeys
 from flashsale.orders import OrderStore, state_for_cause
-from flashsale.payments import Charge, PaymentProvider
+from flashsale.payments import Charge, PaymentProvider, payment_row
 from flashsale.records import HoldRecord
 from reconciler.captures import refund_capture
 from reconciler.report import PassReport, Repair, isolated
@@ -136,9 +136,7 @@ class StuckOrders:
             async with self.pool.acquire() as conn, conn.transaction():
                 await self.store.advance(conn, [(rid, cause)], ["PENDING", "PAYING"], state,
                                          f"order.{state.lower()}")  # fmt: skip
-                if charge is not None:
-                    await self.store.settle_payments(conn, [
-                        (rid, charge.provider_ref, charge.status.upper())])  # fmt: skip
-            paid = charge.status.upper() if charge else None
-            after = {"order": state, "hold": "RELEASED", "payment": paid}
+                payment = payment_row(rid, charge)  # NOT_CHARGED when none was made
+                await self.store.settle_payments(conn, [payment])
+            after = {"order": state, "hold": "RELEASED", "payment": payment[2]}
         report.repairs.append(Repair(keys.sale_id, keys.sku, "resolve_stuck", rid, before, after))

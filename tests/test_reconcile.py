@@ -372,3 +372,46 @@ async def test_audit_and_reconcile_over_the_admin_api_and_the_cli(
         assert bad_input.code == 2 and bad_input.err.count("\n") == 1 and "sale" in bad_input.err
         assert (await cli("reconcile", "--once", "--interval", "-1")).code == 2
         await workers.drain()
+
+
+async def test_a_charge_that_never_happened_is_recorded_so_and_not_asked_about_forever(
+    stack: Settings,
+) -> None:
+    """A charge's outcome was unknown (the provider answered 500s), so the saga recorded the
+    payment UNKNOWN; the provider has no charge under the key. Found by ``flashsale chaos``
+    (provider-5xx-storm): the stuck order was resolved EXPIRED but its payment stayed
+    UNKNOWN, and so did that of an order that had ended on its own. Every pass then looked
+    for a capture to refund, and the audit's invariant 8 failed for good."""
+    async with pipeline(stack) as p, checked(p) as (rec, psp):
+        sale = await p.sale(stock=10)
+        ids = await p.reserve(sale, ["tok_visa", "tok_visa"])
+        messages = await p.topic_messages(p.settings.topics.reservations, at_least=2)
+        events = [decode_event(m.value) for m in messages]
+        keys = SkuKeys(sale, SKU)
+        assert all(r.ok for r in await p.holds.transition("begin_payment",
+                                                          [(keys, i) for i in ids]))  # fmt: skip
+        stuck, ended = ids
+        await p.store().create(events, {stuck: ("PAYING", "payment_started"),
+                                        ended: ("PAYING", "payment_started")})  # fmt: skip
+        assert (await p.holds.release(keys, ended, "expired")).ok
+        async with p.pool.acquire() as conn, conn.transaction():
+            await p.store().settle_payments(conn, [(i, "", "UNKNOWN") for i in ids])
+            await p.store().advance(conn, [(ended, "expired")], ["PAYING"], "EXPIRED",
+                                    "order.expired")  # fmt: skip
+        await p.pool.execute("UPDATE orders SET updated_at = now() - interval '10 minutes' "
+                             "WHERE id = $1", stuck)  # fmt: skip
+
+        report = await rec.run_once([sale])
+        assert await p.orders(ids) == {stuck: "EXPIRED", ended: "EXPIRED"}
+        recorded = dict(
+            await p.pool.fetch(
+                "SELECT idempotency_key, state FROM payments WHERE idempotency_key = ANY($1)", ids
+            )
+        )
+        assert recorded == {stuck: "NOT_CHARGED", ended: "NOT_CHARGED"}, report.json()
+        workers = p.start_workers()
+        await drained(p)
+        audited = await audit(p, psp, sale)
+        assert audited.passed, audited.text()
+        await converged(rec, sale)
+        await workers.drain()
