@@ -5,13 +5,18 @@ block, and the command's refusals. (The suite itself runs against the real stack
 
 from __future__ import annotations
 
+import http.server
+import threading
 from pathlib import Path
 
 import pytest
+import requests
+from schemathesis.core.transport import Response
 
 from loadtest.bench_all import rewrite
 from loadtest.chaos import report
 from loadtest.chaos.faults import Timing, Window
+from loadtest.chaos.fuzz import has_retry_after
 from loadtest.chaos.report import Result
 from loadtest.chaos.scenarios import SCENARIOS
 from loadtest.chaos.spike import during, recovery
@@ -112,3 +117,32 @@ def test_the_command_lists_and_refuses_in_one_line(run_cli: Cli, tmp_path: Path)
         result = run_cli("chaos", *args)
         assert result.code == 2, (args, result)
         assert field in result.err and len(result.err.strip().splitlines()) == 1, result.err
+
+
+@pytest.mark.parametrize("sent", [True, False])
+def test_the_fuzzer_sees_retry_after_as_schemathesis_hands_it_over(sent: bool) -> None:
+    """schemathesis gives response headers with lowercase names: looking up "Retry-After"
+    as written found none, and every 429 the fuzzer met counted as one without it."""
+    headers = {"Retry-After": "1"} if sent else {}
+
+    class Limited(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # the name http.server calls
+            self.send_response(429)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Limited)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        answer = requests.get(f"http://127.0.0.1:{server.server_port}/", timeout=5)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert has_retry_after(Response.from_requests(answer, verify=True).headers) is sent
+    assert has_retry_after(answer.headers) is sent

@@ -107,6 +107,7 @@ async def fuzz(target: Target) -> AbuseResult:
     result = AbuseResult(requests=report["requests"], no_retry_after=report["no_retry_after"])
     result.statuses.update({int(k): v for k, v in report["statuses"].items()})
     result.notes += [f"5xx: {e}" for e in report["server_errors"][:5]]
+    result.notes += [f"no Retry-After: {e}" for e in report["unpaced"][:5]]
     result.notes.append(f"{report['requests']:,} generated requests over "
                         f"{report['operations']} operations")  # fmt: skip
     return result

@@ -7,7 +7,8 @@ generation), until it has sent ``REQUESTS``; path parameters name the live sale 
 the time, so generated bodies get past "unknown sale". Admin routes carry the admin token
 (``FLASHSALE_ADMIN_TOKEN``), the others a buyer token signed with
 ``FLASHSALE_BUYER_TOKEN_SECRET``. Prints one JSON line: ``{"requests", "operations",
-"statuses", "no_retry_after", "server_errors"}``.
+"statuses", "no_retry_after", "server_errors", "unpaced"}`` (the last two: examples of
+5xx other than 503, and of 429 and 503 without ``Retry-After``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import contextlib
 import os
 import sys
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -29,6 +31,12 @@ from schemathesis.core.result import Ok
 from flashsale.tokens import Signer
 
 
+def has_retry_after(headers: Mapping[str, Any]) -> bool:
+    """Whether ``headers`` name ``Retry-After``, in any case: schemathesis gives them with
+    lowercase names (and list values), ``requests`` in a case-insensitive mapping."""
+    return any(name.lower() == "retry-after" for name in headers)
+
+
 def run(base_url: str, sale: str, wanted: int) -> dict[str, Any]:
     schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()
@@ -39,6 +47,7 @@ def run(base_url: str, sale: str, wanted: int) -> dict[str, Any]:
     )
     statuses: Counter[int] = Counter()
     errors: list[str] = []
+    unpaced: list[str] = []  # 429s and 503s without Retry-After
     missing_retry_after = 0
     sent = 0
     http = requests.Session()
@@ -61,8 +70,11 @@ def run(base_url: str, sale: str, wanted: int) -> dict[str, Any]:
             return  # not sendable as generated (a header the client refuses): not a request
         sent += 1
         statuses[response.status_code] += 1
-        if response.status_code in (429, 503) and "Retry-After" not in response.headers:
+        if response.status_code in (429, 503) and not has_retry_after(response.headers):
             missing_retry_after += 1
+            if len(unpaced) < 20:
+                unpaced.append(f"{case.method} {case.formatted_path} -> "
+                               f"{response.status_code}: {response.text[:200]}")  # fmt: skip
         if response.status_code >= 500 and response.status_code != 503 and len(errors) < 20:
             errors.append(f"{case.method} {case.formatted_path} -> {response.status_code}: "
                           f"{response.text[:200]}")  # fmt: skip
@@ -84,7 +96,8 @@ def run(base_url: str, sale: str, wanted: int) -> dict[str, Any]:
             break  # nothing new can be generated
     return {"requests": sent, "operations": len(operations),
             "statuses": {str(code): n for code, n in sorted(statuses.items())},
-            "no_retry_after": missing_retry_after, "server_errors": errors}  # fmt: skip
+            "no_retry_after": missing_retry_after, "server_errors": errors,
+            "unpaced": unpaced}  # fmt: skip
 
 
 if __name__ == "__main__":

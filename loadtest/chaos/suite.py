@@ -64,7 +64,8 @@ def _said(result: Result, progress: Progress) -> None:
         return
     progress(
         f"   {result.verdict()}: {result.faults} faults, {result.requests:,} requests, "
-        f"{result.non_503_5xx} 5xx other than 503, {result.unanswered} unanswered, "
+        f"{result.non_503_5xx} 5xx other than 503, {result.no_retry_after} without "
+        f"Retry-After, {result.unanswered} unanswered, "
         f"{result.violations} violations, {result.lost_reservations} lost; recovery "
         f"{'-' if result.recovery_seconds is None else f'{result.recovery_seconds:g}s'} "
         f"({result.seconds:.0f}s)"
