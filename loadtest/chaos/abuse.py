@@ -92,7 +92,7 @@ async def _send(session: aiohttp.ClientSession, result: AbuseResult, method: str
 async def fuzz(target: Target) -> AbuseResult:
     """schemathesis against the served ``/openapi.json``, in its own process."""
     rig = target.rig
-    wanted = 1000 if target.quick else 6000
+    wanted = 1000 if target.quick else 5000
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "loadtest.chaos.fuzz", rig.base_url, target.sale, str(wanted),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,

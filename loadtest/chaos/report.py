@@ -89,7 +89,15 @@ def totals(results: list[Result]) -> dict[str, int]:
     sums["scenarios"] = len(ran)
     sums["clean"] = sum(1 for r in ran if r.clean)
     sums["abuse_requests"] = sum(r.requests for r in ran if r.group == "abuse")
+    sums["race_passes"] = sum(r.faults for r in ran if r.group == "races")
     return sums
+
+
+def counted(t: dict[str, int]) -> str:
+    """What the run did, in words: faults injected (the races' passes apart), abuse."""
+    return (f"{t['faults'] - t['race_passes']:,} faults injected, "
+            f"{t['race_passes']:,} racing reconcile passes and {t['abuse_requests']:,} abuse "
+            f"requests in {t['scenarios']} scenarios")  # fmt: skip
 
 
 def table(results: list[Result]) -> str:
@@ -113,7 +121,6 @@ def block(results: list[Result], machine: dict[str, Any], command: str) -> str:
     return (
         f"Latest run: {machine.get('when')}, {machine.get('cpu')}, {machine.get('cores')} cores, "
         f"{machine.get('memory_gib')} GiB, Python {machine.get('python')}, load average {load} "
-        f"at the start. Reproduce: `{command}`. {t['faults']:,} faults and "
-        f"{t['abuse_requests']:,} abuse requests in {t['scenarios']} scenarios; "
-        f"{t['clean']} clean.\n\n{table(results)}\n\n" + "\n".join(notes) + "\n"
+        f"at the start. Reproduce: `{command}`. {counted(t)}; {t['clean']} clean."
+        f"\n\n{table(results)}\n\n" + "\n".join(notes) + "\n"
     )
