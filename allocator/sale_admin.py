@@ -26,7 +26,7 @@ from flashsale.sales import (
     sale_json,
     sku_meta,
 )
-from flashsale.salespec import MAX_STOCK, SaleSpec, SkuSpec, integer
+from flashsale.salespec import MAX_STOCK, SaleSpec, SkuSpec, identifier, integer
 
 
 @dataclass
@@ -183,6 +183,7 @@ class SaleAdmin:
 
     async def add_stock(self, sale_id: str, sku: str, add: Any) -> dict[str, Any]:
         """Raise a SKU's stock by ``add`` units in Postgres, then in Redis if preloaded."""
+        sku = identifier(sku, "sku")
         units = integer(add, "add", minimum=1, maximum=MAX_STOCK, what="a positive integer")
         async with self.pool.acquire() as conn, conn.transaction():
             sale = await self._sale_row(conn, sale_id)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -74,10 +75,14 @@ def integer(value: Any, where: str, *, minimum: int, maximum: int, what: str) ->
 
 
 def text(value: Any, where: str, *, max_len: int = 200) -> str:
+    """A one-line display text: no control characters (a NUL is not storable in Postgres) and
+    no lone surrogates (not encodable as UTF-8)."""
     if not isinstance(value, str) or not value.strip():
         raise InvalidInput(where, "must be a non-empty string")
     if len(value) > max_len:
         raise InvalidInput(where, f"must be at most {max_len} characters")
+    if any(unicodedata.category(c) in ("Cc", "Cs") for c in value):
+        raise InvalidInput(where, "must be one line of text, without control characters")
     return value.strip()
 
 

@@ -58,11 +58,10 @@ async def preload(request: web.Request) -> web.Response:
 
 async def add_stock(request: web.Request) -> web.Response:
     body = await json_body(request, allowed={"sku", "add"})
-    sku = body.get("sku")
-    if not isinstance(sku, str) or not sku:
-        raise InvalidInput("sku", "must be a SKU id")
-    sales = request.app[SALES]
-    return json_response(await sales.add_stock(request.match_info["sale"], sku, body.get("add")))
+    sales = request.app[SALES]  # which validates the SKU id and the units
+    return json_response(
+        await sales.add_stock(request.match_info["sale"], body.get("sku"), body.get("add"))
+    )
 
 
 async def audit(request: web.Request) -> web.Response:

@@ -98,6 +98,11 @@ async def test_create_preload_stock_and_lifecycle(http: TestClient[Any, Any]) ->
         (b'{"name": "x", "colour": "red"}', "invalid_input"),
         (b'{"name": "x", "skus": [{"sku": "A", "stock": 0, "price": 1, "currency": "EUR"}]}',
          "invalid_input"),
+        # text Postgres cannot store was a 500 (found by flashsale chaos, abuse-fuzz)
+        (b'{"name": "x\\u0000y"}', "invalid_input"),
+        (b'{"name": "x\\ud800y"}', "malformed_json"),  # orjson refuses a lone surrogate
+        (b'{"name": "x", "skus": [{"sku": "A", "title": "a\\u0000", "stock": 1, "price": 1, '
+         b'"currency": "EUR"}]}', "invalid_input"),
     ],
 )  # fmt: skip
 async def test_bad_sale_bodies_are_422_and_write_nothing(
@@ -126,6 +131,8 @@ async def test_bad_stock_and_unknown_sale(http: TestClient[Any, Any]) -> None:
         ({"sku": "NOPE", "add": 1}, 404),
         ({"sku": "SNK-1", "add": 1, "extra": True}, 422),
         ({"add": 1}, 422),
+        ({"sku": 5, "add": 1}, 422),
+        ({"sku": "SNK-1\u0000", "add": 1}, 422),  # was a 500: Postgres cannot take a NUL
     ]
     for body, status in cases:
         response = await http.post(f"/admin/v1/sales/{sale_id}/stock", json=body, headers=auth())

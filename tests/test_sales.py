@@ -227,6 +227,9 @@ BAD_SALES = [
     ("missing price", {**SALE, "skus": [{"sku": "A", "stock": 1, "currency": "EUR"}]},
      "skus[0].price"),
     ("missing name", {k: v for k, v in SALE.items() if k != "name"}, "name"),
+    ("NUL in the name", {**SALE, "name": "drop\u0000"}, "name"),
+    ("lone surrogate in the name", {**SALE, "name": "drop\ud800"}, "name"),
+    ("control character in a title", _sku(title="Sneaker\u0007"), "skus[0].title"),
     ("malformed json", '{"name": "x", "skus": [', "file"),
     ("not an object", "[1, 2]", "sale"),
 ]  # fmt: skip
@@ -271,6 +274,7 @@ BAD_CSV = [
     ("duplicate", "sku,stock,price,currency\nA,1,1,EUR\nA,2,1,EUR\n", "row 3.sku"),
     ("existing sku", "sku,stock,price,currency\nNEW,1,1,EUR\nSNK-42,2,1,EUR\n", "row 3.sku"),
     ("empty", "", "csv"),
+    ("NUL in a title", "sku,title,stock,price,currency\nA,x\u0000y,1,1,EUR\n", "row 2.title"),
 ]
 
 
