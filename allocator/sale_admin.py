@@ -181,7 +181,7 @@ class SaleAdmin:
 
     # -- stock and lifecycle -------------------------------------------------------------
 
-    async def add_stock(self, sale_id: str, sku: str, add: Any) -> dict[str, Any]:
+    async def add_stock(self, sale_id: str, sku: Any, add: Any) -> dict[str, Any]:
         """Raise a SKU's stock by ``add`` units in Postgres, then in Redis if preloaded."""
         sku = identifier(sku, "sku")
         units = integer(add, "add", minimum=1, maximum=MAX_STOCK, what="a positive integer")
