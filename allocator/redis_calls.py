@@ -71,6 +71,10 @@ async def read_packed(
     try:
         for start in range(0, len(commands), chunk):
             part = commands[start : start + chunk]
+            if not start and _closed_by_server(conn):
+                # It died while idle in the pool (Redis restarted, the connection was killed):
+                # connect afresh before sending, since nothing may be sent twice here.
+                await conn.disconnect()
             await conn.send_packed_command(b"".join(pack_command(c) for c in part),
                                            check_health=False)  # fmt: skip
             replies += [await conn.read_response() for _ in part]
@@ -80,6 +84,14 @@ async def read_packed(
     finally:
         await pool.release(conn)
     return replies
+
+
+def _closed_by_server(conn: Any) -> bool:
+    """Whether the server has closed ``conn`` (its reader saw the end of the stream). redis-py's
+    pool check does not catch this here, and a command sent on it fails only when its reply
+    is read, when it can no longer be known whether it ran."""
+    reader = getattr(conn, "_reader", None)
+    return reader is not None and reader.at_eof()
 
 
 @cache
