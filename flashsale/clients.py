@@ -34,8 +34,8 @@ def redis_client(
     retry may repeat is safe to repeat: each script is idempotent by request, hold state or
     fence, the pump publishes an absolute serving position, and a re-read stream entry stays
     pending until acknowledged. Packed calls (``allocator.redis_calls.read_packed``: the
-    reserve batches, the rate limits) take a raw connection and are not retried here; their
-    callers decide.
+    reserve batches, the rate limits) take a raw connection and are not retried here: they
+    replace a connection the server closed before sending anything on it.
     """
     options.setdefault("socket_connect_timeout", 2.0)
     options.setdefault("retry", Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 2))
