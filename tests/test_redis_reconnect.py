@@ -9,6 +9,8 @@ an admin preloading a sale 25 s after a Redis restart got "a dependency is unava
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import redis.asyncio as aioredis
 import uvloop
@@ -29,28 +31,33 @@ async def _kill_named(admin: aioredis.Redis) -> int:
     return len(ids)
 
 
-def test_connections_killed_while_idle_are_replaced_not_failed(stack: Settings) -> None:
-    async def scenario() -> list[BaseException]:
+def _after_kills(stack: Settings, call: Callable[[aioredis.Redis], Awaitable[Any]]) -> list[Any]:
+    """Three rounds, under uvloop: fill a pool of POOL connections (POOL calls at once), kill
+    them all server side, then make POOL calls at once again. What the second calls gave."""
+
+    async def scenario() -> list[Any]:
         client = redis_client(stack, max_connections=POOL, client_name=NAME)
         admin = aioredis.Redis.from_url(stack.require_redis(), decode_responses=True)
-        failures: list[BaseException] = []
+        answers: list[Any] = []
         try:
             for _ in range(3):
-                # fill the pool: POOL callers at once each hold a connection, then give it back
-                await asyncio.gather(*(client.ping() for _ in range(POOL)))
+                await asyncio.gather(*(call(client) for _ in range(POOL)))
                 assert await _kill_named(admin) == POOL
                 await asyncio.sleep(0.05)  # the FIN has arrived; the pool does not know yet
-                answers = await asyncio.gather(
-                    *(client.ping() for _ in range(POOL)),
-                    return_exceptions=True,
+                answers += await asyncio.gather(
+                    *(call(client) for _ in range(POOL)), return_exceptions=True
                 )
-                failures += [a for a in answers if isinstance(a, BaseException)]
         finally:
             await client.aclose()
             await admin.aclose()
-        return failures
+        return answers
 
-    failures = uvloop.run(scenario())
+    return uvloop.run(scenario())
+
+
+def test_connections_killed_while_idle_are_replaced_not_failed(stack: Settings) -> None:
+    answers = _after_kills(stack, lambda client: client.ping())
+    failures = [a for a in answers if isinstance(a, BaseException)]
     assert not failures, [repr(e) for e in failures]
 
 
@@ -58,27 +65,7 @@ def test_packed_calls_get_a_fresh_connection_when_theirs_died_idle(stack: Settin
     """The reserve batches and the rate limits send packed commands on a raw pooled connection
     (``read_packed``), outside redis-py's retry: after a Redis restart, each dead connection
     cost one batch a 503 (seen as 503s at the start of the next chaos scenario)."""
-
-    async def scenario() -> list[BaseException]:
-        client = redis_client(stack, max_connections=POOL, client_name=NAME)
-        admin = aioredis.Redis.from_url(stack.require_redis(), decode_responses=True)
-        failures: list[BaseException] = []
-        try:
-            for _ in range(3):
-                await asyncio.gather(*(read_packed(client, [("PING",)]) for _ in range(POOL)))
-                assert await _kill_named(admin) == POOL
-                await asyncio.sleep(0.05)
-                answers = await asyncio.gather(
-                    *(read_packed(client, [("PING",), ("ECHO", "x")]) for _ in range(POOL)),
-                    return_exceptions=True,
-                )
-                failures += [a for a in answers if isinstance(a, BaseException)]
-                replies = [a for a in answers if not isinstance(a, BaseException)]
-                assert all(a == [b"PONG", b"x"] for a in replies), replies
-        finally:
-            await client.aclose()
-            await admin.aclose()
-        return failures
-
-    failures = uvloop.run(scenario())
+    answers = _after_kills(stack, lambda client: read_packed(client, [("PING",), ("ECHO", "x")]))
+    failures = [a for a in answers if isinstance(a, BaseException)]
     assert not failures, [repr(e) for e in failures]
+    assert answers == [[b"PONG", b"x"]] * len(answers)
