@@ -7,10 +7,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, cast
 
-import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
-from allocator.redis_calls import call_packed, source
+from allocator.redis_calls import Command, call_packed, send_packed, source
+from flashsale.clients import RedisClient
 from flashsale.errors import InvalidInput
 from flashsale.events import ReservationEvent, created_event
 from flashsale.keys import SkuKeys
@@ -75,7 +75,7 @@ class ExpireResult:
 class HoldScripts:
     """The hold-lifecycle scripts registered on one client. Every call touches one SKU slot."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: RedisClient) -> None:
         self.client = client
         self._reserve: AsyncScript = client.register_script(source("reserve"))
         self._begin_payment: AsyncScript = client.register_script(source("begin_payment"))
@@ -134,8 +134,9 @@ class HoldScripts:
         active_only: bool = False,
     ) -> list[TransitionResult]:
         """Move many holds with one script (``begin_payment``, ``confirm`` or ``release``
-        with ``cause``): one call per SKU and per ``MAX_TRANSITION_BATCH`` ids, all pipelined
-        in one round trip. Each call is atomic; results come back in the order of ``items``."""
+        with ``cause``): one call per SKU and per ``MAX_TRANSITION_BATCH`` ids, packed in one
+        round trip (one per node on a cluster). Each call is atomic; results come back in
+        the order of ``items``."""
         if not items:
             return []
         script = {"begin_payment": self._begin_payment, "confirm": self._confirm,
@@ -145,17 +146,15 @@ class HoldScripts:
         for index, (keys, _) in enumerate(items):
             by_sku.setdefault(keys, []).append(index)
         calls: list[list[int]] = []
-        # As a context manager: a pipeline that fails while loading its scripts (SCRIPT EXISTS
-        # on a dead connection) keeps its pooled connection otherwise; leaving the block
-        # gives it back.
-        async with self.client.pipeline(transaction=False) as pipe:
-            for keys, indexes in by_sku.items():
-                for start in range(0, len(indexes), MAX_TRANSITION_BATCH):
-                    chunk = indexes[start : start + MAX_TRANSITION_BATCH]
-                    calls.append(chunk)
-                    ids = [items[i][1] for i in chunk]
-                    await script(keys=keys.all(), args=[*prefix, *ids], client=pipe)
-            replies = await pipe.execute()
+        commands: list[Command] = []
+        for keys, indexes in by_sku.items():
+            sku_keys = keys.all()
+            for start in range(0, len(indexes), MAX_TRANSITION_BATCH):
+                chunk = indexes[start : start + MAX_TRANSITION_BATCH]
+                calls.append(chunk)
+                commands.append(("EVALSHA", script.sha, len(sku_keys), *sku_keys, *prefix,
+                                 *[items[i][1] for i in chunk]))  # fmt: skip
+        replies = await send_packed(self.client, commands, script=script)
         results: list[TransitionResult | None] = [None] * len(items)
         for chunk, reply in zip(calls, replies, strict=True):
             for k, index in enumerate(chunk):

@@ -12,11 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 from allocator.batching import Coalescer, PerKey
-from allocator.redis_calls import call_packed, source
+from allocator.redis_calls import Command, call_packed, read_packed, source
+from flashsale.clients import RedisClient
 from flashsale.errors import QueueLost
 from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.queue_marks import Mark
@@ -139,7 +139,7 @@ class RoomSnapshot:
 class QueueScripts:
     """The waiting-room scripts registered on one client."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: RedisClient) -> None:
         self.client = client
         self._join: AsyncScript = client.register_script(source("join"))
         self._claim: AsyncScript = client.register_script(source("claim"))
@@ -219,23 +219,23 @@ class QueueScripts:
         claims_through: int | None = None,
         skus: Sequence[SkuKeys] = (),
     ) -> RoomSnapshot:
-        """One pipelined read of the sale's configuration and waiting-room counters, plus
+        """One packed read of the sale's configuration and waiting-room counters, plus
         what the caller asks for: the admission steps beyond ``steps_after``, Redis ``TIME``,
         the used admissions (all, and those at positions up to ``claims_through``) and the
         counters of ``skus``."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hmget(keys.sale, *ROOM_SALE_FIELDS)
-        pipe.hmget(keys.queue, *QUEUE_FIELDS)
+        commands: list[Command] = [("HMGET", keys.sale, *ROOM_SALE_FIELDS),
+                                   ("HMGET", keys.queue, *QUEUE_FIELDS)]  # fmt: skip
         if steps_after is not None:
-            pipe.zrangebyscore(keys.steps, f"({steps_after}", "+inf")
+            commands.append(("ZRANGEBYSCORE", keys.steps, f"({steps_after}", "+inf"))
         if redis_time:
-            pipe.time()
+            # The clock of the node that serves the sale, whose scripts judge its time.
+            commands.append(("EVAL", "return redis.call('TIME')", 1, keys.queue))
         if claims_through is not None:
-            pipe.zcard(keys.claims)
-            pipe.zcount(keys.claims, 1, claims_through) if claims_through > 0 else pipe.echo("0")
-        for sku in skus:
-            pipe.hmget(sku.stock, "available", "active", "paying")
-        replies = iter(await pipe.execute())
+            commands.append(("ZCARD", keys.claims))
+            commands.append(("ZCOUNT", keys.claims, 1, claims_through) if claims_through > 0
+                            else ("ECHO", "0"))  # fmt: skip
+        commands += [("HMGET", sku.stock, "available", "active", "paying") for sku in skus]
+        replies = iter(await read_packed(self.client, commands))
         snap = RoomSnapshot(QueueView.parse(next(replies), next(replies)))
         if steps_after is not None:
             snap.steps = [Step.parse(member) for member in next(replies)]

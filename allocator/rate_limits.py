@@ -8,12 +8,12 @@ timestamp, judged by Redis ``TIME`` so every gateway process shares the limit. O
 
 from __future__ import annotations
 
-import redis.asyncio as aioredis
 import redis.exceptions
 from redis.commands.core import AsyncScript
 
 from allocator.batching import Coalescer
 from allocator.redis_calls import read_packed, source
+from flashsale.clients import RedisClient
 from flashsale.errors import RateLimited
 from flashsale.keys import rate_limit_key
 from flashsale.settings import Rate
@@ -25,7 +25,7 @@ class RateLimiter:
     their answers come back in one read. A rate check per request otherwise costs a socket
     write and read of its own, which was a quarter of the gateway's CPU on joins."""
 
-    def __init__(self, client: aioredis.Redis, *, window: float = 0.001) -> None:
+    def __init__(self, client: RedisClient, *, window: float = 0.001) -> None:
         self.client = client
         self._script: AsyncScript = client.register_script(source("ratelimit"))
         # attempts=1: a GCRA call is not idempotent; a batch whose reply was lost is not sent

@@ -2,21 +2,38 @@
 client and called by EVALSHA, and commands packed in C (hiredis) for the hot and wide paths.
 
 redis-py's ``register_script`` sends EVALSHA and falls back to loading the script on NOSCRIPT,
-so a Redis restart or ``SCRIPT FLUSH`` is survived transparently; :func:`call_packed` does the
+so a Redis restart or ``SCRIPT FLUSH`` is survived transparently; :func:`send_packed` does the
 same for the commands it packs itself.
+
+This is the one place that knows whether Redis is one server or a Redis Cluster. On a cluster,
+packed commands are grouped by the node that serves their key's slot and each node's group is
+sent on one of its connections, all nodes at once. A command answered ``MOVED``, ``ASK`` or
+``TRYAGAIN`` was not run, so it is sent again through redis-py's cluster client, which follows
+the redirection; a node that failed makes the client read the cluster's slots afresh before
+the next call. Everything else in the layer uses redis-py's own commands and pipelines, which
+the cluster client routes and groups by node itself.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib.resources
-from collections.abc import Callable, Sequence
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable, Sequence
 from functools import cache
 from typing import Any, cast
 
 import hiredis
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.connection import Connection
 from redis.commands.core import AsyncScript
+from redis.crc import key_slot
+
+from flashsale.clients import RedisClient
 
 # The scripts that get lua/lib.lua prepended.
 WITH_LIB = frozenset({
@@ -25,65 +42,192 @@ WITH_LIB = frozenset({
     "rebuild_begin", "rebuild_holds", "rebuild_finish", "restore_queue",  # repairs
 })  # fmt: skip
 
+# Answers that mean the command did not run on that node: sent again through the cluster client.
+REDIRECTED = (redis.exceptions.AskError, redis.exceptions.TryAgainError)  # MovedError is an Ask
+
+Command = tuple[str | int | bytes, ...]
 
 _pack = cast(Callable[[tuple[Any, ...]], bytes], hiredis.pack_command)
 
 
-def pack_command(args: tuple[str | int | bytes, ...]) -> bytes:
+def pack_command(args: Command) -> bytes:
     """One command in the Redis protocol, packed in C (hiredis)."""
     return _pack(args)
 
 
-async def call_packed(
-    client: aioredis.Redis, script: AsyncScript, command: tuple[str | int, ...]
-) -> Any:
-    """EVALSHA ``command`` (packed by hiredis in C) on one pooled connection; load the script
-    once on NOSCRIPT. The hot paths (reserve, join) use this instead of redis-py's packer."""
-    packed = pack_command(command)
-    pool = client.connection_pool
-    for attempt in (1, 2):
-        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            await conn.send_packed_command(packed, check_health=False)
-            return await conn.read_response()
-        except redis.exceptions.NoScriptError:
-            if attempt == 2:
-                raise
-        except BaseException:
-            # Timeout or cancellation mid-reply: the connection may still hold the reply.
-            await conn.disconnect()
-            raise
-        finally:
-            await pool.release(conn)
-        await client.script_load(script.script)
-    raise AssertionError("unreachable")
+def command_key(command: Command) -> str | bytes:
+    """The key a command is routed by: the first key of EVAL/EVALSHA, else its first argument."""
+    name = command[0]
+    at = 3 if isinstance(name, str) and name.upper() in ("EVALSHA", "EVAL") else 1
+    key = command[at]
+    return key if isinstance(key, str | bytes) else str(key)
+
+
+async def call_packed(client: RedisClient, script: AsyncScript, command: Command) -> Any:
+    """EVALSHA ``command`` (packed by hiredis in C) on one pooled connection, the node's that
+    serves its key on a cluster; load the script once on NOSCRIPT. The hot paths (reserve,
+    join) use this instead of redis-py's packer. An error answer is raised."""
+    [reply] = await send_packed(client, [command], script=script)
+    return reply
 
 
 async def read_packed(
-    client: aioredis.Redis, commands: Sequence[tuple[str | int, ...]], *, chunk: int = 5000
+    client: RedisClient, commands: Sequence[Command], *, chunk: int = 5000
 ) -> list[Any]:
-    """Send read-only ``commands`` pipelined (packed by hiredis in C, ``chunk`` per write) on
-    one pooled connection; their replies in order. For wide reads such as one command per
-    SKU of a sale: redis-py's pipeline packs argument by argument in Python."""
-    pool = client.connection_pool
-    conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-    replies: list[Any] = []
-    try:
-        for start in range(0, len(commands), chunk):
-            part = commands[start : start + chunk]
-            if not start and _closed_by_server(conn):
-                # It died while idle in the pool (Redis restarted, the connection was killed):
-                # connect afresh before sending, since nothing may be sent twice here.
-                await conn.disconnect()
-            await conn.send_packed_command(b"".join(pack_command(c) for c in part),
-                                           check_health=False)  # fmt: skip
-            replies += [await conn.read_response() for _ in part]
-    except BaseException:
-        await conn.disconnect()  # replies may be left unread on it
-        raise
-    finally:
-        await pool.release(conn)
+    """Send ``commands`` pipelined (packed by hiredis in C, ``chunk`` per write) and return their
+    replies in order; the first error answer is raised, after every reply was read. For wide
+    reads such as one command per SKU of a sale: redis-py's pipeline packs argument by
+    argument in Python."""
+    return await send_packed(client, commands, chunk=chunk)
+
+
+async def send_packed(
+    client: RedisClient,
+    commands: Sequence[Command],
+    *,
+    script: AsyncScript | None = None,
+    chunk: int = 5000,
+) -> list[Any]:
+    """The engine of :func:`call_packed` and :func:`read_packed`: ``commands`` packed, one
+    connection per node, every node at once; replies in the order of ``commands``.
+
+    What may be sent twice here is only what did not run: a ``NOSCRIPT`` answer (``script`` is
+    loaded, then those commands go again) and, on a cluster, a redirection. A connection that
+    fails mid-way is not retried: some of its commands may have run. Raises the first error
+    answer that remains."""
+    replies: list[Any] = [None] * len(commands)
+    if isinstance(client, aioredis.RedisCluster):
+        await client.initialize()  # a no-op unless the slots are to be read (afresh)
+    groups = _by_node(client, commands)
+    answers = await asyncio.gather(*(_send_group(client, node, [commands[i] for i in indexes],
+                                                 chunk) for node, indexes in groups))  # fmt: skip
+    for (_, indexes), answered in zip(groups, answers, strict=True):
+        for i, reply in zip(indexes, answered, strict=True):
+            replies[i] = reply
+    if script is not None:
+        again = [i for i, r in enumerate(replies) if isinstance(r, redis.exceptions.NoScriptError)]
+        if again:
+            await client.script_load(script.script)  # on a cluster: on every primary
+            retried = await send_packed(client, [commands[i] for i in again], chunk=chunk)
+            for i, reply in zip(again, retried, strict=True):
+                replies[i] = reply
+    if isinstance(client, aioredis.RedisCluster):
+        for i, reply in enumerate(replies):
+            if isinstance(reply, REDIRECTED):
+                try:
+                    replies[i] = await client.execute_command(*commands[i])
+                except redis.exceptions.ResponseError as exc:
+                    replies[i] = exc
+    for reply in replies:
+        if isinstance(reply, redis.exceptions.ResponseError):
+            raise reply
     return replies
+
+
+def _by_node(
+    client: RedisClient, commands: Sequence[Command]
+) -> list[tuple[ClusterNode | None, list[int]]]:
+    """The indexes of ``commands`` grouped by the cluster node serving each one's slot (one
+    group with no node on a single server)."""
+    if not isinstance(client, aioredis.RedisCluster):
+        return [(None, list(range(len(commands))))]
+    encode = cast(Callable[[str | bytes], bytes], client.get_encoder().encode)
+    manager = client.nodes_manager
+    groups: dict[str, tuple[ClusterNode | None, list[int]]] = {}
+    for i, command in enumerate(commands):
+        node = manager.get_node_from_slot(key_slot(encode(command_key(command))))
+        groups.setdefault(node.name, (node, []))[1].append(i)
+    return list(groups.values())
+
+
+async def _send_group(
+    client: RedisClient, node: ClusterNode | None, commands: list[Command], chunk: int
+) -> list[Any]:
+    """``commands`` on one connection (of ``node`` on a cluster); an error answer is returned
+    in its place, so that every reply is read."""
+    replies: list[Any] = []
+    async with _connection(client, node) as conn:
+        try:
+            for start in range(0, len(commands), chunk):
+                part = commands[start : start + chunk]
+                if not start and _closed_by_server(conn):
+                    # It died while idle in the pool (Redis restarted, the connection was
+                    # killed): connect afresh before sending, since nothing may be sent twice.
+                    await conn.disconnect()
+                await conn.send_packed_command(b"".join(pack_command(c) for c in part),
+                                               check_health=False)  # fmt: skip
+                for _ in part:
+                    try:
+                        replies.append(await conn.read_response())
+                    except redis.exceptions.ResponseError as exc:  # read whole: the rest follows
+                        replies.append(exc)
+        except BaseException as exc:
+            await conn.disconnect()  # replies may be left unread on it
+            if node is not None and isinstance(
+                exc, redis.exceptions.ConnectionError | TimeoutError
+            ):
+                assert isinstance(client, aioredis.RedisCluster)
+                await _relearn_slots(client, node)
+            raise
+    return replies
+
+
+@contextlib.asynccontextmanager
+async def _connection(client: RedisClient, node: ClusterNode | None) -> AsyncIterator[Connection]:
+    """A connection of the single server's pool (waiting for one if all are busy), or of the
+    cluster node's."""
+    if node is None:
+        assert isinstance(client, aioredis.Redis)
+        pool = client.connection_pool
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            yield conn
+        finally:
+            await pool.release(conn)
+    else:
+        assert isinstance(client, aioredis.RedisCluster)
+        async with _gate(client, node):
+            conn = node.acquire_connection()
+            try:
+                yield conn
+            finally:
+                node.release(conn)
+
+
+# redis-py's cluster nodes refuse a connection beyond their pool's size instead of waiting for
+# one, so packed calls take at most half a node's pool and wait their turn beyond it (as the
+# single server's blocking pool makes them); the other half is left to redis-py's own calls.
+_GATES: weakref.WeakKeyDictionary[aioredis.RedisCluster, dict[str, asyncio.Semaphore]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _gate(client: aioredis.RedisCluster, node: ClusterNode) -> asyncio.Semaphore:
+    gates = _GATES.setdefault(client, {})
+    gate = gates.get(node.name)
+    if gate is None:
+        gate = gates[node.name] = asyncio.Semaphore(max(1, node.max_connections // 2))
+    return gate
+
+
+# When each cluster client last read the cluster's slots after a node failed, so that a
+# burst of failures on one node reads them once, not once per caller.
+_RELEARNED: weakref.WeakKeyDictionary[aioredis.RedisCluster, float] = weakref.WeakKeyDictionary()
+RELEARN_EVERY_S = 0.5
+
+
+async def _relearn_slots(client: aioredis.RedisCluster, failed: ClusterNode) -> None:
+    """After ``failed`` stopped answering: try it last and read the slots again (a failover
+    moves them to its replica), at most every ``RELEARN_EVERY_S``. If no node answers, the
+    next call tries again; the caller's error stands either way."""
+    now = time.monotonic()
+    if now - _RELEARNED.get(client, 0.0) < RELEARN_EVERY_S:
+        return
+    _RELEARNED[client] = now
+    manager = client.nodes_manager
+    manager.move_node_to_end_of_cached_nodes(failed.name)
+    with contextlib.suppress(redis.exceptions.RedisError, OSError):
+        await manager.initialize(last_failed_node_name=failed.name)
 
 
 def _closed_by_server(conn: Any) -> bool:

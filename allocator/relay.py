@@ -22,10 +22,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
 import redis.exceptions
 from aiokafka import AIOKafkaProducer
 
+from flashsale.clients import RedisClient
 from flashsale.events import encode_event, message_key, outbox_events
 from flashsale.kafka import publish
 from flashsale.keys import SkuKeys
@@ -55,7 +55,7 @@ class OutboxRelay:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         producer: AIOKafkaProducer,
         topic: str,
         dead_letter_topic: str,

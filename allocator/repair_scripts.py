@@ -7,11 +7,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 from allocator.redis_calls import source
 from allocator.sale_scripts import StockCounts
+from flashsale.clients import RedisClient
 from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.records import text
 
@@ -44,7 +44,7 @@ class RebuildResult:
 class RepairScripts:
     """The reconciler's scripts: rebuild a SKU from Postgres, restore a waiting room."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: RedisClient) -> None:
         self.client = client
         self._begin: AsyncScript = client.register_script(source("rebuild_begin"))
         self._holds: AsyncScript = client.register_script(source("rebuild_holds"))

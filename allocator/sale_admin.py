@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-import redis.asyncio as aioredis
 
 from allocator.sale_scripts import PreloadResult, SaleScripts
+from flashsale.clients import RedisClient
 from flashsale.errors import Conflict, InvalidInput, NotFound
 from flashsale.keys import ID_PATTERN, SaleKeys, SkuKeys
 from flashsale.sales import (
@@ -34,11 +34,11 @@ class SaleAdmin:
     """Merchandiser operations over one Postgres pool and one Redis client."""
 
     pool: asyncpg.Pool
-    redis: aioredis.Redis
+    redis: RedisClient
     scripts: SaleScripts
 
     @classmethod
-    def build(cls, pool: asyncpg.Pool, client: aioredis.Redis) -> SaleAdmin:
+    def build(cls, pool: asyncpg.Pool, client: RedisClient) -> SaleAdmin:
         return cls(pool, client, SaleScripts(client))
 
     # -- reads ---------------------------------------------------------------------------

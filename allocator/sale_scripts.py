@@ -8,10 +8,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 from allocator.redis_calls import source
+from flashsale.clients import RedisClient
 from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.records import integer, text
 
@@ -44,7 +44,7 @@ class PreloadResult:
 class SaleScripts:
     """The sale-configuration scripts registered on one client."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: RedisClient) -> None:
         self.client = client
         self._preload: AsyncScript = client.register_script(source("preload"))
         self._set_status: AsyncScript = client.register_script(source("set_status"))

@@ -20,7 +20,6 @@ import socket
 import time
 
 import asyncpg
-import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -29,7 +28,7 @@ from allocator.pump import AdmissionPump
 from allocator.queue_scripts import QueueScripts
 from allocator.relay import OutboxRelay, run_relay
 from allocator.sweeper import run_sweeper
-from flashsale.clients import pg_pool, redis_client
+from flashsale.clients import RedisClient, pg_pool, redis_client
 from flashsale.kafka import ensure_topics, producer
 from flashsale.keys import SkuKeys
 from flashsale.ops_endpoints import KafkaProbe, dependency_probes, serve_ops
@@ -115,7 +114,7 @@ class AllocatorService:
         self.marks = QueueMarks(f"pump:{self.owner}")
         self.holding_skus: list[SkuKeys] = []  # of HOLDING_SALES: swept and relayed
         self.relay: OutboxRelay | None = None
-        self.redis: aioredis.Redis | None = None
+        self.redis: RedisClient | None = None
         self.pool: asyncpg.Pool | None = None
 
     async def run(

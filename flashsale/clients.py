@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -18,11 +18,18 @@ from flashsale.errors import Unavailable
 from flashsale.payments import HttpProvider, PaymentProvider
 from flashsale.settings import Settings
 
+# What every Redis caller takes: one server, or a Redis Cluster (FLASHSALE_REDIS_CLUSTER=1).
+# Single-key commands, scripts and redis-py pipelines work on both; commands packed in C go
+# through allocator.redis_calls, which groups them by node.
+RedisClient: TypeAlias = aioredis.Redis | aioredis.RedisCluster
+
 
 def redis_client(
-    settings: Settings, *, max_connections: int = 64, wait_s: float = 5.0, **options: Any
-) -> aioredis.Redis:
-    """An asyncio Redis client (bytes responses) for ``REDIS_URL``.
+    settings: Settings, *, max_connections: int = 64, wait_s: float | None = 5.0, **options: Any
+) -> RedisClient:
+    """An asyncio Redis client (bytes responses) for ``REDIS_URL``; with
+    ``FLASHSALE_REDIS_CLUSTER=1`` a :class:`redis.asyncio.RedisCluster` that learns the
+    cluster's nodes and slots from the node ``REDIS_URL`` names (:func:`cluster_client`).
 
     Its pool holds at most ``max_connections``; a caller beyond that waits up to ``wait_s`` for
     one to come back instead of failing (a spike queues here briefly, it does not open
@@ -40,10 +47,32 @@ def redis_client(
     options.setdefault("socket_connect_timeout", 2.0)
     options.setdefault("retry", Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 2))
     options.setdefault("health_check_interval", 15)
+    if settings.redis_cluster:
+        return cluster_client(settings, max_connections=max_connections, **options)
     pool = aioredis.BlockingConnectionPool.from_url(
         settings.require_redis(), max_connections=max_connections, timeout=wait_s, **options
     )
     return aioredis.Redis.from_pool(pool)
+
+
+def cluster_client(
+    settings: Settings, *, max_connections: int = 64, **options: Any
+) -> aioredis.RedisCluster:
+    """A Redis Cluster client seeded by the node of ``REDIS_URL``.
+
+    redis-py follows ``MOVED`` and ``ASK``, waits out ``TRYAGAIN`` and relearns the slots after
+    a failover (``CLUSTERDOWN``, a node that stopped answering). Its ``retry`` is the cluster
+    client's: a command whose node failed is sent again, after the topology was read afresh,
+    at most twice. A node's pool does not wait for a free connection as the single server's
+    does (redis-py's cluster pools refuse at their limit), so each holds up to four times
+    ``max_connections``.
+    """
+    retry = options.pop("retry")
+    options.pop("health_check_interval", None)  # the cluster client checks its nodes itself
+    return aioredis.RedisCluster.from_url(
+        settings.require_redis(), max_connections=4 * max_connections, retry=retry,
+        require_full_coverage=False, **options,
+    )  # fmt: skip
 
 
 async def pg_pool(
@@ -70,7 +99,7 @@ class Clients:
     the payment provider (None otherwise)."""
 
     pool: asyncpg.Pool
-    redis: aioredis.Redis
+    redis: RedisClient
     provider: PaymentProvider | None
 
 

@@ -19,11 +19,11 @@ from collections.abc import Awaitable, Callable, Mapping
 
 import asyncpg
 import orjson
-import redis.asyncio as aioredis
 from aiohttp import web
 from aiokafka.client import AIOKafkaClient
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
+from flashsale.clients import RedisClient
 from flashsale.settings import Settings
 
 PING_TIMEOUT_S = 2.0
@@ -61,7 +61,7 @@ class KafkaProbe:
 
 
 def dependency_probes(
-    redis: aioredis.Redis, pool: asyncpg.Pool, kafka: KafkaProbe | None = None
+    redis: RedisClient, pool: asyncpg.Pool, kafka: KafkaProbe | None = None
 ) -> dict[str, Probe]:
     """The probes of a service's long-lived clients, by dependency name."""
     probes: dict[str, Probe] = {"redis": redis.ping, "postgres": lambda: pool.fetchval("SELECT 1")}

@@ -13,7 +13,9 @@ outage: the same request can succeed later. Read from the libraries' own excepti
   ``InternalClientError``: the protocol surprised by a server going away), except those about
   the client's own configuration.
 * **Redis** (redis-py): connection errors (loading included), timeouts, ``READONLY`` (a
-  replica after a failover), ``OOM``, ``TRYAGAIN`` and a ``BUSY`` script.
+  replica after a failover), ``OOM``, ``TRYAGAIN`` and a ``BUSY`` script; on a Redis Cluster
+  also ``CLUSTERDOWN``, a slot no node serves (mid-failover), redirections that never
+  settled, and a cluster none of whose known nodes answers.
 * **The rest**: ``OSError`` (refused, reset, timed out), the broker's errors, the payment
   provider's open circuit, and the engine's own :class:`~flashsale.errors.Unavailable`.
 * **uvloop's closed transport**: writing to a connection the peer reset raises
@@ -54,11 +56,14 @@ _ALWAYS = (
     redis.exceptions.OutOfMemoryError,
     redis.exceptions.TryAgainError,
     redis.exceptions.ClusterDownError,
+    redis.exceptions.SlotNotCoveredError,
+    redis.exceptions.ClusterError,  # "TTL exhausted": redirected too many times
     asyncpg.InternalClientError,
 )
 
 
 _CLOSED_TRANSPORT = "the handler is closed"
+_NO_CLUSTER_NODE = "Redis Cluster cannot be connected"
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -75,6 +80,8 @@ def is_outage(exc: BaseException) -> bool:
         return not isinstance(exc, _CLIENT_MISCONFIGURED)
     if isinstance(exc, redis.exceptions.ResponseError):
         return str(exc).startswith("BUSY")
+    if isinstance(exc, redis.exceptions.RedisClusterException):
+        return str(exc).startswith(_NO_CLUSTER_NODE)
     return False
 
 

@@ -168,6 +168,8 @@ class Settings:
 
     home: Path
     redis_url: str | None = None
+    # FLASHSALE_REDIS_CLUSTER=1: REDIS_URL names one node of a Redis Cluster (any node).
+    redis_cluster: bool = False
     database_url: str | None = None
     kafka_bootstrap: str | None = None
     admin_token: Secret = Secret("")
@@ -214,6 +216,7 @@ class Settings:
         settings = cls(
             home=home,
             redis_url=pick("REDIS_URL"),
+            redis_cluster=_flag(pick("FLASHSALE_REDIS_CLUSTER"), "FLASHSALE_REDIS_CLUSTER"),
             database_url=pick("DATABASE_URL"),
             kafka_bootstrap=pick("KAFKA_BOOTSTRAP"),
             admin_token=Secret(pick("FLASHSALE_ADMIN_TOKEN") or ""),
@@ -264,11 +267,22 @@ class Settings:
     def __repr__(self) -> str:
         return (
             f"Settings(home={str(self.home)!r}, redis_url={mask_url(self.redis_url)!r}, "
+            f"redis_cluster={self.redis_cluster!r}, "
             f"database_url={mask_url(self.database_url)!r}, "
             f"kafka_bootstrap={self.kafka_bootstrap!r}, admin_token={self.admin_token!r}, "
             f"secret={self.secret!r}, buyer_token_secret={self.buyer_token_secret!r}, "
             f"log_level={self.log_level!r})"
         )
+
+
+def _flag(value: str | None, name: str) -> bool:
+    """A yes/no setting: unset, ``0``, ``false`` or ``no`` is off; ``1``, ``true``, ``yes`` on."""
+    word = (value or "").strip().lower()
+    if word in ("", "0", "false", "no"):
+        return False
+    if word in ("1", "true", "yes"):
+        return True
+    raise ConfigError(f"{name} must be 1 or 0 (got {value!r})")
 
 
 def _require(value: str | None, name: str) -> str:

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
-import redis.asyncio as aioredis
 
+from flashsale.clients import RedisClient
 from flashsale.errors import NotFound, PaymentError, Unavailable
 from flashsale.kafka import consumer_lag
 from flashsale.keys import SaleKeys, SkuKeys
@@ -93,7 +93,7 @@ class AuditReport:
 
 async def audit_sale(
     pool: asyncpg.Pool,
-    client: aioredis.Redis,
+    client: RedisClient,
     provider: PaymentProvider | None,
     settings: Settings,
     sale_id: str,
@@ -139,7 +139,7 @@ async def audit_sale(
     return AuditReport(sale_id, invariants, facts)
 
 
-async def _redis_state(client: aioredis.Redis, sale_id: str, skus: list[str]) -> dict[str, Any]:
+async def _redis_state(client: RedisClient, sale_id: str, skus: list[str]) -> dict[str, Any]:
     pipe = client.pipeline(transaction=False)
     for sku in skus:
         keys = SkuKeys(sale_id, sku)
@@ -340,13 +340,13 @@ async def _admission(pool: asyncpg.Pool, sale_id: str, orders: list[Any],
     return inv
 
 
-async def _converges(pool: asyncpg.Pool, client: aioredis.Redis, sale_id: str) -> Invariant:
+async def _converges(pool: asyncpg.Pool, client: RedisClient, sale_id: str) -> Invariant:
     inv = Invariant("8. reconciliation converges: a pass now would change nothing")
     inv.check("would_repair", await would_repair(pool, client, [sale_id]))
     return inv
 
 
-async def would_repair(pool: asyncpg.Pool, client: aioredis.Redis,
+async def would_repair(pool: asyncpg.Pool, client: RedisClient,
                        sales: Sequence[str]) -> list[str]:  # fmt: skip
     """What a reconcile pass would repair now, described, from the checks' detection alone
     (nothing is written). The provider's side is left out: it needs the provider."""

@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from functools import partial
 
 import asyncpg
-import redis.asyncio as aioredis
 
 from allocator.hold_scripts import HoldScripts
 from allocator.redis_calls import read_packed
+from flashsale.clients import RedisClient
 from flashsale.errors import PaymentError
 from flashsale.keys import SkuKeys
 from flashsale.payments import PaymentProvider
@@ -41,7 +41,7 @@ class OrphanHolds:
     """Holds no order will follow, over one Postgres pool, one Redis client and the payment
     provider (None: PAYING holds are reported unresolved)."""
 
-    def __init__(self, pool: asyncpg.Pool, client: aioredis.Redis,
+    def __init__(self, pool: asyncpg.Pool, client: RedisClient,
                  provider: PaymentProvider | None, *, grace_s: float) -> None:  # fmt: skip
         self.pool = pool
         self.client = client

@@ -36,11 +36,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import asyncpg
-import redis.asyncio as aioredis
 
 from allocator.hold_scripts import HoldScripts
 from allocator.repair_scripts import HoldWrite, RepairScripts
 from allocator.sale_scripts import StockCounts
+from flashsale.clients import RedisClient
 from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.orders import STATE_CAUSE
 from flashsale.queue_marks import Mark, highest
@@ -139,14 +139,14 @@ class MalformedHolds(ValueError):
     and stays closed until a person looks."""
 
 
-async def _hold_map(client: aioredis.Redis, keys: SkuKeys) -> dict[str, bytes]:
+async def _hold_map(client: RedisClient, keys: SkuKeys) -> dict[str, bytes]:
     raw = await client.hgetall(keys.holds)
     return {text(k): (v if isinstance(v, bytes) else v.encode()) for k, v in raw.items()}
 
 
 async def rebuild_sku(
     pool: asyncpg.Pool,
-    client: aioredis.Redis,
+    client: RedisClient,
     keys: SkuKeys,
     *,
     attempts: int = 3,
@@ -198,7 +198,7 @@ async def rebuild_sku(
 
 
 async def _make_room(
-    pool: asyncpg.Pool, client: aioredis.Redis, scripts: HoldScripts, keys: SkuKeys, units: int
+    pool: asyncpg.Pool, client: RedisClient, scripts: HoldScripts, keys: SkuKeys, units: int
 ) -> list[str]:
     """Release the newest ACTIVE holds Postgres has no order for, until ``units`` are free.
     Redis is read first, and only holds still ACTIVE are released: one that a worker has
@@ -233,7 +233,7 @@ WHERE sale_id = $1 AND admission_id ~ '^[0-9]+$' AND idempotency_key <> ''
 
 
 async def restore_queue(
-    pool: asyncpg.Pool, client: aioredis.Redis, sale_id: str
+    pool: asyncpg.Pool, client: RedisClient, sale_id: str
 ) -> tuple[Mark, tuple[int, int, int | None]]:
     """Reopen a sale's waiting room at no less than the checkpointed marks, with the claims
     of its orders; (the marks used, (tail, serving, cutoff) as restored)."""

@@ -26,10 +26,10 @@ from collections.abc import Sequence
 
 import asyncpg
 import orjson
-import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
 from allocator.hold_scripts import HoldScripts
+from flashsale.clients import RedisClient
 from flashsale.keys import SkuKeys
 from flashsale.orders import OrderStore
 from flashsale.payments import PaymentProvider
@@ -55,7 +55,7 @@ class Reconciler:
     def __init__(
         self,
         pool: asyncpg.Pool,
-        client: aioredis.Redis,
+        client: RedisClient,
         provider: PaymentProvider | None,
         order_events_topic: str,
         *,

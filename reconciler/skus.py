@@ -16,10 +16,10 @@ from functools import partial
 from typing import Any
 
 import asyncpg
-import redis.asyncio as aioredis
 
 from allocator.redis_calls import read_packed
 from allocator.sale_scripts import STOCK_FIELDS, SaleScripts, StockCounts
+from flashsale.clients import RedisClient
 from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.records import text
 from flashsale.sales import fetch_sale, fetch_skus, sale_hash
@@ -69,7 +69,7 @@ def sku_reads(rows: Sequence[asyncpg.Record]) -> list[tuple[str | int, ...]]:
 class SkuChecks:
     """SKU drift over one Postgres pool and one Redis client."""
 
-    def __init__(self, pool: asyncpg.Pool, client: aioredis.Redis) -> None:
+    def __init__(self, pool: asyncpg.Pool, client: RedisClient) -> None:
         self.pool = pool
         self.client = client
         self.scripts = SaleScripts(client)

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from functools import partial
 
 import asyncpg
-import redis.asyncio as aioredis
 
+from flashsale.clients import RedisClient
 from flashsale.keys import SaleKeys
 from flashsale.queue_marks import Mark, highest
 from flashsale.records import integer
@@ -27,7 +27,7 @@ _FIELDS = ("live", "tail", "serving", "pre", "cutoff", "sealed", "shuffled", "so
 class WaitingRooms:
     """Waiting-room drift over one Postgres pool and one Redis client."""
 
-    def __init__(self, pool: asyncpg.Pool, client: aioredis.Redis, *, grace_s: float) -> None:
+    def __init__(self, pool: asyncpg.Pool, client: RedisClient, *, grace_s: float) -> None:
         self.pool = pool
         self.client = client
         self.grace_s = grace_s

@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import asyncpg
-import redis.asyncio as aioredis
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
@@ -35,7 +34,7 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from allocator.hold_scripts import HoldScripts
-from flashsale.clients import pg_pool, redis_client
+from flashsale.clients import RedisClient, pg_pool, redis_client
 from flashsale.events import ReservationEvent, decode_event, event_id
 from flashsale.kafka import ensure_topics, producer
 from flashsale.ops_endpoints import dependency_probes, serve_ops
@@ -292,7 +291,7 @@ class WorkerService:
             ))  # fmt: skip
         await asyncio.gather(*sends)
 
-    async def _serve_ops(self, host: str, port: int, redis: aioredis.Redis, pool: asyncpg.Pool,
+    async def _serve_ops(self, host: str, port: int, redis: RedisClient, pool: asyncpg.Pool,
                          consumer: AIOKafkaConsumer) -> web.AppRunner:  # fmt: skip
         async def broker() -> object:
             return await consumer.topics()
