@@ -45,6 +45,17 @@ def port_number(field: str, value: str) -> int:
     return int(port)
 
 
+def within(field: str, value: str, low: int, high: int) -> int:
+    """A whole number within ``low..high``."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise InvalidInput(field, f"must be a whole number, got {value!r}") from None
+    if not low <= number <= high:
+        raise InvalidInput(field, f"must be within {low}..{high}, got {value!r}")
+    return number
+
+
 def sale_id(field: str, value: str) -> str:
     if not ID_PATTERN.match(value):
         raise InvalidInput(field, f"not a sale id: {value!r}")

@@ -9,9 +9,11 @@ from collections.abc import Callable
 
 import asyncpg
 
+from flashsale.cli.checks import within
+from flashsale.cli.devstack.redis_cluster import Layout
 from flashsale.cli.devstack.stack import DevStack
 from flashsale.cli.output import out
-from flashsale.errors import Unavailable
+from flashsale.errors import InvalidInput, Unavailable
 from flashsale.kafka import ensure_topics
 from flashsale.migrate import migrate
 from flashsale.settings import Settings
@@ -20,7 +22,13 @@ from flashsale.settings import Settings
 def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
     stack = DevStack(settings.home)
     if args.dev_command == "up":
-        seconds = stack.up(timeout=args.timeout)
+        layout = None
+        if args.redis_cluster is not None:
+            layout = Layout(within("redis-cluster", args.redis_cluster, 3, 16),
+                            within("replicas", args.replicas, 0, 2))  # fmt: skip
+        elif args.replicas != "0":
+            raise InvalidInput("replicas", "needs --redis-cluster N")
+        seconds = stack.up(timeout=args.timeout, cluster=layout)
         out(f"stack ready in {seconds:.1f}s; env in {stack.env_file}")
         out('use it from a shell with: eval "$(flashsale dev env)"')
         return 0
@@ -67,6 +75,18 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     dev_sub = dev.add_subparsers(dest="dev_command", required=True, metavar="ACTION")
     up = dev_sub.add_parser("up", help="start (or reuse) the stack; write .flashsale/dev.env")
     up.add_argument("--timeout", type=float, default=30.0, help="seconds to wait (default 30)")
+    up.add_argument(
+        "--redis-cluster", metavar="N",
+        help="run Redis as a Redis Cluster of N primaries (3..16) on loopback; kept for this "
+        "FLASHSALE_HOME until `dev down --purge`. `dev env` then exports "
+        "FLASHSALE_REDIS_CLUSTER=1",
+    )  # fmt: skip
+    up.add_argument(
+        "--replicas",
+        metavar="R",
+        default="0",
+        help="replicas of each primary, 0..2 (default 0), with --redis-cluster",
+    )
     down = dev_sub.add_parser("down", help="stop the stack cleanly")
     down.add_argument("--purge", action="store_true", help="also delete its data and secrets")
     dev_sub.add_parser("status", help="what runs where (exit 3 if something is down)")

@@ -51,21 +51,33 @@ def _bindable(port: int) -> bool:
         return True
 
 
-def free_port(preferred: int | None = None, *, patience: float = 0.0) -> int:
+def free_port(preferred: int | None = None, *, patience: float = 0.0, partner: int = 0) -> int:
     """A free loopback TCP port outside the ephemeral range; ``preferred`` when it is free, or
     becomes free within ``patience`` seconds (a restart keeps its port, and dev.env stays
-    true)."""
+    true). With ``partner``, the port ``partner`` above it is free and outside that range
+    too (a Redis Cluster node's bus listens 10,000 above its port)."""
+
+    def usable(port: int) -> bool:
+        if not partner:
+            return _bindable(port)
+        low, high = _ephemeral()
+        other = port + partner
+        return other <= 65_535 and not low <= other <= high and _bindable(port) and \
+            _bindable(other)  # fmt: skip
+
     if preferred:
         deadline = time.monotonic() + patience
         while True:
-            if _bindable(preferred):
+            if usable(preferred):
                 return preferred
             if time.monotonic() >= deadline:
                 break
             time.sleep(0.1)
     for port in _candidates():
-        if _bindable(port):
+        if usable(port):
             return port
+    if partner:
+        raise StackError(f"no free loopback port P with P+{partner} free too")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         found: int = sock.getsockname()[1]

@@ -9,6 +9,11 @@ reuses what is already running.
 Binaries come from :mod:`flashsale.cli.devstack.binaries`. Servers are started detached
 (:mod:`flashsale.cli.devstack.processes`) so they outlive the command that started them;
 ``stack.json`` records pid, port and binary of each.
+
+``dev up --redis-cluster N [--replicas R]`` makes Redis a Redis Cluster of N primaries with R
+replicas each (:mod:`flashsale.cli.devstack.redis_cluster`); the layout is kept in the home, so
+later commands (``up`` again, ``status``, ``down``) cover every node. A stack lives in its
+home (``FLASHSALE_HOME``), so a cluster stack and a single-server one can run side by side.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from pathlib import Path
 
 import asyncpg
 
+from flashsale.cli.devstack import redis_cluster
 from flashsale.cli.devstack.binaries import find_postgres, find_redis, find_tansu
 from flashsale.cli.devstack.errors import StackError
 from flashsale.cli.devstack.pings import PINGS
@@ -80,6 +86,17 @@ class DevStack:
         self.state_file = home / "stack.json"
         self.secrets_file = home / "secrets.json"
         self.env_file = home / DEV_ENV_FILE
+        self.layout_file = home / "redis-cluster.json"
+
+    @property
+    def layout(self) -> redis_cluster.Layout | None:
+        """The Redis Cluster layout of this stack; None for a single Redis server."""
+        return redis_cluster.Layout.load(self.layout_file)
+
+    def names(self) -> list[str]:
+        """The stack's servers: ``redis`` (or every node of its cluster), postgres, kafka."""
+        layout = self.layout
+        return [*(layout.names() if layout else ["redis"]), "postgres", "kafka"]
 
     # -- state ---------------------------------------------------------------------------
 
@@ -128,8 +145,9 @@ class DevStack:
         """The server's URL from the environment, unless it is this stack's own: a process
         that took its URLs from dev.env (a test session, ``eval $(flashsale dev env)``) must
         not make ``up`` rewrite dev.env without them."""
-        value = self.environ.get(EXTERNAL_VAR[name]) or None
+        value = self.environ.get(EXTERNAL_VAR[_kind(name)]) or None
         if value is not None:
+            name = _kind(name)  # REDIS_URL names the first node of a cluster
             own = self._load().get(name)
             if own is not None and value == self.url(name, own.port):
                 return None
@@ -137,7 +155,7 @@ class DevStack:
 
     def url(self, name: str, port: int) -> str:
         keys = self._secrets()
-        if name == "redis":
+        if _kind(name) == "redis":
             return f"redis://:{keys['redis_password']}@127.0.0.1:{port}/0"
         if name == "postgres":
             return f"postgresql://postgres:{keys['postgres_password']}@127.0.0.1:{port}/{DATABASE}"
@@ -145,8 +163,15 @@ class DevStack:
 
     # -- up ------------------------------------------------------------------------------
 
-    def up(self, timeout: float = 30.0, progress: Callable[[str], None] = print) -> float:
-        """Start (or reuse) every embedded server and wait until each answers a real ping.
+    def up(
+        self,
+        timeout: float = 30.0,
+        progress: Callable[[str], None] = print,
+        *,
+        cluster: redis_cluster.Layout | None = None,
+    ) -> float:
+        """Start (or reuse) every embedded server and wait until each answers a real ping;
+        with ``cluster``, Redis is a Redis Cluster of that layout (formed on first start).
 
         Returns the seconds it took. Raises :class:`StackError` with the failing server's log
         tail; servers this call started are stopped again on failure.
@@ -155,11 +180,12 @@ class DevStack:
         with self._locked():
             self._secrets()
             state = self._load()
+            self._settle_layout(cluster, state)
             started: list[str] = []
             try:
-                for name in SERVERS:
+                for name in self.names():
                     if self.external(name):
-                        progress(f"{name:9} external ({EXTERNAL_VAR[name]})")
+                        progress(f"{name:9} external ({EXTERNAL_VAR[_kind(name)]})")
                         continue
                     current = state.get(name)
                     if current and pid_alive(current.pid, current.binary):
@@ -169,9 +195,16 @@ class DevStack:
                     started.append(name)
                     self._save(state)
                 asyncio.run(self._wait_ready(state, began + timeout))
+                layout = self.layout
+                if layout is not None and not self.external("redis"):
+                    ports = [state[n].port for n in layout.names()]
+                    password = self._secrets()["redis_password"]
+                    if asyncio.run(redis_cluster.form(layout, ports, password, began + timeout)):
+                        progress(f"redis     formed a cluster of {layout.primaries} primaries "
+                                 f"with {layout.replicas} replica(s) each")  # fmt: skip
             except BaseException:
                 for name in started:
-                    stop_pid(state[name].pid, _STOP_SIGNAL[name])
+                    stop_pid(state[name].pid, _STOP_SIGNAL[_kind(name)])
                     state.pop(name, None)
                 self._save(state)
                 raise
@@ -181,18 +214,40 @@ class DevStack:
             progress(f"{name:9} started pid {state[name].pid} on port {state[name].port}")
         return elapsed
 
+    def _settle_layout(
+        self, cluster: redis_cluster.Layout | None, state: dict[str, ServerState]
+    ) -> None:
+        """Record ``cluster`` for a stack that has no Redis yet; refuse a change of layout on
+        one that has (its data belongs to the other layout)."""
+        current = self.layout
+        if cluster is None or cluster == current:
+            return
+        has_redis = any(_kind(name) == "redis" for name in state) or (self.home / "redis").exists()
+        if has_redis:
+            now = (f"a Redis Cluster of {current.primaries} primaries" if current
+                   else "a single Redis server")  # fmt: skip
+            raise StackError(
+                f"the stack in {self.home} already runs {now}; stop it with "
+                "`flashsale dev down --purge`, or give the other layout its own FLASHSALE_HOME"
+            )
+        self.home.mkdir(parents=True, exist_ok=True)
+        cluster.save(self.layout_file)
+
     def _start(self, name: str, preferred_port: int | None) -> ServerState:
-        port = free_port(preferred_port, patience=10.0)
-        if name == "redis":
-            return self._start_redis(port)
+        bus = redis_cluster.BUS_OFFSET if self.layout and _kind(name) == "redis" else 0
+        port = free_port(preferred_port, patience=10.0, partner=bus)
+        if _kind(name) == "redis":
+            return self._start_redis(name, port)
         if name == "postgres":
             return self._start_postgres(port)
         return self._start_kafka(port)
 
-    def _start_redis(self, port: int) -> ServerState:
+    def _start_redis(self, name: str, port: int) -> ServerState:
         binary, version = find_redis()
-        data = self.home / "redis"
+        data = self.data_dir(name)
         data.mkdir(parents=True, exist_ok=True)
+        password = self._secrets()["redis_password"]
+        cluster = redis_cluster.node_config(port, data, password) if self.layout else ""
         conf = data / "redis.conf"
         # The password lives in a 0600 file, not on the command line where `ps` shows it.
         fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -200,8 +255,8 @@ class DevStack:
             handle.write(
                 f"port {port}\nbind 127.0.0.1\ndir {data}\ndaemonize no\n"
                 'appendonly yes\nappendfsync everysec\nsave ""\n'
-                f"requirepass {self._secrets()['redis_password']}\n"
-                "maxmemory-policy noeviction\n"
+                f"requirepass {password}\n"
+                "maxmemory-policy noeviction\n" + cluster
             )
         log = data / "redis.log"
         pid = spawn_detached([binary, str(conf)], log)
@@ -283,7 +338,7 @@ class DevStack:
                 try:
                     if name == "postgres":
                         await self._ensure_database(server.port)
-                    await PINGS[name](url)
+                    await PINGS[_kind(name)](url)
                     return
                 except Exception as exc:  # noqa: BLE001 - not ready yet: retry until the deadline
                     last = exc
@@ -293,7 +348,9 @@ class DevStack:
                 f"log tail:\n{tail(Path(server.log))}"
             )
 
-        await asyncio.gather(*(ready(n, s) for n, s in state.items() if not self.external(n)))
+        names = self.names()
+        await asyncio.gather(*(ready(n, s) for n, s in state.items()
+                               if n in names and not self.external(n)))  # fmt: skip
 
     async def _ensure_database(self, port: int) -> None:
         password = self._secrets()["postgres_password"]
@@ -312,6 +369,8 @@ class DevStack:
         for name in SERVERS:
             if name in state and not self.external(name):
                 lines.append(f"export {EXTERNAL_VAR[name]}={self.url(name, state[name].port)}")
+        if self.layout is not None and not self.external("redis"):
+            lines.append("export FLASHSALE_REDIS_CLUSTER=1")
         for var in ("FLASHSALE_ADMIN_TOKEN", "FLASHSALE_SECRET", "FLASHSALE_BUYER_TOKEN_SECRET"):
             lines.append(f"export {var}={keys[var]}")
         fd = os.open(self.env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -334,7 +393,11 @@ class DevStack:
         self.up(progress=lambda _line: None)
 
     def data_dir(self, name: str) -> Path:
-        """Where the embedded ``name`` server keeps its data."""
+        """Where the embedded ``name`` server keeps its data (``redis/node-K`` for the K-th
+        node of a cluster)."""
+        if _kind(name) == "redis" and self.layout is not None:
+            number = 1 if name == "redis" else int(name.rsplit("-", 1)[1])
+            return self.home / "redis" / f"node-{number}"
         return self.home / {"redis": "redis", "postgres": "postgres/data", "kafka": "kafka"}[name]
 
     # -- env / status / down -------------------------------------------------------------
@@ -346,9 +409,12 @@ class DevStack:
 
     def status(self) -> list[ServerStatus]:
         state = self._load()
+        layout = self.layout
         rows: list[ServerStatus] = []
-        for name in SERVERS:
+        for name in self.names():
             if external := self.external(name):
+                if _kind(name) == "redis" and name != "redis":
+                    continue
                 rows.append(ServerStatus(name, "external", _mask(external)))
                 continue
             server = state.get(name)
@@ -359,8 +425,12 @@ class DevStack:
             detail = ""
             if alive:
                 try:
-                    asyncio.run(PINGS[name](self.url(name, server.port)))
+                    asyncio.run(PINGS[_kind(name)](self.url(name, server.port)))
                     detail = "ping ok"
+                    if layout is not None and _kind(name) == "redis":
+                        role = asyncio.run(redis_cluster.describe(
+                            server.port, self._secrets()["redis_password"]))  # fmt: skip
+                        detail += f"; {role}"
                 except Exception as exc:  # noqa: BLE001 - reported, not raised: this is status
                     detail = f"ping failed: {exc!r}"
             rows.append(
@@ -380,12 +450,12 @@ class DevStack:
         """Stop every embedded server cleanly (Redis flushes its AOF, Postgres fast shutdown)."""
         with self._locked():
             state = self._load()
-            for name in reversed(SERVERS):
+            for name in reversed([*self.names(), *(n for n in state if n not in self.names())]):
                 server = state.pop(name, None)
                 if server is None:
                     continue
                 if pid_alive(server.pid, server.binary):
-                    stop_pid(server.pid, _STOP_SIGNAL[name])
+                    stop_pid(server.pid, _STOP_SIGNAL[_kind(name)])
                     progress(f"{name:9} stopped (pid {server.pid})")
                 else:
                     progress(f"{name:9} was not running")
@@ -396,11 +466,17 @@ class DevStack:
                 for sub in ("redis", "postgres", "kafka"):
                     shutil.rmtree(self.home / sub, ignore_errors=True)
                 self.secrets_file.unlink(missing_ok=True)
+                self.layout_file.unlink(missing_ok=True)
                 progress("data purged")
 
 
 # Redis SIGTERM = SHUTDOWN (AOF flushed); Postgres SIGINT = fast shutdown; tansu SIGTERM.
 _STOP_SIGNAL = {"redis": signal.SIGTERM, "postgres": signal.SIGINT, "kafka": signal.SIGTERM}
+
+
+def _kind(name: str) -> str:
+    """``redis`` for every node of a cluster (``redis-2``…), else the name itself."""
+    return "redis" if name.startswith("redis") else name
 
 
 def _mask(url: str) -> str:
