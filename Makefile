@@ -6,7 +6,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint contracts types pytest chaos-quick chaos install bench stack-down clean browser
+.PHONY: demo test lint contracts types pytest pytest-cluster test-cluster chaos-quick chaos install \
+        bench stack-down clean browser
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required")'
@@ -42,9 +43,29 @@ browser:
 	  else echo "chromium not found: install it (apt install chromium) for the page test"; fi; }
 
 # pytest's exit code 5 means "no tests ran": that is a failure here, never a pass.
+define run_pytest
+@$(1) $(BIN)/python -m pytest $(2); rc=$$?; \
+  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+endef
+
 pytest: $(STAMP) browser
-	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
-	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+	$(call run_pytest,,$(PYTEST_ARGS))
+
+# The same tests on a Redis Cluster of 3 primaries with a replica each, in its own stack
+# (.flashsale-cluster, beside the single-server one), started and stopped by the session:
+# `make test` runs the cluster's own tests, a spike, the order pipeline and the audit on it;
+# `make test-cluster` runs the whole suite there.
+CLUSTER_ENV := FLASHSALE_HOME=$(CURDIR)/.flashsale-cluster FLASHSALE_TEST_REDIS_CLUSTER=3,1
+CLUSTER_CORE := tests/test_cluster.py tests/test_reserve.py \
+	tests/test_spike.py::test_headless_spike_through_the_cli \
+	tests/test_pipeline.py::test_reservations_become_confirmed_or_failed_orders \
+	tests/test_reconcile.py::test_audit_and_reconcile_over_the_admin_api_and_the_cli
+
+pytest-cluster: $(STAMP)
+	$(call run_pytest,$(CLUSTER_ENV),$(CLUSTER_CORE))
+
+test-cluster: $(STAMP) browser
+	$(call run_pytest,$(CLUSTER_ENV),$(PYTEST_ARGS))
 
 # The fault suite (docs/RELIABILITY.md) against the embedded stack, started if needed and
 # stopped again if it started it: `make test` runs the short set, `make chaos` all of it
@@ -55,7 +76,7 @@ chaos-quick: $(STAMP)
 chaos: $(STAMP)
 	$(BIN)/flashsale chaos --json chaos.json
 
-test: lint contracts types pytest chaos-quick
+test: lint contracts types pytest pytest-cluster chaos-quick
 
 # Benchmarks are not part of `make test`: they need a quiet machine and report ratios.
 bench: $(STAMP)
@@ -67,4 +88,5 @@ stack-down: $(STAMP)
 
 clean:
 	-$(BIN)/flashsale dev down
-	rm -rf $(VENV) .flashsale .mypy_cache .pytest_cache .ruff_cache
+	-FLASHSALE_HOME=$(CURDIR)/.flashsale-cluster $(BIN)/flashsale dev down
+	rm -rf $(VENV) .flashsale .flashsale-cluster .mypy_cache .pytest_cache .ruff_cache

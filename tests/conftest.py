@@ -1,8 +1,10 @@
 """Fixtures: the real stack, from the environment or the embedded dev stack.
 
 When ``REDIS_URL``, ``DATABASE_URL`` and ``KAFKA_BOOTSTRAP`` are all set, tests use those servers.
-Otherwise the session starts (or reuses) the embedded stack under ``./.flashsale`` and stops it
-at the end if it was the one that started it.
+Otherwise the session starts (or reuses) the embedded stack under ``FLASHSALE_HOME``
+(``./.flashsale``) and stops it at the end if it was the one that started it. With
+``FLASHSALE_TEST_REDIS_CLUSTER=N[,R]`` that stack's Redis is a Redis Cluster of N primaries with
+R replicas each (``make test-cluster``; give it its own ``FLASHSALE_HOME``).
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ from typing import Any
 import asyncpg
 import pytest
 import redis
-import redis.asyncio as aioredis
 
 from allocator.sale_admin import SaleAdmin
 from flashsale.cli import main
+from flashsale.cli.devstack.redis_cluster import Layout
 from flashsale.cli.devstack.stack import EXTERNAL_VAR, DevStack
-from flashsale.clients import pg_pool, redis_client
+from flashsale.clients import RedisClient, pg_pool, redis_client
 from flashsale.migrate import migrate
 from flashsale.settings import Settings, home_dir, read_env_file
 
@@ -39,7 +41,7 @@ def stack() -> Iterator[Settings]:
     if not external:
         dev = DevStack(home)
         started = any(row.state == "stopped" for row in dev.status())
-        dev.up(progress=lambda _line: None)
+        dev.up(progress=lambda _line: None, cluster=_cluster_layout())
         for key, value in read_env_file(dev.env_file).items():
             os.environ.setdefault(key, value)
     settings = Settings.from_env()
@@ -57,6 +59,14 @@ def stack() -> Iterator[Settings]:
     asyncio.run(_end_sales_since(settings, began))
     if started:
         DevStack(home).down(progress=lambda _line: None)
+
+
+def _cluster_layout() -> Layout | None:
+    wanted = os.environ.get("FLASHSALE_TEST_REDIS_CLUSTER")
+    if not wanted:
+        return None
+    primaries, _, replicas = wanted.partition(",")
+    return Layout(int(primaries), int(replicas or 0))
 
 
 async def _end_sales_since(settings: Settings, began: datetime) -> None:
@@ -77,17 +87,18 @@ async def _end_sales_since(settings: Settings, began: datetime) -> None:
 
 
 @pytest.fixture
-async def client(stack: Settings) -> AsyncIterator[aioredis.Redis]:
-    """An asyncio Redis client (bytes replies) on the test stack."""
-    c = aioredis.Redis.from_url(stack.require_redis())
+async def client(stack: Settings) -> AsyncIterator[RedisClient]:
+    """An asyncio Redis client (bytes replies) on the test stack: the engine's own."""
+    c = redis_client(stack)
     yield c
     await c.aclose()
 
 
 @pytest.fixture
-def rdb(stack: Settings) -> Iterator[redis.Redis]:
-    """A synchronous Redis client for assertions."""
-    client = redis.Redis.from_url(stack.require_redis(), decode_responses=True)
+def rdb(stack: Settings) -> Iterator[redis.Redis | redis.RedisCluster]:
+    """A synchronous Redis client for assertions (a cluster client on a cluster)."""
+    kind = redis.RedisCluster if stack.redis_cluster else redis.Redis
+    client = kind.from_url(stack.require_redis(), decode_responses=True)
     yield client
     client.close()
 

@@ -7,10 +7,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from allocator.hold_scripts import HoldScripts, ReserveRequest
 from allocator.sale_scripts import SaleScripts
+from flashsale.clients import RedisClient
 from flashsale.events import ReservationEvent, outbox_events
 from flashsale.keys import SkuKeys
 from flashsale.records import SEP, HoldRecord, ReserveResult, text
@@ -20,7 +19,7 @@ from flashsale.records import SEP, HoldRecord, ReserveResult, text
 class Sku:
     keys: SkuKeys
     scripts: HoldScripts
-    client: aioredis.Redis
+    client: RedisClient
 
     async def counts(self) -> dict[str, int]:
         raw = await self.client.hgetall(self.keys.stock)
@@ -48,7 +47,7 @@ class Sku:
 
 
 async def make_sku(
-    client: aioredis.Redis,
+    client: RedisClient,
     *,
     stock: int = 10,
     limit: int = 2,

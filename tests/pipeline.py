@@ -24,7 +24,6 @@ from typing import Any
 
 import aiohttp
 import asyncpg
-import redis.asyncio as aioredis
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -34,7 +33,7 @@ from allocator.queue_scripts import QueueScripts
 from allocator.relay import OutboxRelay, run_relay
 from allocator.sale_admin import SaleAdmin
 from flashsale.cli.devstack.processes import free_port
-from flashsale.clients import pg_pool, redis_client
+from flashsale.clients import RedisClient, pg_pool, redis_client
 from flashsale.events import ReservationEvent, decode_event
 from flashsale.kafka import ensure_topics, producer
 from flashsale.keys import SaleKeys, SkuKeys
@@ -66,7 +65,7 @@ class Workers:
 class Pipeline:
     settings: Settings
     pool: asyncpg.Pool
-    redis: aioredis.Redis
+    redis: RedisClient
     psp: Simulator
     psp_url: str
     relay: OutboxRelay

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import asyncio
 
-import redis.asyncio as aioredis
-
 from allocator.hold_scripts import HoldScripts
 from allocator.sweeper import sweep_once
+from flashsale.clients import RedisClient, redis_client
 from flashsale.settings import Settings
 from tests.holds import make_sku, request, reserve
 
 
-async def test_happy_path_and_idempotent_transitions(client: aioredis.Redis) -> None:
+async def test_happy_path_and_idempotent_transitions(client: RedisClient) -> None:
     sku = await make_sku(client)
     rid = (await reserve(sku, request("ivy", 2))).reservation_id
     assert rid
@@ -28,7 +27,7 @@ async def test_happy_path_and_idempotent_transitions(client: aioredis.Redis) -> 
     assert (counts["sold"], counts["paying"], counts["available"]) == (2, 0, 8)
 
 
-async def test_a_paying_hold_never_expires(client: aioredis.Redis) -> None:
+async def test_a_paying_hold_never_expires(client: RedisClient) -> None:
     sku = await make_sku(client, ttl_ms=150)
     rid = (await reserve(sku, request("pat", 1))).reservation_id
     assert rid
@@ -40,7 +39,7 @@ async def test_a_paying_hold_never_expires(client: aioredis.Redis) -> None:
     assert await client.zcard(sku.keys.deadlines) == 0  # the sweep dropped the spent member
 
 
-async def test_illegal_transitions_change_nothing(client: aioredis.Redis) -> None:
+async def test_illegal_transitions_change_nothing(client: RedisClient) -> None:
     sku = await make_sku(client)
     released = (await reserve(sku, request("jo", 1))).reservation_id
     sold = (await reserve(sku, request("kim", 1))).reservation_id
@@ -68,7 +67,7 @@ async def test_illegal_transitions_change_nothing(client: aioredis.Redis) -> Non
     )  # fmt: skip
 
 
-async def test_release_from_paying_returns_stock(client: aioredis.Redis) -> None:
+async def test_release_from_paying_returns_stock(client: RedisClient) -> None:
     sku = await make_sku(client, stock=5)
     rid = (await reserve(sku, request("max", 2))).reservation_id
     assert rid
@@ -81,7 +80,7 @@ async def test_release_from_paying_returns_stock(client: aioredis.Redis) -> None
     assert (await sku.events())[-1].cause == "payment_failed"
 
 
-async def test_expiry_and_begin_payment_after_expiry(client: aioredis.Redis) -> None:
+async def test_expiry_and_begin_payment_after_expiry(client: RedisClient) -> None:
     sku = await make_sku(client, stock=5, ttl_ms=40)
     swept = (await reserve(sku, request("ned", 1))).reservation_id
     late = (await reserve(sku, request("oli", 1))).reservation_id
@@ -101,7 +100,7 @@ async def test_expiry_and_begin_payment_after_expiry(client: aioredis.Redis) -> 
 
 
 async def test_racing_sweepers_return_each_hold_once(stack: Settings) -> None:
-    clients = [aioredis.Redis.from_url(stack.require_redis()) for _ in range(2)]
+    clients = [redis_client(stack) for _ in range(2)]
     try:
         sku = await make_sku(clients[0], stock=300, limit=1, ttl_ms=50)
         results = await sku.scripts.reserve(sku.keys, [request(f"b{i}") for i in range(300)])
@@ -121,7 +120,7 @@ async def test_racing_sweepers_return_each_hold_once(stack: Settings) -> None:
             await c.aclose()
 
 
-async def test_batched_transitions_keep_item_order_across_skus(client: aioredis.Redis) -> None:
+async def test_batched_transitions_keep_item_order_across_skus(client: RedisClient) -> None:
     a, b = await make_sku(client, stock=5), await make_sku(client, stock=5)
     ra = [request(f"a{i}") for i in range(3)]
     rb = [request(f"b{i}") for i in range(2)]

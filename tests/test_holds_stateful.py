@@ -27,12 +27,14 @@ TERMINAL = ("SOLD", "RELEASED")
 
 
 @pytest.fixture(scope="module")
-def redis_url(stack: Settings) -> str:
-    return stack.require_redis()
+def redis_url(stack: Settings) -> tuple[str, bool]:
+    return stack.require_redis(), stack.redis_cluster
 
 
-def test_hold_lifecycle_state_machine(redis_url: str) -> None:
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
+def test_hold_lifecycle_state_machine(redis_url: tuple[str, bool]) -> None:
+    url, cluster = redis_url
+    kind = redis.RedisCluster if cluster else redis.Redis
+    client = kind.from_url(url, decode_responses=True)
     scripts = {
         name: client.register_script(source(name))
         for name in ("preload", "reserve", "begin_payment", "confirm", "release", "expire")

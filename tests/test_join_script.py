@@ -8,24 +8,24 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
-import redis.asyncio as aioredis
 
 from allocator.queue_scripts import MAX_JOIN_BATCH, JoinResult, Joins, QueueScripts
 from allocator.sale_scripts import SaleScripts
+from flashsale.clients import RedisClient, redis_client
 from flashsale.keys import SaleKeys
 from flashsale.records import text
 from flashsale.settings import Settings
 
 
 @pytest.fixture
-async def client(stack: Settings) -> AsyncIterator[aioredis.Redis]:
-    c = aioredis.Redis.from_url(stack.require_redis(), decode_responses=True)
+async def client(stack: Settings) -> AsyncIterator[RedisClient]:
+    c = redis_client(stack, decode_responses=True)
     yield c
     await c.aclose()
 
 
 async def open_sale(
-    client: aioredis.Redis, *, started: bool = True, max_queue: int = 1000
+    client: RedisClient, *, started: bool = True, max_queue: int = 1000
 ) -> SaleKeys:
     keys = SaleKeys(f"join-{uuid.uuid4().hex[:10]}")
     now = int(time.time() * 1000)
@@ -42,7 +42,7 @@ def outcomes(results: list[JoinResult]) -> list[tuple[str, int]]:
 
 
 async def test_batch_is_fifo_and_idempotent_within_and_across_batches(
-    client: aioredis.Redis,
+    client: RedisClient,
 ) -> None:
     scripts = QueueScripts(client)
     keys = await open_sale(client)
@@ -54,7 +54,7 @@ async def test_batch_is_fifo_and_idempotent_within_and_across_batches(
     assert await client.hgetall(keys.members) == {"a": "1", "b": "2", "c": "3", "d": "4"}
 
 
-async def test_pre_queue_batch_counts_each_buyer_once(client: aioredis.Redis) -> None:
+async def test_pre_queue_batch_counts_each_buyer_once(client: RedisClient) -> None:
     scripts = QueueScripts(client)
     keys = await open_sale(client, started=False, max_queue=3)
     results = await scripts.join(keys, ["a", "b", "a", "c", "d"])
@@ -65,7 +65,7 @@ async def test_pre_queue_batch_counts_each_buyer_once(client: aioredis.Redis) ->
     assert await client.hget(keys.queue, "sealed") is None  # before the start: not sealed
 
 
-async def test_cap_cutoff_and_sold_out_inside_one_batch(client: aioredis.Redis) -> None:
+async def test_cap_cutoff_and_sold_out_inside_one_batch(client: RedisClient) -> None:
     scripts = QueueScripts(client)
     keys = await open_sale(client, max_queue=2)
     assert outcomes(await scripts.join(keys, ["a", "b", "c"])) == [
@@ -80,7 +80,7 @@ async def test_cap_cutoff_and_sold_out_inside_one_batch(client: aioredis.Redis) 
     assert await client.hget(keys.queue, "tail") == "3"
 
 
-async def test_unknown_and_ended_sales_write_nothing(client: aioredis.Redis) -> None:
+async def test_unknown_and_ended_sales_write_nothing(client: RedisClient) -> None:
     scripts = QueueScripts(client)
     missing = SaleKeys(f"join-missing-{uuid.uuid4().hex[:8]}")
     assert outcomes(await scripts.join(missing, ["a", "b"])) == [
@@ -94,7 +94,7 @@ async def test_unknown_and_ended_sales_write_nothing(client: aioredis.Redis) -> 
     assert [text(f) for f in await client.hkeys(keys.queue)] == ["live"]  # as preloaded
 
 
-async def test_batch_size_is_bounded(client: aioredis.Redis) -> None:
+async def test_batch_size_is_bounded(client: RedisClient) -> None:
     scripts = QueueScripts(client)
     keys = await open_sale(client)
     with pytest.raises(ValueError, match=r"1\.\.256"):
@@ -104,7 +104,7 @@ async def test_batch_size_is_bounded(client: aioredis.Redis) -> None:
 
 
 async def test_concurrent_joins_share_script_calls_and_positions_stay_unique(
-    client: aioredis.Redis,
+    client: RedisClient,
 ) -> None:
     joins = Joins(QueueScripts(client), window=0.005)
     keys = await open_sale(client, max_queue=10_000)
@@ -121,7 +121,7 @@ async def test_concurrent_joins_share_script_calls_and_positions_stay_unique(
 
 
 async def test_a_waiting_room_redis_lost_takes_no_one_until_restored(
-    client: aioredis.Redis,
+    client: RedisClient,
 ) -> None:
     """The queue hash is gone (FLUSHALL, eviction, a stray DEL) while the sale is configured:
     joining again would hand out positions 1, 2, ... a second time. It answers unavailable."""

@@ -12,11 +12,10 @@ import uuid
 from dataclasses import replace
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from allocator.queue_scripts import QueueScripts
 from allocator.repair_scripts import HoldWrite, RepairScripts
 from allocator.sale_scripts import SaleScripts
+from flashsale.clients import RedisClient
 from flashsale.events import outbox_events
 from flashsale.keys import SaleKeys
 from flashsale.records import (
@@ -32,7 +31,7 @@ from flashsale.records import (
 from tests.holds import make_sku, request
 
 
-async def test_a_grant_is_read_back_field_by_field(client: aioredis.Redis) -> None:
+async def test_a_grant_is_read_back_field_by_field(client: RedisClient) -> None:
     sku = await make_sku(client, stock=5, limit=2, ttl_ms=120_000)
     req = request("alice", 2, key="k-alice")
     [answer] = await sku.scripts.reserve(sku.keys, [req])
@@ -57,7 +56,7 @@ async def test_a_grant_is_read_back_field_by_field(client: aioredis.Redis) -> No
     assert answer.encode() == f"reserved\x1f{req.reservation_id}\x1f{answer.hold_expires_at_ms}"
 
 
-async def test_remembered_refusals_round_trip(client: aioredis.Redis) -> None:
+async def test_remembered_refusals_round_trip(client: RedisClient) -> None:
     sku = await make_sku(client, stock=3, limit=2)
     first, over, late = request("bob", 2), request("bob", 1), request("cid", 2)
     granted, limited = await sku.scripts.reserve(sku.keys, [first, over])
@@ -73,7 +72,7 @@ async def test_remembered_refusals_round_trip(client: aioredis.Redis) -> None:
     assert granted.outcome == "reserved"
 
 
-async def test_transitions_change_the_state_and_cause_only(client: aioredis.Redis) -> None:
+async def test_transitions_change_the_state_and_cause_only(client: RedisClient) -> None:
     sku = await make_sku(client, stock=5)
     paid, failed = request("dee"), request("eli")
     await sku.scripts.reserve(sku.keys, [paid, failed])
@@ -94,7 +93,7 @@ async def test_transitions_change_the_state_and_cause_only(client: aioredis.Redi
         assert before[rid].moved(state, cause).encode() == text(raw)
 
 
-async def test_a_claim_is_read_back(client: aioredis.Redis) -> None:
+async def test_a_claim_is_read_back(client: RedisClient) -> None:
     keys = SaleKeys(f"claims-{uuid.uuid4().hex[:10]}")
     await SaleScripts(client).put_sale(keys, {"status": "active"}, open_queue=True)
     await client.hset(keys.queue, "serving", 7)
@@ -109,7 +108,7 @@ async def test_a_claim_is_read_back(client: aioredis.Redis) -> None:
     assert member.encode() == text(raw)
 
 
-async def test_the_scripts_read_what_python_writes(client: aioredis.Redis) -> None:
+async def test_the_scripts_read_what_python_writes(client: RedisClient) -> None:
     """A hold and a remembered answer as the reconciler writes them: the rebuild scripts index
     and count the hold, re-drive its event, and reserve replays the answer."""
     sku = await make_sku(client, stock=5, limit=3)

@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 import uvloop
 
 from allocator.redis_calls import read_packed
-from flashsale.clients import redis_client
+from flashsale.clients import RedisClient, redis_client
 from flashsale.settings import Settings
 
 NAME = "reconnect-test"
@@ -31,7 +31,7 @@ async def _kill_named(admin: aioredis.Redis) -> int:
     return len(ids)
 
 
-def _after_kills(stack: Settings, call: Callable[[aioredis.Redis], Awaitable[Any]]) -> list[Any]:
+def _after_kills(stack: Settings, call: Callable[[RedisClient], Awaitable[Any]]) -> list[Any]:
     """Three rounds, under uvloop: fill a pool of POOL connections (POOL calls at once), kill
     them all server side, then make POOL calls at once again. What the second calls gave."""
 

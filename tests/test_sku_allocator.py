@@ -12,6 +12,7 @@ import redis.exceptions
 
 from allocator.hold_scripts import HoldScripts, ReserveRequest
 from allocator.sku_allocator import SkuAllocator
+from flashsale.clients import redis_client
 from flashsale.errors import InvalidInput, Overloaded
 from flashsale.keys import SkuKeys
 from flashsale.records import HoldRecord, ReserveResult
@@ -72,15 +73,9 @@ async def test_timeout_retry_never_decrements_twice(client: aioredis.Redis) -> N
 
 async def test_twenty_thousand_attempts_never_oversell(stack: Settings) -> None:
     """20,000 attempts, 50 connections, 1,000 buyers retrying keys, 100 units, limit 2."""
-    # 50 clients of exactly one connection each (a blocking pool waits for its connection).
-    clients = [
-        aioredis.Redis(
-            connection_pool=aioredis.BlockingConnectionPool.from_url(
-                stack.require_redis(), max_connections=1, timeout=None
-            )
-        )
-        for _ in range(50)
-    ]
+    # 50 clients of one connection each (a blocking pool waits for its connection; on a
+    # cluster, a few per node).
+    clients = [redis_client(stack, max_connections=1, wait_s=None) for _ in range(50)]
     try:
         sku = await make_sku(clients[0], stock=100, limit=2)
         rng = random.Random(7)
@@ -130,4 +125,3 @@ async def test_twenty_thousand_attempts_never_oversell(stack: Settings) -> None:
     finally:
         for c in clients:
             await c.aclose()
-            await c.connection_pool.disconnect()

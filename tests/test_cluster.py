@@ -1,0 +1,196 @@
+"""Redis Cluster paths on a real cluster (``FLASHSALE_TEST_REDIS_CLUSTER``, ``make test``'s
+cluster step and ``make test-cluster``): packed commands grouped by node, redirections
+(``MOVED``, ``ASK``) and ``NOSCRIPT`` met while a slot moves or a node forgot its scripts, and
+a node emptied by ``FLUSHALL`` repaired by the reconciler until the audit passes. Skipped on a
+single Redis server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+import redis.exceptions
+from redis.asyncio.cluster import ClusterNode
+
+from allocator.queue_scripts import QueueScripts
+from allocator.redis_calls import read_packed
+from flashsale.clients import redis_client
+from flashsale.keys import SaleKeys, SkuKeys
+from flashsale.outages import is_outage
+from flashsale.queue_marks import QueueMarks
+from flashsale.settings import Settings
+from tests.holds import make_sku, request
+from tests.pipeline import SKU, pipeline
+from tests.test_reconcile import audit, checked, converged, drained
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture
+async def cluster(stack: Settings) -> AsyncIterator[aioredis.RedisCluster]:
+    if not stack.redis_cluster:
+        pytest.skip("needs a Redis Cluster (FLASHSALE_REDIS_CLUSTER=1): make test-cluster")
+    client = redis_client(stack)
+    assert isinstance(client, aioredis.RedisCluster)
+    await client.initialize()
+    yield client
+    await client.aclose()
+
+
+def node_of(client: aioredis.RedisCluster, key: str) -> ClusterNode:
+    node = client.get_node_from_key(key)
+    assert node is not None
+    return node
+
+
+async def test_packed_reads_are_grouped_by_node_and_answered_in_order(
+    cluster: aioredis.RedisCluster,
+) -> None:
+    keys = [f"fs:{{test-packed:{i}}}:probe" for i in range(60)]
+    nodes = {node_of(cluster, k).name for k in keys}
+    assert len(nodes) >= 2, nodes  # the keys spread over the primaries
+    for i, key in enumerate(keys):
+        await cluster.set(key, i)
+    try:
+        replies = await read_packed(cluster, [("GET", k) for k in keys], chunk=7)
+        assert [int(r) for r in replies] == list(range(60))
+    finally:
+        for key in keys:
+            await cluster.delete(key)
+
+
+async def _move_slot(
+    client: aioredis.RedisCluster,
+    slot: int,
+    source: ClusterNode,
+    target: ClusterNode,
+    *,
+    finish: bool,
+) -> None:
+    """Move ``slot`` as ``redis-cli --cluster reshard`` does; with ``finish=False`` leave it
+    migrating after its keys moved (the source then answers ``ASK``)."""
+    src, dst = direct(client, source), direct(client, target)
+    try:
+        src_id = await _cmd(src, "CLUSTER", "MYID")
+        dst_id = await _cmd(dst, "CLUSTER", "MYID")
+        await _cmd(dst, "CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+        await _cmd(src, "CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        while keys := await _cmd(src, "CLUSTER", "GETKEYSINSLOT", slot, 100):
+            password = _password(client)
+            await _cmd(src, "MIGRATE", target.host, target.port, "", 0, 5000,
+                                      "AUTH", password, "KEYS", *keys)  # fmt: skip
+        if finish:
+            for node in (dst, src):
+                await _cmd(node, "CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+    finally:
+        await src.aclose()
+        await dst.aclose()
+
+
+def _password(client: aioredis.RedisCluster) -> str:
+    return str(client.get_connection_kwargs()["password"])
+
+
+def direct(client: aioredis.RedisCluster, node: ClusterNode) -> aioredis.Redis:
+    """A plain client on one node of the cluster."""
+    return aioredis.Redis(host=node.host, port=int(node.port), password=_password(client))
+
+
+async def _cmd(client: aioredis.Redis, *args: str | int | bytes) -> Any:
+    return await client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
+async def test_moved_and_ask_answers_are_followed_by_packed_calls(
+    cluster: aioredis.RedisCluster,
+) -> None:
+    sku = await make_sku(cluster, stock=10, limit=5)
+    slot = cluster.keyslot(sku.keys.stock)
+    source = node_of(cluster, sku.keys.stock)
+    target = next(n for n in cluster.get_primaries() if n.name != source.name)
+    [before] = await sku.scripts.reserve(sku.keys, [request("before")])
+    try:
+        # ASK: the slot is migrating and its keys already left; this client still sends to
+        # the source, which redirects for this one command.
+        await _move_slot(cluster, slot, source, target, finish=False)
+        [asked] = await read_packed(cluster, [("HGET", sku.keys.stock, "available")])
+        assert int(asked) == 9
+        # A script is served by the side that holds all of its keys (they all moved here);
+        # while they are split, Redis answers TRYAGAIN, and the caller has an outage (a
+        # buyer: 503 with Retry-After). Never a wrong answer.
+        try:
+            [during] = await sku.scripts.reserve(sku.keys, [request("during")])
+            assert during.outcome == "reserved", during
+        except redis.exceptions.RedisError as exc:
+            assert is_outage(exc), exc
+        # MOVED: the slot now belongs to the target; the client learns it on the way.
+        await _move_slot(cluster, slot, source, target, finish=True)
+        assert node_of(cluster, sku.keys.stock).name == source.name  # still the stale map
+        [moved] = await sku.scripts.reserve(sku.keys, [request("moved")])
+        assert (before.outcome, moved.outcome) == ("reserved", "reserved"), moved
+        [left, held] = await read_packed(cluster, [("HGET", sku.keys.stock, "available"),
+                                                   ("HLEN", sku.keys.holds)])  # fmt: skip
+        assert int(left) + int(held) == 10 and int(held) in (2, 3)
+        assert node_of(cluster, sku.keys.stock).name == target.name  # learned from MOVED
+    finally:
+        if node_of(cluster, sku.keys.stock).name != source.name:
+            await _move_slot(cluster, slot, target, source, finish=True)
+
+
+async def test_a_node_that_forgot_its_scripts_is_taught_again(
+    cluster: aioredis.RedisCluster,
+) -> None:
+    sku = await make_sku(cluster, stock=10, limit=5)
+    node = node_of(cluster, sku.keys.stock)
+    one = direct(cluster, node)
+    try:
+        [first] = await sku.scripts.reserve(sku.keys, [request("before")])
+        await one.script_flush()
+        assert not (await one.script_exists(sku.scripts._reserve.sha))[0]
+        [granted] = await sku.scripts.reserve(sku.keys, [request("after")])
+        assert (first.outcome, granted.outcome) == ("reserved", "reserved")
+        assert granted.reservation_id is not None
+        await one.script_flush()
+        [paying] = await sku.scripts.transition(
+            "begin_payment", [(sku.keys, granted.reservation_id)]
+        )
+        assert paying.ok, paying
+    finally:
+        await one.aclose()
+
+
+async def test_flushall_of_one_node_is_repaired_and_the_audit_passes(
+    cluster: aioredis.RedisCluster, stack: Settings
+) -> None:
+    async with pipeline(stack) as p, checked(p) as (rec, psp):
+        sale = await p.sale(stock=30, limit=1)
+        ids = await p.reserve(sale, ["tok_visa"] * 10 + ["tok_decline"] * 2)
+        workers = p.start_workers()
+        await p.wait_terminal(ids)
+        await drained(p)
+        sku_node = node_of(cluster, SkuKeys(sale, SKU).stock)
+        sale_node = node_of(cluster, SaleKeys(sale).queue)
+        others = {n.name for n in cluster.get_primaries()} - {sku_node.name}
+        assert others, "a cluster of one primary"
+        marks = QueueMarks("gateway:test")  # what every gateway checkpoints each second
+        marks.note(sale, (await QueueScripts(p.redis).view(SaleKeys(sale))).mark())
+        await marks.flush(p.pool)
+
+        await cluster.flushall(target_nodes=sku_node)  # that node only
+        assert await cluster.exists(SkuKeys(sale, SKU).stock) == 0
+        survived = sale_node.name != sku_node.name
+        assert (await cluster.exists(SaleKeys(sale).sale) == 1) is survived
+
+        report = await rec.run_once([sale], wait_for_grace=True)
+        kinds = {r.kind for r in report.repairs}
+        assert "rebuild_sku" in kinds, report.json()
+        assert (await p.counts(sale))["sold"] == 10
+        more = await p.reserve(sale, ["tok_visa"] * 4)  # the sale goes on
+        await p.wait_terminal(more)
+        await drained(p)
+        audited = await audit(p, psp, sale)
+        assert audited.passed, audited.text()
+        assert (await p.counts(sale))["sold"] == 14
+        await converged(rec, sale)
+        await workers.drain()
