@@ -6,7 +6,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint contracts types pytest pytest-cluster test-cluster chaos-quick chaos install \
+.PHONY: demo test lint contracts types pytest pytest-cluster test-cluster chaos-quick \
+        chaos-cluster-quick chaos install \
         bench stack-down clean browser
 
 $(STAMP): pyproject.toml
@@ -76,7 +77,14 @@ chaos-quick: $(STAMP)
 chaos: $(STAMP)
 	$(BIN)/flashsale chaos --json chaos.json
 
-test: lint contracts types pytest pytest-cluster chaos-quick
+# A primary of the Redis Cluster stack SIGKILLed mid-spike: its replica takes over.
+CLUSTER_HOME := FLASHSALE_HOME=$(CURDIR)/.flashsale-cluster
+chaos-cluster-quick: $(STAMP)
+	@$(CLUSTER_HOME) $(BIN)/flashsale dev up --redis-cluster 3 --replicas 1 >/dev/null
+	@$(CLUSTER_HOME) $(BIN)/flashsale chaos --quick --scenario redis-primary-failover; rc=$$?; \
+	  $(CLUSTER_HOME) $(BIN)/flashsale dev down >/dev/null; exit $$rc
+
+test: lint contracts types pytest pytest-cluster chaos-quick chaos-cluster-quick
 
 # Benchmarks are not part of `make test`: they need a quiet machine and report ratios.
 bench: $(STAMP)

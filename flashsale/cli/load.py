@@ -69,8 +69,10 @@ def cmd_chaos(args: argparse.Namespace, settings: Settings) -> int:
             quick = f", --quick: {scenario.quick_times}" if scenario.quick_times else ""
             out(f"{scenario.name:26} {scenario.group:9} {count}{quick}. {scenario.what}")
         return 0
+    dev = DevStack(settings.home)
     try:
-        chosen = suite.choose(args.scenario, quick=args.quick)
+        chosen = suite.choose(args.scenario, quick=args.quick,
+                              cluster=settings.redis_cluster or dev.layout is not None)  # fmt: skip
     except ValueError as exc:
         raise InvalidInput("scenario", str(exc)) from exc
     full = not args.scenario and not args.quick
@@ -80,7 +82,6 @@ def cmd_chaos(args: argparse.Namespace, settings: Settings) -> int:
     json_path = Path(args.json) if args.json else None
     if json_path is not None and not json_path.parent.is_dir():
         raise InvalidInput("json", f"no folder {json_path.parent} to write it in")
-    dev = DevStack(settings.home)
     was_stopped = all(row.state == "stopped" for row in dev.status())
     out("== starting the embedded stack (servers given by env vars are used as they are; the "
         "suite kills, pauses and flushes those it started itself)")  # fmt: skip

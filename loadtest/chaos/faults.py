@@ -17,15 +17,17 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
 import redis.asyncio as aioredis
 
 from flashsale.cli.devstack.processes import free_port, pid_alive, stop_pid
-from flashsale.keys import SaleKeys
+from flashsale.clients import redis_client
+from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.records import text
-from loadtest.chaos.rig import FaultFailed, Rig
+from loadtest.chaos.rig import SKU, FaultFailed, NotHere, Rig
 
 Fault = Callable[[Rig, str], Awaitable["Window"]]
 
@@ -183,6 +185,65 @@ async def redis_client_kill(rig: Rig, _sale: str) -> Window:
     if not killed:
         raise FaultFailed("CLIENT KILL found no engine connection to end")
     return Window(began, time.monotonic())
+
+
+async def redis_primary_failover(rig: Rig, sale: str) -> Window:
+    """SIGKILL the Redis Cluster primary that serves the sale's SKU; the cluster's own failure
+    detection promotes its replica. Then the killed node starts again from its AOF and
+    rejoins as a replica of the new primary. The window ends when the cluster is whole."""
+    if not rig.settings.redis_cluster:
+        raise NotHere("needs a Redis Cluster with replicas: dev up --redis-cluster 3 --replicas 1")
+    client = redis_client(rig.settings)
+    assert isinstance(client, aioredis.RedisCluster)
+    try:
+        await client.initialize()
+        slot = client.keyslot(SkuKeys(sale, SKU).stock)
+        primary = client.nodes_manager.get_node_from_slot(slot)
+        if not [n for n in client.get_replicas() if _replica_of(n.name, primary.name, client)]:
+            raise NotHere(f"the primary {primary.name} has no replica to take over")
+        pid = rig.servers.redis_pid_on(int(primary.port))
+        if pid is None:
+            raise NotHere(f"{primary.name} is not an embedded node of this stack")
+        survivor = next(n for n in client.get_primaries() if n.name != primary.name)
+    finally:
+        await client.aclose()
+    began = time.monotonic()
+    await _stop(pid, signal.SIGKILL)
+    watcher = aioredis.Redis(host=survivor.host, port=int(survivor.port), socket_timeout=5,
+                             password=urlsplit(rig.settings.require_redis()).password)  # fmt: skip
+    try:
+        while await _slot_owner(watcher, slot) in (None, primary.name):
+            if time.monotonic() - began > 60:
+                raise FaultFailed(f"no replica took over slot {slot} within 60 s")
+            await asyncio.sleep(0.1)
+    finally:
+        await watcher.aclose()
+    await _start_servers(rig)  # waits for cluster_state:ok on every node
+    return Window(began, time.monotonic())
+
+
+def _replica_of(replica: str, primary: str, client: aioredis.RedisCluster) -> bool:
+    """Whether the node ``replica`` serves the slots of ``primary`` (redis-py lists a slot's
+    primary first, then its replicas)."""
+    for nodes in client.nodes_manager.slots_cache.values():
+        names = [n.name for n in nodes]
+        if names and names[0] == primary and replica in names[1:]:
+            return True
+    return False
+
+
+async def _slot_owner(node: aioredis.Redis, slot: int) -> str | None:
+    """The ``host:port`` of the primary serving ``slot``, as ``node`` sees the cluster; None
+    while no healthy primary does."""
+    nodes: dict[str, dict[str, Any]] = await node.cluster("NODES")
+    for address, info in nodes.items():
+        flags = str(info.get("flags", ""))
+        if "master" not in flags or "fail" in flags:
+            continue
+        for span in info.get("slots", []):
+            if int(span[0]) <= slot <= int(span[-1]):
+                return address.split("@")[0]
+    return None
 
 
 # -- pauses: a stalled server or process ---------------------------------------------------

@@ -31,6 +31,8 @@ from loadtest.processes import engine, stop_all, tree
 Progress = Callable[[str], None]
 
 # Each role of `flashsale up`: its command and its port (the gateway's + offset).
+SKU = "CHAOS-1"  # the one SKU of every scenario's sale
+
 ROLES = {
     "gateway": ("gateway", 0),
     "allocator": ("allocator", 1),
@@ -51,6 +53,9 @@ class Servers(Protocol):
 
     def data_dir(self, name: str) -> Path:
         """Where the embedded server keeps its data."""
+
+    def redis_pid_on(self, port: int) -> int | None:
+        """The pid of the embedded Redis (or cluster node) on ``port`` while it runs."""
 
 
 class FaultFailed(RuntimeError):

@@ -26,6 +26,7 @@ class Scenario:
     quick_times: int = 0  # faults in --quick; 0 leaves the scenario out of it
     proxied: bool = False  # the engine reaches Redis and Postgres through fault proxies
     postgres_only: bool = False  # only Postgres is out: count reservations granted meanwhile
+    cluster_only: bool = False  # needs a Redis Cluster with replicas (dev up --redis-cluster)
     abuse: abuse.Abuse | None = None
 
     def count(self, quick: bool) -> int:
@@ -67,6 +68,10 @@ SCENARIOS: list[Scenario] = [
              repeated(faults.redis_flushall), 4, 12.0),
     Scenario("redis-stall-5s", "redis", "SIGSTOP for 5 s (a stalled server), then SIGCONT",
              repeated(partial(faults.pause_server, name="redis", seconds=5.0)), 5, 8.0),
+    Scenario("redis-primary-failover", "redis",
+             "SIGKILL of the Redis Cluster primary serving the SKU: its replica is promoted by "
+             "the cluster, the killed node rejoins as a replica (cluster stacks only)",
+             repeated(faults.redis_primary_failover), 3, 20.0, 1, cluster_only=True),
     Scenario("redis-client-kill", "redis", "CLIENT KILL of every engine connection",
              repeated(faults.redis_client_kill), 25, 1.5),
     Scenario("broker-stall-10s", "broker",

@@ -29,12 +29,11 @@ from loadtest import admin_api
 from loadtest.chaos.abuse import AbuseResult, Target
 from loadtest.chaos.faults import Injected, Timing, Window
 from loadtest.chaos.report import Result
-from loadtest.chaos.rig import FaultFailed, NotHere, Rig
+from loadtest.chaos.rig import SKU, FaultFailed, NotHere, Rig
 from loadtest.chaos.scenarios import Scenario
 from loadtest.driver import Buyers, DriverStats
 
 Progress = Callable[[str], None]
-SKU = "CHAOS-1"
 RATE = 10  # buyers admitted per second
 LEAD_S = 3.0  # the sale opens this long after it is created
 WARMUP_S = 2.0  # the first fault comes this long after the opening

@@ -22,15 +22,16 @@ from loadtest.chaos.scenarios import BY_NAME, SCENARIOS, Scenario
 Progress = Callable[[str], None]
 
 
-def choose(names: list[str] | None, *, quick: bool) -> list[Scenario]:
-    """The scenarios to run: those named, else every one (``--quick``: the short set).
-    ValueError names an unknown scenario."""
+def choose(names: list[str] | None, *, quick: bool, cluster: bool = False) -> list[Scenario]:
+    """The scenarios to run: those named, else every one (``--quick``: the short set; those
+    that need a Redis Cluster only on one). ValueError names an unknown scenario."""
     if names:
         unknown = [n for n in names if n not in BY_NAME]
         if unknown:
             raise ValueError(f"no scenario {', '.join(unknown)} (see flashsale chaos --list)")
         return [BY_NAME[n] for n in names]
-    return [s for s in SCENARIOS if s.quick_times or not quick]
+    return [s for s in SCENARIOS
+            if (s.quick_times or not quick) and (cluster or not s.cluster_only)]  # fmt: skip
 
 
 async def run(settings: Settings, servers: Servers, scenarios: list[Scenario], *, quick: bool,

@@ -68,6 +68,18 @@ def node_config(port: int, data: Path, password: str) -> str:
     )
 
 
+def configured_port(data: Path) -> int | None:
+    """The port a node ran on before, from the configuration file in its data folder."""
+    conf = data / "redis.conf"
+    if not conf.is_file():
+        return None
+    for line in conf.read_text().splitlines():
+        key, _, value = line.partition(" ")
+        if key == "port" and value.strip().isdigit():
+            return int(value)
+    return None
+
+
 def _slot_ranges(primaries: int) -> list[range]:
     bounds = [round(i * SLOTS / primaries) for i in range(primaries + 1)]
     return [range(bounds[i], bounds[i + 1]) for i in range(primaries)]

@@ -234,8 +234,19 @@ class DevStack:
         cluster.save(self.layout_file)
 
     def _start(self, name: str, preferred_port: int | None) -> ServerState:
-        bus = redis_cluster.BUS_OFFSET if self.layout and _kind(name) == "redis" else 0
+        node = self.layout is not None and _kind(name) == "redis"
+        if node and preferred_port is None:
+            # A cluster's nodes know each other by port (nodes.conf): a node comes back on
+            # the port it had, which its configuration file remembers.
+            preferred_port = redis_cluster.configured_port(self.data_dir(name))
+        bus = redis_cluster.BUS_OFFSET if node else 0
         port = free_port(preferred_port, patience=10.0, partner=bus)
+        if node and preferred_port is not None and port != preferred_port:
+            raise StackError(
+                f"{name} must come back on port {preferred_port} (and {preferred_port + bus}), "
+                "where the other nodes of the cluster know it, but it is taken; free it, or "
+                "start afresh with `flashsale dev down --purge`"
+            )
         if _kind(name) == "redis":
             return self._start_redis(name, port)
         if name == "postgres":
@@ -386,6 +397,13 @@ class DevStack:
             return None
         server = self._load().get(name)
         return server.pid if server and pid_alive(server.pid, server.binary) else None
+
+    def redis_pid_on(self, port: int) -> int | None:
+        """The pid of the embedded Redis server or cluster node on ``port`` while it runs."""
+        for name, server in self._load().items():
+            if _kind(name) == "redis" and server.port == port:
+                return server.pid if pid_alive(server.pid, server.binary) else None
+        return None
 
     def start_stopped(self) -> None:
         """Start every embedded server that is not running (same port, same data) and wait
