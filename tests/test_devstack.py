@@ -129,3 +129,37 @@ def test_a_preferred_port_taken_for_a_moment_is_waited_for() -> None:
         assert other != held.getsockname()[1]
     finally:
         held.close()
+
+
+def test_a_cluster_stack_forms_comes_back_whole_and_keeps_its_layout(
+    scratch_home: Path, run_cli: Cli
+) -> None:
+    run = run_cli
+    too_small = run("dev", "up", "--redis-cluster", "2")
+    assert too_small.code == 2 and "redis-cluster" in too_small.err
+    alone = run("dev", "up", "--replicas", "1")
+    assert alone.code == 2 and "replicas" in alone.err
+    assert not (scratch_home / "stack.json").exists()  # nothing was started
+
+    first = run("dev", "up", "--redis-cluster", "3")
+    assert first.code == 0, first.err
+    assert "formed a cluster of 3 primaries" in first.out
+    assert read_env_file(scratch_home / "dev.env")["FLASHSALE_REDIS_CLUSTER"] == "1"
+    stack = DevStack(scratch_home, environ={})
+    nodes = {row.name: row for row in stack.status() if row.name.startswith("redis")}
+    assert sorted(nodes) == ["redis", "redis-2", "redis-3"]
+    assert all("primary, slots" in row.detail for row in nodes.values()), nodes
+    urls = {name: row.url for name, row in nodes.items()}
+
+    assert run("dev", "down").code == 0
+    assert all(row.state == "stopped" for row in stack.status())
+    again = run("dev", "up")  # the layout is the home's: no flag needed
+    assert again.code == 0, again.err
+    assert "formed" not in again.out  # it formed again by itself, on the same ports
+    nodes = {row.name: row for row in stack.status() if row.name.startswith("redis")}
+    assert {name: row.url for name, row in nodes.items()} == urls
+    assert all("primary, slots" in row.detail for row in nodes.values()), nodes
+
+    other = run("dev", "up", "--redis-cluster", "4")
+    assert other.code != 0
+    assert "already runs a Redis Cluster of 3 primaries" in other.err

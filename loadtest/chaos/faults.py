@@ -187,10 +187,11 @@ async def redis_client_kill(rig: Rig, _sale: str) -> Window:
     return Window(began, time.monotonic())
 
 
-async def redis_primary_failover(rig: Rig, sale: str) -> Window:
+async def _failover(rig: Rig, sale: str) -> tuple[Window, float]:
     """SIGKILL the Redis Cluster primary that serves the sale's SKU; the cluster's own failure
     detection promotes its replica. Then the killed node starts again from its AOF and
-    rejoins as a replica of the new primary. The window ends when the cluster is whole."""
+    rejoins as a replica of the new primary. The window ends when the cluster is whole; the
+    seconds until a replica served the slot come with it."""
     if not rig.settings.redis_cluster:
         raise NotHere("needs a Redis Cluster with replicas: dev up --redis-cluster 3 --replicas 1")
     client = redis_client(rig.settings)
@@ -216,10 +217,27 @@ async def redis_primary_failover(rig: Rig, sale: str) -> Window:
             if time.monotonic() - began > 60:
                 raise FaultFailed(f"no replica took over slot {slot} within 60 s")
             await asyncio.sleep(0.1)
+        promoted_s = time.monotonic() - began
     finally:
         await watcher.aclose()
     await _start_servers(rig)  # waits for cluster_state:ok on every node
-    return Window(began, time.monotonic())
+    return Window(began, time.monotonic()), promoted_s
+
+
+async def redis_primary_failover(rig: Rig, sale: str, timing: Timing) -> Injected:
+    """:func:`_failover` on the schedule; notes how long each promotion took."""
+    done = Injected()
+    took = []
+    for index in range(timing.times):
+        await _sleep_until(timing.at(index))
+        window, promoted_s = await _failover(rig, sale)
+        done.windows.append(window)
+        done.count += 1
+        took.append(promoted_s)
+    if took:
+        done.notes.append("a replica served the killed primary's slot after "
+                          + ", ".join(f"{t:.1f}" for t in took) + " s")  # fmt: skip
+    return done
 
 
 def _replica_of(replica: str, primary: str, client: aioredis.RedisCluster) -> bool:

@@ -71,7 +71,7 @@ SCENARIOS: list[Scenario] = [
     Scenario("redis-primary-failover", "redis",
              "SIGKILL of the Redis Cluster primary serving the SKU: its replica is promoted by "
              "the cluster, the killed node rejoins as a replica (cluster stacks only)",
-             repeated(faults.redis_primary_failover), 3, 20.0, 1, cluster_only=True),
+             faults.redis_primary_failover, 3, 20.0, 1, cluster_only=True),
     Scenario("redis-client-kill", "redis", "CLIENT KILL of every engine connection",
              repeated(faults.redis_client_kill), 25, 1.5),
     Scenario("broker-stall-10s", "broker",
