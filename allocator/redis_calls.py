@@ -55,10 +55,13 @@ def pack_command(args: Command) -> bytes:
     return _pack(args)
 
 
-def command_key(command: Command) -> str | bytes:
-    """The key a command is routed by: the first key of EVAL/EVALSHA, else its first argument."""
+def command_key(command: Command) -> str | bytes | None:
+    """The key a command is routed by: the first key of EVAL/EVALSHA, else its first argument;
+    None for a command without one (``PING``), which any node may answer."""
     name = command[0]
     at = 3 if isinstance(name, str) and name.upper() in ("EVALSHA", "EVAL") else 1
+    if len(command) <= at:
+        return None
     key = command[at]
     return key if isinstance(key, str | bytes) else str(key)
 
@@ -114,14 +117,28 @@ async def send_packed(
     if isinstance(client, aioredis.RedisCluster):
         for i, reply in enumerate(replies):
             if isinstance(reply, REDIRECTED):
-                try:
-                    replies[i] = await client.execute_command(*commands[i])
-                except redis.exceptions.ResponseError as exc:
-                    replies[i] = exc
+                replies[i] = await _redirected(client, commands[i], script)
     for reply in replies:
         if isinstance(reply, redis.exceptions.ResponseError):
             raise reply
     return replies
+
+
+async def _redirected(
+    client: aioredis.RedisCluster, command: Command, script: AsyncScript | None
+) -> Any:
+    """``command`` sent again through the cluster client, which follows ``MOVED`` and ``ASK``;
+    the node it lands on may not know ``script`` yet. An error answer is returned."""
+    try:
+        try:
+            return await client.execute_command(*command)
+        except redis.exceptions.NoScriptError:
+            if script is None:
+                raise
+            await client.script_load(script.script)
+            return await client.execute_command(*command)
+    except redis.exceptions.ResponseError as exc:
+        return exc
 
 
 def _by_node(
@@ -135,7 +152,9 @@ def _by_node(
     manager = client.nodes_manager
     groups: dict[str, tuple[ClusterNode | None, list[int]]] = {}
     for i, command in enumerate(commands):
-        node = manager.get_node_from_slot(key_slot(encode(command_key(command))))
+        key = command_key(command)
+        node = (client.get_default_node() if key is None
+                else manager.get_node_from_slot(key_slot(encode(key))))  # fmt: skip
         groups.setdefault(node.name, (node, []))[1].append(i)
     return list(groups.values())
 

@@ -22,8 +22,8 @@ from flashsale.outages import is_outage
 from flashsale.queue_marks import QueueMarks
 from flashsale.settings import Settings
 from tests.holds import make_sku, request
-from tests.pipeline import SKU, pipeline
-from tests.test_reconcile import audit, checked, converged, drained
+from tests.pipeline import SKU, drained, pipeline
+from tests.test_reconcile import audit, checked, converged
 
 pytestmark = pytest.mark.cluster
 
