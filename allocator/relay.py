@@ -8,8 +8,8 @@ pending; another relay claims them with ``XAUTOCLAIM`` once they have been idle 
 ``claim_idle_ms``. A message can therefore be published twice; workers deduplicate by event id.
 
 One ``reservation.created`` entry carries a whole reserve batch; it becomes one message per
-reservation (:func:`flashsale.events.outbox_events`), keyed by the SKU's slot so that every
-event of one SKU lands on one partition, in order.
+reservation (:func:`flashsale.events.outbox_events`), keyed by its reservation id
+(:func:`flashsale.events.message_key`): a hot SKU spreads over every partition.
 """
 
 from __future__ import annotations
@@ -159,7 +159,6 @@ class OutboxRelay:
         messages: list[tuple[bytes, bytes]] = []
         done: list[tuple[SkuKeys, list[Any]]] = []
         for keys, entries in work:
-            key = message_key(keys.sale_id, keys.sku)
             ids = []
             for entry_id, fields in entries:
                 ids.append(entry_id)
@@ -172,13 +171,13 @@ class OutboxRelay:
                               exc)  # fmt: skip
                     self.stats.poison += 1
                     sends.append(await self.producer.send(
-                        self.dead_letter_topic, key=key,
+                        self.dead_letter_topic, key=keys.outbox.encode(),
                         value=repr({text(k): text(v) for k, v in fields.items()}).encode(),
                         headers=[("reason", f"unreadable outbox entry: {exc}".encode()),
                                  ("source", keys.outbox.encode())],
                     ))  # fmt: skip
                     continue
-                messages += [(key, encode_event(event)) for event in events]
+                messages += [(message_key(e.reservation_id), encode_event(e)) for e in events]
             done.append((keys, ids))
         # Every message acknowledged by the broker before any entry is.
         await publish(self.producer, self.topic, messages)

@@ -115,9 +115,13 @@ _EVENT_FIELDS = frozenset(_FIELD_ORDER)
 _INT_FIELDS = ("quantity", "unit_price", "hold_deadline_ms", "created_ms", "at_ms")
 
 
-def message_key(sale_id: str, sku: str) -> bytes:
-    """The Kafka key of a SKU's events: all of them on one partition, in order."""
-    return f"{sale_id}:{sku}".encode()
+def message_key(reservation_id: str) -> bytes:
+    """The Kafka key of a reservation's events: the reservation id. Each reservation's events
+    stay on one partition, in order, and a hot SKU's reservations spread over every partition
+    (and every worker). Nothing needs a SKU's events in order: every effect is keyed by
+    reservation id, and the counters a SKU's orders move (Redis holds, the Postgres sold
+    count) are changed by conditional, commutative steps."""
+    return reservation_id.encode()
 
 
 def event_id(event: ReservationEvent) -> str:

@@ -28,14 +28,21 @@ PARTITIONS = {"reservations": 8, "order_events": 4, "dead_letter": 1}
 
 
 async def ensure_topics(
-    settings: Settings, progress: Callable[[str], None] | None = None
+    settings: Settings,
+    progress: Callable[[str], None] | None = None,
+    *,
+    partitions: int | None = None,
+    replication_factor: int = 1,
 ) -> dict[str, str]:
-    """Create the engine's topics that are missing; returns topic -> created | exists.
+    """Create the engine's topics that are missing, the reservations and order-events topics
+    with ``partitions`` each (default: :data:`PARTITIONS`), every topic with
+    ``replication_factor`` copies; returns topic -> what was done. A topic that exists is
+    left as it is (Kafka can only add partitions, and doing so is the operator's call).
     Raises Unavailable when the broker cannot be reached."""
     topics: Topics = settings.topics
     wanted = {
-        topics.reservations: PARTITIONS["reservations"],
-        topics.order_events: PARTITIONS["order_events"],
+        topics.reservations: partitions or PARTITIONS["reservations"],
+        topics.order_events: partitions or PARTITIONS["order_events"],
         topics.dead_letter: PARTITIONS["dead_letter"],
     }
     admin = AIOKafkaAdminClient(
@@ -44,9 +51,12 @@ async def ensure_topics(
     try:
         await admin.start()
         existing = set(await admin.list_topics())
-        outcome = {name: "exists" for name in wanted if name in existing}
+        present = [name for name in wanted if name in existing]
+        described = await admin.describe_topics(present) if present else []
+        have = {d["topic"]: len(d["partitions"]) for d in described}
+        outcome = {name: f"exists ({have.get(name, '?')} partitions)" for name in present}
         missing = [
-            NewTopic(name, num_partitions=n, replication_factor=1)
+            NewTopic(name, num_partitions=n, replication_factor=replication_factor)
             for name, n in wanted.items()
             if name not in existing
         ]
@@ -55,7 +65,8 @@ async def ensure_topics(
             with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(missing)
             for topic in missing:
-                outcome[topic.name] = "created"
+                outcome[topic.name] = (f"created ({topic.num_partitions} partitions, "
+                                       f"replication factor {replication_factor})")  # fmt: skip
     except KafkaError as exc:
         raise Unavailable(
             f"cannot reach the Kafka broker at {settings.kafka_bootstrap}: {exc!r}"
@@ -64,7 +75,7 @@ async def ensure_topics(
         await admin.close()
     for name, what in outcome.items():
         if progress is not None:
-            progress(f"topic {name}: {what} ({wanted[name]} partitions)")
+            progress(f"topic {name}: {what}")
     return outcome
 
 

@@ -44,7 +44,7 @@ class Announcer:
     async def announce(self, event: ReservationEvent) -> None:
         """Return once the broker has acknowledged ``event``; Unavailable when it cannot."""
         out = await self._producer()
-        key, value = message_key(event.sale_id, event.sku), encode_event(event)
+        key, value = message_key(event.reservation_id), encode_event(event)
         try:
             async with asyncio.timeout(self.timeout_s):
                 await publish_one(out, self.settings.topics.reservations, key, value)

@@ -35,7 +35,7 @@ from allocator.sale_admin import SaleAdmin
 from flashsale.cli.devstack.processes import free_port
 from flashsale.clients import RedisClient, pg_pool, redis_client
 from flashsale.events import ReservationEvent, decode_event
-from flashsale.kafka import ensure_topics, producer
+from flashsale.kafka import consumer_lag, ensure_topics, producer
 from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.orders import TERMINAL, OrderStore
 from flashsale.payments import CircuitBreaker, HttpProvider
@@ -287,3 +287,17 @@ async def pipeline(stack: Settings, knobs: Knobs | None = None) -> AsyncIterator
 
 def provider(url: str, *, timeout_s: float = 2.0) -> HttpProvider:
     return HttpProvider(url, timeout_s=timeout_s, breaker=CircuitBreaker(threshold=5))
+
+
+async def drained(p: Pipeline, patience: float = 30) -> None:
+    """Every reservation event relayed and every relayed event consumed and committed."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + patience
+    while True:
+        outbox = sum([await p.redis.xlen(k.outbox) for k in p.skus])
+        lag = await consumer_lag(p.settings, p.settings.topics.reservations,
+                                 p.settings.consumer_group)  # fmt: skip
+        if outbox == 0 and lag == 0:
+            return
+        assert loop.time() < deadline, f"not drained: outbox {outbox}, lag {lag}"
+        await asyncio.sleep(0.1)

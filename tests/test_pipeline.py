@@ -7,14 +7,17 @@ import asyncio
 import signal
 
 import orjson
+from aiokafka.admin import AIOKafkaAdminClient
 
 from allocator.sale_admin import SaleAdmin
 from allocator.sweeper import sweep_once
 from flashsale.events import ReservationEvent, decode_event, encode_event
+from flashsale.kafka import PARTITIONS, partition_of
 from flashsale.keys import SkuKeys
 from flashsale.orders import TERMINAL
 from flashsale.settings import Settings
-from tests.pipeline import SKU, Pipeline, pipeline, provider
+from reconciler.audit import audit_sale
+from tests.pipeline import SKU, Pipeline, drained, pipeline, provider
 from workers.payment_simulator import Knobs
 from workers.saga import Saga
 from workers.service import CONSUMER
@@ -56,6 +59,12 @@ async def test_reservations_become_confirmed_or_failed_orders(stack: Settings) -
         states = await assert_invariants(p, sale, ids)
         assert sorted(states.values()).count("CONFIRMED") == 60
         assert sorted(states.values()).count("PAYMENT_FAILED") == 20
+        # One SKU, keyed by reservation id: its 80 reservations spread over the partitions
+        # (one left empty has odds of about 1 in 5,000), each where its key belongs.
+        sent = await p.topic_messages(p.settings.topics.reservations, at_least=80)
+        partitions = list(range(PARTITIONS["reservations"]))
+        assert all(m.partition == partition_of(m.key, partitions) for m in sent)
+        assert len({m.partition for m in sent}) >= len(partitions) - 1
         # Declines gave their stock back, in Redis and in the sale status.
         counts = await p.counts(sale)
         assert (counts["available"], counts["sold"]) == (40, 60)
@@ -276,3 +285,43 @@ async def test_a_capture_whose_hold_redis_lost_waits_and_is_not_refunded(stack: 
         assert list(result.unresolved.values()) == ["hold unknown_reservation"]
         assert (await p.orders([rid]))[rid] == "PAYING"
         assert p.psp.charges[rid]["status"] == "captured"
+
+
+async def _group_members(p: Pipeline) -> int:
+    admin = AIOKafkaAdminClient(bootstrap_servers=p.settings.require_kafka())
+    await admin.start()
+    try:
+        [described] = await admin.describe_consumer_groups([p.settings.consumer_group])
+        return len(described.groups[0][5]) if described.groups else 0  # (…, members)
+    finally:
+        await admin.close()
+
+
+async def test_three_workers_share_a_hot_sku_and_one_is_killed_mid_spike(
+    stack: Settings,
+) -> None:
+    """Three worker processes in one consumer group; one SIGKILLed while it works, the group
+    rebalances, reservations keep arriving; every one ends once, and the audit passes."""
+    async with pipeline(stack, Knobs(latency_ms=30, jitter_ms=10, decline_rate=0.1)) as p:
+        sale = await p.sale(stock=1000, limit=5)
+        first_wave = await p.reserve(sale, ["tok_visa"] * 400)
+        workers = [p.spawn_workers() for _ in range(3)]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while await _group_members(p) < 3:
+            assert loop.time() < deadline, "three workers never joined the group"
+            await asyncio.sleep(0.2)
+        while len([s for s in (await p.orders(first_wave)).values() if s in TERMINAL]) < 40:
+            assert loop.time() < deadline, "the workers never got going"
+            await asyncio.sleep(0.02)
+        workers[0].send_signal(signal.SIGKILL)
+        workers[0].wait()
+        second_wave = await p.reserve(sale, ["tok_visa"] * 300)  # while the group rebalances
+        ids = first_wave + second_wave
+        states = await assert_invariants(p, sale, ids)
+        assert set(states.values()) <= {"CONFIRMED", "PAYMENT_FAILED"}
+        assert await _group_members(p) == 2  # the killed one left the group
+        await drained(p)
+        async with provider(p.psp_url) as psp:
+            audited = await audit_sale(p.pool, p.redis, psp, p.settings, sale)
+        assert audited.passed, audited.text()

@@ -24,7 +24,6 @@ from allocator.sale_admin import SaleAdmin
 from allocator.sweeper import sweep_once
 from flashsale.errors import Conflict
 from flashsale.events import decode_event
-from flashsale.kafka import consumer_lag
 from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.payments import HttpProvider
 from flashsale.queue_marks import QueueMarks
@@ -35,7 +34,7 @@ from reconciler.rebuild import rebuild_sku
 from reconciler.reconcile import Reconciler
 from reconciler.report import PassReport
 from tests.conftest import Cli, Result
-from tests.pipeline import SKU, Pipeline, pipeline, provider
+from tests.pipeline import SKU, Pipeline, drained, pipeline, provider
 
 ADMIN = "reconcile-test-admin-token-0123"
 ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN}"}
@@ -54,20 +53,6 @@ async def audit(p: Pipeline, psp: HttpProvider, sale: str) -> AuditReport:
 
 def failing(report: AuditReport) -> dict[str, list[str]]:
     return {i.name.split(".")[0]: list(i.details) for i in report.invariants if not i.passed}
-
-
-async def drained(p: Pipeline, patience: float = 30) -> None:
-    """Every reservation event relayed and every relayed event consumed and committed."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + patience
-    while True:
-        outbox = sum([await p.redis.xlen(k.outbox) for k in p.skus])
-        lag = await consumer_lag(p.settings, p.settings.topics.reservations,
-                                 p.settings.consumer_group)  # fmt: skip
-        if outbox == 0 and lag == 0:
-            return
-        assert loop.time() < deadline, f"not drained: outbox {outbox}, lag {lag}"
-        await asyncio.sleep(0.1)
 
 
 async def converged(rec: Reconciler, sale: str) -> PassReport:

@@ -64,8 +64,10 @@ async def cmd_migrate(_args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-async def cmd_kafka(_args: argparse.Namespace, settings: Settings) -> int:
-    await ensure_topics(settings, progress=out)
+async def cmd_kafka(args: argparse.Namespace, settings: Settings) -> int:
+    partitions = within("partitions", args.partitions, 1, 1024) if args.partitions else None
+    factor = within("replication-factor", args.replication_factor, 1, 7)
+    await ensure_topics(settings, progress=out, partitions=partitions, replication_factor=factor)
     return 0
 
 
@@ -100,7 +102,18 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     kafka = commands.add_parser("kafka", help="create the Kafka topics")
     kafka.set_defaults(handler=cmd_kafka)
     kafka_sub = kafka.add_subparsers(dest="kafka_command", required=True, metavar="ACTION")
-    kafka_sub.add_parser(
+    init = kafka_sub.add_parser(
         "init", help="create the topics that are missing (reservations, order events, dead "
-        "letters; names from FLASHSALE_TOPIC_*)",
+        "letters; names from FLASHSALE_TOPIC_*); topics that exist are left as they are",
     )  # fmt: skip
+    init.add_argument(
+        "--partitions", metavar="N",
+        help="partitions of the reservations and order-events topics, 1..1024 (default 8 and "
+        "4): the most worker processes that share the work",
+    )  # fmt: skip
+    init.add_argument(
+        "--replication-factor",
+        metavar="R",
+        default="1",
+        help="copies of each partition, 1..7 (default 1; 3 on a real cluster)",
+    )
