@@ -33,7 +33,7 @@ from redis.asyncio.connection import Connection
 from redis.commands.core import AsyncScript
 from redis.crc import key_slot
 
-from flashsale.clients import RedisClient
+from flashsale.clients import CLUSTER_POOL_FACTOR, RedisClient
 
 # The scripts that get lua/lib.lua prepended.
 WITH_LIB = frozenset({
@@ -214,8 +214,9 @@ async def _connection(client: RedisClient, node: ClusterNode | None) -> AsyncIte
 
 
 # redis-py's cluster nodes refuse a connection beyond their pool's size instead of waiting for
-# one, so packed calls take at most half a node's pool and wait their turn beyond it (as the
-# single server's blocking pool makes them); the other half is left to redis-py's own calls.
+# one, so packed calls take at most the client's ``max_connections`` of a node (its pool's
+# size over CLUSTER_POOL_FACTOR) and wait their turn beyond, as the single server's blocking
+# pool makes them; the rest of the node's pool is left to redis-py's own calls.
 _GATES: weakref.WeakKeyDictionary[aioredis.RedisCluster, dict[str, asyncio.Semaphore]] = (
     weakref.WeakKeyDictionary()
 )
@@ -225,7 +226,9 @@ def _gate(client: aioredis.RedisCluster, node: ClusterNode) -> asyncio.Semaphore
     gates = _GATES.setdefault(client, {})
     gate = gates.get(node.name)
     if gate is None:
-        gate = gates[node.name] = asyncio.Semaphore(max(1, node.max_connections // 2))
+        gate = gates[node.name] = asyncio.Semaphore(
+            max(1, node.max_connections // CLUSTER_POOL_FACTOR)
+        )
     return gate
 
 

@@ -23,6 +23,12 @@ from flashsale.settings import Settings
 # through allocator.redis_calls, which groups them by node.
 RedisClient: TypeAlias = aioredis.Redis | aioredis.RedisCluster
 
+# redis-py's cluster nodes refuse a connection beyond their pool's size instead of waiting for
+# one: a node's pool may grow to this many times ``max_connections`` (connections are opened
+# only as concurrency needs them), while packed calls wait their turn beyond ``max_connections``
+# (allocator.redis_calls), as on a single server.
+CLUSTER_POOL_FACTOR = 16
+
 
 def redis_client(
     settings: Settings, *, max_connections: int = 64, wait_s: float | None = 5.0, **options: Any
@@ -64,14 +70,14 @@ def cluster_client(
     a failover (``CLUSTERDOWN``, a node that stopped answering). Its ``retry`` is the cluster
     client's: a command whose node failed is sent again, after the topology was read afresh,
     at most twice. A node's pool does not wait for a free connection as the single server's
-    does (redis-py's cluster pools refuse at their limit), so each holds up to four times
-    ``max_connections``.
+    does (redis-py's cluster pools refuse at their limit, a 503), so each may hold up to
+    :data:`CLUSTER_POOL_FACTOR` times ``max_connections``.
     """
     retry = options.pop("retry")
     options.pop("health_check_interval", None)  # the cluster client checks its nodes itself
     return aioredis.RedisCluster.from_url(
-        settings.require_redis(), max_connections=4 * max_connections, retry=retry,
-        require_full_coverage=False, **options,
+        settings.require_redis(), max_connections=CLUSTER_POOL_FACTOR * max_connections,
+        retry=retry, require_full_coverage=False, **options,
     )  # fmt: skip
 
 

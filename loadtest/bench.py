@@ -22,6 +22,8 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
+from flashsale.clients import RedisClient
+
 
 @dataclass(slots=True)
 class Row:
@@ -179,6 +181,14 @@ def inconsistent(report: Report) -> list[str]:
     return [r.name for r in report.rows if r.extra.get("consistent") is False]
 
 
+def _summed(counts: list[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for count in counts:
+        for name, value in count.items():
+            total[name] = total.get(name, 0) + value
+    return total
+
+
 @dataclass(slots=True)
 class ServerSample:
     """Redis counters read before and after a row."""
@@ -188,9 +198,19 @@ class ServerSample:
     cpu_seconds: float
 
     @classmethod
-    async def take(cls, client: aioredis.Redis) -> ServerSample:
-        stats: dict[str, Any] = await client.info("commandstats")
-        cpu: dict[str, Any] = await client.info("cpu")
+    async def take(cls, client: RedisClient) -> ServerSample:
+        """The server's counters; on a Redis Cluster, summed over the primaries."""
+        if isinstance(client, aioredis.RedisCluster):
+            primaries = client.get_primaries()
+            stats = await client.info("commandstats", target_nodes=primaries)
+            cpu = await client.info("cpu", target_nodes=primaries)
+            nodes = [cls._parse(stats[n.name], cpu[n.name]) for n in primaries]
+            return cls(_summed([n.calls for n in nodes]), _summed([n.usec for n in nodes]),
+                       sum(n.cpu_seconds for n in nodes))  # fmt: skip
+        return cls._parse(await client.info("commandstats"), await client.info("cpu"))
+
+    @classmethod
+    def _parse(cls, stats: dict[str, Any], cpu: dict[str, Any]) -> ServerSample:
         calls = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
         usec = {k.removeprefix("cmdstat_"): int(v["usec"]) for k, v in stats.items()}
         return cls(calls, usec, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]))

@@ -28,6 +28,7 @@ from allocator.ids import new_reservation_id
 from allocator.redis_calls import pack_command
 from allocator.sale_scripts import SaleScripts
 from allocator.sku_allocator import SkuAllocator
+from flashsale.clients import RedisClient, redis_client
 from flashsale.keys import SkuKeys
 from flashsale.settings import Settings
 from loadtest.bench import (
@@ -92,13 +93,11 @@ class Bench:
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def redis(self, max_connections: int = POOL) -> aioredis.Redis:
-        pool = aioredis.BlockingConnectionPool.from_url(
-            self.settings.require_redis(), max_connections=max_connections, timeout=None
-        )
-        return aioredis.Redis(connection_pool=pool)
+    def redis(self, max_connections: int = POOL) -> RedisClient:
+        """The engine's own client: one server, or a cluster (FLASHSALE_REDIS_CLUSTER=1)."""
+        return redis_client(self.settings, max_connections=max_connections, wait_s=None)
 
-    async def fresh_sku(self, client: aioredis.Redis, name: str) -> SkuKeys:
+    async def fresh_sku(self, client: RedisClient, name: str) -> SkuKeys:
         keys = SkuKeys(f"bench-{self.run_id}", name)
         await SaleScripts(client).preload(
             keys, total=STOCK, meta=_sku_meta(keys), force=True, first=True
@@ -117,7 +116,7 @@ class Bench:
         what: str,
         op: Callable[[], Awaitable[Any]],
         *,
-        client: aioredis.Redis | None = None,
+        client: RedisClient | None = None,
         command: str | None = None,
         granted: Callable[[], Awaitable[int]] | None = None,
         per_call: int = 1,
@@ -167,9 +166,8 @@ class Bench:
         finally:
             await self.cleanup(client)
             await client.aclose()
-            await client.connection_pool.disconnect()
 
-    async def _decr_restore(self, client: aioredis.Redis) -> None:
+    async def _decr_restore(self, client: RedisClient) -> None:
         key = f"fs:{{bench-{self.run_id}:DECR}}:available"
         await client.set(key, STOCK)
 
@@ -186,7 +184,7 @@ class Bench:
         )  # fmt: skip
         await client.unlink(key)
 
-    def _active(self, client: aioredis.Redis, keys: SkuKeys) -> Callable[[], Awaitable[int]]:
+    def _active(self, client: RedisClient, keys: SkuKeys) -> Callable[[], Awaitable[int]]:
         async def active() -> int:
             total, available, active, paying, sold = (
                 int(v or 0) for v in await client.hmget(
@@ -199,7 +197,7 @@ class Bench:
 
         return active
 
-    async def _lua_per_request(self, client: aioredis.Redis) -> None:
+    async def _lua_per_request(self, client: RedisClient) -> None:
         keys = await self.fresh_sku(client, "PER-REQUEST")
         scripts = HoldScripts(client)
 
@@ -211,7 +209,7 @@ class Bench:
             client=client, command="evalsha", granted=self._active(client, keys),
         )  # fmt: skip
 
-    async def _lua_batched(self, client: aioredis.Redis) -> None:
+    async def _lua_batched(self, client: RedisClient) -> None:
         keys = await self.fresh_sku(client, "BATCHED")
         allocator = SkuAllocator(
             HoldScripts(client), keys, window=self.options.window, max_batch=self.options.max_batch
@@ -229,14 +227,19 @@ class Bench:
         batches = allocator.batches - batches_before
         row.extra["mean_batch"] = round(row.decisions / max(batches, 1), 1)
 
-    async def _ceiling(self, client: aioredis.Redis) -> None:
+    async def _ceiling(self, client: RedisClient) -> None:
         url = urlsplit(self.settings.require_redis())
         key = f"fs:{{bench-{self.run_id}:CEILING}}:available"
         await client.set(key, STOCK)
+        host, port = url.hostname, url.port or 6379
+        if isinstance(client, aioredis.RedisCluster):  # the node that serves the key
+            node = client.get_node_from_key(key)
+            assert node is not None
+            host, port = node.host, int(node.port)
         blob = pack_command(("DECR", key)) * CEILING_DEPTH
         streams = []
         for _ in range(CEILING_PIPELINES):
-            reader, writer = await asyncio.open_connection(url.hostname, url.port or 6379)
+            reader, writer = await asyncio.open_connection(host, port)
             parser = hiredis.Reader()
             if url.password:
                 auth = ("AUTH", unquote(url.username), unquote(url.password)) if url.username \
@@ -272,7 +275,7 @@ class Bench:
                 writer.close()
             await client.unlink(key)
 
-    async def cleanup(self, client: aioredis.Redis) -> None:
+    async def cleanup(self, client: RedisClient) -> None:
         for keys in self._skus:
             await client.unlink(*keys.all())
 
