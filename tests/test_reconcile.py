@@ -61,6 +61,20 @@ async def converged(rec: Reconciler, sale: str) -> PassReport:
     return again
 
 
+async def goes_on(
+    p: Pipeline, rec: Reconciler, psp: HttpProvider, sale: str, *, buyers: int
+) -> int:
+    """After a repair, the sale goes on: more buyers reserve, every order ends, the audit
+    passes and a pass changes nothing. The units sold."""
+    more = await p.reserve(sale, ["tok_visa"] * buyers)
+    await p.wait_terminal(more)
+    await drained(p)
+    audited = await audit(p, psp, sale)
+    assert audited.passed, audited.text()
+    await converged(rec, sale)
+    return (await p.counts(sale))["sold"]
+
+
 def retry_of(first: ReserveRequest) -> ReserveRequest:
     """The buyer sending the same request again (a fresh id, as every attempt has)."""
     return dataclasses.replace(first, reservation_id=new_reservation_id())
@@ -154,13 +168,7 @@ async def test_flushall_mid_sale_restores_stock_holds_and_the_waiting_room(
         [again] = await p.holds.reserve(keys, [retry_of(first)])
         assert (again.outcome, again.reservation_id) == ("reserved", rid)
 
-        more = await p.reserve(sale, ["tok_visa"] * 5)  # the sale goes on
-        await p.wait_terminal(more)
-        await drained(p)
-        audited = await audit(p, psp, sale)
-        assert audited.passed, audited.text()
-        assert (await p.counts(sale))["sold"] == 17
-        await converged(rec, sale)
+        assert await goes_on(p, rec, psp, sale, buyers=5) == 17
         await workers.drain()
 
 
