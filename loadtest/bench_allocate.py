@@ -275,9 +275,88 @@ class Bench:
                 writer.close()
             await client.unlink(key)
 
+    # -- on a Redis Cluster -----------------------------------------------------------------
+
+    async def cluster_rows(self, settings: Settings) -> None:
+        """The batched allocator on a Redis Cluster: one hot SKU (one node does the work),
+        then one hot SKU per primary, the callers spread over them. Each row records every
+        primary's share of the decisions and its server CPU per decision."""
+        client = redis_client(settings, max_connections=POOL, wait_s=None)
+        assert isinstance(client, aioredis.RedisCluster)
+        try:
+            await client.initialize()
+            primaries = client.get_primaries()
+            n = len(primaries)
+            one = await self.fresh_sku(client, "CLUSTER-ONE")
+            await self._spread_row(
+                client,
+                [one],
+                f"cluster{n}_one_hot_sku",
+                f"batched allocator, one hot SKU on a {n}-primary cluster",
+            )
+            per_node: dict[str, SkuKeys] = {}
+            for i in itertools.count():
+                keys = SkuKeys(f"bench-{self.run_id}", f"CLUSTER-{i}")
+                node = client.get_node_from_key(keys.stock)
+                if node is not None and node.name not in per_node:
+                    per_node[node.name] = await self.fresh_sku(client, keys.sku)
+                if len(per_node) == n:
+                    break
+            await self._spread_row(
+                client,
+                list(per_node.values()),
+                f"cluster{n}_sku_per_primary",
+                f"batched allocator, {n} hot SKUs, one per primary",
+            )
+        finally:
+            await self.cleanup(client)
+            await client.aclose()
+
+    async def _spread_row(
+        self, client: aioredis.RedisCluster, skus: list[SkuKeys], name: str, what: str
+    ) -> None:
+        allocators = [SkuAllocator(HoldScripts(client), k, window=self.options.window,
+                                   max_batch=self.options.max_batch) for k in skus]  # fmt: skip
+        turn = itertools.count()
+        made = [0] * len(skus)
+
+        async def op() -> None:
+            i = next(turn) % len(skus)
+            await allocators[i].reserve(self.request())
+            made[i] += 1
+
+        async def active() -> int:
+            return sum([await self._active(client, k)() for k in skus])
+
+        primaries = client.get_primaries()
+        before = await client.info("cpu", target_nodes=primaries)
+        batches_before = sum(a.batches for a in allocators)
+        row = await self.measure(name, what, op, client=client, command="evalsha",
+                                 granted=active)  # fmt: skip
+        after = await client.info("cpu", target_nodes=primaries)
+        batches = sum(a.batches for a in allocators) - batches_before
+        row.extra["mean_batch"] = round(row.decisions / max(batches, 1), 1)
+        for allocator in allocators:
+            await allocator.aclose()
+        total = max(sum(made), 1)
+        nodes = {}
+        for node in primaries:
+            decided = sum(m for k, m in zip(skus, made, strict=True)
+                          if client.get_node_from_key(k.stock) == node)  # fmt: skip
+            cpu = _cpu(after[node.name]) - _cpu(before[node.name])
+            nodes[node.name] = {
+                "share": round(decided / total, 3),
+                "server_cpu_us_per_decision": round(cpu * 1e6 / decided, 3) if decided else None,
+            }
+        row.extra["nodes"] = nodes
+
     async def cleanup(self, client: RedisClient) -> None:
         for keys in self._skus:
             await client.unlink(*keys.all())
+
+
+def _cpu(info: dict[str, Any]) -> float:
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 def check_targets(rows: list[Row]) -> list[Target]:
@@ -308,7 +387,15 @@ def failed(report: Report) -> list[str]:
     return inconsistent(report)
 
 
-async def run(settings: Settings, options: Options, progress: Progress, command: str) -> Report:
+async def run(
+    settings: Settings,
+    options: Options,
+    progress: Progress,
+    command: str,
+    cluster: Settings | None = None,
+) -> Report:
+    """Every row on ``settings``' servers; with ``cluster`` (settings of a Redis Cluster), the
+    cluster rows too."""
     bench = Bench(settings, options, progress)
     progress(
         f"bench allocate: {options.concurrency} concurrent callers, {options.seconds:g}s per row,"
@@ -316,6 +403,8 @@ async def run(settings: Settings, options: Options, progress: Progress, command:
     )
     pg_version = await bench.postgres_rows()
     redis_version = await bench.redis_rows()
+    if cluster is not None:
+        await bench.cluster_rows(cluster)
     ceiling = next(r for r in bench.rows if r.name == "redis_pipelined_decr_ceiling")
     for row in bench.rows:
         row.extra["ratio_to_ceiling"] = round(row.per_second / ceiling.per_second, 4)
@@ -341,8 +430,12 @@ def render(report: Report) -> str:
         for r in report.rows
     ]  # fmt: skip
     targets = [(t.name, t.goal, t.measured, "met" if t.met else "MISSED") for t in report.targets]
+    nodes = [(r.name, node, f"{v['share']:.1%}", v["server_cpu_us_per_decision"])
+             for r in report.rows for node, v in r.extra.get("nodes", {}).items()]  # fmt: skip
     return "\n\n".join([
         table(("row", "decisions/s", "server us/dec", "server cpu us/dec", "client cpu us/dec",
                "x ceiling", "mean batch"), rows),
+        *([table(("cluster row", "primary", "share of decisions", "server cpu us/dec"), nodes)]
+          if nodes else []),
         table(("target", "goal", "measured", ""), targets),
     ])  # fmt: skip

@@ -149,3 +149,23 @@ def test_bench_all_quick_runs_every_benchmark_and_fills_the_document(
         block = text.split(f"<!-- bench all: {name} -->")[1].split("<!-- /bench all:")[0]
         assert "Latest `flashsale bench all` run" in block, (name, block)
     assert "| 2,000 | 100 |" in text  # the quick demo's row
+
+
+def test_bench_allocate_cluster_rows_spread_over_the_primaries(cli: Cli, tmp_path: Path) -> None:
+    path = tmp_path / "bench.json"
+    result = cli("bench", "allocate", "--seconds", "0.3", "--concurrency", "32", "--cluster", "3",
+                 "--json", str(path))  # fmt: skip
+    assert result.code == 0, result.err
+    rows = {r["name"]: r for r in json.loads(path.read_text())["results"]}
+    assert list(rows)[-2:] == ["cluster3_one_hot_sku", "cluster3_sku_per_primary"]
+    one, spread = rows["cluster3_one_hot_sku"], rows["cluster3_sku_per_primary"]
+    for row in (one, spread):
+        assert row["consistent"] is True and row["stock_moved"] == row["decisions"], row
+        assert len(row["nodes"]) == 3
+    # One hot SKU: one primary does all the work. One per primary: each does a third.
+    assert sorted(n["share"] for n in one["nodes"].values()) == [0.0, 0.0, 1.0]
+    assert all(abs(n["share"] - 1 / 3) < 0.01 for n in spread["nodes"].values()), spread
+    assert all(n["server_cpu_us_per_decision"] > 0 for n in spread["nodes"].values())
+    assert "share of decisions" in result.out
+    bad = cli("bench", "allocate", "--cluster", "2")
+    assert bad.code == 2 and "cluster" in bad.err

@@ -6,18 +6,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from collections.abc import Callable
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import uvloop
 
-from flashsale.cli.checks import non_negative, positive, service_settings
+from flashsale.cli.checks import non_negative, positive, service_settings, within
 from flashsale.cli.dev import apply_migrations
+from flashsale.cli.devstack.redis_cluster import Layout
 from flashsale.cli.devstack.stack import DevStack
 from flashsale.cli.output import fail, out
 from flashsale.errors import ConfigError, InvalidInput
-from flashsale.settings import Settings
+from flashsale.settings import Settings, read_env_file
 
 if TYPE_CHECKING:
     from loadtest.bench import Report
@@ -118,10 +121,33 @@ async def _allocate(args: argparse.Namespace, settings: Settings) -> int:
     )
     if options.max_batch > MAX_RESERVE_BATCH:
         raise InvalidInput("max-batch", f"must be at most {MAX_RESERVE_BATCH}")
+    primaries = within("cluster", args.cluster, 3, 16) if args.cluster else None
     settings.require_redis()
     settings.require_database()
-    report = await bench.run(settings, options, out, options.command())
+    command = options.command() + (f" --cluster {primaries}" if primaries else "")
+    if primaries is None:
+        report = await bench.run(settings, options, out, command)
+    else:
+        async with _bench_cluster(settings, primaries) as cluster:
+            report = await bench.run(settings, options, out, command, cluster=cluster)
     return _report(report, bench.render, args.json, bench.failed(report), bench.FAILURE)
+
+
+@contextlib.asynccontextmanager
+async def _bench_cluster(settings: Settings, primaries: int) -> AsyncIterator[Settings]:
+    """A Redis Cluster of ``primaries`` nodes for one benchmark run, beside the stack (in
+    ``<home>/bench-cluster``), deleted afterwards."""
+    stack = DevStack(settings.home / "bench-cluster", environ={
+        "DATABASE_URL": settings.require_database(), "KAFKA_BOOTSTRAP": settings.require_kafka(),
+    })  # fmt: skip
+    out(f"== a Redis Cluster of {primaries} primaries for the cluster rows")
+    quiet: Callable[[str], None] = lambda _line: None  # noqa: E731
+    await asyncio.to_thread(stack.up, progress=quiet, cluster=Layout(primaries))
+    try:
+        url = read_env_file(stack.env_file)["REDIS_URL"]
+        yield dataclasses.replace(settings, redis_url=url, redis_cluster=True)
+    finally:
+        await asyncio.to_thread(stack.down, purge=True, progress=quiet)
 
 
 async def _gateway(args: argparse.Namespace, settings: Settings) -> int:
@@ -307,6 +333,12 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     allocate.add_argument("--seconds", default="3", help="seconds per row (default 3)")
     allocate.add_argument("--concurrency", default="512", help="concurrent callers (default 512)")
     allocate.add_argument("--max-batch", default="256", help="SkuAllocator max batch (default 256)")
+    allocate.add_argument(
+        "--cluster", metavar="N",
+        help="also start a Redis Cluster of N primaries (3..16) beside the stack and add rows "
+        "for the batched allocator on it: one hot SKU, then one hot SKU per primary, with each "
+        "primary's share of the decisions and its server CPU per decision",
+    )  # fmt: skip
     gw_bench = bench_sub.add_parser(
         "gateway",
         help="queue join and status req/s against a bare aiohttp endpoint",
