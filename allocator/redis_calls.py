@@ -102,8 +102,11 @@ async def send_packed(
     if isinstance(client, aioredis.RedisCluster):
         await client.initialize()  # a no-op unless the slots are to be read (afresh)
     groups = _by_node(client, commands)
-    answers = await asyncio.gather(*(_send_group(client, node, [commands[i] for i in indexes],
-                                                 chunk) for node, indexes in groups))  # fmt: skip
+    if len(groups) == 1:  # one server, or one node: no task to spawn on the hot path
+        answers = [await _send_group(client, groups[0][0], list(commands), chunk)]
+    else:
+        answers = await asyncio.gather(*(_send_group(client, node, [commands[i] for i in ix],
+                                                     chunk) for node, ix in groups))  # fmt: skip
     for (_, indexes), answered in zip(groups, answers, strict=True):
         for i, reply in zip(indexes, answered, strict=True):
             replies[i] = reply
