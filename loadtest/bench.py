@@ -181,6 +181,11 @@ def inconsistent(report: Report) -> list[str]:
     return [r.name for r in report.rows if r.extra.get("consistent") is False]
 
 
+def cpu_seconds(info: dict[str, Any]) -> float:
+    """A Redis server's CPU time so far, from its ``INFO cpu``."""
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 def _summed(counts: list[dict[str, int]]) -> dict[str, int]:
     total: dict[str, int] = {}
     for count in counts:
@@ -213,7 +218,7 @@ class ServerSample:
     def _parse(cls, stats: dict[str, Any], cpu: dict[str, Any]) -> ServerSample:
         calls = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
         usec = {k.removeprefix("cmdstat_"): int(v["usec"]) for k, v in stats.items()}
-        return cls(calls, usec, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]))
+        return cls(calls, usec, cpu_seconds(cpu))
 
     def since(self, before: ServerSample, command: str, decisions: int) -> dict[str, float]:
         """Redis time per decision: ``command``'s own time (INFO commandstats) and the whole

@@ -36,6 +36,7 @@ from loadtest.bench import (
     Row,
     ServerSample,
     Target,
+    cpu_seconds,
     drive,
     inconsistent,
     machine,
@@ -343,7 +344,7 @@ class Bench:
         for node in primaries:
             decided = sum(m for k, m in zip(skus, made, strict=True)
                           if client.get_node_from_key(k.stock) == node)  # fmt: skip
-            cpu = _cpu(after[node.name]) - _cpu(before[node.name])
+            cpu = cpu_seconds(after[node.name]) - cpu_seconds(before[node.name])
             nodes[node.name] = {
                 "share": round(decided / total, 3),
                 "server_cpu_us_per_decision": round(cpu * 1e6 / decided, 3) if decided else None,
@@ -353,10 +354,6 @@ class Bench:
     async def cleanup(self, client: RedisClient) -> None:
         for keys in self._skus:
             await client.unlink(*keys.all())
-
-
-def _cpu(info: dict[str, Any]) -> float:
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 def check_targets(rows: list[Row]) -> list[Target]:
