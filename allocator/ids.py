@@ -12,6 +12,8 @@ import itertools
 import os
 import secrets
 
+from flashsale.keys import SkuKeys
+
 
 def _fresh_prefix() -> None:
     global _prefix, _counter  # noqa: PLW0603 - one process-wide generator, reset on fork
@@ -30,18 +32,37 @@ def new_reservation_id() -> str:
     return f"{_prefix}{next(_counter):x}"
 
 
+def new_transfer_id() -> str:
+    """A fresh id for a stock transfer between buckets (``t-...``), unique like a reservation's."""
+    return f"t{new_reservation_id()[1:]}"
+
+
 ROUTE_SEP = "~"  # never in a sale or SKU id (see flashsale.keys.ID_PATTERN)
 
 
-def routed_reservation_id(sale_id: str, sku: str) -> str:
-    """A reservation id that names its sale and SKU (``<sale>~<sku>~r-...``), so any gateway
-    process can find the hold's slot from the id alone."""
+def routed_reservation_id(sale_id: str, sku: str, bucket: int = 0) -> str:
+    """A reservation id that names its sale, SKU and stock bucket (``<sale>~<sku>~r-...``, or
+    ``<sale>~<sku>~<bucket>~r-...`` for a bucket other than 0), so any process can find the
+    hold's slot from the id alone."""
+    if bucket:
+        return f"{sale_id}{ROUTE_SEP}{sku}{ROUTE_SEP}{bucket}{ROUTE_SEP}{new_reservation_id()}"
     return f"{sale_id}{ROUTE_SEP}{sku}{ROUTE_SEP}{new_reservation_id()}"
 
 
-def route_of(reservation_id: str) -> tuple[str, str] | None:
-    """(sale id, SKU) of a routed reservation id; None when it is not one."""
+def route_of(reservation_id: str) -> SkuKeys | None:
+    """The keys of the bucket a routed reservation id names; None when it is not one."""
     parts = reservation_id.split(ROUTE_SEP)
-    if len(parts) != 3 or not all(parts):
-        return None
-    return parts[0], parts[1]
+    if len(parts) == 3 and all(parts):
+        return SkuKeys(parts[0], parts[1])
+    if len(parts) == 4 and all(parts) and parts[2].isdigit() and parts[2][0] != "0":
+        return SkuKeys(parts[0], parts[1], int(parts[2]))
+    return None
+
+
+def hold_keys(sale_id: str, sku: str, reservation_id: str) -> SkuKeys:
+    """The keys of the bucket that holds ``reservation_id`` of ``sale_id``/``sku``: the id's
+    bucket when it is a routed id of that SKU, else bucket 0."""
+    route = route_of(reservation_id)
+    if route is not None and route.sale_id == sale_id and route.sku == sku:
+        return route
+    return SkuKeys(sale_id, sku)

@@ -33,7 +33,7 @@ import asyncpg
 
 from allocator.queue_scripts import QueueScripts, QueueView, Step
 from flashsale.errors import QueueLost
-from flashsale.keys import SaleKeys, SkuKeys
+from flashsale.keys import SaleKeys, bucket_keys
 from flashsale.queue_marks import Mark, QueueMarks
 from flashsale.records import text
 from flashsale.shuffle import shuffle_order
@@ -137,6 +137,7 @@ class AdmissionPump:
     marks: QueueMarks | None = None  # counters seen, checkpointed for a restore
     next_tick: float = 0.0  # time.monotonic() before which the service skips this pump
     busy: bool = True  # buyers are waiting or the sale is opening (see tick)
+    buckets: dict[str, int] = field(default_factory=dict)  # SKUs split into stock buckets
 
     @property
     def keys(self) -> SaleKeys:
@@ -228,9 +229,8 @@ class AdmissionPump:
 
     async def _read(self) -> SaleSnapshot:
         lapsed = self._lapsed_through()
-        snap = await self.queue.snapshot(
-            self.keys, claims_through=lapsed, skus=[SkuKeys(self.sale_id, s) for s in self.skus]
-        )
+        stock = [k for s in self.skus for k in bucket_keys(self.sale_id, s, self.buckets.get(s, 1))]
+        snap = await self.queue.snapshot(self.keys, claims_through=lapsed, skus=stock)
         counted = [units for units in snap.stock if units is not None]
         return SaleSnapshot(
             snap.view, sum(a for a, _ in counted), sum(h for _, h in counted),

@@ -133,7 +133,7 @@ class RoomSnapshot:
     redis_ms: int = 0  # Redis TIME, in milliseconds
     claimed: int = 0  # used admissions
     claimed_through: int = 0  # ... at positions up to claims_through
-    stock: list[tuple[int, int] | None] = field(default_factory=list)  # (available, held)
+    stock: list[tuple[int, int] | None] = field(default_factory=list)  # (available, held + lent)
 
 
 class QueueScripts:
@@ -234,7 +234,10 @@ class QueueScripts:
             commands.append(("ZCARD", keys.claims))
             commands.append(("ZCOUNT", keys.claims, 1, claims_through) if claims_through > 0
                             else ("ECHO", "0"))  # fmt: skip
-        commands += [("HMGET", sku.stock, "available", "active", "paying") for sku in skus]
+        for sku in skus:
+            # Units lent by a stock bucket and not yet credited count as held: they come back.
+            commands += [("HMGET", sku.stock, "available", "active", "paying"),
+                         ("HLEN", sku.transfers)]  # fmt: skip
         replies = iter(await read_packed(self.client, commands))
         snap = RoomSnapshot(QueueView.parse(next(replies), next(replies)))
         if steps_after is not None:
@@ -245,7 +248,10 @@ class QueueScripts:
         if claims_through is not None:
             snap.claimed, snap.claimed_through = int(next(replies)), integer(text(next(replies)))
         for row in replies:
-            snap.stock.append(None if row[0] is None else (int(row[0]), int(row[1]) + int(row[2])))
+            lent = int(next(replies))
+            snap.stock.append(
+                None if row[0] is None else (int(row[0]), int(row[1]) + int(row[2]) + lent)
+            )
         return snap
 
     async def view(self, keys: SaleKeys) -> QueueView:

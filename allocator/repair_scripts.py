@@ -76,8 +76,10 @@ class RepairScripts:
             skipped += [text(i) for i in left]
         return written, skipped
 
-    async def finish(self, keys: SkuKeys, total: int, meta: dict[str, str]) -> RebuildResult:
-        """Recount the SKU from its holds, write ``meta`` and reopen it (atomic)."""
+    async def finish(self, keys: SkuKeys, total: int | str, meta: dict[str, str]) -> RebuildResult:
+        """Recount the SKU from its holds, write ``meta`` and reopen it (atomic). ``total``
+        is the SKU's, or for a stock bucket '' (keep its total) or '+N' (what its holds
+        commit plus N); see ``lua/rebuild_finish.lua``."""
         args: list[str | int] = [total]
         for name, value in meta.items():
             args += [name, value]

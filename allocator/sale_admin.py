@@ -14,10 +14,11 @@ from typing import Any
 
 import asyncpg
 
-from allocator.sale_scripts import PreloadResult, SaleScripts
+from allocator.sale_scripts import PreloadResult, SaleScripts, summed
+from allocator.stock_buckets import BucketScripts
 from flashsale.clients import RedisClient
 from flashsale.errors import Conflict, InvalidInput, NotFound
-from flashsale.keys import ID_PATTERN, SaleKeys, SkuKeys
+from flashsale.keys import ID_PATTERN, SaleKeys, SkuKeys, bucket_keys
 from flashsale.sales import (
     STATUS_BY_ACTION,
     fetch_skus,
@@ -36,6 +37,9 @@ class SaleAdmin:
     pool: asyncpg.Pool
     redis: RedisClient
     scripts: SaleScripts
+
+    def __post_init__(self) -> None:
+        self.transfers = BucketScripts(self.redis)
 
     @classmethod
     def build(cls, pool: asyncpg.Pool, client: RedisClient) -> SaleAdmin:
@@ -149,11 +153,42 @@ class SaleAdmin:
     async def _sync_sku(
         self, sale: asyncpg.Record, sku: asyncpg.Record, *, force: bool
     ) -> PreloadResult:
-        meta = sku_meta(sale, sku)
-        return await self.scripts.preload(
-            SkuKeys(sale["id"], sku["sku"]), total=sku["stock_total"], meta=meta, force=force,
-            first=sku["preloaded_at"] is None,
-        )  # fmt: skip
+        meta, total, first = sku_meta(sale, sku), sku["stock_total"], sku["preloaded_at"] is None
+        if sku["buckets"] == 1:
+            return await self.scripts.preload(SkuKeys(sale["id"], sku["sku"]), total=total,
+                                              meta=meta, force=force, first=first)  # fmt: skip
+        return await self._sync_buckets(sale["id"], sku, meta, force=force, first=first)
+
+    async def _sync_buckets(self, sale_id: str, sku: asyncpg.Record, meta: dict[str, str], *,
+                            force: bool, first: bool) -> PreloadResult:  # fmt: skip
+        """A SKU split into stock buckets. The first preload spreads the stock evenly and
+        records the SKU's total on bucket 0; later ones write the configuration only (the
+        buckets' stock moves by transfers) and raise the total on bucket 0
+        (``lua/grow.lua``), from where dry buckets borrow the new units."""
+        total, count = sku["stock_total"], sku["buckets"]
+        keys = bucket_keys(sale_id, sku["sku"], count)
+        results = []
+        for k in keys:
+            share = total // count + (1 if k.bucket < total % count else 0)
+            config = {**meta, "stock_total": str(total)} if first and k.bucket == 0 else meta
+            results.append(
+                await self.scripts.preload(
+                    k, total=share if first else None, meta=config, force=force, first=first
+                )
+            )
+        outcomes = [r.outcome for r in results]
+        if not first and "refused_lost" not in outcomes:
+            grown, _ = await self.transfers.grow(keys[0], total)
+            if grown == "unavailable":
+                outcomes.append("refused_lost")
+            elif grown == "grown":
+                outcomes.append("loaded")
+        counts = summed(await self.scripts.stock(keys)) or summed([r.counts for r in results])
+        assert counts is not None
+        for worst in ("refused_lost", "refused_below_committed", "refused_committed", "loaded"):
+            if worst in outcomes:
+                return PreloadResult(sku["sku"], worst, counts)
+        return PreloadResult(sku["sku"], "unchanged", counts)
 
     # -- status --------------------------------------------------------------------------
 
@@ -162,21 +197,31 @@ class SaleAdmin:
         async with self.pool.acquire() as conn:
             sale = await self._sale_row(conn, sale_id)
             skus = await fetch_skus(conn, sale_id)
-        counts = await self.scripts.stock([SkuKeys(sale_id, sku["sku"]) for sku in skus])
+        groups = [bucket_keys(sale_id, sku["sku"], sku["buckets"]) for sku in skus]
+        flat = await self.scripts.stock([k for group in groups for k in group])
         rows = []
-        for sku, count in zip(skus, counts, strict=True):
-            rows.append(
-                {
-                    "sku": sku["sku"],
-                    "title": sku["title"],
-                    "stock_total": sku["stock_total"],
-                    "available": None if count is None else count.available,
-                    "held": None if count is None else count.held,
-                    "sold": None if count is None else count.sold,
-                    "confirmed": sku["sold"],
-                    "preloaded": count is not None,
-                }
-            )
+        for sku, group in zip(skus, groups, strict=True):
+            per_bucket, flat = flat[: len(group)], flat[len(group) :]
+            count = summed(per_bucket)
+            row = {
+                "sku": sku["sku"],
+                "title": sku["title"],
+                "stock_total": sku["stock_total"],
+                "available": None if count is None else count.available,
+                "held": None if count is None else count.held,
+                "sold": None if count is None else count.sold,
+                "confirmed": sku["sold"],
+                "preloaded": count is not None,
+                "buckets": sku["buckets"],
+            }
+            if sku["buckets"] > 1:
+                row["by_bucket"] = [
+                    None if c is None else {"bucket": b, "total": c.total,
+                                            "available": c.available, "held": c.held,
+                                            "sold": c.sold}
+                    for b, c in enumerate(per_bucket)
+                ]  # fmt: skip
+            rows.append(row)
         return {"sale": sale_json(sale), "skus": rows}
 
     # -- stock and lifecycle -------------------------------------------------------------
@@ -229,7 +274,8 @@ class SaleAdmin:
         # Redis after Postgres; every step is idempotent, so a retry converges.
         await self.scripts.set_status(SaleKeys(sale_id).sale, target)
         for sku in skus:
-            await self.scripts.set_status(SkuKeys(sale_id, sku["sku"]).meta, target)
+            for keys in bucket_keys(sale_id, sku["sku"], sku["buckets"]):
+                await self.scripts.set_status(keys.meta, target)
         return await self.get(sale_id)
 
 
@@ -238,10 +284,10 @@ async def _insert_skus(conn: asyncpg.Connection, sale_id: str, skus: Sequence[Sk
         return
     await conn.executemany(
         "INSERT INTO sale_skus (sale_id, sku, title, stock_total, price, currency,"
-        " per_buyer_limit, hold_ttl_seconds) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        " per_buyer_limit, hold_ttl_seconds, buckets) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         [
             (sale_id, s.sku, s.title, s.stock, s.price, s.currency, s.per_buyer_limit,
-             s.hold_ttl_seconds)
+             s.hold_ttl_seconds, s.buckets)
             for s in skus
         ],
     )  # fmt: skip

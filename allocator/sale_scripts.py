@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from redis.commands.core import AsyncScript
 
@@ -21,6 +21,14 @@ PreloadOutcome = Literal[
 STOCK_FIELDS = ("total", "available", "active", "paying", "sold")
 
 
+class SkuRule(NamedTuple):
+    """What the reservation route checks a request against: the per-buyer limit, and the
+    number of stock buckets the SKU is split into."""
+
+    limit: int
+    buckets: int = 1
+
+
 @dataclass(frozen=True, slots=True)
 class StockCounts:
     total: int
@@ -32,6 +40,21 @@ class StockCounts:
     @property
     def held(self) -> int:
         return self.active + self.paying
+
+    def __add__(self, other: StockCounts) -> StockCounts:
+        return StockCounts(self.total + other.total, self.available + other.available,
+                           self.active + other.active, self.paying + other.paying,
+                           self.sold + other.sold)  # fmt: skip
+
+
+def summed(counts: Sequence[StockCounts | None]) -> StockCounts | None:
+    """The counters of a SKU's buckets added up; None when Redis lacks any of them."""
+    if not counts or any(c is None for c in counts):
+        return None
+    total = counts[0]
+    for c in counts[1:]:
+        total = total + c  # type: ignore[operator]
+    return total
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,12 +74,14 @@ class SaleScripts:
         self._put_sale: AsyncScript = client.register_script(source("put_sale"))
 
     async def preload(
-        self, keys: SkuKeys, *, total: int, meta: dict[str, str], force: bool, first: bool
+        self, keys: SkuKeys, *, total: int | None, meta: dict[str, str], force: bool, first: bool
     ) -> PreloadResult:
-        """Load the SKU's configuration and stock (see ``lua/preload.lua``). ``first``: the
-        SKU was never preloaded; otherwise a SKU missing from Redis is refused
-        (``refused_lost``): the reconciler rebuilds it from Postgres."""
-        args: list[str | int] = ["1" if force else "0", total, "1" if first else "0"]
+        """Load the SKU's configuration and stock (see ``lua/preload.lua``); ``total`` None
+        keeps the stock as it is (a stock bucket once loaded). ``first``: the SKU was never
+        preloaded; otherwise a SKU missing from Redis is refused (``refused_lost``): the
+        reconciler rebuilds it from Postgres."""
+        args: list[str | int] = ["1" if force else "0", "" if total is None else total,
+                                 "1" if first else "0"]  # fmt: skip
         for name, value in meta.items():
             args += [name, value]
         raw = await self._preload(keys=[keys.meta, keys.stock], args=args)
@@ -77,18 +102,19 @@ class SaleScripts:
             args += [name, value]
         return int(await self._put_sale(keys=[keys.sale, keys.queue], args=args))
 
-    async def sku_limits(self, keys: SaleKeys) -> dict[str, int] | None:
-        """The sale's SKUs and their per-buyer limits as preload copied them (two round trips);
-        None when Redis has no sale hash for it."""
+    async def sku_limits(self, keys: SaleKeys) -> dict[str, SkuRule] | None:
+        """The sale's SKUs, their per-buyer limits and stock buckets as preload copied them
+        (two round trips); None when Redis has no sale hash for it."""
         listed = await self.client.hget(keys.sale, "skus")
         if listed is None:
             return None
         skus = [s for s in text(listed).split(",") if s]
         pipe = self.client.pipeline(transaction=False)
         for sku in skus:
-            pipe.hget(SkuKeys(keys.sale_id, sku).meta, "per_buyer_limit")
-        limits = await pipe.execute() if skus else []
-        return {sku: integer(limit, 1) for sku, limit in zip(skus, limits, strict=True)}
+            pipe.hmget(SkuKeys(keys.sale_id, sku).meta, "per_buyer_limit", "buckets")
+        rules = await pipe.execute() if skus else []
+        return {sku: SkuRule(integer(limit, 1), integer(buckets, 1))
+                for sku, (limit, buckets) in zip(skus, rules, strict=True)}  # fmt: skip
 
     async def stock(self, skus: Sequence[SkuKeys]) -> list[StockCounts | None]:
         """Every SKU's counters in one round trip; None for a SKU Redis does not hold."""

@@ -30,7 +30,7 @@ from allocator.relay import OutboxRelay, run_relay
 from allocator.sweeper import run_sweeper
 from flashsale.clients import RedisClient, pg_pool, redis_client
 from flashsale.kafka import ensure_topics, producer
-from flashsale.keys import SkuKeys
+from flashsale.keys import SkuKeys, bucket_keys
 from flashsale.ops_endpoints import KafkaProbe, dependency_probes, serve_ops
 from flashsale.outages import log_failure
 from flashsale.queue_marks import QueueMarks
@@ -39,7 +39,8 @@ from flashsale.settings import Settings
 log = logging.getLogger("flashsale.allocator")
 
 LIVE_SALES = """
-SELECT s.id, array_agg(k.sku ORDER BY k.sku) AS skus
+SELECT s.id, array_agg(k.sku ORDER BY k.sku) AS skus,
+       array_agg(k.buckets ORDER BY k.sku) AS buckets
 FROM sales s JOIN sale_skus k ON k.sale_id = s.id
 WHERE s.status <> 'ended' AND s.preloaded_at IS NOT NULL AND s.ends_at > now()
 GROUP BY s.id
@@ -49,7 +50,8 @@ GROUP BY s.id
 # cancels happen after the end too, so the sweeper and the relay keep covering them. An
 # ended sale ends when it was ended.
 HOLDING_SALES = """
-SELECT s.id, array_agg(k.sku ORDER BY k.sku) AS skus
+SELECT s.id, array_agg(k.sku ORDER BY k.sku) AS skus,
+       array_agg(k.buckets ORDER BY k.sku) AS buckets
 FROM sales s JOIN sale_skus k ON k.sale_id = s.id
 WHERE s.preloaded_at IS NOT NULL
 GROUP BY s.id
@@ -185,18 +187,24 @@ class AllocatorService:
         except Exception as exc:  # noqa: BLE001 - the pumps it has go on
             log_failure(log, "cannot list live sales", exc)
             return
-        self.holding_skus = [SkuKeys(r["id"], sku) for r in holding for sku in r["skus"]]
+        self.holding_skus = [
+            keys for r in holding for sku, count in zip(r["skus"], r["buckets"], strict=True)
+            for keys in bucket_keys(r["id"], sku, count)
+        ]  # fmt: skip
         live = {row["id"]: list(row["skus"]) for row in rows}
+        buckets = {row["id"]: dict(zip(row["skus"], row["buckets"], strict=True)) for row in rows}
         for sale_id in set(self.pumps) - set(live):
             await self._resign(self.pumps.pop(sale_id))
             self.metrics.leader.labels(sale_id).set(0)
         for sale_id, skus in live.items():
             if sale_id in self.pumps:
                 self.pumps[sale_id].skus = skus
+                self.pumps[sale_id].buckets = buckets[sale_id]
             else:
                 self.pumps[sale_id] = AdmissionPump(
-                    queue, self.pool, sale_id, skus, self.owner, marks=self.marks
-                )
+                    queue, self.pool, sale_id, skus, self.owner, marks=self.marks,
+                    buckets=buckets[sale_id],
+                )  # fmt: skip
 
     async def _resign(self, pump: AdmissionPump) -> None:
         """Give the lease back early; if Redis does not answer, it lapses by its TTL anyway."""

@@ -5,24 +5,42 @@ exception. Batching, back-pressure (:class:`~flashsale.errors.Overloaded`) and t
 batch whose outcome is unknown live in :class:`~allocator.batching.Coalescer`. A retried batch
 keeps its idempotency keys, so a request granted before a timeout is replayed, never
 decremented twice.
+
+A SKU split into stock buckets has one coalescer per bucket; a buyer's requests go to their
+bucket. When that bucket answers ``sold_out`` while others may have stock, the allocator
+borrows units for it (:mod:`allocator.stock_buckets`) and asks again, so the SKU answers
+``sold_out`` only once no bucket had a unit to lend.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
 from allocator.batching import Coalescer, PerKey
 from allocator.hold_scripts import MAX_RESERVE_BATCH, HoldScripts, ReserveRequest
-from flashsale.keys import SkuKeys
+from allocator.stock_buckets import BucketScripts, Lent
+from flashsale.keys import SkuKeys, bucket_for, bucket_keys
 from flashsale.records import ReserveResult
+
+# Borrow-and-ask-again rounds per request before it is answered with what its bucket said;
+# each round moves at least one unit to the bucket, so this bounds only a pathological race.
+MAX_BORROWS = 64
 
 
 class SkuAllocator:
-    """The coalescer for one SKU. Create one per SKU per process; share it across requests."""
+    """The coalescers for one SKU (one per stock bucket). Create one per SKU per process;
+    share it across requests."""
 
     def __init__(
         self,
         scripts: HoldScripts,
         keys: SkuKeys,
         *,
+        buckets: int = 1,
+        transfers: BucketScripts | None = None,
+        on_borrow: Callable[[int], None] | None = None,
         window: float = 0.001,
         max_batch: int = 256,
         max_waiting: int = 10_000,
@@ -33,37 +51,100 @@ class SkuAllocator:
             raise ValueError(f"max_batch must be within 1..{MAX_RESERVE_BATCH}")
         self.scripts = scripts
         self.keys = keys
+        self.buckets = buckets
+        self.bucket_keys = bucket_keys(keys.sale_id, keys.sku, buckets)
+        self.transfers = transfers or BucketScripts(scripts.client)
+        self.borrowed = 0  # transfers into this process's buckets (for metrics and tests)
+        self.on_borrow = on_borrow  # told the units of every transfer made
+        self._borrowing: dict[int, asyncio.Task[Lent]] = {}
 
-        async def call(requests: list[ReserveRequest]) -> list[ReserveResult]:
-            return await scripts.reserve(keys, requests)
+        def coalescer(bucket: SkuKeys) -> Coalescer[ReserveRequest, ReserveResult]:
+            async def call(requests: list[ReserveRequest]) -> list[ReserveResult]:
+                return await scripts.reserve(bucket, requests)
 
-        self._coalescer = Coalescer(
-            call, f"SKU {keys.sku}", window=window, max_batch=max_batch,
-            max_waiting=max_waiting, attempts=attempts, retry_backoff=retry_backoff,
-        )  # fmt: skip
+            name = f"SKU {keys.sku}" + (f" bucket {bucket.bucket}" if buckets > 1 else "")
+            return Coalescer(
+                call, name, window=window, max_batch=max_batch, max_waiting=max_waiting,
+                attempts=attempts, retry_backoff=retry_backoff,
+            )  # fmt: skip
+
+        self._coalescers = [coalescer(k) for k in self.bucket_keys]
 
     @property
     def batches(self) -> int:
         """Script calls made so far (for metrics and tests)."""
-        return self._coalescer.batches
+        return sum(c.batches for c in self._coalescers)
+
+    def bucket_of(self, buyer_id: str) -> int:
+        """The stock bucket ``buyer_id`` reserves from (0 for a SKU in one bucket)."""
+        return bucket_for(buyer_id, self.buckets)
 
     async def reserve(self, request: ReserveRequest) -> ReserveResult:
         """Decide one request. Raises Overloaded when the wait queue is full, Unavailable when
         Redis stays unreachable after retries, InvalidInput for a malformed request."""
         request.validate()
-        return await self._coalescer.submit(request)
+        if self.buckets == 1:
+            return await self._coalescers[0].submit(request)
+        bucket = self.bucket_of(request.buyer_id)
+        coalescer = self._coalescers[bucket]
+        result = await coalescer.submit(request)
+        for _ in range(MAX_BORROWS):
+            if result.outcome != "sold_out":
+                return result
+            lent = await self._borrow(bucket, request.quantity)
+            if not lent.units:
+                pending = result.holds_pending or lent.held > 0 or lent.outcome == "unavailable"
+                return ReserveResult("sold_out", holds_pending=pending)
+            result = await coalescer.submit(request)
+        return result
+
+    async def _borrow(self, bucket: int, wanted: int) -> Lent:
+        """Units for ``bucket`` from the others, one borrow in flight per bucket: requests that
+        find the bucket dry meanwhile wait for it and ask again."""
+        task = self._borrowing.get(bucket)
+        if task is None:
+            task = asyncio.ensure_future(self._take(bucket, wanted))
+            self._borrowing[bucket] = task
+            task.add_done_callback(lambda _: self._borrowing.pop(bucket, None))
+        return await asyncio.shield(task)
+
+    async def _take(self, bucket: int, wanted: int) -> Lent:
+        """Ask the other buckets in turn (the next one first) until one lends; the answer
+        says how many units came, and whether held units anywhere may still return."""
+        receiver = self.bucket_keys[bucket]
+        held, unavailable = 0, False
+        for step in range(1, self.buckets):
+            lender = self.bucket_keys[(bucket + step) % self.buckets]
+            lent = await self.transfers.transfer(lender, receiver, wanted)
+            if lent.units:
+                self.borrowed += 1
+                if self.on_borrow is not None:
+                    self.on_borrow(lent.units)
+                return lent
+            held += lent.held
+            unavailable = unavailable or lent.outcome == "unavailable"
+        return Lent("unavailable" if unavailable else "empty", 0, held)
 
     async def aclose(self) -> None:
         """Stop taking requests, decide what is waiting, and wait for batches in flight."""
-        await self._coalescer.aclose()
+        await asyncio.gather(*(c.aclose() for c in self._coalescers))
 
 
-class Allocators(PerKey[SkuKeys, SkuAllocator]):
+class Allocators(PerKey[tuple[str, str, int], SkuAllocator]):
     """One :class:`SkuAllocator` per SKU of this process, created on first use."""
 
-    def __init__(self, scripts: HoldScripts, **options: float) -> None:
-        super().__init__(lambda keys: SkuAllocator(scripts, keys, **options))  # type: ignore[arg-type]
+    def __init__(self, scripts: HoldScripts, **options: Any) -> None:
+        transfers = BucketScripts(scripts.client)
+
+        def factory(key: tuple[str, str, int]) -> SkuAllocator:
+            sale_id, sku, buckets = key
+            return SkuAllocator(
+                scripts, SkuKeys(sale_id, sku), buckets=buckets, transfers=transfers, **options
+            )
+
+        super().__init__(factory)
         self.scripts = scripts
 
-    def for_sku(self, sale_id: str, sku: str) -> SkuAllocator:
-        return self.get(SkuKeys(sale_id, sku))
+    def for_sku(self, sale_id: str, sku: str, buckets: int = 1) -> SkuAllocator:
+        """The allocator of ``sale_id``/``sku``, split into ``buckets`` stock buckets."""
+        return self.get((sale_id, sku, buckets))

@@ -1,5 +1,10 @@
 """The Redis key layout. Every key of one SKU shares one hash tag, so each script touches one slot.
 
+A SKU split into B stock buckets (``"buckets": B``) has B such groups of keys: bucket 0 under
+the tag ``{<sale>:<sku>}``, bucket b > 0 under ``{<sale>:<sku>:<b>}``, so the buckets spread
+over slots and nodes. Each bucket is a whole allocator of its own (stock, holds, buyers,
+idempotency answers, outbox); a buyer always goes to the bucket :func:`bucket_for` picks.
+
     fs:{<sale>:<sku>}:meta       hash   sale/SKU configuration copied from Postgres by preload
     fs:{<sale>:<sku>}:stock      hash   total, available, active, paying, sold (units)
     fs:{<sale>:<sku>}:holds      hash   reservation id -> hold record (flashsale.records)
@@ -8,6 +13,10 @@
     fs:{<sale>:<sku>}:buyers     hash   buyer id -> units counted against the per-buyer limit
     fs:{<sale>:<sku>}:idem       hash   buyer \x1f idempotency key -> first answer (records)
     fs:{<sale>:<sku>}:outbox     stream reservation events for the relay (flashsale.events)
+    fs:{<sale>:<sku>}:transfers  hash   stock lent to another bucket, not yet finished:
+                                        transfer id -> "<to bucket>\x1f<units>\x1f<lent at ms>"
+    fs:{<sale>:<sku>}:received   hash   transfer id -> units, for every transfer credited to
+                                        this bucket (a credit is applied once per id)
     fs:{<sale>}:sale             hash   sale-level configuration and status (put by preload)
     fs:{<sale>}:queue            hash   waiting-room counters: live, pre, tail, sealed,
                                         shuffled, serving, cutoff, sold_out, rates (see
@@ -25,20 +34,27 @@ Sale and SKU ids are restricted (see :data:`ID_PATTERN`) so no id can break a ha
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass
 
 PREFIX = "fs"
 # \Z, not $: with match(), $ would let a trailing newline through.
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+MAX_BUCKETS = 64
 
 
 @dataclass(frozen=True, slots=True)
 class SkuKeys:
+    """The keys of one SKU, or of one of its stock buckets (``bucket`` > 0)."""
+
     sale_id: str
     sku: str
+    bucket: int = 0
 
     @property
     def tag(self) -> str:
+        if self.bucket:
+            return f"{PREFIX}:{{{self.sale_id}:{self.sku}:{self.bucket}}}"
         return f"{PREFIX}:{{{self.sale_id}:{self.sku}}}"
 
     @property
@@ -68,6 +84,14 @@ class SkuKeys:
     @property
     def outbox(self) -> str:
         return f"{self.tag}:outbox"
+
+    @property
+    def transfers(self) -> str:
+        return f"{self.tag}:transfers"
+
+    @property
+    def received(self) -> str:
+        return f"{self.tag}:received"
 
     def all(self) -> list[str]:
         return [
@@ -116,6 +140,17 @@ class SaleKeys:
     @property
     def fence(self) -> str:
         return f"{self.tag}:fence"
+
+
+def bucket_keys(sale_id: str, sku: str, buckets: int) -> list[SkuKeys]:
+    """The keys of every stock bucket of a SKU, bucket 0 first."""
+    return [SkuKeys(sale_id, sku, b) for b in range(buckets)]
+
+
+def bucket_for(buyer_id: str, buckets: int) -> int:
+    """The bucket a buyer reserves from: a stable hash of the buyer id (CRC-32), the same in
+    every process and release, so a buyer's per-buyer count lives in one bucket."""
+    return zlib.crc32(buyer_id.encode()) % buckets if buckets > 1 else 0
 
 
 def rate_limit_key(subject: str) -> str:

@@ -64,6 +64,7 @@ def sku_meta(sale: asyncpg.Record, sku: asyncpg.Record) -> dict[str, str]:
         "starts_at_ms": unix_ms(sale["starts_at"]),
         "ends_at_ms": unix_ms(sale["ends_at"]),
         "status": sale["status"],
+        "buckets": str(sku["buckets"]),
     }
 
 
@@ -116,6 +117,7 @@ def sale_json(sale: asyncpg.Record, skus: Sequence[asyncpg.Record] | None = None
                 "currency": s["currency"].strip(),
                 "per_buyer_limit": s["per_buyer_limit"],
                 "hold_ttl_seconds": s["hold_ttl_seconds"],
+                "buckets": s["buckets"],
             }
             for s in skus
         ]

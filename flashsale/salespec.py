@@ -17,7 +17,7 @@ from typing import Any
 
 from flashsale.currencies import is_currency
 from flashsale.errors import InvalidInput
-from flashsale.keys import ID_PATTERN
+from flashsale.keys import ID_PATTERN, MAX_BUCKETS
 
 MAX_STOCK = 1_000_000_000
 MAX_PRICE = 10**15
@@ -29,7 +29,16 @@ SALE_FILE_FIELDS = {
     "name", "starts_at", "ends_at", "admission_rate", "max_queue", "admission_window_seconds",
     "admission_capacity", "skus",
 }  # fmt: skip
-SKU_FIELDS = ("sku", "title", "stock", "price", "currency", "per_buyer_limit", "hold_ttl_seconds")
+SKU_FIELDS = (
+    "sku",
+    "title",
+    "stock",
+    "price",
+    "currency",
+    "per_buyer_limit",
+    "hold_ttl_seconds",
+    "buckets",
+)
 SKU_REQUIRED = {"sku", "stock", "price", "currency"}
 
 
@@ -42,6 +51,7 @@ class SkuSpec:
     currency: str
     per_buyer_limit: int = 1
     hold_ttl_seconds: int = 120
+    buckets: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +157,11 @@ def parse_sku(data: Any, where: str) -> SkuSpec:
             data.get("hold_ttl_seconds", 120) if "hold_ttl_seconds" in present else 120,
             f"{where}.hold_ttl_seconds", minimum=1, maximum=MAX_TTL_SECONDS,
             what=f"a positive number of seconds up to {MAX_TTL_SECONDS}",
+        ),
+        buckets=integer(
+            data.get("buckets", 1) if "buckets" in present else 1,
+            f"{where}.buckets", minimum=1, maximum=MAX_BUCKETS,
+            what=f"an integer from 1 to {MAX_BUCKETS} (stock buckets)",
         ),
     )  # fmt: skip
 

@@ -60,7 +60,7 @@ async def clients(app: web.Application) -> AsyncIterator[None]:
         app[SALES] = SaleAdmin.build(c.pool, c.redis)
         app[QUEUE] = queue = QueueScripts(c.redis)
         app[HOLDS] = holds = HoldScripts(c.redis)
-        app[ALLOCATORS] = allocators = Allocators(holds)
+        app[ALLOCATORS] = allocators = Allocators(holds, on_borrow=app[METRICS].transferred.inc)
         app[JOINS] = joins = Joins(queue)
         app[LIMITER] = limiter = RateLimiter(c.redis)
         app[MARKS] = marks = QueueMarks(f"gateway:{socket.gethostname()}:{os.getpid()}")

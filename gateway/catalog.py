@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from allocator.sale_scripts import SkuRule
 from flashsale.errors import NotFound
 from flashsale.keys import ID_PATTERN, SaleKeys
 from flashsale.outages import is_outage
@@ -57,6 +58,7 @@ async def sale_summary(request: web.Request, sale_id: str) -> dict[str, Any]:
                     "price": s["price"],
                     "currency": s["currency"],
                     "per_buyer_limit": s["per_buyer_limit"],
+                    "buckets": s["buckets"],
                     "remaining": remaining.get(s["sku"]),
                     "sold_out": remaining.get(s["sku"]) == 0,
                 }
@@ -69,8 +71,9 @@ async def sale_summary(request: web.Request, sale_id: str) -> dict[str, Any]:
     return cached[1]
 
 
-async def sku_limits(request: web.Request, sale_id: str) -> dict[str, int]:
-    """The sale's SKUs and their per-buyer limits, at most ``LIMITS_TTL_S`` old, from Redis;
+async def sku_limits(request: web.Request, sale_id: str) -> dict[str, SkuRule]:
+    """The sale's SKUs, their per-buyer limits and stock buckets, at most ``LIMITS_TTL_S``
+    old, from Redis;
     from Postgres for a sale Redis does not know. Raises NotFound for an unknown sale."""
     if not ID_PATTERN.match(sale_id):
         raise NotFound(f"unknown sale {sale_id!r}", code="unknown_sale")
@@ -82,7 +85,7 @@ async def sku_limits(request: web.Request, sale_id: str) -> dict[str, int]:
     limits = await request.app[SALES].scripts.sku_limits(SaleKeys(sale_id))
     if limits is None:  # not preloaded, or lost by Redis: Postgres knows whether it exists
         summary = await sale_summary(request, sale_id)
-        return {s["sku"]: s["per_buyer_limit"] for s in summary["skus"]}
+        return {s["sku"]: SkuRule(s["per_buyer_limit"], s["buckets"]) for s in summary["skus"]}
     if len(cache) > 1024:
         cache.clear()
     cache[sale_id] = (now + LIMITS_TTL_S, limits)

@@ -50,6 +50,11 @@ class Metrics:
             ["outcome"],
             registry=registry,
         )
+        self.transferred = Counter(
+            "flashsale_gateway_stock_transferred_units",
+            "Units moved into a dry stock bucket of a hot SKU by this process's borrows",
+            registry=registry,
+        )
         self.in_flight = Gauge(
             "flashsale_gateway_in_flight",
             "Requests being handled by this process",

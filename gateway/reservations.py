@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from allocator.hold_scripts import ReserveRequest
-from allocator.ids import route_of, routed_reservation_id
+from allocator.ids import hold_keys, route_of, routed_reservation_id
 from flashsale.errors import (
     Conflict,
     FlashsaleError,
@@ -113,7 +113,7 @@ async def reserve(request: web.Request) -> web.Response:
         raise InvalidInput("Idempotency-Key", "required header: 1..100 of A-Z a-z 0-9 . _ : -")
     raw = await json_body(request, allowed={"sku", "quantity", "payment_token"})
     sku = raw.get("sku")
-    limit = limits[sku] if isinstance(sku, str) and sku in limits else 1
+    limit = limits[sku].limit if isinstance(sku, str) and sku in limits else 1
     sku, quantity, payment = _body(raw, limit)
     if sku not in limits:
         raise NotFound(f"unknown SKU {sku!r} in sale {sale_id}", code="unknown_sku")
@@ -136,11 +136,10 @@ async def reserve(request: web.Request) -> web.Response:
         }
         code, message = messages.get(claim, ("admission_invalid", claim))
         raise Forbidden(message, code=code)
-    fresh = routed_reservation_id(sale_id, sku)
-    result = (
-        await app[ALLOCATORS]
-        .for_sku(sale_id, sku)
-        .reserve(ReserveRequest(fresh, buyer, quantity, key, payment, str(position)))
+    allocator = app[ALLOCATORS].for_sku(sale_id, sku, limits[sku].buckets)
+    fresh = routed_reservation_id(sale_id, sku, allocator.bucket_of(buyer))
+    result = await allocator.reserve(
+        ReserveRequest(fresh, buyer, quantity, key, payment, str(position))
     )
     metrics.count(metrics.reservations, result.outcome)
     if result.outcome != "reserved":
@@ -149,7 +148,7 @@ async def reserve(request: web.Request) -> web.Response:
     assert rid is not None and expires_ms is not None
     # The hold as it stands now (a replay's may have moved on since it was granted), and its
     # event: published before the buyer hears of it (see gateway.announcer).
-    granted = await app[HOLDS].granted(SkuKeys(sale_id, sku), rid)
+    granted = await app[HOLDS].granted(hold_keys(sale_id, sku, rid), rid)
     if granted is None:  # Redis lost it just now: the reconciler restores what it can
         raise Unavailable("the reservation is being restored; retry with the same "
                           "Idempotency-Key", code="unavailable")  # fmt: skip
@@ -179,9 +178,8 @@ async def _owned_hold(request: web.Request) -> tuple[str, SkuKeys, HoldRecord]:
     """The caller's hold; 404 for unknown ids and for other buyers' holds alike."""
     buyer = buyer_of(request)
     reservation_id = request.match_info["id"]
-    route = route_of(reservation_id)
-    if route is not None:
-        keys = SkuKeys(*route)
+    keys = route_of(reservation_id)
+    if keys is not None:
         raw = await request.app[HOLDS].hold(keys, reservation_id)
         if raw is not None:
             hold = HoldRecord.parse(raw)

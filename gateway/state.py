@@ -11,6 +11,7 @@ from allocator.hold_scripts import HoldScripts
 from allocator.queue_scripts import Joins, QueueScripts
 from allocator.rate_limits import RateLimiter
 from allocator.sale_admin import SaleAdmin
+from allocator.sale_scripts import SkuRule
 from allocator.sku_allocator import Allocators
 from flashsale.clients import Clients
 from flashsale.ops_endpoints import Probe, Readiness
@@ -39,4 +40,4 @@ ANNOUNCER = web.AppKey("announcer", Announcer)
 # sale id -> (expires, the sale's public summary), and (expires, its SKUs' per-buyer limits
 # as Redis holds them): see gateway.catalog
 CATALOG = web.AppKey("catalog", dict[str, tuple[float, dict[str, Any]]])
-SKU_LIMITS = web.AppKey("sku_limits", dict[str, tuple[float, dict[str, int]]])
+SKU_LIMITS = web.AppKey("sku_limits", dict[str, tuple[float, dict[str, SkuRule]]])

@@ -1,7 +1,9 @@
 -- preload: copy one SKU's configuration and stock from Postgres into Redis, atomically.
 --
 -- KEYS[1] meta hash   KEYS[2] stock hash
--- ARGV[1] force ('1' | '0')   ARGV[2] stock_total
+-- ARGV[1] force ('1' | '0')   ARGV[2] stock_total, or '' to keep the stock as it is (a bucket
+--   of a SKU split into stock buckets once loaded: transfers move units between buckets, and
+--   new stock arrives through grow.lua)
 -- ARGV[3] '1' when this SKU was never preloaded, '0' when it was (Postgres knows)
 -- ARGV[4..] meta field/value pairs
 --
@@ -16,7 +18,7 @@
 --                              orders in Postgres; loading the bare stock would oversell
 local meta, stock = KEYS[1], KEYS[2]
 local force = ARGV[1] == '1'
-local total = tonumber(ARGV[2])
+local keep = ARGV[2] == ''
 local first = ARGV[3] == '1'
 local FIELDS = 4
 
@@ -30,6 +32,7 @@ local active = tonumber(cur[3]) or 0
 local paying = tonumber(cur[4]) or 0
 local sold = tonumber(cur[5]) or 0
 local committed = active + paying + sold
+local total = keep and (cur_total or 0) or tonumber(ARGV[2])
 
 local same = cur_total == total and available == total - committed
 if same then

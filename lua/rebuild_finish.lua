@@ -1,7 +1,10 @@
 -- rebuild_finish: recount a SKU from its holds, write its configuration, reopen it.
 --
 -- KEYS: meta, stock, holds, deadlines, buyers, idem, outbox
--- ARGV[1] stock_total (Postgres)   ARGV[2..] meta field/value pairs (Postgres)
+-- ARGV[1] stock_total (Postgres), or for one bucket of a SKU split into stock buckets: '' to
+--   keep the bucket's total (it is closed, so no transfer changes it meanwhile), or '+N' for
+--   the units its holds commit plus N (a lost bucket: see reconciler/buckets.py)
+-- ARGV[2..] meta field/value pairs (Postgres)
 -- active / paying / sold are the units of the holds in those states, available is what is
 -- left of the total, and each buyer's count is their ACTIVE + PAYING + SOLD units: the
 -- counters agree with the holds by construction, in one atomic step.
@@ -9,7 +12,6 @@
 -- {'overcommitted', units}: the holds need more than the total (Redis granted units Postgres
 -- says were sold meanwhile); nothing is written and the SKU stays closed.
 local K = KEYS
-local total = tonumber(ARGV[1])
 local units = {ACTIVE = 0, PAYING = 0, SOLD = 0, RELEASED = 0}
 local buyers, order = {}, {}
 local all = redis.call('HGETALL', K[3])
@@ -25,6 +27,14 @@ for i = 2, #all, 2 do
   end
 end
 local committed = units.ACTIVE + units.PAYING + units.SOLD
+local total
+if ARGV[1] == '' then
+  total = tonumber(redis.call('HGET', K[2], 'total') or '0')
+elseif string.sub(ARGV[1], 1, 1) == '+' then
+  total = committed + tonumber(string.sub(ARGV[1], 2))
+else
+  total = tonumber(ARGV[1])
+end
 if committed > total then
   return {'overcommitted', committed - total}
 end

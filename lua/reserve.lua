@@ -14,7 +14,9 @@
 --                                         the reconciler: never a wrong sold_out
 -- Granted, sold_out, limit_exceeded and invalid_quantity answers are remembered per
 -- idem_field and replayed unchanged; answers about the sale's state are not, so a retry after
--- the start can succeed.
+-- the start can succeed. In a SKU split into stock buckets (meta `buckets` > 1) sold_out is
+-- not remembered either: it says only that this bucket is empty, and the allocator borrows
+-- stock from another bucket and asks again (see allocator/sku_allocator.py).
 --
 -- Cost model: every Redis command runs once per *batch*, not once per request. Lookups are one
 -- HMGET each (idempotency answers, buyer counts, counters), reading columns straight from ARGV,
@@ -26,7 +28,8 @@ local n = tonumber(ARGV[1])
 local results = {}
 
 local meta = redis.call('HMGET', K[1], 'status', 'starts_at_ms', 'ends_at_ms',
-  'per_buyer_limit', 'hold_ttl_ms', 'price', 'currency', 'sale_id', 'sku', 'rebuilding')
+  'per_buyer_limit', 'hold_ttl_ms', 'price', 'currency', 'sale_id', 'sku', 'rebuilding',
+  'buckets')
 local stock = redis.call('HMGET', K[2], 'available', 'active', 'paying')
 local now = now_ms()
 local gate = nil
@@ -71,6 +74,7 @@ local at = SEP .. deadline .. SEP                 -- qty .. at .. payref
 local created = SEP .. now .. SEP .. SEP          -- admission .. created .. idem_field
 local granted_tail = SEP .. deadline              -- 'reserved' .. SEP .. id .. granted_tail
 local sold_out = (active + paying) > 0 and 'sold_out' .. SEP .. '1' or 'sold_out' .. SEP .. '0'
+local bucketed = meta[11] and meta[11] ~= '1'
 
 local counted = {}     -- buyer -> units counted against the limit, as updated by this batch
 local decided = {}     -- idem_field -> remembered value, for repeats inside this batch
@@ -109,11 +113,13 @@ for i = 1, n do
         answer = 'reserved' .. SEP .. id .. granted_tail
       end
     end
-    local value = qty_raw .. SEP .. payref .. '\30' .. answer
-    decided[idem_field] = value
-    answered = answered + 1
-    idem_out[2 * answered - 1] = idem_field
-    idem_out[2 * answered] = value
+    if not (bucketed and answer == sold_out) then
+      local value = qty_raw .. SEP .. payref .. '\30' .. answer
+      decided[idem_field] = value
+      answered = answered + 1
+      idem_out[2 * answered - 1] = idem_field
+      idem_out[2 * answered] = value
+    end
   end
   results[i] = answer
 end

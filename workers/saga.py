@@ -34,7 +34,6 @@ whole batch; charges go to the provider in batches of up to ``concurrency``.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from allocator.hold_scripts import HoldScripts
+from allocator.ids import hold_keys
 from flashsale.errors import PaymentConflict, PaymentError, PaymentUnknown, ProviderDown
 from flashsale.events import ReservationEvent, event_id
 from flashsale.keys import SkuKeys
@@ -66,13 +66,9 @@ class BatchResult:
     unresolved: dict[str, str] = field(default_factory=dict)
 
 
-@functools.lru_cache(maxsize=4096)
-def _sku_keys(sale_id: str, sku: str) -> SkuKeys:
-    return SkuKeys(sale_id, sku)
-
-
 def _keys(event: ReservationEvent) -> SkuKeys:
-    return _sku_keys(event.sale_id, event.sku)
+    """The keys of the stock bucket that holds the event's reservation."""
+    return hold_keys(event.sale_id, event.sku, event.reservation_id)
 
 
 class Saga:

@@ -1,0 +1,193 @@
+"""Stock buckets: one hot SKU split over B groups of keys (see :mod:`flashsale.keys`), each a
+whole allocator on its own slot, so one SKU's decisions spread over B Redis cores.
+
+A buyer reserves from the bucket :func:`~flashsale.keys.bucket_for` picks, so the per-buyer
+limit, idempotency and the outbox stay exact inside one bucket. A bucket that runs dry while
+others have stock borrows from them. Two buckets live on different slots (often different
+nodes), so a move cannot be one atomic script; it is a journaled two-step transfer:
+
+1. ``lend`` on the lender: available and total go down by the units, and the journal
+   (``transfers`` hash) records them under a fresh transfer id;
+2. ``credit`` on the receiver, applied once per transfer id (``received`` hash);
+3. the journal entry is removed.
+
+Every step is idempotent by the transfer id, so a step whose outcome is unknown is repeated
+as it was. A transfer left half-done (the process died after step 1) is finished by the
+reconciler (:meth:`BucketScripts.finish_pending`). At any moment, the SKU's units are the
+buckets' totals plus the units journaled and not yet credited: :meth:`BucketScripts.snapshot`
+reads that sum consistently while transfers go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from redis.commands.core import AsyncScript
+
+from allocator.batching import RETRYABLE
+from allocator.ids import new_transfer_id
+from allocator.redis_calls import Command, read_packed, source
+from allocator.sale_scripts import STOCK_FIELDS, StockCounts
+from flashsale.clients import RedisClient
+from flashsale.errors import Unavailable
+from flashsale.keys import SkuKeys
+from flashsale.records import SEP, integer, text
+
+T = TypeVar("T")
+STEP_ATTEMPTS = 3
+SNAPSHOT_ATTEMPTS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Lent:
+    """What a lender gave: ``units`` (0 when it had none), and its ``held`` units (active +
+    paying), which may still come back; ``outcome`` is lent, empty or unavailable."""
+
+    outcome: str
+    units: int
+    held: int
+
+
+@dataclass(frozen=True, slots=True)
+class BucketState:
+    """One bucket as read: counters (None when Redis does not hold it), the ``moves`` counter
+    that every transfer step and stock grant bumps, its journal of units lent and not yet
+    finished (transfer id -> (receiving bucket, units)), and the transfer ids it received."""
+
+    keys: SkuKeys
+    counts: StockCounts | None
+    moves: int
+    lent: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # (to, units, at ms)
+    received: frozenset[str] = frozenset()
+    granted: int | None = None  # bucket 0: the SKU's total as Redis was given it (meta)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Every bucket of one SKU, read as of one moment (see :meth:`BucketScripts.snapshot`)."""
+
+    buckets: list[BucketState]
+
+    @property
+    def in_transfer(self) -> int:
+        """Units lent and not yet credited to their receiver: in no bucket's total."""
+        received = {b.keys.bucket: b.received for b in self.buckets}
+        return sum(units for b in self.buckets for tid, (to, units, _) in b.lent.items()
+                   if tid not in received.get(to, frozenset()))  # fmt: skip
+
+    @property
+    def units(self) -> int:
+        """The units the buckets that Redis holds account for, transfers included."""
+        totals = sum(b.counts.total for b in self.buckets if b.counts is not None)
+        return totals + self.in_transfer
+
+
+class BucketScripts:
+    """The transfer scripts registered on one client."""
+
+    def __init__(self, client: RedisClient) -> None:
+        self.client = client
+        self._lend: AsyncScript = client.register_script(source("lend"))
+        self._credit: AsyncScript = client.register_script(source("credit"))
+        self._grow: AsyncScript = client.register_script(source("grow"))
+
+    async def transfer(self, lender: SkuKeys, receiver: SkuKeys, wanted: int) -> Lent:
+        """Move up to half of ``lender``'s available stock (at least ``wanted``, if it has
+        them) to ``receiver``. Raises Unavailable when Redis stays unreachable: what was lent
+        stays journaled, and the reconciler credits it."""
+        tid = new_transfer_id()
+        raw = await _retried(lambda: self._lend(
+            keys=[lender.meta, lender.stock, lender.transfers],
+            args=[tid, receiver.bucket, wanted]))  # fmt: skip
+        lent = Lent(text(raw[0]), int(raw[1]), int(raw[2]))
+        if lent.units:
+            await self.complete(lender, receiver, tid, lent.units)
+        return lent
+
+    async def complete(self, lender: SkuKeys, receiver: SkuKeys, tid: str, units: int) -> str:
+        """Steps 2 and 3 of transfer ``tid``: credit the receiver, then close the journal
+        entry. Returns the credit's outcome; on ``unavailable`` (the receiver is being
+        rebuilt) the entry stays for a later pass; ``gone`` when the lender's journal no
+        longer has the entry (finished meanwhile, or lost with the lender, whose rebuild
+        then counted the units back: crediting them too would make units)."""
+        if not await _retried(lambda: self.client.hexists(lender.transfers, tid)):
+            return "gone"
+        keys = [receiver.meta, receiver.stock, receiver.received]
+        outcome = text(await _retried(lambda: self._credit(keys=keys, args=[tid, units])))
+        if outcome != "unavailable":
+            await _retried(lambda: self.client.hdel(lender.transfers, tid))
+        return outcome
+
+    async def grow(self, first: SkuKeys, total: int) -> tuple[str, int]:
+        """Raise the SKU's stock to ``total`` on bucket 0 (``lua/grow.lua``)."""
+        outcome, granted = await self._grow(keys=[first.meta, first.stock], args=[total])
+        return text(outcome), int(granted)
+
+    async def states(self, buckets: Sequence[SkuKeys]) -> list[BucketState]:
+        """Every bucket's counters, journal and received ids, in one packed read."""
+        commands: list[Command] = []
+        for keys in buckets:
+            commands += [("HMGET", keys.stock, *STOCK_FIELDS, "moves"),
+                         ("HGETALL", keys.transfers), ("HKEYS", keys.received),
+                         ("HGET", keys.meta, "stock_total")]  # fmt: skip
+        replies = await read_packed(self.client, commands)
+        out = []
+        for i, keys in enumerate(buckets):
+            row, journal, received, granted = replies[4 * i : 4 * i + 4]
+            counts = None if row[0] is None else StockCounts(*(integer(v) for v in row[:5]))
+            pairs = (
+                journal
+                if isinstance(journal, dict)
+                else dict(zip(journal[::2], journal[1::2], strict=True))
+            )
+            lent = {}
+            for tid, value in pairs.items():
+                to, units, at_ms = text(value).split(SEP)
+                lent[text(tid)] = (int(to), int(units), int(at_ms))
+            out.append(BucketState(keys, counts, integer(row[5]), lent,
+                                   frozenset(text(r) for r in received),
+                                   None if granted is None else int(granted)))  # fmt: skip
+        return out
+
+    async def snapshot(self, buckets: Sequence[SkuKeys]) -> Snapshot:
+        """All buckets as of one moment, while transfers go on: read twice, and taken when no
+        bucket's ``moves`` changed between the two reads (every step of a transfer bumps it,
+        so no step fell between them, and the first read is a consistent cut). Raises
+        Unavailable when transfers never paused long enough."""
+        first = await self.states(buckets)
+        for _ in range(SNAPSHOT_ATTEMPTS):
+            second = await self.states(buckets)
+            if [b.moves for b in first] == [b.moves for b in second]:
+                return Snapshot(first)
+            first = second
+            await asyncio.sleep(0.01)
+        raise Unavailable(f"stock of {buckets[0].sku} kept moving between buckets; retry")
+
+    async def finish(self, states: Sequence[BucketState], *, before_ms: int
+                     ) -> list[tuple[str, int, int, str]]:  # fmt: skip
+        """Finish every transfer of ``states`` (one SKU's buckets) lent before ``before_ms``
+        and left half-done: credit by the same id, then close the entry. Returns
+        [(transfer id, receiving bucket, units, credit outcome)]."""
+        keys = {s.keys.bucket: s.keys for s in states}
+        done = []
+        for state in states:
+            for tid, (to, units, at_ms) in state.lent.items():
+                if at_ms < before_ms and to in keys:
+                    outcome = await self.complete(state.keys, keys[to], tid, units)
+                    done.append((tid, to, units, outcome))
+        return done
+
+
+async def _retried(step: Callable[[], Awaitable[T]]) -> T:
+    """Run one idempotent transfer step; repeat it unchanged when its outcome is unknown."""
+    for attempt in range(1, STEP_ATTEMPTS + 1):
+        try:
+            return await step()
+        except RETRYABLE as exc:
+            if attempt == STEP_ATTEMPTS:
+                raise Unavailable("Redis did not answer a stock transfer step") from exc
+            await asyncio.sleep(0.05 * attempt)
+    raise AssertionError("unreachable")
