@@ -16,10 +16,12 @@ from typing import Any
 
 import asyncpg
 
+from allocator.ids import hold_keys
+from allocator.stock_buckets import BucketScripts
 from flashsale.clients import RedisClient
 from flashsale.errors import NotFound, PaymentError, Unavailable
 from flashsale.kafka import consumer_lag
-from flashsale.keys import SaleKeys, SkuKeys
+from flashsale.keys import SaleKeys, bucket_keys
 from flashsale.orders import HOLD_FOR, TERMINAL
 from flashsale.payments import Charge, PaymentProvider
 from flashsale.queue_marks import highest
@@ -28,15 +30,16 @@ from flashsale.sales import fetch_sale, fetch_skus
 from flashsale.settings import ENGINE_ENV_FILE, Settings
 from reconciler.captures import recorded_orphans
 from reconciler.orphan_holds import ORDERLESS_AFTER_S, OrphanHolds
-from reconciler.skus import SkuChecks
+from reconciler.skus import SkuChecks, every_bucket
 from reconciler.stuck_orders import find_stuck
 from reconciler.waiting_rooms import WaitingRooms
 
 SHOWN = 20  # offending ids listed per invariant
+COUNTERS = ("total", "available", "active", "paying", "sold")
 STUCK_AFTER_S = 60.0  # what invariant 8 counts as a stuck order (the reconciler's default)
 
 _ORDERS = """
-SELECT o.id, o.sku, o.buyer_id, o.quantity, o.state, o.admission_id, o.idempotency_key,
+SELECT o.id, o.sale_id, o.sku, o.buyer_id, o.quantity, o.state, o.admission_id, o.idempotency_key,
        o.payment_token, p.state AS payment,
        (SELECT count(*) FROM order_events e WHERE e.order_id = o.id
           AND e.to_state IN ('CONFIRMED', 'PAYMENT_FAILED', 'EXPIRED', 'CANCELLED')
@@ -103,7 +106,7 @@ async def audit_sale(
         raise NotFound(f"unknown sale {sale_id!r}", code="unknown_sale")
     skus = {r["sku"]: r for r in await fetch_skus(pool, sale_id)}
     orders = list(await pool.fetch(_ORDERS, sale_id))
-    redis = await _redis_state(client, sale_id, list(skus))
+    redis = await _redis_state(client, sale_id, list(skus.values()))
     charges, provider_note = await _charges(provider, sale_id, settings)
     try:
         lag: int | None = await consumer_lag(
@@ -139,31 +142,45 @@ async def audit_sale(
     return AuditReport(sale_id, invariants, facts)
 
 
-async def _redis_state(client: RedisClient, sale_id: str, skus: list[str]) -> dict[str, Any]:
+async def _redis_state(client: RedisClient, sale_id: str,
+                       skus: list[asyncpg.Record]) -> dict[str, Any]:  # fmt: skip
+    """Every SKU's Redis state, its stock buckets merged (``skus``) and one by one
+    (``buckets``: counters; ``in_transfer``: units lent and not yet credited)."""
+    groups = {r["sku"]: bucket_keys(sale_id, r["sku"], r["buckets"]) for r in skus}
     pipe = client.pipeline(transaction=False)
-    for sku in skus:
-        keys = SkuKeys(sale_id, sku)
-        pipe.hgetall(keys.stock)
-        pipe.hgetall(keys.holds)
-        pipe.hgetall(keys.buyers)
-        pipe.xlen(keys.outbox)
+    for group in groups.values():
+        for keys in group:
+            pipe.hgetall(keys.stock)
+            pipe.hgetall(keys.holds)
+            pipe.hgetall(keys.buyers)
+            pipe.xlen(keys.outbox)
     sale = SaleKeys(sale_id)
     pipe.hmget(sale.queue, "serving", "live")
     pipe.zrange(sale.claims, 0, -1)
-    replies = await pipe.execute()
-    out: dict[str, Any] = {"skus": {}}
-    for i, sku in enumerate(skus):
-        stock, holds, buyers, outbox = replies[4 * i : 4 * i + 4]
-        out["skus"][sku] = {
-            "stock": {text(k): int(v) for k, v in stock.items()},
-            "holds": {text(k): HoldRecord.parse(v) for k, v in holds.items()},
-            "buyers": {text(k): int(v) for k, v in buyers.items()},
-            "outbox": int(outbox),
-        }
-    serving, live = replies[-2]
+    replies = iter(await pipe.execute())
+    out: dict[str, Any] = {"skus": {}, "buckets": {}, "in_transfer": {}}
+    for sku, group in groups.items():
+        merged: dict[str, Any] = {"stock": {}, "holds": {}, "buyers": {}, "outbox": 0}
+        per_bucket = []
+        for _ in group:
+            stock, holds, buyers, outbox = (next(replies) for _ in range(4))
+            counters = {text(k): int(v) for k, v in stock.items() if text(k) in COUNTERS}
+            per_bucket.append(counters)
+            merged["holds"].update({text(k): HoldRecord.parse(v) for k, v in holds.items()})
+            merged["buyers"].update({text(k): int(v) for k, v in buyers.items()})
+            merged["outbox"] += int(outbox)
+        if all(per_bucket):
+            merged["stock"] = {n: sum(b.get(n, 0) for b in per_bucket) for n in COUNTERS}
+        out["skus"][sku] = merged
+        out["buckets"][sku] = per_bucket
+    serving, live = next(replies)
     out["serving"] = int(serving or 0)
     out["live"] = live is not None
-    out["claims"] = {text(m) for m in replies[-1]}
+    out["claims"] = {text(m) for m in next(replies)}
+    transfers = BucketScripts(client)
+    for sku, group in groups.items():
+        if len(group) > 1:
+            out["in_transfer"][sku] = (await transfers.snapshot(group)).in_transfer
     return out
 
 
@@ -202,10 +219,29 @@ def _no_oversell(skus: dict[str, Any], by_sku: dict[str, list[Any]],
         stock = redis["skus"][sku]["stock"]
         if stock and stock.get("sold", 0) > stock.get("total", 0):
             redis_over.append(sku)
+        if row["buckets"] > 1:
+            confirmed_in = _by_bucket(by_sku[sku], "CONFIRMED")
+            for bucket, counters in enumerate(redis["buckets"][sku]):
+                if counters and counters.get("sold", 0) > counters.get("total", 0):
+                    redis_over.append(f"{sku} bucket {bucket}")
+                if counters and confirmed_in.get(bucket, 0) > counters.get("total", 0):
+                    over.append(f"{sku} bucket {bucket} (confirmed {confirmed_in[bucket]} > "
+                                f"bucket total {counters.get('total', 0)})")  # fmt: skip
     inv.check("oversold_skus_postgres", over)
     inv.check("sold_counter_differs_from_confirmed_orders", counter)
     inv.check("oversold_skus_redis", redis_over)
     return inv
+
+
+def _by_bucket(orders: list[Any], state: str) -> dict[int, int]:
+    """Units of ``orders`` in ``state`` per stock bucket (the bucket their id carries)."""
+    units: dict[int, int] = defaultdict(int)
+    for order in orders:
+        if order["state"] == state:
+            units[hold_keys(order["sale_id"], order["sku"], order["id"]).bucket] += order[
+                "quantity"
+            ]
+    return units
 
 
 def _conservation(skus: dict[str, Any], by_sku: dict[str, list[Any]], redis: dict[str, Any],
@@ -221,11 +257,23 @@ def _conservation(skus: dict[str, Any], by_sku: dict[str, list[Any]], redis: dic
             lost.append(sku)
             continue
         parts = [stock.get(n, 0) for n in ("available", "active", "paying", "sold")]
-        if stock.get("total") != sum(parts) or stock.get("total") != row["stock_total"]:
-            broken.append(f"{sku} {stock}")
+        in_transfer = redis["in_transfer"].get(sku, 0)
+        if (stock.get("total") != sum(parts)
+                or stock.get("total", 0) + in_transfer != row["stock_total"]):  # fmt: skip
+            broken.append(f"{sku} {stock}" + (f" + {in_transfer} in transfer" if in_transfer
+                                              else ""))  # fmt: skip
         confirmed = sum(o["quantity"] for o in by_sku[sku] if o["state"] == "CONFIRMED")
         if drained and stock.get("sold", 0) != confirmed:
             differs.append(f"{sku} (redis {stock.get('sold', 0)}, postgres {confirmed})")
+        if row["buckets"] > 1:
+            confirmed_in = _by_bucket(by_sku[sku], "CONFIRMED")
+            for bucket, counters in enumerate(redis["buckets"][sku]):
+                parts = [counters.get(n, 0) for n in ("available", "active", "paying", "sold")]
+                if counters.get("total") != sum(parts):
+                    broken.append(f"{sku} bucket {bucket} {counters}")
+                if drained and counters.get("sold", 0) != confirmed_in.get(bucket, 0):
+                    differs.append(f"{sku} bucket {bucket} (redis {counters.get('sold', 0)}, "
+                                   f"postgres {confirmed_in.get(bucket, 0)})")  # fmt: skip
     inv.check("skus_missing_in_redis", lost)
     inv.check("counters_do_not_add_up", broken)
     inv.check("redis_sold_differs_from_postgres", differs)
@@ -364,7 +412,7 @@ async def would_repair(pool: asyncpg.Pool, client: RedisClient,
                   for r in await find_stuck(pool, in_scope, STUCK_AFTER_S)]  # fmt: skip
         found += [f"{r['key']}: payment recorded for an order {r['state']}"
                   for r in await recorded_orphans(pool, in_scope)]  # fmt: skip
-    held = [SkuKeys(r["sale_id"], r["sku"]) for r in rows]
+    held = every_bucket(rows)
     orphans = OrphanHolds(pool, client, None, grace_s=ORDERLESS_AFTER_S)
     found += [f"{rid}: ACTIVE past its deadline" for _, rid in await orphans.overdue(held)]
     found += [f"{rid}: PAYING with no order" for _, rid in await orphans.orderless(held)]

@@ -54,7 +54,7 @@ RECONCILED = "reconciled"  # cause of holds released because Postgres sold their
 _SKU_ORDERS = """
 SELECT id, buyer_id, quantity, state, admission_id, payment_token, idempotency_key,
        (extract(epoch FROM created_at) * 1000)::bigint AS created_ms
-FROM orders WHERE sale_id = $1 AND sku = $2
+FROM orders WHERE sale_id = $1 AND sku = $2 AND order_bucket(id) = $3
 """
 
 
@@ -151,10 +151,15 @@ async def rebuild_sku(
     *,
     attempts: int = 3,
     release_unordered_sold: bool = False,
+    total: int | str | None = None,
+    meta: dict[str, str] | None = None,
+    begun: bool = False,
 ) -> SkuRebuild:
     """Rebuild one SKU's Redis state from Postgres (see the module docstring). The SKU answers
     ``unavailable`` from the first step until the last; an interrupted rebuild leaves it
-    closed and the next pass finishes it."""
+    closed and the next pass finishes it. For one bucket of a SKU split into stock buckets,
+    ``total`` is the bucket's ('' keeps it, '+N' is what its holds commit plus N), ``meta``
+    adds to the configuration written, and ``begun`` says the bucket is closed already."""
     repair, holds_scripts = RepairScripts(client), HoldScripts(client)
     sale = await fetch_sale(pool, keys.sale_id)
     sku = await fetch_sku(pool, keys.sale_id, keys.sku)
@@ -162,13 +167,14 @@ async def rebuild_sku(
         raise LookupError(f"no SKU {keys.sku} in sale {keys.sale_id}")
     ttl_ms = sku["hold_ttl_seconds"] * 1000
     header = (keys.sale_id, keys.sku, int(sku["price"]), str(sku["currency"]).strip())
-    await repair.begin(keys)
+    if not begun:
+        await repair.begin(keys)
     written = 0
     for _ in range(attempts):
         # Redis before Postgres: a hold that is SOLD (or PAYING) when read has had its order
         # row since before then, so an order read afterwards cannot be missed.
         holds = await _hold_map(client, keys)
-        orders = await pool.fetch(_SKU_ORDERS, keys.sale_id, keys.sku)
+        orders = await pool.fetch(_SKU_ORDERS, keys.sale_id, keys.sku, keys.bucket)
         writes = plan_holds(orders, holds, int(time.time() * 1000), ttl_ms,
                             release_unordered_sold=release_unordered_sold)  # fmt: skip
         if not writes:
@@ -184,11 +190,12 @@ async def rebuild_sku(
             "the SKU stays closed (unavailable) until they are repaired or removed"
         )
     released: list[str] = []
-    meta = sku_meta(sale, sku)
-    result = await repair.finish(keys, sku["stock_total"], meta)
+    config = {**sku_meta(sale, sku), **(meta or {})}
+    wanted = sku["stock_total"] if total is None else total
+    result = await repair.finish(keys, wanted, config)
     if not result.ok:
         released = await _make_room(pool, client, holds_scripts, keys, result.overcommitted)
-        result = await repair.finish(keys, sku["stock_total"], meta)
+        result = await repair.finish(keys, wanted, config)
     if not result.ok or result.after is None:
         raise RuntimeError(
             f"{keys.sale_id}/{keys.sku}: holds need {result.overcommitted} units more than "
@@ -204,7 +211,7 @@ async def _make_room(
     Redis is read first, and only holds still ACTIVE are released: one that a worker has
     begun paying for meanwhile is left alone."""
     holds = await _hold_map(client, keys)
-    known = {r["id"] for r in await pool.fetch(_SKU_ORDERS, keys.sale_id, keys.sku)}
+    known = {r["id"] for r in await pool.fetch(_SKU_ORDERS, keys.sale_id, keys.sku, keys.bucket)}
     candidates = []
     for rid, raw in holds.items():
         hold = HoldRecord.parse(raw)

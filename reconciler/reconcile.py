@@ -30,13 +30,12 @@ from prometheus_client import CollectorRegistry
 
 from allocator.hold_scripts import HoldScripts
 from flashsale.clients import RedisClient
-from flashsale.keys import SkuKeys
 from flashsale.orders import OrderStore
 from flashsale.payments import PaymentProvider
 from reconciler.captures import Captures
 from reconciler.orphan_holds import ORDERLESS_AFTER_S, OrphanHolds
 from reconciler.report import PassReport, ReconcileMetrics
-from reconciler.skus import SkuChecks
+from reconciler.skus import SkuChecks, every_bucket
 from reconciler.stuck_orders import StuckOrders
 from reconciler.waiting_rooms import WaitingRooms
 
@@ -120,7 +119,7 @@ class Reconciler:
             self._next_slow = time.monotonic() + self.slow_every_s
             await self.stuck.repair(in_scope, report)
             await self.captures.flag_uncaptured(in_scope, report)
-            await self.orphans.repair([SkuKeys(r["sale_id"], r["sku"]) for r in rows], report)
+            await self.orphans.repair(every_bucket(rows), report)
 
     async def _record(self, report: PassReport) -> None:
         items = report.repairs + report.flags

@@ -11,7 +11,6 @@ it is ahead of Postgres once nothing of the SKU is in flight.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -20,16 +19,17 @@ import asyncpg
 from allocator.redis_calls import read_packed
 from allocator.sale_scripts import STOCK_FIELDS, SaleScripts, StockCounts
 from flashsale.clients import RedisClient
-from flashsale.keys import SaleKeys, SkuKeys
-from flashsale.records import text
+from flashsale.keys import SaleKeys, SkuKeys, bucket_keys
+from flashsale.records import integer, text
 from flashsale.sales import fetch_sale, fetch_skus, sale_hash
+from reconciler.buckets import BucketChecks, BucketRead, SkuDrift, bucket_reason
 from reconciler.rebuild import rebuild_sku
 from reconciler.report import PassReport, Repair, isolated
 
 # Sales in scope: preloaded, and not ended more than 15 minutes before their longest hold
 # could have lived (an ended sale ends when it was ended); or named explicitly.
 SCOPE = """
-SELECT k.sale_id, k.sku, k.stock_total, k.sold, s.status
+SELECT k.sale_id, k.sku, k.stock_total, k.sold, k.buckets, s.status
 FROM sale_skus k JOIN sales s ON s.id = k.sale_id
 WHERE k.preloaded_at IS NOT NULL
   AND ($1::text[] IS NOT NULL OR
@@ -46,23 +46,22 @@ FROM sale_skus k WHERE k.sale_id = $1 AND k.sku = $2
 """
 
 
-@dataclass(frozen=True, slots=True)
-class SkuDrift:
-    """A SKU whose Redis state needs a rebuild, and why."""
-
-    keys: SkuKeys
-    reason: str
-    redis: dict[str, Any]
-    postgres: dict[str, Any]
+def every_bucket(rows: Sequence[asyncpg.Record]) -> list[SkuKeys]:
+    """The keys of every stock bucket of the SKU rows (one per SKU in one bucket)."""
+    return [k for r in rows for k in bucket_keys(r["sale_id"], r["sku"], r["buckets"])]
 
 
 def sku_reads(rows: Sequence[asyncpg.Record]) -> list[tuple[str | int, ...]]:
-    """The pass's read of each SKU in scope: its counters, then its status and rebuild flag."""
+    """The pass's read of each SKU in scope, for each of its stock buckets: its counters,
+    then its status, rebuild flag and (bucket 0 of a bucketed SKU) the total Redis was
+    given, and for a bucketed SKU its journal of transfers (:mod:`reconciler.buckets`)."""
     commands: list[tuple[str | int, ...]] = []
     for row in rows:
-        keys = SkuKeys(row["sale_id"], row["sku"])
-        commands.append(("HMGET", keys.stock, *STOCK_FIELDS))
-        commands.append(("HMGET", keys.meta, "status", "rebuilding"))
+        for keys in bucket_keys(row["sale_id"], row["sku"], row["buckets"]):
+            commands.append(("HMGET", keys.stock, *STOCK_FIELDS))
+            commands.append(("HMGET", keys.meta, "status", "rebuilding", "stock_total"))
+            if row["buckets"] > 1:
+                commands.append(("HGETALL", keys.transfers))
     return commands
 
 
@@ -73,6 +72,8 @@ class SkuChecks:
         self.pool = pool
         self.client = client
         self.scripts = SaleScripts(client)
+        self.buckets = BucketChecks(pool, client)
+        self._counts: dict[tuple[str, str], int] = {}  # stock buckets of the SKUs in scope
 
     async def scope(self, sales: Sequence[str] | None = None) -> list[asyncpg.Record]:
         """The SKU rows in scope (see ``SCOPE``), or those of ``sales``."""
@@ -81,39 +82,40 @@ class SkuChecks:
     async def find(self, rows: Sequence[asyncpg.Record]) -> tuple[list[SkuDrift], list[Repair]]:
         """The SKUs whose Redis state needs a rebuild, and the status writes due on the
         others. Writes nothing."""
-        replies = await read_packed(self.client, sku_reads(rows))
+        replies = iter(await read_packed(self.client, sku_reads(rows)))
         drift: list[SkuDrift] = []
         statuses: list[Repair] = []
-        for index, row in enumerate(rows):
-            keys = SkuKeys(row["sale_id"], row["sku"])
-            counts, (status, rebuilding) = replies[2 * index], replies[2 * index + 1]
-            redis: dict[str, Any] = {
-                n: (None if v is None else int(v))
-                for n, v in zip(STOCK_FIELDS, counts, strict=True)
-            }
+        for row in rows:
+            self._counts[(row["sale_id"], row["sku"])] = row["buckets"]
             pg = {"stock_total": row["stock_total"], "sold": row["sold"]}
-            reason = await self._reason(keys, redis, status, rebuilding, pg)
-            if reason is not None:
-                redis["status"] = None if status is None else text(status)
-                drift.append(SkuDrift(keys, reason, redis, pg))
-            elif text(status) != row["status"]:
+            read = []
+            for keys in bucket_keys(row["sale_id"], row["sku"], row["buckets"]):
+                counts, (status, rebuilding, granted) = next(replies), next(replies)
+                journal = next(replies) if row["buckets"] > 1 else {}
+                read.append(BucketRead(keys, {
+                    n: (None if v is None else int(v))
+                    for n, v in zip(STOCK_FIELDS, counts, strict=True)
+                }, None if status is None else text(status), rebuilding is not None,
+                   integer(granted, -1), journal))  # fmt: skip
+            found = [SkuDrift(b.keys, reason, {**b.counts, "status": b.status}, pg)
+                     for b in read if (reason := bucket_reason(b)) is not None]  # fmt: skip
+            if not found and row["buckets"] == 1:
+                reason = await self._reason(read[0].keys, read[0].counts, pg)
+                if reason is not None:
+                    found = [SkuDrift(read[0].keys, reason, read[0].counts, pg)]
+            elif not found:
+                found = await self.buckets.find(row, read)
+            drift += found
+            if not found and any(b.status != row["status"] for b in read):
                 statuses.append(Repair(
-                    row["sale_id"], row["sku"], "status", None, {"status": text(status)},
+                    row["sale_id"], row["sku"], "status", None, {"status": read[0].status},
                     {"status": row["status"]},
                 ))  # fmt: skip
         return drift, statuses
 
-    async def _reason(self, keys: SkuKeys, r: dict[str, Any], status: Any, rebuilding: Any,
+    async def _reason(self, keys: SkuKeys, r: dict[str, Any],
                       pg: dict[str, Any]) -> str | None:  # fmt: skip
-        if status is None or r["total"] is None:
-            return "lost"
-        if rebuilding is not None:
-            return "rebuild_interrupted"
-        values = [r[n] for n in ("available", "active", "paying", "sold")]
-        if any(v is None or v < 0 for v in values):
-            return "counters_corrupt"
-        if r["total"] != sum(values):
-            return "conservation"
+        """Why a SKU in one bucket, sound as a bucket, disagrees with Postgres (or None)."""
         if r["total"] != pg["stock_total"]:
             return "total_differs"
         if r["sold"] < pg["sold"]:
@@ -158,10 +160,20 @@ class SkuChecks:
 
     async def rebuild_each(self, drifts: Sequence[SkuDrift], report: PassReport) -> None:
         """Rebuild each SKU of ``drifts``; one that cannot be rebuilt stays closed (it answers
-        ``unavailable``) and is reported, and the next pass takes it up again first."""
+        ``unavailable``) and is reported, and the next pass takes it up again first. The
+        stock buckets of one SKU are repaired together (:mod:`reconciler.buckets`)."""
+        bucketed: dict[tuple[str, str], list[SkuDrift]] = {}
         for drift in drifts:
+            count = self._counts.get((drift.keys.sale_id, drift.keys.sku), 1)
+            if count > 1:
+                bucketed.setdefault((drift.keys.sale_id, drift.keys.sku), []).append(drift)
+                continue
             await isolated(report, f"{drift.keys.sale_id}/{drift.keys.sku}: rebuild "
                            f"({drift.reason})", partial(self.rebuild, drift, report))  # fmt: skip
+        for (sale_id, sku), group in bucketed.items():
+            reasons = ", ".join(f"bucket {d.keys.bucket} {d.reason}" for d in group)
+            await isolated(report, f"{sale_id}/{sku}: repair ({reasons})",
+                           partial(self.buckets.repair, group, report))  # fmt: skip
 
     async def rebuild(self, drift: SkuDrift, report: PassReport) -> None:
         """Rebuild the SKU from Postgres (:func:`reconciler.rebuild.rebuild_sku`)."""
@@ -183,8 +195,9 @@ class SkuChecks:
                            partial(self._write_status, repair, report))  # fmt: skip
 
     async def _write_status(self, repair: Repair, report: PassReport) -> None:
-        await self.scripts.set_status(SkuKeys(repair.sale_id, repair.sku or "").meta,
-                                      repair.after["status"])  # fmt: skip
+        count = self._counts.get((repair.sale_id, repair.sku or ""), 1)
+        for keys in bucket_keys(repair.sale_id, repair.sku or "", count):
+            await self.scripts.set_status(keys.meta, repair.after["status"])
         report.repairs.append(repair)
 
 

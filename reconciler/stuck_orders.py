@@ -12,14 +12,16 @@ from typing import Any
 import asyncpg
 
 from allocator.hold_scripts import HoldScripts
+from allocator.ids import hold_keys
 from flashsale.errors import PaymentError
 from flashsale.keys import SkuKeys
 from flashsale.orders import OrderStore, state_for_cause
 from flashsale.payments import Charge, PaymentProvider, payment_row
 from flashsale.records import HoldRecord
+from reconciler.buckets import SkuDrift
 from reconciler.captures import refund_capture
 from reconciler.report import PassReport, Repair, isolated
-from reconciler.skus import SkuChecks, SkuDrift
+from reconciler.skus import SkuChecks
 
 _STUCK = """
 SELECT id, sale_id, sku, state, quantity, amount, currency FROM orders
@@ -58,7 +60,7 @@ class StuckOrders:
             report.unresolved += [f"{r['id']}: stuck {r['state']}, no provider to ask"
                                   for r in rows]  # fmt: skip
             return
-        keys_of = {r["id"]: SkuKeys(r["sale_id"], r["sku"]) for r in rows}
+        keys_of = {r["id"]: hold_keys(r["sale_id"], r["sku"], r["id"]) for r in rows}
         raw = await self.holds.holds([(keys_of[r["id"]], r["id"]) for r in rows])
         missing = {keys_of[r["id"]] for r, h in zip(rows, raw, strict=True) if h is None}
         # Redis lost these holds: bring them back first.
