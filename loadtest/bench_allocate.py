@@ -29,7 +29,7 @@ from allocator.redis_calls import pack_command
 from allocator.sale_scripts import SaleScripts
 from allocator.sku_allocator import SkuAllocator
 from flashsale.clients import RedisClient, redis_client
-from flashsale.keys import SkuKeys
+from flashsale.keys import SkuKeys, bucket_for, bucket_keys
 from flashsale.settings import Settings
 from loadtest.bench import (
     Report,
@@ -49,6 +49,7 @@ POOL = 64  # connections for the one-request-at-a-time rows (Postgres and Redis 
 BUYERS = 10_000
 CEILING_DEPTH = 1_000  # DECRs per pipeline in the ceiling row
 CEILING_PIPELINES = 4  # pipelines in flight in the ceiling row
+SELLOUT_STOCK = 3_000  # units of the bucket rows' sell-outs
 
 # Targets of the allocation core (issue 3), checked against this run's own rows.
 TARGET_PER_SECOND = 250_000
@@ -278,10 +279,11 @@ class Bench:
 
     # -- on a Redis Cluster -----------------------------------------------------------------
 
-    async def cluster_rows(self, settings: Settings) -> None:
+    async def cluster_rows(self, settings: Settings, buckets: int = 1) -> None:
         """The batched allocator on a Redis Cluster: one hot SKU (one node does the work),
-        then one hot SKU per primary, the callers spread over them. Each row records every
-        primary's share of the decisions and its server CPU per decision."""
+        then one hot SKU per primary, the callers spread over them, and with ``buckets`` > 1
+        one hot SKU split into that many stock buckets. Each row records every primary's
+        share of the decisions and its server CPU per decision."""
         client = redis_client(settings, max_connections=POOL, wait_s=None)
         assert isinstance(client, aioredis.RedisCluster)
         try:
@@ -309,6 +311,8 @@ class Bench:
                 f"cluster{n}_sku_per_primary",
                 f"batched allocator, {n} hot SKUs, one per primary",
             )
+            if buckets > 1:
+                await self._bucket_rows(client, n, buckets)
         finally:
             await self.cleanup(client)
             await client.aclose()
@@ -339,21 +343,112 @@ class Bench:
         row.extra["mean_batch"] = round(row.decisions / max(batches, 1), 1)
         for allocator in allocators:
             await allocator.aclose()
-        total = max(sum(made), 1)
-        nodes = {}
-        for node in primaries:
-            decided = sum(m for k, m in zip(skus, made, strict=True)
-                          if client.get_node_from_key(k.stock) == node)  # fmt: skip
-            cpu = cpu_seconds(after[node.name]) - cpu_seconds(before[node.name])
-            nodes[node.name] = {
-                "share": round(decided / total, 3),
-                "server_cpu_us_per_decision": round(cpu * 1e6 / decided, 3) if decided else None,
-            }
-        row.extra["nodes"] = nodes
+        decided_at = [(k.stock, m) for k, m in zip(skus, made, strict=True)]
+        row.extra["nodes"] = _node_shares(client, before, after, decided_at)
+
+    def allocator(self, client: RedisClient, keys: SkuKeys, buckets: int = 1) -> SkuAllocator:
+        return SkuAllocator(HoldScripts(client), keys, buckets=buckets, window=self.options.window,
+                            max_batch=self.options.max_batch)  # fmt: skip
+
+    async def bucketed_sku(self, client: RedisClient, name: str, buckets: int,
+                           stock: int) -> list[SkuKeys]:  # fmt: skip
+        """A SKU split into ``buckets`` stock buckets holding ``stock`` units between them."""
+        keys = bucket_keys(f"bench-{self.run_id}", name, buckets)
+        scripts = SaleScripts(client)
+        for k in keys:
+            share = stock // buckets + (1 if k.bucket < stock % buckets else 0)
+            meta = {**_sku_meta(k), "buckets": str(buckets), "stock_total": str(stock)}
+            await scripts.preload(k, total=share, meta=meta, force=True, first=True)
+        self._skus += keys
+        return keys
+
+    async def _bucket_rows(self, client: aioredis.RedisCluster, n: int, buckets: int) -> None:
+        """One hot SKU in ``buckets`` stock buckets: its decisions/s, per primary; then two
+        sell-outs of a small stock (buyers spread by their hash, and every buyer hashing to
+        one bucket), which must leave no unit unsold."""
+        keys = await self.bucketed_sku(client, "BUCKETED", buckets, STOCK)
+        allocator = self.allocator(client, keys[0], buckets)
+        made = [0] * buckets
+
+        async def op() -> None:
+            request = self.request()
+            await allocator.reserve(request)
+            made[allocator.bucket_of(request.buyer_id)] += 1
+
+        async def active() -> int:
+            return sum([await self._active(client, k)() for k in keys])
+
+        primaries = client.get_primaries()
+        before = await client.info("cpu", target_nodes=primaries)
+        batches_before = allocator.batches
+        row = await self.measure(
+            f"cluster{n}_one_sku_{buckets}_buckets",
+            f"batched allocator, one hot SKU in {buckets} stock buckets", op,
+            client=client, command="evalsha", granted=active,
+        )  # fmt: skip
+        after = await client.info("cpu", target_nodes=primaries)
+        row.extra["mean_batch"] = round(row.decisions / max(allocator.batches - batches_before,
+                                                            1), 1)  # fmt: skip
+        await allocator.aclose()
+        decided_at = [(k.stock, m) for k, m in zip(keys, made, strict=True)]
+        row.extra["nodes"] = _node_shares(client, before, after, decided_at)
+        for skew in ("spread", "one_bucket"):
+            await self._sellout(client, n, buckets, skew)
+
+    async def _sellout(self, client: aioredis.RedisCluster, n: int, buckets: int,
+                       skew: str) -> None:  # fmt: skip
+        stock = SELLOUT_STOCK
+        keys = await self.bucketed_sku(client, f"SELLOUT-{skew}", buckets, stock)
+        allocator = self.allocator(client, keys[0], buckets)
+        buyers = (f"sellout-{self.run_id}-{i}" for i in itertools.count())
+        if skew == "one_bucket":
+            buyers = (b for b in buyers if bucket_for(b, buckets) == 0)
+        people = list(itertools.islice(buyers, stock + stock // 2))
+        began = time.perf_counter()
+        gate = asyncio.Semaphore(self.options.concurrency)
+
+        async def one(buyer: str) -> str:
+            async with gate:
+                request = ReserveRequest(new_reservation_id(), buyer, 1, "k", "tok_bench", buyer)
+                return (await allocator.reserve(request)).outcome
+
+        outcomes = await asyncio.gather(*(one(b) for b in people))
+        seconds = time.perf_counter() - began
+        await allocator.aclose()
+        counts = [await self._active(client, k)() for k in keys]
+        available = sum([int(await client.hget(k.stock, "available") or 0) for k in keys])
+        granted = outcomes.count("reserved")
+        row = Row(f"cluster{n}_{buckets}_buckets_sellout_{skew}",
+                  f"{len(people):,} buyers ({skew.replace('_', ' ')}) for {stock:,} units in "
+                  f"{buckets} buckets", len(people) / seconds, len(people), seconds, {
+                      "granted": granted, "under_sell": stock - granted,
+                      "available_left": available, "transfers": allocator.borrowed,
+                      "sold_out_answers": outcomes.count("sold_out"),
+                      "consistent": granted == stock == sum(counts) and available == 0,
+                  })  # fmt: skip
+        self.rows.append(row)
+        self.progress(f"  {row.name:30} under-sell {stock - granted}, "
+                      f"{allocator.borrowed} transfers")  # fmt: skip
 
     async def cleanup(self, client: RedisClient) -> None:
         for keys in self._skus:
-            await client.unlink(*keys.all())
+            await client.unlink(*keys.all(), keys.transfers, keys.received)
+
+
+def _node_shares(client: aioredis.RedisCluster, before: dict[str, Any], after: dict[str, Any],
+                 decided_at: list[tuple[str, int]]) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Each primary's share of the decisions (``decided_at``: a key and the decisions made on
+    its slot) and its server CPU per decision, from INFO cpu before and after."""
+    total = max(sum(m for _, m in decided_at), 1)
+    nodes = {}
+    for node in client.get_primaries():
+        decided = sum(m for key, m in decided_at if client.get_node_from_key(key) == node)
+        cpu = cpu_seconds(after[node.name]) - cpu_seconds(before[node.name])
+        nodes[node.name] = {
+            "share": round(decided / total, 3),
+            "server_cpu_us_per_decision": round(cpu * 1e6 / decided, 3) if decided else None,
+        }
+    return nodes
 
 
 def check_targets(rows: list[Row]) -> list[Target]:
@@ -389,7 +484,9 @@ async def run(
     options: Options,
     progress: Progress,
     command: str,
+    *,
     cluster: Settings | None = None,
+    buckets: int = 1,
 ) -> Report:
     """Every row on ``settings``' servers; with ``cluster`` (settings of a Redis Cluster), the
     cluster rows too."""
@@ -401,7 +498,7 @@ async def run(
     pg_version = await bench.postgres_rows()
     redis_version = await bench.redis_rows()
     if cluster is not None:
-        await bench.cluster_rows(cluster)
+        await bench.cluster_rows(cluster, buckets)
     ceiling = next(r for r in bench.rows if r.name == "redis_pipelined_decr_ceiling")
     for row in bench.rows:
         row.extra["ratio_to_ceiling"] = round(row.per_second / ceiling.per_second, 4)
@@ -429,10 +526,14 @@ def render(report: Report) -> str:
     targets = [(t.name, t.goal, t.measured, "met" if t.met else "MISSED") for t in report.targets]
     nodes = [(r.name, node, f"{v['share']:.1%}", v["server_cpu_us_per_decision"])
              for r in report.rows for node, v in r.extra.get("nodes", {}).items()]  # fmt: skip
+    sellouts = [(r.name, r.decisions, r.extra["granted"], r.extra["under_sell"],
+                 r.extra["transfers"]) for r in report.rows if "under_sell" in r.extra]  # fmt: skip
     return "\n\n".join([
         table(("row", "decisions/s", "server us/dec", "server cpu us/dec", "client cpu us/dec",
                "x ceiling", "mean batch"), rows),
         *([table(("cluster row", "primary", "share of decisions", "server cpu us/dec"), nodes)]
           if nodes else []),
+        *([table(("sell-out", "buyers", "granted", "under-sell", "transfers"), sellouts)]
+          if sellouts else []),
         table(("target", "goal", "measured", ""), targets),
     ])  # fmt: skip

@@ -70,6 +70,8 @@ def _options(parser: Any) -> None:
                        help="buyers in the spike (default 1000)")  # fmt: skip
     group.add_argument("--stock", type=int, default=100, env_var="FLASHSALE_SPIKE_STOCK",
                        help="units of the spike's SKU (default 100)")  # fmt: skip
+    group.add_argument("--buckets", type=int, default=1, env_var="FLASHSALE_SPIKE_BUCKETS",
+                       help="stock buckets of the spike's SKU (default 1)")  # fmt: skip
     group.add_argument("--ramp", type=float, default=10.0, env_var="FLASHSALE_SPIKE_RAMP",
                        help="seconds to bring every buyer in (default 10)")  # fmt: skip
     group.add_argument("--hold", type=float, default=5.0, env_var="FLASHSALE_SPIKE_HOLD",
@@ -101,7 +103,8 @@ def _make_sale(environment: Environment) -> str:
         "name": f"locust spike {options.buyers} buyers", "starts_at": now.isoformat(),
         "ends_at": (now + timedelta(hours=1)).isoformat(), "max_queue": 10_000_000,
         "skus": [{"sku": SKU, "title": "Spike SKU", "stock": options.stock, "price": 1000,
-                  "currency": "EUR", "per_buyer_limit": 1, "hold_ttl_seconds": 120}],
+                  "currency": "EUR", "per_buyer_limit": 1, "hold_ttl_seconds": 120,
+                  "buckets": options.buckets}],
     }  # fmt: skip
     body: Any = spec
     created = requests.post(f"{host}/admin/v1/sales", json=body, headers=_admin(environment),

@@ -33,6 +33,7 @@ class Options:
     host: str
     out: Path
     embedded: bool
+    buckets: int = 1
 
 
 def locust_command(options: Options, host: str) -> list[str]:
@@ -41,6 +42,7 @@ def locust_command(options: Options, host: str) -> list[str]:
     return [
         sys.executable, "-m", "locust", "-f", str(locustfile), "--headless", "--host", host,
         "--buyers", str(options.buyers), "--stock", str(options.stock),
+        "--buckets", str(options.buckets),
         "--ramp", f"{options.ramp:g}", "--hold", f"{options.hold:g}",
         "--csv", str(prefix), "--html", f"{prefix}.html", "--only-summary",
         "--loglevel", "WARNING",

@@ -20,6 +20,7 @@ from flashsale.cli.devstack.redis_cluster import Layout
 from flashsale.cli.devstack.stack import DevStack
 from flashsale.cli.output import fail, out
 from flashsale.errors import ConfigError, InvalidInput
+from flashsale.keys import MAX_BUCKETS
 from flashsale.settings import Settings, read_env_file
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ def cmd_loadtest(args: argparse.Namespace, settings: Settings) -> int:
         buyers=positive(int, "buyers", args.buyers), stock=positive(int, "stock", args.stock),
         ramp=positive(float, "ramp", args.ramp), hold=non_negative("hold", args.hold),
         host=args.host, out=Path(args.out), embedded=args.embedded,
+        buckets=within("buckets", args.buckets, 1, MAX_BUCKETS),
     )  # fmt: skip
     if not options.host.startswith(("http://", "https://")):
         raise InvalidInput("host", f"must be an http(s) URL, got {options.host!r}")
@@ -122,14 +124,19 @@ async def _allocate(args: argparse.Namespace, settings: Settings) -> int:
     if options.max_batch > MAX_RESERVE_BATCH:
         raise InvalidInput("max-batch", f"must be at most {MAX_RESERVE_BATCH}")
     primaries = within("cluster", args.cluster, 3, 16) if args.cluster else None
+    buckets = within("buckets", args.buckets, 1, MAX_BUCKETS) if args.buckets else 1
+    if buckets > 1 and primaries is None:
+        raise InvalidInput("buckets", "needs --cluster N: the bucket rows run on a cluster")
     settings.require_redis()
     settings.require_database()
     command = options.command() + (f" --cluster {primaries}" if primaries else "")
+    command += f" --buckets {buckets}" if buckets > 1 else ""
     if primaries is None:
         report = await bench.run(settings, options, out, command)
     else:
         async with _bench_cluster(settings, primaries) as cluster:
-            report = await bench.run(settings, options, out, command, cluster=cluster)
+            report = await bench.run(settings, options, out, command, cluster=cluster,
+                                     buckets=buckets)  # fmt: skip
     return _report(report, bench.render, args.json, bench.failed(report), bench.FAILURE)
 
 
@@ -275,6 +282,11 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     spike.add_argument("--buyers", default="1000", help="buyers in the spike (default 1000)")
     spike.add_argument("--stock", default="100", help="units of the SKU (default 100)")
+    spike.add_argument(
+        "--buckets",
+        default="1",
+        help=f"stock buckets of the spike's SKU, 1..{MAX_BUCKETS} (default 1)",
+    )
     spike.add_argument("--ramp", default="10", help="seconds to bring every buyer in (default 10)")
     spike.add_argument("--hold", default="5", help="seconds held after the ramp (default 5)")
     spike.add_argument("--host", default="http://127.0.0.1:8080",
@@ -338,6 +350,12 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="also start a Redis Cluster of N primaries (3..16) beside the stack and add rows "
         "for the batched allocator on it: one hot SKU, then one hot SKU per primary, with each "
         "primary's share of the decisions and its server CPU per decision",
+    )  # fmt: skip
+    allocate.add_argument(
+        "--buckets", metavar="B",
+        help="with --cluster: also one hot SKU split into B stock buckets (2..64), and two "
+        "sell-outs of 3,000 units in B buckets (buyers spread, and all in one bucket) that "
+        "report the units left unsold (must be 0)",
     )  # fmt: skip
     gw_bench = bench_sub.add_parser(
         "gateway",
