@@ -57,7 +57,7 @@ pytest: $(STAMP) browser
 # `make test` runs the cluster's own tests, a spike, the order pipeline and the audit on it;
 # `make test-cluster` runs the whole suite there.
 CLUSTER_ENV := FLASHSALE_HOME=$(CURDIR)/.flashsale-cluster FLASHSALE_TEST_REDIS_CLUSTER=3,1
-CLUSTER_CORE := tests/test_cluster.py tests/test_reserve.py \
+CLUSTER_CORE := tests/test_cluster.py tests/test_reserve.py tests/test_buckets.py \
 	tests/test_spike.py::test_headless_spike_through_the_cli \
 	tests/test_pipeline.py::test_reservations_become_confirmed_or_failed_orders \
 	tests/test_reconcile.py::test_audit_and_reconcile_over_the_admin_api_and_the_cli

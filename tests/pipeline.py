@@ -32,11 +32,12 @@ from allocator.ids import routed_reservation_id
 from allocator.queue_scripts import QueueScripts
 from allocator.relay import OutboxRelay, run_relay
 from allocator.sale_admin import SaleAdmin
+from allocator.sku_allocator import Allocators
 from flashsale.cli.devstack.processes import free_port
 from flashsale.clients import RedisClient, pg_pool, redis_client
 from flashsale.events import ReservationEvent, decode_event
 from flashsale.kafka import consumer_lag, ensure_topics, producer
-from flashsale.keys import SaleKeys, SkuKeys
+from flashsale.keys import SaleKeys, SkuKeys, bucket_keys
 from flashsale.orders import TERMINAL, OrderStore
 from flashsale.payments import CircuitBreaker, HttpProvider
 from flashsale.salespec import parse_sale
@@ -71,6 +72,7 @@ class Pipeline:
     relay: OutboxRelay
     psp_site: web.TCPSite | None = None
     skus: list[SkuKeys] = field(default_factory=list)
+    buckets: dict[str, int] = field(default_factory=dict)  # sale -> stock buckets of its SKU
     workers: list[Workers] = field(default_factory=list)
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
@@ -78,18 +80,21 @@ class Pipeline:
     def holds(self) -> HoldScripts:
         return HoldScripts(self.redis)
 
-    async def sale(self, *, stock: int = 100, limit: int = 5, ttl: int = 120) -> str:
+    async def sale(
+        self, *, stock: int = 100, limit: int = 5, ttl: int = 120, buckets: int = 1
+    ) -> str:
         now = datetime.now(UTC)
         spec = {
             "name": "pipeline test", "starts_at": (now - timedelta(seconds=1)).isoformat(),
             "ends_at": (now + timedelta(hours=1)).isoformat(),
             "skus": [{"sku": SKU, "stock": stock, "price": 1500, "currency": "EUR",
-                      "per_buyer_limit": limit, "hold_ttl_seconds": ttl}],
+                      "per_buyer_limit": limit, "hold_ttl_seconds": ttl, "buckets": buckets}],
         }  # fmt: skip
         admin = SaleAdmin.build(self.pool, self.redis)
         sale_id = str((await admin.create(parse_sale(spec)))["id"])
         await admin.preload(sale_id)
-        self.skus.append(SkuKeys(sale_id, SKU))
+        self.skus += bucket_keys(sale_id, SKU, buckets)
+        self.buckets[sale_id] = buckets
         return sale_id
 
     async def reserve(self, sale_id: str, tokens: list[str], *, quantity: int = 1) -> list[str]:
@@ -117,19 +122,18 @@ class Pipeline:
         assert step is not None and step.serving >= max(positions)
         deadline = int(time.time() * 1000) + 600_000
         requests = []
+        allocator = Allocators(self.holds).for_sku(sale_id, SKU, self.buckets.get(sale_id, 1))
         for buyer, position, payment in zip(buyers, positions, tokens, strict=True):
             key = uuid.uuid4().hex
             fingerprint = hashlib.sha256(f"{SKU}\0{quantity}\0{payment}".encode()).hexdigest()
             assert await queue.claim(keys, position, key, fingerprint[:16], deadline) == "ok"
-            rid = routed_reservation_id(sale_id, SKU)  # as the gateway makes them
+            # As the gateway makes them: the id names the buyer's stock bucket.
+            rid = routed_reservation_id(sale_id, SKU, allocator.bucket_of(buyer))
             requests.append(ReserveRequest(rid, buyer, quantity, key, payment, str(position)))
-        granted = []
-        for start in range(0, len(requests), 200):
-            chunk = requests[start : start + 200]
-            results = await self.holds.reserve(SkuKeys(sale_id, SKU), chunk)
-            assert all(r.outcome == "reserved" for r in results), results
-            granted += [(r.reservation_id or "", q) for r, q in zip(results, chunk, strict=True)]
-        return granted
+        results = await asyncio.gather(*(allocator.reserve(r) for r in requests))
+        await allocator.aclose()
+        assert all(r.outcome == "reserved" for r in results), results
+        return [(r.reservation_id or "", q) for r, q in zip(results, requests, strict=True)]
 
     def start_workers(self, **options: Any) -> Workers:
         stop = asyncio.Event()
@@ -190,8 +194,14 @@ class Pipeline:
             await asyncio.sleep(0.1)
 
     async def counts(self, sale_id: str) -> dict[str, int]:
-        raw = await self.redis.hgetall(SkuKeys(sale_id, SKU).stock)
-        return {k.decode() if isinstance(k, bytes) else k: int(v) for k, v in raw.items()}
+        """The SKU's counters, added up over its stock buckets."""
+        total: dict[str, int] = {}
+        for keys in bucket_keys(sale_id, SKU, self.buckets.get(sale_id, 1)):
+            raw = await self.redis.hgetall(keys.stock)
+            for k, v in raw.items():
+                name = k.decode() if isinstance(k, bytes) else k
+                total[name] = total.get(name, 0) + int(v)
+        return total
 
     async def confirmed_units(self, sale_id: str) -> int:
         return int(await self.pool.fetchval(

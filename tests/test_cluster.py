@@ -6,9 +6,15 @@ single Redis server."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import re
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -16,11 +22,13 @@ from redis.asyncio.cluster import ClusterNode
 
 from allocator.queue_scripts import QueueScripts
 from allocator.redis_calls import read_packed
-from flashsale.clients import redis_client
-from flashsale.keys import SaleKeys, SkuKeys
+from flashsale.cli.devstack.processes import free_ports
+from flashsale.clients import pg_pool, redis_client
+from flashsale.keys import SaleKeys, SkuKeys, bucket_keys
 from flashsale.outages import is_outage
 from flashsale.queue_marks import QueueMarks
 from flashsale.settings import Settings
+from loadtest.processes import engine, wait_healthy
 from tests.holds import make_sku, request
 from tests.pipeline import SKU, drained, pipeline
 from tests.test_reconcile import checked, goes_on
@@ -188,3 +196,61 @@ async def test_flushall_of_one_node_is_repaired_and_the_audit_passes(
         assert (await p.counts(sale))["sold"] == 10
         assert await goes_on(p, rec, psp, sale, buyers=4) == 14
         await workers.drain()
+
+
+async def test_a_spike_on_a_three_bucket_sku_sells_its_stock_and_survives_a_node_flush(
+    cluster: aioredis.RedisCluster, stack: Settings, tmp_path: Path
+) -> None:
+    """3,000 buyers for 300 units of one SKU in 3 stock buckets, through the engine and a
+    locust spike; then one bucket's node loses everything and the engine's own reconciler
+    rebuilds it until the audit passes again."""
+    port = free_ports(5)
+    env = {**os.environ, "FLASHSALE_ADMIN_TOKEN": stack.admin_token.reveal(),
+           "FLASHSALE_BUYER_TOKEN_SECRET": stack.buyer_token_secret.reveal()}  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    admin = {"Authorization": f"Bearer {stack.admin_token.reveal()}"}
+    with engine(stack, port, tmp_path / "engine.log"):
+        async with aiohttp.ClientSession() as session:
+            await wait_healthy(session, f"{base}/healthz")
+            spike = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "flashsale", "loadtest", "spike", "--host", base,
+                "--buyers", "3000", "--stock", "300", "--buckets", "3", "--ramp", "4",
+                "--hold", "2", "--out", str(tmp_path), env=env,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            )  # fmt: skip
+            raw, _ = await asyncio.wait_for(spike.communicate(), 400)
+            out = raw.decode()
+            assert spike.returncode == 0, out
+            assert "buyers answered: 3000/3000" in out and "sold 300/300, oversold 0" in out, out
+            assert "audit: PASSED" in out, out
+            found = re.search(r"spike verdict for sale (\S+)", out)
+            assert found, out
+            sale = found.group(1)
+
+            buckets = bucket_keys(sale, "SPIKE-1", 3)
+            nodes = {node_of(cluster, k.stock).name for k in buckets}
+            assert len(nodes) >= 2, nodes
+            flushed = node_of(cluster, buckets[1].stock)
+            await cluster.flushall(target_nodes=flushed)
+            assert await cluster.exists(buckets[1].stock) == 0
+            deadline = asyncio.get_running_loop().time() + 90
+            while True:  # the engine's reconciler passes every 5 s
+                async with session.get(f"{base}/admin/v1/sales/{sale}/audit",
+                                       headers=admin) as response:  # fmt: skip
+                    audit = await response.json() if response.status == 200 else {}
+                if audit.get("passed"):
+                    break
+                assert asyncio.get_running_loop().time() < deadline, audit
+                await asyncio.sleep(1)
+            async with session.get(f"{base}/admin/v1/sales/{sale}", headers=admin) as response:
+                [sku] = (await response.json())["skus"]
+            assert (sku["confirmed"], sku["sold"], sku["available"]) == (300, 300, 0), sku
+    pool = await pg_pool(stack)
+    try:
+        rebuilt = await pool.fetch(
+            "SELECT subject FROM reconcile_events WHERE sale_id = $1 AND kind = 'rebuild_sku'",
+            sale,
+        )  # fmt: skip
+    finally:
+        await pool.close()
+    assert "bucket 1" in {r["subject"] for r in rebuilt}, rebuilt

@@ -64,7 +64,7 @@ def test_create_from_file_json_output_and_defaults(cli: Cli, tmp_path: Path) -> 
     # Optional fields got their defaults.
     assert skus["SNK-43"] == {
         "sku": "SNK-43", "title": "SNK-43", "stock": 10, "price": 12900, "currency": "EUR",
-        "per_buyer_limit": 1, "hold_ttl_seconds": 120,
+        "per_buyer_limit": 1, "hold_ttl_seconds": 120, "buckets": 1,
     }  # fmt: skip
 
 
@@ -96,7 +96,7 @@ def test_round_trip_preload_status_add_stock_lifecycle(
     rows = by_sku(status(cli, sale_id))
     assert rows["SNK-42"] == {
         "sku": "SNK-42", "title": "Sneaker 42", "stock_total": 100, "available": 100,
-        "held": 0, "sold": 0, "confirmed": 0, "preloaded": True,
+        "held": 0, "sold": 0, "confirmed": 0, "preloaded": True, "buckets": 1,
     }  # fmt: skip
     meta = rdb.hgetall(SkuKeys(sale_id, "SNK-42").meta)
     assert meta["per_buyer_limit"] == "1"

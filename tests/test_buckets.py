@@ -1,0 +1,234 @@
+"""Hot-SKU stock buckets on the real stack (a single Redis, or a cluster with
+``FLASHSALE_TEST_REDIS_CLUSTER``): a SKU split over buckets sells every unit even when every
+buyer lands in one bucket, a transfer cut between its two steps is finished by the reconciler,
+a lost bucket is rebuilt from its orders, and the audit holds per bucket and on the sum."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+
+import reconciler.buckets
+from allocator.hold_scripts import ReserveRequest
+from allocator.ids import hold_keys, new_transfer_id, route_of, routed_reservation_id
+from allocator.sale_admin import SaleAdmin
+from allocator.sku_allocator import Allocators
+from allocator.stock_buckets import BucketScripts
+from flashsale.errors import InvalidInput
+from flashsale.keys import SkuKeys, bucket_for, bucket_keys
+from flashsale.records import integer, text
+from flashsale.salespec import parse_sku
+from flashsale.settings import Settings
+from tests.pipeline import SKU, Pipeline, drained, pipeline
+from tests.test_reconcile import audit, checked, converged, failing, goes_on
+
+
+def buyers_of_bucket(bucket: int, buckets: int, count: int) -> list[str]:
+    """``count`` buyer ids that all hash to ``bucket``."""
+    found: list[str] = []
+    while len(found) < count:
+        buyer = f"buyer-{uuid.uuid4().hex[:12]}"
+        if bucket_for(buyer, buckets) == bucket:
+            found.append(buyer)
+    return found
+
+
+async def stock_of(p: Pipeline, sale: str) -> list[dict[str, int]]:
+    rows = []
+    for keys in bucket_keys(sale, SKU, p.buckets[sale]):
+        raw = await p.redis.hgetall(keys.stock)
+        rows.append({(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in raw.items()})
+    return rows
+
+
+def request(sale: str, allocator: Any, buyer: str) -> ReserveRequest:
+    rid = routed_reservation_id(sale, SKU, allocator.bucket_of(buyer))
+    return ReserveRequest(rid, buyer, 1, uuid.uuid4().hex, "tok_visa", "1")
+
+
+def test_ids_name_their_bucket_and_buckets_have_their_own_tags() -> None:
+    keys = route_of(routed_reservation_id("s1", "A.b-c", 2))
+    assert keys == SkuKeys("s1", "A.b-c", 2)
+    assert route_of(routed_reservation_id("s1", "A", 0)) == SkuKeys("s1", "A")
+    assert route_of("s1~A~07~r-x") is None and route_of("s1~A~x~r-x") is None
+    assert hold_keys("s1", "A", "other~A~2~r-1") == SkuKeys("s1", "A")  # not this SKU's id
+    tags = {k.tag for k in bucket_keys("s1", "A", 3)}
+    assert tags == {"fs:{s1:A}", "fs:{s1:A:1}", "fs:{s1:A:2}"}
+    assert {bucket_for(f"b{i}", 3) for i in range(50)} == {0, 1, 2}
+    assert bucket_for("alice", 3) == bucket_for("alice", 3) and bucket_for("alice", 1) == 0
+    with pytest.raises(InvalidInput) as bad:
+        parse_sku({"sku": "A", "stock": 5, "price": 1, "currency": "EUR", "buckets": 65}, "s")
+    assert bad.value.field == "s.buckets"
+
+
+async def test_postgres_reads_the_bucket_from_the_order_id(stack: Settings) -> None:
+    async with pipeline(stack) as p:
+        for rid in ("s~A~r-1", "s~A~3~r-1", "s~A~12~r-9", "s~A~0~r-1", "plain", "s~A~x~r"):
+            in_sql = await p.pool.fetchval("SELECT order_bucket($1)", rid)
+            assert in_sql == hold_keys("s", "A", rid).bucket, rid
+
+
+async def test_preload_spreads_the_stock_and_every_unit_sells_from_one_bucket(
+    stack: Settings,
+) -> None:
+    async with pipeline(stack) as p:
+        sale = await p.sale(stock=20, limit=1, buckets=3)
+        rows = await stock_of(p, sale)
+        assert [r["total"] for r in rows] == [7, 7, 6]
+        status = await SaleAdmin.build(p.pool, p.redis).status(sale)
+        [sku] = status["skus"]
+        assert (sku["available"], sku["buckets"], len(sku["by_bucket"])) == (20, 3, 3)
+
+        # Every buyer hashes to bucket 0: it lends itself dry, then borrows from the others.
+        allocator = Allocators(p.holds).for_sku(sale, SKU, 3)
+        buyers = buyers_of_bucket(0, 3, 26)
+        results = await asyncio.gather(*(allocator.reserve(request(sale, allocator, b))
+                                         for b in buyers))  # fmt: skip
+        outcomes = [r.outcome for r in results]
+        assert outcomes.count("reserved") == 20 and outcomes.count("sold_out") == 6, outcomes
+        assert allocator.borrowed >= 2
+        rows = await stock_of(p, sale)
+        assert sum(r["active"] for r in rows) == 20 and rows[0]["active"] == 20
+        assert all(r["available"] == 0 for r in rows), rows
+        assert all(r["total"] == r["available"] + r["active"] + r["paying"] + r["sold"]
+                   for r in rows)  # fmt: skip
+        assert sum(r["total"] for r in rows) == 20
+        # The last answers say holds may still return (20 are active): a waitlist, not final.
+        assert all(r.holds_pending for r in results if r.outcome == "sold_out")
+        # A bucket's sold_out is not remembered: once a hold returns, the same key succeeds.
+        late = request(sale, allocator, buyers_of_bucket(2, 3, 1)[0])
+        assert (await allocator.reserve(late)).outcome == "sold_out"
+        first = next(r.reservation_id for r in results if r.outcome == "reserved")
+        assert first is not None
+        assert (await p.holds.cancel(hold_keys(sale, SKU, first), first)).ok
+        again = await allocator.reserve(late)
+        assert again.outcome == "reserved" and route_of(again.reservation_id or "") == SkuKeys(
+            sale, SKU, 2
+        )
+        await allocator.aclose()
+
+
+async def test_a_spread_spike_sells_exactly_the_stock_and_the_audit_passes(
+    stack: Settings,
+) -> None:
+    async with pipeline(stack) as p, checked(p) as (rec, psp):
+        sale = await p.sale(stock=30, limit=1, buckets=3)
+        granted = await p.reserve(sale, ["tok_visa"] * 30)
+        assert {hold_keys(sale, SKU, rid).bucket for rid in granted} == {0, 1, 2}
+        workers = p.start_workers()
+        await p.wait_terminal(granted)
+        await drained(p)
+        assert (await p.counts(sale))["sold"] == 30
+        audited = await audit(p, psp, sale)
+        assert audited.passed, audited.text()
+        await converged(rec, sale)
+        await workers.drain()
+
+
+async def test_a_transfer_cut_between_its_steps_is_finished_by_the_reconciler(
+    stack: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with pipeline(stack) as p, checked(p) as (rec, psp):
+        sale = await p.sale(stock=12, limit=1, buckets=3)
+        lender, receiver = SkuKeys(sale, SKU, 1), SkuKeys(sale, SKU)
+        transfers = BucketScripts(p.redis)
+        # Step 1 only, as a process killed right after it leaves it: 2 of 4 units journaled.
+        outcome, units, _ = await transfers._lend(
+            keys=[lender.meta, lender.stock, lender.transfers], args=[new_transfer_id(), 0, 1]
+        )
+        assert (text(outcome), units) == ("lent", 2)
+        rows = await stock_of(p, sale)
+        assert [r["total"] for r in rows] == [4, 2, 4]
+        snap = await transfers.snapshot(bucket_keys(sale, SKU, 3))
+        assert (snap.in_transfer, snap.units) == (2, 12)
+        # The audit sees the units in transfer, so conservation holds; a pass would finish it.
+        monkeypatch.setattr(reconciler.buckets, "TRANSFER_GRACE_S", 0.0)
+        before = await audit(p, psp, sale)
+        assert "2" not in failing(before) and "8" in failing(before), before.text()
+
+        report = await rec.run_once([sale], wait_for_grace=True)
+        finished = [r for r in report.repairs if r.kind == "finish_transfer"]
+        assert [(r.before, r.after) for r in finished] == [
+            ({"to_bucket": 0, "units": 2}, {"credit": "credited"})
+        ], report.json()
+        rows = await stock_of(p, sale)
+        assert [r["total"] for r in rows] == [6, 2, 4]
+        assert await p.redis.hlen(lender.transfers) == 0
+        # Crediting again by the same id changes nothing.
+        [tid] = [r.subject for r in finished]
+        assert tid is not None
+        assert await transfers.complete(lender, receiver, tid, 2) == "gone"
+        credit = [receiver.meta, receiver.stock, receiver.received]
+        assert text(await transfers._credit(keys=credit, args=[tid, 2])) == "already"
+        await converged(rec, sale)
+        workers = p.start_workers()
+        assert await goes_on(p, rec, psp, sale, buyers=12) == 12
+        await workers.drain()
+
+
+async def test_add_stock_grows_bucket_zero_and_a_missed_grant_is_repaired(
+    stack: Settings,
+) -> None:
+    async with pipeline(stack) as p, checked(p) as (rec, psp):
+        sale = await p.sale(stock=9, limit=1, buckets=3)
+        admin = SaleAdmin.build(p.pool, p.redis)
+        status = await admin.add_stock(sale, SKU, 3)
+        assert status["skus"][0]["available"] == 12
+        assert [r["total"] for r in await stock_of(p, sale)] == [6, 3, 3]
+        # Postgres raised, Redis never told (the process died in between): a pass grants it.
+        await p.pool.execute("UPDATE sale_skus SET stock_total = 14 WHERE sale_id = $1", sale)
+        assert "2" in failing(await audit(p, psp, sale))
+        report = await rec.run_once([sale], wait_for_grace=True)
+        assert [r.kind for r in report.repairs] == ["grant_stock"], report.json()
+        assert integer(await p.redis.hget(SkuKeys(sale, SKU).meta, "stock_total")) == 14
+        # A re-preload writes configuration only; the buckets keep what transfers made them.
+        again = await admin.preload(sale, force=True)
+        assert [r.outcome for r in again] == ["unchanged"]
+        assert [r["total"] for r in await stock_of(p, sale)] == [8, 3, 3]
+        await converged(rec, sale)
+        workers = p.start_workers()
+        assert await goes_on(p, rec, psp, sale, buyers=14) == 14
+        await workers.drain()
+
+
+async def test_a_lost_bucket_is_rebuilt_from_its_orders_and_the_sale_goes_on(
+    stack: Settings,
+) -> None:
+    async with pipeline(stack) as p, checked(p) as (rec, psp):
+        sale = await p.sale(stock=30, limit=1, buckets=3)
+        granted = await p.reserve(sale, ["tok_visa"] * 9 + ["tok_decline"] * 3)
+        workers = p.start_workers()
+        await p.wait_terminal(granted)
+        await drained(p)
+        sold_before = await p.counts(sale)
+        lost = SkuKeys(sale, SKU, 1)
+        in_lost = [rid for rid in granted if hold_keys(sale, SKU, rid) == lost]
+        assert in_lost, "no buyer landed in bucket 1"
+        # A transfer into the lost bucket, lent and not credited: it must land after the rebuild.
+        lender = SkuKeys(sale, SKU, 2)
+        tid = new_transfer_id()
+        await BucketScripts(p.redis)._lend(
+            keys=[lender.meta, lender.stock, lender.transfers], args=[tid, 1, 1]
+        )
+        await p.redis.delete(*lost.all(), lost.transfers, lost.received)
+        assert "2" in failing(await audit(p, psp, sale))
+
+        report = await rec.run_once([sale], wait_for_grace=True)
+        rebuilt = [r for r in report.repairs if r.kind == "rebuild_sku"]
+        assert [(r.subject, r.before["reason"]) for r in rebuilt] == [("bucket 1", "lost")]
+        assert (await p.counts(sale))["sold"] == sold_before["sold"] == 9
+        snap = await BucketScripts(p.redis).snapshot(bucket_keys(sale, SKU, 3))
+        assert snap.units == 30 and snap.in_transfer > 0
+        # The transfer into it is finished once it is back (after the grace), and then the
+        # whole SKU adds up again.
+        reconciler.buckets.TRANSFER_GRACE_S, grace = 0.0, reconciler.buckets.TRANSFER_GRACE_S
+        try:
+            again = await rec.run_once([sale], wait_for_grace=True)
+        finally:
+            reconciler.buckets.TRANSFER_GRACE_S = grace
+        assert [r.kind for r in again.repairs] == ["finish_transfer"], again.json()
+        assert await goes_on(p, rec, psp, sale, buyers=18) == 27
+        await workers.drain()
