@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import secrets
 
-from flashsale.keys import SkuKeys
+from flashsale.keys import MAX_BUCKETS, SkuKeys
 
 
 def _fresh_prefix() -> None:
@@ -40,13 +41,17 @@ def new_transfer_id() -> str:
 ROUTE_SEP = "~"  # never in a sale or SKU id (see flashsale.keys.ID_PATTERN)
 
 
-def routed_reservation_id(sale_id: str, sku: str, bucket: int = 0) -> str:
+def routed_reservation_id(sale_id: str, sku: str, bucket: int = 0, buckets: int = 1) -> str:
     """A reservation id that names its sale, SKU and stock bucket (``<sale>~<sku>~r-...``, or
-    ``<sale>~<sku>~<bucket>~r-...`` for a bucket other than 0), so any process can find the
-    hold's slot from the id alone."""
+    ``<sale>~<sku>~<bucket>.<buckets>~r-...`` for a bucket other than 0), so any process can
+    find the hold's slot from the id alone."""
     if bucket:
-        return f"{sale_id}{ROUTE_SEP}{sku}{ROUTE_SEP}{bucket}{ROUTE_SEP}{new_reservation_id()}"
+        where = f"{sale_id}{ROUTE_SEP}{sku}{ROUTE_SEP}{bucket}.{buckets}"
+        return f"{where}{ROUTE_SEP}{new_reservation_id()}"
     return f"{sale_id}{ROUTE_SEP}{sku}{ROUTE_SEP}{new_reservation_id()}"
+
+
+_BUCKET = re.compile(r"([1-9][0-9]{0,2})\.([1-9][0-9]{0,2})\Z")
 
 
 def route_of(reservation_id: str) -> SkuKeys | None:
@@ -54,8 +59,10 @@ def route_of(reservation_id: str) -> SkuKeys | None:
     parts = reservation_id.split(ROUTE_SEP)
     if len(parts) == 3 and all(parts):
         return SkuKeys(parts[0], parts[1])
-    if len(parts) == 4 and all(parts) and parts[2].isdigit() and parts[2][0] != "0":
-        return SkuKeys(parts[0], parts[1], int(parts[2]))
+    if len(parts) == 4 and all(parts) and (found := _BUCKET.match(parts[2])):
+        bucket, buckets = int(found[1]), int(found[2])
+        if bucket < buckets <= MAX_BUCKETS:
+            return SkuKeys(parts[0], parts[1], bucket, buckets)
     return None
 
 

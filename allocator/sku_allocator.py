@@ -20,6 +20,7 @@ from typing import Any
 
 from allocator.batching import Coalescer, PerKey
 from allocator.hold_scripts import MAX_RESERVE_BATCH, HoldScripts, ReserveRequest
+from allocator.ids import routed_reservation_id
 from allocator.stock_buckets import BucketScripts, Lent
 from flashsale.keys import SkuKeys, bucket_for, bucket_keys
 from flashsale.records import ReserveResult
@@ -78,6 +79,12 @@ class SkuAllocator:
     def bucket_of(self, buyer_id: str) -> int:
         """The stock bucket ``buyer_id`` reserves from (0 for a SKU in one bucket)."""
         return bucket_for(buyer_id, self.buckets)
+
+    def new_id(self, buyer_id: str) -> str:
+        """A fresh reservation id for a request of ``buyer_id``: it names the buyer's bucket."""
+        keys = self.keys
+        return routed_reservation_id(keys.sale_id, keys.sku, self.bucket_of(buyer_id),
+                                     self.buckets)  # fmt: skip
 
     async def reserve(self, request: ReserveRequest) -> ReserveResult:
         """Decide one request. Raises Overloaded when the wait queue is full, Unavailable when

@@ -1,9 +1,12 @@
 """The Redis key layout. Every key of one SKU shares one hash tag, so each script touches one slot.
 
 A SKU split into B stock buckets (``"buckets": B``) has B such groups of keys: bucket 0 under
-the tag ``{<sale>:<sku>}``, bucket b > 0 under ``{<sale>:<sku>:<b>}``, so the buckets spread
-over slots and nodes. Each bucket is a whole allocator of its own (stock, holds, buyers,
-idempotency answers, outbox); a buyer always goes to the bucket :func:`bucket_for` picks.
+the tag ``{<sale>:<sku>}``, bucket b > 0 under ``{<sale>:<sku>:<b>:<salt>}``, the salt being
+the first number that puts the bucket's slot b/B of the slot space after bucket 0's (within
+``SPREAD_SLOTS``): on a cluster whose primaries hold equal runs of slots, B buckets on B
+primaries get one each (:func:`bucket_tag`). Each bucket is a whole allocator of its own
+(stock, holds, buyers, idempotency answers, outbox); a buyer always goes to the bucket
+:func:`bucket_for` picks.
 
     fs:{<sale>:<sku>}:meta       hash   sale/SKU configuration copied from Postgres by preload
     fs:{<sale>:<sku>}:stock      hash   total, available, active, paying, sold (units)
@@ -35,26 +38,32 @@ from __future__ import annotations
 
 import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 PREFIX = "fs"
 # \Z, not $: with match(), $ would let a trailing newline through.
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 MAX_BUCKETS = 64
+SPREAD_SLOTS = 8  # how far a bucket's slot may be from its place (see bucket_tag)
 
 
 @dataclass(frozen=True, slots=True)
 class SkuKeys:
-    """The keys of one SKU, or of one of its stock buckets (``bucket`` > 0)."""
+    """The keys of one SKU, or of one of its ``buckets`` stock buckets (``bucket`` > 0). The
+    number of buckets only places the tag (it is fixed per SKU), so it is not compared."""
 
     sale_id: str
     sku: str
     bucket: int = 0
+    buckets: int = field(default=1, compare=False)
 
     @property
     def tag(self) -> str:
         if self.bucket:
-            return f"{PREFIX}:{{{self.sale_id}:{self.sku}:{self.bucket}}}"
+            return f"{PREFIX}:{{{bucket_tag(self.sale_id, self.sku, self.bucket, self.buckets)}}}"
         return f"{PREFIX}:{{{self.sale_id}:{self.sku}}}"
 
     @property
@@ -144,7 +153,26 @@ class SaleKeys:
 
 def bucket_keys(sale_id: str, sku: str, buckets: int) -> list[SkuKeys]:
     """The keys of every stock bucket of a SKU, bucket 0 first."""
-    return [SkuKeys(sale_id, sku, b) for b in range(buckets)]
+    return [SkuKeys(sale_id, sku, b, buckets) for b in range(buckets)]
+
+
+@lru_cache(maxsize=65536)
+def bucket_tag(sale_id: str, sku: str, bucket: int, buckets: int) -> str:
+    """The hash tag (without braces) of stock bucket ``bucket`` > 0 of ``buckets``:
+    ``<sale>:<sku>:<bucket>:<salt>``, the salt being the first number that puts its slot
+    within ``SPREAD_SLOTS`` of bucket 0's slot plus ``bucket / buckets`` of the slot space.
+    Bucket 0's slot falls anywhere in its primary's run of slots; the others fall at the same
+    place in the runs after it, so B buckets on B primaries with equal runs get one primary
+    each (two only when bucket 0 sits within ``SPREAD_SLOTS`` of a run's end). About a
+    thousand CRC-16 tries, once per bucket and process."""
+    base = f"{sale_id}:{sku}"
+    target = key_slot(base.encode()) + round(bucket * REDIS_CLUSTER_HASH_SLOTS / buckets)
+    for salt in range(1_000_000):
+        tag = f"{base}:{bucket}:{salt}"
+        gap = (key_slot(tag.encode()) - target) % REDIS_CLUSTER_HASH_SLOTS
+        if gap <= SPREAD_SLOTS or gap >= REDIS_CLUSTER_HASH_SLOTS - SPREAD_SLOTS:
+            return tag
+    raise AssertionError("CRC-16 covers every slot")  # pragma: no cover
 
 
 def bucket_for(buyer_id: str, buckets: int) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from allocator.hold_scripts import ReserveRequest
-from allocator.ids import hold_keys, route_of, routed_reservation_id
+from allocator.ids import hold_keys, route_of
 from flashsale.errors import (
     Conflict,
     FlashsaleError,
@@ -137,7 +137,7 @@ async def reserve(request: web.Request) -> web.Response:
         code, message = messages.get(claim, ("admission_invalid", claim))
         raise Forbidden(message, code=code)
     allocator = app[ALLOCATORS].for_sku(sale_id, sku, limits[sku].buckets)
-    fresh = routed_reservation_id(sale_id, sku, allocator.bucket_of(buyer))
+    fresh = allocator.new_id(buyer)
     result = await allocator.reserve(
         ReserveRequest(fresh, buyer, quantity, key, payment, str(position))
     )

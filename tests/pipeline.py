@@ -28,7 +28,6 @@ from aiohttp import web
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from allocator.hold_scripts import HoldScripts, ReserveRequest
-from allocator.ids import routed_reservation_id
 from allocator.queue_scripts import QueueScripts
 from allocator.relay import OutboxRelay, run_relay
 from allocator.sale_admin import SaleAdmin
@@ -128,7 +127,7 @@ class Pipeline:
             fingerprint = hashlib.sha256(f"{SKU}\0{quantity}\0{payment}".encode()).hexdigest()
             assert await queue.claim(keys, position, key, fingerprint[:16], deadline) == "ok"
             # As the gateway makes them: the id names the buyer's stock bucket.
-            rid = routed_reservation_id(sale_id, SKU, allocator.bucket_of(buyer))
+            rid = allocator.new_id(buyer)
             requests.append(ReserveRequest(rid, buyer, quantity, key, payment, str(position)))
         results = await asyncio.gather(*(allocator.reserve(r) for r in requests))
         await allocator.aclose()

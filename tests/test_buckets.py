@@ -10,6 +10,7 @@ import uuid
 from typing import Any
 
 import pytest
+from redis.crc import key_slot
 
 import reconciler.buckets
 from allocator.hold_scripts import ReserveRequest
@@ -18,7 +19,7 @@ from allocator.sale_admin import SaleAdmin
 from allocator.sku_allocator import Allocators
 from allocator.stock_buckets import BucketScripts
 from flashsale.errors import InvalidInput
-from flashsale.keys import SkuKeys, bucket_for, bucket_keys
+from flashsale.keys import SPREAD_SLOTS, SkuKeys, bucket_for, bucket_keys
 from flashsale.records import integer, text
 from flashsale.salespec import parse_sku
 from flashsale.settings import Settings
@@ -45,18 +46,30 @@ async def stock_of(p: Pipeline, sale: str) -> list[dict[str, int]]:
 
 
 def request(sale: str, allocator: Any, buyer: str) -> ReserveRequest:
-    rid = routed_reservation_id(sale, SKU, allocator.bucket_of(buyer))
-    return ReserveRequest(rid, buyer, 1, uuid.uuid4().hex, "tok_visa", "1")
+    return ReserveRequest(allocator.new_id(buyer), buyer, 1, uuid.uuid4().hex, "tok_visa", "1")
 
 
 def test_ids_name_their_bucket_and_buckets_have_their_own_tags() -> None:
-    keys = route_of(routed_reservation_id("s1", "A.b-c", 2))
-    assert keys == SkuKeys("s1", "A.b-c", 2)
-    assert route_of(routed_reservation_id("s1", "A", 0)) == SkuKeys("s1", "A")
-    assert route_of("s1~A~07~r-x") is None and route_of("s1~A~x~r-x") is None
-    assert hold_keys("s1", "A", "other~A~2~r-1") == SkuKeys("s1", "A")  # not this SKU's id
-    tags = {k.tag for k in bucket_keys("s1", "A", 3)}
-    assert tags == {"fs:{s1:A}", "fs:{s1:A:1}", "fs:{s1:A:2}"}
+    keys = route_of(routed_reservation_id("s1", "A.b-c", 2, 3))
+    assert keys == SkuKeys("s1", "A.b-c", 2, 3) and keys is not None and keys.buckets == 3
+    assert route_of(routed_reservation_id("s1", "A", 0, 3)) == SkuKeys("s1", "A")
+    for bad in ("s1~A~07.9~r-x", "s1~A~x~r-x", "s1~A~2~r-x", "s1~A~3.3~r-x", "s1~A~1.65~r"):
+        assert route_of(bad) is None, bad
+    assert hold_keys("s1", "A", "other~A~2.3~r-1") == SkuKeys("s1", "A")  # not this SKU's id
+    first, *others = bucket_keys("s1", "A", 3)
+    assert first.tag == "fs:{s1:A}" and all(k.tag.startswith(f"fs:{{s1:A:{k.bucket}:")
+                                            for k in others)  # fmt: skip
+    # Each bucket's slot sits a third of the slot space after the previous one: on three
+    # primaries with equal runs of slots, one bucket each.
+    for sale in (f"sale-{i:04x}" for i in range(40)):
+        slots = [key_slot(k.stock.encode()) for k in bucket_keys(sale, "SKU-1", 3)]
+        for b, slot in enumerate(slots):
+            gap = (slot - slots[0] - round(b * 16384 / 3)) % 16384
+            assert min(gap, 16384 - gap) <= SPREAD_SLOTS, (sale, slots)
+        edges = [0, 5461, 10923, 16384]  # three equal runs of slots
+        owners = {sum(slot >= edge for edge in edges[1:3]) for slot in slots}
+        near_edge = any(abs(s - e) <= SPREAD_SLOTS for s in slots for e in edges)
+        assert len(owners) == 3 or near_edge, (sale, slots)
     assert {bucket_for(f"b{i}", 3) for i in range(50)} == {0, 1, 2}
     assert bucket_for("alice", 3) == bucket_for("alice", 3) and bucket_for("alice", 1) == 0
     with pytest.raises(InvalidInput) as bad:
@@ -66,7 +79,8 @@ def test_ids_name_their_bucket_and_buckets_have_their_own_tags() -> None:
 
 async def test_postgres_reads_the_bucket_from_the_order_id(stack: Settings) -> None:
     async with pipeline(stack) as p:
-        for rid in ("s~A~r-1", "s~A~3~r-1", "s~A~12~r-9", "s~A~0~r-1", "plain", "s~A~x~r"):
+        for rid in ("s~A~r-1", "s~A~3.4~r-1", "s~A~12.64~r-9", "s~A~0.3~r-1", "plain",
+                    "s~A~x~r", "s~A~3~r-1"):  # fmt: skip
             in_sql = await p.pool.fetchval("SELECT order_bucket($1)", rid)
             assert in_sql == hold_keys("s", "A", rid).bucket, rid
 
@@ -106,7 +120,7 @@ async def test_preload_spreads_the_stock_and_every_unit_sells_from_one_bucket(
         assert (await p.holds.cancel(hold_keys(sale, SKU, first), first)).ok
         again = await allocator.reserve(late)
         assert again.outcome == "reserved" and route_of(again.reservation_id or "") == SkuKeys(
-            sale, SKU, 2
+            sale, SKU, 2, 3
         )
         await allocator.aclose()
 
@@ -133,7 +147,7 @@ async def test_a_transfer_cut_between_its_steps_is_finished_by_the_reconciler(
 ) -> None:
     async with pipeline(stack) as p, checked(p) as (rec, psp):
         sale = await p.sale(stock=12, limit=1, buckets=3)
-        lender, receiver = SkuKeys(sale, SKU, 1), SkuKeys(sale, SKU)
+        lender, receiver = SkuKeys(sale, SKU, 1, 3), SkuKeys(sale, SKU)
         transfers = BucketScripts(p.redis)
         # Step 1 only, as a process killed right after it leaves it: 2 of 4 units journaled.
         outcome, units, _ = await transfers._lend(
@@ -204,11 +218,11 @@ async def test_a_lost_bucket_is_rebuilt_from_its_orders_and_the_sale_goes_on(
         await p.wait_terminal(granted)
         await drained(p)
         sold_before = await p.counts(sale)
-        lost = SkuKeys(sale, SKU, 1)
+        lost = SkuKeys(sale, SKU, 1, 3)
         in_lost = [rid for rid in granted if hold_keys(sale, SKU, rid) == lost]
         assert in_lost, "no buyer landed in bucket 1"
         # A transfer into the lost bucket, lent and not credited: it must land after the rebuild.
-        lender = SkuKeys(sale, SKU, 2)
+        lender = SkuKeys(sale, SKU, 2, 3)
         tid = new_transfer_id()
         await BucketScripts(p.redis)._lend(
             keys=[lender.meta, lender.stock, lender.transfers], args=[tid, 1, 1]

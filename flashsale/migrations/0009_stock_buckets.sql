@@ -8,10 +8,11 @@ ALTER TABLE sale_skus ADD COLUMN IF NOT EXISTS buckets smallint NOT NULL DEFAULT
 ALTER TABLE sale_skus DROP CONSTRAINT IF EXISTS sale_skus_buckets_check,
     ADD CONSTRAINT sale_skus_buckets_check CHECK (buckets BETWEEN 1 AND 64);
 
--- The stock bucket of an order: the number a bucketed reservation id carries
--- (<sale>~<sku>~<bucket>~r-...), else 0.
+-- The stock bucket of an order: the bucket a bucketed reservation id names
+-- (<sale>~<sku>~<bucket>.<buckets>~r-...), else 0.
 CREATE OR REPLACE FUNCTION order_bucket(id text) RETURNS integer
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
-    SELECT CASE WHEN id ~ '^[^~]+~[^~]+~[1-9][0-9]{0,2}~' THEN split_part(id, '~', 3)::integer
+    SELECT CASE WHEN id ~ '^[^~]+~[^~]+~[1-9][0-9]{0,2}\.[1-9][0-9]{0,2}~'
+                THEN split_part(split_part(id, '~', 3), '.', 1)::integer
                 ELSE 0 END
 $$;
