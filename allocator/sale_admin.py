@@ -178,7 +178,7 @@ class SaleAdmin:
             )
         outcomes = [r.outcome for r in results]
         if not first and "refused_lost" not in outcomes:
-            grown, _ = await self.transfers.grow(keys[0], total)
+            grown, _ = await self.transfers.grow(keys, total)
             if grown == "unavailable":
                 outcomes.append("refused_lost")
             elif grown == "grown":

@@ -94,14 +94,17 @@ class BucketScripts:
         self._credit: AsyncScript = client.register_script(source("credit"))
         self._grow: AsyncScript = client.register_script(source("grow"))
 
-    async def transfer(self, lender: SkuKeys, receiver: SkuKeys, wanted: int) -> Lent:
+    async def transfer(
+        self, lender: SkuKeys, receiver: SkuKeys, wanted: int, *, exact: bool = False
+    ) -> Lent:
         """Move up to half of ``lender``'s available stock (at least ``wanted``, if it has
-        them) to ``receiver``. Raises Unavailable when Redis stays unreachable: what was lent
-        stays journaled, and the reconciler credits it."""
+        them), or with ``exact`` up to ``wanted`` units, to ``receiver``. Raises Unavailable
+        when Redis stays unreachable: what was lent stays journaled, and the reconciler
+        credits it."""
         tid = new_transfer_id()
         raw = await _retried(lambda: self._lend(
             keys=[lender.meta, lender.stock, lender.transfers],
-            args=[tid, receiver.bucket, wanted]))  # fmt: skip
+            args=[tid, receiver.bucket, wanted, "exact" if exact else ""]))  # fmt: skip
         lent = Lent(text(raw[0]), int(raw[1]), int(raw[2]))
         if lent.units:
             await self.complete(lender, receiver, tid, lent.units)
@@ -121,10 +124,20 @@ class BucketScripts:
             await _retried(lambda: self.client.hdel(lender.transfers, tid))
         return outcome
 
-    async def grow(self, first: SkuKeys, total: int) -> tuple[str, int]:
-        """Raise the SKU's stock to ``total`` on bucket 0 (``lua/grow.lua``)."""
-        outcome, granted = await self._grow(keys=[first.meta, first.stock], args=[total])
-        return text(outcome), int(granted)
+    async def grow(self, buckets: Sequence[SkuKeys], total: int) -> tuple[str, int]:
+        """Raise the SKU's stock to ``total`` on bucket 0 (``lua/grow.lua``), then spread what
+        was added evenly over the buckets by transfers. (outcome, the SKU's total in Redis)."""
+        first = buckets[0]
+        before = integer(await self.client.hget(first.meta, "stock_total"), -1)
+        raw_outcome, granted = await self._grow(keys=[first.meta, first.stock], args=[total])
+        outcome = text(raw_outcome)
+        if outcome == "grown" and before >= 0:
+            added, count = int(granted) - before, len(buckets)
+            for keys in buckets[1:]:
+                share = added // count + (1 if keys.bucket < added % count else 0)
+                if share:
+                    await self.transfer(first, keys, share, exact=True)
+        return outcome, int(granted)
 
     async def states(self, buckets: Sequence[SkuKeys]) -> list[BucketState]:
         """Every bucket's counters, journal and received ids, in one packed read."""

@@ -6,7 +6,8 @@
 --
 -- KEYS[1] meta   KEYS[2] stock   KEYS[3] transfers (this bucket's journal)
 -- ARGV[1] transfer id   ARGV[2] receiving bucket   ARGV[3] units wanted
--- Lends min(available, max(wanted, ceil(available / 2))): half of what is left, so a bucket
+-- ARGV[4] 'exact' to lend min(available, wanted) (add-stock spreading new units); otherwise
+-- lends min(available, max(wanted, ceil(available / 2))): half of what is left, so a bucket
 -- that runs dry early takes a fair share in one step, and the donor keeps the rest.
 -- Returns {outcome, units lent, units that may still come back (active + paying here, and
 -- one per transfer this bucket lent that is not finished yet)} where outcome is
@@ -27,7 +28,11 @@ if prior then
 end
 local available = tonumber(c[1])
 local wanted = tonumber(ARGV[3])
-units = math.min(available, math.max(wanted, math.ceil(available / 2)))
+if ARGV[4] == 'exact' then
+  units = math.min(available, wanted)
+else
+  units = math.min(available, math.max(wanted, math.ceil(available / 2)))
+end
 if units <= 0 then
   return {'empty', 0, held}
 end

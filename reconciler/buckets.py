@@ -157,7 +157,7 @@ class BucketChecks:
         every = bucket_keys(sale_id, sku, row["buckets"])
         for drift in drifts:
             if drift.reason == "stock_not_granted":
-                outcome, granted = await self.transfers.grow(every[0], row["stock_total"])
+                outcome, granted = await self.transfers.grow(every, row["stock_total"])
                 after = {"granted": granted, "outcome": outcome}
                 report.repairs.append(
                     Repair(sale_id, sku, "grant_stock", "bucket 0", drift.redis, after)
