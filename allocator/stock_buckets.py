@@ -101,14 +101,25 @@ class BucketScripts:
         them), or with ``exact`` up to ``wanted`` units, to ``receiver``. Raises Unavailable
         when Redis stays unreachable: what was lent stays journaled, and the reconciler
         credits it."""
+        tid, lent = await self.lend(lender, receiver, wanted, exact=exact)
+        if lent.units:
+            await self.complete(lender, receiver, tid, lent.units)
+        return lent
+
+    async def lend(
+        self, lender: SkuKeys, receiver: SkuKeys, wanted: int, *, exact: bool = False
+    ) -> tuple[str, Lent]:
+        """Step 1 alone (``lua/lend.lua``): the fresh transfer id and what was lent."""
         tid = new_transfer_id()
         raw = await _retried(lambda: self._lend(
             keys=[lender.meta, lender.stock, lender.transfers],
             args=[tid, receiver.bucket, wanted, "exact" if exact else ""]))  # fmt: skip
-        lent = Lent(text(raw[0]), int(raw[1]), int(raw[2]))
-        if lent.units:
-            await self.complete(lender, receiver, tid, lent.units)
-        return lent
+        return tid, Lent(text(raw[0]), int(raw[1]), int(raw[2]))
+
+    async def credit(self, receiver: SkuKeys, tid: str, units: int) -> str:
+        """Step 2 alone (``lua/credit.lua``): credited, already or unavailable."""
+        keys = [receiver.meta, receiver.stock, receiver.received]
+        return text(await _retried(lambda: self._credit(keys=keys, args=[tid, units])))
 
     async def complete(self, lender: SkuKeys, receiver: SkuKeys, tid: str, units: int) -> str:
         """Steps 2 and 3 of transfer ``tid``: credit the receiver, then close the journal
@@ -118,8 +129,7 @@ class BucketScripts:
         then counted the units back: crediting them too would make units)."""
         if not await _retried(lambda: self.client.hexists(lender.transfers, tid)):
             return "gone"
-        keys = [receiver.meta, receiver.stock, receiver.received]
-        outcome = text(await _retried(lambda: self._credit(keys=keys, args=[tid, units])))
+        outcome = await self.credit(receiver, tid, units)
         if outcome != "unavailable":
             await _retried(lambda: self.client.hdel(lender.transfers, tid))
         return outcome
