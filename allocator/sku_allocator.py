@@ -25,8 +25,9 @@ from allocator.stock_buckets import BucketScripts, Lent
 from flashsale.keys import SkuKeys, bucket_for, bucket_keys
 from flashsale.records import ReserveResult
 
-# Borrow-and-ask-again rounds per request before it is answered with what its bucket said;
-# each round moves at least one unit to the bucket, so this bounds only a pathological race.
+# Borrow-and-ask-again rounds per request. Each round moves at least one unit (half of a
+# lender's) into the bucket, and many requests share it; a request still unserved after this
+# many is told sold_out with holds pending (a waitlist it may retry), never a final sold_out.
 MAX_BORROWS = 64
 
 
@@ -58,6 +59,7 @@ class SkuAllocator:
         self.borrowed = 0  # transfers into this process's buckets (for metrics and tests)
         self.on_borrow = on_borrow  # told the units of every transfer made
         self._borrowing: dict[int, asyncio.Task[Lent]] = {}
+        self._short = [0] * buckets  # units wanted by requests waiting for a borrow, per bucket
 
         def coalescer(bucket: SkuKeys) -> Coalescer[ReserveRequest, ReserveResult]:
             async def call(requests: list[ReserveRequest]) -> list[ReserveResult]:
@@ -103,21 +105,31 @@ class SkuAllocator:
                 pending = result.holds_pending or lent.held > 0 or lent.outcome == "unavailable"
                 return ReserveResult("sold_out", holds_pending=pending)
             result = await coalescer.submit(request)
+        if result.outcome == "sold_out":
+            return ReserveResult("sold_out", holds_pending=True)
         return result
 
     async def _borrow(self, bucket: int, wanted: int) -> Lent:
         """Units for ``bucket`` from the others, one borrow in flight per bucket: requests that
         find the bucket dry meanwhile wait for it and ask again."""
-        task = self._borrowing.get(bucket)
-        if task is None:
-            task = asyncio.ensure_future(self._take(bucket, wanted))
-            self._borrowing[bucket] = task
-            task.add_done_callback(lambda _: self._borrowing.pop(bucket, None))
-        return await asyncio.shield(task)
+        self._short[bucket] += wanted
+        try:
+            task = self._borrowing.get(bucket)
+            if task is None:
+                task = asyncio.ensure_future(self._take(bucket))
+                self._borrowing[bucket] = task
+                task.add_done_callback(lambda _: self._borrowing.pop(bucket, None))
+            return await asyncio.shield(task)
+        finally:
+            self._short[bucket] -= wanted
 
-    async def _take(self, bucket: int, wanted: int) -> Lent:
+    async def _take(self, bucket: int) -> Lent:
         """Ask the other buckets in turn (the next one first) until one lends; the answer
-        says how many units came, and whether held units anywhere may still return."""
+        says how many units came, and whether held units anywhere may still return. It asks
+        for what every request now waiting on the bucket wants (those of one batch all join
+        before it starts), so a burst needs one borrow, not one per halving."""
+        await asyncio.sleep(0)
+        wanted = self._short[bucket]
         receiver = self.bucket_keys[bucket]
         held, unavailable = 0, False
         for step in range(1, self.buckets):

@@ -127,6 +127,24 @@ def test_round_trip_preload_status_add_stock_lifecycle(
     assert db.val("SELECT status FROM sales WHERE id = $1", sale_id) == "ended"
 
 
+def test_a_sku_in_stock_buckets_from_the_cli(cli: Cli, rdb: redis.Redis) -> None:
+    flags = ["--name", "hot", "--sku", "HOT", "--stock", "10", "--price", "100",
+             "--currency", "EUR"]  # fmt: skip
+    refused = cli("sale", "create", *flags, "--buckets", "65")
+    assert refused.code == 2 and "skus[0].buckets" in refused.err, refused.err
+    created = cli("sale", "create", *flags, "--buckets", "3")
+    assert created.code == 0, created.err
+    sale_id = created.out.strip()
+    assert cli("sale", "preload", sale_id).code == 0
+    shown = cli("sale", "status", sale_id)
+    assert shown.code == 0, shown.err
+    lines = [line.split() for line in shown.out.splitlines() if "bucket" in line]
+    assert [line[:3] for line in lines] == [["bucket", "0", "4"], ["bucket", "1", "3"],
+                                            ["bucket", "2", "3"]], shown.out  # fmt: skip
+    assert rdb.hget(SkuKeys(sale_id, "HOT").meta, "buckets") == "3"
+    assert rdb.hget(SkuKeys(sale_id, "HOT", 2, 3).stock, "total") == "3"
+
+
 def test_preload_is_idempotent(cli: Cli, rdb: redis.Redis, tmp_path: Path) -> None:
     sale_id = create(cli, tmp_path)
     assert cli("sale", "preload", sale_id).code == 0

@@ -64,6 +64,7 @@ SKU_FLAGS = {
     "currency": "currency",
     "limit": "per_buyer_limit",
     "ttl": "hold_ttl_seconds",
+    "buckets": "buckets",
 }
 SALE_FLAGS = {
     "name": "name",
@@ -144,6 +145,13 @@ def print_status(status: dict[str, Any], *, as_json: bool) -> None:
             f"  {row['sku']:20} {row['stock_total']:>10} {cell(row['available']):>10}"
             f" {cell(row['held']):>8} {cell(row['sold']):>8} {row['confirmed']:>10}"
         )
+        for index, b in enumerate(row.get("by_bucket") or []):
+            name = f"  bucket {index}"
+            if b is None:
+                out(f"  {name:20} {'-':>10} {'-':>10} {'-':>8} {'-':>8}")
+            else:
+                out(f"  {name:20} {b['total']:>10} {b['available']:>10} {b['held']:>8}"
+                    f" {b['sold']:>8}")  # fmt: skip
 
 
 def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
@@ -188,6 +196,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     create.add_argument("--currency", help="ISO 4217 code, e.g. EUR")
     create.add_argument("--limit", help="per-buyer limit (default 1)")
     create.add_argument("--ttl", help="hold TTL in seconds (default 120)")
+    create.add_argument("--buckets", help="stock buckets for a hot SKU, 1..64 (default 1; see "
+                        "README, Hot SKUs)")  # fmt: skip
 
     imp = sale_sub.add_parser("import", help="add SKUs from a CSV file (all rows validated first)")
     imp.add_argument("file", help="CSV with header sku,title,stock,price,currency,...")
