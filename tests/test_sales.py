@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +127,42 @@ def test_round_trip_preload_status_add_stock_lifecycle(
     assert refused.code == 1
     assert "has ended" in refused.err
     assert db.val("SELECT status FROM sales WHERE id = $1", sale_id) == "ended"
+
+
+def test_the_readme_first_sale_is_not_over_whatever_the_day(cli: Cli) -> None:
+    """Following "Running a sale" as written, on any day, creates a sale that is scheduled or
+    live: a newcomer's first sale is never one that has already ended."""
+    root = Path(__file__).resolve().parent.parent
+    line = next(text for text in (root / "README.md").read_text().splitlines()
+                if "sale create --file examples/" in text)  # fmt: skip
+    command = shlex.split(line.split("$(", 1)[1].split(")", 1)[0])
+    assert command[:3] == ["$F", "sale", "create"], line
+    args = [str(root / a) if a.startswith("examples/") else a for a in command[1:]]
+    created = cli(*args, "--json")
+    assert created.code == 0, created.err
+    sale = json.loads(created.out)
+    assert sale["state"] in ("scheduled", "live"), sale
+    assert datetime.fromisoformat(sale["ends_at"]) > datetime.now(UTC) + timedelta(minutes=30)
+
+
+def test_starts_in_moves_the_sale_window_and_bad_durations_are_refused(
+    cli: Cli, tmp_path: Path
+) -> None:
+    created = cli("sale", "create", "--file", write(tmp_path, SALE), "--starts-in", "10m",
+                  "--json")  # fmt: skip
+    assert created.code == 0, created.err
+    sale = json.loads(created.out)
+    starts = datetime.fromisoformat(sale["starts_at"])
+    ends = datetime.fromisoformat(sale["ends_at"])
+    assert timedelta(minutes=9) < starts - datetime.now(UTC) <= timedelta(minutes=10)
+    assert ends - starts == timedelta(hours=1)  # the file's own length
+    assert sale["state"] == "scheduled"
+    for bad in ("10", "-5m", "1w", "0s", "m"):
+        refused = cli("sale", "create", "--file", write(tmp_path, SALE), f"--starts-in={bad}")
+        assert refused.code == 2 and "starts-in" in refused.err, (bad, refused.err)
+    both = cli("sale", "create", "--name", "x", "--starts-at", "2030-01-01T00:00:00Z",
+               "--starts-in", "5m")  # fmt: skip
+    assert both.code == 2 and "starts-in" in both.err, both.err
 
 
 def test_a_sku_in_stock_buckets_from_the_cli(cli: Cli, rdb: redis.Redis) -> None:

@@ -3,6 +3,8 @@ exit 2, nothing written) and the configuration a service needs before it forks."
 
 from __future__ import annotations
 
+import re
+from datetime import timedelta
 from typing import Any
 
 from flashsale.errors import InvalidInput
@@ -54,6 +56,18 @@ def within(field: str, value: str, low: int, high: int) -> int:
     if not low <= number <= high:
         raise InvalidInput(field, f"must be within {low}..{high}, got {value!r}")
     return number
+
+
+_DURATION = re.compile(r"([1-9][0-9]{0,6})([smhd])\Z")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def duration(field: str, value: str) -> timedelta:
+    """A positive duration written as a number and a unit: ``90s``, ``10m``, ``2h``, ``1d``."""
+    found = _DURATION.match(value.strip())
+    if not found:
+        raise InvalidInput(field, f"must be a duration like 90s, 10m, 2h or 1d, got {value!r}")
+    return timedelta(**{_UNITS[found[2]]: int(found[1])})
 
 
 def sale_id(field: str, value: str) -> str:

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from allocator.sale_admin import SaleAdmin
-from flashsale.cli.checks import positive
+from flashsale.cli.checks import duration, positive
 from flashsale.cli.output import dump_json, out
 from flashsale.clients import pg_pool, redis_client
 from flashsale.errors import ConfigError, InvalidInput
@@ -94,7 +96,14 @@ async def cmd_sale(args: argparse.Namespace, settings: Settings) -> int:
         given_flags = [f for f in (*SALE_FLAGS, *SKU_FLAGS, "sku") if getattr(args, f)]
         if args.file and given_flags:
             raise InvalidInput(given_flags[0], "give either --file or flags, not both")
+        if args.starts_in and args.starts_at:
+            raise InvalidInput("starts-in", "give either --starts-at or --starts-in, not both")
+        delay = duration("starts-in", args.starts_in) if args.starts_in else None
         spec = parse_sale(read_json_file(args.file) if args.file else sale_from_flags(args))
+        if delay is not None:  # the whole window moves, keeping its length
+            opens = datetime.now(UTC) + delay
+            spec = dataclasses.replace(spec, starts_at=opens,
+                                       ends_at=opens + (spec.ends_at - spec.starts_at))  # fmt: skip
         async with admin(settings) as sales:
             created = await sales.create(spec)
         dump_json(created) if args.json else out(created["id"])
@@ -186,6 +195,11 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     create.add_argument("--json", action="store_true", help="print the created sale as JSON")
     create.add_argument("--name")
     create.add_argument("--starts-at", help="ISO 8601 with timezone (default: now)")
+    create.add_argument(
+        "--starts-in", metavar="DURATION",
+        help="open the sale this long from now (90s, 10m, 2h, 1d), keeping its length; with "
+        "--file it replaces the file's dates",
+    )  # fmt: skip
     create.add_argument("--ends-at", help="ISO 8601 with timezone (default: starts + 1h)")
     create.add_argument("--admission-rate", help="buyers admitted per second (default 500)")
     create.add_argument("--max-queue", help="queue cap (default 200000)")
