@@ -186,6 +186,9 @@ class Settings:
     # FLASHSALE_TRUSTED_PROXIES lists the proxies' networks (CIDRs) for several hops.
     trust_forwarded: bool = False
     trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
+    # Browser origins (storefronts) allowed to call the buyer API; "*" for any, without
+    # credentials. Empty: no CORS at all.
+    cors_origins: tuple[str, ...] = ()
     topics: Topics = Topics()
     consumer_group: str = "flashsale-workers"
     # The payment provider: FLASHSALE_PSP_URL, or the simulator that `flashsale up` starts.
@@ -236,6 +239,7 @@ class Settings:
             trusted_proxies=_networks(
                 env.get("FLASHSALE_TRUSTED_PROXIES") or "", "FLASHSALE_TRUSTED_PROXIES"
             ),
+            cors_origins=_origins(env.get("FLASHSALE_CORS_ORIGINS") or ""),
             topics=Topics.from_env(env),
             consumer_group=env.get("FLASHSALE_CONSUMER_GROUP") or "flashsale-workers",
             psp_url=env.get("FLASHSALE_PSP_URL") or engine.get("FLASHSALE_PSP_URL") or None,
@@ -273,6 +277,23 @@ class Settings:
             f"secret={self.secret!r}, buyer_token_secret={self.buyer_token_secret!r}, "
             f"log_level={self.log_level!r})"
         )
+
+
+_ORIGIN = re.compile(
+    r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?\Z|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?\Z"
+)
+
+
+def _origins(value: str) -> tuple[str, ...]:
+    """FLASHSALE_CORS_ORIGINS: comma-separated ``scheme://host[:port]`` origins, or ``*``."""
+    origins = tuple(o.strip().rstrip("/") for o in value.split(",") if o.strip())
+    for origin in origins:
+        if origin != "*" and not _ORIGIN.match(origin):
+            raise ConfigError(
+                f"FLASHSALE_CORS_ORIGINS: {origin!r} is not an origin: scheme://host[:port] "
+                "(no path), or * for any"
+            )
+    return origins
 
 
 def _flag(value: str | None, name: str) -> bool:

@@ -1,0 +1,42 @@
+"""Cross-origin access for storefronts (``FLASHSALE_CORS_ORIGINS``), through aiohttp-cors.
+
+A storefront on another origin calls the buyer API (``/v1/...``) from the buyer's browser.
+Each listed origin may send the headers the API reads and read the headers it answers with
+(``Retry-After`` above all, so the page can honour it on a 429 or 503). Preflight requests
+are answered by aiohttp-cors: 200 with the allowed method and headers for a listed origin,
+403 for any other. ``*`` allows any origin and never credentials; a listed origin may send
+credentials (the buyer token in a cookie on the gateway's domain). The admin API and the
+operators' endpoints are never cross-origin.
+"""
+
+from __future__ import annotations
+
+import aiohttp_cors
+from aiohttp import web
+
+# What a storefront's request may carry, and what it may read from the answer.
+REQUEST_HEADERS = ("Authorization", "Content-Type", "Idempotency-Key", "X-Admission-Token",
+                   "X-Queue-Ticket")  # fmt: skip
+RESPONSE_HEADERS = ("Retry-After",)
+PREFLIGHT_CACHE_S = 600
+
+
+def setup(app: web.Application, origins: tuple[str, ...]) -> None:
+    """Allow ``origins`` on every buyer route of ``app`` (call after the routes are added);
+    nothing when there are none."""
+    if not origins:
+        return
+    options = {
+        origin: aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]
+            allow_credentials=origin != "*",
+            allow_headers=REQUEST_HEADERS,
+            expose_headers=RESPONSE_HEADERS,
+            max_age=PREFLIGHT_CACHE_S,
+        )
+        for origin in origins
+    }
+    cors = aiohttp_cors.setup(app, defaults=options)
+    for route in list(app.router.routes()):
+        path = route.resource.canonical if route.resource is not None else ""
+        if path.startswith("/v1/"):
+            cors.add(route)

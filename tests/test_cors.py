@@ -1,0 +1,91 @@
+"""Storefronts on other origins: CORS on the buyer API (``FLASHSALE_CORS_ORIGINS``), through
+the real gateway app and a real Redis; and the setting's validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from flashsale.errors import ConfigError
+from flashsale.settings import Settings
+from tests.harness import gateway
+
+SHOP = "https://shop.example.com"
+
+
+def preflight(method: str, headers: str, origin: str = SHOP) -> dict[str, str]:
+    return {"Origin": origin, "Access-Control-Request-Method": method,
+            "Access-Control-Request-Headers": headers}  # fmt: skip
+
+
+async def test_a_listed_storefront_may_call_the_buyer_api(stack: Settings) -> None:
+    async with gateway(stack, cors_origins=(SHOP, "http://127.0.0.1:9000")) as gw:
+        sale = await gw.create_sale(stock=3)
+        join = f"/v1/sales/{sale}/queue"
+        answer = await gw.http.options(join, headers=preflight("POST", "authorization"))
+        assert answer.status == 200, await answer.text()
+        assert answer.headers["Access-Control-Allow-Origin"] == SHOP
+        assert answer.headers["Access-Control-Allow-Methods"] == "POST"
+        assert answer.headers["Access-Control-Allow-Headers"].lower() == "authorization"
+        assert answer.headers["Access-Control-Allow-Credentials"] == "true"
+        reserve = await gw.http.options(
+            f"/v1/sales/{sale}/reservations",
+            headers=preflight("POST", "authorization,idempotency-key,x-admission-token,"
+                                      "content-type"),
+        )  # fmt: skip
+        assert reserve.status == 200, await reserve.text()
+
+        # The real request: the answer names the origin and lets the page read Retry-After.
+        joined = await gw.http.post(
+            join, headers={"Origin": SHOP, "Authorization": f"Bearer {gw.token('c1')}"}
+        )
+        assert joined.status == 200, await joined.text()
+        assert joined.headers["Access-Control-Allow-Origin"] == SHOP
+        assert "Retry-After" in joined.headers["Access-Control-Expose-Headers"]
+        # An error answer carries them too, so the page can honour a 4xx/5xx's Retry-After.
+        refused = await gw.http.post(join, headers={"Origin": SHOP})
+        assert refused.status == 401
+        assert refused.headers["Access-Control-Allow-Origin"] == SHOP
+
+        # Another origin: its preflight is refused and its answers name no origin.
+        other = await gw.http.options(join, headers=preflight("POST", "authorization",
+                                                              "https://evil.example"))  # fmt: skip
+        assert other.status == 403
+        assert "Access-Control-Allow-Origin" not in other.headers
+        plain = await gw.http.get(f"/v1/sales/{sale}", headers={"Origin": "https://evil.example"})
+        assert plain.status == 200 and "Access-Control-Allow-Origin" not in plain.headers
+        # The admin API is never cross-origin.
+        admin = await gw.http.options("/admin/v1/sales", headers=preflight("POST", "authorization"))
+        assert admin.status in (401, 405) and "Access-Control-Allow-Origin" not in admin.headers
+
+
+async def test_any_origin_never_gets_credentials(stack: Settings) -> None:
+    async with gateway(stack, cors_origins=("*",)) as gw:
+        sale = await gw.create_sale(stock=1)
+        answer = await gw.http.options(f"/v1/sales/{sale}/queue",
+                                       headers=preflight("POST", "authorization"))  # fmt: skip
+        assert answer.status == 200
+        assert answer.headers["Access-Control-Allow-Origin"] == SHOP
+        assert "Access-Control-Allow-Credentials" not in answer.headers
+
+
+async def test_without_the_setting_there_is_no_cors(stack: Settings) -> None:
+    async with gateway(stack) as gw:
+        sale = await gw.create_sale(stock=1)
+        answer = await gw.http.options(f"/v1/sales/{sale}/queue",
+                                       headers=preflight("POST", "authorization"))  # fmt: skip
+        assert answer.status == 405
+        assert "Access-Control-Allow-Origin" not in answer.headers
+
+
+@pytest.mark.parametrize("value", ["shop.example.com", "https://shop.example.com/path",
+                                   "ftp://x", "https://a b"])  # fmt: skip
+def test_the_setting_names_a_bad_origin(value: str) -> None:
+    with pytest.raises(ConfigError, match="FLASHSALE_CORS_ORIGINS"):
+        Settings.from_env({"FLASHSALE_CORS_ORIGINS": f"https://ok.example, {value}"})
+
+
+def test_the_setting_takes_origins_and_a_star() -> None:
+    settings = Settings.from_env(
+        {"FLASHSALE_CORS_ORIGINS": "https://a.example, http://127.0.0.1:8081/ ,*"}
+    )
+    assert settings.cors_origins == ("https://a.example", "http://127.0.0.1:8081", "*")
