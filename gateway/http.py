@@ -36,11 +36,19 @@ def json_response(
 
 
 def error_response(
-    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+    status: int,
+    code: str,
+    message: str,
+    headers: Mapping[str, str] | None = None,
+    field: str | None = None,
 ) -> web.Response:
-    """The one error body, ``{"error": {"code", "message"}}``; the code is kept on the response
-    for the refusal metrics."""
-    response = json_response({"error": {"code": code, "message": message}}, status, headers)
+    """The one error body, ``{"error": {"code", "message"}}``, with ``"field"`` (a dotted path,
+    or a header's name) when one input is at fault; the code is kept on the response for the
+    refusal metrics."""
+    error = {"code": code, "message": message}
+    if field is not None:
+        error["field"] = field
+    response = json_response({"error": error}, status, headers)
     response[ERROR_CODE] = code
     return response
 

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from flashsale.errors import FlashsaleError
+from flashsale.errors import FlashsaleError, InvalidInput
 from flashsale.ops_endpoints import PROBE_PATHS
 from flashsale.outages import describe, is_outage
 from gateway.http import error_response
@@ -30,7 +30,8 @@ def error_for(request: web.Request, exc: Exception) -> web.Response:
         headers = None
         if exc.retry_after_s is not None:
             headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
-        return error_response(exc.http_status, exc.code, exc.message, headers)
+        field = exc.field if isinstance(exc, InvalidInput) else None
+        return error_response(exc.http_status, exc.code, exc.message, headers, field)
     if is_outage(exc):
         log.warning("dependency unavailable on %s %s: %s", request.method, request.path,
                     describe(exc))  # fmt: skip

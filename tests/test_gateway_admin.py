@@ -137,6 +137,17 @@ async def test_bad_stock_and_unknown_sale(http: TestClient[Any, Any]) -> None:
     for body, status in cases:
         response = await http.post(f"/admin/v1/sales/{sale_id}/stock", json=body, headers=auth())
         assert response.status == status, body
+    # An error about one field names it, so a client can put the message next to it.
+    for body, field in (({"sku": "SNK-1", "add": 0}, "add"), ({"add": 1}, "sku"),
+                        ({"sku": "SNK-1", "add": 1, "extra": True}, "extra")):  # fmt: skip
+        response = await http.post(f"/admin/v1/sales/{sale_id}/stock", json=body, headers=auth())
+        assert (await response.json())["error"]["field"] == field, body
+    bad_sku = await http.post("/admin/v1/sales", json={**SALE, "skus": [{"sku": "A"}]},
+                              headers=auth())  # fmt: skip
+    assert (await bad_sku.json())["error"]["field"] == "skus[0].stock"
+    unknown = await http.post(f"/admin/v1/sales/{sale_id}/stock", json={"sku": "NOPE", "add": 1},
+                              headers=auth())  # fmt: skip
+    assert "field" not in (await unknown.json())["error"]  # not about the input's shape
     status = await (await http.get(f"/admin/v1/sales/{sale_id}", headers=auth())).json()
     assert status["skus"][0]["stock_total"] == 5  # nothing written
     missing = await http.get("/admin/v1/sales/no-such-sale", headers=auth())

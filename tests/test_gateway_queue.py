@@ -48,6 +48,10 @@ async def test_full_journey(gw: Gateway) -> None:
         sale, "alice", admission, body={"sku": "SKU-1", "quantity": 1, "payment_token": "other"}
     )
     assert mismatch[0] == 422 and mismatch[1]["error"]["code"] == "idempotency_mismatch"
+    assert mismatch[1]["error"]["field"] == "Idempotency-Key"
+    two = {"sku": "SKU-1", "quantity": 2, "payment_token": "tok_ok"}
+    too_many = await gw.reserve(sale, "alice", admission, key="k9", body=two)
+    assert too_many[0] == 422 and too_many[1]["error"]["field"] == "quantity", too_many
     other_key = await gw.reserve(sale, "alice", admission, key="k2")
     assert other_key[0] == 403 and other_key[1]["error"]["code"] == "admission_used"
 
