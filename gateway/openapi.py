@@ -51,14 +51,25 @@ REASONS = {
 }
 
 
+# The answers that say when to try again.
+RETRY_AFTER = {
+    "Retry-After": {
+        "description": "seconds after which a retry may succeed",
+        "schema": {"type": "integer", "minimum": 1},
+    }
+}
+
+
 def _errors(*codes: int) -> dict[str, Any]:
-    return {
-        str(code): {
+    answers: dict[str, Any] = {}
+    for code in sorted({*codes, *ALWAYS}):
+        answers[str(code)] = {
             "description": REASONS[code],
             "content": {JSON: {"schema": {"$ref": "#/components/schemas/Error"}}},
         }
-        for code in sorted({*codes, *ALWAYS})
-    }
+        if code in (429, 503):
+            answers[str(code)]["headers"] = RETRY_AFTER
+    return answers
 
 
 def _ok(status: int, description: str, schema: dict[str, Any]) -> dict[str, Any]:
@@ -70,6 +81,8 @@ def _sale_param() -> dict[str, Any]:
 
 
 def _op(
+    op_id: str,
+    tag: str,
     summary: str,
     responses: dict[str, Any],
     *,
@@ -78,7 +91,8 @@ def _op(
     body: dict[str, Any] | None = None,
     body_required: bool = True,
 ) -> dict[str, Any]:
-    op: dict[str, Any] = {"summary": summary, "responses": responses}
+    op: dict[str, Any] = {"operationId": op_id, "tags": [tag], "summary": summary,
+                          "responses": responses}  # fmt: skip
     if security:
         op["security"] = [{security: []}]
     if params:
@@ -113,6 +127,8 @@ def document() -> dict[str, Any]:
     lifecycle = {
         f"/admin/v1/sales/{{sale}}/{action}": {
             "post": _op(
+                f"{action}Sale",
+                "admin",
                 f"{action.capitalize()} a sale",
                 {**_ok(200, "The sale", SALE), **_errors(*admin_errors)},
                 security="admin",
@@ -124,6 +140,8 @@ def document() -> dict[str, Any]:
     paths: dict[str, Any] = {
         "/v1/sales/{sale}": {
             "get": _op(
+                "getSale",
+                "sales",
                 "Public sale information (cached up to 0.5 s)",
                 {**_ok(200, "The sale", PUBLIC_SALE), **_errors(404)},
                 params=sale,
@@ -131,6 +149,8 @@ def document() -> dict[str, Any]:
         },
         "/v1/sales/{sale}/queue": {
             "post": _op(
+                "joinQueue",
+                "waiting room",
                 "Join the waiting room (idempotent per buyer)",
                 {**_ok(200, "Queued, or sold out at once", JOINED), **_errors(401, 404, 409, 429)},
                 security="buyer",
@@ -139,6 +159,8 @@ def document() -> dict[str, Any]:
         },
         "/v1/sales/{sale}/queue/status": {
             "get": _op(
+                "queueStatus",
+                "waiting room",
                 "Where the buyer stands: answered from the ticket and cached counters",
                 {**_ok(200, "The buyer's state", STATUS), **_errors(401, 403, 404)},
                 params=[*sale, ticket],
@@ -146,6 +168,8 @@ def document() -> dict[str, Any]:
         },
         "/v1/sales/{sale}/reservations": {
             "post": _op(
+                "reserve",
+                "reservations",
                 "Reserve units with an admission (idempotent per Idempotency-Key)",
                 {
                     **_ok(201, "Held; the order is processing", RESERVED),
@@ -158,12 +182,16 @@ def document() -> dict[str, Any]:
         },
         "/v1/reservations/{id}": {
             "get": _op(
+                "getReservation",
+                "reservations",
                 "A reservation of the caller, with its order",
                 {**_ok(200, "The reservation", RESERVATION), **_errors(401, 404)},
                 security="buyer",
                 params=[rid],
             ),
             "delete": _op(
+                "cancelReservation",
+                "reservations",
                 "Cancel an ACTIVE hold (its units go back)",
                 {**_ok(200, "Released", RESERVATION), **_errors(401, 404, 409, 429)},
                 security="buyer",
@@ -172,6 +200,8 @@ def document() -> dict[str, Any]:
         },
         "/admin/v1/sales": {
             "post": _op(
+                "createSale",
+                "admin",
                 "Create a sale (the sale file format)",
                 {**_ok(201, "The created sale", SALE), **_errors(401, 408, 422)},
                 security="admin",
@@ -180,6 +210,8 @@ def document() -> dict[str, Any]:
         },
         "/admin/v1/sales/{sale}": {
             "get": _op(
+                "saleStatus",
+                "admin",
                 "Sale status per SKU",
                 {**_ok(200, "Status", SALE_STATUS), **_errors(401, 404)},
                 security="admin",
@@ -188,6 +220,8 @@ def document() -> dict[str, Any]:
         },
         "/admin/v1/sales/{sale}/preload": {
             "post": _op(
+                "preloadSale",
+                "admin",
                 "Copy configuration and stock into Redis",
                 {
                     **_ok(200, "Per SKU outcome", obj({"results": {"type": "array"}}, ["results"])),
@@ -201,6 +235,8 @@ def document() -> dict[str, Any]:
         },
         "/admin/v1/sales/{sale}/stock": {
             "post": _op(
+                "addStock",
+                "admin",
                 "Add stock to a SKU",
                 {**_ok(200, "Status", SALE_STATUS), **_errors(*admin_errors)},
                 security="admin",
@@ -214,6 +250,8 @@ def document() -> dict[str, Any]:
         },
         "/admin/v1/sales/{sale}/audit": {
             "get": _op(
+                "auditSale",
+                "admin",
                 "The post-sale audit: every invariant of DESIGN §7, with offending ids",
                 {**_ok(200, "The report (passed or not)", AUDIT), **_errors(401, 404)},
                 security="admin",
@@ -222,22 +260,28 @@ def document() -> dict[str, Any]:
         },
         **lifecycle,
         "/livez": {
-            "get": _op("The process answers", _ok(200, "Alive", LIVE)),
+            "get": _op("livez", "operations", "The process answers", _ok(200, "Alive", LIVE)),
         },
         "/readyz": {
             "get": _op(
+                "readyz",
+                "operations",
                 "Redis, Postgres and the broker answered (checked at most about once a second)",
                 {**_ok(200, "All up", HEALTH), **_ok(503, "Something is down", HEALTH)},
             )
         },
         "/healthz": {
             "get": _op(
+                "healthz",
+                "operations",
                 "The same as /readyz",
                 {**_ok(200, "All up", HEALTH), **_ok(503, "Something is down", HEALTH)},
             )
         },
         "/metrics": {
             "get": {
+                "operationId": "metrics",
+                "tags": ["operations"],
                 "summary": "Prometheus metrics",
                 "responses": {
                     "200": {
@@ -249,6 +293,8 @@ def document() -> dict[str, Any]:
         },
         "/sales/{sale}": {
             "get": {
+                "operationId": "waitingRoomPage",
+                "tags": ["waiting room"],
                 "summary": "The waiting-room page",
                 "parameters": sale,
                 "responses": {
@@ -262,6 +308,8 @@ def document() -> dict[str, Any]:
         },
         "/openapi.json": {
             "get": {
+                "operationId": "openapi",
+                "tags": ["operations"],
                 "summary": "This document",
                 "responses": {
                     "200": {
@@ -278,8 +326,15 @@ def document() -> dict[str, Any]:
             "title": "flashsale gateway",
             "version": __version__,
             "description": "The waiting room, reservations and the admin API. Errors are "
-            '`{"error": {"code", "message"}}` with a stable code.',
+            '`{"error": {"code", "message", "field"?}}` with a stable code.',
         },
+        "tags": [
+            {"name": "sales", "description": "what a sale offers"},
+            {"name": "waiting room", "description": "join, and wait for admission"},
+            {"name": "reservations", "description": "reserve with an admission, follow, cancel"},
+            {"name": "admin", "description": "merchandisers (FLASHSALE_ADMIN_TOKEN)"},
+            {"name": "operations", "description": "probes, metrics, this document"},
+        ],
         "paths": paths,
         "components": {
             "schemas": {"Error": ERROR},

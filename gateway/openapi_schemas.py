@@ -74,7 +74,31 @@ SALE = obj(
         "ends_at": {"type": "string"},
         "preloaded_at": NULLABLE_STRING,
         "shuffle": SHUFFLE,
-        "skus": {"type": "array", "items": {"type": "object"}},
+        "skus": {
+            "type": "array",
+            "items": obj(
+                {
+                    "sku": ID,
+                    "title": {"type": "string"},
+                    "stock": {"type": "integer"},
+                    "price": {"type": "integer", "description": "in minor units"},
+                    "currency": {"type": "string"},
+                    "per_buyer_limit": {"type": "integer"},
+                    "hold_ttl_seconds": {"type": "integer"},
+                    "buckets": {"type": "integer"},
+                },
+                [
+                    "sku",
+                    "title",
+                    "stock",
+                    "price",
+                    "currency",
+                    "per_buyer_limit",
+                    "hold_ttl_seconds",
+                    "buckets",
+                ],
+            ),
+        },
     },
     ["id", "name", "status", "state", "starts_at", "ends_at", "shuffle"],
 )
@@ -176,6 +200,7 @@ RESERVE_BODY = obj(
     },
     ["sku", "quantity", "payment_token"],
     additionalProperties=False,
+    examples=[{"sku": "SNK-42", "quantity": 1, "payment_token": "tok_visa"}],
 )
 RESERVED = obj(
     {
@@ -200,7 +225,27 @@ RESERVATION = obj(
         "cause": NULLABLE_STRING,
         "hold_expires_at": {"type": "string"},
         "order": {
-            "type": ["object", "null"],
+            "oneOf": [
+                obj(
+                    {
+                        "state": {
+                            "enum": [
+                                "PENDING",
+                                "PAYING",
+                                "CONFIRMED",
+                                "PAYMENT_FAILED",
+                                "EXPIRED",
+                                "CANCELLED",
+                            ]
+                        },
+                        "amount": {"type": "integer", "description": "in minor units"},
+                        "currency": {"type": "string"},
+                        "updated_at": {"type": "string"},
+                    },
+                    ["state", "amount", "currency", "updated_at"],
+                ),
+                {"type": "null"},
+            ],
             "description": "the order, from the order store: null until one exists, and while "
             "the order store cannot be reached (the hold's state is always current)",
         },

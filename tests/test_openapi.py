@@ -72,6 +72,35 @@ def test_the_served_document_is_the_one_in_the_code(live: Live) -> None:
     assert served.json()["openapi"] == "3.1.0"
 
 
+def test_every_operation_is_named_tagged_and_says_when_to_retry() -> None:
+    """What client generators need: a unique operationId and a declared tag on every
+    operation, Retry-After on every 429 and 503, and typed nested objects."""
+    doc = document()
+    operations = [(path, method, op) for path, item in doc["paths"].items()
+                  for method, op in item.items()]  # fmt: skip
+    ids = [op.get("operationId") for _, _, op in operations]
+    assert all(ids) and len(set(ids)) == len(ids), ids
+    declared = {t["name"] for t in doc["tags"]}
+    assert all(op.get("tags") and set(op["tags"]) <= declared for _, _, op in operations)
+    for path, method, op in operations:
+        for status in ("429", "503"):
+            answer = op["responses"].get(status)
+            if (
+                answer is not None
+                and "content" in answer
+                and answer["content"].get("application/json", {}).get("schema", {}).get("$ref")
+            ):  # an error answer
+                assert "Retry-After" in answer.get("headers", {}), (path, method, status)
+    reservation = doc["paths"]["/v1/reservations/{id}"]["get"]["responses"]["200"]
+    order = reservation["content"]["application/json"]["schema"]["properties"]["order"]
+    assert order["oneOf"][0]["required"] == ["state", "amount", "currency", "updated_at"]
+    sale = doc["paths"]["/admin/v1/sales"]["post"]["responses"]["201"]
+    sku = sale["content"]["application/json"]["schema"]["properties"]["skus"]["items"]
+    assert {"sku", "price", "currency", "per_buyer_limit"} <= set(sku["required"])
+    error = doc["components"]["schemas"]["Error"]["properties"]["error"]
+    assert "field" in error["properties"]
+
+
 schema = schemathesis.openapi.from_dict(document())
 
 
