@@ -33,10 +33,12 @@ import asyncpg
 
 from allocator.queue_scripts import QueueScripts, QueueView, Step
 from flashsale.errors import QueueLost
+from flashsale.fairness import record
 from flashsale.keys import SaleKeys, bucket_keys
+from flashsale.outages import log_failure
 from flashsale.queue_marks import Mark, QueueMarks
 from flashsale.records import text
-from flashsale.shuffle import shuffle_order
+from flashsale.shuffle import member_of, shuffle_order
 
 log = logging.getLogger("flashsale.pump")
 
@@ -138,6 +140,7 @@ class AdmissionPump:
     next_tick: float = 0.0  # time.monotonic() before which the service skips this pump
     busy: bool = True  # buyers are waiting or the sale is opening (see tick)
     buckets: dict[str, int] = field(default_factory=dict)  # SKUs split into stock buckets
+    recorded: bool = False  # the pre-queue's order is recorded in Postgres (fairness)
 
     @property
     def keys(self) -> SaleKeys:
@@ -171,6 +174,8 @@ class AdmissionPump:
         if view.sealed and not view.shuffled:
             await self._shuffle()
             return None
+        if view.shuffled and not self.recorded:
+            await self._record(view.pre)
         rate = max(1, view.admission_rate)
         self.credit = min(self.credit + rate * elapsed, max(1.0, rate * 0.5))
         self.window_ms = view.window_ms
@@ -270,7 +275,7 @@ class AdmissionPump:
             return
         members = await self.queue.client.hgetall(self.keys.members)
         buyers = [text(b) for b, p in members.items() if int(p) == 0]
-        order = shuffle_order(self.seed, buyers)
+        order = shuffle_order(self.seed, self.sale_id, buyers)
         chunks = [order[i : i + ASSIGN_CHUNK] for i in range(0, len(order), ASSIGN_CHUNK)] or [[]]
         for number, chunk in enumerate(chunks):
             start = number * ASSIGN_CHUNK
@@ -282,6 +287,26 @@ class AdmissionPump:
                 self.token = 0
                 return
         log.info("shuffled the pre-queue of %s: %d buyers", self.sale_id, len(order))
+
+    async def _record(self, pre: int) -> None:
+        """Record the shuffled pre-queue (members in position order, their Merkle root) for
+        the public fairness check, once per sale, by whichever leader gets to it: from the
+        positions Redis holds, so a leader that did not shuffle records the same. An outage
+        only delays it to a later tick; admission does not wait for it."""
+        try:
+            members = await self.queue.client.hgetall(self.keys.members)
+            placed = sorted((int(p), text(b)) for b, p in members.items() if 1 <= int(p) <= pre)
+            if [p for p, _ in placed] != list(range(1, pre + 1)):
+                log.warning(
+                    "pre-queue of %s: %d of %d positions in Redis (a restored room); its order "
+                    "cannot be recorded", self.sale_id, len(placed), pre,
+                )  # fmt: skip
+                self.recorded = True  # said once; nothing later can complete it
+                return
+            await record(self.pool, self.sale_id, [member_of(self.sale_id, b) for _, b in placed])
+            self.recorded = True
+        except Exception as exc:  # noqa: BLE001 - a later tick records it
+            log_failure(log, f"could not record the pre-queue of {self.sale_id} yet", exc)
 
     async def resign(self) -> None:
         if self.token:

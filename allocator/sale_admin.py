@@ -28,6 +28,7 @@ from flashsale.sales import (
     sku_meta,
 )
 from flashsale.salespec import MAX_STOCK, SaleSpec, SkuSpec, identifier, integer
+from flashsale.shuffle import seed_commitment
 
 
 @dataclass
@@ -71,15 +72,15 @@ class SaleAdmin:
 
     async def create(self, spec: SaleSpec) -> dict[str, Any]:
         """Insert the sale and its SKUs in one transaction; returns the created sale."""
-        sale_id = new_sale_id()
+        sale_id, seed = new_sale_id(), secrets.token_hex(32)
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(
                 "INSERT INTO sales (id, name, starts_at, ends_at, admission_rate, max_queue,"
-                " admission_window_seconds, admission_capacity, shuffle_seed)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                " admission_window_seconds, admission_capacity, shuffle_seed, shuffle_commitment)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
                 sale_id, spec.name, spec.starts_at, spec.ends_at, spec.admission_rate,
                 spec.max_queue, spec.admission_window_seconds, spec.admission_capacity,
-                secrets.token_hex(32),
+                seed, seed_commitment(seed),
             )  # fmt: skip
             await _insert_skus(conn, sale_id, spec.skus)
         return await self.get(sale_id)

@@ -52,6 +52,11 @@ def sale_state(status: str, starts_at: datetime, ends_at: datetime, now: datetim
     return "scheduled" if now < starts_at else "live"
 
 
+def commitment_of(sale: asyncpg.Record) -> str:
+    """The seed commitment the sale published before its start, as recorded then."""
+    return str(sale["shuffle_commitment"] or seed_commitment(sale["shuffle_seed"]))
+
+
 def sku_meta(sale: asyncpg.Record, sku: asyncpg.Record) -> dict[str, str]:
     """A SKU's Redis configuration (its ``meta`` hash) from its Postgres rows."""
     return {
@@ -80,7 +85,7 @@ def sale_hash(sale: asyncpg.Record, skus: Sequence[asyncpg.Record]) -> dict[str,
         "max_queue": str(sale["max_queue"]),
         "window_ms": str(sale["admission_window_seconds"] * 1000),
         "capacity": str(sale["admission_capacity"]),
-        "seed_hash": seed_commitment(sale["shuffle_seed"]),
+        "seed_hash": commitment_of(sale),
         "skus": ",".join(s["sku"] for s in skus),
     }
 
@@ -103,7 +108,7 @@ def sale_json(sale: asyncpg.Record, skus: Sequence[asyncpg.Record] | None = None
         # The seed is revealed only once the pre-queue is closed (the sale has started).
         "shuffle": {
             "algorithm": SHUFFLE_ALGORITHM,
-            "commitment": seed_commitment(sale["shuffle_seed"]),
+            "commitment": commitment_of(sale),
             "seed": sale["shuffle_seed"] if now >= sale["starts_at"] else None,
         },
     }

@@ -34,6 +34,7 @@ from gateway.state import (
     CATALOG,
     CLIENTS,
     COUNTERS,
+    FAIRNESS,
     HOLDS,
     JOINS,
     LIMITER,
@@ -91,6 +92,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     app[SIGNERS] = Signers.from_settings(settings)
     app[CATALOG] = {}
     app[SKU_LIMITS] = {}
+    app[FAIRNESS] = {}
     app.cleanup_ctx.append(clients)
     for routes in (ops_routes, sale_info, admin, waiting_room, reservations, openapi, page):
         routes.setup(app)

@@ -16,6 +16,8 @@ from gateway.http import json_response
 from gateway.openapi_schemas import (
     AUDIT,
     ERROR,
+    FAIRNESS,
+    FAIRNESS_PROOF,
     HEALTH,
     JOINED,
     LIVE,
@@ -145,6 +147,35 @@ def document() -> dict[str, Any]:
                 "Public sale information (cached up to 0.5 s)",
                 {**_ok(200, "The sale", PUBLIC_SALE), **_errors(404)},
                 params=sale,
+            )
+        },
+        "/v1/sales/{sale}/fairness": {
+            "get": _op(
+                "fairness",
+                "sales",
+                "The pre-queue's published order: seed, members in position order, Merkle root",
+                {
+                    **_ok(200, "The record (recorded: false until the shuffle)", FAIRNESS),
+                    **_errors(404, 422),
+                },
+                params=[
+                    *sale,
+                    {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 0, "maximum": 10000},
+                    },
+                ],
+            )
+        },
+        "/v1/sales/{sale}/fairness/proof": {
+            "get": _op(
+                "fairnessProof",
+                "sales",
+                "The ticket holder's place in the recorded order, with its Merkle path",
+                {**_ok(200, "The proof", FAIRNESS_PROOF), **_errors(401, 403, 404)},
+                params=[*sale, ticket],
             )
         },
         "/v1/sales/{sale}/queue": {

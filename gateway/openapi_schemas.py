@@ -261,3 +261,32 @@ HEALTH = obj(
     ["status", "checks"],
 )
 LIVE = obj({"status": {"const": "ok"}}, ["status"])
+
+HEX = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+FAIRNESS = obj(
+    {
+        "sale_id": ID,
+        "algorithm": {"type": "string", "description": "how members and positions are derived"},
+        "merkle": {"type": "string", "description": "how the root is computed"},
+        "commitment": HEX,
+        "seed": {**NULLABLE_STRING, "description": "revealed once the sale has started"},
+        "recorded": {"type": "boolean", "description": "the pre-queue was shuffled and recorded"},
+        "size": {"type": "integer", "minimum": 0},
+        "root": {"oneOf": [HEX, {"type": "null"}]},
+        "offset": {"type": "integer", "minimum": 0},
+        "members": {"type": "array", "items": HEX, "description": "in position order"},
+        "next_offset": NULLABLE_INT,
+    },
+    ["sale_id", "algorithm", "merkle", "commitment", "seed", "recorded", "size", "root",
+     "offset", "members", "next_offset"],
+)  # fmt: skip
+FAIRNESS_PROOF = obj(
+    {
+        "member": HEX,
+        "position": {"type": "integer", "minimum": 1},
+        "size": {"type": "integer", "minimum": 1},
+        "root": HEX,
+        "path": {"type": "array", "items": HEX, "description": "sibling digests, leaf up"},
+    },
+    ["member", "position", "size", "root", "path"],
+)

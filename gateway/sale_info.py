@@ -1,11 +1,20 @@
-"""``GET /v1/sales/{sale}``: a sale's public information (from :mod:`gateway.catalog`)."""
+"""A sale's public information: ``GET /v1/sales/{sale}`` (from :mod:`gateway.catalog`), and
+the pre-queue's fairness record, ``GET /v1/sales/{sale}/fairness``, with a buyer's own proof,
+``GET /v1/sales/{sale}/fairness/proof`` (see :mod:`flashsale.fairness`)."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
+from flashsale.errors import Forbidden, InvalidInput, InvalidToken, NotFound
+from flashsale.fairness import Published, merkle_path, published
+from flashsale.shuffle import member_of
+from flashsale.tokens import buyer_subject
 from gateway.catalog import sale_summary
-from gateway.http import json_response
+from gateway.http import json_response, sale_of
+from gateway.state import CLIENTS, FAIRNESS, SIGNERS
+
+PAGE = 10_000  # members per page of the fairness record
 
 
 async def sale_info(request: web.Request) -> web.Response:
@@ -13,5 +22,66 @@ async def sale_info(request: web.Request) -> web.Response:
     return json_response(body, headers={"Cache-Control": "max-age=1"})
 
 
+async def _record(request: web.Request, sale_id: str) -> Published:
+    """The sale's fairness record; kept by this process once complete (it never changes)."""
+    cache = request.app[FAIRNESS]
+    found = cache.get(sale_id)
+    if found is None:
+        found = await published(request.app[CLIENTS].pool, sale_id)
+        if found is None:
+            raise NotFound(f"unknown sale {sale_id!r}", code="unknown_sale")
+        if found.members is not None and found.seed is not None:
+            if len(cache) > 64:
+                cache.clear()
+            cache[sale_id] = found
+    return found
+
+
+def _int(request: web.Request, name: str, default: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not 0 <= int(raw) <= high:
+        raise InvalidInput(name, f"must be a whole number from 0 to {high}")
+    return int(raw)
+
+
+async def fairness(request: web.Request) -> web.Response:
+    sale_id = sale_of(request)
+    record = await _record(request, sale_id)
+    offset = _int(request, "offset", 0, 100_000_000)
+    limit = _int(request, "limit", PAGE, PAGE)
+    return json_response(record.json(offset, limit), headers={"Cache-Control": "max-age=5"})
+
+
+async def fairness_proof(request: web.Request) -> web.Response:
+    """The ticket holder's own place in the recorded order, with its Merkle path."""
+    sale_id = sale_of(request)
+    raw = request.headers.get("X-Queue-Ticket")
+    if not raw:
+        raise InvalidToken("missing", "missing X-Queue-Ticket header")
+    claims = request.app[SIGNERS].ticket.verify(raw)
+    if claims.get("s") != sale_id:
+        raise Forbidden("this ticket is for another sale", code="ticket_other_sale")
+    record = await _record(request, sale_id)
+    if record.members is None:
+        raise NotFound("the pre-queue has not been shuffled yet", code="not_shuffled")
+    member = member_of(sale_id, buyer_subject(claims))
+    position = claims.get("p")
+    members = record.members
+    if not isinstance(position, int) or not 1 <= position <= len(members) or (
+        members[position - 1] != member
+    ):  # fmt: skip
+        raise NotFound("this ticket's place is not in the pre-queue (joined after the start, "
+                       "or not yet placed: poll the queue status for a placed ticket)",
+                       code="not_in_prequeue")  # fmt: skip
+    return json_response({
+        "member": member, "position": position, "size": len(members), "root": record.root,
+        "path": merkle_path(members, position),
+    })  # fmt: skip
+
+
 def setup(app: web.Application) -> None:
     app.router.add_get("/v1/sales/{sale}", sale_info)
+    app.router.add_get("/v1/sales/{sale}/fairness", fairness)
+    app.router.add_get("/v1/sales/{sale}/fairness/proof", fairness_proof)

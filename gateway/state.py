@@ -14,6 +14,7 @@ from allocator.sale_admin import SaleAdmin
 from allocator.sale_scripts import SkuRule
 from allocator.sku_allocator import Allocators
 from flashsale.clients import Clients
+from flashsale.fairness import Published
 from flashsale.ops_endpoints import Probe, Readiness
 from flashsale.queue_marks import QueueMarks
 from flashsale.settings import Settings
@@ -41,3 +42,4 @@ ANNOUNCER = web.AppKey("announcer", Announcer)
 # as Redis holds them): see gateway.catalog
 CATALOG = web.AppKey("catalog", dict[str, tuple[float, dict[str, Any]]])
 SKU_LIMITS = web.AppKey("sku_limits", dict[str, tuple[float, dict[str, SkuRule]]])
+FAIRNESS = web.AppKey("fairness", dict[str, Published])  # complete records, by sale

@@ -118,7 +118,7 @@ async def test_pre_queue_shuffle_is_reproducible_from_the_revealed_seed(gw: Gate
     revealed = (await (await gw.http.get(f"/v1/sales/{sale}")).json())["shuffle"]
     assert revealed["commitment"] == commitment
     assert hashlib.sha256(revealed["seed"].encode()).hexdigest() == commitment
-    expected = shuffle_order(revealed["seed"], buyers)
+    expected = shuffle_order(revealed["seed"], sale, buyers)
     assert sorted(buyers, key=positions.__getitem__) == expected
     assert sorted(positions.values()) == list(range(1, len(buyers) + 1))
 

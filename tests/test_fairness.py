@@ -1,0 +1,155 @@
+"""Provable fairness of the pre-queue: the Merkle tree and the check on their own, then a real
+pre-queue shuffled by the pump, published by the gateway, proven per buyer and verified by
+``flashsale fairness verify``, which fails on each kind of tampering."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+
+import pytest
+
+from flashsale.fairness import merkle_path, merkle_root, path_holds, problems
+from flashsale.settings import Settings
+from flashsale.shuffle import member_of, rank_members, seed_commitment
+from gateway.state import CLIENTS
+from tests.conftest import Cli
+from tests.harness import Gateway, gateway
+
+SEED = "4f" * 32
+
+
+def members(count: int) -> list[str]:
+    return [member_of("sale-x", f"buyer-{i}") for i in range(count)]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 8, 13])
+def test_every_position_has_a_path_and_no_other(size: int) -> None:
+    leaves = members(size)
+    root = merkle_root(leaves)
+    for position, member in enumerate(leaves, start=1):
+        path = merkle_path(leaves, position)
+        assert path_holds(member, position, size, path, root)
+        assert not path_holds(member, position % size + 1, size, path, root) or size == 1
+        assert not path_holds(leaves[position % size], position, size, path, root) or size == 1
+        assert not path_holds(member, position, size, [*path, path[0]] if path else ["00"], root)
+    assert merkle_root([]) == hashlib.sha256(b"").hexdigest()
+
+
+def test_the_check_finds_each_kind_of_tampering() -> None:
+    ranked = rank_members(SEED, members(20))
+    root, commitment = merkle_root(ranked), seed_commitment(SEED)
+    assert problems(commitment, SEED, ranked, root, 20) == []
+    swapped = [ranked[1], ranked[0], *ranked[2:]]
+    assert any("not where the seed puts them" in p
+               for p in problems(commitment, SEED, swapped, merkle_root(swapped)))  # fmt: skip
+    replaced = [*ranked[:-1], member_of("sale-x", "intruder")]
+    assert any("Merkle root" in p for p in problems(commitment, SEED, replaced, root))
+    assert any("commitment" in p for p in problems(commitment, "5e" * 32, ranked, root))
+    assert any("names 21 members" in p for p in problems(commitment, SEED, ranked, root, 21))
+    assert problems(commitment, None, ranked, root) == [
+        "the seed is not revealed yet (the sale has not started)"
+    ]
+
+
+@pytest.fixture
+async def gw(stack: Settings) -> AsyncIterator[Gateway]:
+    async with gateway(stack) as harness:
+        yield harness
+
+
+async def _shuffled(gw: Gateway, buyers: list[str]) -> tuple[str, dict[str, str]]:
+    """A sale whose pre-queue of ``buyers`` was shuffled and recorded; their placed tickets."""
+    sale = await gw.create_sale(stock=100, starts_in=1.5)
+    tickets = {}
+    for buyer in buyers:
+        code, body = await gw.join(sale, buyer)
+        assert code == 200 and body["pre_queue"] is True
+        tickets[buyer] = body["ticket"]
+    early = await gw.http.get(f"/v1/sales/{sale}/fairness")
+    assert early.status == 200
+    before = await early.json()
+    assert (before["recorded"], before["seed"], before["members"]) == (False, None, [])
+    gw.pump(sale)
+    for _ in range(200):
+        doc = await (await gw.http.get(f"/v1/sales/{sale}/fairness")).json()
+        if doc["recorded"]:
+            break
+        await asyncio.sleep(0.05)
+    assert doc["recorded"] and doc["size"] == len(buyers), doc
+    for buyer in buyers:  # the placed ticket the next poll hands out
+        _, status = await gw.status(sale, tickets[buyer])
+        tickets[buyer] = status.get("ticket", tickets[buyer])
+    return sale, tickets
+
+
+async def test_a_shuffled_pre_queue_is_published_and_proven_per_buyer(
+    gw: Gateway, cli: Cli
+) -> None:
+    buyers = [f"early-{i}" for i in range(30)]
+    sale, tickets = await _shuffled(gw, buyers)
+    doc = await (await gw.http.get(f"/v1/sales/{sale}/fairness")).json()
+    assert doc["commitment"] == seed_commitment(doc["seed"])
+    assert problems(doc["commitment"], doc["seed"], doc["members"], doc["root"], doc["size"]) == []
+    assert "early-0" not in str(doc)  # members are hashes, never buyer ids
+    page = await (await gw.http.get(f"/v1/sales/{sale}/fairness?offset=10&limit=5")).json()
+    assert page["members"] == doc["members"][10:15] and page["next_offset"] == 15
+
+    for buyer in buyers:
+        answer = await gw.http.get(f"/v1/sales/{sale}/fairness/proof",
+                                   headers={"X-Queue-Ticket": tickets[buyer]})  # fmt: skip
+        assert answer.status == 200, await answer.text()
+        proof = await answer.json()
+        assert proof["member"] == member_of(sale, buyer)
+        assert path_holds(proof["member"], proof["position"], proof["size"], proof["path"],
+                          doc["root"])  # fmt: skip
+        assert doc["members"][proof["position"] - 1] == proof["member"]
+    unplaced = await gw.http.get(f"/v1/sales/{sale}/fairness/proof")
+    assert unplaced.status == 401
+
+    verified = await asyncio.to_thread(cli, "fairness", "verify", sale, "--buyer", "early-3",
+                                       "--commitment", doc["commitment"])  # fmt: skip
+    assert verified.code == 0, verified.out + verified.err
+    assert "VERIFIED" in verified.out and "buyer early-3" in verified.out
+    over_http = await asyncio.to_thread(cli, "fairness", "verify", sale, "--url",
+                                        str(gw.http.make_url("")))  # fmt: skip
+    assert over_http.code == 0 and "VERIFIED" in over_http.out, over_http.out + over_http.err
+    other = await asyncio.to_thread(cli, "fairness", "verify", sale, "--commitment", "ab" * 32)
+    assert other.code == 1 and "not the one given" in other.out
+
+
+async def test_verify_fails_on_a_tampered_list_order_or_seed(gw: Gateway, cli: Cli) -> None:
+    sale, _ = await _shuffled(gw, [f"early-{i}" for i in range(12)])
+    pool = gw.app[CLIENTS].pool
+
+    async def verify() -> str:
+        result = await asyncio.to_thread(cli, "fairness", "verify", sale)
+        assert result.code == 1, result.out + result.err
+        return result.out
+
+    first = await pool.fetchval(
+        "SELECT member FROM prequeue_members WHERE sale_id = $1 AND position = 1", sale
+    )
+    await pool.execute("UPDATE prequeue_members SET member = $2 WHERE sale_id = $1 AND "
+                       "position = 1", sale, member_of(sale, "intruder"))  # fmt: skip
+    assert "Merkle root" in await verify()
+    await pool.execute("UPDATE prequeue_members SET member = $2 WHERE sale_id = $1 AND "
+                       "position = 1", sale, first)  # fmt: skip
+
+    await pool.execute(
+        "UPDATE prequeue_members SET position = CASE position WHEN 1 THEN 2 ELSE 1 END + 1000"
+        " WHERE sale_id = $1 AND position IN (1, 2)", sale)  # fmt: skip
+    await pool.execute("UPDATE prequeue_members SET position = position - 1000 WHERE "
+                       "sale_id = $1 AND position > 1000", sale)  # fmt: skip
+    assert "not where the seed puts them" in await verify()
+    await pool.execute(
+        "UPDATE prequeue_members SET position = CASE position WHEN 1 THEN 2 ELSE 1 END + 1000"
+        " WHERE sale_id = $1 AND position IN (1, 2)", sale)  # fmt: skip
+    await pool.execute("UPDATE prequeue_members SET position = position - 1000 WHERE "
+                       "sale_id = $1 AND position > 1000", sale)  # fmt: skip
+    clean = await asyncio.to_thread(cli, "fairness", "verify", sale)
+    assert clean.code == 0, clean.out
+
+    await pool.execute("UPDATE sales SET shuffle_seed = $2 WHERE id = $1", sale, "5e" * 32)
+    assert "does not match the commitment" in await verify()
