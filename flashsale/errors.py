@@ -68,7 +68,8 @@ class Unauthorized(FlashsaleError):
 
 class InvalidToken(Unauthorized):
     """A token that does not verify. ``reason``: malformed, version, unknown_key, signature,
-    kind, expired, missing (no token where one is required)."""
+    kind, expired, missing (no token where one is required); for a JWT also algorithm,
+    not_yet_valid and claims (see docs/TOKENS.md)."""
 
     def __init__(self, reason: str, message: str | None = None) -> None:
         super().__init__(message or f"invalid token ({reason})", code="invalid_token")

@@ -189,6 +189,10 @@ class Settings:
     # Browser origins (storefronts) allowed to call the buyer API; "*" for any, without
     # credentials. Empty: no CORS at all.
     cors_origins: tuple[str, ...] = ()
+    # Storefront JWTs: public keys (a JWKS file or URL) for ES256/RS256, and the audience a
+    # token must name (README, "Buyer tokens").
+    buyer_jwks: str | None = None
+    buyer_jwt_audience: str | None = None
     topics: Topics = Topics()
     consumer_group: str = "flashsale-workers"
     # The payment provider: FLASHSALE_PSP_URL, or the simulator that `flashsale up` starts.
@@ -240,6 +244,8 @@ class Settings:
                 env.get("FLASHSALE_TRUSTED_PROXIES") or "", "FLASHSALE_TRUSTED_PROXIES"
             ),
             cors_origins=_origins(env.get("FLASHSALE_CORS_ORIGINS") or ""),
+            buyer_jwks=env.get("FLASHSALE_BUYER_JWKS") or None,
+            buyer_jwt_audience=env.get("FLASHSALE_BUYER_JWT_AUDIENCE") or None,
             topics=Topics.from_env(env),
             consumer_group=env.get("FLASHSALE_CONSUMER_GROUP") or "flashsale-workers",
             psp_url=env.get("FLASHSALE_PSP_URL") or engine.get("FLASHSALE_PSP_URL") or None,

@@ -180,6 +180,121 @@ def buyer_subject(claims: dict[str, Any]) -> str:
 
 
 TICKETS_REMEMBERED = 100_000  # per process: about 70 MB when full (claims, token strings)
+JWTS_REMEMBERED = 100_000  # verified storefront JWTs kept per process, the same way
+JWT_ALGORITHMS = ("HS256", "ES256", "RS256")
+JWT_LEEWAY_S = 5  # clock skew allowed on exp and nbf
+
+
+class BuyerTokens:
+    """Buyer tokens, in either of two formats, told apart by their first part:
+
+    * the engine's own ``v1.`` format above (HMAC-SHA256 with ``FLASHSALE_BUYER_TOKEN_SECRET``);
+    * a standard JWT from the storefront: HS256 with the same shared secret, or ES256 / RS256
+      with a public key of the configured JWKS (``FLASHSALE_BUYER_JWKS``), chosen by ``kid``.
+      ``exp`` and ``sub`` are required, ``nbf`` is honoured (5 s leeway on both), and ``aud``
+      must name ``FLASHSALE_BUYER_JWT_AUDIENCE`` when that is set. The algorithm comes from
+      the key, never from the token alone: an HS256 token is only checked with the shared
+      secret, an ES256 or RS256 one only with a public key of that algorithm.
+
+    A JWT that verified is remembered (``JWTS_REMEMBERED``), so a buyer's later requests with
+    the same token cost a lookup and an expiry check, as the v1 format's check does.
+    """
+
+    def __init__(self, v1: Signer, secrets: Iterable[str], public_keys: dict[str, Any],
+                 audience: str | None = None) -> None:  # fmt: skip
+        self.v1 = v1
+        self._secrets = [s.encode() for s in secrets]
+        self._public = public_keys  # kid -> jwt.PyJWK
+        self._audience = audience
+        self._verified: dict[str, dict[str, Any]] = {}
+
+    def sign(self, claims: dict[str, Any], ttl_s: float, now: float | None = None) -> str:
+        """A token in the engine's v1 format (the storefront may sign JWTs instead)."""
+        return self.v1.sign(claims, ttl_s, now)
+
+    def verify(self, token: str, now: float | None = None) -> dict[str, Any]:
+        """The token's claims; raises InvalidToken with a stable reason."""
+        if not isinstance(token, str) or len(token) > MAX_TOKEN_LENGTH:
+            raise InvalidToken("malformed")
+        if token.startswith(f"{VERSION}."):
+            return self.v1.verify(token, now)
+        at = time.time() if now is None else now
+        known = self._verified.get(token)
+        if known is not None:
+            if known["exp"] + JWT_LEEWAY_S <= at:
+                del self._verified[token]
+                raise InvalidToken("expired", "token expired")
+            return known
+        claims = self._jwt(token, at)
+        if len(self._verified) >= JWTS_REMEMBERED:
+            del self._verified[next(iter(self._verified))]
+        self._verified[token] = claims
+        return claims
+
+    def _jwt(self, token: str, at: float) -> dict[str, Any]:
+        import jwt  # noqa: PLC0415 - only deployments with storefront JWTs load it
+
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise InvalidToken("malformed") from None
+        alg = header.get("alg")
+        if alg == "HS256":
+            keys: list[Any] = list(self._secrets)
+        elif alg in ("ES256", "RS256"):
+            found = self._public.get(str(header.get("kid")))
+            if found is None or found.algorithm_name != alg:
+                raise InvalidToken("unknown_key", "no public key for this token's kid and alg")
+            keys = [found.key]
+        else:
+            raise InvalidToken("algorithm", f"token algorithm must be one of {JWT_ALGORITHMS}")
+        reason = "signature"
+        for key in keys:
+            try:
+                claims: dict[str, Any] = jwt.decode(
+                    token, key, algorithms=[alg], audience=self._audience, leeway=JWT_LEEWAY_S,
+                    options={"require": ["exp", "sub"], "verify_aud": self._audience is not None},
+                )  # fmt: skip
+            except jwt.InvalidSignatureError:
+                continue
+            except jwt.ExpiredSignatureError:
+                raise InvalidToken("expired", "token expired") from None
+            except jwt.ImmatureSignatureError:
+                raise InvalidToken("not_yet_valid", "token not valid yet (nbf)") from None
+            except (jwt.InvalidAudienceError, jwt.MissingRequiredClaimError) as exc:
+                raise InvalidToken("claims", str(exc)) from None
+            except jwt.PyJWTError:
+                reason = "malformed"
+                continue
+            if not isinstance(claims.get("exp"), int) or claims["exp"] + JWT_LEEWAY_S <= at:
+                raise InvalidToken("expired", "token expired")
+            return claims
+        raise InvalidToken(reason)
+
+
+def load_jwks(source: str) -> dict[str, Any]:
+    """The public keys (kid -> PyJWK) of a JWKS file path or http(s) URL; ConfigError names
+    what is wrong."""
+    import urllib.request  # noqa: PLC0415
+
+    import jwt  # noqa: PLC0415
+
+    try:
+        if source.startswith(("https://", "http://")):
+            with urllib.request.urlopen(source, timeout=10) as response:  # noqa: S310 - configured
+                raw = response.read()
+        else:
+            with open(source, "rb") as handle:
+                raw = handle.read()
+        keys = jwt.PyJWKSet.from_dict(orjson.loads(raw)).keys
+    except (OSError, ValueError, jwt.PyJWTError) as exc:
+        raise ConfigError(f"FLASHSALE_BUYER_JWKS: cannot load {source}: {exc}") from None
+    found = {}
+    for key in keys:
+        if not key.key_id or key.algorithm_name not in ("ES256", "RS256"):
+            raise ConfigError("FLASHSALE_BUYER_JWKS: every key needs a kid and alg ES256 or RS256")
+        found[key.key_id] = key
+    return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +302,7 @@ class Signers:
     """Buyer tokens are the storefront's (``FLASHSALE_BUYER_TOKEN_SECRET``); queue tickets and
     admission tokens are the engine's own (``FLASHSALE_SECRET``)."""
 
-    buyer: Signer
+    buyer: BuyerTokens
     ticket: Signer
     admission: Signer
 
@@ -198,8 +313,10 @@ class Signers:
         for name, value in (("FLASHSALE_BUYER_TOKEN_SECRET", buyer), ("FLASHSALE_SECRET", own)):
             if len(value.split(",")[0].strip()) < 16:
                 raise ConfigError(f"{name} must be set to a secret of at least 16 characters")
+        secrets = [s.strip() for s in buyer.split(",") if s.strip()]
+        public = load_jwks(settings.buyer_jwks) if settings.buyer_jwks else {}
         return cls(
-            Signer.from_setting(buyer, "buyer"),
+            BuyerTokens(Signer(secrets, "buyer"), secrets, public, settings.buyer_jwt_audience),
             # Every waiting buyer presents the same ticket on each poll: remember verified ones.
             Signer.from_setting(own, "ticket", remember=TICKETS_REMEMBERED),
             Signer.from_setting(own, "admission"),

@@ -1,6 +1,6 @@
 """``flashsale bench gateway``: the buyer's hot routes against a bare endpoint.
 
-Four rows, each driven for the same time by the same closed-loop HTTP client, against servers
+Five rows, each driven for the same time by the same closed-loop HTTP client, against servers
 with the same number of processes (SO_REUSEPORT):
 
 * ``bare_aiohttp``: a trivial aiohttp + uvloop endpoint returning a small JSON body. The
@@ -10,6 +10,8 @@ with the same number of processes (SO_REUSEPORT):
   before, and the per-process counters; no Redis round trip).
 * ``queue_join``: ``POST /v1/sales/{sale}/queue``, one new buyer per request (a buyer token
   check and one Lua call).
+* ``queue_join_jwt``: the same join with a storefront's ES256 JWT as the buyer token (a new
+  buyer, so a new token, per request: the signature check is never skipped by the cache).
 * ``reserve``: ``POST /v1/sales/{sale}/reservations``, one admitted buyer per request (two
   token checks, the admission claim, the batched reserve script, the hold read back and the
   event published to the broker before the 201): what an admitted buyer costs the gateway.
@@ -158,8 +160,9 @@ def failed(report: Report) -> list[str]:
 async def run(settings: Settings, options: Options, progress: Progress, command: str) -> Report:
     gateway_port, bare_port = free_port(), free_port()
     servers = Servers()
+    jwt_key, jwks = _storefront_key()
     env = {"FLASHSALE_RATE_PER_IP": "off", "FLASHSALE_RATE_PER_BUYER": "off",
-           "FLASHSALE_LOG_LEVEL": "WARNING"}  # fmt: skip
+           "FLASHSALE_LOG_LEVEL": "WARNING", "FLASHSALE_BUYER_JWKS": jwks}  # fmt: skip
     python = sys.executable
     servers.start([python, "-m", "flashsale", "gateway", "--port", str(gateway_port),
                    "--workers", str(options.workers)], env)  # fmt: skip
@@ -200,6 +203,10 @@ async def run(settings: Settings, options: Options, progress: Progress, command:
                        lambda: session.post(join_url, headers={"Authorization": "Bearer " +
                            buyers.sign({"sub": f"b{run_id}-{next(serial)}"}, 600)}),
                        gateway_cpu),
+                _Meter("queue_join_jwt", "POST queue with an ES256 JWT, a new buyer per request",
+                       lambda: session.post(join_url, headers={"Authorization": "Bearer " +
+                           _jwt(jwt_key, f"j{run_id}-{next(serial)}")}),
+                       gateway_cpu),
                 _Meter("reserve", "POST reservations, an admitted buyer per request",
                        partial(next, reservations), gateway_cpu, ok_status=201),
             ]  # fmt: skip
@@ -215,6 +222,7 @@ async def run(settings: Settings, options: Options, progress: Progress, command:
                     f"{m.name} {m.rates[-1]:,.0f}/s" for m in meters))  # fmt: skip
     finally:
         servers.stop()
+        os.unlink(jwks)
     rows = [meter.row(meters[0]) for meter in meters]
     status_ratio, join_ratio = rows[1].extra["ratio_to_bare"], rows[2].extra["ratio_to_bare"]
     targets = [
@@ -261,6 +269,29 @@ async def _prepare(
     async with session.post(f"{base}/v1/sales/{sale_id}/queue", headers=headers) as response:
         ticket = (await response.json())["ticket"]
     return str(sale_id), str(ticket)
+
+
+def _storefront_key() -> tuple[Any, str]:
+    """A storefront's ES256 signing key, and a JWKS file with its public half for the
+    gateway (``FLASHSALE_BUYER_JWKS``)."""
+    import json  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    import jwt  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    public = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+        json.dump({"keys": [{**public, "kid": "bench", "alg": "ES256"}]}, handle)
+    return key, handle.name
+
+
+def _jwt(key: Any, buyer: str) -> str:
+    import jwt  # noqa: PLC0415
+
+    return jwt.encode({"sub": buyer, "exp": int(time.time()) + 600}, key, algorithm="ES256",
+                      headers={"kid": "bench"})  # fmt: skip
 
 
 async def _admitted(settings: Settings, sale_id: str, count: int

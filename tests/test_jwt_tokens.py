@@ -1,0 +1,149 @@
+"""Storefront JWTs as buyer tokens: HS256 with the shared secret, ES256 and RS256 with a JWKS,
+every refusal with a stable reason, no algorithm confusion; and a join through the real
+gateway with each kind."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from flashsale.errors import ConfigError, InvalidToken
+from flashsale.settings import Settings
+from flashsale.tokens import BuyerTokens, Signer, load_jwks
+from tests.harness import gateway
+
+SECRET = "storefront-shared-secret-0123456789"
+EC_KEY = ec.generate_private_key(ec.SECP256R1())
+RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def jwks_file(tmp_path: Path) -> str:
+    keys = []
+    for kid, key, alg in (("ec-1", EC_KEY, "ES256"), ("rsa-1", RSA_KEY, "RS256")):
+        jwk = json.loads(jwt.algorithms.get_default_algorithms()[alg].to_jwk(key.public_key()))
+        keys.append({**jwk, "kid": kid, "alg": alg, "use": "sig"})
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps({"keys": keys}))
+    return str(path)
+
+
+def tokens(tmp_path: Path, audience: str | None = None) -> BuyerTokens:
+    return BuyerTokens(Signer([SECRET], "buyer"), [SECRET], load_jwks(jwks_file(tmp_path)),
+                       audience)  # fmt: skip
+
+
+def claims(**extra: Any) -> dict[str, Any]:
+    return {"sub": "buyer-42", "exp": int(time.time()) + 600, **extra}
+
+
+def test_each_algorithm_verifies_and_repeats_come_from_the_cache(tmp_path: Path) -> None:
+    t = tokens(tmp_path)
+    made = (
+        jwt.encode(claims(), SECRET, algorithm="HS256"),
+        jwt.encode(claims(), EC_KEY, algorithm="ES256", headers={"kid": "ec-1"}),
+        jwt.encode(claims(), RSA_KEY, algorithm="RS256", headers={"kid": "rsa-1"}),
+    )
+    for token in made:
+        assert t.verify(token)["sub"] == "buyer-42"
+        assert t.verify(token) is t.verify(token)  # the remembered claims
+    assert t.verify(t.sign({"sub": "v1-buyer"}, 60))["sub"] == "v1-buyer"  # the v1 format too
+
+
+@pytest.mark.parametrize(("make", "reason"), [
+    (lambda: jwt.encode(claims(exp=int(time.time()) - 60), SECRET, algorithm="HS256"), "expired"),
+    (lambda: jwt.encode(claims(nbf=int(time.time()) + 600), SECRET, algorithm="HS256"),
+     "not_yet_valid"),
+    (lambda: jwt.encode({"sub": "x"}, SECRET, algorithm="HS256"), "claims"),  # no exp
+    (lambda: jwt.encode(claims(), "another-secret-of-enough-length!", algorithm="HS256"),
+     "signature"),
+    (lambda: jwt.encode(claims(), EC_KEY, algorithm="ES256", headers={"kid": "nope"}),
+     "unknown_key"),
+    (lambda: jwt.encode(claims(), EC_KEY, algorithm="ES256", headers={"kid": "rsa-1"}),
+     "unknown_key"),  # a kid of another algorithm
+    (lambda: jwt.encode(claims(), "", algorithm="none"), "algorithm"),
+    (lambda: "not.a.jwt", "malformed"),
+])  # fmt: skip
+def test_refusals_name_their_reason(tmp_path: Path, make: Any, reason: str) -> None:
+    with pytest.raises(InvalidToken) as refused:
+        tokens(tmp_path).verify(make())
+    assert refused.value.reason == reason
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def test_no_algorithm_confusion_and_the_audience_is_enforced(tmp_path: Path) -> None:
+    t = tokens(tmp_path, audience="flashsale")
+    # An HS256 token MACed with the ES256 public key's PEM (the classic confusion attack;
+    # built by hand, since pyjwt refuses PEM keys for HMAC): only the shared secret checks
+    # an HS256 token, so it fails.
+    pem = EC_KEY.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    header = _b64(json.dumps({"alg": "HS256", "kid": "ec-1", "typ": "JWT"}).encode())
+    head = f"{header}.{_b64(json.dumps(claims(aud='flashsale')).encode())}"
+    forged = f"{head}.{_b64(hmac.new(pem, head.encode(), hashlib.sha256).digest())}"
+    with pytest.raises(InvalidToken) as refused:
+        t.verify(forged)
+    assert refused.value.reason == "signature"
+    with pytest.raises(InvalidToken) as refused:
+        t.verify(jwt.encode(claims(aud="someone-else"), SECRET, algorithm="HS256"))
+    assert refused.value.reason == "claims"
+    assert t.verify(jwt.encode(claims(aud="flashsale"), SECRET, algorithm="HS256"))
+
+
+def test_a_bad_jwks_is_a_configuration_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="FLASHSALE_BUYER_JWKS"):
+        load_jwks(str(tmp_path / "missing.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}))
+    with pytest.raises(ConfigError, match="FLASHSALE_BUYER_JWKS"):
+        load_jwks(str(bad))
+
+
+async def test_storefront_jwts_join_through_the_gateway(stack: Settings, tmp_path: Path) -> None:
+    async with gateway(stack, buyer_jwks=jwks_file(tmp_path)) as gw:
+        sale = await gw.create_sale(stock=5)
+        secret = stack.buyer_token_secret.reveal().split(",")[0]
+        for buyer, token in (
+            ("jwt-hs", jwt.encode(claims(sub="jwt-hs"), secret, algorithm="HS256")),
+            ("jwt-es", jwt.encode(claims(sub="jwt-es"), EC_KEY, algorithm="ES256",
+                                  headers={"kid": "ec-1"})),
+        ):  # fmt: skip
+            joined = await gw.http.post(f"/v1/sales/{sale}/queue",
+                                        headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+            assert joined.status == 200, await joined.text()
+            body = await joined.json()
+            assert body["state"] in ("waiting", "admitted"), body
+            status = await gw.http.get(f"/v1/sales/{sale}/queue/status",
+                                       headers={"X-Queue-Ticket": body["ticket"]})  # fmt: skip
+            assert status.status == 200  # the ticket names the JWT's buyer
+            bearer = {"Authorization": f"Bearer {token}"}
+            reservation = await gw.http.get(f"/v1/reservations/{sale}~SKU-1~r-x", headers=bearer)
+            assert reservation.status == 404, buyer  # authenticated, nothing of theirs
+        late = jwt.encode(claims(exp=int(time.time()) - 60), secret, algorithm="HS256")
+        refused = await gw.http.post(f"/v1/sales/{sale}/queue",
+                                     headers={"Authorization": f"Bearer {late}"})  # fmt: skip
+        assert refused.status == 401
+
+
+def test_the_documented_v1_recipe_makes_tokens_the_gateway_accepts() -> None:
+    """docs/TOKENS.md gives storefront developers a standard-library recipe: run it as
+    written and check its token with the engine's own verifier."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "TOKENS.md").read_text()
+    recipe = doc.split("## The v1 format", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    scope: dict[str, Any] = {}
+    exec(recipe, scope)  # noqa: S102 - our own documentation
+    token = scope["buyer_token"](SECRET, "doc-buyer")
+    assert Signer([SECRET], "buyer").verify(token)["sub"] == "doc-buyer"
