@@ -182,7 +182,7 @@ class LiveGateway:
 
 
 @contextlib.contextmanager
-def live_gateway(stack: Settings) -> Iterator[LiveGateway]:
+def live_gateway(stack: Settings, **overrides: Any) -> Iterator[LiveGateway]:
     import threading
 
     from aiohttp import web
@@ -193,6 +193,7 @@ def live_gateway(stack: Settings) -> Iterator[LiveGateway]:
         rate_per_ip=Rate(0, 0),
         rate_per_buyer=Rate(0, 0),
         topics=TOPICS,
+        **overrides,
     )
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
