@@ -143,6 +143,7 @@ class QueueScripts:
         self.client = client
         self._join: AsyncScript = client.register_script(source("join"))
         self._claim: AsyncScript = client.register_script(source("claim"))
+        self._leave: AsyncScript = client.register_script(source("leave"))
         self._lease: AsyncScript = client.register_script(source("lease"))
         self._advance: AsyncScript = client.register_script(source("advance"))
         self._assign: AsyncScript = client.register_script(source("assign"))
@@ -167,6 +168,11 @@ class QueueScripts:
             keys=[keys.queue, keys.claims], args=[position, key, fingerprint, deadline_ms]
         )
         return text(raw)
+
+    async def leave(self, keys: SaleKeys, position: int) -> str:
+        """Give up ``position``: left, already_left, reserved or unavailable (see
+        ``lua/leave.lua``)."""
+        return text(await self._leave(keys=[keys.queue, keys.claims], args=[position]))
 
     async def acquire(self, keys: SaleKeys, owner: str, ttl_ms: int) -> int:
         """The fencing token of ``owner``'s lease (acquired or renewed); 0 if held by another."""
@@ -231,7 +237,9 @@ class QueueScripts:
             # The clock of the node that serves the sale, whose scripts judge its time.
             commands.append(("EVAL", "return redis.call('TIME')", 1, keys.queue))
         if claims_through is not None:
-            commands.append(("ZCARD", keys.claims))
+            # Used admissions up to the serving position: a buyer who left the queue (see
+            # lua/leave.lua) marks a place further back too.
+            commands.append(("EVAL", _CLAIMED_SO_FAR, 2, keys.claims, keys.queue))
             commands.append(("ZCOUNT", keys.claims, 1, claims_through) if claims_through > 0
                             else ("ECHO", "0"))  # fmt: skip
         for sku in skus:
@@ -268,6 +276,12 @@ class QueueScripts:
 
     async def claimed(self, keys: SaleKeys, position: int) -> bool:
         return bool(await self.client.zcount(keys.claims, position, position))
+
+
+_CLAIMED_SO_FAR = (
+    "return redis.call('ZCOUNT', KEYS[1], 1, tonumber(redis.call('HGET', KEYS[2], 'serving') "
+    "or '0'))"
+)
 
 
 class Joins(PerKey[SaleKeys, "Coalescer[str, JoinResult]"]):

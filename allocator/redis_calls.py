@@ -38,7 +38,7 @@ from flashsale.clients import CLUSTER_POOL_FACTOR, RedisClient
 # The scripts that get lua/lib.lua prepended.
 WITH_LIB = frozenset({
     "reserve", "begin_payment", "confirm", "release", "expire",  # the hold lifecycle
-    "join", "claim", "lease", "advance", "assign",  # the waiting room
+    "join", "claim", "leave", "lease", "advance", "assign",  # the waiting room
     "rebuild_begin", "rebuild_holds", "rebuild_finish", "restore_queue",  # repairs
 })  # fmt: skip
 

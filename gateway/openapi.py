@@ -20,6 +20,7 @@ from gateway.openapi_schemas import (
     FAIRNESS_PROOF,
     HEALTH,
     JOINED,
+    LEFT,
     LIVE,
     PUBLIC_SALE,
     RESERVATION,
@@ -179,6 +180,13 @@ def document() -> dict[str, Any]:
             )
         },
         "/v1/sales/{sale}/queue": {
+            "delete": _op(
+                "leaveQueue",
+                "waiting room",
+                "Leave the waiting room: the place's admission can no longer be used",
+                {**_ok(200, "Left (or had left)", LEFT), **_errors(401, 403, 404, 409, 429)},
+                params=[*sale, ticket],
+            ),
             "post": _op(
                 "joinQueue",
                 "waiting room",
@@ -186,7 +194,7 @@ def document() -> dict[str, Any]:
                 {**_ok(200, "Queued, or sold out at once", JOINED), **_errors(401, 404, 409, 429)},
                 security="buyer",
                 params=sale,
-            )
+            ),
         },
         "/v1/sales/{sale}/queue/status": {
             "get": _op(

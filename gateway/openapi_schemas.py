@@ -180,7 +180,7 @@ JOINED = obj(
 )
 STATUS = obj(
     {
-        "state": {"enum": ["waiting", "admitted", "sold_out", "expired"]},
+        "state": {"enum": ["waiting", "admitted", "sold_out", "expired", "left"]},
         "position": NULLABLE_INT,
         "ahead": NULLABLE_INT,
         "eta_seconds": obj({"p50": NULLABLE_NUMBER, "p90": NULLABLE_NUMBER}, ["p50", "p90"]),
@@ -289,4 +289,12 @@ FAIRNESS_PROOF = obj(
         "path": {"type": "array", "items": HEX, "description": "sibling digests, leaf up"},
     },
     ["member", "position", "size", "root", "path"],
+)
+LEFT = obj(
+    {
+        "state": {"enum": ["left"]},
+        "position": {"type": "integer", "minimum": 1},
+        "ticket": {"type": "string", "description": "polls with it are answered `left`"},
+    },
+    ["state", "position", "ticket"],
 )

@@ -135,24 +135,34 @@ async def join(request: web.Request) -> web.Response:
     return json_response(body)
 
 
-async def queue_status(request: web.Request) -> web.Response:
-    app = request.app
-    sale_id = sale_of(request)
+def _ticket(request: web.Request, sale_id: str) -> tuple[dict[str, Any], str, int]:
+    """The request's queue ticket for ``sale_id``: (claims, buyer, position); 401 / 403."""
     raw = request.headers.get("X-Queue-Ticket")
     if not raw:
         raise InvalidToken("missing", "missing X-Queue-Ticket header")
-    claims = app[SIGNERS].ticket.verify(raw)
+    claims = request.app[SIGNERS].ticket.verify(raw)
     buyer, position = buyer_subject(claims), claims.get("p")
     if claims.get("s") != sale_id:
         raise Forbidden("this ticket is for another sale", code="ticket_other_sale")
     if not isinstance(position, int) or isinstance(position, bool) or position < 0:
         raise InvalidToken("malformed")
+    return claims, buyer, position
+
+
+async def queue_status(request: web.Request) -> web.Response:
+    app = request.app
+    sale_id = sale_of(request)
+    claims, buyer, position = _ticket(request, sale_id)
+    metrics = app[METRICS]
+    if claims.get("left"):  # the ticket leaving the queue handed out: nothing to look up
+        metrics.count(metrics.polls, "left", "ticket")
+        return json_response(Status("left", position, None, None, None, MAX_RETRY_MS).body())
     counters = await app[COUNTERS].get(sale_id)
     if not (counters.view.live and counters.view.preloaded):
         # Redis lost the room or the sale's hash (the ticket proves both existed): nothing here
         # is true until the reconciler restores them, so no verdict, least of all "expired".
         raise Unavailable("the waiting room is being restored; retry", code="unavailable")
-    queue, keys, source, metrics = app[QUEUE], SaleKeys(sale_id), "cache", app[METRICS]
+    queue, keys, source = app[QUEUE], SaleKeys(sale_id), "cache"
     body: dict[str, Any] = {}
     if position == 0 and counters.view.shuffled:
         assigned = await queue.position_of(keys, buyer)
@@ -182,6 +192,37 @@ async def queue_status(request: web.Request) -> web.Response:
     return json_response(body)
 
 
+async def leave(request: web.Request) -> web.Response:
+    """``DELETE /v1/sales/{sale}/queue``: the ticket holder gives up their place. Its admission
+    can no longer be used, and the pump stops counting on the buyer. The answer carries a
+    ticket that says so (polls with it are answered ``left``)."""
+    app = request.app
+    sale_id = sale_of(request)
+    _, buyer, position = _ticket(request, sale_id)
+    await rate_limit(request, buyer)
+    keys = SaleKeys(sale_id)
+    if position == 0:  # a pre-queue ticket: its place may have been drawn since
+        position = await app[QUEUE].position_of(keys, buyer) or 0
+    if position == 0:
+        raise Conflict("your place is drawn when the sale starts; leave once you have one",
+                       code="not_placed_yet")  # fmt: skip
+    outcome = await app[QUEUE].leave(keys, position)
+    if outcome == "unavailable":
+        raise Unavailable("the waiting room is being restored; retry", code="unavailable")
+    if outcome == "reserved":
+        raise Conflict("this place was already used for a reservation: cancel that instead",
+                       code="already_reserved")  # fmt: skip
+    metrics = app[METRICS]
+    metrics.count(metrics.joins, "left")
+    counters = await app[COUNTERS].get(sale_id)
+    ticket = app[SIGNERS].ticket.sign(
+        {"s": sale_id, "sub": buyer, "p": position, "left": 1},
+        max(60.0, counters.view.ends_at_ms / 1000 - time.time() + TICKET_GRACE_S),
+    )
+    return json_response({"state": "left", "position": position, "ticket": ticket})
+
+
 def setup(app: web.Application) -> None:
     app.router.add_post("/v1/sales/{sale}/queue", join)
+    app.router.add_delete("/v1/sales/{sale}/queue", leave)
     app.router.add_get("/v1/sales/{sale}/queue/status", queue_status)

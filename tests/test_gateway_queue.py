@@ -333,3 +333,50 @@ async def test_a_replayed_reservation_answers_with_its_state_now(gw: Gateway) ->
     assert (code, again["reservation_id"], again["state"]) == (201, rid, "RELEASED")
     looked = await gw.http.get(f"/v1/reservations/{rid}", headers=auth(gw.token("carol")))
     assert (await looked.json())["state"] == again["state"]
+
+
+async def test_a_buyer_who_leaves_gives_their_place_up_and_the_pump_moves_on(
+    gw: Gateway,
+) -> None:
+    # One admitted-but-unfinished buyer at a time: the pump must not wait for a leaver.
+    sale = await gw.create_sale(stock=5, admission_capacity=1, admission_window_seconds=60)
+    tickets = {}
+    for buyer in ("first", "second", "third"):
+        code, body = await gw.join(sale, buyer)
+        assert code == 200, body
+        tickets[buyer] = body["ticket"]
+    leave = f"/v1/sales/{sale}/queue"
+    gone = await gw.http.delete(leave, headers={"X-Queue-Ticket": tickets["second"]})
+    assert gone.status == 200, await gone.text()
+    left = await gone.json()
+    assert (left["state"], left["position"]) == ("left", 2)
+    again = await gw.http.delete(leave, headers={"X-Queue-Ticket": tickets["second"]})
+    assert again.status == 200  # leaving twice is leaving once
+    code, status = await gw.status(sale, left["ticket"])
+    assert (code, status["state"]) == (200, "left")
+
+    gw.pump(sale)
+    admitted = await gw.admitted(sale, tickets["first"])
+    code, _ = await gw.reserve(sale, "first", admitted["admission_token"])
+    assert code == 201
+    too_late = await gw.http.delete(leave, headers={"X-Queue-Ticket": tickets["first"]})
+    assert too_late.status == 409 and (await too_late.json())["error"]["code"] == "already_reserved"
+    # The leaver's place counts as used: the third buyer is admitted at once, not after the
+    # leaver's 60 s admission window.
+    third = await gw.admitted(sale, tickets["third"], patience=5.0)
+    assert third["state"] == "admitted"
+    code, _ = await gw.reserve(sale, "third", third["admission_token"])
+    assert code == 201
+    # Even with the old ticket, the leaver's admission cannot be used.
+    stale = await gw.admitted(sale, tickets["second"])
+    if "admission_token" in stale:
+        code, refused = await gw.reserve(sale, "second", stale["admission_token"])
+        assert code == 403 and refused["error"]["code"] == "admission_used", refused
+
+
+async def test_a_pre_queue_buyer_cannot_leave_before_the_draw(gw: Gateway) -> None:
+    sale = await gw.create_sale(stock=5, starts_in=30.0)
+    _, body = await gw.join(sale, "early")
+    refused = await gw.http.delete(f"/v1/sales/{sale}/queue",
+                                   headers={"X-Queue-Ticket": body["ticket"]})  # fmt: skip
+    assert refused.status == 409 and (await refused.json())["error"]["code"] == "not_placed_yet"
