@@ -1,9 +1,12 @@
 """``GET /sales/{sale}``: the waiting-room page, plain HTML and a little JavaScript.
 
 The storefront sends the buyer here with their buyer token in the URL fragment
-(``/sales/SALE#token=...``: a fragment never reaches a server or its logs), or the buyer
-pastes it. The page joins the queue, polls at the server's ``retry_after_ms``, shows the
-position, the ETA and the state, and lets an admitted buyer reserve.
+(``/sales/SALE#token=...``: a fragment never reaches a server or its logs); the page keeps it
+for the sale and removes it from the address bar. It shows the product and price, a
+countdown before the start, joins (or registers for the draw), polls at the server's
+``retry_after_ms`` riding out 429, 503 and dropped connections, lets the buyer leave, reserve
+and cancel, and follows the reservation to its outcome. Everything it needs survives a
+reload (localStorage).
 """
 
 from __future__ import annotations

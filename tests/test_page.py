@@ -7,6 +7,7 @@ import http.server
 import os
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import requests
 from flashsale.cli.devstack.processes import free_port
 from flashsale.settings import Settings
 from flashsale.tokens import Signer
-from tests.harness import create_live_sale, live_gateway
+from tests.harness import ADMIN, LiveGateway, create_live_sale, live_gateway
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCREENSHOTS = Path(os.environ.get("FLASHSALE_HOME", ".flashsale")) / "screenshots"
@@ -35,44 +36,143 @@ def chromium() -> Iterator[str]:
     yield CHROMIUM
 
 
+BUSY = '{"error": {"code": "overloaded", "message": "busy"}}'
+
+
+def _buyer(gw: LiveGateway, buyer: str) -> str:
+    settings = gw.settings
+    return Signer.from_setting(settings.buyer_token_secret.reveal(), "buyer").sign(
+        {"sub": buyer}, 3600
+    )
+
+
 def test_waiting_room_page_in_chromium(stack: Settings, chromium: str) -> None:
     from playwright.sync_api import sync_playwright
 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     with live_gateway(stack) as gw:
         sale = create_live_sale(gw.base_url, stock=3, name="Sneaker drop")
-        token = Signer.from_setting(gw.settings.buyer_token_secret.reveal(), "buyer").sign(
-            {"sub": "page-buyer"}, 3600
-        )
+        token = _buyer(gw, "page-buyer")
         unknown = requests.get(f"{gw.base_url}/sales/no-such-sale", timeout=10)
         assert unknown.status_code == 404
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
-            page = browser.new_page()
+            page = browser.new_page(viewport={"width": 390, "height": 844})  # a phone
             page.goto(f"{gw.base_url}/sales/{sale}#token={token}")
             assert page.title().startswith("Sneaker drop")
+            assert "#token" not in page.url  # the pass left the address bar
             page.wait_for_selector("#sku option", state="attached")  # sale info loaded
+            assert "€" in (page.text_content(".price") or "")  # Intl currency format
             page.click("#join")
             page.wait_for_selector("#state[data-state='waiting'], #state[data-state='admitted']")
             page.screenshot(path=str(SCREENSHOTS / "waiting-room-queued.png"))
-            position = page.text_content("#position")
-            assert position == "1"
+            assert "Position 1" in (page.text_content("#detail") or "") or (
+                page.get_attribute("#state", "data-state") == "admitted"
+            )
             gw.pump_forever(sale, ["S1"])
             page.wait_for_selector("#state[data-state='admitted']", timeout=20_000)
             assert page.is_visible("#reserve")
             page.click("#reserve")
             page.wait_for_selector("#result[data-reservation]", timeout=20_000)
             assert "Reserved" in (page.text_content("#result") or "")
+            assert page.is_visible("#cancel")
             page.screenshot(path=str(SCREENSHOTS / "waiting-room-reserved.png"))
             rid = page.get_attribute("#result", "data-reservation")
+            # A reload finds the reservation again, without a second join or reserve.
+            page.reload()
+            page.wait_for_selector("#result[data-outcome='held']", timeout=20_000)
+            assert page.get_attribute("#result", "data-reservation") == rid
+            assert not page.is_visible("#join")
+            page.click("#cancel")
+            page.wait_for_selector("#result[data-outcome='cancelled']", timeout=20_000)
+            page.screenshot(path=str(SCREENSHOTS / "waiting-room-cancelled.png"))
             browser.close()
         held = requests.get(
             f"{gw.base_url}/v1/reservations/{rid}",
             headers={"Authorization": f"Bearer {token}"},
             timeout=10,
         )
-        assert held.status_code == 200 and held.json()["state"] == "ACTIVE"
+        assert held.status_code == 200 and held.json()["state"] == "RELEASED"
     assert (SCREENSHOTS / "waiting-room-reserved.png").stat().st_size > 1000
+
+
+def test_the_page_rides_out_a_spike_and_resumes_after_a_reload(
+    stack: Settings, chromium: str
+) -> None:
+    """429 and 503 with Retry-After and a dropped connection, injected into the page's own
+    requests: it keeps polling and gets its turn. A reload in the queue carries on."""
+    from playwright.sync_api import Route, sync_playwright
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    faults = ["503", "429", "drop", "503"]
+    seen: list[str] = []
+
+    def chaos(route: Route) -> None:
+        if faults:
+            fault = faults.pop(0)
+            seen.append(fault)
+            if fault == "drop":
+                route.abort("connectionreset")
+            else:
+                route.fulfill(status=int(fault), headers={"Retry-After": "1"},
+                              content_type="application/json", body=BUSY)  # fmt: skip
+            return
+        route.continue_()
+
+    with live_gateway(stack) as gw:
+        sale = create_live_sale(gw.base_url, stock=3, name="Busy drop")
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
+            page = browser.new_page()
+            page.route("**/queue/status", chaos)
+            page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'patient')}")
+            page.click("#join")
+            page.wait_for_selector("#state[data-state='waiting']", timeout=20_000)
+            page.screenshot(path=str(SCREENSHOTS / "waiting-room-retrying.png"))
+            page.reload()  # the ticket is kept: no second join
+            page.wait_for_selector("#state[data-state='waiting']", timeout=20_000)
+            assert not page.is_visible("#join") and page.is_visible("#leave")
+            gw.pump_forever(sale, ["S1"])
+            page.wait_for_selector("#state[data-state='admitted']", timeout=30_000)
+            page.screenshot(path=str(SCREENSHOTS / "waiting-room-admitted.png"))
+            browser.close()
+    assert seen == ["503", "429", "drop", "503"]
+
+
+def test_the_page_says_ended_or_sold_out_and_offers_no_join(stack: Settings, chromium: str) -> None:
+    from playwright.sync_api import sync_playwright
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    with live_gateway(stack) as gw:
+        gone = create_live_sale(gw.base_url, stock=1, name="Ended drop")
+        sold = create_live_sale(gw.base_url, stock=1, name="Tiny drop")
+        requests.post(f"{gw.base_url}/admin/v1/sales/{gone}/end", headers=admin, timeout=10)
+        gw.pump_forever(sold, ["S1"])
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
+            first = browser.new_page()
+            first.goto(f"{gw.base_url}/sales/{sold}#token={_buyer(gw, 'lucky')}")
+            first.click("#join")
+            first.wait_for_selector("#state[data-state='admitted']", timeout=20_000)
+            first.click("#reserve")
+            first.wait_for_selector("#result[data-reservation]", timeout=20_000)
+            time.sleep(0.6)  # the public sale summary is cached for 0.5 s
+            late = browser.new_page()
+            late.goto(f"{gw.base_url}/sales/{sold}#token={_buyer(gw, 'late')}")
+            late.wait_for_selector("#state[data-state='sold_out']", timeout=20_000)
+            assert not late.is_visible("#join")
+            late.screenshot(path=str(SCREENSHOTS / "waiting-room-sold-out.png"))
+            ended = browser.new_page()
+            ended.goto(f"{gw.base_url}/sales/{gone}#token={_buyer(gw, 'someone')}")
+            ended.wait_for_selector("#state[data-state='ended']", timeout=20_000)
+            assert not ended.is_visible("#join")
+            ended.screenshot(path=str(SCREENSHOTS / "waiting-room-ended.png"))
+            nopass = browser.new_page()
+            nopass.goto(f"{gw.base_url}/sales/{sold}")
+            nopass.wait_for_selector("#state[data-state='sold_out'], "
+                                     "#state[data-state='no_pass']", timeout=20_000)  # fmt: skip
+            browser.close()
 
 
 # A storefront of its own origin: it calls the gateway's API from the buyer's browser.
@@ -139,9 +239,7 @@ def test_a_storefront_on_another_origin_joins_polls_and_reserves(
         with live_gateway(stack, cors_origins=(origin,)) as gw:
             sale = create_live_sale(gw.base_url, stock=2, name="Cross-origin drop")
             gw.pump_forever(sale, ["S1"])
-            token = Signer.from_setting(gw.settings.buyer_token_secret.reveal(), "buyer").sign(
-                {"sub": "shop-buyer"}, 3600
-            )
+            token = _buyer(gw, "shop-buyer")
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
                 page = browser.new_page()
