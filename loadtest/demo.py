@@ -67,6 +67,7 @@ class DemoReport:
     sold: int = 0
     oversold: int = 0
     seconds_to_answer_all: float | None = None
+    admission_kendall_tau: float | None = None
     audit_passed: bool = False
     outcomes: dict[str, int] = field(default_factory=dict)
     orders: dict[str, int] = field(default_factory=dict)
@@ -77,6 +78,7 @@ class DemoReport:
         return {
             "buyers": self.buyers, "stock": self.stock, "sold": self.sold,
             "oversold": self.oversold, "seconds_to_answer_all": self.seconds_to_answer_all,
+            "admission_kendall_tau": self.admission_kendall_tau,
             "audit_passed": self.audit_passed, "routes": self.routes,
             "outcomes": self.outcomes, "orders": self.orders,
             "target_seconds": self.target_seconds,
@@ -126,6 +128,24 @@ async def run(settings: Settings, *, buyers: int, stock: int, progress: Progress
     return code
 
 
+def kendall_tau(pairs: list[tuple[int, int]]) -> float | None:
+    """Kendall's tau between queue positions and admission times, over the pairs of buyers
+    that differ in both (buyers admitted by one pump step share a time: such pairs say
+    nothing about order). 1.0: nobody was admitted before someone ahead of them. None for
+    fewer than two comparable buyers."""
+    ordered = sorted(pairs)
+    concordant = discordant = 0
+    for i, (p1, t1) in enumerate(ordered):
+        for p2, t2 in ordered[i + 1 :]:
+            if p1 != p2 and t1 != t2:
+                if t1 < t2:
+                    concordant += 1
+                else:
+                    discordant += 1
+    total = concordant + discordant
+    return None if total == 0 else round((concordant - discordant) / total, 6)
+
+
 def _summary(report: DemoReport, progress: Progress) -> None:
     seconds = report.seconds_to_answer_all
     met = seconds is not None and seconds <= report.target_seconds
@@ -135,6 +155,10 @@ def _summary(report: DemoReport, progress: Progress) -> None:
              if seconds is not None else "   not every buyer got an answer")  # fmt: skip
     progress(f"   sold {report.sold}/{report.stock}, oversold {report.oversold}; "
              f"audit {'passed' if report.audit_passed else 'FAILED'}")  # fmt: skip
+    tau = report.admission_kendall_tau
+    progress("   admission order vs queue order: Kendall tau "
+             + ("n/a (fewer than two buyers admitted at different times)" if tau is None
+                else f"{tau:.3f} ({'in order' if tau == 1.0 else 'OUT OF ORDER'})"))  # fmt: skip
     for route, figures in report.routes.items():
         progress(f"   {route:8} {figures['requests']:>7,.0f} requests  p50 {figures['p50_ms']} "
                  f"ms  p99 {figures['p99_ms']} ms")  # fmt: skip
@@ -208,6 +232,7 @@ async def _drive(settings: Settings, base: str, sale_id: str, *, starts_at: date
     report.seconds_to_answer_all = round(answered_all, 2) if not errors else None
     report.outcomes = dict(stats.outcomes)
     report.routes = stats.routes()
+    report.admission_kendall_tau = kendall_tau(stats.admissions)
     progress(f"== every buyer answered {answered_all:.1f}s after the sale opened: "
              f"{stats.outcomes['reserved']} reserved, {stats.outcomes['sold_out']:,} sold out, "
              f"{sum(errors.values())} errors" + (f" {errors}" if errors else ""))  # fmt: skip

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from allocator.pump import quantile
+from flashsale.tokens import unverified_claims
 from loadtest.http_client import Client, HttpError
 
 
@@ -36,6 +37,9 @@ class DriverStats:
     reservations: list[str] = field(default_factory=list)
     answered_at: list[float] = field(default_factory=list)  # monotonic, per definitive answer
     reserved_at: list[float] = field(default_factory=list)  # monotonic, per reservation granted
+    # (queue position, admission deadline ms) of each admitted buyer, from the admission token
+    # the gateway signed: the deadline is when that position was admitted plus the window.
+    admissions: list[tuple[int, int]] = field(default_factory=list)
     no_retry_after: int = 0  # 429 or 503 answers without Retry-After
     connection_failures: int = 0  # requests sent again after their connection failed
 
@@ -124,6 +128,8 @@ class Buyers:
             return "sold_out" if state == "sold_out" else f"error:{state}"
         if "admission_token" not in body:
             return "error:no_admission_token"
+        admitted = unverified_claims(body["admission_token"])
+        self.stats.admissions.append((int(admitted["p"]), int(admitted["d"])))
         status, body = await self._call(
             client, "reserve", "POST", f"/v1/sales/{self.sale}/reservations",
             headers={**auth, "X-Admission-Token": body["admission_token"],

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from flashsale.settings import Settings
+from loadtest.demo import kendall_tau
 
 
 def test_demo_runs_a_spike_to_orders_and_a_passing_audit(stack: Settings, tmp_path: Path) -> None:
@@ -47,3 +48,13 @@ def test_demo_runs_a_spike_to_orders_and_a_passing_audit(stack: Settings, tmp_pa
     assert report["seconds_to_answer_all"] > 0
     assert set(report["routes"]) >= {"join", "reserve"}
     assert report["routes"]["join"]["requests"] >= 2000
+    # Nobody was admitted before a buyer ahead of them (admission times from the tokens).
+    assert report["admission_kendall_tau"] == 1.0
+    assert "admission order vs queue order: Kendall tau 1.000 (in order)" in out
+
+
+def test_kendall_tau_counts_only_pairs_that_differ_in_both() -> None:
+    assert kendall_tau([(1, 100), (2, 100), (3, 200), (4, 300)]) == 1.0  # a shared step
+    assert kendall_tau([(1, 200), (2, 100)]) == -1.0
+    assert kendall_tau([(1, 100), (2, 300), (3, 200), (4, 400)]) == round(4 / 6, 6)
+    assert kendall_tau([(1, 100), (2, 100)]) is None
