@@ -49,6 +49,7 @@ SKU = "SNK-42"
 TARGET_S = 15.0  # every buyer answered within this long after the sale opens (issue 7)
 LEAD_S = 3.0  # the sale opens this long after it is created: tokens are signed meanwhile
 CONCURRENCY = 500  # buyers with a request in flight at once (connections to the gateway)
+WINDOW_S = 60  # the sale's admission window
 
 
 async def _orders(pool: asyncpg.Pool, sale_id: str) -> dict[str, int]:
@@ -68,6 +69,9 @@ class DemoReport:
     oversold: int = 0
     seconds_to_answer_all: float | None = None
     admission_kendall_tau: float | None = None
+    eta_p50_abs_pct_error: float | None = None
+    eta_p90_coverage: float | None = None
+    eta_buyers: int = 0
     audit_passed: bool = False
     outcomes: dict[str, int] = field(default_factory=dict)
     orders: dict[str, int] = field(default_factory=dict)
@@ -79,6 +83,8 @@ class DemoReport:
             "buyers": self.buyers, "stock": self.stock, "sold": self.sold,
             "oversold": self.oversold, "seconds_to_answer_all": self.seconds_to_answer_all,
             "admission_kendall_tau": self.admission_kendall_tau,
+            "eta_p50_abs_pct_error": self.eta_p50_abs_pct_error,
+            "eta_p90_coverage": self.eta_p90_coverage, "eta_buyers": self.eta_buyers,
             "audit_passed": self.audit_passed, "routes": self.routes,
             "outcomes": self.outcomes, "orders": self.orders,
             "target_seconds": self.target_seconds,
@@ -128,6 +134,23 @@ async def run(settings: Settings, *, buyers: int, stock: int, progress: Progress
     return code
 
 
+ETA_FLOOR_S = 0.1  # a wait shorter than this counts as this long in the percentage error
+
+
+def eta_accuracy(etas: list[tuple[float, float | None, float]]
+                 ) -> tuple[float | None, float | None]:  # fmt: skip
+    """(median absolute percentage error of the first p50 each admitted buyer was shown,
+    share of them admitted within the first p90 shown): how honest the ETAs were. A wait is
+    floored at ``ETA_FLOOR_S`` in the error; an unknown p90 covers nothing."""
+    if not etas:
+        return None, None
+    errors = sorted(abs(p50 - waited) / max(waited, ETA_FLOOR_S) for p50, _, waited in etas)
+    middle = len(errors) // 2
+    median = errors[middle] if len(errors) % 2 else (errors[middle - 1] + errors[middle]) / 2
+    covered = sum(1 for _, p90, waited in etas if p90 is not None and waited <= p90)
+    return round(median * 100, 1), round(covered / len(etas), 3)
+
+
 def kendall_tau(pairs: list[tuple[int, int]]) -> float | None:
     """Kendall's tau between queue positions and admission times, over the pairs of buyers
     that differ in both (buyers admitted by one pump step share a time: such pairs say
@@ -159,6 +182,10 @@ def _summary(report: DemoReport, progress: Progress) -> None:
     progress("   admission order vs queue order: Kendall tau "
              + ("n/a (fewer than two buyers admitted at different times)" if tau is None
                 else f"{tau:.3f} ({'in order' if tau == 1.0 else 'OUT OF ORDER'})"))  # fmt: skip
+    if report.eta_buyers:
+        progress(f"   ETAs of the {report.eta_buyers} admitted buyers shown one: p50 off by "
+                 f"{report.eta_p50_abs_pct_error}% (median), admitted within their p90: "
+                 f"{report.eta_p90_coverage:.0%}")  # fmt: skip
     for route, figures in report.routes.items():
         progress(f"   {route:8} {figures['requests']:>7,.0f} requests  p50 {figures['p50_ms']} "
                  f"ms  p99 {figures['p99_ms']} ms")  # fmt: skip
@@ -168,6 +195,7 @@ def sale_spec(stock: int, starts_at: datetime) -> dict[str, Any]:
     return {
         "name": "Demo sneaker drop", "starts_at": starts_at.isoformat(),
         "ends_at": (starts_at + timedelta(hours=1)).isoformat(), "admission_rate": 500,
+        "admission_window_seconds": WINDOW_S,
         "max_queue": 1_000_000,
         "skus": [{"sku": SKU, "title": "Sneaker 42", "stock": stock, "price": 12900,
                   "currency": "EUR", "per_buyer_limit": 1, "hold_ttl_seconds": 120}],
@@ -206,7 +234,7 @@ async def _drive(settings: Settings, base: str, sale_id: str, *, starts_at: date
     progress(f"   signing {count:,} buyer tokens (the storefront's job, before the start)")
     people = [(signer.sign({"sub": f"demo-{run_id}-{i}"}, 3600),
                "tok_decline" if i % 10 == 9 else "tok_visa") for i in range(count)]  # fmt: skip
-    driver = Buyers(base, sale_id, SKU)
+    driver = Buyers(base, sale_id, SKU, window_ms=WINDOW_S * 1000)
     await asyncio.sleep(max(0.0, (starts_at - datetime.now(UTC)).total_seconds()))
     opened = time.monotonic()
     progress("== the sale is open")
@@ -233,6 +261,8 @@ async def _drive(settings: Settings, base: str, sale_id: str, *, starts_at: date
     report.outcomes = dict(stats.outcomes)
     report.routes = stats.routes()
     report.admission_kendall_tau = kendall_tau(stats.admissions)
+    report.eta_p50_abs_pct_error, report.eta_p90_coverage = eta_accuracy(stats.etas)
+    report.eta_buyers = len(stats.etas)
     progress(f"== every buyer answered {answered_all:.1f}s after the sale opened: "
              f"{stats.outcomes['reserved']} reserved, {stats.outcomes['sold_out']:,} sold out, "
              f"{sum(errors.values())} errors" + (f" {errors}" if errors else ""))  # fmt: skip

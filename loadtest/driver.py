@@ -40,6 +40,9 @@ class DriverStats:
     # (queue position, admission deadline ms) of each admitted buyer, from the admission token
     # the gateway signed: the deadline is when that position was admitted plus the window.
     admissions: list[tuple[int, int]] = field(default_factory=list)
+    # (first ETA shown: p50 s, p90 s; seconds from when it was shown until admitted) per
+    # admitted buyer who was shown one: how honest the waiting room's estimates were.
+    etas: list[tuple[float, float | None, float]] = field(default_factory=list)
     no_retry_after: int = 0  # 429 or 503 answers without Retry-After
     connection_failures: int = 0  # requests sent again after their connection failed
 
@@ -51,10 +54,11 @@ class DriverStats:
 
 class Buyers:
     def __init__(self, base_url: str, sale_id: str, sku: str, *, max_poll_ms: int = 500,
-                 patience_s: float = 120.0) -> None:  # fmt: skip
+                 patience_s: float = 120.0, window_ms: int = 0) -> None:  # fmt: skip
         parts = urlsplit(base_url)
         if parts.scheme != "http" or not parts.hostname or not parts.port:
             raise ValueError(f"the driver needs http://host:port, got {base_url!r}")
+        self.window_ms = window_ms  # the sale's admission window: admitted at = deadline - it
         self.host, self.port = parts.hostname, parts.port
         self.sale = sale_id
         self.sku = sku
@@ -111,6 +115,7 @@ class Buyers:
             return f"error:join:{status}"
         ticket = body["ticket"]
         state = body["state"]
+        first_eta: tuple[float, float, float | None] | None = None  # (shown at, p50, p90)
         # A join can already be admitted; the admission token comes with a status answer.
         while (state == "waiting" or (state == "admitted" and "admission_token" not in body)) \
                 and time.monotonic() < deadline:  # fmt: skip
@@ -124,12 +129,19 @@ class Buyers:
                 return f"error:status:{status}"
             ticket = body.get("ticket", ticket)
             state = body["state"]
+            eta = body.get("eta_seconds") or {}
+            if first_eta is None and state == "waiting" and eta.get("p50") is not None:
+                first_eta = (time.time(), float(eta["p50"]), eta.get("p90"))
         if state != "admitted":
             return "sold_out" if state == "sold_out" else f"error:{state}"
         if "admission_token" not in body:
             return "error:no_admission_token"
         admitted = unverified_claims(body["admission_token"])
         self.stats.admissions.append((int(admitted["p"]), int(admitted["d"])))
+        if first_eta is not None and self.window_ms:
+            admitted_at = (int(admitted["d"]) - self.window_ms) / 1000
+            shown, p50, p90 = first_eta
+            self.stats.etas.append((p50, p90, max(0.0, admitted_at - shown)))
         status, body = await self._call(
             client, "reserve", "POST", f"/v1/sales/{self.sale}/reservations",
             headers={**auth, "X-Admission-Token": body["admission_token"],
