@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from flashsale.cli.devstack.processes import free_port
+from flashsale.cli.devstack.processes import free_port, free_ports
 from flashsale.settings import Settings
 from flashsale.tokens import Signer
-from tests.harness import ADMIN, LiveGateway, create_live_sale, live_gateway
+from loadtest.processes import engine
+from tests.harness import ADMIN, LiveGateway, create_live_sale, live_gateway, sale_spec
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCREENSHOTS = Path(os.environ.get("FLASHSALE_HOME", ".flashsale")) / "screenshots"
@@ -172,6 +173,52 @@ def test_the_page_says_ended_or_sold_out_and_offers_no_join(stack: Settings, chr
             nopass.goto(f"{gw.base_url}/sales/{sold}")
             nopass.wait_for_selector("#state[data-state='sold_out'], "
                                      "#state[data-state='no_pass']", timeout=20_000)  # fmt: skip
+            browser.close()
+
+
+def test_the_page_follows_a_reservation_to_its_outcome(
+    stack: Settings, chromium: str, tmp_path: Path
+) -> None:
+    """Through the whole engine (pump, workers, payment simulator): one buyer's payment goes
+    through and the page says confirmed; another's card is declined and the page says the
+    payment failed and the item went back on sale."""
+    from playwright.sync_api import sync_playwright
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    port = free_ports(5)
+    base = f"http://127.0.0.1:{port}"
+    admin = {"Authorization": f"Bearer {stack.admin_token.reveal()}"}
+    signer = Signer.from_setting(stack.buyer_token_secret.reveal(), "buyer")
+    with engine(stack, port, tmp_path / "engine.log"):
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(f"{base}/healthz", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, "the engine never became healthy"
+            time.sleep(0.2)
+        created = requests.post(f"{base}/admin/v1/sales", json=sale_spec("Outcome drop", "S1", 2),
+                                headers=admin, timeout=10)  # fmt: skip
+        assert created.status_code == 201, created.text
+        sale = created.json()["id"]
+        loaded = requests.post(f"{base}/admin/v1/sales/{sale}/preload", headers=admin, timeout=10)
+        assert loaded.status_code == 200, loaded.text
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
+            journeys = (("payer", "tok_visa", "confirmed"),
+                        ("decliner", "tok_decline", "payment_failed"))  # fmt: skip
+            for buyer, payment, outcome in journeys:
+                page = browser.new_page()
+                token = signer.sign({"sub": buyer}, 3600)
+                page.goto(f"{base}/sales/{sale}#token={token}&payment={payment}")
+                page.click("#join")
+                page.wait_for_selector("#state[data-state='admitted']", timeout=30_000)
+                page.click("#reserve")
+                page.wait_for_selector(f"#result[data-outcome='{outcome}']", timeout=60_000)
+                page.screenshot(path=str(SCREENSHOTS / f"waiting-room-{outcome}.png"))
+                assert not page.is_visible("#cancel")
             browser.close()
 
 
