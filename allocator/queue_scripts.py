@@ -26,6 +26,7 @@ MAX_JOIN_BATCH = 256  # Lua's unpack() of ARGV stays far below its stack limit
 # Fields of the sale hash (put there by preload) that the waiting room reads.
 ROOM_SALE_FIELDS = (
     "status", "starts_at_ms", "ends_at_ms", "admission_rate", "window_ms", "capacity",
+    "challenge",
 )  # fmt: skip
 QUEUE_FIELDS = (
     "serving", "cutoff", "tail", "pre", "sealed", "shuffled", "sold_out",
@@ -67,6 +68,7 @@ class QueueView:
     beat_ms: int  # Redis time of the pump's last step (0: no pump has run)
     live: bool  # the waiting room is open in Redis (False: never opened, or lost)
     restored_ms: int = 0  # Redis time of the last restore after a loss (0: never lost)
+    challenge: int = 0  # the join's proof-of-work difficulty in bits (0: none asked)
 
     def mark(self) -> Mark:
         """These counters as a queue mark (what a restore must not go below)."""
@@ -100,6 +102,7 @@ class QueueView:
             beat_ms=integer(q["beat_ms"]),
             live=integer(q["live"]) == 1,
             restored_ms=integer(q["restored_ms"]),
+            challenge=integer(s["challenge"]),
         )
 
 

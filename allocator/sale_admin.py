@@ -76,11 +76,11 @@ class SaleAdmin:
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(
                 "INSERT INTO sales (id, name, starts_at, ends_at, admission_rate, max_queue,"
-                " admission_window_seconds, admission_capacity, shuffle_seed, shuffle_commitment)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                " admission_window_seconds, admission_capacity, shuffle_seed, shuffle_commitment,"
+                " join_challenge) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
                 sale_id, spec.name, spec.starts_at, spec.ends_at, spec.admission_rate,
                 spec.max_queue, spec.admission_window_seconds, spec.admission_capacity,
-                seed, seed_commitment(seed),
+                seed, seed_commitment(seed), spec.join_challenge,
             )  # fmt: skip
             await _insert_skus(conn, sale_id, spec.skus)
         return await self.get(sale_id)

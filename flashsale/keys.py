@@ -181,6 +181,11 @@ def bucket_for(buyer_id: str, buckets: int) -> int:
     return zlib.crc32(buyer_id.encode()) % buckets if buckets > 1 else 0
 
 
+def challenge_key(nonce: str) -> str:
+    """A used join challenge (its nonce), in its own slot; it expires with the challenge."""
+    return f"{PREFIX}:pow:{{{nonce}}}"
+
+
 def rate_limit_key(subject: str) -> str:
     """One GCRA key per limited subject (``ip:1.2.3.4``, ``buyer:alice``), in its own slot."""
     return f"{PREFIX}:rl:{{{subject}}}"

@@ -23,11 +23,12 @@ MAX_STOCK = 1_000_000_000
 MAX_PRICE = 10**15
 MAX_TTL_SECONDS = 24 * 3600
 MAX_LIMIT = 10_000
+MAX_CHALLENGE_BITS = 24  # about 16 million hashes: seconds in a browser, microseconds to check
 DEFAULT_DURATION = timedelta(hours=1)
 
 SALE_FILE_FIELDS = {
     "name", "starts_at", "ends_at", "admission_rate", "max_queue", "admission_window_seconds",
-    "admission_capacity", "skus",
+    "admission_capacity", "join_challenge", "skus",
 }  # fmt: skip
 SKU_FIELDS = (
     "sku",
@@ -64,6 +65,7 @@ class SaleSpec:
     skus: tuple[SkuSpec, ...] = field(default_factory=tuple)
     admission_window_seconds: int = 60
     admission_capacity: int = 1000
+    join_challenge: int = 0  # proof-of-work difficulty (leading zero bits) asked at join; 0: off
 
 
 def integer(value: Any, where: str, *, minimum: int, maximum: int, what: str) -> int:
@@ -197,12 +199,17 @@ def parse_sale(data: Any, *, now: datetime | None = None) -> SaleSpec:
         data.get("admission_capacity", 1000), "admission_capacity", minimum=1,
         maximum=10_000_000, what="a positive integer (admitted, unfinished buyers)",
     )  # fmt: skip
+    challenge = integer(
+        data.get("join_challenge", 0), "join_challenge", minimum=0, maximum=MAX_CHALLENGE_BITS,
+        what=f"a number of leading zero bits from 0 (off) to {MAX_CHALLENGE_BITS}",
+    )  # fmt: skip
     raw_skus = data.get("skus", [])
     if not isinstance(raw_skus, list):
         raise InvalidInput("skus", "must be a list")
     skus = tuple(parse_sku(item, f"skus[{i}]") for i, item in enumerate(raw_skus))
     reject_duplicates(skus, lambda i: f"skus[{i}].sku")
-    return SaleSpec(name, starts_at, ends_at, admission_rate, max_queue, skus, window, capacity)
+    return SaleSpec(name, starts_at, ends_at, admission_rate, max_queue, skus, window, capacity,
+                    challenge)  # fmt: skip
 
 
 def reject_duplicates(skus: Iterable[SkuSpec], where: Any) -> None:

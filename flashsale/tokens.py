@@ -38,7 +38,7 @@ from flashsale.errors import ConfigError, InvalidToken, Unauthorized
 from flashsale.settings import Settings
 
 VERSION = "v1"
-TokenKind = Literal["buyer", "ticket", "admission"]
+TokenKind = Literal["buyer", "ticket", "admission", "challenge"]
 MAX_TOKEN_LENGTH = 2048  # a token longer than this is refused before any work
 
 
@@ -312,6 +312,7 @@ class Signers:
     buyer: BuyerTokens
     ticket: Signer
     admission: Signer
+    challenge: Signer
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Signers:
@@ -327,4 +328,5 @@ class Signers:
             # Every waiting buyer presents the same ticket on each poll: remember verified ones.
             Signer.from_setting(own, "ticket", remember=TICKETS_REMEMBERED),
             Signer.from_setting(own, "admission"),
+            Signer.from_setting(own, "challenge"),
         )

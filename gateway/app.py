@@ -22,7 +22,17 @@ from flashsale.ops_endpoints import KafkaProbe, Readiness, dependency_probes
 from flashsale.queue_marks import QueueMarks
 from flashsale.settings import Settings
 from flashsale.tokens import Signers
-from gateway import admin, cors, openapi, ops_routes, page, reservations, sale_info, waiting_room
+from gateway import (
+    admin,
+    challenge,
+    cors,
+    openapi,
+    ops_routes,
+    page,
+    reservations,
+    sale_info,
+    waiting_room,
+)
 from gateway.announcer import Announcer
 from gateway.counters import CounterCache
 from gateway.http import MAX_BODY
@@ -94,7 +104,16 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     app[SKU_LIMITS] = {}
     app[FAIRNESS] = {}
     app.cleanup_ctx.append(clients)
-    for routes in (ops_routes, sale_info, admin, waiting_room, reservations, openapi, page):
+    for routes in (
+        ops_routes,
+        sale_info,
+        admin,
+        waiting_room,
+        challenge,
+        reservations,
+        openapi,
+        page,
+    ):
         routes.setup(app)
     cors.setup(app, settings.cors_origins)
     return app

@@ -50,6 +50,7 @@ async def sale_summary(request: web.Request, sale_id: str) -> dict[str, Any]:
             "starts_at": sale["starts_at"],
             "ends_at": sale["ends_at"],
             "admission_window_seconds": sale["admission_window_seconds"],
+            "join_challenge": sale["join_challenge"],
             "shuffle": sale["shuffle"],
             "skus": [
                 {

@@ -15,6 +15,7 @@ from flashsale import __version__
 from gateway.http import json_response
 from gateway.openapi_schemas import (
     AUDIT,
+    CHALLENGE,
     ERROR,
     FAIRNESS,
     FAIRNESS_PROOF,
@@ -191,7 +192,36 @@ def document() -> dict[str, Any]:
                 "joinQueue",
                 "waiting room",
                 "Join the waiting room (idempotent per buyer)",
-                {**_ok(200, "Queued, or sold out at once", JOINED), **_errors(401, 404, 409, 429)},
+                {
+                    **_ok(200, "Queued, or sold out at once", JOINED),
+                    **_errors(401, 403, 404, 409, 429),
+                },
+                security="buyer",
+                params=[
+                    *sale,
+                    {
+                        "name": "X-Challenge",
+                        "in": "header",
+                        "schema": {"type": "string"},
+                        "description": "when the sale asks a challenge (join_challenge > 0)",
+                    },
+                    {
+                        "name": "X-Challenge-Solution",
+                        "in": "header",
+                        "schema": {"type": "string", "pattern": "^[0-9]{1,20}$"},
+                    },
+                ],
+            ),
+        },
+        "/v1/sales/{sale}/queue/challenge": {
+            "get": _op(
+                "joinChallenge",
+                "waiting room",
+                "A proof-of-work challenge to solve before joining (when the sale asks one)",
+                {
+                    **_ok(200, "The challenge (null when none is asked)", CHALLENGE),
+                    **_errors(401, 404),
+                },
                 security="buyer",
                 params=sale,
             ),

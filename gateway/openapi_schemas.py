@@ -56,6 +56,7 @@ SALE_SPEC = obj(
         "max_queue": {"type": ["integer", "string"]},
         "admission_window_seconds": {"type": ["integer", "string"]},
         "admission_capacity": {"type": ["integer", "string"]},
+        "join_challenge": {"type": ["integer", "string"]},
         "skus": {"type": "array", "items": SKU_SPEC},
     },
     ["name"],
@@ -149,6 +150,7 @@ PUBLIC_SALE = obj(
         "starts_at": {"type": "string"},
         "ends_at": {"type": "string"},
         "admission_window_seconds": {"type": "integer"},
+        "join_challenge": {"type": "integer", "description": "proof-of-work bits asked at join"},
         "shuffle": SHUFFLE,
         "skus": {
             "type": "array",
@@ -297,4 +299,13 @@ LEFT = obj(
         "ticket": {"type": "string", "description": "polls with it are answered `left`"},
     },
     ["state", "position", "ticket"],
+)
+CHALLENGE = obj(
+    {
+        "difficulty": {"type": "integer", "minimum": 0},
+        "challenge": NULLABLE_STRING,
+        "rule": {"type": "string"},
+        "expires_in_s": {"type": "integer"},
+    },
+    ["difficulty", "challenge", "rule"],
 )

@@ -30,7 +30,7 @@ async def waiting_room(request: web.Request) -> web.Response:
         content_type="text/html",
         headers={
             "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline' 'self'; "
-            "style-src 'unsafe-inline'",
+            "style-src 'unsafe-inline'; worker-src blob:",
             "Referrer-Policy": "no-referrer",
         },
     )

@@ -21,6 +21,7 @@ from allocator.queue_scripts import QueueView
 from flashsale.errors import Conflict, Forbidden, InvalidToken, Unavailable
 from flashsale.keys import SaleKeys
 from flashsale.tokens import Signer, buyer_subject
+from gateway import challenge
 from gateway.counters import Counters
 from gateway.http import buyer_of, json_response, rate_limit, sale_of
 from gateway.state import COUNTERS, JOINS, MARKS, METRICS, QUEUE, SALES, SIGNERS
@@ -108,6 +109,9 @@ async def join(request: web.Request) -> web.Response:
     buyer = buyer_of(request)
     sale_id = sale_of(request)
     await rate_limit(request, buyer)
+    bits = (await app[COUNTERS].get(sale_id)).view.challenge
+    if bits:
+        await challenge.check(request, sale_id, buyer, bits)
     result = await app[JOINS].join(SaleKeys(sale_id), buyer)
     metrics = app[METRICS]
     outcome = result.outcome

@@ -1,6 +1,6 @@
 """``flashsale bench gateway``: the buyer's hot routes against a bare endpoint.
 
-Five rows, each driven for the same time by the same closed-loop HTTP client, against servers
+Six rows, each driven for the same time by the same closed-loop HTTP client, against servers
 with the same number of processes (SO_REUSEPORT):
 
 * ``bare_aiohttp``: a trivial aiohttp + uvloop endpoint returning a small JSON body. The
@@ -12,6 +12,9 @@ with the same number of processes (SO_REUSEPORT):
   check and one Lua call).
 * ``queue_join_jwt``: the same join with a storefront's ES256 JWT as the buyer token (a new
   buyer, so a new token, per request: the signature check is never skipped by the cache).
+* ``queue_join_challenge``: the join of a sale that asks an 8-bit proof of work, with a
+  solved challenge (signed here as the gateway signs them, solved by the client): the
+  challenge check and the spent-nonce write on top of a join.
 * ``reserve``: ``POST /v1/sales/{sale}/reservations``, one admitted buyer per request (two
   token checks, the admission claim, the batched reserve script, the hold read back and the
   event published to the broker before the 201): what an admitted buyer costs the gateway.
@@ -48,6 +51,7 @@ from flashsale.clients import redis_client
 from flashsale.keys import SaleKeys
 from flashsale.settings import Settings
 from flashsale.tokens import Signer, Signers
+from gateway.challenge import solves
 from loadtest.bench import Report, Row, Target, drive, machine, table
 from loadtest.processes import Servers, wait_healthy
 
@@ -182,6 +186,9 @@ async def run(settings: Settings, options: Options, progress: Progress, command:
             tickets = _tickets(settings, sale_id, ticket, options.tickets)
             # One admitted buyer per reservation: more than the row can use at 5,000/s.
             reserve = await _admitted(settings, sale_id, int((options.seconds + 1) * 5000))
+            guarded = await _guarded_sale(session, base, settings)
+            guarded_url = f"{base}/v1/sales/{guarded}/queue"
+            challenges = Signer.from_setting(settings.secret.reveal(), "challenge")
             reservations = (session.post(f"{base}/v1/sales/{sale_id}/reservations", json=body,
                                          headers=headers) for headers, body in reserve)  # fmt: skip
             buyers = Signer.from_setting(settings.buyer_token_secret.reveal(), "buyer")
@@ -206,6 +213,11 @@ async def run(settings: Settings, options: Options, progress: Progress, command:
                 _Meter("queue_join_jwt", "POST queue with an ES256 JWT, a new buyer per request",
                        lambda: session.post(join_url, headers={"Authorization": "Bearer " +
                            _jwt(jwt_key, f"j{run_id}-{next(serial)}")}),
+                       gateway_cpu),
+                _Meter("queue_join_challenge",
+                       f"POST queue with a solved {CHALLENGE_BITS}-bit challenge, a new buyer",
+                       lambda: session.post(guarded_url, headers=_solved(
+                           buyers, challenges, guarded, f"c{run_id}-{next(serial)}")),
                        gateway_cpu),
                 _Meter("reserve", "POST reservations, an admitted buyer per request",
                        partial(next, reservations), gateway_cpu, ok_status=201),
@@ -269,6 +281,36 @@ async def _prepare(
     async with session.post(f"{base}/v1/sales/{sale_id}/queue", headers=headers) as response:
         ticket = (await response.json())["ticket"]
     return str(sale_id), str(ticket)
+
+
+CHALLENGE_BITS = 8
+
+
+async def _guarded_sale(session: aiohttp.ClientSession, base: str, settings: Settings) -> str:
+    """A live, preloaded sale that asks a CHALLENGE_BITS proof of work at join."""
+    admin = {"Authorization": f"Bearer {settings.admin_token.reveal()}"}
+    now = datetime.now(UTC)
+    spec = {
+        "name": "bench gateway, guarded", "starts_at": (now - timedelta(seconds=1)).isoformat(),
+        "ends_at": (now + timedelta(hours=1)).isoformat(), "max_queue": 100_000_000,
+        "join_challenge": CHALLENGE_BITS,
+        "skus": [{"sku": "B1", "stock": 1_000_000, "price": 100, "currency": "EUR"}],
+    }  # fmt: skip
+    async with session.post(f"{base}/admin/v1/sales", json=spec, headers=admin) as response:
+        sale_id = str((await response.json())["id"])
+    async with session.post(f"{base}/admin/v1/sales/{sale_id}/preload", headers=admin):
+        pass
+    return sale_id
+
+
+def _solved(buyers: Signer, challenges: Signer, sale_id: str, buyer: str) -> dict[str, str]:
+    """A new buyer's join headers with a solved challenge, as a browser would send them."""
+    challenge = challenges.sign(
+        {"s": sale_id, "sub": buyer, "n": os.urandom(12).hex(), "d": CHALLENGE_BITS}, 120
+    )
+    solution = next(n for n in itertools.count() if solves(challenge, str(n), CHALLENGE_BITS))
+    return {"Authorization": "Bearer " + buyers.sign({"sub": buyer}, 600),
+            "X-Challenge": challenge, "X-Challenge-Solution": str(solution)}  # fmt: skip
 
 
 def _storefront_key() -> tuple[Any, str]:

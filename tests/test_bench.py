@@ -75,7 +75,8 @@ def test_bench_gateway_smoke(cli: Cli, tmp_path: Path) -> None:
     assert result.code == 0, result.err
     report = json.loads(path.read_text())
     rows = {row["name"]: row for row in report["results"]}
-    assert set(rows) == {"bare_aiohttp", "queue_status", "queue_join", "queue_join_jwt", "reserve"}
+    assert set(rows) == {"bare_aiohttp", "queue_status", "queue_join", "queue_join_jwt",
+                         "queue_join_challenge", "reserve"}  # fmt: skip
     # Every answer was the row's success (201 for a reservation).
     assert all(row["per_second"] > 0 and row["non_200"] == 0 for row in rows.values())
     assert all(len(row["round_ratios"]) == 2 for row in rows.values())

@@ -4,6 +4,7 @@ waits, is admitted and reserves; the test saves a screenshot of each stage."""
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import shutil
 import threading
@@ -220,6 +221,41 @@ def test_the_page_follows_a_reservation_to_its_outcome(
                 page.screenshot(path=str(SCREENSHOTS / f"waiting-room-{outcome}.png"))
                 assert not page.is_visible("#cancel")
             browser.close()
+
+
+def test_the_page_solves_a_join_challenge_and_how_long_it_takes(
+    stack: Settings, chromium: str
+) -> None:
+    """A sale that asks a proof of work at join: the page solves it in a worker and joins.
+    The solve times per difficulty are written beside the screenshots (docs/BENCHMARKS.md)."""
+    from playwright.sync_api import sync_playwright
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    times: dict[int, list[int]] = {}
+    with live_gateway(stack) as gw, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
+        for bits in (8, 12, 14):
+            spec = {**sale_spec(f"Guarded drop {bits}", "S1", 50), "join_challenge": bits}
+            created = requests.post(f"{gw.base_url}/admin/v1/sales", json=spec, headers=admin,
+                                    timeout=10)  # fmt: skip
+            sale = created.json()["id"]
+            requests.post(f"{gw.base_url}/admin/v1/sales/{sale}/preload", headers=admin,
+                          timeout=10)  # fmt: skip
+            for n in range(3):
+                page = browser.new_page()
+                page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, f'human-{bits}-{n}')}")
+                page.wait_for_selector("#join:not([hidden])")
+                page.click("#join")
+                joined = "#state[data-state='waiting'], #state[data-state='admitted']"
+                page.wait_for_selector(joined, timeout=120_000)
+                solved = page.get_attribute("body", "data-solve-ms")
+                times.setdefault(bits, []).append(int(solved or -1))
+                page.close()
+        browser.close()
+    assert all(t >= 0 for ts in times.values() for t in ts), times
+    (SCREENSHOTS / "challenge-solve-ms.json").write_text(json.dumps(times))
+    print("join challenge solve ms in Chromium:", times)
 
 
 # A storefront of its own origin: it calls the gateway's API from the buyer's browser.

@@ -1,0 +1,91 @@
+"""The join challenge: a small proof of work that makes a bot pay for each place in the queue.
+
+A sale with ``join_challenge`` = B asks every join for a solution: a decimal number S such
+that ``sha256(challenge + ":" + S)`` starts with B zero bits (about 2^B tries: a fraction of a
+second in a browser for B = 16, measured in docs/BENCHMARKS.md). The challenge is a token the
+engine signs (``GET /v1/sales/{sale}/queue/challenge``) naming the sale, the buyer, a random
+nonce, the difficulty and a two-minute expiry, so a solution is good for that buyer and sale
+only; the nonce is spent in Redis on first use, so it is good once. Checking it is one
+signature check, one SHA-256 and one ``SET NX``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from typing import Any
+
+from aiohttp import web
+
+from flashsale.errors import Forbidden, InvalidToken
+from flashsale.keys import challenge_key
+from gateway.http import buyer_of, json_response, sale_of
+from gateway.state import CLIENTS, COUNTERS, SIGNERS
+
+CHALLENGE_TTL_S = 120
+MAX_SOLUTION_DIGITS = 20
+RULE = ("find a decimal number S such that sha256(challenge + ':' + S) starts with "
+        "`difficulty` zero bits")  # fmt: skip
+
+
+def leading_zero_bits(digest: bytes) -> int:
+    bits = 0
+    for byte in digest:
+        if byte:
+            return bits + 8 - byte.bit_length()
+        bits += 8
+    return bits
+
+
+def solves(challenge: str, solution: str, difficulty: int) -> bool:
+    """Whether ``solution`` solves ``challenge`` at ``difficulty`` bits."""
+    if not (solution.isdigit() and len(solution) <= MAX_SOLUTION_DIGITS):
+        return False
+    digest = hashlib.sha256(f"{challenge}:{solution}".encode()).digest()
+    return leading_zero_bits(digest) >= difficulty
+
+
+async def issue(request: web.Request) -> web.Response:
+    """``GET /v1/sales/{sale}/queue/challenge``: a challenge for the caller to solve before
+    joining (``difficulty`` 0 and no challenge when the sale asks none)."""
+    app = request.app
+    buyer, sale_id = buyer_of(request), sale_of(request)
+    bits = (await app[COUNTERS].get(sale_id)).view.challenge
+    body: dict[str, Any] = {"difficulty": bits, "challenge": None, "rule": RULE}
+    if bits:
+        claims = {"s": sale_id, "sub": buyer, "n": secrets.token_hex(12), "d": bits}
+        body["challenge"] = app[SIGNERS].challenge.sign(claims, CHALLENGE_TTL_S)
+        body["expires_in_s"] = CHALLENGE_TTL_S
+    return json_response(body)
+
+
+async def check(request: web.Request, sale_id: str, buyer: str, bits: int) -> None:
+    """Refuse a join without a fresh, unused solution of this buyer's challenge (403)."""
+    raw = request.headers.get("X-Challenge")
+    solution = request.headers.get("X-Challenge-Solution", "")
+    if not raw:
+        raise Forbidden("this sale asks a challenge at join: GET .../queue/challenge, solve "
+                        "it and send X-Challenge and X-Challenge-Solution",
+                        code="challenge_required")  # fmt: skip
+    try:
+        claims = request.app[SIGNERS].challenge.verify(raw)
+    except InvalidToken as exc:
+        code = "challenge_expired" if exc.reason == "expired" else "challenge_invalid"
+        raise Forbidden(f"challenge refused ({exc.reason})", code=code) from None
+    bound = claims.get("s") == sale_id and claims.get("sub") == buyer
+    difficulty = claims.get("d")
+    if not bound or not isinstance(difficulty, int) or difficulty < bits:
+        raise Forbidden("this challenge is not this buyer's for this sale",
+                        code="challenge_invalid")  # fmt: skip
+    if not solves(raw, solution, difficulty):
+        raise Forbidden("the solution does not solve the challenge", code="challenge_invalid")
+    spent = await request.app[CLIENTS].redis.set(
+        challenge_key(str(claims["n"])), 1, nx=True, ex=CHALLENGE_TTL_S + 60
+    )
+    if not spent:
+        raise Forbidden("this challenge was used already: ask for a new one",
+                        code="challenge_used")  # fmt: skip
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_get("/v1/sales/{sale}/queue/challenge", issue)
