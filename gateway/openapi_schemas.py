@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from flashsale.salespec import SKU_FIELDS
+
 
 def obj(props: dict[str, Any], required: list[str] | None = None, **extra: Any) -> dict[str, Any]:
     """A JSON Schema object with ``props``; ``required`` when given."""
@@ -88,16 +90,7 @@ SALE = obj(
                     "hold_ttl_seconds": {"type": "integer"},
                     "buckets": {"type": "integer"},
                 },
-                [
-                    "sku",
-                    "title",
-                    "stock",
-                    "price",
-                    "currency",
-                    "per_buyer_limit",
-                    "hold_ttl_seconds",
-                    "buckets",
-                ],
+                list(SKU_FIELDS),  # a sale's SKUs answer every field a sale file may give
             ),
         },
     },
