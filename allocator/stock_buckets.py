@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from redis.commands.core import AsyncScript
 
@@ -161,16 +161,7 @@ class BucketScripts:
         for i, keys in enumerate(buckets):
             row, journal, received, granted = replies[4 * i : 4 * i + 4]
             counts = None if row[0] is None else StockCounts(*(integer(v) for v in row[:5]))
-            pairs = (
-                journal
-                if isinstance(journal, dict)
-                else dict(zip(journal[::2], journal[1::2], strict=True))
-            )
-            lent = {}
-            for tid, value in pairs.items():
-                to, units, at_ms = text(value).split(SEP)
-                lent[text(tid)] = (int(to), int(units), int(at_ms))
-            out.append(BucketState(keys, counts, integer(row[5]), lent,
+            out.append(BucketState(keys, counts, integer(row[5]), parse_journal(journal),
                                    frozenset(text(r) for r in received),
                                    None if granted is None else int(granted)))  # fmt: skip
         return out
@@ -202,6 +193,18 @@ class BucketScripts:
                     outcome = await self.complete(state.keys, keys[to], tid, units)
                     done.append((tid, to, units, outcome))
         return done
+
+
+def parse_journal(raw: Any) -> dict[str, tuple[int, int, int]]:
+    """A bucket's ``transfers`` hash as HGETALL answers it (a dict, or a flat list when packed):
+    transfer id -> (receiving bucket, units, lent at ms). The one reader of what
+    ``lua/lend.lua`` writes."""
+    pairs = raw.items() if isinstance(raw, dict) else zip(raw[::2], raw[1::2], strict=True)
+    journal = {}
+    for tid, value in pairs:
+        to, units, at_ms = text(value).split(SEP)
+        journal[text(tid)] = (int(to), int(units), int(at_ms))
+    return journal
 
 
 async def _retried(step: Callable[[], Awaitable[T]]) -> T:

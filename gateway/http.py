@@ -18,7 +18,14 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from flashsale.errors import InvalidInput, NotFound, RequestTimeout, Unauthorized
+from flashsale.errors import (
+    Forbidden,
+    InvalidInput,
+    InvalidToken,
+    NotFound,
+    RequestTimeout,
+    Unauthorized,
+)
 from flashsale.keys import ID_PATTERN
 from flashsale.tokens import buyer_subject
 from gateway.metrics import ERROR_CODE
@@ -153,3 +160,17 @@ def sale_of(request: web.Request) -> str:
     if not ID_PATTERN.match(sale_id):
         raise NotFound(f"unknown sale {sale_id!r}", code="unknown_sale")
     return sale_id
+
+
+def queue_ticket(request: web.Request, sale_id: str) -> tuple[dict[str, Any], str, int]:
+    """The request's queue ticket for ``sale_id``: (claims, buyer, position); 401 / 403."""
+    raw = request.headers.get("X-Queue-Ticket")
+    if not raw:
+        raise InvalidToken("missing", "missing X-Queue-Ticket header")
+    claims = request.app[SIGNERS].ticket.verify(raw)
+    buyer, position = buyer_subject(claims), claims.get("p")
+    if claims.get("s") != sale_id:
+        raise Forbidden("this ticket is for another sale", code="ticket_other_sale")
+    if not isinstance(position, int) or isinstance(position, bool) or position < 0:
+        raise InvalidToken("malformed")
+    return claims, buyer, position

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from flashsale.errors import Forbidden, InvalidInput, InvalidToken, NotFound
+from flashsale.errors import InvalidInput, NotFound
 from flashsale.fairness import Published, merkle_path, published
 from flashsale.shuffle import member_of
-from flashsale.tokens import buyer_subject
 from gateway.catalog import sale_summary
-from gateway.http import json_response, sale_of
-from gateway.state import CLIENTS, FAIRNESS, SIGNERS
+from gateway.http import json_response, queue_ticket, sale_of
+from gateway.state import CLIENTS, FAIRNESS
 
 PAGE = 10_000  # members per page of the fairness record
 
@@ -57,21 +56,13 @@ async def fairness(request: web.Request) -> web.Response:
 async def fairness_proof(request: web.Request) -> web.Response:
     """The ticket holder's own place in the recorded order, with its Merkle path."""
     sale_id = sale_of(request)
-    raw = request.headers.get("X-Queue-Ticket")
-    if not raw:
-        raise InvalidToken("missing", "missing X-Queue-Ticket header")
-    claims = request.app[SIGNERS].ticket.verify(raw)
-    if claims.get("s") != sale_id:
-        raise Forbidden("this ticket is for another sale", code="ticket_other_sale")
+    _, buyer, position = queue_ticket(request, sale_id)
     record = await _record(request, sale_id)
     if record.members is None:
         raise NotFound("the pre-queue has not been shuffled yet", code="not_shuffled")
-    member = member_of(sale_id, buyer_subject(claims))
-    position = claims.get("p")
+    member = member_of(sale_id, buyer)
     members = record.members
-    if not isinstance(position, int) or not 1 <= position <= len(members) or (
-        members[position - 1] != member
-    ):  # fmt: skip
+    if not 1 <= position <= len(members) or members[position - 1] != member:
         raise NotFound("this ticket's place is not in the pre-queue (joined after the start, "
                        "or not yet placed: poll the queue status for a placed ticket)",
                        code="not_in_prequeue")  # fmt: skip

@@ -18,12 +18,12 @@ from typing import Any
 from aiohttp import web
 
 from allocator.queue_scripts import QueueView
-from flashsale.errors import Conflict, Forbidden, InvalidToken, Unavailable
+from flashsale.errors import Conflict, Unavailable
 from flashsale.keys import SaleKeys
-from flashsale.tokens import Signer, buyer_subject
+from flashsale.tokens import Signer
 from gateway import challenge
 from gateway.counters import Counters
-from gateway.http import buyer_of, json_response, rate_limit, sale_of
+from gateway.http import buyer_of, json_response, queue_ticket, rate_limit, sale_of
 from gateway.state import COUNTERS, JOINS, MARKS, METRICS, QUEUE, SALES, SIGNERS
 
 TICKET_GRACE_S = 3600  # tickets outlive the sale's end by this much
@@ -139,24 +139,10 @@ async def join(request: web.Request) -> web.Response:
     return json_response(body)
 
 
-def _ticket(request: web.Request, sale_id: str) -> tuple[dict[str, Any], str, int]:
-    """The request's queue ticket for ``sale_id``: (claims, buyer, position); 401 / 403."""
-    raw = request.headers.get("X-Queue-Ticket")
-    if not raw:
-        raise InvalidToken("missing", "missing X-Queue-Ticket header")
-    claims = request.app[SIGNERS].ticket.verify(raw)
-    buyer, position = buyer_subject(claims), claims.get("p")
-    if claims.get("s") != sale_id:
-        raise Forbidden("this ticket is for another sale", code="ticket_other_sale")
-    if not isinstance(position, int) or isinstance(position, bool) or position < 0:
-        raise InvalidToken("malformed")
-    return claims, buyer, position
-
-
 async def queue_status(request: web.Request) -> web.Response:
     app = request.app
     sale_id = sale_of(request)
-    claims, buyer, position = _ticket(request, sale_id)
+    claims, buyer, position = queue_ticket(request, sale_id)
     metrics = app[METRICS]
     if claims.get("left"):  # the ticket leaving the queue handed out: nothing to look up
         metrics.count(metrics.polls, "left", "ticket")
@@ -202,7 +188,7 @@ async def leave(request: web.Request) -> web.Response:
     ticket that says so (polls with it are answered ``left``)."""
     app = request.app
     sale_id = sale_of(request)
-    _, buyer, position = _ticket(request, sale_id)
+    _, buyer, position = queue_ticket(request, sale_id)
     await rate_limit(request, buyer)
     keys = SaleKeys(sale_id)
     if position == 0:  # a pre-queue ticket: its place may have been drawn since

@@ -31,10 +31,9 @@ import asyncpg
 
 from allocator.repair_scripts import RepairScripts
 from allocator.sale_scripts import STOCK_FIELDS
-from allocator.stock_buckets import BucketScripts
+from allocator.stock_buckets import BucketScripts, parse_journal
 from flashsale.clients import RedisClient
 from flashsale.keys import SkuKeys, bucket_keys
-from flashsale.records import SEP, text
 from flashsale.sales import fetch_sku
 from reconciler.rebuild import rebuild_sku
 from reconciler.report import PassReport, Repair
@@ -71,16 +70,6 @@ class BucketRead:
     granted: int  # bucket 0 of a bucketed SKU: the SKU's total as Redis was given it; else -1
     journal: Any  # HGETALL of the bucket's transfers (a dict or a flat list)
 
-    def lent(self) -> list[tuple[str, int, int, int]]:
-        """The journal: (transfer id, receiving bucket, units, lent at ms)."""
-        raw = self.journal
-        pairs = raw.items() if isinstance(raw, dict) else zip(raw[::2], raw[1::2], strict=True)
-        out = []
-        for tid, value in pairs:
-            to, units, at_ms = text(value).split(SEP)
-            out.append((text(tid), int(to), int(units), int(at_ms)))
-        return out
-
 
 def bucket_reason(b: BucketRead) -> str | None:
     """Why one bucket (or a SKU in one bucket) cannot be trusted as it stands, or None."""
@@ -116,7 +105,8 @@ class BucketChecks:
             found.append(SkuDrift(first.keys, "total_ahead", {"granted": first.granted}, pg))
         stale_ms = (time.time() - TRANSFER_GRACE_S) * 1000
         for b in read:
-            stale = [tid for tid, _, _, at_ms in b.lent() if at_ms < stale_ms]
+            lent = parse_journal(b.journal).items()
+            stale = [tid for tid, (_, _, at_ms) in lent if at_ms < stale_ms]
             if stale:
                 found.append(SkuDrift(b.keys, "transfer_unfinished", {"transfers": stale}, pg))
         if sum(b.counts["sold"] or 0 for b in read) != row["sold"]:
