@@ -22,6 +22,7 @@ former leader cannot publish after a new one took over.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import logging
 import math
@@ -44,7 +45,7 @@ log = logging.getLogger("flashsale.pump")
 
 NOSHOW_PRIOR = 0.2  # assumed before any admission window has closed
 PRIOR_WEIGHT = 20  # ... with the weight of this many observed admissions
-RATE_HISTORY_MS = 30_000
+RATE_HISTORY_MS = 5_000  # short enough for the ETAs to follow a change of the rate
 ASSIGN_CHUNK = 1000
 
 
@@ -141,6 +142,7 @@ class AdmissionPump:
     busy: bool = True  # buyers are waiting or the sale is opening (see tick)
     buckets: dict[str, int] = field(default_factory=dict)  # SKUs split into stock buckets
     recorded: bool = False  # the pre-queue's order is recorded in Postgres (fairness)
+    recording: asyncio.Task[None] | None = None  # the record being written
 
     @property
     def keys(self) -> SaleKeys:
@@ -172,10 +174,15 @@ class AdmissionPump:
             self.busy = False
             return None
         if view.sealed and not view.shuffled:
-            await self._shuffle()
-            return None
-        if view.shuffled and not self.recorded:
-            await self._record(view.pre)
+            # Draw the pre-queue and admit its first buyers in the same step: the front of
+            # the queue is admitted one step after the opening, as the ETAs promise.
+            if not await self._shuffle():
+                return None
+            snap = await self._read()
+            view = snap.view
+        if view.shuffled and not self.recorded and self.recording is None:
+            # In the background: admission does not wait for Postgres.
+            self.recording = asyncio.create_task(self._record(view.pre))
         rate = max(1, view.admission_rate)
         self.credit = min(self.credit + rate * elapsed, max(1.0, rate * 0.5))
         self.window_ms = view.window_ms
@@ -251,8 +258,8 @@ class AdmissionPump:
         return self.steps[closed - 1].to if closed else 0
 
     def _rates(self) -> tuple[float, float]:
-        """Admissions per second over 1 s windows while buyers were waiting: median and 10th
-        percentile, for the ETAs the gateways quote."""
+        """Admissions per second over 1 s windows of the last ``RATE_HISTORY_MS`` while buyers
+        were waiting: median and 10th percentile, for the ETAs the gateways quote."""
         samples: list[float] = []
         points = list(self.history)
         j = 0
@@ -264,15 +271,16 @@ class AdmissionPump:
                 samples.append((serving - serving0) * 1000 / (t - t0))
         return quantile(samples, 0.5), quantile(samples, 0.1)
 
-    async def _shuffle(self) -> None:
-        """Assign positions 1..pre to the pre-queue by the seeded permutation."""
+    async def _shuffle(self) -> bool:
+        """Assign positions 1..pre to the pre-queue by the seeded permutation; False when it
+        could not (no seed, or fenced out)."""
         if self.seed is None:
             self.seed = await self.pool.fetchval(
                 "SELECT shuffle_seed FROM sales WHERE id = $1", self.sale_id
             )
         if self.seed is None:
             log.error("sale %s has no shuffle seed in Postgres", self.sale_id)
-            return
+            return False
         members = await self.queue.client.hgetall(self.keys.members)
         buyers = [text(b) for b, p in members.items() if int(p) == 0]
         order = shuffle_order(self.seed, self.sale_id, buyers)
@@ -285,8 +293,9 @@ class AdmissionPump:
             ):
                 log.warning("shuffle of %s fenced out", self.sale_id)
                 self.token = 0
-                return
+                return False
         log.info("shuffled the pre-queue of %s: %d buyers", self.sale_id, len(order))
+        return True
 
     async def _record(self, pre: int) -> None:
         """Record the shuffled pre-queue (members in position order, their Merkle root) for
@@ -307,8 +316,12 @@ class AdmissionPump:
             self.recorded = True
         except Exception as exc:  # noqa: BLE001 - a later tick records it
             log_failure(log, f"could not record the pre-queue of {self.sale_id} yet", exc)
+        finally:
+            self.recording = None
 
     async def resign(self) -> None:
+        if self.recording is not None:  # let the fairness record finish (it is idempotent)
+            await asyncio.wait([self.recording], timeout=5)
         if self.token:
             await self.queue.release(self.keys, self.owner)
             self.token = 0

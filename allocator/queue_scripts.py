@@ -31,6 +31,7 @@ ROOM_SALE_FIELDS = (
 QUEUE_FIELDS = (
     "serving", "cutoff", "tail", "pre", "sealed", "shuffled", "sold_out",
     "rate_p50", "rate_p10", "noshow", "outstanding", "beat_ms", "live", "restored_ms",
+    "available", "held",
 )  # fmt: skip
 
 
@@ -69,6 +70,8 @@ class QueueView:
     live: bool  # the waiting room is open in Redis (False: never opened, or lost)
     restored_ms: int = 0  # Redis time of the last restore after a loss (0: never lost)
     challenge: int = 0  # the join's proof-of-work difficulty in bits (0: none asked)
+    available: int | None = None  # units free and held, as the pump last read them
+    held: int | None = None
 
     def mark(self) -> Mark:
         """These counters as a queue mark (what a restore must not go below)."""
@@ -103,6 +106,8 @@ class QueueView:
             live=integer(q["live"]) == 1,
             restored_ms=integer(q["restored_ms"]),
             challenge=integer(s["challenge"]),
+            available=None if q["available"] is None else integer(q["available"]),
+            held=None if q["held"] is None else integer(q["held"]),
         )
 
 

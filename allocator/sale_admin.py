@@ -27,7 +27,7 @@ from flashsale.sales import (
     sale_json,
     sku_meta,
 )
-from flashsale.salespec import MAX_STOCK, SaleSpec, SkuSpec, identifier, integer
+from flashsale.salespec import MAX_ADMISSION_RATE, MAX_STOCK, SaleSpec, SkuSpec, identifier, integer
 from flashsale.shuffle import seed_commitment
 
 
@@ -273,10 +273,34 @@ class SaleAdmin:
             )
             skus = await fetch_skus(conn, sale_id)
         # Redis after Postgres; every step is idempotent, so a retry converges.
-        await self.scripts.set_status(SaleKeys(sale_id).sale, target)
+        await self.scripts.set_fields(SaleKeys(sale_id).sale, {"status": target})
         for sku in skus:
             for keys in bucket_keys(sale_id, sku["sku"], sku["buckets"]):
-                await self.scripts.set_status(keys.meta, target)
+                await self.scripts.set_fields(keys.meta, {"status": target})
+        return await self.get(sale_id)
+
+    async def set_admission_rate(self, sale_id: str, rate: Any) -> dict[str, Any]:
+        """Change how many buyers per second the pump admits, at any time before the sale
+        ends: the pump reads the rate each step, and the waiting room's ETAs follow it."""
+        rate = integer(
+            rate,
+            "admission_rate",
+            minimum=1,
+            maximum=MAX_ADMISSION_RATE,
+            what="a positive integer (buyers per second)",
+        )
+        async with self.pool.acquire() as conn, conn.transaction():
+            sale = await conn.fetchrow("SELECT * FROM sales WHERE id = $1 FOR UPDATE", sale_id)
+            if sale is None:
+                raise NotFound(f"unknown sale {sale_id!r}", code="unknown_sale")
+            if sale["status"] == "ended":
+                raise Conflict(f"sale {sale_id} has ended", code="sale_ended")
+            await conn.execute(
+                "UPDATE sales SET admission_rate = $2, updated_at = now() WHERE id = $1",
+                sale_id, rate,
+            )  # fmt: skip
+        # Redis after Postgres; the write is idempotent, so a retry after a failure converges.
+        await self.scripts.set_fields(SaleKeys(sale_id).sale, {"admission_rate": str(rate)})
         return await self.get(sale_id)
 
 

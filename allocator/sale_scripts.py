@@ -1,6 +1,6 @@
-"""Bindings of the sale-configuration scripts: preload a SKU, copy a sale's status, put the
-sale hash (``lua/preload.lua``, ``lua/set_status.lua``, ``lua/put_sale.lua``), and the read of
-SKU counters that sale status shows."""
+"""Bindings of the sale-configuration scripts: preload a SKU, copy a sale's status or
+admission rate, put the sale hash (``lua/preload.lua``, ``lua/set_fields.lua``,
+``lua/put_sale.lua``), and the read of SKU counters that sale status shows."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ class SaleScripts:
     def __init__(self, client: RedisClient) -> None:
         self.client = client
         self._preload: AsyncScript = client.register_script(source("preload"))
-        self._set_status: AsyncScript = client.register_script(source("set_status"))
+        self._set_fields: AsyncScript = client.register_script(source("set_fields"))
         self._put_sale: AsyncScript = client.register_script(source("put_sale"))
 
     async def preload(
@@ -89,8 +89,10 @@ class SaleScripts:
         counts = StockCounts(*(int(v) for v in raw[1:6]))
         return PreloadResult(keys.sku, outcome, counts)  # type: ignore[arg-type]
 
-    async def set_status(self, key: str, status: str) -> bool:
-        return bool(await self._set_status(keys=[key], args=[status]))
+    async def set_fields(self, key: str, fields: dict[str, str]) -> bool:
+        """Write ``fields`` on a hash that preload created; False when there is none."""
+        args = [item for pair in fields.items() for item in pair]
+        return bool(await self._set_fields(keys=[key], args=args))
 
     async def put_sale(
         self, keys: SaleKeys, fields: dict[str, str], *, open_queue: bool = False

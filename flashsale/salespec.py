@@ -20,6 +20,7 @@ from flashsale.errors import InvalidInput
 from flashsale.keys import ID_PATTERN, MAX_BUCKETS
 
 MAX_STOCK = 1_000_000_000
+MAX_ADMISSION_RATE = 1_000_000  # buyers per second
 MAX_PRICE = 10**15
 MAX_TTL_SECONDS = 24 * 3600
 MAX_LIMIT = 10_000
@@ -184,7 +185,7 @@ def parse_sale(data: Any, *, now: datetime | None = None) -> SaleSpec:
     if ends_at <= starts_at:
         raise InvalidInput("ends_at", "must be after starts_at")
     admission_rate = integer(
-        data.get("admission_rate", 500), "admission_rate", minimum=1, maximum=1_000_000,
+        data.get("admission_rate", 500), "admission_rate", minimum=1, maximum=MAX_ADMISSION_RATE,
         what="a positive integer (buyers per second)",
     )  # fmt: skip
     max_queue = integer(

@@ -74,6 +74,18 @@ async def audit(request: web.Request) -> web.Response:
     return json_response(report.json())
 
 
+async def update_sale(request: web.Request) -> web.Response:
+    """``PATCH /admin/v1/sales/{sale}``: change what can change while a sale runs (today its
+    ``admission_rate``)."""
+    body = await json_body(request, allowed={"admission_rate"})
+    if "admission_rate" not in body:
+        raise InvalidInput("admission_rate", "is required")
+    sales = request.app[SALES]
+    return json_response(
+        await sales.set_admission_rate(request.match_info["sale"], body["admission_rate"])
+    )
+
+
 def lifecycle(action: str) -> Handler:
     async def handle(request: web.Request) -> web.Response:
         return json_response(
@@ -87,6 +99,7 @@ def setup(app: web.Application) -> None:
     r = app.router
     r.add_post("/admin/v1/sales", create_sale)
     r.add_get("/admin/v1/sales/{sale}", sale_status)
+    r.add_patch("/admin/v1/sales/{sale}", update_sale)
     r.add_post("/admin/v1/sales/{sale}/preload", preload)
     r.add_post("/admin/v1/sales/{sale}/stock", add_stock)
     r.add_get("/admin/v1/sales/{sale}/audit", audit)

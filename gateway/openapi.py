@@ -285,7 +285,20 @@ def document() -> dict[str, Any]:
                 {**_ok(200, "Status", SALE_STATUS), **_errors(401, 404)},
                 security="admin",
                 params=sale,
-            )
+            ),
+            "patch": _op(
+                "updateSale",
+                "admin",
+                "Change the admission rate (also while the sale runs)",
+                {**_ok(200, "The sale", SALE), **_errors(*admin_errors)},
+                security="admin",
+                params=sale,
+                body=obj(
+                    {"admission_rate": {"type": ["integer", "string"]}},
+                    ["admission_rate"],
+                    additionalProperties=False,
+                ),
+            ),
         },
         "/admin/v1/sales/{sale}/preload": {
             "post": _op(

@@ -23,6 +23,7 @@ from flashsale.keys import SaleKeys
 from flashsale.tokens import Signer
 from gateway import challenge
 from gateway.counters import Counters
+from gateway.eta import estimate
 from gateway.http import buyer_of, json_response, queue_ticket, rate_limit, sale_of
 from gateway.state import COUNTERS, JOINS, MARKS, METRICS, QUEUE, SALES, SIGNERS
 
@@ -54,18 +55,6 @@ class Status:
         }
 
 
-def _eta(ahead: int, rate: float) -> float | None:
-    return round(ahead / rate, 1) if rate > 0 else None
-
-
-def retry_after_ms(ahead: int, rate: float) -> int:
-    """Poll again after about a quarter of the expected wait: slowly far from the front,
-    quickly near it."""
-    if rate <= 0:
-        return MAX_RETRY_MS
-    return max(MIN_RETRY_MS, min(MAX_RETRY_MS, int(ahead / rate * 250)))
-
-
 def status_of(c: Counters, position: int, now_ms: int) -> Status:
     """The state of the buyer at ``position`` (0: still in the unshuffled pre-queue)."""
     v = c.view
@@ -73,9 +62,10 @@ def status_of(c: Counters, position: int, now_ms: int) -> Status:
         state = "sold_out" if v.sold_out else "expired"
         return Status(state, position or None, None, None, None, MAX_RETRY_MS)
     if position == 0:  # pre-queue: the order is drawn at the start
+        p50, p90 = estimate(v, 0, now_ms)
         wait = max(0.0, (v.starts_at_ms - now_ms) / 1000)
         retry = max(MIN_RETRY_MS, min(MAX_RETRY_MS, int(wait * 250)))
-        return Status("waiting", None, None, round(wait, 1), None, retry)
+        return Status("waiting", None, None, p50, p90, retry)
     if v.sold_out or (v.cutoff is not None and position > v.cutoff):
         return Status("sold_out", position, None, None, None, MAX_RETRY_MS)
     if position <= v.serving:
@@ -85,15 +75,9 @@ def status_of(c: Counters, position: int, now_ms: int) -> Status:
             return Status("expired", position, 0, None, None, MAX_RETRY_MS, check_claim=True)
         return Status("admitted", position, 0, 0.0, 0.0, MIN_RETRY_MS, deadline)
     ahead = position - v.serving - 1
-    # Measured rates once the pump runs; until its first step, the sale's configured rate.
-    rate50 = (v.rate_p50 if v.beat_ms else v.admission_rate) if v.status == "active" else 0.0
-    rate10 = (v.rate_p10 if v.beat_ms else v.admission_rate / 2) if v.status == "active" else 0.0
-    before_start = max(0.0, (v.starts_at_ms - now_ms) / 1000)
-    p50, p90 = _eta(ahead + 1, rate50), _eta(ahead + 1, rate10)
-    if before_start:
-        p50 = None if p50 is None else round(p50 + before_start, 1)
-        p90 = None if p90 is None else round(p90 + before_start, 1)
-    return Status("waiting", position, ahead, p50, p90, retry_after_ms(ahead, rate50))
+    p50, p90 = estimate(v, position, now_ms)
+    retry = MAX_RETRY_MS if p50 is None else max(MIN_RETRY_MS, min(MAX_RETRY_MS, int(p50 * 250)))
+    return Status("waiting", position, ahead, p50, p90, retry)
 
 
 # -- routes ---------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """What the load tools ask of the admin API, as a merchandiser or an SRE would: create and
-preload a sale, end it, and run the post-sale audit once the pipeline has drained."""
+preload a sale, change its admission rate, end it, and run the post-sale audit once the
+pipeline has drained."""
 
 from __future__ import annotations
 
@@ -27,6 +28,15 @@ async def create_sale(session: aiohttp.ClientSession, base: str, token: str,
         if r.status != 200:
             raise RuntimeError(f"preloading the sale failed: {r.status} {await r.text()}")
     return sale_id
+
+
+async def set_admission_rate(session: aiohttp.ClientSession, base: str, token: str,
+                             sale_id: str, rate: int) -> None:  # fmt: skip
+    """Change the admission rate, as an operator would mid-queue."""
+    async with session.patch(f"{base}/admin/v1/sales/{sale_id}", json={"admission_rate": rate},
+                             headers=_admin(token)) as r:  # fmt: skip
+        if r.status != 200:
+            raise RuntimeError(f"changing the admission rate failed: {r.status} {await r.text()}")
 
 
 async def end_sale(session: aiohttp.ClientSession, base: str, token: str, sale_id: str) -> None:

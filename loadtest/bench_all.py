@@ -155,8 +155,8 @@ async def run(settings: Settings, *, quick: bool, folder: Path, doc: Path | None
         buyers = 2000 if quick else 50_000
         path = folder / "bench-demo.json"
         described = machine()
-        code = await demo.run(settings, buyers=buyers, stock=100, progress=progress,
-                              json_path=str(path))  # fmt: skip
+        code = await demo.run(settings, scenario=demo.Scenario(buyers=buyers),
+                              progress=progress, json_path=str(path))  # fmt: skip
         data = orjson.loads(await asyncio.to_thread(path.read_bytes))
         seconds = data["seconds_to_answer_all"]
         met = seconds is not None and seconds <= data["target_seconds"]

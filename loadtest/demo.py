@@ -5,23 +5,27 @@
    workers, payment simulator, reconciler) on free loopback ports, and waits until every
    service's ``/healthz`` answers.
 3. Creates a sale opening a few seconds later, through the admin API, and preloads it.
-4. At the opening, sends every buyer (50,000 by default, 100 units) through the real journey
-   (join, poll, reserve) with the fast asyncio driver, one in ten paying with a card that is
-   declined, and shows each second the queue depth, the admitted, held and sold units and
-   the answers.
+4. Sends every buyer (50,000 by default, 100 units) through the real journey (join, poll,
+   reserve) with the fast asyncio driver: a share of them (20 %) join before the opening, so
+   the pre-queue is drawn, the rest arrive over the first seconds. One in ten pays with a card
+   that is declined; a share may abandon while waiting or never use their admission, and the
+   admission rate may change mid-queue (:class:`Scenario`). Each second it shows the queue
+   depth, the admitted, held and sold units and the answers.
 5. Shows reservations becoming orders (CONFIRMED or PAYMENT_FAILED) until every hold is
    resolved.
 6. Ends with the post-sale audit (every invariant of DESIGN §7, through the admin API) once
    the pipeline has drained, stops the engine, and prints the report: seconds until every
-   buyer had a definitive answer, sold, oversold, p50/p99 per route, the audit
-   (``--json PATH`` writes it).
+   buyer had a definitive answer, sold, oversold, p50/p99 per route, the admission order, how
+   honest the ETAs were, the audit (``--json PATH`` writes it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,15 +45,56 @@ from flashsale.migrate import migrate
 from flashsale.settings import Settings
 from flashsale.tokens import Signer
 from loadtest import admin_api
-from loadtest.driver import Buyers, DriverStats
+from loadtest.driver import Buyers, DriverStats, Eta, Person, Plan
 from loadtest.processes import engine, wait_healthy
 
 Progress = Callable[[str], None]
 SKU = "SNK-42"
-TARGET_S = 15.0  # every buyer answered within this long after the sale opens (issue 7)
-LEAD_S = 3.0  # the sale opens this long after it is created: tokens are signed meanwhile
+TARGET_S = 15.0  # every buyer answered within this long after the sale opens
+LEAD_S = 5.0  # the sale opens this long after it is created: the pre-queue joins meanwhile
 CONCURRENCY = 500  # buyers with a request in flight at once (connections to the gateway)
-WINDOW_S = 60  # the sale's admission window
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Who arrives when, and what they do (``flashsale demo`` flags)."""
+
+    buyers: int = 50_000
+    stock: int = 100
+    pre_queue: float = 0.2  # share joining before the opening (the pre-queue is drawn)
+    arrival_s: float = 5.0  # the others arrive evenly over this long after the opening
+    admission_rate: int = 500
+    rate_change: tuple[float, int] | None = None  # (seconds after the opening, new rate)
+    decline: float = 0.1  # share paying with a card that is declined
+    no_show: float = 0.0  # share who never use their admission
+    abandon: float = 0.0  # share who close the tab while waiting
+    window_s: int = 60  # the sale's admission window
+
+    def json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["rate_change"] = None if self.rate_change is None else {
+            "at_s": self.rate_change[0], "rate": self.rate_change[1]}  # fmt: skip
+        return data
+
+    def people(self, tokens: list[str], opened: float, lead_s: float) -> list[Person]:
+        """Each buyer's arrival (monotonic; ``opened`` is the opening) and plan, drawn from a
+        seeded generator so that two runs of a scenario meet the same crowd."""
+        rng = random.Random(0x5EED)  # noqa: S311 - a reproducible crowd, not a secret
+        early = round(len(tokens) * self.pre_queue)
+        late = max(1, len(tokens) - early)
+        people = []
+        for i, token in enumerate(tokens):
+            if i < early:  # over the lead, ending a second before the opening
+                at = opened - lead_s + 0.5 + (lead_s - 1.5) * i / max(1, early)
+            else:
+                at = opened + self.arrival_s * (i - early) / late
+            draw = rng.random()
+            plan: Plan = "buy"
+            if draw < self.abandon + self.no_show:
+                plan = "abandon" if draw < self.abandon else "no_show"
+            payment = "tok_decline" if rng.random() < self.decline else "tok_visa"
+            people.append(Person(token, payment, at, plan))
+        return people
 
 
 async def _orders(pool: asyncpg.Pool, sale_id: str) -> dict[str, int]:
@@ -65,6 +110,9 @@ class DemoReport:
 
     buyers: int
     stock: int
+    sale: str = ""
+    scenario: dict[str, Any] = field(default_factory=dict)
+    pre_queue_joins: int = 0
     sold: int = 0
     oversold: int = 0
     seconds_to_answer_all: float | None = None
@@ -72,6 +120,7 @@ class DemoReport:
     eta_p50_abs_pct_error: float | None = None
     eta_p90_coverage: float | None = None
     eta_buyers: int = 0
+    eta_buyers_pre_queue: int = 0  # of eta_buyers: shown their first ETA before the draw
     audit_passed: bool = False
     outcomes: dict[str, int] = field(default_factory=dict)
     orders: dict[str, int] = field(default_factory=dict)
@@ -80,20 +129,22 @@ class DemoReport:
 
     def as_json(self) -> dict[str, Any]:
         return {
-            "buyers": self.buyers, "stock": self.stock, "sold": self.sold,
+            "sale": self.sale, "scenario": self.scenario, "buyers": self.buyers,
+            "stock": self.stock, "pre_queue_joins": self.pre_queue_joins, "sold": self.sold,
             "oversold": self.oversold, "seconds_to_answer_all": self.seconds_to_answer_all,
             "admission_kendall_tau": self.admission_kendall_tau,
             "eta_p50_abs_pct_error": self.eta_p50_abs_pct_error,
             "eta_p90_coverage": self.eta_p90_coverage, "eta_buyers": self.eta_buyers,
+            "eta_buyers_pre_queue": self.eta_buyers_pre_queue,
             "audit_passed": self.audit_passed, "routes": self.routes,
             "outcomes": self.outcomes, "orders": self.orders,
             "target_seconds": self.target_seconds,
         }  # fmt: skip
 
 
-async def run(settings: Settings, *, buyers: int, stock: int, progress: Progress,
+async def run(settings: Settings, *, scenario: Scenario, progress: Progress,
               json_path: str | None = None, lead_s: float = LEAD_S) -> int:  # fmt: skip
-    report = DemoReport(buyers, stock)
+    report = DemoReport(scenario.buyers, scenario.stock, scenario=scenario.json())
     conn = await asyncpg.connect(settings.require_database(), timeout=5)
     try:
         progress("== applying migrations")
@@ -112,15 +163,22 @@ async def run(settings: Settings, *, buyers: int, stock: int, progress: Progress
             for offset, name in enumerate(names):
                 await wait_healthy(session, f"http://127.0.0.1:{port + offset}/healthz")
                 progress(f"   {name:10} healthy on :{port + offset}")
+            tokens = _sign(settings, scenario.buyers, progress)
             starts_at = datetime.now(UTC) + timedelta(seconds=lead_s)
-            sale_id = await admin_api.create_sale(session, base, settings.admin_token.reveal(),
-                                                  sale_spec(stock, starts_at))  # fmt: skip
-        progress(f"== sale {sale_id}: {stock} units of {SKU}, opening at "
-                 f"{starts_at:%H:%M:%S}; {buyers:,} buyers arrive at the start")  # fmt: skip
-        code = await _drive(settings, base, sale_id, starts_at=starts_at, report=report,
-                            progress=progress)  # fmt: skip
-        async with aiohttp.ClientSession() as session:
-            report.audit_passed = await _audit(session, base, settings, sale_id, progress)
+            opened = time.monotonic() + lead_s
+            report.sale = await admin_api.create_sale(
+                session, base, settings.admin_token.reveal(), sale_spec(scenario, starts_at)
+            )
+            early = round(scenario.buyers * scenario.pre_queue)
+            progress(
+                f"== sale {report.sale}: {scenario.stock} units of {SKU}, opening at "
+                f"{starts_at:%H:%M:%S}; {early:,} of {scenario.buyers:,} buyers join "
+                f"before the opening, the rest over its first {scenario.arrival_s:g}s"
+            )
+            people = scenario.people(tokens, opened, lead_s)
+            code = await _drive(settings, session, base, people, scenario, opened=opened,
+                                report=report, progress=progress)  # fmt: skip
+            report.audit_passed = await _audit(session, base, settings, report.sale, progress)
         code = code or (0 if report.audit_passed else 1)
         if up.poll() is not None:
             progress(f"the engine stopped early (exit {up.returncode}); see {log_path}")
@@ -134,20 +192,28 @@ async def run(settings: Settings, *, buyers: int, stock: int, progress: Progress
     return code
 
 
-ETA_FLOOR_S = 0.1  # a wait shorter than this counts as this long in the percentage error
+def _sign(settings: Settings, count: int, progress: Progress) -> list[str]:
+    signer = Signer.from_setting(settings.buyer_token_secret.reveal(), "buyer")
+    run_id = os.urandom(3).hex()
+    progress(f"   signing {count:,} buyer tokens (the storefront's job)")
+    return [signer.sign({"sub": f"demo-{run_id}-{i}"}, 3600) for i in range(count)]
 
 
-def eta_accuracy(etas: list[tuple[float, float | None, float]]
-                 ) -> tuple[float | None, float | None]:  # fmt: skip
+# A wait shorter than this counts as this long in the percentage error: the page shows whole
+# seconds, so "about 0 s" for a wait of 0.4 s is not 100 % off to anyone.
+ETA_FLOOR_S = 1.0
+
+
+def eta_accuracy(etas: list[Eta]) -> tuple[float | None, float | None]:
     """(median absolute percentage error of the first p50 each admitted buyer was shown,
     share of them admitted within the first p90 shown): how honest the ETAs were. A wait is
     floored at ``ETA_FLOOR_S`` in the error; an unknown p90 covers nothing."""
     if not etas:
         return None, None
-    errors = sorted(abs(p50 - waited) / max(waited, ETA_FLOOR_S) for p50, _, waited in etas)
+    errors = sorted(abs(e.p50 - e.waited) / max(e.waited, ETA_FLOOR_S) for e in etas)
     middle = len(errors) // 2
     median = errors[middle] if len(errors) % 2 else (errors[middle - 1] + errors[middle]) / 2
-    covered = sum(1 for _, p90, waited in etas if p90 is not None and waited <= p90)
+    covered = sum(1 for e in etas if e.p90 is not None and e.waited <= e.p90)
     return round(median * 100, 1), round(covered / len(etas), 3)
 
 
@@ -191,13 +257,14 @@ def _summary(report: DemoReport, progress: Progress) -> None:
                  f"ms  p99 {figures['p99_ms']} ms")  # fmt: skip
 
 
-def sale_spec(stock: int, starts_at: datetime) -> dict[str, Any]:
+def sale_spec(scenario: Scenario, starts_at: datetime) -> dict[str, Any]:
     return {
         "name": "Demo sneaker drop", "starts_at": starts_at.isoformat(),
-        "ends_at": (starts_at + timedelta(hours=1)).isoformat(), "admission_rate": 500,
-        "admission_window_seconds": WINDOW_S,
+        "ends_at": (starts_at + timedelta(hours=1)).isoformat(),
+        "admission_rate": scenario.admission_rate,
+        "admission_window_seconds": scenario.window_s,
         "max_queue": 1_000_000,
-        "skus": [{"sku": SKU, "title": "Sneaker 42", "stock": stock, "price": 12900,
+        "skus": [{"sku": SKU, "title": "Sneaker 42", "stock": scenario.stock, "price": 12900,
                   "currency": "EUR", "per_buyer_limit": 1, "hold_ttl_seconds": 120}],
     }  # fmt: skip
 
@@ -226,46 +293,40 @@ async def _watch(settings: Settings, sale_id: str, stats: DriverStats, *, total:
         await client.aclose()
 
 
-async def _drive(settings: Settings, base: str, sale_id: str, *, starts_at: datetime,
+async def _drive(settings: Settings, session: aiohttp.ClientSession, base: str,
+                 people: list[Person], scenario: Scenario, *, opened: float,
                  report: DemoReport, progress: Progress) -> int:  # fmt: skip
-    count = report.buyers
-    signer = Signer.from_setting(settings.buyer_token_secret.reveal(), "buyer")
-    run_id = os.urandom(3).hex()
-    progress(f"   signing {count:,} buyer tokens (the storefront's job, before the start)")
-    people = [(signer.sign({"sub": f"demo-{run_id}-{i}"}, 3600),
-               "tok_decline" if i % 10 == 9 else "tok_visa") for i in range(count)]  # fmt: skip
-    driver = Buyers(base, sale_id, SKU, window_ms=WINDOW_S * 1000)
-    await asyncio.sleep(max(0.0, (starts_at - datetime.now(UTC)).total_seconds()))
-    opened = time.monotonic()
-    progress("== the sale is open")
+    sale_id = report.sale
+    driver = Buyers(base, sale_id, SKU, window_ms=scenario.window_s * 1000)
     stop = asyncio.Event()
-    watcher = asyncio.create_task(
-        _watch(
-            settings,
-            sale_id,
-            driver.stats,
-            total=count,
-            opened=opened,
-            progress=progress,
-            stop=stop,
-        )
-    )
+    watcher = asyncio.create_task(_watch(settings, sale_id, driver.stats, total=len(people),
+                                         opened=opened, progress=progress, stop=stop))  # fmt: skip
+    changer = asyncio.create_task(_change_rate(session, base, settings, sale_id,
+                                               scenario=scenario, opened=opened,
+                                               progress=progress))  # fmt: skip
+    opening = asyncio.create_task(_announce(opened, progress))
     try:
         stats = await driver.run(people, concurrency=CONCURRENCY)
     finally:
         stop.set()
+        for task in (changer, opening):
+            task.cancel()
         await watcher
     errors = {k: v for k, v in stats.outcomes.items() if k.startswith("error")}
     answered_all = max(stats.answered_at, default=opened) - opened
     report.seconds_to_answer_all = round(answered_all, 2) if not errors else None
     report.outcomes = dict(stats.outcomes)
     report.routes = stats.routes()
+    report.pre_queue_joins = stats.pre_queue_joins
     report.admission_kendall_tau = kendall_tau(stats.admissions)
     report.eta_p50_abs_pct_error, report.eta_p90_coverage = eta_accuracy(stats.etas)
     report.eta_buyers = len(stats.etas)
+    report.eta_buyers_pre_queue = sum(1 for e in stats.etas if e.pre_queue)
+    gone = stats.outcomes["abandoned"] + stats.outcomes["no_show"]
     progress(f"== every buyer answered {answered_all:.1f}s after the sale opened: "
              f"{stats.outcomes['reserved']} reserved, {stats.outcomes['sold_out']:,} sold out, "
-             f"{sum(errors.values())} errors" + (f" {errors}" if errors else ""))  # fmt: skip
+             + (f"{gone:,} abandoned or never reserved, " if gone else "")
+             + f"{sum(errors.values())} errors" + (f" {errors}" if errors else ""))  # fmt: skip
     progress("== reservations becoming orders (payment saga over Kafka)")
     pool = await asyncpg.create_pool(settings.require_database(), min_size=1, max_size=2)
     try:
@@ -282,6 +343,24 @@ async def _drive(settings: Settings, base: str, sale_id: str, *, starts_at: date
              f"{sold}/{total} units sold, oversold {max(0, sold - total)}")  # fmt: skip
     ok = not errors and sold <= total and sum(states.values()) == len(stats.reservations)
     return 0 if ok and stats.outcomes["reserved"] > 0 else 1
+
+
+async def _announce(opened: float, progress: Progress) -> None:
+    await asyncio.sleep(max(0.0, opened - time.monotonic()))
+    progress("== the sale is open")
+
+
+async def _change_rate(session: aiohttp.ClientSession, base: str, settings: Settings,
+                       sale_id: str, *, scenario: Scenario, opened: float,
+                       progress: Progress) -> None:  # fmt: skip
+    """The operator's change of the admission rate mid-queue, if the scenario has one."""
+    if scenario.rate_change is None:
+        return
+    at_s, rate = scenario.rate_change
+    await asyncio.sleep(max(0.0, opened + at_s - time.monotonic()))
+    await admin_api.set_admission_rate(session, base, settings.admin_token.reveal(), sale_id,
+                                       rate)  # fmt: skip
+    progress(f"== admission rate changed to {rate}/s")
 
 
 async def _audit(session: aiohttp.ClientSession, base: str, settings: Settings, sale_id: str,

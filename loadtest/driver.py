@@ -17,9 +17,9 @@ import asyncio
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, NamedTuple
 from urllib.parse import urlsplit
 
 import orjson
@@ -27,6 +27,29 @@ import orjson
 from allocator.pump import quantile
 from flashsale.tokens import unverified_claims
 from loadtest.http_client import Client, HttpError
+
+Plan = Literal["buy", "no_show", "abandon"]
+
+
+class Person(NamedTuple):
+    """One buyer: their tokens, when they arrive (``time.monotonic()``; 0: at once) and what
+    they do: buy, let their admission lapse (``no_show``), or close the tab while waiting
+    (``abandon``: they stop polling without leaving)."""
+
+    token: str
+    payment: str
+    at: float = 0.0
+    plan: Plan = "buy"
+
+
+@dataclass(frozen=True, slots=True)
+class Eta:
+    """The first ETA a buyer was shown while waiting, and how long they then waited."""
+
+    p50: float
+    p90: float | None
+    waited: float  # seconds from when it was shown until admitted
+    pre_queue: bool  # shown before the place was drawn
 
 
 @dataclass
@@ -40,9 +63,9 @@ class DriverStats:
     # (queue position, admission deadline ms) of each admitted buyer, from the admission token
     # the gateway signed: the deadline is when that position was admitted plus the window.
     admissions: list[tuple[int, int]] = field(default_factory=list)
-    # (first ETA shown: p50 s, p90 s; seconds from when it was shown until admitted) per
-    # admitted buyer who was shown one: how honest the waiting room's estimates were.
-    etas: list[tuple[float, float | None, float]] = field(default_factory=list)
+    # The first ETA of each admitted buyer who was shown one: how honest the estimates were.
+    etas: list[Eta] = field(default_factory=list)
+    pre_queue_joins: int = 0  # joins answered with a place in the pre-queue
     no_retry_after: int = 0  # 429 or 503 answers without Retry-After
     connection_failures: int = 0  # requests sent again after their connection failed
 
@@ -65,6 +88,7 @@ class Buyers:
         self.max_poll_ms = max_poll_ms
         self.patience_s = patience_s
         self.stats = DriverStats()
+        self.gate = asyncio.Semaphore(500)  # requests in flight at once (see run)
 
     async def _call(self, client: Client, route: str, method: str, path: str, *,
                     headers: dict[str, str], deadline: float, body: Any = None
@@ -76,9 +100,10 @@ class Buyers:
         latencies = self.stats.latencies.setdefault(route, [])
         pause = 0.1
         while True:
-            began = time.monotonic()
             try:
-                response = await client.request(method, path, headers, payload)
+                async with self.gate:  # a connection is held only while a request is in flight
+                    began = time.monotonic()
+                    response = await client.request(method, path, headers, payload)
             except (HttpError, OSError) as exc:
                 if time.monotonic() + pause > deadline:
                     raise HttpError(f"{route}: {exc}") from exc
@@ -105,8 +130,10 @@ class Buyers:
                 continue
             return status, data
 
-    async def journey(self, client: Client, token: str, payment_token: str) -> str:
-        """One buyer, start to definitive answer; returns the outcome."""
+    async def journey(self, client: Client, token: str, payment_token: str,
+                      plan: Plan = "buy") -> str:  # fmt: skip
+        """One buyer, start to definitive answer; returns the outcome (``abandoned`` for a
+        buyer who gave up while waiting, ``no_show`` for one admitted who never reserved)."""
         auth = {"Authorization": f"Bearer {token}"}
         deadline = time.monotonic() + self.patience_s
         status, body = await self._call(client, "join", "POST", f"/v1/sales/{self.sale}/queue",
@@ -115,7 +142,9 @@ class Buyers:
             return f"error:join:{status}"
         ticket = body["ticket"]
         state = body["state"]
-        first_eta: tuple[float, float, float | None] | None = None  # (shown at, p50, p90)
+        self.stats.pre_queue_joins += bool(body.get("pre_queue"))
+        # (shown at, p50, p90, before the draw) of the first ETA shown
+        first_eta: tuple[float, float, float | None, bool] | None = None
         # A join can already be admitted; the admission token comes with a status answer.
         while (state == "waiting" or (state == "admitted" and "admission_token" not in body)) \
                 and time.monotonic() < deadline:  # fmt: skip
@@ -131,7 +160,10 @@ class Buyers:
             state = body["state"]
             eta = body.get("eta_seconds") or {}
             if first_eta is None and state == "waiting" and eta.get("p50") is not None:
-                first_eta = (time.time(), float(eta["p50"]), eta.get("p90"))
+                first_eta = (time.time(), float(eta["p50"]), eta.get("p90"),
+                             body.get("position") is None)  # fmt: skip
+            if plan == "abandon" and state == "waiting":
+                return "abandoned"  # the tab is closed: no leave, no more polls
         if state != "admitted":
             return "sold_out" if state == "sold_out" else f"error:{state}"
         if "admission_token" not in body:
@@ -140,8 +172,10 @@ class Buyers:
         self.stats.admissions.append((int(admitted["p"]), int(admitted["d"])))
         if first_eta is not None and self.window_ms:
             admitted_at = (int(admitted["d"]) - self.window_ms) / 1000
-            shown, p50, p90 = first_eta
-            self.stats.etas.append((p50, p90, max(0.0, admitted_at - shown)))
+            shown, p50, p90, pre_queue = first_eta
+            self.stats.etas.append(Eta(p50, p90, max(0.0, admitted_at - shown), pre_queue))
+        if plan == "no_show":
+            return "no_show"
         status, body = await self._call(
             client, "reserve", "POST", f"/v1/sales/{self.sale}/reservations",
             headers={**auth, "X-Admission-Token": body["admission_token"],
@@ -159,29 +193,33 @@ class Buyers:
 
     async def run(
         self,
-        buyers: list[tuple[str, str]],
+        buyers: Sequence[Person] | Sequence[tuple[str, str]],
         *,
         concurrency: int = 500,
         on_answer: Callable[[DriverStats], None] | None = None,
     ) -> DriverStats:
-        """Drive ``buyers`` ((buyer token, payment token) pairs), ``concurrency`` at a time
-        (each buyer holds a connection only while a request is in flight)."""
-        gate = asyncio.Semaphore(concurrency)
+        """Drive ``buyers`` (people, or (buyer token, payment token) pairs arriving at once),
+        with at most ``concurrency`` requests in flight (a waiting buyer holds no connection
+        between polls). A buyer who abandoned is not counted as answered."""
+        self.gate = asyncio.Semaphore(concurrency)
         client = Client(self.host, self.port, connections=concurrency)
         try:
 
-            async def one(token: str, payment: str) -> None:
-                async with gate:
-                    try:
-                        outcome = await self.journey(client, token, payment)
-                    except (HttpError, OSError, TimeoutError) as exc:
-                        outcome = f"error:{type(exc).__name__}"
+            async def one(person: Person) -> None:
+                await asyncio.sleep(max(0.0, person.at - time.monotonic()))
+                try:
+                    outcome = await self.journey(client, person.token, person.payment,
+                                                 person.plan)  # fmt: skip
+                except (HttpError, OSError, TimeoutError) as exc:
+                    outcome = f"error:{type(exc).__name__}"
                 self.stats.outcomes[outcome] += 1
-                self.stats.answered_at.append(time.monotonic())
+                if outcome != "abandoned":
+                    self.stats.answered_at.append(time.monotonic())
                 if on_answer is not None:
                     on_answer(self.stats)
 
-            await asyncio.gather(*(one(t, p) for t, p in buyers))
+            await asyncio.gather(*(one(b if isinstance(b, Person) else Person(*b))
+                                   for b in buyers))  # fmt: skip
         finally:
             await client.aclose()
         return self.stats

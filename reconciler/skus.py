@@ -197,7 +197,7 @@ class SkuChecks:
     async def _write_status(self, repair: Repair, report: PassReport) -> None:
         count = self._counts.get((repair.sale_id, repair.sku or ""), 1)
         for keys in bucket_keys(repair.sale_id, repair.sku or "", count):
-            await self.scripts.set_status(keys.meta, repair.after["status"])
+            await self.scripts.set_fields(keys.meta, {"status": repair.after["status"]})
         report.repairs.append(repair)
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from flashsale.keys import SaleKeys
 from flashsale.settings import Secret, Settings
 from flashsale.tokens import Signer
 from gateway.app import create_app
@@ -87,6 +88,32 @@ async def test_create_preload_stock_and_lifecycle(http: TestClient[Any, Any]) ->
     assert again.status == 409 and await error_code(again) == "sale_ended"
     final = await http.get(f"/admin/v1/sales/{sale_id}", headers=auth())
     assert (await final.json())["sale"]["status"] == "ended"
+
+
+async def test_the_admission_rate_changes_while_the_sale_runs(http: TestClient[Any, Any]) -> None:
+    app = http.app
+    assert app is not None
+    c = app[CLIENTS]
+    sale_id = (await (await http.post("/admin/v1/sales", json=SALE, headers=auth())).json())["id"]
+    path = f"/admin/v1/sales/{sale_id}"
+    assert (await http.post(f"{path}/preload", headers=auth())).status == 200
+    changed = await http.patch(path, json={"admission_rate": 40}, headers=auth())
+    assert changed.status == 200 and (await changed.json())["admission_rate"] == 40
+    # Postgres (the truth), then the sale hash the pump reads each step.
+    assert await c.pool.fetchval("SELECT admission_rate FROM sales WHERE id = $1", sale_id) == 40
+    assert await c.redis.hget(SaleKeys(sale_id).sale, "admission_rate") == b"40"
+    for body, field in (({"admission_rate": 0}, "admission_rate"),
+                        ({"admission_rate": "fast"}, "admission_rate"), ({}, "admission_rate"),
+                        ({"admission_rate": 5, "name": "x"}, "name")):  # fmt: skip
+        refused = await http.patch(path, json=body, headers=auth())
+        assert refused.status == 422, body
+        assert (await refused.json())["error"]["field"] == field
+    assert await c.pool.fetchval("SELECT admission_rate FROM sales WHERE id = $1", sale_id) == 40
+    missing = await http.patch("/admin/v1/sales/nope", json={"admission_rate": 5}, headers=auth())
+    assert missing.status == 404
+    await http.post(f"{path}/end", headers=auth())
+    ended = await http.patch(path, json={"admission_rate": 5}, headers=auth())
+    assert ended.status == 409 and await error_code(ended) == "sale_ended"
 
 
 @pytest.mark.parametrize(

@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING
 
 import uvloop
 
-from flashsale.cli.checks import non_negative, positive, service_settings, within
+from flashsale.cli.checks import fraction, non_negative, positive, service_settings, within
 from flashsale.cli.dev import apply_migrations
 from flashsale.cli.devstack.redis_cluster import Layout
 from flashsale.cli.devstack.stack import DevStack
 from flashsale.cli.output import fail, out
 from flashsale.errors import ConfigError, InvalidInput
 from flashsale.keys import MAX_BUCKETS
+from flashsale.salespec import MAX_ADMISSION_RATE
 from flashsale.settings import Settings, read_env_file
 
 if TYPE_CHECKING:
@@ -30,16 +31,36 @@ if TYPE_CHECKING:
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from loadtest import demo  # noqa: PLC0415
 
-    buyers = positive(int, "buyers", args.buyers)
-    stock = positive(int, "stock", args.stock)
+    scenario = demo.Scenario(
+        buyers=positive(int, "buyers", args.buyers), stock=positive(int, "stock", args.stock),
+        pre_queue=fraction("pre-queue", args.pre_queue),
+        arrival_s=non_negative("arrival-seconds", args.arrival_seconds),
+        admission_rate=within("admission-rate", args.admission_rate, 1, MAX_ADMISSION_RATE),
+        rate_change=_rate_change(args.rate_change),
+        decline=fraction("decline", args.decline), no_show=fraction("no-show", args.no_show),
+        abandon=fraction("abandon", args.abandon),
+        window_s=within("window-seconds", args.window_seconds, 5, 3600),
+    )  # fmt: skip
+    if scenario.no_show + scenario.abandon > 1:
+        raise InvalidInput("abandon", "--abandon and --no-show add up to more than 1")
     out("== starting the embedded stack (servers given by env vars are used as they are)")
     seconds = DevStack(settings.home).up()
     out(f"   ready in {seconds:.1f}s")
     settings = Settings.from_env()  # pick up the freshly written dev.env
-    code = uvloop.run(demo.run(settings, buyers=buyers, stock=stock, progress=out,
-                               json_path=args.json))  # fmt: skip
+    code = uvloop.run(demo.run(settings, scenario=scenario, progress=out, json_path=args.json))
     out("\nThe stack keeps running; stop it with `.venv/bin/flashsale dev down`.")
     return code
+
+
+def _rate_change(value: str | None) -> tuple[float, int] | None:
+    """``--rate-change SECONDS:RATE``."""
+    if value is None:
+        return None
+    at, sep, rate = value.partition(":")
+    if not sep:
+        raise InvalidInput("rate-change", f"must be SECONDS:RATE (e.g. 5:250), got {value!r}")
+    return (non_negative("rate-change", at),
+            within("rate-change", rate, 1, MAX_ADMISSION_RATE))  # fmt: skip
 
 
 def cmd_loadtest(args: argparse.Namespace, settings: Settings) -> int:
@@ -262,9 +283,47 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "reach a final state, or the audit failed.",
     )
     demo.set_defaults(handler=cmd_demo)
-    demo.add_argument("--buyers", default="50000",
-                      help="buyers arriving when the sale opens (default 50000)")  # fmt: skip
+    demo.add_argument("--buyers", default="50000", help="buyers (default 50000)")
     demo.add_argument("--stock", default="100", help="units of the SKU (default 100)")
+    demo.add_argument("--pre-queue", default="0.2", metavar="SHARE",
+                      help="share of the buyers joining before the opening, whose places are "
+                           "drawn at random (default 0.2)")  # fmt: skip
+    demo.add_argument("--arrival-seconds", default="5", metavar="S",
+                      help="the other buyers arrive evenly over this long after the opening "
+                           "(default 5)")  # fmt: skip
+    demo.add_argument(
+        "--admission-rate",
+        default="500",
+        metavar="N",
+        help="buyers admitted per second (default 500)",
+    )
+    demo.add_argument("--rate-change", metavar="SECONDS:RATE",
+                      help="change the admission rate this long after the opening, as an "
+                           "operator would (flashsale sale set-rate)")  # fmt: skip
+    demo.add_argument(
+        "--decline",
+        default="0.1",
+        metavar="SHARE",
+        help="share paying with a card that is declined (default 0.1)",
+    )
+    demo.add_argument(
+        "--no-show",
+        default="0",
+        metavar="SHARE",
+        help="share who never use their admission (default 0)",
+    )
+    demo.add_argument(
+        "--abandon",
+        default="0",
+        metavar="SHARE",
+        help="share who close the tab while waiting, without leaving (default 0)",
+    )
+    demo.add_argument(
+        "--window-seconds",
+        default="60",
+        metavar="S",
+        help="the sale's admission window (default 60)",
+    )
     demo.add_argument("--json", metavar="PATH", help="also write the final report as JSON")
 
     loadtest = commands.add_parser("loadtest", help="spike tests with locust")

@@ -136,6 +136,9 @@ async def cmd_sale(args: argparse.Namespace, settings: Settings) -> int:
             print_status(await sales.status(args.sale), as_json=args.json)
         elif command == "add-stock":
             print_status(await sales.add_stock(args.sale, args.sku, args.units), as_json=False)
+        elif command == "set-rate":
+            sale = await sales.set_admission_rate(args.sale, args.rate)
+            out(f"{sale['id']}: admitting {sale['admission_rate']} buyers per second")
         else:
             sale = await sales.set_status(args.sale, command)
             out(f"{sale['id']}: status {sale['status']} (state {sale['state']})")
@@ -317,6 +320,13 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     add.add_argument("sale")
     add.add_argument("sku")
     add.add_argument("units", metavar="N")
+    rate = sale_sub.add_parser(
+        "set-rate", help="change the admission rate, also while the sale runs",
+        description="Change how many buyers per second the waiting room admits. The pump "
+        "follows within a step and the ETAs buyers are shown follow the new rate.",
+    )  # fmt: skip
+    rate.add_argument("sale")
+    rate.add_argument("rate", metavar="N", help="buyers admitted per second (1..1000000)")
     for action, text in (
         ("pause", "stop granting reservations"),
         ("resume", "resume a paused sale"),

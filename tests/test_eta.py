@@ -1,0 +1,59 @@
+"""The ETAs the waiting room quotes (``gateway.eta``): the opening, the draw, the measured
+rates, and the honest "unknown"."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from allocator.queue_scripts import QueueView
+from gateway.eta import OPENING_P50_S, OPENING_P90_S, STEP_S, estimate
+
+START_MS = 1_000_000
+
+
+def view(**changes: object) -> QueueView:
+    base = QueueView(
+        preloaded=True, status="active", starts_at_ms=START_MS, ends_at_ms=START_MS + 3_600_000,
+        admission_rate=100, window_ms=60_000, capacity=1000, serving=0, cutoff=None, tail=0,
+        pre=0, sealed=False, shuffled=False, sold_out=False, rate_p50=0.0, rate_p10=0.0,
+        noshow=0.2, outstanding=0, beat_ms=0, live=True, available=1000, held=0,
+    )  # fmt: skip
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def test_before_the_opening_the_wait_counts_the_opening_and_the_first_step() -> None:
+    # 3 s before the opening, 30th in line: inside the burst the pump admits at once (50).
+    assert estimate(view(), 30, START_MS - 3000) == (3 + OPENING_P50_S, 3 + OPENING_P90_S)
+    # 250th: 200 beyond the burst at 100/s (p50) and at 80/s (p90).
+    p50, p90 = estimate(view(), 250, START_MS - 3000)
+    assert p50 == round(3 + OPENING_P50_S + 2.0, 1)
+    assert p90 == round(3 + OPENING_P90_S + 200 / 80, 1)
+
+
+def test_a_pre_queue_place_is_drawn_among_the_places_the_stock_reaches() -> None:
+    # 1,000 in the pre-queue, 40 units at a 20 % no-show: 50 places can be reached; a winner
+    # is drawn among them, all inside the opening burst.
+    assert estimate(view(pre=1000, available=40), 0, START_MS - 2000) == (2.2, 2.7)
+    # Plenty of stock: the draw spreads the 1,000 over 10 s at 100/s.
+    p50, p90 = estimate(view(pre=1000, available=5000), 0, START_MS - 2000)
+    assert p50 == round(2 + OPENING_P50_S + (500 - 50) / 100, 1)
+    assert p90 == round(2 + OPENING_P90_S + (900 - 50) / 80, 1)
+
+
+def test_once_admitting_the_measured_rates_give_the_wait() -> None:
+    v = view(serving=500, beat_ms=START_MS + 5000, rate_p50=50.0, rate_p10=25.0)
+    assert estimate(v, 600, START_MS + 5000) == (2.0, round(4.0 + STEP_S, 1))
+    # No measured rate (the pump admits nobody) is no promise at all.
+    assert estimate(dataclasses.replace(v, rate_p50=0.0, rate_p10=0.0), 600, 0) == (None, None)
+
+
+def test_beyond_the_units_free_now_the_wait_is_unknown() -> None:
+    # 10 units free, 8 admitted buyers expected to take them: 3 more places are reachable.
+    v = view(serving=100, beat_ms=1, rate_p50=50.0, rate_p10=25.0, available=10,
+             outstanding=10, noshow=0.2)  # fmt: skip
+    assert estimate(v, 103, START_MS)[0] is not None
+    assert estimate(v, 104, START_MS) == (None, None)
+
+
+def test_a_paused_sale_promises_nothing() -> None:
+    assert estimate(view(status="paused"), 10, START_MS - 1000) == (None, None)
