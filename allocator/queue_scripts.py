@@ -26,7 +26,7 @@ MAX_JOIN_BATCH = 256  # Lua's unpack() of ARGV stays far below its stack limit
 # Fields of the sale hash (put there by preload) that the waiting room reads.
 ROOM_SALE_FIELDS = (
     "status", "starts_at_ms", "ends_at_ms", "admission_rate", "window_ms", "capacity",
-    "challenge",
+    "challenge", "challenge_max",
 )  # fmt: skip
 QUEUE_FIELDS = (
     "serving", "cutoff", "tail", "pre", "sealed", "shuffled", "sold_out",
@@ -70,6 +70,7 @@ class QueueView:
     live: bool  # the waiting room is open in Redis (False: never opened, or lost)
     restored_ms: int = 0  # Redis time of the last restore after a loss (0: never lost)
     challenge: int = 0  # the join's proof-of-work difficulty in bits (0: none asked)
+    challenge_max: int = 0  # the most it rises to with the join rate (0: fixed)
     available: int | None = None  # units free and held, as the pump last read them
     held: int | None = None
 
@@ -106,6 +107,7 @@ class QueueView:
             live=integer(q["live"]) == 1,
             restored_ms=integer(q["restored_ms"]),
             challenge=integer(s["challenge"]),
+            challenge_max=integer(s["challenge_max"]),
             available=None if q["available"] is None else integer(q["available"]),
             held=None if q["held"] is None else integer(q["held"]),
         )

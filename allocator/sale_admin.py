@@ -77,10 +77,11 @@ class SaleAdmin:
             await conn.execute(
                 "INSERT INTO sales (id, name, starts_at, ends_at, admission_rate, max_queue,"
                 " admission_window_seconds, admission_capacity, shuffle_seed, shuffle_commitment,"
-                " join_challenge) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                " join_challenge, join_challenge_max)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
                 sale_id, spec.name, spec.starts_at, spec.ends_at, spec.admission_rate,
                 spec.max_queue, spec.admission_window_seconds, spec.admission_capacity,
-                seed, seed_commitment(seed), spec.join_challenge,
+                seed, seed_commitment(seed), spec.join_challenge, spec.join_challenge_max,
             )  # fmt: skip
             await _insert_skus(conn, sale_id, spec.skus)
         return await self.get(sale_id)

@@ -29,7 +29,7 @@ DEFAULT_DURATION = timedelta(hours=1)
 
 SALE_FILE_FIELDS = {
     "name", "starts_at", "ends_at", "admission_rate", "max_queue", "admission_window_seconds",
-    "admission_capacity", "join_challenge", "skus",
+    "admission_capacity", "join_challenge", "join_challenge_max", "skus",
 }  # fmt: skip
 SKU_FIELDS = (
     "sku",
@@ -67,6 +67,7 @@ class SaleSpec:
     admission_window_seconds: int = 60
     admission_capacity: int = 1000
     join_challenge: int = 0  # proof-of-work difficulty (leading zero bits) asked at join; 0: off
+    join_challenge_max: int = 0  # the most it rises to with the join rate; 0: fixed
 
 
 def integer(value: Any, where: str, *, minimum: int, maximum: int, what: str) -> int:
@@ -204,13 +205,21 @@ def parse_sale(data: Any, *, now: datetime | None = None) -> SaleSpec:
         data.get("join_challenge", 0), "join_challenge", minimum=0, maximum=MAX_CHALLENGE_BITS,
         what=f"a number of leading zero bits from 0 (off) to {MAX_CHALLENGE_BITS}",
     )  # fmt: skip
+    challenge_max = integer(
+        data.get("join_challenge_max", 0), "join_challenge_max", minimum=0,
+        maximum=MAX_CHALLENGE_BITS,
+        what=f"a number of leading zero bits up to {MAX_CHALLENGE_BITS} (0: fixed)",
+    )  # fmt: skip
+    if challenge_max and (challenge_max < challenge or not challenge):
+        raise InvalidInput("join_challenge_max", "must be at least join_challenge, which must "
+                           "be on (> 0); 0 keeps the difficulty fixed")  # fmt: skip
     raw_skus = data.get("skus", [])
     if not isinstance(raw_skus, list):
         raise InvalidInput("skus", "must be a list")
     skus = tuple(parse_sku(item, f"skus[{i}]") for i, item in enumerate(raw_skus))
     reject_duplicates(skus, lambda i: f"skus[{i}].sku")
     return SaleSpec(name, starts_at, ends_at, admission_rate, max_queue, skus, window, capacity,
-                    challenge)  # fmt: skip
+                    challenge, challenge_max)  # fmt: skip
 
 
 def reject_duplicates(skus: Iterable[SkuSpec], where: Any) -> None:

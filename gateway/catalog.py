@@ -51,6 +51,7 @@ async def sale_summary(request: web.Request, sale_id: str) -> dict[str, Any]:
             "ends_at": sale["ends_at"],
             "admission_window_seconds": sale["admission_window_seconds"],
             "join_challenge": sale["join_challenge"],
+            "join_challenge_max": sale["join_challenge_max"],
             "shuffle": sale["shuffle"],
             "skus": [
                 {

@@ -7,16 +7,25 @@ engine signs (``GET /v1/sales/{sale}/queue/challenge``) naming the sale, the buy
 nonce, the difficulty and a two-minute expiry, so a solution is good for that buyer and sale
 only; the nonce is spent in Redis on first use, so it is good once. Checking it is one
 signature check, one SHA-256 and one ``SET NX``.
+
+With ``join_challenge_max`` set, the difficulty follows the join rate: one more bit (twice
+the work) for each doubling of the joins per second over the sale's admission rate, up to the
+maximum. A bot flooding the queue raises the price of every place while the flood lasts; a
+person joining then pays the same, once. A join is accepted with a solved challenge of at
+least the base difficulty: the difficulty a challenge asked is signed into it, so nobody who
+solved one is turned away because the rate rose meanwhile.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets
 from typing import Any
 
 from aiohttp import web
 
+from allocator.queue_scripts import QueueView
 from flashsale.errors import Forbidden, InvalidToken
 from flashsale.keys import challenge_key
 from gateway.http import buyer_of, json_response, sale_of
@@ -26,6 +35,15 @@ CHALLENGE_TTL_S = 120
 MAX_SOLUTION_DIGITS = 20
 RULE = ("find a decimal number S such that sha256(challenge + ':' + S) starts with "
         "`difficulty` zero bits")  # fmt: skip
+
+
+def difficulty(view: QueueView, join_rate: float) -> int:
+    """The bits a challenge issued now asks: the sale's base, plus one per doubling of the
+    join rate over the admission rate when the sale lets it rise."""
+    base, ceiling = view.challenge, view.challenge_max
+    if not base or ceiling <= base or join_rate <= view.admission_rate:
+        return base
+    return min(ceiling, base + int(math.log2(join_rate / view.admission_rate)))
 
 
 def leading_zero_bits(digest: bytes) -> int:
@@ -50,7 +68,8 @@ async def issue(request: web.Request) -> web.Response:
     joining (``difficulty`` 0 and no challenge when the sale asks none)."""
     app = request.app
     buyer, sale_id = buyer_of(request), sale_of(request)
-    bits = (await app[COUNTERS].get(sale_id)).view.challenge
+    counters = await app[COUNTERS].get(sale_id)
+    bits = difficulty(counters.view, counters.join_rate)
     body: dict[str, Any] = {"difficulty": bits, "challenge": None, "rule": RULE}
     if bits:
         claims = {"s": sale_id, "sub": buyer, "n": secrets.token_hex(12), "d": bits}

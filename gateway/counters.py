@@ -18,6 +18,7 @@ from flashsale.keys import SaleKeys
 from flashsale.queue_marks import QueueMarks
 
 REFRESH_S = 0.1
+JOIN_RATE_S = 5.0  # the join rate is measured over this long
 
 
 @dataclass
@@ -28,6 +29,16 @@ class Counters:
     steps: list[Step] = field(default_factory=list)
     fetched: float = 0.0  # time.monotonic() of the read
     offset_ms: int = 0  # Redis TIME minus this host's clock at the read
+    joined: list[tuple[float, int]] = field(default_factory=list)  # (read at, buyers who joined)
+
+    @property
+    def join_rate(self) -> float:
+        """Joins per second over the last ``JOIN_RATE_S`` (as this process's reads saw the
+        queue grow; every process sees the same queue)."""
+        if len(self.joined) < 2:
+            return 0.0
+        (t0, n0), (t1, n1) = self.joined[0], self.joined[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
 
     def redis_now_ms(self) -> int:
         return int(time.time() * 1000) + self.offset_ms
@@ -92,6 +103,9 @@ class CounterCache:
         if len(self._by_sale) > 1024:
             self._by_sale.clear()
         offset = int(snap.redis_ms - local_ms)
-        fresh = Counters(view, steps, time.monotonic(), offset)
+        now = time.monotonic()
+        joined = [j for j in (current.joined if current else []) if j[0] >= now - JOIN_RATE_S]
+        joined.append((now, view.tail if view.sealed else view.pre))
+        fresh = Counters(view, steps, now, offset, joined)
         self._by_sale[sale_id] = fresh
         return fresh

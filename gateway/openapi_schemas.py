@@ -59,6 +59,7 @@ SALE_SPEC = obj(
         "admission_window_seconds": {"type": ["integer", "string"]},
         "admission_capacity": {"type": ["integer", "string"]},
         "join_challenge": {"type": ["integer", "string"]},
+        "join_challenge_max": {"type": ["integer", "string"]},
         "skus": {"type": "array", "items": SKU_SPEC},
     },
     ["name"],
@@ -144,6 +145,10 @@ PUBLIC_SALE = obj(
         "ends_at": {"type": "string"},
         "admission_window_seconds": {"type": "integer"},
         "join_challenge": {"type": "integer", "description": "proof-of-work bits asked at join"},
+        "join_challenge_max": {
+            "type": "integer",
+            "description": "the most bits asked as the join rate rises (0: fixed)",
+        },
         "shuffle": SHUFFLE,
         "skus": {
             "type": "array",

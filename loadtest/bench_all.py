@@ -59,17 +59,28 @@ def block_for_demo(report: dict[str, Any], machine: dict[str, Any]) -> str:
     seconds = report["seconds_to_answer_all"]
     met = seconds is not None and seconds <= report["target_seconds"]
     load = ", ".join(str(x) for x in machine.get("load_average_at_start", []))
+    error, coverage = report["eta_p50_abs_pct_error"], report["eta_p90_coverage"]
+    p50_met, p90_met = demo.eta_verdicts(error, coverage)
+    low, high = demo.ETA_P90_COVERAGE_TARGET
+    tau = report["admission_kendall_tau"]
     return (
         f"Latest `flashsale bench all` run: {machine.get('when')}, {machine.get('cpu')}, "
         f"{machine.get('cores')} cores, load average {load} at the start. Reproduce: "
         f"`flashsale demo --buyers {report['buyers']} --stock {report['stock']} --json "
         "bench-demo.json`.\n\n"
-        f"| buyers | units | every buyer answered after | target | sold | oversold | audit |\n"
-        f"|---:|---:|---:|---|---:|---:|---|\n"
-        f"| {report['buyers']:,} | {report['stock']} | "
+        f"| buyers | joined before the opening | units | every buyer answered after | target "
+        f"| sold | oversold | admission order (Kendall tau) | audit |\n"
+        f"|---:|---:|---:|---:|---|---:|---:|---:|---|\n"
+        f"| {report['buyers']:,} | {report['pre_queue_joins']:,} | {report['stock']} | "
         f"{'-' if seconds is None else f'{seconds:.1f} s'} | ≤ {report['target_seconds']:g} s: "
         f"{'met' if met else 'MISSED'} | {report['sold']} | {report['oversold']} | "
-        f"{'passed' if report['audit_passed'] else 'FAILED'} |\n\n"
+        f"{'-' if tau is None else tau} | {'passed' if report['audit_passed'] else 'FAILED'} |\n\n"
+        f"| ETAs: admitted buyers shown one (before the draw) | p50 error (median) | target "
+        f"| admitted within their p90 | target |\n|---:|---:|---|---:|---|\n"
+        f"| {report['eta_buyers']} ({report['eta_buyers_pre_queue']}) | "
+        f"{'-' if error is None else f'{error} %'} | ≤ {demo.ETA_P50_ERROR_TARGET:g} %: "
+        f"{p50_met} | {'-' if coverage is None else f'{coverage:.0%}'} | "
+        f"{low:.0%}-{high:.0%}: {p90_met} |\n\n"
         f"| route | requests | p50 ms | p99 ms |\n|---|---:|---:|---:|\n{routes}\n"
     )
 

@@ -121,6 +121,8 @@ class DemoReport:
     eta_p90_coverage: float | None = None
     eta_buyers: int = 0
     eta_buyers_pre_queue: int = 0  # of eta_buyers: shown their first ETA before the draw
+    # the same figures for the ETAs shown before the draw and for those shown with a place
+    eta_by_kind: dict[str, dict[str, float | int | None]] = field(default_factory=dict)
     audit_passed: bool = False
     outcomes: dict[str, int] = field(default_factory=dict)
     orders: dict[str, int] = field(default_factory=dict)
@@ -135,7 +137,7 @@ class DemoReport:
             "admission_kendall_tau": self.admission_kendall_tau,
             "eta_p50_abs_pct_error": self.eta_p50_abs_pct_error,
             "eta_p90_coverage": self.eta_p90_coverage, "eta_buyers": self.eta_buyers,
-            "eta_buyers_pre_queue": self.eta_buyers_pre_queue,
+            "eta_buyers_pre_queue": self.eta_buyers_pre_queue, "eta_by_kind": self.eta_by_kind,
             "audit_passed": self.audit_passed, "routes": self.routes,
             "outcomes": self.outcomes, "orders": self.orders,
             "target_seconds": self.target_seconds,
@@ -202,6 +204,16 @@ def _sign(settings: Settings, count: int, progress: Progress) -> list[str]:
 # A wait shorter than this counts as this long in the percentage error: the page shows whole
 # seconds, so "about 0 s" for a wait of 0.4 s is not 100 % off to anyone.
 ETA_FLOOR_S = 1.0
+ETA_P50_ERROR_TARGET = 25.0  # % (median absolute error of the p50)
+ETA_P90_COVERAGE_TARGET = (0.85, 0.95)  # share admitted within their p90
+
+
+def eta_verdicts(error: float | None, coverage: float | None) -> tuple[str, str]:
+    """'met' or 'MISSED' for the p50 error and the p90 coverage ('-' when not measured)."""
+    low, high = ETA_P90_COVERAGE_TARGET
+    p50 = "-" if error is None else "met" if error <= ETA_P50_ERROR_TARGET else "MISSED"
+    p90 = "-" if coverage is None else "met" if low <= coverage <= high else "MISSED"
+    return p50, p90
 
 
 def eta_accuracy(etas: list[Eta]) -> tuple[float | None, float | None]:
@@ -249,9 +261,19 @@ def _summary(report: DemoReport, progress: Progress) -> None:
              + ("n/a (fewer than two buyers admitted at different times)" if tau is None
                 else f"{tau:.3f} ({'in order' if tau == 1.0 else 'OUT OF ORDER'})"))  # fmt: skip
     if report.eta_buyers:
-        progress(f"   ETAs of the {report.eta_buyers} admitted buyers shown one: p50 off by "
-                 f"{report.eta_p50_abs_pct_error}% (median), admitted within their p90: "
-                 f"{report.eta_p90_coverage:.0%}")  # fmt: skip
+        p50_met, p90_met = eta_verdicts(report.eta_p50_abs_pct_error, report.eta_p90_coverage)
+        low, high = ETA_P90_COVERAGE_TARGET
+        progress(f"   ETAs of the {report.eta_buyers} admitted buyers shown one "
+                 f"({report.eta_buyers_pre_queue} before the draw): p50 off by "
+                 f"{report.eta_p50_abs_pct_error}% (median; target <= "
+                 f"{ETA_P50_ERROR_TARGET:g}%: {p50_met}), admitted within their p90: "
+                 f"{report.eta_p90_coverage:.0%} (target {low:.0%}-{high:.0%}: "
+                 f"{p90_met})")  # fmt: skip
+        for kind, part in report.eta_by_kind.items():
+            if part["buyers"]:
+                progress(f"     {kind.replace('_', ' ')}: {part['buyers']} buyers, p50 off by "
+                         f"{part['p50_abs_pct_error']}%, within p90 "
+                         f"{part['p90_coverage']:.0%}")  # fmt: skip
     for route, figures in report.routes.items():
         progress(f"   {route:8} {figures['requests']:>7,.0f} requests  p50 {figures['p50_ms']} "
                  f"ms  p99 {figures['p99_ms']} ms")  # fmt: skip
@@ -322,6 +344,11 @@ async def _drive(settings: Settings, session: aiohttp.ClientSession, base: str,
     report.eta_p50_abs_pct_error, report.eta_p90_coverage = eta_accuracy(stats.etas)
     report.eta_buyers = len(stats.etas)
     report.eta_buyers_pre_queue = sum(1 for e in stats.etas if e.pre_queue)
+    for kind, pre in (("before_draw", True), ("placed", False)):
+        etas = [e for e in stats.etas if e.pre_queue is pre]
+        error, coverage = eta_accuracy(etas)
+        report.eta_by_kind[kind] = {"buyers": len(etas), "p50_abs_pct_error": error,
+                                    "p90_coverage": coverage}  # fmt: skip
     gone = stats.outcomes["abandoned"] + stats.outcomes["no_show"]
     progress(f"== every buyer answered {answered_all:.1f}s after the sale opened: "
              f"{stats.outcomes['reserved']} reserved, {stats.outcomes['sold_out']:,} sold out, "

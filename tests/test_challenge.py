@@ -3,15 +3,18 @@ solution, with a wrong one, with another buyer's, and a second time; accepted on
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 
 import pytest
 
+from allocator.queue_scripts import QueueView
 from flashsale.errors import InvalidInput
 from flashsale.salespec import parse_sale
 from flashsale.settings import Settings
-from gateway.challenge import leading_zero_bits, solves
+from gateway.challenge import difficulty, leading_zero_bits, solves
 from tests.harness import Gateway, auth, gateway
 
 
@@ -73,3 +76,42 @@ async def test_a_join_needs_a_fresh_solution_of_its_own_challenge(gw: Gateway) -
     assert (await _challenge(gw, plain, "bob"))["challenge"] is None
     answer = await gw.http.post(f"/v1/sales/{plain}/queue", headers=auth(gw.token("bob")))
     assert answer.status == 200
+
+
+def test_the_difficulty_rises_a_bit_per_doubling_of_the_join_rate_over_admission() -> None:
+    v = QueueView(
+        preloaded=True, status="active", starts_at_ms=0, ends_at_ms=1, admission_rate=100,
+        window_ms=1, capacity=1, serving=0, cutoff=None, tail=0, pre=0, sealed=True,
+        shuffled=True, sold_out=False, rate_p50=0, rate_p10=0, noshow=0, outstanding=0,
+        beat_ms=0, live=True, challenge=10, challenge_max=14,
+    )  # fmt: skip
+    assert [difficulty(v, rate) for rate in (0, 100, 199, 200, 399, 400, 800, 10**6)] == [
+        10, 10, 10, 11, 11, 12, 13, 14]  # fmt: skip
+    assert difficulty(dataclasses.replace(v, challenge_max=0), 10**6) == 10  # fixed
+    assert difficulty(dataclasses.replace(v, challenge=0, challenge_max=0), 10**6) == 0
+    for bad in ({"join_challenge": 8, "join_challenge_max": 6}, {"join_challenge_max": 6},
+                {"join_challenge": 8, "join_challenge_max": 25}):  # fmt: skip
+        with pytest.raises(InvalidInput) as refused:
+            parse_sale({"name": "x", **bad})
+        assert refused.value.field == "join_challenge_max"
+
+
+async def test_a_flood_of_joins_raises_the_price_of_the_next_place(gw: Gateway) -> None:
+    sale = await gw.create_sale(stock=5, admission_rate=1, join_challenge=4, join_challenge_max=8)
+    info = await (await gw.http.get(f"/v1/sales/{sale}")).json()
+    assert (info["join_challenge"], info["join_challenge_max"]) == (4, 8)
+    early = await _challenge(gw, sale, "early")
+    assert early["difficulty"] == 4  # nobody has joined yet
+    for i in range(60):  # 60 joins in well under 4 s: more than 16 times the admission rate
+        offer = await _challenge(gw, sale, f"b{i}")
+        solution, _ = solve(str(offer["challenge"]), int(str(offer["difficulty"])))
+        headers = {**auth(gw.token(f"b{i}")), "X-Challenge": str(offer["challenge"]),
+                   "X-Challenge-Solution": solution}  # fmt: skip
+        assert (await gw.http.post(f"/v1/sales/{sale}/queue", headers=headers)).status == 200
+    await asyncio.sleep(0.15)  # the next read of the counters sees the queue's growth
+    assert (await _challenge(gw, sale, "late"))["difficulty"] == 8
+    # A challenge solved at the base difficulty before the flood is still good.
+    solution, _ = solve(str(early["challenge"]), 4)
+    headers = {**auth(gw.token("early")), "X-Challenge": str(early["challenge"]),
+               "X-Challenge-Solution": solution}  # fmt: skip
+    assert (await gw.http.post(f"/v1/sales/{sale}/queue", headers=headers)).status == 200

@@ -54,9 +54,12 @@ def test_demo_runs_a_spike_to_orders_and_a_passing_audit(stack: Settings, tmp_pa
     assert report["seconds_to_answer_all"] > 0
     assert set(report["routes"]) >= {"join", "reserve"}
     assert report["routes"]["join"]["requests"] >= 2000
-    # Nobody was admitted before a buyer ahead of them (admission times from the tokens).
-    assert report["admission_kendall_tau"] == 1.0
-    assert "admission order vs queue order: Kendall tau 1.000 (in order)" in out
+    # Nobody was admitted before a buyer ahead of them (admission times from the tokens); when
+    # one pump step admitted every winner, no two were admitted at different times.
+    tau = report["admission_kendall_tau"]
+    assert tau in (1.0, None), tau
+    assert ("admission order vs queue order: Kendall tau "
+            + ("1.000 (in order)" if tau == 1.0 else "n/a")) in out  # fmt: skip
     # The pre-queue's winners were shown an ETA before the draw, and how it held up is
     # reported (the targets are judged on the full demo in docs/BENCHMARKS.md, not here).
     assert 0 < report["eta_buyers_pre_queue"] <= report["eta_buyers"], report
