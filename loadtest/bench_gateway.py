@@ -46,6 +46,7 @@ from aiohttp import web
 
 from allocator.pump import quantile
 from allocator.queue_scripts import MAX_JOIN_BATCH, QueueScripts
+from flashsale import event_loop
 from flashsale.cli.devstack.processes import free_port
 from flashsale.clients import redis_client
 from flashsale.keys import SaleKeys
@@ -79,8 +80,6 @@ class Options:
 
 def serve_bare(port: int) -> None:
     """One process of the bare endpoint (run with ``python -m loadtest.bench_gateway PORT``)."""
-    import uvloop  # noqa: PLC0415
-
     body = orjson.dumps({"state": "waiting", "position": 1, "ahead": 0})
 
     async def hello(_request: web.Request) -> web.Response:
@@ -97,7 +96,7 @@ def serve_bare(port: int) -> None:
         await stop.wait()
         await runner.cleanup()
 
-    uvloop.run(main())
+    event_loop.run(main())
 
 
 # -- the run --------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Literal, cast
 from urllib.parse import urlsplit, urlunsplit
 
-import uvloop
+from flashsale import event_loop
 
 Mode = Literal["pass", "refuse", "blackhole"]
 CHUNK = 64 * 1024
@@ -213,4 +213,4 @@ class ProxyProcess:
 if __name__ == "__main__":
     if len(sys.argv) != 2 or ":" not in sys.argv[1]:
         sys.exit("usage: python -m loadtest.fault_proxy HOST:PORT")
-    uvloop.run(_main(sys.argv[1]))
+    event_loop.run(_main(sys.argv[1]))

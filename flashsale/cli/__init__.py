@@ -16,9 +16,8 @@ import asyncio
 from collections.abc import Sequence
 
 import redis.exceptions
-import uvloop
 
-from flashsale import __version__
+from flashsale import __version__, event_loop
 from flashsale.cli import dev, load, sale, serve
 from flashsale.cli.output import fail
 from flashsale.errors import FlashsaleError, InvalidInput
@@ -47,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = args.handler(args, settings)
         if asyncio.iscoroutine(result):
-            result = uvloop.run(result)
+            result = event_loop.run(result)
         return int(result)
     except InvalidInput as exc:
         fail(exc.message)

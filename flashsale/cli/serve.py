@@ -8,8 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import uvloop
-
+from flashsale import event_loop
 from flashsale.cli import runners
 from flashsale.cli.checks import (
     fraction,
@@ -31,7 +30,7 @@ def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
     workers = positive(int, "workers", args.workers)
     service_settings(settings)
     if workers == 1:
-        return int(uvloop.run(
+        return int(event_loop.run(
             runners.serve_gateway(settings, args.host, port, reuse_port=args.reuse_port)
         ))  # fmt: skip
     metrics_dir = runners.fresh_metrics_dir(settings.home, f"gateway-{port}")
@@ -44,7 +43,7 @@ def cmd_allocator(args: argparse.Namespace, settings: Settings) -> int:
     ops_port = port_number("ops-port", args.ops_port) if args.ops_port else None
     settings.require_redis()
     settings.require_database()
-    return int(uvloop.run(runners.serve_allocator(settings, args.host, ops_port)))
+    return int(event_loop.run(runners.serve_allocator(settings, args.host, ops_port)))
 
 
 SHOWN = 20  # repairs listed by `reconcile --once` before "... and N more"
@@ -61,10 +60,10 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     settings.require_redis()
     settings.require_database()
     if not args.once:
-        return int(uvloop.run(runners.serve_reconciler(
+        return int(event_loop.run(runners.serve_reconciler(
             settings, args.host, ops_port, interval=interval, stuck_after_s=stuck,
         )))  # fmt: skip
-    report = uvloop.run(reconciler_service.reconcile_once(settings, args.sale, stuck))
+    report = event_loop.run(reconciler_service.reconcile_once(settings, args.sale, stuck))
     if args.json:
         dump_json(report.json())
     else:
@@ -89,7 +88,7 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     settings.require_redis()
     settings.require_database()
     settings.require_kafka()
-    report = uvloop.run(reconciler_service.audit(settings, args.sale))
+    report = event_loop.run(reconciler_service.audit(settings, args.sale))
     if args.json:
         dump_json(report.json())
     else:
@@ -106,7 +105,7 @@ def cmd_workers(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.psp_url:
         raise ConfigError("FLASHSALE_PSP_URL is not set: point it at the payment provider "
                           "(`flashsale psp` serves a simulator)")  # fmt: skip
-    return int(uvloop.run(runners.serve_workers(settings, args.host, ops_port, concurrency)))
+    return int(event_loop.run(runners.serve_workers(settings, args.host, ops_port, concurrency)))
 
 
 def cmd_psp(args: argparse.Namespace, settings: Settings) -> int:
@@ -129,7 +128,7 @@ def cmd_psp(args: argparse.Namespace, settings: Settings) -> int:
         f"psp simulator on http://{args.host}:{port} ({knobs})"
         + (f", charges journaled to {journal}" if journal else ", charges in memory only")
     )
-    return int(uvloop.run(runners.serve_psp(args.host, port, knobs, journal)))
+    return int(event_loop.run(runners.serve_psp(args.host, port, knobs, journal)))
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
