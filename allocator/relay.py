@@ -158,6 +158,7 @@ class OutboxRelay:
         sends: list[Awaitable[Any]] = []
         messages: list[tuple[bytes, bytes]] = []
         done: list[tuple[SkuKeys, list[Any]]] = []
+        relayed: list[tuple[str, str]] = []  # (event type, reservation id)
         for keys, entries in work:
             ids = []
             for entry_id, fields in entries:
@@ -178,6 +179,7 @@ class OutboxRelay:
                     ))  # fmt: skip
                     continue
                 messages += [(message_key(e.reservation_id), encode_event(e)) for e in events]
+                relayed += [(e.type, e.reservation_id) for e in events]
             done.append((keys, ids))
         # Every message acknowledged by the broker before any entry is.
         await publish(self.producer, self.topic, messages)
@@ -188,6 +190,8 @@ class OutboxRelay:
             pipe.xdel(keys.outbox, *ids)
         await pipe.execute()
         acked = sum(len(ids) for _, ids in done)
+        for kind, rid in relayed:
+            log.info("relayed %s", kind, extra={"reservation_id": rid})
         self.stats.entries += acked
         self.stats.messages += len(messages) + len(sends)
         return acked

@@ -176,6 +176,7 @@ class Settings:
     secret: Secret = Secret("")
     buyer_token_secret: Secret = Secret("")
     log_level: str = "INFO"
+    log_format: str = "auto"  # json | text | auto: JSON unless stderr is a terminal
     # Gateway protection (README, "Running the engine"): GCRA limits per client IP and per buyer
     # on the routes that write, a per-process cap on requests in flight, a deadline for bodies.
     rate_per_ip: Rate = Rate(100.0, 200)
@@ -230,6 +231,7 @@ class Settings:
             secret=Secret(pick("FLASHSALE_SECRET") or ""),
             buyer_token_secret=Secret(pick("FLASHSALE_BUYER_TOKEN_SECRET") or ""),
             log_level=(env.get("FLASHSALE_LOG_LEVEL") or "INFO").upper(),
+            log_format=_choice(env, "FLASHSALE_LOG_FORMAT", ("auto", "json", "text"), "auto"),
             rate_per_ip=Rate.parse(
                 env.get("FLASHSALE_RATE_PER_IP") or "100,200", "FLASHSALE_RATE_PER_IP"
             ),
@@ -281,8 +283,15 @@ class Settings:
             f"database_url={mask_url(self.database_url)!r}, "
             f"kafka_bootstrap={self.kafka_bootstrap!r}, admin_token={self.admin_token!r}, "
             f"secret={self.secret!r}, buyer_token_secret={self.buyer_token_secret!r}, "
-            f"log_level={self.log_level!r})"
+            f"log_level={self.log_level!r}, log_format={self.log_format!r})"
         )
+
+
+def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...], default: str) -> str:
+    value = (env.get(name) or default).strip().lower()
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
 
 
 _ORIGIN = re.compile(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+import re
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 
@@ -11,6 +13,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from flashsale.errors import FlashsaleError, InvalidInput
+from flashsale.logs import CONTEXT
 from flashsale.ops_endpoints import PROBE_PATHS
 from flashsale.outages import describe, is_outage
 from gateway.http import error_response
@@ -20,6 +23,13 @@ log = logging.getLogger("flashsale.gateway")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Guard = Callable[[web.Request], None]
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")  # what is kept of a caller's X-Request-Id
+
+
+def request_id(request: web.Request) -> str:
+    """The caller's ``X-Request-Id`` when it is a sane token, else a new one."""
+    given = request.headers.get("X-Request-Id")
+    return given if given and REQUEST_ID.match(given) else secrets.token_hex(8)
 
 
 def error_for(request: web.Request, exc: Exception) -> web.Response:
@@ -59,7 +69,9 @@ def edge(metrics: Metrics, limit: int, guard: Guard) -> Middleware:
     * ``guard`` before any handler and before routing errors, so an unauthorised admin path
       is 401 even when it does not exist;
     * every exception mapped to HTTP by :func:`error_for`;
-    * every answer counted and timed, refusals by reason.
+    * every answer counted and timed, refusals by reason;
+    * a request id (the caller's ``X-Request-Id`` or a new one) bound to every log line of
+      the request and returned in ``X-Request-Id``.
     """
     exempt = PROBE_PATHS
     gauge = metrics.in_flight
@@ -68,6 +80,17 @@ def edge(metrics: Metrics, limit: int, guard: Guard) -> Middleware:
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        rid = request_id(request)
+        bound = CONTEXT.set({"request_id": rid})
+        try:
+            response = await answer(request, handler)
+        finally:
+            CONTEXT.reset(bound)
+        if not response.prepared:
+            response.headers["X-Request-Id"] = rid
+        return response
+
+    async def answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         nonlocal current, published
         began = time.perf_counter()
         counted = request.path not in exempt

@@ -11,7 +11,7 @@ answer; the same key with another body gets 422 ``idempotency_mismatch``.
 
 from __future__ import annotations
 
-import re
+import logging
 from typing import Any
 
 from aiohttp import web
@@ -30,13 +30,13 @@ from flashsale.errors import (
 from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.orders import order_view
 from flashsale.outages import is_outage
-from flashsale.records import SEPARATORS, HoldRecord, request_fingerprint
+from flashsale.records import SEPARATORS, HoldRecord, idempotency_key, request_fingerprint
 from flashsale.timefmt import iso_ms
 from gateway.catalog import sku_limits
 from gateway.http import buyer_of, json_body, json_response, rate_limit, sale_of
 from gateway.state import ALLOCATORS, ANNOUNCER, CLIENTS, HOLDS, METRICS, QUEUE, SIGNERS
 
-IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9._:-]{1,100}\Z")
+log = logging.getLogger("flashsale.gateway")
 MAX_PAYMENT_TOKEN = 200
 
 # Refusals of the reserve script, as HTTP answers.
@@ -108,9 +108,8 @@ async def reserve(request: web.Request) -> web.Response:
     await rate_limit(request, buyer)
     limits = await sku_limits(request, sale_id)  # 404 for an unknown sale comes first
     position, deadline_ms = _admission(request, sale_id, buyer)
-    key = request.headers.get("Idempotency-Key", "")
-    if not IDEMPOTENCY_KEY.match(key):
-        raise InvalidInput("Idempotency-Key", "required header: 1..100 of A-Z a-z 0-9 . _ : -")
+    key = idempotency_key(request.headers.get("Idempotency-Key"), required=True)
+    assert key is not None
     raw = await json_body(request, allowed={"sku", "quantity", "payment_token"})
     sku = raw.get("sku")
     limit = limits[sku].limit if isinstance(sku, str) and sku in limits else 1
@@ -160,6 +159,8 @@ async def reserve(request: web.Request) -> web.Response:
             metrics.count(metrics.reservations, "unannounced")
             raise
     state, cause = hold.state, hold.cause or None
+    log.info("reservation %s", state.lower(), extra={"reservation_id": rid, "sale": sale_id,
+                                                     "sku": sku})  # fmt: skip
     return json_response(
         {
             "reservation_id": rid,

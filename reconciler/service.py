@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from allocator.ids import route_of
 from flashsale.clients import Clients, open_clients
 from flashsale.ops_endpoints import dependency_probes, serve_ops
 from flashsale.outages import describe, is_outage
@@ -78,8 +79,20 @@ async def serve(settings: Settings, stop: asyncio.Event, *, interval: float,
                         log.warning("reconcile pass: %d repairs, %d flags over %d SKUs in %.3fs",
                                     report.changed, len(report.flags), report.skus,
                                     report.seconds)  # fmt: skip
+                        log_items(report)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), interval)
         finally:
             if runner is not None:
                 await runner.cleanup()
+
+
+def log_items(report: PassReport) -> None:
+    """A line per repair and flag, with the reservation id when it is about one, so that a
+    reservation's story across the services is one grep."""
+    for kind, items in (("repair", report.repairs), ("flag", report.flags)):
+        for item in items:
+            rid = item.subject if item.subject and route_of(item.subject) else None
+            log.info("reconcile %s %s", kind, item.kind,
+                     extra={"sale": item.sale_id, "sku": item.sku, "subject": item.subject,
+                            **({"reservation_id": rid} if rid else {})})  # fmt: skip

@@ -64,6 +64,7 @@ class BatchResult:
     refunded: int = 0
     duplicates: int = 0  # already processed (inbox)
     unresolved: dict[str, str] = field(default_factory=dict)
+    moved: list[tuple[str, str]] = field(default_factory=list)  # (order id, state reached)
 
 
 def _keys(event: ReservationEvent) -> SkuKeys:
@@ -109,6 +110,8 @@ class Saga:
             await self._created(created, result)
         if closing:
             await self._closing(closing, result)
+        for order_id, state in result.moved:  # committed: an order's id is its reservation's
+            log.info("order %s", state, extra={"reservation_id": order_id})
         return result
 
     # -- reservation.created ------------------------------------------------------------
@@ -184,14 +187,18 @@ class Saga:
         # 5. Postgres follows, in one transaction: the orders that reach a terminal state here
         #    are what marks their events done.
         async with self.store.pool.acquire() as conn, conn.transaction():
-            result.confirmed += len(await self.store.advance(
+            confirmed_ids = await self.store.advance(
                 conn, [(o.id, "payment_captured") for o, _ in to_confirm], ["PAYING"],
                 "CONFIRMED", "order.confirmed", count_sold=True,
-            ))  # fmt: skip
-            result.failed += len(await self.store.advance(
+            )  # fmt: skip
+            failed_ids = await self.store.advance(
                 conn, [(o.id, "payment_declined") for o, _ in declined], ["PAYING"],
                 "PAYMENT_FAILED", "order.payment_failed",
-            ))  # fmt: skip
+            )  # fmt: skip
+            result.confirmed += len(confirmed_ids)
+            result.failed += len(failed_ids)
+            result.moved += [(rid, "CONFIRMED") for rid in sorted(confirmed_ids)]
+            result.moved += [(rid, "PAYMENT_FAILED") for rid in sorted(failed_ids)]
             await self._close(conn, late_causes, ["PENDING", "PAYING"], result)
             await self.store.note(conn, [(c.key, "late_capture_refunded") for c in refunds],
                                   "payment.refunded")  # fmt: skip
@@ -227,6 +234,7 @@ class Saga:
             moved = await self.store.advance(
                 conn, moves, from_states, state, f"order.{state.lower()}"
             )
+            result.moved += [(rid, state) for rid in sorted(moved)]
             if state == "PAYMENT_FAILED":
                 result.failed += len(moved)
             else:
