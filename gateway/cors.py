@@ -15,9 +15,12 @@ import aiohttp_cors
 from aiohttp import web
 
 # What a storefront's request may carry, and what it may read from the answer.
+# Every header the buyer API reads (the join challenge's included) and every one a storefront
+# may want to read back.
 REQUEST_HEADERS = ("Authorization", "Content-Type", "Idempotency-Key", "X-Admission-Token",
-                   "X-Queue-Ticket")  # fmt: skip
-RESPONSE_HEADERS = ("Retry-After",)
+                   "X-Queue-Ticket", "X-Challenge", "X-Challenge-Solution",
+                   "X-Request-Id")  # fmt: skip
+RESPONSE_HEADERS = ("Retry-After", "X-Request-Id")
 PREFLIGHT_CACHE_S = 600
 
 

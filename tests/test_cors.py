@@ -3,10 +3,14 @@ the real gateway app and a real Redis; and the setting's validation."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from flashsale.errors import ConfigError
 from flashsale.settings import Settings
+from gateway.cors import REQUEST_HEADERS
 from tests.harness import gateway
 
 SHOP = "https://shop.example.com"
@@ -33,6 +37,13 @@ async def test_a_listed_storefront_may_call_the_buyer_api(stack: Settings) -> No
                                       "content-type"),
         )  # fmt: skip
         assert reserve.status == 200, await reserve.text()
+        # A sale with a join challenge: its headers pass a preflight too, and so does a
+        # storefront's own request id.
+        solved = await gw.http.options(
+            join, headers=preflight("POST", "authorization,x-challenge,x-challenge-solution,"
+                                            "x-request-id"),
+        )  # fmt: skip
+        assert solved.status == 200, await solved.text()
 
         # The real request: the answer names the origin and lets the page read Retry-After.
         joined = await gw.http.post(
@@ -41,6 +52,7 @@ async def test_a_listed_storefront_may_call_the_buyer_api(stack: Settings) -> No
         assert joined.status == 200, await joined.text()
         assert joined.headers["Access-Control-Allow-Origin"] == SHOP
         assert "Retry-After" in joined.headers["Access-Control-Expose-Headers"]
+        assert "X-Request-Id" in joined.headers["Access-Control-Expose-Headers"]
         # An error answer carries them too, so the page can honour a 4xx/5xx's Retry-After.
         refused = await gw.http.post(join, headers={"Origin": SHOP})
         assert refused.status == 401
@@ -89,3 +101,12 @@ def test_the_setting_takes_origins_and_a_star() -> None:
         {"FLASHSALE_CORS_ORIGINS": "https://a.example, http://127.0.0.1:8081/ ,*"}
     )
     assert settings.cors_origins == ("https://a.example", "http://127.0.0.1:8081", "*")
+
+
+def test_every_header_the_buyer_api_reads_passes_a_preflight() -> None:
+    # The join challenge's headers were once missing here: a storefront on another origin
+    # could not join a sale that asks a challenge. Any header a route reads must be listed.
+    source = "".join(p.read_text() for p in Path("gateway").glob("*.py"))
+    read = set(re.findall(r'headers\.get\("((?:X|Idempotency)-[A-Za-z-]+)"', source))
+    read -= {"X-Forwarded-For"}  # set by proxies, never by a browser
+    assert read and read <= set(REQUEST_HEADERS), read - set(REQUEST_HEADERS)
