@@ -8,7 +8,7 @@ with operations that are idempotent, so re-running a command after a partial fai
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,36 @@ from flashsale.sales import (
 )
 from flashsale.salespec import MAX_ADMISSION_RATE, MAX_STOCK, SaleSpec, SkuSpec, identifier, integer
 from flashsale.shuffle import seed_commitment
+from flashsale.timefmt import iso
+
+MAX_PAGE = 1000
+SALE_STATUSES = ("active", "paused", "ended")
+ORDER_STATES = ("PENDING", "PAYING", "CONFIRMED", "PAYMENT_FAILED", "EXPIRED", "CANCELLED")
+# An order as the admin API lists and exports it: never the payment method token.
+ORDERS_PAGE = (
+    "SELECT id, sku, buyer_id, quantity, amount, currency, state, created_at, updated_at"
+    " FROM orders WHERE sale_id = $1 AND ($2::text IS NULL OR state = $2)"
+    " AND ($3::text IS NULL OR id > $3) ORDER BY id LIMIT $4"
+)
+ORDERS_EXPORT = (
+    "SELECT id, sku, buyer_id, quantity, amount, currency, state, created_at, updated_at"
+    " FROM orders WHERE sale_id = $1 AND ($2::text IS NULL OR state = $2) ORDER BY id"
+)
+
+
+def page_size(value: Any) -> int:
+    return integer(value, "limit", minimum=1, maximum=MAX_PAGE,
+                   what=f"an integer from 1 to {MAX_PAGE}")  # fmt: skip
+
+
+def offset_of(value: Any) -> int:
+    return integer(value, "offset", minimum=0, maximum=10**9, what="an integer >= 0")
+
+
+def order_state(value: str | None) -> str | None:
+    if value is not None and value.upper() not in ORDER_STATES:
+        raise InvalidInput("state", f"must be one of {', '.join(ORDER_STATES)}")
+    return None if value is None else value.upper()
 
 
 @dataclass
@@ -63,26 +93,68 @@ class SaleAdmin:
             skus = await fetch_skus(conn, sale_id)
         return sale_json(sale, skus)
 
-    async def list_sales(self) -> list[dict[str, Any]]:
+    async def list_sales(self, *, status: str | None = None, limit: int | str = MAX_PAGE,
+                         offset: int | str = 0) -> list[dict[str, Any]]:  # fmt: skip
+        """Sales, newest first; ``status`` (active, paused, ended) filters."""
+        if status is not None and status not in SALE_STATUSES:
+            raise InvalidInput("status", f"must be one of {', '.join(SALE_STATUSES)}")
         async with self.pool.acquire() as conn:
-            rows = await conn.fetch("SELECT * FROM sales ORDER BY created_at DESC")
+            rows = await conn.fetch(
+                "SELECT * FROM sales WHERE ($1::text IS NULL OR status = $1)"
+                " ORDER BY created_at DESC, id LIMIT $2 OFFSET $3",
+                status, page_size(limit), offset_of(offset),
+            )  # fmt: skip
         return [sale_json(row) for row in rows]
+
+    async def orders(self, sale_id: str, *, state: str | None = None, limit: int | str = MAX_PAGE,
+                     after: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
+        """A page of the sale's orders by id, after the order id ``after``; ``state`` filters."""
+        state = order_state(state)
+        async with self.pool.acquire() as conn:
+            await self._sale_row(conn, sale_id)  # NotFound for an unknown sale
+            rows = await conn.fetch(ORDERS_PAGE, sale_id, state, after, page_size(limit))
+        return [{**dict(r), "created_at": iso(r["created_at"]), "updated_at": iso(r["updated_at"])}
+                for r in rows]  # fmt: skip
+
+    async def export_orders(self, sale_id: str, sink: Callable[[bytes], Awaitable[Any]], *,
+                            state: str | None = None) -> None:  # fmt: skip
+        """Every order of the sale as CSV with a header, streamed to ``sink`` by Postgres's
+        ``COPY``: no row is held in memory."""
+        state = order_state(state)
+        async with self.pool.acquire() as conn:
+            await self._sale_row(conn, sale_id)
+            await conn.copy_from_query(ORDERS_EXPORT, sale_id, state, output=sink,
+                                       format="csv", header=True)  # fmt: skip
 
     # -- create / import -----------------------------------------------------------------
 
-    async def create(self, spec: SaleSpec) -> dict[str, Any]:
-        """Insert the sale and its SKUs in one transaction; returns the created sale."""
+    async def create(self, spec: SaleSpec, *, key: str | None = None,
+                     fingerprint: str = "") -> dict[str, Any]:  # fmt: skip
+        """Insert the sale and its SKUs in one transaction; returns the created sale. With an
+        idempotency ``key``, a create that already ran with it returns that sale (marked
+        ``"replayed": true``) when ``fingerprint`` (what was asked) matches, and is refused
+        (422 ``idempotency_mismatch``) when it does not."""
         sale_id, seed = new_sale_id(), secrets.token_hex(32)
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
+            inserted = await conn.fetchval(
                 "INSERT INTO sales (id, name, starts_at, ends_at, admission_rate, max_queue,"
                 " admission_window_seconds, admission_capacity, shuffle_seed, shuffle_commitment,"
-                " join_challenge, join_challenge_max)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                " join_challenge, join_challenge_max, create_key, create_fingerprint)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+                " ON CONFLICT (create_key) WHERE create_key IS NOT NULL DO NOTHING RETURNING id",
                 sale_id, spec.name, spec.starts_at, spec.ends_at, spec.admission_rate,
                 spec.max_queue, spec.admission_window_seconds, spec.admission_capacity,
                 seed, seed_commitment(seed), spec.join_challenge, spec.join_challenge_max,
+                key, fingerprint if key else None,
             )  # fmt: skip
+            if inserted is None:  # this key created a sale already
+                earlier = await conn.fetchrow(
+                    "SELECT id, create_fingerprint FROM sales WHERE create_key = $1", key
+                )
+                if earlier["create_fingerprint"] != fingerprint:
+                    raise InvalidInput("Idempotency-Key", "this key created another sale",
+                                       code="idempotency_mismatch")  # fmt: skip
+                return {**await self.get(earlier["id"]), "replayed": True}
             await _insert_skus(conn, sale_id, spec.skus)
         return await self.get(sale_id)
 

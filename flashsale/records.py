@@ -19,8 +19,13 @@ the idempotency answer's two parts by ``RS`` (0x1E). Neither may occur in any fi
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, replace
 from typing import Any, Literal
+
+import orjson
+
+from flashsale.errors import InvalidInput
 
 SEP = "\x1f"
 RS = "\x1e"
@@ -153,6 +158,25 @@ class IdemAnswer:
 
     def encode(self) -> str:
         return f"{self.quantity}{SEP}{self.payment_ref}{RS}{self.answer.encode()}"
+
+
+IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9._:-]{1,100}\Z")
+
+
+def idempotency_key(value: str | None, *, required: bool) -> str | None:
+    """A caller's Idempotency-Key: 1..100 of ``A-Z a-z 0-9 . _ : -`` (InvalidInput naming the
+    header otherwise); None when absent and not ``required``."""
+    if not value and not required:
+        return None
+    if not value or not IDEMPOTENCY_KEY.match(value):
+        raise InvalidInput("Idempotency-Key", ("required header: " if required else "")
+                           + "1..100 of A-Z a-z 0-9 . _ : -")  # fmt: skip
+    return value
+
+
+def body_fingerprint(body: Any) -> str:
+    """What an idempotent create binds besides its key: the request as sent, canonically."""
+    return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
 
 
 def request_fingerprint(sku: str, quantity: int, payment_ref: str) -> str:

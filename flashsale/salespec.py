@@ -10,14 +10,16 @@ from __future__ import annotations
 import csv
 import io
 import unicodedata
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from flashsale.currencies import is_currency
 from flashsale.errors import InvalidInput
 from flashsale.keys import ID_PATTERN, MAX_BUCKETS
+
+T = TypeVar("T")
 
 MAX_STOCK = 1_000_000_000
 MAX_ADMISSION_RATE = 1_000_000  # buyers per second
@@ -128,46 +130,74 @@ def _check_fields(data: Mapping[str, Any], allowed: Iterable[str], where: str) -
 
 
 def parse_sku(data: Any, where: str) -> SkuSpec:
-    """One SKU from a JSON object or a CSV row (``where`` prefixes field names in errors)."""
+    """One SKU from a JSON object or a CSV row (``where`` prefixes field names in errors).
+    Every bad field is named (:func:`refuse_all`), not only the first."""
+    errors: list[InvalidInput] = []
+    spec = _sku(data, where, errors)
+    refuse_all(errors)
+    return spec
+
+
+def _sku(data: Any, where: str, errors: list[InvalidInput]) -> SkuSpec:
+    """The SKU in ``data``, with every problem appended to ``errors`` (the spec is then
+    meaningless)."""
     if not isinstance(data, Mapping):
         raise InvalidInput(where, "must be an object")
     _check_fields(data, SKU_FIELDS, where)
     present = {k for k, v in data.items() if v not in (None, "")}
-    for name in SKU_FIELDS:
-        if name in SKU_REQUIRED and name not in present:
-            raise InvalidInput(f"{where}.{name}", "is required")
-    sku = identifier(data["sku"], f"{where}.sku")
-    currency = data["currency"]
-    if not isinstance(currency, str) or not is_currency(currency.strip()):
-        raise InvalidInput(f"{where}.currency", f"unknown ISO 4217 currency {currency!r}")
-    return SkuSpec(
+    errors += [InvalidInput(f"{where}.{name}", "is required")
+               for name in SKU_FIELDS if name in SKU_REQUIRED and name not in present]  # fmt: skip
+
+    def take(name: str, parse: Callable[[Any, str], T], default: T) -> T:
+        if name not in present:
+            return default
+        try:
+            return parse(data[name], f"{where}.{name}")
+        except InvalidInput as exc:
+            errors.append(exc)
+            return default
+
+    def currency(value: Any, field: str) -> str:
+        if not isinstance(value, str) or not is_currency(value.strip()):
+            raise InvalidInput(field, f"unknown ISO 4217 currency {value!r}")
+        return value.strip()
+
+    def bounded(low: int, high: int, what: str) -> Callable[[Any, str], int]:
+        return lambda value, field: integer(value, field, minimum=low, maximum=high, what=what)
+
+    sku = take("sku", identifier, "")
+    spec = SkuSpec(
         sku=sku,
-        title=text(data["title"], f"{where}.title") if "title" in present else sku,
-        stock=integer(
-            data["stock"], f"{where}.stock", minimum=1, maximum=MAX_STOCK,
-            what="a positive integer",
-        ),
-        price=integer(
-            data["price"], f"{where}.price", minimum=0, maximum=MAX_PRICE,
-            what="a non-negative integer amount in minor units",
-        ),
-        currency=currency.strip(),
-        per_buyer_limit=integer(
-            data.get("per_buyer_limit", 1) if "per_buyer_limit" in present else 1,
-            f"{where}.per_buyer_limit", minimum=1, maximum=MAX_LIMIT,
-            what=f"an integer from 1 to {MAX_LIMIT}",
-        ),
-        hold_ttl_seconds=integer(
-            data.get("hold_ttl_seconds", 120) if "hold_ttl_seconds" in present else 120,
-            f"{where}.hold_ttl_seconds", minimum=1, maximum=MAX_TTL_SECONDS,
-            what=f"a positive number of seconds up to {MAX_TTL_SECONDS}",
-        ),
-        buckets=integer(
-            data.get("buckets", 1) if "buckets" in present else 1,
-            f"{where}.buckets", minimum=1, maximum=MAX_BUCKETS,
-            what=f"an integer from 1 to {MAX_BUCKETS} (stock buckets)",
-        ),
+        title=take("title", text, sku),
+        stock=take("stock", bounded(1, MAX_STOCK, "a positive integer"), 1),
+        price=take("price", bounded(0, MAX_PRICE,
+                                    "a non-negative integer amount in minor units"), 0),
+        currency=take("currency", currency, ""),
+        per_buyer_limit=take("per_buyer_limit", bounded(1, MAX_LIMIT,
+                                                        f"an integer from 1 to {MAX_LIMIT}"), 1),
+        hold_ttl_seconds=take("hold_ttl_seconds", bounded(
+            1, MAX_TTL_SECONDS, f"a positive number of seconds up to {MAX_TTL_SECONDS}"), 120),
+        buckets=take("buckets", bounded(
+            1, MAX_BUCKETS, f"an integer from 1 to {MAX_BUCKETS} (stock buckets)"), 1),
     )  # fmt: skip
+    return spec
+
+
+MAX_LISTED = 20  # problems named in one error, beyond the first
+
+
+def refuse_all(errors: Sequence[InvalidInput]) -> None:
+    """Nothing when ``errors`` is empty; else one InvalidInput naming the first field and
+    listing the others, so a merchandiser fixes a file in one go."""
+    if not errors:
+        return
+    first, others = errors[0], errors[1:]
+    if not others:
+        raise first
+    listed = "; ".join(e.message for e in others[:MAX_LISTED])
+    more = f"; and {len(others) - MAX_LISTED} more" if len(others) > MAX_LISTED else ""
+    detail = first.message[len(first.field) + 2 :]
+    raise InvalidInput(first.field, f"{detail} ({len(errors)} errors; also {listed}{more})")
 
 
 def parse_sale(data: Any, *, now: datetime | None = None) -> SaleSpec:
@@ -231,8 +261,10 @@ def reject_duplicates(skus: Iterable[SkuSpec], where: Any) -> None:
 
 
 def parse_csv(content: str) -> tuple[SkuSpec, ...]:
-    """SKU rows from CSV with a header naming the SKU fields. Validates every row first."""
-    reader = csv.DictReader(io.StringIO(content, newline=""))
+    """SKU rows from CSV with a header naming the SKU fields (a UTF-8 byte-order mark, as Excel
+    writes, is ignored). Validates every row first; an error names each bad cell by row and
+    column."""
+    reader = csv.DictReader(io.StringIO(content.removeprefix("\ufeff"), newline=""))
     header = reader.fieldnames
     if not header:
         raise InvalidInput("csv", "is empty: expected a header row " + ",".join(SKU_FIELDS))
@@ -245,14 +277,18 @@ def parse_csv(content: str) -> tuple[SkuSpec, ...]:
     if missing:
         raise InvalidInput(f"csv.header.{missing[0]}", "required column is missing")
     specs: list[SkuSpec] = []
+    errors: list[InvalidInput] = []
     try:
         for row in reader:
             line = reader.line_num
             if None in row or any(v is None for v in row.values()):
-                raise InvalidInput(f"row {line}", f"must have exactly {len(header)} columns")
-            specs.append(parse_sku(row, f"row {line}"))
+                errors.append(InvalidInput(f"row {line}",
+                                           f"must have exactly {len(header)} columns"))  # fmt: skip
+                continue
+            specs.append(_sku(row, f"row {line}", errors))
     except csv.Error as exc:
-        raise InvalidInput(f"row {reader.line_num}", f"malformed CSV: {exc}") from None
+        errors.append(InvalidInput(f"row {reader.line_num}", f"malformed CSV: {exc}"))
+    refuse_all(errors)
     if not specs:
         raise InvalidInput("csv", "has a header but no rows")
     reject_duplicates(specs, lambda i: f"row {i + 2}.sku")

@@ -11,8 +11,10 @@ import hmac
 
 from aiohttp import web
 
+from allocator.sale_admin import MAX_PAGE, order_state
 from flashsale.errors import InvalidInput, Unauthorized
-from flashsale.salespec import parse_sale
+from flashsale.records import body_fingerprint, idempotency_key
+from flashsale.salespec import parse_csv, parse_sale
 from gateway.http import bearer, json_body, json_response
 from gateway.middleware import Handler
 from gateway.state import CLIENTS, SALES, SETTINGS
@@ -33,8 +35,62 @@ def require_admin(request: web.Request) -> None:
 
 
 async def create_sale(request: web.Request) -> web.Response:
-    spec = parse_sale(await json_body(request))
-    return json_response(await request.app[SALES].create(spec), 201)
+    """201 with the sale; with an ``Idempotency-Key``, a retry answers 200 with the same sale
+    (``"replayed": true``) instead of making a second one."""
+    key = idempotency_key(request.headers.get("Idempotency-Key"), required=False)
+    body = await json_body(request)
+    spec = parse_sale(body)
+    sale = await request.app[SALES].create(spec, key=key, fingerprint=body_fingerprint(body))
+    return json_response(sale, 200 if sale.get("replayed") else 201)
+
+
+async def list_sales(request: web.Request) -> web.Response:
+    """``GET /admin/v1/sales?status=&limit=&offset=``: newest first."""
+    q = request.query
+    sales = await request.app[SALES].list_sales(
+        status=q.get("status"), limit=q.get("limit", MAX_PAGE), offset=q.get("offset", 0)
+    )
+    return json_response({"sales": sales})
+
+
+async def list_orders(request: web.Request) -> web.Response:
+    """``GET /admin/v1/sales/{sale}/orders?state=&limit=&after=``: a page by order id;
+    ``next`` is the ``after`` of the next page (null on the last)."""
+    q = request.query
+    limit = q.get("limit", str(MAX_PAGE))
+    orders = await request.app[SALES].orders(request.match_info["sale"], state=q.get("state"),
+                                             limit=limit, after=q.get("after"))  # fmt: skip
+    full = len(orders) == int(limit) if limit.isdigit() else False
+    return json_response({"orders": orders, "next": orders[-1]["id"] if full else None})
+
+
+async def export_orders(request: web.Request) -> web.StreamResponse:
+    """``GET /admin/v1/sales/{sale}/orders.csv?state=``: every order as CSV, streamed from
+    Postgres's ``COPY``."""
+    sales, sale_id = request.app[SALES], request.match_info["sale"]
+    state = request.query.get("state")
+    await sales.get(sale_id)  # 404 (and the state check) before the answer starts
+    order_state(state)
+    response = web.StreamResponse(headers={
+        "Content-Type": "text/csv; charset=utf-8",
+        "Content-Disposition": f'attachment; filename="{sale_id}-orders.csv"',
+    })  # fmt: skip
+    await response.prepare(request)
+    await sales.export_orders(sale_id, response.write, state=state)
+    await response.write_eof()
+    return response
+
+
+async def import_skus(request: web.Request) -> web.Response:
+    """``POST /admin/v1/sales/{sale}/skus`` with a CSV body (the ``sale import`` format): every
+    row validated before anything is written."""
+    raw = await request.read()
+    try:
+        content = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput("body", "must be UTF-8 text (CSV)") from None
+    specs = parse_csv(content)
+    return json_response(await request.app[SALES].import_skus(request.match_info["sale"], specs))
 
 
 async def sale_status(request: web.Request) -> web.Response:
@@ -98,6 +154,10 @@ def lifecycle(action: str) -> Handler:
 def setup(app: web.Application) -> None:
     r = app.router
     r.add_post("/admin/v1/sales", create_sale)
+    r.add_get("/admin/v1/sales", list_sales)
+    r.add_get("/admin/v1/sales/{sale}/orders", list_orders)
+    r.add_get("/admin/v1/sales/{sale}/orders.csv", export_orders)
+    r.add_post("/admin/v1/sales/{sale}/skus", import_skus)
     r.add_get("/admin/v1/sales/{sale}", sale_status)
     r.add_patch("/admin/v1/sales/{sale}", update_sale)
     r.add_post("/admin/v1/sales/{sale}/preload", preload)

@@ -23,6 +23,7 @@ from gateway.openapi_schemas import (
     JOINED,
     LEFT,
     LIVE,
+    NULLABLE_STRING,
     PUBLIC_SALE,
     RESERVATION,
     RESERVE_BODY,
@@ -95,8 +96,12 @@ def _op(
     body: dict[str, Any] | None = None,
     body_required: bool = True,
 ) -> dict[str, Any]:
-    op: dict[str, Any] = {"operationId": op_id, "tags": [tag], "summary": summary,
-                          "responses": responses}  # fmt: skip
+    op: dict[str, Any] = {
+        "operationId": op_id,
+        "tags": [tag],
+        "summary": summary,
+        "responses": responses,
+    }
     if security:
         op["security"] = [{security: []}]
     if params:
@@ -126,7 +131,44 @@ def document() -> dict[str, Any]:
         "required": True,
         "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,100}$"},
     }
+    create_key = {
+        **idem,
+        "required": False,
+        "description": "a retry with the same key answers the same sale",
+    }
     rid = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+    def query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "schema": schema,
+            "description": description,
+        }
+
+    order_state = query(
+        "state",
+        {"type": "string"},
+        "CONFIRMED, PAYMENT_FAILED, PENDING, PAYING, EXPIRED or CANCELLED (any case)",
+    )
+    page = query("limit", {"type": "integer", "minimum": 1, "maximum": 1000}, "page size")
+    order = obj(
+        {
+            k: {"type": ["string", "integer"]}
+            for k in (
+                "id",
+                "sku",
+                "buyer_id",
+                "quantity",
+                "amount",
+                "currency",
+                "state",
+                "created_at",
+                "updated_at",
+            )
+        }
+    )
     admin_errors = (401, 404, 408, 409, 422)
     lifecycle = {
         f"/admin/v1/sales/{{sale}}/{action}": {
@@ -268,14 +310,36 @@ def document() -> dict[str, Any]:
             ),
         },
         "/admin/v1/sales": {
+            "get": _op(
+                "listSales",
+                "admin",
+                "Sales, newest first",
+                {
+                    **_ok(
+                        200, "A page", obj({"sales": {"type": "array", "items": SALE}}, ["sales"])
+                    ),
+                    **_errors(401, 422),
+                },
+                security="admin",
+                params=[
+                    query("status", {"enum": ["active", "paused", "ended"]}, "filter"),
+                    page,
+                    query("offset", {"type": "integer", "minimum": 0}, "sales skipped"),
+                ],
+            ),
             "post": _op(
                 "createSale",
                 "admin",
                 "Create a sale (the sale file format)",
-                {**_ok(201, "The created sale", SALE), **_errors(401, 408, 422)},
+                {
+                    **_ok(201, "The created sale", SALE),
+                    **_ok(200, "The sale this Idempotency-Key created before", SALE),
+                    **_errors(401, 408, 422),
+                },
                 security="admin",
+                params=[create_key],
                 body=SALE_SPEC,
-            )
+            ),
         },
         "/admin/v1/sales/{sale}": {
             "get": _op(
@@ -329,6 +393,63 @@ def document() -> dict[str, Any]:
                     additionalProperties=False,
                 ),
             )
+        },
+        "/admin/v1/sales/{sale}/orders": {
+            "get": _op(
+                "listOrders",
+                "admin",
+                "A page of the sale's orders by id (never their payment token)",
+                {
+                    **_ok(
+                        200,
+                        "A page; next is the after of the next one",
+                        obj(
+                            {"orders": {"type": "array", "items": order}, "next": NULLABLE_STRING},
+                            ["orders", "next"],
+                        ),
+                    ),
+                    **_errors(401, 404, 422),
+                },
+                security="admin",
+                params=[
+                    *sale,
+                    order_state,
+                    page,
+                    query("after", {"type": "string"}, "the last order id seen"),
+                ],
+            )
+        },
+        "/admin/v1/sales/{sale}/orders.csv": {
+            "get": _op(
+                "exportOrders",
+                "admin",
+                "Every order as CSV with a header, streamed",
+                {
+                    "200": {
+                        "description": "CSV",
+                        "content": {"text/csv": {"schema": {"type": "string"}}},
+                    },
+                    **_errors(401, 404, 422),
+                },
+                security="admin",
+                params=[*sale, order_state],
+            )
+        },
+        "/admin/v1/sales/{sale}/skus": {
+            "post": {
+                **_op(
+                    "importSkus",
+                    "admin",
+                    "Add SKUs from CSV (all rows validated first)",
+                    {**_ok(200, "The sale", SALE), **_errors(*admin_errors)},
+                    security="admin",
+                    params=sale,
+                ),
+                "requestBody": {
+                    "required": True,
+                    "content": {"text/csv": {"schema": {"type": "string"}}},
+                },
+            }
         },
         "/admin/v1/sales/{sale}/audit": {
             "get": _op(

@@ -90,6 +90,87 @@ async def test_create_preload_stock_and_lifecycle(http: TestClient[Any, Any]) ->
     assert (await final.json())["sale"]["status"] == "ended"
 
 
+async def test_a_retried_create_gives_the_same_sale(http: TestClient[Any, Any]) -> None:
+    app = http.app
+    assert app is not None
+    pool = app[CLIENTS].pool
+    key = {"Idempotency-Key": f"create-{id(http)}"}
+    first = await http.post("/admin/v1/sales", json=SALE, headers={**auth(), **key})
+    assert first.status == 201
+    sale_id = (await first.json())["id"]
+    before = await pool.fetchval("SELECT count(*) FROM sales")
+    again = await http.post("/admin/v1/sales", json=SALE, headers={**auth(), **key})
+    assert again.status == 200
+    replay = await again.json()
+    assert (replay["id"], replay["replayed"]) == (sale_id, True)
+    other = await http.post("/admin/v1/sales", json={**SALE, "name": "Another drop"},
+                            headers={**auth(), **key})  # fmt: skip
+    assert other.status == 422 and await error_code(other) == "idempotency_mismatch"
+    assert (await other.json())["error"]["field"] == "Idempotency-Key"
+    bad = await http.post("/admin/v1/sales", json=SALE,
+                          headers={**auth(), "Idempotency-Key": "no spaces"})  # fmt: skip
+    assert bad.status == 422
+    assert await pool.fetchval("SELECT count(*) FROM sales") == before  # nothing written
+    plain = [await http.post("/admin/v1/sales", json=SALE, headers=auth()) for _ in range(2)]
+    ids = {(await r.json())["id"] for r in plain}
+    assert len(ids) == 2  # without a key, two creates are two sales
+
+
+async def test_lists_orders_and_the_csv_export(http: TestClient[Any, Any]) -> None:
+    app = http.app
+    assert app is not None
+    pool = app[CLIENTS].pool
+    sale_id = (await (await http.post("/admin/v1/sales", json=SALE, headers=auth())).json())["id"]
+    states = ["CONFIRMED", "CONFIRMED", "PAYMENT_FAILED"]
+    for i, state in enumerate(states):
+        await pool.execute(
+            "INSERT INTO orders (id, sale_id, sku, buyer_id, quantity, amount, currency,"
+            " admission_id, payment_token, state) VALUES ($1, $2, 'SNK-1', $3, 1, 12000, 'EUR',"
+            " 'adm', 'tok_secret_card', $4)", f"{sale_id}~SNK-1~r-{i}", sale_id, f"b{i}", state,
+        )  # fmt: skip
+    listed = await (await http.get("/admin/v1/sales?status=active&limit=5", headers=auth())).json()
+    assert sale_id in {sale["id"] for sale in listed["sales"]} and len(listed["sales"]) <= 5
+    for query, code in (("status=open", "status"), ("limit=0", "limit"), ("offset=-1", "offset")):
+        refused = await http.get(f"/admin/v1/sales?{query}", headers=auth())
+        assert refused.status == 422 and (await refused.json())["error"]["field"] == code
+
+    orders = f"/admin/v1/sales/{sale_id}/orders"
+    page = await (await http.get(f"{orders}?state=confirmed&limit=1", headers=auth())).json()
+    assert [o["state"] for o in page["orders"]] == ["CONFIRMED"] and page["next"]
+    rest = await (await http.get(f"{orders}?state=CONFIRMED&after={page['next']}",
+                                 headers=auth())).json()  # fmt: skip
+    assert len(rest["orders"]) == 1 and rest["next"] is None
+    assert "payment_token" not in page["orders"][0]
+    bad = await http.get(f"{orders}?state=SHIPPED", headers=auth())
+    assert bad.status == 422 and (await bad.json())["error"]["field"] == "state"
+
+    export = await http.get(f"{orders}.csv", headers=auth())
+    assert export.status == 200 and export.headers["Content-Type"].startswith("text/csv")
+    lines = (await export.text()).splitlines()
+    assert lines[0] == "id,sku,buyer_id,quantity,amount,currency,state,created_at,updated_at"
+    assert len(lines) == 4 and "tok_secret_card" not in "".join(lines)
+    failed = await http.get(f"{orders}.csv?state=PAYMENT_FAILED", headers=auth())
+    assert len((await failed.text()).splitlines()) == 2
+    assert (await http.get("/admin/v1/sales/nope/orders.csv", headers=auth())).status == 404
+
+
+async def test_csv_import_over_the_admin_api(http: TestClient[Any, Any]) -> None:
+    app = http.app
+    assert app is not None
+    pool = app[CLIENTS].pool
+    sale_id = (await (await http.post("/admin/v1/sales", json=SALE, headers=auth())).json())["id"]
+    path = f"/admin/v1/sales/{sale_id}/skus"
+    excel = "sku,title,stock,price,currency\r\nCAP,Cap,10,1900,EUR\r\n".encode("utf-8-sig")
+    added = await http.post(path, data=excel, headers={**auth(), "Content-Type": "text/csv"})
+    assert added.status == 200, await added.text()
+    count = "SELECT count(*) FROM sale_skus WHERE sale_id = $1"
+    assert await pool.fetchval(count, sale_id) == 2
+    bad = b"sku,stock,price,currency\nHAT,1,100,EUR\nBAG,none,100,EUR\n"
+    refused = await http.post(path, data=bad, headers={**auth(), "Content-Type": "text/csv"})
+    assert refused.status == 422 and (await refused.json())["error"]["field"] == "row 3.stock"
+    assert await pool.fetchval(count, sale_id) == 2  # the good row was not written either
+
+
 async def test_the_admission_rate_changes_while_the_sale_runs(http: TestClient[Any, Any]) -> None:
     app = http.app
     assert app is not None

@@ -252,6 +252,29 @@ def test_import_csv_adds_skus(cli: Cli, db: Db, tmp_path: Path) -> None:
     assert (rows["CAP"]["title"], rows["CAP"]["per_buyer_limit"]) == ("CAP", 1)
 
 
+def test_a_csv_saved_by_excel_imports(cli: Cli, db: Db, tmp_path: Path) -> None:
+    # UTF-8 with a byte-order mark and CRLF line ends, as Excel writes "CSV UTF-8".
+    sale_id = create(cli, tmp_path)
+    path = tmp_path / "excel.csv"
+    path.write_bytes("sku,title,stock,price,currency\r\nTEE-L,Tee L,10,1900,EUR\r\n"
+                     .encode("utf-8-sig"))  # fmt: skip
+    result = cli("sale", "import", str(path), "--sale", sale_id)
+    assert result.code == 0, result.err
+    assert db.rows("SELECT title FROM sale_skus WHERE sale_id=$1 AND sku='TEE-L'", sale_id)
+
+
+def test_a_bad_csv_names_every_bad_cell(cli: Cli, counts: Any, tmp_path: Path) -> None:
+    sale_id = create(cli, tmp_path)
+    before = counts()
+    content = "sku,stock,price,currency\nA,zero,100,EUR\nB,1,100,EUR\nC,2,-1,EUROS\n"
+    result = cli("sale", "import", write(tmp_path, content, "skus.csv"), "--sale", sale_id)
+    assert result.code == 2
+    [line] = result.err.strip().splitlines()
+    assert line.startswith("flashsale: error: row 2.stock: must be")
+    assert "row 4.price" in line and "row 4.currency" in line and "3 errors" in line
+    assert counts() == before
+
+
 # -- bad input: one line naming the field, non-zero exit, nothing written ---------------------
 
 

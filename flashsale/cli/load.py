@@ -12,8 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import uvloop
-
+from flashsale import event_loop
 from flashsale.cli.checks import fraction, non_negative, positive, service_settings, within
 from flashsale.cli.dev import apply_migrations
 from flashsale.cli.devstack.redis_cluster import Layout
@@ -47,7 +46,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     seconds = DevStack(settings.home).up()
     out(f"   ready in {seconds:.1f}s")
     settings = Settings.from_env()  # pick up the freshly written dev.env
-    code = uvloop.run(demo.run(settings, scenario=scenario, progress=out, json_path=args.json))
+    code = event_loop.run(demo.run(settings, scenario=scenario, progress=out, json_path=args.json))
     out("\nThe stack keeps running; stop it with `.venv/bin/flashsale dev down`.")
     return code
 
@@ -78,11 +77,11 @@ def cmd_loadtest(args: argparse.Namespace, settings: Settings) -> int:
         out("== starting the embedded stack (servers given by env vars are used as they are)")
         DevStack(settings.home).up()
         settings = Settings.from_env()
-        uvloop.run(apply_migrations(settings, progress=lambda _line: None))
+        event_loop.run(apply_migrations(settings, progress=lambda _line: None))
     if not settings.admin_token.reveal() or not settings.buyer_token_secret.reveal():
         raise ConfigError("FLASHSALE_ADMIN_TOKEN and FLASHSALE_BUYER_TOKEN_SECRET must be set "
                           "(the spike makes its sale and signs its buyers' tokens)")  # fmt: skip
-    return int(uvloop.run(spike.run(settings, options, out)))
+    return int(event_loop.run(spike.run(settings, options, out)))
 
 
 def cmd_chaos(args: argparse.Namespace, settings: Settings) -> int:
@@ -116,8 +115,8 @@ def cmd_chaos(args: argparse.Namespace, settings: Settings) -> int:
     command = " ".join(["flashsale chaos", *(["--quick"] if args.quick else []),
                         *(f"--scenario {n}" for n in args.scenario or [])])  # fmt: skip
     try:
-        uvloop.run(apply_migrations(settings, progress=lambda _line: None))
-        return int(uvloop.run(suite.main(
+        event_loop.run(apply_migrations(settings, progress=lambda _line: None))
+        return int(event_loop.run(suite.main(
             settings, dev, chosen, quick=args.quick, command=command, json_path=json_path,
             doc=doc, progress=out,
         )))  # fmt: skip

@@ -19,13 +19,14 @@ from typing import Any
 
 import aiohttp
 
-from allocator.sale_admin import SaleAdmin
+from allocator.sale_admin import MAX_PAGE, SaleAdmin
 from flashsale.cli.checks import duration, positive, sale_id
 from flashsale.cli.output import dump_json, out
 from flashsale.clients import pg_pool, redis_client
 from flashsale.errors import ConfigError, Conflict, InvalidInput, NotFound
 from flashsale.fairness import Published, problems, published
 from flashsale.keys import ID_PATTERN
+from flashsale.records import body_fingerprint, idempotency_key
 from flashsale.salespec import parse_csv, parse_sale
 from flashsale.settings import Settings
 from flashsale.shuffle import member_of
@@ -104,13 +105,16 @@ async def cmd_sale(args: argparse.Namespace, settings: Settings) -> int:
         if args.starts_in and args.starts_at:
             raise InvalidInput("starts-in", "give either --starts-at or --starts-in, not both")
         delay = duration("starts-in", args.starts_in) if args.starts_in else None
-        spec = parse_sale(read_json_file(args.file) if args.file else sale_from_flags(args))
+        raw = read_json_file(args.file) if args.file else sale_from_flags(args)
+        spec = parse_sale(raw)
         if delay is not None:  # the whole window moves, keeping its length
             opens = datetime.now(UTC) + delay
             spec = dataclasses.replace(spec, starts_at=opens,
                                        ends_at=opens + (spec.ends_at - spec.starts_at))  # fmt: skip
+        key = idempotency_key(args.idempotency_key, required=False)
+        asked = {"sale": raw, "starts_in": args.starts_in}
         async with admin(settings) as sales:
-            created = await sales.create(spec)
+            created = await sales.create(spec, key=key, fingerprint=body_fingerprint(asked))
         dump_json(created) if args.json else out(created["id"])
         return 0
     if command == "import":
@@ -123,8 +127,13 @@ async def cmd_sale(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     async with admin(settings) as sales:
         if command == "list":
-            for sale in await sales.list_sales():
+            listed = await sales.list_sales(status=args.status, limit=args.limit)
+            if args.json:
+                dump_json(listed)
+            for sale in [] if args.json else listed:
                 out(f"{sale['id']}  {sale['state']:9}  {sale['starts_at']}  {sale['name']}")
+        elif command == "orders":
+            await _orders(sales, args)
         elif command == "show":
             dump_json(await sales.get(args.sale))
         elif command == "preload":
@@ -143,6 +152,27 @@ async def cmd_sale(args: argparse.Namespace, settings: Settings) -> int:
             sale = await sales.set_status(args.sale, command)
             out(f"{sale['id']}: status {sale['status']} (state {sale['state']})")
     return 0
+
+
+async def _orders(sales: SaleAdmin, args: argparse.Namespace) -> None:
+    if args.csv:
+        stdout = sys.stdout.buffer
+
+        async def sink(chunk: bytes) -> None:
+            stdout.write(chunk)
+
+        await sales.export_orders(args.sale, sink, state=args.state)
+        stdout.flush()
+        return
+    after = None
+    while True:
+        page = await sales.orders(args.sale, state=args.state, after=after)
+        for o in page:
+            out(f"{o['id']}  {o['state']:14}  {o['sku']}  x{o['quantity']}  "
+                f"{o['amount']} {o['currency']}  {o['created_at']}")  # fmt: skip
+        if len(page) < MAX_PAGE:
+            return
+        after = page[-1]["id"]
 
 
 async def cmd_fairness(args: argparse.Namespace, settings: Settings) -> int:
@@ -280,6 +310,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     create.add_argument("--file", help="sale file (JSON, see README); '-' reads stdin")
     create.add_argument("--json", action="store_true", help="print the created sale as JSON")
+    create.add_argument("--idempotency-key", metavar="KEY",
+                        help="a retry with the same key gives the same sale, not a second one "
+                             "(1..100 of A-Z a-z 0-9 . _ : -)")  # fmt: skip
     create.add_argument("--name")
     create.add_argument("--starts-at", help="ISO 8601 with timezone (default: now)")
     create.add_argument(
@@ -304,7 +337,22 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     imp.add_argument("file", help="CSV with header sku,title,stock,price,currency,...")
     imp.add_argument("--sale", required=True, help="sale id")
 
-    sale_sub.add_parser("list", help="list sales")
+    listing = sale_sub.add_parser("list", help="list sales, newest first")
+    listing.add_argument("--status", choices=("active", "paused", "ended"),
+                         help="only sales with this status")  # fmt: skip
+    listing.add_argument("--limit", default="1000", help="at most this many (default 1000)")
+    listing.add_argument("--json", action="store_true", help="print them as a JSON array")
+    orders = sale_sub.add_parser(
+        "orders", help="a sale's orders: one line each, or the whole list as CSV",
+        description="Prints the sale's orders by id. --csv streams every order as CSV with a "
+        "header (id, sku, buyer_id, quantity, amount, currency, state, created_at, "
+        "updated_at) through Postgres's COPY, however many there are; the payment token is "
+        "never exported.",
+    )  # fmt: skip
+    orders.add_argument("sale")
+    orders.add_argument("--state", help="only orders in this state (CONFIRMED, PAYMENT_FAILED, "
+                                        "PENDING, PAYING, EXPIRED, CANCELLED)")  # fmt: skip
+    orders.add_argument("--csv", action="store_true", help="CSV on stdout, streamed")
     show = sale_sub.add_parser("show", help="print a sale's configuration as JSON")
     show.add_argument("sale")
     preload = sale_sub.add_parser("preload", help="copy configuration and stock into Redis")
