@@ -8,8 +8,9 @@ with operations that are idempotent, so re-running a command after a partial fai
 from __future__ import annotations
 
 import secrets
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -25,9 +26,19 @@ from flashsale.sales import (
     new_sale_id,
     sale_hash,
     sale_json,
+    sale_state,
     sku_meta,
 )
-from flashsale.salespec import MAX_ADMISSION_RATE, MAX_STOCK, SaleSpec, SkuSpec, identifier, integer
+from flashsale.salespec import (
+    MAX_STOCK,
+    SaleSpec,
+    SkuSpec,
+    identifier,
+    integer,
+    parse_sale,
+    parse_sku,
+    timestamp,
+)
 from flashsale.shuffle import seed_commitment
 from flashsale.timefmt import iso
 
@@ -332,6 +343,83 @@ class SaleAdmin:
                 raise Conflict(f"Redis refused the new stock for {sku}: {result.outcome}")
         return await self.status(sale_id)
 
+    async def lower_stock(self, sale_id: str, sku: Any, remove: Any) -> dict[str, Any]:
+        """Lower a SKU's stock by ``remove`` units, never below what is held and sold. One
+        Postgres transaction holds the SKU's row while Redis takes the units out atomically
+        (``lua/preload.lua`` refuses a total below held + sold); a refusal rolls Postgres
+        back. Should the commit fail after Redis lowered, Redis holds less than Postgres and
+        the reconciler brings it back: units go unsold for a moment, none is oversold."""
+        sku = identifier(sku, "sku")
+        units = integer(remove, "remove", minimum=1, maximum=MAX_STOCK, what="a positive integer")
+        async with self.pool.acquire() as conn, conn.transaction():
+            sale = await self._sale_row(conn, sale_id)
+            if sale["status"] == "ended":
+                raise Conflict(f"sale {sale_id} has ended", code="sale_ended")
+            row = await self._sku_for_update(conn, sale_id, sku)
+            if row["buckets"] > 1:
+                raise Conflict(f"{sku} is split into stock buckets, whose stock only grows",
+                               code="bucketed_sku")  # fmt: skip
+            if row["stock_total"] - units < max(1, row["sold"]):
+                raise InvalidInput("remove", f"would leave {row['stock_total'] - units} units; "
+                                   f"at least max(1, sold = {row['sold']}) must stay (remove the "
+                                   "SKU instead)")  # fmt: skip
+            row = await conn.fetchrow(
+                "UPDATE sale_skus SET stock_total = stock_total - $3"
+                " WHERE sale_id = $1 AND sku = $2 RETURNING *",
+                sale_id, sku, units,
+            )  # fmt: skip
+            if sale["preloaded_at"] is not None:
+                result = await self._sync_sku(sale, row, force=True)
+                if result.outcome == "refused_below_committed":
+                    raise Conflict(f"{sku} has {result.counts.held} units held and "
+                                   f"{result.counts.sold} sold: its stock cannot go below "
+                                   f"{result.counts.held + result.counts.sold}",
+                                   code="below_committed")  # fmt: skip
+                if result.outcome == "refused_lost":
+                    raise Conflict(f"Redis no longer holds {sku}: run `flashsale "
+                                   "reconcile --once` to rebuild it first",
+                                   code="rebuild_needed")  # fmt: skip
+                if result.outcome.startswith("refused"):
+                    raise Conflict(f"Redis refused the lower stock for {sku}: {result.outcome}")
+        return await self.status(sale_id)
+
+    async def remove_sku(self, sale_id: str, sku: Any) -> dict[str, Any]:
+        """Take a SKU out of a sale, if nobody ever reserved it: no order in Postgres, no
+        hold, sold unit or pending event in Redis (``lua/retire.lua``, per stock bucket).
+        Postgres's row is deleted in a transaction that commits only once Redis retired the
+        SKU; should that commit fail, the reconciler rebuilds the SKU from Postgres."""
+        sku = identifier(sku, "sku")
+        async with self.pool.acquire() as conn, conn.transaction():
+            sale = await self._sale_row(conn, sale_id)
+            if sale["status"] == "ended":
+                raise Conflict(f"sale {sale_id} has ended", code="sale_ended")
+            row = await self._sku_for_update(conn, sale_id, sku)
+            if await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM orders WHERE sale_id = $1 AND sku = $2)",
+                sale_id, sku,
+            ):  # fmt: skip
+                raise Conflict(f"{sku} has orders: it stays in the sale", code="sku_has_orders")
+            await conn.execute("DELETE FROM sale_skus WHERE sale_id = $1 AND sku = $2",
+                               sale_id, sku)  # fmt: skip
+            for keys in bucket_keys(sale_id, sku, row["buckets"]):
+                outcome = await self.scripts.retire(keys)
+                if outcome.startswith("refused"):
+                    raise Conflict(f"{sku} was reserved ({outcome}): it stays in the sale",
+                                   code="sku_has_holds")  # fmt: skip
+            left = await fetch_skus(conn, sale_id)
+        await self.scripts.set_fields(SaleKeys(sale_id).sale,
+                                      {"skus": ",".join(s["sku"] for s in left)})  # fmt: skip
+        return await self.get(sale_id)
+
+    async def _sku_for_update(self, conn: asyncpg.Connection, sale_id: str,
+                              sku: str) -> asyncpg.Record:  # fmt: skip
+        row = await conn.fetchrow(
+            "SELECT * FROM sale_skus WHERE sale_id = $1 AND sku = $2 FOR UPDATE", sale_id, sku
+        )
+        if row is None:
+            raise NotFound(f"unknown SKU {sku!r} in sale {sale_id}", code="unknown_sku")
+        return row
+
     async def set_status(self, sale_id: str, action: str) -> dict[str, Any]:
         """pause, resume or end a sale. Idempotent; an ended sale stays ended."""
         target = STATUS_BY_ACTION[action]
@@ -355,26 +443,119 @@ class SaleAdmin:
     async def set_admission_rate(self, sale_id: str, rate: Any) -> dict[str, Any]:
         """Change how many buyers per second the pump admits, at any time before the sale
         ends: the pump reads the rate each step, and the waiting room's ETAs follow it."""
-        rate = integer(
-            rate,
-            "admission_rate",
-            minimum=1,
-            maximum=MAX_ADMISSION_RATE,
-            what="a positive integer (buyers per second)",
-        )
+        return await self.update(sale_id, {"admission_rate": rate})
+
+    async def update(self, sale_id: str, changes: Mapping[str, Any]) -> dict[str, Any]:
+        """Change a sale's settings (the sale file's fields but ``skus``). Before the start
+        anything can change; once it started only ``LIVE_EDITABLE`` can (a later end, a
+        higher queue cap); an ended sale cannot. Validated as a whole, like a new sale;
+        Postgres first, then the sale's Redis hashes."""
+        unknown = sorted(set(changes) - set(EDITABLE))
+        if unknown:
+            raise InvalidInput(unknown[0], "cannot be changed here" if unknown[0] == "skus"
+                               else "unknown field", code="unknown_field")  # fmt: skip
+        if not changes:
+            raise InvalidInput("body", "names no field to change")
         async with self.pool.acquire() as conn, conn.transaction():
             sale = await conn.fetchrow("SELECT * FROM sales WHERE id = $1 FOR UPDATE", sale_id)
             if sale is None:
                 raise NotFound(f"unknown sale {sale_id!r}", code="unknown_sale")
-            if sale["status"] == "ended":
+            now = datetime.now(UTC)
+            state = sale_state(sale["status"], sale["starts_at"], sale["ends_at"], now)
+            if state == "ended":
                 raise Conflict(f"sale {sale_id} has ended", code="sale_ended")
-            await conn.execute(
-                "UPDATE sales SET admission_rate = $2, updated_at = now() WHERE id = $1",
-                sale_id, rate,
+            if state != "scheduled":
+                for name in sorted(changes):
+                    if name not in LIVE_EDITABLE:
+                        raise Conflict(f"{name} cannot change once the sale has started (it "
+                                       f"can: {', '.join(LIVE_EDITABLE)})",
+                                       code="sale_started")  # fmt: skip
+            current = sale_json(sale)
+            merged = {**{k: current[k] for k in EDITABLE}, **changes}
+            if "starts_at" in changes and "ends_at" not in changes:  # the window moves whole
+                opens = timestamp(changes["starts_at"], "starts_at")
+                merged["ends_at"] = (opens + (sale["ends_at"] - sale["starts_at"])).isoformat()
+            spec = parse_sale(merged, now=now)
+            if state != "scheduled":
+                if spec.max_queue < sale["max_queue"]:
+                    raise Conflict("max_queue can only rise once the sale has started",
+                                   code="sale_started")  # fmt: skip
+                if spec.ends_at <= now:
+                    raise InvalidInput("ends_at", "must be in the future")
+            elif spec.starts_at < now - timedelta(seconds=1) and "starts_at" in changes:
+                raise InvalidInput("starts_at", "must not be in the past")
+            row = await conn.fetchrow(
+                "UPDATE sales SET name = $2, starts_at = $3, ends_at = $4, admission_rate = $5,"
+                " max_queue = $6, admission_window_seconds = $7, admission_capacity = $8,"
+                " join_challenge = $9, join_challenge_max = $10, updated_at = now()"
+                " WHERE id = $1 RETURNING *",
+                sale_id, spec.name, spec.starts_at, spec.ends_at, spec.admission_rate,
+                spec.max_queue, spec.admission_window_seconds, spec.admission_capacity,
+                spec.join_challenge, spec.join_challenge_max,
             )  # fmt: skip
-        # Redis after Postgres; the write is idempotent, so a retry after a failure converges.
-        await self.scripts.set_fields(SaleKeys(sale_id).sale, {"admission_rate": str(rate)})
+            skus = await fetch_skus(conn, sale_id)
+        # Redis after Postgres (a sale not preloaded yet has nothing there); every write is
+        # idempotent, so a retry after a failure converges.
+        fields = sale_hash(row, skus)
+        await self.scripts.set_fields(
+            SaleKeys(sale_id).sale, {k: fields[k] for k in SALE_HASH_EDITABLE}
+        )
+        for sku in skus:
+            meta = sku_meta(row, sku)
+            for keys in bucket_keys(sale_id, sku["sku"], sku["buckets"]):
+                await self.scripts.set_fields(
+                    keys.meta, {k: meta[k] for k in ("starts_at_ms", "ends_at_ms")}
+                )
         return await self.get(sale_id)
+
+    async def update_sku(self, sale_id: str, sku: str, changes: Mapping[str, Any]
+                         ) -> dict[str, Any]:  # fmt: skip
+        """Change a SKU's ``title`` (any time before the end) or ``price`` (before the start:
+        a buyer never pays another price than the one shown when the sale opened)."""
+        unknown = sorted(set(changes) - {"title", "price"})
+        if unknown:
+            raise InvalidInput(unknown[0], "unknown field (title and price can change)",
+                               code="unknown_field")  # fmt: skip
+        if not changes:
+            raise InvalidInput("body", "names no field to change")
+        async with self.pool.acquire() as conn, conn.transaction():
+            sale = await conn.fetchrow("SELECT * FROM sales WHERE id = $1 FOR UPDATE", sale_id)
+            if sale is None:
+                raise NotFound(f"unknown sale {sale_id!r}", code="unknown_sale")
+            row = await conn.fetchrow(
+                "SELECT * FROM sale_skus WHERE sale_id = $1 AND sku = $2", sale_id, sku
+            )
+            if row is None:
+                raise NotFound(f"unknown SKU {sku!r} in sale {sale_id}", code="unknown_sku")
+            state = sale_state(sale["status"], sale["starts_at"], sale["ends_at"],
+                               datetime.now(UTC))  # fmt: skip
+            if state == "ended":
+                raise Conflict(f"sale {sale_id} has ended", code="sale_ended")
+            if "price" in changes and state != "scheduled":
+                raise Conflict("price cannot change once the sale has started",
+                               code="sale_started")  # fmt: skip
+            merged = {"sku": sku, "title": row["title"], "stock": row["stock_total"],
+                      "price": row["price"], "currency": row["currency"], **changes}  # fmt: skip
+            spec = parse_sku(merged, "")
+            updated = await conn.fetchrow(
+                "UPDATE sale_skus SET title = $3, price = $4 WHERE sale_id = $1 AND sku = $2"
+                " RETURNING *", sale_id, sku, spec.title, spec.price,
+            )  # fmt: skip
+        meta = sku_meta(sale, updated)
+        for keys in bucket_keys(sale_id, sku, updated["buckets"]):
+            await self.scripts.set_fields(keys.meta, {"price": meta["price"]})
+        return await self.get(sale_id)
+
+
+EDITABLE = (
+    "name", "starts_at", "ends_at", "admission_rate", "max_queue", "admission_window_seconds",
+    "admission_capacity", "join_challenge", "join_challenge_max",
+)  # fmt: skip
+LIVE_EDITABLE = ("name", "ends_at", "admission_rate", "max_queue")  # safe once buyers are in
+SALE_HASH_EDITABLE = (
+    "name", "starts_at_ms", "ends_at_ms", "admission_rate", "max_queue", "window_ms", "capacity",
+    "challenge", "challenge_max",
+)  # fmt: skip
 
 
 async def _insert_skus(conn: asyncpg.Connection, sale_id: str, skus: Sequence[SkuSpec]) -> None:

@@ -72,6 +72,7 @@ class SaleScripts:
         self._preload: AsyncScript = client.register_script(source("preload"))
         self._set_fields: AsyncScript = client.register_script(source("set_fields"))
         self._put_sale: AsyncScript = client.register_script(source("put_sale"))
+        self._retire: AsyncScript = client.register_script(source("retire"))
 
     async def preload(
         self, keys: SkuKeys, *, total: int | None, meta: dict[str, str], force: bool, first: bool
@@ -93,6 +94,12 @@ class SaleScripts:
         """Write ``fields`` on a hash that preload created; False when there is none."""
         args = [item for pair in fields.items() for item in pair]
         return bool(await self._set_fields(keys=[key], args=args))
+
+    async def retire(self, keys: SkuKeys) -> str:
+        """Delete a SKU's keys if it was never reserved (see ``lua/retire.lua``)."""
+        every = [keys.meta, keys.stock, keys.holds, keys.deadlines, keys.buyers, keys.idem,
+                 keys.outbox, keys.transfers]  # fmt: skip
+        return text(await self._retire(keys=every))
 
     async def put_sale(
         self, keys: SaleKeys, fields: dict[str, str], *, open_queue: bool = False

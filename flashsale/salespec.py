@@ -145,14 +145,18 @@ def _sku(data: Any, where: str, errors: list[InvalidInput]) -> SkuSpec:
         raise InvalidInput(where, "must be an object")
     _check_fields(data, SKU_FIELDS, where)
     present = {k for k, v in data.items() if v not in (None, "")}
-    errors += [InvalidInput(f"{where}.{name}", "is required")
+
+    def at(name: str) -> str:
+        return f"{where}.{name}" if where else name
+
+    errors += [InvalidInput(at(name), "is required")
                for name in SKU_FIELDS if name in SKU_REQUIRED and name not in present]  # fmt: skip
 
     def take(name: str, parse: Callable[[Any, str], T], default: T) -> T:
         if name not in present:
             return default
         try:
-            return parse(data[name], f"{where}.{name}")
+            return parse(data[name], at(name))
         except InvalidInput as exc:
             errors.append(exc)
             return default

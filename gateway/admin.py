@@ -112,12 +112,21 @@ async def preload(request: web.Request) -> web.Response:
     })  # fmt: skip
 
 
-async def add_stock(request: web.Request) -> web.Response:
-    body = await json_body(request, allowed={"sku", "add"})
-    sales = request.app[SALES]  # which validates the SKU id and the units
-    return json_response(
-        await sales.add_stock(request.match_info["sale"], body.get("sku"), body.get("add"))
-    )
+async def change_stock(request: web.Request) -> web.Response:
+    """``POST /admin/v1/sales/{sale}/stock``: ``{"sku", "add": N}`` or ``{"sku", "remove": N}``."""
+    body = await json_body(request, allowed={"sku", "add", "remove"})
+    sales, sale_id = request.app[SALES], request.match_info["sale"]  # SaleAdmin validates
+    if ("add" in body) == ("remove" in body):
+        raise InvalidInput("add", "give either add or remove")
+    if "remove" in body:
+        return json_response(await sales.lower_stock(sale_id, body.get("sku"), body["remove"]))
+    return json_response(await sales.add_stock(sale_id, body.get("sku"), body["add"]))
+
+
+async def remove_sku(request: web.Request) -> web.Response:
+    """``DELETE /admin/v1/sales/{sale}/skus/{sku}``: only a SKU nobody reserved."""
+    m = request.match_info
+    return json_response(await request.app[SALES].remove_sku(m["sale"], m["sku"]))
 
 
 async def audit(request: web.Request) -> web.Response:
@@ -131,15 +140,18 @@ async def audit(request: web.Request) -> web.Response:
 
 
 async def update_sale(request: web.Request) -> web.Response:
-    """``PATCH /admin/v1/sales/{sale}``: change what can change while a sale runs (today its
-    ``admission_rate``)."""
-    body = await json_body(request, allowed={"admission_rate"})
-    if "admission_rate" not in body:
-        raise InvalidInput("admission_rate", "is required")
-    sales = request.app[SALES]
-    return json_response(
-        await sales.set_admission_rate(request.match_info["sale"], body["admission_rate"])
-    )
+    """``PATCH /admin/v1/sales/{sale}``: change settings (anything before the start; once
+    started, ``LIVE_EDITABLE`` only: 409 ``sale_started`` otherwise)."""
+    body = await json_body(request)
+    return json_response(await request.app[SALES].update(request.match_info["sale"], body))
+
+
+async def update_sku(request: web.Request) -> web.Response:
+    """``PATCH /admin/v1/sales/{sale}/skus/{sku}``: a SKU's title, or its price before the
+    start."""
+    body = await json_body(request)
+    m = request.match_info
+    return json_response(await request.app[SALES].update_sku(m["sale"], m["sku"], body))
 
 
 def lifecycle(action: str) -> Handler:
@@ -160,8 +172,10 @@ def setup(app: web.Application) -> None:
     r.add_post("/admin/v1/sales/{sale}/skus", import_skus)
     r.add_get("/admin/v1/sales/{sale}", sale_status)
     r.add_patch("/admin/v1/sales/{sale}", update_sale)
+    r.add_patch("/admin/v1/sales/{sale}/skus/{sku}", update_sku)
+    r.add_delete("/admin/v1/sales/{sale}/skus/{sku}", remove_sku)
     r.add_post("/admin/v1/sales/{sale}/preload", preload)
-    r.add_post("/admin/v1/sales/{sale}/stock", add_stock)
+    r.add_post("/admin/v1/sales/{sale}/stock", change_stock)
     r.add_get("/admin/v1/sales/{sale}/audit", audit)
     for action in ("pause", "resume", "end"):
         r.add_post(f"/admin/v1/sales/{{sale}}/{action}", lifecycle(action))

@@ -353,13 +353,41 @@ def document() -> dict[str, Any]:
             "patch": _op(
                 "updateSale",
                 "admin",
-                "Change the admission rate (also while the sale runs)",
+                "Change settings: anything before the start; once started name, ends_at, "
+                "admission_rate and a higher max_queue (409 sale_started otherwise)",
                 {**_ok(200, "The sale", SALE), **_errors(*admin_errors)},
                 security="admin",
                 params=sale,
                 body=obj(
-                    {"admission_rate": {"type": ["integer", "string"]}},
-                    ["admission_rate"],
+                    {k: v for k, v in SALE_SPEC["properties"].items() if k != "skus"},
+                    additionalProperties=False,
+                ),
+            ),
+        },
+        "/admin/v1/sales/{sale}/skus/{sku}": {
+            "delete": _op(
+                "removeSku",
+                "admin",
+                "Take a SKU nobody reserved out of the sale (409 once it has orders or holds)",
+                {**_ok(200, "The sale", SALE), **_errors(*admin_errors)},
+                security="admin",
+                params=[
+                    *sale,
+                    {"name": "sku", "in": "path", "required": True, "schema": {"type": "string"}},
+                ],
+            ),
+            "patch": _op(
+                "updateSku",
+                "admin",
+                "Change a SKU's title, or its price before the start",
+                {**_ok(200, "The sale", SALE), **_errors(*admin_errors)},
+                security="admin",
+                params=[
+                    *sale,
+                    {"name": "sku", "in": "path", "required": True, "schema": {"type": "string"}},
+                ],
+                body=obj(
+                    {"title": {"type": "string"}, "price": {"type": ["integer", "string"]}},
                     additionalProperties=False,
                 ),
             ),
@@ -381,15 +409,19 @@ def document() -> dict[str, Any]:
         },
         "/admin/v1/sales/{sale}/stock": {
             "post": _op(
-                "addStock",
+                "changeStock",
                 "admin",
-                "Add stock to a SKU",
+                "Add stock to a SKU, or remove free units (never held or sold ones)",
                 {**_ok(200, "Status", SALE_STATUS), **_errors(*admin_errors)},
                 security="admin",
                 params=sale,
                 body=obj(
-                    {"sku": {"type": "string"}, "add": {"type": ["integer", "string"]}},
-                    ["sku", "add"],
+                    {
+                        "sku": {"type": "string"},
+                        "add": {"type": ["integer", "string"]},
+                        "remove": {"type": ["integer", "string"]},
+                    },
+                    ["sku"],
                     additionalProperties=False,
                 ),
             )

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from flashsale.keys import SaleKeys
+from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.settings import Secret, Settings
 from flashsale.tokens import Signer
 from gateway.app import create_app
@@ -116,6 +117,62 @@ async def test_a_retried_create_gives_the_same_sale(http: TestClient[Any, Any]) 
     assert len(ids) == 2  # without a key, two creates are two sales
 
 
+async def test_a_sale_is_edited_freely_before_its_start_and_safely_after(
+    http: TestClient[Any, Any],
+) -> None:
+    app = http.app
+    assert app is not None
+    c = app[CLIENTS]
+    soon = datetime.now(UTC) + timedelta(hours=1)
+    body = {**SALE, "starts_at": soon.isoformat()}
+    sale_id = (await (await http.post("/admin/v1/sales", json=body, headers=auth())).json())["id"]
+    path = f"/admin/v1/sales/{sale_id}"
+    assert (await http.post(f"{path}/preload", headers=auth())).status == 200
+    later = soon + timedelta(minutes=30)
+    edited = await http.patch(path, headers=auth(), json={
+        "name": "Renamed drop", "starts_at": later.isoformat(), "max_queue": 5000,
+        "admission_window_seconds": 90, "join_challenge": 8})  # fmt: skip
+    assert edited.status == 200, await edited.text()
+    sale = await edited.json()
+    assert (sale["name"], sale["max_queue"], sale["admission_window_seconds"]) == (
+        "Renamed drop", 5000, 90)  # fmt: skip
+    # ends_at kept its value; it is still after the new start
+    hashed = await c.redis.hmget(SaleKeys(sale_id).sale, "name", "starts_at_ms", "window_ms",
+                                 "challenge")  # fmt: skip
+    assert hashed == [b"Renamed drop", str(int(later.timestamp() * 1000)).encode(), b"90000",
+                      b"8"]  # fmt: skip
+    meta = await c.redis.hget(SkuKeys(sale_id, "SNK-1").meta, "starts_at_ms")
+    assert meta == str(int(later.timestamp() * 1000)).encode()
+    sku = await http.patch(f"{path}/skus/SNK-1", json={"price": 9900, "title": "Runner"},
+                           headers=auth())  # fmt: skip
+    assert sku.status == 200, await sku.text()
+    assert await c.redis.hget(SkuKeys(sale_id, "SNK-1").meta, "price") == b"9900"
+    assert await c.pool.fetchval("SELECT title FROM sale_skus WHERE sale_id = $1",
+                                 sale_id) == "Runner"  # fmt: skip
+    # Refused, and nothing written: bad values, an end before the start.
+    before = await c.pool.fetchrow("SELECT * FROM sales WHERE id = $1", sale_id)
+    for change, field in (({"ends_at": soon.isoformat()}, "ends_at"),
+                          ({"admission_capacity": 0}, "admission_capacity")):  # fmt: skip
+        refused = await http.patch(path, json=change, headers=auth())
+        assert refused.status == 422 and (await refused.json())["error"]["field"] == field
+    assert await c.pool.fetchrow("SELECT * FROM sales WHERE id = $1", sale_id) == before
+
+    # Once it runs: the start, the window and the price are fixed; a later end is fine.
+    started = (await (await http.post("/admin/v1/sales", json=SALE, headers=auth())).json())["id"]
+    live = f"/admin/v1/sales/{started}"
+    for change in ({"starts_at": later.isoformat()}, {"admission_window_seconds": 30},
+                   {"max_queue": 10}):  # fmt: skip
+        refused = await http.patch(live, json=change, headers=auth())
+        assert refused.status == 409 and await error_code(refused) == "sale_started", change
+    price = await http.patch(f"{live}/skus/SNK-1", json={"price": 1}, headers=auth())
+    assert price.status == 409 and await error_code(price) == "sale_started"
+    extended = await http.patch(live, json={"ends_at": later.isoformat(), "name": "Still on"},
+                                headers=auth())  # fmt: skip
+    assert extended.status == 200, await extended.text()
+    missing = await http.patch(f"{live}/skus/NOPE", json={"title": "x"}, headers=auth())
+    assert missing.status == 404
+
+
 async def test_lists_orders_and_the_csv_export(http: TestClient[Any, Any]) -> None:
     app = http.app
     assert app is not None
@@ -184,8 +241,9 @@ async def test_the_admission_rate_changes_while_the_sale_runs(http: TestClient[A
     assert await c.pool.fetchval("SELECT admission_rate FROM sales WHERE id = $1", sale_id) == 40
     assert await c.redis.hget(SaleKeys(sale_id).sale, "admission_rate") == b"40"
     for body, field in (({"admission_rate": 0}, "admission_rate"),
-                        ({"admission_rate": "fast"}, "admission_rate"), ({}, "admission_rate"),
-                        ({"admission_rate": 5, "name": "x"}, "name")):  # fmt: skip
+                        ({"admission_rate": "fast"}, "admission_rate"), ({}, "body"),
+                        ({"admission_rate": 5, "colour": "x"}, "colour"),
+                        ({"skus": []}, "skus")):  # fmt: skip
         refused = await http.patch(path, json=body, headers=auth())
         assert refused.status == 422, body
         assert (await refused.json())["error"]["field"] == field

@@ -202,6 +202,49 @@ def _hold(rdb: redis.Redis, keys: SkuKeys, active: int, sold: int) -> None:
     rdb.hincrby(keys.stock, "sold", sold)
 
 
+def test_stock_is_lowered_never_below_held_and_sold(
+    cli: Cli, db: Db, rdb: redis.Redis, tmp_path: Path
+) -> None:
+    sale_id = create(cli, tmp_path)
+    assert cli("sale", "preload", sale_id).code == 0
+    keys = SkuKeys(sale_id, "SNK-42")
+    _hold(rdb, keys, active=3, sold=2)
+    lowered = cli("sale", "remove-stock", sale_id, "SNK-42", "30")
+    assert lowered.code == 0, lowered.err
+    total = "SELECT stock_total FROM sale_skus WHERE sale_id = $1 AND sku = 'SNK-42'"
+    assert db.rows(total, sale_id)[0]["stock_total"] == 70
+    assert rdb.hgetall(keys.stock) == {"total": "70", "available": "65", "active": "3",
+                                       "paying": "0", "sold": "2"}  # fmt: skip
+    # 66 more would leave 4, under the 5 held and sold: refused in Redis, rolled back in
+    # Postgres.
+    refused = cli("sale", "remove-stock", sale_id, "SNK-42", "66")
+    assert refused.code == 1 and "cannot go below 5" in refused.err, refused.err
+    assert db.rows(total, sale_id)[0]["stock_total"] == 70
+    assert rdb.hget(keys.stock, "total") == "70"
+    bad = cli("sale", "remove-stock", sale_id, "SNK-42", "0")
+    assert bad.code == 2 and bad.err.startswith("flashsale: error: remove")
+
+
+def test_a_sku_nobody_reserved_can_be_removed(
+    cli: Cli, db: Db, rdb: redis.Redis, tmp_path: Path
+) -> None:
+    sale_id = create(cli, tmp_path)
+    assert cli("sale", "preload", sale_id).code == 0
+    held = SkuKeys(sale_id, "SNK-42")
+    _hold(rdb, held, active=1, sold=0)
+    kept = cli("sale", "remove-sku", sale_id, "SNK-42")
+    assert kept.code == 1 and "stays in the sale" in kept.err
+    assert rdb.exists(held.stock) and db.rows(
+        "SELECT 1 FROM sale_skus WHERE sale_id = $1 AND sku = 'SNK-42'", sale_id)  # fmt: skip
+    removed = cli("sale", "remove-sku", sale_id, "SNK-43")
+    assert removed.code == 0, removed.err
+    gone = SkuKeys(sale_id, "SNK-43")
+    assert not rdb.exists(gone.meta) and not rdb.exists(gone.stock)
+    assert not db.rows("SELECT 1 FROM sale_skus WHERE sale_id = $1 AND sku = 'SNK-43'", sale_id)
+    assert rdb.hget(SaleKeys(sale_id).sale, "skus") == "SNK-42"
+    assert cli("sale", "remove-sku", sale_id, "SNK-43").code == 1  # unknown now
+
+
 def test_preload_refuses_with_holds_and_force_keeps_them(
     cli: Cli, db: Db, rdb: redis.Redis, tmp_path: Path
 ) -> None:
@@ -273,6 +316,45 @@ def test_a_bad_csv_names_every_bad_cell(cli: Cli, counts: Any, tmp_path: Path) -
     assert line.startswith("flashsale: error: row 2.stock: must be")
     assert "row 4.price" in line and "row 4.currency" in line and "3 errors" in line
     assert counts() == before
+
+
+def test_a_scheduled_sale_is_edited_from_the_cli(cli: Cli, db: Db, counts: Any,
+                                                  tmp_path: Path) -> None:  # fmt: skip
+    made = cli("sale", "create", "--file", write(tmp_path, SALE), "--starts-in", "1h")
+    sale_id = made.out.strip()
+    result = cli("sale", "update", sale_id, "--name", "Moved drop", "--starts-in", "2h",
+                 "--window", "90")  # fmt: skip
+    assert result.code == 0, result.err
+    edited = json.loads(result.out)
+    assert (edited["name"], edited["admission_window_seconds"]) == ("Moved drop", 90)
+    priced = cli("sale", "update-sku", sale_id, "SNK-42", "--price", "9900")
+    assert priced.code == 0, priced.err
+    [row] = db.rows("SELECT price FROM sale_skus WHERE sale_id=$1 AND sku='SNK-42'", sale_id)
+    assert row["price"] == 9900
+    before = counts()
+    for argv, field in (
+        (("update", sale_id, "--window", "2"), "admission_window_seconds"),
+        (("update", sale_id), "update"),
+        (("update-sku", sale_id, "SNK-42", "--price", "-1"), "price"),
+    ):
+        refused = cli("sale", *argv)
+        assert refused.code == 2, refused.err
+        assert refused.err.startswith(f"flashsale: error: {field}"), refused.err
+        assert len(refused.err.strip().splitlines()) == 1
+    assert counts() == before
+    [again] = db.rows("SELECT name, admission_window_seconds FROM sales WHERE id=$1", sale_id)
+    assert (again["name"], again["admission_window_seconds"]) == ("Moved drop", 90)
+
+
+def test_status_watch_refreshes_and_list_prints_json(cli: Cli, tmp_path: Path) -> None:
+    sale_id = create(cli, tmp_path)
+    watched = cli("sale", "status", sale_id, "--watch", "--interval", "0.1", "--count", "2")
+    assert watched.code == 0, watched.err
+    assert watched.out.count("UTC, every 0.1s") == 2 and watched.out.count("SNK-42") >= 2
+    listed = cli("sale", "list", "--json", "--limit", "50")
+    assert listed.code == 0 and sale_id in {s["id"] for s in json.loads(listed.out)}
+    bad = cli("sale", "status", sale_id, "--watch", "--interval", "soon")
+    assert bad.code == 2 and bad.err.startswith("flashsale: error: interval")
 
 
 # -- bad input: one line naming the field, non-zero exit, nothing written ---------------------

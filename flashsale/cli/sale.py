@@ -7,6 +7,7 @@ Input is validated before any connection is opened, so bad input writes nothing.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -141,10 +142,34 @@ async def cmd_sale(args: argparse.Namespace, settings: Settings) -> int:
             for r in results:
                 out(f"{r.sku}: {r.outcome} (total {r.counts.total}, available {r.counts.available},"
                     f" held {r.counts.held}, sold {r.counts.sold})")  # fmt: skip
+        elif command == "status" and args.watch:
+            await _watch(sales, args)
         elif command == "status":
             print_status(await sales.status(args.sale), as_json=args.json)
         elif command == "add-stock":
             print_status(await sales.add_stock(args.sale, args.sku, args.units), as_json=False)
+        elif command == "remove-stock":
+            print_status(await sales.lower_stock(args.sale, args.sku, args.units), as_json=False)
+        elif command == "remove-sku":
+            sale = await sales.remove_sku(args.sale, args.sku)
+            out(f"removed {args.sku} from {sale['id']}: "
+                f"{len(sale['skus'])} SKUs left")  # fmt: skip
+        elif command == "update":
+            changes = {field: getattr(args, attr) for attr, field in UPDATE_FLAGS.items()
+                       if getattr(args, attr) is not None}  # fmt: skip
+            if args.starts_in and args.starts_at:
+                raise InvalidInput("starts-in", "give either --starts-at or --starts-in, not both")
+            if args.starts_in:
+                opens = datetime.now(UTC) + duration("starts-in", args.starts_in)
+                changes["starts_at"] = opens.isoformat()
+            if not changes:
+                raise InvalidInput("update", "give at least one setting to change")
+            dump_json(await sales.update(args.sale, changes))
+        elif command == "update-sku":
+            changes = {k: v for k, v in (("title", args.title), ("price", args.price)) if v}
+            if not changes:
+                raise InvalidInput("update-sku", "give --title or --price")
+            dump_json(await sales.update_sku(args.sale, args.sku, changes))
         elif command == "set-rate":
             sale = await sales.set_admission_rate(args.sale, args.rate)
             out(f"{sale['id']}: admitting {sale['admission_rate']} buyers per second")
@@ -152,6 +177,35 @@ async def cmd_sale(args: argparse.Namespace, settings: Settings) -> int:
             sale = await sales.set_status(args.sale, command)
             out(f"{sale['id']}: status {sale['status']} (state {sale['state']})")
     return 0
+
+
+# `sale update` flags (argparse attribute) and the sale field each sets.
+UPDATE_FLAGS = {
+    "name": "name", "starts_at": "starts_at", "ends_at": "ends_at",
+    "admission_rate": "admission_rate", "max_queue": "max_queue",
+    "window": "admission_window_seconds", "capacity": "admission_capacity",
+    "challenge": "join_challenge", "challenge_max": "join_challenge_max",
+}  # fmt: skip
+
+
+async def _watch(sales: SaleAdmin, args: argparse.Namespace) -> None:
+    """``sale status --watch``: the status again every interval, in place on a terminal (a
+    new block each time otherwise)."""
+    interval = positive(float, "interval", args.interval)
+    count = positive(int, "count", args.count) if args.count else None
+    shown = 0
+    in_place = sys.stdout.isatty() and not args.json
+    with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
+        while count is None or shown < count:
+            status = await sales.status(args.sale)
+            if in_place:
+                sys.stdout.write("\x1b[H\x1b[2J")  # home, clear: the table is redrawn
+            print_status(status, as_json=args.json)
+            out(f"-- {datetime.now(UTC):%H:%M:%S} UTC, every {interval:g}s (Ctrl-C stops)")
+            sys.stdout.flush()
+            shown += 1
+            if count is None or shown < count:
+                await asyncio.sleep(interval)
 
 
 async def _orders(sales: SaleAdmin, args: argparse.Namespace) -> None:
@@ -308,12 +362,16 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "describing the sale and at most one SKU. Prints the sale id, or the whole sale with "
         "--json.",
     )
-    create.add_argument("--file", help="sale file (JSON, see README); '-' reads stdin")
+    create.add_argument(
+        "--file",
+        help="sale file: a JSON object with name, starts_at, "
+        "ends_at, admission_rate, max_queue, ... and skus[]; '-' reads stdin",
+    )
     create.add_argument("--json", action="store_true", help="print the created sale as JSON")
     create.add_argument("--idempotency-key", metavar="KEY",
                         help="a retry with the same key gives the same sale, not a second one "
                              "(1..100 of A-Z a-z 0-9 . _ : -)")  # fmt: skip
-    create.add_argument("--name")
+    create.add_argument("--name", help="the sale's name (with the SKU flags, instead of --file)")
     create.add_argument("--starts-at", help="ISO 8601 with timezone (default: now)")
     create.add_argument(
         "--starts-in", metavar="DURATION",
@@ -330,8 +388,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     create.add_argument("--currency", help="ISO 4217 code, e.g. EUR")
     create.add_argument("--limit", help="per-buyer limit (default 1)")
     create.add_argument("--ttl", help="hold TTL in seconds (default 120)")
-    create.add_argument("--buckets", help="stock buckets for a hot SKU, 1..64 (default 1; see "
-                        "README, Hot SKUs)")  # fmt: skip
+    create.add_argument("--buckets", help="split the SKU's stock into this many buckets on "
+                        "separate Redis slots, for a SKU hotter than one Redis core (1..64, "
+                        "default 1)")  # fmt: skip
 
     imp = sale_sub.add_parser("import", help="add SKUs from a CSV file (all rows validated first)")
     imp.add_argument("file", help="CSV with header sku,title,stock,price,currency,...")
@@ -349,38 +408,86 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "updated_at) through Postgres's COPY, however many there are; the payment token is "
         "never exported.",
     )  # fmt: skip
-    orders.add_argument("sale")
+    orders.add_argument("sale", help="sale id")
     orders.add_argument("--state", help="only orders in this state (CONFIRMED, PAYMENT_FAILED, "
                                         "PENDING, PAYING, EXPIRED, CANCELLED)")  # fmt: skip
     orders.add_argument("--csv", action="store_true", help="CSV on stdout, streamed")
     show = sale_sub.add_parser("show", help="print a sale's configuration as JSON")
-    show.add_argument("sale")
+    show.add_argument("sale", help="sale id")
     preload = sale_sub.add_parser("preload", help="copy configuration and stock into Redis")
-    preload.add_argument("sale")
+    preload.add_argument("sale", help="sale id")
     preload.add_argument(
         "--force", action="store_true",
         help="reload even with held or sold units (they are never reset)",
     )  # fmt: skip
     status = sale_sub.add_parser("status", help="per SKU: stock, available, held, sold, confirmed")
-    status.add_argument("sale")
-    status.add_argument("--json", action="store_true")
+    status.add_argument("sale", help="sale id")
+    status.add_argument("--json", action="store_true", help="print it as JSON")
+    status.add_argument(
+        "--watch",
+        action="store_true",
+        help="refresh in place every --interval seconds until Ctrl-C",
+    )
+    status.add_argument("--interval", default="1", help="seconds between refreshes (default 1)")
+    status.add_argument("--count", help="stop after this many refreshes (default: never)")
     add = sale_sub.add_parser("add-stock", help="add N units to a SKU (Postgres, then Redis)")
-    add.add_argument("sale")
-    add.add_argument("sku")
-    add.add_argument("units", metavar="N")
+    add.add_argument("sale", help="sale id")
+    add.add_argument("sku", help="SKU id")
+    add.add_argument("units", metavar="N", help="units to add (a positive integer)")
+    lower = sale_sub.add_parser(
+        "remove-stock", help="lower a SKU's stock by N units, never below held plus sold",
+        description="Lowers the stock in Postgres and Redis together: refused, with nothing "
+        "written, when fewer units than N are free (held and sold units are never taken "
+        "back). A SKU in stock buckets cannot shrink.",
+    )  # fmt: skip
+    lower.add_argument("sale", help="sale id")
+    lower.add_argument("sku", help="SKU id")
+    lower.add_argument("units", metavar="N", help="units to take out (a positive integer)")
+    drop = sale_sub.add_parser(
+        "remove-sku", help="take a SKU out of a sale, if nobody reserved it",
+        description="Deletes the SKU in Postgres and Redis together; refused, with nothing "
+        "written, once it has an order, a hold or a sold unit.",
+    )  # fmt: skip
+    drop.add_argument("sale", help="sale id")
+    drop.add_argument("sku", help="SKU id")
+    update = sale_sub.add_parser(
+        "update", help="change a sale's settings (anything before its start)",
+        description="Change settings, Postgres first and then Redis. Before the start any of "
+        "them; once started only --name, a later --ends-at, --admission-rate and a higher "
+        "--max-queue (refused otherwise, nothing written). Prints the sale as JSON.",
+    )  # fmt: skip
+    update.add_argument("sale", help="sale id")
+    update.add_argument("--name", help="the sale's name")
+    update.add_argument("--starts-at", help="ISO 8601 with timezone (before the start only)")
+    update.add_argument("--starts-in", help="open this long from now, e.g. 10m (before the "
+                                            "start only)")  # fmt: skip
+    update.add_argument("--ends-at", help="ISO 8601 with timezone")
+    update.add_argument("--admission-rate", help="buyers admitted per second")
+    update.add_argument("--max-queue", help="queue cap (only higher once started)")
+    update.add_argument("--window", help="admission window in seconds, 5..3600")
+    update.add_argument("--capacity", help="admitted buyers who have not reserved yet, at most")
+    update.add_argument("--challenge", help="proof-of-work bits asked at join, 0..24")
+    update.add_argument("--challenge-max", help="most bits as the join rate rises (0: fixed)")
+    update_sku = sale_sub.add_parser(
+        "update-sku", help="change a SKU's title, or its price before the start"
+    )
+    update_sku.add_argument("sale", help="sale id")
+    update_sku.add_argument("sku", help="SKU id")
+    update_sku.add_argument("--title", help="the title buyers see")
+    update_sku.add_argument("--price", help="integer minor units (before the start only)")
     rate = sale_sub.add_parser(
         "set-rate", help="change the admission rate, also while the sale runs",
         description="Change how many buyers per second the waiting room admits. The pump "
         "follows within a step and the ETAs buyers are shown follow the new rate.",
     )  # fmt: skip
-    rate.add_argument("sale")
+    rate.add_argument("sale", help="sale id")
     rate.add_argument("rate", metavar="N", help="buyers admitted per second (1..1000000)")
     for action, text in (
         ("pause", "stop granting reservations"),
         ("resume", "resume a paused sale"),
         ("end", "end the sale for good"),
     ):
-        sale_sub.add_parser(action, help=text).add_argument("sale")
+        sale_sub.add_parser(action, help=text).add_argument("sale", help="sale id")
 
     token = commands.add_parser("token", help="mint signed tokens for tests and load tools")
     token.set_defaults(handler=cmd_token)
