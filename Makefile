@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint contracts types pytest pytest-cluster test-cluster chaos-quick \
+.PHONY: demo test lint contracts types pytest pytest-cluster test-cluster test-heavy chaos-quick \
         chaos-cluster-quick chaos install \
         bench stack-down clean browser
 
@@ -59,8 +59,16 @@ define run_pytest
   if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 endef
 
+# `make test` leaves out the heaviest runs (marked heavy: every benchmark in its quick form,
+# a distributed locust spike) to stay under about 15 minutes on 2 cores; `make test-heavy`
+# runs them.
+PYTEST_ARGS ?= -m "not heavy"
+
 pytest: $(STAMP) browser
 	$(call run_pytest,,$(PYTEST_ARGS))
+
+test-heavy: $(STAMP) browser
+	$(call run_pytest,,-m heavy)
 
 # The same tests on a Redis Cluster of 3 primaries with a replica each, in its own stack
 # (.flashsale-cluster, beside the single-server one), started and stopped by the session:
@@ -76,7 +84,7 @@ pytest-cluster: $(STAMP)
 	$(call run_pytest,$(CLUSTER_ENV),$(CLUSTER_CORE))
 
 test-cluster: $(STAMP) browser
-	$(call run_pytest,$(CLUSTER_ENV),$(PYTEST_ARGS))
+	$(call run_pytest,$(CLUSTER_ENV),)
 
 # The fault suite (docs/RELIABILITY.md) against the embedded stack, started if needed and
 # stopped again if it started it: `make test` runs the short set, `make chaos` all of it

@@ -139,6 +139,7 @@ def test_bench_all_rewrites_only_the_marked_blocks(tmp_path: Path) -> None:
         rewrite(doc, {"reconcile": "x"})
 
 
+@pytest.mark.heavy
 def test_bench_all_quick_runs_every_benchmark_and_fills_the_document(
     cli: Cli, tmp_path: Path
 ) -> None:

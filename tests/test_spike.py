@@ -41,6 +41,7 @@ def test_headless_spike_through_the_cli(stack: Settings, tmp_path: Path) -> None
     assert (tmp_path / "spike.html").stat().st_size > 0
 
 
+@pytest.mark.heavy
 def test_distributed_spike_master_and_worker(stack: Settings, tmp_path: Path) -> None:
     port, master_port = free_ports(5), free_ports(2)
     env = {**os.environ, "FLASHSALE_ADMIN_TOKEN": stack.admin_token.reveal(),
