@@ -313,75 +313,63 @@ class SaleAdmin:
 
     async def add_stock(self, sale_id: str, sku: Any, add: Any) -> dict[str, Any]:
         """Raise a SKU's stock by ``add`` units in Postgres, then in Redis if preloaded."""
-        sku = identifier(sku, "sku")
         units = integer(add, "add", minimum=1, maximum=MAX_STOCK, what="a positive integer")
-        async with self.pool.acquire() as conn, conn.transaction():
-            sale = await self._sale_row(conn, sale_id)
-            if sale["status"] == "ended":
-                raise Conflict(f"sale {sale_id} has ended", code="sale_ended")
-            row = await conn.fetchrow(
-                "SELECT * FROM sale_skus WHERE sale_id = $1 AND sku = $2 FOR UPDATE", sale_id, sku
-            )
-            if row is None:
-                raise NotFound(f"unknown SKU {sku!r} in sale {sale_id}", code="unknown_sku")
-            if row["stock_total"] + units > MAX_STOCK:
-                raise InvalidInput("add", f"stock would exceed {MAX_STOCK}")
-            row = await conn.fetchrow(
-                "UPDATE sale_skus SET stock_total = stock_total + $3"
-                " WHERE sale_id = $1 AND sku = $2 RETURNING *",
-                sale_id, sku, units,
-            )  # fmt: skip
-        if sale["preloaded_at"] is not None:
-            # Absolute sync from Postgres: idempotent, keeps held and sold units.
-            result = await self._sync_sku(sale, row, force=True)
-            if result.outcome == "refused_lost":
-                raise Conflict(
-                    f"stock of {sku} was added in Postgres; Redis no longer holds the SKU: run "
-                    "`flashsale reconcile --once` to rebuild it", code="rebuild_needed",
-                )  # fmt: skip
-            if result.outcome.startswith("refused"):
-                raise Conflict(f"Redis refused the new stock for {sku}: {result.outcome}")
-        return await self.status(sale_id)
+        return await self._move_total(sale_id, sku, units, "add")
 
     async def lower_stock(self, sale_id: str, sku: Any, remove: Any) -> dict[str, Any]:
-        """Lower a SKU's stock by ``remove`` units, never below what is held and sold. One
-        Postgres transaction holds the SKU's row while Redis takes the units out atomically
-        (``lua/preload.lua`` refuses a total below held + sold); a refusal rolls Postgres
-        back. Should the commit fail after Redis lowered, Redis holds less than Postgres and
-        the reconciler brings it back: units go unsold for a moment, none is oversold."""
-        sku = identifier(sku, "sku")
+        """Lower a SKU's stock by ``remove`` units, never below what is held and sold."""
         units = integer(remove, "remove", minimum=1, maximum=MAX_STOCK, what="a positive integer")
+        return await self._move_total(sale_id, sku, -units, "remove")
+
+    async def _move_total(self, sale_id: str, sku: Any, delta: int, field: str
+                          ) -> dict[str, Any]:  # fmt: skip
+        """Change a SKU's total by ``delta`` so that Redis never holds more than Postgres: a
+        rise is copied to Redis after Postgres committed it; a fall is made in Redis (which
+        refuses to go below held + sold, ``lua/preload.lua``) inside the Postgres
+        transaction, so a refusal rolls Postgres back. Should a commit fail after Redis
+        fell, Redis holds less than Postgres and the reconciler brings it back: units unsold
+        for a moment, none oversold."""
+        sku = identifier(sku, "sku")
         async with self.pool.acquire() as conn, conn.transaction():
             sale = await self._sale_row(conn, sale_id)
             if sale["status"] == "ended":
                 raise Conflict(f"sale {sale_id} has ended", code="sale_ended")
             row = await self._sku_for_update(conn, sale_id, sku)
-            if row["buckets"] > 1:
+            total = row["stock_total"] + delta
+            if total > MAX_STOCK:
+                raise InvalidInput(field, f"stock would exceed {MAX_STOCK}")
+            if delta < 0 and row["buckets"] > 1:
                 raise Conflict(f"{sku} is split into stock buckets, whose stock only grows",
                                code="bucketed_sku")  # fmt: skip
-            if row["stock_total"] - units < max(1, row["sold"]):
-                raise InvalidInput("remove", f"would leave {row['stock_total'] - units} units; "
-                                   f"at least max(1, sold = {row['sold']}) must stay (remove the "
-                                   "SKU instead)")  # fmt: skip
+            if total < max(1, row["sold"]):
+                raise InvalidInput(field, f"would leave {total} units; at least "
+                                   f"max(1, sold = {row['sold']}) must stay (remove the SKU "
+                                   "instead)")  # fmt: skip
             row = await conn.fetchrow(
-                "UPDATE sale_skus SET stock_total = stock_total - $3"
-                " WHERE sale_id = $1 AND sku = $2 RETURNING *",
-                sale_id, sku, units,
+                "UPDATE sale_skus SET stock_total = $3 WHERE sale_id = $1 AND sku = $2"
+                " RETURNING *", sale_id, sku, total,
             )  # fmt: skip
-            if sale["preloaded_at"] is not None:
-                result = await self._sync_sku(sale, row, force=True)
-                if result.outcome == "refused_below_committed":
-                    raise Conflict(f"{sku} has {result.counts.held} units held and "
-                                   f"{result.counts.sold} sold: its stock cannot go below "
-                                   f"{result.counts.held + result.counts.sold}",
-                                   code="below_committed")  # fmt: skip
-                if result.outcome == "refused_lost":
-                    raise Conflict(f"Redis no longer holds {sku}: run `flashsale "
-                                   "reconcile --once` to rebuild it first",
-                                   code="rebuild_needed")  # fmt: skip
-                if result.outcome.startswith("refused"):
-                    raise Conflict(f"Redis refused the lower stock for {sku}: {result.outcome}")
+            if delta < 0 and sale["preloaded_at"] is not None:
+                await self._sync_total(sale, row)
+        if delta > 0 and sale["preloaded_at"] is not None:
+            await self._sync_total(sale, row)
         return await self.status(sale_id)
+
+    async def _sync_total(self, sale: asyncpg.Record, row: asyncpg.Record) -> None:
+        """Redis's total of the SKU set from ``row`` (absolute, idempotent, held and sold
+        units kept); a refusal is a Conflict saying why."""
+        sku = row["sku"]
+        result = await self._sync_sku(sale, row, force=True)
+        if result.outcome == "refused_below_committed":
+            raise Conflict(f"{sku} has {result.counts.held} units held and {result.counts.sold} "
+                           f"sold: its stock cannot go below "
+                           f"{result.counts.held + result.counts.sold}",
+                           code="below_committed")  # fmt: skip
+        if result.outcome == "refused_lost":
+            raise Conflict(f"Redis no longer holds {sku}: run `flashsale reconcile --once` to "
+                           "rebuild it from Postgres", code="rebuild_needed")  # fmt: skip
+        if result.outcome.startswith("refused"):
+            raise Conflict(f"Redis refused the new stock of {sku}: {result.outcome}")
 
     async def remove_sku(self, sale_id: str, sku: Any) -> dict[str, Any]:
         """Take a SKU out of a sale, if nobody ever reserved it: no order in Postgres, no

@@ -7,12 +7,14 @@ import asyncio
 import contextlib
 import dataclasses
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import requests
 from aiohttp.test_utils import TestClient, TestServer
 
 from allocator.pump import AdmissionPump
@@ -237,3 +239,16 @@ def create_live_sale(base_url: str, *, stock: int = 50, name: str = "live test")
     sale_id = str(created.json()["id"])
     requests.post(f"{base_url}/admin/v1/sales/{sale_id}/preload", headers=headers, timeout=10)
     return sale_id
+
+
+def healthy(url: str, patience: float = 30) -> None:
+    """Wait until ``url`` answers 200 (a service of ``flashsale up`` is ready)."""
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} never became healthy")

@@ -23,6 +23,7 @@ from flashsale.logs import JsonFormatter, TextFormatter, bound, configure_loggin
 from flashsale.settings import Settings
 from flashsale.tokens import Signer
 from tests.conftest import Cli
+from tests.harness import healthy
 
 
 def _line(formatter: logging.Formatter, **extra: str) -> str:
@@ -64,18 +65,6 @@ def test_bound_fields_reach_every_line_and_secrets_do_not(stack: Settings) -> No
         Settings.from_env({**os.environ, "FLASHSALE_LOG_FORMAT": "xml"})
 
 
-def _wait(url: str, patience: float = 30) -> None:
-    deadline = time.monotonic() + patience
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{url} never became healthy")
-
-
 def test_one_reservation_is_followed_through_the_services_by_its_id(
     stack: Settings, cli: Cli, tmp_path: Path
 ) -> None:
@@ -89,7 +78,7 @@ def test_one_reservation_is_followed_through_the_services_by_its_id(
         )  # fmt: skip
         try:
             for offset in range(5):
-                _wait(f"http://127.0.0.1:{port + offset}/healthz")
+                healthy(f"http://127.0.0.1:{port + offset}/healthz")
             sale = cli("sale", "create", "--name", "logged", "--sku", "A", "--stock", "3",
                        "--price", "100", "--currency", "EUR").out.strip()  # fmt: skip
             cli("sale", "preload", sale)

@@ -11,23 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
 
 from flashsale.cli.devstack.processes import free_ports
 from flashsale.settings import Settings
 from tests.conftest import Cli
-
-
-def _healthy(url: str, patience: float = 30) -> None:
-    deadline = time.monotonic() + patience
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{url} never became healthy")
+from tests.harness import healthy
 
 
 def _children(pid: int) -> list[int]:
@@ -44,11 +32,11 @@ def test_up_supervises_and_stops_cleanly(stack: Settings, cli: Cli) -> None:
         env={**os.environ, "FLASHSALE_LOG_LEVEL": "INFO"},
     )
     try:
-        _healthy(f"http://127.0.0.1:{port}/healthz")
-        _healthy(f"http://127.0.0.1:{port + 1}/healthz")  # the allocator service
-        _healthy(f"http://127.0.0.1:{port + 2}/healthz")  # the order workers
-        _healthy(f"http://127.0.0.1:{port + 3}/healthz")  # the payment simulator
-        _healthy(f"http://127.0.0.1:{port + 4}/healthz")  # the reconciler
+        healthy(f"http://127.0.0.1:{port}/healthz")
+        healthy(f"http://127.0.0.1:{port + 1}/healthz")  # the allocator service
+        healthy(f"http://127.0.0.1:{port + 2}/healthz")  # the order workers
+        healthy(f"http://127.0.0.1:{port + 3}/healthz")  # the payment simulator
+        healthy(f"http://127.0.0.1:{port + 4}/healthz")  # the reconciler
         # The audit, run from another shell as the README shows, finds the simulator `up`
         # started: it is recorded in the state folder.
         created = cli("sale", "create", "--name", "audited", "--sku", "A", "--stock", "1",
@@ -67,7 +55,7 @@ def test_up_supervises_and_stops_cleanly(stack: Settings, cli: Cli) -> None:
             time.sleep(0.2)
         else:
             raise AssertionError("the killed child was not restarted")
-        _healthy(f"http://127.0.0.1:{port}/healthz")
+        healthy(f"http://127.0.0.1:{port}/healthz")
         survivors = _children(up.pid)
     finally:
         up.send_signal(signal.SIGTERM)
