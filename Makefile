@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint contracts types pytest pytest-cluster test-cluster test-heavy chaos-quick \
+.PHONY: demo test lint contracts types pytest pytest-cluster test-cluster test-heavy chaos-quick prometheus \
         chaos-cluster-quick chaos install \
         bench stack-down clean browser
 
@@ -45,6 +45,17 @@ types: $(STAMP)
 
 # The page test drives Debian's chromium (Playwright's own browser download does not work
 # here). Installed with apt when missing and running as root; otherwise the test says how.
+# The alert and dashboard test runs Debian's Prometheus (promtool included), installed the
+# same way when missing.
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing prometheus (apt) for the alert and dashboard test"; \
+	    apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null 2>&1 && \
+	        apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1; }; \
+	  else echo "prometheus not found: install it (apt install prometheus) for the alert test"; fi; }
+
 browser:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -64,10 +75,10 @@ endef
 # runs them.
 PYTEST_ARGS ?= -m "not heavy"
 
-pytest: $(STAMP) browser
+pytest: $(STAMP) browser prometheus
 	$(call run_pytest,,$(PYTEST_ARGS))
 
-test-heavy: $(STAMP) browser
+test-heavy: $(STAMP) browser prometheus
 	$(call run_pytest,,-m heavy)
 
 # The same tests on a Redis Cluster of 3 primaries with a replica each, in its own stack
@@ -83,7 +94,7 @@ CLUSTER_CORE := tests/test_cluster.py tests/test_reserve.py tests/test_buckets.p
 pytest-cluster: $(STAMP)
 	$(call run_pytest,$(CLUSTER_ENV),$(CLUSTER_CORE))
 
-test-cluster: $(STAMP) browser
+test-cluster: $(STAMP) browser prometheus
 	$(call run_pytest,$(CLUSTER_ENV),)
 
 # The fault suite (docs/RELIABILITY.md) against the embedded stack, started if needed and

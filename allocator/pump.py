@@ -143,6 +143,8 @@ class AdmissionPump:
     buckets: dict[str, int] = field(default_factory=dict)  # SKUs split into stock buckets
     recorded: bool = False  # the pre-queue's order is recorded in Postgres (fairness)
     recording: asyncio.Task[None] | None = None  # the record being written
+    stock: dict[str, tuple[int, int]] = field(default_factory=dict)  # SKU: (available, held)
+    tail: int = 0  # the last position handed out, as of the last step
 
     @property
     def keys(self) -> SaleKeys:
@@ -233,6 +235,7 @@ class AdmissionPump:
         self.credit = max(0.0, self.credit - admitted)
         if admitted > 0:
             self.steps.append(Step(result.serving, result.now_ms))
+        self.tail = result.tail
         self.history.append((result.now_ms, result.serving, result.tail > result.serving))
         while self.history and self.history[0][0] < result.now_ms - RATE_HISTORY_MS:
             self.history.popleft()
@@ -244,6 +247,12 @@ class AdmissionPump:
         stock = [k for s in self.skus for k in bucket_keys(self.sale_id, s, self.buckets.get(s, 1))]
         snap = await self.queue.snapshot(self.keys, claims_through=lapsed, skus=stock)
         counted = [units for units in snap.stock if units is not None]
+        by_sku: dict[str, tuple[int, int]] = {}
+        for keys, units in zip(stock, snap.stock, strict=True):
+            if units is not None:
+                available, held = by_sku.get(keys.sku, (0, 0))
+                by_sku[keys.sku] = (available + units[0], held + units[1])
+        self.stock = by_sku
         return SaleSnapshot(
             snap.view, sum(a for a, _ in counted), sum(h for _, h in counted),
             bool(self.skus) and len(counted) == len(snap.stock), snap.claimed,

@@ -31,7 +31,7 @@ from allocator.sweeper import run_sweeper
 from flashsale.clients import RedisClient, pg_pool, redis_client
 from flashsale.kafka import ensure_topics, producer
 from flashsale.keys import SkuKeys, bucket_keys
-from flashsale.ops_endpoints import KafkaProbe, dependency_probes, serve_ops
+from flashsale.ops_endpoints import KafkaProbe, build_info, dependency_probes, serve_ops
 from flashsale.outages import log_failure
 from flashsale.queue_marks import QueueMarks
 from flashsale.settings import Settings
@@ -63,6 +63,7 @@ HAVING CASE WHEN s.status = 'ended' THEN least(s.ends_at, s.updated_at) ELSE s.e
 class ServiceMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        build_info(registry, "allocator")
         self.admitted = Counter(
             "flashsale_pump_admitted", "Buyers admitted by this process's pumps", ["sale"],
             registry=registry,
@@ -81,7 +82,7 @@ class ServiceMetrics:
             "flashsale_queue_outstanding", "Admitted buyers who have not reserved yet", ["sale"],
             registry=registry,
         )  # fmt: skip
-        self.noshow = Gauge("flashsale_queue_noshow_rate", "Learned no-show rate", ["sale"],
+        self.noshow = Gauge("flashsale_queue_noshow_ratio", "Learned no-show ratio", ["sale"],
                             registry=registry)  # fmt: skip
         self.sold_out = Gauge("flashsale_sale_sold_out", "1 once the sale is sold out", ["sale"],
                               registry=registry)  # fmt: skip
@@ -92,6 +93,32 @@ class ServiceMetrics:
         self.relayed = Counter("flashsale_relay_entries",
                                "Outbox stream entries published to Kafka and acknowledged",
                                registry=registry)  # fmt: skip
+        self.backlog = Gauge("flashsale_outbox_backlog", "Outbox entries not yet published, by "
+                             "SKU (and stock bucket)", ["sale", "sku", "bucket"],
+                             registry=registry)  # fmt: skip
+        self.stock = Gauge("flashsale_stock_units", "Units of a SKU by state (available, held), "
+                           "as the sale's pump last read them", ["sale", "sku", "state"],
+                           registry=registry)  # fmt: skip
+        self.per_sale = (self.admitted, self.leader, self.serving, self.tail, self.cutoff,
+                         self.outstanding, self.noshow, self.sold_out, self.errors)  # fmt: skip
+        self._skus: dict[str, set[str]] = {}  # SKUs with stock series, by sale
+
+    def note_stock(self, sale_id: str, stock: dict[str, tuple[int, int]]) -> None:
+        for sku, (available, held) in stock.items():
+            self.stock.labels(sale_id, sku, "available").set(available)
+            self.stock.labels(sale_id, sku, "held").set(held)
+        self._skus.setdefault(sale_id, set()).update(stock)
+
+    def forget(self, sale_id: str) -> None:
+        """Drop a sale's series once it leaves scope: a dashboard of past sales would
+        otherwise grow without end."""
+        for metric in self.per_sale:
+            with contextlib.suppress(KeyError):
+                metric.remove(sale_id)
+        for sku in self._skus.pop(sale_id, set()):
+            for state in ("available", "held"):
+                with contextlib.suppress(KeyError):
+                    self.stock.remove(sale_id, sku, state)
 
 
 class AllocatorService:
@@ -149,7 +176,8 @@ class AllocatorService:
                 )
             )
             checkpoints = asyncio.create_task(self.marks.run(self.pool, stop))
-            background += [sweeper, relay, checkpoints]
+            backlog = asyncio.create_task(self._measure_backlog(stop))
+            background += [sweeper, relay, checkpoints, backlog]
             next_discovery = 0.0
             while not stop.is_set():
                 if time.monotonic() >= next_discovery:
@@ -163,6 +191,7 @@ class AllocatorService:
             await sweeper
             await relay
             await checkpoints
+            await backlog
         finally:
             for task in background:  # still running only when the loop above raised
                 task.cancel()
@@ -175,6 +204,33 @@ class AllocatorService:
             await out.stop()
             await self.pool.close()
             await self.redis.aclose()
+
+    async def _measure_backlog(self, stop: asyncio.Event, interval_s: float = 1.0) -> None:
+        """Each second, the outbox entries of every holding SKU not yet published (the relay
+        deletes what the broker acknowledged): a backlog that grows means the relay or the
+        broker is behind. SKUs that left scope lose their series."""
+        shown: set[tuple[str, str, str]] = set()
+        while not stop.is_set():
+            skus = list(self.holding_skus)
+            try:
+                assert self.redis is not None
+                pipe = self.redis.pipeline(transaction=False)
+                for keys in skus:
+                    pipe.xlen(keys.outbox)
+                lengths = await pipe.execute() if skus else []
+            except Exception as exc:  # noqa: BLE001 - measured again next second
+                log_failure(log, "cannot measure the outbox backlog", exc)
+            else:
+                now = {(k.sale_id, k.sku, str(k.bucket)): int(n)
+                       for k, n in zip(skus, lengths, strict=True)}  # fmt: skip
+                for labels, length in now.items():
+                    self.metrics.backlog.labels(*labels).set(length)
+                for labels in shown - set(now):
+                    with contextlib.suppress(KeyError):
+                        self.metrics.backlog.remove(*labels)
+                shown = set(now)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval_s)
 
     async def _holding_skus(self) -> list[SkuKeys]:
         return self.holding_skus
@@ -195,7 +251,7 @@ class AllocatorService:
         buckets = {row["id"]: dict(zip(row["skus"], row["buckets"], strict=True)) for row in rows}
         for sale_id in set(self.pumps) - set(live):
             await self._resign(self.pumps.pop(sale_id))
-            self.metrics.leader.labels(sale_id).set(0)
+            self.metrics.forget(sale_id)
         for sale_id, skus in live.items():
             if sale_id in self.pumps:
                 self.pumps[sale_id].skus = skus
@@ -233,9 +289,11 @@ class AllocatorService:
         if step.admitted:
             m.admitted.labels(sale).inc(step.admitted)
         m.serving.labels(sale).set(step.serving)
+        m.tail.labels(sale).set(pump.tail)
         m.cutoff.labels(sale).set(step.cutoff if step.cutoff is not None else -1)
         m.outstanding.labels(sale).set(pump.outstanding)
         m.noshow.labels(sale).set(pump.noshow)
+        m.note_stock(sale, pump.stock)
         m.sold_out.labels(sale).set(1 if step.sold_out else 0)
 
     async def _serve_ops(self, host: str, port: int, kafka: KafkaProbe) -> web.AppRunner:

@@ -14,7 +14,7 @@ import logging
 import zlib
 from collections.abc import Callable, Sequence
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -137,32 +137,56 @@ async def publish(
     return len(messages)
 
 
-async def consumer_lag(settings: Settings, topic: str, group: str) -> int:
-    """Messages of ``topic`` the consumer group has not committed yet, over all partitions
-    (a partition it never committed counts from its start). Raises Unavailable when the
-    broker cannot be reached."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition  # noqa: PLC0415
+class LagReader:
+    """How far a consumer group is behind on a topic, read over one client kept for the
+    reader's life (a client per reading would cost a connection and a bootstrap each time).
+    It does not join the group: it only reads the group's committed offsets."""
 
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.require_kafka(), group_id=group, enable_auto_commit=False,
-        request_timeout_ms=10_000,
-    )  # fmt: skip
+    def __init__(self, settings: Settings, group: str) -> None:
+        self.settings = settings
+        self.group = group
+        self._consumer: AIOKafkaConsumer | None = None
+
+    async def read(self, topic: str) -> int:
+        """Messages of ``topic`` the group has not committed yet, over all partitions (a
+        partition it never committed counts from its start). Raises Unavailable when the
+        broker cannot be reached."""
+        try:
+            if self._consumer is None:
+                consumer = AIOKafkaConsumer(
+                    bootstrap_servers=self.settings.require_kafka(), group_id=self.group,
+                    enable_auto_commit=False, request_timeout_ms=10_000,
+                )  # fmt: skip
+                await consumer.start()
+                self._consumer = consumer
+            consumer = self._consumer
+            await consumer.topics()  # fresh metadata
+            known = consumer.partitions_for_topic(topic) or set()
+            partitions = [TopicPartition(topic, p) for p in sorted(known)]
+            if not partitions:
+                return 0
+            ends = await consumer.end_offsets(partitions)
+            starts = await consumer.beginning_offsets(partitions)
+            lag = 0
+            for tp in partitions:
+                committed = await consumer.committed(tp)
+                lag += max(0, ends[tp] - (starts[tp] if committed is None else committed))
+            return lag
+        except KafkaError as exc:
+            await self.aclose()  # a fresh client next time
+            raise Unavailable(f"cannot read consumer lag from the broker: {exc!r}") from exc
+
+    async def aclose(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            with contextlib.suppress(KafkaError, OSError):
+                await consumer.stop()
+
+
+async def consumer_lag(settings: Settings, topic: str, group: str) -> int:
+    """:meth:`LagReader.read` once."""
+    reader = LagReader(settings, group)
     try:
-        await consumer.start()
-        await consumer.topics()  # fresh metadata
-        known = consumer.partitions_for_topic(topic) or set()
-        partitions = [TopicPartition(topic, p) for p in sorted(known)]
-        if not partitions:
-            return 0
-        ends = await consumer.end_offsets(partitions)
-        starts = await consumer.beginning_offsets(partitions)
-        lag = 0
-        for tp in partitions:
-            committed = await consumer.committed(tp)
-            lag += max(0, ends[tp] - (starts[tp] if committed is None else committed))
-        return lag
-    except KafkaError as exc:
-        raise Unavailable(f"cannot read consumer lag from the broker: {exc!r}") from exc
+        return await reader.read(topic)
     finally:
-        with contextlib.suppress(KafkaError, OSError):
-            await consumer.stop()
+        await reader.aclose()

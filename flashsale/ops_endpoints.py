@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import platform
 import time
 from collections.abc import Awaitable, Callable, Mapping
 
@@ -21,12 +22,34 @@ import asyncpg
 import orjson
 from aiohttp import web
 from aiokafka.client import AIOKafkaClient
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Gauge,
+    ProcessCollector,
+    generate_latest,
+    multiprocess,
+)
 
+from flashsale import __version__
 from flashsale.clients import RedisClient
 from flashsale.settings import Settings
 
 PING_TIMEOUT_S = 2.0
+
+
+def build_info(registry: CollectorRegistry, service: str) -> None:
+    """``flashsale_build_info{service, version, python} 1``: which build answers, for
+    dashboards and for spotting a half-finished rollout; and the process's CPU and memory
+    (``process_*``) where one process answers for itself (not across the processes of a
+    multiprocess gateway)."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        ProcessCollector(registry=registry)
+    Gauge(
+        "flashsale_build_info", "The running build (always 1)", ["service", "version", "python"],
+        registry=registry, multiprocess_mode="max",
+    ).labels(service, __version__, platform.python_version()).set(1)  # fmt: skip
+
 
 Probe = Callable[[], Awaitable[object]]
 
@@ -96,11 +119,18 @@ async def health(probes: Mapping[str, Probe]) -> tuple[int, dict[str, object]]:
 
 
 class Readiness:
-    """The dependencies' health, checked at most every ``ttl_s`` and shared by callers."""
+    """The dependencies' health, checked at most every ``ttl_s`` and shared by callers. With a
+    ``registry``, each check also sets ``flashsale_dependency_up{dependency}`` (the scrape of
+    ``/metrics`` asks for a check, so alerts see what ``/readyz`` would say)."""
 
-    def __init__(self, probes: Mapping[str, Probe], ttl_s: float = 1.0) -> None:
+    def __init__(self, probes: Mapping[str, Probe], ttl_s: float = 1.0,
+                 registry: CollectorRegistry | None = None) -> None:  # fmt: skip
         self.probes = probes
         self.ttl_s = ttl_s
+        self.up = None if registry is None else Gauge(
+            "flashsale_dependency_up", "1 when the dependency answered the last readiness check",
+            ["dependency"], registry=registry, multiprocess_mode="min",
+        )  # fmt: skip
         self._last: tuple[float, tuple[int, dict[str, object]]] | None = None
         self._running: asyncio.Future[tuple[int, dict[str, object]]] | None = None
 
@@ -116,6 +146,11 @@ class Readiness:
         try:
             result = await health(self.probes)
             self._last = (time.monotonic(), result)
+            if self.up is not None:
+                checks = result[1]["checks"]
+                assert isinstance(checks, dict)
+                for name, verdict in checks.items():
+                    self.up.labels(name).set(1 if verdict == "ok" else 0)
             return result
         finally:
             self._running = None
@@ -144,6 +179,7 @@ def ops_app(readiness: Readiness, registry: CollectorRegistry) -> web.Applicatio
         return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
     async def metrics(_request: web.Request) -> web.Response:
+        await readiness.check()  # flashsale_dependency_up, at most one check a second
         return web.Response(
             body=metrics_text(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
@@ -160,7 +196,8 @@ async def serve_ops(
     host: str, port: int, probes: Mapping[str, Probe], registry: CollectorRegistry
 ) -> web.AppRunner:
     """Start :func:`ops_app` on ``host:port``; the caller cleans the runner up."""
-    runner = web.AppRunner(ops_app(Readiness(probes), registry), access_log=None)
+    runner = web.AppRunner(ops_app(Readiness(probes, registry=registry), registry),
+                           access_log=None)  # fmt: skip
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner

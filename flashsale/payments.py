@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -137,7 +137,11 @@ class HttpProvider:
         connections: int = 256,
         batch: bool = True,
         batch_size: int = 500,
+        observe: Callable[[str, str, float], None] | None = None,
     ) -> None:
+        """``observe(route, outcome, seconds)`` is told of every call (outcome: the HTTP
+        status class, ``no_answer`` or ``breaker_open``), for the caller's metrics."""
+        self.observe = observe
         self.base_url = base_url.rstrip("/")
         self.batch = batch
         self.batch_size = batch_size
@@ -165,14 +169,22 @@ class HttpProvider:
     async def _call(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
         if self._session is None:
             raise RuntimeError("HttpProvider is not open (use `async with`)")
-        self.breaker.before()
+        route = path.split("/")[2] if path.count("/") >= 2 else path  # charges, refunds...
+        try:
+            self.breaker.before()
+        except ProviderDown:
+            self._observed(route, "breaker_open", 0.0)
+            raise
+        began = time.perf_counter()
         try:
             async with self._session.request(method, self.base_url + path, **kwargs) as response:
                 raw = await response.read()
                 status = response.status
         except (TimeoutError, aiohttp.ClientError) as exc:
+            self._observed(route, "no_answer", time.perf_counter() - began)
             self.breaker.failed()
             raise PaymentUnknown(f"{method} {path}: no definite answer ({exc!r})") from exc
+        self._observed(route, f"{status // 100}xx", time.perf_counter() - began)
         if status >= 500:
             self.breaker.failed()
             raise PaymentUnknown(f"{method} {path}: provider answered {status}")
@@ -184,6 +196,10 @@ class HttpProvider:
                 raise PaymentUnknown(f"{method} {path}: unreadable answer {raw[:100]!r}") from None
             body = None  # a plain error page (a 404 from a provider without this route)
         return status, body
+
+    def _observed(self, route: str, outcome: str, seconds: float) -> None:
+        if self.observe is not None:
+            self.observe(route, outcome, seconds)
 
     async def charge_many(self, requests: Sequence[ChargeRequest]) -> list[Charge | PaymentError]:
         """One ``POST /v1/charges/batch`` per ``batch_size`` requests when the provider has

@@ -67,7 +67,7 @@ async def clients(app: web.Application) -> AsyncIterator[None]:
     async with open_clients(settings, pool_size=10) as c:
         app[CLIENTS] = c
         app[PROBES] = probes = dependency_probes(c.redis, c.pool, kafka)
-        app[READINESS] = Readiness(probes)
+        app[READINESS] = Readiness(probes, registry=app[METRICS].registry)
         app[SALES] = SaleAdmin.build(c.pool, c.redis)
         app[QUEUE] = queue = QueueScripts(c.redis)
         app[HOLDS] = holds = HoldScripts(c.redis)
@@ -93,6 +93,7 @@ async def clients(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: Settings, registry: CollectorRegistry | None = None) -> web.Application:
     metrics = Metrics(registry or CollectorRegistry())
+    metrics.in_flight_limit.set(settings.max_in_flight)
     app = web.Application(
         middlewares=[edge(metrics, settings.max_in_flight, admin.require_admin)],
         client_max_size=MAX_BODY,

@@ -7,6 +7,8 @@ import time
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from flashsale.ops_endpoints import build_info
+
 # Error responses carry their stable code as response[ERROR_CODE] (set by error_response).
 ERROR_CODE = web.ResponseKey("error_code", str)
 
@@ -14,6 +16,7 @@ ERROR_CODE = web.ResponseKey("error_code", str)
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        build_info(registry, "gateway")
         self.requests = Counter(
             "flashsale_gateway_requests",
             "HTTP requests by route and status",
@@ -21,7 +24,7 @@ class Metrics:
             registry=registry,
         )
         self.latency = Histogram(
-            "flashsale_gateway_request_seconds",
+            "flashsale_gateway_request_duration_seconds",
             "HTTP request latency by route",
             ["route"],
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
@@ -58,6 +61,12 @@ class Metrics:
         self.in_flight = Gauge(
             "flashsale_gateway_in_flight",
             "Requests being handled by this process",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.in_flight_limit = Gauge(
+            "flashsale_gateway_in_flight_limit",
+            "Requests this process handles at once before answering 503 overloaded",
             registry=registry,
             multiprocess_mode="livesum",
         )

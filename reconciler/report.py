@@ -10,6 +10,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from flashsale.ops_endpoints import build_info
 from flashsale.outages import describe, is_outage
 
 log = logging.getLogger("flashsale.reconciler")
@@ -71,6 +72,7 @@ async def isolated(report: PassReport, item: str, repair: Callable[[], Awaitable
 class ReconcileMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        build_info(registry, "reconciler")
         self.repairs = Counter("flashsale_reconcile_repairs", "Repairs made, by kind", ["kind"],
                                registry=registry)  # fmt: skip
         self.flags = Counter("flashsale_reconcile_flags", "Problems flagged for a human, by kind",
@@ -79,12 +81,22 @@ class ReconcileMetrics:
                               registry=registry)  # fmt: skip
         self.failures = Counter("flashsale_reconcile_pass_failures",
                                 "Passes that stopped on an error", registry=registry)  # fmt: skip
-        self.seconds = Gauge("flashsale_reconcile_pass_seconds", "Duration of the last pass",
-                             registry=registry)  # fmt: skip
+        self.seconds = Gauge("flashsale_reconcile_pass_duration_seconds",
+                             "Duration of the last pass", registry=registry)  # fmt: skip
         self.skus = Gauge("flashsale_reconcile_skus", "SKUs in scope of the last pass",
                           registry=registry)  # fmt: skip
         self.unresolved = Gauge(
             "flashsale_reconcile_unresolved", "Items the last pass could not decide",
+            registry=registry,
+        )  # fmt: skip
+        self.lag = Gauge(
+            "flashsale_consumer_lag_messages",
+            "Messages the workers' consumer group has not committed, by topic (read by the "
+            "reconciler, so it keeps counting when the workers are down)",
+            ["topic", "group"], registry=registry,
+        )  # fmt: skip
+        self.lag_failures = Counter(
+            "flashsale_consumer_lag_read_failures", "Lag readings the broker did not answer",
             registry=registry,
         )  # fmt: skip
         self.item_failures = Counter(

@@ -20,12 +20,13 @@ from prometheus_client import CollectorRegistry
 
 from allocator.ids import route_of
 from flashsale.clients import Clients, open_clients
+from flashsale.kafka import LagReader
 from flashsale.ops_endpoints import dependency_probes, serve_ops
 from flashsale.outages import describe, is_outage
 from flashsale.settings import Settings
 from reconciler.audit import AuditReport, audit_sale
 from reconciler.reconcile import Reconciler
-from reconciler.report import PassReport
+from reconciler.report import PassReport, ReconcileMetrics
 
 log = logging.getLogger("flashsale.reconciler")
 
@@ -63,8 +64,10 @@ async def serve(settings: Settings, stop: asyncio.Event, *, interval: float,
             runner = await serve_ops(host, ops_port, checks, registry)
             log.info("reconciler ops endpoints on http://%s:%d/healthz and /metrics", host,
                      ops_port)  # fmt: skip
+        lag = LagReader(settings, settings.consumer_group)
         try:
             while not stop.is_set():
+                await _read_lag(lag, settings, rec.metrics)
                 try:
                     report = await rec.run_once(full=False)
                 except Exception as exc:
@@ -83,8 +86,22 @@ async def serve(settings: Settings, stop: asyncio.Event, *, interval: float,
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), interval)
         finally:
+            await lag.aclose()
             if runner is not None:
                 await runner.cleanup()
+
+
+async def _read_lag(reader: LagReader, settings: Settings, metrics: ReconcileMetrics) -> None:
+    """The workers' lag on the reservations topic, into ``flashsale_consumer_lag_messages``;
+    an unreachable broker is counted and logged, and the last reading stays."""
+    topic = settings.topics.reservations
+    try:
+        behind = await reader.read(topic)
+    except Exception as exc:  # noqa: BLE001 - read again next pass
+        metrics.lag_failures.inc()
+        log.warning("cannot read the consumer lag: %s", describe(exc))
+        return
+    metrics.lag.labels(topic, settings.consumer_group).set(behind)
 
 
 def log_items(report: PassReport) -> None:

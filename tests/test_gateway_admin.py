@@ -394,4 +394,4 @@ async def test_metrics_count_requests_by_route_and_status(http: TestClient[Any, 
     assert 'route="/admin/v1/sales/{sale}",status="401"' in text
     assert 'route="/v1/sales/{sale}",status="404"' in text
     assert 'flashsale_gateway_rejections_total{reason="unknown_sale"}' in text
-    assert "flashsale_gateway_request_seconds_bucket" in text
+    assert "flashsale_gateway_request_duration_seconds_bucket" in text

@@ -37,10 +37,10 @@ from allocator.hold_scripts import HoldScripts
 from flashsale.clients import RedisClient, pg_pool, redis_client
 from flashsale.events import ReservationEvent, decode_event, event_id
 from flashsale.kafka import ensure_topics, producer
-from flashsale.ops_endpoints import dependency_probes, serve_ops
+from flashsale.ops_endpoints import build_info, dependency_probes, serve_ops
 from flashsale.orders import OrderStore
 from flashsale.outages import describe, is_outage
-from flashsale.payments import HttpProvider, PaymentProvider
+from flashsale.payments import CircuitBreaker, HttpProvider, PaymentProvider
 from flashsale.settings import Settings
 from workers.order_events import publish_outbox
 from workers.saga import BatchResult, Saga
@@ -55,6 +55,7 @@ BATCH_PLANNING = {"plan_cache_mode": "force_custom_plan"}
 class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        build_info(registry, "workers")
         self.events = Counter("flashsale_worker_events", "Reservation events consumed, by type",
                               ["type"], registry=registry)  # fmt: skip
         self.orders = Counter("flashsale_worker_orders", "Orders reaching a terminal state",
@@ -70,7 +71,7 @@ class WorkerMetrics:
             "Batches run again after a dependency failed",
             registry=registry,
         )
-        self.batch = Histogram("flashsale_worker_batch_seconds", "Time to run one batch",
+        self.batch = Histogram("flashsale_worker_batch_duration_seconds", "Time to run one batch",
                                registry=registry)  # fmt: skip
         self.published = Counter(
             "flashsale_worker_order_events_published",
@@ -79,6 +80,24 @@ class WorkerMetrics:
         )
         self.assigned = Gauge("flashsale_worker_partitions", "Partitions assigned",
                               registry=registry)  # fmt: skip
+        self.psp_latency = Histogram(
+            "flashsale_psp_request_duration_seconds",
+            "Payment-provider calls by route and outcome (2xx, 4xx, 5xx, no_answer, "
+            "breaker_open)", ["route", "outcome"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5), registry=registry,
+        )  # fmt: skip
+        self.breaker_open = Gauge(
+            "flashsale_psp_breaker_open",
+            "1 while the circuit breaker fails payment calls fast (open, or its half-open "
+            "trial in flight)", registry=registry,
+        )  # fmt: skip
+
+    def observe_psp(self, route: str, outcome: str, seconds: float) -> None:
+        self.psp_latency.labels(route, outcome).observe(seconds)
+
+    def watch_breaker(self, breaker: CircuitBreaker) -> None:
+        """The breaker's state, read at each scrape."""
+        self.breaker_open.set_function(lambda: 0.0 if breaker.state == "closed" else 1.0)
 
 
 @dataclass
@@ -146,7 +165,10 @@ class WorkerService:
         else:
             if not settings.psp_url:
                 raise RuntimeError("FLASHSALE_PSP_URL is not set (flashsale up starts a psp)")
-            provider_cm = HttpProvider(settings.psp_url, connections=self.concurrency)
+            http = HttpProvider(settings.psp_url, connections=self.concurrency,
+                                observe=self.metrics.observe_psp)  # fmt: skip
+            self.metrics.watch_breaker(http.breaker)
+            provider_cm = http
         try:
             await out.start()
             async with provider_cm as provider:
