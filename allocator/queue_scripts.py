@@ -31,7 +31,7 @@ ROOM_SALE_FIELDS = (
 QUEUE_FIELDS = (
     "serving", "cutoff", "tail", "pre", "sealed", "shuffled", "sold_out",
     "rate_p50", "rate_p10", "noshow", "outstanding", "beat_ms", "live", "restored_ms",
-    "available", "held",
+    "available", "held", "sold_out_ms",
 )  # fmt: skip
 
 
@@ -73,6 +73,7 @@ class QueueView:
     challenge_max: int = 0  # the most it rises to with the join rate (0: fixed)
     available: int | None = None  # units free and held, as the pump last read them
     held: int | None = None
+    sold_out_ms: int = 0  # Redis time the pump found the sale sold out (0: not, or unknown)
 
     def mark(self) -> Mark:
         """These counters as a queue mark (what a restore must not go below)."""
@@ -110,6 +111,7 @@ class QueueView:
             challenge_max=integer(s["challenge_max"]),
             available=None if q["available"] is None else integer(q["available"]),
             held=None if q["held"] is None else integer(q["held"]),
+            sold_out_ms=integer(q["sold_out_ms"]),
         )
 
 

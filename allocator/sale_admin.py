@@ -278,10 +278,18 @@ class SaleAdmin:
     # -- status --------------------------------------------------------------------------
 
     async def status(self, sale_id: str) -> dict[str, Any]:
-        """Per SKU: stock_total, available, held, sold (Redis) and confirmed (Postgres)."""
+        """Per SKU: stock_total, available, held (active + paying), sold (Redis); confirmed
+        and the orders by state (Postgres)."""
         async with self.pool.acquire() as conn:
             sale = await self._sale_row(conn, sale_id)
             skus = await fetch_skus(conn, sale_id)
+            counted = await conn.fetch(
+                "SELECT sku, state, count(*) AS n FROM orders WHERE sale_id = $1"
+                " GROUP BY sku, state", sale_id,
+            )  # fmt: skip
+        orders: dict[str, dict[str, int]] = {}
+        for r in counted:
+            orders.setdefault(r["sku"], {})[r["state"]] = int(r["n"])
         groups = [bucket_keys(sale_id, sku["sku"], sku["buckets"]) for sku in skus]
         flat = await self.scripts.stock([k for group in groups for k in group])
         rows = []
@@ -295,7 +303,10 @@ class SaleAdmin:
                 "available": None if count is None else count.available,
                 "held": None if count is None else count.held,
                 "sold": None if count is None else count.sold,
+                "active": None if count is None else count.active,
+                "paying": None if count is None else count.paying,
                 "confirmed": sku["sold"],
+                "orders": orders.get(sku["sku"], {}),
                 "preloaded": count is not None,
                 "buckets": sku["buckets"],
             }

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import zlib
 from collections.abc import Callable, Sequence
 
@@ -181,6 +182,30 @@ class LagReader:
         if consumer is not None:
             with contextlib.suppress(KafkaError, OSError):
                 await consumer.stop()
+
+
+class LagCache:
+    """The workers' consumer lag, read from the broker at most every ``ttl_s`` for all
+    the pages polling this process; None while the broker does not answer."""
+
+    def __init__(self, settings: Settings, ttl_s: float = 2.0) -> None:
+        self.settings = settings
+        self.reader = LagReader(settings, settings.consumer_group)
+        self.ttl_s = ttl_s
+        self._at = 0.0
+        self._value: int | None = None
+
+    async def read(self) -> int | None:
+        if time.monotonic() - self._at >= self.ttl_s:
+            self._at = time.monotonic()
+            try:
+                self._value = await self.reader.read(self.settings.topics.reservations)
+            except Exception:  # noqa: BLE001 - shown as unknown; the next read tries again
+                self._value = None
+        return self._value
+
+    async def aclose(self) -> None:
+        await self.reader.aclose()
 
 
 async def consumer_lag(settings: Settings, topic: str, group: str) -> int:

@@ -18,6 +18,7 @@ from allocator.rate_limits import RateLimiter
 from allocator.sale_admin import SaleAdmin
 from allocator.sku_allocator import Allocators
 from flashsale.clients import open_clients
+from flashsale.kafka import LagCache
 from flashsale.ops_endpoints import KafkaProbe, Readiness, dependency_probes
 from flashsale.queue_marks import QueueMarks
 from flashsale.settings import Settings
@@ -25,6 +26,7 @@ from flashsale.tokens import Signers
 from gateway import (
     admin,
     challenge,
+    console,
     cors,
     openapi,
     ops_routes,
@@ -47,6 +49,7 @@ from gateway.state import (
     FAIRNESS,
     HOLDS,
     JOINS,
+    LAG,
     LIMITER,
     MARKS,
     METRICS,
@@ -68,6 +71,7 @@ async def clients(app: web.Application) -> AsyncIterator[None]:
         app[CLIENTS] = c
         app[PROBES] = probes = dependency_probes(c.redis, c.pool, kafka)
         app[READINESS] = Readiness(probes, registry=app[METRICS].registry)
+        app[LAG] = LagCache(settings)
         app[SALES] = SaleAdmin.build(c.pool, c.redis)
         app[QUEUE] = queue = QueueScripts(c.redis)
         app[HOLDS] = holds = HoldScripts(c.redis)
@@ -89,6 +93,7 @@ async def clients(app: web.Application) -> AsyncIterator[None]:
             await limiter.aclose()
             await announcer.aclose()
             await kafka.aclose()
+            await app[LAG].aclose()
 
 
 def create_app(settings: Settings, registry: CollectorRegistry | None = None) -> web.Application:
@@ -114,6 +119,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         reservations,
         openapi,
         page,
+        console,
     ):
         routes.setup(app)
     cors.setup(app, settings.cors_origins)

@@ -483,6 +483,34 @@ def document() -> dict[str, Any]:
                 },
             }
         },
+        "/admin/v1/sales/{sale}/live": {
+            "get": _op(
+                "liveSale",
+                "admin",
+                "What the live sale page shows, in one answer",
+                {
+                    **_ok(
+                        200,
+                        "The sale now",
+                        obj(
+                            {
+                                "at": {"type": "string"},
+                                "sale": SALE,
+                                "skus": SALE_STATUS["properties"]["skus"],
+                                "queue": {"type": "object"},
+                                "routes": {"type": "object"},
+                                "consumer_lag": {"type": ["integer", "null"]},
+                                "repairs": {"type": "object"},
+                            },
+                            ["at", "sale", "skus", "queue", "routes", "consumer_lag", "repairs"],
+                        ),
+                    ),
+                    **_errors(401, 404),
+                },
+                security="admin",
+                params=sale,
+            )
+        },
         "/admin/v1/sales/{sale}/audit": {
             "get": _op(
                 "auditSale",

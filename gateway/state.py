@@ -15,6 +15,7 @@ from allocator.sale_scripts import SkuRule
 from allocator.sku_allocator import Allocators
 from flashsale.clients import Clients
 from flashsale.fairness import Published
+from flashsale.kafka import LagCache
 from flashsale.ops_endpoints import Probe, Readiness
 from flashsale.queue_marks import QueueMarks
 from flashsale.settings import Settings
@@ -38,6 +39,7 @@ LIMITER = web.AppKey("limiter", RateLimiter)
 COUNTERS = web.AppKey("counters", CounterCache)
 MARKS = web.AppKey("marks", QueueMarks)
 ANNOUNCER = web.AppKey("announcer", Announcer)
+LAG = web.AppKey("lag", LagCache)  # the workers' consumer lag, for the live sale page
 # sale id -> (expires, the sale's public summary), and (expires, its SKUs' per-buyer limits
 # as Redis holds them): see gateway.catalog
 CATALOG = web.AppKey("catalog", dict[str, tuple[float, dict[str, Any]]])

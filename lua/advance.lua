@@ -40,6 +40,10 @@ local fields = {'serving', serving, 'cutoff', cutoff, 'beat_ms', now}
 if ARGV[4] == '1' or q[3] == '1' then
   fields[#fields + 1] = 'sold_out'
   fields[#fields + 1] = 1
+  if q[3] ~= '1' then  -- the moment the sale sold out, for the operators' live page
+    fields[#fields + 1] = 'sold_out_ms'
+    fields[#fields + 1] = now
+  end
 end
 for i = 5, #ARGV, 2 do
   fields[#fields + 1] = ARGV[i]

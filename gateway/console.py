@@ -1,0 +1,117 @@
+"""The operators' live sale page: ``GET /admin/`` (a static shell), its vendored chart
+library under ``/admin/static/``, and ``GET /admin/v1/sales/{sale}/live``, the one read the
+page polls each second.
+
+The shell and the static files carry no data, so they load without the admin token: the page
+asks for the token once, keeps it in the tab's sessionStorage (never in a URL), and sends it
+as ``Authorization: Bearer`` with every call to the admin API, like any other client.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import math
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from flashsale.ops_endpoints import metrics_text
+from flashsale.timefmt import iso_ms
+from gateway.http import json_response
+from gateway.state import CLIENTS, COUNTERS, LAG, METRICS, SALES
+
+STATIC = importlib.resources.files("gateway").joinpath("static")
+FILES = {"uPlot.iife.min.js": "application/javascript", "uPlot.min.css": "text/css",
+         "uPlot.LICENSE": "text/plain"}  # fmt: skip
+PAGE = importlib.resources.files("gateway").joinpath("console.html").read_text()
+CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' "
+       "'unsafe-inline'; img-src 'self' data:")  # fmt: skip
+OPEN_PATHS = frozenset({"/admin/", *(f"/admin/static/{name}" for name in FILES)})
+LATENCY = "flashsale_gateway_request_duration_seconds"
+
+
+def route_figures(text: str) -> dict[str, dict[str, float]]:
+    """Requests and p50/p99 latency per route since the gateway started, from its own
+    histogram (summed over its processes), interpolated within buckets as Prometheus's
+    ``histogram_quantile`` does."""
+    buckets: dict[str, list[tuple[float, float]]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != LATENCY:
+            continue
+        for sample in family.samples:
+            if sample.name == f"{LATENCY}_bucket":
+                le = float(sample.labels["le"])
+                buckets.setdefault(sample.labels["route"], []).append((le, sample.value))
+    figures = {}
+    for route, points in buckets.items():
+        points.sort()
+        total = points[-1][1] if points else 0.0
+        if total <= 0:
+            continue
+        figures[route] = {"requests": int(total), "p50_ms": _quantile(points, 0.5) * 1000,
+                          "p99_ms": _quantile(points, 0.99) * 1000}  # fmt: skip
+    return figures
+
+
+def _quantile(points: list[tuple[float, float]], q: float) -> float:
+    rank = q * points[-1][1]
+    previous_le, previous_count = 0.0, 0.0
+    for le, count in points:
+        if count >= rank:
+            if math.isinf(le):
+                return previous_le
+            within = (
+                (rank - previous_count) / (count - previous_count) if count > previous_count else 0
+            )
+            return round(previous_le + (le - previous_le) * within, 6)
+        previous_le, previous_count = le, count
+    return previous_le
+
+
+async def page(_request: web.Request) -> web.Response:
+    return web.Response(text=PAGE, content_type="text/html",
+                        headers={"Content-Security-Policy": CSP, "Referrer-Policy": "no-referrer",
+                                 "Cache-Control": "no-store"})  # fmt: skip
+
+
+async def static(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    if name not in FILES:
+        raise web.HTTPNotFound()
+    return web.Response(body=STATIC.joinpath(name).read_bytes(), content_type=FILES[name],
+                        headers={"Cache-Control": "public, max-age=86400"})  # fmt: skip
+
+
+async def live(request: web.Request) -> web.Response:
+    """Everything the live page shows of one sale, in one answer."""
+    app, sale_id = request.app, request.match_info["sale"]
+    status = await app[SALES].status(sale_id)  # 404 for an unknown sale
+    view = (await app[COUNTERS].get(sale_id)).view
+    repairs = await app[CLIENTS].pool.fetch(
+        "SELECT kind, count(*) AS n FROM reconcile_events WHERE sale_id = $1 GROUP BY kind",
+        sale_id,
+    )
+    body: dict[str, Any] = {
+        "at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "sale": status["sale"],
+        "skus": status["skus"],
+        "queue": {
+            "live": view.live, "depth": max(0, view.tail - view.serving), "serving": view.serving,
+            "tail": view.tail, "pre_queue": view.pre, "cutoff": view.cutoff,
+            "admission_rate": view.admission_rate, "admitted_per_s": view.rate_p50,
+            "noshow_ratio": view.noshow, "sold_out": view.sold_out,
+            "sold_out_at": iso_ms(view.sold_out_ms) if view.sold_out_ms else None,
+        },
+        "routes": route_figures(metrics_text(app[METRICS].registry).decode()),
+        "consumer_lag": await app[LAG].read(),
+        "repairs": {r["kind"]: int(r["n"]) for r in repairs},
+    }  # fmt: skip
+    return json_response(body)
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_get("/admin/", page)
+    app.router.add_get("/admin/static/{name}", static)
+    app.router.add_get("/admin/v1/sales/{sale}/live", live)

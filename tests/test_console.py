@@ -1,0 +1,123 @@
+"""The operators' live sale page in Chromium, during a running spike through the whole engine:
+log in once (the token never in a URL), the numbers move while buyers arrive, they match
+``sale status`` at the end, the audit runs from its button. Screenshots go beside the
+waiting room's."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+from flashsale.cli.devstack.processes import free_ports
+from flashsale.settings import Settings
+from flashsale.tokens import Signer
+from loadtest.driver import Buyers, Person
+from loadtest.processes import engine
+from tests.harness import healthy, sale_spec
+from tests.test_page import FLAGS, SCREENSHOTS, chromium  # noqa: F401 - the fixture
+
+SKU = "LIVE-1"
+
+
+def _spike(base: str, sale: str, settings: Settings, buyers: int) -> threading.Thread:
+    """Buyers arriving over 6 s, in a thread of their own while the browser watches."""
+    signer = Signer.from_setting(settings.buyer_token_secret.reveal(), "buyer")
+
+    def run() -> None:
+        start = time.monotonic() + 0.5
+        people = [Person(signer.sign({"sub": f"live-{sale}-{i}"}, 600),
+                         "tok_decline" if i % 10 == 9 else "tok_visa", start + 6 * i / buyers)
+                  for i in range(buyers)]  # fmt: skip
+        asyncio.run(Buyers(base, sale, SKU, patience_s=60).run(people, concurrency=100))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def _row(page: object, sku: str) -> list[str]:
+    cells = page.query_selector_all(f"#skus tr[data-sku='{sku}'] td")  # type: ignore[attr-defined]
+    return [c.inner_text() for c in cells]
+
+
+def test_the_live_page_follows_a_spike_and_agrees_with_sale_status(
+    stack: Settings,
+    chromium: str,
+    tmp_path: Path,  # noqa: F811 - the fixture
+) -> None:
+    from playwright.sync_api import sync_playwright
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    port = free_ports(5)
+    base = f"http://127.0.0.1:{port}"
+    token = stack.admin_token.reveal()
+    admin = {"Authorization": f"Bearer {token}"}
+    with engine(stack, port, tmp_path / "engine.log"):
+        healthy(f"{base}/healthz", patience=60)
+        created = requests.post(f"{base}/admin/v1/sales", json=sale_spec("Live drop", SKU, 150),
+                                headers=admin, timeout=10)  # fmt: skip
+        sale = created.json()["id"]
+        assert requests.post(f"{base}/admin/v1/sales/{sale}/preload", headers=admin,
+                             timeout=10).status_code == 200  # fmt: skip
+        # Without the token the data stays shut; the page's shell does not hold any.
+        assert requests.get(f"{base}/admin/v1/sales/{sale}/live", timeout=5).status_code == 401
+        assert requests.get(f"{base}/admin/", timeout=5).status_code == 200
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 1400})
+            page.goto(f"{base}/admin/")
+            page.fill("#token", "wrong-token")
+            page.click("button[type=submit]")
+            page.wait_for_selector("#login-error:has-text('refused')")
+            page.fill("#token", token)
+            page.click("button[type=submit]")
+            page.wait_for_selector(f"text={sale}")
+            page.click(f"text={sale}")
+            page.wait_for_selector(f"#skus tr[data-sku='{SKU}']")
+            assert token not in page.url
+
+            spike = _spike(base, sale, stack, buyers=220)
+            seen: set[tuple[str, ...]] = set()
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and len(seen) < 3:
+                seen.add(tuple(_row(page, SKU)))
+                time.sleep(0.7)
+            assert len(seen) >= 3, seen  # the numbers moved while buyers arrived
+            page.screenshot(path=str(SCREENSHOTS / "live-sale-during-spike.png"), full_page=True)
+            spike.join(timeout=90)
+            assert not spike.is_alive()
+
+            # Once every order is final, the page shows what `sale status` says.
+            deadline = time.monotonic() + 60
+            while True:
+                status = requests.get(f"{base}/admin/v1/sales/{sale}", headers=admin,
+                                      timeout=10).json()  # fmt: skip
+                [row] = status["skus"]
+                if row["held"] == 0 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            time.sleep(2.5)  # two refreshes of the page
+            expected = [
+                SKU,
+                row["stock_total"],
+                row["available"],
+                row["held"],
+                row["paying"],
+                row["sold"],
+                row["confirmed"],
+                row["orders"].get("PAYMENT_FAILED", 0),
+            ]
+            assert _row(page, SKU) == [f"{v:,}" if isinstance(v, int) else v for v in expected]
+            assert row["sold"] > 0 and row["orders"].get("PAYMENT_FAILED", 0) > 0
+
+            page.click("#audit")
+            page.wait_for_selector("#invariants li:nth-child(8)", timeout=60_000)
+            assert page.inner_text("#audit-state") in ("PASSED", "FAILED")
+            assert len(page.query_selector_all("#invariants li.pass")) == 8, page.inner_text(
+                "#invariants")  # fmt: skip
+            page.screenshot(path=str(SCREENSHOTS / "live-sale-after.png"), full_page=True)
+            browser.close()
