@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -161,3 +162,15 @@ def run_cli(capsys: pytest.CaptureFixture[str]) -> Cli:
 def cli(stack: Settings, run_cli: Cli) -> Cli:
     """``run_cli`` against the test stack."""
     return run_cli
+
+
+@pytest.fixture
+def chromium() -> Iterator[str]:
+    """Debian's chromium for the page tests: a failure under CI (`make test` installs it with
+    apt), a skip elsewhere, saying how to install it."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed: `make test` installs it (apt) when root")
+        pytest.skip("chromium is not installed (apt install chromium)")
+    yield found

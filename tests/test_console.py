@@ -17,8 +17,7 @@ from flashsale.settings import Settings
 from flashsale.tokens import Signer
 from loadtest.driver import Buyers, Person
 from loadtest.processes import engine
-from tests.harness import healthy, sale_spec
-from tests.test_page import FLAGS, SCREENSHOTS, chromium  # noqa: F401 - the fixture
+from tests.harness import FLAGS, SCREENSHOTS, healthy, sale_spec
 
 SKU = "LIVE-1"
 
@@ -47,7 +46,7 @@ def _row(page: object, sku: str) -> list[str]:
 def test_the_live_page_follows_a_spike_and_agrees_with_sale_status(
     stack: Settings,
     chromium: str,
-    tmp_path: Path,  # noqa: F811 - the fixture
+    tmp_path: Path,
 ) -> None:
     from playwright.sync_api import sync_playwright
 
