@@ -173,6 +173,36 @@ async def test_a_sale_is_edited_freely_before_its_start_and_safely_after(
     assert missing.status == 404
 
 
+async def test_stock_goes_down_and_a_sku_leaves_over_the_api(http: TestClient[Any, Any]) -> None:
+    app = http.app
+    assert app is not None
+    c = app[CLIENTS]
+    body = {**SALE, "skus": [*SALE["skus"], {"sku": "SNK-2", "stock": 3, "price": 100,
+                                             "currency": "EUR"}]}  # fmt: skip
+    sale_id = (await (await http.post("/admin/v1/sales", json=body, headers=auth())).json())["id"]
+    path = f"/admin/v1/sales/{sale_id}"
+    assert (await http.post(f"{path}/preload", headers=auth())).status == 200
+    lowered = await http.post(f"{path}/stock", json={"sku": "SNK-1", "remove": 2}, headers=auth())
+    assert lowered.status == 200, await lowered.text()
+    assert await c.redis.hget(SkuKeys(sale_id, "SNK-1").stock, "total") == b"3"
+    total = "SELECT stock_total FROM sale_skus WHERE sale_id = $1 AND sku = 'SNK-1'"
+    for change, status, field in (
+        ({"sku": "SNK-1", "remove": 3}, 422, "remove"),
+        ({"sku": "SNK-1", "remove": "two"}, 422, "remove"),
+        ({"sku": "SNK-1", "add": 1, "remove": 1}, 422, "add"),
+    ):
+        refused = await http.post(f"{path}/stock", json=change, headers=auth())
+        assert refused.status == status and (await refused.json())["error"]["field"] == field
+    assert await c.pool.fetchval(total, sale_id) == 3  # nothing written
+    bad_title = await http.patch(f"{path}/skus/SNK-1", json={"title": " "}, headers=auth())
+    assert bad_title.status == 422 and (await bad_title.json())["error"]["field"] == "title"
+    gone = await http.delete(f"{path}/skus/SNK-2", headers=auth())
+    assert gone.status == 200 and [s["sku"] for s in (await gone.json())["skus"]] == ["SNK-1"]
+    assert not await c.redis.exists(SkuKeys(sale_id, "SNK-2").stock)
+    again = await http.delete(f"{path}/skus/SNK-2", headers=auth())
+    assert again.status == 404
+
+
 async def test_lists_orders_and_the_csv_export(http: TestClient[Any, Any]) -> None:
     app = http.app
     assert app is not None

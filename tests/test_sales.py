@@ -346,6 +346,35 @@ def test_a_scheduled_sale_is_edited_from_the_cli(cli: Cli, db: Db, counts: Any,
     assert (again["name"], again["admission_window_seconds"]) == ("Moved drop", 90)
 
 
+def test_create_with_a_key_is_once_and_orders_export_as_csv(
+    cli: Cli, db: Db, counts: Any, tmp_path: Path
+) -> None:
+    path = write(tmp_path, SALE)
+    first = cli("sale", "create", "--file", path, "--idempotency-key", "drop-2026-12")
+    again = cli("sale", "create", "--file", path, "--idempotency-key", "drop-2026-12")
+    assert first.code == again.code == 0 and first.out == again.out
+    sale_id = first.out.strip()
+    before = counts()
+    other = cli("sale", "create", "--file", write(tmp_path, {**SALE, "name": "Other"}),
+                "--idempotency-key", "drop-2026-12")  # fmt: skip
+    assert other.code == 2 and other.err.startswith("flashsale: error: Idempotency-Key")
+    assert counts() == before
+    db.execute(
+        "INSERT INTO orders (id, sale_id, sku, buyer_id, quantity, amount, currency,"
+        " admission_id, payment_token, state) VALUES ($1, $2, 'SNK-42', 'b1', 1, 12900, 'EUR',"
+        " 'adm', 'tok_secret', 'CONFIRMED')", f"{sale_id}~SNK-42~r-1", sale_id,
+    )  # fmt: skip
+    exported = cli("sale", "orders", sale_id, "--csv")
+    assert exported.code == 0, exported.err
+    lines = exported.out.splitlines()
+    assert lines[0].startswith("id,sku,buyer_id") and len(lines) == 2
+    assert "tok_secret" not in exported.out
+    listed = cli("sale", "orders", sale_id, "--state", "confirmed")
+    assert listed.code == 0 and "CONFIRMED" in listed.out
+    bad = cli("sale", "orders", sale_id, "--state", "shipped")
+    assert bad.code == 2 and bad.err.startswith("flashsale: error: state")
+
+
 def test_status_watch_refreshes_and_list_prints_json(cli: Cli, tmp_path: Path) -> None:
     sale_id = create(cli, tmp_path)
     watched = cli("sale", "status", sale_id, "--watch", "--interval", "0.1", "--count", "2")
