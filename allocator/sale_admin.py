@@ -342,10 +342,7 @@ class SaleAdmin:
         for a moment, none oversold."""
         sku = identifier(sku, "sku")
         async with self.pool.acquire() as conn, conn.transaction():
-            sale = await self._sale_row(conn, sale_id)
-            if sale["status"] == "ended":
-                raise Conflict(f"sale {sale_id} has ended", code="sale_ended")
-            row = await self._sku_for_update(conn, sale_id, sku)
+            sale, row = await self._sku_for_update(conn, sale_id, sku)
             total = row["stock_total"] + delta
             if total > MAX_STOCK:
                 raise InvalidInput(field, f"stock would exceed {MAX_STOCK}")
@@ -389,10 +386,7 @@ class SaleAdmin:
         SKU; should that commit fail, the reconciler rebuilds the SKU from Postgres."""
         sku = identifier(sku, "sku")
         async with self.pool.acquire() as conn, conn.transaction():
-            sale = await self._sale_row(conn, sale_id)
-            if sale["status"] == "ended":
-                raise Conflict(f"sale {sale_id} has ended", code="sale_ended")
-            row = await self._sku_for_update(conn, sale_id, sku)
+            _, row = await self._sku_for_update(conn, sale_id, sku)
             if await conn.fetchval(
                 "SELECT EXISTS (SELECT 1 FROM orders WHERE sale_id = $1 AND sku = $2)",
                 sale_id, sku,
@@ -410,14 +404,18 @@ class SaleAdmin:
                                       {"skus": ",".join(s["sku"] for s in left)})  # fmt: skip
         return await self.get(sale_id)
 
-    async def _sku_for_update(self, conn: asyncpg.Connection, sale_id: str,
-                              sku: str) -> asyncpg.Record:  # fmt: skip
+    async def _sku_for_update(self, conn: asyncpg.Connection, sale_id: str, sku: str
+                              ) -> tuple[asyncpg.Record, asyncpg.Record]:  # fmt: skip
+        """The sale (not ended) and its SKU's row, locked for the transaction."""
+        sale = await self._sale_row(conn, sale_id)
+        if sale["status"] == "ended":
+            raise Conflict(f"sale {sale_id} has ended", code="sale_ended")
         row = await conn.fetchrow(
             "SELECT * FROM sale_skus WHERE sale_id = $1 AND sku = $2 FOR UPDATE", sale_id, sku
         )
         if row is None:
             raise NotFound(f"unknown SKU {sku!r} in sale {sale_id}", code="unknown_sku")
-        return row
+        return sale, row
 
     async def set_status(self, sale_id: str, action: str) -> dict[str, Any]:
         """pause, resume or end a sale. Idempotent; an ended sale stays ended."""
