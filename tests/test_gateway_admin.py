@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -95,7 +96,7 @@ async def test_a_retried_create_gives_the_same_sale(http: TestClient[Any, Any]) 
     app = http.app
     assert app is not None
     pool = app[CLIENTS].pool
-    key = {"Idempotency-Key": f"create-{id(http)}"}
+    key = {"Idempotency-Key": f"create-{uuid.uuid4().hex}"}
     first = await http.post("/admin/v1/sales", json=SALE, headers={**auth(), **key})
     assert first.status == 201
     sale_id = (await first.json())["id"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,8 @@ def test_round_trip_preload_status_add_stock_lifecycle(
     rows = by_sku(status(cli, sale_id))
     assert rows["SNK-42"] == {
         "sku": "SNK-42", "title": "Sneaker 42", "stock_total": 100, "available": 100,
-        "held": 0, "sold": 0, "confirmed": 0, "preloaded": True, "buckets": 1,
+        "held": 0, "active": 0, "paying": 0, "sold": 0, "confirmed": 0, "orders": {},
+        "preloaded": True, "buckets": 1,
     }  # fmt: skip
     meta = rdb.hgetall(SkuKeys(sale_id, "SNK-42").meta)
     assert meta["per_buyer_limit"] == "1"
@@ -350,13 +352,14 @@ def test_create_with_a_key_is_once_and_orders_export_as_csv(
     cli: Cli, db: Db, counts: Any, tmp_path: Path
 ) -> None:
     path = write(tmp_path, SALE)
-    first = cli("sale", "create", "--file", path, "--idempotency-key", "drop-2026-12")
-    again = cli("sale", "create", "--file", path, "--idempotency-key", "drop-2026-12")
+    key = f"drop-{uuid.uuid4().hex}"  # keys are for ever: a stack reused by another run
+    first = cli("sale", "create", "--file", path, "--idempotency-key", key)
+    again = cli("sale", "create", "--file", path, "--idempotency-key", key)
     assert first.code == again.code == 0 and first.out == again.out
     sale_id = first.out.strip()
     before = counts()
     other = cli("sale", "create", "--file", write(tmp_path, {**SALE, "name": "Other"}),
-                "--idempotency-key", "drop-2026-12")  # fmt: skip
+                "--idempotency-key", key)  # fmt: skip
     assert other.code == 2 and other.err.startswith("flashsale: error: Idempotency-Key")
     assert counts() == before
     db.execute(
