@@ -71,8 +71,9 @@ define run_pytest
 endef
 
 # `make test` leaves out the heaviest runs (marked heavy: every benchmark in its quick form,
-# a distributed locust spike) to stay under about 15 minutes on 2 cores; `make test-heavy`
-# runs them.
+# the locust spikes (the headless one still runs on the cluster below), the 10,000-buyer
+# gateway spike, three workers sharing a hot SKU) to stay under about 15 minutes on 2 cores;
+# `make test-heavy` runs them.
 PYTEST_ARGS ?= -m "not heavy"
 
 pytest: $(STAMP) browser prometheus

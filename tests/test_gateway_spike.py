@@ -11,6 +11,8 @@ import asyncio
 import collections
 from typing import Any
 
+import pytest
+
 from allocator.hold_scripts import HoldScripts
 from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.records import HoldRecord
@@ -71,6 +73,7 @@ async def _pay_as_they_come(gw: Gateway, sale: str, stop: asyncio.Event) -> None
         await asyncio.sleep(0.05)
 
 
+@pytest.mark.heavy
 async def test_ten_thousand_buyers_for_one_hundred_units(stack: Settings) -> None:
     async with gateway(stack) as gw:
         sale = await gw.create_sale(stock=STOCK, admission_rate=5000, admission_capacity=500)

@@ -7,6 +7,7 @@ import asyncio
 import signal
 
 import orjson
+import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 from allocator.sale_admin import SaleAdmin
@@ -297,6 +298,7 @@ async def _group_members(p: Pipeline) -> int:
         await admin.close()
 
 
+@pytest.mark.heavy
 async def test_three_workers_share_a_hot_sku_and_one_is_killed_mid_spike(
     stack: Settings,
 ) -> None:

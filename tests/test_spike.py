@@ -23,6 +23,7 @@ from loadtest.verdict import judge
 LOCUSTFILE = str(Path(__file__).resolve().parent.parent / "loadtest" / "locustfile.py")
 
 
+@pytest.mark.heavy
 def test_headless_spike_through_the_cli(stack: Settings, tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "flashsale", "loadtest", "spike", "--embedded", "--buyers", "300",
