@@ -38,6 +38,11 @@ def _spike(base: str, sale: str, settings: Settings, buyers: int) -> threading.T
     return thread
 
 
+def _sale_status(base: str, admin: dict[str, str], sale: str) -> str:
+    answer = requests.get(f"{base}/admin/v1/sales/{sale}", headers=admin, timeout=10)
+    return str(answer.json()["sale"]["status"])
+
+
 def _row(page: object, sku: str) -> list[str]:
     cells = page.query_selector_all(f"#skus tr[data-sku='{sku}'] td")  # type: ignore[attr-defined]
     return [c.inner_text() for c in cells]
@@ -119,4 +124,13 @@ def test_the_live_page_follows_a_spike_and_agrees_with_sale_status(
             assert len(page.query_selector_all("#invariants li.pass")) == 8, page.inner_text(
                 "#invariants")  # fmt: skip
             page.screenshot(path=str(SCREENSHOTS / "live-sale-after.png"), full_page=True)
+
+            # Pause asks first: dismissed, nothing happens; accepted, the sale is paused.
+            page.once("dialog", lambda dialog: dialog.dismiss())
+            page.click("[data-action=pause]")
+            assert _sale_status(base, admin, sale) == "active"
+            page.once("dialog", lambda dialog: dialog.accept())
+            page.click("[data-action=pause]")
+            page.wait_for_selector("#sale-title:has-text('paused')")
+            assert _sale_status(base, admin, sale) == "paused"
             browser.close()
