@@ -43,6 +43,8 @@ from flashsale.shuffle import seed_commitment
 from flashsale.timefmt import iso
 
 MAX_PAGE = 1000
+SALE = "SELECT * FROM sales WHERE id = $1"
+SALE_LOCKED = "SELECT * FROM sales WHERE id = $1 FOR UPDATE"
 SALE_STATUSES = ("active", "paused", "ended")
 ORDER_STATES = ("PENDING", "PAYING", "CONFIRMED", "PAYMENT_FAILED", "EXPIRED", "CANCELLED")
 # An order as the admin API lists and exports it: never the payment method token.
@@ -89,10 +91,12 @@ class SaleAdmin:
 
     # -- reads ---------------------------------------------------------------------------
 
-    async def _sale_row(self, conn: asyncpg.Connection, sale_id: str) -> asyncpg.Record:
+    async def _sale_row(self, conn: asyncpg.Connection, sale_id: str, *,
+                        lock: bool = False) -> asyncpg.Record:  # fmt: skip
+        """The sale's row (``lock``: FOR UPDATE, for the transaction); NotFound otherwise."""
         if not isinstance(sale_id, str) or not ID_PATTERN.match(sale_id):
             raise NotFound(f"unknown sale {sale_id!r}", code="unknown_sale")
-        row = await conn.fetchrow("SELECT * FROM sales WHERE id = $1", sale_id)
+        row = await conn.fetchrow(SALE_LOCKED if lock else SALE, sale_id)
         if row is None:
             raise NotFound(f"unknown sale {sale_id!r}", code="unknown_sale")
         return row
@@ -421,9 +425,7 @@ class SaleAdmin:
         """pause, resume or end a sale. Idempotent; an ended sale stays ended."""
         target = STATUS_BY_ACTION[action]
         async with self.pool.acquire() as conn, conn.transaction():
-            sale = await conn.fetchrow("SELECT * FROM sales WHERE id = $1 FOR UPDATE", sale_id)
-            if sale is None:
-                raise NotFound(f"unknown sale {sale_id!r}", code="unknown_sale")
+            sale = await self._sale_row(conn, sale_id, lock=True)
             if sale["status"] == "ended" and target != "ended":
                 raise Conflict(f"sale {sale_id} has ended and cannot {action}", code="sale_ended")
             await conn.execute(
@@ -447,16 +449,9 @@ class SaleAdmin:
         anything can change; once it started only ``LIVE_EDITABLE`` can (a later end, a
         higher queue cap); an ended sale cannot. Validated as a whole, like a new sale;
         Postgres first, then the sale's Redis hashes."""
-        unknown = sorted(set(changes) - set(EDITABLE))
-        if unknown:
-            raise InvalidInput(unknown[0], "cannot be changed here" if unknown[0] == "skus"
-                               else "unknown field", code="unknown_field")  # fmt: skip
-        if not changes:
-            raise InvalidInput("body", "names no field to change")
+        _only(changes, EDITABLE, "unknown field")
         async with self.pool.acquire() as conn, conn.transaction():
-            sale = await conn.fetchrow("SELECT * FROM sales WHERE id = $1 FOR UPDATE", sale_id)
-            if sale is None:
-                raise NotFound(f"unknown sale {sale_id!r}", code="unknown_sale")
+            sale = await self._sale_row(conn, sale_id, lock=True)
             now = datetime.now(UTC)
             state = sale_state(sale["status"], sale["starts_at"], sale["ends_at"], now)
             if state == "ended":
@@ -509,16 +504,9 @@ class SaleAdmin:
                          ) -> dict[str, Any]:  # fmt: skip
         """Change a SKU's ``title`` (any time before the end) or ``price`` (before the start:
         a buyer never pays another price than the one shown when the sale opened)."""
-        unknown = sorted(set(changes) - {"title", "price"})
-        if unknown:
-            raise InvalidInput(unknown[0], "unknown field (title and price can change)",
-                               code="unknown_field")  # fmt: skip
-        if not changes:
-            raise InvalidInput("body", "names no field to change")
+        _only(changes, ("title", "price"), "unknown field (title and price can change)")
         async with self.pool.acquire() as conn, conn.transaction():
-            sale = await conn.fetchrow("SELECT * FROM sales WHERE id = $1 FOR UPDATE", sale_id)
-            if sale is None:
-                raise NotFound(f"unknown sale {sale_id!r}", code="unknown_sale")
+            sale = await self._sale_row(conn, sale_id, lock=True)
             row = await conn.fetchrow(
                 "SELECT * FROM sale_skus WHERE sale_id = $1 AND sku = $2", sale_id, sku
             )
@@ -542,6 +530,17 @@ class SaleAdmin:
         for keys in bucket_keys(sale_id, sku, updated["buckets"]):
             await self.scripts.set_fields(keys.meta, {"price": meta["price"]})
         return await self.get(sale_id)
+
+
+def _only(changes: Mapping[str, Any], allowed: Sequence[str], unknown: str) -> None:
+    """A change names at least one field, and only ``allowed`` ones (422 naming the first
+    other; ``skus`` cannot change through a sale's settings)."""
+    others = sorted(set(changes) - set(allowed))
+    if others:
+        why = "cannot be changed here" if others[0] == "skus" else unknown
+        raise InvalidInput(others[0], why, code="unknown_field")
+    if not changes:
+        raise InvalidInput("body", "names no field to change")
 
 
 EDITABLE = (
