@@ -4,7 +4,7 @@ release and expire, and reads of hold records. Every call touches one SKU's slot
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, cast
 
 from redis.commands.core import AsyncScript
@@ -13,7 +13,7 @@ from allocator.redis_calls import Command, call_packed, send_packed, source
 from flashsale.clients import RedisClient
 from flashsale.errors import InvalidInput
 from flashsale.events import ReservationEvent, created_event
-from flashsale.keys import SkuKeys
+from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.records import RS, SEP, SEPARATORS, HoldRecord, ReserveResult, idem_field, text
 
 # Requests per reserve call: bounded by Lua's unpack() stack and to keep one call short.
@@ -21,6 +21,23 @@ MAX_RESERVE_BATCH = 1000
 Transition = Literal["begin_payment", "confirm", "release"]
 MAX_TRANSITION_BATCH = 1000  # ids per transition script call
 _TEXT_FIELDS = ("reservation_id", "buyer_id", "idempotency_key", "payment_ref", "admission_id")
+
+
+@dataclass(frozen=True, slots=True)
+class Admit:
+    """The admission gate a request passes in the same script call as its decision (the
+    gateway on a single Redis node; see ``lua/reserve.lua``): its rate limits, then the claim
+    of its admission. ``member`` is the claim (:class:`~flashsale.records.ClaimMember`), empty
+    for a request asked again after it passed (a bucket's stock transfer)."""
+
+    member: str
+    deadline_ms: int  # the admission window's end, judged by Redis TIME
+    ip_key: str | None  # rate-limit keys (None: that limit is off)
+    buyer_key: str | None
+    rates: tuple[int, int, int, int]  # per-IP and per-buyer GCRA interval and tolerance (us)
+
+    def passed(self) -> Admit:
+        return Admit("", self.deadline_ms, None, None, self.rates)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +50,7 @@ class ReserveRequest:
     idempotency_key: str
     payment_ref: str
     admission_id: str
+    admit: Admit | None = None
 
     def validate(self) -> None:
         """Raise InvalidInput naming the first bad field. The common (valid) case costs one
@@ -92,8 +110,8 @@ class HoldScripts:
         if not 0 < len(requests) <= MAX_RESERVE_BATCH:
             raise ValueError(f"a reserve batch holds 1..{MAX_RESERVE_BATCH} requests")
         sku_keys = keys.all()
-        command: tuple[str | int, ...] = (
-            "EVALSHA", self._reserve.sha, len(sku_keys), *sku_keys, len(requests),
+        columns: tuple[str | int, ...] = (
+            len(requests),
             *[r.reservation_id for r in requests],
             *[r.buyer_id for r in requests],
             *[r.quantity for r in requests],
@@ -101,8 +119,32 @@ class HoldScripts:
             *[r.admission_id for r in requests],
             *[idem_field(r.buyer_id, r.idempotency_key) for r in requests],
         )  # fmt: skip
+        gates = [r.admit for r in requests if r.admit is not None]
+        if gates:
+            sku_keys, columns = _gated(keys, sku_keys, columns, requests, gates[0].rates)
+        command = ("EVALSHA", self._reserve.sha, len(sku_keys), *sku_keys, *columns)
         raw = await call_packed(self.client, self._reserve, command)
-        return [ReserveResult.parse(item) for item in raw]
+        results = [ReserveResult.parse(item) for item in raw[: len(requests)]]
+        if len(raw) > len(requests):  # the gate's "price \x1f currency" of granted answers
+            price = text(raw[-1])
+            results = [replace(r, price=price) if r.hold_record is not None else r
+                       for r in results]  # fmt: skip
+        return results
+
+    def created(self, keys: SkuKeys, result: ReserveResult
+                ) -> tuple[HoldRecord, ReservationEvent] | None:  # fmt: skip
+        """What :meth:`granted` reads, from a grant that passed the admission gate (which
+        returns the hold and the price with it); None when the answer does not carry them or
+        Redis has lost the hold."""
+        if not result.hold_record or not result.price or result.reservation_id is None:
+            return None
+        price, _, currency = result.price.partition(SEP)
+        if not price or not currency:
+            return None
+        hold = HoldRecord.parse(result.hold_record.encode())
+        event = created_event(result.reservation_id, hold, sale_id=keys.sale_id, sku=keys.sku,
+                              unit_price=int(price), currency=currency)  # fmt: skip
+        return hold, event
 
     async def begin_payment(self, keys: SkuKeys, reservation_id: str) -> TransitionResult:
         [result] = await self.transition("begin_payment", [(keys, reservation_id)])
@@ -194,3 +236,32 @@ class HoldScripts:
         """Look at up to ``limit`` overdue holds and expire those still ACTIVE."""
         more, *ids = await self._expire(keys=keys.all(), args=[limit])
         return ExpireResult([text(i) for i in ids], more=bool(int(more)))
+
+
+def _gated(
+    keys: SkuKeys,
+    sku_keys: list[str],
+    columns: tuple[str | int, ...],
+    requests: list[ReserveRequest],
+    rates: tuple[int, int, int, int],
+) -> tuple[list[str], tuple[str | int, ...]]:
+    """The reserve call's keys and columns with the admission gate (see ``lua/reserve.lua``):
+    the sale's queue and claims, each rate-limit key of the batch once, and four more columns."""
+    sale = SaleKeys(keys.sale_id)
+    limited: dict[str, int] = {}  # rate key -> its 1-based index in KEYS
+
+    def index(key: str | None) -> int:
+        return 0 if key is None else limited.setdefault(key, len(sku_keys) + 3 + len(limited))
+
+    gates = [r.admit or _NO_GATE for r in requests]
+    extra: tuple[str | int, ...] = (
+        *[g.member for g in gates],
+        *[g.deadline_ms for g in gates],
+        *[index(g.ip_key) for g in gates],
+        *[index(g.buyer_key) for g in gates],
+        *rates,
+    )
+    return [*sku_keys, sale.queue, sale.claims, *limited], (*columns, *extra)
+
+
+_NO_GATE = Admit("", 0, None, None, (0, 0, 0, 0))

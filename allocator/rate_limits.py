@@ -50,10 +50,8 @@ class RateLimiter:
         commands: list[tuple[str | int, ...]] = []
         for subjects in requests:
             for subject, rate in subjects:
-                interval_us = 1_000_000 / rate.per_second
-                tolerance_us = round(interval_us * (rate.burst - 1))
                 commands.append(("EVALSHA", self._script.sha, 1, rate_limit_key(subject),
-                                 round(interval_us), tolerance_us))  # fmt: skip
+                                 *rate.gcra_us()))  # fmt: skip
         try:
             waits = await read_packed(self.client, commands)
         except redis.exceptions.NoScriptError:  # Redis restarted or SCRIPT FLUSH: load, retry

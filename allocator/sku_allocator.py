@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from allocator.batching import Coalescer, PerKey
@@ -97,6 +98,8 @@ class SkuAllocator:
         bucket = self.bucket_of(request.buyer_id)
         coalescer = self._coalescers[bucket]
         result = await coalescer.submit(request)
+        if request.admit is not None:  # passed the gate once: asked again, it is not counted
+            request = replace(request, admit=request.admit.passed())
         for _ in range(MAX_BORROWS):
             if result.outcome != "sold_out":
                 return result

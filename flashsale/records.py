@@ -96,13 +96,19 @@ def idem_field(buyer_id: str, idempotency_key: str) -> str:
 class ReserveResult:
     """The reserve script's answer for one request: ``outcome`` is reserved, sold_out,
     limit_exceeded, idempotency_mismatch, invalid_quantity, not_started, paused, ended or
-    unavailable."""
+    unavailable; through the admission gate also rate_limited, admission_used,
+    admission_mismatch, admission_expired, not_admitted or admission_unavailable."""
 
     outcome: str
     reservation_id: str | None = None
     hold_expires_at_ms: int | None = None
     holds_pending: bool = False  # sold_out: active or paying holds may still return stock
     counted: int | None = None  # limit_exceeded: units already counted for this buyer
+    wait_us: int | None = None  # rate_limited: microseconds until a request would be allowed
+    # reserved, through the admission gate: the hold record as it stands now (empty if Redis
+    # has lost it), and the SKU's "price \x1f currency" read in the same call
+    hold_record: str | None = None
+    price: str | None = None
 
     @classmethod
     def parse(cls, raw: bytes | str) -> ReserveResult:
@@ -111,10 +117,14 @@ class ReserveResult:
         cached = _REFUSALS.get(raw)
         if cached is not None:
             return cached
-        parts = text(raw).split(SEP)
+        answer, gated, record = text(raw).partition(RS)
+        parts = answer.split(SEP)
         outcome = parts[0]
         if outcome == "reserved":
-            return cls(outcome, reservation_id=parts[1], hold_expires_at_ms=int(parts[2]))
+            return cls(outcome, reservation_id=parts[1], hold_expires_at_ms=int(parts[2]),
+                       hold_record=record if gated else None)  # fmt: skip
+        if outcome == "rate_limited":
+            return cls(outcome, wait_us=int(parts[1]))
         if outcome == "sold_out":
             result = cls(outcome, holds_pending=parts[1] == "1")
         elif outcome == "limit_exceeded":

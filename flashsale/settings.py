@@ -106,6 +106,14 @@ class Rate:
     def enabled(self) -> bool:
         return self.per_second > 0
 
+    def gcra_us(self) -> tuple[int, int]:
+        """(emission interval, burst tolerance) in microseconds, as the GCRA scripts take
+        them; (0, 0) when off."""
+        if not self.enabled:
+            return 0, 0
+        interval = 1_000_000 / self.per_second
+        return round(interval), round(interval * (self.burst - 1))
+
 
 def _networks(text: str, name: str) -> tuple[IPv4Network | IPv6Network, ...]:
     """Comma-separated CIDRs (a bare address is its own /32 or /128)."""

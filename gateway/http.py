@@ -27,6 +27,7 @@ from flashsale.errors import (
     Unauthorized,
 )
 from flashsale.keys import ID_PATTERN
+from flashsale.settings import Rate
 from flashsale.tokens import buyer_subject
 from gateway.metrics import ERROR_CODE
 from gateway.state import LIMITER, SETTINGS, SIGNERS
@@ -140,13 +141,19 @@ def _bucket(text: str) -> str:
     return text
 
 
-async def rate_limit(request: web.Request, buyer: str | None = None) -> None:
-    """Count a writing request against the caller's IP and, when known, the buyer's limit."""
+def rate_subjects(request: web.Request, buyer: str | None = None) -> list[tuple[str, Rate]]:
+    """The limits a writing request counts against: the caller's IP and, when known, the
+    buyer's."""
     settings = request.app[SETTINGS]
     subjects = [(f"ip:{client_ip(request)}", settings.rate_per_ip)]
     if buyer is not None:
         subjects.append((f"buyer:{buyer}", settings.rate_per_buyer))
-    await request.app[LIMITER].check(subjects)
+    return subjects
+
+
+async def rate_limit(request: web.Request, buyer: str | None = None) -> None:
+    """Count a writing request against its :func:`rate_subjects`; 429 when over."""
+    await request.app[LIMITER].check(rate_subjects(request, buyer))
 
 
 def buyer_of(request: web.Request) -> str:

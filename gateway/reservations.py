@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from allocator.hold_scripts import ReserveRequest
+from allocator.hold_scripts import Admit, ReserveRequest
 from allocator.ids import hold_keys, route_of
 from flashsale.errors import (
     Conflict,
@@ -25,16 +25,17 @@ from flashsale.errors import (
     InvalidInput,
     InvalidToken,
     NotFound,
+    RateLimited,
     Unavailable,
 )
-from flashsale.keys import SaleKeys, SkuKeys
+from flashsale.keys import SaleKeys, SkuKeys, rate_limit_key
 from flashsale.orders import order_view
 from flashsale.outages import is_outage
-from flashsale.records import SEPARATORS, HoldRecord, idempotency_key, request_fingerprint
+from flashsale.records import SEPARATORS, ClaimMember, HoldRecord, idempotency_key
 from flashsale.timefmt import iso_ms
 from gateway.catalog import sku_limits
-from gateway.http import buyer_of, json_body, json_response, rate_limit, sale_of
-from gateway.state import ALLOCATORS, ANNOUNCER, CLIENTS, HOLDS, METRICS, QUEUE, SIGNERS
+from gateway.http import buyer_of, json_body, json_response, rate_limit, rate_subjects, sale_of
+from gateway.state import ALLOCATORS, ANNOUNCER, CLIENTS, HOLDS, METRICS, QUEUE, SETTINGS, SIGNERS
 
 log = logging.getLogger("flashsale.gateway")
 MAX_PAYMENT_TOKEN = 200
@@ -101,11 +102,47 @@ def _body(raw: dict[str, Any], limit: int) -> tuple[str, int, str]:
     return sku, quantity, payment
 
 
+# Refusals of the admission claim (``lua/claim.lua``, or the gate of ``lua/reserve.lua`` as
+# ``admission_<claim>``), as HTTP answers.
+CLAIM_REFUSALS: dict[str, tuple[str, str]] = {
+    "used": ("admission_used", "this admission was already used for another request"),
+    "expired": ("admission_expired", "the admission window has closed"),
+    "not_admitted": ("not_admitted", "this position has not been admitted"),
+}
+
+
+def _claim_refused(claim: str) -> FlashsaleError:
+    if claim == "unavailable":
+        return Unavailable("the waiting room is being restored; retry", code="unavailable")
+    if claim == "mismatch":
+        return InvalidInput("Idempotency-Key", "this key was used for another request",
+                            code="idempotency_mismatch")  # fmt: skip
+    code, message = CLAIM_REFUSALS.get(claim, ("admission_invalid", claim))
+    return Forbidden(message, code=code)
+
+
+def _gate(request: web.Request, buyer: str, member: str, deadline_ms: int) -> Admit:
+    """The rate limits and the admission claim of a reserve, for the reserve script to check
+    in the same call (a single Redis node; see lua/reserve.lua)."""
+    (ip, ip_rate), (who, buyer_rate) = rate_subjects(request, buyer)
+    return Admit(
+        member, deadline_ms,
+        rate_limit_key(ip) if ip_rate.enabled else None,
+        rate_limit_key(who) if buyer_rate.enabled else None,
+        (*ip_rate.gcra_us(), *buyer_rate.gcra_us()),
+    )  # fmt: skip
+
+
 async def reserve(request: web.Request) -> web.Response:
+    """One Redis round trip on a single node: the rate limits, the admission claim and the
+    decision are one script call (batched per SKU). On Redis Cluster the sale's claims and the
+    SKU's stock live in different slots, so the rate limits and the claim go first."""
     app = request.app
     buyer = buyer_of(request)
     sale_id = sale_of(request)
-    await rate_limit(request, buyer)
+    gated = not app[SETTINGS].redis_cluster
+    if not gated:
+        await rate_limit(request, buyer)
     limits = await sku_limits(request, sale_id)  # 404 for an unknown sale comes first
     position, deadline_ms = _admission(request, sale_id, buyer)
     key = idempotency_key(request.headers.get("Idempotency-Key"), required=True)
@@ -116,38 +153,40 @@ async def reserve(request: web.Request) -> web.Response:
     sku, quantity, payment = _body(raw, limit)
     if sku not in limits:
         raise NotFound(f"unknown SKU {sku!r} in sale {sale_id}", code="unknown_sku")
-    fingerprint = request_fingerprint(sku, quantity, payment)
-    claim = await app[QUEUE].claim(SaleKeys(sale_id), position, key, fingerprint, deadline_ms)
     metrics = app[METRICS]
-    if claim != "ok":
-        metrics.count(metrics.reservations, f"admission_{claim}")
-        if claim == "unavailable":
-            raise Unavailable("the waiting room is being restored; retry", code="unavailable")
-        if claim == "mismatch":
-            raise InvalidInput(
-                "Idempotency-Key", "this key was used for another request",
-                code="idempotency_mismatch",
-            )  # fmt: skip
-        messages = {
-            "used": ("admission_used", "this admission was already used for another request"),
-            "expired": ("admission_expired", "the admission window has closed"),
-            "not_admitted": ("not_admitted", "this position has not been admitted"),
-        }
-        code, message = messages.get(claim, ("admission_invalid", claim))
-        raise Forbidden(message, code=code)
+    claim = ClaimMember.of(position, key, sku, quantity, payment)
+    admit = None
+    if gated:
+        admit = _gate(request, buyer, claim.encode(), deadline_ms)
+    else:
+        claimed = await app[QUEUE].claim(SaleKeys(sale_id), position, key, claim.fingerprint,
+                                         deadline_ms)  # fmt: skip
+        if claimed != "ok":
+            metrics.count(metrics.reservations, f"admission_{claimed}")
+            raise _claim_refused(claimed)
     allocator = app[ALLOCATORS].for_sku(sale_id, sku, limits[sku].buckets)
     fresh = allocator.new_id(buyer)
     result = await allocator.reserve(
-        ReserveRequest(fresh, buyer, quantity, key, payment, str(position))
+        ReserveRequest(fresh, buyer, quantity, key, payment, str(position), admit)
     )
-    metrics.count(metrics.reservations, result.outcome)
-    if result.outcome != "reserved":
-        raise _refuse(result.outcome)
+    outcome = result.outcome
+    metrics.count(metrics.reservations, outcome)
+    if outcome == "rate_limited":
+        raise RateLimited("too many requests; slow down",
+                          retry_after_s=(result.wait_us or 0) / 1_000_000)  # fmt: skip
+    if outcome == "not_admitted" or outcome.startswith("admission_"):
+        raise _claim_refused(outcome.removeprefix("admission_"))
+    if outcome != "reserved":
+        raise _refuse(outcome)
     rid, expires_ms = result.reservation_id, result.hold_expires_at_ms
     assert rid is not None and expires_ms is not None
     # The hold as it stands now (a replay's may have moved on since it was granted), and its
-    # event: published before the buyer hears of it (see gateway.announcer).
-    granted = await app[HOLDS].granted(hold_keys(sale_id, sku, rid), rid)
+    # event: published before the buyer hears of it (see gateway.announcer). The gate returns
+    # both with the decision; otherwise they are read back.
+    keys = hold_keys(sale_id, sku, rid)
+    granted = app[HOLDS].created(keys, result)
+    if granted is None:
+        granted = await app[HOLDS].granted(keys, rid)
     if granted is None:  # Redis lost it just now: the reconciler restores what it can
         raise Unavailable("the reservation is being restored; retry with the same "
                           "Idempotency-Key", code="unavailable")  # fmt: skip

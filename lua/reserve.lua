@@ -18,6 +18,21 @@
 -- not remembered either: it says only that this bucket is empty, and the allocator borrows
 -- stock from another bucket and asks again (see allocator/sku_allocator.py).
 --
+-- The admission gate (the gateway on a single Redis node, where one script may touch the sale's
+-- keys and the SKU's: rate limit, admission claim and allocation in one round trip). With
+-- more than 7 KEYS: KEYS[8] queue, KEYS[9] claims (the sale's), KEYS[10..] the rate-limit keys
+-- of the batch (each once), and four more columns of N values after the six:
+--   claim member (position \31 idempotency key \31 fingerprint; '' = already admitted: a
+--   request asked again after a stock transfer), admission deadline (ms), and the KEYS index
+--   of the request's per-IP and per-buyer rate key (0 = none)
+-- then four numbers: per-IP emission interval and burst tolerance, the same per buyer (us).
+-- Each request is first counted against its rate limits (GCRA, as lua/ratelimit.lua), then
+-- its admission is claimed (as lua/claim.lua), then decided as below. Refusals of the gate:
+--   rate_limited\31<us until allowed>, admission_used, admission_mismatch, admission_expired,
+--   not_admitted, admission_unavailable (the waiting room is being restored)
+-- are not remembered. A granted answer then carries its hold record as it stands now, after
+-- \30 (a replay's hold may have moved on), and a last element N+1 gives "price \31 currency".
+--
 -- Cost model: every Redis command runs once per *batch*, not once per request. Lookups are one
 -- HMGET each (idempotency answers, buyer counts, counters), reading columns straight from ARGV,
 -- and writes are one multi-field command each (holds, buyers, idempotency answers, counters),
@@ -46,6 +61,98 @@ end
 local ID, BUYER, QTY, PAYREF, ADMISSION, IDEM = 1, n + 1, 2 * n + 1, 3 * n + 1, 4 * n + 1, 5 * n + 1
 local seen = redis.call('HMGET', K[6], unpack(ARGV, IDEM + 1, IDEM + n))
 
+-- The admission gate of request i: nil when it may be decided, else its refusal.
+local admit = nil
+local tats = {}  -- rate key index -> theoretical arrival time (us), as updated by this batch
+if #K > 7 then
+  local MEMBER, DEADLINE, IP, BUYER_RL = 6 * n + 1, 7 * n + 1, 8 * n + 1, 9 * n + 1
+  local rates = {tonumber(ARGV[10 * n + 2]), tonumber(ARGV[10 * n + 3]),
+                 tonumber(ARGV[10 * n + 4]), tonumber(ARGV[10 * n + 5])}
+  local live = redis.call('HMGET', K[8], 'live', 'serving')
+  local serving = tonumber(live[2] or '0')
+  local t = redis.call('TIME')
+  local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  -- GCRA of one rate key for one request: 0 when allowed (and counted), else the wait (us).
+  local function spend(index, interval, tolerance)
+    if index == 0 or interval == 0 then
+      return 0
+    end
+    local tat = tats[index]
+    if tat == nil then
+      tat = tonumber(redis.call('GET', K[index]) or '0')
+    end
+    if tat < now_us then
+      tat = now_us
+    end
+    local wait = tat - tolerance - now_us
+    if wait > 0 then
+      tats[index] = tat
+      return math.ceil(wait)
+    end
+    tats[index] = tat + interval
+    return 0
+  end
+  admit = function(i)
+    local member = ARGV[MEMBER + i]
+    if member == '' then
+      return nil
+    end
+    local wait = math.max(spend(tonumber(ARGV[IP + i]), rates[1], rates[2]),
+                          spend(tonumber(ARGV[BUYER_RL + i]), rates[3], rates[4]))
+    if wait > 0 then
+      return 'rate_limited' .. SEP .. wait
+    end
+    if not live[1] then
+      return 'admission_unavailable'
+    end
+    local p = ARGV[ADMISSION + i]
+    local prior = redis.call('ZRANGEBYSCORE', K[9], p, p, 'LIMIT', 0, 1)[1]
+    if prior then
+      if prior == member then
+        return nil
+      end
+      local same_key = string.sub(member, 1, #member - 16)  -- fingerprints are 16 characters
+      return string.sub(prior, 1, #same_key) == same_key and 'admission_mismatch'
+        or 'admission_used'
+    end
+    if now > tonumber(ARGV[DEADLINE + i]) then
+      return 'admission_expired'
+    end
+    if tonumber(p) > serving then
+      return 'not_admitted'
+    end
+    redis.call('ZADD', K[9], p, member)
+    return nil
+  end
+end
+
+-- The gate's last step, once the batch is decided: write back the rate keys it counted, each
+-- once (expiring when their time is in the past, as lua/ratelimit.lua), and give each granted
+-- answer its hold record as it stands now: `fresh` holds this batch's grants (id -> record), a
+-- replay's comes from the hash.
+local function finish(fresh)
+  local t = redis.call('TIME')
+  local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  for index, tat in pairs(tats) do
+    if tat > now_us then
+      redis.call('SET', K[index], string.format('%.0f', tat), 'PX',
+        math.ceil((tat - now_us) / 1000) + 1)
+    end
+  end
+  local any = false
+  for i = 1, n do
+    local answer = results[i]
+    if string.sub(answer, 1, 9) == 'reserved' .. SEP then
+      local id = string.sub(answer, 10, string.find(answer, SEP, 10, true) - 1)
+      results[i] = answer .. '\30' .. (fresh[id] or redis.call('HGET', K[3], id) or '')
+      any = true
+    end
+  end
+  if any then
+    results[n + 1] = (meta[6] or '') .. SEP .. (meta[7] or '')
+  end
+end
+
 -- The remembered answer for a repeated key, or idempotency_mismatch when the quantity or the
 -- payment differ from the first request's.
 local function replay(prior, qty_raw, payref)
@@ -59,7 +166,11 @@ end
 if gate then
   -- Nothing can be granted: replay remembered answers, refuse the rest with the sale's state.
   for i = 1, n do
-    results[i] = seen[i] and replay(seen[i], ARGV[QTY + i], ARGV[PAYREF + i]) or gate
+    local refused = admit and admit(i)
+    results[i] = refused or seen[i] and replay(seen[i], ARGV[QTY + i], ARGV[PAYREF + i]) or gate
+  end
+  if admit then
+    finish({})
   end
   return results
 end
@@ -86,8 +197,9 @@ local granted, answered = 0, 0  -- explicit lengths: # on a table costs a search
 for i = 1, n do
   local qty_raw, payref, idem_field = ARGV[QTY + i], ARGV[PAYREF + i], ARGV[IDEM + i]
   local prior = decided[idem_field] or seen[i]
-  local answer
-  if prior then
+  local answer = admit and admit(i)
+  if answer then  -- refused at the gate: neither decided nor remembered
+  elseif prior then
     answer = replay(prior, qty_raw, payref)
   else
     local qty = tonumber(qty_raw)
@@ -143,5 +255,12 @@ if granted > 0 then
 end
 if answered > 0 then
   redis.call('HSET', K[6], unpack(idem_out))
+end
+if admit then
+  local fresh = {}
+  for g = 1, granted do
+    fresh[holds[2 * g - 1]] = holds[2 * g]
+  end
+  finish(fresh)
 end
 return results

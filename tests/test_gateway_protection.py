@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from allocator.pump import AdmissionPump
+from allocator.queue_scripts import QueueScripts
 from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.settings import Rate, Settings
 from flashsale.tokens import Signer
@@ -153,6 +155,48 @@ async def test_rate_limits_are_429_with_retry_after(stack: Settings) -> None:
         assert (await gw.join(sale, "patient"))[0] == 200  # per buyer: others are not affected
         await asyncio.sleep(1.1)
         assert (await gw.join(sale, "eager"))[0] == 200  # the limit refills
+
+
+async def _commands(redis: Any) -> dict[str, int]:
+    """Commands the Redis server has run, by name, those run inside scripts included."""
+    stats = await redis.info("commandstats")
+    return {k.removeprefix("cmdstat_"): v["calls"] for k, v in stats.items()}
+
+
+async def test_a_reserve_is_one_redis_call_counted_against_the_buyers_rate_limit(
+    stack: Settings,
+) -> None:
+    """On a single Redis node the rate limits, the admission claim, the decision and the hold
+    read back are one script call; the reserve shares the buyer's limit with the join."""
+    async with gateway(stack, rate_per_buyer=Rate(1.0, 2)) as gw:
+        sale = await gw.create_sale(stock=3)
+        c = gw.app[CLIENTS]
+        pump = AdmissionPump(QueueScripts(c.redis), c.pool, sale, ["SKU-1"], "test")
+        tickets = {}
+        for buyer in ("bob", "alice"):  # alice's join: the first of her burst of 2
+            code, joined = await gw.join(sale, buyer)
+            assert code == 200
+            tickets[buyer] = joined["ticket"]
+        for _ in range(20):
+            await pump.tick()
+            await asyncio.sleep(0.02)
+        bobs = (await gw.admitted(sale, tickets["bob"]))["admission_token"]
+        admission = (await gw.admitted(sale, tickets["alice"]))["admission_token"]
+        code, _ = await gw.reserve(sale, "bob", bobs)  # warms the catalog and the script cache
+        assert code == 201
+        before = await _commands(c.redis)
+        code, reserved = await gw.reserve(sale, "alice", admission)
+        after = await _commands(c.redis)
+        assert code == 201, reserved
+        ran = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+        # One script call (a script cannot call EVALSHA, so each one is a round trip of its
+        # own); the rest is what that script ran inside, and no read of the hold (HGET)
+        # after it.
+        assert ran.pop("evalsha") == 1 and ran.pop("info") == 1, ran
+        assert set(ran) <= {"hmget", "time", "zrangebyscore", "get", "set", "zadd", "hset",
+                            "xadd"}, ran  # fmt: skip
+        code, limited = await gw.reserve(sale, "alice", admission)  # a replay, over the limit
+        assert code == 429 and limited["error"]["code"] == "rate_limited"
 
 
 async def test_a_spoofed_forwarded_address_buys_no_fresh_rate_limit(stack: Settings) -> None:

@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from allocator.hold_scripts import HoldScripts
+from allocator.hold_scripts import Admit, HoldScripts, ReserveRequest
 from flashsale.errors import InvalidInput
 from flashsale.events import outbox_events
-from flashsale.keys import SkuKeys
-from flashsale.records import HoldRecord, text
+from flashsale.keys import SaleKeys, SkuKeys
+from flashsale.records import ClaimMember, HoldRecord, text
 from tests.holds import make_sku, request, reserve
 
 
@@ -186,3 +186,82 @@ def test_outbox_entry_must_carry_what_it_says() -> None:
     assert (event.reservation_id, event.buyer_id, event.amount) == ("r-1", "buyer", 5)
     with pytest.raises(ValueError, match="malformed hold record"):
         HoldRecord.parse("ACTIVE\x1f1")
+
+
+# -- the admission gate: rate limits, claim and decision in one call ---------------------------
+
+
+def _gated(buyer: str, position: int, key: str, *, payment: str = "tok_ok",
+           deadline_ms: int | None = None, rates: tuple[int, int, int, int] = (0, 0, 0, 0),
+           buyer_key: str | None = None) -> ReserveRequest:  # fmt: skip
+    member = ClaimMember.of(position, key, "SKU-1", 1, payment).encode()
+    deadline = int(time.time() * 1000) + 60_000 if deadline_ms is None else deadline_ms
+    return ReserveRequest(f"r-{uuid.uuid4().hex}", buyer, 1, key, payment, str(position),
+                          Admit(member, deadline, None, buyer_key, rates))  # fmt: skip
+
+
+async def test_the_gate_claims_the_admission_and_returns_the_hold_with_the_decision(
+    client: aioredis.Redis,
+) -> None:
+    sku = await make_sku(client, stock=5)
+    sale = SaleKeys(sku.keys.sale_id)
+    await client.hset(sale.queue, mapping={"live": 1, "serving": 3})
+    first = _gated("alice", 1, "k1")
+    [granted] = await sku.scripts.reserve(sku.keys, [first])
+    assert granted.outcome == "reserved" and granted.reservation_id == first.reservation_id
+    hold, event = sku.scripts.created(sku.keys, granted) or pytest.fail("no hold returned")
+    assert hold.state == "ACTIVE" and hold.buyer_id == "alice" and hold.admission_id == "1"
+    assert (event.amount, event.currency, event.reservation_id) == (
+        1500,
+        "EUR",
+        first.reservation_id,
+    )
+    [stored] = await sku.events()
+    assert stored == event  # what the relay will publish, to the field
+    assert first.admit is not None
+    claims = await client.zrange(sale.claims, 0, -1, withscores=True)
+    assert claims == [(first.admit.member.encode(), 1.0)]
+
+    # The same request again: the same answer, and the hold as it stands now.
+    await sku.scripts.begin_payment(sku.keys, first.reservation_id)
+    [again] = await sku.scripts.reserve(sku.keys, [replace(first, reservation_id="r-new")])
+    assert again.reservation_id == first.reservation_id
+    assert HoldRecord.parse((again.hold_record or "").encode()).state == "PAYING"
+
+    refusals = await sku.scripts.reserve(sku.keys, [
+        _gated("alice", 1, "k1", payment="tok_other"),  # same key, another body
+        _gated("alice", 1, "k2"),  # another key on a used admission
+        _gated("bob", 4, "k3"),  # beyond the serving position
+        _gated("carol", 2, "k4", deadline_ms=int(time.time() * 1000) - 1),
+    ])  # fmt: skip
+    assert [r.outcome for r in refusals] == [
+        "admission_mismatch", "admission_used", "not_admitted", "admission_expired",
+    ]  # fmt: skip
+    assert (await sku.counts())["available"] == 4  # none of them touched the stock
+    assert await client.zcard(sale.claims) == 1
+    assert await client.hlen(sku.keys.idem) == 1  # gate refusals are not remembered
+
+    await client.hdel(sale.queue, "live")  # Redis lost the waiting room
+    [lost] = await sku.scripts.reserve(sku.keys, [_gated("dave", 3, "k5")])
+    assert lost.outcome == "admission_unavailable"
+
+
+async def test_the_gate_counts_rate_limits_once_per_request_in_a_batch(
+    client: aioredis.Redis,
+) -> None:
+    sku = await make_sku(client, stock=5, limit=5)
+    sale = SaleKeys(sku.keys.sale_id)
+    await client.hset(sale.queue, mapping={"live": 1, "serving": 10})
+    rates = (0, 0, 1_000_000, 1_000_000)  # per buyer: 1/s, a burst of 2
+    key = f"fs:rl:{{buyer:{uuid.uuid4().hex}}}"
+    batch = [_gated("erin", p, f"k{p}", rates=rates, buyer_key=key) for p in (1, 2, 3)]
+    results = await sku.scripts.reserve(sku.keys, batch)
+    assert [r.outcome for r in results] == ["reserved", "reserved", "rate_limited"]
+    assert results[2].wait_us is not None and 0 < results[2].wait_us <= 1_000_000
+    assert await client.zcard(sale.claims) == 2  # the limited request claimed nothing
+    assert 0 < await client.pttl(key) <= 2_001
+    # A request that passed the gate before (asked again after a stock transfer) is not
+    # counted again, however limited its buyer now is.
+    passed = replace(batch[0], admit=batch[0].admit.passed() if batch[0].admit else None)
+    [again] = await sku.scripts.reserve(sku.keys, [passed])
+    assert again.outcome == "reserved" and again.reservation_id == batch[0].reservation_id
