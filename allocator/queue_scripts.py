@@ -283,8 +283,13 @@ class QueueScripts:
         return [Step.parse(member) for member in raw]
 
     async def position_of(self, keys: SaleKeys, buyer_id: str) -> int | None:
-        raw = await self.client.hget(keys.members, buyer_id)
-        return None if raw is None else int(raw)
+        [position] = await self.positions_of(keys, [buyer_id])
+        return position
+
+    async def positions_of(self, keys: SaleKeys, buyer_ids: list[str]) -> list[int | None]:
+        """Each buyer's place (0: in the pre-queue, not drawn yet; None: not queued)."""
+        raw = await self.client.hmget(keys.members, buyer_ids)
+        return [None if r is None else int(r) for r in raw]
 
     async def claimed(self, keys: SaleKeys, position: int) -> bool:
         return bool(await self.client.zcount(keys.claims, position, position))
@@ -312,4 +317,22 @@ class Joins(PerKey[SaleKeys, "Coalescer[str, JoinResult]"]):
 
     async def join(self, keys: SaleKeys, buyer_id: str) -> JoinResult:
         """Join one buyer; Overloaded or Unavailable as :class:`Coalescer` raises them."""
+        return await self.get(keys).submit(buyer_id)
+
+
+class Places(PerKey[SaleKeys, "Coalescer[str, int | None]"]):
+    """Lookups of buyers' places, coalesced per sale into one ``HMGET``: every pre-queue buyer
+    asks once after the draw, all of them within the first seconds of the sale."""
+
+    def __init__(self, scripts: QueueScripts, *, window: float = 0.001) -> None:
+        def coalescer(keys: SaleKeys) -> Coalescer[str, int | None]:
+            async def call(buyers: list[str]) -> list[int | None]:
+                return await scripts.positions_of(keys, buyers)
+
+            return Coalescer(call, f"places in sale {keys.sale_id}", window=window,
+                             max_batch=MAX_JOIN_BATCH)  # fmt: skip
+
+        super().__init__(coalescer)
+
+    async def position_of(self, keys: SaleKeys, buyer_id: str) -> int | None:
         return await self.get(keys).submit(buyer_id)

@@ -190,6 +190,10 @@ class Settings:
     rate_per_ip: Rate = Rate(100.0, 200)
     rate_per_buyer: Rate = Rate(5.0, 10)
     max_in_flight: int = 2000
+    # Within it, new arrivals (joins) and waiting buyers' polls have ceilings of their own, so
+    # admitted buyers' reservations always find room (gateway.middleware).
+    max_joins_in_flight: int = 200
+    max_polls_in_flight: int = 800
     body_timeout_s: float = 5.0
     # X-Forwarded-For: FLASHSALE_TRUST_FORWARDED=1 trusts the direct peer (one proxy in front);
     # FLASHSALE_TRUSTED_PROXIES lists the proxies' networks (CIDRs) for several hops.
@@ -247,6 +251,8 @@ class Settings:
                 env.get("FLASHSALE_RATE_PER_BUYER") or "5,10", "FLASHSALE_RATE_PER_BUYER"
             ),
             max_in_flight=int(_number(env, "FLASHSALE_MAX_IN_FLIGHT", 2000, minimum=1)),
+            max_joins_in_flight=int(_number(env, "FLASHSALE_MAX_JOINS_IN_FLIGHT", 200, minimum=1)),
+            max_polls_in_flight=int(_number(env, "FLASHSALE_MAX_POLLS_IN_FLIGHT", 800, minimum=1)),
             body_timeout_s=_number(env, "FLASHSALE_BODY_TIMEOUT", 5.0, minimum=0.1),
             trust_forwarded=(env.get("FLASHSALE_TRUST_FORWARDED") or "").lower()
             in ("1", "true", "yes"),

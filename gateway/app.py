@@ -13,7 +13,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from allocator.hold_scripts import HoldScripts
-from allocator.queue_scripts import Joins, QueueScripts
+from allocator.queue_scripts import Joins, Places, QueueScripts
 from allocator.rate_limits import RateLimiter
 from allocator.sale_admin import SaleAdmin
 from allocator.sku_allocator import Allocators
@@ -39,7 +39,7 @@ from gateway.announcer import Announcer
 from gateway.counters import CounterCache
 from gateway.http import MAX_BODY
 from gateway.metrics import Metrics
-from gateway.middleware import edge
+from gateway.middleware import Budgets, edge
 from gateway.state import (
     ALLOCATORS,
     ANNOUNCER,
@@ -53,6 +53,7 @@ from gateway.state import (
     LIMITER,
     MARKS,
     METRICS,
+    PLACES,
     PROBES,
     QUEUE,
     READINESS,
@@ -77,6 +78,7 @@ async def clients(app: web.Application) -> AsyncIterator[None]:
         app[HOLDS] = holds = HoldScripts(c.redis)
         app[ALLOCATORS] = allocators = Allocators(holds, on_borrow=app[METRICS].transferred.inc)
         app[JOINS] = joins = Joins(queue)
+        app[PLACES] = places = Places(queue)
         app[LIMITER] = limiter = RateLimiter(c.redis)
         app[MARKS] = marks = QueueMarks(f"gateway:{socket.gethostname()}:{os.getpid()}")
         app[COUNTERS] = CounterCache(queue, marks=marks)
@@ -90,17 +92,23 @@ async def clients(app: web.Application) -> AsyncIterator[None]:
             await asyncio.wait({checkpoints})  # a last flush; a cancelled task is just done
             await allocators.aclose()
             await joins.aclose()
+            await places.aclose()
             await limiter.aclose()
             await announcer.aclose()
             await kafka.aclose()
             await app[LAG].aclose()
 
 
+def budgets(settings: Settings) -> Budgets:
+    return Budgets(settings.max_in_flight, settings.max_joins_in_flight,
+                   settings.max_polls_in_flight)  # fmt: skip
+
+
 def create_app(settings: Settings, registry: CollectorRegistry | None = None) -> web.Application:
     metrics = Metrics(registry or CollectorRegistry())
     metrics.in_flight_limit.set(settings.max_in_flight)
     app = web.Application(
-        middlewares=[edge(metrics, settings.max_in_flight, admin.require_admin)],
+        middlewares=[edge(metrics, budgets(settings), admin.require_admin)],
         client_max_size=MAX_BODY,
     )
     app[SETTINGS] = settings

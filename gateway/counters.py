@@ -62,6 +62,14 @@ class CounterCache:
         self._by_sale: dict[str, Counters] = {}
         self._pending: dict[str, asyncio.Future[Counters]] = {}
 
+    def peek(self, sale_id: str) -> Counters | None:
+        """The counters of ``sale_id`` if this process read them within ``refresh_s``, without
+        asking Redis (None otherwise)."""
+        current = self._by_sale.get(sale_id)
+        if current is not None and time.monotonic() - current.fetched < self.refresh_s:
+            return current
+        return None
+
     async def get(self, sale_id: str) -> Counters:
         current = self._by_sale.get(sale_id)
         if current is not None and time.monotonic() - current.fetched < self.refresh_s:

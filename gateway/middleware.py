@@ -8,6 +8,7 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -60,12 +61,52 @@ def error_for(request: web.Request, exc: Exception) -> web.Response:
     return error_response(500, "internal", "internal error")
 
 
-def edge(metrics: Metrics, limit: int, guard: Guard) -> Middleware:
+# Route classes by the value of their work to a sale, highest first: an admitted buyer's
+# reservation (and reading or cancelling it), a waiting buyer's poll (or leaving), a new
+# arrival. Everything else (probes, admin, pages) is "other".
+ADMITTED, WAITING, ARRIVING, OTHER = "admitted", "waiting", "arriving", "other"
+ROUTE_CLASSES: dict[tuple[str, str], str] = {
+    ("POST", "/v1/sales/{sale}/reservations"): ADMITTED,
+    ("GET", "/v1/reservations/{id}"): ADMITTED,
+    ("DELETE", "/v1/reservations/{id}"): ADMITTED,
+    ("GET", "/v1/sales/{sale}/queue/status"): WAITING,
+    ("DELETE", "/v1/sales/{sale}/queue"): WAITING,
+    ("POST", "/v1/sales/{sale}/queue"): ARRIVING,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Budgets:
+    """Requests in flight per process: ``total`` for all, and within it ceilings for the
+    lower classes, so that under a spike joins are refused first, then polls, and an admitted
+    buyer's reservation always finds room (at least ``total - arriving - waiting``)."""
+
+    total: int
+    arriving: int
+    waiting: int
+
+    def ceiling(self, route_class: str) -> int:
+        if route_class == ARRIVING:
+            return min(self.arriving, self.total)
+        if route_class == WAITING:
+            return min(self.waiting, self.total)
+        return self.total
+
+
+def route_class(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    if resource is None:
+        return OTHER
+    return ROUTE_CLASSES.get((request.method, resource.canonical), OTHER)
+
+
+def edge(metrics: Metrics, budgets: Budgets, guard: Guard) -> Middleware:
     """The gateway's one middleware, so each request pays for one layer:
 
-    * the per-process in-flight cap: beyond ``limit`` concurrent requests, 503 ``overloaded``
-      with ``Retry-After`` at once instead of queueing without bound (the probes and
-      ``/metrics`` are exempt, so operators can still look; readiness is cached);
+    * the per-process in-flight budgets (:class:`Budgets`): beyond its class's ceiling, or
+      beyond the total, a request is answered 503 ``overloaded`` with ``Retry-After`` at once
+      instead of queueing without bound, lowest-value work first (the probes and ``/metrics``
+      are exempt, so operators can still look; readiness is cached);
     * ``guard`` before any handler and before routing errors, so an unauthorised admin path
       is 401 even when it does not exist;
     * every exception mapped to HTTP by :func:`error_for`;
@@ -75,6 +116,9 @@ def edge(metrics: Metrics, limit: int, guard: Guard) -> Middleware:
     """
     exempt = PROBE_PATHS
     gauge = metrics.in_flight
+    in_flight = dict.fromkeys((ADMITTED, WAITING, ARRIVING, OTHER), 0)
+    ceilings = {c: budgets.ceiling(c) for c in in_flight}
+    total = budgets.total
     current = 0
     published = 0.0  # when the in-flight gauge was last set
 
@@ -94,7 +138,8 @@ def edge(metrics: Metrics, limit: int, guard: Guard) -> Middleware:
         nonlocal current, published
         began = time.perf_counter()
         counted = request.path not in exempt
-        if counted and current >= limit:
+        kind = route_class(request) if counted else OTHER
+        if counted and (current >= total or in_flight[kind] >= ceilings[kind]):
             response: web.StreamResponse = error_response(
                 503, "overloaded", "the gateway is at capacity; retry shortly",
                 {"Retry-After": "1"},
@@ -102,6 +147,7 @@ def edge(metrics: Metrics, limit: int, guard: Guard) -> Middleware:
         else:
             if counted:
                 current += 1
+                in_flight[kind] += 1
             try:
                 guard(request)
                 response = await handler(request)
@@ -110,6 +156,7 @@ def edge(metrics: Metrics, limit: int, guard: Guard) -> Middleware:
             finally:
                 if counted:
                     current -= 1
+                    in_flight[kind] -= 1
         # The gauge is a shared-memory write in multiprocess mode: set it at most every
         # 50 ms rather than twice per request.
         if began - published >= 0.05:

@@ -11,14 +11,27 @@ from flashsale.fairness import Published, merkle_path, published
 from flashsale.shuffle import member_of
 from gateway.catalog import sale_summary
 from gateway.http import json_response, queue_ticket, sale_of
-from gateway.state import CLIENTS, FAIRNESS
+from gateway.state import CLIENTS, COUNTERS, FAIRNESS
 
 PAGE = 10_000  # members per page of the fairness record
 
 
+# How long a CDN or proxy in front may keep GET /v1/sales/{sale}: a second while the sale can
+# still change, longer once it cannot (README, "Storefronts").
+MAX_AGE_LIVE_S, MAX_AGE_SOLD_OUT_S, MAX_AGE_ENDED_S = 1, 30, 300
+
+
 async def sale_info(request: web.Request) -> web.Response:
-    body = await sale_summary(request, request.match_info["sale"])
-    return json_response(body, headers={"Cache-Control": "max-age=1"})
+    sale_id = request.match_info["sale"]
+    body = await sale_summary(request, sale_id)
+    counters = request.app[COUNTERS].peek(sale_id)
+    if body["state"] == "ended":
+        max_age = MAX_AGE_ENDED_S
+    elif counters is not None and counters.view.sold_out:
+        max_age = MAX_AGE_SOLD_OUT_S
+    else:
+        max_age = MAX_AGE_LIVE_S
+    return json_response(body, headers={"Cache-Control": f"public, max-age={max_age}"})
 
 
 async def _record(request: web.Request, sale_id: str) -> Published:

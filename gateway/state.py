@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from allocator.hold_scripts import HoldScripts
-from allocator.queue_scripts import Joins, QueueScripts
+from allocator.queue_scripts import Joins, Places, QueueScripts
 from allocator.rate_limits import RateLimiter
 from allocator.sale_admin import SaleAdmin
 from allocator.sale_scripts import SkuRule
@@ -33,6 +33,7 @@ READINESS = web.AppKey("readiness", Readiness)
 SALES = web.AppKey("sales", SaleAdmin)
 QUEUE = web.AppKey("queue", QueueScripts)
 JOINS = web.AppKey("joins", Joins)
+PLACES = web.AppKey("places", Places)
 HOLDS = web.AppKey("holds", HoldScripts)
 ALLOCATORS = web.AppKey("allocators", Allocators)
 LIMITER = web.AppKey("limiter", RateLimiter)

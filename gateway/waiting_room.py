@@ -25,7 +25,7 @@ from gateway import challenge
 from gateway.counters import Counters
 from gateway.eta import estimate
 from gateway.http import buyer_of, json_response, queue_ticket, rate_limit, sale_of
-from gateway.state import COUNTERS, JOINS, MARKS, METRICS, QUEUE, SALES, SIGNERS
+from gateway.state import COUNTERS, JOINS, MARKS, METRICS, PLACES, QUEUE, SALES, SIGNERS
 
 TICKET_GRACE_S = 3600  # tickets outlive the sale's end by this much
 MIN_RETRY_MS, MAX_RETRY_MS = 250, 10_000
@@ -92,12 +92,18 @@ async def join(request: web.Request) -> web.Response:
     app = request.app
     buyer = buyer_of(request)
     sale_id = sale_of(request)
+    metrics = app[METRICS]
+    known = app[COUNTERS].peek(sale_id)
+    if known is not None and known.view.sold_out:
+        # Sold out for good (no unit left, none held): the answer every buyer gets, queued or
+        # not, so this process gives it without asking Redis, not even for the rate limit.
+        metrics.count(metrics.joins, "sold_out")
+        return json_response({"ticket": None, "position": None, "state": "sold_out"})
     await rate_limit(request, buyer)
     bits = (await app[COUNTERS].get(sale_id)).view.challenge
     if bits:
         await challenge.check(request, sale_id, buyer, bits)
     result = await app[JOINS].join(SaleKeys(sale_id), buyer)
-    metrics = app[METRICS]
     outcome = result.outcome
     if outcome == "unavailable":
         sale = await app[SALES].get(sale_id)  # NotFound for an unknown sale
@@ -139,7 +145,7 @@ async def queue_status(request: web.Request) -> web.Response:
     queue, keys, source = app[QUEUE], SaleKeys(sale_id), "cache"
     body: dict[str, Any] = {}
     if position == 0 and counters.view.shuffled:
-        assigned = await queue.position_of(keys, buyer)
+        assigned = await app[PLACES].position_of(keys, buyer)
         source = "redis"
         if assigned:
             position = assigned
@@ -176,7 +182,7 @@ async def leave(request: web.Request) -> web.Response:
     await rate_limit(request, buyer)
     keys = SaleKeys(sale_id)
     if position == 0:  # a pre-queue ticket: its place may have been drawn since
-        position = await app[QUEUE].position_of(keys, buyer) or 0
+        position = await app[PLACES].position_of(keys, buyer) or 0
     if position == 0:
         raise Conflict("your place is drawn when the sale starts; leave once you have one",
                        code="not_placed_yet")  # fmt: skip

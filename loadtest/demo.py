@@ -50,7 +50,7 @@ from loadtest.processes import engine, wait_healthy
 
 Progress = Callable[[str], None]
 SKU = "SNK-42"
-TARGET_S = 15.0  # every buyer answered within this long after the sale opens
+TARGET_S = 10.0  # every buyer answered within this long after the sale opens
 LEAD_S = 5.0  # the sale opens this long after it is created: the pre-queue joins meanwhile
 CONCURRENCY = 500  # buyers with a request in flight at once (connections to the gateway)
 

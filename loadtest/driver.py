@@ -88,7 +88,9 @@ class Buyers:
         self.max_poll_ms = max_poll_ms
         self.patience_s = patience_s
         self.stats = DriverStats()
-        self.gate = asyncio.Semaphore(500)  # requests in flight at once (see run)
+        # Requests in flight at once (see run): new arrivals' joins, and the requests of buyers
+        # already in line (polls, reservations), each within their own connections.
+        self.gates = {"join": asyncio.Semaphore(500), "in_line": asyncio.Semaphore(500)}
 
     async def _call(self, client: Client, route: str, method: str, path: str, *,
                     headers: dict[str, str], deadline: float, body: Any = None
@@ -99,9 +101,10 @@ class Buyers:
         payload = b"" if body is None else orjson.dumps(body)
         latencies = self.stats.latencies.setdefault(route, [])
         pause = 0.1
+        gate = self.gates["join" if route == "join" else "in_line"]
         while True:
             try:
-                async with self.gate:  # a connection is held only while a request is in flight
+                async with gate:  # a connection is held only while a request is in flight
                     began = time.monotonic()
                     response = await client.request(method, path, headers, payload)
             except (HttpError, OSError) as exc:
@@ -199,10 +202,14 @@ class Buyers:
         on_answer: Callable[[DriverStats], None] | None = None,
     ) -> DriverStats:
         """Drive ``buyers`` (people, or (buyer token, payment token) pairs arriving at once),
-        with at most ``concurrency`` requests in flight (a waiting buyer holds no connection
-        between polls). A buyer who abandoned is not counted as answered."""
-        self.gate = asyncio.Semaphore(concurrency)
-        client = Client(self.host, self.port, connections=concurrency)
+        with at most ``concurrency`` joins in flight and as many requests of buyers already in
+        line (a waiting buyer holds no connection between polls). Real buyers each have their
+        own connection: a flood of arrivals does not hold back the polls and reservations of
+        those already queued in the client, only in the gateway. A buyer who abandoned is not
+        counted as answered."""
+        self.gates = {"join": asyncio.Semaphore(concurrency),
+                      "in_line": asyncio.Semaphore(concurrency)}  # fmt: skip
+        client = Client(self.host, self.port, connections=2 * concurrency)
         try:
 
             async def one(person: Person) -> None:

@@ -9,13 +9,18 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import CollectorRegistry
 
 from allocator.pump import AdmissionPump
 from allocator.queue_scripts import QueueScripts
 from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.settings import Rate, Settings
 from flashsale.tokens import Signer
-from gateway.state import CLIENTS
+from gateway.metrics import Metrics
+from gateway.middleware import Budgets, edge
+from gateway.state import CLIENTS, COUNTERS
 from tests.harness import Gateway, auth, gateway
 
 GOOD = {"sku": "SKU-1", "quantity": 1, "payment_token": "tok_ok"}
@@ -262,3 +267,62 @@ async def test_slow_bodies_time_out_and_the_in_flight_cap_sheds_load(stack: Sett
         metrics = await (await gw.http.get("/metrics")).text()
         assert 'flashsale_gateway_rejections_total{reason="body_timeout"}' in metrics
         assert 'flashsale_gateway_rejections_total{reason="overloaded"}' in metrics
+
+
+async def test_under_a_spike_joins_are_shed_first_and_admitted_buyers_still_find_room() -> None:
+    """The in-flight budgets by route class: joins beyond their ceiling, then polls beyond
+    theirs, are 503 at once, while a reservation is served up to the total."""
+    release = asyncio.Event()
+
+    async def slow(_request: web.Request) -> web.Response:
+        await release.wait()
+        return web.json_response({})
+
+    app = web.Application(middlewares=[edge(Metrics(CollectorRegistry()), Budgets(4, 1, 2),
+                                            lambda _r: None)])  # fmt: skip
+    app.router.add_post("/v1/sales/{sale}/queue", slow)
+    app.router.add_get("/v1/sales/{sale}/queue/status", slow)
+    app.router.add_post("/v1/sales/{sale}/reservations", slow)
+    async with TestClient(TestServer(app)) as http:
+
+        def send(method: str, path: str) -> asyncio.Task[Any]:
+            return asyncio.ensure_future(http.request(method, f"/v1/sales/s1{path}"))
+
+        held = [send("POST", "/queue"), send("GET", "/queue/status"),
+                send("GET", "/queue/status")]  # fmt: skip
+        await asyncio.sleep(0.2)
+        refused = [
+            await http.post("/v1/sales/s1/queue"),
+            await http.get("/v1/sales/s1/queue/status"),
+        ]
+        for response in refused:
+            assert response.status == 503 and response.headers["Retry-After"] == "1"
+            assert (await response.json())["error"]["code"] == "overloaded"
+        reserving = send("POST", "/reservations")  # the fourth slot: an admitted buyer's
+        await asyncio.sleep(0.2)
+        assert (await http.post("/v1/sales/s1/reservations")).status == 503  # the total
+        release.set()
+        assert [(await t).status for t in [*held, reserving]] == [200] * 4
+        assert (await http.post("/v1/sales/s1/queue")).status == 200  # room again
+
+
+async def test_a_sale_sold_out_for_good_answers_joins_without_asking_redis(stack: Settings) -> None:
+    async with gateway(stack) as gw:
+        sale = await gw.create_sale(stock=1)
+        redis = gw.app[CLIENTS].redis
+        gw.app[COUNTERS].refresh_s = 5.0  # one read of the counters serves the whole test
+        info = await gw.http.get(f"/v1/sales/{sale}")
+        assert info.headers["Cache-Control"] == "public, max-age=1"  # it may still change
+        # What the pump writes once no unit is left, available or held.
+        await redis.hset(SaleKeys(sale).queue, "sold_out", 1)
+        code, first = await gw.join(sale, "late-0")  # reads the counters, and Redis says so
+        assert code == 200 and first["state"] == "sold_out"
+        before = await _commands(redis)
+        answers = [await gw.join(sale, f"late-{i}") for i in range(1, 20)]
+        after = await _commands(redis)
+        assert all(a == (200, {"ticket": None, "position": None, "state": "sold_out"})
+                   for a in answers), answers  # fmt: skip
+        assert {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)} \
+            == {"info": 1}  # fmt: skip
+        info = await gw.http.get(f"/v1/sales/{sale}")
+        assert info.headers["Cache-Control"] == "public, max-age=30"  # a CDN may keep it
