@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Collection, Mapping
+from functools import lru_cache
 from ipaddress import (
     IPv4Address,
     IPv4Network,
@@ -126,6 +127,7 @@ def _address(text: str) -> IPv4Address | IPv6Address | None:
         return None
 
 
+@lru_cache(maxsize=65_536)  # the same few proxies and clients on every request
 def _within(text: str, networks: tuple[IPv4Network | IPv6Network, ...], *, default: bool) -> bool:
     """``text`` is in one of ``networks`` (``default`` when none are listed)."""
     if not networks:
@@ -134,6 +136,7 @@ def _within(text: str, networks: tuple[IPv4Network | IPv6Network, ...], *, defau
     return address is not None and any(address in network for network in networks)
 
 
+@lru_cache(maxsize=65_536)
 def _bucket(text: str) -> str:
     address = _address(text)
     if isinstance(address, IPv6Address) and address.ipv4_mapped is None:
