@@ -14,7 +14,8 @@
 5. Shows reservations becoming orders (CONFIRMED or PAYMENT_FAILED) until every hold is
    resolved.
 6. Ends with the post-sale audit (every invariant of DESIGN §7, through the admin API) once
-   the pipeline has drained, stops the engine, and prints the report: seconds until every
+   the pipeline has drained, ends the sale (so it costs the stack's services nothing after the
+   demo), stops the engine, and prints the report: seconds until every
    buyer had a definitive answer, sold, oversold, p50/p99 per route, the admission order, how
    honest the ETAs were, the audit (``--json PATH`` writes it).
 """
@@ -181,6 +182,10 @@ async def run(settings: Settings, *, scenario: Scenario, progress: Progress,
             code = await _drive(settings, session, base, people, scenario, opened=opened,
                                 report=report, progress=progress)  # fmt: skip
             report.audit_passed = await _audit(session, base, settings, report.sale, progress)
+            # The sale would run for its hour: ended, it stops costing this stack's services
+            # anything (a pump, the sweeper, the relay), so a later demo meets the same engine.
+            await admin_api.end_sale(session, base, settings.admin_token.reveal(), report.sale)
+            progress(f"== sale {report.sale} ended")
         code = code or (0 if report.audit_passed else 1)
         if up.poll() is not None:
             progress(f"the engine stopped early (exit {up.returncode}); see {log_path}")
