@@ -118,13 +118,15 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     app[SKU_LIMITS] = {}
     app[FAIRNESS] = {}
     app.cleanup_ctx.append(clients)
+    # The buyers' hot routes first: aiohttp tries the resources under one path prefix
+    # ("/v1/sales") in the order they were added.
     for routes in (
+        waiting_room,
+        reservations,
         ops_routes,
         sale_info,
         admin,
-        waiting_room,
         challenge,
-        reservations,
         openapi,
         page,
         console,

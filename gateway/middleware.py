@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import re
@@ -27,10 +28,16 @@ Guard = Callable[[web.Request], None]
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")  # what is kept of a caller's X-Request-Id
 
 
+# New request ids: this process's random prefix and a counter, unique across processes and
+# restarts without asking the OS for randomness on every request (a tenth of a poll's cost).
+_PREFIX = secrets.token_hex(4)
+_SERIAL = itertools.count(1)
+
+
 def request_id(request: web.Request) -> str:
     """The caller's ``X-Request-Id`` when it is a sane token, else a new one."""
     given = request.headers.get("X-Request-Id")
-    return given if given and REQUEST_ID.match(given) else secrets.token_hex(8)
+    return given if given and REQUEST_ID.match(given) else f"{_PREFIX}{next(_SERIAL):08x}"
 
 
 def error_for(request: web.Request, exc: Exception) -> web.Response:
