@@ -52,6 +52,7 @@ from loadtest.processes import engine, wait_healthy
 Progress = Callable[[str], None]
 SKU = "SNK-42"
 TARGET_S = 10.0  # every buyer answered within this long after the sale opens
+RESERVE_TARGETS_MS = {"p50_ms": 100.0, "p99_ms": 500.0}  # an admitted buyer's reservation
 LEAD_S = 5.0  # the sale opens this long after it is created: the pre-queue joins meanwhile
 CONCURRENCY = 500  # buyers with a request in flight at once (connections to the gateway)
 
@@ -142,6 +143,8 @@ class DemoReport:
             "audit_passed": self.audit_passed, "routes": self.routes,
             "outcomes": self.outcomes, "orders": self.orders,
             "target_seconds": self.target_seconds,
+            "reserve_targets_ms": RESERVE_TARGETS_MS,
+            "reserve_verdicts": reserve_verdicts(self.routes),
         }  # fmt: skip
 
 
@@ -282,6 +285,20 @@ def _summary(report: DemoReport, progress: Progress) -> None:
     for route, figures in report.routes.items():
         progress(f"   {route:8} {figures['requests']:>7,.0f} requests  p50 {figures['p50_ms']} "
                  f"ms  p99 {figures['p99_ms']} ms")  # fmt: skip
+    verdicts = reserve_verdicts(report.routes)
+    if verdicts:
+        progress("   reservations: " + ", ".join(
+            f"{q.removesuffix('_ms')} {report.routes['reserve'][q]} ms (target <= "
+            f"{RESERVE_TARGETS_MS[q]:g} ms: {v})" for q, v in verdicts.items()))  # fmt: skip
+
+
+def reserve_verdicts(routes: dict[str, dict[str, float]]) -> dict[str, str]:
+    """'met' or 'MISSED' for the reservations' p50 and p99 ({} when nobody reserved)."""
+    reserve = routes.get("reserve")
+    if not reserve or not reserve["requests"]:
+        return {}
+    return {q: "met" if reserve[q] <= limit else "MISSED" for q, limit in
+            RESERVE_TARGETS_MS.items()}  # fmt: skip
 
 
 def sale_spec(scenario: Scenario, starts_at: datetime) -> dict[str, Any]:
