@@ -52,10 +52,13 @@ def test_bench_allocate_reports_all_rows(cli: Cli, tmp_path: Path) -> None:
     assert sorted(targets) == sorted([
         "batched decisions/s from one process", "Redis server us per batched decision",
         f"batched vs best Postgres row ({best_pg})", "batched vs lua_per_request",
+        "batched vs the pipelined DECR ceiling",
     ])  # fmt: skip
     assert targets["batched decisions/s from one process"]["met"] == (batched >= 250_000)
     vs_lua = batched / rows["lua_per_request"]["per_second"]
     assert targets["batched vs lua_per_request"]["met"] == (vs_lua >= 3)
+    vs_ceiling = batched / ceiling
+    assert targets["batched vs the pipelined DECR ceiling"]["met"] == (vs_ceiling >= 0.15)
     assert {"cpu", "cores", "python", "redis", "postgres"} <= set(report["machine"])
     for name in ROWS:
         assert name in result.out  # the printed table names every row
