@@ -62,6 +62,8 @@ def test_demo_runs_a_spike_to_orders_and_a_passing_audit(stack: Settings, tmp_pa
         for q, limit in report["reserve_targets_ms"].items()
     }
     assert f"reservations: p50 {reserve['p50_ms']} ms (target <= 100 ms: " in out
+    lag = report["driver_loop_lag"]  # how late the driver's own loop ran: in every latency
+    assert 0 <= lag["p50_ms"] <= lag["p99_ms"] and f"p99 {lag['p99_ms']} ms: each" in out
     # Nobody was admitted before a buyer ahead of them (admission times from the tokens); when
     # one pump step admitted every winner, no two were admitted at different times.
     tau = report["admission_kendall_tau"]
