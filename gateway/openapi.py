@@ -77,6 +77,20 @@ def _errors(*codes: int) -> dict[str, Any]:
     return answers
 
 
+CACHE_CONTROL = {
+    "Cache-Control": {
+        "description": "public, max-age=N: 1 s while the sale can change, 30 s once it is sold "
+        "out for good, 300 s once it has ended (a CDN in front may keep the answer that long)",
+        "schema": {"type": "string"},
+    }
+}
+
+
+def _cached(answers: dict[str, Any]) -> dict[str, Any]:
+    """``answers`` with the Cache-Control header documented on each."""
+    return {code: {**answer, "headers": CACHE_CONTROL} for code, answer in answers.items()}
+
+
 def _ok(status: int, description: str, schema: dict[str, Any]) -> dict[str, Any]:
     return {str(status): {"description": description, "content": {JSON: {"schema": schema}}}}
 
@@ -189,7 +203,7 @@ def document() -> dict[str, Any]:
                 "getSale",
                 "sales",
                 "Public sale information (cached up to 0.5 s)",
-                {**_ok(200, "The sale", PUBLIC_SALE), **_errors(404)},
+                {**_cached(_ok(200, "The sale", PUBLIC_SALE)), **_errors(404)},
                 params=sale,
             )
         },
