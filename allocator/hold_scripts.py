@@ -101,11 +101,15 @@ class HoldScripts:
         self._release: AsyncScript = client.register_script(source("release"))
         self._expire: AsyncScript = client.register_script(source("expire"))
 
-    async def reserve(self, keys: SkuKeys, requests: list[ReserveRequest]) -> list[ReserveResult]:
+    async def reserve(self, keys: SkuKeys, requests: list[ReserveRequest], *,
+                      with_holds: bool = False) -> list[ReserveResult]:  # fmt: skip
         """Decide ``requests`` in order in one atomic call; one result per request.
 
         The arguments go as six columns (see ``lua/reserve.lua``). This is the hot path, so
         the command is packed by hiredis in C rather than argument by argument in Python.
+        Requests that carry an :class:`Admit` pass the admission gate in the same call. With
+        the gate or ``with_holds``, a grant comes back with its hold and the price
+        (:meth:`created`), so nothing needs to be read back.
         """
         if not 0 < len(requests) <= MAX_RESERVE_BATCH:
             raise ValueError(f"a reserve batch holds 1..{MAX_RESERVE_BATCH} requests")
@@ -122,6 +126,8 @@ class HoldScripts:
         gates = [r.admit for r in requests if r.admit is not None]
         if gates:
             sku_keys, columns = _gated(keys, sku_keys, columns, requests, gates[0].rates)
+        elif with_holds:
+            columns = (*columns, "holds")
         command = ("EVALSHA", self._reserve.sha, len(sku_keys), *sku_keys, *columns)
         raw = await call_packed(self.client, self._reserve, command)
         results = [ReserveResult.parse(item) for item in raw[: len(requests)]]

@@ -44,6 +44,7 @@ class SkuAllocator:
         buckets: int = 1,
         transfers: BucketScripts | None = None,
         on_borrow: Callable[[int], None] | None = None,
+        with_holds: bool = False,
         window: float = 0.001,
         max_batch: int = 256,
         max_waiting: int = 10_000,
@@ -64,7 +65,7 @@ class SkuAllocator:
 
         def coalescer(bucket: SkuKeys) -> Coalescer[ReserveRequest, ReserveResult]:
             async def call(requests: list[ReserveRequest]) -> list[ReserveResult]:
-                return await scripts.reserve(bucket, requests)
+                return await scripts.reserve(bucket, requests, with_holds=with_holds)
 
             name = f"SKU {keys.sku}" + (f" bucket {bucket.bucket}" if buckets > 1 else "")
             return Coalescer(

@@ -76,7 +76,10 @@ async def clients(app: web.Application) -> AsyncIterator[None]:
         app[SALES] = SaleAdmin.build(c.pool, c.redis)
         app[QUEUE] = queue = QueueScripts(c.redis)
         app[HOLDS] = holds = HoldScripts(c.redis)
-        app[ALLOCATORS] = allocators = Allocators(holds, on_borrow=app[METRICS].transferred.inc)
+        # Grants come back with their holds: the event is published without a read back.
+        app[ALLOCATORS] = allocators = Allocators(
+            holds, on_borrow=app[METRICS].transferred.inc, with_holds=True
+        )
         app[JOINS] = joins = Joins(queue)
         app[PLACES] = places = Places(queue)
         app[LIMITER] = limiter = RateLimiter(c.redis)

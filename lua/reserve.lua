@@ -30,8 +30,11 @@
 -- its admission is claimed (as lua/claim.lua), then decided as below. Refusals of the gate:
 --   rate_limited\31<us until allowed>, admission_used, admission_mismatch, admission_expired,
 --   not_admitted, admission_unavailable (the waiting room is being restored)
--- are not remembered. A granted answer then carries its hold record as it stands now, after
--- \30 (a replay's hold may have moved on), and a last element N+1 gives "price \31 currency".
+-- are not remembered.
+-- With the gate, or without it and ARGV[6N+2] = 'holds' (on a Redis Cluster, where the gate
+-- cannot run here), a granted answer carries its hold record as it stands now after \30 (a
+-- replay's hold may have moved on), and a last element N+1 gives "price \31 currency": the
+-- gateway publishes the reservation's event without reading the hold back.
 --
 -- Cost model: every Redis command runs once per *batch*, not once per request. Lookups are one
 -- HMGET each (idempotency answers, buyer counts, counters), reading columns straight from ARGV,
@@ -64,6 +67,7 @@ local seen = redis.call('HMGET', K[6], unpack(ARGV, IDEM + 1, IDEM + n))
 -- The admission gate of request i: nil when it may be decided, else its refusal.
 local admit = nil
 local tats = {}  -- rate key index -> theoretical arrival time (us), as updated by this batch
+local with_holds = #K > 7 or ARGV[6 * n + 2] == 'holds'
 if #K > 7 then
   local MEMBER, DEADLINE, IP, BUYER_RL = 6 * n + 1, 7 * n + 1, 8 * n + 1, 9 * n + 1
   local rates = {tonumber(ARGV[10 * n + 2]), tonumber(ARGV[10 * n + 3]),
@@ -126,17 +130,19 @@ if #K > 7 then
   end
 end
 
--- The gate's last step, once the batch is decided: write back the rate keys it counted, each
+-- The last step, once the batch is decided: write back the rate keys the gate counted, each
 -- once (expiring when their time is in the past, as lua/ratelimit.lua), and give each granted
 -- answer its hold record as it stands now: `fresh` holds this batch's grants (id -> record), a
 -- replay's comes from the hash.
 local function finish(fresh)
-  local t = redis.call('TIME')
-  local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  for index, tat in pairs(tats) do
-    if tat > now_us then
-      redis.call('SET', K[index], string.format('%.0f', tat), 'PX',
-        math.ceil((tat - now_us) / 1000) + 1)
+  if next(tats) then
+    local t = redis.call('TIME')
+    local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+    for index, tat in pairs(tats) do
+      if tat > now_us then
+        redis.call('SET', K[index], string.format('%.0f', tat), 'PX',
+          math.ceil((tat - now_us) / 1000) + 1)
+      end
     end
   end
   local any = false
@@ -169,7 +175,7 @@ if gate then
     local refused = admit and admit(i)
     results[i] = refused or seen[i] and replay(seen[i], ARGV[QTY + i], ARGV[PAYREF + i]) or gate
   end
-  if admit then
+  if with_holds then
     finish({})
   end
   return results
@@ -256,7 +262,7 @@ end
 if answered > 0 then
   redis.call('HSET', K[6], unpack(idem_out))
 end
-if admit then
+if with_holds then
   local fresh = {}
   for g = 1, granted do
     fresh[holds[2 * g - 1]] = holds[2 * g]

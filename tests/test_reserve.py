@@ -274,3 +274,23 @@ async def test_the_gate_counts_rate_limits_once_per_request_in_a_batch(
     passed = replace(batch[0], admit=batch[0].admit.passed() if batch[0].admit else None)
     [again] = await sku.scripts.reserve(sku.keys, [passed])
     assert again.outcome == "reserved" and again.reservation_id == batch[0].reservation_id
+
+
+async def test_with_holds_a_grant_comes_back_with_its_hold_and_price(
+    client: aioredis.Redis,
+) -> None:
+    """What a gateway on a Redis Cluster asks for (its claim went first): the grant and the
+    hold as it stands, without the admission gate, on any deployment."""
+    sku = await make_sku(client, stock=5)
+    plain, held = request("gina"), request("hugo")
+    [without] = await sku.scripts.reserve(sku.keys, [plain])
+    assert without.outcome == "reserved" and without.hold_record is None
+    assert sku.scripts.created(sku.keys, without) is None  # the gateway would read it back
+    [granted] = await sku.scripts.reserve(sku.keys, [held], with_holds=True)
+    hold, event = sku.scripts.created(sku.keys, granted) or pytest.fail("no hold returned")
+    assert (hold.state, hold.buyer_id, event.amount, event.currency) == (
+        "ACTIVE", "hugo", 1500, "EUR")  # fmt: skip
+    assert event in await sku.events()  # what the relay will publish, to the field
+    [replayed] = await sku.scripts.reserve(sku.keys, [replace(plain, reservation_id="r-x")],
+                                           with_holds=True)  # fmt: skip
+    assert replayed.reservation_id == plain.reservation_id and replayed.hold_record

@@ -51,8 +51,9 @@ class LostReply(HoldScripts):
         super().__init__(client)
         self.failures = failures
 
-    async def reserve(self, keys: SkuKeys, requests: list[ReserveRequest]) -> list[ReserveResult]:
-        results = await super().reserve(keys, requests)
+    async def reserve(self, keys: SkuKeys, requests: list[ReserveRequest], *,
+                      with_holds: bool = False) -> list[ReserveResult]:  # fmt: skip
+        results = await super().reserve(keys, requests, with_holds=with_holds)
         if self.failures:
             self.failures -= 1
             raise redis.exceptions.TimeoutError("reply lost")
