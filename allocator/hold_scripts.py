@@ -131,7 +131,7 @@ class HoldScripts:
         command = ("EVALSHA", self._reserve.sha, len(sku_keys), *sku_keys, *columns)
         raw = await call_packed(self.client, self._reserve, command)
         results = [ReserveResult.parse(item) for item in raw[: len(requests)]]
-        if len(raw) > len(requests):  # the gate's "price \x1f currency" of granted answers
+        if len(raw) > len(requests):  # "price \x1f currency", with the holds of grants
             price = text(raw[-1])
             results = [replace(r, price=price) if r.hold_record is not None else r
                        for r in results]  # fmt: skip
@@ -139,9 +139,9 @@ class HoldScripts:
 
     def created(self, keys: SkuKeys, result: ReserveResult
                 ) -> tuple[HoldRecord, ReservationEvent] | None:  # fmt: skip
-        """What :meth:`granted` reads, from a grant that passed the admission gate (which
-        returns the hold and the price with it); None when the answer does not carry them or
-        Redis has lost the hold."""
+        """A grant's hold as it stands now and its ``reservation.created`` event as the relay
+        publishes it, from an answer that came back with them (the admission gate, or
+        ``with_holds``); None when it did not, or Redis has lost the hold."""
         if not result.hold_record or not result.price or result.reservation_id is None:
             return None
         price, _, currency = result.price.partition(SEP)
@@ -216,22 +216,6 @@ class HoldScripts:
         for keys, reservation_id in items:
             pipe.hget(keys.holds, reservation_id)
         return [r.encode() if isinstance(r, str) else r for r in await pipe.execute()]
-
-    async def granted(self, keys: SkuKeys, reservation_id: str
-                      ) -> tuple[HoldRecord, ReservationEvent] | None:  # fmt: skip
-        """A granted hold as it stands now, and its ``reservation.created`` event as the relay
-        would publish it (the SKU's price and currency read with it, in one round trip);
-        None when Redis has no such hold."""
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.hget(keys.holds, reservation_id)
-            pipe.hmget(keys.meta, "price", "currency")
-            raw, (price, currency) = await pipe.execute()
-        if raw is None or price is None or currency is None:
-            return None
-        hold = HoldRecord.parse(raw)
-        event = created_event(reservation_id, hold, sale_id=keys.sale_id, sku=keys.sku,
-                              unit_price=int(price), currency=text(currency))  # fmt: skip
-        return hold, event
 
     async def hold(self, keys: SkuKeys, reservation_id: str) -> bytes | None:
         """The raw hold record (see flashsale.events.HoldRecord), or None."""

@@ -181,12 +181,9 @@ async def reserve(request: web.Request) -> web.Response:
     rid, expires_ms = result.reservation_id, result.hold_expires_at_ms
     assert rid is not None and expires_ms is not None
     # The hold as it stands now (a replay's may have moved on since it was granted), and its
-    # event: published before the buyer hears of it (see gateway.announcer). The gate returns
-    # both with the decision; otherwise they are read back.
-    keys = hold_keys(sale_id, sku, rid)
-    granted = app[HOLDS].created(keys, result)
-    if granted is None:
-        granted = await app[HOLDS].granted(keys, rid)
+    # event, both returned with the decision: published before the buyer hears of it (see
+    # gateway.announcer).
+    granted = app[HOLDS].created(hold_keys(sale_id, sku, rid), result)
     if granted is None:  # Redis lost it just now: the reconciler restores what it can
         raise Unavailable("the reservation is being restored; retry with the same "
                           "Idempotency-Key", code="unavailable")  # fmt: skip

@@ -16,8 +16,9 @@ with the same number of processes (SO_REUSEPORT):
   solved challenge (signed here as the gateway signs them, solved by the client): the
   challenge check and the spent-nonce write on top of a join.
 * ``reserve``: ``POST /v1/sales/{sale}/reservations``, one admitted buyer per request (two
-  token checks, the admission claim, the batched reserve script, the hold read back and the
-  event published to the broker before the 201): what an admitted buyer costs the gateway.
+  token checks, one batched reserve script call with the rate limits, the admission claim and
+  the hold it granted, and the event published to the broker before the 201): what an
+  admitted buyer costs the gateway.
 
 Targets: status >= 70 % and join >= 40 % of the bare endpoint's requests per second (the
 reserve row is measured, not judged). The
