@@ -282,10 +282,6 @@ class QueueScripts:
         raw = await self.client.zrangebyscore(keys.steps, f"({position}", "+inf")
         return [Step.parse(member) for member in raw]
 
-    async def position_of(self, keys: SaleKeys, buyer_id: str) -> int | None:
-        [position] = await self.positions_of(keys, [buyer_id])
-        return position
-
     async def positions_of(self, keys: SaleKeys, buyer_ids: list[str]) -> list[int | None]:
         """Each buyer's place (0: in the pre-queue, not drawn yet; None: not queued)."""
         raw = await self.client.hmget(keys.members, buyer_ids)

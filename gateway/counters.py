@@ -71,9 +71,10 @@ class CounterCache:
         return None
 
     async def get(self, sale_id: str) -> Counters:
+        known = self.peek(sale_id)
+        if known is not None:
+            return known
         current = self._by_sale.get(sale_id)
-        if current is not None and time.monotonic() - current.fetched < self.refresh_s:
-            return current
         pending = self._pending.get(sale_id)
         if pending is not None:
             return await asyncio.shield(pending)
