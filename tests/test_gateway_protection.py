@@ -321,16 +321,18 @@ async def test_under_a_spike_joins_are_shed_first_and_admitted_buyers_still_find
         held = [send("POST", "/queue"), send("GET", "/queue/status"),
                 send("GET", "/queue/status")]  # fmt: skip
         await asyncio.sleep(0.2)
+        # A request let through would wait for `release`: the timeout turns that into a failure.
         refused = [
-            await http.post("/v1/sales/s1/queue"),
-            await http.get("/v1/sales/s1/queue/status"),
+            await asyncio.wait_for(http.post("/v1/sales/s1/queue"), 5),
+            await asyncio.wait_for(http.get("/v1/sales/s1/queue/status"), 5),
         ]
         for response in refused:
             assert response.status == 503 and response.headers["Retry-After"] == "1"
             assert (await response.json())["error"]["code"] == "overloaded"
         reserving = send("POST", "/reservations")  # the fourth slot: an admitted buyer's
         await asyncio.sleep(0.2)
-        assert (await http.post("/v1/sales/s1/reservations")).status == 503  # the total
+        beyond = await asyncio.wait_for(http.post("/v1/sales/s1/reservations"), 5)
+        assert beyond.status == 503  # the total
         release.set()
         assert [(await t).status for t in [*held, reserving]] == [200] * 4
         assert (await http.post("/v1/sales/s1/queue")).status == 200  # room again
