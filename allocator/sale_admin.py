@@ -1,86 +1,35 @@
 """Sale administration: create, import, preload, status, add stock, pause / resume / end.
 
-One set of operations behind both the ``flashsale sale`` CLI and the admin HTTP API. Postgres
-is written first (it is the truth); Redis is then brought in line through the sale scripts,
-with operations that are idempotent, so re-running a command after a partial failure converges.
+One set of operations behind both the ``flashsale sale`` CLI and the admin API. Postgres is
+written first (it is the truth); Redis is then brought in line through the sale scripts, with
+operations that are idempotent, so re-running a command after a partial failure converges.
+The reads are :mod:`allocator.sale_reads`; the settings and state :mod:`allocator.sale_settings`.
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 
+from allocator import sale_settings
+from allocator.sale_reads import SaleReads
 from allocator.sale_scripts import PreloadResult, SaleScripts, summed
 from allocator.stock_buckets import BucketScripts
 from flashsale.clients import RedisClient
 from flashsale.errors import Conflict, InvalidInput, NotFound
-from flashsale.keys import ID_PATTERN, SaleKeys, SkuKeys, bucket_keys
-from flashsale.sales import (
-    STATUS_BY_ACTION,
-    fetch_skus,
-    new_sale_id,
-    sale_hash,
-    sale_json,
-    sale_state,
-    sku_meta,
-)
-from flashsale.salespec import (
-    MAX_STOCK,
-    SaleSpec,
-    SkuSpec,
-    identifier,
-    integer,
-    parse_sale,
-    parse_sku,
-    timestamp,
-)
+from flashsale.keys import SaleKeys, SkuKeys, bucket_keys
+from flashsale.sales import fetch_skus, new_sale_id, sale_hash, sku_meta
+from flashsale.salespec import MAX_STOCK, SaleSpec, SkuSpec, identifier, integer
 from flashsale.shuffle import seed_commitment
-from flashsale.timefmt import iso
-
-MAX_PAGE = 1000
-SALE = "SELECT * FROM sales WHERE id = $1"
-SALE_LOCKED = "SELECT * FROM sales WHERE id = $1 FOR UPDATE"
-SALE_STATUSES = ("active", "paused", "ended")
-ORDER_STATES = ("PENDING", "PAYING", "CONFIRMED", "PAYMENT_FAILED", "EXPIRED", "CANCELLED")
-# An order as the admin API lists and exports it: never the payment method token.
-ORDERS_PAGE = (
-    "SELECT id, sku, buyer_id, quantity, amount, currency, state, created_at, updated_at"
-    " FROM orders WHERE sale_id = $1 AND ($2::text IS NULL OR state = $2)"
-    " AND ($3::text IS NULL OR id > $3) ORDER BY id LIMIT $4"
-)
-ORDERS_EXPORT = (
-    "SELECT id, sku, buyer_id, quantity, amount, currency, state, created_at, updated_at"
-    " FROM orders WHERE sale_id = $1 AND ($2::text IS NULL OR state = $2) ORDER BY id"
-)
-
-
-def page_size(value: Any) -> int:
-    return integer(value, "limit", minimum=1, maximum=MAX_PAGE,
-                   what=f"an integer from 1 to {MAX_PAGE}")  # fmt: skip
-
-
-def offset_of(value: Any) -> int:
-    return integer(value, "offset", minimum=0, maximum=10**9, what="an integer >= 0")
-
-
-def order_state(value: str | None) -> str | None:
-    if value is not None and value.upper() not in ORDER_STATES:
-        raise InvalidInput("state", f"must be one of {', '.join(ORDER_STATES)}")
-    return None if value is None else value.upper()
 
 
 @dataclass
-class SaleAdmin:
+class SaleAdmin(SaleReads):
     """Merchandiser operations over one Postgres pool and one Redis client."""
-
-    pool: asyncpg.Pool
-    redis: RedisClient
-    scripts: SaleScripts
 
     def __post_init__(self) -> None:
         self.transfers = BucketScripts(self.redis)
@@ -88,58 +37,6 @@ class SaleAdmin:
     @classmethod
     def build(cls, pool: asyncpg.Pool, client: RedisClient) -> SaleAdmin:
         return cls(pool, client, SaleScripts(client))
-
-    # -- reads ---------------------------------------------------------------------------
-
-    async def _sale_row(self, conn: asyncpg.Connection, sale_id: str, *,
-                        lock: bool = False) -> asyncpg.Record:  # fmt: skip
-        """The sale's row (``lock``: FOR UPDATE, for the transaction); NotFound otherwise."""
-        if not isinstance(sale_id, str) or not ID_PATTERN.match(sale_id):
-            raise NotFound(f"unknown sale {sale_id!r}", code="unknown_sale")
-        row = await conn.fetchrow(SALE_LOCKED if lock else SALE, sale_id)
-        if row is None:
-            raise NotFound(f"unknown sale {sale_id!r}", code="unknown_sale")
-        return row
-
-    async def get(self, sale_id: str) -> dict[str, Any]:
-        """The sale as JSON-ready data, with its SKUs. Raises NotFound."""
-        async with self.pool.acquire() as conn:
-            sale = await self._sale_row(conn, sale_id)
-            skus = await fetch_skus(conn, sale_id)
-        return sale_json(sale, skus)
-
-    async def list_sales(self, *, status: str | None = None, limit: int | str = MAX_PAGE,
-                         offset: int | str = 0) -> list[dict[str, Any]]:  # fmt: skip
-        """Sales, newest first; ``status`` (active, paused, ended) filters."""
-        if status is not None and status not in SALE_STATUSES:
-            raise InvalidInput("status", f"must be one of {', '.join(SALE_STATUSES)}")
-        async with self.pool.acquire() as conn:
-            rows = await conn.fetch(
-                "SELECT * FROM sales WHERE ($1::text IS NULL OR status = $1)"
-                " ORDER BY created_at DESC, id LIMIT $2 OFFSET $3",
-                status, page_size(limit), offset_of(offset),
-            )  # fmt: skip
-        return [sale_json(row) for row in rows]
-
-    async def orders(self, sale_id: str, *, state: str | None = None, limit: int | str = MAX_PAGE,
-                     after: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
-        """A page of the sale's orders by id, after the order id ``after``; ``state`` filters."""
-        state = order_state(state)
-        async with self.pool.acquire() as conn:
-            await self._sale_row(conn, sale_id)  # NotFound for an unknown sale
-            rows = await conn.fetch(ORDERS_PAGE, sale_id, state, after, page_size(limit))
-        return [{**dict(r), "created_at": iso(r["created_at"]), "updated_at": iso(r["updated_at"])}
-                for r in rows]  # fmt: skip
-
-    async def export_orders(self, sale_id: str, sink: Callable[[bytes], Awaitable[Any]], *,
-                            state: str | None = None) -> None:  # fmt: skip
-        """Every order of the sale as CSV with a header, streamed to ``sink`` by Postgres's
-        ``COPY``: no row is held in memory."""
-        state = order_state(state)
-        async with self.pool.acquire() as conn:
-            await self._sale_row(conn, sale_id)
-            await conn.copy_from_query(ORDERS_EXPORT, sale_id, state, output=sink,
-                                       format="csv", header=True)  # fmt: skip
 
     # -- create / import -----------------------------------------------------------------
 
@@ -176,7 +73,7 @@ class SaleAdmin:
     async def import_skus(self, sale_id: str, skus: Sequence[SkuSpec]) -> dict[str, Any]:
         """Add SKUs (already validated as a whole) to a sale; all or nothing."""
         async with self.pool.acquire() as conn, conn.transaction():
-            sale = await self._sale_row(conn, sale_id)
+            sale = await self.sale_row(conn, sale_id)
             if sale["status"] == "ended":
                 raise Conflict(f"sale {sale_id} has ended", code="sale_ended")
             existing = {row["sku"] for row in await fetch_skus(conn, sale_id)}
@@ -198,7 +95,7 @@ class SaleAdmin:
         was refused (the others are still brought in line).
         """
         async with self.pool.acquire() as conn:
-            sale = await self._sale_row(conn, sale_id)
+            sale = await self.sale_row(conn, sale_id)
             skus = await fetch_skus(conn, sale_id)
         if sale["status"] == "ended":
             raise Conflict(f"sale {sale_id} has ended; nothing to preload", code="sale_ended")
@@ -279,52 +176,7 @@ class SaleAdmin:
                 return PreloadResult(sku["sku"], worst, counts)
         return PreloadResult(sku["sku"], "unchanged", counts)
 
-    # -- status --------------------------------------------------------------------------
-
-    async def status(self, sale_id: str) -> dict[str, Any]:
-        """Per SKU: stock_total, available, held (active + paying), sold (Redis); confirmed
-        and the orders by state (Postgres)."""
-        async with self.pool.acquire() as conn:
-            sale = await self._sale_row(conn, sale_id)
-            skus = await fetch_skus(conn, sale_id)
-            counted = await conn.fetch(
-                "SELECT sku, state, count(*) AS n FROM orders WHERE sale_id = $1"
-                " GROUP BY sku, state", sale_id,
-            )  # fmt: skip
-        orders: dict[str, dict[str, int]] = {}
-        for r in counted:
-            orders.setdefault(r["sku"], {})[r["state"]] = int(r["n"])
-        groups = [bucket_keys(sale_id, sku["sku"], sku["buckets"]) for sku in skus]
-        flat = await self.scripts.stock([k for group in groups for k in group])
-        rows = []
-        for sku, group in zip(skus, groups, strict=True):
-            per_bucket, flat = flat[: len(group)], flat[len(group) :]
-            count = summed(per_bucket)
-            row = {
-                "sku": sku["sku"],
-                "title": sku["title"],
-                "stock_total": sku["stock_total"],
-                "available": None if count is None else count.available,
-                "held": None if count is None else count.held,
-                "sold": None if count is None else count.sold,
-                "active": None if count is None else count.active,
-                "paying": None if count is None else count.paying,
-                "confirmed": sku["sold"],
-                "orders": orders.get(sku["sku"], {}),
-                "preloaded": count is not None,
-                "buckets": sku["buckets"],
-            }
-            if sku["buckets"] > 1:
-                row["by_bucket"] = [
-                    None if c is None else {"bucket": b, "total": c.total,
-                                            "available": c.available, "held": c.held,
-                                            "sold": c.sold}
-                    for b, c in enumerate(per_bucket)
-                ]  # fmt: skip
-            rows.append(row)
-        return {"sale": sale_json(sale), "skus": rows}
-
-    # -- stock and lifecycle -------------------------------------------------------------
+    # -- stock ---------------------------------------------------------------------------
 
     async def add_stock(self, sale_id: str, sku: Any, add: Any) -> dict[str, Any]:
         """Raise a SKU's stock by ``add`` units in Postgres, then in Redis if preloaded."""
@@ -411,7 +263,7 @@ class SaleAdmin:
     async def _sku_for_update(self, conn: asyncpg.Connection, sale_id: str, sku: str
                               ) -> tuple[asyncpg.Record, asyncpg.Record]:  # fmt: skip
         """The sale (not ended) and its SKU's row, locked for the transaction."""
-        sale = await self._sale_row(conn, sale_id)
+        sale = await self.sale_row(conn, sale_id)
         if sale["status"] == "ended":
             raise Conflict(f"sale {sale_id} has ended", code="sale_ended")
         row = await conn.fetchrow(
@@ -421,137 +273,20 @@ class SaleAdmin:
             raise NotFound(f"unknown SKU {sku!r} in sale {sale_id}", code="unknown_sku")
         return sale, row
 
+    # -- settings and state (allocator.sale_settings) ------------------------------------
+
     async def set_status(self, sale_id: str, action: str) -> dict[str, Any]:
-        """pause, resume or end a sale. Idempotent; an ended sale stays ended."""
-        target = STATUS_BY_ACTION[action]
-        async with self.pool.acquire() as conn, conn.transaction():
-            sale = await self._sale_row(conn, sale_id, lock=True)
-            if sale["status"] == "ended" and target != "ended":
-                raise Conflict(f"sale {sale_id} has ended and cannot {action}", code="sale_ended")
-            await conn.execute(
-                "UPDATE sales SET status = $2, updated_at = now() WHERE id = $1", sale_id, target
-            )
-            skus = await fetch_skus(conn, sale_id)
-        # Redis after Postgres; every step is idempotent, so a retry converges.
-        await self.scripts.set_fields(SaleKeys(sale_id).sale, {"status": target})
-        for sku in skus:
-            for keys in bucket_keys(sale_id, sku["sku"], sku["buckets"]):
-                await self.scripts.set_fields(keys.meta, {"status": target})
-        return await self.get(sale_id)
+        return await sale_settings.set_status(self, sale_id, action)
 
     async def set_admission_rate(self, sale_id: str, rate: Any) -> dict[str, Any]:
-        """Change how many buyers per second the pump admits, at any time before the sale
-        ends: the pump reads the rate each step, and the waiting room's ETAs follow it."""
-        return await self.update(sale_id, {"admission_rate": rate})
+        return await sale_settings.set_admission_rate(self, sale_id, rate)
 
     async def update(self, sale_id: str, changes: Mapping[str, Any]) -> dict[str, Any]:
-        """Change a sale's settings (the sale file's fields but ``skus``). Before the start
-        anything can change; once it started only ``LIVE_EDITABLE`` can (a later end, a
-        higher queue cap); an ended sale cannot. Validated as a whole, like a new sale;
-        Postgres first, then the sale's Redis hashes."""
-        _only(changes, EDITABLE, "unknown field")
-        async with self.pool.acquire() as conn, conn.transaction():
-            sale = await self._sale_row(conn, sale_id, lock=True)
-            now = datetime.now(UTC)
-            state = sale_state(sale["status"], sale["starts_at"], sale["ends_at"], now)
-            if state == "ended":
-                raise Conflict(f"sale {sale_id} has ended", code="sale_ended")
-            if state != "scheduled":
-                for name in sorted(changes):
-                    if name not in LIVE_EDITABLE:
-                        raise Conflict(f"{name} cannot change once the sale has started (it "
-                                       f"can: {', '.join(LIVE_EDITABLE)})",
-                                       code="sale_started")  # fmt: skip
-            current = sale_json(sale)
-            merged = {**{k: current[k] for k in EDITABLE}, **changes}
-            if "starts_at" in changes and "ends_at" not in changes:  # the window moves whole
-                opens = timestamp(changes["starts_at"], "starts_at")
-                merged["ends_at"] = (opens + (sale["ends_at"] - sale["starts_at"])).isoformat()
-            spec = parse_sale(merged, now=now)
-            if state != "scheduled":
-                if spec.max_queue < sale["max_queue"]:
-                    raise Conflict("max_queue can only rise once the sale has started",
-                                   code="sale_started")  # fmt: skip
-                if spec.ends_at <= now:
-                    raise InvalidInput("ends_at", "must be in the future")
-            elif spec.starts_at < now - timedelta(seconds=1) and "starts_at" in changes:
-                raise InvalidInput("starts_at", "must not be in the past")
-            row = await conn.fetchrow(
-                "UPDATE sales SET name = $2, starts_at = $3, ends_at = $4, admission_rate = $5,"
-                " max_queue = $6, admission_window_seconds = $7, admission_capacity = $8,"
-                " join_challenge = $9, join_challenge_max = $10, updated_at = now()"
-                " WHERE id = $1 RETURNING *",
-                sale_id, spec.name, spec.starts_at, spec.ends_at, spec.admission_rate,
-                spec.max_queue, spec.admission_window_seconds, spec.admission_capacity,
-                spec.join_challenge, spec.join_challenge_max,
-            )  # fmt: skip
-            skus = await fetch_skus(conn, sale_id)
-        # Redis after Postgres (a sale not preloaded yet has nothing there); every write is
-        # idempotent, so a retry after a failure converges.
-        fields = sale_hash(row, skus)
-        await self.scripts.set_fields(
-            SaleKeys(sale_id).sale, {k: fields[k] for k in SALE_HASH_EDITABLE}
-        )
-        for sku in skus:
-            meta = sku_meta(row, sku)
-            for keys in bucket_keys(sale_id, sku["sku"], sku["buckets"]):
-                await self.scripts.set_fields(
-                    keys.meta, {k: meta[k] for k in ("starts_at_ms", "ends_at_ms")}
-                )
-        return await self.get(sale_id)
+        return await sale_settings.update(self, sale_id, changes)
 
     async def update_sku(self, sale_id: str, sku: str, changes: Mapping[str, Any]
                          ) -> dict[str, Any]:  # fmt: skip
-        """Change a SKU's ``title`` (any time before the end) or ``price`` (before the start:
-        a buyer never pays another price than the one shown when the sale opened)."""
-        _only(changes, ("title", "price"), "unknown field (title and price can change)")
-        async with self.pool.acquire() as conn, conn.transaction():
-            sale = await self._sale_row(conn, sale_id, lock=True)
-            row = await conn.fetchrow(
-                "SELECT * FROM sale_skus WHERE sale_id = $1 AND sku = $2", sale_id, sku
-            )
-            if row is None:
-                raise NotFound(f"unknown SKU {sku!r} in sale {sale_id}", code="unknown_sku")
-            state = sale_state(sale["status"], sale["starts_at"], sale["ends_at"],
-                               datetime.now(UTC))  # fmt: skip
-            if state == "ended":
-                raise Conflict(f"sale {sale_id} has ended", code="sale_ended")
-            if "price" in changes and state != "scheduled":
-                raise Conflict("price cannot change once the sale has started",
-                               code="sale_started")  # fmt: skip
-            merged = {"sku": sku, "title": row["title"], "stock": row["stock_total"],
-                      "price": row["price"], "currency": row["currency"], **changes}  # fmt: skip
-            spec = parse_sku(merged, "")
-            updated = await conn.fetchrow(
-                "UPDATE sale_skus SET title = $3, price = $4 WHERE sale_id = $1 AND sku = $2"
-                " RETURNING *", sale_id, sku, spec.title, spec.price,
-            )  # fmt: skip
-        meta = sku_meta(sale, updated)
-        for keys in bucket_keys(sale_id, sku, updated["buckets"]):
-            await self.scripts.set_fields(keys.meta, {"price": meta["price"]})
-        return await self.get(sale_id)
-
-
-def _only(changes: Mapping[str, Any], allowed: Sequence[str], unknown: str) -> None:
-    """A change names at least one field, and only ``allowed`` ones (422 naming the first
-    other; ``skus`` cannot change through a sale's settings)."""
-    others = sorted(set(changes) - set(allowed))
-    if others:
-        why = "cannot be changed here" if others[0] == "skus" else unknown
-        raise InvalidInput(others[0], why, code="unknown_field")
-    if not changes:
-        raise InvalidInput("body", "names no field to change")
-
-
-EDITABLE = (
-    "name", "starts_at", "ends_at", "admission_rate", "max_queue", "admission_window_seconds",
-    "admission_capacity", "join_challenge", "join_challenge_max",
-)  # fmt: skip
-LIVE_EDITABLE = ("name", "ends_at", "admission_rate", "max_queue")  # safe once buyers are in
-SALE_HASH_EDITABLE = (
-    "name", "starts_at_ms", "ends_at_ms", "admission_rate", "max_queue", "window_ms", "capacity",
-    "challenge", "challenge_max",
-)  # fmt: skip
+        return await sale_settings.update_sku(self, sale_id, sku, changes)
 
 
 async def _insert_skus(conn: asyncpg.Connection, sale_id: str, skus: Sequence[SkuSpec]) -> None:

@@ -11,7 +11,7 @@ import hmac
 
 from aiohttp import web
 
-from allocator.sale_admin import MAX_PAGE, order_state
+from allocator.sale_reads import MAX_PAGE, order_state
 from flashsale.errors import InvalidInput, Unauthorized
 from flashsale.records import body_fingerprint, idempotency_key
 from flashsale.salespec import parse_csv, parse_sale

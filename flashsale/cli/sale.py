@@ -20,7 +20,8 @@ from typing import Any
 
 import aiohttp
 
-from allocator.sale_admin import MAX_PAGE, SaleAdmin
+from allocator.sale_admin import SaleAdmin
+from allocator.sale_reads import MAX_PAGE
 from flashsale.cli.checks import duration, positive, sale_id
 from flashsale.cli.output import dump_json, out
 from flashsale.clients import pg_pool, redis_client

@@ -1,0 +1,155 @@
+"""What a sale looks like: the sale and its SKUs, the sale list, its orders, its stock.
+
+The read side of :class:`allocator.sale_admin.SaleAdmin`, and all the gateway's catalogue needs:
+Postgres for the sale, its SKUs and orders; Redis (through the sale scripts) for live stock,
+summed over a SKU's stock buckets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from allocator.sale_scripts import SaleScripts, summed
+from flashsale.clients import RedisClient
+from flashsale.errors import InvalidInput, NotFound
+from flashsale.keys import ID_PATTERN, bucket_keys
+from flashsale.sales import fetch_skus, sale_json
+from flashsale.salespec import integer
+from flashsale.timefmt import iso
+
+MAX_PAGE = 1000
+SALE = "SELECT * FROM sales WHERE id = $1"
+SALE_LOCKED = "SELECT * FROM sales WHERE id = $1 FOR UPDATE"
+SALE_STATUSES = ("active", "paused", "ended")
+ORDER_STATES = ("PENDING", "PAYING", "CONFIRMED", "PAYMENT_FAILED", "EXPIRED", "CANCELLED")
+# An order as the admin API lists and exports it: never the payment method token.
+ORDERS_PAGE = (
+    "SELECT id, sku, buyer_id, quantity, amount, currency, state, created_at, updated_at"
+    " FROM orders WHERE sale_id = $1 AND ($2::text IS NULL OR state = $2)"
+    " AND ($3::text IS NULL OR id > $3) ORDER BY id LIMIT $4"
+)
+ORDERS_EXPORT = (
+    "SELECT id, sku, buyer_id, quantity, amount, currency, state, created_at, updated_at"
+    " FROM orders WHERE sale_id = $1 AND ($2::text IS NULL OR state = $2) ORDER BY id"
+)
+
+
+def page_size(value: Any) -> int:
+    return integer(value, "limit", minimum=1, maximum=MAX_PAGE,
+                   what=f"an integer from 1 to {MAX_PAGE}")  # fmt: skip
+
+
+def offset_of(value: Any) -> int:
+    return integer(value, "offset", minimum=0, maximum=10**9, what="an integer >= 0")
+
+
+def order_state(value: str | None) -> str | None:
+    if value is not None and value.upper() not in ORDER_STATES:
+        raise InvalidInput("state", f"must be one of {', '.join(ORDER_STATES)}")
+    return None if value is None else value.upper()
+
+
+@dataclass
+class SaleReads:
+    """Reads of sales over one Postgres pool and one Redis client."""
+
+    pool: asyncpg.Pool
+    redis: RedisClient
+    scripts: SaleScripts
+
+    async def sale_row(self, conn: asyncpg.Connection, sale_id: str, *,
+                        lock: bool = False) -> asyncpg.Record:  # fmt: skip
+        """The sale's row (``lock``: FOR UPDATE, for the transaction); NotFound otherwise."""
+        if not isinstance(sale_id, str) or not ID_PATTERN.match(sale_id):
+            raise NotFound(f"unknown sale {sale_id!r}", code="unknown_sale")
+        row = await conn.fetchrow(SALE_LOCKED if lock else SALE, sale_id)
+        if row is None:
+            raise NotFound(f"unknown sale {sale_id!r}", code="unknown_sale")
+        return row
+
+    async def get(self, sale_id: str) -> dict[str, Any]:
+        """The sale as JSON-ready data, with its SKUs. Raises NotFound."""
+        async with self.pool.acquire() as conn:
+            sale = await self.sale_row(conn, sale_id)
+            skus = await fetch_skus(conn, sale_id)
+        return sale_json(sale, skus)
+
+    async def list_sales(self, *, status: str | None = None, limit: int | str = MAX_PAGE,
+                         offset: int | str = 0) -> list[dict[str, Any]]:  # fmt: skip
+        """Sales, newest first; ``status`` (active, paused, ended) filters."""
+        if status is not None and status not in SALE_STATUSES:
+            raise InvalidInput("status", f"must be one of {', '.join(SALE_STATUSES)}")
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT * FROM sales WHERE ($1::text IS NULL OR status = $1)"
+                " ORDER BY created_at DESC, id LIMIT $2 OFFSET $3",
+                status, page_size(limit), offset_of(offset),
+            )  # fmt: skip
+        return [sale_json(row) for row in rows]
+
+    async def orders(self, sale_id: str, *, state: str | None = None, limit: int | str = MAX_PAGE,
+                     after: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
+        """A page of the sale's orders by id, after the order id ``after``; ``state`` filters."""
+        state = order_state(state)
+        async with self.pool.acquire() as conn:
+            await self.sale_row(conn, sale_id)  # NotFound for an unknown sale
+            rows = await conn.fetch(ORDERS_PAGE, sale_id, state, after, page_size(limit))
+        return [{**dict(r), "created_at": iso(r["created_at"]), "updated_at": iso(r["updated_at"])}
+                for r in rows]  # fmt: skip
+
+    async def export_orders(self, sale_id: str, sink: Callable[[bytes], Awaitable[Any]], *,
+                            state: str | None = None) -> None:  # fmt: skip
+        """Every order of the sale as CSV with a header, streamed to ``sink`` by Postgres's
+        ``COPY``: no row is held in memory."""
+        state = order_state(state)
+        async with self.pool.acquire() as conn:
+            await self.sale_row(conn, sale_id)
+            await conn.copy_from_query(ORDERS_EXPORT, sale_id, state, output=sink,
+                                       format="csv", header=True)  # fmt: skip
+
+    async def status(self, sale_id: str) -> dict[str, Any]:
+        """Per SKU: stock_total, available, held (active + paying), sold (Redis); confirmed
+        and the orders by state (Postgres)."""
+        async with self.pool.acquire() as conn:
+            sale = await self.sale_row(conn, sale_id)
+            skus = await fetch_skus(conn, sale_id)
+            counted = await conn.fetch(
+                "SELECT sku, state, count(*) AS n FROM orders WHERE sale_id = $1"
+                " GROUP BY sku, state", sale_id,
+            )  # fmt: skip
+        orders: dict[str, dict[str, int]] = {}
+        for r in counted:
+            orders.setdefault(r["sku"], {})[r["state"]] = int(r["n"])
+        groups = [bucket_keys(sale_id, sku["sku"], sku["buckets"]) for sku in skus]
+        flat = await self.scripts.stock([k for group in groups for k in group])
+        rows = []
+        for sku, group in zip(skus, groups, strict=True):
+            per_bucket, flat = flat[: len(group)], flat[len(group) :]
+            count = summed(per_bucket)
+            row = {
+                "sku": sku["sku"],
+                "title": sku["title"],
+                "stock_total": sku["stock_total"],
+                "available": None if count is None else count.available,
+                "held": None if count is None else count.held,
+                "sold": None if count is None else count.sold,
+                "active": None if count is None else count.active,
+                "paying": None if count is None else count.paying,
+                "confirmed": sku["sold"],
+                "orders": orders.get(sku["sku"], {}),
+                "preloaded": count is not None,
+                "buckets": sku["buckets"],
+            }
+            if sku["buckets"] > 1:
+                row["by_bucket"] = [
+                    None if c is None else {"bucket": b, "total": c.total,
+                                            "available": c.available, "held": c.held,
+                                            "sold": c.sold}
+                    for b, c in enumerate(per_bucket)
+                ]  # fmt: skip
+            rows.append(row)
+        return {"sale": sale_json(sale), "skus": rows}

@@ -1,0 +1,154 @@
+"""A sale's settings and state: pause / resume / end, the admission rate, the sale file's
+fields and a SKU's title and price.
+
+Postgres first (it is the truth), then the sale's Redis hashes; every Redis write is absolute
+and idempotent, so a retry after a failure converges.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from allocator.sale_reads import SaleReads
+from flashsale.errors import Conflict, InvalidInput, NotFound
+from flashsale.keys import SaleKeys, bucket_keys
+from flashsale.sales import STATUS_BY_ACTION, fetch_skus, sale_hash, sale_json, sale_state, sku_meta
+from flashsale.salespec import parse_sale, parse_sku, timestamp
+
+
+async def set_status(sales: SaleReads, sale_id: str, action: str) -> dict[str, Any]:
+    """pause, resume or end a sale. Idempotent; an ended sale stays ended."""
+    target = STATUS_BY_ACTION[action]
+    async with sales.pool.acquire() as conn, conn.transaction():
+        sale = await sales.sale_row(conn, sale_id, lock=True)
+        if sale["status"] == "ended" and target != "ended":
+            raise Conflict(f"sale {sale_id} has ended and cannot {action}", code="sale_ended")
+        await conn.execute(
+            "UPDATE sales SET status = $2, updated_at = now() WHERE id = $1", sale_id, target
+        )
+        skus = await fetch_skus(conn, sale_id)
+    # Redis after Postgres; every step is idempotent, so a retry converges.
+    await sales.scripts.set_fields(SaleKeys(sale_id).sale, {"status": target})
+    for sku in skus:
+        for keys in bucket_keys(sale_id, sku["sku"], sku["buckets"]):
+            await sales.scripts.set_fields(keys.meta, {"status": target})
+    return await sales.get(sale_id)
+
+
+async def set_admission_rate(sales: SaleReads, sale_id: str, rate: Any) -> dict[str, Any]:
+    """Change how many buyers per second the pump admits, at any time before the sale
+    ends: the pump reads the rate each step, and the waiting room's ETAs follow it."""
+    return await update(sales, sale_id, {"admission_rate": rate})
+
+
+async def update(sales: SaleReads, sale_id: str, changes: Mapping[str, Any]) -> dict[str, Any]:
+    """Change a sale's settings (the sale file's fields but ``skus``). Before the start
+    anything can change; once it started only ``LIVE_EDITABLE`` can (a later end, a
+    higher queue cap); an ended sale cannot. Validated as a whole, like a new sale;
+    Postgres first, then the sale's Redis hashes."""
+    _only(changes, EDITABLE, "unknown field")
+    async with sales.pool.acquire() as conn, conn.transaction():
+        sale = await sales.sale_row(conn, sale_id, lock=True)
+        now = datetime.now(UTC)
+        state = sale_state(sale["status"], sale["starts_at"], sale["ends_at"], now)
+        if state == "ended":
+            raise Conflict(f"sale {sale_id} has ended", code="sale_ended")
+        if state != "scheduled":
+            for name in sorted(changes):
+                if name not in LIVE_EDITABLE:
+                    raise Conflict(f"{name} cannot change once the sale has started (it "
+                                   f"can: {', '.join(LIVE_EDITABLE)})",
+                                   code="sale_started")  # fmt: skip
+        current = sale_json(sale)
+        merged = {**{k: current[k] for k in EDITABLE}, **changes}
+        if "starts_at" in changes and "ends_at" not in changes:  # the window moves whole
+            opens = timestamp(changes["starts_at"], "starts_at")
+            merged["ends_at"] = (opens + (sale["ends_at"] - sale["starts_at"])).isoformat()
+        spec = parse_sale(merged, now=now)
+        if state != "scheduled":
+            if spec.max_queue < sale["max_queue"]:
+                raise Conflict("max_queue can only rise once the sale has started",
+                               code="sale_started")  # fmt: skip
+            if spec.ends_at <= now:
+                raise InvalidInput("ends_at", "must be in the future")
+        elif spec.starts_at < now - timedelta(seconds=1) and "starts_at" in changes:
+            raise InvalidInput("starts_at", "must not be in the past")
+        row = await conn.fetchrow(
+            "UPDATE sales SET name = $2, starts_at = $3, ends_at = $4, admission_rate = $5,"
+            " max_queue = $6, admission_window_seconds = $7, admission_capacity = $8,"
+            " join_challenge = $9, join_challenge_max = $10, updated_at = now()"
+            " WHERE id = $1 RETURNING *",
+            sale_id, spec.name, spec.starts_at, spec.ends_at, spec.admission_rate,
+            spec.max_queue, spec.admission_window_seconds, spec.admission_capacity,
+            spec.join_challenge, spec.join_challenge_max,
+        )  # fmt: skip
+        skus = await fetch_skus(conn, sale_id)
+    # Redis after Postgres (a sale not preloaded yet has nothing there); every write is
+    # idempotent, so a retry after a failure converges.
+    fields = sale_hash(row, skus)
+    await sales.scripts.set_fields(
+        SaleKeys(sale_id).sale, {k: fields[k] for k in SALE_HASH_EDITABLE}
+    )
+    for sku in skus:
+        meta = sku_meta(row, sku)
+        for keys in bucket_keys(sale_id, sku["sku"], sku["buckets"]):
+            await sales.scripts.set_fields(
+                keys.meta, {k: meta[k] for k in ("starts_at_ms", "ends_at_ms")}
+            )
+    return await sales.get(sale_id)
+
+
+async def update_sku(sales: SaleReads, sale_id: str, sku: str, changes: Mapping[str, Any]
+                     ) -> dict[str, Any]:  # fmt: skip
+    """Change a SKU's ``title`` (any time before the end) or ``price`` (before the start:
+    a buyer never pays another price than the one shown when the sale opened)."""
+    _only(changes, ("title", "price"), "unknown field (title and price can change)")
+    async with sales.pool.acquire() as conn, conn.transaction():
+        sale = await sales.sale_row(conn, sale_id, lock=True)
+        row = await conn.fetchrow(
+            "SELECT * FROM sale_skus WHERE sale_id = $1 AND sku = $2", sale_id, sku
+        )
+        if row is None:
+            raise NotFound(f"unknown SKU {sku!r} in sale {sale_id}", code="unknown_sku")
+        state = sale_state(sale["status"], sale["starts_at"], sale["ends_at"],
+                           datetime.now(UTC))  # fmt: skip
+        if state == "ended":
+            raise Conflict(f"sale {sale_id} has ended", code="sale_ended")
+        if "price" in changes and state != "scheduled":
+            raise Conflict("price cannot change once the sale has started",
+                           code="sale_started")  # fmt: skip
+        merged = {"sku": sku, "title": row["title"], "stock": row["stock_total"],
+                  "price": row["price"], "currency": row["currency"], **changes}  # fmt: skip
+        spec = parse_sku(merged, "")
+        updated = await conn.fetchrow(
+            "UPDATE sale_skus SET title = $3, price = $4 WHERE sale_id = $1 AND sku = $2"
+            " RETURNING *", sale_id, sku, spec.title, spec.price,
+        )  # fmt: skip
+    meta = sku_meta(sale, updated)
+    for keys in bucket_keys(sale_id, sku, updated["buckets"]):
+        await sales.scripts.set_fields(keys.meta, {"price": meta["price"]})
+    return await sales.get(sale_id)
+
+
+def _only(changes: Mapping[str, Any], allowed: Sequence[str], unknown: str) -> None:
+    """A change names at least one field, and only ``allowed`` ones (422 naming the first
+    other; ``skus`` cannot change through a sale's settings)."""
+    others = sorted(set(changes) - set(allowed))
+    if others:
+        why = "cannot be changed here" if others[0] == "skus" else unknown
+        raise InvalidInput(others[0], why, code="unknown_field")
+    if not changes:
+        raise InvalidInput("body", "names no field to change")
+
+
+EDITABLE = (
+    "name", "starts_at", "ends_at", "admission_rate", "max_queue", "admission_window_seconds",
+    "admission_capacity", "join_challenge", "join_challenge_max",
+)  # fmt: skip
+LIVE_EDITABLE = ("name", "ends_at", "admission_rate", "max_queue")  # safe once buyers are in
+SALE_HASH_EDITABLE = (
+    "name", "starts_at_ms", "ends_at_ms", "admission_rate", "max_queue", "window_ms", "capacity",
+    "challenge", "challenge_max",
+)  # fmt: skip

@@ -1,0 +1,268 @@
+"""The admin API's paths in the gateway's OpenAPI document (``/admin/v1/``, the admin token)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.openapi_parts import IDEMPOTENCY_KEY, SALE_PATH, errors, ok, op, query
+from gateway.openapi_schemas import AUDIT, NULLABLE_STRING, SALE, SALE_SPEC, SALE_STATUS, obj
+
+CREATE_KEY = {
+    **IDEMPOTENCY_KEY,
+    "required": False,
+    "description": "a retry with the same key answers the same sale",
+}
+
+
+def admin_paths() -> dict[str, Any]:
+    order_state = query(
+        "state",
+        {"type": "string"},
+        "CONFIRMED, PAYMENT_FAILED, PENDING, PAYING, EXPIRED or CANCELLED (any case)",
+    )
+    page = query("limit", {"type": "integer", "minimum": 1, "maximum": 1000}, "page size")
+    order = obj(
+        {
+            k: {"type": ["string", "integer"]}
+            for k in (
+                "id",
+                "sku",
+                "buyer_id",
+                "quantity",
+                "amount",
+                "currency",
+                "state",
+                "created_at",
+                "updated_at",
+            )
+        }
+    )
+    admin_errors = (401, 404, 408, 409, 422)
+    lifecycle = {
+        f"/admin/v1/sales/{{sale}}/{action}": {
+            "post": op(
+                f"{action}Sale",
+                "admin",
+                f"{action.capitalize()} a sale",
+                {**ok(200, "The sale", SALE), **errors(*admin_errors)},
+                security="admin",
+                params=SALE_PATH,
+            )
+        }
+        for action in ("pause", "resume", "end")
+    }
+    return {
+        "/admin/v1/sales": {
+            "get": op(
+                "listSales",
+                "admin",
+                "Sales, newest first",
+                {
+                    **ok(
+                        200, "A page", obj({"sales": {"type": "array", "items": SALE}}, ["sales"])
+                    ),
+                    **errors(401, 422),
+                },
+                security="admin",
+                params=[
+                    query("status", {"enum": ["active", "paused", "ended"]}, "filter"),
+                    page,
+                    query("offset", {"type": "integer", "minimum": 0}, "sales skipped"),
+                ],
+            ),
+            "post": op(
+                "createSale",
+                "admin",
+                "Create a sale (the sale file format)",
+                {
+                    **ok(201, "The created sale", SALE),
+                    **ok(200, "The sale this Idempotency-Key created before", SALE),
+                    **errors(401, 408, 422),
+                },
+                security="admin",
+                params=[CREATE_KEY],
+                body=SALE_SPEC,
+            ),
+        },
+        "/admin/v1/sales/{sale}": {
+            "get": op(
+                "saleStatus",
+                "admin",
+                "Sale status per SKU",
+                {**ok(200, "Status", SALE_STATUS), **errors(401, 404)},
+                security="admin",
+                params=SALE_PATH,
+            ),
+            "patch": op(
+                "updateSale",
+                "admin",
+                "Change settings: anything before the start; once started name, ends_at, "
+                "admission_rate and a higher max_queue (409 sale_started otherwise)",
+                {**ok(200, "The sale", SALE), **errors(*admin_errors)},
+                security="admin",
+                params=SALE_PATH,
+                body=obj(
+                    {k: v for k, v in SALE_SPEC["properties"].items() if k != "skus"},
+                    additionalProperties=False,
+                ),
+            ),
+        },
+        "/admin/v1/sales/{sale}/skus/{sku}": {
+            "delete": op(
+                "removeSku",
+                "admin",
+                "Take a SKU nobody reserved out of the sale (409 once it has orders or holds)",
+                {**ok(200, "The sale", SALE), **errors(*admin_errors)},
+                security="admin",
+                params=[
+                    *SALE_PATH,
+                    {"name": "sku", "in": "path", "required": True, "schema": {"type": "string"}},
+                ],
+            ),
+            "patch": op(
+                "updateSku",
+                "admin",
+                "Change a SKU's title, or its price before the start",
+                {**ok(200, "The sale", SALE), **errors(*admin_errors)},
+                security="admin",
+                params=[
+                    *SALE_PATH,
+                    {"name": "sku", "in": "path", "required": True, "schema": {"type": "string"}},
+                ],
+                body=obj(
+                    {"title": {"type": "string"}, "price": {"type": ["integer", "string"]}},
+                    additionalProperties=False,
+                ),
+            ),
+        },
+        "/admin/v1/sales/{sale}/preload": {
+            "post": op(
+                "preloadSale",
+                "admin",
+                "Copy configuration and stock into Redis",
+                {
+                    **ok(200, "Per SKU outcome", obj({"results": {"type": "array"}}, ["results"])),
+                    **errors(*admin_errors),
+                },
+                security="admin",
+                params=SALE_PATH,
+                body=obj({"force": {"type": "boolean"}}, additionalProperties=False),
+                body_required=False,
+            )
+        },
+        "/admin/v1/sales/{sale}/stock": {
+            "post": op(
+                "changeStock",
+                "admin",
+                "Add stock to a SKU, or remove free units (never held or sold ones)",
+                {**ok(200, "Status", SALE_STATUS), **errors(*admin_errors)},
+                security="admin",
+                params=SALE_PATH,
+                body=obj(
+                    {
+                        "sku": {"type": "string"},
+                        "add": {"type": ["integer", "string"]},
+                        "remove": {"type": ["integer", "string"]},
+                    },
+                    ["sku"],
+                    additionalProperties=False,
+                ),
+            )
+        },
+        "/admin/v1/sales/{sale}/orders": {
+            "get": op(
+                "listOrders",
+                "admin",
+                "A page of the sale's orders by id (never their payment token)",
+                {
+                    **ok(
+                        200,
+                        "A page; next is the after of the next one",
+                        obj(
+                            {"orders": {"type": "array", "items": order}, "next": NULLABLE_STRING},
+                            ["orders", "next"],
+                        ),
+                    ),
+                    **errors(401, 404, 422),
+                },
+                security="admin",
+                params=[
+                    *SALE_PATH,
+                    order_state,
+                    page,
+                    query("after", {"type": "string"}, "the last order id seen"),
+                ],
+            )
+        },
+        "/admin/v1/sales/{sale}/orders.csv": {
+            "get": op(
+                "exportOrders",
+                "admin",
+                "Every order as CSV with a header, streamed",
+                {
+                    "200": {
+                        "description": "CSV",
+                        "content": {"text/csv": {"schema": {"type": "string"}}},
+                    },
+                    **errors(401, 404, 422),
+                },
+                security="admin",
+                params=[*SALE_PATH, order_state],
+            )
+        },
+        "/admin/v1/sales/{sale}/skus": {
+            "post": {
+                **op(
+                    "importSkus",
+                    "admin",
+                    "Add SKUs from CSV (all rows validated first)",
+                    {**ok(200, "The sale", SALE), **errors(*admin_errors)},
+                    security="admin",
+                    params=SALE_PATH,
+                ),
+                "requestBody": {
+                    "required": True,
+                    "content": {"text/csv": {"schema": {"type": "string"}}},
+                },
+            }
+        },
+        "/admin/v1/sales/{sale}/live": {
+            "get": op(
+                "liveSale",
+                "admin",
+                "What the live sale page shows, in one answer",
+                {
+                    **ok(
+                        200,
+                        "The sale now",
+                        obj(
+                            {
+                                "at": {"type": "string"},
+                                "sale": SALE,
+                                "skus": SALE_STATUS["properties"]["skus"],
+                                "queue": {"type": "object"},
+                                "routes": {"type": "object"},
+                                "consumer_lag": {"type": ["integer", "null"]},
+                                "repairs": {"type": "object"},
+                            },
+                            ["at", "sale", "skus", "queue", "routes", "consumer_lag", "repairs"],
+                        ),
+                    ),
+                    **errors(401, 404),
+                },
+                security="admin",
+                params=SALE_PATH,
+            )
+        },
+        "/admin/v1/sales/{sale}/audit": {
+            "get": op(
+                "auditSale",
+                "admin",
+                "The post-sale audit: every invariant of DESIGN §7, with offending ids",
+                {**ok(200, "The report (passed or not)", AUDIT), **errors(401, 404)},
+                security="admin",
+                params=SALE_PATH,
+            )
+        },
+        **lifecycle,
+    }

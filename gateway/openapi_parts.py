@@ -1,0 +1,128 @@
+"""The building blocks of the gateway's OpenAPI document: error answers, operations, and the
+parameters that several paths share."""
+
+from __future__ import annotations
+
+from typing import Any
+
+JSON = "application/json"
+
+
+# Every route can answer these: the body limit, the per-process in-flight cap and a dependency
+# that does not answer.
+ALWAYS = (413, 503)
+REASONS = {
+    400: "Bad request",
+    401: "Missing or invalid credentials",
+    403: "Not allowed (admission missing, invalid, expired, used, or someone else's)",
+    404: "Unknown sale, SKU, reservation or path",
+    405: "Method not allowed",
+    408: "The request body did not arrive in time",
+    409: "Refused by the sale's state (sold out, limit reached, not open, ended, ...)",
+    413: "Body larger than 16 KiB",
+    422: "Invalid input; the message names the field",
+    429: "Rate limited; see Retry-After",
+    503: "Overloaded, queue full or a dependency down; see Retry-After",
+}
+
+
+# The answers that say when to try again.
+RETRY_AFTER = {
+    "Retry-After": {
+        "description": "seconds after which a retry may succeed",
+        "schema": {"type": "integer", "minimum": 1},
+    }
+}
+
+
+def errors(*codes: int) -> dict[str, Any]:
+    answers: dict[str, Any] = {}
+    for code in sorted({*codes, *ALWAYS}):
+        answers[str(code)] = {
+            "description": REASONS[code],
+            "content": {JSON: {"schema": {"$ref": "#/components/schemas/Error"}}},
+        }
+        if code in (429, 503):
+            answers[str(code)]["headers"] = RETRY_AFTER
+    return answers
+
+
+CACHE_CONTROL = {
+    "Cache-Control": {
+        "description": "public, max-age=N: 1 s while the sale can change, 30 s once it is sold "
+        "out for good, 300 s once it has ended (a CDN in front may keep the answer that long)",
+        "schema": {"type": "string"},
+    }
+}
+
+
+def cached(answers: dict[str, Any]) -> dict[str, Any]:
+    """``answers`` with the Cache-Control header documented on each."""
+    return {code: {**answer, "headers": CACHE_CONTROL} for code, answer in answers.items()}
+
+
+def ok(status: int, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {str(status): {"description": description, "content": {JSON: {"schema": schema}}}}
+
+
+def sale_param() -> dict[str, Any]:
+    return {"name": "sale", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def op(
+    op_id: str,
+    tag: str,
+    summary: str,
+    responses: dict[str, Any],
+    *,
+    security: str | None = None,
+    params: list[dict[str, Any]] | None = None,
+    body: dict[str, Any] | None = None,
+    body_required: bool = True,
+) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "operationId": op_id,
+        "tags": [tag],
+        "summary": summary,
+        "responses": responses,
+    }
+    if security:
+        op["security"] = [{security: []}]
+    if params:
+        op["parameters"] = params
+    if body is not None:
+        op["requestBody"] = {"required": body_required, "content": {JSON: {"schema": body}}}
+    return op
+
+
+def query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": schema,
+        "description": description,
+    }
+
+
+# Parameters that several paths share.
+SALE_PATH = [sale_param()]
+TICKET = {
+    "name": "X-Queue-Ticket",
+    "in": "header",
+    "required": True,
+    "schema": {"type": "string"},
+}
+ADMISSION = {
+    "name": "X-Admission-Token",
+    "in": "header",
+    "required": True,
+    "schema": {"type": "string"},
+}
+IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,100}$"},
+}
+RESERVATION_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
