@@ -43,7 +43,7 @@ from flashsale.settings import Settings, Topics
 from loadtest.bench import Report, Row, Target, inconsistent, machine, table
 from loadtest.processes import Servers, wait_healthy
 
-TARGETS = {0.0: 5_000.0, 50.0: 2_000.0}  # orders/s on this 2-core machine (issue 5)
+TARGETS = {0.0: 5_000.0, 50.0: 2_000.0}  # orders/s on this 2-core machine
 SKU = "BENCH"
 Progress = Callable[[str], None]
 

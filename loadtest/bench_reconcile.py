@@ -11,7 +11,7 @@ One sale with ``--skus`` SKUs (10,000 by default) is created and preloaded. Then
 * **drift**: a pass after 1 % of the SKUs had their counters corrupted: it finds and
   rebuilds exactly those, and the next pass finds nothing.
 
-Target (issue 6): a clean pass over 10,000 SKUs in at most 1 s.
+Target: a clean pass over 10,000 SKUs in at most 1 s.
 """
 
 from __future__ import annotations
