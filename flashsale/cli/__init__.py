@@ -3,10 +3,11 @@ imports every floor (the services, the load tools) and the dev stack.
 
 Every command reads Settings once, here, and passes them down. Commands live by group:
 :mod:`~flashsale.cli.dev` (the stack, migrations, topics), :mod:`~flashsale.cli.sale`,
-:mod:`~flashsale.cli.serve` (the services) and :mod:`~flashsale.cli.load` (benchmarks, the demo,
-spike tests). Errors are one line on stderr (``flashsale: error: skus[0].stock: must be a
-positive integer``) with a non-zero exit: 2 for bad input, 1 for anything else. Nothing is
-written on bad input.
+:mod:`~flashsale.cli.buyers` (fairness, tokens), :mod:`~flashsale.cli.serve` (the services),
+:mod:`~flashsale.cli.load` (the demo, spike and chaos tests) and :mod:`~flashsale.cli.bench`.
+Errors are one line on stderr (``flashsale:
+error: skus[0].stock: must be a positive integer``) with a non-zero exit: 2 for bad input, 1
+for anything else. Nothing is written on bad input.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 import redis.exceptions
 
 from flashsale import __version__, event_loop
-from flashsale.cli import dev, load, sale, serve
+from flashsale.cli import bench, buyers, dev, load, sale, serve
 from flashsale.cli.output import fail
 from flashsale.errors import FlashsaleError, InvalidInput
 from flashsale.logs import configure_logging
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"flashsale {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (dev, sale, serve, load):
+    for group in (dev, buyers, sale, serve, load, bench):
         group.add_commands(commands)
     return parser
 

@@ -1,5 +1,5 @@
 """``flashsale sale`` (create, import, list, show, preload, status, add-stock, pause, resume,
-end) and ``flashsale token buyers``: the merchandiser's commands, over :mod:`allocator.sale_admin`.
+end...): the merchandiser's commands, over :mod:`allocator.sale_admin`.
 
 Input is validated before any connection is opened, so bad input writes nothing.
 """
@@ -11,28 +11,21 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import re
 import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from allocator.sale_admin import SaleAdmin
 from allocator.sale_reads import MAX_PAGE
-from flashsale.cli.checks import duration, positive, sale_id
+from flashsale.cli.checks import duration, positive
 from flashsale.cli.output import dump_json, out
 from flashsale.clients import pg_pool, redis_client
-from flashsale.errors import ConfigError, Conflict, InvalidInput, NotFound
-from flashsale.fairness import Published, problems, published
-from flashsale.keys import ID_PATTERN
+from flashsale.errors import InvalidInput
 from flashsale.records import body_fingerprint, idempotency_key
 from flashsale.salespec import parse_csv, parse_sale
 from flashsale.settings import Settings
-from flashsale.shuffle import member_of
-from flashsale.tokens import Signer
 
 
 @contextlib.asynccontextmanager
@@ -230,67 +223,6 @@ async def _orders(sales: SaleAdmin, args: argparse.Namespace) -> None:
         after = page[-1]["id"]
 
 
-async def cmd_fairness(args: argparse.Namespace, settings: Settings) -> int:
-    """Check a sale's pre-queue order from its published record (``--url``: a gateway's
-    public endpoint, as anyone would; otherwise this engine's database)."""
-    sale = sale_id("sale", args.sale)
-    if args.commitment is not None and not re.fullmatch(r"[0-9a-f]{64}", args.commitment):
-        raise InvalidInput("commitment", "must be the 64 hex digits published before the start")
-    if args.url:
-        doc = await _fetch_fairness(args.url.rstrip("/"), sale)
-        listed = doc["members"] if doc["recorded"] else None
-        record = Published(sale, doc["commitment"], doc["seed"], listed, doc["root"], doc["size"])
-    else:
-        pool = await pg_pool(settings, max_size=2)
-        try:
-            found = await published(pool, sale)
-        finally:
-            await pool.close()
-        if found is None:
-            raise NotFound(f"unknown sale {sale!r}", code="unknown_sale")
-        record = found
-    if record.members is None:
-        raise Conflict(f"sale {sale}: the pre-queue is not shuffled and recorded yet")
-    found_problems = problems(record.commitment, record.seed, record.members, record.root,
-                              record.size)  # fmt: skip
-    if args.commitment is not None and args.commitment != record.commitment:
-        found_problems.insert(0, "the commitment served now is not the one given (the one "
-                                 "published before the start)")  # fmt: skip
-    out(f"sale {sale}: {len(record.members)} pre-queue members, root {record.root}")
-    if args.buyer:
-        member = member_of(sale, args.buyer)
-        place = record.members.index(member) + 1 if member in record.members else None
-        out(f"  buyer {args.buyer}: member {member}, "
-            + (f"position {place}" if place else "not in the pre-queue"))  # fmt: skip
-    for problem in found_problems:
-        out(f"  FAILED: {problem}")
-    out("  fairness: " + ("FAILED" if found_problems else
-                          "VERIFIED (seed matches the commitment, every position follows the "
-                          "rule, the members hash to the root)"))  # fmt: skip
-    return 1 if found_problems else 0
-
-
-async def _fetch_fairness(base: str, sale: str) -> dict[str, Any]:
-    """Every page of a gateway's ``/v1/sales/{sale}/fairness``, members joined."""
-    doc: dict[str, Any] = {}
-    members: list[str] = []
-    offset: int | None = 0
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-        while offset is not None:
-            async with session.get(f"{base}/v1/sales/{sale}/fairness",
-                                   params={"offset": offset}) as response:  # fmt: skip
-                if response.status == 404:
-                    raise NotFound(f"unknown sale {sale!r} at {base}", code="unknown_sale")
-                if response.status != 200:
-                    raise Conflict(f"{base} answered {response.status}: {await response.text()}")
-                page = await response.json()
-            doc = page
-            members += page["members"]
-            offset = page["next_offset"]
-    doc["members"] = members
-    return doc
-
-
 def print_status(status: dict[str, Any], *, as_json: bool) -> None:
     if as_json:
         dump_json(status)
@@ -317,42 +249,7 @@ def print_status(status: dict[str, Any], *, as_json: bool) -> None:
                     f" {b['sold']:>8}")  # fmt: skip
 
 
-def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
-    count = positive(int, "count", args.count)
-    ttl = positive(float, "ttl", args.ttl)
-    if not ID_PATTERN.match(f"{args.prefix}0"):
-        raise InvalidInput("prefix", "letters, digits, '.', '_' or '-' (buyer ids are ids)")
-    secret = settings.buyer_token_secret.reveal()
-    if not secret:
-        raise ConfigError(
-            "FLASHSALE_BUYER_TOKEN_SECRET is not set: run `flashsale dev up` or export it"
-        )
-    signer = Signer.from_setting(secret, "buyer")
-    lines = (f"{args.prefix}{i}\t{signer.sign({'sub': f'{args.prefix}{i}'}, ttl)}\n"
-             for i in range(count))  # fmt: skip
-    sys.stdout.writelines(lines)
-    return 0
-
-
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    fair = commands.add_parser("fairness", help="check a sale's pre-queue order")
-    fair.set_defaults(handler=cmd_fairness)
-    fair_sub = fair.add_subparsers(dest="fairness_command", required=True, metavar="ACTION")
-    verify = fair_sub.add_parser(
-        "verify",
-        help="recompute the pre-queue's order from the published record",
-        description="Recompute a sale's pre-queue order from its published fairness record "
-        "(the revealed seed, the members in position order, their Merkle root) and check that "
-        "the seed matches its commitment, that every position follows the rule and that the "
-        "members hash to the root. Exit 0 when all hold, 1 naming what does not.",
-    )
-    verify.add_argument("sale", help="sale id")
-    verify.add_argument("--url", help="a gateway's base URL: check what it publishes, as anyone "
-                        "would (default: this engine's database)")  # fmt: skip
-    verify.add_argument("--commitment", help="the commitment you saw before the start, to check "
-                        "the published one against")  # fmt: skip
-    verify.add_argument("--buyer", help="also show this buyer's member hash and position")
-
     sale = commands.add_parser("sale", help="create, preload and operate sales")
     sale.set_defaults(handler=cmd_sale)
     sale_sub = sale.add_subparsers(dest="sale_command", required=True, metavar="ACTION")
@@ -489,16 +386,3 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         ("end", "end the sale for good"),
     ):
         sale_sub.add_parser(action, help=text).add_argument("sale", help="sale id")
-
-    token = commands.add_parser("token", help="mint signed tokens for tests and load tools")
-    token.set_defaults(handler=cmd_token)
-    token_sub = token.add_subparsers(dest="token_command", required=True, metavar="KIND")
-    buyers = token_sub.add_parser(
-        "buyers",
-        help="print 'buyer_id<TAB>token' lines signed with FLASHSALE_BUYER_TOKEN_SECRET",
-        description="Mint buyer tokens as the storefront would: one 'buyer_id<TAB>token' line "
-        "per buyer, ids PREFIX0, PREFIX1, ... Send a token as 'Authorization: Bearer TOKEN'.",
-    )
-    buyers.add_argument("--count", default="1", help="how many buyers (default 1)")
-    buyers.add_argument("--prefix", default="buyer-", help="buyer id prefix (default buyer-)")
-    buyers.add_argument("--ttl", default="86400", help="validity in seconds (default 86400)")
