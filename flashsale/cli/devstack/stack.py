@@ -28,42 +28,30 @@ import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import asyncpg
-
 from flashsale.cli.devstack import redis_cluster
-from flashsale.cli.devstack.binaries import find_postgres, find_redis, find_tansu
 from flashsale.cli.devstack.errors import StackError
 from flashsale.cli.devstack.pings import PINGS
 from flashsale.cli.devstack.processes import (
-    chown,
     free_port,
-    grant_traversal,
     pid_alive,
-    run_as,
-    spawn_detached,
     stop_pid,
     tail,
+)
+from flashsale.cli.devstack.servers import (
+    DATABASE,
+    ServerState,
+    ensure_database,
+    start_kafka,
+    start_postgres,
+    start_redis,
 )
 from flashsale.settings import DEV_ENV_FILE, mask_url
 
 SERVERS = ("redis", "postgres", "kafka")
 EXTERNAL_VAR = {"redis": "REDIS_URL", "postgres": "DATABASE_URL", "kafka": "KAFKA_BOOTSTRAP"}
-DATABASE = "flashsale"
-# Postgres refuses to run as root; a root caller runs it as this unprivileged user instead.
-UNPRIVILEGED_USER = "nobody"
-
-
-@dataclass
-class ServerState:
-    pid: int
-    port: int
-    binary: str
-    version: str
-    log: str
-    started_at: float = field(default_factory=time.time)
 
 
 @dataclass
@@ -248,94 +236,14 @@ class DevStack:
                 "start afresh with `flashsale dev down --purge`"
             )
         if _kind(name) == "redis":
-            return self._start_redis(name, port)
+            data, password = self.data_dir(name), self._secrets()["redis_password"]
+            cluster = redis_cluster.node_config(port, data, password) if self.layout else ""
+            return start_redis(data, port, password, cluster)
         if name == "postgres":
-            return self._start_postgres(port)
-        return self._start_kafka(port)
-
-    def _start_redis(self, name: str, port: int) -> ServerState:
-        binary, version = find_redis()
-        data = self.data_dir(name)
-        data.mkdir(parents=True, exist_ok=True)
-        password = self._secrets()["redis_password"]
-        cluster = redis_cluster.node_config(port, data, password) if self.layout else ""
-        conf = data / "redis.conf"
-        # The password lives in a 0600 file, not on the command line where `ps` shows it.
-        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(
-                f"port {port}\nbind 127.0.0.1\ndir {data}\ndaemonize no\n"
-                'appendonly yes\nappendfsync everysec\nsave ""\n'
-                f"requirepass {password}\n"
-                "maxmemory-policy noeviction\n" + cluster
+            return start_postgres(
+                self.home / "postgres", port, self._secrets()["postgres_password"]
             )
-        log = data / "redis.log"
-        pid = spawn_detached([binary, str(conf)], log)
-        return ServerState(pid=pid, port=port, binary=binary, version=version, log=str(log))
-
-    def _start_postgres(self, port: int) -> ServerState:
-        bindir, version = find_postgres()
-        root = self.home / "postgres"
-        data = root / "data"
-        root.mkdir(parents=True, exist_ok=True)
-        user = UNPRIVILEGED_USER if os.geteuid() == 0 else None
-        if user:
-            grant_traversal(root, user)
-        log = root / "postgres.log"
-        log.touch()
-        if user:
-            chown(log, user)
-        if not (data / "PG_VERSION").is_file():
-            pwfile = root / "pwfile"
-            pwfile.write_text(self._secrets()["postgres_password"] + "\n")
-            if user:
-                chown(pwfile, user)
-            try:
-                run_as(
-                    [
-                        str(bindir / "initdb"),
-                        "-D",
-                        str(data),
-                        "-U",
-                        "postgres",
-                        "--auth=scram-sha-256",
-                        f"--pwfile={pwfile}",
-                        "-E",
-                        "UTF8",
-                        "--locale=C",
-                        "--no-sync",
-                    ],
-                    user=user,
-                    log=log,
-                )
-            finally:
-                pwfile.unlink(missing_ok=True)
-        made_by = (data / "PG_VERSION").read_text().strip()
-        if made_by != version.split(".")[0]:
-            raise StackError(
-                f"{data} was created by PostgreSQL {made_by} but the server found is {version}; "
-                "run `flashsale dev down --purge` to start afresh"
-            )
-        argv = [
-            str(bindir / "postgres"), "-D", str(data), "-p", str(port),
-            "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=",
-            "-c", "max_connections=300", "-c", "shared_buffers=256MB",
-        ]  # fmt: skip
-        pid = spawn_detached(argv, log, user=user)
-        return ServerState(pid=pid, port=port, binary=argv[0], version=version, log=str(log))
-
-    def _start_kafka(self, port: int) -> ServerState:
-        binary, version = find_tansu()
-        root = self.home / "kafka"
-        root.mkdir(parents=True, exist_ok=True)
-        log = root / "tansu.log"
-        listener = f"tcp://127.0.0.1:{port}"
-        argv = [
-            binary, "broker", "--listener-url", listener,
-            "--advertised-listener-url", listener, "--storage-engine", "memory://tansu/",
-        ]  # fmt: skip
-        pid = spawn_detached(argv, log)
-        return ServerState(pid=pid, port=port, binary=binary, version=version, log=str(log))
+        return start_kafka(self.home / "kafka", port)
 
     async def _wait_ready(self, state: dict[str, ServerState], deadline: float) -> None:
         async def ready(name: str, server: ServerState) -> None:
@@ -348,7 +256,7 @@ class DevStack:
                     )
                 try:
                     if name == "postgres":
-                        await self._ensure_database(server.port)
+                        await ensure_database(server.port, self._secrets()["postgres_password"])
                     await PINGS[_kind(name)](url)
                     return
                 except Exception as exc:  # noqa: BLE001 - not ready yet: retry until the deadline
@@ -362,17 +270,6 @@ class DevStack:
         names = self.names()
         await asyncio.gather(*(ready(n, s) for n, s in state.items()
                                if n in names and not self.external(n)))  # fmt: skip
-
-    async def _ensure_database(self, port: int) -> None:
-        password = self._secrets()["postgres_password"]
-        conn = await asyncpg.connect(
-            f"postgresql://postgres:{password}@127.0.0.1:{port}/postgres", timeout=2
-        )
-        try:
-            if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DATABASE):
-                await conn.execute(f"CREATE DATABASE {DATABASE}")
-        finally:
-            await conn.close()
 
     def _write_env(self, state: dict[str, ServerState]) -> None:
         keys = self._secrets()
