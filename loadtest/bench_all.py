@@ -23,7 +23,14 @@ from typing import Any
 import orjson
 
 from flashsale.settings import Settings
-from loadtest import bench_allocate, bench_gateway, bench_pipeline, bench_reconcile, demo
+from loadtest import (
+    bench_allocate,
+    bench_gateway,
+    bench_pipeline,
+    bench_reconcile,
+    demo,
+    demo_report,
+)
 from loadtest.bench import Report, machine
 
 Progress = Callable[[str], None]
@@ -60,8 +67,8 @@ def block_for_demo(report: dict[str, Any], machine: dict[str, Any]) -> str:
     met = seconds is not None and seconds <= report["target_seconds"]
     load = ", ".join(str(x) for x in machine.get("load_average_at_start", []))
     error, coverage = report["eta_p50_abs_pct_error"], report["eta_p90_coverage"]
-    p50_met, p90_met = demo.eta_verdicts(error, coverage)
-    low, high = demo.ETA_P90_COVERAGE_TARGET
+    p50_met, p90_met = demo_report.eta_verdicts(error, coverage)
+    low, high = demo_report.ETA_P90_COVERAGE_TARGET
     tau = report["admission_kendall_tau"]
     return (
         f"Latest `flashsale bench all` run: {machine.get('when')}, {machine.get('cpu')}, "
@@ -78,7 +85,7 @@ def block_for_demo(report: dict[str, Any], machine: dict[str, Any]) -> str:
         f"| ETAs: admitted buyers shown one (before the draw) | p50 error (median) | target "
         f"| admitted within their p90 | target |\n|---:|---:|---|---:|---|\n"
         f"| {report['eta_buyers']} ({report['eta_buyers_pre_queue']}) | "
-        f"{'-' if error is None else f'{error} %'} | ≤ {demo.ETA_P50_ERROR_TARGET:g} %: "
+        f"{'-' if error is None else f'{error} %'} | ≤ {demo_report.ETA_P50_ERROR_TARGET:g} %: "
         f"{p50_met} | {'-' if coverage is None else f'{coverage:.0%}'} | "
         f"{low:.0%}-{high:.0%}: {p90_met} |\n\n"
         f"| route | requests | p50 ms | p99 ms |\n|---|---:|---:|---:|\n{routes}\n"

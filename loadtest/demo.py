@@ -29,7 +29,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -46,13 +46,12 @@ from flashsale.migrate import migrate
 from flashsale.settings import Settings
 from flashsale.tokens import Signer
 from loadtest import admin_api
-from loadtest.driver import Buyers, DriverStats, Eta, Person, Plan
+from loadtest.demo_report import DemoReport, eta_accuracy, kendall_tau, summary
+from loadtest.driver import Buyers, DriverStats, Person, Plan
 from loadtest.processes import engine, wait_healthy
 
 Progress = Callable[[str], None]
 SKU = "SNK-42"
-TARGET_S = 10.0  # every buyer answered within this long after the sale opens
-RESERVE_TARGETS_MS = {"p50_ms": 100.0, "p99_ms": 500.0}  # an admitted buyer's reservation
 LEAD_S = 5.0  # the sale opens this long after it is created: the pre-queue joins meanwhile
 CONCURRENCY = 500  # buyers with a request in flight at once (connections to the gateway)
 
@@ -106,50 +105,6 @@ async def _orders(pool: asyncpg.Pool, sale_id: str) -> dict[str, int]:
     return {r["state"]: int(r["n"]) for r in rows}
 
 
-@dataclass
-class DemoReport:
-    """What ``--json`` writes."""
-
-    buyers: int
-    stock: int
-    sale: str = ""
-    scenario: dict[str, Any] = field(default_factory=dict)
-    pre_queue_joins: int = 0
-    sold: int = 0
-    oversold: int = 0
-    seconds_to_answer_all: float | None = None
-    admission_kendall_tau: float | None = None
-    eta_p50_abs_pct_error: float | None = None
-    eta_p90_coverage: float | None = None
-    eta_buyers: int = 0
-    eta_buyers_pre_queue: int = 0  # of eta_buyers: shown their first ETA before the draw
-    # the same figures for the ETAs shown before the draw and for those shown with a place
-    eta_by_kind: dict[str, dict[str, float | int | None]] = field(default_factory=dict)
-    audit_passed: bool = False
-    outcomes: dict[str, int] = field(default_factory=dict)
-    orders: dict[str, int] = field(default_factory=dict)
-    routes: dict[str, dict[str, float]] = field(default_factory=dict)
-    driver_loop_lag: dict[str, float] = field(default_factory=dict)  # ms, p50 and p99
-    target_seconds: float = TARGET_S
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "sale": self.sale, "scenario": self.scenario, "buyers": self.buyers,
-            "stock": self.stock, "pre_queue_joins": self.pre_queue_joins, "sold": self.sold,
-            "oversold": self.oversold, "seconds_to_answer_all": self.seconds_to_answer_all,
-            "admission_kendall_tau": self.admission_kendall_tau,
-            "eta_p50_abs_pct_error": self.eta_p50_abs_pct_error,
-            "eta_p90_coverage": self.eta_p90_coverage, "eta_buyers": self.eta_buyers,
-            "eta_buyers_pre_queue": self.eta_buyers_pre_queue, "eta_by_kind": self.eta_by_kind,
-            "audit_passed": self.audit_passed, "routes": self.routes,
-            "outcomes": self.outcomes, "orders": self.orders,
-            "target_seconds": self.target_seconds,
-            "driver_loop_lag": self.driver_loop_lag,
-            "reserve_targets_ms": RESERVE_TARGETS_MS,
-            "reserve_verdicts": reserve_verdicts(self.routes),
-        }  # fmt: skip
-
-
 async def run(settings: Settings, *, scenario: Scenario, progress: Progress,
               json_path: str | None = None, lead_s: float = LEAD_S) -> int:  # fmt: skip
     report = DemoReport(scenario.buyers, scenario.stock, scenario=scenario.json())
@@ -196,7 +151,7 @@ async def run(settings: Settings, *, scenario: Scenario, progress: Progress,
             progress(f"the engine stopped early (exit {up.returncode}); see {log_path}")
             code = 1
     progress("== engine stopped")
-    _summary(report, progress)
+    summary(report, progress)
     if json_path:
         data = orjson.dumps(report.as_json(), option=orjson.OPT_INDENT_2)
         await asyncio.to_thread(Path(json_path).write_bytes, data)
@@ -209,102 +164,6 @@ def _sign(settings: Settings, count: int, progress: Progress) -> list[str]:
     run_id = os.urandom(3).hex()
     progress(f"   signing {count:,} buyer tokens (the storefront's job)")
     return [signer.sign({"sub": f"demo-{run_id}-{i}"}, 3600) for i in range(count)]
-
-
-# A wait shorter than this counts as this long in the percentage error: the page shows whole
-# seconds, so "about 0 s" for a wait of 0.4 s is not 100 % off to anyone.
-ETA_FLOOR_S = 1.0
-ETA_P50_ERROR_TARGET = 25.0  # % (median absolute error of the p50)
-ETA_P90_COVERAGE_TARGET = (0.85, 0.95)  # share admitted within their p90
-
-
-def eta_verdicts(error: float | None, coverage: float | None) -> tuple[str, str]:
-    """'met' or 'MISSED' for the p50 error and the p90 coverage ('-' when not measured)."""
-    low, high = ETA_P90_COVERAGE_TARGET
-    p50 = "-" if error is None else "met" if error <= ETA_P50_ERROR_TARGET else "MISSED"
-    p90 = "-" if coverage is None else "met" if low <= coverage <= high else "MISSED"
-    return p50, p90
-
-
-def eta_accuracy(etas: list[Eta]) -> tuple[float | None, float | None]:
-    """(median absolute percentage error of the first p50 each admitted buyer was shown,
-    share of them admitted within the first p90 shown): how honest the ETAs were. A wait is
-    floored at ``ETA_FLOOR_S`` in the error; an unknown p90 covers nothing."""
-    if not etas:
-        return None, None
-    errors = sorted(abs(e.p50 - e.waited) / max(e.waited, ETA_FLOOR_S) for e in etas)
-    middle = len(errors) // 2
-    median = errors[middle] if len(errors) % 2 else (errors[middle - 1] + errors[middle]) / 2
-    covered = sum(1 for e in etas if e.p90 is not None and e.waited <= e.p90)
-    return round(median * 100, 1), round(covered / len(etas), 3)
-
-
-def kendall_tau(pairs: list[tuple[int, int]]) -> float | None:
-    """Kendall's tau between queue positions and admission times, over the pairs of buyers
-    that differ in both (buyers admitted by one pump step share a time: such pairs say
-    nothing about order). 1.0: nobody was admitted before someone ahead of them. None for
-    fewer than two comparable buyers."""
-    ordered = sorted(pairs)
-    concordant = discordant = 0
-    for i, (p1, t1) in enumerate(ordered):
-        for p2, t2 in ordered[i + 1 :]:
-            if p1 != p2 and t1 != t2:
-                if t1 < t2:
-                    concordant += 1
-                else:
-                    discordant += 1
-    total = concordant + discordant
-    return None if total == 0 else round((concordant - discordant) / total, 6)
-
-
-def _summary(report: DemoReport, progress: Progress) -> None:
-    seconds = report.seconds_to_answer_all
-    met = seconds is not None and seconds <= report.target_seconds
-    progress(f"== report: {report.buyers:,} buyers, {report.stock} units")
-    progress(f"   every buyer had a definitive answer {seconds:.1f}s after the sale opened "
-             f"(target {report.target_seconds:g}s: {'met' if met else 'MISSED'})"
-             if seconds is not None else "   not every buyer got an answer")  # fmt: skip
-    progress(f"   sold {report.sold}/{report.stock}, oversold {report.oversold}; "
-             f"audit {'passed' if report.audit_passed else 'FAILED'}")  # fmt: skip
-    tau = report.admission_kendall_tau
-    progress("   admission order vs queue order: Kendall tau "
-             + ("n/a (fewer than two buyers admitted at different times)" if tau is None
-                else f"{tau:.3f} ({'in order' if tau == 1.0 else 'OUT OF ORDER'})"))  # fmt: skip
-    if report.eta_buyers:
-        p50_met, p90_met = eta_verdicts(report.eta_p50_abs_pct_error, report.eta_p90_coverage)
-        low, high = ETA_P90_COVERAGE_TARGET
-        progress(f"   ETAs of the {report.eta_buyers} admitted buyers shown one "
-                 f"({report.eta_buyers_pre_queue} before the draw): p50 off by "
-                 f"{report.eta_p50_abs_pct_error}% (median; target <= "
-                 f"{ETA_P50_ERROR_TARGET:g}%: {p50_met}), admitted within their p90: "
-                 f"{report.eta_p90_coverage:.0%} (target {low:.0%}-{high:.0%}: "
-                 f"{p90_met})")  # fmt: skip
-        for kind, part in report.eta_by_kind.items():
-            if part["buyers"]:
-                progress(f"     {kind.replace('_', ' ')}: {part['buyers']} buyers, p50 off by "
-                         f"{part['p50_abs_pct_error']}%, within p90 "
-                         f"{part['p90_coverage']:.0%}")  # fmt: skip
-    for route, figures in report.routes.items():
-        progress(f"   {route:8} {figures['requests']:>7,.0f} requests  p50 {figures['p50_ms']} "
-                 f"ms  p99 {figures['p99_ms']} ms")  # fmt: skip
-    if report.driver_loop_lag:
-        lag = report.driver_loop_lag
-        progress(f"   (the driver's own event loop ran late by p50 {lag['p50_ms']} ms, p99 "
-                 f"{lag['p99_ms']} ms: each latency above includes that wait)")  # fmt: skip
-    verdicts = reserve_verdicts(report.routes)
-    if verdicts:
-        progress("   reservations: " + ", ".join(
-            f"{q.removesuffix('_ms')} {report.routes['reserve'][q]} ms (target <= "
-            f"{RESERVE_TARGETS_MS[q]:g} ms: {v})" for q, v in verdicts.items()))  # fmt: skip
-
-
-def reserve_verdicts(routes: dict[str, dict[str, float]]) -> dict[str, str]:
-    """'met' or 'MISSED' for the reservations' p50 and p99 ({} when nobody reserved)."""
-    reserve = routes.get("reserve")
-    if not reserve or not reserve["requests"]:
-        return {}
-    return {q: "met" if reserve[q] <= limit else "MISSED" for q, limit in
-            RESERVE_TARGETS_MS.items()}  # fmt: skip
 
 
 def sale_spec(scenario: Scenario, starts_at: datetime) -> dict[str, Any]:

@@ -13,7 +13,8 @@ from collections import Counter
 from pathlib import Path
 
 from flashsale.settings import Settings
-from loadtest.demo import Scenario, eta_accuracy, kendall_tau
+from loadtest.demo import Scenario
+from loadtest.demo_report import eta_accuracy, kendall_tau
 from loadtest.driver import Eta
 
 

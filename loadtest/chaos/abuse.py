@@ -4,8 +4,8 @@ rather than faults. The gateway must answer every one of them with a 4xx (or a 5
 
 * ``abuse-fuzz``: schemathesis generates requests from ``/openapi.json``
   (:mod:`loadtest.chaos.fuzz`, in its own process);
-* ``abuse-slow``: connections that send their headers or their body a byte at a time;
-* ``abuse-oversized``: huge headers, URLs and bodies;
+* ``abuse-slow`` and ``abuse-oversized``: connections that send their headers or their body a
+  byte at a time, and huge headers, URLs and bodies (:mod:`loadtest.chaos.abuse_raw`);
 * ``abuse-tokens``: forged, expired, tampered, replayed and cross-sale buyer tokens, queue
   tickets and admission tokens;
 * ``abuse-forwarded``: spoofed ``X-Forwarded-For`` behind a trusted proxy, against a gateway
@@ -66,7 +66,7 @@ class AbuseResult:
 Abuse = Callable[[Target], Coroutine[Any, Any, AbuseResult]]
 
 
-def _buyer(rig: Rig, name: str) -> str:
+def buyer_token(rig: Rig, name: str) -> str:
     signer = Signer.from_setting(rig.settings.buyer_token_secret.reveal(), "buyer")
     return signer.sign({"sub": name}, 3600)
 
@@ -113,140 +113,6 @@ async def fuzz(target: Target) -> AbuseResult:
     return result
 
 
-# -- slow senders --------------------------------------------------------------------------
-
-
-async def slow(target: Target) -> AbuseResult:
-    """Connections that send their request head, or their body, one byte a second: the
-    gateway must keep serving everyone else, and close the slow bodies after its body
-    timeout."""
-    rig = target.rig
-    result = AbuseResult()
-    count = 50 if target.quick else 200
-    path = f"/v1/sales/{target.sale}/queue"
-    heads = [f"POST {path} HTTP/1.1\r\nHost: chaos\r\n".encode() for _ in range(count // 2)]
-    body_head = (f"POST {path} HTTP/1.1\r\nHost: chaos\r\nContent-Type: application/json\r\n"
-                 f"Authorization: Bearer {_buyer(rig, 'slow')}\r\nContent-Length: 100000\r\n"
-                 "\r\n").encode()  # fmt: skip
-    closed = Counter[str]()
-
-    async def one(first: bytes, kind: str) -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", rig.port)
-        result.requests += 1
-        try:
-            writer.write(first)
-            await writer.drain()
-            deadline = time.monotonic() + target.seconds
-            while time.monotonic() < deadline:
-                if reader.at_eof() or writer.is_closing():
-                    closed[kind] += 1
-                    return
-                status, retry_after = await _answer(reader, 1.0)
-                if status:
-                    result.answer(status, retry_after)
-                    closed[kind] += 1
-                    return
-                if reader.at_eof():
-                    closed[kind] += 1
-                    return
-                writer.write(b"X" if kind == "body" else b"X-Slow: 1\r\n")
-                await writer.drain()
-        except (ConnectionError, OSError):
-            closed[kind] += 1
-        finally:
-            writer.close()
-
-    await asyncio.gather(
-        *(one(h, "head") for h in heads),
-        *(one(body_head, "body") for _ in range(count - len(heads))),
-    )
-    result.notes.append(
-        f"{count} slow connections for {target.seconds:.0f}s: the gateway closed "
-        f"{closed['body']}/{count - len(heads)} slow bodies and {closed['head']}/{len(heads)} "
-        "slow heads (aiohttp has no timeout on a request head: see PRODUCTION.md)"
-    )
-    if closed["body"] < count - len(heads):
-        result.accepted.append(f"{count - len(heads) - closed['body']} slow bodies were never "
-                               "cut off")  # fmt: skip
-    return result
-
-
-# -- oversized requests --------------------------------------------------------------------
-
-
-async def _answer(reader: asyncio.StreamReader, patience: float) -> tuple[int, str | None]:
-    """The status and ``Retry-After`` of the response head on ``reader``; (0, None) when the
-    connection closed (or stayed silent) without one."""
-    try:
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), patience)
-    except (ConnectionError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-        return 0, None
-    lines = head.decode("latin-1").split("\r\n")
-    if not lines[0].startswith("HTTP/1."):
-        return 0, None
-    retry_after = None
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        if name.strip().lower() == "retry-after":
-            retry_after = value.strip()
-    return int(lines[0].split()[1]), retry_after
-
-
-async def _raw(port: int, request: bytes, result: AbuseResult, label: str) -> None:
-    """Send ``request`` as it is; a 2xx is a request that should have been refused."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        with contextlib.suppress(ConnectionError):
-            writer.write(request)
-            await writer.drain()
-        status, retry_after = await _answer(reader, 15)
-        if status == 0:
-            result.requests += 1
-            result.statuses[0] += 1  # closed without an answer: refused
-            return
-        result.answer(status, retry_after)
-        if 200 <= status < 300:
-            result.accepted.append(f"{label}: answered {status}")
-    finally:
-        writer.close()
-
-
-async def oversized(target: Target) -> AbuseResult:
-    """Huge heads on the buyer routes; huge bodies on a route that reads its body (creating a
-    sale through the admin API): each must be refused with a 4xx or a closed connection."""
-    rig, result = target.rig, AbuseResult()
-    token = _buyer(rig, "big")
-    join = f"/v1/sales/{target.sale}/queue"
-    base = f"Host: chaos\r\nAuthorization: Bearer {token}\r\n"
-    create = "/admin/v1/sales"
-    admin = f"Host: chaos\r\nAuthorization: Bearer {rig.settings.admin_token.reveal()}\r\n"
-    cases = {
-        "a 100 KB header": f"GET {join}/status HTTP/1.1\r\n{base}X-Big: {'a' * 100_000}\r\n\r\n",
-        "2,000 headers": f"GET {join}/status HTTP/1.1\r\n{base}"
-                         + "".join(f"X-H{i}: v\r\n" for i in range(2000)) + "\r\n",
-        "a 100 KB URL": f"GET /v1/sales/{'s' * 100_000} HTTP/1.1\r\n{base}\r\n",
-        "a 100 KB token": f"POST {join} HTTP/1.1\r\nHost: chaos\r\nAuthorization: Bearer "
-                          f"{'t' * 100_000}\r\nContent-Length: 0\r\n\r\n",
-        "a 10 MB body": f"POST {create} HTTP/1.1\r\n{admin}Content-Type: application/json\r\n"
-                        f"Content-Length: 10000000\r\n\r\n{{\"x\": \"{'y' * 9_999_990}\"}}",
-        "a 10 MB body declared, never sent": f"POST {create} HTTP/1.1\r\n{admin}"
-                                              "Content-Type: application/json\r\n"
-                                              "Content-Length: 10000000\r\n\r\n",
-        "a 2 MB chunked body": f"POST {create} HTTP/1.1\r\n{admin}Content-Type: application/json"
-                               "\r\nTransfer-Encoding: chunked\r\n\r\n"
-                               + "".join(f"{100_000:x}\r\n{'z' * 100_000}\r\n" for _ in range(20))
-                               + "0\r\n\r\n",
-        "a JSON bomb": f"POST {create} HTTP/1.1\r\n{admin}Content-Type: application/json\r\n"
-                       f"Content-Length: 200000\r\n\r\n{'[' * 100_000}{']' * 100_000}",
-    }  # fmt: skip
-    rounds = 2 if target.quick else 10
-    for _ in range(rounds):
-        await asyncio.gather(*(_raw(rig.port, raw.encode("latin-1"), result, label)
-                               for label, raw in cases.items()))  # fmt: skip
-    result.notes.append(f"{len(cases)} kinds of oversized request, {rounds} times each")
-    return result
-
-
 # -- tokens --------------------------------------------------------------------------------
 
 
@@ -278,7 +144,7 @@ async def tokens(target: Target) -> AbuseResult:
     to another sale: each must be refused with a 4xx."""
     rig, result = target.rig, AbuseResult()
     settings = rig.settings
-    real = _buyer(rig, "token-checker")
+    real = buyer_token(rig, "token-checker")
     wrong_key = Signer(["not-the-storefront-secret-at-all"], "buyer").sign({"sub": "x"}, 3600)
     expired = Signer.from_setting(settings.buyer_token_secret.reveal(), "buyer").sign(
         {"sub": "late"}, -60
@@ -340,8 +206,8 @@ async def tokens(target: Target) -> AbuseResult:
                                                              uuid.uuid4().hex),
             "an admission carried to another sale": reserve(sale_url, real, admission,
                                                             uuid.uuid4().hex),
-            "an admission of another buyer": reserve(other_url, _buyer(rig, "thief"), admission,
-                                                     uuid.uuid4().hex),
+            "an admission of another buyer": reserve(other_url, buyer_token(rig, "thief"),
+                                                     admission, uuid.uuid4().hex),
             "a tampered admission": reserve(other_url, real, _tampered(admission),
                                             uuid.uuid4().hex),
             "a ticket used as an admission": reserve(other_url, real, ticket, uuid.uuid4().hex),
@@ -396,7 +262,7 @@ async def forwarded(target: Target) -> AbuseResult:
                 status, _ = await _send(
                     session, result, "POST",
                     f"http://127.0.0.1:{port}/v1/sales/{target.other}/queue",
-                    headers={**_bearer(_buyer(rig, f"spoofer-{i}")),
+                    headers={**_bearer(buyer_token(rig, f"spoofer-{i}")),
                              "X-Forwarded-For": f"203.0.113.{i % 250}, 198.51.100.7"},
                 )  # fmt: skip
                 let_through += status != 429
@@ -418,7 +284,7 @@ async def forwarded(target: Target) -> AbuseResult:
 async def floods(target: Target) -> AbuseResult:
     """Probes, metrics and unknown sale ids, 50 at a time, for the scenario's length."""
     rig, result = target.rig, AbuseResult()
-    token = _buyer(rig, "flooder")
+    token = buyer_token(rig, "flooder")
     base = rig.base_url
     kinds: list[tuple[str, str, dict[str, str], bool]] = [
         ("GET", "/healthz", {}, False), ("GET", "/readyz", {}, False),

@@ -11,7 +11,7 @@ import signal
 from dataclasses import dataclass
 from functools import partial
 
-from loadtest.chaos import abuse, faults
+from loadtest.chaos import abuse, abuse_raw, faults
 from loadtest.chaos.faults import Injector, repeated
 
 
@@ -114,9 +114,9 @@ SCENARIOS: list[Scenario] = [
              "schemathesis: requests generated from /openapi.json, valid and invalid",
              abuse=abuse.fuzz),
     Scenario("abuse-slow", "abuse", "slow request heads and bodies (slowloris)",
-             abuse=abuse.slow),
+             abuse=abuse_raw.slow),
     Scenario("abuse-oversized", "abuse", "huge headers, URLs, tokens and bodies",
-             abuse=abuse.oversized),
+             abuse=abuse_raw.oversized),
     Scenario("abuse-tokens", "abuse",
              "forged, expired, tampered, replayed and cross-sale buyer tokens, tickets and "
              "admission tokens", abuse=abuse.tokens),
