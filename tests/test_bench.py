@@ -87,10 +87,16 @@ def test_bench_gateway_smoke(cli: Cli, tmp_path: Path) -> None:
     # A row's ratio is the median of its rounds, and each verdict is what that ratio says.
     for row in rows.values():
         assert row["ratio_to_bare"] == quantile(row["round_ratios"], 0.5)
+        assert row["cpu_ratio_to_bare"] == round(quantile(row["round_cpu_ratios"], 0.5), 2)
+    # Server CPU is measured per round: the gateway's rows cost more than the bare endpoint.
+    assert all(r > 1.0 for r in rows["reserve"]["round_cpu_ratios"])
     targets = {t["name"]: t["met"] for t in report["targets"]}
     assert targets == {
         "queue_status vs bare": rows["queue_status"]["ratio_to_bare"] >= 0.70,
         "queue_join vs bare": rows["queue_join"]["ratio_to_bare"] >= 0.40,
+        "queue_status server CPU vs bare": rows["queue_status"]["cpu_ratio_to_bare"] <= 1.2,
+        "queue_join server CPU vs bare": rows["queue_join"]["cpu_ratio_to_bare"] <= 1.5,
+        "reserve server CPU vs bare": rows["reserve"]["cpu_ratio_to_bare"] <= 2.0,
     }
 
 
