@@ -5,6 +5,7 @@ uvloop is faster."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Coroutine
 from types import ModuleType
 from typing import Any, TypeVar
@@ -29,3 +30,59 @@ def run(main: Coroutine[Any, Any, T]) -> T:
 def name() -> str:
     """Which loop :func:`run` uses: ``uvloop`` or ``asyncio``."""
     return "asyncio" if _uvloop is None else "uvloop"
+
+
+def new_loop() -> asyncio.AbstractEventLoop:
+    """A new event loop of the kind :func:`run` uses."""
+    return asyncio.new_event_loop() if _uvloop is None else _uvloop.new_event_loop()
+
+
+class LoopThread:
+    """An event loop in a thread of its own, for a few latency-sensitive round trips that must
+    not wait their turn behind a busy main loop: under a spike a gateway's loop has thousands
+    of ready callbacks, and each step of a conversation with a server (send, read the answer,
+    wake the waiter) would queue behind them. Here each step waits at most for the main
+    thread to let go of the GIL (every 5 ms at the latest), and the main loop is woken once,
+    with the result.
+
+    Coroutines given to :meth:`call` run on this loop: whatever they use (clients, locks) must
+    be made there too."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def _started(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                loop = new_loop()
+                thread = threading.Thread(target=loop.run_forever, name=self._name, daemon=True)
+                thread.start()
+                self._loop, self._thread = loop, thread
+            return self._loop
+
+    async def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """``coro``'s result, run on this thread's loop. Cancelling the caller cancels it."""
+        future = asyncio.run_coroutine_threadsafe(coro, self._started())
+        try:
+            return await asyncio.wrap_future(future)
+        finally:
+            future.cancel()  # a no-op once it is done
+
+    async def stop(self, last: Coroutine[Any, Any, None] | None = None) -> None:
+        """Run ``last`` there (a client's close), then stop the loop and its thread."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            if last is not None:
+                last.close()
+            return
+        try:
+            if last is not None:
+                await self.call(last)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            await asyncio.to_thread(thread.join, 5.0)
+            loop.close()
+            self._loop = self._thread = None
