@@ -5,7 +5,6 @@ uvloop is faster."""
 from __future__ import annotations
 
 import asyncio
-import sys
 import threading
 from collections.abc import Coroutine
 from types import ModuleType
@@ -43,21 +42,14 @@ class LoopThread:
     not wait their turn behind a busy main loop: under a spike a gateway's loop has thousands
     of ready callbacks, and each step of a conversation with a server (send, read the answer,
     wake the waiter) would queue behind them. Here each step waits at most for the main
-    thread to let go of the GIL, and the main loop is woken once, with the result.
-
-    When it starts, it sets the interpreter's switch interval to ``switch_interval_s`` (1 ms;
-    Python's default is 5 ms), the longest a thread that wants the GIL waits for a busy one to
-    let go. It costs the main thread nothing while this thread sleeps: the GIL is only handed
-    over when another thread asks for it. In the 50,000-buyer demo it took the broker's
-    acknowledgement from 21-37 ms to 16-29 ms at the median, and the reservations' p50 from
-    106-145 ms to 69-117 ms.
+    thread to let go of the GIL (every 5 ms at the latest), and the main loop is woken once,
+    with the result.
 
     Coroutines given to :meth:`call` run on this loop: whatever they use (clients, locks) must
     be made there too."""
 
-    def __init__(self, name: str, *, switch_interval_s: float = 0.001) -> None:
+    def __init__(self, name: str) -> None:
         self._name = name
-        self._switch_interval_s = switch_interval_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -65,7 +57,6 @@ class LoopThread:
     def _started(self) -> asyncio.AbstractEventLoop:
         with self._lock:
             if self._loop is None:
-                sys.setswitchinterval(min(sys.getswitchinterval(), self._switch_interval_s))
                 loop = new_loop()
                 thread = threading.Thread(target=loop.run_forever, name=self._name, daemon=True)
                 thread.start()
