@@ -155,3 +155,19 @@ def reserve_verdicts(routes: dict[str, dict[str, float]]) -> dict[str, str]:
         return {}
     return {q: "met" if reserve[q] <= limit else "MISSED" for q, limit in
             RESERVE_TARGETS_MS.items()}  # fmt: skip
+
+
+def verdicts(report: dict[str, Any]) -> dict[str, str]:
+    """Every target the demo judges, from its JSON report: 'met', 'MISSED' or '-' (not
+    measured). Not every buyer answered is a missed time."""
+    seconds = report["seconds_to_answer_all"]
+    p50, p90 = eta_verdicts(report["eta_p50_abs_pct_error"], report["eta_p90_coverage"])
+    reserve = reserve_verdicts(report["routes"])
+    on_time = seconds is not None and seconds <= report["target_seconds"]
+    return {
+        "every buyer answered": "met" if on_time else "MISSED",
+        "ETA p50 error": p50,
+        "ETA p90 coverage": p90,
+        "reserve p50": reserve.get("p50_ms", "-"),
+        "reserve p99": reserve.get("p99_ms", "-"),
+    }
