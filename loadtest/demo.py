@@ -48,7 +48,7 @@ from flashsale.tokens import Signer
 from loadtest import admin_api
 from loadtest.demo_report import DemoReport, eta_accuracy, kendall_tau, summary
 from loadtest.driver import Buyers, DriverStats, Person, Plan
-from loadtest.processes import engine, wait_healthy
+from loadtest.processes import engine, wait_consuming, wait_healthy
 
 Progress = Callable[[str], None]
 SKU = "SNK-42"
@@ -127,6 +127,9 @@ async def run(settings: Settings, *, scenario: Scenario, progress: Progress,
                 await wait_healthy(session, f"http://127.0.0.1:{port + offset}/healthz")
                 progress(f"   {name:10} healthy on :{port + offset}")
             tokens = _sign(settings, scenario.buyers, progress)
+            waited = await wait_consuming(session, f"http://127.0.0.1:{port + 2}/metrics")
+            progress(f"   workers    consuming ({waited:.1f}s more for the broker to rebalance "
+                     "their group)")  # fmt: skip
             starts_at = datetime.now(UTC) + timedelta(seconds=lead_s)
             opened = time.monotonic() + lead_s
             report.sale = await admin_api.create_sale(

@@ -1,5 +1,6 @@
 """The processes the load tools start and watch: servers stopped with a grace, the CPU time
-they used, ``flashsale up`` in the background, and waiting until a URL answers 200."""
+they used, ``flashsale up`` in the background, waiting until a URL answers 200, and until the
+order workers consume."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 from flashsale.settings import Settings
 
@@ -104,3 +106,26 @@ async def wait_healthy(session: aiohttp.ClientSession, url: str, patience: float
         if time.monotonic() > deadline:
             raise RuntimeError(f"{url} did not answer 200 within {patience:g}s")
         await asyncio.sleep(0.1)
+
+
+async def wait_consuming(session: aiohttp.ClientSession, metrics_url: str,
+                         patience: float = 60) -> float:  # fmt: skip
+    """Return once the workers behind ``metrics_url`` have partitions of the reservations
+    topic (``flashsale_worker_partitions`` > 0): the seconds it took. A worker that answers
+    its health checks may still be waiting for the broker to rebalance its consumer group
+    (tansu lets a member that left count for about 18 s), and a reservation made meanwhile
+    waits that long to become an order. RuntimeError after ``patience`` seconds."""
+    began = time.monotonic()
+    while True:
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            async with session.get(metrics_url) as response:
+                text = await response.text()
+            for family in text_string_to_metric_families(text):
+                if family.name == "flashsale_worker_partitions" and any(
+                    sample.value > 0 for sample in family.samples
+                ):
+                    return time.monotonic() - began
+        if time.monotonic() - began > patience:
+            raise RuntimeError(f"the workers at {metrics_url} got no partition within "
+                               f"{patience:g}s")  # fmt: skip
+        await asyncio.sleep(0.2)

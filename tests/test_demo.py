@@ -12,10 +12,16 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import aiohttp
+import pytest
+from aiohttp import web
+
+from flashsale.cli.devstack.processes import free_port
 from flashsale.settings import Settings
 from loadtest.demo import Scenario
 from loadtest.demo_report import eta_accuracy, kendall_tau
 from loadtest.driver import Eta
+from loadtest.processes import wait_consuming
 
 
 def test_demo_runs_a_spike_to_orders_and_a_passing_audit(stack: Settings, tmp_path: Path) -> None:
@@ -105,3 +111,31 @@ def test_kendall_tau_counts_only_pairs_that_differ_in_both() -> None:
     assert kendall_tau([(1, 200), (2, 100)]) == -1.0
     assert kendall_tau([(1, 100), (2, 300), (3, 200), (4, 400)]) == round(4 / 6, 6)
     assert kendall_tau([(1, 100), (2, 100)]) is None
+
+
+async def test_the_demo_waits_until_the_workers_consume() -> None:
+    """A worker answers its health checks before the broker has given its group partitions:
+    the demo opens its sale only once ``flashsale_worker_partitions`` is above zero."""
+    served = iter(["flashsale_worker_partitions 0.0\n"] * 3 + ["flashsale_worker_partitions 8.0\n"])
+    asked = 0
+
+    async def metrics(_request: web.Request) -> web.Response:
+        nonlocal asked
+        asked += 1
+        return web.Response(text=next(served, "flashsale_worker_partitions 8.0\n"))
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            await wait_consuming(session, f"http://127.0.0.1:{port}/metrics")
+            assert asked == 4
+            served = iter(["flashsale_worker_partitions 0.0\n"] * 1000)
+            with pytest.raises(RuntimeError, match="no partition"):
+                await wait_consuming(session, f"http://127.0.0.1:{port}/metrics", patience=0.5)
+    finally:
+        await runner.cleanup()
