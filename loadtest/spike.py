@@ -19,7 +19,7 @@ import aiohttp
 from flashsale.cli.devstack.processes import free_ports
 from flashsale.kafka import ensure_topics
 from flashsale.settings import Settings
-from loadtest.processes import engine, wait_healthy
+from loadtest.processes import engine, wait_consuming, wait_healthy
 
 Progress = Callable[[str], None]
 
@@ -74,6 +74,8 @@ async def run(settings: Settings, options: Options, progress: Progress) -> int:
         async with aiohttp.ClientSession() as session:
             for offset in range(5):
                 await wait_healthy(session, f"http://127.0.0.1:{port + offset}/healthz")
+            # Orders only flow once the broker has given the workers their partitions.
+            await wait_consuming(session, f"http://127.0.0.1:{port + 2}/metrics")
         code = await asyncio.to_thread(_run_locust, settings, options,
                                        f"http://127.0.0.1:{port}", progress)  # fmt: skip
     progress("== engine stopped")
