@@ -125,13 +125,14 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     demo = commands.add_parser(
         "demo",
         help="the whole engine on the embedded stack, with buyers going through it",
-        description="Starts the embedded stack and every service (flashsale up), creates a "
-        "sale, sends a spike of buyers through the real journey when it opens (one in ten "
-        "with a declined card), shows reservations becoming confirmed orders, and ends with "
-        "the post-sale audit and a report (seconds until every buyer had an answer, against "
-        "10 s; sold, oversold, p50/p99 per route, the reservations' against 100/500 ms), then "
-        "ends the sale. Exit 1 if a buyer got an error, an order did not reach a final state, "
-        "or the audit failed (not for a missed target).",
+        description="Starts the embedded stack and every service (flashsale up), waits until "
+        "the order workers consume, creates a sale, sends a spike of buyers through the real "
+        "journey when it opens (one in ten with a declined card), shows reservations "
+        "becoming confirmed orders, and ends with the post-sale audit and a report (seconds "
+        "until every buyer had an answer, against 10 s; sold, oversold, p50/p99 per route, "
+        "the reservations' against 100/500 ms), then ends the sale. Exit 1 if a buyer got an "
+        "error, an order did not reach a final state, or the audit failed (not for a missed "
+        "target).",
     )
     demo.set_defaults(handler=cmd_demo)
     demo.add_argument("--buyers", default="50000", help="buyers (default 50000)")
