@@ -65,11 +65,7 @@ class LoopThread:
 
     async def call(self, coro: Coroutine[Any, Any, T]) -> T:
         """``coro``'s result, run on this thread's loop. Cancelling the caller cancels it."""
-        future = asyncio.run_coroutine_threadsafe(coro, self._started())
-        try:
-            return await asyncio.wrap_future(future)
-        finally:
-            future.cancel()  # a no-op once it is done
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._started()))
 
     async def stop(self, last: Coroutine[Any, Any, None] | None = None) -> None:
         """Run ``last`` there (a client's close), then stop the loop and its thread."""

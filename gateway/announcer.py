@@ -45,7 +45,7 @@ class Announcer:
         self.settings = settings
         self.timeout_s = timeout_s
         self._out: AIOKafkaProducer | None = None  # made and used on the thread's loop only
-        self._lock: asyncio.Lock | None = None
+        self._lock = asyncio.Lock()  # bound to a loop at its first use: the thread's
         self._thread = LoopThread("announcer")
 
     async def announce(self, event: ReservationEvent) -> None:
@@ -67,8 +67,6 @@ class Announcer:
     async def _producer(self) -> AIOKafkaProducer:
         if self._out is not None:
             return self._out
-        if self._lock is None:
-            self._lock = asyncio.Lock()
         async with self._lock:
             if self._out is None:
                 out = producer(self.settings, linger_ms=1)
