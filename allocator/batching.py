@@ -96,6 +96,10 @@ class Coalescer(Generic[Item, Result]):
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
+        if len(results) != len(batch):  # a broken call: every caller hears of it, none hangs
+            _fail((future for _, future in batch), RuntimeError(
+                f"{self.name}: {len(results)} results for {len(batch)} items"))  # fmt: skip
+            return
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)

@@ -10,6 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from allocator.batching import Coalescer
 from allocator.hold_scripts import HoldScripts, ReserveRequest
 from allocator.sku_allocator import SkuAllocator
 from flashsale.clients import redis_client
@@ -126,3 +127,18 @@ async def test_twenty_thousand_attempts_never_oversell(stack: Settings) -> None:
     finally:
         for c in clients:
             await c.aclose()
+
+
+async def test_a_call_that_answers_the_wrong_number_of_items_fails_every_caller() -> None:
+    """A batched call must answer each item; one that does not (a script given the wrong
+    argument layout) fails every caller of its batch instead of leaving them waiting."""
+
+    async def short(items: list[str]) -> list[str]:
+        return items[1:]
+
+    batches: Coalescer[str, str] = Coalescer(short, "test", window=0.001)
+    results = await asyncio.wait_for(
+        asyncio.gather(*(batches.submit(x) for x in "abc"), return_exceptions=True), 5
+    )
+    assert [type(r) for r in results] == [RuntimeError] * 3
+    assert "2 results for 3 items" in str(results[0])
