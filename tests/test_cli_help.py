@@ -41,3 +41,13 @@ def test_every_argument_has_help_and_cites_nothing_unshipped() -> None:
                 citing.append((path, name))
     assert not missing, missing
     assert not citing, citing
+
+
+def test_no_help_shows_a_doubled_percent_sign() -> None:
+    """argparse %-formats an argument's help but prints a description as written: a ``%%``
+    meant for the one shows up doubled in the other."""
+    doubled = []
+    for path, parser in parsers(build_parser()):
+        if "%%" in parser.format_help():
+            doubled.append(path)
+    assert not doubled, doubled

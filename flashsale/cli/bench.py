@@ -199,11 +199,13 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )  # fmt: skip
     gw_bench = bench_sub.add_parser(
         "gateway",
-        help="queue join and status req/s against a bare aiohttp endpoint",
+        help="queue status, join and reserve against a bare aiohttp endpoint",
         description="Starts the gateway and a trivial aiohttp endpoint with --workers processes "
-        "each, drives each row with the same closed-loop client for --seconds, and prints "
-        "req/s, p50 and p99 and the ratio to the bare endpoint (targets: status >= 70%%, "
-        "join >= 40%%). Exit 1 only if a request failed.",
+        "each, drives each row with the same closed-loop client for --seconds in --rounds "
+        "interleaved rounds, and prints req/s, p50 and p99, the servers' CPU per request and "
+        "the ratios to the bare endpoint (targets: status >= 70% and join >= 40% of its "
+        "req/s; server CPU per request at most 1.2x its own for a status poll, 1.5x for a "
+        "join, 2x for a reservation). Exit 1 only if a request failed.",
     )
     gw_bench.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     gw_bench.add_argument("--seconds", default="10", help="seconds per row (default 10)")
@@ -249,7 +251,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="seconds per reconcile pass over many SKUs (target: 10,000 SKUs in <= 1 s)",
         description="Create and preload a sale of --skus SKUs, then time reconcile passes: "
         "the bare reads (ceiling), a clean service pass, a full --once pass, and a pass "
-        "rebuilding 1 %% of the SKUs after corrupting them. Medians of --passes. Exit 1 if "
+        "rebuilding 1 % of the SKUs after corrupting them. Medians of --passes. Exit 1 if "
         "the drift pass repairs anything but the corrupted SKUs.",
     )
     rc_bench.add_argument("--json", metavar="PATH", help="also write the report as JSON")
