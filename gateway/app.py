@@ -38,6 +38,7 @@ from gateway import (
 from gateway.announcer import Announcer
 from gateway.counters import CounterCache
 from gateway.http import MAX_BODY
+from gateway.lane import Lane
 from gateway.metrics import Metrics
 from gateway.middleware import Budgets, edge
 from gateway.state import (
@@ -50,6 +51,7 @@ from gateway.state import (
     HOLDS,
     JOINS,
     LAG,
+    LANE,
     LIMITER,
     MARKS,
     METRICS,
@@ -110,10 +112,8 @@ def budgets(settings: Settings) -> Budgets:
 def create_app(settings: Settings, registry: CollectorRegistry | None = None) -> web.Application:
     metrics = Metrics(registry or CollectorRegistry())
     metrics.in_flight_limit.set(settings.max_in_flight)
-    app = web.Application(
-        middlewares=[edge(metrics, budgets(settings), admin.require_admin)],
-        client_max_size=MAX_BODY,
-    )
+    middleware = edge(metrics, budgets(settings), admin.require_admin)
+    app = web.Application(middlewares=[middleware], client_max_size=MAX_BODY)
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[SIGNERS] = Signers.from_settings(settings)
@@ -136,4 +136,5 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     ):
         routes.setup(app)
     cors.setup(app, settings.cors_origins)
+    app[LANE] = Lane(app, middleware)
     return app

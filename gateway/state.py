@@ -22,6 +22,7 @@ from flashsale.settings import Settings
 from flashsale.tokens import Signers
 from gateway.announcer import Announcer
 from gateway.counters import CounterCache
+from gateway.lane import Lane
 from gateway.metrics import Metrics
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -40,6 +41,7 @@ LIMITER = web.AppKey("limiter", RateLimiter)
 COUNTERS = web.AppKey("counters", CounterCache)
 MARKS = web.AppKey("marks", QueueMarks)
 ANNOUNCER = web.AppKey("announcer", Announcer)
+LANE = web.AppKey("lane", Lane)  # the hot routes beside the application: see gateway.lane
 LAG = web.AppKey("lag", LagCache)  # the workers' consumer lag, for the live sale page
 # sale id -> (expires, the sale's public summary), and (expires, its SKUs' per-buyer limits
 # as Redis holds them): see gateway.catalog

@@ -24,7 +24,7 @@ from allocator.queue_scripts import QueueScripts
 from flashsale.settings import Rate, Secret, Settings, Topics
 from flashsale.tokens import Signer
 from gateway.app import create_app
-from gateway.state import CLIENTS
+from gateway.state import CLIENTS, LANE
 
 ADMIN = "test-admin-token-0123456789"
 # The HTTP tests' own topics: the gateway publishes every granted reservation, and nothing
@@ -150,8 +150,11 @@ async def gateway(stack: Settings, **overrides: Any) -> AsyncIterator[Gateway]:
         "topics": TOPICS, **overrides,
     }  # fmt: skip
     settings = dataclasses.replace(stack, **options)
-    client: TestClient[Any, Any] = TestClient(TestServer(create_app(settings)))
+    app = create_app(settings)
+    client: TestClient[Any, Any] = TestClient(TestServer(app))
     await client.start_server()
+    assert client.server.runner is not None and client.server.runner.server is not None
+    app[LANE].install(client.server.runner.server)  # the hot routes as production serves them
     harness = Gateway(client, settings)
     try:
         yield harness
@@ -209,6 +212,8 @@ def live_gateway(stack: Settings, **overrides: Any) -> Iterator[LiveGateway]:
     def serve() -> None:
         asyncio.set_event_loop(loop)
         loop.run_until_complete(runner.setup())
+        assert runner.server is not None
+        runner.app[LANE].install(runner.server)
         loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
         ready.set()
         loop.run_forever()

@@ -44,9 +44,13 @@ def _stop_on_signals() -> asyncio.Event:
 
 async def serve_gateway(settings: Settings, host: str, port: int, *, reuse_port: bool) -> int:
     from gateway.app import create_app  # noqa: PLC0415 - only the gateway needs aiohttp's app
+    from gateway.state import LANE  # noqa: PLC0415
 
-    runner = web.AppRunner(create_app(settings), access_log=None, shutdown_timeout=10)
+    app = create_app(settings)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=10)
     await runner.setup()
+    assert runner.server is not None
+    app[LANE].install(runner.server)
     try:
         site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=4096)
         await site.start()
