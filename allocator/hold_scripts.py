@@ -9,6 +9,7 @@ from typing import Literal, cast
 
 from redis.commands.core import AsyncScript
 
+from allocator.rate_limits import NO_LIMITS, RateKeys, rate_columns
 from allocator.redis_calls import Command, call_packed, send_packed, source
 from flashsale.clients import RedisClient
 from flashsale.errors import InvalidInput
@@ -32,12 +33,10 @@ class Admit:
 
     member: str
     deadline_ms: int  # the admission window's end, judged by Redis TIME
-    ip_key: str | None  # rate-limit keys (None: that limit is off)
-    buyer_key: str | None
-    rates: tuple[int, int, int, int]  # per-IP and per-buyer GCRA interval and tolerance (us)
+    limits: RateKeys = NO_LIMITS
 
     def passed(self) -> Admit:
-        return Admit("", self.deadline_ms, None, None, self.rates)
+        return Admit("", self.deadline_ms, replace(NO_LIMITS, rates=self.limits.rates))
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +124,7 @@ class HoldScripts:
         )  # fmt: skip
         gates = [r.admit for r in requests if r.admit is not None]
         if gates:
-            sku_keys, columns = _gated(keys, sku_keys, columns, requests, gates[0].rates)
+            sku_keys, columns = _gated(keys, sku_keys, columns, requests, gates[0].limits.rates)
         elif with_holds:
             columns = (*columns, "holds")
         command = ("EVALSHA", self._reserve.sha, len(sku_keys), *sku_keys, *columns)
@@ -238,20 +237,16 @@ def _gated(
     """The reserve call's keys and columns with the admission gate (see ``lua/reserve.lua``):
     the sale's queue and claims, each rate-limit key of the batch once, and four more columns."""
     sale = SaleKeys(keys.sale_id)
-    limited: dict[str, int] = {}  # rate key -> its 1-based index in KEYS
-
-    def index(key: str | None) -> int:
-        return 0 if key is None else limited.setdefault(key, len(sku_keys) + 3 + len(limited))
-
     gates = [r.admit or _NO_GATE for r in requests]
+    limited, ips, buyers = rate_columns([g.limits for g in gates], len(sku_keys) + 3)
     extra: tuple[str | int, ...] = (
         *[g.member for g in gates],
         *[g.deadline_ms for g in gates],
-        *[index(g.ip_key) for g in gates],
-        *[index(g.buyer_key) for g in gates],
+        *ips,
+        *buyers,
         *rates,
     )
     return [*sku_keys, sale.queue, sale.claims, *limited], (*columns, *extra)
 
 
-_NO_GATE = Admit("", 0, None, None, (0, 0, 0, 0))
+_NO_GATE = Admit("", 0)

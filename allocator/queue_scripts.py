@@ -15,6 +15,7 @@ from typing import Any
 from redis.commands.core import AsyncScript
 
 from allocator.batching import Coalescer, PerKey
+from allocator.rate_limits import NO_LIMITS, RateKeys, rate_columns
 from allocator.redis_calls import Command, call_packed, read_packed, source
 from flashsale.clients import RedisClient
 from flashsale.errors import QueueLost
@@ -37,8 +38,9 @@ QUEUE_FIELDS = (
 
 @dataclass(frozen=True, slots=True)
 class JoinResult:
-    """``outcome`` is queued, sold_out, full, ended or unavailable; ``position`` 0 means the
-    pre-queue (the position is assigned by the shuffle at the start)."""
+    """``outcome`` is queued, sold_out, full, ended, unavailable or rate_limited; ``position``
+    0 means the pre-queue (the position is assigned by the shuffle at the start). For
+    rate_limited, ``position`` is the microseconds until the join would be allowed."""
 
     outcome: str
     position: int
@@ -160,13 +162,27 @@ class QueueScripts:
         self._advance: AsyncScript = client.register_script(source("advance"))
         self._assign: AsyncScript = client.register_script(source("assign"))
 
-    async def join(self, keys: SaleKeys, buyer_ids: list[str]) -> list[JoinResult]:
+    async def join(
+        self, keys: SaleKeys, buyer_ids: list[str], limits: Sequence[RateKeys] | None = None
+    ) -> list[JoinResult]:
         """Join each buyer, in order, with one script call (see ``lua/join.lua``). Idempotent
-        per buyer, so a batch whose reply was lost can be sent again."""
+        per buyer, so a batch whose reply was lost can be sent again.
+
+        With ``limits`` (one per buyer; a single Redis node only, the keys are in other
+        slots), each join is first counted against its rate limits in the same call. A batch
+        sent again after a lost reply is counted again, which errs on the side of limiting."""
         if not 0 < len(buyer_ids) <= MAX_JOIN_BATCH:
             raise ValueError(f"a join batch holds 1..{MAX_JOIN_BATCH} buyers")
+        limited: list[str] = []
+        gate: tuple[int, ...] = ()
+        if limits is not None:
+            limited, ips, buyers = rate_columns(list(limits), 4)
+            # One set of rates per call: the settings', carried by every join that is limited.
+            rates = next((x.rates for x in limits if x.ip_key or x.buyer_key), NO_LIMITS.rates)
+            gate = (*ips, *buyers, *rates) if limited else ()  # no key: nothing to count
         command: tuple[str | int, ...] = (
-            "EVALSHA", self._join.sha, 3, keys.sale, keys.queue, keys.members, *buyer_ids
+            "EVALSHA", self._join.sha, 3 + len(limited), keys.sale, keys.queue, keys.members,
+            *limited, *buyer_ids, *gate,
         )  # fmt: skip
         raw = await call_packed(self.client, self._join, command)
         return [JoinResult(text(raw[i]), int(raw[i + 1])) for i in range(0, len(raw), 2)]
@@ -297,23 +313,30 @@ _CLAIMED_SO_FAR = (
 )
 
 
-class Joins(PerKey[SaleKeys, "Coalescer[str, JoinResult]"]):
+class Joins(PerKey[SaleKeys, "Coalescer[tuple[str, RateKeys | None], JoinResult]"]):
     """Concurrent joins to one sale, coalesced per process into one ``join`` script call
-    (within ``window`` seconds, at most ``MAX_JOIN_BATCH``), as reservations are per SKU."""
+    (within ``window`` seconds, at most ``MAX_JOIN_BATCH``), as reservations are per SKU. Joins
+    that carry their rate limits are counted in that call (see :meth:`QueueScripts.join`)."""
 
     def __init__(self, scripts: QueueScripts, *, window: float = 0.001) -> None:
-        def coalescer(keys: SaleKeys) -> Coalescer[str, JoinResult]:
-            async def call(buyers: list[str]) -> list[JoinResult]:
-                return await scripts.join(keys, buyers)
+        def coalescer(keys: SaleKeys) -> Coalescer[tuple[str, RateKeys | None], JoinResult]:
+            async def call(items: list[tuple[str, RateKeys | None]]) -> list[JoinResult]:
+                buyers = [buyer for buyer, _ in items]
+                if all(limits is None for _, limits in items):
+                    return await scripts.join(keys, buyers)
+                return await scripts.join(keys, buyers, [x or NO_LIMITS for _, x in items])
 
             return Coalescer(call, f"sale {keys.sale_id}", window=window,
                              max_batch=MAX_JOIN_BATCH)  # fmt: skip
 
         super().__init__(coalescer)
 
-    async def join(self, keys: SaleKeys, buyer_id: str) -> JoinResult:
-        """Join one buyer; Overloaded or Unavailable as :class:`Coalescer` raises them."""
-        return await self.get(keys).submit(buyer_id)
+    async def join(
+        self, keys: SaleKeys, buyer_id: str, limits: RateKeys | None = None
+    ) -> JoinResult:
+        """Join one buyer (counted against ``limits`` first, when given); Overloaded or
+        Unavailable as :class:`Coalescer` raises them."""
+        return await self.get(keys).submit((buyer_id, limits))
 
 
 class Places(PerKey[SaleKeys, "Coalescer[str, int | None]"]):

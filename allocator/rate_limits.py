@@ -8,6 +8,8 @@ timestamp, judged by Redis ``TIME`` so every gateway process shares the limit. O
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import redis.exceptions
 from redis.commands.core import AsyncScript
 
@@ -17,6 +19,33 @@ from flashsale.clients import RedisClient
 from flashsale.errors import RateLimited
 from flashsale.keys import rate_limit_key
 from flashsale.settings import Rate
+
+
+@dataclass(frozen=True, slots=True)
+class RateKeys:
+    """A request's rate limits, counted inside the script call that decides it: a join or a
+    reservation on a single Redis node, whose script may touch the rate-limit keys too
+    (``rate_gate`` in ``lua/lib.lua``). One round trip instead of two."""
+
+    ip_key: str | None  # None: that limit is off
+    buyer_key: str | None
+    rates: tuple[int, int, int, int]  # per-IP and per-buyer GCRA interval and tolerance (us)
+
+
+NO_LIMITS = RateKeys(None, None, (0, 0, 0, 0))
+
+
+def rate_columns(limits: list[RateKeys], first: int) -> tuple[list[str], list[int], list[int]]:
+    """A batch's rate-limit keys, each once, to pass as ``KEYS[first..]``, and each request's
+    ``KEYS`` index of its per-IP key, then of its per-buyer key (0: that limit is off)."""
+    at: dict[str, int] = {}
+
+    def index(key: str | None) -> int:
+        return 0 if key is None else at.setdefault(key, first + len(at))
+
+    ips = [index(limit.ip_key) for limit in limits]
+    buyers = [index(limit.buyer_key) for limit in limits]
+    return list(at), ips, buyers
 
 
 class RateLimiter:

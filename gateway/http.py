@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from allocator.rate_limits import RateKeys
 from flashsale.errors import (
     Forbidden,
     InvalidInput,
@@ -27,7 +28,7 @@ from flashsale.errors import (
     RequestTimeout,
     Unauthorized,
 )
-from flashsale.keys import ID_PATTERN
+from flashsale.keys import ID_PATTERN, rate_limit_key
 from flashsale.settings import Rate
 from flashsale.tokens import buyer_subject
 from gateway.metrics import ERROR_CODE
@@ -152,6 +153,17 @@ def rate_subjects(request: web.Request, buyer: str | None = None) -> list[tuple[
     if buyer is not None:
         subjects.append((f"buyer:{buyer}", settings.rate_per_buyer))
     return subjects
+
+
+def rate_keys(request: web.Request, buyer: str) -> RateKeys:
+    """The :func:`rate_subjects` of a request whose script counts them itself (a join or a
+    reservation on a single Redis node)."""
+    (ip, ip_rate), (who, buyer_rate) = rate_subjects(request, buyer)
+    return RateKeys(
+        rate_limit_key(ip) if ip_rate.enabled else None,
+        rate_limit_key(who) if buyer_rate.enabled else None,
+        (*ip_rate.gcra_us(), *buyer_rate.gcra_us()),
+    )
 
 
 async def rate_limit(request: web.Request, buyer: str | None = None) -> None:

@@ -28,13 +28,13 @@ from flashsale.errors import (
     RateLimited,
     Unavailable,
 )
-from flashsale.keys import SaleKeys, SkuKeys, rate_limit_key
+from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.orders import order_view
 from flashsale.outages import is_outage
 from flashsale.records import SEPARATORS, ClaimMember, HoldRecord, idempotency_key
 from flashsale.timefmt import iso_ms
 from gateway.catalog import sku_limits
-from gateway.http import buyer_of, json_body, json_response, rate_limit, rate_subjects, sale_of
+from gateway.http import buyer_of, json_body, json_response, rate_keys, rate_limit, sale_of
 from gateway.state import ALLOCATORS, ANNOUNCER, CLIENTS, HOLDS, METRICS, QUEUE, SETTINGS, SIGNERS
 
 log = logging.getLogger("flashsale.gateway")
@@ -124,13 +124,7 @@ def _claim_refused(claim: str) -> FlashsaleError:
 def _gate(request: web.Request, buyer: str, member: str, deadline_ms: int) -> Admit:
     """The rate limits and the admission claim of a reserve, for the reserve script to check
     in the same call (a single Redis node; see lua/reserve.lua)."""
-    (ip, ip_rate), (who, buyer_rate) = rate_subjects(request, buyer)
-    return Admit(
-        member, deadline_ms,
-        rate_limit_key(ip) if ip_rate.enabled else None,
-        rate_limit_key(who) if buyer_rate.enabled else None,
-        (*ip_rate.gcra_us(), *buyer_rate.gcra_us()),
-    )  # fmt: skip
+    return Admit(member, deadline_ms, rate_keys(request, buyer))
 
 
 async def reserve(request: web.Request) -> web.Response:

@@ -18,14 +18,24 @@ from typing import Any
 from aiohttp import web
 
 from allocator.queue_scripts import QueueView
-from flashsale.errors import Conflict, Unavailable
+from flashsale.errors import Conflict, RateLimited, Unavailable
 from flashsale.keys import SaleKeys
 from flashsale.tokens import Signer
 from gateway import challenge
 from gateway.counters import Counters
 from gateway.eta import estimate
-from gateway.http import buyer_of, json_response, queue_ticket, rate_limit, sale_of
-from gateway.state import COUNTERS, JOINS, MARKS, METRICS, PLACES, QUEUE, SALES, SIGNERS
+from gateway.http import buyer_of, json_response, queue_ticket, rate_keys, rate_limit, sale_of
+from gateway.state import (
+    COUNTERS,
+    JOINS,
+    MARKS,
+    METRICS,
+    PLACES,
+    QUEUE,
+    SALES,
+    SETTINGS,
+    SIGNERS,
+)
 
 TICKET_GRACE_S = 3600  # tickets outlive the sale's end by this much
 MIN_RETRY_MS, MAX_RETRY_MS = 250, 10_000
@@ -99,12 +109,21 @@ async def join(request: web.Request) -> web.Response:
         # not, so this process gives it without asking Redis, not even for the rate limit.
         metrics.count(metrics.joins, "sold_out")
         return json_response({"ticket": None, "position": None, "state": "sold_out"})
-    await rate_limit(request, buyer)
     bits = (await app[COUNTERS].get(sale_id)).view.challenge
+    # On a single Redis node the join script counts the rate limits itself (one round trip).
+    # On a cluster their keys live in other slots; with a challenge, a request over its limit
+    # must be refused before it spends its challenge.
+    limits = None
+    if app[SETTINGS].redis_cluster or bits:
+        await rate_limit(request, buyer)
+    else:
+        limits = rate_keys(request, buyer)
     if bits:
         await challenge.check(request, sale_id, buyer, bits)
-    result = await app[JOINS].join(SaleKeys(sale_id), buyer)
+    result = await app[JOINS].join(SaleKeys(sale_id), buyer, limits)
     outcome = result.outcome
+    if outcome == "rate_limited":
+        raise RateLimited("too many requests; slow down", retry_after_s=result.position / 1e6)
     if outcome == "unavailable":
         sale = await app[SALES].get(sale_id)  # NotFound for an unknown sale
         if sale["preloaded_at"] is not None:  # Redis lost the waiting room: being restored

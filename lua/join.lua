@@ -11,8 +11,17 @@
 -- A buyer already queued gets the same answer (queued, same position) whatever has changed,
 -- also when the same buyer appears twice in one batch.
 -- Every Redis command runs once per batch (the gateway coalesces concurrent joins).
+--
+-- The rate limits (the gateway on a single Redis node, where one script may touch the sale's
+-- keys and the rate-limit keys: one round trip per join instead of two). With more than 3
+-- KEYS: KEYS[4..] the rate-limit keys of the batch (each once), and ARGV is the n buyers, then
+-- for each buyer the KEYS index of its per-IP key, then of its per-buyer key (0 = none), then
+-- four numbers: per-IP emission interval and burst tolerance, the same per buyer (us). Each
+-- join is first counted against its limits (lib.lua rate_gate); one over a limit is answered
+--   rate_limited, <us until allowed>   and not joined.
 local sale, queue, members = KEYS[1], KEYS[2], KEYS[3]
-local n = #ARGV
+local gated = #KEYS > 3
+local n = gated and (#ARGV - 4) / 3 or #ARGV
 local out = {}
 local cfg = redis.call('HMGET', sale, 'status', 'starts_at_ms', 'ends_at_ms', 'max_queue')
 if not cfg[1] or redis.call('HEXISTS', queue, 'live') == 0 then
@@ -21,7 +30,21 @@ if not cfg[1] or redis.call('HEXISTS', queue, 'live') == 0 then
   end
   return out
 end
-local existing = redis.call('HMGET', members, unpack(ARGV))
+-- The wait (us) of join i under its rate limits: 0 when allowed and counted.
+local limited = function(_) return 0 end
+local save_rates = nil
+if gated then
+  local spend
+  spend, save_rates = rate_gate(KEYS)
+  local IP, BUYER_RL, RATES = n, 2 * n, 3 * n
+  local ip_interval, ip_tolerance = tonumber(ARGV[RATES + 1]), tonumber(ARGV[RATES + 2])
+  local buyer_interval, buyer_tolerance = tonumber(ARGV[RATES + 3]), tonumber(ARGV[RATES + 4])
+  limited = function(i)
+    return math.max(spend(tonumber(ARGV[IP + i]), ip_interval, ip_tolerance),
+                    spend(tonumber(ARGV[BUYER_RL + i]), buyer_interval, buyer_tolerance))
+  end
+end
+local existing = redis.call('HMGET', members, unpack(ARGV, 1, n))
 local now = now_ms()
 local ended = cfg[1] == 'ended' or now >= tonumber(cfg[3])
 local q = redis.call('HMGET', queue, 'sold_out', 'cutoff', 'serving', 'pre')
@@ -42,7 +65,10 @@ for i = 1, n do
   local buyer = ARGV[i]
   local position = existing[i] or seen[buyer]
   local outcome = 'queued'
-  if position then
+  local wait = limited(i)
+  if wait > 0 then
+    outcome, position = 'rate_limited', wait
+  elseif position then
     position = tonumber(position)
   elseif ended then
     outcome, position = 'ended', 0
@@ -80,5 +106,8 @@ if added_pre > 0 then
 end
 if tail and tail ~= first_tail then
   redis.call('HSET', queue, 'tail', tail)
+end
+if save_rates then
+  save_rates()
 end
 return out

@@ -74,6 +74,52 @@ local function load_hold(K, id)
   return nil
 end
 
+-- Rate limits counted inside a batched script: the gateway on a single Redis node passes the
+-- batch's rate-limit keys as extra KEYS of its join or reserve call (each key once). GCRA as
+-- lua/ratelimit.lua, judged by Redis TIME; later requests of the batch see earlier counts.
+-- Returns spend(index, interval, tolerance): 0 when the request is allowed and counted
+-- against K[index] (index 0 or interval 0: no limit), else the microseconds until it would
+-- be; and save(), which writes each key the batch counted back once, expiring when its time
+-- is in the past.
+local function rate_gate(K)
+  local t = redis.call('TIME')
+  local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local tats = {}  -- KEYS index -> theoretical arrival time (us), as updated by this batch
+  local function spend(index, interval, tolerance)
+    if index == 0 or interval == 0 then
+      return 0
+    end
+    local tat = tats[index]
+    if tat == nil then
+      tat = tonumber(redis.call('GET', K[index]) or '0')
+    end
+    if tat < now_us then
+      tat = now_us
+    end
+    local wait = tat - tolerance - now_us
+    if wait > 0 then
+      tats[index] = tat
+      return math.ceil(wait)
+    end
+    tats[index] = tat + interval
+    return 0
+  end
+  local function save()
+    if not next(tats) then
+      return
+    end
+    local t2 = redis.call('TIME')
+    local now2 = tonumber(t2[1]) * 1000000 + tonumber(t2[2])
+    for index, tat in pairs(tats) do
+      if tat > now2 then
+        redis.call('SET', K[index], string.format('%.0f', tat), 'PX',
+          math.ceil((tat - now2) / 1000) + 1)
+      end
+    end
+  end
+  return spend, save
+end
+
 -- The waiting room: the first join or pump step at or after the start closes the pre-queue.
 -- Its buyers own positions 1..pre (the pump assigns them by the seeded shuffle); later joins
 -- take tail + 1. Returns the tail. `queue` is the sale's queue hash, `starts` its start (ms).

@@ -66,7 +66,7 @@ local seen = redis.call('HMGET', K[6], unpack(ARGV, IDEM + 1, IDEM + n))
 
 -- The admission gate of request i: nil when it may be decided, else its refusal.
 local admit = nil
-local tats = {}  -- rate key index -> theoretical arrival time (us), as updated by this batch
+local save_rates = nil  -- writes back the rate keys the gate counted (lib.lua rate_gate)
 local with_holds = #K > 7 or ARGV[6 * n + 2] == 'holds'
 if #K > 7 then
   local MEMBER, DEADLINE, IP, BUYER_RL = 6 * n + 1, 7 * n + 1, 8 * n + 1, 9 * n + 1
@@ -74,28 +74,8 @@ if #K > 7 then
                  tonumber(ARGV[10 * n + 4]), tonumber(ARGV[10 * n + 5])}
   local live = redis.call('HMGET', K[8], 'live', 'serving')
   local serving = tonumber(live[2] or '0')
-  local t = redis.call('TIME')
-  local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  -- GCRA of one rate key for one request: 0 when allowed (and counted), else the wait (us).
-  local function spend(index, interval, tolerance)
-    if index == 0 or interval == 0 then
-      return 0
-    end
-    local tat = tats[index]
-    if tat == nil then
-      tat = tonumber(redis.call('GET', K[index]) or '0')
-    end
-    if tat < now_us then
-      tat = now_us
-    end
-    local wait = tat - tolerance - now_us
-    if wait > 0 then
-      tats[index] = tat
-      return math.ceil(wait)
-    end
-    tats[index] = tat + interval
-    return 0
-  end
+  local spend
+  spend, save_rates = rate_gate(K)
   admit = function(i)
     local member = ARGV[MEMBER + i]
     if member == '' then
@@ -130,20 +110,12 @@ if #K > 7 then
   end
 end
 
--- The last step, once the batch is decided: write back the rate keys the gate counted, each
--- once (expiring when their time is in the past, as lua/ratelimit.lua), and give each granted
--- answer its hold record as it stands now: `fresh` holds this batch's grants (id -> record), a
--- replay's comes from the hash.
+-- The last step, once the batch is decided: write back the rate keys the gate counted (each
+-- once: lib.lua rate_gate), and give each granted answer its hold record as it stands now:
+-- `fresh` holds this batch's grants (id -> record), a replay's comes from the hash.
 local function finish(fresh)
-  if next(tats) then
-    local t = redis.call('TIME')
-    local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-    for index, tat in pairs(tats) do
-      if tat > now_us then
-        redis.call('SET', K[index], string.format('%.0f', tat), 'PX',
-          math.ceil((tat - now_us) / 1000) + 1)
-      end
-    end
+  if save_rates then
+    save_rates()
   end
   local any = false
   for i = 1, n do

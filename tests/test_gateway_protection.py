@@ -190,6 +190,29 @@ def _ran(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
             if after[k] != before.get(k, 0) and k not in HOUSEKEEPING}  # fmt: skip
 
 
+async def test_a_join_is_one_redis_call_counted_against_its_rate_limits(
+    stack: Settings,
+) -> None:
+    """On a single Redis node the join script counts the per-IP and per-buyer limits itself:
+    one round trip per join (on a cluster the rate keys live in other slots: one call per
+    limit first)."""
+    async with gateway(stack, rate_per_ip=Rate(100.0, 50), rate_per_buyer=Rate(1.0, 1)) as gw:
+        sale = await gw.create_sale(stock=3)
+        c = gw.app[CLIENTS]
+        assert (await gw.join(sale, "warm"))[0] == 200  # the counters and the script cache
+        before = await _commands(c.redis)
+        code, joined = await gw.join(sale, "ann")
+        after = await _commands(c.redis)
+        assert code == 200, joined
+        ran = _ran(before, after)
+        calls = 3 if stack.redis_cluster else 1  # each limit and the join, or the join alone
+        assert ran.pop("evalsha") == calls, ran
+        assert set(ran) <= {"hmget", "hexists", "time", "get", "set", "hset", "hincrby"}, ran
+        code, refused = await gw.join(sale, "ann")  # over her burst of 1
+        assert code == 429 and refused["error"]["code"] == "rate_limited"
+        assert (await gw.join(sale, "bea"))[0] == 200
+
+
 async def test_a_reserve_is_one_redis_call_counted_against_the_buyers_rate_limit(
     stack: Settings,
 ) -> None:

@@ -10,11 +10,12 @@ from collections.abc import AsyncIterator
 import pytest
 
 from allocator.queue_scripts import MAX_JOIN_BATCH, JoinResult, Joins, QueueScripts
+from allocator.rate_limits import NO_LIMITS, RateKeys
 from allocator.sale_scripts import SaleScripts
 from flashsale.clients import RedisClient, redis_client
 from flashsale.keys import SaleKeys
 from flashsale.records import text
-from flashsale.settings import Settings
+from flashsale.settings import Rate, Settings
 
 
 @pytest.fixture
@@ -118,6 +119,49 @@ async def test_concurrent_joins_share_script_calls_and_positions_stay_unique(
         assert by_buyer.setdefault(buyer, result.position) == result.position
     assert sorted(by_buyer.values()) == list(range(1, 1001))
     assert coalescer.batches < 50  # 1,143 joins, a handful of script calls
+
+
+async def test_a_join_counts_its_rate_limits_in_the_same_call(client: RedisClient) -> None:
+    """A gated join (a single Redis node: the gateway passes the rate-limit keys with the
+    join) is counted against its per-IP and per-buyer limits first; one over a limit is
+    answered rate_limited with the wait in microseconds, and not queued. Later joins of the
+    batch see the earlier ones' counts."""
+    scripts = QueueScripts(client)
+    keys = await open_sale(client)
+    # The rate keys share the sale's slot here, so the test also runs on a cluster (the
+    # gateway gates joins on a single node only, where its keys' slots do not matter).
+    ip, per = f"{keys.tag}:test-rl:ip", f"{keys.tag}:test-rl:buyer:"
+    rates = (*Rate(1.0, 4).gcra_us(), *Rate(1.0, 2).gcra_us())  # IP: burst 4, buyer: burst 2
+
+    def limits(buyer: str) -> RateKeys:
+        return RateKeys(ip, per + buyer, rates)
+
+    buyers = ["a", "a", "a", "b", "c"]
+    joined = await scripts.join(keys, buyers, [limits(b) for b in buyers])
+    # a, a: the buyer's burst of 2; the third a: over its own limit, still counted by the IP
+    # (as every rate check does: a refusal by one limit errs on the side of limiting). b: the
+    # IP's fourth. c: over the IP's burst.
+    assert [r.outcome for r in joined] == ["queued", "queued", "rate_limited", "queued",
+                                           "rate_limited"]  # fmt: skip
+    assert joined[0].position == joined[1].position == 1 and joined[3].position == 2
+    assert 0 < joined[2].position <= 1_000_000 and 0 < joined[4].position <= 1_000_000
+    # Not queued, and the counts are kept (as lua/ratelimit.lua keeps them: the theoretical
+    # arrival time in us, expiring once it has passed).
+    assert await scripts.positions_of(keys, ["c"]) == [None]
+    for key in (ip, per + "a", per + "b"):
+        assert int(await client.get(key) or 0) > time.time() * 1_000_000
+        assert 0 < await client.pttl(key) <= 5_000
+    # A join without limits beside gated ones is not counted (its KEYS index is 0), and a
+    # batch with no limit at all (rate limits off) is an ungated call.
+    mixed = await scripts.join(keys, ["d", "e"], [NO_LIMITS, limits("e")])
+    assert [r.outcome for r in mixed] == ["queued", "rate_limited"]
+    assert outcomes(await scripts.join(keys, ["h", "i"], [NO_LIMITS] * 2)) == [
+        ("queued", 4), ("queued", 5)]  # fmt: skip
+    # The Joins coalescer passes the limits of the joins that carry them.
+    joins = Joins(scripts, window=0.005)
+    results = await asyncio.gather(joins.join(keys, "f"), joins.join(keys, "g", limits("g")))
+    await joins.aclose()
+    assert [r.outcome for r in results] == ["queued", "rate_limited"]
 
 
 async def test_a_waiting_room_redis_lost_takes_no_one_until_restored(

@@ -12,6 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from allocator.hold_scripts import Admit, HoldScripts, ReserveRequest
+from allocator.rate_limits import RateKeys
 from flashsale.errors import InvalidInput
 from flashsale.events import outbox_events
 from flashsale.keys import SaleKeys, SkuKeys
@@ -197,7 +198,7 @@ def _gated(buyer: str, position: int, key: str, *, payment: str = "tok_ok",
     member = ClaimMember.of(position, key, "SKU-1", 1, payment).encode()
     deadline = int(time.time() * 1000) + 60_000 if deadline_ms is None else deadline_ms
     return ReserveRequest(f"r-{uuid.uuid4().hex}", buyer, 1, key, payment, str(position),
-                          Admit(member, deadline, None, buyer_key, rates))  # fmt: skip
+                          Admit(member, deadline, RateKeys(None, buyer_key, rates)))  # fmt: skip
 
 
 def _single_node(client: Any) -> None:
