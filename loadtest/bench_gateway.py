@@ -35,9 +35,8 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -46,15 +45,21 @@ import orjson
 from aiohttp import web
 
 from allocator.pump import quantile
-from allocator.queue_scripts import MAX_JOIN_BATCH, QueueScripts
 from flashsale import event_loop
 from flashsale.cli.devstack.processes import free_port
-from flashsale.clients import redis_client
-from flashsale.keys import SaleKeys
 from flashsale.settings import Settings
-from flashsale.tokens import Signer, Signers
-from gateway.challenge import solves
+from flashsale.tokens import Signer
 from loadtest.bench import Report, Row, Target, drive, machine, table
+from loadtest.bench_gateway_rig import (
+    CHALLENGE_BITS,
+    admitted_buyers,
+    guarded_sale,
+    prepare_sale,
+    solved_join,
+    storefront_jwt,
+    storefront_key,
+    waiting_tickets,
+)
 from loadtest.processes import Servers, wait_healthy
 
 STATUS_TARGET = 0.70
@@ -173,7 +178,7 @@ def failed(report: Report) -> list[str]:
 async def run(settings: Settings, options: Options, progress: Progress, command: str) -> Report:
     gateway_port, bare_port = free_port(), free_port()
     servers = Servers()
-    jwt_key, jwks = _storefront_key()
+    jwt_key, jwks = storefront_key()
     env = {"FLASHSALE_RATE_PER_IP": "off", "FLASHSALE_RATE_PER_BUYER": "off",
            "FLASHSALE_LOG_LEVEL": "WARNING", "FLASHSALE_BUYER_JWKS": jwks}  # fmt: skip
     python = sys.executable
@@ -191,11 +196,11 @@ async def run(settings: Settings, options: Options, progress: Progress, command:
             base, bare = f"http://127.0.0.1:{gateway_port}", f"http://127.0.0.1:{bare_port}/"
             await wait_healthy(session, f"{base}/healthz", patience=20)
             await wait_healthy(session, bare, patience=20)
-            sale_id, ticket = await _prepare(session, base, settings)
-            tickets = _tickets(settings, sale_id, ticket, options.tickets)
+            sale_id = await prepare_sale(session, base, settings)
             # One admitted buyer per reservation: more than the row can use at 5,000/s.
-            reserve = await _admitted(settings, sale_id, int((options.seconds + 1) * 5000))
-            guarded = await _guarded_sale(session, base, settings)
+            reserve = await admitted_buyers(settings, sale_id, int((options.seconds + 1) * 5000))
+            tickets = await waiting_tickets(settings, sale_id, options.tickets)
+            guarded = await guarded_sale(session, base, settings)
             guarded_url = f"{base}/v1/sales/{guarded}/queue"
             challenges = Signer.from_setting(settings.secret.reveal(), "challenge")
             reservations = (session.post(f"{base}/v1/sales/{sale_id}/reservations", json=body,
@@ -221,11 +226,11 @@ async def run(settings: Settings, options: Options, progress: Progress, command:
                        gateway_cpu),
                 _Meter("queue_join_jwt", "POST queue with an ES256 JWT, a new buyer per request",
                        lambda: session.post(join_url, headers={"Authorization": "Bearer " +
-                           _jwt(jwt_key, f"j{run_id}-{next(serial)}")}),
+                           storefront_jwt(jwt_key, f"j{run_id}-{next(serial)}")}),
                        gateway_cpu),
                 _Meter("queue_join_challenge",
                        f"POST queue with a solved {CHALLENGE_BITS}-bit challenge, a new buyer",
-                       lambda: session.post(guarded_url, headers=_solved(
+                       lambda: session.post(guarded_url, headers=solved_join(
                            buyers, challenges, guarded, f"c{run_id}-{next(serial)}")),
                        gateway_cpu),
                 _Meter("reserve", "POST reservations, an admitted buyer per request",
@@ -271,122 +276,6 @@ async def run(settings: Settings, options: Options, progress: Progress, command:
             "workers": options.workers,
         },
     )
-
-
-async def _prepare(
-    session: aiohttp.ClientSession, base: str, settings: Settings
-) -> tuple[str, str]:
-    """A live, preloaded sale with room for every join, and one buyer's ticket."""
-    admin = {"Authorization": f"Bearer {settings.admin_token.reveal()}"}
-    now = datetime.now(UTC)
-    spec = {
-        "name": "bench gateway", "starts_at": (now - timedelta(seconds=1)).isoformat(),
-        "ends_at": (now + timedelta(hours=1)).isoformat(), "max_queue": 100_000_000,
-        "skus": [{"sku": "B1", "stock": 1_000_000, "price": 100, "currency": "EUR"}],
-    }  # fmt: skip
-    async with session.post(f"{base}/admin/v1/sales", json=spec, headers=admin) as response:
-        sale_id = (await response.json())["id"]
-    async with session.post(f"{base}/admin/v1/sales/{sale_id}/preload", headers=admin):
-        pass
-    token = Signer.from_setting(settings.buyer_token_secret.reveal(), "buyer").sign(
-        {"sub": "bench-status"}, 600
-    )
-    headers = {"Authorization": f"Bearer {token}"}
-    async with session.post(f"{base}/v1/sales/{sale_id}/queue", headers=headers) as response:
-        ticket = (await response.json())["ticket"]
-    return str(sale_id), str(ticket)
-
-
-CHALLENGE_BITS = 8
-
-
-async def _guarded_sale(session: aiohttp.ClientSession, base: str, settings: Settings) -> str:
-    """A live, preloaded sale that asks a CHALLENGE_BITS proof of work at join."""
-    admin = {"Authorization": f"Bearer {settings.admin_token.reveal()}"}
-    now = datetime.now(UTC)
-    spec = {
-        "name": "bench gateway, guarded", "starts_at": (now - timedelta(seconds=1)).isoformat(),
-        "ends_at": (now + timedelta(hours=1)).isoformat(), "max_queue": 100_000_000,
-        "join_challenge": CHALLENGE_BITS,
-        "skus": [{"sku": "B1", "stock": 1_000_000, "price": 100, "currency": "EUR"}],
-    }  # fmt: skip
-    async with session.post(f"{base}/admin/v1/sales", json=spec, headers=admin) as response:
-        sale_id = str((await response.json())["id"])
-    async with session.post(f"{base}/admin/v1/sales/{sale_id}/preload", headers=admin):
-        pass
-    return sale_id
-
-
-def _solved(buyers: Signer, challenges: Signer, sale_id: str, buyer: str) -> dict[str, str]:
-    """A new buyer's join headers with a solved challenge, as a browser would send them."""
-    challenge = challenges.sign(
-        {"s": sale_id, "sub": buyer, "n": os.urandom(12).hex(), "d": CHALLENGE_BITS}, 120
-    )
-    solution = next(n for n in itertools.count() if solves(challenge, str(n), CHALLENGE_BITS))
-    return {"Authorization": "Bearer " + buyers.sign({"sub": buyer}, 600),
-            "X-Challenge": challenge, "X-Challenge-Solution": str(solution)}  # fmt: skip
-
-
-def _storefront_key() -> tuple[Any, str]:
-    """A storefront's ES256 signing key, and a JWKS file with its public half for the
-    gateway (``FLASHSALE_BUYER_JWKS``)."""
-    import json  # noqa: PLC0415
-    import tempfile  # noqa: PLC0415
-
-    import jwt  # noqa: PLC0415
-    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    public = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
-        json.dump({"keys": [{**public, "kid": "bench", "alg": "ES256"}]}, handle)
-    return key, handle.name
-
-
-def _jwt(key: Any, buyer: str) -> str:
-    import jwt  # noqa: PLC0415
-
-    return jwt.encode({"sub": buyer, "exp": int(time.time()) + 600}, key, algorithm="ES256",
-                      headers={"kid": "bench"})  # fmt: skip
-
-
-async def _admitted(settings: Settings, sale_id: str, count: int
-                    ) -> Iterator[tuple[dict[str, str], dict[str, Any]]]:  # fmt: skip
-    """``count`` buyers queued and admitted straight through the waiting room's scripts, and
-    for each the headers and body of its one reservation request (buyer token, admission
-    token as the gateway signs it, a fresh idempotency key)."""
-    client = redis_client(settings)
-    queue, keys = QueueScripts(client), SaleKeys(sale_id)
-    try:
-        buyers = [f"bench-reserver-{os.urandom(6).hex()}" for _ in range(count)]
-        positions: list[int] = []
-        for start in range(0, count, MAX_JOIN_BATCH):
-            joined = await queue.join(keys, buyers[start : start + MAX_JOIN_BATCH])
-            positions += [j.position or 0 for j in joined]
-        token = await queue.acquire(keys, "bench-gateway", 60_000)
-        await queue.advance(keys, token, serving=max(positions), cutoff=None, sold_out=False,
-                            published={})  # fmt: skip
-    finally:
-        await client.aclose()
-    signers = Signers.from_settings(settings)
-    deadline = int(time.time() * 1000) + 3_600_000
-    body = {"sku": "B1", "quantity": 1, "payment_token": "tok_bench"}
-    return iter([
-        ({"Authorization": "Bearer " + signers.buyer.sign({"sub": buyer}, 3600),
-          "X-Admission-Token": signers.admission.sign(
-              {"s": sale_id, "sub": buyer, "p": position, "d": deadline}, 3600),
-          "Idempotency-Key": f"k{position}"}, body)
-        for buyer, position in zip(buyers, positions, strict=True)
-    ])  # fmt: skip
-
-
-def _tickets(settings: Settings, sale_id: str, first: str, count: int) -> Iterator[str]:
-    """``count`` waiting buyers' tickets, polled in turn: the joined buyer's, and tickets for
-    positions behind it signed as the gateway would (what a poll costs does not depend on
-    whether the join went through this client)."""
-    signer = Signer.from_setting(settings.secret.reveal(), "ticket")
-    claims = [{"s": sale_id, "sub": f"bench-poller-{i}", "p": 1 + i} for i in range(1, count)]
-    return itertools.cycle([first, *(signer.sign(c, 3600) for c in claims)])
 
 
 def render(report: Report) -> str:
