@@ -19,6 +19,7 @@ from flashsale.kafka import ensure_topics
 from flashsale.keys import SkuKeys
 from flashsale.records import HoldRecord
 from flashsale.settings import Settings
+from gateway.announcer import Announcer
 from gateway.state import CLIENTS
 from tests.harness import Gateway, gateway
 
@@ -116,3 +117,22 @@ async def test_with_the_broker_out_a_reservation_is_503_then_201_on_retry(
         assert HoldRecord.parse(raw).state == "ACTIVE"  # taken, not yet acknowledged
     code, reserved = await gw.reserve(sale, "patient", admission, key=key)
     assert code == 201 and reserved["reservation_id"] == rid.decode(), reserved
+
+
+async def test_a_gateway_starts_its_producer_before_the_first_reservation(stack: Settings) -> None:
+    """``warm`` (called by a gateway's startup) starts the producer ahead of the spike; with the
+    broker down it gives up quietly, and the first reservation tries again."""
+    warm = Announcer(stack)
+    try:
+        before = warm.started
+        await warm.warm()
+        assert (before, warm.started) == (False, True)
+    finally:
+        await warm.aclose()
+    down = Announcer(dataclasses.replace(stack, kafka_bootstrap=f"127.0.0.1:{free_port()}"),
+                     timeout_s=0.5)  # fmt: skip
+    try:
+        await down.warm()  # no exception
+        assert not down.started
+    finally:
+        await down.aclose()

@@ -44,13 +44,14 @@ def _stop_on_signals() -> asyncio.Event:
 
 async def serve_gateway(settings: Settings, host: str, port: int, *, reuse_port: bool) -> int:
     from gateway.app import create_app  # noqa: PLC0415 - only the gateway needs aiohttp's app
-    from gateway.state import LANE  # noqa: PLC0415
+    from gateway.state import ANNOUNCER, LANE  # noqa: PLC0415
 
     app = create_app(settings)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=10)
     await runner.setup()
     assert runner.server is not None
     app[LANE].install(runner.server)
+    warm = asyncio.create_task(app[ANNOUNCER].warm())  # the broker's producer, before buyers
     try:
         site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=4096)
         await site.start()
@@ -58,6 +59,7 @@ async def serve_gateway(settings: Settings, host: str, port: int, *, reuse_port:
         await _stop_on_signals().wait()
         log.info("gateway (pid %d) stopping", os.getpid())
     finally:
+        warm.cancel()
         await runner.cleanup()
     return 0
 
