@@ -21,19 +21,27 @@ from flashsale.tokens import Signer, Signers
 from gateway.challenge import solves
 
 
-async def prepare_sale(session: aiohttp.ClientSession, base: str, settings: Settings) -> str:
-    """A live, preloaded sale with room for every join, joined once through the gateway."""
+async def _live_sale(session: aiohttp.ClientSession, base: str, settings: Settings, name: str,
+                     **options: int) -> str:  # fmt: skip
+    """A preloaded sale that started a second ago, with room for every join and a million
+    units of one SKU (``options``: more fields of the sale, e.g. its join challenge)."""
     admin = {"Authorization": f"Bearer {settings.admin_token.reveal()}"}
     now = datetime.now(UTC)
     spec = {
-        "name": "bench gateway", "starts_at": (now - timedelta(seconds=1)).isoformat(),
+        "name": name, "starts_at": (now - timedelta(seconds=1)).isoformat(),
         "ends_at": (now + timedelta(hours=1)).isoformat(), "max_queue": 100_000_000,
-        "skus": [{"sku": "B1", "stock": 1_000_000, "price": 100, "currency": "EUR"}],
+        "skus": [{"sku": "B1", "stock": 1_000_000, "price": 100, "currency": "EUR"}], **options,
     }  # fmt: skip
     async with session.post(f"{base}/admin/v1/sales", json=spec, headers=admin) as response:
-        sale_id = (await response.json())["id"]
+        sale_id = str((await response.json())["id"])
     async with session.post(f"{base}/admin/v1/sales/{sale_id}/preload", headers=admin):
         pass
+    return sale_id
+
+
+async def prepare_sale(session: aiohttp.ClientSession, base: str, settings: Settings) -> str:
+    """A live, preloaded sale with room for every join, joined once through the gateway."""
+    sale_id = await _live_sale(session, base, settings, "bench gateway")
     token = Signer.from_setting(settings.buyer_token_secret.reveal(), "buyer").sign(
         {"sub": "bench-status"}, 600
     )
@@ -41,7 +49,7 @@ async def prepare_sale(session: aiohttp.ClientSession, base: str, settings: Sett
     async with session.post(f"{base}/v1/sales/{sale_id}/queue", headers=headers) as response:
         if response.status != 200 or not (await response.json()).get("ticket"):
             raise RuntimeError(f"the gateway refused a join: {await response.text()}")
-    return str(sale_id)
+    return sale_id
 
 
 CHALLENGE_BITS = 8
@@ -49,19 +57,8 @@ CHALLENGE_BITS = 8
 
 async def guarded_sale(session: aiohttp.ClientSession, base: str, settings: Settings) -> str:
     """A live, preloaded sale that asks a CHALLENGE_BITS proof of work at join."""
-    admin = {"Authorization": f"Bearer {settings.admin_token.reveal()}"}
-    now = datetime.now(UTC)
-    spec = {
-        "name": "bench gateway, guarded", "starts_at": (now - timedelta(seconds=1)).isoformat(),
-        "ends_at": (now + timedelta(hours=1)).isoformat(), "max_queue": 100_000_000,
-        "join_challenge": CHALLENGE_BITS,
-        "skus": [{"sku": "B1", "stock": 1_000_000, "price": 100, "currency": "EUR"}],
-    }  # fmt: skip
-    async with session.post(f"{base}/admin/v1/sales", json=spec, headers=admin) as response:
-        sale_id = str((await response.json())["id"])
-    async with session.post(f"{base}/admin/v1/sales/{sale_id}/preload", headers=admin):
-        pass
-    return sale_id
+    return await _live_sale(session, base, settings, "bench gateway, guarded",
+                            join_challenge=CHALLENGE_BITS)  # fmt: skip
 
 
 def solved_join(buyers: Signer, challenges: Signer, sale_id: str, buyer: str) -> dict[str, str]:
