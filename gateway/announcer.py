@@ -37,9 +37,10 @@ ANNOUNCE_TIMEOUT_S = 3.0
 
 
 class Announcer:
-    """One producer per gateway process, started at its first use (a gateway starts and
-    serves everything else while the broker is down), after the topics are made sure of (a
-    broker that does not create topics on first use would refuse every reservation)."""
+    """One producer per gateway process, started by :meth:`warm` when the process starts or
+    else at its first use (a gateway starts and serves everything else while the broker is
+    down), after the topics are made sure of (a broker that does not create topics on first
+    use would refuse every reservation)."""
 
     def __init__(self, settings: Settings, timeout_s: float = ANNOUNCE_TIMEOUT_S) -> None:
         self.settings = settings
