@@ -36,7 +36,7 @@ class Admit:
     limits: RateKeys = NO_LIMITS
 
     def passed(self) -> Admit:
-        return Admit("", self.deadline_ms, replace(NO_LIMITS, rates=self.limits.rates))
+        return Admit("", self.deadline_ms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,9 +122,8 @@ class HoldScripts:
             *[r.admission_id for r in requests],
             *[idem_field(r.buyer_id, r.idempotency_key) for r in requests],
         )  # fmt: skip
-        gates = [r.admit for r in requests if r.admit is not None]
-        if gates:
-            sku_keys, columns = _gated(keys, sku_keys, columns, requests, gates[0].limits.rates)
+        if any(r.admit is not None for r in requests):
+            sku_keys, columns = _gated(keys, sku_keys, columns, requests)
         elif with_holds:
             columns = (*columns, "holds")
         command = ("EVALSHA", self._reserve.sha, len(sku_keys), *sku_keys, *columns)
@@ -232,13 +231,12 @@ def _gated(
     sku_keys: list[str],
     columns: tuple[str | int, ...],
     requests: list[ReserveRequest],
-    rates: tuple[int, int, int, int],
 ) -> tuple[list[str], tuple[str | int, ...]]:
     """The reserve call's keys and columns with the admission gate (see ``lua/reserve.lua``):
     the sale's queue and claims, each rate-limit key of the batch once, and four more columns."""
     sale = SaleKeys(keys.sale_id)
     gates = [r.admit or _NO_GATE for r in requests]
-    limited, ips, buyers = rate_columns([g.limits for g in gates], len(sku_keys) + 3)
+    limited, ips, buyers, rates = rate_columns([g.limits for g in gates], len(sku_keys) + 3)
     extra: tuple[str | int, ...] = (
         *[g.member for g in gates],
         *[g.deadline_ms for g in gates],

@@ -176,9 +176,7 @@ class QueueScripts:
         limited: list[str] = []
         gate: tuple[int, ...] = ()
         if limits is not None:
-            limited, ips, buyers = rate_columns(list(limits), 4)
-            # One set of rates per call: the settings', carried by every join that is limited.
-            rates = next((x.rates for x in limits if x.ip_key or x.buyer_key), NO_LIMITS.rates)
+            limited, ips, buyers, rates = rate_columns(list(limits), 4)
             gate = (*ips, *buyers, *rates) if limited else ()  # no key: nothing to count
         command: tuple[str | int, ...] = (
             "EVALSHA", self._join.sha, 3 + len(limited), keys.sale, keys.queue, keys.members,
@@ -322,8 +320,6 @@ class Joins(PerKey[SaleKeys, "Coalescer[tuple[str, RateKeys | None], JoinResult]
         def coalescer(keys: SaleKeys) -> Coalescer[tuple[str, RateKeys | None], JoinResult]:
             async def call(items: list[tuple[str, RateKeys | None]]) -> list[JoinResult]:
                 buyers = [buyer for buyer, _ in items]
-                if all(limits is None for _, limits in items):
-                    return await scripts.join(keys, buyers)
                 return await scripts.join(keys, buyers, [x or NO_LIMITS for _, x in items])
 
             return Coalescer(call, f"sale {keys.sale_id}", window=window,

@@ -35,9 +35,12 @@ class RateKeys:
 NO_LIMITS = RateKeys(None, None, (0, 0, 0, 0))
 
 
-def rate_columns(limits: list[RateKeys], first: int) -> tuple[list[str], list[int], list[int]]:
-    """A batch's rate-limit keys, each once, to pass as ``KEYS[first..]``, and each request's
-    ``KEYS`` index of its per-IP key, then of its per-buyer key (0: that limit is off)."""
+def rate_columns(
+    limits: list[RateKeys], first: int
+) -> tuple[list[str], list[int], list[int], tuple[int, int, int, int]]:
+    """A batch's rate-limit keys, each once, to pass as ``KEYS[first..]``; each request's
+    ``KEYS`` index of its per-IP key, then of its per-buyer key (0: that limit is off); and the
+    one set of rates of the call (the settings', carried by every request that is limited)."""
     at: dict[str, int] = {}
 
     def index(key: str | None) -> int:
@@ -45,7 +48,8 @@ def rate_columns(limits: list[RateKeys], first: int) -> tuple[list[str], list[in
 
     ips = [index(limit.ip_key) for limit in limits]
     buyers = [index(limit.buyer_key) for limit in limits]
-    return list(at), ips, buyers
+    rates = next((x.rates for x in limits if x.ip_key or x.buyer_key), NO_LIMITS.rates)
+    return list(at), ips, buyers, rates
 
 
 class RateLimiter:

@@ -64,13 +64,12 @@ def block_for_demo(report: dict[str, Any], machine: dict[str, Any]) -> str:
         for name, r in report["routes"].items()
     )
     seconds = report["seconds_to_answer_all"]
-    met = seconds is not None and seconds <= report["target_seconds"]
     load = ", ".join(str(x) for x in machine.get("load_average_at_start", []))
     error, coverage = report["eta_p50_abs_pct_error"], report["eta_p90_coverage"]
-    p50_met, p90_met = demo_report.eta_verdicts(error, coverage)
+    verdict = demo_report.verdicts(report)
     low, high = demo_report.ETA_P90_COVERAGE_TARGET
     tau = report["admission_kendall_tau"]
-    reserve, limits = demo_report.reserve_verdicts(report["routes"]), demo_report.RESERVE_TARGETS_MS
+    limits = demo_report.RESERVE_TARGETS_MS
     return (
         f"Latest `flashsale bench all` run: {machine.get('when')}, {machine.get('cpu')}, "
         f"{machine.get('cores')} cores, load average {load} at the start. Reproduce: "
@@ -81,17 +80,17 @@ def block_for_demo(report: dict[str, Any], machine: dict[str, Any]) -> str:
         f"|---:|---:|---:|---:|---|---:|---:|---:|---|\n"
         f"| {report['buyers']:,} | {report['pre_queue_joins']:,} | {report['stock']} | "
         f"{'-' if seconds is None else f'{seconds:.1f} s'} | ≤ {report['target_seconds']:g} s: "
-        f"{'met' if met else 'MISSED'} | {report['sold']} | {report['oversold']} | "
+        f"{verdict['every buyer answered']} | {report['sold']} | {report['oversold']} | "
         f"{'-' if tau is None else tau} | {'passed' if report['audit_passed'] else 'FAILED'} |\n\n"
         f"| ETAs: admitted buyers shown one (before the draw) | p50 error (median) | target "
         f"| admitted within their p90 | target |\n|---:|---:|---|---:|---|\n"
         f"| {report['eta_buyers']} ({report['eta_buyers_pre_queue']}) | "
         f"{'-' if error is None else f'{error} %'} | ≤ {demo_report.ETA_P50_ERROR_TARGET:g} %: "
-        f"{p50_met} | {'-' if coverage is None else f'{coverage:.0%}'} | "
-        f"{low:.0%}-{high:.0%}: {p90_met} |\n\n"
+        f"{verdict['ETA p50 error']} | {'-' if coverage is None else f'{coverage:.0%}'} | "
+        f"{low:.0%}-{high:.0%}: {verdict['ETA p90 coverage']} |\n\n"
         f"| route | requests | p50 ms | p99 ms |\n|---|---:|---:|---:|\n{routes}\n\n"
-        f"Reservations: p50 ≤ {limits['p50_ms']:g} ms: {reserve.get('p50_ms', '-')}, p99 ≤ "
-        f"{limits['p99_ms']:g} ms: {reserve.get('p99_ms', '-')}.\n"
+        f"Reservations: p50 ≤ {limits['p50_ms']:g} ms: {verdict['reserve p50']}, p99 ≤ "
+        f"{limits['p99_ms']:g} ms: {verdict['reserve p99']}.\n"
     )
 
 

@@ -34,15 +34,7 @@ end
 local limited = function(_) return 0 end
 local save_rates = nil
 if gated then
-  local spend
-  spend, save_rates = rate_gate(KEYS)
-  local IP, BUYER_RL, RATES = n, 2 * n, 3 * n
-  local ip_interval, ip_tolerance = tonumber(ARGV[RATES + 1]), tonumber(ARGV[RATES + 2])
-  local buyer_interval, buyer_tolerance = tonumber(ARGV[RATES + 3]), tonumber(ARGV[RATES + 4])
-  limited = function(i)
-    return math.max(spend(tonumber(ARGV[IP + i]), ip_interval, ip_tolerance),
-                    spend(tonumber(ARGV[BUYER_RL + i]), buyer_interval, buyer_tolerance))
-  end
+  limited, save_rates = rate_gate(KEYS, ARGV, n, 2 * n, 3 * n)
 end
 local existing = redis.call('HMGET', members, unpack(ARGV, 1, n))
 local now = now_ms()

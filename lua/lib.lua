@@ -77,11 +77,14 @@ end
 -- Rate limits counted inside a batched script: the gateway on a single Redis node passes the
 -- batch's rate-limit keys as extra KEYS of its join or reserve call (each key once). GCRA as
 -- lua/ratelimit.lua, judged by Redis TIME; later requests of the batch see earlier counts.
--- Returns spend(index, interval, tolerance): 0 when the request is allowed and counted
--- against K[index] (index 0 or interval 0: no limit), else the microseconds until it would
--- be; and save(), which writes each key the batch counted back once, expiring when its time
--- is in the past.
-local function rate_gate(K)
+-- The script's ARGV holds, for request i, the KEYS index of its per-IP key at A[ip_at + i] and
+-- of its per-buyer key at A[buyer_at + i] (0: that limit is off), and the four rates (per-IP
+-- interval and tolerance, per-buyer interval and tolerance, us) at A[rates_at + 1..4].
+-- Returns wait(i): 0 when request i is allowed (and counted against both keys), else the
+-- microseconds until it would be (a refusal by one limit is still counted by the other); and
+-- save(), which writes each key the batch counted back once, expiring when its time is in
+-- the past.
+local function rate_gate(K, A, ip_at, buyer_at, rates_at)
   local t = redis.call('TIME')
   local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
   local tats = {}  -- KEYS index -> theoretical arrival time (us), as updated by this batch
@@ -117,7 +120,13 @@ local function rate_gate(K)
       end
     end
   end
-  return spend, save
+  local ip_interval, ip_tolerance = tonumber(A[rates_at + 1]), tonumber(A[rates_at + 2])
+  local buyer_interval, buyer_tolerance = tonumber(A[rates_at + 3]), tonumber(A[rates_at + 4])
+  local function wait(i)
+    return math.max(spend(tonumber(A[ip_at + i]), ip_interval, ip_tolerance),
+                    spend(tonumber(A[buyer_at + i]), buyer_interval, buyer_tolerance))
+  end
+  return wait, save
 end
 
 -- The waiting room: the first join or pump step at or after the start closes the pre-queue.

@@ -69,20 +69,17 @@ local admit = nil
 local save_rates = nil  -- writes back the rate keys the gate counted (lib.lua rate_gate)
 local with_holds = #K > 7 or ARGV[6 * n + 2] == 'holds'
 if #K > 7 then
-  local MEMBER, DEADLINE, IP, BUYER_RL = 6 * n + 1, 7 * n + 1, 8 * n + 1, 9 * n + 1
-  local rates = {tonumber(ARGV[10 * n + 2]), tonumber(ARGV[10 * n + 3]),
-                 tonumber(ARGV[10 * n + 4]), tonumber(ARGV[10 * n + 5])}
+  local MEMBER, DEADLINE = 6 * n + 1, 7 * n + 1
   local live = redis.call('HMGET', K[8], 'live', 'serving')
   local serving = tonumber(live[2] or '0')
-  local spend
-  spend, save_rates = rate_gate(K)
+  local limited
+  limited, save_rates = rate_gate(K, ARGV, 8 * n + 1, 9 * n + 1, 10 * n + 1)
   admit = function(i)
     local member = ARGV[MEMBER + i]
     if member == '' then
       return nil
     end
-    local wait = math.max(spend(tonumber(ARGV[IP + i]), rates[1], rates[2]),
-                          spend(tonumber(ARGV[BUYER_RL + i]), rates[3], rates[4]))
+    local wait = limited(i)
     if wait > 0 then
       return 'rate_limited' .. SEP .. wait
     end
