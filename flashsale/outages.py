@@ -23,6 +23,11 @@ outage: the same request can succeed later. Read from the libraries' own excepti
   is closed")`` under uvloop, where asyncio raises ``ConnectionResetError``
   (MagicStack/uvloop#506). redis-py and asyncpg let it through as it is (and drop the
   connection), so it is recognised here by uvloop's wording.
+* **redis-py's write racing a close**: a connection closed while a command is being written
+  (a node killed mid-failover, a reset) leaks ``AttributeError``/``TypeError`` from the
+  connection's write instead of a ``ConnectionError`` (redis/redis-py#3546, #4287). It is
+  recognised by where it was raised, redis-py's ``_send_packed_command``; the same error
+  anywhere else is a bug.
 
 Everything else (a constraint violation, bad encoding, a wrong type, a malformed record) can
 never succeed as it is, and is handled as bad data.
@@ -33,6 +38,7 @@ from __future__ import annotations
 import logging
 
 import asyncpg
+import redis.asyncio.connection
 import redis.exceptions
 from aiokafka.errors import KafkaError
 
@@ -63,6 +69,7 @@ _ALWAYS = (
 
 
 _CLOSED_TRANSPORT = "the handler is closed"
+_REDIS_WRITE = (redis.asyncio.connection.__file__, "_send_packed_command")
 _NO_CLUSTER_NODE = "Redis Cluster cannot be connected"
 
 
@@ -73,6 +80,8 @@ def is_outage(exc: BaseException) -> bool:
         return True
     if type(exc) is RuntimeError and _CLOSED_TRANSPORT in str(exc):
         return True
+    if isinstance(exc, (AttributeError, TypeError)) and _raised_in(exc, _REDIS_WRITE):
+        return True
     if isinstance(exc, asyncpg.PostgresError):
         state = str(getattr(exc, "sqlstate", "") or "")
         return state[:2] in _SQLSTATE_CLASSES or state in _SQLSTATES
@@ -82,6 +91,17 @@ def is_outage(exc: BaseException) -> bool:
         return str(exc).startswith("BUSY")
     if isinstance(exc, redis.exceptions.RedisClusterException):
         return str(exc).startswith(_NO_CLUSTER_NODE)
+    return False
+
+
+def _raised_in(exc: BaseException, where: tuple[str, str]) -> bool:
+    """``exc`` passed through the function named ``where[1]`` of the file ``where[0]``."""
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name == where[1] and code.co_filename == where[0]:
+            return True
+        tb = tb.tb_next
     return False
 
 

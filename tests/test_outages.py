@@ -111,3 +111,19 @@ def test_what_uvloop_raises_on_a_reset_connection_is_an_outage(stack: Settings) 
     failures = uvloop.run(scenario())
     assert failures, "a reset connection never failed a call"
     assert all(is_outage(exc) for exc in failures), [repr(e) for e in failures]
+
+
+async def test_a_redis_connection_closed_while_it_writes_is_an_outage(stack: Settings) -> None:
+    """redis-py's asyncio connection lets a close that races a write leak as AttributeError
+    (its writer is already gone; redis/redis-py#3546, #4287): seen as a 500 on a reservation
+    while a Redis Cluster primary failed over. It is an outage, recognised by where it was
+    raised; an AttributeError anywhere else is still a bug."""
+    pool = aioredis.ConnectionPool.from_url(stack.require_redis())
+    connection = aioredis.Connection(**pool.connection_kwargs)
+    await connection.send_command("PING")  # connects
+    assert await connection.read_response() == b"PONG"
+    await connection.disconnect()  # what a concurrent close leaves behind
+    with pytest.raises(AttributeError) as raised:
+        await connection._send_packed_command([b"*1\r\n$4\r\nPING\r\n"])
+    assert is_outage(raised.value)
+    assert not is_outage(AttributeError("'NoneType' object has no attribute 'writelines'"))
