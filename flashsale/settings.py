@@ -202,6 +202,10 @@ class Settings:
     # Browser origins (storefronts) allowed to call the buyer API; "*" for any, without
     # credentials. Empty: no CORS at all.
     cors_origins: tuple[str, ...] = ()
+    # FLASHSALE_RESERVATIONS_URL: the public origin of the gateway processes that serve only
+    # admitted buyers' reservations (`flashsale gateway --reservations-only`); an admitted
+    # status answer names it in `reserve_url`. None: reserve where you poll.
+    reservations_url: str | None = None
     # Storefront JWTs: public keys (a JWKS file or URL) for ES256/RS256, and the audience a
     # token must name (README, "Buyer tokens").
     buyer_jwks: str | None = None
@@ -260,6 +264,9 @@ class Settings:
                 env.get("FLASHSALE_TRUSTED_PROXIES") or "", "FLASHSALE_TRUSTED_PROXIES"
             ),
             cors_origins=_origins(env.get("FLASHSALE_CORS_ORIGINS") or ""),
+            reservations_url=_origin(
+                env.get("FLASHSALE_RESERVATIONS_URL") or "", "FLASHSALE_RESERVATIONS_URL"
+            ),
             buyer_jwks=env.get("FLASHSALE_BUYER_JWKS") or None,
             buyer_jwt_audience=env.get("FLASHSALE_BUYER_JWT_AUDIENCE") or None,
             topics=Topics.from_env(env),
@@ -317,12 +324,21 @@ def _origins(value: str) -> tuple[str, ...]:
     """FLASHSALE_CORS_ORIGINS: comma-separated ``scheme://host[:port]`` origins, or ``*``."""
     origins = tuple(o.strip().rstrip("/") for o in value.split(",") if o.strip())
     for origin in origins:
-        if origin != "*" and not _ORIGIN.match(origin):
-            raise ConfigError(
-                f"FLASHSALE_CORS_ORIGINS: {origin!r} is not an origin: scheme://host[:port] "
-                "(no path), or * for any"
-            )
+        if origin != "*":
+            _origin(origin, "FLASHSALE_CORS_ORIGINS", also=", or * for any")
     return origins
+
+
+def _origin(value: str, name: str, also: str = "") -> str | None:
+    """One ``scheme://host[:port]`` origin (no path), or None when empty."""
+    origin = value.strip().rstrip("/")
+    if not origin:
+        return None
+    if not _ORIGIN.match(origin):
+        raise ConfigError(
+            f"{name}: {origin!r} is not an origin: scheme://host[:port] (no path){also}"
+        )
+    return origin
 
 
 def _flag(value: str | None, name: str) -> bool:

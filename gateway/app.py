@@ -38,7 +38,7 @@ from gateway import (
 from gateway.announcer import Announcer
 from gateway.counters import CounterCache
 from gateway.http import MAX_BODY
-from gateway.lane import Lane
+from gateway.lane import HOT, RESERVE, Lane
 from gateway.metrics import Metrics
 from gateway.middleware import Budgets, edge
 from gateway.state import (
@@ -109,7 +109,11 @@ def budgets(settings: Settings) -> Budgets:
                    settings.max_polls_in_flight)  # fmt: skip
 
 
-def create_app(settings: Settings, registry: CollectorRegistry | None = None) -> web.Application:
+def create_app(settings: Settings, registry: CollectorRegistry | None = None, *,
+               reservations_only: bool = False) -> web.Application:  # fmt: skip
+    """The gateway; with ``reservations_only``, the listener kept for admitted buyers: the
+    reservation routes and the operators' probes, nothing of the waiting room (a buyer reaches
+    it through the ``reserve_url`` of an admitted status answer, or a proxy's path rule)."""
     metrics = Metrics(registry or CollectorRegistry())
     metrics.in_flight_limit.set(settings.max_in_flight)
     middleware = edge(metrics, budgets(settings), admin.require_admin)
@@ -123,7 +127,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     app.cleanup_ctx.append(clients)
     # The buyers' hot routes first: aiohttp tries the resources under one path prefix
     # ("/v1/sales") in the order they were added.
-    for routes in (
+    modules = (reservations, ops_routes) if reservations_only else (
         waiting_room,
         reservations,
         ops_routes,
@@ -133,8 +137,9 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         openapi,
         page,
         console,
-    ):
+    )  # fmt: skip
+    for routes in modules:
         routes.setup(app)
     cors.setup(app, settings.cors_origins)
-    app[LANE] = Lane(app, middleware)
+    app[LANE] = Lane(app, middleware, RESERVE if reservations_only else HOT)
     return app

@@ -27,20 +27,23 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 # (method, the path's segments after /v1/sales/{sale}) -> the route's canonical path.
-HOT: dict[tuple[str, tuple[str, ...]], str] = {
+Hot = dict[tuple[str, tuple[str, ...]], str]
+RESERVE: Hot = {("POST", ("reservations",)): "/v1/sales/{sale}/reservations"}
+HOT: Hot = {
     ("GET", ("queue", "status")): "/v1/sales/{sale}/queue/status",
     ("POST", ("queue",)): "/v1/sales/{sale}/queue",
-    ("POST", ("reservations",)): "/v1/sales/{sale}/reservations",
+    **RESERVE,
 }
 PREFIX = "/v1/sales/"
 MAX_SALES = 1024  # match infos kept; cleared when more sales than this were seen
 
 
 class Lane:
-    """Routes the hot paths of ``app`` itself; everything else goes to ``fallback`` (the
-    application's own request handler)."""
+    """Routes the hot paths of ``app`` itself (``hot``: all three, or only the reservation of
+    a reservations-only gateway); everything else goes to ``fallback`` (the application's own
+    request handler)."""
 
-    def __init__(self, app: web.Application, middleware: Middleware) -> None:
+    def __init__(self, app: web.Application, middleware: Middleware, hot: Hot = HOT) -> None:
         self._app = app
         self._middleware = middleware
         self._routes: dict[tuple[str, tuple[str, ...]], web.AbstractRoute] = {}
@@ -49,7 +52,7 @@ class Lane:
             for route in app.router.routes()
             if route.resource is not None
         }
-        for key, canonical in HOT.items():
+        for key, canonical in hot.items():
             route = by_path.get((key[0], canonical))
             if route is None:
                 raise ValueError(f"the application has no route {key[0]} {canonical}")

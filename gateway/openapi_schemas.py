@@ -190,6 +190,9 @@ STATUS = obj(
         "retry_after_ms": {"type": "integer", "minimum": 0},
         "admission_token": {"type": "string"},
         "admission_expires_in_ms": {"type": "integer"},
+        # With an admission token, when the gateway has a reservations listener
+        # (FLASHSALE_RESERVATIONS_URL): where to send the reservation.
+        "reserve_url": {"type": "string", "format": "uri"},
         "ticket": {"type": "string"},
         "reserved": {"type": "boolean"},
     },

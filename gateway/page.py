@@ -5,7 +5,9 @@ The storefront sends the buyer here with their buyer token in the URL fragment
 for the sale and removes it from the address bar. It shows the product and price, a
 countdown before the start, joins (or registers for the draw), polls at the server's
 ``retry_after_ms`` riding out 429, 503 and dropped connections, lets the buyer leave, reserve
-and cancel, and follows the reservation to its outcome. Everything it needs survives a
+and cancel, and follows the reservation to its outcome. An admitted buyer reserves at the
+status answer's ``reserve_url`` when there is one (the reservations listener, allowed by the
+page's Content-Security-Policy), and here if that cannot be reached. Everything it needs survives a
 reload (localStorage).
 """
 
@@ -17,6 +19,7 @@ import importlib.resources
 from aiohttp import web
 
 from gateway.catalog import sale_summary
+from gateway.state import SETTINGS
 
 PAGE = importlib.resources.files("gateway").joinpath("waiting_room.html").read_text()
 
@@ -25,12 +28,15 @@ async def waiting_room(request: web.Request) -> web.Response:
     info = await sale_summary(request, request.match_info["sale"])  # 404 for unknown sales
     sale_json = '"' + info["id"] + '"'  # ids are [A-Za-z0-9._-]: safe inside a JS string
     body = PAGE.replace("__NAME__", html.escape(info["name"])).replace("__SALE_JSON__", sale_json)
+    # The page may call the reservations listener (an admitted status answer's reserve_url).
+    listener = request.app[SETTINGS].reservations_url
+    connect = f"; connect-src 'self' {listener}" if listener else ""
     return web.Response(
         text=body,
         content_type="text/html",
         headers={
             "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline' 'self'; "
-            "style-src 'unsafe-inline'; worker-src blob:",
+            f"style-src 'unsafe-inline'; worker-src blob:{connect}",
             "Referrer-Policy": "no-referrer",
         },
     )

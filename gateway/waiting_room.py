@@ -186,6 +186,9 @@ async def queue_status(request: web.Request) -> web.Response:
             ttl_s=deadline_s - time.time(),
         )
         body["admission_expires_in_ms"] = status.admission_deadline_ms - now_ms
+        reservations_url = app[SETTINGS].reservations_url
+        if reservations_url:  # the listener kept for admitted buyers (docs/ARCHITECTURE.md)
+            body["reserve_url"] = f"{reservations_url}/v1/sales/{sale_id}/reservations"
         metrics.admissions.inc()
     metrics.count(metrics.polls, status.state, source)
     return json_response(body)

@@ -1,9 +1,9 @@
 """``flashsale demo``: the whole engine on the embedded stack, with a spike of buyers.
 
 1. Applies migrations and creates the Kafka topics.
-2. Starts ``flashsale up`` (gateway x2, allocator with pumps, sweeper and outbox relay, order
-   workers, payment simulator, reconciler) on free loopback ports, and waits until every
-   service's ``/healthz`` answers.
+2. Starts ``flashsale up`` (gateway x2, the reservations listener, allocator with pumps,
+   sweeper and outbox relay, order workers, payment simulator, reconciler) on free loopback
+   ports, and waits until every service's ``/healthz`` answers.
 3. Creates a sale opening a few seconds later, through the admin API, and preloads it.
 4. Sends every buyer (50,000 by default, 100 units) through the real journey (join, poll,
    reserve) with the fast asyncio driver: a share of them (20 %) join before the opening, so
@@ -38,7 +38,7 @@ import aiohttp
 import asyncpg
 import orjson
 
-from flashsale.cli.devstack.processes import free_ports
+from flashsale.cli.devstack.processes import UP_PORTS, free_ports
 from flashsale.clients import redis_client
 from flashsale.kafka import ensure_topics
 from flashsale.keys import SaleKeys, SkuKeys
@@ -116,13 +116,14 @@ async def run(settings: Settings, *, scenario: Scenario, progress: Progress,
         await conn.close()
     progress("== Kafka topics")
     await ensure_topics(settings, progress=lambda line: progress(f"   {line}"))
-    port = free_ports(5)
+    port = free_ports(UP_PORTS)
     base = f"http://127.0.0.1:{port}"
     log_path = settings.home / "demo-engine.log"
     progress(f"== starting the engine: flashsale up --port {port} (log: {log_path})")
     with engine(settings, port, log_path) as up:
         async with aiohttp.ClientSession() as session:
-            names = ("gateway", "allocator", "workers", "payments", "reconciler")
+            names = ("gateway", "allocator", "workers", "payments", "reconciler",
+                     "reservations")  # fmt: skip
             for offset, name in enumerate(names):
                 await wait_healthy(session, f"http://127.0.0.1:{port + offset}/healthz")
                 progress(f"   {name:10} healthy on :{port + offset}")
@@ -230,6 +231,7 @@ async def _drive(settings: Settings, session: aiohttp.ClientSession, base: str,
     report.outcomes = dict(stats.outcomes)
     report.routes = stats.routes()
     report.driver_loop_lag = stats.lag()
+    report.reserved_via = dict(stats.reserved_via)
     report.pre_queue_joins = stats.pre_queue_joins
     report.admission_kendall_tau = kendall_tau(stats.admissions)
     report.eta_p50_abs_pct_error, report.eta_p90_coverage = eta_accuracy(stats.etas)

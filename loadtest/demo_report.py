@@ -40,6 +40,7 @@ class DemoReport:
     orders: dict[str, int] = field(default_factory=dict)
     routes: dict[str, dict[str, float]] = field(default_factory=dict)
     driver_loop_lag: dict[str, float] = field(default_factory=dict)  # ms, p50 and p99
+    reserved_via: dict[str, int] = field(default_factory=dict)  # see DriverStats.reserved_via
     target_seconds: float = TARGET_S
 
     def as_json(self) -> dict[str, Any]:
@@ -55,6 +56,7 @@ class DemoReport:
             "outcomes": self.outcomes, "orders": self.orders,
             "target_seconds": self.target_seconds,
             "driver_loop_lag": self.driver_loop_lag,
+            "reserved_via": self.reserved_via,
             "reserve_targets_ms": RESERVE_TARGETS_MS,
             "reserve_verdicts": reserve_verdicts(self.routes),
         }  # fmt: skip
@@ -140,12 +142,21 @@ def summary(report: DemoReport, progress: Progress) -> None:
     if report.driver_loop_lag:
         lag = report.driver_loop_lag
         progress(f"   (the driver's own event loop ran late by p50 {lag['p50_ms']} ms, p99 "
-                 f"{lag['p99_ms']} ms: each latency above includes that wait)")  # fmt: skip
+                 f"{lag['p99_ms']} ms: each latency above but the reservations' includes that "
+                 "wait; reservations are sent from a loop of their own, as from each buyer's "
+                 "device)")  # fmt: skip
+    if report.reserved_via:
+        progress("   reservations sent to: " + ", ".join(
+            f"{WHERE[k]} {v:,}" for k, v in sorted(report.reserved_via.items())))  # fmt: skip
     verdicts = reserve_verdicts(report.routes)
     if verdicts:
         progress("   reservations: " + ", ".join(
             f"{q.removesuffix('_ms')} {report.routes['reserve'][q]} ms (target <= "
             f"{RESERVE_TARGETS_MS[q]:g} ms: {v})" for q, v in verdicts.items()))  # fmt: skip
+
+
+WHERE = {"listener": "the reservations listener (reserve_url)", "gateway": "the gateway",
+         "fallback": "the gateway after the listener failed"}  # fmt: skip
 
 
 def reserve_verdicts(routes: dict[str, dict[str, float]]) -> dict[str, str]:

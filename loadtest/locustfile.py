@@ -16,7 +16,8 @@ or distributed (the master creates the sale and tells its workers)::
   (``--sale ID`` uses an existing one), and tells the workers its id. Every process mints its
   buyers' tokens with the buyer-token secret, as a storefront would.
 * **Buyer** (``FastHttpUser``): joins, polls at the server's ``retry_after_ms``, reserves once
-  admitted, follows the order to a final state, and stops: one journey per buyer. Each
+  admitted (at the answer's ``reserve_url`` when it names the reservations listener),
+  follows the order to a final state, and stops: one journey per buyer. Each
   definitive answer (``reserved`` or ``sold_out``) is recorded as a request of type ``ANSWER``
   whose time is the seconds since the sale opened, so the ``ANSWER`` rows' maximum (in the
   stats, the CSV and the HTML report, aggregated over workers) is the time until every buyer
@@ -203,8 +204,10 @@ class Buyer(FastHttpUser):
             self._answer("sold_out" if body.get("state") == "sold_out" else "other")
             return
         payment = "tok_decline" if random.random() < 0.1 else "tok_visa"  # noqa: S311
+        # Where the admitted answer says (the reservations listener), else this gateway.
+        url = body.get("reserve_url") or f"/v1/sales/{sale}/reservations"
         with self.client.post(
-            f"/v1/sales/{sale}/reservations", name="reserve", catch_response=True,
+            url, name="reserve", catch_response=True,
             json={"sku": SKU, "quantity": 1, "payment_token": payment},
             headers={**self.auth, "X-Admission-Token": body["admission_token"],
                      "Idempotency-Key": uuid.uuid4().hex},

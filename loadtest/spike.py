@@ -16,7 +16,7 @@ from pathlib import Path
 
 import aiohttp
 
-from flashsale.cli.devstack.processes import free_ports
+from flashsale.cli.devstack.processes import UP_PORTS, free_ports
 from flashsale.kafka import ensure_topics
 from flashsale.settings import Settings
 from loadtest.processes import engine, wait_consuming, wait_healthy
@@ -67,7 +67,7 @@ async def run(settings: Settings, options: Options, progress: Progress) -> int:
     if not options.embedded:
         return await asyncio.to_thread(_run_locust, settings, options, options.host, progress)
     await ensure_topics(settings)
-    port = free_ports(5)
+    port = free_ports(UP_PORTS)
     log_path = settings.home / "spike-engine.log"
     progress(f"== starting the engine: flashsale up --port {port} (log: {log_path})")
     with engine(settings, port, log_path):

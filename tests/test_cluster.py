@@ -22,7 +22,7 @@ from redis.asyncio.cluster import ClusterNode
 
 from allocator.queue_scripts import QueueScripts
 from allocator.redis_calls import read_packed
-from flashsale.cli.devstack.processes import free_ports
+from flashsale.cli.devstack.processes import UP_PORTS, free_ports
 from flashsale.clients import pg_pool, redis_client
 from flashsale.keys import SaleKeys, SkuKeys, bucket_keys
 from flashsale.outages import is_outage
@@ -204,7 +204,7 @@ async def test_a_spike_on_a_three_bucket_sku_sells_its_stock_and_survives_a_node
     """3,000 buyers for 300 units of one SKU in 3 stock buckets, through the engine and a
     locust spike; then one bucket's node loses everything and the engine's own reconciler
     rebuilds it until the audit passes again."""
-    port = free_ports(5)
+    port = free_ports(UP_PORTS)
     env = {**os.environ, "FLASHSALE_ADMIN_TOKEN": stack.admin_token.reveal(),
            "FLASHSALE_BUYER_TOKEN_SECRET": stack.buyer_token_secret.reveal()}  # fmt: skip
     base = f"http://127.0.0.1:{port}"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import requests
 
-from flashsale.cli.devstack.processes import free_ports
+from flashsale.cli.devstack.processes import UP_PORTS, free_ports
 from flashsale.settings import Settings
 from flashsale.tokens import Signer
 from loadtest.driver import Buyers, Person
@@ -56,7 +56,7 @@ def test_the_live_page_follows_a_spike_and_agrees_with_sale_status(
     from playwright.sync_api import sync_playwright
 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    port = free_ports(5)
+    port = free_ports(UP_PORTS)
     base = f"http://127.0.0.1:{port}"
     token = stack.admin_token.reveal()
     admin = {"Authorization": f"Bearer {token}"}

@@ -69,6 +69,10 @@ def test_demo_runs_a_spike_to_orders_and_a_passing_audit(stack: Settings, tmp_pa
         for q, limit in report["reserve_targets_ms"].items()
     }
     assert f"reservations: p50 {reserve['p50_ms']} ms (target <= 100 ms: " in out
+    # Every admitted buyer reserved where the status answer said: the reservations listener.
+    assert set(report["reserved_via"]) == {"listener"}, report["reserved_via"]
+    assert report["reserved_via"]["listener"] >= report["outcomes"]["reserved"]
+    assert "reservations sent to: the reservations listener (reserve_url) " in out
     lag = report["driver_loop_lag"]  # how late the driver's own loop ran: in every latency
     assert 0 <= lag["p50_ms"] <= lag["p99_ms"] and f"p99 {lag['p99_ms']} ms: each" in out
     # Nobody was admitted before a buyer ahead of them (admission times from the tokens); when

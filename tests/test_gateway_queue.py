@@ -314,6 +314,7 @@ async def test_the_driver_reserves_for_a_buyer_whose_join_is_already_admitted(
         assert await driver.journey(client, token, "tok_visa") == "reserved"
     finally:
         await client.aclose()
+        await driver.aclose()
 
 
 async def test_a_replayed_reservation_answers_with_its_state_now(gw: Gateway) -> None:

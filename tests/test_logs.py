@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from flashsale.cli.devstack.processes import free_ports
+from flashsale.cli.devstack.processes import UP_PORTS, free_ports
 from flashsale.errors import ConfigError
 from flashsale.logs import JsonFormatter, TextFormatter, bound, configure_logging
 from flashsale.settings import Settings
@@ -68,7 +68,7 @@ def test_bound_fields_reach_every_line_and_secrets_do_not(stack: Settings) -> No
 def test_one_reservation_is_followed_through_the_services_by_its_id(
     stack: Settings, cli: Cli, tmp_path: Path
 ) -> None:
-    port = free_ports(5)
+    port = free_ports(UP_PORTS)
     log_path = tmp_path / "engine.log"
     with log_path.open("wb") as log_file:
         up = subprocess.Popen(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import requests
 
-from flashsale.cli.devstack.processes import free_port, free_ports
+from flashsale.cli.devstack.processes import UP_PORTS, free_port, free_ports
 from flashsale.settings import Settings
 from flashsale.tokens import Signer
 from loadtest.processes import engine
@@ -171,11 +171,12 @@ def test_the_page_follows_a_reservation_to_its_outcome(
     """Through the whole engine (pump, workers, payment simulator): one buyer's payment goes
     through and the page says confirmed; another's card is declined and the page says the
     payment failed and the item went back on sale."""
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import Response, sync_playwright
 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    port = free_ports(5)
+    port = free_ports(UP_PORTS)
     base = f"http://127.0.0.1:{port}"
+    listener = f"http://127.0.0.1:{port + 5}"  # `up`'s reservations listener
     admin = {"Authorization": f"Bearer {stack.admin_token.reveal()}"}
     signer = Signer.from_setting(stack.buyer_token_secret.reveal(), "buyer")
     with engine(stack, port, tmp_path / "engine.log"):
@@ -200,12 +201,22 @@ def test_the_page_follows_a_reservation_to_its_outcome(
                         ("decliner", "tok_decline", "payment_failed"))  # fmt: skip
             for buyer, payment, outcome in journeys:
                 page = browser.new_page()
+                reserved: list[tuple[str, int]] = []  # (url, status) of each reservation sent
+
+                def seen(answer: Response, into: list[tuple[str, int]] = reserved) -> None:
+                    if answer.request.method == "POST" and "/reservations" in answer.url:
+                        into.append((answer.url, answer.status))
+
+                page.on("response", seen)
                 token = signer.sign({"sub": buyer}, 3600)
                 page.goto(f"{base}/sales/{sale}#token={token}&payment={payment}")
                 page.click("#join")
                 page.wait_for_selector("#state[data-state='admitted']", timeout=30_000)
                 page.click("#reserve")
                 page.wait_for_selector(f"#result[data-outcome='{outcome}']", timeout=60_000)
+                # The page reserved at the listener the status answer named: another origin,
+                # allowed by the page's CSP and the listener's CORS.
+                assert reserved == [(f"{listener}/v1/sales/{sale}/reservations", 201)], reserved
                 page.screenshot(path=str(SCREENSHOTS / f"waiting-room-{outcome}.png"))
                 assert not page.is_visible("#cancel")
             browser.close()

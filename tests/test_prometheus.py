@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 import yaml  # type: ignore[import-untyped]
 
-from flashsale.cli.devstack.processes import free_ports
+from flashsale.cli.devstack.processes import UP_PORTS, free_ports
 from flashsale.settings import Settings
 from flashsale.tokens import Signer
 from loadtest import admin_api
@@ -107,8 +107,8 @@ async def _spike(base: str, settings: Settings, session: aiohttp.ClientSession, 
 async def test_dashboard_panels_have_data_and_the_lag_alert_fires(
     stack: Settings, prometheus: str, tmp_path: Path
 ) -> None:
-    port = free_ports(6)
-    prom_port = port + 5
+    port = free_ports(UP_PORTS + 1)
+    prom_port = port + UP_PORTS
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(RULES)],

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from flashsale.cli.devstack.processes import free_ports
+from flashsale.cli.devstack.processes import UP_PORTS, free_ports
 from flashsale.settings import Settings
 from loadtest.processes import engine
 from loadtest.verdict import judge
@@ -44,12 +44,12 @@ def test_headless_spike_through_the_cli(stack: Settings, tmp_path: Path) -> None
 
 @pytest.mark.heavy
 def test_distributed_spike_master_and_worker(stack: Settings, tmp_path: Path) -> None:
-    port, master_port = free_ports(5), free_ports(2)
+    port, master_port = free_ports(UP_PORTS), free_ports(2)
     env = {**os.environ, "FLASHSALE_ADMIN_TOKEN": stack.admin_token.reveal(),
            "FLASHSALE_BUYER_TOKEN_SECRET": stack.buyer_token_secret.reveal()}  # fmt: skip
     common = ["-f", LOCUSTFILE, "--buyers", "200", "--stock", "20", "--ramp", "2", "--hold", "1"]
     with engine(stack, port, tmp_path / "engine.log"):
-        for offset in range(5):
+        for offset in range(UP_PORTS):
             _healthy(f"http://127.0.0.1:{port + offset}/healthz")
         master = subprocess.Popen(
             [sys.executable, "-m", "locust", *common, "--master", "--headless",

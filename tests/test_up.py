@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 
-from flashsale.cli.devstack.processes import free_ports
+from flashsale.cli.devstack.processes import UP_PORTS, free_ports
 from flashsale.settings import Settings
 from tests.conftest import Cli
 from tests.harness import healthy
@@ -24,7 +25,7 @@ def _children(pid: int) -> list[int]:
 
 
 def test_up_supervises_and_stops_cleanly(stack: Settings, cli: Cli) -> None:
-    port = free_ports(5)
+    port = free_ports(UP_PORTS)
     up = subprocess.Popen(
         [sys.executable, "-m", "flashsale", "up", "--port", str(port), "--workers", "2"],
         stdout=subprocess.PIPE,
@@ -37,6 +38,12 @@ def test_up_supervises_and_stops_cleanly(stack: Settings, cli: Cli) -> None:
         healthy(f"http://127.0.0.1:{port + 2}/healthz")  # the order workers
         healthy(f"http://127.0.0.1:{port + 3}/healthz")  # the payment simulator
         healthy(f"http://127.0.0.1:{port + 4}/healthz")  # the reconciler
+        healthy(f"http://127.0.0.1:{port + 5}/healthz")  # the reservations listener
+        # ... which serves reservations only: the waiting room is on the gateway port.
+        queue = f"http://127.0.0.1:{port + 5}/v1/sales/any/queue"
+        assert requests.post(queue, timeout=5).status_code == 404
+        assert requests.post(queue.replace(f":{port + 5}/", f":{port}/"),
+                             timeout=5).status_code == 401  # fmt: skip
         # The audit, run from another shell as the README shows, finds the simulator `up`
         # started: it is recorded in the state folder.
         created = cli("sale", "create", "--name", "audited", "--sku", "A", "--stock", "1",
@@ -45,12 +52,13 @@ def test_up_supervises_and_stops_cleanly(stack: Settings, cli: Cli) -> None:
         payments = json.loads(audited.out)["invariants"][3]
         assert payments["passed"] and "provider" not in payments["details"], payments
         children = _children(up.pid)
-        assert len(children) == 6  # two gateway processes, allocator, workers, psp, reconciler
+        # two gateway processes, the reservations listener, allocator, workers, reconciler, psp
+        assert len(children) == 7
         os.kill(children[0], signal.SIGKILL)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             now = _children(up.pid)
-            if len(now) == 6 and children[0] not in now:
+            if len(now) == 7 and children[0] not in now:
                 break
             time.sleep(0.2)
         else:

@@ -42,11 +42,12 @@ def _stop_on_signals() -> asyncio.Event:
     return stop
 
 
-async def serve_gateway(settings: Settings, host: str, port: int, *, reuse_port: bool) -> int:
+async def serve_gateway(settings: Settings, host: str, port: int, *, reuse_port: bool,
+                        reservations_only: bool = False) -> int:  # fmt: skip
     from gateway.app import create_app  # noqa: PLC0415 - only the gateway needs aiohttp's app
     from gateway.state import ANNOUNCER, LANE  # noqa: PLC0415
 
-    app = create_app(settings)
+    app = create_app(settings, reservations_only=reservations_only)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=10)
     await runner.setup()
     assert runner.server is not None
@@ -55,7 +56,8 @@ async def serve_gateway(settings: Settings, host: str, port: int, *, reuse_port:
     try:
         site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=4096)
         await site.start()
-        log.info("gateway (pid %d) listening on http://%s:%d", os.getpid(), host, port)
+        log.info("gateway (pid %d) listening on http://%s:%d%s", os.getpid(), host, port,
+                 " (reservations only)" if reservations_only else "")  # fmt: skip
         await _stop_on_signals().wait()
         log.info("gateway (pid %d) stopping", os.getpid())
     finally:
@@ -125,13 +127,21 @@ def fresh_metrics_dir(home: Path, name: str) -> Path:
 
 
 def gateway_children(
-    host: str, port: int, workers: int, metrics_dir: Path, psp_url: str | None = None
-) -> list[Child]:
-    env = {MULTIPROC_ENV: str(metrics_dir)}
+    host: str, port: int, workers: int, metrics_dir: Path, psp_url: str | None = None,
+    *, reservations_only: bool = False, env: dict[str, str] | None = None,
+) -> list[Child]:  # fmt: skip
+    """``workers`` gateway processes sharing ``port``; with ``reservations_only``, the listener
+    kept for admitted buyers. Every gateway process of one ``up`` writes its metrics to
+    ``metrics_dir``: either port's ``/metrics`` shows them all."""
+    env = {**(env or {}), MULTIPROC_ENV: str(metrics_dir)}
     if psp_url:  # the admin API's audit asks the payment provider
         env["FLASHSALE_PSP_URL"] = psp_url
     args = ["gateway", "--host", host, "--port", str(port), "--workers", "1", "--reuse-port"]
-    return [Child(f"gateway-{i + 1}", args, env) for i in range(workers)]
+    name = "gateway"
+    if reservations_only:
+        args.append("--reservations-only")
+        name = "reservations"
+    return [Child(f"{name}-{i + 1}", args, env) for i in range(workers)]
 
 
 def allocator_child(host: str, ops_port: int) -> Child:

@@ -6,6 +6,7 @@ configuration before it starts anything (:mod:`flashsale.cli.checks`), then runs
 from __future__ import annotations
 
 import argparse
+import ipaddress
 from pathlib import Path
 
 from flashsale import event_loop
@@ -17,6 +18,7 @@ from flashsale.cli.checks import (
     positive,
     sale_id,
     service_settings,
+    within,
 )
 from flashsale.cli.output import dump_json, out
 from flashsale.errors import ConfigError, InvalidInput
@@ -29,13 +31,16 @@ def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
     port = port_number("port", args.port)
     workers = positive(int, "workers", args.workers)
     service_settings(settings)
+    only = args.reservations_only
     if workers == 1:
-        return int(event_loop.run(
-            runners.serve_gateway(settings, args.host, port, reuse_port=args.reuse_port)
-        ))  # fmt: skip
+        return int(event_loop.run(runners.serve_gateway(
+            settings, args.host, port, reuse_port=args.reuse_port, reservations_only=only
+        )))  # fmt: skip
     metrics_dir = runners.fresh_metrics_dir(settings.home, f"gateway-{port}")
-    out(f"gateway: {workers} processes on http://{args.host}:{port} (Ctrl-C stops them)")
-    children = runners.gateway_children(args.host, port, workers, metrics_dir)
+    out(f"gateway: {workers} processes on http://{args.host}:{port}"
+        f"{' (reservations only)' if only else ''} (Ctrl-C stops them)")  # fmt: skip
+    children = runners.gateway_children(args.host, port, workers, metrics_dir,
+                                        reservations_only=only)  # fmt: skip
     return runners.supervise(children, metrics_dir)
 
 
@@ -138,6 +143,8 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     workers_port = port_number("workers-port", args.workers_port or str(port + 2))
     psp_port = port_number("psp-port", args.psp_port or str(port + 3))
     reconciler_port = port_number("reconciler-port", args.reconciler_port or str(port + 4))
+    desk_workers = within("reservation-workers", args.reservation_workers, 0, 64)
+    desk_port = port_number("reservation-port", args.reservation_port or str(port + 5))
     service_settings(settings)
     settings.require_kafka()
     metrics_dir = runners.fresh_metrics_dir(settings.home, f"gateway-{port}")
@@ -145,18 +152,24 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     # in the state folder is not: this `up` starts its own simulator.
     external = None if "FLASHSALE_PSP_URL" in settings.from_dev_env else settings.psp_url
     psp_url = external or f"http://{args.host}:{psp_port}"
+    desk, desk_env = _reservation_listener(args.host, desk_port, desk_workers, settings)
+    page_cors = _cors_for(args.host, port, settings)
+    # fmt: off
     children = [
-        *runners.gateway_children(args.host, port, workers, metrics_dir, psp_url),
+        *runners.gateway_children(args.host, port, workers, metrics_dir, psp_url, env=desk_env),
+        *runners.gateway_children(args.host, desk_port, desk_workers, metrics_dir, psp_url,
+                                  reservations_only=True, env=page_cors),
         runners.allocator_child(args.host, allocator_port),
         runners.workers_child(args.host, workers_port, psp_url),
         runners.reconciler_child(args.host, reconciler_port, psp_url),
     ]
+    # fmt: on
     if not external:
         journal = settings.home / PSP_JOURNAL
         journal.parent.mkdir(parents=True, exist_ok=True)
         children.append(runners.psp_child(args.host, psp_port, journal))
     out(
-        f"flashsale up: gateway x{workers} on http://{args.host}:{port}; ops endpoints "
+        f"flashsale up: gateway x{workers} on http://{args.host}:{port}; {desk}; ops endpoints "
         f"(/healthz, /metrics): allocator :{allocator_port}, workers :{workers_port}, "
         f"reconciler :{reconciler_port}; "
         f"payments: {psp_url}"
@@ -165,6 +178,41 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     )
     with runners.recorded_psp(settings.home, psp_url):
         return runners.supervise(children, metrics_dir)
+
+
+def _wildcard(host: str) -> bool:
+    """``host`` binds every interface (0.0.0.0, ::): it is nobody's address to call."""
+    try:
+        return host == "" or ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+def _reservation_listener(host: str, desk_port: int, workers: int,
+                          settings: Settings) -> tuple[str, dict[str, str]]:  # fmt: skip
+    """What ``up`` says about the reservations listener, and the environment that tells the
+    other gateway processes where it is (``reserve_url`` in an admitted status answer):
+    FLASHSALE_RESERVATIONS_URL as the operator set it (a public address behind a proxy), else
+    the listener's own address. A wildcard address is nobody's URL: the operator must say."""
+    if workers == 0:
+        return "no reservations listener", {}
+    where = f"reservations x{workers} on http://{host}:{desk_port}"
+    if settings.reservations_url:
+        return f"{where} (announced as {settings.reservations_url})", {}
+    if _wildcard(host):
+        return (f"{where} (not announced: set FLASHSALE_RESERVATIONS_URL to its public "
+                "address)"), {}  # fmt: skip
+    url = f"http://{host}:{desk_port}"
+    return where, {"FLASHSALE_RESERVATIONS_URL": url}
+
+
+def _cors_for(host: str, port: int, settings: Settings) -> dict[str, str]:
+    """The reservations listener is another origin than the waiting-room page it serves: the
+    page's origin (``http://host:port``) is allowed too, beside FLASHSALE_CORS_ORIGINS."""
+    origins = list(settings.cors_origins)
+    if "*" not in origins and not _wildcard(host):
+        origins.append(f"http://{host}:{port}")
+    return {"FLASHSALE_CORS_ORIGINS": ",".join(origins)} if origins else {}
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -179,6 +227,12 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     gw.add_argument("--port", default="8080", help="TCP port (default 8080)")
     gw.add_argument("--workers", default="1", help="processes (default 1)")
     gw.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    gw.add_argument(
+        "--reservations-only", action="store_true",
+        help="serve only admitted buyers' reservations (and /healthz, /metrics): the listener "
+        "that keeps reservations off the waiting room's traffic; point "
+        "FLASHSALE_RESERVATIONS_URL of the other gateway processes at it",
+    )  # fmt: skip
 
     alloc = commands.add_parser(
         "allocator",
@@ -284,3 +338,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     up.add_argument("--psp-port", help="payment simulator port (default PORT+3)")
     up.add_argument("--reconciler-port",
                     help="reconciler /healthz and /metrics (default PORT+4)")  # fmt: skip
+    up.add_argument("--reservation-workers", default="1",
+                    help="gateway processes serving only admitted buyers' reservations, on "
+                    "their own port (default 1; 0: reserve on the gateway port)")  # fmt: skip
+    up.add_argument("--reservation-port",
+                    help="port of those processes (default PORT+5)")  # fmt: skip

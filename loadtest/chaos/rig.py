@@ -1,10 +1,11 @@
 """The engine under test and the servers under it, as the faults see them.
 
-The engine is ``flashsale up`` (two gateway processes, the allocator, the order workers, the
-payment simulator, the reconciler) on free loopback ports, started for the run. In the
-``proxied`` wiring its Redis and Postgres connections go through a fault proxy each
-(:class:`~loadtest.fault_proxy.ProxyProcess`); the broker is reached directly, because it
-advertises its own address to its clients, which would go around a proxy.
+The engine is ``flashsale up`` (two gateway processes, the reservations listener, the
+allocator, the order workers, the payment simulator, the reconciler) on free loopback ports,
+started for the run. In the ``proxied`` wiring its Redis and Postgres connections go through
+a fault proxy each (:class:`~loadtest.fault_proxy.ProxyProcess`); the broker is reached
+directly, because it advertises its own address to its clients, which would go around a
+proxy.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from flashsale.cli.devstack.processes import free_ports
+from flashsale.cli.devstack.processes import UP_PORTS, free_ports
 from flashsale.settings import Settings
 from loadtest.fault_proxy import ProxyProcess, through
 from loadtest.processes import engine, stop_all, tree
@@ -39,7 +40,9 @@ ROLES = {
     "workers": ("workers", 2),
     "psp": ("psp", 3),
     "reconciler": ("reconcile", 4),
+    "reservations": ("gateway", 5),  # the reservations listener: gateway --reservations-only
 }
+LISTENER_FLAG = b"--reservations-only"
 
 
 class Servers(Protocol):
@@ -93,7 +96,9 @@ class Rig:
                 argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if argv[1:4] == [b"-m", b"flashsale", command.encode()]:
+            if argv[1:4] == [b"-m", b"flashsale", command.encode()] and (
+                command != "gateway" or (LISTENER_FLAG in argv) == (role == "reservations")
+            ):
                 found.append(pid)
         return sorted(found)
 
@@ -153,7 +158,7 @@ async def rigged(settings: Settings, servers: Servers, *, proxied: bool,
                 proxies[name] = await ProxyProcess(target.hostname or "127.0.0.1",
                                                    target.port or 0).start()  # fmt: skip
                 env[var] = through(url, proxies[name].port)
-        port = free_ports(5)
+        port = free_ports(UP_PORTS)
         log = settings.home / f"chaos-engine{'-proxied' if proxied else ''}.log"
         wiring = "through fault proxies" if proxied else "directly"
         progress(f"== the engine: flashsale up --port {port}, reaching Redis and Postgres "

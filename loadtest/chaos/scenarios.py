@@ -34,10 +34,13 @@ class Scenario:
 
 
 def _kill(role: str, times: int, quick: int = 0) -> Scenario:
+    what = {
+        "gateway": "a gateway process (one of two)",
+        "reservations": "the reservations listener (admitted buyers reserve at the gateway "
+        "until it is back)",
+    }.get(role, f"the {role} process")
     return Scenario(
-        f"kill-{role}", "processes",
-        f"SIGKILL of the {role} process{' (one of two)' if role == 'gateway' else ''} "
-        "mid-spike; flashsale up restarts it",
+        f"kill-{role}", "processes", f"SIGKILL of {what} mid-spike; flashsale up restarts it",
         repeated(partial(faults.kill_role, role=role)), times, 6.0, quick,
     )  # fmt: skip
 
@@ -78,6 +81,7 @@ SCENARIOS: list[Scenario] = [
              "SIGSTOP of the broker for 10 s (its data is in memory: paused, not restarted)",
              repeated(partial(faults.pause_server, name="kafka", seconds=10.0)), 3, 16.0),
     _kill("gateway", 10),
+    _kill("reservations", 8, 1),
     _kill("allocator", 8),
     _kill("workers", 8, 2),
     _kill("reconciler", 8),

@@ -84,6 +84,11 @@ def free_port(preferred: int | None = None, *, patience: float = 0.0, partner: i
         return found
 
 
+# `flashsale up --port P` takes P..P+5 by default: the gateway, the allocator's, the workers'
+# and the reconciler's ops endpoints, the payment simulator and the reservations listener.
+UP_PORTS = 6
+
+
 def free_ports(count: int) -> int:
     """A loopback port P with P..P+count-1 all free (a service and its neighbours), outside
     the ephemeral range."""
