@@ -10,6 +10,7 @@ import pytest
 from flashsale.errors import ConfigError
 from flashsale.logs import RedactSecrets
 from flashsale.settings import Settings, mask_url
+from tests.conftest import Cli
 
 
 def test_environment_wins_over_dev_env(tmp_path: Path) -> None:
@@ -55,3 +56,20 @@ def test_secrets_are_masked_in_repr_and_logs(
     assert "admin-token-xyz" not in caplog.text
     assert "pg-password-123" not in caplog.text
     assert "********" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("FLASHSALE_RATE_PER_IP", "bad"), ("FLASHSALE_CORS_ORIGINS", "shop.example"),
+     ("FLASHSALE_RESERVATIONS_URL", "http://reserve.example/desk"),
+     ("FLASHSALE_MAX_IN_FLIGHT", "-3")],
+)  # fmt: skip
+def test_a_bad_setting_is_one_line_naming_it_not_a_traceback(
+    run_cli: Cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str, value: str
+) -> None:
+    monkeypatch.setenv("FLASHSALE_HOME", str(tmp_path))
+    monkeypatch.setenv(name, value)
+    result = run_cli("sale", "list")
+    assert result.code == 1
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"flashsale: error: {name}"), result.err

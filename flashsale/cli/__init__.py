@@ -42,9 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = Settings.from_env()
-    configure_logging(settings)
     try:
+        settings = Settings.from_env()  # a bad setting is one line naming it, like bad input
+        configure_logging(settings)
         result = args.handler(args, settings)
         if asyncio.iscoroutine(result):
             result = event_loop.run(result)
