@@ -323,7 +323,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "up",
         help="run the whole engine against the configured stack, supervised",
         description="Run every service of the engine against REDIS_URL, DATABASE_URL and "
-        "KAFKA_BOOTSTRAP (or the embedded stack): the gateway processes, the allocator "
+        "KAFKA_BOOTSTRAP (or the embedded stack): the gateway processes, the reservations "
+        "listener (gateway --reservations-only, named to admitted buyers), the allocator "
         "service (pumps, sweeper, outbox relay), the order workers, the reconciler, and the "
         "payment simulator "
         "unless FLASHSALE_PSP_URL names a provider. Crashed processes are restarted with "
