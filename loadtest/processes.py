@@ -129,3 +129,21 @@ async def wait_consuming(session: aiohttp.ClientSession, metrics_url: str,
             raise RuntimeError(f"the workers at {metrics_url} got no partition within "
                                f"{patience:g}s")  # fmt: skip
         await asyncio.sleep(0.2)
+
+
+async def histogram_buckets(session: aiohttp.ClientSession, metrics_url: str, name: str,
+                            labels: dict[str, str]) -> list[tuple[float, float]]:  # fmt: skip
+    """The cumulative buckets (upper bound, count) of the histogram ``name`` with ``labels`` at
+    ``metrics_url``, in order."""
+    async with session.get(metrics_url) as response:
+        text = await response.text()
+    buckets: list[tuple[float, float]] = []
+    for family in text_string_to_metric_families(text):
+        if family.name != name:
+            continue
+        for sample in family.samples:
+            if sample.name == f"{name}_bucket" and all(
+                sample.labels.get(k) == v for k, v in labels.items()
+            ):
+                buckets.append((float(sample.labels["le"]), sample.value))
+    return sorted(buckets)
