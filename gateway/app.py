@@ -18,6 +18,7 @@ from allocator.rate_limits import RateLimiter
 from allocator.sale_admin import SaleAdmin
 from allocator.sku_allocator import Allocators
 from flashsale.clients import open_clients
+from flashsale.errors import NotFound
 from flashsale.kafka import LagCache
 from flashsale.ops_endpoints import KafkaProbe, Readiness, dependency_probes
 from flashsale.queue_marks import QueueMarks
@@ -109,6 +110,12 @@ def budgets(settings: Settings) -> Budgets:
                    settings.max_polls_in_flight)  # fmt: skip
 
 
+async def _not_served_here(request: web.Request) -> web.Response:
+    """Anything but a reservation, at the reservations listener: a 404 that says where to go."""
+    raise NotFound("this address serves admitted buyers' reservations only: join the queue and "
+                   "poll at the gateway", code="not_found")  # fmt: skip
+
+
 def create_app(settings: Settings, registry: CollectorRegistry | None = None, *,
                reservations_only: bool = False) -> web.Application:  # fmt: skip
     """The gateway; with ``reservations_only``, the listener kept for admitted buyers: the
@@ -140,6 +147,8 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None, *,
     )  # fmt: skip
     for routes in modules:
         routes.setup(app)
+    if reservations_only:
+        app.router.add_route("*", "/{path:.*}", _not_served_here)
     cors.setup(app, settings.cors_origins)
     app[LANE] = Lane(app, middleware, RESERVE if reservations_only else HOT)
     return app

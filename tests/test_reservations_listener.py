@@ -83,7 +83,8 @@ async def test_the_listener_serves_nothing_of_the_waiting_room(
             answer = await listener.request(method, path, headers={**buyer, **auth(ADMIN)}
                                             if path.startswith("/admin") else buyer)  # fmt: skip
             assert answer.status == 404, (method, path)
-            assert (await answer.json())["error"]["code"] == "not_found"
+            error = (await answer.json())["error"]
+            assert error["code"] == "not_found" and "reservations only" in error["message"]
         # The probes answer: the listener is checked and scraped like any gateway process.
         for path in ("/healthz", "/livez", "/metrics"):
             assert (await listener.get(path)).status == 200, path
