@@ -80,6 +80,24 @@ async def ensure_topics(
     return outcome
 
 
+async def delete_topics(settings: Settings, names: Sequence[str]) -> None:
+    """Delete the topics ``names`` (a benchmark's own, when it is done); Unavailable when the
+    broker cannot be reached or refuses."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.require_kafka(), request_timeout_ms=10_000
+    )
+    try:
+        await admin.start()
+        existing = set(await admin.list_topics())
+        gone = [name for name in names if name in existing]
+        if gone:
+            await admin.delete_topics(gone)
+    except KafkaError as exc:
+        raise Unavailable(f"could not delete the topics {', '.join(names)}: {exc!r}") from exc
+    finally:
+        await admin.close()
+
+
 def producer(settings: Settings, *, linger_ms: int = 2) -> AIOKafkaProducer:
     """A producer that counts a message as sent only when every in-sync replica has it. Not
     idempotent (the local broker does not support it): consumers deduplicate instead."""

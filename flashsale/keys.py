@@ -150,6 +150,10 @@ class SaleKeys:
     def fence(self) -> str:
         return f"{self.tag}:fence"
 
+    def all(self) -> list[str]:
+        return [self.sale, self.queue, self.members, self.steps, self.claims, self.lease,
+                self.fence]  # fmt: skip
+
 
 def bucket_keys(sale_id: str, sku: str, buckets: int) -> list[SkuKeys]:
     """The keys of every stock bucket of a SKU, bucket 0 first."""

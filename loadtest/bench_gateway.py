@@ -47,12 +47,14 @@ from aiohttp import web
 from allocator.pump import quantile
 from flashsale import event_loop
 from flashsale.cli.devstack.processes import free_port
-from flashsale.settings import Settings
+from flashsale.kafka import delete_topics
+from flashsale.settings import Settings, Topics
 from flashsale.tokens import Signer
 from loadtest.bench import Report, Row, Target, drive, machine, table
 from loadtest.bench_gateway_rig import (
     CHALLENGE_BITS,
     admitted_buyers,
+    discard_sales,
     guarded_sale,
     prepare_sale,
     solved_join,
@@ -179,8 +181,15 @@ async def run(settings: Settings, options: Options, progress: Progress, command:
     gateway_port, bare_port = free_port(), free_port()
     servers = Servers()
     jwt_key, jwks = storefront_key()
+    # The reservations it grants are announced on topics of its own, deleted afterwards: on
+    # the engine's they would become orders in the next engine's workers.
+    topics = Topics.from_env({"FLASHSALE_TOPIC_PREFIX": f"bench{os.urandom(4).hex()}-"})
     env = {"FLASHSALE_RATE_PER_IP": "off", "FLASHSALE_RATE_PER_BUYER": "off",
-           "FLASHSALE_LOG_LEVEL": "WARNING", "FLASHSALE_BUYER_JWKS": jwks}  # fmt: skip
+           "FLASHSALE_LOG_LEVEL": "WARNING", "FLASHSALE_BUYER_JWKS": jwks,
+           "FLASHSALE_TOPIC_RESERVATIONS": topics.reservations,
+           "FLASHSALE_TOPIC_ORDER_EVENTS": topics.order_events,
+           "FLASHSALE_TOPIC_DEAD_LETTER": topics.dead_letter}  # fmt: skip
+    sales: list[str] = []
     python = sys.executable
     servers.start([python, "-m", "flashsale", "gateway", "--port", str(gateway_port),
                    "--workers", str(options.workers)], env)  # fmt: skip
@@ -197,10 +206,12 @@ async def run(settings: Settings, options: Options, progress: Progress, command:
             await wait_healthy(session, f"{base}/healthz", patience=20)
             await wait_healthy(session, bare, patience=20)
             sale_id = await prepare_sale(session, base, settings)
+            sales.append(sale_id)
             # One admitted buyer per reservation: more than the row can use at 5,000/s.
             reserve = await admitted_buyers(settings, sale_id, int((options.seconds + 1) * 5000))
             tickets = await waiting_tickets(settings, sale_id, options.tickets)
             guarded = await guarded_sale(session, base, settings)
+            sales.append(guarded)
             guarded_url = f"{base}/v1/sales/{guarded}/queue"
             challenges = Signer.from_setting(settings.secret.reveal(), "challenge")
             reservations = (session.post(f"{base}/v1/sales/{sale_id}/reservations", json=body,
@@ -249,6 +260,9 @@ async def run(settings: Settings, options: Options, progress: Progress, command:
     finally:
         servers.stop()
         os.unlink(jwks)
+        await discard_sales(settings, sales)
+        await delete_topics(settings, [topics.reservations, topics.order_events,
+                                       topics.dead_letter])  # fmt: skip
     rows = [meter.row(meters[0]) for meter in meters]
     by = {row.name: row for row in rows}
     status_ratio, join_ratio = rows[1].extra["ratio_to_bare"], rows[2].extra["ratio_to_bare"]

@@ -14,11 +14,14 @@ from typing import Any
 import aiohttp
 
 from allocator.queue_scripts import MAX_JOIN_BATCH, QueueScripts
-from flashsale.clients import redis_client
-from flashsale.keys import SaleKeys
+from allocator.sale_admin import SaleAdmin
+from flashsale.clients import pg_pool, redis_client
+from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.settings import Settings
 from flashsale.tokens import Signer, Signers
 from gateway.challenge import solves
+
+SKU = "B1"  # the one SKU of every bench sale
 
 
 async def _live_sale(session: aiohttp.ClientSession, base: str, settings: Settings, name: str,
@@ -30,7 +33,7 @@ async def _live_sale(session: aiohttp.ClientSession, base: str, settings: Settin
     spec = {
         "name": name, "starts_at": (now - timedelta(seconds=1)).isoformat(),
         "ends_at": (now + timedelta(hours=1)).isoformat(), "max_queue": 100_000_000,
-        "skus": [{"sku": "B1", "stock": 1_000_000, "price": 100, "currency": "EUR"}], **options,
+        "skus": [{"sku": SKU, "stock": 1_000_000, "price": 100, "currency": "EUR"}], **options,
     }  # fmt: skip
     async with session.post(f"{base}/admin/v1/sales", json=spec, headers=admin) as response:
         sale_id = str((await response.json())["id"])
@@ -114,7 +117,7 @@ async def admitted_buyers(settings: Settings, sale_id: str, count: int
         await client.aclose()
     signers = Signers.from_settings(settings)
     deadline = int(time.time() * 1000) + 3_600_000
-    body = {"sku": "B1", "quantity": 1, "payment_token": "tok_bench"}
+    body = {"sku": SKU, "quantity": 1, "payment_token": "tok_bench"}
     return iter([
         ({"Authorization": "Bearer " + signers.buyer.sign({"sub": buyer}, 3600),
           "X-Admission-Token": signers.admission.sign(
@@ -143,3 +146,20 @@ async def waiting_tickets(settings: Settings, sale_id: str, count: int) -> Itera
     claims = [{"s": sale_id, "sub": buyer, "p": position}
               for buyer, position in zip(buyers, positions, strict=True)]  # fmt: skip
     return itertools.cycle([signer.sign(c, 3600) for c in claims])
+
+
+async def discard_sales(settings: Settings, sale_ids: list[str], sku: str = SKU) -> None:
+    """End the benchmark's sales and delete their state in Redis (waiting room, stock, holds,
+    outbox): the engine's next pumps, sweeper, relay and workers have nothing of them to do.
+    Left live, the reserve row's tens of thousands of holds were swept, relayed and turned into
+    orders by the next engine, during the first seconds of whatever it ran."""
+    pool = await pg_pool(settings, max_size=1)
+    client = redis_client(settings)
+    try:
+        admin = SaleAdmin.build(pool, client)
+        for sale_id in sale_ids:
+            await admin.set_status(sale_id, "end")
+            await client.unlink(*SaleKeys(sale_id).all(), *SkuKeys(sale_id, sku).all())
+    finally:
+        await client.aclose()
+        await pool.close()

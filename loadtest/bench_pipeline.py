@@ -35,7 +35,7 @@ from allocator.relay import OutboxRelay, run_relay
 from allocator.sale_admin import SaleAdmin
 from flashsale.cli.devstack.processes import free_port
 from flashsale.clients import pg_pool, redis_client
-from flashsale.kafka import ensure_topics, producer
+from flashsale.kafka import delete_topics, ensure_topics, producer
 from flashsale.keys import SkuKeys
 from flashsale.records import HoldRecord
 from flashsale.salespec import parse_sale
@@ -149,6 +149,7 @@ async def _one_latency(settings: Settings, latency_ms: float, options: Options,
     out = producer(settings)
     servers = Servers()
     stop = asyncio.Event()
+    made: list[str] = []
     try:
         await out.start()
         total = options.reservations * 2 + 100
@@ -160,6 +161,7 @@ async def _one_latency(settings: Settings, latency_ms: float, options: Options,
                           "per_buyer_limit": 1, "hold_ttl_seconds": 600}]}  # fmt: skip
         admin = SaleAdmin.build(pool, redis)
         sale_id = str((await admin.create(parse_sale(spec)))["id"])
+        made.append(sale_id)
         await admin.preload(sale_id)
         keys = SkuKeys(sale_id, SKU)
         run = _Run(settings, sale_id, keys, HoldScripts(redis), servers)
@@ -237,8 +239,14 @@ async def _one_latency(settings: Settings, latency_ms: float, options: Options,
         stop.set()
         servers.stop()
         await out.stop()
+        # Ended, the sale leaves the pumps' and the reconciler's scope (its orders are final),
+        # and the run's topics go: nothing of it is left for the engine to do or keep.
+        for sale_id in made:
+            await SaleAdmin.build(pool, redis).set_status(sale_id, "end")
         await pool.close()
         await redis.aclose()
+        await delete_topics(settings, [topics.reservations, topics.order_events,
+                                       topics.dead_letter])  # fmt: skip
 
 
 async def _broker_ceiling(settings: Settings, count: int, progress: Progress) -> Row:
@@ -268,6 +276,7 @@ async def _broker_ceiling(settings: Settings, count: int, progress: Progress) ->
     finally:
         await consumer.stop()
     elapsed = time.monotonic() - began
+    await delete_topics(settings, [topic, topic + "-e", topic + "-d"])
     progress(f"  broker ceiling: {count / elapsed:,.0f} messages/s produced and consumed")
     return Row("broker_ceiling", "produce + consume only, no effects", count / elapsed, count,
                elapsed)  # fmt: skip

@@ -194,13 +194,14 @@ async def _watch(settings: Settings, sale_id: str, stats: DriverStats, *, total:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
             q, k = await asyncio.gather(
-                client.hmget(queue, "tail", "serving"),
+                client.hmget(queue, "tail", "serving", "pre"),
                 client.hmget(stock, "active", "paying", "sold"),
             )
-            tail, serving = (int(v or 0) for v in q)
+            tail, serving, pre = (int(v or 0) for v in q)
             active, paying, sold = (int(v or 0) for v in k)
             answered = sum(stats.outcomes.values())
-            progress(f"   {time.monotonic() - opened:5.1f}s  queue {max(0, tail - serving):>6,}"
+            progress(f"   {time.monotonic() - opened:5.1f}s  pre-queue {pre:>6,}"
+                     f"  queue {max(0, tail - serving):>6,}"
                      f"  admitted {serving:>5,}  held {active + paying:>4}  sold {sold:>4}  "
                      f"answers {answered:>6,}/{total:,} ({stats.outcomes['reserved']} "
                      f"reserved, {stats.outcomes['sold_out']:,} sold out)")  # fmt: skip

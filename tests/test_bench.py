@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from allocator.pump import quantile
+from flashsale.clients import pg_pool, redis_client
+from flashsale.keys import SaleKeys, SkuKeys
+from flashsale.settings import Settings
 from loadtest import bench_all
 from tests.conftest import REPO, Cli
 
@@ -73,12 +79,20 @@ def test_bench_rejects_bad_options(run_cli: Cli) -> None:
         assert flag.lstrip("-") in result.err
 
 
-def test_bench_gateway_smoke(cli: Cli, tmp_path: Path) -> None:
-    """A short run: real gateway and bare processes, every row served, JSON written."""
+def test_bench_gateway_smoke(cli: Cli, stack: Settings, tmp_path: Path) -> None:
+    """A short run: real gateway and bare processes, every row served, JSON written; and
+    nothing left for the engine afterwards."""
     path = tmp_path / "gateway.json"
+    began = datetime.now(UTC)
+    published = asyncio.run(_end_offsets(stack, stack.topics.reservations))
     result = cli("bench", "gateway", "--seconds", "0.6", "--rounds", "2", "--workers", "1",
                  "--concurrency", "8", "--json", str(path))  # fmt: skip
     assert result.code == 0, result.err
+    # Its reservations went to topics of its own, and its sales are ended with their Redis
+    # state gone: the next engine's workers, relay, sweeper and pumps have nothing of it to do
+    # (a demo right after it once spent its first seconds making 27,000 orders of it).
+    assert asyncio.run(_end_offsets(stack, stack.topics.reservations)) == published
+    assert asyncio.run(_left_of_bench_sales(stack, began)) == {}
     report = json.loads(path.read_text())
     rows = {row["name"]: row for row in report["results"]}
     assert set(rows) == {"bare_aiohttp", "queue_status", "queue_join", "queue_join_jwt",
@@ -102,12 +116,17 @@ def test_bench_gateway_smoke(cli: Cli, tmp_path: Path) -> None:
     }
 
 
-def test_bench_pipeline_smoke(cli: Cli, tmp_path: Path) -> None:
-    """A short run: psp and worker processes, relay, broker; every hold confirmed once."""
+def test_bench_pipeline_smoke(cli: Cli, stack: Settings, tmp_path: Path) -> None:
+    """A short run: psp and worker processes, relay, broker; every hold confirmed once; its
+    sale ended and its topics deleted afterwards."""
     path = tmp_path / "pipeline.json"
+    began = datetime.now(UTC)
+    topics = asyncio.run(_topics(stack, "bench"))
     result = cli("bench", "pipeline", "--reservations", "300", "--latencies", "0",
                  "--paced-seconds", "1", "--concurrency", "100", "--json", str(path))  # fmt: skip
     assert result.code == 0, result.err
+    assert asyncio.run(_live_sales(stack, began, "bench pipeline%")) == []
+    assert asyncio.run(_topics(stack, "bench")) <= topics
     report = json.loads(path.read_text())
     rows = {row["name"]: row for row in report["results"]}
     assert set(rows) == {"broker_ceiling", "pipeline_0ms"}
@@ -217,3 +236,54 @@ def test_bench_all_says_a_demo_target_was_missed_whichever_it_was(missed: dict[s
     outcome = bench_all.demo_outcome(_demo_json(**missed), {}, 0)
     assert not outcome.targets_met
     assert outcome.block.count("MISSED") == 1
+
+
+async def _end_offsets(settings: Settings, topic: str) -> dict[int, int]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.require_kafka())
+    await consumer.start()
+    try:
+        await consumer.topics()
+        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        return {tp.partition: offset for tp, offset in (await consumer.end_offsets(parts)).items()}
+    finally:
+        await consumer.stop()
+
+
+async def _left_of_bench_sales(settings: Settings, since: datetime) -> dict[str, Any]:
+    """Per bench gateway sale made since ``since``: its status unless ended, and which of its
+    Redis keys still exist."""
+    pool = await pg_pool(settings, max_size=1)
+    client = redis_client(settings)
+    try:
+        rows = await pool.fetch("SELECT id, status FROM sales WHERE created_at >= $1 AND "
+                                "name LIKE 'bench gateway%'", since)  # fmt: skip
+        assert rows, "the bench made no sale"
+        left: dict[str, Any] = {}
+        for row in rows:
+            keys = [*SaleKeys(row["id"]).all(), *SkuKeys(row["id"], "B1").all()]
+            present = [key for key in keys if await client.exists(key)]
+            if row["status"] != "ended" or present:
+                left[row["id"]] = {"status": row["status"], "keys": present}
+        return left
+    finally:
+        await client.aclose()
+        await pool.close()
+
+
+async def _live_sales(settings: Settings, since: datetime, name: str) -> list[str]:
+    pool = await pg_pool(settings, max_size=1)
+    try:
+        rows = await pool.fetch("SELECT id FROM sales WHERE created_at >= $1 AND name LIKE $2 "
+                                "AND status <> 'ended'", since, name)  # fmt: skip
+        return [row["id"] for row in rows]
+    finally:
+        await pool.close()
+
+
+async def _topics(settings: Settings, prefix: str) -> set[str]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.require_kafka())
+    await consumer.start()
+    try:
+        return {topic for topic in await consumer.topics() if topic.startswith(prefix)}
+    finally:
+        await consumer.stop()
