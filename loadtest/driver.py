@@ -212,10 +212,10 @@ class Buyers:
         if plan == "no_show":
             return "no_show"
         url = body.get("reserve_url")
-        desk, path = self._reserve_at(url)
+        target, path = self._reserve_at(url)
         self.stats.reserved_via["listener" if url else "gateway"] += 1
         status, body = await self._call(
-            desk, "reserve", "POST", path, fallback=self._reserve_at(None) if url else None,
+            target, "reserve", "POST", path, fallback=self._reserve_at(None) if url else None,
             headers={**auth, "X-Admission-Token": body["admission_token"],
                      "Idempotency-Key": uuid.uuid4().hex},
             body={"sku": self.sku, "quantity": 1, "payment_token": payment_token},

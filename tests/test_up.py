@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import pytest
 import requests
 
 from flashsale.cli.devstack.processes import UP_PORTS, free_ports
+from flashsale.cli.serve import _cors_for, _reservation_listener
 from flashsale.settings import Settings
 from tests.conftest import Cli
 from tests.harness import healthy
@@ -87,3 +89,25 @@ def test_an_audit_with_no_provider_says_what_to_set(
     assert not payments["passed"]
     assert "set FLASHSALE_PSP_URL" in payments["details"]["provider"]
     assert str(tmp_path / "engine.env") in payments["details"]["provider"]
+
+
+@pytest.mark.parametrize(
+    ("host", "workers", "url", "announced", "said"),
+    [
+        ("127.0.0.1", 1, None, "http://127.0.0.1:9005", "reservations x1 on http://127.0.0.1:9005"),
+        ("0.0.0.0", 1, None, None, "not announced: set FLASHSALE_RESERVATIONS_URL"),  # noqa: S104
+        ("::", 2, "https://r.example", None, "(announced as https://r.example)"),
+        ("127.0.0.1", 0, None, None, "no reservations listener"),
+    ],
+)  # fmt: skip
+def test_up_announces_its_reservations_listener_only_where_it_can_be_called(
+    host: str, workers: int, url: str | None, announced: str | None, said: str
+) -> None:
+    """The gateways are told the listener's address unless the operator set a public one, or
+    it listens on every interface (nobody's address), or there is none."""
+    settings = dataclasses.replace(Settings(home=Path("/nonexistent")), reservations_url=url)
+    line, env = _reservation_listener(host, 9005, workers, settings)
+    assert said in line
+    assert env.get("FLASHSALE_RESERVATIONS_URL") == announced
+    cors = _cors_for(host, 9000, settings).get("FLASHSALE_CORS_ORIGINS")
+    assert cors == (None if host in ("0.0.0.0", "::") else f"http://{host}:9000")  # noqa: S104

@@ -143,8 +143,8 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     workers_port = port_number("workers-port", args.workers_port or str(port + 2))
     psp_port = port_number("psp-port", args.psp_port or str(port + 3))
     reconciler_port = port_number("reconciler-port", args.reconciler_port or str(port + 4))
-    desk_workers = within("reservation-workers", args.reservation_workers, 0, 64)
-    desk_port = port_number("reservation-port", args.reservation_port or str(port + 5))
+    listeners = within("reservation-workers", args.reservation_workers, 0, 64)
+    listener_port = port_number("reservation-port", args.reservation_port or str(port + 5))
     service_settings(settings)
     settings.require_kafka()
     metrics_dir = runners.fresh_metrics_dir(settings.home, f"gateway-{port}")
@@ -152,12 +152,12 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     # in the state folder is not: this `up` starts its own simulator.
     external = None if "FLASHSALE_PSP_URL" in settings.from_dev_env else settings.psp_url
     psp_url = external or f"http://{args.host}:{psp_port}"
-    desk, desk_env = _reservation_listener(args.host, desk_port, desk_workers, settings)
+    listener, announce = _reservation_listener(args.host, listener_port, listeners, settings)
     page_cors = _cors_for(args.host, port, settings)
     # fmt: off
     children = [
-        *runners.gateway_children(args.host, port, workers, metrics_dir, psp_url, env=desk_env),
-        *runners.gateway_children(args.host, desk_port, desk_workers, metrics_dir, psp_url,
+        *runners.gateway_children(args.host, port, workers, metrics_dir, psp_url, env=announce),
+        *runners.gateway_children(args.host, listener_port, listeners, metrics_dir, psp_url,
                                   reservations_only=True, env=page_cors),
         runners.allocator_child(args.host, allocator_port),
         runners.workers_child(args.host, workers_port, psp_url),
@@ -169,7 +169,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         journal.parent.mkdir(parents=True, exist_ok=True)
         children.append(runners.psp_child(args.host, psp_port, journal))
     out(
-        f"flashsale up: gateway x{workers} on http://{args.host}:{port}; {desk}; ops endpoints "
+        f"flashsale up: gateway x{workers} on http://{args.host}:{port}; {listener}; ops endpoints "
         f"(/healthz, /metrics): allocator :{allocator_port}, workers :{workers_port}, "
         f"reconciler :{reconciler_port}; "
         f"payments: {psp_url}"
@@ -188,7 +188,7 @@ def _wildcard(host: str) -> bool:
         return False
 
 
-def _reservation_listener(host: str, desk_port: int, workers: int,
+def _reservation_listener(host: str, listener_port: int, workers: int,
                           settings: Settings) -> tuple[str, dict[str, str]]:  # fmt: skip
     """What ``up`` says about the reservations listener, and the environment that tells the
     other gateway processes where it is (``reserve_url`` in an admitted status answer):
@@ -196,13 +196,13 @@ def _reservation_listener(host: str, desk_port: int, workers: int,
     the listener's own address. A wildcard address is nobody's URL: the operator must say."""
     if workers == 0:
         return "no reservations listener", {}
-    where = f"reservations x{workers} on http://{host}:{desk_port}"
+    where = f"reservations x{workers} on http://{host}:{listener_port}"
     if settings.reservations_url:
         return f"{where} (announced as {settings.reservations_url})", {}
     if _wildcard(host):
         return (f"{where} (not announced: set FLASHSALE_RESERVATIONS_URL to its public "
                 "address)"), {}  # fmt: skip
-    url = f"http://{host}:{desk_port}"
+    url = f"http://{host}:{listener_port}"
     return where, {"FLASHSALE_RESERVATIONS_URL": url}
 
 
