@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -46,12 +46,10 @@ async def ensure_topics(
         topics.order_events: partitions or PARTITIONS["order_events"],
         topics.dead_letter: PARTITIONS["dead_letter"],
     }
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=settings.require_kafka(), request_timeout_ms=10_000
-    )
-    try:
-        await admin.start()
-        existing = set(await admin.list_topics())
+    async with _admin(settings, f"reach the Kafka broker at {settings.kafka_bootstrap}") as (
+        admin,
+        existing,
+    ):
         present = [name for name in wanted if name in existing]
         described = await admin.describe_topics(present) if present else []
         have = {d["topic"]: len(d["partitions"]) for d in described}
@@ -68,12 +66,6 @@ async def ensure_topics(
             for topic in missing:
                 outcome[topic.name] = (f"created ({topic.num_partitions} partitions, "
                                        f"replication factor {replication_factor})")  # fmt: skip
-    except KafkaError as exc:
-        raise Unavailable(
-            f"cannot reach the Kafka broker at {settings.kafka_bootstrap}: {exc!r}"
-        ) from exc
-    finally:
-        await admin.close()
     for name, what in outcome.items():
         if progress is not None:
             progress(f"topic {name}: {what}")
@@ -83,17 +75,25 @@ async def ensure_topics(
 async def delete_topics(settings: Settings, names: Sequence[str]) -> None:
     """Delete the topics ``names`` (a benchmark's own, when it is done); Unavailable when the
     broker cannot be reached or refuses."""
+    async with _admin(settings, f"delete the topics {', '.join(names)}") as (admin, existing):
+        gone = [name for name in names if name in existing]
+        if gone:
+            await admin.delete_topics(gone)
+
+
+@contextlib.asynccontextmanager
+async def _admin(settings: Settings, doing: str
+                 ) -> AsyncIterator[tuple[AIOKafkaAdminClient, set[str]]]:  # fmt: skip
+    """An admin client of the broker and its topics now; Unavailable("cannot <doing>") on a
+    Kafka error, closed in any case."""
     admin = AIOKafkaAdminClient(
         bootstrap_servers=settings.require_kafka(), request_timeout_ms=10_000
     )
     try:
         await admin.start()
-        existing = set(await admin.list_topics())
-        gone = [name for name in names if name in existing]
-        if gone:
-            await admin.delete_topics(gone)
+        yield admin, set(await admin.list_topics())
     except KafkaError as exc:
-        raise Unavailable(f"could not delete the topics {', '.join(names)}: {exc!r}") from exc
+        raise Unavailable(f"cannot {doing}: {exc!r}") from exc
     finally:
         await admin.close()
 
