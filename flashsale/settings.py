@@ -164,6 +164,10 @@ class Topics:
     def all(self) -> list[str]:
         return [self.reservations, self.order_events, self.dead_letter]
 
+    def env(self) -> dict[str, str]:
+        """The environment that gives another process these topics."""
+        return {f"FLASHSALE_TOPIC_{name.upper()}": getattr(self, name) for name in DEFAULT_TOPICS}
+
 
 _TOPIC = re.compile(r"[A-Za-z0-9._-]{1,200}\Z")
 DEFAULT_TOPICS = {"reservations": Topics.reservations, "order_events": Topics.order_events,

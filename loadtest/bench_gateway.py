@@ -186,9 +186,7 @@ async def run(settings: Settings, options: Options, progress: Progress, command:
     topics = Topics.from_env({"FLASHSALE_TOPIC_PREFIX": f"bench{os.urandom(4).hex()}-"})
     env = {"FLASHSALE_RATE_PER_IP": "off", "FLASHSALE_RATE_PER_BUYER": "off",
            "FLASHSALE_LOG_LEVEL": "WARNING", "FLASHSALE_BUYER_JWKS": jwks,
-           "FLASHSALE_TOPIC_RESERVATIONS": topics.reservations,
-           "FLASHSALE_TOPIC_ORDER_EVENTS": topics.order_events,
-           "FLASHSALE_TOPIC_DEAD_LETTER": topics.dead_letter}  # fmt: skip
+           **topics.env()}  # fmt: skip
     sales: list[str] = []
     python = sys.executable
     servers.start([python, "-m", "flashsale", "gateway", "--port", str(gateway_port),
@@ -261,8 +259,7 @@ async def run(settings: Settings, options: Options, progress: Progress, command:
         servers.stop()
         os.unlink(jwks)
         await discard_sales(settings, sales)
-        await delete_topics(settings, [topics.reservations, topics.order_events,
-                                       topics.dead_letter])  # fmt: skip
+        await delete_topics(settings, topics.all())
     rows = [meter.row(meters[0]) for meter in meters]
     by = {row.name: row for row in rows}
     status_ratio, join_ratio = rows[1].extra["ratio_to_bare"], rows[2].extra["ratio_to_bare"]

@@ -166,9 +166,7 @@ async def _one_latency(settings: Settings, latency_ms: float, options: Options,
         keys = SkuKeys(sale_id, SKU)
         run = _Run(settings, sale_id, keys, HoldScripts(redis), servers)
         env = {
-            "FLASHSALE_TOPIC_RESERVATIONS": topics.reservations,
-            "FLASHSALE_TOPIC_ORDER_EVENTS": topics.order_events,
-            "FLASHSALE_TOPIC_DEAD_LETTER": topics.dead_letter,
+            **topics.env(),
             "FLASHSALE_CONSUMER_GROUP": settings.consumer_group,
             "FLASHSALE_PSP_URL": settings.psp_url or "", "FLASHSALE_LOG_LEVEL": "WARNING",
         }  # fmt: skip
@@ -245,14 +243,14 @@ async def _one_latency(settings: Settings, latency_ms: float, options: Options,
             await SaleAdmin.build(pool, redis).set_status(sale_id, "end")
         await pool.close()
         await redis.aclose()
-        await delete_topics(settings, [topics.reservations, topics.order_events,
-                                       topics.dead_letter])  # fmt: skip
+        await delete_topics(settings, topics.all())
 
 
 async def _broker_ceiling(settings: Settings, count: int, progress: Progress) -> Row:
     """The broker alone: ``count`` messages of a reservation's size, produced then consumed."""
     topic = f"bench{uuid.uuid4().hex[:8]}-ceiling"
-    await ensure_topics(replace(settings, topics=Topics(topic, topic + "-e", topic + "-d")))
+    own = Topics(topic, topic + "-e", topic + "-d")
+    await ensure_topics(replace(settings, topics=own))
     out = producer(settings)
     await out.start()
     value = b"x" * 420
@@ -276,7 +274,7 @@ async def _broker_ceiling(settings: Settings, count: int, progress: Progress) ->
     finally:
         await consumer.stop()
     elapsed = time.monotonic() - began
-    await delete_topics(settings, [topic, topic + "-e", topic + "-d"])
+    await delete_topics(settings, own.all())
     progress(f"  broker ceiling: {count / elapsed:,.0f} messages/s produced and consumed")
     return Row("broker_ceiling", "produce + consume only, no effects", count / elapsed, count,
                elapsed)  # fmt: skip

@@ -153,14 +153,11 @@ class Pipeline:
         return process
 
     def env(self) -> dict[str, str]:
-        t = self.settings.topics
         return {
             "REDIS_URL": self.settings.require_redis(),
             "DATABASE_URL": self.settings.require_database(),
             "KAFKA_BOOTSTRAP": self.settings.require_kafka(),
-            "FLASHSALE_TOPIC_RESERVATIONS": t.reservations,
-            "FLASHSALE_TOPIC_ORDER_EVENTS": t.order_events,
-            "FLASHSALE_TOPIC_DEAD_LETTER": t.dead_letter,
+            **self.settings.topics.env(),
             "FLASHSALE_CONSUMER_GROUP": self.settings.consumer_group,
             "FLASHSALE_PSP_URL": self.psp_url,
             "FLASHSALE_LOG_LEVEL": "WARNING",
@@ -310,3 +307,16 @@ async def drained(p: Pipeline, patience: float = 30) -> None:
             return
         assert loop.time() < deadline, f"not drained: outbox {outbox}, lag {lag}"
         await asyncio.sleep(0.1)
+
+
+async def end_offsets(settings: Settings, topic: str) -> dict[TopicPartition, int]:
+    """Where each partition of ``topic`` ends now."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.require_kafka())
+    await consumer.start()
+    try:
+        await consumer.topics()  # fresh metadata
+        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        assert parts, f"no partitions for {topic}"
+        return dict(await consumer.end_offsets(parts))
+    finally:
+        await consumer.stop()

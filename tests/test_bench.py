@@ -10,14 +10,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
 from allocator.pump import quantile
 from flashsale.clients import pg_pool, redis_client
+from flashsale.kafka import ensure_topics
 from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.settings import Settings
 from loadtest import bench_all
 from tests.conftest import REPO, Cli
+from tests.pipeline import end_offsets
 
 ROWS = [
     "pg_for_update",
@@ -84,14 +86,15 @@ def test_bench_gateway_smoke(cli: Cli, stack: Settings, tmp_path: Path) -> None:
     nothing left for the engine afterwards."""
     path = tmp_path / "gateway.json"
     began = datetime.now(UTC)
-    published = asyncio.run(_end_offsets(stack, stack.topics.reservations))
+    asyncio.run(ensure_topics(stack))  # the engine's topic exists, to see nothing reach it
+    published = asyncio.run(end_offsets(stack, stack.topics.reservations))
     result = cli("bench", "gateway", "--seconds", "0.6", "--rounds", "2", "--workers", "1",
                  "--concurrency", "8", "--json", str(path))  # fmt: skip
     assert result.code == 0, result.err
     # Its reservations went to topics of its own, and its sales are ended with their Redis
     # state gone: the next engine's workers, relay, sweeper and pumps have nothing of it to do
     # (a demo right after it once spent its first seconds making 27,000 orders of it).
-    assert asyncio.run(_end_offsets(stack, stack.topics.reservations)) == published
+    assert asyncio.run(end_offsets(stack, stack.topics.reservations)) == published
     assert asyncio.run(_left_of_bench_sales(stack, began)) == {}
     report = json.loads(path.read_text())
     rows = {row["name"]: row for row in report["results"]}
@@ -236,17 +239,6 @@ def test_bench_all_says_a_demo_target_was_missed_whichever_it_was(missed: dict[s
     outcome = bench_all.demo_outcome(_demo_json(**missed), {}, 0)
     assert not outcome.targets_met
     assert outcome.block.count("MISSED") == 1
-
-
-async def _end_offsets(settings: Settings, topic: str) -> dict[int, int]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.require_kafka())
-    await consumer.start()
-    try:
-        await consumer.topics()
-        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        return {tp.partition: offset for tp, offset in (await consumer.end_offsets(parts)).items()}
-    finally:
-        await consumer.stop()
 
 
 async def _left_of_bench_sales(settings: Settings, since: datetime) -> dict[str, Any]:

@@ -22,24 +22,13 @@ from flashsale.settings import Settings
 from gateway.announcer import Announcer
 from gateway.state import CLIENTS
 from tests.harness import Gateway, gateway
+from tests.pipeline import end_offsets
 
 
 @pytest.fixture
 async def gw(stack: Settings) -> AsyncIterator[Gateway]:
     async with gateway(stack) as harness:
         yield harness
-
-
-async def _end_offsets(settings: Settings, topic: str) -> dict[TopicPartition, int]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.require_kafka())
-    await consumer.start()
-    try:
-        await consumer.topics()  # fresh metadata
-        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        assert parts, f"no partitions for {topic}"
-        return dict(await consumer.end_offsets(parts))
-    finally:
-        await consumer.stop()
 
 
 async def _messages_since(settings: Settings, since: dict[TopicPartition, int]) -> list[Any]:
@@ -73,7 +62,7 @@ async def _reserve(gw: Gateway, buyer: str, key: str) -> tuple[str, tuple[int, d
 async def test_a_201_means_the_reservation_is_already_in_kafka(gw: Gateway) -> None:
     topic = gw.settings.topics.reservations
     await ensure_topics(gw.settings)
-    since = await _end_offsets(gw.settings, topic)
+    since = await end_offsets(gw.settings, topic)
     sale, (code, reserved) = await _reserve(gw, "durable", "k-durable")
     assert code == 201, reserved
     rid = reserved["reservation_id"]
