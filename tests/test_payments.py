@@ -186,3 +186,41 @@ def test_psp_and_workers_refuse_bad_options(run_cli: Cli, monkeypatch: pytest.Mo
     assert result.code == 2 and "concurrency" in result.err
     result = run_cli("bench", "pipeline", "--latencies", "fast")
     assert result.code == 2 and "latencies" in result.err
+
+
+async def test_charges_are_listed_by_prefix_page_by_page(tmp_path: Path) -> None:
+    """Listing a sale's charges reads that sale's only (keys "<sale>~<sku>~r-..."), in the
+    order they were made, page by page after a cursor; a prefix without "~" still works, and
+    so does all of it after the simulator started again from its journal."""
+    journal = tmp_path / "charges.jsonl"
+    first = Simulator(Knobs(), journal=journal)
+    server = TestServer(first.app())
+    await server.start_server()
+    keys = [f"{sale}~S~r-{i}" for i in range(7) for sale in ("s1", "s2", "s10")]
+    async with HttpProvider(str(server.make_url("")).rstrip("/")) as provider:
+        for key in [*keys, "plain"]:
+            await provider.charge(key, 100, "EUR", "tok_visa")
+    await server.close()
+    first.close()
+    again = Simulator(Knobs(), journal=journal)
+    server = TestServer(again.app())
+    await server.start_server()
+    try:
+        async with HttpProvider(str(server.make_url("")).rstrip("/")) as provider:
+            for prefix in ("s1~", "s1~S~r-", "s1", ""):
+                expected = [k for k in [*keys, "plain"] if k.startswith(prefix)]
+                listed, after, pages = [], None, 0
+                while True:
+                    page, more = await provider.list_charges(prefix, after, limit=3)
+                    listed += [c.key for c in page]
+                    pages += 1
+                    if not more:
+                        break
+                    after = page[-1].key
+                assert listed == expected, prefix
+                assert pages == max(1, -(-len(expected) // 3)), prefix
+            assert await provider.list_charges("s3~") == ([], False)
+            assert await provider.list_charges("s1~", "s10~S~r-6") == ([], False)
+    finally:
+        await server.close()
+        again.close()

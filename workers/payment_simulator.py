@@ -39,8 +39,9 @@ import dataclasses
 import hashlib
 import itertools
 import random
+from bisect import bisect_left
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -109,6 +110,9 @@ class Simulator:
         self.charges: dict[str, dict[str, Any]] = {}
         self.made: list[str] = []  # keys in the order their charges were made (for listing)
         self.position: dict[str, int] = {}
+        # Positions in `made` by the key's text before its first "~" (the engine's keys are
+        # "<sale>~<sku>~r-..."), so listing a sale's charges reads only that sale's.
+        self.groups: dict[str, list[int]] = {}
         self.params: dict[str, tuple[int, str, str]] = {}
         self.calls: Counter[str] = Counter()  # charge calls per key
         self.captures: Counter[str] = Counter()  # captures per key (must stay <= 1)
@@ -136,8 +140,7 @@ class Simulator:
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, IndexError):
                 continue
             if key not in self.charges:
-                self.position[key] = len(self.made)
-                self.made.append(key)
+                self._made(key)
                 self.params[key] = params
                 if charge["status"] != "declined":
                     self.captures[key] = 1
@@ -204,8 +207,7 @@ class Simulator:
             self.captures[key] += 1
         self.charges[key] = charge
         self.params[key] = params
-        self.position[key] = len(self.made)
-        self.made.append(key)
+        self._made(key)
         self._record(key, charge)
         self.outcomes.labels(charge["status"]).inc()
         late = (token.startswith("tok_timeout") and first) or chance(self.knobs.timeout_rate)
@@ -258,6 +260,12 @@ class Simulator:
             return _error(404, "not_found", "no charge under this key")
         return _json(charge)
 
+    def _made(self, key: str) -> None:
+        position = len(self.made)
+        self.position[key] = position
+        self.made.append(key)
+        self.groups.setdefault(key.partition("~")[0], []).append(position)
+
     async def list_charges(self, request: web.Request) -> web.Response:
         prefix = request.query.get("prefix", "")
         after = request.query.get("starting_after")
@@ -268,15 +276,19 @@ class Simulator:
         if after is not None and after not in self.position:
             return _error(400, "invalid_request", "starting_after names no charge")
         start = 0 if after is None else self.position[after] + 1
+        # A prefix with a "~" can only match keys of its group; any other reads every key.
+        group, tilde, _ = prefix.partition("~")
+        positions: Sequence[int] = self.groups.get(group, []) if tilde else range(len(self.made))
         data: list[dict[str, Any]] = []
-        index = start
-        while index < len(self.made) and len(data) < limit:
-            key = self.made[index]
-            if key.startswith(prefix):
-                data.append(self.charges[key])
-            index += 1
-        more = any(k.startswith(prefix) for k in self.made[index:]) if index < len(self.made) \
-            else False  # fmt: skip
+        more = False
+        for position in itertools.islice(positions, bisect_left(positions, start), None):
+            key = self.made[position]
+            if not key.startswith(prefix):
+                continue
+            if len(data) == limit:
+                more = True
+                break
+            data.append(self.charges[key])
         return _json({"data": data, "has_more": more})
 
     async def refund(self, request: web.Request) -> web.Response:
