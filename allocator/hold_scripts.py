@@ -222,8 +222,19 @@ class HoldScripts:
 
     async def expire(self, keys: SkuKeys, limit: int = 500) -> ExpireResult:
         """Look at up to ``limit`` overdue holds and expire those still ACTIVE."""
-        more, *ids = await self._expire(keys=keys.all(), args=[limit])
-        return ExpireResult([text(i) for i in ids], more=bool(int(more)))
+        [result] = await self.expire_many([keys], limit)
+        return result
+
+    async def expire_many(self, skus: Sequence[SkuKeys], limit: int = 500) -> list[ExpireResult]:
+        """:meth:`expire` for each of ``skus``, every call pipelined (one script call per SKU,
+        each in its SKU's slot); the first error is raised after every answer was read."""
+        commands: list[Command] = []
+        for keys in skus:
+            sku_keys = keys.all()
+            commands.append(("EVALSHA", self._expire.sha, len(sku_keys), *sku_keys, limit))
+        replies = await send_packed(self.client, commands, script=self._expire)
+        return [ExpireResult([text(i) for i in ids], more=bool(int(more)))
+                for more, *ids in replies]  # fmt: skip
 
 
 def _gated(

@@ -25,6 +25,7 @@ from typing import Any
 import redis.exceptions
 from aiokafka import AIOKafkaProducer
 
+from allocator.pacing import Schedule, period
 from flashsale.clients import RedisClient
 from flashsale.events import encode_event, message_key, outbox_events
 from flashsale.kafka import publish
@@ -65,6 +66,8 @@ class OutboxRelay:
         claim_idle_ms: int = 10_000,
         claim_every_s: float = 1.0,
         idle_poll_s: float = 0.5,
+        idle_reads_per_s: float = 1000.0,
+        claims_per_s: float = 1000.0,
     ) -> None:
         self.client = client
         self.producer = producer
@@ -74,26 +77,38 @@ class OutboxRelay:
         self.batch = batch
         self.claim_idle_ms = claim_idle_ms
         self.claim_every_s = claim_every_s
+        self.claims_per_s = claims_per_s
         self.stats = RelayStats()
         self._groups: set[SkuKeys] = set()
         self._retry_own = False
         self._next_claim = 0.0
-        # A SKU whose stream had nothing new is read again after a delay that doubles up to
-        # idle_poll_s; one with entries is read again at once. Thousands of idle SKUs then
-        # cost a few reads a second each, not one every round.
+        # A SKU whose stream had nothing new is read again after a delay that doubles from
+        # 10 ms up to idle_poll_s; one with entries is read again at once. With many SKUs in
+        # scope the ceiling grows, so that quiet outboxes cost at most idle_reads_per_s
+        # reads a second in all, and the sweep for a dead relay's entries at most
+        # claims_per_s (allocator/pacing.py). No reservation waits for it: the gateway
+        # publishes each one before answering, and the relay is the path for what it could
+        # not publish, and for the holds' later events.
         self.idle_poll_s = idle_poll_s
-        self._quiet: dict[SkuKeys, tuple[float, float]] = {}  # SKU -> (next read, delay)
+        self.idle_reads_per_s = idle_reads_per_s
+        self._reads = Schedule(rescan_s=idle_poll_s)
 
     async def _ensure_group(self, keys: SkuKeys) -> None:
-        if keys in self._groups:
+        await self._ensure_groups([keys])
+
+    async def _ensure_groups(self, skus: list[SkuKeys]) -> None:
+        """The consumer group of each of ``skus`` not made sure of yet, in one pipeline."""
+        new = [keys for keys in skus if keys not in self._groups]
+        if not new:
             return
-        try:
+        pipe = self.client.pipeline(transaction=False)
+        for keys in new:
             # From the start of the stream: entries written before any relay ran count too.
-            await self.client.xgroup_create(keys.outbox, GROUP, id="0", mkstream=True)
-        except redis.exceptions.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-        self._groups.add(keys)
+            pipe.xgroup_create(keys.outbox, GROUP, id="0", mkstream=True)
+        for keys, reply in zip(new, await pipe.execute(raise_on_error=False), strict=True):
+            if isinstance(reply, Exception) and "BUSYGROUP" not in str(reply):
+                raise reply
+            self._groups.add(keys)
 
     async def relay_once(self, skus: list[SkuKeys]) -> int:
         """One round over ``skus``: take over idle entries of dead relays, read new ones,
@@ -103,19 +118,31 @@ class OutboxRelay:
         # Looking for a dead relay's entries now and then is plenty: they wait claim_idle_ms.
         claim = now >= self._next_claim
         if claim:
-            self._next_claim = now + self.claim_every_s
-        elif not self._retry_own:
-            skus = [k for k in skus if self._quiet.get(k, (0.0, 0.0))[0] <= now]
-            if not skus:
-                return 0
-        for keys in skus:
-            await self._ensure_group(keys)
+            self._next_claim = now + period(len(skus), self.claim_every_s, self.claims_per_s)
+        quiet_s = period(len(skus), self.idle_poll_s, self.idle_reads_per_s)
+        self._reads.rescan_s = quiet_s
+        if self._retry_own:  # after a failed round, our own pending entries ("0") of every SKU
+            due = skus
+            self._reads.forget()
+        else:
+            due = self._reads.due(skus, now)
+        if not due and not claim:
+            return 0
+        try:
+            return await self._round(skus if claim else [], due, now, quiet_s)
+        except BaseException:
+            self._reads.forget()  # what was taken and not put back is read again at once
+            raise
+
+    async def _round(
+        self, claims: list[SkuKeys], due: list[SkuKeys], now: float, quiet_s: float
+    ) -> int:
+        await self._ensure_groups(claims or due)
         pipe = self.client.pipeline(transaction=False)
-        for keys in skus:
-            if claim:
-                pipe.xautoclaim(keys.outbox, GROUP, self.consumer, self.claim_idle_ms, "0-0",
-                                count=self.batch)  # fmt: skip
-            # After a failed round, our own pending entries first ("0"), then new ones.
+        for keys in claims:
+            pipe.xautoclaim(keys.outbox, GROUP, self.consumer, self.claim_idle_ms, "0-0",
+                            count=self.batch)  # fmt: skip
+        for keys in due:
             pipe.xreadgroup(GROUP, self.consumer, {keys.outbox: "0" if self._retry_own else ">"},
                             count=self.batch)  # fmt: skip
         try:
@@ -127,20 +154,24 @@ class OutboxRelay:
                 # restore; nothing Redis still holds is skipped (the group starts at 0).
                 log.warning("outbox consumer group missing (%s); creating it again", exc)
                 self._groups.clear()
+                self._reads.forget()
                 return 0
             raise
-        work: list[tuple[SkuKeys, list[tuple[Any, dict[Any, Any]]]]] = []
-        for keys in skus:
-            claimed = next(replies)[1] if claim else []
-            read = next(replies)
-            entries = list(claimed) + (list(read[0][1]) if read else [])
+        found: dict[SkuKeys, list[tuple[Any, dict[Any, Any]]]] = {}
+        for keys in claims:
+            claimed = list(next(replies)[1])
             self.stats.claimed += len(claimed)
+            if claimed:
+                found[keys] = claimed
+        for keys in due:
+            read = next(replies)
+            entries = list(read[0][1]) if read else []
             if entries:
-                work.append((keys, entries))
-                self._quiet.pop(keys, None)
+                found[keys] = found.get(keys, []) + entries
+                self._reads.busy(keys, now)
             else:
-                delay = min(self.idle_poll_s, max(0.01, 2 * self._quiet.get(keys, (0, 0))[1]))
-                self._quiet[keys] = (now + delay, delay)
+                self._reads.idle(keys, now, quiet_s)
+        work = list(found.items())
         if not work:
             self._retry_own = False
             return 0

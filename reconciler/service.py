@@ -19,6 +19,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from allocator.ids import route_of
+from allocator.pacing import period
 from flashsale.clients import Clients, open_clients
 from flashsale.kafka import LagReader
 from flashsale.ops_endpoints import dependency_probes, serve_ops
@@ -52,9 +53,16 @@ async def audit(settings: Settings, sale_id: str) -> AuditReport:
         return await audit_sale(c.pool, c.redis, c.provider, settings, sale_id)
 
 
+# With more SKUs in scope than this many a second at --interval, passes are spread out
+# (allocator/pacing.py): ended sales stay in scope for 15 minutes after their holds, and three
+# ended 10,000-SKU sales made back-to-back passes of 3 s each.
+SKUS_PER_S = 2000.0
+
+
 async def serve(settings: Settings, stop: asyncio.Event, *, interval: float,
                 stuck_after_s: float, ops_port: int | None, host: str) -> None:  # fmt: skip
-    """A pass every ``interval`` seconds until ``stop``."""
+    """A pass every ``interval`` seconds (longer with more than ``SKUS_PER_S`` times as many
+    SKUs in scope) until ``stop``."""
     registry = CollectorRegistry()
     async with open_clients(settings) as c:
         rec = reconciler(c, settings, stuck_after_s=stuck_after_s, registry=registry)
@@ -68,6 +76,7 @@ async def serve(settings: Settings, stop: asyncio.Event, *, interval: float,
         try:
             while not stop.is_set():
                 await _read_lag(lag, settings, rec.metrics)
+                wait = interval
                 try:
                     report = await rec.run_once(full=False)
                 except Exception as exc:
@@ -78,13 +87,14 @@ async def serve(settings: Settings, stop: asyncio.Event, *, interval: float,
                     else:
                         log.exception("reconcile pass failed (next one in %gs)", interval)
                 else:
+                    wait = period(report.skus, interval, SKUS_PER_S)
                     if report.changed or report.flags:
                         log.warning("reconcile pass: %d repairs, %d flags over %d SKUs in %.3fs",
                                     report.changed, len(report.flags), report.skus,
                                     report.seconds)  # fmt: skip
                         log_items(report)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), interval)
+                    await asyncio.wait_for(stop.wait(), wait)
         finally:
             await lag.aclose()
             if runner is not None:

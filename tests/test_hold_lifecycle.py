@@ -4,11 +4,14 @@ expiry and the sweeper, one at a time and batched across SKUs."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 from allocator.hold_scripts import HoldScripts
-from allocator.sweeper import sweep_once
+from allocator.sweeper import run_sweeper, sweep_once
 from flashsale.clients import RedisClient, redis_client
+from flashsale.keys import SkuKeys
 from flashsale.settings import Settings
+from loadtest.bench import ServerSample
 from tests.holds import make_sku, request, reserve
 
 
@@ -152,3 +155,38 @@ async def test_batched_transitions_keep_item_order_across_skus(client: RedisClie
     assert [e.cause for e in await b.events() if e.type == "reservation.released"] == [
         "payment_failed"
     ]
+
+
+async def test_the_sweeper_paces_thousands_of_skus_and_still_expires(stack: Settings) -> None:
+    """A sale of thousands of SKUs stays in the sweeper's scope while holds can live. Each
+    sweep sends one expire call per SKU, all pipelined, and sweeps are spread so that the
+    scope costs at most ``visits_per_s`` calls a second; an overdue hold still comes back."""
+    client = redis_client(stack)
+    try:
+        sku = await make_sku(client, stock=3, ttl_ms=50)
+        granted = (await reserve(sku, request("pat", 1))).reservation_id
+        quiet = [SkuKeys(f"quiet-{uuid.uuid4().hex[:8]}", f"S{i}") for i in range(2000)]
+        stop = asyncio.Event()
+        expired: list[int] = []
+
+        async def scope() -> list[SkuKeys]:
+            return [*quiet, sku.keys]
+
+        task = asyncio.create_task(run_sweeper(sku.scripts, scope, stop=stop,
+                                               visits_per_s=1000, on_expired=expired.append))
+        try:
+            await asyncio.sleep(1.0)
+            before = await ServerSample.take(client)
+            window_s = 4.0
+            await asyncio.sleep(window_s)
+            after = await ServerSample.take(client)
+        finally:
+            stop.set()
+            await task
+        calls = after.calls.get("evalsha", 0) - before.calls.get("evalsha", 0)
+        assert 0 < calls <= 1000 * window_s + 2 * 2001, calls
+        assert sum(expired) == 1
+        assert (await sku.scripts.confirm(sku.keys, granted or "")).reason == "released"
+        assert (await sku.assert_conserved())["available"] == 3
+    finally:
+        await client.aclose()

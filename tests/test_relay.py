@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
 import orjson
 import pytest
 from aiokafka.errors import KafkaError
 
-from allocator.relay import GROUP, OutboxRelay
+from allocator.relay import GROUP, OutboxRelay, run_relay
+from flashsale.clients import redis_client
 from flashsale.events import ReservationEvent, decode_event, encode_event
 from flashsale.kafka import producer
 from flashsale.keys import SkuKeys
 from flashsale.settings import Settings
+from loadtest.bench import ServerSample
 from tests.pipeline import SKU, pipeline
 
 
@@ -100,3 +103,40 @@ def test_wire_format_round_trip_and_poison() -> None:
     for raw, why in bad_cases.items():
         with pytest.raises(ValueError, match=why):
             decode_event(raw)
+
+
+async def test_thousands_of_quiet_outboxes_cost_a_bounded_number_of_reads(
+    stack: Settings,
+) -> None:
+    """A sale of thousands of SKUs stays in the relay's scope while it is live and for a hold
+    TTL after it ended. Polling each outbox at a fixed pace cost the allocator a whole core on
+    a 10,000-SKU sale with nothing to relay; the reads and the sweep for a dead relay's
+    entries are spread instead, at most a fixed number a second in all."""
+    redis = redis_client(stack)
+    skus = [SkuKeys(f"quiet-{uuid.uuid4().hex[:8]}", f"S{i}") for i in range(2000)]
+    out = producer(stack)
+    await out.start()
+    relay = OutboxRelay(redis, out, stack.topics.reservations, stack.topics.dead_letter,
+                        "quiet")  # fmt: skip
+    stop = asyncio.Event()
+
+    async def scope() -> list[SkuKeys]:
+        return skus
+
+    task = asyncio.create_task(run_relay(relay, scope, stop=stop))
+    try:
+        await asyncio.sleep(4.0)  # the first round reads every outbox; then they are quiet
+        before = await ServerSample.take(redis)
+        window_s = 4.0
+        await asyncio.sleep(window_s)
+        after = await ServerSample.take(redis)
+    finally:
+        stop.set()
+        await task
+        for start in range(0, len(skus), 500):
+            await redis.delete(*(k.outbox for k in skus[start : start + 500]))
+        await redis.aclose()
+        await out.stop()
+    sent = sum(after.calls.get(c, 0) - before.calls.get(c, 0) for c in ("xreadgroup", "xautoclaim"))
+    budget = (relay.idle_reads_per_s + relay.claims_per_s) * window_s + 2 * len(skus)
+    assert 0 < sent <= budget, (sent, budget)

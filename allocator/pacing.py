@@ -1,0 +1,76 @@
+"""How often the background loops visit each SKU in scope.
+
+The outbox relay, the hold sweeper and the outbox backlog gauge each look at every SKU of
+every sale in which a hold can still live. Each visit is a Redis command and, on the
+allocator's side, Python work for its request and its answer. At a fixed interval per SKU,
+that cost grows with the number of SKUs: a 10,000-SKU sale with nothing to do kept one
+allocator process at a whole core, for as long as it stayed in scope (live, then a hold TTL
+and a minute after it ended). So a loop visits each SKU at its own interval while few are in
+scope, and spreads a fixed number of visits a second over them when many are: the interval
+grows with the SKU count instead of the cost.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+
+from flashsale.keys import SkuKeys
+
+
+def period(skus: int, interval_s: float, visits_per_s: float) -> float:
+    """Seconds between two visits of each of ``skus`` SKUs: ``interval_s``, or longer so the
+    whole scope costs no more than ``visits_per_s`` visits a second."""
+    return max(interval_s, skus / visits_per_s)
+
+
+class Schedule:
+    """When each SKU of a scope is next due, earliest first (a heap), so a loop that runs
+    every few milliseconds takes only the SKUs due instead of looking at every one.
+
+    A SKU that had work is due again at once (:meth:`busy`); one that had none waits a delay
+    that starts at ``first_s`` and doubles up to the ceiling the loop gives (:meth:`idle`).
+
+    The scope is looked at in full when it is another list than last time or has another
+    length, and at least every ``rescan_s`` (a scope edited in place): a SKU new to it is due
+    at once, one gone from it is dropped. A SKU taken by :meth:`due` is off the schedule until
+    :meth:`busy` or :meth:`idle` puts it back; after a round that failed half-way,
+    :meth:`forget` makes every SKU not put back due at the next look."""
+
+    def __init__(self, rescan_s: float, first_s: float = 0.01) -> None:
+        self.rescan_s = rescan_s
+        self.first_s = first_s
+        self._heap: list[tuple[float, int, SkuKeys]] = []
+        self._delay: dict[SkuKeys, float] = {}  # the last delay of a SKU that had no work
+        self._scope: list[SkuKeys] | None = None
+        self._size = 0
+        self._looked = 0.0
+        self._serial = itertools.count()
+
+    def due(self, skus: list[SkuKeys], now: float) -> list[SkuKeys]:
+        if (
+            skus is not self._scope
+            or len(skus) != self._size
+            or now >= self._looked + self.rescan_s
+        ):
+            when = {keys: at for at, _, keys in self._heap}
+            self._heap = [(when.get(keys, now), next(self._serial), keys) for keys in skus]
+            heapq.heapify(self._heap)
+            self._delay = {keys: self._delay[keys] for keys in skus if keys in self._delay}
+            self._scope, self._size, self._looked = skus, len(skus), now
+        taken = []
+        while self._heap and self._heap[0][0] <= now:
+            taken.append(heapq.heappop(self._heap)[2])
+        return taken
+
+    def busy(self, keys: SkuKeys, now: float) -> None:
+        self._delay.pop(keys, None)
+        heapq.heappush(self._heap, (now, next(self._serial), keys))
+
+    def idle(self, keys: SkuKeys, now: float, ceiling_s: float) -> None:
+        delay = min(ceiling_s, max(self.first_s, 2 * self._delay.get(keys, 0.0)))
+        self._delay[keys] = delay
+        heapq.heappush(self._heap, (now + delay, next(self._serial), keys))
+
+    def forget(self) -> None:
+        self._scope = None
