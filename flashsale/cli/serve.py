@@ -293,7 +293,12 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     rec.set_defaults(handler=cmd_reconcile)
     rec.add_argument("--once", action="store_true", help="one pass, then exit")
-    rec.add_argument("--interval", default="5", help="seconds between passes (default 5)")
+    rec.add_argument(
+        "--interval",
+        default="5",
+        help="seconds between passes (default 5; longer with more than 2,000 SKUs "
+        "in scope per second of it)",
+    )
     rec.add_argument("--sale", action="append", metavar="ID",
                      help="only this sale (repeatable; default: every live sale)")  # fmt: skip
     rec.add_argument(
