@@ -41,6 +41,7 @@ from flashsale.orders import TERMINAL, OrderStore
 from flashsale.payments import CircuitBreaker, HttpProvider
 from flashsale.salespec import parse_sale
 from flashsale.settings import Settings, Topics
+from loadtest.bench import ServerSample
 from loadtest.processes import stop_all
 from workers.payment_simulator import Knobs, Simulator
 from workers.service import BATCH_PLANNING, WorkerService
@@ -307,6 +308,18 @@ async def drained(p: Pipeline, patience: float = 30) -> None:
             return
         assert loop.time() < deadline, f"not drained: outbox {outbox}, lag {lag}"
         await asyncio.sleep(0.1)
+
+
+async def server_calls(
+    client: RedisClient, commands: tuple[str, ...], *, after_s: float, window_s: float
+) -> int:
+    """How many of ``commands`` the Redis server (every primary) ran in the ``window_s``
+    seconds that begin ``after_s`` seconds from now, whoever sent them."""
+    await asyncio.sleep(after_s)
+    before = await ServerSample.take(client)
+    await asyncio.sleep(window_s)
+    after = await ServerSample.take(client)
+    return sum(after.calls.get(c, 0) - before.calls.get(c, 0) for c in commands)
 
 
 async def end_offsets(settings: Settings, topic: str) -> dict[TopicPartition, int]:

@@ -11,8 +11,8 @@ from allocator.sweeper import run_sweeper, sweep_once
 from flashsale.clients import RedisClient, redis_client
 from flashsale.keys import SkuKeys
 from flashsale.settings import Settings
-from loadtest.bench import ServerSample
 from tests.holds import make_sku, request, reserve
+from tests.pipeline import server_calls
 
 
 async def test_happy_path_and_idempotent_transitions(client: RedisClient) -> None:
@@ -172,18 +172,15 @@ async def test_the_sweeper_paces_thousands_of_skus_and_still_expires(stack: Sett
         async def scope() -> list[SkuKeys]:
             return [*quiet, sku.keys]
 
-        task = asyncio.create_task(run_sweeper(sku.scripts, scope, stop=stop,
-                                               visits_per_s=1000, on_expired=expired.append))
+        task = asyncio.create_task(
+            run_sweeper(sku.scripts, scope, stop=stop, visits_per_s=1000, on_expired=expired.append)
+        )
+        window_s = 4.0
         try:
-            await asyncio.sleep(1.0)
-            before = await ServerSample.take(client)
-            window_s = 4.0
-            await asyncio.sleep(window_s)
-            after = await ServerSample.take(client)
+            calls = await server_calls(client, ("evalsha",), after_s=1.0, window_s=window_s)
         finally:
             stop.set()
             await task
-        calls = after.calls.get("evalsha", 0) - before.calls.get("evalsha", 0)
         assert 0 < calls <= 1000 * window_s + 2 * 2001, calls
         assert sum(expired) == 1
         assert (await sku.scripts.confirm(sku.keys, granted or "")).reason == "released"
