@@ -117,16 +117,6 @@ def partition_of(key: bytes, partitions: Sequence[int]) -> int:
     return partitions[zlib.crc32(key) % len(partitions)]
 
 
-async def publish_one(out: AIOKafkaProducer, topic: str, key: bytes, value: bytes) -> None:
-    """Send one message and wait until the broker has acknowledged it. Unlike :func:`publish`
-    (a batch per partition, one batch in flight per partition), many callers may do this at
-    once: aiokafka gathers what they send meanwhile into shared batches."""
-    partitions = sorted(await out.partitions_for(topic))
-    delivered = await out.send(topic, value=value, key=key,
-                               partition=partition_of(key, partitions))  # fmt: skip
-    await delivered
-
-
 async def publish(
     out: AIOKafkaProducer, topic: str, messages: Sequence[tuple[bytes, bytes]]
 ) -> int:

@@ -27,10 +27,11 @@ import contextlib
 
 from aiokafka import AIOKafkaProducer
 
+from allocator.batching import Coalescer
 from flashsale.errors import Unavailable
 from flashsale.event_loop import LoopThread
 from flashsale.events import ReservationEvent, encode_event, message_key
-from flashsale.kafka import ensure_topics, producer, publish_one
+from flashsale.kafka import ensure_topics, producer, publish
 from flashsale.settings import Settings
 
 ANNOUNCE_TIMEOUT_S = 3.0
@@ -48,17 +49,26 @@ class Announcer:
         self._out: AIOKafkaProducer | None = None  # made and used on the thread's loop only
         self._lock = asyncio.Lock()  # bound to a loop at its first use: the thread's
         self._thread = LoopThread("announcer")
+        # Reservations granted together (one reserve batch) are announced together: one hop
+        # to the producer's thread and one send per partition for all of them. The batch is
+        # taken at the next turn of the loop, so no reservation waits for others to come.
+        self._together: Coalescer[tuple[bytes, bytes], None] = Coalescer(
+            self._cross, "announcer", window=0.0
+        )
 
     async def announce(self, event: ReservationEvent) -> None:
         """Return once the broker has acknowledged ``event``; Unavailable when it cannot."""
-        key, value = message_key(event.reservation_id), encode_event(event)
-        await self._thread.call(self._publish(key, value))
+        await self._together.submit((message_key(event.reservation_id), encode_event(event)))
 
-    async def _publish(self, key: bytes, value: bytes) -> None:
+    async def _cross(self, messages: list[tuple[bytes, bytes]]) -> list[None]:
+        await self._thread.call(self._publish(messages))
+        return [None] * len(messages)
+
+    async def _publish(self, messages: list[tuple[bytes, bytes]]) -> None:
         out = await self._producer()
         try:
             async with asyncio.timeout(self.timeout_s):
-                await publish_one(out, self.settings.topics.reservations, key, value)
+                await publish(out, self.settings.topics.reservations, messages)
         except TimeoutError as exc:
             raise Unavailable(
                 "the order pipeline did not take the reservation in time; retry with the same "
@@ -99,6 +109,7 @@ class Announcer:
             return self._out
 
     async def aclose(self) -> None:
+        await self._together.aclose()
         await self._thread.stop(self._close())
 
     async def _close(self) -> None:
