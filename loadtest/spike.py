@@ -72,7 +72,7 @@ async def run(settings: Settings, options: Options, progress: Progress) -> int:
     progress(f"== starting the engine: flashsale up --port {port} (log: {log_path})")
     with engine(settings, port, log_path):
         async with aiohttp.ClientSession() as session:
-            for offset in range(5):
+            for offset in range(UP_PORTS):
                 await wait_healthy(session, f"http://127.0.0.1:{port + offset}/healthz")
             # Orders only flow once the broker has given the workers their partitions.
             await wait_consuming(session, f"http://127.0.0.1:{port + 2}/metrics")

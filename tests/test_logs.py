@@ -77,7 +77,7 @@ def test_one_reservation_is_followed_through_the_services_by_its_id(
             env={**os.environ, "FLASHSALE_LOG_FORMAT": "json", "FLASHSALE_LOG_LEVEL": "INFO"},
         )  # fmt: skip
         try:
-            for offset in range(5):
+            for offset in range(UP_PORTS):
                 healthy(f"http://127.0.0.1:{port + offset}/healthz")
             sale = cli("sale", "create", "--name", "logged", "--sku", "A", "--stock", "3",
                        "--price", "100", "--currency", "EUR").out.strip()  # fmt: skip

@@ -44,7 +44,9 @@ def test_headless_spike_through_the_cli(stack: Settings, tmp_path: Path) -> None
 
 @pytest.mark.heavy
 def test_distributed_spike_master_and_worker(stack: Settings, tmp_path: Path) -> None:
-    port, master_port = free_ports(UP_PORTS), free_ports(2)
+    # One run of free ports for the engine and the locust master's two, so they cannot overlap.
+    port = free_ports(UP_PORTS + 2)
+    master_port = port + UP_PORTS
     env = {**os.environ, "FLASHSALE_ADMIN_TOKEN": stack.admin_token.reveal(),
            "FLASHSALE_BUYER_TOKEN_SECRET": stack.buyer_token_secret.reveal()}  # fmt: skip
     common = ["-f", LOCUSTFILE, "--buyers", "200", "--stock", "20", "--ramp", "2", "--hold", "1"]
