@@ -28,6 +28,7 @@ from typing import Any, cast
 import hiredis
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.connection import Connection
 from redis.commands.core import AsyncScript
@@ -178,11 +179,7 @@ async def _send_group(
                     await conn.disconnect()
                 await conn.send_packed_command(b"".join(pack_command(c) for c in part),
                                                check_health=False)  # fmt: skip
-                for _ in part:
-                    try:
-                        replies.append(await conn.read_response())
-                    except redis.exceptions.ResponseError as exc:  # read whole: the rest follows
-                        replies.append(exc)
+                replies += await _read_replies(conn, len(part))
         except BaseException as exc:
             await conn.disconnect()  # replies may be left unread on it
             if node is not None and isinstance(
@@ -191,6 +188,42 @@ async def _send_group(
                 assert isinstance(client, aioredis.RedisCluster)
                 await _relearn_slots(client, node)
             raise
+    return replies
+
+
+async def _read_replies(conn: Connection, count: int) -> list[Any]:
+    """The next ``count`` replies on ``conn``, an error answer in its place (the rest follows
+    it, so everything is read). hiredis's reader is drained directly: through redis-py's
+    ``read_response`` each reply cost about 6 us of Python, five times the rest of a wide read
+    (20,000 ``HMGET``: 141 ms of CPU against 25 ms). Within the connection's socket timeout,
+    if it has one, for the lot; a connection that fails raises redis-py's errors."""
+    parser = conn._parser
+    if not isinstance(parser, _AsyncHiredisParser):  # without hiredis: redis-py's own way
+        replies: list[Any] = []
+        for _ in range(count):
+            try:
+                replies.append(await conn.read_response())
+            except redis.exceptions.ResponseError as exc:
+                replies.append(exc)
+        return replies
+    reader = cast(hiredis.Reader, parser._reader)  # set while connected
+    replies = []
+    try:
+        async with asyncio.timeout(conn.socket_timeout):
+            while len(replies) < count:
+                reply = reader.gets()
+                if reply is NOT_ENOUGH_DATA:
+                    await parser.read_from_socket()  # type: ignore[no-untyped-call]
+                elif isinstance(reply, redis.exceptions.ConnectionError):
+                    raise reply
+                else:
+                    replies.append(reply)
+    except TimeoutError as exc:
+        raise redis.exceptions.TimeoutError(f"Timeout reading from {conn.host}") from exc
+    except OSError as exc:
+        raise redis.exceptions.ConnectionError(
+            f"Error while reading from {conn.host}: {exc}"
+        ) from exc
     return replies
 
 
