@@ -9,13 +9,17 @@ an admin preloading a sale 25 s after a Redis restart got "a dependency is unava
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
+import pytest
 import redis.asyncio as aioredis
+import redis.exceptions
 import uvloop
 
+from allocator import redis_calls
 from allocator.redis_calls import read_packed
 from flashsale.clients import RedisClient, redis_client
 from flashsale.settings import Settings
@@ -91,3 +95,26 @@ def test_packed_calls_get_a_fresh_connection_when_theirs_died_idle(stack: Settin
     failures = [a for a in answers if isinstance(a, BaseException)]
     assert not failures, [repr(e) for e in failures]
     assert answers == [[b"PONG", b"x"]] * len(answers)
+
+
+@pytest.mark.parametrize("hiredis_reader", [True, False], ids=["hiredis", "redis-py"])
+async def test_packed_replies_stay_in_order_through_an_error_answer(
+    stack: Settings, hiredis_reader: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replies are read in bulk from the parser's reader: an error answer in the middle is
+    raised only after every reply was read, so the connection's next call reads its own
+    answers, not the leftovers of this one; the same through redis-py's own reader."""
+    if not hiredis_reader:
+        monkeypatch.setattr(redis_calls, "_AsyncHiredisParser", type(None))
+    client = redis_client(stack, max_connections=1)  # one connection: the next call reuses it
+    key = f"packed-{uuid.uuid4().hex[:8]}"
+    try:
+        await client.set(key, "text")
+        commands: list[redis_calls.Command] = [("ECHO", str(i)) for i in range(7)]
+        commands[3] = ("HGET", key, "field")  # WRONGTYPE: the key holds a string
+        with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE"):
+            await read_packed(client, commands, chunk=2)
+        assert await read_packed(client, [("ECHO", "next"), ("GET", key)]) == [b"next", b"text"]
+    finally:
+        await client.delete(key)
+        await client.aclose()
