@@ -28,13 +28,22 @@ from typing import Any, cast
 import hiredis
 import redis.asyncio as aioredis
 import redis.exceptions
-from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.connection import Connection
 from redis.commands.core import AsyncScript
 from redis.crc import key_slot
 
 from flashsale.clients import CLUSTER_POOL_FACTOR, RedisClient
+
+# The parsers whose hiredis reader :func:`_read_replies` drains itself (redis-py's private
+# layout, so another layout falls back to redis-py's own ``read_response``).
+try:
+    from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
+
+    DRAINABLE: tuple[type, ...] = (_AsyncHiredisParser,)
+except ImportError:  # pragma: no cover - another redis-py layout
+    NOT_ENOUGH_DATA = object()
+    DRAINABLE = ()
 
 # The scripts that get lua/lib.lua prepended.
 WITH_LIB = frozenset({
@@ -198,7 +207,7 @@ async def _read_replies(conn: Connection, count: int) -> list[Any]:
     (20,000 ``HMGET``: 141 ms of CPU against 25 ms). Within the connection's socket timeout,
     if it has one, for the lot; a connection that fails raises redis-py's errors."""
     parser = conn._parser
-    if not isinstance(parser, _AsyncHiredisParser):  # without hiredis: redis-py's own way
+    if not isinstance(parser, DRAINABLE):  # without hiredis: redis-py's own way
         replies: list[Any] = []
         for _ in range(count):
             try:
@@ -206,14 +215,15 @@ async def _read_replies(conn: Connection, count: int) -> list[Any]:
             except redis.exceptions.ResponseError as exc:
                 replies.append(exc)
         return replies
-    reader = cast(hiredis.Reader, parser._reader)  # set while connected
+    drained: Any = parser  # a private layout, checked above
+    reader = cast(hiredis.Reader, drained._reader)  # set while connected
     replies = []
     try:
         async with asyncio.timeout(conn.socket_timeout):
             while len(replies) < count:
                 reply = reader.gets()
                 if reply is NOT_ENOUGH_DATA:
-                    await parser.read_from_socket()  # type: ignore[no-untyped-call]
+                    await drained.read_from_socket()
                 elif isinstance(reply, redis.exceptions.ConnectionError):
                     raise reply
                 else:

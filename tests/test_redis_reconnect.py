@@ -105,7 +105,7 @@ async def test_packed_replies_stay_in_order_through_an_error_answer(
     raised only after every reply was read, so the connection's next call reads its own
     answers, not the leftovers of this one; the same through redis-py's own reader."""
     if not hiredis_reader:
-        monkeypatch.setattr(redis_calls, "_AsyncHiredisParser", type(None))
+        monkeypatch.setattr(redis_calls, "DRAINABLE", ())
     client = redis_client(stack, max_connections=1)  # one connection: the next call reuses it
     key = f"packed-{uuid.uuid4().hex[:8]}"
     try:
