@@ -128,11 +128,14 @@ class OutboxRelay:
             due = self._reads.due(skus, now)
         if not due and not claim:
             return 0
+        finished = False
         try:
-            return await self._round(skus if claim else [], due, now, quiet_s)
-        except BaseException:
-            self._reads.forget()  # what was taken and not put back is read again at once
-            raise
+            acked = await self._round(skus if claim else [], due, now, quiet_s)
+            finished = True
+        finally:
+            if not finished:  # what was taken and not put back is read again at once
+                self._reads.forget()
+        return acked
 
     async def _round(
         self, claims: list[SkuKeys], due: list[SkuKeys], now: float, quiet_s: float
