@@ -97,20 +97,26 @@ class Pipeline:
         self.buckets[sale_id] = buckets
         return sale_id
 
-    async def reserve(self, sale_id: str, tokens: list[str], *, quantity: int = 1) -> list[str]:
-        """One reservation per token, each by a new buyer taking the buyer's path through the
-        waiting room's scripts (join, admitted by a pump step, the admission claimed, then
-        reserve), so the audit can trace every reservation to its admission. Their ids, all
-        granted."""
-        return [rid for rid, _ in await self.reserve_requests(sale_id, tokens,
-                                                              quantity=quantity)]  # fmt: skip
+    async def reserve(
+        self, sale_id: str, tokens: list[str], *, quantity: int = 1,
+        buyers: list[str] | None = None,
+    ) -> list[str]:  # fmt: skip
+        """One reservation per token, each by a new buyer (``buyers``, or new ids) taking the
+        buyer's path through the waiting room's scripts (join, admitted by a pump step, the
+        admission claimed, then reserve), so the audit can trace every reservation to its
+        admission. Their ids, all granted."""
+        return [rid for rid, _ in await self.reserve_requests(sale_id, tokens, quantity=quantity,
+                                                              buyers=buyers)]  # fmt: skip
 
     async def reserve_requests(
-        self, sale_id: str, tokens: list[str], *, quantity: int = 1
-    ) -> list[tuple[str, ReserveRequest]]:
+        self, sale_id: str, tokens: list[str], *, quantity: int = 1,
+        buyers: list[str] | None = None,
+    ) -> list[tuple[str, ReserveRequest]]:  # fmt: skip
         """As :meth:`reserve`, with each granted id's request (to replay it)."""
         queue, keys = QueueScripts(self.redis), SaleKeys(sale_id)
-        buyers = [f"buyer-{uuid.uuid4().hex[:12]}" for _ in tokens]
+        if buyers is None:
+            buyers = [f"buyer-{uuid.uuid4().hex[:12]}" for _ in tokens]
+        assert len(buyers) == len(tokens), "one buyer per token"
         positions: list[int] = []
         for start in range(0, len(buyers), 200):
             joined = await queue.join(keys, buyers[start : start + 200])

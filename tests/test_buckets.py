@@ -213,7 +213,11 @@ async def test_a_lost_bucket_is_rebuilt_from_its_orders_and_the_sale_goes_on(
 ) -> None:
     async with pipeline(stack) as p, checked(p) as (rec, psp):
         sale = await p.sale(stock=30, limit=1, buckets=3)
-        granted = await p.reserve(sale, ["tok_visa"] * 9 + ["tok_decline"] * 3)
+        # Four buyers per bucket, taken in turn: bucket 1 surely holds some of the reservations
+        # (by chance, none of twelve new buyers landed in it about once in 130 runs).
+        by_bucket = [buyers_of_bucket(b, 3, 4) for b in range(3)]
+        buyers = [by_bucket[i % 3][i // 3] for i in range(12)]
+        granted = await p.reserve(sale, ["tok_visa"] * 9 + ["tok_decline"] * 3, buyers=buyers)
         workers = p.start_workers()
         await p.wait_terminal(granted)
         await drained(p)
