@@ -93,9 +93,6 @@ class OutboxRelay:
         self.idle_reads_per_s = idle_reads_per_s
         self._reads = Schedule(rescan_s=idle_poll_s)
 
-    async def _ensure_group(self, keys: SkuKeys) -> None:
-        await self._ensure_groups([keys])
-
     async def _ensure_groups(self, skus: list[SkuKeys]) -> None:
         """The consumer group of each of ``skus`` not made sure of yet, in one pipeline."""
         new = [keys for keys in skus if keys not in self._groups]

@@ -27,7 +27,7 @@ async def test_a_dead_relays_entries_are_claimed_and_published_once_acked(
         sale = await p.sale(stock=20)
         keys = SkuKeys(sale, SKU)
         p.skus.clear()  # the harness relay stops looking at this SKU
-        await p.relay._ensure_group(keys)
+        await p.relay._ensure_groups([keys])
         ids = await p.reserve(sale, ["tok_visa"] * 5)
         out = producer(p.settings)
         await out.start()
