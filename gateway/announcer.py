@@ -7,10 +7,13 @@ a 201 for a reservation that no longer exists anywhere. So the gateway publishes
 reservation's ``reservation.created`` event itself and answers 201 only once the broker has
 acknowledged it (``acks="all"``).
 
-The producer runs on an event loop of its own (:class:`flashsale.event_loop.LoopThread`).
-On the gateway's loop, during a spike, every step of the exchange with the broker queued
-behind thousands of joins and polls: a broker that acknowledges in 3 ms took about 290 ms
-(median of a 50,000-buyer demo), most of a reservation's latency.
+On a gateway that also serves the waiting room, the producer runs on an event loop of its own
+(:class:`flashsale.event_loop.LoopThread`). On the gateway's loop, during a spike, every step
+of the exchange with the broker queued behind thousands of joins and polls: a broker that
+acknowledges in 3 ms took about 290 ms (median of a 50,000-buyer demo), most of a
+reservation's latency. The reservations listener (``gateway --reservations-only``) has no
+joins or polls on its loop, so its producer shares that loop: the hop to a thread and back
+cost each reservation about 55 us of CPU there.
 
 The relay still publishes the same event from the outbox (the workers' inbox drops the
 duplicate), and stays the only path for what the gateway never acknowledged. If the broker
@@ -24,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaProducer
 
@@ -36,6 +41,8 @@ from flashsale.settings import Settings
 
 ANNOUNCE_TIMEOUT_S = 3.0
 
+T = TypeVar("T")
+
 
 class Announcer:
     """One producer per gateway process, started by :meth:`warm` when the process starts or
@@ -43,12 +50,15 @@ class Announcer:
     down), after the topics are made sure of (a broker that does not create topics on first
     use would refuse every reservation)."""
 
-    def __init__(self, settings: Settings, timeout_s: float = ANNOUNCE_TIMEOUT_S) -> None:
+    def __init__(self, settings: Settings, timeout_s: float = ANNOUNCE_TIMEOUT_S, *,
+                 own_loop: bool = True) -> None:  # fmt: skip
+        """``own_loop``: run the producer on a loop thread of its own (a gateway whose loop
+        also serves joins and polls), else on the caller's loop (the reservations listener)."""
         self.settings = settings
         self.timeout_s = timeout_s
-        self._out: AIOKafkaProducer | None = None  # made and used on the thread's loop only
-        self._lock = asyncio.Lock()  # bound to a loop at its first use: the thread's
-        self._thread = LoopThread("announcer")
+        self._out: AIOKafkaProducer | None = None  # made and used on the producer's loop only
+        self._lock = asyncio.Lock()  # bound to a loop at its first use: the producer's
+        self._thread = LoopThread("announcer") if own_loop else None
         # Reservations granted together (one reserve batch) are announced together: one hop
         # to the producer's thread and one send per partition for all of them. The batch is
         # taken at the next turn of the loop, so no reservation waits for others to come.
@@ -60,8 +70,12 @@ class Announcer:
         """Return once the broker has acknowledged ``event``; Unavailable when it cannot."""
         await self._together.submit((message_key(event.reservation_id), encode_event(event)))
 
+    async def _there(self, coro: Coroutine[Any, Any, T]) -> T:
+        """``coro``'s result, run on the producer's loop."""
+        return await (coro if self._thread is None else self._thread.call(coro))
+
     async def _cross(self, messages: list[tuple[bytes, bytes]]) -> list[None]:
-        await self._thread.call(self._publish(messages))
+        await self._there(self._publish(messages))
         return [None] * len(messages)
 
     async def _publish(self, messages: list[tuple[bytes, bytes]]) -> None:
@@ -87,7 +101,7 @@ class Announcer:
         metadata, all on a machine busy with the spike). If the broker is down, the first
         reservation tries again, as without it."""
         with contextlib.suppress(Exception):
-            await self._thread.call(self._producer())
+            await self._there(self._producer())
 
     async def _producer(self) -> AIOKafkaProducer:
         if self._out is not None:
@@ -110,7 +124,10 @@ class Announcer:
 
     async def aclose(self) -> None:
         await self._together.aclose()
-        await self._thread.stop(self._close())
+        if self._thread is None:
+            await self._close()
+        else:
+            await self._thread.stop(self._close())
 
     async def _close(self) -> None:
         if self._out is not None:

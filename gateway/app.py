@@ -54,6 +54,7 @@ from gateway.state import (
     LAG,
     LANE,
     LIMITER,
+    LISTENER,
     MARKS,
     METRICS,
     PLACES,
@@ -88,7 +89,8 @@ async def clients(app: web.Application) -> AsyncIterator[None]:
         app[LIMITER] = limiter = RateLimiter(c.redis)
         app[MARKS] = marks = QueueMarks(f"gateway:{socket.gethostname()}:{os.getpid()}")
         app[COUNTERS] = CounterCache(queue, marks=marks)
-        app[ANNOUNCER] = announcer = Announcer(settings)
+        # The reservations listener's loop serves no joins or polls: the producer shares it.
+        app[ANNOUNCER] = announcer = Announcer(settings, own_loop=not app[LISTENER])
         stop = asyncio.Event()
         checkpoints = asyncio.create_task(marks.run(c.pool, stop))
         try:
@@ -126,6 +128,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None, *,
     middleware = edge(metrics, budgets(settings), admin.require_admin)
     app = web.Application(middlewares=[middleware], client_max_size=MAX_BODY)
     app[SETTINGS] = settings
+    app[LISTENER] = reservations_only
     app[METRICS] = metrics
     app[SIGNERS] = Signers.from_settings(settings)
     app[CATALOG] = {}

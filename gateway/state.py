@@ -41,6 +41,7 @@ LIMITER = web.AppKey("limiter", RateLimiter)
 COUNTERS = web.AppKey("counters", CounterCache)
 MARKS = web.AppKey("marks", QueueMarks)
 ANNOUNCER = web.AppKey("announcer", Announcer)
+LISTENER = web.AppKey("listener", bool)  # the reservations listener (--reservations-only)
 LANE = web.AppKey("lane", Lane)  # the hot routes beside the application: see gateway.lane
 LAG = web.AppKey("lag", LagCache)  # the workers' consumer lag, for the live sale page
 # sale id -> (expires, the sale's public summary), and (expires, its SKUs' per-buyer limits

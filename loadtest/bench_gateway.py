@@ -1,6 +1,6 @@
 """``flashsale bench gateway``: the buyer's hot routes against a bare endpoint.
 
-Six rows, each driven for the same time by the same closed-loop HTTP client, against servers
+Seven rows, each driven for the same time by the same closed-loop HTTP client, against servers
 with the same number of processes (SO_REUSEPORT):
 
 * ``bare_aiohttp``: a trivial aiohttp + uvloop endpoint returning a small JSON body. The
@@ -19,12 +19,17 @@ with the same number of processes (SO_REUSEPORT):
   token checks, one batched reserve script call with the rate limits, the admission claim and
   the hold it granted, and the event published to the broker before the 201): what an
   admitted buyer costs the gateway.
+* ``reserve_listener``: the same reservation at the reservations listener (``gateway
+  --reservations-only``, where an admitted status answer's ``reserve_url`` sends the buyer
+  when the engine has one, as ``flashsale up`` does): its loop serves only reservations, so
+  the broker's producer shares it instead of running on a thread of its own.
 
 Targets: status >= 70 % and join >= 40 % of the bare endpoint's requests per second; and as
 server CPU per request against the bare endpoint's, status <= 1.2x, join <= 1.5x and reserve
-<= 2x. The client runs on the same 2 cores as the servers, so only the ratios mean anything.
-The rows are measured in interleaved rounds and each target is judged on the median of the
-per-round ratios, so a slow minute of this shared machine cannot favour or punish one row.
+<= 2x (at the gateway and at the listener). The client runs on the same 2 cores as the
+servers, so only the ratios mean anything. The rows are measured in interleaved rounds and
+each target is judged on the median of the per-round ratios, so a slow minute of this shared
+machine cannot favour or punish one row.
 """
 
 from __future__ import annotations
@@ -67,7 +72,7 @@ from loadtest.processes import Servers, wait_healthy
 STATUS_TARGET = 0.70
 JOIN_TARGET = 0.40
 # Server CPU per request, as a multiple of the bare endpoint's in the same round.
-CPU_TARGETS = {"queue_status": 1.2, "queue_join": 1.5, "reserve": 2.0}
+CPU_TARGETS = {"queue_status": 1.2, "queue_join": 1.5, "reserve": 2.0, "reserve_listener": 2.0}
 Progress = Callable[[str], None]
 
 
@@ -178,7 +183,7 @@ def failed(report: Report) -> list[str]:
 
 
 async def run(settings: Settings, options: Options, progress: Progress, command: str) -> Report:
-    gateway_port, bare_port = free_port(), free_port()
+    gateway_port, listener_port, bare_port = free_port(), free_port(), free_port()
     servers = Servers()
     jwt_key, jwks = storefront_key()
     # The reservations it grants are announced on topics of its own, deleted afterwards: on
@@ -191,6 +196,8 @@ async def run(settings: Settings, options: Options, progress: Progress, command:
     python = sys.executable
     servers.start([python, "-m", "flashsale", "gateway", "--port", str(gateway_port),
                    "--workers", str(options.workers)], env)  # fmt: skip
+    servers.start([python, "-m", "flashsale", "gateway", "--port", str(listener_port),
+                   "--workers", str(options.workers), "--reservations-only"], env)  # fmt: skip
     for _ in range(options.workers):
         servers.start([python, "-m", "loadtest.bench_gateway", str(bare_port)])
     slice_s = options.seconds / options.rounds
@@ -201,26 +208,33 @@ async def run(settings: Settings, options: Options, progress: Progress, command:
     try:
         async with aiohttp.ClientSession(connector=connector) as session:
             base, bare = f"http://127.0.0.1:{gateway_port}", f"http://127.0.0.1:{bare_port}/"
+            listener = f"http://127.0.0.1:{listener_port}"
             await wait_healthy(session, f"{base}/healthz", patience=20)
+            await wait_healthy(session, f"{listener}/healthz", patience=20)
             await wait_healthy(session, bare, patience=20)
             sale_id = await prepare_sale(session, base, settings)
             sales.append(sale_id)
-            # One admitted buyer per reservation: more than the row can use at 5,000/s.
-            reserve = await admitted_buyers(settings, sale_id, int((options.seconds + 1) * 5000))
+            # One admitted buyer per reservation: more than the two rows can use at 5,000/s.
+            reserve = await admitted_buyers(settings, sale_id,
+                                            int((options.seconds + 1) * 2 * 5000))  # fmt: skip
             tickets = await waiting_tickets(settings, sale_id, options.tickets)
             guarded = await guarded_sale(session, base, settings)
             sales.append(guarded)
             guarded_url = f"{base}/v1/sales/{guarded}/queue"
             challenges = Signer.from_setting(settings.secret.reveal(), "challenge")
-            reservations = (session.post(f"{base}/v1/sales/{sale_id}/reservations", json=body,
-                                         headers=headers) for headers, body in reserve)  # fmt: skip
+
+            def reservation(at: str) -> Any:
+                headers, body = next(reserve)
+                return session.post(f"{at}/v1/sales/{sale_id}/reservations", json=body,
+                                    headers=headers)  # fmt: skip
+
             buyers = Signer.from_setting(settings.buyer_token_secret.reveal(), "buyer")
             serial = itertools.count()
             run_id = os.urandom(4).hex()
             status_url = f"{base}/v1/sales/{sale_id}/queue/status"
             join_url = f"{base}/v1/sales/{sale_id}/queue"
-            bare_cpu = partial(servers.cpu, range(1, 1 + options.workers))
-            gateway_cpu = partial(servers.cpu, [0])
+            bare_cpu = partial(servers.cpu, range(2, 2 + options.workers))
+            gateway_cpu, listener_cpu = partial(servers.cpu, [0]), partial(servers.cpu, [1])
             meters = [
                 _Meter("bare_aiohttp", "trivial aiohttp + uvloop JSON endpoint",
                        lambda: session.get(bare), bare_cpu),
@@ -243,7 +257,10 @@ async def run(settings: Settings, options: Options, progress: Progress, command:
                            buyers, challenges, guarded, f"c{run_id}-{next(serial)}")),
                        gateway_cpu),
                 _Meter("reserve", "POST reservations, an admitted buyer per request",
-                       partial(next, reservations), gateway_cpu, ok_status=201),
+                       partial(reservation, base), gateway_cpu, ok_status=201),
+                _Meter("reserve_listener",
+                       "the same reservation at the reservations listener",
+                       partial(reservation, listener), listener_cpu, ok_status=201),
             ]  # fmt: skip
             # Interleaved rounds, each starting with another row: a noisy neighbour or a
             # drifting CPU clock then touches every row alike, and each ratio compares rows

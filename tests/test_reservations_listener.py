@@ -4,13 +4,14 @@ named to buyers by the ``reserve_url`` of an admitted status answer."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from flashsale.errors import ConfigError
+from flashsale.event_loop import LoopThread
 from flashsale.settings import Secret, Settings
 from gateway.app import create_app
 from gateway.state import LANE
@@ -68,6 +69,38 @@ async def test_an_admitted_buyer_reserves_at_the_listener_the_status_answer_name
         assert mine.status == 200 and (await mine.json())["state"] == "ACTIVE"
         gone = await listener.delete(f"/v1/reservations/{rid}", headers=auth(gw.token("alice")))
         assert gone.status == 200 and (await gone.json())["state"] == "RELEASED"
+
+
+async def test_the_listener_announces_on_its_own_loop_without_a_hop_to_a_thread(
+    stack: Settings, listener: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listener's loop serves no joins or polls, so its producer shares that loop: the
+    hop to a thread and back cost each reservation about 55 us of CPU there. Its 201 still
+    comes only once the broker has acknowledged the event."""
+    hops = 0
+    call = LoopThread.call
+
+    async def counted(self: LoopThread, coro: Coroutine[Any, Any, Any]) -> Any:
+        nonlocal hops
+        hops += 1
+        return await call(self, coro)
+
+    monkeypatch.setattr(LoopThread, "call", counted)
+    async with gateway(stack, reservations_url=_origin(listener)) as gw:
+        sale, status = await _admitted(gw, "dora")
+        hops = 0
+        answer = await listener.post(
+            f"/v1/sales/{sale}/reservations",
+            headers={**auth(gw.token("dora")), "Idempotency-Key": "k1",
+                     "X-Admission-Token": status["admission_token"]},
+            json={"sku": "SKU-1", "quantity": 1, "payment_token": "tok_ok"},
+        )  # fmt: skip
+        assert answer.status == 201, await answer.text()
+        assert hops == 0
+        # The gateway itself, whose loop serves the waiting room, still hands over.
+        elsewhere, other = await _admitted(gw, "erin")
+        code, _ = await gw.reserve(elsewhere, "erin", other["admission_token"])
+        assert code == 201 and hops > 0
 
 
 async def test_the_listener_serves_nothing_of_the_waiting_room(
