@@ -5,10 +5,12 @@ Before the pump's first admissions (the sale has not opened, or has just opened)
 the time to the opening, plus the pump's first step (seal, draw, admit: ``OPENING_*``), plus
 the buyer's turn at the sale's configured rate beyond the burst the pump admits at once (the
 credit it saved up, half a second of the rate). A buyer in the pre-queue does not know their
-place yet: it is drawn uniformly, so the quantiles are those of a place drawn among the
-places the stock can reach (``reach``: the units over the share of admitted buyers expected
-to show up). That is the wait of a buyer who gets in; one drawn beyond the reach is told
-``sold_out`` once the stock is gone.
+place yet: it is drawn uniformly among everyone in the pre-queue at the opening, so the
+quantiles are those of a place drawn among the places the stock can reach (``reach``: the
+units over the share of admitted buyers expected to show up) or, when fewer buyers than that
+will be drawn, among those: the pre-queue as it is, plus the buyers still to join before the
+opening at the rate they join now. That is the wait of a buyer who gets in; one drawn beyond
+the reach is told ``sold_out`` once the stock is gone.
 
 Once the pump admits, the wait is the buyer's turn at the rates it measured (the median and
 the 10th percentile of admissions per second over the last few seconds; the p90 also waits
@@ -42,15 +44,19 @@ def reach(v: QueueView) -> int | None:
     return math.ceil((v.available + v.held) / show)
 
 
-def estimate(v: QueueView, position: int, now_ms: int) -> tuple[float | None, float | None]:
+def estimate(
+    v: QueueView, position: int, now_ms: int, joining: float = 0.0
+) -> tuple[float | None, float | None]:
     """(p50, p90) seconds until the buyer at ``position`` (0: in the pre-queue, not drawn
-    yet) is admitted; None where nothing honest can be said (paused, no measured rate)."""
+    yet) is admitted; None where nothing honest can be said (paused, no measured rate).
+    ``joining``: buyers joining the pre-queue per second now (they are drawn too)."""
     if v.status != "active":
         return None, None
     if v.serving == 0:  # nobody admitted yet: the opening and the configured rate
         until = max(0.0, (v.starts_at_ms - now_ms) / 1000)
         if position == 0:
-            places = max(1, min(v.pre, reach(v) or v.pre))
+            drawn = v.pre if v.sealed else v.pre + math.floor(joining * until)
+            places = max(1, min(drawn, reach(v) or drawn))
             turn50, turn90 = math.ceil(0.5 * places), math.ceil(0.9 * places)
         else:
             turn50 = turn90 = position

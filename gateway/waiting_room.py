@@ -72,7 +72,7 @@ def status_of(c: Counters, position: int, now_ms: int) -> Status:
         state = "sold_out" if v.sold_out else "expired"
         return Status(state, position or None, None, None, None, MAX_RETRY_MS)
     if position == 0:  # pre-queue: the order is drawn at the start
-        p50, p90 = estimate(v, 0, now_ms)
+        p50, p90 = estimate(v, 0, now_ms, c.join_rate)
         wait = max(0.0, (v.starts_at_ms - now_ms) / 1000)
         retry = max(MIN_RETRY_MS, min(MAX_RETRY_MS, int(wait * 250)))
         return Status("waiting", None, None, p50, p90, retry)

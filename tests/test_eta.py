@@ -40,6 +40,22 @@ def test_a_pre_queue_place_is_drawn_among_the_places_the_stock_reaches() -> None
     assert p90 == round(2 + OPENING_P90_S + (900 - 50) / 80, 1)
 
 
+def test_a_pre_queue_still_filling_draws_among_the_buyers_still_to_come() -> None:
+    """The draw is among everyone in the pre-queue at the opening. Quoting the pre-queue as it
+    is 4 s before the opening told the first joiners of a filling queue a third of their wait
+    (rate-bound demo: p50 off by 35 %, 66 % within the p90)."""
+    # 200 in, joining at 250/s for 4 s more: about 1,200 will be drawn, spread at 100/s.
+    p50, p90 = estimate(view(pre=200, available=5000), 0, START_MS - 4000, joining=250.0)
+    assert p50 == round(4 + OPENING_P50_S + (600 - 50) / 100, 1)
+    assert p90 == round(4 + OPENING_P90_S + (1080 - 50) / 80, 1)
+    # The stock still bounds the places a winner is drawn among.
+    assert estimate(view(pre=200, available=40), 0, START_MS - 4000, joining=250.0) == (4.2, 4.7)
+    # A buyer with a place is not drawn: the joins to come are behind them.
+    assert estimate(view(), 30, START_MS - 3000, joining=250.0) == estimate(
+        view(), 30, START_MS - 3000
+    )
+
+
 def test_once_admitting_the_measured_rates_give_the_wait() -> None:
     v = view(serving=500, beat_ms=START_MS + 5000, rate_p50=50.0, rate_p10=25.0)
     assert estimate(v, 600, START_MS + 5000) == (2.0, round(4.0 + STEP_S, 1))
