@@ -55,7 +55,7 @@ def estimate(
     if v.serving == 0:  # nobody admitted yet: the opening and the configured rate
         until = max(0.0, (v.starts_at_ms - now_ms) / 1000)
         if position == 0:
-            drawn = v.pre if v.sealed else v.pre + math.floor(joining * until)
+            drawn = v.pre if v.sealed else v.pre + math.floor(max(0.0, joining) * until)
             places = max(1, min(drawn, reach(v) or drawn))
             turn50, turn90 = math.ceil(0.5 * places), math.ceil(0.9 * places)
         else:

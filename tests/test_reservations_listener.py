@@ -75,8 +75,8 @@ async def test_the_listener_announces_on_its_own_loop_without_a_hop_to_a_thread(
     stack: Settings, listener: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The listener's loop serves no joins or polls, so its producer shares that loop: the
-    hop to a thread and back cost each reservation about 55 us of CPU there. Its 201 still
-    comes only once the broker has acknowledged the event."""
+    hop to a thread and back cost each reservation about 55 us of CPU there (that the 201
+    still waits for the broker: tests/test_durable_ack.py)."""
     hops = 0
     call = LoopThread.call
 
