@@ -163,8 +163,15 @@ def psp_child(host: str, port: int, journal: Path) -> Child:
 
 
 def supervise(children: list[Child], metrics_dir: Path | None) -> int:
+    """Run ``children`` under a :class:`Supervisor`; their shared metrics folder goes with
+    them (nothing scrapes it once they are gone, and one was left per port ever used)."""
+
     def on_exit(pid: int) -> None:
         if metrics_dir is not None:
             multiprocess.mark_process_dead(pid, str(metrics_dir))  # type: ignore[no-untyped-call]
 
-    return Supervisor(children, on_exit=on_exit).run()
+    try:
+        return Supervisor(children, on_exit=on_exit).run()
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
