@@ -66,10 +66,17 @@ def pack_command(args: Command) -> bytes:
 
 
 def command_key(command: Command) -> str | bytes | None:
-    """The key a command is routed by: the first key of EVAL/EVALSHA, else its first argument;
-    None for a command without one (``PING``), which any node may answer."""
+    """The key a command is routed by: the first key of EVAL/EVALSHA, the first stream of
+    XREAD/XREADGROUP, else its first argument; None for a command without one (``PING``),
+    which any node may answer."""
     name = command[0]
-    at = 3 if isinstance(name, str) and name.upper() in ("EVALSHA", "EVAL") else 1
+    upper = name.upper() if isinstance(name, str) else ""
+    if upper in ("EVALSHA", "EVAL"):
+        at = 3
+    elif upper in ("XREADGROUP", "XREAD") and "STREAMS" in command:
+        at = command.index("STREAMS") + 1
+    else:
+        at = 1
     if len(command) <= at:
         return None
     key = command[at]

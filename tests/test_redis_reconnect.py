@@ -118,3 +118,13 @@ async def test_packed_replies_stay_in_order_through_an_error_answer(
     finally:
         await client.delete(key)
         await client.aclose()
+
+
+def test_a_stream_read_is_routed_by_its_stream() -> None:
+    """On a cluster a packed command goes to the node of its key: for XREADGROUP that is the
+    stream after STREAMS, not its first argument (the word GROUP)."""
+    read = ("XREADGROUP", "GROUP", "relay", "me", "COUNT", 16, "STREAMS", "s:{a}:outbox", ">")
+    assert redis_calls.command_key(read) == "s:{a}:outbox"
+    assert redis_calls.command_key(("XACK", "s:{a}:outbox", "relay", "1-0")) == "s:{a}:outbox"
+    assert redis_calls.command_key(("EVALSHA", "sha", 2, "k1", "k2")) == "k1"
+    assert redis_calls.command_key(("PING",)) is None

@@ -52,6 +52,39 @@ async def test_a_dead_relays_entries_are_claimed_and_published_once_acked(
         assert pending["pending"] == 0 and await p.redis.xlen(keys.outbox) == 0
 
 
+async def test_a_dead_relays_entry_deleted_while_pending_is_cleared_not_a_failed_round(
+    stack: Settings,
+) -> None:
+    """Redis 6.2 answers a claimed entry that no longer exists with a bare nil: no id to
+    acknowledge. The claim used to send an acknowledgement for id None, and the round failed
+    (the other entries it had published were read and sent again)."""
+    async with pipeline(stack) as p:
+        p.relay.claim_idle_ms = 10**9
+        sale = await p.sale(stock=20)
+        keys = SkuKeys(sale, SKU)
+        p.skus.clear()
+        await p.relay._ensure_groups([keys])
+        await p.reserve(sale, ["tok_visa"] * 2)
+        await p.reserve(sale, ["tok_visa"] * 3)
+        taken: Any = await p.redis.xreadgroup(GROUP, "dead", {keys.outbox: ">"}, count=10)
+        [(_, entries)] = taken
+        assert len(entries) == 2
+        await p.redis.xdel(keys.outbox, entries[0][0])  # gone while still pending for "dead"
+        out = producer(p.settings)
+        await out.start()
+        try:
+            topics = p.settings.topics
+            rescuer = OutboxRelay(p.redis, out, topics.reservations, topics.dead_letter,
+                                  "rescuer", claim_idle_ms=0, claim_every_s=0)  # fmt: skip
+            for _ in range(3):
+                await rescuer.relay_once([keys])
+        finally:
+            await out.stop()
+        assert rescuer.stats.failures == 0 and rescuer.stats.messages == 3
+        pending = await p.redis.xpending(keys.outbox, GROUP)
+        assert pending["pending"] == 0 and await p.redis.xlen(keys.outbox) == 0
+
+
 async def test_a_broker_outage_leaves_entries_pending_until_published(stack: Settings) -> None:
     async with pipeline(stack) as p:
         sale = await p.sale(stock=20)
