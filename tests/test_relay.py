@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 import pytest
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from allocator.relay import GROUP, OutboxRelay, run_relay
@@ -16,25 +17,37 @@ from flashsale.events import ReservationEvent, decode_event, encode_event
 from flashsale.kafka import producer
 from flashsale.keys import SkuKeys
 from flashsale.settings import Settings
-from tests.pipeline import SKU, pipeline, server_calls
+from tests.pipeline import SKU, Pipeline, pipeline, server_calls
+
+
+async def _own_sku(p: Pipeline) -> tuple[str, SkuKeys]:
+    """A sale whose SKU only the test's own relays look at: the harness's relay neither reads
+    nor claims it."""
+    p.relay.claim_idle_ms = 10**9
+    sale = await p.sale(stock=20)
+    keys = SkuKeys(sale, SKU)
+    p.skus.clear()
+    await p.relay._ensure_groups([keys])
+    return sale, keys
+
+
+def _rescuer(p: Pipeline, out: AIOKafkaProducer, claim_idle_ms: int) -> OutboxRelay:
+    """A relay that claims what a dead one left pending for ``claim_idle_ms``, each round."""
+    topics = p.settings.topics
+    return OutboxRelay(p.redis, out, topics.reservations, topics.dead_letter, "rescuer",
+                       claim_idle_ms=claim_idle_ms, claim_every_s=0)  # fmt: skip
 
 
 async def test_a_dead_relays_entries_are_claimed_and_published_once_acked(
     stack: Settings,
 ) -> None:
     async with pipeline(stack) as p:
-        p.relay.claim_idle_ms = 10**9  # the harness's own relay must not claim: we do below
-        sale = await p.sale(stock=20)
-        keys = SkuKeys(sale, SKU)
-        p.skus.clear()  # the harness relay stops looking at this SKU
-        await p.relay._ensure_groups([keys])
+        sale, keys = await _own_sku(p)
         ids = await p.reserve(sale, ["tok_visa"] * 5)
         out = producer(p.settings)
         await out.start()
         try:
-            topics = p.settings.topics
-            rescuer = OutboxRelay(p.redis, out, topics.reservations, topics.dead_letter,
-                                  "rescuer", claim_idle_ms=1500, claim_every_s=0)  # fmt: skip
+            rescuer = _rescuer(p, out, claim_idle_ms=1500)
             # A relay read the entry, then died before publishing: it stays pending for "dead".
             taken: Any = await p.redis.xreadgroup(GROUP, "dead", {keys.outbox: ">"}, count=10)
             assert taken and len(taken[0][1]) == 1
@@ -59,11 +72,7 @@ async def test_a_dead_relays_entry_deleted_while_pending_is_cleared_not_a_failed
     acknowledge. The claim used to send an acknowledgement for id None, and the round failed
     (the other entries it had published were read and sent again)."""
     async with pipeline(stack) as p:
-        p.relay.claim_idle_ms = 10**9
-        sale = await p.sale(stock=20)
-        keys = SkuKeys(sale, SKU)
-        p.skus.clear()
-        await p.relay._ensure_groups([keys])
+        sale, keys = await _own_sku(p)
         await p.reserve(sale, ["tok_visa"] * 2)
         await p.reserve(sale, ["tok_visa"] * 3)
         taken: Any = await p.redis.xreadgroup(GROUP, "dead", {keys.outbox: ">"}, count=10)
@@ -73,9 +82,7 @@ async def test_a_dead_relays_entry_deleted_while_pending_is_cleared_not_a_failed
         out = producer(p.settings)
         await out.start()
         try:
-            topics = p.settings.topics
-            rescuer = OutboxRelay(p.redis, out, topics.reservations, topics.dead_letter,
-                                  "rescuer", claim_idle_ms=0, claim_every_s=0)  # fmt: skip
+            rescuer = _rescuer(p, out, claim_idle_ms=0)
             for _ in range(3):
                 await rescuer.relay_once([keys])
         finally:
