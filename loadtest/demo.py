@@ -237,14 +237,16 @@ async def _drive(settings: Settings, session: aiohttp.ClientSession, base: str,
     report.reserved_via = dict(stats.reserved_via)
     report.pre_queue_joins = stats.pre_queue_joins
     report.admission_kendall_tau = kendall_tau(stats.admissions)
-    report.eta_p50_abs_pct_error, report.eta_p90_coverage = eta_accuracy(stats.etas)
+    report.eta_p50_abs_pct_error, report.eta_p90_coverage, report.eta_past_p50 = eta_accuracy(
+        stats.etas
+    )
     report.eta_buyers = len(stats.etas)
     report.eta_buyers_pre_queue = sum(1 for e in stats.etas if e.pre_queue)
     for kind, pre in (("before_draw", True), ("placed", False)):
         etas = [e for e in stats.etas if e.pre_queue is pre]
-        error, coverage = eta_accuracy(etas)
+        error, coverage, past = eta_accuracy(etas)
         report.eta_by_kind[kind] = {"buyers": len(etas), "p50_abs_pct_error": error,
-                                    "p90_coverage": coverage}  # fmt: skip
+                                    "p90_coverage": coverage, "past_p50": past}  # fmt: skip
     gone = stats.outcomes["abandoned"] + stats.outcomes["no_show"]
     progress(f"== every buyer answered {answered_all:.1f}s after the sale opened: "
              f"{stats.outcomes['reserved']} reserved, {stats.outcomes['sold_out']:,} sold out, "

@@ -19,7 +19,7 @@ from aiohttp import web
 from flashsale.cli.devstack.processes import free_port
 from flashsale.settings import Settings
 from loadtest.demo import Scenario
-from loadtest.demo_report import bucket_quantile, eta_accuracy, kendall_tau
+from loadtest.demo_report import bucket_quantile, eta_accuracy, eta_verdicts, kendall_tau
 from loadtest.driver import Eta
 from loadtest.processes import wait_consuming
 
@@ -110,12 +110,31 @@ def test_a_histogram_quantile_is_interpolated_within_its_bucket() -> None:
 def test_eta_accuracy_is_the_median_error_and_the_p90_coverage() -> None:
     # Waited 10 s on a p50 of 8 (20 % off) and a p90 of 12 (covered); 2 s on 3 (50 %), p90 2.5
     # (covered); 5 s on 5 (0 %) with no p90 (not covered).
-    error, coverage = eta_accuracy([Eta(8.0, 12.0, 10.0, False), Eta(3.0, 2.5, 2.0, False),
-                                    Eta(5.0, None, 5.0, True)])  # fmt: skip
+    error, coverage, past = eta_accuracy([Eta(8.0, 12.0, 10.0, False), Eta(3.0, 2.5, 2.0, False),
+                                          Eta(5.0, None, 5.0, True)])  # fmt: skip
     assert (error, coverage) == (20.0, round(2 / 3, 3))
+    assert past == round(1 / 3, 3)  # only the first waited more than a step past its p50
     # A wait under a second counts as one: "about 0 s" for 0.4 s is 40 % off, not 100 %.
-    assert eta_accuracy([Eta(0.0, 0.0, 0.4, False)]) == (40.0, 0.0)
-    assert eta_accuracy([]) == (None, None)
+    assert eta_accuracy([Eta(0.0, 0.0, 0.4, False)]) == (40.0, 0.0, 1.0)
+    assert eta_accuracy([]) == (None, None, None)
+
+
+def test_a_p90_above_its_window_is_missed_only_where_a_tighter_one_was_possible() -> None:
+    # Everyone admitted by one pump step, within a step of the p50 shown: every p90 at or
+    # above the p50 covers them all, so 100 % says nothing against the p90.
+    one_step = [Eta(4.2, 4.7, 4.2 + (i % 3) * 0.05, True) for i in range(100)]
+    accuracy = eta_accuracy(one_step)
+    assert accuracy.p90_coverage == 1.0 and accuracy.past_p50 == 0.0
+    assert eta_verdicts(*accuracy) == ("met", "met")
+    # Waits spread past the p50 (a fifth by a second), and a p90 wide enough for all of them:
+    # a p90 a second tighter would still have covered 80 %, so this one was too wide.
+    spread = [Eta(5.0, 9.0, 5.0 + (i % 5 == 0) * 1.0, False) for i in range(100)]
+    accuracy = eta_accuracy(spread)
+    assert accuracy.p90_coverage == 1.0 and accuracy.past_p50 == 0.2
+    assert eta_verdicts(*accuracy) == ("met", "MISSED")
+    # Below the window is missed whatever the spread.
+    short = [Eta(5.0, 5.0, 5.0 + (i % 5 == 0) * 1.0, False) for i in range(100)]
+    assert eta_verdicts(*eta_accuracy(short)) == ("met", "MISSED")
 
 
 def test_a_scenario_spreads_arrivals_and_plans_reproducibly() -> None:
