@@ -94,7 +94,8 @@ async def fuzz(target: Target) -> AbuseResult:
     rig = target.rig
     wanted = 1000 if target.quick else 5000
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "loadtest.chaos.fuzz", rig.base_url, target.sale, str(wanted),
+        sys.executable, "-m", "loadtest.chaos.fuzz", rig.base_url, target.sale, target.other,
+        str(wanted),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "FLASHSALE_ADMIN_TOKEN": rig.settings.admin_token.reveal(),
              "FLASHSALE_BUYER_TOKEN_SECRET": rig.settings.buyer_token_secret.reveal()},

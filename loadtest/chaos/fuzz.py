@@ -1,11 +1,12 @@
 """schemathesis against a running gateway, in a process of its own (it is synchronous, and its
 requests would otherwise share an event loop with the buyers of the spike).
 
-``python -m loadtest.chaos.fuzz BASE_URL SALE REQUESTS`` draws requests for every operation of
-``BASE_URL/openapi.json``, valid and invalid ones alike (schemathesis's positive and negative
-generation), until it has sent ``REQUESTS``; path parameters name the live sale ``SALE`` half
-the time, so generated bodies get past "unknown sale". Admin routes carry the admin token
-(``FLASHSALE_ADMIN_TOKEN``), the others a buyer token signed with
+``python -m loadtest.chaos.fuzz BASE_URL SALE DECOY REQUESTS`` draws requests for every
+operation of ``BASE_URL/openapi.json``, valid and invalid ones alike (schemathesis's positive
+and negative generation), until it has sent ``REQUESTS``; path parameters name the live sale
+``SALE`` half the time, so generated bodies get past "unknown sale", except that an admin
+request that changes a sale names the sale ``DECOY`` (:func:`sale_for`). Admin routes carry
+the admin token (``FLASHSALE_ADMIN_TOKEN``), the others a buyer token signed with
 ``FLASHSALE_BUYER_TOKEN_SECRET``. Prints one JSON line: ``{"requests", "operations",
 "statuses", "no_retry_after", "server_errors", "unpaced"}`` (the last two: examples of
 5xx other than 503, and of 429 and 503 without ``Retry-After``).
@@ -37,7 +38,21 @@ def has_retry_after(headers: Mapping[str, Any]) -> bool:
     return any(name.lower() == "retry-after" for name in headers)
 
 
-def run(base_url: str, sale: str, wanted: int) -> dict[str, Any]:
+SAFE = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def sale_for(method: str, path: str, sent: int, live: str, decoy: str) -> str | None:
+    """The sale a generated request names (None: the one generated), by the count sent so far:
+    every other request names the live sale, so generated bodies get past "unknown sale". An
+    admin request that changes a sale names ``decoy`` instead: the fuzzer holds the admin
+    token, and a generated pause or end of the spike's sale (which the gateway rightly obeys)
+    would leave its buyers waiting in a paused queue or turned away."""
+    if sent % 2:
+        return None
+    return decoy if path.startswith("/admin/") and method.upper() not in SAFE else live
+
+
+def run(base_url: str, sale: str, decoy: str, wanted: int) -> dict[str, Any]:
     schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()
                   if isinstance(result, Ok) and result.ok().path != "/metrics"]  # fmt: skip
@@ -56,8 +71,10 @@ def run(base_url: str, sale: str, wanted: int) -> dict[str, Any]:
         nonlocal sent, missing_retry_after
         if sent >= wanted:
             return
-        if case.path_parameters and "sale" in case.path_parameters and sent % 2 == 0:
-            case.path_parameters["sale"] = sale
+        if case.path_parameters and "sale" in case.path_parameters:
+            named = sale_for(case.method, case.path, sent, sale, decoy)
+            if named is not None:
+                case.path_parameters["sale"] = named
         token = admin if case.path.startswith("/admin/") else buyer
         try:
             response = case.call(
@@ -101,7 +118,7 @@ def run(base_url: str, sale: str, wanted: int) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4:
-        sys.exit("usage: python -m loadtest.chaos.fuzz BASE_URL SALE REQUESTS")
-    report = run(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    if len(sys.argv) != 5:
+        sys.exit("usage: python -m loadtest.chaos.fuzz BASE_URL SALE DECOY REQUESTS")
+    report = run(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
     sys.stdout.write(orjson.dumps(report).decode() + "\n")

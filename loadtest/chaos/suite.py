@@ -14,7 +14,7 @@ import orjson
 from flashsale.settings import Settings
 from loadtest.bench import machine
 from loadtest.bench_all import rewrite
-from loadtest.chaos import report, spike
+from loadtest.chaos import faults, report, spike
 from loadtest.chaos.report import Result
 from loadtest.chaos.rig import Servers, rigged
 from loadtest.chaos.scenarios import BY_NAME, SCENARIOS, Scenario
@@ -81,6 +81,8 @@ async def main(settings: Settings, servers: Servers, scenarios: list[Scenario], 
     """Run, print the table, write the JSON and the document block; 0 only if every scenario
     is clean."""
     described = machine()
+    if any(s.group == "redis" for s in scenarios):
+        await faults.compact_aof(settings, servers, progress)
     results = await run(settings, servers, scenarios, quick=quick, progress=progress)
     progress("\n" + report.table(results))
     totals = report.totals(results)
