@@ -40,7 +40,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -52,10 +52,11 @@ from aiohttp import web
 from allocator.pump import quantile
 from flashsale import event_loop
 from flashsale.cli.devstack.processes import free_port
+from flashsale.clients import redis_client
 from flashsale.kafka import delete_topics
 from flashsale.settings import Settings, Topics
 from flashsale.tokens import Signer
-from loadtest.bench import Report, Row, Target, drive, machine, table
+from loadtest.bench import Report, Row, ServerSample, Target, drive, machine, table
 from loadtest.bench_gateway_rig import (
     CHALLENGE_BITS,
     admitted_buyers,
@@ -125,12 +126,15 @@ class _Meter:
     what: str
     request: Callable[[], Any]
     server_cpu: Callable[[], float]  # CPU seconds used so far by the server processes
+    redis: Callable[[], Awaitable[ServerSample]]  # the Redis server's counters now
     latencies: list[float] = field(default_factory=list)
     rates: list[float] = field(default_factory=list)  # req/s of each round
     cpu_us: list[float] = field(default_factory=list)  # server CPU us per request, each round
     done: int = 0
     elapsed: float = 0.0
     cpu: float = 0.0  # server CPU seconds spent during the recorded rounds
+    redis_cpu: float = 0.0  # the Redis server's CPU seconds during the recorded rounds
+    redis_usec: int = 0  # its commands' own time (INFO commandstats) during them
     failures: int = 0
     ok_status: int = 200
 
@@ -145,11 +149,15 @@ class _Meter:
                     self.failures += 1
             latencies.append(time.perf_counter() - began)
 
+        redis_before = await self.redis()
         cpu_before = self.server_cpu()
         done, elapsed = await drive(op, concurrency=options.concurrency, seconds=seconds)
         if not record:
             return
         spent = self.server_cpu() - cpu_before
+        redis_after = await self.redis()
+        self.redis_cpu += redis_after.cpu_seconds - redis_before.cpu_seconds
+        self.redis_usec += sum(redis_after.usec.values()) - sum(redis_before.usec.values())
         self.cpu += spent
         self.cpu_us.append(spent / max(1, done) * 1e6)
         self.done += done
@@ -166,6 +174,11 @@ class _Meter:
             p99_ms=round(quantile(self.latencies, 0.99) * 1000, 2),
             non_200=self.failures,  # answers other than the row's success (201 for reserve)
             server_cpu_us_per_request=round(self.cpu / max(1, self.done) * 1e6, 1),
+            # The Redis server's whole CPU (networking and the AOF included) and its commands'
+            # own time, per request: what one sale's node spends on each (its joins, its
+            # reservations); a few us of background work for the rows that send none.
+            redis_cpu_us_per_request=round(self.redis_cpu / max(1, self.done) * 1e6, 1),
+            redis_us_per_request=round(self.redis_usec / max(1, self.done), 1),
             ratio_to_bare=round(quantile(ratios, 0.5), 3),
             round_ratios=[round(r, 3) for r in ratios],
             cpu_ratio_to_bare=round(quantile(cpu_ratios, 0.5), 2),
@@ -205,6 +218,7 @@ async def run(settings: Settings, options: Options, progress: Progress, command:
              f"concurrent requests, {options.seconds:g}s per row in {options.rounds} "
              f"interleaved rounds of {slice_s:g}s")  # fmt: skip
     connector = aiohttp.TCPConnector(limit=options.concurrency * 2)
+    redis = redis_client(settings, max_connections=2)
     try:
         async with aiohttp.ClientSession(connector=connector) as session:
             base, bare = f"http://127.0.0.1:{gateway_port}", f"http://127.0.0.1:{bare_port}/"
@@ -233,34 +247,35 @@ async def run(settings: Settings, options: Options, progress: Progress, command:
             run_id = os.urandom(4).hex()
             status_url = f"{base}/v1/sales/{sale_id}/queue/status"
             join_url = f"{base}/v1/sales/{sale_id}/queue"
+            sample = partial(ServerSample.take, redis)
             bare_cpu = partial(servers.cpu, range(2, 2 + options.workers))
             gateway_cpu, listener_cpu = partial(servers.cpu, [0]), partial(servers.cpu, [1])
             meters = [
                 _Meter("bare_aiohttp", "trivial aiohttp + uvloop JSON endpoint",
-                       lambda: session.get(bare), bare_cpu),
+                       lambda: session.get(bare), bare_cpu, sample),
                 _Meter("queue_status",
                        f"GET queue/status, {options.tickets:,} buyers' tickets in turn (no Redis)",
                        lambda: session.get(status_url,
                                            headers={"X-Queue-Ticket": next(tickets)}),
-                       gateway_cpu),
+                       gateway_cpu, sample),
                 _Meter("queue_join", "POST queue, a new buyer per request (batched Lua call)",
                        lambda: session.post(join_url, headers={"Authorization": "Bearer " +
                            buyers.sign({"sub": f"b{run_id}-{next(serial)}"}, 600)}),
-                       gateway_cpu),
+                       gateway_cpu, sample),
                 _Meter("queue_join_jwt", "POST queue with an ES256 JWT, a new buyer per request",
                        lambda: session.post(join_url, headers={"Authorization": "Bearer " +
                            storefront_jwt(jwt_key, f"j{run_id}-{next(serial)}")}),
-                       gateway_cpu),
+                       gateway_cpu, sample),
                 _Meter("queue_join_challenge",
                        f"POST queue with a solved {CHALLENGE_BITS}-bit challenge, a new buyer",
                        lambda: session.post(guarded_url, headers=solved_join(
                            buyers, challenges, guarded, f"c{run_id}-{next(serial)}")),
-                       gateway_cpu),
+                       gateway_cpu, sample),
                 _Meter("reserve", "POST reservations, an admitted buyer per request",
-                       partial(reservation, base), gateway_cpu, ok_status=201),
+                       partial(reservation, base), gateway_cpu, sample, ok_status=201),
                 _Meter("reserve_listener",
                        "the same reservation at the reservations listener",
-                       partial(reservation, listener), listener_cpu, ok_status=201),
+                       partial(reservation, listener), listener_cpu, sample, ok_status=201),
             ]  # fmt: skip
             # Interleaved rounds, each starting with another row: a noisy neighbour or a
             # drifting CPU clock then touches every row alike, and each ratio compares rows
@@ -274,6 +289,7 @@ async def run(settings: Settings, options: Options, progress: Progress, command:
                     f"{m.name} {m.rates[-1]:,.0f}/s" for m in meters))  # fmt: skip
     finally:
         servers.stop()
+        await redis.aclose()
         os.unlink(jwks)
         await discard_sales(settings, sales)
         await delete_topics(settings, topics.all())
@@ -311,13 +327,13 @@ def render(report: Report) -> str:
         (r.name, r.per_second, r.extra["p50_ms"], r.extra["p99_ms"],
          r.extra["server_cpu_us_per_request"], r.extra["cpu_ratio_to_bare"],
          r.extra["ratio_to_bare"], " ".join(f"{x:.2f}" for x in r.extra["round_ratios"]),
-         r.extra["non_200"])
+         r.extra.get("redis_cpu_us_per_request", "-"), r.extra["non_200"])
         for r in report.rows
     ]  # fmt: skip
     targets = [(t.name, t.goal, t.measured, "met" if t.met else "MISSED") for t in report.targets]
     return "\n\n".join([
         table(("row", "req/s", "p50 ms", "p99 ms", "server CPU us/req", "CPU x bare",
-               "req/s x bare", "per round", "failed"),
+               "req/s x bare", "per round", "Redis CPU us/req", "failed"),
               rows),
         table(("target", "goal", "measured", ""), targets),
     ])  # fmt: skip

@@ -110,6 +110,12 @@ def test_bench_gateway_smoke(cli: Cli, stack: Settings, tmp_path: Path) -> None:
     # Server CPU is measured per round: the gateway's rows cost more than the bare endpoint.
     assert all(r > 1.0 for name in ("reserve", "reserve_listener")
                for r in rows[name]["round_cpu_ratios"])  # fmt: skip
+    # Redis is measured per row too: a join's script and a reservation's cost its server more
+    # than the bare endpoint's requests, which send it nothing.
+    bare = rows["bare_aiohttp"]
+    for name in ("queue_join", "reserve", "reserve_listener"):
+        assert rows[name]["redis_us_per_request"] > bare["redis_us_per_request"], name
+        assert rows[name]["redis_cpu_us_per_request"] > bare["redis_cpu_us_per_request"], name
     targets = {t["name"]: t["met"] for t in report["targets"]}
     assert targets == {
         "queue_status vs bare": rows["queue_status"]["ratio_to_bare"] >= 0.70,
