@@ -8,6 +8,7 @@ methods included, so the API's shape is not visible to strangers. Buyer tokens n
 from __future__ import annotations
 
 import hmac
+import logging
 
 from aiohttp import web
 
@@ -16,12 +17,14 @@ from flashsale.errors import InvalidInput, Unauthorized
 from flashsale.records import body_fingerprint, idempotency_key
 from flashsale.salespec import parse_csv, parse_sale
 from gateway.console import OPEN_PATHS
-from gateway.http import bearer, json_body, json_response
+from gateway.http import bearer, client_ip, json_body, json_response
 from gateway.middleware import Handler
 from gateway.state import CLIENTS, SALES, SETTINGS
 from reconciler.audit import audit_sale
 
 PREFIX = "/admin/"
+
+log = logging.getLogger("flashsale.admin")
 
 
 def require_admin(request: web.Request) -> None:
@@ -166,19 +169,36 @@ def lifecycle(action: str) -> Handler:
     return handle
 
 
+def logged(handler: Handler) -> Handler:
+    """``handler``, each change it makes logged (INFO, ``flashsale.admin``: method, path,
+    status, the caller's address and the request id): a sale paused, ended or restocked is
+    otherwise seen only in its new state, not who did it or when. A refused request changes
+    nothing and is not logged here."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        response = await handler(request)
+        fields = {"client": client_ip(request)}
+        if sale := request.match_info.get("sale"):
+            fields["sale_id"] = sale
+        log.info("admin %s %s: %s", request.method, request.path, response.status, extra=fields)
+        return response
+
+    return handle
+
+
 def setup(app: web.Application) -> None:
     r = app.router
-    r.add_post("/admin/v1/sales", create_sale)
+    r.add_post("/admin/v1/sales", logged(create_sale))
     r.add_get("/admin/v1/sales", list_sales)
     r.add_get("/admin/v1/sales/{sale}/orders", list_orders)
     r.add_get("/admin/v1/sales/{sale}/orders.csv", export_orders)
-    r.add_post("/admin/v1/sales/{sale}/skus", import_skus)
+    r.add_post("/admin/v1/sales/{sale}/skus", logged(import_skus))
     r.add_get("/admin/v1/sales/{sale}", sale_status)
-    r.add_patch("/admin/v1/sales/{sale}", update_sale)
-    r.add_patch("/admin/v1/sales/{sale}/skus/{sku}", update_sku)
-    r.add_delete("/admin/v1/sales/{sale}/skus/{sku}", remove_sku)
-    r.add_post("/admin/v1/sales/{sale}/preload", preload)
-    r.add_post("/admin/v1/sales/{sale}/stock", change_stock)
+    r.add_patch("/admin/v1/sales/{sale}", logged(update_sale))
+    r.add_patch("/admin/v1/sales/{sale}/skus/{sku}", logged(update_sku))
+    r.add_delete("/admin/v1/sales/{sale}/skus/{sku}", logged(remove_sku))
+    r.add_post("/admin/v1/sales/{sale}/preload", logged(preload))
+    r.add_post("/admin/v1/sales/{sale}/stock", logged(change_stock))
     r.add_get("/admin/v1/sales/{sale}/audit", audit)
     for action in ("pause", "resume", "end"):
-        r.add_post(f"/admin/v1/sales/{{sale}}/{action}", lifecycle(action))
+        r.add_post(f"/admin/v1/sales/{{sale}}/{action}", logged(lifecycle(action)))

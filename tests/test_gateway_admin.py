@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -90,6 +91,30 @@ async def test_create_preload_stock_and_lifecycle(http: TestClient[Any, Any]) ->
     assert again.status == 409 and await error_code(again) == "sale_ended"
     final = await http.get(f"/admin/v1/sales/{sale_id}", headers=auth())
     assert (await final.json())["sale"]["status"] == "ended"
+
+
+async def test_every_sale_change_over_the_api_is_logged_and_reads_are_not(
+    http: TestClient[Any, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full chaos run's sale was ended mid-spike by a request holding the admin token, and
+    no log said so: who paused or ended a sale, and when, was nowhere but in its status."""
+    with caplog.at_level(logging.INFO, logger="flashsale.admin"):
+        created = await http.post("/admin/v1/sales", json=SALE, headers=auth())
+        sale_id = (await created.json())["id"]
+        await http.get(f"/admin/v1/sales/{sale_id}", headers=auth())
+        paused = await http.post(f"/admin/v1/sales/{sale_id}/pause", headers=auth())
+        refused = await http.post(f"/admin/v1/sales/{sale_id}/stock", json={"sku": "SNK-1"},
+                                  headers=auth())  # fmt: skip
+        await http.post(f"/admin/v1/sales/{sale_id}/end", headers=auth())
+    assert (created.status, paused.status, refused.status) == (201, 200, 422)
+    said = [r for r in caplog.records if r.name == "flashsale.admin"]
+    assert [r.getMessage() for r in said] == [
+        "admin POST /admin/v1/sales: 201",
+        f"admin POST /admin/v1/sales/{sale_id}/pause: 200",
+        f"admin POST /admin/v1/sales/{sale_id}/end: 200",
+    ]
+    assert all(r.levelno == logging.INFO and r.__dict__["client"] for r in said)
+    assert all(r.__dict__.get("sale_id") in (None, sale_id) for r in said)
 
 
 async def test_a_retried_create_gives_the_same_sale(http: TestClient[Any, Any]) -> None:
