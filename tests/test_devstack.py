@@ -163,3 +163,26 @@ def test_a_cluster_stack_forms_comes_back_whole_and_keeps_its_layout(
     other = run("dev", "up", "--redis-cluster", "4")
     assert other.code != 0
     assert "already runs a Redis Cluster of 3 primaries" in other.err
+
+
+def test_a_redis_loading_a_long_aof_is_waited_for_not_given_up_on(scratch_home: Path) -> None:
+    """`dev up` gave up on a Redis still reading its AOF (`LOADING`) once its 30 s were over,
+    as if it had failed. A dev stack's 50 MB AOF of small writes took 7-8 s to load, so about
+    200 MB of them would outlast the 30 s. Loading is waited out, and said."""
+    others = {"DATABASE_URL": "postgresql://u:p@127.0.0.1:1/x", "KAFKA_BOOTSTRAP": "127.0.0.1:1"}
+    stack = DevStack(scratch_home, environ=others)
+    data = stack.data_dir("redis")
+    data.mkdir(parents=True)
+    # An AOF of many small writes: slower to load than the start's timeout below.
+    command = b"*3\r\n$4\r\nSADD\r\n$1\r\ns\r\n$9\r\n%09d\r\n"
+    with (data / "appendonly.aof").open("wb") as aof:
+        for chunk in range(40):
+            aof.write(b"".join(command % (chunk * 50_000 + i) for i in range(50_000)))
+    said: list[str] = []
+    try:
+        stack.up(timeout=0.3, progress=said.append)
+        assert any("loading its data from disk" in line for line in said), said
+        rows = {row.name: row for row in stack.status()}
+        assert rows["redis"].state == "running"
+    finally:
+        stack.down(progress=lambda _l: None)

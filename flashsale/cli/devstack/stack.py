@@ -31,6 +31,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import redis.exceptions
+
 from flashsale.cli.devstack import redis_cluster
 from flashsale.cli.devstack.errors import StackError
 from flashsale.cli.devstack.pings import PINGS
@@ -52,6 +54,10 @@ from flashsale.settings import DEV_ENV_FILE, mask_url
 
 SERVERS = ("redis", "postgres", "kafka")
 EXTERNAL_VAR = {"redis": "REDIS_URL", "postgres": "DATABASE_URL", "kafka": "KAFKA_BOOTSTRAP"}
+# A Redis that answers LOADING is reading its AOF: waited out this long, whatever the start's
+# timeout (a dev stack's 50 MB AOF of small writes took 7-8 s to load).
+LOADING_S = 600.0
+FORM_S = 10.0  # a Redis Cluster's forming, after nodes that loaded for longer than the timeout
 
 
 @dataclass
@@ -182,12 +188,14 @@ class DevStack:
                     state[name] = self._start(name, current.port if current else None)
                     started.append(name)
                     self._save(state)
-                asyncio.run(self._wait_ready(state, began + timeout))
+                asyncio.run(self._wait_ready(state, began + timeout, progress))
                 layout = self.layout
                 if layout is not None and not self.external("redis"):
                     ports = [state[n].port for n in layout.names()]
                     password = self._secrets()["redis_password"]
-                    if asyncio.run(redis_cluster.form(layout, ports, password, began + timeout)):
+                    # a node that loaded its data for longer than ``timeout`` still gets time
+                    until = max(began + timeout, time.monotonic() + FORM_S)
+                    if asyncio.run(redis_cluster.form(layout, ports, password, until)):
                         progress(f"redis     formed a cluster of {layout.primaries} primaries "
                                  f"with {layout.replicas} replica(s) each")  # fmt: skip
             except BaseException:
@@ -245,11 +253,14 @@ class DevStack:
             )
         return start_kafka(self.home / "kafka", port)
 
-    async def _wait_ready(self, state: dict[str, ServerState], deadline: float) -> None:
+    async def _wait_ready(
+        self, state: dict[str, ServerState], deadline: float, progress: Callable[[str], None]
+    ) -> None:
         async def ready(name: str, server: ServerState) -> None:
             url = self.url(name, server.port)
             last: BaseException | None = None
-            while time.monotonic() < deadline:
+            until = deadline
+            while time.monotonic() < until:
                 if not pid_alive(server.pid):
                     raise StackError(
                         f"{name} exited during start; log tail:\n{tail(Path(server.log))}"
@@ -259,6 +270,17 @@ class DevStack:
                         await ensure_database(server.port, self._secrets()["postgres_password"])
                     await PINGS[_kind(name)](url)
                     return
+                except redis.exceptions.BusyLoadingError as exc:
+                    # Loading its data is progress, however long the AOF takes: waited out
+                    # up to LOADING_S from the first answer that said so.
+                    if last is None or not isinstance(last, redis.exceptions.BusyLoadingError):
+                        until = max(until, time.monotonic() + LOADING_S)
+                        aof = self.data_dir(name) / "appendonly.aof"
+                        size = aof.stat().st_size / 1e6 if aof.is_file() else 0.0
+                        progress(f"{name:9} loading its data from disk ({size:,.0f} MB of "
+                                 f"AOF); waiting up to {LOADING_S:g}s")  # fmt: skip
+                    last = exc
+                    await asyncio.sleep(0.1)
                 except Exception as exc:  # noqa: BLE001 - not ready yet: retry until the deadline
                     last = exc
                     await asyncio.sleep(0.1)
