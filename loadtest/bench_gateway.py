@@ -24,6 +24,9 @@ with the same number of processes (SO_REUSEPORT):
   when the engine has one, as ``flashsale up`` does): its loop serves only reservations, so
   the broker's producer shares it instead of running on a thread of its own.
 
+Each row also gives the Redis server's CPU per request (``INFO cpu``; its commands' own time
+from ``INFO commandstats`` in the JSON): what a join or a reservation costs the sale's node.
+
 Targets: status >= 70 % and join >= 40 % of the bare endpoint's requests per second; and as
 server CPU per request against the bare endpoint's, status <= 1.2x, join <= 1.5x and reserve
 <= 2x (at the gateway and at the listener). The client runs on the same 2 cores as the
@@ -176,7 +179,7 @@ class _Meter:
             server_cpu_us_per_request=round(self.cpu / max(1, self.done) * 1e6, 1),
             # The Redis server's whole CPU (networking and the AOF included) and its commands'
             # own time, per request: what one sale's node spends on each (its joins, its
-            # reservations); a few us of background work for the rows that send none.
+            # reservations); a fraction of a us of background work for the rows that send none.
             redis_cpu_us_per_request=round(self.redis_cpu / max(1, self.done) * 1e6, 1),
             redis_us_per_request=round(self.redis_usec / max(1, self.done), 1),
             ratio_to_bare=round(quantile(ratios, 0.5), 3),

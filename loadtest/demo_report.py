@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from gateway.eta import STEP_S
 from loadtest.driver import Eta
 
 TARGET_S = 10.0  # every buyer answered within this long after the sale opens
@@ -70,9 +71,8 @@ class DemoReport:
 # A wait shorter than this counts as this long in the percentage error: the page shows whole
 # seconds, so "about 0 s" for a wait of 0.4 s is not 100 % off to anyone.
 ETA_FLOOR_S = 1.0
-# Finer than this no ETA can place a buyer's admission: the pump admits every 0.1 s and the
-# ETAs are rounded to 0.1 s (gateway/eta.py STEP_S).
-ETA_STEP_S = 0.2
+# Finer than this no ETA can place a buyer's admission: the pump's step and the rounding.
+ETA_STEP_S = STEP_S
 ETA_P50_ERROR_TARGET = 25.0  # % (median absolute error of the p50)
 ETA_P90_COVERAGE_TARGET = (0.85, 0.95)  # share admitted within their p90
 

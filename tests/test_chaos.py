@@ -177,8 +177,12 @@ def test_a_bloated_aof_is_rewritten_before_redis_is_restarted_from_it(stack: Set
     each kill found Redis still loading from the one before. The suite now rewrites the AOF
     first: writes since deleted are gone from it."""
     dev = DevStack(home_dir())
+    said: list[str] = []
     if stack.redis_cluster or dev.running_pid("redis") is None:
-        pytest.skip("the suite rewrites only an embedded single Redis's AOF")
+        # an external server or a cluster's nodes are left as they are
+        asyncio.run(compact_aof(stack, dev, said.append))
+        assert said == []
+        return
     aof = dev.data_dir("redis") / "appendonly.aof"
     churn = 5_000_000
 
@@ -193,7 +197,6 @@ def test_a_bloated_aof_is_rewritten_before_redis_is_restarted_from_it(stack: Set
 
     asyncio.run(bloat())
     before = aof.stat().st_size
-    said: list[str] = []
     asyncio.run(compact_aof(stack, dev, said.append))
     assert aof.stat().st_size < before - churn * 0.9, (before, aof.stat().st_size)
     assert len(said) == 1 and "AOF rewritten" in said[0]

@@ -203,10 +203,11 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         description="Starts the gateway, the reservations listener and a trivial aiohttp "
         "endpoint with --workers processes each, drives each row with the same closed-loop "
         "client for --seconds in --rounds interleaved rounds, and prints req/s, p50 and p99, "
-        "the servers' CPU per request and the ratios to the bare endpoint (targets: status >= "
-        "70% and join >= 40% of its req/s; server CPU per request at most 1.2x its own for a "
-        "status poll, 1.5x for a join, 2x for a reservation at the gateway and at the "
-        "listener). Exit 1 only if a request failed.",
+        "the servers' CPU per request, the Redis server's CPU per request (what a join or a "
+        "reservation costs the sale's node) and the ratios to the bare endpoint (targets: "
+        "status >= 70% and join >= 40% of its req/s; server CPU per request at most 1.2x "
+        "its own for a status poll, 1.5x for a join, 2x for a reservation at the gateway and "
+        "at the listener). Exit 1 only if a request failed.",
     )
     gw_bench.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     gw_bench.add_argument("--seconds", default="10", help="seconds per row (default 10)")

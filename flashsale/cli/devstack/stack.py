@@ -273,7 +273,7 @@ class DevStack:
                 except redis.exceptions.BusyLoadingError as exc:
                     # Loading its data is progress, however long the AOF takes: waited out
                     # up to LOADING_S from the first answer that said so.
-                    if last is None or not isinstance(last, redis.exceptions.BusyLoadingError):
+                    if not isinstance(last, redis.exceptions.BusyLoadingError):
                         until = max(until, time.monotonic() + LOADING_S)
                         aof = self.data_dir(name) / "appendonly.aof"
                         size = aof.stat().st_size / 1e6 if aof.is_file() else 0.0
