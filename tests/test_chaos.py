@@ -19,9 +19,10 @@ from flashsale.clients import redis_client
 from flashsale.settings import Settings, home_dir
 from loadtest.bench_all import rewrite
 from loadtest.chaos import report
-from loadtest.chaos.faults import Timing, Window, compact_aof
+from loadtest.chaos.faults import Timing, Window
 from loadtest.chaos.fuzz import has_retry_after, sale_for
 from loadtest.chaos.report import Result
+from loadtest.chaos.rig import compact_aof
 from loadtest.chaos.scenarios import SCENARIOS
 from loadtest.chaos.spike import during, recovery
 from loadtest.chaos.suite import choose

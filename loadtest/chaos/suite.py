@@ -14,9 +14,9 @@ import orjson
 from flashsale.settings import Settings
 from loadtest.bench import machine
 from loadtest.bench_all import rewrite
-from loadtest.chaos import faults, report, spike
+from loadtest.chaos import report, spike
 from loadtest.chaos.report import Result
-from loadtest.chaos.rig import Servers, rigged
+from loadtest.chaos.rig import Servers, compact_aof, rigged
 from loadtest.chaos.scenarios import BY_NAME, SCENARIOS, Scenario
 
 Progress = Callable[[str], None]
@@ -82,7 +82,7 @@ async def main(settings: Settings, servers: Servers, scenarios: list[Scenario], 
     is clean."""
     described = machine()
     if any(s.group == "redis" for s in scenarios):
-        await faults.compact_aof(settings, servers, progress)
+        await compact_aof(settings, servers, progress)
     results = await run(settings, servers, scenarios, quick=quick, progress=progress)
     progress("\n" + report.table(results))
     totals = report.totals(results)
