@@ -4,10 +4,14 @@ over real HTTP (the simulator served on loopback)."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -224,3 +228,74 @@ async def test_charges_are_listed_by_prefix_page_by_page(tmp_path: Path) -> None
     finally:
         await server.close()
         again.close()
+
+
+@asynccontextmanager
+async def serving(simulator: Simulator) -> AsyncIterator[HttpProvider]:
+    """The simulator on loopback, and a provider client talking to it; closed on the way out
+    (every journal line was flushed as it was written: as good as a kill)."""
+    server = TestServer(simulator.app())
+    await server.start_server()
+    try:
+        async with HttpProvider(str(server.make_url("")).rstrip("/")) as provider:
+            yield provider
+    finally:
+        await server.close()
+        simulator.close()
+
+
+async def test_a_charge_made_after_a_torn_line_survives_the_next_restart(tmp_path: Path) -> None:
+    """A kill mid-write leaves a line cut short. The charge made after the restart must not be
+    glued to it: a third start still knows it (a forgotten capture would be charged again)."""
+    journal = tmp_path / "charges.jsonl"
+    async with serving(Simulator(Knobs(), journal=journal)) as provider:
+        await provider.charge("t-1", 1500, "EUR", "tok_visa")
+    with journal.open("ab") as torn:
+        torn.write(b'{"key": "t-2", "par')
+    async with serving(Simulator(Knobs(), journal=journal)) as provider:
+        made = await provider.charge("t-3", 700, "EUR", "tok_visa")
+    third = Simulator(Knobs(), journal=journal)
+    third.close()
+    assert set(third.charges) == {"t-1", "t-3"}
+    assert third.charges["t-3"]["id"] == made.provider_ref
+    assert third.captures == {"t-1": 1, "t-3": 1}
+
+
+async def test_the_journal_forgets_charges_older_than_it_keeps_and_ids_stay_new(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At start, charges made more than ``keep_days`` ago are dropped and the journal is
+    rewritten with one line per charge kept; charge ids go on from the highest ever made, and
+    a journal with nothing to drop is left as it is."""
+    journal = tmp_path / "charges.jsonl"
+    async with serving(Simulator(Knobs(), journal=journal)) as provider:
+        for key in ("old-1", "old-2", "new-1", "new-2"):
+            await provider.charge(key, 100, "EUR", "tok_visa")
+        await provider.refund("new-2")
+    lines = [orjson.loads(line) for line in journal.read_bytes().splitlines()]
+    assert len(lines) == 5
+    for line in lines:
+        if line["key"].startswith("old"):
+            line["at"] = time.time() - 8 * 86400
+        if line["key"] == "new-1":
+            del line["at"]  # a journal written before entries had a time: as old as the file
+    journal.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+
+    with caplog.at_level(logging.INFO, "flashsale.psp"):
+        second = Simulator(Knobs(), journal=journal, keep_days=7)
+    assert "2 charges kept, 2 older than 7 days forgotten" in caplog.text
+    assert set(second.charges) == {"new-1", "new-2"} and second.refunds == 1
+    assert second.charges["new-2"]["status"] == "refunded"
+    assert second.captures == {"new-1": 1, "new-2": 1}
+    async with serving(second) as provider:
+        fresh = await provider.charge("next", 100, "EUR", "tok_visa")
+    assert fresh.provider_ref == "ch_00000005"  # not ch_00000003 again: old-* had 1 and 2
+    kept = journal.read_bytes()
+    assert len(kept.splitlines()) == 4  # the id floor, new-1, new-2 as refunded, next
+
+    async with serving(Simulator(Knobs(), journal=journal, keep_days=7)) as provider:
+        assert (await provider.lookup("new-1")) is not None
+        assert (await provider.lookup("old-1")) is None
+        assert journal.read_bytes() == kept  # nothing to drop: not rewritten
+        assert (await provider.charge("later", 1, "EUR", "tok_visa")).provider_ref \
+            == "ch_00000006"  # fmt: skip

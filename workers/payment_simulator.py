@@ -29,7 +29,9 @@ from a generator seeded by the idempotency key, so a rerun behaves the same.
 Knobs (``flashsale psp --help``): latency mean and jitter, decline rate, 5xx rate,
 timeout-after-success rate. Charges live in memory and, with a journal (``--journal PATH``, as
 ``flashsale up`` runs it), are appended to it as JSON lines and read back at start: a real
-provider does not forget a capture because it restarted, and neither does the simulator.
+provider does not forget a capture because it restarted, and neither does the simulator. It
+forgets charges older than ``--keep-days`` (7) at start, as a provider forgets idempotency
+keys (``workers/psp_journal.py``).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -52,6 +54,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client import Counter as PromCounter
 
 from flashsale.ops_endpoints import Readiness, ops_app
+from workers import psp_journal
+from workers.psp_journal import KEEP_DAYS, Journal
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,7 @@ def _params(key: str, body: Any) -> tuple[int, str, str]:
 
 class Simulator:
     def __init__(self, knobs: Knobs, registry: CollectorRegistry | None = None,
-                 journal: Path | None = None) -> None:  # fmt: skip
+                 journal: Path | None = None, keep_days: float = KEEP_DAYS) -> None:  # fmt: skip
         self.knobs = knobs
         self.charges: dict[str, dict[str, Any]] = {}
         self.made: list[str] = []  # keys in the order their charges were made (for listing)
@@ -122,44 +126,30 @@ class Simulator:
         self._jitter = random.Random(knobs.seed)  # noqa: S311 - a simulation
         self.outcomes = PromCounter("flashsale_psp_charges", "Charge calls by outcome",
                                     ["outcome"], registry=self.registry)  # fmt: skip
-        self._journal: IO[bytes] | None = None
+        self._journal: Journal | None = None
         if journal is not None:
-            self._replay(journal)
-            self._journal = journal.open("ab")
+            self._replay(psp_journal.load(journal, keep_days))
+            self._journal = Journal(journal)
 
-    def _replay(self, journal: Path) -> None:
-        """Charges and refunds recorded by an earlier run (a torn last line is skipped)."""
-        if not journal.is_file():
-            return
-        for line in journal.read_bytes().splitlines():
-            try:
-                entry = orjson.loads(line)
-                key, charge = entry["key"], entry["charge"]
-                params = (int(entry["params"][0]), str(entry["params"][1]),
-                          str(entry["params"][2]))  # fmt: skip
-            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, IndexError):
-                continue
-            if key not in self.charges:
-                self._made(key)
-                self.params[key] = params
-                if charge["status"] != "declined":
-                    self.captures[key] = 1
-            elif charge["status"] == "refunded" and self.charges[key]["status"] == "captured":
+    def _replay(self, loaded: psp_journal.Loaded) -> None:
+        """The charges an earlier run made and the journal still keeps."""
+        for key, entry in loaded.entries.items():
+            self._made(key)
+            self.params[key] = entry.params
+            self.charges[key] = entry.charge
+            if entry.charge["status"] != "declined":
+                self.captures[key] = 1
+            if entry.charge["status"] == "refunded":
                 self.refunds += 1
-            self.charges[key] = charge
-        numbers = [int(c["id"].removeprefix("ch_")) for c in self.charges.values()]
-        self._ids = itertools.count(max(numbers, default=0) + 1)
+        self._ids = itertools.count(loaded.next_id)
 
     def _record(self, key: str, charge: dict[str, Any]) -> None:
         if self._journal is not None:
-            entry = {"key": key, "params": list(self.params[key]), "charge": charge}
-            self._journal.write(orjson.dumps(entry) + b"\n")
-            self._journal.flush()  # in the OS's hands: it survives this process being killed
+            self._journal.append(key, self.params[key], charge)
 
     def close(self) -> None:
         if self._journal is not None:
             self._journal.close()
-            self._journal = None
 
     def _draw(self, key: str, attempt: int) -> Callable[[float], bool]:
         """``chance(rate)`` for one call: True with probability ``rate``, drawn from a
@@ -338,8 +328,8 @@ class Simulator:
 
 
 async def serve(host: str, port: int, knobs: Knobs, stop: asyncio.Event,
-                journal: Path | None = None) -> None:  # fmt: skip
-    simulator = Simulator(knobs, journal=journal)
+                journal: Path | None = None, *, keep_days: float = KEEP_DAYS) -> None:  # fmt: skip
+    simulator = Simulator(knobs, journal=journal, keep_days=keep_days)
     runner = web.AppRunner(simulator.app(), access_log=None, shutdown_timeout=1)
     await runner.setup()
     try:

@@ -98,10 +98,11 @@ async def serve_reconciler(
     return 0
 
 
-async def serve_psp(host: str, port: int, knobs: Knobs, journal: Path | None) -> int:
+async def serve_psp(host: str, port: int, knobs: Knobs, journal: Path | None,
+                    keep_days: float) -> int:  # fmt: skip
     from workers.payment_simulator import serve  # noqa: PLC0415
 
-    await serve(host, port, knobs, _stop_on_signals(), journal)
+    await serve(host, port, knobs, _stop_on_signals(), journal, keep_days=keep_days)
     return 0
 
 

@@ -126,14 +126,16 @@ def cmd_psp(args: argparse.Namespace, settings: Settings) -> int:
         hang_s=non_negative("hang-s", args.hang_s),
         seed=int(non_negative("seed", args.seed)),
     )
+    keep_days = positive(float, "keep-days", args.keep_days)
     journal = Path(args.journal) if args.journal else None
     if journal is not None and not journal.parent.is_dir():
         raise InvalidInput("journal", f"no folder {journal.parent} to keep it in")
     out(
         f"psp simulator on http://{args.host}:{port} ({knobs})"
-        + (f", charges journaled to {journal}" if journal else ", charges in memory only")
-    )
-    return int(event_loop.run(runners.serve_psp(args.host, port, knobs, journal)))
+        + (f", charges journaled to {journal} for {keep_days:g} days" if journal
+           else ", charges in memory only")
+    )  # fmt: skip
+    return int(event_loop.run(runners.serve_psp(args.host, port, knobs, journal, keep_days)))
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
@@ -280,6 +282,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     psp.add_argument("--journal", help="append every charge and refund to this file and read "
                      "it back at start, so a restart forgets nothing (default: memory only; "
                      f"`flashsale up` uses <home>/{PSP_JOURNAL})")  # fmt: skip
+    psp.add_argument("--keep-days", default="7",
+                     help="at start, forget journaled charges made longer ago than this, as a "
+                     "provider forgets idempotency keys (default 7)")  # fmt: skip
 
     rec = commands.add_parser(
         "reconcile",
