@@ -186,3 +186,46 @@ def test_a_redis_loading_a_long_aof_is_waited_for_not_given_up_on(scratch_home: 
         assert rows["redis"].state == "running"
     finally:
         stack.down(progress=lambda _l: None)
+
+
+@pytest.mark.parametrize(
+    ("name", "damaged", "way_out"),
+    [
+        ("secrets.json", b'{"FLASHSALE_ADM', "dev down --purge"),
+        ("secrets.json", b'{"FLASHSALE_ADMIN_TOKEN": 1}', "dev down --purge"),
+        ("redis-cluster.json", b'{"primaries": 3, "rep', "dev down --purge"),
+        ("stack.json", b"", "by their PID"),
+    ],
+)
+def test_a_damaged_file_of_the_stack_is_named_not_a_traceback(
+    scratch_home: Path, run_cli: Cli, name: str, damaged: bytes, way_out: str
+) -> None:
+    """A stack's own file cut short (by hand, or a disk that lied) stops ``dev up`` with one
+    line naming the file and the way out, and starts no server. Nothing is generated afresh
+    over it: new passwords would lock the stack out of its own data. The way out works."""
+    scratch_home.mkdir(parents=True)
+    (scratch_home / name).write_bytes(damaged)
+    result = run_cli("dev", "up")
+    assert result.code == 1, result.err
+    assert result.err.startswith(f"flashsale: error: {scratch_home / name} is damaged"), \
+        result.err  # fmt: skip
+    assert way_out in result.err and "Traceback" not in result.err
+    assert (scratch_home / name).read_bytes() == damaged
+    assert not (scratch_home / "redis").exists() and not (scratch_home / "postgres").exists()
+    if name == "stack.json":
+        (scratch_home / name).unlink()  # no server was started by this home
+    else:
+        assert run_cli("dev", "down", "--purge").code == 0
+        assert not (scratch_home / name).exists()
+
+
+def test_the_stacks_files_are_written_whole(scratch_home: Path) -> None:
+    """Secrets, state and cluster layout are written to a temporary file and renamed over the
+    old one, so a kill mid-write leaves the old file or the new one, never half of one; the
+    secrets stay readable by their owner only."""
+    scratch_home.mkdir(parents=True)
+    stack = DevStack(scratch_home, environ={})
+    secrets = stack._secrets()
+    assert stack._secrets() == secrets
+    assert (scratch_home / "secrets.json").stat().st_mode & 0o777 == 0o600
+    assert not list(scratch_home.glob("*.tmp"))

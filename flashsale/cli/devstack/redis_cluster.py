@@ -13,7 +13,6 @@ the others keep serving.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from flashsale.cli.devstack.errors import StackError
+from flashsale.cli.devstack.files import read_json, write_json
 
 SLOTS = 16_384
 # A node's cluster bus listens this far above its port (Redis 6; fixed, not configurable).
@@ -48,12 +48,18 @@ class Layout:
 
     @classmethod
     def load(cls, path: Path) -> Layout | None:
-        if not path.is_file():
-            return None
-        return cls(**json.loads(path.read_text()))
+        return read_json(path, cls.parse)
+
+    @classmethod
+    def parse(cls, raw: Any) -> Layout:
+        layout = cls(**raw)
+        if not (isinstance(layout.primaries, int) and isinstance(layout.replicas, int)
+                and layout.primaries >= 1 and layout.replicas >= 0):  # fmt: skip
+            raise ValueError(f"not a layout: {raw}")
+        return layout
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self)) + "\n")
+        write_json(path, asdict(self))
 
 
 def node_config(port: int, data: Path, password: str) -> str:

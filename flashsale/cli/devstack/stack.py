@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import json
 import os
 import secrets
 import shutil
@@ -35,6 +34,14 @@ import redis.exceptions
 
 from flashsale.cli.devstack import redis_cluster
 from flashsale.cli.devstack.errors import StackError
+from flashsale.cli.devstack.files import (
+    SECRET_NAMES,
+    STATE_WAY_OUT,
+    parse_secrets,
+    parse_state,
+    read_json,
+    write_json,
+)
 from flashsale.cli.devstack.pings import PINGS
 from flashsale.cli.devstack.processes import (
     free_port,
@@ -105,34 +112,19 @@ class DevStack:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _load(self) -> dict[str, ServerState]:
-        if not self.state_file.is_file():
-            return {}
-        raw = json.loads(self.state_file.read_text())
-        return {name: ServerState(**value) for name, value in raw.items()}
+        state = read_json(self.state_file, parse_state, STATE_WAY_OUT)
+        return state or {}
 
     def _save(self, state: dict[str, ServerState]) -> None:
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({k: asdict(v) for k, v in state.items()}, indent=2))
-        tmp.replace(self.state_file)
+        write_json(self.state_file, {k: asdict(v) for k, v in state.items()})
 
     def _secrets(self) -> dict[str, str]:
         """Generated once per home and kept, so tokens stay valid across restarts."""
-        if self.secrets_file.is_file():
-            loaded: dict[str, str] = json.loads(self.secrets_file.read_text())
+        loaded = read_json(self.secrets_file, parse_secrets)
+        if loaded is not None:
             return loaded
-        values = {
-            name: secrets.token_urlsafe(32)
-            for name in (
-                "FLASHSALE_ADMIN_TOKEN",
-                "FLASHSALE_SECRET",
-                "FLASHSALE_BUYER_TOKEN_SECRET",
-                "redis_password",
-                "postgres_password",
-            )
-        }
-        fd = os.open(self.secrets_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(values, handle)
+        values = {name: secrets.token_urlsafe(32) for name in SECRET_NAMES}
+        write_json(self.secrets_file, values, mode=0o600)
         return values
 
     def external(self, name: str) -> str | None:
@@ -387,7 +379,11 @@ class DevStack:
         """Stop every embedded server cleanly (Redis flushes its AOF, Postgres fast shutdown)."""
         with self._locked():
             state = self._load()
-            for name in reversed([*self.names(), *(n for n in state if n not in self.names())]):
+            try:
+                names = self.names()
+            except StackError:  # a damaged cluster layout: the state names every server started
+                names = []
+            for name in reversed([*names, *(n for n in state if n not in names)]):
                 server = state.pop(name, None)
                 if server is None:
                     continue
