@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from prometheus_client import multiprocess
 
+from flashsale.cli.devstack.files import write_whole
 from flashsale.cli.supervisor import Child, Supervisor
 from flashsale.settings import ENGINE_ENV_FILE, Settings
 
@@ -112,7 +113,7 @@ def recorded_psp(home: Path, psp_url: str) -> Iterator[None]:
     run from another shell (``flashsale audit``) find it; removed when ``up`` stops."""
     path = home / ENGINE_ENV_FILE
     home.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"export FLASHSALE_PSP_URL={psp_url}\n")
+    write_whole(path, f"export FLASHSALE_PSP_URL={psp_url}\n")
     try:
         yield
     finally:

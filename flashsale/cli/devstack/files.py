@@ -1,5 +1,5 @@
-"""The stack's own files (its state, secrets and cluster layout): written whole, read back with
-an error that names a damaged one and the way out.
+"""The stack's own files (its state, secrets, cluster layout and the env files other shells
+read): written whole, read back with an error that names a damaged one and the way out.
 
 A file is written to a temporary file, flushed to disk and renamed over the old one, so a kill
 or a full disk mid-write leaves the old file or the new one, never half of one. A file that
@@ -40,16 +40,21 @@ def read_json(path: Path, parse: Callable[[Any], T], way_out: str = PURGE) -> T 
         raise StackError(f"{path} is damaged ({exc}): {way_out}") from None
 
 
-def write_json(path: Path, data: Any, mode: int = 0o644) -> None:
-    """``data`` as JSON in ``path``, whole or not at all; the file gets ``mode``."""
+def write_whole(path: Path, text: str, mode: int = 0o644) -> None:
+    """``text`` in ``path``, whole or not at all (a reader never sees half of it); the file
+    gets ``mode``."""
     temporary = path.with_name(path.name + ".tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2)
-        handle.write("\n")
+        handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
+
+
+def write_json(path: Path, data: Any, mode: int = 0o644) -> None:
+    """``data`` as JSON in ``path``, whole or not at all; the file gets ``mode``."""
+    write_whole(path, json.dumps(data, indent=2) + "\n", mode)
 
 
 def parse_state(raw: Any) -> dict[str, ServerState]:

@@ -41,6 +41,7 @@ from flashsale.cli.devstack.files import (
     parse_state,
     read_json,
     write_json,
+    write_whole,
 )
 from flashsale.cli.devstack.pings import PINGS
 from flashsale.cli.devstack.processes import (
@@ -295,9 +296,7 @@ class DevStack:
             lines.append("export FLASHSALE_REDIS_CLUSTER=1")
         for var in ("FLASHSALE_ADMIN_TOKEN", "FLASHSALE_SECRET", "FLASHSALE_BUYER_TOKEN_SECRET"):
             lines.append(f"export {var}={keys[var]}")
-        fd = os.open(self.env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write("\n".join(lines) + "\n")
+        write_whole(self.env_file, "\n".join(lines) + "\n", mode=0o600)
 
     # -- what the fault suite acts on ----------------------------------------------------
 
