@@ -54,8 +54,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client import Counter as PromCounter
 
 from flashsale.ops_endpoints import Readiness, ops_app
-from workers import psp_journal
-from workers.psp_journal import KEEP_DAYS, Journal
+from workers.psp_journal import KEEP_DAYS, Journal, Loaded, load
 
 
 @dataclass(frozen=True)
@@ -128,10 +127,10 @@ class Simulator:
                                     ["outcome"], registry=self.registry)  # fmt: skip
         self._journal: Journal | None = None
         if journal is not None:
-            self._replay(psp_journal.load(journal, keep_days))
+            self._replay(load(journal, keep_days))
             self._journal = Journal(journal)
 
-    def _replay(self, loaded: psp_journal.Loaded) -> None:
+    def _replay(self, loaded: Loaded) -> None:
         """The charges an earlier run made and the journal still keeps."""
         for key, entry in loaded.entries.items():
             self._made(key)
