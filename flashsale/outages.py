@@ -13,9 +13,11 @@ outage: the same request can succeed later. Read from the libraries' own excepti
   ``InternalClientError``: the protocol surprised by a server going away), except those about
   the client's own configuration.
 * **Redis** (redis-py): connection errors (loading included), timeouts, ``READONLY`` (a
-  replica after a failover), ``OOM``, ``TRYAGAIN`` and a ``BUSY`` script; on a Redis Cluster
-  also ``CLUSTERDOWN``, a slot no node serves (mid-failover), redirections that never
-  settled, and a cluster none of whose known nodes answers.
+  replica after a failover), ``OOM``, ``NOREPLICAS``, ``TRYAGAIN`` and a ``BUSY`` script,
+  also when a command inside a script met them (Redis 6.2 wraps those in "Error running
+  script", which redis-py raises as a plain ``ResponseError``); on a Redis Cluster also
+  ``CLUSTERDOWN``, a slot no node serves (mid-failover), redirections that never settled,
+  and a cluster none of whose known nodes answers.
 * **The rest**: ``OSError`` (refused, reset, timed out), the broker's errors, the payment
   provider's open circuit, and the engine's own :class:`~flashsale.errors.Unavailable`.
 * **uvloop's closed transport**: writing to a connection the peer reset raises
@@ -36,6 +38,7 @@ never succeed as it is, and is handled as bad data.
 from __future__ import annotations
 
 import logging
+import re
 
 import asyncpg
 import redis.asyncio.connection
@@ -68,6 +71,13 @@ _ALWAYS = (
 )
 
 
+# Redis's answers that say "not now": a busy script, a replica, full memory, too few replicas
+# for a write, a dataset being loaded, a cluster mid-failover. Redis 6.2 wraps one met by a
+# command inside a script: "Error running script (call to f_…): @user_script:56:
+# @user_script: 56: -READONLY You can't write against a read only replica."
+_PASSING = ("BUSY", "READONLY", "OOM", "NOREPLICAS", "MASTERDOWN", "LOADING", "TRYAGAIN",
+            "CLUSTERDOWN")  # fmt: skip
+_SCRIPT_REFUSED = re.compile(rf"(?:ERR )?Error running script .*: -?(?:{'|'.join(_PASSING)}) ")
 _CLOSED_TRANSPORT = "the handler is closed"
 _REDIS_WRITE = (redis.asyncio.connection.__file__, "_send_packed_command")
 _NO_CLUSTER_NODE = "Redis Cluster cannot be connected"
@@ -88,7 +98,8 @@ def is_outage(exc: BaseException) -> bool:
     if isinstance(exc, asyncpg.InterfaceError):
         return not isinstance(exc, _CLIENT_MISCONFIGURED)
     if isinstance(exc, redis.exceptions.ResponseError):
-        return str(exc).startswith("BUSY")
+        text = str(exc)
+        return text.startswith(_PASSING) or _SCRIPT_REFUSED.match(text) is not None
     if isinstance(exc, redis.exceptions.RedisClusterException):
         return str(exc).startswith(_NO_CLUSTER_NODE)
     return False

@@ -4,19 +4,28 @@ succeed": one classification, shared by the gateway (503), the workers and the r
 from __future__ import annotations
 
 import asyncio
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
+import redis
 import redis.asyncio as aioredis
 import redis.exceptions
 import uvloop
 from aiokafka.errors import KafkaConnectionError
 
+from flashsale.cli.devstack.binaries import find_redis
+from flashsale.cli.devstack.processes import free_port
 from flashsale.errors import ProviderDown, Unavailable
 from flashsale.outages import is_outage
 from flashsale.settings import Settings
 from loadtest.fault_proxy import FaultProxy, through
+from tests.conftest import Cli
 
 WAIT = [
     # Postgres: connection (08), insufficient resources (53), operator intervention (57),
@@ -43,6 +52,7 @@ WAIT = [
     redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'"),
     redis.exceptions.ResponseError("BUSY Redis is busy running a script."),
     redis.exceptions.TryAgainError("Multiple keys request during rehashing of slot"),
+    redis.exceptions.ResponseError("NOREPLICAS Not enough good replicas to write."),
     # the network, the broker, the payment provider's open circuit
     ConnectionResetError("reset by peer"),
     TimeoutError(),
@@ -127,3 +137,87 @@ async def test_a_redis_connection_closed_while_it_writes_is_an_outage(stack: Set
         await connection._send_packed_command([b"*1\r\n$4\r\nPING\r\n"])
     assert is_outage(raised.value)
     assert not is_outage(AttributeError("'NoneType' object has no attribute 'writelines'"))
+
+
+@pytest.fixture
+def lone_redis(tmp_path: Path) -> Iterator[str]:
+    """A Redis server of its own (the stack's binary, no persistence): the URL. Killed after."""
+    binary, _version = find_redis()
+    port = free_port()
+    server = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        yield url
+    finally:
+        server.kill()
+        server.wait()
+
+
+WRITE = "return redis.call('SET', KEYS[1], ARGV[1])"
+
+
+async def test_a_script_refused_a_write_by_a_passing_state_of_redis_is_an_outage(
+    lone_redis: str,
+) -> None:
+    """A primary demoted to a replica (a Sentinel or managed failover: the old connections
+    still point at it) refuses a script's write with READONLY, and a full one with OOM. Redis
+    6.2 wraps both in "Error running script", which redis-py raises as a plain ResponseError:
+    seen as a traceback from `flashsale sale preload`, and the gateway's, the workers' and the
+    reconciler's scripts meet the same answer. Both pass (the new primary, freed memory):
+    outages, not bad data. A script's command refused for its data stays bad data."""
+    client = aioredis.Redis.from_url(lone_redis)
+    refused: list[BaseException] = []
+    try:
+        assert await client.eval(WRITE, 1, "k", "v")
+        await client.config_set("maxmemory", "1")
+        with pytest.raises(redis.exceptions.ResponseError) as oom:
+            await client.eval(WRITE, 1, "k2", "v")
+        refused.append(oom.value)
+        await client.config_set("maxmemory", "0")
+        dead = free_port()
+        await client.execute_command("REPLICAOF", "127.0.0.1", str(dead))
+        with pytest.raises(redis.exceptions.ResponseError) as readonly:
+            await client.eval(WRITE, 1, "k", "w")
+        refused.append(readonly.value)
+        assert await client.get("k") == b"v"  # a replica still answers reads
+        with pytest.raises(redis.exceptions.ResponseError) as bad:
+            await client.eval("return redis.call('HGET', KEYS[1], 'f')", 1, "k")  # WRONGTYPE
+    finally:
+        await client.aclose()
+    assert all(is_outage(exc) for exc in refused), [str(e) for e in refused]
+    assert not is_outage(bad.value), str(bad.value)
+
+
+def test_the_cli_names_a_server_that_is_down_in_one_line(
+    stack: Settings, lone_redis: str, cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A command whose server is down, stalled or refusing writes for now ends with one line
+    and exit 1, whatever the library raised: the CLI uses the services' classification. It
+    caught only refused connections, so a demoted Redis (and a stalled one, after its
+    timeouts) ended in a traceback."""
+    created = cli("sale", "create", "--name", "Down", "--sku", "A", "--stock", "5",
+                  "--price", "100", "--currency", "EUR")  # fmt: skip
+    assert created.code == 0, created.err
+    with redis.Redis.from_url(lone_redis) as client:
+        client.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+    monkeypatch.setenv("REDIS_URL", lone_redis)
+    monkeypatch.delenv("FLASHSALE_REDIS_CLUSTER", raising=False)
+    refused = cli("sale", "preload", created.out.strip())
+    assert refused.code == 1
+    assert refused.err.startswith("flashsale: error: a server is unavailable: ResponseError: "), \
+        refused.err  # fmt: skip
+    assert "READONLY" in refused.err and "Traceback" not in refused.err
+    assert len(refused.err.strip().splitlines()) == 1, refused.err

@@ -7,7 +7,9 @@ Every command reads Settings once, here, and passes them down. Commands live by 
 :mod:`~flashsale.cli.load` (the demo, spike and chaos tests) and :mod:`~flashsale.cli.bench`.
 Errors are one line on stderr (``flashsale:
 error: skus[0].stock: must be a positive integer``) with a non-zero exit: 2 for bad input, 1
-for anything else. Nothing is written on bad input.
+for anything else. Nothing is written on bad input. A server that is down, stalled or refusing
+writes for now (:func:`flashsale.outages.is_outage`, as the services judge it) is one line
+too; any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -16,13 +18,12 @@ import argparse
 import asyncio
 from collections.abc import Sequence
 
-import redis.exceptions
-
 from flashsale import __version__, event_loop
 from flashsale.cli import bench, buyers, dev, load, sale, serve
 from flashsale.cli.output import fail
 from flashsale.errors import FlashsaleError, InvalidInput
 from flashsale.logs import configure_logging
+from flashsale.outages import describe, is_outage
 from flashsale.settings import Settings
 
 
@@ -55,8 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FlashsaleError as exc:
         fail(exc.message)
         return 1
-    except (redis.exceptions.ConnectionError, OSError) as exc:
-        fail(f"a server is unreachable: {exc}")
+    except Exception as exc:  # an outage is one line; anything else is re-raised as it is
+        if not is_outage(exc):
+            raise
+        fail(f"a server is unavailable: {describe(exc)}")
         return 1
     except KeyboardInterrupt:
         return 130
