@@ -34,6 +34,7 @@ from redis.commands.core import AsyncScript
 from redis.crc import key_slot
 
 from flashsale.clients import CLUSTER_POOL_FACTOR, RedisClient
+from flashsale.outages import describe, is_demotion
 
 # The parsers whose hiredis reader :func:`_read_replies` drains itself (redis-py's private
 # layout, so another layout falls back to redis-py's own ``read_response``).
@@ -183,7 +184,9 @@ async def _send_group(
     client: RedisClient, node: ClusterNode | None, commands: list[Command], chunk: int
 ) -> list[Any]:
     """``commands`` on one connection (of ``node`` on a cluster); an error answer is returned
-    in its place, so that every reply is read."""
+    in its place, so that every reply is read. A ``READONLY`` answer (the server was demoted
+    by a failover) drops the connection and raises ``ConnectionError``, an outage: the next
+    call connects afresh, to the new primary behind the same address."""
     replies: list[Any] = []
     async with _connection(client, node) as conn:
         try:
@@ -196,6 +199,11 @@ async def _send_group(
                 await conn.send_packed_command(b"".join(pack_command(c) for c in part),
                                                check_health=False)  # fmt: skip
                 replies += await _read_replies(conn, len(part))
+                demoted = next((r for r in replies if is_demotion(r)), None)
+                if demoted is not None:  # a refused write did not run; a new connection
+                    raise redis.exceptions.ConnectionError(  # reaches the new primary
+                        f"the server is a replica now: {describe(demoted)}"
+                    ) from demoted
         except BaseException as exc:
             await conn.disconnect()  # replies may be left unread on it
             if node is not None and isinstance(
@@ -306,11 +314,16 @@ async def _relearn_slots(client: aioredis.RedisCluster, failed: ClusterNode) -> 
 
 
 def _closed_by_server(conn: Any) -> bool:
-    """Whether the server has closed ``conn`` (its reader saw the end of the stream). redis-py's
-    pool check does not catch this here, and a command sent on it fails only when its reply
-    is read, when it can no longer be known whether it ran."""
+    """Whether the server has closed ``conn`` (its reader saw the end of the stream) or the
+    network reset it (its transport is closed: under uvloop a write would raise "the handler
+    is closed"). redis-py's pool check does not catch this here, and a command sent on a
+    closed connection fails only when its reply is read, when it can no longer be known
+    whether it ran."""
     reader = getattr(conn, "_reader", None)
-    return reader is not None and reader.at_eof()
+    writer = getattr(conn, "_writer", None)
+    return (reader is not None and reader.at_eof()) or (
+        writer is not None and writer.transport.is_closing()
+    )
 
 
 @cache

@@ -16,6 +16,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 
 from flashsale.errors import Unavailable
 from flashsale.payments import HttpProvider, PaymentProvider
+from flashsale.redis_connection import REPLACES
 from flashsale.settings import Settings
 
 # What every Redis caller takes: one server, or a Redis Cluster (FLASHSALE_REDIS_CLUSTER=1).
@@ -43,7 +44,9 @@ def redis_client(
 
     A call that meets a dead connection (Redis restarted, the network reset it) is retried
     twice on a fresh one, 50-500 ms apart with jitter, before it fails: without it every
-    connection that died idle in the pool cost one caller a 503 after Redis was back. What a
+    connection that died idle in the pool cost one caller a 503 after Redis was back. A
+    connection the network reset, or that leads to a primary demoted by a failover (it answers
+    ``READONLY``), is given up the same way (:mod:`flashsale.redis_connection`). What a
     retry may repeat is safe to repeat: each script is idempotent by request, hold state or
     fence, the pump publishes an absolute serving position, and a re-read stream entry stays
     pending until acknowledged. Packed calls (``allocator.redis_calls.read_packed``: the
@@ -58,6 +61,7 @@ def redis_client(
     pool = aioredis.BlockingConnectionPool.from_url(
         settings.require_redis(), max_connections=max_connections, timeout=wait_s, **options
     )
+    pool.connection_class = REPLACES.get(pool.connection_class, pool.connection_class)
     return aioredis.Redis.from_pool(pool)
 
 

@@ -77,7 +77,7 @@ _ALWAYS = (
 # @user_script: 56: -READONLY You can't write against a read only replica."
 _PASSING = ("BUSY", "READONLY", "OOM", "NOREPLICAS", "MASTERDOWN", "LOADING", "TRYAGAIN",
             "CLUSTERDOWN")  # fmt: skip
-_SCRIPT_REFUSED = re.compile(rf"(?:ERR )?Error running script .*: -?(?:{'|'.join(_PASSING)}) ")
+_SCRIPT_REFUSED = re.compile(r"(?:ERR )?Error running script .*?@user_script: \d+: -?([A-Z]+) ")
 _CLOSED_TRANSPORT = "the handler is closed"
 _REDIS_WRITE = (redis.asyncio.connection.__file__, "_send_packed_command")
 _NO_CLUSTER_NODE = "Redis Cluster cannot be connected"
@@ -88,7 +88,7 @@ def is_outage(exc: BaseException) -> bool:
     request or the event."""
     if isinstance(exc, _ALWAYS):
         return True
-    if type(exc) is RuntimeError and _CLOSED_TRANSPORT in str(exc):
+    if is_closed_transport(exc):
         return True
     if isinstance(exc, (AttributeError, TypeError)) and _raised_in(exc, _REDIS_WRITE):
         return True
@@ -98,11 +98,37 @@ def is_outage(exc: BaseException) -> bool:
     if isinstance(exc, asyncpg.InterfaceError):
         return not isinstance(exc, _CLIENT_MISCONFIGURED)
     if isinstance(exc, redis.exceptions.ResponseError):
-        text = str(exc)
-        return text.startswith(_PASSING) or _SCRIPT_REFUSED.match(text) is not None
+        return _refused_for(exc) in _PASSING
     if isinstance(exc, redis.exceptions.RedisClusterException):
         return str(exc).startswith(_NO_CLUSTER_NODE)
     return False
+
+
+def is_closed_transport(exc: BaseException) -> bool:
+    """True when ``exc`` is uvloop's refusal to write to a connection the peer reset: nothing
+    was sent on it."""
+    return type(exc) is RuntimeError and _CLOSED_TRANSPORT in str(exc)
+
+
+def is_demotion(exc: BaseException) -> bool:
+    """True when ``exc`` is a write refused because the server is a replica now (``READONLY``,
+    also met inside a script): after a failover behind one endpoint (a managed service's DNS
+    name, a virtual IP), the connection it came on still leads to the old primary."""
+    if isinstance(exc, redis.exceptions.ReadOnlyError):
+        return True
+    return isinstance(exc, redis.exceptions.ResponseError) and _refused_for(exc) == "READONLY"
+
+
+def _refused_for(exc: redis.exceptions.ResponseError) -> str:
+    """The error code of a Redis answer redis-py left in its text (``BUSY``, ``NOREPLICAS``,
+    ``WRONGTYPE``...; it takes the code off those it has a class for), that of the command a
+    script ran when Redis 6.2 wrapped it; '' when there is none."""
+    text = str(exc)
+    wrapped = _SCRIPT_REFUSED.match(text)
+    if wrapped is not None:
+        return wrapped.group(1)
+    code = text.split(" ", 1)[0]
+    return code if code.isupper() else ""
 
 
 def _raised_in(exc: BaseException, where: tuple[str, str]) -> bool:

@@ -4,9 +4,6 @@ succeed": one classification, shared by the gateway (503), the workers and the r
 from __future__ import annotations
 
 import asyncio
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -19,13 +16,13 @@ import redis.exceptions
 import uvloop
 from aiokafka.errors import KafkaConnectionError
 
-from flashsale.cli.devstack.binaries import find_redis
 from flashsale.cli.devstack.processes import free_port
 from flashsale.errors import ProviderDown, Unavailable
-from flashsale.outages import is_outage
+from flashsale.outages import is_demotion, is_outage
 from flashsale.settings import Settings
 from loadtest.fault_proxy import FaultProxy, through
 from tests.conftest import Cli
+from tests.lone_redis import lone_redis as lone
 
 WAIT = [
     # Postgres: connection (08), insufficient resources (53), operator intervention (57),
@@ -53,6 +50,10 @@ WAIT = [
     redis.exceptions.ResponseError("BUSY Redis is busy running a script."),
     redis.exceptions.TryAgainError("Multiple keys request during rehashing of slot"),
     redis.exceptions.ResponseError("NOREPLICAS Not enough good replicas to write."),
+    redis.exceptions.ResponseError(  # as Redis 6.2 wraps a refusal met inside a script
+        "Error running script (call to f_6b1e): @user_script:56: @user_script: 56: -OOM "
+        "command not allowed when used memory > 'maxmemory'."
+    ),
     # the network, the broker, the payment provider's open circuit
     ConnectionResetError("reset by peer"),
     TimeoutError(),
@@ -73,12 +74,37 @@ NEVER = [
     asyncpg.UndefinedTableError("relation does not exist"),
     asyncpg.exceptions.ClientConfigurationError("bad option"),
     redis.exceptions.ResponseError("WRONGTYPE Operation against a key"),
+    redis.exceptions.ResponseError(
+        "Error running script (call to f_6b1e): @user_script:3: @user_script: 3: -WRONGTYPE "
+        "Operation against a key holding the wrong kind of value"
+    ),
+    redis.exceptions.ResponseError(  # a script's own error, whatever words it uses
+        "Error running script (call to f_6b1e): @user_script:9: user_script:9: hold: READONLY "
+    ),
     redis.exceptions.NoScriptError("NOSCRIPT No matching script"),
     redis.exceptions.DataError("Invalid input"),
     ValueError("malformed hold record"),
     RuntimeError("Event loop is closed"),
     KeyError("currency"),
 ]
+
+
+DEMOTED = [
+    redis.exceptions.ReadOnlyError("You can't write against a read only replica."),
+    redis.exceptions.ResponseError(
+        "Error running script (call to f_6b1e): @user_script:56: @user_script: 56: -READONLY "
+        "You can't write against a read only replica."
+    ),
+]
+
+
+def test_a_write_refused_by_a_replica_is_told_from_other_outages() -> None:
+    """A READONLY answer means the connection leads to a demoted primary: the client drops
+    it (flashsale.clients); other outages keep their connections."""
+    assert all(is_demotion(exc) for exc in DEMOTED)
+    others = [e for e in WAIT if not isinstance(e, redis.exceptions.ReadOnlyError)]
+    assert len(others) == len(WAIT) - 1 and not any(is_demotion(exc) for exc in others)
+    assert not any(is_demotion(exc) for exc in NEVER)
 
 
 @pytest.mark.parametrize("exc", WAIT, ids=lambda e: type(e).__name__)
@@ -141,29 +167,8 @@ async def test_a_redis_connection_closed_while_it_writes_is_an_outage(stack: Set
 
 @pytest.fixture
 def lone_redis(tmp_path: Path) -> Iterator[str]:
-    """A Redis server of its own (the stack's binary, no persistence): the URL. Killed after."""
-    binary, _version = find_redis()
-    port = free_port()
-    server = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+    with lone(tmp_path) as url:
         yield url
-    finally:
-        server.kill()
-        server.wait()
 
 
 WRITE = "return redis.call('SET', KEYS[1], ARGV[1])"
@@ -188,7 +193,7 @@ async def test_a_script_refused_a_write_by_a_passing_state_of_redis_is_an_outage
         refused.append(oom.value)
         await client.config_set("maxmemory", "0")
         dead = free_port()
-        await client.execute_command("REPLICAOF", "127.0.0.1", str(dead))
+        await client.replicaof("127.0.0.1", dead)
         with pytest.raises(redis.exceptions.ResponseError) as readonly:
             await client.eval(WRITE, 1, "k", "w")
         refused.append(readonly.value)
@@ -212,12 +217,13 @@ def test_the_cli_names_a_server_that_is_down_in_one_line(
                   "--price", "100", "--currency", "EUR")  # fmt: skip
     assert created.code == 0, created.err
     with redis.Redis.from_url(lone_redis) as client:
-        client.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+        client.replicaof("127.0.0.1", free_port())
     monkeypatch.setenv("REDIS_URL", lone_redis)
-    monkeypatch.delenv("FLASHSALE_REDIS_CLUSTER", raising=False)
+    monkeypatch.setenv("FLASHSALE_REDIS_CLUSTER", "0")  # a lone server, also under test-cluster
     refused = cli("sale", "preload", created.out.strip())
     assert refused.code == 1
-    assert refused.err.startswith("flashsale: error: a server is unavailable: ResponseError: "), \
-        refused.err  # fmt: skip
+    assert refused.err.startswith(
+        "flashsale: error: a server is unavailable: ConnectionError: the server is a replica now"
+    ), refused.err
     assert "READONLY" in refused.err and "Traceback" not in refused.err
     assert len(refused.err.strip().splitlines()) == 1, refused.err
