@@ -6,45 +6,62 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from typing import Any
 
 import aiohttp
+
+# A 503 (a dependency down, with Retry-After) is waited out this many times, as an admin
+# would, before the step counts as failed: every step here is safe to send again (a sale is
+# created under an idempotency key; preload, a rate and an end are absolute).
+ATTEMPTS = 5
 
 
 def _admin(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
+async def _ask(session: aiohttp.ClientSession, method: str, url: str, token: str, *,
+               what: str, expect: int, **kwargs: Any) -> Any:  # fmt: skip
+    """The JSON answer to one admin request, a 503 waited out (``Retry-After``, at most
+    ATTEMPTS times); RuntimeError naming ``what`` with the gateway's answer otherwise."""
+    headers = {**_admin(token), **kwargs.pop("headers", {})}
+    for attempt in range(1, ATTEMPTS + 1):
+        async with session.request(method, url, headers=headers, **kwargs) as r:
+            if r.status == 503 and attempt < ATTEMPTS:
+                await asyncio.sleep(min(5.0, float(r.headers.get("Retry-After", "1"))))
+                continue
+            if r.status != expect:
+                raise RuntimeError(f"{what} failed: {r.status} {await r.text()}")
+            return await r.json()
+    raise AssertionError("unreachable")  # the last attempt returns or raises
+
+
 async def create_sale(session: aiohttp.ClientSession, base: str, token: str,
                       spec: dict[str, Any]) -> str:  # fmt: skip
     """Create the sale ``spec`` describes and preload it; its id. RuntimeError with the
-    gateway's answer when either step is refused."""
-    async with session.post(f"{base}/admin/v1/sales", json=spec, headers=_admin(token)) as r:
-        if r.status != 201:
-            raise RuntimeError(f"creating the sale failed: {r.status} {await r.text()}")
-        sale_id = str((await r.json())["id"])
-    async with session.post(f"{base}/admin/v1/sales/{sale_id}/preload",
-                            headers=_admin(token)) as r:  # fmt: skip
-        if r.status != 200:
-            raise RuntimeError(f"preloading the sale failed: {r.status} {await r.text()}")
+    gateway's answer when either step is refused (a 503 is waited out first)."""
+    created = await _ask(session, "POST", f"{base}/admin/v1/sales", token,
+                         what="creating the sale", expect=201, json=spec,
+                         headers={"Idempotency-Key": uuid.uuid4().hex})  # fmt: skip
+    sale_id = str(created["id"])
+    await _ask(session, "POST", f"{base}/admin/v1/sales/{sale_id}/preload", token,
+               what="preloading the sale", expect=200)  # fmt: skip
     return sale_id
 
 
 async def set_admission_rate(session: aiohttp.ClientSession, base: str, token: str,
                              sale_id: str, rate: int) -> None:  # fmt: skip
     """Change the admission rate, as an operator would mid-queue."""
-    async with session.patch(f"{base}/admin/v1/sales/{sale_id}", json={"admission_rate": rate},
-                             headers=_admin(token)) as r:  # fmt: skip
-        if r.status != 200:
-            raise RuntimeError(f"changing the admission rate failed: {r.status} {await r.text()}")
+    await _ask(session, "PATCH", f"{base}/admin/v1/sales/{sale_id}", token,
+               what="changing the admission rate", expect=200,
+               json={"admission_rate": rate})  # fmt: skip
 
 
 async def end_sale(session: aiohttp.ClientSession, base: str, token: str, sale_id: str) -> None:
     """End the sale: its pump stops, its holds run out as usual."""
-    async with session.post(f"{base}/admin/v1/sales/{sale_id}/end",
-                            headers=_admin(token)) as r:  # fmt: skip
-        if r.status != 200:
-            raise RuntimeError(f"ending the sale failed: {r.status} {await r.text()}")
+    await _ask(session, "POST", f"{base}/admin/v1/sales/{sale_id}/end", token,
+               what="ending the sale", expect=200)  # fmt: skip
 
 
 async def audit(session: aiohttp.ClientSession, base: str, token: str, sale_id: str, *,
