@@ -199,11 +199,6 @@ async def _send_group(
                 await conn.send_packed_command(b"".join(pack_command(c) for c in part),
                                                check_health=False)  # fmt: skip
                 replies += await _read_replies(conn, len(part))
-                demoted = next((r for r in replies if is_demotion(r)), None)
-                if demoted is not None:  # a refused write did not run; a new connection
-                    raise redis.exceptions.ConnectionError(  # reaches the new primary
-                        f"the server is a replica now: {describe(demoted)}"
-                    ) from demoted
         except BaseException as exc:
             await conn.disconnect()  # replies may be left unread on it
             if node is not None and isinstance(
@@ -239,8 +234,14 @@ async def _read_replies(conn: Connection, count: int) -> list[Any]:
                 reply = reader.gets()
                 if reply is NOT_ENOUGH_DATA:
                     await drained.read_from_socket()
+                elif not isinstance(reply, redis.exceptions.RedisError):
+                    replies.append(reply)
                 elif isinstance(reply, redis.exceptions.ConnectionError):
                     raise reply
+                elif is_demotion(reply):  # as the engine's connections do on read_response
+                    raise redis.exceptions.ConnectionError(
+                        f"the server is a replica now: {describe(reply)}"
+                    ) from reply
                 else:
                     replies.append(reply)
     except TimeoutError as exc:
