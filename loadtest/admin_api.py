@@ -26,15 +26,16 @@ async def _ask(session: aiohttp.ClientSession, method: str, url: str, token: str
     """The JSON answer to one admin request, a 503 waited out (``Retry-After``, at most
     ATTEMPTS times); RuntimeError naming ``what`` with the gateway's answer otherwise."""
     headers = {**_admin(token), **kwargs.pop("headers", {})}
-    for attempt in range(1, ATTEMPTS + 1):
+    attempt = 1
+    while True:
         async with session.request(method, url, headers=headers, **kwargs) as r:
             if r.status == 503 and attempt < ATTEMPTS:
+                attempt += 1
                 await asyncio.sleep(min(5.0, float(r.headers.get("Retry-After", "1"))))
                 continue
             if r.status != expect:
                 raise RuntimeError(f"{what} failed: {r.status} {await r.text()}")
             return await r.json()
-    raise AssertionError("unreachable")  # the last attempt returns or raises
 
 
 async def create_sale(session: aiohttp.ClientSession, base: str, token: str,

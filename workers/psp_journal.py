@@ -80,14 +80,14 @@ def _read(data: bytes, file_time: float) -> tuple[Loaded, int]:
     return loaded, spare
 
 
-def load(path: Path, keep_days: float = KEEP_DAYS, now: float | None = None) -> Loaded:
+def load(path: Path, keep_days: float = KEEP_DAYS) -> Loaded:
     """The charges of the journal at ``path`` made within ``keep_days``, the journal rewritten
     to hold only those when it held more."""
     if not path.is_file():
         return Loaded()
     data = path.read_bytes()
     loaded, spare = _read(data, path.stat().st_mtime)
-    cutoff = (time.time() if now is None else now) - keep_days * DAY_S
+    cutoff = time.time() - keep_days * DAY_S
     kept = {key: entry for key, entry in loaded.entries.items() if entry.at >= cutoff}
     loaded.forgotten = len(loaded.entries) - len(kept)
     loaded.entries = kept
