@@ -8,7 +8,9 @@ outage: the same request can succeed later. Read from the libraries' own excepti
 * **Postgres** (asyncpg), by SQLSTATE class: ``08`` connection exception, ``53``
   insufficient resources (too many connections, out of memory, disk full), ``57`` operator
   intervention (admin or crash shutdown, cannot connect now, statement timeout), ``40``
-  transaction rollback (serialization failure, deadlock), and ``55P03`` lock not available.
+  transaction rollback (serialization failure, deadlock), ``55P03`` lock not available, and
+  ``25006`` a read-only transaction (a hot standby behind the endpoint, or writes turned off
+  for maintenance: the engine never asks for one itself).
   asyncpg's client-state errors too (``InterfaceError``: a connection closed under it;
   ``InternalClientError``: the protocol surprised by a server going away), except those about
   the client's own configuration.
@@ -48,7 +50,7 @@ from aiokafka.errors import KafkaError
 from flashsale.errors import ProviderDown, Unavailable
 
 _SQLSTATE_CLASSES = ("08", "53", "57", "40")
-_SQLSTATES = ("55P03",)
+_SQLSTATES = ("55P03", "25006")
 _CLIENT_MISCONFIGURED = (
     asyncpg.exceptions.ClientConfigurationError,
     asyncpg.exceptions.UnsupportedClientFeatureError,

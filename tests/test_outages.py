@@ -26,7 +26,7 @@ from tests.lone_redis import lone_redis as lone
 
 WAIT = [
     # Postgres: connection (08), insufficient resources (53), operator intervention (57),
-    # transaction rollback (40), lock not available (55P03)
+    # transaction rollback (40), lock not available (55P03), a read-only server (25006)
     asyncpg.ConnectionDoesNotExistError("gone"),
     asyncpg.CannotConnectNowError("the database system is starting up"),
     asyncpg.AdminShutdownError("terminating connection due to administrator command"),
@@ -37,6 +37,7 @@ WAIT = [
     asyncpg.DeadlockDetectedError("deadlock detected"),
     asyncpg.SerializationError("could not serialize access"),
     asyncpg.LockNotAvailableError("could not obtain lock"),
+    asyncpg.ReadOnlySQLTransactionError("cannot execute INSERT in a read-only transaction"),
     # asyncpg's client state: a connection closed under it, a protocol surprise
     asyncpg.InterfaceError("connection is closed"),
     asyncpg.InternalClientError("unexpected connection_lost() call"),
@@ -227,3 +228,19 @@ def test_the_cli_names_a_server_that_is_down_in_one_line(
     ), refused.err
     assert "READONLY" in refused.err and "Traceback" not in refused.err
     assert len(refused.err.strip().splitlines()) == 1, refused.err
+
+
+async def test_a_postgres_refusing_writes_for_now_is_an_outage(stack: Settings) -> None:
+    """A Postgres that refuses writes (a hot standby behind the endpoint before it moves, or
+    ``default_transaction_read_only`` set during maintenance) answers 25006. The engine never
+    asks for a read-only transaction itself, so the server will take the write later: an
+    outage, not bad data (which parks a worker's batch on the dead letters)."""
+    conn = await asyncpg.connect(stack.require_database())
+    try:
+        await conn.execute("SET default_transaction_read_only = on")
+        with pytest.raises(asyncpg.PostgresError) as refused:
+            await conn.execute("CREATE TABLE never_made (n int)")  # refused before it runs
+    finally:
+        await conn.close()
+    assert refused.value.sqlstate == "25006", refused.value
+    assert is_outage(refused.value)
