@@ -62,6 +62,7 @@ class SkuAllocator:
         self.on_borrow = on_borrow  # told the units of every transfer made
         self._borrowing: dict[int, asyncio.Task[Lent]] = {}
         self._short = [0] * buckets  # units wanted by requests waiting for a borrow, per bucket
+        self._landing: set[asyncio.Future[str]] = set()  # credits of units lent, not yet landed
 
         def coalescer(bucket: SkuKeys) -> Coalescer[ReserveRequest, ReserveResult]:
             async def call(requests: list[ReserveRequest]) -> list[ReserveResult]:
@@ -131,21 +132,34 @@ class SkuAllocator:
         """Ask the other buckets in turn (the next one first) until one lends; the answer
         says how many units came, and whether held units anywhere may still return. It asks
         for what every request now waiting on the bucket wants (those of one batch all join
-        before it starts), so a burst needs one borrow, not one per halving."""
+        before it starts), so a burst needs one borrow, not one per halving. Units lent to
+        another bucket and not yet credited are in no bucket: when every other bucket was dry
+        while some were on their way, it waits for them to land and asks again."""
         await asyncio.sleep(0)
         wanted = self._short[bucket]
         receiver = self.bucket_keys[bucket]
         held, unavailable = 0, False
-        for step in range(1, self.buckets):
-            lender = self.bucket_keys[(bucket + step) % self.buckets]
-            lent = await self.transfers.transfer(lender, receiver, wanted)
-            if lent.units:
-                self.borrowed += 1
-                if self.on_borrow is not None:
-                    self.on_borrow(lent.units)
-                return lent
-            held += lent.held
-            unavailable = unavailable or lent.outcome == "unavailable"
+        for _ in range(MAX_BORROWS):  # each round waits for credits that landed meanwhile
+            held, unavailable = 0, False
+            for step in range(1, self.buckets):
+                lender = self.bucket_keys[(bucket + step) % self.buckets]
+                tid, lent = await self.transfers.lend(lender, receiver, wanted)
+                if lent.units:
+                    landing = asyncio.ensure_future(
+                        self.transfers.complete(lender, receiver, tid, lent.units)
+                    )
+                    self._landing.add(landing)
+                    landing.add_done_callback(self._landing.discard)
+                    await asyncio.shield(landing)
+                    self.borrowed += 1
+                    if self.on_borrow is not None:
+                        self.on_borrow(lent.units)
+                    return lent
+                held += lent.held
+                unavailable = unavailable or lent.outcome == "unavailable"
+            if not self._landing:
+                break
+            await asyncio.wait(list(self._landing))  # credits only: they wait on nothing else
         return Lent("unavailable" if unavailable else "empty", 0, held)
 
     async def aclose(self) -> None:
