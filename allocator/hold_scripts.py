@@ -10,7 +10,7 @@ from typing import Literal, cast
 from redis.commands.core import AsyncScript
 
 from allocator.rate_limits import NO_LIMITS, RateKeys, rate_columns
-from allocator.redis_calls import Command, call_packed, send_packed, source
+from allocator.redis_calls import Command, call_packed, lua_script, send_packed
 from flashsale.clients import RedisClient
 from flashsale.errors import InvalidInput
 from flashsale.events import ReservationEvent, created_event
@@ -94,11 +94,11 @@ class HoldScripts:
 
     def __init__(self, client: RedisClient) -> None:
         self.client = client
-        self._reserve: AsyncScript = client.register_script(source("reserve"))
-        self._begin_payment: AsyncScript = client.register_script(source("begin_payment"))
-        self._confirm: AsyncScript = client.register_script(source("confirm"))
-        self._release: AsyncScript = client.register_script(source("release"))
-        self._expire: AsyncScript = client.register_script(source("expire"))
+        self._reserve: AsyncScript = lua_script(client, "reserve")
+        self._begin_payment: AsyncScript = lua_script(client, "begin_payment")
+        self._confirm: AsyncScript = lua_script(client, "confirm")
+        self._release: AsyncScript = lua_script(client, "release")
+        self._expire: AsyncScript = lua_script(client, "expire")
 
     async def reserve(self, keys: SkuKeys, requests: list[ReserveRequest], *,
                       with_holds: bool = False) -> list[ReserveResult]:  # fmt: skip

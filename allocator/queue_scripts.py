@@ -16,7 +16,7 @@ from redis.commands.core import AsyncScript
 
 from allocator.batching import Coalescer, PerKey
 from allocator.rate_limits import NO_LIMITS, RateKeys, rate_columns
-from allocator.redis_calls import Command, call_packed, read_packed, source
+from allocator.redis_calls import Command, call_packed, lua_script, read_packed
 from flashsale.clients import RedisClient
 from flashsale.errors import QueueLost
 from flashsale.keys import SaleKeys, SkuKeys
@@ -155,12 +155,12 @@ class QueueScripts:
 
     def __init__(self, client: RedisClient) -> None:
         self.client = client
-        self._join: AsyncScript = client.register_script(source("join"))
-        self._claim: AsyncScript = client.register_script(source("claim"))
-        self._leave: AsyncScript = client.register_script(source("leave"))
-        self._lease: AsyncScript = client.register_script(source("lease"))
-        self._advance: AsyncScript = client.register_script(source("advance"))
-        self._assign: AsyncScript = client.register_script(source("assign"))
+        self._join: AsyncScript = lua_script(client, "join")
+        self._claim: AsyncScript = lua_script(client, "claim")
+        self._leave: AsyncScript = lua_script(client, "leave")
+        self._lease: AsyncScript = lua_script(client, "lease")
+        self._advance: AsyncScript = lua_script(client, "advance")
+        self._assign: AsyncScript = lua_script(client, "assign")
 
     async def join(
         self, keys: SaleKeys, buyer_ids: list[str], limits: Sequence[RateKeys] | None = None

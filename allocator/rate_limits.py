@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import redis.exceptions
 from redis.commands.core import AsyncScript
 
 from allocator.batching import Coalescer
-from allocator.redis_calls import read_packed, source
+from allocator.redis_calls import lua_script, send_packed
 from flashsale.clients import RedisClient
 from flashsale.errors import RateLimited
 from flashsale.keys import rate_limit_key
@@ -60,7 +59,7 @@ class RateLimiter:
 
     def __init__(self, client: RedisClient, *, window: float = 0.001) -> None:
         self.client = client
-        self._script: AsyncScript = client.register_script(source("ratelimit"))
+        self._script: AsyncScript = lua_script(client, "ratelimit")
         # attempts=1: a GCRA call is not idempotent; a batch whose reply was lost is not sent
         # again (the caller gets Unavailable), rather than counted twice.
         self._batches: Coalescer[tuple[tuple[str, Rate], ...], int] = Coalescer(
@@ -85,11 +84,7 @@ class RateLimiter:
             for subject, rate in subjects:
                 commands.append(("EVALSHA", self._script.sha, 1, rate_limit_key(subject),
                                  *rate.gcra_us()))  # fmt: skip
-        try:
-            waits = await read_packed(self.client, commands)
-        except redis.exceptions.NoScriptError:  # Redis restarted or SCRIPT FLUSH: load, retry
-            await self.client.script_load(self._script.script)
-            waits = await read_packed(self.client, commands)
+        waits = await send_packed(self.client, commands, script=self._script)
         worst, at = [], 0
         for subjects in requests:
             worst.append(max(int(w) for w in waits[at : at + len(subjects)]))

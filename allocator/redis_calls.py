@@ -1,9 +1,14 @@
 """How the Redis access layer talks to Redis: the Lua scripts of ``lua/`` loaded once per
 client and called by EVALSHA, and commands packed in C (hiredis) for the hot and wide paths.
 
-redis-py's ``register_script`` sends EVALSHA and falls back to loading the script on NOSCRIPT,
-so a Redis restart or ``SCRIPT FLUSH`` is survived transparently; :func:`send_packed` does the
-same for the commands it packs itself.
+A script is called by EVALSHA and, where the server answers NOSCRIPT (it restarted, its
+scripts were flushed, or a failover promoted a replica: Redis 7 does not replicate ``SCRIPT
+LOAD``), given to the server that runs the call: :class:`Script` sends the call again whole
+with EVAL, which cannot answer NOSCRIPT and leaves the script where it ran, and
+:func:`send_packed` loads it on the connection that answered before sending the commands
+again. redis-py's own fallback loads it through any pooled connection, which after a
+failover behind one endpoint may still lead to the old primary, and the call sent again to
+the new one hears NOSCRIPT once more: an error that is neither an outage nor the request's.
 
 This is the one place that knows whether Redis is one server or a Redis Cluster. On a cluster,
 packed commands are grouped by the node that serves their key's slot and each node's group is
@@ -21,17 +26,19 @@ import contextlib
 import importlib.resources
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from functools import cache
 from typing import Any, cast
 
 import hiredis
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.connection import Connection
 from redis.commands.core import AsyncScript
 from redis.crc import key_slot
+from redis.typing import EncodableT, KeyT
 
 from flashsale.clients import CLUSTER_POOL_FACTOR, RedisClient
 from flashsale.outages import describe, is_demotion
@@ -57,6 +64,33 @@ WITH_LIB = frozenset({
 REDIRECTED = (redis.exceptions.AskError, redis.exceptions.TryAgainError)  # MovedError is an Ask
 
 Command = tuple[str | int | bytes, ...]
+
+
+class Script(AsyncScript):
+    """A script of ``lua/``, called by EVALSHA; a call answered NOSCRIPT is sent again whole
+    with EVAL, which runs the script wherever the call lands and leaves it there (see the
+    module's text)."""
+
+    async def __call__(
+        self,
+        keys: Sequence[KeyT] | None = None,
+        args: Iterable[EncodableT] | None = None,
+        client: RedisClient | None = None,
+    ) -> Any:
+        target = self.registered_client if client is None else client
+        if isinstance(target, Pipeline):  # the pipeline loads its scripts itself
+            return await super().__call__(keys, args, client)
+        keys, args = keys or (), tuple(args or ())
+        try:
+            return await target.evalsha(self.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            return await target.eval(cast(str, self.script), len(keys), *keys, *args)
+
+
+def lua_script(client: RedisClient, name: str) -> Script:
+    """``lua/<name>.lua`` (with ``lua/lib.lua`` where it needs it) as a script of ``client``."""
+    return Script(client, source(name))
+
 
 _pack = cast(Callable[[tuple[Any, ...]], bytes], hiredis.pack_command)
 
@@ -113,28 +147,23 @@ async def send_packed(
     connection per node, every node at once; replies in the order of ``commands``.
 
     What may be sent twice here is only what did not run: a ``NOSCRIPT`` answer (``script`` is
-    loaded, then those commands go again) and, on a cluster, a redirection. A connection that
-    fails mid-way is not retried: some of its commands may have run. Raises the first error
-    answer that remains."""
+    loaded on that connection, then those commands go again on it) and, on a cluster, a
+    redirection. A connection that fails mid-way is not retried: some of its commands may
+    have run. Raises the first error answer that remains."""
     replies: list[Any] = [None] * len(commands)
     if isinstance(client, aioredis.RedisCluster):
         await client.initialize()  # a no-op unless the slots are to be read (afresh)
     groups = _by_node(client, commands)
     if len(groups) == 1:  # one server, or one node: no task to spawn on the hot path
-        answers = [await _send_group(client, groups[0][0], list(commands), chunk)]
+        answers = [await _send_group(client, groups[0][0], list(commands), chunk, script)]
     else:
-        answers = await asyncio.gather(*(_send_group(client, node, [commands[i] for i in ix],
-                                                     chunk) for node, ix in groups))  # fmt: skip
+        answers = await asyncio.gather(*(
+            _send_group(client, node, [commands[i] for i in ix], chunk, script)
+            for node, ix in groups
+        ))  # fmt: skip
     for (_, indexes), answered in zip(groups, answers, strict=True):
         for i, reply in zip(indexes, answered, strict=True):
             replies[i] = reply
-    if script is not None:
-        again = [i for i, r in enumerate(replies) if isinstance(r, redis.exceptions.NoScriptError)]
-        if again:
-            await client.script_load(script.script)  # on a cluster: on every primary
-            retried = await send_packed(client, [commands[i] for i in again], chunk=chunk)
-            for i, reply in zip(again, retried, strict=True):
-                replies[i] = reply
     if isinstance(client, aioredis.RedisCluster):
         for i, reply in enumerate(replies):
             if isinstance(reply, REDIRECTED):
@@ -156,8 +185,7 @@ async def _redirected(
         except redis.exceptions.NoScriptError:
             if script is None:
                 raise
-            await client.script_load(script.script)
-            return await client.execute_command(*command)
+            return await client.execute_command("EVAL", script.script, *command[2:])
     except redis.exceptions.ResponseError as exc:
         return exc
 
@@ -181,12 +209,17 @@ def _by_node(
 
 
 async def _send_group(
-    client: RedisClient, node: ClusterNode | None, commands: list[Command], chunk: int
+    client: RedisClient,
+    node: ClusterNode | None,
+    commands: list[Command],
+    chunk: int,
+    script: AsyncScript | None,
 ) -> list[Any]:
     """``commands`` on one connection (of ``node`` on a cluster); an error answer is returned
-    in its place, so that every reply is read. A ``READONLY`` answer (the server was demoted
-    by a failover) drops the connection and raises ``ConnectionError``, an outage: the next
-    call connects afresh, to the new primary behind the same address."""
+    in its place, so that every reply is read. Those answered ``NOSCRIPT`` go again on the
+    same connection after ``script`` is loaded there, if given. A ``READONLY`` answer (the
+    server was demoted by a failover) drops the connection and raises ``ConnectionError``, an
+    outage: the next call connects afresh, to the new primary behind the same address."""
     replies: list[Any] = []
     async with _connection(client, node) as conn:
         try:
@@ -199,6 +232,8 @@ async def _send_group(
                 await conn.send_packed_command(b"".join(pack_command(c) for c in part),
                                                check_health=False)  # fmt: skip
                 replies += await _read_replies(conn, len(part))
+            if script is not None:
+                await _load_and_resend(conn, script, commands, replies)
         except BaseException as exc:
             await conn.disconnect()  # replies may be left unread on it
             if node is not None and isinstance(
@@ -208,6 +243,23 @@ async def _send_group(
                 await _relearn_slots(client, node)
             raise
     return replies
+
+
+async def _load_and_resend(
+    conn: Connection, script: AsyncScript, commands: list[Command], replies: list[Any]
+) -> None:
+    """The commands answered ``NOSCRIPT`` sent again on ``conn`` behind a ``SCRIPT LOAD``, their
+    new answers in ``replies``: loaded on the server that lacked the script, whichever it is.
+    A load that failed leaves them answered ``NOSCRIPT`` again."""
+    again = [i for i, r in enumerate(replies) if isinstance(r, redis.exceptions.NoScriptError)]
+    if not again:
+        return
+    load = pack_command(("SCRIPT", "LOAD", cast(str, script.script)))
+    await conn.send_packed_command(load + b"".join(pack_command(commands[i]) for i in again),
+                                   check_health=False)  # fmt: skip
+    _loaded, *retried = await _read_replies(conn, 1 + len(again))
+    for i, reply in zip(again, retried, strict=True):
+        replies[i] = reply
 
 
 async def _read_replies(conn: Connection, count: int) -> list[Any]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from redis.commands.core import AsyncScript
 
-from allocator.redis_calls import source
+from allocator.redis_calls import lua_script
 from allocator.sale_scripts import StockCounts
 from flashsale.clients import RedisClient
 from flashsale.keys import SaleKeys, SkuKeys
@@ -46,10 +46,10 @@ class RepairScripts:
 
     def __init__(self, client: RedisClient) -> None:
         self.client = client
-        self._begin: AsyncScript = client.register_script(source("rebuild_begin"))
-        self._holds: AsyncScript = client.register_script(source("rebuild_holds"))
-        self._finish: AsyncScript = client.register_script(source("rebuild_finish"))
-        self._queue: AsyncScript = client.register_script(source("restore_queue"))
+        self._begin: AsyncScript = lua_script(client, "rebuild_begin")
+        self._holds: AsyncScript = lua_script(client, "rebuild_holds")
+        self._finish: AsyncScript = lua_script(client, "rebuild_finish")
+        self._queue: AsyncScript = lua_script(client, "restore_queue")
 
     async def begin(self, keys: SkuKeys) -> None:
         """Close the SKU for reservations (``unavailable``) until :meth:`finish`."""

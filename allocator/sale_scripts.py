@@ -10,7 +10,7 @@ from typing import Literal, NamedTuple
 
 from redis.commands.core import AsyncScript
 
-from allocator.redis_calls import source
+from allocator.redis_calls import lua_script
 from flashsale.clients import RedisClient
 from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.records import integer, text
@@ -69,10 +69,10 @@ class SaleScripts:
 
     def __init__(self, client: RedisClient) -> None:
         self.client = client
-        self._preload: AsyncScript = client.register_script(source("preload"))
-        self._set_fields: AsyncScript = client.register_script(source("set_fields"))
-        self._put_sale: AsyncScript = client.register_script(source("put_sale"))
-        self._retire: AsyncScript = client.register_script(source("retire"))
+        self._preload: AsyncScript = lua_script(client, "preload")
+        self._set_fields: AsyncScript = lua_script(client, "set_fields")
+        self._put_sale: AsyncScript = lua_script(client, "put_sale")
+        self._retire: AsyncScript = lua_script(client, "retire")
 
     async def preload(
         self, keys: SkuKeys, *, total: int | None, meta: dict[str, str], force: bool, first: bool

@@ -29,7 +29,7 @@ from redis.commands.core import AsyncScript
 
 from allocator.batching import RETRYABLE
 from allocator.ids import new_transfer_id
-from allocator.redis_calls import Command, read_packed, source
+from allocator.redis_calls import Command, lua_script, read_packed
 from allocator.sale_scripts import STOCK_FIELDS, StockCounts
 from flashsale.clients import RedisClient
 from flashsale.errors import Unavailable
@@ -90,9 +90,9 @@ class BucketScripts:
 
     def __init__(self, client: RedisClient) -> None:
         self.client = client
-        self._lend: AsyncScript = client.register_script(source("lend"))
-        self._credit: AsyncScript = client.register_script(source("credit"))
-        self._grow: AsyncScript = client.register_script(source("grow"))
+        self._lend: AsyncScript = lua_script(client, "lend")
+        self._credit: AsyncScript = lua_script(client, "credit")
+        self._grow: AsyncScript = lua_script(client, "grow")
 
     async def transfer(
         self, lender: SkuKeys, receiver: SkuKeys, wanted: int, *, exact: bool = False
