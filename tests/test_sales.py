@@ -162,6 +162,12 @@ def test_starts_in_moves_the_sale_window_and_bad_durations_are_refused(
     for bad in ("10", "-5m", "1w", "0s", "m"):
         refused = cli("sale", "create", "--file", write(tmp_path, SALE), f"--starts-in={bad}")
         assert refused.code == 2 and "starts-in" in refused.err, (bad, refused.err)
+    for bad in ("-5m", "-1.5h", "-10"):  # a value of its own that starts with a minus
+        refused = cli("sale", "create", "--file", write(tmp_path, SALE), "--starts-in", bad)
+        assert refused.code == 2, (bad, refused.err)
+        assert refused.err.strip().splitlines() == [
+            f"flashsale: error: starts-in: must be a duration like 90s, 10m, 2h or 1d, got {bad!r}"
+        ]
     both = cli("sale", "create", "--name", "x", "--starts-at", "2030-01-01T00:00:00Z",
                "--starts-in", "5m")  # fmt: skip
     assert both.code == 2 and "starts-in" in both.err, both.err

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 from collections.abc import Sequence
+from typing import Any
 
 from flashsale import __version__, event_loop
 from flashsale.cli import bench, buyers, dev, load, sale, serve
@@ -27,8 +29,19 @@ from flashsale.outages import describe, is_outage
 from flashsale.settings import Settings
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser (and its subcommands'), reading a word that starts with a minus and a
+    digit as a value, as it reads a plain negative number: ``--starts-in -5m`` reaches the
+    option's own check, which names the field, instead of argparse's "expected one
+    argument". No option of the CLI starts with a minus and a digit."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"-\.?\d")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="flashsale",
         description="Flash-sale allocation engine: the dev stack, migrations, sale administration, "
         "the services (gateway, allocator, workers, payment simulator, reconciler) and "
