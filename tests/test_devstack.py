@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
+import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from flashsale.cli.devstack.binaries import find_redis
 from flashsale.cli.devstack.processes import free_port, free_ports, pid_alive
 from flashsale.cli.devstack.stack import EXTERNAL_VAR, DevStack
 from flashsale.settings import read_env_file
@@ -229,3 +232,44 @@ def test_the_stacks_files_are_written_whole(scratch_home: Path) -> None:
     assert stack._secrets() == secrets
     assert (scratch_home / "secrets.json").stat().st_mode & 0o777 == 0o600
     assert not list(scratch_home.glob("*.tmp"))
+
+
+def test_a_redis_server_that_is_a_link_to_another_name_is_known_as_ours(
+    scratch_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Debian installs ``redis-server`` as a link to ``redis-check-rdb`` (one binary that acts
+    by the name it was called by), so the running server's executable is named
+    ``redis-check-rdb``. The stack took it for another program: `status` said stopped, and
+    `down` left it running."""
+    binary, _version = find_redis()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    shutil.copy2(binary, bin_dir / "redis-check-rdb")
+    (bin_dir / "redis-server").symlink_to("redis-check-rdb")
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    others = {"DATABASE_URL": "postgresql://u:p@127.0.0.1:1/x", "KAFKA_BOOTSTRAP": "127.0.0.1:1"}
+    stack = DevStack(scratch_home, environ=others)
+    try:
+        stack.up(progress=lambda _l: None)
+        [redis] = [row for row in stack.status() if row.name == "redis"]
+        assert redis.binary == str(bin_dir / "redis-server"), redis
+        assert redis.state == "running" and redis.detail == "ping ok", redis
+        assert redis.pid is not None
+    finally:
+        stack.down(progress=lambda _l: None)
+    assert not pid_alive(redis.pid)
+
+
+def test_a_server_whose_binary_was_replaced_while_it_runs_is_still_known(tmp_path: Path) -> None:
+    """A reinstall replaces the binary under a running server: its executable then reads
+    "name (deleted)", and it is still the stack's to stop."""
+    binary = tmp_path / "napper"
+    shutil.copy2("/bin/sleep", binary)
+    nap = subprocess.Popen([str(binary), "30"])
+    try:
+        binary.unlink()
+        assert pid_alive(nap.pid, str(binary))
+        assert not pid_alive(nap.pid, str(tmp_path / "other"))
+    finally:
+        nap.kill()
+        nap.wait()

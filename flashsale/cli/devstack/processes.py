@@ -117,7 +117,10 @@ def pid_alive(pid: int, binary: str | None = None) -> bool:
         exe = os.readlink(f"/proc/{pid}/exe")
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return False
-    return Path(exe).name == Path(binary).name
+    # The name, not the path: a binary replaced while it runs reads "name (deleted)". Both
+    # names of a link: Debian's redis-server is a link to redis-check-rdb, which runs.
+    ran = Path(exe.removesuffix(" (deleted)")).name
+    return ran in (Path(binary).name, Path(os.path.realpath(binary)).name)
 
 
 def spawn_detached(argv: list[str], log: Path, *, user: str | None = None) -> int:
