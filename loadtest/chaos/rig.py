@@ -56,6 +56,9 @@ class Servers(Protocol):
     def start_stopped(self) -> None:
         """Start every embedded server that is not running, and wait until each answers."""
 
+    def aof_bytes(self, name: str) -> int:
+        """The size of the embedded Redis ``name``'s AOF."""
+
     def data_dir(self, name: str) -> Path:
         """Where the embedded server keeps its data."""
 
@@ -188,8 +191,7 @@ async def compact_aof(settings: Settings, servers: Servers, progress: Progress,
     or a cluster."""
     if settings.redis_cluster or servers.running_pid("redis") is None:
         return
-    path = servers.data_dir("redis") / "appendonly.aof"
-    before = path.stat().st_size if path.exists() else 0
+    before = servers.aof_bytes("redis")
     client = aioredis.Redis.from_url(settings.require_redis(), socket_timeout=10)
     try:
         began = time.monotonic()
@@ -204,7 +206,7 @@ async def compact_aof(settings: Settings, servers: Servers, progress: Progress,
             await asyncio.sleep(0.2)
     finally:
         await client.aclose()
-    after = path.stat().st_size if path.exists() else 0
+    after = servers.aof_bytes("redis")
     progress(f"== Redis's AOF rewritten, so that a restart loads this stack's data and not "
              f"every write since the last rewrite: {before / 1e6:.1f} MB -> "
              f"{after / 1e6:.1f} MB in {time.monotonic() - began:.1f}s")  # fmt: skip

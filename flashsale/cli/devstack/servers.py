@@ -49,6 +49,13 @@ def start_redis(data: Path, port: int, password: str, cluster: str) -> ServerSta
     return ServerState(pid=pid, port=port, binary=binary, version=version, log=str(log))
 
 
+def aof_bytes(data: Path) -> int:
+    """The size of the AOF of the Redis whose data is in ``data``: one ``appendonly.aof`` up to
+    Redis 6, a base and increments in ``appendonlydir/`` from Redis 7 (0 when it has none)."""
+    files = [data / "appendonly.aof", *(data / "appendonlydir").glob("*")]
+    return sum(f.stat().st_size for f in files if f.is_file())
+
+
 def start_postgres(root: Path, port: int, password: str) -> ServerState:
     """A PostgreSQL server on ``port``, its cluster initialised under ``root`` on first use
     (as an unprivileged user when run as root: Postgres refuses root)."""

@@ -53,6 +53,7 @@ from flashsale.cli.devstack.processes import (
 from flashsale.cli.devstack.servers import (
     DATABASE,
     ServerState,
+    aof_bytes,
     ensure_database,
     start_kafka,
     start_postgres,
@@ -268,8 +269,7 @@ class DevStack:
                     # up to LOADING_S from the first answer that said so.
                     if not isinstance(last, redis.exceptions.BusyLoadingError):
                         until = max(until, time.monotonic() + LOADING_S)
-                        aof = self.data_dir(name) / "appendonly.aof"
-                        size = aof.stat().st_size / 1e6 if aof.is_file() else 0.0
+                        size = self.aof_bytes(name) / 1e6
                         progress(f"{name:9} loading its data from disk ({size:,.0f} MB of "
                                  f"AOF); waiting up to {LOADING_S:g}s")  # fmt: skip
                     last = exc
@@ -327,6 +327,10 @@ class DevStack:
             number = 1 if name == "redis" else int(name.rsplit("-", 1)[1])
             return self.home / "redis" / f"node-{number}"
         return self.home / {"redis": "redis", "postgres": "postgres/data", "kafka": "kafka"}[name]
+
+    def aof_bytes(self, name: str) -> int:
+        """The size of the embedded Redis ``name``'s AOF (what a restart loads)."""
+        return aof_bytes(self.data_dir(name))
 
     # -- env / status / down -------------------------------------------------------------
 
