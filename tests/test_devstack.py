@@ -16,7 +16,7 @@ import pytest
 from flashsale.cli.devstack.binaries import find_redis
 from flashsale.cli.devstack.processes import free_port, free_ports, pid_alive
 from flashsale.cli.devstack.stack import EXTERNAL_VAR, DevStack
-from flashsale.settings import read_env_file
+from flashsale.settings import Settings, home_dir, read_env_file
 
 from .conftest import REPO, Cli
 
@@ -56,7 +56,10 @@ def test_up_reuse_env_status_down(scratch_home: Path, run_cli: Cli) -> None:
     for var in (*EXTERNAL_VAR.values(), *SECRET_VARS):
         assert f"export {var}=" in env.out
         assert values[var]
-    assert values["REDIS_URL"].startswith("redis://")
+    assert values["REDIS_URL"].startswith("redis://default:")
+    unnamed = values["REDIS_URL"].replace("redis://default:", "redis://:")
+    unnamed_env = {**values, "REDIS_URL": unnamed}  # still this stack's own server
+    assert DevStack(scratch_home, environ=unnamed_env).external("redis") is None
     assert values["DATABASE_URL"].startswith("postgresql://")
 
     # A shell (or a test session) that exported these URLs and runs `up` again is using the
@@ -273,3 +276,18 @@ def test_a_server_whose_binary_was_replaced_while_it_runs_is_still_known(tmp_pat
     finally:
         nap.kill()
         nap.wait()
+
+
+def test_the_stacks_redis_url_works_with_redis_cli(stack: Settings) -> None:
+    """The RUNBOOK's first check, ``redis-cli -u "$REDIS_URL" ping``, with the redis-cli
+    beside the stack's redis-server. Redis 7's redis-cli sends no AUTH for a URL with a
+    password and no user name (``redis://:pw@...``), and the stack's URL was written so: it
+    answered NOAUTH."""
+    if DevStack(home_dir()).external("redis"):
+        pytest.skip("an external Redis: its URL is the operator's")
+    redis_cli = Path(find_redis()[0]).parent / "redis-cli"
+    if not redis_cli.is_file():
+        pytest.skip(f"no redis-cli beside the stack's redis-server ({redis_cli})")
+    argv = [str(redis_cli), "-u", stack.require_redis(), "--no-auth-warning", "PING"]
+    done = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=10)
+    assert done.stdout.strip() == "PONG", (done.stdout, done.stderr)

@@ -137,14 +137,18 @@ class DevStack:
         if value is not None:
             name = _kind(name)  # REDIS_URL names the first node of a cluster
             own = self._load().get(name)
-            if own is not None and value == self.url(name, own.port):
+            # The same URL without the user name is this stack's own too.
+            if own is not None and value.replace("redis://:", "redis://default:", 1) == self.url(
+                name, own.port
+            ):
                 return None
         return value
 
     def url(self, name: str, port: int) -> str:
         keys = self._secrets()
         if _kind(name) == "redis":
-            return f"redis://:{keys['redis_password']}@127.0.0.1:{port}/0"
+            # The user named: Redis 7's redis-cli sends no AUTH for "redis://:password@".
+            return f"redis://default:{keys['redis_password']}@127.0.0.1:{port}/0"
         if name == "postgres":
             return f"postgresql://postgres:{keys['postgres_password']}@127.0.0.1:{port}/{DATABASE}"
         return f"127.0.0.1:{port}"
