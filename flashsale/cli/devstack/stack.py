@@ -130,17 +130,14 @@ class DevStack:
         return values
 
     def external(self, name: str) -> str | None:
-        """The server's URL from the environment, unless it is this stack's own: a process
-        that took its URLs from dev.env (a test session, ``eval $(flashsale dev env)``) must
-        not make ``up`` rewrite dev.env without them."""
+        """The server's URL from the environment, unless it is this stack's own: a shell or a
+        test session that took dev.env's URLs must not make ``up`` rewrite it without them."""
         value = self.environ.get(EXTERNAL_VAR[_kind(name)]) or None
         if value is not None:
             name = _kind(name)  # REDIS_URL names the first node of a cluster
             own = self._load().get(name)
-            # The same URL without the user name is this stack's own too.
-            if own is not None and value.replace("redis://:", "redis://default:", 1) == self.url(
-                name, own.port
-            ):
+            named = value.replace("redis://:", "redis://default:", 1)  # the user left out
+            if own is not None and named == self.url(name, own.port):
                 return None
         return value
 
@@ -273,9 +270,9 @@ class DevStack:
                     # up to LOADING_S from the first answer that said so.
                     if not isinstance(last, redis.exceptions.BusyLoadingError):
                         until = max(until, time.monotonic() + LOADING_S)
-                        size = self.aof_bytes(name) / 1e6
-                        progress(f"{name:9} loading its data from disk ({size:,.0f} MB of "
-                                 f"AOF); waiting up to {LOADING_S:g}s")  # fmt: skip
+                        mb = self.aof_bytes(name) / 1e6
+                        progress(f"{name:9} loading its data from disk ({mb:,.0f} MB of AOF); "
+                                 f"waiting up to {LOADING_S:g}s")  # fmt: skip
                     last = exc
                     await asyncio.sleep(0.1)
                 except Exception as exc:  # noqa: BLE001 - not ready yet: retry until the deadline
