@@ -8,16 +8,17 @@ the process restarted. The endpoint is a TCP proxy whose target moves, as DNS do
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 import redis.asyncio as aioredis
 import uvloop
 
 from allocator.redis_calls import Script, call_packed, read_packed
-from flashsale.clients import redis_client
+from flashsale.clients import RedisClient, redis_client
 from flashsale.outages import is_outage
 from flashsale.settings import Settings
 from loadtest.fault_proxy import FaultProxy, through
@@ -34,33 +35,65 @@ def old_and_new(tmp_path: Path) -> Iterator[tuple[str, str]]:
         yield old, new
 
 
+@dataclass
+class Rig:
+    """Engine clients that reach the old primary through one endpoint; the new primary is
+    its replica until :meth:`fail_over`."""
+
+    clients: list[RedisClient]
+    old: aioredis.Redis
+    new: aioredis.Redis
+    endpoint: FaultProxy
+
+    async def fail_over(self) -> None:
+        """As a managed failover goes: the replica is promoted, the old primary becomes its
+        replica, and the endpoint leads to the new one."""
+        await self.new.replicaof("NO", "ONE")
+        await self.old.replicaof("127.0.0.1", _port(self.new))
+        self.endpoint.target_port = _port(self.new)
+
+
+def _port(client: aioredis.Redis) -> int:
+    return int(client.connection_pool.connection_kwargs["port"])
+
+
+@contextlib.asynccontextmanager
+async def behind_one_endpoint(
+    old_and_new: tuple[str, str], home: Path, clients: int
+) -> AsyncIterator[Rig]:
+    """``clients`` engine clients whose Redis URL is an endpoint (a TCP proxy, as DNS) leading
+    to the old primary, the new one made its replica."""
+    old_url, new_url = old_and_new
+    old, new = aioredis.Redis.from_url(old_url), aioredis.Redis.from_url(new_url)
+    endpoint = await FaultProxy("127.0.0.1", _port(old)).start()
+    settings = Settings.from_env({"REDIS_URL": through(old_url, endpoint.port),
+                                  "FLASHSALE_HOME": str(home)})  # fmt: skip
+    rig = Rig([redis_client(settings, max_connections=POOL) for _ in range(clients)], old, new,
+              endpoint)  # fmt: skip
+    try:
+        await new.replicaof("127.0.0.1", _port(old))
+        yield rig
+    finally:
+        for client in (*rig.clients, old, new):
+            await client.aclose()
+        await endpoint.stop()
+
+
 def test_after_a_failover_behind_one_endpoint_writes_reach_the_new_primary(
     old_and_new: tuple[str, str], tmp_path: Path
 ) -> None:
-    """As a managed failover goes: the new primary was the old one's replica (the data and the
-    loaded scripts came with it), it is promoted, the old primary becomes its replica, and the
-    endpoint leads to the new one."""
-    old_url, new_url = old_and_new
-    old_port, new_port = urlsplit(old_url).port or 0, urlsplit(new_url).port or 0
+    """The new primary was the old one's replica: the data and (up to Redis 6.2) the loaded
+    scripts came with it."""
 
     async def scenario() -> None:
-        endpoint = await FaultProxy("127.0.0.1", old_port).start()
-        settings = Settings.from_env({"REDIS_URL": through(old_url, endpoint.port),
-                                      "FLASHSALE_HOME": str(tmp_path)})  # fmt: skip
-        commands, scripts, packed = (redis_client(settings, max_connections=POOL)
-                                     for _ in range(3))  # fmt: skip
-        script = scripts.register_script(WRITE)
-        old, new = aioredis.Redis.from_url(old_url), aioredis.Redis.from_url(new_url)
-        try:
-            await new.replicaof("127.0.0.1", old_port)
+        async with behind_one_endpoint(old_and_new, tmp_path, 3) as rig:
+            commands, scripts, packed = rig.clients
+            script = scripts.register_script(WRITE)
             await script(keys=["before"], args=["old"])  # loaded on the old primary
-            for client in (commands, scripts, packed):  # POOL connections each, to the old one
+            for client in rig.clients:  # POOL connections each, to the old one
                 await asyncio.gather(*(client.set(f"warm-{i}", 1) for i in range(POOL)))
-            assert await old.wait(1, 5000) == 1  # the replica has it all
-            # The failover.
-            await new.replicaof("NO", "ONE")
-            await old.replicaof("127.0.0.1", new_port)
-            endpoint.target_port = new_port
+            assert await rig.old.wait(1, 5000) == 1  # the replica has it all
+            await rig.fail_over()
 
             # redis-py's commands and scripts: retried on a fresh connection, every one lands.
             assert await asyncio.gather(*(commands.set(f"c-{i}", "new") for i in range(POOL)))
@@ -85,11 +118,7 @@ def test_after_a_failover_behind_one_endpoint_writes_reach_the_new_primary(
             assert await read_packed(packed, [("SET", "r", "new"), ("GET", "r")]) == [b"OK", b"new"]
 
             names = ["before", *(f"{p}-{i}" for p in "csp" for i in range(POOL))]
-            assert await new.mget(names) == [b"old"] + [b"new"] * (len(names) - 1)
-        finally:
-            for client in (commands, scripts, packed, old, new):
-                await client.aclose()
-            await endpoint.stop()
+            assert await rig.new.mget(names) == [b"old"] + [b"new"] * (len(names) - 1)
 
     uvloop.run(scenario())
 
@@ -102,27 +131,18 @@ def test_after_a_failover_to_a_primary_without_the_scripts_every_call_lands(
     loaded on the server that said so. Loaded through any pooled connection, it may go to the
     old primary (which has it) and the call again to the new one: NOSCRIPT once more, which is
     neither an outage nor the request's fault."""
-    old_url, new_url = old_and_new
-    old_port, new_port = urlsplit(old_url).port or 0, urlsplit(new_url).port or 0
 
     async def scenario() -> None:
-        endpoint = await FaultProxy("127.0.0.1", old_port).start()
-        settings = Settings.from_env({"REDIS_URL": through(old_url, endpoint.port),
-                                      "FLASHSALE_HOME": str(tmp_path)})  # fmt: skip
-        scripts, packed = (redis_client(settings, max_connections=POOL) for _ in range(2))
-        script = Script(scripts, WRITE)
-        old, new = aioredis.Redis.from_url(old_url), aioredis.Redis.from_url(new_url)
-        try:
-            await new.replicaof("127.0.0.1", old_port)
+        async with behind_one_endpoint(old_and_new, tmp_path, 2) as rig:
+            scripts, packed = rig.clients
+            script = Script(scripts, WRITE)
             await script(keys=["before"], args=["old"])
-            for client in (scripts, packed):  # POOL connections each, to the old primary
+            for client in rig.clients:  # POOL connections each, to the old primary
                 await asyncio.gather(*(client.get(f"warm-{i}") for i in range(POOL)))
-            assert await old.wait(1, 5000) == 1
+            assert await rig.old.wait(1, 5000) == 1
             # The failover, onto a server that has none of the scripts (as on Redis 7: flushed
             # before each round, so that each kind of call meets it).
-            await new.replicaof("NO", "ONE")
-            await old.replicaof("127.0.0.1", new_port)
-            endpoint.target_port = new_port
+            await rig.fail_over()
 
             async def packed_call(i: int) -> object:
                 return await call_packed(packed, script, ("EVALSHA", script.sha, 1, f"p-{i}", "n"))
@@ -134,7 +154,7 @@ def test_after_a_failover_to_a_primary_without_the_scripts_every_call_lands(
                 return await script(keys=[f"s-{i}"], args=["n"])
 
             for calls in ((script_call, read, read, read), (packed_call, read, read, read)):
-                await new.script_flush()
+                await rig.new.script_flush()
                 answers = await asyncio.gather(*(calls[i % 4](i) for i in range(12 * POOL)),
                                                return_exceptions=True)  # fmt: skip
                 refused = [a for a in answers if isinstance(a, BaseException)]
@@ -142,10 +162,6 @@ def test_after_a_failover_to_a_primary_without_the_scripts_every_call_lands(
             assert await asyncio.gather(*(packed_call(i) for i in range(POOL))) == [b"OK"] * POOL
             assert await asyncio.gather(*(script_call(i) for i in range(POOL))) == [b"OK"] * POOL
             names = [f"{p}-{i}" for p in "sp" for i in range(POOL)]
-            assert await new.mget(names) == [b"n"] * len(names)
-        finally:
-            for client in (scripts, packed, old, new):
-                await client.aclose()
-            await endpoint.stop()
+            assert await rig.new.mget(names) == [b"n"] * len(names)
 
     uvloop.run(scenario())
