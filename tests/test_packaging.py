@@ -1,5 +1,6 @@
-"""What the package promises about its dependencies: the floors match the features the code
-uses, and the engine runs where uvloop cannot be installed."""
+"""What the package promises: it ships every package of the source tree, the floors of its
+dependencies match the features the code uses, and the engine runs where uvloop cannot be
+installed."""
 
 from __future__ import annotations
 
@@ -14,6 +15,18 @@ from flashsale import event_loop
 from flashsale.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_distribution_ships_every_package_of_the_source_tree() -> None:
+    """``pip install .`` (not ``-e``) installs only the packages pyproject.toml lists:
+    ``loadtest.chaos`` was not among them, so ``flashsale chaos`` failed to import outside a
+    checkout of the repository."""
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+                 ["packages"])  # fmt: skip
+    found = {".".join(init.parent.relative_to(ROOT).parts)
+             for root in {name.split(".")[0] for name in listed}
+             for init in (ROOT / root).rglob("__init__.py")}  # fmt: skip
+    assert found - listed == set()
 
 
 def floors() -> dict[str, tuple[int, ...]]:
