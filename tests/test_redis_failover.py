@@ -96,10 +96,12 @@ def test_after_a_failover_behind_one_endpoint_writes_reach_the_new_primary(
             await rig.fail_over()
 
             # redis-py's commands and scripts: retried on a fresh connection, every one lands.
-            assert await asyncio.gather(*(commands.set(f"c-{i}", "new") for i in range(POOL)))
-            assert await asyncio.gather(
+            sets = await asyncio.gather(*(commands.set(f"c-{i}", "new") for i in range(POOL)))
+            assert sets == [True] * POOL
+            runs = await asyncio.gather(
                 *(script(keys=[f"s-{i}"], args=["new"]) for i in range(POOL))
             )
+            assert runs == [b"OK"] * POOL
             # The engine's packed calls (the reserve and join batches) are not retried: a call
             # on a connection to the old primary may fail, as an outage (a 503, never bad
             # data); the connection is dropped, so the next calls land.
