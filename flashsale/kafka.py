@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -26,6 +28,20 @@ log = logging.getLogger("flashsale.kafka")
 
 # Partitions bound how many worker processes can share the reservations topic.
 PARTITIONS = {"reservations": 8, "order_events": 4, "dead_letter": 1}
+
+
+def client_options(settings: Settings) -> dict[str, Any]:
+    """The brokers and how to reach them (TLS, SASL login: ``settings.kafka``), for every
+    aiokafka client the engine makes: producers, consumers, the admin and the probes."""
+    access = settings.kafka
+    options: dict[str, Any] = {"bootstrap_servers": settings.require_kafka(),
+                               "security_protocol": access.protocol}  # fmt: skip
+    if access.tls:  # the system's CAs, or only the given one; host names checked
+        options["ssl_context"] = ssl.create_default_context(cafile=access.ca_file)
+    if access.mechanism is not None:
+        options.update(sasl_mechanism=access.mechanism, sasl_plain_username=access.username,
+                       sasl_plain_password=access.password.reveal())  # fmt: skip
+    return options
 
 
 async def ensure_topics(
@@ -86,9 +102,7 @@ async def _admin(settings: Settings, doing: str
                  ) -> AsyncIterator[tuple[AIOKafkaAdminClient, set[str]]]:  # fmt: skip
     """An admin client of the broker and its topics now; Unavailable("cannot <doing>") on a
     Kafka error, closed in any case."""
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=settings.require_kafka(), request_timeout_ms=10_000
-    )
+    admin = AIOKafkaAdminClient(**client_options(settings), request_timeout_ms=10_000)
     try:
         await admin.start()
         yield admin, set(await admin.list_topics())
@@ -102,7 +116,7 @@ def producer(settings: Settings, *, linger_ms: int = 2) -> AIOKafkaProducer:
     """A producer that counts a message as sent only when every in-sync replica has it. Not
     idempotent (the local broker does not support it): consumers deduplicate instead."""
     return AIOKafkaProducer(
-        bootstrap_servers=settings.require_kafka(),
+        **client_options(settings),
         acks="all",
         enable_idempotence=False,
         linger_ms=linger_ms,
@@ -163,7 +177,7 @@ class LagReader:
         try:
             if self._consumer is None:
                 consumer = AIOKafkaConsumer(
-                    bootstrap_servers=self.settings.require_kafka(), group_id=self.group,
+                    **client_options(self.settings), group_id=self.group,
                     enable_auto_commit=False, request_timeout_ms=10_000,
                 )  # fmt: skip
                 await consumer.start()

@@ -33,6 +33,7 @@ from prometheus_client import (
 
 from flashsale import __version__
 from flashsale.clients import RedisClient
+from flashsale.kafka import client_options
 from flashsale.settings import Settings
 
 PING_TIMEOUT_S = 2.0
@@ -66,7 +67,7 @@ class KafkaProbe:
 
     async def ping(self) -> None:
         if self._client is None:
-            client = AIOKafkaClient(bootstrap_servers=self.settings.require_kafka(),
+            client = AIOKafkaClient(**client_options(self.settings),
                                     request_timeout_ms=int(self.timeout_s * 1000))  # fmt: skip
             try:
                 await client.bootstrap()  # sends a Metadata request

@@ -174,6 +174,56 @@ DEFAULT_TOPICS = {"reservations": Topics.reservations, "order_events": Topics.or
                   "dead_letter": Topics.dead_letter}  # fmt: skip
 
 
+KAFKA_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+_SASL = ("KAFKA_SASL_MECHANISM", "KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD")
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaAccess:
+    """How the engine's Kafka clients reach ``KAFKA_BOOTSTRAP``: in the clear (the default),
+    over TLS (``SSL``), with a SASL login (``SASL_PLAINTEXT``) or both (``SASL_SSL``, what
+    managed services ask). TLS checks the brokers against the system's CAs, or only against
+    ``KAFKA_SSL_CAFILE``."""
+
+    protocol: str = "PLAINTEXT"
+    mechanism: str | None = None
+    username: str | None = None
+    password: Secret = Secret("")
+    ca_file: str | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.protocol.endswith("SSL")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> KafkaAccess:
+        protocol = (env.get("KAFKA_SECURITY_PROTOCOL") or "PLAINTEXT").strip().upper()
+        if protocol not in KAFKA_PROTOCOLS:
+            raise ConfigError(f"KAFKA_SECURITY_PROTOCOL must be one of "
+                              f"{', '.join(KAFKA_PROTOCOLS)}, got {protocol!r}")  # fmt: skip
+        sasl = {name: (env.get(name) or "").strip() for name in _SASL}
+        mechanism, username, password = sasl.values()
+        if protocol.startswith("SASL_"):
+            if mechanism.upper() not in SASL_MECHANISMS:
+                raise ConfigError(f"KAFKA_SASL_MECHANISM must be PLAIN, SCRAM-SHA-256 or "
+                                  f"SCRAM-SHA-512 with KAFKA_SECURITY_PROTOCOL={protocol}, "
+                                  f"got {mechanism!r}")  # fmt: skip
+            if missing := [name for name, value in sasl.items() if not value]:
+                raise ConfigError(f"{missing[0]} is not set; KAFKA_SECURITY_PROTOCOL={protocol} "
+                                  "logs in with it")  # fmt: skip
+        elif given := [name for name, value in sasl.items() if value]:
+            raise ConfigError(f"{given[0]} is set but KAFKA_SECURITY_PROTOCOL={protocol} "
+                              "sends no login: use SASL_SSL or SASL_PLAINTEXT")  # fmt: skip
+        ca_file = (env.get("KAFKA_SSL_CAFILE") or "").strip() or None
+        if ca_file is not None and not protocol.endswith("SSL"):
+            raise ConfigError(f"KAFKA_SSL_CAFILE is set but KAFKA_SECURITY_PROTOCOL={protocol} "
+                              "does not use TLS: use SSL or SASL_SSL")  # fmt: skip
+        if ca_file is not None and not os.path.isfile(ca_file):
+            raise ConfigError(f"KAFKA_SSL_CAFILE: no such file {ca_file!r}")
+        return cls(protocol, mechanism.upper() or None, username or None, Secret(password), ca_file)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the engine reads from its environment. Build it with :meth:`from_env`."""
@@ -184,6 +234,7 @@ class Settings:
     redis_cluster: bool = False
     database_url: str | None = None
     kafka_bootstrap: str | None = None
+    kafka: KafkaAccess = KafkaAccess()
     admin_token: Secret = Secret("")
     secret: Secret = Secret("")
     buyer_token_secret: Secret = Secret("")
@@ -247,6 +298,7 @@ class Settings:
             redis_cluster=_flag(pick("FLASHSALE_REDIS_CLUSTER"), "FLASHSALE_REDIS_CLUSTER"),
             database_url=pick("DATABASE_URL"),
             kafka_bootstrap=pick("KAFKA_BOOTSTRAP"),
+            kafka=KafkaAccess.from_env(env),
             admin_token=Secret(pick("FLASHSALE_ADMIN_TOKEN") or ""),
             secret=Secret(pick("FLASHSALE_SECRET") or ""),
             buyer_token_secret=Secret(pick("FLASHSALE_BUYER_TOKEN_SECRET") or ""),
@@ -293,7 +345,7 @@ class Settings:
 
     def secrets(self) -> list[str]:
         """Every secret value in force, for the log redaction filter."""
-        values = [self.admin_token, self.secret, self.buyer_token_secret]
+        values = [self.admin_token, self.secret, self.buyer_token_secret, self.kafka.password]
         found = [s.reveal() for s in values if s]
         for url in (self.redis_url, self.database_url):
             password = urlsplit(url).password if url else None
@@ -306,8 +358,9 @@ class Settings:
             f"Settings(home={str(self.home)!r}, redis_url={mask_url(self.redis_url)!r}, "
             f"redis_cluster={self.redis_cluster!r}, "
             f"database_url={mask_url(self.database_url)!r}, "
-            f"kafka_bootstrap={self.kafka_bootstrap!r}, admin_token={self.admin_token!r}, "
-            f"secret={self.secret!r}, buyer_token_secret={self.buyer_token_secret!r}, "
+            f"kafka_bootstrap={self.kafka_bootstrap!r}, kafka={self.kafka!r}, "
+            f"admin_token={self.admin_token!r}, secret={self.secret!r}, "
+            f"buyer_token_secret={self.buyer_token_secret!r}, "
             f"log_level={self.log_level!r}, log_format={self.log_format!r})"
         )
 

@@ -35,7 +35,7 @@ from allocator.relay import OutboxRelay, run_relay
 from allocator.sale_admin import SaleAdmin
 from flashsale.cli.devstack.processes import free_port
 from flashsale.clients import pg_pool, redis_client
-from flashsale.kafka import delete_topics, ensure_topics, producer
+from flashsale.kafka import client_options, delete_topics, ensure_topics, producer
 from flashsale.keys import SkuKeys
 from flashsale.records import HoldRecord
 from flashsale.salespec import parse_sale
@@ -260,8 +260,8 @@ async def _broker_ceiling(settings: Settings, count: int, progress: Progress) ->
         await asyncio.gather(*sends)
     finally:
         await out.stop()
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.require_kafka(),
-                                enable_auto_commit=False, auto_offset_reset="earliest")  # fmt: skip
+    consumer = AIOKafkaConsumer(**client_options(settings), enable_auto_commit=False,
+                                auto_offset_reset="earliest")  # fmt: skip
     await consumer.start()
     try:
         consumer.assign([TopicPartition(topic, p)

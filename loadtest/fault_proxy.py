@@ -9,7 +9,9 @@ Modes, switched at any time:
 * ``blackhole``: connections stay open and nothing flows in either direction (a partition:
   the client waits for its own timeouts);
 
-and ``reset_all()`` resets the connections open now without changing the mode.
+and ``reset_all()`` resets the connections open now without changing the mode. Given ``tls``
+(a server-side SSL context) it also terminates TLS, as a load balancer in front of a server
+that speaks plain TCP does.
 
 It runs in the process that uses it (tests), or in its own process, so that the bytes it
 pumps do not compete with a load driver's event loop: ``python -m loadtest.fault_proxy
@@ -23,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import struct
 import sys
 from dataclasses import dataclass, field
@@ -44,6 +47,7 @@ class FaultProxy:
     mode: Mode = "pass"
     latency_s: float = 0.0
     port: int = 0
+    tls: ssl.SSLContext | None = None  # clients speak TLS to the proxy, the proxy plain TCP on
     connections: int = 0  # accepted so far
     _server: asyncio.Server | None = None
     _open: set[asyncio.StreamWriter] = field(default_factory=set)
@@ -51,7 +55,8 @@ class FaultProxy:
 
     async def start(self) -> FaultProxy:
         self._flowing.set()
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port,
+                                                  ssl=self.tls)  # fmt: skip
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 

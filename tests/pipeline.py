@@ -35,7 +35,7 @@ from allocator.sku_allocator import Allocators
 from flashsale.cli.devstack.processes import free_port
 from flashsale.clients import RedisClient, pg_pool, redis_client
 from flashsale.events import ReservationEvent, decode_event
-from flashsale.kafka import consumer_lag, ensure_topics, producer
+from flashsale.kafka import client_options, consumer_lag, ensure_topics, producer
 from flashsale.keys import SaleKeys, SkuKeys, bucket_keys
 from flashsale.orders import TERMINAL, OrderStore
 from flashsale.payments import CircuitBreaker, HttpProvider
@@ -216,7 +216,7 @@ class Pipeline:
         """The messages of ``topic`` from the start (waits for ``at_least``)."""
         # No consumer group (no join, no rebalance delay): every partition, from the start.
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.require_kafka(), enable_auto_commit=False,
+            **client_options(self.settings), enable_auto_commit=False,
             auto_offset_reset="earliest",
         )  # fmt: skip
         await consumer.start()
@@ -330,7 +330,7 @@ async def server_calls(
 
 async def end_offsets(settings: Settings, topic: str) -> dict[TopicPartition, int]:
     """Where each partition of ``topic`` ends now."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.require_kafka())
+    consumer = AIOKafkaConsumer(**client_options(settings))
     await consumer.start()
     try:
         await consumer.topics()  # fresh metadata

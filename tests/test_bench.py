@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaConsumer
 
 from allocator.pump import quantile
 from flashsale.clients import pg_pool, redis_client
-from flashsale.kafka import ensure_topics
+from flashsale.kafka import client_options, ensure_topics
 from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.settings import Settings
 from loadtest import bench_all
@@ -284,7 +284,7 @@ async def _live_sales(settings: Settings, since: datetime, name: str) -> list[st
 
 
 async def _topics(settings: Settings, prefix: str) -> set[str]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.require_kafka())
+    consumer = AIOKafkaConsumer(**client_options(settings))
     await consumer.start()
     try:
         return {topic for topic in await consumer.topics() if topic.startswith(prefix)}

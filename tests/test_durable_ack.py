@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from flashsale.cli.devstack.processes import free_port
 from flashsale.event_loop import LoopThread
 from flashsale.events import ReservationEvent, decode_event, encode_event, outbox_events
-from flashsale.kafka import ensure_topics
+from flashsale.kafka import client_options, ensure_topics
 from flashsale.keys import SkuKeys
 from flashsale.records import HoldRecord
 from flashsale.settings import Settings
@@ -34,7 +34,7 @@ async def gw(stack: Settings) -> AsyncIterator[Gateway]:
 
 
 async def _messages_since(settings: Settings, since: dict[TopicPartition, int]) -> list[Any]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.require_kafka(),
+    consumer = AIOKafkaConsumer(**client_options(settings),
                                 enable_auto_commit=False)  # fmt: skip
     await consumer.start()
     try:

@@ -13,7 +13,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from allocator.sale_admin import SaleAdmin
 from allocator.sweeper import sweep_once
 from flashsale.events import ReservationEvent, decode_event, encode_event
-from flashsale.kafka import PARTITIONS, partition_of
+from flashsale.kafka import PARTITIONS, client_options, partition_of
 from flashsale.keys import SkuKeys
 from flashsale.orders import TERMINAL
 from flashsale.settings import Settings
@@ -289,7 +289,7 @@ async def test_a_capture_whose_hold_redis_lost_waits_and_is_not_refunded(stack: 
 
 
 async def _group_members(p: Pipeline) -> int:
-    admin = AIOKafkaAdminClient(bootstrap_servers=p.settings.require_kafka())
+    admin = AIOKafkaAdminClient(**client_options(p.settings))
     await admin.start()
     try:
         [described] = await admin.describe_consumer_groups([p.settings.consumer_group])

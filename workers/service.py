@@ -36,7 +36,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from allocator.hold_scripts import HoldScripts
 from flashsale.clients import RedisClient, pg_pool, redis_client
 from flashsale.events import ReservationEvent, decode_event, event_id
-from flashsale.kafka import ensure_topics, producer
+from flashsale.kafka import client_options, ensure_topics, producer
 from flashsale.ops_endpoints import build_info, dependency_probes, serve_ops
 from flashsale.orders import OrderStore
 from flashsale.outages import describe, is_outage
@@ -153,7 +153,7 @@ class WorkerService:
         pool = await pg_pool(settings, min_size=2, max_size=8, server_settings=BATCH_PLANNING)
         out = producer(settings)
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.require_kafka(), group_id=settings.consumer_group,
+            **client_options(settings), group_id=settings.consumer_group,
             client_id=f"flashsale-worker-{self.name}", enable_auto_commit=False,
             auto_offset_reset="earliest", max_poll_records=self.max_batch,
             session_timeout_ms=10_000, heartbeat_interval_ms=1_000,

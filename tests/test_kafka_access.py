@@ -1,0 +1,247 @@
+"""Reaching Kafka as managed services ask: over TLS, with a SASL login.
+
+The TLS tests run a tansu broker of their own behind a proxy that terminates TLS with a
+certificate of a CA made here, and advertise the proxy's address, so every connection the
+engine's clients make (bootstrap and brokers) is TLS, checked against that CA. tansu 0.6
+takes ``--cert`` but its listener does not speak TLS (``openssl s_client`` gets no answer),
+and it cannot create a SCRAM user while it requires logins, so SASL is checked only as far as
+a broker that requires a login refusing the engine without one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import ssl
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from flashsale.cli.devstack.binaries import find_tansu
+from flashsale.cli.devstack.processes import free_port
+from flashsale.errors import ConfigError, Unavailable
+from flashsale.kafka import client_options, ensure_topics, producer, publish
+from flashsale.ops_endpoints import KafkaProbe
+from flashsale.settings import Settings
+from loadtest.fault_proxy import FaultProxy
+from tests.conftest import Cli
+
+SASL = {"KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "KAFKA_SASL_MECHANISM": "scram-sha-512",
+        "KAFKA_SASL_USERNAME": "engine", "KAFKA_SASL_PASSWORD": "kafka-password-xyz"}  # fmt: skip
+
+
+def settings_of(tmp_path: Path, **env: str) -> Settings:
+    return Settings.from_env({"FLASHSALE_HOME": str(tmp_path), **env})
+
+
+def test_a_sasl_login_over_tls_is_what_the_clients_are_given(tmp_path: Path) -> None:
+    settings = settings_of(tmp_path, KAFKA_BOOTSTRAP="kafka.example:9093", **SASL)
+    options = client_options(settings)
+    assert options["bootstrap_servers"] == "kafka.example:9093"
+    assert options["security_protocol"] == "SASL_SSL"
+    assert options["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert (options["sasl_plain_username"], options["sasl_plain_password"]) == (
+        "engine", "kafka-password-xyz")  # fmt: skip
+    context = options["ssl_context"]
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    assert "kafka-password-xyz" not in repr(settings)
+    assert "kafka-password-xyz" in settings.secrets()  # redacted from every log line
+    plain = client_options(settings_of(tmp_path, KAFKA_BOOTSTRAP="127.0.0.1:9092"))
+    assert plain == {"bootstrap_servers": "127.0.0.1:9092", "security_protocol": "PLAINTEXT"}
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [({"KAFKA_SECURITY_PROTOCOL": "TLS"}, "KAFKA_SECURITY_PROTOCOL"),
+     ({**SASL, "KAFKA_SASL_MECHANISM": "GSSAPI"}, "KAFKA_SASL_MECHANISM"),
+     ({**SASL, "KAFKA_SASL_PASSWORD": ""}, "KAFKA_SASL_PASSWORD"),
+     ({"KAFKA_SASL_USERNAME": "engine"}, "KAFKA_SASL_USERNAME"),
+     ({"KAFKA_SSL_CAFILE": "/etc/hostname"}, "KAFKA_SSL_CAFILE"),
+     ({"KAFKA_SECURITY_PROTOCOL": "SSL", "KAFKA_SSL_CAFILE": "/nonexistent/ca.pem"},
+      "KAFKA_SSL_CAFILE")],
+)  # fmt: skip
+def test_a_bad_kafka_setting_is_one_line_naming_it(
+    run_cli: Cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, env: dict[str, str],
+    named: str,
+) -> None:  # fmt: skip
+    with pytest.raises(ConfigError, match=f"^{named}"):
+        settings_of(tmp_path, **env)
+    monkeypatch.setenv("FLASHSALE_HOME", str(tmp_path))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    result = run_cli("kafka", "init")
+    lines = result.err.strip().splitlines()
+    assert result.code == 1
+    assert len(lines) == 1 and lines[0].startswith(f"flashsale: error: {named}"), result.err
+
+
+@dataclass
+class Authority:
+    """A CA made for the test, and a server certificate it signed for 127.0.0.1."""
+
+    ca_file: Path
+    server: ssl.SSLContext
+
+
+@pytest.fixture(scope="module")
+def authority(tmp_path_factory: pytest.TempPathFactory) -> Authority:
+    folder = tmp_path_factory.mktemp("tls")
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+
+    def cert(subject: str, public: ec.EllipticCurvePublicKey, issuer: str, ca: bool
+             ) -> x509.Certificate:  # fmt: skip
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(public).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=2))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )  # fmt: skip
+        if not ca:
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)  # fmt: skip
+        return builder.sign(ca_key, hashes.SHA256())
+
+    pem = serialization.Encoding.PEM
+    ca_file, cert_file, key_file = folder / "ca.pem", folder / "server.pem", folder / "server.key"
+    ca_file.write_bytes(cert("flashsale test CA", ca_key.public_key(), "flashsale test CA",
+                             True).public_bytes(pem))  # fmt: skip
+    cert_file.write_bytes(cert("127.0.0.1", key.public_key(), "flashsale test CA",
+                               False).public_bytes(pem))  # fmt: skip
+    key_file.write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))  # fmt: skip
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert_file, key_file)
+    return Authority(ca_file, server)
+
+
+@dataclass
+class Broker:
+    proxy: FaultProxy  # where clients connect: TLS, the only address the broker advertises
+    bootstrap: str
+
+
+def _tansu(port: int, advertised: int, *extra: str) -> subprocess.Popen[bytes]:
+    binary, _version = find_tansu()
+    return subprocess.Popen(
+        [binary, "broker", "--listener-url", f"tcp://127.0.0.1:{port}",
+         "--advertised-listener-url", f"tcp://127.0.0.1:{advertised}",
+         "--storage-engine", "memory://tansu/", *extra],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def tansu_process() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        process.terminate()
+        process.wait(10)
+
+
+async def _listening(port: int) -> None:
+    for _ in range(100):
+        try:
+            _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        return
+    raise AssertionError(f"nothing listens on {port}")
+
+
+@pytest.fixture
+async def tls_broker(authority: Authority, tansu_process: list[subprocess.Popen[bytes]]
+                     ) -> AsyncIterator[Broker]:  # fmt: skip
+    port, front = free_port(), free_port()
+    tansu_process.append(_tansu(port, front))
+    await _listening(port)
+    proxy = await FaultProxy("127.0.0.1", port, port=front, tls=authority.server).start()
+    yield Broker(proxy, f"127.0.0.1:{front}")
+    await proxy.stop()
+
+
+async def test_the_engine_talks_to_kafka_over_tls_checked_against_the_given_ca(
+    tls_broker: Broker, authority: Authority, tmp_path: Path
+) -> None:
+    settings = settings_of(tmp_path, KAFKA_BOOTSTRAP=tls_broker.bootstrap,
+                           KAFKA_SECURITY_PROTOCOL="SSL", KAFKA_SSL_CAFILE=str(authority.ca_file),
+                           FLASHSALE_TOPIC_PREFIX="tls-")  # fmt: skip
+    created = await ensure_topics(settings, partitions=2)
+    assert set(created) == set(settings.topics.all())
+    topic = settings.topics.reservations
+    out = producer(settings)
+    await out.start()
+    try:
+        messages = [(b"k%d" % i, b"v%d" % i) for i in range(20)]
+        assert await publish(out, topic, messages) == 20
+    finally:
+        await out.stop()
+    consumer = AIOKafkaConsumer(**client_options(settings), group_id="tls-group",
+                                enable_auto_commit=False)  # fmt: skip
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(
+            consumer.partitions_for_topic(topic) or ())]  # fmt: skip
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        got: list[bytes] = []
+        async with asyncio.timeout(20):
+            while len(got) < 20:
+                batches = await consumer.getmany(timeout_ms=500)
+                got += [m.value for ms in batches.values() for m in ms if m.value is not None]
+        assert sorted(got) == sorted(v for _, v in messages)
+        positions = {tp: await consumer.position(tp) for tp in partitions}
+        assert sum(positions.values()) == 20
+        await consumer.commit()  # the group's offsets, kept by the broker
+        assert {tp: await consumer.committed(tp) for tp in partitions} == positions
+    finally:
+        await consumer.stop()
+    probe = KafkaProbe(settings)
+    try:
+        await probe.ping()  # the readiness probe, over TLS too
+    finally:
+        await probe.aclose()
+    assert tls_broker.proxy.connections >= 3
+
+
+async def test_a_broker_whose_certificate_is_not_trusted_is_refused_not_used(
+    tls_broker: Broker, authority: Authority, tmp_path: Path
+) -> None:
+    env = {"KAFKA_BOOTSTRAP": tls_broker.bootstrap, "KAFKA_SECURITY_PROTOCOL": "SSL"}
+    untrusted = settings_of(tmp_path, **env)  # the system's CAs only
+    plain = settings_of(tmp_path, KAFKA_BOOTSTRAP=tls_broker.bootstrap)
+    for settings in (untrusted, plain):
+        with pytest.raises(Unavailable, match="cannot reach the Kafka broker"):
+            async with asyncio.timeout(30):
+                await ensure_topics(settings)
+    assert tls_broker.proxy.connections == 0  # no TLS session was ever set up
+    trusted = settings_of(tmp_path, **env, KAFKA_SSL_CAFILE=str(authority.ca_file))
+    assert set(await ensure_topics(trusted)) == set(trusted.topics.all())
+    assert tls_broker.proxy.connections >= 1
+
+
+async def test_a_broker_that_requires_a_login_refuses_the_engine_without_one(
+    tansu_process: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    port = free_port()
+    tansu_process.append(_tansu(port, port, "--authentication"))
+    await _listening(port)
+    settings = settings_of(tmp_path, KAFKA_BOOTSTRAP=f"127.0.0.1:{port}")
+    with pytest.raises(Unavailable, match="cannot reach the Kafka broker"):
+        async with asyncio.timeout(30):
+            await ensure_topics(settings)
