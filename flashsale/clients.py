@@ -4,17 +4,19 @@ and own their lifecycle (close what you open)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 from urllib.parse import urlsplit
 
 import asyncpg
 import redis.asyncio as aioredis
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
-from flashsale.errors import Unavailable
+from flashsale.errors import ConfigError, Unavailable
 from flashsale.payments import HttpProvider, PaymentProvider
 from flashsale.redis_connection import REPLACES
 from flashsale.settings import Settings
@@ -29,6 +31,8 @@ RedisClient: TypeAlias = aioredis.Redis | aioredis.RedisCluster
 # only as concurrency needs them), while packed calls wait their turn beyond ``max_connections``
 # (allocator.redis_calls), as on a single server.
 CLUSTER_POOL_FACTOR = 16
+
+T = TypeVar("T")
 
 
 def redis_client(
@@ -53,6 +57,7 @@ def redis_client(
     reserve batches, the rate limits) take a raw connection and are not retried here: they
     replace a connection the server closed before sending anything on it.
     """
+    check_redis_url(settings.require_redis())
     options.setdefault("socket_connect_timeout", 2.0)
     options.setdefault("retry", Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 2))
     options.setdefault("health_check_interval", 15)
@@ -63,6 +68,23 @@ def redis_client(
     )
     pool.connection_class = REPLACES.get(pool.connection_class, pool.connection_class)
     return aioredis.Redis.from_pool(pool)
+
+
+def check_redis_url(url: str) -> None:
+    """The options in ``url``'s query as redis-py's connection takes them, checked now: one it
+    does not know (a misspelling, a TLS option on a ``redis://`` URL) or a value of the wrong
+    kind would otherwise fail the first connection with a TypeError or a ValueError, a 500 in
+    a service. Raises ConfigError naming REDIS_URL and the option."""
+    try:
+        options: dict[str, Any] = dict(parse_url(url))
+        for pool_option in ("max_connections", "timeout"):
+            options.pop(pool_option, None)
+        options.pop("connection_class", aioredis.Connection)(**options)  # not connected
+    except (TypeError, ValueError) as exc:
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+        said = str(exc) if unknown is None else (
+            f"unknown option {unknown[1]!r} in its query (TLS options need rediss://)")  # fmt: skip
+        raise ConfigError(f"REDIS_URL: {said}") from exc
 
 
 def cluster_client(
@@ -94,10 +116,27 @@ async def pg_pool(
 ) -> asyncpg.Pool:
     """An asyncpg pool for ``DATABASE_URL``; raises Unavailable with where it tried."""
     dsn = settings.require_database()
+    return await _reach_postgres(dsn, asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, timeout=5, server_settings=server_settings
+    ))  # fmt: skip
+
+
+async def pg_connect(settings: Settings) -> asyncpg.Connection:
+    """One connection to ``DATABASE_URL``, its errors as :func:`pg_pool`'s."""
+    dsn = settings.require_database()
+    return await _reach_postgres(dsn, asyncpg.connect(dsn, timeout=5))
+
+
+async def _reach_postgres(dsn: str, connecting: Awaitable[T]) -> T:
+    """``connecting`` awaited. Postgres down or refusing: Unavailable, saying where. An option
+    of the URL asyncpg refuses (``sslmode=verify-fulll``): ConfigError naming DATABASE_URL,
+    without its password."""
     try:
-        return await asyncpg.create_pool(
-            dsn, min_size=min_size, max_size=max_size, timeout=5, server_settings=server_settings
-        )
+        return await connecting
+    except asyncpg.ClientConfigurationError as exc:
+        said, password = str(exc), urlsplit(dsn).password
+        raise ConfigError(f"DATABASE_URL: {said.replace(password, '***') if password else said}"
+                          ) from exc  # fmt: skip
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         where = urlsplit(dsn)
         raise Unavailable(f"cannot reach Postgres at {where.hostname}:{where.port}: {exc}") from exc
@@ -116,8 +155,12 @@ class Clients:
 @contextlib.asynccontextmanager
 async def open_clients(settings: Settings, *, pool_size: int = 4) -> AsyncIterator[Clients]:
     """:class:`Clients` for ``settings``, closed in reverse order on exit."""
-    pool = await pg_pool(settings, min_size=1, max_size=pool_size)
-    client = redis_client(settings)
+    client = redis_client(settings)  # first: it checks REDIS_URL and connects to nothing yet
+    try:
+        pool = await pg_pool(settings, min_size=1, max_size=pool_size)
+    except BaseException:
+        await client.aclose()
+        raise
     provider = HttpProvider(settings.psp_url) if settings.psp_url else None
     try:
         if provider is not None:

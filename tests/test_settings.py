@@ -73,3 +73,28 @@ def test_a_bad_setting_is_one_line_naming_it_not_a_traceback(
     assert result.code == 1
     lines = result.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"flashsale: error: {name}"), result.err
+
+
+@pytest.mark.parametrize(
+    ("name", "url", "option"),
+    [("REDIS_URL", "redis://default:pw@127.0.0.1:9/0?ssl_ca_certs=/etc/ca.pem", "ssl_ca_certs"),
+     ("REDIS_URL", "rediss://default:pw@127.0.0.1:9/0?ssl_ca_cert=/etc/ca.pem", "ssl_ca_cert"),
+     ("REDIS_URL", "redis://default:pw@127.0.0.1:9/0?socket_timeout=soon", "socket_timeout"),
+     ("DATABASE_URL", "postgresql://u:p@127.0.0.1:9/x?sslmode=verify-fulll", "sslmode")],
+)  # fmt: skip
+def test_a_server_url_with_an_option_its_client_refuses_is_one_line_naming_it(
+    run_cli: Cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str, url: str,
+    option: str,
+) -> None:  # fmt: skip
+    """A TLS option on a ``redis://`` URL, a misspelt one, a value of the wrong kind: each
+    used to fail at the first connection, a TypeError or ValueError with its traceback (a 500
+    in a service), instead of a line saying which setting to fix."""
+    monkeypatch.setenv("FLASHSALE_HOME", str(tmp_path))
+    monkeypatch.setenv("REDIS_URL", "redis://default:pw@127.0.0.1:9/0")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://u:p@127.0.0.1:9/x")
+    monkeypatch.setenv(name, url)
+    result = run_cli("sale", "list")
+    lines = result.err.strip().splitlines()
+    assert result.code == 1, result
+    assert len(lines) == 1 and lines[0].startswith(f"flashsale: error: {name}"), result.err
+    assert option in lines[0] and "pw@" not in lines[0] and ":p@" not in lines[0], lines[0]

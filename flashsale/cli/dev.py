@@ -7,13 +7,12 @@ import argparse
 import sys
 from collections.abc import Callable
 
-import asyncpg
-
 from flashsale.cli.checks import within
 from flashsale.cli.devstack.redis_cluster import Layout
 from flashsale.cli.devstack.stack import DevStack
 from flashsale.cli.output import out
-from flashsale.errors import InvalidInput, Unavailable
+from flashsale.clients import pg_connect
+from flashsale.errors import InvalidInput
 from flashsale.kafka import ensure_topics
 from flashsale.migrate import migrate
 from flashsale.settings import Settings
@@ -49,10 +48,7 @@ def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
 
 async def apply_migrations(settings: Settings, progress: Callable[[str], None] = out) -> None:
     """Every pending migration, over one connection; Unavailable when Postgres is not there."""
-    try:
-        conn = await asyncpg.connect(settings.require_database(), timeout=5)
-    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-        raise Unavailable(f"cannot reach Postgres: {exc}") from exc
+    conn = await pg_connect(settings)
     try:
         await migrate(conn, progress=progress)
     finally:

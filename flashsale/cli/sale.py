@@ -31,8 +31,12 @@ from flashsale.settings import Settings
 @contextlib.asynccontextmanager
 async def admin(settings: Settings) -> AsyncIterator[SaleAdmin]:
     """A SaleAdmin over fresh clients, closed on exit."""
-    pool = await pg_pool(settings, max_size=4)
-    client = redis_client(settings)
+    client = redis_client(settings)  # first: it checks REDIS_URL and connects to nothing yet
+    try:
+        pool = await pg_pool(settings, max_size=4)
+    except BaseException:
+        await client.aclose()
+        raise
     try:
         yield SaleAdmin.build(pool, client)
     finally:
