@@ -17,6 +17,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
 from flashsale.errors import ConfigError, Unavailable
+from flashsale.logs import REDACTED_LENGTH
 from flashsale.payments import HttpProvider, PaymentProvider
 from flashsale.redis_connection import REPLACES
 from flashsale.settings import Settings
@@ -128,15 +129,17 @@ async def pg_connect(settings: Settings) -> asyncpg.Connection:
 
 
 async def _reach_postgres(dsn: str, connecting: Awaitable[T]) -> T:
-    """``connecting`` awaited. Postgres down or refusing: Unavailable, saying where. An option
-    of the URL asyncpg refuses (``sslmode=verify-fulll``): ConfigError naming DATABASE_URL,
-    without its password."""
+    """``connecting`` awaited. Postgres down or refusing: Unavailable, saying where. A URL
+    asyncpg refuses (``sslmode=verify-fulll``, a port that is not a number, another scheme):
+    ConfigError naming DATABASE_URL, without its password (as the logs redact it)."""
     try:
         return await connecting
-    except asyncpg.ClientConfigurationError as exc:
-        said, password = str(exc), urlsplit(dsn).password
-        raise ConfigError(f"DATABASE_URL: {said.replace(password, '***') if password else said}"
-                          ) from exc  # fmt: skip
+    except ValueError as exc:  # asyncpg's ClientConfigurationError is one
+        said = str(exc)
+        password = urlsplit(dsn).password or ""
+        if len(password) >= REDACTED_LENGTH:
+            said = said.replace(password, "********")
+        raise ConfigError(f"DATABASE_URL: {said}") from exc
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         where = urlsplit(dsn)
         raise Unavailable(f"cannot reach Postgres at {where.hostname}:{where.port}: {exc}") from exc

@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from flashsale.errors import Unavailable
+from flashsale.errors import ConfigError, Unavailable
 from flashsale.settings import Settings, Topics
 
 log = logging.getLogger("flashsale.kafka")
@@ -34,7 +34,7 @@ def client_options(settings: Settings) -> dict[str, Any]:
     """The brokers and how to reach them (TLS, SASL login: ``settings.kafka``), for every
     aiokafka client the engine makes: producers, consumers, the admin and the probes."""
     access = settings.kafka
-    options: dict[str, Any] = {"bootstrap_servers": settings.require_kafka(),
+    options: dict[str, Any] = {"bootstrap_servers": bootstrap(settings.require_kafka()),
                                "security_protocol": access.protocol}  # fmt: skip
     if access.tls:  # the system's CAs, or only the given one; host names checked
         options["ssl_context"] = ssl.create_default_context(cafile=access.ca_file)
@@ -42,6 +42,19 @@ def client_options(settings: Settings) -> dict[str, Any]:
         options.update(sasl_mechanism=access.mechanism, sasl_plain_username=access.username,
                        sasl_plain_password=access.password.reveal())  # fmt: skip
     return options
+
+
+def bootstrap(servers: str) -> str:
+    """``KAFKA_BOOTSTRAP`` checked: comma-separated ``host[:port]`` (a port aiokafka could not
+    read failed the first client with a ValueError and its traceback)."""
+    for server in servers.split(","):
+        host, colon, port = server.strip().rpartition(":")
+        if not colon:
+            host, port = port, "9092"  # aiokafka's default
+        if not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"KAFKA_BOOTSTRAP: {server.strip()!r} is not host:port "
+                              "(several are separated by commas)")  # fmt: skip
+    return servers
 
 
 async def ensure_topics(

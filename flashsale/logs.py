@@ -65,12 +65,16 @@ class BindContext(logging.Filter):
         return True
 
 
+# Shorter secrets are not redacted: replacing every "p" of a message would garble it.
+REDACTED_LENGTH = 4
+
+
 class RedactSecrets(logging.Filter):
     """Replace any secret value that reaches a log record with ``********``."""
 
     def __init__(self, secrets: list[str]) -> None:
         super().__init__()
-        self._secrets = [s for s in secrets if len(s) >= 4]
+        self._secrets = [s for s in secrets if len(s) >= REDACTED_LENGTH]
 
     def filter(self, record: logging.LogRecord) -> bool:
         if self._secrets:

@@ -80,7 +80,9 @@ def test_a_bad_setting_is_one_line_naming_it_not_a_traceback(
     [("REDIS_URL", "redis://default:pw@127.0.0.1:9/0?ssl_ca_certs=/etc/ca.pem", "ssl_ca_certs"),
      ("REDIS_URL", "rediss://default:pw@127.0.0.1:9/0?ssl_ca_cert=/etc/ca.pem", "ssl_ca_cert"),
      ("REDIS_URL", "redis://default:pw@127.0.0.1:9/0?socket_timeout=soon", "socket_timeout"),
-     ("DATABASE_URL", "postgresql://u:p@127.0.0.1:9/x?sslmode=verify-fulll", "sslmode")],
+     ("DATABASE_URL", "postgresql://u:p@127.0.0.1:9/x?sslmode=verify-fulll", "sslmode"),
+     ("DATABASE_URL", "postgresql://u:p@127.0.0.1:notaport/x", "notaport"),
+     ("DATABASE_URL", "mysql://u:p@127.0.0.1:9/x", '"postgresql"')],  # a short password: kept
 )  # fmt: skip
 def test_a_server_url_with_an_option_its_client_refuses_is_one_line_naming_it(
     run_cli: Cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str, url: str,

@@ -61,8 +61,9 @@ def test_a_sasl_login_over_tls_is_what_the_clients_are_given(tmp_path: Path) -> 
     assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
     assert "kafka-password-xyz" not in repr(settings)
     assert "kafka-password-xyz" in settings.secrets()  # redacted from every log line
-    plain = client_options(settings_of(tmp_path, KAFKA_BOOTSTRAP="127.0.0.1:9092"))
-    assert plain == {"bootstrap_servers": "127.0.0.1:9092", "security_protocol": "PLAINTEXT"}
+    plain = client_options(settings_of(tmp_path, KAFKA_BOOTSTRAP="k1:9092,[::1]:9093,k3"))
+    assert plain == {"bootstrap_servers": "k1:9092,[::1]:9093,k3",
+                     "security_protocol": "PLAINTEXT"}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -73,16 +74,18 @@ def test_a_sasl_login_over_tls_is_what_the_clients_are_given(tmp_path: Path) -> 
      ({"KAFKA_SASL_USERNAME": "engine"}, "KAFKA_SASL_USERNAME"),
      ({"KAFKA_SSL_CAFILE": "/etc/hostname"}, "KAFKA_SSL_CAFILE"),
      ({"KAFKA_SECURITY_PROTOCOL": "SSL", "KAFKA_SSL_CAFILE": "/nonexistent/ca.pem"},
-      "KAFKA_SSL_CAFILE")],
+      "KAFKA_SSL_CAFILE"),
+     ({"KAFKA_BOOTSTRAP": "127.0.0.1:notaport"}, "KAFKA_BOOTSTRAP"),
+     ({"KAFKA_BOOTSTRAP": "kafka-1:9092,:9092"}, "KAFKA_BOOTSTRAP")],
 )  # fmt: skip
 def test_a_bad_kafka_setting_is_one_line_naming_it(
     run_cli: Cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, env: dict[str, str],
     named: str,
 ) -> None:  # fmt: skip
     with pytest.raises(ConfigError, match=f"^{named}"):
-        settings_of(tmp_path, **env)
+        client_options(settings_of(tmp_path, **{"KAFKA_BOOTSTRAP": "127.0.0.1:9", **env}))
     monkeypatch.setenv("FLASHSALE_HOME", str(tmp_path))
-    for name, value in env.items():
+    for name, value in {"KAFKA_BOOTSTRAP": "127.0.0.1:9", **env}.items():
         monkeypatch.setenv(name, value)
     result = run_cli("kafka", "init")
     lines = result.err.strip().splitlines()
