@@ -14,10 +14,11 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network, IPv6Network, ip_network
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from flashsale.env_values import choice, flag, http_url, networks, number, origin, origins
 from flashsale.errors import ConfigError
 
 DEV_ENV_FILE = "dev.env"
@@ -113,32 +114,6 @@ class Rate:
             return 0, 0
         interval = 1_000_000 / self.per_second
         return round(interval), round(interval * (self.burst - 1))
-
-
-def _networks(text: str, name: str) -> tuple[IPv4Network | IPv6Network, ...]:
-    """Comma-separated CIDRs (a bare address is its own /32 or /128)."""
-    networks = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        try:
-            networks.append(ip_network(part, strict=False))
-        except ValueError:
-            raise ConfigError(f"{name} must list networks like 10.0.0.0/8, got {part!r}") from None
-    return tuple(networks)
-
-
-def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float) -> float:
-    raw = env.get(name)
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
-    if value < minimum:
-        raise ConfigError(f"{name} must be at least {minimum:g}, got {raw!r}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -295,7 +270,7 @@ class Settings:
         settings = cls(
             home=home,
             redis_url=pick("REDIS_URL"),
-            redis_cluster=_flag(pick("FLASHSALE_REDIS_CLUSTER"), "FLASHSALE_REDIS_CLUSTER"),
+            redis_cluster=flag(pick("FLASHSALE_REDIS_CLUSTER"), "FLASHSALE_REDIS_CLUSTER"),
             database_url=pick("DATABASE_URL"),
             kafka_bootstrap=pick("KAFKA_BOOTSTRAP"),
             kafka=KafkaAccess.from_env(env),
@@ -303,31 +278,33 @@ class Settings:
             secret=Secret(pick("FLASHSALE_SECRET") or ""),
             buyer_token_secret=Secret(pick("FLASHSALE_BUYER_TOKEN_SECRET") or ""),
             log_level=(env.get("FLASHSALE_LOG_LEVEL") or "INFO").upper(),
-            log_format=_choice(env, "FLASHSALE_LOG_FORMAT", ("auto", "json", "text"), "auto"),
+            log_format=choice(env, "FLASHSALE_LOG_FORMAT", ("auto", "json", "text"), "auto"),
             rate_per_ip=Rate.parse(
                 env.get("FLASHSALE_RATE_PER_IP") or "100,200", "FLASHSALE_RATE_PER_IP"
             ),
             rate_per_buyer=Rate.parse(
                 env.get("FLASHSALE_RATE_PER_BUYER") or "5,10", "FLASHSALE_RATE_PER_BUYER"
             ),
-            max_in_flight=int(_number(env, "FLASHSALE_MAX_IN_FLIGHT", 2000, minimum=1)),
-            max_joins_in_flight=int(_number(env, "FLASHSALE_MAX_JOINS_IN_FLIGHT", 200, minimum=1)),
-            max_polls_in_flight=int(_number(env, "FLASHSALE_MAX_POLLS_IN_FLIGHT", 800, minimum=1)),
-            body_timeout_s=_number(env, "FLASHSALE_BODY_TIMEOUT", 5.0, minimum=0.1),
+            max_in_flight=int(number(env, "FLASHSALE_MAX_IN_FLIGHT", 2000, minimum=1)),
+            max_joins_in_flight=int(number(env, "FLASHSALE_MAX_JOINS_IN_FLIGHT", 200, minimum=1)),
+            max_polls_in_flight=int(number(env, "FLASHSALE_MAX_POLLS_IN_FLIGHT", 800, minimum=1)),
+            body_timeout_s=number(env, "FLASHSALE_BODY_TIMEOUT", 5.0, minimum=0.1),
             trust_forwarded=(env.get("FLASHSALE_TRUST_FORWARDED") or "").lower()
             in ("1", "true", "yes"),
-            trusted_proxies=_networks(
+            trusted_proxies=networks(
                 env.get("FLASHSALE_TRUSTED_PROXIES") or "", "FLASHSALE_TRUSTED_PROXIES"
             ),
-            cors_origins=_origins(env.get("FLASHSALE_CORS_ORIGINS") or ""),
-            reservations_url=_origin(
+            cors_origins=origins(env.get("FLASHSALE_CORS_ORIGINS") or ""),
+            reservations_url=origin(
                 env.get("FLASHSALE_RESERVATIONS_URL") or "", "FLASHSALE_RESERVATIONS_URL"
             ),
             buyer_jwks=env.get("FLASHSALE_BUYER_JWKS") or None,
             buyer_jwt_audience=env.get("FLASHSALE_BUYER_JWT_AUDIENCE") or None,
             topics=Topics.from_env(env),
             consumer_group=env.get("FLASHSALE_CONSUMER_GROUP") or "flashsale-workers",
-            psp_url=env.get("FLASHSALE_PSP_URL") or engine.get("FLASHSALE_PSP_URL") or None,
+            psp_url=http_url(
+                env.get("FLASHSALE_PSP_URL") or engine.get("FLASHSALE_PSP_URL"), "FLASHSALE_PSP_URL"
+            ),
             from_dev_env=frozenset(used_dev),
         )
         return settings
@@ -363,49 +340,6 @@ class Settings:
             f"buyer_token_secret={self.buyer_token_secret!r}, "
             f"log_level={self.log_level!r}, log_format={self.log_format!r})"
         )
-
-
-def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...], default: str) -> str:
-    value = (env.get(name) or default).strip().lower()
-    if value not in allowed:
-        raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-    return value
-
-
-_ORIGIN = re.compile(
-    r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?\Z|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?\Z"
-)
-
-
-def _origins(value: str) -> tuple[str, ...]:
-    """FLASHSALE_CORS_ORIGINS: comma-separated ``scheme://host[:port]`` origins, or ``*``."""
-    origins = tuple(o.strip().rstrip("/") for o in value.split(",") if o.strip())
-    for origin in origins:
-        if origin != "*":
-            _origin(origin, "FLASHSALE_CORS_ORIGINS", also=", or * for any")
-    return origins
-
-
-def _origin(value: str, name: str, also: str = "") -> str | None:
-    """One ``scheme://host[:port]`` origin (no path), or None when empty."""
-    origin = value.strip().rstrip("/")
-    if not origin:
-        return None
-    if not _ORIGIN.match(origin):
-        raise ConfigError(
-            f"{name}: {origin!r} is not an origin: scheme://host[:port] (no path){also}"
-        )
-    return origin
-
-
-def _flag(value: str | None, name: str) -> bool:
-    """A yes/no setting: unset, ``0``, ``false`` or ``no`` is off; ``1``, ``true``, ``yes`` on."""
-    word = (value or "").strip().lower()
-    if word in ("", "0", "false", "no"):
-        return False
-    if word in ("1", "true", "yes"):
-        return True
-    raise ConfigError(f"{name} must be 1 or 0 (got {value!r})")
 
 
 def _require(value: str | None, name: str) -> str:

@@ -1,0 +1,95 @@
+"""The readers of single environment values for :class:`~flashsale.settings.Settings`:
+numbers, choices, flags, networks, origins and URLs. A value one refuses is a ConfigError that
+names the variable and says what it takes."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from ipaddress import IPv4Network, IPv6Network, ip_network
+from urllib.parse import urlsplit
+
+from flashsale.errors import ConfigError
+
+
+def networks(text: str, name: str) -> tuple[IPv4Network | IPv6Network, ...]:
+    """Comma-separated CIDRs (a bare address is its own /32 or /128)."""
+    found = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            found.append(ip_network(part, strict=False))
+        except ValueError:
+            raise ConfigError(f"{name} must list networks like 10.0.0.0/8, got {part!r}") from None
+    return tuple(found)
+
+
+def number(env: Mapping[str, str], name: str, default: float, *, minimum: float) -> float:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum:g}, got {raw!r}")
+    return value
+
+
+def choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...], default: str) -> str:
+    value = (env.get(name) or default).strip().lower()
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+ORIGIN = re.compile(
+    r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?\Z|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?\Z"
+)
+
+
+def origins(value: str) -> tuple[str, ...]:
+    """FLASHSALE_CORS_ORIGINS: comma-separated ``scheme://host[:port]`` origins, or ``*``."""
+    listed = tuple(o.strip().rstrip("/") for o in value.split(",") if o.strip())
+    for each in listed:
+        if each != "*":
+            origin(each, "FLASHSALE_CORS_ORIGINS", also=", or * for any")
+    return listed
+
+
+def origin(value: str, name: str, also: str = "") -> str | None:
+    """One ``scheme://host[:port]`` origin (no path), or None when empty."""
+    text = value.strip().rstrip("/")
+    if not text:
+        return None
+    if not ORIGIN.match(text):
+        raise ConfigError(f"{name}: {text!r} is not an origin: scheme://host[:port] "
+                          f"(no path){also}")  # fmt: skip
+    return text
+
+
+def flag(value: str | None, name: str) -> bool:
+    """A yes/no setting: unset, ``0``, ``false`` or ``no`` is off; ``1``, ``true``, ``yes`` on."""
+    word = (value or "").strip().lower()
+    if word in ("", "0", "false", "no"):
+        return False
+    if word in ("1", "true", "yes"):
+        return True
+    raise ConfigError(f"{name} must be 1 or 0 (got {value!r})")
+
+
+def http_url(value: str | None, name: str) -> str | None:
+    """An ``http(s)://host[:port][/path]`` URL, or None when empty (``FLASHSALE_PSP_URL``: a
+    malformed one failed each payment instead of the start)."""
+    if not value:
+        return None
+    parts = urlsplit(value.strip())
+    try:
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        port_ok = False
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        raise ConfigError(f"{name}: {value!r} is not an http(s)://host[:port] URL")
+    return value.strip()
