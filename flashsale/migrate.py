@@ -2,7 +2,8 @@
 
 Re-runnable: applied versions are recorded in ``schema_migrations`` (with a checksum, so an
 edited migration that was already applied is reported instead of silently diverging), each
-migration runs in its own transaction, and an advisory lock serialises concurrent runners.
+migration runs in its own transaction, and a transaction-level advisory lock taken in each
+serialises concurrent runners.
 """
 
 from __future__ import annotations
@@ -51,35 +52,38 @@ def available() -> list[Migration]:
 
 
 async def migrate(conn: asyncpg.Connection, progress: Callable[[str], None] = print) -> list[int]:
-    """Apply every pending migration; return the versions applied by this call."""
+    """Apply every pending migration; return the versions applied by this call.
+
+    Each step is one transaction that first takes a transaction-level advisory lock, so
+    concurrent runners take turns and each sees what the one before it applied. Nothing is
+    held between transactions, which a transaction pooler (``FLASHSALE_PG_POOL_MODE``) may run
+    on different server connections."""
     applied_now: list[int] = []
-    await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_ID)
-    try:
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_ID)
         await conn.execute(_BOOTSTRAP)
-        done = {
-            row["version"]: row["checksum"]
-            for row in await conn.fetch("SELECT version, checksum FROM schema_migrations")
-        }
-        for migration in available():
-            if migration.version in done:
-                if done[migration.version] != migration.checksum:
+    for migration in available():
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_ID)
+            checksum = await conn.fetchval(
+                "SELECT checksum FROM schema_migrations WHERE version = $1", migration.version
+            )
+            if checksum is not None:
+                if checksum != migration.checksum:
                     raise ConfigError(
                         f"migration {migration.version:04d}_{migration.name} was edited after it "
                         "was applied; add a new migration instead"
                     )
                 continue
-            async with conn.transaction():
-                await conn.execute(migration.sql)
-                await conn.execute(
-                    "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
-                    migration.version,
-                    migration.name,
-                    migration.checksum,
-                )
-            progress(f"applied {migration.version:04d}_{migration.name}")
-            applied_now.append(migration.version)
-    finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_ID)
+            await conn.execute(migration.sql)
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                migration.version,
+                migration.name,
+                migration.checksum,
+            )
+        progress(f"applied {migration.version:04d}_{migration.name}")
+        applied_now.append(migration.version)
     if not applied_now:
         progress("schema up to date")
     return applied_now

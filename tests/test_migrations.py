@@ -59,6 +59,22 @@ async def test_migrations_apply_once_and_rerun_cleanly(fresh_dsn: str) -> None:
         await conn.close()
 
 
+async def test_concurrent_runners_take_turns_and_apply_each_migration_once(
+    fresh_dsn: str,
+) -> None:
+    """Three runners at once on a fresh database (several services starting together): each
+    migration is applied by exactly one of them, and none fails."""
+    conns = [await asyncpg.connect(fresh_dsn) for _ in range(3)]
+    try:
+        applied = await asyncio.gather(*(migrate(c, progress=lambda _: None) for c in conns))
+        versions = sorted(v for one in applied for v in one)
+        assert versions == [m.version for m in available()]
+        assert await conns[0].fetchval("SELECT count(*) FROM schema_migrations") == len(versions)
+    finally:
+        for conn in conns:
+            await conn.close()
+
+
 async def test_schema_guards(fresh_dsn: str) -> None:
     conn = await asyncpg.connect(fresh_dsn)
     try:
