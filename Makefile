@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint contracts types pytest pytest-cluster test-cluster test-heavy test-redis7 chaos-quick prometheus \
+.PHONY: demo test lint contracts types pytest pytest-cluster test-cluster test-heavy test-redis7 chaos-quick prometheus pgbouncer \
         chaos-cluster-quick chaos install \
         bench stack-down clean browser
 
@@ -64,6 +64,19 @@ browser:
 	      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }; \
 	  else echo "chromium not found: install it (apt install chromium) for the page test"; fi; }
 
+# The transaction-pooler test runs Debian's PgBouncer in front of the stack's Postgres. It is
+# fetched with `apt-get download` (no root needed) and unpacked under .venv/pgbouncer; where
+# that cannot be done the test says how to get it and is skipped.
+PGBOUNCER := $(VENV)/pgbouncer
+
+pgbouncer: | $(VENV)/bin/python
+	@command -v pgbouncer >/dev/null 2>&1 || [ -x $(PGBOUNCER)/usr/sbin/pgbouncer ] || { \
+	  command -v apt-get >/dev/null 2>&1 && command -v dpkg-deb >/dev/null 2>&1 && \
+	  rm -rf $(PGBOUNCER) && mkdir -p $(PGBOUNCER)/debs && \
+	  (cd $(PGBOUNCER)/debs && apt-get download -q pgbouncer libc-ares2 >/dev/null 2>&1) && \
+	  for deb in $(PGBOUNCER)/debs/*.deb; do dpkg-deb -x $$deb $(PGBOUNCER); done; } || \
+	  echo "pgbouncer not fetched (apt-get download pgbouncer libc-ares2 failed): its test is skipped"
+
 # pytest's exit code 5 means "no tests ran": that is a failure here, never a pass.
 define run_pytest
 @$(1) $(BIN)/python -m pytest $(2); rc=$$?; \
@@ -76,7 +89,7 @@ endef
 # `make test-heavy` runs them.
 PYTEST_ARGS ?= -m "not heavy"
 
-pytest: $(STAMP) browser prometheus
+pytest: $(STAMP) browser prometheus pgbouncer
 	$(call run_pytest,,$(PYTEST_ARGS))
 
 test-heavy: $(STAMP) browser prometheus
@@ -95,7 +108,7 @@ CLUSTER_CORE := tests/test_cluster.py tests/test_reserve.py tests/test_buckets.p
 pytest-cluster: $(STAMP)
 	$(call run_pytest,$(CLUSTER_ENV),$(CLUSTER_CORE))
 
-test-cluster: $(STAMP) browser prometheus
+test-cluster: $(STAMP) browser prometheus pgbouncer
 	$(call run_pytest,$(CLUSTER_ENV),)
 
 # The whole suite, the cluster's core tests and a cluster primary's failover on Debian's Redis 7
@@ -115,7 +128,7 @@ $(REDIS7)/usr/bin/redis-server: | $(VENV)/bin/python
 	for deb in $(REDIS7)/debs/*.deb; do dpkg-deb -x $$deb $(REDIS7); done
 	@$(REDIS7_ENV) $(REDIS7)/usr/bin/redis-server --version
 
-test-redis7: $(STAMP) $(REDIS7)/usr/bin/redis-server browser prometheus
+test-redis7: $(STAMP) $(REDIS7)/usr/bin/redis-server browser prometheus pgbouncer
 	$(call run_pytest,$(REDIS7_ENV) FLASHSALE_HOME=$(CURDIR)/.flashsale-redis7,$(PYTEST_ARGS))
 	$(call run_pytest,$(REDIS7_ENV) $(REDIS7_CLUSTER),$(CLUSTER_CORE))
 	@$(REDIS7_ENV) FLASHSALE_HOME=$(CURDIR)/.flashsale-redis7-cluster $(BIN)/flashsale dev up \

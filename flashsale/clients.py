@@ -115,17 +115,32 @@ async def pg_pool(
     max_size: int = 10,
     server_settings: dict[str, str] | None = None,
 ) -> asyncpg.Pool:
-    """An asyncpg pool for ``DATABASE_URL``; raises Unavailable with where it tried."""
+    """An asyncpg pool for ``DATABASE_URL``; raises Unavailable with where it tried.
+    ``server_settings`` are session settings: not sent through a transaction pooler
+    (:func:`_pooled`)."""
     dsn = settings.require_database()
     return await _reach_postgres(dsn, asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, timeout=5, server_settings=server_settings
+        dsn, min_size=min_size, max_size=max_size, timeout=5,
+        **_pooled(settings, server_settings=server_settings),
     ))  # fmt: skip
 
 
 async def pg_connect(settings: Settings) -> asyncpg.Connection:
     """One connection to ``DATABASE_URL``, its errors as :func:`pg_pool`'s."""
     dsn = settings.require_database()
-    return await _reach_postgres(dsn, asyncpg.connect(dsn, timeout=5))
+    return await _reach_postgres(dsn, asyncpg.connect(dsn, timeout=5, **_pooled(settings)))
+
+
+def _pooled(settings: Settings, **options: Any) -> dict[str, Any]:
+    """asyncpg's connection options for ``FLASHSALE_PG_POOL_MODE``. Behind a transaction
+    pooler each transaction may run on another server connection, so nothing may outlive one:
+    no named prepared statements (asyncpg's statement cache: they collided as "prepared
+    statement __asyncpg_stmt_1__ already exists") and no session settings (PgBouncer refuses
+    them as startup parameters). Each statement is then planned for its own values, which is
+    what the workers' ``plan_cache_mode`` asks of a direct connection."""
+    if settings.pg_pool_mode == "transaction":
+        return {"statement_cache_size": 0}
+    return options
 
 
 async def _reach_postgres(dsn: str, connecting: Awaitable[T]) -> T:

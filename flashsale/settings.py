@@ -208,6 +208,9 @@ class Settings:
     # FLASHSALE_REDIS_CLUSTER=1: REDIS_URL names one node of a Redis Cluster (any node).
     redis_cluster: bool = False
     database_url: str | None = None
+    # FLASHSALE_PG_POOL_MODE=transaction: DATABASE_URL leads to a transaction pooler
+    # (PgBouncer's pool_mode=transaction, a managed service's pooled endpoint).
+    pg_pool_mode: str = "session"
     kafka_bootstrap: str | None = None
     kafka: KafkaAccess = KafkaAccess()
     admin_token: Secret = Secret("")
@@ -272,6 +275,9 @@ class Settings:
             redis_url=pick("REDIS_URL"),
             redis_cluster=flag(pick("FLASHSALE_REDIS_CLUSTER"), "FLASHSALE_REDIS_CLUSTER"),
             database_url=pick("DATABASE_URL"),
+            pg_pool_mode=choice(
+                env, "FLASHSALE_PG_POOL_MODE", ("session", "transaction"), "session"
+            ),
             kafka_bootstrap=pick("KAFKA_BOOTSTRAP"),
             kafka=KafkaAccess.from_env(env),
             admin_token=Secret(pick("FLASHSALE_ADMIN_TOKEN") or ""),

@@ -39,7 +39,7 @@ import asyncpg
 import orjson
 
 from flashsale.cli.devstack.processes import UP_PORTS, free_ports
-from flashsale.clients import redis_client
+from flashsale.clients import pg_connect, pg_pool, redis_client
 from flashsale.kafka import ensure_topics
 from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.migrate import migrate
@@ -109,7 +109,7 @@ async def _orders(pool: asyncpg.Pool, sale_id: str) -> dict[str, int]:
 async def run(settings: Settings, *, scenario: Scenario, progress: Progress,
               json_path: str | None = None, lead_s: float = LEAD_S) -> int:  # fmt: skip
     report = DemoReport(scenario.buyers, scenario.stock, scenario=scenario.json())
-    conn = await asyncpg.connect(settings.require_database(), timeout=5)
+    conn = await pg_connect(settings)
     try:
         progress("== applying migrations")
         await migrate(conn, progress=lambda line: progress(f"   {line}"))
@@ -253,7 +253,7 @@ async def _drive(settings: Settings, session: aiohttp.ClientSession, base: str,
              + (f"{gone:,} abandoned or never reserved, " if gone else "")
              + f"{sum(errors.values())} errors" + (f" {errors}" if errors else ""))  # fmt: skip
     progress("== reservations becoming orders (payment saga over Kafka)")
-    pool = await asyncpg.create_pool(settings.require_database(), min_size=1, max_size=2)
+    pool = await pg_pool(settings, min_size=1, max_size=2)
     try:
         states = await _follow(pool, sale_id, len(stats.reservations), progress)
         sold, total = await pool.fetchrow(
