@@ -172,20 +172,14 @@ class Clients:
 
 @contextlib.asynccontextmanager
 async def open_clients(settings: Settings, *, pool_size: int = 4) -> AsyncIterator[Clients]:
-    """:class:`Clients` for ``settings``, closed in reverse order on exit."""
-    client = redis_client(settings)  # first: it checks REDIS_URL and connects to nothing yet
-    try:
+    """:class:`Clients` for ``settings``, closed in reverse order on exit. The Redis client
+    comes first: building it checks REDIS_URL and connects to nothing yet."""
+    async with contextlib.AsyncExitStack() as opened:
+        client = redis_client(settings)
+        opened.push_async_callback(client.aclose)
         pool = await pg_pool(settings, min_size=1, max_size=pool_size)
-    except BaseException:
-        await client.aclose()
-        raise
-    provider = HttpProvider(settings.psp_url) if settings.psp_url else None
-    try:
-        if provider is not None:
-            await provider.__aenter__()
+        opened.push_async_callback(pool.close)
+        provider = None
+        if settings.psp_url:
+            provider = await opened.enter_async_context(HttpProvider(settings.psp_url))
         yield Clients(pool, client, provider)
-    finally:
-        if provider is not None:
-            await provider.aclose()
-        await client.aclose()
-        await pool.close()

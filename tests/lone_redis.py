@@ -1,5 +1,6 @@
 """A Redis server of the test's own, beside the stack's: for what cannot be done to a shared
-server (demoting it to a replica, a failover behind one endpoint)."""
+server (demoting it to a replica, a failover behind one endpoint, TLS); and the wait for any
+server a test starts to listen."""
 
 from __future__ import annotations
 
@@ -12,6 +13,22 @@ from pathlib import Path
 
 from flashsale.cli.devstack.binaries import find_redis
 from flashsale.cli.devstack.processes import free_port
+
+
+def wait_listening(port: int, server: subprocess.Popen[bytes], log: Path | None = None,
+                   patience: float = 10) -> None:  # fmt: skip
+    """Until something listens on 127.0.0.1:``port``; AssertionError, with ``log``'s text, if
+    ``server`` exits first or ``patience`` runs out."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            said = log.read_text() if log is not None and log.exists() else ""
+            assert server.poll() is None, f"the server exited: {said}"
+            assert time.monotonic() < deadline, f"nothing listens on {port}: {said}"
+            time.sleep(0.05)
 
 
 def speaks_tls() -> bool:
@@ -43,15 +60,7 @@ def lone_redis(folder: Path, *, tls: tuple[Path, Path, Path] | None = None) -> I
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        wait_listening(port, server)
         if tls is None:
             yield f"redis://127.0.0.1:{port}/0"
         else:

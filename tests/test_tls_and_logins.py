@@ -39,7 +39,7 @@ from flashsale.settings import Settings
 from loadtest.fault_proxy import FaultProxy
 from tests.conftest import Cli
 from tests.holds import make_sku, request, reserve
-from tests.lone_redis import lone_redis, speaks_tls
+from tests.lone_redis import lone_redis, speaks_tls, wait_listening
 
 SASL = {"KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "KAFKA_SASL_MECHANISM": "scram-sha-512",
         "KAFKA_SASL_USERNAME": "engine", "KAFKA_SASL_PASSWORD": "kafka-password-xyz"}  # fmt: skip
@@ -162,24 +162,12 @@ def tansu_process() -> Iterator[list[subprocess.Popen[bytes]]]:
         process.wait(10)
 
 
-async def _listening(port: int) -> None:
-    for _ in range(100):
-        try:
-            _reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        return
-    raise AssertionError(f"nothing listens on {port}")
-
-
 @pytest.fixture
 async def tls_broker(authority: Authority, tansu_process: list[subprocess.Popen[bytes]]
                      ) -> AsyncIterator[Broker]:  # fmt: skip
     port, front = free_port(), free_port()
     tansu_process.append(_tansu(port, front))
-    await _listening(port)
+    wait_listening(port, tansu_process[-1])
     proxy = await FaultProxy("127.0.0.1", port, port=front, tls=authority.server).start()
     yield Broker(proxy, f"127.0.0.1:{front}")
     await proxy.stop()
@@ -250,7 +238,7 @@ async def test_a_broker_that_requires_a_login_refuses_the_engine_without_one(
 ) -> None:
     port = free_port()
     tansu_process.append(_tansu(port, port, "--authentication"))
-    await _listening(port)
+    wait_listening(port, tansu_process[-1])
     settings = settings_of(tmp_path, KAFKA_BOOTSTRAP=f"127.0.0.1:{port}")
     with pytest.raises(Unavailable, match="cannot reach the Kafka broker"):
         async with asyncio.timeout(30):

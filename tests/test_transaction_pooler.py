@@ -13,11 +13,9 @@ import asyncio
 import dataclasses
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -29,6 +27,7 @@ from flashsale.clients import pg_connect
 from flashsale.migrate import migrate
 from flashsale.settings import Settings
 from tests.conftest import REPO
+from tests.lone_redis import wait_listening
 from tests.pipeline import pipeline
 from tests.test_pipeline import assert_invariants
 
@@ -78,15 +77,7 @@ def pooled(stack: Settings) -> Iterator[Settings]:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    break
-            except OSError:
-                assert server.poll() is None, (folder / "pgbouncer.log").read_text()
-                assert time.monotonic() < deadline, "pgbouncer did not listen"
-                time.sleep(0.05)
+        wait_listening(port, server, folder / "pgbouncer.log")
         through = urlunsplit(direct._replace(netloc=f"{direct.username}:{direct.password}"
                                                     f"@127.0.0.1:{port}"))  # fmt: skip
         yield dataclasses.replace(stack, database_url=through, pg_pool_mode="transaction")

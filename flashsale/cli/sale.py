@@ -30,18 +30,14 @@ from flashsale.settings import Settings
 
 @contextlib.asynccontextmanager
 async def admin(settings: Settings) -> AsyncIterator[SaleAdmin]:
-    """A SaleAdmin over fresh clients, closed on exit."""
-    client = redis_client(settings)  # first: it checks REDIS_URL and connects to nothing yet
-    try:
+    """A SaleAdmin over fresh clients, closed on exit (the Redis client first: building it
+    checks REDIS_URL and connects to nothing yet)."""
+    async with contextlib.AsyncExitStack() as opened:
+        client = redis_client(settings)
+        opened.push_async_callback(client.aclose)
         pool = await pg_pool(settings, max_size=4)
-    except BaseException:
-        await client.aclose()
-        raise
-    try:
+        opened.push_async_callback(pool.close)
         yield SaleAdmin.build(pool, client)
-    finally:
-        await client.aclose()
-        await pool.close()
 
 
 def read_input(path: str) -> str:
