@@ -152,6 +152,11 @@ DEFAULT_TOPICS = {"reservations": Topics.reservations, "order_events": Topics.or
 KAFKA_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 _SASL = ("KAFKA_SASL_MECHANISM", "KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD")
+_ONE_OF_SASL = f"{', '.join(SASL_MECHANISMS[:-1])} or {SASL_MECHANISMS[-1]}"
+
+
+def _uses_tls(protocol: str) -> bool:
+    return protocol in ("SSL", "SASL_SSL")
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +174,7 @@ class KafkaAccess:
 
     @property
     def tls(self) -> bool:
-        return self.protocol.endswith("SSL")
+        return _uses_tls(self.protocol)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> KafkaAccess:
@@ -181,9 +186,10 @@ class KafkaAccess:
         mechanism, username, password = sasl.values()
         if protocol.startswith("SASL_"):
             if mechanism.upper() not in SASL_MECHANISMS:
-                raise ConfigError(f"KAFKA_SASL_MECHANISM must be PLAIN, SCRAM-SHA-256 or "
-                                  f"SCRAM-SHA-512 with KAFKA_SECURITY_PROTOCOL={protocol}, "
-                                  f"got {mechanism!r}")  # fmt: skip
+                raise ConfigError(
+                    f"KAFKA_SASL_MECHANISM must be {_ONE_OF_SASL} with "
+                    f"KAFKA_SECURITY_PROTOCOL={protocol}, got {mechanism!r}"
+                )
             if missing := [name for name, value in sasl.items() if not value]:
                 raise ConfigError(f"{missing[0]} is not set; KAFKA_SECURITY_PROTOCOL={protocol} "
                                   "logs in with it")  # fmt: skip
@@ -191,7 +197,7 @@ class KafkaAccess:
             raise ConfigError(f"{given[0]} is set but KAFKA_SECURITY_PROTOCOL={protocol} "
                               "sends no login: use SASL_SSL or SASL_PLAINTEXT")  # fmt: skip
         ca_file = (env.get("KAFKA_SSL_CAFILE") or "").strip() or None
-        if ca_file is not None and not protocol.endswith("SSL"):
+        if ca_file is not None and not _uses_tls(protocol):
             raise ConfigError(f"KAFKA_SSL_CAFILE is set but KAFKA_SECURITY_PROTOCOL={protocol} "
                               "does not use TLS: use SSL or SASL_SSL")  # fmt: skip
         if ca_file is not None and not os.path.isfile(ca_file):
