@@ -14,7 +14,9 @@
     ├── RequestTimeout             a request body arrived too slowly (``body_timeout``, 408)
     ├── Unavailable                a dependency is down or a SKU is being rebuilt
     │   ├── Overloaded             a bounded wait queue is full (``overloaded``)
-    │   └── QueueLost              Redis lost a sale's waiting room; the reconciler restores it
+    │   ├── QueueLost              Redis lost a sale's waiting room; the reconciler restores it
+    │   └── SchemaBehind           the database lacks migrations this version needs
+    │                              (``schema_not_migrated``): wait for ``flashsale migrate``
     └── PaymentError               the payment provider did not give a definite answer
         ├── PaymentUnknown         sent, outcome unknown (timeout, 5xx): retry with the same key
         │   └── ProviderDown       the circuit is open: not sent at all, failed fast
@@ -122,6 +124,15 @@ class QueueLost(Unavailable):
     nothing may be queued or admitted until it is, or positions could be handed out twice."""
 
     code = "unavailable"
+
+
+class SchemaBehind(Unavailable):
+    """Postgres lacks a table, column or function this version of the engine uses: its
+    migrations have not been applied (``flashsale migrate``). The same request succeeds once
+    they are."""
+
+    code = "schema_not_migrated"
+    retry_after_s = 5.0
 
 
 class PaymentError(FlashsaleError):

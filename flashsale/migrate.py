@@ -13,10 +13,11 @@ import importlib.resources
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 
 import asyncpg
 
-from flashsale.errors import ConfigError
+from flashsale.errors import ConfigError, SchemaBehind
 
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 _LOCK_ID = 0x666C617368  # "flash": any constant shared by every runner
@@ -49,6 +50,29 @@ def available() -> list[Migration]:
         if match:
             found.append(Migration(int(match.group(1)), match.group(2), entry.read_text()))
     return sorted(found, key=lambda m: m.version)
+
+
+@cache
+def _shipped() -> tuple[Migration, ...]:
+    return tuple(available())
+
+
+async def require_current(db: asyncpg.Connection | asyncpg.Pool) -> None:
+    """Raise SchemaBehind, naming the first missing migration, unless the database has applied
+    every migration this version of the engine ships: the readiness probes' Postgres check,
+    one query. A database ahead of the engine (migrated by a newer version) is current."""
+    try:
+        rows = await db.fetch("SELECT version FROM schema_migrations")
+    except asyncpg.UndefinedTableError:
+        rows = []
+    applied = {row["version"] for row in rows}
+    missing = [m for m in _shipped() if m.version not in applied]
+    if missing:
+        first = missing[0]
+        raise SchemaBehind(
+            f"{len(missing)} of {len(_shipped())} migrations not applied (the "
+            f"first: {first.version:04d}_{first.name}): run `flashsale migrate`"
+        )
 
 
 async def migrate(conn: asyncpg.Connection, progress: Callable[[str], None] = print) -> list[int]:

@@ -34,6 +34,7 @@ from prometheus_client import (
 from flashsale import __version__
 from flashsale.clients import RedisClient
 from flashsale.kafka import client_options
+from flashsale.migrate import require_current
 from flashsale.settings import Settings
 
 PING_TIMEOUT_S = 2.0
@@ -87,8 +88,9 @@ class KafkaProbe:
 def dependency_probes(
     redis: RedisClient, pool: asyncpg.Pool, kafka: KafkaProbe | None = None
 ) -> dict[str, Probe]:
-    """The probes of a service's long-lived clients, by dependency name."""
-    probes: dict[str, Probe] = {"redis": redis.ping, "postgres": lambda: pool.fetchval("SELECT 1")}
+    """The probes of a service's long-lived clients, by dependency name. Postgres is ready
+    when it answers and has every migration this version needs."""
+    probes: dict[str, Probe] = {"redis": redis.ping, "postgres": lambda: require_current(pool)}
     if kafka is not None:
         probes["kafka"] = kafka.ping
     return probes

@@ -10,7 +10,10 @@ outage: the same request can succeed later. Read from the libraries' own excepti
   intervention (admin or crash shutdown, cannot connect now, statement timeout), ``40``
   transaction rollback (serialization failure, deadlock), ``55P03`` lock not available, and
   ``25006`` a read-only transaction (a hot standby behind the endpoint, or writes turned off
-  for maintenance: the engine never asks for one itself).
+  for maintenance: the engine never asks for one itself). Also ``42P01``, ``42703`` and
+  ``42883``, a table, column or function that does not exist: the schema is behind this
+  version of the engine (``flashsale migrate`` not run yet, or a new version deployed before
+  its migrations), which running them mends; :func:`schema_error` says so in words.
   asyncpg's client-state errors too (``InterfaceError``: a connection closed under it;
   ``InternalClientError``: the protocol surprised by a server going away), except those about
   the client's own configuration.
@@ -47,10 +50,11 @@ import redis.asyncio.connection
 import redis.exceptions
 from aiokafka.errors import KafkaError
 
-from flashsale.errors import ProviderDown, Unavailable
+from flashsale.errors import ProviderDown, SchemaBehind, Unavailable
 
 _SQLSTATE_CLASSES = ("08", "53", "57", "40")
 _SQLSTATES = ("55P03", "25006")
+_SCHEMA_STATES = ("42P01", "42703", "42883")  # undefined table, column, function
 _CLIENT_MISCONFIGURED = (
     asyncpg.exceptions.ClientConfigurationError,
     asyncpg.exceptions.UnsupportedClientFeatureError,
@@ -96,7 +100,7 @@ def is_outage(exc: BaseException) -> bool:
         return True
     if isinstance(exc, asyncpg.PostgresError):
         state = str(getattr(exc, "sqlstate", "") or "")
-        return state[:2] in _SQLSTATE_CLASSES or state in _SQLSTATES
+        return state[:2] in _SQLSTATE_CLASSES or state in _SQLSTATES or state in _SCHEMA_STATES
     if isinstance(exc, asyncpg.InterfaceError):
         return not isinstance(exc, _CLIENT_MISCONFIGURED)
     if isinstance(exc, redis.exceptions.ResponseError):
@@ -104,6 +108,15 @@ def is_outage(exc: BaseException) -> bool:
     if isinstance(exc, redis.exceptions.RedisClusterException):
         return str(exc).startswith(_NO_CLUSTER_NODE)
     return False
+
+
+def schema_error(exc: BaseException) -> SchemaBehind | None:
+    """What to tell an operator when ``exc`` says the database schema is behind the engine
+    (a missing table, column or function); None for any other exception."""
+    if isinstance(exc, asyncpg.PostgresError) and getattr(exc, "sqlstate", "") in _SCHEMA_STATES:
+        return SchemaBehind(f"the database schema is behind this version of the engine ({exc}): "
+                            "run `flashsale migrate`")  # fmt: skip
+    return None
 
 
 def is_closed_transport(exc: BaseException) -> bool:

@@ -11,6 +11,8 @@ from typing import Any
 
 import aiohttp
 
+from flashsale.errors import FlashsaleError
+
 # A 503 (a dependency down, with Retry-After) is waited out this many times, as an admin
 # would, before the step counts as failed: every step here is safe to send again (a sale is
 # created under an idempotency key; preload, a rate and an end are absolute).
@@ -24,7 +26,8 @@ def _admin(token: str) -> dict[str, str]:
 async def _ask(session: aiohttp.ClientSession, method: str, url: str, token: str, *,
                what: str, expect: int, **kwargs: Any) -> Any:  # fmt: skip
     """The JSON answer to one admin request, a 503 waited out (``Retry-After``, at most
-    ATTEMPTS times); RuntimeError naming ``what`` with the gateway's answer otherwise."""
+    ATTEMPTS times); FlashsaleError naming ``what`` with the gateway's answer otherwise (one
+    line from the command line)."""
     headers = {**_admin(token), **kwargs.pop("headers", {})}
     attempt = 1
     while True:
@@ -34,13 +37,13 @@ async def _ask(session: aiohttp.ClientSession, method: str, url: str, token: str
                 await asyncio.sleep(min(5.0, float(r.headers.get("Retry-After", "1"))))
                 continue
             if r.status != expect:
-                raise RuntimeError(f"{what} failed: {r.status} {await r.text()}")
+                raise FlashsaleError(f"{what} failed: {r.status} {await r.text()}")
             return await r.json()
 
 
 async def create_sale(session: aiohttp.ClientSession, base: str, token: str,
                       spec: dict[str, Any]) -> str:  # fmt: skip
-    """Create the sale ``spec`` describes and preload it; its id. RuntimeError with the
+    """Create the sale ``spec`` describes and preload it; its id. FlashsaleError with the
     gateway's answer when either step is refused (a 503 is waited out first)."""
     created = await _ask(session, "POST", f"{base}/admin/v1/sales", token,
                          what="creating the sale", expect=201, json=spec,
@@ -77,7 +80,7 @@ async def audit(session: aiohttp.ClientSession, base: str, token: str, sale_id: 
                 await asyncio.sleep(float(r.headers.get("Retry-After", "1")))
                 continue
             if r.status != 200:
-                raise RuntimeError(f"the audit failed: {r.status} {await r.text()}")
+                raise FlashsaleError(f"the audit failed: {r.status} {await r.text()}")
             report: dict[str, Any] = await r.json()
         if report["passed"] or report["facts"].get("drained") or time.monotonic() > deadline:
             return report

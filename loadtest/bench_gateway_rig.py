@@ -16,10 +16,12 @@ import aiohttp
 from allocator.queue_scripts import MAX_JOIN_BATCH, QueueScripts
 from allocator.sale_admin import SaleAdmin
 from flashsale.clients import pg_pool, redis_client
+from flashsale.errors import FlashsaleError
 from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.settings import Settings
 from flashsale.tokens import Signer, Signers
 from gateway.challenge import solves
+from loadtest import admin_api
 
 SKU = "B1"  # the one SKU of every bench sale
 
@@ -28,18 +30,13 @@ async def _live_sale(session: aiohttp.ClientSession, base: str, settings: Settin
                      **options: int) -> str:  # fmt: skip
     """A preloaded sale that started a second ago, with room for every join and a million
     units of one SKU (``options``: more fields of the sale, e.g. its join challenge)."""
-    admin = {"Authorization": f"Bearer {settings.admin_token.reveal()}"}
     now = datetime.now(UTC)
     spec = {
         "name": name, "starts_at": (now - timedelta(seconds=1)).isoformat(),
         "ends_at": (now + timedelta(hours=1)).isoformat(), "max_queue": 100_000_000,
         "skus": [{"sku": SKU, "stock": 1_000_000, "price": 100, "currency": "EUR"}], **options,
     }  # fmt: skip
-    async with session.post(f"{base}/admin/v1/sales", json=spec, headers=admin) as response:
-        sale_id = str((await response.json())["id"])
-    async with session.post(f"{base}/admin/v1/sales/{sale_id}/preload", headers=admin):
-        pass
-    return sale_id
+    return await admin_api.create_sale(session, base, settings.admin_token.reveal(), spec)
 
 
 async def prepare_sale(session: aiohttp.ClientSession, base: str, settings: Settings) -> str:
@@ -51,7 +48,8 @@ async def prepare_sale(session: aiohttp.ClientSession, base: str, settings: Sett
     headers = {"Authorization": f"Bearer {token}"}
     async with session.post(f"{base}/v1/sales/{sale_id}/queue", headers=headers) as response:
         if response.status != 200 or not (await response.json()).get("ticket"):
-            raise RuntimeError(f"the gateway refused a join: {await response.text()}")
+            raise FlashsaleError(f"the gateway refused a join: {response.status} "
+                                 f"{await response.text()}")  # fmt: skip
     return sale_id
 
 

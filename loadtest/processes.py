@@ -17,6 +17,7 @@ from pathlib import Path
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from flashsale.errors import Unavailable
 from flashsale.settings import Settings
 
 
@@ -96,7 +97,8 @@ def engine(settings: Settings, port: int, log_path: Path, env: dict[str, str] | 
 
 
 async def wait_healthy(session: aiohttp.ClientSession, url: str, patience: float = 60) -> None:
-    """Return once ``url`` answers 200; RuntimeError after ``patience`` seconds."""
+    """Return once ``url`` answers 200; Unavailable (one line from the command line) after
+    ``patience`` seconds."""
     deadline = time.monotonic() + patience
     while True:
         with contextlib.suppress(aiohttp.ClientError, TimeoutError):
@@ -104,7 +106,7 @@ async def wait_healthy(session: aiohttp.ClientSession, url: str, patience: float
                 if response.status == 200:
                     return
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{url} did not answer 200 within {patience:g}s")
+            raise Unavailable(f"{url} did not answer 200 within {patience:g}s")
         await asyncio.sleep(0.1)
 
 
@@ -114,7 +116,7 @@ async def wait_consuming(session: aiohttp.ClientSession, metrics_url: str,
     topic (``flashsale_worker_partitions`` > 0): the seconds it took. A worker that answers
     its health checks may still be waiting for the broker to rebalance its consumer group
     (tansu lets a member that left count for about 18 s), and a reservation made meanwhile
-    waits that long to become an order. RuntimeError after ``patience`` seconds."""
+    waits that long to become an order. Unavailable after ``patience`` seconds."""
     began = time.monotonic()
     while True:
         with contextlib.suppress(aiohttp.ClientError, TimeoutError):
@@ -126,7 +128,7 @@ async def wait_consuming(session: aiohttp.ClientSession, metrics_url: str,
                 ):
                     return time.monotonic() - began
         if time.monotonic() - began > patience:
-            raise RuntimeError(f"the workers at {metrics_url} got no partition within "
+            raise Unavailable(f"the workers at {metrics_url} got no partition within "
                                f"{patience:g}s")  # fmt: skip
         await asyncio.sleep(0.2)
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -133,6 +135,24 @@ class Db:
 @pytest.fixture
 def db(stack: Settings) -> Db:
     return Db(stack.require_database())
+
+
+@pytest.fixture
+def fresh_dsn(stack: Settings) -> Iterator[str]:
+    """A new, empty database on the stack's Postgres (no migration applied), dropped after."""
+    parts = urlsplit(stack.require_database())
+    name = f"fresh_{uuid.uuid4().hex[:10]}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")))
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f"CREATE DATABASE {name}"))
+    yield urlunsplit(parts._replace(path=f"/{name}"))
+    asyncio.run(admin(f"DROP DATABASE {name} WITH (FORCE)"))
 
 
 @dataclass

@@ -9,6 +9,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from flashsale.errors import FlashsaleError
 from loadtest import admin_api
 
 
@@ -39,7 +40,7 @@ async def test_a_503_is_waited_out_and_a_create_is_retried_under_one_key() -> No
             assert [p for p, _ in seen].count("/admin/v1/sales/s-1/preload") == 2
 
             refusals["/admin/v1/sales/s-1/end"] = admin_api.ATTEMPTS  # never comes back
-            with pytest.raises(RuntimeError, match="ending the sale failed: 503"):
+            with pytest.raises(FlashsaleError, match="ending the sale failed: 503"):
                 await admin_api.end_sale(session, base, "t", "s-1")
             assert [p for p, _ in seen].count("/admin/v1/sales/s-1/end") == admin_api.ATTEMPTS
     finally:

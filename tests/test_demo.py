@@ -17,6 +17,7 @@ import pytest
 from aiohttp import web
 
 from flashsale.cli.devstack.processes import free_port
+from flashsale.errors import Unavailable
 from flashsale.settings import Settings
 from loadtest.demo import Scenario
 from loadtest.demo_report import bucket_quantile, eta_accuracy, eta_verdicts, kendall_tau
@@ -178,7 +179,7 @@ async def test_the_demo_waits_until_the_workers_consume() -> None:
             await wait_consuming(session, f"http://127.0.0.1:{port}/metrics")
             assert asked == 4
             served = iter(["flashsale_worker_partitions 0.0\n"] * 1000)
-            with pytest.raises(RuntimeError, match="no partition"):
+            with pytest.raises(Unavailable, match="no partition"):
                 await wait_consuming(session, f"http://127.0.0.1:{port}/metrics", patience=0.5)
     finally:
         await runner.cleanup()

@@ -3,35 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import Iterator
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
 from flashsale.migrate import available, migrate
-from flashsale.settings import Settings
 
 from .conftest import Cli
-
-
-@pytest.fixture
-def fresh_dsn(stack: Settings) -> Iterator[str]:
-    dsn = stack.require_database()
-    name = f"migr_{uuid.uuid4().hex[:10]}"
-    parts = urlsplit(dsn)
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")))
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f"CREATE DATABASE {name}"))
-    yield urlunsplit(parts._replace(path=f"/{name}"))
-    asyncio.run(admin(f"DROP DATABASE {name} WITH (FORCE)"))
 
 
 async def test_migrations_apply_once_and_rerun_cleanly(fresh_dsn: str) -> None:

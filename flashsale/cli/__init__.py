@@ -9,7 +9,8 @@ Errors are one line on stderr (``flashsale:
 error: skus[0].stock: must be a positive integer``) with a non-zero exit: 2 for bad input, 1
 for anything else. Nothing is written on bad input. A server that is down, stalled or refusing
 writes for now (:func:`flashsale.outages.is_outage`, as the services judge it) is one line
-too; any other exception is a bug and keeps its traceback.
+too, and a database whose schema is behind says to run ``flashsale migrate``; any other
+exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from flashsale.cli import bench, buyers, dev, load, sale, serve
 from flashsale.cli.output import fail
 from flashsale.errors import FlashsaleError, InvalidInput
 from flashsale.logs import configure_logging
-from flashsale.outages import describe, is_outage
+from flashsale.outages import describe, is_outage, schema_error
 from flashsale.settings import Settings
 
 
@@ -72,7 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # an outage is one line; anything else is re-raised as it is
         if not is_outage(exc):
             raise
-        fail(f"a server is unavailable: {describe(exc)}")
+        behind = schema_error(exc)
+        fail(behind.message if behind else f"a server is unavailable: {describe(exc)}")
         return 1
     except KeyboardInterrupt:
         return 130
