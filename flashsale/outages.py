@@ -158,7 +158,11 @@ def _raised_in(exc: BaseException, where: tuple[str, str]) -> bool:
 
 
 def describe(exc: BaseException) -> str:
-    """``Type: message``, for logs: redis-py's repr of its errors leaves the message out."""
+    """``Type: message``, for logs: redis-py's repr of its errors leaves the message out. A
+    schema behind the engine is said in words, with what mends it."""
+    behind = schema_error(exc)
+    if behind is not None:
+        return behind.message
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 

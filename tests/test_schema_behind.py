@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
+from typing import cast
 
 import aiohttp
 import asyncpg
 import pytest
+from aiokafka import AIOKafkaProducer
 
 from flashsale.errors import FlashsaleError
 from flashsale.migrate import migrate
 from flashsale.outages import is_outage, schema_error
 from flashsale.settings import Secret, Settings
 from loadtest.bench_gateway_rig import prepare_sale
+from workers.order_events import publish_outbox
 
 from .conftest import Cli
 from .harness import ADMIN, auth, gateway, sale_spec
@@ -101,3 +105,26 @@ def test_benchmarks_apply_the_migrations_first(
     result = cli("bench", "reconcile", "--skus", "20", "--passes", "1")
     assert result.code == 0, result.err
     assert "clean" in result.out
+
+
+async def test_the_order_events_publisher_backs_off_and_says_to_migrate(
+    fresh_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A publisher that cannot read its outbox (here: no table yet) waits longer after each
+    failed round, as the relay and the saga's batches do, instead of trying (and logging)
+    every 50 ms; each line says what mends it."""
+    pool = await asyncpg.create_pool(fresh_dsn, min_size=1, max_size=1)
+    stop = asyncio.Event()
+    try:
+        with caplog.at_level(logging.WARNING, logger="flashsale.workers"):
+            task = asyncio.create_task(publish_outbox(
+                pool, cast(AIOKafkaProducer, None), stop, on_published=lambda _n: None
+            ))  # fmt: skip
+            await asyncio.sleep(1.5)
+            stop.set()
+            await task
+    finally:
+        await pool.close()
+    lines = [r.getMessage() for r in caplog.records if "order-events outbox" in r.getMessage()]
+    assert 2 <= len(lines) <= 6, lines  # 30 at one attempt per 50 ms
+    assert all("run `flashsale migrate`" in line for line in lines), lines

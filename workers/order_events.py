@@ -33,18 +33,23 @@ async def publish_outbox(pool: asyncpg.Pool, out: AIOKafkaProducer, stop: asynci
     """Move the ``outbox`` table to Kafka, ``batch`` rows (each a statement's events) at a
     time: rows are marked published in the transaction that locked them, after the broker
     acknowledged every message (a crash in between republishes; consumers key on order id
-    and version). Several publishers share the work (SKIP LOCKED)."""
+    and version). Several publishers share the work (SKIP LOCKED). A failed round is logged
+    and tried again after a wait that doubles up to 5 s, back to ``interval`` once one works."""
+    wait = interval
     while not stop.is_set():
         try:
             sent = await _publish_some(pool, out, batch)
         except Exception as exc:  # noqa: BLE001 - the loop outlives any round
-            log_failure(log, "order-events outbox: retrying", exc)
+            wait = min(5.0, max(0.1, wait * 2))
+            log_failure(log, f"order-events outbox: retrying in {wait:.1f}s", exc)
             sent = 0
+        else:
+            wait = interval
         if sent:
             on_published(sent)
-        if not sent:
+        else:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval)
+                await asyncio.wait_for(stop.wait(), wait)
 
 
 async def _publish_some(pool: asyncpg.Pool, out: AIOKafkaProducer, batch: int) -> int:
