@@ -13,10 +13,12 @@ aggregated across the processes of one service, so any worker answers for all of
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import platform
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import asyncpg
 import orjson
@@ -33,6 +35,7 @@ from prometheus_client import (
 
 from flashsale import __version__
 from flashsale.clients import RedisClient
+from flashsale.errors import ConfigError
 from flashsale.kafka import client_options
 from flashsale.migrate import require_current
 from flashsale.settings import Settings
@@ -195,6 +198,22 @@ def ops_app(readiness: Readiness, registry: CollectorRegistry) -> web.Applicatio
     return app
 
 
+_CANNOT_LISTEN = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
+
+
+async def listen(runner: web.AppRunner, host: str, port: int, **options: Any) -> None:
+    """Start ``runner`` on ``host:port`` (``options``: aiohttp's ``TCPSite``'s). A port another
+    process holds, an address not of this machine or a port this user may not take is a
+    ConfigError naming the address: nothing the service depends on is down."""
+    try:
+        await web.TCPSite(runner, host, port, **options).start()
+    except OSError as exc:
+        if exc.errno not in _CANNOT_LISTEN:
+            raise
+        reason = os.strerror(exc.errno).lower()
+        raise ConfigError(f"cannot listen on {host}:{port}: {reason}") from exc
+
+
 async def serve_ops(
     host: str, port: int, probes: Mapping[str, Probe], registry: CollectorRegistry
 ) -> web.AppRunner:
@@ -202,5 +221,5 @@ async def serve_ops(
     runner = web.AppRunner(ops_app(Readiness(probes, registry=registry), registry),
                            access_log=None)  # fmt: skip
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    await listen(runner, host, port)
     return runner

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -117,3 +118,70 @@ def test_up_announces_its_reservations_listener_only_where_it_can_be_called(
     assert env.get("FLASHSALE_RESERVATIONS_URL") == announced
     cors = _cors_for(host, 9000, settings).get("FLASHSALE_CORS_ORIGINS")
     assert cors == (None if host in ("0.0.0.0", "::") else f"http://{host}:9000")  # noqa: S104
+
+
+def _refused(*argv: str) -> tuple[int, str]:
+    """Run ``flashsale ARGV`` that should refuse at once: (exit code, stderr). One that is
+    still running after 20 s (it started serving) is stopped, with its whole group."""
+    child = subprocess.Popen([sys.executable, "-m", "flashsale", *argv], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        _, err = child.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGTERM)
+        child.communicate(timeout=30)
+        raise AssertionError(f"flashsale {' '.join(argv)} started instead of refusing") from None
+    return child.returncode, err
+
+
+@pytest.mark.parametrize(
+    ("taken", "field"),
+    [(0, "port"), (1, "allocator-port"), (4, "reconciler-port"), (5, "reservation-port")],
+)
+def test_up_refuses_a_port_another_process_listens_on(
+    stack: Settings, taken: int, field: str
+) -> None:
+    """Every port `up` would listen on is checked before anything starts. A taken gateway port
+    would otherwise be shared (the gateway binds with SO_REUSEPORT: a second engine answering
+    on the first one's port), and a taken ops port made the allocator exit and be restarted
+    forever, each time saying "a server is unavailable"."""
+    port = free_ports(UP_PORTS)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", port + taken))
+        busy.listen()
+        code, err = _refused("up", "--port", str(port), "--workers", "1")
+    assert code == 2, err
+    assert err.strip() == (
+        f"flashsale: error: {field}: 127.0.0.1:{port + taken} is in use by another process"
+    ), err
+
+
+def test_a_gateway_of_several_processes_refuses_a_taken_port(stack: Settings) -> None:
+    port = free_ports(1)
+    with socket.socket() as busy:
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # as another gateway binds
+        busy.bind(("127.0.0.1", port))
+        busy.listen()
+        code, err = _refused("gateway", "--port", str(port), "--workers", "2")
+    assert code == 2, err
+    assert err.strip() == f"flashsale: error: port: 127.0.0.1:{port} is in use by another process"
+
+
+def test_up_refuses_two_services_on_one_port(stack: Settings) -> None:
+    port = free_ports(UP_PORTS)
+    code, err = _refused("up", "--port", str(port), "--workers-port", str(port + 1))
+    assert code == 2, err
+    assert "workers-port" in err and "allocator-port" in err, err
+
+
+def test_a_service_whose_port_is_taken_says_so(stack: Settings) -> None:
+    """Not "a server is unavailable": nothing the service depends on is down."""
+    port = free_ports(1)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", port))
+        busy.listen()
+        code, err = _refused("reconcile", "--ops-port", str(port))
+    assert code == 1, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("flashsale: error: cannot listen on 127.0.0.1:"), last
+    assert "address already in use" in last, last

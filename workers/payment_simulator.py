@@ -53,7 +53,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client import Counter as PromCounter
 
-from flashsale.ops_endpoints import Readiness, ops_app
+from flashsale.ops_endpoints import Readiness, listen, ops_app
 from workers.psp_journal import KEEP_DAYS, Journal, Loaded, load
 
 
@@ -332,7 +332,7 @@ async def serve(host: str, port: int, knobs: Knobs, stop: asyncio.Event,
     runner = web.AppRunner(simulator.app(), access_log=None, shutdown_timeout=1)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port, backlog=4096).start()
+        await listen(runner, host, port, backlog=4096)
         await stop.wait()
     finally:
         await runner.cleanup()

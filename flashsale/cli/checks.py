@@ -3,7 +3,10 @@ exit 2, nothing written) and the configuration a service needs before it forks."
 
 from __future__ import annotations
 
+import errno
+import os
 import re
+import socket
 from datetime import timedelta
 from typing import Any
 
@@ -45,6 +48,31 @@ def port_number(field: str, value: str) -> int:
     if port > 65535:
         raise InvalidInput(field, f"must be a TCP port (1..65535), got {value!r}")
     return int(port)
+
+
+def free_to_listen(host: str, ports: dict[str, int]) -> None:
+    """Each of ``ports`` (by flag) distinct and free on ``host``, before anything is started:
+    a gateway binds with SO_REUSEPORT, so a port another engine's gateway holds would be
+    shared with it silently, and a service whose port is taken exits and is restarted
+    forever. Racy by nature (a port may be taken just after), so the services say it too."""
+    seen: dict[int, str] = {}
+    for field, port in ports.items():
+        if port in seen:
+            raise InvalidInput(field, f"{port} is also the {seen[port]}")
+        seen[port] = field
+    for field, port in ports.items():
+        family, kind, proto, _name, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]  # fmt: skip
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no owner
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise InvalidInput(field, f"{host}:{port} is in use by another process"
+                                       ) from None  # fmt: skip
+                why = os.strerror(exc.errno or 0).lower()
+                raise InvalidInput(field, f"cannot listen on {host}:{port}: {why}") from None
 
 
 def within(field: str, value: str, low: int, high: int) -> int:

@@ -24,6 +24,7 @@ from prometheus_client import multiprocess
 
 from flashsale.cli.devstack.files import write_whole
 from flashsale.cli.supervisor import Child, Supervisor
+from flashsale.ops_endpoints import listen
 from flashsale.settings import ENGINE_ENV_FILE, Settings
 
 if TYPE_CHECKING:
@@ -55,8 +56,7 @@ async def serve_gateway(settings: Settings, host: str, port: int, *, reuse_port:
     app[LANE].install(runner.server)
     warm = asyncio.create_task(app[ANNOUNCER].warm())  # the broker's producer, before buyers
     try:
-        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=4096)
-        await site.start()
+        await listen(runner, host, port, reuse_port=reuse_port or None, backlog=4096)
         log.info("gateway (pid %d) listening on http://%s:%d%s", os.getpid(), host, port,
                  " (reservations only)" if reservations_only else "")  # fmt: skip
         await _stop_on_signals().wait()

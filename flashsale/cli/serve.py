@@ -13,6 +13,7 @@ from flashsale import event_loop
 from flashsale.cli import runners
 from flashsale.cli.checks import (
     fraction,
+    free_to_listen,
     non_negative,
     port_number,
     positive,
@@ -36,6 +37,7 @@ def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
         return int(event_loop.run(runners.serve_gateway(
             settings, args.host, port, reuse_port=args.reuse_port, reservations_only=only
         )))  # fmt: skip
+    free_to_listen(args.host, {"port": port})  # its processes share it (SO_REUSEPORT)
     metrics_dir = runners.fresh_metrics_dir(settings.home, f"gateway-{port}")
     out(f"gateway: {workers} processes on http://{args.host}:{port}"
         f"{' (reservations only)' if only else ''} (Ctrl-C stops them)")  # fmt: skip
@@ -149,10 +151,15 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     listener_port = port_number("reservation-port", args.reservation_port or str(port + 5))
     service_settings(settings)
     settings.require_kafka()
-    metrics_dir = runners.fresh_metrics_dir(settings.home, f"gateway-{port}")
     # A provider named in the environment is used as it is; one that a previous `up` recorded
     # in the state folder is not: this `up` starts its own simulator.
     external = None if "FLASHSALE_PSP_URL" in settings.from_dev_env else settings.psp_url
+    free_to_listen(args.host, {
+        "port": port, "allocator-port": allocator_port, "workers-port": workers_port,
+        "reconciler-port": reconciler_port, **({} if external else {"psp-port": psp_port}),
+        **({"reservation-port": listener_port} if listeners else {}),
+    })  # fmt: skip
+    metrics_dir = runners.fresh_metrics_dir(settings.home, f"gateway-{port}")
     psp_url = external or f"http://{args.host}:{psp_port}"
     listener, announce = _reservation_listener(args.host, listener_port, listeners, settings)
     page_cors = _cors_for(args.host, port, settings)
