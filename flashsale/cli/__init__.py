@@ -9,8 +9,9 @@ Errors are one line on stderr (``flashsale:
 error: skus[0].stock: must be a positive integer``) with a non-zero exit: 2 for bad input, 1
 for anything else. Nothing is written on bad input. A server that is down, stalled or refusing
 writes for now (:func:`flashsale.outages.is_outage`, as the services judge it) is one line
-too, and a database whose schema is behind says to run ``flashsale migrate``; any other
-exception is a bug and keeps its traceback.
+too, as is a file that cannot be read or written (the file and why); a database whose schema
+is behind says to run ``flashsale migrate``. Any other exception is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         fail(exc.message)
         return 1
     except Exception as exc:  # an outage is one line; anything else is re-raised as it is
+        if isinstance(exc, OSError) and exc.filename is not None:  # a file, not a server
+            fail(f"{exc.filename}: {exc.strerror}")
+            return 1
         if not is_outage(exc):
             raise
         behind = schema_error(exc)

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flashsale.cli.checks import positive, service_settings, within
+from flashsale.cli.checks import output_file, positive, service_settings, within
 from flashsale.cli.dev import apply_migrations
 from flashsale.cli.devstack.redis_cluster import Layout
 from flashsale.cli.devstack.stack import DevStack
@@ -40,6 +40,7 @@ async def _allocate(args: argparse.Namespace, settings: Settings) -> int:
         concurrency=positive(int, "concurrency", args.concurrency),
         max_batch=positive(int, "max-batch", args.max_batch),
     )
+    json_path = output_file("json", args.json) if args.json else None
     if options.max_batch > MAX_RESERVE_BATCH:
         raise InvalidInput("max-batch", f"must be at most {MAX_RESERVE_BATCH}")
     primaries = within("cluster", args.cluster, 3, 16) if args.cluster else None
@@ -56,7 +57,7 @@ async def _allocate(args: argparse.Namespace, settings: Settings) -> int:
         async with _bench_cluster(settings, primaries) as cluster:
             report = await bench.run(settings, options, out, command, cluster=cluster,
                                      buckets=buckets)  # fmt: skip
-    return _report(report, bench.render, args.json, bench.failed(report), bench.FAILURE)
+    return _report(report, bench.render, json_path, bench.failed(report), bench.FAILURE)
 
 
 @contextlib.asynccontextmanager
@@ -85,12 +86,13 @@ async def _gateway(args: argparse.Namespace, settings: Settings) -> int:
         concurrency=positive(int, "concurrency", args.concurrency),
         workers=positive(int, "workers", args.workers),
     )
+    json_path = output_file("json", args.json) if args.json else None
     service_settings(settings)
     if not settings.admin_token:
         raise ConfigError("FLASHSALE_ADMIN_TOKEN is not set: run `flashsale dev up` or export it")
     await _migrated(settings)
     report = await bench.run(settings, options, out, options.command())
-    return _report(report, bench.render, args.json, bench.failed(report), bench.FAILURE)
+    return _report(report, bench.render, json_path, bench.failed(report), bench.FAILURE)
 
 
 async def _migrated(settings: Settings) -> None:
@@ -108,12 +110,13 @@ async def _pipeline(args: argparse.Namespace, settings: Settings) -> int:
         concurrency=positive(int, "concurrency", args.concurrency),
         paced_seconds=positive(float, "paced-seconds", args.paced_seconds),
     )
+    json_path = output_file("json", args.json) if args.json else None
     settings.require_redis()
     settings.require_database()
     settings.require_kafka()
     await _migrated(settings)
     report = await bench.run(settings, options, out, options.command())
-    return _report(report, bench.render, args.json, bench.failed(report), bench.FAILURE)
+    return _report(report, bench.render, json_path, bench.failed(report), bench.FAILURE)
 
 
 async def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
@@ -122,11 +125,12 @@ async def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
     options = bench.Options(
         skus=positive(int, "skus", args.skus), passes=positive(int, "passes", args.passes)
     )
+    json_path = output_file("json", args.json) if args.json else None
     settings.require_redis()
     settings.require_database()
     await _migrated(settings)
     report = await bench.run(settings, options, out, options.command())
-    return _report(report, bench.render, args.json, bench.failed(report), bench.FAILURE)
+    return _report(report, bench.render, json_path, bench.failed(report), bench.FAILURE)
 
 
 def _latencies(text: str) -> tuple[float, ...]:
@@ -140,7 +144,7 @@ def _latencies(text: str) -> tuple[float, ...]:
     return latencies
 
 
-def _report(report: Report, render: Callable[[Report], str], json_path: str | None,
+def _report(report: Report, render: Callable[[Report], str], json_path: Path | None,
             failed: list[str], failure: str) -> int:  # fmt: skip
     """Print a benchmark's tables, write its JSON, and exit 1 naming the rows that failed."""
     out()

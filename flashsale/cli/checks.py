@@ -8,6 +8,7 @@ import os
 import re
 import socket
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from flashsale.errors import InvalidInput
@@ -48,6 +49,31 @@ def port_number(field: str, value: str) -> int:
     if port > 65535:
         raise InvalidInput(field, f"must be a TCP port (1..65535), got {value!r}")
     return int(port)
+
+
+def output_file(field: str, value: str) -> Path:
+    """A path a command will write its report to when it ends: checked before it starts, so a
+    typo does not cost a whole run."""
+    path = Path(value)
+    if not path.parent.is_dir():
+        raise InvalidInput(field, f"no folder {path.parent} to write it in")
+    if path.is_dir():
+        raise InvalidInput(field, f"{path} is a folder")
+    if not os.access(path.parent, os.W_OK):
+        raise InvalidInput(field, f"cannot write in {path.parent}")
+    return path
+
+
+def output_folder(field: str, value: str) -> Path:
+    """A folder a command writes its reports in, made now if it is not there."""
+    path = Path(value)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidInput(field, f"cannot make the folder {path}: {exc.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise InvalidInput(field, f"cannot write in {path}")
+    return path
 
 
 def free_to_listen(host: str, ports: dict[str, int]) -> None:

@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flashsale import event_loop
-from flashsale.cli.checks import fraction, non_negative, positive, within
+from flashsale.cli.checks import (
+    fraction,
+    non_negative,
+    output_file,
+    output_folder,
+    positive,
+    within,
+)
 from flashsale.cli.dev import apply_migrations
 from flashsale.cli.devstack.stack import DevStack
 from flashsale.cli.output import out
@@ -37,11 +44,12 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     )  # fmt: skip
     if scenario.no_show + scenario.abandon > 1:
         raise InvalidInput("abandon", "--abandon and --no-show add up to more than 1")
+    json_path = str(output_file("json", args.json)) if args.json else None
     out("== starting the embedded stack (servers given by env vars are used as they are)")
     seconds = DevStack(settings.home).up()
     out(f"   ready in {seconds:.1f}s")
     settings = Settings.from_env()  # pick up the freshly written dev.env
-    code = event_loop.run(demo.run(settings, scenario=scenario, progress=out, json_path=args.json))
+    code = event_loop.run(demo.run(settings, scenario=scenario, progress=out, json_path=json_path))
     out("\nThe stack keeps running; stop it with `.venv/bin/flashsale dev down`.")
     return code
 
@@ -63,7 +71,7 @@ def cmd_loadtest(args: argparse.Namespace, settings: Settings) -> int:
     options = spike.Options(
         buyers=positive(int, "buyers", args.buyers), stock=positive(int, "stock", args.stock),
         ramp=positive(float, "ramp", args.ramp), hold=non_negative("hold", args.hold),
-        host=args.host, out=Path(args.out), embedded=args.embedded,
+        host=args.host, out=output_folder("out", args.out), embedded=args.embedded,
         buckets=within("buckets", args.buckets, 1, MAX_BUCKETS),
     )  # fmt: skip
     if not options.host.startswith(("http://", "https://")):
@@ -99,9 +107,7 @@ def cmd_chaos(args: argparse.Namespace, settings: Settings) -> int:
     doc = Path(args.doc) if args.doc else (Path("docs/RELIABILITY.md") if full else None)
     if doc is not None and not doc.is_file():
         raise InvalidInput("doc", f"no such file: {doc}")
-    json_path = Path(args.json) if args.json else None
-    if json_path is not None and not json_path.parent.is_dir():
-        raise InvalidInput("json", f"no folder {json_path.parent} to write it in")
+    json_path = output_file("json", args.json) if args.json else None
     was_stopped = all(row.state == "stopped" for row in dev.status())
     out("== starting the embedded stack (servers given by env vars are used as they are; the "
         "suite kills, pauses and flushes those it started itself)")  # fmt: skip

@@ -1,0 +1,65 @@
+"""Where a command writes a report: checked before it runs, not found wanting after a whole
+demo or benchmark; and a file the command cannot write is said as such, not as "a server is
+unavailable"."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import Cli
+
+RUNS = [
+    ("demo", "--buyers", "5"),
+    ("chaos", "--scenario", "postgres-terminate"),
+    ("bench", "allocate", "--seconds", "0.1"),
+    ("bench", "gateway", "--seconds", "0.1"),
+    ("bench", "pipeline", "--reservations", "10"),
+    ("bench", "reconcile", "--skus", "5"),
+]
+
+
+@pytest.mark.parametrize("argv", RUNS, ids=lambda argv: " ".join(argv[:2]))
+def test_a_report_path_in_no_folder_is_refused_before_anything_runs(
+    argv: tuple[str, ...], run_cli: Cli, tmp_path: Path
+) -> None:
+    missing = tmp_path / "no-such-folder"
+    began = time.monotonic()
+    result = run_cli(*argv, "--json", str(missing / "report.json"))
+    assert result.code == 2, result
+    assert result.err.strip() == f"flashsale: error: json: no folder {missing} to write it in"
+    assert time.monotonic() - began < 5  # refused, not run
+
+
+@pytest.mark.parametrize("argv", RUNS, ids=lambda argv: " ".join(argv[:2]))
+def test_a_report_path_that_is_a_folder_is_refused(
+    argv: tuple[str, ...], run_cli: Cli, tmp_path: Path
+) -> None:
+    result = run_cli(*argv, "--json", str(tmp_path))
+    assert result.code == 2, result
+    assert result.err.strip() == f"flashsale: error: json: {tmp_path} is a folder"
+
+
+def test_a_spike_report_folder_that_cannot_be_made_is_refused(run_cli: Cli, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = run_cli("loadtest", "spike", "--buyers", "5", "--out", str(blocker / "spike"))
+    assert result.code == 2, result
+    assert result.err.strip() == (
+        f"flashsale: error: out: cannot make the folder {blocker / 'spike'}: Not a directory"
+    )
+
+
+def test_a_file_error_is_not_called_a_server_outage(
+    run_cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An OSError about a file names the file: "a server is unavailable" sent people looking
+    at Redis and Postgres."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("FLASHSALE_HOME", str(blocker / "home"))
+    result = run_cli("dev", "up")
+    assert result.code == 1, result
+    assert result.err.strip() == f"flashsale: error: {blocker / 'home'}: Not a directory"
