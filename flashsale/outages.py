@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 
 import asyncpg
 import redis.asyncio.connection
@@ -167,10 +168,29 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+QUIET_S = 5.0  # an outage a loop keeps meeting is logged once per this many seconds
+_clock = time.monotonic
+_quiet: dict[tuple[str, str], tuple[float, int]] = {}  # (logger, what) -> (last line, rounds)
+
+
 def log_failure(logger: logging.Logger, what: str, exc: BaseException) -> None:
     """Log a failed round of a loop that goes on: one warning line for an outage, the traceback
-    for anything else (a bug or bad data, which the next round may meet again)."""
-    if is_outage(exc):
-        logger.warning("%s: %s", what, describe(exc))
-    else:
+    for anything else (a bug or bad data, which the next round may meet again). The same
+    outage met again by the same loop (``what``) within QUIET_S of its last line is counted
+    into the next line instead: an admission pump ticks ten times a second."""
+    if not is_outage(exc):
         logger.error("%s: %s", what, describe(exc), exc_info=exc)
+        return
+    key, now = (logger.name, what), _clock()
+    last, rounds = _quiet.get(key, (None, 0))
+    if last is not None and now - last < QUIET_S:
+        _quiet[key] = (last, rounds + 1)
+        return
+    if len(_quiet) >= 10_000:  # one key per loop and sale: only a long life gets here
+        _quiet.clear()
+    _quiet[key] = (now, 0)
+    if rounds:
+        logger.warning("%s: %s (%d more times in the last %.1fs)", what, describe(exc), rounds,
+                       now - last if last is not None else 0.0)  # fmt: skip
+    else:
+        logger.warning("%s: %s", what, describe(exc))

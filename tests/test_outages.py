@@ -4,6 +4,7 @@ succeed": one classification, shared by the gateway (503), the workers and the r
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -16,6 +17,7 @@ import redis.exceptions
 import uvloop
 from aiokafka.errors import KafkaConnectionError
 
+from flashsale import outages
 from flashsale.cli.devstack.processes import free_port
 from flashsale.errors import ProviderDown, Unavailable
 from flashsale.outages import is_demotion, is_outage
@@ -251,3 +253,33 @@ async def test_a_postgres_refusing_writes_for_now_is_an_outage(stack: Settings) 
         await conn.close()
     assert refused.value.sqlstate == "25006", refused.value
     assert is_outage(refused.value)
+
+
+def test_a_loop_meeting_the_same_outage_logs_it_once_per_interval(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An admission pump ticks ten times a second and the sweeper four: during a Redis outage
+    each failed round was a warning of its own. The first is logged at once, the rest of the
+    interval counted into the next line; a bug (not an outage) is logged every time."""
+    now = [1000.0]
+    monkeypatch.setattr(outages, "_clock", lambda: now[0])
+    logger = logging.getLogger("test.quiet")
+    down = redis.exceptions.ConnectionError("Connection refused")
+    with caplog.at_level(logging.WARNING, logger="test.quiet"):
+        for _ in range(40):  # five seconds of ticks
+            outages.log_failure(logger, "pump for s-1 failed a tick", down)
+            now[0] += 0.125
+        assert [r.getMessage() for r in caplog.records] == [
+            "pump for s-1 failed a tick: ConnectionError: Connection refused"
+        ]
+        outages.log_failure(logger, "sweep failed", down)  # another loop: its own line
+        assert len(caplog.records) == 2
+        outages.log_failure(logger, "pump for s-1 failed a tick", down)
+        assert caplog.records[-1].getMessage() == (
+            "pump for s-1 failed a tick: ConnectionError: Connection refused "
+            "(39 more times in the last 5.0s)"
+        )
+        bug = KeyError("status")
+        for _ in range(3):
+            outages.log_failure(logger, "pump for s-1 failed a tick", bug)
+    assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 3
