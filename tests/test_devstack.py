@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -12,8 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from aiokafka.errors import KafkaConnectionError
 
 from flashsale.cli.devstack.binaries import find_redis
+from flashsale.cli.devstack.pings import ping_kafka
 from flashsale.cli.devstack.processes import free_port, free_ports, pid_alive
 from flashsale.cli.devstack.stack import EXTERNAL_VAR, DevStack
 from flashsale.settings import Settings, home_dir, read_env_file
@@ -291,3 +294,14 @@ def test_the_stacks_redis_url_works_with_redis_cli(stack: Settings) -> None:
     argv = [str(redis_cli), "-u", stack.require_redis(), "--no-auth-warning", "PING"]
     done = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=10)
     assert done.stdout.strip() == "PONG", (done.stdout, done.stderr)
+
+
+async def test_a_broker_still_starting_is_waited_for_without_an_error_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`dev up` pings the broker until it answers; a ping before it listens is expected. It
+    printed aiokafka's ERROR "Unable connect to ..." into every start that met one."""
+    port = free_port()  # nothing listens there
+    with caplog.at_level(logging.DEBUG), pytest.raises(KafkaConnectionError):
+        await ping_kafka(f"127.0.0.1:{port}", timeout_s=0.5)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []

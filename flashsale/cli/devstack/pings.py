@@ -6,6 +6,7 @@ while a server starts; a service's ``/healthz`` keeps its clients, see
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -36,11 +37,22 @@ async def ping_postgres(dsn: str, timeout_s: float = 2.0) -> None:
         await conn.close()
 
 
+class _Silent(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
 async def ping_kafka(bootstrap: str, timeout_s: float = 2.0) -> None:
+    """A metadata request; raises while the broker does not answer. aiokafka's own ERROR line
+    for a refused connection is kept out of the output: a broker still starting refuses the
+    first pings of every `dev up`, and the exception is the answer."""
     client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
+    silent, logger = _Silent(), logging.getLogger("aiokafka")
+    logger.addFilter(silent)
     try:
         await asyncio.wait_for(client.bootstrap(), timeout_s)  # sends a Metadata request
     finally:
+        logger.removeFilter(silent)
         await client.close()
 
 
