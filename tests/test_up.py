@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -120,6 +122,19 @@ def test_up_announces_its_reservations_listener_only_where_it_can_be_called(
     assert cors == (None if host in ("0.0.0.0", "::") else f"http://{host}:9000")  # noqa: S104
 
 
+@contextlib.contextmanager
+def _held(port: int, *, reuse_port: bool = False) -> Iterator[None]:
+    """Another process's listener on ``port``. With SO_REUSEADDR, as a server binds: a port an
+    earlier test left in TIME_WAIT (which free_ports counts as free) is bound all the same."""
+    with socket.socket() as busy:
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        busy.bind(("127.0.0.1", port))
+        busy.listen()
+        yield
+
+
 def _refused(*argv: str) -> tuple[int, str]:
     """Run ``flashsale ARGV`` that should refuse at once: (exit code, stderr). One that is
     still running after 20 s (it started serving) is stopped, with its whole group."""
@@ -146,9 +161,7 @@ def test_up_refuses_a_port_another_process_listens_on(
     on the first one's port), and a taken ops port made the allocator exit and be restarted
     forever, each time saying "a server is unavailable"."""
     port = free_ports(UP_PORTS)
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", port + taken))
-        busy.listen()
+    with _held(port + taken):
         code, err = _refused("up", "--port", str(port), "--workers", "1")
     assert code == 2, err
     assert err.strip() == (
@@ -158,10 +171,7 @@ def test_up_refuses_a_port_another_process_listens_on(
 
 def test_a_gateway_of_several_processes_refuses_a_taken_port(stack: Settings) -> None:
     port = free_ports(1)
-    with socket.socket() as busy:
-        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # as another gateway binds
-        busy.bind(("127.0.0.1", port))
-        busy.listen()
+    with _held(port, reuse_port=True):  # as another gateway binds
         code, err = _refused("gateway", "--port", str(port), "--workers", "2")
     assert code == 2, err
     assert err.strip() == f"flashsale: error: port: 127.0.0.1:{port} is in use by another process"
@@ -177,9 +187,7 @@ def test_up_refuses_two_services_on_one_port(stack: Settings) -> None:
 def test_a_service_whose_port_is_taken_says_so(stack: Settings) -> None:
     """Not "a server is unavailable": nothing the service depends on is down."""
     port = free_ports(1)
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", port))
-        busy.listen()
+    with _held(port):
         code, err = _refused("reconcile", "--ops-port", str(port))
     assert code == 1, err
     last = err.strip().splitlines()[-1]
