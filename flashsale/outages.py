@@ -189,8 +189,8 @@ def log_failure(logger: logging.Logger, what: str, exc: BaseException) -> None:
     if len(_quiet) >= 10_000:  # one key per loop and sale: only a long life gets here
         _quiet.clear()
     _quiet[key] = (now, 0)
-    if rounds:
+    if rounds and last is not None:  # rounds are only counted after a line
         logger.warning("%s: %s (%d more times in the last %.1fs)", what, describe(exc), rounds,
-                       now - last if last is not None else 0.0)  # fmt: skip
+                       now - last)  # fmt: skip
     else:
         logger.warning("%s: %s", what, describe(exc))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from flashsale.errors import FlashsaleError, InvalidInput
+from flashsale.errors import FlashsaleError, InvalidInput, SchemaBehind
 from flashsale.logs import CONTEXT
 from flashsale.ops_endpoints import PROBE_PATHS
 from flashsale.outages import describe, is_outage, schema_error
@@ -44,18 +44,16 @@ def error_for(request: web.Request, exc: Exception) -> web.Response:
     """Domain errors by their ``http_status`` and stable ``code``, aiohttp's own (404, 405,
     413) in the same JSON shape, a dependency that is down 503, anything else a logged 500
     that names no internals. Re-raises aiohttp's redirects, which are not errors."""
+    behind = schema_error(exc)
+    if behind is not None:  # the operator's to mend: said in the log, not to every caller
+        log.warning("%s %s: %s", request.method, request.path, behind.message)
+        exc = SchemaBehind("the database schema is not up to date; retry shortly")
     if isinstance(exc, FlashsaleError):
         headers = None
         if exc.retry_after_s is not None:
             headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
         field = exc.field if isinstance(exc, InvalidInput) else None
         return error_response(exc.http_status, exc.code, exc.message, headers, field)
-    behind = schema_error(exc)
-    if behind is not None:  # the operator's to mend: said in the log, not to every caller
-        log.warning("%s %s: %s", request.method, request.path, behind.message)
-        retry = {"Retry-After": f"{behind.retry_after_s:.0f}"}
-        return error_response(503, behind.code, "the database schema is not up to date; "
-                              "retry shortly", retry)  # fmt: skip
     if is_outage(exc):
         log.warning("dependency unavailable on %s %s: %s", request.method, request.path,
                     describe(exc))  # fmt: skip
