@@ -93,6 +93,17 @@ class Published:
     members: list[str] | None  # None until the pre-queue is shuffled and recorded
     root: str | None
     size: int | None = None  # as recorded with the root
+    ended: bool = False  # the sale ended: a record still missing will never be made
+
+    @property
+    def missing_why(self) -> str:
+        """Why ``members`` is None, in words for a buyer or an operator."""
+        if self.ended:
+            return (
+                "the sale ended before its pre-queue order was recorded: there is no order "
+                "to verify"
+            )
+        return "the pre-queue is not shuffled and recorded yet"
 
     def json(self, offset: int = 0, limit: int | None = None) -> dict[str, Any]:
         members = self.members or []
@@ -100,7 +111,7 @@ class Published:
         return {
             "sale_id": self.sale_id, "algorithm": SHUFFLE_ALGORITHM, "merkle": MERKLE_RULE,
             "commitment": self.commitment, "seed": self.seed,
-            "recorded": self.members is not None,
+            "recorded": self.members is not None, "ended": self.ended,
             "size": self.size if self.size is not None else len(members), "root": self.root,
             "offset": offset, "members": members[offset:end],
             "next_offset": end if end < len(members) else None,
@@ -129,7 +140,7 @@ def problems(commitment: str, seed: str | None, members: list[str], root: str | 
 
 _SALE = """
 SELECT shuffle_seed, shuffle_commitment, starts_at <= now() AS started, prequeue_root,
-       prequeue_size
+       prequeue_size, status = 'ended' AS ended
 FROM sales WHERE id = $1
 """
 _MEMBERS = "SELECT member FROM prequeue_members WHERE sale_id = $1 ORDER BY position"
@@ -145,7 +156,8 @@ async def published(pool: asyncpg.Pool, sale_id: str) -> Published | None:
         members = [r["member"] for r in await pool.fetch(_MEMBERS, sale_id)]
     commitment = row["shuffle_commitment"] or seed_commitment(row["shuffle_seed"])
     return Published(sale_id, commitment, row["shuffle_seed"] if row["started"] else None,
-                     members, row["prequeue_root"], row["prequeue_size"])  # fmt: skip
+                     members, row["prequeue_root"], row["prequeue_size"],
+                     row["ended"])  # fmt: skip
 
 
 async def record(pool: asyncpg.Pool, sale_id: str, members: list[str]) -> str:

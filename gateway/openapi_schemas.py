@@ -277,14 +277,16 @@ FAIRNESS = obj(
         "commitment": HEX,
         "seed": {**NULLABLE_STRING, "description": "revealed once the sale has started"},
         "recorded": {"type": "boolean", "description": "the pre-queue was shuffled and recorded"},
+        "ended": {"type": "boolean", "description": "the sale ended: a record still missing "
+                  "(recorded false) will never be made"},
         "size": {"type": "integer", "minimum": 0},
         "root": {"oneOf": [HEX, {"type": "null"}]},
         "offset": {"type": "integer", "minimum": 0},
         "members": {"type": "array", "items": HEX, "description": "in position order"},
         "next_offset": NULLABLE_INT,
     },
-    ["sale_id", "algorithm", "merkle", "commitment", "seed", "recorded", "size", "root",
-     "offset", "members", "next_offset"],
+    ["sale_id", "algorithm", "merkle", "commitment", "seed", "recorded", "ended", "size",
+     "root", "offset", "members", "next_offset"],
 )  # fmt: skip
 FAIRNESS_PROOF = obj(
     {

@@ -72,7 +72,7 @@ async def fairness_proof(request: web.Request) -> web.Response:
     _, buyer, position = queue_ticket(request, sale_id)
     record = await _record(request, sale_id)
     if record.members is None:
-        raise NotFound("the pre-queue has not been shuffled yet", code="not_shuffled")
+        raise NotFound(record.missing_why, code="not_shuffled")
     member = member_of(sale_id, buyer)
     members = record.members
     if not 1 <= position <= len(members) or members[position - 1] != member:

@@ -153,3 +153,25 @@ async def test_verify_fails_on_a_tampered_list_order_or_seed(gw: Gateway, cli: C
 
     await pool.execute("UPDATE sales SET shuffle_seed = $2 WHERE id = $1", sale, "5e" * 32)
     assert "does not match the commitment" in await verify()
+
+
+async def test_a_sale_ended_before_it_opened_says_it_has_no_order(gw: Gateway, cli: Cli) -> None:
+    """Ended before its start, a sale's pre-queue is never shuffled: verify says so once the
+    start has passed, instead of "not shuffled yet", which would never change."""
+    sale = await gw.create_sale(stock=10, starts_in=0.4)
+    code, body = await gw.join(sale, "early-0")
+    assert code == 200 and body["pre_queue"] is True
+    ended = await asyncio.to_thread(cli, "sale", "end", sale)
+    assert ended.code == 0, ended.out + ended.err
+    await asyncio.sleep(0.6)  # past the start it never reached
+    doc = await (await gw.http.get(f"/v1/sales/{sale}/fairness")).json()
+    assert (doc["recorded"], doc["ended"]) == (False, True), doc
+    proof = await gw.http.get(f"/v1/sales/{sale}/fairness/proof",
+                              headers={"X-Queue-Ticket": body["ticket"]})  # fmt: skip
+    assert proof.status == 404
+    assert "ended before" in (await proof.json())["error"]["message"]
+    for where in ([], ["--url", str(gw.http.make_url(""))]):
+        result = await asyncio.to_thread(cli, "fairness", "verify", sale, *where)
+        assert result.code == 1, result.out + result.err
+        assert "ended before its pre-queue order was recorded" in result.err, result.err
+        assert "not shuffled and recorded yet" not in result.err

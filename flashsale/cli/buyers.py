@@ -31,7 +31,8 @@ async def cmd_fairness(args: argparse.Namespace, settings: Settings) -> int:
     if args.url:
         doc = await _fetch_fairness(args.url.rstrip("/"), sale)
         listed = doc["members"] if doc["recorded"] else None
-        record = Published(sale, doc["commitment"], doc["seed"], listed, doc["root"], doc["size"])
+        record = Published(sale, doc["commitment"], doc["seed"], listed, doc["root"], doc["size"],
+                           doc.get("ended", False))  # fmt: skip
     else:
         pool = await pg_pool(settings, max_size=2)
         try:
@@ -42,7 +43,7 @@ async def cmd_fairness(args: argparse.Namespace, settings: Settings) -> int:
             raise NotFound(f"unknown sale {sale!r}", code="unknown_sale")
         record = found
     if record.members is None:
-        raise Conflict(f"sale {sale}: the pre-queue is not shuffled and recorded yet")
+        raise Conflict(f"sale {sale}: {record.missing_why}")
     found_problems = problems(record.commitment, record.seed, record.members, record.root,
                               record.size)  # fmt: skip
     if args.commitment is not None and args.commitment != record.commitment:
