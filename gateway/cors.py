@@ -4,9 +4,10 @@ A storefront on another origin calls the buyer API (``/v1/...``) from the buyer'
 Each listed origin may send the headers the API reads and read the headers it answers with
 (``Retry-After`` above all, so the page can honour it on a 429 or 503). Preflight requests
 are answered by aiohttp-cors: 200 with the allowed method and headers for a listed origin,
-403 for any other. ``*`` allows any origin and never credentials; a listed origin may send
-credentials (the buyer token in a cookie on the gateway's domain). The admin API and the
-operators' endpoints are never cross-origin.
+403 ``cors_refused`` for any other (the message names the origin, method or header).
+``*`` allows any origin and never credentials; a listed origin may send credentials (the
+buyer token in a cookie on the gateway's domain). The admin API and the operators'
+endpoints are never cross-origin.
 """
 
 from __future__ import annotations

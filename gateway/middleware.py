@@ -59,6 +59,9 @@ def error_for(request: web.Request, exc: Exception) -> web.Response:
                     describe(exc))  # fmt: skip
         return error_response(503, "unavailable", "a dependency is unavailable; retry shortly",
                               {"Retry-After": "1"})  # fmt: skip
+    if isinstance(exc, web.HTTPException) and exc.status == 403 and request.method == "OPTIONS":
+        # aiohttp-cors refusing a preflight; its text names the origin, method or header
+        return error_response(403, "cors_refused", exc.text or "CORS preflight refused")
     if isinstance(exc, web.HTTPException) and exc.status >= 400:
         code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
             exc.status, "http_error"

@@ -63,6 +63,12 @@ async def test_a_listed_storefront_may_call_the_buyer_api(stack: Settings) -> No
                                                               "https://evil.example"))  # fmt: skip
         assert other.status == 403
         assert "Access-Control-Allow-Origin" not in other.headers
+        error = (await other.json())["error"]  # a stable code naming what was refused
+        assert error["code"] == "cors_refused" and "evil.example" in error["message"], error
+        unlisted = await gw.http.options(join, headers=preflight("POST", "x-unknown"))
+        assert unlisted.status == 403
+        error = (await unlisted.json())["error"]
+        assert error["code"] == "cors_refused" and "x-unknown" in error["message"].lower(), error
         plain = await gw.http.get(f"/v1/sales/{sale}", headers={"Origin": "https://evil.example"})
         assert plain.status == 200 and "Access-Control-Allow-Origin" not in plain.headers
         # The admin API is never cross-origin.
