@@ -23,8 +23,10 @@ outage: the same request can succeed later. Read from the libraries' own excepti
   script", which redis-py raises as a plain ``ResponseError``); on a Redis Cluster also
   ``CLUSTERDOWN``, a slot no node serves (mid-failover), redirections that never settled,
   and a cluster none of whose known nodes answers.
-* **The rest**: ``OSError`` (refused, reset, timed out), the broker's errors, the payment
-  provider's open circuit, and the engine's own :class:`~flashsale.errors.Unavailable`.
+* **The rest**: ``OSError`` (refused, reset, timed out, a name not resolved, out of sockets),
+  except one about a file (it names one: missing, not allowed, a folder), which retrying does
+  not mend; the broker's errors, the payment provider's open circuit, and the engine's own
+  :class:`~flashsale.errors.Unavailable`.
 * **uvloop's closed transport**: writing to a connection the peer reset raises
   ``RuntimeError("unable to perform operation on <TCPTransport closed=True ...>; the handler
   is closed")`` under uvloop, where asyncio raises ``ConnectionResetError``
@@ -93,6 +95,8 @@ _NO_CLUSTER_NODE = "Redis Cluster cannot be connected"
 def is_outage(exc: BaseException) -> bool:
     """True when ``exc`` says a dependency is down: retry later, nothing is wrong with the
     request or the event."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return False  # about a file: retrying will not make it appear
     if isinstance(exc, _ALWAYS):
         return True
     if is_closed_transport(exc):

@@ -4,7 +4,9 @@ succeed": one classification, shared by the gateway (503), the workers and the r
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -65,6 +67,9 @@ WAIT = [
     # the network, the broker, the payment provider's open circuit
     ConnectionResetError("reset by peer"),
     TimeoutError(),
+    socket.gaierror(-3, "Temporary failure in name resolution"),
+    OSError(errno.ENETUNREACH, "Network is unreachable"),
+    OSError(errno.EMFILE, "Too many open files"),  # a process out of sockets, for now
     KafkaConnectionError("no broker"),
     ProviderDown("the circuit is open"),
     Unavailable("the SKU is being rebuilt"),
@@ -93,6 +98,10 @@ NEVER = [
     ValueError("malformed hold record"),
     RuntimeError("Event loop is closed"),
     KeyError("currency"),
+    # a file: retrying will not make it appear (a socket's error never names a file)
+    FileNotFoundError(errno.ENOENT, "No such file or directory", "/etc/flashsale/rules.json"),
+    PermissionError(errno.EACCES, "Permission denied", "/var/lib/flashsale/report.json"),
+    IsADirectoryError(errno.EISDIR, "Is a directory", "/var/lib/flashsale"),
 ]
 
 
