@@ -8,7 +8,7 @@ import re
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -34,6 +34,13 @@ RedisClient: TypeAlias = aioredis.Redis | aioredis.RedisCluster
 CLUSTER_POOL_FACTOR = 16
 
 T = TypeVar("T")
+
+# The options of each server URL that name a file its client reads when it connects: the TLS
+# authority, a client certificate and its key, a revocation list.
+_FILE_OPTIONS = {
+    "REDIS_URL": ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"),
+    "DATABASE_URL": ("sslrootcert", "sslcert", "sslkey", "sslcrl"),
+}
 
 
 def redis_client(
@@ -75,7 +82,9 @@ def check_redis_url(url: str) -> None:
     """The options in ``url``'s query as redis-py's connection takes them, checked now: one it
     does not know (a misspelling, a TLS option on a ``redis://`` URL) or a value of the wrong
     kind would otherwise fail the first connection with a TypeError or a ValueError, a 500 in
-    a service. Raises ConfigError naming REDIS_URL and the option."""
+    a service. Raises ConfigError naming REDIS_URL and the option, as for a file it names
+    that cannot be read."""
+    check_url_files("REDIS_URL", url)
     try:
         options: dict[str, Any] = dict(parse_url(url))
         for pool_option in ("max_connections", "timeout"):
@@ -86,6 +95,23 @@ def check_redis_url(url: str) -> None:
         said = str(exc) if unknown is None else (
             f"unknown option {unknown[1]!r} in its query (TLS options need rediss://)")  # fmt: skip
         raise ConfigError(f"REDIS_URL: {said}") from exc
+
+
+def check_url_files(setting: str, url: str) -> None:
+    """Each file ``url``'s query names (``_FILE_OPTIONS``) is one that can be read. The
+    clients read them only when they connect, and then say "cannot connect ...: No such file
+    or directory" without naming it. Raises ConfigError naming the setting, option and path."""
+    query = parse_qs(urlsplit(url).query)
+    for option in _FILE_OPTIONS[setting]:
+        for path in query.get(option, []):
+            if option == "sslrootcert" and path == "system":  # libpq: the system's authorities
+                continue
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                raise ConfigError(f"{setting}: {option}: cannot read {path}: "
+                                  f"{exc.strerror or exc}") from None  # fmt: skip
 
 
 def cluster_client(
@@ -119,6 +145,7 @@ async def pg_pool(
     ``server_settings`` are session settings: not sent through a transaction pooler
     (:func:`_pooled`)."""
     dsn = settings.require_database()
+    check_url_files("DATABASE_URL", dsn)
     return await _reach_postgres(dsn, asyncpg.create_pool(
         dsn, min_size=min_size, max_size=max_size, timeout=5,
         **_pooled(settings, server_settings=server_settings),
@@ -128,6 +155,7 @@ async def pg_pool(
 async def pg_connect(settings: Settings) -> asyncpg.Connection:
     """One connection to ``DATABASE_URL``, its errors as :func:`pg_pool`'s."""
     dsn = settings.require_database()
+    check_url_files("DATABASE_URL", dsn)
     return await _reach_postgres(dsn, asyncpg.connect(dsn, timeout=5, **_pooled(settings)))
 
 

@@ -83,7 +83,16 @@ def test_a_bad_setting_is_one_line_naming_it_not_a_traceback(
      ("REDIS_URL", "redis://default:pw@127.0.0.1:9/0?socket_timeout=soon", "socket_timeout"),
      ("DATABASE_URL", "postgresql://u:p@127.0.0.1:9/x?sslmode=verify-fulll", "sslmode"),
      ("DATABASE_URL", "postgresql://u:p@127.0.0.1:notaport/x", "notaport"),
-     ("DATABASE_URL", "mysql://u:p@127.0.0.1:9/x", '"postgresql"')],  # a short password: kept
+     ("DATABASE_URL", "mysql://u:p@127.0.0.1:9/x", '"postgresql"'),  # a short password: kept
+     # a TLS file that is not there: named, not "cannot reach ...: No such file or directory"
+     ("REDIS_URL", "rediss://default:pw@127.0.0.1:9/0?ssl_ca_certs=/nonexistent/ca.pem",
+      "ssl_ca_certs: cannot read /nonexistent/ca.pem"),
+     ("REDIS_URL", "rediss://default:pw@127.0.0.1:9/0?ssl_certfile=/tmp&ssl_keyfile=/tmp",
+      "ssl_certfile: cannot read /tmp"),
+     ("DATABASE_URL", "postgresql://u:p@127.0.0.1:9/x?sslmode=verify-full"
+      "&sslrootcert=/nonexistent/db-ca.pem", "sslrootcert: cannot read /nonexistent/db-ca.pem"),
+     ("DATABASE_URL", "postgresql://u:p@127.0.0.1:9/x?sslcert=/etc/hostname&sslkey=/nonexistent/k",
+      "sslkey: cannot read /nonexistent/k")],
 )  # fmt: skip
 def test_a_server_url_with_an_option_its_client_refuses_is_one_line_naming_it(
     run_cli: Cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str, url: str,
