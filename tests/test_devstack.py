@@ -44,14 +44,17 @@ def test_up_reuse_env_status_down(scratch_home: Path, run_cli: Cli) -> None:
     first = run("dev", "up")
     assert first.code == 0, first.err
     assert "stack ready" in first.out
+    assert "run `flashsale migrate`" in first.out  # a new database has no schema yet
     stack = DevStack(scratch_home, environ={})
     pids = {row.name: row.pid for row in stack.status()}
     assert all(pids.values()), pids
     assert all(row.detail == "ping ok" for row in stack.status())
 
+    assert run("migrate").code == 0
     again = run("dev", "up")
     assert again.code == 0
     assert again.out.count("reusing") == 3
+    assert "migrate" not in again.out
     assert {row.name: row.pid for row in stack.status()} == pids
 
     env = run("dev", "env")

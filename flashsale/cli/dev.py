@@ -4,6 +4,7 @@ the servers, the schema and the topics."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import Callable
 
@@ -12,9 +13,9 @@ from flashsale.cli.devstack.redis_cluster import Layout
 from flashsale.cli.devstack.stack import DevStack
 from flashsale.cli.output import out
 from flashsale.clients import pg_connect
-from flashsale.errors import InvalidInput
+from flashsale.errors import InvalidInput, SchemaBehind
 from flashsale.kafka import ensure_topics
-from flashsale.migrate import migrate
+from flashsale.migrate import migrate, require_current
 from flashsale.settings import Settings
 
 
@@ -30,6 +31,9 @@ def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
         seconds = stack.up(timeout=args.timeout, cluster=layout)
         out(f"stack ready in {seconds:.1f}s; env in {stack.env_file}")
         out('use it from a shell with: eval "$(flashsale dev env)"')
+        behind = asyncio.run(_schema_behind(Settings.from_env()))
+        if behind:
+            out(f"the database schema is not current: {behind}")
         return 0
     if args.dev_command == "down":
         stack.down(purge=args.purge)
@@ -44,6 +48,18 @@ def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
         version = f"v{row.version}" if row.version else ""
         out(f"{row.name:9} {row.state:8} {where:48} {pid:10} {version:8} {row.detail}")
     return 0 if all(r.state in ("running", "external") for r in rows) else 3
+
+
+async def _schema_behind(settings: Settings) -> str | None:
+    """What is missing from the stack's database schema, None when it is current."""
+    conn = await pg_connect(settings)
+    try:
+        await require_current(conn)
+    except SchemaBehind as exc:
+        return exc.message
+    finally:
+        await conn.close()
+    return None
 
 
 async def apply_migrations(settings: Settings, progress: Callable[[str], None] = out) -> None:
