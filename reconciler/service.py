@@ -15,12 +15,14 @@ import contextlib
 import logging
 from collections.abc import Sequence
 
+import asyncpg
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from allocator.ids import route_of
 from allocator.pacing import period
 from flashsale.clients import Clients, open_clients
+from flashsale.errors import NotFound
 from flashsale.kafka import LagReader
 from flashsale.ops_endpoints import dependency_probes, serve_ops
 from flashsale.outages import describe, is_outage
@@ -40,9 +42,22 @@ def reconciler(c: Clients, settings: Settings, *, stuck_after_s: float,
                       stuck_after_s=stuck_after_s, registry=registry)  # fmt: skip
 
 
+async def require_sales(pool: asyncpg.Pool, sales: Sequence[str] | None) -> None:
+    """NotFound naming the first of ``sales`` Postgres does not know: a mistyped id would
+    otherwise make a pass over nothing, reported as done."""
+    if not sales:
+        return
+    known = {r["id"] for r in await pool.fetch("SELECT id FROM sales WHERE id = ANY($1)",
+                                               list(sales))}  # fmt: skip
+    for sale in sales:
+        if sale not in known:
+            raise NotFound(f"unknown sale {sale!r}", code="unknown_sale")
+
+
 async def reconcile_once(settings: Settings, sales: Sequence[str] | None,
                          stuck_after_s: float) -> PassReport:  # fmt: skip
     async with open_clients(settings) as c:
+        await require_sales(c.pool, sales)
         return await reconciler(c, settings, stuck_after_s=stuck_after_s).run_once(
             sales, wait_for_grace=True
         )
@@ -60,11 +75,13 @@ SKUS_PER_S = 2000.0
 
 
 async def serve(settings: Settings, stop: asyncio.Event, *, interval: float,
-                stuck_after_s: float, ops_port: int | None, host: str) -> None:  # fmt: skip
+                stuck_after_s: float, ops_port: int | None, host: str,
+                sales: Sequence[str] | None = None) -> None:  # fmt: skip
     """A pass every ``interval`` seconds (longer with more than ``SKUS_PER_S`` times as many
-    SKUs in scope) until ``stop``."""
+    SKUs in scope) until ``stop``, over ``sales`` (default: every sale in scope)."""
     registry = CollectorRegistry()
     async with open_clients(settings) as c:
+        await require_sales(c.pool, sales)
         rec = reconciler(c, settings, stuck_after_s=stuck_after_s, registry=registry)
         runner: web.AppRunner | None = None
         if ops_port is not None:
@@ -78,7 +95,7 @@ async def serve(settings: Settings, stop: asyncio.Event, *, interval: float,
                 await _read_lag(lag, settings, rec.metrics)
                 wait = interval
                 try:
-                    report = await rec.run_once(full=False)
+                    report = await rec.run_once(sales, full=False)
                 except Exception as exc:
                     rec.metrics.failures.inc()
                     if is_outage(exc):

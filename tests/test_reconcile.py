@@ -364,6 +364,9 @@ async def test_audit_and_reconcile_over_the_admin_api_and_the_cli(
         bad_input = await cli("audit", "no such/sale")
         assert bad_input.code == 2 and bad_input.err.count("\n") == 1 and "sale" in bad_input.err
         assert (await cli("reconcile", "--once", "--interval", "-1")).code == 2
+        # A mistyped sale is named, not "reconciled 0 SKUs" with exit 0.
+        typo = await cli("reconcile", "--once", "--sale", sale, "--sale", "sale-nope")
+        assert typo.code == 1 and "unknown sale 'sale-nope'" in typo.err, typo
         await workers.drain()
 
 

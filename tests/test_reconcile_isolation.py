@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from flashsale.errors import PaymentError, PaymentUnknown
+from flashsale.errors import NotFound, PaymentError, PaymentUnknown
 from flashsale.keys import SkuKeys
 from flashsale.payments import Charge, ChargeRequest, PaymentProvider
 from flashsale.settings import Settings
@@ -80,6 +80,34 @@ async def test_a_sku_that_cannot_be_rebuilt_does_not_stop_the_others(stack: Sett
         # the next pass takes it up again first.
         again = await rec.run_once([broken])
         assert any(broken in line for line in again.unresolved)
+
+
+async def test_the_service_keeps_to_the_sales_it_is_given(stack: Settings) -> None:
+    """``flashsale reconcile --sale A`` (the service, without ``--once``) repairs sale A and
+    leaves every other sale alone, as ``--once`` does."""
+    async with pipeline(stack) as p:
+        mine, other = await p.sale(stock=5), await p.sale(stock=5)
+        await corrupt(p, mine)
+        await corrupt(p, other)
+        stop = asyncio.Event()
+        task = asyncio.get_running_loop().create_task(service.serve(
+            stack, stop, interval=0.05, stuck_after_s=60, ops_port=None, host="",
+            sales=[mine],
+        ))  # fmt: skip
+        try:
+            for _ in range(400):
+                if await recorded(p, mine) or task.done():
+                    break
+                await asyncio.sleep(0.05)
+            assert await recorded(p, mine) == ["rebuild_sku"], task
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+        assert await recorded(p, other) == []
+        assert (await p.counts(other))["available"] == 99
+        with pytest.raises(NotFound, match="unknown sale 'sale-nope'"):
+            await service.serve(stack, stop, interval=0.05, stuck_after_s=60, ops_port=None,
+                                host="", sales=[mine, "sale-nope"])  # fmt: skip
 
 
 async def test_the_service_outlives_a_pass_that_raises(

@@ -88,14 +88,21 @@ async def serve_workers(
 
 
 async def serve_reconciler(
-    settings: Settings, host: str, ops_port: int | None, *, interval: float, stuck_after_s: float
+    settings: Settings,
+    host: str,
+    ops_port: int | None,
+    *,
+    interval: float,
+    stuck_after_s: float,
+    sales: list[str] | None = None,
 ) -> int:
     from reconciler.service import serve  # noqa: PLC0415
 
     stop = _stop_on_signals()
-    log.info("reconciler (pid %d) running, a pass every %gs", os.getpid(), interval)
+    log.info("reconciler (pid %d) running, a pass every %gs over %s", os.getpid(), interval,
+             ", ".join(sales) if sales else "every sale in scope")  # fmt: skip
     await serve(settings, stop, interval=interval, stuck_after_s=stuck_after_s,
-                ops_port=ops_port, host=host)  # fmt: skip
+                ops_port=ops_port, host=host, sales=sales)  # fmt: skip
     return 0
 
 

@@ -69,6 +69,7 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     if not args.once:
         return int(event_loop.run(runners.serve_reconciler(
             settings, args.host, ops_port, interval=interval, stuck_after_s=stuck,
+            sales=args.sale,
         )))  # fmt: skip
     report = event_loop.run(reconciler_service.reconcile_once(settings, args.sale, stuck))
     if args.json:
@@ -312,7 +313,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "in scope per second of it)",
     )
     rec.add_argument("--sale", action="append", metavar="ID",
-                     help="only this sale (repeatable; default: every live sale)")  # fmt: skip
+                     help="only this sale (repeatable; default: every live sale); an unknown "
+                          "id is refused")  # fmt: skip
     rec.add_argument(
         "--stuck-after", default="60",
         help="seconds after which a PENDING/PAYING order is stuck (default 60)",
