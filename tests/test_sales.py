@@ -386,6 +386,8 @@ def test_create_with_a_key_is_once_and_orders_export_as_csv(
 
 def test_status_watch_refreshes_and_list_prints_json(cli: Cli, tmp_path: Path) -> None:
     sale_id = create(cli, tmp_path)
+    before = cli("sale", "status", sale_id)  # not preloaded yet: said in words, not "None"
+    assert before.code == 0 and "not preloaded" in before.out and "None" not in before.out
     watched = cli("sale", "status", sale_id, "--watch", "--interval", "0.1", "--count", "2")
     assert watched.code == 0, watched.err
     assert watched.out.count("UTC, every 0.1s") == 2 and watched.out.count("SNK-42") >= 2

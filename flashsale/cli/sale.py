@@ -229,7 +229,9 @@ def print_status(status: dict[str, Any], *, as_json: bool) -> None:
         return
     sale = status["sale"]
     out(f'sale {sale["id"]}  "{sale["name"]}"  state={sale["state"]}  status={sale["status"]}')
-    out(f"  starts {sale['starts_at']}  ends {sale['ends_at']}  preloaded {sale['preloaded_at']}")
+    preloaded = sale["preloaded_at"]
+    loaded = f"preloaded {preloaded}" if preloaded else "not preloaded (sale preload ID)"
+    out(f"  starts {sale['starts_at']}  ends {sale['ends_at']}  {loaded}")
     out(f"  {'SKU':20} {'STOCK':>10} {'AVAILABLE':>10} {'HELD':>8} {'SOLD':>8} {'CONFIRMED':>10}")
 
     def cell(value: int | None) -> str:
