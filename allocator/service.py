@@ -31,7 +31,7 @@ from allocator.redis_calls import Command, read_packed
 from allocator.relay import OutboxRelay, run_relay
 from allocator.sweeper import run_sweeper
 from flashsale.clients import RedisClient, pg_pool, redis_client
-from flashsale.kafka import ensure_topics, producer
+from flashsale.kafka import started_producer
 from flashsale.keys import SkuKeys, bucket_keys
 from flashsale.ops_endpoints import KafkaProbe, build_info, dependency_probes, serve_ops
 from flashsale.outages import log_failure
@@ -151,19 +151,15 @@ class AllocatorService:
     async def run(
         self, stop: asyncio.Event, ops_port: int | None = None, host: str = "127.0.0.1"
     ) -> None:
-        await ensure_topics(self.settings)
         self.redis = redis_client(self.settings)
-        self.pool = await pg_pool(self.settings, min_size=1, max_size=4)
+        # Postgres or the broker down at the start stops neither the pumps nor the sweeper
+        # (Redis only): the pool connects when asked, the relay waits for the broker.
+        self.pool = await pg_pool(self.settings, min_size=1, max_size=4, lazy=True)
         queue = QueueScripts(self.redis)
         runner: web.AppRunner | None = None
-        out = producer(self.settings)
-        topics = self.settings.topics
-        self.relay = OutboxRelay(self.redis, out, topics.reservations, topics.dead_letter,
-                                 self.owner)  # fmt: skip
         kafka = KafkaProbe(self.settings)
         background: list[asyncio.Task[None]] = []
         try:
-            await out.start()
             if ops_port is not None:
                 runner = await self._serve_ops(host, ops_port, kafka)
             sweeper = asyncio.create_task(
@@ -172,11 +168,7 @@ class AllocatorService:
                     on_expired=self.metrics.expired.inc,
                 )
             )  # fmt: skip
-            relay = asyncio.create_task(
-                run_relay(
-                    self.relay, self._holding_skus, stop=stop, on_round=self.metrics.relayed.inc
-                )
-            )
+            relay = asyncio.create_task(self._relay(stop))
             checkpoints = asyncio.create_task(self.marks.run(self.pool, stop))
             backlog = asyncio.create_task(self._measure_backlog(stop))
             background += [sweeper, relay, checkpoints, backlog]
@@ -203,9 +195,32 @@ class AllocatorService:
             if runner is not None:
                 await runner.cleanup()
             await kafka.aclose()
-            await out.stop()
+            if self.relay is not None:
+                await self.relay.producer.stop()
             await self.pool.close()
             await self.redis.aclose()
+
+    async def _relay(self, stop: asyncio.Event) -> None:
+        """Relay the outboxes to the broker until ``stop``, once a producer could be started:
+        tried again with backoff (0.1 s doubling to 5 s) while the broker cannot be reached,
+        the entries waiting in the outboxes meanwhile."""
+        assert self.redis is not None
+        delay = 0.1
+        while self.relay is None and not stop.is_set():
+            try:
+                out = await started_producer(self.settings)
+            except Exception as exc:  # noqa: BLE001 - tried again until the broker answers
+                log_failure(log, "the relay cannot reach the broker yet; the outboxes wait", exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                delay = min(5.0, delay * 2)
+            else:
+                topics = self.settings.topics
+                self.relay = OutboxRelay(self.redis, out, topics.reservations,
+                                         topics.dead_letter, self.owner)  # fmt: skip
+        if self.relay is not None:
+            await run_relay(self.relay, self._holding_skus, stop=stop,
+                            on_round=self.metrics.relayed.inc)  # fmt: skip
 
     async def _measure_backlog(
         self, stop: asyncio.Event, interval_s: float = 1.0, reads_per_s: float = 2000.0

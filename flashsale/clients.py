@@ -4,6 +4,7 @@ and own their lifecycle (close what you open)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ RedisClient: TypeAlias = aioredis.Redis | aioredis.RedisCluster
 CLUSTER_POOL_FACTOR = 16
 
 T = TypeVar("T")
+
+log = logging.getLogger("flashsale.clients")
 
 # The options of each server URL that name a file its client reads when it connects: the TLS
 # authority, a client certificate and its key, a revocation list.
@@ -140,16 +143,27 @@ async def pg_pool(
     min_size: int = 1,
     max_size: int = 10,
     server_settings: dict[str, str] | None = None,
+    lazy: bool = False,
 ) -> asyncpg.Pool:
     """An asyncpg pool for ``DATABASE_URL``; raises Unavailable with where it tried.
     ``server_settings`` are session settings: not sent through a transaction pooler
-    (:func:`_pooled`)."""
+    (:func:`_pooled`).
+
+    ``lazy`` (a service): Postgres down at the start is not an error. The pool then opens its
+    connections as they are asked for (each ask an outage until Postgres is back, as for a
+    pool whose server went away), so the service serves what needs no Postgres meanwhile and
+    its ``/readyz`` says Postgres is down."""
     dsn = settings.require_database()
     check_url_files("DATABASE_URL", dsn)
-    return await _reach_postgres(dsn, asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, timeout=5,
-        **_pooled(settings, server_settings=server_settings),
-    ))  # fmt: skip
+    options = {"max_size": max_size, "timeout": 5,
+               **_pooled(settings, server_settings=server_settings)}  # fmt: skip
+    try:
+        return await _reach_postgres(dsn, asyncpg.create_pool(dsn, min_size=min_size, **options))
+    except Unavailable as exc:
+        if not lazy:
+            raise
+        log.warning("%s; going on without it, and connecting when it is needed", exc.message)
+        return await asyncpg.create_pool(dsn, min_size=0, **options)
 
 
 async def pg_connect(settings: Settings) -> asyncpg.Connection:
@@ -199,13 +213,15 @@ class Clients:
 
 
 @contextlib.asynccontextmanager
-async def open_clients(settings: Settings, *, pool_size: int = 4) -> AsyncIterator[Clients]:
+async def open_clients(settings: Settings, *, pool_size: int = 4,
+                       lazy: bool = False) -> AsyncIterator[Clients]:  # fmt: skip
     """:class:`Clients` for ``settings``, closed in reverse order on exit. The Redis client
-    comes first: building it checks REDIS_URL and connects to nothing yet."""
+    comes first: building it checks REDIS_URL and connects to nothing yet. ``lazy``: as for
+    :func:`pg_pool` (a service starting while Postgres is down)."""
     async with contextlib.AsyncExitStack() as opened:
         client = redis_client(settings)
         opened.push_async_callback(client.aclose)
-        pool = await pg_pool(settings, min_size=1, max_size=pool_size)
+        pool = await pg_pool(settings, min_size=1, max_size=pool_size, lazy=lazy)
         opened.push_async_callback(pool.close)
         provider = None
         if settings.psp_url:

@@ -138,6 +138,21 @@ def producer(settings: Settings, *, linger_ms: int = 2) -> AIOKafkaProducer:
     )
 
 
+async def started_producer(settings: Settings, *, linger_ms: int = 2) -> AIOKafkaProducer:
+    """A :func:`producer`, started once the engine's topics are made sure of (a broker that
+    does not create topics on first use would refuse every message). If the broker cannot be
+    reached it is stopped again and the error raised: a later call starts a fresh one."""
+    out = producer(settings, linger_ms=linger_ms)
+    try:
+        await ensure_topics(settings)
+        await out.start()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await out.stop()
+        raise
+    return out
+
+
 def partition_of(key: bytes, partitions: Sequence[int]) -> int:
     """The partition of ``key`` among ``partitions`` (sorted): CRC-32 of the key, computed in
     C, the same for every producer of the engine, so one key's messages stay in order."""

@@ -36,7 +36,7 @@ from allocator.batching import Coalescer
 from flashsale.errors import Unavailable
 from flashsale.event_loop import LoopThread
 from flashsale.events import ReservationEvent, encode_event, message_key
-from flashsale.kafka import ensure_topics, producer, publish
+from flashsale.kafka import publish, started_producer
 from flashsale.settings import Settings
 
 ANNOUNCE_TIMEOUT_S = 3.0
@@ -108,18 +108,13 @@ class Announcer:
             return self._out
         async with self._lock:
             if self._out is None:
-                out = producer(self.settings, linger_ms=1)
                 try:
                     async with asyncio.timeout(self.timeout_s):
-                        await ensure_topics(self.settings)
-                        await out.start()
+                        self._out = await started_producer(self.settings, linger_ms=1)
                 except Exception as exc:
-                    with contextlib.suppress(Exception):
-                        await out.stop()
                     raise Unavailable(
                         "the order pipeline is unavailable; retry with the same Idempotency-Key"
                     ) from exc
-                self._out = out
             return self._out
 
     async def aclose(self) -> None:

@@ -72,7 +72,7 @@ async def clients(app: web.Application) -> AsyncIterator[None]:
     """Open every client the gateway uses, and close them when the app stops."""
     settings = app[SETTINGS]
     kafka = KafkaProbe(settings)
-    async with open_clients(settings, pool_size=10) as c:
+    async with open_clients(settings, pool_size=10, lazy=True) as c:
         app[CLIENTS] = c
         app[PROBES] = probes = dependency_probes(c.redis, c.pool, kafka)
         app[READINESS] = Readiness(probes, registry=app[METRICS].registry)

@@ -80,8 +80,7 @@ async def serve(settings: Settings, stop: asyncio.Event, *, interval: float,
     """A pass every ``interval`` seconds (longer with more than ``SKUS_PER_S`` times as many
     SKUs in scope) until ``stop``, over ``sales`` (default: every sale in scope)."""
     registry = CollectorRegistry()
-    async with open_clients(settings) as c:
-        await require_sales(c.pool, sales)
+    async with open_clients(settings, lazy=True) as c:
         rec = reconciler(c, settings, stuck_after_s=stuck_after_s, registry=registry)
         runner: web.AppRunner | None = None
         if ops_port is not None:
@@ -90,12 +89,18 @@ async def serve(settings: Settings, stop: asyncio.Event, *, interval: float,
             log.info("reconciler ops endpoints on http://%s:%d/healthz and /metrics", host,
                      ops_port)  # fmt: skip
         lag = LagReader(settings, settings.consumer_group)
+        checked = False  # the sales asked for exist (checked once Postgres answers)
         try:
             while not stop.is_set():
                 await _read_lag(lag, settings, rec.metrics)
                 wait = interval
                 try:
+                    if not checked:
+                        await require_sales(c.pool, sales)
+                        checked = True
                     report = await rec.run_once(sales, full=False)
+                except NotFound:
+                    raise
                 except Exception as exc:
                     rec.metrics.failures.inc()
                     if is_outage(exc):

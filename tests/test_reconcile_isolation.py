@@ -106,8 +106,8 @@ async def test_the_service_keeps_to_the_sales_it_is_given(stack: Settings) -> No
         assert await recorded(p, other) == []
         assert (await p.counts(other))["available"] == 99
         with pytest.raises(NotFound, match="unknown sale 'sale-nope'"):
-            await service.serve(stack, stop, interval=0.05, stuck_after_s=60, ops_port=None,
-                                host="", sales=[mine, "sale-nope"])  # fmt: skip
+            await service.serve(stack, asyncio.Event(), interval=0.05, stuck_after_s=60,
+                                ops_port=None, host="", sales=[mine, "sale-nope"])  # fmt: skip
 
 
 async def test_the_service_outlives_a_pass_that_raises(
