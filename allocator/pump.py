@@ -143,6 +143,7 @@ class AdmissionPump:
     buckets: dict[str, int] = field(default_factory=dict)  # SKUs split into stock buckets
     recorded: bool = False  # the pre-queue's order is recorded in Postgres (fairness)
     recording: asyncio.Task[None] | None = None  # the record being written
+    seeding: asyncio.Task[None] | None = None  # the seed being read ahead of the opening
     stock: dict[str, tuple[int, int]] = field(default_factory=dict)  # SKU: (available, held)
     tail: int = 0  # the last position handed out, as of the last step
 
@@ -175,6 +176,10 @@ class AdmissionPump:
         if not view.preloaded or view.status == "ended":
             self.busy = False
             return None
+        if self.seed is None and not view.shuffled and self.seeding is None:
+            # Read ahead of the opening, in the background: the draw then needs no Postgres,
+            # and an outage at the opening does not keep the pre-queue waiting.
+            self.seeding = asyncio.create_task(self._read_seed())
         if view.sealed and not view.shuffled:
             # Draw the pre-queue and admit its first buyers in the same step: the front of
             # the queue is admitted one step after the opening, as the ETAs promise.
@@ -280,6 +285,16 @@ class AdmissionPump:
                 samples.append((serving - serving0) * 1000 / (t - t0))
         return quantile(samples, 0.5), quantile(samples, 0.1)
 
+    async def _read_seed(self) -> None:
+        try:
+            self.seed = await self.pool.fetchval(
+                "SELECT shuffle_seed FROM sales WHERE id = $1", self.sale_id
+            )
+        except Exception as exc:  # noqa: BLE001 - read again at a later tick, or at the draw
+            log_failure(log, f"could not read the shuffle seed of {self.sale_id} yet", exc)
+        finally:
+            self.seeding = None
+
     async def _shuffle(self) -> bool:
         """Assign positions 1..pre to the pre-queue by the seeded permutation; False when it
         could not (no seed, or fenced out)."""
@@ -329,6 +344,8 @@ class AdmissionPump:
             self.recording = None
 
     async def resign(self) -> None:
+        if self.seeding is not None:
+            self.seeding.cancel()
         if self.recording is not None:  # let the fairness record finish (it is idempotent)
             await asyncio.wait([self.recording], timeout=5)
         if self.token:

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from urllib.parse import urlsplit
 
+import asyncpg
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from allocator.pump import Inputs, plan
-from allocator.queue_scripts import Step
+from allocator.pump import AdmissionPump, Inputs, plan
+from allocator.queue_scripts import QueueScripts, Step
 from flashsale.keys import SaleKeys
 from flashsale.settings import Settings
 from gateway.state import CLIENTS
+from loadtest.fault_proxy import FaultProxy, through
 from tests.harness import gateway
 
 BASE = Inputs(
@@ -104,3 +107,40 @@ async def test_lapsed_admissions_are_learned_as_no_shows_and_replaced(
         lapsed = first.serving - claimed
         assert pump.noshow == pytest.approx((lapsed + 0.2 * 20) / (first.serving + 20))
         assert pump.last is not None and pump.last.serving > first.serving  # compensated
+
+
+async def test_a_sale_opens_while_postgres_is_down(stack: Settings) -> None:
+    """The opening's draw needs the sale's seed, kept in Postgres. A pump that ticked before
+    the opening has it already, so a Postgres outage at the opening does not keep the
+    pre-queue waiting (before, every tick failed until Postgres was back)."""
+    async with gateway(stack) as gw:
+        sale = await gw.create_sale(stock=10, starts_in=1.5)
+        for i in range(5):
+            assert (await gw.join(sale, f"early-{i}"))[0] == 200
+        db = urlsplit(stack.require_database())
+        proxy = await FaultProxy(db.hostname or "127.0.0.1", db.port or 5432).start()
+        pool = await asyncpg.create_pool(through(stack.require_database(), proxy.port),
+                                         min_size=0, max_size=2)  # fmt: skip
+        pump = AdmissionPump(QueueScripts(gw.app[CLIENTS].redis), pool, sale, ["SKU-1"], "t")
+        try:
+            for _ in range(5):  # the pump of a discovered sale ticks before its opening
+                await pump.tick()
+                await asyncio.sleep(0.05)
+            proxy.set("refuse")  # Postgres goes down, and stays down through the opening
+            proxy.reset_all()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            failures: list[str] = []
+            while int(await gw.app[CLIENTS].redis.hget(SaleKeys(sale).queue, "serving") or 0) < 5:
+                assert loop.time() < deadline, f"the pre-queue was never drawn: {failures[-1:]}"
+                try:
+                    await pump.tick()
+                except Exception as exc:  # noqa: BLE001 - the test reports the last one
+                    failures.append(repr(exc))
+                await asyncio.sleep(0.05)
+        finally:
+            for task in (pump.recording, pump.seeding):
+                if task is not None:
+                    task.cancel()
+            await pool.close()
+            await proxy.stop()
