@@ -31,7 +31,7 @@ from allocator.redis_calls import Command, read_packed
 from allocator.relay import OutboxRelay, run_relay
 from allocator.sweeper import run_sweeper
 from flashsale.clients import RedisClient, pg_pool, redis_client
-from flashsale.kafka import started_producer
+from flashsale.kafka import producer_when_up
 from flashsale.keys import SkuKeys, bucket_keys
 from flashsale.ops_endpoints import KafkaProbe, build_info, dependency_probes, serve_ops
 from flashsale.outages import log_failure
@@ -201,26 +201,17 @@ class AllocatorService:
             await self.redis.aclose()
 
     async def _relay(self, stop: asyncio.Event) -> None:
-        """Relay the outboxes to the broker until ``stop``, once a producer could be started:
-        tried again with backoff (0.1 s doubling to 5 s) while the broker cannot be reached,
-        the entries waiting in the outboxes meanwhile."""
+        """Relay the outboxes to the broker until ``stop``, once a producer could be started
+        (the entries wait in the outboxes meanwhile)."""
         assert self.redis is not None
-        delay = 0.1
-        while self.relay is None and not stop.is_set():
-            try:
-                out = await started_producer(self.settings)
-            except Exception as exc:  # noqa: BLE001 - tried again until the broker answers
-                log_failure(log, "the relay cannot reach the broker yet; the outboxes wait", exc)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
-                delay = min(5.0, delay * 2)
-            else:
-                topics = self.settings.topics
-                self.relay = OutboxRelay(self.redis, out, topics.reservations,
-                                         topics.dead_letter, self.owner)  # fmt: skip
-        if self.relay is not None:
-            await run_relay(self.relay, self._holding_skus, stop=stop,
-                            on_round=self.metrics.relayed.inc)  # fmt: skip
+        out = await producer_when_up(self.settings, stop, "the relay")
+        if out is None:
+            return
+        topics = self.settings.topics
+        self.relay = OutboxRelay(self.redis, out, topics.reservations, topics.dead_letter,
+                                 self.owner)  # fmt: skip
+        await run_relay(self.relay, self._holding_skus, stop=stop,
+                        on_round=self.metrics.relayed.inc)  # fmt: skip
 
     async def _measure_backlog(
         self, stop: asyncio.Event, interval_s: float = 1.0, reads_per_s: float = 2000.0

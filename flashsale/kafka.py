@@ -22,6 +22,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from flashsale.errors import ConfigError, Unavailable
+from flashsale.outages import is_outage, log_failure
 from flashsale.settings import Settings, Topics
 
 log = logging.getLogger("flashsale.kafka")
@@ -151,6 +152,25 @@ async def started_producer(settings: Settings, *, linger_ms: int = 2) -> AIOKafk
             await out.stop()
         raise
     return out
+
+
+async def producer_when_up(settings: Settings, stop: asyncio.Event, who: str, *,
+                           linger_ms: int = 2) -> AIOKafkaProducer | None:  # fmt: skip
+    """:func:`started_producer`, tried again with backoff (0.1 s doubling to 5 s) while the
+    broker cannot be reached: a service started during a broker outage waits for it. None
+    when ``stop`` is set first. An error that is not an outage (a bad setting) is raised."""
+    delay = 0.1
+    while not stop.is_set():
+        try:
+            return await started_producer(settings, linger_ms=linger_ms)
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            log_failure(log, f"{who} cannot reach the broker yet; waiting for it", exc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        delay = min(5.0, delay * 2)
+    return None
 
 
 def partition_of(key: bytes, partitions: Sequence[int]) -> int:

@@ -122,3 +122,35 @@ async def test_an_allocator_started_while_postgres_and_the_broker_are_down_admit
                     await asyncio.sleep(0.1)
         finally:
             await proxy.stop()
+
+
+async def test_workers_started_while_postgres_and_the_broker_are_down_wait_for_them(
+    stack: Settings,
+) -> None:
+    db = urlsplit(stack.require_database())
+    broker_host, broker_port = stack.require_kafka().split(",")[0].rsplit(":", 1)
+    pg = await FaultProxy(db.hostname or "127.0.0.1", db.port or 5432, "refuse").start()
+    kafka = await FaultProxy(broker_host, int(broker_port), "refuse").start()
+    port = free_port()
+    try:
+        async with started(stack, "workers", "--ops-port", str(port),
+                           DATABASE_URL=through(stack.require_database(), pg.port),
+                           KAFKA_BOOTSTRAP=f"127.0.0.1:{kafka.port}",
+                           FLASHSALE_PSP_URL="http://127.0.0.1:9") as running:  # fmt: skip
+            url = f"http://127.0.0.1:{port}/readyz"
+            code, ready = await _answering(running, url)
+            assert code == 503, ready
+            assert ready["checks"]["postgres"].startswith("down"), ready
+            assert ready["checks"]["kafka"].startswith("down"), ready
+            await asyncio.sleep(1)
+            running()
+            pg.set("pass")
+            kafka.set("pass")  # the broker's metadata then names its own address
+            deadline = time.monotonic() + 30
+            while (answer := await _get(url))[0] != 200:
+                running()
+                assert time.monotonic() < deadline, f"never ready: {answer}"
+                await asyncio.sleep(0.2)
+    finally:
+        await pg.stop()
+        await kafka.stop()

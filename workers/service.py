@@ -36,7 +36,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from allocator.hold_scripts import HoldScripts
 from flashsale.clients import RedisClient, pg_pool, redis_client
 from flashsale.events import ReservationEvent, decode_event, event_id
-from flashsale.kafka import client_options, ensure_topics, producer
+from flashsale.kafka import client_options, producer_when_up
 from flashsale.ops_endpoints import build_info, dependency_probes, serve_ops
 from flashsale.orders import OrderStore
 from flashsale.outages import describe, is_outage
@@ -148,10 +148,12 @@ class WorkerService:
     async def run(self, stop: asyncio.Event, ops_port: int | None = None,
                   host: str = "127.0.0.1") -> None:  # fmt: skip
         settings = self.settings
-        await ensure_topics(settings)
         redis = redis_client(settings)
-        pool = await pg_pool(settings, min_size=2, max_size=8, server_settings=BATCH_PLANNING)
-        out = producer(settings)
+        # Started during an outage, it waits: the pool connects when asked (each batch waits
+        # out an outage), and the broker is waited for below, the probes saying what is down.
+        pool = await pg_pool(settings, min_size=2, max_size=8, server_settings=BATCH_PLANNING,
+                             lazy=True)  # fmt: skip
+        out: AIOKafkaProducer | None = None
         consumer = AIOKafkaConsumer(
             **client_options(settings), group_id=settings.consumer_group,
             client_id=f"flashsale-worker-{self.name}", enable_auto_commit=False,
@@ -170,12 +172,14 @@ class WorkerService:
             self.metrics.watch_breaker(http.breaker)
             provider_cm = http
         try:
-            await out.start()
+            if ops_port is not None:
+                runner = await self._serve_ops(host, ops_port, redis, pool, consumer)
+            out = await producer_when_up(settings, stop, "the workers")
+            if out is None:
+                return
             async with provider_cm as provider:
                 store = OrderStore(pool, settings.topics.order_events, CONSUMER)
                 saga = Saga(store, HoldScripts(redis), provider, concurrency=self.concurrency)
-                if ops_port is not None:
-                    runner = await self._serve_ops(host, ops_port, redis, pool, consumer)
                 consumer.subscribe(
                     [settings.topics.reservations], listener=_Rebalance(self, consumer)
                 )
@@ -191,7 +195,8 @@ class WorkerService:
         finally:
             with contextlib.suppress(KafkaError, OSError):
                 await consumer.stop()
-            await out.stop()
+            if out is not None:
+                await out.stop()
             if runner is not None:
                 await runner.cleanup()
             await pool.close()
