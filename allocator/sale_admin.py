@@ -9,7 +9,7 @@ The reads are :mod:`allocator.sale_reads`; the settings and state :mod:`allocato
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,14 @@ from flashsale.clients import RedisClient
 from flashsale.errors import Conflict, InvalidInput, NotFound
 from flashsale.keys import SaleKeys, SkuKeys, bucket_keys
 from flashsale.sales import fetch_skus, new_sale_id, sale_hash, sku_meta
-from flashsale.salespec import MAX_STOCK, SaleSpec, SkuSpec, identifier, integer
+from flashsale.salespec import (
+    MAX_STOCK,
+    SaleSpec,
+    SkuSpec,
+    csv_sku_field,
+    identifier,
+    integer,
+)
 from flashsale.shuffle import seed_commitment
 
 
@@ -70,8 +77,11 @@ class SaleAdmin(SaleReads):
             await _insert_skus(conn, sale_id, spec.skus)
         return await self.get(sale_id)
 
-    async def import_skus(self, sale_id: str, skus: Sequence[SkuSpec]) -> dict[str, Any]:
-        """Add SKUs (already validated as a whole) to a sale; all or nothing."""
+    async def import_skus(
+        self, sale_id: str, skus: Sequence[SkuSpec], where: Callable[[int], str] = csv_sku_field
+    ) -> dict[str, Any]:
+        """Add SKUs (already validated as a whole) to a sale; all or nothing. ``where``
+        names the field of the SKU at an index in errors (a CSV row's by default)."""
         async with self.pool.acquire() as conn, conn.transaction():
             sale = await self.sale_row(conn, sale_id)
             if sale["status"] == "ended":
@@ -80,7 +90,7 @@ class SaleAdmin(SaleReads):
             for index, spec in enumerate(skus):
                 if spec.sku in existing:
                     raise InvalidInput(
-                        f"row {index + 2}.sku", f"SKU {spec.sku!r} already exists in {sale_id}"
+                        where(index), f"SKU {spec.sku!r} already exists in {sale_id}"
                     )
             await _insert_skus(conn, sale_id, skus)
         return await self.get(sale_id)

@@ -247,13 +247,39 @@ def parse_sale(data: Any, *, now: datetime | None = None) -> SaleSpec:
     if challenge_max and (challenge_max < challenge or not challenge):
         raise InvalidInput("join_challenge_max", "must be at least join_challenge, which must "
                            "be on (> 0); 0 keeps the difficulty fixed")  # fmt: skip
-    raw_skus = data.get("skus", [])
-    if not isinstance(raw_skus, list):
-        raise InvalidInput("skus", "must be a list")
-    skus = tuple(parse_sku(item, f"skus[{i}]") for i, item in enumerate(raw_skus))
-    reject_duplicates(skus, lambda i: f"skus[{i}].sku")
+    skus = _sku_list(data.get("skus", []))
     return SaleSpec(name, starts_at, ends_at, admission_rate, max_queue, skus, window, capacity,
                     challenge, challenge_max)  # fmt: skip
+
+
+def _sku_list(raw: Any) -> tuple[SkuSpec, ...]:
+    """The ``skus`` list of a sale file (or of an import), each checked, none twice."""
+    if not isinstance(raw, list):
+        raise InvalidInput("skus", "must be a list")
+    skus = tuple(parse_sku(item, f"skus[{i}]") for i, item in enumerate(raw))
+    reject_duplicates(skus, json_sku_field)
+    return skus
+
+
+def json_sku_field(index: int) -> str:
+    """Where the SKU at ``index`` of a JSON ``skus`` list is named in errors."""
+    return f"skus[{index}].sku"
+
+
+def csv_sku_field(index: int) -> str:
+    """Where the SKU of the ``index``-th data row of a CSV is named in errors."""
+    return f"row {index + 2}.sku"
+
+
+def parse_skus(data: Any) -> tuple[SkuSpec, ...]:
+    """SKUs to add to a sale, as JSON: ``{"skus": [...]}`` in the sale file's form."""
+    if not isinstance(data, Mapping):
+        raise InvalidInput("body", 'must be a JSON object {"skus": [...]} or a CSV')
+    _check_fields(data, ("skus",), "")
+    skus = _sku_list(data.get("skus"))
+    if not skus:
+        raise InvalidInput("skus", "must name at least one SKU")
+    return skus
 
 
 def reject_duplicates(skus: Iterable[SkuSpec], where: Any) -> None:
@@ -295,5 +321,5 @@ def parse_csv(content: str) -> tuple[SkuSpec, ...]:
     refuse_all(errors)
     if not specs:
         raise InvalidInput("csv", "has a header but no rows")
-    reject_duplicates(specs, lambda i: f"row {i + 2}.sku")
+    reject_duplicates(specs, csv_sku_field)
     return tuple(specs)

@@ -15,9 +15,9 @@ from aiohttp import web
 from allocator.sale_reads import MAX_PAGE, order_state
 from flashsale.errors import InvalidInput, Unauthorized
 from flashsale.records import body_fingerprint, idempotency_key
-from flashsale.salespec import parse_csv, parse_sale
+from flashsale.salespec import json_sku_field, parse_csv, parse_sale, parse_skus
 from gateway.console import OPEN_PATHS
-from gateway.http import bearer, client_ip, json_body, json_response
+from gateway.http import bearer, body_bytes, client_ip, json_body, json_response, parse_json
 from gateway.middleware import Handler
 from gateway.state import CLIENTS, SALES, SETTINGS
 from reconciler.audit import audit_sale
@@ -88,15 +88,20 @@ async def export_orders(request: web.Request) -> web.StreamResponse:
 
 
 async def import_skus(request: web.Request) -> web.Response:
-    """``POST /admin/v1/sales/{sale}/skus`` with a CSV body (the ``sale import`` format): every
-    row validated before anything is written."""
-    raw = await request.read()
+    """``POST /admin/v1/sales/{sale}/skus`` with a CSV body (the ``sale import`` format), or
+    JSON ``{"skus": [...]}`` (the sale file's form): every SKU validated before anything is
+    written. A body that opens with ``{`` is JSON whatever its content type says (``curl -d``
+    sends a form type); no CSV header can."""
+    raw = await body_bytes(request)
     try:
         content = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise InvalidInput("body", "must be UTF-8 text (CSV)") from None
-    specs = parse_csv(content)
-    return json_response(await request.app[SALES].import_skus(request.match_info["sale"], specs))
+        raise InvalidInput("body", "must be UTF-8 text (CSV or JSON)") from None
+    sale = request.match_info["sale"]
+    if request.content_type == "application/json" or content.lstrip().startswith(("{", "[")):
+        specs = parse_skus(parse_json(content))
+        return json_response(await request.app[SALES].import_skus(sale, specs, json_sku_field))
+    return json_response(await request.app[SALES].import_skus(sale, parse_csv(content)))
 
 
 async def sale_status(request: web.Request) -> web.Response:

@@ -68,17 +68,10 @@ async def json_body(
 ) -> dict[str, Any]:
     """The request's JSON object. Malformed JSON, a non-object or (with ``allowed``) an unknown
     field is a 422 naming the problem; an empty body is ``{}`` when ``optional``."""
-    try:
-        async with asyncio.timeout(request.app[SETTINGS].body_timeout_s):
-            raw = await request.read()
-    except TimeoutError:
-        raise RequestTimeout("the request body did not arrive in time") from None
+    raw = await body_bytes(request)
     if not raw.strip() and optional:
         return {}
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidInput("body", f"malformed JSON: {exc}", code="malformed_json") from None
+    data = parse_json(raw)
     if not isinstance(data, dict):
         raise InvalidInput("body", "must be a JSON object")
     if allowed is not None:
@@ -86,6 +79,23 @@ async def json_body(
         if unknown:
             raise InvalidInput(unknown[0], "unknown field", code="unknown_field")
     return data
+
+
+async def body_bytes(request: web.Request) -> bytes:
+    """The request's body; 408 when it does not arrive within ``FLASHSALE_BODY_TIMEOUT``."""
+    try:
+        async with asyncio.timeout(request.app[SETTINGS].body_timeout_s):
+            return await request.read()
+    except TimeoutError:
+        raise RequestTimeout("the request body did not arrive in time") from None
+
+
+def parse_json(raw: bytes | str) -> Any:
+    """``raw`` as JSON; a 422 ``malformed_json`` saying where it is not."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput("body", f"malformed JSON: {exc}", code="malformed_json") from None
 
 
 def bearer(request: web.Request) -> str:

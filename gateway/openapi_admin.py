@@ -5,7 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.openapi_parts import IDEMPOTENCY_KEY, SALE_PATH, errors, ok, op, query
-from gateway.openapi_schemas import AUDIT, NULLABLE_STRING, SALE, SALE_SPEC, SALE_STATUS, obj
+from gateway.openapi_schemas import (
+    AUDIT,
+    NULLABLE_STRING,
+    SALE,
+    SALE_SPEC,
+    SALE_STATUS,
+    SKU_SPEC,
+    obj,
+)
 
 CREATE_KEY = {
     **IDEMPOTENCY_KEY,
@@ -202,7 +210,15 @@ def admin_paths() -> dict[str, Any]:
                 {
                     "200": {
                         "description": "CSV",
-                        "content": {"text/csv": {"schema": {"type": "string"}}},
+                        "content": {
+                            "text/csv": {"schema": {"type": "string"}},
+                            "application/json": {
+                                "schema": obj(
+                                    {"skus": {"type": "array", "items": SKU_SPEC, "minItems": 1}},
+                                    ["skus"],
+                                )
+                            },
+                        },
                     },
                     **errors(401, 404, 422),
                 },
@@ -215,14 +231,22 @@ def admin_paths() -> dict[str, Any]:
                 **op(
                     "importSkus",
                     "admin",
-                    "Add SKUs from CSV (all rows validated first)",
+                    'Add SKUs from CSV, or JSON {"skus": [...]} (all validated first)',
                     {**ok(200, "The sale", SALE), **errors(*admin_errors)},
                     security="admin",
                     params=SALE_PATH,
                 ),
                 "requestBody": {
                     "required": True,
-                    "content": {"text/csv": {"schema": {"type": "string"}}},
+                    "content": {
+                        "text/csv": {"schema": {"type": "string"}},
+                        "application/json": {
+                            "schema": obj(
+                                {"skus": {"type": "array", "items": SKU_SPEC, "minItems": 1}},
+                                ["skus"],
+                            )
+                        },
+                    },
                 },
             }
         },

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -282,6 +283,26 @@ async def test_csv_import_over_the_admin_api(http: TestClient[Any, Any]) -> None
     refused = await http.post(path, data=bad, headers={**auth(), "Content-Type": "text/csv"})
     assert refused.status == 422 and (await refused.json())["error"]["field"] == "row 3.stock"
     assert await pool.fetchval(count, sale_id) == 2  # the good row was not written either
+
+    # The same SKUs as JSON, in the sale file's "skus" form: also what `curl -d` sends, whose
+    # form content type a CSV parser read as a header row.
+    sku = {"sku": "SCARF", "stock": 3, "price": 2500, "currency": "EUR"}
+    as_json = await http.post(path, json={"skus": [sku]}, headers=auth())
+    assert as_json.status == 200, await as_json.text()
+    form = {**auth(), "Content-Type": "application/x-www-form-urlencoded"}
+    curl_d = await http.post(path, data=json.dumps({"skus": [{**sku, "sku": "GLOVE"}]}),
+                             headers=form)  # fmt: skip
+    assert curl_d.status == 200, await curl_d.text()
+    assert await pool.fetchval(count, sale_id) == 4
+    for body, field in (({"skus": [{**sku, "sku": "X", "stock": 0}]}, "skus[0].stock"),
+                        ({"skus": [sku]}, "skus[0].sku"),  # already in the sale
+                        ({"skus": [{**sku, "sku": "Y"}, {**sku, "sku": "Y"}]}, "skus[1].sku"),
+                        ({"skus": "SCARF"}, "skus"), ({"items": []}, "items"),
+                        ({"skus": []}, "skus")):  # fmt: skip
+        bad_json = await http.post(path, json=body, headers=auth())
+        assert bad_json.status == 422, (body, await bad_json.text())
+        assert (await bad_json.json())["error"]["field"] == field, (body, await bad_json.text())
+    assert await pool.fetchval(count, sale_id) == 4
 
 
 async def test_the_admission_rate_changes_while_the_sale_runs(http: TestClient[Any, Any]) -> None:
