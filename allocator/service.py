@@ -20,6 +20,7 @@ import socket
 import time
 
 import asyncpg
+import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -32,7 +33,7 @@ from allocator.relay import OutboxRelay, run_relay
 from allocator.sweeper import run_sweeper
 from flashsale.clients import RedisClient, pg_pool, redis_client
 from flashsale.kafka import producer_when_up
-from flashsale.keys import SkuKeys, bucket_keys
+from flashsale.keys import DISCOVERED, SkuKeys, bucket_keys
 from flashsale.ops_endpoints import KafkaProbe, build_info, dependency_probes, serve_ops
 from flashsale.outages import log_failure
 from flashsale.queue_marks import QueueMarks
@@ -60,6 +61,11 @@ GROUP BY s.id
 HAVING CASE WHEN s.status = 'ended' THEN least(s.ends_at, s.updated_at) ELSE s.ends_at END
        + make_interval(secs => max(k.hold_ttl_seconds)) + interval '1 minute' > now()
 """
+
+
+# How long the sales an allocator last listed stay in Redis for one started while Postgres is
+# down: a day, longer than any outage worth riding out this way.
+DISCOVERED_KEPT_S = 86_400
 
 
 class ServiceMetrics:
@@ -245,13 +251,30 @@ class AllocatorService:
         return self.holding_skus
 
     async def _discover(self, queue: QueueScripts) -> None:
-        assert self.pool is not None
+        """The live sales (a pump each) and the holding ones (swept and relayed), from
+        Postgres. They are kept in Redis for an allocator that starts while Postgres is down:
+        it takes them from there (what it has goes on otherwise)."""
+        assert self.pool is not None and self.redis is not None
         try:
-            rows = await self.pool.fetch(LIVE_SALES)
-            holding = await self.pool.fetch(HOLDING_SALES)
+            rows = [dict(r) for r in await self.pool.fetch(LIVE_SALES)]
+            holding = [dict(r) for r in await self.pool.fetch(HOLDING_SALES)]
         except Exception as exc:  # noqa: BLE001 - the pumps it has go on
-            log_failure(log, "cannot list live sales", exc)
-            return
+            seen = None
+            if not self.pumps and not self.holding_skus:
+                with contextlib.suppress(Exception):
+                    seen = await self.redis.get(DISCOVERED)
+            if seen is None:
+                log_failure(log, "cannot list live sales", exc)
+                return
+            log_failure(log, "cannot list live sales; serving those last listed", exc)
+            kept = orjson.loads(seen)
+            rows, holding = kept["live"], kept["holding"]
+        else:
+            try:
+                kept = {"live": rows, "holding": holding}
+                await self.redis.set(DISCOVERED, orjson.dumps(kept), ex=DISCOVERED_KEPT_S)
+            except Exception as exc:  # noqa: BLE001 - kept at the next discovery
+                log_failure(log, "cannot keep the live sales in Redis", exc)
         found = [
             keys for r in holding for sku, count in zip(r["skus"], r["buckets"], strict=True)
             for keys in bucket_keys(r["id"], sku, count)

@@ -30,6 +30,9 @@ primaries get one each (:func:`bucket_tag`). Each bucket is a whole allocator of
     fs:{<sale>}:lease            string the admission pump's leader lease "<owner>\x1f<token>"
     fs:{<sale>}:fence            string the last fencing token handed out
     fs:rl:{<subject>}            string GCRA theoretical arrival time of one rate-limited subject
+    fs:allocator:discovered      string the sales an allocator last read from Postgres (JSON:
+                                        live and holding, each sale with its SKUs and buckets),
+                                        for an allocator started while Postgres is down
 
 Sale and SKU ids are restricted (see :data:`ID_PATTERN`) so no id can break a hash tag.
 """
@@ -48,6 +51,7 @@ PREFIX = "fs"
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 MAX_BUCKETS = 64
 SPREAD_SLOTS = 8  # how far a bucket's slot may be from its place (see bucket_tag)
+DISCOVERED = f"{PREFIX}:allocator:discovered"
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ import aiohttp
 from allocator.pump import AdmissionPump
 from allocator.queue_scripts import QueueScripts
 from flashsale.cli.devstack.processes import free_port
-from flashsale.keys import SaleKeys
+from flashsale.keys import DISCOVERED, SaleKeys
 from flashsale.settings import Settings
 from gateway.state import CLIENTS
 from loadtest.fault_proxy import FaultProxy, through
@@ -105,6 +105,7 @@ async def test_an_allocator_started_while_postgres_and_the_broker_are_down_admit
         await first.resign()
         for i in range(20):
             assert (await gw.join(sale, f"w-{i}"))[0] == 200
+        await c.redis.delete(DISCOVERED)  # no sales seen by an allocator before: from Postgres
         db = urlsplit(stack.require_database())
         proxy = await FaultProxy(db.hostname or "127.0.0.1", db.port or 5432, "refuse").start()
         port = free_port()
@@ -154,3 +155,30 @@ async def test_workers_started_while_postgres_and_the_broker_are_down_wait_for_t
     finally:
         await pg.stop()
         await kafka.stop()
+
+
+async def test_an_allocator_started_while_postgres_is_down_admits_the_sales_seen_before(
+    stack: Settings,
+) -> None:
+    """A running allocator keeps the sales it last read from Postgres in Redis; one started
+    during a Postgres outage (a crash, a failover to a fresh process) pumps those."""
+    async with gateway(stack) as gw:
+        sale = await gw.create_sale(stock=100, admission_rate=50)
+        c = gw.app[CLIENTS]
+        await c.redis.delete(DISCOVERED)
+        async with started(stack, "allocator", DATABASE_URL=stack.require_database(),
+                           KAFKA_BOOTSTRAP=stack.require_kafka()) as running:  # fmt: skip
+            deadline = time.monotonic() + 30
+            while not await c.redis.exists(DISCOVERED):  # it has read the live sales
+                running()
+                assert time.monotonic() < deadline, "the allocator never recorded its sales"
+                await asyncio.sleep(0.1)
+        before = int(await c.redis.hget(SaleKeys(sale).queue, "serving") or 0)
+        for i in range(20):
+            assert (await gw.join(sale, f"late-{i}"))[0] == 200
+        async with started(stack, "allocator") as running:  # Postgres and the broker down
+            deadline = time.monotonic() + 30
+            while int(await c.redis.hget(SaleKeys(sale).queue, "serving") or 0) < before + 20:
+                running()
+                assert time.monotonic() < deadline, "the allocator admitted nobody"
+                await asyncio.sleep(0.1)
