@@ -210,15 +210,7 @@ def admin_paths() -> dict[str, Any]:
                 {
                     "200": {
                         "description": "CSV",
-                        "content": {
-                            "text/csv": {"schema": {"type": "string"}},
-                            "application/json": {
-                                "schema": obj(
-                                    {"skus": {"type": "array", "items": SKU_SPEC, "minItems": 1}},
-                                    ["skus"],
-                                )
-                            },
-                        },
+                        "content": {"text/csv": {"schema": {"type": "string"}}},
                     },
                     **errors(401, 404, 422),
                 },
