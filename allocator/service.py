@@ -267,8 +267,8 @@ class AllocatorService:
                 log_failure(log, "cannot list live sales", exc)
                 return
             log_failure(log, "cannot list live sales; serving those last listed", exc)
-            kept = orjson.loads(seen)
-            rows, holding = kept["live"], kept["holding"]
+            last = orjson.loads(seen)
+            rows, holding = last["live"], last["holding"]
         else:
             try:
                 kept = {"live": rows, "holding": holding}

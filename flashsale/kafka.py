@@ -144,13 +144,15 @@ async def started_producer(settings: Settings, *, linger_ms: int = 2) -> AIOKafk
     does not create topics on first use would refuse every message). If the broker cannot be
     reached it is stopped again and the error raised: a later call starts a fresh one."""
     out = producer(settings, linger_ms=linger_ms)
+    started = False
     try:
         await ensure_topics(settings)
         await out.start()
-    except BaseException:
-        with contextlib.suppress(Exception):
-            await out.stop()
-        raise
+        started = True
+    finally:
+        if not started:  # the error (or a cancellation) goes on; the half-made client stops
+            with contextlib.suppress(Exception):
+                await out.stop()
     return out
 
 
