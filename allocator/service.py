@@ -254,13 +254,13 @@ class AllocatorService:
         """The live sales (a pump each) and the holding ones (swept and relayed), from
         Postgres. They are kept in Redis for an allocator that starts while Postgres is down:
         it takes them from there (what it has goes on otherwise)."""
-        assert self.pool is not None and self.redis is not None
+        assert self.pool is not None
         try:
             rows = [dict(r) for r in await self.pool.fetch(LIVE_SALES)]
             holding = [dict(r) for r in await self.pool.fetch(HOLDING_SALES)]
         except Exception as exc:  # noqa: BLE001 - the pumps it has go on
             seen = None
-            if not self.pumps and not self.holding_skus:
+            if not self.pumps and not self.holding_skus and self.redis is not None:
                 with contextlib.suppress(Exception):
                     seen = await self.redis.get(DISCOVERED)
             if seen is None:
@@ -272,6 +272,7 @@ class AllocatorService:
         else:
             try:
                 kept = {"live": rows, "holding": holding}
+                assert self.redis is not None
                 await self.redis.set(DISCOVERED, orjson.dumps(kept), ex=DISCOVERED_KEPT_S)
             except Exception as exc:  # noqa: BLE001 - kept at the next discovery
                 log_failure(log, "cannot keep the live sales in Redis", exc)
