@@ -52,7 +52,7 @@ async def update(sales: SaleReads, sale_id: str, changes: Mapping[str, Any]) -> 
     async with sales.pool.acquire() as conn, conn.transaction():
         sale = await sales.sale_row(conn, sale_id, lock=True)
         now = datetime.now(UTC)
-        state = sale_state(sale["status"], sale["starts_at"], sale["ends_at"], now)
+        state = sale_state(sale, now)
         if state == "ended":
             raise Conflict(f"sale {sale_id} has ended", code="sale_ended")
         if state != "scheduled":
@@ -112,8 +112,7 @@ async def update_sku(sales: SaleReads, sale_id: str, sku: str, changes: Mapping[
         )
         if row is None:
             raise NotFound(f"unknown SKU {sku!r} in sale {sale_id}", code="unknown_sku")
-        state = sale_state(sale["status"], sale["starts_at"], sale["ends_at"],
-                           datetime.now(UTC))  # fmt: skip
+        state = sale_state(sale)
         if state == "ended":
             raise Conflict(f"sale {sale_id} has ended", code="sale_ended")
         if "price" in changes and state != "scheduled":

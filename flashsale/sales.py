@@ -43,13 +43,15 @@ async def fetch_sku(db: Db, sale_id: str, sku: str) -> asyncpg.Record | None:
     return row
 
 
-def sale_state(status: str, starts_at: datetime, ends_at: datetime, now: datetime) -> str:
-    """What a buyer sees: scheduled, live, paused or ended (status plus the clock)."""
-    if status == "ended" or now >= ends_at:
+def sale_state(sale: asyncpg.Record, now: datetime | None = None) -> str:
+    """What a buyer sees of a sale row: scheduled, live, paused or ended (its status plus the
+    clock, ``now`` by default)."""
+    now = now or datetime.now(UTC)
+    if sale["status"] == "ended" or now >= sale["ends_at"]:
         return "ended"
-    if status == "paused":
+    if sale["status"] == "paused":
         return "paused"
-    return "scheduled" if now < starts_at else "live"
+    return "scheduled" if now < sale["starts_at"] else "live"
 
 
 def commitment_of(sale: asyncpg.Record) -> str:
@@ -107,7 +109,7 @@ def sale_json(sale: asyncpg.Record, skus: Sequence[asyncpg.Record] | None = None
         "join_challenge": sale["join_challenge"],
         "join_challenge_max": sale["join_challenge_max"],
         "status": sale["status"],
-        "state": sale_state(sale["status"], sale["starts_at"], sale["ends_at"], now),
+        "state": sale_state(sale, now),
         "preloaded_at": iso(sale["preloaded_at"]),
         # The seed is revealed only once the pre-queue is closed (the sale has started).
         "shuffle": {

@@ -2,7 +2,8 @@
 broker (consumer lag) and the payment provider.
 
 Each invariant is reported by name with ``passed`` and ``details`` (counts, and the offending
-ids, at most :data:`SHOWN` of them). ``passed`` for the whole report only when every one holds.
+ids, at most :data:`reconciler.report.SHOWN` of them). ``passed`` for the whole report only
+when every one holds.
 Checks that need the pipeline drained (Redis sold equal to Postgres confirmed, every hold with
 its order) fail with "not drained" while events are still in flight: run it after the sale.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -26,15 +26,15 @@ from flashsale.orders import HOLD_FOR, TERMINAL
 from flashsale.payments import Charge, PaymentProvider
 from flashsale.queue_marks import highest
 from flashsale.records import ClaimMember, HoldRecord, text
-from flashsale.sales import fetch_sale, fetch_skus
+from flashsale.sales import fetch_sale, fetch_skus, sale_state
 from flashsale.settings import ENGINE_ENV_FILE, Settings
 from reconciler.captures import recorded_orphans
 from reconciler.orphan_holds import ORDERLESS_AFTER_S, OrphanHolds
+from reconciler.report import AuditReport, Invariant
 from reconciler.skus import SkuChecks, every_bucket
 from reconciler.stuck_orders import find_stuck
 from reconciler.waiting_rooms import WaitingRooms
 
-SHOWN = 20  # offending ids listed per invariant
 COUNTERS = ("total", "available", "active", "paying", "sold")
 STUCK_AFTER_S = 60.0  # what invariant 8 counts as a stuck order (the reconciler's default)
 
@@ -49,51 +49,6 @@ WHERE o.sale_id = $1
 """
 
 
-@dataclass
-class Invariant:
-    name: str
-    passed: bool = True
-    details: dict[str, Any] = field(default_factory=dict)
-
-    def fail(self, what: str, ids: list[str] | int | str) -> None:
-        self.passed = False
-        if isinstance(ids, list):
-            self.details[what] = {"count": len(ids), "ids": sorted(ids)[:SHOWN]}
-        else:
-            self.details[what] = ids
-
-    def check(self, what: str, offending: list[str]) -> None:
-        """Fail with ``offending`` under ``what``, if there is any."""
-        if offending:
-            self.fail(what, offending)
-
-    def json(self) -> dict[str, Any]:
-        return {"name": self.name, "passed": self.passed, "details": self.details}
-
-
-@dataclass
-class AuditReport:
-    sale_id: str
-    invariants: list[Invariant]
-    facts: dict[str, Any]
-
-    @property
-    def passed(self) -> bool:
-        return all(i.passed for i in self.invariants)
-
-    def json(self) -> dict[str, Any]:
-        return {"sale_id": self.sale_id, "passed": self.passed,
-                "invariants": [i.json() for i in self.invariants], "facts": self.facts}  # fmt: skip
-
-    def text(self) -> str:
-        lines = [f"audit of sale {self.sale_id}: {'PASSED' if self.passed else 'FAILED'}"]
-        lines += [f"  {k}: {v}" for k, v in self.facts.items()]
-        for inv in self.invariants:
-            lines.append(f"  [{'pass' if inv.passed else 'FAIL'}] {inv.name}")
-            lines += [f"        {k}: {v}" for k, v in inv.details.items()]
-        return "\n".join(lines)
-
-
 async def audit_sale(
     pool: asyncpg.Pool,
     client: RedisClient,
@@ -102,7 +57,8 @@ async def audit_sale(
     sale_id: str,
 ) -> AuditReport:
     """Check DESIGN §7 for ``sale_id``. Raises NotFound for an unknown sale."""
-    if await fetch_sale(pool, sale_id) is None:
+    sale = await fetch_sale(pool, sale_id)
+    if sale is None:
         raise NotFound(f"unknown sale {sale_id!r}", code="unknown_sale")
     skus = {r["sku"]: r for r in await fetch_skus(pool, sale_id)}
     orders = list(await pool.fetch(_ORDERS, sale_id))
@@ -119,6 +75,7 @@ async def audit_sale(
     paying = sum((r["stock"].get("paying") or 0) for r in redis["skus"].values())
     drained = not open_orders and outbox == 0 and paying == 0 and lag == 0
     facts = {
+        "sale_state": sale_state(sale),
         "orders": len(orders), "open_orders": len(open_orders), "outbox_entries": outbox,
         "consumer_lag": lag if lag is not None else "broker unreachable",
         "drained": drained, "provider_charges": len(charges) if charges is not None

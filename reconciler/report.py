@@ -1,5 +1,6 @@
 """What a reconcile pass reports: every repair and flag (as ``reconcile_events`` records
-them), what it could not decide, and the reconciler's metrics."""
+them), what it could not decide, and the reconciler's metrics; and what the post-sale audit
+reports, invariant by invariant."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from flashsale.ops_endpoints import build_info
 from flashsale.outages import describe, is_outage
 
 log = logging.getLogger("flashsale.reconciler")
+
+SHOWN = 20  # offending ids an audit lists per invariant
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,3 +118,52 @@ class ReconcileMetrics:
             self.repairs.labels(repair.kind).inc()
         for flag in report.flags:
             self.flags.labels(flag.kind).inc()
+
+
+@dataclass
+class Invariant:
+    name: str
+    passed: bool = True
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def fail(self, what: str, ids: list[str] | int | str) -> None:
+        self.passed = False
+        if isinstance(ids, list):
+            self.details[what] = {"count": len(ids), "ids": sorted(ids)[:SHOWN]}
+        else:
+            self.details[what] = ids
+
+    def check(self, what: str, offending: list[str]) -> None:
+        """Fail with ``offending`` under ``what``, if there is any."""
+        if offending:
+            self.fail(what, offending)
+
+    def json(self) -> dict[str, Any]:
+        return {"name": self.name, "passed": self.passed, "details": self.details}
+
+
+@dataclass
+class AuditReport:
+    sale_id: str
+    invariants: list[Invariant]
+    facts: dict[str, Any]
+
+    @property
+    def passed(self) -> bool:
+        return all(i.passed for i in self.invariants)
+
+    def json(self) -> dict[str, Any]:
+        return {"sale_id": self.sale_id, "passed": self.passed,
+                "invariants": [i.json() for i in self.invariants], "facts": self.facts}  # fmt: skip
+
+    def text(self) -> str:
+        state = self.facts.get("sale_state", "ended")
+        verdict = "PASSED" if self.passed else "FAILED"
+        if state != "ended":
+            verdict += f" (the sale is {state}: this holds as of now; audit it again after its end)"
+        lines = [f"audit of sale {self.sale_id}: {verdict}"]
+        lines += [f"  {k}: {v}" for k, v in self.facts.items()]
+        for inv in self.invariants:
+            lines.append(f"  [{'pass' if inv.passed else 'FAIL'}] {inv.name}")
+            lines += [f"        {k}: {v}" for k, v in inv.details.items()]
+        return "\n".join(lines)

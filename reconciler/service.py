@@ -27,9 +27,9 @@ from flashsale.kafka import LagReader
 from flashsale.ops_endpoints import dependency_probes, serve_ops
 from flashsale.outages import describe, is_outage
 from flashsale.settings import Settings
-from reconciler.audit import AuditReport, audit_sale
+from reconciler.audit import audit_sale
 from reconciler.reconcile import Reconciler
-from reconciler.report import PassReport, ReconcileMetrics
+from reconciler.report import AuditReport, PassReport, ReconcileMetrics
 
 log = logging.getLogger("flashsale.reconciler")
 

@@ -29,10 +29,10 @@ from flashsale.payments import HttpProvider
 from flashsale.queue_marks import QueueMarks
 from flashsale.settings import Secret, Settings
 from gateway.app import create_app
-from reconciler.audit import AuditReport, audit_sale
+from reconciler.audit import audit_sale
 from reconciler.rebuild import rebuild_sku
 from reconciler.reconcile import Reconciler
-from reconciler.report import PassReport
+from reconciler.report import AuditReport, PassReport
 from tests.conftest import Cli, Result
 from tests.pipeline import SKU, Pipeline, drained, pipeline, provider
 
@@ -359,6 +359,12 @@ async def test_audit_and_reconcile_over_the_admin_api_and_the_cli(
         after = await cli("audit", sale)
         assert after.code == 0, after.out
         assert "PASSED" in after.out.splitlines()[0]
+        # The sale still runs: what passed holds as of now, and the first line says so.
+        assert "the sale is live" in after.out.splitlines()[0], after.out
+        assert (await cli("sale", "end", sale)).code == 0
+        final = await cli("audit", sale, "--json")
+        assert json.loads(final.out)["facts"]["sale_state"] == "ended", final.out
+        assert "the sale is" not in (await cli("audit", sale)).out.splitlines()[0]
         again = await cli("reconcile", "--once", "--sale", sale)
         assert again.code == 0 and ": 0 repairs, 0 flags, 0 unresolved" in again.out
         bad_input = await cli("audit", "no such/sale")
