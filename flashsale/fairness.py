@@ -140,7 +140,7 @@ def problems(commitment: str, seed: str | None, members: list[str], root: str | 
 
 _SALE = """
 SELECT shuffle_seed, shuffle_commitment, starts_at <= now() AS started, prequeue_root,
-       prequeue_size, status = 'ended' AS ended
+       prequeue_size, (status = 'ended' OR ends_at <= now()) AS ended
 FROM sales WHERE id = $1
 """
 _MEMBERS = "SELECT member FROM prequeue_members WHERE sale_id = $1 ORDER BY position"
