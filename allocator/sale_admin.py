@@ -9,7 +9,7 @@ The reads are :mod:`allocator.sale_reads`; the settings and state :mod:`allocato
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,8 +26,8 @@ from flashsale.sales import fetch_skus, new_sale_id, sale_hash, sku_meta
 from flashsale.salespec import (
     MAX_STOCK,
     SaleSpec,
+    SkuImport,
     SkuSpec,
-    csv_sku_field,
     identifier,
     integer,
 )
@@ -77,22 +77,18 @@ class SaleAdmin(SaleReads):
             await _insert_skus(conn, sale_id, spec.skus)
         return await self.get(sale_id)
 
-    async def import_skus(
-        self, sale_id: str, skus: Sequence[SkuSpec], where: Callable[[int], str] = csv_sku_field
-    ) -> dict[str, Any]:
-        """Add SKUs (already validated as a whole) to a sale; all or nothing. ``where``
-        names the field of the SKU at an index in errors (a CSV row's by default)."""
+    async def import_skus(self, sale_id: str, batch: SkuImport) -> dict[str, Any]:
+        """Add SKUs (already validated as a whole) to a sale; all or nothing. An error names
+        the SKU's field as the input did (``row 5.sku``, ``skus[2].sku``)."""
         async with self.pool.acquire() as conn, conn.transaction():
             sale = await self.sale_row(conn, sale_id)
             if sale["status"] == "ended":
                 raise Conflict(f"sale {sale_id} has ended", code="sale_ended")
             existing = {row["sku"] for row in await fetch_skus(conn, sale_id)}
-            for index, spec in enumerate(skus):
+            for spec, where in zip(batch.skus, batch.fields, strict=True):
                 if spec.sku in existing:
-                    raise InvalidInput(
-                        where(index), f"SKU {spec.sku!r} already exists in {sale_id}"
-                    )
-            await _insert_skus(conn, sale_id, skus)
+                    raise InvalidInput(where, f"SKU {spec.sku!r} already exists in {sale_id}")
+            await _insert_skus(conn, sale_id, batch.skus)
         return await self.get(sale_id)
 
     # -- preload -------------------------------------------------------------------------

@@ -247,66 +247,62 @@ def parse_sale(data: Any, *, now: datetime | None = None) -> SaleSpec:
     if challenge_max and (challenge_max < challenge or not challenge):
         raise InvalidInput("join_challenge_max", "must be at least join_challenge, which must "
                            "be on (> 0); 0 keeps the difficulty fixed")  # fmt: skip
-    skus = _sku_list(data.get("skus", []))
+    skus = _sku_list(data.get("skus", [])).skus
     return SaleSpec(name, starts_at, ends_at, admission_rate, max_queue, skus, window, capacity,
                     challenge, challenge_max)  # fmt: skip
 
 
-def _sku_list(raw: Any) -> tuple[SkuSpec, ...]:
+def _sku_list(raw: Any) -> SkuImport:
     """The ``skus`` list of a sale file (or of an import), each checked, none twice."""
     if not isinstance(raw, list):
         raise InvalidInput("skus", "must be a list")
     skus = tuple(parse_sku(item, f"skus[{i}]") for i, item in enumerate(raw))
-    reject_duplicates(skus, json_sku_field)
-    return skus
+    batch = SkuImport(skus, tuple(f"skus[{i}].sku" for i in range(len(skus))))
+    reject_duplicates(batch)
+    return batch
 
 
-def json_sku_field(index: int) -> str:
-    """Where the SKU at ``index`` of a JSON ``skus`` list is named in errors."""
-    return f"skus[{index}].sku"
+@dataclass(frozen=True, slots=True)
+class SkuImport:
+    """SKUs to add to a sale, each with the field that named it in the input (``skus[2].sku``,
+    ``row 5.sku``), for errors found later against the sale."""
+
+    skus: tuple[SkuSpec, ...]
+    fields: tuple[str, ...]
 
 
-def csv_sku_field(index: int) -> str:
-    """Where the SKU of the ``index``-th data row of a CSV is named in errors."""
-    return f"row {index + 2}.sku"
-
-
-def parse_skus(data: Any) -> tuple[SkuSpec, ...]:
+def parse_skus(data: Any) -> SkuImport:
     """SKUs to add to a sale, as JSON: ``{"skus": [...]}`` in the sale file's form."""
     if not isinstance(data, Mapping):
         raise InvalidInput("body", 'must be a JSON object {"skus": [...]} or a CSV')
     _check_fields(data, ("skus",), "")
-    skus = _sku_list(data.get("skus"))
-    if not skus:
+    batch = _sku_list(data.get("skus"))
+    if not batch.skus:
         raise InvalidInput("skus", "must name at least one SKU")
-    return skus
+    return batch
 
 
-def reject_duplicates(skus: Iterable[SkuSpec], where: Any) -> None:
+def reject_duplicates(batch: SkuImport) -> None:
     seen: set[str] = set()
-    for index, spec in enumerate(skus):
+    for spec, where in zip(batch.skus, batch.fields, strict=True):
         if spec.sku in seen:
-            raise InvalidInput(where(index), f"duplicate SKU {spec.sku!r} in this sale")
+            raise InvalidInput(where, f"duplicate SKU {spec.sku!r} in this sale")
         seen.add(spec.sku)
 
 
-def parse_csv(content: str) -> tuple[SkuSpec, ...]:
+def parse_csv(content: str) -> SkuImport:
     """SKU rows from CSV with a header naming the SKU fields (a UTF-8 byte-order mark, as Excel
-    writes, is ignored). Validates every row first; an error names each bad cell by row and
-    column."""
+    writes, is ignored). Validates every row first; an error names each bad cell by its line
+    in the file (blank lines are skipped but counted) and its column."""
     reader = csv.DictReader(io.StringIO(content.removeprefix("\ufeff"), newline=""))
     header = reader.fieldnames
     if not header:
         raise InvalidInput("csv", "is empty: expected a header row " + ",".join(SKU_FIELDS))
     header = [h.strip() for h in header]
     reader.fieldnames = header
-    unknown = [h for h in header if h not in SKU_FIELDS]
-    if unknown:
-        raise InvalidInput(f"csv.header.{unknown[0]}", "unknown column")
-    missing = sorted(SKU_REQUIRED - set(header))
-    if missing:
-        raise InvalidInput(f"csv.header.{missing[0]}", "required column is missing")
+    _check_header(header)
     specs: list[SkuSpec] = []
+    fields: list[str] = []
     errors: list[InvalidInput] = []
     try:
         for row in reader:
@@ -316,10 +312,31 @@ def parse_csv(content: str) -> tuple[SkuSpec, ...]:
                                            f"must have exactly {len(header)} columns"))  # fmt: skip
                 continue
             specs.append(_sku(row, f"row {line}", errors))
+            fields.append(f"row {line}.sku")
     except csv.Error as exc:
         errors.append(InvalidInput(f"row {reader.line_num}", f"malformed CSV: {exc}"))
     refuse_all(errors)
     if not specs:
         raise InvalidInput("csv", "has a header but no rows")
-    reject_duplicates(specs, csv_sku_field)
-    return tuple(specs)
+    batch = SkuImport(tuple(specs), tuple(fields))
+    reject_duplicates(batch)
+    return batch
+
+
+def _check_header(header: Sequence[str]) -> None:
+    """Every column known and given once, the required ones present."""
+    if len(header) == 1:
+        separator = next((c for c in ";\t|" if c in header[0]), None)
+        if separator:
+            raise InvalidInput("csv.header", "columns must be separated by commas, "
+                                             f"found {separator!r}")  # fmt: skip
+    seen: set[str] = set()
+    for name in header:
+        if name not in SKU_FIELDS:
+            raise InvalidInput(f"csv.header.{name}", "unknown column")
+        if name in seen:
+            raise InvalidInput(f"csv.header.{name}", "appears twice")
+        seen.add(name)
+    missing = sorted(SKU_REQUIRED - seen)
+    if missing:
+        raise InvalidInput(f"csv.header.{missing[0]}", "required column is missing")

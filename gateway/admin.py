@@ -15,7 +15,7 @@ from aiohttp import web
 from allocator.sale_reads import MAX_PAGE, order_state
 from flashsale.errors import InvalidInput, Unauthorized
 from flashsale.records import body_fingerprint, idempotency_key
-from flashsale.salespec import json_sku_field, parse_csv, parse_sale, parse_skus
+from flashsale.salespec import parse_csv, parse_sale, parse_skus
 from gateway.console import OPEN_PATHS
 from gateway.http import bearer, body_bytes, client_ip, json_body, json_response, parse_json
 from gateway.middleware import Handler
@@ -99,9 +99,10 @@ async def import_skus(request: web.Request) -> web.Response:
         raise InvalidInput("body", "must be UTF-8 text (CSV or JSON)") from None
     sale = request.match_info["sale"]
     if request.content_type == "application/json" or content.lstrip().startswith(("{", "[")):
-        specs = parse_skus(parse_json(content))
-        return json_response(await request.app[SALES].import_skus(sale, specs, json_sku_field))
-    return json_response(await request.app[SALES].import_skus(sale, parse_csv(content)))
+        batch = parse_skus(parse_json(content))
+    else:
+        batch = parse_csv(content)
+    return json_response(await request.app[SALES].import_skus(sale, batch))
 
 
 async def sale_status(request: web.Request) -> web.Response:

@@ -283,6 +283,12 @@ async def test_csv_import_over_the_admin_api(http: TestClient[Any, Any]) -> None
     refused = await http.post(path, data=bad, headers={**auth(), "Content-Type": "text/csv"})
     assert refused.status == 422 and (await refused.json())["error"]["field"] == "row 3.stock"
     assert await pool.fetchval(count, sale_id) == 2  # the good row was not written either
+    csv_type = {**auth(), "Content-Type": "text/csv"}
+    for bad, field in ((b"sku,stock,price,currency,stock\nHAT,1,100,EUR,2\n", "csv.header.stock"),
+                       (b"sku,stock,price,currency\n\nCAP,1,100,EUR\n", "row 3.sku")):  # fmt: skip
+        refused = await http.post(path, data=bad, headers=csv_type)
+        assert refused.status == 422 and (await refused.json())["error"]["field"] == field
+    assert await pool.fetchval(count, sale_id) == 2
 
     # The same SKUs as JSON, in the sale file's "skus" form: also what `curl -d` sends, whose
     # form content type a CSV parser read as a header row.

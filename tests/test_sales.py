@@ -473,7 +473,27 @@ BAD_CSV = [
     ("unknown column", "sku,stock,price,currency,colour\nA,1,1,EUR,red\n", "csv.header.colour"),
     ("missing column", "sku,stock,currency\nA,1,EUR\n", "csv.header.price"),
     ("duplicate", "sku,stock,price,currency\nA,1,1,EUR\nA,2,1,EUR\n", "row 3.sku"),
+    (
+        "duplicate after a blank line",
+        "sku,stock,price,currency\nA,1,1,EUR\n\nA,2,1,EUR\n",
+        "row 4.sku",
+    ),
+    (
+        "column twice",
+        "sku,stock,price,currency,stock\nA,1,1,EUR,2\n",
+        "csv.header.stock: appears twice",
+    ),
+    (
+        "semicolons",
+        "sku;stock;price;currency\nA;1;1;EUR\n",
+        "csv.header: columns must be separated by commas, found ';'",
+    ),
     ("existing sku", "sku,stock,price,currency\nNEW,1,1,EUR\nSNK-42,2,1,EUR\n", "row 3.sku"),
+    (
+        "existing sku after a blank line",
+        "sku,stock,price,currency\n\nNEW,1,1,EUR\nSNK-42,2,1,EUR\n",
+        "row 4.sku",
+    ),
     ("empty", "", "csv"),
     ("NUL in a title", "sku,title,stock,price,currency\nA,x\u0000y,1,1,EUR\n", "row 2.title"),
 ]

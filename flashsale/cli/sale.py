@@ -113,12 +113,11 @@ async def cmd_sale(args: argparse.Namespace, settings: Settings) -> int:
         dump_json(created) if args.json else out(created["id"])
         return 0
     if command == "import":
-        specs = parse_csv(read_input(args.file))
+        batch = parse_csv(read_input(args.file))
         async with admin(settings) as sales:
-            await sales.import_skus(args.sale, specs)
-        out(
-            f"imported {len(specs)} SKUs into {args.sale}; run `flashsale sale preload {args.sale}`"
-        )
+            await sales.import_skus(args.sale, batch)
+        count = len(batch.skus)
+        out(f"imported {count} SKUs into {args.sale}; run `flashsale sale preload {args.sale}`")
         return 0
     async with admin(settings) as sales:
         if command == "list":
