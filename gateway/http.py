@@ -112,8 +112,9 @@ def client_ip(request: web.Request) -> str:
     whole /64 to pick from).
 
     ``X-Forwarded-For`` counts only when the direct peer is a trusted proxy, and then only its
-    rightmost address that is not a trusted proxy: each proxy appends the address it saw, and
-    everything to the left of what a trusted proxy appended was written by the client. With
+    rightmost address that is not a trusted proxy: each proxy appends the address it saw (to
+    the last line, or as a line of its own), and everything to the left of what a trusted
+    proxy appended was written by the client. With
     ``FLASHSALE_TRUST_FORWARDED`` the peer alone is trusted; ``FLASHSALE_TRUSTED_PROXIES``
     lists the proxies' networks."""
     settings = request.app[SETTINGS]
@@ -121,7 +122,9 @@ def client_ip(request: web.Request) -> str:
     proxies = settings.trusted_proxies
     if not (settings.trust_forwarded or proxies) or not _within(peer, proxies, default=True):
         return _bucket(peer)
-    hops = request.headers.get("X-Forwarded-For", "").split(",")
+    # Header lines of the same name are one list in their order (RFC 9110 5.3): a proxy may
+    # add its own line after the client's rather than append to it.
+    hops = ",".join(request.headers.getall("X-Forwarded-For", ())).split(",")
     for hop in reversed(hops):
         address = _address(hop.strip())
         if address is None:

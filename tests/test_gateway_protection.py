@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 from redis.asyncio import RedisCluster
 
@@ -279,6 +280,24 @@ async def test_a_spoofed_forwarded_address_buys_no_fresh_rate_limit(stack: Setti
             f"/v1/sales/{sale}/queue", headers={**auth(gw.token("b9")), **other}
         )
         assert response.status == 200
+
+
+async def test_a_forwarded_line_of_the_clients_own_buys_no_fresh_rate_limit(
+    stack: Settings,
+) -> None:
+    """A proxy may add its X-Forwarded-For as a header line of its own after the client's
+    (HAProxy's ``option forwardfor`` does): the lines are one list in their order (RFC 9110
+    5.3), so the address the proxy saw is still the rightmost, not the client's first line."""
+    async with gateway(stack, rate_per_ip=Rate(1.0, 1), trust_forwarded=True) as gw:
+        sale = await gw.create_sale(stock=3)
+        codes = []
+        for i in range(3):
+            headers = CIMultiDict(auth(gw.token(f"b{i}")))
+            headers.add("X-Forwarded-For", f"203.0.113.{i + 1}")  # the client's own line
+            headers.add("X-Forwarded-For", "198.51.100.17")  # the proxy's
+            response = await gw.http.post(f"/v1/sales/{sale}/queue", headers=headers)
+            codes.append(response.status)
+        assert codes == [200, 429, 429]
 
 
 @pytest.mark.parametrize(
