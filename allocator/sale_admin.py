@@ -20,7 +20,7 @@ from allocator.sale_reads import SaleReads
 from allocator.sale_scripts import PreloadResult, SaleScripts, summed
 from allocator.stock_buckets import BucketScripts
 from flashsale.clients import RedisClient
-from flashsale.errors import Conflict, InvalidInput, NotFound
+from flashsale.errors import Conflict, InvalidInput, NotFound, shown
 from flashsale.keys import SaleKeys, SkuKeys, bucket_keys
 from flashsale.sales import fetch_skus, new_sale_id, sale_hash, sku_meta
 from flashsale.salespec import (
@@ -87,7 +87,7 @@ class SaleAdmin(SaleReads):
             existing = {row["sku"] for row in await fetch_skus(conn, sale_id)}
             for spec, where in zip(batch.skus, batch.fields, strict=True):
                 if spec.sku in existing:
-                    raise InvalidInput(where, f"SKU {spec.sku!r} already exists in {sale_id}")
+                    raise InvalidInput(where, f"SKU {shown(spec.sku)} already exists in {sale_id}")
             await _insert_skus(conn, sale_id, batch.skus)
         return await self.get(sale_id)
 
@@ -276,7 +276,7 @@ class SaleAdmin(SaleReads):
             "SELECT * FROM sale_skus WHERE sale_id = $1 AND sku = $2 FOR UPDATE", sale_id, sku
         )
         if row is None:
-            raise NotFound(f"unknown SKU {sku!r} in sale {sale_id}", code="unknown_sku")
+            raise NotFound(f"unknown SKU {shown(sku)} in sale {sale_id}", code="unknown_sku")
         return sale, row
 
     # -- settings and state (allocator.sale_settings) ------------------------------------

@@ -15,7 +15,7 @@ import asyncpg
 
 from allocator.sale_scripts import SaleScripts, summed
 from flashsale.clients import RedisClient
-from flashsale.errors import InvalidInput, NotFound
+from flashsale.errors import InvalidInput, NotFound, shown
 from flashsale.keys import ID_PATTERN, bucket_keys
 from flashsale.sales import fetch_skus, sale_json
 from flashsale.salespec import integer
@@ -65,10 +65,10 @@ class SaleReads:
                         lock: bool = False) -> asyncpg.Record:  # fmt: skip
         """The sale's row (``lock``: FOR UPDATE, for the transaction); NotFound otherwise."""
         if not isinstance(sale_id, str) or not ID_PATTERN.match(sale_id):
-            raise NotFound(f"unknown sale {sale_id!r}", code="unknown_sale")
+            raise NotFound(f"unknown sale {shown(sale_id)}", code="unknown_sale")
         row = await conn.fetchrow(SALE_LOCKED if lock else SALE, sale_id)
         if row is None:
-            raise NotFound(f"unknown sale {sale_id!r}", code="unknown_sale")
+            raise NotFound(f"unknown sale {shown(sale_id)}", code="unknown_sale")
         return row
 
     async def get(self, sale_id: str) -> dict[str, Any]:

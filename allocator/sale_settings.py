@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from allocator.sale_reads import SaleReads
-from flashsale.errors import Conflict, InvalidInput, NotFound
+from flashsale.errors import Conflict, InvalidInput, NotFound, shown
 from flashsale.keys import SaleKeys, bucket_keys
 from flashsale.sales import STATUS_BY_ACTION, fetch_skus, sale_hash, sale_json, sale_state, sku_meta
 from flashsale.salespec import parse_sale, parse_sku, timestamp
@@ -111,7 +111,7 @@ async def update_sku(sales: SaleReads, sale_id: str, sku: str, changes: Mapping[
             "SELECT * FROM sale_skus WHERE sale_id = $1 AND sku = $2", sale_id, sku
         )
         if row is None:
-            raise NotFound(f"unknown SKU {sku!r} in sale {sale_id}", code="unknown_sku")
+            raise NotFound(f"unknown SKU {shown(sku)} in sale {sale_id}", code="unknown_sku")
         state = sale_state(sale)
         if state == "ended":
             raise Conflict(f"sale {sale_id} has ended", code="sale_ended")

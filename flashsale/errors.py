@@ -33,6 +33,19 @@ non-zero exit.
 
 from __future__ import annotations
 
+SHOWN_CHARACTERS = 64
+
+
+def shown(value: object) -> str:
+    """``value`` as an error message quotes it (its ``repr``), cut short when long: an error
+    names what it refuses, it does not echo kilobytes of the input back."""
+    text = repr(value)
+    if len(text) <= SHOWN_CHARACTERS:
+        return text
+    if isinstance(value, str):
+        return f"{text[: SHOWN_CHARACTERS - 1]}…{text[0]} ({len(value)} characters)"
+    return f"{text[:SHOWN_CHARACTERS]}… ({len(text)} characters as text)"
+
 
 class FlashsaleError(Exception):
     code = "error"

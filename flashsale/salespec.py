@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from flashsale.currencies import is_currency
-from flashsale.errors import InvalidInput
+from flashsale.errors import InvalidInput, shown
 from flashsale.keys import ID_PATTERN, MAX_BUCKETS
 
 T = TypeVar("T")
@@ -75,16 +75,16 @@ class SaleSpec:
 def integer(value: Any, where: str, *, minimum: int, maximum: int, what: str) -> int:
     """An integer in ``[minimum, maximum]`` from a JSON number or decimal text."""
     if isinstance(value, bool):
-        raise InvalidInput(where, f"must be {what}, got {value!r}")
+        raise InvalidInput(where, f"must be {what}, got {shown(value)}")
     if isinstance(value, str):
         text = value.strip()
         if not text.lstrip("-").isdigit():
-            raise InvalidInput(where, f"must be {what}, got {value!r}")
+            raise InvalidInput(where, f"must be {what}, got {shown(value)}")
         value = int(text)
     elif isinstance(value, float):
-        raise InvalidInput(where, f"must be {what}, got {value!r}")
+        raise InvalidInput(where, f"must be {what}, got {shown(value)}")
     if not isinstance(value, int):
-        raise InvalidInput(where, f"must be {what}, got {value!r}")
+        raise InvalidInput(where, f"must be {what}, got {shown(value)}")
     if value < minimum or value > maximum:
         raise InvalidInput(where, f"must be {what}, got {value}")
     return value
@@ -115,7 +115,7 @@ def timestamp(value: Any, where: str) -> datetime:
         parsed = datetime.fromisoformat(value.strip())
     except ValueError:
         raise InvalidInput(
-            where, f"must be an ISO 8601 timestamp, e.g. 2026-12-01T12:00:00Z, got {value!r}"
+            where, f"must be an ISO 8601 timestamp, e.g. 2026-12-01T12:00:00Z, got {shown(value)}"
         ) from None
     if parsed.tzinfo is None:
         raise InvalidInput(where, "must include a timezone, e.g. 2026-12-01T12:00:00Z")
@@ -163,7 +163,7 @@ def _sku(data: Any, where: str, errors: list[InvalidInput]) -> SkuSpec:
 
     def currency(value: Any, field: str) -> str:
         if not isinstance(value, str) or not is_currency(value.strip()):
-            raise InvalidInput(field, f"unknown ISO 4217 currency {value!r}")
+            raise InvalidInput(field, f"unknown ISO 4217 currency {shown(value)}")
         return value.strip()
 
     def bounded(low: int, high: int, what: str) -> Callable[[Any, str], int]:
@@ -286,7 +286,7 @@ def reject_duplicates(batch: SkuImport) -> None:
     seen: set[str] = set()
     for spec, where in zip(batch.skus, batch.fields, strict=True):
         if spec.sku in seen:
-            raise InvalidInput(where, f"duplicate SKU {spec.sku!r} in this sale")
+            raise InvalidInput(where, f"duplicate SKU {shown(spec.sku)} in this sale")
         seen.add(spec.sku)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from allocator.sale_scripts import SkuRule
-from flashsale.errors import NotFound
+from flashsale.errors import NotFound, shown
 from flashsale.keys import ID_PATTERN, SaleKeys
 from flashsale.outages import is_outage
 from gateway.state import CATALOG, SALES, SKU_LIMITS
@@ -29,7 +29,7 @@ LIMITS_TTL_S = 1.0
 async def sale_summary(request: web.Request, sale_id: str) -> dict[str, Any]:
     """The public view of a sale, at most ``INFO_TTL_S`` old. Raises NotFound."""
     if not ID_PATTERN.match(sale_id):
-        raise NotFound(f"unknown sale {sale_id!r}", code="unknown_sale")
+        raise NotFound(f"unknown sale {shown(sale_id)}", code="unknown_sale")
     cache = request.app[CATALOG]
     now = time.monotonic()
     cached = cache.get(sale_id)
@@ -78,7 +78,7 @@ async def sku_limits(request: web.Request, sale_id: str) -> dict[str, SkuRule]:
     old, from Redis;
     from Postgres for a sale Redis does not know. Raises NotFound for an unknown sale."""
     if not ID_PATTERN.match(sale_id):
-        raise NotFound(f"unknown sale {sale_id!r}", code="unknown_sale")
+        raise NotFound(f"unknown sale {shown(sale_id)}", code="unknown_sale")
     cache = request.app[SKU_LIMITS]
     now = time.monotonic()
     cached = cache.get(sale_id)

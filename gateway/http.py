@@ -27,6 +27,7 @@ from flashsale.errors import (
     NotFound,
     RequestTimeout,
     Unauthorized,
+    shown,
 )
 from flashsale.keys import ID_PATTERN, rate_limit_key
 from flashsale.settings import Rate
@@ -193,7 +194,7 @@ def sale_of(request: web.Request) -> str:
     """The ``{sale}`` of the path; 404 for anything that cannot be a sale id."""
     sale_id = request.match_info["sale"]
     if not ID_PATTERN.match(sale_id):
-        raise NotFound(f"unknown sale {sale_id!r}", code="unknown_sale")
+        raise NotFound(f"unknown sale {shown(sale_id)}", code="unknown_sale")
     return sale_id
 
 

@@ -27,6 +27,7 @@ from flashsale.errors import (
     NotFound,
     RateLimited,
     Unavailable,
+    shown,
 )
 from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.orders import order_view
@@ -146,7 +147,7 @@ async def reserve(request: web.Request) -> web.Response:
     limit = limits[sku].limit if isinstance(sku, str) and sku in limits else 1
     sku, quantity, payment = _body(raw, limit)
     if sku not in limits:
-        raise NotFound(f"unknown SKU {sku!r} in sale {sale_id}", code="unknown_sku")
+        raise NotFound(f"unknown SKU {shown(sku)} in sale {sale_id}", code="unknown_sku")
     metrics = app[METRICS]
     claim = ClaimMember.of(position, key, sku, quantity, payment)
     admit = None
@@ -216,7 +217,7 @@ async def _owned_hold(request: web.Request) -> tuple[str, SkuKeys, HoldRecord]:
             hold = HoldRecord.parse(raw)
             if hold.buyer_id == buyer:
                 return reservation_id, keys, hold
-    raise NotFound(f"no reservation {reservation_id!r} of yours", code="unknown_reservation")
+    raise NotFound(f"no reservation {shown(reservation_id)} of yours", code="unknown_reservation")
 
 
 async def _reservation_json(request: web.Request, rid: str, keys: SkuKeys, hold: HoldRecord

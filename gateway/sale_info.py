@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from flashsale.errors import InvalidInput, NotFound
+from flashsale.errors import InvalidInput, NotFound, shown
 from flashsale.fairness import Published, merkle_path, published
 from flashsale.shuffle import member_of
 from gateway.catalog import sale_summary
@@ -41,7 +41,7 @@ async def _record(request: web.Request, sale_id: str) -> Published:
     if found is None:
         found = await published(request.app[CLIENTS].pool, sale_id)
         if found is None:
-            raise NotFound(f"unknown sale {sale_id!r}", code="unknown_sale")
+            raise NotFound(f"unknown sale {shown(sale_id)}", code="unknown_sale")
         if found.members is not None and found.seed is not None:
             if len(cache) > 64:
                 cache.clear()

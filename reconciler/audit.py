@@ -19,7 +19,7 @@ import asyncpg
 from allocator.ids import hold_keys
 from allocator.stock_buckets import BucketScripts
 from flashsale.clients import RedisClient
-from flashsale.errors import NotFound, PaymentError, Unavailable
+from flashsale.errors import NotFound, PaymentError, Unavailable, shown
 from flashsale.kafka import consumer_lag
 from flashsale.keys import SaleKeys, bucket_keys
 from flashsale.orders import HOLD_FOR, TERMINAL
@@ -59,7 +59,7 @@ async def audit_sale(
     """Check DESIGN §7 for ``sale_id``. Raises NotFound for an unknown sale."""
     sale = await fetch_sale(pool, sale_id)
     if sale is None:
-        raise NotFound(f"unknown sale {sale_id!r}", code="unknown_sale")
+        raise NotFound(f"unknown sale {shown(sale_id)}", code="unknown_sale")
     skus = {r["sku"]: r for r in await fetch_skus(pool, sale_id)}
     orders = list(await pool.fetch(_ORDERS, sale_id))
     redis = await _redis_state(client, sale_id, list(skus.values()))

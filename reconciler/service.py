@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from allocator.ids import route_of
 from allocator.pacing import period
 from flashsale.clients import Clients, open_clients
-from flashsale.errors import NotFound
+from flashsale.errors import NotFound, shown
 from flashsale.kafka import LagReader
 from flashsale.ops_endpoints import dependency_probes, serve_ops
 from flashsale.outages import describe, is_outage
@@ -51,7 +51,7 @@ async def require_sales(pool: asyncpg.Pool, sales: Sequence[str] | None) -> None
                                                list(sales))}  # fmt: skip
     for sale in sales:
         if sale not in known:
-            raise NotFound(f"unknown sale {sale!r}", code="unknown_sale")
+            raise NotFound(f"unknown sale {shown(sale)}", code="unknown_sale")
 
 
 async def reconcile_once(settings: Settings, sales: Sequence[str] | None,

@@ -402,6 +402,12 @@ async def test_bad_stock_and_unknown_sale(http: TestClient[Any, Any]) -> None:
     missing = await http.get("/admin/v1/sales/no-such-sale", headers=auth())
     assert missing.status == 404 and await error_code(missing) == "unknown_sale"
     assert (await http.get("/v1/sales/no-such-sale")).status == 404
+    # An id of 5,000 characters is named, not echoed whole, in the admin and the buyer API.
+    for path in ("/admin/v1/sales/sale-" + "a" * 5000, "/v1/sales/sale-" + "b" * 5000):
+        long = await http.get(path, headers=auth())
+        message = (await long.json())["error"]["message"]
+        assert long.status == 404 and message.startswith("unknown sale 'sale-"), message
+        assert len(message) <= 300 and "5005 characters" in message, message
 
 
 async def test_body_limit_and_unknown_routes(http: TestClient[Any, Any]) -> None:

@@ -533,6 +533,12 @@ def test_unknown_sale(cli: Cli, counts: Any, argv: tuple[str, ...]) -> None:
     assert counts() == before
 
 
+def test_a_long_unknown_sale_id_is_named_not_echoed(cli: Cli) -> None:
+    result = cli("sale", "status", "sale-" + "a" * 5000)
+    assert result.code == 1 and "unknown sale 'sale-aaa" in result.err, result.err
+    assert len(result.err) <= 320 and "5005 characters" in result.err, result.err
+
+
 @pytest.mark.parametrize(("units", "code"), [("0", 2), ("-3", 2), ("2.5", 2), ("lots", 2)])
 def test_bad_add_stock(
     cli: Cli, db: Db, rdb: redis.Redis, tmp_path: Path, units: str, code: int

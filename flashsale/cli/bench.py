@@ -17,7 +17,7 @@ from flashsale.cli.dev import apply_migrations
 from flashsale.cli.devstack.redis_cluster import Layout
 from flashsale.cli.devstack.stack import DevStack
 from flashsale.cli.output import fail, out
-from flashsale.errors import ConfigError, InvalidInput
+from flashsale.errors import ConfigError, InvalidInput, shown
 from flashsale.keys import MAX_BUCKETS
 from flashsale.settings import Settings, read_env_file
 
@@ -137,7 +137,7 @@ def _latencies(text: str) -> tuple[float, ...]:
     try:
         latencies = tuple(float(x) for x in text.split(","))
     except ValueError:
-        raise InvalidInput("latencies", f"must be comma-separated numbers, got {text!r}"
+        raise InvalidInput("latencies", f"must be comma-separated numbers, got {shown(text)}"
                            ) from None  # fmt: skip
     if not latencies or any(x < 0 for x in latencies):
         raise InvalidInput("latencies", "must be numbers >= 0")

@@ -14,7 +14,7 @@ import aiohttp
 from flashsale.cli.checks import positive, sale_id
 from flashsale.cli.output import out
 from flashsale.clients import pg_pool
-from flashsale.errors import ConfigError, Conflict, InvalidInput, NotFound
+from flashsale.errors import ConfigError, Conflict, InvalidInput, NotFound, shown
 from flashsale.fairness import Published, problems, published
 from flashsale.keys import ID_PATTERN
 from flashsale.settings import Settings
@@ -40,7 +40,7 @@ async def cmd_fairness(args: argparse.Namespace, settings: Settings) -> int:
         finally:
             await pool.close()
         if found is None:
-            raise NotFound(f"unknown sale {sale!r}", code="unknown_sale")
+            raise NotFound(f"unknown sale {shown(sale)}", code="unknown_sale")
         record = found
     if record.members is None:
         raise Conflict(f"sale {sale}: {record.missing_why}")
@@ -73,7 +73,7 @@ async def _fetch_fairness(base: str, sale: str) -> dict[str, Any]:
             async with session.get(f"{base}/v1/sales/{sale}/fairness",
                                    params={"offset": offset}) as response:  # fmt: skip
                 if response.status == 404:
-                    raise NotFound(f"unknown sale {sale!r} at {base}", code="unknown_sale")
+                    raise NotFound(f"unknown sale {shown(sale)} at {base}", code="unknown_sale")
                 if response.status != 200:
                     raise Conflict(f"{base} answered {response.status}: {await response.text()}")
                 page = await response.json()

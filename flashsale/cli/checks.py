@@ -11,7 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from flashsale.errors import InvalidInput
+from flashsale.errors import InvalidInput, shown
 from flashsale.keys import ID_PATTERN
 from flashsale.settings import Settings
 from flashsale.tokens import Signers
@@ -21,9 +21,9 @@ def positive(kind: type[int] | type[float], field: str, value: str) -> Any:
     try:
         parsed = kind(value)
     except ValueError:
-        raise InvalidInput(field, f"must be a positive number, got {value!r}") from None
+        raise InvalidInput(field, f"must be a positive number, got {shown(value)}") from None
     if parsed <= 0:
-        raise InvalidInput(field, f"must be a positive number, got {value!r}")
+        raise InvalidInput(field, f"must be a positive number, got {shown(value)}")
     return parsed
 
 
@@ -31,23 +31,23 @@ def non_negative(field: str, value: str) -> float:
     try:
         number = float(value)
     except ValueError:
-        raise InvalidInput(field, f"must be a number, got {value!r}") from None
+        raise InvalidInput(field, f"must be a number, got {shown(value)}") from None
     if not number >= 0:
-        raise InvalidInput(field, f"must be >= 0, got {value!r}")
+        raise InvalidInput(field, f"must be >= 0, got {shown(value)}")
     return number
 
 
 def fraction(field: str, value: str) -> float:
     number = non_negative(field, value)
     if number > 1:
-        raise InvalidInput(field, f"must be within 0..1, got {value!r}")
+        raise InvalidInput(field, f"must be within 0..1, got {shown(value)}")
     return number
 
 
 def port_number(field: str, value: str) -> int:
     port = positive(int, field, value)
     if port > 65535:
-        raise InvalidInput(field, f"must be a TCP port (1..65535), got {value!r}")
+        raise InvalidInput(field, f"must be a TCP port (1..65535), got {shown(value)}")
     return int(port)
 
 
@@ -106,9 +106,9 @@ def within(field: str, value: str, low: int, high: int) -> int:
     try:
         number = int(value)
     except ValueError:
-        raise InvalidInput(field, f"must be a whole number, got {value!r}") from None
+        raise InvalidInput(field, f"must be a whole number, got {shown(value)}") from None
     if not low <= number <= high:
-        raise InvalidInput(field, f"must be within {low}..{high}, got {value!r}")
+        raise InvalidInput(field, f"must be within {low}..{high}, got {shown(value)}")
     return number
 
 
@@ -120,13 +120,13 @@ def duration(field: str, value: str) -> timedelta:
     """A positive duration written as a number and a unit: ``90s``, ``10m``, ``2h``, ``1d``."""
     found = _DURATION.match(value.strip())
     if not found:
-        raise InvalidInput(field, f"must be a duration like 90s, 10m, 2h or 1d, got {value!r}")
+        raise InvalidInput(field, f"must be a duration like 90s, 10m, 2h or 1d, got {shown(value)}")
     return timedelta(**{_UNITS[found[2]]: int(found[1])})
 
 
 def sale_id(field: str, value: str) -> str:
     if not ID_PATTERN.match(value):
-        raise InvalidInput(field, f"not a sale id: {value!r}")
+        raise InvalidInput(field, f"not a sale id: {shown(value)}")
     return value
 
 

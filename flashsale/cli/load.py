@@ -20,7 +20,7 @@ from flashsale.cli.checks import (
 from flashsale.cli.dev import apply_migrations
 from flashsale.cli.devstack.stack import DevStack
 from flashsale.cli.output import out
-from flashsale.errors import ConfigError, InvalidInput
+from flashsale.errors import ConfigError, InvalidInput, shown
 from flashsale.keys import MAX_BUCKETS
 from flashsale.salespec import MAX_ADMISSION_RATE
 from flashsale.settings import Settings
@@ -60,7 +60,7 @@ def _rate_change(value: str | None) -> tuple[float, int] | None:
         return None
     at, sep, rate = value.partition(":")
     if not sep:
-        raise InvalidInput("rate-change", f"must be SECONDS:RATE (e.g. 5:250), got {value!r}")
+        raise InvalidInput("rate-change", f"must be SECONDS:RATE (e.g. 5:250), got {shown(value)}")
     return (non_negative("rate-change", at),
             within("rate-change", rate, 1, MAX_ADMISSION_RATE))  # fmt: skip
 
@@ -75,7 +75,7 @@ def cmd_loadtest(args: argparse.Namespace, settings: Settings) -> int:
         buckets=within("buckets", args.buckets, 1, MAX_BUCKETS),
     )  # fmt: skip
     if not options.host.startswith(("http://", "https://")):
-        raise InvalidInput("host", f"must be an http(s) URL, got {options.host!r}")
+        raise InvalidInput("host", f"must be an http(s) URL, got {shown(options.host)}")
     if args.embedded:
         out("== starting the embedded stack (servers given by env vars are used as they are)")
         DevStack(settings.home).up()
