@@ -252,6 +252,23 @@ def parse_sale(data: Any, *, now: datetime | None = None) -> SaleSpec:
                     challenge, challenge_max)  # fmt: skip
 
 
+def unique_keys(where: str) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    """An ``object_pairs_hook`` for merchandiser JSON (``json.loads``) that refuses an object
+    naming a key twice, as an error about ``where``. Parsers keep one of the two values (json
+    and orjson the last), so a repeated ``"stock"`` in a sale file was dropped without a word."""
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: set[str] = set()
+        for key, _ in items:
+            if key in seen:
+                raise InvalidInput(where, f"names {shown(key)} twice in one object",
+                                   code="duplicate_key")  # fmt: skip
+            seen.add(key)
+        return dict(items)
+
+    return pairs
+
+
 def _sku_list(raw: Any) -> SkuImport:
     """The ``skus`` list of a sale file (or of an import), each checked, none twice."""
     if not isinstance(raw, list):

@@ -44,7 +44,7 @@ async def create_sale(request: web.Request) -> web.Response:
     """201 with the sale; with an ``Idempotency-Key``, a retry answers 200 with the same sale
     (``"replayed": true``) instead of making a second one."""
     key = idempotency_key(request.headers.get("Idempotency-Key"), required=False)
-    body = await json_body(request)
+    body = await json_body(request, unique=True)
     spec = parse_sale(body)
     sale = await request.app[SALES].create(spec, key=key, fingerprint=body_fingerprint(body))
     return json_response(sale, 200 if sale.get("replayed") else 201)
@@ -99,7 +99,7 @@ async def import_skus(request: web.Request) -> web.Response:
         raise InvalidInput("body", "must be UTF-8 text (CSV or JSON)") from None
     sale = request.match_info["sale"]
     if request.content_type == "application/json" or content.lstrip().startswith(("{", "[")):
-        batch = parse_skus(parse_json(content))
+        batch = parse_skus(parse_json(content, unique=True))
     else:
         batch = parse_csv(content)
     return json_response(await request.app[SALES].import_skus(sale, batch))
@@ -110,7 +110,7 @@ async def sale_status(request: web.Request) -> web.Response:
 
 
 async def preload(request: web.Request) -> web.Response:
-    body = await json_body(request, allowed={"force"}, optional=True)
+    body = await json_body(request, allowed={"force"}, optional=True, unique=True)
     force = body.get("force", False)
     if not isinstance(force, bool):
         raise InvalidInput("force", "must be true or false")
@@ -126,7 +126,7 @@ async def preload(request: web.Request) -> web.Response:
 
 async def change_stock(request: web.Request) -> web.Response:
     """``POST /admin/v1/sales/{sale}/stock``: ``{"sku", "add": N}`` or ``{"sku", "remove": N}``."""
-    body = await json_body(request, allowed={"sku", "add", "remove"})
+    body = await json_body(request, allowed={"sku", "add", "remove"}, unique=True)
     sales, sale_id = request.app[SALES], request.match_info["sale"]  # SaleAdmin validates
     if ("add" in body) == ("remove" in body):
         raise InvalidInput("add", "give either add or remove")
@@ -154,14 +154,14 @@ async def audit(request: web.Request) -> web.Response:
 async def update_sale(request: web.Request) -> web.Response:
     """``PATCH /admin/v1/sales/{sale}``: change settings (anything before the start; once
     started, ``LIVE_EDITABLE`` only: 409 ``sale_started`` otherwise)."""
-    body = await json_body(request)
+    body = await json_body(request, unique=True)
     return json_response(await request.app[SALES].update(request.match_info["sale"], body))
 
 
 async def update_sku(request: web.Request) -> web.Response:
     """``PATCH /admin/v1/sales/{sale}/skus/{sku}``: a SKU's title, or its price before the
     start."""
-    body = await json_body(request)
+    body = await json_body(request, unique=True)
     m = request.match_info
     return json_response(await request.app[SALES].update_sku(m["sale"], m["sku"], body))
 

@@ -4,6 +4,7 @@ JSON request bodies, bearer credentials, the caller's buyer id and sale, rate li
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Collection, Mapping
 from functools import lru_cache
 from ipaddress import (
@@ -30,6 +31,7 @@ from flashsale.errors import (
     shown,
 )
 from flashsale.keys import ID_PATTERN, rate_limit_key
+from flashsale.salespec import unique_keys
 from flashsale.settings import Rate
 from flashsale.tokens import buyer_subject
 from gateway.metrics import ERROR_CODE
@@ -65,14 +67,19 @@ def error_response(
 
 
 async def json_body(
-    request: web.Request, *, allowed: Collection[str] | None = None, optional: bool = False
+    request: web.Request,
+    *,
+    allowed: Collection[str] | None = None,
+    optional: bool = False,
+    unique: bool = False,
 ) -> dict[str, Any]:
-    """The request's JSON object. Malformed JSON, a non-object or (with ``allowed``) an unknown
-    field is a 422 naming the problem; an empty body is ``{}`` when ``optional``."""
+    """The request's JSON object. Malformed JSON, a non-object, (with ``allowed``) an unknown
+    field or (with ``unique``) a key named twice in one object is a 422 naming the problem; an
+    empty body is ``{}`` when ``optional``."""
     raw = await body_bytes(request)
     if not raw.strip() and optional:
         return {}
-    data = parse_json(raw)
+    data = parse_json(raw, unique=unique)
     if not isinstance(data, dict):
         raise InvalidInput("body", "must be a JSON object")
     if allowed is not None:
@@ -91,12 +98,17 @@ async def body_bytes(request: web.Request) -> bytes:
         raise RequestTimeout("the request body did not arrive in time") from None
 
 
-def parse_json(raw: bytes | str) -> Any:
-    """``raw`` as JSON; a 422 ``malformed_json`` saying where it is not."""
+def parse_json(raw: bytes | str, *, unique: bool = False) -> Any:
+    """``raw`` as JSON; a 422 ``malformed_json`` saying where it is not. With ``unique`` (the
+    merchandisers' bodies), an object naming a key twice is a 422 ``duplicate_key``: a second
+    look with the standard parser, which can see the pairs."""
     try:
-        return orjson.loads(raw)
+        data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise InvalidInput("body", f"malformed JSON: {exc}", code="malformed_json") from None
+    if unique:
+        json.loads(raw, object_pairs_hook=unique_keys("body"))
+    return data
 
 
 def bearer(request: web.Request) -> str:

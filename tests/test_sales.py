@@ -432,6 +432,8 @@ BAD_SALES = [
     ("lone surrogate in the name", {**SALE, "name": "drop\ud800"}, "name"),
     ("control character in a title", _sku(title="Sneaker\u0007"), "skus[0].title"),
     ("malformed json", '{"name": "x", "skus": [', "file"),
+    ("a key twice", '{"name": "x", "skus": [{"sku": "A", "stock": 5, "price": 1, "stock": 500, '
+                    '"currency": "EUR"}]}', "file"),
     ("not an object", "[1, 2]", "sale"),
 ]  # fmt: skip
 

@@ -24,7 +24,7 @@ from flashsale.cli.output import dump_json, out
 from flashsale.clients import pg_pool, redis_client
 from flashsale.errors import InvalidInput
 from flashsale.records import body_fingerprint, idempotency_key
-from flashsale.salespec import parse_csv, parse_sale
+from flashsale.salespec import parse_csv, parse_sale, unique_keys
 from flashsale.settings import Settings
 
 
@@ -53,7 +53,7 @@ def read_input(path: str) -> str:
 def read_json_file(path: str) -> Any:
     raw = read_input(path)
     try:
-        return json.loads(raw)
+        return json.loads(raw, object_pairs_hook=unique_keys("file"))
     except json.JSONDecodeError as exc:
         raise InvalidInput(
             "file", f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
