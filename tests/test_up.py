@@ -107,6 +107,7 @@ def test_an_audit_with_no_provider_says_what_to_set(
         ("0.0.0.0", 1, None, None, "not announced: set FLASHSALE_RESERVATIONS_URL"),  # noqa: S104
         ("::", 2, "https://r.example", None, "(announced as https://r.example)"),
         ("127.0.0.1", 0, None, None, "no reservations listener"),
+        ("::1", 1, None, "http://[::1]:9005", "reservations x1 on http://[::1]:9005"),
     ],
 )  # fmt: skip
 def test_up_announces_its_reservations_listener_only_where_it_can_be_called(
@@ -119,7 +120,28 @@ def test_up_announces_its_reservations_listener_only_where_it_can_be_called(
     assert said in line
     assert env.get("FLASHSALE_RESERVATIONS_URL") == announced
     cors = _cors_for(host, 9000, settings).get("FLASHSALE_CORS_ORIGINS")
-    assert cors == (None if host in ("0.0.0.0", "::") else f"http://{host}:9000")  # noqa: S104
+    origin = f"http://[{host}]:9000" if ":" in host else f"http://{host}:9000"
+    assert cors == (None if host in ("0.0.0.0", "::") else origin)  # noqa: S104
+
+
+def test_up_on_an_ipv6_address_serves(stack: Settings) -> None:
+    """``--host ::1``: the addresses `up` hands its services (the payment simulator's, the
+    reservations listener's, the page's origin) put the address in brackets, as a URL must;
+    without them every service refused its environment and was restarted in a loop."""
+    port = free_ports(UP_PORTS)
+    up = subprocess.Popen(
+        [sys.executable, "-m", "flashsale", "up", "--host", "::1", "--port", str(port),
+         "--workers", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        for offset in (0, 1, 2, 3, 4, 5):  # every service, the workers' probe asking the psp
+            healthy(f"http://[::1]:{port + offset}/readyz")
+    finally:
+        up.send_signal(signal.SIGTERM)
+        output, _ = up.communicate(timeout=30)
+    assert up.returncode == 0, output.decode()[-3000:]
+    assert f"http://[::1]:{port}" in output.decode()
 
 
 @contextlib.contextmanager

@@ -39,7 +39,7 @@ def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
         )))  # fmt: skip
     free_to_listen(args.host, {"port": port})  # its processes share it (SO_REUSEPORT)
     metrics_dir = runners.fresh_metrics_dir(settings.home, f"gateway-{port}")
-    out(f"gateway: {workers} processes on http://{args.host}:{port}"
+    out(f"gateway: {workers} processes on {origin(args.host, port)}"
         f"{' (reservations only)' if only else ''} (Ctrl-C stops them)")  # fmt: skip
     children = runners.gateway_children(args.host, port, workers, metrics_dir,
                                         reservations_only=only)  # fmt: skip
@@ -134,7 +134,7 @@ def cmd_psp(args: argparse.Namespace, settings: Settings) -> int:
     if journal is not None and not journal.parent.is_dir():
         raise InvalidInput("journal", f"no folder {journal.parent} to keep it in")
     out(
-        f"psp simulator on http://{args.host}:{port} ({knobs})"
+        f"psp simulator on {origin(args.host, port)} ({knobs})"
         + (f", charges journaled to {journal} for {keep_days:g} days" if journal
            else ", charges in memory only")
     )  # fmt: skip
@@ -161,7 +161,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         **({"reservation-port": listener_port} if listeners else {}),
     })  # fmt: skip
     metrics_dir = runners.fresh_metrics_dir(settings.home, f"gateway-{port}")
-    psp_url = external or f"http://{args.host}:{psp_port}"
+    psp_url = external or origin(_callable(args.host), psp_port)
     listener, announce = _reservation_listener(args.host, listener_port, listeners, settings)
     page_cors = _cors_for(args.host, port, settings)
     # fmt: off
@@ -179,7 +179,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         journal.parent.mkdir(parents=True, exist_ok=True)
         children.append(runners.psp_child(args.host, psp_port, journal))
     out(
-        f"flashsale up: gateway x{workers} on http://{args.host}:{port}; {listener}; ops endpoints "
+        f"flashsale up: gateway x{workers} on {origin(args.host, port)}; {listener}; ops endpoints "
         f"(/healthz, /metrics): allocator :{allocator_port}, workers :{workers_port}, "
         f"reconciler :{reconciler_port}; "
         f"payments: {psp_url}"
@@ -188,6 +188,19 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     )
     with runners.recorded_psp(settings.home, psp_url):
         return runners.supervise(children, metrics_dir)
+
+
+def origin(host: str, port: int) -> str:
+    """``http://host:port``, an IPv6 address in brackets as a URL needs it (``[::1]``)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _callable(host: str) -> str:
+    """The address the engine's own services call a listener on ``host`` at: the loopback of
+    its family for a wildcard (which binds every interface, and is nobody's address)."""
+    if not _wildcard(host):
+        return host
+    return "::1" if ":" in host else "127.0.0.1"
 
 
 def _wildcard(host: str) -> bool:
@@ -206,13 +219,13 @@ def _reservation_listener(host: str, listener_port: int, workers: int,
     the listener's own address. A wildcard address is nobody's URL: the operator must say."""
     if workers == 0:
         return "no reservations listener", {}
-    where = f"reservations x{workers} on http://{host}:{listener_port}"
+    where = f"reservations x{workers} on {origin(host, listener_port)}"
     if settings.reservations_url:
         return f"{where} (announced as {settings.reservations_url})", {}
     if _wildcard(host):
         return (f"{where} (not announced: set FLASHSALE_RESERVATIONS_URL to its public "
                 "address)"), {}  # fmt: skip
-    url = f"http://{host}:{listener_port}"
+    url = origin(host, listener_port)
     return where, {"FLASHSALE_RESERVATIONS_URL": url}
 
 
@@ -221,7 +234,7 @@ def _cors_for(host: str, port: int, settings: Settings) -> dict[str, str]:
     page's origin (``http://host:port``) is allowed too, beside FLASHSALE_CORS_ORIGINS."""
     origins = list(settings.cors_origins)
     if "*" not in origins and not _wildcard(host):
-        origins.append(f"http://{host}:{port}")
+        origins.append(origin(host, port))
     return {"FLASHSALE_CORS_ORIGINS": ",".join(origins)} if origins else {}
 
 
