@@ -7,13 +7,13 @@ summed over a SKU's stock buckets.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 
-from allocator.sale_scripts import SaleScripts, summed
+from allocator.sale_scripts import SaleScripts, StockCounts, summed
 from flashsale.clients import RedisClient
 from flashsale.errors import InvalidInput, NotFound, shown
 from flashsale.keys import ID_PATTERN, bucket_keys
@@ -124,11 +124,8 @@ class SaleReads:
         orders: dict[str, dict[str, int]] = {}
         for r in counted:
             orders.setdefault(r["sku"], {})[r["state"]] = int(r["n"])
-        groups = [bucket_keys(sale_id, sku["sku"], sku["buckets"]) for sku in skus]
-        flat = await self.scripts.stock([k for group in groups for k in group])
         rows = []
-        for sku, group in zip(skus, groups, strict=True):
-            per_bucket, flat = flat[: len(group)], flat[len(group) :]
+        for sku, per_bucket in zip(skus, await self._buckets(sale_id, skus), strict=True):
             count = summed(per_bucket)
             row = {
                 "sku": sku["sku"],
@@ -153,3 +150,26 @@ class SaleReads:
                 ]  # fmt: skip
             rows.append(row)
         return {"sale": sale_json(sale), "skus": rows}
+
+    async def with_stock(self, sale_id: str) -> tuple[dict[str, Any], dict[str, int | None]]:
+        """The sale as :meth:`get` gives it, and each SKU's available units in Redis (None
+        before its preload): what the public sale summary shows. Raises NotFound."""
+        async with self.pool.acquire() as conn:
+            sale = await self.sale_row(conn, sale_id)
+            skus = await fetch_skus(conn, sale_id)
+        available = {}
+        for sku, per_bucket in zip(skus, await self._buckets(sale_id, skus), strict=True):
+            count = summed(per_bucket)
+            available[sku["sku"]] = None if count is None else count.available
+        return sale_json(sale, skus), available
+
+    async def _buckets(self, sale_id: str, skus: Sequence[asyncpg.Record]) -> list[
+            list[StockCounts | None]]:  # fmt: skip
+        """Each SKU's counters per stock bucket, in one round trip."""
+        groups = [bucket_keys(sale_id, sku["sku"], sku["buckets"]) for sku in skus]
+        flat = await self.scripts.stock([k for group in groups for k in group])
+        out, at = [], 0  # `at`: where a SKU's buckets start (slicing off the rest is quadratic)
+        for group in groups:
+            out.append(flat[at : at + len(group)])
+            at += len(group)
+        return out

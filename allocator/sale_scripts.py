@@ -10,7 +10,7 @@ from typing import Literal, NamedTuple
 
 from redis.commands.core import AsyncScript
 
-from allocator.redis_calls import lua_script
+from allocator.redis_calls import lua_script, read_packed
 from flashsale.clients import RedisClient
 from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.records import integer, text
@@ -118,20 +118,18 @@ class SaleScripts:
         if listed is None:
             return None
         skus = [s for s in text(listed).split(",") if s]
-        pipe = self.client.pipeline(transaction=False)
-        for sku in skus:
-            pipe.hmget(SkuKeys(keys.sale_id, sku).meta, "per_buyer_limit", "buckets")
-        rules = await pipe.execute() if skus else []
+        reads = [("HMGET", SkuKeys(keys.sale_id, sku).meta, "per_buyer_limit", "buckets")
+                 for sku in skus]  # fmt: skip
+        rules = await read_packed(self.client, reads) if skus else []
         return {sku: SkuRule(integer(limit, 1), integer(buckets, 1))
                 for sku, (limit, buckets) in zip(skus, rules, strict=True)}  # fmt: skip
 
     async def stock(self, skus: Sequence[SkuKeys]) -> list[StockCounts | None]:
-        """Every SKU's counters in one round trip; None for a SKU Redis does not hold."""
+        """Every SKU's counters in one round trip (packed in C: a sale may have thousands of
+        SKUs); None for a SKU Redis does not hold."""
         if not skus:
             return []
-        pipe = self.client.pipeline(transaction=False)
-        for keys in skus:
-            pipe.hmget(keys.stock, *STOCK_FIELDS)
-        rows = await pipe.execute()
+        rows = await read_packed(self.client, [("HMGET", keys.stock, *STOCK_FIELDS)
+                                               for keys in skus])  # fmt: skip
         return [None if row[1] is None else StockCounts(*(integer(v) for v in row))
                 for row in rows]  # fmt: skip

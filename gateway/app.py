@@ -46,6 +46,7 @@ from gateway.state import (
     ALLOCATORS,
     ANNOUNCER,
     CATALOG,
+    CATALOG_READS,
     CLIENTS,
     COUNTERS,
     FAIRNESS,
@@ -132,6 +133,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None, *,
     app[METRICS] = metrics
     app[SIGNERS] = Signers.from_settings(settings)
     app[CATALOG] = {}
+    app[CATALOG_READS] = {}
     app[SKU_LIMITS] = {}
     app[FAIRNESS] = {}
     app.cleanup_ctx.append(clients)

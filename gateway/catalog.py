@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -20,57 +21,66 @@ from allocator.sale_scripts import SkuRule
 from flashsale.errors import NotFound, shown
 from flashsale.keys import ID_PATTERN, SaleKeys
 from flashsale.outages import is_outage
-from gateway.state import CATALOG, SALES, SKU_LIMITS
+from gateway.state import CATALOG, CATALOG_READS, SALES, SKU_LIMITS
 
 INFO_TTL_S = 0.5
 LIMITS_TTL_S = 1.0
 
 
 async def sale_summary(request: web.Request, sale_id: str) -> dict[str, Any]:
-    """The public view of a sale, at most ``INFO_TTL_S`` old. Raises NotFound."""
+    """The public view of a sale, at most ``INFO_TTL_S`` old. Raises NotFound. When it is due,
+    one read is made and every caller meanwhile waits for it: a spike's buyers all ask."""
     if not ID_PATTERN.match(sale_id):
         raise NotFound(f"unknown sale {shown(sale_id)}", code="unknown_sale")
-    cache = request.app[CATALOG]
-    now = time.monotonic()
+    cached = request.app[CATALOG].get(sale_id)
+    if cached is not None and cached[0] > time.monotonic():
+        return cached[1]
+    reads = request.app[CATALOG_READS]
+    read = reads.get(sale_id)
+    if read is None:
+        read = reads[sale_id] = asyncio.ensure_future(_read_summary(request.app, sale_id))
+        read.add_done_callback(lambda _: reads.pop(sale_id, None))
+    # Shielded: a caller that goes away does not cancel the read the others wait for.
+    return await asyncio.shield(read)
+
+
+async def _read_summary(app: web.Application, sale_id: str) -> dict[str, Any]:
+    cache = app[CATALOG]
     cached = cache.get(sale_id)
-    if cached is None or cached[0] <= now:
-        sales = request.app[SALES]
-        try:
-            status = await sales.status(sale_id)
-            sale = await sales.get(sale_id)
-        except Exception as exc:
-            if cached is None or not is_outage(exc):
-                raise
-            return cached[1]  # Postgres is down: the sale as last seen
-        remaining = {row["sku"]: row["available"] for row in status["skus"]}
-        body = {
-            "id": sale["id"],
-            "name": sale["name"],
-            "state": sale["state"],
-            "starts_at": sale["starts_at"],
-            "ends_at": sale["ends_at"],
-            "admission_window_seconds": sale["admission_window_seconds"],
-            "join_challenge": sale["join_challenge"],
-            "join_challenge_max": sale["join_challenge_max"],
-            "shuffle": sale["shuffle"],
-            "skus": [
-                {
-                    "sku": s["sku"],
-                    "title": s["title"],
-                    "price": s["price"],
-                    "currency": s["currency"],
-                    "per_buyer_limit": s["per_buyer_limit"],
-                    "buckets": s["buckets"],
-                    "remaining": remaining.get(s["sku"]),
-                    "sold_out": remaining.get(s["sku"]) == 0,
-                }
-                for s in sale["skus"]
-            ],
-        }
-        if len(cache) > 1024:
-            cache.clear()
-        cache[sale_id] = cached = (now + INFO_TTL_S, body)
-    return cached[1]
+    try:
+        sale, remaining = await app[SALES].with_stock(sale_id)
+    except Exception as exc:
+        if cached is None or not is_outage(exc):
+            raise
+        return cached[1]  # Postgres is down: the sale as last seen
+    body = {
+        "id": sale["id"],
+        "name": sale["name"],
+        "state": sale["state"],
+        "starts_at": sale["starts_at"],
+        "ends_at": sale["ends_at"],
+        "admission_window_seconds": sale["admission_window_seconds"],
+        "join_challenge": sale["join_challenge"],
+        "join_challenge_max": sale["join_challenge_max"],
+        "shuffle": sale["shuffle"],
+        "skus": [
+            {
+                "sku": s["sku"],
+                "title": s["title"],
+                "price": s["price"],
+                "currency": s["currency"],
+                "per_buyer_limit": s["per_buyer_limit"],
+                "buckets": s["buckets"],
+                "remaining": remaining.get(s["sku"]),
+                "sold_out": remaining.get(s["sku"]) == 0,
+            }
+            for s in sale["skus"]
+        ],
+    }
+    if len(cache) > 1024:
+        cache.clear()
+    cache[sale_id] = (time.monotonic() + INFO_TTL_S, body)
+    return body
 
 
 async def sku_limits(request: web.Request, sale_id: str) -> dict[str, SkuRule]:

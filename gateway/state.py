@@ -3,6 +3,7 @@ the clients and per-process helpers that one cleanup context opens (:mod:`gatewa
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from aiohttp import web
@@ -47,5 +48,7 @@ LAG = web.AppKey("lag", LagCache)  # the workers' consumer lag, for the live sal
 # sale id -> (expires, the sale's public summary), and (expires, its SKUs' per-buyer limits
 # as Redis holds them): see gateway.catalog
 CATALOG = web.AppKey("catalog", dict[str, tuple[float, dict[str, Any]]])
+# sale id -> the read of its summary in flight, which every caller meanwhile waits for
+CATALOG_READS = web.AppKey("catalog_reads", dict[str, asyncio.Future[dict[str, Any]]])
 SKU_LIMITS = web.AppKey("sku_limits", dict[str, tuple[float, dict[str, SkuRule]]])
 FAIRNESS = web.AppKey("fairness", dict[str, Published])  # complete records, by sale

@@ -154,11 +154,12 @@ def test_bench_reconcile_smoke(cli: Cli, tmp_path: Path) -> None:
     assert result.code == 0, result.err
     report = json.loads(path.read_text())
     rows = {row["name"]: row for row in report["results"]}
-    assert set(rows) == {"ceiling", "clean", "full", "drift"}
+    assert set(rows) == {"ceiling", "clean", "full", "status", "drift"}
     drift = rows["drift"]
     assert drift["consistent"] is True and drift["repaired"] == drift["corrupted"] == 3
     assert drift["next_pass_changed"] == 0
-    assert [t["name"] for t in report["targets"]] == ["clean pass over 10,000 SKUs"]
+    assert [t["name"] for t in report["targets"]] == ["clean pass over 10,000 SKUs",
+                                                      "status read vs the ceiling"]  # fmt: skip
     assert run_skus_ok(rows)
 
 

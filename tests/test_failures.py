@@ -45,7 +45,7 @@ async def test_an_outage_is_a_503_with_retry_after(
     async def down(_sale_id: str) -> None:
         raise error
 
-    monkeypatch.setattr(gw.app[SALES], "status", down)
+    monkeypatch.setattr(gw.app[SALES], "with_stock", down)
     response = await gw.http.get(f"/v1/sales/{sale}")
     assert response.status == 503
     assert response.headers["Retry-After"] == "1"
