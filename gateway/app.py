@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from allocator.batching import InFlight
 from allocator.hold_scripts import HoldScripts
 from allocator.queue_scripts import Joins, Places, QueueScripts
 from allocator.rate_limits import RateLimiter
@@ -133,7 +134,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None, *,
     app[METRICS] = metrics
     app[SIGNERS] = Signers.from_settings(settings)
     app[CATALOG] = {}
-    app[CATALOG_READS] = {}
+    app[CATALOG_READS] = InFlight()
     app[SKU_LIMITS] = {}
     app[FAIRNESS] = {}
     app.cleanup_ctx.append(clients)

@@ -7,13 +7,15 @@
   checks a request against, from the copy preload put in Redis, cached for ``LIMITS_TTL_S``:
   reserving needs no Postgres at all, so buyers keep buying while it is down. Only a sale
   Redis does not know is looked up in Postgres (an unknown one is a 404).
+
+When a copy is due, one read is made for it and every request meanwhile waits for that read
+(:class:`allocator.batching.InFlight`): a spike's requests find it due together.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -35,13 +37,9 @@ async def sale_summary(request: web.Request, sale_id: str) -> dict[str, Any]:
     cached = request.app[CATALOG].get(sale_id)
     if cached is not None and cached[0] > time.monotonic():
         return cached[1]
-    reads = request.app[CATALOG_READS]
-    read = reads.get(sale_id)
-    if read is None:
-        read = reads[sale_id] = asyncio.ensure_future(_read_summary(request.app, sale_id))
-        read.add_done_callback(lambda _: reads.pop(sale_id, None))
-    # Shielded: a caller that goes away does not cancel the read the others wait for.
-    return await asyncio.shield(read)
+    app = request.app
+    return cast(dict[str, Any], await app[CATALOG_READS].once(
+        ("summary", sale_id), lambda: _read_summary(app, sale_id)))  # fmt: skip
 
 
 async def _read_summary(app: web.Application, sale_id: str) -> dict[str, Any]:
@@ -89,16 +87,23 @@ async def sku_limits(request: web.Request, sale_id: str) -> dict[str, SkuRule]:
     from Postgres for a sale Redis does not know. Raises NotFound for an unknown sale."""
     if not ID_PATTERN.match(sale_id):
         raise NotFound(f"unknown sale {shown(sale_id)}", code="unknown_sale")
-    cache = request.app[SKU_LIMITS]
-    now = time.monotonic()
-    cached = cache.get(sale_id)
-    if cached is not None and cached[0] > now:
+    cached = request.app[SKU_LIMITS].get(sale_id)
+    if cached is not None and cached[0] > time.monotonic():
         return cached[1]
-    limits = await request.app[SALES].scripts.sku_limits(SaleKeys(sale_id))
+    app = request.app
+    limits = cast(dict[str, SkuRule] | None, await app[CATALOG_READS].once(
+        ("limits", sale_id), lambda: _read_limits(app, sale_id)))  # fmt: skip
     if limits is None:  # not preloaded, or lost by Redis: Postgres knows whether it exists
         summary = await sale_summary(request, sale_id)
         return {s["sku"]: SkuRule(s["per_buyer_limit"], s["buckets"]) for s in summary["skus"]}
-    if len(cache) > 1024:
-        cache.clear()
-    cache[sale_id] = (now + LIMITS_TTL_S, limits)
+    return limits
+
+
+async def _read_limits(app: web.Application, sale_id: str) -> dict[str, SkuRule] | None:
+    limits = await app[SALES].scripts.sku_limits(SaleKeys(sale_id))
+    if limits is not None:
+        cache = app[SKU_LIMITS]
+        if len(cache) > 1024:
+            cache.clear()
+        cache[sale_id] = (time.monotonic() + LIMITS_TTL_S, limits)
     return limits

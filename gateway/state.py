@@ -3,11 +3,11 @@ the clients and per-process helpers that one cleanup context opens (:mod:`gatewa
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from aiohttp import web
 
+from allocator.batching import InFlight
 from allocator.hold_scripts import HoldScripts
 from allocator.queue_scripts import Joins, Places, QueueScripts
 from allocator.rate_limits import RateLimiter
@@ -48,7 +48,7 @@ LAG = web.AppKey("lag", LagCache)  # the workers' consumer lag, for the live sal
 # sale id -> (expires, the sale's public summary), and (expires, its SKUs' per-buyer limits
 # as Redis holds them): see gateway.catalog
 CATALOG = web.AppKey("catalog", dict[str, tuple[float, dict[str, Any]]])
-# sale id -> the read of its summary in flight, which every caller meanwhile waits for
-CATALOG_READS = web.AppKey("catalog_reads", dict[str, asyncio.Future[dict[str, Any]]])
+# the reads of those two in flight, by ("summary" or "limits", sale id): one per sale at a time
+CATALOG_READS = web.AppKey("catalog_reads", InFlight[tuple[str, str], Any])
 SKU_LIMITS = web.AppKey("sku_limits", dict[str, tuple[float, dict[str, SkuRule]]])
 FAIRNESS = web.AppKey("fairness", dict[str, Published])  # complete records, by sale

@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from allocator.batching import Coalescer
+from allocator.batching import Coalescer, InFlight
 from allocator.hold_scripts import HoldScripts, ReserveRequest
 from allocator.sku_allocator import SkuAllocator
 from flashsale.clients import redis_client
@@ -142,3 +142,30 @@ async def test_a_call_that_answers_the_wrong_number_of_items_fails_every_caller(
     )
     assert [type(r) for r in results] == [RuntimeError] * 3
     assert "2 results for 3 items" in str(results[0])
+
+
+async def test_reads_in_flight_are_shared_until_done_and_failures_reach_every_caller() -> None:
+    reads = 0
+    gate = asyncio.Event()
+
+    async def read() -> int:
+        nonlocal reads
+        reads += 1
+        await gate.wait()
+        if reads == 2:
+            raise RuntimeError("down")
+        return reads
+
+    shared: InFlight[str, int] = InFlight()
+    waiting = [asyncio.ensure_future(shared.once("a", read)) for _ in range(10)]
+    await asyncio.sleep(0)
+    waiting[0].cancel()  # one caller goes away: the read goes on for the others
+    gate.set()
+    results = await asyncio.gather(*waiting[1:])
+    assert results == [1] * 9 and reads == 1
+    gate.clear()
+    again = [asyncio.ensure_future(shared.once("a", read)) for _ in range(3)]  # a new read
+    await asyncio.sleep(0)
+    gate.set()
+    failed = await asyncio.gather(*again, return_exceptions=True)
+    assert reads == 2 and all(isinstance(f, RuntimeError) for f in failed)
