@@ -162,28 +162,3 @@ class PerKey(Generic[Key, Member]):
 
     async def aclose(self) -> None:
         await asyncio.gather(*(member.aclose() for member in self._members.values()))
-
-
-Value = TypeVar("Value")
-
-
-class InFlight(Generic[Key, Value]):
-    """Concurrent reads of one key share one read: the first caller starts it, the others
-    wait for its result (or its exception). For a per-process copy that every request of a
-    spike may find due at once (a sale's summary, its SKUs' limits)."""
-
-    def __init__(self) -> None:
-        self._reads: dict[Key, asyncio.Future[Value]] = {}
-
-    async def once(self, key: Key, read: Callable[[], Awaitable[Value]]) -> Value:
-        running = self._reads.get(key)
-        if running is None:
-            running = self._reads[key] = asyncio.ensure_future(read())
-            running.add_done_callback(lambda done: self._done(key, done))
-        # Shielded: a caller that goes away does not cancel the read the others wait for.
-        return await asyncio.shield(running)
-
-    def _done(self, key: Key, done: asyncio.Future[Value]) -> None:
-        self._reads.pop(key, None)
-        if not done.cancelled():
-            done.exception()  # retrieved here too: every caller may have gone away

@@ -22,10 +22,12 @@ JSON, kind, expiry. Every failure is a :class:`~flashsale.errors.InvalidToken` w
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
 import hmac
+import logging
 import re
 import time
 from collections.abc import Iterable
@@ -35,11 +37,14 @@ from typing import Any, Literal
 import orjson
 
 from flashsale.errors import ConfigError, InvalidToken, Unauthorized
+from flashsale.inflight import InFlight
 from flashsale.settings import Settings
 
 VERSION = "v1"
 TokenKind = Literal["buyer", "ticket", "admission", "challenge"]
 MAX_TOKEN_LENGTH = 2048  # a token longer than this is refused before any work
+
+log = logging.getLogger("flashsale.tokens")
 
 
 def _b64(data: bytes) -> str:
@@ -190,6 +195,9 @@ TICKETS_REMEMBERED = 100_000  # per process: about 70 MB when full (claims, toke
 JWTS_REMEMBERED = 100_000  # verified storefront JWTs kept per process, the same way
 JWT_ALGORITHMS = ("HS256", "ES256", "RS256")
 JWT_LEEWAY_S = 5  # clock skew allowed on exp and nbf
+# A kid the gateway does not know sends it to the storefront's JWKS again, at most this often:
+# made-up kids cannot make it hammer the provider.
+JWKS_REFETCH_S = 10.0
 
 
 class BuyerTokens:
@@ -208,12 +216,43 @@ class BuyerTokens:
     """
 
     def __init__(self, v1: Signer, secrets: Iterable[str], public_keys: dict[str, Any],
-                 audience: str | None = None) -> None:  # fmt: skip
+                 audience: str | None = None, *, jwks: str | None = None) -> None:  # fmt: skip
+        """``jwks``: where ``public_keys`` came from, read again for a kid not among them."""
         self.v1 = v1
         self._secrets = [s.encode() for s in secrets]
         self._public = public_keys  # kid -> jwt.PyJWK
         self._audience = audience
         self._verified: dict[str, dict[str, Any]] = {}
+        self._jwks = jwks
+        self._jwks_read_again_at = -JWKS_REFETCH_S  # when an unknown kid last had it read
+        self._reading: InFlight[str, bool] = InFlight()
+
+    async def verify_fetching(self, token: str) -> dict[str, Any]:
+        """:meth:`verify`, and for an ES256 or RS256 token whose ``kid`` is not among the
+        keys, the JWKS read again once (in a thread; at most every ``JWKS_REFETCH_S``, one
+        read for every such token meanwhile): the storefront published a key since."""
+        try:
+            return self.verify(token)
+        except InvalidToken as exc:
+            if exc.reason != "unknown_key" or not await self._reading.once("jwks", self._refetch):
+                raise
+        return self.verify(token)
+
+    async def _refetch(self) -> bool:
+        """Whether the JWKS was read again (and brought keys not known before)."""
+        if self._jwks is None or time.monotonic() - self._jwks_read_again_at < JWKS_REFETCH_S:
+            return False
+        self._jwks_read_again_at = time.monotonic()
+        try:
+            keys = await asyncio.to_thread(load_jwks, self._jwks)
+        except ConfigError as exc:
+            log.warning("the storefront's keys were not read again: %s", exc.message)
+            return False
+        added = set(keys) - set(self._public)
+        self._public = keys
+        if added:
+            log.info("storefront keys added: %s", ", ".join(sorted(added)))
+        return bool(added)
 
     def sign(self, claims: dict[str, Any], ttl_s: float, now: float | None = None) -> str:
         """A token in the engine's v1 format (the storefront may sign JWTs instead)."""
@@ -324,7 +363,13 @@ class Signers:
         secrets = [s.strip() for s in buyer.split(",") if s.strip()]
         public = load_jwks(settings.buyer_jwks) if settings.buyer_jwks else {}
         return cls(
-            BuyerTokens(Signer(secrets, "buyer"), secrets, public, settings.buyer_jwt_audience),
+            BuyerTokens(
+                Signer(secrets, "buyer"),
+                secrets,
+                public,
+                settings.buyer_jwt_audience,
+                jwks=settings.buyer_jwks,
+            ),
             # Every waiting buyer presents the same ticket on each poll: remember verified ones.
             Signer.from_setting(own, "ticket", remember=TICKETS_REMEMBERED),
             Signer.from_setting(own, "admission"),

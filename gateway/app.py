@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from allocator.batching import InFlight
 from allocator.hold_scripts import HoldScripts
 from allocator.queue_scripts import Joins, Places, QueueScripts
 from allocator.rate_limits import RateLimiter
@@ -20,6 +19,7 @@ from allocator.sale_admin import SaleAdmin
 from allocator.sku_allocator import Allocators
 from flashsale.clients import open_clients
 from flashsale.errors import NotFound
+from flashsale.inflight import InFlight
 from flashsale.kafka import LagCache
 from flashsale.ops_endpoints import KafkaProbe, Readiness, dependency_probes
 from flashsale.queue_marks import QueueMarks

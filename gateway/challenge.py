@@ -67,7 +67,7 @@ async def issue(request: web.Request) -> web.Response:
     """``GET /v1/sales/{sale}/queue/challenge``: a challenge for the caller to solve before
     joining (``difficulty`` 0 and no challenge when the sale asks none)."""
     app = request.app
-    buyer, sale_id = buyer_of(request), sale_of(request)
+    buyer, sale_id = await buyer_of(request), sale_of(request)
     counters = await app[COUNTERS].get(sale_id)
     bits = difficulty(counters.view, counters.join_rate)
     body: dict[str, Any] = {"difficulty": bits, "challenge": None, "rule": RULE}

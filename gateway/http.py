@@ -197,9 +197,10 @@ async def rate_limit(request: web.Request, buyer: str | None = None) -> None:
     await request.app[LIMITER].check(rate_subjects(request, buyer))
 
 
-def buyer_of(request: web.Request) -> str:
-    """The buyer id of the request's buyer token; 401 without a valid one."""
-    return buyer_subject(request.app[SIGNERS].buyer.verify(bearer(request)))
+async def buyer_of(request: web.Request) -> str:
+    """The buyer id of the request's buyer token; 401 without a valid one. A storefront key
+    published since the start is fetched (``BuyerTokens.verify_fetching``)."""
+    return buyer_subject(await request.app[SIGNERS].buyer.verify_fetching(bearer(request)))
 
 
 def sale_of(request: web.Request) -> str:

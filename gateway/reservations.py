@@ -133,7 +133,7 @@ async def reserve(request: web.Request) -> web.Response:
     decision are one script call (batched per SKU). On Redis Cluster the sale's claims and the
     SKU's stock live in different slots, so the rate limits and the claim go first."""
     app = request.app
-    buyer = buyer_of(request)
+    buyer = await buyer_of(request)
     sale_id = sale_of(request)
     gated = not app[SETTINGS].redis_cluster
     if not gated:
@@ -208,7 +208,7 @@ async def reserve(request: web.Request) -> web.Response:
 
 async def _owned_hold(request: web.Request) -> tuple[str, SkuKeys, HoldRecord]:
     """The caller's hold; 404 for unknown ids and for other buyers' holds alike."""
-    buyer = buyer_of(request)
+    buyer = await buyer_of(request)
     reservation_id = request.match_info["id"]
     keys = route_of(reservation_id)
     if keys is not None:

@@ -7,7 +7,6 @@ from typing import Any
 
 from aiohttp import web
 
-from allocator.batching import InFlight
 from allocator.hold_scripts import HoldScripts
 from allocator.queue_scripts import Joins, Places, QueueScripts
 from allocator.rate_limits import RateLimiter
@@ -16,6 +15,7 @@ from allocator.sale_scripts import SkuRule
 from allocator.sku_allocator import Allocators
 from flashsale.clients import Clients
 from flashsale.fairness import Published
+from flashsale.inflight import InFlight
 from flashsale.kafka import LagCache
 from flashsale.ops_endpoints import Probe, Readiness
 from flashsale.queue_marks import QueueMarks

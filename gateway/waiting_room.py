@@ -100,7 +100,7 @@ def sign_ticket(signer: Signer, sale_id: str, buyer: str, position: int, v: Queu
 
 async def join(request: web.Request) -> web.Response:
     app = request.app
-    buyer = buyer_of(request)
+    buyer = await buyer_of(request)
     sale_id = sale_of(request)
     metrics = app[METRICS]
     known = app[COUNTERS].peek(sale_id)

@@ -8,7 +8,9 @@ import base64
 import hashlib
 import hmac
 import json
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -147,3 +149,56 @@ def test_the_documented_v1_recipe_makes_tokens_the_gateway_accepts() -> None:
     exec(recipe, scope)  # noqa: S102 - our own documentation
     token = scope["buyer_token"](SECRET, "doc-buyer")
     assert Signer([SECRET], "buyer").verify(token)["sub"] == "doc-buyer"
+
+
+async def test_a_key_the_storefront_added_since_the_start_is_fetched(
+    stack: Settings,
+) -> None:
+    """An identity provider rotates its keys by publishing the new one and then signing with
+    it. A token whose kid the gateway does not know sends it to the JWKS URL again (at most
+    every JWKS_REFETCH_S, so made-up kids cannot hammer the provider), instead of refusing
+    every buyer of the new key until the gateways restart."""
+    new_key = ec.generate_private_key(ec.SECP256R1())
+    published = [("ec-1", EC_KEY)]
+    fetches = []
+
+    class Provider(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            fetches.append(self.path)
+            to_jwk = jwt.algorithms.ECAlgorithm.to_jwk
+            keys = [{**json.loads(to_jwk(key.public_key())), "kid": kid, "alg": "ES256"}
+                    for kid, key in published]  # fmt: skip
+            body = json.dumps({"keys": keys}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args: Any) -> None:
+            pass
+
+    provider = ThreadingHTTPServer(("127.0.0.1", 0), Provider)
+    threading.Thread(target=provider.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{provider.server_address[1]}/jwks.json"
+    try:
+        async with gateway(stack, buyer_jwks=url) as gw:
+            sale = await gw.create_sale(stock=5)
+
+            async def join(kid: str, key: Any, buyer: str) -> int:
+                token = jwt.encode(claims(sub=buyer), key, algorithm="ES256",
+                                   headers={"kid": kid})  # fmt: skip
+                bearer = {"Authorization": f"Bearer {token}"}
+                return (await gw.http.post(f"/v1/sales/{sale}/queue", headers=bearer)).status
+
+            assert await join("ec-1", EC_KEY, "old-key") == 200
+            assert len(fetches) == 1  # read when the gateway started
+            published.append(("ec-2", new_key))  # the provider rotates
+            assert await join("ec-2", new_key, "new-key") == 200
+            assert len(fetches) == 2
+            for i in range(5):  # kids nobody published: refused, the provider left alone
+                assert await join(f"made-up-{i}", new_key, f"forger-{i}") == 401
+            assert len(fetches) == 2
+    finally:
+        provider.shutdown()
+        provider.server_close()

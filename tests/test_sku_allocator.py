@@ -10,11 +10,12 @@ import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from allocator.batching import Coalescer, InFlight
+from allocator.batching import Coalescer
 from allocator.hold_scripts import HoldScripts, ReserveRequest
 from allocator.sku_allocator import SkuAllocator
 from flashsale.clients import redis_client
 from flashsale.errors import InvalidInput, Overloaded
+from flashsale.inflight import InFlight
 from flashsale.keys import SkuKeys
 from flashsale.records import HoldRecord, ReserveResult
 from flashsale.settings import Settings
