@@ -18,10 +18,11 @@ from flashsale.clients import RedisClient
 from flashsale.errors import InvalidInput, NotFound, shown
 from flashsale.keys import ID_PATTERN, bucket_keys
 from flashsale.sales import fetch_skus, sale_json
-from flashsale.salespec import integer
+from flashsale.salespec import integer, text
 from flashsale.timefmt import iso
 
 MAX_PAGE = 1000
+MAX_ORDER_ID = 300  # sale id ~ SKU ~ reservation id
 SALE = "SELECT * FROM sales WHERE id = $1"
 SALE_LOCKED = "SELECT * FROM sales WHERE id = $1 FOR UPDATE"
 SALE_STATUSES = ("active", "paused", "ended")
@@ -95,6 +96,8 @@ class SaleReads:
                      after: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
         """A page of the sale's orders by id, after the order id ``after``; ``state`` filters."""
         state = order_state(state)
+        if after:  # an order id as a text Postgres can compare: no NUL, nothing of kilobytes
+            after = text(after, "after", max_len=MAX_ORDER_ID)
         async with self.pool.acquire() as conn:
             await self.sale_row(conn, sale_id)  # NotFound for an unknown sale
             rows = await conn.fetch(ORDERS_PAGE, sale_id, state, after, page_size(limit))

@@ -255,8 +255,10 @@ async def test_lists_orders_and_the_csv_export(http: TestClient[Any, Any]) -> No
                                  headers=auth())).json()  # fmt: skip
     assert len(rest["orders"]) == 1 and rest["next"] is None
     assert "payment_token" not in page["orders"][0]
-    bad = await http.get(f"{orders}?state=SHIPPED", headers=auth())
-    assert bad.status == 422 and (await bad.json())["error"]["field"] == "state"
+    for query, field in (("state=SHIPPED", "state"), ("after=%00", "after"),  # NUL: was a 500
+                         ("after=" + "z" * 600, "after")):  # fmt: skip
+        bad = await http.get(f"{orders}?{query}", headers=auth())
+        assert bad.status == 422 and (await bad.json())["error"]["field"] == field, query
 
     export = await http.get(f"{orders}.csv", headers=auth())
     assert export.status == 200 and export.headers["Content-Type"].startswith("text/csv")
