@@ -15,7 +15,7 @@ from allocator.sale_reads import SaleReads
 from flashsale.errors import Conflict, InvalidInput, NotFound, shown
 from flashsale.keys import SaleKeys, bucket_keys
 from flashsale.sales import STATUS_BY_ACTION, fetch_skus, sale_hash, sale_json, sale_state, sku_meta
-from flashsale.salespec import parse_sale, parse_sku, timestamp
+from flashsale.salespec import LATEST, parse_sale, parse_sku, timestamp
 
 
 async def set_status(sales: SaleReads, sale_id: str, action: str) -> dict[str, Any]:
@@ -65,7 +65,11 @@ async def update(sales: SaleReads, sale_id: str, changes: Mapping[str, Any]) -> 
         merged = {**{k: current[k] for k in EDITABLE}, **changes}
         if "starts_at" in changes and "ends_at" not in changes:  # the window moves whole
             opens = timestamp(changes["starts_at"], "starts_at")
-            merged["ends_at"] = (opens + (sale["ends_at"] - sale["starts_at"])).isoformat()
+            try:
+                merged["ends_at"] = (opens + (sale["ends_at"] - sale["starts_at"])).isoformat()
+            except OverflowError:
+                raise InvalidInput("starts_at", "would move the sale's end past "
+                                   f"{LATEST:%Y-%m-%d}") from None  # fmt: skip
         spec = parse_sale(merged, now=now)
         if state != "scheduled":
             if spec.max_queue < sale["max_queue"]:

@@ -28,6 +28,10 @@ MAX_TTL_SECONDS = 24 * 3600
 MAX_LIMIT = 10_000
 MAX_CHALLENGE_BITS = 24  # about 16 million hashes: seconds in a browser, microseconds to check
 DEFAULT_DURATION = timedelta(hours=1)
+# The times a sale may name: Python's dates end in year 9999, and a sale's end is its start plus
+# up to ten years of durations (flags, defaults).
+EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+LATEST = datetime(9000, 1, 1, tzinfo=UTC)
 
 SALE_FILE_FIELDS = {
     "name", "starts_at", "ends_at", "admission_rate", "max_queue", "admission_window_seconds",
@@ -119,7 +123,14 @@ def timestamp(value: Any, where: str) -> datetime:
         ) from None
     if parsed.tzinfo is None:
         raise InvalidInput(where, "must include a timezone, e.g. 2026-12-01T12:00:00Z")
-    return parsed.astimezone(UTC)
+    try:
+        moment = parsed.astimezone(UTC)
+    except OverflowError:  # past year 9999 (or before year 1) once in UTC
+        moment = None
+    if moment is None or not EARLIEST <= moment <= LATEST:
+        raise InvalidInput(where, f"must be between {EARLIEST:%Y-%m-%d} and {LATEST:%Y-%m-%d} "
+                                  f"(UTC), got {shown(value)}")  # fmt: skip
+    return moment
 
 
 def _check_fields(data: Mapping[str, Any], allowed: Iterable[str], where: str) -> None:

@@ -421,6 +421,10 @@ BAD_SALES = [
     ("ends before starts", {**SALE, "ends_at": "2026-12-01T11:00:00Z"}, "ends_at"),
     ("naive timestamp", {**SALE, "starts_at": "2026-12-01T12:00:00"}, "starts_at"),
     ("bad timestamp", {**SALE, "starts_at": "tomorrow"}, "starts_at"),
+    # Stored, then unreadable: the sale list broke on the row (year 0 once in UTC).
+    ("year 1", {**SALE, "starts_at": "0001-01-01T00:00:00+14:00",
+                "ends_at": "0001-01-01T01:00:00Z"}, "starts_at"),
+    ("past year 9999 in UTC", {**SALE, "ends_at": "9999-12-31T23:59:59-14:00"}, "ends_at"),
     ("duplicate sku", {**SALE, "skus": [SALE["skus"][0], SALE["skus"][0]]}, "skus[1].sku"),
     ("unknown field", {**SALE, "colour": "red"}, "colour"),
     ("unknown sku field", _sku(colour="red"), "skus[0].colour"),
@@ -465,6 +469,16 @@ def test_bad_flags(cli: Cli, counts: Any) -> None:
                  "--price", "1", "--currency", "EUR")  # fmt: skip
     assert result.code == 2
     assert "stock: must be a positive integer" in result.err
+    assert counts() == before
+    # A start so far ahead that the date overflowed: a traceback, the sale created or not.
+    for flag, value, field in (
+        ("--starts-in", "3000000d", "starts-in"),
+        ("--starts-at", "9999-12-31T23:59:59-14:00", "starts_at"),
+    ):
+        far = cli("sale", "create", "--name", "x", flag, value, "--sku", "A", "--stock", "1",
+                  "--price", "1", "--currency", "EUR")  # fmt: skip
+        assert far.code == 2 and len(far.err.strip().splitlines()) == 1, far.err
+        assert far.err.startswith(f"flashsale: error: {field}: "), far.err
     assert counts() == before
 
 

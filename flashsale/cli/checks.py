@@ -114,6 +114,7 @@ def within(field: str, value: str, low: int, high: int) -> int:
 
 _DURATION = re.compile(r"([1-9][0-9]{0,6})([smhd])\Z")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+LONGEST = timedelta(days=3650)  # ten years
 
 
 def duration(field: str, value: str) -> timedelta:
@@ -121,7 +122,10 @@ def duration(field: str, value: str) -> timedelta:
     found = _DURATION.match(value.strip())
     if not found:
         raise InvalidInput(field, f"must be a duration like 90s, 10m, 2h or 1d, got {shown(value)}")
-    return timedelta(**{_UNITS[found[2]]: int(found[1])})
+    length = timedelta(**{_UNITS[found[2]]: int(found[1])})
+    if length > LONGEST:
+        raise InvalidInput(field, f"must be at most {LONGEST.days}d, got {shown(value)}")
+    return length
 
 
 def sale_id(field: str, value: str) -> str:
