@@ -16,14 +16,19 @@ from flashsale.keys import ID_PATTERN
 from flashsale.settings import Settings
 from flashsale.tokens import Signers
 
+# The largest number a flag takes: float() also reads "inf", "nan" and 1e300, which no
+# duration, rate or count here can be (a billion seconds is 31 years).
+LARGEST = 1e9
+
 
 def positive(kind: type[int] | type[float], field: str, value: str) -> Any:
     try:
         parsed = kind(value)
     except ValueError:
         raise InvalidInput(field, f"must be a positive number, got {shown(value)}") from None
-    if parsed <= 0:
-        raise InvalidInput(field, f"must be a positive number, got {shown(value)}")
+    if not 0 < parsed <= LARGEST:  # false for nan too
+        raise InvalidInput(field, f"must be a positive number up to {LARGEST:,.0f}, "
+                                  f"got {shown(value)}")  # fmt: skip
     return parsed
 
 
@@ -32,8 +37,8 @@ def non_negative(field: str, value: str) -> float:
         number = float(value)
     except ValueError:
         raise InvalidInput(field, f"must be a number, got {shown(value)}") from None
-    if not number >= 0:
-        raise InvalidInput(field, f"must be >= 0, got {shown(value)}")
+    if not 0 <= number <= LARGEST:  # false for nan too
+        raise InvalidInput(field, f"must be from 0 to {LARGEST:,.0f}, got {shown(value)}")
     return number
 
 
