@@ -4,6 +4,7 @@ names the variable and says what it takes."""
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from ipaddress import IPv4Network, IPv6Network, ip_network
@@ -33,8 +34,8 @@ def number(env: Mapping[str, str], name: str, default: float, *, minimum: float)
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
-    if value < minimum:
-        raise ConfigError(f"{name} must be at least {minimum:g}, got {raw!r}")
+    if not minimum <= value < math.inf:  # false for nan too
+        raise ConfigError(f"{name} must be a finite number of at least {minimum:g}, got {raw!r}")
     return value
 
 

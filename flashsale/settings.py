@@ -10,6 +10,7 @@ says how to fix it, never a silent default pointing at some other server.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -97,9 +98,9 @@ class Rate:
         try:
             rate = float(rate_text)
             burst = int(burst_text) if burst_text.strip() else max(1, int(rate * 2))
-        except ValueError:
+        except (ValueError, OverflowError):  # overflow: an infinite rate's default burst
             raise ConfigError(f"{name} must be 'RATE[,BURST]' or 'off', got {text!r}") from None
-        if rate <= 0 or burst < 1:
+        if not 0 < rate < math.inf or burst < 1:  # false for nan too
             raise ConfigError(f"{name} needs a positive rate and burst, got {text!r}")
         return cls(rate, burst)
 
