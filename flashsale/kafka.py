@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import ssl
 import time
 import zlib
@@ -29,6 +30,7 @@ log = logging.getLogger("flashsale.kafka")
 
 # Partitions bound how many worker processes can share the reservations topic.
 PARTITIONS = {"reservations": 8, "order_events": 4, "dead_letter": 1}
+PORT = re.compile(r"[0-9]{1,5}")  # ASCII digits: "²" is isdigit() and not int()
 
 
 def client_options(settings: Settings) -> dict[str, Any]:
@@ -52,7 +54,7 @@ def bootstrap(servers: str) -> str:
         host, colon, port = server.strip().rpartition(":")
         if not colon:
             host, port = port, "9092"  # aiokafka's default
-        if not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+        if not host.strip("[]") or not PORT.fullmatch(port) or not 0 < int(port) < 65536:
             raise ConfigError(f"KAFKA_BOOTSTRAP: {server.strip()!r} is not host:port "
                               "(several are separated by commas)")  # fmt: skip
     return servers

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from flashsale.errors import InvalidInput, shown
 from flashsale.keys import ID_PATTERN, MAX_BUCKETS
 
 T = TypeVar("T")
+DECIMAL = re.compile(r"-?[0-9]{1,30}")
 
 MAX_STOCK = 1_000_000_000
 MAX_ADMISSION_RATE = 1_000_000  # buyers per second
@@ -81,8 +83,10 @@ def integer(value: Any, where: str, *, minimum: int, maximum: int, what: str) ->
     if isinstance(value, bool):
         raise InvalidInput(where, f"must be {what}, got {shown(value)}")
     if isinstance(value, str):
+        # ASCII digits only ("²" is isdigit() and not int()), and few enough for int(): past
+        # 4,300 digits it raises, and no bound here has more than 19
         text = value.strip()
-        if not text.lstrip("-").isdigit():
+        if not DECIMAL.fullmatch(text):
             raise InvalidInput(where, f"must be {what}, got {shown(value)}")
         value = int(text)
     elif isinstance(value, float):

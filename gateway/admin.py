@@ -12,7 +12,7 @@ import logging
 
 from aiohttp import web
 
-from allocator.sale_reads import MAX_PAGE, order_state
+from allocator.sale_reads import MAX_PAGE, order_state, page_size
 from flashsale.errors import InvalidInput, Unauthorized
 from flashsale.records import body_fingerprint, idempotency_key
 from flashsale.salespec import parse_csv, parse_sale, parse_skus
@@ -66,7 +66,7 @@ async def list_orders(request: web.Request) -> web.Response:
     limit = q.get("limit", str(MAX_PAGE))
     orders = await request.app[SALES].orders(request.match_info["sale"], state=q.get("state"),
                                              limit=limit, after=q.get("after"))  # fmt: skip
-    full = len(orders) == int(limit) if limit.isdigit() else False
+    full = len(orders) == page_size(limit)  # valid: orders() read it
     return json_response({"orders": orders, "next": orders[-1]["id"] if full else None})
 
 

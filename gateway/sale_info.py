@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from flashsale.errors import InvalidInput, NotFound, shown
+from flashsale.errors import NotFound, shown
 from flashsale.fairness import Published, merkle_path, published
+from flashsale.salespec import integer
 from flashsale.shuffle import member_of
 from gateway.catalog import sale_summary
 from gateway.http import json_response, queue_ticket, sale_of
@@ -53,9 +54,7 @@ def _int(request: web.Request, name: str, default: int, high: int) -> int:
     raw = request.query.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not 0 <= int(raw) <= high:
-        raise InvalidInput(name, f"must be a whole number from 0 to {high}")
-    return int(raw)
+    return integer(raw, name, minimum=0, maximum=high, what=f"a whole number from 0 to {high}")
 
 
 async def fairness(request: web.Request) -> web.Response:

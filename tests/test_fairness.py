@@ -95,6 +95,9 @@ async def test_a_shuffled_pre_queue_is_published_and_proven_per_buyer(
     assert "early-0" not in str(doc)  # members are hashes, never buyer ids
     page = await (await gw.http.get(f"/v1/sales/{sale}/fairness?offset=10&limit=5")).json()
     assert page["members"] == doc["members"][10:15] and page["next_offset"] == 15
+    for query in ("offset=%C2%B2", "limit=" + "9" * 5000):  # were a 500: int() refused them
+        refused = await gw.http.get(f"/v1/sales/{sale}/fairness?{query}")
+        assert refused.status == 422, query
 
     for buyer in buyers:
         answer = await gw.http.get(f"/v1/sales/{sale}/fairness/proof",

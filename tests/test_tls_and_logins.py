@@ -76,7 +76,8 @@ def test_a_sasl_login_over_tls_is_what_the_clients_are_given(tmp_path: Path) -> 
      ({"KAFKA_SECURITY_PROTOCOL": "SSL", "KAFKA_SSL_CAFILE": "/nonexistent/ca.pem"},
       "KAFKA_SSL_CAFILE"),
      ({"KAFKA_BOOTSTRAP": "127.0.0.1:notaport"}, "KAFKA_BOOTSTRAP"),
-     ({"KAFKA_BOOTSTRAP": "kafka-1:9092,:9092"}, "KAFKA_BOOTSTRAP")],
+     ({"KAFKA_BOOTSTRAP": "kafka-1:9092,:9092"}, "KAFKA_BOOTSTRAP"),
+     ({"KAFKA_BOOTSTRAP": "127.0.0.1:\u00b2"}, "KAFKA_BOOTSTRAP")],  # isdigit(), not int()
 )  # fmt: skip
 def test_a_bad_kafka_setting_is_one_line_naming_it(
     run_cli: Cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, env: dict[str, str],
