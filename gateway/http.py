@@ -107,7 +107,11 @@ def parse_json(raw: bytes | str, *, unique: bool = False) -> Any:
     except orjson.JSONDecodeError as exc:
         raise InvalidInput("body", f"malformed JSON: {exc}", code="malformed_json") from None
     if unique:
-        json.loads(raw, object_pairs_hook=unique_keys("body"))
+        try:
+            json.loads(raw, object_pairs_hook=unique_keys("body"))
+        except RecursionError:  # orjson reads 1,024 levels, this parser's recursion fewer
+            raise InvalidInput("body", "malformed JSON: nested too deeply",
+                               code="malformed_json") from None  # fmt: skip
     return data
 
 

@@ -361,6 +361,8 @@ async def test_the_admission_rate_changes_while_the_sale_runs(http: TestClient[A
         (b'{"name": "x\\u0000y"}', "invalid_input"),
         (b'{"name": "x\\ud800y"}', "malformed_json"),  # orjson refuses a lone surrogate
         (b'{"name": "x", "name": "y"}', "duplicate_key"),  # a parser keeps one of the two
+        # as deep as orjson reads, deeper than the standard parser's recursion can follow
+        (b'{"name": "x", "skus": ' + b"[" * 1020 + b"]" * 1020 + b"}", "malformed_json"),
         (b'{"name": "x", "skus": [{"sku": "A", "title": "a\\u0000", "stock": 1, "price": 1, '
          b'"currency": "EUR"}]}', "invalid_input"),
     ],

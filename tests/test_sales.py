@@ -436,6 +436,7 @@ BAD_SALES = [
     ("lone surrogate in the name", {**SALE, "name": "drop\ud800"}, "name"),
     ("control character in a title", _sku(title="Sneaker\u0007"), "skus[0].title"),
     ("malformed json", '{"name": "x", "skus": [', "file"),
+    ("nested too deeply", "[" * 100_000 + "]" * 100_000, "file"),  # was a RecursionError
     ("a key twice", '{"name": "x", "skus": [{"sku": "A", "stock": 5, "price": 1, "stock": 500, '
                     '"currency": "EUR"}]}', "file"),
     ("not an object", "[1, 2]", "sale"),

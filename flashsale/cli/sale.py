@@ -58,6 +58,8 @@ def read_json_file(path: str) -> Any:
         raise InvalidInput(
             "file", f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
         ) from None
+    except RecursionError:
+        raise InvalidInput("file", "malformed JSON: nested too deeply") from None
 
 
 SKU_FLAGS = {
