@@ -9,7 +9,7 @@
   Redis does not know is looked up in Postgres (an unknown one is a 404).
 
 When a copy is due, one read is made for it and every request meanwhile waits for that read
-(:class:`allocator.batching.InFlight`): a spike's requests find it due together.
+(:class:`flashsale.inflight.InFlight`): a spike's requests find it due together.
 """
 
 from __future__ import annotations
