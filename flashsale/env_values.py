@@ -94,3 +94,21 @@ def http_url(value: str | None, name: str) -> str | None:
     if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
         raise ConfigError(f"{name}: {value!r} is not an http(s)://host[:port] URL")
     return value.strip()
+
+
+SHORTEST_SECRET = 16
+
+
+def secret_setting(value: str | None, name: str, *, keys: bool = False) -> str:
+    """A secret setting, '' when unset. Each of its keys (comma-separated with ``keys``: the
+    first signs, the others still verify during a rotation) is at least 16 characters, so it
+    cannot be guessed like a password; the length of a refused one is named, never its text."""
+    if not value:
+        return ""
+    for key in value.split(",") if keys else [value]:
+        length = len(key.strip())
+        if length < SHORTEST_SECRET and (length or not keys):  # ",," is no key
+            each = " each (comma-separated keys)" if keys else ""
+            raise ConfigError(f"{name} must be at least {SHORTEST_SECRET} characters{each}, "
+                              f"got {length}")  # fmt: skip
+    return value

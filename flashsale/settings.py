@@ -19,7 +19,16 @@ from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from flashsale.env_values import choice, flag, http_url, networks, number, origin, origins
+from flashsale.env_values import (
+    choice,
+    flag,
+    http_url,
+    networks,
+    number,
+    origin,
+    origins,
+    secret_setting,
+)
 from flashsale.errors import ConfigError
 
 DEV_ENV_FILE = "dev.env"
@@ -277,6 +286,9 @@ class Settings:
                 return dev[name]
             return None
 
+        def secret_of(name: str, *, keys: bool = False) -> Secret:
+            return Secret(secret_setting(pick(name), name, keys=keys))
+
         settings = cls(
             home=home,
             redis_url=pick("REDIS_URL"),
@@ -287,9 +299,9 @@ class Settings:
             ),
             kafka_bootstrap=pick("KAFKA_BOOTSTRAP"),
             kafka=KafkaAccess.from_env(env),
-            admin_token=Secret(pick("FLASHSALE_ADMIN_TOKEN") or ""),
-            secret=Secret(pick("FLASHSALE_SECRET") or ""),
-            buyer_token_secret=Secret(pick("FLASHSALE_BUYER_TOKEN_SECRET") or ""),
+            admin_token=secret_of("FLASHSALE_ADMIN_TOKEN"),
+            secret=secret_of("FLASHSALE_SECRET", keys=True),
+            buyer_token_secret=secret_of("FLASHSALE_BUYER_TOKEN_SECRET", keys=True),
             log_level=(env.get("FLASHSALE_LOG_LEVEL") or "INFO").upper(),
             log_format=choice(env, "FLASHSALE_LOG_FORMAT", ("auto", "json", "text"), "auto"),
             rate_per_ip=Rate.parse(

@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 import orjson
 
+from flashsale.env_values import secret_setting
 from flashsale.errors import ConfigError, InvalidToken, Unauthorized
 from flashsale.inflight import InFlight
 from flashsale.settings import Settings
@@ -355,11 +356,13 @@ class Signers:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Signers:
-        """Raises ConfigError when either secret is missing or shorter than 16 characters."""
+        """Raises ConfigError when either secret is missing, or one of its keys is shorter
+        than 16 characters."""
         buyer, own = settings.buyer_token_secret.reveal(), settings.secret.reveal()
         for name, value in (("FLASHSALE_BUYER_TOKEN_SECRET", buyer), ("FLASHSALE_SECRET", own)):
-            if len(value.split(",")[0].strip()) < 16:
+            if not value.replace(",", "").strip():
                 raise ConfigError(f"{name} must be set to a secret of at least 16 characters")
+            secret_setting(value, name, keys=True)  # also when the settings were not read
         secrets = [s.strip() for s in buyer.split(",") if s.strip()]
         public = load_jwks(settings.buyer_jwks) if settings.buyer_jwks else {}
         return cls(

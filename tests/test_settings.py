@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from flashsale.cli.devstack.processes import UP_PORTS, free_ports
 from flashsale.errors import ConfigError
 from flashsale.logs import RedactSecrets
 from flashsale.settings import Settings, mask_url
@@ -16,13 +20,13 @@ from tests.conftest import Cli
 def test_environment_wins_over_dev_env(tmp_path: Path) -> None:
     (tmp_path / "dev.env").write_text(
         "export REDIS_URL=redis://dev:6379/0\nexport DATABASE_URL=postgresql://dev/db\n"
-        "export FLASHSALE_SECRET=from-dev-env\n"
+        "export FLASHSALE_SECRET=from-dev-env-0123456789\n"
     )
     env = {"FLASHSALE_HOME": str(tmp_path), "REDIS_URL": "redis://external:6379/0"}
     settings = Settings.from_env(env)
     assert settings.redis_url == "redis://external:6379/0"
     assert settings.database_url == "postgresql://dev/db"
-    assert settings.secret.reveal() == "from-dev-env"
+    assert settings.secret.reveal() == "from-dev-env-0123456789"
     assert settings.from_dev_env == frozenset({"DATABASE_URL", "FLASHSALE_SECRET"})
 
 
@@ -39,21 +43,22 @@ def test_secrets_are_masked_in_repr_and_logs(
         {
             "FLASHSALE_HOME": str(tmp_path),
             "DATABASE_URL": "postgresql://app:pg-password-123@db:5432/x",
-            "FLASHSALE_ADMIN_TOKEN": "admin-token-xyz",
+            "FLASHSALE_ADMIN_TOKEN": "admin-token-xyz-0123",
             "FLASHSALE_SECRET": "signing-secret-xyz",
             "FLASHSALE_BUYER_TOKEN_SECRET": "buyer-secret-xyz",
         }
     )
     text = repr(settings) + str(settings.admin_token)
-    for secret in ("pg-password-123", "admin-token-xyz", "signing-secret-xyz", "buyer-secret-xyz"):
+    secrets = ("pg-password-123", "admin-token-xyz-0123", "signing-secret-xyz", "buyer-secret-xyz")
+    for secret in secrets:
         assert secret not in text
     assert mask_url(settings.database_url) == "postgresql://app:***@db:5432/x"
 
     logger = logging.getLogger("test.redact")
     logger.addFilter(RedactSecrets(settings.secrets()))
     with caplog.at_level(logging.INFO, logger="test.redact"):
-        logger.info("connecting with %s and %s", "admin-token-xyz", settings.database_url)
-    assert "admin-token-xyz" not in caplog.text
+        logger.info("connecting with %s and %s", "admin-token-xyz-0123", settings.database_url)
+    assert "admin-token-xyz-0123" not in caplog.text
     assert "pg-password-123" not in caplog.text
     assert "********" in caplog.text
 
@@ -113,3 +118,33 @@ def test_a_server_url_with_an_option_its_client_refuses_is_one_line_naming_it(
     assert result.code == 1, result
     assert len(lines) == 1 and lines[0].startswith(f"flashsale: error: {name}"), result.err
     assert option in lines[0] and "pw@" not in lines[0] and ":p@" not in lines[0], lines[0]
+
+
+GOOD_SECRET = "a-secret-of-twenty-chars"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("FLASHSALE_SECRET", f"{GOOD_SECRET},short"),  # a second key, kept for verification
+     ("FLASHSALE_BUYER_TOKEN_SECRET", f"{GOOD_SECRET}, short"),
+     ("FLASHSALE_ADMIN_TOKEN", "admin"),  # as guessable as a password
+     ("FLASHSALE_ADMIN_TOKEN", " " * 20)],
+)  # fmt: skip
+@pytest.mark.parametrize("command", [["gateway"], ["up"]])
+def test_a_weak_secret_stops_a_service_with_one_line_naming_it(
+    tmp_path: Path, name: str, value: str, command: list[str]
+) -> None:
+    """Every secret is at least 16 characters, the rotation's older keys included: a short
+    second key was a ValueError traceback, and an admin token of any length was served."""
+    env = {**os.environ, "FLASHSALE_HOME": str(tmp_path),
+           "REDIS_URL": "redis://127.0.0.1:9/0", "DATABASE_URL": "postgresql://u:p@127.0.0.1:9/x",
+           "KAFKA_BOOTSTRAP": "127.0.0.1:9", "FLASHSALE_SECRET": GOOD_SECRET,
+           "FLASHSALE_BUYER_TOKEN_SECRET": GOOD_SECRET, "FLASHSALE_ADMIN_TOKEN": GOOD_SECRET,
+           name: value}  # fmt: skip
+    port = str(free_ports(UP_PORTS))
+    done = subprocess.run([sys.executable, "-m", "flashsale", *command, "--port", port], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1, done.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"flashsale: error: {name}"), done.stderr
+    assert "at least 16 characters" in lines[0], lines[0]
