@@ -71,6 +71,15 @@ def origin(value: str, name: str, also: str = "") -> str | None:
     return text
 
 
+PORT = re.compile(r"[0-9]{1,5}")  # ASCII digits: "²" is isdigit() and not int()
+
+
+def tcp_port(text: str) -> int | None:
+    """The TCP port (1..65535) ``text`` writes, or None."""
+    port = int(text) if PORT.fullmatch(text) else 0
+    return port if 0 < port < 65536 else None
+
+
 def flag(value: str | None, name: str) -> bool:
     """A yes/no setting: unset, ``0``, ``false`` or ``no`` is off; ``1``, ``true``, ``yes`` on."""
     word = (value or "").strip().lower()
@@ -86,14 +95,19 @@ def http_url(value: str | None, name: str) -> str | None:
     malformed one failed each payment instead of the start)."""
     if not value:
         return None
-    parts = urlsplit(value.strip())
-    try:
-        port_ok = parts.port is None or parts.port > 0
-    except ValueError:
-        port_ok = False
-    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+    if not is_http_url(value.strip()):
         raise ConfigError(f"{name}: {value!r} is not an http(s)://host[:port] URL")
     return value.strip()
+
+
+def is_http_url(value: str) -> bool:
+    """``http(s)://host[:port][/path]``, the port within 1..65535."""
+    parts = urlsplit(value)
+    try:
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:  # not a number, or beyond 65535
+        port_ok = False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and port_ok
 
 
 SHORTEST_SECRET = 16

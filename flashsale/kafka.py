@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import ssl
 import time
 import zlib
@@ -22,6 +21,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
+from flashsale.env_values import tcp_port
 from flashsale.errors import ConfigError, Unavailable
 from flashsale.outages import is_outage, log_failure
 from flashsale.settings import Settings, Topics
@@ -30,7 +30,6 @@ log = logging.getLogger("flashsale.kafka")
 
 # Partitions bound how many worker processes can share the reservations topic.
 PARTITIONS = {"reservations": 8, "order_events": 4, "dead_letter": 1}
-PORT = re.compile(r"[0-9]{1,5}")  # ASCII digits: "²" is isdigit() and not int()
 
 
 def client_options(settings: Settings) -> dict[str, Any]:
@@ -54,7 +53,7 @@ def bootstrap(servers: str) -> str:
         host, colon, port = server.strip().rpartition(":")
         if not colon:
             host, port = port, "9092"  # aiokafka's default
-        if not host.strip("[]") or not PORT.fullmatch(port) or not 0 < int(port) < 65536:
+        if not host.strip("[]") or tcp_port(port) is None:
             raise ConfigError(f"KAFKA_BOOTSTRAP: {server.strip()!r} is not host:port "
                               "(several are separated by commas)")  # fmt: skip
     return servers

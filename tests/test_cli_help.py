@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterator
 
 from flashsale.cli import build_parser
+from tests.conftest import Cli
 
 # The benchmark and fault-suite commands run from the repository and rewrite its result
 # tables: naming the file they write is not sending the reader to it.
@@ -51,3 +52,23 @@ def test_no_help_shows_a_doubled_percent_sign() -> None:
         if "%%" in parser.format_help():
             doubled.append(path)
     assert not doubled, doubled
+
+
+def test_a_share_below_zero_is_told_the_range_of_a_share(run_cli: Cli) -> None:
+    """A share is within 0..1 whichever side it misses: -0.1 was told "must be from 0 to
+    1,000,000,000", the range of a count."""
+    for field in ("decline", "no-show", "abandon", "pre-queue"):
+        result = run_cli("demo", f"--{field}", "-0.1")
+        assert result.code == 2, result
+        assert result.err.strip() == f"flashsale: error: {field}: must be within 0..1, got '-0.1'"
+
+
+def test_a_port_out_of_range_is_told_the_range_of_a_port(run_cli: Cli) -> None:
+    """0 and -1 were told "must be a positive number up to 1,000,000,000", 1.5 "a positive
+    number": only 70000 was told what a port is."""
+    for value in ("0", "-1", "1.5", "x", "70000"):
+        result = run_cli("gateway", "--port", value)
+        assert result.code == 2, result
+        assert result.err.strip() == (
+            f"flashsale: error: port: must be a TCP port (1..65535), got '{value}'"
+        ), result.err

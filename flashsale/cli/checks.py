@@ -11,6 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from flashsale.env_values import tcp_port
 from flashsale.errors import InvalidInput, shown
 from flashsale.keys import ID_PATTERN
 from flashsale.settings import Settings
@@ -32,28 +33,33 @@ def positive(kind: type[int] | type[float], field: str, value: str) -> Any:
     return parsed
 
 
-def non_negative(field: str, value: str) -> float:
+def _number(field: str, value: str) -> float:
     try:
-        number = float(value)
+        return float(value)
     except ValueError:
         raise InvalidInput(field, f"must be a number, got {shown(value)}") from None
+
+
+def non_negative(field: str, value: str) -> float:
+    number = _number(field, value)
     if not 0 <= number <= LARGEST:  # false for nan too
         raise InvalidInput(field, f"must be from 0 to {LARGEST:,.0f}, got {shown(value)}")
     return number
 
 
 def fraction(field: str, value: str) -> float:
-    number = non_negative(field, value)
-    if number > 1:
+    """A share, within 0..1."""
+    number = _number(field, value)
+    if not 0 <= number <= 1:  # false for nan too
         raise InvalidInput(field, f"must be within 0..1, got {shown(value)}")
     return number
 
 
 def port_number(field: str, value: str) -> int:
-    port = positive(int, field, value)
-    if port > 65535:
+    port = tcp_port(value)
+    if port is None:
         raise InvalidInput(field, f"must be a TCP port (1..65535), got {shown(value)}")
-    return int(port)
+    return port
 
 
 def output_file(field: str, value: str) -> Path:
