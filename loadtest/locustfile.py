@@ -12,9 +12,11 @@ or distributed (the master creates the sale and tells its workers)::
         --host http://ENGINE:8080 --buyers 50000 --stock 100 --ramp 10
     locust -f loadtest/locustfile.py --worker --master-host MASTER     # on each load machine
 
-* **test_start** (master or local run): makes and preloads a sale through the admin API
-  (``--sale ID`` uses an existing one), and tells the workers its id. Every process mints its
-  buyers' tokens with the buyer-token secret, as a storefront would.
+* **test_start** (master or local run): checks that the engine answers at ``--host`` and
+  takes the admin token, makes and preloads a sale through the admin API (``--sale ID`` uses
+  an existing one), and tells the workers its id. Every process mints its buyers' tokens with
+  the buyer-token secret, as a storefront would. A run that cannot start logs one line (``the
+  spike cannot start: …``) and stops with exit code 1.
 * **Buyer** (``FastHttpUser``): joins, polls at the server's ``retry_after_ms``, reserves once
   admitted (at the answer's ``reserve_url`` when it names the reservations listener),
   follows the order to a final state, and stops: one journey per buyer. Each
@@ -40,12 +42,14 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
+import gevent  # type: ignore[import-untyped]
 import requests
 from locust import FastHttpUser, LoadTestShape, events, task
 from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
 
 from flashsale.tokens import Signer
+from loadtest.engine_check import CannotStart, admin_headers, call, check_engine
 from loadtest.verdict import Verdict, judge
 
 log = logging.getLogger("flashsale.locust")
@@ -89,16 +93,19 @@ def opts(environment: Environment) -> Any:
     return environment.parsed_options
 
 
-def _admin(environment: Environment) -> dict[str, str]:
-    token = os.environ.get("FLASHSALE_ADMIN_TOKEN", "")
-    if not token:
-        raise RuntimeError("FLASHSALE_ADMIN_TOKEN is not set: the spike needs the admin API")
-    return {"Authorization": f"Bearer {token}"}
+def _admin() -> dict[str, str]:
+    return admin_headers(os.environ.get("FLASHSALE_ADMIN_TOKEN", ""))
+
+
+def _host(environment: Environment) -> str:
+    if not environment.host:
+        raise CannotStart("--host is not given: the engine's gateway, e.g. http://127.0.0.1:8080")
+    return environment.host
 
 
 def _make_sale(environment: Environment) -> str:
     """Create and preload a sale opening now, through the admin API."""
-    options, host = opts(environment), environment.host
+    options, host = opts(environment), _host(environment)
     now = datetime.now(UTC)
     spec = {
         "name": f"locust spike {options.buyers} buyers", "starts_at": now.isoformat(),
@@ -107,23 +114,20 @@ def _make_sale(environment: Environment) -> str:
                   "currency": "EUR", "per_buyer_limit": 1, "hold_ttl_seconds": 120,
                   "buckets": options.buckets}],
     }  # fmt: skip
-    body: Any = spec
-    created = requests.post(f"{host}/admin/v1/sales", json=body, headers=_admin(environment),
-                            timeout=30)  # fmt: skip
+    created = call("POST", host, "/admin/v1/sales", json=spec, headers=_admin())
     if created.status_code != 201:
-        raise RuntimeError(f"creating the sale failed: {created.status_code} {created.text}")
+        raise CannotStart(f"creating the sale failed: {created.status_code} {created.text}")
     sale_id = str(created.json()["id"])
-    loaded = requests.post(f"{host}/admin/v1/sales/{sale_id}/preload",
-                           headers=_admin(environment), timeout=30)  # fmt: skip
+    loaded = call("POST", host, f"/admin/v1/sales/{sale_id}/preload", headers=_admin())
     if loaded.status_code != 200:
-        raise RuntimeError(f"preloading {sale_id} failed: {loaded.status_code} {loaded.text}")
+        raise CannotStart(f"preloading {sale_id} failed: {loaded.status_code} {loaded.text}")
     return sale_id
 
 
 def _mint(count: int) -> list[str]:
     secret = os.environ.get("FLASHSALE_BUYER_TOKEN_SECRET", "")
     if not secret:
-        raise RuntimeError("FLASHSALE_BUYER_TOKEN_SECRET is not set: buyers need signed tokens")
+        raise CannotStart("FLASHSALE_BUYER_TOKEN_SECRET is not set: buyers need signed tokens")
     signer = Signer.from_setting(secret, "buyer")
     run = uuid.uuid4().hex[:8]
     return [signer.sign({"sub": f"spike-{run}-{i}"}, 7200) for i in range(count)]
@@ -141,9 +145,20 @@ def _on_init(environment: Environment, **_kwargs: Any) -> None:
 
 @events.test_start.add_listener  # type: ignore[untyped-decorator]
 def _on_test_start(environment: Environment, **_kwargs: Any) -> None:
+    try:
+        _start(environment)
+    except CannotStart as exc:  # one line and exit 1, not a wait for buyers who never come
+        log.error("the spike cannot start: %s", exc)
+        environment.process_exit_code = 1
+        assert environment.runner is not None
+        gevent.spawn(environment.runner.quit)  # not from inside the runner's own start
+
+
+def _start(environment: Environment) -> None:
     options = opts(environment)
     Spike.started_at = time.time()
     if not isinstance(environment.runner, WorkerRunner):
+        check_engine(_host(environment), os.environ.get("FLASHSALE_ADMIN_TOKEN", ""))
         sale_id = options.sale or _make_sale(environment)
         _set_sale({"sale_id": sale_id, "opened_at": time.time()})
         log.info("spike on sale %s: %d buyers, %d units", sale_id, options.buyers, options.stock)
@@ -289,12 +304,12 @@ def _verdict(environment: Environment, sale_id: str) -> Verdict:
     deadline = time.time() + 120
     while True:  # the audit needs the pipeline drained; until then it says so
         response = requests.get(f"{host}/admin/v1/sales/{sale_id}/audit",
-                                headers=_admin(environment), timeout=60)  # fmt: skip
+                                headers=_admin(), timeout=60)  # fmt: skip
         audit = response.json() if response.status_code == 200 else {}
         if audit.get("passed") or audit.get("facts", {}).get("drained") or time.time() > deadline:
             break
         time.sleep(1)
-    status = requests.get(f"{host}/admin/v1/sales/{sale_id}", headers=_admin(environment),
+    status = requests.get(f"{host}/admin/v1/sales/{sale_id}", headers=_admin(),
                           timeout=30).json()  # fmt: skip
     sku = next((s for s in status.get("skus", []) if s["sku"] == SKU), status["skus"][0])
     answers = [e for (_, kind), e in environment.stats.entries.items() if kind == "ANSWER"]

@@ -17,8 +17,10 @@ from pathlib import Path
 import aiohttp
 
 from flashsale.cli.devstack.processes import UP_PORTS, free_ports
+from flashsale.errors import ConfigError
 from flashsale.kafka import ensure_topics
 from flashsale.settings import Settings
+from loadtest.engine_check import CannotStart, check_engine
 from loadtest.processes import engine, wait_consuming, wait_healthy
 
 Progress = Callable[[str], None]
@@ -49,6 +51,17 @@ def locust_command(options: Options, host: str) -> list[str]:
     ]  # fmt: skip
 
 
+def _check(host: str, admin_token: str) -> None:
+    """One line before locust starts when the engine is not there or refuses the token."""
+    try:
+        check_engine(host, admin_token)
+    except CannotStart as exc:
+        if exc.unreachable:
+            raise ConfigError(f"host: {exc}: start the engine (flashsale up) or run the spike "
+                              "with --embedded") from None  # fmt: skip
+        raise ConfigError(str(exc)) from None
+
+
 def _run_locust(settings: Settings, options: Options, host: str, progress: Progress) -> int:
     options.out.mkdir(parents=True, exist_ok=True)
     command = locust_command(options, host)
@@ -65,6 +78,7 @@ def _run_locust(settings: Settings, options: Options, host: str, progress: Progr
 
 async def run(settings: Settings, options: Options, progress: Progress) -> int:
     if not options.embedded:
+        await asyncio.to_thread(_check, options.host, settings.admin_token.reveal())
         return await asyncio.to_thread(_run_locust, settings, options, options.host, progress)
     await ensure_topics(settings)
     port = free_ports(UP_PORTS)

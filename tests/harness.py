@@ -7,7 +7,9 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import signal
 import socket
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -259,6 +261,21 @@ def healthy(url: str, patience: float = 30) -> None:
             pass
         time.sleep(0.2)
     raise AssertionError(f"{url} never became healthy")
+
+
+def run_bounded(argv: list[str], env: dict[str, str], timeout: float) -> tuple[int, str, str]:
+    """Run a command in a process group of its own: (exit code, stdout, stderr). Past
+    ``timeout`` the whole group is killed, the processes it started included, and the test
+    fails saying so (``subprocess.run`` kills only the first process)."""
+    child = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)  # fmt: skip
+    try:
+        out, err = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        out, err = child.communicate()
+        raise AssertionError(f"{argv[2:]} still ran after {timeout:g} s:\n{err[-2000:]}") from None
+    return child.returncode, out, err
 
 
 # Chromium for the page tests (Debian's; `make test` installs it): where their screenshots go

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from flashsale.errors import ConfigError
 from flashsale.logs import RedactSecrets
 from flashsale.settings import Settings, mask_url
 from tests.conftest import Cli
+from tests.harness import run_bounded
 
 
 def test_environment_wins_over_dev_env(tmp_path: Path) -> None:
@@ -142,9 +142,9 @@ def test_a_weak_secret_stops_a_service_with_one_line_naming_it(
            "FLASHSALE_BUYER_TOKEN_SECRET": GOOD_SECRET, "FLASHSALE_ADMIN_TOKEN": GOOD_SECRET,
            name: value}  # fmt: skip
     port = str(free_ports(UP_PORTS))
-    done = subprocess.run([sys.executable, "-m", "flashsale", *command, "--port", port], env=env,
-                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
-    lines = done.stderr.strip().splitlines()
-    assert done.returncode == 1, done.stderr
-    assert len(lines) == 1 and lines[0].startswith(f"flashsale: error: {name}"), done.stderr
+    code, _out, err = run_bounded([sys.executable, "-m", "flashsale", *command, "--port", port],
+                                  env, 60)  # fmt: skip
+    lines = err.strip().splitlines()
+    assert code == 1, err
+    assert len(lines) == 1 and lines[0].startswith(f"flashsale: error: {name}"), err
     assert "at least 16 characters" in lines[0], lines[0]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,8 @@ from flashsale.cli.devstack.processes import UP_PORTS, free_ports
 from flashsale.settings import Settings
 from loadtest.processes import engine
 from loadtest.verdict import judge
+from tests.conftest import Cli
+from tests.harness import live_gateway, run_bounded
 
 # Not imported here: locust patches the interpreter with gevent, which the asyncio tests of
 # this process must not run under.
@@ -103,3 +106,73 @@ def test_the_verdict_fails_the_run_on_any_violation(
     verdict = judge("sale-x", audit, sold, 20, answered=answered, buyers=100, slowest_s=3.0)
     assert verdict.ok is ok
     assert any(says in line for line in verdict.lines), verdict.lines
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])  # nothing listens once it is closed
+
+
+def _spike(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """(exit code, stderr) of a spike told to ramp for 1 s, hold none and drain for 60 s at
+    most: one that cannot start must say so and stop, not wait for buyers who never come."""
+    code, _out, err = run_bounded(
+        [sys.executable, "-m", *argv, "--buyers", "5", "--ramp", "1", "--hold", "0"],
+        {**env, "FLASHSALE_SPIKE_DRAIN": "60"},
+        50,
+    )
+    return code, err
+
+
+def _env(admin: str, buyer_secret: str) -> dict[str, str]:
+    return {**os.environ, "FLASHSALE_ADMIN_TOKEN": admin,
+            "FLASHSALE_BUYER_TOKEN_SECRET": buyer_secret}  # fmt: skip
+
+
+def test_a_spike_at_an_engine_that_is_not_there_stops_at_once_saying_so(
+    stack: Settings, tmp_path: Path
+) -> None:
+    """It waited out the ramp, the hold and the drain (135 s by default) behind two
+    tracebacks, with no buyer ever sent."""
+    host = f"http://127.0.0.1:{_closed_port()}"
+    env = _env(stack.admin_token.reveal(), stack.buyer_token_secret.reveal())
+    code, err = _spike(["flashsale", "loadtest", "spike", "--host", host, "--out", str(tmp_path)],
+                       env)  # fmt: skip
+    assert code == 1, err
+    assert err.strip().splitlines() == [
+        f"flashsale: error: host: nothing answers at {host}: start the engine (flashsale up) "
+        "or run the spike with --embedded"
+    ], err
+    code, err = _spike(["locust", "-f", LOCUSTFILE, "--headless", "--host", host], env)
+    assert code == 1, err
+    assert f"the spike cannot start: nothing answers at {host}" in err, err
+    assert "Traceback" not in err, err
+
+
+def test_a_spike_with_an_admin_token_the_engine_refuses_stops_at_once_saying_so(
+    stack: Settings, tmp_path: Path
+) -> None:
+    wrong = _env("not-the-engine-admin-token", stack.buyer_token_secret.reveal())
+    with live_gateway(stack) as gw:
+        cli = _spike(["flashsale", "loadtest", "spike", "--host", gw.base_url,
+                      "--out", str(tmp_path)], wrong)  # fmt: skip
+        direct = _spike(["locust", "-f", LOCUSTFILE, "--headless", "--host", gw.base_url], wrong)
+    says = f"the engine at {gw.base_url} refuses FLASHSALE_ADMIN_TOKEN (401)"
+    assert cli[0] == 1, cli[1]
+    assert cli[1].strip().splitlines() == [f"flashsale: error: {says}"], cli[1]
+    assert direct[0] == 1, direct[1]
+    assert f"the spike cannot start: {says}" in direct[1], direct[1]
+    assert "Traceback" not in direct[1], direct[1]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:8080", "http://127.0.0.1:99999",
+                                  "http://127.0.0.1:²", "http://:8080"])  # fmt: skip
+def test_a_host_that_is_no_url_is_refused_before_anything_runs(run_cli: Cli, host: str) -> None:
+    """A port beyond 65535 or not a number passed the check (it looked only at the scheme)
+    and reached requests, whose parse error was the run's only message."""
+    result = run_cli("loadtest", "spike", "--host", host, "--buyers", "5")
+    assert result.code == 2, result
+    assert result.err.strip() == (
+        f"flashsale: error: host: must be an http(s)://host[:port] URL, got {host!r}"
+    ), result.err

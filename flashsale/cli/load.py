@@ -20,6 +20,7 @@ from flashsale.cli.checks import (
 from flashsale.cli.dev import apply_migrations
 from flashsale.cli.devstack.stack import DevStack
 from flashsale.cli.output import out
+from flashsale.env_values import is_http_url
 from flashsale.errors import ConfigError, InvalidInput, shown
 from flashsale.keys import MAX_BUCKETS
 from flashsale.salespec import MAX_ADMISSION_RATE
@@ -74,8 +75,9 @@ def cmd_loadtest(args: argparse.Namespace, settings: Settings) -> int:
         host=args.host, out=output_folder("out", args.out), embedded=args.embedded,
         buckets=within("buckets", args.buckets, 1, MAX_BUCKETS),
     )  # fmt: skip
-    if not options.host.startswith(("http://", "https://")):
-        raise InvalidInput("host", f"must be an http(s) URL, got {shown(options.host)}")
+    if not is_http_url(options.host):
+        raise InvalidInput("host", "must be an http(s)://host[:port] URL, "
+                                   f"got {shown(options.host)}")  # fmt: skip
     if args.embedded:
         out("== starting the embedded stack (servers given by env vars are used as they are)")
         DevStack(settings.home).up()

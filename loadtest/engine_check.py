@@ -1,0 +1,50 @@
+"""What a spike needs of the engine before any buyer is sent: that something answers at the
+host, and that it takes the admin token (the spike makes its sale and reads its audit through
+the admin API). Each failure is one line, :class:`CannotStart`, which the CLI prints as its
+error and the locustfile logs before it stops the run with exit code 1. Plain ``requests``:
+the locustfile runs under gevent, the CLI calls it from a thread."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import requests
+
+TIMEOUT_S = 30
+
+
+class CannotStart(Exception):
+    """The spike cannot start; ``unreachable`` when nothing answered at the host at all."""
+
+    def __init__(self, message: str, *, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable
+
+
+def call(method: str, host: str, path: str, **kwargs: Any) -> requests.Response:
+    """One request of the spike's own (not a buyer's); a failure to get any answer is
+    CannotStart naming the host, not requests' chain of exceptions."""
+    try:
+        return requests.request(method, f"{host}{path}", timeout=TIMEOUT_S, **kwargs)
+    except requests.ConnectionError:
+        raise CannotStart(f"nothing answers at {host}", unreachable=True) from None
+    except requests.Timeout:
+        raise CannotStart(f"{host} did not answer within {TIMEOUT_S} s") from None
+    except requests.RequestException as exc:  # a URL requests cannot use, a bad answer
+        raise CannotStart(f"{host}: {exc}") from None
+
+
+def admin_headers(token: str) -> dict[str, str]:
+    if not token:
+        raise CannotStart("FLASHSALE_ADMIN_TOKEN is not set: the spike needs the admin API")
+    return {"Authorization": f"Bearer {token}"}
+
+
+def check_engine(host: str, admin_token: str) -> None:
+    """Raises CannotStart unless an engine answers at ``host`` and takes ``admin_token``."""
+    answer = call("GET", host, "/admin/v1/sales", params={"limit": "1"},
+                  headers=admin_headers(admin_token))  # fmt: skip
+    if answer.status_code == 401:
+        raise CannotStart(f"the engine at {host} refuses FLASHSALE_ADMIN_TOKEN (401)")
+    if answer.status_code == 404:
+        raise CannotStart(f"{host} is not the engine's gateway: GET /admin/v1/sales answered 404")
