@@ -107,12 +107,27 @@ class SaleReads:
     async def export_orders(self, sale_id: str, sink: Callable[[bytes], Awaitable[Any]], *,
                             state: str | None = None) -> None:  # fmt: skip
         """Every order of the sale as CSV with a header, streamed to ``sink`` by Postgres's
-        ``COPY``: no row is held in memory."""
+        ``COPY``: no row is held in memory. When ``sink`` fails (its reader went away: a
+        closed pipe, a client that hung up) the rest of the COPY is read and dropped, and
+        the failure raised after it. asyncpg answers a failing sink by cancelling the COPY,
+        and a cancel that arrives after the COPY ended waits for ever for its
+        acknowledgement, holding the connection."""
         state = order_state(state)
+        failed: list[Exception] = []
+
+        async def guarded(chunk: bytes) -> None:
+            if not failed:
+                try:
+                    await sink(chunk)
+                except Exception as exc:  # noqa: BLE001 - raised once the COPY is done
+                    failed.append(exc)
+
         async with self.pool.acquire() as conn:
             await self.sale_row(conn, sale_id)
-            await conn.copy_from_query(ORDERS_EXPORT, sale_id, state, output=sink,
+            await conn.copy_from_query(ORDERS_EXPORT, sale_id, state, output=guarded,
                                        format="csv", header=True)  # fmt: skip
+        if failed:
+            raise failed[0]
 
     async def status(self, sale_id: str) -> dict[str, Any]:
         """Per SKU: stock_total, available, held (active + paying), sold (Redis); confirmed

@@ -40,14 +40,25 @@ def request_id(request: web.Request) -> str:
     return given if given and REQUEST_ID.match(given) else f"{_PREFIX}{next(_SERIAL):08x}"
 
 
+def client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 def error_for(request: web.Request, exc: Exception) -> web.Response:
     """Domain errors by their ``http_status`` and stable ``code``, aiohttp's own (404, 405,
-    413) in the same JSON shape, a dependency that is down 503, anything else a logged 500
-    that names no internals. Re-raises aiohttp's redirects, which are not errors."""
+    413) in the same JSON shape, a dependency that is down 503, a client that hung up 499,
+    anything else a logged 500 that names no internals. Re-raises aiohttp's redirects, which
+    are not errors."""
     behind = schema_error(exc)
     if behind is not None:  # the operator's to mend: said in the log, not to every caller
         log.warning("%s %s: %s", request.method, request.path, behind.message)
         exc = SchemaBehind("the database schema is not up to date; retry shortly")
+    if isinstance(exc, ConnectionError) and client_gone(request):
+        # Writing to a client that hung up (a streamed export): nobody reads this answer, and
+        # it is neither a dependency's fault nor ours. 499, as proxies count it.
+        log.info("%s %s: the client closed the connection", request.method, request.path)
+        return error_response(499, "client_closed", "the client closed the connection")
     if isinstance(exc, FlashsaleError):
         headers = None
         if exc.retry_after_s is not None:

@@ -6,12 +6,16 @@ import asyncio
 import dataclasses
 import json
 import logging
+import socket
+import struct
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+import requests
 from aiohttp.test_utils import TestClient, TestServer
 
 from flashsale.keys import SaleKeys, SkuKeys
@@ -19,6 +23,8 @@ from flashsale.settings import Secret, Settings
 from flashsale.tokens import Signer
 from gateway.app import create_app
 from gateway.state import CLIENTS, PROBES
+from tests.conftest import Db
+from tests.harness import live_gateway
 
 ADMIN = "test-admin-token-0123456789"
 SALE = {
@@ -497,3 +503,50 @@ async def test_metrics_count_requests_by_route_and_status(http: TestClient[Any, 
     assert 'route="/v1/sales/{sale}",status="404"' in text
     assert 'flashsale_gateway_rejections_total{reason="unknown_sale"}' in text
     assert "flashsale_gateway_request_duration_seconds_bucket" in text
+
+
+def test_an_export_the_client_hung_up_on_is_no_dependency_outage(
+    stack: Settings, db: Db, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that closes its connection during ``orders.csv`` was logged "dependency
+    unavailable" and counted a 503: an alert on the engine's dependencies for a reader that
+    went away. It is counted 499 (the client closed the request), and the connection the
+    export used is back in the pool. (A served gateway: aiohttp's test server cancels the
+    handler of a request whose client left, which ``flashsale gateway`` does not.)"""
+    with live_gateway(stack) as gw:
+        admin = {"Authorization": f"Bearer {gw.settings.admin_token.reveal()}"}
+        body: Any = SALE
+        sale_id = requests.post(f"{gw.base_url}/admin/v1/sales", json=body, headers=admin,
+                                timeout=10).json()["id"]  # fmt: skip
+        db.execute(
+            "INSERT INTO orders (id, sale_id, sku, buyer_id, quantity, amount, currency,"
+            " admission_id, payment_token, state) SELECT $1 || n, $2, 'SNK-1', 'buyer-' || n,"
+            " 1, 12000, 'EUR', 'adm', 'tok', 'CONFIRMED' FROM generate_series(1, 40000) AS n",
+            f"{sale_id}~SNK-1~r-", sale_id,
+        )  # fmt: skip
+        port = int(gw.base_url.rsplit(":", 1)[1])
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(
+                    f"GET /admin/v1/sales/{sale_id}/orders.csv HTTP/1.1\r\nHost: t\r\n"
+                    f"{next(iter(admin))}: {admin['Authorization']}\r\n\r\n".encode()
+                )
+                assert sock.recv(12) == b"HTTP/1.1 200"
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        route = 'route="/admin/v1/sales/{sale}/orders.csv"'
+        counted: dict[str, float] = {}
+        for _ in range(100):  # until the three are answered
+            text = requests.get(f"{gw.base_url}/metrics", timeout=10).text
+            counted = {
+                line.split('status="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith("flashsale_gateway_requests_total{") and route in line
+            }
+            if sum(counted.values()) >= 3:
+                break
+            time.sleep(0.1)
+        assert counted == {"499": 3.0}, counted
+        assert "dependency unavailable" not in caplog.text, caplog.text
+        export = requests.get(f"{gw.base_url}/admin/v1/sales/{sale_id}/orders.csv",
+                              headers=admin, timeout=30)  # fmt: skip
+        assert export.status_code == 200 and len(export.text.splitlines()) == 40001

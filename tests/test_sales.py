@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shlex
 import uuid
@@ -12,7 +13,10 @@ from typing import Any
 import pytest
 import redis
 
+from allocator.sale_admin import SaleAdmin
+from flashsale.clients import pg_pool, redis_client
 from flashsale.keys import SaleKeys, SkuKeys
+from flashsale.settings import Settings
 
 from .conftest import Cli, Db
 
@@ -382,6 +386,37 @@ def test_create_with_a_key_is_once_and_orders_export_as_csv(
     assert listed.code == 0 and "CONFIRMED" in listed.out
     bad = cli("sale", "orders", sale_id, "--state", "shipped")
     assert bad.code == 2 and bad.err.startswith("flashsale: error: state")
+
+
+def test_an_export_whose_reader_went_away_fails_and_gives_its_connection_back(
+    cli: Cli, stack: Settings, tmp_path: Path
+) -> None:
+    """``sale orders --csv | head -1``, or a client hanging up on ``orders.csv``: the writer
+    raising on the last chunk made asyncpg cancel a COPY that had already ended, and wait
+    for an acknowledgement that never came, holding the connection for ever."""
+    sale_id = create(cli, tmp_path)  # no orders: the header is the first and last chunk
+    chunks: list[bytes] = []
+
+    async def gone(_chunk: bytes) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    async def kept(chunk: bytes) -> None:
+        chunks.append(chunk)
+
+    async def export_twice() -> None:
+        pool, client = await pg_pool(stack, max_size=1), redis_client(stack)
+        try:
+            reads = SaleAdmin.build(pool, client)
+            with pytest.raises(BrokenPipeError):
+                await asyncio.wait_for(reads.export_orders(sale_id, gone), 10)
+            # the pool's one connection is back, and usable
+            await asyncio.wait_for(reads.export_orders(sale_id, kept), 10)
+        finally:
+            await client.aclose()
+            await asyncio.wait_for(pool.close(), 10)
+
+    asyncio.run(export_twice())
+    assert b"".join(chunks).startswith(b"id,sku,buyer_id"), chunks
 
 
 def test_status_watch_refreshes_and_list_prints_json(cli: Cli, tmp_path: Path) -> None:
