@@ -4,10 +4,15 @@ unavailable"."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from flashsale.settings import Settings
 
 from .conftest import Cli
 
@@ -63,3 +68,19 @@ def test_a_file_error_is_not_called_a_server_outage(
     result = run_cli("dev", "up")
     assert result.code == 1, result
     assert result.err.strip() == f"flashsale: error: {blocker / 'home'}: Not a directory"
+
+
+def test_a_reader_that_stops_reading_is_not_called_a_server_outage(stack: Settings) -> None:
+    """``flashsale sale list | head -1``: the pipe that ``head`` closed was "a server is
+    unavailable: BrokenPipeError" on stderr, sending people to look at Redis and Postgres.
+    Tokens, because their list outgrows the pipe's buffer (64 KiB) on any stack."""
+    with subprocess.Popen([sys.executable, "-m", "flashsale", "token", "buyers", "--count",
+                           "20000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env=os.environ.copy()) as child:  # fmt: skip
+        assert child.stdout is not None and child.stderr is not None
+        assert child.stdout.readline()  # the first line, as `head -1` reads it
+        child.stdout.close()
+        err = child.stderr.read().decode()
+        child.wait(30)
+    assert err == "", err
+    assert child.returncode == 141, child.returncode  # as a shell reports a command SIGPIPE ended

@@ -24,7 +24,7 @@ from typing import Any
 
 from flashsale import __version__, event_loop
 from flashsale.cli import bench, buyers, dev, load, sale, serve
-from flashsale.cli.output import fail
+from flashsale.cli.output import after_reader_gone, fail, reader_gone
 from flashsale.errors import FlashsaleError, InvalidInput
 from flashsale.logs import configure_logging
 from flashsale.outages import describe, is_outage, schema_error
@@ -72,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         fail(exc.message)
         return 1
     except Exception as exc:  # an outage is one line; anything else is re-raised as it is
+        if isinstance(exc, BrokenPipeError) and reader_gone():  # `| head`, not a server
+            return after_reader_gone()
         if isinstance(exc, OSError) and exc.filename is not None:  # a file, not a server
             fail(f"{exc.filename}: {exc.strerror}")
             return 1
