@@ -18,6 +18,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from flashsale.errors import Unavailable
+from flashsale.parent import followed
 from flashsale.settings import Settings
 
 
@@ -55,9 +56,8 @@ class Servers:
         return sum(cpu_seconds(self.processes[i].pid) for i in indexes)
 
     def start(self, argv: list[str], env: dict[str, str] | None = None) -> None:
-        self.processes.append(
-            subprocess.Popen(argv, env={**os.environ, **(env or {})}, stderr=subprocess.DEVNULL)
-        )
+        env = {**os.environ, **(env or {}), **followed()}
+        self.processes.append(subprocess.Popen(argv, env=env, stderr=subprocess.DEVNULL))
 
     def stop(self) -> None:
         stop_all(self.processes, grace_s=15)
@@ -82,9 +82,9 @@ def engine(settings: Settings, port: int, log_path: Path, env: dict[str, str] | 
            *, append: bool = False) -> Iterator[subprocess.Popen[bytes]]:  # fmt: skip
     """``flashsale up`` in the background (``env`` added to this process's environment), its
     output in ``log_path`` (appended to with ``append``); stopped with SIGTERM (and waited
-    for) on exit."""
+    for) on exit, or when this process dies."""
     env = {**os.environ, "FLASHSALE_RATE_PER_IP": "off", "FLASHSALE_LOG_LEVEL": "WARNING",
-           **(env or {})}  # fmt: skip
+           **(env or {}), **followed()}  # fmt: skip
     with log_path.open("ab" if append else "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "flashsale", "up", "--port", str(port), "--workers", "2"],

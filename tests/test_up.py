@@ -86,6 +86,40 @@ def test_up_supervises_and_stops_cleanly(stack: Settings, cli: Cli) -> None:
     assert not metrics.exists()
 
 
+def test_the_services_stop_when_their_supervisor_is_killed(stack: Settings) -> None:
+    """``kill -9`` of ``flashsale up`` (or the OOM killer) left all its services running,
+    each in a session of its own, holding the ports the next ``up`` wanted and consuming
+    its partitions, with nobody to restart or stop them."""
+    port = free_ports(UP_PORTS)
+    up = subprocess.Popen([sys.executable, "-m", "flashsale", "up", "--port", str(port)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    children: list[int] = []
+    try:
+        for offset in range(UP_PORTS):
+            healthy(f"http://127.0.0.1:{port + offset}/healthz")
+        children = _children(up.pid)
+        assert len(children) == 7, children  # two gateways, and one of each other service
+        up.kill()
+        up.wait(10)
+        deadline = time.monotonic() + 30  # their graceful stop included
+        while time.monotonic() < deadline and any(_alive(pid) for pid in children):
+            time.sleep(0.2)
+        assert not [pid for pid in children if _alive(pid)], "services outlived their supervisor"
+    finally:
+        up.kill()
+        for pid in children:  # a failed run leaves nothing behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def test_an_audit_with_no_provider_says_what_to_set(
     cli: Cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

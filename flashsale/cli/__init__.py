@@ -28,6 +28,7 @@ from flashsale.cli.output import after_reader_gone, fail, reader_gone
 from flashsale.errors import FlashsaleError, InvalidInput
 from flashsale.logs import configure_logging
 from flashsale.outages import describe, is_outage, schema_error
+from flashsale.parent import follow_parent
 from flashsale.settings import Settings
 
 
@@ -61,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_env()  # a bad setting is one line naming it, like bad input
         configure_logging(settings)
+        follow_parent()  # a service under `flashsale up` ends with it
         result = args.handler(args, settings)
         if asyncio.iscoroutine(result):
             result = event_loop.run(result)

@@ -5,7 +5,8 @@ supervisor is running is restarted after a backoff that doubles on every quick c
 ``BACKOFF_MIN_S`` to ``BACKOFF_MAX_S``) and resets once the child has stayed up for
 ``STABLE_AFTER_S``; every exit is logged with its code or signal. SIGTERM or Ctrl-C stops every
 child with SIGTERM, waits ``GRACE_S`` for them to finish what they are doing, then kills what
-is left.
+is left. A supervisor that is killed outright takes its children with it: each is sent SIGTERM
+by the kernel when it dies (:mod:`flashsale.parent`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
+
+from flashsale.parent import followed
 
 log = logging.getLogger("flashsale.supervisor")
 
@@ -61,9 +64,8 @@ class Supervisor:
         self.stopping = False
 
     def _start(self, child: Child) -> None:
-        child.process = subprocess.Popen(
-            child.argv(), env={**os.environ, **child.env}, start_new_session=True
-        )
+        env = {**os.environ, **child.env, **followed()}
+        child.process = subprocess.Popen(child.argv(), env=env, start_new_session=True)
         child.started = time.monotonic()
         log.info("started %s (pid %d)", child.name, child.process.pid)
 

@@ -27,6 +27,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from flashsale.cli.devstack.processes import UP_PORTS, free_ports
+from flashsale.parent import followed
 from flashsale.settings import Settings
 from loadtest.fault_proxy import ProxyProcess, through
 from loadtest.processes import engine, stop_all, tree
@@ -119,7 +120,7 @@ class Rig:
             process = subprocess.Popen(
                 [sys.executable, "-m", "flashsale", *args], stdout=log, stderr=subprocess.STDOUT,
                 env={**os.environ, **self.env, "FLASHSALE_PSP_URL": self.url("psp"),
-                     **(env or {})},
+                     **(env or {}), **followed()},
             )  # fmt: skip
         self.extras.append(process)
         return process
