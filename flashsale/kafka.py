@@ -23,7 +23,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from flashsale.env_values import tcp_port
 from flashsale.errors import ConfigError, Unavailable
-from flashsale.outages import is_outage, log_failure
+from flashsale.outages import describe, is_outage, log_failure
 from flashsale.settings import Settings, Topics
 
 log = logging.getLogger("flashsale.kafka")
@@ -122,7 +122,7 @@ async def _admin(settings: Settings, doing: str
         await admin.start()
         yield admin, set(await admin.list_topics())
     except KafkaError as exc:
-        raise Unavailable(f"cannot {doing}: {exc!r}") from exc
+        raise Unavailable(f"cannot {doing}: {describe(exc)}") from exc
     finally:
         await admin.close()
 
@@ -248,7 +248,7 @@ class LagReader:
             return lag
         except KafkaError as exc:
             await self.aclose()  # a fresh client next time
-            raise Unavailable(f"cannot read consumer lag from the broker: {exc!r}") from exc
+            raise Unavailable(f"cannot read consumer lag from the broker: {describe(exc)}") from exc
 
     async def aclose(self) -> None:
         consumer, self._consumer = self._consumer, None

@@ -21,6 +21,7 @@ import aiohttp
 import orjson
 
 from flashsale.errors import PaymentConflict, PaymentError, PaymentUnknown, ProviderDown
+from flashsale.outages import describe
 
 ChargeStatus = Literal["captured", "declined", "refunded"]
 
@@ -183,7 +184,7 @@ class HttpProvider:
         except (TimeoutError, aiohttp.ClientError) as exc:
             self._observed(route, "no_answer", time.perf_counter() - began)
             self.breaker.failed()
-            raise PaymentUnknown(f"{method} {path}: no definite answer ({exc!r})") from exc
+            raise PaymentUnknown(f"{method} {path}: no definite answer ({describe(exc)})") from exc
         self._observed(route, f"{status // 100}xx", time.perf_counter() - began)
         if status >= 500:
             self.breaker.failed()

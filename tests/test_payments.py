@@ -63,6 +63,19 @@ async def test_unknown_outcomes_are_reported_never_guessed(psp: tuple[Simulator,
     assert simulator.captures["r-t"] == 1
 
 
+async def test_a_provider_nobody_answers_for_is_said_in_words() -> None:
+    """The audit and the workers' logs quoted aiohttp's repr: "no definite answer
+    (ClientConnectorError(ConnectionKey(host='127.0.0.1', port=1, is_ssl=False, ssl=True,
+    proxy=None, proxy_auth=None, proxy_headers_hash=None, ...)))"."""
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    async with HttpProvider(url, timeout_s=2) as provider:
+        with pytest.raises(PaymentUnknown) as refused:
+            await provider.lookup("r-1")
+    said = str(refused.value)
+    assert said.startswith("GET /v1/charges/r-1: no definite answer (ClientConnectorError: "), said
+    assert "ConnectionKey" not in said and "Cannot connect to host 127.0.0.1" in said, said
+
+
 async def test_a_journaled_simulator_forgets_nothing_when_it_restarts(tmp_path: Path) -> None:
     """Killed and started again (as ``flashsale chaos`` does), the simulator still knows every
     charge: a retried key replays its charge, a refund stays refunded, the next id is new."""
