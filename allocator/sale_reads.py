@@ -33,8 +33,13 @@ ORDERS_PAGE = (
     " FROM orders WHERE sale_id = $1 AND ($2::text IS NULL OR state = $2)"
     " AND ($3::text IS NULL OR id > $3) ORDER BY id LIMIT $4"
 )
+# The buyer id is the storefront's text (any printable ASCII): one that a spreadsheet would
+# run as a formula (=, +, - or @ first) is exported behind an apostrophe, as OWASP advises
+# against CSV injection. No other column can start so (ids and SKUs start alphanumeric).
 ORDERS_EXPORT = (
-    "SELECT id, sku, buyer_id, quantity, amount, currency, state, created_at, updated_at"
+    "SELECT id, sku, CASE WHEN left(buyer_id, 1) IN ('=', '+', '-', '@')"
+    " THEN '''' || buyer_id ELSE buyer_id END AS buyer_id,"
+    " quantity, amount, currency, state, created_at, updated_at"
     " FROM orders WHERE sale_id = $1 AND ($2::text IS NULL OR state = $2) ORDER BY id"
 )
 

@@ -209,7 +209,9 @@ def admin_paths() -> dict[str, Any]:
                 "Every order as CSV with a header, streamed",
                 {
                     "200": {
-                        "description": "CSV",
+                        "description": "CSV (id, sku, buyer_id, quantity, amount, currency,"
+                        " state, created_at, updated_at); a buyer id that starts with =, +, -"
+                        " or @ is written behind an apostrophe, so no spreadsheet runs it",
                         "content": {"text/csv": {"schema": {"type": "string"}}},
                     },
                     **errors(401, 404, 422),

