@@ -17,10 +17,10 @@ import asyncpg
 
 from allocator import sale_settings
 from allocator.sale_reads import SaleReads
-from allocator.sale_scripts import PreloadResult, SaleScripts, summed
+from allocator.sale_scripts import Preload, PreloadResult, SaleScripts, summed
 from allocator.stock_buckets import BucketScripts
 from flashsale.clients import RedisClient
-from flashsale.errors import Conflict, InvalidInput, NotFound, shown
+from flashsale.errors import Conflict, InvalidInput, NotFound, listed, shown
 from flashsale.keys import SaleKeys, SkuKeys, bucket_keys
 from flashsale.sales import fetch_skus, new_sale_id, sale_hash, sku_meta
 from flashsale.salespec import (
@@ -110,7 +110,11 @@ class SaleAdmin(SaleReads):
                 f"sale {sale_id} has no SKUs; add some with `flashsale sale import`",
                 code="no_skus",
             )
-        results = [await self._sync_sku(sale, sku, force=force) for sku in skus]
+        # The SKUs in one piece (most) go in one pipelined batch; each bucketed SKU on its own.
+        whole = [_preload(sale, sku) for sku in skus if sku["buckets"] == 1]
+        batch = iter(await self.scripts.preload_many(whole, force=force))
+        results = [next(batch) if sku["buckets"] == 1 else await self._sync_sku(sale, sku,
+                   force=force) for sku in skus]  # fmt: skip
         await self.scripts.put_sale(
             SaleKeys(sale_id), sale_hash(sale, skus), open_queue=sale["preloaded_at"] is None
         )
@@ -123,17 +127,17 @@ class SaleAdmin(SaleReads):
         lost = [r.sku for r in results if r.outcome == "refused_lost"]
         if lost:
             raise Conflict(
-                f"Redis no longer holds {', '.join(lost)} of sale {sale_id} (or is rebuilding "
-                "it): run `flashsale reconcile --once` to rebuild it from Postgres",
+                f"Redis no longer holds {listed(lost, what='SKUs')} of sale {sale_id} (or is "
+                "rebuilding it): run `flashsale reconcile --once` to rebuild it from Postgres",
                 code="rebuild_needed",
             )  # fmt: skip
         refused = [r for r in results if r.outcome.startswith("refused")]
         if refused:
-            detail = "; ".join(
+            detail = listed([
                 f"{r.sku}: {r.counts.held} held and {r.counts.sold} sold units"
                 + (" exceed the new stock" if r.outcome == "refused_below_committed" else "")
                 for r in refused
-            )
+            ], what="SKUs refused", sep="; ")  # fmt: skip
             hint = "" if force else " (re-run with --force; held and sold units are kept)"
             raise Conflict(f"preload refused for {detail}{hint}", code="preload_refused")
         async with self.pool.acquire() as conn:
@@ -145,11 +149,11 @@ class SaleAdmin(SaleReads):
     async def _sync_sku(
         self, sale: asyncpg.Record, sku: asyncpg.Record, *, force: bool
     ) -> PreloadResult:
-        meta, total, first = sku_meta(sale, sku), sku["stock_total"], sku["preloaded_at"] is None
         if sku["buckets"] == 1:
-            return await self.scripts.preload(SkuKeys(sale["id"], sku["sku"]), total=total,
-                                              meta=meta, force=force, first=first)  # fmt: skip
-        return await self._sync_buckets(sale["id"], sku, meta, force=force, first=first)
+            [result] = await self.scripts.preload_many([_preload(sale, sku)], force=force)
+            return result
+        return await self._sync_buckets(sale["id"], sku, sku_meta(sale, sku), force=force,
+                                        first=sku["preloaded_at"] is None)  # fmt: skip
 
     async def _sync_buckets(self, sale_id: str, sku: asyncpg.Record, meta: dict[str, str], *,
                             force: bool, first: bool) -> PreloadResult:  # fmt: skip
@@ -307,3 +311,9 @@ async def _insert_skus(conn: asyncpg.Connection, sale_id: str, skus: Sequence[Sk
             for s in skus
         ],
     )  # fmt: skip
+
+
+def _preload(sale: asyncpg.Record, sku: asyncpg.Record) -> Preload:
+    """A SKU in one piece, as its preload sends it."""
+    return Preload(SkuKeys(sale["id"], sku["sku"]), sku["stock_total"], sku_meta(sale, sku),
+                   sku["preloaded_at"] is None)  # fmt: skip

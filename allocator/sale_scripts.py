@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, cast
 
 from redis.commands.core import AsyncScript
 
-from allocator.redis_calls import lua_script, read_packed
+from allocator.redis_calls import Command, lua_script, read_packed, send_packed
 from flashsale.clients import RedisClient
 from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.records import integer, text
@@ -57,11 +57,25 @@ def summed(counts: Sequence[StockCounts | None]) -> StockCounts | None:
     return total
 
 
+class Preload(NamedTuple):
+    """One SKU (or stock bucket) to preload: see :meth:`SaleScripts.preload`."""
+
+    keys: SkuKeys
+    total: int | None
+    meta: dict[str, str]
+    first: bool
+
+
 @dataclass(frozen=True, slots=True)
 class PreloadResult:
     sku: str
     outcome: PreloadOutcome
     counts: StockCounts
+
+
+def _preload_result(keys: SkuKeys, raw: list[bytes]) -> PreloadResult:
+    outcome = cast(PreloadOutcome, text(raw[0]))
+    return PreloadResult(keys.sku, outcome, StockCounts(*(int(v) for v in raw[1:6])))
 
 
 class SaleScripts:
@@ -81,14 +95,25 @@ class SaleScripts:
         keeps the stock as it is (a stock bucket once loaded). ``first``: the SKU was never
         preloaded; otherwise a SKU missing from Redis is refused (``refused_lost``): the
         reconciler rebuilds it from Postgres."""
-        args: list[str | int] = ["1" if force else "0", "" if total is None else total,
-                                 "1" if first else "0"]  # fmt: skip
-        for name, value in meta.items():
-            args += [name, value]
-        raw = await self._preload(keys=[keys.meta, keys.stock], args=args)
-        outcome = text(raw[0])
-        counts = StockCounts(*(int(v) for v in raw[1:6]))
-        return PreloadResult(keys.sku, outcome, counts)  # type: ignore[arg-type]
+        [result] = await self.preload_many([Preload(keys, total, meta, first)], force=force)
+        return result
+
+    async def preload_many(self, skus: Sequence[Preload], *, force: bool) -> list[PreloadResult]:
+        """:meth:`preload` of each of ``skus``, one script call each (each SKU atomic), sent
+        pipelined and packed in C: one round trip per node rather than per SKU. Through
+        redis-py, packing the calls one by one cost a 100,000-SKU sale about 30 s."""
+        commands: list[Command] = []
+        for sku in skus:
+            command: list[str | int] = [
+                "EVALSHA", self._preload.sha, 2, sku.keys.meta, sku.keys.stock,
+                "1" if force else "0", "" if sku.total is None else sku.total,
+                "1" if sku.first else "0",
+            ]  # fmt: skip
+            for name, value in sku.meta.items():
+                command += [name, value]
+            commands.append(tuple(command))
+        replies = await send_packed(self.client, commands, script=self._preload)
+        return [_preload_result(sku.keys, raw) for sku, raw in zip(skus, replies, strict=True)]
 
     async def set_fields(self, key: str, fields: dict[str, str]) -> bool:
         """Write ``fields`` on a hash that preload created; False when there is none."""

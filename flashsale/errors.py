@@ -33,7 +33,19 @@ non-zero exit.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 SHOWN_CHARACTERS = 64
+
+
+def listed(names: Sequence[str], *, most: int = 5, what: str = "", sep: str = ", ") -> str:
+    """``names`` for a message, the first ``most`` of them and a count of the rest: "A, B, C,
+    D, E and 35 more of the 40 SKUs" (``what`` = "SKUs"). An error about every SKU of a
+    100,000-SKU sale was one line of 760 KB."""
+    if len(names) <= most:
+        return sep.join(names)
+    whole = f" of the {len(names):,} {what}" if what else ""
+    return f"{sep.join(names[:most])} and {len(names) - most:,} more{whole}"
 
 
 def shown(value: object) -> str:

@@ -209,6 +209,23 @@ def test_preload_is_idempotent(cli: Cli, rdb: redis.Redis, tmp_path: Path) -> No
     assert (rdb.hgetall(keys.meta), rdb.hgetall(keys.stock)) == snapshot
 
 
+def test_a_preload_refused_for_many_skus_names_a_few_and_counts_the_rest(
+    cli: Cli, rdb: redis.Redis, tmp_path: Path
+) -> None:
+    """A sale of 100,000 SKUs that Redis lost was one error line naming all of them (760 KB)."""
+    sale_id = create(cli, tmp_path)
+    rows = "".join(f"X{n},5,100,EUR\n" for n in range(40))
+    assert cli("sale", "import", write(tmp_path, "sku,stock,price,currency\n" + rows, "x.csv"),
+               "--sale", sale_id).code == 0  # fmt: skip
+    assert cli("sale", "preload", sale_id).code == 0
+    for n in range(40):
+        rdb.delete(SkuKeys(sale_id, f"X{n}").stock)  # Redis lost them
+    lost = cli("sale", "preload", sale_id)
+    assert lost.code == 1 and len(lost.err.strip().splitlines()) == 1, lost.err
+    assert "X0, X1, X10, X11, X12 and 35 more of the 40 SKUs" in lost.err, lost.err
+    assert len(lost.err) < 400, len(lost.err)
+
+
 def _hold(rdb: redis.Redis, keys: SkuKeys, active: int, sold: int) -> None:
     """Simulate units held and sold, as the allocator scripts record them."""
     rdb.hincrby(keys.stock, "available", -(active + sold))
