@@ -117,8 +117,18 @@ class SaleScripts:
 
     async def set_fields(self, key: str, fields: dict[str, str]) -> bool:
         """Write ``fields`` on a hash that preload created; False when there is none."""
-        args = [item for pair in fields.items() for item in pair]
-        return bool(await self._set_fields(keys=[key], args=args))
+        [written] = await self.set_fields_many([(key, fields)])
+        return written
+
+    async def set_fields_many(self, writes: Sequence[tuple[str, dict[str, str]]]) -> list[bool]:
+        """:meth:`set_fields` on each hash of ``writes``, pipelined and packed in C: pausing
+        a sale of 100,000 SKUs took 18 s one call at a time, while its SKUs went on selling."""
+        commands: list[Command] = [
+            ("EVALSHA", self._set_fields.sha, 1, key,
+             *(item for pair in fields.items() for item in pair))
+            for key, fields in writes
+        ]  # fmt: skip
+        return [bool(r) for r in await send_packed(self.client, commands, script=self._set_fields)]
 
     async def retire(self, keys: SkuKeys) -> str:
         """Delete a SKU's keys if it was never reserved (see ``lua/retire.lua``)."""

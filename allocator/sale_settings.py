@@ -31,9 +31,10 @@ async def set_status(sales: SaleReads, sale_id: str, action: str) -> dict[str, A
         skus = await fetch_skus(conn, sale_id)
     # Redis after Postgres; every step is idempotent, so a retry converges.
     await sales.scripts.set_fields(SaleKeys(sale_id).sale, {"status": target})
-    for sku in skus:
-        for keys in bucket_keys(sale_id, sku["sku"], sku["buckets"]):
-            await sales.scripts.set_fields(keys.meta, {"status": target})
+    await sales.scripts.set_fields_many([
+        (keys.meta, {"status": target})
+        for sku in skus for keys in bucket_keys(sale_id, sku["sku"], sku["buckets"])
+    ])  # fmt: skip
     return await sales.get(sale_id)
 
 
@@ -95,12 +96,11 @@ async def update(sales: SaleReads, sale_id: str, changes: Mapping[str, Any]) -> 
     await sales.scripts.set_fields(
         SaleKeys(sale_id).sale, {k: fields[k] for k in SALE_HASH_EDITABLE}
     )
-    for sku in skus:
-        meta = sku_meta(row, sku)
-        for keys in bucket_keys(sale_id, sku["sku"], sku["buckets"]):
-            await sales.scripts.set_fields(
-                keys.meta, {k: meta[k] for k in ("starts_at_ms", "ends_at_ms")}
-            )
+    window = {k: fields[k] for k in ("starts_at_ms", "ends_at_ms")}  # the same for each SKU
+    await sales.scripts.set_fields_many([
+        (keys.meta, window)
+        for sku in skus for keys in bucket_keys(sale_id, sku["sku"], sku["buckets"])
+    ])  # fmt: skip
     return await sales.get(sale_id)
 
 
