@@ -17,7 +17,15 @@ from flashsale.errors import InvalidInput, Unauthorized
 from flashsale.records import body_fingerprint, idempotency_key
 from flashsale.salespec import parse_csv, parse_sale, parse_skus
 from gateway.console import OPEN_PATHS
-from gateway.http import bearer, body_bytes, client_ip, json_body, json_response, parse_json
+from gateway.http import (
+    MAX_ADMIN_BODY,
+    bearer,
+    body_bytes,
+    client_ip,
+    json_body,
+    json_response,
+    parse_json,
+)
 from gateway.middleware import Handler
 from gateway.state import CLIENTS, SALES, SETTINGS
 from reconciler.audit import audit_sale
@@ -44,7 +52,7 @@ async def create_sale(request: web.Request) -> web.Response:
     """201 with the sale; with an ``Idempotency-Key``, a retry answers 200 with the same sale
     (``"replayed": true``) instead of making a second one."""
     key = idempotency_key(request.headers.get("Idempotency-Key"), required=False)
-    body = await json_body(request, unique=True)
+    body = await json_body(request, unique=True, most=MAX_ADMIN_BODY)
     spec = parse_sale(body)
     sale = await request.app[SALES].create(spec, key=key, fingerprint=body_fingerprint(body))
     return json_response(sale, 200 if sale.get("replayed") else 201)
@@ -92,7 +100,7 @@ async def import_skus(request: web.Request) -> web.Response:
     JSON ``{"skus": [...]}`` (the sale file's form): every SKU validated before anything is
     written. A body that opens with ``{`` is JSON whatever its content type says (``curl -d``
     sends a form type); no CSV header can."""
-    raw = await body_bytes(request)
+    raw = await body_bytes(request, MAX_ADMIN_BODY)
     try:
         content = raw.decode("utf-8")
     except UnicodeDecodeError:

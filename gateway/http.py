@@ -37,7 +37,10 @@ from flashsale.tokens import buyer_subject
 from gateway.metrics import ERROR_CODE
 from gateway.state import LIMITER, SETTINGS, SIGNERS
 
-MAX_BODY = 16 * 1024
+MAX_BODY = 16 * 1024  # a buyer's request
+# A merchandiser's: a sale file or CSV of 100,000 SKUs is about 3 MB. The admin token is
+# checked before any body is read (gateway.middleware.edge).
+MAX_ADMIN_BODY = 32 * 1024 * 1024
 
 
 def json_response(
@@ -72,11 +75,12 @@ async def json_body(
     allowed: Collection[str] | None = None,
     optional: bool = False,
     unique: bool = False,
+    most: int = MAX_BODY,
 ) -> dict[str, Any]:
-    """The request's JSON object. Malformed JSON, a non-object, (with ``allowed``) an unknown
-    field or (with ``unique``) a key named twice in one object is a 422 naming the problem; an
-    empty body is ``{}`` when ``optional``."""
-    raw = await body_bytes(request)
+    """The request's JSON object (at most ``most`` bytes). Malformed JSON, a non-object, (with
+    ``allowed``) an unknown field or (with ``unique``) a key named twice in one object is a 422
+    naming the problem; an empty body is ``{}`` when ``optional``."""
+    raw = await body_bytes(request, most)
     if not raw.strip() and optional:
         return {}
     data = parse_json(raw, unique=unique)
@@ -89,13 +93,21 @@ async def json_body(
     return data
 
 
-async def body_bytes(request: web.Request) -> bytes:
-    """The request's body; 408 when it does not arrive within ``FLASHSALE_BODY_TIMEOUT``."""
+async def body_bytes(request: web.Request, most: int = MAX_BODY) -> bytes:
+    """The request's body; 408 when it does not arrive within ``FLASHSALE_BODY_TIMEOUT``, 413
+    (saying the limit) when it is larger than ``most`` bytes."""
+    if most != request.client_max_size:
+        request = request.clone(client_max_size=most)
     try:
         async with asyncio.timeout(request.app[SETTINGS].body_timeout_s):
             return await request.read()
     except TimeoutError:
         raise RequestTimeout("the request body did not arrive in time") from None
+    except web.HTTPRequestEntityTooLarge:
+        size = f"{most // 2**20} MiB" if most >= 2**20 else f"{most // 1024} KiB"
+        raise web.HTTPRequestEntityTooLarge(
+            most, reason=f"the request body is larger than {size}"
+        ) from None
 
 
 def parse_json(raw: bytes | str, *, unique: bool = False) -> Any:

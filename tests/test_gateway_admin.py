@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
 import json
 import logging
 import socket
@@ -327,6 +328,28 @@ async def test_csv_import_over_the_admin_api(http: TestClient[Any, Any]) -> None
     assert await pool.fetchval(count, sale_id) == 4
 
 
+async def test_a_catalogue_of_thousands_of_skus_imports_over_the_admin_api(
+    http: TestClient[Any, Any],
+) -> None:
+    """The buyers' 16 KiB body limit applied to the admin API too: a CSV of more than about
+    500 SKUs was a 413, which the CLI's import of the same file is not. Merchandisers' bodies
+    may be 32 MiB (the admin token is checked before any body is read)."""
+    sale_id = (await (await http.post("/admin/v1/sales", json=SALE, headers=auth())).json())["id"]
+    path, csv_type = f"/admin/v1/sales/{sale_id}/skus", {**auth(), "Content-Type": "text/csv"}
+    rows = "".join(f"K{n},Sneaker {n},5,1999,EUR\n" for n in range(5000))  # 140 KB
+    added = await http.post(path, data=f"sku,title,stock,price,currency\n{rows}".encode(),
+                            headers=csv_type)  # fmt: skip
+    assert added.status == 200, await added.text()
+    app = http.app
+    assert app is not None
+    count = "SELECT count(*) FROM sale_skus WHERE sale_id = $1"
+    assert await app[CLIENTS].pool.fetchval(count, sale_id) == 5001
+    huge = b"sku,stock,price,currency\n" + b"Z,1,1,EUR\n" * (32 * 1024 * 1024 // 10 + 1)
+    refused = await http.post(path, data=io.BytesIO(huge), headers=csv_type)
+    assert refused.status == 413 and await error_code(refused) == "body_too_large"
+    assert (await refused.json())["error"]["message"] == "the request body is larger than 32 MiB"
+
+
 async def test_the_admission_rate_changes_while_the_sale_runs(http: TestClient[Any, Any]) -> None:
     app = http.app
     assert app is not None
@@ -430,10 +453,9 @@ async def test_bad_stock_and_unknown_sale(http: TestClient[Any, Any]) -> None:
 
 
 async def test_body_limit_and_unknown_routes(http: TestClient[Any, Any]) -> None:
-    big = b'{"name": "' + b"x" * 20_000 + b'"}'
-    response = await http.post(
-        "/admin/v1/sales", data=big, headers={**auth(), "Content-Type": "application/json"}
-    )
+    big = b'{"name": "' + b"x" * (32 * 1024 * 1024) + b'"}'  # the merchandisers' limit
+    response = await http.post("/admin/v1/sales", data=io.BytesIO(big),
+                               headers={**auth(), "Content-Type": "application/json"})  # fmt: skip
     assert response.status == 413 and await error_code(response) == "body_too_large"
     missing = await http.get("/v1/nothing-here")
     assert missing.status == 404 and await error_code(missing) == "not_found"

@@ -59,6 +59,8 @@ async def test_bad_reservation_inputs_are_refused_and_change_nothing(gw: Gateway
 
     cases: list[tuple[str, dict[str, Any], int, str]] = [
         ("malformed json", {"raw": b"{nope"}, 422, "malformed_json"),
+        ("body over 16 KiB", {"raw": b'{"sku": "' + b"x" * 20_000 + b'"}'}, 413,
+         "body_too_large"),
         ("not an object", {"raw": b"[1]"}, 422, "invalid_input"),
         ("unknown field", {"body": {**GOOD, "coupon": "x"}}, 422, "unknown_field"),
         ("quantity zero", {"body": {**GOOD, "quantity": 0}}, 422, "invalid_quantity"),
