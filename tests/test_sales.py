@@ -459,6 +459,19 @@ def test_an_export_whose_reader_went_away_fails_and_gives_its_connection_back(
     assert b"".join(chunks).startswith(b"id,sku,buyer_id"), chunks
 
 
+def test_the_list_pages_past_its_newest_thousand_sales(cli: Cli, tmp_path: Path) -> None:
+    """``sale list`` showed only the newest 1,000 sales, with no way to the older ones that
+    the admin API's ``offset`` reaches."""
+    made = [create(cli, tmp_path) for _ in range(3)]  # the newest three, newest last
+    newest = cli("sale", "list", "--limit", "2", "--json")
+    older = cli("sale", "list", "--limit", "2", "--offset", "1", "--json")
+    assert newest.code == 0 and older.code == 0, older.err
+    assert [s["id"] for s in json.loads(newest.out)] == [made[2], made[1]]
+    assert [s["id"] for s in json.loads(older.out)] == [made[1], made[0]]
+    bad = cli("sale", "list", "--offset", "-1")
+    assert bad.code == 2 and bad.err.startswith("flashsale: error: offset: "), bad.err
+
+
 def test_status_watch_refreshes_and_list_prints_json(cli: Cli, tmp_path: Path) -> None:
     sale_id = create(cli, tmp_path)
     before = cli("sale", "status", sale_id)  # not preloaded yet: said in words, not "None"

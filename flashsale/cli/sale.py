@@ -123,7 +123,8 @@ async def cmd_sale(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     async with admin(settings) as sales:
         if command == "list":
-            listed = await sales.list_sales(status=args.status, limit=args.limit)
+            listed = await sales.list_sales(status=args.status, limit=args.limit,
+                                            offset=args.offset)  # fmt: skip
             if args.json:
                 dump_json(listed)
             for sale in [] if args.json else listed:
@@ -301,6 +302,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     listing.add_argument("--status", choices=("active", "paused", "ended"),
                          help="only sales with this status")  # fmt: skip
     listing.add_argument("--limit", default="1000", help="at most this many (default 1000)")
+    listing.add_argument("--offset", default="0",
+                         help="skip this many of the newest first (default 0): the next page")
     listing.add_argument("--json", action="store_true", help="print them as a JSON array")
     orders = sale_sub.add_parser(
         "orders", help="a sale's orders: one line each, or the whole list as CSV",
