@@ -302,8 +302,11 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     listing.add_argument("--status", choices=("active", "paused", "ended"),
                          help="only sales with this status")  # fmt: skip
     listing.add_argument("--limit", default="1000", help="at most this many (default 1000)")
-    listing.add_argument("--offset", default="0",
-                         help="skip this many of the newest first (default 0): the next page")
+    listing.add_argument(
+        "--offset",
+        default="0",
+        help="skip this many of the newest first (default 0): the next page",
+    )
     listing.add_argument("--json", action="store_true", help="print them as a JSON array")
     orders = sale_sub.add_parser(
         "orders", help="a sale's orders: one line each, or the whole list as CSV",
