@@ -29,11 +29,14 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
-def test_up_supervises_and_stops_cleanly(stack: Settings, cli: Cli) -> None:
+def test_up_supervises_and_stops_cleanly(stack: Settings, cli: Cli, tmp_path: Path) -> None:
     port = free_ports(UP_PORTS)
+    # The services' INFO lines go to a file: a pipe nobody reads until the end fills at 64 KiB,
+    # and then the supervisor blocks on its own log line instead of restarting a child.
+    written = (tmp_path / "up.log").open("wb")
     up = subprocess.Popen(
         [sys.executable, "-m", "flashsale", "up", "--port", str(port), "--workers", "2"],
-        stdout=subprocess.PIPE,
+        stdout=written,
         stderr=subprocess.STDOUT,
         env={**os.environ, "FLASHSALE_LOG_LEVEL": "INFO"},
     )
@@ -76,8 +79,9 @@ def test_up_supervises_and_stops_cleanly(stack: Settings, cli: Cli) -> None:
         survivors = _children(up.pid)
     finally:
         up.send_signal(signal.SIGTERM)
-        output, _ = up.communicate(timeout=30)
-    log = output.decode()
+        up.wait(30)
+        written.close()
+    log = (tmp_path / "up.log").read_text()
     # the supervisor's own account, should it not have restarted the child
     assert restarted, f"the killed child {children[0]} was not restarted: {now}\n{log[-4000:]}"
     assert up.returncode == 0, log
