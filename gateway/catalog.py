@@ -1,8 +1,12 @@
 """Each gateway process's cached view of the sales it serves.
 
-* **The public summary** (:func:`sale_summary`, from Postgres): read by every buyer in a
-  spike, so cached per process for ``INFO_TTL_S``; remaining units may lag that long, which the
-  page tolerates. While Postgres is down, the last summary is served as it was.
+* **The public summary** (:func:`sale_summary`, from Postgres, remaining units from Redis):
+  read by every buyer in a spike, so each process keeps a copy, encoded once
+  (:class:`gateway.documents.Document`), for ``INFO_TTL_S``, or ``READ_SHARE`` times as long
+  as reading it took, up to ``MAX_INFO_TTL_S``: a sale of 20,000 SKUs takes about 0.35 s to
+  read here, which twice a second would keep a process and its servers busy. Remaining units
+  may lag that long, which the page tolerates (it learns "sold out" from its status polls).
+  While Postgres is down, the last summary is served as it was.
 * **The SKUs and their per-buyer limits** (:func:`sku_limits`) that the reservation route
   checks a request against, from the copy preload put in Redis, cached for ``LIMITS_TTL_S``:
   reserving needs no Postgres at all, so buyers keep buying while it is down. Only a sale
@@ -15,7 +19,7 @@ When a copy is due, one read is made for it and every request meanwhile waits fo
 from __future__ import annotations
 
 import time
-from typing import Any, cast
+from typing import cast
 
 from aiohttp import web
 
@@ -23,28 +27,32 @@ from allocator.sale_scripts import SkuRule
 from flashsale.errors import NotFound, shown
 from flashsale.keys import ID_PATTERN, SaleKeys
 from flashsale.outages import is_outage
+from gateway.documents import Document
 from gateway.state import CATALOG, CATALOG_READS, SALES, SKU_LIMITS
 
 INFO_TTL_S = 0.5
+MAX_INFO_TTL_S = 5.0
+READ_SHARE = 10  # a copy lasts at least this many times as long as its read took
 LIMITS_TTL_S = 1.0
 
 
-async def sale_summary(request: web.Request, sale_id: str) -> dict[str, Any]:
-    """The public view of a sale, at most ``INFO_TTL_S`` old. Raises NotFound. When it is due,
-    one read is made and every caller meanwhile waits for it: a spike's buyers all ask."""
+async def sale_summary(request: web.Request, sale_id: str) -> Document:
+    """The public view of a sale, as fresh as the module says. Raises NotFound. When it is
+    due, one read is made and every caller meanwhile waits for it: a spike's buyers all ask."""
     if not ID_PATTERN.match(sale_id):
         raise NotFound(f"unknown sale {shown(sale_id)}", code="unknown_sale")
     cached = request.app[CATALOG].get(sale_id)
     if cached is not None and cached[0] > time.monotonic():
         return cached[1]
     app = request.app
-    return cast(dict[str, Any], await app[CATALOG_READS].once(
+    return cast(Document, await app[CATALOG_READS].once(
         ("summary", sale_id), lambda: _read_summary(app, sale_id)))  # fmt: skip
 
 
-async def _read_summary(app: web.Application, sale_id: str) -> dict[str, Any]:
+async def _read_summary(app: web.Application, sale_id: str) -> Document:
     cache = app[CATALOG]
     cached = cache.get(sale_id)
+    began = time.monotonic()
     try:
         sale, remaining = await app[SALES].with_stock(sale_id)
     except Exception as exc:
@@ -75,10 +83,13 @@ async def _read_summary(app: web.Application, sale_id: str) -> dict[str, Any]:
             for s in sale["skus"]
         ],
     }
+    document = await Document.of(body)
+    now = time.monotonic()
+    lifetime = min(MAX_INFO_TTL_S, max(INFO_TTL_S, READ_SHARE * (now - began)))
     if len(cache) > 1024:
         cache.clear()
-    cache[sale_id] = (time.monotonic() + INFO_TTL_S, body)
-    return body
+    cache[sale_id] = (now + lifetime, document)
+    return document
 
 
 async def sku_limits(request: web.Request, sale_id: str) -> dict[str, SkuRule]:
@@ -95,7 +106,8 @@ async def sku_limits(request: web.Request, sale_id: str) -> dict[str, SkuRule]:
         ("limits", sale_id), lambda: _read_limits(app, sale_id)))  # fmt: skip
     if limits is None:  # not preloaded, or lost by Redis: Postgres knows whether it exists
         summary = await sale_summary(request, sale_id)
-        return {s["sku"]: SkuRule(s["per_buyer_limit"], s["buckets"]) for s in summary["skus"]}
+        skus = summary.data["skus"]
+        return {s["sku"]: SkuRule(s["per_buyer_limit"], s["buckets"]) for s in skus}
     return limits
 
 

@@ -17,14 +17,15 @@ from gateway.openapi_admin import admin_paths
 from gateway.openapi_parts import (
     ADMISSION,
     IDEMPOTENCY_KEY,
+    IF_NONE_MATCH,
     JSON,
     RESERVATION_ID,
     SALE_PATH,
     TICKET,
-    cached,
     errors,
     ok,
     op,
+    shared,
 )
 from gateway.openapi_schemas import (
     CHALLENGE,
@@ -49,9 +50,10 @@ def document() -> dict[str, Any]:
             "get": op(
                 "getSale",
                 "sales",
-                "Public sale information (cached up to 0.5 s)",
-                {**cached(ok(200, "The sale", PUBLIC_SALE)), **errors(404)},
-                params=SALE_PATH,
+                "Public sale information (each gateway process keeps a copy for 0.5 s, or up "
+                "to 5 s for a sale that is slow to read: thousands of SKUs)",
+                {**shared(ok(200, "The sale", PUBLIC_SALE)), **errors(404)},
+                params=[*SALE_PATH, IF_NONE_MATCH],
             )
         },
         "/v1/sales/{sale}/fairness": {

@@ -56,9 +56,37 @@ CACHE_CONTROL = {
 }
 
 
-def cached(answers: dict[str, Any]) -> dict[str, Any]:
-    """``answers`` with the Cache-Control header documented on each."""
-    return {code: {**answer, "headers": CACHE_CONTROL} for code, answer in answers.items()}
+SHARED_DOCUMENT = {
+    **CACHE_CONTROL,
+    "ETag": {
+        "description": "a strong tag of this representation (the gzip one has its own): send "
+        "it back in If-None-Match to get a 304 without a body while it is current",
+        "schema": {"type": "string"},
+    },
+    "Vary": {"description": "Accept-Encoding", "schema": {"type": "string"}},
+    "Content-Encoding": {
+        "description": "gzip when the request accepts it and the answer is 16 KiB or more "
+        "(a sale of many SKUs); absent otherwise",
+        "schema": {"type": "string"},
+    },
+}
+IF_NONE_MATCH = {
+    "name": "If-None-Match",
+    "in": "header",
+    "required": False,
+    "description": "an ETag of an earlier answer: 304 while it is still current",
+    "schema": {"type": "string"},
+}
+
+
+def shared(answers: dict[str, Any]) -> dict[str, Any]:
+    """``answers`` of a :class:`gateway.documents.Document`: the caching headers on each, and
+    the 304 of a revalidation."""
+    return {
+        **{code: {**answer, "headers": SHARED_DOCUMENT} for code, answer in answers.items()},
+        "304": {"description": "Not modified: the If-None-Match tag is current",
+                "headers": SHARED_DOCUMENT},
+    }  # fmt: skip
 
 
 def ok(status: int, description: str, schema: dict[str, Any]) -> dict[str, Any]:

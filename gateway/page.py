@@ -25,7 +25,7 @@ PAGE = importlib.resources.files("gateway").joinpath("waiting_room.html").read_t
 
 
 async def waiting_room(request: web.Request) -> web.Response:
-    info = await sale_summary(request, request.match_info["sale"])  # 404 for unknown sales
+    info = (await sale_summary(request, request.match_info["sale"])).data  # 404 if unknown
     sale_json = '"' + info["id"] + '"'  # ids are [A-Za-z0-9._-]: safe inside a JS string
     body = PAGE.replace("__NAME__", html.escape(info["name"])).replace("__SALE_JSON__", sale_json)
     # The page may call the reservations listener (an admitted status answer's reserve_url).

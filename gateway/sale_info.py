@@ -11,6 +11,7 @@ from flashsale.fairness import Published, merkle_path, published
 from flashsale.salespec import integer
 from flashsale.shuffle import member_of
 from gateway.catalog import sale_summary
+from gateway.documents import document_response
 from gateway.http import json_response, queue_ticket, sale_of
 from gateway.state import CLIENTS, COUNTERS, FAIRNESS
 
@@ -24,15 +25,15 @@ MAX_AGE_LIVE_S, MAX_AGE_SOLD_OUT_S, MAX_AGE_ENDED_S = 1, 30, 300
 
 async def sale_info(request: web.Request) -> web.Response:
     sale_id = request.match_info["sale"]
-    body = await sale_summary(request, sale_id)
+    summary = await sale_summary(request, sale_id)
     counters = request.app[COUNTERS].peek(sale_id)
-    if body["state"] == "ended":
+    if summary.data["state"] == "ended":
         max_age = MAX_AGE_ENDED_S
     elif counters is not None and counters.view.sold_out:
         max_age = MAX_AGE_SOLD_OUT_S
     else:
         max_age = MAX_AGE_LIVE_S
-    return json_response(body, headers={"Cache-Control": f"public, max-age={max_age}"})
+    return document_response(request, summary, {"Cache-Control": f"public, max-age={max_age}"})
 
 
 async def _record(request: web.Request, sale_id: str) -> Published:

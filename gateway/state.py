@@ -23,6 +23,7 @@ from flashsale.settings import Settings
 from flashsale.tokens import Signers
 from gateway.announcer import Announcer
 from gateway.counters import CounterCache
+from gateway.documents import Document
 from gateway.lane import Lane
 from gateway.metrics import Metrics
 
@@ -45,9 +46,9 @@ ANNOUNCER = web.AppKey("announcer", Announcer)
 LISTENER = web.AppKey("listener", bool)  # the reservations listener (--reservations-only)
 LANE = web.AppKey("lane", Lane)  # the hot routes beside the application: see gateway.lane
 LAG = web.AppKey("lag", LagCache)  # the workers' consumer lag, for the live sale page
-# sale id -> (expires, the sale's public summary), and (expires, its SKUs' per-buyer limits
-# as Redis holds them): see gateway.catalog
-CATALOG = web.AppKey("catalog", dict[str, tuple[float, dict[str, Any]]])
+# sale id -> (expires, the sale's public summary, encoded), and (expires, its SKUs' per-buyer
+# limits as Redis holds them): see gateway.catalog
+CATALOG = web.AppKey("catalog", dict[str, tuple[float, Document]])
 # the reads of those two in flight, by ("summary" or "limits", sale id): one per sale at a time
 CATALOG_READS = web.AppKey("catalog_reads", InFlight[tuple[str, str], Any])
 SKU_LIMITS = web.AppKey("sku_limits", dict[str, tuple[float, dict[str, SkuRule]]])
