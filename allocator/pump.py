@@ -3,13 +3,20 @@
 Every tick the leader reads the sale (stock of every SKU, waiting-room counters, used
 admissions) and admits the next buyers, bounded by
 
-* **rate**: the sale's ``admission_rate`` per second (a token bucket, no burst beyond 0.5 s);
+* **rate**: the sale's ``admission_rate`` per second (a token bucket: no burst beyond 0.5 s,
+  or beyond what accrued since the last tick when ticks are further apart, up to 1 s);
 * **capacity**: admitted buyers who have neither reserved nor lapsed (``admission_capacity``);
 * **inventory**: expected takers never exceed the units available, using the learned no-show
   rate (admitted buyers whose window lapsed without a reservation);
 * **the cutoff**: the last position that may ever be admitted. Status pages tell every buyer
   beyond it ``sold_out`` at once, so the pump promises never to pass it, and it only moves
   back. It assumes at most ``noshow_ceiling`` of the admitted buyers do not show up.
+
+Counting the stock of a sale of many SKUs is slow (about 1.5 s for 100,000 SKUs here: two
+reads per SKU, each answer parsed here). Once a count takes ``INLINE_COUNT_S`` or more, the
+next ones run beside the ticks, each starting ``COUNT_SHARE`` times its duration after the
+last began, and the ticks go on at their pace with the last count: the stock they plan with
+is that much older, and admission keeps the sale's rate.
 
 A buyer who lets the admission window lapse stops counting against capacity and inventory, so
 the next ticks admit someone else in their place (compensation). With no units left, available
@@ -35,7 +42,7 @@ import asyncpg
 from allocator.queue_scripts import QueueScripts, QueueView, Step
 from flashsale.errors import QueueLost
 from flashsale.fairness import record
-from flashsale.keys import SaleKeys, bucket_keys
+from flashsale.keys import SaleKeys, SkuKeys, bucket_keys
 from flashsale.outages import log_failure
 from flashsale.queue_marks import Mark, QueueMarks
 from flashsale.records import text
@@ -47,6 +54,8 @@ NOSHOW_PRIOR = 0.2  # assumed before any admission window has closed
 PRIOR_WEIGHT = 20  # ... with the weight of this many observed admissions
 RATE_HISTORY_MS = 5_000  # short enough for the ETAs to follow a change of the rate
 ASSIGN_CHUNK = 1000
+INLINE_COUNT_S = 0.05  # a stock count that took longer runs beside the ticks from then on
+COUNT_SHARE = 3  # ... starting at most once per this many times its duration
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +122,17 @@ class SaleSnapshot:
     lapsed_through: int
 
 
+@dataclass(frozen=True, slots=True)
+class Count:
+    """The stock of a sale, summed over its SKUs and their buckets."""
+
+    available: int
+    held: int
+    preloaded: bool  # every SKU (bucket) of the sale is in Redis
+    by_sku: dict[str, tuple[int, int]]  # SKU: (available, held)
+    took: float  # seconds the count took
+
+
 @dataclass
 class AdmissionPump:
     """The pump of one sale. Call :meth:`tick` periodically; it is a no-op unless this
@@ -144,8 +164,15 @@ class AdmissionPump:
     recorded: bool = False  # the pre-queue's order is recorded in Postgres (fairness)
     recording: asyncio.Task[None] | None = None  # the record being written
     seeding: asyncio.Task[None] | None = None  # the seed being read ahead of the opening
-    stock: dict[str, tuple[int, int]] = field(default_factory=dict)  # SKU: (available, held)
     tail: int = 0  # the last position handed out, as of the last step
+    count: Count | None = None  # the last stock count
+    counting: asyncio.Task[None] | None = None  # a count beside the ticks (a slow one)
+    count_due: float = 0.0  # time.monotonic() from which the next count beside may start
+
+    @property
+    def stock(self) -> dict[str, tuple[int, int]]:
+        """SKU: (available, held), as last counted."""
+        return self.count.by_sku if self.count is not None else {}
 
     @property
     def keys(self) -> SaleKeys:
@@ -191,7 +218,9 @@ class AdmissionPump:
             # In the background: admission does not wait for Postgres.
             self.recording = asyncio.create_task(self._record(view.pre))
         rate = max(1, view.admission_rate)
-        self.credit = min(self.credit + rate * elapsed, max(1.0, rate * 0.5))
+        # Up to half a second's worth, or what accrued since the last tick if more: slow ticks
+        # keep the rate, and no tick spends more than a second's worth.
+        self.credit = min(self.credit + rate * elapsed, max(1.0, rate * max(0.5, elapsed)))
         self.window_ms = view.window_ms
         lapsed = snap.lapsed_through
         noshow_count = lapsed - snap.claimed_lapsed
@@ -249,20 +278,34 @@ class AdmissionPump:
 
     async def _read(self) -> SaleSnapshot:
         lapsed = self._lapsed_through()
-        stock = [k for s in self.skus for k in bucket_keys(self.sale_id, s, self.buckets.get(s, 1))]
-        snap = await self.queue.snapshot(self.keys, claims_through=lapsed, skus=stock)
-        counted = [units for units in snap.stock if units is not None]
-        by_sku: dict[str, tuple[int, int]] = {}
-        for keys, units in zip(stock, snap.stock, strict=True):
-            if units is not None:
-                available, held = by_sku.get(keys.sku, (0, 0))
-                by_sku[keys.sku] = (available + units[0], held + units[1])
-        self.stock = by_sku
-        return SaleSnapshot(
-            snap.view, sum(a for a, _ in counted), sum(h for _, h in counted),
-            bool(self.skus) and len(counted) == len(snap.stock), snap.claimed,
-            snap.claimed_through, lapsed,
-        )  # fmt: skip
+        if self.count is None or self.count.took < INLINE_COUNT_S:
+            began = time.monotonic()
+            stock = self._stock_keys()
+            snap = await self.queue.snapshot(self.keys, claims_through=lapsed, skus=stock)
+            self.count = _counted(stock, snap.stock, time.monotonic() - began)
+        else:
+            if self.counting is None and time.monotonic() >= self.count_due:
+                self.counting = asyncio.create_task(self._count(self._stock_keys()))
+            snap = await self.queue.snapshot(self.keys, claims_through=lapsed)
+        count = self.count
+        return SaleSnapshot(snap.view, count.available, count.held,
+                            bool(self.skus) and count.preloaded, snap.claimed,
+                            snap.claimed_through, lapsed)  # fmt: skip
+
+    def _stock_keys(self) -> list[SkuKeys]:
+        return [k for s in self.skus for k in bucket_keys(self.sale_id, s, self.buckets.get(s, 1))]
+
+    async def _count(self, stock: list[SkuKeys]) -> None:
+        """A count of a sale slow to count, beside the ticks; a failed one is made again."""
+        began = time.monotonic()
+        try:
+            snap = await self.queue.snapshot(self.keys, skus=stock)
+            self.count = _counted(stock, snap.stock, time.monotonic() - began)
+        except Exception as exc:  # noqa: BLE001 - the ticks go on with the last count
+            log_failure(log, f"could not count the stock of {self.sale_id}", exc)
+        finally:
+            self.count_due = began + COUNT_SHARE * (time.monotonic() - began)
+            self.counting = None
 
     def _lapsed_through(self) -> int:
         """The last position whose admission window has closed, judged on Redis's clock (the
@@ -344,10 +387,21 @@ class AdmissionPump:
             self.recording = None
 
     async def resign(self) -> None:
-        if self.seeding is not None:
-            self.seeding.cancel()
+        for task in (self.seeding, self.counting):
+            if task is not None:
+                task.cancel()
         if self.recording is not None:  # let the fairness record finish (it is idempotent)
             await asyncio.wait([self.recording], timeout=5)
         if self.token:
             await self.queue.release(self.keys, self.owner)
             self.token = 0
+
+
+def _counted(stock: list[SkuKeys], counts: list[tuple[int, int] | None], took: float) -> Count:
+    by_sku: dict[str, tuple[int, int]] = {}
+    for keys, units in zip(stock, counts, strict=True):
+        if units is not None:
+            available, held = by_sku.get(keys.sku, (0, 0))
+            by_sku[keys.sku] = (available + units[0], held + units[1])
+    return Count(sum(a for a, _ in by_sku.values()), sum(h for _, h in by_sku.values()),
+                 all(units is not None for units in counts), by_sku, took)  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 from allocator.pump import AdmissionPump, Inputs, plan
 from allocator.queue_scripts import QueueScripts, Step
+from allocator.redis_calls import read_packed
 from flashsale.keys import SaleKeys
 from flashsale.settings import Settings
 from gateway.state import CLIENTS
@@ -144,3 +146,37 @@ async def test_a_sale_opens_while_postgres_is_down(stack: Settings) -> None:
                     task.cancel()
             await pool.close()
             await proxy.stop()
+
+
+@pytest.mark.parametrize("slow_reads", ["stock counts", "every read"])
+async def test_a_sale_slow_to_read_is_admitted_at_its_rate(
+    stack: Settings, monkeypatch: pytest.MonkeyPatch, slow_reads: str
+) -> None:
+    """The pump counts what is left over every SKU of the sale: about 1.5 s for a sale of
+    100,000 SKUs here. Ticking at that pace, it admitted a third of the sale's admission rate
+    (one tick spent at most half a second's worth of it). Here Redis answers the counts of
+    SKU counters, or every read of the pump, 0.8 s late."""
+
+    async def slow(client: Any, commands: Any, **options: Any) -> Any:
+        if slow_reads == "every read" or any(
+            c[0] == "HMGET" and tuple(c[2:]) == ("available", "active", "paying") for c in commands
+        ):
+            await asyncio.sleep(0.8)
+        return await read_packed(client, commands, **options)
+
+    monkeypatch.setattr("allocator.queue_scripts.read_packed", slow)
+    rate = 100
+    async with gateway(stack) as gw:
+        sale = await gw.create_sale(stock=10_000, admission_rate=rate)
+        joined = await asyncio.gather(*(gw.join(sale, f"b{i}") for i in range(800)))
+        assert {code for code, _ in joined} == {200}
+        pump = gw.pump(sale, interval=0.02)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while pump.last is None or pump.last.serving == 0:
+            assert loop.time() < deadline, "nobody was admitted"
+            await asyncio.sleep(0.01)
+        began, first = loop.time(), pump.last.serving
+        await asyncio.sleep(3)
+        admitted, took = pump.last.serving - first, loop.time() - began
+        assert admitted >= 0.8 * rate * took, f"{admitted} admitted in {took:.2f} s"
