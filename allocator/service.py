@@ -13,7 +13,9 @@ through a consumer group). Its ``/healthz`` pings Redis, Postgres and the broker
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -26,7 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from allocator.hold_scripts import HoldScripts
 from allocator.pacing import period
-from allocator.pump import AdmissionPump
+from allocator.pump import AdmissionPump, Count
 from allocator.queue_scripts import QueueScripts
 from allocator.redis_calls import Command, read_packed
 from allocator.relay import OutboxRelay, run_relay
@@ -40,6 +42,10 @@ from flashsale.queue_marks import QueueMarks
 from flashsale.settings import Settings
 
 log = logging.getLogger("flashsale.allocator")
+
+# A sale with more SKUs (or stock buckets) than this is shown in the per-SKU metrics as one
+# series, sku="*": 100,000 SKUs would be 300,000 series, set again at every count.
+MAX_SKU_SERIES = 1000
 
 LIVE_SALES = """
 SELECT s.id, array_agg(k.sku ORDER BY k.sku) AS skus,
@@ -110,12 +116,37 @@ class ServiceMetrics:
         self.per_sale = (self.admitted, self.leader, self.serving, self.tail, self.cutoff,
                          self.outstanding, self.noshow, self.sold_out, self.errors)  # fmt: skip
         self._skus: dict[str, set[str]] = {}  # SKUs with stock series, by sale
+        self._backlog_shown: set[tuple[str, str, str]] = set()
+
+    def note_backlog(self, now: dict[tuple[str, str, str], int]) -> None:
+        """The outbox backlog by (sale, SKU, bucket), summed as ``sku="*"`` and
+        ``bucket="*"`` for a sale with more than ``MAX_SKU_SERIES`` of them; series no longer
+        in ``now`` leave."""
+        per_sale = collections.Counter(sale for sale, _, _ in now)
+        shown: dict[tuple[str, str, str], int] = {}
+        for (sale, sku, bucket), length in now.items():
+            labels = (sale, "*", "*") if per_sale[sale] > MAX_SKU_SERIES else (sale, sku, bucket)
+            shown[labels] = shown.get(labels, 0) + length
+        for labels, length in shown.items():
+            self.backlog.labels(*labels).set(length)
+        for labels in self._backlog_shown - set(shown):
+            with contextlib.suppress(KeyError):
+                self.backlog.remove(*labels)
+        self._backlog_shown = set(shown)
 
     def note_stock(self, sale_id: str, stock: dict[str, tuple[int, int]]) -> None:
+        """Units available and held by SKU, summed as ``sku="*"`` for a sale with more than
+        ``MAX_SKU_SERIES`` SKUs."""
+        if len(stock) > MAX_SKU_SERIES:
+            stock = {"*": (sum(a for a, _ in stock.values()), sum(h for _, h in stock.values()))}
         for sku, (available, held) in stock.items():
             self.stock.labels(sale_id, sku, "available").set(available)
             self.stock.labels(sale_id, sku, "held").set(held)
-        self._skus.setdefault(sale_id, set()).update(stock)
+        for sku in self._skus.get(sale_id, set()) - set(stock):
+            for state in ("available", "held"):
+                with contextlib.suppress(KeyError):
+                    self.stock.remove(sale_id, sku, state)
+        self._skus[sale_id] = set(stock)
 
     def forget(self, sale_id: str) -> None:
         """Drop a sale's series once it leaves scope: a dashboard of past sales would
@@ -148,6 +179,8 @@ class AllocatorService:
         self.metrics = ServiceMetrics(registry or CollectorRegistry())
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{time.monotonic_ns()}"
         self.pumps: dict[str, AdmissionPump] = {}
+        self.ticking: dict[str, asyncio.Task[None]] = {}  # the pumps' ticks in flight, by sale
+        self.noted: dict[str, Count | None] = {}  # the stock count last shown, by sale
         self.marks = QueueMarks(f"pump:{self.owner}")
         self.holding_skus: list[SkuKeys] = []  # of HOLDING_SALES: swept and relayed
         self.relay: OutboxRelay | None = None
@@ -183,9 +216,7 @@ class AllocatorService:
                 if time.monotonic() >= next_discovery:
                     await self._discover(queue)
                     next_discovery = time.monotonic() + self.discover_s
-                now = time.monotonic()
-                due = [p for p in self.pumps.values() if p.next_tick <= now]
-                await asyncio.gather(*(self._tick(p) for p in due))
+                await self._tick_due()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.tick_s)
             await sweeper
@@ -196,6 +227,7 @@ class AllocatorService:
             for task in background:  # still running only when the loop above raised
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            await self._ticks_ended()
             for pump in self.pumps.values():
                 await self._resign(pump)
             if runner is not None:
@@ -226,7 +258,6 @@ class AllocatorService:
         outbox entries of every holding SKU not yet published (the relay deletes what the
         broker acknowledged): a backlog that grows means the relay or the broker is behind.
         SKUs that left scope lose their series."""
-        shown: set[tuple[str, str, str]] = set()
         while not stop.is_set():
             skus = list(self.holding_skus)
             try:
@@ -238,12 +269,7 @@ class AllocatorService:
             else:
                 now = {(k.sale_id, k.sku, str(k.bucket)): int(n)
                        for k, n in zip(skus, lengths, strict=True)}  # fmt: skip
-                for labels, length in now.items():
-                    self.metrics.backlog.labels(*labels).set(length)
-                for labels in shown - set(now):
-                    with contextlib.suppress(KeyError):
-                        self.metrics.backlog.remove(*labels)
-                shown = set(now)
+                self.metrics.note_backlog(now)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), period(len(skus), interval_s, reads_per_s))
 
@@ -285,8 +311,10 @@ class AllocatorService:
         live = {row["id"]: list(row["skus"]) for row in rows}
         buckets = {row["id"]: dict(zip(row["skus"], row["buckets"], strict=True)) for row in rows}
         for sale_id in set(self.pumps) - set(live):
+            await self._ticks_ended(sale_id)
             await self._resign(self.pumps.pop(sale_id))
             self.metrics.forget(sale_id)
+            self.noted.pop(sale_id, None)
         for sale_id, skus in live.items():
             if sale_id in self.pumps:
                 self.pumps[sale_id].skus = skus
@@ -296,6 +324,31 @@ class AllocatorService:
                     queue, self.pool, sale_id, skus, self.owner, marks=self.marks,
                     buckets=buckets[sale_id],
                 )  # fmt: skip
+
+    async def _tick_due(self) -> None:
+        """Start the tick of every pump that is due and not ticking still, without waiting for
+        them: a sale slow to tick (many SKUs to count, a slow Redis node) keeps no other sale
+        to its pace."""
+        now = time.monotonic()
+        for sale_id, pump in self.pumps.items():
+            if pump.next_tick <= now and sale_id not in self.ticking:
+                task = asyncio.create_task(self._tick(pump))
+                self.ticking[sale_id] = task
+                task.add_done_callback(functools.partial(self._ticked, sale_id))
+
+    def _ticked(self, sale_id: str, _: asyncio.Task[None]) -> None:
+        self.ticking.pop(sale_id, None)
+
+    async def _ticks_ended(self, sale_id: str | None = None, within_s: float = 5.0) -> None:
+        """Wait for the tick in flight of ``sale_id`` (of every pump when None), cancelled
+        after ``within_s``: a pump resigns its lease only after, or the tick could take it
+        again."""
+        ticks = [t for s, t in self.ticking.items() if sale_id is None or s == sale_id]
+        if ticks:
+            _, late = await asyncio.wait(ticks, timeout=within_s)
+            for tick in late:
+                tick.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
 
     async def _resign(self, pump: AdmissionPump) -> None:
         """Give the lease back early; if Redis does not answer, it lapses by its TTL anyway."""
@@ -328,7 +381,9 @@ class AllocatorService:
         m.cutoff.labels(sale).set(step.cutoff if step.cutoff is not None else -1)
         m.outstanding.labels(sale).set(pump.outstanding)
         m.noshow.labels(sale).set(pump.noshow)
-        m.note_stock(sale, pump.stock)
+        if pump.count is not self.noted.get(sale):  # a sale slow to count is counted less often
+            self.noted[sale] = pump.count
+            m.note_stock(sale, pump.stock)
         m.sold_out.labels(sale).set(1 if step.sold_out else 0)
 
     async def _serve_ops(self, host: str, port: int, kafka: KafkaProbe) -> web.AppRunner:

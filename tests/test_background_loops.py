@@ -113,3 +113,30 @@ async def test_the_order_events_publisher_outlives_any_failed_round(
     )  # fmt: skip
     await asyncio.wait_for(publishing, 5)
     assert not publish.left  # type: ignore[attr-defined]
+
+
+async def test_a_pump_slow_to_tick_holds_back_no_other_sale() -> None:
+    """The allocator ticked every due pump together and waited for the slowest before the
+    next round: a sale of 100,000 SKUs (1.5 s to count) or one whose Redis node is slow kept
+    every other sale of the process to its pace, and to a fraction of its admission rate."""
+    service = AllocatorService(Settings.from_env({}))
+
+    class Pump:
+        def __init__(self, sale_id: str, takes_s: float) -> None:
+            self.sale_id, self.takes_s = sale_id, takes_s
+            self.token, self.busy, self.next_tick, self.ticks = 0, True, 0.0, 0
+
+        async def tick(self) -> None:
+            self.ticks += 1
+            await asyncio.sleep(self.takes_s)
+
+    slow, quick = Pump("SLOW", 2.0), Pump("QUICK", 0.0)
+    service.pumps = {"SLOW": slow, "QUICK": quick}  # type: ignore[dict-item]
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 1.0
+    while loop.time() < end:
+        await service._tick_due()
+        await asyncio.sleep(0.05)
+    assert quick.ticks >= 10 and slow.ticks == 1, (quick.ticks, slow.ticks)
+    await service._ticks_ended()
+    assert not service.ticking
