@@ -84,7 +84,9 @@ class OutboxRelay:
 
     ``batch`` is the stream entries read per SKU per round. An entry holds a whole reserve
     batch (up to 256 reservations) and a round is published before the next is read, so
-    small rounds let the workers start on a burst while the relay is still reading it."""
+    small rounds let the workers start on a burst while the relay is still reading it.
+    ``per_round`` bounds the SKUs a round reads and the SKUs it sweeps for a dead relay's
+    entries: one round over 100,000 SKUs kept the allocator's loop for 11 s."""
 
     def __init__(
         self,
@@ -100,6 +102,7 @@ class OutboxRelay:
         idle_poll_s: float = 0.5,
         idle_reads_per_s: float = 1000.0,
         claims_per_s: float = 1000.0,
+        per_round: int = 2000,
     ) -> None:
         self.client = client
         self.producer = producer
@@ -113,7 +116,10 @@ class OutboxRelay:
         self.stats = RelayStats()
         self._groups: set[SkuKeys] = set()
         self._retry_own = False
+        self._own_left: list[SkuKeys] = []  # SKUs whose own pending entries are still to read
         self._next_claim = 0.0
+        self._claimed_to = 0  # where the claim sweep of the scope is
+        self.per_round = per_round
         # A SKU whose stream had nothing new is read again after a delay that doubles from
         # 10 ms up to idle_poll_s; one with entries is read again at once. With many SKUs in
         # scope the ceiling grows, so that quiet outboxes cost at most idle_reads_per_s
@@ -145,21 +151,31 @@ class OutboxRelay:
         Redis error when a round could not finish (its entries stay pending and are retried)."""
         now = time.monotonic()
         # Looking for a dead relay's entries now and then is plenty: they wait claim_idle_ms.
-        claim = now >= self._next_claim
-        if claim:
-            self._next_claim = now + period(len(skus), self.claim_every_s, self.claims_per_s)
+        # A sweep takes per_round SKUs a round until it has been through the scope.
+        claims: list[SkuKeys] = []
+        if now >= self._next_claim:
+            claims = skus[self._claimed_to : self._claimed_to + self.per_round]
+            self._claimed_to += len(claims)
+            if self._claimed_to >= len(skus):
+                self._claimed_to = 0
+                self._next_claim = now + period(len(skus), self.claim_every_s, self.claims_per_s)
         quiet_s = period(len(skus), self.idle_poll_s, self.idle_reads_per_s)
         self._reads.rescan_s = quiet_s
         if self._retry_own:  # after a failed round, our own pending entries ("0") of every SKU
-            due = skus
+            self._own_left = list(skus)
+            self._retry_own = False
             self._reads.forget()
+        own = bool(self._own_left)
+        if own:
+            due = self._own_left[: self.per_round]
+            del self._own_left[: self.per_round]
         else:
-            due = self._reads.due(skus, now)
-        if not due and not claim:
+            due = self._reads.due(skus, now, self.per_round)
+        if not due and not claims:
             return 0
         finished = False
         try:
-            acked = await self._round(skus if claim else [], due, now, quiet_s)
+            acked = await self._round(claims, due, now, quiet_s, own)
             finished = True
         finally:
             if not finished:  # what was taken and not put back is read again at once
@@ -167,10 +183,10 @@ class OutboxRelay:
         return acked
 
     async def _round(
-        self, claims: list[SkuKeys], due: list[SkuKeys], now: float, quiet_s: float
+        self, claims: list[SkuKeys], due: list[SkuKeys], now: float, quiet_s: float, own: bool
     ) -> int:
         await self._ensure_groups(claims or due)
-        start = "0" if self._retry_own else ">"
+        start = "0" if own else ">"
         commands: list[Command] = [
             *(("XAUTOCLAIM", keys.outbox, GROUP, self.consumer, self.claim_idle_ms, "0-0",
                "COUNT", self.batch) for keys in claims),

@@ -18,7 +18,10 @@ def test_a_schedule_takes_only_what_is_due_and_follows_its_scope() -> None:
     scope = [a, b]
     assert schedule.due(scope, 0.0) == [a, b]  # new to the scope: due at once
     schedule.busy(a, 0.0)  # had work: due again at once
-    schedule.idle(b, 0.0, ceiling_s=1.0)  # none: 10 ms, then doubling up to the ceiling
+    schedule.busy(b, 0.0)
+    assert schedule.due(scope, 0.0) == [a, b]
+    schedule.busy(a, 0.0)
+    schedule.idle(b, 0.0, ceiling_s=1.0)  # none since: 10 ms, then doubling to the ceiling
     assert schedule.due(scope, 0.0) == [a]
     schedule.idle(a, 0.0, ceiling_s=1.0)
     assert schedule.due(scope, 0.005) == []
@@ -33,6 +36,11 @@ def test_a_schedule_takes_only_what_is_due_and_follows_its_scope() -> None:
     schedule.idle(a, 10.0, ceiling_s=1.0)
     assert schedule.due(scope, 10.99) == [] and schedule.due(scope, 11.0) == [a]  # the ceiling
     schedule.idle(a, 11.0, ceiling_s=1.0)
+    never = Schedule(rescan_s=100.0, seed=7)  # never had work: somewhere within the ceiling
+    assert never.due([c], 0.0) == [c]
+    never.idle(c, 0.0, ceiling_s=1.0)
+    [(at, _, _)] = never._heap
+    assert 0.01 <= at <= 1.0 and at != 0.01
     # Another length (edited in place): c and d are due at once, b is gone.
     scope.remove(b)
     scope += [c, SkuKeys("s", "d")]
@@ -41,3 +49,25 @@ def test_a_schedule_takes_only_what_is_due_and_follows_its_scope() -> None:
     schedule.forget()
     assert [k.sku for k in schedule.due(scope, 11.5)] == ["c", "d"]
     assert schedule.due(scope, 12.0) == [a]
+
+
+def test_a_large_quiet_scope_is_read_within_the_budget_from_the_start() -> None:
+    """Every SKU new to the relay's scope started at 10 ms between reads, doubling up to the
+    ceiling: with 100,000 quiet SKUs the relay read all of them in each of its first
+    fifteen rounds, two seconds of the allocator's loop each, and from then on all at the same
+    moment. A SKU that never had work is read again at a point spread over the ceiling."""
+    scope = [SkuKeys("s", str(i)) for i in range(10_000)]
+    budget = 1000.0  # reads a second, as the relay's idle_reads_per_s
+    ceiling = period(len(scope), 0.5, budget)  # 10 s
+    schedule = Schedule(rescan_s=ceiling)
+    reads_by_second = [0] * 30
+    now = 0.0
+    while now < 30.0:
+        taken = schedule.due(scope, now)
+        reads_by_second[int(now)] += len(taken)
+        for keys in taken:
+            schedule.idle(keys, now, ceiling_s=ceiling)
+        now = round(now + 0.01, 2)
+    assert reads_by_second[0] >= len(scope)  # each is read once at once
+    assert max(reads_by_second[1:]) <= 1.5 * budget, reads_by_second
+    assert sum(reads_by_second[10:]) >= 0.8 * budget * 20  # and still read every ceiling

@@ -11,6 +11,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from allocator.redis_calls import send_packed
 from allocator.relay import GROUP, OutboxRelay, run_relay
 from flashsale.clients import redis_client
 from flashsale.events import ReservationEvent, decode_event, encode_event
@@ -177,3 +178,31 @@ async def test_thousands_of_quiet_outboxes_cost_a_bounded_number_of_reads(
         await out.stop()
     budget = (relay.idle_reads_per_s + relay.claims_per_s) * window_s + 2 * len(skus)
     assert 0 < sent <= budget, (sent, budget)
+
+
+async def test_no_round_takes_more_than_its_share_of_a_large_scope(
+    stack: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relay's first round read every outbox of its scope and claimed every one's idle
+    entries in one go: for 100,000 SKUs, 11 s in which the allocator's loop served nothing
+    else (the pumps' leases lapsed), and again at every claim sweep. Each round now takes at
+    most ``per_round`` SKUs of each, the rest in the next rounds."""
+    sent: list[int] = []
+
+    async def counted(client: Any, commands: Any, **options: Any) -> Any:
+        sent.append(len(commands))
+        return await send_packed(client, commands, **options)
+
+    monkeypatch.setattr("allocator.relay.send_packed", counted)
+    redis = redis_client(stack)
+    skus = [SkuKeys(f"wide-{uuid.uuid4().hex[:8]}", f"S{i}") for i in range(5000)]
+    relay = OutboxRelay(redis, None, "unused", "unused", "wide")
+    try:
+        for _ in range(5):
+            await relay.relay_once(skus)
+    finally:
+        for start in range(0, len(skus), 500):
+            await redis.delete(*(k.outbox for k in skus[start : start + 500]))
+        await redis.aclose()
+    assert sent and max(sent) <= 2 * relay.per_round, sent
+    assert sum(sent) >= 2 * len(skus)  # each outbox read once and swept once by now
