@@ -102,7 +102,7 @@ class OutboxRelay:
         idle_poll_s: float = 0.5,
         idle_reads_per_s: float = 1000.0,
         claims_per_s: float = 1000.0,
-        per_round: int = 2000,
+        per_round: int = 500,
     ) -> None:
         self.client = client
         self.producer = producer

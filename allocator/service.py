@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import time
+from typing import Any
 
 import asyncpg
 import orjson
@@ -183,6 +184,9 @@ class AllocatorService:
         self.noted: dict[str, Count | None] = {}  # the stock count last shown, by sale
         self.marks = QueueMarks(f"pump:{self.owner}")
         self.holding_skus: list[SkuKeys] = []  # of HOLDING_SALES: swept and relayed
+        self.holding: list[dict[str, Any]] = []  # ... as listed, to tell a change
+        self.kept: dict[str, Any] | None = None  # what was last kept in Redis, and when
+        self.kept_at = 0.0
         self.relay: OutboxRelay | None = None
         self.redis: RedisClient | None = None
         self.pool: asyncpg.Pool | None = None
@@ -296,18 +300,22 @@ class AllocatorService:
             last = orjson.loads(seen)
             rows, holding = last["live"], last["holding"]
         else:
-            try:
-                kept = {"live": rows, "holding": holding}
-                assert self.redis is not None
-                await self.redis.set(DISCOVERED, orjson.dumps(kept), ex=DISCOVERED_KEPT_S)
-            except Exception as exc:  # noqa: BLE001 - kept at the next discovery
-                log_failure(log, "cannot keep the live sales in Redis", exc)
-        found = [
-            keys for r in holding for sku, count in zip(r["skus"], r["buckets"], strict=True)
-            for keys in bucket_keys(r["id"], sku, count)
-        ]  # fmt: skip
-        if found != self.holding_skus:  # the same list while the scope is: the relay's cue
-            self.holding_skus = found
+            kept = {"live": rows, "holding": holding}
+            # Written when it changed, and well within its TTL otherwise: it is megabytes for
+            # a sale of 100,000 SKUs, and discovery runs every 2 s.
+            if kept != self.kept or time.monotonic() > self.kept_at + DISCOVERED_KEPT_S / 4:
+                try:
+                    assert self.redis is not None
+                    await self.redis.set(DISCOVERED, orjson.dumps(kept), ex=DISCOVERED_KEPT_S)
+                    self.kept, self.kept_at = kept, time.monotonic()
+                except Exception as exc:  # noqa: BLE001 - kept at the next discovery
+                    log_failure(log, "cannot keep the live sales in Redis", exc)
+        if holding != self.holding:  # the same list while the scope is: the relay's cue
+            self.holding = holding
+            self.holding_skus = [
+                keys for r in holding for sku, count in zip(r["skus"], r["buckets"], strict=True)
+                for keys in bucket_keys(r["id"], sku, count)
+            ]  # fmt: skip
         live = {row["id"]: list(row["skus"]) for row in rows}
         buckets = {row["id"]: dict(zip(row["skus"], row["buckets"], strict=True)) for row in rows}
         for sale_id in set(self.pumps) - set(live):

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
+from allocator.hold_scripts import ExpireResult
 from allocator.pacing import Schedule, period
+from allocator.sweeper import SLICE, sweep_once
 from flashsale.keys import SkuKeys
 
 
@@ -71,3 +75,20 @@ def test_a_large_quiet_scope_is_read_within_the_budget_from_the_start() -> None:
     assert reads_by_second[0] >= len(scope)  # each is read once at once
     assert max(reads_by_second[1:]) <= 1.5 * budget, reads_by_second
     assert sum(reads_by_second[10:]) >= 0.8 * budget * 20  # and still read every ceiling
+
+
+async def test_a_sweep_of_a_large_scope_goes_slice_by_slice() -> None:
+    """A sweep sent one pipelined expire call per SKU of the whole scope at once: for 100,000
+    SKUs, seconds in which the allocator's loop served nothing else. It now goes ``SLICE``
+    SKUs at a time, the loop free between slices."""
+    calls: list[int] = []
+
+    class Scripts:
+        async def expire_many(self, skus: list[SkuKeys], limit: int) -> list[ExpireResult]:
+            calls.append(len(skus))
+            await asyncio.sleep(0)
+            return [ExpireResult(["h"] if keys.sku == "0" else [], more=False) for keys in skus]
+
+    scope = [SkuKeys("s", str(i)) for i in range(2 * SLICE + 1)]
+    assert await sweep_once(Scripts(), scope) == 1  # type: ignore[arg-type]
+    assert calls == [SLICE, SLICE, 1]

@@ -198,7 +198,7 @@ async def test_no_round_takes_more_than_its_share_of_a_large_scope(
     skus = [SkuKeys(f"wide-{uuid.uuid4().hex[:8]}", f"S{i}") for i in range(5000)]
     relay = OutboxRelay(redis, None, "unused", "unused", "wide")
     try:
-        for _ in range(5):
+        for _ in range(12):
             await relay.relay_once(skus)
     finally:
         for start in range(0, len(skus), 500):
