@@ -9,10 +9,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Hashable
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 Key = TypeVar("Key", bound=Hashable)
 Value = TypeVar("Value")
+
+
+class Copy(NamedTuple, Generic[Value]):
+    """A process's copy of something read elsewhere, and how long it took to read."""
+
+    expires: float  # time.monotonic() from which it is due
+    read_at: float  # ... at which its read began
+    took: float  # seconds the read took
+    value: Value
 
 
 class InFlight(Generic[Key, Value]):
@@ -23,12 +32,17 @@ class InFlight(Generic[Key, Value]):
 
     async def once(self, key: Key, read: Callable[[], Awaitable[Value]]) -> Value:
         """``read()``'s result, shared with every caller of ``key`` while it runs."""
+        # Shielded: a caller that goes away does not cancel the read the others wait for.
+        return await asyncio.shield(self.start(key, read))
+
+    def start(self, key: Key, read: Callable[[], Awaitable[Value]]) -> asyncio.Future[Value]:
+        """``read()`` started for ``key`` unless it runs already, without waiting for it (a
+        copy refreshed while the old one is served); its outcome is collected either way."""
         running = self._reads.get(key)
         if running is None:
             running = self._reads[key] = asyncio.ensure_future(read())
             running.add_done_callback(lambda done: self._done(key, done))
-        # Shielded: a caller that goes away does not cancel the read the others wait for.
-        return await asyncio.shield(running)
+        return running
 
     def _done(self, key: Key, done: asyncio.Future[Value]) -> None:
         self._reads.pop(key, None)

@@ -144,6 +144,8 @@ async def reserve(request: web.Request) -> web.Response:
     assert key is not None
     raw = await json_body(request, allowed={"sku", "quantity", "payment_token"})
     sku = raw.get("sku")
+    if isinstance(sku, str) and sku not in limits:  # a SKU added since the copy was read?
+        limits = await sku_limits(request, sale_id, sku)
     limit = limits[sku].limit if isinstance(sku, str) and sku in limits else 1
     sku, quantity, payment = _body(raw, limit)
     if sku not in limits:

@@ -15,7 +15,7 @@ from allocator.sale_scripts import SkuRule
 from allocator.sku_allocator import Allocators
 from flashsale.clients import Clients
 from flashsale.fairness import Published
-from flashsale.inflight import InFlight
+from flashsale.inflight import Copy, InFlight
 from flashsale.kafka import LagCache
 from flashsale.ops_endpoints import Probe, Readiness
 from flashsale.queue_marks import QueueMarks
@@ -46,10 +46,10 @@ ANNOUNCER = web.AppKey("announcer", Announcer)
 LISTENER = web.AppKey("listener", bool)  # the reservations listener (--reservations-only)
 LANE = web.AppKey("lane", Lane)  # the hot routes beside the application: see gateway.lane
 LAG = web.AppKey("lag", LagCache)  # the workers' consumer lag, for the live sale page
-# sale id -> (expires, the sale's public summary, encoded), and (expires, its SKUs' per-buyer
-# limits as Redis holds them): see gateway.catalog
-CATALOG = web.AppKey("catalog", dict[str, tuple[float, Document]])
+# sale id -> a copy of the sale's public summary, encoded, and of its SKUs' per-buyer limits
+# as Redis holds them: see gateway.catalog
+CATALOG = web.AppKey("catalog", dict[str, Copy[Document]])
 # the reads of those two in flight, by ("summary" or "limits", sale id): one per sale at a time
 CATALOG_READS = web.AppKey("catalog_reads", InFlight[tuple[str, str], Any])
-SKU_LIMITS = web.AppKey("sku_limits", dict[str, tuple[float, dict[str, SkuRule]]])
+SKU_LIMITS = web.AppKey("sku_limits", dict[str, Copy[dict[str, SkuRule]]])
 FAIRNESS = web.AppKey("fairness", dict[str, Published])  # complete records, by sale

@@ -1,0 +1,246 @@
+"""Each gateway process's copies of a sale (gateway.catalog), over HTTP against the real stack.
+
+``GET /v1/sales/{sale}`` for a sale of thousands of SKUs: every buyer and storefront reads it,
+so each process encodes its copy once, compresses it once, answers a revalidation with 304,
+and reads it less often when a read is slow. The SKUs' limits that every reservation checks:
+kept longer when slow to read, never waited for once a copy exists, and read again for a SKU
+the copy does not know."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import time
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from flashsale.settings import Settings
+from gateway import catalog, documents
+from gateway.state import CATALOG, SALES, SKU_LIMITS
+from tests.harness import ADMIN, Gateway, auth, gateway
+
+SKUS = 2_000  # about 300 KB of JSON: a catalogue, not a pair of sneakers
+
+
+def _skus(count: int) -> list[dict[str, Any]]:
+    return [{"sku": f"SKU-{i}", "title": f"Sneaker model {i}", "stock": 5, "price": 12900,
+             "currency": "EUR", "per_buyer_limit": 1} for i in range(1, count + 1)]  # fmt: skip
+
+
+async def test_a_large_summary_is_encoded_once_compressed_and_revalidated(
+    stack: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    encodes = 0
+    encode = documents.encoded
+
+    def counted(data: Any) -> bytes:
+        nonlocal encodes
+        encodes += 1
+        return encode(data)
+
+    monkeypatch.setattr(documents, "encoded", counted)
+    async with gateway(stack) as gw:
+        sale = await gw.create_sale(skus=_skus(SKUS))
+        url = f"/v1/sales/{sale}"
+        plain = await gw.http.get(url, headers={"Accept-Encoding": "identity"})
+        assert plain.status == 200 and "Content-Encoding" not in plain.headers
+        body = await plain.read()
+        assert len(body) > 200_000 and len(orjson.loads(body)["skus"]) == SKUS
+        etag = plain.headers["ETag"]
+        assert etag.startswith('"') and etag.endswith('"') and len(etag) > 8
+
+        packed = await gw.http.get(url, headers={"Accept-Encoding": "br, gzip;q=0.8"},
+                                   auto_decompress=False)  # fmt: skip
+        assert packed.headers["Content-Encoding"] == "gzip"
+        assert "Accept-Encoding" in packed.headers["Vary"]
+        squeezed = await packed.read()
+        assert len(squeezed) * 5 < len(body) and gzip.decompress(squeezed) == body
+        assert packed.headers["ETag"] != etag  # another representation, another tag
+
+        refused = await gw.http.get(url, headers={"Accept-Encoding": "gzip;q=0"})
+        assert "Content-Encoding" not in refused.headers and await refused.read() == body
+
+        for tag in (etag, f"W/{etag}", f'"nope", {etag}', "*"):
+            same = await gw.http.get(url, headers={"If-None-Match": tag,
+                                                   "Accept-Encoding": "identity"})  # fmt: skip
+            assert same.status == 304, tag
+            assert await same.read() == b""
+            assert same.headers["ETag"] == etag and same.headers["Cache-Control"]
+        changed = await gw.http.get(url, headers={"If-None-Match": '"nope"'})
+        assert changed.status == 200
+
+        for _ in range(20):
+            assert (await gw.http.get(url)).status == 200
+        assert encodes == 1  # one copy, one encoding, however many buyers read it
+
+
+async def test_a_small_summary_is_not_compressed(stack: Settings) -> None:
+    async with gateway(stack) as gw:
+        sale = await gw.create_sale()
+        answer = await gw.http.get(f"/v1/sales/{sale}", auto_decompress=False)
+        assert answer.status == 200 and "Content-Encoding" not in answer.headers
+        assert orjson.loads(await answer.read())["id"] == sale
+
+
+async def test_a_summary_slow_to_read_is_read_less_often(stack: Settings) -> None:
+    """A read of thousands of SKUs takes a large share of a second of Postgres, Redis and the
+    process: the copy lasts ten times as long as its read took, so that polling buyers cannot
+    keep a process reading."""
+    async with gateway(stack) as gw:
+        sale = await gw.create_sale()
+        sales = gw.app[SALES]
+        reads = 0
+        read = sales.with_stock
+
+        async def slow(sale_id: str) -> Any:
+            nonlocal reads
+            reads += 1
+            await asyncio.sleep(0.3)
+            return await read(sale_id)
+
+        sales.with_stock = slow
+        gw.app[CATALOG].clear()
+        assert (await gw.http.get(f"/v1/sales/{sale}")).status == 200
+        await asyncio.sleep(2 * catalog.INFO_TTL_S)
+        assert (await gw.http.get(f"/v1/sales/{sale}")).status == 200
+        assert reads == 1
+        assert gw.app[CATALOG][sale][0] - time.monotonic() > 1.0
+
+
+@pytest.mark.parametrize(
+    ("header", "accepted"),
+    [
+        ("gzip", True), ("GZIP", True), ("x-gzip", True), ("gzip, deflate, br", True),
+        ("br;q=1, gzip;q=0.1", True), ("gzip;q=0", False), ("gzip; q=0.000", False),
+        ("*", True), ("*;q=0", False), ("gzip;q=0, *", False), ("*, gzip;q=0", False),
+        ("identity", False), ("", False), ("br, deflate", False), ("gzip;q=nope", False),
+    ],
+)  # fmt: skip
+def test_accept_encoding_is_read_as_rfc_9110_says(header: str, accepted: bool) -> None:
+    assert documents.accepts_gzip(header) is accepted
+
+
+@given(st.text(), st.sampled_from(["gzip", "x-gzip", "GZip"]))
+def test_the_header_readers_never_fail_on_any_text(header: str, name: str) -> None:
+    """Both readers see whatever a client sends: neither may raise; a list that names gzip
+    first without a quality accepts it whatever follows, and a tag is found wherever it is in
+    the list, weak or strong, and nowhere else (but for ``*``)."""
+    assert documents.accepts_gzip(f"{name}, {header}")
+    documents.accepts_gzip(header)
+    tag = documents._tag(header.encode())  # a tag the text cannot hold
+    assert documents.etag_matches(f"{header}, {tag}", tag)
+    assert documents.etag_matches(f"{header},W/{tag} ", tag)
+    if "*" not in header:
+        assert not documents.etag_matches(header, tag)
+
+
+async def _admitted(gw: Gateway, sale: str, buyer: str) -> str:
+    _, joined = await gw.join(sale, buyer)
+    return str((await gw.admitted(sale, joined["ticket"]))["admission_token"])
+
+
+async def test_a_reservation_never_waits_for_the_limits_to_be_read_again(
+    stack: Settings,
+) -> None:
+    """A sale's SKU limits are read from Redis (two reads per SKU: 0.8 s for 100,000 SKUs
+    here), and every reservation that found the copy due waited for the new read: a stall of
+    the whole sale's reservations each time. A due copy that was slow to read is served while
+    the next read runs beside."""
+    async with gateway(stack) as gw:
+        sale = await gw.create_sale(stock=5)
+        gw.pump(sale)
+        admissions = [await _admitted(gw, sale, f"b{i}") for i in range(2)]
+        scripts = gw.app[SALES].scripts
+        read = scripts.sku_limits
+        assert (await gw.reserve(sale, "b0", admissions[0]))[0] == 201  # the copy is made
+        release = asyncio.Event()
+        reads = 0
+
+        async def held(keys: Any) -> Any:
+            nonlocal reads
+            reads += 1
+            await release.wait()
+            return await read(keys)
+
+        scripts.sku_limits = held
+        copy = gw.app[SKU_LIMITS][sale]  # as if a sale of many SKUs: slow to read, and due
+        gw.app[SKU_LIMITS][sale] = copy._replace(expires=time.monotonic() - 1, took=0.5)
+        code, _ = await asyncio.wait_for(gw.reserve(sale, "b1", admissions[1]), 5)
+        assert code == 201 and reads == 1  # answered while the read is held
+        release.set()
+        await asyncio.sleep(0.05)
+        assert gw.app[SKU_LIMITS][sale][0] > time.monotonic()  # the new copy is in
+
+
+async def test_limits_slow_to_read_are_kept_longer_and_a_new_sku_is_read_at_once(
+    stack: Settings,
+) -> None:
+    async with gateway(stack) as gw:
+        sale = await gw.create_sale(stock=5, limit=2)
+        gw.pump(sale)
+        admissions = [await _admitted(gw, sale, f"b{i}") for i in range(2)]
+        scripts = gw.app[SALES].scripts
+        read = scripts.sku_limits
+
+        async def slow(keys: Any) -> Any:
+            await asyncio.sleep(0.3)
+            return await read(keys)
+
+        scripts.sku_limits = slow
+        gw.app[SKU_LIMITS].clear()
+        assert (await gw.reserve(sale, "b0", admissions[0]))[0] == 201
+        assert gw.app[SKU_LIMITS][sale][0] - time.monotonic() > 2.0  # ten times the read
+        scripts.sku_limits = read
+        # A SKU added now is not in that copy: a reservation for it reads the limits again
+        # rather than answer 404 for as long as the copy is kept.
+        added = await gw.http.post(
+            f"/admin/v1/sales/{sale}/skus",
+            data="sku,stock,price,currency,title\nNEW,3,100,EUR,New\n",
+            headers={**auth(ADMIN), "Content-Type": "text/csv"},
+        )
+        assert added.status == 200, await added.text()
+        assert (
+            await gw.http.post(f"/admin/v1/sales/{sale}/preload", headers=auth(ADMIN))
+        ).status == 200
+        await asyncio.sleep(catalog.LIMITS_TTL_S)  # as long as a copy was kept before
+        assert gw.app[SKU_LIMITS][sale][0] > time.monotonic()  # this one is kept still
+        body = {"sku": "NEW", "quantity": 1, "payment_token": "tok_ok"}
+        code, answer = await gw.reserve(sale, "b1", admissions[1], body=body)
+        assert code == 201, answer
+
+
+async def test_a_reader_never_waits_for_the_summary_to_be_read_again(stack: Settings) -> None:
+    """Every buyer who found the public summary due waited for its new read: 0.35 s for a
+    sale of 20,000 SKUs here, each time. A due copy that was slow to read is served while the
+    next read runs beside; one quick to read is waited for, as fresh as before."""
+    async with gateway(stack) as gw:
+        sale = await gw.create_sale()
+        assert (await gw.http.get(f"/v1/sales/{sale}")).status == 200  # the copy is made
+        sales = gw.app[SALES]
+        read = sales.with_stock
+        release = asyncio.Event()
+
+        async def held(sale_id: str) -> Any:
+            await release.wait()
+            return await read(sale_id)
+
+        sales.with_stock = held
+        copy = gw.app[CATALOG][sale]  # as if a sale of many SKUs: slow to read, and due
+        gw.app[CATALOG][sale] = copy._replace(expires=time.monotonic() - 1, took=0.5)
+        answer = await asyncio.wait_for(gw.http.get(f"/v1/sales/{sale}"), 5)
+        assert answer.status == 200 and (await answer.json())["id"] == sale
+        release.set()
+        await asyncio.sleep(0.05)
+        assert gw.app[CATALOG][sale].expires > time.monotonic()  # the new copy is in
+        quick = gw.app[CATALOG][sale]
+        gw.app[CATALOG][sale] = quick._replace(expires=time.monotonic() - 1, took=0.0)  # quick
+        release.clear()
+        waiting = asyncio.ensure_future(gw.http.get(f"/v1/sales/{sale}"))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()  # it waits for the read
+        release.set()
+        assert (await asyncio.wait_for(waiting, 5)).status == 200
