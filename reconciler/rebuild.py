@@ -154,15 +154,18 @@ async def rebuild_sku(
     total: int | str | None = None,
     meta: dict[str, str] | None = None,
     begun: bool = False,
+    repair: RepairScripts | None = None,
 ) -> SkuRebuild:
     """Rebuild one SKU's Redis state from Postgres (see the module docstring). The SKU answers
     ``unavailable`` from the first step until the last; an interrupted rebuild leaves it
     closed and the next pass finishes it. For one bucket of a SKU split into stock buckets,
     ``total`` is the bucket's ('' keeps it, '+N' is what its holds commit plus N), ``meta``
-    adds to the configuration written, and ``begun`` says the bucket is closed already."""
-    repair, holds_scripts = RepairScripts(client), HoldScripts(client)
-    sale = await fetch_sale(pool, keys.sale_id)
-    sku = await fetch_sku(pool, keys.sale_id, keys.sku)
+    adds to the configuration written, and ``begun`` says the bucket is closed already.
+    ``repair``: the scripts on ``client``, made once by a caller that rebuilds many SKUs."""
+    repair = repair or RepairScripts(client)
+    async with pool.acquire() as conn:
+        sale = await fetch_sale(conn, keys.sale_id)
+        sku = await fetch_sku(conn, keys.sale_id, keys.sku)
     if sale is None or sku is None:
         raise LookupError(f"no SKU {keys.sku} in sale {keys.sale_id}")
     ttl_ms = sku["hold_ttl_seconds"] * 1000
@@ -183,7 +186,11 @@ async def rebuild_sku(
         written += count
         if not skipped:
             break
-    malformed = [rid for rid, raw in (await _hold_map(client, keys)).items() if _parse(raw) is None]
+    # The holds as last read, unless this rebuild wrote since (the scripts that move holds
+    # meanwhile write none that cannot be read).
+    if written:
+        holds = await _hold_map(client, keys)
+    malformed = [rid for rid, raw in holds.items() if _parse(raw) is None]
     if malformed:
         raise MalformedHolds(
             f"{keys.sale_id}/{keys.sku}: malformed hold records with no order: {malformed[:10]}; "
@@ -194,7 +201,8 @@ async def rebuild_sku(
     wanted = sku["stock_total"] if total is None else total
     result = await repair.finish(keys, wanted, config)
     if not result.ok:
-        released = await _make_room(pool, client, holds_scripts, keys, result.overcommitted)
+        released = await _make_room(pool, client, HoldScripts(client), keys,
+                                    result.overcommitted)  # fmt: skip
         result = await repair.finish(keys, wanted, config)
     if not result.ok or result.after is None:
         raise RuntimeError(

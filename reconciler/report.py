@@ -4,8 +4,9 @@ reports, invariant by invariant."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +71,25 @@ async def isolated(report: PassReport, item: str, repair: Callable[[], Awaitable
         log.warning("reconcile: %s failed: %s", item, describe(exc), exc_info=True)
         report.failures += 1
         report.unresolved.append(f"{item}: {type(exc).__name__}: {exc}"[:500])
+
+
+async def several_at_a_time(jobs: Sequence[Callable[[], Awaitable[None]]], most: int) -> None:
+    """Run ``jobs``, at most ``most`` at a time. The first exception (an outage: ``isolated``
+    keeps the others) stops the jobs still running and is raised as it is."""
+    queue = iter(jobs)
+
+    async def worker() -> None:
+        for job in queue:  # shared: each job is taken by one worker
+            await job()
+
+    workers = [asyncio.ensure_future(worker()) for _ in range(min(most, len(jobs)))]
+    try:
+        await asyncio.gather(*workers)
+    except BaseException:
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        raise
 
 
 class ReconcileMetrics:

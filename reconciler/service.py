@@ -30,6 +30,7 @@ from flashsale.settings import Settings
 from reconciler.audit import audit_sale
 from reconciler.reconcile import Reconciler
 from reconciler.report import AuditReport, PassReport, ReconcileMetrics
+from reconciler.skus import REBUILDS_AT_ONCE
 
 log = logging.getLogger("flashsale.reconciler")
 
@@ -56,7 +57,7 @@ async def require_sales(pool: asyncpg.Pool, sales: Sequence[str] | None) -> None
 
 async def reconcile_once(settings: Settings, sales: Sequence[str] | None,
                          stuck_after_s: float) -> PassReport:  # fmt: skip
-    async with open_clients(settings) as c:
+    async with open_clients(settings, pool_size=POOL_SIZE) as c:
         await require_sales(c.pool, sales)
         return await reconciler(c, settings, stuck_after_s=stuck_after_s).run_once(
             sales, wait_for_grace=True
@@ -64,7 +65,7 @@ async def reconcile_once(settings: Settings, sales: Sequence[str] | None,
 
 
 async def audit(settings: Settings, sale_id: str) -> AuditReport:
-    async with open_clients(settings) as c:
+    async with open_clients(settings, pool_size=POOL_SIZE) as c:
         return await audit_sale(c.pool, c.redis, c.provider, settings, sale_id)
 
 
@@ -72,6 +73,8 @@ async def audit(settings: Settings, sale_id: str) -> AuditReport:
 # (allocator/pacing.py): ended sales stay in scope for 15 minutes after their holds, and three
 # ended 10,000-SKU sales made back-to-back passes of 3 s each.
 SKUS_PER_S = 2000.0
+# Postgres connections: the rebuilds that run at once (reconciler.skus), and two more.
+POOL_SIZE = REBUILDS_AT_ONCE + 2
 
 
 async def serve(settings: Settings, stop: asyncio.Event, *, interval: float,
@@ -80,7 +83,7 @@ async def serve(settings: Settings, stop: asyncio.Event, *, interval: float,
     """A pass every ``interval`` seconds (longer with more than ``SKUS_PER_S`` times as many
     SKUs in scope) until ``stop``, over ``sales`` (default: every sale in scope)."""
     registry = CollectorRegistry()
-    async with open_clients(settings, lazy=True) as c:
+    async with open_clients(settings, pool_size=POOL_SIZE, lazy=True) as c:
         rec = reconciler(c, settings, stuck_after_s=stuck_after_s, registry=registry)
         runner: web.AppRunner | None = None
         if ops_port is not None:

@@ -15,6 +15,7 @@ from flashsale.keys import SkuKeys
 from flashsale.payments import Charge, ChargeRequest, PaymentProvider
 from flashsale.settings import Settings
 from reconciler import service
+from reconciler.rebuild import rebuild_sku
 from reconciler.reconcile import Reconciler
 from tests.pipeline import SKU, Pipeline, pipeline, provider
 
@@ -138,3 +139,35 @@ async def test_the_service_outlives_a_pass_that_raises(
         stop.set()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(task, 30)
+
+
+async def test_lost_skus_are_rebuilt_several_at_a_time(
+    stack: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass rebuilt lost SKUs one after the other, each in several round trips to Redis and
+    Postgres: a sale of 100,000 SKUs that Redis lost took 3 min 23 s to rebuild, every
+    reservation meanwhile answered ``unavailable``. Rebuilds now run several at a time."""
+    running, most = 0, 0
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        try:
+            await asyncio.sleep(0.05)
+            return await rebuild_sku(*args, **kwargs)
+        finally:
+            running -= 1
+
+    monkeypatch.setattr("reconciler.skus.rebuild_sku", counted)
+    async with pipeline(stack) as p:
+        sales = [await p.sale(stock=5) for _ in range(6)]
+        for sale in sales:
+            await corrupt(p, sale)
+        rec = Reconciler(p.pool, p.redis, None, p.settings.topics.order_events)
+        report = await rec.run_once(sales)
+        assert [(r.kind, r.sale_id) for r in report.repairs] == [
+            ("rebuild_sku", sale) for sale in sorted(sales)
+        ]
+        assert [(await p.counts(sale))["available"] for sale in sales] == [5] * 6
+        assert most > 1
