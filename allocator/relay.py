@@ -180,6 +180,8 @@ class OutboxRelay:
         finally:
             if not finished:  # what was taken and not put back is read again at once
                 self._reads.forget()
+                if own:
+                    self._own_left[:0] = due
         return acked
 
     async def _round(
