@@ -3,8 +3,10 @@ once and, when large, compressed once, then answered to every reader as they are
 
 A :class:`Document` carries a strong ``ETag`` per representation (the gzip one has its own), so
 a browser, a CDN or a reverse proxy revalidates with ``If-None-Match`` and gets a 304 without a
-body; :func:`document_response` answers ``Vary: Accept-Encoding`` so that caches keep the two
-representations apart.
+body; :func:`document_response` answers ``Vary: Accept-Encoding, Origin`` so that caches keep
+the two representations apart, and the answers to each storefront origin (a listed origin is
+echoed in ``Access-Control-Allow-Origin``: a copy kept for one would be refused by the
+browsers of another).
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ def document_response(
     body, etag, encoding = document.body, document.etag, None
     if document.gzipped is not None and accepts_gzip(request.headers.get("Accept-Encoding", "")):
         body, etag, encoding = document.gzipped, document.gzip_etag, "gzip"
-    out = {**headers, "Vary": "Accept-Encoding", "ETag": etag}
+    out = {**headers, "Vary": "Accept-Encoding, Origin", "ETag": etag}
     if etag_matches(request.headers.get("If-None-Match"), etag):
         return web.Response(status=304, headers=out)
     if encoding is not None:

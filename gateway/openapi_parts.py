@@ -63,7 +63,7 @@ SHARED_DOCUMENT = {
         "it back in If-None-Match to get a 304 without a body while it is current",
         "schema": {"type": "string"},
     },
-    "Vary": {"description": "Accept-Encoding", "schema": {"type": "string"}},
+    "Vary": {"description": "Accept-Encoding, Origin", "schema": {"type": "string"}},
     "Content-Encoding": {
         "description": "gzip when the request accepts it and the answer is 16 KiB or more "
         "(a sale of many SKUs); absent otherwise",
