@@ -31,6 +31,24 @@ def _skus(count: int) -> list[dict[str, Any]]:
              "currency": "EUR", "per_buyer_limit": 1} for i in range(1, count + 1)]  # fmt: skip
 
 
+class SummaryReads:
+    """Counts a gateway's reads of sale summaries from here on, each ``delay_s`` slower; the
+    process's copies are dropped."""
+
+    def __init__(self, gw: Gateway, delay_s: float = 0.0) -> None:
+        self.count = 0
+        sales = gw.app[SALES]
+        read = sales.with_stock
+
+        async def counted(sale_id: str) -> Any:
+            self.count += 1
+            await asyncio.sleep(delay_s)
+            return await read(sale_id)
+
+        sales.with_stock = counted
+        gw.app[CATALOG].clear()
+
+
 async def test_a_large_summary_is_encoded_once_compressed_and_revalidated(
     stack: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -97,22 +115,11 @@ async def test_a_summary_slow_to_read_is_read_less_often(stack: Settings) -> Non
     keep a process reading."""
     async with gateway(stack) as gw:
         sale = await gw.create_sale()
-        sales = gw.app[SALES]
-        reads = 0
-        read = sales.with_stock
-
-        async def slow(sale_id: str) -> Any:
-            nonlocal reads
-            reads += 1
-            await asyncio.sleep(0.3)
-            return await read(sale_id)
-
-        sales.with_stock = slow
-        gw.app[CATALOG].clear()
+        reads = SummaryReads(gw, delay_s=0.3)
         assert (await gw.http.get(f"/v1/sales/{sale}")).status == 200
         await asyncio.sleep(2 * catalog.INFO_TTL_S)
         assert (await gw.http.get(f"/v1/sales/{sale}")).status == 200
-        assert reads == 1
+        assert reads.count == 1
         assert gw.app[CATALOG][sale][0] - time.monotonic() > 1.0
 
 
@@ -249,3 +256,20 @@ async def test_a_reader_never_waits_for_the_summary_to_be_read_again(stack: Sett
         assert not waiting.done()  # it waits for the read
         release.set()
         assert (await asyncio.wait_for(waiting, 5)).status == 200
+
+
+async def test_a_sale_summary_due_for_a_refresh_is_read_once_for_all_its_callers(
+    stack: Settings,
+) -> None:
+    """Every buyer of a spike reads ``GET /v1/sales/{sale}``. When the process's copy is due,
+    the buyers asking meanwhile wait for the one read in flight instead of each making their
+    own: for a sale of thousands of SKUs one read is a large share of a second of Postgres,
+    Redis and this process's time."""
+    async with gateway(stack) as gw:
+        sale = await gw.create_sale(stock=3)
+        reads = SummaryReads(gw)
+        answers = await asyncio.gather(*(gw.http.get(f"/v1/sales/{sale}") for _ in range(40)))
+        assert [a.status for a in answers] == [200] * 40
+        bodies = [await a.json() for a in answers]
+        assert all(b == bodies[0] for b in bodies) and bodies[0]["skus"][0]["remaining"] == 3
+        assert reads.count == 1

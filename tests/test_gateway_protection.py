@@ -22,7 +22,7 @@ from flashsale.settings import Rate, Settings
 from flashsale.tokens import Signer
 from gateway.metrics import Metrics
 from gateway.middleware import Budgets, edge
-from gateway.state import CATALOG, CLIENTS, COUNTERS, SALES
+from gateway.state import CLIENTS, COUNTERS
 from tests.harness import Gateway, auth, gateway
 
 GOOD = {"sku": "SKU-1", "quantity": 1, "payment_token": "tok_ok"}
@@ -404,30 +404,3 @@ async def test_a_sale_sold_out_for_good_answers_joins_without_asking_redis(stack
         assert _ran(before, after) == {}  # not one command for 19 joins
         info = await gw.http.get(f"/v1/sales/{sale}")
         assert info.headers["Cache-Control"] == "public, max-age=30"  # a CDN may keep it
-
-
-async def test_a_sale_summary_due_for_a_refresh_is_read_once_for_all_its_callers(
-    stack: Settings,
-) -> None:
-    """Every buyer of a spike reads ``GET /v1/sales/{sale}``. When the process's copy is due,
-    the buyers asking meanwhile wait for the one read in flight instead of each making their
-    own: for a sale of thousands of SKUs one read is a large share of a second of Postgres,
-    Redis and this process's time."""
-    async with gateway(stack) as gw:
-        sale = await gw.create_sale(stock=3)
-        sales = gw.app[SALES]
-        reads = 0
-        read = sales.with_stock
-
-        async def counted(sale_id: str) -> Any:
-            nonlocal reads
-            reads += 1
-            return await read(sale_id)
-
-        sales.with_stock = counted
-        gw.app[CATALOG].clear()
-        answers = await asyncio.gather(*(gw.http.get(f"/v1/sales/{sale}") for _ in range(40)))
-        assert [a.status for a in answers] == [200] * 40
-        bodies = [await a.json() for a in answers]
-        assert all(b == bodies[0] for b in bodies) and bodies[0]["skus"][0]["remaining"] == 3
-        assert reads == 1
