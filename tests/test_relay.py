@@ -206,3 +206,34 @@ async def test_no_round_takes_more_than_its_share_of_a_large_scope(
         await redis.aclose()
     assert sent and max(sent) <= 2 * relay.per_round, sent
     assert sum(sent) >= 2 * len(skus)  # each outbox read once and swept once by now
+
+
+async def test_a_round_that_fails_reading_its_own_entries_reads_them_again(
+    stack: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a failed round the relay reads its own pending entries of every SKU again, a
+    slice a round; a round of that sweep that failed dropped its slice, so those entries
+    waited for the claim sweep (10 s idle) instead of the next round."""
+    redis = redis_client(stack)
+    skus = [SkuKeys(f"own-{uuid.uuid4().hex[:8]}", f"S{i}") for i in range(3)]
+    relay = OutboxRelay(redis, None, "unused", "unused", "own", per_round=2)
+    calls = 0
+
+    async def fails_once(client: Any, commands: Any, **options: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ConnectionError("Redis went away mid-round")
+        return await send_packed(client, commands, **options)
+
+    monkeypatch.setattr("allocator.relay.send_packed", fails_once)
+    relay._next_claim = float("inf")  # no claim sweep: only the reads of own entries
+    relay._retry_own = True
+    try:
+        with pytest.raises(ConnectionError):
+            await relay.relay_once(skus)
+        assert relay._own_left == skus  # the failed slice is read again first
+        assert await relay.relay_once(skus) == 0 and relay._own_left == skus[2:]
+    finally:
+        await redis.delete(*(k.outbox for k in skus))
+        await redis.aclose()
