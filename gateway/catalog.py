@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any, TypeVar, cast
 
 from aiohttp import web
@@ -55,9 +56,10 @@ async def sale_summary(request: web.Request, sale_id: str) -> Document:
         raise NotFound(f"unknown sale {shown(sale_id)}", code="unknown_sale")
     app = request.app
     key, copy = ("summary", sale_id), app[CATALOG].get(sale_id)
-    if copy is not None and _served(app, copy, key, lambda: _read_summary(app, sale_id)):
+    read = partial(_read_summary, app, sale_id)
+    if copy is not None and _served(app, copy, key, read):
         return copy.value
-    return cast(Document, await app[CATALOG_READS].once(key, lambda: _read_summary(app, sale_id)))
+    return cast(Document, await app[CATALOG_READS].once(key, read))
 
 
 def _served(
@@ -134,14 +136,14 @@ async def sku_limits(
         raise NotFound(f"unknown sale {shown(sale_id)}", code="unknown_sale")
     app = request.app
     key, copy = ("limits", sale_id), app[SKU_LIMITS].get(sale_id)
+    read = partial(_read_limits, app, sale_id)
     if (
         copy is not None
         and (sku is None or sku in copy.value or time.monotonic() - copy.read_at < LIMITS_TTL_S)
-        and _served(app, copy, key, lambda: _read_limits(app, sale_id))
+        and _served(app, copy, key, read)
     ):
         return copy.value
-    limits = cast(dict[str, SkuRule] | None, await app[CATALOG_READS].once(
-        key, lambda: _read_limits(app, sale_id)))  # fmt: skip
+    limits = cast(dict[str, SkuRule] | None, await app[CATALOG_READS].once(key, read))
     if limits is None:  # not preloaded, or lost by Redis: Postgres knows whether it exists
         summary = await sale_summary(request, sale_id)
         skus = summary.data["skus"]
