@@ -211,6 +211,11 @@ async def publish(
     return len(messages)
 
 
+# How old a lag reader's view of the topics' partitions may get (partitions added to a topic
+# are counted from then on). aiokafka's default is five minutes.
+METADATA_AGE_MS = 30_000
+
+
 class LagReader:
     """How far a consumer group is behind on a topic, read over one client kept for the
     reader's life (a client per reading would cost a connection and a bootstrap each time).
@@ -226,15 +231,13 @@ class LagReader:
         partition it never committed counts from its start). Raises Unavailable when the
         broker cannot be reached."""
         try:
-            if self._consumer is None:
-                consumer = AIOKafkaConsumer(
-                    **client_options(self.settings), group_id=self.group,
-                    enable_auto_commit=False, request_timeout_ms=10_000,
-                )  # fmt: skip
-                await consumer.start()
-                self._consumer = consumer
-            consumer = self._consumer
-            await consumer.topics()  # fresh metadata
+            consumer = self._consumer or await self._start()
+            # The client's own metadata is refreshed only every METADATA_AGE_MS (topics()
+            # asks the broker but does not update it): a topic made since is read by a new
+            # client, the broker's metadata being fetched at its start.
+            if consumer.partitions_for_topic(topic) is None and topic in await consumer.topics():
+                await self.aclose()
+                consumer = await self._start()
             known = consumer.partitions_for_topic(topic) or set()
             partitions = [TopicPartition(topic, p) for p in sorted(known)]
             if not partitions:
@@ -249,6 +252,15 @@ class LagReader:
         except KafkaError as exc:
             await self.aclose()  # a fresh client next time
             raise Unavailable(f"cannot read consumer lag from the broker: {describe(exc)}") from exc
+
+    async def _start(self) -> AIOKafkaConsumer:
+        consumer = AIOKafkaConsumer(
+            **client_options(self.settings), group_id=self.group, enable_auto_commit=False,
+            request_timeout_ms=10_000, metadata_max_age_ms=METADATA_AGE_MS,
+        )  # fmt: skip
+        await consumer.start()
+        self._consumer = consumer
+        return consumer
 
     async def aclose(self) -> None:
         consumer, self._consumer = self._consumer, None

@@ -333,7 +333,6 @@ async def end_offsets(settings: Settings, topic: str) -> dict[TopicPartition, in
     consumer = AIOKafkaConsumer(**client_options(settings))
     await consumer.start()
     try:
-        await consumer.topics()  # fresh metadata
         parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
         assert parts, f"no partitions for {topic}"
         return dict(await consumer.end_offsets(parts))

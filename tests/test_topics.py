@@ -1,11 +1,15 @@
-"""``flashsale kafka init``: partition counts and replication factor, on the real broker."""
+"""``flashsale kafka init``: partition counts and replication factor, and the consumer lag's
+reading, on the real broker."""
 
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 
 import pytest
 
+from flashsale.kafka import LagReader, delete_topics, ensure_topics, producer
+from flashsale.settings import Settings, Topics
 from tests.conftest import Cli
 
 
@@ -24,3 +28,26 @@ def test_kafka_init_takes_partitions_and_leaves_existing_topics_alone(
     for flag, value in (("--partitions", "0"), ("--replication-factor", "x")):
         bad = cli("kafka", "init", flag, value)
         assert bad.code == 2 and flag.lstrip("-") in bad.err and bad.err.count("\n") == 1
+
+
+async def test_the_lag_of_a_topic_made_after_the_reader_started_is_read(stack: Settings) -> None:
+    """A lag reader started before its topic existed (a fresh deployment: the services start
+    side by side, and the first to need the topics makes them) reads the topic's lag as soon
+    as it has messages, not after the client's next scheduled metadata refresh."""
+    name = f"lag{uuid.uuid4().hex[:8]}"
+    settings = replace(stack, topics=Topics(name, name + "-e", name + "-d"))
+    reader = LagReader(settings, f"{name}-group")
+    try:
+        assert await reader.read(name) == 0  # no such topic yet: nothing to consume
+        await ensure_topics(settings, partitions=3)
+        out = producer(settings, linger_ms=0)
+        await out.start()
+        try:  # one message a batch: tansu's end offset is its last batch's start + 1
+            for i in range(7):
+                await out.send_and_wait(name, key=b"k%d" % i, value=b"v")
+        finally:
+            await out.stop()
+        assert await reader.read(name) == 7
+    finally:
+        await reader.aclose()
+        await delete_topics(settings, settings.topics.all())
