@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from flashsale.cli.devstack.processes import UP_PORTS, free_ports
-from flashsale.cli.serve import _cors_for, _reservation_listener
+from flashsale.cli.serve import AFTER_PORT, _cors_for, _reservation_listener
 from flashsale.settings import Settings
 from tests.conftest import Cli
 from tests.harness import healthy
@@ -246,6 +246,21 @@ def test_up_refuses_two_services_on_one_port(stack: Settings) -> None:
     code, err = _refused("up", "--port", str(port), "--workers-port", str(port + 1))
     assert code == 2, err
     assert "workers-port" in err and "allocator-port" in err, err
+
+
+@pytest.mark.parametrize("port", [65535, 65531])
+def test_up_on_a_port_too_high_for_the_ports_after_it_names_the_flag_given(
+    stack: Settings, port: int
+) -> None:
+    """The services' own ports default to PORT+1..PORT+5 (AFTER_PORT): a --port near the top
+    used to be refused as "allocator-port: ... got '65536'", a flag and a value nobody typed."""
+    code, err = _refused("up", "--port", str(port))
+    assert code == 2, err
+    assert err.strip() == (
+        f"flashsale: error: port: {port} leaves no room for the ports after it (PORT+1 to "
+        f"PORT+5): give a port up to 65530, or each of "
+        + ", ".join(f"--{flag}" for flag in AFTER_PORT[65535 - port :])
+    ), err
 
 
 def test_a_service_whose_port_is_taken_says_so(stack: Settings) -> None:

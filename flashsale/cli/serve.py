@@ -141,20 +141,38 @@ def cmd_psp(args: argparse.Namespace, settings: Settings) -> int:
     return int(event_loop.run(runners.serve_psp(args.host, port, knobs, journal, keep_days)))
 
 
+# `up`'s other ports by flag, in the order of their defaults: PORT+1, PORT+2, ...
+AFTER_PORT = ("allocator-port", "workers-port", "psp-port", "reconciler-port", "reservation-port")
+
+
+def _ports_after(port: int, args: argparse.Namespace, needed: set[str]) -> dict[str, int]:
+    """Each port of AFTER_PORT, given or PORT+n. A --port too high for the defaults of the
+    ``needed`` ones is refused naming --port (not a flag nobody typed, with PORT+n)."""
+    given = {flag: getattr(args, flag.replace("-", "_")) for flag in AFTER_PORT}
+    ports = {flag: port_number(flag, value) for flag, value in given.items() if value}
+    short = [(offset, flag) for offset, flag in enumerate(AFTER_PORT, 1)
+             if flag in needed and not given[flag] and port + offset > 65535]  # fmt: skip
+    if short:
+        raise InvalidInput("port", (
+            f"{port} leaves no room for the ports after it (PORT+1 to PORT+{len(AFTER_PORT)}): "
+            f"give a port up to {65535 - short[-1][0]}, or each of "
+            + ", ".join(f"--{flag}" for _, flag in short)))  # fmt: skip
+    return {flag: ports.get(flag, port + offset) for offset, flag in enumerate(AFTER_PORT, 1)}
+
+
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     port = port_number("port", args.port)
     workers = positive(int, "workers", args.workers)
-    allocator_port = port_number("allocator-port", args.allocator_port or str(port + 1))
-    workers_port = port_number("workers-port", args.workers_port or str(port + 2))
-    psp_port = port_number("psp-port", args.psp_port or str(port + 3))
-    reconciler_port = port_number("reconciler-port", args.reconciler_port or str(port + 4))
     listeners = within("reservation-workers", args.reservation_workers, 0, 64)
-    listener_port = port_number("reservation-port", args.reservation_port or str(port + 5))
     service_settings(settings)
     settings.require_kafka()
     # A provider named in the environment is used as it is; one that a previous `up` recorded
     # in the state folder is not: this `up` starts its own simulator.
     external = None if "FLASHSALE_PSP_URL" in settings.from_dev_env else settings.psp_url
+    unused = {"psp-port"} if external else set()
+    needed = set(AFTER_PORT) - unused - (set() if listeners else {"reservation-port"})
+    ports = _ports_after(port, args, needed)
+    allocator_port, workers_port, psp_port, reconciler_port, listener_port = ports.values()
     free_to_listen(args.host, {
         "port": port, "allocator-port": allocator_port, "workers-port": workers_port,
         "reconciler-port": reconciler_port, **({} if external else {"psp-port": psp_port}),
