@@ -98,15 +98,23 @@ def integer(value: Any, where: str, *, minimum: int, maximum: int, what: str) ->
     return value
 
 
+# U+202A-U+202E (embeddings, overrides and their end) and U+2066-U+2069 (isolates). The marks
+# (U+200E, U+200F, U+061C) and the joiners stay: they change no order, and scripts need them.
+BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
 def text(value: Any, where: str, *, max_len: int = 200) -> str:
-    """A one-line display text: no control characters (a NUL is not storable in Postgres) and
-    no lone surrogates (not encodable as UTF-8)."""
+    """A one-line display text: no control characters (a NUL is not storable in Postgres), no
+    lone surrogates (not encodable as UTF-8) and no bidi embeddings, overrides or isolates (an
+    override shows what follows it reversed wherever the text is shown)."""
     if not isinstance(value, str) or not value.strip():
         raise InvalidInput(where, "must be a non-empty string")
     if len(value) > max_len:
         raise InvalidInput(where, f"must be at most {max_len} characters")
-    if any(unicodedata.category(c) in ("Cc", "Cs") for c in value):
-        raise InvalidInput(where, "must be one line of text, without control characters")
+    if any(unicodedata.category(c) in ("Cc", "Cs") or c in BIDI_CONTROLS for c in value):
+        raise InvalidInput(
+            where, "must be one line of text, without control characters or bidi overrides"
+        )
     return value.strip()
 
 

@@ -18,6 +18,7 @@ import redis
 from allocator.sale_admin import SaleAdmin
 from flashsale.clients import pg_pool, redis_client
 from flashsale.keys import SaleKeys, SkuKeys
+from flashsale.salespec import text
 from flashsale.settings import Settings
 
 from .conftest import Cli, Db
@@ -523,6 +524,9 @@ BAD_SALES = [
     ("NUL in the name", {**SALE, "name": "drop\u0000"}, "name"),
     ("lone surrogate in the name", {**SALE, "name": "drop\ud800"}, "name"),
     ("control character in a title", _sku(title="Sneaker\u0007"), "skus[0].title"),
+    # Shown in the console, the page and the order list: an override reverses what follows.
+    ("bidi override in the name", {**SALE, "name": "Drop \u202egnp.exe"}, "name"),
+    ("bidi isolate in a title", _sku(title="Sneaker \u2067x"), "skus[0].title"),
     ("malformed json", '{"name": "x", "skus": [', "file"),
     ("nested too deeply", "[" * 100_000 + "]" * 100_000, "file"),  # was a RecursionError
     ("a key twice", '{"name": "x", "skus": [{"sku": "A", "stock": 5, "price": 1, "stock": 500, '
@@ -550,6 +554,14 @@ def test_bad_sale_input(
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"flashsale: error: {field}:"), lines[0]
     assert counts() == before
+
+
+@pytest.mark.parametrize(
+    "value", ["נעלי ספורט 42", "حذاء رياضي\u200f", "👩\u200d👩\u200d👧 pack", "Größe \u2013 42½"]
+)
+def test_names_in_any_script_are_kept_as_they_are(value: str) -> None:
+    """Refusing bidi overrides leaves right-to-left text, its marks and emoji joiners alone."""
+    assert text(value, "name") == value
 
 
 def test_bad_flags(cli: Cli, counts: Any) -> None:
