@@ -26,7 +26,8 @@ def networks(text: str, name: str) -> tuple[IPv4Network | IPv6Network, ...]:
     return tuple(found)
 
 
-def number(env: Mapping[str, str], name: str, default: float, *, minimum: float) -> float:
+def number(env: Mapping[str, str], name: str, default: float, *, minimum: float,
+           maximum: float = math.inf) -> float:  # fmt: skip
     raw = env.get(name)
     if not raw:
         return default
@@ -36,6 +37,8 @@ def number(env: Mapping[str, str], name: str, default: float, *, minimum: float)
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
     if not minimum <= value < math.inf:  # false for nan too
         raise ConfigError(f"{name} must be a finite number of at least {minimum:g}, got {raw!r}")
+    if value > maximum:
+        raise ConfigError(f"{name} must be at most {maximum:g}, got {raw!r}")
     return value
 
 

@@ -261,6 +261,8 @@ class Settings:
     buyer_jwt_audience: str | None = None
     topics: Topics = Topics()
     consumer_group: str = "flashsale-workers"
+    # How long the broker waits for a silent worker before its partitions go to another one.
+    worker_session_timeout_s: float = 10.0
     # The payment provider: FLASHSALE_PSP_URL, or the simulator that `flashsale up` starts.
     psp_url: str | None = None
     # Which values came from the state folder (dev.env, engine.env) rather than the environment.
@@ -327,6 +329,9 @@ class Settings:
             buyer_jwt_audience=env.get("FLASHSALE_BUYER_JWT_AUDIENCE") or None,
             topics=Topics.from_env(env),
             consumer_group=env.get("FLASHSALE_CONSUMER_GROUP") or "flashsale-workers",
+            worker_session_timeout_s=number(
+                env, "FLASHSALE_WORKER_SESSION_TIMEOUT", 10.0, minimum=1.0, maximum=30.0
+            ),
             psp_url=http_url(
                 env.get("FLASHSALE_PSP_URL") or engine.get("FLASHSALE_PSP_URL"), "FLASHSALE_PSP_URL"
             ),

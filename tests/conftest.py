@@ -47,6 +47,9 @@ def stack() -> Iterator[Settings]:
         dev.up(progress=lambda _line: None, cluster=_cluster_layout())
         for key, value in read_env_file(dev.env_file).items():
             os.environ.setdefault(key, value)
+    # The shortest session Kafka takes by default (group.min.session.timeout.ms): a group's
+    # first join is answered after half of it at the local broker, and many tests start one.
+    os.environ.setdefault("FLASHSALE_WORKER_SESSION_TIMEOUT", "6")
     settings = Settings.from_env()
 
     async def prepare() -> None:

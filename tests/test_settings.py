@@ -71,7 +71,9 @@ def test_secrets_are_masked_in_repr_and_logs(
      ("FLASHSALE_PSP_URL", "http://127.0.0.1:notaport"), ("FLASHSALE_PG_POOL_MODE", "statement"),
      # float() reads these: a traceback, or nan taken as a timeout
      ("FLASHSALE_MAX_IN_FLIGHT", "inf"), ("FLASHSALE_BODY_TIMEOUT", "nan"),
-     ("FLASHSALE_RATE_PER_IP", "inf"), ("FLASHSALE_RATE_PER_BUYER", "nan,5")],
+     ("FLASHSALE_RATE_PER_IP", "inf"), ("FLASHSALE_RATE_PER_BUYER", "nan,5"),
+     # Kafka takes no session the consumer's requests could not outlast
+     ("FLASHSALE_WORKER_SESSION_TIMEOUT", "0.5"), ("FLASHSALE_WORKER_SESSION_TIMEOUT", "31")],
 )  # fmt: skip
 def test_a_bad_setting_is_one_line_naming_it_not_a_traceback(
     run_cli: Cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str, value: str

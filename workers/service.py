@@ -154,11 +154,12 @@ class WorkerService:
         pool = await pg_pool(settings, min_size=2, max_size=8, server_settings=BATCH_PLANNING,
                              lazy=True)  # fmt: skip
         out: AIOKafkaProducer | None = None
+        session_ms = round(settings.worker_session_timeout_s * 1000)
         consumer = AIOKafkaConsumer(
             **client_options(settings), group_id=settings.consumer_group,
             client_id=f"flashsale-worker-{self.name}", enable_auto_commit=False,
             auto_offset_reset="earliest", max_poll_records=self.max_batch,
-            session_timeout_ms=10_000, heartbeat_interval_ms=1_000,
+            session_timeout_ms=session_ms, heartbeat_interval_ms=min(1_000, session_ms // 3),
         )  # fmt: skip
         runner: web.AppRunner | None = None
         provider_cm: contextlib.AbstractAsyncContextManager[PaymentProvider]
