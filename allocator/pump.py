@@ -235,14 +235,14 @@ class AdmissionPump:
             all_preloaded=snap.preloaded,
         )  # fmt: skip
         decided = plan(inputs) if started else Plan(view.serving, None, False, 0)
-        p50, p10 = self._rates()
+        # Nothing measured (no buyer waited long enough): the configured rate, as at the start.
+        p50, p10 = self._rates() or (rate, rate / 2)
         try:
             result = await self.queue.advance(
                 self.keys, self.token, serving=decided.serving, cutoff=decided.cutoff,
                 sold_out=decided.sold_out,
                 published={
-                    "rate_p50": f"{p50 if self.history else rate:.3f}",
-                    "rate_p10": f"{p10 if self.history else rate / 2:.3f}",
+                    "rate_p50": f"{p50:.3f}", "rate_p10": f"{p10:.3f}",
                     "noshow": f"{self.noshow:.4f}", "outstanding": str(self.outstanding),
                     "available": str(snap.available), "held": str(snap.held),
                 },
@@ -314,19 +314,20 @@ class AdmissionPump:
         closed = bisect.bisect_left(self.steps, now_ms - self.window_ms, key=lambda s: s.at_ms)
         return self.steps[closed - 1].to if closed else 0
 
-    def _rates(self) -> tuple[float, float]:
-        """Admissions per second over 1 s windows of the last ``RATE_HISTORY_MS`` while buyers
-        were waiting: median and 10th percentile, for the ETAs the gateways quote."""
+    def _rates(self) -> tuple[float, float] | None:
+        """Admissions per second over 1 s windows of the last ``RATE_HISTORY_MS`` with buyers
+        waiting at both ends (the pump, not the arrivals, set the pace): median and 10th
+        percentile, for the ETAs the gateways quote. None without such a window."""
         samples: list[float] = []
         points = list(self.history)
         j = 0
-        for i, (t, serving, _) in enumerate(points):
+        for i, (t, serving, waiting) in enumerate(points):
             while j < i and t - points[j + 1][0] >= 1000:
                 j += 1
             t0, serving0, waiting0 = points[j]
-            if t - t0 >= 1000 and waiting0:
+            if t - t0 >= 1000 and waiting0 and waiting:
                 samples.append((serving - serving0) * 1000 / (t - t0))
-        return quantile(samples, 0.5), quantile(samples, 0.1)
+        return (quantile(samples, 0.5), quantile(samples, 0.1)) if samples else None
 
     async def _read_seed(self) -> None:
         try:

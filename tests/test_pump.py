@@ -178,3 +178,37 @@ async def test_a_sale_slow_to_read_is_admitted_at_its_rate(
         await asyncio.sleep(3)
         admitted, took = pump.last.serving - first, loop.time() - began
         assert admitted >= 0.8 * rate * took, f"{admitted} admitted in {took:.2f} s"
+
+
+@pytest.mark.parametrize("history_ms", [5000, 1000])
+async def test_after_a_quiet_spell_the_next_buyer_is_quoted_the_admission_rate(
+    stack: Settings, monkeypatch: pytest.MonkeyPatch, history_ms: int
+) -> None:
+    """The rates the ETAs are quoted from are measured while buyers wait. A spell with nobody
+    waiting was measured too: the arrivals' rate (the next buyer, first in line, was quoted a
+    second at 100 admissions a second), and once the spell outlasted the rates' history, a
+    rate of 0: the wait "unknown", and a poll again in 10 s, while the pump admitted the buyer
+    at its next tick (the page showed the turn 10 s late, a sixth of the admission window)."""
+    monkeypatch.setattr("allocator.pump.RATE_HISTORY_MS", history_ms)
+    async with gateway(stack) as gw:
+        sale = await gw.create_sale(stock=10, admission_rate=100)
+        c = gw.app[CLIENTS]
+        pump = AdmissionPump(QueueScripts(c.redis), c.pool, sale, ["SKU-1"], "t")
+        try:
+            _, first = await gw.join(sale, "first")
+            loop = asyncio.get_running_loop()
+            quiet_until = loop.time() + 1.5
+            while loop.time() < quiet_until:  # the first buyer admitted, then nobody waits
+                await pump.tick()
+                await asyncio.sleep(0.05)
+            assert (await gw.status(sale, first["ticket"]))[1]["state"] == "admitted"
+            _, second = await gw.join(sale, "second")
+            await asyncio.sleep(0.15)  # the gateway's counters are at most 100 ms old
+            _, waiting = await gw.status(sale, second["ticket"])
+            assert waiting["state"] == "waiting" and waiting["ahead"] == 0, waiting
+            assert waiting["eta_seconds"]["p50"] == 0.0, waiting  # 1 place at 100 a second
+            assert waiting["retry_after_ms"] == 250, waiting
+        finally:
+            for task in (pump.recording, pump.seeding):
+                if task is not None:
+                    task.cancel()
