@@ -86,7 +86,10 @@ def status_of(c: Counters, position: int, now_ms: int) -> Status:
         return Status("admitted", position, 0, 0.0, 0.0, MIN_RETRY_MS, deadline)
     ahead = position - v.serving - 1
     p50, p90 = estimate(v, position, now_ms)
-    retry = MAX_RETRY_MS if p50 is None else max(MIN_RETRY_MS, min(MAX_RETRY_MS, int(p50 * 250)))
+    # A quarter of the wait; when it is unknown (held units must come back, a paused sale),
+    # the soonest the configured rate could reach the place: the front learns of its turn.
+    soonest_ms = (p50 * 250) if p50 is not None else (ahead * 1000 / max(1, v.admission_rate))
+    retry = max(MIN_RETRY_MS, min(MAX_RETRY_MS, int(soonest_ms)))
     return Status("waiting", position, ahead, p50, p90, retry)
 
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import dataclasses
 
 from allocator.queue_scripts import QueueView
+from gateway.counters import Counters
 from gateway.eta import OPENING_P50_S, OPENING_P90_S, STEP_S, estimate
+from gateway.waiting_room import MAX_RETRY_MS, MIN_RETRY_MS, status_of
 
 START_MS = 1_000_000
 
@@ -73,3 +75,16 @@ def test_beyond_the_units_free_now_the_wait_is_unknown() -> None:
 
 def test_a_paused_sale_promises_nothing() -> None:
     assert estimate(view(status="paused"), 10, START_MS - 1000) == (None, None)
+
+
+def test_a_buyer_near_the_front_polls_soon_even_when_the_wait_is_unknown() -> None:
+    """Unknown waits (units that must come back from holds, a paused sale) were polled every
+    10 s from every place, so the buyer first in line learned of the turn up to 10 s late:
+    now as soon as the configured rate could reach the place, within 0.25-10 s."""
+    held = view(serving=100, beat_ms=1, rate_p50=50.0, rate_p10=25.0, available=0, held=10)
+    for v in (held, view(status="paused", serving=100, beat_ms=1, available=10)):
+        front, later, far = (status_of(Counters(v), p, START_MS) for p in (101, 151, 5000))
+        assert front.eta_p50 is None and front.state == "waiting"
+        assert front.retry_after_ms == MIN_RETRY_MS
+        assert later.ahead == 50 and later.retry_after_ms == 500  # 50 places at 100 a second
+        assert far.retry_after_ms == MAX_RETRY_MS
