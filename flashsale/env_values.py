@@ -105,11 +105,11 @@ def http_url(value: str | None, name: str) -> str | None:
 
 def is_http_url(value: str) -> bool:
     """``http(s)://host[:port][/path]``, the port within 1..65535."""
-    parts = urlsplit(value)
     try:
-        port_ok = parts.port is None or parts.port > 0
-    except ValueError:  # not a number, or beyond 65535
-        port_ok = False
+        parts = urlsplit(value)  # ValueError: a bracket not closed ("http://[::1")
+        port_ok = parts.port is None or parts.port > 0  # ValueError: not a number, > 65535
+    except ValueError:
+        return False
     return parts.scheme in ("http", "https") and bool(parts.hostname) and port_ok
 
 

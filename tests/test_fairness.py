@@ -178,3 +178,15 @@ async def test_a_sale_ended_before_it_opened_says_it_has_no_order(gw: Gateway, c
         assert result.code == 1, result.out + result.err
         assert "ended before its pre-queue order was recorded" in result.err, result.err
         assert "not shuffled and recorded yet" not in result.err
+
+
+@pytest.mark.parametrize(
+    "url", ["notaurl", "ftp://gw.example", "http://", "http://127.0.0.1:99999", "http://[::1"]
+)
+def test_verify_refuses_a_url_that_is_not_one_in_a_line(run_cli: Cli, url: str) -> None:
+    """aiohttp's own exception reached the terminal as a traceback."""
+    result = run_cli("fairness", "verify", "sale-x", "--url", url)
+    assert result.code == 2, result
+    assert result.err.strip() == (
+        f"flashsale: error: url: must be an http(s)://host[:port] URL, got '{url}'"
+    ), result.err

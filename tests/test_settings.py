@@ -68,7 +68,8 @@ def test_secrets_are_masked_in_repr_and_logs(
     [("FLASHSALE_RATE_PER_IP", "bad"), ("FLASHSALE_CORS_ORIGINS", "shop.example"),
      ("FLASHSALE_RESERVATIONS_URL", "http://reserve.example/desk"),
      ("FLASHSALE_MAX_IN_FLIGHT", "-3"), ("FLASHSALE_PSP_URL", "psp.example:8080"),
-     ("FLASHSALE_PSP_URL", "http://127.0.0.1:notaport"), ("FLASHSALE_PG_POOL_MODE", "statement"),
+     ("FLASHSALE_PSP_URL", "http://127.0.0.1:notaport"), ("FLASHSALE_PSP_URL", "http://[::1"),
+     ("FLASHSALE_PG_POOL_MODE", "statement"),
      # float() reads these: a traceback, or nan taken as a timeout
      ("FLASHSALE_MAX_IN_FLIGHT", "inf"), ("FLASHSALE_BODY_TIMEOUT", "nan"),
      ("FLASHSALE_RATE_PER_IP", "inf"), ("FLASHSALE_RATE_PER_BUYER", "nan,5"),

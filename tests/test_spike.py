@@ -167,7 +167,7 @@ def test_a_spike_with_an_admin_token_the_engine_refuses_stops_at_once_saying_so(
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1:8080", "http://127.0.0.1:99999",
-                                  "http://127.0.0.1:²", "http://:8080"])  # fmt: skip
+                                  "http://127.0.0.1:²", "http://:8080", "http://[::1"])  # fmt: skip
 def test_a_host_that_is_no_url_is_refused_before_anything_runs(run_cli: Cli, host: str) -> None:
     """A port beyond 65535 or not a number passed the check (it looked only at the scheme)
     and reached requests, whose parse error was the run's only message."""

@@ -11,7 +11,7 @@ from typing import Any
 
 import aiohttp
 
-from flashsale.cli.checks import positive, sale_id
+from flashsale.cli.checks import http_url, positive, sale_id
 from flashsale.cli.output import out
 from flashsale.clients import pg_pool
 from flashsale.errors import ConfigError, Conflict, InvalidInput, NotFound, shown
@@ -29,7 +29,7 @@ async def cmd_fairness(args: argparse.Namespace, settings: Settings) -> int:
     if args.commitment is not None and not re.fullmatch(r"[0-9a-f]{64}", args.commitment):
         raise InvalidInput("commitment", "must be the 64 hex digits published before the start")
     if args.url:
-        doc = await _fetch_fairness(args.url.rstrip("/"), sale)
+        doc = await _fetch_fairness(http_url("url", args.url).rstrip("/"), sale)
         listed = doc["members"] if doc["recorded"] else None
         record = Published(sale, doc["commitment"], doc["seed"], listed, doc["root"], doc["size"],
                            doc.get("ended", False))  # fmt: skip

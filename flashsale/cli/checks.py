@@ -11,7 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from flashsale.env_values import tcp_port
+from flashsale.env_values import is_http_url, tcp_port
 from flashsale.errors import InvalidInput, shown
 from flashsale.keys import ID_PATTERN
 from flashsale.settings import Settings
@@ -60,6 +60,13 @@ def port_number(field: str, value: str) -> int:
     if port is None:
         raise InvalidInput(field, f"must be a TCP port (1..65535), got {shown(value)}")
     return port
+
+
+def http_url(field: str, value: str) -> str:
+    """An ``http(s)://host[:port][/path]`` URL that a client can be pointed at."""
+    if not is_http_url(value):
+        raise InvalidInput(field, f"must be an http(s)://host[:port] URL, got {shown(value)}")
+    return value
 
 
 def output_file(field: str, value: str) -> Path:

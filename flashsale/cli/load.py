@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from flashsale import event_loop
 from flashsale.cli.checks import (
     fraction,
+    http_url,
     non_negative,
     output_file,
     output_folder,
@@ -20,7 +21,6 @@ from flashsale.cli.checks import (
 from flashsale.cli.dev import apply_migrations
 from flashsale.cli.devstack.stack import DevStack
 from flashsale.cli.output import out
-from flashsale.env_values import is_http_url
 from flashsale.errors import ConfigError, InvalidInput, shown
 from flashsale.keys import MAX_BUCKETS
 from flashsale.salespec import MAX_ADMISSION_RATE
@@ -72,12 +72,10 @@ def cmd_loadtest(args: argparse.Namespace, settings: Settings) -> int:
     options = spike.Options(
         buyers=positive(int, "buyers", args.buyers), stock=positive(int, "stock", args.stock),
         ramp=positive(float, "ramp", args.ramp), hold=non_negative("hold", args.hold),
-        host=args.host, out=output_folder("out", args.out), embedded=args.embedded,
+        host=http_url("host", args.host), out=output_folder("out", args.out),
+        embedded=args.embedded,
         buckets=within("buckets", args.buckets, 1, MAX_BUCKETS),
     )  # fmt: skip
-    if not is_http_url(options.host):
-        raise InvalidInput("host", "must be an http(s)://host[:port] URL, "
-                                   f"got {shown(options.host)}")  # fmt: skip
     if args.embedded:
         out("== starting the embedded stack (servers given by env vars are used as they are)")
         DevStack(settings.home).up()
