@@ -201,3 +201,23 @@ def test_a_bloated_aof_is_rewritten_before_redis_is_restarted_from_it(stack: Set
     after = dev.aof_bytes("redis")
     assert after < before - churn * 0.9, (before, after)
     assert len(said) == 1 and "AOF rewritten" in said[0]
+
+
+# What runs without rewriting a document, by command.
+QUICK = {"chaos": "--quick or --scenario NAME", "bench": "--quick"}
+
+
+@pytest.mark.parametrize("command", [["chaos"], ["bench", "all"]])
+def test_a_full_run_outside_the_project_says_where_its_results_go(
+    run_cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    """A full run rewrites the results block of its document in the project's docs/. Run
+    from elsewhere it said only "doc: no such file: docs/RELIABILITY.md", a flag not given."""
+    monkeypatch.chdir(tmp_path)
+    result = run_cli(*command)
+    assert result.code == 2, result
+    doc = "docs/RELIABILITY.md" if command == ["chaos"] else "docs/BENCHMARKS.md"
+    assert result.err.strip() == (
+        f"flashsale: error: doc: no {doc} here, whose results block a full run rewrites: run "
+        f"it in the project's folder, name the document with --doc, or run {QUICK[command[0]]}"
+    ), result.err

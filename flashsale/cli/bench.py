@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flashsale.cli.checks import output_file, positive, service_settings, within
+from flashsale.cli.checks import output_file, positive, results_doc, service_settings, within
 from flashsale.cli.dev import apply_migrations
 from flashsale.cli.devstack.redis_cluster import Layout
 from flashsale.cli.devstack.stack import DevStack
@@ -162,13 +162,11 @@ async def _bench_all(args: argparse.Namespace, settings: Settings) -> int:
     """Every benchmark, then the tables of docs/BENCHMARKS.md rewritten (see bench_all)."""
     from loadtest import bench_all  # noqa: PLC0415
 
+    doc = results_doc(args.doc, None if args.quick else "docs/BENCHMARKS.md", "--quick")
     service_settings(settings)
     settings.require_kafka()
     folder = Path(args.json_dir)
     await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
-    doc = Path(args.doc) if args.doc else (None if args.quick else Path("docs/BENCHMARKS.md"))
-    if doc is not None and not await asyncio.to_thread(doc.is_file):
-        raise InvalidInput("doc", f"no such file: {doc}")
     await _migrated(settings)
     outcomes = await bench_all.run(settings, quick=args.quick, folder=folder, doc=doc,
                                    progress=out)  # fmt: skip

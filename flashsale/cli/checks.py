@@ -69,6 +69,21 @@ def http_url(field: str, value: str) -> str:
     return value
 
 
+def results_doc(given: str | None, default: str | None, instead: str) -> Path | None:
+    """The document whose results block a run rewrites: ``--doc``, else ``default`` (None:
+    the run rewrites none), checked before the run. ``instead``: how to run without one."""
+    if given:
+        doc = Path(given)
+        if not doc.is_file():
+            raise InvalidInput("doc", f"no such file: {doc}")
+        return doc
+    if default is not None and not Path(default).is_file():
+        raise InvalidInput("doc", f"no {default} here, whose results block a full run rewrites: "
+                                  "run it in the project's folder, name the document with "
+                                  f"--doc, or run {instead}")  # fmt: skip
+    return None if default is None else Path(default)
+
+
 def output_file(field: str, value: str) -> Path:
     """A path a command will write its report to when it ends: checked before it starts, so a
     typo does not cost a whole run."""

@@ -5,7 +5,6 @@ benchmarks are :mod:`flashsale.cli.bench`."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flashsale import event_loop
@@ -16,6 +15,7 @@ from flashsale.cli.checks import (
     output_file,
     output_folder,
     positive,
+    results_doc,
     within,
 )
 from flashsale.cli.dev import apply_migrations
@@ -104,9 +104,8 @@ def cmd_chaos(args: argparse.Namespace, settings: Settings) -> int:
     except ValueError as exc:
         raise InvalidInput("scenario", str(exc)) from exc
     full = not args.scenario and not args.quick
-    doc = Path(args.doc) if args.doc else (Path("docs/RELIABILITY.md") if full else None)
-    if doc is not None and not doc.is_file():
-        raise InvalidInput("doc", f"no such file: {doc}")
+    doc = results_doc(args.doc, "docs/RELIABILITY.md" if full else None,
+                      "--quick or --scenario NAME")  # fmt: skip
     json_path = output_file("json", args.json) if args.json else None
     was_stopped = all(row.state == "stopped" for row in dev.status())
     out("== starting the embedded stack (servers given by env vars are used as they are; the "
