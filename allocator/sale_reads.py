@@ -77,6 +77,11 @@ class SaleReads:
             raise NotFound(f"unknown sale {shown(sale_id)}", code="unknown_sale")
         return row
 
+    async def row(self, sale_id: str) -> asyncpg.Record:
+        """The sale's row alone, without its SKUs. Raises NotFound."""
+        async with self.pool.acquire() as conn:
+            return await self.sale_row(conn, sale_id)
+
     async def get(self, sale_id: str) -> dict[str, Any]:
         """The sale as JSON-ready data, with its SKUs. Raises NotFound."""
         async with self.pool.acquire() as conn:

@@ -153,7 +153,7 @@ async def audit(request: web.Request) -> web.Response:
     """The post-sale audit (``flashsale audit SALE --json``): 200 with the report whether it
     passed or not; ``passed`` says which."""
     app, sale_id = request.app, request.match_info["sale"]
-    await app[SALES].get(sale_id)  # 404 for an unknown sale
+    await app[SALES].row(sale_id)  # 404 for an unknown sale
     c = app[CLIENTS]
     report = await audit_sale(c.pool, c.redis, c.provider, app[SETTINGS], sale_id)
     return json_response(report.json())

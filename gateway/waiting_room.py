@@ -128,7 +128,7 @@ async def join(request: web.Request) -> web.Response:
     if outcome == "rate_limited":
         raise RateLimited("too many requests; slow down", retry_after_s=result.position / 1e6)
     if outcome == "unavailable":
-        sale = await app[SALES].get(sale_id)  # NotFound for an unknown sale
+        sale = await app[SALES].row(sale_id)  # NotFound for an unknown sale
         if sale["preloaded_at"] is not None:  # Redis lost the waiting room: being restored
             raise Unavailable("the waiting room is being restored; retry", code="unavailable")
         raise Conflict(f"sale {sale_id} is not open for queueing yet", code="sale_not_open")

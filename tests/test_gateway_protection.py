@@ -123,6 +123,29 @@ async def test_bad_reservation_inputs_are_refused_and_change_nothing(gw: Gateway
         assert f'flashsale_gateway_rejections_total{{reason="{code}"}}' in metrics, code
 
 
+async def test_a_join_before_the_preload_reads_the_sale_row_not_its_skus(
+    gw: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A join the waiting room cannot take (not preloaded yet, or being restored) looks the
+    sale up in Postgres to say which. It read the sale with all its SKUs: early joiners of a
+    catalogue sale made each join a read of thousands of rows."""
+    unloaded = await gw.create_sale(stock=3, preload=False)
+    reads: list[str] = []
+
+    async def counted(_conn: Any, sale_id: str) -> list[Any]:
+        reads.append(sale_id)
+        return []
+
+    monkeypatch.setattr("allocator.sale_reads.fetch_skus", counted)
+    for _ in range(3):
+        not_open = await gw.http.post(f"/v1/sales/{unloaded}/queue", headers=auth(gw.token("a")))
+        assert not_open.status == 409, await not_open.text()
+        assert (await not_open.json())["error"]["code"] == "sale_not_open"
+    missing = await gw.http.post("/v1/sales/no-such-sale/queue", headers=auth(gw.token("a")))
+    assert missing.status == 404 and (await missing.json())["error"]["code"] == "unknown_sale"
+    assert reads == []
+
+
 async def test_bad_queue_inputs(gw: Gateway) -> None:
     sale = await gw.create_sale(stock=3)
     other = await gw.create_sale(stock=3)
