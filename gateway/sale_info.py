@@ -4,18 +4,25 @@ the pre-queue's fairness record, ``GET /v1/sales/{sale}/fairness``, with a buyer
 
 from __future__ import annotations
 
+import math
+import time
+from functools import partial
+from typing import cast
+
 from aiohttp import web
 
 from flashsale.errors import NotFound, shown
 from flashsale.fairness import Published, merkle_path, published
+from flashsale.inflight import Copy
 from flashsale.salespec import integer
 from flashsale.shuffle import member_of
 from gateway.catalog import sale_summary
 from gateway.documents import document_response
 from gateway.http import json_response, queue_ticket, sale_of
-from gateway.state import CLIENTS, COUNTERS, FAIRNESS
+from gateway.state import CATALOG_READS, CLIENTS, COUNTERS, FAIRNESS
 
 PAGE = 10_000  # members per page of the fairness record
+INCOMPLETE_TTL_S = 1.0  # how long a process keeps a record the draw has not completed yet
 
 
 # How long a CDN or proxy in front may keep GET /v1/sales/{sale}: a second while the sale can
@@ -37,17 +44,29 @@ async def sale_info(request: web.Request) -> web.Response:
 
 
 async def _record(request: web.Request, sale_id: str) -> Published:
-    """The sale's fairness record; kept by this process once complete (it never changes)."""
-    cache = request.app[FAIRNESS]
-    found = cache.get(sale_id)
+    """The sale's fairness record, kept by this process: for good once complete (it never
+    changes), for ``INCOMPLETE_TTL_S`` before (a crowd waiting for the opening asks). One
+    read at a time for all callers."""
+    app = request.app
+    copy = app[FAIRNESS].get(sale_id)
+    if copy is not None and time.monotonic() < copy.expires:
+        return copy.value
+    read = partial(_read_record, app, sale_id)
+    return cast(Published, await app[CATALOG_READS].once(("fairness", sale_id), read))
+
+
+async def _read_record(app: web.Application, sale_id: str) -> Published:
+    began = time.monotonic()
+    found = await published(app[CLIENTS].pool, sale_id)
     if found is None:
-        found = await published(request.app[CLIENTS].pool, sale_id)
-        if found is None:
-            raise NotFound(f"unknown sale {shown(sale_id)}", code="unknown_sale")
-        if found.members is not None and found.seed is not None:
-            if len(cache) > 64:
-                cache.clear()
-            cache[sale_id] = found
+        raise NotFound(f"unknown sale {shown(sale_id)}", code="unknown_sale")
+    now = time.monotonic()
+    complete = found.members is not None and found.seed is not None
+    cache = app[FAIRNESS]
+    if len(cache) > 64:
+        cache.clear()
+    cache[sale_id] = Copy(math.inf if complete else now + INCOMPLETE_TTL_S, began, now - began,
+                          found)  # fmt: skip
     return found
 
 

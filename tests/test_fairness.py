@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
+from flashsale import fairness
 from flashsale.fairness import merkle_path, merkle_root, path_holds, problems
 from flashsale.settings import Settings
 from flashsale.shuffle import member_of, rank_members, seed_commitment
@@ -178,6 +180,30 @@ async def test_a_sale_ended_before_it_opened_says_it_has_no_order(gw: Gateway, c
         assert result.code == 1, result.out + result.err
         assert "ended before its pre-queue order was recorded" in result.err, result.err
         assert "not shuffled and recorded yet" not in result.err
+
+
+async def test_a_record_not_complete_yet_is_read_once_for_many_requests(
+    gw: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Until the draw the record is not complete, and each request read it from Postgres
+    again: on a public route, every call of a crowd waiting for the opening was a query."""
+    sale = await gw.create_sale(stock=10, starts_in=30)
+    reads = 0
+    read = fairness.published
+
+    async def counted(pool: Any, sale_id: str) -> Any:
+        nonlocal reads
+        reads += 1
+        return await read(pool, sale_id)
+
+    monkeypatch.setattr("gateway.sale_info.published", counted)
+    path = f"/v1/sales/{sale}/fairness"
+    together = await asyncio.gather(*(gw.http.get(path) for _ in range(50)))
+    assert [a.status for a in together] == [200] * 50
+    for _ in range(20):
+        answer = await gw.http.get(path)
+        assert answer.status == 200 and (await answer.json())["recorded"] is False
+    assert reads == 1
 
 
 @pytest.mark.parametrize(
