@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from redis.commands.core import AsyncScript
 
-from allocator.redis_calls import lua_script
+from allocator.redis_calls import Command, lua_script, send_packed
 from allocator.sale_scripts import StockCounts
 from flashsale.clients import RedisClient
 from flashsale.keys import SaleKeys, SkuKeys
@@ -55,6 +55,11 @@ class RepairScripts:
         """Close the SKU for reservations (``unavailable``) until :meth:`finish`."""
         await self._begin(keys=keys.all(), args=[])
 
+    async def begin_many(self, skus: Sequence[SkuKeys]) -> None:
+        """:meth:`begin` for each of ``skus``, pipelined."""
+        await send_packed(self.client, [_call(self._begin, k.all(), ()) for k in skus],
+                          script=self._begin)  # fmt: skip
+
     async def write_holds(
         self,
         keys: SkuKeys,
@@ -80,15 +85,16 @@ class RepairScripts:
         """Recount the SKU from its holds, write ``meta`` and reopen it (atomic). ``total``
         is the SKU's, or for a stock bucket '' (keep its total) or '+N' (what its holds
         commit plus N); see ``lua/rebuild_finish.lua``."""
-        args: list[str | int] = [total]
-        for name, value in meta.items():
-            args += [name, value]
-        raw = await self._finish(keys=keys.all(), args=args)
-        if text(raw[0]) != "ok":
-            return RebuildResult(False, None, None, overcommitted=int(raw[1]))
-        values = [int(v) for v in raw[1:]]
-        before = None if values[0] < 0 else StockCounts(*(max(0, v) for v in values[:5]))
-        return RebuildResult(True, before, StockCounts(*values[5:]))
+        return _finished(await self._finish(keys=keys.all(), args=_finish_args(total, meta)))
+
+    async def finish_many(
+        self, skus: Sequence[tuple[SkuKeys, int | str, dict[str, str]]]
+    ) -> list[RebuildResult]:
+        """:meth:`finish` for each (keys, total, meta) of ``skus``, pipelined."""
+        commands = [_call(self._finish, keys.all(), _finish_args(total, meta))
+                    for keys, total, meta in skus]  # fmt: skip
+        return [_finished(raw) for raw in await send_packed(self.client, commands,
+                                                            script=self._finish)]  # fmt: skip
 
     async def restore_queue(
         self,
@@ -113,3 +119,23 @@ class RepairScripts:
         )
         restored_cutoff = int(raw[2])
         return int(raw[0]), int(raw[1]), None if restored_cutoff < 0 else restored_cutoff
+
+
+def _call(script: AsyncScript, keys: Sequence[str], args: Sequence[str | int]) -> Command:
+    return ("EVALSHA", script.sha, len(keys), *keys, *args)
+
+
+def _finish_args(total: int | str, meta: dict[str, str]) -> list[str | int]:
+    args: list[str | int] = [total]
+    for name, value in meta.items():
+        args += [name, value]
+    return args
+
+
+def _finished(raw: list[bytes]) -> RebuildResult:
+    """``lua/rebuild_finish.lua``'s answer."""
+    if text(raw[0]) != "ok":
+        return RebuildResult(False, None, None, overcommitted=int(raw[1]))
+    values = [int(v) for v in raw[1:]]
+    before = None if values[0] < 0 else StockCounts(*(max(0, v) for v in values[:5]))
+    return RebuildResult(True, before, StockCounts(*values[5:]))

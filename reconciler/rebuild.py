@@ -23,6 +23,11 @@ configuration and reopens the SKU. If the holds need more units than the total (
 units Postgres meanwhile sold), the newest ACTIVE holds Postgres knows nothing of are
 released (cause ``reconciled``) first: never an oversell.
 
+**Lost SKUs of a sale** (:func:`rebuild_lost`), each in one stock bucket, go through the same
+steps together, a few hundred at a time: their rows and their orders in one query each, their
+holds read, and the SKUs closed and recounted, in pipelines. One that needs more (holds to
+write, holds that cannot be read, more holds than stock) is left closed for :func:`rebuild_sku`.
+
 **A waiting room** (:func:`restore_queue`): the queue counters go back to at least the
 highest values gateways and pumps checkpointed (:mod:`flashsale.queue_marks`), the admission
 claims come back from the orders, and the room reopens.
@@ -38,6 +43,7 @@ from dataclasses import dataclass, replace
 import asyncpg
 
 from allocator.hold_scripts import HoldScripts
+from allocator.redis_calls import read_packed
 from allocator.repair_scripts import HoldWrite, RepairScripts
 from allocator.sale_scripts import StockCounts
 from flashsale.clients import RedisClient
@@ -210,6 +216,60 @@ async def rebuild_sku(
             "the stock even after releasing every ACTIVE hold Postgres has no order for"
         )
     return SkuRebuild(result.before, result.after, written, released)
+
+
+_LOST_ROWS = "SELECT * FROM sale_skus WHERE sale_id = $1 AND sku = ANY($2::text[])"
+_LOST_ORDERS = """
+SELECT sku, id, buyer_id, quantity, state, admission_id, payment_token, idempotency_key,
+       (extract(epoch FROM created_at) * 1000)::bigint AS created_ms
+FROM orders WHERE sale_id = $1 AND sku = ANY($2::text[]) AND order_bucket(id) = 0
+"""
+
+
+async def rebuild_lost(
+    pool: asyncpg.Pool, client: RedisClient, sale_id: str, skus: Sequence[str],
+    repair: RepairScripts,
+) -> tuple[dict[str, SkuRebuild], list[str]]:  # fmt: skip
+    """Rebuild SKUs of one sale, each in one stock bucket, whose Redis state was lost,
+    together: one read of their rows, of their holds and of their orders, and their scripts
+    pipelined, in the steps of :func:`rebuild_sku`. A SKU with holds to write, holds that
+    cannot be read or more holds than stock is left, closed, to :func:`rebuild_sku` (a lost
+    SKU that was never reserved has none). Returns (the rebuilt by SKU, the SKUs left)."""
+    async with pool.acquire() as conn:
+        sale = await fetch_sale(conn, sale_id)
+        rows = {r["sku"]: r for r in await conn.fetch(_LOST_ROWS, sale_id, list(skus))}
+    if sale is None:
+        return {}, list(skus)  # rebuild_sku says what is missing
+    present = [sku for sku in skus if sku in rows]
+    left = [sku for sku in skus if sku not in rows]
+    keys = {sku: SkuKeys(sale_id, sku) for sku in present}
+    await repair.begin_many(list(keys.values()))
+    # Redis before Postgres, as in rebuild_sku.
+    replies = await read_packed(client, [("HGETALL", keys[sku].holds) for sku in present])
+    orders: dict[str, list[asyncpg.Record]] = {}
+    for order in await pool.fetch(_LOST_ORDERS, sale_id, present):
+        orders.setdefault(order["sku"], []).append(order)
+    now_ms = int(time.time() * 1000)
+    finishing = []
+    for sku, flat in zip(present, replies, strict=True):
+        holds = {text(flat[i]): bytes(flat[i + 1]) for i in range(0, len(flat), 2)}
+        ttl_ms = rows[sku]["hold_ttl_seconds"] * 1000
+        if plan_holds(orders.get(sku, []), holds, now_ms, ttl_ms) or any(
+            _parse(raw) is None for raw in holds.values()
+        ):
+            left.append(sku)
+        else:
+            finishing.append(sku)
+    results = await repair.finish_many([
+        (keys[sku], rows[sku]["stock_total"], sku_meta(sale, rows[sku])) for sku in finishing
+    ])  # fmt: skip
+    done: dict[str, SkuRebuild] = {}
+    for sku, result in zip(finishing, results, strict=True):
+        if result.ok and result.after is not None:
+            done[sku] = SkuRebuild(result.before, result.after, 0, [])
+        else:
+            left.append(sku)
+    return done, left
 
 
 async def _make_room(

@@ -81,14 +81,18 @@ class Pipeline:
         return HoldScripts(self.redis)
 
     async def sale(
-        self, *, stock: int = 100, limit: int = 5, ttl: int = 120, buckets: int = 1
-    ) -> str:
+        self, *, stock: int = 100, limit: int = 5, ttl: int = 120, buckets: int = 1,
+        skus: int = 1,
+    ) -> str:  # fmt: skip
+        """A live sale, preloaded: SKU-1 (reserved by :meth:`reserve`) and ``skus`` - 1 more
+        like it, SKU-2, SKU-3..., that nobody reserves."""
         now = datetime.now(UTC)
         spec = {
             "name": "pipeline test", "starts_at": (now - timedelta(seconds=1)).isoformat(),
             "ends_at": (now + timedelta(hours=1)).isoformat(),
-            "skus": [{"sku": SKU, "stock": stock, "price": 1500, "currency": "EUR",
-                      "per_buyer_limit": limit, "hold_ttl_seconds": ttl, "buckets": buckets}],
+            "skus": [{"sku": f"SKU-{i}", "stock": stock, "price": 1500, "currency": "EUR",
+                      "per_buyer_limit": limit, "hold_ttl_seconds": ttl, "buckets": buckets}
+                     for i in range(1, skus + 1)],
         }  # fmt: skip
         admin = SaleAdmin.build(self.pool, self.redis)
         sale_id = str((await admin.create(parse_sale(spec)))["id"])
