@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import pkgutil
 import signal
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -34,6 +36,20 @@ ADMIN = "test-admin-token-0123456789"
 _RUN = uuid.uuid4().hex[:8]
 TOPICS = Topics(f"http{_RUN}-reservations", f"http{_RUN}-order-events",
                 f"http{_RUN}-dead-letter")  # fmt: skip
+
+
+def calls_to(monkeypatch: pytest.MonkeyPatch, target: str) -> list[tuple[Any, ...]]:
+    """The positional arguments of each call of the coroutine function at ``target`` (a
+    dotted path, as monkeypatch takes it) from now on; every call goes through."""
+    calls: list[tuple[Any, ...]] = []
+    original = pkgutil.resolve_name(target)
+
+    async def recorded(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(target, recorded)
+    return calls
 
 
 def auth(token: str) -> dict[str, str]:

@@ -7,17 +7,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 
-from flashsale import fairness
 from flashsale.fairness import merkle_path, merkle_root, path_holds, problems
 from flashsale.settings import Settings
 from flashsale.shuffle import member_of, rank_members, seed_commitment
 from gateway.state import CLIENTS
 from tests.conftest import Cli
-from tests.harness import Gateway, gateway
+from tests.harness import Gateway, calls_to, gateway
 
 SEED = "4f" * 32
 
@@ -188,22 +186,14 @@ async def test_a_record_not_complete_yet_is_read_once_for_many_requests(
     """Until the draw the record is not complete, and each request read it from Postgres
     again: on a public route, every call of a crowd waiting for the opening was a query."""
     sale = await gw.create_sale(stock=10, starts_in=30)
-    reads = 0
-    read = fairness.published
-
-    async def counted(pool: Any, sale_id: str) -> Any:
-        nonlocal reads
-        reads += 1
-        return await read(pool, sale_id)
-
-    monkeypatch.setattr("gateway.sale_info.published", counted)
+    reads = calls_to(monkeypatch, "gateway.sale_info.published")
     path = f"/v1/sales/{sale}/fairness"
     together = await asyncio.gather(*(gw.http.get(path) for _ in range(50)))
     assert [a.status for a in together] == [200] * 50
     for _ in range(20):
         answer = await gw.http.get(path)
         assert answer.status == 200 and (await answer.json())["recorded"] is False
-    assert reads == 1
+    assert len(reads) == 1
 
 
 @pytest.mark.parametrize(

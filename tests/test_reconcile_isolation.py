@@ -17,6 +17,7 @@ from flashsale.settings import Settings
 from reconciler import service
 from reconciler.rebuild import rebuild_sku
 from reconciler.reconcile import Reconciler
+from tests.harness import calls_to
 from tests.pipeline import SKU, Pipeline, pipeline, provider
 
 
@@ -180,13 +181,7 @@ async def test_lost_skus_of_a_sale_are_rebuilt_together(
     catalogue sale of 100,000 SKUs that Redis lost took 3 min 15 s, every reservation
     meanwhile answered ``unavailable``. Those never reserved are now rebuilt together; a SKU
     with orders is still rebuilt on its own, its holds written from them."""
-    alone: list[str] = []
-
-    async def counted(pool: Any, client: Any, keys: SkuKeys, **kwargs: Any) -> Any:
-        alone.append(keys.sku)
-        return await rebuild_sku(pool, client, keys, **kwargs)
-
-    monkeypatch.setattr("reconciler.skus.rebuild_sku", counted)
+    alone = calls_to(monkeypatch, "reconciler.skus.rebuild_sku")  # (pool, client, keys)
     async with pipeline(stack) as p:
         sale = await p.sale(stock=5, skus=40)
         skus = [f"SKU-{i}" for i in range(1, 41)]
@@ -202,7 +197,7 @@ async def test_lost_skus_of_a_sale_are_rebuilt_together(
         assert sorted(r.sku or "" for r in report.repairs if r.kind == "rebuild_sku") == sorted(
             skus
         )
-        assert alone == [SKU]
+        assert [keys.sku for _, _, keys in alone] == [SKU]
         assert [await p.redis.hgetall(SkuKeys(sale, sku).stock) for sku in skus] == before
         assert (await p.counts(sale))["sold"] == 2
         assert (await rec.run_once([sale])).repairs == []  # nothing left to repair
