@@ -184,6 +184,8 @@ class OrderView:
     amount: int
     currency: str
     updated_at: datetime
+    buyer_id: str
+    quantity: int
 
     def json(self) -> dict[str, Any]:
         return {"state": self.state, "amount": self.amount, "currency": self.currency,
@@ -194,11 +196,13 @@ async def order_view(pool: asyncpg.Pool, order_id: str) -> OrderView | None:
     """The order of reservation ``order_id`` (the order id is the reservation id), or None
     while the saga has not written it."""
     row = await pool.fetchrow(
-        "SELECT state, amount, currency, updated_at FROM orders WHERE id = $1", order_id
+        "SELECT state, amount, currency, updated_at, buyer_id, quantity FROM orders WHERE id = $1",
+        order_id,
     )
     if row is None:
         return None
-    return OrderView(row["state"], row["amount"], row["currency"].strip(), row["updated_at"])
+    return OrderView(row["state"], row["amount"], row["currency"].strip(), row["updated_at"],
+                     row["buyer_id"], row["quantity"])  # fmt: skip
 
 
 class OrderStore:

@@ -229,7 +229,11 @@ RESERVATION = obj(
         "quantity": {"type": "integer"},
         "state": {"enum": ["ACTIVE", "PAYING", "SOLD", "RELEASED"]},
         "cause": NULLABLE_STRING,
-        "hold_expires_at": {"type": "string"},
+        "hold_expires_at": {
+            "type": ["string", "null"],
+            "description": "null once the hold is no longer in Redis (an archived sale): the "
+            "reservation is then answered from its final order",
+        },
         "order": {
             "oneOf": [
                 obj(

@@ -30,7 +30,7 @@ from flashsale.errors import (
     shown,
 )
 from flashsale.keys import SaleKeys, SkuKeys
-from flashsale.orders import order_view
+from flashsale.orders import HOLD_FOR, STATE_CAUSE, TERMINAL, OrderView, order_view
 from flashsale.outages import is_outage
 from flashsale.records import SEPARATORS, ClaimMember, HoldRecord, idempotency_key
 from flashsale.timefmt import iso_ms
@@ -208,8 +208,10 @@ async def reserve(request: web.Request) -> web.Response:
     )
 
 
-async def _owned_hold(request: web.Request) -> tuple[str, SkuKeys, HoldRecord]:
-    """The caller's hold; 404 for unknown ids and for other buyers' holds alike."""
+async def _owned_hold(request: web.Request) -> tuple[str, SkuKeys, HoldRecord | OrderView]:
+    """The caller's hold; where Redis no longer has it (an archived sale, a hold Redis lost),
+    the reservation's order, if the order store knows it as the caller's. 404 for unknown ids
+    and for other buyers' reservations alike."""
     buyer = await buyer_of(request)
     reservation_id = request.match_info["id"]
     keys = route_of(reservation_id)
@@ -219,36 +221,47 @@ async def _owned_hold(request: web.Request) -> tuple[str, SkuKeys, HoldRecord]:
             hold = HoldRecord.parse(raw)
             if hold.buyer_id == buyer:
                 return reservation_id, keys, hold
+        else:  # Postgres down here is a 503 (the middleware): the answer is not known yet
+            order = await order_view(request.app[CLIENTS].pool, reservation_id)
+            if order is not None and order.buyer_id == buyer:
+                return reservation_id, keys, order
     raise NotFound(f"no reservation {shown(reservation_id)} of yours", code="unknown_reservation")
 
 
-async def _reservation_json(request: web.Request, rid: str, keys: SkuKeys, hold: HoldRecord
-                            ) -> dict[str, Any]:  # fmt: skip
+async def _reservation_json(request: web.Request, rid: str, keys: SkuKeys,
+                            owned: HoldRecord | OrderView) -> dict[str, Any]:  # fmt: skip
+    """The hold as Redis has it, with its order. Without the hold, its order alone: final, or
+    503 while the hold is being restored (the order cannot tell an ACTIVE hold's deadline)."""
+    body: dict[str, Any] = {"reservation_id": rid, "sale_id": keys.sale_id, "sku": keys.sku}
+    if isinstance(owned, OrderView):
+        if owned.state not in TERMINAL:
+            raise Unavailable("this reservation is being restored; retry", code="unavailable")
+        return {**body, "quantity": owned.quantity, "state": HOLD_FOR[owned.state],
+                "cause": STATE_CAUSE.get(owned.state), "hold_expires_at": None,
+                "order": owned.json()}  # fmt: skip
     try:
         order = await order_view(request.app[CLIENTS].pool, rid)
     except Exception as exc:
         if not is_outage(exc):
             raise
         order = None  # Postgres is down: the hold, which Redis has, is the answer for now
-    return {
-        "reservation_id": rid,
-        "sale_id": keys.sale_id,
-        "sku": keys.sku,
-        "quantity": hold.quantity,
-        "state": hold.state,
-        "cause": hold.cause or None,
-        "hold_expires_at": iso_ms(hold.deadline_ms),
-        "order": None if order is None else order.json(),
-    }
+    return {**body, "quantity": owned.quantity, "state": owned.state,
+            "cause": owned.cause or None, "hold_expires_at": iso_ms(owned.deadline_ms),
+            "order": None if order is None else order.json()}  # fmt: skip
 
 
 async def get_reservation(request: web.Request) -> web.Response:
-    rid, keys, hold = await _owned_hold(request)
-    return json_response(await _reservation_json(request, rid, keys, hold))
+    rid, keys, owned = await _owned_hold(request)
+    return json_response(await _reservation_json(request, rid, keys, owned))
 
 
 async def cancel_reservation(request: web.Request) -> web.Response:
-    rid, keys, hold = await _owned_hold(request)
+    rid, keys, owned = await _owned_hold(request)
+    if isinstance(owned, OrderView):  # only its order is left: released (cancel again), or sold
+        body = await _reservation_json(request, rid, keys, owned)
+        if body["state"] == "SOLD":
+            raise Conflict("reservation is SOLD: cannot cancel", code="already_sold")
+        return json_response(body)
     await rate_limit(request)
     result = await request.app[HOLDS].cancel(keys, rid)
     if not result.ok:
