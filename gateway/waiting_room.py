@@ -20,6 +20,7 @@ from aiohttp import web
 from allocator.queue_scripts import QueueView
 from flashsale.errors import Conflict, RateLimited, Unavailable
 from flashsale.keys import SaleKeys
+from flashsale.sales import sale_state
 from flashsale.tokens import Signer
 from gateway import challenge
 from gateway.counters import Counters
@@ -129,6 +130,8 @@ async def join(request: web.Request) -> web.Response:
         raise RateLimited("too many requests; slow down", retry_after_s=result.position / 1e6)
     if outcome == "unavailable":
         sale = await app[SALES].row(sale_id)  # NotFound for an unknown sale
+        if sale_state(sale) == "ended":  # no restore changes that (none comes for an old sale)
+            raise Conflict(f"sale {sale_id} has ended", code="sale_ended")
         if sale["preloaded_at"] is not None:  # Redis lost the waiting room: being restored
             raise Unavailable("the waiting room is being restored; retry", code="unavailable")
         raise Conflict(f"sale {sale_id} is not open for queueing yet", code="sale_not_open")
@@ -162,7 +165,12 @@ async def queue_status(request: web.Request) -> web.Response:
     counters = await app[COUNTERS].get(sale_id)
     if not (counters.view.live and counters.view.preloaded):
         # Redis lost the room or the sale's hash (the ticket proves both existed): nothing here
-        # is true until the reconciler restores them, so no verdict, least of all "expired".
+        # is true until the reconciler restores them, so no verdict, least of all "expired";
+        # unless Postgres says the sale ended, which no restore changes.
+        if sale_state(await app[SALES].row(sale_id)) == "ended":
+            metrics.count(metrics.polls, "expired", "postgres")
+            return json_response(Status("expired", position or None, None, None, None,
+                                        MAX_RETRY_MS).body())  # fmt: skip
         raise Unavailable("the waiting room is being restored; retry", code="unavailable")
     queue, keys, source = app[QUEUE], SaleKeys(sale_id), "cache"
     body: dict[str, Any] = {}
