@@ -58,6 +58,7 @@ WITH_LIB = frozenset({
     "reserve", "begin_payment", "confirm", "release", "expire",  # the hold lifecycle
     "join", "claim", "leave", "lease", "advance", "assign",  # the waiting room
     "rebuild_begin", "rebuild_holds", "rebuild_finish", "restore_queue",  # repairs
+    "archive",  # an ended sale's Redis state
 })  # fmt: skip
 
 # Answers that mean the command did not run on that node: sent again through the cluster client.

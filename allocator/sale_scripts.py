@@ -87,6 +87,7 @@ class SaleScripts:
         self._set_fields: AsyncScript = lua_script(client, "set_fields")
         self._put_sale: AsyncScript = lua_script(client, "put_sale")
         self._retire: AsyncScript = lua_script(client, "retire")
+        self._archive: AsyncScript = lua_script(client, "archive")
 
     async def preload(
         self, keys: SkuKeys, *, total: int | None, meta: dict[str, str], force: bool, first: bool
@@ -135,6 +136,23 @@ class SaleScripts:
         every = [keys.meta, keys.stock, keys.holds, keys.deadlines, keys.buyers, keys.idem,
                  keys.outbox, keys.transfers]  # fmt: skip
         return text(await self._retire(keys=every))
+
+    async def archive_many(self, buckets: Sequence[SkuKeys], *, check: bool = False) -> list[str]:
+        """Delete what only a running sale needs from each stock bucket of ``buckets``, once
+        the sale ended (see ``lua/archive.lua``; ``check``: only say whether it would): one
+        script call each, pipelined and packed."""
+        mode = "check" if check else "run"
+        commands: list[Command] = [
+            ("EVALSHA", self._archive.sha, 9, k.meta, k.stock, k.outbox, k.transfers, k.holds,
+             k.deadlines, k.buyers, k.idem, k.received, "sku", mode)
+            for k in buckets
+        ]  # fmt: skip
+        return [text(r) for r in await send_packed(self.client, commands, script=self._archive)]
+
+    async def archive_room(self, keys: SaleKeys) -> str:
+        """:meth:`archive_many` for the sale's waiting room."""
+        every = [keys.sale, keys.members, keys.steps, keys.claims]
+        return text(await self._archive(keys=every, args=["room", "run"]))
 
     async def put_sale(
         self, keys: SaleKeys, fields: dict[str, str], *, open_queue: bool = False

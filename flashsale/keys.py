@@ -34,6 +34,9 @@ primaries get one each (:func:`bucket_tag`). Each bucket is a whole allocator of
                                         live and holding, each sale with its SKUs and buckets),
                                         for an allocator started while Postgres is down
 
+Archiving an ended sale (``lua/archive.lua``) deletes members, steps, claims and each
+bucket's holds, deadlines, buyers, idem and received; the others stay.
+
 Sale and SKU ids are restricted (see :data:`ID_PATTERN`) so no id can break a hash tag.
 """
 

@@ -111,6 +111,7 @@ def sale_json(sale: asyncpg.Record, skus: Sequence[asyncpg.Record] | None = None
         "status": sale["status"],
         "state": sale_state(sale, now),
         "preloaded_at": iso(sale["preloaded_at"]),
+        "archived_at": iso(sale["archived_at"]),
         # The seed is revealed only once the pre-queue is closed (the sale has started).
         "shuffle": {
             "algorithm": SHUFFLE_ALGORITHM,

@@ -263,6 +263,8 @@ class Settings:
     consumer_group: str = "flashsale-workers"
     # How long the broker waits for a silent worker before its partitions go to another one.
     worker_session_timeout_s: float = 10.0
+    # How long after its end the reconciler archives a sale (reconciler/archive.py); None: never.
+    archive_after_s: float | None = 86_400.0
     # The payment provider: FLASHSALE_PSP_URL, or the simulator that `flashsale up` starts.
     psp_url: str | None = None
     # Which values came from the state folder (dev.env, engine.env) rather than the environment.
@@ -332,6 +334,7 @@ class Settings:
             worker_session_timeout_s=number(
                 env, "FLASHSALE_WORKER_SESSION_TIMEOUT", 10.0, minimum=1.0, maximum=30.0
             ),
+            archive_after_s=_archive_after(env),
             psp_url=http_url(
                 env.get("FLASHSALE_PSP_URL") or engine.get("FLASHSALE_PSP_URL"), "FLASHSALE_PSP_URL"
             ),
@@ -379,3 +382,14 @@ def _require(value: str | None, name: str) -> str:
             "run `flashsale dev up` or export it"
         )
     return value
+
+
+def _archive_after(env: Mapping[str, str]) -> float | None:
+    """FLASHSALE_ARCHIVE_AFTER: seconds (default a day), or ``never``."""
+    name = "FLASHSALE_ARCHIVE_AFTER"
+    if (env.get(name) or "").strip().lower() == "never":
+        return None
+    try:
+        return number(env, name, 86_400.0, minimum=0.0)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}: give seconds after a sale's end, or never") from None

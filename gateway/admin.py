@@ -28,6 +28,7 @@ from gateway.http import (
 )
 from gateway.middleware import Handler
 from gateway.state import CLIENTS, SALES, SETTINGS
+from reconciler.archive import archive_sale
 from reconciler.audit import audit_sale
 
 PREFIX = "/admin/"
@@ -159,6 +160,15 @@ async def audit(request: web.Request) -> web.Response:
     return json_response(report.json())
 
 
+async def archive(request: web.Request) -> web.Response:
+    """``POST /admin/v1/sales/{sale}/archive`` (``flashsale sale archive``): 409 while the sale
+    has not ended or its audit fails, with nothing deleted."""
+    app, sale_id = request.app, request.match_info["sale"]
+    c = app[CLIENTS]
+    archived = await archive_sale(c.pool, c.redis, c.provider, app[SETTINGS], sale_id)
+    return json_response(archived.json())
+
+
 async def update_sale(request: web.Request) -> web.Response:
     """``PATCH /admin/v1/sales/{sale}``: change settings (anything before the start; once
     started, ``LIVE_EDITABLE`` only: 409 ``sale_started`` otherwise)."""
@@ -214,5 +224,6 @@ def setup(app: web.Application) -> None:
     r.add_post("/admin/v1/sales/{sale}/preload", logged(preload))
     r.add_post("/admin/v1/sales/{sale}/stock", logged(change_stock))
     r.add_get("/admin/v1/sales/{sale}/audit", audit)
+    r.add_post("/admin/v1/sales/{sale}/archive", logged(archive))
     for action in ("pause", "resume", "end"):
         r.add_post(f"/admin/v1/sales/{{sale}}/{action}", logged(lifecycle(action)))

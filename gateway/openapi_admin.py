@@ -6,6 +6,7 @@ from typing import Any
 
 from gateway.openapi_parts import IDEMPOTENCY_KEY, SALE_PATH, errors, ok, op, query
 from gateway.openapi_schemas import (
+    ARCHIVED,
     AUDIT,
     NULLABLE_STRING,
     SALE,
@@ -278,6 +279,18 @@ def admin_paths() -> dict[str, Any]:
                 "admin",
                 "The post-sale audit: every invariant of DESIGN §7, with offending ids",
                 {**ok(200, "The report (passed or not)", AUDIT), **errors(401, 404)},
+                security="admin",
+                params=SALE_PATH,
+            )
+        },
+        "/admin/v1/sales/{sale}/archive": {
+            "post": op(
+                "archiveSale",
+                "admin",
+                "Archive an ended sale: its audit must pass; the report is recorded, then its "
+                "per-buyer Redis state deleted (README, 'After the sale'). 409 sale_not_ended, "
+                "audit_failed or archive_refused, with nothing deleted. Re-runnable",
+                {**ok(200, "The sale is archived", ARCHIVED), **errors(*admin_errors)},
                 security="admin",
                 params=SALE_PATH,
             )

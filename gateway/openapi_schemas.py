@@ -77,6 +77,11 @@ SALE = obj(
         "starts_at": {"type": "string"},
         "ends_at": {"type": "string"},
         "preloaded_at": NULLABLE_STRING,
+        "archived_at": {
+            "type": ["string", "null"],
+            "description": "when the ended sale was archived: its audit recorded, its per-buyer "
+            "Redis state deleted",
+        },
         "shuffle": SHUFFLE,
         "skus": {
             "type": "array",
@@ -122,6 +127,18 @@ SALE_STATUS = obj(
         },
     },
     ["sale", "skus"],
+)
+ARCHIVED = obj(
+    {
+        "sale_id": ID,
+        "archived_at": {"type": "string"},
+        "buckets": {"type": "integer", "description": "stock buckets cleared"},
+        "already": {
+            "type": "boolean",
+            "description": "archived before: this call only finished clearing its Redis state",
+        },
+    },
+    ["sale_id", "archived_at", "buckets", "already"],
 )
 AUDIT = obj(
     {

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
+import orjson
 
 from allocator.ids import hold_keys
 from allocator.stock_buckets import BucketScripts
@@ -56,10 +57,17 @@ async def audit_sale(
     settings: Settings,
     sale_id: str,
 ) -> AuditReport:
-    """Check DESIGN §7 for ``sale_id``. Raises NotFound for an unknown sale."""
+    """Check DESIGN §7 for ``sale_id``; an archived sale's is the report recorded when it was
+    archived (reconciler/archive.py: Redis no longer has what it read). Raises NotFound for
+    an unknown sale."""
     sale = await fetch_sale(pool, sale_id)
     if sale is None:
         raise NotFound(f"unknown sale {shown(sale_id)}", code="unknown_sale")
+    if sale["archived_at"] is not None:
+        report = AuditReport.parse(orjson.loads(sale["archive_audit"]))
+        report.facts["archived_at"] = sale["archived_at"].isoformat(timespec="seconds")
+        report.facts["audited"] = "when archived (Redis no longer holds the per-buyer state)"
+        return report
     skus = {r["sku"]: r for r in await fetch_skus(pool, sale_id)}
     orders = list(await pool.fetch(_ORDERS, sale_id))
     redis = await _redis_state(client, sale_id, list(skus.values()))

@@ -122,6 +122,11 @@ class ReconcileMetrics:
             "flashsale_consumer_lag_read_failures", "Lag readings the broker did not answer",
             registry=registry,
         )  # fmt: skip
+        self.archives = Counter(
+            "flashsale_sales_archived", "Attempts to archive an ended sale, by outcome: "
+            "archived, refused (its audit fails, or it is not over yet), failed",
+            ["outcome"], registry=registry,
+        )  # fmt: skip
         self.item_failures = Counter(
             "flashsale_reconcile_item_failures", "Items whose repair raised (the pass went on)",
             registry=registry,
@@ -171,6 +176,12 @@ class AuditReport:
     @property
     def passed(self) -> bool:
         return all(i.passed for i in self.invariants)
+
+    @classmethod
+    def parse(cls, doc: dict[str, Any]) -> AuditReport:
+        """The report :meth:`json` wrote."""
+        invariants = [Invariant(i["name"], i["passed"], i["details"]) for i in doc["invariants"]]
+        return cls(doc["sale_id"], invariants, doc["facts"])
 
     def json(self) -> dict[str, Any]:
         return {"sale_id": self.sale_id, "passed": self.passed,

@@ -27,6 +27,7 @@ from flashsale.kafka import LagReader
 from flashsale.ops_endpoints import dependency_probes, serve_ops
 from flashsale.outages import describe, is_outage
 from flashsale.settings import Settings
+from reconciler.archive import Archived, Archiver, archive_sale
 from reconciler.audit import audit_sale
 from reconciler.reconcile import Reconciler
 from reconciler.report import AuditReport, PassReport, ReconcileMetrics
@@ -69,6 +70,11 @@ async def audit(settings: Settings, sale_id: str) -> AuditReport:
         return await audit_sale(c.pool, c.redis, c.provider, settings, sale_id)
 
 
+async def archive(settings: Settings, sale_id: str) -> Archived:
+    async with open_clients(settings, pool_size=POOL_SIZE) as c:
+        return await archive_sale(c.pool, c.redis, c.provider, settings, sale_id)
+
+
 # With more SKUs in scope than this many a second at --interval, passes are spread out
 # (allocator/pacing.py): ended sales stay in scope for 15 minutes after their holds, and three
 # ended 10,000-SKU sales made back-to-back passes of 3 s each.
@@ -92,6 +98,9 @@ async def serve(settings: Settings, stop: asyncio.Event, *, interval: float,
             log.info("reconciler ops endpoints on http://%s:%d/healthz and /metrics", host,
                      ops_port)  # fmt: skip
         lag = LagReader(settings, settings.consumer_group)
+        archiver = None
+        if settings.archive_after_s is not None:
+            archiver = Archiver(c, settings, settings.archive_after_s, rec.metrics)
         checked = False  # the sales asked for exist (checked once Postgres answers)
         try:
             while not stop.is_set():
@@ -102,6 +111,8 @@ async def serve(settings: Settings, stop: asyncio.Event, *, interval: float,
                         await require_sales(c.pool, sales)
                         checked = True
                     report = await rec.run_once(sales, full=False)
+                    if archiver is not None:
+                        await archiver.run(sales)
                 except NotFound:
                     raise
                 except Exception as exc:

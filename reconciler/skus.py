@@ -31,12 +31,13 @@ from reconciler.report import PassReport, Repair, isolated, log, several_at_a_ti
 REBUILDS_AT_ONCE = 8
 LOST_AT_ONCE = 500  # lost SKUs of a sale rebuilt together
 
-# Sales in scope: preloaded, and not ended more than 15 minutes before their longest hold
-# could have lived (an ended sale ends when it was ended); or named explicitly.
+# Sales in scope: preloaded, not archived (reconciler/archive.py), and not ended more than 15
+# minutes before their longest hold could have lived (an ended sale ends when it was ended);
+# or named explicitly.
 SCOPE = """
 SELECT k.sale_id, k.sku, k.stock_total, k.sold, k.buckets, s.status
 FROM sale_skus k JOIN sales s ON s.id = k.sale_id
-WHERE k.preloaded_at IS NOT NULL
+WHERE k.preloaded_at IS NOT NULL AND s.archived_at IS NULL
   AND ($1::text[] IS NOT NULL OR
        CASE WHEN s.status = 'ended' THEN least(s.ends_at, s.updated_at) ELSE s.ends_at END
        + make_interval(secs => k.hold_ttl_seconds) + interval '15 minutes' > now())

@@ -74,7 +74,8 @@ def test_secrets_are_masked_in_repr_and_logs(
      ("FLASHSALE_MAX_IN_FLIGHT", "inf"), ("FLASHSALE_BODY_TIMEOUT", "nan"),
      ("FLASHSALE_RATE_PER_IP", "inf"), ("FLASHSALE_RATE_PER_BUYER", "nan,5"),
      # Kafka takes no session the consumer's requests could not outlast
-     ("FLASHSALE_WORKER_SESSION_TIMEOUT", "0.5"), ("FLASHSALE_WORKER_SESSION_TIMEOUT", "31")],
+     ("FLASHSALE_WORKER_SESSION_TIMEOUT", "0.5"), ("FLASHSALE_WORKER_SESSION_TIMEOUT", "31"),
+     ("FLASHSALE_ARCHIVE_AFTER", "-1"), ("FLASHSALE_ARCHIVE_AFTER", "later")],
 )  # fmt: skip
 def test_a_bad_setting_is_one_line_naming_it_not_a_traceback(
     run_cli: Cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str, value: str
@@ -85,6 +86,12 @@ def test_a_bad_setting_is_one_line_naming_it_not_a_traceback(
     assert result.code == 1
     lines = result.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"flashsale: error: {name}"), result.err
+
+
+def test_sales_are_archived_a_day_after_their_end_unless_told_otherwise() -> None:
+    assert Settings.from_env({}).archive_after_s == 86_400
+    assert Settings.from_env({"FLASHSALE_ARCHIVE_AFTER": " Never "}).archive_after_s is None
+    assert Settings.from_env({"FLASHSALE_ARCHIVE_AFTER": "0"}).archive_after_s == 0
 
 
 @pytest.mark.parametrize(

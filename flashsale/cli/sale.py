@@ -22,7 +22,7 @@ from allocator.sale_reads import MAX_PAGE
 from flashsale.cli.checks import duration, positive
 from flashsale.cli.output import dump_json, out
 from flashsale.clients import pg_pool, redis_client
-from flashsale.errors import InvalidInput
+from flashsale.errors import ConfigError, InvalidInput
 from flashsale.records import body_fingerprint, idempotency_key
 from flashsale.salespec import parse_csv, parse_sale, unique_keys
 from flashsale.settings import Settings
@@ -121,6 +121,8 @@ async def cmd_sale(args: argparse.Namespace, settings: Settings) -> int:
         count = len(batch.skus)
         out(f"imported {count} SKUs into {args.sale}; run `flashsale sale preload {args.sale}`")
         return 0
+    if command == "archive":  # the reconciler's job, with the audit
+        return await _archive(args, settings)
     async with admin(settings) as sales:
         if command == "list":
             listed = await sales.list_sales(status=args.status, limit=args.limit,
@@ -182,6 +184,18 @@ UPDATE_FLAGS = {
     "window": "admission_window_seconds", "capacity": "admission_capacity",
     "challenge": "join_challenge", "challenge_max": "join_challenge_max",
 }  # fmt: skip
+
+
+async def _archive(args: argparse.Namespace, settings: Settings) -> int:
+    from reconciler import service as reconciler_service  # noqa: PLC0415 - a light CLI start
+
+    settings.require_kafka()
+    if not settings.psp_url:  # the audit asks the provider for the sale's charges
+        raise ConfigError("FLASHSALE_PSP_URL is not set: archiving needs a passing audit "
+                          "(run it beside `flashsale up`, or point it at one)")  # fmt: skip
+    archived = await reconciler_service.archive(settings, args.sale)
+    dump_json(archived.json()) if args.json else out(archived.text())
+    return 0
 
 
 async def _watch(sales: SaleAdmin, args: argparse.Namespace) -> None:
@@ -302,11 +316,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     listing.add_argument("--status", choices=("active", "paused", "ended"),
                          help="only sales with this status")  # fmt: skip
     listing.add_argument("--limit", default="1000", help="at most this many (default 1000)")
-    listing.add_argument(
-        "--offset",
-        default="0",
-        help="skip this many of the newest first (default 0): the next page",
-    )
+    listing.add_argument("--offset", default="0",
+                         help="skip this many of the newest (default 0): next page")  # fmt: skip
     listing.add_argument("--json", action="store_true", help="print them as a JSON array")
     orders = sale_sub.add_parser(
         "orders", help="a sale's orders: one line each, or the whole list as CSV",
@@ -390,6 +401,16 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )  # fmt: skip
     rate.add_argument("sale", help="sale id")
     rate.add_argument("rate", metavar="N", help="buyers admitted per second (1..1000000)")
+    archive = sale_sub.add_parser(
+        "archive", help="after the end: record the audit, delete the per-buyer Redis state",
+        description="Archive an ended sale: once its audit passes, the report is recorded in "
+        "Postgres and the sale's per-buyer Redis state (waiting room, holds, buyer counts, "
+        "idempotency answers) deleted. Buyers are still told 'ended', a reservation is "
+        "answered from its order, `flashsale audit` shows the recorded report. The reconciler "
+        "archives sales FLASHSALE_ARCHIVE_AFTER seconds after their end (default a day).",
+    )  # fmt: skip
+    archive.add_argument("sale", help="sale id")
+    archive.add_argument("--json", action="store_true", help="print the outcome as JSON")
     for action, text in (
         ("pause", "stop granting reservations"),
         ("resume", "resume a paused sale"),

@@ -1,0 +1,175 @@
+"""Archiving an ended sale: its passing audit recorded in Postgres, then its per-buyer Redis
+state deleted (the waiting room's members, steps and claims; each stock bucket's holds,
+deadlines, buyer counts, idempotency answers and received transfers).
+
+What answers for the sale stays in Redis, a few hundred bytes a SKU: the sale, queue, meta
+and stock hashes (joins, polls and reserves answer "ended"; the page shows the counts). After
+archiving, Postgres answers the rest: a reservation from its order, the audit from the
+recorded report. Nothing is lost that Postgres does not have: the audit must pass first, and
+it passes only once the pipeline is drained, every hold is final and has its order, and
+every reservation traces back to its admission.
+
+The steps, each re-runnable:
+
+1. the sale has ended in Postgres, and in Redis (``lua/archive.lua`` checked, not run: by its
+   clock, no reservation can be granted any more; nothing held, in the outbox or lent);
+2. the audit passes; it is recorded with ``archived_at`` (the reconciler leaves the sale alone
+   from then on);
+3. the per-buyer keys are deleted, and ``redis_cleared_at`` recorded.
+
+An archive interrupted after step 2 is finished by the next one (its audit is not run again:
+the Redis state it read may be partly gone).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from functools import partial
+
+import asyncpg
+import orjson
+
+from allocator.sale_scripts import SaleScripts
+from flashsale.clients import Clients, RedisClient
+from flashsale.errors import Conflict, FlashsaleError, NotFound, listed, shown
+from flashsale.keys import SaleKeys, SkuKeys, bucket_keys
+from flashsale.outages import is_outage
+from flashsale.payments import PaymentProvider
+from flashsale.sales import fetch_sale, fetch_skus, sale_state
+from flashsale.settings import Settings
+from reconciler.audit import audit_sale
+from reconciler.report import ReconcileMetrics
+
+log = logging.getLogger("flashsale.reconciler")
+
+_MARK = """
+UPDATE sales SET archived_at = now(), archive_audit = $2::jsonb
+WHERE id = $1 AND archived_at IS NULL
+"""
+_CLEARED = "UPDATE sales SET redis_cleared_at = now() WHERE id = $1 RETURNING archived_at"
+# Ended sales due for archiving: ended ``$1`` seconds ago (an ended sale ends when it was
+# ended) and not archived, or archived and not cleared yet; of the sales ``$2`` (NULL: any).
+DUE = """
+SELECT id FROM sales
+WHERE redis_cleared_at IS NULL AND ($2::text[] IS NULL OR id = ANY($2::text[]))
+  AND CASE WHEN status = 'ended' THEN least(ends_at, updated_at) ELSE ends_at END
+      + make_interval(secs => $1) < now()
+ORDER BY ends_at
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Archived:
+    sale_id: str
+    archived_at: datetime
+    buckets: int  # stock buckets cleared (one per SKU in one bucket)
+    already: bool  # archived by an earlier call; this one only finished the clearing
+
+    def json(self) -> dict[str, object]:
+        return {"sale_id": self.sale_id, "archived_at": self.archived_at.isoformat(),
+                "buckets": self.buckets, "already": self.already}  # fmt: skip
+
+    def text(self) -> str:
+        when = self.archived_at.isoformat(timespec="seconds")
+        if self.already:
+            return f"{self.sale_id}: archived at {when}; its Redis state is cleared"
+        return (
+            f"{self.sale_id}: archived at {when}: audit passed and recorded; per-buyer "
+            f"Redis state deleted ({self.buckets} stock buckets, the waiting room)"
+        )
+
+
+async def archive_sale(pool: asyncpg.Pool, client: RedisClient, provider: PaymentProvider | None,
+                       settings: Settings, sale_id: str) -> Archived:  # fmt: skip
+    """Archive ``sale_id`` (see the module). Raises NotFound for an unknown sale, and Conflict,
+    having deleted nothing, when it has not ended or its audit fails."""
+    sale = await fetch_sale(pool, sale_id)
+    if sale is None:
+        raise NotFound(f"unknown sale {shown(sale_id)}", code="unknown_sale")
+    scripts = SaleScripts(client)
+    buckets = [k for r in await fetch_skus(pool, sale_id)
+               for k in bucket_keys(sale_id, r["sku"], r["buckets"])]  # fmt: skip
+    already = sale["archived_at"] is not None
+    if not already:
+        state = sale_state(sale)
+        if state != "ended":
+            raise Conflict(f"sale {sale_id} is {state}: archive it once it has ended",
+                           code="sale_not_ended")  # fmt: skip
+        _refused(sale_id, buckets, await scripts.archive_many(buckets, check=True))
+        report = await audit_sale(pool, client, provider, settings, sale_id)
+        if not report.passed:
+            failed = [i.name.split(".")[0] for i in report.invariants if not i.passed]
+            raise Conflict(
+                f"sale {sale_id} cannot be archived: its audit fails (invariants "
+                f"{', '.join(failed)}); `flashsale audit {sale_id}` shows why",
+                code="audit_failed",
+            )  # fmt: skip
+        await pool.execute(_MARK, sale_id, orjson.dumps(report.json()).decode())
+    _refused(sale_id, buckets, await scripts.archive_many(buckets))
+    await scripts.archive_room(SaleKeys(sale_id))
+    archived_at = await pool.fetchval(_CLEARED, sale_id)
+    return Archived(sale_id, archived_at, len(buckets), already)
+
+
+def _refused(sale_id: str, buckets: Sequence[SkuKeys], outcomes: Sequence[str]) -> None:
+    """Conflict naming the stock buckets the script refused, with why."""
+    refused = [
+        f"{b.sku}{f' bucket {b.bucket}' if b.bucket else ''}: {o[len('refused_') :]}"
+        for b, o in zip(buckets, outcomes, strict=True)
+        if o.startswith("refused")
+    ]
+    if refused:
+        raise Conflict(f"sale {sale_id} cannot be archived yet, Redis refuses "
+                       f"{listed(refused, what='stock buckets')}; retry later",
+                       code="archive_refused")  # fmt: skip
+
+
+async def due_sales(pool: asyncpg.Pool, after_s: float,
+                    sales: Sequence[str] | None = None) -> list[str]:  # fmt: skip
+    """The sales (of ``sales``, default any) ended ``after_s`` seconds ago whose Redis state
+    is not cleared yet."""
+    return [r["id"] for r in await pool.fetch(DUE, after_s, sales)]
+
+
+class Archiver:
+    """The reconciler service's archiving: after each pass, every sale due
+    (``FLASHSALE_ARCHIVE_AFTER`` after its end), each tried again at most every ``RETRY_S``
+    while it is refused (its audit reads every order of the sale)."""
+
+    RETRY_S = 600.0
+
+    def __init__(self, c: Clients, settings: Settings, after_s: float,
+                 metrics: ReconcileMetrics) -> None:  # fmt: skip
+        self.archive = partial(archive_sale, c.pool, c.redis, c.provider, settings)
+        self.pool = c.pool
+        self.after_s = after_s
+        self.metrics = metrics
+        self._next_try: dict[str, float] = {}
+
+    async def run(self, sales: Sequence[str] | None = None) -> None:
+        """Archive what is due (of ``sales``, default any). An outage is raised (the pass's
+        handling); a refusal is logged and tried again later, as is a failure of one sale."""
+        now = time.monotonic()
+        for sale_id in await due_sales(self.pool, self.after_s, sales):
+            if self._next_try.get(sale_id, 0.0) > now:
+                continue
+            try:
+                archived = await self.archive(sale_id)
+            except FlashsaleError as exc:
+                self.metrics.archives.labels("refused").inc()
+                log.warning("sale %s is not archived yet (again in %gs): %s", sale_id,
+                            self.RETRY_S, exc)  # fmt: skip
+            except Exception as exc:
+                if is_outage(exc):
+                    raise
+                self.metrics.archives.labels("failed").inc()
+                log.exception("archiving sale %s failed (again in %gs)", sale_id, self.RETRY_S)
+            else:
+                self.metrics.archives.labels("archived").inc()
+                log.info(archived.text(), extra={"sale": sale_id})
+                continue
+            self._next_try[sale_id] = now + self.RETRY_S
