@@ -103,12 +103,14 @@ def pack_command(args: Command) -> bytes:
 
 def command_key(command: Command) -> str | bytes | None:
     """The key a command is routed by: the first key of EVAL/EVALSHA, the first stream of
-    XREAD/XREADGROUP, else its first argument; None for a command without one (``PING``),
-    which any node may answer."""
+    XREAD/XREADGROUP, the key of MEMORY USAGE, else its first argument; None for a command
+    without one (``PING``), which any node may answer."""
     name = command[0]
     upper = name.upper() if isinstance(name, str) else ""
     if upper in ("EVALSHA", "EVAL"):
         at = 3
+    elif upper == "MEMORY":
+        at = 2
     elif upper in ("XREADGROUP", "XREAD") and "STREAMS" in command:
         at = command.index("STREAMS") + 1
     else:

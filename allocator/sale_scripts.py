@@ -78,6 +78,13 @@ def _preload_result(keys: SkuKeys, raw: list[bytes]) -> PreloadResult:
     return PreloadResult(keys.sku, outcome, StockCounts(*(int(v) for v in raw[1:6])))
 
 
+def archived_keys(keys: SkuKeys | SaleKeys) -> tuple[str, ...]:
+    """The keys archiving deletes: a stock bucket's per-buyer state, or a waiting room's."""
+    if isinstance(keys, SaleKeys):
+        return (keys.members, keys.steps, keys.claims)
+    return (keys.holds, keys.deadlines, keys.buyers, keys.idem, keys.received)
+
+
 class SaleScripts:
     """The sale-configuration scripts registered on one client."""
 
@@ -138,21 +145,22 @@ class SaleScripts:
         return text(await self._retire(keys=every))
 
     async def archive_many(self, buckets: Sequence[SkuKeys], *, check: bool = False) -> list[str]:
-        """Delete what only a running sale needs from each stock bucket of ``buckets``, once
-        the sale ended (see ``lua/archive.lua``; ``check``: only say whether it would): one
-        script call each, pipelined and packed."""
+        """Delete what only a running sale needs from each stock bucket of ``buckets``
+        (:func:`archived_keys`), once the sale ended (see ``lua/archive.lua``; ``check``: only
+        say whether it would): one script call each, pipelined and packed."""
         mode = "check" if check else "run"
         commands: list[Command] = [
-            ("EVALSHA", self._archive.sha, 9, k.meta, k.stock, k.outbox, k.transfers, k.holds,
-             k.deadlines, k.buyers, k.idem, k.received, "sku", mode)
+            ("EVALSHA", self._archive.sha, 9, k.meta, k.stock, k.outbox, k.transfers,
+             *archived_keys(k), "sku", mode)
             for k in buckets
         ]  # fmt: skip
         return [text(r) for r in await send_packed(self.client, commands, script=self._archive)]
 
     async def archive_room(self, keys: SaleKeys) -> str:
         """:meth:`archive_many` for the sale's waiting room."""
-        every = [keys.sale, keys.members, keys.steps, keys.claims]
-        return text(await self._archive(keys=every, args=["room", "run"]))
+        return text(
+            await self._archive(keys=[keys.sale, *archived_keys(keys)], args=["room", "run"])
+        )
 
     async def put_sale(
         self, keys: SaleKeys, fields: dict[str, str], *, open_queue: bool = False

@@ -137,8 +137,12 @@ ARCHIVED = obj(
             "type": "boolean",
             "description": "archived before: this call only finished clearing its Redis state",
         },
+        "freed_bytes": {
+            "type": "integer",
+            "description": "what Redis reported the deleted keys used (MEMORY USAGE)",
+        },
     },
-    ["sale_id", "archived_at", "buckets", "already"],
+    ["sale_id", "archived_at", "buckets", "already", "freed_bytes"],
 )
 AUDIT = obj(
     {

@@ -68,6 +68,14 @@ async def end_sale(session: aiohttp.ClientSession, base: str, token: str, sale_i
                what="ending the sale", expect=200)  # fmt: skip
 
 
+async def archive(session: aiohttp.ClientSession, base: str, token: str,
+                  sale_id: str) -> dict[str, Any]:  # fmt: skip
+    """Archive the ended sale (its audit recorded, its per-buyer Redis state deleted)."""
+    answer: dict[str, Any] = await _ask(session, "POST", f"{base}/admin/v1/sales/{sale_id}/archive",
+                                        token, what="archiving the sale", expect=200)  # fmt: skip
+    return answer
+
+
 async def audit(session: aiohttp.ClientSession, base: str, token: str, sale_id: str, *,
                 patience: float = 60) -> dict[str, Any]:  # fmt: skip
     """The post-sale audit report, asked again until it passes or says the pipeline has

@@ -15,7 +15,8 @@
    resolved.
 6. Ends with the post-sale audit (every invariant of DESIGN §7, through the admin API) once
    the pipeline has drained, ends the sale (so it costs the stack's services nothing after the
-   demo), stops the engine, and prints the report: seconds until every
+   demo) and archives it (its per-buyer Redis state deleted), stops the engine, and prints
+   the report: seconds until every
    buyer had a definitive answer, sold, oversold, p50/p99 per route, the admission order, how
    honest the ETAs were, the audit (``--json PATH`` writes it).
 """
@@ -152,6 +153,12 @@ async def run(settings: Settings, *, scenario: Scenario, progress: Progress,
             # anything (a pump, the sweeper, the relay), so a later demo meets the same engine.
             await admin_api.end_sale(session, base, settings.admin_token.reveal(), report.sale)
             progress(f"== sale {report.sale} ended")
+            if report.audit_passed:  # its per-buyer Redis state is of no more use
+                archived = await admin_api.archive(session, base, settings.admin_token.reveal(),
+                                                   report.sale)  # fmt: skip
+                report.archived_kb = archived["freed_bytes"] / 1024
+                progress(f"== sale archived: {report.archived_kb:,.0f} KB of per-buyer Redis "
+                         "state deleted (the audit's report is kept in Postgres)")  # fmt: skip
         code = code or (0 if report.audit_passed else 1)
         if up.poll() is not None:
             progress(f"the engine stopped early (exit {up.returncode}); see {log_path}")

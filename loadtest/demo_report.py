@@ -38,6 +38,7 @@ class DemoReport:
     # the same figures for the ETAs shown before the draw and for those shown with a place
     eta_by_kind: dict[str, dict[str, float | int | None]] = field(default_factory=dict)
     audit_passed: bool = False
+    archived_kb: float | None = None  # per-buyer Redis state the archive deleted
     outcomes: dict[str, int] = field(default_factory=dict)
     orders: dict[str, int] = field(default_factory=dict)
     routes: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -57,7 +58,8 @@ class DemoReport:
             "eta_p90_coverage": self.eta_p90_coverage, "eta_past_p50": self.eta_past_p50,
             "eta_buyers": self.eta_buyers,
             "eta_buyers_pre_queue": self.eta_buyers_pre_queue, "eta_by_kind": self.eta_by_kind,
-            "audit_passed": self.audit_passed, "routes": self.routes,
+            "audit_passed": self.audit_passed, "archived_kb": self.archived_kb,
+            "routes": self.routes,
             "outcomes": self.outcomes, "orders": self.orders,
             "target_seconds": self.target_seconds,
             "driver_loop_lag": self.driver_loop_lag,
@@ -155,8 +157,10 @@ def summary(report: DemoReport, progress: Progress) -> None:
     progress(f"   every buyer had a definitive answer {seconds:.1f}s after the sale opened "
              f"(target {report.target_seconds:g}s: {'met' if met else 'MISSED'})"
              if seconds is not None else "   not every buyer got an answer")  # fmt: skip
+    kb = report.archived_kb
+    archived = "" if kb is None else f"; archived, {kb:,.0f} KB of Redis state deleted"
     progress(f"   sold {report.sold}/{report.stock}, oversold {report.oversold}; "
-             f"audit {'passed' if report.audit_passed else 'FAILED'}")  # fmt: skip
+             f"audit {'passed' if report.audit_passed else 'FAILED'}{archived}")  # fmt: skip
     tau = report.admission_kendall_tau
     progress("   admission order vs queue order: Kendall tau "
              + ("n/a (fewer than two buyers admitted at different times)" if tau is None

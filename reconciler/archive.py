@@ -2,8 +2,8 @@
 state deleted (the waiting room's members, steps and claims; each stock bucket's holds,
 deadlines, buyer counts, idempotency answers and received transfers).
 
-What answers for the sale stays in Redis, a few hundred bytes a SKU: the sale, queue, meta
-and stock hashes (joins, polls and reserves answer "ended"; the page shows the counts). After
+What answers for the sale stays in Redis, about 1.3 KB a SKU: the sale, queue, meta and
+stock hashes (joins, polls and reserves answer "ended"; the page shows the counts). After
 archiving, Postgres answers the rest: a reservation from its order, the audit from the
 recorded report. Nothing is lost that Postgres does not have: the audit must pass first, and
 it passes only once the pipeline is drained, every hold is final and has its order, and
@@ -33,7 +33,8 @@ from functools import partial
 import asyncpg
 import orjson
 
-from allocator.sale_scripts import SaleScripts
+from allocator.redis_calls import read_packed
+from allocator.sale_scripts import SaleScripts, archived_keys
 from flashsale.clients import Clients, RedisClient
 from flashsale.errors import Conflict, FlashsaleError, NotFound, listed, shown
 from flashsale.keys import SaleKeys, SkuKeys, bucket_keys
@@ -51,11 +52,13 @@ UPDATE sales SET archived_at = now(), archive_audit = $2::jsonb
 WHERE id = $1 AND archived_at IS NULL
 """
 _CLEARED = "UPDATE sales SET redis_cleared_at = now() WHERE id = $1 RETURNING archived_at"
-# Ended sales due for archiving: ended ``$1`` seconds ago (an ended sale ends when it was
-# ended) and not archived, or archived and not cleared yet; of the sales ``$2`` (NULL: any).
+# Ended sales due for archiving: preloaded (else Redis has nothing of theirs), ended ``$1``
+# seconds ago (an ended sale ends when it was ended) and not archived, or archived and not
+# cleared yet; of the sales ``$2`` (NULL: any).
 DUE = """
 SELECT id FROM sales
-WHERE redis_cleared_at IS NULL AND ($2::text[] IS NULL OR id = ANY($2::text[]))
+WHERE redis_cleared_at IS NULL AND preloaded_at IS NOT NULL
+  AND ($2::text[] IS NULL OR id = ANY($2::text[]))
   AND CASE WHEN status = 'ended' THEN least(ends_at, updated_at) ELSE ends_at END
       + make_interval(secs => $1) < now()
 ORDER BY ends_at
@@ -68,18 +71,21 @@ class Archived:
     archived_at: datetime
     buckets: int  # stock buckets cleared (one per SKU in one bucket)
     already: bool  # archived by an earlier call; this one only finished the clearing
+    freed_bytes: int  # what Redis reported the deleted keys used (MEMORY USAGE)
 
     def json(self) -> dict[str, object]:
         return {"sale_id": self.sale_id, "archived_at": self.archived_at.isoformat(),
-                "buckets": self.buckets, "already": self.already}  # fmt: skip
+                "buckets": self.buckets, "already": self.already,
+                "freed_bytes": self.freed_bytes}  # fmt: skip
 
     def text(self) -> str:
         when = self.archived_at.isoformat(timespec="seconds")
+        freed = f"{self.freed_bytes / 1024:,.1f} KB of per-buyer Redis state deleted"
         if self.already:
-            return f"{self.sale_id}: archived at {when}; its Redis state is cleared"
+            return f"{self.sale_id}: archived at {when}; {freed}"
         return (
-            f"{self.sale_id}: archived at {when}: audit passed and recorded; per-buyer "
-            f"Redis state deleted ({self.buckets} stock buckets, the waiting room)"
+            f"{self.sale_id}: archived at {when}: audit passed and recorded; {freed} "
+            f"({self.buckets} stock buckets, the waiting room)"
         )
 
 
@@ -109,10 +115,13 @@ async def archive_sale(pool: asyncpg.Pool, client: RedisClient, provider: Paymen
                 code="audit_failed",
             )  # fmt: skip
         await pool.execute(_MARK, sale_id, orjson.dumps(report.json()).decode())
+    room = SaleKeys(sale_id)
+    deleted = [*archived_keys(room), *(name for k in buckets for name in archived_keys(k))]
+    sizes = await read_packed(client, [("MEMORY", "USAGE", name) for name in deleted])
     _refused(sale_id, buckets, await scripts.archive_many(buckets))
-    await scripts.archive_room(SaleKeys(sale_id))
+    await scripts.archive_room(room)
     archived_at = await pool.fetchval(_CLEARED, sale_id)
-    return Archived(sale_id, archived_at, len(buckets), already)
+    return Archived(sale_id, archived_at, len(buckets), already, sum(int(n or 0) for n in sizes))
 
 
 def _refused(sale_id: str, buckets: Sequence[SkuKeys], outcomes: Sequence[str]) -> None:
@@ -136,11 +145,15 @@ async def due_sales(pool: asyncpg.Pool, after_s: float,
 
 
 class Archiver:
-    """The reconciler service's archiving: after each pass, every sale due
-    (``FLASHSALE_ARCHIVE_AFTER`` after its end), each tried again at most every ``RETRY_S``
-    while it is refused (its audit reads every order of the sale)."""
+    """The reconciler service's archiving: after each pass, the sales due
+    (``FLASHSALE_ARCHIVE_AFTER`` after their end), at most ``PER_PASS`` of them (each audit
+    reads every order of its sale). A refused sale is tried again after ``RETRY_S``, twice
+    that after a second refusal, and so on up to a day: a sale whose audit keeps failing
+    costs little, and its warning comes back."""
 
     RETRY_S = 600.0
+    MAX_RETRY_S = 86_400.0
+    PER_PASS = 5
 
     def __init__(self, c: Clients, settings: Settings, after_s: float,
                  metrics: ReconcileMetrics) -> None:  # fmt: skip
@@ -148,28 +161,34 @@ class Archiver:
         self.pool = c.pool
         self.after_s = after_s
         self.metrics = metrics
-        self._next_try: dict[str, float] = {}
+        self._next_try: dict[str, tuple[float, float]] = {}  # sale -> (when, wait after)
 
     async def run(self, sales: Sequence[str] | None = None) -> None:
         """Archive what is due (of ``sales``, default any). An outage is raised (the pass's
         handling); a refusal is logged and tried again later, as is a failure of one sale."""
         now = time.monotonic()
-        for sale_id in await due_sales(self.pool, self.after_s, sales):
-            if self._next_try.get(sale_id, 0.0) > now:
-                continue
+        due = [s for s in await due_sales(self.pool, self.after_s, sales)
+               if self._next_try.get(s, (0.0, 0.0))[0] <= now]  # fmt: skip
+        for sale_id in due[: self.PER_PASS]:
             try:
                 archived = await self.archive(sale_id)
             except FlashsaleError as exc:
                 self.metrics.archives.labels("refused").inc()
-                log.warning("sale %s is not archived yet (again in %gs): %s", sale_id,
-                            self.RETRY_S, exc)  # fmt: skip
+                wait = self._later(sale_id, now)
+                log.warning("sale %s is not archived yet (again in %gs): %s", sale_id, wait, exc)
             except Exception as exc:
                 if is_outage(exc):
                     raise
                 self.metrics.archives.labels("failed").inc()
-                log.exception("archiving sale %s failed (again in %gs)", sale_id, self.RETRY_S)
+                wait = self._later(sale_id, now)
+                log.exception("archiving sale %s failed (again in %gs)", sale_id, wait)
             else:
                 self.metrics.archives.labels("archived").inc()
+                self._next_try.pop(sale_id, None)
                 log.info(archived.text(), extra={"sale": sale_id})
-                continue
-            self._next_try[sale_id] = now + self.RETRY_S
+
+    def _later(self, sale_id: str, now: float) -> float:
+        """Put the sale off (the wait doubling from ``RETRY_S``); how long."""
+        wait = self._next_try.get(sale_id, (0.0, self.RETRY_S))[1]
+        self._next_try[sale_id] = (now + wait, min(self.MAX_RETRY_S, wait * 2))
+        return wait

@@ -82,6 +82,7 @@ async def test_an_ended_sale_is_archived_and_still_answers_for_itself(stack: Set
             await admin.set_status(sale, "end")
             archived = await archive_sale(p.pool, p.redis, psp, p.settings, sale)
             assert (archived.already, archived.buckets) == (False, 2)
+            assert archived.freed_bytes > 0
             left = await _keys_of(p.redis, sale)
             room = SaleKeys(sale)  # the fencing token never goes back; the lease expires
             kept = {room.sale, room.queue, room.fence, room.lease}
@@ -92,6 +93,7 @@ async def test_an_ended_sale_is_archived_and_still_answers_for_itself(stack: Set
             assert {SaleKeys(sale).members, SkuKeys(sale, SKU).holds} <= before - left
             again = await archive_sale(p.pool, p.redis, psp, p.settings, sale)
             assert again.already and again.archived_at == archived.archived_at
+            assert again.freed_bytes == 0
         env = {**os.environ, **p.env()}
         command = [sys.executable, "-m", "flashsale", "sale", "archive"]
         rc, out, err = await asyncio.to_thread(run_bounded, [*command, sale], env, 60)
@@ -151,26 +153,39 @@ async def test_a_sale_whose_audit_fails_is_not_archived(stack: Settings) -> None
 
 
 async def test_the_reconciler_archives_a_sale_once_it_is_due(stack: Settings) -> None:
+    """An ended sale is archived once due; one whose audit fails is put off, not audited again
+    at every pass."""
     async with pipeline(stack) as p:
-        sale = await p.sale(stock=5)
-        ids = await p.reserve(sale, ["tok_visa"])
+        sale, broken = await p.sale(stock=5), await p.sale(stock=5)
+        ids = await p.reserve(sale, ["tok_visa"]) + await p.reserve(broken, ["tok_visa"])
         workers = p.start_workers()
         await p.wait_terminal(ids)
         await drained(p)
         await workers.drain()
-        await SaleAdmin.build(p.pool, p.redis).set_status(sale, "end")
+        admin = SaleAdmin.build(p.pool, p.redis)
+        for each in (sale, broken):
+            await admin.set_status(each, "end")
+        await p.redis.delete(SaleKeys(broken).claims)  # its audit fails: invariant 7
         settings = dataclasses.replace(p.settings, psp_url=p.psp_url)
         registry = CollectorRegistry()
+
+        def archives(outcome: str) -> float:
+            return registry.get_sample_value("flashsale_sales_archived_total",
+                                             {"outcome": outcome}) or 0.0  # fmt: skip
+
         async with open_clients(settings) as c:
             archiver = Archiver(c, settings, 3600.0, ReconcileMetrics(registry))
-            await archiver.run([sale])  # ended just now: not due an hour after its end
+            await archiver.run([sale, broken])  # ended just now: not due an hour after the end
             assert await p.redis.exists(SaleKeys(sale).members) == 1
+            assert archives("archived") == archives("refused") == 0
             archiver.after_s = 0.0
-            await archiver.run([sale])
-        assert await p.redis.exists(SaleKeys(sale).members) == 0
-        assert registry.get_sample_value("flashsale_sales_archived_total",
-                                         {"outcome": "archived"}) == 1  # fmt: skip
-        assert await due_sales(p.pool, 0.0, [sale]) == []
+            await archiver.run([sale, broken])
+            assert await p.redis.exists(SaleKeys(sale).members) == 0
+            assert (archives("archived"), archives("refused")) == (1, 1)
+            await archiver.run([sale, broken])  # the refused one waits its turn
+            assert (archives("archived"), archives("refused")) == (1, 1)
+        assert await due_sales(p.pool, 0.0, [sale, broken]) == [broken]
+        assert await p.redis.exists(SkuKeys(broken, SKU).holds) == 1
 
 
 async def test_a_join_to_an_ended_sale_redis_lost_is_told_it_ended(stack: Settings) -> None:

@@ -46,6 +46,7 @@ def test_demo_runs_a_spike_to_orders_and_a_passing_audit(stack: Settings, tmp_pa
     assert "== post-sale audit: PASSED" in out
     assert len(re.findall(r"\[pass\] \d\.", out)) == 8 and "[FAIL]" not in out
     assert "== engine stopped" in out
+    assert re.search(r"== sale archived: [\d,]+ KB of per-buyer Redis state deleted", out), out
 
     report = json.loads(path.read_text())
     assert {"buyers", "stock", "sold", "oversold", "seconds_to_answer_all", "audit_passed",
@@ -57,6 +58,7 @@ def test_demo_runs_a_spike_to_orders_and_a_passing_audit(stack: Settings, tmp_pa
     assert (report["buyers"], report["stock"], report["sold"], report["oversold"]) == (
         2000, 100, 100, 0)  # fmt: skip
     assert report["audit_passed"] is True
+    assert report["archived_kb"] > 0  # the 2,000 buyers' waiting room, at the least
     assert report["outcomes"]["reserved"] == confirmed + declined
     assert report["outcomes"]["reserved"] + report["outcomes"]["sold_out"] == 2000
     assert report["seconds_to_answer_all"] > 0
