@@ -16,9 +16,9 @@
 6. Ends with the post-sale audit (every invariant of DESIGN §7, through the admin API) once
    the pipeline has drained, ends the sale (so it costs the stack's services nothing after the
    demo) and archives it (its per-buyer Redis state deleted), stops the engine, and prints
-   the report: seconds until every
-   buyer had a definitive answer, sold, oversold, p50/p99 per route, the admission order, how
-   honest the ETAs were, the audit (``--json PATH`` writes it).
+   the report: seconds until every buyer had a definitive answer, sold, oversold, p50/p99 per
+   route, the admission order, how honest the ETAs were, the audit (``--json PATH`` writes
+   it).
 """
 
 from __future__ import annotations

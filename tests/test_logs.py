@@ -3,6 +3,7 @@ one reservation followed from the gateway to its confirmed order by its id alone
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -65,6 +66,18 @@ def test_bound_fields_reach_every_line_and_secrets_do_not(stack: Settings) -> No
         Settings.from_env({**os.environ, "FLASHSALE_LOG_FORMAT": "xml"})
 
 
+def _loggers_of(log_path: Path, rid: str) -> set[str]:
+    """The loggers that wrote a line about reservation ``rid`` so far (a line being written
+    is skipped)."""
+    found = set()
+    for line in log_path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            record = json.loads(line) if line.startswith("{") else {}
+            if record.get("reservation_id") == rid:
+                found.add(record["logger"])
+    return found
+
+
 def test_one_reservation_is_followed_through_the_services_by_its_id(
     stack: Settings, cli: Cli, tmp_path: Path
 ) -> None:
@@ -112,7 +125,13 @@ def test_one_reservation_is_followed_through_the_services_by_its_id(
                 if (order.get("order") or {}).get("state") == "CONFIRMED":
                     break
                 time.sleep(0.3)
-            time.sleep(0.5)  # the workers' line is written after the commit
+            # The workers' line is written after the commit, the relay's after its round (the
+            # gateway's own announcement may reach the workers first): wait for both.
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and not (
+                {"flashsale.relay", "flashsale.saga"} <= _loggers_of(log_path, rid)
+            ):
+                time.sleep(0.2)
         finally:
             up.send_signal(signal.SIGTERM)
             up.wait(timeout=30)

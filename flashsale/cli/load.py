@@ -135,7 +135,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "journey when it opens (one in ten with a declined card), shows reservations "
         "becoming confirmed orders, and ends with the post-sale audit and a report (seconds "
         "until every buyer had an answer, against 10 s; sold, oversold, p50/p99 per route, "
-        "the reservations' against 100/500 ms), then ends the sale. Exit 1 if a buyer got an "
+        "the reservations' against 100/500 ms), then ends and archives the sale. Exit 1 if a "
+        "buyer got an "
         "error, an order did not reach a final state, or the audit failed (not for a missed "
         "target).",
     )
