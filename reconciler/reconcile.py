@@ -104,11 +104,13 @@ class Reconciler:
 
     async def _checks(self, report: PassReport, sales: Sequence[str] | None, *,
                       wait_for_grace: bool, full: bool) -> None:  # fmt: skip
-        rows = await self.skus.scope(sales)
+        every = await self.skus.scope(sales)
+        in_scope = sorted({r["sale_id"] for r in every})
+        rows = self.skus.unsettled(every)  # the SKUs read: an ended sale's untouched ones once
         report.skus = len(rows)
-        in_scope = sorted({r["sale_id"] for r in rows})
         await self.skus.restore_sales(in_scope, report)
         drifted, statuses = await self.skus.find(rows)
+        report.next_skus = len(self.skus.unsettled(rows))
         await self.skus.rebuild_each(drifted, report)
         await self.skus.write_statuses(statuses, report)
         await self.rooms.repair(in_scope, report, wait=wait_for_grace)

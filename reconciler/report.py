@@ -43,6 +43,7 @@ class PassReport:
     (provider down, a hold that moved meanwhile); the next pass tries again."""
 
     skus: int = 0
+    next_skus: int = 0  # what the next pass will read: ``skus`` but the SKUs found settled
     seconds: float = 0.0
     repairs: list[Repair] = field(default_factory=list)
     flags: list[Repair] = field(default_factory=list)
@@ -106,8 +107,11 @@ class ReconcileMetrics:
                                 "Passes that stopped on an error", registry=registry)  # fmt: skip
         self.seconds = Gauge("flashsale_reconcile_pass_duration_seconds",
                              "Duration of the last pass", registry=registry)  # fmt: skip
-        self.skus = Gauge("flashsale_reconcile_skus", "SKUs in scope of the last pass",
-                          registry=registry)  # fmt: skip
+        self.skus = Gauge(
+            "flashsale_reconcile_skus",
+            "SKUs the last pass read (an ended sale's untouched ones only once)",
+            registry=registry,
+        )
         self.unresolved = Gauge(
             "flashsale_reconcile_unresolved", "Items the last pass could not decide",
             registry=registry,

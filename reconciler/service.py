@@ -75,9 +75,10 @@ async def archive(settings: Settings, sale_id: str) -> Archived:
         return await archive_sale(c.pool, c.redis, c.provider, settings, sale_id)
 
 
-# With more SKUs in scope than this many a second at --interval, passes are spread out
+# With more SKUs to read than this many a second at --interval, passes are spread out
 # (allocator/pacing.py): ended sales stay in scope for 15 minutes after their holds, and three
-# ended 10,000-SKU sales made back-to-back passes of 3 s each.
+# ended 10,000-SKU sales made back-to-back passes of 3 s each (their untouched SKUs are now
+# read once: reconciler.skus.SkuChecks.unsettled).
 SKUS_PER_S = 2000.0
 # Postgres connections: the rebuilds that run at once (reconciler.skus), and two more.
 POOL_SIZE = REBUILDS_AT_ONCE + 2
@@ -123,7 +124,7 @@ async def serve(settings: Settings, stop: asyncio.Event, *, interval: float,
                     else:
                         log.exception("reconcile pass failed (next one in %gs)", interval)
                 else:
-                    wait = period(report.skus, interval, SKUS_PER_S)
+                    wait = period(report.next_skus, interval, SKUS_PER_S)
                     if report.changed or report.flags:
                         log.warning("reconcile pass: %d repairs, %d flags over %d SKUs in %.3fs",
                                     report.changed, len(report.flags), report.skus,

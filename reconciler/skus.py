@@ -35,7 +35,8 @@ LOST_AT_ONCE = 500  # lost SKUs of a sale rebuilt together
 # minutes before their longest hold could have lived (an ended sale ends when it was ended);
 # or named explicitly.
 SCOPE = """
-SELECT k.sale_id, k.sku, k.stock_total, k.sold, k.buckets, s.status
+SELECT k.sale_id, k.sku, k.stock_total, k.sold, k.buckets, s.status,
+       s.ends_at < now() - interval '1 minute' AS past_end
 FROM sale_skus k JOIN sales s ON s.id = k.sale_id
 WHERE k.preloaded_at IS NOT NULL AND s.archived_at IS NULL
   AND ($1::text[] IS NOT NULL OR
@@ -71,6 +72,18 @@ def sku_reads(rows: Sequence[asyncpg.Record]) -> list[tuple[str | int, ...]]:
     return commands
 
 
+def _settled(row: asyncpg.Record, read: Sequence[BucketRead]) -> bool:
+    """A SKU in one bucket of an ended sale (a minute past its end, so past it by Redis's
+    clock too; or ended, and Redis says so), sound, untouched: nothing held, paid or sold,
+    its total Postgres's."""
+    if row["buckets"] != 1 or read[0].rebuilding:
+        return False
+    over = row["past_end"] or (row["status"] == "ended" and read[0].status == "ended")
+    c = read[0].counts
+    return bool(over) and row["sold"] == 0 and c["active"] == c["paying"] == c["sold"] == 0 \
+        and c["total"] == c["available"] == row["stock_total"]  # fmt: skip
+
+
 class SkuChecks:
     """SKU drift over one Postgres pool and one Redis client."""
 
@@ -81,10 +94,24 @@ class SkuChecks:
         self.repair = RepairScripts(client)
         self.buckets = BucketChecks(pool, client)
         self._counts: dict[tuple[str, str], int] = {}  # stock buckets of the SKUs in scope
+        self._settled: set[tuple[str, str]] = set()  # see unsettled()
 
     async def scope(self, sales: Sequence[str] | None = None) -> list[asyncpg.Record]:
-        """The SKU rows in scope (see ``SCOPE``), or those of ``sales``."""
-        return list(await self.pool.fetch(SCOPE, list(sales) if sales is not None else None))
+        """The SKU rows in scope (see ``SCOPE``), or those of ``sales``. The SKUs of sales
+        that left it are forgotten as settled."""
+        rows = list(await self.pool.fetch(SCOPE, list(sales) if sales is not None else None))
+        in_scope = {r["sale_id"] for r in rows}
+        self._settled = {k for k in self._settled if k[0] in in_scope}
+        return rows
+
+    def unsettled(self, rows: Sequence[asyncpg.Record]) -> list[asyncpg.Record]:
+        """``rows`` but the SKUs :meth:`find` saw settled: an ended sale's SKU in one bucket
+        that nobody held or bought, sound and in line with Postgres. Nothing changes such a
+        SKU any more (no reservation is granted after the end, by Redis's clock), so the
+        passes of this process read it no more: a 100,000-SKU catalogue sale stays in scope
+        for 15 minutes after its end, and was read whole every pass. Drift that needs no
+        reservation (Redis losing it) goes unrepaired then; it changes no buyer's answer."""
+        return [r for r in rows if (r["sale_id"], r["sku"]) not in self._settled]
 
     async def find(self, rows: Sequence[asyncpg.Record]) -> tuple[list[SkuDrift], list[Repair]]:
         """The SKUs whose Redis state needs a rebuild, and the status writes due on the
@@ -118,6 +145,8 @@ class SkuChecks:
                     row["sale_id"], row["sku"], "status", None, {"status": read[0].status},
                     {"status": row["status"]},
                 ))  # fmt: skip
+            elif not found and _settled(row, read):
+                self._settled.add((row["sale_id"], row["sku"]))
         return drift, statuses
 
     async def _reason(self, keys: SkuKeys, r: dict[str, Any],

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from allocator.sale_admin import SaleAdmin
 from flashsale.errors import NotFound, PaymentError, PaymentUnknown
 from flashsale.keys import SkuKeys
 from flashsale.payments import Charge, ChargeRequest, PaymentProvider
@@ -201,3 +202,22 @@ async def test_lost_skus_of_a_sale_are_rebuilt_together(
         assert [await p.redis.hgetall(SkuKeys(sale, sku).stock) for sku in skus] == before
         assert (await p.counts(sale))["sold"] == 2
         assert (await rec.run_once([sale])).repairs == []  # nothing left to repair
+
+
+async def test_an_ended_sales_untouched_skus_are_read_once(stack: Settings) -> None:
+    """Once the sale ended, a SKU nobody held or bought cannot change: the service's passes
+    read it once, then only the others (the sale stays in scope for its orders)."""
+    async with pipeline(stack) as p:
+        sale = await p.sale(stock=5, skus=3)
+        await p.reserve(sale, ["tok_visa"])  # SKU-1 is held; SKU-2 and SKU-3 are untouched
+        rec = Reconciler(p.pool, p.redis, None, p.settings.topics.order_events)
+        for _ in range(2):  # a live sale's SKUs are read at every pass
+            assert (await rec.run_once([sale], full=False)).skus == 3
+        await SaleAdmin.build(p.pool, p.redis).set_status(sale, "end")
+        reports = [await rec.run_once([sale], full=False) for _ in range(3)]
+        assert [(r.skus, r.next_skus) for r in reports] == [(3, 1), (1, 1), (1, 1)]
+        fresh = Reconciler(p.pool, p.redis, None, p.settings.topics.order_events)
+        assert (await fresh.run_once([sale])).skus == 3
+        await p.redis.hset(SkuKeys(sale, SKU).stock, "available", 0)  # SKU-1 still read
+        repaired = await rec.run_once([sale], full=False)
+        assert [r.sku for r in repaired.repairs] == [SKU]
