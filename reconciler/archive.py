@@ -85,7 +85,7 @@ class Archived:
             return f"{self.sale_id}: archived at {when}; {freed}"
         return (
             f"{self.sale_id}: archived at {when}: audit passed and recorded; {freed} "
-            f"({self.buckets} stock buckets, the waiting room)"
+            f"({self.buckets:,} stock buckets, the waiting room)"
         )
 
 
