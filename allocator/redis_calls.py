@@ -103,13 +103,13 @@ def pack_command(args: Command) -> bytes:
 
 def command_key(command: Command) -> str | bytes | None:
     """The key a command is routed by: the first key of EVAL/EVALSHA, the first stream of
-    XREAD/XREADGROUP, the key of MEMORY USAGE, else its first argument; None for a command
-    without one (``PING``), which any node may answer."""
+    XREAD/XREADGROUP, the key of MEMORY USAGE and XGROUP, else its first argument; None for
+    a command without one (``PING``), which any node may answer."""
     name = command[0]
     upper = name.upper() if isinstance(name, str) else ""
     if upper in ("EVALSHA", "EVAL"):
         at = 3
-    elif upper == "MEMORY":
+    elif upper in ("MEMORY", "XGROUP"):  # MEMORY USAGE <key>, XGROUP CREATE <key> ...
         at = 2
     elif upper in ("XREADGROUP", "XREAD") and "STREAMS" in command:
         at = command.index("STREAMS") + 1
@@ -145,6 +145,7 @@ async def send_packed(
     *,
     script: AsyncScript | None = None,
     chunk: int = 5000,
+    raise_on_error: bool = True,
 ) -> list[Any]:
     """The engine of :func:`call_packed` and :func:`read_packed`: ``commands`` packed, one
     connection per node, every node at once; replies in the order of ``commands``.
@@ -152,7 +153,8 @@ async def send_packed(
     What may be sent twice here is only what did not run: a ``NOSCRIPT`` answer (``script`` is
     loaded on that connection, then those commands go again on it) and, on a cluster, a
     redirection. A connection that fails mid-way is not retried: some of its commands may
-    have run. Raises the first error answer that remains."""
+    have run. Raises the first error answer that remains (returns it in its place, with
+    ``raise_on_error`` False)."""
     replies: list[Any] = [None] * len(commands)
     if isinstance(client, aioredis.RedisCluster):
         await client.initialize()  # a no-op unless the slots are to be read (afresh)
@@ -171,7 +173,7 @@ async def send_packed(
         for i, reply in enumerate(replies):
             if isinstance(reply, REDIRECTED):
                 replies[i] = await _redirected(client, commands[i], script)
-    for reply in replies:
+    for reply in replies if raise_on_error else ():
         if isinstance(reply, redis.exceptions.ResponseError):
             raise reply
     return replies

@@ -132,15 +132,17 @@ class OutboxRelay:
         self._reads = Schedule(rescan_s=idle_poll_s)
 
     async def _ensure_groups(self, skus: list[SkuKeys]) -> None:
-        """The consumer group of each of ``skus`` not made sure of yet, in one pipeline."""
+        """The consumer group of each of ``skus`` not made sure of yet, packed in C: through
+        redis-py's pipeline, a 100,000-SKU sale entering the scope (at its end, for a hold TTL
+        and a minute) kept the allocator's core busy."""
         new = [keys for keys in skus if keys not in self._groups]
         if not new:
             return
-        pipe = self.client.pipeline(transaction=False)
-        for keys in new:
-            # From the start of the stream: entries written before any relay ran count too.
-            pipe.xgroup_create(keys.outbox, GROUP, id="0", mkstream=True)
-        for keys, reply in zip(new, await pipe.execute(raise_on_error=False), strict=True):
+        # From the start of the stream: entries written before any relay ran count too.
+        commands: list[Command] = [("XGROUP", "CREATE", keys.outbox, GROUP, "0", "MKSTREAM")
+                                   for keys in new]  # fmt: skip
+        replies = await send_packed(self.client, commands, raise_on_error=False)
+        for keys, reply in zip(new, replies, strict=True):
             if isinstance(reply, Exception) and "BUSYGROUP" not in str(reply):
                 raise reply
             self._groups.add(keys)
@@ -150,6 +152,8 @@ class OutboxRelay:
         publish, acknowledge. Returns the stream entries acknowledged; raises KafkaError or a
         Redis error when a round could not finish (its entries stay pending and are retried)."""
         now = time.monotonic()
+        if len(self._groups) > 2 * max(len(skus), self.per_round):  # SKUs that left the scope
+            self._groups &= set(skus)
         # Looking for a dead relay's entries now and then is plenty: they wait claim_idle_ms.
         # A sweep takes per_round SKUs a round until it has been through the scope.
         claims: list[SkuKeys] = []

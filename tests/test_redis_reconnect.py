@@ -131,6 +131,9 @@ def test_a_stream_read_is_routed_by_its_stream() -> None:
     assert redis_calls.command_key(("XACK", "s:{a}:outbox", "relay", "1-0")) == "s:{a}:outbox"
     assert redis_calls.command_key(("EVALSHA", "sha", 2, "k1", "k2")) == "k1"
     assert redis_calls.command_key(("PING",)) is None
+    for keyed in (("MEMORY", "USAGE", "s:{a}:outbox"),
+                  ("XGROUP", "CREATE", "s:{a}:outbox", "relay", "0", "MKSTREAM")):  # fmt: skip
+        assert redis_calls.command_key(keyed) == "s:{a}:outbox"
 
 
 def test_connections_the_network_reset_while_idle_are_replaced_not_failed(tmp_path: Path) -> None:
