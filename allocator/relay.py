@@ -191,7 +191,7 @@ class OutboxRelay:
     async def _round(
         self, claims: list[SkuKeys], due: list[SkuKeys], now: float, quiet_s: float, own: bool
     ) -> int:
-        await self._ensure_groups(claims or due)
+        await self._ensure_groups(list(dict.fromkeys(claims + due)))  # every SKU it reads
         start = "0" if own else ">"
         commands: list[Command] = [
             *(("XAUTOCLAIM", keys.outbox, GROUP, self.consumer, self.claim_idle_ms, "0-0",

@@ -237,3 +237,27 @@ async def test_a_round_that_fails_reading_its_own_entries_reads_them_again(
     finally:
         await redis.delete(*(k.outbox for k in skus))
         await redis.aclose()
+
+
+async def test_skus_new_to_the_scope_are_read_with_their_groups_made(
+    stack: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A round makes the consumer group of every SKU it reads. It made only those it swept
+    for a dead relay's entries when it did both, so a sale entering the scope mid-sweep got
+    NOGROUP for its SKUs, which cleared every group and rescheduled the whole scope: a
+    100,000-SKU sale ending kept the allocator at most of a core for a minute."""
+    redis = redis_client(stack)
+    tag = uuid.uuid4().hex[:8]
+    old = [SkuKeys(f"old-{tag}", f"S{i}") for i in range(30)]
+    new = [SkuKeys(f"new-{tag}", f"S{i}") for i in range(30)]
+    relay = OutboxRelay(redis, None, "unused", "unused", "scope", per_round=10)
+    try:
+        for _ in range(3):  # every old SKU read and swept: each waits its idle delay now
+            await relay.relay_once(old)
+        relay._next_claim = 0.0  # a claim sweep starts over the scope, old SKUs first
+        await relay.relay_once(old + new)  # while the new SKUs are due at once
+        assert "consumer group missing" not in caplog.text
+        assert all(k in relay._groups for k in new[:10])
+    finally:
+        await redis.delete(*(k.outbox for k in old + new))
+        await redis.aclose()
