@@ -33,6 +33,7 @@ from allocator.pump import AdmissionPump, Count
 from allocator.queue_scripts import QueueScripts
 from allocator.redis_calls import Command, read_packed
 from allocator.relay import OutboxRelay, run_relay
+from allocator.settled import SettledSkus
 from allocator.sweeper import run_sweeper
 from flashsale.clients import RedisClient, pg_pool, redis_client
 from flashsale.kafka import producer_when_up
@@ -61,7 +62,8 @@ GROUP BY s.id
 # ended sale ends when it was ended.
 HOLDING_SALES = """
 SELECT s.id, array_agg(k.sku ORDER BY k.sku) AS skus,
-       array_agg(k.buckets ORDER BY k.sku) AS buckets
+       array_agg(k.buckets ORDER BY k.sku) AS buckets,
+       s.status, s.ends_at < now() - interval '1 minute' AS past_end
 FROM sales s JOIN sale_skus k ON k.sale_id = s.id
 WHERE s.preloaded_at IS NOT NULL
 GROUP BY s.id
@@ -184,6 +186,8 @@ class AllocatorService:
         self.noted: dict[str, Count | None] = {}  # the stock count last shown, by sale
         self.marks = QueueMarks(f"pump:{self.owner}")
         self.holding_skus: list[SkuKeys] = []  # of HOLDING_SALES: swept and relayed
+        self.in_scope: list[SkuKeys] = []  # ... with the settled ones
+        self.settled = SettledSkus()
         self.holding: list[dict[str, Any]] = []  # ... as listed, to tell a change
         self.kept: dict[str, Any] | None = None  # what was last kept in Redis, and when
         self.kept_at = 0.0
@@ -280,6 +284,23 @@ class AllocatorService:
     async def _holding_skus(self) -> list[SkuKeys]:
         return self.holding_skus
 
+    async def _holding(self, holding: list[dict[str, Any]]) -> None:
+        """``holding_skus``: the SKUs of the holding sales but those settled (allocator/
+        settled.py). The same list while nothing changes: the relay's cue."""
+        changed = holding != self.holding
+        if changed:
+            self.holding = holding
+            self.in_scope = [keys for r in holding for sku, n in zip(r["skus"], r["buckets"],
+                             strict=True) for keys in bucket_keys(r["id"], sku, n)]  # fmt: skip
+            self.settled.keep(r["id"] for r in holding)
+        if self.redis is not None:
+            try:
+                changed = await self.settled.find(self.redis, holding, self.in_scope) or changed
+            except Exception as exc:  # noqa: BLE001 - they are visited meanwhile
+                log_failure(log, "cannot read which SKUs of ended sales are settled", exc)
+        if changed:
+            self.holding_skus = [k for k in self.in_scope if k not in self.settled.keys]
+
     async def _discover(self, queue: QueueScripts) -> None:
         """The live sales (a pump each) and the holding ones (swept and relayed), from
         Postgres. They are kept in Redis for an allocator that starts while Postgres is down:
@@ -310,12 +331,7 @@ class AllocatorService:
                     self.kept, self.kept_at = kept, time.monotonic()
                 except Exception as exc:  # noqa: BLE001 - kept at the next discovery
                     log_failure(log, "cannot keep the live sales in Redis", exc)
-        if holding != self.holding:  # the same list while the scope is: the relay's cue
-            self.holding = holding
-            self.holding_skus = [
-                keys for r in holding for sku, count in zip(r["skus"], r["buckets"], strict=True)
-                for keys in bucket_keys(r["id"], sku, count)
-            ]  # fmt: skip
+        await self._holding(holding)
         live = {row["id"]: list(row["skus"]) for row in rows}
         buckets = {row["id"]: dict(zip(row["skus"], row["buckets"], strict=True)) for row in rows}
         for sale_id in set(self.pumps) - set(live):

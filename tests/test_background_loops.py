@@ -13,13 +13,16 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from allocator.hold_scripts import HoldScripts
 from allocator.queue_scripts import QueueScripts
 from allocator.relay import OutboxRelay, run_relay
-from allocator.service import AllocatorService
+from allocator.sale_admin import SaleAdmin
+from allocator.service import HOLDING_SALES, AllocatorService
 from allocator.sweeper import run_sweeper
 from flashsale.keys import SkuKeys, bucket_keys
 from flashsale.queue_marks import Mark, QueueMarks
 from flashsale.settings import Settings
+from tests.pipeline import pipeline
 from workers import order_events
 
 FAILURES = [
@@ -175,3 +178,34 @@ async def test_discovery_of_an_unchanged_scope_builds_nothing_again(
     assert len(first) == 100
     await service._discover(queue)
     assert service.holding_skus is first and built == 0
+
+
+async def test_the_relay_and_the_sweeper_leave_an_ended_sales_settled_skus(
+    stack: Settings,
+) -> None:
+    """Once a sale ended, a SKU with nothing held or paid and an empty outbox gets no more
+    events and has nothing to expire: the allocator stops visiting it (a 100,000-SKU sale
+    ending put the relay and the sweeper back on each of its SKUs for three minutes)."""
+    async with pipeline(stack) as p:
+        sale = await p.sale(stock=5, skus=3)
+        [rid] = await p.reserve(sale, ["tok_visa"])  # SKU-1 is held
+        service = AllocatorService(p.settings)
+        service.redis = p.redis
+
+        async def holding() -> list[SkuKeys]:
+            rows = [dict(r) for r in await p.pool.fetch(HOLDING_SALES) if r["id"] == sale]
+            await service._holding(rows)
+            return service.holding_skus
+
+        every = [SkuKeys(sale, f"SKU-{i}") for i in (1, 2, 3)]
+        assert await holding() == every  # live: every SKU
+        await SaleAdmin.build(p.pool, p.redis).set_status(sale, "end")
+        assert await holding() == every[:1]  # ended: the held one only
+        await HoldScripts(p.redis).release(every[0], rid, "cancelled")
+        for _ in range(100):  # its events relayed (the relay deletes what it published)
+            if not await p.redis.xlen(every[0].outbox):
+                break
+            await p.relay.relay_once(every[:1])
+            await asyncio.sleep(0.02)
+        assert await p.redis.xlen(every[0].outbox) == 0
+        assert await holding() == []
