@@ -20,8 +20,10 @@ from flashsale.records import text
 
 
 def ended_for_redis(row: Mapping[str, Any]) -> bool | None:
-    """For a holding sale's row: True when a minute past its end, None when only ended by
-    its status (each SKU's Redis copy must say so too), False otherwise."""
+    """For a sale's row with ``past_end`` (a minute past its end) and ``status``: True when
+    past its end (so past it by Redis's clock too), None when only ended by its status (each
+    SKU's Redis copy must say so too before no grant is possible), False otherwise. The
+    allocator's and the reconciler's rule for leaving an ended sale's SKUs alone."""
     if row.get("past_end"):
         return True
     return None if row.get("status") == "ended" else False

@@ -19,6 +19,7 @@ import asyncpg
 from allocator.redis_calls import read_packed
 from allocator.repair_scripts import RepairScripts
 from allocator.sale_scripts import STOCK_FIELDS, SaleScripts, StockCounts
+from allocator.settled import ended_for_redis
 from flashsale.clients import RedisClient
 from flashsale.keys import SaleKeys, SkuKeys, bucket_keys
 from flashsale.outages import describe, is_outage
@@ -73,12 +74,12 @@ def sku_reads(rows: Sequence[asyncpg.Record]) -> list[tuple[str | int, ...]]:
 
 
 def _settled(row: asyncpg.Record, read: Sequence[BucketRead]) -> bool:
-    """A SKU in one bucket of an ended sale (a minute past its end, so past it by Redis's
-    clock too; or ended, and Redis says so), sound, untouched: nothing held, paid or sold,
-    its total Postgres's."""
+    """A SKU in one bucket of a sale ended for Redis too (``ended_for_redis``), sound,
+    untouched: nothing held, paid or sold, its total Postgres's."""
     if row["buckets"] != 1 or read[0].rebuilding:
         return False
-    over = row["past_end"] or (row["status"] == "ended" and read[0].status == "ended")
+    ended = ended_for_redis(row)
+    over = ended or (ended is None and read[0].status == "ended")
     c = read[0].counts
     return bool(over) and row["sold"] == 0 and c["active"] == c["paying"] == c["sold"] == 0 \
         and c["total"] == c["available"] == row["stock_total"]  # fmt: skip
