@@ -11,6 +11,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -74,6 +75,10 @@ class SaleAdmin(SaleReads):
                     raise InvalidInput("Idempotency-Key", "this key created another sale",
                                        code="idempotency_mismatch")  # fmt: skip
                 return {**await self.get(earlier["id"]), "replayed": True}
+            if spec.ends_at <= datetime.now(UTC):  # after the replay: a retry still gets it
+                raise InvalidInput("ends_at", f"must be in the future, got "
+                                   f"{spec.ends_at:%Y-%m-%dT%H:%M:%SZ}: a sale over before "
+                                   "it is made can never open")  # fmt: skip
             await _insert_skus(conn, sale_id, spec.skus)
         return await self.get(sale_id)
 

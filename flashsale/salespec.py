@@ -94,7 +94,10 @@ def integer(value: Any, where: str, *, minimum: int, maximum: int, what: str) ->
     if not isinstance(value, int):
         raise InvalidInput(where, f"must be {what}, got {shown(value)}")
     if value < minimum or value > maximum:
-        raise InvalidInput(where, f"must be {what}, got {value}")
+        # every ``what`` says its floor ("positive", "from 5 to 3600"), not all their ceiling
+        said = value < minimum or str(maximum) in what or f"{maximum:,}" in what
+        told = "" if said else f" of at most {maximum:,}"
+        raise InvalidInput(where, f"must be {what}{told}, got {value}")
     return value
 
 

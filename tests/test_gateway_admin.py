@@ -394,6 +394,9 @@ async def test_the_admission_rate_changes_while_the_sale_runs(http: TestClient[A
         (b'{"name": "x", "skus": ' + b"[" * 1020 + b"]" * 1020 + b"}", "malformed_json"),
         (b'{"name": "x", "skus": [{"sku": "A", "title": "a\\u0000", "stock": 1, "price": 1, '
          b'"currency": "EUR"}]}', "invalid_input"),
+        # a sale over before it was made could never open; it was created
+        (b'{"name": "x", "starts_at": "2020-01-01T12:00:00Z", "ends_at": '
+         b'"2020-01-01T13:00:00Z"}', "invalid_input"),
     ],
 )  # fmt: skip
 async def test_bad_sale_bodies_are_422_and_write_nothing(

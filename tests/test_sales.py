@@ -17,16 +17,17 @@ import redis
 
 from allocator.sale_admin import SaleAdmin
 from flashsale.clients import pg_pool, redis_client
+from flashsale.errors import InvalidInput
 from flashsale.keys import SaleKeys, SkuKeys
-from flashsale.salespec import text
+from flashsale.salespec import parse_sale, text
 from flashsale.settings import Settings
 
 from .conftest import Cli, Db
 
 SALE: dict[str, Any] = {
     "name": "Sneaker drop",
-    "starts_at": "2026-12-01T12:00:00Z",
-    "ends_at": "2026-12-01T13:00:00Z",
+    "starts_at": "2036-12-01T12:00:00Z",
+    "ends_at": "2036-12-01T13:00:00Z",
     "admission_rate": 500,
     "max_queue": 200000,
     "skus": [
@@ -68,7 +69,7 @@ def test_create_from_file_json_output_and_defaults(cli: Cli, tmp_path: Path) -> 
     sale = json.loads(result.out)
     assert sale["id"].startswith("sale-")
     assert sale["name"] == "Sneaker drop"
-    assert sale["starts_at"] == "2026-12-01T12:00:00Z"
+    assert sale["starts_at"] == "2036-12-01T12:00:00Z"
     skus = {s["sku"]: s for s in sale["skus"]}
     assert skus["SNK-42"]["price"] == 12900
     # Optional fields got their defaults.
@@ -80,7 +81,7 @@ def test_create_from_file_json_output_and_defaults(cli: Cli, tmp_path: Path) -> 
 
 def test_create_from_flags(cli: Cli, db: Db) -> None:
     result = cli(
-        "sale", "create", "--name", "Flags", "--starts-at", "2026-12-01T12:00:00+01:00",
+        "sale", "create", "--name", "Flags", "--starts-at", "2036-12-01T12:00:00+01:00",
         "--sku", "CAP", "--stock", "7", "--price", "990", "--currency", "JPY",
         "--limit", "2", "--ttl", "30",
     )  # fmt: skip
@@ -507,8 +508,11 @@ BAD_SALES = [
     ("limit zero", _sku(per_buyer_limit=0), "skus[0].per_buyer_limit"),
     ("ttl zero", _sku(hold_ttl_seconds=0), "skus[0].hold_ttl_seconds"),
     ("ttl negative", _sku(hold_ttl_seconds=-1), "skus[0].hold_ttl_seconds"),
-    ("ends before starts", {**SALE, "ends_at": "2026-12-01T11:00:00Z"}, "ends_at"),
-    ("naive timestamp", {**SALE, "starts_at": "2026-12-01T12:00:00"}, "starts_at"),
+    ("ends before starts", {**SALE, "ends_at": "2036-12-01T11:00:00Z"}, "ends_at"),
+    # A typo in the year made a sale that could never open, created without a word.
+    ("ended already", {**SALE, "starts_at": "2020-01-01T12:00:00Z",
+                       "ends_at": "2020-01-01T13:00:00Z"}, "ends_at"),
+    ("naive timestamp", {**SALE, "starts_at": "2036-12-01T12:00:00"}, "starts_at"),
     ("bad timestamp", {**SALE, "starts_at": "tomorrow"}, "starts_at"),
     # Stored, then unreadable: the sale list broke on the row (year 0 once in UTC).
     ("year 1", {**SALE, "starts_at": "0001-01-01T00:00:00+14:00",
@@ -564,12 +568,35 @@ def test_names_in_any_script_are_kept_as_they_are(value: str) -> None:
     assert text(value, "name") == value
 
 
+@pytest.mark.parametrize(
+    ("data", "field", "maximum"),
+    [
+        (_sku(stock=10**12), "skus[0].stock", "1,000,000,000"),
+        (_sku(price=10**16), "skus[0].price", "1,000,000,000,000,000"),
+        (_sku(per_buyer_limit=10**5), "skus[0].per_buyer_limit", "10000"),
+        ({**SALE, "admission_rate": 10**7}, "admission_rate", "1,000,000"),
+        ({**SALE, "max_queue": 10**9}, "max_queue", "100,000,000"),
+        ({**SALE, "admission_capacity": 10**8}, "admission_capacity", "10,000,000"),
+    ],
+)  # fmt: skip
+def test_a_number_past_its_maximum_is_told_the_maximum(data: Any, field: str, maximum: str) -> None:
+    """ "must be a positive integer, got 99999999999999" told a merchandiser nothing true."""
+    with pytest.raises(InvalidInput) as refused:
+        parse_sale(data)
+    assert refused.value.field == field
+    assert maximum in refused.value.message, refused.value.message
+
+
 def test_bad_flags(cli: Cli, counts: Any) -> None:
     before = counts()
     result = cli("sale", "create", "--name", "x", "--sku", "A", "--stock", "0",
                  "--price", "1", "--currency", "EUR")  # fmt: skip
     assert result.code == 2
     assert "stock: must be a positive integer" in result.err
+    # A stock past the maximum was told "must be a positive integer", which it was.
+    huge = cli("sale", "create", "--name", "x", "--sku", "A", "--stock", "99999999999999",
+               "--price", "1", "--currency", "EUR")  # fmt: skip
+    assert huge.code == 2 and "at most 1,000,000,000" in huge.err, huge.err
     assert counts() == before
     # A start so far ahead that the date overflowed: a traceback, the sale created or not.
     for flag, value, field in (
