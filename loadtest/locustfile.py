@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import sys
 import threading
 import time
 import uuid
@@ -97,9 +98,12 @@ def _admin() -> dict[str, str]:
     return admin_headers(os.environ.get("FLASHSALE_ADMIN_TOKEN", ""))
 
 
+NO_HOST = "--host is not given: the engine's gateway, e.g. http://127.0.0.1:8080"
+
+
 def _host(environment: Environment) -> str:
     if not environment.host:
-        raise CannotStart("--host is not given: the engine's gateway, e.g. http://127.0.0.1:8080")
+        raise CannotStart(NO_HOST)
     return environment.host
 
 
@@ -124,10 +128,13 @@ def _make_sale(environment: Environment) -> str:
     return sale_id
 
 
+NO_SECRET = "FLASHSALE_BUYER_TOKEN_SECRET is not set: buyers need signed tokens"  # noqa: S105
+
+
 def _mint(count: int) -> list[str]:
     secret = os.environ.get("FLASHSALE_BUYER_TOKEN_SECRET", "")
     if not secret:
-        raise CannotStart("FLASHSALE_BUYER_TOKEN_SECRET is not set: buyers need signed tokens")
+        raise CannotStart(NO_SECRET)
     signer = Signer.from_setting(secret, "buyer")
     run = uuid.uuid4().hex[:8]
     return [signer.sign({"sub": f"spike-{run}-{i}"}, 7200) for i in range(count)]
@@ -141,6 +148,19 @@ def _set_sale(data: dict[str, Any]) -> None:
 def _on_init(environment: Environment, **_kwargs: Any) -> None:
     if isinstance(environment.runner, WorkerRunner):
         environment.runner.register_message("flashsale_sale", lambda msg, **_k: _set_sale(msg.data))
+    # Here, before the shape starts: test_start comes with the first buyers' spawn, and each
+    # of them would fail (in locust's own code without a host, minting without the secret)
+    # after the master had made a sale nobody could buy from.
+    headless = getattr(environment.parsed_options, "headless", False)
+    missing = [
+        *([NO_HOST] if headless and not environment.host
+          and not isinstance(environment.runner, WorkerRunner) else []),
+        *([NO_SECRET] if not os.environ.get("FLASHSALE_BUYER_TOKEN_SECRET")
+          and not isinstance(environment.runner, MasterRunner) else []),
+    ]  # fmt: skip
+    if missing:
+        log.error("the spike cannot start: %s", "; ".join(missing))
+        sys.exit(1)
 
 
 @events.test_start.add_listener  # type: ignore[untyped-decorator]

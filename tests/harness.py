@@ -247,6 +247,8 @@ def live_gateway(stack: Settings, **overrides: Any) -> Iterator[LiveGateway]:
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(15)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
+        if not thread.is_alive():
+            loop.close()  # its self-pipe socket, else a ResourceWarning in a later test
 
 
 def create_live_sale(base_url: str, *, stock: int = 50, name: str = "live test") -> str:

@@ -18,7 +18,7 @@ from flashsale.cli.devstack.processes import UP_PORTS, free_ports
 from flashsale.settings import Settings
 from loadtest.processes import engine
 from loadtest.verdict import judge
-from tests.conftest import Cli
+from tests.conftest import Cli, Db
 from tests.harness import live_gateway, run_bounded
 
 # Not imported here: locust patches the interpreter with gevent, which the asyncio tests of
@@ -148,6 +148,30 @@ def test_a_spike_at_an_engine_that_is_not_there_stops_at_once_saying_so(
     assert code == 1, err
     assert f"the spike cannot start: nothing answers at {host}" in err, err
     assert "Traceback" not in err, err
+
+
+def test_locust_run_without_a_host_says_so_in_one_line(stack: Settings) -> None:
+    """Buyers were spawned anyway and each failed in locust's own code: a traceback under the
+    one line that said what was wrong."""
+    env = _env(stack.admin_token.reveal(), stack.buyer_token_secret.reveal())
+    code, err = _spike(["locust", "-f", LOCUSTFILE, "--headless"], env)
+    assert code == 1, err
+    assert "the spike cannot start: --host is not given" in err, err
+    assert "Traceback" not in err and "StopTest" not in err, err
+
+
+def test_a_spike_without_the_buyer_token_secret_stops_before_making_a_sale(
+    stack: Settings, db: Db
+) -> None:
+    env = {k: v for k, v in _env(stack.admin_token.reveal(), "").items()
+           if k != "FLASHSALE_BUYER_TOKEN_SECRET"}  # fmt: skip
+    before = db.val("SELECT count(*) FROM sales")
+    with live_gateway(stack) as gw:
+        code, err = _spike(["locust", "-f", LOCUSTFILE, "--headless", "--host", gw.base_url], env)
+    assert code == 1, err
+    assert "the spike cannot start: FLASHSALE_BUYER_TOKEN_SECRET is not set" in err, err
+    assert "Traceback" not in err, err
+    assert db.val("SELECT count(*) FROM sales") == before  # no sale nobody can buy from
 
 
 def test_a_spike_with_an_admin_token_the_engine_refuses_stops_at_once_saying_so(
