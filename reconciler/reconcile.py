@@ -121,7 +121,8 @@ class Reconciler:
             self._next_slow = time.monotonic() + self.slow_every_s
             await self.stuck.repair(in_scope, report)
             await self.captures.flag_uncaptured(in_scope, report)
-            await self.orphans.repair(every_bucket(rows), report)
+            # not the SKUs this pass found settled: nothing is held or paid there
+            await self.orphans.repair(every_bucket(self.skus.unsettled(rows)), report)
 
     async def _record(self, report: PassReport) -> None:
         items = report.repairs + report.flags

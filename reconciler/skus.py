@@ -59,18 +59,25 @@ def every_bucket(rows: Sequence[asyncpg.Record]) -> list[SkuKeys]:
     return [k for r in rows for k in bucket_keys(r["sale_id"], r["sku"], r["buckets"])]
 
 
-def sku_reads(rows: Sequence[asyncpg.Record]) -> list[tuple[str | int, ...]]:
-    """The pass's read of each SKU in scope, for each of its stock buckets: its counters,
-    then its status, rebuild flag and (bucket 0 of a bucketed SKU) the total Redis was
-    given, and for a bucketed SKU its journal of transfers (:mod:`reconciler.buckets`)."""
+def sku_reads(
+    rows: Sequence[asyncpg.Record], keys: Sequence[list[SkuKeys]] | None = None
+) -> list[tuple[str | int, ...]]:
+    """The pass's read of each SKU in scope, for each of its stock buckets (``keys``, by
+    row, when already made): its counters, then its status, rebuild flag and (bucket 0 of a
+    bucketed SKU) the total Redis was given, and for a bucketed SKU its journal of transfers
+    (:mod:`reconciler.buckets`)."""
     commands: list[tuple[str | int, ...]] = []
-    for row in rows:
-        for keys in bucket_keys(row["sale_id"], row["sku"], row["buckets"]):
-            commands.append(("HMGET", keys.stock, *STOCK_FIELDS))
-            commands.append(("HMGET", keys.meta, "status", "rebuilding", "stock_total"))
+    for row, buckets in zip(rows, keys or [_buckets(r) for r in rows], strict=True):
+        for bucket in buckets:
+            commands.append(("HMGET", bucket.stock, *STOCK_FIELDS))
+            commands.append(("HMGET", bucket.meta, "status", "rebuilding", "stock_total"))
             if row["buckets"] > 1:
-                commands.append(("HGETALL", keys.transfers))
+                commands.append(("HGETALL", bucket.transfers))
     return commands
+
+
+def _buckets(row: asyncpg.Record) -> list[SkuKeys]:
+    return bucket_keys(row["sale_id"], row["sku"], row["buckets"])
 
 
 def _settled(row: asyncpg.Record, read: Sequence[BucketRead]) -> bool:
@@ -117,14 +124,15 @@ class SkuChecks:
     async def find(self, rows: Sequence[asyncpg.Record]) -> tuple[list[SkuDrift], list[Repair]]:
         """The SKUs whose Redis state needs a rebuild, and the status writes due on the
         others. Writes nothing."""
-        replies = iter(await read_packed(self.client, sku_reads(rows)))
+        every = [_buckets(r) for r in rows]
+        replies = iter(await read_packed(self.client, sku_reads(rows, every)))
         drift: list[SkuDrift] = []
         statuses: list[Repair] = []
-        for row in rows:
+        for row, buckets in zip(rows, every, strict=True):
             self._counts[(row["sale_id"], row["sku"])] = row["buckets"]
             pg = {"stock_total": row["stock_total"], "sold": row["sold"]}
             read = []
-            for keys in bucket_keys(row["sale_id"], row["sku"], row["buckets"]):
+            for keys in buckets:
                 counts, (status, rebuilding, granted) = next(replies), next(replies)
                 journal = next(replies) if row["buckets"] > 1 else {}
                 read.append(BucketRead(keys, {

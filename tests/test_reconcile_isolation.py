@@ -211,11 +211,23 @@ async def test_an_ended_sales_untouched_skus_are_read_once(stack: Settings) -> N
         sale = await p.sale(stock=5, skus=3)
         await p.reserve(sale, ["tok_visa"])  # SKU-1 is held; SKU-2 and SKU-3 are untouched
         rec = Reconciler(p.pool, p.redis, None, p.settings.topics.order_events)
+        rec.slow_every_s = 0  # the orphan-hold check at every pass
+        orphan_checks: list[list[str]] = []
+        held = rec.orphans._held
+
+        async def spied(skus: Sequence[SkuKeys]) -> tuple[list[SkuKeys], list[SkuKeys]]:
+            orphan_checks.append(sorted(k.sku for k in skus))
+            return await held(skus)
+
+        rec.orphans._held = spied  # type: ignore[method-assign]
         for _ in range(2):  # a live sale's SKUs are read at every pass
             assert (await rec.run_once([sale], full=False)).skus == 3
         await SaleAdmin.build(p.pool, p.redis).set_status(sale, "end")
+        orphan_checks.clear()
         reports = [await rec.run_once([sale], full=False) for _ in range(3)]
         assert [(r.skus, r.next_skus) for r in reports] == [(3, 1), (1, 1), (1, 1)]
+        # nor are they searched for orphan holds, from the pass that found them settled on
+        assert orphan_checks and all(c == [SKU] for c in orphan_checks), orphan_checks
         fresh = Reconciler(p.pool, p.redis, None, p.settings.topics.order_events)
         assert (await fresh.run_once([sale])).skus == 3
         await p.redis.hset(SkuKeys(sale, SKU).stock, "available", 0)  # SKU-1 still read
