@@ -33,10 +33,21 @@ from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.orders import HOLD_FOR, STATE_CAUSE, TERMINAL, OrderView, order_view
 from flashsale.outages import is_outage
 from flashsale.records import SEPARATORS, ClaimMember, HoldRecord, idempotency_key
+from flashsale.sales import sale_state
 from flashsale.timefmt import iso_ms
 from gateway.catalog import sku_limits
 from gateway.http import buyer_of, json_body, json_response, rate_keys, rate_limit, sale_of
-from gateway.state import ALLOCATORS, ANNOUNCER, CLIENTS, HOLDS, METRICS, QUEUE, SETTINGS, SIGNERS
+from gateway.state import (
+    ALLOCATORS,
+    ANNOUNCER,
+    CLIENTS,
+    HOLDS,
+    METRICS,
+    QUEUE,
+    SALES,
+    SETTINGS,
+    SIGNERS,
+)  # fmt: skip
 
 log = logging.getLogger("flashsale.gateway")
 MAX_PAYMENT_TOKEN = 200
@@ -122,6 +133,17 @@ def _claim_refused(claim: str) -> FlashsaleError:
     return Forbidden(message, code=code)
 
 
+async def _unless_ended(request: web.Request, sale_id: str,
+                        refusal: FlashsaleError) -> FlashsaleError:  # fmt: skip
+    """``refusal``, unless it is a 503 for Redis state that is gone (the SKU, the room) and
+    Postgres says the sale ended: 409 ``sale_ended`` then, which no restore would change (and
+    none comes for a sale the reconciler is done with)."""
+    if isinstance(refusal, Unavailable) and sale_state(await request.app[SALES].row(sale_id)) \
+            == "ended":  # fmt: skip
+        return Conflict(f"sale {sale_id} has ended", code="sale_ended")
+    return refusal
+
+
 def _gate(request: web.Request, buyer: str, member: str, deadline_ms: int) -> Admit:
     """The rate limits and the admission claim of a reserve, for the reserve script to check
     in the same call (a single Redis node; see lua/reserve.lua)."""
@@ -160,7 +182,7 @@ async def reserve(request: web.Request) -> web.Response:
                                          deadline_ms)  # fmt: skip
         if claimed != "ok":
             metrics.count(metrics.reservations, f"admission_{claimed}")
-            raise _claim_refused(claimed)
+            raise await _unless_ended(request, sale_id, _claim_refused(claimed))
     allocator = app[ALLOCATORS].for_sku(sale_id, sku, limits[sku].buckets)
     fresh = allocator.new_id(buyer)
     result = await allocator.reserve(
@@ -172,9 +194,11 @@ async def reserve(request: web.Request) -> web.Response:
         raise RateLimited("too many requests; slow down",
                           retry_after_s=(result.wait_us or 0) / 1_000_000)  # fmt: skip
     if outcome == "not_admitted" or outcome.startswith("admission_"):
-        raise _claim_refused(outcome.removeprefix("admission_"))
+        raise await _unless_ended(
+            request, sale_id, _claim_refused(outcome.removeprefix("admission_"))
+        )
     if outcome != "reserved":
-        raise _refuse(outcome)
+        raise await _unless_ended(request, sale_id, _refuse(outcome))
     rid, expires_ms = result.reservation_id, result.hold_expires_at_ms
     assert rid is not None and expires_ms is not None
     # The hold as it stands now (a replay's may have moved on since it was granted), and its

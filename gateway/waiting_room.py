@@ -221,6 +221,8 @@ async def leave(request: web.Request) -> web.Response:
                        code="not_placed_yet")  # fmt: skip
     outcome = await app[QUEUE].leave(keys, position)
     if outcome == "unavailable":
+        if sale_state(await app[SALES].row(sale_id)) == "ended":  # as for a join
+            raise Conflict(f"sale {sale_id} has ended", code="sale_ended")
         raise Unavailable("the waiting room is being restored; retry", code="unavailable")
     if outcome == "reserved":
         raise Conflict("this place was already used for a reservation: cancel that instead",

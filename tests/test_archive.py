@@ -201,3 +201,32 @@ async def test_a_join_to_an_ended_sale_redis_lost_is_told_it_ended(stack: Settin
         assert (code, body["error"]["code"]) == (409, "sale_ended"), body
         code, body = await gw.status(sale, early["ticket"])
         assert (code, body["state"]) == (200, "expired"), body
+
+
+@pytest.mark.parametrize("lost", ["sku", "room", "everything"])
+async def test_a_reserve_at_an_ended_sale_redis_lost_is_told_it_ended(
+    stack: Settings, lost: str
+) -> None:
+    """An admitted buyer reserving after the end (within their admission window) was 503
+    "retry" for good once Redis had lost the SKU or the room: the reconciler restores no sale
+    it is done with, and no restore would change the answer Postgres already gives."""
+    async with gateway(stack) as gw:
+        sale = await gw.create_sale(stock=3)
+        gw.pump(sale)
+        _, joined = await gw.join(sale, "buyer")
+        admission = (await gw.admitted(sale, joined["ticket"]))["admission_token"]
+        await SaleAdmin.build(gw.app[CLIENTS].pool, gw.app[CLIENTS].redis).set_status(sale, "end")
+        gone = {
+            "sku": SkuKeys(sale, "SKU-1").all(),
+            "room": SaleKeys(sale).all(),
+            "everything": [*SkuKeys(sale, "SKU-1").all(), *SaleKeys(sale).all()],
+        }[lost]
+        await gw.app[CLIENTS].redis.delete(*gone)
+        await asyncio.sleep(0.2)  # past the process's cache of the sale's counters
+        code, body = await gw.reserve(sale, "buyer", admission)
+        assert (code, body["error"]["code"]) == (409, "sale_ended"), body
+        if lost != "sku":  # the room is gone: leaving it was 503 "retry" for good too
+            left = await gw.http.delete(f"/v1/sales/{sale}/queue", headers={
+                **auth(gw.token("buyer")), "X-Queue-Ticket": joined["ticket"]})  # fmt: skip
+            assert left.status == 409, await left.text()
+            assert (await left.json())["error"]["code"] == "sale_ended"
