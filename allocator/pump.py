@@ -41,7 +41,7 @@ import asyncpg
 
 from allocator.queue_scripts import QueueScripts, QueueView, Step
 from flashsale.errors import QueueLost
-from flashsale.fairness import record
+from flashsale.fairness import record, record_lost
 from flashsale.keys import SaleKeys, SkuKeys, bucket_keys
 from flashsale.outages import log_failure
 from flashsale.queue_marks import Mark, QueueMarks
@@ -378,6 +378,7 @@ class AdmissionPump:
                     "pre-queue of %s: %d of %d positions in Redis (a restored room); its order "
                     "cannot be recorded", self.sale_id, len(placed), pre,
                 )  # fmt: skip
+                await record_lost(self.pool, self.sale_id)  # the public record says why
                 self.recorded = True  # said once; nothing later can complete it
                 return
             await record(self.pool, self.sale_id, [member_of(self.sale_id, b) for _, b in placed])

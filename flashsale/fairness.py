@@ -94,10 +94,16 @@ class Published:
     root: str | None
     size: int | None = None  # as recorded with the root
     ended: bool = False  # the sale ended: a record still missing will never be made
+    lost: bool = False  # Redis lost the drawn order before it was recorded: it never will be
 
     @property
     def missing_why(self) -> str:
         """Why ``members`` is None, in words for a buyer or an operator."""
+        if self.lost:
+            return (
+                "Redis lost the waiting room after its pre-queue was drawn and before the "
+                "order was recorded: there is no order to verify"
+            )
         if self.ended:
             return (
                 "the sale ended before its pre-queue order was recorded: there is no order "
@@ -111,7 +117,7 @@ class Published:
         return {
             "sale_id": self.sale_id, "algorithm": SHUFFLE_ALGORITHM, "merkle": MERKLE_RULE,
             "commitment": self.commitment, "seed": self.seed,
-            "recorded": self.members is not None, "ended": self.ended,
+            "recorded": self.members is not None, "ended": self.ended, "lost": self.lost,
             "size": self.size if self.size is not None else len(members), "root": self.root,
             "offset": offset, "members": members[offset:end],
             "next_offset": end if end < len(members) else None,
@@ -140,7 +146,8 @@ def problems(commitment: str, seed: str | None, members: list[str], root: str | 
 
 _SALE = """
 SELECT shuffle_seed, shuffle_commitment, starts_at <= now() AS started, prequeue_root,
-       prequeue_size, (status = 'ended' OR ends_at <= now()) AS ended
+       prequeue_size, (status = 'ended' OR ends_at <= now()) AS ended,
+       prequeue_lost_at IS NOT NULL AND prequeue_root IS NULL AS lost
 FROM sales WHERE id = $1
 """
 _MEMBERS = "SELECT member FROM prequeue_members WHERE sale_id = $1 ORDER BY position"
@@ -157,7 +164,16 @@ async def published(pool: asyncpg.Pool, sale_id: str) -> Published | None:
     commitment = row["shuffle_commitment"] or seed_commitment(row["shuffle_seed"])
     return Published(sale_id, commitment, row["shuffle_seed"] if row["started"] else None,
                      members, row["prequeue_root"], row["prequeue_size"],
-                     row["ended"])  # fmt: skip
+                     row["ended"], row["lost"])  # fmt: skip
+
+
+async def record_lost(pool: asyncpg.Pool, sale_id: str) -> None:
+    """Mark the pre-queue's order of ``sale_id`` as never to be recorded (Redis lost the
+    drawn positions first); nothing changes once it is recorded."""
+    await pool.execute(
+        "UPDATE sales SET prequeue_lost_at = coalesce(prequeue_lost_at, now())"
+        " WHERE id = $1 AND prequeue_root IS NULL", sale_id,
+    )  # fmt: skip
 
 
 async def record(pool: asyncpg.Pool, sale_id: str, members: list[str]) -> str:

@@ -304,13 +304,15 @@ FAIRNESS = obj(
         "recorded": {"type": "boolean", "description": "the pre-queue was shuffled and recorded"},
         "ended": {"type": "boolean", "description": "the sale ended: a record still missing "
                   "(recorded false) will never be made"},
+        "lost": {"type": "boolean", "description": "Redis lost the waiting room after the "
+                 "draw and before its order was recorded: it never will be"},
         "size": {"type": "integer", "minimum": 0},
         "root": {"oneOf": [HEX, {"type": "null"}]},
         "offset": {"type": "integer", "minimum": 0},
         "members": {"type": "array", "items": HEX, "description": "in position order"},
         "next_offset": NULLABLE_INT,
     },
-    ["sale_id", "algorithm", "merkle", "commitment", "seed", "recorded", "ended", "size",
+    ["sale_id", "algorithm", "merkle", "commitment", "seed", "recorded", "ended", "lost", "size",
      "root", "offset", "members", "next_offset"],
 )  # fmt: skip
 FAIRNESS_PROOF = obj(

@@ -7,10 +7,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
+from allocator import pump as pump_module
 from flashsale.fairness import merkle_path, merkle_root, path_holds, problems
+from flashsale.keys import SaleKeys
 from flashsale.settings import Settings
 from flashsale.shuffle import member_of, rank_members, seed_commitment
 from gateway.state import CLIENTS
@@ -178,6 +181,42 @@ async def test_a_sale_ended_before_it_opened_says_it_has_no_order(gw: Gateway, c
         assert result.code == 1, result.out + result.err
         assert "ended before its pre-queue order was recorded" in result.err, result.err
         assert "not shuffled and recorded yet" not in result.err
+
+
+async def test_a_pre_queue_redis_lost_before_its_order_was_recorded_says_so(
+    gw: Gateway, cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Drawn, then lost by Redis before the record was written (here: Postgres refused the
+    first write, and the restored room lacks the positions): the record can never be made.
+    The sale said "not shuffled and recorded yet", for good, to buyers and to verify."""
+    real, refused = pump_module.record, asyncio.Event()
+
+    async def first_write_fails(*args: Any) -> str:
+        if not refused.is_set():
+            refused.set()
+            raise ConnectionRefusedError("postgres is down")
+        return await real(*args)
+
+    monkeypatch.setattr(pump_module, "record", first_write_fails)
+    sale = await gw.create_sale(stock=10, starts_in=0.5)
+    tickets = [(await gw.join(sale, f"early-{i}"))[1]["ticket"] for i in range(4)]
+    gw.pump(sale)
+    await asyncio.wait_for(refused.wait(), 10)
+    await gw.app[CLIENTS].redis.hdel(SaleKeys(sale).members, "early-0")
+    for _ in range(100):
+        doc = await (await gw.http.get(f"/v1/sales/{sale}/fairness")).json()
+        if doc.get("lost"):
+            break
+        await asyncio.sleep(0.05)
+    assert (doc["recorded"], doc.get("lost")) == (False, True), doc
+    proof = await gw.http.get(f"/v1/sales/{sale}/fairness/proof",
+                              headers={"X-Queue-Ticket": tickets[1]})  # fmt: skip
+    assert proof.status == 404
+    assert "lost" in (await proof.json())["error"]["message"]
+    for where in ([], ["--url", str(gw.http.make_url(""))]):
+        result = await asyncio.to_thread(cli, "fairness", "verify", sale, *where)
+        assert result.code == 1, result.out + result.err
+        assert "no order to verify" in result.err and "lost" in result.err, result.err
 
 
 async def test_a_record_not_complete_yet_is_read_once_for_many_requests(

@@ -32,7 +32,7 @@ async def cmd_fairness(args: argparse.Namespace, settings: Settings) -> int:
         doc = await _fetch_fairness(http_url("url", args.url).rstrip("/"), sale)
         listed = doc["members"] if doc["recorded"] else None
         record = Published(sale, doc["commitment"], doc["seed"], listed, doc["root"], doc["size"],
-                           doc.get("ended", False))  # fmt: skip
+                           doc.get("ended", False), doc.get("lost", False))  # fmt: skip
     else:
         pool = await pg_pool(settings, max_size=2)
         try:
