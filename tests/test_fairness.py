@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from allocator import pump as pump_module
+from flashsale import fairness
 from flashsale.fairness import merkle_path, merkle_root, path_holds, problems
 from flashsale.keys import SaleKeys
 from flashsale.settings import Settings
@@ -189,7 +190,7 @@ async def test_a_pre_queue_redis_lost_before_its_order_was_recorded_says_so(
     """Drawn, then lost by Redis before the record was written (here: Postgres refused the
     first write, and the restored room lacks the positions): the record can never be made.
     The sale said "not shuffled and recorded yet", for good, to buyers and to verify."""
-    real, refused = pump_module.record, asyncio.Event()
+    real, refused = fairness.record, asyncio.Event()
 
     async def first_write_fails(*args: Any) -> str:
         if not refused.is_set():
