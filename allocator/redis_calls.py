@@ -121,6 +121,12 @@ def command_key(command: Command) -> str | bytes | None:
     return key if isinstance(key, str | bytes) else str(key)
 
 
+def hash_pairs(raw: Any) -> Iterable[tuple[Any, Any]]:
+    """An ``HGETALL`` answer's (field, value) pairs: a dict through redis-py's client, a flat
+    list when read packed."""
+    return raw.items() if isinstance(raw, dict) else zip(raw[::2], raw[1::2], strict=True)
+
+
 async def call_packed(client: RedisClient, script: AsyncScript, command: Command) -> Any:
     """EVALSHA ``command`` (packed by hiredis in C) on one pooled connection, the node's that
     serves its key on a cluster; load the script once on NOSCRIPT. The hot paths (reserve,

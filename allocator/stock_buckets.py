@@ -29,7 +29,7 @@ from redis.commands.core import AsyncScript
 
 from allocator.batching import RETRYABLE
 from allocator.ids import new_transfer_id
-from allocator.redis_calls import Command, lua_script, read_packed
+from allocator.redis_calls import Command, hash_pairs, lua_script, read_packed
 from allocator.sale_scripts import STOCK_FIELDS, StockCounts
 from flashsale.clients import RedisClient
 from flashsale.errors import Unavailable
@@ -199,9 +199,8 @@ def parse_journal(raw: Any) -> dict[str, tuple[int, int, int]]:
     """A bucket's ``transfers`` hash as HGETALL answers it (a dict, or a flat list when packed):
     transfer id -> (receiving bucket, units, lent at ms). The one reader of what
     ``lua/lend.lua`` writes."""
-    pairs = raw.items() if isinstance(raw, dict) else zip(raw[::2], raw[1::2], strict=True)
     journal = {}
-    for tid, value in pairs:
+    for tid, value in hash_pairs(raw):
         to, units, at_ms = text(value).split(SEP)
         journal[text(tid)] = (int(to), int(units), int(at_ms))
     return journal
