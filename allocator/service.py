@@ -41,6 +41,7 @@ from flashsale.keys import DISCOVERED, SkuKeys, bucket_keys
 from flashsale.ops_endpoints import KafkaProbe, build_info, dependency_probes, serve_ops
 from flashsale.outages import log_failure
 from flashsale.queue_marks import QueueMarks
+from flashsale.sales import HOLDS_END, fetch_in_play
 from flashsale.settings import Settings
 
 log = logging.getLogger("flashsale.allocator")
@@ -60,16 +61,15 @@ GROUP BY s.id
 # at the end can live (its SKUs' longest hold TTL) and a minute more. Holds expire and late
 # cancels happen after the end too, so the sweeper and the relay keep covering them. An
 # ended sale ends when it was ended.
-HOLDING_SALES = """
+HOLDING_SALES = f"""
 SELECT s.id, array_agg(k.sku ORDER BY k.sku) AS skus,
        array_agg(k.buckets ORDER BY k.sku) AS buckets,
        s.status, s.ends_at < now() - interval '1 minute' AS past_end
-FROM sales s JOIN sale_skus k ON k.sale_id = s.id
-WHERE s.preloaded_at IS NOT NULL
+FROM sales s
+CROSS JOIN LATERAL (SELECT sku, buckets FROM sale_skus k WHERE k.sale_id = s.id OFFSET 0) k
+WHERE s.preloaded_at IS NOT NULL AND {HOLDS_END} + interval '1 minute' > now()
 GROUP BY s.id
-HAVING CASE WHEN s.status = 'ended' THEN least(s.ends_at, s.updated_at) ELSE s.ends_at END
-       + make_interval(secs => max(k.hold_ttl_seconds)) + interval '1 minute' > now()
-"""
+"""  # noqa: S608 - only constants of this code go in
 
 
 # How long the sales an allocator last listed stay in Redis for one started while Postgres is
@@ -308,7 +308,7 @@ class AllocatorService:
         assert self.pool is not None
         try:
             rows = [dict(r) for r in await self.pool.fetch(LIVE_SALES)]
-            holding = [dict(r) for r in await self.pool.fetch(HOLDING_SALES)]
+            holding = [dict(r) for r in await fetch_in_play(self.pool, HOLDING_SALES)]
         except Exception as exc:  # noqa: BLE001 - the pumps it has go on
             seen = None
             if not self.pumps and not self.holding_skus and self.redis is not None:

@@ -18,6 +18,26 @@ from flashsale.shuffle import SHUFFLE_ALGORITHM, seed_commitment
 from flashsale.timefmt import iso, unix_ms
 
 STATUS_BY_ACTION = {"pause": "paused", "resume": "active", "end": "ended"}
+# SQL, of the sale ``s``: when it ends, or ended (an ended sale ended when it was ended); and
+# until when a hold of its SKUs can live, its SKUs' longest hold TTL later (one probe of the
+# index sale_skus_hold_ttl). The periodic queries over the sales in play filter sales by it,
+# then read those sales' SKUs only.
+SALE_END = "CASE WHEN s.status = 'ended' THEN least(s.ends_at, s.updated_at) ELSE s.ends_at END"
+HOLDS_END = (
+    f"{SALE_END} + make_interval(secs => (SELECT max(t.hold_ttl_seconds)"  # noqa: S608
+    " FROM sale_skus t WHERE t.sale_id = s.id))"
+)
+
+
+async def fetch_in_play(pool: asyncpg.Pool, sql: str, *args: Any) -> list[asyncpg.Record]:
+    """The rows of a periodic query over the sales in play (``HOLDS_END``), with Postgres's
+    JIT compilation off for it: the planner prices such a query by every SKU a sale might
+    have, far above what it reads, and compiling it took 250 ms of Postgres CPU each time
+    (``SET LOCAL``: it holds through a transaction pooler too)."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL jit = off")
+        return list(await conn.fetch(sql, *args))
+
 
 Db: TypeAlias = "asyncpg.Pool | asyncpg.Connection"  # either can fetch
 

@@ -31,6 +31,7 @@ from allocator.redis_calls import read_packed
 from allocator.sale_admin import SaleAdmin
 from flashsale.clients import pg_pool, redis_client
 from flashsale.keys import SkuKeys
+from flashsale.sales import fetch_in_play
 from flashsale.salespec import parse_sale
 from flashsale.settings import Settings
 from loadtest.bench import Report, Row, Target, inconsistent, machine, table
@@ -97,7 +98,7 @@ async def run(settings: Settings, options: Options, progress: Progress, command:
             raise RuntimeError(f"a fresh sale needed {first.changed} repairs: {first.json()}")
 
         async def ceiling() -> None:
-            await read_packed(client, sku_reads(await pool.fetch(SCOPE, scope)))
+            await read_packed(client, sku_reads(await fetch_in_play(pool, SCOPE, scope)))
 
         async def clean() -> None:
             report = await rec.run_once(scope, full=False)

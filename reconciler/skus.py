@@ -24,7 +24,14 @@ from flashsale.clients import RedisClient
 from flashsale.keys import SaleKeys, SkuKeys, bucket_keys
 from flashsale.outages import describe, is_outage
 from flashsale.records import integer, text
-from flashsale.sales import fetch_sale, fetch_skus, sale_hash
+from flashsale.sales import (
+    HOLDS_END,
+    SALE_END,
+    fetch_in_play,
+    fetch_sale,
+    fetch_skus,
+    sale_hash,
+)
 from reconciler.buckets import BucketChecks, BucketRead, SkuDrift, bucket_reason
 from reconciler.rebuild import SkuRebuild, rebuild_lost, rebuild_sku
 from reconciler.report import PassReport, Repair, isolated, log, several_at_a_time
@@ -35,17 +42,19 @@ LOST_AT_ONCE = 500  # lost SKUs of a sale rebuilt together
 # Sales in scope: preloaded, not archived (reconciler/archive.py), and not ended more than 15
 # minutes before their longest hold could have lived (an ended sale ends when it was ended);
 # or named explicitly.
-SCOPE = """
+SCOPE = f"""
 SELECT k.sale_id, k.sku, k.stock_total, k.sold, k.buckets, s.status,
        s.ends_at < now() - interval '1 minute' AS past_end
-FROM sale_skus k JOIN sales s ON s.id = k.sale_id
-WHERE k.preloaded_at IS NOT NULL AND s.archived_at IS NULL
+FROM sales s
+CROSS JOIN LATERAL (SELECT * FROM sale_skus k WHERE k.sale_id = s.id
+                    AND k.preloaded_at IS NOT NULL OFFSET 0) k
+WHERE s.archived_at IS NULL
+  AND CASE WHEN $1::text[] IS NULL THEN {HOLDS_END} + interval '15 minutes' > now()
+      ELSE s.id = ANY($1::text[]) END
   AND ($1::text[] IS NOT NULL OR
-       CASE WHEN s.status = 'ended' THEN least(s.ends_at, s.updated_at) ELSE s.ends_at END
-       + make_interval(secs => k.hold_ttl_seconds) + interval '15 minutes' > now())
-  AND ($1::text[] IS NULL OR k.sale_id = ANY($1::text[]))
+       {SALE_END} + make_interval(secs => k.hold_ttl_seconds) + interval '15 minutes' > now())
 ORDER BY k.sale_id, k.sku
-"""
+"""  # noqa: S608 - only constants of this code go in
 # Read after the Redis counters, in one statement: the sold count now and the open orders.
 _SOLD_AND_OPEN = """
 SELECT k.sold, (SELECT count(*) FROM orders o WHERE o.sale_id = $1 AND o.sku = $2
@@ -107,7 +116,7 @@ class SkuChecks:
     async def scope(self, sales: Sequence[str] | None = None) -> list[asyncpg.Record]:
         """The SKU rows in scope (see ``SCOPE``), or those of ``sales``. The SKUs of sales
         that left it are forgotten as settled."""
-        rows = list(await self.pool.fetch(SCOPE, list(sales) if sales is not None else None))
+        rows = await fetch_in_play(self.pool, SCOPE, list(sales) if sales is not None else None)
         in_scope = {r["sale_id"] for r in rows}
         self._settled = {k for k in self._settled if k[0] in in_scope}
         return rows
