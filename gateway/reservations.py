@@ -138,8 +138,9 @@ async def _unless_ended(request: web.Request, sale_id: str,
     """``refusal``, unless it is a 503 for Redis state that is gone (the SKU, the room) and
     Postgres says the sale ended: 409 ``sale_ended`` then, which no restore would change (and
     none comes for a sale the reconciler is done with)."""
-    if isinstance(refusal, Unavailable) and sale_state(await request.app[SALES].row(sale_id)) \
-            == "ended":  # fmt: skip
+    if refusal.code != "unavailable":  # a Postgres read only where Redis lost state
+        return refusal
+    if sale_state(await request.app[SALES].row(sale_id)) == "ended":
         return Conflict(f"sale {sale_id} has ended", code="sale_ended")
     return refusal
 
