@@ -294,9 +294,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="open the sale this long from now (90s, 10m, 2h, 1d), keeping its length; with "
         "--file it replaces the file's dates",
     )  # fmt: skip
-    create.add_argument(
-        "--ends-at", help="ISO 8601 with timezone, in the future (default: starts + 1h)"
-    )
+    create.add_argument("--ends-at", help="future ISO 8601 with timezone (default: starts + 1h)")
     create.add_argument("--admission-rate", help="buyers admitted per second (default 500)")
     create.add_argument("--max-queue", help="queue cap (default 200000)")
     create.add_argument("--sku", help="SKU id (letters, digits, . _ -)")
