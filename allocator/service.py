@@ -50,21 +50,16 @@ log = logging.getLogger("flashsale.allocator")
 # series, sku="*": 100,000 SKUs would be 300,000 series, set again at every count.
 MAX_SKU_SERIES = 1000
 
-LIVE_SALES = """
-SELECT s.id, array_agg(k.sku ORDER BY k.sku) AS skus,
-       array_agg(k.buckets ORDER BY k.sku) AS buckets
-FROM sales s JOIN sale_skus k ON k.sale_id = s.id
-WHERE s.status <> 'ended' AND s.preloaded_at IS NOT NULL AND s.ends_at > now()
-GROUP BY s.id
-"""
 # The sales in which a hold can still live: after a sale ended, for as long as a hold granted
 # at the end can live (its SKUs' longest hold TTL) and a minute more. Holds expire and late
 # cancels happen after the end too, so the sweeper and the relay keep covering them. An
-# ended sale ends when it was ended.
+# ended sale ends when it was ended. The live ones among them (not ended, before their end)
+# get a pump each: one query for both lists, each a sale's every SKU.
 HOLDING_SALES = f"""
 SELECT s.id, array_agg(k.sku ORDER BY k.sku) AS skus,
        array_agg(k.buckets ORDER BY k.sku) AS buckets,
-       s.status, s.ends_at < now() - interval '1 minute' AS past_end
+       s.status, s.ends_at < now() - interval '1 minute' AS past_end,
+       s.status <> 'ended' AND s.ends_at > now() AS live
 FROM sales s
 CROSS JOIN LATERAL (SELECT sku, buckets FROM sale_skus k WHERE k.sale_id = s.id OFFSET 0) k
 WHERE s.preloaded_at IS NOT NULL AND {HOLDS_END} + interval '1 minute' > now()
@@ -307,8 +302,8 @@ class AllocatorService:
         it takes them from there (what it has goes on otherwise)."""
         assert self.pool is not None
         try:
-            rows = [dict(r) for r in await self.pool.fetch(LIVE_SALES)]
             holding = [dict(r) for r in await fetch_in_play(self.pool, HOLDING_SALES)]
+            rows = [r for r in holding if r["live"]]
         except Exception as exc:  # noqa: BLE001 - the pumps it has go on
             seen = None
             if not self.pumps and not self.holding_skus and self.redis is not None:

@@ -157,7 +157,8 @@ async def test_discovery_of_an_unchanged_scope_builds_nothing_again(
     """Discovery runs every 2 s. It built the keys of every SKU in scope each time: 0.34 s of
     the allocator's loop for a 100,000-SKU sale, every 2 s."""
     service = AllocatorService(Settings.from_env({}))
-    rows = [{"id": "S", "skus": [f"K{i}" for i in range(100)], "buckets": [1] * 100}]
+    rows = [{"id": "S", "skus": [f"K{i}" for i in range(100)], "buckets": [1] * 100,
+             "live": True}]  # fmt: skip
 
     class Pool:
         async def fetch(self, *_args: Any) -> list[Any]:
