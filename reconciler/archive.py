@@ -40,7 +40,7 @@ from flashsale.errors import Conflict, FlashsaleError, NotFound, listed, shown
 from flashsale.keys import SaleKeys, SkuKeys, bucket_keys
 from flashsale.outages import is_outage
 from flashsale.payments import PaymentProvider
-from flashsale.sales import fetch_sale, fetch_skus, sale_state
+from flashsale.sales import SALE_END, fetch_sale, fetch_skus, sale_state
 from flashsale.settings import Settings
 from reconciler.audit import audit_sale
 from reconciler.report import ReconcileMetrics
@@ -55,14 +55,13 @@ _CLEARED = "UPDATE sales SET redis_cleared_at = now() WHERE id = $1 RETURNING ar
 # Ended sales due for archiving: preloaded (else Redis has nothing of theirs), ended ``$1``
 # seconds ago (an ended sale ends when it was ended) and not archived, or archived and not
 # cleared yet; of the sales ``$2`` (NULL: any).
-DUE = """
-SELECT id FROM sales
-WHERE redis_cleared_at IS NULL AND preloaded_at IS NOT NULL
-  AND ($2::text[] IS NULL OR id = ANY($2::text[]))
-  AND CASE WHEN status = 'ended' THEN least(ends_at, updated_at) ELSE ends_at END
-      + make_interval(secs => $1) < now()
-ORDER BY ends_at
-"""
+DUE = f"""
+SELECT s.id FROM sales s
+WHERE s.redis_cleared_at IS NULL AND s.preloaded_at IS NOT NULL
+  AND ($2::text[] IS NULL OR s.id = ANY($2::text[]))
+  AND {SALE_END} + make_interval(secs => $1) < now()
+ORDER BY s.ends_at
+"""  # noqa: S608 - only constants of this code go in
 
 
 @dataclass(frozen=True, slots=True)
