@@ -35,6 +35,7 @@ from flashsale.errors import NotFound, shown
 from flashsale.inflight import Copy
 from flashsale.keys import ID_PATTERN, SaleKeys
 from flashsale.outages import is_outage
+from flashsale.sales import sale_state
 from gateway.documents import Document
 from gateway.state import CATALOG, CATALOG_READS, SALES, SKU_LIMITS
 
@@ -46,6 +47,13 @@ MAX_LIMITS_TTL_S = 10.0
 SLOW_READ_S = 0.05  # a copy that took this long to read is served while the next is read
 
 T = TypeVar("T")
+
+
+async def ended_by_postgres(app: web.Application, sale_id: str) -> bool:
+    """Whether Postgres says the sale ended (NotFound for an unknown sale): the answer where
+    Redis lost the sale's state (its room, its SKU), since no restore would change it, and
+    none comes for a sale the reconciler is done with."""
+    return sale_state(await app[SALES].row(sale_id)) == "ended"
 
 
 async def sale_summary(request: web.Request, sale_id: str) -> Document:

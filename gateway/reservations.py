@@ -33,21 +33,10 @@ from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.orders import HOLD_FOR, STATE_CAUSE, TERMINAL, OrderView, order_view
 from flashsale.outages import is_outage
 from flashsale.records import SEPARATORS, ClaimMember, HoldRecord, idempotency_key
-from flashsale.sales import sale_state
 from flashsale.timefmt import iso_ms
-from gateway.catalog import sku_limits
+from gateway.catalog import ended_by_postgres, sku_limits
 from gateway.http import buyer_of, json_body, json_response, rate_keys, rate_limit, sale_of
-from gateway.state import (
-    ALLOCATORS,
-    ANNOUNCER,
-    CLIENTS,
-    HOLDS,
-    METRICS,
-    QUEUE,
-    SALES,
-    SETTINGS,
-    SIGNERS,
-)  # fmt: skip
+from gateway.state import ALLOCATORS, ANNOUNCER, CLIENTS, HOLDS, METRICS, QUEUE, SETTINGS, SIGNERS
 
 log = logging.getLogger("flashsale.gateway")
 MAX_PAYMENT_TOKEN = 200
@@ -136,11 +125,9 @@ def _claim_refused(claim: str) -> FlashsaleError:
 async def _unless_ended(request: web.Request, sale_id: str,
                         refusal: FlashsaleError) -> FlashsaleError:  # fmt: skip
     """``refusal``, unless it is a 503 for Redis state that is gone (the SKU, the room) and
-    Postgres says the sale ended: 409 ``sale_ended`` then, which no restore would change (and
-    none comes for a sale the reconciler is done with)."""
-    if refusal.code != "unavailable":  # a Postgres read only where Redis lost state
-        return refusal
-    if sale_state(await request.app[SALES].row(sale_id)) == "ended":
+    Postgres says the sale ended (:func:`~gateway.catalog.ended_by_postgres`): 409
+    ``sale_ended`` then. Postgres is read only for such a refusal."""
+    if refusal.code == "unavailable" and await ended_by_postgres(request.app, sale_id):
         return Conflict(f"sale {sale_id} has ended", code="sale_ended")
     return refusal
 

@@ -23,6 +23,7 @@ from flashsale.keys import SaleKeys
 from flashsale.sales import sale_state
 from flashsale.tokens import Signer
 from gateway import challenge
+from gateway.catalog import ended_by_postgres
 from gateway.counters import Counters
 from gateway.eta import estimate
 from gateway.http import buyer_of, json_response, queue_ticket, rate_keys, rate_limit, sale_of
@@ -167,7 +168,7 @@ async def queue_status(request: web.Request) -> web.Response:
         # Redis lost the room or the sale's hash (the ticket proves both existed): nothing here
         # is true until the reconciler restores them, so no verdict, least of all "expired";
         # unless Postgres says the sale ended, which no restore changes.
-        if sale_state(await app[SALES].row(sale_id)) == "ended":
+        if await ended_by_postgres(app, sale_id):
             metrics.count(metrics.polls, "expired", "postgres")
             return json_response(Status("expired", position or None, None, None, None,
                                         MAX_RETRY_MS).body())  # fmt: skip
@@ -221,7 +222,7 @@ async def leave(request: web.Request) -> web.Response:
                        code="not_placed_yet")  # fmt: skip
     outcome = await app[QUEUE].leave(keys, position)
     if outcome == "unavailable":
-        if sale_state(await app[SALES].row(sale_id)) == "ended":  # as for a join
+        if await ended_by_postgres(app, sale_id):  # as for a join
             raise Conflict(f"sale {sale_id} has ended", code="sale_ended")
         raise Unavailable("the waiting room is being restored; retry", code="unavailable")
     if outcome == "reserved":
