@@ -18,12 +18,16 @@ def judge(sale_id: str, audit: dict[str, Any], sold: int, stock: int, *, answere
     """Correct means: the audit passed, nothing was oversold, and every buyer had a definitive
     answer. Anything else fails the run."""
     failed = [i["name"] for i in audit.get("invariants", []) if not i.get("passed")]
+    said = "PASSED" if audit.get("passed") else "FAILED"
+    state = audit.get("facts", {}).get("sale_state", "ended")
+    if state != "ended":  # a spike leaves its sale running (worded as `flashsale audit` does)
+        said += f" (the sale is {state}: this holds as of now; audit it again after its end)"
     lines = [
         f"== spike verdict for sale {sale_id}",
         f"   buyers answered: {answered}/{buyers}; every answer within {slowest_s:.1f}s of the "
         "sale opening",
         f"   sold {sold}/{stock}, oversold {max(0, sold - stock)}",
-        f"   audit: {'PASSED' if audit.get('passed') else 'FAILED'}",
+        f"   audit: {said}",
         *(f"   FAILED: {name}" for name in failed),
     ]
     if answered < buyers:

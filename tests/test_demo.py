@@ -43,8 +43,13 @@ def test_demo_runs_a_spike_to_orders_and_a_passing_audit(stack: Settings, tmp_pa
     confirmed, declined, sold = (int(g) for g in match.groups())
     # Declined buyers (one in ten, wherever they queued) gave their units to later buyers.
     assert confirmed == sold == 100
-    assert "== post-sale audit: PASSED" in out
+    # The audit is of the ended sale, printed as `flashsale audit` prints it: its facts one per
+    # line, not a Python dict.
+    sale = re.search(r"== sale ([a-z0-9-]+) ended", out)
+    assert sale and out.index(sale.group(0)) < out.index("== post-sale audit"), out
+    assert f"   audit of sale {sale.group(1)}: PASSED\n     sale_state: ended\n" in out, out
     assert len(re.findall(r"\[pass\] \d\.", out)) == 8 and "[FAIL]" not in out
+    assert "{'" not in out, out
     assert "== engine stopped" in out
     assert re.search(r"== sale archived: [\d,]+ KB of per-buyer Redis state deleted", out), out
 
