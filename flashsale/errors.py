@@ -33,7 +33,10 @@ non-zero exit.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
+
+import orjson
 
 SHOWN_CHARACTERS = 64
 
@@ -49,9 +52,14 @@ def listed(names: Sequence[str], *, most: int = 5, what: str = "", sep: str = ",
 
 
 def shown(value: object) -> str:
-    """``value`` as an error message quotes it (its ``repr``), cut short when long: an error
-    names what it refuses, it does not echo kilobytes of the input back."""
+    """``value`` as an error message quotes it, cut short when long: an error names what it
+    refuses, it does not echo kilobytes of the input back. Text and numbers are quoted as
+    Python writes them ('sale-1', 12.5); what only JSON can have sent (true, null, an object
+    or a list) as JSON spells it, so an API caller reads back what they sent."""
     text = repr(value)
+    if value is None or isinstance(value, bool | dict | list):
+        with contextlib.suppress(TypeError):
+            text = orjson.dumps(value).decode()
     if len(text) <= SHOWN_CHARACTERS:
         return text
     if isinstance(value, str):

@@ -127,17 +127,24 @@ def identifier(value: Any, where: str) -> str:
     return value
 
 
+def _example_timestamp() -> str:
+    """A timestamp an error message can offer: noon UTC on 1 December of next year, so that
+    copying it for an ``ends_at`` is never refused as past."""
+    return f"{datetime.now(UTC).year + 1}-12-01T12:00:00Z"
+
+
 def timestamp(value: Any, where: str) -> datetime:
+    like = f"e.g. {_example_timestamp()}"
     if not isinstance(value, str):
-        raise InvalidInput(where, "must be an ISO 8601 timestamp, e.g. 2026-12-01T12:00:00Z")
+        raise InvalidInput(where, f"must be an ISO 8601 timestamp, {like}, got {shown(value)}")
     try:
         parsed = datetime.fromisoformat(value.strip())
     except ValueError:
         raise InvalidInput(
-            where, f"must be an ISO 8601 timestamp, e.g. 2026-12-01T12:00:00Z, got {shown(value)}"
+            where, f"must be an ISO 8601 timestamp, {like}, got {shown(value)}"
         ) from None
     if parsed.tzinfo is None:
-        raise InvalidInput(where, "must include a timezone, e.g. 2026-12-01T12:00:00Z")
+        raise InvalidInput(where, f"must include a timezone, {like}")
     try:
         moment = parsed.astimezone(UTC)
     except OverflowError:  # past year 9999 (or before year 1) once in UTC

@@ -415,6 +415,13 @@ async def test_bad_sale_bodies_are_422_and_write_nothing(
     assert await pool.fetchval("SELECT count(*) FROM sales") == before
 
 
+async def test_a_refused_json_value_is_named_as_json_spells_it(http: TestClient[Any, Any]) -> None:
+    body = {**SALE, "skus": [{**SALE["skus"][0], "stock": True}]}
+    response = await http.post("/admin/v1/sales", json=body, headers=auth())
+    assert response.status == 422
+    assert (await response.json())["error"]["message"].endswith(", got true")
+
+
 async def test_bad_stock_and_unknown_sale(http: TestClient[Any, Any]) -> None:
     sale_id = (await (await http.post("/admin/v1/sales", json=SALE, headers=auth())).json())["id"]
     cases = [

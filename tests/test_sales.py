@@ -539,6 +539,16 @@ BAD_SALES = [
 ]  # fmt: skip
 
 
+@pytest.mark.parametrize("value", ["tomorrow", "2036-12-01T12:00:00", 20361201])
+def test_a_timestamp_refused_shows_an_example_that_would_be_accepted(value: Any) -> None:
+    # The example was a fixed date: once past, copying it for ends_at was refused again.
+    with pytest.raises(InvalidInput) as refused:
+        parse_sale({**SALE, "ends_at": value})
+    example = refused.value.message.split("e.g. ")[1].split(",")[0]
+    when = datetime.fromisoformat(example)
+    assert when.tzinfo is not None and when > datetime.now(UTC) + timedelta(days=30), example
+
+
 @pytest.fixture
 def counts(db: Db) -> Any:
     def snapshot() -> tuple[int, int]:
