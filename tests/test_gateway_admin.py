@@ -416,7 +416,8 @@ async def test_bad_sale_bodies_are_422_and_write_nothing(
 
 
 async def test_a_refused_json_value_is_named_as_json_spells_it(http: TestClient[Any, Any]) -> None:
-    body = {**SALE, "skus": [{**SALE["skus"][0], "stock": True}]}
+    sku = {"sku": "SNK-1", "stock": True, "price": 12000, "currency": "EUR"}
+    body = {"name": "Gateway test drop", "skus": [sku]}
     response = await http.post("/admin/v1/sales", json=body, headers=auth())
     assert response.status == 422
     assert (await response.json())["error"]["message"].endswith(", got true")
