@@ -168,8 +168,27 @@ def describe(exc: BaseException) -> str:
     behind = schema_error(exc)
     if behind is not None:
         return behind.message
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    text, name = str(exc), type(exc).__name__
+    if text.startswith(name):  # aiokafka's errors name themselves
+        return text
+    return f"{name}: {text}" if text else name
+
+
+def server_of(exc: BaseException) -> str | None:
+    """Which server an outage is about, by the library that raised it (or an exception it
+    wraps): "Redis", "Postgres", "the Kafka broker"; None when it does not say."""
+    seen: BaseException | None = exc
+    for _ in range(5):  # a short chain of causes: raise ... from, or raised while handling
+        if seen is None:
+            return None
+        if isinstance(seen, redis.exceptions.RedisError):
+            return "Redis"
+        if isinstance(seen, asyncpg.PostgresError | asyncpg.InterfaceError):
+            return "Postgres"
+        if isinstance(seen, KafkaError):
+            return "the Kafka broker"
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 QUIET_S = 5.0  # an outage a loop keeps meeting is logged once per this many seconds

@@ -240,13 +240,38 @@ def test_the_cli_names_a_server_that_is_down_in_one_line(
     refused = cli("sale", "preload", created.out.strip())
     assert refused.code == 1
     assert refused.err.startswith(
-        "flashsale: error: a server is unavailable: ConnectionError: the server is a replica now"
+        "flashsale: error: Redis is unavailable: ConnectionError: the server is a replica now"
     ), refused.err
     # Redis 6.2 wraps the refusal met inside the script ("... -READONLY You can't write...");
     # Redis 7 passes it on as it is, which redis-py raises as its ReadOnlyError.
     assert "READONLY" in refused.err or "ReadOnlyError" in refused.err, refused.err
     assert "Traceback" not in refused.err
     assert len(refused.err.strip().splitlines()) == 1, refused.err
+
+
+@pytest.mark.parametrize(("variable", "command", "said"), [
+    # It said "a server is unavailable", leaving the operator to guess which from the port.
+    ("REDIS_URL", ("sale", "status", "{sale}"), "Redis is unavailable: ConnectionError: Error "),
+    # The error's type was named twice: its own text starts with it.
+    ("KAFKA_BOOTSTRAP", ("kafka", "init"), "cannot reach the Kafka broker at 127.0.0.1:{port}: "
+     "KafkaConnectionError: Unable to bootstrap"),
+])  # fmt: skip
+def test_the_cli_names_the_server_it_cannot_reach(
+    stack: Settings, cli: Cli, monkeypatch: pytest.MonkeyPatch, variable: str,
+    command: tuple[str, ...], said: str,
+) -> None:  # fmt: skip
+    created = cli("sale", "create", "--name", "Down", "--sku", "A", "--stock", "5",
+                  "--price", "100", "--currency", "EUR")  # fmt: skip
+    assert created.code == 0, created.err
+    command = tuple(part.format(sale=created.out.strip()) for part in command)
+    port = free_port()
+    monkeypatch.setenv(variable, f"redis://127.0.0.1:{port}" if variable == "REDIS_URL"
+                       else f"127.0.0.1:{port}")  # fmt: skip
+    monkeypatch.setenv("FLASHSALE_REDIS_CLUSTER", "0")
+    result = cli(*command)
+    assert result.code == 1
+    line = [x for x in result.err.splitlines() if x.startswith("flashsale: error:")]
+    assert line and line[0].startswith(f"flashsale: error: {said.format(port=port)}"), result.err
 
 
 async def test_a_postgres_refusing_writes_for_now_is_an_outage(stack: Settings) -> None:

@@ -27,7 +27,7 @@ from flashsale.cli import bench, buyers, dev, load, sale, serve
 from flashsale.cli.output import after_reader_gone, fail, reader_gone
 from flashsale.errors import FlashsaleError, InvalidInput
 from flashsale.logs import configure_logging
-from flashsale.outages import describe, is_outage, schema_error
+from flashsale.outages import describe, is_outage, schema_error, server_of
 from flashsale.parent import follow_parent
 from flashsale.settings import Settings
 
@@ -82,7 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not is_outage(exc):
             raise
         behind = schema_error(exc)
-        fail(behind.message if behind else f"a server is unavailable: {describe(exc)}")
+        server = server_of(exc) or "a server"
+        fail(behind.message if behind else f"{server} is unavailable: {describe(exc)}")
         return 1
     except KeyboardInterrupt:
         return 130
