@@ -103,7 +103,8 @@ def test_round_trip_preload_status_add_stock_lifecycle(
 
     preload = cli("sale", "preload", sale_id)
     assert preload.code == 0, preload.err
-    assert preload.out.count("loaded") == 2
+    assert [line.split(": ")[1].split()[0] for line in preload.out.splitlines()[:2]] == [
+        "loaded", "loaded"]  # fmt: skip
     rows = by_sku(status(cli, sale_id))
     assert rows["SNK-42"] == {
         "sku": "SNK-42", "title": "Sneaker 42", "stock_total": 100, "available": 100,
@@ -206,8 +207,8 @@ def test_preload_is_idempotent(cli: Cli, rdb: redis.Redis, tmp_path: Path) -> No
     snapshot = (rdb.hgetall(keys.meta), rdb.hgetall(keys.stock))
     again = cli("sale", "preload", sale_id)
     assert again.code == 0
-    assert again.out.count("unchanged") == 2
-    assert "loaded" not in again.out
+    assert again.out.count(": unchanged (") == 2
+    assert ": loaded (" not in again.out and ": 0 loaded, 2 unchanged;" in again.out
     assert (rdb.hgetall(keys.meta), rdb.hgetall(keys.stock)) == snapshot
 
 
@@ -311,6 +312,25 @@ def test_preload_refuses_with_holds_and_force_keeps_them(
     assert below.code == 1
     assert "exceed the new stock" in below.err
     assert rdb.hgetall(keys.stock) == stock
+
+
+def test_preloading_many_skus_prints_a_summary_not_a_line_each(cli: Cli, tmp_path: Path) -> None:
+    """A sale of 200,000 SKUs printed 200,000 lines at preload; a few SKUs are still listed."""
+    sale_id = create(cli, tmp_path)  # two SKUs
+    few = cli("sale", "preload", sale_id)
+    assert few.code == 0, few.err
+    assert [line.split(":")[0] for line in few.out.splitlines()[:-1]] == ["SNK-42", "SNK-43"]
+    rows = "".join(f"K{i},Item {i},5,100,EUR\n" for i in range(30))
+    path = write(tmp_path, "sku,title,stock,price,currency\n" + rows, "many.csv")
+    assert cli("sale", "import", path, "--sale", sale_id).code == 0
+    for outcome in ("30 loaded, 2 unchanged", "0 loaded, 32 unchanged"):
+        many = cli("sale", "preload", sale_id)
+        assert many.code == 0, many.err
+        units = sum(r["stock_total"] for r in status(cli, sale_id)["skus"])
+        assert many.out.splitlines() == [
+            f"preloaded the 32 SKUs of {sale_id}: {outcome}; {units:,} units ({units:,} "
+            f"available, 0 held, 0 sold); per SKU: flashsale sale status {sale_id}"
+        ], many.out
 
 
 def test_import_csv_adds_skus(cli: Cli, db: Db, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from allocator.sale_admin import SaleAdmin
 from allocator.sale_reads import MAX_PAGE
 from flashsale.cli.checks import duration, positive
 from flashsale.cli.output import dump_json, out
+from flashsale.cli.sale_views import print_preload, print_status
 from flashsale.clients import pg_pool, redis_client
 from flashsale.errors import ConfigError, InvalidInput
 from flashsale.records import body_fingerprint, idempotency_key
@@ -136,10 +137,7 @@ async def cmd_sale(args: argparse.Namespace, settings: Settings) -> int:
         elif command == "show":
             dump_json(await sales.get(args.sale))
         elif command == "preload":
-            results = await sales.preload(args.sale, force=args.force)
-            for r in results:
-                out(f"{r.sku}: {r.outcome} (total {r.counts.total}, available {r.counts.available},"
-                    f" held {r.counts.held}, sold {r.counts.sold})")  # fmt: skip
+            print_preload(args.sale, await sales.preload(args.sale, force=args.force))
         elif command == "status" and args.watch:
             await _watch(sales, args)
         elif command == "status":
@@ -237,34 +235,6 @@ async def _orders(sales: SaleAdmin, args: argparse.Namespace) -> None:
         if len(page) < MAX_PAGE:
             return
         after = page[-1]["id"]
-
-
-def print_status(status: dict[str, Any], *, as_json: bool) -> None:
-    if as_json:
-        dump_json(status)
-        return
-    sale = status["sale"]
-    out(f'sale {sale["id"]}  "{sale["name"]}"  state={sale["state"]}  status={sale["status"]}')
-    preloaded = sale["preloaded_at"]
-    loaded = f"preloaded {preloaded}" if preloaded else "not preloaded (sale preload ID)"
-    out(f"  starts {sale['starts_at']}  ends {sale['ends_at']}  {loaded}")
-    out(f"  {'SKU':20} {'STOCK':>10} {'AVAILABLE':>10} {'HELD':>8} {'SOLD':>8} {'CONFIRMED':>10}")
-
-    def cell(value: int | None) -> str:
-        return "-" if value is None else str(value)
-
-    for row in status["skus"]:
-        out(
-            f"  {row['sku']:20} {row['stock_total']:>10} {cell(row['available']):>10}"
-            f" {cell(row['held']):>8} {cell(row['sold']):>8} {row['confirmed']:>10}"
-        )
-        for index, b in enumerate(row.get("by_bucket") or []):
-            name = f"  bucket {index}"
-            if b is None:
-                out(f"  {name:20} {'-':>10} {'-':>10} {'-':>8} {'-':>8}")
-            else:
-                out(f"  {name:20} {b['total']:>10} {b['available']:>10} {b['held']:>8}"
-                    f" {b['sold']:>8}")  # fmt: skip
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -1,0 +1,57 @@
+"""How the sale commands show a sale: its status table, and what a preload did."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from allocator.sale_scripts import PreloadResult
+from flashsale.cli.output import dump_json, out
+
+PRELOAD_LINES = 20  # SKUs a preload lists one by one; a larger sale gets the summary alone
+
+
+def print_status(status: dict[str, Any], *, as_json: bool) -> None:
+    if as_json:
+        dump_json(status)
+        return
+    sale = status["sale"]
+    out(f'sale {sale["id"]}  "{sale["name"]}"  state={sale["state"]}  status={sale["status"]}')
+    preloaded = sale["preloaded_at"]
+    loaded = f"preloaded {preloaded}" if preloaded else "not preloaded (sale preload ID)"
+    out(f"  starts {sale['starts_at']}  ends {sale['ends_at']}  {loaded}")
+    out(f"  {'SKU':20} {'STOCK':>10} {'AVAILABLE':>10} {'HELD':>8} {'SOLD':>8} {'CONFIRMED':>10}")
+
+    def cell(value: int | None) -> str:
+        return "-" if value is None else str(value)
+
+    for row in status["skus"]:
+        out(
+            f"  {row['sku']:20} {row['stock_total']:>10} {cell(row['available']):>10}"
+            f" {cell(row['held']):>8} {cell(row['sold']):>8} {row['confirmed']:>10}"
+        )
+        for index, b in enumerate(row.get("by_bucket") or []):
+            name = f"  bucket {index}"
+            if b is None:
+                out(f"  {name:20} {'-':>10} {'-':>10} {'-':>8} {'-':>8}")
+            else:
+                out(f"  {name:20} {b['total']:>10} {b['available']:>10} {b['held']:>8}"
+                    f" {b['sold']:>8}")  # fmt: skip
+
+
+def print_preload(sale_id: str, results: Sequence[PreloadResult]) -> None:
+    """A line per SKU for a few, then the sale's summary: a preload of 200,000 SKUs printed
+    200,000 lines."""
+    if len(results) <= PRELOAD_LINES:
+        for r in results:
+            out(f"{r.sku}: {r.outcome} (total {r.counts.total}, available {r.counts.available},"
+                f" held {r.counts.held}, sold {r.counts.sold})")  # fmt: skip
+    loaded = sum(r.outcome == "loaded" for r in results)
+    total, available, held, sold = (
+        sum(getattr(r.counts, name) for r in results)
+        for name in ("total", "available", "held", "sold")
+    )
+    where = "" if len(results) <= PRELOAD_LINES else f"; per SKU: flashsale sale status {sale_id}"
+    out(f"preloaded the {len(results):,} SKUs of {sale_id}: {loaded:,} loaded, "
+        f"{len(results) - loaded:,} unchanged; {total:,} units ({available:,} available, "
+        f"{held:,} held, {sold:,} sold){where}")  # fmt: skip
