@@ -296,12 +296,13 @@ class SaleAdmin(SaleReads):
     async def set_admission_rate(self, sale_id: str, rate: Any) -> dict[str, Any]:
         return await sale_settings.set_admission_rate(self, sale_id, rate)
 
-    async def update(self, sale_id: str, changes: Mapping[str, Any]) -> dict[str, Any]:
-        return await sale_settings.update(self, sale_id, changes)
+    async def update(self, sale_id: str, changes: Mapping[str, Any], *,
+                     with_skus: bool = True) -> dict[str, Any]:  # fmt: skip
+        return await sale_settings.update(self, sale_id, changes, with_skus=with_skus)
 
-    async def update_sku(self, sale_id: str, sku: str, changes: Mapping[str, Any]
-                         ) -> dict[str, Any]:  # fmt: skip
-        return await sale_settings.update_sku(self, sale_id, sku, changes)
+    async def update_sku(self, sale_id: str, sku: str, changes: Mapping[str, Any], *,
+                         with_skus: bool = True) -> dict[str, Any]:  # fmt: skip
+        return await sale_settings.update_sku(self, sale_id, sku, changes, with_skus=with_skus)
 
 
 async def _insert_skus(conn: asyncpg.Connection, sale_id: str, skus: Sequence[SkuSpec]) -> None:

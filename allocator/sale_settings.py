@@ -41,14 +41,16 @@ async def set_status(sales: SaleReads, sale_id: str, action: str) -> dict[str, A
 async def set_admission_rate(sales: SaleReads, sale_id: str, rate: Any) -> dict[str, Any]:
     """Change how many buyers per second the pump admits, at any time before the sale
     ends: the pump reads the rate each step, and the waiting room's ETAs follow it."""
-    return await update(sales, sale_id, {"admission_rate": rate})
+    return await update(sales, sale_id, {"admission_rate": rate}, with_skus=False)
 
 
-async def update(sales: SaleReads, sale_id: str, changes: Mapping[str, Any]) -> dict[str, Any]:
+async def update(sales: SaleReads, sale_id: str, changes: Mapping[str, Any], *,
+                 with_skus: bool = True) -> dict[str, Any]:  # fmt: skip
     """Change a sale's settings (the sale file's fields but ``skus``). Before the start
     anything can change; once it started only ``LIVE_EDITABLE`` can (a later end, a
     higher queue cap); an ended sale cannot. Validated as a whole, like a new sale;
-    Postgres first, then the sale's Redis hashes."""
+    Postgres first, then the sale's Redis hashes. Returns the sale, with its SKUs unless
+    ``with_skus`` is False (a change of rate mid-sale need not read 200,000 of them)."""
     _only(changes, EDITABLE, "unknown field")
     async with sales.pool.acquire() as conn, conn.transaction():
         sale = await sales.sale_row(conn, sale_id, lock=True)
@@ -89,25 +91,31 @@ async def update(sales: SaleReads, sale_id: str, changes: Mapping[str, Any]) -> 
             spec.max_queue, spec.admission_window_seconds, spec.admission_capacity,
             spec.join_challenge, spec.join_challenge_max,
         )  # fmt: skip
-        skus = await fetch_skus(conn, sale_id)
+        # Each SKU's hash holds the window (the reserve script checks it): written when a
+        # change names it (a retry too, so that it converges after a failure below), and only
+        # then, as it is one script call per SKU and bucket.
+        moves = "starts_at" in changes or "ends_at" in changes
+        skus = await fetch_skus(conn, sale_id) if moves else []
     # Redis after Postgres (a sale not preloaded yet has nothing there); every write is
     # idempotent, so a retry after a failure converges.
-    fields = sale_hash(row, skus)
+    fields = sale_hash(row, skus)  # its `skus` field is not written here
     await sales.scripts.set_fields(
         SaleKeys(sale_id).sale, {k: fields[k] for k in SALE_HASH_EDITABLE}
     )
-    window = {k: fields[k] for k in ("starts_at_ms", "ends_at_ms")}  # the same for each SKU
-    await sales.scripts.set_fields_many([
-        (keys.meta, window)
-        for sku in skus for keys in bucket_keys(sale_id, sku["sku"], sku["buckets"])
-    ])  # fmt: skip
-    return await sales.get(sale_id)
+    if moves:
+        window = {k: fields[k] for k in ("starts_at_ms", "ends_at_ms")}
+        await sales.scripts.set_fields_many([
+            (keys.meta, window)
+            for sku in skus for keys in bucket_keys(sale_id, sku["sku"], sku["buckets"])
+        ])  # fmt: skip
+    return await sales.get(sale_id) if with_skus else sale_json(row)
 
 
-async def update_sku(sales: SaleReads, sale_id: str, sku: str, changes: Mapping[str, Any]
-                     ) -> dict[str, Any]:  # fmt: skip
+async def update_sku(sales: SaleReads, sale_id: str, sku: str, changes: Mapping[str, Any], *,
+                     with_skus: bool = True) -> dict[str, Any]:  # fmt: skip
     """Change a SKU's ``title`` (any time before the end) or ``price`` (before the start:
-    a buyer never pays another price than the one shown when the sale opened)."""
+    a buyer never pays another price than the one shown when the sale opened). Returns the
+    sale with its SKUs, or with the changed one alone unless ``with_skus``."""
     _only(changes, ("title", "price"), "unknown field (title and price can change)")
     async with sales.pool.acquire() as conn, conn.transaction():
         sale = await sales.sale_row(conn, sale_id, lock=True)
@@ -132,7 +140,7 @@ async def update_sku(sales: SaleReads, sale_id: str, sku: str, changes: Mapping[
     meta = sku_meta(sale, updated)
     for keys in bucket_keys(sale_id, sku, updated["buckets"]):
         await sales.scripts.set_fields(keys.meta, {"price": meta["price"]})
-    return await sales.get(sale_id)
+    return await sales.get(sale_id) if with_skus else sale_json(sale, [updated])
 
 
 def _only(changes: Mapping[str, Any], allowed: Sequence[str], unknown: str) -> None:

@@ -380,8 +380,11 @@ def test_a_scheduled_sale_is_edited_from_the_cli(cli: Cli, db: Db, counts: Any,
     assert result.code == 0, result.err
     edited = json.loads(result.out)
     assert (edited["name"], edited["admission_window_seconds"]) == ("Moved drop", 90)
+    # The settings, not every SKU (a 200,000-SKU sale printed 41 MB), and the SKU changed.
+    assert "skus" not in edited
     priced = cli("sale", "update-sku", sale_id, "SNK-42", "--price", "9900")
     assert priced.code == 0, priced.err
+    assert json.loads(priced.out) == {**json.loads(priced.out), "sku": "SNK-42", "price": 9900}
     [row] = db.rows("SELECT price FROM sale_skus WHERE sale_id=$1 AND sku='SNK-42'", sale_id)
     assert row["price"] == 9900
     before = counts()
@@ -479,6 +482,43 @@ def test_an_export_whose_reader_went_away_fails_and_gives_its_connection_back(
 
     asyncio.run(export_twice())
     assert b"".join(chunks).startswith(b"id,sku,buyer_id"), chunks
+
+
+def test_a_change_of_rate_writes_no_sku_of_the_sale(
+    stack: Settings, cli: Cli, rdb: redis.Redis, tmp_path: Path
+) -> None:
+    """Every settings change rewrote the opening and end in each SKU's hash: on a live
+    200,000-SKU sale, a change of admission rate was 200,000 script calls and 5 s. The SKUs'
+    hashes are written when the window moves, and only then."""
+    made = cli("sale", "create", "--file", write(tmp_path, SALE), "--starts-in", "1h")
+    sale_id = made.out.strip()
+    assert cli("sale", "preload", sale_id).code == 0
+    meta = SkuKeys(sale_id, "SNK-42").meta
+    written: list[str] = []
+
+    async def change() -> None:
+        pool, client = await pg_pool(stack, max_size=2), redis_client(stack)
+        try:
+            admin = SaleAdmin.build(pool, client)
+            real = admin.scripts.set_fields_many
+
+            async def spy(writes: Any) -> list[bool]:
+                written.extend(key for key, _fields in writes)
+                return await real(writes)
+
+            admin.scripts.set_fields_many = spy  # type: ignore[method-assign]
+            changed = await admin.set_admission_rate(sale_id, 40)
+            assert changed["admission_rate"] == 40 and "skus" not in changed
+            assert written == [SaleKeys(sale_id).sale], written  # the sale's hash alone
+            later = datetime.now(UTC) + timedelta(hours=2)
+            await admin.update(sale_id, {"starts_at": later.isoformat()})
+            assert meta in written, written
+            assert rdb.hget(meta, "starts_at_ms") == str(int(later.timestamp() * 1000))
+        finally:
+            await client.aclose()
+            await pool.close()
+
+    asyncio.run(change())
 
 
 def test_the_list_pages_past_its_newest_thousand_sales(cli: Cli, tmp_path: Path) -> None:

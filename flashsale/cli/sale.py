@@ -160,12 +160,13 @@ async def cmd_sale(args: argparse.Namespace, settings: Settings) -> int:
                 changes["starts_at"] = opens.isoformat()
             if not changes:
                 raise InvalidInput("update", "give at least one setting to change")
-            dump_json(await sales.update(args.sale, changes))
+            dump_json(await sales.update(args.sale, changes, with_skus=False))
         elif command == "update-sku":
             changes = {k: v for k, v in (("title", args.title), ("price", args.price)) if v}
             if not changes:
                 raise InvalidInput("update-sku", "give --title or --price")
-            dump_json(await sales.update_sku(args.sale, args.sku, changes))
+            changed = await sales.update_sku(args.sale, args.sku, changes, with_skus=False)
+            dump_json(changed["skus"][0])
         elif command == "set-rate":
             sale = await sales.set_admission_rate(args.sale, args.rate)
             out(f"{sale['id']}: admitting {sale['admission_rate']} buyers per second")
