@@ -232,7 +232,7 @@ class SaleAdmin(SaleReads):
                 await self._sync_total(sale, row)
         if delta > 0 and sale["preloaded_at"] is not None:
             await self._sync_total(sale, row)
-        return await self.status(sale_id)
+        return await self.status(sale_id, sku)  # the SKU's: the sale may have 200,000
 
     async def _sync_total(self, sale: asyncpg.Record, row: asyncpg.Record) -> None:
         """Redis's total of the SKU set from ``row`` (absolute, idempotent, held and sold

@@ -17,7 +17,7 @@ from allocator.sale_scripts import SaleScripts, StockCounts, summed
 from flashsale.clients import RedisClient
 from flashsale.errors import InvalidInput, NotFound, shown
 from flashsale.keys import ID_PATTERN, bucket_keys
-from flashsale.sales import fetch_skus, sale_json
+from flashsale.sales import fetch_sku, fetch_skus, sale_json
 from flashsale.salespec import integer, text
 from flashsale.timefmt import iso
 
@@ -139,15 +139,22 @@ class SaleReads:
         if failed:
             raise failed[0]
 
-    async def status(self, sale_id: str) -> dict[str, Any]:
-        """Per SKU: stock_total, available, held (active + paying), sold (Redis); confirmed
-        and the orders by state (Postgres)."""
+    async def status(self, sale_id: str, only: str | None = None) -> dict[str, Any]:
+        """Per SKU (or of the SKU ``only``): stock_total, available, held (active + paying), sold
+        (Redis); confirmed and the orders by state (Postgres)."""
         async with self.pool.acquire() as conn:
             sale = await self.sale_row(conn, sale_id)
-            skus = await fetch_skus(conn, sale_id)
+            if only is None:
+                skus = await fetch_skus(conn, sale_id)
+            else:
+                row = await fetch_sku(conn, sale_id, only)
+                if row is None:
+                    raise NotFound(f"unknown SKU {shown(only)} in sale {sale_id}",
+                                   code="unknown_sku")  # fmt: skip
+                skus = [row]
             counted = await conn.fetch(
                 "SELECT sku, state, count(*) AS n FROM orders WHERE sale_id = $1"
-                " GROUP BY sku, state", sale_id,
+                " AND ($2::text IS NULL OR sku = $2) GROUP BY sku, state", sale_id, only,
             )  # fmt: skip
         orders: dict[str, dict[str, int]] = {}
         for r in counted:

@@ -164,7 +164,10 @@ def admin_paths() -> dict[str, Any]:
                 "changeStock",
                 "admin",
                 "Add stock to a SKU, or remove free units (never held or sold ones)",
-                {**ok(200, "Status", SALE_STATUS), **errors(*admin_errors)},
+                {
+                    **ok(200, "The status of that SKU (`skus` holds it alone)", SALE_STATUS),
+                    **errors(*admin_errors),
+                },
                 security="admin",
                 params=SALE_PATH,
                 body=obj(

@@ -119,6 +119,13 @@ def test_round_trip_preload_status_add_stock_lifecycle(
 
     added = cli("sale", "add-stock", sale_id, "SNK-42", "25")
     assert added.code == 0, added.err
+    # The SKU changed, not the whole table: a 200,000-SKU sale printed 200,000 rows (6.7 s).
+    table = [line.split()[0] for line in added.out.splitlines()[3:]]
+    assert table == ["SNK-42"], added.out
+    one = cli("sale", "status", sale_id, "--sku", "SNK-43", "--json")
+    assert [row["sku"] for row in json.loads(one.out)["skus"]] == ["SNK-43"], one.out
+    unknown = cli("sale", "status", sale_id, "--sku", "NOPE")
+    assert unknown.code == 1 and "unknown SKU 'NOPE'" in unknown.err, unknown.err
     rows = by_sku(status(cli, sale_id))
     assert (rows["SNK-42"]["stock_total"], rows["SNK-42"]["available"]) == (125, 125)
     assert (
@@ -245,6 +252,7 @@ def test_stock_is_lowered_never_below_held_and_sold(
     _hold(rdb, keys, active=3, sold=2)
     lowered = cli("sale", "remove-stock", sale_id, "SNK-42", "30")
     assert lowered.code == 0, lowered.err
+    assert "SNK-42" in lowered.out and "SNK-43" not in lowered.out, lowered.out
     total = "SELECT stock_total FROM sale_skus WHERE sale_id = $1 AND sku = 'SNK-42'"
     assert db.rows(total, sale_id)[0]["stock_total"] == 70
     assert rdb.hgetall(keys.stock) == {"total": "70", "available": "65", "active": "3",

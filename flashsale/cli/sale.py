@@ -141,7 +141,7 @@ async def cmd_sale(args: argparse.Namespace, settings: Settings) -> int:
         elif command == "status" and args.watch:
             await _watch(sales, args)
         elif command == "status":
-            print_status(await sales.status(args.sale), as_json=args.json)
+            print_status(await sales.status(args.sale, args.sku), as_json=args.json)
         elif command == "add-stock":
             print_status(await sales.add_stock(args.sale, args.sku, args.units), as_json=False)
         elif command == "remove-stock":
@@ -206,7 +206,7 @@ async def _watch(sales: SaleAdmin, args: argparse.Namespace) -> None:
     in_place = sys.stdout.isatty() and not args.json
     with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
         while count is None or shown < count:
-            status = await sales.status(args.sale)
+            status = await sales.status(args.sale, args.sku)
             if in_place:
                 sys.stdout.write("\x1b[H\x1b[2J")  # home, clear: the table is redrawn
             print_status(status, as_json=args.json)
@@ -313,6 +313,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     status = sale_sub.add_parser("status", help="per SKU: stock, available, held, sold, confirmed")
     status.add_argument("sale", help="sale id")
     status.add_argument("--json", action="store_true", help="print it as JSON")
+    status.add_argument("--sku", help="this SKU alone (a sale may have thousands)")
     status.add_argument(
         "--watch",
         action="store_true",
