@@ -290,8 +290,9 @@ class SaleAdmin(SaleReads):
 
     # -- settings and state (allocator.sale_settings) ------------------------------------
 
-    async def set_status(self, sale_id: str, action: str) -> dict[str, Any]:
-        return await sale_settings.set_status(self, sale_id, action)
+    async def set_status(self, sale_id: str, action: str, *,
+                         with_skus: bool = True) -> dict[str, Any]:  # fmt: skip
+        return await sale_settings.set_status(self, sale_id, action, with_skus=with_skus)
 
     async def set_admission_rate(self, sale_id: str, rate: Any) -> dict[str, Any]:
         return await sale_settings.set_admission_rate(self, sale_id, rate)

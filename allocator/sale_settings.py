@@ -18,8 +18,10 @@ from flashsale.sales import STATUS_BY_ACTION, fetch_skus, sale_hash, sale_json, 
 from flashsale.salespec import LATEST, parse_sale, parse_sku, timestamp
 
 
-async def set_status(sales: SaleReads, sale_id: str, action: str) -> dict[str, Any]:
-    """pause, resume or end a sale. Idempotent; an ended sale stays ended."""
+async def set_status(sales: SaleReads, sale_id: str, action: str, *,
+                     with_skus: bool = True) -> dict[str, Any]:  # fmt: skip
+    """pause, resume or end a sale. Idempotent; an ended sale stays ended. Returns the sale,
+    with its SKUs unless ``with_skus`` is False."""
     target = STATUS_BY_ACTION[action]
     async with sales.pool.acquire() as conn, conn.transaction():
         sale = await sales.sale_row(conn, sale_id, lock=True)
@@ -35,7 +37,7 @@ async def set_status(sales: SaleReads, sale_id: str, action: str) -> dict[str, A
         (keys.meta, {"status": target})
         for sku in skus for keys in bucket_keys(sale_id, sku["sku"], sku["buckets"])
     ])  # fmt: skip
-    return await sales.get(sale_id)
+    return await sales.get(sale_id) if with_skus else sale_json(await sales.row(sale_id))
 
 
 async def set_admission_rate(sales: SaleReads, sale_id: str, rate: Any) -> dict[str, Any]:

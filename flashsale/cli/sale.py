@@ -171,7 +171,7 @@ async def cmd_sale(args: argparse.Namespace, settings: Settings) -> int:
             sale = await sales.set_admission_rate(args.sale, args.rate)
             out(f"{sale['id']}: admitting {sale['admission_rate']} buyers per second")
         else:
-            sale = await sales.set_status(args.sale, command)
+            sale = await sales.set_status(args.sale, command, with_skus=False)
             out(f"{sale['id']}: status {sale['status']} (state {sale['state']})")
     return 0
 
