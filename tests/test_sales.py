@@ -19,7 +19,7 @@ from allocator.sale_admin import SaleAdmin
 from flashsale.clients import pg_pool, redis_client
 from flashsale.errors import InvalidInput
 from flashsale.keys import SaleKeys, SkuKeys
-from flashsale.salespec import parse_sale, text
+from flashsale.salespec import parse_csv, parse_sale, text
 from flashsale.settings import Settings
 
 from .conftest import Cli, Db
@@ -527,6 +527,34 @@ def test_a_change_of_rate_writes_no_sku_of_the_sale(
             await pool.close()
 
     asyncio.run(change())
+
+
+def test_two_imports_of_one_sku_at_once_refuse_one_in_words(
+    stack: Settings, cli: Cli, db: Db, tmp_path: Path
+) -> None:
+    """Each import looked for the SKU before inserting it, without holding the sale: two at
+    once both found nothing, and the second insert's unique violation was a traceback (a 500
+    from the admin API)."""
+    sale_id = create(cli, tmp_path)
+    rows = "".join(f"TWIN-{i},Twin,5,100,EUR\n" for i in range(2000))
+    batch = parse_csv("sku,title,stock,price,currency\n" + rows)
+
+    async def at_once() -> list[Any]:
+        pool, client = await pg_pool(stack, max_size=4), redis_client(stack)
+        try:
+            admin = SaleAdmin.build(pool, client)
+            return await asyncio.gather(*(admin.import_skus(sale_id, batch) for _ in range(3)),
+                                        return_exceptions=True)  # fmt: skip
+        finally:
+            await client.aclose()
+            await pool.close()
+
+    outcomes = asyncio.run(at_once())
+    refused = [o for o in outcomes if isinstance(o, BaseException)]
+    assert len(refused) == 2 and all(isinstance(o, InvalidInput) for o in refused), outcomes
+    assert all("already exists" in o.message for o in refused)
+    assert db.val("SELECT count(*) FROM sale_skus WHERE sale_id = $1 AND sku LIKE 'TWIN-%'",
+                  sale_id) == 2000  # fmt: skip
 
 
 def test_the_list_pages_past_its_newest_thousand_sales(cli: Cli, tmp_path: Path) -> None:
