@@ -52,6 +52,7 @@ def print_preload(sale_id: str, results: Sequence[PreloadResult]) -> None:
         for name in ("total", "available", "held", "sold")
     )
     where = "" if len(results) <= PRELOAD_LINES else f"; per SKU: flashsale sale status {sale_id}"
-    out(f"preloaded the {len(results):,} SKUs of {sale_id}: {loaded:,} loaded, "
+    skus = f"{len(results):,} SKU" + ("" if len(results) == 1 else "s")
+    out(f"preloaded the {skus} of {sale_id}: {loaded:,} loaded, "
         f"{len(results) - loaded:,} unchanged; {total:,} units ({available:,} available, "
         f"{held:,} held, {sold:,} sold){where}")  # fmt: skip
