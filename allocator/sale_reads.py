@@ -7,7 +7,7 @@ summed over a SKU's stock buckets.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,7 @@ from flashsale.timefmt import iso
 
 MAX_PAGE = 1000
 MAX_ORDER_ID = 300  # sale id ~ SKU ~ reservation id
+SKUS_PER_PART = 5_000  # SKUs a status reads and builds at a time, the event loop free between
 SALE = "SELECT * FROM sales WHERE id = $1"
 SALE_LOCKED = "SELECT * FROM sales WHERE id = $1 FOR UPDATE"
 SALE_STATUSES = ("active", "paused", "ended")
@@ -160,7 +161,7 @@ class SaleReads:
         for r in counted:
             orders.setdefault(r["sku"], {})[r["state"]] = int(r["n"])
         rows = []
-        for sku, per_bucket in zip(skus, await self._buckets(sale_id, skus), strict=True):
+        async for sku, per_bucket in self._counted(sale_id, skus):
             count = summed(per_bucket)
             row = {
                 "sku": sku["sku"],
@@ -193,10 +194,19 @@ class SaleReads:
             sale = await self.sale_row(conn, sale_id)
             skus = await fetch_skus(conn, sale_id)
         available = {}
-        for sku, per_bucket in zip(skus, await self._buckets(sale_id, skus), strict=True):
+        async for sku, per_bucket in self._counted(sale_id, skus):
             count = summed(per_bucket)
             available[sku["sku"]] = None if count is None else count.available
         return sale_json(sale, skus), available
+
+    async def _counted(self, sale_id: str, skus: Sequence[asyncpg.Record]) -> AsyncIterator[
+            tuple[asyncpg.Record, list[StockCounts | None]]]:  # fmt: skip
+        """Each SKU with its counters per stock bucket, read SKUS_PER_PART SKUs at a time: a
+        round trip each, and the event loop free for other requests between parts."""
+        for start in range(0, len(skus), SKUS_PER_PART):
+            part = skus[start : start + SKUS_PER_PART]
+            for pair in zip(part, await self._buckets(sale_id, part), strict=True):
+                yield pair
 
     async def _buckets(self, sale_id: str, skus: Sequence[asyncpg.Record]) -> list[
             list[StockCounts | None]]:  # fmt: skip
