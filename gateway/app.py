@@ -57,6 +57,7 @@ from gateway.state import (
     LANE,
     LIMITER,
     LISTENER,
+    LIVE,
     MARKS,
     METRICS,
     PLACES,
@@ -135,6 +136,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None, *,
     app[SIGNERS] = Signers.from_settings(settings)
     app[CATALOG] = {}
     app[CATALOG_READS] = InFlight()
+    app[LIVE] = {}
     app[SKU_LIMITS] = {}
     app[FAIRNESS] = {}
     app.cleanup_ctx.append(clients)

@@ -49,8 +49,9 @@ LAG = web.AppKey("lag", LagCache)  # the workers' consumer lag, for the live sal
 # sale id -> a copy of the sale's public summary, encoded, and of its SKUs' per-buyer limits
 # as Redis holds them: see gateway.catalog
 CATALOG = web.AppKey("catalog", dict[str, Copy[Document]])
-# the reads of those and of the fairness records in flight, by ("summary", "limits" or
-# "fairness", sale id): one per sale at a time
+# the reads of those, of the fairness records and of the live page's status in flight, by
+# ("summary", "limits", "fairness" or "live", sale id): one per sale at a time
 CATALOG_READS = web.AppKey("catalog_reads", InFlight[tuple[str, str], Any])
 SKU_LIMITS = web.AppKey("sku_limits", dict[str, Copy[dict[str, SkuRule]]])
 FAIRNESS = web.AppKey("fairness", dict[str, Copy[Published]])  # fairness records, by sale
+LIVE = web.AppKey("live", dict[str, Copy[dict[str, Any]]])  # sales' status for the live page
