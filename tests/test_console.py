@@ -119,7 +119,8 @@ def test_the_live_page_follows_a_spike_and_agrees_with_sale_status(
             # The sale's totals over its SKUs (a large sale's table shows its busiest alone).
             note = page.inner_text("#skus-note")
             assert note.startswith(f"1 SKU: stock {row['stock_total']:,}, ") and (
-                f"sold {row['sold']:,}, confirmed {row['confirmed']:,}" in note), note
+                f"sold {row['sold']:,}, confirmed {row['confirmed']:,}" in note
+            ), note
             assert row["sold"] > 0 and row["orders"].get("PAYMENT_FAILED", 0) > 0
 
             page.click("#audit")
