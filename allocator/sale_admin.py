@@ -17,7 +17,7 @@ from typing import Any
 import asyncpg
 
 from allocator import sale_settings
-from allocator.sale_reads import SaleReads
+from allocator.sale_reads import SaleReads, in_parts
 from allocator.sale_scripts import Preload, PreloadResult, SaleScripts, summed
 from allocator.stock_buckets import BucketScripts
 from flashsale.clients import RedisClient
@@ -117,11 +117,14 @@ class SaleAdmin(SaleReads):
                 f"sale {sale_id} has no SKUs; add some with `flashsale sale import`",
                 code="no_skus",
             )
-        # The SKUs in one piece (most) go in one pipelined batch; each bucketed SKU on its own.
-        whole = [_preload(sale, sku) for sku in skus if sku["buckets"] == 1]
-        batch = iter(await self.scripts.preload_many(whole, force=force))
-        results = [next(batch) if sku["buckets"] == 1 else await self._sync_sku(sale, sku,
-                   force=force) for sku in skus]  # fmt: skip
+        # The SKUs in one piece (most) go in pipelined batches, a part of the sale at a time;
+        # each bucketed SKU on its own.
+        results: list[PreloadResult] = []
+        for part in in_parts(skus):
+            whole = [_preload(sale, sku) for sku in part if sku["buckets"] == 1]
+            batch = iter(await self.scripts.preload_many(whole, force=force))
+            results += [next(batch) if sku["buckets"] == 1 else await self._sync_sku(sale, sku,
+                        force=force) for sku in part]  # fmt: skip
         await self.scripts.put_sale(
             SaleKeys(sale_id), sale_hash(sale, skus), open_queue=sale["preloaded_at"] is None
         )

@@ -7,9 +7,9 @@ summed over a SKU's stock buckets.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -23,7 +23,12 @@ from flashsale.timefmt import iso
 
 MAX_PAGE = 1000
 MAX_ORDER_ID = 300  # sale id ~ SKU ~ reservation id
-SKUS_PER_PART = 5_000  # SKUs a status reads and builds at a time, the event loop free between
+T = TypeVar("T")
+# SKUs an operation over a whole sale (status, preload, pause) reads or writes at a time, the
+# event loop free for other requests between parts (a round trip each): a sale may have
+# 200,000, and its admin calls share the gateway processes with its buyers.
+SKUS_PER_PART = 5_000
+
 SALE = "SELECT * FROM sales WHERE id = $1"
 SALE_LOCKED = "SELECT * FROM sales WHERE id = $1 FOR UPDATE"
 SALE_STATUSES = ("active", "paused", "ended")
@@ -58,6 +63,12 @@ def order_state(value: str | None) -> str | None:
     if value is not None and value.upper() not in ORDER_STATES:
         raise InvalidInput("state", f"must be one of {', '.join(ORDER_STATES)}")
     return None if value is None else value.upper()
+
+
+def in_parts(skus: Sequence[T]) -> Iterator[Sequence[T]]:
+    """``skus`` SKUS_PER_PART at a time."""
+    for start in range(0, len(skus), SKUS_PER_PART):
+        yield skus[start : start + SKUS_PER_PART]
 
 
 @dataclass
@@ -201,10 +212,8 @@ class SaleReads:
 
     async def _counted(self, sale_id: str, skus: Sequence[asyncpg.Record]) -> AsyncIterator[
             tuple[asyncpg.Record, list[StockCounts | None]]]:  # fmt: skip
-        """Each SKU with its counters per stock bucket, read SKUS_PER_PART SKUs at a time: a
-        round trip each, and the event loop free for other requests between parts."""
-        for start in range(0, len(skus), SKUS_PER_PART):
-            part = skus[start : start + SKUS_PER_PART]
+        """Each SKU with its counters per stock bucket, read a part at a time (``in_parts``)."""
+        for part in in_parts(skus):
             for pair in zip(part, await self._buckets(sale_id, part), strict=True):
                 yield pair
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from allocator.sale_reads import SaleReads
+from allocator.sale_reads import SaleReads, in_parts
 from flashsale.errors import Conflict, InvalidInput, NotFound, shown
 from flashsale.keys import SaleKeys, bucket_keys
 from flashsale.sales import STATUS_BY_ACTION, fetch_skus, sale_hash, sale_json, sale_state, sku_meta
@@ -33,10 +33,11 @@ async def set_status(sales: SaleReads, sale_id: str, action: str, *,
         skus = await fetch_skus(conn, sale_id)
     # Redis after Postgres; every step is idempotent, so a retry converges.
     await sales.scripts.set_fields(SaleKeys(sale_id).sale, {"status": target})
-    await sales.scripts.set_fields_many([
-        (keys.meta, {"status": target})
-        for sku in skus for keys in bucket_keys(sale_id, sku["sku"], sku["buckets"])
-    ])  # fmt: skip
+    for part in in_parts(skus):
+        await sales.scripts.set_fields_many([
+            (keys.meta, {"status": target})
+            for sku in part for keys in bucket_keys(sale_id, sku["sku"], sku["buckets"])
+        ])  # fmt: skip
     return await sales.get(sale_id) if with_skus else sale_json(await sales.row(sale_id))
 
 
@@ -106,10 +107,11 @@ async def update(sales: SaleReads, sale_id: str, changes: Mapping[str, Any], *,
     )
     if moves:
         window = {k: fields[k] for k in ("starts_at_ms", "ends_at_ms")}
-        await sales.scripts.set_fields_many([
-            (keys.meta, window)
-            for sku in skus for keys in bucket_keys(sale_id, sku["sku"], sku["buckets"])
-        ])  # fmt: skip
+        for part in in_parts(skus):
+            await sales.scripts.set_fields_many([
+                (keys.meta, window)
+                for sku in part for keys in bucket_keys(sale_id, sku["sku"], sku["buckets"])
+            ])  # fmt: skip
     return await sales.get(sale_id) if with_skus else sale_json(row)
 
 
