@@ -7,6 +7,7 @@ methods included, so the API's shape is not visible to strangers. Buyer tokens n
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 
@@ -107,10 +108,12 @@ async def import_skus(request: web.Request) -> web.Response:
     except UnicodeDecodeError:
         raise InvalidInput("body", "must be UTF-8 text (CSV or JSON)") from None
     sale = request.match_info["sale"]
+    # Parsed and checked in a thread: 200,000 rows took 3.5 s, which on the event loop every
+    # buyer of this process waited for.
     if request.content_type == "application/json" or content.lstrip().startswith(("{", "[")):
-        batch = parse_skus(parse_json(content, unique=True))
+        batch = await asyncio.to_thread(lambda: parse_skus(parse_json(content, unique=True)))
     else:
-        batch = parse_csv(content)
+        batch = await asyncio.to_thread(parse_csv, content)
     return json_response(await request.app[SALES].import_skus(sale, batch))
 
 
