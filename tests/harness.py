@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import os
 import pkgutil
 import signal
@@ -13,7 +14,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -303,3 +304,29 @@ FLAGS = [
     "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]  # fmt: skip
+
+
+async def longest_stall(work: Awaitable[Any]) -> float:
+    """The most CPU time the event loop's thread spent between two turns of the loop while
+    ``work`` ran: how long any other request would have waited for it. CPU time of the thread,
+    with the collector off, so that neither the machine taking the CPU away nor a collection
+    of what earlier tests left is counted."""
+    worst, done = 0.0, asyncio.Event()
+
+    async def watch() -> None:
+        nonlocal worst
+        while not done.is_set():
+            began = time.thread_time()
+            await asyncio.sleep(0)
+            worst = max(worst, time.thread_time() - began)
+
+    gc.collect()
+    gc.disable()
+    try:
+        watcher = asyncio.create_task(watch())
+        await work
+        done.set()
+        await watcher
+    finally:
+        gc.enable()
+    return worst
