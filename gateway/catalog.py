@@ -84,7 +84,7 @@ def _served(
     return True
 
 
-def _copy(value: T, began: float, ttl_s: float, most_s: float) -> Copy[T]:
+def copy_of(value: T, began: float, ttl_s: float, most_s: float) -> Copy[T]:
     """A copy read from ``began`` until now, kept ``ttl_s`` or ``READ_SHARE`` times as long as
     the read took, up to ``most_s``."""
     now = time.monotonic()
@@ -129,7 +129,7 @@ async def _read_summary(app: web.Application, sale_id: str) -> Document:
     document = await Document.of(body)
     if len(cache) > 1024:
         cache.clear()
-    cache[sale_id] = _copy(document, began, INFO_TTL_S, MAX_INFO_TTL_S)
+    cache[sale_id] = copy_of(document, began, INFO_TTL_S, MAX_INFO_TTL_S)
     return document
 
 
@@ -166,5 +166,5 @@ async def _read_limits(app: web.Application, sale_id: str) -> dict[str, SkuRule]
         cache = app[SKU_LIMITS]
         if len(cache) > 1024:
             cache.clear()
-        cache[sale_id] = _copy(limits, began, LIMITS_TTL_S, MAX_LIMITS_TTL_S)
+        cache[sale_id] = copy_of(limits, began, LIMITS_TTL_S, MAX_LIMITS_TTL_S)
     return limits

@@ -19,10 +19,10 @@ from typing import Any
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from flashsale.inflight import Copy
 from flashsale.ops_endpoints import metrics_text
 from flashsale.sales import sale_json
 from flashsale.timefmt import iso_ms
+from gateway.catalog import copy_of
 from gateway.http import json_response
 from gateway.state import CATALOG_READS, CLIENTS, COUNTERS, LAG, LIVE, METRICS, SALES
 
@@ -35,7 +35,7 @@ CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 
 OPEN_PATHS = frozenset({"/admin/", *(f"/admin/static/{name}" for name in FILES)})
 LATENCY = "flashsale_gateway_request_duration_seconds"
 LIVE_SKUS = 100  # SKU rows the live page gets: the busiest, beside the totals of them all
-LIVE_READ_SHARE = 5  # a sale's status is kept this many times as long as its read took
+LIVE_MOST_S = 60.0  # the longest a large sale's SKUs are shown without being read again
 
 
 def route_figures(text: str) -> dict[str, dict[str, float]]:
@@ -107,9 +107,10 @@ def busiest(rows: list[dict[str, Any]], most: int = LIVE_SKUS
 
 async def _skus(app: web.Application, sale_id: str) -> dict[str, Any]:
     """The sale's busiest SKUs, their count and totals, and when they were read (unix
-    seconds). Concurrent asks share one read, kept ``LIVE_READ_SHARE`` times as long as it
-    took: a sale of a few SKUs is read afresh each second, one of 200,000 (5 s to read) about
-    every half minute, instead of without pause."""
+    seconds). Concurrent asks share one read, kept as the catalog keeps its copies
+    (``READ_SHARE`` times as long as it took, up to a minute): a sale of a few SKUs is read
+    afresh each second, one of 200,000 (5 s to read) about twice a minute, instead of
+    without pause."""
     copy = app[LIVE].get(sale_id)
     if copy is not None and time.monotonic() < copy.expires:
         return copy.value
@@ -119,10 +120,9 @@ async def _skus(app: web.Application, sale_id: str) -> dict[str, Any]:
         status = await app[SALES].status(sale_id)  # 404 for an unknown sale
         shown, totals = busiest(status["skus"])
         value = {"skus": shown, "skus_total": len(status["skus"]), "totals": totals, "at": at}
-        took = time.monotonic() - began
         if len(app[LIVE]) > 64:
             app[LIVE].clear()
-        app[LIVE][sale_id] = Copy(time.monotonic() + LIVE_READ_SHARE * took, began, took, value)
+        app[LIVE][sale_id] = copy_of(value, began, 0.0, LIVE_MOST_S)
         return value
 
     value: dict[str, Any] = await app[CATALOG_READS].once(("live", sale_id), read)
