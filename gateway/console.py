@@ -109,7 +109,7 @@ async def _skus(app: web.Application, sale_id: str) -> dict[str, Any]:
     """The sale's busiest SKUs, their count and totals, and when they were read (unix
     seconds). Concurrent asks share one read, kept as the catalog keeps its copies
     (``READ_SHARE`` times as long as it took, up to a minute): a sale of a few SKUs is read
-    afresh each second, one of 200,000 (5 s to read) about twice a minute, instead of
+    afresh each second, one of 200,000 (5 s to read) about once a minute, instead of
     without pause."""
     copy = app[LIVE].get(sale_id)
     if copy is not None and time.monotonic() < copy.expires:
