@@ -322,11 +322,11 @@ async def longest_stall(work: Awaitable[Any]) -> float:
 
     gc.collect()
     gc.disable()
+    watcher = asyncio.create_task(watch())
     try:
-        watcher = asyncio.create_task(watch())
         await work
+    finally:
         done.set()
         await watcher
-    finally:
         gc.enable()
     return worst
