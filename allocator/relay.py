@@ -30,7 +30,7 @@ from typing import Any
 import redis.exceptions
 from aiokafka import AIOKafkaProducer
 
-from allocator.pacing import Schedule, period
+from allocator.pacing import SalePace, Schedule, period
 from allocator.redis_calls import Command, send_packed
 from flashsale.clients import RedisClient
 from flashsale.events import encode_event, message_key, outbox_events
@@ -122,14 +122,16 @@ class OutboxRelay:
         self.per_round = per_round
         # A SKU whose stream had nothing new is read again after a delay that doubles from
         # 10 ms up to idle_poll_s; one with entries is read again at once. With many SKUs in
-        # scope the ceiling grows, so that quiet outboxes cost at most idle_reads_per_s
-        # reads a second in all, and the sweep for a dead relay's entries at most
-        # claims_per_s (allocator/pacing.py). No reservation waits for it: the gateway
-        # publishes each one before answering, and the relay is the path for what it could
-        # not publish, and for the holds' later events.
+        # scope the ceiling grows, sale by sale, so that quiet outboxes cost at most
+        # idle_reads_per_s reads a second in all while a small sale keeps its idle_poll_s
+        # beside a large one; the sweep for a dead relay's entries costs at most claims_per_s
+        # (allocator/pacing.py). No reservation waits for it: the gateway publishes each one
+        # before answering, and the relay is the path for what it could not publish, and for
+        # the holds' later events.
         self.idle_poll_s = idle_poll_s
         self.idle_reads_per_s = idle_reads_per_s
         self._reads = Schedule(rescan_s=idle_poll_s)
+        self._pace = SalePace(idle_poll_s, idle_reads_per_s)
 
     async def _ensure_groups(self, skus: list[SkuKeys]) -> None:
         """The consumer group of each of ``skus`` not made sure of yet, packed in C: through
@@ -163,8 +165,8 @@ class OutboxRelay:
             if self._claimed_to >= len(skus):
                 self._claimed_to = 0
                 self._next_claim = now + period(len(skus), self.claim_every_s, self.claims_per_s)
-        quiet_s = period(len(skus), self.idle_poll_s, self.idle_reads_per_s)
-        self._reads.rescan_s = quiet_s
+        quiet_s = self._pace.of(skus)
+        self._reads.rescan_s = self._pace.longest
         if self._retry_own:  # after a failed round, our own pending entries ("0") of every SKU
             self._own_left = list(skus)
             self._retry_own = False
@@ -189,7 +191,12 @@ class OutboxRelay:
         return acked
 
     async def _round(
-        self, claims: list[SkuKeys], due: list[SkuKeys], now: float, quiet_s: float, own: bool
+        self,
+        claims: list[SkuKeys],
+        due: list[SkuKeys],
+        now: float,
+        quiet_s: dict[str, float],
+        own: bool,
     ) -> int:
         await self._ensure_groups(list(dict.fromkeys(claims + due)))  # every SKU it reads
         start = "0" if own else ">"
@@ -225,7 +232,7 @@ class OutboxRelay:
                 found[keys] = found.get(keys, []) + entries
                 self._reads.busy(keys, now)
             else:
-                self._reads.idle(keys, now, quiet_s)
+                self._reads.idle(keys, now, quiet_s.get(keys.sale_id, self.idle_poll_s))
         work = list(found.items())
         if not work:
             self._retry_own = deleted

@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 
 from allocator.hold_scripts import HoldScripts
-from allocator.pacing import period
+from allocator.pacing import SaleRounds
 from flashsale.keys import SkuKeys
 from flashsale.outages import log_failure
 
@@ -51,21 +52,23 @@ async def run_sweeper(
     visits_per_s: float = 5000.0,
     on_expired: Callable[[int], None] | None = None,
 ) -> None:
-    """Sweep every ``interval`` seconds until ``stop`` is set; with more SKUs in scope than
-    ``visits_per_s`` allows at that pace, less often (allocator/pacing.py): a 10,000-SKU
-    sale is swept every 2 seconds. A failed round (Redis down, or anything else) is logged
-    and the loop goes on: a missed sweep only delays stock coming back, it never loses it."""
+    """Sweep each sale every ``interval`` seconds until ``stop`` is set; a sale with more
+    SKUs than its share of ``visits_per_s`` allows at that pace, less often
+    (allocator/pacing.py): a 10,000-SKU sale alone is swept every 2 seconds, and a small sale
+    beside it still every ``interval``. A failed round (Redis down, or anything else) is
+    logged and the loop goes on: a missed sweep only delays stock coming back, it never
+    loses it."""
+    rounds = SaleRounds(interval, visits_per_s)
     while not stop.is_set():
-        scope: list[SkuKeys] = []
         try:
-            scope = await skus()
-            expired = await sweep_once(scripts, scope, batch)
+            due = rounds.due(await skus(), time.monotonic())
+            expired = await sweep_once(scripts, due, batch)
         except Exception as exc:  # noqa: BLE001 - the loop outlives any round
-            log_failure(log, f"sweep failed, retrying in {interval:.2f}s", exc)
+            log_failure(log, "sweep failed; each sale is swept again at its next turn", exc)
         else:
             if expired:
                 log.info("expired %d holds", expired)
             if on_expired is not None:
                 on_expired(expired)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), period(len(scope), interval, visits_per_s))
+            await asyncio.wait_for(stop.wait(), rounds.wait(time.monotonic()))

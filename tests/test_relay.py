@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import Counter
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -261,3 +263,41 @@ async def test_skus_new_to_the_scope_are_read_with_their_groups_made(
     finally:
         await redis.delete(*(k.outbox for k in old + new))
         await redis.aclose()
+
+
+async def test_a_large_quiet_sale_in_scope_does_not_slow_the_reads_of_a_small_one(
+    stack: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A quiet outbox was read again after a delay that doubled up to a ceiling set by the
+    whole scope: beside a 200,000-SKU catalogue sale, 200 s. A hot sale's expiries and
+    cancellations reached the broker minutes late. Each sale now has its own ceiling, within
+    the same budget of reads (this relay's clock is the test's)."""
+    sent: Counter[str] = Counter()
+    clock = [0.0]
+
+    async def counted(client: Any, commands: Any, **options: Any) -> Any:
+        sent.update(c[-2].split("{")[1].split(":")[0] for c in commands if c[0] == "XREADGROUP")
+        return await send_packed(client, commands, **options)
+
+    monkeypatch.setattr("allocator.relay.send_packed", counted)
+    monkeypatch.setattr("allocator.relay.time", SimpleNamespace(monotonic=lambda: clock[0]))
+    redis = redis_client(stack)
+    tag = uuid.uuid4().hex[:8]
+    big = [SkuKeys(f"big-{tag}", f"S{i}") for i in range(2000)]
+    small = SkuKeys(f"small-{tag}", "S0")
+    relay = OutboxRelay(redis, None, "unused", "unused", "paced", idle_poll_s=0.05,
+                        idle_reads_per_s=1000.0, claims_per_s=10**9)  # fmt: skip
+    try:
+        while clock[0] < 6.0:  # a round every 10 ms; the big sale's ceiling is 2 s
+            if clock[0] >= 3.0 and not sent["measured"]:
+                sent.clear()
+                sent["measured"] = 1
+            await relay.relay_once([*big, small])
+            clock[0] = round(clock[0] + 0.01, 2)
+    finally:
+        for start in range(0, len(big), 500):
+            await redis.delete(*(k.outbox for k in big[start : start + 500]))
+        await redis.delete(small.outbox)
+        await redis.aclose()
+    assert sent[small.sale_id] >= 30, sent  # every 50 ms, its own ceiling
+    assert sent[big[0].sale_id] <= 1.2 * 1000 * 3.0, sent  # the budget: about 1,000 a second
