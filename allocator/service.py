@@ -13,7 +13,6 @@ through a consumer group). Its ``/healthz`` pings Redis, Postgres and the broker
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import functools
 import logging
@@ -25,30 +24,27 @@ from typing import Any
 import asyncpg
 import orjson
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 
 from allocator.hold_scripts import HoldScripts
-from allocator.pacing import period
+from allocator.pacing import SaleRounds
 from allocator.pump import AdmissionPump, Count
 from allocator.queue_scripts import QueueScripts
 from allocator.redis_calls import Command, read_packed
 from allocator.relay import OutboxRelay, run_relay
+from allocator.service_metrics import ServiceMetrics
 from allocator.settled import SettledSkus
 from allocator.sweeper import run_sweeper
 from flashsale.clients import RedisClient, pg_pool, redis_client
 from flashsale.kafka import producer_when_up
 from flashsale.keys import DISCOVERED, SkuKeys, bucket_keys
-from flashsale.ops_endpoints import KafkaProbe, build_info, dependency_probes, serve_ops
+from flashsale.ops_endpoints import KafkaProbe, dependency_probes, serve_ops
 from flashsale.outages import log_failure
 from flashsale.queue_marks import QueueMarks
 from flashsale.sales import HOLDS_END, fetch_in_play
 from flashsale.settings import Settings
 
 log = logging.getLogger("flashsale.allocator")
-
-# A sale with more SKUs (or stock buckets) than this is shown in the per-SKU metrics as one
-# series, sku="*": 100,000 SKUs would be 300,000 series, set again at every count.
-MAX_SKU_SERIES = 1000
 
 # The sales in which a hold can still live: after a sale ended, for as long as a hold granted
 # at the end can live (its SKUs' longest hold TTL) and a minute more. Holds expire and late
@@ -70,92 +66,6 @@ GROUP BY s.id
 # How long the sales an allocator last listed stay in Redis for one started while Postgres is
 # down: a day, longer than any outage worth riding out this way.
 DISCOVERED_KEPT_S = 86_400
-
-
-class ServiceMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.registry = registry
-        build_info(registry, "allocator")
-        self.admitted = Counter(
-            "flashsale_pump_admitted", "Buyers admitted by this process's pumps", ["sale"],
-            registry=registry,
-        )  # fmt: skip
-        self.leader = Gauge(
-            "flashsale_pump_leader", "1 when this process leads the sale's pump", ["sale"],
-            registry=registry,
-        )  # fmt: skip
-        self.serving = Gauge("flashsale_queue_serving", "Serving position", ["sale"],
-                             registry=registry)  # fmt: skip
-        self.tail = Gauge("flashsale_queue_tail", "Last position handed out", ["sale"],
-                          registry=registry)  # fmt: skip
-        self.cutoff = Gauge("flashsale_queue_cutoff", "Last position that may be admitted",
-                            ["sale"], registry=registry)  # fmt: skip
-        self.outstanding = Gauge(
-            "flashsale_queue_outstanding", "Admitted buyers who have not reserved yet", ["sale"],
-            registry=registry,
-        )  # fmt: skip
-        self.noshow = Gauge("flashsale_queue_noshow_ratio", "Learned no-show ratio", ["sale"],
-                            registry=registry)  # fmt: skip
-        self.sold_out = Gauge("flashsale_sale_sold_out", "1 once the sale is sold out", ["sale"],
-                              registry=registry)  # fmt: skip
-        self.expired = Counter("flashsale_holds_expired", "Holds expired by the sweeper",
-                               registry=registry)  # fmt: skip
-        self.errors = Counter("flashsale_pump_errors", "Pump ticks that failed", ["sale"],
-                              registry=registry)  # fmt: skip
-        self.relayed = Counter("flashsale_relay_entries",
-                               "Outbox stream entries published to Kafka and acknowledged",
-                               registry=registry)  # fmt: skip
-        self.backlog = Gauge("flashsale_outbox_backlog", "Outbox entries not yet published, by "
-                             "SKU (and stock bucket)", ["sale", "sku", "bucket"],
-                             registry=registry)  # fmt: skip
-        self.stock = Gauge("flashsale_stock_units", "Units of a SKU by state (available, held), "
-                           "as the sale's pump last read them", ["sale", "sku", "state"],
-                           registry=registry)  # fmt: skip
-        self.per_sale = (self.admitted, self.leader, self.serving, self.tail, self.cutoff,
-                         self.outstanding, self.noshow, self.sold_out, self.errors)  # fmt: skip
-        self._skus: dict[str, set[str]] = {}  # SKUs with stock series, by sale
-        self._backlog_shown: set[tuple[str, str, str]] = set()
-
-    def note_backlog(self, now: dict[tuple[str, str, str], int]) -> None:
-        """The outbox backlog by (sale, SKU, bucket), summed as ``sku="*"`` and
-        ``bucket="*"`` for a sale with more than ``MAX_SKU_SERIES`` of them; series no longer
-        in ``now`` leave."""
-        per_sale = collections.Counter(sale for sale, _, _ in now)
-        shown: dict[tuple[str, str, str], int] = {}
-        for (sale, sku, bucket), length in now.items():
-            labels = (sale, "*", "*") if per_sale[sale] > MAX_SKU_SERIES else (sale, sku, bucket)
-            shown[labels] = shown.get(labels, 0) + length
-        for labels, length in shown.items():
-            self.backlog.labels(*labels).set(length)
-        for labels in self._backlog_shown - set(shown):
-            with contextlib.suppress(KeyError):
-                self.backlog.remove(*labels)
-        self._backlog_shown = set(shown)
-
-    def note_stock(self, sale_id: str, stock: dict[str, tuple[int, int]]) -> None:
-        """Units available and held by SKU, summed as ``sku="*"`` for a sale with more than
-        ``MAX_SKU_SERIES`` SKUs."""
-        if len(stock) > MAX_SKU_SERIES:
-            stock = {"*": (sum(a for a, _ in stock.values()), sum(h for _, h in stock.values()))}
-        for sku, (available, held) in stock.items():
-            self.stock.labels(sale_id, sku, "available").set(available)
-            self.stock.labels(sale_id, sku, "held").set(held)
-        for sku in self._skus.get(sale_id, set()) - set(stock):
-            for state in ("available", "held"):
-                with contextlib.suppress(KeyError):
-                    self.stock.remove(sale_id, sku, state)
-        self._skus[sale_id] = set(stock)
-
-    def forget(self, sale_id: str) -> None:
-        """Drop a sale's series once it leaves scope: a dashboard of past sales would
-        otherwise grow without end."""
-        for metric in self.per_sale:
-            with contextlib.suppress(KeyError):
-                metric.remove(sale_id)
-        for sku in self._skus.pop(sale_id, set()):
-            for state in ("available", "held"):
-                with contextlib.suppress(KeyError):
-                    self.stock.remove(sale_id, sku, state)
 
 
 class AllocatorService:
@@ -257,24 +167,25 @@ class AllocatorService:
     async def _measure_backlog(
         self, stop: asyncio.Event, interval_s: float = 1.0, reads_per_s: float = 2000.0
     ) -> None:
-        """Each second (less often when more than ``reads_per_s`` SKUs are in scope), the
-        outbox entries of every holding SKU not yet published (the relay deletes what the
-        broker acknowledged): a backlog that grows means the relay or the broker is behind.
-        SKUs that left scope lose their series."""
+        """Each second (a sale with more SKUs than its share of ``reads_per_s``, less often:
+        allocator/pacing.py), the outbox entries of every holding SKU not yet published (the
+        relay deletes what the broker acknowledged): a backlog that grows means the relay or
+        the broker is behind. SKUs that left scope lose their series."""
+        rounds = SaleRounds(interval_s, reads_per_s)
         while not stop.is_set():
-            skus = list(self.holding_skus)
+            skus = rounds.due(self.holding_skus, time.monotonic())
             try:
                 assert self.redis is not None
                 commands: list[Command] = [("XLEN", keys.outbox) for keys in skus]
                 lengths = await read_packed(self.redis, commands) if skus else []
-            except Exception as exc:  # noqa: BLE001 - measured again next second
+            except Exception as exc:  # noqa: BLE001 - measured again at the sale's next turn
                 log_failure(log, "cannot measure the outbox backlog", exc)
             else:
                 now = {(k.sale_id, k.sku, str(k.bucket)): int(n)
                        for k, n in zip(skus, lengths, strict=True)}  # fmt: skip
-                self.metrics.note_backlog(now)
+                self.metrics.note_backlog(now, in_scope=rounds.sales)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), period(len(skus), interval_s, reads_per_s))
+                await asyncio.wait_for(stop.wait(), rounds.wait(time.monotonic()))
 
     async def _holding_skus(self) -> list[SkuKeys]:
         return self.holding_skus

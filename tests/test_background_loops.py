@@ -6,6 +6,7 @@ stock stopped coming back, or reservations stopped reaching Kafka."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -21,6 +22,7 @@ from allocator.relay import OutboxRelay, run_relay
 from allocator.sale_admin import SaleAdmin
 from allocator.service import HOLDING_SALES, AllocatorService
 from allocator.sweeper import run_sweeper
+from flashsale.clients import redis_client
 from flashsale.keys import SkuKeys, bucket_keys
 from flashsale.migrate import migrate
 from flashsale.queue_marks import Mark, QueueMarks
@@ -273,3 +275,35 @@ async def test_the_periodic_scope_queries_do_not_read_old_sales(fresh_dsn: str) 
             assert _sale_skus_read(plan["Plan"]) <= NEW_SKUS + 2, (name, plan)
     finally:
         await conn.close()
+
+
+async def test_a_large_sale_in_scope_does_not_slow_the_backlog_gauge_of_a_small_one(
+    stack: Settings,
+) -> None:
+    """The outbox backlog gauge read every SKU in scope, then waited as long as its budget of
+    reads asked for all of them: beside a 200,000-SKU catalogue sale, 100 s, and an alert on
+    a hot sale's backlog came that late. Each sale is now measured at its own pace."""
+    service = AllocatorService(Settings.from_env({}))
+    service.redis = redis_client(stack)
+    tag = os.urandom(4).hex()
+    big = [SkuKeys(f"big-{tag}", f"S{i}") for i in range(4000)]
+    small = SkuKeys(f"small-{tag}", "S0")
+    service.holding_skus = [*big, small]
+    gauge = service.metrics.backlog.labels(small.sale_id, small.sku, "0")
+    stop = asyncio.Event()
+    gauging = asyncio.create_task(service._measure_backlog(stop, interval_s=0.01,
+                                                           reads_per_s=4000.0))  # fmt: skip
+    try:
+        await service.redis.xadd(small.outbox, {"type": "test"})
+        for _ in range(100):  # the first round reads every outbox
+            await asyncio.sleep(0.01)
+            if gauge._value.get() == 1:
+                break
+        await service.redis.xadd(small.outbox, {"type": "test"})
+        await asyncio.sleep(0.3)  # the large sale is read once a second
+        assert gauge._value.get() == 2
+    finally:
+        stop.set()
+        await gauging
+        await service.redis.delete(small.outbox)
+        await service.redis.aclose()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from allocator.service import MAX_SKU_SERIES, ServiceMetrics
+from allocator.service_metrics import MAX_SKU_SERIES, ServiceMetrics
 from flashsale import __version__
 
 
@@ -56,3 +56,25 @@ def test_a_sale_of_many_skus_is_one_series_per_state_not_one_per_sku() -> None:
     text = generate_latest(registry).decode()
     assert 'flashsale_stock_units{sale="sale-big",sku="SKU-1",state="available"} 1.0' in text
     assert 'sale="sale-big",sku="*"' not in text
+
+
+def test_a_backlog_measured_sale_by_sale_keeps_the_other_sales_series() -> None:
+    """The backlog gauge measures each sale at its own pace: a round that measured one sale
+    leaves the others' series as they were, drops the SKUs the measured sale no longer has,
+    and every series of a sale that left the scope."""
+    registry = CollectorRegistry()
+    m = ServiceMetrics(registry)
+
+    def shown() -> set[str]:
+        text = generate_latest(registry).decode()
+        return {line for line in text.splitlines() if line.startswith("flashsale_outbox_backlog{")}
+
+    m.note_backlog({("a", "K1", "0"): 1, ("a", "K2", "0"): 2, ("b", "K1", "0"): 3})
+    m.note_backlog({("b", "K1", "0"): 4}, in_scope=["a", "b"])
+    assert shown() == {
+        'flashsale_outbox_backlog{bucket="0",sale="a",sku="K1"} 1.0',
+        'flashsale_outbox_backlog{bucket="0",sale="a",sku="K2"} 2.0',
+        'flashsale_outbox_backlog{bucket="0",sale="b",sku="K1"} 4.0',
+    }
+    m.note_backlog({("a", "K1", "0"): 0}, in_scope=["a"])  # K2 settled, b left the scope
+    assert shown() == {'flashsale_outbox_backlog{bucket="0",sale="a",sku="K1"} 0.0'}

@@ -1,0 +1,111 @@
+"""The allocator service's Prometheus metrics: what the pumps, the sweeper and the relay do,
+the outbox backlog and the stock by SKU, kept to a bounded number of series."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from flashsale.ops_endpoints import build_info
+
+# A sale with more SKUs (or stock buckets) than this is shown in the per-SKU metrics as one
+# series, sku="*": 100,000 SKUs would be 300,000 series, set again at every count.
+MAX_SKU_SERIES = 1000
+
+
+class ServiceMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        build_info(registry, "allocator")
+        self.admitted = Counter(
+            "flashsale_pump_admitted", "Buyers admitted by this process's pumps", ["sale"],
+            registry=registry,
+        )  # fmt: skip
+        self.leader = Gauge(
+            "flashsale_pump_leader", "1 when this process leads the sale's pump", ["sale"],
+            registry=registry,
+        )  # fmt: skip
+        self.serving = Gauge("flashsale_queue_serving", "Serving position", ["sale"],
+                             registry=registry)  # fmt: skip
+        self.tail = Gauge("flashsale_queue_tail", "Last position handed out", ["sale"],
+                          registry=registry)  # fmt: skip
+        self.cutoff = Gauge("flashsale_queue_cutoff", "Last position that may be admitted",
+                            ["sale"], registry=registry)  # fmt: skip
+        self.outstanding = Gauge(
+            "flashsale_queue_outstanding", "Admitted buyers who have not reserved yet", ["sale"],
+            registry=registry,
+        )  # fmt: skip
+        self.noshow = Gauge("flashsale_queue_noshow_ratio", "Learned no-show ratio", ["sale"],
+                            registry=registry)  # fmt: skip
+        self.sold_out = Gauge("flashsale_sale_sold_out", "1 once the sale is sold out", ["sale"],
+                              registry=registry)  # fmt: skip
+        self.expired = Counter("flashsale_holds_expired", "Holds expired by the sweeper",
+                               registry=registry)  # fmt: skip
+        self.errors = Counter("flashsale_pump_errors", "Pump ticks that failed", ["sale"],
+                              registry=registry)  # fmt: skip
+        self.relayed = Counter("flashsale_relay_entries",
+                               "Outbox stream entries published to Kafka and acknowledged",
+                               registry=registry)  # fmt: skip
+        self.backlog = Gauge("flashsale_outbox_backlog", "Outbox entries not yet published, by "
+                             "SKU (and stock bucket)", ["sale", "sku", "bucket"],
+                             registry=registry)  # fmt: skip
+        self.stock = Gauge("flashsale_stock_units", "Units of a SKU by state (available, held), "
+                           "as the sale's pump last read them", ["sale", "sku", "state"],
+                           registry=registry)  # fmt: skip
+        self.per_sale = (self.admitted, self.leader, self.serving, self.tail, self.cutoff,
+                         self.outstanding, self.noshow, self.sold_out, self.errors)  # fmt: skip
+        self._skus: dict[str, set[str]] = {}  # SKUs with stock series, by sale
+        self._backlog_shown: dict[str, set[tuple[str, str, str]]] = {}  # by sale
+
+    def note_backlog(
+        self, now: dict[tuple[str, str, str], int], in_scope: Iterable[str] | None = None
+    ) -> None:
+        """The outbox backlog by (sale, SKU, bucket) of every SKU of the sales in ``now``,
+        summed as ``sku="*"`` and ``bucket="*"`` for a sale with more than ``MAX_SKU_SERIES``
+        of them. A measured sale's series not in ``now`` leave, and every series of a sale not
+        ``in_scope`` (by default: the sales in ``now``)."""
+        per_sale = collections.Counter(sale for sale, _, _ in now)
+        shown: dict[str, dict[tuple[str, str, str], int]] = {}
+        for (sale, sku, bucket), length in now.items():
+            labels = (sale, "*", "*") if per_sale[sale] > MAX_SKU_SERIES else (sale, sku, bucket)
+            part = shown.setdefault(sale, {})
+            part[labels] = part.get(labels, 0) + length
+        kept = set(per_sale if in_scope is None else in_scope)
+        for sale in [s for s in self._backlog_shown if s not in kept]:
+            shown[sale] = {}
+        for sale, part in shown.items():
+            for labels, length in part.items():
+                self.backlog.labels(*labels).set(length)
+            for labels in self._backlog_shown.pop(sale, set()) - set(part):
+                with contextlib.suppress(KeyError):
+                    self.backlog.remove(*labels)
+            if part:
+                self._backlog_shown[sale] = set(part)
+
+    def note_stock(self, sale_id: str, stock: dict[str, tuple[int, int]]) -> None:
+        """Units available and held by SKU, summed as ``sku="*"`` for a sale with more than
+        ``MAX_SKU_SERIES`` SKUs."""
+        if len(stock) > MAX_SKU_SERIES:
+            stock = {"*": (sum(a for a, _ in stock.values()), sum(h for _, h in stock.values()))}
+        for sku, (available, held) in stock.items():
+            self.stock.labels(sale_id, sku, "available").set(available)
+            self.stock.labels(sale_id, sku, "held").set(held)
+        for sku in self._skus.get(sale_id, set()) - set(stock):
+            for state in ("available", "held"):
+                with contextlib.suppress(KeyError):
+                    self.stock.remove(sale_id, sku, state)
+        self._skus[sale_id] = set(stock)
+
+    def forget(self, sale_id: str) -> None:
+        """Drop a sale's series once it leaves scope: a dashboard of past sales would
+        otherwise grow without end."""
+        for metric in self.per_sale:
+            with contextlib.suppress(KeyError):
+                metric.remove(sale_id)
+        for sku in self._skus.pop(sale_id, set()):
+            for state in ("available", "held"):
+                with contextlib.suppress(KeyError):
+                    self.stock.remove(sale_id, sku, state)
