@@ -33,6 +33,7 @@ from flashsale.salespec import (
     integer,
 )
 from flashsale.shuffle import seed_commitment
+from flashsale.wording import counted
 
 
 @dataclass
@@ -226,7 +227,7 @@ class SaleAdmin(SaleReads):
                 raise Conflict(f"{sku} is split into stock buckets, whose stock only grows",
                                code="bucketed_sku")  # fmt: skip
             if total < max(1, row["sold"]):
-                raise InvalidInput(field, f"would leave {total} units; at least "
+                raise InvalidInput(field, f"would leave {counted(total, 'unit')}; at least "
                                    f"max(1, sold = {row['sold']}) must stay (remove the SKU "
                                    "instead)")  # fmt: skip
             row = await conn.fetchrow(
@@ -245,7 +246,8 @@ class SaleAdmin(SaleReads):
         sku = row["sku"]
         result = await self._sync_sku(sale, row, force=True)
         if result.outcome == "refused_below_committed":
-            raise Conflict(f"{sku} has {result.counts.held} units held and {result.counts.sold} "
+            held = counted(result.counts.held, "unit")
+            raise Conflict(f"{sku} has {held} held and {result.counts.sold} "
                            f"sold: its stock cannot go below "
                            f"{result.counts.held + result.counts.sold}",
                            code="below_committed")  # fmt: skip

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from flashsale.wording import counted
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -31,6 +33,6 @@ def judge(sale_id: str, audit: dict[str, Any], sold: int, stock: int, *, answere
         *(f"   FAILED: {name}" for name in failed),
     ]
     if answered < buyers:
-        lines.append(f"   {buyers - answered} buyers got no definitive answer")
+        lines.append(f"   {counted(buyers - answered, 'buyer')} got no definitive answer")
     ok = bool(audit.get("passed")) and sold <= stock and answered >= buyers
     return Verdict(ok, lines)

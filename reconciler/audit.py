@@ -30,6 +30,7 @@ from flashsale.queue_marks import highest
 from flashsale.records import ClaimMember, HoldRecord, text
 from flashsale.sales import fetch_sale, fetch_skus, sale_state
 from flashsale.settings import ENGINE_ENV_FILE, Settings
+from flashsale.wording import counted
 from reconciler.captures import recorded_orphans
 from reconciler.orphan_holds import ORDERLESS_AFTER_S, OrphanHolds
 from reconciler.report import AuditReport, Invariant
@@ -340,7 +341,9 @@ def _nothing_lost(orders: list[Any], redis: dict[str, Any], drained: bool,
     if missing and drained:
         inv.fail("holds_without_order", missing)
     elif missing:
-        inv.fail("cannot_conclude", f"{len(missing)} holds not yet orders; {not_drained}")
+        inv.fail(
+            "cannot_conclude", f"{counted(len(missing), 'hold')} not yet orders; {not_drained}"
+        )
     inv.details.setdefault("reservations", len(holds | known))
     return inv
 

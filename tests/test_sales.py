@@ -18,6 +18,8 @@ import redis
 
 from allocator import sale_reads
 from allocator.sale_admin import SaleAdmin
+from allocator.sale_scripts import PreloadResult, StockCounts
+from flashsale.cli.sale_views import print_preload
 from flashsale.clients import pg_pool, redis_client
 from flashsale.errors import InvalidInput
 from flashsale.keys import SaleKeys, SkuKeys
@@ -342,6 +344,15 @@ def test_preloading_many_skus_prints_a_summary_not_a_line_each(cli: Cli, tmp_pat
             f"preloaded the 32 SKUs of {sale_id}: {outcome}; {units:,} units ({units:,} "
             f"available, 0 held, 0 sold); per SKU: flashsale sale status {sale_id}"
         ], many.out
+
+
+def test_a_preload_of_one_unit_says_unit(capsys: pytest.CaptureFixture[str]) -> None:
+    """The summary said "1 units" for a sale of one unit."""
+    one = PreloadResult("SNK", "loaded", StockCounts(1, 1, 0, 0, 0))
+    print_preload("s", [one])
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "preloaded the 1 SKU of s: 1 loaded, 0 unchanged; 1 unit (1 available, 0 held, 0 sold)"
+    )
 
 
 def test_import_csv_adds_skus(cli: Cli, db: Db, tmp_path: Path) -> None:

@@ -97,7 +97,7 @@ def _healthy(url: str, patience: float = 60) -> None:
     ({"passed": False, "invariants": [{"name": "1. no oversell", "passed": False}]}, 20, 100,
      False, "FAILED: 1. no oversell"),
     ({"passed": True, "invariants": []}, 21, 100, False, "oversold 1"),
-    ({"passed": True, "invariants": []}, 20, 99, False, "1 buyers got no definitive answer"),
+    ({"passed": True, "invariants": []}, 20, 99, False, "1 buyer got no definitive answer"),
     ({}, 20, 100, False, "audit: FAILED"),  # no audit at all is no pass
     # A spike leaves its sale running: the audit holds as of now, and the verdict says so.
     ({"passed": True, "invariants": [], "facts": {"sale_state": "live"}}, 20, 100, True,

@@ -27,6 +27,7 @@ from flashsale.errors import ConfigError, InvalidInput
 from flashsale.records import body_fingerprint, idempotency_key
 from flashsale.salespec import parse_csv, parse_sale, unique_keys
 from flashsale.settings import Settings
+from flashsale.wording import counted
 
 
 @contextlib.asynccontextmanager
@@ -119,8 +120,8 @@ async def cmd_sale(args: argparse.Namespace, settings: Settings) -> int:
         batch = parse_csv(read_input(args.file))
         async with admin(settings) as sales:
             await sales.import_skus(args.sale, batch)
-        count = len(batch.skus)
-        out(f"imported {count} SKUs into {args.sale}; run `flashsale sale preload {args.sale}`")
+        imported = counted(len(batch.skus), "SKU")
+        out(f"imported {imported} into {args.sale}; run `flashsale sale preload {args.sale}`")
         return 0
     if command == "archive":  # the reconciler's job, with the audit
         return await _archive(args, settings)
@@ -149,7 +150,7 @@ async def cmd_sale(args: argparse.Namespace, settings: Settings) -> int:
         elif command == "remove-sku":
             sale = await sales.remove_sku(args.sale, args.sku)
             out(f"removed {args.sku} from {sale['id']}: "
-                f"{len(sale['skus'])} SKUs left")  # fmt: skip
+                f"{counted(len(sale['skus']), 'SKU')} left")  # fmt: skip
         elif command == "update":
             changes = {field: getattr(args, attr) for attr, field in UPDATE_FLAGS.items()
                        if getattr(args, attr) is not None}  # fmt: skip
@@ -169,7 +170,7 @@ async def cmd_sale(args: argparse.Namespace, settings: Settings) -> int:
             dump_json(changed["skus"][0])
         elif command == "set-rate":
             sale = await sales.set_admission_rate(args.sale, args.rate)
-            out(f"{sale['id']}: admitting {sale['admission_rate']} buyers per second")
+            out(f"{sale['id']}: admitting {counted(sale['admission_rate'], 'buyer')} per second")
         else:
             sale = await sales.set_status(args.sale, command, with_skus=False)
             out(f"{sale['id']}: status {sale['status']} (state {sale['state']})")

@@ -7,6 +7,7 @@ from typing import Any
 
 from allocator.sale_scripts import PreloadResult
 from flashsale.cli.output import dump_json, out
+from flashsale.wording import counted
 
 PRELOAD_LINES = 20  # SKUs a preload lists one by one; a larger sale gets the summary alone
 
@@ -52,7 +53,6 @@ def print_preload(sale_id: str, results: Sequence[PreloadResult]) -> None:
         for name in ("total", "available", "held", "sold")
     )
     where = "" if len(results) <= PRELOAD_LINES else f"; per SKU: flashsale sale status {sale_id}"
-    skus = f"{len(results):,} SKU" + ("" if len(results) == 1 else "s")
-    out(f"preloaded the {skus} of {sale_id}: {loaded:,} loaded, "
-        f"{len(results) - loaded:,} unchanged; {total:,} units ({available:,} available, "
+    out(f"preloaded the {counted(len(results), 'SKU')} of {sale_id}: {loaded:,} loaded, "
+        f"{len(results) - loaded:,} unchanged; {counted(total, 'unit')} ({available:,} available, "
         f"{held:,} held, {sold:,} sold){where}")  # fmt: skip

@@ -24,6 +24,7 @@ from flashsale.cli.checks import (
 from flashsale.cli.output import dump_json, out
 from flashsale.errors import ConfigError, InvalidInput
 from flashsale.settings import Settings
+from flashsale.wording import counted
 
 PSP_JOURNAL = "psp/charges.jsonl"  # the simulator's journal under `flashsale up`, in <home>
 
@@ -75,8 +76,9 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         dump_json(report.json())
     else:
-        out(f"reconciled {report.skus} SKUs in {report.seconds:.3f}s: {report.changed} repairs, "
-            f"{len(report.flags)} flags, {len(report.unresolved)} unresolved")  # fmt: skip
+        out(f"reconciled {counted(report.skus, 'SKU')} in {report.seconds:.3f}s: "
+            f"{counted(report.changed, 'repair')}, {counted(len(report.flags), 'flag')}, "
+            f"{len(report.unresolved)} unresolved")  # fmt: skip
         items = report.repairs + report.flags
         for item in items[:SHOWN]:
             out(f"  {item.kind:16} {item.sale_id}/{item.sku or '-'} {item.subject or ''}"
