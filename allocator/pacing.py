@@ -21,6 +21,7 @@ import heapq
 import itertools
 import random
 from collections import Counter
+from collections.abc import Mapping, Sequence
 
 from flashsale.keys import SkuKeys
 
@@ -31,12 +32,11 @@ def period(skus: int, interval_s: float, visits_per_s: float) -> float:
     return max(interval_s, skus / visits_per_s)
 
 
-def sale_periods(scope: list[SkuKeys], interval_s: float, visits_per_s: float) -> dict[str, float]:
-    """Seconds between two visits of each SKU, per sale of ``scope``: the smallest sales
-    first, each takes what its SKUs need at ``interval_s`` or an even share of the budget
-    left, whichever is less. The whole scope costs no more than ``visits_per_s`` visits a
-    second, and one sale alone is paced as :func:`period` paces it."""
-    sizes = Counter(keys.sale_id for keys in scope)
+def share_out(sizes: Mapping[str, int], interval_s: float, visits_per_s: float) -> dict[str, float]:
+    """Seconds between two visits of each SKU, per sale of ``sizes`` (its SKUs in scope): the
+    smallest sales first, each takes what its SKUs need at ``interval_s`` or an even share of
+    the budget left, whichever is less. The whole scope costs no more than ``visits_per_s``
+    visits a second, and one sale alone is paced as :func:`period` paces it."""
     periods: dict[str, float] = {}
     left, budget = len(sizes), visits_per_s
     for sale, skus in sorted(sizes.items(), key=lambda item: item[1]):
@@ -45,6 +45,11 @@ def sale_periods(scope: list[SkuKeys], interval_s: float, visits_per_s: float) -
         budget -= skus / periods[sale]
         left -= 1
     return periods
+
+
+def sale_periods(scope: list[SkuKeys], interval_s: float, visits_per_s: float) -> dict[str, float]:
+    """:func:`share_out` for the sales of ``scope``."""
+    return share_out(Counter(keys.sale_id for keys in scope), interval_s, visits_per_s)
 
 
 class SalePace:
@@ -60,59 +65,84 @@ class SalePace:
         self.periods: dict[str, float] = {}
         self.longest = interval_s  # the longest of the periods
 
-    def of(self, scope: list[SkuKeys], again: bool = False) -> dict[str, float]:
-        """The period of each sale of ``scope``; ``again``: worked out again in any case."""
-        if again or scope is not self._scope or len(scope) != self._size:
+    def of(self, scope: list[SkuKeys]) -> dict[str, float]:
+        """The period of each sale of ``scope``."""
+        if scope is not self._scope or len(scope) != self._size:
             self.periods = sale_periods(scope, self.interval_s, self.visits_per_s)
             self.longest = max(self.periods.values(), default=self.interval_s)
             self._scope, self._size = scope, len(scope)
         return self.periods
 
 
-class SaleRounds:
-    """For the loops that visit every SKU of a sale at once (the sweeper, the backlog gauge):
-    which sales of the scope are due now, each at its own period (:class:`SalePace`), and how
-    long until the next one is. A sale new to the scope is due at once."""
+class SaleTurns:
+    """For the loops that visit every SKU of a sale at once (the sweeper, the backlog gauge,
+    the reconciler's passes): which sales are due now, each at its own period
+    (:func:`share_out`), and how long until the next one is. A sale new to the scope is due
+    at once."""
 
     def __init__(self, interval_s: float, visits_per_s: float) -> None:
-        self.pace = SalePace(interval_s, visits_per_s)
+        self.interval_s = interval_s
+        self.visits_per_s = visits_per_s
+        self.periods: dict[str, float] = {}
+        self.longest = interval_s  # the longest of the periods
         self._next: dict[str, float] = {}
+
+    def due(self, sizes: Mapping[str, int] | None, now: float) -> list[str]:
+        """The sales due at ``now``, each due again a period later; ``sizes``: the SKUs of each
+        sale in scope now (None: as last given)."""
+        if sizes is not None:
+            self.periods = share_out(sizes, self.interval_s, self.visits_per_s)
+            self.longest = max(self.periods.values(), default=self.interval_s)
+            self._next = {sale: self._next.get(sale, now) for sale in sizes}
+        sales = [sale for sale, at in self._next.items() if at <= now]
+        for sale in sales:
+            self._next[sale] = now + self.periods[sale]
+        return sales
+
+    def retry(self, sales: Sequence[str], at: float) -> None:
+        """``sales`` due again at ``at``, not a period later (their visit failed)."""
+        for sale in sales:
+            if sale in self._next:
+                self._next[sale] = min(self._next[sale], at)
+
+    @property
+    def sales(self) -> list[str]:
+        """The sales in scope, as last given."""
+        return list(self._next)
+
+    def wait(self, now: float) -> float:
+        """Seconds from ``now`` until the next sale is due (the interval when none is known)."""
+        if not self._next:
+            return self.interval_s
+        return max(0.0, min(self._next.values()) - now)
+
+
+class SaleRounds(SaleTurns):
+    """:class:`SaleTurns` over a scope of SKUs: the SKUs of the sales due."""
+
+    def __init__(self, interval_s: float, visits_per_s: float) -> None:
+        super().__init__(interval_s, visits_per_s)
         self._groups: dict[str, list[SkuKeys]] = {}
         self._scope: list[SkuKeys] | None = None
         self._size = 0
         self._looked = 0.0
 
-    def due(self, scope: list[SkuKeys], now: float) -> list[SkuKeys]:
-        """The SKUs of the sales due at ``now``, each such sale due again a period later. The
-        scope is looked at in full when it is another list or has another length, and at
-        least once every longest period (a scope edited in place)."""
-        look = (
+    def due_skus(self, scope: list[SkuKeys], now: float) -> list[SkuKeys]:
+        """The SKUs of the sales due at ``now``. The scope is looked at in full when it is
+        another list or has another length, and at least once every longest period (a scope
+        edited in place)."""
+        sizes = None
+        if (
             scope is not self._scope
             or len(scope) != self._size
-            or now >= self._looked + self.pace.longest
-        )
-        periods = self.pace.of(scope, again=look)
-        if look:
+            or now >= self._looked + self.longest
+        ):
             groups: dict[str, list[SkuKeys]] = {}
             for keys in scope:
                 groups.setdefault(keys.sale_id, []).append(keys)
             self._groups, self._scope, self._size, self._looked = groups, scope, len(scope), now
-            self._next = {sale: self._next.get(sale, now) for sale in groups}
-        sales = [sale for sale, at in self._next.items() if at <= now]
-        for sale in sales:
-            self._next[sale] = now + periods[sale]
-        return [keys for sale in sales for keys in self._groups[sale]]
-
-    @property
-    def sales(self) -> list[str]:
-        """The sales of the scope last looked at."""
-        return list(self._groups)
-
-    def wait(self, now: float) -> float:
-        """Seconds from ``now`` until the next sale is due (the interval when none is known)."""
-        if not self._next:
-            return self.pace.interval_s
-        return max(0.0, min(self._next.values()) - now)
+            sizes = {sale: len(skus) for sale, skus in groups.items()}
+        return [keys for sale in self.due(sizes, now) for keys in self._groups[sale]]
 
 
 class Schedule:

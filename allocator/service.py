@@ -173,7 +173,7 @@ class AllocatorService:
         the broker is behind. SKUs that left scope lose their series."""
         rounds = SaleRounds(interval_s, reads_per_s)
         while not stop.is_set():
-            skus = rounds.due(self.holding_skus, time.monotonic())
+            skus = rounds.due_skus(self.holding_skus, time.monotonic())
             try:
                 assert self.redis is not None
                 commands: list[Command] = [("XLEN", keys.outbox) for keys in skus]

@@ -61,7 +61,7 @@ async def run_sweeper(
     rounds = SaleRounds(interval, visits_per_s)
     while not stop.is_set():
         try:
-            due = rounds.due(await skus(), time.monotonic())
+            due = rounds.due_skus(await skus(), time.monotonic())
             expired = await sweep_once(scripts, due, batch)
         except Exception as exc:  # noqa: BLE001 - the loop outlives any round
             log_failure(log, "sweep failed; each sale is swept again at its next turn", exc)

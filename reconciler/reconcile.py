@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import asyncpg
 import orjson
@@ -73,22 +73,25 @@ class Reconciler:
         self.captures = Captures(pool, provider, store)
         self.orphans = OrphanHolds(pool, client, provider, grace_s=orderless_after_s)
         self.metrics = ReconcileMetrics(registry or CollectorRegistry())
-        # The checks that read every open or confirmed order of the sales in scope run at
-        # most this often in the service (always with --once and in the audit).
+        # The checks that read every open or confirmed order of a sale in scope run at most
+        # this often for it in the service (always with --once and in the audit).
         self.slow_every_s = slow_every_s
-        self._next_slow = 0.0
+        self._next_slow: dict[str, float] = {}  # by sale
 
     async def run_once(self, sales: Sequence[str] | None = None, *,
-                       wait_for_grace: bool = False, full: bool = True) -> PassReport:  # fmt: skip
+                       wait_for_grace: bool = False, full: bool = True,
+                       only: Sequence[str] | None = None) -> PassReport:  # fmt: skip
         """Detect and repair everything once. ``wait_for_grace``: a waiting room seen lost is
         restored in this pass after waiting out the grace (``--once``); otherwise a later pass
         restores it. ``full=False`` (the service) runs the checks that read every open or
-        confirmed order only every ``slow_every_s``."""
+        confirmed order of a sale only every ``slow_every_s``. ``only``: of the sales in
+        scope (or of ``sales``), just these: the service gives each sale its turn at a pace
+        set by its size (reconciler/service.py)."""
         began = time.monotonic()
         report = PassReport()
         stopped = True  # by an outage: the repairs made so far are still recorded
         try:
-            await self._checks(report, sales, wait_for_grace=wait_for_grace, full=full)
+            await self._checks(report, sales, only, wait_for_grace=wait_for_grace, full=full)
             stopped = False
         finally:
             report.seconds = time.monotonic() - began
@@ -99,12 +102,19 @@ class Reconciler:
                     raise
                 log.exception("could not record this stopped pass's repairs: %s",
                               [i.json() for i in report.repairs + report.flags])  # fmt: skip
-            self.metrics.count(report)
+            self.metrics.count(report, only)
         return report
 
-    async def _checks(self, report: PassReport, sales: Sequence[str] | None, *,
-                      wait_for_grace: bool, full: bool) -> None:  # fmt: skip
-        every = await self.skus.scope(sales)
+    def keep(self, sales: Collection[str]) -> None:
+        """Forget what this process knows of the sales not in ``sales``: they left the scope."""
+        self.skus.keep(sales)
+        self.metrics.keep(sales)
+        self._next_slow = {sale: at for sale, at in self._next_slow.items() if sale in sales}
+
+    async def _checks(self, report: PassReport, sales: Sequence[str] | None,
+                      only: Sequence[str] | None, *, wait_for_grace: bool,
+                      full: bool) -> None:  # fmt: skip
+        every = await self.skus.scope(sales, only)
         in_scope = sorted({r["sale_id"] for r in every})
         rows = self.skus.unsettled(every)  # the SKUs read: an ended sale's untouched ones once
         report.skus = len(rows)
@@ -114,15 +124,18 @@ class Reconciler:
         await self.skus.rebuild_each(drifted, report)
         await self.skus.write_statuses(statuses, report)
         await self.rooms.repair(in_scope, report, wait=wait_for_grace)
-        slow = full or time.monotonic() >= self._next_slow
+        now = time.monotonic()
+        slow = [sale for sale in in_scope if full or now >= self._next_slow.get(sale, 0.0)]
         if in_scope:
-            await self.captures.repair_orphans(in_scope, report, with_payments_table=slow)
-        if in_scope and slow:
-            self._next_slow = time.monotonic() + self.slow_every_s
-            await self.stuck.repair(in_scope, report)
-            await self.captures.flag_uncaptured(in_scope, report)
+            await self.captures.repair_orphans(in_scope, report, with_payments_table=bool(slow))
+        if slow:
+            self._next_slow.update((sale, now + self.slow_every_s) for sale in slow)
+            await self.stuck.repair(slow, report)
+            await self.captures.flag_uncaptured(slow, report)
             # not the SKUs this pass found settled: nothing is held or paid there
-            await self.orphans.repair(every_bucket(self.skus.unsettled(rows)), report)
+            chosen = set(slow)
+            held = [r for r in self.skus.unsettled(rows) if r["sale_id"] in chosen]
+            await self.orphans.repair(every_bucket(held), report)
 
     async def _record(self, report: PassReport) -> None:
         items = report.repairs + report.flags

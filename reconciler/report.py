@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,13 +109,17 @@ class ReconcileMetrics:
                              "Duration of the last pass", registry=registry)  # fmt: skip
         self.skus = Gauge(
             "flashsale_reconcile_skus",
-            "SKUs the last pass read (an ended sale's untouched ones only once)",
+            "SKUs the last pass over each sale read (an ended sale's untouched ones only once)",
             registry=registry,
         )
         self.unresolved = Gauge(
-            "flashsale_reconcile_unresolved", "Items the last pass could not decide",
-            registry=registry,
+            "flashsale_reconcile_unresolved",
+            "Items the last pass over each sale could not decide", registry=registry,
         )  # fmt: skip
+        # The service's passes take a turn of sales each (reconciler/service.py): the last
+        # pass over each sale in scope, by sale, so that the gauges count each such pass once.
+        self._last: dict[str, tuple[int, int, int]] = {}  # sale -> (pass, SKUs, unresolved)
+        self._serial = 0
         self.lag = Gauge(
             "flashsale_consumer_lag_messages",
             "Messages the workers' consumer group has not committed, by topic (read by the "
@@ -136,17 +140,38 @@ class ReconcileMetrics:
             registry=registry,
         )  # fmt: skip
 
-    def count(self, report: PassReport) -> None:
-        """Count one finished pass."""
+    def count(self, report: PassReport, turn: Sequence[str] | None = None) -> None:
+        """Count one finished pass; ``turn``: the sales it was over, when it was over some of
+        the sales in scope (the gauges then add up the last pass over each sale)."""
         self.passes.inc()
         self.seconds.set(report.seconds)
-        self.skus.set(report.skus)
-        self.unresolved.set(len(report.unresolved))
+        if turn is None:
+            self._last.clear()
+            self.skus.set(report.skus)
+            self.unresolved.set(len(report.unresolved))
+        else:
+            self._serial += 1
+            self._last.update((sale, (self._serial, report.skus, len(report.unresolved)))
+                              for sale in turn)  # fmt: skip
+            self._set_last()
         self.item_failures.inc(report.failures)
         for repair in report.repairs:
             self.repairs.labels(repair.kind).inc()
         for flag in report.flags:
             self.flags.labels(flag.kind).inc()
+
+    def keep(self, sales: Collection[str]) -> None:
+        """Forget the last passes over the sales not in ``sales``: they left the scope."""
+        gone = [sale for sale in self._last if sale not in sales]
+        for sale in gone:
+            del self._last[sale]
+        if gone:
+            self._set_last()
+
+    def _set_last(self) -> None:
+        passes = set(self._last.values())
+        self.skus.set(sum(skus for _, skus, _ in passes))
+        self.unresolved.set(sum(unresolved for _, _, unresolved in passes))
 
 
 @dataclass

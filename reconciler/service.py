@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 
 import asyncpg
@@ -20,7 +21,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from allocator.ids import route_of
-from allocator.pacing import period
+from allocator.pacing import SaleTurns
 from flashsale.clients import Clients, open_clients
 from flashsale.errors import NotFound, shown
 from flashsale.kafka import LagReader
@@ -78,7 +79,8 @@ async def archive(settings: Settings, sale_id: str) -> Archived:
 # With more SKUs to read than this many a second at --interval, passes are spread out
 # (allocator/pacing.py): ended sales stay in scope for 15 minutes after their holds, and three
 # ended 10,000-SKU sales made back-to-back passes of 3 s each (their untouched SKUs are now
-# read once: reconciler.skus.SkuChecks.unsettled).
+# read once: reconciler.skus.SkuChecks.unsettled). The budget is shared out sale by sale, so
+# a small sale keeps its --interval beside a catalogue sale of 200,000 SKUs.
 SKUS_PER_S = 2000.0
 # Postgres connections: the rebuilds that run at once (reconciler.skus), and two more.
 POOL_SIZE = REBUILDS_AT_ONCE + 2
@@ -87,8 +89,9 @@ POOL_SIZE = REBUILDS_AT_ONCE + 2
 async def serve(settings: Settings, stop: asyncio.Event, *, interval: float,
                 stuck_after_s: float, ops_port: int | None, host: str,
                 sales: Sequence[str] | None = None) -> None:  # fmt: skip
-    """A pass every ``interval`` seconds (longer with more than ``SKUS_PER_S`` times as many
-    SKUs in scope) until ``stop``, over ``sales`` (default: every sale in scope)."""
+    """Until ``stop``, a pass over each sale every ``interval`` seconds (a sale with more
+    SKUs than its share of ``SKUS_PER_S`` allows at that pace, less often), over ``sales``
+    (default: every sale in scope). The sales due at once share a pass."""
     registry = CollectorRegistry()
     async with open_clients(settings, pool_size=POOL_SIZE, lazy=True) as c:
         rec = reconciler(c, settings, stuck_after_s=stuck_after_s, registry=registry)
@@ -103,28 +106,33 @@ async def serve(settings: Settings, stop: asyncio.Event, *, interval: float,
         if settings.archive_after_s is not None:
             archiver = Archiver(c, settings, settings.archive_after_s, rec.metrics)
         checked = False  # the sales asked for exist (checked once Postgres answers)
+        turns = SaleTurns(interval, SKUS_PER_S)
         try:
             while not stop.is_set():
                 await _read_lag(lag, settings, rec.metrics)
-                wait = interval
+                wait, due = interval, []
                 try:
                     if not checked:
                         await require_sales(c.pool, sales)
                         checked = True
-                    report = await rec.run_once(sales, full=False)
+                    sizes = await rec.skus.sizes(sales)
+                    rec.keep(sizes)
+                    due = turns.due(sizes, time.monotonic())
+                    report = await rec.run_once(sales, full=False, only=due)
                     if archiver is not None:
                         await archiver.run(sales)
                 except NotFound:
                     raise
                 except Exception as exc:
                     rec.metrics.failures.inc()
+                    turns.retry(due, time.monotonic() + interval)
                     if is_outage(exc):
                         log.warning("reconcile pass stopped by an outage (next one in %gs): %s",
                                     interval, describe(exc))  # fmt: skip
                     else:
                         log.exception("reconcile pass failed (next one in %gs)", interval)
                 else:
-                    wait = period(report.next_skus, interval, SKUS_PER_S)
+                    wait = turns.wait(time.monotonic())
                     if report.changed or report.flags:
                         log.warning("reconcile pass: %d repairs, %d flags over %d SKUs in %.3fs",
                                     report.changed, len(report.flags), report.skus,

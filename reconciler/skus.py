@@ -10,7 +10,8 @@ it is ahead of Postgres once nothing of the SKU is in flight.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from functools import partial
 from typing import Any
 
@@ -42,18 +43,30 @@ LOST_AT_ONCE = 500  # lost SKUs of a sale rebuilt together
 # Sales in scope: preloaded, not archived (reconciler/archive.py), and not ended more than 15
 # minutes before their longest hold could have lived (an ended sale ends when it was ended);
 # or named explicitly.
-SCOPE = f"""
+_IN_SCOPE = f"""
+WHERE s.archived_at IS NULL
+  AND CASE WHEN $1::text[] IS NULL THEN {HOLDS_END} + interval '15 minutes' > now()
+      ELSE s.id = ANY($1::text[]) END
+"""
+_SKUS = f"""
 SELECT k.sale_id, k.sku, k.stock_total, k.sold, k.buckets, s.status,
        s.ends_at < now() - interval '1 minute' AS past_end
 FROM sales s
 CROSS JOIN LATERAL (SELECT * FROM sale_skus k WHERE k.sale_id = s.id
                     AND k.preloaded_at IS NOT NULL OFFSET 0) k
-WHERE s.archived_at IS NULL
-  AND CASE WHEN $1::text[] IS NULL THEN {HOLDS_END} + interval '15 minutes' > now()
-      ELSE s.id = ANY($1::text[]) END
+{_IN_SCOPE}
   AND ($1::text[] IS NOT NULL OR
        {SALE_END} + make_interval(secs => k.hold_ttl_seconds) + interval '15 minutes' > now())
-ORDER BY k.sale_id, k.sku
+"""  # noqa: S608 - only constants of this code go in
+SCOPE = f"{_SKUS} ORDER BY k.sale_id, k.sku"
+# The SKUs in scope of some of the sales in scope ($2): a turn of the service's passes.
+SCOPE_OF = f"{_SKUS} AND s.id = ANY($2::text[]) ORDER BY k.sale_id, k.sku"
+# The sales in scope and how many SKUs each has, preloaded or not (an index-only count: the
+# service paces its passes by it, sale by sale, and asks before each).
+SCOPE_SIZES = f"""
+SELECT s.id AS sale_id, (SELECT count(*) FROM sale_skus k WHERE k.sale_id = s.id) AS skus
+FROM sales s
+{_IN_SCOPE}
 """  # noqa: S608 - only constants of this code go in
 # Read after the Redis counters, in one statement: the sold count now and the open orders.
 _SOLD_AND_OPEN = """
@@ -113,13 +126,31 @@ class SkuChecks:
         self._counts: dict[tuple[str, str], int] = {}  # stock buckets of the SKUs in scope
         self._settled: set[tuple[str, str]] = set()  # see unsettled()
 
-    async def scope(self, sales: Sequence[str] | None = None) -> list[asyncpg.Record]:
-        """The SKU rows in scope (see ``SCOPE``), or those of ``sales``. The SKUs of sales
-        that left it are forgotten as settled."""
-        rows = await fetch_in_play(self.pool, SCOPE, list(sales) if sales is not None else None)
-        in_scope = {r["sale_id"] for r in rows}
-        self._settled = {k for k in self._settled if k[0] in in_scope}
+    async def scope(
+        self, sales: Sequence[str] | None = None, only: Sequence[str] | None = None
+    ) -> list[asyncpg.Record]:
+        """The SKU rows in scope (see ``SCOPE``), or those of ``sales``; ``only``: of those
+        sales only (a turn of the service's passes). Without ``only``, the SKUs of sales that
+        left the scope are forgotten as settled."""
+        named = list(sales) if sales is not None else None
+        if only is not None:
+            return await fetch_in_play(self.pool, SCOPE_OF, named, list(only))
+        rows = await fetch_in_play(self.pool, SCOPE, named)
+        self.keep({r["sale_id"] for r in rows})
         return rows
+
+    async def sizes(self, sales: Sequence[str] | None = None) -> dict[str, int]:
+        """The sales in scope (or ``sales``) and the SKUs of each a pass would read: its SKUs
+        but those known settled."""
+        rows = await fetch_in_play(
+            self.pool, SCOPE_SIZES, list(sales) if sales is not None else None
+        )
+        settled = Counter(sale for sale, _ in self._settled)
+        return {r["sale_id"]: max(1, r["skus"] - settled[r["sale_id"]]) for r in rows}
+
+    def keep(self, sales: Collection[str]) -> None:
+        """Forget what is known settled of the sales not in ``sales`` (they left the scope)."""
+        self._settled = {k for k in self._settled if k[0] in sales}
 
     def unsettled(self, rows: Sequence[asyncpg.Record]) -> list[asyncpg.Record]:
         """``rows`` but the SKUs :meth:`find` saw settled: an ended sale's SKU in one bucket

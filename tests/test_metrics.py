@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from allocator.service_metrics import MAX_SKU_SERIES, ServiceMetrics
 from flashsale import __version__
+from reconciler.report import PassReport, ReconcileMetrics
 
 
 def test_a_sale_that_leaves_scope_takes_its_series_with_it() -> None:
@@ -78,3 +79,21 @@ def test_a_backlog_measured_sale_by_sale_keeps_the_other_sales_series() -> None:
     }
     m.note_backlog({("a", "K1", "0"): 0}, in_scope=["a"])  # K2 settled, b left the scope
     assert shown() == {'flashsale_outbox_backlog{bucket="0",sale="a",sku="K1"} 0.0'}
+
+
+def test_the_reconcilers_gauges_add_up_the_last_pass_over_each_sale() -> None:
+    """The service's passes take turns of sales. "Unresolved" set from the last pass alone
+    went back to 0 at each turn of a sale with nothing unresolved, and an alert on it would
+    never hold; each sale's last pass now counts, once however many sales it was over."""
+    m = ReconcileMetrics(CollectorRegistry())
+    m.count(PassReport(skus=600, unresolved=["a: the provider answered 500"]), ["a", "b"])
+    m.count(PassReport(skus=1), ["c"])
+    assert (m.skus._value.get(), m.unresolved._value.get()) == (601, 1)
+    m.count(PassReport(skus=1), ["b"])  # the first pass still stands for a
+    assert (m.skus._value.get(), m.unresolved._value.get()) == (602, 1)
+    m.count(PassReport(skus=600), ["a"])
+    assert m.unresolved._value.get() == 0
+    m.keep(["c"])  # a and b left the scope
+    assert m.skus._value.get() == 1
+    m.count(PassReport(skus=5, unresolved=["x", "y"]))  # a whole pass (--once)
+    assert (m.skus._value.get(), m.unresolved._value.get()) == (5, 2)

@@ -18,6 +18,7 @@ from flashsale.settings import Settings
 from reconciler import service
 from reconciler.rebuild import rebuild_sku
 from reconciler.reconcile import Reconciler
+from reconciler.report import PassReport
 from tests.harness import calls_to
 from tests.pipeline import SKU, Pipeline, pipeline, provider
 
@@ -233,3 +234,39 @@ async def test_an_ended_sales_untouched_skus_are_read_once(stack: Settings) -> N
         await p.redis.hset(SkuKeys(sale, SKU).stock, "available", 0)  # SKU-1 still read
         repaired = await rec.run_once([sale], full=False)
         assert [r.sku for r in repaired.repairs] == [SKU]
+
+
+async def test_a_large_sale_in_scope_does_not_slow_the_repairs_of_a_small_one(
+    stack: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The service waited between passes as long as its budget of SKU reads asked for the
+    whole scope: beside a 200,000-SKU catalogue sale, 100 s, and a hot sale whose SKU Redis
+    lost answered "unavailable" that long. Each sale now takes its turn at its own pace."""
+    monkeypatch.setattr(service, "SKUS_PER_S", 200.0)  # the large sale: a turn every 3 s
+    passes: list[PassReport] = []
+    run_once = Reconciler.run_once
+
+    async def counted(self: Reconciler, *args: Any, **kwargs: Any) -> Any:
+        passes.append(await run_once(self, *args, **kwargs))
+        return passes[-1]
+
+    monkeypatch.setattr(Reconciler, "run_once", counted)
+    async with pipeline(stack) as p:
+        large, small = await p.sale(stock=5, skus=600), await p.sale(stock=5)
+        stop = asyncio.Event()
+        task = asyncio.get_running_loop().create_task(service.serve(
+            stack, stop, interval=0.05, stuck_after_s=60, ops_port=None, host="",
+            sales=[large, small],
+        ))  # fmt: skip
+        try:
+            for _ in range(200):  # the first pass reads both
+                if passes or task.done():
+                    break
+                await asyncio.sleep(0.05)
+            await corrupt(p, small)
+            await asyncio.sleep(1.0)
+            assert await recorded(p, small) == ["rebuild_sku"], task
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+        assert passes[0].skus == 601 and all(p.skus == 1 for p in passes[1:]), passes

@@ -342,8 +342,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     rec.add_argument(
         "--interval",
         default="5",
-        help="seconds between passes (default 5; longer with more than 2,000 SKUs "
-        "in scope per second of it)",
+        help="seconds between two passes over a sale (default 5; the budget of 2,000 SKUs "
+        "a second is shared out sale by sale, and a sale with more SKUs than its share "
+        "is passed over less often)",
     )
     rec.add_argument("--sale", action="append", metavar="ID",
                      help="only this sale (repeatable; default: every live sale); an unknown "
