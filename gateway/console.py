@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from flashsale.ops_endpoints import metrics_text
 from flashsale.sales import sale_json
 from flashsale.timefmt import iso_ms
-from gateway.catalog import copy_of
+from gateway.catalog import MAX_INFO_TTL_S, copy_of
 from gateway.http import json_response
 from gateway.state import CATALOG_READS, CLIENTS, COUNTERS, LAG, LIVE, METRICS, SALES
 
@@ -35,7 +35,6 @@ CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 
 OPEN_PATHS = frozenset({"/admin/", *(f"/admin/static/{name}" for name in FILES)})
 LATENCY = "flashsale_gateway_request_duration_seconds"
 LIVE_SKUS = 100  # SKU rows the live page gets: the busiest, beside the totals of them all
-LIVE_MOST_S = 60.0  # the longest a large sale's SKUs are shown without being read again
 
 
 def route_figures(text: str) -> dict[str, dict[str, float]]:
@@ -122,7 +121,7 @@ async def _skus(app: web.Application, sale_id: str) -> dict[str, Any]:
         value = {"skus": shown, "skus_total": len(status["skus"]), "totals": totals, "at": at}
         if len(app[LIVE]) > 64:
             app[LIVE].clear()
-        app[LIVE][sale_id] = copy_of(value, began, 0.0, LIVE_MOST_S)
+        app[LIVE][sale_id] = copy_of(value, began, 0.0, MAX_INFO_TTL_S)
         return value
 
     value: dict[str, Any] = await app[CATALOG_READS].once(("live", sale_id), read)

@@ -11,7 +11,6 @@ browsers of another).
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 import hashlib
 from collections.abc import Mapping
@@ -47,11 +46,11 @@ class Document:
     gzip_etag: str
 
     @classmethod
-    async def of(cls, data: Any) -> Document:
+    def of(cls, data: Any) -> Document:
         body = encoded(data)
         gzipped = None
-        if len(body) >= COMPRESS_FROM:  # zlib lets go of the GIL: the loop goes on meanwhile
-            gzipped = await asyncio.to_thread(gzip.compress, body, GZIP_LEVEL, mtime=0)
+        if len(body) >= COMPRESS_FROM:
+            gzipped = gzip.compress(body, GZIP_LEVEL, mtime=0)
         etag = _tag(body)
         return cls(data, body, etag, gzipped, etag[:-1] + '-gzip"')
 
