@@ -23,6 +23,7 @@ from typing import Any
 import asyncpg
 
 from flashsale.shuffle import SHUFFLE_ALGORITHM, rank_members, seed_commitment
+from flashsale.wording import counted
 
 MERKLE_RULE = (
     "leaf = sha256(0x00 || member), node = sha256(0x01 || left || right) over the raw digests, "
@@ -137,7 +138,8 @@ def problems(commitment: str, seed: str | None, members: list[str], root: str | 
     ranked = rank_members(seed, members)
     moved = [i + 1 for i, (a, b) in enumerate(zip(members, ranked, strict=True)) if a != b]
     if moved:
-        found.append(f"{len(moved)} positions are not where the seed puts them "
+        are = "is" if len(moved) == 1 else "are"
+        found.append(f"{counted(len(moved), 'position')} {are} not where the seed puts them "
                      f"(first: position {moved[0]})")  # fmt: skip
     if root is None or merkle_root(members) != root:
         found.append("the members do not hash to the published Merkle root")

@@ -46,6 +46,7 @@ from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.migrate import migrate
 from flashsale.settings import Settings
 from flashsale.tokens import Signer
+from flashsale.wording import counted
 from loadtest import admin_api
 from loadtest.demo_report import DemoReport, bucket_quantile, eta_accuracy, kendall_tau, summary
 from loadtest.driver import Buyers, DriverStats, Person, Plan
@@ -141,7 +142,7 @@ async def run(settings: Settings, *, scenario: Scenario, progress: Progress,
             )
             early = round(scenario.buyers * scenario.pre_queue)
             progress(
-                f"== sale {report.sale}: {scenario.stock} units of {SKU}, opening at "
+                f"== sale {report.sale}: {counted(scenario.stock, 'unit')} of {SKU}, opening at "
                 f"{starts_at:%H:%M:%S}; {early:,} of {scenario.buyers:,} buyers join "
                 f"before the opening, the rest over its first {scenario.arrival_s:g}s"
             )

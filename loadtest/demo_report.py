@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from flashsale.wording import counted
 from gateway.eta import STEP_S
 from loadtest.driver import Eta
 
@@ -153,7 +154,7 @@ def summary(report: DemoReport, progress: Progress) -> None:
     """The report, in lines for ``progress``."""
     seconds = report.seconds_to_answer_all
     met = seconds is not None and seconds <= report.target_seconds
-    progress(f"== report: {report.buyers:,} buyers, {report.stock} units")
+    progress(f"== report: {counted(report.buyers, 'buyer')}, {counted(report.stock, 'unit')}")
     progress(f"   every buyer had a definitive answer {seconds:.1f}s after the sale opened "
              f"(target {report.target_seconds:g}s: {'met' if met else 'MISSED'})"
              if seconds is not None else "   not every buyer got an answer")  # fmt: skip

@@ -17,6 +17,7 @@ import asyncpg
 from flashsale.errors import PaymentError
 from flashsale.orders import STATE_CAUSE, OrderStore
 from flashsale.payments import Charge, PaymentProvider, payment_row
+from flashsale.wording import counted
 from reconciler.report import PassReport, Repair, isolated
 
 log = logging.getLogger("flashsale.reconciler")
@@ -86,7 +87,9 @@ class Captures:
             candidates = {r["key"]: r["state"] for r in await recorded_orphans(self.pool, sales)}
         if self.provider is None:
             if candidates:
-                report.unresolved.append(f"{len(candidates)} payments to check: no provider")
+                report.unresolved.append(
+                    f"{counted(len(candidates), 'payment')} to check: no provider"
+                )
             return
         listed: dict[str, Charge] = {}
         for sale in sales:

@@ -52,6 +52,7 @@ from flashsale.orders import STATE_CAUSE
 from flashsale.queue_marks import Mark, highest
 from flashsale.records import ClaimMember, HoldRecord, HoldState, IdemAnswer, ReserveResult, text
 from flashsale.sales import fetch_sale, fetch_sku, sku_meta
+from flashsale.wording import counted
 
 log = logging.getLogger("flashsale.reconciler")
 
@@ -212,8 +213,8 @@ async def rebuild_sku(
         result = await repair.finish(keys, wanted, config)
     if not result.ok or result.after is None:
         raise RuntimeError(
-            f"{keys.sale_id}/{keys.sku}: holds need {result.overcommitted} units more than "
-            "the stock even after releasing every ACTIVE hold Postgres has no order for"
+            f"{keys.sale_id}/{keys.sku}: holds need {counted(result.overcommitted, 'unit')} more "
+            "than the stock even after releasing every ACTIVE hold Postgres has no order for"
         )
     return SkuRebuild(result.before, result.after, written, released)
 

@@ -25,6 +25,7 @@ import asyncpg
 
 from flashsale.outages import is_outage
 from flashsale.tokens import Signer
+from flashsale.wording import counted
 from loadtest import admin_api
 from loadtest.chaos.abuse import AbuseResult, Target
 from loadtest.chaos.faults import Injected, Timing, Window
@@ -89,7 +90,8 @@ async def run(rig: Rig, scenario: Scenario, *, quick: bool, progress: Progress) 
         if scenario.abuse is not None:
             other = await admin_api.create_sale(session, rig.base_url, token, _spec(
                 f"{scenario.name} (other)", "CHAOS-OTHER", 1000, starts_at))  # fmt: skip
-    progress(f"   sale {sale}: {stock} units, {people:,} buyers, {RATE} admitted a second; "
+    progress(f"   sale {sale}: {counted(stock, 'unit')}, {counted(people, 'buyer')}, {RATE} "
+             "admitted a second; "
              + (f"{times} faults, one every {scenario.period_s:g}s" if scenario.inject
                 else f"abuse for {window_s:g}s"))  # fmt: skip
     signer = Signer.from_setting(rig.settings.buyer_token_secret.reveal(), "buyer")
