@@ -131,3 +131,9 @@ def configure_logging(settings: Settings) -> None:
     handler.addFilter(RedactSecrets(settings.secrets()))
     root.addHandler(handler)
     root.setLevel(settings.log_level)
+
+
+def one_shot() -> None:
+    """For a command that runs once and reports what failed in a line of its own: the Kafka
+    client's own error lines about the same failure (a refused connection) came first."""
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)

@@ -26,7 +26,7 @@ from flashsale import __version__, event_loop
 from flashsale.cli import bench, buyers, dev, load, sale, serve
 from flashsale.cli.output import after_reader_gone, fail, reader_gone
 from flashsale.errors import FlashsaleError, InvalidInput
-from flashsale.logs import configure_logging
+from flashsale.logs import configure_logging, one_shot
 from flashsale.outages import describe, is_outage, schema_error, server_of
 from flashsale.parent import follow_parent
 from flashsale.settings import Settings
@@ -62,6 +62,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_env()  # a bad setting is one line naming it, like bad input
         configure_logging(settings)
+        # The services (their parsers set ``serves``) keep the Kafka client's own log lines;
+        # a command that runs once says what failed in its one line.
+        if not getattr(args, "serves", False) or getattr(args, "once", False):
+            one_shot()
         follow_parent()  # a service under `flashsale up` ends with it
         result = args.handler(args, settings)
         if asyncio.iscoroutine(result):

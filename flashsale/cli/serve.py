@@ -265,7 +265,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         description="Serve the HTTP gateway. With --workers N, N processes share the port "
         "(SO_REUSEPORT) under a supervisor that restarts crashed ones.",
     )
-    gw.set_defaults(handler=cmd_gateway)
+    gw.set_defaults(handler=cmd_gateway, serves=True)
     gw.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     gw.add_argument("--port", default="8080", help="TCP port (default 8080)")
     gw.add_argument("--workers", default="1", help="processes (default 1)")
@@ -284,7 +284,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "through a Redis lease, so replicas are safe), the hold-expiry sweeper, and the relay "
         "of the SKU outbox streams to the Kafka reservations topic.",
     )
-    alloc.set_defaults(handler=cmd_allocator)
+    alloc.set_defaults(handler=cmd_allocator, serves=True)
     alloc.add_argument("--host", default="127.0.0.1", help="address of the ops endpoints")
     alloc.add_argument("--ops-port", help="serve /healthz and /metrics on this port")
 
@@ -296,7 +296,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "order events. Offsets are committed only after the effects are durable; SIGTERM "
         "drains the batch in hand.",
     )
-    wk.set_defaults(handler=cmd_workers)
+    wk.set_defaults(handler=cmd_workers, serves=True)
     wk.add_argument("--concurrency", default="256",
                     help="charges sent to the provider at once (default 256)")  # fmt: skip
     wk.add_argument("--host", default="127.0.0.1", help="address of the ops endpoints")
@@ -309,7 +309,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "and deterministic outcomes by token (tok_decline..., tok_timeout..., tok_error...) "
         "and by the knobs below (drawn per idempotency key from --seed).",
     )
-    psp.set_defaults(handler=cmd_psp)
+    psp.set_defaults(handler=cmd_psp, serves=True)
     psp.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     psp.add_argument("--port", default="8090", help="TCP port (default 8090)")
     psp.add_argument("--latency-ms", default="0", help="mean latency per charge (default 0)")
@@ -337,7 +337,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "is recorded in reconcile_events. Without --once it runs a pass every --interval "
         "seconds. Exit (with --once): 0 done, 3 something left unresolved, 1 error.",
     )
-    rec.set_defaults(handler=cmd_reconcile)
+    rec.set_defaults(handler=cmd_reconcile, serves=True)
     rec.add_argument("--once", action="store_true", help="one pass, then exit")
     rec.add_argument(
         "--interval",
@@ -383,7 +383,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "unless FLASHSALE_PSP_URL names a provider. Crashed processes are restarted with "
         "backoff; SIGTERM or Ctrl-C stops all.",
     )
-    up.set_defaults(handler=cmd_up)
+    up.set_defaults(handler=cmd_up, serves=True)
     up.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     up.add_argument("--port", default="8080", help="gateway port (default 8080)")
     up.add_argument("--workers", default="2", help="gateway processes (default 2)")
