@@ -89,6 +89,10 @@ def test_the_table_and_the_document_block() -> None:
     new = rewrite(doc, {"results": block}, "chaos")
     assert "old" not in new and "Reproduce: `flashsale chaos`" in new and new.endswith("kept\n")
     assert "- **b**: accepted x" in new
+    one = report.totals(results[:1])
+    assert report.in_words(one) == (  # a quick cluster run said "in 1 scenarios"
+        "3 faults injected, 0 racing reconcile passes and 0 abuse requests in 1 scenario"
+    )
 
 
 def test_the_catalogue_meets_the_suite_it_promises() -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from flashsale.wording import counted
+
 
 @dataclass
 class Result:
@@ -93,11 +95,13 @@ def totals(results: list[Result]) -> dict[str, int]:
     return sums
 
 
-def counted(t: dict[str, int]) -> str:
+def in_words(t: dict[str, int]) -> str:
     """What the run did, in words: faults injected (the races' passes apart), abuse."""
-    return (f"{t['faults'] - t['race_passes']:,} faults injected, "
-            f"{t['race_passes']:,} racing reconcile passes and {t['abuse_requests']:,} abuse "
-            f"requests in {t['scenarios']} scenarios")  # fmt: skip
+    races = t["race_passes"]
+    return (f"{counted(t['faults'] - races, 'fault')} injected, {races:,} racing reconcile "
+            f"{'pass' if races == 1 else 'passes'} and "
+            f"{counted(t['abuse_requests'], 'abuse request')} in "
+            f"{counted(t['scenarios'], 'scenario')}")  # fmt: skip
 
 
 def table(results: list[Result]) -> str:
@@ -121,6 +125,6 @@ def block(results: list[Result], machine: dict[str, Any], command: str) -> str:
     return (
         f"Latest run: {machine.get('when')}, {machine.get('cpu')}, {machine.get('cores')} cores, "
         f"{machine.get('memory_gib')} GiB, Python {machine.get('python')}, load average {load} "
-        f"at the start. Reproduce: `{command}`. {counted(t)}; {t['clean']} clean."
+        f"at the start. Reproduce: `{command}`. {in_words(t)}; {t['clean']} clean."
         f"\n\n{table(results)}\n\n" + "\n".join(notes) + "\n"
     )

@@ -92,7 +92,7 @@ async def run(rig: Rig, scenario: Scenario, *, quick: bool, progress: Progress) 
                 f"{scenario.name} (other)", "CHAOS-OTHER", 1000, starts_at))  # fmt: skip
     progress(f"   sale {sale}: {counted(stock, 'unit')}, {counted(people, 'buyer')}, {RATE} "
              "admitted a second; "
-             + (f"{times} faults, one every {scenario.period_s:g}s" if scenario.inject
+             + (f"{counted(times, 'fault')}, one every {scenario.period_s:g}s" if scenario.inject
                 else f"abuse for {window_s:g}s"))  # fmt: skip
     signer = Signer.from_setting(rig.settings.buyer_token_secret.reveal(), "buyer")
     run_id = os.urandom(3).hex()

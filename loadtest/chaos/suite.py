@@ -99,6 +99,6 @@ async def main(settings: Settings, servers: Servers, scenarios: list[Scenario], 
         await asyncio.to_thread(doc.write_text, new)
         progress(f"rewrote the results in {doc}")
     clean = all(r.clean for r in results)
-    progress(f"{report.counted(totals)}: {totals['clean']} clean"
+    progress(f"{report.in_words(totals)}: {totals['clean']} clean"
              + ("" if clean else " - NOT every scenario is clean"))  # fmt: skip
     return 0 if clean and results else 1
