@@ -90,6 +90,7 @@ def test_the_table_and_the_document_block() -> None:
     assert "old" not in new and "Reproduce: `flashsale chaos`" in new and new.endswith("kept\n")
     assert "- **b**: accepted x" in new
     one = report.totals(results[:1])
+    assert "| **1 scenario** |" in report.table(results[:1])
     assert report.in_words(one) == (  # a quick cluster run said "in 1 scenarios"
         "3 faults injected, 0 racing reconcile passes and 0 abuse requests in 1 scenario"
     )

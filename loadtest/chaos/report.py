@@ -108,7 +108,8 @@ def table(results: list[Result]) -> str:
     lines = [HEADER, "|---|" + "---:|" * 10 + "---|", *(row(r) for r in results)]
     t = totals(results)
     lines.append(
-        f"| **{t['scenarios']} scenarios** | **{t['faults']:,}** | | **{t['requests']:,}** | "
+        f"| **{counted(t['scenarios'], 'scenario')}** | **{t['faults']:,}** | | "
+        f"**{t['requests']:,}** | "
         f"**{t['non_503_5xx']}** | **{t['no_retry_after']}** | **{t['unanswered']}** | "
         f"**{t['violations']}** | **{t['lost_reservations']}** | | | "
         f"**{t['clean']}/{t['scenarios']} clean** |"
