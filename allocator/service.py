@@ -26,6 +26,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from allocator.discovery import SkuSets
 from allocator.hold_scripts import HoldScripts
 from allocator.pacing import SaleRounds
 from allocator.pump import AdmissionPump, Count
@@ -41,27 +42,9 @@ from flashsale.keys import DISCOVERED, SkuKeys, bucket_keys
 from flashsale.ops_endpoints import KafkaProbe, dependency_probes, serve_ops
 from flashsale.outages import log_failure
 from flashsale.queue_marks import QueueMarks
-from flashsale.sales import HOLDS_END, fetch_in_play
 from flashsale.settings import Settings
 
 log = logging.getLogger("flashsale.allocator")
-
-# The sales in which a hold can still live: after a sale ended, for as long as a hold granted
-# at the end can live (its SKUs' longest hold TTL) and a minute more. Holds expire and late
-# cancels happen after the end too, so the sweeper and the relay keep covering them. An
-# ended sale ends when it was ended. The live ones among them (not ended, before their end)
-# get a pump each: one query for both lists, each a sale's every SKU.
-HOLDING_SALES = f"""
-SELECT s.id, array_agg(k.sku ORDER BY k.sku) AS skus,
-       array_agg(k.buckets ORDER BY k.sku) AS buckets,
-       s.status, s.ends_at < now() - interval '1 minute' AS past_end,
-       s.status <> 'ended' AND s.ends_at > now() AS live
-FROM sales s
-CROSS JOIN LATERAL (SELECT sku, buckets FROM sale_skus k WHERE k.sale_id = s.id OFFSET 0) k
-WHERE s.preloaded_at IS NOT NULL AND {HOLDS_END} + interval '1 minute' > now()
-GROUP BY s.id
-"""  # noqa: S608 - only constants of this code go in
-
 
 # How long the sales an allocator last listed stay in Redis for one started while Postgres is
 # down: a day, longer than any outage worth riding out this way.
@@ -90,7 +73,8 @@ class AllocatorService:
         self.ticking: dict[str, asyncio.Task[None]] = {}  # the pumps' ticks in flight, by sale
         self.noted: dict[str, Count | None] = {}  # the stock count last shown, by sale
         self.marks = QueueMarks(f"pump:{self.owner}")
-        self.holding_skus: list[SkuKeys] = []  # of HOLDING_SALES: swept and relayed
+        self.holding_skus: list[SkuKeys] = []  # of the holding sales: swept and relayed
+        self.sku_sets = SkuSets()  # allocator/discovery.py
         self.in_scope: list[SkuKeys] = []  # ... with the settled ones
         self.settled = SettledSkus()
         self.holding: list[dict[str, Any]] = []  # ... as listed, to tell a change
@@ -213,7 +197,7 @@ class AllocatorService:
         it takes them from there (what it has goes on otherwise)."""
         assert self.pool is not None
         try:
-            holding = [dict(r) for r in await fetch_in_play(self.pool, HOLDING_SALES)]
+            holding = await self.sku_sets.holding(self.pool)
             rows = [r for r in holding if r["live"]]
         except Exception as exc:  # noqa: BLE001 - the pumps it has go on
             seen = None

@@ -16,16 +16,20 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from allocator import discovery
+from allocator.discovery import HOLDING_SALES, SkuSets
 from allocator.hold_scripts import HoldScripts
 from allocator.queue_scripts import QueueScripts
 from allocator.relay import OutboxRelay, run_relay
 from allocator.sale_admin import SaleAdmin
-from allocator.service import HOLDING_SALES, AllocatorService
+from allocator.service import AllocatorService
 from allocator.sweeper import run_sweeper
 from flashsale.clients import redis_client
 from flashsale.keys import SkuKeys, bucket_keys
 from flashsale.migrate import migrate
 from flashsale.queue_marks import Mark, QueueMarks
+from flashsale.sales import fetch_in_play
+from flashsale.salespec import parse_csv
 from flashsale.settings import Settings
 from reconciler.skus import SCOPE
 from tests.pipeline import pipeline
@@ -162,9 +166,8 @@ async def test_discovery_of_an_unchanged_scope_builds_nothing_again(
     rows = [{"id": "S", "skus": [f"K{i}" for i in range(100)], "buckets": [1] * 100,
              "live": True}]  # fmt: skip
 
-    class Pool:
-        async def fetch(self, *_args: Any) -> list[Any]:
-            return rows
+    async def holding(_pool: Any) -> list[dict[str, Any]]:
+        return rows
 
     class Redis:
         async def set(self, *_args: Any, **_kwargs: Any) -> None:
@@ -178,8 +181,8 @@ async def test_discovery_of_an_unchanged_scope_builds_nothing_again(
         return bucket_keys(*args)
 
     monkeypatch.setattr("allocator.service.bucket_keys", counted)
-    monkeypatch.setattr("allocator.service.fetch_in_play", lambda pool, sql: pool.fetch(sql))
-    service.pool, service.redis = Pool(), Redis()  # type: ignore[assignment]
+    monkeypatch.setattr(service.sku_sets, "holding", holding)
+    service.pool, service.redis = object(), Redis()  # type: ignore[assignment]
     queue = QueueScripts(aioredis.Redis())  # never connects: the pumps do not tick here
     await service._discover(queue)
     first, built = service.holding_skus, 0
@@ -201,7 +204,7 @@ async def test_the_relay_and_the_sweeper_leave_an_ended_sales_settled_skus(
         service.redis = p.redis
 
         async def holding() -> list[SkuKeys]:
-            rows = [dict(r) for r in await p.pool.fetch(HOLDING_SALES) if r["id"] == sale]
+            rows = [r for r in await SkuSets().holding(p.pool) if r["id"] == sale]
             await service._holding(rows)
             return service.holding_skus
 
@@ -307,3 +310,40 @@ async def test_a_large_sale_in_scope_does_not_slow_the_backlog_gauge_of_a_small_
         await gauging
         await service.redis.delete(small.outbox)
         await service.redis.aclose()
+
+
+async def test_discovery_reads_a_sales_skus_only_when_its_set_moved(
+    stack: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Discovery (every 2 s, in each allocator process) read every SKU of every sale in play:
+    for a live sale of 100,000 SKUs, 100-140 ms of Postgres each time. A sale's SKUs are read
+    again only when SKUs were added to it or taken out."""
+    read: list[int] = []  # SKUs read by each discovery
+    fetch = fetch_in_play
+
+    async def counted(pool: Any, sql: str, *args: Any) -> Any:
+        rows = await fetch(pool, sql, *args)
+        read[-1] += sum(len(r["skus"]) for r in rows if "skus" in r)
+        return rows
+
+    monkeypatch.setattr(discovery, "fetch_in_play", counted)
+    async with pipeline(stack) as p:
+        sale = await p.sale(stock=5, skus=3)
+        service = AllocatorService(p.settings)
+        service.pool, service.redis = p.pool, p.redis
+        queue = QueueScripts(p.redis)
+
+        async def discover() -> list[str]:
+            read.append(0)
+            await service._discover(queue)
+            return service.pumps[sale].skus
+
+        first = await discover()
+        assert first == ["SKU-1", "SKU-2", "SKU-3"] and read[-1] >= 3
+        assert await discover() == first and read[-1] == 0  # nothing moved: nothing read
+        admin = SaleAdmin.build(p.pool, p.redis)
+        await admin.import_skus(sale, parse_csv("sku,stock,price,currency\nSKU-4,5,100,EUR\n"))
+        assert await discover() == [*first, "SKU-4"] and read[-1] >= 4
+        await p.pool.execute("DELETE FROM sale_skus WHERE sale_id = $1 AND sku = 'SKU-4'", sale)
+        assert await discover() == first and read[-1] >= 3
+        await service._ticks_ended()
