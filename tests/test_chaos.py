@@ -18,7 +18,7 @@ from flashsale.cli.devstack.stack import DevStack
 from flashsale.clients import redis_client
 from flashsale.settings import Settings, home_dir
 from loadtest.bench_all import rewrite
-from loadtest.chaos import report
+from loadtest.chaos import report, suite
 from loadtest.chaos.faults import Timing, Window
 from loadtest.chaos.fuzz import has_retry_after, sale_for
 from loadtest.chaos.report import Result
@@ -91,6 +91,9 @@ def test_the_table_and_the_document_block() -> None:
     assert "- **b**: accepted x" in new
     one = report.totals(results[:1])
     assert "| **1 scenario** |" in report.table(results[:1])
+    said: list[str] = []
+    suite._said(Result("d", "redis", "w", faults=1, requests=1), said.append)
+    assert said[0].startswith("   clean: 1 fault, 1 request, 0 5xx"), said
     assert report.in_words(one) == (  # a quick cluster run said "in 1 scenarios"
         "3 faults injected, 0 racing reconcile passes and 0 abuse requests in 1 scenario"
     )

@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from flashsale.settings import Settings
+from flashsale.wording import counted
 from loadtest.bench import machine
 from loadtest.bench_all import rewrite
 from loadtest.chaos import report, spike
@@ -64,10 +65,11 @@ def _said(result: Result, progress: Progress) -> None:
         progress(f"   skipped: {result.skipped}")
         return
     progress(
-        f"   {result.verdict()}: {result.faults} faults, {result.requests:,} requests, "
+        f"   {result.verdict()}: {counted(result.faults, 'fault')}, "
+        f"{counted(result.requests, 'request')}, "
         f"{result.non_503_5xx} 5xx other than 503, {result.no_retry_after} without "
         f"Retry-After, {result.unanswered} unanswered, "
-        f"{result.violations} violations, {result.lost_reservations} lost; recovery "
+        f"{counted(result.violations, 'violation')}, {result.lost_reservations} lost; recovery "
         f"{'-' if result.recovery_seconds is None else f'{result.recovery_seconds:g}s'} "
         f"({result.seconds:.0f}s)"
     )
