@@ -23,7 +23,7 @@ from allocator.stock_buckets import BucketScripts
 from flashsale.clients import RedisClient
 from flashsale.errors import Conflict, InvalidInput, NotFound, listed, shown
 from flashsale.keys import SaleKeys, SkuKeys, bucket_keys
-from flashsale.sales import fetch_skus, new_sale_id, sale_hash, sku_meta
+from flashsale.sales import fetch_skus, new_sale_id, sale_hash, sale_json, sku_meta
 from flashsale.salespec import (
     MAX_STOCK,
     SaleSpec,
@@ -83,9 +83,11 @@ class SaleAdmin(SaleReads):
             await _insert_skus(conn, sale_id, spec.skus)
         return await self.get(sale_id)
 
-    async def import_skus(self, sale_id: str, batch: SkuImport) -> dict[str, Any]:
+    async def import_skus(self, sale_id: str, batch: SkuImport, *,
+                          with_skus: bool = True) -> dict[str, Any]:  # fmt: skip
         """Add SKUs (already validated as a whole) to a sale; all or nothing. An error names
-        the SKU's field as the input did (``row 5.sku``, ``skus[2].sku``)."""
+        the SKU's field as the input did (``row 5.sku``, ``skus[2].sku``). Returns the sale,
+        with its SKUs unless ``with_skus`` is False."""
         async with self.pool.acquire() as conn, conn.transaction():
             # Held until the commit: a second import of the same SKU meanwhile waits, then
             # finds it (unlocked, both found nothing and the second met the primary key).
@@ -97,7 +99,7 @@ class SaleAdmin(SaleReads):
                 if spec.sku in existing:
                     raise InvalidInput(where, f"SKU {shown(spec.sku)} already exists in {sale_id}")
             await _insert_skus(conn, sale_id, batch.skus)
-        return await self.get(sale_id)
+        return await self.get(sale_id) if with_skus else sale_json(await self.row(sale_id))
 
     # -- preload -------------------------------------------------------------------------
 
@@ -257,7 +259,8 @@ class SaleAdmin(SaleReads):
         if result.outcome.startswith("refused"):
             raise Conflict(f"Redis refused the new stock of {sku}: {result.outcome}")
 
-    async def remove_sku(self, sale_id: str, sku: Any) -> dict[str, Any]:
+    async def remove_sku(self, sale_id: str, sku: Any, *,
+                         with_skus: bool = True) -> dict[str, Any]:  # fmt: skip
         """Take a SKU out of a sale, if nobody ever reserved it: no order in Postgres, no
         hold, sold unit or pending event in Redis (``lua/retire.lua``, per stock bucket).
         Postgres's row is deleted in a transaction that commits only once Redis retired the
@@ -280,7 +283,7 @@ class SaleAdmin(SaleReads):
             left = await fetch_skus(conn, sale_id)
         await self.scripts.set_fields(SaleKeys(sale_id).sale,
                                       {"skus": ",".join(s["sku"] for s in left)})  # fmt: skip
-        return await self.get(sale_id)
+        return await self.get(sale_id) if with_skus else sale_json(await self.row(sale_id))
 
     async def _sku_for_update(self, conn: asyncpg.Connection, sale_id: str, sku: str
                               ) -> tuple[asyncpg.Record, asyncpg.Record]:  # fmt: skip

@@ -47,6 +47,11 @@ def admin_paths() -> dict[str, Any]:
         }
     )
     admin_errors = (401, 404, 408, 409, 422)
+    skus = query(
+        "skus", {"enum": ["all", "none"], "default": "all"},
+        "the answer's SKUs: all of them, or none (the sale's settings alone; a SKU edit: that "
+        "SKU). A sale of 200,000 SKUs answers 26 MB with all",
+    )  # fmt: skip
     lifecycle = {
         f"/admin/v1/sales/{{sale}}/{action}": {
             "post": op(
@@ -55,7 +60,7 @@ def admin_paths() -> dict[str, Any]:
                 f"{action.capitalize()} a sale",
                 {**ok(200, "The sale", SALE), **errors(*admin_errors)},
                 security="admin",
-                params=SALE_PATH,
+                params=[*SALE_PATH, skus],
             )
         }
         for action in ("pause", "resume", "end")
@@ -100,7 +105,7 @@ def admin_paths() -> dict[str, Any]:
                 "Sale status per SKU",
                 {**ok(200, "Status", SALE_STATUS), **errors(401, 404)},
                 security="admin",
-                params=SALE_PATH,
+                params=[*SALE_PATH, query("sku", {"type": "string"}, "this SKU's status alone")],
             ),
             "patch": op(
                 "updateSale",
@@ -109,7 +114,7 @@ def admin_paths() -> dict[str, Any]:
                 "admission_rate and a higher max_queue (409 sale_started otherwise)",
                 {**ok(200, "The sale", SALE), **errors(*admin_errors)},
                 security="admin",
-                params=SALE_PATH,
+                params=[*SALE_PATH, skus],
                 body=obj(
                     {k: v for k, v in SALE_SPEC["properties"].items() if k != "skus"},
                     additionalProperties=False,
@@ -126,6 +131,7 @@ def admin_paths() -> dict[str, Any]:
                 params=[
                     *SALE_PATH,
                     {"name": "sku", "in": "path", "required": True, "schema": {"type": "string"}},
+                    skus,
                 ],
             ),
             "patch": op(
@@ -137,6 +143,7 @@ def admin_paths() -> dict[str, Any]:
                 params=[
                     *SALE_PATH,
                     {"name": "sku", "in": "path", "required": True, "schema": {"type": "string"}},
+                    skus,
                 ],
                 body=obj(
                     {"title": {"type": "string"}, "price": {"type": ["integer", "string"]}},
@@ -232,7 +239,7 @@ def admin_paths() -> dict[str, Any]:
                     'Add SKUs from CSV, or JSON {"skus": [...]} (all validated first)',
                     {**ok(200, "The sale", SALE), **errors(*admin_errors)},
                     security="admin",
-                    params=SALE_PATH,
+                    params=[*SALE_PATH, skus],
                 ),
                 "requestBody": {
                     "required": True,
