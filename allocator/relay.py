@@ -30,7 +30,7 @@ from typing import Any
 import redis.exceptions
 from aiokafka import AIOKafkaProducer
 
-from allocator.pacing import SalePace, Schedule, period
+from allocator.pacing import SalePace, SaleRounds, Schedule
 from allocator.redis_calls import Command, send_packed
 from flashsale.clients import RedisClient
 from flashsale.events import encode_event, message_key, outbox_events
@@ -117,8 +117,10 @@ class OutboxRelay:
         self._groups: set[SkuKeys] = set()
         self._retry_own = False
         self._own_left: list[SkuKeys] = []  # SKUs whose own pending entries are still to read
-        self._next_claim = 0.0
-        self._claimed_to = 0  # where the claim sweep of the scope is
+        # The sweep for a dead relay's entries: each sale's turn at its own pace, the SKUs of
+        # the sales whose turn came taken per_round a round.
+        self._claim_turns = SaleRounds(claim_every_s, claims_per_s)
+        self._claims_left: list[SkuKeys] = []
         self.per_round = per_round
         # A SKU whose stream had nothing new is read again after a delay that doubles from
         # 10 ms up to idle_poll_s; one with entries is read again at once. With many SKUs in
@@ -157,14 +159,13 @@ class OutboxRelay:
         if len(self._groups) > 2 * max(len(skus), self.per_round):  # SKUs that left the scope
             self._groups &= set(skus)
         # Looking for a dead relay's entries now and then is plenty: they wait claim_idle_ms.
-        # A sweep takes per_round SKUs a round until it has been through the scope.
-        claims: list[SkuKeys] = []
-        if now >= self._next_claim:
-            claims = skus[self._claimed_to : self._claimed_to + self.per_round]
-            self._claimed_to += len(claims)
-            if self._claimed_to >= len(skus):
-                self._claimed_to = 0
-                self._next_claim = now + period(len(skus), self.claim_every_s, self.claims_per_s)
+        # A sweep takes per_round SKUs a round until it has been through the sales whose turn
+        # it is; a sale whose turn comes goes first (a small sale's turn comes often, and
+        # waits for no large one's sweep).
+        self._claims_left[:0] = self._claim_turns.due_skus(skus, now)
+        in_scope = set(self._claim_turns.sales)  # not a sale that left it meanwhile
+        claims = [keys for keys in self._claims_left[: self.per_round] if keys.sale_id in in_scope]
+        del self._claims_left[: self.per_round]
         quiet_s = self._pace.of(skus)
         self._reads.rescan_s = self._pace.longest
         if self._retry_own:  # after a failed round, our own pending entries ("0") of every SKU

@@ -229,7 +229,7 @@ async def test_a_round_that_fails_reading_its_own_entries_reads_them_again(
         return await send_packed(client, commands, **options)
 
     monkeypatch.setattr("allocator.relay.send_packed", fails_once)
-    relay._next_claim = float("inf")  # no claim sweep: only the reads of own entries
+    monkeypatch.setattr(relay._claim_turns, "due_skus", lambda *_: [])  # no claim sweep
     relay._retry_own = True
     try:
         with pytest.raises(ConnectionError):
@@ -256,7 +256,7 @@ async def test_skus_new_to_the_scope_are_read_with_their_groups_made(
     try:
         for _ in range(3):  # every old SKU read and swept: each waits its idle delay now
             await relay.relay_once(old)
-        relay._next_claim = 0.0  # a claim sweep starts over the scope, old SKUs first
+        relay._claim_turns.retry([old[0].sale_id], 0.0)  # a claim sweep, old SKUs first
         await relay.relay_once(old + new)  # while the new SKUs are due at once
         assert "consumer group missing" not in caplog.text
         assert all(k in relay._groups for k in new[:10])
@@ -301,3 +301,45 @@ async def test_a_large_quiet_sale_in_scope_does_not_slow_the_reads_of_a_small_on
         await redis.aclose()
     assert sent[small.sale_id] >= 30, sent  # every 50 ms, its own ceiling
     assert sent[big[0].sale_id] <= 1.2 * 1000 * 3.0, sent  # the budget: about 1,000 a second
+
+
+async def test_a_large_quiet_sale_in_scope_does_not_slow_the_claims_of_a_small_ones_entries(
+    stack: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweep for a dead relay's entries went through the whole scope, then waited as long
+    as its budget asked for all of it: beside a 200,000-SKU catalogue sale, 200 s before a
+    hot sale's pending entries were taken over. Each sale now has its turn at its own pace
+    (this relay's clock is the test's)."""
+    clock = [0.0]
+    monkeypatch.setattr("allocator.relay.time", SimpleNamespace(monotonic=lambda: clock[0]))
+    redis = redis_client(stack)
+    tag = uuid.uuid4().hex[:8]
+    big = [SkuKeys(f"big-{tag}", f"S{i}") for i in range(2000)]
+    small = SkuKeys(f"small-{tag}", "S0")
+    relay = OutboxRelay(redis, None, "unused", "unused", "rescuer", claim_idle_ms=0,
+                        claims_per_s=200.0)  # the large sale: a sweep every 10 s  # fmt: skip
+    claimed_at: list[float] = []
+
+    async def published(work: list[tuple[SkuKeys, list[Any]]]) -> int:
+        claimed_at.extend(clock[0] for keys, _ in work if keys == small)
+        return 0
+
+    relay._publish = published  # type: ignore[method-assign]
+    try:
+        await relay._ensure_groups([small])
+        while clock[0] < 0.5:  # the first sweep goes through both sales
+            await relay.relay_once([*big, small])
+            clock[0] = round(clock[0] + 0.01, 2)
+        # A relay reads an entry, then dies before publishing it: pending for "dead".
+        await redis.xadd(small.outbox, {"type": "test"})
+        taken: Any = await redis.xreadgroup(GROUP, "dead", {small.outbox: ">"}, count=1)
+        assert taken
+        while clock[0] < 12.0 and not claimed_at:
+            await relay.relay_once([*big, small])
+            clock[0] = round(clock[0] + 0.01, 2)
+    finally:
+        for start in range(0, len(big), 500):
+            await redis.delete(*(k.outbox for k in big[start : start + 500]))
+        await redis.delete(small.outbox)
+        await redis.aclose()
+    assert claimed_at and claimed_at[0] <= 1.5, claimed_at  # the small sale's turn: every 1 s
