@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -78,7 +79,10 @@ class SaleTurns:
     """For the loops that visit every SKU of a sale at once (the sweeper, the backlog gauge,
     the reconciler's passes): which sales are due now, each at its own period
     (:func:`share_out`), and how long until the next one is. A sale new to the scope is due
-    at once."""
+    at once; after that its turns fall on ticks a whole number of intervals apart, the same
+    for every sale, so sales that came at different moments share their visits (fifty small
+    sales: one sweep call every interval, not fifty). A sale's ticks are at least its period
+    apart, so the budget holds."""
 
     def __init__(self, interval_s: float, visits_per_s: float) -> None:
         self.interval_s = interval_s
@@ -96,8 +100,17 @@ class SaleTurns:
             self._next = {sale: self._next.get(sale, now) for sale in sizes}
         sales = [sale for sale, at in self._next.items() if at <= now]
         for sale in sales:
-            self._next[sale] = now + self.periods[sale]
+            # From the tick it was due at (a loop wakes a little after it), or from now when
+            # it is a period behind or more.
+            was, period = self._next[sale], self.periods[sale]
+            self._next[sale] = self._tick((now if now - was >= period else was) + period)
         return sales
+
+    def _tick(self, at: float) -> float:
+        """The first tick at or after ``at`` (``at`` itself without an interval)."""
+        if self.interval_s <= 0:
+            return at
+        return math.ceil(at / self.interval_s - 1e-9) * self.interval_s
 
     def retry(self, sales: Sequence[str], at: float) -> None:
         """``sales`` due again at ``at``, not a period later (their visit failed)."""

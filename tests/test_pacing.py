@@ -6,7 +6,7 @@ import asyncio
 from collections import Counter
 
 from allocator.hold_scripts import ExpireResult
-from allocator.pacing import Schedule, period, sale_periods
+from allocator.pacing import SaleTurns, Schedule, period, sale_periods
 from allocator.sweeper import SLICE, run_sweeper, sweep_once
 from flashsale.keys import SkuKeys
 
@@ -140,3 +140,25 @@ async def test_a_large_sale_in_scope_does_not_slow_the_sweeps_of_a_small_one() -
     await sweeper
     assert swept["big"] == len(scope) - 1  # swept once
     assert swept["small"] >= 10, swept  # at its own interval meanwhile
+
+
+def test_sales_that_came_at_different_moments_share_their_turns() -> None:
+    """Each sale's turn came a period after its last one, so sales that entered the scope at
+    different moments were visited at as many different moments: fifty small sales made
+    the sweeper send fifty calls every 0.25 s instead of one, and the reconciler run fifty
+    passes every 5 s. After its first visit (at once) a sale's turns fall on the same ticks
+    as the others', a whole number of intervals apart; none comes sooner than its period."""
+    turns = SaleTurns(1.0, 1000.0)
+    assert turns.due({"a": 1}, 0.0) == ["a"]
+    assert turns.due({"a": 1, "b": 1}, 0.3) == ["b"]  # new: at once
+    assert turns.due(None, 0.99) == []
+    assert turns.due(None, 1.0) == ["a"]  # b's period is not over yet
+    assert turns.due(None, 1.5) == []
+    assert turns.due(None, 2.0) == ["a", "b"]  # then they go together
+    assert turns.due(None, 3.002) == ["a", "b"]  # woken a little late: the next tick still
+    assert turns.due(None, 4.0) == ["a", "b"]
+    assert turns.due(None, 7.5) == ["a", "b"]  # far behind: a period from now
+    assert turns.due(None, 8.0) == [] and turns.due(None, 9.0) == ["a", "b"]
+    big = SaleTurns(1.0, 10.0)  # a sale of 25 SKUs at 10 visits a second: every 2.5 s
+    assert big.due({"c": 25}, 0.2) == ["c"]
+    assert big.due(None, 2.7) == [] and big.due(None, 3.0) == ["c"]
