@@ -103,13 +103,23 @@ class SaleTurns:
             # From the tick it was due at (a loop wakes a little after it), or from now when
             # it is a period behind or more.
             was, period = self._next[sale], self.periods[sale]
-            self._next[sale] = self._tick((now if now - was >= period else was) + period)
+            self._next[sale] = self._after(now if now - was >= period else was, period)
         return sales
 
-    def _tick(self, at: float) -> float:
-        """The first tick at or after ``at`` (``at`` itself without an interval)."""
+    def _after(self, base: float, period: float) -> float:
+        """The tick of the turn after one at ``base``: the first at least ``period`` later.
+        After a turn off the ticks (a sale new to the scope, a retry, a loop far behind) the
+        one before it, so that joining the ticks costs no wait: a sale that had just entered
+        waited up to a period and an interval for its second turn (a reconciler pass, 10 s)."""
         if self.interval_s <= 0:
-            return at
+            return base + period
+        after = self._tick(base + period)
+        if abs(self._tick(base) - base) > 1e-6:  # off the ticks
+            after = max(after - self.interval_s, self._tick(base))
+        return after
+
+    def _tick(self, at: float) -> float:
+        """The first tick at or after ``at``."""
         return math.ceil(at / self.interval_s - 1e-9) * self.interval_s
 
     def retry(self, sales: Sequence[str], at: float) -> None:

@@ -152,13 +152,15 @@ def test_sales_that_came_at_different_moments_share_their_turns() -> None:
     assert turns.due({"a": 1}, 0.0) == ["a"]
     assert turns.due({"a": 1, "b": 1}, 0.3) == ["b"]  # new: at once
     assert turns.due(None, 0.99) == []
-    assert turns.due(None, 1.0) == ["a"]  # b's period is not over yet
+    assert turns.due(None, 1.0) == ["a", "b"]  # b joins the ticks at once
     assert turns.due(None, 1.5) == []
-    assert turns.due(None, 2.0) == ["a", "b"]  # then they go together
+    assert turns.due(None, 2.0) == ["a", "b"]
     assert turns.due(None, 3.002) == ["a", "b"]  # woken a little late: the next tick still
     assert turns.due(None, 4.0) == ["a", "b"]
-    assert turns.due(None, 7.5) == ["a", "b"]  # far behind: a period from now
-    assert turns.due(None, 8.0) == [] and turns.due(None, 9.0) == ["a", "b"]
+    assert turns.due(None, 7.5) == ["a", "b"]  # far behind: the next tick
+    assert turns.due(None, 7.9) == [] and turns.due(None, 8.0) == ["a", "b"]
     big = SaleTurns(1.0, 10.0)  # a sale of 25 SKUs at 10 visits a second: every 2.5 s
     assert big.due({"c": 25}, 0.2) == ["c"]
-    assert big.due(None, 2.7) == [] and big.due(None, 3.0) == ["c"]
+    assert big.due(None, 1.9) == [] and big.due(None, 2.0) == ["c"]  # joining the ticks
+    assert big.due(None, 4.9) == [] and big.due(None, 5.0) == ["c"]  # then 2.5 s or more
+    assert big.due(None, 7.0) == [] and big.due(None, 8.0) == ["c"]
