@@ -41,6 +41,21 @@ def _rescuer(p: Pipeline, out: AIOKafkaProducer, claim_idle_ms: int) -> OutboxRe
                        claim_idle_ms=claim_idle_ms, claim_every_s=0)  # fmt: skip
 
 
+async def _drop_outboxes(redis: Any, skus: list[SkuKeys]) -> None:
+    for start in range(0, len(skus), 500):
+        await redis.delete(*(k.outbox for k in skus[start : start + 500]))
+
+
+def _beside_a_large_sale(monkeypatch: pytest.MonkeyPatch) -> tuple[list[float], list[SkuKeys]]:
+    """A clock of the test's for the relay, and a scope: a quiet sale of 2,000 SKUs, then a
+    sale of one (the last)."""
+    clock = [0.0]
+    monkeypatch.setattr("allocator.relay.time", SimpleNamespace(monotonic=lambda: clock[0]))
+    tag = uuid.uuid4().hex[:8]
+    return clock, [*(SkuKeys(f"big-{tag}", f"S{i}") for i in range(2000)),
+                   SkuKeys(f"small-{tag}", "S0")]  # fmt: skip
+
+
 async def test_a_dead_relays_entries_are_claimed_and_published_once_acked(
     stack: Settings,
 ) -> None:
@@ -174,8 +189,7 @@ async def test_thousands_of_quiet_outboxes_cost_a_bounded_number_of_reads(
     finally:
         stop.set()
         await task
-        for start in range(0, len(skus), 500):
-            await redis.delete(*(k.outbox for k in skus[start : start + 500]))
+        await _drop_outboxes(redis, skus)
         await redis.aclose()
         await out.stop()
     budget = (relay.idle_reads_per_s + relay.claims_per_s) * window_s + 2 * len(skus)
@@ -203,8 +217,7 @@ async def test_no_round_takes_more_than_its_share_of_a_large_scope(
         for _ in range(12):
             await relay.relay_once(skus)
     finally:
-        for start in range(0, len(skus), 500):
-            await redis.delete(*(k.outbox for k in skus[start : start + 500]))
+        await _drop_outboxes(redis, skus)
         await redis.aclose()
     assert sent and max(sent) <= 2 * relay.per_round, sent
     assert sum(sent) >= 2 * len(skus)  # each outbox read once and swept once by now
@@ -273,18 +286,15 @@ async def test_a_large_quiet_sale_in_scope_does_not_slow_the_reads_of_a_small_on
     cancellations reached the broker minutes late. Each sale now has its own ceiling, within
     the same budget of reads (this relay's clock is the test's)."""
     sent: Counter[str] = Counter()
-    clock = [0.0]
 
     async def counted(client: Any, commands: Any, **options: Any) -> Any:
         sent.update(c[-2].split("{")[1].split(":")[0] for c in commands if c[0] == "XREADGROUP")
         return await send_packed(client, commands, **options)
 
     monkeypatch.setattr("allocator.relay.send_packed", counted)
-    monkeypatch.setattr("allocator.relay.time", SimpleNamespace(monotonic=lambda: clock[0]))
+    clock, scope = _beside_a_large_sale(monkeypatch)
+    big, small = scope[:-1], scope[-1]
     redis = redis_client(stack)
-    tag = uuid.uuid4().hex[:8]
-    big = [SkuKeys(f"big-{tag}", f"S{i}") for i in range(2000)]
-    small = SkuKeys(f"small-{tag}", "S0")
     relay = OutboxRelay(redis, None, "unused", "unused", "paced", idle_poll_s=0.05,
                         idle_reads_per_s=1000.0, claims_per_s=10**9)  # fmt: skip
     try:
@@ -292,12 +302,10 @@ async def test_a_large_quiet_sale_in_scope_does_not_slow_the_reads_of_a_small_on
             if clock[0] >= 3.0 and not sent["measured"]:
                 sent.clear()
                 sent["measured"] = 1
-            await relay.relay_once([*big, small])
+            await relay.relay_once(scope)
             clock[0] = round(clock[0] + 0.01, 2)
     finally:
-        for start in range(0, len(big), 500):
-            await redis.delete(*(k.outbox for k in big[start : start + 500]))
-        await redis.delete(small.outbox)
+        await _drop_outboxes(redis, scope)
         await redis.aclose()
     assert sent[small.sale_id] >= 30, sent  # every 50 ms, its own ceiling
     assert sent[big[0].sale_id] <= 1.2 * 1000 * 3.0, sent  # the budget: about 1,000 a second
@@ -310,12 +318,9 @@ async def test_a_large_quiet_sale_in_scope_does_not_slow_the_claims_of_a_small_o
     as its budget asked for all of it: beside a 200,000-SKU catalogue sale, 200 s before a
     hot sale's pending entries were taken over. Each sale now has its turn at its own pace
     (this relay's clock is the test's)."""
-    clock = [0.0]
-    monkeypatch.setattr("allocator.relay.time", SimpleNamespace(monotonic=lambda: clock[0]))
+    clock, scope = _beside_a_large_sale(monkeypatch)
+    small = scope[-1]
     redis = redis_client(stack)
-    tag = uuid.uuid4().hex[:8]
-    big = [SkuKeys(f"big-{tag}", f"S{i}") for i in range(2000)]
-    small = SkuKeys(f"small-{tag}", "S0")
     relay = OutboxRelay(redis, None, "unused", "unused", "rescuer", claim_idle_ms=0,
                         claims_per_s=200.0)  # the large sale: a sweep every 10 s  # fmt: skip
     claimed_at: list[float] = []
@@ -328,18 +333,16 @@ async def test_a_large_quiet_sale_in_scope_does_not_slow_the_claims_of_a_small_o
     try:
         await relay._ensure_groups([small])
         while clock[0] < 0.5:  # the first sweep goes through both sales
-            await relay.relay_once([*big, small])
+            await relay.relay_once(scope)
             clock[0] = round(clock[0] + 0.01, 2)
         # A relay reads an entry, then dies before publishing it: pending for "dead".
         await redis.xadd(small.outbox, {"type": "test"})
         taken: Any = await redis.xreadgroup(GROUP, "dead", {small.outbox: ">"}, count=1)
         assert taken
         while clock[0] < 12.0 and not claimed_at:
-            await relay.relay_once([*big, small])
+            await relay.relay_once(scope)
             clock[0] = round(clock[0] + 0.01, 2)
     finally:
-        for start in range(0, len(big), 500):
-            await redis.delete(*(k.outbox for k in big[start : start + 500]))
-        await redis.delete(small.outbox)
+        await _drop_outboxes(redis, scope)
         await redis.aclose()
     assert claimed_at and claimed_at[0] <= 1.5, claimed_at  # the small sale's turn: every 1 s
