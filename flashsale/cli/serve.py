@@ -334,8 +334,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "repair drift: rebuild lost or corrupted SKUs, restore lost waiting rooms, resolve "
         "orders stuck PENDING/PAYING through the payment provider (FLASHSALE_PSP_URL), refund "
         "captures with no confirmed order, flag confirmed orders with no capture. Every repair "
-        "is recorded in reconcile_events. Without --once it runs a pass every --interval "
-        "seconds. Exit (with --once): 0 done, 3 something left unresolved, 1 error.",
+        "is recorded in reconcile_events. Without --once it passes over each sale every "
+        "--interval seconds. Exit (with --once): 0 done, 3 something left unresolved, 1 error.",
     )
     rec.set_defaults(handler=cmd_reconcile, serves=True)
     rec.add_argument("--once", action="store_true", help="one pass, then exit")
