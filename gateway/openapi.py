@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from flashsale import __version__
+from gateway.catalog import INFO_TTL_S, MAX_INFO_TTL_S, READ_SHARE
 from gateway.http import json_response
 from gateway.openapi_admin import admin_paths
 from gateway.openapi_parts import (
@@ -50,8 +51,9 @@ def document() -> dict[str, Any]:
             "get": op(
                 "getSale",
                 "sales",
-                "Public sale information (each gateway process keeps a copy for 0.5 s, or up "
-                "to 5 s for a sale that is slow to read: thousands of SKUs)",
+                f"Public sale information (each gateway process keeps a copy for "
+                f"{INFO_TTL_S:g} s, or {READ_SHARE} times as long as reading it took, up to "
+                f"{MAX_INFO_TTL_S:g} s, for a sale that is slow to read: thousands of SKUs)",
                 {**shared(ok(200, "The sale", PUBLIC_SALE)), **errors(404)},
                 params=[*SALE_PATH, IF_NONE_MATCH],
             )

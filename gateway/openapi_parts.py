@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.documents import COMPRESS_FROM
+from gateway.http import MAX_BODY
+from gateway.sale_info import MAX_AGE_ENDED_S, MAX_AGE_LIVE_S, MAX_AGE_SOLD_OUT_S
+
 JSON = "application/json"
 
 
@@ -19,7 +23,7 @@ REASONS = {
     405: "Method not allowed",
     408: "The request body did not arrive in time",
     409: "Refused by the sale's state (sold out, limit reached, not open, ended, ...)",
-    413: "Body larger than 16 KiB",
+    413: f"Body larger than {MAX_BODY // 1024} KiB",
     422: "Invalid input; the message names the field",
     429: "Rate limited; see Retry-After",
     503: "Overloaded, queue full or a dependency down; see Retry-After",
@@ -49,8 +53,9 @@ def errors(*codes: int) -> dict[str, Any]:
 
 CACHE_CONTROL = {
     "Cache-Control": {
-        "description": "public, max-age=N: 1 s while the sale can change, 30 s once it is sold "
-        "out for good, 300 s once it has ended (a CDN in front may keep the answer that long)",
+        "description": f"public, max-age=N: {MAX_AGE_LIVE_S} s while the sale can change, "
+        f"{MAX_AGE_SOLD_OUT_S} s once it is sold out for good, {MAX_AGE_ENDED_S} s once it has "
+        "ended (a CDN in front may keep the answer that long)",
         "schema": {"type": "string"},
     }
 }
@@ -65,7 +70,8 @@ SHARED_DOCUMENT = {
     },
     "Vary": {"description": "Accept-Encoding, Origin", "schema": {"type": "string"}},
     "Content-Encoding": {
-        "description": "gzip when the request accepts it and the answer is 16 KiB or more "
+        "description": f"gzip when the request accepts it and the answer is "
+        f"{COMPRESS_FROM // 1024} KiB or more "
         "(a sale of many SKUs); absent otherwise",
         "schema": {"type": "string"},
     },

@@ -21,6 +21,7 @@ from schemathesis.checks import (
 
 from flashsale.settings import Settings
 from flashsale.tokens import Signer
+from gateway.catalog import INFO_TTL_S, MAX_INFO_TTL_S
 from gateway.openapi import document
 from tests.harness import ADMIN, create_live_sale, live_gateway
 
@@ -99,6 +100,12 @@ def test_every_operation_is_named_tagged_and_says_when_to_retry() -> None:
     assert {"sku", "price", "currency", "per_buyer_limit"} <= set(sku["required"])
     error = doc["components"]["schemas"]["Error"]["properties"]["error"]
     assert "field" in error["properties"]
+
+
+def test_the_sale_summary_says_how_long_a_copy_is_kept() -> None:
+    """The copy times the public summary's description gives are the gateway's own."""
+    said = document()["paths"]["/v1/sales/{sale}"]["get"]["summary"]
+    assert f"{INFO_TTL_S:g} s" in said and f"{MAX_INFO_TTL_S:g} s" in said, said
 
 
 schema = schemathesis.openapi.from_dict(document())
