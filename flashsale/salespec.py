@@ -12,7 +12,7 @@ import io
 import re
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -99,6 +99,13 @@ def integer(value: Any, where: str, *, minimum: int, maximum: int, what: str) ->
         told = "" if said else f" of at most {maximum:,}"
         raise InvalidInput(where, f"must be {what}{told}, got {value}")
     return value
+
+
+# What a sale file (or a SKU row) that leaves a field out gets: the specs' own defaults.
+SALE_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(SaleSpec)
+                                 if f.default is not MISSING}  # fmt: skip
+SKU_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(SkuSpec)
+                                if f.default is not MISSING}  # fmt: skip
 
 
 # U+202A-U+202E (embeddings, overrides and their end) and U+2066-U+2069 (isolates). The marks
@@ -211,11 +218,14 @@ def _sku(data: Any, where: str, errors: list[InvalidInput]) -> SkuSpec:
                                     "a non-negative integer amount in minor units"), 0),
         currency=take("currency", currency, ""),
         per_buyer_limit=take("per_buyer_limit", bounded(1, MAX_LIMIT,
-                                                        f"an integer from 1 to {MAX_LIMIT}"), 1),
+                                                        f"an integer from 1 to {MAX_LIMIT}"),
+                             SKU_DEFAULTS["per_buyer_limit"]),
         hold_ttl_seconds=take("hold_ttl_seconds", bounded(
-            1, MAX_TTL_SECONDS, f"a positive number of seconds up to {MAX_TTL_SECONDS}"), 120),
+            1, MAX_TTL_SECONDS, f"a positive number of seconds up to {MAX_TTL_SECONDS}"),
+            SKU_DEFAULTS["hold_ttl_seconds"]),
         buckets=take("buckets", bounded(
-            1, MAX_BUCKETS, f"an integer from 1 to {MAX_BUCKETS} (stock buckets)"), 1),
+            1, MAX_BUCKETS, f"an integer from 1 to {MAX_BUCKETS} (stock buckets)"),
+            SKU_DEFAULTS["buckets"]),
     )  # fmt: skip
     return spec
 
@@ -252,31 +262,29 @@ def parse_sale(data: Any, *, now: datetime | None = None) -> SaleSpec:
     )
     if ends_at <= starts_at:
         raise InvalidInput("ends_at", "must be after starts_at")
-    admission_rate = integer(
-        data.get("admission_rate", 500), "admission_rate", minimum=1, maximum=MAX_ADMISSION_RATE,
-        what="a positive integer (buyers per second)",
-    )  # fmt: skip
-    max_queue = integer(
-        data.get("max_queue", 200_000), "max_queue", minimum=1, maximum=100_000_000,
-        what="a positive integer",
-    )  # fmt: skip
-    window = integer(
-        data.get("admission_window_seconds", 60), "admission_window_seconds", minimum=5,
-        maximum=3600, what="a number of seconds from 5 to 3600",
-    )  # fmt: skip
-    capacity = integer(
-        data.get("admission_capacity", 1000), "admission_capacity", minimum=1,
-        maximum=10_000_000, what="a positive integer (admitted, unfinished buyers)",
-    )  # fmt: skip
-    challenge = integer(
-        data.get("join_challenge", 0), "join_challenge", minimum=0, maximum=MAX_CHALLENGE_BITS,
-        what=f"a number of leading zero bits from 0 (off) to {MAX_CHALLENGE_BITS}",
-    )  # fmt: skip
-    challenge_max = integer(
-        data.get("join_challenge_max", 0), "join_challenge_max", minimum=0,
-        maximum=MAX_CHALLENGE_BITS,
-        what=f"a number of leading zero bits up to {MAX_CHALLENGE_BITS} (0: fixed)",
-    )  # fmt: skip
+
+    def count(name: str, minimum: int, maximum: int, what: str) -> int:
+        return integer(data.get(name, SALE_DEFAULTS[name]), name, minimum=minimum,
+                       maximum=maximum, what=what)  # fmt: skip
+
+    admission_rate = count("admission_rate", 1, MAX_ADMISSION_RATE,
+                           "a positive integer (buyers per second)")  # fmt: skip
+    max_queue = count("max_queue", 1, 100_000_000, "a positive integer")
+    window = count("admission_window_seconds", 5, 3600, "a number of seconds from 5 to 3600")
+    capacity = count("admission_capacity", 1, 10_000_000,
+                     "a positive integer (admitted, unfinished buyers)")  # fmt: skip
+    challenge = count(
+        "join_challenge",
+        0,
+        MAX_CHALLENGE_BITS,
+        f"a number of leading zero bits from 0 (off) to {MAX_CHALLENGE_BITS}",
+    )
+    challenge_max = count(
+        "join_challenge_max",
+        0,
+        MAX_CHALLENGE_BITS,
+        f"a number of leading zero bits up to {MAX_CHALLENGE_BITS} (0: fixed)",
+    )
     if challenge_max and (challenge_max < challenge or not challenge):
         raise InvalidInput("join_challenge_max", "must be at least join_challenge, which must "
                            "be on (> 0); 0 keeps the difficulty fixed")  # fmt: skip

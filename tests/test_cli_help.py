@@ -4,10 +4,12 @@ document the installed package does not have (README and docs/ live in the repos
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 from collections.abc import Iterator
 
 from flashsale.cli import build_parser
+from flashsale.salespec import parse_sale
 from tests.conftest import Cli
 
 # The benchmark and fault-suite commands run from the repository and rewrite its result
@@ -72,3 +74,42 @@ def test_a_port_out_of_range_is_told_the_range_of_a_port(run_cli: Cli) -> None:
         assert result.err.strip() == (
             f"flashsale: error: port: must be a TCP port (1..65535), got '{value}'"
         ), result.err
+
+
+DEFAULT_SAID = re.compile(r"\(default:? (\d[\d.,]*)\b")
+# `sale create` flags whose default the sale file's parser gives (flashsale.salespec).
+SPEC_DEFAULTS = {"--admission-rate": "admission_rate", "--max-queue": "max_queue",
+                 "--limit": "per_buyer_limit", "--ttl": "hold_ttl_seconds",
+                 "--buckets": "buckets"}  # fmt: skip
+
+
+def _plain(number: str) -> str:
+    """30.0 as help texts write it, 30."""
+    try:
+        return f"{float(number):g}"
+    except ValueError:
+        return number
+
+
+def test_a_default_the_help_names_is_the_one_used() -> None:
+    """ "(default N)" in a help text is the argument's default, or for ``sale create`` the
+    one the sale file's parser gives a field left out."""
+    sale = parse_sale({"name": "n", "skus": [{"sku": "S", "stock": 1, "price": 1,
+                                               "currency": "EUR"}]})  # fmt: skip
+    given = {**dataclasses.asdict(sale), **dataclasses.asdict(sale.skus[0])}
+    wrong = []
+    for path, parser in parsers(build_parser()):
+        for action in parser._actions:
+            said = DEFAULT_SAID.search(action.help or "")
+            if said is None:
+                continue
+            flag = action.option_strings[-1] if action.option_strings else action.dest
+            if path == "sale create" and flag in SPEC_DEFAULTS:
+                default = given[SPEC_DEFAULTS[flag]]
+            elif action.default is not None:
+                default = action.default
+            else:
+                continue
+            if said.group(1).rstrip(".,") not in (str(default), _plain(str(default))):
+                wrong.append((path, flag, said.group(1), default))
+    assert not wrong, wrong

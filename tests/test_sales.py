@@ -23,7 +23,7 @@ from flashsale.cli.sale_views import print_preload
 from flashsale.clients import pg_pool, redis_client
 from flashsale.errors import InvalidInput
 from flashsale.keys import SaleKeys, SkuKeys
-from flashsale.salespec import parse_csv, parse_sale, text
+from flashsale.salespec import SALE_DEFAULTS, SKU_DEFAULTS, parse_csv, parse_sale, text
 from flashsale.settings import Settings
 
 from .conftest import Cli, Db
@@ -166,6 +166,18 @@ def test_the_readme_first_sale_is_not_over_whatever_the_day(cli: Cli) -> None:
     sale = json.loads(created.out)
     assert sale["state"] in ("scheduled", "live"), sale
     assert datetime.fromisoformat(sale["ends_at"]) > datetime.now(UTC) + timedelta(minutes=30)
+
+
+def test_the_readme_gives_the_defaults_the_parser_gives() -> None:
+    """The sale file table's "default" column is what a field left out becomes."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    said = {}
+    for line in readme.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith("`") and cells[2].isdigit():
+            said[cells[0].strip("`").removeprefix("skus[].")] = int(cells[2])
+    given = {k: v for k, v in {**SALE_DEFAULTS, **SKU_DEFAULTS}.items() if isinstance(v, int)}
+    assert said == given
 
 
 def test_starts_in_moves_the_sale_window_and_bad_durations_are_refused(

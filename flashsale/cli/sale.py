@@ -25,7 +25,7 @@ from flashsale.cli.sale_views import print_preload, print_status
 from flashsale.clients import pg_pool, redis_client
 from flashsale.errors import ConfigError, InvalidInput
 from flashsale.records import body_fingerprint, idempotency_key
-from flashsale.salespec import parse_csv, parse_sale, unique_keys
+from flashsale.salespec import SALE_DEFAULTS, SKU_DEFAULTS, parse_csv, parse_sale, unique_keys
 from flashsale.settings import Settings
 from flashsale.wording import counted
 
@@ -267,18 +267,25 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--file it replaces the file's dates",
     )  # fmt: skip
     create.add_argument("--ends-at", help="future ISO 8601 with timezone (default: starts + 1h)")
-    create.add_argument("--admission-rate", help="buyers admitted per second (default 500)")
-    create.add_argument("--max-queue", help="queue cap (default 200000)")
+    create.add_argument(
+        "--admission-rate",
+        help=f"buyers admitted per second (default {SALE_DEFAULTS['admission_rate']})",
+    )
+    create.add_argument("--max-queue", help=f"queue cap (default {SALE_DEFAULTS['max_queue']})")
     create.add_argument("--sku", help="SKU id (letters, digits, . _ -)")
     create.add_argument("--title", help="SKU title (default: the SKU id)")
     create.add_argument("--stock", help="units (positive integer)")
     create.add_argument("--price", help="price in integer minor units (cents)")
     create.add_argument("--currency", help="ISO 4217 code, e.g. EUR")
-    create.add_argument("--limit", help="per-buyer limit (default 1)")
-    create.add_argument("--ttl", help="hold TTL in seconds (default 120)")
+    create.add_argument(
+        "--limit", help=f"per-buyer limit (default {SKU_DEFAULTS['per_buyer_limit']})"
+    )
+    create.add_argument(
+        "--ttl", help=f"hold TTL in seconds (default {SKU_DEFAULTS['hold_ttl_seconds']})"
+    )
     create.add_argument("--buckets", help="split the SKU's stock into this many buckets on "
                         "separate Redis slots, for a SKU hotter than one Redis core (1..64, "
-                        "default 1)")  # fmt: skip
+                        f"default {SKU_DEFAULTS['buckets']})")  # fmt: skip
 
     imp = sale_sub.add_parser("import", help="add SKUs from a CSV file (all rows validated first)")
     imp.add_argument("file", help="CSV with header sku,title,stock,price,currency,...")
