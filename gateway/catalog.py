@@ -38,7 +38,7 @@ from flashsale.inflight import Copy
 from flashsale.keys import ID_PATTERN, SaleKeys
 from flashsale.outages import is_outage
 from flashsale.sales import sale_state
-from gateway.documents import Document
+from gateway.documents import Document, Summary
 from gateway.state import CATALOG, CATALOG_READS, SALES, SKU_LIMITS
 
 INFO_TTL_S = 0.5
@@ -58,7 +58,7 @@ async def ended_by_postgres(app: web.Application, sale_id: str) -> bool:
     return sale_state(await app[SALES].row(sale_id)) == "ended"
 
 
-async def sale_summary(request: web.Request, sale_id: str) -> Document:
+async def sale_summary(request: web.Request, sale_id: str) -> Summary:
     """The public view of a sale, as fresh as the module says. Raises NotFound. When it is
     due, one read is made, and every caller meanwhile waits for it (a spike's buyers all ask)
     unless the copy was slow to read: then the copy is served meanwhile."""
@@ -69,7 +69,7 @@ async def sale_summary(request: web.Request, sale_id: str) -> Document:
     read = partial(_read_summary, app, sale_id)
     if copy is not None and _served(app, copy, key, read):
         return copy.value
-    return cast(Document, await app[CATALOG_READS].once(key, read))
+    return cast(Summary, await app[CATALOG_READS].once(key, read))
 
 
 def _served(
@@ -94,7 +94,7 @@ def copy_of(value: T, began: float, ttl_s: float, most_s: float) -> Copy[T]:
     return Copy(now + min(most_s, max(ttl_s, READ_SHARE * took)), began, took, value)
 
 
-async def _read_summary(app: web.Application, sale_id: str) -> Document:
+async def _read_summary(app: web.Application, sale_id: str) -> Summary:
     cache = app[CATALOG]
     cached = cache.get(sale_id)
     began = time.monotonic()
@@ -106,14 +106,14 @@ async def _read_summary(app: web.Application, sale_id: str) -> Document:
         return cached.value  # Postgres is down: the sale as last seen
     # In a thread: for 200,000 SKUs the build took the loop 0.4 s (the thread holds the GIL
     # for a switch interval at a time; zlib and the hash let go of it).
-    document = await asyncio.to_thread(summary_document, sale, remaining)
+    summary = await asyncio.to_thread(summary_document, sale, remaining)
     if len(cache) > 1024:
         cache.clear()
-    cache[sale_id] = copy_of(document, began, INFO_TTL_S, MAX_INFO_TTL_S)
-    return document
+    cache[sale_id] = copy_of(summary, began, INFO_TTL_S, MAX_INFO_TTL_S)
+    return summary
 
 
-def summary_document(sale: dict[str, Any], remaining: Mapping[str, int | None]) -> Document:
+def summary_document(sale: dict[str, Any], remaining: Mapping[str, int | None]) -> Summary:
     """The public summary of ``sale`` with each SKU's ``remaining`` units, encoded."""
     body = {
         "id": sale["id"],
@@ -125,6 +125,7 @@ def summary_document(sale: dict[str, Any], remaining: Mapping[str, int | None]) 
         "join_challenge": sale["join_challenge"],
         "join_challenge_max": sale["join_challenge_max"],
         "shuffle": sale["shuffle"],
+        "sku_count": len(sale["skus"]),
         "skus": [
             {
                 "sku": s["sku"],
@@ -139,7 +140,7 @@ def summary_document(sale: dict[str, Any], remaining: Mapping[str, int | None]) 
             for s in sale["skus"]
         ],
     }
-    return Document.of(body)
+    return Summary(Document.of(body), {s["sku"]: i for i, s in enumerate(sale["skus"])})
 
 
 async def sku_limits(
@@ -163,7 +164,7 @@ async def sku_limits(
     limits = cast(dict[str, SkuRule] | None, await app[CATALOG_READS].once(key, read))
     if limits is None:  # not preloaded, or lost by Redis: Postgres knows whether it exists
         summary = await sale_summary(request, sale_id)
-        skus = summary.data["skus"]
+        skus = summary.document.data["skus"]
         return {s["sku"]: SkuRule(s["per_buyer_limit"], s["buckets"]) for s in skus}
     return limits
 

@@ -13,18 +13,21 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from flashsale.errors import InvalidInput, NotFound, shown
+
 # Smaller answers are sent as they are: compressing them saves less than a packet.
 COMPRESS_FROM = 16 * 1024
 # zlib's fastest level: 3 MB of a sale's JSON to 165 KB in about 8 ms here (level 6: 119 KB
 # in 24 ms), once per copy.
 GZIP_LEVEL = 1
+MAX_SKUS_ASKED = 100  # GET /v1/sales/{sale}?sku=...: the most SKUs named at once
 
 
 def encoded(data: Any) -> bytes:
@@ -53,6 +56,29 @@ class Document:
             gzipped = gzip.compress(body, GZIP_LEVEL, mtime=0)
         etag = _tag(body)
         return cls(data, body, etag, gzipped, etag[:-1] + '-gzip"')
+
+
+@dataclass(frozen=True)
+class Summary:
+    """A sale's public summary, encoded, and where each of its SKUs is in it."""
+
+    document: Document
+    places: dict[str, int]  # SKU -> its index in document.data["skus"]
+
+    def only(self, skus: Sequence[str]) -> Document:
+        """The summary with ``skus`` alone, each once, in the order asked (a storefront's
+        product of a catalogue sale). Raises NotFound for a SKU the sale lacks, and
+        InvalidInput for more than ``MAX_SKUS_ASKED``."""
+        asked = list(dict.fromkeys(skus))
+        if len(asked) > MAX_SKUS_ASKED:
+            raise InvalidInput("sku", f"at most {MAX_SKUS_ASKED} SKUs at once, got {len(asked)}")
+        data = self.document.data
+        missing = next((sku for sku in asked if sku not in self.places), None)
+        if missing is not None:
+            raise NotFound(f"unknown SKU {shown(missing)} in sale {data['id']}",
+                           code="unknown_sku")  # fmt: skip
+        every = data["skus"]
+        return Document.of({**data, "skus": [every[self.places[sku]] for sku in asked]})
 
 
 def accepts_gzip(header: str) -> bool:

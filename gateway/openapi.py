@@ -13,6 +13,7 @@ from aiohttp import web
 
 from flashsale import __version__
 from gateway.catalog import INFO_TTL_S, MAX_INFO_TTL_S, READ_SHARE
+from gateway.documents import MAX_SKUS_ASKED
 from gateway.http import json_response
 from gateway.openapi_admin import admin_paths
 from gateway.openapi_parts import (
@@ -34,6 +35,7 @@ from gateway.openapi_schemas import (
     FAIRNESS,
     FAIRNESS_PROOF,
     HEALTH,
+    ID,
     JOINED,
     LEFT,
     LIVE,
@@ -54,8 +56,24 @@ def document() -> dict[str, Any]:
                 f"Public sale information (each gateway process keeps a copy for "
                 f"{INFO_TTL_S:g} s, or {READ_SHARE} times as long as reading it took, up to "
                 f"{MAX_INFO_TTL_S:g} s, for a sale that is slow to read: thousands of SKUs)",
-                {**shared(ok(200, "The sale", PUBLIC_SALE)), **errors(404)},
-                params=[*SALE_PATH, IF_NONE_MATCH],
+                {**shared(ok(200, "The sale", PUBLIC_SALE)), **errors(404, 422)},
+                params=[
+                    *SALE_PATH,
+                    {
+                        "name": "sku",
+                        "in": "query",
+                        "description": "only these SKUs (repeat it; a storefront's product "
+                        "of a catalogue sale); 404 unknown_sku for one the sale lacks",
+                        "schema": {
+                            "type": "array",
+                            "items": ID,
+                            "maxItems": MAX_SKUS_ASKED,
+                        },
+                        "style": "form",
+                        "explode": True,
+                    },
+                    IF_NONE_MATCH,
+                ],
             )
         },
         "/v1/sales/{sale}/fairness": {

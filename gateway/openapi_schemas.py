@@ -83,6 +83,10 @@ SALE = obj(
             "Redis state deleted",
         },
         "shuffle": SHUFFLE,
+        "sku_count": {
+            "type": "integer",
+            "description": "the SKUs the sale has (skus lists them all, or those asked for)",
+        },
         "skus": {
             "type": "array",
             "items": obj(
@@ -174,6 +178,10 @@ PUBLIC_SALE = obj(
             "description": "the most bits asked as the join rate rises (0: fixed)",
         },
         "shuffle": SHUFFLE,
+        "sku_count": {
+            "type": "integer",
+            "description": "the SKUs the sale has (skus lists them all, or those asked for)",
+        },
         "skus": {
             "type": "array",
             "items": obj(
@@ -191,7 +199,7 @@ PUBLIC_SALE = obj(
             ),
         },
     },
-    ["id", "name", "state", "starts_at", "ends_at", "shuffle", "skus"],
+    ["id", "name", "state", "starts_at", "ends_at", "shuffle", "sku_count", "skus"],
 )
 JOINED = obj(
     {

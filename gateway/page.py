@@ -8,7 +8,8 @@ countdown before the start, joins (or registers for the draw), polls at the serv
 and cancel, and follows the reservation to its outcome. An admitted buyer reserves at the
 status answer's ``reserve_url`` when there is one (the reservations listener, allowed by the
 page's Content-Security-Policy), and here if that cannot be reached. Everything it needs survives a
-reload (localStorage).
+reload (localStorage). Linked as ``/sales/SALE?sku=SKU`` (a product of a catalogue sale), it
+reads and offers that SKU alone (``GET /v1/sales/SALE?sku=SKU``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ PAGE = importlib.resources.files("gateway").joinpath("waiting_room.html").read_t
 
 
 async def waiting_room(request: web.Request) -> web.Response:
-    info = (await sale_summary(request, request.match_info["sale"])).data  # 404 if unknown
+    info = (await sale_summary(request, request.match_info["sale"])).document.data  # 404 if unknown
     sale_json = '"' + info["id"] + '"'  # ids are [A-Za-z0-9._-]: safe inside a JS string
     body = PAGE.replace("__NAME__", html.escape(info["name"])).replace("__SALE_JSON__", sale_json)
     # The page may call the reservations listener (an admitted status answer's reserve_url).

@@ -33,14 +33,16 @@ MAX_AGE_LIVE_S, MAX_AGE_SOLD_OUT_S, MAX_AGE_ENDED_S = 1, 30, 300
 async def sale_info(request: web.Request) -> web.Response:
     sale_id = request.match_info["sale"]
     summary = await sale_summary(request, sale_id)
+    asked = request.query.getall("sku", [])
+    document = summary.only(asked) if asked else summary.document
     counters = request.app[COUNTERS].peek(sale_id)
-    if summary.data["state"] == "ended":
+    if document.data["state"] == "ended":
         max_age = MAX_AGE_ENDED_S
     elif counters is not None and counters.view.sold_out:
         max_age = MAX_AGE_SOLD_OUT_S
     else:
         max_age = MAX_AGE_LIVE_S
-    return document_response(request, summary, {"Cache-Control": f"public, max-age={max_age}"})
+    return document_response(request, document, {"Cache-Control": f"public, max-age={max_age}"})
 
 
 async def _record(request: web.Request, sale_id: str) -> Published:

@@ -23,7 +23,7 @@ from flashsale.settings import Settings
 from flashsale.tokens import Signers
 from gateway.announcer import Announcer
 from gateway.counters import CounterCache
-from gateway.documents import Document
+from gateway.documents import Summary
 from gateway.lane import Lane
 from gateway.metrics import Metrics
 
@@ -48,7 +48,7 @@ LANE = web.AppKey("lane", Lane)  # the hot routes beside the application: see ga
 LAG = web.AppKey("lag", LagCache)  # the workers' consumer lag, for the live sale page
 # sale id -> a copy of the sale's public summary, encoded, and of its SKUs' per-buyer limits
 # as Redis holds them: see gateway.catalog
-CATALOG = web.AppKey("catalog", dict[str, Copy[Document]])
+CATALOG = web.AppKey("catalog", dict[str, Copy[Summary]])
 # the reads of those, of the fairness records and of the live page's status in flight, by
 # ("summary", "limits", "fairness" or "live", sale id): one per sale at a time
 CATALOG_READS = web.AppKey("catalog_reads", InFlight[tuple[str, str], Any])

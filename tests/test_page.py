@@ -129,6 +129,45 @@ def test_the_page_rides_out_a_spike_and_resumes_after_a_reload(
     assert seen == ["503", "429", "drop", "503"]
 
 
+def test_a_page_for_one_product_reads_that_product_only(stack: Settings, chromium: str) -> None:
+    """A storefront sends a buyer to one product of a catalogue sale (``?sku=``): the page
+    read and listed every SKU of the sale (40 MB of JSON for 200,000). It asks for the
+    product alone, and says so when the sale does not have it."""
+    from playwright.sync_api import Request, sync_playwright
+
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    spec = sale_spec("Catalogue drop", "S1", 5)
+    spec["skus"] += [{**spec["skus"][0], "sku": f"S{i}", "title": f"Model {i}"} for i in (2, 3)]
+    with live_gateway(stack) as gw:
+        created = requests.post(f"{gw.base_url}/admin/v1/sales", json=spec, headers=admin,
+                                timeout=10)  # fmt: skip
+        sale = created.json()["id"]
+        requests.post(f"{gw.base_url}/admin/v1/sales/{sale}/preload", headers=admin, timeout=10)
+        asked: list[str] = []
+
+        def seen(request: Request) -> None:
+            if f"/v1/sales/{sale}" in request.url and "/queue" not in request.url:
+                asked.append(request.url)
+
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
+            page = browser.new_page()
+            page.on("request", seen)
+            page.goto(f"{gw.base_url}/sales/{sale}?sku=S2#token={_buyer(gw, 'one-product')}")
+            page.wait_for_selector("#sku option", state="attached")
+            options = page.eval_on_selector_all("#sku option", "os => os.map(o => o.value)")
+            assert options == ["S2"], options
+            assert [u.split("?", 1)[1] for u in asked] == ["sku=S2"], asked
+            assert page.text_content(".item b") == "Model 2"
+            page.click("#join")
+            page.wait_for_selector("#state[data-state='waiting'], #state[data-state='admitted']")
+            other = browser.new_page()
+            other.goto(f"{gw.base_url}/sales/{sale}?sku=NOPE#token={_buyer(gw, 'lost')}")
+            other.wait_for_selector("#state[data-state='no_item']", timeout=20_000)
+            assert not other.is_visible("#join")
+            browser.close()
+
+
 def test_the_page_says_ended_or_sold_out_and_offers_no_join(stack: Settings, chromium: str) -> None:
     from playwright.sync_api import sync_playwright
 
