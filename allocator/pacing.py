@@ -151,9 +151,13 @@ class SaleRounds(SaleTurns):
         self._looked = 0.0
 
     def due_skus(self, scope: list[SkuKeys], now: float) -> list[SkuKeys]:
-        """The SKUs of the sales due at ``now``. The scope is looked at in full when it is
-        another list or has another length, and at least once every longest period (a scope
-        edited in place)."""
+        """The SKUs of the sales due at ``now`` (:meth:`due_groups`)."""
+        return [keys for skus in self.due_groups(scope, now).values() for keys in skus]
+
+    def due_groups(self, scope: list[SkuKeys], now: float) -> dict[str, list[SkuKeys]]:
+        """The sales due at ``now`` and the SKUs of each. The scope is looked at in full when
+        it is another list or has another length, and at least once every longest period (a
+        scope edited in place)."""
         sizes = None
         if (
             scope is not self._scope
@@ -165,7 +169,7 @@ class SaleRounds(SaleTurns):
                 groups.setdefault(keys.sale_id, []).append(keys)
             self._groups, self._scope, self._size, self._looked = groups, scope, len(scope), now
             sizes = {sale: len(skus) for sale, skus in groups.items()}
-        return [keys for sale in self.due(sizes, now) for keys in self._groups[sale]]
+        return {sale: self._groups[sale] for sale in self.due(sizes, now)}
 
 
 class Schedule:

@@ -164,3 +164,33 @@ def test_sales_that_came_at_different_moments_share_their_turns() -> None:
     assert big.due(None, 1.9) == [] and big.due(None, 2.0) == ["c"]  # joining the ticks
     assert big.due(None, 4.9) == [] and big.due(None, 5.0) == ["c"]  # then 2.5 s or more
     assert big.due(None, 7.0) == [] and big.due(None, 8.0) == ["c"]
+
+
+async def test_a_small_sale_is_swept_while_a_large_sale_is_being_swept() -> None:
+    """A sweep of a large sale held the sweeper for its length (about 2 s per 100,000 SKUs
+    here): a small sale's turns waited behind it, and its expired holds gave their stock
+    back that much later. A sale is swept beside the sweeps of the others."""
+    swept: Counter[str] = Counter()
+    slice_s = 0.05
+
+    class Scripts:
+        async def expire_many(self, skus: list[SkuKeys], limit: int) -> list[ExpireResult]:
+            swept.update(keys.sale_id for keys in skus)
+            await asyncio.sleep(slice_s if skus[0].sale_id == "big" else 0)
+            return [ExpireResult([], more=False) for _ in skus]
+
+    scope = [SkuKeys("big", str(i)) for i in range(10 * SLICE)] + [SkuKeys("small", "a")]
+
+    async def skus() -> list[SkuKeys]:
+        return scope
+
+    stop = asyncio.Event()
+    sweeper = asyncio.create_task(
+        run_sweeper(Scripts(), skus, stop=stop, interval=0.01, visits_per_s=20_000.0)  # type: ignore[arg-type]
+    )
+    await asyncio.sleep(10 * slice_s * 0.9)  # within the large sale's first sweep
+    seen = swept.copy()
+    stop.set()
+    await sweeper
+    assert seen["big"] < len(scope) - 1  # still sweeping it
+    assert seen["small"] >= 10, seen  # at its own interval meanwhile
