@@ -113,3 +113,11 @@ def test_a_default_the_help_names_is_the_one_used() -> None:
             if said.group(1).rstrip(".,") not in (str(default), _plain(str(default))):
                 wrong.append((path, flag, said.group(1), default))
     assert not wrong, wrong
+
+
+def test_the_reconcilers_help_names_its_budget() -> None:
+    from reconciler.service import SKUS_PER_S
+
+    reconcile = dict(parsers(build_parser()))["reconcile"]
+    interval = next(a for a in reconcile._actions if a.dest == "interval")
+    assert f"budget of {SKUS_PER_S:,.0f} SKUs a second" in (interval.help or "")
