@@ -115,7 +115,8 @@ class Reconciler:
                       only: Sequence[str] | None, *, wait_for_grace: bool,
                       full: bool) -> None:  # fmt: skip
         every = await self.skus.scope(sales, only)
-        in_scope = sorted({r["sale_id"] for r in every})
+        quiet = set(only or ()) & self.skus.all_settled  # in scope, no SKU row read
+        in_scope = sorted({r["sale_id"] for r in every} | quiet)
         rows = self.skus.unsettled(every)  # the SKUs read: an ended sale's untouched ones once
         report.skus = len(rows)
         await self.skus.restore_sales(in_scope, report)

@@ -125,6 +125,7 @@ class SkuChecks:
         self.buckets = BucketChecks(pool, client)
         self._counts: dict[tuple[str, str], int] = {}  # stock buckets of the SKUs in scope
         self._settled: set[tuple[str, str]] = set()  # see unsettled()
+        self.all_settled: set[str] = set()  # sales whose every SKU is settled (see sizes())
 
     async def scope(
         self, sales: Sequence[str] | None = None, only: Sequence[str] | None = None
@@ -134,23 +135,29 @@ class SkuChecks:
         left the scope are forgotten as settled."""
         named = list(sales) if sales is not None else None
         if only is not None:
-            return await fetch_in_play(self.pool, SCOPE_OF, named, list(only))
+            read = [sale for sale in only if sale not in self.all_settled]
+            return await fetch_in_play(self.pool, SCOPE_OF, named, read) if read else []
         rows = await fetch_in_play(self.pool, SCOPE, named)
         self.keep({r["sale_id"] for r in rows})
         return rows
 
     async def sizes(self, sales: Sequence[str] | None = None) -> dict[str, int]:
         """The sales in scope (or ``sales``) and the SKUs of each a pass would read: its SKUs
-        but those known settled."""
+        but those known settled. A sale whose every SKU is known settled goes in
+        ``all_settled``: a turn of the service's passes (``scope(only=...)``) fetches none of
+        its rows (an ended 100,000-SKU sale's took 0.4 s of Postgres every turn, 15 minutes
+        long), and its other checks still run."""
         rows = await fetch_in_play(
             self.pool, SCOPE_SIZES, list(sales) if sales is not None else None
         )
         settled = Counter(sale for sale, _ in self._settled)
+        self.all_settled = {r["sale_id"] for r in rows if r["skus"] == settled[r["sale_id"]] > 0}
         return {r["sale_id"]: max(1, r["skus"] - settled[r["sale_id"]]) for r in rows}
 
     def keep(self, sales: Collection[str]) -> None:
         """Forget what is known settled of the sales not in ``sales`` (they left the scope)."""
         self._settled = {k for k in self._settled if k[0] in sales}
+        self.all_settled &= set(sales)
 
     def unsettled(self, rows: Sequence[asyncpg.Record]) -> list[asyncpg.Record]:
         """``rows`` but the SKUs :meth:`find` saw settled: an ended sale's SKU in one bucket

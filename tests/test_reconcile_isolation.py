@@ -17,6 +17,7 @@ from flashsale.keys import SkuKeys
 from flashsale.payments import Charge, ChargeRequest, PaymentProvider
 from flashsale.settings import Settings
 from reconciler import service
+from reconciler import skus as skus_module
 from reconciler.rebuild import rebuild_sku
 from reconciler.reconcile import Reconciler
 from reconciler.report import PassReport
@@ -235,6 +236,50 @@ async def test_an_ended_sales_untouched_skus_are_read_once(stack: Settings) -> N
         await p.redis.hset(SkuKeys(sale, SKU).stock, "available", 0)  # SKU-1 still read
         repaired = await rec.run_once([sale], full=False)
         assert [r.sku for r in repaired.repairs] == [SKU]
+
+
+async def test_an_ended_sale_whose_skus_are_all_settled_is_not_read_again(
+    stack: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ended sale nobody bought from stays in scope for 15 minutes. Its SKUs were known
+    settled after one pass, yet each of the service's passes over it fetched every SKU row
+    from Postgres to leave them out (about 0.4 s for 100,000 SKUs, every 5 s, in the pass
+    the small sales share). Its rows are not fetched again; its other checks still run."""
+    fetched: list[list[str]] = []
+    fetch = skus_module.fetch_in_play
+
+    async def spied(pool: Any, sql: str, *args: Any) -> Any:
+        rows = await fetch(pool, sql, *args)
+        if sql == skus_module.SCOPE_OF:
+            fetched.append(sorted({r["sale_id"] for r in rows}))
+        return rows
+
+    monkeypatch.setattr(skus_module, "fetch_in_play", spied)
+    async with pipeline(stack) as p:
+        quiet, busy = await p.sale(stock=5, skus=3), await p.sale(stock=5)
+        await p.reserve(busy, ["tok_visa"])
+        rec = Reconciler(p.pool, p.redis, None, p.settings.topics.order_events)
+        await SaleAdmin.build(p.pool, p.redis).set_status(quiet, "end")
+
+        async def turn() -> PassReport:
+            sizes = await rec.skus.sizes([quiet, busy])
+            return await rec.run_once([quiet, busy], full=False, only=list(sizes))
+
+        first = await turn()  # finds the quiet sale's SKUs settled
+        assert first.skus == 4 and fetched == [sorted([busy, quiet])]
+        fetched.clear()
+        rooms = rec.rooms.repair
+        checked: list[list[str]] = []
+
+        async def rooms_spied(sales: Sequence[str], *args: Any, **kwargs: Any) -> None:
+            checked.append(sorted(sales))
+            await rooms(sales, *args, **kwargs)
+
+        rec.rooms.repair = rooms_spied  # type: ignore[method-assign]
+        later = [await turn() for _ in range(2)]
+        assert [r.skus for r in later] == [1, 1]
+        assert fetched == [[busy], [busy]], fetched  # the quiet sale's rows: not fetched
+        assert checked == [sorted([busy, quiet])] * 2  # its waiting room: still checked
 
 
 async def test_a_large_sale_in_scope_does_not_slow_the_repairs_of_a_small_one(
