@@ -15,6 +15,7 @@ from allocator.sale_admin import SaleAdmin
 from flashsale.errors import NotFound, PaymentError, PaymentUnknown
 from flashsale.keys import SkuKeys
 from flashsale.payments import Charge, ChargeRequest, PaymentProvider
+from flashsale.sales import fetch_in_play
 from flashsale.settings import Settings
 from reconciler import service
 from reconciler import skus as skus_module
@@ -246,7 +247,7 @@ async def test_an_ended_sale_whose_skus_are_all_settled_is_not_read_again(
     from Postgres to leave them out (about 0.4 s for 100,000 SKUs, every 5 s, in the pass
     the small sales share). Its rows are not fetched again; its other checks still run."""
     fetched: list[list[str]] = []
-    fetch = skus_module.fetch_in_play
+    fetch = fetch_in_play
 
     async def spied(pool: Any, sql: str, *args: Any) -> Any:
         rows = await fetch(pool, sql, *args)
