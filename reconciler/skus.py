@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Sequence
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -68,6 +69,8 @@ SELECT s.id AS sale_id, (SELECT count(*) FROM sale_skus k WHERE k.sale_id = s.id
 FROM sales s
 {_IN_SCOPE}
 """  # noqa: S608 - only constants of this code go in
+# A sale's status, held until the transaction ends (reconciler.skus.SkuChecks.write_statuses).
+_STATUS_HELD = "SELECT status FROM sales WHERE id = $1 FOR SHARE"
 # Read after the Redis counters, in one statement: the sold count now and the open orders.
 _SOLD_AND_OPEN = """
 SELECT k.sold, (SELECT count(*) FROM orders o WHERE o.sale_id = $1 AND o.sku = $2
@@ -337,16 +340,30 @@ class SkuChecks:
         ))  # fmt: skip
 
     async def write_statuses(self, statuses: Sequence[Repair], report: PassReport) -> None:
-        """Copy Postgres's sale status into the SKUs whose copy differs."""
+        """Copy Postgres's sale status into the SKUs whose copy differs, as Postgres has it
+        when it is written, holding the sale's row (``FOR SHARE``: a change of the sale
+        writes Redis under ``FOR UPDATE``). The status the pass read at its start could be
+        older than the one in Redis: a sale paused between the two reads had its SKUs
+        written back active, and they sold until the next pass."""
+        by_sale: dict[str, list[Repair]] = {}
         for repair in statuses:
-            await isolated(report, f"{repair.sale_id}/{repair.sku}: write the status",
-                           partial(self._write_status, repair, report))  # fmt: skip
+            by_sale.setdefault(repair.sale_id, []).append(repair)
+        for sale, repairs in by_sale.items():
+            await isolated(report, f"{sale}: write the status of {len(repairs)} SKUs",
+                           partial(self._write_status, sale, repairs, report))  # fmt: skip
 
-    async def _write_status(self, repair: Repair, report: PassReport) -> None:
-        count = self._counts.get((repair.sale_id, repair.sku or ""), 1)
-        for keys in bucket_keys(repair.sale_id, repair.sku or "", count):
-            await self.scripts.set_fields(keys.meta, {"status": repair.after["status"]})
-        report.repairs.append(repair)
+    async def _write_status(self, sale: str, repairs: Sequence[Repair],
+                            report: PassReport) -> None:  # fmt: skip
+        async with self.pool.acquire() as conn, conn.transaction():
+            status = await conn.fetchval(_STATUS_HELD, sale)
+            if status is None:
+                return
+            for repair in repairs:
+                count = self._counts.get((sale, repair.sku or ""), 1)
+                for keys in bucket_keys(sale, repair.sku or "", count):
+                    await self.scripts.set_fields(keys.meta, {"status": status})
+                if repair.before["status"] != status:
+                    report.repairs.append(replace(repair, after={"status": status}))
 
 
 def _counts(counts: StockCounts) -> dict[str, int]:

@@ -15,6 +15,7 @@ from allocator.sale_admin import SaleAdmin
 from flashsale.errors import NotFound, PaymentError, PaymentUnknown
 from flashsale.keys import SkuKeys
 from flashsale.payments import Charge, ChargeRequest, PaymentProvider
+from flashsale.records import text
 from flashsale.sales import fetch_in_play
 from flashsale.settings import Settings
 from reconciler import service
@@ -366,3 +367,23 @@ async def test_a_small_sale_has_its_passes_while_a_large_sales_pass_runs(
     assert len(large_passes) >= 2, large_passes  # the large sale had its turns
     gaps = [b - a for a, b in itertools.pairwise(small_passes)]
     assert max(gaps) < 0.5, gaps  # and the small one its own meanwhile
+
+
+async def test_a_pause_during_a_pass_is_not_undone_by_it(stack: Settings) -> None:
+    """A pass compared each SKU's status in Redis with the sale's status in Postgres as the
+    pass read it at its start: a sale paused between the two reads had its SKUs written
+    back active by the pass, and they sold until the next pass. A status is written as
+    Postgres has it when it is written, under the sale's lock."""
+    async with pipeline(stack) as p:
+        sale = await p.sale(stock=5, skus=3)
+        rec = Reconciler(p.pool, p.redis, None, p.settings.topics.order_events)
+        find = rec.skus.find
+
+        async def paused_meanwhile(rows: Any) -> Any:
+            await SaleAdmin.build(p.pool, p.redis).set_status(sale, "pause", with_skus=False)
+            return await find(rows)
+
+        rec.skus.find = paused_meanwhile  # type: ignore[method-assign]
+        await rec.run_once([sale])
+        metas = [await p.redis.hget(SkuKeys(sale, f"SKU-{i}").meta, "status") for i in (1, 2, 3)]
+        assert [text(m) for m in metas] == ["paused"] * 3, metas
