@@ -109,54 +109,48 @@ class SaleAdmin(SaleReads):
         Unchanged SKUs are left alone. A SKU with held or sold units is refused unless
         ``force``; even then held and sold units are kept. Raises Conflict when any SKU
         was refused (the others are still brought in line).
+
+        The sale's row is held (``FOR UPDATE``) until the end: a change of the sale (a pause,
+        a SKU removed, new settings) waits for the preload, which writes the sale as it
+        read it, and a preload waits for a change under way. A sale paused during its first
+        preload of 12,000 SKUs was paused on the SKUs Redis had by then only, and the
+        preload wrote the others active after it. Two preloads take turns (held ``FOR
+        SHARE``, each then waited on the other to update the row: a deadlock).
         """
-        async with self.pool.acquire() as conn:
-            sale = await self.sale_row(conn, sale_id)
+        async with self.pool.acquire() as conn, conn.transaction():
+            sale = await self.sale_row(conn, sale_id, lock=True)
             skus = await fetch_skus(conn, sale_id)
-        if sale["status"] == "ended":
-            raise Conflict(f"sale {sale_id} has ended; nothing to preload", code="sale_ended")
-        if not skus:
-            raise Conflict(
-                f"sale {sale_id} has no SKUs; add some with `flashsale sale import`",
-                code="no_skus",
+            if sale["status"] == "ended":
+                raise Conflict(f"sale {sale_id} has ended; nothing to preload", code="sale_ended")
+            if not skus:
+                raise Conflict(
+                    f"sale {sale_id} has no SKUs; add some with `flashsale sale import`",
+                    code="no_skus",
+                )
+            # The SKUs in one piece (most) go in pipelined batches, a part of the sale at a
+            # time; each bucketed SKU on its own.
+            results: list[PreloadResult] = []
+            for part in in_parts(skus):
+                whole = [_preload(sale, sku) for sku in part if sku["buckets"] == 1]
+                batch = iter(await self.scripts.preload_many(whole, force=force))
+                results += [next(batch) if sku["buckets"] == 1 else await self._sync_sku(
+                            sale, sku, force=force) for sku in part]  # fmt: skip
+            await self.scripts.put_sale(
+                SaleKeys(sale_id), sale_hash(sale, skus), open_queue=sale["preloaded_at"] is None
             )
-        # The SKUs in one piece (most) go in pipelined batches, a part of the sale at a time;
-        # each bucketed SKU on its own.
-        results: list[PreloadResult] = []
-        for part in in_parts(skus):
-            whole = [_preload(sale, sku) for sku in part if sku["buckets"] == 1]
-            batch = iter(await self.scripts.preload_many(whole, force=force))
-            results += [next(batch) if sku["buckets"] == 1 else await self._sync_sku(sale, sku,
-                        force=force) for sku in part]  # fmt: skip
-        await self.scripts.put_sale(
-            SaleKeys(sale_id), sale_hash(sale, skus), open_queue=sale["preloaded_at"] is None
-        )
-        loaded = [r.sku for r in results if not r.outcome.startswith("refused")]
-        async with self.pool.acquire() as conn:
+            loaded = [r.sku for r in results if not r.outcome.startswith("refused")]
             await conn.execute(
                 "UPDATE sale_skus SET preloaded_at = coalesce(preloaded_at, now())"
                 " WHERE sale_id = $1 AND sku = ANY($2::text[])", sale_id, loaded,
             )  # fmt: skip
-        lost = [r.sku for r in results if r.outcome == "refused_lost"]
-        if lost:
-            raise Conflict(
-                f"Redis no longer holds {listed(lost, what='SKUs')} of sale {sale_id} (or is "
-                "rebuilding it): run `flashsale reconcile --once` to rebuild it from Postgres",
-                code="rebuild_needed",
-            )  # fmt: skip
-        refused = [r for r in results if r.outcome.startswith("refused")]
-        if refused:
-            detail = listed([
-                f"{r.sku}: {r.counts.held} held and {r.counts.sold} sold units"
-                + (" exceed the new stock" if r.outcome == "refused_below_committed" else "")
-                for r in refused
-            ], what="SKUs refused", sep="; ")  # fmt: skip
-            hint = "" if force else " (re-run with --force; held and sold units are kept)"
-            raise Conflict(f"preload refused for {detail}{hint}", code="preload_refused")
-        async with self.pool.acquire() as conn:
-            await conn.execute(
-                "UPDATE sales SET preloaded_at = now(), updated_at = now() WHERE id = $1", sale_id
-            )
+            refusal = _refusal(sale_id, results, force=force)
+            if refusal is None:
+                await conn.execute(
+                    "UPDATE sales SET preloaded_at = now(), updated_at = now() WHERE id = $1",
+                    sale_id,
+                )
+        if refusal is not None:
+            raise refusal
         return results
 
     async def _sync_sku(
@@ -218,10 +212,12 @@ class SaleAdmin(SaleReads):
         refuses to go below held + sold, ``lua/preload.lua``) inside the Postgres
         transaction, so a refusal rolls Postgres back. Should a commit fail after Redis
         fell, Redis holds less than Postgres and the reconciler brings it back: units unsold
-        for a moment, none oversold."""
+        for a moment, none oversold. Both hold the sale's row while they write Redis, and
+        the rise copies the SKU as Postgres has it then: copied from its own row, a rise
+        late to Redis undid a fall committed meanwhile, and Redis held more than Postgres."""
         sku = identifier(sku, "sku")
         async with self.pool.acquire() as conn, conn.transaction():
-            sale, row = await self._sku_for_update(conn, sale_id, sku)
+            sale, row = await self._sku_for_update(conn, sale_id, sku, lock_sale=True)
             total = row["stock_total"] + delta
             if total > MAX_STOCK:
                 raise InvalidInput(field, f"stock would exceed {MAX_STOCK}")
@@ -239,7 +235,9 @@ class SaleAdmin(SaleReads):
             if delta < 0 and sale["preloaded_at"] is not None:
                 await self._sync_total(sale, row)
         if delta > 0 and sale["preloaded_at"] is not None:
-            await self._sync_total(sale, row)
+            async with self.pool.acquire() as conn, conn.transaction():
+                sale, row = await self._sku_for_update(conn, sale_id, sku, lock_sale=True)
+                await self._sync_total(sale, row)
         return await self.status(sale_id, sku)  # the SKU's: the sale may have 200,000
 
     async def _sync_total(self, sale: asyncpg.Record, row: asyncpg.Record) -> None:
@@ -267,7 +265,7 @@ class SaleAdmin(SaleReads):
         SKU; should that commit fail, the reconciler rebuilds the SKU from Postgres."""
         sku = identifier(sku, "sku")
         async with self.pool.acquire() as conn, conn.transaction():
-            _, row = await self._sku_for_update(conn, sale_id, sku)
+            _, row = await self._sku_for_update(conn, sale_id, sku, lock_sale=True)
             if await conn.fetchval(
                 "SELECT EXISTS (SELECT 1 FROM orders WHERE sale_id = $1 AND sku = $2)",
                 sale_id, sku,
@@ -281,14 +279,18 @@ class SaleAdmin(SaleReads):
                     raise Conflict(f"{sku} was reserved ({outcome}): it stays in the sale",
                                    code="sku_has_holds")  # fmt: skip
             left = await fetch_skus(conn, sale_id)
-        await self.scripts.set_fields(SaleKeys(sale_id).sale,
-                                      {"skus": ",".join(s["sku"] for s in left)})  # fmt: skip
+            # Under the sale's lock: removals at once each wrote a list that kept the
+            # other's SKU, written after their commits in any order.
+            await self.scripts.set_fields(SaleKeys(sale_id).sale,
+                                          {"skus": ",".join(s["sku"] for s in left)})  # fmt: skip
         return await self.get(sale_id) if with_skus else sale_json(await self.row(sale_id))
 
-    async def _sku_for_update(self, conn: asyncpg.Connection, sale_id: str, sku: str
-                              ) -> tuple[asyncpg.Record, asyncpg.Record]:  # fmt: skip
-        """The sale (not ended) and its SKU's row, locked for the transaction."""
-        sale = await self.sale_row(conn, sale_id)
+    async def _sku_for_update(
+        self, conn: asyncpg.Connection, sale_id: str, sku: str, *, lock_sale: bool = False
+    ) -> tuple[asyncpg.Record, asyncpg.Record]:
+        """The sale (not ended; locked too with ``lock_sale``) and its SKU's row, locked for
+        the transaction."""
+        sale = await self.sale_row(conn, sale_id, lock=lock_sale)
         if sale["status"] == "ended":
             raise Conflict(f"sale {sale_id} has ended", code="sale_ended")
         row = await conn.fetchrow(
@@ -336,3 +338,25 @@ def _preload(sale: asyncpg.Record, sku: asyncpg.Record) -> Preload:
     """A SKU in one piece, as its preload sends it."""
     return Preload(SkuKeys(sale["id"], sku["sku"]), sku["stock_total"], sku_meta(sale, sku),
                    sku["preloaded_at"] is None)  # fmt: skip
+
+
+def _refusal(sale_id: str, results: Sequence[PreloadResult], *, force: bool) -> Conflict | None:
+    """What a preload refused, as the Conflict it raises: SKUs Redis lost, or SKUs whose
+    held and sold units the new configuration would not cover (None: nothing)."""
+    lost = [r.sku for r in results if r.outcome == "refused_lost"]
+    if lost:
+        return Conflict(
+            f"Redis no longer holds {listed(lost, what='SKUs')} of sale {sale_id} (or is "
+            "rebuilding it): run `flashsale reconcile --once` to rebuild it from Postgres",
+            code="rebuild_needed",
+        )  # fmt: skip
+    refused = [r for r in results if r.outcome.startswith("refused")]
+    if refused:
+        detail = listed([
+            f"{r.sku}: {r.counts.held} held and {r.counts.sold} sold units"
+            + (" exceed the new stock" if r.outcome == "refused_below_committed" else "")
+            for r in refused
+        ], what="SKUs refused", sep="; ")  # fmt: skip
+        hint = "" if force else " (re-run with --force; held and sold units are kept)"
+        return Conflict(f"preload refused for {detail}{hint}", code="preload_refused")
+    return None

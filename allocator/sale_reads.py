@@ -81,7 +81,9 @@ class SaleReads:
 
     async def sale_row(self, conn: asyncpg.Connection, sale_id: str, *,
                         lock: bool = False) -> asyncpg.Record:  # fmt: skip
-        """The sale's row (``lock``: FOR UPDATE, for the transaction); NotFound otherwise."""
+        """The sale's row (``lock``: FOR UPDATE, for the transaction); NotFound otherwise. A
+        change of the sale holds it while it writes Redis too, so that changes reach Redis
+        in the order Postgres took them."""
         if not isinstance(sale_id, str) or not ID_PATTERN.match(sale_id):
             raise NotFound(f"unknown sale {shown(sale_id)}", code="unknown_sale")
         row = await conn.fetchrow(SALE_LOCKED if lock else SALE, sale_id)

@@ -1,8 +1,12 @@
 """A sale's settings and state: pause / resume / end, the admission rate, the sale file's
 fields and a SKU's title and price.
 
-Postgres first (it is the truth), then the sale's Redis hashes; every Redis write is absolute
-and idempotent, so a retry after a failure converges.
+Postgres first (it is the truth), then the sale's Redis hashes, while the sale's row is still
+locked: changes at once reach Redis in the order Postgres took them (written after the commit,
+a pause and a resume could land in Redis the other way round), and a preload, which holds the
+row too, sees none halfway. Every Redis write is absolute and idempotent, so a retry after a
+failure converges; one that fails rolls Postgres back, and the reconciler puts back the SKUs'
+status it had.
 """
 
 from __future__ import annotations
@@ -31,13 +35,13 @@ async def set_status(sales: SaleReads, sale_id: str, action: str, *,
             "UPDATE sales SET status = $2, updated_at = now() WHERE id = $1", sale_id, target
         )
         skus = await fetch_skus(conn, sale_id)
-    # Redis after Postgres; every step is idempotent, so a retry converges.
-    await sales.scripts.set_fields(SaleKeys(sale_id).sale, {"status": target})
-    for part in in_parts(skus):
-        await sales.scripts.set_fields_many([
-            (keys.meta, {"status": target})
-            for sku in part for keys in bucket_keys(sale_id, sku["sku"], sku["buckets"])
-        ])  # fmt: skip
+        # Redis under the sale's lock (the module says why); every step is idempotent.
+        await sales.scripts.set_fields(SaleKeys(sale_id).sale, {"status": target})
+        for part in in_parts(skus):
+            await sales.scripts.set_fields_many([
+                (keys.meta, {"status": target})
+                for sku in part for keys in bucket_keys(sale_id, sku["sku"], sku["buckets"])
+            ])  # fmt: skip
     return await sales.get(sale_id) if with_skus else sale_json(await sales.row(sale_id))
 
 
@@ -99,19 +103,19 @@ async def update(sales: SaleReads, sale_id: str, changes: Mapping[str, Any], *,
         # then, as it is one script call per SKU and bucket.
         moves = "starts_at" in changes or "ends_at" in changes
         skus = await fetch_skus(conn, sale_id) if moves else []
-    # Redis after Postgres (a sale not preloaded yet has nothing there); every write is
-    # idempotent, so a retry after a failure converges.
-    fields = sale_hash(row, skus)  # its `skus` field is not written here
-    await sales.scripts.set_fields(
-        SaleKeys(sale_id).sale, {k: fields[k] for k in SALE_HASH_EDITABLE}
-    )
-    if moves:
-        window = {k: fields[k] for k in ("starts_at_ms", "ends_at_ms")}
-        for part in in_parts(skus):
-            await sales.scripts.set_fields_many([
-                (keys.meta, window)
-                for sku in part for keys in bucket_keys(sale_id, sku["sku"], sku["buckets"])
-            ])  # fmt: skip
+        # Redis under the sale's lock (a sale not preloaded yet has nothing there); every
+        # write is idempotent, so a retry after a failure converges.
+        fields = sale_hash(row, skus)  # its `skus` field is not written here
+        await sales.scripts.set_fields(
+            SaleKeys(sale_id).sale, {k: fields[k] for k in SALE_HASH_EDITABLE}
+        )
+        if moves:
+            window = {k: fields[k] for k in ("starts_at_ms", "ends_at_ms")}
+            for part in in_parts(skus):
+                await sales.scripts.set_fields_many([
+                    (keys.meta, window)
+                    for sku in part for keys in bucket_keys(sale_id, sku["sku"], sku["buckets"])
+                ])  # fmt: skip
     return await sales.get(sale_id) if with_skus else sale_json(row)
 
 
@@ -141,9 +145,9 @@ async def update_sku(sales: SaleReads, sale_id: str, sku: str, changes: Mapping[
             "UPDATE sale_skus SET title = $3, price = $4 WHERE sale_id = $1 AND sku = $2"
             " RETURNING *", sale_id, sku, spec.title, spec.price,
         )  # fmt: skip
-    meta = sku_meta(sale, updated)
-    for keys in bucket_keys(sale_id, sku, updated["buckets"]):
-        await sales.scripts.set_fields(keys.meta, {"price": meta["price"]})
+        meta = sku_meta(sale, updated)
+        for keys in bucket_keys(sale_id, sku, updated["buckets"]):
+            await sales.scripts.set_fields(keys.meta, {"price": meta["price"]})
     return await sales.get(sale_id) if with_skus else sale_json(sale, [updated])
 
 

@@ -8,6 +8,7 @@ import io
 import json
 import shlex
 import uuid
+from collections import Counter
 from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,6 +19,7 @@ import redis
 
 from allocator import sale_reads
 from allocator.sale_admin import SaleAdmin
+from allocator.sale_reads import SKUS_PER_PART
 from allocator.sale_scripts import PreloadResult, StockCounts
 from flashsale.cli.sale_views import print_preload
 from flashsale.clients import pg_pool, redis_client
@@ -282,6 +284,45 @@ def test_stock_is_lowered_never_below_held_and_sold(
     assert rdb.hget(keys.stock, "total") == "70"
     bad = cli("sale", "remove-stock", sale_id, "SNK-42", "0")
     assert bad.code == 2 and bad.err.startswith("flashsale: error: remove")
+
+
+def test_stock_raised_and_lowered_at_once_ends_as_postgres_says(
+    stack: Settings, cli: Cli, db: Db, rdb: redis.Redis, tmp_path: Path
+) -> None:
+    """A rise was copied to Redis after its commit, from its own row: a fall committed
+    meanwhile was overwritten by the late rise, and Redis held 40 units more than
+    Postgres (120 against 80) until a reconcile pass: units Postgres never had could be
+    sold. Redis now takes the SKU's total as Postgres has it when the rise is copied."""
+    sale_id = create(cli, tmp_path)
+    assert cli("sale", "preload", sale_id).code == 0
+    total = db.val("SELECT stock_total FROM sale_skus WHERE sale_id = $1 AND sku = 'SNK-42'",
+                   sale_id)  # fmt: skip
+
+    async def at_once() -> None:
+        pool, client = await pg_pool(stack, max_size=4), redis_client(stack)
+        try:
+            admin = SaleAdmin.build(pool, client)
+            sync, late = admin._sync_sku, [0.3]
+
+            async def slow_once(*args: Any, **kwargs: Any) -> Any:
+                if late:  # the rise's copy to Redis is slow (a busy Redis, a paused process)
+                    await asyncio.sleep(late.pop())
+                return await sync(*args, **kwargs)
+
+            admin._sync_sku = slow_once  # type: ignore[method-assign]
+            rise = asyncio.ensure_future(admin.add_stock(sale_id, "SNK-42", 20))
+            await asyncio.sleep(0.1)  # committed; its copy to Redis waits
+            await admin.lower_stock(sale_id, "SNK-42", 40)
+            await rise
+        finally:
+            await client.aclose()
+            await pool.close()
+
+    asyncio.run(at_once())
+    now = db.val("SELECT stock_total FROM sale_skus WHERE sale_id = $1 AND sku = 'SNK-42'",
+                 sale_id)  # fmt: skip
+    assert now == total - 20
+    assert rdb.hget(SkuKeys(sale_id, "SNK-42").stock, "total") == str(now)
 
 
 def test_a_sku_nobody_reserved_can_be_removed(
@@ -584,6 +625,110 @@ def test_two_imports_of_one_sku_at_once_refuse_one_in_words(
     assert all("already exists" in o.message for o in refused)
     assert db.val("SELECT count(*) FROM sale_skus WHERE sale_id = $1 AND sku LIKE 'TWIN-%'",
                   sale_id) == 2000  # fmt: skip
+
+
+def test_skus_removed_at_once_leave_the_sale_listing_the_others(
+    stack: Settings, cli: Cli, db: Db, rdb: redis.Redis, tmp_path: Path
+) -> None:
+    """Each removal wrote the sale's list of SKUs in Redis (the gateway's reservations check
+    a SKU against it) from the rows its own transaction saw, without holding the sale: two
+    removals at once each kept the other's SKU in the list, and the last one written listed
+    a SKU that no longer existed."""
+    sale_id = create(cli, tmp_path)
+    rows = "".join(f"GONE-{i},Gone,5,100,EUR\n" for i in range(8))
+    assert cli("sale", "import", "--sale", sale_id, write(tmp_path, "sku,title,stock,price,"
+               "currency\n" + rows, "skus.csv")).code == 0  # fmt: skip
+    assert cli("sale", "preload", sale_id).code == 0
+
+    async def at_once() -> list[Any]:
+        pool, client = await pg_pool(stack, max_size=10), redis_client(stack)
+        try:
+            admin = SaleAdmin.build(pool, client)
+            write, late = admin.scripts.set_fields, [0.3]
+
+            async def slow_once(key: str, fields: dict[str, str]) -> bool:
+                if late:  # the first removal's write is slow (a busy Redis, a paused process)
+                    await asyncio.sleep(late.pop())
+                return await write(key, fields)
+
+            admin.scripts.set_fields = slow_once  # type: ignore[method-assign]
+            return list(await asyncio.gather(
+                *(admin.remove_sku(sale_id, f"GONE-{i}", with_skus=False) for i in range(8)),
+                return_exceptions=True,
+            ))  # fmt: skip
+        finally:
+            await client.aclose()
+            await pool.close()
+
+    outcomes = asyncio.run(at_once())
+    assert all(isinstance(o, dict) for o in outcomes), outcomes
+    left = [r["sku"] for r in db.rows(
+        "SELECT sku FROM sale_skus WHERE sale_id = $1 ORDER BY sku", sale_id)]  # fmt: skip
+    assert left == ["SNK-42", "SNK-43"]
+    assert sorted(str(rdb.hget(SaleKeys(sale_id).sale, "skus")).split(",")) == left
+
+
+def test_a_sale_paused_during_its_preload_is_paused_on_every_sku(
+    stack: Settings, cli: Cli, db: Db, rdb: redis.Redis, tmp_path: Path
+) -> None:
+    """A preload wrote each SKU's configuration from the sale as it read it at its start: a
+    sale paused meanwhile (its first preload of 12,000 SKUs takes a second or more) was
+    paused on the SKUs Redis had by then, and the preload wrote the others active after it,
+    so they sold while the sale was paused until a reconcile pass. A change to the sale now
+    waits for a preload under way, and the preload for a change under way."""
+    sale_id = create(cli, tmp_path)
+    rows = "".join(f"P{i},Item,5,100,EUR\n" for i in range(2 * SKUS_PER_PART))
+    assert cli("sale", "import", "--sale", sale_id, write(tmp_path, "sku,title,stock,price,"
+               "currency\n" + rows, "skus.csv")).code == 0  # fmt: skip
+
+    async def at_once() -> None:
+        pool, client = await pg_pool(stack, max_size=4), redis_client(stack)
+        try:
+            admin = SaleAdmin.build(pool, client)
+            preload_many, first_part = admin.scripts.preload_many, asyncio.Event()
+
+            async def slowly(*args: Any, **kwargs: Any) -> Any:
+                done = await preload_many(*args, **kwargs)
+                first_part.set()
+                await asyncio.sleep(0.2)
+                return done
+
+            admin.scripts.preload_many = slowly  # type: ignore[method-assign]
+            preload = asyncio.ensure_future(admin.preload(sale_id))
+            await first_part.wait()
+            await admin.set_status(sale_id, "pause", with_skus=False)
+            await preload
+        finally:
+            await client.aclose()
+            await pool.close()
+
+    asyncio.run(at_once())
+    skus = [r["sku"] for r in db.rows("SELECT sku FROM sale_skus WHERE sale_id = $1", sale_id)]
+    with rdb.pipeline(transaction=False) as pipe:
+        for sku in skus:
+            pipe.hget(SkuKeys(sale_id, sku).meta, "status")
+        statuses = Counter(pipe.execute())
+    assert statuses == Counter({"paused": 2 * SKUS_PER_PART + 2}), statuses  # two of SALE
+    assert rdb.hget(SaleKeys(sale_id).sale, "status") == "paused"
+
+
+def test_preloads_at_once_both_go_through(stack: Settings, cli: Cli, tmp_path: Path) -> None:
+    """A preload holds its sale while it writes Redis; two at once (a double click, the
+    CLI and the admin API) take turns rather than deadlock on the sale's row."""
+    sale_id = create(cli, tmp_path)
+
+    async def at_once() -> list[Any]:
+        pool, client = await pg_pool(stack, max_size=4), redis_client(stack)
+        try:
+            admin = SaleAdmin.build(pool, client)
+            return list(await asyncio.gather(*(admin.preload(sale_id) for _ in range(3)),
+                                             return_exceptions=True))  # fmt: skip
+        finally:
+            await client.aclose()
+            await pool.close()
+
+    outcomes = asyncio.run(at_once())
+    assert all(isinstance(o, list) for o in outcomes), outcomes
 
 
 @pytest.mark.parametrize("operation", ["status", "preload", "pause"])
