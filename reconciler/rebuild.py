@@ -204,13 +204,18 @@ async def rebuild_sku(
             "the SKU stays closed (unavailable) until they are repaired or removed"
         )
     released: list[str] = []
-    config = {**sku_meta(sale, sku), **(meta or {})}
-    wanted = sku["stock_total"] if total is None else total
-    result = await repair.finish(keys, wanted, config)
-    if not result.ok:
-        released = await _make_room(pool, client, HoldScripts(client), keys,
-                                    result.overcommitted)  # fmt: skip
+    async with pool.acquire() as conn, conn.transaction():
+        sale = await conn.fetchrow(SALE_HELD, keys.sale_id)  # see SALE_HELD
+        sku = await fetch_sku(conn, keys.sale_id, keys.sku)
+        if sale is None or sku is None:
+            raise LookupError(f"no SKU {keys.sku} in sale {keys.sale_id}")
+        config = {**sku_meta(sale, sku), **(meta or {})}
+        wanted = sku["stock_total"] if total is None else total
         result = await repair.finish(keys, wanted, config)
+        if not result.ok:
+            released = await _make_room(pool, client, HoldScripts(client), keys,
+                                        result.overcommitted)  # fmt: skip
+            result = await repair.finish(keys, wanted, config)
     if not result.ok or result.after is None:
         raise RuntimeError(
             f"{keys.sale_id}/{keys.sku}: holds need {counted(result.overcommitted, 'unit')} more "
@@ -220,6 +225,11 @@ async def rebuild_sku(
 
 
 _LOST_ROWS = "SELECT * FROM sale_skus WHERE sale_id = $1 AND sku = ANY($2::text[])"
+# The sale as it is when a rebuilt SKU reopens, held until then: a change of the sale writes
+# Redis under FOR UPDATE (allocator.sale_settings), so a pause while a SKU was rebuilt is in
+# the configuration it reopens with. Written as read at the rebuild's start, that SKU
+# reopened active in a paused sale, and sold until the next pass.
+SALE_HELD = "SELECT * FROM sales WHERE id = $1 FOR SHARE"
 _LOST_ORDERS = """
 SELECT sku, id, buyer_id, quantity, state, admission_id, payment_token, idempotency_key,
        (extract(epoch FROM created_at) * 1000)::bigint AS created_ms
@@ -261,9 +271,14 @@ async def rebuild_lost(
             left.append(sku)
         else:
             finishing.append(sku)
-    results = await repair.finish_many([
-        (keys[sku], rows[sku]["stock_total"], sku_meta(sale, rows[sku])) for sku in finishing
-    ])  # fmt: skip
+    async with pool.acquire() as conn, conn.transaction():
+        sale = await conn.fetchrow(SALE_HELD, sale_id)  # see SALE_HELD
+        rows = {r["sku"]: r for r in await conn.fetch(_LOST_ROWS, sale_id, finishing)}
+        left += [sku for sku in finishing if sale is None or sku not in rows]
+        finishing = [sku for sku in finishing if sale is not None and sku in rows]
+        results = await repair.finish_many([
+            (keys[sku], rows[sku]["stock_total"], sku_meta(sale, rows[sku])) for sku in finishing
+        ])  # fmt: skip
     done: dict[str, SkuRebuild] = {}
     for sku, result in zip(finishing, results, strict=True):
         if result.ok and result.after is not None:

@@ -30,12 +30,11 @@ from flashsale.sales import (
     HOLDS_END,
     SALE_END,
     fetch_in_play,
-    fetch_sale,
     fetch_skus,
     sale_hash,
 )
 from reconciler.buckets import BucketChecks, BucketRead, SkuDrift, bucket_reason
-from reconciler.rebuild import SkuRebuild, rebuild_lost, rebuild_sku
+from reconciler.rebuild import SALE_HELD, SkuRebuild, rebuild_lost, rebuild_sku
 from reconciler.report import PassReport, Repair, isolated, log, several_at_a_time
 
 REBUILDS_AT_ONCE = 8
@@ -69,8 +68,6 @@ SELECT s.id AS sale_id, (SELECT count(*) FROM sale_skus k WHERE k.sale_id = s.id
 FROM sales s
 {_IN_SCOPE}
 """  # noqa: S608 - only constants of this code go in
-# A sale's status, held until the transaction ends (reconciler.skus.SkuChecks.write_statuses).
-_STATUS_HELD = "SELECT status FROM sales WHERE id = $1 FOR SHARE"
 # Read after the Redis counters, in one statement: the sold count now and the open orders.
 _SOLD_AND_OPEN = """
 SELECT k.sold, (SELECT count(*) FROM orders o WHERE o.sale_id = $1 AND o.sku = $2
@@ -243,13 +240,14 @@ class SkuChecks:
                                partial(self._restore_sale, sale, report))  # fmt: skip
 
     async def _restore_sale(self, sale: str, report: PassReport) -> None:
-        async with self.pool.acquire() as conn:
-            row = await fetch_sale(conn, sale)
-            skus = await fetch_skus(conn, sale)
-        if row is None:
-            return
-        fields = sale_hash(row, skus)
-        await self.scripts.put_sale(SaleKeys(sale), fields, open_queue=False)
+        """Under the sale's row (``SALE_HELD``): read before a pause and written after it,
+        the hash came back active, and no pass compares its status again."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(SALE_HELD, sale)
+            if row is None:
+                return
+            fields = sale_hash(row, await fetch_skus(conn, sale))
+            await self.scripts.put_sale(SaleKeys(sale), fields, open_queue=False)
         report.repairs.append(Repair(sale, None, "restore_sale", None, {"present": False},
                                      {"status": fields["status"]}))  # fmt: skip
 
@@ -341,10 +339,9 @@ class SkuChecks:
 
     async def write_statuses(self, statuses: Sequence[Repair], report: PassReport) -> None:
         """Copy Postgres's sale status into the SKUs whose copy differs, as Postgres has it
-        when it is written, holding the sale's row (``FOR SHARE``: a change of the sale
-        writes Redis under ``FOR UPDATE``). The status the pass read at its start could be
-        older than the one in Redis: a sale paused between the two reads had its SKUs
-        written back active, and they sold until the next pass."""
+        when it is written, holding the sale's row (``SALE_HELD``). The status the pass
+        read at its start could be older than the one in Redis: a sale paused between the
+        two reads had its SKUs written back active, and they sold until the next pass."""
         by_sale: dict[str, list[Repair]] = {}
         for repair in statuses:
             by_sale.setdefault(repair.sale_id, []).append(repair)
@@ -355,9 +352,10 @@ class SkuChecks:
     async def _write_status(self, sale: str, repairs: Sequence[Repair],
                             report: PassReport) -> None:  # fmt: skip
         async with self.pool.acquire() as conn, conn.transaction():
-            status = await conn.fetchval(_STATUS_HELD, sale)
-            if status is None:
+            row = await conn.fetchrow(SALE_HELD, sale)
+            if row is None:
                 return
+            status = row["status"]
             for repair in repairs:
                 count = self._counts.get((sale, repair.sku or ""), 1)
                 for keys in bucket_keys(sale, repair.sku or "", count):

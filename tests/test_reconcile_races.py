@@ -97,3 +97,68 @@ async def test_a_rebuild_never_releases_a_hold_sold_while_it_ran(
         assert HoldRecord.parse(await p.redis.hget(keys.holds, rid) or b"").state == "SOLD"
         assert (await p.orders([rid]))[rid] == "CONFIRMED"
         assert p.psp.captures[rid] == 1
+
+
+@pytest.mark.parametrize("lost", [False, True], ids=["corrupt", "lost"])
+async def test_a_pause_during_a_rebuild_is_not_undone_by_it(
+    stack: Settings, monkeypatch: pytest.MonkeyPatch, lost: bool
+) -> None:
+    """A rebuild wrote the SKU's configuration as it read it at its start: a sale paused
+    while a SKU was being rebuilt (its holds rewritten, or a lost SKU's) had that SKU
+    reopened active, selling until the next pass. The configuration is read again, under
+    the sale's row, when the SKU reopens."""
+    from allocator.repair_scripts import RepairScripts
+    from allocator.sale_admin import SaleAdmin
+
+    async with pipeline(stack) as p:
+        sale = await p.sale(stock=5)
+        keys = SkuKeys(sale, "SKU-1")
+
+        async def pause() -> None:
+            await SaleAdmin.build(p.pool, p.redis).set_status(sale, "pause", with_skus=False)
+
+        name = "begin_many" if lost else "begin"
+        monkeypatch.setattr(RepairScripts, name, before_once(getattr(RepairScripts, name), pause))
+        if lost:
+            await p.redis.delete(*keys.all())
+            rec = Reconciler(p.pool, p.redis, None, p.settings.topics.order_events)
+            report = await rec.run_once([sale])
+            assert [r.kind for r in report.repairs] == ["rebuild_sku"], report
+        else:
+            await p.redis.hset(keys.stock, "available", 99)
+            await rebuild_sku(p.pool, p.redis, keys)
+        assert await p.redis.hget(keys.meta, "status") in (b"paused", "paused")
+
+
+async def test_a_pause_while_a_lost_sale_hash_is_restored_is_kept(
+    stack: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis lost a sale's hash; the pass read the sale from Postgres, the sale was paused,
+    and the pass wrote the hash back active: the waiting room went on admitting a paused
+    sale's buyers, and no pass compares that status again. The hash is written back under
+    the sale's row: the pause waits for it, then writes its own status."""
+    from allocator.sale_admin import SaleAdmin
+    from allocator.sale_scripts import SaleScripts
+    from flashsale.keys import SaleKeys
+
+    async with pipeline(stack) as p:
+        sale = await p.sale(stock=5)
+        pausing: list[asyncio.Future[Any]] = []
+
+        async def pause_meanwhile() -> None:  # under way while the pass writes the hash
+            pausing.append(
+                asyncio.ensure_future(
+                    SaleAdmin.build(p.pool, p.redis).set_status(sale, "pause", with_skus=False)
+                )
+            )
+            await asyncio.sleep(0.3)
+
+        monkeypatch.setattr(
+            SaleScripts, "put_sale", before_once(SaleScripts.put_sale, pause_meanwhile)
+        )
+        await p.redis.delete(SaleKeys(sale).sale)
+        rec = Reconciler(p.pool, p.redis, None, p.settings.topics.order_events)
+        report = await rec.run_once([sale])
+        assert "restore_sale" in [r.kind for r in report.repairs], report
+        await pausing[0]
+        assert await p.redis.hget(SaleKeys(sale).sale, "status") in (b"paused", "paused")
