@@ -19,7 +19,9 @@ def judge(sale_id: str, audit: dict[str, Any], sold: int, stock: int, *, answere
           buyers: int, slowest_s: float) -> Verdict:  # fmt: skip
     """Correct means: the audit passed, nothing was oversold, and every buyer had a definitive
     answer. Anything else fails the run."""
-    failed = [i["name"] for i in audit.get("invariants", []) if not i.get("passed")]
+    failed = [i["name"] + "".join(f"; {what.replace('_', ' ')}: {_shown(value)}"
+                                  for what, value in i.get("details", {}).items())
+              for i in audit.get("invariants", []) if not i.get("passed")]  # fmt: skip
     said = "PASSED" if audit.get("passed") else "FAILED"
     state = audit.get("facts", {}).get("sale_state", "ended")
     if state != "ended":  # a spike leaves its sale running (worded as `flashsale audit` does)
@@ -36,3 +38,13 @@ def judge(sale_id: str, audit: dict[str, Any], sold: int, stock: int, *, answere
         lines.append(f"   {counted(buyers - answered, 'buyer')} got no definitive answer")
     ok = bool(audit.get("passed")) and sold <= stock and answered >= buyers
     return Verdict(ok, lines)
+
+
+def _shown(value: Any) -> str:
+    """An invariant's detail as the live page shows it: a count and the first ids, or a
+    sentence."""
+    if isinstance(value, dict) and "count" in value:
+        ids = value.get("ids", [])
+        more = ", …" if value["count"] > len(ids) else ""
+        return f"{value['count']}: {', '.join(map(str, ids))}{more}"
+    return str(value)

@@ -96,6 +96,9 @@ def _healthy(url: str, patience: float = 60) -> None:
     ({"passed": True, "invariants": []}, 20, 100, True, "audit: PASSED"),
     ({"passed": False, "invariants": [{"name": "1. no oversell", "passed": False}]}, 20, 100,
      False, "FAILED: 1. no oversell"),
+    ({"passed": False, "invariants": [{"name": "2. conservation", "passed": False, "details": {
+        "cannot_compare": "pipeline not drained: 3 open orders"}}]}, 20, 100, False,
+     "FAILED: 2. conservation; cannot compare: pipeline not drained: 3 open orders"),
     ({"passed": True, "invariants": []}, 21, 100, False, "oversold 1"),
     ({"passed": True, "invariants": []}, 20, 99, False, "1 buyer got no definitive answer"),
     ({}, 20, 100, False, "audit: FAILED"),  # no audit at all is no pass
