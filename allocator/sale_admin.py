@@ -23,7 +23,15 @@ from allocator.stock_buckets import BucketScripts
 from flashsale.clients import RedisClient
 from flashsale.errors import Conflict, InvalidInput, NotFound, listed, shown
 from flashsale.keys import SaleKeys, SkuKeys, bucket_keys
-from flashsale.sales import fetch_skus, new_sale_id, sale_hash, sale_json, sku_meta
+from flashsale.sales import (
+    SKUS_VERSION,
+    fetch_skus,
+    new_sale_id,
+    preloaded,
+    sale_hash,
+    sale_json,
+    sku_meta,
+)
 from flashsale.salespec import (
     MAX_STOCK,
     SaleSpec,
@@ -278,11 +286,13 @@ class SaleAdmin(SaleReads):
                 if outcome.startswith("refused"):
                     raise Conflict(f"{sku} was reserved ({outcome}): it stays in the sale",
                                    code="sku_has_holds")  # fmt: skip
-            left = await fetch_skus(conn, sale_id)
+            left = preloaded(await fetch_skus(conn, sale_id))
+            version = await conn.fetchval(SKUS_VERSION, sale_id)  # moved by the DELETE
             # Under the sale's lock: removals at once each wrote a list that kept the
             # other's SKU, written after their commits in any order.
-            await self.scripts.set_fields(SaleKeys(sale_id).sale,
-                                          {"skus": ",".join(s["sku"] for s in left)})  # fmt: skip
+            await self.scripts.set_fields(SaleKeys(sale_id).sale, {
+                "skus": ",".join(s["sku"] for s in left), "skus_version": str(version),
+            })  # fmt: skip
         return await self.get(sale_id) if with_skus else sale_json(await self.row(sale_id))
 
     async def _sku_for_update(

@@ -96,7 +96,8 @@ def sku_meta(sale: asyncpg.Record, sku: asyncpg.Record) -> dict[str, str]:
 
 
 def sale_hash(sale: asyncpg.Record, skus: Sequence[asyncpg.Record]) -> dict[str, str]:
-    """The sale's Redis configuration (its ``sale`` hash) from its Postgres rows."""
+    """The sale's Redis configuration (its ``sale`` hash) from its Postgres rows: ``skus``
+    are the SKUs it lists (a preload's, or those preloaded: :func:`preloaded`)."""
     return {
         "id": sale["id"],
         "name": sale["name"],
@@ -111,7 +112,18 @@ def sale_hash(sale: asyncpg.Record, skus: Sequence[asyncpg.Record]) -> dict[str,
         "challenge_max": str(sale["join_challenge_max"]),
         "seed_hash": commitment_of(sale),
         "skus": ",".join(s["sku"] for s in skus),
+        # the version of the sale's set of SKUs the list was written from (reconciler.skus)
+        "skus_version": str(sale["skus_version"]),
     }
+
+
+SKUS_VERSION = "SELECT skus_version FROM sales WHERE id = $1"
+
+
+def preloaded(skus: Sequence[asyncpg.Record]) -> list[asyncpg.Record]:
+    """The SKUs a sale's hash lists, of its rows: those preloaded (one imported since the
+    last preload cannot be reserved yet; the gateway answers 404 for it)."""
+    return [s for s in skus if s["preloaded_at"] is not None]
 
 
 def sale_json(sale: asyncpg.Record, skus: Sequence[asyncpg.Record] | None = None) -> dict[str, Any]:

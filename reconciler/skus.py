@@ -31,6 +31,7 @@ from flashsale.sales import (
     SALE_END,
     fetch_in_play,
     fetch_skus,
+    preloaded,
     sale_hash,
 )
 from reconciler.buckets import BucketChecks, BucketRead, SkuDrift, bucket_reason
@@ -68,6 +69,7 @@ SELECT s.id AS sale_id, (SELECT count(*) FROM sale_skus k WHERE k.sale_id = s.id
 FROM sales s
 {_IN_SCOPE}
 """  # noqa: S608 - only constants of this code go in
+_VERSIONS = "SELECT id, skus_version FROM sales WHERE id = ANY($1::text[])"
 # Read after the Redis counters, in one statement: the sold count now and the open orders.
 _SOLD_AND_OPEN = """
 SELECT k.sold, (SELECT count(*) FROM orders o WHERE o.sale_id = $1 AND o.sku = $2
@@ -229,15 +231,23 @@ class SkuChecks:
     # -- repairs --------------------------------------------------------------------------
 
     async def restore_sales(self, sales: Sequence[str], report: PassReport) -> None:
-        """Sale configuration hashes Redis lost: written again from Postgres."""
-        pipe = self.client.pipeline(transaction=False)
-        for sale in sales:
-            pipe.exists(SaleKeys(sale).sale)
-        present = await pipe.execute() if sales else []
-        for sale, exists in zip(sales, present, strict=True):
-            if not exists:
+        """Sale configuration hashes Redis lost: written again from Postgres. And the list
+        of SKUs of those it holds, when written from another version of the sale's set of
+        SKUs than Postgres's (``sales.skus_version``): written again (``_relist``)."""
+        if not sales:
+            return
+        replies = await read_packed(
+            self.client, [("HMGET", SaleKeys(sale).sale, "id", "skus_version") for sale in sales]
+        )
+        versions = {r["id"]: str(r["skus_version"])
+                    for r in await self.pool.fetch(_VERSIONS, list(sales))}  # fmt: skip
+        for sale, (present, version) in zip(sales, replies, strict=True):
+            if present is None:
                 await isolated(report, f"{sale}: restore the sale hash",
                                partial(self._restore_sale, sale, report))  # fmt: skip
+            elif sale in versions and (version is None or text(version) != versions[sale]):
+                await isolated(report, f"{sale}: list its SKUs again",
+                               partial(self._relist, sale, report))  # fmt: skip
 
     async def _restore_sale(self, sale: str, report: PassReport) -> None:
         """Under the sale's row (``SALE_HELD``): read before a pause and written after it,
@@ -246,10 +256,29 @@ class SkuChecks:
             row = await conn.fetchrow(SALE_HELD, sale)
             if row is None:
                 return
-            fields = sale_hash(row, await fetch_skus(conn, sale))
+            fields = sale_hash(row, preloaded(await fetch_skus(conn, sale)))
             await self.scripts.put_sale(SaleKeys(sale), fields, open_queue=False)
         report.repairs.append(Repair(sale, None, "restore_sale", None, {"present": False},
                                      {"status": fields["status"]}))  # fmt: skip
+
+    async def _relist(self, sale: str, report: PassReport) -> None:
+        """The sale's list of SKUs as Postgres has them (its preloaded SKUs), under its row.
+        A list that only lacks the version (SKUs imported since, not preloaded yet, and not
+        listed) takes the version without a repair recorded."""
+        key = SaleKeys(sale).sale
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(SALE_HELD, sale)
+            if row is None:
+                return
+            skus = ",".join(s["sku"] for s in preloaded(await fetch_skus(conn, sale)))
+            was = text(await self.client.hget(key, "skus") or "")
+            version = str(row["skus_version"])
+            await self.scripts.set_fields(key, {"skus": skus, "skus_version": version})
+        if was != skus:
+            before, after = set(filter(None, was.split(","))), set(filter(None, skus.split(",")))
+            report.repairs.append(Repair(sale, None, "relist_skus", None, {
+                "listed": len(before), "not_in_postgres": sorted(before - after)[:20]}, {
+                "listed": len(after), "added": sorted(after - before)[:20]}))  # fmt: skip
 
     async def rebuild_each(self, drifts: Sequence[SkuDrift], report: PassReport) -> None:
         """Rebuild each SKU of ``drifts``; one that cannot be rebuilt stays closed (it answers

@@ -387,3 +387,34 @@ async def test_a_pause_during_a_pass_is_not_undone_by_it(stack: Settings) -> Non
         await rec.run_once([sale])
         metas = [await p.redis.hget(SkuKeys(sale, f"SKU-{i}").meta, "status") for i in (1, 2, 3)]
         assert [text(m) for m in metas] == ["paused"] * 3, metas
+
+
+async def test_a_sales_list_of_skus_in_redis_is_put_back_in_line_with_postgres(
+    stack: Settings,
+) -> None:
+    """The gateway checks a reservation's SKU against the sale's list of SKUs in Redis,
+    written by preload, by a SKU's removal and by a restored sale hash; nothing compared it
+    with Postgres, so a list left wrong (a removal whose commit failed after it wrote the
+    list, an older version of the engine) stayed wrong. A pass compares the list's version
+    with Postgres's (``sales.skus_version``) and writes it again, of the preloaded SKUs."""
+    from flashsale.keys import SaleKeys
+
+    async with pipeline(stack) as p:
+        sale = await p.sale(stock=5, skus=3)
+        key = SaleKeys(sale).sale
+        rec = Reconciler(p.pool, p.redis, None, p.settings.topics.order_events)
+        assert [r.kind for r in (await rec.run_once([sale])).repairs] == []  # in line
+        await p.redis.hset(key, mapping={"skus": "SKU-1,SKU-9", "skus_version": "-1"})
+        report = await rec.run_once([sale])
+        assert [r.kind for r in report.repairs] == ["relist_skus"], report
+        assert text(await p.redis.hget(key, "skus")) == "SKU-1,SKU-2,SKU-3"
+        assert [r.kind for r in (await rec.run_once([sale])).repairs] == []  # once
+        # A SKU imported and not preloaded yet is not listed: it cannot be reserved yet.
+        await p.pool.execute(
+            "INSERT INTO sale_skus (sale_id, sku, title, stock_total, price, currency,"
+            " per_buyer_limit, hold_ttl_seconds) VALUES ($1, 'SKU-4', 'New', 5, 100, 'EUR', 1,"
+            " 120)", sale)  # fmt: skip
+        assert [r.kind for r in (await rec.run_once([sale])).repairs] == []  # nothing to list
+        assert text(await p.redis.hget(key, "skus")) == "SKU-1,SKU-2,SKU-3"
+        version = await p.pool.fetchval("SELECT skus_version FROM sales WHERE id = $1", sale)
+        assert text(await p.redis.hget(key, "skus_version")) == str(version)  # taken
