@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import pytest
@@ -58,6 +58,27 @@ async def corrupt(p: Pipeline, sale: str) -> None:
 async def recorded(p: Pipeline, sale: str) -> list[str]:
     rows = await p.pool.fetch("SELECT kind FROM reconcile_events WHERE sale_id = $1", sale)
     return [r["kind"] for r in rows]
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    stack: Settings, sales: list[str], started: Callable[[], bool]
+) -> AsyncIterator[asyncio.Task[None]]:
+    """The reconciler service over ``sales`` (a pass every 0.05 s), from when ``started()``
+    says its first passes ran until the block ends."""
+    stop = asyncio.Event()
+    task = asyncio.get_running_loop().create_task(service.serve(
+        stack, stop, interval=0.05, stuck_after_s=60, ops_port=None, host="", sales=sales,
+    ))  # fmt: skip
+    try:
+        for _ in range(200):
+            if started() or task.done():
+                break
+            await asyncio.sleep(0.05)
+        yield task
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
 
 
 async def test_a_refund_that_fails_does_not_stop_the_pass(stack: Settings) -> None:
@@ -301,22 +322,10 @@ async def test_a_large_sale_in_scope_does_not_slow_the_repairs_of_a_small_one(
     monkeypatch.setattr(Reconciler, "run_once", counted)
     async with pipeline(stack) as p:
         large, small = await p.sale(stock=5, skus=600), await p.sale(stock=5)
-        stop = asyncio.Event()
-        task = asyncio.get_running_loop().create_task(service.serve(
-            stack, stop, interval=0.05, stuck_after_s=60, ops_port=None, host="",
-            sales=[large, small],
-        ))  # fmt: skip
-        try:
-            for _ in range(200):  # the first pass reads both
-                if passes or task.done():
-                    break
-                await asyncio.sleep(0.05)
+        async with serving(stack, [large, small], lambda: bool(passes)) as task:
             await corrupt(p, small)
             await asyncio.sleep(1.0)
             assert await recorded(p, small) == ["rebuild_sku"], task
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 30)
         assert passes[0].skus == 601 and all(p.skus == 1 for p in passes[1:]), passes
 
 
@@ -346,24 +355,12 @@ async def test_a_small_sale_has_its_passes_while_a_large_sales_pass_runs(
     monkeypatch.setattr(Reconciler, "run_once", slowed)
     async with pipeline(stack) as p:
         large, small = await p.sale(stock=5, skus=600), await p.sale(stock=5)
-        stop = asyncio.Event()
-        task = asyncio.get_running_loop().create_task(service.serve(
-            stack, stop, interval=0.05, stuck_after_s=60, ops_port=None, host="",
-            sales=[large, small],
-        ))  # fmt: skip
-        try:
-            for _ in range(200):  # the first passes
-                if small_passes or task.done():
-                    break
-                await asyncio.sleep(0.05)
+        async with serving(stack, [large, small], lambda: bool(small_passes)) as task:
             await asyncio.sleep(4.0)
             assert await recorded(p, small) == [], task  # nothing to repair
             await corrupt(p, small)
             await asyncio.sleep(0.5)
             assert await recorded(p, small) == ["rebuild_sku"], task
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 30)
     assert len(large_passes) >= 2, large_passes  # the large sale had its turns
     gaps = [b - a for a, b in itertools.pairwise(small_passes)]
     assert max(gaps) < 0.5, gaps  # and the small one its own meanwhile
