@@ -244,8 +244,10 @@ class SaleAdmin(SaleReads):
                 await self._sync_total(sale, row)
         if delta > 0 and sale["preloaded_at"] is not None:
             async with self.pool.acquire() as conn, conn.transaction():
-                sale, row = await self._sku_for_update(conn, sale_id, sku, lock_sale=True)
-                await self._sync_total(sale, row)
+                sale = await self.sale_row(conn, sale_id, lock=True)
+                row = await conn.fetchrow(SKU_ROW, sale_id, sku)
+                if row is not None and sale["status"] != "ended":  # else nothing to copy
+                    await self._sync_total(sale, row)
         return await self.status(sale_id, sku)  # the SKU's: the sale may have 200,000
 
     async def _sync_total(self, sale: asyncpg.Record, row: asyncpg.Record) -> None:
@@ -303,9 +305,7 @@ class SaleAdmin(SaleReads):
         sale = await self.sale_row(conn, sale_id, lock=lock_sale)
         if sale["status"] == "ended":
             raise Conflict(f"sale {sale_id} has ended", code="sale_ended")
-        row = await conn.fetchrow(
-            "SELECT * FROM sale_skus WHERE sale_id = $1 AND sku = $2 FOR UPDATE", sale_id, sku
-        )
+        row = await conn.fetchrow(SKU_ROW + " FOR UPDATE", sale_id, sku)
         if row is None:
             raise NotFound(f"unknown SKU {shown(sku)} in sale {sale_id}", code="unknown_sku")
         return sale, row
@@ -342,6 +342,9 @@ async def _insert_skus(conn: asyncpg.Connection, sale_id: str, skus: Sequence[Sk
             for s in skus
         ],
     )  # fmt: skip
+
+
+SKU_ROW = "SELECT * FROM sale_skus WHERE sale_id = $1 AND sku = $2"
 
 
 def _preload(sale: asyncpg.Record, sku: asyncpg.Record) -> Preload:
