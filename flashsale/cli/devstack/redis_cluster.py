@@ -6,8 +6,8 @@ stopped by ``dev down`` forms again by itself on the next ``dev up`` (its nodes 
 the ports they had). A new cluster is formed here as ``redis-cli --cluster create`` would:
 ``CLUSTER MEET`` every node, ``CLUSTER ADDSLOTS`` an even share of the 16,384 slots on each
 primary, ``CLUSTER REPLICATE`` each replica to its primary, then wait for ``cluster_state:ok``
-on every node. ``cluster-require-full-coverage no``: while one primary is down, the slots of
-the others keep serving.
+and every slot assigned on every node. ``cluster-require-full-coverage no``: while one
+primary is down, the slots of the others keep serving.
 """
 
 from __future__ import annotations
@@ -175,8 +175,15 @@ async def _knows(client: aioredis.Redis, node_id: str) -> bool:
 
 
 async def _all_ok(clients: list[aioredis.Redis]) -> bool:
+    """Every node says ``cluster_state:ok`` and knows every slot assigned: with
+    ``cluster-require-full-coverage no`` a node says ok before gossip told it another
+    primary's slots, and a client reading the slot map from it found no node for them."""
     infos = [await c.cluster("INFO") for c in clients]
-    return all(_field(info, "cluster_state") == "ok" for info in infos)
+    return all(
+        _field(info, "cluster_state") == "ok"
+        and _field(info, "cluster_slots_assigned") == str(SLOTS)
+        for info in infos
+    )
 
 
 async def _until(deadline: float, what: str, check: object) -> None:
