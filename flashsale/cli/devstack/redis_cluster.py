@@ -98,7 +98,8 @@ async def _node(port: int, password: str) -> aioredis.Redis:
 
 async def form(layout: Layout, ports: list[int], password: str, deadline: float) -> bool:
     """Make the running nodes on ``ports`` one cluster of ``layout`` unless they already are
-    one; wait until every node says ``cluster_state:ok``. True when it formed a new one."""
+    one; wait until every node says ``cluster_state:ok`` and knows every slot. True when it
+    formed a new one."""
     clients = [await _node(port, password) for port in ports]
     try:
         first = clients[0]
@@ -123,7 +124,7 @@ async def form(layout: Layout, ports: list[int], password: str, deadline: float)
                 await _until(deadline, "a replica to learn its primary",
                              lambda i=i, p=primary: _knows(clients[i], ids[p]))  # fmt: skip
                 await _cmd(clients[i], "CLUSTER", "REPLICATE", ids[primary])
-        await _until(deadline, "cluster_state:ok on every node", lambda: _all_ok(clients))
+        await _until(deadline, "every node to know every slot", lambda: _all_ok(clients))
         return not formed
     finally:
         for client in clients:
