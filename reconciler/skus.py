@@ -20,6 +20,7 @@ import asyncpg
 
 from allocator.redis_calls import read_packed
 from allocator.repair_scripts import RepairScripts
+from allocator.sale_reads import in_parts
 from allocator.sale_scripts import STOCK_FIELDS, SaleScripts, StockCounts
 from allocator.settled import ended_for_redis
 from flashsale.clients import RedisClient
@@ -147,7 +148,7 @@ class SkuChecks:
         """The sales in scope (or ``sales``) and the SKUs of each a pass would read: its SKUs
         but those known settled. A sale whose every SKU is known settled goes in
         ``all_settled``: a turn of the service's passes (``scope(only=...)``) fetches none of
-        its rows (an ended 100,000-SKU sale's took 0.4 s of Postgres every turn, 15 minutes
+        its rows (an ended 100,000-SKU sale's took about 0.17 s every turn, 15 minutes
         long), and its other checks still run."""
         rows = await fetch_in_play(
             self.pool, SCOPE_SIZES, list(sales) if sales is not None else None
@@ -385,12 +386,12 @@ class SkuChecks:
             if row is None:
                 return
             status = row["status"]
-            for repair in repairs:
-                count = self._counts.get((sale, repair.sku or ""), 1)
-                for keys in bucket_keys(sale, repair.sku or "", count):
-                    await self.scripts.set_fields(keys.meta, {"status": status})
-                if repair.before["status"] != status:
-                    report.repairs.append(replace(repair, after={"status": status}))
+            metas = [keys.meta for repair in repairs for keys in bucket_keys(
+                sale, repair.sku or "", self._counts.get((sale, repair.sku or ""), 1))]  # fmt: skip
+            for part in in_parts(metas):  # pipelined: the row is held meanwhile
+                await self.scripts.set_fields_many([(meta, {"status": status}) for meta in part])
+        report.repairs += [replace(repair, after={"status": status}) for repair in repairs
+                           if repair.before["status"] != status]  # fmt: skip
 
 
 def _counts(counts: StockCounts) -> dict[str, int]:

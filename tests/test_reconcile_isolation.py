@@ -381,9 +381,16 @@ async def test_a_pause_during_a_pass_is_not_undone_by_it(stack: Settings) -> Non
             return await find(rows)
 
         rec.skus.find = paused_meanwhile  # type: ignore[method-assign]
-        await rec.run_once([sale])
+        assert not [r for r in (await rec.run_once([sale])).repairs if r.kind == "status"]
         metas = [await p.redis.hget(SkuKeys(sale, f"SKU-{i}").meta, "status") for i in (1, 2, 3)]
         assert [text(m) for m in metas] == ["paused"] * 3, metas
+        # A status that did drift is written back, and recorded.
+        rec.skus.find = find  # type: ignore[method-assign]
+        await p.redis.hset(SkuKeys(sale, "SKU-2").meta, "status", "active")
+        report = await rec.run_once([sale])
+        assert [(r.kind, r.sku, r.before, r.after) for r in report.repairs] == [
+            ("status", "SKU-2", {"status": "active"}, {"status": "paused"})]  # fmt: skip
+        assert text(await p.redis.hget(SkuKeys(sale, "SKU-2").meta, "status")) == "paused"
 
 
 async def test_a_sales_list_of_skus_in_redis_is_put_back_in_line_with_postgres(
