@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from flashsale.salespec import SKU_FIELDS
+from gateway.waiting_room import TICKET_GRACE_S
 
 
 def obj(props: dict[str, Any], required: list[str] | None = None, **extra: Any) -> dict[str, Any]:
@@ -222,7 +223,13 @@ STATUS = obj(
         # With an admission token, when the gateway has a reservations listener
         # (FLASHSALE_RESERVATIONS_URL): where to send the reservation.
         "reserve_url": {"type": "string", "format": "uri"},
-        "ticket": {"type": "string"},
+        "ticket": {
+            "type": "string",
+            "description": "replaces the ticket held: it carries the "
+            "place drawn at the start, or lasts until the sale's new end (a ticket lasts "
+            f"until the sale's end and {TICKET_GRACE_S // 60} minutes; once expired, a join "
+            "with the same buyer token answers the same place)",
+        },
         "reserved": {"type": "boolean"},
     },
     ["state", "position", "ahead", "eta_seconds", "retry_after_ms"],

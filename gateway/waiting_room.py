@@ -40,6 +40,7 @@ from gateway.state import (
 )
 
 TICKET_GRACE_S = 3600  # tickets outlive the sale's end by this much
+TICKET_RENEW_SLACK_S = 60  # a ticket is signed again once the sale's end moved later by more
 MIN_RETRY_MS, MAX_RETRY_MS = 250, 10_000
 
 
@@ -101,6 +102,12 @@ def status_of(c: Counters, position: int, now_ms: int) -> Status:
 def sign_ticket(signer: Signer, sale_id: str, buyer: str, position: int, v: QueueView) -> str:
     ttl = max(60.0, v.ends_at_ms / 1000 - time.time() + TICKET_GRACE_S)
     return signer.sign({"s": sale_id, "sub": buyer, "p": position}, ttl)
+
+
+def outlived(claims: dict[str, Any], v: QueueView) -> bool:
+    """Whether the ticket expires before the sale's end (and its grace) now falls: the sale was
+    moved later after the ticket was signed. A poll hands out one that lasts."""
+    return bool(claims["exp"] + TICKET_RENEW_SLACK_S < v.ends_at_ms / 1000 + TICKET_GRACE_S)
 
 
 async def join(request: web.Request) -> web.Response:
@@ -183,6 +190,8 @@ async def queue_status(request: web.Request) -> web.Response:
             body["ticket"] = sign_ticket(
                 app[SIGNERS].ticket, sale_id, buyer, position, counters.view
             )
+    if "ticket" not in body and outlived(claims, counters.view):
+        body["ticket"] = sign_ticket(app[SIGNERS].ticket, sale_id, buyer, position, counters.view)
     now_ms = counters.redis_now_ms()
     status = status_of(counters, position, now_ms)
     if status.check_claim:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 
 import pytest
 
@@ -17,7 +20,7 @@ from flashsale.shuffle import shuffle_order
 from gateway.state import CLIENTS, COUNTERS, MARKS
 from loadtest.driver import Buyers
 from loadtest.http_client import Client
-from tests.harness import Gateway, auth, gateway
+from tests.harness import ADMIN, Gateway, auth, gateway
 
 
 @pytest.fixture
@@ -381,3 +384,36 @@ async def test_a_pre_queue_buyer_cannot_leave_before_the_draw(gw: Gateway) -> No
     refused = await gw.http.delete(f"/v1/sales/{sale}/queue",
                                    headers={"X-Queue-Ticket": body["ticket"]})  # fmt: skip
     assert refused.status == 409 and (await refused.json())["error"]["code"] == "not_placed_yet"
+
+
+async def test_a_ticket_lasts_as_long_as_the_sale_when_the_sale_moves_later(
+    gw: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ticket lasts until its sale's end and an hour more. A sale moved a day later before its
+    start (a postponed drop) keeps its pre-queue: the first poll after the move hands out a
+    ticket that lasts until the new end, and it is still good after the first one expired."""
+    sale = await gw.create_sale(stock=5, starts_in=600.0)
+    _, joined = await gw.join(sale, "early")
+    first = joined["ticket"]
+    day = timedelta(days=1)
+    moved = {"starts_at": (datetime.now(UTC) + day).isoformat(),
+             "ends_at": (datetime.now(UTC) + day + timedelta(hours=1)).isoformat()}  # fmt: skip
+    patched = await gw.http.patch(f"/admin/v1/sales/{sale}", json=moved, headers=auth(ADMIN))
+    assert patched.status == 200, await patched.text()
+    renewed = None
+    for _ in range(50):  # the gateway's copy of the sale's dates is at most 100 ms old
+        code, body = await gw.status(sale, first)
+        assert code == 200, body
+        renewed = body.get("ticket")
+        if renewed:
+            break
+        await asyncio.sleep(0.05)
+    assert renewed, "no ticket handed out for the sale's new end"
+
+    real = time.time
+    later = SimpleNamespace(time=lambda: real() + 6 * 3600, monotonic=time.monotonic)
+    monkeypatch.setattr("flashsale.tokens.time", later)  # the signer's clock: past the first's end
+    code, body = await gw.status(sale, first)
+    assert code == 401 and body["error"]["code"] == "invalid_token"
+    code, body = await gw.status(sale, renewed)
+    assert code == 200 and body["state"] == "waiting" and body["position"] is None, body

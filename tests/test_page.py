@@ -129,6 +129,48 @@ def test_the_page_rides_out_a_spike_and_resumes_after_a_reload(
     assert seen == ["503", "429", "drop", "503"]
 
 
+def test_the_page_joins_again_when_its_ticket_has_expired(stack: Settings, chromium: str) -> None:
+    """A ticket refused as expired (kept in a closed tab past its sale's old end, the sale since
+    moved later): the page joins again with the buyer's token, which gives the same place,
+    instead of telling the buyer their place is gone."""
+    from playwright.sync_api import Route, sync_playwright
+
+    refused: list[str] = []
+    joins: list[str] = []
+
+    def expired_once(route: Route) -> None:
+        if not refused:
+            refused.append(route.request.headers.get("x-queue-ticket", ""))
+            route.fulfill(
+                status=401,
+                content_type="application/json",
+                body='{"error": {"code": "invalid_token", "message": "token expired"}}',
+            )
+            return
+        route.continue_()
+
+    def count_joins(route: Route) -> None:
+        if route.request.method == "POST":
+            joins.append(route.request.url)
+        route.continue_()
+
+    with live_gateway(stack) as gw:
+        sale = create_live_sale(gw.base_url, stock=3, name="Moved drop")
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
+            page = browser.new_page()
+            page.route("**/queue/status", expired_once)
+            page.route("**/queue", count_joins)
+            page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'returning')}")
+            page.click("#join")
+            page.wait_for_selector("#state[data-state='waiting']", timeout=20_000)
+            assert "Position 1" in (page.text_content("#detail") or "")
+            gw.pump_forever(sale, ["S1"])
+            page.wait_for_selector("#state[data-state='admitted']", timeout=30_000)
+            browser.close()
+    assert len(refused) == 1 and refused[0] and len(joins) == 2
+
+
 def test_a_page_for_one_product_reads_that_product_only(stack: Settings, chromium: str) -> None:
     """A storefront sends a buyer to one product of a catalogue sale (``?sku=``): the page
     read and listed every SKU of the sale (40 MB of JSON for 200,000). It asks for the
