@@ -121,7 +121,6 @@ class Reconciler:
         report.skus = len(rows)
         await self.skus.restore_sales(in_scope, report)
         drifted, statuses = await self.skus.find(rows)
-        report.next_skus = len(self.skus.unsettled(rows))
         await self.skus.rebuild_each(drifted, report)
         await self.skus.write_statuses(statuses, report)
         await self.rooms.repair(in_scope, report, wait=wait_for_grace)

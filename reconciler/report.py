@@ -43,7 +43,6 @@ class PassReport:
     (provider down, a hold that moved meanwhile); the next pass tries again."""
 
     skus: int = 0
-    next_skus: int = 0  # what the next pass will read: ``skus`` but the SKUs found settled
     seconds: float = 0.0
     repairs: list[Repair] = field(default_factory=list)
     flags: list[Repair] = field(default_factory=list)
