@@ -252,14 +252,17 @@ def live_gateway(stack: Settings, **overrides: Any) -> Iterator[LiveGateway]:
             loop.close()  # its self-pipe socket, else a ResourceWarning in a later test
 
 
-def create_live_sale(base_url: str, *, stock: int = 50, name: str = "live test") -> str:
-    """A preloaded sale that started a second ago, through the admin API."""
+def create_live_sale(
+    base_url: str, *, stock: int = 50, name: str = "live test", starts_in: float = -1.0
+) -> str:
+    """A preloaded sale that started a second ago (or starts in ``starts_in`` seconds), through
+    the admin API."""
     import requests
 
     headers = {"Authorization": f"Bearer {ADMIN}"}
     created = requests.post(
         f"{base_url}/admin/v1/sales",
-        json=sale_spec(name, "S1", stock),
+        json=sale_spec(name, "S1", stock, starts_in),
         headers=headers,
         timeout=10,
     )

@@ -171,6 +171,35 @@ def test_the_page_joins_again_when_its_ticket_has_expired(stack: Settings, chrom
     assert len(refused) == 1 and refused[0] and len(joins) == 2
 
 
+def test_the_page_counts_down_by_the_servers_clock(stack: Settings, chromium: str) -> None:
+    """A phone whose clock is ten minutes slow: the countdown to the start and the hold's
+    countdown follow the server's clock (its answers' Date header), not the phone's; at zero
+    the page says the sale is open."""
+    from playwright.sync_api import sync_playwright
+
+    slow_ms = 600_000
+    with live_gateway(stack) as gw:
+        sale = create_live_sale(gw.base_url, stock=3, name="Clock drop", starts_in=8.0)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
+            page = browser.new_page()
+            page.clock.install(time=time.time() - slow_ms / 1000)
+            page.clock.resume()  # the phone's clock runs, ten minutes behind
+            page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'slow-phone')}")
+            page.wait_for_selector("#state[data-state='scheduled']")
+            shown = page.text_content("#state") or ""
+            assert shown.startswith("Starts in 0:"), shown  # not "Starts in 10:…"
+            page.wait_for_selector("#state[data-state='live']", timeout=20_000)
+            page.click("#join")
+            gw.pump_forever(sale, ["S1"])
+            page.wait_for_selector("#state[data-state='admitted']", timeout=30_000)
+            page.click("#reserve")
+            page.wait_for_selector("#result:has-text('held for')", timeout=20_000)
+            held = page.text_content("#result") or ""
+            assert "held for 1:" in held or "held for 2:00" in held, held  # a 120 s hold
+            browser.close()
+
+
 def test_a_page_for_one_product_reads_that_product_only(stack: Settings, chromium: str) -> None:
     """A storefront sends a buyer to one product of a catalogue sale (``?sku=``): the page
     read and listed every SKU of the sale (40 MB of JSON for 200,000). It asks for the
