@@ -56,7 +56,7 @@ async def run_sweeper(
     SKUs than its share of ``visits_per_s`` allows at that pace, less often
     (allocator/pacing.py): a 10,000-SKU sale alone is swept every 2 seconds, and a small sale
     beside it still every ``interval``. The sales due together are swept in one call, but a
-    sale of more than ``SLICE`` SKUs is swept beside the others (1.5–1.6 s for 100,000 SKUs
+    sale of more than ``SLICE`` SKUs is swept beside the others (1.5 to 1.6 s for 100,000 SKUs
     here, which the small sales' turns waited behind), and a sale still being swept is not
     started again. A failed sweep (Redis down, or anything else) is logged and the loop goes
     on: a missed sweep only delays stock coming back, it never loses it. Sweeps still running
