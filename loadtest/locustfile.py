@@ -241,24 +241,38 @@ class Buyer(FastHttpUser):
         payment = "tok_decline" if random.random() < 0.1 else "tok_visa"  # noqa: S311
         # Where the admitted answer says (the reservations listener), else this gateway.
         url = body.get("reserve_url") or f"/v1/sales/{sale}/reservations"
-        with self.client.post(
-            url, name="reserve", catch_response=True,
-            json={"sku": SKU, "quantity": 1, "payment_token": payment},
-            headers={**self.auth, "X-Admission-Token": body["admission_token"],
-                     "Idempotency-Key": uuid.uuid4().hex},
-        ) as response:  # fmt: skip
-            if response.status_code == 201:
-                reservation = response.json()["reservation_id"]
-                response.success()
-            elif response.status_code == 409 and response.json()["error"]["code"] == "sold_out":
-                response.success()
-                self._answer("sold_out")
-                return
-            else:
+        # One key for every try: a retry after an answer that was lost gets that answer.
+        headers = {**self.auth, "X-Admission-Token": body["admission_token"],
+                   "Idempotency-Key": uuid.uuid4().hex}  # fmt: skip
+        while True:
+            with self.client.post(
+                url, name="reserve", catch_response=True, headers=headers,
+                json={"sku": SKU, "quantity": 1, "payment_token": payment},
+            ) as response:  # fmt: skip
+                if self._backed_off(response):
+                    continue
+                if response.status_code == 201:
+                    reservation = response.json()["reservation_id"]
+                    response.success()
+                    break
+                if response.status_code == 409 and response.json()["error"]["code"] == "sold_out":
+                    response.success()
+                    self._answer("sold_out")
+                    return
                 response.failure(f"reserve answered {response.status_code}: {response.text}")
                 return
         self._answer("reserved")
         self._follow(reservation)
+
+    @staticmethod
+    def _backed_off(response: Any) -> bool:
+        """Whether ``response`` is backpressure (429, 503), as designed: counted as a success,
+        waited out at its Retry-After (at most 5 s), to be sent again, as the page does."""
+        if response.status_code not in (429, 503):
+            return False
+        response.success()
+        time.sleep(min(5.0, float(response.headers.get("Retry-After") or 1)))
+        return True
 
     def _follow(self, reservation: str) -> None:
         """Poll the reservation until its order is final (the saga finished)."""
@@ -276,9 +290,7 @@ class Buyer(FastHttpUser):
         while True:
             with self.client.request(method, path, name=name, catch_response=True,
                                      headers=headers or self.auth) as response:  # fmt: skip
-                if response.status_code in (429, 503):
-                    response.success()  # backpressure, as designed: wait and retry
-                    time.sleep(min(5.0, float(response.headers.get("Retry-After") or 1)))
+                if self._backed_off(response):
                     continue
                 if response.status_code != 200:
                     response.failure(f"{name} answered {response.status_code}: {response.text}")
