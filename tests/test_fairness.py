@@ -5,11 +5,14 @@ pre-queue shuffled by the pump, published by the gateway, proven per buyer and v
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from aiohttp import ClientSession, web
+from aiohttp.test_utils import TestServer
 
 from allocator import pump as pump_module
 from flashsale import fairness
@@ -124,6 +127,37 @@ async def test_a_shuffled_pre_queue_is_published_and_proven_per_buyer(
     assert over_http.code == 0 and "VERIFIED" in over_http.out, over_http.out + over_http.err
     other = await asyncio.to_thread(cli, "fairness", "verify", sale, "--commitment", "ab" * 32)
     assert other.code == 1 and "not the one given" in other.out
+
+    # Right after the start a gateway is busy: its 503 and 429 are waited out, not a failure.
+    async with busy_front(str(gw.http.make_url("")), [503, 429]) as (url, shed):
+        busy = await asyncio.to_thread(cli, "fairness", "verify", sale, "--url", url)
+    assert shed == [503, 429] and busy.code == 0, busy.out + busy.err
+    assert "VERIFIED" in busy.out
+
+
+@contextlib.asynccontextmanager
+async def busy_front(base: str, statuses: list[int]) -> AsyncIterator[tuple[str, list[int]]]:
+    """An HTTP front to ``base`` answering its first requests with ``statuses`` (Retry-After
+    0), then passing each request on: a gateway shedding load, as its middleware does."""
+    shed: list[int] = []
+
+    async def front(request: web.Request) -> web.Response:
+        if len(shed) < len(statuses):
+            shed.append(statuses[len(shed)])
+            return web.json_response({"error": {"code": "overloaded", "message": "busy"}},
+                                     status=shed[-1], headers={"Retry-After": "0"})  # fmt: skip
+        async with ClientSession() as session, session.get(base.rstrip("/") + request.path_qs) as r:
+            return web.Response(body=await r.read(), status=r.status,
+                                content_type=r.content_type)  # fmt: skip
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", front)
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        yield str(server.make_url("")), shed
+    finally:
+        await server.close()
 
 
 async def test_verify_fails_on_a_tampered_list_order_or_seed(gw: Gateway, cli: Cli) -> None:

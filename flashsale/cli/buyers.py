@@ -5,6 +5,7 @@ sale's published pre-queue order as anyone can, and minting buyer tokens as a st
 from __future__ import annotations
 
 import argparse
+import asyncio
 import re
 import sys
 from typing import Any
@@ -20,6 +21,8 @@ from flashsale.keys import ID_PATTERN
 from flashsale.settings import Settings
 from flashsale.shuffle import member_of
 from flashsale.tokens import Signer
+
+BUSY_TRIES, BUSY_WAIT_S = 6, 5.0  # a busy gateway's 429 and 503, per page of the record
 
 
 async def cmd_fairness(args: argparse.Namespace, settings: Settings) -> int:
@@ -64,19 +67,30 @@ async def cmd_fairness(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _fetch_fairness(base: str, sale: str) -> dict[str, Any]:
-    """Every page of a gateway's ``/v1/sales/{sale}/fairness``, members joined."""
+    """Every page of a gateway's ``/v1/sales/{sale}/fairness``, members joined. A busy
+    gateway's 429 and 503 are waited out at their ``Retry-After`` (at most ``BUSY_WAIT_S``),
+    ``BUSY_TRIES`` times per page."""
     doc: dict[str, Any] = {}
     members: list[str] = []
     offset: int | None = 0
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
         while offset is not None:
-            async with session.get(f"{base}/v1/sales/{sale}/fairness",
-                                   params={"offset": offset}) as response:  # fmt: skip
-                if response.status == 404:
-                    raise NotFound(f"unknown sale {shown(sale)} at {base}", code="unknown_sale")
-                if response.status != 200:
-                    raise Conflict(f"{base} answered {response.status}: {await response.text()}")
-                page = await response.json()
+            for tries_left in reversed(range(BUSY_TRIES)):
+                async with session.get(f"{base}/v1/sales/{sale}/fairness",
+                                       params={"offset": offset}) as response:  # fmt: skip
+                    if response.status in (429, 503) and tries_left:
+                        wait = response.headers.get("Retry-After") or "1"
+                        await asyncio.sleep(min(BUSY_WAIT_S, float(wait)) if wait.isdigit()
+                                            else BUSY_WAIT_S)  # fmt: skip
+                        continue
+                    if response.status == 404:
+                        raise NotFound(f"unknown sale {shown(sale)} at {base}",
+                                       code="unknown_sale")  # fmt: skip
+                    if response.status != 200:
+                        raise Conflict(f"{base} answered {response.status}: "
+                                       f"{await response.text()}")  # fmt: skip
+                    page = await response.json()
+                    break
             doc = page
             members += page["members"]
             offset = page["next_offset"]
