@@ -17,7 +17,15 @@ from flashsale.settings import Settings
 from flashsale.tokens import Signer
 from loadtest.driver import Buyers, Person
 from loadtest.processes import engine
-from tests.harness import FLAGS, SCREENSHOTS, healthy, sale_spec
+from tests.harness import (
+    ADMIN,
+    FLAGS,
+    SCREENSHOTS,
+    create_live_sale,
+    healthy,
+    live_gateway,
+    sale_spec,
+)
 
 SKU = "LIVE-1"
 
@@ -173,3 +181,41 @@ def test_the_live_page_follows_a_spike_and_agrees_with_sale_status(
             page.wait_for_selector("#sale-title:has-text('paused')")
             assert _sale_status(base, admin, sale) == "paused"
             browser.close()
+
+
+def test_the_live_page_says_why_the_sales_are_not_listed_and_tries_again(
+    stack: Settings, chromium: str
+) -> None:
+    """An operator opens the page while a dependency is down: the list of sales answers 503.
+    The page says so and asks again, rather than showing an empty list of sales."""
+    from playwright.sync_api import Route, sync_playwright
+
+    down: list[str] = []
+
+    def outage(route: Route) -> None:
+        if len(down) < 2:
+            down.append(route.request.url)
+            route.fulfill(
+                status=503,
+                headers={"Retry-After": "1"},
+                content_type="application/json",
+                body='{"error": {"code": "unavailable", "message": "postgres is down"}}',
+            )
+            return
+        route.continue_()
+
+    with live_gateway(stack) as gw:
+        sale = create_live_sale(gw.base_url, stock=3, name="Listed drop")
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
+            page = browser.new_page()
+            page.route("**/admin/v1/sales?*", outage)
+            page.goto(f"{gw.base_url}/admin/")
+            page.fill("#token", ADMIN)
+            page.click("button[type=submit]")
+            page.wait_for_selector("#list-error:has-text('postgres is down')", timeout=10_000)
+            assert page.is_visible("#list") and not page.is_visible("#login")
+            page.wait_for_selector(f"#sales a:text('{sale}')", timeout=20_000)
+            assert (page.text_content("#list-error") or "") == ""
+            browser.close()
+    assert len(down) == 2
