@@ -7,6 +7,7 @@ import http.server
 import json
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import requests
@@ -197,6 +198,36 @@ def test_the_page_counts_down_by_the_servers_clock(stack: Settings, chromium: st
             page.wait_for_selector("#result:has-text('held for')", timeout=20_000)
             held = page.text_content("#result") or ""
             assert "held for 1:" in held or "held for 2:00" in held, held  # a 120 s hold
+            browser.close()
+
+
+def test_a_page_counting_down_to_a_postponed_start_reads_the_new_one(
+    stack: Settings, chromium: str
+) -> None:
+    """The drop is postponed by an hour while a buyer's page counts down to the old start: at
+    that moment the page reads the sale again and counts down to the new start, rather than
+    saying the sale is open."""
+    from playwright.sync_api import sync_playwright
+
+    with live_gateway(stack) as gw:
+        sale = create_live_sale(gw.base_url, stock=3, name="Postponed drop", starts_in=5.0)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
+            page = browser.new_page()
+            page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'patient')}")
+            page.wait_for_selector("#state[data-state='scheduled']")
+            later = datetime.now(UTC) + timedelta(hours=1)
+            moved = requests.patch(
+                f"{gw.base_url}/admin/v1/sales/{sale}",
+                json={"starts_at": later.isoformat()},
+                headers={"Authorization": f"Bearer {ADMIN}"},
+                timeout=10,
+            )
+            assert moved.status_code == 200, moved.text
+            time.sleep(7)  # past the old start
+            shown = page.text_content("#state") or ""
+            assert page.get_attribute("#state", "data-state") == "scheduled", shown
+            assert shown.startswith(("Starts in 59:", "Starts in 1 h 0 min")), shown
             browser.close()
 
 
