@@ -58,7 +58,7 @@ WITH_LIB = frozenset({
     "reserve", "begin_payment", "confirm", "release", "expire",  # the hold lifecycle
     "join", "claim", "leave", "lease", "advance", "assign",  # the waiting room
     "rebuild_begin", "rebuild_holds", "rebuild_finish", "restore_queue",  # repairs
-    "archive",  # an ended sale's Redis state
+    "archive", "set_status", "put_sale",  # an ended sale's Redis state; a sale's status
 })  # fmt: skip
 
 # Answers that mean the command did not run on that node: sent again through the cluster client.

@@ -1,6 +1,7 @@
-"""Bindings of the sale-configuration scripts: preload a SKU, copy a sale's status or
-admission rate, put the sale hash (``lua/preload.lua``, ``lua/set_fields.lua``,
-``lua/put_sale.lua``), and the read of SKU counters that sale status shows."""
+"""Bindings of the sale-configuration scripts: preload a SKU, copy a sale's status (with its
+pause clock) or admission rate, put the sale hash (``lua/preload.lua``,
+``lua/set_status.lua``, ``lua/set_fields.lua``, ``lua/put_sale.lua``), and the read of SKU
+counters that sale status shows."""
 
 from __future__ import annotations
 
@@ -92,6 +93,7 @@ class SaleScripts:
         self.client = client
         self._preload: AsyncScript = lua_script(client, "preload")
         self._set_fields: AsyncScript = lua_script(client, "set_fields")
+        self._set_status: AsyncScript = lua_script(client, "set_status")
         self._put_sale: AsyncScript = lua_script(client, "put_sale")
         self._retire: AsyncScript = lua_script(client, "retire")
         self._archive: AsyncScript = lua_script(client, "archive")
@@ -122,6 +124,11 @@ class SaleScripts:
             commands.append(tuple(command))
         replies = await send_packed(self.client, commands, script=self._preload)
         return [_preload_result(sku.keys, raw) for sku, raw in zip(skus, replies, strict=True)]
+
+    async def set_status(self, keys: SaleKeys, status: str) -> bool:
+        """A sale's status on its sale hash, keeping its pause clock (``lua/set_status.lua``);
+        False when the sale is not preloaded."""
+        return bool(await self._set_status(keys=[keys.sale], args=[status]))
 
     async def set_fields(self, key: str, fields: dict[str, str]) -> bool:
         """Write ``fields`` on a hash that preload created; False when there is none."""

@@ -36,7 +36,7 @@ async def set_status(sales: SaleReads, sale_id: str, action: str, *,
         )
         skus = await fetch_skus(conn, sale_id)
         # Redis under the sale's lock (the module says why); every step is idempotent.
-        await sales.scripts.set_fields(SaleKeys(sale_id).sale, {"status": target})
+        await sales.scripts.set_status(SaleKeys(sale_id), target)
         for part in in_parts(skus):
             await sales.scripts.set_fields_many([
                 (keys.meta, {"status": target})

@@ -417,3 +417,38 @@ async def test_a_ticket_lasts_as_long_as_the_sale_when_the_sale_moves_later(
     assert code == 401 and body["error"]["code"] == "invalid_token"
     code, body = await gw.status(sale, renewed)
     assert code == 200 and body["state"] == "waiting" and body["position"] is None, body
+
+
+async def test_a_pause_does_not_use_up_an_admitted_buyers_turn(gw: Gateway) -> None:
+    """A buyer admitted just before the merchandiser pauses the sale cannot reserve while it is
+    paused; the pause does not count against their turn: after the resume they still have it
+    and reserve."""
+    sale = await gw.create_sale(stock=5, admission_window_seconds=5)
+    gw.pump(sale)
+    _, joined = await gw.join(sale, "alice")
+    status = await gw.admitted(sale, joined["ticket"])
+    assert status["state"] == "admitted", status
+    paused = await gw.http.post(f"/admin/v1/sales/{sale}/pause", headers=auth(ADMIN))
+    assert paused.status == 200, await paused.text()
+    await asyncio.sleep(0.3)  # the gateway's counters
+    code, early = await gw.status(sale, joined["ticket"])
+    code, refused = await gw.reserve(sale, "alice", early["admission_token"])
+    assert code == 409 and refused["error"]["code"] == "sale_paused", refused
+    await asyncio.sleep(3)
+    # The merchandiser preloads while paused (after adding stock, say): the clock carries on.
+    loaded = await gw.http.post(f"/admin/v1/sales/{sale}/preload", headers=auth(ADMIN))
+    assert loaded.status == 200, await loaded.text()
+    await asyncio.sleep(3)  # longer than the whole admission window in all
+    code, late = await gw.status(sale, joined["ticket"])
+    assert late["state"] == "admitted", late  # the turn waits, its countdown stopped
+    assert late["admission_expires_in_ms"] >= early["admission_expires_in_ms"] - 500, late
+    resumed = await gw.http.post(f"/admin/v1/sales/{sale}/resume", headers=auth(ADMIN))
+    assert resumed.status == 200, await resumed.text()
+    await asyncio.sleep(0.3)
+    code, status = await gw.status(sale, joined["ticket"])
+    assert code == 200 and status["state"] == "admitted", status
+    code, reserved = await gw.reserve(sale, "alice", status["admission_token"])
+    assert code == 201, reserved  # the same Idempotency-Key as the refused try
+    await asyncio.sleep(status["admission_expires_in_ms"] / 1000 + 0.5)
+    code, status = await gw.status(sale, joined["ticket"])
+    assert status["state"] == "admitted" and status.get("reserved"), status

@@ -110,6 +110,29 @@ async def test_lapsed_admissions_are_learned_as_no_shows_and_replaced(
         assert pump.last is not None and pump.last.serving > first.serving  # compensated
 
 
+async def test_windows_a_pause_stopped_are_not_learned_as_no_shows(stack: Settings) -> None:
+    """A pause stops admitted buyers' windows: the pump neither counts those buyers as no-shows
+    nor admits others in their place, however long ago they were admitted."""
+    async with gateway(stack) as gw:
+        sale = await gw.create_sale(stock=10, admission_rate=1000)
+        for i in range(30):
+            await gw.join(sale, f"q{i}")
+        pump = gw.pump(sale, interval=0.02)
+        for _ in range(100):
+            if pump.last is not None and pump.last.serving > 0:
+                break
+            await asyncio.sleep(0.02)
+        first = pump.last
+        assert first is not None and first.serving == 13
+        # The step was ten windows ago, and the sale has been paused for eleven since.
+        await gw.app[CLIENTS].redis.hset(SaleKeys(sale).sale, "paused_ms", 11 * pump.window_ms)
+        await asyncio.sleep(0.1)  # the pump reads the pause clock
+        pump.steps = [Step(first.serving, pump.steps[0].at_ms - 10 * pump.window_ms)]
+        await asyncio.sleep(0.2)
+        assert pump.noshow == pytest.approx(0.2)  # the prior: nothing lapsed
+        assert pump.last is not None and pump.last.serving == first.serving
+
+
 async def test_a_sale_opens_while_postgres_is_down(stack: Settings) -> None:
     """The opening's draw needs the sale's seed, kept in Postgres. A pump that ticked before
     the opening has it already, so a Postgres outage at the opening does not keep the
