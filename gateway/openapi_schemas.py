@@ -231,6 +231,12 @@ STATUS = obj(
             "with the same buyer token answers the same place)",
         },
         "reserved": {"type": "boolean"},
+        "paused": {
+            "type": "boolean",
+            "description": "the sale is paused: nobody is admitted "
+            "and nothing is reserved until it resumes; an admitted buyer's turn is kept, "
+            "its time stopped",
+        },
     },
     ["state", "position", "ahead", "eta_seconds", "retry_after_ms"],
 )

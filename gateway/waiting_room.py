@@ -200,6 +200,8 @@ async def queue_status(request: web.Request) -> web.Response:
             status = Status("admitted", position, 0, 0.0, 0.0, MAX_RETRY_MS)
             body["reserved"] = True
     body.update(status.body())
+    if counters.view.status == "paused" and status.state in ("waiting", "admitted"):
+        body["paused"] = True  # nobody is admitted or reserves; an admitted turn is kept
     if status.admission_deadline_ms is not None:
         deadline_s = status.admission_deadline_ms / 1000 - counters.offset_ms / 1000
         body["admission_token"] = app[SIGNERS].admission.sign(

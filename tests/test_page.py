@@ -231,6 +231,41 @@ def test_a_page_counting_down_to_a_postponed_start_reads_the_new_one(
             browser.close()
 
 
+def test_an_admitted_buyer_is_told_the_sale_is_paused_and_keeps_the_turn(
+    stack: Settings, chromium: str
+) -> None:
+    """The merchandiser pauses the sale while a buyer's turn is on: the page says the sale is
+    paused and the turn is kept, offers no Reserve meanwhile, and after the resume the buyer
+    reserves."""
+    from playwright.sync_api import sync_playwright
+
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    with live_gateway(stack) as gw:
+        sale = create_live_sale(gw.base_url, stock=3, name="Paused drop")
+        gw.pump_forever(sale, ["S1"])
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
+            page = browser.new_page()
+            page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'paused-buyer')}")
+            page.click("#join")
+            page.wait_for_selector("#state[data-state='admitted']", timeout=20_000)
+            assert page.is_visible("#reserve")
+            paused = requests.post(f"{gw.base_url}/admin/v1/sales/{sale}/pause", headers=admin,
+                                   timeout=10)  # fmt: skip
+            assert paused.status_code == 200, paused.text
+            page.wait_for_selector("#detail:has-text('paused')", timeout=10_000)
+            assert not page.is_visible("#reserve")
+            page.screenshot(path=str(SCREENSHOTS / "waiting-room-paused.png"))
+            resumed = requests.post(f"{gw.base_url}/admin/v1/sales/{sale}/resume",
+                                    headers=admin, timeout=10)  # fmt: skip
+            assert resumed.status_code == 200, resumed.text
+            page.wait_for_selector("#reserve", state="visible", timeout=10_000)
+            assert "paused" not in (page.text_content("#detail") or "")
+            page.click("#reserve")
+            page.wait_for_selector("#result:has-text('Reserved')", timeout=20_000)
+            browser.close()
+
+
 def test_a_page_for_one_product_reads_that_product_only(stack: Settings, chromium: str) -> None:
     """A storefront sends a buyer to one product of a catalogue sale (``?sku=``): the page
     read and listed every SKU of the sale (40 MB of JSON for 200,000). It asks for the
