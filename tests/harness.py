@@ -272,6 +272,30 @@ def create_live_sale(
     return sale_id
 
 
+@dataclass
+class LivePage:
+    """A gateway, a preloaded one-SKU sale on it (``S1``) and a Chromium page, not opened yet."""
+
+    gw: LiveGateway
+    sale: str
+    page: Any  # playwright's Page
+
+
+@contextlib.contextmanager
+def live_page(stack: Settings, chromium: str, name: str, *, stock: int = 3,
+              starts_in: float = -1.0) -> Iterator[LivePage]:  # fmt: skip
+    from playwright.sync_api import sync_playwright
+
+    with live_gateway(stack) as gw:
+        sale = create_live_sale(gw.base_url, stock=stock, name=name, starts_in=starts_in)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
+            try:
+                yield LivePage(gw, sale, browser.new_page())
+            finally:
+                browser.close()
+
+
 def healthy(url: str, patience: float = 30) -> None:
     """Wait until ``url`` answers 200 (a service of ``flashsale up`` is ready)."""
     deadline = time.monotonic() + patience

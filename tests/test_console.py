@@ -21,9 +21,8 @@ from tests.harness import (
     ADMIN,
     FLAGS,
     SCREENSHOTS,
-    create_live_sale,
     healthy,
-    live_gateway,
+    live_page,
     sale_spec,
 )
 
@@ -188,7 +187,7 @@ def test_the_live_page_says_why_the_sales_are_not_listed_and_tries_again(
 ) -> None:
     """An operator opens the page while a dependency is down: the list of sales answers 503.
     The page says so and asks again, rather than showing an empty list of sales."""
-    from playwright.sync_api import Route, sync_playwright
+    from playwright.sync_api import Route
 
     down: list[str] = []
 
@@ -204,18 +203,14 @@ def test_the_live_page_says_why_the_sales_are_not_listed_and_tries_again(
             return
         route.continue_()
 
-    with live_gateway(stack) as gw:
-        sale = create_live_sale(gw.base_url, stock=3, name="Listed drop")
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
-            page = browser.new_page()
-            page.route("**/admin/v1/sales?*", outage)
-            page.goto(f"{gw.base_url}/admin/")
-            page.fill("#token", ADMIN)
-            page.click("button[type=submit]")
-            page.wait_for_selector("#list-error:has-text('postgres is down')", timeout=10_000)
-            assert page.is_visible("#list") and not page.is_visible("#login")
-            page.wait_for_selector(f"#sales a:text('{sale}')", timeout=20_000)
-            assert (page.text_content("#list-error") or "") == ""
-            browser.close()
+    with live_page(stack, chromium, "Listed drop") as live:
+        page = live.page
+        page.route("**/admin/v1/sales?*", outage)
+        page.goto(f"{live.gw.base_url}/admin/")
+        page.fill("#token", ADMIN)
+        page.click("button[type=submit]")
+        page.wait_for_selector("#list-error:has-text('postgres is down')", timeout=10_000)
+        assert page.is_visible("#list") and not page.is_visible("#login")
+        page.wait_for_selector(f"#sales a:text('{live.sale}')", timeout=20_000)
+        assert (page.text_content("#list-error") or "") == ""
     assert len(down) == 2

@@ -23,6 +23,7 @@ from tests.harness import (
     LiveGateway,
     create_live_sale,
     live_gateway,
+    live_page,
     sale_spec,
 )
 
@@ -92,7 +93,7 @@ def test_the_page_rides_out_a_spike_and_resumes_after_a_reload(
 ) -> None:
     """429 and 503 with Retry-After and a dropped connection, injected into the page's own
     requests: it keeps polling and gets its turn. A reload in the queue carries on."""
-    from playwright.sync_api import Route, sync_playwright
+    from playwright.sync_api import Route
 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     faults = ["503", "429", "drop", "503"]
@@ -110,23 +111,19 @@ def test_the_page_rides_out_a_spike_and_resumes_after_a_reload(
             return
         route.continue_()
 
-    with live_gateway(stack) as gw:
-        sale = create_live_sale(gw.base_url, stock=3, name="Busy drop")
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
-            page = browser.new_page()
-            page.route("**/queue/status", chaos)
-            page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'patient')}")
-            page.click("#join")
-            page.wait_for_selector("#state[data-state='waiting']", timeout=20_000)
-            page.screenshot(path=str(SCREENSHOTS / "waiting-room-retrying.png"))
-            page.reload()  # the ticket is kept: no second join
-            page.wait_for_selector("#state[data-state='waiting']", timeout=20_000)
-            assert not page.is_visible("#join") and page.is_visible("#leave")
-            gw.pump_forever(sale, ["S1"])
-            page.wait_for_selector("#state[data-state='admitted']", timeout=30_000)
-            page.screenshot(path=str(SCREENSHOTS / "waiting-room-admitted.png"))
-            browser.close()
+    with live_page(stack, chromium, "Busy drop") as live:
+        gw, sale, page = live.gw, live.sale, live.page
+        page.route("**/queue/status", chaos)
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'patient')}")
+        page.click("#join")
+        page.wait_for_selector("#state[data-state='waiting']", timeout=20_000)
+        page.screenshot(path=str(SCREENSHOTS / "waiting-room-retrying.png"))
+        page.reload()  # the ticket is kept: no second join
+        page.wait_for_selector("#state[data-state='waiting']", timeout=20_000)
+        assert not page.is_visible("#join") and page.is_visible("#leave")
+        gw.pump_forever(sale, ["S1"])
+        page.wait_for_selector("#state[data-state='admitted']", timeout=30_000)
+        page.screenshot(path=str(SCREENSHOTS / "waiting-room-admitted.png"))
     assert seen == ["503", "429", "drop", "503"]
 
 
@@ -134,7 +131,7 @@ def test_the_page_joins_again_when_its_ticket_has_expired(stack: Settings, chrom
     """A ticket refused as expired (kept in a closed tab past its sale's old end, the sale since
     moved later): the page joins again with the buyer's token, which gives the same place,
     instead of telling the buyer their place is gone."""
-    from playwright.sync_api import Route, sync_playwright
+    from playwright.sync_api import Route
 
     refused: list[str] = []
     joins: list[str] = []
@@ -155,20 +152,16 @@ def test_the_page_joins_again_when_its_ticket_has_expired(stack: Settings, chrom
             joins.append(route.request.url)
         route.continue_()
 
-    with live_gateway(stack) as gw:
-        sale = create_live_sale(gw.base_url, stock=3, name="Moved drop")
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
-            page = browser.new_page()
-            page.route("**/queue/status", expired_once)
-            page.route("**/queue", count_joins)
-            page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'returning')}")
-            page.click("#join")
-            page.wait_for_selector("#state[data-state='waiting']", timeout=20_000)
-            assert "Position 1" in (page.text_content("#detail") or "")
-            gw.pump_forever(sale, ["S1"])
-            page.wait_for_selector("#state[data-state='admitted']", timeout=30_000)
-            browser.close()
+    with live_page(stack, chromium, "Moved drop") as live:
+        gw, sale, page = live.gw, live.sale, live.page
+        page.route("**/queue/status", expired_once)
+        page.route("**/queue", count_joins)
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'returning')}")
+        page.click("#join")
+        page.wait_for_selector("#state[data-state='waiting']", timeout=20_000)
+        assert "Position 1" in (page.text_content("#detail") or "")
+        gw.pump_forever(sale, ["S1"])
+        page.wait_for_selector("#state[data-state='admitted']", timeout=30_000)
     assert len(refused) == 1 and refused[0] and len(joins) == 2
 
 
@@ -176,29 +169,23 @@ def test_the_page_counts_down_by_the_servers_clock(stack: Settings, chromium: st
     """A phone whose clock is ten minutes slow: the countdown to the start and the hold's
     countdown follow the server's clock (its answers' Date header), not the phone's; at zero
     the page says the sale is open."""
-    from playwright.sync_api import sync_playwright
-
     slow_ms = 600_000
-    with live_gateway(stack) as gw:
-        sale = create_live_sale(gw.base_url, stock=3, name="Clock drop", starts_in=8.0)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
-            page = browser.new_page()
-            page.clock.install(time=time.time() - slow_ms / 1000)
-            page.clock.resume()  # the phone's clock runs, ten minutes behind
-            page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'slow-phone')}")
-            page.wait_for_selector("#state[data-state='scheduled']")
-            shown = page.text_content("#state") or ""
-            assert shown.startswith("Starts in 0:"), shown  # not "Starts in 10:…"
-            page.wait_for_selector("#state[data-state='live']", timeout=20_000)
-            page.click("#join")
-            gw.pump_forever(sale, ["S1"])
-            page.wait_for_selector("#state[data-state='admitted']", timeout=30_000)
-            page.click("#reserve")
-            page.wait_for_selector("#result:has-text('held for')", timeout=20_000)
-            held = page.text_content("#result") or ""
-            assert "held for 1:" in held or "held for 2:00" in held, held  # a 120 s hold
-            browser.close()
+    with live_page(stack, chromium, "Clock drop", starts_in=8.0) as live:
+        gw, sale, page = live.gw, live.sale, live.page
+        page.clock.install(time=time.time() - slow_ms / 1000)
+        page.clock.resume()  # the phone's clock runs, ten minutes behind
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'slow-phone')}")
+        page.wait_for_selector("#state[data-state='scheduled']")
+        shown = page.text_content("#state") or ""
+        assert shown.startswith("Starts in 0:"), shown  # not "Starts in 10:…"
+        page.wait_for_selector("#state[data-state='live']", timeout=20_000)
+        page.click("#join")
+        gw.pump_forever(sale, ["S1"])
+        page.wait_for_selector("#state[data-state='admitted']", timeout=30_000)
+        page.click("#reserve")
+        page.wait_for_selector("#result:has-text('held for')", timeout=20_000)
+        held = page.text_content("#result") or ""
+        assert "held for 1:" in held or "held for 2:00" in held, held  # a 120 s hold
 
 
 def test_a_page_counting_down_to_a_postponed_start_reads_the_new_one(
@@ -207,28 +194,19 @@ def test_a_page_counting_down_to_a_postponed_start_reads_the_new_one(
     """The drop is postponed by an hour while a buyer's page counts down to the old start: at
     that moment the page reads the sale again and counts down to the new start, rather than
     saying the sale is open."""
-    from playwright.sync_api import sync_playwright
-
-    with live_gateway(stack) as gw:
-        sale = create_live_sale(gw.base_url, stock=3, name="Postponed drop", starts_in=5.0)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
-            page = browser.new_page()
-            page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'patient')}")
-            page.wait_for_selector("#state[data-state='scheduled']")
-            later = datetime.now(UTC) + timedelta(hours=1)
-            moved = requests.patch(
-                f"{gw.base_url}/admin/v1/sales/{sale}",
-                json={"starts_at": later.isoformat()},
-                headers={"Authorization": f"Bearer {ADMIN}"},
-                timeout=10,
-            )
-            assert moved.status_code == 200, moved.text
-            time.sleep(7)  # past the old start
-            shown = page.text_content("#state") or ""
-            assert page.get_attribute("#state", "data-state") == "scheduled", shown
-            assert shown.startswith(("Starts in 59:", "Starts in 1 h 0 min")), shown
-            browser.close()
+    with live_page(stack, chromium, "Postponed drop", starts_in=5.0) as live:
+        gw, sale, page = live.gw, live.sale, live.page
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'patient')}")
+        page.wait_for_selector("#state[data-state='scheduled']")
+        later = datetime.now(UTC) + timedelta(hours=1)
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        moved = requests.patch(f"{gw.base_url}/admin/v1/sales/{sale}", headers=admin,
+                               json={"starts_at": later.isoformat()}, timeout=10)  # fmt: skip
+        assert moved.status_code == 200, moved.text
+        time.sleep(7)  # past the old start
+        shown = page.text_content("#state") or ""
+        assert page.get_attribute("#state", "data-state") == "scheduled", shown
+        assert shown.startswith(("Starts in 59:", "Starts in 1 h 0 min")), shown
 
 
 def test_an_admitted_buyer_is_told_the_sale_is_paused_and_keeps_the_turn(
@@ -237,33 +215,27 @@ def test_an_admitted_buyer_is_told_the_sale_is_paused_and_keeps_the_turn(
     """The merchandiser pauses the sale while a buyer's turn is on: the page says the sale is
     paused and the turn is kept, offers no Reserve meanwhile, and after the resume the buyer
     reserves."""
-    from playwright.sync_api import sync_playwright
-
     admin = {"Authorization": f"Bearer {ADMIN}"}
-    with live_gateway(stack) as gw:
-        sale = create_live_sale(gw.base_url, stock=3, name="Paused drop")
+    with live_page(stack, chromium, "Paused drop") as live:
+        gw, sale, page = live.gw, live.sale, live.page
         gw.pump_forever(sale, ["S1"])
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
-            page = browser.new_page()
-            page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'paused-buyer')}")
-            page.click("#join")
-            page.wait_for_selector("#state[data-state='admitted']", timeout=20_000)
-            assert page.is_visible("#reserve")
-            paused = requests.post(f"{gw.base_url}/admin/v1/sales/{sale}/pause", headers=admin,
-                                   timeout=10)  # fmt: skip
-            assert paused.status_code == 200, paused.text
-            page.wait_for_selector("#detail:has-text('paused')", timeout=10_000)
-            assert not page.is_visible("#reserve")
-            page.screenshot(path=str(SCREENSHOTS / "waiting-room-paused.png"))
-            resumed = requests.post(f"{gw.base_url}/admin/v1/sales/{sale}/resume",
-                                    headers=admin, timeout=10)  # fmt: skip
-            assert resumed.status_code == 200, resumed.text
-            page.wait_for_selector("#reserve", state="visible", timeout=10_000)
-            assert "paused" not in (page.text_content("#detail") or "")
-            page.click("#reserve")
-            page.wait_for_selector("#result:has-text('Reserved')", timeout=20_000)
-            browser.close()
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'paused-buyer')}")
+        page.click("#join")
+        page.wait_for_selector("#state[data-state='admitted']", timeout=20_000)
+        assert page.is_visible("#reserve")
+        paused = requests.post(f"{gw.base_url}/admin/v1/sales/{sale}/pause", headers=admin,
+                               timeout=10)  # fmt: skip
+        assert paused.status_code == 200, paused.text
+        page.wait_for_selector("#detail:has-text('paused')", timeout=10_000)
+        assert not page.is_visible("#reserve")
+        page.screenshot(path=str(SCREENSHOTS / "waiting-room-paused.png"))
+        resumed = requests.post(f"{gw.base_url}/admin/v1/sales/{sale}/resume", headers=admin,
+                                timeout=10)  # fmt: skip
+        assert resumed.status_code == 200, resumed.text
+        page.wait_for_selector("#reserve", state="visible", timeout=10_000)
+        assert "paused" not in (page.text_content("#detail") or "")
+        page.click("#reserve")
+        page.wait_for_selector("#result:has-text('Reserved')", timeout=20_000)
 
 
 def test_a_page_for_one_product_reads_that_product_only(stack: Settings, chromium: str) -> None:
