@@ -64,6 +64,12 @@ def _refuse(outcome: str) -> FlashsaleError:
     return kind(message, code=code)
 
 
+# An admission token past its deadline: the turn may have ended, or have been extended by a
+# pause since the token was handed out (each admitted status answer carries the current one).
+STALE_ADMISSION = ("this admission token has expired: the queue status answers with the "
+                   "current one while your turn lasts")  # fmt: skip
+
+
 def _admission(request: web.Request, sale_id: str, buyer: str) -> tuple[int, int]:
     """(position, deadline ms) of the request's admission token; 403 for any problem."""
     raw = request.headers.get("X-Admission-Token")
@@ -72,8 +78,10 @@ def _admission(request: web.Request, sale_id: str, buyer: str) -> tuple[int, int
     try:
         claims = request.app[SIGNERS].admission.verify(raw)
     except InvalidToken as exc:
-        code = "admission_expired" if exc.reason == "expired" else "admission_invalid"
-        raise Forbidden(f"admission token refused ({exc.reason})", code=code) from None
+        if exc.reason == "expired":
+            raise Forbidden(STALE_ADMISSION, code="admission_expired") from None
+        raise Forbidden(f"admission token refused ({exc.reason})",
+                        code="admission_invalid") from None  # fmt: skip
     if claims.get("s") != sale_id:
         raise Forbidden("this admission is for another sale", code="admission_other_sale")
     if claims.get("sub") != buyer:
@@ -107,7 +115,7 @@ def _body(raw: dict[str, Any], limit: int) -> tuple[str, int, str]:
 # ``admission_<claim>``), as HTTP answers.
 CLAIM_REFUSALS: dict[str, tuple[str, str]] = {
     "used": ("admission_used", "this admission was already used for another request"),
-    "expired": ("admission_expired", "the admission window has closed"),
+    "expired": ("admission_expired", STALE_ADMISSION),
     "not_admitted": ("not_admitted", "this position has not been admitted"),
 }
 

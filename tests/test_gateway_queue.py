@@ -445,6 +445,11 @@ async def test_a_pause_does_not_use_up_an_admitted_buyers_turn(gw: Gateway) -> N
     resumed = await gw.http.post(f"/admin/v1/sales/{sale}/resume", headers=auth(ADMIN))
     assert resumed.status == 200, await resumed.text()
     await asyncio.sleep(0.3)
+    # The token handed out before the pause has had its time; the answer says where the
+    # current one is.
+    code, stale = await gw.reserve(sale, "alice", status["admission_token"])
+    assert code == 403 and stale["error"]["code"] == "admission_expired", stale
+    assert "queue status" in stale["error"]["message"], stale
     code, status = await gw.status(sale, joined["ticket"])
     assert code == 200 and status["state"] == "admitted", status
     code, reserved = await gw.reserve(sale, "alice", status["admission_token"])
