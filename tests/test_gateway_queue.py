@@ -434,11 +434,11 @@ async def test_a_pause_does_not_use_up_an_admitted_buyers_turn(gw: Gateway) -> N
     code, early = await gw.status(sale, joined["ticket"])
     code, refused = await gw.reserve(sale, "alice", early["admission_token"])
     assert code == 409 and refused["error"]["code"] == "sale_paused", refused
-    await asyncio.sleep(3)
+    await asyncio.sleep(2.5)
     # The merchandiser preloads while paused (after adding stock, say): the clock carries on.
     loaded = await gw.http.post(f"/admin/v1/sales/{sale}/preload", headers=auth(ADMIN))
     assert loaded.status == 200, await loaded.text()
-    await asyncio.sleep(3)  # longer than the whole admission window in all
+    await asyncio.sleep(2.5)  # longer than the whole admission window in all
     code, late = await gw.status(sale, joined["ticket"])
     assert late["state"] == "admitted", late  # the turn waits, its countdown stopped
     assert late["admission_expires_in_ms"] >= early["admission_expires_in_ms"] - 500, late
@@ -454,6 +454,3 @@ async def test_a_pause_does_not_use_up_an_admitted_buyers_turn(gw: Gateway) -> N
     assert code == 200 and status["state"] == "admitted", status
     code, reserved = await gw.reserve(sale, "alice", status["admission_token"])
     assert code == 201, reserved  # the same Idempotency-Key as the refused try
-    await asyncio.sleep(status["admission_expires_in_ms"] / 1000 + 0.5)
-    code, status = await gw.status(sale, joined["ticket"])
-    assert status["state"] == "admitted" and status.get("reserved"), status

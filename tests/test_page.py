@@ -170,7 +170,7 @@ def test_the_page_counts_down_by_the_servers_clock(stack: Settings, chromium: st
     countdown follow the server's clock (its answers' Date header), not the phone's; at zero
     the page says the sale is open."""
     slow_ms = 600_000
-    with live_page(stack, chromium, "Clock drop", starts_in=8.0) as live:
+    with live_page(stack, chromium, "Clock drop", starts_in=5.0) as live:
         gw, sale, page = live.gw, live.sale, live.page
         page.clock.install(time=time.time() - slow_ms / 1000)
         page.clock.resume()  # the phone's clock runs, ten minutes behind
@@ -194,7 +194,7 @@ def test_a_page_counting_down_to_a_postponed_start_reads_the_new_one(
     """The drop is postponed by an hour while a buyer's page counts down to the old start: at
     that moment the page reads the sale again and counts down to the new start, rather than
     saying the sale is open."""
-    with live_page(stack, chromium, "Postponed drop", starts_in=5.0) as live:
+    with live_page(stack, chromium, "Postponed drop", starts_in=4.0) as live:
         gw, sale, page = live.gw, live.sale, live.page
         page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'patient')}")
         page.wait_for_selector("#state[data-state='scheduled']")
@@ -203,7 +203,7 @@ def test_a_page_counting_down_to_a_postponed_start_reads_the_new_one(
         moved = requests.patch(f"{gw.base_url}/admin/v1/sales/{sale}", headers=admin,
                                json={"starts_at": later.isoformat()}, timeout=10)  # fmt: skip
         assert moved.status_code == 200, moved.text
-        time.sleep(7)  # past the old start
+        time.sleep(5)  # past the old start
         shown = page.text_content("#state") or ""
         assert page.get_attribute("#state", "data-state") == "scheduled", shown
         assert shown.startswith(("Starts in 59:", "Starts in 1 h 0 min")), shown
