@@ -191,9 +191,9 @@ def test_the_page_counts_down_by_the_servers_clock(stack: Settings, chromium: st
 def test_a_page_counting_down_to_a_postponed_start_reads_the_new_one(
     stack: Settings, chromium: str
 ) -> None:
-    """The drop is postponed by an hour while a buyer's page counts down to the old start: at
-    that moment the page reads the sale again and counts down to the new start, rather than
-    saying the sale is open."""
+    """The drop is postponed by an hour, and its price changed, while a buyer's page counts
+    down to the old start: at that moment the page reads the sale again, counts down to the
+    new start rather than saying the sale is open, and shows the price that will be charged."""
     with live_page(stack, chromium, "Postponed drop", starts_in=4.0) as live:
         gw, sale, page = live.gw, live.sale, live.page
         page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'patient')}")
@@ -203,10 +203,16 @@ def test_a_page_counting_down_to_a_postponed_start_reads_the_new_one(
         moved = requests.patch(f"{gw.base_url}/admin/v1/sales/{sale}", headers=admin,
                                json={"starts_at": later.isoformat()}, timeout=10)  # fmt: skip
         assert moved.status_code == 200, moved.text
+        priced = requests.patch(f"{gw.base_url}/admin/v1/sales/{sale}/skus/S1", headers=admin,
+                                json={"price": 15900}, timeout=10)  # fmt: skip
+        assert priced.status_code == 200, priced.text
+        assert "129.00" in (page.text_content(".price") or "")  # as read at first
         time.sleep(5)  # past the old start
         shown = page.text_content("#state") or ""
         assert page.get_attribute("#state", "data-state") == "scheduled", shown
         assert shown.startswith(("Starts in 59:", "Starts in 1 h 0 min")), shown
+        assert "159.00" in (page.text_content(".price") or "")
+        assert page.locator("#sku option").count() == 1
 
 
 def test_an_admitted_buyer_is_told_the_sale_is_paused_and_keeps_the_turn(
