@@ -215,6 +215,27 @@ def test_a_page_counting_down_to_a_postponed_start_reads_the_new_one(
         assert page.locator("#sku option").count() == 1
 
 
+def test_a_buyer_registered_early_sees_the_price_charged_when_admitted(
+    stack: Settings, chromium: str
+) -> None:
+    """A buyer registers for the draw, then the merchandiser changes the price before the start
+    (the last moment it may change): once admitted, the page shows the price to be charged,
+    not the one it read when it opened."""
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    with live_page(stack, chromium, "Repriced drop", starts_in=4.0) as live:
+        gw, sale, page = live.gw, live.sale, live.page
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'early-bird')}")
+        page.click("#join")
+        page.wait_for_selector("#state[data-state='registered']", timeout=10_000)
+        priced = requests.patch(f"{gw.base_url}/admin/v1/sales/{sale}/skus/S1", headers=admin,
+                                json={"price": 15900}, timeout=10)  # fmt: skip
+        assert priced.status_code == 200, priced.text
+        gw.pump_forever(sale, ["S1"])
+        page.wait_for_selector("#state[data-state='admitted']", timeout=20_000)
+        page.wait_for_selector(".price:has-text('159.00')", timeout=5_000)
+        assert page.locator("#sku option").count() == 1 and page.is_visible("#reserve")
+
+
 def test_an_admitted_buyer_is_told_the_sale_is_paused_and_keeps_the_turn(
     stack: Settings, chromium: str
 ) -> None:
