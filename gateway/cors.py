@@ -21,7 +21,8 @@ from aiohttp import web
 REQUEST_HEADERS = ("Authorization", "Content-Type", "Idempotency-Key", "X-Admission-Token",
                    "X-Queue-Ticket", "X-Challenge", "X-Challenge-Solution",
                    "X-Request-Id")  # fmt: skip
-RESPONSE_HEADERS = ("Retry-After", "X-Request-Id")
+# Date and Age: the server's clock, for countdowns that do not trust the device's.
+RESPONSE_HEADERS = ("Retry-After", "X-Request-Id", "Date", "Age")
 PREFLIGHT_CACHE_S = 600
 
 

@@ -53,6 +53,9 @@ async def test_a_listed_storefront_may_call_the_buyer_api(stack: Settings) -> No
         assert joined.headers["Access-Control-Allow-Origin"] == SHOP
         assert "Retry-After" in joined.headers["Access-Control-Expose-Headers"]
         assert "X-Request-Id" in joined.headers["Access-Control-Expose-Headers"]
+        # ... and the server's clock, for countdowns that do not trust the device's (as the
+        # waiting-room page's).
+        assert "Date" in joined.headers["Access-Control-Expose-Headers"].split(",")
         # An error answer carries them too, so the page can honour a 4xx/5xx's Retry-After.
         refused = await gw.http.post(join, headers={"Origin": SHOP})
         assert refused.status == 401
