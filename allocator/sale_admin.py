@@ -102,6 +102,8 @@ class SaleAdmin(SaleReads):
             sale = await self.sale_row(conn, sale_id, lock=True)
             if sale["status"] == "ended":
                 raise Conflict(f"sale {sale_id} has ended", code="sale_ended")
+            if sale["preloaded_at"] is not None:
+                await self._unless_sold_out(sale_id, "SKUs added")
             existing = {row["sku"] for row in await fetch_skus(conn, sale_id)}
             for spec, where in zip(batch.skus, batch.fields, strict=True):
                 if spec.sku in existing:
@@ -130,6 +132,8 @@ class SaleAdmin(SaleReads):
             skus = await fetch_skus(conn, sale_id)
             if sale["status"] == "ended":
                 raise Conflict(f"sale {sale_id} has ended; nothing to preload", code="sale_ended")
+            if sale["preloaded_at"] is not None and any(s["preloaded_at"] is None for s in skus):
+                await self._unless_sold_out(sale_id, "SKUs loaded")
             if not skus:
                 raise Conflict(
                     f"sale {sale_id} has no SKUs; add some with `flashsale sale import`",
@@ -236,6 +240,8 @@ class SaleAdmin(SaleReads):
                 raise InvalidInput(field, f"would leave {counted(total, 'unit')}; at least "
                                    f"max(1, sold = {row['sold']}) must stay (remove the SKU "
                                    "instead)")  # fmt: skip
+            if delta > 0 and sale["preloaded_at"] is not None:
+                await self._unless_sold_out(sale_id, "units added")
             row = await conn.fetchrow(
                 "UPDATE sale_skus SET stock_total = $3 WHERE sale_id = $1 AND sku = $2"
                 " RETURNING *", sale_id, sku, total,
@@ -249,6 +255,14 @@ class SaleAdmin(SaleReads):
                 if row is not None and sale["status"] != "ended":  # else nothing to copy
                     await self._sync_total(sale, row)
         return await self.status(sale_id, sku)  # the SKU's: the sale may have 200,000
+
+    async def _unless_sold_out(self, sale_id: str, what: str) -> None:
+        """A Conflict when the sale's waiting room has told its buyers it is sold out: it stays
+        so (a cutoff and a verdict only move one way), and ``what`` could never be sold."""
+        if await self.scripts.sold_out(SaleKeys(sale_id)):
+            raise Conflict(f"sale {sale_id} is sold out: its waiting room has told every buyer "
+                           f"so, and {what} now could never be sold; put them in a new sale",
+                           code="sale_sold_out")  # fmt: skip
 
     async def _sync_total(self, sale: asyncpg.Record, row: asyncpg.Record) -> None:
         """Redis's total of the SKU set from ``row`` (absolute, idempotent, held and sold

@@ -125,6 +125,11 @@ class SaleScripts:
         replies = await send_packed(self.client, commands, script=self._preload)
         return [_preload_result(sku.keys, raw) for sku, raw in zip(skus, replies, strict=True)]
 
+    async def sold_out(self, keys: SaleKeys) -> bool:
+        """Whether the sale's waiting room has found it sold out (nothing left, nothing held)
+        and told its buyers so; that never turns off (``lua/advance.lua``)."""
+        return await self.client.hget(keys.queue, "sold_out") == b"1"
+
     async def set_status(self, keys: SaleKeys, status: str) -> bool:
         """A sale's status on its sale hash, keeping its pause clock (``lua/set_status.lua``);
         False when the sale is not preloaded."""

@@ -170,7 +170,8 @@ def admin_paths() -> dict[str, Any]:
             "post": op(
                 "changeStock",
                 "admin",
-                "Add stock to a SKU, or remove free units (never held or sold ones)",
+                "Add stock to a SKU (409 sale_sold_out once the waiting room found the sale "
+                "sold out: it stays so), or remove free units (never held or sold ones)",
                 {
                     **ok(200, "The status of that SKU (`skus` holds it alone)", SALE_STATUS),
                     **errors(*admin_errors),
@@ -236,7 +237,8 @@ def admin_paths() -> dict[str, Any]:
                 **op(
                     "importSkus",
                     "admin",
-                    'Add SKUs from CSV, or JSON {"skus": [...]} (all validated first)',
+                    'Add SKUs from CSV, or JSON {"skus": [...]} (all validated first; 409 '
+                    "sale_sold_out once the waiting room found the sale sold out)",
                     {**ok(200, "The sale", SALE), **errors(*admin_errors)},
                     security="admin",
                     params=[*SALE_PATH, skus],

@@ -454,3 +454,38 @@ async def test_a_pause_does_not_use_up_an_admitted_buyers_turn(gw: Gateway) -> N
     assert code == 200 and status["state"] == "admitted", status
     code, reserved = await gw.reserve(sale, "alice", status["admission_token"])
     assert code == 201, reserved  # the same Idempotency-Key as the refused try
+
+
+async def test_stock_is_not_added_to_a_sale_its_waiting_room_called_sold_out(gw: Gateway) -> None:
+    """Once the waiting room has told everyone the sale is sold out (no unit left, none held),
+    it stays so: units added then could never be sold, while the sale's page showed them
+    remaining. The addition is refused, saying why, and nothing is written."""
+    sale = await gw.create_sale(stock=1)
+    gw.pump(sale)
+    _, joined = await gw.join(sale, "winner")
+    status = await gw.admitted(sale, joined["ticket"])
+    code, held = await gw.reserve(sale, "winner", status["admission_token"])
+    assert code == 201, held
+    scripts, keys = HoldScripts(gw.app[CLIENTS].redis), SkuKeys(sale, "SKU-1")
+    await scripts.begin_payment(keys, held["reservation_id"])
+    await scripts.confirm(keys, held["reservation_id"])
+    for _ in range(100):  # the pump finds it sold out
+        _, late = await gw.join(sale, "late")
+        if late["state"] == "sold_out":
+            break
+        await asyncio.sleep(0.05)
+    assert late["state"] == "sold_out", late
+    added = await gw.http.post(f"/admin/v1/sales/{sale}/stock", headers=auth(ADMIN),
+                               json={"sku": "SKU-1", "add": 5})  # fmt: skip
+    body = await added.json()
+    assert added.status == 409 and body["error"]["code"] == "sale_sold_out", body
+    assert "new sale" in body["error"]["message"]
+    assert await gw.app[CLIENTS].redis.hget(keys.stock, "total") == b"1"
+    new_sku = {"sku": "SKU-2", "stock": 5, "price": 100, "currency": "EUR"}
+    imported = await gw.http.post(f"/admin/v1/sales/{sale}/skus", headers=auth(ADMIN),
+                                  json={"skus": [new_sku]})  # fmt: skip
+    body = await imported.json()
+    assert imported.status == 409 and body["error"]["code"] == "sale_sold_out", body
+    info = await (await gw.http.get(f"/v1/sales/{sale}")).json()
+    assert [s["sku"] for s in info["skus"]] == ["SKU-1"], info
+    assert info["skus"][0]["remaining"] == 0 and info["skus"][0]["sold_out"], info
