@@ -35,7 +35,6 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -154,8 +153,7 @@ class AdmissionPump:
     last: Plan | None = None
     noshow: float = NOSHOW_PRIOR
     outstanding: int = 0
-    window_ms: int = 60_000  # the sale's admission window, as last read
-    pause_clock: Callable[[int], int] = QueueView.never_paused  # the sale's, as last read
+    view: QueueView | None = None  # the sale as last read (its admission window, its pauses)
     clock_offset_ms: int = 0  # Redis TIME minus this host's clock, as of the last step
     seed: str | None = None
     lost: bool = False  # the waiting room was not live at the last tick
@@ -223,8 +221,7 @@ class AdmissionPump:
         # Up to half a second's worth, or what accrued since the last tick if more: slow ticks
         # keep the rate, and no tick spends more than a second's worth.
         self.credit = min(self.credit + rate * elapsed, max(1.0, rate * max(0.5, elapsed)))
-        self.window_ms = view.window_ms
-        self.pause_clock = view.pause_clock
+        self.view = view
         lapsed = snap.lapsed_through
         noshow_count = lapsed - snap.claimed_lapsed
         self.noshow = (noshow_count + NOSHOW_PRIOR * PRIOR_WEIGHT) / (lapsed + PRIOR_WEIGHT)
@@ -271,7 +268,7 @@ class AdmissionPump:
         admitted = result.serving - view.serving
         self.credit = max(0.0, self.credit - admitted)
         if admitted > 0:
-            self.steps.append(Step(result.serving, result.now_ms, result.pause_clock_ms))
+            self.steps.append(Step(result.serving, result.now_ms))
         self.tail = result.tail
         self.history.append((result.now_ms, result.serving, result.tail > result.serving))
         while self.history and self.history[0][0] < result.now_ms - RATE_HISTORY_MS:
@@ -314,9 +311,14 @@ class AdmissionPump:
         """The last position whose admission window has closed, judged on Redis's clock (the
         steps carry Redis times; the offset comes from the last step)."""
         now_ms = int(time.time() * 1000) + self.clock_offset_ms
-        # As the gateways judge it: a window does not run while the sale is paused.
-        clock, window = self.pause_clock(now_ms), self.window_ms
-        closed = bisect.bisect_left(self.steps, now_ms, key=lambda s: s.deadline_ms(window, clock))
+        view = self.view
+        if view is None:
+            return 0
+
+        def closes(step: Step) -> int:  # as the gateways judge it: not while paused
+            return view.window_closes_ms(step.at_ms, now_ms)
+
+        closed = bisect.bisect_left(self.steps, now_ms, key=closes)
         return self.steps[closed - 1].to if closed else 0
 
     def _rates(self) -> tuple[float, float] | None:

@@ -27,7 +27,7 @@ MAX_JOIN_BATCH = 256  # Lua's unpack() of ARGV stays far below its stack limit
 # Fields of the sale hash (put there by preload) that the waiting room reads.
 ROOM_SALE_FIELDS = (
     "status", "starts_at_ms", "ends_at_ms", "admission_rate", "window_ms", "capacity",
-    "challenge", "challenge_max", "paused_ms", "paused_at_ms",
+    "challenge", "challenge_max", "pauses", "paused_at_ms",
 )  # fmt: skip
 QUEUE_FIELDS = (
     "serving", "cutoff", "tail", "pre", "sealed", "shuffled", "sold_out",
@@ -76,18 +76,21 @@ class QueueView:
     available: int | None = None  # units free and held, as the pump last read them
     held: int | None = None
     sold_out_ms: int = 0  # Redis time the pump found the sale sold out (0: not, or unknown)
-    paused_ms: int = 0  # the pause clock (lua/lib.lua pause_clock): time paused before ...
-    paused_at_ms: int = 0  # ... the pause going on since this Redis time (0: none)
+    pauses: tuple[tuple[int, int], ...] = ()  # the sale's finished pauses (lua/lib.lua)
+    paused_at_ms: int = 0  # the pause going on began then (0: none)
 
-    @staticmethod
-    def never_paused(_now_ms: int) -> int:
-        """The pause clock of a sale not read yet."""
-        return 0
+    def paused_between(self, start_ms: int, end_ms: int) -> int:
+        """How long the sale was paused between two Redis times."""
+        spans = self.pauses
+        if self.status == "paused" and self.paused_at_ms:
+            spans = (*spans, (self.paused_at_ms, end_ms))
+        return sum(max(0, min(e, end_ms) - max(s, start_ms)) for s, e in spans) if spans else 0
 
-    def pause_clock(self, now_ms: int) -> int:
-        """The milliseconds the sale has spent paused, as of ``now_ms`` (Redis time)."""
-        going = self.status == "paused" and 0 < self.paused_at_ms < now_ms
-        return self.paused_ms + (now_ms - self.paused_at_ms if going else 0)
+    def window_closes_ms(self, admitted_ms: int, now_ms: int) -> int:
+        """Redis time the admission window of a buyer admitted at ``admitted_ms`` closes, as
+        of ``now_ms``: the window is ``window_ms`` of the sale not paused (a pause does not use
+        up a turn). It never falls as ``admitted_ms`` grows, so steps can be bisected by it."""
+        return admitted_ms + self.window_ms + self.paused_between(admitted_ms, now_ms)
 
     def mark(self) -> Mark:
         """These counters as a queue mark (what a restore must not go below)."""
@@ -126,31 +129,30 @@ class QueueView:
             available=None if q["available"] is None else integer(q["available"]),
             held=None if q["held"] is None else integer(q["held"]),
             sold_out_ms=integer(q["sold_out_ms"]),
-            paused_ms=integer(s["paused_ms"]),
+            pauses=_spans(s["pauses"]),
             paused_at_ms=integer(s["paused_at_ms"]),
         )
 
 
+def _spans(raw: Any) -> tuple[tuple[int, int], ...]:
+    """A sale hash's ``pauses``: "start:end,start:end" (ms)."""
+    if not raw:
+        return ()
+    pairs = (span.partition(":") for span in text(raw).split(","))
+    return tuple((int(start), int(end)) for start, _, end in pairs)
+
+
 @dataclass(frozen=True, slots=True)
 class Step:
-    """The pump admitted every position up to ``to`` at ``at_ms`` (Redis time), when the
-    sale's pause clock (:meth:`QueueView.pause_clock`) stood at ``paused_ms``."""
+    """The pump admitted every position up to ``to`` at ``at_ms`` (Redis time)."""
 
     to: int
     at_ms: int
-    paused_ms: int = 0  # a step written before the sale had a pause clock: none had run
 
     @classmethod
     def parse(cls, member: Any) -> Step:
-        to, at, *paused = text(member).split(":")
-        return cls(int(to), int(at), int(paused[0]) if paused else 0)
-
-    def deadline_ms(self, window_ms: int, pause_clock_ms: int) -> int:
-        """Redis time the admission windows of this step close, with the pause clock at
-        ``pause_clock_ms`` now: the window plus every pause since the step. It never falls as
-        the steps go on (a step's time moves at least as much as the clock between two), so
-        the steps can be bisected by it."""
-        return self.at_ms + window_ms + max(0, pause_clock_ms - self.paused_ms)
+        to, _, at = text(member).partition(":")
+        return cls(int(to), int(at))
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +161,6 @@ class AdvanceResult:
     cutoff: int | None
     tail: int
     now_ms: int
-    pause_clock_ms: int = 0
 
 
 @dataclass
@@ -253,9 +254,8 @@ class QueueScripts:
             raise QueueLost(f"the waiting room of {keys.sale_id} is not live in Redis")
         if int(raw[0]) < 0:
             return None
-        serving_now, cutoff_now, tail, now, clock = (int(v) for v in raw)
-        return AdvanceResult(serving_now, None if cutoff_now < 0 else cutoff_now, tail, now,
-                             clock)  # fmt: skip
+        serving_now, cutoff_now, tail, now = (int(v) for v in raw)
+        return AdvanceResult(serving_now, None if cutoff_now < 0 else cutoff_now, tail, now)
 
     async def assign(
         self, keys: SaleKeys, token: int, positions: list[tuple[str, int]], *, last: bool

@@ -1,5 +1,5 @@
 """Bindings of the sale-configuration scripts: preload a SKU, copy a sale's status (with its
-pause clock) or admission rate, put the sale hash (``lua/preload.lua``,
+pauses) or admission rate, put the sale hash (``lua/preload.lua``,
 ``lua/set_status.lua``, ``lua/set_fields.lua``, ``lua/put_sale.lua``), and the read of SKU
 counters that sale status shows."""
 
@@ -131,7 +131,7 @@ class SaleScripts:
         return await self.client.hget(keys.queue, "sold_out") == b"1"
 
     async def set_status(self, keys: SaleKeys, status: str) -> bool:
-        """A sale's status on its sale hash, keeping its pause clock (``lua/set_status.lua``);
+        """A sale's status on its sale hash, keeping its pauses (``lua/set_status.lua``);
         False when the sale is not preloaded."""
         return bool(await self._set_status(keys=[keys.sale], args=[status]))
 

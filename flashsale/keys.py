@@ -20,14 +20,13 @@ primaries get one each (:func:`bucket_tag`). Each bucket is a whole allocator of
                                         transfer id -> "<to bucket>\x1f<units>\x1f<lent at ms>"
     fs:{<sale>:<sku>}:received   hash   transfer id -> units, for every transfer credited to
                                         this bucket (a credit is applied once per id)
-    fs:{<sale>}:sale             hash   sale-level configuration, status and pause clock (put by
+    fs:{<sale>}:sale             hash   sale-level configuration, status and pauses (put by
                                         preload; lua/set_status.lua)
     fs:{<sale>}:queue            hash   waiting-room counters: live, pre, tail, sealed,
                                         shuffled, serving, cutoff, sold_out, rates (see
                                         lua/join.lua, lua/put_sale.lua)
     fs:{<sale>}:members          hash   buyer id -> queue position (0: in the pre-queue)
-    fs:{<sale>}:steps            zset   admission steps: member "<to>:<at_ms>:<pause clock>",
-                                        score <to> (the clock: lua/lib.lua pause_clock)
+    fs:{<sale>}:steps            zset   admission steps: member "<to>:<at_ms>", score <to>
     fs:{<sale>}:claims           zset   used admissions: a claim member (flashsale.records)
     fs:{<sale>}:lease            string the admission pump's leader lease "<owner>\x1f<token>"
     fs:{<sale>}:fence            string the last fencing token handed out

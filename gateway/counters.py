@@ -43,10 +43,10 @@ class Counters:
     def redis_now_ms(self) -> int:
         return int(time.time() * 1000) + self.offset_ms
 
-    def admitted_by(self, position: int) -> Step | None:
-        """The step that admitted ``position`` (None: not known here)."""
+    def admitted_at_ms(self, position: int) -> int | None:
+        """Redis time of the step that admitted ``position`` (None: not known here)."""
         index = bisect.bisect_left(self.steps, position, key=lambda s: s.to)
-        return self.steps[index] if index < len(self.steps) else None
+        return self.steps[index].at_ms if index < len(self.steps) else None
 
 
 class CounterCache:

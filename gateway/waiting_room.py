@@ -82,8 +82,8 @@ def status_of(c: Counters, position: int, now_ms: int) -> Status:
     if v.sold_out or (v.cutoff is not None and position > v.cutoff):
         return Status("sold_out", position, None, None, None, MAX_RETRY_MS)
     if position <= v.serving:
-        step = c.admitted_by(position)  # its window does not run while the sale is paused
-        deadline = None if step is None else step.deadline_ms(v.window_ms, v.pause_clock(now_ms))
+        at = c.admitted_at_ms(position)  # the window does not run while the sale is paused
+        deadline = None if at is None else v.window_closes_ms(at, now_ms)
         if deadline is None or deadline <= now_ms:
             return Status("expired", position, 0, None, None, MAX_RETRY_MS, check_claim=True)
         return Status("admitted", position, 0, 0.0, 0.0, MIN_RETRY_MS, deadline)

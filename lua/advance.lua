@@ -6,9 +6,8 @@
 -- The serving position only moves forward, never past the tail; the cutoff (the last
 -- position that may ever be admitted) only moves back; sold_out only turns on. So a status a
 -- gateway derived from older counters is never more pessimistic than the truth.
--- Returns {serving, cutoff (-1: none yet), tail, now_ms, the sale's pause clock (lib.lua)},
--- {-1} when fenced out, or {-2} when the waiting room is not live (Redis lost it; the
--- reconciler restores it).
+-- Returns {serving, cutoff (-1: none yet), tail, now_ms}, {-1} when fenced out, or {-2} when
+-- the waiting room is not live (Redis lost it; the reconciler restores it).
 local sale, queue, steps, fence = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 if redis.call('GET', fence) ~= ARGV[1] then
   return {-1}
@@ -34,7 +33,7 @@ if tail and q[4] == '1' and wanted > serving then
   end
   if upto > serving then
     serving = upto
-    redis.call('ZADD', steps, serving, step_member(sale, serving, now))
+    redis.call('ZADD', steps, serving, serving .. ':' .. now)
   end
 end
 local fields = {'serving', serving, 'cutoff', cutoff, 'beat_ms', now}
@@ -51,4 +50,4 @@ for i = 5, #ARGV, 2 do
   fields[#fields + 1] = ARGV[i + 1]
 end
 redis.call('HSET', queue, unpack(fields))
-return {serving, cutoff, tail or 0, now, pause_clock(sale, now)}
+return {serving, cutoff, tail or 0, now}

@@ -129,40 +129,20 @@ local function rate_gate(K, A, ip_at, buyer_at, rates_at)
   return wait, save
 end
 
--- The sale's pause clock at `now`: the milliseconds it has spent paused (`paused_ms` of its
--- hash, plus the pause going on since `paused_at_ms`). An admission window is window_ms of
--- the sale not paused: each admission step records this clock, and a window closes once
--- window_ms passed beyond what the clock gained since (a pause does not use up a turn).
-local function pause_clock(sale, now)
-  local p = redis.call('HMGET', sale, 'status', 'paused_ms', 'paused_at_ms')
-  local clock = tonumber(p[2] or '0')
-  local since = tonumber(p[3] or '0')
-  if p[1] == 'paused' and since > 0 and now > since then
-    clock = clock + now - since
-  end
-  return clock
-end
-
--- The fields that keep the pause clock when a sale hash whose status was `was` (its pause
--- clock read as {paused_ms, paused_at_ms}) is given `status`: a pause notes when it began, the
--- change that ends it adds its length to paused_ms.
-local function pause_fields(was, clock, status, now)
-  local total, since = tonumber(clock[1] or '0'), tonumber(clock[2] or '0')
+-- A sale's pauses, kept on its hash so that a pause does not use up an admitted buyer's turn
+-- (an admission window is window_ms of the sale not paused: allocator/queue_scripts.py
+-- QueueView.paused_between): `pauses` lists the finished ones as "start:end,start:end" (ms),
+-- `paused_at_ms` is when the one going on began (0: none). The fields for a sale hash whose
+-- status was `was` (its pauses read as {pauses, paused_at_ms}) given `status` at `now`.
+local function pause_fields(was, kept, status, now)
+  local pauses, since = kept[1] or '', tonumber(kept[2] or '0')
   if status == 'paused' then
-    if was == 'paused' and since > 0 then
-      return {'paused_ms', total, 'paused_at_ms', since}
-    end
-    return {'paused_ms', total, 'paused_at_ms', now}
+    return {'pauses', pauses, 'paused_at_ms', (was == 'paused' and since > 0) and since or now}
   end
   if was == 'paused' and since > 0 and now > since then
-    total = total + now - since
+    pauses = pauses .. (pauses == '' and '' or ',') .. since .. ':' .. now
   end
-  return {'paused_ms', total, 'paused_at_ms', 0}
-end
-
--- An admission step's member of the steps zset: "<to>:<at_ms>:<pause clock then>".
-local function step_member(sale, to, now)
-  return to .. ':' .. now .. ':' .. pause_clock(sale, now)
+  return {'pauses', pauses, 'paused_at_ms', 0}
 end
 
 -- The waiting room: the first join or pump step at or after the start closes the pre-queue.

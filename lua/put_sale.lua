@@ -5,15 +5,14 @@
 -- The waiting room only works on a queue hash marked `live`. The first preload marks it; a
 -- queue Redis lost later stays closed (joins answer unavailable) until the reconciler
 -- restores its counters from what gateways and pumps have seen, so no position is handed out
--- twice. The sale's pause clock (lib.lua pause_clock) is Redis's own and carries over,
--- moved on as the status written says (a pause found here, or begun). Returns the number of
--- fields given.
+-- twice. The sale's pauses (lib.lua pause_fields) are Redis's own record and carry over, as
+-- the status written says (a pause found here, or begun). Returns the number of fields given.
 local was = redis.call('HGET', KEYS[1], 'status')
-local clock = redis.call('HMGET', KEYS[1], 'paused_ms', 'paused_at_ms')
+local kept = redis.call('HMGET', KEYS[1], 'pauses', 'paused_at_ms')
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 local status = redis.call('HGET', KEYS[1], 'status')
-redis.call('HSET', KEYS[1], unpack(pause_fields(was, clock, status, now_ms())))
+redis.call('HSET', KEYS[1], unpack(pause_fields(was, kept, status, now_ms())))
 if ARGV[1] == '1' then
   redis.call('HSETNX', KEYS[2], 'live', 1)
 end

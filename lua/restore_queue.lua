@@ -41,7 +41,7 @@ redis.call('HSET', queue, unpack(fields))
 if serving > 0 then
   local last = redis.call('ZRANGE', steps, -1, -1, 'WITHSCORES')
   if #last == 0 or tonumber(last[2]) < serving then
-    redis.call('ZADD', steps, serving, step_member(sale, serving, now))
+    redis.call('ZADD', steps, serving, serving .. ':' .. now)
   end
 end
 redis.call('DEL', lease)

@@ -1,5 +1,5 @@
--- set_status: a sale's status on its preloaded sale hash, and its pause clock (lib.lua
--- pause_clock, pause_fields). Admitted buyers' windows do not run while the sale is paused.
+-- set_status: a sale's status on its preloaded sale hash, and its pauses (lib.lua
+-- pause_fields): admitted buyers' windows do not run while the sale is paused.
 --
 -- KEYS[1] the sale hash   ARGV[1] status: active, paused or ended
 -- Returns 1 when written, 0 when the hash does not exist (not preloaded: the preload copies
@@ -12,6 +12,6 @@ end
 if was == status then
   return 1
 end
-local clock = redis.call('HMGET', sale, 'paused_ms', 'paused_at_ms')
-redis.call('HSET', sale, 'status', status, unpack(pause_fields(was, clock, status, now_ms())))
+local kept = redis.call('HMGET', sale, 'pauses', 'paused_at_ms')
+redis.call('HSET', sale, 'status', status, unpack(pause_fields(was, kept, status, now_ms())))
 return 1

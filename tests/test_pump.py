@@ -103,7 +103,8 @@ async def test_lapsed_admissions_are_learned_as_no_shows_and_replaced(
         for position in range(1, claimed + 1):  # some admitted buyers reserved in time
             await redis.zadd(keys.claims, {f"{position}\x1fk\x1fp": position})
         # Pretend the admission window of that step closed long ago.
-        pump.steps = [Step(first.serving, pump.steps[0].at_ms - 10 * pump.window_ms)]
+        assert pump.view is not None
+        pump.steps = [Step(first.serving, pump.steps[0].at_ms - 10 * pump.view.window_ms)]
         await asyncio.sleep(0.2)
         lapsed = first.serving - claimed
         assert pump.noshow == pytest.approx((lapsed + 0.2 * 20) / (first.serving + 20))
@@ -124,10 +125,12 @@ async def test_windows_a_pause_stopped_are_not_learned_as_no_shows(stack: Settin
             await asyncio.sleep(0.02)
         first = pump.last
         assert first is not None and first.serving == 13
-        # The step was ten windows ago, and the sale has been paused for eleven since.
-        await gw.app[CLIENTS].redis.hset(SaleKeys(sale).sale, "paused_ms", 11 * pump.window_ms)
-        await asyncio.sleep(0.1)  # the pump reads the pause clock
-        pump.steps = [Step(first.serving, pump.steps[0].at_ms - 10 * pump.window_ms)]
+        # The step was ten windows ago, and the sale has been paused from then on.
+        assert pump.view is not None
+        window, at = pump.view.window_ms, pump.steps[0].at_ms - 10 * pump.view.window_ms
+        await gw.app[CLIENTS].redis.hset(SaleKeys(sale).sale, "pauses", f"{at}:{at + 11 * window}")
+        await asyncio.sleep(0.1)  # the pump reads the pauses
+        pump.steps = [Step(first.serving, at)]
         await asyncio.sleep(0.2)
         assert pump.noshow == pytest.approx(0.2)  # the prior: nothing lapsed
         assert pump.last is not None and pump.last.serving == first.serving
