@@ -236,6 +236,31 @@ def test_a_buyer_registered_early_sees_the_price_charged_when_admitted(
         assert page.locator("#sku option").count() == 1 and page.is_visible("#reserve")
 
 
+def test_a_pass_from_the_shop_that_expired_is_explained_and_a_new_one_carries_on(
+    stack: Settings, chromium: str
+) -> None:
+    """The buyer's token from the storefront expires while they wait: the page says to open it
+    again from the shop (not "invalid token (expired)"), and with a new link the buyer keeps
+    their place and reserves."""
+    signer = Signer.from_setting(stack.buyer_token_secret.reveal(), "buyer")
+    with live_page(stack, chromium, "Slow drop") as live:
+        gw, sale, page = live.gw, live.sale, live.page
+        page.goto(f"{gw.base_url}/sales/{sale}#token={signer.sign({'sub': 'slow'}, 2)}")
+        page.click("#join")
+        page.wait_for_selector("#state[data-state='waiting']", timeout=10_000)
+        time.sleep(2.5)  # the pass expires while the buyer waits
+        gw.pump_forever(sale, ["S1"])
+        page.wait_for_selector("#state[data-state='admitted']", timeout=20_000)
+        page.click("#reserve")
+        page.wait_for_selector("#result:has-text('from the shop')", timeout=10_000)
+        assert "invalid token" not in (page.text_content("#result") or "")
+        page.goto("about:blank")  # back to the shop, whose link opens the page anew
+        page.goto(f"{gw.base_url}/sales/{sale}#token={signer.sign({'sub': 'slow'}, 600)}")
+        page.wait_for_selector("#state[data-state='admitted']", timeout=20_000)
+        page.click("#reserve")
+        page.wait_for_selector("#result:has-text('Reserved')", timeout=20_000)
+
+
 def test_an_admitted_buyer_is_told_the_sale_is_paused_and_keeps_the_turn(
     stack: Settings, chromium: str
 ) -> None:
