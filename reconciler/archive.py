@@ -91,7 +91,8 @@ class Archived:
 async def archive_sale(pool: asyncpg.Pool, client: RedisClient, provider: PaymentProvider | None,
                        settings: Settings, sale_id: str) -> Archived:  # fmt: skip
     """Archive ``sale_id`` (see the module). Raises NotFound for an unknown sale, and Conflict,
-    having deleted nothing, when it has not ended or its audit fails."""
+    having deleted nothing, when it has not ended, there is no ``provider`` to audit it with,
+    or its audit fails. An archived sale is answered without an audit."""
     sale = await fetch_sale(pool, sale_id)
     if sale is None:
         raise NotFound(f"unknown sale {shown(sale_id)}", code="unknown_sale")
@@ -104,6 +105,13 @@ async def archive_sale(pool: asyncpg.Pool, client: RedisClient, provider: Paymen
         if state != "ended":
             raise Conflict(f"sale {sale_id} is {state}: archive it once it has ended",
                            code="sale_not_ended")  # fmt: skip
+        if provider is None:
+            raise Conflict(
+                f"sale {sale_id} cannot be archived here: its audit asks the payment provider "
+                "for the sale's charges, and FLASHSALE_PSP_URL is not set (run it beside "
+                "`flashsale up`, or point it at the provider)",
+                code="no_payment_provider",
+            )  # fmt: skip
         _refused(sale_id, buckets, await scripts.archive_many(buckets, check=True))
         report = await audit_sale(pool, client, provider, settings, sale_id)
         if not report.passed:

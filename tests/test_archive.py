@@ -94,7 +94,8 @@ async def test_an_ended_sale_is_archived_and_still_answers_for_itself(stack: Set
             again = await archive_sale(p.pool, p.redis, psp, p.settings, sale)
             assert again.already and again.archived_at == archived.archived_at
             assert again.freed_bytes == 0
-        env = {**os.environ, **p.env()}
+        # Without a payment provider: an archived sale needs no audit, an unknown one is named.
+        env = {k: v for k, v in {**os.environ, **p.env()}.items() if k != "FLASHSALE_PSP_URL"}
         command = [sys.executable, "-m", "flashsale", "sale", "archive"]
         rc, out, err = await asyncio.to_thread(run_bounded, [*command, sale], env, 60)
         assert (rc, out.strip()) == (0, again.text()), err
@@ -134,6 +135,10 @@ async def test_a_sale_whose_audit_fails_is_not_archived(stack: Settings) -> None
         [rid] = await p.reserve(sale, ["tok_visa"])
         admin = SaleAdmin.build(p.pool, p.redis)
         await admin.set_status(sale, "end")
+        with pytest.raises(Conflict) as unaudited:  # its audit asks the provider for charges
+            await archive_sale(p.pool, p.redis, None, p.settings, sale)
+        assert unaudited.value.code == "no_payment_provider"
+        assert "FLASHSALE_PSP_URL" in str(unaudited.value)
         async with provider(p.psp_url) as psp:
             with pytest.raises(Conflict) as held:  # its hold is ACTIVE, its order not written
                 await archive_sale(p.pool, p.redis, psp, p.settings, sale)
