@@ -349,14 +349,14 @@ def reject_duplicates(batch: SkuImport) -> None:
 
 
 def parse_csv(content: str) -> SkuImport:
-    """SKU rows from CSV with a header naming the SKU fields (a UTF-8 byte-order mark, as Excel
-    writes, is ignored). Validates every row first; an error names each bad cell by its line
-    in the file (blank lines are skipped but counted) and its column."""
+    """SKU rows from CSV with a header naming the SKU fields in any case (a UTF-8 byte-order
+    mark, as Excel writes, is ignored). Validates every row first; an error names each bad
+    cell by its line in the file (blank lines are skipped but counted) and its column."""
     reader = csv.DictReader(io.StringIO(content.removeprefix("\ufeff"), newline=""))
     header = reader.fieldnames
     if not header:
         raise InvalidInput("csv", "is empty: expected a header row " + ",".join(SKU_FIELDS))
-    header = [h.strip() for h in header]
+    header = [h.strip().lower() for h in header]  # "SKU", as a spreadsheet may title it
     reader.fieldnames = header
     _check_header(header)
     specs: list[SkuSpec] = []
@@ -391,7 +391,8 @@ def _check_header(header: Sequence[str]) -> None:
     seen: set[str] = set()
     for name in header:
         if name not in SKU_FIELDS:
-            raise InvalidInput(f"csv.header.{name}", "unknown column")
+            known = ", ".join(SKU_FIELDS)
+            raise InvalidInput(f"csv.header.{name}", f"unknown column; the columns are {known}")
         if name in seen:
             raise InvalidInput(f"csv.header.{name}", "appears twice")
         seen.add(name)

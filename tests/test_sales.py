@@ -967,6 +967,19 @@ BAD_CSV = [
 ]
 
 
+def test_a_spreadsheets_header_is_read_whatever_its_case() -> None:
+    """A header typed in a spreadsheet ("SKU", "Stock") was refused as unknown columns, and
+    the refusal did not say which columns there are."""
+    batch = parse_csv("SKU,Title,Stock,Price,Currency,Per_Buyer_Limit\nA-1,Air,5,12900,EUR,2\n")
+    assert [(s.sku, s.title, s.stock, s.price, s.per_buyer_limit) for s in batch.skus] == [
+        ("A-1", "Air", 5, 12900, 2)
+    ]
+    with pytest.raises(InvalidInput) as unknown:
+        parse_csv("sku,stock,price,currency,colour\nA,1,1,EUR,red\n")
+    assert unknown.value.field == "csv.header.colour"
+    assert "sku, title, stock, price, currency, per_buyer_limit" in unknown.value.message
+
+
 @pytest.mark.parametrize(("case", "content", "field"), BAD_CSV, ids=[c[0] for c in BAD_CSV])
 def test_bad_csv_writes_nothing(
     cli: Cli, counts: Any, tmp_path: Path, case: str, content: str, field: str
