@@ -97,15 +97,16 @@ test-heavy: $(STAMP) browser prometheus
 
 # The same tests on a Redis Cluster of 3 primaries with a replica each, in its own stack
 # (.flashsale-cluster, beside the single-server one), started and stopped by the session:
-# `make test` runs the cluster's own tests, a spike, the order pipeline, the audit and the
-# archiving of a sale on it;
+# `make test` runs the cluster's own tests, a spike, the order pipeline, the audit, the
+# archiving of a sale and a refused reservation's admission on it;
 # `make test-cluster` runs the whole suite there.
 CLUSTER_ENV := FLASHSALE_HOME=$(CURDIR)/.flashsale-cluster FLASHSALE_TEST_REDIS_CLUSTER=3,1
 CLUSTER_CORE := tests/test_cluster.py tests/test_reserve.py tests/test_buckets.py \
 	tests/test_spike.py::test_headless_spike_through_the_cli \
 	tests/test_pipeline.py::test_reservations_become_confirmed_or_failed_orders \
 	tests/test_reconcile.py::test_audit_and_reconcile_over_the_admin_api_and_the_cli \
-	tests/test_archive.py::test_an_ended_sale_is_archived_and_still_answers_for_itself
+	tests/test_archive.py::test_an_ended_sale_is_archived_and_still_answers_for_itself \
+	tests/test_gateway_queue.py::test_a_refused_request_leaves_the_admission_to_another_one
 
 pytest-cluster: $(STAMP)
 	$(call run_pytest,$(CLUSTER_ENV),$(CLUSTER_CORE))

@@ -29,14 +29,17 @@ class Admit:
     """The admission gate a request passes in the same script call as its decision (the
     gateway on a single Redis node; see ``lua/reserve.lua``): its rate limits, then the claim
     of its admission. ``member`` is the claim (:class:`~flashsale.records.ClaimMember`), empty
-    for a request asked again after it passed (a bucket's stock transfer)."""
+    for no gate. The claim is written once the request is decided: only a grant uses the
+    admission up."""
 
     member: str
-    deadline_ms: int  # the admission window's end, judged by Redis TIME
+    deadline_ms: int  # the admission window's end, judged by Redis TIME; 0: passed before
     limits: RateKeys = NO_LIMITS
 
     def passed(self) -> Admit:
-        return Admit("", self.deadline_ms)
+        """The gate of this request asked again after it passed (a bucket's stock transfer):
+        not counted or judged again, but still claimed if granted."""
+        return Admit(self.member, 0)
 
 
 @dataclass(frozen=True, slots=True)

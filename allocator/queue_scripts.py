@@ -21,7 +21,7 @@ from flashsale.clients import RedisClient
 from flashsale.errors import QueueLost
 from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.queue_marks import Mark
-from flashsale.records import integer, number, text
+from flashsale.records import ClaimMember, integer, number, text
 
 MAX_JOIN_BATCH = 256  # Lua's unpack() of ARGV stays far below its stack limit
 # Fields of the sale hash (put there by preload) that the waiting room reads.
@@ -214,11 +214,20 @@ class QueueScripts:
         self, keys: SaleKeys, position: int, key: str, fingerprint: str, deadline_ms: int
     ) -> str:
         """Bind admission ``position`` to the request (``key``, ``fingerprint``): ok, mismatch,
-        used, expired or not_admitted (see ``lua/claim.lua``)."""
+        used, expired or not_admitted (see ``lua/claim.lua``). ``refused`` gives it back when
+        the decision refuses the request."""
         raw = await self._claim(
             keys=[keys.queue, keys.claims], args=[position, key, fingerprint, deadline_ms]
         )
         return text(raw)
+
+    async def refused(self, keys: SaleKeys, position: int, key: str, fingerprint: str) -> bool:
+        """Mark the claim of the request (``key``, ``fingerprint``) that its decision refused
+        (sold out, over the limit): another request may then use the admission. Only that
+        claim is marked; False if it is not there."""
+        raw = await self._claim(keys=[keys.queue, keys.claims],
+                                args=[position, key, fingerprint, 0, "refused"])  # fmt: skip
+        return text(raw) == "marked"
 
     async def leave(self, keys: SaleKeys, position: int) -> str:
         """Give up ``position``: left, already_left, reserved or unavailable (see
@@ -327,7 +336,10 @@ class QueueScripts:
         return [None if r is None else int(r) for r in raw]
 
     async def claimed(self, keys: SaleKeys, position: int) -> bool:
-        return bool(await self.client.zcount(keys.claims, position, position))
+        """Whether admission ``position`` was used: a request was granted with it, or its buyer
+        left (a claim marked refused used nothing; see ``lua/lib.lua``)."""
+        found = await self.client.zrangebyscore(keys.claims, position, position, 0, 1)
+        return any(not ClaimMember.is_refused(text(member)) for member in found)
 
 
 _CLAIMED_SO_FAR = (

@@ -14,6 +14,7 @@ the idempotency answer's two parts by ``RS`` (0x1E). Neither may occur in any fi
         | paused | ended | unavailable
     claim member         claims zset, scored by the position
         position SEP idempotency_key SEP fingerprint (of the request: SKU, quantity, payment)
+        [SEP refused] (the request was refused: it used the admission up only if granted)
 """
 
 from __future__ import annotations
@@ -196,15 +197,19 @@ def request_fingerprint(sku: str, quantity: int, payment_ref: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class ClaimMember:
-    """One used admission in a sale's ``claims`` zset."""
+    """One claimed admission in a sale's ``claims`` zset: used up by a granted request (or by
+    its buyer leaving), or ``refused``, which another request may claim (``lua/lib.lua``)."""
 
     position: int
     idempotency_key: str
     fingerprint: str
+    refused: bool = False
 
     @classmethod
     def parse(cls, raw: bytes | str) -> ClaimMember:
         fields = text(raw).split(SEP)
+        if len(fields) == 4 and fields[3] == "refused":
+            return cls(int(fields[0]), fields[1], fields[2], refused=True)
         if len(fields) != 3:
             raise ValueError(f"malformed claim member: {text(raw)!r}")
         return cls(int(fields[0]), fields[1], fields[2])
@@ -214,5 +219,13 @@ class ClaimMember:
         """The claim a reservation request makes (what ``lua/claim.lua`` stores for it)."""
         return cls(position, key, request_fingerprint(sku, quantity, payment_ref))
 
+    @staticmethod
+    def is_refused(raw: bytes | str) -> bool:
+        return text(raw).endswith(_REFUSED_CLAIM)
+
     def encode(self) -> str:
-        return f"{self.position}{SEP}{self.idempotency_key}{SEP}{self.fingerprint}"
+        plain = f"{self.position}{SEP}{self.idempotency_key}{SEP}{self.fingerprint}"
+        return plain + _REFUSED_CLAIM if self.refused else plain
+
+
+_REFUSED_CLAIM = f"{SEP}refused"

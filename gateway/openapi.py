@@ -164,7 +164,10 @@ def document() -> dict[str, Any]:
             "post": op(
                 "reserve",
                 "reservations",
-                "Reserve units with an admission (idempotent per Idempotency-Key)",
+                "Reserve units with an admission (idempotent per Idempotency-Key). An admission "
+                "buys once: a grant uses it up (403 admission_used for another key), a refusal "
+                "(409 sold_out, limit_exceeded) leaves it to a request with another key while "
+                "the turn lasts",
                 {
                     **ok(201, "Held; the order is processing", RESERVED),
                     **errors(401, 403, 404, 408, 409, 422, 429),

@@ -36,7 +36,17 @@ from flashsale.records import SEPARATORS, ClaimMember, HoldRecord, idempotency_k
 from flashsale.timefmt import iso_ms
 from gateway.catalog import ended_by_postgres, sku_limits
 from gateway.http import buyer_of, json_body, json_response, rate_keys, rate_limit, sale_of
-from gateway.state import ALLOCATORS, ANNOUNCER, CLIENTS, HOLDS, METRICS, QUEUE, SETTINGS, SIGNERS
+from gateway.state import (
+    ALLOCATORS,
+    ANNOUNCER,
+    CLIENTS,
+    COUNTERS,
+    HOLDS,
+    METRICS,
+    QUEUE,
+    SETTINGS,
+    SIGNERS,
+)  # fmt: skip
 
 log = logging.getLogger("flashsale.gateway")
 MAX_PAYMENT_TOKEN = 200
@@ -54,6 +64,11 @@ REFUSALS: dict[str, tuple[type[FlashsaleError], str, str]] = {
     "ended": (Conflict, "sale_ended", "the sale has ended"),
     "unavailable": (Unavailable, "unavailable", "this SKU is not available right now; retry"),
 }  # fmt: skip
+
+
+# Decisions remembered for the request's idempotency key (lua/reserve.lua): a request they
+# refused is refused again, whenever it is asked.
+REMEMBERED = frozenset({"sold_out", "limit_exceeded", "invalid_quantity"})
 
 
 def _refuse(outcome: str) -> FlashsaleError:
@@ -146,6 +161,21 @@ def _gate(request: web.Request, buyer: str, member: str, deadline_ms: int) -> Ad
     return Admit(member, deadline_ms, rate_keys(request, buyer))
 
 
+async def _claim(request: web.Request, sale_id: str, claim: ClaimMember, deadline_ms: int) -> None:
+    """The admission claim on a Redis Cluster, made before the decision on the SKU's slot. A
+    paused sale (as this process's counters say, at most 100 ms old) is refused first: a
+    refusal by the sale's state leaves the claim in place, since the same request asked again
+    after the resume may be granted, so it must not be made while nothing can be."""
+    app = request.app
+    if (await app[COUNTERS].get(sale_id)).view.status == "paused":
+        raise _refuse("paused")
+    claimed = await app[QUEUE].claim(SaleKeys(sale_id), claim.position, claim.idempotency_key,
+                                     claim.fingerprint, deadline_ms)  # fmt: skip
+    if claimed != "ok":
+        app[METRICS].count(app[METRICS].reservations, f"admission_{claimed}")
+        raise await _unless_ended(request, sale_id, _claim_refused(claimed))
+
+
 async def reserve(request: web.Request) -> web.Response:
     """One Redis round trip on a single node: the rate limits, the admission claim and the
     decision are one script call (batched per SKU). On Redis Cluster the sale's claims and the
@@ -174,11 +204,7 @@ async def reserve(request: web.Request) -> web.Response:
     if gated:
         admit = _gate(request, buyer, claim.encode(), deadline_ms)
     else:
-        claimed = await app[QUEUE].claim(SaleKeys(sale_id), position, key, claim.fingerprint,
-                                         deadline_ms)  # fmt: skip
-        if claimed != "ok":
-            metrics.count(metrics.reservations, f"admission_{claimed}")
-            raise await _unless_ended(request, sale_id, _claim_refused(claimed))
+        await _claim(request, sale_id, claim, deadline_ms)
     allocator = app[ALLOCATORS].for_sku(sale_id, sku, limits[sku].buckets)
     fresh = allocator.new_id(buyer)
     result = await allocator.reserve(
@@ -194,6 +220,11 @@ async def reserve(request: web.Request) -> web.Response:
             request, sale_id, _claim_refused(outcome.removeprefix("admission_"))
         )
     if outcome != "reserved":
+        if not gated and outcome in REMEMBERED and limits[sku].buckets == 1:
+            # A refusal the request would be given again uses no admission up (with the gate
+            # the reserve script marks the claim itself). A bucket's sold_out is not
+            # remembered: the same request asked again may be granted, so its claim stays.
+            await app[QUEUE].refused(SaleKeys(sale_id), position, key, claim.fingerprint)
         raise await _unless_ended(request, sale_id, _refuse(outcome))
     rid, expires_ms = result.reservation_id, result.hold_expires_at_ms
     assert rid is not None and expires_ms is not None

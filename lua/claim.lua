@@ -1,33 +1,35 @@
--- claim: bind an admission to the one reservation request it may make.
+-- claim: bind an admission to the request that may use it (a gateway on a Redis Cluster,
+-- before the decision on the SKU's slot; see lib.lua check_claim).
 --
 -- KEYS: queue, claims (one sale slot)
 -- ARGV[1] position   ARGV[2] idempotency key   ARGV[3] request fingerprint (sku, qty, payment)
 -- ARGV[4] admission deadline (ms; judged by Redis TIME)
--- Returns 'ok' (first use, or the same request again), 'mismatch' (same key, other request),
--- 'used' (another key already used this admission), 'expired', 'not_admitted', or
--- 'unavailable' while Redis has lost the waiting room (until the reconciler restores it).
+-- ARGV[5] 'refused': mark the claim of this request, which its decision refused (sold out,
+--   over the limit), so that another request may claim the admission; only this exact claim
+--   is marked, never another request's. Returns 'marked' or 'absent'.
+-- Returns 'ok' (first use, the same request again, or a request after a refused one),
+-- 'mismatch' (same key, other request), 'used' (another request was granted with this
+-- admission, or its buyer left), 'expired', 'not_admitted', or 'unavailable' while Redis has
+-- lost the waiting room (until the reconciler restores it).
 local queue, claims = KEYS[1], KEYS[2]
+local p, key, print_ = ARGV[1], ARGV[2], ARGV[3]
+local member = p .. SEP .. key .. SEP .. print_
+if ARGV[5] == 'refused' then
+  if redis.call('ZSCORE', claims, member) then
+    write_claim(claims, p, member, member, true)
+    return 'marked'
+  end
+  return 'absent'
+end
 if redis.call('HEXISTS', queue, 'live') == 0 then
   return 'unavailable'
 end
-local p, key, print_ = ARGV[1], ARGV[2], ARGV[3]
-local member = p .. SEP .. key .. SEP .. print_
-local prior = redis.call('ZRANGEBYSCORE', claims, p, p, 'LIMIT', 0, 1)[1]
+local serving = tonumber(redis.call('HGET', queue, 'serving') or '0')
+local refusal, prior = check_claim(claims, p, member, tonumber(ARGV[4]), serving, now_ms())
+if refusal then
+  return refusal
+end
 if prior then
-  if prior == member then
-    return 'ok'
-  end
-  local same_key = p .. SEP .. key .. SEP
-  if string.sub(prior, 1, #same_key) == same_key then
-    return 'mismatch'
-  end
-  return 'used'
+  write_claim(claims, p, member, prior, false)
 end
-if now_ms() > tonumber(ARGV[4]) then
-  return 'expired'
-end
-if tonumber(p) > tonumber(redis.call('HGET', queue, 'serving') or '0') then
-  return 'not_admitted'
-end
-redis.call('ZADD', claims, p, member)
 return 'ok'

@@ -12,8 +12,8 @@ end
 local p = ARGV[1]
 local left = p .. SEP .. SEP .. 'left'
 local prior = redis.call('ZRANGEBYSCORE', KEYS[2], p, p, 'LIMIT', 0, 1)[1]
-if prior then
+if prior and string.sub(prior, -#REFUSED) ~= REFUSED then  -- a refused request used nothing
   return prior == left and 'already_left' or 'reserved'
 end
-redis.call('ZADD', KEYS[2], p, left)
+write_claim(KEYS[2], p, left, prior or '', false)
 return 'left'

@@ -74,6 +74,52 @@ local function load_hold(K, id)
   return nil
 end
 
+-- Admission claims: a sale's `claims` zset holds one member per used place, "position \31
+-- idempotency key \31 fingerprint" (flashsale.records.ClaimMember; "position \31\31left" for
+-- a buyer who left). Only a granted request uses an admission up. A request its decision
+-- refused (sold out, over the limit) keeps its claim marked REFUSED: the same key still names
+-- that request (another body with it is a mismatch), while another key may claim the
+-- admission as long as the turn lasts.
+local REFUSED = SEP .. 'refused'
+
+-- The claim check of `member` at position p (a string): nil and the member it replaces ('' for
+-- none; false when `member` holds the place already), or the refusal: 'mismatch' (this key
+-- with another request), 'used', 'expired', 'not_admitted'. A `deadline` of 0: the request
+-- passed the window and serving checks before (asked again after a stock transfer).
+local function check_claim(claims, p, member, deadline, serving, now)
+  local prior = redis.call('ZRANGEBYSCORE', claims, p, p, 'LIMIT', 0, 1)[1]
+  if prior == member then
+    return nil, false
+  end
+  if prior then
+    local same_key = string.sub(member, 1, #member - 16)  -- fingerprints are 16 characters
+    if prior ~= member .. REFUSED and string.sub(prior, 1, #same_key) == same_key then
+      return 'mismatch'
+    end
+    if string.sub(prior, -#REFUSED) ~= REFUSED then
+      return 'used'
+    end
+  end
+  if deadline ~= 0 then
+    if now > deadline then
+      return 'expired'
+    end
+    if tonumber(p) > serving then
+      return 'not_admitted'
+    end
+  end
+  return nil, prior or ''
+end
+
+-- Record `member` at position p in place of `prior` (as check_claim returned it): as it is
+-- for a granted request, marked REFUSED for one its decision refused.
+local function write_claim(claims, p, member, prior, refused)
+  if prior ~= '' then
+    redis.call('ZREM', claims, prior)
+  end
+  redis.call('ZADD', claims, p, refused and member .. REFUSED or member)
+end
+
 -- Rate limits counted inside a batched script: the gateway on a single Redis node passes the
 -- batch's rate-limit keys as extra KEYS of its join or reserve call (each key once). GCRA as
 -- lua/ratelimit.lua, judged by Redis TIME; later requests of the batch see earlier counts.

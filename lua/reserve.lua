@@ -22,12 +22,15 @@
 -- keys and the SKU's: rate limit, admission claim and allocation in one round trip). With
 -- more than 7 KEYS: KEYS[8] queue, KEYS[9] claims (the sale's), KEYS[10..] the rate-limit keys
 -- of the batch (each once), and four more columns of N values after the six:
---   claim member (position \31 idempotency key \31 fingerprint; '' = already admitted: a
---   request asked again after a stock transfer), admission deadline (ms), and the KEYS index
---   of the request's per-IP and per-buyer rate key (0 = none)
+--   claim member (position \31 idempotency key \31 fingerprint; '' = no gate), admission
+--   deadline (ms; 0 = the request passed the gate before and is asked again after a stock
+--   transfer: neither counted nor judged again, only claimed), and the KEYS index of the
+--   request's per-IP and per-buyer rate key (0 = none)
 -- then four numbers: per-IP emission interval and burst tolerance, the same per buyer (us).
 -- Each request is first counted against its rate limits (GCRA, as lua/ratelimit.lua), then
--- its admission is claimed (as lua/claim.lua), then decided as below. Refusals of the gate:
+-- its claim is checked (lib.lua check_claim), then it is decided as below, and its claim
+-- written: as it is for a grant, marked refused for a refusal that is remembered (sold out,
+-- over the limit), nothing for a refusal by the sale's state. Refusals of the gate:
 --   rate_limited\31<us until allowed>, admission_used, admission_mismatch, admission_expired,
 --   not_admitted, admission_unavailable (the waiting room is being restored)
 -- are not remembered.
@@ -64,12 +67,15 @@ end
 local ID, BUYER, QTY, PAYREF, ADMISSION, IDEM = 1, n + 1, 2 * n + 1, 3 * n + 1, 4 * n + 1, 5 * n + 1
 local seen = redis.call('HMGET', K[6], unpack(ARGV, IDEM + 1, IDEM + n))
 
--- The admission gate of request i: nil when it may be decided, else its refusal.
+-- The admission gate of request i: nil when it may be decided, else its refusal. A request
+-- that passes it and does not hold its claim yet gets claiming[i], the member its claim
+-- replaces (lib.lua check_claim); the claim is written once the request is decided.
 local admit = nil
+local claiming = {}
 local save_rates = nil  -- writes back the rate keys the gate counted (lib.lua rate_gate)
 local with_holds = #K > 7 or ARGV[6 * n + 2] == 'holds'
+local MEMBER, DEADLINE = 6 * n + 1, 7 * n + 1
 if #K > 7 then
-  local MEMBER, DEADLINE = 6 * n + 1, 7 * n + 1
   local live = redis.call('HMGET', K[8], 'live', 'serving')
   local serving = tonumber(live[2] or '0')
   local limited
@@ -86,24 +92,28 @@ if #K > 7 then
     if not live[1] then
       return 'admission_unavailable'
     end
-    local p = ARGV[ADMISSION + i]
-    local prior = redis.call('ZRANGEBYSCORE', K[9], p, p, 'LIMIT', 0, 1)[1]
-    if prior then
-      if prior == member then
-        return nil
-      end
-      local same_key = string.sub(member, 1, #member - 16)  -- fingerprints are 16 characters
-      return string.sub(prior, 1, #same_key) == same_key and 'admission_mismatch'
-        or 'admission_used'
+    local refusal, prior = check_claim(K[9], ARGV[ADMISSION + i], member,
+      tonumber(ARGV[DEADLINE + i]), serving, now)
+    if refusal then
+      return refusal == 'not_admitted' and refusal or 'admission_' .. refusal
     end
-    if now > tonumber(ARGV[DEADLINE + i]) then
-      return 'admission_expired'
-    end
-    if tonumber(p) > serving then
-      return 'not_admitted'
-    end
-    redis.call('ZADD', K[9], p, member)
+    claiming[i] = prior or nil
     return nil
+  end
+end
+
+-- The claim of gated request i, once decided: kept by a grant, marked by a refusal the
+-- request would be given again (the sale's state is not one).
+local function settle_claim(i, answer)
+  local prior = claiming[i]
+  if prior == nil then
+    return
+  end
+  local head = string.sub(answer, 1, 8)
+  if head == 'reserved' then
+    write_claim(K[9], ARGV[ADMISSION + i], ARGV[MEMBER + i], prior, false)
+  elseif head == 'sold_out' or head == 'limit_ex' or head == 'invalid_' then
+    write_claim(K[9], ARGV[ADMISSION + i], ARGV[MEMBER + i], prior, true)
   end
 end
 
@@ -207,6 +217,9 @@ for i = 1, n do
       idem_out[2 * answered - 1] = idem_field
       idem_out[2 * answered] = value
     end
+  end
+  if admit then
+    settle_claim(i, answer)
   end
   results[i] = answer
 end

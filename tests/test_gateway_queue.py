@@ -489,3 +489,56 @@ async def test_stock_is_not_added_to_a_sale_its_waiting_room_called_sold_out(gw:
     info = await (await gw.http.get(f"/v1/sales/{sale}")).json()
     assert [s["sku"] for s in info["skus"]] == ["SKU-1"], info
     assert info["skus"][0]["remaining"] == 0 and info["skus"][0]["sold_out"], info
+
+
+async def _seen_paused(gw: Gateway, sale: str, ticket: str, paused: bool) -> None:
+    """Poll until the gateway's counters (at most 100 ms old) say whether the sale is paused."""
+    for _ in range(100):
+        if bool((await gw.status(sale, ticket))[1].get("paused")) is paused:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"the gateway never saw the sale {'paused' if paused else 'resumed'}")
+
+
+async def test_a_refused_request_leaves_the_admission_to_another_one(gw: Gateway) -> None:
+    """A buyer admitted to a sale of two products asked for the one that had just sold out:
+    409 sold_out, and their admission counted as used. The other product, in stock, then
+    answered admission_used: the buyer went away with nothing while units were left. A
+    refusal while the sale was paused used the admission up as well."""
+    skus = [{"sku": sku, "title": sku, "stock": stock, "price": 12900, "currency": "EUR"}
+            for sku, stock in (("SKU-1", 1), ("SKU-2", 3))]  # fmt: skip
+    sale = await gw.create_sale(skus=skus)
+    gw.pump(sale)
+    tickets = {}
+    for buyer in ("first", "second"):
+        code, body = await gw.join(sale, buyer)
+        assert code == 200, body
+        tickets[buyer] = body["ticket"]
+    first = await gw.admitted(sale, tickets["first"])
+    assert (await gw.reserve(sale, "first", first["admission_token"]))[0] == 201
+    token = (await gw.admitted(sale, tickets["second"]))["admission_token"]
+    one = {"sku": "SKU-1", "quantity": 1, "payment_token": "tok_ok"}
+    two = {**one, "sku": "SKU-2"}
+    code, refused = await gw.reserve(sale, "second", token, key="a", body=one)
+    assert (code, refused["error"]["code"]) == (409, "sold_out"), refused
+    code, status = await gw.status(sale, tickets["second"])
+    assert status["state"] == "admitted" and "reserved" not in status, status
+    assert status["admission_token"]  # the turn goes on
+    again = await gw.reserve(sale, "second", token, key="a", body=one)
+    assert again == (409, refused)  # the same request: the same answer
+    other = await gw.reserve(sale, "second", token, key="a", body=two)
+    assert (other[0], other[1]["error"]["code"]) == (422, "idempotency_mismatch"), other
+    admin = auth(ADMIN)
+    paused = await gw.http.post(f"/admin/v1/sales/{sale}/pause", headers=admin)
+    assert paused.status == 200, await paused.text()
+    await _seen_paused(gw, sale, tickets["second"], True)
+    code, body = await gw.reserve(sale, "second", token, key="b", body=two)
+    assert (code, body["error"]["code"]) == (409, "sale_paused"), body
+    resumed = await gw.http.post(f"/admin/v1/sales/{sale}/resume", headers=admin)
+    assert resumed.status == 200, await resumed.text()
+    await _seen_paused(gw, sale, tickets["second"], False)
+    code, granted = await gw.reserve(sale, "second", token, key="c", body=two)
+    assert code == 201 and granted["sku"] == "SKU-2", granted
+    # Single use: once granted, the admission serves no other request.
+    code, used = await gw.reserve(sale, "second", token, key="d", body=two)
+    assert (code, used["error"]["code"]) == (403, "admission_used"), used

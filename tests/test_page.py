@@ -290,6 +290,60 @@ def test_an_admitted_buyer_is_told_the_sale_is_paused_and_keeps_the_turn(
         page.wait_for_selector("#result:has-text('Reserved')", timeout=20_000)
 
 
+def _reserve_as(gw: LiveGateway, sale: str, buyer: str, sku: str) -> None:
+    """``buyer`` joins, waits for admission and reserves ``sku``, over HTTP."""
+    auth = {"Authorization": f"Bearer {_buyer(gw, buyer)}"}
+    ticket = requests.post(f"{gw.base_url}/v1/sales/{sale}/queue", headers=auth,
+                           timeout=10).json()["ticket"]  # fmt: skip
+    deadline = time.monotonic() + 20
+    while "admission_token" not in (status := requests.get(
+        f"{gw.base_url}/v1/sales/{sale}/queue/status", headers={"X-Queue-Ticket": ticket},
+        timeout=10,
+    ).json()):  # fmt: skip
+        assert time.monotonic() < deadline, status
+        time.sleep(0.1)
+    reserved = requests.post(
+        f"{gw.base_url}/v1/sales/{sale}/reservations", timeout=10,
+        headers={**auth, "X-Admission-Token": status["admission_token"], "Idempotency-Key": "k"},
+        json={"sku": sku, "quantity": 1, "payment_token": "tok_visa"},
+    )  # fmt: skip
+    assert reserved.status_code == 201, reserved.text
+
+
+def test_a_buyer_whose_product_sold_out_takes_another_in_the_same_turn(
+    stack: Settings, chromium: str
+) -> None:
+    """The product a buyer chose sells out as their turn comes: the page says so and the buyer
+    reserves another product. The refusal used to spend the admission (403 admission_used),
+    and the page sent the next try with the refused request's key (422)."""
+    from playwright.sync_api import sync_playwright
+
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    spec = sale_spec("Two-model drop", "S1", 1)
+    spec["skus"].append({**spec["skus"][0], "sku": "S2", "title": "Model 2", "stock": 3})
+    spec["skus"][0]["title"] = "Model 1"
+    with live_gateway(stack) as gw:
+        created = requests.post(f"{gw.base_url}/admin/v1/sales", json=spec, headers=admin,
+                                timeout=10)  # fmt: skip
+        sale = created.json()["id"]
+        requests.post(f"{gw.base_url}/admin/v1/sales/{sale}/preload", headers=admin, timeout=10)
+        gw.pump_forever(sale, ["S1", "S2"])
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
+            page = browser.new_page()
+            page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'second-choice')}")
+            page.click("#join")
+            page.wait_for_selector("#state[data-state='admitted']", timeout=20_000)
+            _reserve_as(gw, sale, "rival", "S1")  # the last Model 1 goes to another buyer
+            page.select_option("#sku", "S1")
+            page.click("#reserve")
+            page.wait_for_selector("#result:has-text('Model 1 is sold out')", timeout=10_000)
+            page.select_option("#sku", "S2")
+            page.click("#reserve")
+            page.wait_for_selector("#result:has-text('Reserved')", timeout=10_000)
+            browser.close()
+
+
 def test_a_page_for_one_product_reads_that_product_only(stack: Settings, chromium: str) -> None:
     """A storefront sends a buyer to one product of a catalogue sale (``?sku=``): the page
     read and listed every SKU of the sale (40 MB of JSON for 200,000). It asks for the

@@ -106,6 +106,15 @@ async def test_a_claim_is_read_back(client: RedisClient) -> None:
     assert member == ClaimMember(7, "k-7", fingerprint)
     assert member == ClaimMember.of(7, "k-7", "SKU-1", 2, "tok_visa")
     assert member.encode() == text(raw)
+    assert await QueueScripts(client).refused(keys, 7, "k-7", fingerprint)
+    [marked] = await client.zrange(keys.claims, 0, -1)
+    assert isinstance(marked, bytes)
+    assert ClaimMember.parse(marked) == replace(member, refused=True)
+    assert ClaimMember.is_refused(marked) and not ClaimMember.is_refused(raw)
+    assert ClaimMember.parse(marked).encode() == text(marked)
+    assert not await QueueScripts(client).claimed(keys, 7)  # a refusal used nothing up
+    assert await QueueScripts(client).leave(keys, 7) == "left"  # so its buyer may leave
+    assert await QueueScripts(client).claimed(keys, 7)
 
 
 async def test_the_scripts_read_what_python_writes(client: RedisClient) -> None:

@@ -255,6 +255,49 @@ async def test_the_gate_claims_the_admission_and_returns_the_hold_with_the_decis
     assert lost.outcome == "admission_unavailable"
 
 
+async def test_the_gate_lets_only_a_grant_use_an_admission_up(client: aioredis.Redis) -> None:
+    """A request its decision refused keeps its claim marked refused: asked again it is the
+    same request, another key may use the admission while the turn lasts, and a grant uses
+    it up. A request asked again after a stock transfer (``passed``) is claimed when granted,
+    though its first call was refused."""
+    _single_node(client)
+    sku = await make_sku(client, stock=1, limit=1)
+    sale = SaleKeys(sku.keys.sale_id)
+    await client.hset(sale.queue, mapping={"live": 1, "serving": 3})
+
+    async def claim_at(position: int) -> list[str]:
+        return [text(m) for m in await client.zrangebyscore(sale.claims, position, position)]
+
+    [ada] = await sku.scripts.reserve(sku.keys, [_gated("ada", 1, "k1")])
+    assert ada.outcome == "reserved" and ada.reservation_id
+    bob = _gated("bob", 2, "k2")
+    assert bob.admit is not None
+    [refused] = await sku.scripts.reserve(sku.keys, [bob])
+    assert refused.outcome == "sold_out"
+    assert await claim_at(2) == [bob.admit.member + "\x1frefused"]
+    await sku.scripts.cancel(sku.keys, ada.reservation_id)  # a unit comes back
+    [again] = await sku.scripts.reserve(sku.keys, [replace(bob, reservation_id="r-again")])
+    assert again.outcome == "sold_out"  # the same request: its remembered answer
+    other_body = _gated("bob", 2, "k2", payment="tok_other")
+    [mismatch] = await sku.scripts.reserve(sku.keys, [other_body])
+    assert mismatch.outcome == "admission_mismatch"
+    after = _gated("bob", 2, "k3")
+    assert after.admit is not None
+    [granted, used] = await sku.scripts.reserve(sku.keys, [after, _gated("bob", 2, "k4")])
+    assert (granted.outcome, used.outcome) == ("reserved", "admission_used")
+    assert await claim_at(2) == [after.admit.member]
+    # Refused in its bucket, then asked again once stock was lent: claimed by the grant.
+    await client.hset(sku.keys.meta, "buckets", 2)  # a bucket's sold_out is not remembered
+    cy = _gated("cy", 3, "k5")
+    assert cy.admit is not None
+    [empty] = await sku.scripts.reserve(sku.keys, [cy])
+    assert empty.outcome == "sold_out"
+    await client.hincrby(sku.keys.stock, "available", 1)
+    [lent] = await sku.scripts.reserve(sku.keys, [replace(cy, admit=cy.admit.passed())])
+    assert lent.outcome == "reserved"
+    assert await claim_at(3) == [cy.admit.member]
+
+
 async def test_the_gate_counts_rate_limits_once_per_request_in_a_batch(
     client: aioredis.Redis,
 ) -> None:
