@@ -511,6 +511,45 @@ def test_the_page_solves_a_join_challenge_and_how_long_it_takes(
     print("join challenge solve ms in Chromium:", times)
 
 
+def test_a_join_whose_challenge_was_spent_by_a_busy_answer_solves_a_new_one(
+    stack: Settings, chromium: str
+) -> None:
+    """The gateway spent the buyer's solved challenge, then answered 503 (the queue full, Redis
+    busy). The page tried the join again with the same solution at the Retry-After, and was
+    refused for good: "this challenge was used already". It solves a new one."""
+    from playwright.sync_api import Route, sync_playwright
+
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    spec = {**sale_spec("Guarded busy drop", "S1", 5), "join_challenge": 4}
+    busy = {"left": 1}
+
+    def first_join_busy(route: Route) -> None:
+        if route.request.method != "POST" or not busy["left"]:
+            return route.continue_()
+        busy["left"] -= 1
+        route.fetch()  # the gateway checks the solution and spends it
+        route.fulfill(status=503, body='{"error": {"code": "queue_full", "message": "full"}}',
+                      headers={"Retry-After": "1", "Content-Type": "application/json"})
+        return None
+
+    with live_gateway(stack) as gw, sync_playwright() as p:
+        created = requests.post(f"{gw.base_url}/admin/v1/sales", json=spec, headers=admin,
+                                timeout=10)  # fmt: skip
+        sale = created.json()["id"]
+        requests.post(f"{gw.base_url}/admin/v1/sales/{sale}/preload", headers=admin, timeout=10)
+        browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
+        page = browser.new_page()
+        page.route(f"**/v1/sales/{sale}/queue", first_join_busy)
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'patient')}")
+        page.wait_for_selector("#join:not([hidden])")
+        page.click("#join")
+        joined = "#state[data-state='waiting'], #state[data-state='admitted']"
+        page.wait_for_selector(f"{joined}, #state[data-state='error']", timeout=20_000)
+        assert busy["left"] == 0
+        assert page.is_visible(joined), page.text_content("#detail")
+        browser.close()
+
+
 # A storefront of its own origin: it calls the gateway's API from the buyer's browser.
 STOREFRONT = b"""<!doctype html><meta charset="utf-8"><title>Shop</title>
 <p id="result" data-state="starting">starting</p>
