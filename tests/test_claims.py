@@ -29,7 +29,8 @@ REQUEST = st.tuples(st.integers(1, 3), st.sampled_from(["k1", "k2", "k3"]), st.s
 STEP = st.one_of(st.lists(REQUEST, min_size=1, max_size=3), st.integers(0, 5))
 
 
-async def _sale(client: Any) -> tuple[SaleKeys, list[SkuKeys]]:
+async def _sale(client: Any) -> SaleKeys:
+    """A live sale of two SKUs (1 and 2 units), every place up to 3 admitted."""
     sale = SaleKeys(f"sale-{uuid.uuid4().hex[:10]}")
     now = int(time.time() * 1000)
     skus = [SkuKeys(sale.sale_id, sku) for sku in SKUS]
@@ -39,7 +40,7 @@ async def _sale(client: Any) -> tuple[SaleKeys, list[SkuKeys]]:
                 "starts_at_ms": str(now - 60_000), "ends_at_ms": str(now + 3_600_000)}  # fmt: skip
         await SaleScripts(client).preload(keys, total=stock, meta=meta, force=False, first=True)
     await client.hset(sale.queue, mapping={"live": 1, "serving": 3})
-    return sale, skus
+    return sale
 
 
 async def _run(stack: Settings, steps: list[Any]) -> None:
@@ -47,10 +48,10 @@ async def _run(stack: Settings, steps: list[Any]) -> None:
     try:
         if isinstance(client, aioredis.RedisCluster):
             pytest.skip("the admission gate runs on a single Redis node only")
-        sale, skus = await _sale(client)
+        sale = await _sale(client)
         scripts = HoldScripts(client)
         deadline = int(time.time() * 1000) + 600_000
-        granted: dict[str, tuple[int, str, str]] = {}  # id -> (position, key, claim member)
+        granted: dict[str, tuple[int, str]] = {}  # reservation id -> (position, claim member)
         for step in steps:
             if isinstance(step, int):  # a buyer cancels a hold: its units come back
                 if granted:
@@ -64,17 +65,15 @@ async def _run(stack: Settings, steps: list[Any]) -> None:
                                Admit(ClaimMember.of(p, key, sku, q, pay).encode(), deadline))
                 for p, key, _, q, pay in step
             ]  # fmt: skip
-            for request, result in zip(batch, await scripts.reserve(SkuKeys(sale.sale_id, sku),
-                                                                    batch), strict=True):  # fmt: skip
+            results = await scripts.reserve(SkuKeys(sale.sale_id, sku), batch)
+            for request, result in zip(batch, results, strict=True):
                 if result.outcome == "reserved" and result.reservation_id:
                     assert request.admit is not None
-                    member = request.admit.member
-                    position = int(request.admission_id)
-                    granted.setdefault(result.reservation_id, (position, request.idempotency_key,
-                                                               member))  # fmt: skip
+                    place = int(request.admission_id)
+                    granted.setdefault(result.reservation_id, (place, request.admit.member))
         claims = {text(m) for m in await client.zrange(sale.claims, 0, -1)}
         per_position: dict[int, set[str]] = {}
-        for rid, (position, _, member) in granted.items():
+        for rid, (position, member) in granted.items():
             per_position.setdefault(position, set()).add(rid)
             assert member in claims, (rid, member, claims)  # the grant holds its admission
         assert all(len(ids) == 1 for ids in per_position.values()), per_position

@@ -528,8 +528,11 @@ def test_a_join_whose_challenge_was_spent_by_a_busy_answer_solves_a_new_one(
             return route.continue_()
         busy["left"] -= 1
         route.fetch()  # the gateway checks the solution and spends it
-        route.fulfill(status=503, body='{"error": {"code": "queue_full", "message": "full"}}',
-                      headers={"Retry-After": "1", "Content-Type": "application/json"})
+        route.fulfill(
+            status=503,
+            body='{"error": {"code": "queue_full", "message": "full"}}',
+            headers={"Retry-After": "1", "Content-Type": "application/json"},
+        )
         return None
 
     with live_gateway(stack) as gw, sync_playwright() as p:
