@@ -237,6 +237,11 @@ STATUS = obj(
             "and nothing is reserved until it resumes; an admitted buyer's turn is kept, "
             "its time stopped",
         },
+        "ended": {
+            "type": "boolean",
+            "description": "the sale has ended (its end came, or it was ended): the state is "
+            "expired (or sold_out) for every buyer, whose turn did not pass but will not come",
+        },
     },
     ["state", "position", "ahead", "eta_seconds", "retry_after_ms"],
 )

@@ -202,6 +202,8 @@ async def queue_status(request: web.Request) -> web.Response:
     body.update(status.body())
     if counters.view.status == "paused" and status.state in ("waiting", "admitted"):
         body["paused"] = True  # nobody is admitted or reserves; an admitted turn is kept
+    if counters.view.status == "ended" or now_ms >= counters.view.ends_at_ms:
+        body["ended"] = True  # over for everyone: no turn passed, none is coming
     if status.admission_deadline_ms is not None:
         deadline_s = status.admission_deadline_ms / 1000 - counters.offset_ms / 1000
         body["admission_token"] = app[SIGNERS].admission.sign(

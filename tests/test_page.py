@@ -344,6 +344,24 @@ def test_a_buyer_whose_product_sold_out_takes_another_in_the_same_turn(
             browser.close()
 
 
+def test_a_buyer_waiting_when_the_sale_is_ended_is_told_it_ended(
+    stack: Settings, chromium: str
+) -> None:
+    """The merchandiser ends the sale while buyers still wait in line: the page told them
+    "Your turn has passed", though their turn never came."""
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    with live_page(stack, chromium, "Cut-short drop") as live:
+        gw, sale, page = live.gw, live.sale, live.page  # no pump: the buyer waits
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'still-waiting')}")
+        page.click("#join")
+        page.wait_for_selector("#state[data-state='waiting']", timeout=10_000)
+        ended = requests.post(f"{gw.base_url}/admin/v1/sales/{sale}/end", headers=admin,
+                              timeout=10)  # fmt: skip
+        assert ended.status_code == 200, ended.text
+        page.wait_for_selector("#state[data-state='ended']", timeout=20_000)
+        assert page.text_content("#state") == "This sale has ended"
+
+
 def test_a_page_for_one_product_reads_that_product_only(stack: Settings, chromium: str) -> None:
     """A storefront sends a buyer to one product of a catalogue sale (``?sku=``): the page
     read and listed every SKU of the sale (40 MB of JSON for 200,000). It asks for the
