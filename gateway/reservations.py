@@ -71,7 +71,15 @@ REFUSALS: dict[str, tuple[type[FlashsaleError], str, str]] = {
 REMEMBERED = frozenset({"sold_out", "limit_exceeded", "invalid_quantity"})
 
 
-def _refuse(outcome: str) -> FlashsaleError:
+# A SKU sold out while other buyers hold units: a hold that expires, is cancelled or fails its
+# payment gives its units back, and a refusal leaves the admission to another request.
+SOLD_OUT_FOR_NOW = ("sold out for now: units other buyers hold may come back; try again with "
+                    "a new Idempotency-Key while your turn lasts")  # fmt: skip
+
+
+def _refuse(outcome: str, holds_pending: bool = False) -> FlashsaleError:
+    if outcome == "sold_out" and holds_pending:
+        return Conflict(SOLD_OUT_FOR_NOW, code="sold_out")
     kind, code, message = REFUSALS.get(outcome, (Unavailable, "unavailable", outcome))
     if kind is InvalidInput:
         field = "Idempotency-Key" if code == "idempotency_mismatch" else "quantity"
@@ -225,7 +233,7 @@ async def reserve(request: web.Request) -> web.Response:
             # the reserve script marks the claim itself). A bucket's sold_out is not
             # remembered: the same request asked again may be granted, so its claim stays.
             await app[QUEUE].refused(SaleKeys(sale_id), position, key, claim.fingerprint)
-        raise await _unless_ended(request, sale_id, _refuse(outcome))
+        raise await _unless_ended(request, sale_id, _refuse(outcome, result.holds_pending))
     rid, expires_ms = result.reservation_id, result.hold_expires_at_ms
     assert rid is not None and expires_ms is not None
     # The hold as it stands now (a replay's may have moved on since it was granted), and its

@@ -521,6 +521,7 @@ async def test_a_refused_request_leaves_the_admission_to_another_one(gw: Gateway
     two = {**one, "sku": "SKU-2"}
     code, refused = await gw.reserve(sale, "second", token, key="a", body=one)
     assert (code, refused["error"]["code"]) == (409, "sold_out"), refused
+    assert "may come back" in refused["error"]["message"]  # the first buyer's hold is live
     code, status = await gw.status(sale, tickets["second"])
     assert status["state"] == "admitted" and "reserved" not in status, status
     assert status["admission_token"]  # the turn goes on

@@ -338,6 +338,7 @@ def test_a_buyer_whose_product_sold_out_takes_another_in_the_same_turn(
             page.select_option("#sku", "S1")
             page.click("#reserve")
             page.wait_for_selector("#result:has-text('Model 1 is sold out')", timeout=10_000)
+            assert "may come back" in (page.text_content("#result") or "")  # the rival's hold
             page.select_option("#sku", "S2")
             page.click("#reserve")
             page.wait_for_selector("#result:has-text('Reserved')", timeout=10_000)
