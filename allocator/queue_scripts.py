@@ -211,14 +211,16 @@ class QueueScripts:
         return [JoinResult(text(raw[i]), int(raw[i + 1])) for i in range(0, len(raw), 2)]
 
     async def claim(
-        self, keys: SaleKeys, position: int, key: str, fingerprint: str, deadline_ms: int
-    ) -> str:
+        self, keys: SaleKeys, position: int, key: str, fingerprint: str, deadline_ms: int,
+        *, paused: bool = False,
+    ) -> str:  # fmt: skip
         """Bind admission ``position`` to the request (``key``, ``fingerprint``): ok, mismatch,
-        used, expired or not_admitted (see ``lua/claim.lua``). ``refused`` gives it back when
-        the decision refuses the request."""
-        raw = await self._claim(
-            keys=[keys.queue, keys.claims], args=[position, key, fingerprint, deadline_ms]
-        )
+        used, expired or not_admitted (see ``lua/claim.lua``); with ``paused``, 'paused' unless
+        the request holds its claim already. ``refused`` gives it back when the decision
+        refuses the request."""
+        raw = await self._claim(keys=[keys.queue, keys.claims],
+                                args=[position, key, fingerprint, deadline_ms,
+                                      "paused" if paused else ""])  # fmt: skip
         return text(raw)
 
     async def refused(self, keys: SaleKeys, position: int, key: str, fingerprint: str) -> bool:

@@ -170,15 +170,17 @@ def _gate(request: web.Request, buyer: str, member: str, deadline_ms: int) -> Ad
 
 
 async def _claim(request: web.Request, sale_id: str, claim: ClaimMember, deadline_ms: int) -> None:
-    """The admission claim on a Redis Cluster, made before the decision on the SKU's slot. A
-    paused sale (as this process's counters say, at most 100 ms old) is refused first: a
-    refusal by the sale's state leaves the claim in place, since the same request asked again
-    after the resume may be granted, so it must not be made while nothing can be."""
+    """The admission claim on a Redis Cluster, made before the decision on the SKU's slot.
+    While the sale is paused (as this process's counters say, at most 100 ms old) no claim is
+    made: a refusal by the sale's state leaves its claim in place, since the same request asked
+    again after the resume may be granted. A request that holds its claim already goes on, to
+    be answered as it was."""
     app = request.app
-    if (await app[COUNTERS].get(sale_id)).view.status == "paused":
-        raise _refuse("paused")
+    paused = (await app[COUNTERS].get(sale_id)).view.status == "paused"
     claimed = await app[QUEUE].claim(SaleKeys(sale_id), claim.position, claim.idempotency_key,
-                                     claim.fingerprint, deadline_ms)  # fmt: skip
+                                     claim.fingerprint, deadline_ms, paused=paused)  # fmt: skip
+    if claimed == "paused":
+        raise _refuse("paused")
     if claimed != "ok":
         app[METRICS].count(app[METRICS].reservations, f"admission_{claimed}")
         raise await _unless_ended(request, sale_id, _claim_refused(claimed))

@@ -7,6 +7,9 @@
 -- ARGV[5] 'refused': mark the claim of this request, which its decision refused (sold out,
 --   over the limit), so that another request may claim the admission; only this exact claim
 --   is marked, never another request's. Returns 'marked' or 'absent'.
+-- ARGV[5] 'paused' (the gateway sees the sale paused): 'ok' only for a request that holds its
+--   claim already (asked again, it is answered as it was), else 'paused', claiming nothing:
+--   a claim made for a refusal by the sale's state would stay.
 -- Returns 'ok' (first use, the same request again, or a request after a refused one),
 -- 'mismatch' (same key, other request), 'used' (another request was granted with this
 -- admission, or its buyer left), 'expired', 'not_admitted', or 'unavailable' while Redis has
@@ -28,6 +31,9 @@ local serving = tonumber(redis.call('HGET', queue, 'serving') or '0')
 local refusal, prior = check_claim(claims, p, member, tonumber(ARGV[4]), serving, now_ms())
 if refusal then
   return refusal
+end
+if prior and ARGV[5] == 'paused' then
+  return 'paused'
 end
 if prior then
   write_claim(claims, p, member, prior, false)

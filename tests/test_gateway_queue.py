@@ -543,3 +543,9 @@ async def test_a_refused_request_leaves_the_admission_to_another_one(gw: Gateway
     # Single use: once granted, the admission serves no other request.
     code, used = await gw.reserve(sale, "second", token, key="d", body=two)
     assert (code, used["error"]["code"]) == (403, "admission_used"), used
+    # A granted request asked again while the sale is paused is answered as it was.
+    paused = await gw.http.post(f"/admin/v1/sales/{sale}/pause", headers=admin)
+    assert paused.status == 200, await paused.text()
+    await _seen_paused(gw, sale, tickets["second"], True)
+    replay = await gw.reserve(sale, "second", token, key="c", body=two)
+    assert replay[0] == 201 and replay[1]["reservation_id"] == granted["reservation_id"], replay
