@@ -253,16 +253,17 @@ def live_gateway(stack: Settings, **overrides: Any) -> Iterator[LiveGateway]:
 
 
 def create_live_sale(
-    base_url: str, *, stock: int = 50, name: str = "live test", starts_in: float = -1.0
-) -> str:
+    base_url: str, *, stock: int = 50, name: str = "live test", starts_in: float = -1.0,
+    spec: dict[str, Any] | None = None,
+) -> str:  # fmt: skip
     """A preloaded sale that started a second ago (or starts in ``starts_in`` seconds), through
-    the admin API."""
+    the admin API; ``spec``, a whole sale file, instead of those."""
     import requests
 
     headers = {"Authorization": f"Bearer {ADMIN}"}
     created = requests.post(
         f"{base_url}/admin/v1/sales",
-        json=sale_spec(name, "S1", stock, starts_in),
+        json=spec or sale_spec(name, "S1", stock, starts_in),
         headers=headers,
         timeout=10,
     )
@@ -274,7 +275,8 @@ def create_live_sale(
 
 @dataclass
 class LivePage:
-    """A gateway, a preloaded one-SKU sale on it (``S1``) and a Chromium page, not opened yet."""
+    """A gateway, a preloaded sale on it (one SKU, ``S1``, unless a whole sale file is given)
+    and a Chromium page, not opened yet."""
 
     gw: LiveGateway
     sale: str
@@ -283,11 +285,13 @@ class LivePage:
 
 @contextlib.contextmanager
 def live_page(stack: Settings, chromium: str, name: str, *, stock: int = 3,
-              starts_in: float = -1.0) -> Iterator[LivePage]:  # fmt: skip
+              starts_in: float = -1.0, spec: dict[str, Any] | None = None,
+              ) -> Iterator[LivePage]:  # fmt: skip
     from playwright.sync_api import sync_playwright
 
     with live_gateway(stack) as gw:
-        sale = create_live_sale(gw.base_url, stock=stock, name=name, starts_in=starts_in)
+        sale = create_live_sale(gw.base_url, stock=stock, name=name, starts_in=starts_in,
+                                spec=spec)  # fmt: skip
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
             try:

@@ -316,33 +316,23 @@ def test_a_buyer_whose_product_sold_out_takes_another_in_the_same_turn(
     """The product a buyer chose sells out as their turn comes: the page says so and the buyer
     reserves another product. The refusal used to spend the admission (403 admission_used),
     and the page sent the next try with the refused request's key (422)."""
-    from playwright.sync_api import sync_playwright
-
-    admin = {"Authorization": f"Bearer {ADMIN}"}
     spec = sale_spec("Two-model drop", "S1", 1)
     spec["skus"].append({**spec["skus"][0], "sku": "S2", "title": "Model 2", "stock": 3})
     spec["skus"][0]["title"] = "Model 1"
-    with live_gateway(stack) as gw:
-        created = requests.post(f"{gw.base_url}/admin/v1/sales", json=spec, headers=admin,
-                                timeout=10)  # fmt: skip
-        sale = created.json()["id"]
-        requests.post(f"{gw.base_url}/admin/v1/sales/{sale}/preload", headers=admin, timeout=10)
+    with live_page(stack, chromium, "Two-model drop", spec=spec) as live:
+        gw, sale, page = live.gw, live.sale, live.page
         gw.pump_forever(sale, ["S1", "S2"])
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
-            page = browser.new_page()
-            page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'second-choice')}")
-            page.click("#join")
-            page.wait_for_selector("#state[data-state='admitted']", timeout=20_000)
-            _reserve_as(gw, sale, "rival", "S1")  # the last Model 1 goes to another buyer
-            page.select_option("#sku", "S1")
-            page.click("#reserve")
-            page.wait_for_selector("#result:has-text('Model 1 is sold out')", timeout=10_000)
-            assert "may come back" in (page.text_content("#result") or "")  # the rival's hold
-            page.select_option("#sku", "S2")
-            page.click("#reserve")
-            page.wait_for_selector("#result:has-text('Reserved')", timeout=10_000)
-            browser.close()
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'second-choice')}")
+        page.click("#join")
+        page.wait_for_selector("#state[data-state='admitted']", timeout=20_000)
+        _reserve_as(gw, sale, "rival", "S1")  # the last Model 1 goes to another buyer
+        page.select_option("#sku", "S1")
+        page.click("#reserve")
+        page.wait_for_selector("#result:has-text('Model 1 is sold out')", timeout=10_000)
+        assert "may come back" in (page.text_content("#result") or "")  # the rival's hold
+        page.select_option("#sku", "S2")
+        page.click("#reserve")
+        page.wait_for_selector("#result:has-text('Reserved')", timeout=10_000)
 
 
 def test_a_buyer_waiting_when_the_sale_is_ended_is_told_it_ended(
@@ -369,14 +359,10 @@ def test_a_page_for_one_product_reads_that_product_only(stack: Settings, chromiu
     product alone, and says so when the sale does not have it."""
     from playwright.sync_api import Request, sync_playwright
 
-    admin = {"Authorization": f"Bearer {ADMIN}"}
     spec = sale_spec("Catalogue drop", "S1", 5)
     spec["skus"] += [{**spec["skus"][0], "sku": f"S{i}", "title": f"Model {i}"} for i in (2, 3)]
     with live_gateway(stack) as gw:
-        created = requests.post(f"{gw.base_url}/admin/v1/sales", json=spec, headers=admin,
-                                timeout=10)  # fmt: skip
-        sale = created.json()["id"]
-        requests.post(f"{gw.base_url}/admin/v1/sales/{sale}/preload", headers=admin, timeout=10)
+        sale = create_live_sale(gw.base_url, spec=spec)
         asked: list[str] = []
 
         def seen(request: Request) -> None:
@@ -503,17 +489,12 @@ def test_the_page_solves_a_join_challenge_and_how_long_it_takes(
     from playwright.sync_api import sync_playwright
 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    admin = {"Authorization": f"Bearer {ADMIN}"}
     times: dict[int, list[int]] = {}
     with live_gateway(stack) as gw, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
         for bits in (8, 12, 14):
             spec = {**sale_spec(f"Guarded drop {bits}", "S1", 50), "join_challenge": bits}
-            created = requests.post(f"{gw.base_url}/admin/v1/sales", json=spec, headers=admin,
-                                    timeout=10)  # fmt: skip
-            sale = created.json()["id"]
-            requests.post(f"{gw.base_url}/admin/v1/sales/{sale}/preload", headers=admin,
-                          timeout=10)  # fmt: skip
+            sale = create_live_sale(gw.base_url, spec=spec)
             for n in range(3):
                 page = browser.new_page()
                 page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, f'human-{bits}-{n}')}")
@@ -538,7 +519,6 @@ def test_a_join_whose_challenge_was_spent_by_a_busy_answer_solves_a_new_one(
     refused for good: "this challenge was used already". It solves a new one."""
     from playwright.sync_api import Route, sync_playwright
 
-    admin = {"Authorization": f"Bearer {ADMIN}"}
     spec = {**sale_spec("Guarded busy drop", "S1", 5), "join_challenge": 4}
     busy = {"left": 1}
 
@@ -555,10 +535,7 @@ def test_a_join_whose_challenge_was_spent_by_a_busy_answer_solves_a_new_one(
         return None
 
     with live_gateway(stack) as gw, sync_playwright() as p:
-        created = requests.post(f"{gw.base_url}/admin/v1/sales", json=spec, headers=admin,
-                                timeout=10)  # fmt: skip
-        sale = created.json()["id"]
-        requests.post(f"{gw.base_url}/admin/v1/sales/{sale}/preload", headers=admin, timeout=10)
+        sale = create_live_sale(gw.base_url, spec=spec)
         browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
         page = browser.new_page()
         page.route(f"**/v1/sales/{sale}/queue", first_join_busy)
