@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -63,6 +64,11 @@ def test_up_reuse_env_status_down(scratch_home: Path, run_cli: Cli) -> None:
     for var in (*EXTERNAL_VAR.values(), *SECRET_VARS):
         assert f"export {var}=" in env.out
         assert values[var]
+    # The shell that takes these lines runs later commands against this stack's folder from
+    # any directory: `dev down` stopped the default stack, and `audit` missed the payment
+    # provider `flashsale up` had written beside this one.
+    exported = dict(line.removeprefix("export ").split("=", 1) for line in env.out.splitlines())
+    assert shlex.split(exported["FLASHSALE_HOME"]) == [str(scratch_home.resolve())]
     assert values["REDIS_URL"].startswith("redis://default:")
     unnamed = values["REDIS_URL"].replace("redis://default:", "redis://:")
     unnamed_env = {**values, "REDIS_URL": unnamed}  # still this stack's own server

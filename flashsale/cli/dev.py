@@ -104,7 +104,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     down = dev_sub.add_parser("down", help="stop the stack cleanly")
     down.add_argument("--purge", action="store_true", help="also delete its data and secrets")
     dev_sub.add_parser("status", help="what runs where (exit 3 if something is down)")
-    dev_sub.add_parser("env", help="print the export lines of .flashsale/dev.env")
+    dev_sub.add_parser("env", help="print the export lines of .flashsale/dev.env, and "
+                                   "FLASHSALE_HOME (the stack's folder)")  # fmt: skip
 
     migrate_ = commands.add_parser(
         "migrate", help="apply pending Postgres migrations (re-runnable)"
