@@ -3,10 +3,12 @@ waits, is admitted and reserves; the test saves a screenshot of each stage."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from tests.harness import (
     FLAGS,
     SCREENSHOTS,
     LiveGateway,
+    LivePage,
     create_live_sale,
     live_gateway,
     live_page,
@@ -310,21 +313,31 @@ def _reserve_as(gw: LiveGateway, sale: str, buyer: str, sku: str) -> None:
     assert reserved.status_code == 201, reserved.text
 
 
+@contextlib.contextmanager
+def _admitted_to_two_models(
+    stack: Settings, chromium: str, buyer: str, *, first_stock: int
+) -> Iterator[LivePage]:
+    """A running sale of Model 1 (``first_stock`` units, S1) and Model 2 (3 units, S2), and
+    ``buyer``'s page on it, admitted."""
+    spec = sale_spec("Two-model drop", "S1", first_stock)
+    spec["skus"].append({**spec["skus"][0], "sku": "S2", "title": "Model 2", "stock": 3})
+    spec["skus"][0]["title"] = "Model 1"
+    with live_page(stack, chromium, "Two-model drop", spec=spec) as live:
+        live.gw.pump_forever(live.sale, ["S1", "S2"])
+        live.page.goto(f"{live.gw.base_url}/sales/{live.sale}#token={_buyer(live.gw, buyer)}")
+        live.page.click("#join")
+        live.page.wait_for_selector("#state[data-state='admitted']", timeout=20_000)
+        yield live
+
+
 def test_a_buyer_whose_product_sold_out_takes_another_in_the_same_turn(
     stack: Settings, chromium: str
 ) -> None:
     """The product a buyer chose sells out as their turn comes: the page says so and the buyer
     reserves another product. The refusal used to spend the admission (403 admission_used),
     and the page sent the next try with the refused request's key (422)."""
-    spec = sale_spec("Two-model drop", "S1", 1)
-    spec["skus"].append({**spec["skus"][0], "sku": "S2", "title": "Model 2", "stock": 3})
-    spec["skus"][0]["title"] = "Model 1"
-    with live_page(stack, chromium, "Two-model drop", spec=spec) as live:
+    with _admitted_to_two_models(stack, chromium, "second-choice", first_stock=1) as live:
         gw, sale, page = live.gw, live.sale, live.page
-        gw.pump_forever(sale, ["S1", "S2"])
-        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'second-choice')}")
-        page.click("#join")
-        page.wait_for_selector("#state[data-state='admitted']", timeout=20_000)
         _reserve_as(gw, sale, "rival", "S1")  # the last Model 1 goes to another buyer
         page.select_option("#sku", "S1")
         page.click("#reserve")
@@ -351,6 +364,26 @@ def test_a_buyer_waiting_when_the_sale_is_ended_is_told_it_ended(
         assert ended.status_code == 200, ended.text
         page.wait_for_selector("#state[data-state='ended']", timeout=20_000)
         assert page.text_content("#state") == "This sale has ended"
+
+
+def test_a_product_taken_out_of_the_sale_leaves_the_list_and_another_is_reserved(
+    stack: Settings, chromium: str
+) -> None:
+    """The merchandiser takes a product nobody reserved out of a running sale while a buyer
+    has it chosen: Reserve answered "unknown SKU 'S2' in sale sale-…" and kept offering it."""
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    with _admitted_to_two_models(stack, chromium, "recalled", first_stock=3) as live:
+        gw, sale, page = live.gw, live.sale, live.page
+        page.select_option("#sku", "S2")
+        gone = requests.delete(f"{gw.base_url}/admin/v1/sales/{sale}/skus/S2", headers=admin,
+                               timeout=10)  # fmt: skip
+        assert gone.status_code == 200, gone.text
+        page.click("#reserve")
+        page.wait_for_selector("#result:has-text('no longer in this sale')", timeout=10_000)
+        options = page.eval_on_selector_all("#sku option", "os => os.map(o => o.value)")
+        assert options == ["S1"], options
+        page.click("#reserve")
+        page.wait_for_selector("#result:has-text('Reserved')", timeout=10_000)
 
 
 def test_a_page_for_one_product_reads_that_product_only(stack: Settings, chromium: str) -> None:
