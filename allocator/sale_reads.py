@@ -200,17 +200,19 @@ class SaleReads:
             rows.append(row)
         return {"sale": sale_json(sale), "skus": rows}
 
-    async def with_stock(self, sale_id: str) -> tuple[dict[str, Any], dict[str, int | None]]:
-        """The sale as :meth:`get` gives it, and each SKU's available units in Redis (None
-        before its preload): what the public sale summary shows. Raises NotFound."""
+    async def with_stock(
+        self, sale_id: str
+    ) -> tuple[dict[str, Any], dict[str, tuple[int, int] | None]]:
+        """The sale as :meth:`get` gives it, and each SKU's (available, held) units in Redis
+        (None before its preload): what the public sale summary shows. Raises NotFound."""
         async with self.pool.acquire() as conn:
             sale = await self.sale_row(conn, sale_id)
             skus = await fetch_skus(conn, sale_id)
-        available = {}
+        stock: dict[str, tuple[int, int] | None] = {}
         async for sku, per_bucket in self._counted(sale_id, skus):
             count = summed(per_bucket)
-            available[sku["sku"]] = None if count is None else count.available
-        return sale_json(sale, skus), available
+            stock[sku["sku"]] = None if count is None else (count.available, count.held)
+        return sale_json(sale, skus), stock
 
     async def _counted(self, sale_id: str, skus: Sequence[asyncpg.Record]) -> AsyncIterator[
             tuple[asyncpg.Record, list[StockCounts | None]]]:  # fmt: skip

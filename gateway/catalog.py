@@ -99,22 +99,24 @@ async def _read_summary(app: web.Application, sale_id: str) -> Summary:
     cached = cache.get(sale_id)
     began = time.monotonic()
     try:
-        sale, remaining = await app[SALES].with_stock(sale_id)
+        sale, stock = await app[SALES].with_stock(sale_id)
     except Exception as exc:
         if cached is None or not is_outage(exc):
             raise
         return cached.value  # Postgres is down: the sale as last seen
     # In a thread: for 200,000 SKUs the build took the loop 0.4 s (the thread holds the GIL
     # for a switch interval at a time; zlib and the hash let go of it).
-    summary = await asyncio.to_thread(summary_document, sale, remaining)
+    summary = await asyncio.to_thread(summary_document, sale, stock)
     if len(cache) > 1024:
         cache.clear()
     cache[sale_id] = copy_of(summary, began, INFO_TTL_S, MAX_INFO_TTL_S)
     return summary
 
 
-def summary_document(sale: dict[str, Any], remaining: Mapping[str, int | None]) -> Summary:
-    """The public summary of ``sale`` with each SKU's ``remaining`` units, encoded."""
+def summary_document(sale: dict[str, Any], stock: Mapping[str, tuple[int, int] | None]) -> Summary:
+    """The public summary of ``sale`` with each SKU's remaining units, encoded. A SKU is sold
+    out when none remain and none are held: a held unit comes back if its hold expires, is
+    cancelled or its payment fails, and the waiting room still queues buyers for it."""
     body = {
         "id": sale["id"],
         "name": sale["name"],
@@ -134,8 +136,8 @@ def summary_document(sale: dict[str, Any], remaining: Mapping[str, int | None]) 
                 "currency": s["currency"],
                 "per_buyer_limit": s["per_buyer_limit"],
                 "buckets": s["buckets"],
-                "remaining": remaining.get(s["sku"]),
-                "sold_out": remaining.get(s["sku"]) == 0,
+                "remaining": None if (units := stock.get(s["sku"])) is None else units[0],
+                "sold_out": units == (0, 0),
             }
             for s in sale["skus"]
         ],

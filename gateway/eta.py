@@ -64,15 +64,23 @@ def estimate(
         p50 = until + OPENING_P50_S + max(0.0, turn50 - burst) / v.admission_rate
         p90 = until + OPENING_P90_S + max(0.0, turn90 - burst) / (v.admission_rate * PRIOR_SPREAD)
         return round(p50, 1), round(p90, 1)
+    if beyond_free_units(v, position):
+        return None, None
     ahead = max(0, position - v.serving)  # the buyer's turn, counting their own admission
-    if v.available is not None:
-        show = max(0.05, 1.0 - v.noshow)
-        room = math.ceil(max(0.0, v.available - v.outstanding * show) / show)
-        if ahead > room:  # the units free now do not reach this far: held ones must return
-            return None, None
     rate50 = v.rate_p50 if v.beat_ms else v.admission_rate
     rate10 = v.rate_p10 if v.beat_ms else v.admission_rate * PRIOR_SPREAD
     return _wait(ahead, rate50, 0.0), _wait(ahead, rate10, STEP_S)
+
+
+def beyond_free_units(v: QueueView, position: int) -> bool:
+    """Whether the units free now, for the buyers expected to show up, do not reach the waiting
+    buyer at ``position``: only held units that come back can (a waitlist). False while the
+    sale is not running its queue (not active, nobody admitted yet) or its stock is unknown."""
+    if v.status != "active" or v.serving == 0 or v.available is None or position <= v.serving:
+        return False
+    show = max(0.05, 1.0 - v.noshow)
+    room = math.ceil(max(0.0, v.available - v.outstanding * show) / show)
+    return position - v.serving > room
 
 
 def _wait(turn: int, rate: float, margin: float) -> float | None:

@@ -194,7 +194,11 @@ PUBLIC_SALE = obj(
                     "per_buyer_limit": {"type": "integer"},
                     "buckets": {"type": "integer"},
                     "remaining": NULLABLE_INT,
-                    "sold_out": {"type": "boolean"},
+                    "sold_out": {
+                        "type": "boolean",
+                        "description": "no unit remains and none is held (remaining 0 with "
+                        "units held: they may come back, and buyers still queue)",
+                    },
                 },
                 ["sku", "price", "currency", "per_buyer_limit", "remaining", "sold_out"],
             ),
@@ -236,6 +240,12 @@ STATUS = obj(
             "description": "the sale is paused: nobody is admitted "
             "and nothing is reserved until it resumes; an admitted buyer's turn is kept, "
             "its time stopped",
+        },
+        "waitlist": {
+            "type": "boolean",
+            "description": "waiting, and every unit left is held by buyers ahead: the turn "
+            "comes only if held units come back (a hold expires, is cancelled or its payment "
+            "fails), so no ETA is given",
         },
         "ended": {
             "type": "boolean",

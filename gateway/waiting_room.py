@@ -25,7 +25,7 @@ from flashsale.tokens import Signer
 from gateway import challenge
 from gateway.catalog import ended_by_postgres
 from gateway.counters import Counters
-from gateway.eta import estimate
+from gateway.eta import beyond_free_units, estimate
 from gateway.http import buyer_of, json_response, queue_ticket, rate_keys, rate_limit, sale_of
 from gateway.state import (
     COUNTERS,
@@ -202,6 +202,8 @@ async def queue_status(request: web.Request) -> web.Response:
     body.update(status.body())
     if counters.view.status == "paused" and status.state in ("waiting", "admitted"):
         body["paused"] = True  # nobody is admitted or reserves; an admitted turn is kept
+    if status.state == "waiting" and position and beyond_free_units(counters.view, position):
+        body["waitlist"] = True  # every unit left is held ahead: only returns reach this place
     if counters.view.status == "ended" or now_ms >= counters.view.ends_at_ms:
         body["ended"] = True  # over for everyone: no turn passed, none is coming
     if status.admission_deadline_ms is not None:

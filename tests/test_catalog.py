@@ -177,7 +177,7 @@ async def test_a_catalogue_summary_is_built_off_the_loop() -> None:
     sale = {"id": "sale-big", "name": "Catalogue", "state": "live", "starts_at": "x",
             "ends_at": "y", "admission_window_seconds": 60, "join_challenge": 0,
             "join_challenge_max": 0, "shuffle": None, "skus": skus}  # fmt: skip
-    remaining: dict[str, int | None] = {str(s["sku"]): 5 for s in skus}
+    remaining: dict[str, tuple[int, int] | None] = {str(s["sku"]): (5, 0) for s in skus}
 
     class Sales:
         async def with_stock(self, sale_id: str) -> Any:

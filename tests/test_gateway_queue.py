@@ -549,3 +549,31 @@ async def test_a_refused_request_leaves_the_admission_to_another_one(gw: Gateway
     await _seen_paused(gw, sale, tickets["second"], True)
     replay = await gw.reserve(sale, "second", token, key="c", body=two)
     assert replay[0] == 201 and replay[1]["reservation_id"] == granted["reservation_id"], replay
+
+
+async def test_a_buyer_behind_units_all_held_is_told_only_returns_can_reach_them(
+    gw: Gateway,
+) -> None:
+    """Every unit left is held by buyers ahead: a waiting buyer's turn comes only if some come
+    back. The status said "waiting" with no ETA and no reason (DESIGN: "or waitlist while
+    holds may still return")."""
+    sale = await gw.create_sale(stock=1)
+    gw.pump(sale)
+    _, holder = await gw.join(sale, "holder")
+    await gw.join(sale, "second")  # admitted too: half the admitted may not show up
+    _, hopeful = await gw.join(sale, "hopeful")
+    admitted = await gw.admitted(sale, holder["ticket"])
+    assert (await gw.reserve(sale, "holder", admitted["admission_token"]))[0] == 201
+    for _ in range(100):  # the gateway's counters see the hold within 100 ms
+        code, status = await gw.status(sale, hopeful["ticket"])
+        if status.get("waitlist"):
+            break
+        await asyncio.sleep(0.02)
+    assert (code, status["state"], status.get("waitlist")) == (200, "waiting", True), status
+    assert status["eta_seconds"] == {"p50": None, "p90": None}
+    code, first = await gw.status(sale, holder["ticket"])
+    assert "waitlist" not in first, first  # admitted, with a hold: not waiting for anything
+    # Nor is the product sold out: the sale's page said "Sold out, everything is gone" and
+    # offered no join while the unit was held and might come back.
+    info = await (await gw.http.get(f"/v1/sales/{sale}")).json()
+    assert (info["skus"][0]["remaining"], info["skus"][0]["sold_out"]) == (0, False), info

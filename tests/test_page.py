@@ -386,6 +386,22 @@ def test_a_product_taken_out_of_the_sale_leaves_the_list_and_another_is_reserved
         page.wait_for_selector("#result:has-text('Reserved')", timeout=10_000)
 
 
+def test_a_buyer_behind_units_all_held_is_told_why_there_is_no_eta(
+    stack: Settings, chromium: str
+) -> None:
+    """Every unit left is held by another buyer: the page said "Sold out, everything is gone"
+    and offered no join, though the unit may come back; once in line, it showed the place
+    and no ETA, without saying why."""
+    with live_page(stack, chromium, "Held drop", stock=1) as live:
+        gw, sale, page = live.gw, live.sale, live.page
+        gw.pump_forever(sale, ["S1"])
+        _reserve_as(gw, sale, "holder", "S1")
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'behind')}")
+        page.click("#join")
+        page.wait_for_selector("#detail:has-text('held by buyers ahead')", timeout=10_000)
+        assert page.get_attribute("#state", "data-state") == "waiting"
+
+
 def test_a_page_for_one_product_reads_that_product_only(stack: Settings, chromium: str) -> None:
     """A storefront sends a buyer to one product of a catalogue sale (``?sku=``): the page
     read and listed every SKU of the sale (40 MB of JSON for 200,000). It asks for the
