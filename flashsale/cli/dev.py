@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shlex
 import sys
 from collections.abc import Callable
 
@@ -38,8 +39,10 @@ def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
     if args.dev_command == "down":
         stack.down(purge=args.purge)
         return 0
-    if args.dev_command == "env":
-        sys.stdout.write(stack.env_lines())
+    if args.dev_command == "env":  # and the stack's folder: later commands find it from anywhere
+        sys.stdout.write(
+            stack.env_lines() + f"export FLASHSALE_HOME={shlex.quote(str(stack.home))}\n"
+        )
         return 0
     rows = stack.status()
     for row in rows:

@@ -23,7 +23,6 @@ import contextlib
 import fcntl
 import os
 import secrets
-import shlex
 import shutil
 import signal
 import time
@@ -337,11 +336,9 @@ class DevStack:
     # -- env / status / down -------------------------------------------------------------
 
     def env_lines(self) -> str:
-        """The export lines of dev.env, and the stack's folder: a shell that takes them runs
-        later commands (``dev down``, ``audit``) against this stack from any directory."""
         if not self.env_file.is_file():
             raise StackError("no embedded stack here: run `flashsale dev up` first")
-        return self.env_file.read_text() + f"export FLASHSALE_HOME={shlex.quote(str(self.home))}\n"
+        return self.env_file.read_text()
 
     def status(self) -> list[ServerStatus]:
         state = self._load()
