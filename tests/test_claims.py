@@ -10,8 +10,6 @@ import time
 import uuid
 from typing import Any
 
-import pytest
-import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -21,6 +19,7 @@ from flashsale.clients import redis_client
 from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.records import ClaimMember, text
 from flashsale.settings import Settings
+from tests.holds import single_node_only
 
 SKUS = ("SKU-1", "SKU-2")
 # (position, key, SKU, quantity, payment) of a request, or a cancel of the n-th grant so far
@@ -46,8 +45,7 @@ async def _sale(client: Any) -> SaleKeys:
 async def _run(stack: Settings, steps: list[Any]) -> None:
     client = redis_client(stack)
     try:
-        if isinstance(client, aioredis.RedisCluster):
-            pytest.skip("the admission gate runs on a single Redis node only")
+        single_node_only(client)
         sale = await _sale(client)
         scripts = HoldScripts(client)
         deadline = int(time.time() * 1000) + 600_000

@@ -17,7 +17,7 @@ from flashsale.errors import InvalidInput
 from flashsale.events import outbox_events
 from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.records import ClaimMember, HoldRecord, text
-from tests.holds import make_sku, request, reserve
+from tests.holds import make_sku, request, reserve, single_node_only
 
 
 async def test_reserve_grants_and_records_everything(client: aioredis.Redis) -> None:
@@ -201,17 +201,10 @@ def _gated(buyer: str, position: int, key: str, *, payment: str = "tok_ok",
                           Admit(member, deadline, RateKeys(None, buyer_key, rates)))  # fmt: skip
 
 
-def _single_node(client: Any) -> None:
-    """The admission gate touches a sale's keys and a SKU's in one script: a single Redis node
-    only. On a cluster the gateway claims first (tests/test_gateway_queue.py runs there)."""
-    if isinstance(client, aioredis.RedisCluster):
-        pytest.skip("the admission gate runs on a single Redis node only")
-
-
 async def test_the_gate_claims_the_admission_and_returns_the_hold_with_the_decision(
     client: aioredis.Redis,
 ) -> None:
-    _single_node(client)
+    single_node_only(client)
     sku = await make_sku(client, stock=5)
     sale = SaleKeys(sku.keys.sale_id)
     await client.hset(sale.queue, mapping={"live": 1, "serving": 3})
@@ -260,7 +253,7 @@ async def test_the_gate_lets_only_a_grant_use_an_admission_up(client: aioredis.R
     same request, another key may use the admission while the turn lasts, and a grant uses
     it up. A request asked again after a stock transfer (``passed``) is claimed when granted,
     though its first call was refused."""
-    _single_node(client)
+    single_node_only(client)
     sku = await make_sku(client, stock=1, limit=1)
     sale = SaleKeys(sku.keys.sale_id)
     await client.hset(sale.queue, mapping={"live": 1, "serving": 3})
@@ -301,7 +294,7 @@ async def test_the_gate_lets_only_a_grant_use_an_admission_up(client: aioredis.R
 async def test_the_gate_counts_rate_limits_once_per_request_in_a_batch(
     client: aioredis.Redis,
 ) -> None:
-    _single_node(client)
+    single_node_only(client)
     sku = await make_sku(client, stock=5, limit=5)
     sale = SaleKeys(sku.keys.sale_id)
     await client.hset(sale.queue, mapping={"live": 1, "serving": 10})
