@@ -23,6 +23,7 @@ from typing import Any
 import asyncpg
 
 from flashsale.events import ReservationEvent
+from flashsale.timefmt import iso
 
 TERMINAL = frozenset({"CONFIRMED", "PAYMENT_FAILED", "EXPIRED", "CANCELLED"})
 # What a hold's release cause means for its order, and the cause a released hold records for
@@ -189,7 +190,7 @@ class OrderView:
 
     def json(self) -> dict[str, Any]:
         return {"state": self.state, "amount": self.amount, "currency": self.currency,
-                "updated_at": self.updated_at.isoformat()}  # fmt: skip
+                "updated_at": iso(self.updated_at)}  # fmt: skip
 
 
 async def order_view(pool: asyncpg.Pool, order_id: str) -> OrderView | None:

@@ -13,7 +13,6 @@ import heapq
 import importlib.resources
 import math
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -139,10 +138,8 @@ async def live(request: web.Request) -> web.Response:
         sale_id,
     )
     body: dict[str, Any] = {
-        "at": datetime.now(UTC).isoformat(timespec="milliseconds"),
-        "skus_read_at": datetime.fromtimestamp(skus["at"], UTC).isoformat(
-            timespec="milliseconds"
-        ),
+        "at": iso_ms(int(time.time() * 1000)),
+        "skus_read_at": iso_ms(int(skus["at"] * 1000)),
         "sale": sale,
         "skus": skus["skus"],
         "skus_total": skus["skus_total"],

@@ -13,6 +13,7 @@ from gateway.openapi_schemas import (
     SALE_SPEC,
     SALE_STATUS,
     SKU_SPEC,
+    TIME,
     obj,
 )
 
@@ -268,12 +269,12 @@ def admin_paths() -> dict[str, Any]:
                         "The sale now",
                         obj(
                             {
-                                "at": {"type": "string"},
+                                "at": TIME,
                                 "sale": SALE,
                                 "skus": SALE_STATUS["properties"]["skus"],
                                 "skus_total": {"type": "integer"},
                                 "totals": {"type": "object"},
-                                "skus_read_at": {"type": "string"},
+                                "skus_read_at": TIME,
                                 "queue": {"type": "object"},
                                 "routes": {"type": "object"},
                                 "consumer_lag": {"type": ["integer", "null"]},

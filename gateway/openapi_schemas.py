@@ -36,6 +36,16 @@ ID = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"}
 NULLABLE_INT = {"type": ["integer", "null"]}
 NULLABLE_NUMBER = {"type": ["number", "null"]}
 NULLABLE_STRING = {"type": ["string", "null"]}
+# Every time the engine answers: ISO 8601 in UTC with a Z (flashsale.timefmt).
+TIME_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z$"
+TIME = {"type": "string", "format": "date-time", "pattern": TIME_PATTERN}
+
+
+def nullable_time(description: str) -> dict[str, object]:
+    """A time, or null (``description`` says when)."""
+    return {"type": ["string", "null"], "format": "date-time", "pattern": TIME_PATTERN,
+            "description": description}  # fmt: skip
+
 
 SKU_SPEC = obj(
     {
@@ -53,8 +63,8 @@ SKU_SPEC = obj(
 SALE_SPEC = obj(
     {
         "name": {"type": "string"},
-        "starts_at": {"type": "string"},
-        "ends_at": {"type": "string"},
+        "starts_at": {"type": "string", "description": "ISO 8601 with a timezone"},
+        "ends_at": {"type": "string", "description": "ISO 8601 with a timezone"},
         "admission_rate": {"type": ["integer", "string"]},
         "max_queue": {"type": ["integer", "string"]},
         "admission_window_seconds": {"type": ["integer", "string"]},
@@ -75,14 +85,13 @@ SALE = obj(
         "name": {"type": "string"},
         "status": {"enum": ["active", "paused", "ended"]},
         "state": {"enum": ["scheduled", "live", "paused", "ended"]},
-        "starts_at": {"type": "string"},
-        "ends_at": {"type": "string"},
-        "preloaded_at": NULLABLE_STRING,
-        "archived_at": {
-            "type": ["string", "null"],
-            "description": "when the ended sale was archived: its audit recorded, its per-buyer "
-            "Redis state deleted",
-        },
+        "starts_at": TIME,
+        "ends_at": TIME,
+        "preloaded_at": nullable_time("when the sale was last preloaded; null before"),
+        "archived_at": nullable_time(
+            "when the ended sale was archived: its audit recorded, its per-buyer Redis state "
+            "deleted"
+        ),
         "shuffle": SHUFFLE,
         "sku_count": {
             "type": "integer",
@@ -136,7 +145,7 @@ SALE_STATUS = obj(
 ARCHIVED = obj(
     {
         "sale_id": ID,
-        "archived_at": {"type": "string"},
+        "archived_at": TIME,
         "buckets": {"type": "integer", "description": "stock buckets cleared"},
         "already": {
             "type": "boolean",
@@ -170,8 +179,8 @@ PUBLIC_SALE = obj(
         "id": ID,
         "name": {"type": "string"},
         "state": {"enum": ["scheduled", "live", "paused", "ended"]},
-        "starts_at": {"type": "string"},
-        "ends_at": {"type": "string"},
+        "starts_at": TIME,
+        "ends_at": TIME,
         "admission_window_seconds": {"type": "integer"},
         "join_challenge": {"type": "integer", "description": "proof-of-work bits asked at join"},
         "join_challenge_max": {
@@ -273,7 +282,7 @@ RESERVED = obj(
         "cause": NULLABLE_STRING,
         "sku": ID,
         "quantity": {"type": "integer"},
-        "hold_expires_at": {"type": "string"},
+        "hold_expires_at": TIME,
         "message": {"type": "string"},
     },
     ["reservation_id", "state", "hold_expires_at"],
@@ -286,11 +295,10 @@ RESERVATION = obj(
         "quantity": {"type": "integer"},
         "state": {"enum": ["ACTIVE", "PAYING", "SOLD", "RELEASED"]},
         "cause": NULLABLE_STRING,
-        "hold_expires_at": {
-            "type": ["string", "null"],
-            "description": "null once the hold is no longer in Redis (an archived sale): the "
-            "reservation is then answered from its final order",
-        },
+        "hold_expires_at": nullable_time(
+            "null once the hold is no longer in Redis (an archived sale): the reservation is "
+            "then answered from its final order"
+        ),
         "order": {
             "oneOf": [
                 obj(
@@ -307,7 +315,7 @@ RESERVATION = obj(
                         },
                         "amount": {"type": "integer", "description": "in minor units"},
                         "currency": {"type": "string"},
-                        "updated_at": {"type": "string"},
+                        "updated_at": TIME,
                     },
                     ["state", "amount", "currency", "updated_at"],
                 ),

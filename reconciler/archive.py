@@ -42,6 +42,7 @@ from flashsale.outages import is_outage
 from flashsale.payments import PaymentProvider
 from flashsale.sales import SALE_END, fetch_sale, fetch_skus, sale_state
 from flashsale.settings import Settings
+from flashsale.timefmt import iso
 from reconciler.audit import audit_sale
 from reconciler.report import ReconcileMetrics
 
@@ -73,12 +74,12 @@ class Archived:
     freed_bytes: int  # what Redis reported the deleted keys used (MEMORY USAGE)
 
     def json(self) -> dict[str, object]:
-        return {"sale_id": self.sale_id, "archived_at": self.archived_at.isoformat(),
+        return {"sale_id": self.sale_id, "archived_at": iso(self.archived_at),
                 "buckets": self.buckets, "already": self.already,
                 "freed_bytes": self.freed_bytes}  # fmt: skip
 
     def text(self) -> str:
-        when = self.archived_at.isoformat(timespec="seconds")
+        when = iso(self.archived_at, "seconds")
         freed = f"{self.freed_bytes / 1024:,.1f} KB of per-buyer Redis state deleted"
         if self.already:
             return f"{self.sale_id}: archived at {when}; {freed}"

@@ -30,6 +30,7 @@ from flashsale.queue_marks import highest
 from flashsale.records import ClaimMember, HoldRecord, text
 from flashsale.sales import fetch_sale, fetch_skus, sale_state
 from flashsale.settings import ENGINE_ENV_FILE, Settings
+from flashsale.timefmt import iso
 from flashsale.wording import counted
 from reconciler.captures import recorded_orphans
 from reconciler.orphan_holds import ORDERLESS_AFTER_S, OrphanHolds
@@ -68,7 +69,7 @@ async def audit_sale(
         raise NotFound(f"unknown sale {shown(sale_id)}", code="unknown_sale")
     if sale["archived_at"] is not None:
         report = AuditReport.parse(orjson.loads(sale["archive_audit"]))
-        report.facts["archived_at"] = sale["archived_at"].isoformat(timespec="seconds")
+        report.facts["archived_at"] = iso(sale["archived_at"], "seconds")
         report.facts["audited"] = "when archived (Redis no longer holds the per-buyer state)"
         return report
     skus = {r["sku"]: r for r in await fetch_skus(pool, sale_id)}

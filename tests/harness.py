@@ -53,6 +53,11 @@ def calls_to(monkeypatch: pytest.MonkeyPatch, target: str) -> list[tuple[Any, ..
     return calls
 
 
+def is_utc_z(text: str) -> bool:
+    """``text`` is a time as the engine writes them all: ISO 8601 in UTC with a ``Z``."""
+    return text.endswith("Z") and datetime.fromisoformat(text).utcoffset() == timedelta(0)
+
+
 def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 

@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import os
 import sys
+from datetime import datetime
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -21,7 +22,7 @@ from reconciler.archive import Archiver, archive_sale, due_sales
 from reconciler.audit import audit_sale
 from reconciler.reconcile import Reconciler
 from reconciler.report import ReconcileMetrics
-from tests.harness import ADMIN, auth, gateway, run_bounded
+from tests.harness import ADMIN, auth, gateway, is_utc_z, run_bounded
 from tests.pipeline import SKU, drained, pipeline, provider
 
 
@@ -43,6 +44,7 @@ async def test_a_reservation_redis_no_longer_holds_is_answered_from_its_order(
             assert mine.status == 200, body
             assert (body["state"], body["quantity"], body["sku"]) == ("SOLD", 1, SKU)
             assert body["order"]["state"] == "CONFIRMED"
+            assert is_utc_z(body["order"]["updated_at"]), body  # the engine's one time format
             theirs = await gw.http.get(f"/v1/reservations/{rid}",
                                        headers=auth(gw.token("eve")))  # fmt: skip
             assert theirs.status == 404
@@ -104,7 +106,10 @@ async def test_an_ended_sale_is_archived_and_still_answers_for_itself(stack: Set
         async with provider(p.psp_url) as psp:
             audited = await audit_sale(p.pool, p.redis, psp, p.settings, sale)
         assert audited.passed, audited.text()
-        assert audited.facts["archived_at"] == archived.archived_at.isoformat(timespec="seconds")
+        assert is_utc_z(audited.facts["archived_at"])
+        assert datetime.fromisoformat(audited.facts["archived_at"]) == archived.archived_at.replace(
+            microsecond=0
+        )
         assert audited.facts["orders"] == 3
         reconciled = await Reconciler(p.pool, p.redis, None, "unused").run_once([sale])
         assert (reconciled.skus, reconciled.changed) == (0, 0)
@@ -116,6 +121,7 @@ async def test_an_ended_sale_is_archived_and_still_answers_for_itself(stack: Set
             assert (await gw.http.post(url, headers=auth(gw.token("ada")))).status == 401
             by_api = await gw.http.post(url, headers=auth(ADMIN))
             assert by_api.status == 200 and (await by_api.json())["already"] is True
+            assert is_utc_z((await by_api.json())["archived_at"])
             for buyer in ("ada", "newcomer"):  # a member of the room once, and a stranger
                 code, body = await gw.join(sale, buyer)
                 assert (code, body["error"]["code"]) == (409, "sale_ended"), body

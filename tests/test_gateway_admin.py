@@ -27,7 +27,7 @@ from gateway import console as gateway_console
 from gateway.app import create_app
 from gateway.state import CLIENTS, PROBES
 from tests.conftest import Db
-from tests.harness import live_gateway, longest_stall
+from tests.harness import is_utc_z, live_gateway, longest_stall
 
 ADMIN = "test-admin-token-0123456789"
 SALE = {
@@ -412,6 +412,7 @@ async def test_the_live_page_of_a_large_sale_gets_its_busiest_skus_and_the_total
     assert body["skus"][0]["sku"] == "K149"  # the one with units held
     totals = body["totals"]
     assert (totals["stock_total"], totals["available"], totals["held"]) == (755, 753, 2)
+    assert is_utc_z(body["at"]) and is_utc_z(body["skus_read_at"]), body["at"]
 
 
 async def test_an_import_over_the_admin_api_leaves_the_event_loop_to_others(
