@@ -42,10 +42,13 @@ ORDERS_PAGE = (
 # The buyer id is the storefront's text (any printable ASCII): one that a spreadsheet would
 # run as a formula (=, +, - or @ first) is exported behind an apostrophe, as OWASP advises
 # against CSV injection. No other column can start so (ids and SKUs start alphanumeric).
+# Its times as the API writes them (ISO 8601, UTC, Z), not in the server's TimeZone.
 ORDERS_EXPORT = (
     "SELECT id, sku, CASE WHEN left(buyer_id, 1) IN ('=', '+', '-', '@')"
     " THEN '''' || buyer_id ELSE buyer_id END AS buyer_id,"
-    " quantity, amount, currency, state, created_at, updated_at"
+    " quantity, amount, currency, state,"
+    """ to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS created_at,"""
+    """ to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS updated_at"""
     " FROM orders WHERE sale_id = $1 AND ($2::text IS NULL OR state = $2) ORDER BY id"
 )
 

@@ -223,8 +223,9 @@ def admin_paths() -> dict[str, Any]:
                 {
                     "200": {
                         "description": "CSV (id, sku, buyer_id, quantity, amount, currency,"
-                        " state, created_at, updated_at); a buyer id that starts with =, +, -"
-                        " or @ is written behind an apostrophe, so no spreadsheet runs it",
+                        " state, created_at, updated_at: times in UTC with a Z, as everywhere"
+                        " here); a buyer id that starts with =, +, - or @ is written behind an"
+                        " apostrophe, so no spreadsheet runs it",
                         "content": {"text/csv": {"schema": {"type": "string"}}},
                     },
                     **errors(401, 404, 422),

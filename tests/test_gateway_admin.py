@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import csv
 import dataclasses
 import io
 import json
@@ -318,6 +319,23 @@ async def test_lists_orders_and_the_csv_export(http: TestClient[Any, Any]) -> No
     lines = (await export.text()).splitlines()
     assert lines[0] == "id,sku,buyer_id,quantity,amount,currency,state,created_at,updated_at"
     assert len(lines) == 4 and "tok_secret_card" not in "".join(lines)
+    # Its times are the API's (ISO 8601, UTC, Z), whatever TimeZone the Postgres server has:
+    # COPY wrote Postgres's own text ('2026-12-05 00:58:22.01+00', '+01' on a Berlin server).
+    listed_orders = (await (await http.get(orders, headers=auth())).json())["orders"]
+    by_id = {o["id"]: (o["created_at"], o["updated_at"]) for o in listed_orders}
+    database = '"' + await pool.fetchval("SELECT current_database()") + '"'
+    await pool.execute(f"ALTER DATABASE {database} SET TimeZone = 'Europe/Berlin'")
+    try:
+        await pool.expire_connections()
+        berlin = (await (await http.get(f"{orders}.csv", headers=auth())).text()).splitlines()
+    finally:
+        await pool.execute(f"ALTER DATABASE {database} RESET TimeZone")
+        await pool.expire_connections()
+    for export_lines in (lines[1:], berlin[1:]):
+        for row in csv.reader(export_lines):
+            assert is_utc_z(row[7]) and is_utc_z(row[8]), row
+            times = tuple(datetime.fromisoformat(t) for t in (row[7], row[8]))
+            assert times == tuple(datetime.fromisoformat(t) for t in by_id[row[0]]), row
     failed = await http.get(f"{orders}.csv?state=PAYMENT_FAILED", headers=auth())
     assert len((await failed.text()).splitlines()) == 2
     assert (await http.get("/admin/v1/sales/nope/orders.csv", headers=auth())).status == 404

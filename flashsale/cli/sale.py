@@ -299,9 +299,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "orders", help="a sale's orders: one line each, or the whole list as CSV",
         description="Prints the sale's orders by id. --csv streams every order as CSV with a "
         "header (id, sku, buyer_id, quantity, amount, currency, state, created_at, "
-        "updated_at) through Postgres's COPY, however many there are; the payment token is "
-        "never exported, and a buyer id a spreadsheet would run as a formula (=, +, - or @ "
-        "first) is written behind an apostrophe.",
+        "updated_at, in UTC: 2026-12-01T12:00:00.000000Z) through Postgres's COPY, however "
+        "many there are; the payment token is never exported, and a buyer id a spreadsheet "
+        "would run as a formula (=, +, - or @ first) is written behind an apostrophe.",
     )  # fmt: skip
     orders.add_argument("sale", help="sale id")
     orders.add_argument("--state", help="only orders in this state (CONFIRMED, PAYMENT_FAILED, "
