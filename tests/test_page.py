@@ -298,8 +298,9 @@ def test_an_admitted_buyer_is_told_the_sale_is_paused_and_keeps_the_turn(
         page.wait_for_selector("#result:has-text('Reserved')", timeout=20_000)
 
 
-def _reserve_as(gw: LiveGateway, sale: str, buyer: str, sku: str) -> None:
-    """``buyer`` joins, waits for admission and reserves ``sku``, over HTTP."""
+def _reserve_as(gw: LiveGateway, sale: str, buyer: str, sku: str) -> str:
+    """``buyer`` joins, waits for admission and reserves ``sku``, over HTTP: the reservation's
+    id."""
     auth = {"Authorization": f"Bearer {_buyer(gw, buyer)}"}
     ticket = requests.post(f"{gw.base_url}/v1/sales/{sale}/queue", headers=auth,
                            timeout=10).json()["ticket"]  # fmt: skip
@@ -316,6 +317,7 @@ def _reserve_as(gw: LiveGateway, sale: str, buyer: str, sku: str) -> None:
         json={"sku": sku, "quantity": 1, "payment_token": "tok_visa"},
     )  # fmt: skip
     assert reserved.status_code == 201, reserved.text
+    return str(reserved.json()["reservation_id"])
 
 
 @contextlib.contextmanager
@@ -349,6 +351,32 @@ def test_a_buyer_whose_product_sold_out_takes_another_in_the_same_turn(
         page.wait_for_selector("#result:has-text('Model 1 is sold out')", timeout=10_000)
         assert "may come back" in (page.text_content("#result") or "")  # the rival's hold
         page.select_option("#sku", "S2")
+        page.click("#reserve")
+        page.wait_for_selector("#result:has-text('Reserved')", timeout=10_000)
+
+
+def test_a_product_sold_out_for_good_is_marked_and_cannot_be_chosen(
+    stack: Settings, chromium: str
+) -> None:
+    """A sale of two products, one of them sold for good: the page listed it as any other,
+    offered it first and let the buyer reserve it, to be told it was sold out."""
+    with _admitted_to_two_models(stack, chromium, "late", first_stock=1) as live:
+        gw, sale, page = live.gw, live.sale, live.page
+        assert page.input_value("#sku") == "S1"  # the page read both products in stock
+        sold = _reserve_as(gw, sale, "rival", "S1")
+        with ThreadPoolExecutor(1) as thread:  # asyncio.run cannot run on Playwright's thread
+            thread.submit(asyncio.run, _sell(stack, sale, sold)).result()
+        page.click("#reserve")
+        page.wait_for_selector("#result:has-text('Model 1 is sold out: choose')", timeout=10_000)
+        assert page.is_disabled("#sku option[value='S1']")  # and marked so in the list
+        assert page.input_value("#sku") == "S2"
+        assert "Sold out" in (page.text_content(".item.sold-out") or "")
+        newcomer = page.context.browser.new_page()  # opened after: marked from the start
+        newcomer.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'newcomer')}")
+        newcomer.wait_for_selector("#sku option[value='S1'][disabled]", state="attached")
+        assert newcomer.input_value("#sku") == "S2"
+        assert "Model 1" in (newcomer.text_content(".item.sold-out") or "")
+        newcomer.screenshot(path=str(SCREENSHOTS / "waiting-room-one-product-sold-out.png"))
         page.click("#reserve")
         page.wait_for_selector("#result:has-text('Reserved')", timeout=10_000)
 
