@@ -29,6 +29,7 @@ from allocator.queue_scripts import QueueScripts
 from flashsale.settings import Rate, Secret, Settings, Topics
 from flashsale.tokens import Signer
 from gateway.app import create_app
+from gateway.protocol import answer_malformed_in_json
 from gateway.state import CLIENTS, LANE
 
 ADMIN = "test-admin-token-0123456789"
@@ -238,6 +239,7 @@ def live_gateway(stack: Settings, **overrides: Any) -> Iterator[LiveGateway]:
         loop.run_until_complete(runner.setup())
         assert runner.server is not None
         runner.app[LANE].install(runner.server)
+        answer_malformed_in_json(runner.server)
         loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
         ready.set()
         loop.run_forever()

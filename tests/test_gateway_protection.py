@@ -4,6 +4,9 @@ the in-flight cap and the slow-body deadline, over HTTP against the real stack."
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,7 +26,7 @@ from flashsale.tokens import Signer
 from gateway.metrics import Metrics
 from gateway.middleware import Budgets, edge
 from gateway.state import CLIENTS, COUNTERS
-from tests.harness import Gateway, auth, gateway
+from tests.harness import Gateway, auth, gateway, live_gateway
 
 GOOD = {"sku": "SKU-1", "quantity": 1, "payment_token": "tok_ok"}
 
@@ -427,3 +430,43 @@ async def test_a_sale_sold_out_for_good_answers_joins_without_asking_redis(stack
         assert _ran(before, after) == {}  # not one command for 19 joins
         info = await gw.http.get(f"/v1/sales/{sale}")
         assert info.headers["Cache-Control"] == "public, max-age=30"  # a CDN may keep it
+
+
+def _raw_exchange(base_url: str, request: bytes) -> tuple[int, str, bytes]:
+    """Send ``request`` as it is on a new connection: the status, content type and body."""
+    host, port = base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(request)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers.get("Content-Type", ""), body
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [  # a header past aiohttp's 8190 bytes (a bloated cookie), a header no parser reads, and
+        # a URL past the same limit
+        b"GET /v1/sales/s HTTP/1.1\r\nHost: x\r\nCookie: " + b"c" * 9000 + b"\r\n\r\n",
+        b"GET /v1/sales/s HTTP/1.1\r\nHost: x\r\nNo Colon Here\r\n\r\n",
+        b"GET /v1/sales/s?sku=" + b"S" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    ],
+    ids=["long-header", "broken-header", "long-url"],
+)
+def test_a_request_http_cannot_parse_is_answered_in_json_and_logged_without_alarm(
+    stack: Settings, request_bytes: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp answered a request its parser refused in plain text ("Got more than 8190
+    bytes when reading: b'…'"), which a storefront's JSON client cannot read, and logged it
+    as an ERROR with a traceback: one per malformed request, from anyone."""
+    with live_gateway(stack) as gw:
+        status, kind, body = _raw_exchange(gw.base_url, request_bytes)
+    assert (status, kind) == (400, "application/json"), body
+    error = json.loads(body)["error"]
+    assert error["code"] == "bad_request" and error["message"].startswith("malformed HTTP"), error
+    assert b"ccccc" not in body and b"SSSSS" not in body  # the request is not echoed
+    alarms = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not alarms, [r.getMessage() for r in alarms]

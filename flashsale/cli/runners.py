@@ -47,6 +47,7 @@ def _stop_on_signals() -> asyncio.Event:
 async def serve_gateway(settings: Settings, host: str, port: int, *, reuse_port: bool,
                         reservations_only: bool = False) -> int:  # fmt: skip
     from gateway.app import create_app  # noqa: PLC0415 - only the gateway needs aiohttp's app
+    from gateway.protocol import answer_malformed_in_json  # noqa: PLC0415
     from gateway.state import ANNOUNCER, LANE  # noqa: PLC0415
 
     app = create_app(settings, reservations_only=reservations_only)
@@ -54,6 +55,7 @@ async def serve_gateway(settings: Settings, host: str, port: int, *, reuse_port:
     await runner.setup()
     assert runner.server is not None
     app[LANE].install(runner.server)
+    answer_malformed_in_json(runner.server)
     warm = asyncio.create_task(app[ANNOUNCER].warm())  # the broker's producer, before buyers
     try:
         await listen(runner, host, port, reuse_port=reuse_port or None, backlog=4096)

@@ -1,0 +1,69 @@
+"""Requests aiohttp's HTTP parser refuses, answered as every other error: in JSON.
+
+A request line or header longer than 8190 bytes (a bloated cookie on a shared domain), a
+header no parser can read, bytes that are not HTTP at all: aiohttp answers these before any
+application code runs, in plain text that echoes the start of the offending line, and logs each
+one as an ERROR with a traceback. A storefront's JSON client cannot read the answer, and anyone
+on the internet can fill the logs with alarms. aiohttp has no hook for it (aio-libs/aiohttp
+issue 3287), so the server's connections use a request handler whose ``handle_error`` answers
+``{"error": {"code": "bad_request", …}}`` for a 4xx and logs one INFO line without the
+request's bytes. A 5xx keeps aiohttp's handling (it is the gateway's fault, and logged so).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import http_exceptions, web
+from aiohttp.web_protocol import RequestHandler
+
+from gateway.http import error_response
+
+log = logging.getLogger("flashsale.gateway")
+
+# What a refusal of aiohttp's parser means, by its exception: the answer names the cause, never
+# the request's bytes (a client's own token or cookie need not travel back, nor into logs).
+REASONS: tuple[tuple[type[Exception], str], ...] = (
+    (http_exceptions.LineTooLong, "the URL or a header is longer than the server accepts"),
+    (http_exceptions.BadHttpMethod, "not an HTTP request"),
+    (http_exceptions.InvalidHeader, "a header cannot be read"),
+    (http_exceptions.BadStatusLine, "the request line cannot be read"),
+)
+
+
+def reason(exc: BaseException | None) -> str:
+    for kind, text in REASONS:
+        if isinstance(exc, kind):
+            return text
+    return "the request cannot be read"
+
+
+class _JsonErrors(RequestHandler):
+    __slots__ = ()  # the same layout as aiohttp's handler, whose class it takes (below)
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:  # fmt: skip
+        if status >= 500 or request.writer.output_size > 0:
+            return super().handle_error(request, status, exc, message)
+        why = reason(exc)
+        # A scanner's first bytes are no HTTP at all: as aiohttp, not worth an INFO line.
+        level = logging.DEBUG if isinstance(exc, http_exceptions.BadHttpMethod) else logging.INFO
+        log.log(level, "malformed request from %s refused (%d): %s", request.remote, status, why)
+        answer = error_response(status, "bad_request", f"malformed HTTP request: {why}")
+        answer.force_close()
+        return answer
+
+
+class _JsonErrorServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        handler = super().__call__()
+        handler.__class__ = _JsonErrors
+        return handler
+
+
+def answer_malformed_in_json(server: web.Server) -> None:
+    """Make ``server`` (an ``AppRunner``'s, once set up) answer requests its parser refuses
+    in JSON. It is made by the runner, hence the class change rather than a subclass made
+    here."""
+    server.__class__ = _JsonErrorServer
