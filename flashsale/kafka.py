@@ -25,6 +25,7 @@ from flashsale.env_values import tcp_port
 from flashsale.errors import ConfigError, Unavailable
 from flashsale.outages import describe, is_outage, log_failure
 from flashsale.settings import Settings, Topics
+from flashsale.wording import counted
 
 log = logging.getLogger("flashsale.kafka")
 
@@ -59,6 +60,11 @@ def bootstrap(servers: str) -> str:
     return servers
 
 
+def partition_count(n: int | None) -> str:
+    """'3 partitions', '1 partition', or '? partitions' when the broker did not say."""
+    return "? partitions" if n is None else counted(n, "partition")
+
+
 async def ensure_topics(
     settings: Settings,
     progress: Callable[[str], None] | None = None,
@@ -84,7 +90,7 @@ async def ensure_topics(
         present = [name for name in wanted if name in existing]
         described = await admin.describe_topics(present) if present else []
         have = {d["topic"]: len(d["partitions"]) for d in described}
-        outcome = {name: f"exists ({have.get(name, '?')} partitions)" for name in present}
+        outcome = {name: f"exists ({partition_count(have.get(name))})" for name in present}
         missing = [
             NewTopic(name, num_partitions=n, replication_factor=replication_factor)
             for name, n in wanted.items()
@@ -95,7 +101,7 @@ async def ensure_topics(
             with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(missing)
             for topic in missing:
-                outcome[topic.name] = (f"created ({topic.num_partitions} partitions, "
+                outcome[topic.name] = (f"created ({partition_count(topic.num_partitions)}, "
                                        f"replication factor {replication_factor})")  # fmt: skip
     for name, what in outcome.items():
         if progress is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-def counted(n: int, noun: str) -> str:
-    """``n`` (with thousands separators) and ``noun``, in the plural unless ``n`` is 1. For
-    the engine's own nouns, whose plural is a final s."""
-    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``n`` (with thousands separators) and ``noun``, in the plural unless ``n`` is 1: a final
+    s, or ``plural`` for a noun whose plural is not that ("process", "processes")."""
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {plural or noun + 's'}"

@@ -59,6 +59,7 @@ from flashsale.clients import redis_client
 from flashsale.kafka import delete_topics
 from flashsale.settings import Settings, Topics
 from flashsale.tokens import Signer
+from flashsale.wording import counted
 from loadtest.bench import Report, Row, ServerSample, Target, drive, machine, table
 from loadtest.bench_gateway_rig import (
     CHALLENGE_BITS,
@@ -217,9 +218,9 @@ async def run(settings: Settings, options: Options, progress: Progress, command:
     for _ in range(options.workers):
         servers.start([python, "-m", "loadtest.bench_gateway", str(bare_port)])
     slice_s = options.seconds / options.rounds
-    progress(f"bench gateway: {options.workers} processes per server, {options.concurrency} "
-             f"concurrent requests, {options.seconds:g}s per row in {options.rounds} "
-             f"interleaved rounds of {slice_s:g}s")  # fmt: skip
+    progress(f"bench gateway: {counted(options.workers, 'process', 'processes')} per server, "
+             f"{options.concurrency} concurrent requests, {options.seconds:g}s per row in "
+             f"{options.rounds} interleaved rounds of {slice_s:g}s")  # fmt: skip
     connector = aiohttp.TCPConnector(limit=options.concurrency * 2)
     redis = redis_client(settings, max_connections=2)
     try:

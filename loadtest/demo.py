@@ -273,8 +273,8 @@ async def _drive(settings: Settings, session: aiohttp.ClientSession, base: str,
     finally:
         await pool.close()
     report.sold, report.oversold, report.orders = sold, max(0, sold - total), states
-    progress(f"== result: {states.get('CONFIRMED', 0)} orders confirmed, "
-             f"{states.get('PAYMENT_FAILED', 0)} payments declined (stock given back), "
+    progress(f"== result: {counted(states.get('CONFIRMED', 0), 'order')} confirmed, "
+             f"{counted(states.get('PAYMENT_FAILED', 0), 'payment')} declined (stock given back), "
              f"{sold}/{total} units sold, oversold {max(0, sold - total)}")  # fmt: skip
     ok = not errors and sold <= total and sum(states.values()) == len(stats.reservations)
     return 0 if ok and stats.outcomes["reserved"] > 0 else 1

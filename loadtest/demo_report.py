@@ -182,7 +182,8 @@ def summary(report: DemoReport, progress: Progress) -> None:
                      f"covered fewer)")  # fmt: skip
         for kind, part in report.eta_by_kind.items():
             if part["buyers"]:
-                progress(f"     {kind.replace('_', ' ')}: {part['buyers']} buyers, p50 off by "
+                who = counted(int(part["buyers"]), "buyer")
+                progress(f"     {kind.replace('_', ' ')}: {who}, p50 off by "
                          f"{part['p50_abs_pct_error']}%, within p90 "
                          f"{part['p90_coverage']:.0%}")  # fmt: skip
     for route, figures in report.routes.items():

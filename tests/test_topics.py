@@ -21,10 +21,11 @@ def test_kafka_init_takes_partitions_and_leaves_existing_topics_alone(
     assert first.code == 0, first.err
     assert "reservations: created (3 partitions, replication factor 1)" in first.out
     assert "order-events: created (3 partitions" in first.out
-    assert "dead-letter: created (1 partitions" in first.out
+    assert "dead-letter: created (1 partition, replication factor 1)" in first.out
     again = cli("kafka", "init", "--partitions", "12")
     assert again.code == 0, again.err
     assert again.out.count("exists") == 3 and "reservations: exists (3 partitions)" in again.out
+    assert "dead-letter: exists (1 partition)" in again.out
     for flag, value in (("--partitions", "0"), ("--replication-factor", "x")):
         bad = cli("kafka", "init", flag, value)
         assert bad.code == 2 and flag.lstrip("-") in bad.err and bad.err.count("\n") == 1

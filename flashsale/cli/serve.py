@@ -40,7 +40,7 @@ def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
         )))  # fmt: skip
     free_to_listen(args.host, {"port": port})  # its processes share it (SO_REUSEPORT)
     metrics_dir = runners.fresh_metrics_dir(settings.home, f"gateway-{port}")
-    out(f"gateway: {workers} processes on {origin(args.host, port)}"
+    out(f"gateway: {counted(workers, 'process', 'processes')} on {origin(args.host, port)}"
         f"{' (reservations only)' if only else ''} (Ctrl-C stops them)")  # fmt: skip
     children = runners.gateway_children(args.host, port, workers, metrics_dir,
                                         reservations_only=only)  # fmt: skip
