@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import csv
 import io
@@ -21,12 +22,14 @@ from allocator import sale_reads
 from allocator.sale_admin import SaleAdmin
 from allocator.sale_reads import SKUS_PER_PART
 from allocator.sale_scripts import PreloadResult, StockCounts
+from flashsale.cli import build_parser
 from flashsale.cli.sale_views import print_preload
 from flashsale.clients import pg_pool, redis_client
 from flashsale.errors import InvalidInput
 from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.salespec import SALE_DEFAULTS, SKU_DEFAULTS, parse_csv, parse_sale, text
 from flashsale.settings import Settings
+from gateway.app import create_app
 
 from .conftest import Cli, Db
 from .harness import longest_stall
@@ -284,6 +287,14 @@ def test_stock_is_lowered_never_below_held_and_sold(
     assert rdb.hget(keys.stock, "total") == "70"
     bad = cli("sale", "remove-stock", sale_id, "SNK-42", "0")
     assert bad.code == 2 and bad.err.startswith("flashsale: error: remove")
+    # More than the SKU has: said as the most that can come out ("would leave -930 units;
+    # at least max(1, sold = 0) must stay", it said).
+    too_many = cli("sale", "remove-stock", sale_id, "SNK-42", "1000")
+    assert too_many.code == 2, too_many.err
+    assert too_many.err.strip() == (
+        "flashsale: error: remove: at most 69 of SNK-42's 70 units can come out: a SKU keeps "
+        "at least one (remove the SKU to take it out of the sale)"
+    )
 
 
 def test_stock_raised_and_lowered_at_once_ends_as_postgres_says(
@@ -1037,3 +1048,38 @@ def test_bad_add_stock(
     unknown = cli("sale", "add-stock", sale_id, "NOPE", "5")
     assert unknown.code == 1
     assert "unknown SKU" in unknown.err
+
+
+def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The subcommands of ``parser``, by name."""
+    [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(sub.choices)
+
+
+def test_the_readme_lists_every_sale_command_and_admin_route(stack: Settings) -> None:
+    """A merchandiser reads "Running a sale" and "Admin API" for what they can do: the tables
+    lacked `sale remove-stock`, `sale remove-sku`, the SKU's DELETE, the audit and the
+    archive routes, which the engine has."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    sale_table = readme.split("## Running a sale", 1)[1].split("### Sale file format", 1)[0]
+    commands = _commands(_commands(build_parser())["sale"])
+    named = set()  # the words of the table's first cells: `sale pause / resume / end ID`
+    for line in sale_table.splitlines():
+        if line.startswith("| `sale "):
+            first = line.split("|")[1]
+            named |= {word for part in first.split("`")[1::2] for word in part.split()}
+    missing = [name for name in commands if name not in named]
+    assert not missing, missing
+    admin_table = readme.split("## Admin API", 1)[1].split("## Running the engine", 1)[0]
+    routes = {(r.method, r.resource.canonical) for r in create_app(stack).router.routes()
+              if r.resource is not None and r.resource.canonical.startswith("/admin/v1/")
+              and r.method != "HEAD"}  # fmt: skip
+
+    def listed(method: str, path: str) -> bool:
+        head, _, action = path.rpartition("/")
+        if action in ("pause", "resume", "end"):  # one row for the three
+            return f"`POST {head}/pause`, `/resume`, `/end`" in admin_table
+        return f"`{method} {path}" in admin_table
+
+    unlisted = sorted(route for route in routes if not listed(*route))
+    assert not unlisted, unlisted
