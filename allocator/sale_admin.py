@@ -237,9 +237,7 @@ class SaleAdmin(SaleReads):
                 raise Conflict(f"{sku} is split into stock buckets, whose stock only grows",
                                code="bucketed_sku")  # fmt: skip
             if total < max(1, row["sold"]):
-                raise InvalidInput(field, f"would leave {counted(total, 'unit')}; at least "
-                                   f"max(1, sold = {row['sold']}) must stay (remove the SKU "
-                                   "instead)")  # fmt: skip
+                raise InvalidInput(field, _too_few_left(sku, row["stock_total"], row["sold"]))
             if delta > 0 and sale["preloaded_at"] is not None:
                 await self._unless_sold_out(sale_id, "units added")
             row = await conn.fetchrow(
@@ -387,3 +385,12 @@ def _refusal(sale_id: str, results: Sequence[PreloadResult], *, force: bool) -> 
         hint = "" if force else " (re-run with --force; held and sold units are kept)"
         return Conflict(f"preload refused for {detail}{hint}", code="preload_refused")
     return None
+
+
+def _too_few_left(sku: str, stock: int, sold: int) -> str:
+    """Why a SKU's stock cannot come down that far, as the most that can come out: its sold
+    units stay, and a SKU keeps at least one unit."""
+    most = stock - max(1, sold)
+    why = (f"sold units stay ({sold:,} sold)" if sold else
+           "a SKU keeps at least one (remove the SKU to take it out of the sale)")  # fmt: skip
+    return f"at most {most:,} of {sku}'s {counted(stock, 'unit')} can come out: {why}"
