@@ -45,6 +45,20 @@ def test_a_json_line_has_a_utc_timestamp_the_level_and_the_fields() -> None:
     assert text.split()[0].endswith("Z") and text.endswith("hello world request_id=q-1")
 
 
+def test_the_runbooks_grep_for_errors_finds_an_error_line() -> None:
+    """RUNBOOK's FlashsaleGateway5xx says to grep the logs for a text: it was
+    ``"level": "ERROR"``, with a space the JSON lines do not have, so it found nothing."""
+    runbook = (Path(__file__).resolve().parent.parent / "docs" / "RUNBOOK.md").read_text()
+    said = runbook.split("Grep the gateway's logs for `", 1)[1].split("`", 1)[0]
+    record = logging.LogRecord("flashsale.gateway", logging.ERROR, __file__, 1,
+                               "unhandled error on %s %s", ("GET", "/v1/x"), None)  # fmt: skip
+    line = JsonFormatter().format(record)
+    assert said in line, (said, line)
+    info = JsonFormatter().format(logging.LogRecord("flashsale.gateway", logging.INFO,
+                                                    __file__, 1, "fine", (), None))  # fmt: skip
+    assert said not in info
+
+
 def test_bound_fields_reach_every_line_and_secrets_do_not(stack: Settings) -> None:
     settings = dataclasses.replace(stack, log_format="json")
     configure_logging(settings)
