@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from allocator.sale_scripts import SaleScripts, StockCounts, summed
+from allocator.stock_buckets import BucketScripts, Snapshot
 from flashsale.clients import RedisClient
 from flashsale.errors import InvalidInput, NotFound, shown
 from flashsale.keys import ID_PATTERN, bucket_keys
@@ -212,10 +213,32 @@ class SaleReads:
             sale = await self.sale_row(conn, sale_id)
             skus = await fetch_skus(conn, sale_id)
         stock: dict[str, tuple[int, int] | None] = {}
-        async for sku, per_bucket in self._counted(sale_id, skus):
+        async for sku, per_bucket in self._counted(sale_id, [s for s in skus if s["buckets"] == 1]):
             count = summed(per_bucket)
             stock[sku["sku"]] = None if count is None else (count.available, count.held)
+        stock.update(await self._spread_stock(sale_id, [s for s in skus if s["buckets"] > 1]))
         return sale_json(sale, skus), stock
+
+    async def _spread_stock(self, sale_id: str, skus: Sequence[asyncpg.Record]
+                            ) -> dict[str, tuple[int, int] | None]:  # fmt: skip
+        """(available, held) of each SKU in stock buckets, counting as available the units on
+        their way from one bucket to another: lent and not yet credited, they are in no
+        bucket's counters, and a SKU whose free units were all moving read as sold out. One
+        read of every bucket's counters with its transfer journal, so a credit is seen either
+        in its receiver's counters or as still on its way, not in neither."""
+        if not skus:
+            return {}
+        groups = [bucket_keys(sale_id, sku["sku"], sku["buckets"]) for sku in skus]
+        states = await BucketScripts(self.redis).states([k for group in groups for k in group])
+        stock: dict[str, tuple[int, int] | None] = {}
+        at = 0
+        for sku, group in zip(skus, groups, strict=True):
+            mine = states[at : at + len(group)]
+            at += len(group)
+            count = summed([bucket.counts for bucket in mine])
+            moving = Snapshot(mine).in_transfer
+            stock[sku["sku"]] = None if count is None else (count.available + moving, count.held)
+        return stock
 
     async def _counted(self, sale_id: str, skus: Sequence[asyncpg.Record]) -> AsyncIterator[
             tuple[asyncpg.Record, list[StockCounts | None]]]:  # fmt: skip

@@ -23,6 +23,7 @@ from flashsale.keys import SPREAD_SLOTS, SkuKeys, bucket_for, bucket_keys
 from flashsale.records import integer
 from flashsale.salespec import parse_sku
 from flashsale.settings import Settings
+from tests.harness import gateway
 from tests.pipeline import SKU, Pipeline, drained, pipeline
 from tests.test_reconcile import audit, checked, converged, failing, goes_on
 
@@ -161,6 +162,28 @@ async def test_units_on_their_way_between_buckets_are_waited_for_not_refused(
         rows = await stock_of(p, sale)
         assert sum(r["active"] for r in rows) == 20 and all(r["available"] == 0 for r in rows)
         await allocator.aclose()
+
+
+async def test_units_on_their_way_between_buckets_are_not_sold_out_in_the_sales_summary(
+    stack: Settings,
+) -> None:
+    """The public summary added the buckets' counters up, and units lent and not yet credited
+    are in none of them: a SKU whose free units were all on their way read "sold_out": true,
+    and a buyer's page opened then said "Sold out" and offered no join (each process keeps
+    its copy of the summary at least half a second, a CDN 1 s)."""
+    async with pipeline(stack) as p:
+        sale = await p.sale(stock=2, limit=1, buckets=2)
+        first, second = SkuKeys(sale, SKU, 0, 2), SkuKeys(sale, SKU, 1, 2)
+        transfers = BucketScripts(p.redis)
+        for lender, receiver in ((first, second), (second, first)):  # both units journaled
+            _, lent = await transfers.lend(lender, receiver, 1, exact=True)
+            assert lent.units == 1
+        _, stock = await SaleAdmin.build(p.pool, p.redis).with_stock(sale)
+        assert stock[SKU] == (2, 0)  # free the moment they are credited: not sold out
+        async with gateway(stack) as gw:
+            summary = await (await gw.http.get(f"/v1/sales/{sale}")).json()
+        [sku] = summary["skus"]
+        assert (sku["remaining"], sku["sold_out"]) == (2, False), sku
 
 
 async def test_a_spread_spike_sells_exactly_the_stock_and_the_audit_passes(
