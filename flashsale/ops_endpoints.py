@@ -174,6 +174,16 @@ def metrics_text(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry)
 
 
+# Every answer's Server header: the engine, not the software and versions it runs on (what a
+# scanner would look known flaws up by).
+SERVER = "flashsale"
+
+
+async def name_the_server(_request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: the Server header every answer carries."""
+    response.headers["Server"] = SERVER
+
+
 def ops_app(readiness: Readiness, registry: CollectorRegistry) -> web.Application:
     """A small app with only the probes and ``/metrics``, for services without an API."""
 
@@ -191,6 +201,7 @@ def ops_app(readiness: Readiness, registry: CollectorRegistry) -> web.Applicatio
         )
 
     app = web.Application()
+    app.on_response_prepare.append(name_the_server)
     app.router.add_get("/livez", livez)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/healthz", readyz)

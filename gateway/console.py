@@ -29,8 +29,9 @@ STATIC = importlib.resources.files("gateway").joinpath("static")
 FILES = {"uPlot.iife.min.js": "application/javascript", "uPlot.min.css": "text/css",
          "uPlot.LICENSE": "text/plain"}  # fmt: skip
 PAGE = importlib.resources.files("gateway").joinpath("console.html").read_text()
+# Framed by no other page: another site could show it under its own and invite a click on End.
 CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' "
-       "'unsafe-inline'; img-src 'self' data:")  # fmt: skip
+       "'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'")  # fmt: skip
 OPEN_PATHS = frozenset({"/admin/", *(f"/admin/static/{name}" for name in FILES)})
 LATENCY = "flashsale_gateway_request_duration_seconds"
 LIVE_SKUS = 100  # SKU rows the live page gets: the busiest, beside the totals of them all

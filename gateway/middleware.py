@@ -16,7 +16,7 @@ from aiohttp.typedefs import Middleware
 
 from flashsale.errors import FlashsaleError, InvalidInput, SchemaBehind
 from flashsale.logs import CONTEXT
-from flashsale.ops_endpoints import PROBE_PATHS
+from flashsale.ops_endpoints import PROBE_PATHS, SERVER
 from flashsale.outages import describe, is_outage, schema_error
 from gateway.http import error_response
 from gateway.metrics import Metrics
@@ -157,6 +157,7 @@ def edge(metrics: Metrics, budgets: Budgets, guard: Guard) -> Middleware:
             CONTEXT.reset(bound)
         if not response.prepared:
             response.headers["X-Request-Id"] = rid
+            response.headers["Server"] = SERVER
         return response
 
     async def answer(request: web.Request, handler: Handler) -> web.StreamResponse:

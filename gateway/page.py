@@ -30,14 +30,18 @@ async def waiting_room(request: web.Request) -> web.Response:
     sale_json = '"' + info["id"] + '"'  # ids are [A-Za-z0-9._-]: safe inside a JS string
     body = PAGE.replace("__NAME__", html.escape(info["name"])).replace("__SALE_JSON__", sale_json)
     # The page may call the reservations listener (an admitted status answer's reserve_url).
-    listener = request.app[SETTINGS].reservations_url
+    settings = request.app[SETTINGS]
+    listener = settings.reservations_url
     connect = f"; connect-src 'self' {listener}" if listener else ""
+    # Framed only by the storefronts allowed to call the API (FLASHSALE_CORS_ORIGINS): another
+    # site could show the page under its own and invite a click on "Leave the queue".
+    framers = " ".join(("'self'", *settings.cors_origins))
     return web.Response(
         text=body,
         content_type="text/html",
         headers={
             "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline' 'self'; "
-            f"style-src 'unsafe-inline'; worker-src blob:{connect}",
+            f"style-src 'unsafe-inline'; worker-src blob:{connect}; frame-ancestors {framers}",
             "Referrer-Policy": "no-referrer",
         },
     )

@@ -17,6 +17,7 @@ import logging
 from aiohttp import http_exceptions, web
 from aiohttp.web_protocol import RequestHandler
 
+from flashsale.ops_endpoints import SERVER
 from gateway.http import error_response
 
 log = logging.getLogger("flashsale.gateway")
@@ -50,7 +51,8 @@ class _JsonErrors(RequestHandler):
         # A scanner's first bytes are no HTTP at all: as aiohttp, not worth an INFO line.
         level = logging.DEBUG if isinstance(exc, http_exceptions.BadHttpMethod) else logging.INFO
         log.log(level, "malformed request from %s refused (%d): %s", request.remote, status, why)
-        answer = error_response(status, "bad_request", f"malformed HTTP request: {why}")
+        answer = error_response(status, "bad_request", f"malformed HTTP request: {why}",
+                                {"Server": SERVER})  # fmt: skip
         answer.force_close()
         return answer
 

@@ -21,6 +21,7 @@ from redis.asyncio import RedisCluster
 from allocator.pump import AdmissionPump
 from allocator.queue_scripts import QueueScripts
 from flashsale.keys import SaleKeys, SkuKeys
+from flashsale.ops_endpoints import Readiness, ops_app
 from flashsale.settings import Rate, Settings
 from flashsale.tokens import Signer
 from gateway.metrics import Metrics
@@ -470,3 +471,40 @@ def test_a_request_http_cannot_parse_is_answered_in_json_and_logged_without_alar
     assert b"ccccc" not in body and b"SSSSS" not in body  # the request is not echoed
     alarms = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert not alarms, [r.getMessage() for r in alarms]
+
+
+async def test_answers_do_not_name_the_servers_software_and_pages_are_not_framed_elsewhere(
+    stack: Settings,
+) -> None:
+    """Every answer said ``Server: Python/3.11 aiohttp/3.14.5`` (what a scanner looks up
+    known flaws by), and neither the waiting room nor the operators' page said who may frame
+    it: another site could show either under its own, inviting a click on "Leave the queue"
+    or "End"."""
+    async with gateway(stack, cors_origins=("https://shop.example",)) as gw:
+        sale = await gw.create_sale()
+        answers = {
+            "page": await gw.http.get(f"/sales/{sale}"),
+            "console": await gw.http.get("/admin/"),
+            "summary": await gw.http.get(f"/v1/sales/{sale}"),
+            "refusal": await gw.http.get("/v1/sales/nope"),
+            "probe": await gw.http.get("/livez"),
+        }
+        for name, answer in answers.items():
+            assert answer.headers["Server"] == "flashsale", (name, answer.headers["Server"])
+        page_csp = answers["page"].headers["Content-Security-Policy"]
+        assert "frame-ancestors 'self' https://shop.example" in page_csp  # a storefront may
+        assert "frame-ancestors 'none'" in answers["console"].headers["Content-Security-Policy"]
+    with live_gateway(stack) as live:  # refused by aiohttp's parser, before the application
+        host, port = live.base_url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nNo Colon Here\r\n\r\n")
+            head = conn.recv(65536).split(b"\r\n\r\n")[0].decode()
+        assert "\r\nServer: flashsale\r\n" in head, head
+    registry = CollectorRegistry()  # and the other services' ops ports
+    ops = TestClient(TestServer(ops_app(Readiness({}, registry=registry), registry)))
+    await ops.start_server()
+    try:
+        for path in ("/livez", "/readyz", "/metrics", "/nope"):
+            assert (await ops.get(path)).headers["Server"] == "flashsale", path
+    finally:
+        await ops.close()
