@@ -164,6 +164,11 @@ def test_the_live_page_follows_a_spike_and_agrees_with_sale_status(
             page.click("#audit")
             page.wait_for_selector("#invariants li.fail .why")
             assert page.inner_text("#audit-state") == "FAILED"
+            # Numbered once, by the invariant's own number: "1. ✗ 2. conservation", it said.
+            marker = page.eval_on_selector(
+                "#invariants li", "e => getComputedStyle(e).listStyleType"
+            )
+            assert marker == "none", marker
             assert [w.inner_text() for w in page.query_selector_all("#invariants .why")] == [
                 "cannot compare: pipeline not drained: 3 open orders",
                 "counters do not add up: 12: A, B, …",
