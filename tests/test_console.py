@@ -123,6 +123,13 @@ def test_the_live_page_follows_a_spike_and_agrees_with_sale_status(
                 row["orders"].get("PAYMENT_FAILED", 0),
             ]
             assert _row(page, SKU) == [f"{v:,}" if isinstance(v, int) else v for v in expected]
+            # The answers by route, the busiest first (they came in the metrics' order: the
+            # admin's few page loads above the buyers' thousands).
+            counts = page.eval_on_selector_all(
+                "#routes tr",
+                "rows => rows.map(r => Number(r.cells[1].textContent.replaceAll(',', '')))",
+            )
+            assert len(counts) > 3 and counts == sorted(counts, reverse=True), counts
             # The sale's totals over its SKUs (a large sale's table shows its busiest alone).
             note = page.inner_text("#skus-note")
             assert note.startswith(f"1 SKU: stock {row['stock_total']:,}, ") and (
