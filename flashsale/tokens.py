@@ -310,10 +310,16 @@ class BuyerTokens:
                 raise InvalidToken("not_yet_valid", "token not valid yet (nbf)") from None
             except (jwt.InvalidAudienceError, jwt.MissingRequiredClaimError) as exc:
                 raise InvalidToken("claims", str(exc)) from None
+            except jwt.exceptions.InvalidSubjectError:
+                raise InvalidToken("claims", "sub must be a string: the buyer id") from None
             except jwt.PyJWTError:
                 reason = "malformed"
                 continue
-            if not isinstance(claims.get("exp"), int) or claims["exp"] + JWT_LEEWAY_S <= at:
+            # A NumericDate: seconds, a fraction allowed (RFC 7519); PyJWT takes text too.
+            exp = claims["exp"]
+            if isinstance(exp, bool) or not isinstance(exp, int | float):
+                raise InvalidToken("claims", "exp must be a number: seconds since 1970, UTC")
+            if exp + JWT_LEEWAY_S <= at:
                 raise InvalidToken("expired", "token expired")
             return claims
         raise InvalidToken(reason)

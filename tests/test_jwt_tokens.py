@@ -81,6 +81,29 @@ def test_refusals_name_their_reason(tmp_path: Path, make: Any, reason: str) -> N
     assert refused.value.reason == reason
 
 
+def test_a_storefronts_exp_as_seconds_with_a_fraction_is_valid_and_bad_claims_say_which(
+    tmp_path: Path,
+) -> None:
+    """``exp`` is a NumericDate, which may have a fraction (RFC 7519 §2): Python's
+    ``time.time() + 3600`` makes one, and every such token was refused as "token expired". An
+    ``exp`` written as text was refused as expired too, and a numeric ``sub`` (a user id) as
+    "malformed": each now names the claim at fault."""
+    t = tokens(tmp_path)
+    later = time.time() + 600.5
+    assert t.verify(jwt.encode({"sub": "buyer-7", "exp": later}, SECRET))["sub"] == "buyer-7"
+    gone = jwt.encode({"sub": "buyer-8", "exp": time.time() - 60.5}, SECRET)
+    for token, reason, said in (
+        (gone, "expired", "token expired"),
+        (jwt.encode({"sub": "buyer-9", "exp": str(int(later))}, SECRET), "claims", "exp"),
+        (jwt.encode({"sub": 42, "exp": int(later)}, SECRET), "claims", "sub"),
+    ):
+        with pytest.raises(InvalidToken) as refused:
+            t.verify(token)
+        assert (refused.value.reason, said in refused.value.message) == (reason, True), (
+            refused.value.message
+        )
+
+
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
