@@ -37,7 +37,7 @@ from typing import Any, Literal
 import orjson
 
 from flashsale.env_values import secret_setting
-from flashsale.errors import ConfigError, InvalidToken, Unauthorized
+from flashsale.errors import ConfigError, InvalidToken, Unauthorized, shown
 from flashsale.inflight import InFlight
 from flashsale.settings import Settings
 
@@ -194,7 +194,6 @@ def buyer_subject(claims: dict[str, Any]) -> str:
 
 TICKETS_REMEMBERED = 100_000  # per process: about 70 MB when full (claims, token strings)
 JWTS_REMEMBERED = 100_000  # verified storefront JWTs kept per process, the same way
-JWT_ALGORITHMS = ("HS256", "ES256", "RS256")
 JWT_LEEWAY_S = 5  # clock skew allowed on exp and nbf
 # A kid the gateway does not know sends it to the storefront's JWKS again, at most this often:
 # made-up kids cannot make it hammer the provider.
@@ -294,7 +293,8 @@ class BuyerTokens:
                 raise InvalidToken("unknown_key", "no public key for this token's kid and alg")
             keys = [found.key]
         else:
-            raise InvalidToken("algorithm", f"token algorithm must be one of {JWT_ALGORITHMS}")
+            raise InvalidToken("algorithm", "token algorithm must be HS256, ES256 or RS256, "
+                               f"not {shown(alg)}")  # fmt: skip
         reason = "signature"
         for key in keys:
             try:

@@ -96,6 +96,11 @@ def test_a_storefronts_exp_as_seconds_with_a_fraction_is_valid_and_bad_claims_sa
         (gone, "expired", "token expired"),
         (jwt.encode({"sub": "buyer-9", "exp": str(int(later))}, SECRET), "claims", "exp"),
         (jwt.encode({"sub": 42, "exp": int(later)}, SECRET), "claims", "sub"),
+        (
+            jwt.encode({"sub": "b", "exp": later}, SECRET + SECRET, algorithm="HS512"),
+            "algorithm",
+            "must be HS256, ES256 or RS256",
+        ),  # it said "one of ('HS256', 'ES256', 'RS256')"
     ):
         with pytest.raises(InvalidToken) as refused:
             t.verify(token)
