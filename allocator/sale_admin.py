@@ -19,7 +19,6 @@ import asyncpg
 from allocator import sale_settings
 from allocator.sale_reads import SaleReads, in_parts
 from allocator.sale_scripts import Preload, PreloadResult, SaleScripts, summed
-from allocator.stock_buckets import BucketScripts
 from flashsale.clients import RedisClient
 from flashsale.errors import Conflict, InvalidInput, NotFound, listed, shown
 from flashsale.keys import SaleKeys, SkuKeys, bucket_keys
@@ -47,9 +46,6 @@ from flashsale.wording import counted
 @dataclass
 class SaleAdmin(SaleReads):
     """Merchandiser operations over one Postgres pool and one Redis client."""
-
-    def __post_init__(self) -> None:
-        self.transfers = BucketScripts(self.redis)
 
     @classmethod
     def build(cls, pool: asyncpg.Pool, client: RedisClient) -> SaleAdmin:

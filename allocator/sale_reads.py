@@ -83,6 +83,9 @@ class SaleReads:
     redis: RedisClient
     scripts: SaleScripts
 
+    def __post_init__(self) -> None:
+        self.transfers = BucketScripts(self.redis)  # a bucketed SKU's buckets, its stock grown
+
     async def sale_row(self, conn: asyncpg.Connection, sale_id: str, *,
                         lock: bool = False) -> asyncpg.Record:  # fmt: skip
         """The sale's row (``lock``: FOR UPDATE, for the transaction); NotFound otherwise. A
@@ -229,7 +232,7 @@ class SaleReads:
         if not skus:
             return {}
         groups = [bucket_keys(sale_id, sku["sku"], sku["buckets"]) for sku in skus]
-        states = await BucketScripts(self.redis).states([k for group in groups for k in group])
+        states = await self.transfers.states([k for group in groups for k in group])
         stock: dict[str, tuple[int, int] | None] = {}
         at = 0
         for sku, group in zip(skus, groups, strict=True):
