@@ -4,7 +4,8 @@ A storefront on another origin calls the buyer API (``/v1/...``) from the buyer'
 Each listed origin may send the headers the API reads and read the headers it answers with
 (``Retry-After`` above all, so the page can honour it on a 429 or 503). Preflight requests
 are answered by aiohttp-cors: 200 with the allowed method and headers for a listed origin,
-403 ``cors_refused`` for any other (the message names the origin, method or header).
+403 ``cors_refused`` for any other (the message names the origin, method or header), and
+for every origin when none is listed (the message names the setting).
 ``*`` allows any origin and never credentials; a listed origin may send credentials (the
 buyer token in a cookie on the gateway's domain). The admin API and the operators'
 endpoints are never cross-origin.
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import aiohttp_cors
 from aiohttp import web
+
+from gateway.http import error_response
 
 # What a storefront's request may carry, and what it may read from the answer.
 # Every header the buyer API reads (the join challenge's included) and every one a storefront
@@ -27,9 +30,12 @@ PREFLIGHT_CACHE_S = 600
 
 
 def setup(app: web.Application, origins: tuple[str, ...]) -> None:
-    """Allow ``origins`` on every buyer route of ``app`` (call after the routes are added);
-    nothing when there are none."""
+    """Allow ``origins`` on every buyer route of ``app`` (call after the routes are added).
+    With none, a browser's preflight is refused saying what to set."""
     if not origins:
+        for resource in app.router.resources():
+            if isinstance(resource, web.Resource) and resource.canonical.startswith("/v1/"):
+                resource.add_route("OPTIONS", _no_cross_origin)
         return
     options = {
         origin: aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]
@@ -45,3 +51,10 @@ def setup(app: web.Application, origins: tuple[str, ...]) -> None:
         path = route.resource.canonical if route.resource is not None else ""
         if path.startswith("/v1/"):
             cors.add(route)
+
+
+async def _no_cross_origin(_request: web.Request) -> web.Response:
+    """A preflight when no origin is allowed: 403, saying what would allow one (aiohttp's 405
+    named neither CORS nor the setting)."""
+    return error_response(403, "cors_refused", "this gateway allows no calls from other "
+                          "origins: list the storefront's in FLASHSALE_CORS_ORIGINS")  # fmt: skip

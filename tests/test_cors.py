@@ -89,13 +89,22 @@ async def test_any_origin_never_gets_credentials(stack: Settings) -> None:
         assert "Access-Control-Allow-Credentials" not in answer.headers
 
 
-async def test_without_the_setting_there_is_no_cors(stack: Settings) -> None:
+async def test_without_the_setting_there_is_no_cors_and_a_preflight_is_told_why(
+    stack: Settings,
+) -> None:
+    """A storefront developer trying the API from their page before the setting was made got
+    405 "Method Not Allowed" for the browser's preflight, which names neither CORS nor what
+    to set."""
     async with gateway(stack) as gw:
         sale = await gw.create_sale(stock=1)
         answer = await gw.http.options(f"/v1/sales/{sale}/queue",
                                        headers=preflight("POST", "authorization"))  # fmt: skip
-        assert answer.status == 405
+        assert answer.status == 403
+        error = (await answer.json())["error"]
+        assert error["code"] == "cors_refused" and "FLASHSALE_CORS_ORIGINS" in error["message"]
         assert "Access-Control-Allow-Origin" not in answer.headers
+        joined = await gw.http.post(f"/v1/sales/{sale}/queue", headers={"Origin": SHOP})
+        assert "Access-Control-Allow-Origin" not in joined.headers
 
 
 @pytest.mark.parametrize("value", ["shop.example.com", "https://shop.example.com/path",
