@@ -24,3 +24,12 @@ for _exp, _codes in _BY_EXPONENT.items():
 
 def is_currency(code: str) -> bool:
     return code in MINOR_UNITS
+
+
+def major(amount: int, currency: str) -> str:
+    """``amount`` minor units as a person reads them, in the currency's own decimals:
+    12900 EUR is "129.00", 1500 JPY "1,500", 12345 KWD "12.345"."""
+    places = MINOR_UNITS.get(currency, 2)
+    sign, units = ("-" if amount < 0 else ""), abs(amount)
+    whole, part = divmod(units, 10**places)
+    return f"{sign}{whole:,}" + (f".{part:0{places}d}" if places else "")

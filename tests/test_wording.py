@@ -1,9 +1,11 @@
-"""How the engine counts things in what it prints: "1 partition", "2 processes"."""
+"""How the engine counts things and amounts in what it prints: "1 partition", "2 processes",
+"129.00 EUR"."""
 
 from __future__ import annotations
 
 import pytest
 
+from flashsale.currencies import major
 from flashsale.kafka import partition_count
 from flashsale.wording import counted
 
@@ -28,3 +30,12 @@ def test_a_topic_of_one_partition_is_said_so() -> None:
     """`flashsale kafka init` printed "created (1 partitions, …)" for the dead-letter topic."""
     assert (partition_count(1), partition_count(8)) == ("1 partition", "8 partitions")
     assert partition_count(None) == "? partitions"  # the broker did not say
+
+
+@pytest.mark.parametrize(
+    ("amount", "currency", "said"),
+    [(12900, "EUR", "129.00"), (1500, "JPY", "1,500"), (12345, "KWD", "12.345"),
+     (5, "USD", "0.05"), (123456789, "EUR", "1,234,567.89"), (0, "EUR", "0.00")],
+)  # fmt: skip
+def test_an_amount_reads_in_its_currencys_decimals(amount: int, currency: str, said: str) -> None:
+    assert major(amount, currency) == said

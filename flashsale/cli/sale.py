@@ -23,6 +23,7 @@ from flashsale.cli.checks import duration, positive
 from flashsale.cli.output import dump_json, out
 from flashsale.cli.sale_views import print_preload, print_status
 from flashsale.clients import pg_pool, redis_client
+from flashsale.currencies import major
 from flashsale.errors import InvalidInput
 from flashsale.records import body_fingerprint, idempotency_key
 from flashsale.salespec import SALE_DEFAULTS, SKU_DEFAULTS, parse_csv, parse_sale, unique_keys
@@ -229,8 +230,9 @@ async def _orders(sales: SaleAdmin, args: argparse.Namespace) -> None:
     while True:
         page = await sales.orders(args.sale, state=args.state, after=after)
         for o in page:
-            out(f"{o['id']}  {o['state']:14}  {o['sku']}  x{o['quantity']}  "
-                f"{o['amount']} {o['currency']}  {o['created_at']}")  # fmt: skip
+            paid = f"{major(o['amount'], o['currency'])} {o['currency']}"
+            out(f"{o['id']}  {o['state']:14}  {o['sku']}  x{o['quantity']}  {paid}  "
+                f"{o['created_at']}")  # fmt: skip
         if len(page) < MAX_PAGE:
             return
         after = page[-1]["id"]
