@@ -36,6 +36,7 @@ from prometheus_client import (
 from flashsale import __version__
 from flashsale.clients import RedisClient
 from flashsale.errors import ConfigError
+from flashsale.http_protocol import SERVER, answer_malformed_in_json
 from flashsale.kafka import client_options
 from flashsale.migrate import require_current
 from flashsale.settings import Settings
@@ -174,11 +175,6 @@ def metrics_text(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry)
 
 
-# Every answer's Server header: the engine, not the software and versions it runs on (what a
-# scanner would look known flaws up by).
-SERVER = "flashsale"
-
-
 async def name_the_server(_request: web.Request, response: web.StreamResponse) -> None:
     """``on_response_prepare``: the Server header every answer carries."""
     response.headers["Server"] = SERVER
@@ -232,5 +228,7 @@ async def serve_ops(
     runner = web.AppRunner(ops_app(Readiness(probes, registry=registry), registry),
                            access_log=None)  # fmt: skip
     await runner.setup()
+    assert runner.server is not None
+    answer_malformed_in_json(runner.server)
     await listen(runner, host, port)
     return runner

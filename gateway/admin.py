@@ -15,7 +15,7 @@ from aiohttp import web
 
 from allocator.sale_reads import MAX_PAGE, order_state, page_size
 from flashsale.errors import InvalidInput, Unauthorized, shown
-from flashsale.ops_endpoints import SERVER
+from flashsale.http_protocol import SERVER
 from flashsale.records import body_fingerprint, idempotency_key
 from flashsale.salespec import parse_csv, parse_sale, parse_skus
 from gateway.console import OPEN_PATHS

@@ -15,8 +15,9 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from flashsale.errors import FlashsaleError, InvalidInput, SchemaBehind
+from flashsale.http_protocol import SERVER
 from flashsale.logs import CONTEXT
-from flashsale.ops_endpoints import PROBE_PATHS, SERVER
+from flashsale.ops_endpoints import PROBE_PATHS
 from flashsale.outages import describe, is_outage, schema_error
 from gateway.http import error_response
 from gateway.metrics import Metrics

@@ -26,10 +26,10 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from allocator.pump import AdmissionPump
 from allocator.queue_scripts import QueueScripts
+from flashsale.http_protocol import answer_malformed_in_json
 from flashsale.settings import Rate, Secret, Settings, Topics
 from flashsale.tokens import Signer
 from gateway.app import create_app
-from gateway.protocol import answer_malformed_in_json
 from gateway.state import CLIENTS, LANE
 
 ADMIN = "test-admin-token-0123456789"

@@ -20,8 +20,9 @@ from redis.asyncio import RedisCluster
 
 from allocator.pump import AdmissionPump
 from allocator.queue_scripts import QueueScripts
+from flashsale.cli.devstack.processes import free_port
 from flashsale.keys import SaleKeys, SkuKeys
-from flashsale.ops_endpoints import Readiness, ops_app
+from flashsale.ops_endpoints import Readiness, ops_app, serve_ops
 from flashsale.settings import Rate, Settings
 from flashsale.tokens import Signer
 from gateway.metrics import Metrics
@@ -508,3 +509,20 @@ async def test_answers_do_not_name_the_servers_software_and_pages_are_not_framed
             assert (await ops.get(path)).headers["Server"] == "flashsale", path
     finally:
         await ops.close()
+
+
+async def test_the_ops_ports_answer_a_request_http_cannot_parse_in_json_too() -> None:
+    """The allocator's, workers' and reconciler's ops ports (probes and /metrics) answered as
+    aiohttp does: plain text, and an ERROR with a traceback for each such request."""
+    port = free_port()
+    registry = CollectorRegistry()
+    runner = await serve_ops("127.0.0.1", port, {}, registry)
+    try:
+        status, kind, body = await asyncio.to_thread(
+            _raw_exchange, f"http://127.0.0.1:{port}",
+            b"GET /livez HTTP/1.1\r\nHost: x\r\nNo Colon Here\r\n\r\n",
+        )  # fmt: skip
+    finally:
+        await runner.cleanup()
+    assert (status, kind) == (400, "application/json"), body
+    assert json.loads(body)["error"]["code"] == "bad_request"

@@ -46,8 +46,8 @@ def _stop_on_signals() -> asyncio.Event:
 
 async def serve_gateway(settings: Settings, host: str, port: int, *, reuse_port: bool,
                         reservations_only: bool = False) -> int:  # fmt: skip
+    from flashsale.http_protocol import answer_malformed_in_json  # noqa: PLC0415
     from gateway.app import create_app  # noqa: PLC0415 - only the gateway needs aiohttp's app
-    from gateway.protocol import answer_malformed_in_json  # noqa: PLC0415
     from gateway.state import ANNOUNCER, LANE  # noqa: PLC0415
 
     app = create_app(settings, reservations_only=reservations_only)

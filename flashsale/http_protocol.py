@@ -7,20 +7,22 @@ one as an ERROR with a traceback. A storefront's JSON client cannot read the ans
 on the internet can fill the logs with alarms. aiohttp has no hook for it (aio-libs/aiohttp
 issue 3287), so the server's connections use a request handler whose ``handle_error`` answers
 ``{"error": {"code": "bad_request", …}}`` for a 4xx and logs one INFO line without the
-request's bytes. A 5xx keeps aiohttp's handling (it is the gateway's fault, and logged so).
+request's bytes. A 5xx keeps aiohttp's handling (it is the server's fault, and logged so).
+The gateway's servers and every service's ops port use it.
 """
 
 from __future__ import annotations
 
 import logging
 
+import orjson
 from aiohttp import http_exceptions, web
 from aiohttp.web_protocol import RequestHandler
 
-from flashsale.ops_endpoints import SERVER
-from gateway.http import error_response
-
-log = logging.getLogger("flashsale.gateway")
+log = logging.getLogger("flashsale.http")
+# Every answer's Server header: the engine, not the software and versions it runs on (what a
+# scanner would look known flaws up by).
+SERVER = "flashsale"
 
 # What a refusal of aiohttp's parser means, by its exception: the answer names the cause, never
 # the request's bytes (a client's own token or cookie need not travel back, nor into logs).
@@ -33,6 +35,7 @@ REASONS: tuple[tuple[type[Exception], str], ...] = (
 
 
 def reason(exc: BaseException | None) -> str:
+    """What aiohttp's parser refused, in a few words."""
     for kind, text in REASONS:
         if isinstance(exc, kind):
             return text
@@ -51,8 +54,10 @@ class _JsonErrors(RequestHandler):
         # A scanner's first bytes are no HTTP at all: as aiohttp, not worth an INFO line.
         level = logging.DEBUG if isinstance(exc, http_exceptions.BadHttpMethod) else logging.INFO
         log.log(level, "malformed request from %s refused (%d): %s", request.remote, status, why)
-        answer = error_response(status, "bad_request", f"malformed HTTP request: {why}",
-                                {"Server": SERVER})  # fmt: skip
+        error = {"code": "bad_request", "message": f"malformed HTTP request: {why}"}
+        answer = web.Response(body=orjson.dumps({"error": error}), status=status,
+                              content_type="application/json",
+                              headers={"Server": SERVER})  # fmt: skip
         answer.force_close()
         return answer
 
