@@ -201,11 +201,11 @@ class QueueScripts:
         limited: list[str] = []
         gate: tuple[int, ...] = ()
         if limits is not None:
-            limited, ips, buyers, rates = rate_columns(list(limits), 4)
+            limited, ips, buyers, rates = rate_columns(list(limits), 5)
             gate = (*ips, *buyers, *rates) if limited else ()  # no key: nothing to count
         command: tuple[str | int, ...] = (
-            "EVALSHA", self._join.sha, 3 + len(limited), keys.sale, keys.queue, keys.members,
-            *limited, *buyer_ids, *gate,
+            "EVALSHA", self._join.sha, 4 + len(limited), keys.sale, keys.queue, keys.members,
+            keys.claims, *limited, *buyer_ids, *gate,
         )  # fmt: skip
         raw = await call_packed(self.client, self._join, command)
         return [JoinResult(text(raw[i]), int(raw[i + 1])) for i in range(0, len(raw), 2)]

@@ -219,7 +219,10 @@ JOINED = obj(
     {
         "ticket": NULLABLE_STRING,
         "position": NULLABLE_INT,
-        "state": {"enum": ["waiting", "admitted", "sold_out", "expired"]},
+        "state": {
+            "enum": ["waiting", "admitted", "sold_out", "expired", "left"],
+            "description": "left: the buyer gave this place up (DELETE), and it stays so",
+        },
         "pre_queue": {"type": "boolean"},
     },
     ["ticket", "position", "state"],

@@ -152,6 +152,9 @@ async def join(request: web.Request) -> web.Response:
         metrics.count(metrics.joins, "sold_out")
         return json_response({"ticket": None, "position": None, "state": "sold_out"})
     counters = await app[COUNTERS].get(sale_id)
+    if outcome == "left":  # the buyer gave this place up: it stays given up
+        metrics.count(metrics.joins, "rejoined_left")
+        return left_answer(app, sale_id, buyer, result.position, counters.view)
     position = result.position
     app[MARKS].note_position(sale_id, position)
     metrics.count(metrics.joins, "pre_queue" if position == 0 else "queued")
@@ -246,9 +249,16 @@ async def leave(request: web.Request) -> web.Response:
     metrics = app[METRICS]
     metrics.count(metrics.joins, "left")
     counters = await app[COUNTERS].get(sale_id)
+    return left_answer(app, sale_id, buyer, position, counters.view)
+
+
+def left_answer(app: web.Application, sale_id: str, buyer: str, position: int,
+                v: QueueView) -> web.Response:  # fmt: skip
+    """The answer about a place its buyer gave up, with a ticket that says so (polls with it
+    are answered ``left`` without a lookup)."""
     ticket = app[SIGNERS].ticket.sign(
         {"s": sale_id, "sub": buyer, "p": position, "left": 1},
-        max(60.0, counters.view.ends_at_ms / 1000 - time.time() + TICKET_GRACE_S),
+        max(60.0, v.ends_at_ms / 1000 - time.time() + TICKET_GRACE_S),
     )
     return json_response({"state": "left", "position": position, "ticket": ticket})
 

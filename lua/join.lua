@@ -1,8 +1,9 @@
 -- join: put a batch of buyers in the sale's waiting room, each once.
 --
--- KEYS: sale, queue, members (one sale slot)   ARGV: buyer ids (1..256), decided in order
+-- KEYS: sale, queue, members, claims (one sale slot)   ARGV: buyer ids (1..256), in order
 -- Returns {outcome_1, position_1, outcome_2, position_2, ...}:
 --   queued, p     p >= 1: FIFO position; p = 0: in the pre-queue (position assigned at start)
+--   left, p       the buyer gave place p up (leave.lua): it stays given up
 --   sold_out, 0   nothing left for a new arrival: not queued
 --   full, 0       the queue holds max_queue waiting buyers: not queued
 --   ended, 0      the sale is over
@@ -13,14 +14,14 @@
 -- Every Redis command runs once per batch (the gateway coalesces concurrent joins).
 --
 -- The rate limits (the gateway on a single Redis node, where one script may touch the sale's
--- keys and the rate-limit keys: one round trip per join instead of two). With more than 3
--- KEYS: KEYS[4..] the rate-limit keys of the batch (each once), and ARGV is the n buyers, then
+-- keys and the rate-limit keys: one round trip per join instead of two). With more than 4
+-- KEYS: KEYS[5..] the rate-limit keys of the batch (each once), and ARGV is the n buyers, then
 -- for each buyer the KEYS index of its per-IP key, then of its per-buyer key (0 = none), then
 -- four numbers: per-IP emission interval and burst tolerance, the same per buyer (us). Each
 -- join is first counted against its limits (lib.lua rate_gate); one over a limit is answered
 --   rate_limited, <us until allowed>   and not joined.
-local sale, queue, members = KEYS[1], KEYS[2], KEYS[3]
-local gated = #KEYS > 3
+local sale, queue, members, claims = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local gated = #KEYS > 4
 local n = gated and (#ARGV - 4) / 3 or #ARGV
 local out = {}
 local cfg = redis.call('HMGET', sale, 'status', 'starts_at_ms', 'ends_at_ms', 'max_queue')
@@ -50,6 +51,11 @@ end
 local cutoff = tonumber(q[2] or '-1')  -- -1: no cutoff published yet
 local serving = tonumber(q[3] or '0')
 local pre = tonumber(q[4] or '0')
+-- Whether the buyer of place p gave it up: its claim is the one leave.lua writes.
+local function left_at(p)
+  local claim = redis.call('ZRANGEBYSCORE', claims, p, p, 'LIMIT', 0, 1)[1]
+  return claim == p .. SEP .. SEP .. 'left'
+end
 local seen = {}     -- buyer -> position given earlier in this batch
 local writes = {}   -- members HSET arguments
 local added_pre, first_tail = 0, tail
@@ -62,6 +68,9 @@ for i = 1, n do
     outcome, position = 'rate_limited', wait
   elseif position then
     position = tonumber(position)
+    if position > 0 and left_at(position) then
+      outcome = 'left'
+    end
   elseif ended then
     outcome, position = 'ended', 0
   elseif sold_out then

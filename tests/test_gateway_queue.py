@@ -358,6 +358,13 @@ async def test_a_buyer_who_leaves_gives_their_place_up_and_the_pump_moves_on(
     assert again.status == 200  # leaving twice is leaving once
     code, status = await gw.status(sale, left["ticket"])
     assert (code, status["state"]) == (200, "left")
+    # Joining again (the shop's link opened anew, another device) gives the place back as
+    # left: it answered "waiting" with a fresh ticket, then "admitted" with a countdown, and
+    # the reservation was refused 403 "this admission was already used".
+    code, rejoined = await gw.join(sale, "second")
+    assert (code, rejoined["state"], rejoined["position"]) == (200, "left", 2), rejoined
+    code, status = await gw.status(sale, rejoined["ticket"])
+    assert (code, status["state"]) == (200, "left")
 
     gw.pump(sale)
     admitted = await gw.admitted(sale, tickets["first"])
