@@ -99,9 +99,13 @@ def status_of(c: Counters, position: int, now_ms: int) -> Status:
 # -- routes ---------------------------------------------------------------------------------
 
 
-def sign_ticket(signer: Signer, sale_id: str, buyer: str, position: int, v: QueueView) -> str:
+def sign_ticket(signer: Signer, sale_id: str, buyer: str, position: int, v: QueueView, *,
+                left: bool = False) -> str:  # fmt: skip
+    """A queue ticket for ``position``, lasting until the sale's end and its grace; ``left``:
+    one for a place its buyer gave up (polls with it are answered ``left`` at once)."""
     ttl = max(60.0, v.ends_at_ms / 1000 - time.time() + TICKET_GRACE_S)
-    return signer.sign({"s": sale_id, "sub": buyer, "p": position}, ttl)
+    claims = {"s": sale_id, "sub": buyer, "p": position}
+    return signer.sign({**claims, "left": 1} if left else claims, ttl)
 
 
 def outlived(claims: dict[str, Any], v: QueueView) -> bool:
@@ -254,12 +258,8 @@ async def leave(request: web.Request) -> web.Response:
 
 def left_answer(app: web.Application, sale_id: str, buyer: str, position: int,
                 v: QueueView) -> web.Response:  # fmt: skip
-    """The answer about a place its buyer gave up, with a ticket that says so (polls with it
-    are answered ``left`` without a lookup)."""
-    ticket = app[SIGNERS].ticket.sign(
-        {"s": sale_id, "sub": buyer, "p": position, "left": 1},
-        max(60.0, v.ends_at_ms / 1000 - time.time() + TICKET_GRACE_S),
-    )
+    """The answer about a place its buyer gave up, with a ticket that says so."""
+    ticket = sign_ticket(app[SIGNERS].ticket, sale_id, buyer, position, v, left=True)
     return json_response({"state": "left", "position": position, "ticket": ticket})
 
 
