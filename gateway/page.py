@@ -41,7 +41,8 @@ async def waiting_room(request: web.Request) -> web.Response:
         content_type="text/html",
         headers={
             "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline' 'self'; "
-            f"style-src 'unsafe-inline'; worker-src blob:{connect}; frame-ancestors {framers}",
+            "style-src 'unsafe-inline'; img-src data:; "  # the empty icon: no /favicon.ico ask
+            f"worker-src blob:{connect}; frame-ancestors {framers}",
             "Referrer-Policy": "no-referrer",
         },
     )

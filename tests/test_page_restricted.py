@@ -1,0 +1,153 @@
+"""The waiting-room page and the operators' page in browsers that hold back what a page on
+``https://`` or ``localhost`` gets: a plain-HTTP address (no secure context: no
+``crypto.randomUUID``, no ``crypto.subtle``) and site data blocked (``localStorage`` and
+``sessionStorage`` throw, as in a framed page with third-party cookies blocked)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from flashsale.settings import Settings
+from flashsale.tokens import Signer
+from tests.harness import (
+    ADMIN,
+    FLAGS,
+    SCREENSHOTS,
+    LiveGateway,
+    create_live_sale,
+    live_gateway,
+    sale_spec,
+)
+
+HOST = "shop.test"  # resolved to 127.0.0.1 by Chromium itself: no secure context
+PLAIN_HTTP = [*FLAGS, f"--host-resolver-rules=MAP {HOST} 127.0.0.1"]
+
+
+def _token(gw: LiveGateway, buyer: str) -> str:
+    secret = gw.settings.buyer_token_secret.reveal()
+    return Signer.from_setting(secret, "buyer").sign({"sub": buyer}, 3600)
+
+
+def _plain_http(gw: LiveGateway) -> str:
+    return gw.base_url.replace("127.0.0.1", HOST)
+
+
+@contextmanager
+def _browser(chromium: str, *, site_data: bool = True, args: list[str] = FLAGS
+             ) -> Iterator[tuple[Any, list[str]]]:  # fmt: skip
+    """A Chromium context, and every error its pages report (a script's uncaught error, a
+    resource that failed to load). ``site_data=False`` starts a profile whose setting blocks
+    every site's data, as a buyer may choose."""
+    from playwright.sync_api import sync_playwright
+
+    errors: list[str] = []
+    with tempfile.TemporaryDirectory() as profile, sync_playwright() as p:
+        if not site_data:
+            (Path(profile) / "Default").mkdir()
+            blocked = {"profile": {"default_content_setting_values": {"cookies": 2}}}
+            (Path(profile) / "Default" / "Preferences").write_text(json.dumps(blocked))
+        context = p.chromium.launch_persistent_context(
+            profile, executable_path=chromium, args=args, headless=True
+        )
+
+        def uncaught(e: Any) -> None:
+            errors.append(f"uncaught: {e.error}")
+
+        def console(m: Any) -> None:
+            if m.type == "error":
+                errors.append(f"console: {m.text} at {m.location.get('url')}")
+
+        context.on("weberror", uncaught)
+        context.on("console", console)
+        try:
+            yield context, errors
+        finally:
+            context.close()
+
+
+def _join_and_reserve(page: Any, gw: LiveGateway, sale: str) -> str | None:
+    page.wait_for_selector("#join:not([hidden])", timeout=15_000)
+    page.click("#join")
+    gw.pump_forever(sale, ["S1"])
+    page.wait_for_selector("#state[data-state='admitted']", timeout=20_000)
+    page.click("#reserve")
+    page.wait_for_selector("#result[data-reservation]", timeout=15_000)
+    return str(page.get_attribute("#result", "data-reservation"))
+
+
+def test_the_page_on_a_plain_http_address_joins_and_reserves(
+    stack: Settings, chromium: str
+) -> None:
+    """A shop trying the engine on its network before putting TLS in front: the reservation's
+    idempotency key was made by ``crypto.randomUUID``, which only a secure context has, so
+    "Reserve" did nothing. Nor may the page ask for a favicon the gateway does not have (every
+    buyer's browser would, during the spike)."""
+    with live_gateway(stack) as gw:
+        sale = create_live_sale(gw.base_url, stock=2, name="Plain drop")
+        with _browser(chromium, args=PLAIN_HTTP) as (context, errors):
+            page = context.new_page()
+            page.goto(f"{_plain_http(gw)}/sales/{sale}#token={_token(gw, 'plain-buyer')}")
+            assert page.evaluate("window.isSecureContext") is False
+            rid = _join_and_reserve(page, gw, sale)
+            page.wait_for_selector("#result:has-text('Reserved')", timeout=15_000)
+            assert rid and sale in rid, rid
+            assert errors == []
+
+
+def test_the_page_with_site_data_blocked_joins_reserves_and_says_a_reload_loses_the_place(
+    stack: Settings, chromium: str
+) -> None:
+    """A buyer whose browser keeps no site data (a setting, or the page framed by a storefront
+    with third-party cookies blocked): reading ``localStorage`` throws, and the page stayed on
+    "Loading the sale…". It keeps what it holds in the tab and says a reload loses it."""
+    with live_gateway(stack) as gw:
+        sale = create_live_sale(gw.base_url, stock=2, name="Private drop")
+        with _browser(chromium, site_data=False) as (context, errors):
+            page = context.new_page()
+            page.goto(f"{gw.base_url}/sales/{sale}#token={_token(gw, 'private-buyer')}")
+            assert _join_and_reserve(page, gw, sale)
+            page.wait_for_selector("#result:has-text('Reserved')", timeout=15_000)
+            assert "keep this tab open" in " ".join((page.text_content("#storage") or "").split())
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOTS / "waiting-room-site-data-blocked.png"))
+            assert errors == []
+
+
+def test_a_join_challenge_on_a_plain_http_address_says_the_page_needs_https(
+    stack: Settings, chromium: str
+) -> None:
+    """The proof of work hashes with ``crypto.subtle``, which a plain-HTTP page does not have:
+    the page said "Checking your browser…" for ever. It says what is missing instead."""
+    with live_gateway(stack) as gw:
+        spec = {**sale_spec("Guarded plain drop", "S1", 5), "join_challenge": 4}
+        sale = create_live_sale(gw.base_url, spec=spec)
+        with _browser(chromium, args=PLAIN_HTTP) as (context, errors):
+            page = context.new_page()
+            page.goto(f"{_plain_http(gw)}/sales/{sale}#token={_token(gw, 'plain-guarded')}")
+            page.wait_for_selector("#join:not([hidden])", timeout=15_000)
+            page.click("#join")
+            page.wait_for_selector("#state[data-state='insecure']", timeout=15_000)
+            assert "https://" in (page.text_content("#status") or "")
+            assert errors == []
+
+
+def test_the_operators_page_with_site_data_blocked_logs_in_for_the_tab(
+    stack: Settings, chromium: str
+) -> None:
+    """The operators' page kept the admin token in ``sessionStorage``; with site data blocked,
+    reading it threw and the page never offered its login."""
+    with live_gateway(stack) as gw:
+        create_live_sale(gw.base_url, stock=2, name="Watched drop")
+        with _browser(chromium, site_data=False) as (context, errors):
+            page = context.new_page()
+            page.goto(f"{gw.base_url}/admin/")
+            page.wait_for_selector("#token", timeout=15_000)
+            page.fill("#token", ADMIN)
+            page.keyboard.press("Enter")
+            page.wait_for_selector("text=Watched drop", timeout=15_000)
+            assert errors == []
