@@ -63,10 +63,18 @@ def offset_of(value: Any) -> int:
     return integer(value, "offset", minimum=0, maximum=10**9, what="an integer >= 0")
 
 
+def one_of(value: str | None, allowed: Sequence[str], field: str) -> str | None:
+    """A filter's value as ``allowed`` spells it, whatever its case."""
+    if value is None:
+        return None
+    spelt = {name.casefold(): name for name in allowed}.get(value.casefold())
+    if spelt is None:
+        raise InvalidInput(field, f"must be one of {', '.join(allowed)}")
+    return spelt
+
+
 def order_state(value: str | None) -> str | None:
-    if value is not None and value.upper() not in ORDER_STATES:
-        raise InvalidInput("state", f"must be one of {', '.join(ORDER_STATES)}")
-    return None if value is None else value.upper()
+    return one_of(value, ORDER_STATES, "state")
 
 
 def in_parts(skus: Sequence[T]) -> Iterator[Sequence[T]]:
@@ -113,8 +121,7 @@ class SaleReads:
     async def list_sales(self, *, status: str | None = None, limit: int | str = MAX_PAGE,
                          offset: int | str = 0) -> list[dict[str, Any]]:  # fmt: skip
         """Sales, newest first; ``status`` (active, paused, ended) filters."""
-        if status is not None and status not in SALE_STATUSES:
-            raise InvalidInput("status", f"must be one of {', '.join(SALE_STATUSES)}")
+        status = one_of(status, SALE_STATUSES, "status")
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(
                 "SELECT * FROM sales WHERE ($1::text IS NULL OR status = $1)"

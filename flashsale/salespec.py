@@ -202,9 +202,12 @@ def _sku(data: Any, where: str, errors: list[InvalidInput]) -> SkuSpec:
             return default
 
     def currency(value: Any, field: str) -> str:
-        if not isinstance(value, str) or not is_currency(value.strip()):
-            raise InvalidInput(field, f"unknown ISO 4217 currency {shown(value)}")
-        return value.strip()
+        if isinstance(value, str) and is_currency(value.strip()):
+            return value.strip()
+        if isinstance(value, str) and is_currency(value.strip().upper()):
+            raise InvalidInput(field, f"must be upper case: {value.strip().upper()!r}, "
+                                      f"got {shown(value)}")  # fmt: skip
+        raise InvalidInput(field, f"unknown ISO 4217 currency {shown(value)}")
 
     def bounded(low: int, high: int, what: str) -> Callable[[Any, str], int]:
         return lambda value, field: integer(value, field, minimum=low, maximum=high, what=what)

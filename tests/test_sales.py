@@ -810,6 +810,8 @@ def test_status_watch_refreshes_and_list_prints_json(cli: Cli, tmp_path: Path) -
     assert watched.out.count("UTC, every 0.1s") == 2 and watched.out.count("SNK-42") >= 2
     listed = cli("sale", "list", "--json", "--limit", "50")
     assert listed.code == 0 and sale_id in {s["id"] for s in json.loads(listed.out)}
+    shouted = cli("sale", "list", "--json", "--status", "ACTIVE")  # as `sale orders --state`
+    assert shouted.code == 0 and sale_id in {s["id"] for s in json.loads(shouted.out)}, shouted.err
     bad = cli("sale", "status", sale_id, "--watch", "--interval", "soon")
     assert bad.code == 2 and bad.err.startswith("flashsale: error: interval")
 
@@ -874,6 +876,16 @@ def test_a_timestamp_refused_shows_an_example_that_would_be_accepted(value: Any)
     example = refused.value.message.split("e.g. ")[1].split(",")[0]
     when = datetime.fromisoformat(example)
     assert when.tzinfo is not None and when > datetime.now(UTC) + timedelta(days=30), example
+
+
+def test_a_currency_in_lower_case_is_refused_with_the_code_that_would_be_accepted() -> None:
+    # It said "unknown ISO 4217 currency 'eur'", as for a code that does not exist.
+    with pytest.raises(InvalidInput) as refused:
+        parse_sale({**SALE, "skus": [{**SALE["skus"][0], "currency": "eur"}]})
+    assert "upper case: 'EUR'" in refused.value.message, refused.value.message
+    with pytest.raises(InvalidInput) as unknown:
+        parse_sale({**SALE, "skus": [{**SALE["skus"][0], "currency": "xyz"}]})
+    assert "unknown ISO 4217 currency 'xyz'" in unknown.value.message
 
 
 @pytest.fixture

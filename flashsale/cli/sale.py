@@ -291,7 +291,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     imp.add_argument("--sale", required=True, help="sale id")
 
     listing = sale_sub.add_parser("list", help="list sales, newest first")
-    listing.add_argument("--status", choices=("active", "paused", "ended"),
+    listing.add_argument("--status", choices=("active", "paused", "ended"), type=str.lower,
                          help="only sales with this status")  # fmt: skip
     listing.add_argument("--limit", default="1000", help="at most this many (default 1000)")
     listing.add_argument("--offset", default="0",
