@@ -237,15 +237,7 @@ class LagReader:
         partition it never committed counts from its start). Raises Unavailable when the
         broker cannot be reached."""
         try:
-            consumer = self._consumer or await self._start()
-            # The client's own metadata is refreshed only every METADATA_AGE_MS (topics()
-            # asks the broker but does not update it): a topic made since is read by a new
-            # client, the broker's metadata being fetched at its start.
-            if consumer.partitions_for_topic(topic) is None and topic in await consumer.topics():
-                await self.aclose()
-                consumer = await self._start()
-            known = consumer.partitions_for_topic(topic) or set()
-            partitions = [TopicPartition(topic, p) for p in sorted(known)]
+            consumer, partitions = await self._partitions(topic)
             if not partitions:
                 return 0
             ends = await consumer.end_offsets(partitions)
@@ -258,6 +250,28 @@ class LagReader:
         except KafkaError as exc:
             await self.aclose()  # a fresh client next time
             raise Unavailable(f"cannot read consumer lag from the broker: {describe(exc)}") from exc
+
+    async def written(self, topic: str) -> int:
+        """Messages ever written to ``topic``: its partitions' end offsets, which retention
+        does not lower (0 for a topic not made yet). Raises Unavailable as :meth:`read`."""
+        try:
+            consumer, partitions = await self._partitions(topic)
+            return sum((await consumer.end_offsets(partitions)).values()) if partitions else 0
+        except KafkaError as exc:
+            await self.aclose()
+            raise Unavailable(f"cannot read {topic}'s offsets from the broker: "
+                              f"{describe(exc)}") from exc  # fmt: skip
+
+    async def _partitions(self, topic: str) -> tuple[AIOKafkaConsumer, list[TopicPartition]]:
+        consumer = self._consumer or await self._start()
+        # The client's own metadata is refreshed only every METADATA_AGE_MS (topics() asks
+        # the broker but does not update it): a topic made since is read by a new client, the
+        # broker's metadata being fetched at its start.
+        if consumer.partitions_for_topic(topic) is None and topic in await consumer.topics():
+            await self.aclose()
+            consumer = await self._start()
+        known = consumer.partitions_for_topic(topic) or set()
+        return consumer, [TopicPartition(topic, p) for p in sorted(known)]
 
     async def _start(self) -> AIOKafkaConsumer:
         consumer = AIOKafkaConsumer(

@@ -125,6 +125,11 @@ class ReconcileMetrics:
             "reconciler, so it keeps counting when the workers are down)",
             ["topic", "group"], registry=registry,
         )  # fmt: skip
+        self.dead_letters = Gauge(
+            "flashsale_dead_letter_messages",
+            "Messages ever parked on the dead-letter topic (its end offsets: one more is one "
+            "more parked; read by the reconciler)", ["topic"], registry=registry,
+        )  # fmt: skip
         self.lag_failures = Counter(
             "flashsale_consumer_lag_read_failures", "Lag readings the broker did not answer",
             registry=registry,

@@ -207,16 +207,20 @@ class Passes:
 
 
 async def _read_lag(reader: LagReader, settings: Settings, metrics: ReconcileMetrics) -> None:
-    """The workers' lag on the reservations topic, into ``flashsale_consumer_lag_messages``;
-    an unreachable broker is counted and logged, and the last reading stays."""
-    topic = settings.topics.reservations
+    """The workers' lag on the reservations topic, into ``flashsale_consumer_lag_messages``,
+    and the messages ever parked on the dead-letter topic, into
+    ``flashsale_dead_letter_messages``; an unreachable broker is counted and logged, and the
+    last readings stay."""
+    topic, parked = settings.topics.reservations, settings.topics.dead_letter
     try:
         behind = await reader.read(topic)
+        written = await reader.written(parked)
     except Exception as exc:  # noqa: BLE001 - read again next pass
         metrics.lag_failures.inc()
         log.warning("cannot read the consumer lag: %s", describe(exc))
         return
     metrics.lag.labels(topic, settings.consumer_group).set(behind)
+    metrics.dead_letters.labels(parked).set(written)
 
 
 def log_items(report: PassReport) -> None:

@@ -1,5 +1,5 @@
-"""``flashsale dev`` (the embedded stack), ``flashsale migrate`` and ``flashsale kafka init``:
-the servers, the schema and the topics."""
+"""``flashsale dev`` (the embedded stack), ``flashsale migrate`` and ``flashsale kafka``
+(``init``, ``dead-letters``): the servers, the schema and the topics."""
 
 from __future__ import annotations
 
@@ -12,12 +12,16 @@ from collections.abc import Callable
 from flashsale.cli.checks import within
 from flashsale.cli.devstack.redis_cluster import Layout
 from flashsale.cli.devstack.stack import DevStack
-from flashsale.cli.output import out
+from flashsale.cli.output import dump_json, out
 from flashsale.clients import pg_connect
+from flashsale.dead_letters import DeadLetters, read_dead_letters
 from flashsale.errors import InvalidInput, SchemaBehind
 from flashsale.kafka import ensure_topics
 from flashsale.migrate import migrate, require_current
 from flashsale.settings import Settings
+from flashsale.wording import counted
+
+SHOWN_CHARS = 300  # of a parked message's value, in the text listing
 
 
 def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
@@ -80,10 +84,31 @@ async def cmd_migrate(_args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_kafka(args: argparse.Namespace, settings: Settings) -> int:
+    if args.kafka_command == "dead-letters":
+        letters = await read_dead_letters(settings, within("limit", args.limit, 1, 10_000))
+        if args.json:
+            dump_json(letters)
+        else:
+            show_dead_letters(letters)
+        return 0
     partitions = within("partitions", args.partitions, 1, 1024) if args.partitions else None
     factor = within("replication-factor", args.replication_factor, 1, 7)
     await ensure_topics(settings, progress=out, partitions=partitions, replication_factor=factor)
     return 0
+
+
+def show_dead_letters(letters: DeadLetters) -> None:
+    if not letters.messages:
+        gone = f" ({counted(letters.parked, 'message')} parked before, dropped by its " \
+            "retention)" if letters.parked else ""  # fmt: skip
+        out(f"no message is parked on {letters.topic}{gone}")
+        return
+    shown = "" if len(letters.messages) == letters.kept else f"; the last {len(letters.messages)}"
+    out(f"{counted(letters.parked, 'message')} parked on {letters.topic}{shown}:")
+    for m in letters.messages:
+        value = m.value if len(m.value) <= SHOWN_CHARS else m.value[:SHOWN_CHARS] + "…"
+        out(f"{m.at}  from {m.source or '?'}  {m.reason or '(no reason given)'}")
+        out(f"    key {m.key!r}  value {value}")
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -115,7 +140,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     migrate_.set_defaults(handler=cmd_migrate)
 
-    kafka = commands.add_parser("kafka", help="create the Kafka topics")
+    kafka = commands.add_parser("kafka", help="create the Kafka topics; read the dead letters")
     kafka.set_defaults(handler=cmd_kafka)
     kafka_sub = kafka.add_subparsers(dest="kafka_command", required=True, metavar="ACTION")
     init = kafka_sub.add_parser(
@@ -133,3 +158,14 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         default="1",
         help="copies of each partition, 1..7 (default 1; 3 on a real cluster)",
     )
+    dead = kafka_sub.add_parser(
+        "dead-letters", help="list the newest messages parked on the dead-letter topic, with "
+        "where each came from and why (read without a consumer group: nothing changes)",
+        description="List the newest messages the workers and the relay parked on the "
+        "dead-letter topic (FLASHSALE_TOPIC_DEAD_LETTER): when, where each came from "
+        "(topic/partition/offset, or an outbox), the reason, and the message. It reads without "
+        "a consumer group, so it changes nothing.",
+    )  # fmt: skip
+    dead.add_argument("--limit", metavar="N", default="20",
+                      help="show the newest N, 1..10000 (default 20)")  # fmt: skip
+    dead.add_argument("--json", action="store_true", help="the messages as JSON")
