@@ -1,0 +1,105 @@
+"""The alert rules that watch a failure no other alert sees, proven with ``promtool test
+rules`` on made-up series: each fires on what it is for, and stays quiet otherwise."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from tests.test_prometheus import RULES, prometheus  # noqa: F401 - the fixture
+
+RUNBOOK = "https://flashsale.example/docs/RUNBOOK.md#"
+
+
+def promtool_test(tmp_path: Path, series: list[dict[str, str]],
+                  cases: list[dict[str, Any]]) -> None:  # fmt: skip
+    """``cases``: (minute, alert, the alerts expected then), over ``series`` sampled each
+    minute from minute 0."""
+    spec = tmp_path / "rules.test.yml"
+    spec.write_text(json.dumps({
+        "rule_files": [str(RULES)],
+        "evaluation_interval": "1m",
+        "tests": [{"interval": "1m", "input_series": series, "alert_rule_test": cases}],
+    }))  # fmt: skip
+    result = subprocess.run(["promtool", "test", "rules", str(spec)], capture_output=True,
+                            text=True, timeout=60, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def at(minute: int, alert: str, *fired: dict[str, Any]) -> dict[str, Any]:
+    return {"eval_time": f"{minute}m", "alertname": alert, "exp_alerts": list(fired)}
+
+
+def test_the_dead_letter_alert_fires_on_one_more_parked_message(
+    prometheus: str,  # noqa: F811 - the fixture
+    tmp_path: Path,
+) -> None:
+    """The gauge is the topic's end offsets: it only grows (a broker that lost its storage
+    starts again from 0). One message more fires the alert at once; none more for 15 minutes
+    clears it."""
+    fired = {
+        "exp_labels": {"severity": "warning", "topic": "flashsale-dead-letter"},
+        "exp_annotations": {
+            "summary": "1 more message parked on flashsale-dead-letter in 15 minutes: "
+                       "`flashsale kafka dead-letters` lists them",
+            "runbook_url": RUNBOOK + "flashsaledeadletters",
+        },
+    }  # fmt: skip
+    promtool_test(tmp_path, [{
+        "series": 'flashsale_dead_letter_messages{topic="flashsale-dead-letter"}',
+        "values": "4 4 4 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5",
+    }], [at(2, "FlashsaleDeadLetters"), at(4, "FlashsaleDeadLetters", fired),
+         at(20, "FlashsaleDeadLetters")])  # fmt: skip
+
+
+def test_the_pump_alert_fires_when_its_ticks_keep_failing(
+    prometheus: str,  # noqa: F811 - the fixture
+    tmp_path: Path,
+) -> None:
+    """A pump whose ticks fail keeps its last ``flashsale_pump_leader`` reading (1), so
+    FlashsalePumpWithoutLeader stays quiet while nobody is admitted. A failed tick now and
+    then (a Redis blip) is not an alert; a minute of them is."""
+    fired = {
+        "exp_labels": {"severity": "critical", "sale": "s-1"},
+        "exp_annotations": {
+            "summary": "the admission pump of sale s-1 fails its ticks: nobody is admitted",
+            "runbook_url": RUNBOOK + "flashsalepumpfailing",
+        },
+    }  # fmt: skip
+    promtool_test(tmp_path, [
+        {"series": 'flashsale_pump_errors_total{sale="s-1", instance="a"}',
+         "values": "0 1 1 1 1 1 61 121 181 241 241 241 241 241 241"},
+        {"series": 'flashsale_pump_leader{sale="s-1", instance="a"}', "values": "1x14"},
+    ], [at(3, "FlashsalePumpFailing"), at(9, "FlashsalePumpFailing", fired),
+        at(9, "FlashsalePumpWithoutLeader"), at(13, "FlashsalePumpFailing")])  # fmt: skip
+
+
+def test_the_reconciler_alert_fires_when_no_pass_finishes(
+    prometheus: str,  # noqa: F811 - the fixture
+    tmp_path: Path,
+) -> None:
+    """Passes that fail while others finish (an outage the reconciler rides out) are not an
+    alert; ten minutes of failures and no finished pass are: no drift is repaired."""
+    fired = {
+        "exp_labels": {"severity": "warning", "instance": "r"},
+        "exp_annotations": {
+            "summary": "no reconcile pass has finished for 10 minutes: drift is not repaired",
+            "runbook_url": RUNBOOK + "flashsalereconcilerstalled",
+        },
+    }  # fmt: skip
+    promtool_test(
+        tmp_path,
+        [
+            {
+                "series": 'flashsale_reconcile_passes_total{instance="r"}',
+                "values": "0+12x10 120x20",
+            },
+            {
+                "series": 'flashsale_reconcile_pass_failures_total{instance="r"}',
+                "values": "0+1x10 10+12x20",
+            },
+        ],
+        [at(8, "FlashsaleReconcilerStalled"), at(28, "FlashsaleReconcilerStalled", fired)],
+    )
