@@ -50,6 +50,9 @@ SKU_FIELDS = (
     "buckets",
 )
 SKU_REQUIRED = {"sku", "stock", "price", "currency"}
+# What a sale as the engine shows it (`sale show`, GET /admin/v1/sales/{sale}) has beside a
+# sale file's fields: the engine's own, which a file cannot set.
+SHOWN_ONLY = {"id", "status", "state", "preloaded_at", "archived_at", "shuffle"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,10 +253,23 @@ def refuse_all(errors: Sequence[InvalidInput]) -> None:
     raise InvalidInput(first.field, f"{detail} ({len(errors)} errors; also {listed}{more})")
 
 
+def as_sale_file(sale: Mapping[str, Any]) -> dict[str, Any]:
+    """A sale as the engine shows it, cut to what a sale file sets: the template of another."""
+    shown = {name: value for name, value in sale.items() if name in SALE_FILE_FIELDS}
+    shown["skus"] = [{name: value for name, value in sku.items() if name in SKU_FIELDS}
+                     for sku in sale.get("skus", [])]  # fmt: skip
+    return shown
+
+
 def parse_sale(data: Any, *, now: datetime | None = None) -> SaleSpec:
     """A whole sale from the sale file format (see README). Optional fields get defaults."""
     if not isinstance(data, Mapping):
         raise InvalidInput("sale", "must be a JSON object")
+    own = sorted(SHOWN_ONLY.intersection(data))
+    if own:
+        raise InvalidInput(own[0], "is the sale's own (as `sale show` prints it), not a sale "
+                                   "file's: leave it out, or print the sale as a file with "
+                                   "`sale show ID --template`")  # fmt: skip
     _check_fields(data, SALE_FILE_FIELDS, "")
     name = text(data.get("name"), "name")
     now = now or datetime.now(UTC)

@@ -788,6 +788,29 @@ def test_an_operation_over_a_large_sale_leaves_the_event_loop_to_others(
     assert parts * 3 < whole, (parts, whole)
 
 
+def test_a_sale_shown_as_a_template_makes_the_next_sale(cli: Cli, tmp_path: Path) -> None:
+    """Last week's drop as the template of this week's: ``sale show`` printed fields a sale
+    file may not have, and the file was refused "archived_at: unknown field"."""
+    sale_id = create(cli, tmp_path)
+    shown = cli("sale", "show", sale_id)
+    refused = cli("sale", "create", "--file", write(tmp_path, shown.out, "shown.json"))
+    assert refused.code == 2, refused.err
+    assert "the sale's own (as `sale show` prints it)" in refused.err, refused.err
+    assert "--template" in refused.err, refused.err
+    template = cli("sale", "show", sale_id, "--template")
+    assert template.code == 0, template.err
+    spec = json.loads(template.out)
+    assert "id" not in spec and "status" not in spec and "shuffle" not in spec, spec
+    again = cli("sale", "create", "--file", write(tmp_path, template.out, "t.json"),
+                "--starts-in", "1d", "--json")  # fmt: skip
+    assert again.code == 0, again.err
+    made = json.loads(again.out)
+    original = json.loads(shown.out)
+    assert made["id"] != sale_id and made["name"] == original["name"]
+    assert made["skus"] == original["skus"]
+    assert made["admission_rate"] == original["admission_rate"]
+
+
 def test_the_list_pages_past_its_newest_thousand_sales(cli: Cli, tmp_path: Path) -> None:
     """``sale list`` showed only the newest 1,000 sales, with no way to the older ones that
     the admin API's ``offset`` reaches."""

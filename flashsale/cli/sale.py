@@ -26,7 +26,14 @@ from flashsale.clients import pg_pool, redis_client
 from flashsale.currencies import major
 from flashsale.errors import InvalidInput
 from flashsale.records import body_fingerprint, idempotency_key
-from flashsale.salespec import SALE_DEFAULTS, SKU_DEFAULTS, parse_csv, parse_sale, unique_keys
+from flashsale.salespec import (
+    SALE_DEFAULTS,
+    SKU_DEFAULTS,
+    as_sale_file,
+    parse_csv,
+    parse_sale,
+    unique_keys,
+)
 from flashsale.settings import Settings
 from flashsale.wording import counted
 
@@ -137,7 +144,8 @@ async def cmd_sale(args: argparse.Namespace, settings: Settings) -> int:
         elif command == "orders":
             await _orders(sales, args)
         elif command == "show":
-            dump_json(await sales.get(args.sale))
+            sale = await sales.get(args.sale)
+            dump_json(as_sale_file(sale) if args.template else sale)
         elif command == "preload":
             print_preload(args.sale, await sales.preload(args.sale, force=args.force))
         elif command == "status" and args.watch:
@@ -311,6 +319,11 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     orders.add_argument("--csv", action="store_true", help="CSV on stdout, streamed")
     show = sale_sub.add_parser("show", help="print a sale's configuration as JSON")
     show.add_argument("sale", help="sale id")
+    show.add_argument(
+        "--template", action="store_true",
+        help="print it as a sale file (no id, status or shuffle record): the template of the "
+        "next sale, for `sale create --file F --starts-in D`",
+    )  # fmt: skip
     preload = sale_sub.add_parser("preload", help="copy configuration and stock into Redis")
     preload.add_argument("sale", help="sale id")
     preload.add_argument(
