@@ -27,6 +27,7 @@ from tests.harness import (
 )
 
 SKU = "LIVE-1"
+PAGE = 100  # sales a page of the list shows
 
 
 def _spike(base: str, sale: str, settings: Settings, buyers: int) -> threading.Thread:
@@ -226,3 +227,28 @@ def test_the_live_page_says_why_the_sales_are_not_listed_and_tries_again(
         page.wait_for_selector(f"#sales a:text('{live.sale}')", timeout=20_000)
         assert (page.text_content("#list-error") or "") == ""
     assert len(down) == 2
+
+
+def test_the_live_page_pages_back_to_older_sales(stack: Settings, chromium: str) -> None:
+    """The list showed the newest 100 sales and no way to the older ones: a shop with a drop
+    a day could not find last season's from the page."""
+    with live_page(stack, chromium, "Last season's drop") as live:
+        headers = {"Authorization": f"Bearer {ADMIN}"}
+        for n in range(PAGE):  # newer sales push it off the first page
+            made = requests.post(f"{live.gw.base_url}/admin/v1/sales", headers=headers,
+                                 json=sale_spec(f"Newer drop {n}", "S1", 1), timeout=10)
+            made.raise_for_status()
+        page = live.page
+        page.goto(f"{live.gw.base_url}/admin/")
+        page.fill("#token", ADMIN)
+        page.click("button[type=submit]")
+        page.wait_for_selector("#sales a", timeout=10_000)
+        assert page.locator("#sales tr").count() == PAGE
+        assert page.locator(f"#sales a:text('{live.sale}')").count() == 0
+        assert page.is_disabled("#newer") and page.is_enabled("#older")
+        assert (page.text_content("#shown") or "").startswith(f"sales 1–{PAGE}")
+        page.click("#older")
+        page.wait_for_selector(f"#sales a:text('{live.sale}')", timeout=10_000)
+        assert (page.text_content("#shown") or "").startswith(f"sales {PAGE + 1}–")
+        page.click("#newer")
+        page.wait_for_selector(f"#sales td:text('Newer drop {PAGE - 1}')", timeout=10_000)
