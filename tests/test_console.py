@@ -28,6 +28,7 @@ from tests.harness import (
 
 SKU = "LIVE-1"
 PAGE = 100  # sales a page of the list shows
+DASH = "\N{EN DASH}"
 
 
 def _spike(base: str, sale: str, settings: Settings, buyers: int) -> threading.Thread:
@@ -236,7 +237,8 @@ def test_the_live_page_pages_back_to_older_sales(stack: Settings, chromium: str)
         headers = {"Authorization": f"Bearer {ADMIN}"}
         for n in range(PAGE):  # newer sales push it off the first page
             made = requests.post(f"{live.gw.base_url}/admin/v1/sales", headers=headers,
-                                 json=sale_spec(f"Newer drop {n}", "S1", 1), timeout=10)
+                                 json=sale_spec(f"Newer drop {n}", "S1", 1),
+                                 timeout=10)  # fmt: skip
             made.raise_for_status()
         page = live.page
         page.goto(f"{live.gw.base_url}/admin/")
@@ -246,9 +248,9 @@ def test_the_live_page_pages_back_to_older_sales(stack: Settings, chromium: str)
         assert page.locator("#sales tr").count() == PAGE
         assert page.locator(f"#sales a:text('{live.sale}')").count() == 0
         assert page.is_disabled("#newer") and page.is_enabled("#older")
-        assert (page.text_content("#shown") or "").startswith(f"sales 1–{PAGE}")
+        assert (page.text_content("#shown") or "").startswith(f"sales 1{DASH}{PAGE}")
         page.click("#older")
         page.wait_for_selector(f"#sales a:text('{live.sale}')", timeout=10_000)
-        assert (page.text_content("#shown") or "").startswith(f"sales {PAGE + 1}–")
+        assert (page.text_content("#shown") or "").startswith(f"sales {PAGE + 1}{DASH}")
         page.click("#newer")
         page.wait_for_selector(f"#sales td:text('Newer drop {PAGE - 1}')", timeout=10_000)
