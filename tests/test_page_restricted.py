@@ -151,3 +151,23 @@ def test_the_operators_page_with_site_data_blocked_logs_in_for_the_tab(
             page.keyboard.press("Enter")
             page.wait_for_selector("text=Watched drop", timeout=15_000)
             assert errors == []
+
+
+def test_both_pages_with_javascript_off_say_they_need_it(stack: Settings, chromium: str) -> None:
+    """With scripts off (a setting, or a privacy extension), the buyer's page said "Loading
+    the sale…" for ever and the operators' page showed an empty login."""
+    from playwright.sync_api import sync_playwright
+
+    with live_gateway(stack) as gw, sync_playwright() as p:
+        sale = create_live_sale(gw.base_url, stock=1, name="Scriptless drop")
+        browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
+        try:
+            context = browser.new_context(java_script_enabled=False)
+            for path in (f"/sales/{sale}", "/admin/"):
+                page = context.new_page()
+                page.goto(gw.base_url + path)
+                said = " ".join(page.inner_text("body").split())
+                assert "needs JavaScript" in said, (path, said)
+                assert "Loading the sale" not in said, (path, said)
+        finally:
+            browser.close()
