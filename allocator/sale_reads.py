@@ -188,13 +188,13 @@ class SaleReads:
         for r in counted:
             orders.setdefault(r["sku"], {})[r["state"]] = int(r["n"])
         rows = []
-        async for sku, per_bucket in self._counted(sale_id, skus):
+        async for sku, per_bucket, moving in self._counted(sale_id, skus):
             count = summed(per_bucket)
             row = {
                 "sku": sku["sku"],
                 "title": sku["title"],
                 "stock_total": sku["stock_total"],
-                "available": None if count is None else count.available,
+                "available": None if count is None else count.available + moving,
                 "held": None if count is None else count.held,
                 "sold": None if count is None else count.sold,
                 "active": None if count is None else count.active,
@@ -205,6 +205,7 @@ class SaleReads:
                 "buckets": sku["buckets"],
             }
             if sku["buckets"] > 1:
+                row["in_transit"] = moving
                 row["by_bucket"] = [
                     None if c is None else {"bucket": b, "total": c.total,
                                             "available": c.available, "held": c.held,
@@ -223,47 +224,40 @@ class SaleReads:
             sale = await self.sale_row(conn, sale_id)
             skus = await fetch_skus(conn, sale_id)
         stock: dict[str, tuple[int, int] | None] = {}
-        async for sku, per_bucket in self._counted(sale_id, [s for s in skus if s["buckets"] == 1]):
+        async for sku, per_bucket, moving in self._counted(sale_id, skus):
             count = summed(per_bucket)
-            stock[sku["sku"]] = None if count is None else (count.available, count.held)
-        stock.update(await self._spread_stock(sale_id, [s for s in skus if s["buckets"] > 1]))
+            stock[sku["sku"]] = None if count is None else (count.available + moving, count.held)
         return sale_json(sale, skus), stock
 
-    async def _spread_stock(self, sale_id: str, skus: Sequence[asyncpg.Record]
-                            ) -> dict[str, tuple[int, int] | None]:  # fmt: skip
-        """(available, held) of each SKU in stock buckets, counting as available the units on
-        their way from one bucket to another: lent and not yet credited, they are in no
-        bucket's counters, and a SKU whose free units were all moving read as sold out. One
-        read of every bucket's counters with its transfer journal, so a credit is seen either
-        in its receiver's counters or as still on its way, not in neither."""
-        if not skus:
-            return {}
-        groups = [bucket_keys(sale_id, sku["sku"], sku["buckets"]) for sku in skus]
-        states = await self.transfers.states([k for group in groups for k in group])
-        stock: dict[str, tuple[int, int] | None] = {}
-        at = 0
-        for sku, group in zip(skus, groups, strict=True):
-            mine = states[at : at + len(group)]
-            at += len(group)
-            count = summed([bucket.counts for bucket in mine])
-            moving = Snapshot(mine).in_transfer
-            stock[sku["sku"]] = None if count is None else (count.available + moving, count.held)
-        return stock
-
     async def _counted(self, sale_id: str, skus: Sequence[asyncpg.Record]) -> AsyncIterator[
-            tuple[asyncpg.Record, list[StockCounts | None]]]:  # fmt: skip
-        """Each SKU with its counters per stock bucket, read a part at a time (``in_parts``)."""
+            tuple[asyncpg.Record, list[StockCounts | None], int]]:  # fmt: skip
+        """Each SKU with its counters per stock bucket and its units on their way from one
+        bucket to another, read a part at a time (``in_parts``)."""
         for part in in_parts(skus):
-            for pair in zip(part, await self._buckets(sale_id, part), strict=True):
-                yield pair
+            for sku, (counts, moving) in zip(part, await self._buckets(sale_id, part),
+                                             strict=True):  # fmt: skip
+                yield sku, counts, moving
 
     async def _buckets(self, sale_id: str, skus: Sequence[asyncpg.Record]) -> list[
-            list[StockCounts | None]]:  # fmt: skip
-        """Each SKU's counters per stock bucket, in one round trip."""
+            tuple[list[StockCounts | None], int]]:  # fmt: skip
+        """Each SKU's counters per stock bucket, and its units in transit, in one round trip.
+        A SKU in stock buckets is read with the buckets' transfer journals: units lent and
+        not yet credited are in no bucket's counters (a SKU whose free units were all on their
+        way read as sold out), and one read sees a credit either in its receiver's counters
+        or as still on its way, not in neither."""
         groups = [bucket_keys(sale_id, sku["sku"], sku["buckets"]) for sku in skus]
-        flat = await self.scripts.stock([k for group in groups for k in group])
-        out, at = [], 0  # `at`: where a SKU's buckets start (slicing off the rest is quadratic)
+        spread = [g for g in groups if len(g) > 1]
+        single = [g[0] for g in groups if len(g) == 1]
+        flat = await self.scripts.stock(single) if single else []
+        states = await self.transfers.states([k for g in spread for k in g]) if spread else []
+        out: list[tuple[list[StockCounts | None], int]] = []
+        one = many = 0  # where the next SKU starts in flat / states (re-slicing is quadratic)
         for group in groups:
-            out.append(flat[at : at + len(group)])
-            at += len(group)
+            if len(group) == 1:
+                out.append(([flat[one]], 0))
+                one += 1
+            else:
+                mine = states[many : many + len(group)]
+                many += len(group)
+                out.append(([b.counts for b in mine], Snapshot(mine).in_transfer))
         return out

@@ -135,6 +135,11 @@ SALE_STATUS = obj(
                     "preloaded": {"type": "boolean"},
                     "buckets": {"type": "integer"},
                     "by_bucket": {"type": "array", "items": {"type": ["object", "null"]}},
+                    "in_transit": {
+                        "type": "integer",
+                        "description": "a SKU in stock buckets: "
+                        "units on their way between two, counted in available",
+                    },
                 },
                 ["sku", "stock_total", "available", "held", "sold", "confirmed", "preloaded"],
             ),

@@ -18,6 +18,7 @@ from allocator.ids import hold_keys, route_of, routed_reservation_id
 from allocator.sale_admin import SaleAdmin
 from allocator.sku_allocator import Allocators
 from allocator.stock_buckets import BucketScripts
+from flashsale.cli.sale_views import print_status
 from flashsale.errors import InvalidInput
 from flashsale.keys import SPREAD_SLOTS, SkuKeys, bucket_for, bucket_keys
 from flashsale.records import integer
@@ -165,7 +166,7 @@ async def test_units_on_their_way_between_buckets_are_waited_for_not_refused(
 
 
 async def test_units_on_their_way_between_buckets_are_not_sold_out_in_the_sales_summary(
-    stack: Settings,
+    stack: Settings, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The public summary added the buckets' counters up, and units lent and not yet credited
     are in none of them: a SKU whose free units were all on their way read "sold_out": true,
@@ -178,8 +179,15 @@ async def test_units_on_their_way_between_buckets_are_not_sold_out_in_the_sales_
         for lender, receiver in ((first, second), (second, first)):  # both units journaled
             _, lent = await transfers.lend(lender, receiver, 1, exact=True)
             assert lent.units == 1
-        _, stock = await SaleAdmin.build(p.pool, p.redis).with_stock(sale)
+        admin = SaleAdmin.build(p.pool, p.redis)
+        _, stock = await admin.with_stock(sale)
         assert stock[SKU] == (2, 0)  # free the moment they are credited: not sold out
+        # `sale status` and the operators' page (the same read) said available 0 as well, and
+        # their units did not add up to the stock: they say it as the summary, and why.
+        [row] = (await admin.status(sale))["skus"]
+        assert (row["available"], row["in_transit"], row["held"]) == (2, 2, 0), row
+        print_status(await admin.status(sale), as_json=False)
+        assert "in transit" in capsys.readouterr().out
         async with gateway(stack) as gw:
             summary = await (await gw.http.get(f"/v1/sales/{sale}")).json()
         [sku] = summary["skus"]

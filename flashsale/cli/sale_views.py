@@ -38,6 +38,8 @@ def print_status(status: dict[str, Any], *, as_json: bool) -> None:
             else:
                 out(f"  {name:20} {b['total']:>10} {b['available']:>10} {b['held']:>8}"
                     f" {b['sold']:>8}")  # fmt: skip
+        if row.get("in_transit"):  # free, counted as available, and in no bucket yet
+            out(f"  {'  in transit':20} {'':>10} {row['in_transit']:>10}")
 
 
 def print_preload(sale_id: str, results: Sequence[PreloadResult]) -> None:
