@@ -1,5 +1,6 @@
-"""JSON answers that many requests share, such as a sale's public summary: encoded once, tagged
-once and, when large, compressed once, then answered to every reader as they are.
+"""Answers that many requests share, such as a sale's public summary and its waiting-room page:
+encoded once, tagged once and, when large, compressed once, then answered to every reader as
+they are.
 
 A :class:`Document` carries a strong ``ETag`` per representation (the gzip one has its own), so
 a browser, a CDN or a reverse proxy revalidates with ``If-None-Match`` and gets a 304 without a
@@ -40,22 +41,25 @@ def _tag(body: bytes, suffix: str = "") -> str:
 
 @dataclass(frozen=True)
 class Document:
-    """``data`` encoded as JSON, its ETag, and its gzip form (None when too small to gain)."""
+    """``data`` encoded (JSON unless given as a body of another type), its ETag, and its gzip
+    form (None when too small to gain)."""
 
     data: Any
     body: bytes
     etag: str
     gzipped: bytes | None
     gzip_etag: str
+    content_type: str = "application/json"
 
     @classmethod
-    def of(cls, data: Any) -> Document:
-        body = encoded(data)
+    def of(cls, data: Any, body: bytes | None = None, content_type: str = "application/json",
+           level: int = GZIP_LEVEL) -> Document:  # fmt: skip
+        body = encoded(data) if body is None else body
         gzipped = None
         if len(body) >= COMPRESS_FROM:
-            gzipped = gzip.compress(body, GZIP_LEVEL, mtime=0)
+            gzipped = gzip.compress(body, level, mtime=0)
         etag = _tag(body)
-        return cls(data, body, etag, gzipped, etag[:-1] + '-gzip"')
+        return cls(data, body, etag, gzipped, etag[:-1] + '-gzip"', content_type)
 
 
 @dataclass(frozen=True)
@@ -128,4 +132,4 @@ def document_response(
         return web.Response(status=304, headers=out)
     if encoding is not None:
         out["Content-Encoding"] = encoding
-    return web.Response(body=body, content_type="application/json", headers=out)
+    return web.Response(body=body, headers={**out, "Content-Type": document.content_type})
