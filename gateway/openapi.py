@@ -7,14 +7,14 @@ true to what the code does.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from aiohttp import web
 
 from flashsale import __version__
 from gateway.catalog import INFO_TTL_S, MAX_INFO_TTL_S, READ_SHARE
-from gateway.documents import MAX_SKUS_ASKED
-from gateway.http import json_response
+from gateway.documents import MAX_SKUS_ASKED, Document, document_response
 from gateway.openapi_admin import admin_paths
 from gateway.openapi_parts import (
     ADMISSION,
@@ -291,8 +291,14 @@ def document() -> dict[str, Any]:
     }
 
 
-async def openapi(_request: web.Request) -> web.Response:
-    return json_response(document())
+@functools.cache
+def served() -> Document:
+    """The document encoded and gzipped once (86 KB of JSON: 12 KB)."""
+    return Document.of(document(), level=9)
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return document_response(request, served(), {"Cache-Control": "no-cache"})
 
 
 def setup(app: web.Application) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import gzip
 import os
 import pkgutil
 import signal
@@ -257,6 +258,31 @@ def live_gateway(stack: Settings, **overrides: Any) -> Iterator[LiveGateway]:
         thread.join(5)
         if not thread.is_alive():
             loop.close()  # its self-pipe socket, else a ResourceWarning in a later test
+
+
+def packed_and_revalidated(url: str) -> requests.Response:
+    """Assert that ``url`` is sent gzipped to a client that accepts it (less than half its
+    size, the same bytes once unpacked, the same headers), and answered 304 with those headers
+    to one holding its ETag. Returns the plain answer."""
+    plain = requests.get(url, headers={"Accept-Encoding": "identity"}, timeout=10)
+    packed = requests.get(url, headers={"Accept-Encoding": "gzip"}, stream=True, timeout=10)
+    raw = packed.raw.read(decode_content=False)
+    assert plain.status_code == packed.status_code == 200, (plain.status_code, packed.status_code)
+    assert packed.headers.get("Content-Encoding") == "gzip", packed.headers
+    assert gzip.decompress(raw) == plain.content and len(raw) < len(plain.content) / 2
+    same = ("Content-Type", "Cache-Control", "Content-Security-Policy")
+    assert {h: packed.headers.get(h) for h in same} == {h: plain.headers.get(h) for h in same}
+    again = requests.get(
+        url,
+        headers={"Accept-Encoding": "gzip", "If-None-Match": packed.headers["ETag"]},
+        timeout=10,
+    )
+    assert again.status_code == 304 and again.content == b"", again.status_code
+    # A 304 refreshes the headers a cache holds: they must be there too.
+    assert {h: again.headers.get(h) for h in same[1:]} == {
+        h: plain.headers.get(h) for h in same[1:]
+    }
+    return plain
 
 
 def create_live_sale(

@@ -22,7 +22,9 @@ from tests.harness import (
     FLAGS,
     SCREENSHOTS,
     healthy,
+    live_gateway,
     live_page,
+    packed_and_revalidated,
     sale_spec,
 )
 
@@ -254,3 +256,10 @@ def test_the_live_page_pages_back_to_older_sales(stack: Settings, chromium: str)
         assert (page.text_content("#shown") or "").startswith(f"sales {PAGE + 1}{DASH}")
         page.click("#newer")
         page.wait_for_selector(f"#sales td:text('Newer drop {PAGE - 1}')", timeout=10_000)
+
+
+def test_the_chart_library_is_sent_compressed_and_revalidated(stack: Settings) -> None:
+    """51 KB of script went out whole at each page load, read from disk each time."""
+    with live_gateway(stack) as gw:
+        plain = packed_and_revalidated(f"{gw.base_url}/admin/static/uPlot.iife.min.js")
+        assert plain.headers["Cache-Control"] == "public, max-age=86400"

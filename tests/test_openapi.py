@@ -23,7 +23,7 @@ from flashsale.settings import Settings
 from flashsale.tokens import Signer
 from gateway.catalog import INFO_TTL_S, MAX_INFO_TTL_S
 from gateway.openapi import document
-from tests.harness import ADMIN, create_live_sale, live_gateway
+from tests.harness import ADMIN, create_live_sale, live_gateway, packed_and_revalidated
 
 CHECKS = [
     not_a_server_error,
@@ -71,6 +71,11 @@ def test_the_served_document_is_the_one_in_the_code(live: Live) -> None:
     served = requests.get(f"{live.base_url}/openapi.json", timeout=10)
     assert served.status_code == 200 and served.json() == document()
     assert served.json()["openapi"] == "3.1.0"
+
+
+def test_the_document_is_sent_compressed_and_revalidated(live: Live) -> None:
+    """86 KB of JSON went out whole to each client generator and each docs page load."""
+    packed_and_revalidated(f"{live.base_url}/openapi.json")
 
 
 def test_every_operation_is_named_tagged_and_says_when_to_retry() -> None:
