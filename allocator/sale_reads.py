@@ -169,7 +169,8 @@ class SaleReads:
 
     async def status(self, sale_id: str, only: str | None = None) -> dict[str, Any]:
         """Per SKU (or of the SKU ``only``): stock_total, available, held (active + paying), sold
-        (Redis); confirmed and the orders by state (Postgres)."""
+        (Redis); confirmed and the orders by state (Postgres); and the confirmed orders'
+        revenue by currency, in minor units."""
         async with self.pool.acquire() as conn:
             sale = await self.sale_row(conn, sale_id)
             if only is None:
@@ -181,12 +182,17 @@ class SaleReads:
                                    code="unknown_sku")  # fmt: skip
                 skus = [row]
             counted = await conn.fetch(
-                "SELECT sku, state, count(*) AS n FROM orders WHERE sale_id = $1"
-                " AND ($2::text IS NULL OR sku = $2) GROUP BY sku, state", sale_id, only,
+                "SELECT sku, state, currency, count(*) AS n, sum(amount) AS amount FROM orders"
+                " WHERE sale_id = $1 AND ($2::text IS NULL OR sku = $2)"
+                " GROUP BY sku, state, currency", sale_id, only,
             )  # fmt: skip
         orders: dict[str, dict[str, int]] = {}
+        revenue: dict[str, int] = {}  # confirmed orders' amounts by currency, minor units
         for r in counted:
-            orders.setdefault(r["sku"], {})[r["state"]] = int(r["n"])
+            by_state = orders.setdefault(r["sku"], {})
+            by_state[r["state"]] = by_state.get(r["state"], 0) + int(r["n"])
+            if r["state"] == "CONFIRMED":
+                revenue[r["currency"]] = revenue.get(r["currency"], 0) + int(r["amount"])
         rows = []
         async for sku, per_bucket, moving in self._counted(sale_id, skus):
             count = summed(per_bucket)
@@ -213,7 +219,7 @@ class SaleReads:
                     for b, c in enumerate(per_bucket)
                 ]  # fmt: skip
             rows.append(row)
-        return {"sale": sale_json(sale), "skus": rows}
+        return {"sale": sale_json(sale), "skus": rows, "revenue": revenue}
 
     async def with_stock(
         self, sale_id: str

@@ -126,7 +126,8 @@ async def _skus(app: web.Application, sale_id: str) -> dict[str, Any]:
         began, at = time.monotonic(), time.time()
         status = await app[SALES].status(sale_id)  # 404 for an unknown sale
         shown, totals = busiest(status["skus"])
-        value = {"skus": shown, "skus_total": len(status["skus"]), "totals": totals, "at": at}
+        value = {"skus": shown, "skus_total": len(status["skus"]), "totals": totals,
+                 "revenue": status["revenue"], "at": at}  # fmt: skip
         if len(app[LIVE]) > 64:
             app[LIVE].clear()
         app[LIVE][sale_id] = copy_of(value, began, 0.0, MAX_INFO_TTL_S)
@@ -153,6 +154,7 @@ async def live(request: web.Request) -> web.Response:
         "skus": skus["skus"],
         "skus_total": skus["skus_total"],
         "totals": skus["totals"],
+        "revenue": skus["revenue"],
         "queue": {
             "live": view.live, "depth": max(0, view.tail - view.serving), "serving": view.serving,
             "tail": view.tail, "pre_queue": view.pre, "cutoff": view.cutoff,

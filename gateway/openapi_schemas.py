@@ -144,8 +144,14 @@ SALE_STATUS = obj(
                 ["sku", "stock_total", "available", "held", "sold", "confirmed", "preloaded"],
             ),
         },
+        "revenue": {
+            "type": "object",
+            "additionalProperties": {"type": "integer"},
+            "description": "the confirmed orders' amounts by currency, in minor units (of "
+            "the SKU asked alone, with ?sku=)",
+        },
     },
-    ["sale", "skus"],
+    ["sale", "skus", "revenue"],
 )
 ARCHIVED = obj(
     {

@@ -140,6 +140,9 @@ def test_the_live_page_follows_a_spike_and_agrees_with_sale_status(
                 f"sold {row['sold']:,}, confirmed {row['confirmed']:,}" in note
             ), note
             assert row["sold"] > 0 and row["orders"].get("PAYMENT_FAILED", 0) > 0
+            # What it took, as `sale status` adds it up (Intl's format: "€12,900.00").
+            assert status["revenue"] == {"EUR": 12900 * row["confirmed"]}, status["revenue"]
+            assert f"revenue €{129 * row['confirmed']:,}.00" in note, note
 
             # The audit compares Redis with Postgres once nothing is in flight: on a busy
             # machine the last payments may still be, and it says "not drained" (asked

@@ -20,6 +20,7 @@ import pytest
 import requests
 from aiohttp.test_utils import TestClient, TestServer
 
+from flashsale.cli.sale_views import print_status
 from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.salespec import parse_csv
 from flashsale.settings import Secret, Settings
@@ -276,7 +277,9 @@ async def test_a_change_can_be_answered_without_every_sku(http: TestClient[Any, 
     assert (await (await http.get(path, headers=auth())).json())["sale"]["status"] == "paused"
 
 
-async def test_lists_orders_and_the_csv_export(http: TestClient[Any, Any]) -> None:
+async def test_lists_orders_and_the_csv_export(
+    http: TestClient[Any, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
     app = http.app
     assert app is not None
     pool = app[CLIENTS].pool
@@ -304,6 +307,13 @@ async def test_lists_orders_and_the_csv_export(http: TestClient[Any, Any]) -> No
     ):
         refused = await http.get(f"/admin/v1/sales?{query}", headers=auth())
         assert refused.status == 422 and (await refused.json())["error"]["field"] == code
+
+    # What the sale took: a merchandiser's first question after a drop had no answer but
+    # adding up the orders' CSV.
+    status = await (await http.get(f"/admin/v1/sales/{sale_id}", headers=auth())).json()
+    assert status["revenue"] == {"EUR": 24000}, status["revenue"]
+    print_status(status, as_json=False)
+    assert "revenue of confirmed orders: 240.00 EUR" in capsys.readouterr().out
 
     orders = f"/admin/v1/sales/{sale_id}/orders"
     page = await (await http.get(f"{orders}?state=confirmed&limit=1", headers=auth())).json()

@@ -153,9 +153,11 @@ async def cmd_sale(args: argparse.Namespace, settings: Settings) -> int:
         elif command == "status":
             print_status(await sales.status(args.sale, args.sku), as_json=args.json)
         elif command == "add-stock":
-            print_status(await sales.add_stock(args.sale, args.sku, args.units), as_json=False)
+            print_status(await sales.add_stock(args.sale, args.sku, args.units), as_json=False,
+                         revenue=False)  # fmt: skip
         elif command == "remove-stock":
-            print_status(await sales.lower_stock(args.sale, args.sku, args.units), as_json=False)
+            print_status(await sales.lower_stock(args.sale, args.sku, args.units), as_json=False,
+                         revenue=False)  # fmt: skip
         elif command == "remove-sku":
             sale = await sales.remove_sku(args.sale, args.sku)
             out(f"removed {args.sku} from {sale['id']}: "

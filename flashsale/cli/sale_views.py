@@ -7,12 +7,15 @@ from typing import Any
 
 from allocator.sale_scripts import PreloadResult
 from flashsale.cli.output import dump_json, out
+from flashsale.currencies import major
 from flashsale.wording import counted
 
 PRELOAD_LINES = 20  # SKUs a preload lists one by one; a larger sale gets the summary alone
 
 
-def print_status(status: dict[str, Any], *, as_json: bool) -> None:
+def print_status(status: dict[str, Any], *, as_json: bool, revenue: bool = True) -> None:
+    """The status table; ``revenue``: then the line of what the confirmed orders took (not
+    after a stock change, which shows the SKU changed)."""
     if as_json:
         dump_json(status)
         return
@@ -40,6 +43,10 @@ def print_status(status: dict[str, Any], *, as_json: bool) -> None:
                     f" {b['sold']:>8}")  # fmt: skip
         if row.get("in_transit"):  # free, counted as available, and in no bucket yet
             out(f"  {'  in transit':20} {'':>10} {row['in_transit']:>10}")
+    if revenue:
+        taken = [f"{major(amount, currency)} {currency}"
+                 for currency, amount in sorted(status["revenue"].items())]  # fmt: skip
+        out(f"  revenue of confirmed orders: {', '.join(taken) or 'none yet'}")
 
 
 def print_preload(sale_id: str, results: Sequence[PreloadResult]) -> None:
