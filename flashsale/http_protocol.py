@@ -23,6 +23,9 @@ log = logging.getLogger("flashsale.http")
 # Every answer's Server header: the engine, not the software and versions it runs on (what a
 # scanner would look known flaws up by).
 SERVER = "flashsale"
+# The headers every answer carries: that, and that no answer is to be read as another type
+# than it says (a browser sniffing a JSON error as HTML, say).
+EVERY_ANSWER = {"Server": SERVER, "X-Content-Type-Options": "nosniff"}
 
 # What a refusal of aiohttp's parser means, by its exception: the answer names the cause, never
 # the request's bytes (a client's own token or cookie need not travel back, nor into logs).
@@ -57,7 +60,7 @@ class _JsonErrors(RequestHandler):
         error = {"code": "bad_request", "message": f"malformed HTTP request: {why}"}
         answer = web.Response(body=orjson.dumps({"error": error}), status=status,
                               content_type="application/json",
-                              headers={"Server": SERVER})  # fmt: skip
+                              headers=EVERY_ANSWER)  # fmt: skip
         answer.force_close()
         return answer
 

@@ -36,7 +36,7 @@ from prometheus_client import (
 from flashsale import __version__
 from flashsale.clients import RedisClient
 from flashsale.errors import ConfigError
-from flashsale.http_protocol import SERVER, answer_malformed_in_json
+from flashsale.http_protocol import EVERY_ANSWER, answer_malformed_in_json
 from flashsale.kafka import client_options
 from flashsale.migrate import require_current
 from flashsale.settings import Settings
@@ -176,8 +176,8 @@ def metrics_text(registry: CollectorRegistry) -> bytes:
 
 
 async def name_the_server(_request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare``: the Server header every answer carries."""
-    response.headers["Server"] = SERVER
+    """``on_response_prepare``: the headers every answer carries."""
+    response.headers.update(EVERY_ANSWER)
 
 
 def ops_app(readiness: Readiness, registry: CollectorRegistry) -> web.Application:

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from allocator.sale_reads import MAX_PAGE, order_state, page_size
 from flashsale.errors import InvalidInput, Unauthorized, shown
-from flashsale.http_protocol import SERVER
+from flashsale.http_protocol import EVERY_ANSWER
 from flashsale.records import body_fingerprint, idempotency_key
 from flashsale.salespec import parse_csv, parse_sale, parse_skus
 from gateway.console import OPEN_PATHS
@@ -91,7 +91,7 @@ async def export_orders(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={
         "Content-Type": "text/csv; charset=utf-8",
         "Content-Disposition": f'attachment; filename="{sale_id}-orders.csv"',
-        "Server": SERVER,
+        **EVERY_ANSWER,
     })  # fmt: skip
     await response.prepare(request)
     await sales.export_orders(sale_id, response.write, state=state)

@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from flashsale.errors import FlashsaleError, InvalidInput, SchemaBehind
-from flashsale.http_protocol import SERVER
+from flashsale.http_protocol import EVERY_ANSWER
 from flashsale.logs import CONTEXT
 from flashsale.ops_endpoints import PROBE_PATHS
 from flashsale.outages import describe, is_outage, schema_error
@@ -158,7 +158,7 @@ def edge(metrics: Metrics, budgets: Budgets, guard: Guard) -> Middleware:
             CONTEXT.reset(bound)
         if not response.prepared:
             response.headers["X-Request-Id"] = rid
-            response.headers["Server"] = SERVER
+            response.headers.update(EVERY_ANSWER)
         return response
 
     async def answer(request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -330,6 +330,7 @@ async def test_lists_orders_and_the_csv_export(
     export = await http.get(f"{orders}.csv", headers=auth())
     assert export.status == 200 and export.headers["Content-Type"].startswith("text/csv")
     assert export.headers["Server"] == "flashsale"  # streamed, as every answer: no versions
+    assert export.headers["X-Content-Type-Options"] == "nosniff"
     lines = (await export.text()).splitlines()
     assert lines[0] == "id,sku,buyer_id,quantity,amount,currency,state,created_at,updated_at"
     assert len(lines) == 4 and "tok_secret_card" not in "".join(lines)

@@ -492,6 +492,8 @@ async def test_answers_do_not_name_the_servers_software_and_pages_are_not_framed
         }
         for name, answer in answers.items():
             assert answer.headers["Server"] == "flashsale", (name, answer.headers["Server"])
+            # No answer is to be read as another type than it says (a scanner's first flag).
+            assert answer.headers["X-Content-Type-Options"] == "nosniff", name
         page_csp = answers["page"].headers["Content-Security-Policy"]
         assert "frame-ancestors 'self' https://shop.example" in page_csp  # a storefront may
         assert "frame-ancestors 'none'" in answers["console"].headers["Content-Security-Policy"]
@@ -501,12 +503,15 @@ async def test_answers_do_not_name_the_servers_software_and_pages_are_not_framed
             conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nNo Colon Here\r\n\r\n")
             head = conn.recv(65536).split(b"\r\n\r\n")[0].decode()
         assert "\r\nServer: flashsale\r\n" in head, head
+        assert "\r\nX-Content-Type-Options: nosniff\r\n" in head, head
     registry = CollectorRegistry()  # and the other services' ops ports
     ops = TestClient(TestServer(ops_app(Readiness({}, registry=registry), registry)))
     await ops.start_server()
     try:
         for path in ("/livez", "/readyz", "/metrics", "/nope"):
-            assert (await ops.get(path)).headers["Server"] == "flashsale", path
+            answer = await ops.get(path)
+            assert answer.headers["Server"] == "flashsale", path
+            assert answer.headers["X-Content-Type-Options"] == "nosniff", path
     finally:
         await ops.close()
 
