@@ -8,7 +8,9 @@ countdown before the start, joins (or registers for the draw), polls at the serv
 and cancel, and follows the reservation to its outcome. An admitted buyer reserves at the
 status answer's ``reserve_url`` when there is one (the reservations listener, allowed by the
 page's Content-Security-Policy), and here if that cannot be reached. Everything it needs survives a
-reload (localStorage). Linked as ``/sales/SALE?sku=SKU`` (a product of a catalogue sale), it
+reload (localStorage; in a browser that keeps no site data, the tab alone, and the page says
+so). It needs no secure context but for a sale's join challenge (``crypto.subtle``), and says
+so on a plain-HTTP address. Linked as ``/sales/SALE?sku=SKU`` (a product of a catalogue sale), it
 reads and offers that SKU alone (``GET /v1/sales/SALE?sku=SKU``).
 """
 
