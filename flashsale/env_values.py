@@ -50,28 +50,35 @@ def choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...], default:
 
 
 ORIGIN = re.compile(
-    r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?\Z|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?\Z"
+    r"(?P<scheme>https?)://(?P<host>[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::(?P<port>[0-9]{1,5}))?\Z",
+    re.IGNORECASE,
 )
+DEFAULT_PORTS = {"http": "80", "https": "443"}
 
 
 def origins(value: str) -> tuple[str, ...]:
     """FLASHSALE_CORS_ORIGINS: comma-separated ``scheme://host[:port]`` origins, or ``*``."""
-    listed = tuple(o.strip().rstrip("/") for o in value.split(",") if o.strip())
-    for each in listed:
-        if each != "*":
-            origin(each, "FLASHSALE_CORS_ORIGINS", also=", or * for any")
-    return listed
+    listed = [o.strip() for o in value.split(",") if o.strip()]
+    return tuple(each if each == "*" else str(origin(each, "FLASHSALE_CORS_ORIGINS",
+                                                     also=", or * for any"))
+                 for each in listed)  # fmt: skip
 
 
 def origin(value: str, name: str, also: str = "") -> str | None:
-    """One ``scheme://host[:port]`` origin (no path), or None when empty."""
+    """One ``scheme://host[:port]`` origin (no path), or None when empty; written as a browser
+    writes its ``Origin`` (scheme and host in lower case, no default port), which is what it
+    is compared with."""
     text = value.strip().rstrip("/")
     if not text:
         return None
-    if not ORIGIN.match(text):
+    found = ORIGIN.match(text)
+    port = found and found["port"]
+    if found is None or (port is not None and tcp_port(port) is None):
         raise ConfigError(f"{name}: {text!r} is not an origin: scheme://host[:port] "
-                          f"(no path){also}")  # fmt: skip
-    return text
+                          f"(no path, a port of 1..65535){also}")  # fmt: skip
+    scheme = found["scheme"].lower()
+    shown = "" if port is None or port == DEFAULT_PORTS[scheme] else f":{int(port)}"
+    return f"{scheme}://{found['host'].lower()}{shown}"
 
 
 PORT = re.compile(r"[0-9]{1,5}")  # ASCII digits: "²" is isdigit() and not int()

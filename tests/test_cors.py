@@ -108,7 +108,8 @@ async def test_without_the_setting_there_is_no_cors_and_a_preflight_is_told_why(
 
 
 @pytest.mark.parametrize("value", ["shop.example.com", "https://shop.example.com/path",
-                                   "ftp://x", "https://a b"])  # fmt: skip
+                                   "ftp://x", "https://a b", "https://shop.example.com:99999",
+                                   "https://shop.example.com:0"])  # fmt: skip
 def test_the_setting_names_a_bad_origin(value: str) -> None:
     with pytest.raises(ConfigError, match="FLASHSALE_CORS_ORIGINS"):
         Settings.from_env({"FLASHSALE_CORS_ORIGINS": f"https://ok.example, {value}"})
@@ -119,6 +120,24 @@ def test_the_setting_takes_origins_and_a_star() -> None:
         {"FLASHSALE_CORS_ORIGINS": "https://a.example, http://127.0.0.1:8081/ ,*"}
     )
     assert settings.cors_origins == ("https://a.example", "http://127.0.0.1:8081", "*")
+
+
+async def test_an_origin_is_matched_as_browsers_write_it(stack: Settings) -> None:
+    """A browser's ``Origin`` has its scheme and host in lower case and no default port; the
+    setting was compared as written, so ``https://Shop.Example.com`` or
+    ``https://shop.example.com:443`` refused every call of that storefront."""
+    settings = Settings.from_env({
+        "FLASHSALE_CORS_ORIGINS": "HTTPS://Shop.Example.com:443, http://Other.Example:80",
+        "FLASHSALE_RESERVATIONS_URL": "HTTPS://Reserve.Example.com:443",
+    })  # fmt: skip
+    assert settings.cors_origins == ("https://shop.example.com", "http://other.example")
+    assert settings.reservations_url == "https://reserve.example.com"
+    async with gateway(stack, cors_origins=settings.cors_origins) as gw:
+        sale = await gw.create_sale(stock=1)
+        answer = await gw.http.options(f"/v1/sales/{sale}/queue",
+                                       headers=preflight("POST", "authorization"))  # fmt: skip
+        assert answer.status == 200, await answer.text()
+        assert answer.headers["Access-Control-Allow-Origin"] == SHOP
 
 
 def test_every_header_the_buyer_api_reads_passes_a_preflight() -> None:
