@@ -312,3 +312,13 @@ async def test_the_journal_forgets_charges_older_than_it_keeps_and_ids_stay_new(
         assert journal.read_bytes() == kept  # nothing to drop: not rewritten
         assert (await provider.charge("later", 1, "EUR", "tok_visa")).provider_ref \
             == "ch_00000006"  # fmt: skip
+
+
+def test_the_simulators_knobs_read_as_words() -> None:
+    """`flashsale psp` and `flashsale up` said "(Knobs(latency_ms=0.0, jitter_ms=0.0, ...))",
+    a Python repr, on the line that announces the simulator."""
+    said = str(Knobs(latency_ms=40, jitter_ms=10, decline_rate=0.1, seed=7))
+    assert said == (
+        "latency 40 ms ± 10 ms, 10% declined, 0% failing with 5xx, 0% answered "
+        "after a timeout (30 s late), seed 7"
+    ), said

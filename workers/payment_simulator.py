@@ -67,6 +67,13 @@ class Knobs:
     hang_s: float = 30.0  # how late a "timeout after success" answers
     seed: int = 0
 
+    def __str__(self) -> str:
+        """The knobs as a person reads them (the simulator's start line)."""
+        return (f"latency {self.latency_ms:g} ms ± {self.jitter_ms:g} ms, "
+                f"{self.decline_rate:.0%} declined, {self.error_rate:.0%} failing with 5xx, "
+                f"{self.timeout_rate:.0%} answered after a timeout ({self.hang_s:g} s late), "
+                f"seed {self.seed}")  # fmt: skip
+
     def changed(self, body: Any) -> Knobs:
         """These knobs with the ones ``body`` names changed; ValueError names a bad one."""
         if not isinstance(body, dict) or not body:
