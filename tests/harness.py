@@ -333,6 +333,19 @@ def live_page(stack: Settings, chromium: str, name: str, *, stock: int = 3,
                 browser.close()
 
 
+def join_and_reserve(page: Any, gw: LiveGateway, sale: str, *,
+                     admitted_ms: int = 20_000) -> str:  # fmt: skip
+    """On a waiting-room page opened on ``sale`` (one SKU, ``S1``): join, be admitted (the
+    pump runs from here) and reserve; the reservation's id."""
+    page.wait_for_selector("#join:not([hidden])", timeout=15_000)
+    page.click("#join")
+    gw.pump_forever(sale, ["S1"])
+    page.wait_for_selector("#state[data-state='admitted']", timeout=admitted_ms)
+    page.click("#reserve")
+    page.wait_for_selector("#result[data-reservation]", timeout=15_000)
+    return str(page.get_attribute("#result", "data-reservation"))
+
+
 def healthy(url: str, patience: float = 30) -> None:
     """Wait until ``url`` answers 200 (a service of ``flashsale up`` is ready)."""
     deadline = time.monotonic() + patience

@@ -32,6 +32,14 @@ def at(minute: int, alert: str, *fired: dict[str, Any]) -> dict[str, Any]:
     return {"eval_time": f"{minute}m", "alertname": alert, "exp_alerts": list(fired)}
 
 
+def firing(severity: str, summary: str, section: str, **labels: str) -> dict[str, Any]:
+    """An alert as promtool expects it: its labels, its summary, its runbook section."""
+    return {
+        "exp_labels": {"severity": severity, **labels},
+        "exp_annotations": {"summary": summary, "runbook_url": RUNBOOK + section},
+    }
+
+
 def test_the_dead_letter_alert_fires_on_one_more_parked_message(
     prometheus: str,  # noqa: F811 - the fixture
     tmp_path: Path,
@@ -39,14 +47,9 @@ def test_the_dead_letter_alert_fires_on_one_more_parked_message(
     """The gauge is the topic's end offsets: it only grows (a broker that lost its storage
     starts again from 0). One message more fires the alert at once; none more for 15 minutes
     clears it."""
-    fired = {
-        "exp_labels": {"severity": "warning", "topic": "flashsale-dead-letter"},
-        "exp_annotations": {
-            "summary": "1 more message parked on flashsale-dead-letter in 15 minutes: "
-                       "`flashsale kafka dead-letters` lists them",
-            "runbook_url": RUNBOOK + "flashsaledeadletters",
-        },
-    }  # fmt: skip
+    fired = firing("warning", "1 more message parked on flashsale-dead-letter in 15 minutes: "
+                   "`flashsale kafka dead-letters` lists them", "flashsaledeadletters",
+                   topic="flashsale-dead-letter")  # fmt: skip
     promtool_test(tmp_path, [{
         "series": 'flashsale_dead_letter_messages{topic="flashsale-dead-letter"}',
         "values": "4 4 4 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5",
@@ -61,13 +64,8 @@ def test_the_pump_alert_fires_when_its_ticks_keep_failing(
     """A pump whose ticks fail keeps its last ``flashsale_pump_leader`` reading (1), so
     FlashsalePumpWithoutLeader stays quiet while nobody is admitted. A failed tick now and
     then (a Redis blip) is not an alert; a minute of them is."""
-    fired = {
-        "exp_labels": {"severity": "critical", "sale": "s-1"},
-        "exp_annotations": {
-            "summary": "the admission pump of sale s-1 fails its ticks: nobody is admitted",
-            "runbook_url": RUNBOOK + "flashsalepumpfailing",
-        },
-    }  # fmt: skip
+    fired = firing("critical", "the admission pump of sale s-1 fails its ticks: nobody is "
+                   "admitted", "flashsalepumpfailing", sale="s-1")  # fmt: skip
     promtool_test(tmp_path, [
         {"series": 'flashsale_pump_errors_total{sale="s-1", instance="a"}',
          "values": "0 1 1 1 1 1 61 121 181 241 241 241 241 241 241"},
@@ -82,13 +80,8 @@ def test_the_reconciler_alert_fires_when_no_pass_finishes(
 ) -> None:
     """Passes that fail while others finish (an outage the reconciler rides out) are not an
     alert; ten minutes of failures and no finished pass are: no drift is repaired."""
-    fired = {
-        "exp_labels": {"severity": "warning", "instance": "r"},
-        "exp_annotations": {
-            "summary": "no reconcile pass has finished for 10 minutes: drift is not repaired",
-            "runbook_url": RUNBOOK + "flashsalereconcilerstalled",
-        },
-    }  # fmt: skip
+    fired = firing("warning", "no reconcile pass has finished for 10 minutes: drift is not "
+                   "repaired", "flashsalereconcilerstalled", instance="r")  # fmt: skip
     promtool_test(
         tmp_path,
         [

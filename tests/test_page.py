@@ -30,6 +30,7 @@ from tests.harness import (
     LiveGateway,
     LivePage,
     create_live_sale,
+    join_and_reserve,
     live_gateway,
     live_page,
     packed_and_revalidated,
@@ -211,10 +212,7 @@ def test_the_page_counts_down_by_the_servers_clock(stack: Settings, chromium: st
         shown = page.text_content("#state") or ""
         assert shown.startswith("Starts in 0:"), shown  # not "Starts in 10:…"
         page.wait_for_selector("#state[data-state='live']", timeout=20_000)
-        page.click("#join")
-        gw.pump_forever(sale, ["S1"])
-        page.wait_for_selector("#state[data-state='admitted']", timeout=30_000)
-        page.click("#reserve")
+        join_and_reserve(page, gw, sale, admitted_ms=30_000)
         page.wait_for_selector("#result:has-text('held for')", timeout=20_000)
         held = page.text_content("#result") or ""
         assert "held for 1:" in held or "held for 2:00" in held, held  # a 120 s hold

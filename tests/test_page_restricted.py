@@ -20,6 +20,7 @@ from tests.harness import (
     SCREENSHOTS,
     LiveGateway,
     create_live_sale,
+    join_and_reserve,
     live_gateway,
     sale_spec,
 )
@@ -70,16 +71,6 @@ def _browser(chromium: str, *, site_data: bool = True, args: list[str] = FLAGS
             context.close()
 
 
-def _join_and_reserve(page: Any, gw: LiveGateway, sale: str) -> str | None:
-    page.wait_for_selector("#join:not([hidden])", timeout=15_000)
-    page.click("#join")
-    gw.pump_forever(sale, ["S1"])
-    page.wait_for_selector("#state[data-state='admitted']", timeout=20_000)
-    page.click("#reserve")
-    page.wait_for_selector("#result[data-reservation]", timeout=15_000)
-    return str(page.get_attribute("#result", "data-reservation"))
-
-
 def test_the_page_on_a_plain_http_address_joins_and_reserves(
     stack: Settings, chromium: str
 ) -> None:
@@ -93,7 +84,7 @@ def test_the_page_on_a_plain_http_address_joins_and_reserves(
             page = context.new_page()
             page.goto(f"{_plain_http(gw)}/sales/{sale}#token={_token(gw, 'plain-buyer')}")
             assert page.evaluate("window.isSecureContext") is False
-            rid = _join_and_reserve(page, gw, sale)
+            rid = join_and_reserve(page, gw, sale)
             page.wait_for_selector("#result:has-text('Reserved')", timeout=15_000)
             assert rid and sale in rid, rid
             assert errors == []
@@ -110,7 +101,7 @@ def test_the_page_with_site_data_blocked_joins_reserves_and_says_a_reload_loses_
         with _browser(chromium, site_data=False) as (context, errors):
             page = context.new_page()
             page.goto(f"{gw.base_url}/sales/{sale}#token={_token(gw, 'private-buyer')}")
-            assert _join_and_reserve(page, gw, sale)
+            assert join_and_reserve(page, gw, sale)
             page.wait_for_selector("#result:has-text('Reserved')", timeout=15_000)
             assert "keep this tab open" in " ".join((page.text_content("#storage") or "").split())
             SCREENSHOTS.mkdir(parents=True, exist_ok=True)
