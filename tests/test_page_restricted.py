@@ -162,3 +162,56 @@ def test_both_pages_with_javascript_off_say_they_need_it(stack: Settings, chromi
                 assert "Loading the sale" not in said, (path, said)
         finally:
             browser.close()
+
+
+# Counts what a screen reader would be given to say: every change of text inside a live
+# region (aria-live polite or assertive), and the changes of the countdown shown.
+WATCH_LIVE_REGIONS = """(clock) => {
+  window.spoken = 0; window.ticked = 0;
+  const live = (node) => {
+    const el = node.nodeType === 1 ? node : node.parentElement;
+    const region = el && el.closest("[aria-live]");
+    return region && region.getAttribute("aria-live") !== "off";
+  };
+  new MutationObserver((changes) => {
+    if (changes.some((c) => live(c.target))) window.spoken += 1;
+  }).observe(document.body, {subtree: true, childList: true, characterData: true});
+  new MutationObserver(() => { window.ticked += 1; })
+    .observe(document.getElementById(clock), {subtree: true, childList: true,
+                                              characterData: true});
+}"""
+
+
+def test_a_screen_reader_is_not_read_the_countdown_every_second(
+    stack: Settings, chromium: str
+) -> None:
+    """The status card and the reservation's card were live regions, and their countdowns
+    rewrote them each second: a screen reader read "Starts in 0:09", "0:08", ... without end,
+    over anything else. A change of state is said once; the clock is shown, not read out."""
+    from playwright.sync_api import sync_playwright
+
+    with live_gateway(stack) as gw, sync_playwright() as p:
+        sale = create_live_sale(gw.base_url, stock=1, name="Spoken drop", starts_in=30)
+        browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"{gw.base_url}/sales/{sale}#token={_token(gw, 'listener')}")
+            page.wait_for_selector("#state[data-state='scheduled']", timeout=15_000)
+            page.evaluate(WATCH_LIVE_REGIONS, "state")
+            page.wait_for_timeout(3_500)
+            ticked, spoken = page.evaluate("[window.ticked, window.spoken]")
+            assert ticked >= 3, ticked  # the countdown did run
+            assert spoken == 0, spoken  # and nothing was read out meanwhile
+            said = page.text_content("[aria-live]:not([aria-live='off'])") or ""
+            assert said.startswith("Starts in"), said  # the state, said once
+            # The hold's countdown, once reserved, likewise.
+            held = create_live_sale(gw.base_url, stock=1, name="Spoken hold")
+            page.goto(f"{gw.base_url}/sales/{held}#token={_token(gw, 'holder')}")
+            join_and_reserve(page, gw, held)
+            page.wait_for_selector("#result:has-text('held for')", timeout=15_000)
+            page.evaluate(WATCH_LIVE_REGIONS, "result")
+            page.wait_for_timeout(3_500)
+            ticked, spoken = page.evaluate("[window.ticked, window.spoken]")
+            assert ticked >= 3 and spoken == 0, (ticked, spoken)
+        finally:
+            browser.close()
