@@ -130,10 +130,10 @@ async def run(settings: Settings, *, scenario: Scenario, progress: Progress,
                      "reservations")  # fmt: skip
             for offset, name in enumerate(names):
                 await wait_healthy(session, f"http://127.0.0.1:{port + offset}/healthz")
-                progress(f"   {name:10} healthy on :{port + offset}")
+                progress(f"   {name:12} healthy on :{port + offset}")
             tokens = _sign(settings, scenario.buyers, progress)
             waited = await wait_consuming(session, f"http://127.0.0.1:{port + 2}/metrics")
-            progress(f"   workers    consuming ({waited:.1f}s more for the broker to rebalance "
+            progress(f"   {'workers':12} consuming ({waited:.1f}s more for the broker to rebalance "
                      "their group)")  # fmt: skip
             starts_at = datetime.now(UTC) + timedelta(seconds=lead_s)
             opened = time.monotonic() + lead_s
