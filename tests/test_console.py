@@ -251,6 +251,11 @@ def test_the_live_page_pages_back_to_older_sales(stack: Settings, chromium: str)
         page.click("button[type=submit]")
         page.wait_for_selector("#sales a", timeout=10_000)
         assert page.locator("#sales tr").count() == PAGE
+        # A start is shown in the operator's own time, the exact UTC instant on hover: the
+        # column showed "2026-12-05T06:10:37.204956Z".
+        starts = page.locator("#sales tr td:nth-child(4)").first
+        shown, exact = starts.text_content() or "", starts.get_attribute("title") or ""
+        assert exact.endswith("Z") and shown and "T" not in shown and shown != exact, shown
         assert page.locator(f"#sales a:text('{live.sale}')").count() == 0
         assert page.is_disabled("#newer") and page.is_enabled("#older")
         assert (page.text_content("#shown") or "").startswith(f"sales 1{DASH}{PAGE}")
