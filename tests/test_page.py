@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import requests
 
@@ -196,6 +197,31 @@ def test_the_page_joins_again_when_its_ticket_has_expired(stack: Settings, chrom
         gw.pump_forever(sale, ["S1"])
         page.wait_for_selector("#state[data-state='admitted']", timeout=30_000)
     assert len(refused) == 1 and refused[0] and len(joins) == 2
+
+
+def test_a_sale_starting_another_day_says_when_in_the_buyers_time(
+    stack: Settings, chromium: str
+) -> None:
+    """Two days ahead the page said only "Starts in 48 h 0 min": a buyer planning their day
+    had to work the date out. It says the day and the hour, in the buyer's time zone."""
+    from playwright.sync_api import sync_playwright
+
+    with live_gateway(stack) as gw, sync_playwright() as p:
+        spec = sale_spec("Later drop", "S1", 1, starts_in=2 * 86400)
+        spec["ends_at"] = (datetime.now(UTC) + timedelta(days=2, hours=1)).isoformat()
+        sale = create_live_sale(gw.base_url, spec=spec)
+        starts = datetime.fromisoformat(requests.get(f"{gw.base_url}/v1/sales/{sale}",
+                                                     timeout=10).json()["starts_at"])  # fmt: skip
+        berlin = starts.astimezone(ZoneInfo("Europe/Berlin"))
+        browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
+        try:
+            page = browser.new_page(timezone_id="Europe/Berlin", locale="en-GB")
+            page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'planner')}")
+            page.wait_for_selector("#state[data-state='scheduled']", timeout=15_000)
+            detail = page.text_content("#detail") or ""
+            assert f"{berlin:%H:%M}" in detail and str(berlin.day) in detail, (detail, berlin)
+        finally:
+            browser.close()
 
 
 def test_the_page_counts_down_by_the_servers_clock(stack: Settings, chromium: str) -> None:
