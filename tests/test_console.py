@@ -271,3 +271,45 @@ def test_the_chart_library_is_sent_compressed_and_revalidated(stack: Settings) -
     with live_gateway(stack) as gw:
         plain = packed_and_revalidated(f"{gw.base_url}/admin/static/uPlot.iife.min.js")
         assert plain.headers["Cache-Control"] == "public, max-age=86400"
+
+
+def test_the_live_page_sets_the_admission_rate_after_asking(stack: Settings, chromium: str) -> None:
+    """An SRE watching a sale from the page, seeing the queue move too slowly or the payment
+    pipeline fall behind, had to leave it for `sale set-rate`: the page paused, resumed and
+    ended, but could not change the pace."""
+    with live_page(stack, chromium, "Paced drop") as live:
+        page, base = live.page, live.gw.base_url
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+
+        def rate() -> int:
+            sale = requests.get(f"{base}/admin/v1/sales/{live.sale}", headers=admin, timeout=10)
+            return int(sale.json()["sale"]["admission_rate"])
+
+        before = rate()
+        page.goto(f"{base}/admin/")
+        page.fill("#token", ADMIN)
+        page.click("button[type=submit]")
+        page.click(f"text={live.sale}")
+        page.wait_for_selector("#rate", timeout=10_000)
+        page.fill("#rate", "250")
+        page.once("dialog", lambda dialog: dialog.dismiss())
+        page.click("#rate-form button")
+        assert rate() == before  # asked first: dismissed, nothing changed
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.click("#rate-form button")
+        page.wait_for_function("() => document.body.innerText.includes('250')")
+        deadline = time.monotonic() + 10
+        while rate() != 250:
+            assert time.monotonic() < deadline, rate()
+            time.sleep(0.2)
+        # Refused by the API (the sale ended meanwhile): said on the page, nothing written.
+        ended = requests.post(f"{base}/admin/v1/sales/{live.sale}/end", headers=admin,
+                              timeout=10)  # fmt: skip
+        assert ended.status_code == 200, ended.text
+        page.fill("#rate", "300")
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.click("#rate-form button")
+        page.wait_for_selector("#act-error:has-text('has ended')", timeout=10_000)
+        page.wait_for_timeout(2_500)  # two refreshes of the page: the refusal stays said
+        assert "has ended" in (page.text_content("#act-error") or "")
+        assert rate() == 250
