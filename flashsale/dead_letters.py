@@ -44,6 +44,7 @@ class DeadLetters:
     parked: int  # ever written: the partitions' end offsets
     kept: int  # still on the broker (retention drops the oldest)
     messages: list[Parked]  # the newest ``limit``, oldest first
+    exists: bool = True  # False: the broker has no such topic yet
 
 
 async def read_dead_letters(settings: Settings, limit: int) -> DeadLetters:
@@ -57,7 +58,7 @@ async def read_dead_letters(settings: Settings, limit: int) -> DeadLetters:
         partitions = [TopicPartition(topic, p) for p in
                       sorted(consumer.partitions_for_topic(topic) or ())]  # fmt: skip
         if not partitions:
-            return DeadLetters(topic, 0, 0, [])
+            return DeadLetters(topic, 0, 0, [], exists=False)
         ends = await consumer.end_offsets(partitions)
         starts = await consumer.beginning_offsets(partitions)
         consumer.assign(partitions)
@@ -67,6 +68,9 @@ async def read_dead_letters(settings: Settings, limit: int) -> DeadLetters:
     except KafkaError as exc:
         raise Unavailable(f"cannot read {topic} from the broker: {describe(exc)}") from exc
     finally:
+        # aiokafka's consumer stopped before it ever waited raises CancelledError (its issue
+        # 647, open): one turn of the loop first.
+        await asyncio.sleep(0)
         await consumer.stop()
     for m in found:
         tp = TopicPartition(topic, m.partition)

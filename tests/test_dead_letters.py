@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -79,3 +80,17 @@ async def test_parked_messages_are_listed_with_their_reasons_and_counted(
             assert after is not None and after > before, (before, after)
         finally:
             await reader.aclose()
+
+
+def test_a_dead_letter_topic_not_made_yet_is_said_so(
+    stack: Settings, run_cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before any service or `kafka init` made the topic, the listing stopped with a
+    traceback: aiokafka's consumer raises CancelledError when stopped right after its start
+    (its issue 647)."""
+    topic = f"t{uuid.uuid4().hex[:8]}-dead-letter"
+    monkeypatch.setenv("FLASHSALE_TOPIC_DEAD_LETTER", topic)
+    said = run_cli("kafka", "dead-letters")
+    assert said.code == 0, said.err
+    assert said.out.strip() == f"no topic {topic} on the broker yet: `flashsale kafka init` " \
+        "or the services at their start make it", said.out  # fmt: skip

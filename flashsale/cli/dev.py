@@ -98,6 +98,10 @@ async def cmd_kafka(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def show_dead_letters(letters: DeadLetters) -> None:
+    if not letters.exists:
+        out(f"no topic {letters.topic} on the broker yet: `flashsale kafka init` or the "
+            "services at their start make it")  # fmt: skip
+        return
     if not letters.messages:
         gone = f" ({counted(letters.parked, 'message')} parked before, dropped by its " \
             "retention)" if letters.parked else ""  # fmt: skip
