@@ -6,9 +6,34 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint contracts types pytest pytest-cluster test-cluster test-heavy test-redis7 chaos-quick prometheus pgbouncer \
+.PHONY: help demo test lint contracts types pytest pytest-cluster test-cluster test-heavy test-redis7 chaos-quick prometheus pgbouncer \
         chaos-cluster-quick chaos install \
         bench stack-down clean browser
+.DEFAULT_GOAL := help
+
+# `make` alone: what each target does, the README's two commands first.
+help:
+	@echo "make demo                 50,000 buyers for 100 units on the embedded stack, then the audit"
+	@echo "make test                 the whole gate: ruff, import contracts, mypy, pytest, the cluster paths, the short fault suite"
+	@echo ""
+	@echo "make install              .venv with the project and its dev, loadtest and devstack extras"
+	@echo "make lint                 ruff: checks and formatting"
+	@echo "make contracts            the import contracts (the floors of docs/ARCHITECTURE.md)"
+	@echo "make types                mypy"
+	@echo "make pytest               the tests, against the embedded servers"
+	@echo "make pytest-cluster       the cluster's tests, on a Redis Cluster stack of their own"
+	@echo "make test-cluster         the whole suite on a Redis Cluster"
+	@echo "make test-heavy           the tests make test leaves out: spikes, bench all --quick"
+	@echo "make test-redis7          the suite on Debian's Redis 7 instead of the wheel's 6.2"
+	@echo "make chaos-quick          the short fault suite"
+	@echo "make chaos                every fault scenario (about half an hour); rewrites docs/RELIABILITY.md"
+	@echo "make chaos-cluster-quick  a Redis Cluster primary SIGKILLed mid-spike"
+	@echo "make bench                every benchmark and the demo; rewrites docs/BENCHMARKS.md's tables"
+	@echo "make browser              Debian's chromium for the page tests (apt, as root)"
+	@echo "make prometheus           Debian's prometheus for the alert tests (apt, as root)"
+	@echo "make pgbouncer            Debian's PgBouncer under .venv for the pooler test"
+	@echo "make stack-down           stop the embedded stack"
+	@echo "make clean                stop every stack and delete .venv and the stacks' data"
 
 # Two installs: the demo needs the engine and the dev stack's servers; everything else
 # (tests, benchmarks, the fault suite) also needs the dev and loadtest extras.

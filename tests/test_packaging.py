@@ -67,3 +67,20 @@ def test_the_engine_runs_on_asyncio_where_uvloop_is_missing(stack: Settings) -> 
                             env=os.environ.copy(), timeout=60, check=False)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0] == "asyncio"
+
+
+def test_make_alone_lists_what_each_target_does() -> None:
+    """`make` with no target made the virtual environment and said nothing of the rest: a
+    newcomer typing `make` learnt neither of the two commands. Every target of the Makefile's
+    .PHONY list is named, with what it does."""
+    makefile = (ROOT / "Makefile").read_text()
+    phony = re.search(r"^\.PHONY:(.*?)(?<!\\)$", makefile, re.M | re.S)
+    assert phony is not None
+    targets = set(phony.group(1).replace("\\", " ").split())
+    said = subprocess.run(["make", "-s", "-C", str(ROOT)], capture_output=True, text=True,
+                          timeout=60, check=False)  # fmt: skip
+    assert said.returncode == 0, said.stderr
+    named = {line.split()[1] for line in said.stdout.splitlines()
+             if line.startswith("make ") and len(line.split()) > 2}  # fmt: skip
+    assert targets - {"help"} <= named, sorted(targets - named)
+    assert said.stdout.index("make demo") < said.stdout.index("make lint")  # the two first
