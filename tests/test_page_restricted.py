@@ -215,3 +215,38 @@ def test_a_screen_reader_is_not_read_the_countdown_every_second(
             assert ticked >= 3 and spoken == 0, (ticked, spoken)
         finally:
             browser.close()
+
+
+def test_leaving_the_queue_asks_first_for_it_cannot_be_undone(
+    stack: Settings, chromium: str
+) -> None:
+    """Leaving is final (a place given up is not given back), and one tap on "Leave the
+    queue" gave it up at once: a slip of the thumb lost the buyer's place."""
+    from playwright.sync_api import sync_playwright
+
+    with live_gateway(stack) as gw, sync_playwright() as p:
+        sale = create_live_sale(gw.base_url, stock=1, name="Kept drop")
+        browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"{gw.base_url}/sales/{sale}#token={_token(gw, 'thumb')}")
+            page.wait_for_selector("#join:not([hidden])", timeout=15_000)
+            page.click("#join")
+            page.wait_for_selector("#state[data-state='waiting']", timeout=15_000)
+            asked: list[str] = []
+
+            def dismiss(dialog: Any) -> None:
+                asked.append(dialog.message)
+                dialog.dismiss()
+
+            page.once("dialog", dismiss)
+            page.click("#leave")
+            page.wait_for_timeout(1_000)
+            assert asked and "cannot" in asked[0], asked  # it says what leaving means
+            assert page.get_attribute("#state", "data-state") == "waiting"
+            assert page.is_visible("#leave")
+            page.once("dialog", lambda dialog: dialog.accept())
+            page.click("#leave")
+            page.wait_for_selector("#state[data-state='left']", timeout=10_000)
+        finally:
+            browser.close()
