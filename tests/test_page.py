@@ -86,6 +86,14 @@ def test_waiting_room_page_in_chromium(stack: Settings, chromium: str) -> None:
             page.wait_for_selector("#result[data-outcome='held']", timeout=20_000)
             assert page.get_attribute("#result", "data-reservation") == rid
             assert not page.is_visible("#join")
+            # Cancelling is final too (the turn bought once): asked first, and a No keeps it.
+            asked: list[str] = []
+            page.once("dialog", lambda d: (asked.append(d.message), d.dismiss()))
+            page.click("#cancel")
+            page.wait_for_timeout(1_000)
+            assert asked and "cannot" in asked[0], asked
+            assert page.get_attribute("#result", "data-outcome") == "held"
+            page.once("dialog", lambda d: d.accept())
             page.click("#cancel")
             page.wait_for_selector("#result[data-outcome='cancelled']", timeout=20_000)
             page.screenshot(path=str(SCREENSHOTS / "waiting-room-cancelled.png"))
