@@ -333,6 +333,18 @@ def live_page(stack: Settings, chromium: str, name: str, *, stock: int = 3,
                 browser.close()
 
 
+def dismiss_next_dialog(page: Any) -> list[str]:
+    """Answer the page's next dialog (a ``confirm``) No; the list gets its message."""
+    asked: list[str] = []
+
+    def dismiss(dialog: Any) -> None:
+        asked.append(dialog.message)
+        dialog.dismiss()
+
+    page.once("dialog", dismiss)
+    return asked
+
+
 def join_and_reserve(page: Any, gw: LiveGateway, sale: str, *,
                      admitted_ms: int = 20_000) -> str:  # fmt: skip
     """On a waiting-room page opened on ``sale`` (one SKU, ``S1``): join, be admitted (the

@@ -31,6 +31,7 @@ from tests.harness import (
     LiveGateway,
     LivePage,
     create_live_sale,
+    dismiss_next_dialog,
     join_and_reserve,
     live_gateway,
     live_page,
@@ -87,8 +88,7 @@ def test_waiting_room_page_in_chromium(stack: Settings, chromium: str) -> None:
             assert page.get_attribute("#result", "data-reservation") == rid
             assert not page.is_visible("#join")
             # Cancelling is final too (the turn bought once): asked first, and a No keeps it.
-            asked: list[str] = []
-            page.once("dialog", lambda d: (asked.append(d.message), d.dismiss()))
+            asked = dismiss_next_dialog(page)
             page.click("#cancel")
             page.wait_for_timeout(1_000)
             assert asked and "cannot" in asked[0], asked

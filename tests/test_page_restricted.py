@@ -20,6 +20,7 @@ from tests.harness import (
     SCREENSHOTS,
     LiveGateway,
     create_live_sale,
+    dismiss_next_dialog,
     join_and_reserve,
     live_gateway,
     sale_spec,
@@ -233,13 +234,7 @@ def test_leaving_the_queue_asks_first_for_it_cannot_be_undone(
             page.wait_for_selector("#join:not([hidden])", timeout=15_000)
             page.click("#join")
             page.wait_for_selector("#state[data-state='waiting']", timeout=15_000)
-            asked: list[str] = []
-
-            def dismiss(dialog: Any) -> None:
-                asked.append(dialog.message)
-                dialog.dismiss()
-
-            page.once("dialog", dismiss)
+            asked = dismiss_next_dialog(page)
             page.click("#leave")
             page.wait_for_timeout(1_000)
             assert asked and "cannot" in asked[0], asked  # it says what leaving means
