@@ -333,16 +333,25 @@ def live_page(stack: Settings, chromium: str, name: str, *, stock: int = 3,
                 browser.close()
 
 
-def dismiss_next_dialog(page: Any) -> list[str]:
-    """Answer the page's next dialog (a ``confirm``) No; the list gets its message."""
-    asked: list[str] = []
+def answer_no_on_the_page(page: Any, button: str) -> str:
+    """Click ``button``, whose action is final, and answer its question No: the question is
+    the page's own (a browser dialog is suppressed in a storefront's frame sandboxed without
+    ``allow-modals``, and none may appear). Returns the question."""
+    dialogs: list[str] = []
+    page.on("dialog", lambda dialog: dialogs.append(dialog.message))
+    page.click(button)
+    page.wait_for_selector("#ask:not([hidden])", timeout=5_000)
+    question = page.text_content("#ask-text") or ""
+    page.click("#ask-no")
+    page.wait_for_selector("#ask", state="hidden", timeout=5_000)
+    assert dialogs == [], dialogs
+    return question
 
-    def dismiss(dialog: Any) -> None:
-        asked.append(dialog.message)
-        dialog.dismiss()
 
-    page.once("dialog", dismiss)
-    return asked
+def answer_yes_on_the_page(page: Any, button: str) -> None:
+    page.click(button)
+    page.wait_for_selector("#ask:not([hidden])", timeout=5_000)
+    page.click("#ask-yes")
 
 
 def join_and_reserve(page: Any, gw: LiveGateway, sale: str, *,

@@ -30,8 +30,9 @@ from tests.harness import (
     SCREENSHOTS,
     LiveGateway,
     LivePage,
+    answer_no_on_the_page,
+    answer_yes_on_the_page,
     create_live_sale,
-    dismiss_next_dialog,
     join_and_reserve,
     live_gateway,
     live_page,
@@ -88,13 +89,11 @@ def test_waiting_room_page_in_chromium(stack: Settings, chromium: str) -> None:
             assert page.get_attribute("#result", "data-reservation") == rid
             assert not page.is_visible("#join")
             # Cancelling is final too (the turn bought once): asked first, and a No keeps it.
-            asked = dismiss_next_dialog(page)
-            page.click("#cancel")
+            asked = answer_no_on_the_page(page, "#cancel")
+            assert "cannot" in asked, asked
             page.wait_for_timeout(1_000)
-            assert asked and "cannot" in asked[0], asked
             assert page.get_attribute("#result", "data-outcome") == "held"
-            page.once("dialog", lambda d: d.accept())
-            page.click("#cancel")
+            answer_yes_on_the_page(page, "#cancel")
             page.wait_for_selector("#result[data-outcome='cancelled']", timeout=20_000)
             page.screenshot(path=str(SCREENSHOTS / "waiting-room-cancelled.png"))
             browser.close()

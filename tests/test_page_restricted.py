@@ -19,8 +19,8 @@ from tests.harness import (
     FLAGS,
     SCREENSHOTS,
     LiveGateway,
+    answer_no_on_the_page,
     create_live_sale,
-    dismiss_next_dialog,
     join_and_reserve,
     live_gateway,
     sale_spec,
@@ -234,14 +234,16 @@ def test_leaving_the_queue_asks_first_for_it_cannot_be_undone(
             page.wait_for_selector("#join:not([hidden])", timeout=15_000)
             page.click("#join")
             page.wait_for_selector("#state[data-state='waiting']", timeout=15_000)
-            asked = dismiss_next_dialog(page)
-            page.click("#leave")
+            asked = answer_no_on_the_page(page, "#leave")
+            assert "cannot" in asked, asked  # it says what leaving means
             page.wait_for_timeout(1_000)
-            assert asked and "cannot" in asked[0], asked  # it says what leaving means
             assert page.get_attribute("#state", "data-state") == "waiting"
             assert page.is_visible("#leave")
-            page.once("dialog", lambda dialog: dialog.accept())
             page.click("#leave")
+            page.wait_for_selector("#ask:not([hidden])", timeout=5_000)
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOTS / "waiting-room-leave-asked.png"))
+            page.click("#ask-yes")
             page.wait_for_selector("#state[data-state='left']", timeout=10_000)
         finally:
             browser.close()
