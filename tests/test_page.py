@@ -400,6 +400,7 @@ def test_a_buyer_whose_product_sold_out_takes_another_in_the_same_turn(
     and the page sent the next try with the refused request's key (422)."""
     with _admitted_to_two_models(stack, chromium, "second-choice", first_stock=1) as live:
         gw, sale, page = live.gw, live.sale, live.page
+        assert page.is_hidden("#find")  # two products need no search field
         _reserve_as(gw, sale, "rival", "S1")  # the last Model 1 goes to another buyer
         page.select_option("#sku", "S1")
         page.click("#reserve")
@@ -523,6 +524,40 @@ def test_a_page_for_one_product_reads_that_product_only(stack: Settings, chromiu
             other.wait_for_selector("#state[data-state='no_item']", timeout=20_000)
             assert not other.is_visible("#join")
             browser.close()
+
+
+def test_a_catalogue_opened_without_a_product_finds_one_by_its_name(
+    stack: Settings, chromium: str
+) -> None:
+    """A shop links to a catalogue sale as a whole (no ``?sku=``): the page listed every
+    product in one endless list and a select of them all (50,000 took 6.3 s to show). It
+    shows a few, with a field that finds the rest by name or SKU, and reserves the one found."""
+    spec = sale_spec("Whole catalogue", "S1", 5)
+    spec["skus"] = [{**spec["skus"][0], "sku": f"S{i}", "title": f"Model {i}"}
+                    for i in range(1, 301)]  # fmt: skip
+    with live_page(stack, chromium, "catalogue", spec=spec) as live:
+        gw, sale, page = live.gw, live.sale, live.page
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'browsing')}")
+        page.wait_for_selector("#find", timeout=15_000)
+        rows = page.locator("#product .item")
+        assert 0 < rows.count() <= 12, rows.count()
+        assert page.locator("#sku option").count() == rows.count()
+        assert "300" in (page.text_content("#more") or "")  # how many there are to find
+        page.fill("#find", "model 217")
+        page.wait_for_function("document.querySelectorAll('#product .item').length === 1")
+        assert page.text_content("#product .item b") == "Model 217"
+        assert page.input_value("#sku") == "S217"
+        page.fill("#find", "no such shoe")
+        page.wait_for_selector("#more:has-text('Nothing matches')")
+        assert page.locator("#sku option").count() == 0
+        page.fill("#find", "S217")  # by its SKU too
+        page.wait_for_function("document.querySelectorAll('#product .item').length === 1")
+        page.click("#join")
+        gw.pump_forever(sale, ["S217"])
+        page.wait_for_selector("#state[data-state='admitted']", timeout=20_000)
+        page.screenshot(path=str(SCREENSHOTS / "waiting-room-catalogue-search.png"))
+        page.click("#reserve")
+        page.wait_for_selector("#result[data-reservation]", timeout=15_000)
 
 
 async def _sell(stack: Settings, sale: str, reservation_id: str | None) -> None:
