@@ -19,7 +19,7 @@ import asyncpg
 from allocator import sale_settings
 from allocator.sale_reads import SaleReads, in_parts
 from allocator.sale_scripts import Preload, PreloadResult, SaleScripts, summed
-from flashsale.clients import RedisClient
+from flashsale.clients import COPY_TIMEOUT_S, RedisClient
 from flashsale.errors import Conflict, InvalidInput, NotFound, listed, shown
 from flashsale.keys import SaleKeys, SkuKeys, bucket_keys
 from flashsale.sales import (
@@ -349,6 +349,7 @@ async def _insert_skus(conn: asyncpg.Connection, sale_id: str, skus: Sequence[Sk
              s.hold_ttl_seconds, s.buckets)
             for s in skus
         ],
+        timeout=COPY_TIMEOUT_S,
     )  # fmt: skip
 
 

@@ -15,7 +15,7 @@ import asyncpg
 
 from allocator.sale_scripts import SaleScripts, StockCounts, summed
 from allocator.stock_buckets import BucketScripts, Snapshot
-from flashsale.clients import RedisClient
+from flashsale.clients import COPY_TIMEOUT_S, RedisClient
 from flashsale.errors import InvalidInput, NotFound, shown
 from flashsale.keys import ID_PATTERN, bucket_keys
 from flashsale.sales import fetch_sku, fetch_skus, sale_json
@@ -163,7 +163,8 @@ class SaleReads:
         async with self.pool.acquire() as conn:
             await self.sale_row(conn, sale_id)
             await conn.copy_from_query(ORDERS_EXPORT, sale_id, state, output=guarded,
-                                       format="csv", header=True)  # fmt: skip
+                                       format="csv", header=True,
+                                       timeout=COPY_TIMEOUT_S)  # fmt: skip
         if failed:
             raise failed[0]
 

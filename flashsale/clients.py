@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from flashsale.errors import ConfigError, Unavailable
 from flashsale.logs import REDACTED_LENGTH
@@ -57,7 +58,9 @@ def redis_client(
     one to come back instead of failing (a spike queues here briefly, it does not open
     thousands of connections).
 
-    A call that meets a dead connection (Redis restarted, the network reset it) is retried
+    A call waits ``FLASHSALE_REDIS_TIMEOUT`` for its answer, then fails: a hung server or a
+    partition is an outage, not retried. A call that meets a dead connection (Redis
+    restarted, the network reset it) is retried
     twice on a fresh one, 50-500 ms apart with jitter, before it fails: without it every
     connection that died idle in the pool cost one caller a 503 after Redis was back. A
     connection the network reset, or that leads to a primary demoted by a failover (it answers
@@ -69,8 +72,12 @@ def redis_client(
     replace a connection the server closed before sending anything on it.
     """
     check_redis_url(settings.require_redis())
-    options.setdefault("socket_connect_timeout", 2.0)
-    options.setdefault("retry", Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 2))
+    options.setdefault("socket_timeout", settings.redis_timeout_s)
+    options.setdefault("socket_connect_timeout", min(2.0, settings.redis_timeout_s))
+    # Only a dead connection is worth a retry: a server that did not answer in time is hung
+    # or cut off, and asking it twice more tripled the wait for the 503.
+    backoff = ExponentialWithJitterBackoff(base=0.05, cap=0.5)
+    options.setdefault("retry", Retry(backoff, 2, supported_errors=(RedisConnectionError,)))
     options.setdefault("health_check_interval", 15)
     if settings.redis_cluster:
         return cluster_client(settings, max_connections=max_connections, **options)
@@ -137,6 +144,11 @@ def cluster_client(
     )  # fmt: skip
 
 
+# A COPY moves a whole sale (200,000 SKUs in, or every order out to a reader going at its own
+# pace): it is given this long instead of FLASHSALE_PG_TIMEOUT.
+COPY_TIMEOUT_S = 600.0
+
+
 async def pg_pool(
     settings: Settings,
     *,
@@ -155,7 +167,9 @@ async def pg_pool(
     its ``/readyz`` says Postgres is down."""
     dsn = settings.require_database()
     check_url_files("DATABASE_URL", dsn)
-    options = {"max_size": max_size, "timeout": 5,
+    # A statement not answered within FLASHSALE_PG_TIMEOUT is given up (and cancelled): a hung
+    # server or a partition is then an outage, where a call waited for as long as it lasted.
+    options = {"max_size": max_size, "timeout": 5, "command_timeout": settings.pg_timeout_s,
                **_pooled(settings, server_settings=server_settings)}  # fmt: skip
     try:
         return await _reach_postgres(dsn, asyncpg.create_pool(dsn, min_size=min_size, **options))

@@ -227,6 +227,10 @@ class Settings:
     # FLASHSALE_PG_POOL_MODE=transaction: DATABASE_URL leads to a transaction pooler
     # (PgBouncer's pool_mode=transaction, a managed service's pooled endpoint).
     pg_pool_mode: str = "session"
+    # How long a call waits for Redis, and a statement for Postgres, before the server counts as
+    # down (a hung process, a partition: the connection stays open and nothing comes back).
+    redis_timeout_s: float = 5.0
+    pg_timeout_s: float = 10.0
     kafka_bootstrap: str | None = None
     kafka: KafkaAccess = KafkaAccess()
     admin_token: Secret = Secret("")
@@ -301,6 +305,8 @@ class Settings:
             pg_pool_mode=choice(
                 env, "FLASHSALE_PG_POOL_MODE", ("session", "transaction"), "session"
             ),
+            redis_timeout_s=number(env, "FLASHSALE_REDIS_TIMEOUT", 5.0, minimum=0.1),
+            pg_timeout_s=number(env, "FLASHSALE_PG_TIMEOUT", 10.0, minimum=0.1),
             kafka_bootstrap=pick("KAFKA_BOOTSTRAP"),
             kafka=KafkaAccess.from_env(env),
             admin_token=secret_of("FLASHSALE_ADMIN_TOKEN"),

@@ -4,7 +4,9 @@ Retry-After at the edge and is waited out by the workers, never a 500, never a d
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -123,5 +125,52 @@ async def test_buyers_are_served_while_postgres_is_down(stack: Settings) -> None
             page = await gw.http.get(f"/v1/sales/{sale}")
             assert page.status == 200 and (await page.json())["id"] == sale
             proxy.set("pass")
+    finally:
+        await proxy.stop()
+
+
+@pytest.mark.parametrize("server", ["redis", "postgres"])
+async def test_a_server_that_hangs_is_an_outage_within_its_timeout(
+    stack: Settings, server: str
+) -> None:
+    """Redis or Postgres stops answering while its connections stay open (a paused process, a
+    partition): a join waited 15 s for its 503 (redis-py's 5 s read timeout, and its retry
+    tried twice more on the hung server), and an admin call on Postgres was not answered at
+    all (608 s, until Postgres came back). Each is a 503 within a bound its timeout sets, and
+    the gateway serves again once the server answers."""
+    if server == "redis" and stack.redis_cluster:
+        pytest.skip("a single server behind a fault proxy: a cluster redirects around it")
+    field, url = {"redis": ("redis_url", stack.require_redis()),
+                  "postgres": ("database_url", stack.require_database())}[server]  # fmt: skip
+    at = urlsplit(url)
+    proxy = await FaultProxy(at.hostname or "127.0.0.1", at.port or 0).start()
+    proxied = urlunsplit(at._replace(netloc=f"{at.username}:{at.password}@127.0.0.1:{proxy.port}"))
+    try:
+        async with gateway(stack, redis_timeout_s=1.0, pg_timeout_s=1.0,
+                           **{field: proxied}) as gw:  # fmt: skip
+            sale = await gw.create_sale(stock=3)
+            admin = {"Authorization": f"Bearer {gw.settings.admin_token.reveal()}"}
+            if server == "redis":
+                call = partial(gw.http.post, f"/v1/sales/{sale}/queue", headers=auth(gw.token("b")))
+            else:
+                call = partial(gw.http.get, "/admin/v1/sales?limit=1", headers=admin)
+            assert (await call()).status == 200
+            proxy.set("blackhole")
+            began = time.monotonic()
+            async with asyncio.timeout(30):
+                hung = await call()
+            waited = time.monotonic() - began
+            assert hung.status == 503 and hung.headers["Retry-After"], await hung.text()
+            # Redis: one try of 1 s (three tries took 3.2 s). Postgres: the statement's 1 s, then
+            # as long for its cancel, before the connection is given up (it never came).
+            bound = {"redis": 2.5, "postgres": 4.0}[server]
+            assert waited < bound, f"the 503 came after {waited:.1f} s"
+            proxy.set("pass")
+            for _ in range(150):  # back within 30 s
+                if (await call()).status == 200:
+                    break
+                await asyncio.sleep(0.2)
+            else:
+                raise AssertionError("the gateway did not serve again once the server answered")
     finally:
         await proxy.stop()

@@ -72,6 +72,7 @@ def test_secrets_are_masked_in_repr_and_logs(
      ("FLASHSALE_PG_POOL_MODE", "statement"),
      # float() reads these: a traceback, or nan taken as a timeout
      ("FLASHSALE_MAX_IN_FLIGHT", "inf"), ("FLASHSALE_BODY_TIMEOUT", "nan"),
+     ("FLASHSALE_REDIS_TIMEOUT", "0"), ("FLASHSALE_PG_TIMEOUT", "nan"),
      ("FLASHSALE_RATE_PER_IP", "inf"), ("FLASHSALE_RATE_PER_BUYER", "nan,5"),
      # Kafka takes no session the consumer's requests could not outlast
      ("FLASHSALE_WORKER_SESSION_TIMEOUT", "0.5"), ("FLASHSALE_WORKER_SESSION_TIMEOUT", "31"),
