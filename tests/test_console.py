@@ -235,6 +235,37 @@ def test_the_live_page_says_why_the_sales_are_not_listed_and_tries_again(
     assert len(down) == 2
 
 
+def test_a_request_of_the_live_page_that_hangs_is_given_up_and_said(
+    stack: Settings, chromium: str
+) -> None:
+    """The list of sales is asked on a connection that answers nothing (a proxy holding it):
+    the page showed an empty list, with no word, for as long as the browser waits (minutes).
+    It gives up after 10 s, says so and asks again."""
+    from playwright.sync_api import Route
+
+    held: list[Route] = []
+
+    def hang_the_first(route: Route) -> None:
+        if not held:
+            held.append(route)  # never answered
+            return
+        route.continue_()
+
+    with live_page(stack, chromium, "Held-up list") as live:
+        page = live.page
+        page.clock.install()
+        page.clock.resume()
+        page.route("**/admin/v1/sales?*", hang_the_first)
+        page.goto(f"{live.gw.base_url}/admin/")
+        page.fill("#token", ADMIN)
+        page.click("button[type=submit]")
+        page.wait_for_timeout(500)
+        assert held and (page.text_content("#list-error") or "") == ""
+        page.clock.fast_forward(11_000)
+        page.wait_for_selector("#list-error:has-text('no answer within 10 s')", timeout=10_000)
+        page.wait_for_selector(f"#sales a:text('{live.sale}')", timeout=20_000)
+
+
 def test_the_live_page_pages_back_to_older_sales(stack: Settings, chromium: str) -> None:
     """The list showed the newest 100 sales and no way to the older ones: a shop with a drop
     a day could not find last season's from the page."""

@@ -168,6 +168,39 @@ def test_the_page_rides_out_a_spike_and_resumes_after_a_reload(
     assert seen == ["503", "429", "drop", "503"]
 
 
+def test_a_request_that_hangs_is_given_up_and_sent_again(stack: Settings, chromium: str) -> None:
+    """A connection that answers nothing and is not reset (a mobile network that lost it, a
+    proxy holding it): the page waited on its poll for as long as the browser keeps a request
+    (minutes), showing nothing new. It gives a request up after 20 s and sends it again, as it
+    does one whose connection dropped."""
+    from playwright.sync_api import Route
+
+    held: list[Route] = []
+
+    def hang_the_first(route: Route) -> None:
+        if not held:
+            held.append(route)  # never answered
+            return
+        route.continue_()
+
+    with live_page(stack, chromium, "Hung line") as live:
+        gw, sale, page = live.gw, live.sale, live.page
+        page.clock.install()
+        page.clock.resume()
+        page.route("**/queue/status", hang_the_first)
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'on-a-train')}")
+        page.click("#join")
+        for _ in range(100):
+            if held:
+                break
+            page.wait_for_timeout(100)
+        assert held, "the page never polled"
+        page.wait_for_timeout(500)
+        assert page.get_attribute("#state", "data-state") == "live"  # still waiting on the poll
+        page.clock.fast_forward(21_000)
+        page.wait_for_selector("#state[data-state='waiting']", timeout=10_000)
+
+
 def test_the_page_joins_again_when_its_ticket_has_expired(stack: Settings, chromium: str) -> None:
     """A ticket refused as expired (kept in a closed tab past its sale's old end, the sale since
     moved later): the page joins again with the buyer's token, which gives the same place,
