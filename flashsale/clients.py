@@ -169,10 +169,13 @@ async def pg_pool(
     check_url_files("DATABASE_URL", dsn)
     # A statement not answered within FLASHSALE_PG_TIMEOUT is given up (and cancelled): a hung
     # server or a partition is then an outage, where a call waited for as long as it lasted.
-    options = {"max_size": max_size, "timeout": 5, "command_timeout": settings.pg_timeout_s,
+    connect_s = _connect_timeout(settings)
+    options = {"max_size": max_size, "timeout": connect_s,
+               "command_timeout": settings.pg_timeout_s,
                **_pooled(settings, server_settings=server_settings)}  # fmt: skip
     try:
-        return await _reach_postgres(dsn, asyncpg.create_pool(dsn, min_size=min_size, **options))
+        connecting = asyncpg.create_pool(dsn, min_size=min_size, **options)
+        return await _reach_postgres(dsn, connecting, connect_s)
     except Unavailable as exc:
         if not lazy:
             raise
@@ -184,7 +187,15 @@ async def pg_connect(settings: Settings) -> asyncpg.Connection:
     """One connection to ``DATABASE_URL``, its errors as :func:`pg_pool`'s."""
     dsn = settings.require_database()
     check_url_files("DATABASE_URL", dsn)
-    return await _reach_postgres(dsn, asyncpg.connect(dsn, timeout=5, **_pooled(settings)))
+    connect_s = _connect_timeout(settings)
+    connecting = asyncpg.connect(dsn, timeout=connect_s, **_pooled(settings))
+    return await _reach_postgres(dsn, connecting, connect_s)
+
+
+def _connect_timeout(settings: Settings) -> float:
+    """How long a connection to Postgres may take: 5 s, or less with a shorter
+    ``FLASHSALE_PG_TIMEOUT``."""
+    return min(5.0, settings.pg_timeout_s)
 
 
 def _pooled(settings: Settings, **options: Any) -> dict[str, Any]:
@@ -199,7 +210,7 @@ def _pooled(settings: Settings, **options: Any) -> dict[str, Any]:
     return options
 
 
-async def _reach_postgres(dsn: str, connecting: Awaitable[T]) -> T:
+async def _reach_postgres(dsn: str, connecting: Awaitable[T], connect_s: float) -> T:
     """``connecting`` awaited. Postgres down or refusing: Unavailable, saying where. A URL
     asyncpg refuses (``sslmode=verify-fulll``, a port that is not a number, another scheme):
     ConfigError naming DATABASE_URL, without its password (as the logs redact it)."""
@@ -213,7 +224,8 @@ async def _reach_postgres(dsn: str, connecting: Awaitable[T]) -> T:
         raise ConfigError(f"DATABASE_URL: {said}") from exc
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         where = urlsplit(dsn)
-        raise Unavailable(f"cannot reach Postgres at {where.hostname}:{where.port}: {exc}") from exc
+        why = f"no answer within {connect_s:g} s" if isinstance(exc, TimeoutError) else str(exc)
+        raise Unavailable(f"cannot reach Postgres at {where.hostname}:{where.port}: {why}") from exc
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@ import logging
 import socket
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -274,6 +274,26 @@ def test_the_cli_names_the_server_it_cannot_reach(
     assert line and line[0].startswith(f"flashsale: error: {said.format(port=port)}"), result.err
     # One line: aiokafka's own error line about the same refused connection came first.
     assert len(result.err.strip().splitlines()) == 1, result.err
+
+
+def test_the_cli_says_a_postgres_that_answers_nothing_did_not_answer(
+    stack: Settings, cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Postgres that takes the connection and answers nothing (a hung server, a partition):
+    the line ended "cannot reach Postgres at 127.0.0.1:PORT: ", the timeout's empty text."""
+    with socket.socket() as silent:  # the kernel completes connections; nothing is ever read
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        dsn = urlsplit(stack.require_database())
+        monkeypatch.setenv("DATABASE_URL", urlunsplit(dsn._replace(
+            netloc=f"{dsn.username}:{dsn.password}@127.0.0.1:{port}")))  # fmt: skip
+        monkeypatch.setenv("FLASHSALE_PG_TIMEOUT", "1")
+        result = cli("sale", "list")
+    assert result.code == 1
+    assert result.err.strip() == (
+        f"flashsale: error: cannot reach Postgres at 127.0.0.1:{port}: no answer within 1 s"
+    ), result.err
 
 
 async def test_a_postgres_refusing_writes_for_now_is_an_outage(stack: Settings) -> None:
