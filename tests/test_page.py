@@ -593,6 +593,38 @@ def test_a_catalogue_opened_without_a_product_finds_one_by_its_name(
         page.wait_for_selector("#result[data-reservation]", timeout=15_000)
 
 
+def test_the_quantity_offered_is_what_the_buyer_may_take(stack: Settings, chromium: str) -> None:
+    """The quantity field took any number: a buyer of a product limited to 2 asked for 3 and
+    was refused with "per-buyer limit reached for this SKU", and a product limited to one
+    still asked how many."""
+    spec = sale_spec("Limited drop", "S1", 5, limit=2)
+    spec["skus"].append({**spec["skus"][0], "sku": "S2", "title": "Model 2", "per_buyer_limit": 1})
+    with live_page(stack, chromium, "Limited drop", spec=spec) as live:
+        gw, sale, page = live.gw, live.sale, live.page
+        gw.pump_forever(sale, ["S1", "S2"])
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'pair')}")
+        page.click("#join")
+        page.wait_for_selector("#state[data-state='admitted']", timeout=20_000)
+        assert page.get_attribute("#qty", "max") == "2"
+        assert "At most 2 per buyer" in (page.text_content("#qty-note") or "")
+        page.fill("#qty", "3")
+        page.click("#reserve")  # the page asks for the most it may
+        page.wait_for_selector("#result[data-reservation]", timeout=15_000)
+        assert page.input_value("#qty") == "2"
+        reservation = str(page.get_attribute("#result", "data-reservation"))
+        looked = requests.get(
+            f"{gw.base_url}/v1/reservations/{reservation}",
+            timeout=10,
+            headers={"Authorization": f"Bearer {_buyer(gw, 'pair')}"},
+        )
+        assert looked.json()["quantity"] == 2, looked.text
+        other = page.context.browser.new_page()
+        other.goto(f"{gw.base_url}/sales/{sale}?sku=S2#token={_buyer(gw, 'single')}")
+        other.wait_for_selector("#sku option", state="attached")
+        assert other.get_attribute("#qty-label", "hidden") is not None  # nothing to ask
+        assert "One per buyer" in (other.text_content("#qty-note") or "")
+
+
 async def _sell(stack: Settings, sale: str, reservation_id: str | None) -> None:
     """Move a hold to SOLD, as the workers do once its payment is captured."""
     assert reservation_id
