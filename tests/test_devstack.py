@@ -51,6 +51,10 @@ def test_up_reuse_env_status_down(scratch_home: Path, run_cli: Cli) -> None:
     pids = {row.name: row.pid for row in stack.status()}
     assert all(pids.values()), pids
     assert all(row.detail == "ping ok" for row in stack.status())
+    shown = run("dev", "status")
+    assert shown.code == 0, shown.err
+    # In columns: Postgres's URL, longer than the column was, pushed its row's pid out of line.
+    assert len({line.index(" pid ") for line in shown.out.splitlines()}) == 1, shown.out
 
     assert run("migrate").code == 0
     again = run("dev", "up")
