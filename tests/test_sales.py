@@ -212,7 +212,8 @@ def test_starts_in_moves_the_sale_window_and_bad_durations_are_refused(
 
 
 def test_a_sku_in_stock_buckets_from_the_cli(cli: Cli, rdb: redis.Redis) -> None:
-    flags = ["--name", "hot", "--sku", "HOT", "--stock", "10", "--price", "100",
+    hot = "HOT-SNEAKER-LIMITED-EDITION-WHITE-42"  # longer than the SKU column was
+    flags = ["--name", "hot", "--sku", hot, "--stock", "10", "--price", "100",
              "--currency", "EUR"]  # fmt: skip
     refused = cli("sale", "create", *flags, "--buckets", "65")
     assert refused.code == 2 and "skus[0].buckets" in refused.err, refused.err
@@ -225,8 +226,13 @@ def test_a_sku_in_stock_buckets_from_the_cli(cli: Cli, rdb: redis.Redis) -> None
     lines = [line.split() for line in shown.out.splitlines() if "bucket" in line]
     assert [line[:3] for line in lines] == [["bucket", "0", "4"], ["bucket", "1", "3"],
                                             ["bucket", "2", "3"]], shown.out  # fmt: skip
-    assert rdb.hget(SkuKeys(sale_id, "HOT").meta, "buckets") == "3"
-    assert rdb.hget(SkuKeys(sale_id, "HOT", 2, 3).stock, "total") == "3"
+    # In columns under the header: the long SKU pushed its row's figures out of line.
+    header = next(line for line in shown.out.splitlines() if "STOCK" in line)
+    end = header.index("STOCK") + len("STOCK")
+    rows = [line for line in shown.out.splitlines() if line.strip().startswith((hot, "bucket"))]
+    assert [line[:end].split()[-1] for line in rows] == ["10", "4", "3", "3"], shown.out
+    assert rdb.hget(SkuKeys(sale_id, hot).meta, "buckets") == "3"
+    assert rdb.hget(SkuKeys(sale_id, hot, 2, 3).stock, "total") == "3"
 
 
 def test_preload_is_idempotent(cli: Cli, rdb: redis.Redis, tmp_path: Path) -> None:

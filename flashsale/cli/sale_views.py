@@ -24,25 +24,27 @@ def print_status(status: dict[str, Any], *, as_json: bool, revenue: bool = True)
     preloaded = sale["preloaded_at"]
     loaded = f"preloaded {preloaded}" if preloaded else "not preloaded (sale preload ID)"
     out(f"  starts {sale['starts_at']}  ends {sale['ends_at']}  {loaded}")
-    out(f"  {'SKU':20} {'STOCK':>10} {'AVAILABLE':>10} {'HELD':>8} {'SOLD':>8} {'CONFIRMED':>10}")
+    w = max((len(row["sku"]) for row in status["skus"]), default=0)
+    w = max(20, w)  # the SKU column, as wide as the longest
+    out(f"  {'SKU':{w}} {'STOCK':>10} {'AVAILABLE':>10} {'HELD':>8} {'SOLD':>8} {'CONFIRMED':>10}")
 
     def cell(value: int | None) -> str:
         return "-" if value is None else str(value)
 
     for row in status["skus"]:
         out(
-            f"  {row['sku']:20} {row['stock_total']:>10} {cell(row['available']):>10}"
+            f"  {row['sku']:{w}} {row['stock_total']:>10} {cell(row['available']):>10}"
             f" {cell(row['held']):>8} {cell(row['sold']):>8} {row['confirmed']:>10}"
         )
         for index, b in enumerate(row.get("by_bucket") or []):
             name = f"  bucket {index}"
             if b is None:
-                out(f"  {name:20} {'-':>10} {'-':>10} {'-':>8} {'-':>8}")
+                out(f"  {name:{w}} {'-':>10} {'-':>10} {'-':>8} {'-':>8}")
             else:
-                out(f"  {name:20} {b['total']:>10} {b['available']:>10} {b['held']:>8}"
+                out(f"  {name:{w}} {b['total']:>10} {b['available']:>10} {b['held']:>8}"
                     f" {b['sold']:>8}")  # fmt: skip
         if row.get("in_transit"):  # free, counted as available, and in no bucket yet
-            out(f"  {'  in transit':20} {'':>10} {row['in_transit']:>10}")
+            out(f"  {'  in transit':{w}} {'':>10} {row['in_transit']:>10}")
     if revenue:
         taken = [f"{major(amount, currency)} {currency}"
                  for currency, amount in sorted(status["revenue"].items())]  # fmt: skip
