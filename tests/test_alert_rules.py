@@ -96,3 +96,22 @@ def test_the_reconciler_alert_fires_when_no_pass_finishes(
         ],
         [at(8, "FlashsaleReconcilerStalled"), at(28, "FlashsaleReconcilerStalled", fired)],
     )
+
+
+def test_the_reservations_alert_fires_when_their_p99_passes_half_a_second(
+    prometheus: str,  # noqa: F811 - the fixture
+    tmp_path: Path,
+) -> None:
+    """Admitted buyers' reservations slowed down (a slow Redis, a broker slow to take their
+    events) and nothing said so: the gateway's own histogram had it. 60 a minute, all under
+    100 ms, then one in ten between 0.5 and 1 s: p99 0.95 s for 5 minutes fires it."""
+    route = 'route="/v1/sales/{sale}/reservations"'
+    buckets = {"0.1": "0+60x10 600+54x20", "0.5": "0+60x10 600+54x20", "1": "0+60x30",
+               "+Inf": "0+60x30"}  # fmt: skip
+    series = [{"series": f'flashsale_gateway_request_duration_seconds_bucket{{{route},le="{le}"}}',
+               "values": values} for le, values in buckets.items()]  # fmt: skip
+    fired = firing("warning", "admitted buyers' reservations take over 500 ms at p99",
+                   "flashsalereservationsslow")  # fmt: skip
+    promtool_test(tmp_path, series, [at(10, "FlashsaleReservationsSlow"),
+                                     at(14, "FlashsaleReservationsSlow"),
+                                     at(22, "FlashsaleReservationsSlow", fired)])  # fmt: skip
