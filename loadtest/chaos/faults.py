@@ -28,6 +28,7 @@ from flashsale.clients import redis_client
 from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.records import text
 from loadtest.chaos.rig import SKU, FaultFailed, NotHere, Rig
+from loadtest.processes import tree
 
 Fault = Callable[[Rig, str], Awaitable["Window"]]
 
@@ -267,19 +268,26 @@ async def _slot_owner(node: aioredis.Redis, slot: int) -> str | None:
 # -- pauses: a stalled server or process ---------------------------------------------------
 
 
-async def pause_pid(pid: int, seconds: float) -> Window:
-    """SIGSTOP ``pid`` for ``seconds``, then SIGCONT (always)."""
+async def pause_pid(pid: int, seconds: float, *, with_children: bool = False) -> Window:
+    """SIGSTOP ``pid`` (and its descendants) for ``seconds``, then SIGCONT (always)."""
     began = time.monotonic()
-    os.kill(pid, signal.SIGSTOP)
+    pids = tree(pid) if with_children else [pid]
+    for each in pids:
+        with contextlib.suppress(ProcessLookupError):  # a backend that just ended
+            os.kill(each, signal.SIGSTOP)
     try:
         await asyncio.sleep(seconds)
     finally:
-        os.kill(pid, signal.SIGCONT)
+        for each in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(each, signal.SIGCONT)
     return Window(began, time.monotonic())
 
 
 async def pause_server(rig: Rig, _sale: str, *, name: str, seconds: float) -> Window:
-    return await pause_pid(rig.server_pid(name), seconds)
+    """A stalled server. Postgres is a process per connection: the postmaster and every
+    backend are paused, so that open connections hang too, not only new ones."""
+    return await pause_pid(rig.server_pid(name), seconds, with_children=name == "postgres")
 
 
 async def pause_pump_leader(rig: Rig, sale: str, *, seconds: float) -> Window:

@@ -58,6 +58,11 @@ SCENARIOS: list[Scenario] = [
     Scenario("postgres-down-30s", "postgres", "down for 30 s, then started again",
              repeated(partial(faults.postgres_restart, sig=signal.SIGINT, down_s=30.0)), 2, 40.0,
              postgres_only=True),
+    Scenario("postgres-stall-15s", "postgres",
+             "SIGSTOP of Postgres and every backend for 15 s (a hung server: connections "
+             "open, nothing answered), then SIGCONT",
+             repeated(partial(faults.pause_server, name="postgres", seconds=15.0)), 2, 20.0,
+             postgres_only=True),
     Scenario("postgres-max-connections", "postgres",
              "another client takes every free connection slot for 5 s",
              repeated(partial(faults.postgres_exhaust, hold_s=5.0)), 5, 9.0,
