@@ -107,19 +107,18 @@ class AllocatorService:
             relay = asyncio.create_task(self._relay(stop))
             checkpoints = asyncio.create_task(self.marks.run(self.pool, stop))
             backlog = asyncio.create_task(self._measure_backlog(stop))
-            background += [sweeper, relay, checkpoints, backlog]
-            next_discovery = 0.0
+            # Beside the ticks, not between them: a Postgres that hangs held the listing for
+            # twice its statement timeout, and every pump of the process with it.
+            discovering = asyncio.create_task(self._discover_until(queue, stop))
+            background += [sweeper, relay, checkpoints, backlog, discovering]
             while not stop.is_set():
-                if time.monotonic() >= next_discovery:
-                    await self._discover(queue)
-                    next_discovery = time.monotonic() + self.discover_s
+                if discovering.done():
+                    discovering.result()  # it raised: the service ends, and is restarted
                 await self._tick_due()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.tick_s)
-            await sweeper
-            await relay
-            await checkpoints
-            await backlog
+            for task in background:
+                await task
         finally:
             for task in background:  # still running only when the loop above raised
                 task.cancel()
@@ -190,6 +189,13 @@ class AllocatorService:
                 log_failure(log, "cannot read which SKUs of ended sales are settled", exc)
         if changed:
             self.holding_skus = [k for k in self.in_scope if k not in self.settled.keys]
+
+    async def _discover_until(self, queue: QueueScripts, stop: asyncio.Event) -> None:
+        """Discovery every ``discover_s`` until ``stop``."""
+        while not stop.is_set():
+            await self._discover(queue)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.discover_s)
 
     async def _discover(self, queue: QueueScripts) -> None:
         """The live sales (a pump each) and the holding ones (swept and relayed), from

@@ -14,6 +14,7 @@ import asyncpg
 import pytest
 import redis.exceptions
 
+from allocator.service import AllocatorService
 from flashsale.orders import OrderStore
 from flashsale.settings import Settings
 from gateway.state import SALES
@@ -173,4 +174,35 @@ async def test_a_server_that_hangs_is_an_outage_within_its_timeout(
             else:
                 raise AssertionError("the gateway did not serve again once the server answered")
     finally:
+        await proxy.stop()
+
+
+async def test_buyers_are_admitted_while_postgres_hangs(stack: Settings) -> None:
+    """The allocator listed the live sales from Postgres between two rounds of its pumps'
+    ticks: a Postgres that hangs (rather than refusing) held every pump of the process for as
+    long as the listing waited (twice the statement timeout), and nobody was admitted. Found
+    by the fault suite's postgres-stall-15s: no buyer was answered while it lasted."""
+    dsn = urlsplit(stack.require_database())
+    proxy = await FaultProxy(dsn.hostname or "127.0.0.1", dsn.port or 5432).start()
+    netloc = f"{dsn.username}:{dsn.password}@127.0.0.1:{proxy.port}"
+    proxied = urlunsplit(dsn._replace(netloc=netloc))
+    stop = asyncio.Event()
+    try:
+        async with gateway(stack, database_url=proxied, pg_timeout_s=5.0) as gw:
+            sale = await gw.create_sale(stock=3)
+            allocator = AllocatorService(gw.settings, discover_s=0.2)
+            running = asyncio.create_task(allocator.run(stop))
+            _, first = await gw.join(sale, "before")
+            assert (await gw.admitted(sale, first["ticket"]))["state"] == "admitted"
+            proxy.set("blackhole")  # the next listing of the live sales hangs
+            await asyncio.sleep(0.5)
+            code, second = await gw.join(sale, "during")
+            assert code == 200, second
+            admitted = await gw.admitted(sale, second["ticket"], patience=4.0)
+            assert admitted["state"] == "admitted", admitted
+            proxy.set("pass")
+            stop.set()
+            await asyncio.wait_for(running, 30)
+    finally:
+        stop.set()
         await proxy.stop()
