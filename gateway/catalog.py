@@ -7,7 +7,8 @@
   read here, which twice a second would keep a process and its servers busy, and one of
   200,000 about 5 s. Remaining units may lag that long, which the page tolerates (it learns
   "sold out" from its status polls).
-  While Postgres is down, the last summary is served as it was.
+  While Postgres is down, the last summary is served as it was; while it hangs, too, once
+  its read has been waited for ``STALE_AFTER_S``.
 * **The SKUs and their per-buyer limits** (:func:`sku_limits`) that the reservation route
   checks a request against, from the copy preload put in Redis: reserving needs no Postgres
   at all, so buyers keep buying while it is down. Only a sale Redis does not know is looked
@@ -47,6 +48,7 @@ READ_SHARE = 10  # a copy lasts at least this many times as long as its read too
 LIMITS_TTL_S = 1.0
 MAX_LIMITS_TTL_S = 10.0
 SLOW_READ_S = 0.05  # a copy that took this long to read is served while the next is read
+STALE_AFTER_S = 1.0  # how long a summary's due read is waited for while a copy is in hand
 
 T = TypeVar("T")
 
@@ -69,7 +71,13 @@ async def sale_summary(request: web.Request, sale_id: str) -> Summary:
     read = partial(_read_summary, app, sale_id)
     if copy is not None and _served(app, copy, key, read):
         return copy.value
-    return cast(Summary, await app[CATALOG_READS].once(key, read))
+    reading = app[CATALOG_READS].start(key, read)
+    if copy is None:
+        return cast(Summary, await asyncio.shield(reading))
+    # A read that does not come back within STALE_AFTER_S leaves the copy in hand to answer
+    # (the read goes on): while Postgres hung, every buyer opening the page waited for it.
+    done, _ = await asyncio.wait([reading], timeout=STALE_AFTER_S)
+    return cast(Summary, reading.result()) if done else copy.value
 
 
 def _served(

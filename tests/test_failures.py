@@ -206,3 +206,28 @@ async def test_buyers_are_admitted_while_postgres_hangs(stack: Settings) -> None
     finally:
         stop.set()
         await proxy.stop()
+
+
+async def test_a_sale_read_while_postgres_hangs_is_answered_as_last_read(stack: Settings) -> None:
+    """A sale's public summary is read again from Postgres every half second: while Postgres
+    hung, every buyer opening the page waited for that read, twice the statement timeout,
+    before getting the summary as last read. The copy in hand answers after a second."""
+    dsn = urlsplit(stack.require_database())
+    proxy = await FaultProxy(dsn.hostname or "127.0.0.1", dsn.port or 5432).start()
+    netloc = f"{dsn.username}:{dsn.password}@127.0.0.1:{proxy.port}"
+    proxied = urlunsplit(dsn._replace(netloc=netloc))
+    try:
+        async with gateway(stack, database_url=proxied, pg_timeout_s=5.0) as gw:
+            sale = await gw.create_sale(stock=3)
+            assert (await gw.http.get(f"/v1/sales/{sale}")).status == 200
+            proxy.set("blackhole")
+            await asyncio.sleep(0.6)  # the copy is due
+            began = time.monotonic()
+            async with asyncio.timeout(30):
+                page = await gw.http.get(f"/v1/sales/{sale}")
+            waited = time.monotonic() - began
+            assert page.status == 200 and (await page.json())["id"] == sale
+            assert waited < 3, f"answered after {waited:.1f} s"
+            proxy.set("pass")
+    finally:
+        await proxy.stop()
