@@ -60,16 +60,16 @@ def redis_client(
 
     A call waits ``FLASHSALE_REDIS_TIMEOUT`` for its answer, then fails: a hung server or a
     partition is an outage, not retried. A call that meets a dead connection (Redis
-    restarted, the network reset it) is retried
-    twice on a fresh one, 50-500 ms apart with jitter, before it fails: without it every
-    connection that died idle in the pool cost one caller a 503 after Redis was back. A
-    connection the network reset, or that leads to a primary demoted by a failover (it answers
-    ``READONLY``), is given up the same way (:mod:`flashsale.redis_connection`). What a
-    retry may repeat is safe to repeat: each script is idempotent by request, hold state or
-    fence, the pump publishes an absolute serving position, and a re-read stream entry stays
-    pending until acknowledged. Packed calls (``allocator.redis_calls.read_packed``: the
-    reserve batches, the rate limits) take a raw connection and are not retried here: they
-    replace a connection the server closed before sending anything on it.
+    restarted, the network reset it) is retried twice on a fresh one, 50-500 ms apart with
+    jitter, before it fails: without it every connection that died idle in the pool cost one
+    caller a 503 after Redis was back. A connection the network reset, or that leads to a
+    primary demoted by a failover (it answers ``READONLY``), is given up the same way
+    (:mod:`flashsale.redis_connection`). What a retry may repeat is safe to repeat: each
+    script is idempotent by request, hold state or fence, the pump publishes an absolute
+    serving position, and a re-read stream entry stays pending until acknowledged. Packed
+    calls (``allocator.redis_calls.read_packed``: the reserve batches, the rate limits) take
+    a raw connection and are not retried here: they replace a connection the server closed
+    before sending anything on it.
     """
     check_redis_url(settings.require_redis())
     options.setdefault("socket_timeout", settings.redis_timeout_s)
