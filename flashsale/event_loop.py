@@ -1,12 +1,19 @@
 """Running the engine's coroutines: on uvloop where it is installed (CPython on Linux and
 macOS, where its wheels exist), on asyncio's own loop elsewhere. Everything works on both;
-uvloop is faster."""
+uvloop is faster.
+
+A process given ``FLASHSALE_HEARTBEAT`` (a file; the supervisor of ``flashsale up`` gives one
+to each of its processes) touches it from its loop every ``BEAT_S``: a file that grows old
+tells the supervisor the loop no longer turns (blocked, or the process paused)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import threading
 from collections.abc import Coroutine
+from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
 
@@ -19,12 +26,35 @@ except ImportError:  # a platform without uvloop: asyncio's loop does the same w
     _uvloop = None
 
 
+HEARTBEAT_ENV = "FLASHSALE_HEARTBEAT"
+BEAT_S = 1.0
+
+
 def run(main: Coroutine[Any, Any, T]) -> T:
-    """``main`` to completion on a new event loop (uvloop's when available)."""
+    """``main`` to completion on a new event loop (uvloop's when available), beating the
+    heartbeat file ``FLASHSALE_HEARTBEAT`` names, if it names one."""
+    beat = os.environ.get(HEARTBEAT_ENV)
+    if beat:
+        main = _beating(main, Path(beat))
     if _uvloop is None:
         return asyncio.run(main)
     result: T = _uvloop.run(main)
     return result
+
+
+async def _beating(main: Coroutine[Any, Any, T], path: Path) -> T:
+    async def beat() -> None:
+        while True:
+            # On the loop itself, on purpose (a microsecond's syscall): a blocked loop misses it.
+            with contextlib.suppress(OSError):  # the supervisor's folder gone: it is stopping
+                path.touch()  # noqa: ASYNC240
+            await asyncio.sleep(BEAT_S)
+
+    beating = asyncio.create_task(beat())
+    try:
+        return await main
+    finally:
+        beating.cancel()
 
 
 def name() -> str:

@@ -34,8 +34,9 @@ def test_up_supervises_and_stops_cleanly(stack: Settings, cli: Cli, tmp_path: Pa
     # The services' INFO lines go to a file: a pipe nobody reads until the end fills at 64 KiB,
     # and then the supervisor blocks on its own log line instead of restarting a child.
     written = (tmp_path / "up.log").open("wb")
+    argv = ["up", "--port", str(port), "--workers", "2", "--hung-after", "2"]
     up = subprocess.Popen(
-        [sys.executable, "-m", "flashsale", "up", "--port", str(port), "--workers", "2"],
+        [sys.executable, "-m", "flashsale", *argv],
         stdout=written,
         stderr=subprocess.STDOUT,
         env={**os.environ, "FLASHSALE_LOG_LEVEL": "INFO"},
@@ -76,6 +77,17 @@ def test_up_supervises_and_stops_cleanly(stack: Settings, cli: Cli, tmp_path: Pa
         restarted = len(now) == 7 and children[0] not in now
         if restarted:
             healthy(f"http://127.0.0.1:{port}/healthz")
+        # A child that hangs (here paused: its process lives, its loop answers nothing) was
+        # left as it was, for good; it is killed and started again.
+        paused = children[1]
+        os.kill(paused, signal.SIGSTOP)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            now = _children(up.pid)
+            if len(now) == 7 and paused not in now:
+                break
+            time.sleep(0.2)
+        replaced = len(now) == 7 and paused not in now
         survivors = _children(up.pid)
     finally:
         up.send_signal(signal.SIGTERM)
@@ -86,6 +98,8 @@ def test_up_supervises_and_stops_cleanly(stack: Settings, cli: Cli, tmp_path: Pa
     assert restarted, f"the killed child {children[0]} was not restarted: {now}\n{log[-4000:]}"
     assert up.returncode == 0, log
     assert "killed by SIGKILL" in log and "restarting in" in log
+    assert replaced, f"the paused child {paused} was not replaced: {now}\n{log[-4000:]}"
+    assert f"(pid {paused}) has not answered for" in log, log[-4000:]
     for pid in survivors:
         assert not os.path.exists(f"/proc/{pid}"), f"child {pid} outlived the supervisor"
     # ... and not after: a folder left by every run on another port piled up (221 of them on

@@ -23,7 +23,7 @@ from aiohttp import web
 from prometheus_client import multiprocess
 
 from flashsale.cli.devstack.files import write_whole
-from flashsale.cli.supervisor import Child, Supervisor
+from flashsale.cli.supervisor import HUNG_AFTER_S, Child, Supervisor
 from flashsale.ops_endpoints import listen
 from flashsale.settings import ENGINE_ENV_FILE, Settings
 
@@ -173,7 +173,8 @@ def psp_child(host: str, port: int, journal: Path) -> Child:
     return Child("psp", ["psp", "--host", host, "--port", str(port), "--journal", str(journal)])
 
 
-def supervise(children: list[Child], metrics_dir: Path | None) -> int:
+def supervise(children: list[Child], metrics_dir: Path | None, *,
+              hung_after_s: float = HUNG_AFTER_S) -> int:  # fmt: skip
     """Run ``children`` under a :class:`Supervisor`; their shared metrics folder goes with
     them (nothing scrapes it once they are gone, and one was left per port ever used)."""
 
@@ -182,7 +183,7 @@ def supervise(children: list[Child], metrics_dir: Path | None) -> int:
             multiprocess.mark_process_dead(pid, str(metrics_dir))  # type: ignore[no-untyped-call]
 
     try:
-        return Supervisor(children, on_exit=on_exit).run()
+        return Supervisor(children, on_exit=on_exit, hung_after_s=hung_after_s).run()
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -22,6 +22,7 @@ from flashsale.cli.checks import (
     within,
 )
 from flashsale.cli.output import dump_json, out
+from flashsale.cli.supervisor import HUNG_AFTER_S
 from flashsale.errors import ConfigError, InvalidInput
 from flashsale.settings import Settings
 from flashsale.wording import counted
@@ -166,6 +167,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     port = port_number("port", args.port)
     workers = positive(int, "workers", args.workers)
     listeners = within("reservation-workers", args.reservation_workers, 0, 64)
+    hung_after = within("hung-after", args.hung_after, 0, 3600)
     service_settings(settings)
     settings.require_kafka()
     # A provider named in the environment is used as it is; one that a previous `up` recorded
@@ -207,7 +209,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         + ". Ctrl-C or SIGTERM stops everything."
     )
     with runners.recorded_psp(settings.home, psp_url):
-        return runners.supervise(children, metrics_dir)
+        return runners.supervise(children, metrics_dir, hung_after_s=hung_after)
 
 
 def origin(host: str, port: int) -> str:
@@ -397,3 +399,6 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
                     "their own port (default 1; 0: reserve on the gateway port)")  # fmt: skip
     up.add_argument("--reservation-port",
                     help="port of those processes (default PORT+5)")  # fmt: skip
+    up.add_argument("--hung-after", default=str(HUNG_AFTER_S), metavar="SECONDS",
+                    help="kill and start again a process whose event loop has not turned for "
+                    f"this many seconds (default {HUNG_AFTER_S}; 0: never)")  # fmt: skip

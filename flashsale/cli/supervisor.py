@@ -3,7 +3,10 @@
 Each child is a ``flashsale`` command in its own process group. A child that exits while the
 supervisor is running is restarted after a backoff that doubles on every quick crash (from
 ``BACKOFF_MIN_S`` to ``BACKOFF_MAX_S``) and resets once the child has stayed up for
-``STABLE_AFTER_S``; every exit is logged with its code or signal. SIGTERM or Ctrl-C stops every
+``STABLE_AFTER_S``; every exit is logged with its code or signal. A child that hangs (its
+event loop blocked, the process paused: it lives and serves nothing) is killed once its
+heartbeat (:mod:`flashsale.event_loop`: a file touched each second from its loop) is
+``hung_after_s`` old, and restarted as a crashed one. SIGTERM or Ctrl-C stops every
 child with SIGTERM, waits ``GRACE_S`` for them to finish what they are doing, then kills what
 is left. A supervisor that is killed outright takes its children with it: each is sent SIGTERM
 by the kernel when it dies (:mod:`flashsale.parent`).
@@ -14,14 +17,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 
+from flashsale.event_loop import HEARTBEAT_ENV
 from flashsale.parent import followed
 
 log = logging.getLogger("flashsale.supervisor")
@@ -31,6 +38,8 @@ BACKOFF_MAX_S = 15.0
 STABLE_AFTER_S = 5.0
 GRACE_S = 15.0
 POLL_S = 0.2
+HUNG_AFTER_S = 30  # a heartbeat this old is a hung child (0: never)
+STARTING_S = 10.0  # the first beat comes after the imports: it is not awaited before this
 
 
 @dataclass
@@ -40,6 +49,8 @@ class Child:
     env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
     started: float = 0.0
+    started_at: float = 0.0  # time.time(), as the heartbeat file's
+    heartbeat: Path | None = None
     backoff: float = BACKOFF_MIN_S
     restart_at: float = 0.0
     restarts: int = 0
@@ -57,16 +68,21 @@ def describe(code: int) -> str:
 
 class Supervisor:
     def __init__(
-        self, children: list[Child], *, on_exit: Callable[[int], None] | None = None
-    ) -> None:
+        self, children: list[Child], *, on_exit: Callable[[int], None] | None = None,
+        hung_after_s: float = HUNG_AFTER_S,
+    ) -> None:  # fmt: skip
         self.children = children
         self.on_exit = on_exit  # called with the pid of every child that exited
+        self.hung_after_s = hung_after_s
         self.stopping = False
 
     def _start(self, child: Child) -> None:
         env = {**os.environ, **child.env, **followed()}
+        if child.heartbeat is not None:
+            child.heartbeat.unlink(missing_ok=True)
+            env[HEARTBEAT_ENV] = str(child.heartbeat)
         child.process = subprocess.Popen(child.argv(), env=env, start_new_session=True)
-        child.started = time.monotonic()
+        child.started, child.started_at = time.monotonic(), time.time()
         log.info("started %s (pid %d)", child.name, child.process.pid)
 
     def _stop(self, _signum: int, _frame: FrameType | None) -> None:
@@ -75,8 +91,11 @@ class Supervisor:
     def run(self) -> int:
         """Run until SIGTERM or SIGINT; returns 0 after a clean stop."""
         previous = {s: signal.signal(s, self._stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        beats = Path(tempfile.mkdtemp(prefix="flashsale-beats-")) if self.hung_after_s else None
         try:
-            for child in self.children:
+            for index, child in enumerate(self.children):
+                if beats is not None:
+                    child.heartbeat = beats / f"{index}-{child.name}"
                 self._start(child)
             while not self.stopping:
                 self._watch()
@@ -85,6 +104,8 @@ class Supervisor:
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+            if beats is not None:
+                shutil.rmtree(beats, ignore_errors=True)
 
     def _watch(self) -> None:
         now = time.monotonic()
@@ -99,6 +120,7 @@ class Supervisor:
             if code is None:
                 if now - child.started >= STABLE_AFTER_S:
                     child.backoff = BACKOFF_MIN_S
+                self._kill_if_hung(child, process)
                 continue
             if self.on_exit is not None:
                 self.on_exit(process.pid)
@@ -109,6 +131,23 @@ class Supervisor:
             child.process = None
             child.restart_at = now + child.backoff
             child.backoff = min(BACKOFF_MAX_S, child.backoff * 2)
+
+    def _kill_if_hung(self, child: Child, process: subprocess.Popen[bytes]) -> None:
+        """SIGKILL ``child`` if its heartbeat is ``hung_after_s`` old (counted from its start,
+        plus ``STARTING_S``, until its first beat): its exit is then seen as a crash's."""
+        if child.heartbeat is None:
+            return
+        try:
+            beat = child.heartbeat.stat().st_mtime
+        except FileNotFoundError:
+            beat = 0.0
+        silent = time.time() - max(beat, child.started_at + STARTING_S)
+        if silent > self.hung_after_s:
+            log.warning("%s (pid %d) has not answered for %.0fs (hung or paused): killing it",
+                        child.name, process.pid, silent)  # fmt: skip
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            child.heartbeat.unlink(missing_ok=True)
 
     def _shutdown(self) -> int:
         running = [c for c in self.children if c.process is not None]
