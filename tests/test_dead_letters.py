@@ -34,9 +34,8 @@ async def test_parked_messages_are_listed_with_their_reasons_and_counted(
         for value in POISON:
             await p.relay.producer.send_and_wait(p.settings.topics.reservations, key=b"k",
                                                  value=value)  # fmt: skip
-        workers = p.start_workers(attempts=2)
+        workers = p.start_workers(attempts=2)  # they run to the end: one group join
         parked = await p.topic_messages(topic, at_least=len(POISON))
-        await workers.drain()
         sources = [dict(m.headers)["source"].decode() for m in parked]
 
         listed = await asyncio.to_thread(run_cli, "kafka", "dead-letters", "--json")
@@ -72,14 +71,13 @@ async def test_parked_messages_are_listed_with_their_reasons_and_counted(
             before = registry.get_sample_value(name, labels)
             assert before is not None and before >= 1, before
             await p.relay.producer.send_and_wait(p.settings.topics.reservations, value=b"{")
-            workers = p.start_workers(attempts=2)
             await p.topic_messages(topic, at_least=len(POISON) + 1)
-            await workers.drain()
             await _read_lag(reader, p.settings, metrics)
             after = registry.get_sample_value(name, labels)
             assert after is not None and after > before, (before, after)
         finally:
             await reader.aclose()
+            await workers.drain()
 
 
 def test_a_dead_letter_topic_not_made_yet_is_said_so(
