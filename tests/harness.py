@@ -354,6 +354,24 @@ def answer_yes_on_the_page(page: Any, button: str) -> None:
     page.click("#ask-yes")
 
 
+def hang_the_first(page: Any, pattern: str) -> list[Any]:
+    """The first request of ``page`` matching ``pattern`` is never answered (a connection
+    that hangs), the others go through; the page's clock is Playwright's, so that a test can
+    move it past the page's patience (``page.clock.fast_forward``). The held requests."""
+    held: list[Any] = []
+
+    def route(request: Any) -> None:
+        if not held:
+            held.append(request)  # never answered
+            return
+        request.continue_()
+
+    page.clock.install()
+    page.clock.resume()
+    page.route(pattern, route)
+    return held
+
+
 def join_and_reserve(page: Any, gw: LiveGateway, sale: str, *,
                      admitted_ms: int = 20_000) -> str:  # fmt: skip
     """On a waiting-room page opened on ``sale`` (one SKU, ``S1``): join, be admitted (the

@@ -21,6 +21,7 @@ from tests.harness import (
     ADMIN,
     FLAGS,
     SCREENSHOTS,
+    hang_the_first,
     healthy,
     live_gateway,
     live_page,
@@ -241,21 +242,9 @@ def test_a_request_of_the_live_page_that_hangs_is_given_up_and_said(
     """The list of sales is asked on a connection that answers nothing (a proxy holding it):
     the page showed an empty list, with no word, for as long as the browser waits (minutes).
     It gives up after 10 s, says so and asks again."""
-    from playwright.sync_api import Route
-
-    held: list[Route] = []
-
-    def hang_the_first(route: Route) -> None:
-        if not held:
-            held.append(route)  # never answered
-            return
-        route.continue_()
-
     with live_page(stack, chromium, "Held-up list") as live:
         page = live.page
-        page.clock.install()
-        page.clock.resume()
-        page.route("**/admin/v1/sales?*", hang_the_first)
+        held = hang_the_first(page, "**/admin/v1/sales?*")
         page.goto(f"{live.gw.base_url}/admin/")
         page.fill("#token", ADMIN)
         page.click("button[type=submit]")

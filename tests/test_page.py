@@ -33,6 +33,7 @@ from tests.harness import (
     answer_no_on_the_page,
     answer_yes_on_the_page,
     create_live_sale,
+    hang_the_first,
     join_and_reserve,
     live_gateway,
     live_page,
@@ -173,21 +174,9 @@ def test_a_request_that_hangs_is_given_up_and_sent_again(stack: Settings, chromi
     proxy holding it): the page waited on its poll for as long as the browser keeps a request
     (minutes), showing nothing new. It gives a request up after 20 s and sends it again, as it
     does one whose connection dropped."""
-    from playwright.sync_api import Route
-
-    held: list[Route] = []
-
-    def hang_the_first(route: Route) -> None:
-        if not held:
-            held.append(route)  # never answered
-            return
-        route.continue_()
-
     with live_page(stack, chromium, "Hung line") as live:
         gw, sale, page = live.gw, live.sale, live.page
-        page.clock.install()
-        page.clock.resume()
-        page.route("**/queue/status", hang_the_first)
+        held = hang_the_first(page, "**/queue/status")
         page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'on-a-train')}")
         page.click("#join")
         for _ in range(100):
