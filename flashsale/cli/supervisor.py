@@ -49,8 +49,9 @@ class Child:
     env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
     started: float = 0.0
-    started_at: float = 0.0  # time.time(), as the heartbeat file's
     heartbeat: Path | None = None
+    beat: int | None = None  # the heartbeat file's last mtime seen, and when (monotonic)
+    beat_seen: float = 0.0
     backoff: float = BACKOFF_MIN_S
     restart_at: float = 0.0
     restarts: int = 0
@@ -82,7 +83,7 @@ class Supervisor:
             child.heartbeat.unlink(missing_ok=True)
             env[HEARTBEAT_ENV] = str(child.heartbeat)
         child.process = subprocess.Popen(child.argv(), env=env, start_new_session=True)
-        child.started, child.started_at = time.monotonic(), time.time()
+        child.started, child.beat = time.monotonic(), None
         log.info("started %s (pid %d)", child.name, child.process.pid)
 
     def _stop(self, _signum: int, _frame: FrameType | None) -> None:
@@ -133,21 +134,24 @@ class Supervisor:
             child.backoff = min(BACKOFF_MAX_S, child.backoff * 2)
 
     def _kill_if_hung(self, child: Child, process: subprocess.Popen[bytes]) -> None:
-        """SIGKILL ``child`` if its heartbeat is ``hung_after_s`` old (counted from its start,
-        plus ``STARTING_S``, until its first beat): its exit is then seen as a crash's."""
+        """SIGKILL ``child`` if its heartbeat has not moved for ``hung_after_s`` (counted from
+        its start, plus ``STARTING_S``, until its first beat): its exit is then seen as a
+        crash's. A beat is a change of the file's mtime, timed by this process's monotonic
+        clock: the wall clock stepping (NTP, a VM resumed) would make every beat look old."""
         if child.heartbeat is None:
             return
-        try:
-            beat = child.heartbeat.stat().st_mtime
-        except FileNotFoundError:
-            beat = 0.0
-        silent = time.time() - max(beat, child.started_at + STARTING_S)
+        now = time.monotonic()
+        with contextlib.suppress(FileNotFoundError):
+            beat = child.heartbeat.stat().st_mtime_ns
+            if beat != child.beat:
+                child.beat, child.beat_seen = beat, now
+        silent = now - (child.beat_seen if child.beat is not None else child.started + STARTING_S)
         if silent > self.hung_after_s:
             log.warning("%s (pid %d) has not answered for %.0fs (hung or paused): killing it",
                         child.name, process.pid, silent)  # fmt: skip
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
-            child.heartbeat.unlink(missing_ok=True)
+            child.beat, child.beat_seen = 0, now  # killed once: its exit comes next
 
     def _shutdown(self) -> int:
         running = [c for c in self.children if c.process is not None]
