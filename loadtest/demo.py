@@ -48,7 +48,14 @@ from flashsale.settings import Settings
 from flashsale.tokens import Signer
 from flashsale.wording import counted
 from loadtest import admin_api
-from loadtest.demo_report import DemoReport, bucket_quantile, eta_accuracy, kendall_tau, summary
+from loadtest.demo_report import (
+    DemoReport,
+    admission_order,
+    bucket_quantile,
+    eta_accuracy,
+    kendall_tau,
+    summary,
+)
 from loadtest.driver import Buyers, DriverStats, Person, Plan
 from loadtest.processes import engine, histogram_buckets, wait_consuming, wait_healthy
 from reconciler.report import AuditReport
@@ -247,6 +254,7 @@ async def _drive(settings: Settings, session: aiohttp.ClientSession, base: str,
     report.reserved_via = dict(stats.reserved_via)
     report.pre_queue_joins = stats.pre_queue_joins
     report.admission_kendall_tau = kendall_tau(stats.admissions)
+    report.admission_order = admission_order(stats.admissions)
     report.eta_p50_abs_pct_error, report.eta_p90_coverage, report.eta_past_p50 = eta_accuracy(
         stats.etas
     )

@@ -31,6 +31,7 @@ class DemoReport:
     oversold: int = 0
     seconds_to_answer_all: float | None = None
     admission_kendall_tau: float | None = None
+    admission_order: str = ""  # the line saying it (:func:`admission_order`); not in the JSON
     eta_p50_abs_pct_error: float | None = None
     eta_p90_coverage: float | None = None
     eta_past_p50: float | None = None  # admitted more than a step after their p50
@@ -150,6 +151,22 @@ def kendall_tau(pairs: list[tuple[int, int]]) -> float | None:
     return None if total == 0 else round((concordant - discordant) / total, 6)
 
 
+def admission_order(pairs: list[tuple[int, int]]) -> str:
+    """The report's word on admission order, from (queue position, admission time) pairs:
+    Kendall's tau where buyers were admitted at different times; where one pump step
+    admitted them all (the demo's defaults: every winner at the opening), which places."""
+    tau = kendall_tau(pairs)
+    if tau is not None:
+        return f"Kendall tau {tau:.3f} ({'in order' if tau == 1.0 else 'OUT OF ORDER'})"
+    if not pairs:
+        return "Kendall tau n/a (nobody was admitted)"
+    places = sorted(p for p, _ in pairs)
+    step = "Kendall tau n/a (no two admitted at different times): one pump step admitted "
+    if places == list(range(1, len(places) + 1)):
+        return step + f"places 1..{len(places)}, the head of the queue"
+    return step + f"{len(places)} places from {places[0]} to {places[-1]}"
+
+
 def summary(report: DemoReport, progress: Progress) -> None:
     """The report, in lines for ``progress``."""
     seconds = report.seconds_to_answer_all
@@ -162,10 +179,7 @@ def summary(report: DemoReport, progress: Progress) -> None:
     archived = "" if kb is None else f"; archived, {kb:,.0f} KB of Redis state deleted"
     progress(f"   sold {report.sold}/{report.stock}, oversold {report.oversold}; "
              f"audit {'passed' if report.audit_passed else 'FAILED'}{archived}")  # fmt: skip
-    tau = report.admission_kendall_tau
-    progress("   admission order vs queue order: Kendall tau "
-             + ("n/a (fewer than two buyers admitted at different times)" if tau is None
-                else f"{tau:.3f} ({'in order' if tau == 1.0 else 'OUT OF ORDER'})"))  # fmt: skip
+    progress(f"   admission order vs queue order: {report.admission_order}")
     if report.eta_buyers:
         coverage, past = report.eta_p90_coverage, report.eta_past_p50
         p50_met, p90_met = eta_verdicts(report.eta_p50_abs_pct_error, coverage, past)

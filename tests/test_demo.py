@@ -20,7 +20,13 @@ from flashsale.cli.devstack.processes import free_port
 from flashsale.errors import Unavailable
 from flashsale.settings import Settings
 from loadtest.demo import Scenario
-from loadtest.demo_report import bucket_quantile, eta_accuracy, eta_verdicts, kendall_tau
+from loadtest.demo_report import (
+    admission_order,
+    bucket_quantile,
+    eta_accuracy,
+    eta_verdicts,
+    kendall_tau,
+)
 from loadtest.driver import Eta
 from loadtest.processes import wait_consuming
 
@@ -162,6 +168,19 @@ def test_kendall_tau_counts_only_pairs_that_differ_in_both() -> None:
     assert kendall_tau([(1, 200), (2, 100)]) == -1.0
     assert kendall_tau([(1, 100), (2, 300), (3, 200), (4, 400)]) == round(4 / 6, 6)
     assert kendall_tau([(1, 100), (2, 100)]) is None
+
+
+def test_one_admission_step_says_which_places_it_admitted() -> None:
+    """The demo's defaults admit every winner in one pump step at the opening, and its line on
+    admission order said only "n/a": nothing about order at all."""
+    assert admission_order([(1, 100), (2, 200)]) == "Kendall tau 1.000 (in order)"
+    assert admission_order([(1, 200), (2, 100)]) == "Kendall tau -1.000 (OUT OF ORDER)"
+    one_step = "Kendall tau n/a (no two admitted at different times): one pump step admitted "
+    assert admission_order([(3, 100), (1, 100), (2, 100)]) == (
+        one_step + "places 1..3, the head of the queue"
+    )
+    assert admission_order([(2, 100), (4, 100)]) == one_step + "2 places from 2 to 4"
+    assert admission_order([]) == "Kendall tau n/a (nobody was admitted)"
 
 
 async def test_the_demo_waits_until_the_workers_consume() -> None:
