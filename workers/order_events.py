@@ -1,8 +1,9 @@
 """The publisher of the ``order-events`` outbox: the Postgres ``outbox`` table to Kafka.
 
 Every saga statement queues its order events as one ``outbox`` row in the transaction that
-made the change; this loop moves them to the broker and marks them published only after the
-broker acknowledged every message, so an event is published at least once and never lost.
+made the change; this loop moves them to the broker and deletes them only after the broker
+acknowledged every message, so an event is published at least once and never lost. The
+table is a queue, not a log: ``order_events`` keeps every event for good.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ async def publish_outbox(pool: asyncpg.Pool, out: AIOKafkaProducer, stop: asynci
                          on_published: Callable[[int], None], batch: int = 100,
                          interval: float = 0.05) -> None:  # fmt: skip
     """Move the ``outbox`` table to Kafka, ``batch`` rows (each a statement's events) at a
-    time: rows are marked published in the transaction that locked them, after the broker
+    time: rows are deleted in the transaction that locked them, after the broker
     acknowledged every message (a crash in between republishes; consumers key on order id
     and version). Several publishers share the work (SKIP LOCKED). A failed round is logged
     and tried again after a wait that doubles up to 5 s, back to ``interval`` once one works."""
@@ -67,6 +68,6 @@ async def _publish_some(pool: asyncpg.Pool, out: AIOKafkaProducer, batch: int) -
         sent = 0
         for topic, messages in by_topic.items():
             sent += await publish(out, topic, messages)
-        await conn.execute("UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])",
+        await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])",
                            [r["id"] for r in rows])  # fmt: skip
     return sent
