@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from allocator.queue_scripts import QueueScripts, QueueView, Step
+from allocator.queue_scripts import QueueScripts, QueueView, Step, still_waiting
 from flashsale.errors import QueueLost
 from flashsale.fairness import record, record_lost
 from flashsale.keys import SaleKeys, SkuKeys, bucket_keys
@@ -89,11 +89,8 @@ def plan(s: Inputs) -> Plan:
     show = max(0.05, 1.0 - s.noshow)
     room_capacity = s.capacity - s.outstanding
     room_inventory = math.ceil(max(0.0, s.available - s.outstanding * show) / show)
-    room_cutoff = s.tail if s.cutoff is None else s.cutoff
-    admit = max(
-        0, min(int(s.credit), room_capacity, room_inventory, s.tail - s.serving,
-               room_cutoff - s.serving)
-    )  # fmt: skip
+    waiting = still_waiting(s.tail, s.serving, s.cutoff, False)
+    admit = max(0, min(int(s.credit), room_capacity, room_inventory, waiting))
     serving = s.serving + admit
     # Positions beyond this could only be reached if more than noshow_ceiling of the admitted
     # buyers walked away; slack absorbs rounding and a few more.

@@ -46,6 +46,14 @@ class JoinResult:
     position: int
 
 
+def still_waiting(tail: int, serving: int, cutoff: int | None, sold_out: bool) -> int:
+    """Buyers holding a place who may still be admitted: those behind the last admitted one,
+    up to the cutoff (a place beyond it is told sold out at once); none once sold out."""
+    if sold_out:
+        return 0
+    return max(0, (tail if cutoff is None else min(tail, cutoff)) - serving)
+
+
 @dataclass(frozen=True, slots=True)
 class QueueView:
     """One consistent read of a sale's configuration and waiting-room counters."""
@@ -91,6 +99,13 @@ class QueueView:
         of ``now_ms``: the window is ``window_ms`` of the sale not paused (a pause does not use
         up a turn). It never falls as ``admitted_ms`` grows, so steps can be bisected by it."""
         return admitted_ms + self.window_ms + self.paused_between(admitted_ms, now_ms)
+
+    def waiting(self, now_ms: int) -> int:
+        """Buyers in line who may still be admitted at ``now_ms`` (Redis time): none once
+        the sale is sold out or over, whatever places were handed out."""
+        if self.status == "ended" or now_ms >= self.ends_at_ms:
+            return 0
+        return still_waiting(self.tail, self.serving, self.cutoff, self.sold_out)
 
     def mark(self) -> Mark:
         """These counters as a queue mark (what a restore must not go below)."""

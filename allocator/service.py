@@ -30,7 +30,7 @@ from allocator.discovery import SkuSets
 from allocator.hold_scripts import HoldScripts
 from allocator.pacing import SaleRounds
 from allocator.pump import AdmissionPump, Count
-from allocator.queue_scripts import QueueScripts
+from allocator.queue_scripts import QueueScripts, still_waiting
 from allocator.redis_calls import Command, read_packed
 from allocator.relay import OutboxRelay, run_relay
 from allocator.service_metrics import ServiceMetrics
@@ -299,6 +299,8 @@ class AllocatorService:
         m.serving.labels(sale).set(step.serving)
         m.tail.labels(sale).set(pump.tail)
         m.cutoff.labels(sale).set(step.cutoff if step.cutoff is not None else -1)
+        m.waiting.labels(sale).set(still_waiting(pump.tail, step.serving, step.cutoff,
+                                                 step.sold_out))  # fmt: skip
         m.outstanding.labels(sale).set(pump.outstanding)
         m.noshow.labels(sale).set(pump.noshow)
         if pump.count is not self.noted.get(sale):  # a sale slow to count is counted less often

@@ -34,6 +34,10 @@ class ServiceMetrics:
                           registry=registry)  # fmt: skip
         self.cutoff = Gauge("flashsale_queue_cutoff", "Last position that may be admitted",
                             ["sale"], registry=registry)  # fmt: skip
+        self.waiting = Gauge(
+            "flashsale_queue_waiting", "Buyers in line who may still be admitted: those up to "
+            "the cutoff, none once the sale is sold out", ["sale"], registry=registry,
+        )  # fmt: skip
         self.outstanding = Gauge(
             "flashsale_queue_outstanding", "Admitted buyers who have not reserved yet", ["sale"],
             registry=registry,
@@ -56,7 +60,8 @@ class ServiceMetrics:
                            "as the sale's pump last read them", ["sale", "sku", "state"],
                            registry=registry)  # fmt: skip
         self.per_sale = (self.admitted, self.leader, self.serving, self.tail, self.cutoff,
-                         self.outstanding, self.noshow, self.sold_out, self.errors)  # fmt: skip
+                         self.waiting, self.outstanding, self.noshow, self.sold_out,
+                         self.errors)  # fmt: skip
         self._skus: dict[str, set[str]] = {}  # SKUs with stock series, by sale
         self._backlog_shown: dict[str, set[tuple[str, str, str]]] = {}  # by sale
 

@@ -142,7 +142,8 @@ async def live(request: web.Request) -> web.Response:
     app, sale_id = request.app, request.match_info["sale"]
     skus = await _skus(app, sale_id)
     sale = sale_json(await app[SALES].row(sale_id))  # as it is now: paused a moment ago
-    view = (await app[COUNTERS].get(sale_id)).view
+    counters = await app[COUNTERS].get(sale_id)
+    view = counters.view
     repairs = await app[CLIENTS].pool.fetch(
         "SELECT kind, count(*) AS n FROM reconcile_events WHERE sale_id = $1 GROUP BY kind",
         sale_id,
@@ -156,8 +157,9 @@ async def live(request: web.Request) -> web.Response:
         "totals": skus["totals"],
         "revenue": skus["revenue"],
         "queue": {
-            "live": view.live, "depth": max(0, view.tail - view.serving), "serving": view.serving,
-            "tail": view.tail, "pre_queue": view.pre, "cutoff": view.cutoff,
+            "live": view.live, "depth": view.waiting(counters.redis_now_ms()),
+            "serving": view.serving, "tail": view.tail, "pre_queue": view.pre,
+            "cutoff": view.cutoff,
             "admission_rate": view.admission_rate, "admitted_per_s": view.rate_p50,
             "noshow_ratio": view.noshow, "sold_out": view.sold_out,
             "sold_out_at": iso_ms(view.sold_out_ms) if view.sold_out_ms else None,

@@ -39,6 +39,7 @@ import aiohttp
 import asyncpg
 import orjson
 
+from allocator.queue_scripts import QueueScripts
 from flashsale.cli.devstack.processes import UP_PORTS, free_ports
 from flashsale.clients import pg_connect, pg_pool, redis_client
 from flashsale.kafka import ensure_topics
@@ -203,23 +204,24 @@ def sale_spec(scenario: Scenario, starts_at: datetime) -> dict[str, Any]:
 
 async def _watch(settings: Settings, sale_id: str, stats: DriverStats, *, total: int,
                  opened: float, progress: Progress, stop: asyncio.Event) -> None:  # fmt: skip
-    """Each second: the waiting room and the stock as Redis has them, and the answers."""
+    """Each second: the waiting room and the stock as Redis has them (the queue: buyers in line
+    who may still be admitted), and the answers."""
     client = redis_client(settings)
-    queue, stock = SaleKeys(sale_id).queue, SkuKeys(sale_id, SKU).stock
+    room, stock = QueueScripts(client), SkuKeys(sale_id, SKU).stock
     try:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
-            q, k = await asyncio.gather(
-                client.hmget(queue, "tail", "serving", "pre"),
+            snap, k = await asyncio.gather(
+                room.snapshot(SaleKeys(sale_id), redis_time=True),
                 client.hmget(stock, "active", "paying", "sold"),
             )
-            tail, serving, pre = (int(v or 0) for v in q)
             active, paying, sold = (int(v or 0) for v in k)
             answered = sum(stats.outcomes.values())
-            progress(f"   {time.monotonic() - opened:5.1f}s  pre-queue {pre:>6,}"
-                     f"  queue {max(0, tail - serving):>6,}"
-                     f"  admitted {serving:>5,}  held {active + paying:>4}  sold {sold:>4}  "
+            v = snap.view
+            progress(f"   {time.monotonic() - opened:5.1f}s  pre-queue {v.pre:>6,}"
+                     f"  queue {v.waiting(snap.redis_ms):>6,}"
+                     f"  admitted {v.serving:>5,}  held {active + paying:>4}  sold {sold:>4}  "
                      f"answers {answered:>6,}/{total:,} ({stats.outcomes['reserved']} "
                      f"reserved, {stats.outcomes['sold_out']:,} sold out)")  # fmt: skip
     finally:

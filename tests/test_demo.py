@@ -43,6 +43,10 @@ def test_demo_runs_a_spike_to_orders_and_a_passing_audit(stack: Settings, tmp_pa
     assert "400 of 2,000 buyers join before the opening, the rest over its first 5s" in out
     # Live progress each second: queue depth, admitted, held, sold, answers.
     assert re.search(r"queue +[\d,]+  admitted +[\d,]+  held +\d+  sold +\d+  answers", out)
+    # Once every buyer has an answer, nobody is still in the queue (those placed beyond the
+    # last unit were told it was sold out).
+    last = re.findall(r"queue +([\d,]+)  admitted .* answers +2,000/2,000", out)
+    assert last and last[-1] == "0", out
     match = re.search(r"result: (\d+) orders confirmed, (\d+) payments declined .* (\d+)/100 "
                       r"units sold, oversold 0", out)  # fmt: skip
     assert match, out

@@ -147,6 +147,10 @@ async def test_joining_a_sold_out_sale_says_so_at_once(gw: Gateway) -> None:
     assert code == 200 and body == {"ticket": None, "position": None, "state": "sold_out"}
     assert (await gw.status(sale, waiting["ticket"]))[1]["state"] == "sold_out"
     assert not await gw.app[CLIENTS].redis.hexists(SaleKeys(sale).members, "late")  # not queued
+    # The operators' page counts nobody waiting: "second" holds a place but was told.
+    live = await gw.http.get(f"/admin/v1/sales/{sale}/live", headers=auth(ADMIN))
+    queue = (await live.json())["queue"]
+    assert (queue["tail"], queue["serving"], queue["depth"]) == (2, 1, 0), queue
 
 
 async def test_positions_beyond_the_cutoff_are_sold_out_immediately(gw: Gateway) -> None:
