@@ -276,6 +276,11 @@ def test_the_live_page_pages_back_to_older_sales(stack: Settings, chromium: str)
         starts = page.locator("#sales tr td:nth-child(4)").first
         shown, exact = starts.text_content() or "", starts.get_attribute("title") or ""
         assert exact.endswith("Z") and shown and "T" not in shown and shown != exact, shown
+        # Names read from the left, as text does (they were pushed to the right, as figures).
+        aligned = page.eval_on_selector_all(
+            "#sales tr:first-child td", "cells => cells.map(c => getComputedStyle(c).textAlign)"
+        )
+        assert set(aligned) == {"left"}, aligned
         assert page.locator(f"#sales a:text('{live.sale}')").count() == 0
         assert page.is_disabled("#newer") and page.is_enabled("#older")
         assert (page.text_content("#shown") or "").startswith(f"sales 1{DASH}{PAGE}")
