@@ -17,6 +17,7 @@ from redis.commands.core import AsyncScript
 from allocator.batching import Coalescer, PerKey
 from allocator.rate_limits import NO_LIMITS, RateKeys, rate_columns
 from allocator.redis_calls import Command, call_packed, lua_script, read_packed
+from allocator.stock_buckets import parse_journal
 from flashsale.clients import RedisClient
 from flashsale.errors import QueueLost
 from flashsale.keys import SaleKeys, SkuKeys
@@ -322,7 +323,7 @@ class QueueScripts:
         for sku in skus:
             # Units lent by a stock bucket and not yet credited count as held: they come back.
             commands += [("HMGET", sku.stock, "available", "active", "paying"),
-                         ("HLEN", sku.transfers)]  # fmt: skip
+                         ("HGETALL", sku.transfers)]  # fmt: skip
         replies = iter(await read_packed(self.client, commands))
         snap = RoomSnapshot(QueueView.parse(next(replies), next(replies)))
         if steps_after is not None:
@@ -333,7 +334,7 @@ class QueueScripts:
         if claims_through is not None:
             snap.claimed, snap.claimed_through = int(next(replies)), integer(text(next(replies)))
         for row in replies:
-            lent = int(next(replies))
+            lent = sum(units for _, units, _ in parse_journal(next(replies)).values())
             snap.stock.append(
                 None if row[0] is None else (int(row[0]), int(row[1]) + int(row[2]) + lent)
             )

@@ -56,8 +56,9 @@ class ServiceMetrics:
         self.backlog = Gauge("flashsale_outbox_backlog", "Outbox entries not yet published, by "
                              "SKU (and stock bucket)", ["sale", "sku", "bucket"],
                              registry=registry)  # fmt: skip
-        self.stock = Gauge("flashsale_stock_units", "Units of a SKU by state (available, held), "
-                           "as the sale's pump last read them", ["sale", "sku", "state"],
+        self.stock = Gauge("flashsale_stock_units", "Units of a SKU by state (available, held: "
+                           "in holds or on their way between stock buckets), as the sale's pump "
+                           "last read them", ["sale", "sku", "state"],
                            registry=registry)  # fmt: skip
         self.per_sale = (self.admitted, self.leader, self.serving, self.tail, self.cutoff,
                          self.waiting, self.outstanding, self.noshow, self.sold_out,

@@ -15,12 +15,13 @@ from redis.crc import key_slot
 import reconciler.buckets
 from allocator.hold_scripts import ReserveRequest
 from allocator.ids import hold_keys, route_of, routed_reservation_id
+from allocator.queue_scripts import QueueScripts
 from allocator.sale_admin import SaleAdmin
 from allocator.sku_allocator import Allocators
 from allocator.stock_buckets import BucketScripts
 from flashsale.cli.sale_views import print_status
 from flashsale.errors import InvalidInput
-from flashsale.keys import SPREAD_SLOTS, SkuKeys, bucket_for, bucket_keys
+from flashsale.keys import SPREAD_SLOTS, SaleKeys, SkuKeys, bucket_for, bucket_keys
 from flashsale.records import integer
 from flashsale.salespec import parse_sku
 from flashsale.settings import Settings
@@ -192,6 +193,20 @@ async def test_units_on_their_way_between_buckets_are_not_sold_out_in_the_sales_
             summary = await (await gw.http.get(f"/v1/sales/{sale}")).json()
         [sku] = summary["skus"]
         assert (sku["remaining"], sku["sold_out"]) == (2, False), sku
+
+
+async def test_the_pump_counts_each_unit_on_its_way_between_buckets(stack: Settings) -> None:
+    """The pump read a bucket's transfers in flight as one unit each, whatever they moved:
+    read during a transfer of 10 units it saw 9 fewer that could still sell, and the cutoff
+    it sets from them (the last place ever admitted, told to everyone behind: "sold out")
+    only ever goes down."""
+    async with pipeline(stack) as p:
+        sale = await p.sale(stock=20, limit=1, buckets=2)
+        first, second = bucket_keys(sale, SKU, 2)
+        _, lent = await BucketScripts(p.redis).lend(first, second, 10, exact=True)
+        assert lent.units == 10
+        snap = await QueueScripts(p.redis).snapshot(SaleKeys(sale), skus=[first, second])
+        assert snap.stock == [(0, 10), (10, 0)], snap.stock  # lent: free once credited
 
 
 async def test_a_spread_spike_sells_exactly_the_stock_and_the_audit_passes(
