@@ -29,6 +29,7 @@ from gateway.http import (
     parse_json,
 )
 from gateway.middleware import Handler
+from gateway.openapi_admin import admin_paths
 from gateway.state import CLIENTS, SALES, SETTINGS
 from reconciler.archive import archive_sale
 from reconciler.audit import audit_sale
@@ -49,6 +50,38 @@ def require_admin(request: web.Request) -> None:
         # compare_digest on equal-length inputs only leaks the length, which is public.
         if not expected or not hmac.compare_digest(given, expected):
             raise Unauthorized("invalid admin token")
+        if request.query:
+            check_query(request)
+
+
+def _query_names() -> dict[tuple[str, str], tuple[str, ...]]:
+    """The query parameters of each admin operation, as the API's OpenAPI document lists them."""
+    return {
+        (method.upper(), path): tuple(p["name"] for p in op.get("parameters", ())
+                                      if p["in"] == "query")
+        for path, item in admin_paths().items() for method, op in item.items()
+    }  # fmt: skip
+
+
+QUERY_NAMES = _query_names()
+
+
+def check_query(request: web.Request) -> None:
+    """Refuse a query parameter the operation does not take, or one given more than once, as
+    an unknown field or a key named twice in a body is: ``?stauts=ended`` would otherwise list
+    every sale, as if no filter had been asked."""
+    resource = request.match_info.route.resource
+    path = resource.canonical if resource is not None else ""
+    names = QUERY_NAMES.get((request.method, path))
+    if names is None:
+        return  # not an admin operation: its 404 or 405 follows
+    for key in dict.fromkeys(request.query):
+        if key not in names:
+            raise InvalidInput(key, f"not a parameter of {request.method} {path}, which takes "
+                                    f"{', '.join(names) or 'none'}")  # fmt: skip
+        given = len(request.query.getall(key))
+        if given > 1:
+            raise InvalidInput(key, f"given {given} times; give it once")
 
 
 async def create_sale(request: web.Request) -> web.Response:

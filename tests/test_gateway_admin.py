@@ -421,6 +421,41 @@ async def test_a_catalogue_of_thousands_of_skus_imports_over_the_admin_api(
     assert (await refused.json())["error"]["message"] == "the request body is larger than 32 MiB"
 
 
+async def test_a_query_parameter_a_route_does_not_take_is_refused(
+    http: TestClient[Any, Any],
+) -> None:
+    """``?stauts=ended`` (a typo) listed every sale, as if no filter had been asked, and
+    ``?status=active&status=ended`` the active ones alone: the admin API refuses an unknown
+    field or a key named twice in a body, and said nothing of either in a query. A change
+    with a mistyped ``?skus=none`` (or ``?force``) went through, its intent lost."""
+    sale_id = (await (await http.post("/admin/v1/sales", json=SALE, headers=auth())).json())["id"]
+    sale = f"/admin/v1/sales/{sale_id}"
+    refused = [
+        ("GET", "/admin/v1/sales?stauts=ended", "stauts", "takes status, limit, offset"),
+        ("GET", "/admin/v1/sales?status=active&status=ended", "status", "given 2 times"),
+        ("GET", f"{sale}/orders?sate=CONFIRMED", "sate", "takes state, limit, after"),
+        ("GET", f"{sale}/audit?verbose=1", "verbose", "takes none"),
+        ("POST", f"{sale}/pause?skus=nnone", "skus", None),  # the value: refused as before
+        ("POST", f"{sale}/pause?sku=none", "sku", "takes skus"),
+    ]
+    for method, path, field, said in refused:
+        answer = await http.request(method, path, headers=auth())
+        body = await answer.json()
+        assert answer.status == 422 and body["error"]["field"] == field, (path, body)
+        assert said is None or said in body["error"]["message"], (path, body)
+    assert (await (await http.get(sale, headers=auth())).json())["sale"]["status"] == "active"
+    for path in (
+        "/admin/v1/sales?status=active&limit=5&offset=0",
+        f"{sale}?sku=SNK-1",
+        f"{sale}/orders?state=confirmed&limit=10",
+        f"{sale}/orders.csv?state=PAYING",
+    ):
+        answer = await http.get(path, headers=auth())
+        assert answer.status == 200, (path, await answer.text())
+    paused = await http.post(f"{sale}/pause?skus=none", headers=auth())
+    assert paused.status == 200 and "skus" not in (await paused.json()), await paused.text()
+
+
 async def test_the_live_page_of_a_large_sale_gets_its_busiest_skus_and_the_totals(
     http: TestClient[Any, Any],
 ) -> None:
