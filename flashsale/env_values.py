@@ -1,9 +1,11 @@
 """The readers of single environment values for :class:`~flashsale.settings.Settings`:
 numbers, choices, flags, networks, origins and URLs. A value one refuses is a ConfigError that
-names the variable and says what it takes."""
+names the variable and says what it takes. And the names the engine reads, to say which others
+are set (a mistyped name)."""
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from collections.abc import Mapping
@@ -136,3 +138,38 @@ def secret_setting(value: str | None, name: str, *, keys: bool = False) -> str:
             raise ConfigError(f"{name} must be at least {SHORTEST_SECRET} characters{each}, "
                               f"got {length}")  # fmt: skip
     return value
+
+
+# Every FLASHSALE_ variable some part of the engine reads (the servers' own are REDIS_URL,
+# DATABASE_URL and KAFKA_*): any other one set is said at start, with the likeliest meant.
+VARIABLES = frozenset({
+    "FLASHSALE_ADMIN_TOKEN", "FLASHSALE_ARCHIVE_AFTER", "FLASHSALE_BODY_TIMEOUT",
+    "FLASHSALE_BUYER_JWKS", "FLASHSALE_BUYER_JWT_AUDIENCE", "FLASHSALE_BUYER_TOKEN_SECRET",
+    "FLASHSALE_CONSUMER_GROUP", "FLASHSALE_CORS_ORIGINS", "FLASHSALE_HOME",
+    "FLASHSALE_LOG_FORMAT", "FLASHSALE_LOG_LEVEL", "FLASHSALE_MAX_IN_FLIGHT",
+    "FLASHSALE_MAX_JOINS_IN_FLIGHT", "FLASHSALE_MAX_POLLS_IN_FLIGHT", "FLASHSALE_PG_POOL_MODE",
+    "FLASHSALE_PG_TIMEOUT", "FLASHSALE_PSP_URL", "FLASHSALE_RATE_PER_BUYER",
+    "FLASHSALE_RATE_PER_IP", "FLASHSALE_REDIS_CLUSTER", "FLASHSALE_REDIS_TIMEOUT",
+    "FLASHSALE_RESERVATIONS_URL", "FLASHSALE_SECRET", "FLASHSALE_TOPIC_DEAD_LETTER",
+    "FLASHSALE_TOPIC_ORDER_EVENTS", "FLASHSALE_TOPIC_PREFIX", "FLASHSALE_TOPIC_RESERVATIONS",
+    "FLASHSALE_TRUSTED_PROXIES", "FLASHSALE_TRUST_FORWARDED", "FLASHSALE_WORKER_SESSION_TIMEOUT",
+    # set by `flashsale up` and the dev stack for the processes they start
+    "FLASHSALE_HEARTBEAT", "FLASHSALE_PARENT_PID", "FLASHSALE_SPAWN_LOG",
+    # the spike test's options (loadtest/locustfile.py)
+    "FLASHSALE_SPIKE_BUCKETS", "FLASHSALE_SPIKE_BUYERS", "FLASHSALE_SPIKE_DRAIN",
+    "FLASHSALE_SPIKE_HOLD", "FLASHSALE_SPIKE_RAMP", "FLASHSALE_SPIKE_SALE",
+    "FLASHSALE_SPIKE_STOCK",
+})  # fmt: skip
+OTHERS = "FLASHSALE_TEST_"  # the test suite's own
+
+
+def unknown_settings(env: Mapping[str, str]) -> list[str]:
+    """A line for each ``FLASHSALE_`` variable set that nothing reads: a mistyped name would
+    otherwise leave its default in force without a word."""
+    lines = []
+    for name in sorted(env):
+        if name.startswith("FLASHSALE_") and name not in VARIABLES and not name.startswith(OTHERS):
+            meant = difflib.get_close_matches(name, VARIABLES, n=1, cutoff=0.8)
+            lines.append(f"{name} is set but is not a setting of this engine"
+                         + (f" ({meant[0]}?)" if meant else "") + ": ignored")  # fmt: skip
+    return lines

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
 import pytest
 
 from flashsale.cli.devstack.processes import UP_PORTS, free_ports
+from flashsale.env_values import VARIABLES
 from flashsale.errors import ConfigError
 from flashsale.logs import RedactSecrets
-from flashsale.settings import Settings, mask_url
+from flashsale.settings import DEFAULT_TOPICS, Settings, mask_url
 from tests.conftest import Cli
 from tests.harness import run_bounded
 
@@ -159,3 +161,33 @@ def test_a_weak_secret_stops_a_service_with_one_line_naming_it(
     assert code == 1, err
     assert len(lines) == 1 and lines[0].startswith(f"flashsale: error: {name}"), err
     assert "at least 16 characters" in lines[0], lines[0]
+
+
+def test_a_mistyped_setting_is_said_with_the_one_meant(
+    run_cli: Cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``FLASHSALE_RATE_PER_IPS=off`` (for ``FLASHSALE_RATE_PER_IP``) was read by nothing and
+    said nothing: the engine ran on the default it was meant to change."""
+    monkeypatch.setenv("FLASHSALE_HOME", str(tmp_path))
+    monkeypatch.setenv("FLASHSALE_RATE_PER_IPS", "off")
+    monkeypatch.setenv("FLASHSALE_COLOUR", "blue")
+    monkeypatch.setenv("FLASHSALE_TEST_ANYTHING", "1")  # the test suite's own
+    result = run_cli("sale", "list")  # no stack here: refused, after the warnings
+    warnings = [line for line in result.err.splitlines() if "warning" in line]
+    assert warnings == [
+        "flashsale: warning: FLASHSALE_COLOUR is set but is not a setting of this engine: ignored",
+        "flashsale: warning: FLASHSALE_RATE_PER_IPS is set but is not a setting of this "
+        "engine (FLASHSALE_RATE_PER_IP?): ignored",
+    ], result.err
+
+
+def test_the_settings_the_engine_knows_are_the_ones_it_reads() -> None:
+    """The names warned about are those no part of the engine reads: the list is the code's."""
+    root = Path(__file__).resolve().parent.parent
+    read: set[str] = set()
+    for package in ("flashsale", "gateway", "allocator", "workers", "reconciler", "loadtest"):
+        for path in (root / package).rglob("*.py"):
+            read |= set(re.findall(r"FLASHSALE_[A-Z0-9_]*[A-Z0-9]", path.read_text()))
+    topics = {f"FLASHSALE_TOPIC_{name.upper()}" for name in DEFAULT_TOPICS}
+    prefixes = {"FLASHSALE_TOPIC", "FLASHSALE_TEST"}  # FLASHSALE_TOPIC_{name}, the tests' own
+    assert read | topics == set(VARIABLES) | prefixes, read ^ set(VARIABLES)

@@ -18,17 +18,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 from collections.abc import Sequence
 from typing import Any
 
 from flashsale import __version__, event_loop
 from flashsale.cli import bench, buyers, dev, load, sale, serve
-from flashsale.cli.output import after_reader_gone, fail, reader_gone
+from flashsale.cli.output import after_reader_gone, fail, reader_gone, warn
+from flashsale.env_values import unknown_settings
 from flashsale.errors import FlashsaleError, InvalidInput
 from flashsale.logs import configure_logging, one_shot
 from flashsale.outages import describe, is_outage, schema_error, server_of
-from flashsale.parent import follow_parent
+from flashsale.parent import PARENT_PID, follow_parent
 from flashsale.settings import Settings
 
 
@@ -59,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not os.environ.get(PARENT_PID):  # said once, by `flashsale up`, not by every service
+        for line in unknown_settings(os.environ):
+            warn(line)
     try:
         settings = Settings.from_env()  # a bad setting is one line naming it, like bad input
         configure_logging(settings)

@@ -18,6 +18,11 @@ def dump_json(data: Any) -> None:
     sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
+def warn(message: str) -> None:
+    """One ``flashsale: warning:`` line on stderr: said, and the command goes on."""
+    print(f"flashsale: warning: {message}", file=sys.stderr)
+
+
 def fail(message: str) -> None:
     """One ``flashsale: error:`` line on stderr (the caller chooses the exit code)."""
     print(f"flashsale: error: {message}", file=sys.stderr)
