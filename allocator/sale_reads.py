@@ -32,6 +32,19 @@ SKUS_PER_PART = 5_000
 
 SALE = "SELECT * FROM sales WHERE id = $1"
 SALE_LOCKED = "SELECT * FROM sales WHERE id = $1 FOR UPDATE"
+# The sale's confirmed units by when they were confirmed (an order's last change), summed in
+# at most $2 steps of equal length between the first confirmation and the last: each step's
+# last confirmation time and its units.
+SOLD_OVER_TIME = """
+WITH confirmed AS (
+    SELECT extract(epoch FROM updated_at)::float8 AS at, quantity FROM orders
+    WHERE sale_id = $1 AND state = 'CONFIRMED'
+), span AS (
+    SELECT min(at) AS first, greatest((max(at) - min(at)) / $2, 1e-3) AS step FROM confirmed
+)
+SELECT max(c.at) AS at, sum(c.quantity)::bigint AS units
+FROM confirmed c, span s GROUP BY floor((c.at - s.first) / s.step) ORDER BY 1
+"""
 SALE_STATUSES = ("active", "paused", "ended")
 ORDER_STATES = ("PENDING", "PAYING", "CONFIRMED", "PAYMENT_FAILED", "EXPIRED", "CANCELLED")
 # An order as the admin API lists and exports it: never the payment method token.
@@ -117,6 +130,18 @@ class SaleReads:
             sale = await self.sale_row(conn, sale_id)
             skus = await fetch_skus(conn, sale_id)
         return sale_json(sale, skus)
+
+    async def sold_over_time(self, sale_id: str, points: int) -> list[tuple[float, int]]:
+        """(unix seconds, units confirmed by then), from the sale's start (0 units) to its last
+        confirmed order, in at most ``points`` + 1 points. Raises NotFound."""
+        async with self.pool.acquire() as conn:
+            sale = await self.sale_row(conn, sale_id)
+            rows = await conn.fetch(SOLD_OVER_TIME, sale_id, points)
+        curve, units = [(sale["starts_at"].timestamp(), 0)], 0
+        for row in rows:
+            units += row["units"]
+            curve.append((row["at"], units))
+        return curve
 
     async def list_sales(self, *, status: str | None = None, limit: int | str = MAX_PAGE,
                          offset: int | str = 0) -> list[dict[str, Any]]:  # fmt: skip

@@ -37,6 +37,7 @@ CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 
 OPEN_PATHS = frozenset({"/admin/", *(f"/admin/static/{name}" for name in FILES)})
 LATENCY = "flashsale_gateway_request_duration_seconds"
 LIVE_SKUS = 100  # SKU rows the live page gets: the busiest, beside the totals of them all
+CURVE_POINTS = 600  # points of a chart's history: a step a second over ten minutes
 
 
 def route_figures(text: str) -> dict[str, dict[str, float]]:
@@ -171,7 +172,24 @@ async def live(request: web.Request) -> web.Response:
     return json_response(body)
 
 
+async def history(request: web.Request) -> web.Response:
+    """Where the live page's charts start: the units confirmed since the sale's start (its
+    orders, in Postgres) and the buyers admitted (the pump's admission steps, in Redis), each
+    in at most ``CURVE_POINTS`` points, as ``[unix seconds, value]`` pairs."""
+    app, sale_id = request.app, request.match_info["sale"]
+    sold = await app[SALES].sold_over_time(sale_id, CURVE_POINTS)  # 404 for an unknown sale
+    steps = (await app[COUNTERS].get(sale_id)).steps
+    every = max(1, math.ceil(len(steps) / CURVE_POINTS))
+    kept = steps[every - 1 :: every] + ([steps[-1]] if len(steps) % every else [])
+    start = sold[0]  # (the sale's start, 0)
+    admitted = [start] + [
+        (step.at_ms / 1000, step.to) for step in kept if step.at_ms >= start[0] * 1000
+    ]
+    return json_response({"sold": sold, "admitted": admitted})
+
+
 def setup(app: web.Application) -> None:
     app.router.add_get("/admin/", page)
     app.router.add_get("/admin/static/{name}", static)
     app.router.add_get("/admin/v1/sales/{sale}/live", live)
+    app.router.add_get("/admin/v1/sales/{sale}/history", history)

@@ -17,6 +17,15 @@ from gateway.openapi_schemas import (
     obj,
 )
 
+CURVE = {
+    "type": "array",
+    "items": {
+        "type": "array",
+        "items": {"type": "number"},
+        "minItems": 2,
+        "maxItems": 2,
+    },
+}
 CREATE_KEY = {
     **IDEMPOTENCY_KEY,
     "required": False,
@@ -296,6 +305,24 @@ def admin_paths() -> dict[str, Any]:
                                 "repairs",
                             ],
                         ),
+                    ),
+                    **errors(401, 404, 422),
+                },
+                security="admin",
+                params=SALE_PATH,
+            )
+        },
+        "/admin/v1/sales/{sale}/history": {
+            "get": op(
+                "saleHistory",
+                "admin",
+                "Where the live page's charts start: units confirmed and buyers admitted since "
+                "the sale's start, as [unix seconds, value] pairs (at most 601 each)",
+                {
+                    **ok(
+                        200,
+                        "The curves",
+                        obj({name: CURVE for name in ("sold", "admitted")}, ["sold", "admitted"]),
                     ),
                     **errors(401, 404, 422),
                 },

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import requests
@@ -141,6 +142,23 @@ def test_the_live_page_follows_a_spike_and_agrees_with_sale_status(
                 f"sold {row['sold']:,}, confirmed {row['confirmed']:,}" in note
             ), note
             assert row["sold"] > 0 and row["orders"].get("PAYMENT_FAILED", 0) > 0
+            # Opened again (a reload, or an operator arriving now), the charts start at the
+            # sale's start with the units confirmed and the buyers admitted so far: they drew
+            # only what happened while the page was open.
+            curves = requests.get(f"{base}/admin/v1/sales/{sale}/history", headers=admin,
+                                  timeout=10).json()  # fmt: skip
+            opened = datetime.fromisoformat(status["sale"]["starts_at"]).timestamp()
+            assert curves["sold"][0] == [opened, 0], curves["sold"][:2]
+            assert curves["sold"][-1][1] == row["confirmed"], curves["sold"][-3:]
+            times = [t for t, _ in curves["sold"] + curves["admitted"]]
+            assert all(opened <= t < time.time() + 1 for t in times), times
+            page.reload()
+            page.wait_for_selector("#chart-note:has-text('from the sale')")
+            sold, admitted = page.evaluate("[charts.sold.data, charts.queue.data]")
+            assert (sold[0][0], sold[1][0]) == (opened, 0), sold
+            assert sold[1][len(curves["sold"]) - 1] == row["confirmed"], sold
+            assert admitted[0][0] == opened and admitted[1][0] == 0, admitted
+            assert max(admitted[1]) > 0 and admitted[2][0] is None, admitted  # no waiting known
             # What it took, as `sale status` adds it up (Intl's format: "€12,900.00").
             assert status["revenue"] == {"EUR": 12900 * row["confirmed"]}, status["revenue"]
             assert f"revenue €{129 * row['confirmed']:,}.00" in note, note
