@@ -154,6 +154,10 @@ async def run(settings: Settings, *, scenario: Scenario, progress: Progress,
                 f"{starts_at:%H:%M:%S}; {early:,} of {scenario.buyers:,} buyers join "
                 f"before the opening, the rest over its first {scenario.arrival_s:g}s"
             )
+            progress(
+                f"   watch it on the operators' page: {base}/admin/#sale={report.sale} "
+                "(the admin token: FLASHSALE_ADMIN_TOKEN in `flashsale dev env`)"
+            )
             people = scenario.people(tokens, opened, lead_s)
             code = await _drive(settings, session, base, people, scenario, opened=opened,
                                 report=report, progress=progress)  # fmt: skip

@@ -41,6 +41,9 @@ def test_demo_runs_a_spike_to_orders_and_a_passing_audit(stack: Settings, tmp_pa
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
     assert "400 of 2,000 buyers join before the opening, the rest over its first 5s" in out
+    # Where to watch it: the operators' page of the sale, on the engine the demo started.
+    assert re.search(r"watch it on the operators' page: http://127\.0\.0\.1:\d+/admin/#sale="
+                     r"sale-[0-9a-f]+ ", out), out  # fmt: skip
     # Live progress each second: queue depth, admitted, held, sold, answers.
     assert re.search(r"queue +[\d,]+  admitted +[\d,]+  held +\d+  sold +\d+  answers", out)
     # Once every buyer has an answer, nobody is still in the queue (those placed beyond the
