@@ -9,7 +9,7 @@ The reads are :mod:`allocator.sale_reads`; the settings and state :mod:`allocato
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -109,8 +109,11 @@ class SaleAdmin(SaleReads):
 
     # -- preload -------------------------------------------------------------------------
 
-    async def preload(self, sale_id: str, *, force: bool = False) -> list[PreloadResult]:
-        """Copy configuration and stock into Redis, atomically per SKU.
+    async def preload(self, sale_id: str, *, force: bool = False,
+                      progress: Callable[[int, int], None] | None = None,
+                      ) -> list[PreloadResult]:  # fmt: skip
+        """Copy configuration and stock into Redis, atomically per SKU; ``progress`` is told
+        (SKUs done, SKUs in all) after each part of them.
 
         Unchanged SKUs are left alone. A SKU with held or sold units is refused unless
         ``force``; even then held and sold units are kept. Raises Conflict when any SKU
@@ -143,6 +146,8 @@ class SaleAdmin(SaleReads):
                 batch = iter(await self.scripts.preload_many(whole, force=force))
                 results += [next(batch) if sku["buckets"] == 1 else await self._sync_sku(
                             sale, sku, force=force) for sku in part]  # fmt: skip
+                if progress is not None:
+                    progress(len(results), len(skus))
             await self.scripts.put_sale(
                 SaleKeys(sale_id), sale_hash(sale, skus), open_queue=sale["preloaded_at"] is None
             )

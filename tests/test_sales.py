@@ -22,7 +22,7 @@ from allocator import sale_reads
 from allocator.sale_admin import SaleAdmin
 from allocator.sale_reads import SKUS_PER_PART
 from allocator.sale_scripts import PreloadResult, StockCounts
-from flashsale.cli import build_parser
+from flashsale.cli import build_parser, output
 from flashsale.cli.sale_views import print_preload
 from flashsale.clients import pg_pool, redis_client
 from flashsale.errors import InvalidInput
@@ -1126,3 +1126,23 @@ def test_the_readme_lists_every_sale_command_and_admin_route(stack: Settings) ->
 
     unlisted = sorted(route for route in routes if not listed(*route))
     assert not unlisted, unlisted
+
+
+def test_a_long_preload_says_how_far_it_has_got(
+    stack: Settings, cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A preload of 200,000 SKUs ran 10 s without a word until its summary: it says on stderr,
+    every 2 s (here: every part), how many SKUs are in Redis so far."""
+    made = cli("sale", "create", "--name", "Big", "--sku", "K", "--stock", "5", "--price", "100",
+               "--currency", "EUR", "--starts-in", "1h")  # fmt: skip
+    sale_id = made.out.strip()
+    rows = "".join(f"K{i},Item {i},5,100,EUR\n" for i in range(11_999))
+    path = write(tmp_path, "sku,title,stock,price,currency\n" + rows, "many.csv")
+    assert cli("sale", "import", path, "--sale", sale_id).code == 0
+    monkeypatch.setattr(output, "PROGRESS_EVERY_S", 0.0)
+    preloaded = cli("sale", "preload", sale_id)
+    assert preloaded.code == 0, preloaded.err
+    assert preloaded.err.splitlines() == [
+        f"preloading {sale_id}: {done:,} of 12,000 SKUs" for done in (5_000, 10_000, 12_000)
+    ], preloaded.err
+    assert preloaded.out.startswith(f"preloaded the 12,000 SKUs of {sale_id}"), preloaded.out

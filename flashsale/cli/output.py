@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import select
 import sys
+import time
 from typing import Any
 
 import orjson
@@ -16,6 +17,39 @@ def out(line: str = "") -> None:
 
 def dump_json(data: Any) -> None:
     sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+PROGRESS_EVERY_S = 2.0  # a long operation says how far it has got this often
+
+
+class Progress:
+    """How far a long operation has got, on stderr, for whoever waits for it: a line at most
+    every ``PROGRESS_EVERY_S``, once it has run that long (rewritten in place on a terminal,
+    and cleared at the end); a short one says nothing."""
+
+    def __init__(self, what: str, unit: str) -> None:
+        self.what, self.unit = what, unit
+        self.said = time.monotonic()
+        self.in_place = sys.stderr.isatty()
+        self.shown = False
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.said < PROGRESS_EVERY_S:
+            return
+        self.said = now
+        line = f"{self.what}: {done:,} of {total:,} {self.unit}"
+        if self.in_place:
+            sys.stderr.write(f"\r{line}\x1b[K")
+            sys.stderr.flush()
+            self.shown = True
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
 
 
 def warn(message: str) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 from allocator.sale_admin import SaleAdmin
 from allocator.sale_reads import MAX_PAGE
 from flashsale.cli.checks import duration, positive
-from flashsale.cli.output import dump_json, out
+from flashsale.cli.output import Progress, dump_json, out
 from flashsale.cli.sale_views import print_preload, print_status
 from flashsale.clients import pg_pool, redis_client
 from flashsale.currencies import major
@@ -127,7 +127,7 @@ async def cmd_sale(args: argparse.Namespace, settings: Settings) -> int:
     if command == "import":
         batch = parse_csv(read_input(args.file))
         async with admin(settings) as sales:
-            await sales.import_skus(args.sale, batch)
+            await sales.import_skus(args.sale, batch, with_skus=False)  # said in one line
         imported = counted(len(batch.skus), "SKU")
         out(f"imported {imported} into {args.sale}; run `flashsale sale preload {args.sale}`")
         return 0
@@ -147,7 +147,12 @@ async def cmd_sale(args: argparse.Namespace, settings: Settings) -> int:
             sale = await sales.get(args.sale)
             dump_json(as_sale_file(sale) if args.template else sale)
         elif command == "preload":
-            print_preload(args.sale, await sales.preload(args.sale, force=args.force))
+            progress = Progress(f"preloading {args.sale}", "SKUs")
+            try:
+                results = await sales.preload(args.sale, force=args.force, progress=progress)
+            finally:
+                progress.close()
+            print_preload(args.sale, results)
         elif command == "status" and args.watch:
             await _watch(sales, args)
         elif command == "status":
