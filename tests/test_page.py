@@ -249,6 +249,13 @@ def test_a_sale_starting_another_day_says_when_in_the_buyers_time(
             page.wait_for_selector("#state[data-state='scheduled']", timeout=15_000)
             detail = page.text_content("#detail") or ""
             assert f"{berlin:%H:%M}" in detail and str(berlin.day) in detail, (detail, berlin)
+            # Without a pass (a link passed on, a bookmark): sent to the shop, and told when
+            # it opens; it was told nothing of when.
+            visitor = browser.new_page(timezone_id="Europe/Berlin", locale="en-GB")
+            visitor.goto(f"{gw.base_url}/sales/{sale}")
+            visitor.wait_for_selector("#state[data-state='no_pass']", timeout=15_000)
+            detail = visitor.text_content("#detail") or ""
+            assert f"{berlin:%H:%M}" in detail and str(berlin.day) in detail, (detail, berlin)
         finally:
             browser.close()
 
