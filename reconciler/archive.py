@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -90,7 +90,8 @@ class Archived:
 
 
 async def archive_sale(pool: asyncpg.Pool, client: RedisClient, provider: PaymentProvider | None,
-                       settings: Settings, sale_id: str) -> Archived:  # fmt: skip
+                       settings: Settings, sale_id: str, *,
+                       stage: Callable[[str], None] = lambda doing: None) -> Archived:  # fmt: skip
     """Archive ``sale_id`` (see the module). Raises NotFound for an unknown sale, and Conflict,
     having deleted nothing, when it has not ended, there is no ``provider`` to audit it with,
     or its audit fails. An archived sale is answered without an audit."""
@@ -113,8 +114,9 @@ async def archive_sale(pool: asyncpg.Pool, client: RedisClient, provider: Paymen
                 "`flashsale up`, or point it at the provider)",
                 code="no_payment_provider",
             )  # fmt: skip
+        stage("checking that nothing is held or on its way")
         _refused(sale_id, buckets, await scripts.archive_many(buckets, check=True))
-        report = await audit_sale(pool, client, provider, settings, sale_id)
+        report = await audit_sale(pool, client, provider, settings, sale_id, stage=stage)
         if not report.passed:
             failed = [i.name.split(".")[0] for i in report.invariants if not i.passed]
             raise Conflict(
@@ -123,6 +125,7 @@ async def archive_sale(pool: asyncpg.Pool, client: RedisClient, provider: Paymen
                 code="audit_failed",
             )  # fmt: skip
         await pool.execute(_MARK, sale_id, orjson.dumps(report.json()).decode())
+    stage("deleting the per-buyer Redis state")
     room = SaleKeys(sale_id)
     deleted = [*archived_keys(room), *(name for k in buckets for name in archived_keys(k))]
     sizes = await read_packed(client, [("MEMORY", "USAGE", name) for name in deleted])

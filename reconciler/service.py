@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import asyncpg
 from aiohttp import web
@@ -66,14 +66,16 @@ async def reconcile_once(settings: Settings, sales: Sequence[str] | None,
         )
 
 
-async def audit(settings: Settings, sale_id: str) -> AuditReport:
+async def audit(settings: Settings, sale_id: str,
+                stage: Callable[[str], None] = lambda doing: None) -> AuditReport:  # fmt: skip
     async with open_clients(settings, pool_size=POOL_SIZE) as c:
-        return await audit_sale(c.pool, c.redis, c.provider, settings, sale_id)
+        return await audit_sale(c.pool, c.redis, c.provider, settings, sale_id, stage=stage)
 
 
-async def archive(settings: Settings, sale_id: str) -> Archived:
+async def archive(settings: Settings, sale_id: str,
+                  stage: Callable[[str], None] = lambda doing: None) -> Archived:  # fmt: skip
     async with open_clients(settings, pool_size=POOL_SIZE) as c:
-        return await archive_sale(c.pool, c.redis, c.provider, settings, sale_id)
+        return await archive_sale(c.pool, c.redis, c.provider, settings, sale_id, stage=stage)
 
 
 # With more SKUs to read than this many a second at --interval, passes are spread out

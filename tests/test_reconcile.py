@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import re
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,6 +23,7 @@ from allocator.queue_scripts import QueueScripts
 from allocator.repair_scripts import RepairScripts
 from allocator.sale_admin import SaleAdmin
 from allocator.sweeper import sweep_once
+from flashsale.cli import output
 from flashsale.errors import Conflict
 from flashsale.events import decode_event
 from flashsale.keys import SaleKeys, SkuKeys
@@ -362,8 +364,13 @@ async def test_audit_and_reconcile_over_the_admin_api_and_the_cli(
         # The sale still runs: what passed holds as of now, and the first line says so.
         assert "the sale is live" in after.out.splitlines()[0], after.out
         assert (await cli("sale", "end", sale)).code == 0
+        monkeypatch.setattr(output, "PROGRESS_EVERY_S", 0.001)  # a 13 s audit said nothing
         final = await cli("audit", sale, "--json")
         assert json.loads(final.out)["facts"]["sale_state"] == "ended", final.out
+        said = final.err.splitlines()
+        assert said and all(re.fullmatch(rf"auditing {sale}: [A-Za-z' ]+ \(\d+ s\)", line)
+                            for line in said), final.err  # fmt: skip
+        monkeypatch.setattr(output, "PROGRESS_EVERY_S", 2.0)
         assert "the sale is" not in (await cli("audit", sale)).out.splitlines()[0]
         again = await cli("reconcile", "--once", "--sale", sale)
         assert again.code == 0 and ": 0 repairs, 0 flags, 0 unresolved" in again.out

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import select
 import sys
 import time
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import orjson
 
@@ -20,36 +22,70 @@ def dump_json(data: Any) -> None:
 
 
 PROGRESS_EVERY_S = 2.0  # a long operation says how far it has got this often
+T = TypeVar("T")
 
 
-class Progress:
-    """How far a long operation has got, on stderr, for whoever waits for it: a line at most
-    every ``PROGRESS_EVERY_S``, once it has run that long (rewritten in place on a terminal,
-    and cleared at the end); a short one says nothing."""
+class StatusLine:
+    """A line on stderr for whoever waits for a long operation: rewritten in place on a
+    terminal (and cleared at the end), one line each time otherwise."""
 
-    def __init__(self, what: str, unit: str) -> None:
-        self.what, self.unit = what, unit
-        self.said = time.monotonic()
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.began = time.monotonic()
         self.in_place = sys.stderr.isatty()
         self.shown = False
 
-    def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if now - self.said < PROGRESS_EVERY_S:
-            return
-        self.said = now
-        line = f"{self.what}: {done:,} of {total:,} {self.unit}"
+    def say(self, line: str) -> None:
         if self.in_place:
-            sys.stderr.write(f"\r{line}\x1b[K")
+            sys.stderr.write(f"\r{self.what}: {line}\x1b[K")
             sys.stderr.flush()
             self.shown = True
         else:
-            print(line, file=sys.stderr, flush=True)
+            print(f"{self.what}: {line}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.shown:
             sys.stderr.write("\r\x1b[K")
             sys.stderr.flush()
+
+
+class Progress(StatusLine):
+    """How far a long operation has got (it calls this with what is done and the whole), at
+    most every ``PROGRESS_EVERY_S``, once it has run that long: a short one says nothing."""
+
+    def __init__(self, what: str, unit: str) -> None:
+        super().__init__(what)
+        self.unit = unit
+        self.said = self.began
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.said >= PROGRESS_EVERY_S:
+            self.said = now
+            self.say(f"{done:,} of {total:,} {self.unit}")
+
+
+class Stages(StatusLine):
+    """What a long operation is doing, for work that cannot count its way through (it names
+    its stages by calling this), every ``PROGRESS_EVERY_S`` while it runs."""
+
+    doing = "starting"
+
+    def __call__(self, doing: str) -> None:
+        self.doing = doing
+
+    async def over(self, work: Awaitable[T]) -> T:
+        async def tick() -> None:
+            while True:
+                await asyncio.sleep(PROGRESS_EVERY_S)
+                self.say(f"{self.doing} ({time.monotonic() - self.began:.0f} s)")
+
+        ticker = asyncio.ensure_future(tick())
+        try:
+            return await work
+        finally:
+            ticker.cancel()
+            self.close()
 
 
 def warn(message: str) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 from allocator.sale_admin import SaleAdmin
 from allocator.sale_reads import MAX_PAGE
 from flashsale.cli.checks import duration, positive
-from flashsale.cli.output import Progress, dump_json, out
+from flashsale.cli.output import Progress, Stages, dump_json, out
 from flashsale.cli.sale_views import print_preload, print_status
 from flashsale.clients import pg_pool, redis_client
 from flashsale.currencies import major
@@ -206,7 +206,8 @@ async def _archive(args: argparse.Namespace, settings: Settings) -> int:
     from reconciler import service as reconciler_service  # noqa: PLC0415 - a light CLI start
 
     settings.require_kafka()
-    archived = await reconciler_service.archive(settings, args.sale)
+    stages = Stages(f"archiving {args.sale}")
+    archived = await stages.over(reconciler_service.archive(settings, args.sale, stages))
     dump_json(archived.json()) if args.json else out(archived.text())
     return 0
 

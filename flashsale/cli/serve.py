@@ -21,7 +21,7 @@ from flashsale.cli.checks import (
     service_settings,
     within,
 )
-from flashsale.cli.output import dump_json, out
+from flashsale.cli.output import Stages, dump_json, out
 from flashsale.cli.supervisor import HUNG_AFTER_S
 from flashsale.errors import ConfigError, InvalidInput
 from flashsale.settings import Settings
@@ -99,7 +99,8 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     settings.require_redis()
     settings.require_database()
     settings.require_kafka()
-    report = event_loop.run(reconciler_service.audit(settings, args.sale))
+    stages = Stages(f"auditing {args.sale}")
+    report = event_loop.run(stages.over(reconciler_service.audit(settings, args.sale, stages)))
     if args.json:
         dump_json(report.json())
     else:
