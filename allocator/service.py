@@ -292,7 +292,8 @@ class AllocatorService:
         # their leases, every ``idle_tick_s`` (under the lease's TTL).
         quiet = (step is not None and step.sold_out) or not pump.busy
         pump.next_tick = time.monotonic() + (self.idle_tick_s if quiet else 0.0)
-        if step is None:
+        if step is None:  # not the leader, or the sale ended: the leader says who waits, if any
+            m.waiting.labels(sale).set(0)
             return
         if step.admitted:
             m.admitted.labels(sale).inc(step.admitted)

@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from allocator import discovery
 from allocator.discovery import HOLDING_SALES, SkuSets
 from allocator.hold_scripts import HoldScripts
+from allocator.pump import Plan
 from allocator.queue_scripts import QueueScripts
 from allocator.relay import OutboxRelay, run_relay
 from allocator.sale_admin import SaleAdmin
@@ -99,6 +100,30 @@ async def test_a_pump_tick_that_fails_is_counted_not_raised(exc: Exception) -> N
     [sample] = [s for m in service.metrics.errors.collect() for s in m.samples
                 if s.name.endswith("_total")]  # fmt: skip
     assert sample.value == 1
+
+
+async def test_only_the_leading_pump_counts_buyers_waiting() -> None:
+    """Every allocator process exports its pumps' gauges and the dashboard takes the highest:
+    a process that led a sale, then lost the lease (or saw the sale end), kept showing the
+    buyers waiting when it last stepped, however many were left."""
+    service = AllocatorService(Settings.from_env({}))
+
+    class Pump:
+        sale_id, token, busy, tail, outstanding, noshow, count = "S", 1, True, 50, 0, 0.0, None
+        step: Plan | None = Plan(serving=10, cutoff=30, sold_out=False, admitted=5)
+
+        async def tick(self) -> Plan | None:
+            return self.step
+
+    def waiting() -> float:
+        return service.metrics.waiting.labels("S")._value.get()  # type: ignore[no-any-return]
+
+    pump = Pump()
+    await service._tick(pump)  # type: ignore[arg-type]
+    assert waiting() == 20  # placed up to the cutoff, past the last admitted
+    pump.step, pump.token = None, 0  # another process took the lease
+    await service._tick(pump)  # type: ignore[arg-type]
+    assert waiting() == 0
 
 
 @pytest.mark.parametrize("exc", FAILURES, ids=lambda e: type(e).__name__)

@@ -356,3 +356,25 @@ def test_the_live_page_sets_the_admission_rate_after_asking(stack: Settings, chr
         page.wait_for_timeout(2_500)  # two refreshes of the page: the refusal stays said
         assert "has ended" in (page.text_content("#act-error") or "")
         assert rate() == 250
+
+
+def test_the_live_page_counts_the_buyers_registered_for_the_draw(
+    stack: Settings, chromium: str
+) -> None:
+    """Before the opening, buyers join the pre-queue, whose places are drawn at the start: the
+    page said "0 waiting, 0 joined" while they registered, the minutes an operator watches
+    most closely."""
+    with live_page(stack, chromium, "Drop to come", starts_in=600) as live:
+        page, base = live.page, live.gw.base_url
+        signer = Signer.from_setting(stack.buyer_token_secret.reveal(), "buyer")
+        for n in range(3):
+            joined = requests.post(f"{base}/v1/sales/{live.sale}/queue", timeout=10, headers={
+                "Authorization": f"Bearer {signer.sign({'sub': f'early-{n}'}, 600)}"})  # fmt: skip
+            assert joined.status_code == 200 and joined.json()["position"] is None, joined.text
+        page.goto(f"{base}/admin/")
+        page.fill("#token", ADMIN)
+        page.click("button[type=submit]")
+        page.click(f"text={live.sale}")
+        page.wait_for_selector("#queue .kpi:has-text('registered for the draw')", timeout=10_000)
+        kpi = page.inner_text("#queue .kpi:has-text('registered for the draw') b")
+        assert kpi == "3", kpi
