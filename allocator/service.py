@@ -294,6 +294,7 @@ class AllocatorService:
         pump.next_tick = time.monotonic() + (self.idle_tick_s if quiet else 0.0)
         if step is None:  # not the leader, or the sale ended: the leader says who waits, if any
             m.waiting.labels(sale).set(0)
+            m.pre_queue.labels(sale).set(0)
             return
         if step.admitted:
             m.admitted.labels(sale).inc(step.admitted)
@@ -302,6 +303,8 @@ class AllocatorService:
         m.cutoff.labels(sale).set(step.cutoff if step.cutoff is not None else -1)
         m.waiting.labels(sale).set(still_waiting(pump.tail, step.serving, step.cutoff,
                                                  step.sold_out))  # fmt: skip
+        if pump.view is not None:
+            m.pre_queue.labels(sale).set(pump.view.pre)
         m.outstanding.labels(sale).set(pump.outstanding)
         m.noshow.labels(sale).set(pump.noshow)
         if pump.count is not self.noted.get(sale):  # a sale slow to count is counted less often

@@ -34,6 +34,10 @@ class ServiceMetrics:
                           registry=registry)  # fmt: skip
         self.cutoff = Gauge("flashsale_queue_cutoff", "Last position that may be admitted",
                             ["sale"], registry=registry)  # fmt: skip
+        self.pre_queue = Gauge(
+            "flashsale_queue_pre", "Buyers who joined before the opening, for the draw",
+            ["sale"], registry=registry,
+        )  # fmt: skip
         self.waiting = Gauge(
             "flashsale_queue_waiting", "Buyers in line who may still be admitted: those up to "
             "the cutoff, none once the sale is sold out", ["sale"], registry=registry,
@@ -61,7 +65,7 @@ class ServiceMetrics:
                            "last read them", ["sale", "sku", "state"],
                            registry=registry)  # fmt: skip
         self.per_sale = (self.admitted, self.leader, self.serving, self.tail, self.cutoff,
-                         self.waiting, self.outstanding, self.noshow, self.sold_out,
+                         self.pre_queue, self.waiting, self.outstanding, self.noshow, self.sold_out,
                          self.errors)  # fmt: skip
         self._skus: dict[str, set[str]] = {}  # SKUs with stock series, by sale
         self._backlog_shown: dict[str, set[tuple[str, str, str]]] = {}  # by sale

@@ -9,6 +9,7 @@ import asyncio
 import os
 from collections.abc import Callable
 from datetime import timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import asyncpg
@@ -111,19 +112,21 @@ async def test_only_the_leading_pump_counts_buyers_waiting() -> None:
     class Pump:
         sale_id, token, busy, tail, outstanding, noshow, count = "S", 1, True, 50, 0, 0.0, None
         step: Plan | None = Plan(serving=10, cutoff=30, sold_out=False, admitted=5)
+        view = SimpleNamespace(pre=7)  # buyers who joined before the opening
 
         async def tick(self) -> Plan | None:
             return self.step
 
-    def waiting() -> float:
-        return service.metrics.waiting.labels("S")._value.get()  # type: ignore[no-any-return]
+    def waiting() -> tuple[float, float]:
+        m = service.metrics
+        return m.waiting.labels("S")._value.get(), m.pre_queue.labels("S")._value.get()
 
     pump = Pump()
     await service._tick(pump)  # type: ignore[arg-type]
-    assert waiting() == 20  # placed up to the cutoff, past the last admitted
+    assert waiting() == (20, 7)  # placed up to the cutoff, past the last admitted; the draw's
     pump.step, pump.token = None, 0  # another process took the lease
     await service._tick(pump)  # type: ignore[arg-type]
-    assert waiting() == 0
+    assert waiting() == (0, 0)
 
 
 @pytest.mark.parametrize("exc", FAILURES, ids=lambda e: type(e).__name__)
