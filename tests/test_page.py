@@ -727,6 +727,10 @@ def test_the_page_follows_a_reservation_to_its_outcome(
                 assert reserved == [(f"{listener}/v1/sales/{sale}/reservations", 201)], reserved
                 page.screenshot(path=str(SCREENSHOTS / f"waiting-room-{outcome}.png"))
                 assert not page.is_visible("#cancel")
+                if outcome == "confirmed":  # what was bought, what it cost, what to quote
+                    said = page.inner_text("#result")
+                    rid = page.get_attribute("#result", "data-reservation")
+                    assert "1 × Sneaker" in said and "€129.00" in said and f"{rid}" in said, said
             browser.close()
 
 
