@@ -256,12 +256,19 @@ class SaleAdmin(SaleReads):
         return await self.status(sale_id, sku)  # the SKU's: the sale may have 200,000
 
     async def _unless_sold_out(self, sale_id: str, what: str) -> None:
-        """A Conflict when the sale's waiting room has told its buyers it is sold out: it stays
-        so (a cutoff and a verdict only move one way), and ``what`` could never be sold."""
-        if await self.scripts.sold_out(SaleKeys(sale_id)):
+        """A Conflict when the sale's waiting room has told its buyers it is sold out, or
+        tells every new one so (its queue reached the cutoff): it stays so (a cutoff and a
+        verdict only move one way), and ``what`` could never be sold to them."""
+        sold_out, cutoff = await self.scripts.closed(SaleKeys(sale_id))
+        if sold_out:
             raise Conflict(f"sale {sale_id} is sold out: its waiting room has told every buyer "
                            f"so, and {what} now could never be sold; put them in a new sale",
                            code="sale_sold_out")  # fmt: skip
+        if cutoff is not None:
+            raise Conflict(f"sale {sale_id} admits nobody after place {cutoff} of its queue, "
+                           "which is full up to it: every new buyer is told it is sold out, so "
+                           f"{what} now could never be sold to them; put them in a new sale",
+                           code="sale_cutoff_reached")  # fmt: skip
 
     async def _sync_total(self, sale: asyncpg.Record, row: asyncpg.Record) -> None:
         """Redis's total of the SKU set from ``row`` (absolute, idempotent, held and sold

@@ -125,10 +125,14 @@ class SaleScripts:
         replies = await send_packed(self.client, commands, script=self._preload)
         return [_preload_result(sku.keys, raw) for sku, raw in zip(skus, replies, strict=True)]
 
-    async def sold_out(self, keys: SaleKeys) -> bool:
+    async def closed(self, keys: SaleKeys) -> tuple[bool, int | None]:
         """Whether the sale's waiting room has found it sold out (nothing left, nothing held)
-        and told its buyers so; that never turns off (``lua/advance.lua``)."""
-        return await self.client.hget(keys.queue, "sold_out") == b"1"
+        and told its buyers so, and its cutoff when the queue has reached it (every new buyer
+        is told it is sold out: ``lua/join.lua``). Neither ever turns back: the cutoff only
+        moves back, sold out only turns on (``lua/advance.lua``)."""
+        sold_out, tail, cutoff = await self.client.hmget(keys.queue, "sold_out", "tail", "cutoff")
+        last = integer(cutoff, -1)
+        return sold_out == b"1", last if 0 <= last <= integer(tail) else None
 
     async def set_status(self, keys: SaleKeys, status: str) -> bool:
         """A sale's status on its sale hash, keeping its pauses (``lua/set_status.lua``);

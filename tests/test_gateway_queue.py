@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -500,6 +501,35 @@ async def test_stock_is_not_added_to_a_sale_its_waiting_room_called_sold_out(gw:
     info = await (await gw.http.get(f"/v1/sales/{sale}")).json()
     assert [s["sku"] for s in info["skus"]] == ["SKU-1"], info
     assert info["skus"][0]["remaining"] == 0 and info["skus"][0]["sold_out"], info
+
+
+async def test_stock_is_not_added_once_the_queue_reached_its_cutoff(gw: Gateway) -> None:
+    """Past the cutoff (the last place the pump will ever admit, which only moves back) every
+    new buyer is told the sale is sold out: 50 units added then were accepted, the sale's
+    page showed 52 remaining, and every join answered "sold out". Refused, saying why; while
+    places before the cutoff are still free, stock is added as before."""
+    sale = await gw.create_sale(stock=2)
+    pump = gw.pump(sale)
+    for _ in range(100):
+        if pump.last is not None and pump.last.cutoff is not None:
+            break
+        await asyncio.sleep(0.02)
+    assert pump.last is not None and pump.last.cutoff is not None
+    cutoff = pump.last.cutoff
+
+    async def add(units: int) -> tuple[int, dict[str, Any]]:
+        added = await gw.http.post(f"/admin/v1/sales/{sale}/stock", headers=auth(ADMIN),
+                                   json={"sku": "SKU-1", "add": units})  # fmt: skip
+        return added.status, await added.json()
+
+    assert (await add(1))[0] == 200  # a place before the cutoff is still free
+    for n in range(cutoff + 1):
+        await gw.join(sale, f"b{n}")  # the last one is told "sold out"
+    code, body = await add(50)
+    assert code == 409 and body["error"]["code"] == "sale_cutoff_reached", body
+    assert f"place {cutoff}" in body["error"]["message"] and "new sale" in body["error"]["message"]
+    total = await gw.app[CLIENTS].redis.hget(SkuKeys(sale, "SKU-1").stock, "total")
+    assert total == b"3", total
 
 
 async def _seen_paused(gw: Gateway, sale: str, ticket: str, paused: bool) -> None:
