@@ -7,6 +7,7 @@ import asyncio
 import csv
 import io
 import json
+import re
 import shlex
 import uuid
 from collections import Counter
@@ -1132,13 +1133,20 @@ def test_a_long_preload_says_how_far_it_has_got(
     stack: Settings, cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A preload of 200,000 SKUs ran 10 s without a word until its summary: it says on stderr,
-    every 2 s (here: every part), how many SKUs are in Redis so far."""
+    every 2 s (here: every part), how many SKUs are in Redis so far. An import says what it
+    is doing."""
     made = cli("sale", "create", "--name", "Big", "--sku", "K", "--stock", "5", "--price", "100",
                "--currency", "EUR", "--starts-in", "1h")  # fmt: skip
     sale_id = made.out.strip()
     rows = "".join(f"K{i},Item {i},5,100,EUR\n" for i in range(11_999))
     path = write(tmp_path, "sku,title,stock,price,currency\n" + rows, "many.csv")
-    assert cli("sale", "import", path, "--sale", sale_id).code == 0
+    monkeypatch.setattr(output, "PROGRESS_EVERY_S", 0.001)  # an import of 200,000: 5 s, silent
+    imported = cli("sale", "import", path, "--sale", sale_id)
+    assert imported.code == 0 and imported.out.startswith("imported 11,999 SKUs"), imported
+    said = imported.err.splitlines()
+    assert said and all(re.fullmatch(rf"importing into {sale_id}: [\w ,./-]+ \(\d+ s\)", line)
+                        for line in said), imported.err  # fmt: skip
+    assert any("checking every row" in line for line in said), imported.err
     monkeypatch.setattr(output, "PROGRESS_EVERY_S", 0.0)
     preloaded = cli("sale", "preload", sale_id)
     assert preloaded.code == 0, preloaded.err

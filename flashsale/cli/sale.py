@@ -29,6 +29,7 @@ from flashsale.records import body_fingerprint, idempotency_key
 from flashsale.salespec import (
     SALE_DEFAULTS,
     SKU_DEFAULTS,
+    SkuImport,
     as_sale_file,
     parse_csv,
     parse_sale,
@@ -125,9 +126,8 @@ async def cmd_sale(args: argparse.Namespace, settings: Settings) -> int:
         dump_json(created) if args.json else out(created["id"])
         return 0
     if command == "import":
-        batch = parse_csv(read_input(args.file))
-        async with admin(settings) as sales:
-            await sales.import_skus(args.sale, batch, with_skus=False)  # said in one line
+        stages = Stages(f"importing into {args.sale}")
+        batch = await stages.over(_import(settings, args, stages))
         imported = counted(len(batch.skus), "SKU")
         out(f"imported {imported} into {args.sale}; run `flashsale sale preload {args.sale}`")
         return 0
@@ -200,6 +200,19 @@ UPDATE_FLAGS = {
     "window": "admission_window_seconds", "capacity": "admission_capacity",
     "challenge": "join_challenge", "challenge_max": "join_challenge_max",
 }  # fmt: skip
+
+
+async def _import(settings: Settings, args: argparse.Namespace, stage: Stages) -> SkuImport:
+    """``sale import``: the file checked whole (in a thread, so that its stage is said), then
+    written."""
+    stage(f"reading {args.file}")
+    text = read_input(args.file)
+    stage("checking every row")
+    batch = await asyncio.to_thread(parse_csv, text)
+    stage(f"writing {counted(len(batch.skus), 'SKU')}")
+    async with admin(settings) as sales:
+        await sales.import_skus(args.sale, batch, with_skus=False)  # said in one line
+    return batch
 
 
 async def _archive(args: argparse.Namespace, settings: Settings) -> int:
