@@ -154,7 +154,8 @@ async def test_joining_a_sold_out_sale_says_so_at_once(gw: Gateway) -> None:
     assert (queue["tail"], queue["serving"], queue["depth"]) == (2, 1, 0), queue
 
 
-async def test_positions_beyond_the_cutoff_are_sold_out_immediately(gw: Gateway) -> None:
+async def _sale_with_a_cutoff(gw: Gateway) -> tuple[str, int]:
+    """A started sale of 2 units with its pump, once the pump has published a cutoff."""
     sale = await gw.create_sale(stock=2)
     pump = gw.pump(sale)
     for _ in range(100):
@@ -162,7 +163,11 @@ async def test_positions_beyond_the_cutoff_are_sold_out_immediately(gw: Gateway)
             break
         await asyncio.sleep(0.02)
     assert pump.last is not None and pump.last.cutoff is not None
-    cutoff = pump.last.cutoff
+    return sale, pump.last.cutoff
+
+
+async def test_positions_beyond_the_cutoff_are_sold_out_immediately(gw: Gateway) -> None:
+    sale, cutoff = await _sale_with_a_cutoff(gw)
     assert cutoff < 50  # 2 units: a handful of positions, never thousands
     answers = [await gw.join(sale, f"b{i}") for i in range(cutoff + 5)]
     queued = [body for _, body in answers if body["state"] != "sold_out"]
@@ -508,14 +513,7 @@ async def test_stock_is_not_added_once_the_queue_reached_its_cutoff(gw: Gateway)
     new buyer is told the sale is sold out: 50 units added then were accepted, the sale's
     page showed 52 remaining, and every join answered "sold out". Refused, saying why; while
     places before the cutoff are still free, stock is added as before."""
-    sale = await gw.create_sale(stock=2)
-    pump = gw.pump(sale)
-    for _ in range(100):
-        if pump.last is not None and pump.last.cutoff is not None:
-            break
-        await asyncio.sleep(0.02)
-    assert pump.last is not None and pump.last.cutoff is not None
-    cutoff = pump.last.cutoff
+    sale, cutoff = await _sale_with_a_cutoff(gw)
 
     async def add(units: int) -> tuple[int, dict[str, Any]]:
         added = await gw.http.post(f"/admin/v1/sales/{sale}/stock", headers=auth(ADMIN),
