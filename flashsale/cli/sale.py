@@ -18,12 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from allocator.sale_admin import SaleAdmin
-from allocator.sale_reads import MAX_PAGE
-from flashsale.cli.checks import duration, positive
+from flashsale.cli.checks import duration
 from flashsale.cli.output import Progress, Stages, dump_json, out
-from flashsale.cli.sale_views import print_preload, print_status
+from flashsale.cli.sale_views import print_orders, print_preload, print_status, watch_status
 from flashsale.clients import pg_pool, redis_client
-from flashsale.currencies import major
 from flashsale.errors import InvalidInput
 from flashsale.records import body_fingerprint, idempotency_key
 from flashsale.salespec import (
@@ -142,7 +140,7 @@ async def cmd_sale(args: argparse.Namespace, settings: Settings) -> int:
             for sale in [] if args.json else listed:
                 out(f"{sale['id']}  {sale['state']:9}  {sale['starts_at']}  {sale['name']}")
         elif command == "orders":
-            await _orders(sales, args)
+            await print_orders(sales, args)
         elif command == "show":
             sale = await sales.get(args.sale)
             dump_json(as_sale_file(sale) if args.template else sale)
@@ -154,7 +152,7 @@ async def cmd_sale(args: argparse.Namespace, settings: Settings) -> int:
                 progress.close()
             print_preload(args.sale, results)
         elif command == "status" and args.watch:
-            await _watch(sales, args)
+            await watch_status(sales, args)
         elif command == "status":
             print_status(await sales.status(args.sale, args.sku), as_json=args.json)
         elif command == "add-stock":
@@ -223,48 +221,6 @@ async def _archive(args: argparse.Namespace, settings: Settings) -> int:
     archived = await stages.over(reconciler_service.archive(settings, args.sale, stages))
     dump_json(archived.json()) if args.json else out(archived.text())
     return 0
-
-
-async def _watch(sales: SaleAdmin, args: argparse.Namespace) -> None:
-    """``sale status --watch``: the status again every interval, in place on a terminal (a
-    new block each time otherwise)."""
-    interval = positive(float, "interval", args.interval)
-    count = positive(int, "count", args.count) if args.count else None
-    shown = 0
-    in_place = sys.stdout.isatty() and not args.json
-    with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
-        while count is None or shown < count:
-            status = await sales.status(args.sale, args.sku)
-            if in_place:
-                sys.stdout.write("\x1b[H\x1b[2J")  # home, clear: the table is redrawn
-            print_status(status, as_json=args.json)
-            out(f"-- {datetime.now(UTC):%H:%M:%S} UTC, every {interval:g}s (Ctrl-C stops)")
-            sys.stdout.flush()
-            shown += 1
-            if count is None or shown < count:
-                await asyncio.sleep(interval)
-
-
-async def _orders(sales: SaleAdmin, args: argparse.Namespace) -> None:
-    if args.csv:
-        stdout = sys.stdout.buffer
-
-        async def sink(chunk: bytes) -> None:
-            stdout.write(chunk)
-
-        await sales.export_orders(args.sale, sink, state=args.state)
-        stdout.flush()
-        return
-    after = None
-    while True:
-        page = await sales.orders(args.sale, state=args.state, after=after)
-        for o in page:
-            paid = f"{major(o['amount'], o['currency'])} {o['currency']}"
-            out(f"{o['id']}  {o['state']:14}  {o['sku']}  x{o['quantity']}  {paid}  "
-                f"{o['created_at']}")  # fmt: skip
-        if len(page) < MAX_PAGE:
-            return
-        after = page[-1]["id"]
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -1,11 +1,20 @@
-"""How the sale commands show a sale: its status table, and what a preload did."""
+"""How the sale commands show a sale: its status table (once, or again every interval), what a
+preload did, and its orders."""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import contextlib
+import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
+from allocator.sale_admin import SaleAdmin
+from allocator.sale_reads import MAX_PAGE
 from allocator.sale_scripts import PreloadResult
+from flashsale.cli.checks import positive
 from flashsale.cli.output import dump_json, out
 from flashsale.currencies import major
 from flashsale.wording import counted
@@ -67,3 +76,46 @@ def print_preload(sale_id: str, results: Sequence[PreloadResult]) -> None:
     out(f"preloaded the {counted(len(results), 'SKU')} of {sale_id}: {loaded:,} loaded, "
         f"{len(results) - loaded:,} unchanged; {counted(total, 'unit')} ({available:,} available, "
         f"{held:,} held, {sold:,} sold){where}")  # fmt: skip
+
+
+async def watch_status(sales: SaleAdmin, args: argparse.Namespace) -> None:
+    """``sale status --watch``: the status again every interval, in place on a terminal (a
+    new block each time otherwise)."""
+    interval = positive(float, "interval", args.interval)
+    count = positive(int, "count", args.count) if args.count else None
+    shown = 0
+    in_place = sys.stdout.isatty() and not args.json
+    with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
+        while count is None or shown < count:
+            status = await sales.status(args.sale, args.sku)
+            if in_place:
+                sys.stdout.write("\x1b[H\x1b[2J")  # home, clear: the table is redrawn
+            print_status(status, as_json=args.json)
+            out(f"-- {datetime.now(UTC):%H:%M:%S} UTC, every {interval:g}s (Ctrl-C stops)")
+            sys.stdout.flush()
+            shown += 1
+            if count is None or shown < count:
+                await asyncio.sleep(interval)
+
+
+async def print_orders(sales: SaleAdmin, args: argparse.Namespace) -> None:
+    """``sale orders``: a line per order, a page at a time, or every order as CSV."""
+    if args.csv:
+        stdout = sys.stdout.buffer
+
+        async def sink(chunk: bytes) -> None:
+            stdout.write(chunk)
+
+        await sales.export_orders(args.sale, sink, state=args.state)
+        stdout.flush()
+        return
+    after = None
+    while True:
+        page = await sales.orders(args.sale, state=args.state, after=after)
+        for o in page:
+            paid = f"{major(o['amount'], o['currency'])} {o['currency']}"
+            out(f"{o['id']}  {o['state']:14}  {o['sku']}  x{o['quantity']}  {paid}  "
+                f"{o['created_at']}")  # fmt: skip
+        if len(page) < MAX_PAGE:
+            return
+        after = page[-1]["id"]
