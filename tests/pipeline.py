@@ -153,9 +153,12 @@ class Pipeline:
         self.workers.append(workers)
         return workers
 
-    def spawn_workers(self) -> subprocess.Popen[bytes]:
-        """A real ``flashsale workers`` process on this harness's topics and group."""
+    def spawn_workers(self, session_timeout_s: float | None = None) -> subprocess.Popen[bytes]:
+        """A real ``flashsale workers`` process on this harness's topics and group;
+        ``session_timeout_s``: how long the broker waits for it once it stops answering."""
         env = {**os.environ, **self.env()}
+        if session_timeout_s is not None:
+            env["FLASHSALE_WORKER_SESSION_TIMEOUT"] = str(session_timeout_s)
         process = subprocess.Popen(
             [sys.executable, "-m", "flashsale", "workers", "--concurrency", "64"],
             env=env, stderr=subprocess.DEVNULL,
