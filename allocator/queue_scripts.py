@@ -108,6 +108,14 @@ class QueueView:
             return 0
         return still_waiting(self.tail, self.serving, self.cutoff, self.sold_out)
 
+    @property
+    def closed_to_newcomers(self) -> bool:
+        """Whether a buyer joining now is told the sale is sold out (lua/join.lua): it sold
+        out, or the line reaches the cutoff, the last place the pump will ever admit. That
+        stays so: the line only grows and the cutoff only moves back."""
+        reached = self.sealed and self.cutoff is not None and self.tail >= self.cutoff
+        return self.sold_out or reached
+
     def mark(self) -> Mark:
         """These counters as a queue mark (what a restore must not go below)."""
         return Mark(self.tail, self.serving, self.pre, self.cutoff, self.sealed, self.shuffled,

@@ -1,6 +1,7 @@
 """Each gateway process's cached view of the sales it serves.
 
-* **The public summary** (:func:`sale_summary`, from Postgres, remaining units from Redis):
+* **The public summary** (:func:`sale_summary`, from Postgres, remaining units from Redis,
+  and whether a newcomer may still join from this process's waiting-room counters):
   read by every buyer in a spike, so each process keeps a copy, encoded once
   (:class:`gateway.documents.Document`), for ``INFO_TTL_S``, or ``READ_SHARE`` times as long
   as reading it took, up to ``MAX_INFO_TTL_S``: a sale of 20,000 SKUs takes about 0.35 s to
@@ -40,7 +41,7 @@ from flashsale.keys import ID_PATTERN, SaleKeys
 from flashsale.outages import is_outage
 from flashsale.sales import sale_state
 from gateway.documents import Document, Summary
-from gateway.state import CATALOG, CATALOG_READS, SALES, SKU_LIMITS
+from gateway.state import CATALOG, CATALOG_READS, COUNTERS, SALES, SKU_LIMITS
 
 INFO_TTL_S = 0.5
 MAX_INFO_TTL_S = 60.0  # also the live page's (gateway.console)
@@ -108,23 +109,41 @@ async def _read_summary(app: web.Application, sale_id: str) -> Summary:
     began = time.monotonic()
     try:
         sale, stock = await app[SALES].with_stock(sale_id)
+        closed = (await app[COUNTERS].get(sale_id)).view.closed_to_newcomers
     except Exception as exc:
         if cached is None or not is_outage(exc):
             raise
         return cached.value  # Postgres is down: the sale as last seen
     # In a thread: for 200,000 SKUs the build took the loop 0.4 s (the thread holds the GIL
     # for a switch interval at a time; zlib and the hash let go of it).
-    summary = await asyncio.to_thread(summary_document, sale, stock)
+    summary = await asyncio.to_thread(summary_document, sale, stock, closed)
     if len(cache) > 1024:
         cache.clear()
     cache[sale_id] = copy_of(summary, began, INFO_TTL_S, MAX_INFO_TTL_S)
     return summary
 
 
-def summary_document(sale: dict[str, Any], stock: Mapping[str, tuple[int, int] | None]) -> Summary:
+def summary_document(
+    sale: dict[str, Any], stock: Mapping[str, tuple[int, int] | None], closed: bool = False
+) -> Summary:
     """The public summary of ``sale`` with each SKU's remaining units, encoded. A SKU is sold
     out when none remain and none are held: a held unit comes back if its hold expires, is
-    cancelled or its payment fails, and the waiting room still queues buyers for it."""
+    cancelled or its payment fails, and the waiting room still queues buyers for it. The sale
+    is sold out when each SKU is, or when ``closed``: a buyer joining now is told it is sold
+    out, the units left being promised to the buyers already in line."""
+    skus = [
+        {
+            "sku": s["sku"],
+            "title": s["title"],
+            "price": s["price"],
+            "currency": s["currency"],
+            "per_buyer_limit": s["per_buyer_limit"],
+            "buckets": s["buckets"],
+            "remaining": None if (units := stock.get(s["sku"])) is None else units[0],
+            "sold_out": units == (0, 0),
+        }
+        for s in sale["skus"]
+    ]
     body = {
         "id": sale["id"],
         "name": sale["name"],
@@ -135,20 +154,9 @@ def summary_document(sale: dict[str, Any], stock: Mapping[str, tuple[int, int] |
         "join_challenge": sale["join_challenge"],
         "join_challenge_max": sale["join_challenge_max"],
         "shuffle": sale["shuffle"],
-        "sku_count": len(sale["skus"]),
-        "skus": [
-            {
-                "sku": s["sku"],
-                "title": s["title"],
-                "price": s["price"],
-                "currency": s["currency"],
-                "per_buyer_limit": s["per_buyer_limit"],
-                "buckets": s["buckets"],
-                "remaining": None if (units := stock.get(s["sku"])) is None else units[0],
-                "sold_out": units == (0, 0),
-            }
-            for s in sale["skus"]
-        ],
+        "sold_out": closed or (bool(skus) and all(s["sold_out"] for s in skus)),
+        "sku_count": len(skus),
+        "skus": skus,
     }
     return Summary(Document.of(body), {s["sku"]: i for i, s in enumerate(sale["skus"])})
 

@@ -163,6 +163,7 @@ async def live(request: web.Request) -> web.Response:
             "cutoff": view.cutoff,
             "admission_rate": view.admission_rate, "admitted_per_s": view.rate_p50,
             "noshow_ratio": view.noshow, "sold_out": view.sold_out,
+            "closed_to_newcomers": view.closed_to_newcomers,
             "sold_out_at": iso_ms(view.sold_out_ms) if view.sold_out_ms else None,
         },
         "routes": route_figures(metrics_text(app[METRICS].registry).decode()),

@@ -93,6 +93,12 @@ SALE = obj(
             "deleted"
         ),
         "shuffle": SHUFFLE,
+        "sold_out": {
+            "type": "boolean",
+            "description": "a buyer who joins now is told sold_out: every SKU is, or the line "
+            "reaches the last place ever admitted (the units remaining are promised to the "
+            "buyers in it)",
+        },
         "sku_count": {
             "type": "integer",
             "description": "the SKUs the sale has (skus lists them all, or those asked for)",
@@ -199,6 +205,12 @@ PUBLIC_SALE = obj(
             "description": "the most bits asked as the join rate rises (0: fixed)",
         },
         "shuffle": SHUFFLE,
+        "sold_out": {
+            "type": "boolean",
+            "description": "a buyer who joins now is told sold_out: every SKU is, or the line "
+            "reaches the last place ever admitted (the units remaining are promised to the "
+            "buyers in it)",
+        },
         "sku_count": {
             "type": "integer",
             "description": "the SKUs the sale has (skus lists them all, or those asked for)",
@@ -224,7 +236,7 @@ PUBLIC_SALE = obj(
             ),
         },
     },
-    ["id", "name", "state", "starts_at", "ends_at", "shuffle", "sku_count", "skus"],
+    ["id", "name", "state", "starts_at", "ends_at", "shuffle", "sold_out", "sku_count", "skus"],
 )
 JOINED = obj(
     {

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import time
+from types import SimpleNamespace
 from typing import Any, cast
 
 import orjson
@@ -21,7 +22,7 @@ from hypothesis import strategies as st
 
 from flashsale.settings import Settings
 from gateway import catalog, documents
-from gateway.state import CATALOG, SALES, SKU_LIMITS
+from gateway.state import CATALOG, COUNTERS, SALES, SKU_LIMITS
 from tests.harness import ADMIN, Gateway, auth, gateway, longest_stall
 
 SKUS = 2_000  # about 300 KB of JSON: a catalogue, not a pair of sneakers
@@ -184,8 +185,13 @@ async def test_a_catalogue_summary_is_built_off_the_loop() -> None:
             await asyncio.sleep(0)  # as a read does
             return sale, remaining
 
+    class Counters:  # the waiting room's: a newcomer may still join
+        async def get(self, sale_id: str) -> Any:
+            return SimpleNamespace(view=SimpleNamespace(closed_to_newcomers=False))
+
     app = web.Application()
     app[SALES] = cast(Any, Sales())
+    app[COUNTERS] = cast(Any, Counters())
     app[CATALOG] = {}
 
     def build() -> float:  # the whole build, on this thread

@@ -176,6 +176,33 @@ async def test_positions_beyond_the_cutoff_are_sold_out_immediately(gw: Gateway)
     assert all(body["ticket"] is None for body in refused)
 
 
+async def test_the_sales_summary_says_sold_out_once_a_new_buyer_would_be_told_so(
+    gw: Gateway,
+) -> None:
+    """A line full up to the cutoff turns every newcomer away as sold out, while units are
+    still free (promised to the buyers in line, not yet reserved): the sale's summary, which
+    the page reads before offering to join, says so too, instead of units remaining and a
+    Join button that answers "sold out"."""
+    from gateway.catalog import INFO_TTL_S
+
+    sale, cutoff = await _sale_with_a_cutoff(gw)
+    before = await (await gw.http.get(f"/v1/sales/{sale}")).json()
+    assert before["sold_out"] is False and before["skus"][0]["remaining"] == 2
+    for i in range(cutoff):
+        assert (await gw.join(sale, f"b{i}"))[1]["state"] != "sold_out"
+    assert (await gw.join(sale, "late"))[1]["state"] == "sold_out"
+    await asyncio.sleep(INFO_TTL_S + 0.1)  # the process's copy of the summary is due again
+    after = await (await gw.http.get(f"/v1/sales/{sale}")).json()
+    assert after["sold_out"] is True, after
+    assert after["skus"][0]["remaining"] > 0  # units left, none of them for a newcomer
+    one = await (await gw.http.get(f"/v1/sales/{sale}?sku=SKU-1")).json()
+    assert one["sold_out"] is True
+    # The operators' live page tells it apart from a sale sold out for good.
+    live = await gw.http.get(f"/admin/v1/sales/{sale}/live", headers=auth(ADMIN))
+    queue = (await live.json())["queue"]
+    assert queue["closed_to_newcomers"] is True and queue["sold_out"] is False, queue
+
+
 async def test_a_full_queue_is_503_queue_full(gw: Gateway) -> None:
     sale = await gw.create_sale(stock=1000, max_queue=2, starts_in=30)
     assert (await gw.join(sale, "a"))[0] == 200

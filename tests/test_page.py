@@ -643,6 +643,21 @@ def test_the_page_says_ended_or_sold_out_and_offers_no_join(stack: Settings, chr
         sold = create_live_sale(gw.base_url, stock=1, name="Tiny drop")
         requests.post(f"{gw.base_url}/admin/v1/sales/{gone}/end", headers=admin, timeout=10)
         gw.pump_forever(sold, ["S1"])
+        # A line full up to the cutoff: its 2 units are free, and promised to those in it.
+        full = create_live_sale(gw.base_url, stock=2, name="Full drop")
+        gw.pump_forever(full, ["S1"])
+        for i in range(50):
+            joined = requests.post(
+                f"{gw.base_url}/v1/sales/{full}/queue",
+                timeout=10,
+                headers={"Authorization": f"Bearer {_buyer(gw, f'q{i}')}"},
+            )
+            assert joined.status_code == 200, joined.text
+            if joined.json()["state"] == "sold_out":
+                break
+            time.sleep(0.05)  # the pump publishes its cutoff soon after the start
+        assert joined.json()["state"] == "sold_out", "the line never reached the cutoff"
+        time.sleep(0.6)  # the public sale summary is cached for 0.5 s
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
             first = browser.new_page()
@@ -661,6 +676,11 @@ def test_the_page_says_ended_or_sold_out_and_offers_no_join(stack: Settings, chr
             late.wait_for_selector("#state[data-state='sold_out']", timeout=20_000)
             assert not late.is_visible("#join")
             late.screenshot(path=str(SCREENSHOTS / "waiting-room-sold-out.png"))
+            turned = browser.new_page()
+            turned.goto(f"{gw.base_url}/sales/{full}#token={_buyer(gw, 'newcomer')}")
+            turned.wait_for_selector("#state[data-state='sold_out']", timeout=20_000)
+            assert not turned.is_visible("#join")
+            assert "kept for the buyers already in the queue" in turned.inner_text("body")
             ended = browser.new_page()
             ended.goto(f"{gw.base_url}/sales/{gone}#token={_buyer(gw, 'someone')}")
             ended.wait_for_selector("#state[data-state='ended']", timeout=20_000)
