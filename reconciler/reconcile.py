@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import asyncpg
 import orjson
@@ -80,18 +80,20 @@ class Reconciler:
 
     async def run_once(self, sales: Sequence[str] | None = None, *,
                        wait_for_grace: bool = False, full: bool = True,
-                       only: Sequence[str] | None = None) -> PassReport:  # fmt: skip
+                       only: Sequence[str] | None = None,
+                       stage: Callable[[str], None] = lambda _: None) -> PassReport:  # fmt: skip
         """Detect and repair everything once. ``wait_for_grace``: a waiting room seen lost is
         restored in this pass after waiting out the grace (``--once``); otherwise a later pass
         restores it. ``full=False`` (the service) runs the checks that read every open or
         confirmed order of a sale only every ``slow_every_s``. ``only``: of the sales in
         scope (or of ``sales``), just these: the service gives each sale its turn at a pace
-        set by its size (reconciler/service.py)."""
+        set by its size (reconciler/service.py). ``stage`` is told what the pass is doing."""
         began = time.monotonic()
         report = PassReport()
         stopped = True  # by an outage: the repairs made so far are still recorded
         try:
-            await self._checks(report, sales, only, wait_for_grace=wait_for_grace, full=full)
+            await self._checks(report, sales, only, wait_for_grace=wait_for_grace, full=full,
+                               stage=stage)  # fmt: skip
             stopped = False
         finally:
             report.seconds = time.monotonic() - began
@@ -112,29 +114,39 @@ class Reconciler:
         self._next_slow = {sale: at for sale, at in self._next_slow.items() if sale in sales}
 
     async def _checks(self, report: PassReport, sales: Sequence[str] | None,
-                      only: Sequence[str] | None, *, wait_for_grace: bool,
-                      full: bool) -> None:  # fmt: skip
+                      only: Sequence[str] | None, *, wait_for_grace: bool, full: bool,
+                      stage: Callable[[str], None]) -> None:  # fmt: skip
+        stage("finding the sales and SKUs to check")
         every = await self.skus.scope(sales, only)
         quiet = set(only or ()) & self.skus.all_settled  # in scope, no SKU row read
         in_scope = sorted({r["sale_id"] for r in every} | quiet)
         rows = self.skus.unsettled(every)  # the SKUs read: an ended sale's untouched ones once
         report.skus = len(rows)
+        stage("restoring sales Redis lost")
         await self.skus.restore_sales(in_scope, report)
+        stage(f"comparing {len(rows):,} SKUs in Redis with their orders")
         drifted, statuses = await self.skus.find(rows)
+        stage(f"rebuilding {len(drifted):,} SKUs from their orders")
         await self.skus.rebuild_each(drifted, report)
+        stage("writing the SKUs' statuses")
         await self.skus.write_statuses(statuses, report)
+        stage("checking the waiting rooms")
         await self.rooms.repair(in_scope, report, wait=wait_for_grace)
         now = time.monotonic()
         slow = [sale for sale in in_scope if full or now >= self._next_slow.get(sale, 0.0)]
         if in_scope:
+            stage("looking for charges without an order")
             await self.captures.repair_orphans(in_scope, report, with_payments_table=bool(slow))
         if slow:
             self._next_slow.update((sale, now + self.slow_every_s) for sale in slow)
+            stage("finishing orders stuck in their payment")
             await self.stuck.repair(slow, report)
+            stage("checking that every confirmed order was charged")
             await self.captures.flag_uncaptured(slow, report)
             # not the SKUs this pass found settled: nothing is held or paid there
             chosen = set(slow)
             held = [r for r in self.skus.unsettled(rows) if r["sale_id"] in chosen]
+            stage("looking for holds without an order")
             await self.orphans.repair(every_bucket(held), report)
 
     async def _record(self, report: PassReport) -> None:

@@ -57,12 +57,14 @@ async def require_sales(pool: asyncpg.Pool, sales: Sequence[str] | None) -> None
             raise NotFound(f"unknown sale {shown(sale)}", code="unknown_sale")
 
 
-async def reconcile_once(settings: Settings, sales: Sequence[str] | None,
-                         stuck_after_s: float) -> PassReport:  # fmt: skip
+async def reconcile_once(
+    settings: Settings, sales: Sequence[str] | None, stuck_after_s: float,
+    stage: Callable[[str], None] = lambda doing: None,
+) -> PassReport:  # fmt: skip
     async with open_clients(settings, pool_size=POOL_SIZE) as c:
         await require_sales(c.pool, sales)
         return await reconciler(c, settings, stuck_after_s=stuck_after_s).run_once(
-            sales, wait_for_grace=True
+            sales, wait_for_grace=True, stage=stage
         )
 
 

@@ -73,7 +73,9 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
             settings, args.host, ops_port, interval=interval, stuck_after_s=stuck,
             sales=args.sale,
         )))  # fmt: skip
-    report = event_loop.run(reconciler_service.reconcile_once(settings, args.sale, stuck))
+    stages = Stages("reconciling")
+    report = event_loop.run(stages.over(
+        reconciler_service.reconcile_once(settings, args.sale, stuck, stages)))  # fmt: skip
     if args.json:
         dump_json(report.json())
     else:
