@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from allocator.queue_scripts import QueueScripts, QueueView, Step, still_waiting
+from allocator.queue_scripts import QueueScripts
+from allocator.queue_view import QueueView, Step, still_waiting
 from flashsale.errors import QueueLost
 from flashsale.fairness import record, record_lost
 from flashsale.keys import SaleKeys, SkuKeys, bucket_keys

@@ -10,31 +10,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from redis.commands.core import AsyncScript
 
 from allocator.batching import Coalescer, PerKey
+from allocator.queue_view import QUEUE_FIELDS, ROOM_SALE_FIELDS, QueueView, Step
 from allocator.rate_limits import NO_LIMITS, RateKeys, rate_columns
 from allocator.redis_calls import Command, call_packed, lua_script, read_packed
 from allocator.stock_buckets import parse_journal
 from flashsale.clients import RedisClient
 from flashsale.errors import QueueLost
 from flashsale.keys import SaleKeys, SkuKeys
-from flashsale.queue_marks import Mark
-from flashsale.records import ClaimMember, integer, number, text
+from flashsale.records import ClaimMember, integer, text
 
 MAX_JOIN_BATCH = 256  # Lua's unpack() of ARGV stays far below its stack limit
-# Fields of the sale hash (put there by preload) that the waiting room reads.
-ROOM_SALE_FIELDS = (
-    "status", "starts_at_ms", "ends_at_ms", "admission_rate", "window_ms", "capacity",
-    "challenge", "challenge_max", "pauses", "paused_at_ms",
-)  # fmt: skip
-QUEUE_FIELDS = (
-    "serving", "cutoff", "tail", "pre", "sealed", "shuffled", "sold_out",
-    "rate_p50", "rate_p10", "noshow", "outstanding", "beat_ms", "live", "restored_ms",
-    "available", "held", "sold_out_ms",
-)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,138 +34,6 @@ class JoinResult:
 
     outcome: str
     position: int
-
-
-def still_waiting(tail: int, serving: int, cutoff: int | None, sold_out: bool) -> int:
-    """Buyers holding a place who may still be admitted: those behind the last admitted one,
-    up to the cutoff (a place beyond it is told sold out at once); none once sold out."""
-    if sold_out:
-        return 0
-    return max(0, (tail if cutoff is None else min(tail, cutoff)) - serving)
-
-
-@dataclass(frozen=True, slots=True)
-class QueueView:
-    """One consistent read of a sale's configuration and waiting-room counters."""
-
-    preloaded: bool
-    status: str
-    starts_at_ms: int
-    ends_at_ms: int
-    admission_rate: int
-    window_ms: int
-    capacity: int
-    serving: int
-    cutoff: int | None  # the last position that may ever be admitted; None: not yet known
-    tail: int
-    pre: int
-    sealed: bool
-    shuffled: bool
-    sold_out: bool
-    rate_p50: float  # measured admissions per second (median, and 10th percentile)
-    rate_p10: float
-    noshow: float
-    outstanding: int
-    beat_ms: int  # Redis time of the pump's last step (0: no pump has run)
-    live: bool  # the waiting room is open in Redis (False: never opened, or lost)
-    restored_ms: int = 0  # Redis time of the last restore after a loss (0: never lost)
-    challenge: int = 0  # the join's proof-of-work difficulty in bits (0: none asked)
-    challenge_max: int = 0  # the most it rises to with the join rate (0: fixed)
-    available: int | None = None  # units free and held, as the pump last read them
-    held: int | None = None
-    sold_out_ms: int = 0  # Redis time the pump found the sale sold out (0: not, or unknown)
-    pauses: tuple[tuple[int, int], ...] = ()  # the sale's finished pauses (lua/lib.lua)
-    paused_at_ms: int = 0  # the pause going on began then (0: none)
-
-    def paused_between(self, start_ms: int, end_ms: int) -> int:
-        """How long the sale was paused between two Redis times."""
-        spans = self.pauses
-        if self.status == "paused" and self.paused_at_ms:
-            spans = (*spans, (self.paused_at_ms, end_ms))
-        return sum(max(0, min(e, end_ms) - max(s, start_ms)) for s, e in spans) if spans else 0
-
-    def window_closes_ms(self, admitted_ms: int, now_ms: int) -> int:
-        """Redis time the admission window of a buyer admitted at ``admitted_ms`` closes, as
-        of ``now_ms``: the window is ``window_ms`` of the sale not paused (a pause does not use
-        up a turn). It never falls as ``admitted_ms`` grows, so steps can be bisected by it."""
-        return admitted_ms + self.window_ms + self.paused_between(admitted_ms, now_ms)
-
-    def waiting(self, now_ms: int) -> int:
-        """Buyers in line who may still be admitted at ``now_ms`` (Redis time): none once
-        the sale is sold out or over, whatever places were handed out."""
-        if self.status == "ended" or now_ms >= self.ends_at_ms:
-            return 0
-        return still_waiting(self.tail, self.serving, self.cutoff, self.sold_out)
-
-    @property
-    def closed_to_newcomers(self) -> bool:
-        """Whether a buyer joining now is told the sale is sold out (lua/join.lua): it sold
-        out, or the line reaches the cutoff, the last place the pump will ever admit. That
-        stays so: the line only grows and the cutoff only moves back."""
-        reached = self.sealed and self.cutoff is not None and self.tail >= self.cutoff
-        return self.sold_out or reached
-
-    def mark(self) -> Mark:
-        """These counters as a queue mark (what a restore must not go below)."""
-        return Mark(self.tail, self.serving, self.pre, self.cutoff, self.sealed, self.shuffled,
-                    self.sold_out)  # fmt: skip
-
-    @classmethod
-    def parse(cls, sale: list[Any], queue: list[Any]) -> QueueView:
-        s = dict(zip(ROOM_SALE_FIELDS, sale, strict=True))
-        q = dict(zip(QUEUE_FIELDS, queue, strict=True))
-        cutoff = integer(q["cutoff"], -1)
-        return cls(
-            preloaded=s["status"] is not None,
-            status=text(s["status"]) if s["status"] is not None else "",
-            starts_at_ms=integer(s["starts_at_ms"]),
-            ends_at_ms=integer(s["ends_at_ms"]),
-            admission_rate=integer(s["admission_rate"], 1),
-            window_ms=integer(s["window_ms"], 60_000),
-            capacity=integer(s["capacity"], 1000),
-            serving=integer(q["serving"]),
-            cutoff=None if cutoff < 0 else cutoff,
-            tail=integer(q["tail"]),
-            pre=integer(q["pre"]),
-            sealed=integer(q["sealed"]) == 1,
-            shuffled=integer(q["shuffled"]) == 1,
-            sold_out=integer(q["sold_out"]) == 1,
-            rate_p50=number(q["rate_p50"]),
-            rate_p10=number(q["rate_p10"]),
-            noshow=number(q["noshow"]),
-            outstanding=integer(q["outstanding"]),
-            beat_ms=integer(q["beat_ms"]),
-            live=integer(q["live"]) == 1,
-            restored_ms=integer(q["restored_ms"]),
-            challenge=integer(s["challenge"]),
-            challenge_max=integer(s["challenge_max"]),
-            available=None if q["available"] is None else integer(q["available"]),
-            held=None if q["held"] is None else integer(q["held"]),
-            sold_out_ms=integer(q["sold_out_ms"]),
-            pauses=_spans(s["pauses"]),
-            paused_at_ms=integer(s["paused_at_ms"]),
-        )
-
-
-def _spans(raw: Any) -> tuple[tuple[int, int], ...]:
-    """A sale hash's ``pauses``: "start:end,start:end" (ms)."""
-    if not raw:
-        return ()
-    pairs = (span.partition(":") for span in text(raw).split(","))
-    return tuple((int(start), int(end)) for start, _, end in pairs)
-
-
-@dataclass(frozen=True, slots=True)
-class Step:
-    """The pump admitted every position up to ``to`` at ``at_ms`` (Redis time)."""
-
-    to: int
-    at_ms: int
-
-    @classmethod
-    def parse(cls, member: Any) -> Step:
-        to, _, at = text(member).partition(":")
-        return cls(int(to), int(at))
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,11 +13,12 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from allocator.queue_scripts import QueueScripts
 from allocator.sale_scripts import SaleScripts, StockCounts, summed
 from allocator.stock_buckets import BucketScripts, Snapshot
 from flashsale.clients import COPY_TIMEOUT_S, RedisClient
 from flashsale.errors import InvalidInput, NotFound, shown
-from flashsale.keys import ID_PATTERN, bucket_keys
+from flashsale.keys import ID_PATTERN, SaleKeys, bucket_keys
 from flashsale.sales import fetch_sku, fetch_skus, sale_json
 from flashsale.salespec import integer, text
 from flashsale.timefmt import iso
@@ -195,8 +196,8 @@ class SaleReads:
 
     async def status(self, sale_id: str, only: str | None = None) -> dict[str, Any]:
         """Per SKU (or of the SKU ``only``): stock_total, available, held (active + paying), sold
-        (Redis); confirmed and the orders by state (Postgres); and the confirmed orders'
-        revenue by currency, in minor units."""
+        (Redis); confirmed and the orders by state (Postgres); the confirmed orders' revenue
+        by currency, in minor units; and the waiting room (``QueueView.summary``)."""
         async with self.pool.acquire() as conn:
             sale = await self.sale_row(conn, sale_id)
             if only is None:
@@ -245,7 +246,9 @@ class SaleReads:
                     for b, c in enumerate(per_bucket)
                 ]  # fmt: skip
             rows.append(row)
-        return {"sale": sale_json(sale), "skus": rows, "revenue": revenue}
+        room = await QueueScripts(self.redis).snapshot(SaleKeys(sale_id), redis_time=True)
+        return {"sale": sale_json(sale), "skus": rows, "revenue": revenue,
+                "queue": room.view.summary(room.redis_ms)}  # fmt: skip
 
     async def with_stock(
         self, sale_id: str

@@ -30,7 +30,8 @@ from allocator.discovery import SkuSets
 from allocator.hold_scripts import HoldScripts
 from allocator.pacing import SaleRounds
 from allocator.pump import AdmissionPump, Count
-from allocator.queue_scripts import QueueScripts, still_waiting
+from allocator.queue_scripts import QueueScripts
+from allocator.queue_view import still_waiting
 from allocator.redis_calls import Command, read_packed
 from allocator.relay import OutboxRelay, run_relay
 from allocator.service_metrics import ServiceMetrics

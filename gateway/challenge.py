@@ -25,7 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
-from allocator.queue_scripts import QueueView
+from allocator.queue_view import QueueView
 from flashsale.errors import Forbidden, InvalidToken
 from flashsale.keys import challenge_key
 from gateway.http import buyer_of, json_response, sale_of

@@ -13,7 +13,8 @@ import bisect
 import time
 from dataclasses import dataclass, field
 
-from allocator.queue_scripts import QueueScripts, QueueView, Step
+from allocator.queue_scripts import QueueScripts
+from allocator.queue_view import QueueView, Step
 from flashsale.keys import SaleKeys
 from flashsale.queue_marks import QueueMarks
 

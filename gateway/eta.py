@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 
-from allocator.queue_scripts import QueueView
+from allocator.queue_view import QueueView
 
 OPENING_P50_S = 0.2  # from the opening to the first admissions: about two pump steps
 # ... and to the second wave, admitted as the first buyers' reservations settle (measured up

@@ -5,17 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.openapi_parts import IDEMPOTENCY_KEY, SALE_PATH, errors, ok, op, query
-from gateway.openapi_schemas import (
-    ARCHIVED,
-    AUDIT,
-    NULLABLE_STRING,
-    SALE,
-    SALE_SPEC,
-    SALE_STATUS,
-    SKU_SPEC,
-    TIME,
-    obj,
-)
+from gateway.openapi_reports import ARCHIVED, AUDIT, ROOM, SALE_STATUS
+from gateway.openapi_schemas import NULLABLE_STRING, SALE, SALE_SPEC, SKU_SPEC, TIME, obj
 
 CURVE = {
     "type": "array",
@@ -286,7 +277,7 @@ def admin_paths() -> dict[str, Any]:
                                 "totals": {"type": "object"},
                                 "revenue": SALE_STATUS["properties"]["revenue"],
                                 "skus_read_at": TIME,
-                                "queue": {"type": "object"},
+                                "queue": ROOM,
                                 "routes": {"type": "object"},
                                 "consumer_lag": {"type": ["integer", "null"]},
                                 "repairs": {"type": "object"},

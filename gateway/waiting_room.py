@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from allocator.queue_scripts import QueueView
+from allocator.queue_view import QueueView
 from flashsale.errors import Conflict, RateLimited, Unavailable
 from flashsale.keys import SaleKeys
 from flashsale.sales import sale_state

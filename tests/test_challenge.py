@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from allocator.queue_scripts import QueueView
+from allocator.queue_view import QueueView
 from flashsale.errors import InvalidInput
 from flashsale.salespec import parse_sale
 from flashsale.settings import Settings

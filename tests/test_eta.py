@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from allocator.queue_scripts import QueueView
+from allocator.queue_view import QueueView
 from gateway.counters import Counters
 from gateway.eta import OPENING_P50_S, OPENING_P90_S, STEP_S, estimate
 from gateway.waiting_room import MAX_RETRY_MS, MIN_RETRY_MS, status_of

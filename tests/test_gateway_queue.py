@@ -151,7 +151,7 @@ async def test_joining_a_sold_out_sale_says_so_at_once(gw: Gateway) -> None:
     # The operators' page counts nobody waiting: "second" holds a place but was told.
     live = await gw.http.get(f"/admin/v1/sales/{sale}/live", headers=auth(ADMIN))
     queue = (await live.json())["queue"]
-    assert (queue["tail"], queue["serving"], queue["depth"]) == (2, 1, 0), queue
+    assert (queue["joined"], queue["admitted"], queue["waiting"]) == (2, 1, 0), queue
 
 
 async def _sale_with_a_cutoff(gw: Gateway) -> tuple[str, int]:
@@ -201,6 +201,30 @@ async def test_the_sales_summary_says_sold_out_once_a_new_buyer_would_be_told_so
     live = await gw.http.get(f"/admin/v1/sales/{sale}/live", headers=auth(ADMIN))
     queue = (await live.json())["queue"]
     assert queue["closed_to_newcomers"] is True and queue["sold_out"] is False, queue
+
+
+async def test_a_sales_status_shows_its_waiting_room(
+    gw: Gateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`sale status` (and the admin API's sale) showed stock alone: an operator at the CLI
+    could not see the line, nor that new buyers were being told the sale is sold out."""
+    from flashsale.cli.sale_views import print_status
+
+    sale, cutoff = await _sale_with_a_cutoff(gw)
+    path, admin = f"/admin/v1/sales/{sale}", auth(ADMIN)
+    for i in range(3):
+        await gw.join(sale, f"b{i}")
+    first = (await (await gw.http.get(path, headers=admin)).json())["queue"]
+    assert first["joined"] == 3 and first["closed_to_newcomers"] is False, first
+    assert first["waiting"] + first["admitted"] == 3, first
+    for i in range(3, cutoff + 1):
+        await gw.join(sale, f"b{i}")
+    status = await (await gw.http.get(path, headers=admin)).json()
+    assert status["queue"]["joined"] == cutoff and status["queue"]["cutoff"] == cutoff
+    assert status["queue"]["closed_to_newcomers"] is True, status["queue"]
+    print_status(status, as_json=False)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("  queue:"))
+    assert f"of {cutoff} joined" in line and "new buyers are told it is sold out" in line, line
 
 
 async def test_a_full_queue_is_503_queue_full(gw: Gateway) -> None:

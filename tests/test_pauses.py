@@ -9,7 +9,7 @@ import dataclasses
 from hypothesis import given
 from hypothesis import strategies as st
 
-from allocator.queue_scripts import QUEUE_FIELDS, ROOM_SALE_FIELDS, QueueView
+from allocator.queue_view import QUEUE_FIELDS, ROOM_SALE_FIELDS, QueueView
 
 SALE = {"status": "active", "window_ms": "60000", "pauses": None, "paused_at_ms": None}
 

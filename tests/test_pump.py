@@ -13,7 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from allocator.pump import AdmissionPump, Inputs, plan
-from allocator.queue_scripts import QueueScripts, Step
+from allocator.queue_scripts import QueueScripts
+from allocator.queue_view import Step
 from flashsale.keys import SaleKeys
 from flashsale.settings import Settings
 from gateway.state import CLIENTS

@@ -157,10 +157,10 @@ async def cmd_sale(args: argparse.Namespace, settings: Settings) -> int:
             print_status(await sales.status(args.sale, args.sku), as_json=args.json)
         elif command == "add-stock":
             print_status(await sales.add_stock(args.sale, args.sku, args.units), as_json=False,
-                         revenue=False)  # fmt: skip
+                         whole=False)  # fmt: skip
         elif command == "remove-stock":
             print_status(await sales.lower_stock(args.sale, args.sku, args.units), as_json=False,
-                         revenue=False)  # fmt: skip
+                         whole=False)  # fmt: skip
         elif command == "remove-sku":
             sale = await sales.remove_sku(args.sale, args.sku)
             out(f"removed {args.sku} from {sale['id']}: "

@@ -22,9 +22,9 @@ from flashsale.wording import counted
 PRELOAD_LINES = 20  # SKUs a preload lists one by one; a larger sale gets the summary alone
 
 
-def print_status(status: dict[str, Any], *, as_json: bool, revenue: bool = True) -> None:
-    """The status table; ``revenue``: then the line of what the confirmed orders took (not
-    after a stock change, which shows the SKU changed)."""
+def print_status(status: dict[str, Any], *, as_json: bool, whole: bool = True) -> None:
+    """The status table; ``whole``: with the waiting room's line first and, last, what the
+    confirmed orders took (not after a stock change, which shows the SKU changed)."""
     if as_json:
         dump_json(status)
         return
@@ -33,6 +33,9 @@ def print_status(status: dict[str, Any], *, as_json: bool, revenue: bool = True)
     preloaded = sale["preloaded_at"]
     loaded = f"preloaded {preloaded}" if preloaded else "not preloaded (sale preload ID)"
     out(f"  starts {sale['starts_at']}  ends {sale['ends_at']}  {loaded}")
+    queue = status.get("queue")
+    if whole and queue and queue["live"]:
+        out(f"  queue: {queue_line(queue)}")
     w = max((len(row["sku"]) for row in status["skus"]), default=0)
     w = max(20, w)  # the SKU column, as wide as the longest
     out(f"  {'SKU':{w}} {'STOCK':>10} {'AVAILABLE':>10} {'HELD':>8} {'SOLD':>8} {'CONFIRMED':>10}")
@@ -54,10 +57,24 @@ def print_status(status: dict[str, Any], *, as_json: bool, revenue: bool = True)
                     f" {b['sold']:>8}")  # fmt: skip
         if row.get("in_transit"):  # free, counted as available, and in no bucket yet
             out(f"  {'  in transit':{w}} {'':>10} {row['in_transit']:>10}")
-    if revenue:
+    if whole:
         taken = [f"{major(amount, currency)} {currency}"
                  for currency, amount in sorted(status["revenue"].items())]  # fmt: skip
         out(f"  revenue of confirmed orders: {', '.join(taken) or 'none yet'}")
+
+
+def queue_line(q: dict[str, Any]) -> str:
+    """The waiting room in a line: the draw's registrations before the start, then the line
+    and how it ends for a newcomer."""
+    if not q["joined"]:  # nobody placed yet: before the start, or before its first join
+        return f"{q['pre_queue']:,} registered for the draw"
+    line = f"{q['waiting']:,} waiting, {q['admitted']:,} admitted of {q['joined']:,} joined"
+    if q["sold_out"]:
+        return line + f"; sold out{' at ' + q['sold_out_at'] if q['sold_out_at'] else ''}"
+    if q["closed_to_newcomers"]:
+        return line + (f"; new buyers are told it is sold out: the line reaches the cutoff "
+                       f"({q['cutoff']:,})")  # fmt: skip
+    return line
 
 
 def print_preload(sale_id: str, results: Sequence[PreloadResult]) -> None:

@@ -1,0 +1,105 @@
+"""The schemas of the admin API's reports in the gateway's OpenAPI document: a sale's status
+with its waiting room, its audit and its archiving."""
+
+from __future__ import annotations
+
+from gateway.openapi_schemas import ID, NULLABLE_INT, SALE, TIME, obj
+
+# The waiting room as operators read it (allocator.queue_view.QueueView.summary).
+ROOM = obj(
+    {
+        "live": {
+            "type": "boolean",
+            "description": "the waiting room is open in Redis (preloaded, not lost)",
+        },
+        "pre_queue": {"type": "integer", "description": "registered for the draw"},
+        "waiting": {
+            "type": "integer",
+            "description": "in line and may still be admitted (none once sold out)",
+        },
+        "admitted": {"type": "integer", "description": "places admitted so far"},
+        "joined": {"type": "integer", "description": "places handed out"},
+        "cutoff": {
+            "type": ["integer", "null"],
+            "description": "the last place the pump will ever admit",
+        },
+        "sold_out": {"type": "boolean"},
+        "sold_out_at": {"type": ["string", "null"], "format": "date-time"},
+        "closed_to_newcomers": {
+            "type": "boolean",
+            "description": "a buyer joining now is told sold_out: sold out, or the line "
+            "reaches the cutoff",
+        },
+    },
+    ["live", "waiting", "admitted", "joined", "sold_out", "closed_to_newcomers"],
+)
+SALE_STATUS = obj(
+    {
+        "sale": SALE,
+        "skus": {
+            "type": "array",
+            "items": obj(
+                {
+                    "sku": ID,
+                    "stock_total": {"type": "integer"},
+                    "available": NULLABLE_INT,
+                    "held": NULLABLE_INT,
+                    "sold": NULLABLE_INT,
+                    "active": NULLABLE_INT,
+                    "paying": NULLABLE_INT,
+                    "confirmed": {"type": "integer"},
+                    "orders": {"type": "object", "additionalProperties": {"type": "integer"}},
+                    "preloaded": {"type": "boolean"},
+                    "buckets": {"type": "integer"},
+                    "by_bucket": {"type": "array", "items": {"type": ["object", "null"]}},
+                    "in_transit": {
+                        "type": "integer",
+                        "description": "a SKU in stock buckets: "
+                        "units on their way between two, counted in available",
+                    },
+                },
+                ["sku", "stock_total", "available", "held", "sold", "confirmed", "preloaded"],
+            ),
+        },
+        "revenue": {
+            "type": "object",
+            "additionalProperties": {"type": "integer"},
+            "description": "the confirmed orders' amounts by currency, in minor units (of "
+            "the SKU asked alone, with ?sku=)",
+        },
+        "queue": ROOM,
+    },
+    ["sale", "skus", "revenue", "queue"],
+)
+ARCHIVED = obj(
+    {
+        "sale_id": ID,
+        "archived_at": TIME,
+        "buckets": {"type": "integer", "description": "stock buckets cleared"},
+        "already": {
+            "type": "boolean",
+            "description": "archived before: this call only finished clearing its Redis state",
+        },
+        "freed_bytes": {
+            "type": "integer",
+            "description": "what Redis reported the deleted keys used (MEMORY USAGE)",
+        },
+    },
+    ["sale_id", "archived_at", "buckets", "already", "freed_bytes"],
+)
+AUDIT = obj(
+    {
+        "passed": {"type": "boolean"},
+        "sale_id": ID,
+        "invariants": {
+            "type": "array",
+            "items": obj(
+                {"name": {"type": "string"}, "passed": {"type": "boolean"},
+                 "details": {"type": "object"}},
+                ["name", "passed", "details"],
+            ),
+        },
+        "facts": {"type": "object"},
+    },
+    ["passed", "invariants"],
+)  # fmt: skip
