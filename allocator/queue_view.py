@@ -84,6 +84,16 @@ class QueueView:
             return 0
         return still_waiting(self.tail, self.serving, self.cutoff, self.sold_out)
 
+    def stranded(self, now_ms: int) -> int:
+        """Units free that nobody can buy any more, as the pump last counted them: the line
+        is closed to newcomers and nobody in it is left to admit or within a turn, as more
+        buyers walked away than the cutoff allowed for. None once the sale is over."""
+        if self.status == "ended" or now_ms >= self.ends_at_ms or self.sold_out:
+            return 0
+        if not self.closed_to_newcomers or self.waiting(now_ms) or self.outstanding:
+            return 0
+        return self.available or 0
+
     @property
     def closed_to_newcomers(self) -> bool:
         """Whether a buyer joining now is told the sale is sold out (lua/join.lua): it sold
@@ -101,6 +111,7 @@ class QueueView:
             "sold_out": self.sold_out,
             "sold_out_at": iso_ms(self.sold_out_ms) if self.sold_out_ms else None,
             "closed_to_newcomers": self.closed_to_newcomers,
+            "stranded": self.stranded(now_ms),
         }  # fmt: skip
 
     def mark(self) -> Mark:

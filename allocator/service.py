@@ -296,6 +296,7 @@ class AllocatorService:
         if step is None:  # not the leader, or the sale ended: the leader says who waits, if any
             m.waiting.labels(sale).set(0)
             m.pre_queue.labels(sale).set(0)
+            m.stranded.labels(sale).set(0)
             return
         if step.admitted:
             m.admitted.labels(sale).inc(step.admitted)
@@ -306,6 +307,7 @@ class AllocatorService:
                                                  step.sold_out))  # fmt: skip
         if pump.view is not None:
             m.pre_queue.labels(sale).set(pump.view.pre)
+            m.stranded.labels(sale).set(pump.view.stranded(int(time.time() * 1000)))
         m.outstanding.labels(sale).set(pump.outstanding)
         m.noshow.labels(sale).set(pump.noshow)
         if pump.count is not self.noted.get(sale):  # a sale slow to count is counted less often

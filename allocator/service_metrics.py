@@ -50,6 +50,11 @@ class ServiceMetrics:
                             registry=registry)  # fmt: skip
         self.sold_out = Gauge("flashsale_sale_sold_out", "1 once the sale is sold out", ["sale"],
                               registry=registry)  # fmt: skip
+        self.stranded = Gauge(
+            "flashsale_stock_stranded", "Units free that nobody can buy any more: the line "
+            "reached the cutoff and nobody in it is left to admit or within a turn", ["sale"],
+            registry=registry,
+        )  # fmt: skip
         self.expired = Counter("flashsale_holds_expired", "Holds expired by the sweeper",
                                registry=registry)  # fmt: skip
         self.errors = Counter("flashsale_pump_errors", "Pump ticks that failed", ["sale"],
@@ -66,7 +71,7 @@ class ServiceMetrics:
                            registry=registry)  # fmt: skip
         self.per_sale = (self.admitted, self.leader, self.serving, self.tail, self.cutoff,
                          self.pre_queue, self.waiting, self.outstanding, self.noshow, self.sold_out,
-                         self.errors)  # fmt: skip
+                         self.stranded, self.errors)  # fmt: skip
         self._skus: dict[str, set[str]] = {}  # SKUs with stock series, by sale
         self._backlog_shown: dict[str, set[tuple[str, str, str]]] = {}  # by sale
 

@@ -30,8 +30,13 @@ ROOM = obj(
             "description": "a buyer joining now is told sold_out: sold out, or the line "
             "reaches the cutoff",
         },
+        "stranded": {
+            "type": "integer",
+            "description": "units free that nobody can buy any more: the line reached the "
+            "cutoff and nobody in it is left to admit or within a turn",
+        },
     },
-    ["live", "waiting", "admitted", "joined", "sold_out", "closed_to_newcomers"],
+    ["live", "waiting", "admitted", "joined", "sold_out", "closed_to_newcomers", "stranded"],
 )
 SALE_STATUS = obj(
     {

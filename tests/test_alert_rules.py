@@ -137,3 +137,20 @@ def test_the_lag_alert_fires_after_15_seconds_of_a_backlog(
          at("25s", "FlashsaleConsumerLag", fired), at("40s", "FlashsaleConsumerLag")],
         interval="5s",
     )  # fmt: skip
+
+
+def test_the_stranded_stock_alert_fires_after_a_minute_of_units_nobody_can_buy(
+    prometheus: str,  # noqa: F811 - the fixture
+    tmp_path: Path,
+) -> None:
+    """Only the leading allocator reports the units (the others 0): the alert reads the
+    highest. A minute of them fires it; the sale's end (0 again) clears it."""
+    fired = firing("warning", "2 units of sale s-1 can no longer sell: its line reached the "
+                   "cutoff and nobody in it is left to buy", "flashsalestockstranded",
+                   sale="s-1")  # fmt: skip
+    promtool_test(tmp_path, [
+        {"series": 'flashsale_stock_stranded{sale="s-1", instance="leader"}',
+         "values": "0 0 2 2 2 2 0 0"},
+        {"series": 'flashsale_stock_stranded{sale="s-1", instance="other"}', "values": "0x7"},
+    ], [at(2, "FlashsaleStockStranded"), at(4, "FlashsaleStockStranded", fired),
+        at(7, "FlashsaleStockStranded")])  # fmt: skip

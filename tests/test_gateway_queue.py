@@ -227,6 +227,35 @@ async def test_a_sales_status_shows_its_waiting_room(
     assert f"of {cutoff} joined" in line and "new buyers are told it is sold out" in line, line
 
 
+async def test_units_nobody_can_buy_any_more_are_shown(
+    gw: Gateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every buyer up to the cutoff walked away (they left here; letting a turn pass is the
+    same): the 2 units are free, but the line is closed to newcomers and nobody in it is
+    left to admit, so nobody can ever buy them. `sale status` said only "0 waiting"."""
+    from flashsale.cli.sale_views import print_status
+
+    sale, cutoff = await _sale_with_a_cutoff(gw)
+    tickets = [(await gw.join(sale, f"b{i}"))[1]["ticket"] for i in range(cutoff)]
+    for ticket in tickets:
+        if (await gw.admitted(sale, ticket))["state"] == "admitted":
+            left = await gw.http.delete(f"/v1/sales/{sale}/queue",
+                                        headers={"X-Queue-Ticket": ticket})  # fmt: skip
+            assert left.status == 200, await left.text()
+    path, admin = f"/admin/v1/sales/{sale}", auth(ADMIN)
+    for _ in range(100):  # the pump notes the last departures at its next tick
+        status = await (await gw.http.get(path, headers=admin)).json()
+        if status["queue"]["stranded"]:
+            break
+        await asyncio.sleep(0.05)
+    queue = status["queue"]
+    assert queue["stranded"] == 2 and queue["waiting"] == 0, queue
+    assert queue["closed_to_newcomers"] and not queue["sold_out"], queue
+    print_status(status, as_json=False)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("  queue:"))
+    assert "2 units left that nobody can buy" in line, line
+
+
 async def test_a_full_queue_is_503_queue_full(gw: Gateway) -> None:
     sale = await gw.create_sale(stock=1000, max_queue=2, starts_in=30)
     assert (await gw.join(sale, "a"))[0] == 200

@@ -72,8 +72,11 @@ def queue_line(q: dict[str, Any]) -> str:
     if q["sold_out"]:
         return line + f"; sold out{' at ' + q['sold_out_at'] if q['sold_out_at'] else ''}"
     if q["closed_to_newcomers"]:
-        return line + (f"; new buyers are told it is sold out: the line reaches the cutoff "
-                       f"({q['cutoff']:,})")  # fmt: skip
+        line += (
+            f"; new buyers are told it is sold out: the line reaches the cutoff ({q['cutoff']:,})"
+        )
+    if q["stranded"]:
+        line += f"; {counted(q['stranded'], 'unit')} left that nobody can buy any more"
     return line
 
 
