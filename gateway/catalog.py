@@ -130,7 +130,8 @@ def summary_document(
     out when none remain and none are held: a held unit comes back if its hold expires, is
     cancelled or its payment fails, and the waiting room still queues buyers for it. The sale
     is sold out when each SKU is, or when ``closed``: a buyer joining now is told it is sold
-    out, the units left being promised to the buyers already in line."""
+    out, the units left being for the buyers already in line (or for nobody, once each of
+    them has had a turn)."""
     skus = [
         {
             "sku": s["sku"],

@@ -680,7 +680,7 @@ def test_the_page_says_ended_or_sold_out_and_offers_no_join(stack: Settings, chr
             turned.goto(f"{gw.base_url}/sales/{full}#token={_buyer(gw, 'newcomer')}")
             turned.wait_for_selector("#state[data-state='sold_out']", timeout=20_000)
             assert not turned.is_visible("#join")
-            assert "kept for the buyers already in the queue" in turned.inner_text("body")
+            assert "no more places in line" in turned.inner_text("body")
             ended = browser.new_page()
             ended.goto(f"{gw.base_url}/sales/{gone}#token={_buyer(gw, 'someone')}")
             ended.wait_for_selector("#state[data-state='ended']", timeout=20_000)
