@@ -378,3 +378,44 @@ def test_the_live_page_counts_the_buyers_registered_for_the_draw(
         page.wait_for_selector("#queue .kpi:has-text('registered for the draw')", timeout=10_000)
         kpi = page.inner_text("#queue .kpi:has-text('registered for the draw') b")
         assert kpi == "3", kpi
+
+
+def test_the_live_page_says_new_buyers_are_turned_away_and_what_nobody_can_buy(
+    stack: Settings, chromium: str
+) -> None:
+    """A line full up to its cutoff, everyone in it admitted and gone without buying: the
+    page said "sold out: no" and "0 waiting" while every newcomer was told the sale is sold
+    out and its 2 units could no longer sell."""
+    with live_page(stack, chromium, "Walked away", stock=2) as live:
+        page, base = live.page, live.gw.base_url
+        live.gw.pump_forever(live.sale, ["S1"])
+        signer = Signer.from_setting(stack.buyer_token_secret.reveal(), "buyer")
+        queue = f"{base}/v1/sales/{live.sale}/queue"
+        tickets = []
+        for n in range(50):  # until the line reaches the cutoff the pump publishes
+            token = signer.sign({"sub": f"b-{n}"}, 600)
+            joined = requests.post(queue, timeout=10,
+                                   headers={"Authorization": f"Bearer {token}"}).json()  # fmt: skip
+            if joined["state"] == "sold_out":
+                break
+            tickets.append(joined["ticket"])
+            time.sleep(0.05)
+        assert tickets and joined["state"] == "sold_out", joined
+        for ticket in tickets:  # each leaves once admitted
+            deadline = time.monotonic() + 10
+            while (state := requests.get(f"{queue}/status", timeout=10, headers={
+                    "X-Queue-Ticket": ticket}).json()["state"]) == "waiting":  # fmt: skip
+                assert time.monotonic() < deadline, "never admitted"
+                time.sleep(0.05)
+            if state == "admitted":
+                left = requests.delete(queue, timeout=10, headers={"X-Queue-Ticket": ticket})
+                assert left.status_code == 200, left.text
+        page.goto(f"{base}/admin/")
+        page.fill("#token", ADMIN)
+        page.click("button[type=submit]")
+        page.click(f"text={live.sale}")
+        kpi = "#queue .kpi:has-text('sold out') b"
+        page.wait_for_selector(f"{kpi}:has-text('nobody can buy')", timeout=10_000)
+        said = page.inner_text(kpi)
+        assert said == "to new buyers: the line reaches the cutoff; 2 units nobody can buy " \
+            "any more", said  # fmt: skip
