@@ -818,6 +818,36 @@ def test_a_sale_shown_as_a_template_makes_the_next_sale(cli: Cli, tmp_path: Path
     assert made["admission_rate"] == original["admission_rate"]
 
 
+def test_an_ended_sales_units_left_make_the_next_sale(
+    cli: Cli, tmp_path: Path, rdb: redis.Redis
+) -> None:
+    """Units left unsold (buyers walked away, the sale ran out of time) go to another sale:
+    the template carried the whole stock again, and the runbook had the operator copy each
+    SKU's units left from `sale status` by hand."""
+    sale_id = create(cli, tmp_path)
+    assert cli("sale", "preload", sale_id).code == 0
+    # SNK-42: 2 sold, 1 held (a hold not settled yet); SNK-43: every unit sold.
+    rdb.hset(SkuKeys(sale_id, "SNK-42").stock, mapping={"available": 97, "sold": 2, "active": 1})
+    rdb.hset(SkuKeys(sale_id, "SNK-43").stock, mapping={"available": 0, "sold": 10})
+    early = cli("sale", "show", sale_id, "--template", "--left")
+    assert early.code == 1 and "has not ended" in early.err and "sale end" in early.err, early
+    assert cli("sale", "end", sale_id).code == 0
+    left = cli("sale", "show", sale_id, "--template", "--left")
+    assert left.code == 0, left.err
+    spec = json.loads(left.out)
+    assert [(s["sku"], s["stock"]) for s in spec["skus"]] == [("SNK-42", 97)], spec
+    assert "1 unit of SNK-42 is still held" in left.err, left.err
+    made = cli("sale", "create", "--file", write(tmp_path, left.out, "left.json"),
+               "--starts-in", "1h", "--json")  # fmt: skip
+    assert made.code == 0, made.err
+    assert [s["stock"] for s in json.loads(made.out)["skus"]] == [97]
+    alone = cli("sale", "show", sale_id, "--left")
+    assert alone.code == 2 and "--template" in alone.err, alone.err
+    rdb.hset(SkuKeys(sale_id, "SNK-42").stock, mapping={"available": 0, "sold": 100, "active": 0})
+    none = cli("sale", "show", sale_id, "--template", "--left")
+    assert none.code == 1 and "no unit left" in none.err and not none.out, none
+
+
 def test_the_list_pages_past_its_newest_thousand_sales(cli: Cli, tmp_path: Path) -> None:
     """``sale list`` showed only the newest 1,000 sales, with no way to the older ones that
     the admin API's ``offset`` reaches."""

@@ -20,7 +20,13 @@ from typing import Any
 from allocator.sale_admin import SaleAdmin
 from flashsale.cli.checks import duration
 from flashsale.cli.output import Progress, Stages, dump_json, out
-from flashsale.cli.sale_views import print_orders, print_preload, print_status, watch_status
+from flashsale.cli.sale_views import (
+    print_orders,
+    print_preload,
+    print_status,
+    units_left,
+    watch_status,
+)
 from flashsale.clients import pg_pool, redis_client
 from flashsale.errors import InvalidInput
 from flashsale.records import body_fingerprint, idempotency_key
@@ -142,8 +148,13 @@ async def cmd_sale(args: argparse.Namespace, settings: Settings) -> int:
         elif command == "orders":
             await print_orders(sales, args)
         elif command == "show":
+            if args.left and not args.template:
+                raise InvalidInput("left", "goes with --template (the file of a next sale)")
             sale = await sales.get(args.sale)
-            dump_json(as_sale_file(sale) if args.template else sale)
+            if args.left:
+                dump_json(await units_left(sales, sale))
+            else:
+                dump_json(as_sale_file(sale) if args.template else sale)
         elif command == "preload":
             progress = Progress(f"preloading {args.sale}", "SKUs")
             try:
@@ -300,6 +311,11 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--template", action="store_true",
         help="print it as a sale file (no id, status or shuffle record): the template of the "
         "next sale, for `sale create --file F --starts-in D`",
+    )  # fmt: skip
+    show.add_argument(
+        "--left", action="store_true",
+        help="with --template, of an ended sale: each SKU's stock is its units still free, "
+        "and a SKU with none is left out (a sale of what did not sell)",
     )  # fmt: skip
     preload = sale_sub.add_parser("preload", help="copy configuration and stock into Redis")
     preload.add_argument("sale", help="sale id")

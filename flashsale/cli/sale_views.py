@@ -1,5 +1,5 @@
 """How the sale commands show a sale: its status table (once, or again every interval), what a
-preload did, and its orders."""
+preload did, its orders, and its units left as the file of another sale."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ from allocator.sale_admin import SaleAdmin
 from allocator.sale_reads import MAX_PAGE
 from allocator.sale_scripts import PreloadResult
 from flashsale.cli.checks import positive
-from flashsale.cli.output import dump_json, out
+from flashsale.cli.output import dump_json, out, warn
 from flashsale.currencies import major
+from flashsale.errors import Conflict
+from flashsale.salespec import as_sale_file
 from flashsale.wording import counted
 
 PRELOAD_LINES = 20  # SKUs a preload lists one by one; a larger sale gets the summary alone
@@ -139,3 +141,29 @@ async def print_orders(sales: SaleAdmin, args: argparse.Namespace) -> None:
         if len(page) < MAX_PAGE:
             return
         after = page[-1]["id"]
+
+
+async def units_left(sales: SaleAdmin, sale: dict[str, Any]) -> dict[str, Any]:
+    """An ended sale as the file of another sale of its units left: each SKU's stock is its
+    units free now, a SKU with none is left out, and units still held are said on stderr (a
+    hold may yet come back). A sale not ended could still sell them: refused."""
+    if sale["state"] != "ended":
+        raise Conflict(f"sale {sale['id']} has not ended: its units left could still sell "
+                       f"there; end it first (`flashsale sale end {sale['id']}`)",
+                       code="sale_not_ended")  # fmt: skip
+    rows = {row["sku"]: row for row in (await sales.status(sale["id"]))["skus"]}
+    template = as_sale_file(sale)
+    kept = []
+    for sku in template["skus"]:
+        row = rows[sku["sku"]]
+        free = row["stock_total"] if row["available"] is None else row["available"]
+        if row["held"]:
+            verb = "is" if row["held"] == 1 else "are"
+            warn(f"{counted(row['held'], 'unit')} of {sku['sku']} {verb} still held, so left "
+                 "out: run this again once the holds are settled")  # fmt: skip
+        if free > 0:
+            kept.append({**sku, "stock": free})
+    if not kept:
+        raise Conflict(f"sale {sale['id']} has no unit left free: there is nothing to sell again",
+                       code="nothing_left")  # fmt: skip
+    return {**template, "skus": kept}
