@@ -819,7 +819,7 @@ def test_a_sale_shown_as_a_template_makes_the_next_sale(cli: Cli, tmp_path: Path
 
 
 def test_an_ended_sales_units_left_make_the_next_sale(
-    cli: Cli, tmp_path: Path, rdb: redis.Redis
+    cli: Cli, tmp_path: Path, rdb: redis.Redis, db: Db
 ) -> None:
     """Units left unsold (buyers walked away, the sale ran out of time) go to another sale:
     the template carried the whole stock again, and the runbook had the operator copy each
@@ -846,6 +846,13 @@ def test_an_ended_sales_units_left_make_the_next_sale(
     rdb.hset(SkuKeys(sale_id, "SNK-42").stock, mapping={"available": 0, "sold": 100, "active": 0})
     none = cli("sale", "show", sale_id, "--template", "--left")
     assert none.code == 1 and "no unit left" in none.err and not none.out, none
+    # A SKU Redis no longer has (an old sale's, lost): its stock less its confirmed orders,
+    # never its whole stock again.
+    rdb.delete(SkuKeys(sale_id, "SNK-43").stock)
+    db.execute("UPDATE sale_skus SET sold = 4 WHERE sale_id = $1 AND sku = 'SNK-43'", sale_id)
+    lost = cli("sale", "show", sale_id, "--template", "--left")
+    assert lost.code == 0 and json.loads(lost.out)["skus"][0]["stock"] == 6, lost
+    assert "SNK-43 is not in Redis" in lost.err, lost.err
 
 
 def test_the_list_pages_past_its_newest_thousand_sales(cli: Cli, tmp_path: Path) -> None:

@@ -156,7 +156,11 @@ async def units_left(sales: SaleAdmin, sale: dict[str, Any]) -> dict[str, Any]:
     kept = []
     for sku in template["skus"]:
         row = rows[sku["sku"]]
-        free = row["stock_total"] if row["available"] is None else row["available"]
+        free = row["available"]
+        if free is None:  # not in Redis (never preloaded, or lost): Postgres's orders say
+            free = row["stock_total"] - row["confirmed"]
+            warn(f"{sku['sku']} is not in Redis: its units left are its stock less its "
+                 "confirmed orders")  # fmt: skip
         if row["held"]:
             verb = "is" if row["held"] == 1 else "are"
             warn(f"{counted(row['held'], 'unit')} of {sku['sku']} {verb} still held, so left "
