@@ -87,7 +87,7 @@ class QueueView:
     def stranded(self, now_ms: int) -> int:
         """Units free that nobody can buy any more, as the pump last counted them: the line
         is closed to newcomers and nobody in it is left to admit or within a turn, as more
-        buyers walked away than the cutoff allowed for. None once the sale is over."""
+        buyers walked away than the cutoff allowed for. 0 once the sale is over."""
         if self.status == "ended" or now_ms >= self.ends_at_ms or self.sold_out:
             return 0
         if not self.closed_to_newcomers or self.waiting(now_ms) or self.outstanding:
