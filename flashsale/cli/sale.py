@@ -20,6 +20,7 @@ from typing import Any
 from allocator.sale_admin import SaleAdmin
 from flashsale.cli.checks import duration
 from flashsale.cli.output import Progress, Stages, dump_json, out
+from flashsale.cli.sale_flags import SALE_FLAGS, SKU_FLAGS, UPDATE_FLAGS, as_typed
 from flashsale.cli.sale_views import (
     print_orders,
     print_preload,
@@ -77,24 +78,6 @@ def read_json_file(path: str) -> Any:
         raise InvalidInput("file", "malformed JSON: nested too deeply") from None
 
 
-SKU_FLAGS = {
-    "title": "title",
-    "stock": "stock",
-    "price": "price",
-    "currency": "currency",
-    "limit": "per_buyer_limit",
-    "ttl": "hold_ttl_seconds",
-    "buckets": "buckets",
-}
-SALE_FLAGS = {
-    "name": "name",
-    "starts_at": "starts_at",
-    "ends_at": "ends_at",
-    "admission_rate": "admission_rate",
-    "max_queue": "max_queue",
-}
-
-
 def sale_from_flags(args: argparse.Namespace) -> dict[str, Any]:
     data: dict[str, Any] = {
         key: getattr(args, flag) for flag, key in SALE_FLAGS.items() if getattr(args, flag)
@@ -108,6 +91,13 @@ def sale_from_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def cmd_sale(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        return await _sale(args, settings)
+    except InvalidInput as exc:
+        raise as_typed(exc, args) from None
+
+
+async def _sale(args: argparse.Namespace, settings: Settings) -> int:
     command = args.sale_command
     # Validate everything before opening a connection: bad input writes nothing.
     if command == "create":
@@ -200,15 +190,6 @@ async def cmd_sale(args: argparse.Namespace, settings: Settings) -> int:
             sale = await sales.set_status(args.sale, command, with_skus=False)
             out(f"{sale['id']}: status {sale['status']} (state {sale['state']})")
     return 0
-
-
-# `sale update` flags (argparse attribute) and the sale field each sets.
-UPDATE_FLAGS = {
-    "name": "name", "starts_at": "starts_at", "ends_at": "ends_at",
-    "admission_rate": "admission_rate", "max_queue": "max_queue",
-    "window": "admission_window_seconds", "capacity": "admission_capacity",
-    "challenge": "join_challenge", "challenge_max": "join_challenge_max",
-}  # fmt: skip
 
 
 async def _import(settings: Settings, args: argparse.Namespace, stage: Stages) -> SkuImport:
