@@ -217,7 +217,8 @@ def test_a_sku_in_stock_buckets_from_the_cli(cli: Cli, rdb: redis.Redis) -> None
     flags = ["--name", "hot", "--sku", hot, "--stock", "10", "--price", "100",
              "--currency", "EUR"]  # fmt: skip
     refused = cli("sale", "create", *flags, "--buckets", "65")
-    assert refused.code == 2 and refused.err.startswith("flashsale: error: --buckets: "), refused.err
+    assert refused.code == 2, refused.err
+    assert refused.err.startswith("flashsale: error: --buckets: "), refused.err
     created = cli("sale", "create", *flags, "--buckets", "3")
     assert created.code == 0, created.err
     sale_id = created.out.strip()
