@@ -110,7 +110,7 @@ class Published:
                 "the sale ended before its pre-queue order was recorded: there is no order "
                 "to verify"
             )
-        return "the pre-queue is not shuffled and recorded yet"
+        return "the pre-queue is not drawn and recorded yet: that happens at the opening"
 
     def json(self, offset: int = 0, limit: int | None = None) -> dict[str, Any]:
         members = self.members or []

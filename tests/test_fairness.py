@@ -78,6 +78,10 @@ async def _shuffled(gw: Gateway, buyers: list[str]) -> tuple[str, dict[str, str]
     assert early.status == 200
     before = await early.json()
     assert (before["recorded"], before["seed"], before["members"]) == (False, None, [])
+    proof = await gw.http.get(f"/v1/sales/{sale}/fairness/proof",
+                              headers={"X-Queue-Ticket": tickets[buyers[0]]})  # fmt: skip
+    assert proof.status == 404  # not drawn yet, and said when it will be
+    assert "that happens at the opening" in (await proof.json())["error"]["message"]
     gw.pump(sale)
     for _ in range(200):
         doc = await (await gw.http.get(f"/v1/sales/{sale}/fairness")).json()
@@ -215,7 +219,7 @@ async def test_a_sale_ended_before_it_opened_says_it_has_no_order(gw: Gateway, c
         result = await asyncio.to_thread(cli, "fairness", "verify", sale, *where)
         assert result.code == 1, result.out + result.err
         assert "ended before its pre-queue order was recorded" in result.err, result.err
-        assert "not shuffled and recorded yet" not in result.err
+        assert "not drawn and recorded yet" not in result.err
 
 
 async def test_a_pre_queue_redis_lost_before_its_order_was_recorded_says_so(
@@ -223,7 +227,7 @@ async def test_a_pre_queue_redis_lost_before_its_order_was_recorded_says_so(
 ) -> None:
     """Drawn, then lost by Redis before the record was written (here: Postgres refused the
     first write, and the restored room lacks the positions): the record can never be made.
-    The sale said "not shuffled and recorded yet", for good, to buyers and to verify."""
+    The sale said "not drawn and recorded yet", for good, to buyers and to verify."""
     real, refused = fairness.record, asyncio.Event()
 
     async def first_write_fails(*args: Any) -> str:
