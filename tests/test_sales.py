@@ -1033,6 +1033,23 @@ def test_bad_flags(cli: Cli, counts: Any) -> None:
     assert counts() == before
 
 
+def test_a_started_sales_fixed_settings_are_named_by_their_flags(cli: Cli) -> None:
+    """`sale update --window` on a started sale was refused as "admission_window_seconds
+    cannot change (it can: name, ends_at, ...)": the admin API's fields, not the flags."""
+    made = cli("sale", "create", "--name", "Open now", "--sku", "A", "--stock", "1",
+               "--price", "1", "--currency", "EUR")  # fmt: skip
+    assert made.code == 0, made.err
+    sale_id = made.out.strip()
+    window = cli("sale", "update", sale_id, "--window", "90")
+    assert window.code == 1 and window.err.strip() == (
+        "flashsale: error: --window cannot change once the sale has started (it can: --name, "
+        "--ends-at, --admission-rate, --max-queue)"
+    ), window.err
+    price = cli("sale", "update-sku", sale_id, "A", "--price", "2")
+    assert price.code == 1, price.err
+    assert price.err.startswith("flashsale: error: --price cannot change"), price.err
+
+
 BAD_CSV = [
     ("bad stock", "sku,stock,price,currency\nA,1,100,EUR\nB,zero,100,EUR\n", "row 3.stock"),
     ("bad currency", "sku,stock,price,currency\nA,1,100,EURO\n", "row 2.currency"),

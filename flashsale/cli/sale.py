@@ -20,7 +20,13 @@ from typing import Any
 from allocator.sale_admin import SaleAdmin
 from flashsale.cli.checks import duration
 from flashsale.cli.output import Progress, Stages, dump_json, out
-from flashsale.cli.sale_flags import SALE_FLAGS, SKU_FLAGS, UPDATE_FLAGS, as_typed
+from flashsale.cli.sale_flags import (
+    SALE_FLAGS,
+    SKU_FLAGS,
+    UPDATE_FLAGS,
+    as_typed,
+    started_as_typed,
+)
 from flashsale.cli.sale_views import (
     print_orders,
     print_preload,
@@ -29,7 +35,7 @@ from flashsale.cli.sale_views import (
     watch_status,
 )
 from flashsale.clients import pg_pool, redis_client
-from flashsale.errors import InvalidInput
+from flashsale.errors import Conflict, InvalidInput
 from flashsale.records import body_fingerprint, idempotency_key
 from flashsale.salespec import (
     SALE_DEFAULTS,
@@ -95,6 +101,8 @@ async def cmd_sale(args: argparse.Namespace, settings: Settings) -> int:
         return await _sale(args, settings)
     except InvalidInput as exc:
         raise as_typed(exc, args) from None
+    except Conflict as exc:
+        raise started_as_typed(exc, args) from None
 
 
 async def _sale(args: argparse.Namespace, settings: Settings) -> int:

@@ -5,8 +5,9 @@ file or the admin API (`skus[0].per_buyer_limit`, `add`)."""
 from __future__ import annotations
 
 import argparse
+import re
 
-from flashsale.errors import InvalidInput
+from flashsale.errors import Conflict, InvalidInput
 
 # `sale create` without --file: its flags (argparse attribute) and the field each sets.
 SKU_FLAGS = {
@@ -66,3 +67,13 @@ def as_typed(exc: InvalidInput, args: argparse.Namespace) -> InvalidInput:
     if typed is None:
         return exc
     return InvalidInput(typed, exc.message.removeprefix(f"{exc.field}: "), code=exc.code)
+
+
+def started_as_typed(exc: Conflict, args: argparse.Namespace) -> Conflict:
+    """A started sale's refusal of a change (``sale_started``), its fields named as typed: the
+    one refused and those that can still change."""
+    typed = typed_names(args)
+    if exc.code != "sale_started" or not typed:
+        return exc
+    pattern = r"\b(" + "|".join(map(re.escape, sorted(typed, key=len, reverse=True))) + r")\b"
+    return Conflict(re.sub(pattern, lambda m: typed[m.group(1)], exc.message), code=exc.code)
