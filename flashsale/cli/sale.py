@@ -312,7 +312,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--force", action="store_true",
         help="reload even with held or sold units (they are never reset)",
     )  # fmt: skip
-    status = sale_sub.add_parser("status", help="per SKU: stock, available, held, sold, confirmed")
+    status = sale_sub.add_parser(
+        "status", help="the waiting room, then per SKU: stock, available, held, sold, confirmed"
+    )
     status.add_argument("sale", help="sale id")
     status.add_argument("--json", action="store_true", help="print it as JSON")
     status.add_argument("--sku", help="this SKU alone (a sale may have thousands)")
