@@ -62,7 +62,7 @@ def test_a_share_below_zero_is_told_the_range_of_a_share(run_cli: Cli) -> None:
     for field in ("decline", "no-show", "abandon", "pre-queue"):
         result = run_cli("demo", f"--{field}", "-0.1")
         assert result.code == 2, result
-        assert result.err.strip() == f"flashsale: error: {field}: must be within 0..1, got '-0.1'"
+        assert result.err.strip() == f"flashsale: error: --{field}: must be within 0..1, got '-0.1'"
 
 
 def test_a_port_out_of_range_is_told_the_range_of_a_port(run_cli: Cli) -> None:
@@ -72,7 +72,7 @@ def test_a_port_out_of_range_is_told_the_range_of_a_port(run_cli: Cli) -> None:
         result = run_cli("gateway", "--port", value)
         assert result.code == 2, result
         assert result.err.strip() == (
-            f"flashsale: error: port: must be a TCP port (1..65535), got '{value}'"
+            f"flashsale: error: --port: must be a TCP port (1..65535), got '{value}'"
         ), result.err
 
 
@@ -121,3 +121,48 @@ def test_the_reconcilers_help_names_its_budget() -> None:
     reconcile = dict(parsers(build_parser()))["reconcile"]
     interval = next(a for a in reconcile._actions if a.dest == "interval")
     assert f"budget of {SKUS_PER_S:,.0f} SKUs a second" in (interval.help or "")
+
+
+# Refused flags of commands across the groups.
+TYPED = [
+    (("sale", "list", "--limit", "0"), "--limit"),
+    (("sale", "list", "--offset", "-1"), "--offset"),
+    (("sale", "orders", "sale-x", "--state", "SHIPPED"), "--state"),
+    (("sale", "status", "sale-x", "--watch", "--interval", "0"), "--interval"),
+    (("sale", "status", "sale-x", "--watch", "--count", "0"), "--count"),
+    (
+        (
+            "sale",
+            "create",
+            "--name",
+            "x",
+            "--starts-in",
+            "soon",
+            "--sku",
+            "A",
+            "--stock",
+            "1",
+            "--price",
+            "1",
+            "--currency",
+            "EUR",
+        ),
+        "--starts-in",
+    ),
+    (("fairness", "verify", "sale-x", "--commitment", "zz"), "--commitment"),
+    (("kafka", "dead-letters", "--limit", "0"), "--limit"),
+    (("demo", "--decline", "2"), "--decline"),
+    (("gateway", "--port", "0"), "--port"),
+]
+
+
+def test_a_refused_flag_is_named_as_it_was_typed(cli: Cli) -> None:
+    """`sale list --limit 0` was refused as "limit:", `sale status --interval 0` as
+    "interval:", `demo --decline 2` as "decline:" and `sale create --starts-in soon` as
+    "starts-in:": names of the program's own, where the one typed is `--limit`."""
+    wrong = []
+    for argv, flag in TYPED:
+        result = cli(*argv)
+        if result.code != 2 or not result.err.startswith(f"flashsale: error: {flag}: "):
+            wrong.append((" ".join(argv), result.code, result.err.strip()))
+    assert not wrong, wrong

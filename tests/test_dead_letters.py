@@ -57,7 +57,7 @@ async def test_parked_messages_are_listed_with_their_reasons_and_counted(
         assert "unreadable" in last.out and "[1, 2]" in last.out
 
         bad = await asyncio.to_thread(run_cli, "kafka", "dead-letters", "--limit", "0")
-        assert bad.code == 2 and bad.err.startswith("flashsale: error: limit:"), bad.err
+        assert bad.code == 2 and bad.err.startswith("flashsale: error: --limit:"), bad.err
 
         # The reconciler's gauge (the alert's input) rises with one more parked message. Its
         # figure is the broker's end offsets, which tansu reports short (module docstring of

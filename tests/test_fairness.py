@@ -282,5 +282,5 @@ def test_verify_refuses_a_url_that_is_not_one_in_a_line(run_cli: Cli, url: str) 
     result = run_cli("fairness", "verify", "sale-x", "--url", url)
     assert result.code == 2, result
     assert result.err.strip() == (
-        f"flashsale: error: url: must be an http(s)://host[:port] URL, got '{url}'"
+        f"flashsale: error: --url: must be an http(s)://host[:port] URL, got '{url}'"
     ), result.err

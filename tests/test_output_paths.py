@@ -34,7 +34,7 @@ def test_a_report_path_in_no_folder_is_refused_before_anything_runs(
     began = time.monotonic()
     result = run_cli(*argv, "--json", str(missing / "report.json"))
     assert result.code == 2, result
-    assert result.err.strip() == f"flashsale: error: json: no folder {missing} to write it in"
+    assert result.err.strip() == f"flashsale: error: --json: no folder {missing} to write it in"
     assert time.monotonic() - began < 5  # refused, not run
 
 
@@ -44,7 +44,7 @@ def test_a_report_path_that_is_a_folder_is_refused(
 ) -> None:
     result = run_cli(*argv, "--json", str(tmp_path))
     assert result.code == 2, result
-    assert result.err.strip() == f"flashsale: error: json: {tmp_path} is a folder"
+    assert result.err.strip() == f"flashsale: error: --json: {tmp_path} is a folder"
 
 
 def test_a_spike_report_folder_that_cannot_be_made_is_refused(run_cli: Cli, tmp_path: Path) -> None:
@@ -53,7 +53,7 @@ def test_a_spike_report_folder_that_cannot_be_made_is_refused(run_cli: Cli, tmp_
     result = run_cli("loadtest", "spike", "--buyers", "5", "--out", str(blocker / "spike"))
     assert result.code == 2, result
     assert result.err.strip() == (
-        f"flashsale: error: out: cannot make the folder {blocker / 'spike'}: Not a directory"
+        f"flashsale: error: --out: cannot make the folder {blocker / 'spike'}: Not a directory"
     )
 
 

@@ -230,5 +230,5 @@ def test_a_host_that_is_no_url_is_refused_before_anything_runs(run_cli: Cli, hos
     result = run_cli("loadtest", "spike", "--host", host, "--buyers", "5")
     assert result.code == 2, result
     assert result.err.strip() == (
-        f"flashsale: error: host: must be an http(s)://host[:port] URL, got {host!r}"
+        f"flashsale: error: --host: must be an http(s)://host[:port] URL, got {host!r}"
     ), result.err

@@ -104,9 +104,9 @@ def test_cli_mints_tokens_that_verify(run_cli: Cli, monkeypatch: pytest.MonkeyPa
 
 @pytest.mark.parametrize(
     ("args", "field"),
-    [(["--count", "-1"], "count"), (["--ttl", "x"], "ttl"), (["--prefix", "a b"], "prefix"),
+    [(["--count", "-1"], "--count"), (["--ttl", "x"], "--ttl"), (["--prefix", "a b"], "--prefix"),
      # float() reads these: tracebacks where a number was due
-     (["--ttl", "inf"], "ttl"), (["--ttl", "nan"], "ttl"), (["--ttl", "1e300"], "ttl")],
+     (["--ttl", "inf"], "--ttl"), (["--ttl", "nan"], "--ttl"), (["--ttl", "1e300"], "--ttl")],
 )  # fmt: skip
 def test_cli_bad_input(run_cli: Cli, monkeypatch: pytest.MonkeyPatch, args: list[str],
                        field: str) -> None:  # fmt: skip

@@ -229,7 +229,7 @@ def _refused(*argv: str) -> tuple[int, str]:
 
 @pytest.mark.parametrize(
     ("taken", "field"),
-    [(0, "port"), (1, "allocator-port"), (4, "reconciler-port"), (5, "reservation-port")],
+    [(0, "--port"), (1, "allocator-port"), (4, "reconciler-port"), (5, "reservation-port")],
 )
 def test_up_refuses_a_port_another_process_listens_on(
     stack: Settings, taken: int, field: str
@@ -252,7 +252,7 @@ def test_a_gateway_of_several_processes_refuses_a_taken_port(stack: Settings) ->
     with _held(port, reuse_port=True):  # as another gateway binds
         code, err = _refused("gateway", "--port", str(port), "--workers", "2")
     assert code == 2, err
-    assert err.strip() == f"flashsale: error: port: 127.0.0.1:{port} is in use by another process"
+    assert err.strip() == f"flashsale: error: --port: 127.0.0.1:{port} is in use by another process"
 
 
 def test_up_refuses_two_services_on_one_port(stack: Settings) -> None:
@@ -271,7 +271,7 @@ def test_up_on_a_port_too_high_for_the_ports_after_it_names_the_flag_given(
     code, err = _refused("up", "--port", str(port))
     assert code == 2, err
     assert err.strip() == (
-        f"flashsale: error: port: {port} leaves no room for the ports after it (PORT+1 to "
+        f"flashsale: error: --port: {port} leaves no room for the ports after it (PORT+1 to "
         f"PORT+5): give a port up to 65530, or each of "
         + ", ".join(f"--{flag}" for flag in AFTER_PORT[65535 - port :])
     ), err

@@ -5,12 +5,13 @@ Every command reads Settings once, here, and passes them down. Commands live by 
 :mod:`~flashsale.cli.dev` (the stack, migrations, topics), :mod:`~flashsale.cli.sale`,
 :mod:`~flashsale.cli.buyers` (fairness, tokens), :mod:`~flashsale.cli.serve` (the services),
 :mod:`~flashsale.cli.load` (the demo, spike and chaos tests) and :mod:`~flashsale.cli.bench`.
-Errors are one line on stderr (``flashsale:
-error: skus[0].stock: must be a positive integer``) with a non-zero exit: 2 for bad input, 1
-for anything else. Nothing is written on bad input. A server that is down, stalled or refusing
-writes for now (:func:`flashsale.outages.is_outage`, as the services judge it) is one line
-too, as is a file that cannot be read or written (the file and why); a database whose schema
-is behind says to run ``flashsale migrate``. Any other exception is a bug and keeps its
+Errors are one line on stderr (``flashsale: error: skus[0].stock: must be a positive integer``)
+with a non-zero exit: 2 for bad input, 1 for anything else. Bad input names a flag or an
+argument as it was typed (``--limit``), a sale file's field by its path
+(:mod:`~flashsale.cli.flags`). Nothing is written on bad input. A server that is down, stalled
+or refusing writes for now (:func:`flashsale.outages.is_outage`, as the services judge it) is
+one line too, as is a file that cannot be read or written (the file and why); a database whose
+schema is behind says to run ``flashsale migrate``. Any other exception is a bug and keeps its
 traceback.
 """
 
@@ -25,6 +26,7 @@ from typing import Any
 
 from flashsale import __version__, event_loop
 from flashsale.cli import bench, buyers, dev, load, sale, serve
+from flashsale.cli.flags import as_typed
 from flashsale.cli.output import after_reader_gone, fail, reader_gone, warn
 from flashsale.env_values import unknown_settings
 from flashsale.errors import FlashsaleError, InvalidInput
@@ -60,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if not os.environ.get(PARENT_PID):  # said once, by `flashsale up`, not by every service
         for line in unknown_settings(os.environ):
             warn(line)
@@ -77,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = event_loop.run(result)
         return int(result)
     except InvalidInput as exc:
-        fail(exc.message)
+        fail(as_typed(exc, parser, args).message)  # `--limit`, not the program's `limit`
         return 2
     except FlashsaleError as exc:
         fail(exc.message)

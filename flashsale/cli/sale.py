@@ -19,14 +19,8 @@ from typing import Any
 
 from allocator.sale_admin import SaleAdmin
 from flashsale.cli.checks import duration
+from flashsale.cli.flags import SALE_FLAGS, SKU_FLAGS, UPDATE_FLAGS, started_as_typed
 from flashsale.cli.output import Progress, Stages, dump_json, out
-from flashsale.cli.sale_flags import (
-    SALE_FLAGS,
-    SKU_FLAGS,
-    UPDATE_FLAGS,
-    as_typed,
-    started_as_typed,
-)
 from flashsale.cli.sale_views import (
     print_orders,
     print_preload,
@@ -99,8 +93,6 @@ def sale_from_flags(args: argparse.Namespace) -> dict[str, Any]:
 async def cmd_sale(args: argparse.Namespace, settings: Settings) -> int:
     try:
         return await _sale(args, settings)
-    except InvalidInput as exc:
-        raise as_typed(exc, args) from None
     except Conflict as exc:
         raise started_as_typed(exc, args) from None
 

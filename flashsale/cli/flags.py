@@ -1,6 +1,7 @@
-"""The `flashsale sale` commands' flags and arguments, with the sale field each sets: input a
-command refuses is named as it was typed (`--limit`, `N`), not by the field's path in a sale
-file or the admin API (`skus[0].per_buyer_limit`, `add`)."""
+"""Refused input named as it was typed: `--limit`, `--starts-in`, `N`, not the program's own
+name for what it sets (`limit`, `starts-in`, or a sale field's path in a sale file or the admin
+API, `skus[0].per_buyer_limit`). Every command's flags and arguments come from its parser; the
+`flashsale sale` commands add the sale field each of theirs sets."""
 
 from __future__ import annotations
 
@@ -45,9 +46,40 @@ def _flag(attribute: str) -> str:
     return "--" + attribute.replace("_", "-")
 
 
-def typed_names(args: argparse.Namespace) -> dict[str, str]:
-    """The fields ``args``'s command sets, each by what was typed for it."""
-    command = args.sale_command
+def command_parser(parser: argparse.ArgumentParser,
+                   args: argparse.Namespace) -> argparse.ArgumentParser:  # fmt: skip
+    """The parser of the command ``args`` holds (``sale list``'s, not ``flashsale``'s)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = getattr(args, action.dest, None)
+            if chosen in action.choices:
+                return command_parser(action.choices[chosen], args)
+    return parser
+
+
+def _parsed_names(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, str]:
+    """Each flag and argument of ``args``'s command by its attribute (``starts_in``, and
+    ``starts-in`` as some checks write it), naming it as typed. A flag that was not given and
+    has no default is left out: a field of its name came from elsewhere (a sale file's `name`
+    is not `--name`)."""
+    names = {}
+    for action in command_parser(parser, args)._actions:
+        if isinstance(action, argparse._SubParsersAction) or action.dest == "help":
+            continue
+        if action.option_strings:
+            if getattr(args, action.dest, None) is None:
+                continue
+            long = [option for option in action.option_strings if option.startswith("--")]
+            typed = (long or action.option_strings)[0]
+        else:
+            typed = action.metavar if isinstance(action.metavar, str) else action.dest
+        names[action.dest] = names[action.dest.replace("_", "-")] = typed
+    return names
+
+
+def _sale_names(args: argparse.Namespace) -> dict[str, str]:
+    """The sale fields a ``flashsale sale`` command sets, each by what was typed for it."""
+    command: str = getattr(args, "sale_command", "")
     if command == "create" and not args.file:
         return {
             **{field: _flag(attr) for attr, field in SALE_FLAGS.items()},
@@ -61,9 +93,10 @@ def typed_names(args: argparse.Namespace) -> dict[str, str]:
     return ARGUMENTS.get(command, {})
 
 
-def as_typed(exc: InvalidInput, args: argparse.Namespace) -> InvalidInput:
+def as_typed(exc: InvalidInput, parser: argparse.ArgumentParser,
+             args: argparse.Namespace) -> InvalidInput:  # fmt: skip
     """``exc`` naming the flag or argument typed for its field (itself when none was)."""
-    typed = typed_names(args).get(exc.field)
+    typed = {**_parsed_names(parser, args), **_sale_names(args)}.get(exc.field)
     if typed is None:
         return exc
     return InvalidInput(typed, exc.message.removeprefix(f"{exc.field}: "), code=exc.code)
@@ -72,7 +105,7 @@ def as_typed(exc: InvalidInput, args: argparse.Namespace) -> InvalidInput:
 def started_as_typed(exc: Conflict, args: argparse.Namespace) -> Conflict:
     """A started sale's refusal of a change (``sale_started``), its fields named as typed: the
     one refused and those that can still change."""
-    typed = typed_names(args)
+    typed = _sale_names(args)
     if exc.code != "sale_started" or not typed:
         return exc
     pattern = r"\b(" + "|".join(map(re.escape, sorted(typed, key=len, reverse=True))) + r")\b"
