@@ -166,3 +166,31 @@ def test_a_refused_flag_is_named_as_it_was_typed(cli: Cli) -> None:
         if result.code != 2 or not result.err.startswith(f"flashsale: error: {flag}: "):
             wrong.append((" ".join(argv), result.code, result.err.strip()))
     assert not wrong, wrong
+
+
+SKU = ("--sku", "A", "--stock", "1", "--price", "1", "--currency", "EUR")
+EMPTY = [
+    (("sale", "create", "--file", "examples/sneaker-drop.json", "--name", ""), "--name"),
+    (("sale", "create", "--name", "x", *SKU, "--starts-in", ""), "--starts-in"),
+    (("sale", "create", "--name", "x", *SKU, "--title", ""), "--title"),
+    (("sale", "update", "sale-x", "--starts-in", ""), "--starts-in"),
+    (("sale", "update-sku", "sale-x", "A", "--title", ""), "--title"),
+    (("fairness", "verify", "sale-x", "--buyer", ""), "--buyer"),
+    (("demo", "--json", ""), "--json"),
+]
+
+
+def test_a_flag_given_an_empty_value_is_refused_not_ignored(cli: Cli) -> None:
+    """`sale create --file F --name ""` created the sale under the file's name, `--starts-in ""`
+    opened it at once and `--title ""` titled the SKU by its id, each as if the flag had not
+    been typed; `sale update-sku S A --title ""` answered "give --title or --price"."""
+    wrong = []
+    for argv, flag in EMPTY:
+        result = cli(*argv)
+        if (
+            result.code != 2
+            or result.out
+            or not result.err.startswith(f"flashsale: error: {flag}: ")
+        ):
+            wrong.append((" ".join(argv), result.code, result.out.strip(), result.err.strip()))
+    assert not wrong, wrong

@@ -26,7 +26,7 @@ from typing import Any
 
 from flashsale import __version__, event_loop
 from flashsale.cli import bench, buyers, dev, load, sale, serve
-from flashsale.cli.flags import as_typed
+from flashsale.cli.flags import as_typed, refuse_empty
 from flashsale.cli.output import after_reader_gone, fail, reader_gone, warn
 from flashsale.env_values import unknown_settings
 from flashsale.errors import FlashsaleError, InvalidInput
@@ -68,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in unknown_settings(os.environ):
             warn(line)
     try:
+        refuse_empty(parser, args)
         settings = Settings.from_env()  # a bad setting is one line naming it, like bad input
         configure_logging(settings)
         # The services (their parsers set ``serves``) keep the Kafka client's own log lines;

@@ -57,6 +57,15 @@ def command_parser(parser: argparse.ArgumentParser,
     return parser
 
 
+def refuse_empty(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Raise InvalidInput for a flag without a default given an empty value (``--name ""``):
+    the commands read such a flag's value as given or not, and would take it as not typed. A
+    flag with a default checks its value itself (``--limit ""`` is not an integer)."""
+    for action in command_parser(parser, args)._actions:
+        if action.option_strings and action.default is None and getattr(args, action.dest) == "":
+            raise InvalidInput(action.dest, "is empty: give a value, or leave the flag out")
+
+
 def _parsed_names(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, str]:
     """Each flag and argument of ``args``'s command by its attribute (``starts_in``, and
     ``starts-in`` as some checks write it), naming it as typed. A flag that was not given and
