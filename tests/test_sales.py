@@ -871,6 +871,24 @@ def test_the_list_pages_past_its_newest_thousand_sales(cli: Cli, tmp_path: Path)
     assert bad.code == 2 and bad.err.startswith("flashsale: error: --offset: "), bad.err
 
 
+def test_an_empty_list_says_so(cli: Cli, tmp_path: Path) -> None:
+    """``sale orders`` of a sale without orders, and ``sale list`` past the last sale, printed
+    nothing at all: the same as a command that did not get to run."""
+    sale_id = create(cli, tmp_path)
+    orders = cli("sale", "orders", sale_id)
+    assert orders.code == 0 and orders.out == f"no orders in {sale_id} yet\n", orders
+    confirmed = cli("sale", "orders", sale_id, "--state", "confirmed")
+    assert confirmed.out == f"no CONFIRMED orders in {sale_id}\n", confirmed
+    past = cli("sale", "list", "--offset", "100000000")
+    assert past.code == 0 and past.out == "no sales past the newest 100,000,000\n", past
+    paused = cli("sale", "list", "--status", "paused", "--offset", "100000000")
+    assert paused.out == "no paused sales past the newest 100,000,000\n", paused
+    as_json = cli("sale", "list", "--offset", "100000000", "--json")
+    assert as_json.out == "[]\n", as_json
+    csv = cli("sale", "orders", sale_id, "--csv")
+    assert csv.out.startswith("id,sku,") and len(csv.out.splitlines()) == 1, csv
+
+
 def test_status_watch_refreshes_and_list_prints_json(cli: Cli, tmp_path: Path) -> None:
     sale_id = create(cli, tmp_path)
     before = cli("sale", "status", sale_id)  # not preloaded yet: said in words, not "None"

@@ -90,6 +90,14 @@ def sale_from_flags(args: argparse.Namespace) -> dict[str, Any]:
     return data
 
 
+def no_sales(status: str | None, offset: int) -> str:
+    """What ``sale list`` says when it lists none, rather than nothing at all."""
+    which = f"no {status} sales" if status else "no sales"
+    if offset:
+        return f"{which} past the newest {offset:,}"
+    return which if status else "no sales yet: `flashsale sale create` makes one"
+
+
 async def cmd_sale(args: argparse.Namespace, settings: Settings) -> int:
     try:
         return await _sale(args, settings)
@@ -135,6 +143,8 @@ async def _sale(args: argparse.Namespace, settings: Settings) -> int:
                 dump_json(listed)
             for sale in [] if args.json else listed:
                 out(f"{sale['id']}  {sale['state']:9}  {sale['starts_at']}  {sale['name']}")
+            if not listed and not args.json:
+                out(no_sales(args.status, int(args.offset)))
         elif command == "orders":
             await print_orders(sales, args)
         elif command == "show":

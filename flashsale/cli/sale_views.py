@@ -134,6 +134,9 @@ async def print_orders(sales: SaleAdmin, args: argparse.Namespace) -> None:
     after = None
     while True:
         page = await sales.orders(args.sale, state=args.state, after=after)
+        if not page and after is None:
+            out(f"no {args.state.upper()} orders in {args.sale}" if args.state
+                else f"no orders in {args.sale} yet")  # fmt: skip
         for o in page:
             paid = f"{major(o['amount'], o['currency'])} {o['currency']}"
             out(f"{o['id']}  {o['state']:14}  {o['sku']}  x{o['quantity']}  {paid}  "
