@@ -889,6 +889,18 @@ def test_an_empty_list_says_so(cli: Cli, tmp_path: Path) -> None:
     assert csv.out.startswith("id,sku,") and len(csv.out.splitlines()) == 1, csv
 
 
+def test_the_status_of_a_sale_without_skus_says_how_to_add_them(cli: Cli) -> None:
+    """It printed the table's header over no row, and `preload` refused: no SKUs."""
+    sale_id = cli("sale", "create", "--name", "No SKUs yet", "--starts-in", "1h").out.strip()
+    status = cli("sale", "status", sale_id)
+    assert status.code == 0, status.err
+    assert "STOCK" not in status.out, status.out
+    assert f"no SKUs yet: add some with `flashsale sale import FILE.csv --sale {sale_id}`" in (
+        status.out
+    ), status.out
+    assert f"not preloaded (`flashsale sale preload {sale_id}`)" in status.out, status.out
+
+
 def test_status_watch_refreshes_and_list_prints_json(cli: Cli, tmp_path: Path) -> None:
     sale_id = create(cli, tmp_path)
     before = cli("sale", "status", sale_id)  # not preloaded yet: said in words, not "None"

@@ -33,14 +33,19 @@ def print_status(status: dict[str, Any], *, as_json: bool, whole: bool = True) -
     sale = status["sale"]
     out(f'sale {sale["id"]}  "{sale["name"]}"  state={sale["state"]}  status={sale["status"]}')
     preloaded = sale["preloaded_at"]
-    loaded = f"preloaded {preloaded}" if preloaded else "not preloaded (sale preload ID)"
+    loaded = (f"preloaded {preloaded}" if preloaded
+              else f"not preloaded (`flashsale sale preload {sale['id']}`)")  # fmt: skip
     out(f"  starts {sale['starts_at']}  ends {sale['ends_at']}  {loaded}")
     queue = status.get("queue")
     if whole and queue and queue["live"]:
         out(f"  queue: {queue_line(queue)}")
+    if not status["skus"]:
+        out(f"  no SKUs yet: add some with `flashsale sale import FILE.csv --sale {sale['id']}`")
     w = max((len(row["sku"]) for row in status["skus"]), default=0)
     w = max(20, w)  # the SKU column, as wide as the longest
-    out(f"  {'SKU':{w}} {'STOCK':>10} {'AVAILABLE':>10} {'HELD':>8} {'SOLD':>8} {'CONFIRMED':>10}")
+    if status["skus"]:
+        out(f"  {'SKU':{w}} {'STOCK':>10} {'AVAILABLE':>10} {'HELD':>8} {'SOLD':>8} "
+            f"{'CONFIRMED':>10}")  # fmt: skip
 
     def cell(value: int | None) -> str:
         return "-" if value is None else str(value)
