@@ -273,14 +273,14 @@ def parse_sale(data: Any, *, now: datetime | None = None) -> SaleSpec:
     _check_fields(data, SALE_FILE_FIELDS, "")
     name = text(data.get("name"), "name")
     now = now or datetime.now(UTC)
-    starts_at = timestamp(data["starts_at"], "starts_at") if data.get("starts_at") else now
+    # Left out, a date takes its default; given, it must be one ("" or null is not).
+    starts_at = timestamp(data["starts_at"], "starts_at") if "starts_at" in data else now
     ends_at = (
-        timestamp(data["ends_at"], "ends_at")
-        if data.get("ends_at")
-        else starts_at + DEFAULT_DURATION
+        timestamp(data["ends_at"], "ends_at") if "ends_at" in data else starts_at + DEFAULT_DURATION
     )
     if ends_at <= starts_at:
-        raise InvalidInput("ends_at", "must be after starts_at")
+        raise InvalidInput("ends_at", f"must be after the start, {starts_at:%Y-%m-%dT%H:%M:%SZ}, "
+                                      f"got {ends_at:%Y-%m-%dT%H:%M:%SZ}")  # fmt: skip
 
     def count(name: str, minimum: int, maximum: int, what: str) -> int:
         return integer(data.get(name, SALE_DEFAULTS[name]), name, minimum=minimum,

@@ -978,6 +978,25 @@ def test_a_timestamp_refused_shows_an_example_that_would_be_accepted(value: Any)
     assert when.tzinfo is not None and when > datetime.now(UTC) + timedelta(days=30), example
 
 
+@pytest.mark.parametrize("field", ["starts_at", "ends_at"])
+@pytest.mark.parametrize("value", ["", None, 0, "  "])
+def test_an_empty_date_is_refused_not_read_as_left_out(field: str, value: Any) -> None:
+    """`"starts_at": ""` opened the sale at once, as a sale file without the field does."""
+    with pytest.raises(InvalidInput) as refused:
+        parse_sale({**SALE, field: value})
+    assert refused.value.field == field, refused.value
+
+
+def test_an_end_before_the_start_is_told_both() -> None:
+    """It said "must be after starts_at", a field name, whichever flag or field was typed."""
+    with pytest.raises(InvalidInput) as refused:
+        parse_sale({**SALE, "starts_at": "2030-01-01T00:00:00Z",
+                    "ends_at": "2029-01-01T00:00:00+01:00"})  # fmt: skip
+    assert refused.value.message == (
+        "ends_at: must be after the start, 2030-01-01T00:00:00Z, got 2028-12-31T23:00:00Z"
+    ), refused.value
+
+
 def test_a_currency_in_lower_case_is_refused_with_the_code_that_would_be_accepted() -> None:
     # It said "unknown ISO 4217 currency 'eur'", as for a code that does not exist.
     with pytest.raises(InvalidInput) as refused:
