@@ -1095,6 +1095,10 @@ def test_a_started_sales_fixed_settings_are_named_by_their_flags(cli: Cli) -> No
         "flashsale: error: --window cannot change once the sale has started (it can: --name, "
         "--ends-at, --admission-rate, --max-queue)"
     ), window.err
+    moved = cli("sale", "update", sale_id, "--starts-in", "10m")  # was named --starts-at
+    assert moved.code == 1 and moved.err.startswith(
+        "flashsale: error: --starts-in cannot change once the sale has started"
+    ), moved.err
     price = cli("sale", "update-sku", sale_id, "A", "--price", "2")
     assert price.code == 1, price.err
     assert price.err.startswith("flashsale: error: --price cannot change"), price.err

@@ -96,7 +96,10 @@ def _sale_names(args: argparse.Namespace) -> dict[str, str]:
             "skus[0].sku": "--sku",
         }
     if command == "update":
-        return {field: _flag(attr) for attr, field in UPDATE_FLAGS.items()}
+        typed = {field: _flag(attr) for attr, field in UPDATE_FLAGS.items()}
+        if args.starts_in is not None:  # sets starts_at too
+            typed["starts_at"] = "--starts-in"
+        return typed
     if command == "update-sku":
         return {"title": "--title", "price": "--price"}
     return ARGUMENTS.get(command, {})
