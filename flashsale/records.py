@@ -176,8 +176,9 @@ IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9._:-]{1,100}\Z")
 
 def idempotency_key(value: str | None, *, required: bool) -> str | None:
     """A caller's Idempotency-Key: 1..100 of ``A-Z a-z 0-9 . _ : -`` (InvalidInput naming the
-    header otherwise); None when absent and not ``required``."""
-    if not value and not required:
+    header otherwise); None when absent and not ``required``. An empty one is refused: taken
+    as none, each retry would be a new request."""
+    if value is None and not required:
         return None
     if not value or not IDEMPOTENCY_KEY.match(value):
         raise InvalidInput("Idempotency-Key", ("required header: " if required else "")
