@@ -19,7 +19,10 @@ import requests
 
 from flashsale.cli.devstack.processes import UP_PORTS, free_ports
 from flashsale.cli.serve import AFTER_PORT, _cors_for, _reservation_listener
+from flashsale.engine_record import refuse_a_second_simulator, running_simulator
+from flashsale.errors import Conflict
 from flashsale.settings import Settings
+from loadtest.processes import engine
 from tests.conftest import Cli
 from tests.harness import healthy
 
@@ -53,6 +56,22 @@ def test_up_supervises_and_stops_cleanly(stack: Settings, cli: Cli, tmp_path: Pa
         assert requests.post(queue, timeout=5).status_code == 404
         assert requests.post(queue.replace(f":{port + 5}/", f":{port}/"),
                              timeout=5).status_code == 401  # fmt: skip
+        # A second engine on the same stack started a payment simulator of its own: the two
+        # engines' workers share the consumer group, so each simulator knew only some of the
+        # charges (a demo run beside `up` failed its audit: "confirmed orders without
+        # capture"), and the second removed the first's record when it stopped.
+        other = free_ports(UP_PORTS)
+        second = subprocess.run(
+            [sys.executable, "-m", "flashsale", "up", "--port", str(other)],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert second.returncode == 1, second
+        assert second.stderr.startswith(
+            f"flashsale: error: an engine is running on this stack: its payment simulator "
+            f"answers at http://127.0.0.1:{port + 3}"
+        ), second.stderr
+        with pytest.raises(Conflict), engine(stack, other, tmp_path / "demo-engine.log"):
+            pass  # the demo, a spike --embedded and the fault suite start theirs with this
         # The audit, run from another shell as the README shows, finds the simulator `up`
         # started: it is recorded in the state folder.
         created = cli("sale", "create", "--name", "audited", "--sku", "A", "--stock", "1",
@@ -286,3 +305,13 @@ def test_a_service_whose_port_is_taken_says_so(stack: Settings) -> None:
     last = err.strip().splitlines()[-1]
     assert last.startswith("flashsale: error: cannot listen on 127.0.0.1:"), last
     assert "address already in use" in last, last
+
+
+def test_a_record_left_by_a_killed_engine_refuses_no_new_one(tmp_path: Path) -> None:
+    """``kill -9`` of ``up`` leaves its record behind; its simulator died with it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]  # nothing listens there once the socket is closed
+    (tmp_path / "engine.env").write_text(f"export FLASHSALE_PSP_URL=http://127.0.0.1:{closed}\n")
+    assert running_simulator(tmp_path) is None
+    refuse_a_second_simulator(tmp_path)  # no Conflict

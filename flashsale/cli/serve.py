@@ -23,6 +23,7 @@ from flashsale.cli.checks import (
 )
 from flashsale.cli.output import Stages, dump_json, out
 from flashsale.cli.supervisor import HUNG_AFTER_S
+from flashsale.engine_record import refuse_a_second_simulator
 from flashsale.errors import ConfigError, InvalidInput
 from flashsale.settings import Settings
 from flashsale.wording import counted
@@ -176,6 +177,8 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     # A provider named in the environment is used as it is; one that a previous `up` recorded
     # in the state folder is not: this `up` starts its own simulator.
     external = None if "FLASHSALE_PSP_URL" in settings.from_dev_env else settings.psp_url
+    if not external:
+        refuse_a_second_simulator(settings.home)
     unused = {"psp-port"} if external else set()
     needed = set(AFTER_PORT) - unused - (set() if listeners else {"reservation-port"})
     ports = _ports_after(port, args, needed)
@@ -211,6 +214,8 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         + ("" if external else " (simulator)")
         + ". Ctrl-C or SIGTERM stops everything."
     )
+    if external:  # the record names the simulator this engine runs: none here
+        return runners.supervise(children, metrics_dir, hung_after_s=hung_after)
     with runners.recorded_psp(settings.home, psp_url):
         return runners.supervise(children, metrics_dir, hung_after_s=hung_after)
 
