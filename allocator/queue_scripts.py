@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from redis.commands.core import AsyncScript
 
@@ -218,11 +219,16 @@ class QueueScripts:
         raw = await self.client.hmget(keys.members, buyer_ids)
         return [None if r is None else int(r) for r in raw]
 
-    async def claimed(self, keys: SaleKeys, position: int) -> bool:
-        """Whether admission ``position`` was used: a request was granted with it, or its buyer
-        left (a claim marked refused used nothing; see ``lua/lib.lua``)."""
+    async def used_by(self, keys: SaleKeys, position: int) -> Literal["reserved", "left"] | None:
+        """How admission ``position`` was used: a request was granted with it (``reserved``),
+        its buyer left (``left``), or not at all (None; a claim marked refused used nothing:
+        see ``lua/lib.lua``)."""
         found = await self.client.zrangebyscore(keys.claims, position, position, 0, 1)
-        return any(not ClaimMember.is_refused(text(member)) for member in found)
+        for raw in found:
+            claim = ClaimMember.parse(text(raw))
+            if not claim.refused:
+                return "left" if claim.left else "reserved"
+        return None
 
 
 _CLAIMED_SO_FAR = (

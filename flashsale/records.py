@@ -98,7 +98,8 @@ class ReserveResult:
     """The reserve script's answer for one request: ``outcome`` is reserved, sold_out,
     limit_exceeded, idempotency_mismatch, invalid_quantity, not_started, paused, ended or
     unavailable; through the admission gate also rate_limited, admission_used,
-    admission_mismatch, admission_expired, not_admitted or admission_unavailable."""
+    admission_left, admission_mismatch, admission_expired, not_admitted or
+    admission_unavailable."""
 
     outcome: str
     reservation_id: str | None = None
@@ -223,6 +224,11 @@ class ClaimMember:
     @staticmethod
     def is_refused(raw: bytes | str) -> bool:
         return text(raw).endswith(_REFUSED_CLAIM)
+
+    @property
+    def left(self) -> bool:
+        """The place's buyer gave it up (``lua/leave.lua``): no request used it."""
+        return not self.idempotency_key and self.fingerprint == "left"
 
     def encode(self) -> str:
         plain = f"{self.position}{SEP}{self.idempotency_key}{SEP}{self.fingerprint}"

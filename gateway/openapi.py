@@ -165,7 +165,8 @@ def document() -> dict[str, Any]:
                 "reserve",
                 "reservations",
                 "Reserve units with an admission (idempotent per Idempotency-Key). An admission "
-                "buys once: a grant uses it up (403 admission_used for another key), a refusal "
+                "buys once: a grant uses it up (403 admission_used for another key; "
+                "admission_left once its buyer left the queue), a refusal "
                 "(409 sold_out, limit_exceeded) leaves it to a request with another key while "
                 "the turn lasts",
                 {

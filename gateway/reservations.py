@@ -138,6 +138,7 @@ def _body(raw: dict[str, Any], limit: int) -> tuple[str, int, str]:
 # ``admission_<claim>``), as HTTP answers.
 CLAIM_REFUSALS: dict[str, tuple[str, str]] = {
     "used": ("admission_used", "this admission was already used for another request"),
+    "left": ("admission_left", "this place in line was given up: its buyer left the queue"),
     "expired": ("admission_expired", STALE_ADMISSION),
     "not_admitted": ("not_admitted", "this position has not been admitted"),
 }

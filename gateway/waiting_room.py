@@ -203,9 +203,12 @@ async def queue_status(request: web.Request) -> web.Response:
     status = status_of(counters, position, now_ms)
     if status.check_claim:
         source = "redis"
-        if await queue.claimed(keys, position):
+        used = await queue.used_by(keys, position)
+        if used == "reserved":
             status = Status("admitted", position, 0, 0.0, 0.0, MAX_RETRY_MS)
             body["reserved"] = True
+        elif used == "left":  # given up on another device, whose ticket could not say so
+            status = Status("left", position, None, None, None, MAX_RETRY_MS)
     body.update(status.body())
     if counters.view.status == "paused" and status.state in ("waiting", "admitted"):
         body["paused"] = True  # nobody is admitted or reserves; an admitted turn is kept

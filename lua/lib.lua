@@ -84,7 +84,8 @@ local REFUSED = SEP .. 'refused'
 
 -- The claim check of `member` at position p (a string): nil and the member it replaces ('' for
 -- none; false when `member` holds the place already), or the refusal: 'mismatch' (this key
--- with another request), 'used', 'expired', 'not_admitted'. A `deadline` of 0: the request
+-- with another request), 'used', 'left' (its buyer gave the place up), 'expired',
+-- 'not_admitted'. A `deadline` of 0: the request
 -- passed the window and serving checks before (asked again after a stock transfer).
 local function check_claim(claims, p, member, deadline, serving, now)
   local prior = redis.call('ZRANGEBYSCORE', claims, p, p, 'LIMIT', 0, 1)[1]
@@ -97,7 +98,7 @@ local function check_claim(claims, p, member, deadline, serving, now)
       return 'mismatch'
     end
     if string.sub(prior, -#REFUSED) ~= REFUSED then
-      return 'used'
+      return prior == p .. SEP .. SEP .. 'left' and 'left' or 'used'
     end
   end
   if deadline ~= 0 then

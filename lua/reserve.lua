@@ -31,7 +31,8 @@
 -- its claim is checked (lib.lua check_claim), then it is decided as below, and its claim
 -- written: as it is for a grant, marked refused for a refusal that is remembered (sold out,
 -- over the limit), nothing for a refusal by the sale's state. Refusals of the gate:
---   rate_limited\31<us until allowed>, admission_used, admission_mismatch, admission_expired,
+--   rate_limited\31<us until allowed>, admission_used, admission_left, admission_mismatch,
+--   admission_expired,
 --   not_admitted, admission_unavailable (the waiting room is being restored)
 -- are not remembered.
 -- With the gate, or without it and ARGV[6N+2] = 'holds' (on a Redis Cluster, where the gate

@@ -466,6 +466,25 @@ def test_a_product_sold_out_for_good_is_marked_and_cannot_be_chosen(
         page.wait_for_selector("#result:has-text('Reserved')", timeout=10_000)
 
 
+def test_a_buyer_who_left_on_another_device_is_told_so_when_reserving(
+    stack: Settings, chromium: str
+) -> None:
+    """The buyer gave the place up on their phone; the laptop's page, admitted, reserved and
+    was told "this admission was already used for another request": nobody had used it."""
+    with _admitted_to_two_models(stack, chromium, "two-devices", first_stock=1) as live:
+        gw, sale, page = live.gw, live.sale, live.page
+        ticket = page.evaluate(f"localStorage.getItem('flashsale:{sale}:ticket')")
+        phone = requests.delete(f"{gw.base_url}/v1/sales/{sale}/queue", timeout=10,
+                                headers={"X-Queue-Ticket": ticket})  # fmt: skip
+        assert phone.json()["state"] == "left", phone.text
+        page.click("#reserve")
+        page.wait_for_selector("#state[data-state='left']", timeout=10_000)
+        assert "another device" in (page.text_content("#detail") or "")
+        assert page.is_hidden("#reserve") and page.is_hidden("#leave")
+        time.sleep(1.0)  # the page polls every 250 ms while admitted: it no longer does
+        assert page.get_attribute("#state", "data-state") == "left"
+
+
 def test_a_buyer_waiting_when_the_sale_is_ended_is_told_it_ended(
     stack: Settings, chromium: str
 ) -> None:

@@ -112,9 +112,11 @@ async def test_a_claim_is_read_back(client: RedisClient) -> None:
     assert ClaimMember.parse(marked) == replace(member, refused=True)
     assert ClaimMember.is_refused(marked) and not ClaimMember.is_refused(raw)
     assert ClaimMember.parse(marked).encode() == text(marked)
-    assert not await QueueScripts(client).claimed(keys, 7)  # a refusal used nothing up
+    assert await QueueScripts(client).used_by(keys, 7) is None  # a refusal used nothing up
     assert await QueueScripts(client).leave(keys, 7) == "left"  # so its buyer may leave
-    assert await QueueScripts(client).claimed(keys, 7)
+    assert await QueueScripts(client).used_by(keys, 7) == "left"
+    [gone] = await client.zrange(keys.claims, 0, -1)
+    assert ClaimMember.parse(text(gone)).left and not member.left
 
 
 async def test_the_scripts_read_what_python_writes(client: RedisClient) -> None:
