@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import re
 import sys
 from datetime import datetime
 
@@ -103,6 +104,12 @@ async def test_an_ended_sale_is_archived_and_still_answers_for_itself(stack: Set
         assert (rc, out.strip()) == (0, again.text()), err
         rc, out, err = await asyncio.to_thread(run_bounded, [*command, "sale-nope"], env, 60)
         assert (rc, out, err.strip()) == (1, "", "flashsale: error: unknown sale 'sale-nope'")
+        # `sale status` said nothing of it: the per-buyer state it no longer shows was deleted.
+        status = [sys.executable, "-m", "flashsale", "sale", "status", sale]
+        rc, out, err = await asyncio.to_thread(run_bounded, status, env, 60)
+        said = re.search(r"  archived (\S+) \(its per-buyer Redis state deleted\)\n", out)
+        assert rc == 0 and said, out
+        assert datetime.fromisoformat(said[1]) == archived.archived_at, said[1]
         async with provider(p.psp_url) as psp:
             audited = await audit_sale(p.pool, p.redis, psp, p.settings, sale)
         assert audited.passed, audited.text()

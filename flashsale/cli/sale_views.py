@@ -36,6 +36,8 @@ def print_status(status: dict[str, Any], *, as_json: bool, whole: bool = True) -
     loaded = (f"preloaded {preloaded}" if preloaded
               else f"not preloaded (`flashsale sale preload {sale['id']}`)")  # fmt: skip
     out(f"  starts {sale['starts_at']}  ends {sale['ends_at']}  {loaded}")
+    if sale.get("archived_at"):
+        out(f"  archived {sale['archived_at']} (its per-buyer Redis state deleted)")
     queue = status.get("queue")
     if whole and queue and queue["live"]:
         out(f"  queue: {queue_line(queue)}")
