@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flashsale.wording import counted
+from reconciler.report import detail_text
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,7 @@ def judge(sale_id: str, audit: dict[str, Any], sold: int, stock: int, *, answere
           buyers: int, slowest_s: float) -> Verdict:  # fmt: skip
     """Correct means: the audit passed, nothing was oversold, and every buyer had a definitive
     answer. Anything else fails the run."""
-    failed = [i["name"] + "".join(f"; {what.replace('_', ' ')}: {_shown(value)}"
+    failed = [i["name"] + "".join(f"; {what.replace('_', ' ')}: {detail_text(value)}"
                                   for what, value in i.get("details", {}).items())
               for i in audit.get("invariants", []) if not i.get("passed")]  # fmt: skip
     said = "PASSED" if audit.get("passed") else "FAILED"
@@ -38,13 +39,3 @@ def judge(sale_id: str, audit: dict[str, Any], sold: int, stock: int, *, answere
         lines.append(f"   {counted(buyers - answered, 'buyer')} got no definitive answer")
     ok = bool(audit.get("passed")) and sold <= stock and answered >= buyers
     return Verdict(ok, lines)
-
-
-def _shown(value: Any) -> str:
-    """An invariant's detail as the live page shows it: a count and the first ids, or a
-    sentence."""
-    if isinstance(value, dict) and "count" in value:
-        ids = value.get("ids", [])
-        more = ", …" if value["count"] > len(ids) else ""
-        return f"{value['count']}: {', '.join(map(str, ids))}{more}"
-    return str(value)

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from flashsale.ops_endpoints import build_info
 from flashsale.outages import describe, is_outage
+from flashsale.wording import said
 
 log = logging.getLogger("flashsale.reconciler")
 
@@ -226,8 +227,19 @@ class AuditReport:
         if state != "ended":
             verdict += f" (the sale is {state}: this holds as of now; audit it again after its end)"
         lines = [f"audit of sale {self.sale_id}: {verdict}"]
-        lines += [f"  {k}: {v}" for k, v in self.facts.items()]
+        lines += [f"  {k}: {said(v)}" for k, v in self.facts.items()]
         for inv in self.invariants:
             lines.append(f"  [{'pass' if inv.passed else 'FAIL'}] {inv.name}")
-            lines += [f"        {k}: {v}" for k, v in inv.details.items()]
+            lines += [f"        {k}: {detail_text(v)}" for k, v in inv.details.items()]
         return "\n".join(lines)
+
+
+def detail_text(value: Any) -> str:
+    """An invariant's detail in a line, as the live page shows it: the offending ids it
+    counted (``Invariant.fail``) as "25: id, id, …", anything else as
+    :func:`~flashsale.wording.said` puts it."""
+    if isinstance(value, dict) and "count" in value:
+        ids = [str(i) for i in value.get("ids", [])]
+        more = ", …" if value["count"] > len(ids) else ""
+        return f"{value['count']:,}: {', '.join(ids)}{more}"
+    return said(value)

@@ -7,7 +7,8 @@ import pytest
 
 from flashsale.currencies import major
 from flashsale.kafka import partition_count
-from flashsale.wording import counted
+from flashsale.wording import counted, said
+from reconciler.report import SHOWN, AuditReport, Invariant
 
 
 @pytest.mark.parametrize(
@@ -39,3 +40,21 @@ def test_a_topic_of_one_partition_is_said_so() -> None:
 )  # fmt: skip
 def test_an_amount_reads_in_its_currencys_decimals(amount: int, currency: str, said: str) -> None:
     assert major(amount, currency) == said
+
+
+def test_a_failed_audit_and_a_repair_read_as_text_not_python() -> None:
+    """A failed invariant printed "{'count': 22, 'ids': ['sale~S~r-1', ...]}" and a repair
+    "{'reason': 'conservation', ...}": Python's own notation, in a command's output."""
+    broken = Invariant("4. at most one capture per reservation")
+    broken.fail("confirmed_orders_without_capture", [f"s~A~r-{i:02}" for i in range(25)])
+    broken.fail("provider", "unreachable")
+    report = AuditReport("s", [broken], {"orders": 25, "drained": True})
+    text = report.text()
+    assert "'" not in text and "{" not in text, text
+    first = ", ".join(f"s~A~r-{i:02}" for i in range(SHOWN))
+    assert f"        confirmed_orders_without_capture: 25: {first}, …\n" in text, text
+    assert text.endswith("        provider: unreachable"), text
+    assert said({"reason": "lost", "redis": {"total": 10}}) == (
+        '{"reason": "lost", "redis": {"total": 10}}'
+    )
+    assert said(None) == "-" and said("x") == "x" and said(3) == "3"

@@ -26,7 +26,7 @@ from flashsale.cli.supervisor import HUNG_AFTER_S
 from flashsale.engine_record import refuse_a_second_simulator
 from flashsale.errors import ConfigError, InvalidInput
 from flashsale.settings import Settings
-from flashsale.wording import counted
+from flashsale.wording import counted, said
 
 PSP_JOURNAL = "psp/charges.jsonl"  # the simulator's journal under `flashsale up`, in <home>
 
@@ -86,7 +86,7 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
         items = report.repairs + report.flags
         for item in items[:SHOWN]:
             out(f"  {item.kind:16} {item.sale_id}/{item.sku or '-'} {item.subject or ''}"
-                f"  {item.before} -> {item.after}")  # fmt: skip
+                f"  {said(item.before)} -> {said(item.after)}")  # fmt: skip
         for line in report.unresolved[:SHOWN]:
             out(f"  unresolved: {line}")
         hidden = max(0, len(items) - SHOWN) + max(0, len(report.unresolved) - SHOWN)
