@@ -113,6 +113,12 @@ def test_up_supervises_and_stops_cleanly(stack: Settings, cli: Cli, tmp_path: Pa
         up.wait(30)
         written.close()
     log = (tmp_path / "up.log").read_text()
+    # Where the pages are, said at the start: an operator had to find /admin/ in the README.
+    base = f"http://127.0.0.1:{port}"
+    assert (
+        f"pages: operators' live sale page {base}/admin/ (the admin token), a sale's "
+        f"waiting room {base}/sales/SALE" in log
+    ), log[:2000]
     # the supervisor's own account, should it not have restarted the child
     assert restarted, f"the killed child {children[0]} was not restarted: {now}\n{log[-4000:]}"
     assert up.returncode == 0, log

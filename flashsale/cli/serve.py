@@ -206,13 +206,15 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         journal = settings.home / PSP_JOURNAL
         journal.parent.mkdir(parents=True, exist_ok=True)
         children.append(runners.psp_child(args.host, psp_port, journal))
+    page_origin = origin(_callable(args.host), port)  # a wildcard is nobody's address
     out(
         f"flashsale up: gateway x{workers} on {origin(args.host, port)}; {listener}; ops endpoints "
         f"(/healthz, /metrics): allocator :{allocator_port}, workers :{workers_port}, "
         f"reconciler :{reconciler_port}; "
         f"payments: {psp_url}"
         + ("" if external else " (simulator)")
-        + ". Ctrl-C or SIGTERM stops everything."
+        + f"; pages: operators' live sale page {page_origin}/admin/ (the admin token), a "
+        f"sale's waiting room {page_origin}/sales/SALE" + ". Ctrl-C or SIGTERM stops everything."
     )
     if external:  # the record names the simulator this engine runs: none here
         return runners.supervise(children, metrics_dir, hung_after_s=hung_after)
