@@ -746,7 +746,8 @@ def test_the_page_follows_a_reservation_to_its_outcome(
             browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
             journeys = (("payer", "tok_visa", "confirmed"),
                         ("decliner", "tok_decline", "payment_failed"))  # fmt: skip
-            for buyer, payment, outcome in journeys:
+            pages = []  # the two buyers at once: each page looks at its order every 2 s
+            for buyer, payment, _ in journeys:
                 page = browser.new_page()
                 reserved: list[tuple[str, int]] = []  # (url, status) of each reservation sent
 
@@ -758,8 +759,11 @@ def test_the_page_follows_a_reservation_to_its_outcome(
                 token = signer.sign({"sub": buyer}, 3600)
                 page.goto(f"{base}/sales/{sale}#token={token}&payment={payment}")
                 page.click("#join")
+                pages.append((page, reserved))
+            for page, _ in pages:
                 page.wait_for_selector("#state[data-state='admitted']", timeout=30_000)
                 page.click("#reserve")
+            for (page, reserved), (_, _, outcome) in zip(pages, journeys, strict=True):
                 page.wait_for_selector(f"#result[data-outcome='{outcome}']", timeout=60_000)
                 # The page reserved at the listener the status answer named: another origin,
                 # allowed by the page's CSP and the listener's CORS.
