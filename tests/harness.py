@@ -287,10 +287,11 @@ def packed_and_revalidated(url: str) -> requests.Response:
 
 def create_live_sale(
     base_url: str, *, stock: int = 50, name: str = "live test", starts_in: float = -1.0,
-    spec: dict[str, Any] | None = None,
+    spec: dict[str, Any] | None = None, preload: bool = True,
 ) -> str:  # fmt: skip
-    """A preloaded sale that started a second ago (or starts in ``starts_in`` seconds), through
-    the admin API; ``spec``, a whole sale file, instead of those."""
+    """A preloaded sale (unless not ``preload``) that started a second ago (or starts in
+    ``starts_in`` seconds), through the admin API; ``spec``, a whole sale file, instead of
+    those."""
     import requests
 
     headers = {"Authorization": f"Bearer {ADMIN}"}
@@ -302,7 +303,8 @@ def create_live_sale(
     )
     created.raise_for_status()
     sale_id = str(created.json()["id"])
-    requests.post(f"{base_url}/admin/v1/sales/{sale_id}/preload", headers=headers, timeout=10)
+    if preload:
+        requests.post(f"{base_url}/admin/v1/sales/{sale_id}/preload", headers=headers, timeout=10)
     return sale_id
 
 
@@ -319,12 +321,12 @@ class LivePage:
 @contextlib.contextmanager
 def live_page(stack: Settings, chromium: str, name: str, *, stock: int = 3,
               starts_in: float = -1.0, spec: dict[str, Any] | None = None,
-              ) -> Iterator[LivePage]:  # fmt: skip
+              preload: bool = True) -> Iterator[LivePage]:  # fmt: skip
     from playwright.sync_api import sync_playwright
 
     with live_gateway(stack) as gw:
         sale = create_live_sale(gw.base_url, stock=stock, name=name, starts_in=starts_in,
-                                spec=spec)  # fmt: skip
+                                spec=spec, preload=preload)  # fmt: skip
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
             try:

@@ -491,32 +491,23 @@ def test_a_join_refused_before_the_start_is_said_and_not_overwritten_by_the_coun
     """The shop's link went out before the sale was preloaded: "Register for the draw" was
     refused (409 sale_not_open) and the page said so in the state card, which the countdown
     rewrote within the second: the button seemed to do nothing."""
-    from playwright.sync_api import sync_playwright
-
-    with live_gateway(stack) as gw, sync_playwright() as p:
+    with live_page(stack, chromium, "Early link", starts_in=60, preload=False) as live:
+        gw, sale, page = live.gw, live.sale, live.page
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'early-bird')}")
+        page.wait_for_selector("#state[data-state='scheduled']", timeout=15_000)
+        page.click("#join")
+        page.wait_for_selector("#note:has-text('Registration has not opened yet')",
+                               timeout=5_000)  # fmt: skip
+        page.wait_for_timeout(1_200)  # a tick of the countdown: the refusal stays said
+        assert "not opened yet" in (page.text_content("#note") or "")
+        assert page.is_visible("#join")
         admin = {"Authorization": f"Bearer {ADMIN}"}
-        created = requests.post(f"{gw.base_url}/admin/v1/sales", headers=admin, timeout=10,
-                                json=sale_spec("Early link", "S1", 3, 60))  # fmt: skip
-        sale = created.json()["id"]
-        browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
-        try:
-            page = browser.new_page()
-            page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'early-bird')}")
-            page.wait_for_selector("#state[data-state='scheduled']", timeout=15_000)
-            page.click("#join")
-            page.wait_for_selector("#note:has-text('Registration has not opened yet')",
-                                   timeout=5_000)  # fmt: skip
-            page.wait_for_timeout(1_200)  # a tick of the countdown: the refusal stays said
-            assert "not opened yet" in (page.text_content("#note") or "")
-            assert page.is_visible("#join")
-            loaded = requests.post(f"{gw.base_url}/admin/v1/sales/{sale}/preload",
-                                   headers=admin, timeout=10)  # fmt: skip
-            assert loaded.status_code == 200, loaded.text
-            page.click("#join")
-            page.wait_for_selector("#state[data-state='registered']", timeout=10_000)
-            assert not page.text_content("#note"), page.text_content("#note")
-        finally:
-            browser.close()
+        loaded = requests.post(f"{gw.base_url}/admin/v1/sales/{sale}/preload", headers=admin,
+                               timeout=10)  # fmt: skip
+        assert loaded.status_code == 200, loaded.text
+        page.click("#join")
+        page.wait_for_selector("#state[data-state='registered']", timeout=10_000)
+        assert not page.text_content("#note"), page.text_content("#note")
 
 
 def test_a_buyer_waiting_when_the_sale_is_ended_is_told_it_ended(
