@@ -62,7 +62,11 @@ def refuse_empty(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     the commands read such a flag's value as given or not, and would take it as not typed. A
     flag with a default checks its value itself (``--limit ""`` is not an integer)."""
     for action in command_parser(parser, args)._actions:
-        if action.option_strings and action.default is None and getattr(args, action.dest) == "":
+        if (
+            action.option_strings
+            and action.default is None
+            and getattr(args, action.dest, None) == ""
+        ):
             raise InvalidInput(action.dest, "is empty: give a value, or leave the flag out")
 
 
