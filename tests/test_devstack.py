@@ -98,6 +98,12 @@ def test_up_reuse_env_status_down(scratch_home: Path, run_cli: Cli) -> None:
     after = run("dev", "status")
     assert after.code == 3
     assert after.out.count("stopped") == 3
+    # Its env asked for then said "no embedded stack here", of a folder holding one, stopped.
+    stopped = run("dev", "env")
+    assert stopped.code == 1 and stopped.err.strip() == (
+        f"flashsale: error: the embedded stack in {scratch_home} is stopped: start it with "
+        "`flashsale dev up`"
+    ), stopped.err
 
 
 def test_failed_start_prints_log_tail_and_stops_the_rest(scratch_home: Path, run_cli: Cli) -> None:

@@ -337,7 +337,10 @@ class DevStack:
 
     def env_lines(self) -> str:
         if not self.env_file.is_file():
-            raise StackError("no embedded stack here: run `flashsale dev up` first")
+            if any(self.data_dir(name).is_dir() for name in ("redis", "postgres")):
+                raise StackError(f"the embedded stack in {self.home} is stopped: start it "
+                                 "with `flashsale dev up`")  # fmt: skip
+            raise StackError(f"no embedded stack in {self.home}: run `flashsale dev up` first")
         return self.env_file.read_text()
 
     def status(self) -> list[ServerStatus]:
