@@ -351,13 +351,13 @@ class Settings:
     # -- accessors that fail with an actionable message -----------------------------------
 
     def require_redis(self) -> str:
-        return _require(self.redis_url, "REDIS_URL")
+        return _require(self.redis_url, "REDIS_URL", self.home)
 
     def require_database(self) -> str:
-        return _require(self.database_url, "DATABASE_URL")
+        return _require(self.database_url, "DATABASE_URL", self.home)
 
     def require_kafka(self) -> str:
-        return _require(self.kafka_bootstrap, "KAFKA_BOOTSTRAP")
+        return _require(self.kafka_bootstrap, "KAFKA_BOOTSTRAP", self.home)
 
     def secrets(self) -> list[str]:
         """Every secret value in force, for the log redaction filter."""
@@ -381,10 +381,10 @@ class Settings:
         )
 
 
-def _require(value: str | None, name: str) -> str:
+def _require(value: str | None, name: str, home: Path) -> str:
     if not value:
         raise ConfigError(
-            f"{name} is not set and no embedded stack is running: "
+            f"{name} is not set and no embedded stack is running in {home}: "
             "run `flashsale dev up` or export it"
         )
     return value

@@ -36,6 +36,10 @@ def test_missing_server_is_an_actionable_error(tmp_path: Path) -> None:
     settings = Settings.from_env({"FLASHSALE_HOME": str(tmp_path)})
     with pytest.raises(ConfigError, match="flashsale dev up"):
         settings.require_kafka()
+    # Where it looked, for a shell in another folder than the stack's (FLASHSALE_HOME unset).
+    with pytest.raises(ConfigError) as missing:
+        settings.require_redis()
+    assert f"no embedded stack is running in {tmp_path}:" in missing.value.message
 
 
 def test_secrets_are_masked_in_repr_and_logs(
