@@ -336,11 +336,8 @@ class DevStack:
     # -- env / status / down -------------------------------------------------------------
 
     def env_lines(self) -> str:
-        if not self.env_file.is_file():
-            if any(self.data_dir(name).is_dir() for name in ("redis", "postgres")):
-                raise StackError(f"the embedded stack in {self.home} is stopped: start it "
-                                 "with `flashsale dev up`")  # fmt: skip
-            raise StackError(f"no embedded stack in {self.home}: run `flashsale dev up` first")
+        if not self.env_file.is_file():  # stopped (its data kept), or none here
+            raise StackError.no_env(self.home, stopped=self.data_dir("postgres").is_dir())
         return self.env_file.read_text()
 
     def status(self) -> list[ServerStatus]:
