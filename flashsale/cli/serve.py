@@ -391,8 +391,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "KAFKA_BOOTSTRAP (or the embedded stack): the gateway processes, the reservations "
         "listener (gateway --reservations-only, named to admitted buyers), the allocator "
         "service (pumps, sweeper, outbox relay), the order workers, the reconciler, and the "
-        "payment simulator "
-        "unless FLASHSALE_PSP_URL names a provider. Crashed processes are restarted with "
+        "payment simulator unless FLASHSALE_PSP_URL names a provider (refused while another "
+        "engine's simulator runs on the stack). Crashed processes are restarted with "
         "backoff; SIGTERM or Ctrl-C stops all.",
     )
     up.set_defaults(handler=cmd_up, serves=True)
