@@ -140,9 +140,13 @@ class Topics:
         prefix = env.get("FLASHSALE_TOPIC_PREFIX", "")
         names = {}
         for name, default in DEFAULT_TOPICS.items():
-            value = env.get(f"FLASHSALE_TOPIC_{name.upper()}") or prefix + default
+            variable = f"FLASHSALE_TOPIC_{name.upper()}"
+            value = env.get(variable) or prefix + default
             if not _TOPIC.match(value):
-                raise ConfigError(f"topic name {value!r} must be 1-200 of [A-Za-z0-9._-]")
+                source = variable if env.get(variable) else "FLASHSALE_TOPIC_PREFIX"
+                raise ConfigError(
+                    f"{source} makes the topic name {value!r}: it must be 1-200 of [A-Za-z0-9._-]"
+                )
             names[name] = value
         return cls(**names)
 
@@ -154,6 +158,7 @@ class Topics:
         return {f"FLASHSALE_TOPIC_{name.upper()}": getattr(self, name) for name in DEFAULT_TOPICS}
 
 
+LOG_LEVELS = ("debug", "info", "warning", "warn", "error", "critical")
 _TOPIC = re.compile(r"[A-Za-z0-9._-]{1,200}\Z")
 DEFAULT_TOPICS = {"reservations": Topics.reservations, "order_events": Topics.order_events,
                   "dead_letter": Topics.dead_letter}  # fmt: skip
@@ -312,7 +317,7 @@ class Settings:
             admin_token=secret_of("FLASHSALE_ADMIN_TOKEN"),
             secret=secret_of("FLASHSALE_SECRET", keys=True),
             buyer_token_secret=secret_of("FLASHSALE_BUYER_TOKEN_SECRET", keys=True),
-            log_level=(env.get("FLASHSALE_LOG_LEVEL") or "INFO").upper(),
+            log_level=choice(env, "FLASHSALE_LOG_LEVEL", LOG_LEVELS, "info").upper(),
             log_format=choice(env, "FLASHSALE_LOG_FORMAT", ("auto", "json", "text"), "auto"),
             rate_per_ip=Rate.parse(
                 env.get("FLASHSALE_RATE_PER_IP") or "100,200", "FLASHSALE_RATE_PER_IP"
@@ -324,8 +329,7 @@ class Settings:
             max_joins_in_flight=int(number(env, "FLASHSALE_MAX_JOINS_IN_FLIGHT", 200, minimum=1)),
             max_polls_in_flight=int(number(env, "FLASHSALE_MAX_POLLS_IN_FLIGHT", 800, minimum=1)),
             body_timeout_s=number(env, "FLASHSALE_BODY_TIMEOUT", 5.0, minimum=0.1),
-            trust_forwarded=(env.get("FLASHSALE_TRUST_FORWARDED") or "").lower()
-            in ("1", "true", "yes"),
+            trust_forwarded=flag(env.get("FLASHSALE_TRUST_FORWARDED"), "FLASHSALE_TRUST_FORWARDED"),
             trusted_proxies=networks(
                 env.get("FLASHSALE_TRUSTED_PROXIES") or "", "FLASHSALE_TRUSTED_PROXIES"
             ),
