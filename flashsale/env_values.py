@@ -131,9 +131,11 @@ def secret_setting(value: str | None, name: str, *, keys: bool = False) -> str:
     cannot be guessed like a password; the length of a refused one is named, never its text."""
     if not value:
         return ""
-    for key in value.split(",") if keys else [value]:
+    given = value.split(",") if keys else [value]
+    blank_allowed = keys and any(key.strip() for key in given)  # ",," is no key, but one is
+    for key in given:
         length = len(key.strip())
-        if length < SHORTEST_SECRET and (length or not keys):  # ",," is no key
+        if length < SHORTEST_SECRET and (length or not blank_allowed):
             each = " each (comma-separated keys)" if keys else ""
             raise ConfigError(f"{name} must be at least {SHORTEST_SECRET} characters{each}, "
                               f"got {length}")  # fmt: skip

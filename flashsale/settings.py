@@ -47,6 +47,14 @@ class Secret:
     def reveal(self) -> str:
         return self._value
 
+    def each_key(self) -> tuple[str, ...]:
+        """Its keys: one, or several comma-separated during a rotation, the current first."""
+        return tuple(key.strip() for key in self._value.split(",") if key.strip())
+
+    def current(self) -> str:
+        """The key to sign or send with: the first ('' when unset)."""
+        return next(iter(self.each_key()), "")
+
     def __repr__(self) -> str:
         return "Secret('********')"
 
@@ -314,7 +322,7 @@ class Settings:
             pg_timeout_s=number(env, "FLASHSALE_PG_TIMEOUT", 10.0, minimum=0.1),
             kafka_bootstrap=pick("KAFKA_BOOTSTRAP"),
             kafka=KafkaAccess.from_env(env),
-            admin_token=secret_of("FLASHSALE_ADMIN_TOKEN"),
+            admin_token=secret_of("FLASHSALE_ADMIN_TOKEN", keys=True),
             secret=secret_of("FLASHSALE_SECRET", keys=True),
             buyer_token_secret=secret_of("FLASHSALE_BUYER_TOKEN_SECRET", keys=True),
             log_level=choice(env, "FLASHSALE_LOG_LEVEL", LOG_LEVELS, "info").upper(),
@@ -366,7 +374,7 @@ class Settings:
     def secrets(self) -> list[str]:
         """Every secret value in force, for the log redaction filter."""
         values = [self.admin_token, self.secret, self.buyer_token_secret, self.kafka.password]
-        found = [s.reveal() for s in values if s]
+        found = [key for s in values if s for key in (s.reveal(), *s.each_key())]
         for url in (self.redis_url, self.database_url):
             password = urlsplit(url).password if url else None
             if password:

@@ -36,7 +36,7 @@ async def _live_sale(session: aiohttp.ClientSession, base: str, settings: Settin
         "ends_at": (now + timedelta(hours=1)).isoformat(), "max_queue": 100_000_000,
         "skus": [{"sku": SKU, "stock": 1_000_000, "price": 100, "currency": "EUR"}], **options,
     }  # fmt: skip
-    return await admin_api.create_sale(session, base, settings.admin_token.reveal(), spec)
+    return await admin_api.create_sale(session, base, settings.admin_token.current(), spec)
 
 
 async def prepare_sale(session: aiohttp.ClientSession, base: str, settings: Settings) -> str:

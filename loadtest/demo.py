@@ -146,7 +146,7 @@ async def run(settings: Settings, *, scenario: Scenario, progress: Progress,
             starts_at = datetime.now(UTC) + timedelta(seconds=lead_s)
             opened = time.monotonic() + lead_s
             report.sale = await admin_api.create_sale(
-                session, base, settings.admin_token.reveal(), sale_spec(scenario, starts_at)
+                session, base, settings.admin_token.current(), sale_spec(scenario, starts_at)
             )
             early = round(scenario.buyers * scenario.pre_queue)
             progress(
@@ -165,11 +165,11 @@ async def run(settings: Settings, *, scenario: Scenario, progress: Progress,
             # The sale would run for its hour: ended, it stops costing this stack's services
             # anything (a pump, the sweeper, the relay), so a later demo meets the same engine,
             # and the audit is the post-sale one.
-            await admin_api.end_sale(session, base, settings.admin_token.reveal(), report.sale)
+            await admin_api.end_sale(session, base, settings.admin_token.current(), report.sale)
             progress(f"== sale {report.sale} ended")
             report.audit_passed = await _audit(session, base, settings, report.sale, progress)
             if report.audit_passed:  # its per-buyer Redis state is of no more use
-                archived = await admin_api.archive(session, base, settings.admin_token.reveal(),
+                archived = await admin_api.archive(session, base, settings.admin_token.current(),
                                                    report.sale)  # fmt: skip
                 report.archived_kb = archived["freed_bytes"] / 1024
                 progress(f"== sale archived: {report.archived_kb:,.0f} KB of per-buyer Redis "
@@ -316,7 +316,7 @@ async def _change_rate(session: aiohttp.ClientSession, base: str, settings: Sett
         return
     at_s, rate = scenario.rate_change
     await asyncio.sleep(max(0.0, opened + at_s - time.monotonic()))
-    await admin_api.set_admission_rate(session, base, settings.admin_token.reveal(), sale_id,
+    await admin_api.set_admission_rate(session, base, settings.admin_token.current(), sale_id,
                                        rate)  # fmt: skip
     progress(f"== admission rate changed to {rate}/s")
 
@@ -325,7 +325,7 @@ async def _audit(session: aiohttp.ClientSession, base: str, settings: Settings, 
                  progress: Progress) -> bool:  # fmt: skip
     """The post-sale audit through the admin API, printed as ``flashsale audit`` prints it."""
     report = AuditReport.parse(
-        await admin_api.audit(session, base, settings.admin_token.reveal(), sale_id)
+        await admin_api.audit(session, base, settings.admin_token.current(), sale_id)
     )
     progress("== post-sale audit")
     for line in report.text().splitlines():

@@ -49,6 +49,7 @@ from locust import FastHttpUser, LoadTestShape, events, task
 from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
 
+from flashsale.settings import Secret
 from flashsale.tokens import Signer
 from loadtest.engine_check import CannotStart, admin_headers, call, check_engine
 from loadtest.verdict import Verdict, judge
@@ -94,8 +95,13 @@ def opts(environment: Environment) -> Any:
     return environment.parsed_options
 
 
+def _admin_token() -> str:
+    """The admin token to send: the first of a rotation's (as the engine's own tools)."""
+    return Secret(os.environ.get("FLASHSALE_ADMIN_TOKEN", "")).current()
+
+
 def _admin() -> dict[str, str]:
-    return admin_headers(os.environ.get("FLASHSALE_ADMIN_TOKEN", ""))
+    return admin_headers(_admin_token())
 
 
 NO_HOST = "--host is not given: the engine's gateway, e.g. http://127.0.0.1:8080"
@@ -178,7 +184,7 @@ def _start(environment: Environment) -> None:
     options = opts(environment)
     Spike.started_at = time.time()
     if not isinstance(environment.runner, WorkerRunner):
-        check_engine(_host(environment), os.environ.get("FLASHSALE_ADMIN_TOKEN", ""))
+        check_engine(_host(environment), _admin_token())
         sale_id = options.sale or _make_sale(environment)
         _set_sale({"sale_id": sale_id, "opened_at": time.time()})
         log.info("spike on sale %s: %d buyers, %d units", sale_id, options.buyers, options.stock)

@@ -68,7 +68,7 @@ def _run_locust(settings: Settings, options: Options, host: str, progress: Progr
     progress(f"== {' '.join(command[1:])}")
     env = {
         **os.environ,
-        "FLASHSALE_ADMIN_TOKEN": settings.admin_token.reveal(),
+        "FLASHSALE_ADMIN_TOKEN": settings.admin_token.current(),
         "FLASHSALE_BUYER_TOKEN_SECRET": settings.buyer_token_secret.reveal(),
     }
     code = subprocess.run(command, env=env, check=False).returncode
@@ -78,7 +78,7 @@ def _run_locust(settings: Settings, options: Options, host: str, progress: Progr
 
 async def run(settings: Settings, options: Options, progress: Progress) -> int:
     if not options.embedded:
-        await asyncio.to_thread(_check, options.host, settings.admin_token.reveal())
+        await asyncio.to_thread(_check, options.host, settings.admin_token.current())
         return await asyncio.to_thread(_run_locust, settings, options, options.host, progress)
     await ensure_topics(settings)
     port = free_ports(UP_PORTS)

@@ -205,10 +205,10 @@ async def test_a_spike_on_a_three_bucket_sku_sells_its_stock_and_survives_a_node
     locust spike; then one bucket's node loses everything and the engine's own reconciler
     rebuilds it until the audit passes again."""
     port = free_ports(UP_PORTS)
-    env = {**os.environ, "FLASHSALE_ADMIN_TOKEN": stack.admin_token.reveal(),
+    env = {**os.environ, "FLASHSALE_ADMIN_TOKEN": stack.admin_token.current(),
            "FLASHSALE_BUYER_TOKEN_SECRET": stack.buyer_token_secret.reveal()}  # fmt: skip
     base = f"http://127.0.0.1:{port}"
-    admin = {"Authorization": f"Bearer {stack.admin_token.reveal()}"}
+    admin = {"Authorization": f"Bearer {stack.admin_token.current()}"}
     with engine(stack, port, tmp_path / "engine.log"):
         async with aiohttp.ClientSession() as session:
             await wait_healthy(session, f"{base}/healthz")

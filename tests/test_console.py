@@ -71,7 +71,7 @@ def test_the_live_page_follows_a_spike_and_agrees_with_sale_status(
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     port = free_ports(UP_PORTS)
     base = f"http://127.0.0.1:{port}"
-    token = stack.admin_token.reveal()
+    token = stack.admin_token.current()
     admin = {"Authorization": f"Bearer {token}"}
     with engine(stack, port, tmp_path / "engine.log"):
         healthy(f"{base}/healthz", patience=60)

@@ -150,7 +150,7 @@ async def test_a_server_that_hangs_is_an_outage_within_its_timeout(
         async with gateway(stack, redis_timeout_s=1.0, pg_timeout_s=1.0,
                            **{field: proxied}) as gw:  # fmt: skip
             sale = await gw.create_sale(stock=3)
-            admin = {"Authorization": f"Bearer {gw.settings.admin_token.reveal()}"}
+            admin = {"Authorization": f"Bearer {gw.settings.admin_token.current()}"}
             if server == "redis":
                 call = partial(gw.http.post, f"/v1/sales/{sale}/queue", headers=auth(gw.token("b")))
             else:

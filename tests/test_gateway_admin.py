@@ -73,6 +73,22 @@ async def test_admin_paths_need_the_admin_token_before_anything_else(
             assert await error_code(response) in ("unauthorized", "missing_token")
 
 
+async def test_the_admin_token_rotates_as_the_signing_secrets_do(stack: Settings) -> None:
+    """During a rotation the gateways take the new token and the old one (comma-separated,
+    as FLASHSALE_SECRET): gateways restarted one by one and scripts still on the old token
+    are not locked out meanwhile; the engine's own tools send the first."""
+    new, old = "new-admin-token-0123456789", ADMIN
+    token = Secret(f"{new}, {old}")
+    assert token.current() == new and token.each_key() == (new, old)
+    settings = dataclasses.replace(stack, admin_token=token)
+    async with TestClient(TestServer(create_app(settings))) as client:
+        for given, status in ((new, 200), (old, 200), ("other-admin-token-0123", 401),
+                              (f"{new}, {old}", 401), (new[:-1], 401)):  # fmt: skip
+            response = await client.get("/admin/v1/sales", headers=auth(given))
+            assert response.status == status, given
+    assert {new, old} <= set(settings.secrets())  # each key is redacted from the logs alone
+
+
 async def test_create_preload_stock_and_lifecycle(http: TestClient[Any, Any]) -> None:
     created = await http.post("/admin/v1/sales", json=SALE, headers=auth())
     assert created.status == 201
@@ -713,7 +729,7 @@ def test_an_export_the_client_hung_up_on_is_no_dependency_outage(
     export used is back in the pool. (A served gateway: aiohttp's test server cancels the
     handler of a request whose client left, which ``flashsale gateway`` does not.)"""
     with live_gateway(stack) as gw:
-        admin = {"Authorization": f"Bearer {gw.settings.admin_token.reveal()}"}
+        admin = {"Authorization": f"Bearer {gw.settings.admin_token.current()}"}
         body: Any = SALE
         sale_id = requests.post(f"{gw.base_url}/admin/v1/sales", json=body, headers=admin,
                                 timeout=10).json()["id"]  # fmt: skip

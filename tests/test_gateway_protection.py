@@ -87,7 +87,7 @@ async def test_bad_reservation_inputs_are_refused_and_change_nothing(gw: Gateway
         ("other sale's admission", {"admission": elsewhere}, 403, "admission_other_sale"),
         ("no buyer token", {"no_auth": True}, 401, "missing_token"),
         ("buyer token forged", {"buyer_token": forged_buyer}, 401, "invalid_token"),
-        ("admin token as buyer", {"buyer_token": gw.settings.admin_token.reveal()}, 401,
+        ("admin token as buyer", {"buyer_token": gw.settings.admin_token.current()}, 401,
          "invalid_token"),
         ("unknown sale", {"sale": "no-such-sale"}, 404, "unknown_sale"),
     ]  # fmt: skip
@@ -354,7 +354,7 @@ async def test_slow_bodies_time_out_and_the_in_flight_cap_sheds_load(stack: Sett
         # A request that promises 100 bytes of body and sends one.
         writer.write(
             f"POST /admin/v1/sales HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-            f"{gw.settings.admin_token.reveal()}\r\nContent-Type: application/json\r\n"
+            f"{gw.settings.admin_token.current()}\r\nContent-Type: application/json\r\n"
             "Content-Length: 100\r\n\r\n{".encode()
         )
         await writer.drain()

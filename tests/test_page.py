@@ -749,7 +749,7 @@ def test_the_page_follows_a_reservation_to_its_outcome(
     port = free_ports(UP_PORTS)
     base = f"http://127.0.0.1:{port}"
     listener = f"http://127.0.0.1:{port + 5}"  # `up`'s reservations listener
-    admin = {"Authorization": f"Bearer {stack.admin_token.reveal()}"}
+    admin = {"Authorization": f"Bearer {stack.admin_token.current()}"}
     signer = Signer.from_setting(stack.buyer_token_secret.reveal(), "buyer")
     with engine(stack, port, tmp_path / "engine.log"):
         deadline = time.monotonic() + 60

@@ -108,7 +108,7 @@ async def _spike(base: str, settings: Settings, session: aiohttp.ClientSession, 
             "ends_at": (datetime.now(UTC) + timedelta(hours=1)).isoformat(),
             "admission_rate": 1000,
             "skus": [{"sku": "P-1", "stock": stock, "price": 100, "currency": "EUR"}]}  # fmt: skip
-    sale = await admin_api.create_sale(session, base, settings.admin_token.reveal(), spec)
+    sale = await admin_api.create_sale(session, base, settings.admin_token.current(), spec)
     signer = Signer.from_setting(settings.buyer_token_secret.reveal(), "buyer")
     people = [Person(signer.sign({"sub": f"{tag}-{sale}-{i}"}, 600),
                      "tok_decline" if i % 10 == 9 else "tok_visa")

@@ -50,7 +50,7 @@ def test_distributed_spike_master_and_worker(stack: Settings, tmp_path: Path) ->
     # One run of free ports for the engine and the locust master's two, so they cannot overlap.
     port = free_ports(UP_PORTS + 2)
     master_port = port + UP_PORTS
-    env = {**os.environ, "FLASHSALE_ADMIN_TOKEN": stack.admin_token.reveal(),
+    env = {**os.environ, "FLASHSALE_ADMIN_TOKEN": stack.admin_token.current(),
            "FLASHSALE_BUYER_TOKEN_SECRET": stack.buyer_token_secret.reveal()}  # fmt: skip
     common = ["-f", LOCUSTFILE, "--buyers", "200", "--stock", "20", "--ramp", "2", "--hold", "1"]
     with engine(stack, port, tmp_path / "engine.log"):
@@ -81,7 +81,7 @@ def test_a_spike_rides_out_the_engines_rate_limits(stack: Settings, tmp_path: Pa
     comes from one address, so joins and reservations meet 429. A buyer retries them at the
     Retry-After, as the waiting-room page does, and the spike still passes."""
     port = free_ports(UP_PORTS)
-    env = {**os.environ, "FLASHSALE_ADMIN_TOKEN": stack.admin_token.reveal(),
+    env = {**os.environ, "FLASHSALE_ADMIN_TOKEN": stack.admin_token.current(),
            "FLASHSALE_BUYER_TOKEN_SECRET": stack.buyer_token_secret.reveal()}  # fmt: skip
     limited = {"FLASHSALE_RATE_PER_IP": "10,10"}
     with engine(stack, port, tmp_path / "engine.log", env=limited):
@@ -168,7 +168,7 @@ def test_a_spike_at_an_engine_that_is_not_there_stops_at_once_saying_so(
     """It waited out the ramp, the hold and the drain (135 s by default) behind two
     tracebacks, with no buyer ever sent."""
     host = f"http://127.0.0.1:{_closed_port()}"
-    env = _env(stack.admin_token.reveal(), stack.buyer_token_secret.reveal())
+    env = _env(stack.admin_token.current(), stack.buyer_token_secret.reveal())
     code, err = _spike(["flashsale", "loadtest", "spike", "--host", host, "--out", str(tmp_path)],
                        env)  # fmt: skip
     assert code == 1, err
@@ -185,7 +185,7 @@ def test_a_spike_at_an_engine_that_is_not_there_stops_at_once_saying_so(
 def test_locust_run_without_a_host_says_so_in_one_line(stack: Settings) -> None:
     """Buyers were spawned anyway and each failed in locust's own code: a traceback under the
     one line that said what was wrong."""
-    env = _env(stack.admin_token.reveal(), stack.buyer_token_secret.reveal())
+    env = _env(stack.admin_token.current(), stack.buyer_token_secret.reveal())
     code, err = _spike(["locust", "-f", LOCUSTFILE, "--headless"], env)
     assert code == 1, err
     assert "the spike cannot start: --host is not given" in err, err
@@ -195,7 +195,7 @@ def test_locust_run_without_a_host_says_so_in_one_line(stack: Settings) -> None:
 def test_a_spike_without_the_buyer_token_secret_stops_before_making_a_sale(
     stack: Settings, db: Db
 ) -> None:
-    env = {k: v for k, v in _env(stack.admin_token.reveal(), "").items()
+    env = {k: v for k, v in _env(stack.admin_token.current(), "").items()
            if k != "FLASHSALE_BUYER_TOKEN_SECRET"}  # fmt: skip
     before = db.val("SELECT count(*) FROM sales")
     with live_gateway(stack) as gw:

@@ -81,7 +81,7 @@ def cmd_loadtest(args: argparse.Namespace, settings: Settings) -> int:
         DevStack(settings.home).up()
         settings = Settings.from_env()
         event_loop.run(apply_migrations(settings, progress=lambda _line: None))
-    if not settings.admin_token.reveal() or not settings.buyer_token_secret.reveal():
+    if not settings.admin_token.current() or not settings.buyer_token_secret.reveal():
         raise ConfigError("FLASHSALE_ADMIN_TOKEN and FLASHSALE_BUYER_TOKEN_SECRET must be set "
                           "(the spike makes its sale and signs its buyers' tokens)")  # fmt: skip
     return int(event_loop.run(spike.run(settings, options, out)))

@@ -97,7 +97,7 @@ async def fuzz(target: Target) -> AbuseResult:
         sys.executable, "-m", "loadtest.chaos.fuzz", rig.base_url, target.sale, target.other,
         str(wanted),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "FLASHSALE_ADMIN_TOKEN": rig.settings.admin_token.reveal(),
+        env={**os.environ, "FLASHSALE_ADMIN_TOKEN": rig.settings.admin_token.current(),
              "FLASHSALE_BUYER_TOKEN_SECRET": rig.settings.buyer_token_secret.reveal()},
     )  # fmt: skip
     out, err = await process.communicate()

@@ -117,7 +117,7 @@ async def oversized(target: Target) -> AbuseResult:
     join = f"/v1/sales/{target.sale}/queue"
     base = f"Host: chaos\r\nAuthorization: Bearer {token}\r\n"
     create = "/admin/v1/sales"
-    admin = f"Host: chaos\r\nAuthorization: Bearer {rig.settings.admin_token.reveal()}\r\n"
+    admin = f"Host: chaos\r\nAuthorization: Bearer {rig.settings.admin_token.current()}\r\n"
     cases = {
         "a 100 KB header": f"GET {join}/status HTTP/1.1\r\n{base}X-Big: {'a' * 100_000}\r\n\r\n",
         "2,000 headers": f"GET {join}/status HTTP/1.1\r\n{base}"

@@ -81,7 +81,7 @@ async def run(rig: Rig, scenario: Scenario, *, quick: bool, progress: Progress) 
     window_s = times * scenario.period_s if scenario.inject else ABUSE_S[0 if quick else 1]
     stock = int(RATE * (WARMUP_S + window_s + TAIL_S))
     people = stock + stock // 2
-    token = rig.settings.admin_token.reveal()
+    token = rig.settings.admin_token.current()
     starts_at = datetime.now(UTC) + timedelta(seconds=LEAD_S)
     async with aiohttp.ClientSession() as session:
         sale = await admin_api.create_sale(session, rig.base_url, token,
@@ -202,7 +202,7 @@ async def _settle(rig: Rig, sale: str, reservations: list[str], result: Result,
     elif code == 3:
         result.notes.append("the reconcile pass left something unresolved (exit 3)")
     async with aiohttp.ClientSession() as session:
-        audit = await admin_api.audit(session, rig.base_url, rig.settings.admin_token.reveal(),
+        audit = await admin_api.audit(session, rig.base_url, rig.settings.admin_token.current(),
                                       sale, patience=120)  # fmt: skip
     failed = [i for i in audit["invariants"] if not i["passed"]]
     result.violations += len(failed)
