@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Collection, Mapping
 from functools import lru_cache
 from ipaddress import (
@@ -155,7 +156,7 @@ def client_ip(request: web.Request) -> str:
     # add its own line after the client's rather than append to it.
     hops = ",".join(request.headers.getall("X-Forwarded-For", ())).split(",")
     for hop in reversed(hops):
-        address = _address(hop.strip())
+        address = forwarded_address(hop.strip())
         if address is None:
             break  # not an address: the client wrote it
         if not _within(str(address), proxies, default=False):
@@ -168,6 +169,27 @@ def _address(text: str) -> IPv4Address | IPv6Address | None:
         return ip_address(text)
     except ValueError:
         return None
+
+
+# An address with the port the client used, as some proxies append it (Azure's Application
+# Gateway): 198.51.100.7:51234, [2001:db8::1]:443, [2001:db8::1].
+_WITH_PORT = (
+    (re.compile(r"([0-9.]+):([0-9]{1,5})\Z"), IPv4Address),
+    (re.compile(r"\[([0-9A-Fa-f:.]+)\](?::([0-9]{1,5}))?\Z"), IPv6Address),
+)
+
+
+def forwarded_address(text: str) -> IPv4Address | IPv6Address | None:
+    """An ``X-Forwarded-For`` hop's address, with or without its port; None if it is none."""
+    address = _address(text)
+    if address is not None:
+        return address
+    for pattern, kind in _WITH_PORT:
+        found = pattern.match(text)
+        if found and int(found[2] or 0) <= 65_535:
+            address = _address(found[1])
+            return address if isinstance(address, kind) else None
+    return None
 
 
 @lru_cache(maxsize=65_536)  # the same few proxies and clients on every request

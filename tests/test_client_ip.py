@@ -4,17 +4,19 @@ only what they appended; an IPv6 client as its /64."""
 from __future__ import annotations
 
 import dataclasses
-from ipaddress import ip_network
+from ipaddress import ip_address, ip_network
 from typing import Any
 from unittest import mock
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
+from hypothesis import given
+from hypothesis import strategies as st
 
 from flashsale.errors import ConfigError
 from flashsale.settings import Settings
-from gateway.http import client_ip
+from gateway.http import client_ip, forwarded_address
 from gateway.state import SETTINGS
 
 
@@ -51,6 +53,18 @@ PROXIES = (ip_network("10.0.0.0/8"), ip_network("2001:db8:ffff::/48"))
         ("2001:db8:1:2:aaaa::1", None, {}, "2001:db8:1:2::/64"),
         ("2001:db8:ffff::1", "2001:db8:1:2:bbbb::9", {"trusted_proxies": PROXIES},
          "2001:db8:1:2::/64"),
+        # a proxy that appends the client's port (Azure's Application Gateway does): the
+        # address, not the proxy's own for every buyer behind it
+        ("192.0.2.1", "198.51.100.7:51234", {"trust_forwarded": True}, "198.51.100.7"),
+        ("192.0.2.1", "[2001:db8:1:2:aaaa::1]:443", {"trust_forwarded": True},
+         "2001:db8:1:2::/64"),
+        ("192.0.2.1", "[2001:db8:1:2:aaaa::1]", {"trust_forwarded": True}, "2001:db8:1:2::/64"),
+        ("10.0.0.5", "198.51.100.7:1, 10.1.2.3:2", {"trusted_proxies": PROXIES},
+         "198.51.100.7"),
+        # what is not an address and a port still counts for nothing
+        ("192.0.2.1", "198.51.100.7:port", {"trust_forwarded": True}, "192.0.2.1"),
+        ("192.0.2.1", "198.51.100.7:99999", {"trust_forwarded": True}, "192.0.2.1"),
+        ("192.0.2.1", "[198.51.100.7]:80", {"trust_forwarded": True}, "192.0.2.1"),
     ],
 )  # fmt: skip
 def test_the_address_that_counts(
@@ -64,3 +78,22 @@ def test_a_bad_proxy_list_is_a_config_error() -> None:
         Settings.from_env({"FLASHSALE_TRUSTED_PROXIES": "10.0.0.0/8, not-a-network"})
     parsed = Settings.from_env({"FLASHSALE_TRUSTED_PROXIES": "10.0.0.0/8, 2001:db8::1"})
     assert parsed.trusted_proxies == (ip_network("10.0.0.0/8"), ip_network("2001:db8::1/128"))
+
+
+ADDRESSES = st.one_of(st.ip_addresses(v=4).map(str), st.ip_addresses(v=6).map(lambda a: f"[{a}]"))
+
+
+@given(address=ADDRESSES, port=st.integers(0, 70_000))
+def test_a_hop_with_a_port_gives_its_address_and_a_port_past_65535_none(
+    address: str, port: int
+) -> None:
+    found = forwarded_address(f"{address}:{port}")
+    assert (None if port > 65_535 else address.strip("[]")) == (found and str(found))
+
+
+@given(text=st.one_of(st.text(alphabet="0123456789abcdef.:[] ", max_size=45), st.text()))
+def test_any_hop_text_is_an_address_or_none_never_an_error(text: str) -> None:
+    found = forwarded_address(text)
+    assert found is None or found.version in (4, 6)
+    if found is not None and found.version == 4:  # bare, or followed by its port alone
+        assert text == str(found) or text.startswith(f"{found}:") or ip_address(text) == found
