@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flashsale.errors import InvalidToken
-from flashsale.tokens import Signer, _Key
+from flashsale.tokens import Signer, _Key, buyer_subject
 from tests.conftest import Cli
 
 SECRET = "s" * 32
@@ -102,11 +102,30 @@ def test_cli_mints_tokens_that_verify(run_cli: Cli, monkeypatch: pytest.MonkeyPa
     assert [signer.verify(token)["sub"] for _, token in lines] == ["load-0", "load-1", "load-2"]
 
 
+def test_cli_mints_any_buyer_id_the_gateway_takes(
+    run_cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A buyer id is what the storefront calls its buyer (1 to 128 printable ASCII
+    characters: an email, ``shop:42``), not a sale's kind of id of at most 64 letters, digits,
+    '.', '_' and '-'."""
+    monkeypatch.setenv("FLASHSALE_BUYER_TOKEN_SECRET", SECRET)
+    for prefix in ("shop:user@example.com#", "b" * 120):
+        result = run_cli("token", "buyers", "--count", "2", "--prefix", prefix)
+        assert result.code == 0, result.err
+        tokens = [line.split("\t")[1] for line in result.out.splitlines()]
+        assert [buyer_subject(Signer([SECRET], "buyer").verify(t)) for t in tokens] == [
+            f"{prefix}0",
+            f"{prefix}1",
+        ]
+
+
 @pytest.mark.parametrize(
     ("args", "field"),
     [(["--count", "-1"], "--count"), (["--ttl", "x"], "--ttl"), (["--prefix", "a b"], "--prefix"),
      # float() reads these: tracebacks where a number was due
-     (["--ttl", "inf"], "--ttl"), (["--ttl", "nan"], "--ttl"), (["--ttl", "1e300"], "--ttl")],
+     (["--ttl", "inf"], "--ttl"), (["--ttl", "nan"], "--ttl"), (["--ttl", "1e300"], "--ttl"),
+     # the last buyer's id, not the first's, past the 128 characters a buyer id may have
+     (["--prefix", "p" * 127, "--count", "11"], "--prefix")],
 )  # fmt: skip
 def test_cli_bad_input(run_cli: Cli, monkeypatch: pytest.MonkeyPatch, args: list[str],
                        field: str) -> None:  # fmt: skip

@@ -17,10 +17,9 @@ from flashsale.cli.output import out
 from flashsale.clients import pg_pool
 from flashsale.errors import ConfigError, Conflict, InvalidInput, NotFound, shown
 from flashsale.fairness import Published, problems, published
-from flashsale.keys import ID_PATTERN
 from flashsale.settings import Settings
 from flashsale.shuffle import member_of
-from flashsale.tokens import Signer
+from flashsale.tokens import BUYER_ID, Signer
 
 BUSY_TRIES, BUSY_WAIT_S = 6, 5.0  # a busy gateway's 429 and 503, per page of the record
 
@@ -101,8 +100,10 @@ async def _fetch_fairness(base: str, sale: str) -> dict[str, Any]:
 def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
     count = positive(int, "count", args.count)
     ttl = positive(float, "ttl", args.ttl)
-    if not ID_PATTERN.match(f"{args.prefix}0"):
-        raise InvalidInput("prefix", "letters, digits, '.', '_' or '-' (buyer ids are ids)")
+    last = f"{args.prefix}{count - 1}"
+    if not BUYER_ID.match(last):
+        raise InvalidInput("prefix", f"a buyer id is 1 to 128 printable ASCII characters, no "
+                                     f"spaces: {last!r} would not be")  # fmt: skip
     secret = settings.buyer_token_secret.reveal()
     if not secret:
         raise ConfigError(
