@@ -47,6 +47,15 @@ SELECT max(c.at) AS at, sum(c.quantity)::bigint AS units
 FROM confirmed c, span s GROUP BY floor((c.at - s.first) / s.step) ORDER BY 1
 """
 SALE_STATUSES = ("active", "paused", "ended")
+SALE_STATES = ("scheduled", "live", "paused", "ended")
+# Sales, newest first, by status and by state: the state as flashsale.sales.sale_state gives
+# it (the status and the clock: past its end a sale is ended whatever its status).
+LIST_SALES = (
+    "SELECT * FROM sales WHERE ($1::text IS NULL OR status = $1) AND ($4::text IS NULL OR"
+    " $4 = CASE WHEN status = 'ended' OR ends_at <= now() THEN 'ended'"
+    " WHEN status = 'paused' THEN 'paused' WHEN now() < starts_at THEN 'scheduled'"
+    " ELSE 'live' END) ORDER BY created_at DESC, id LIMIT $2 OFFSET $3"
+)
 ORDER_STATES = ("PENDING", "PAYING", "CONFIRMED", "PAYMENT_FAILED", "EXPIRED", "CANCELLED")
 # An order as the admin API lists and exports it: never the payment method token.
 ORDERS_PAGE = (
@@ -83,7 +92,7 @@ def one_of(value: str | None, allowed: Sequence[str], field: str) -> str | None:
         return None
     spelt = {name.casefold(): name for name in allowed}.get(value.casefold())
     if spelt is None:
-        raise InvalidInput(field, f"must be one of {', '.join(allowed)}")
+        raise InvalidInput(field, f"must be one of {', '.join(allowed)}, got {value!r}")
     return spelt
 
 
@@ -144,16 +153,16 @@ class SaleReads:
             curve.append((row["at"], units))
         return curve
 
-    async def list_sales(self, *, status: str | None = None, limit: int | str = MAX_PAGE,
+    async def list_sales(self, *, status: str | None = None, state: str | None = None,
+                         limit: int | str = MAX_PAGE,
                          offset: int | str = 0) -> list[dict[str, Any]]:  # fmt: skip
-        """Sales, newest first; ``status`` (active, paused, ended) filters."""
+        """Sales, newest first; ``status`` (active, paused, ended: as pause, resume and end
+        set it) and ``state`` (scheduled, live, paused, ended: the status and the clock, as
+        the list shows it; a sale past its end is ended whatever its status) filter."""
         status = one_of(status, SALE_STATUSES, "status")
+        state = one_of(state, SALE_STATES, "state")
         async with self.pool.acquire() as conn:
-            rows = await conn.fetch(
-                "SELECT * FROM sales WHERE ($1::text IS NULL OR status = $1)"
-                " ORDER BY created_at DESC, id LIMIT $2 OFFSET $3",
-                status, page_size(limit), offset_of(offset),
-            )  # fmt: skip
+            rows = await conn.fetch(LIST_SALES, status, page_size(limit), offset_of(offset), state)
         return [sale_json(row) for row in rows]
 
     async def orders(self, sale_id: str, *, state: str | None = None, limit: int | str = MAX_PAGE,

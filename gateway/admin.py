@@ -97,10 +97,13 @@ async def create_sale(request: web.Request) -> web.Response:
 
 
 async def list_sales(request: web.Request) -> web.Response:
-    """``GET /admin/v1/sales?status=&limit=&offset=``: newest first."""
+    """``GET /admin/v1/sales?status=&state=&limit=&offset=``: newest first."""
     q = request.query
     sales = await request.app[SALES].list_sales(
-        status=q.get("status"), limit=q.get("limit", MAX_PAGE), offset=q.get("offset", 0)
+        status=q.get("status"),
+        state=q.get("state"),
+        limit=q.get("limit", MAX_PAGE),
+        offset=q.get("offset", 0),
     )
     return json_response({"sales": sales})
 

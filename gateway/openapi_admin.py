@@ -80,7 +80,16 @@ def admin_paths() -> dict[str, Any]:
                 },
                 security="admin",
                 params=[
-                    query("status", {"enum": ["active", "paused", "ended"]}, "filter"),
+                    query(
+                        "status",
+                        {"enum": ["active", "paused", "ended"]},
+                        "filter: the status pause, resume and end set",
+                    ),
+                    query(
+                        "state",
+                        {"enum": ["scheduled", "live", "paused", "ended"]},
+                        "filter: the state each sale shows (past its end, ended)",
+                    ),
                     page,
                     query("offset", {"type": "integer", "minimum": 0}, "sales skipped"),
                 ],

@@ -456,7 +456,8 @@ async def test_a_query_parameter_a_route_does_not_take_is_refused(
     sale_id = (await (await http.post("/admin/v1/sales", json=SALE, headers=auth())).json())["id"]
     sale = f"/admin/v1/sales/{sale_id}"
     refused = [
-        ("GET", "/admin/v1/sales?stauts=ended", "stauts", "takes status, limit, offset"),
+        ("GET", "/admin/v1/sales?stauts=ended", "stauts", "takes status, state, limit, offset"),
+        ("GET", "/admin/v1/sales?state=over", "state", "scheduled, live, paused, ended, got"),
         ("GET", "/admin/v1/sales?status=active&status=ended", "status", "given 2 times"),
         ("GET", f"{sale}/orders?sate=CONFIRMED", "sate", "takes state, limit, after"),
         ("GET", f"{sale}/audit?verbose=1", "verbose", "takes none"),
@@ -468,6 +469,9 @@ async def test_a_query_parameter_a_route_does_not_take_is_refused(
         body = await answer.json()
         assert answer.status == 422 and body["error"]["field"] == field, (path, body)
         assert said is None or said in body["error"]["message"], (path, body)
+    for state, listed in (("live", True), ("LIVE", True), ("scheduled", False), ("ended", False)):
+        found = await (await http.get(f"/admin/v1/sales?state={state}", headers=auth())).json()
+        assert (sale_id in {s["id"] for s in found["sales"]}) is listed, state
     assert (await (await http.get(sale, headers=auth())).json())["sale"]["status"] == "active"
     for path in (
         "/admin/v1/sales?status=active&limit=5&offset=0",

@@ -871,6 +871,32 @@ def test_the_list_pages_past_its_newest_thousand_sales(cli: Cli, tmp_path: Path)
     assert bad.code == 2 and bad.err.startswith("flashsale: error: --offset: "), bad.err
 
 
+def test_the_list_filters_by_the_state_it_shows(cli: Cli, db: Db, tmp_path: Path) -> None:
+    """The list shows each sale's state (scheduled, live, paused, ended), but filtered only by
+    the status pause, resume and end set: a sale past its end time, never ended by hand, was
+    missing from ``--status ended`` and listed under ``--status active``."""
+    over, later = create(cli, tmp_path), create(cli, tmp_path)
+    db.execute("UPDATE sales SET starts_at = now() - interval '2 hours', "
+               "ends_at = now() - interval '1 hour' WHERE id = $1", over)  # fmt: skip
+    db.execute("UPDATE sales SET starts_at = now() + interval '1 hour', "
+               "ends_at = now() + interval '2 hours' WHERE id = $1", later)  # fmt: skip
+
+    def listed(*args: str) -> set[str]:
+        result = cli("sale", "list", "--json", "--limit", "1000", *args)
+        assert result.code == 0, result.err
+        return {sale["id"] for sale in json.loads(result.out)}
+
+    assert over in listed("--state", "ended") and over not in listed("--state", "live")
+    assert later in listed("--state", "Scheduled") and later not in listed("--state", "ended")
+    assert over not in listed("--state", "scheduled")
+    assert over in listed("--status", "active")  # the switch, as pause/resume/end set it
+    assert "ended" in cli("sale", "list", "--state", "ended", "--limit", "1").out
+    bad = cli("sale", "list", "--state", "over")
+    assert bad.code == 2 and bad.out == "", bad
+    assert bad.err == ("flashsale: error: --state: must be one of scheduled, live, paused, "
+                       "ended, got 'over'\n"), bad.err  # fmt: skip
+
+
 def test_an_empty_list_says_so(cli: Cli, tmp_path: Path) -> None:
     """``sale orders`` of a sale without orders, and ``sale list`` past the last sale, printed
     nothing at all: the same as a command that did not get to run."""

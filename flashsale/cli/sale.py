@@ -137,14 +137,14 @@ async def _sale(args: argparse.Namespace, settings: Settings) -> int:
         return await _archive(args, settings)
     async with admin(settings) as sales:
         if command == "list":
-            listed = await sales.list_sales(status=args.status, limit=args.limit,
-                                            offset=args.offset)  # fmt: skip
+            listed = await sales.list_sales(status=args.status, state=args.state,
+                                            limit=args.limit, offset=args.offset)  # fmt: skip
             if args.json:
                 dump_json(listed)
             for sale in [] if args.json else listed:
                 out(f"{sale['id']}  {sale['state']:9}  {sale['starts_at']}  {sale['name']}")
             if not listed and not args.json:
-                out(no_sales(args.status, int(args.offset)))
+                out(no_sales(args.state or args.status, int(args.offset)))
         elif command == "orders":
             await print_orders(sales, args)
         elif command == "show":
@@ -278,8 +278,15 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     imp.add_argument("--sale", required=True, help="sale id")
 
     listing = sale_sub.add_parser("list", help="list sales, newest first")
+    listing.add_argument(
+        "--state",
+        help="only sales in this state, as the list shows it: "
+        "scheduled, live, paused or ended (by `sale end` or its end time)",
+    )
     listing.add_argument("--status", choices=("active", "paused", "ended"), type=str.lower,
-                         help="only sales with this status")  # fmt: skip
+                         help="only sales with this status, as pause, resume and end set "
+                         "it (a sale past its end time stays active: --state ended finds "
+                         "it)")  # fmt: skip
     listing.add_argument("--limit", default="1000", help="at most this many (default 1000)")
     listing.add_argument("--offset", default="0",
                          help="skip this many of the newest (default 0): next page")  # fmt: skip
