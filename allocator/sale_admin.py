@@ -29,6 +29,7 @@ from flashsale.sales import (
     preloaded,
     sale_hash,
     sale_json,
+    sale_state,
     sku_meta,
 )
 from flashsale.salespec import (
@@ -96,7 +97,7 @@ class SaleAdmin(SaleReads):
             # Held until the commit: a second import of the same SKU meanwhile waits, then
             # finds it (unlocked, both found nothing and the second met the primary key).
             sale = await self.sale_row(conn, sale_id, lock=True)
-            if sale["status"] == "ended":
+            if sale_state(sale) == "ended":
                 raise Conflict(f"sale {sale_id} has ended", code="sale_ended")
             if sale["preloaded_at"] is not None:
                 await self._unless_sold_out(sale_id, "SKUs added")
@@ -129,7 +130,7 @@ class SaleAdmin(SaleReads):
         async with self.pool.acquire() as conn, conn.transaction():
             sale = await self.sale_row(conn, sale_id, lock=True)
             skus = await fetch_skus(conn, sale_id)
-            if sale["status"] == "ended":
+            if sale_state(sale) == "ended":
                 raise Conflict(f"sale {sale_id} has ended; nothing to preload", code="sale_ended")
             if sale["preloaded_at"] is not None and any(s["preloaded_at"] is None for s in skus):
                 await self._unless_sold_out(sale_id, "SKUs loaded")
@@ -251,7 +252,7 @@ class SaleAdmin(SaleReads):
             async with self.pool.acquire() as conn, conn.transaction():
                 sale = await self.sale_row(conn, sale_id, lock=True)
                 row = await conn.fetchrow(SKU_ROW, sale_id, sku)
-                if row is not None and sale["status"] != "ended":  # else nothing to copy
+                if row is not None and sale_state(sale) != "ended":  # else nothing to copy
                     await self._sync_total(sale, row)
         return await self.status(sale_id, sku)  # the SKU's: the sale may have 200,000
 
@@ -323,7 +324,7 @@ class SaleAdmin(SaleReads):
         """The sale (not ended; locked too with ``lock_sale``) and its SKU's row, locked for
         the transaction."""
         sale = await self.sale_row(conn, sale_id, lock=lock_sale)
-        if sale["status"] == "ended":
+        if sale_state(sale) == "ended":  # by `sale end` or its end time
             raise Conflict(f"sale {sale_id} has ended", code="sale_ended")
         row = await conn.fetchrow(SKU_ROW + " FOR UPDATE", sale_id, sku)
         if row is None:

@@ -29,7 +29,7 @@ async def set_status(sales: SaleReads, sale_id: str, action: str, *,
     target = STATUS_BY_ACTION[action]
     async with sales.pool.acquire() as conn, conn.transaction():
         sale = await sales.sale_row(conn, sale_id, lock=True)
-        if sale["status"] == "ended" and target != "ended":
+        if sale_state(sale) == "ended" and target != "ended":  # by `sale end` or the clock
             raise Conflict(f"sale {sale_id} has ended and cannot {action}", code="sale_ended")
         await conn.execute(
             "UPDATE sales SET status = $2, updated_at = now() WHERE id = $1", sale_id, target

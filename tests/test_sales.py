@@ -897,6 +897,30 @@ def test_the_list_filters_by_the_state_it_shows(cli: Cli, db: Db, tmp_path: Path
                        "ended, got 'over'\n"), bad.err  # fmt: skip
 
 
+def test_a_sale_past_its_end_takes_no_more_changes_as_one_ended_by_hand(
+    cli: Cli, db: Db, tmp_path: Path
+) -> None:
+    """Past its end time a sale is ended (buyers are told so), but SKUs, stock and preloads
+    were refused only after ``sale end``: units added to a sale nobody can buy from any
+    more, and the merchandiser told to preload them."""
+    sale_id = create(cli, tmp_path)
+    assert cli("sale", "preload", sale_id).code == 0
+    db.execute("UPDATE sales SET starts_at = now() - interval '2 hours', "
+               "ends_at = now() - interval '1 hour' WHERE id = $1", sale_id)  # fmt: skip
+    rows = "SELECT sku, stock_total, title FROM sale_skus WHERE sale_id = $1 ORDER BY sku"
+    before = db.rows(rows, sale_id)
+    extra = write(tmp_path, "sku,stock,price,currency\nSNK-99,5,100,EUR\n", "extra.csv")
+    for args in (("import", extra, "--sale", sale_id), ("add-stock", sale_id, "SNK-42", "5"),
+                 ("remove-stock", sale_id, "SNK-42", "5"), ("remove-sku", sale_id, "SNK-43"),
+                 ("update-sku", sale_id, "SNK-42", "--title", "Late"),
+                 ("preload", sale_id, "--force"), ("pause", sale_id),
+                 ("resume", sale_id)):  # fmt: skip
+        result = cli("sale", *args)
+        assert result.code == 1, (args, result)
+        assert f"sale {sale_id} has ended" in result.err, (args, result.err)
+    assert db.rows(rows, sale_id) == before
+
+
 def test_an_empty_list_says_so(cli: Cli, tmp_path: Path) -> None:
     """``sale orders`` of a sale without orders, and ``sale list`` past the last sale, printed
     nothing at all: the same as a command that did not get to run."""
