@@ -53,7 +53,7 @@ import redis.asyncio.connection
 import redis.exceptions
 from aiokafka.errors import KafkaError
 
-from flashsale.errors import ProviderDown, SchemaBehind, Unavailable
+from flashsale.errors import ConfigError, ProviderDown, SchemaBehind, Unavailable
 
 _SQLSTATE_CLASSES = ("08", "53", "57", "40")
 _SQLSTATES = ("55P03", "25006")
@@ -90,6 +90,7 @@ _SCRIPT_REFUSED = re.compile(r"(?:ERR )?Error running script .*?@user_script: \d
 _CLOSED_TRANSPORT = "the handler is closed"
 _REDIS_WRITE = (redis.asyncio.connection.__file__, "_send_packed_command")
 _NO_CLUSTER_NODE = "Redis Cluster cannot be connected"
+_NOT_A_CLUSTER = "Cluster mode is not enabled on this node"
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -121,6 +122,18 @@ def schema_error(exc: BaseException) -> SchemaBehind | None:
     if isinstance(exc, asyncpg.PostgresError) and getattr(exc, "sqlstate", "") in _SCHEMA_STATES:
         return SchemaBehind(f"the database schema is behind this version of the engine ({exc}): "
                             "run `flashsale migrate`")  # fmt: skip
+    return None
+
+
+def wrong_redis_kind(exc: BaseException) -> ConfigError | None:
+    """What to tell an operator when ``exc`` says ``REDIS_URL`` leads to another kind of Redis
+    than ``FLASHSALE_REDIS_CLUSTER`` says; None for any other exception. The services still
+    count it as an outage (a 503, and not ready): the setting is fixed without a release."""
+    if isinstance(exc, redis.exceptions.RedisClusterException) and _NOT_A_CLUSTER in str(exc):
+        return ConfigError("FLASHSALE_REDIS_CLUSTER=1, but the Redis at REDIS_URL is a single "
+                           "server, not a node of a Redis Cluster: unset "
+                           "FLASHSALE_REDIS_CLUSTER, or point REDIS_URL at a node of the "
+                           "cluster")  # fmt: skip
     return None
 
 
@@ -165,9 +178,9 @@ def _raised_in(exc: BaseException, where: tuple[str, str]) -> bool:
 def describe(exc: BaseException) -> str:
     """``Type: message``, for logs: redis-py's repr of its errors leaves the message out. A
     schema behind the engine is said in words, with what mends it."""
-    behind = schema_error(exc)
-    if behind is not None:
-        return behind.message
+    mend = schema_error(exc) or wrong_redis_kind(exc)
+    if mend is not None:
+        return mend.message
     text, name = str(exc), type(exc).__name__
     if text.startswith(name):  # aiokafka's errors name themselves
         return text

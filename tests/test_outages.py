@@ -249,6 +249,25 @@ def test_the_cli_names_a_server_that_is_down_in_one_line(
     assert len(refused.err.strip().splitlines()) == 1, refused.err
 
 
+def test_the_cli_says_a_single_redis_is_no_cluster(
+    stack: Settings, lone_redis: str, cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``FLASHSALE_REDIS_CLUSTER=1`` with ``REDIS_URL`` at a single server: "Redis is
+    unavailable", of a server that answered, sent the operator looking for an outage."""
+    created = cli("sale", "create", "--name", "Kind", "--sku", "A", "--stock", "5",
+                  "--price", "100", "--currency", "EUR")  # fmt: skip
+    assert created.code == 0, created.err
+    monkeypatch.setenv("REDIS_URL", lone_redis)
+    monkeypatch.setenv("FLASHSALE_REDIS_CLUSTER", "1")
+    result = cli("sale", "status", created.out.strip())
+    assert result.code == 1
+    assert result.err == (
+        "flashsale: error: FLASHSALE_REDIS_CLUSTER=1, but the Redis at REDIS_URL is a single "
+        "server, not a node of a Redis Cluster: unset FLASHSALE_REDIS_CLUSTER, or point "
+        "REDIS_URL at a node of the cluster\n"
+    ), result.err
+
+
 @pytest.mark.parametrize(("variable", "command", "said"), [
     # It said "a server is unavailable", leaving the operator to guess which from the port.
     ("REDIS_URL", ("sale", "status", "{sale}"), "Redis is unavailable: ConnectionError: Error "),
