@@ -39,6 +39,7 @@ from flashsale.errors import ConfigError
 from flashsale.http_protocol import EVERY_ANSWER, answer_malformed_in_json
 from flashsale.kafka import client_options
 from flashsale.migrate import require_current
+from flashsale.outages import describe
 from flashsale.settings import Settings
 
 PING_TIMEOUT_S = 2.0
@@ -107,7 +108,7 @@ async def check(probe: Probe) -> str | None:
     except TimeoutError:
         return f"no answer within {PING_TIMEOUT_S:g}s"
     except Exception as exc:  # noqa: BLE001 - any failure means down; say which
-        return f"{type(exc).__name__}: {exc}"[:200]
+        return describe(exc)[:200]
     return None
 
 

@@ -22,6 +22,7 @@ from aiokafka.errors import KafkaConnectionError
 from flashsale import outages
 from flashsale.cli.devstack.processes import free_port
 from flashsale.errors import ProviderDown, Unavailable
+from flashsale.ops_endpoints import check
 from flashsale.outages import is_demotion, is_outage
 from flashsale.settings import Settings
 from loadtest.fault_proxy import FaultProxy, through
@@ -266,6 +267,17 @@ def test_the_cli_says_a_single_redis_is_no_cluster(
         "server, not a node of a Redis Cluster: unset FLASHSALE_REDIS_CLUSTER, or point "
         "REDIS_URL at a node of the cluster\n"
     ), result.err
+
+
+async def test_a_probe_says_a_single_redis_is_no_cluster_as_the_cli_does(lone_redis: str) -> None:
+    """The readiness probe of a service so configured said the cluster client's own text."""
+    client = aioredis.RedisCluster.from_url(lone_redis)
+    try:
+        said = await check(client.ping)
+    finally:
+        await client.aclose()
+    assert said is not None and said.startswith("FLASHSALE_REDIS_CLUSTER=1, but the Redis at "
+                                                "REDIS_URL is a single server"), said  # fmt: skip
 
 
 @pytest.mark.parametrize(("variable", "command", "said"), [
