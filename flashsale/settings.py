@@ -94,9 +94,13 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 
 def home_dir(environ: Mapping[str, str] | None = None) -> Path:
-    """The engine's state folder: ``$FLASHSALE_HOME`` or ``./.flashsale``."""
+    """The engine's state folder: ``$FLASHSALE_HOME`` or ``./.flashsale``. ConfigError when
+    it names a file."""
     env = os.environ if environ is None else environ
-    return Path(env.get("FLASHSALE_HOME") or Path.cwd() / ".flashsale").resolve()
+    home = Path(env.get("FLASHSALE_HOME") or Path.cwd() / ".flashsale").resolve()
+    if home.exists() and not home.is_dir():
+        raise ConfigError(f"FLASHSALE_HOME: {home} is a file, not a folder")
+    return home
 
 
 @dataclass(frozen=True, slots=True)

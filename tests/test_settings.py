@@ -99,6 +99,19 @@ def test_a_bad_setting_is_one_line_naming_it_not_a_traceback(
     assert len(lines) == 1 and lines[0].startswith(f"flashsale: error: {name}"), result.err
 
 
+@pytest.mark.parametrize("argv", [("sale", "list"), ("dev", "up"), ("dev", "env")])
+def test_a_state_folder_that_is_a_file_is_one_line_naming_it(
+    run_cli: Cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, argv: tuple[str, ...]
+) -> None:
+    """``dev up`` said "/path: File exists" of a FLASHSALE_HOME naming a file."""
+    home = tmp_path / "stack.json"
+    home.write_text("{}")
+    monkeypatch.setenv("FLASHSALE_HOME", str(home))
+    result = run_cli(*argv)
+    assert (result.code, result.out) == (1, ""), result
+    assert result.err == f"flashsale: error: FLASHSALE_HOME: {home} is a file, not a folder\n"
+
+
 def test_sales_are_archived_a_day_after_their_end_unless_told_otherwise() -> None:
     assert Settings.from_env({}).archive_after_s == 86_400
     assert Settings.from_env({"FLASHSALE_ARCHIVE_AFTER": " Never "}).archive_after_s is None
