@@ -32,6 +32,8 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from redis.asyncio import RedisCluster
+from redis.exceptions import NoPermissionError
 
 from flashsale import __version__
 from flashsale.clients import RedisClient
@@ -39,7 +41,7 @@ from flashsale.errors import ConfigError
 from flashsale.http_protocol import EVERY_ANSWER, answer_malformed_in_json
 from flashsale.kafka import client_options
 from flashsale.migrate import require_current
-from flashsale.outages import describe
+from flashsale.outages import CLUSTER_READ_AS_ONE, describe
 from flashsale.settings import Settings
 
 PING_TIMEOUT_S = 2.0
@@ -95,10 +97,25 @@ def dependency_probes(
 ) -> dict[str, Probe]:
     """The probes of a service's long-lived clients, by dependency name. Postgres is ready
     when it answers and has every migration this version needs."""
-    probes: dict[str, Probe] = {"redis": redis.ping, "postgres": lambda: require_current(pool)}
+    probes: dict[str, Probe] = {"redis": lambda: ping_redis(redis),
+                                "postgres": lambda: require_current(pool)}  # fmt: skip
     if kafka is not None:
         probes["kafka"] = kafka.ping
     return probes
+
+
+async def ping_redis(client: RedisClient) -> None:
+    """A PING; through a single server's client, also that the server is no node of a
+    cluster, whose every node answers a PING while most keys live on the others."""
+    await client.ping()
+    if isinstance(client, RedisCluster):
+        return
+    try:
+        info = await client.info("cluster")
+    except NoPermissionError:  # an ACL user without INFO: the PING has answered
+        return
+    if info.get("cluster_enabled"):
+        raise ConfigError(CLUSTER_READ_AS_ONE)
 
 
 async def check(probe: Probe) -> str | None:

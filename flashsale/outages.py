@@ -109,6 +109,8 @@ def is_outage(exc: BaseException) -> bool:
         return state[:2] in _SQLSTATE_CLASSES or state in _SQLSTATES or state in _SCHEMA_STATES
     if isinstance(exc, asyncpg.InterfaceError):
         return not isinstance(exc, _CLIENT_MISCONFIGURED)
+    if isinstance(exc, redis.exceptions.MovedError):
+        return True  # a cluster read as one server (wrong_redis_kind): no key here is safe
     if isinstance(exc, redis.exceptions.ResponseError):
         return _refused_for(exc) in _PASSING
     if isinstance(exc, redis.exceptions.RedisClusterException):
@@ -134,7 +136,15 @@ def wrong_redis_kind(exc: BaseException) -> ConfigError | None:
                            "server, not a node of a Redis Cluster: unset "
                            "FLASHSALE_REDIS_CLUSTER, or point REDIS_URL at a node of the "
                            "cluster")  # fmt: skip
+    # The cluster client follows MOVED itself (allocator/redis_calls.py too): one that
+    # reaches here was answered to a client of a single server.
+    if isinstance(exc, redis.exceptions.MovedError):
+        return ConfigError(CLUSTER_READ_AS_ONE)
     return None
+
+
+CLUSTER_READ_AS_ONE = ("REDIS_URL leads to a node of a Redis Cluster, read as a single server: "
+                       "set FLASHSALE_REDIS_CLUSTER=1")  # fmt: skip
 
 
 def is_closed_transport(exc: BaseException) -> bool:
@@ -181,6 +191,8 @@ def describe(exc: BaseException) -> str:
     mend = schema_error(exc) or wrong_redis_kind(exc)
     if mend is not None:
         return mend.message
+    if isinstance(exc, ConfigError):  # the setting to fix, in words
+        return exc.message
     text, name = str(exc), type(exc).__name__
     if text.startswith(name):  # aiokafka's errors name themselves
         return text

@@ -25,10 +25,12 @@ from allocator.redis_calls import read_packed
 from flashsale.cli.devstack.processes import UP_PORTS, free_ports
 from flashsale.clients import pg_pool, redis_client
 from flashsale.keys import SaleKeys, SkuKeys, bucket_keys
+from flashsale.ops_endpoints import check, ping_redis
 from flashsale.outages import is_outage
 from flashsale.queue_marks import QueueMarks
 from flashsale.settings import Settings
 from loadtest.processes import engine, wait_healthy
+from tests.conftest import Cli
 from tests.holds import make_sku, request
 from tests.pipeline import SKU, drained, pipeline
 from tests.test_reconcile import checked, goes_on
@@ -144,6 +146,37 @@ async def test_moved_and_ask_answers_are_followed_by_packed_calls(
     finally:
         if node_of(cluster, sku.keys.stock).name != source.name:
             await _move_slot(cluster, slot, target, source, finish=True)
+
+
+def test_a_cluster_read_as_a_single_server_is_said_so(
+    stack: Settings, cluster: aioredis.RedisCluster, cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``REDIS_URL`` at a node of a cluster with ``FLASHSALE_REDIS_CLUSTER`` unset: the
+    commands whose keys live on another node ended in a MovedError traceback (a 500 in a
+    service), and the readiness probe's PING, answered by any node, said ready."""
+    created = cli("sale", "create", "--name", "Kind", "--sku", "A", "--stock", "5",
+                  "--price", "100", "--currency", "EUR")  # fmt: skip
+    sale = created.out.strip()
+    assert created.code == 0 and cli("sale", "preload", sale).code == 0
+    node = node_of(cluster, SkuKeys(sale, "A").stock)
+    others = [n for n in cluster.get_primaries() if n.name != node.name]
+    monkeypatch.setenv("REDIS_URL", re.sub(r"@[^/]+/", f"@{others[0].name}/",
+                                           stack.require_redis()))  # fmt: skip
+    monkeypatch.setenv("FLASHSALE_REDIS_CLUSTER", "0")
+    said = ("REDIS_URL leads to a node of a Redis Cluster, read as a single server: set "
+            "FLASHSALE_REDIS_CLUSTER=1")  # fmt: skip
+    result = cli("sale", "status", sale)
+    assert (result.code, result.err) == (1, f"flashsale: error: {said}\n"), result
+    probe = asyncio.run(_probe_redis(Settings.from_env()))
+    assert probe == said, probe
+
+
+async def _probe_redis(settings: Settings) -> str | None:
+    client = redis_client(settings)
+    try:
+        return await check(lambda: ping_redis(client))
+    finally:
+        await client.aclose()
 
 
 async def test_a_node_that_forgot_its_scripts_is_taught_again(

@@ -22,7 +22,7 @@ from aiokafka.errors import KafkaConnectionError
 from flashsale import outages
 from flashsale.cli.devstack.processes import free_port
 from flashsale.errors import ProviderDown, Unavailable
-from flashsale.ops_endpoints import check
+from flashsale.ops_endpoints import check, ping_redis
 from flashsale.outages import is_demotion, is_outage
 from flashsale.settings import Settings
 from loadtest.fault_proxy import FaultProxy, through
@@ -267,6 +267,25 @@ def test_the_cli_says_a_single_redis_is_no_cluster(
         "server, not a node of a Redis Cluster: unset FLASHSALE_REDIS_CLUSTER, or point "
         "REDIS_URL at a node of the cluster\n"
     ), result.err
+
+
+async def test_the_probe_of_a_redis_user_not_allowed_info_is_its_ping(lone_redis: str) -> None:
+    """The probe asks INFO whether the server is a cluster node; a managed Redis's user kept
+    to the commands the engine sends may not ask it, and stays ready on its PING."""
+    admin = aioredis.Redis.from_url(lone_redis)
+    try:
+        await admin.acl_setuser("engine", enabled=True, passwords=["+engine-password-0123"],
+                                keys=["*"], commands=["+@all", "-info"])  # fmt: skip
+    finally:
+        await admin.aclose()
+    port = urlsplit(lone_redis).port
+    client = aioredis.Redis.from_url(f"redis://engine:engine-password-0123@127.0.0.1:{port}/0")
+    try:
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            await client.info("cluster")
+        assert await check(lambda: ping_redis(client)) is None
+    finally:
+        await client.aclose()
 
 
 async def test_a_probe_says_a_single_redis_is_no_cluster_as_the_cli_does(lone_redis: str) -> None:
