@@ -71,7 +71,7 @@ def redis_client(
     a raw connection and are not retried here: they replace a connection the server closed
     before sending anything on it.
     """
-    check_redis_url(settings.require_redis())
+    check_redis_url(settings.require_redis(), cluster=settings.redis_cluster)
     options.setdefault("socket_timeout", settings.redis_timeout_s)
     options.setdefault("socket_connect_timeout", min(2.0, settings.redis_timeout_s))
     # Only a dead connection is worth a retry: a server that did not answer in time is hung
@@ -88,15 +88,18 @@ def redis_client(
     return aioredis.Redis.from_pool(pool)
 
 
-def check_redis_url(url: str) -> None:
+def check_redis_url(url: str, *, cluster: bool = False) -> None:
     """The options in ``url``'s query as redis-py's connection takes them, checked now: one it
     does not know (a misspelling, a TLS option on a ``redis://`` URL) or a value of the wrong
     kind would otherwise fail the first connection with a TypeError or a ValueError, a 500 in
     a service. Raises ConfigError naming REDIS_URL and the option, as for a file it names
-    that cannot be read."""
+    that cannot be read; with ``cluster``, one naming a database a cluster lacks."""
     check_url_files("REDIS_URL", url)
     try:
         options: dict[str, Any] = dict(parse_url(url))
+        if cluster and options.get("db", 0) != 0:
+            raise ConfigError(f"REDIS_URL: a Redis Cluster has database 0 alone, the URL "
+                              f"names {options['db']}")  # fmt: skip
         for pool_option in ("max_connections", "timeout"):
             options.pop(pool_option, None)
         options.pop("connection_class", aioredis.Connection)(**options)  # not connected

@@ -171,6 +171,19 @@ def test_a_cluster_read_as_a_single_server_is_said_so(
     assert probe == said, probe
 
 
+def test_a_cluster_url_naming_another_database_is_one_line(
+    stack: Settings, cluster: aioredis.RedisCluster, cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cluster has database 0 alone: ``/1`` in REDIS_URL ended every command, ``sale list``
+    included, in redis-py's RedisClusterException traceback."""
+    monkeypatch.setenv("REDIS_URL", re.sub(r"/0$", "/1", stack.require_redis()))
+    result = cli("sale", "list", "--limit", "1")
+    assert (result.code, result.err) == (
+        1,
+        "flashsale: error: REDIS_URL: a Redis Cluster has database 0 alone, the URL names 1\n",
+    ), result
+
+
 async def _probe_redis(settings: Settings) -> str | None:
     client = redis_client(settings)
     try:
