@@ -54,7 +54,7 @@ def bootstrap(servers: str) -> str:
         host, colon, port = server.strip().rpartition(":")
         if not colon:
             host, port = port, "9092"  # aiokafka's default
-        if not host.strip("[]") or tcp_port(port) is None:
+        if not host.strip("[]") or "/" in host or tcp_port(port) is None:  # no scheme
             raise ConfigError(f"KAFKA_BOOTSTRAP: {server.strip()!r} is not host:port "
                               "(several are separated by commas)")  # fmt: skip
     return servers

@@ -13,6 +13,7 @@ import pytest
 from flashsale.cli.devstack.processes import UP_PORTS, free_ports
 from flashsale.env_values import VARIABLES
 from flashsale.errors import ConfigError
+from flashsale.kafka import bootstrap
 from flashsale.logs import RedactSecrets
 from flashsale.settings import DEFAULT_TOPICS, Settings, mask_url
 from tests.conftest import Cli
@@ -110,6 +111,19 @@ def test_a_state_folder_that_is_a_file_is_one_line_naming_it(
     result = run_cli(*argv)
     assert (result.code, result.out) == (1, ""), result
     assert result.err == f"flashsale: error: FLASHSALE_HOME: {home} is a file, not a folder\n"
+
+
+@pytest.mark.parametrize("servers", ["127.0.0.1:abc", "127.0.0.1:9092,", " ", "h:0",
+                                     # a URL: aiokafka took "kafka://h" for a host name
+                                     "kafka://127.0.0.1:9092", "PLAINTEXT://h:9092"])  # fmt: skip
+def test_a_bootstrap_list_that_is_not_host_and_port_is_refused(servers: str) -> None:
+    with pytest.raises(ConfigError, match=r"^KAFKA_BOOTSTRAP: .* is not host:port"):
+        bootstrap(servers)
+
+
+def test_a_bootstrap_list_of_hosts_and_ports_is_taken() -> None:
+    servers = "kafka-1.example:9092, 10.0.0.7:19092,[2001:db8::1]:9093,broker"
+    assert bootstrap(servers) == servers
 
 
 def test_sales_are_archived_a_day_after_their_end_unless_told_otherwise() -> None:
