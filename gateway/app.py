@@ -128,7 +128,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None, *,
     it through the ``reserve_url`` of an admitted status answer, or a proxy's path rule)."""
     metrics = Metrics(registry or CollectorRegistry())
     metrics.in_flight_limit.set(settings.max_in_flight)
-    middleware = edge(metrics, budgets(settings), admin.require_admin)
+    middleware = edge(metrics, budgets(settings), admin.require_admin, page.error_page)
     app = web.Application(middlewares=[middleware], client_max_size=MAX_BODY)
     app[SETTINGS] = settings
     app[LISTENER] = reservations_only

@@ -26,6 +26,8 @@ log = logging.getLogger("flashsale.gateway")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Guard = Callable[[web.Request], None]
+# What a refusal is shown as (gateway.page.error_page: a page to a browser that asked for one)
+Shown = Callable[[web.Request, web.StreamResponse], web.StreamResponse]
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")  # what is kept of a caller's X-Request-Id
 
 
@@ -126,7 +128,7 @@ def route_class(request: web.Request) -> str:
     return ROUTE_CLASSES.get((request.method, resource.canonical), OTHER)
 
 
-def edge(metrics: Metrics, budgets: Budgets, guard: Guard) -> Middleware:
+def edge(metrics: Metrics, budgets: Budgets, guard: Guard, shown: Shown) -> Middleware:
     """The gateway's one middleware, so each request pays for one layer:
 
     * the per-process in-flight budgets (:class:`Budgets`): beyond its class's ceiling, or
@@ -138,7 +140,8 @@ def edge(metrics: Metrics, budgets: Budgets, guard: Guard) -> Middleware:
     * every exception mapped to HTTP by :func:`error_for`;
     * every answer counted and timed, refusals by reason;
     * a request id (the caller's ``X-Request-Id`` or a new one) bound to every log line of
-      the request and returned in ``X-Request-Id``.
+      the request and returned in ``X-Request-Id``;
+    * a refusal passed to ``shown`` (which may answer a browser with a page instead).
     """
     exempt = PROBE_PATHS
     gauge = metrics.in_flight
@@ -154,6 +157,8 @@ def edge(metrics: Metrics, budgets: Budgets, guard: Guard) -> Middleware:
         bound = CONTEXT.set({"request_id": rid})
         try:
             response = await answer(request, handler)
+            if response.status >= 400:
+                response = shown(request, response)
         finally:
             CONTEXT.reset(bound)
         if not response.prepared:

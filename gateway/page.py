@@ -57,5 +57,45 @@ async def waiting_room(request: web.Request) -> web.Response:
     })  # fmt: skip
 
 
+# What a browser is shown when the page itself cannot be served (a shop's link to a sale that
+# is not there, the gateway at capacity, a server down): words, not the API's JSON, and a page
+# that loads itself again after Retry-After.
+ERROR_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">{refresh}
+<meta name="viewport" content="width=device-width, initial-scale=1"><title>{title}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:34rem;margin:3rem auto;padding:0 1rem;
+color:#222}}h1{{font-size:1.4rem}}</style></head>
+<body><main><h1>{title}</h1><p>{text}</p></main></body></html>
+"""
+
+
+def error_page(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+    """``response``, a refusal of the page, as a page when a browser asked for it; any other
+    answer as it is."""
+    resource = request.match_info.route.resource
+    if (response.status < 400 or resource is None or resource.canonical != "/sales/{sale}"
+            or "text/html" not in request.headers.get("Accept", "")):  # fmt: skip
+        return response
+    retry = response.headers.get("Retry-After")
+    refresh = ""
+    if response.status == 404:
+        title = "This sale does not exist"
+        text = "Check the link the shop sent you: this address names no sale."
+    elif retry is not None and retry.isdigit():
+        title = "The waiting room is very busy"
+        text = f"This page tries again by itself in {retry} s. Keep it open."
+        refresh = f'\n<meta http-equiv="refresh" content="{retry}">'
+    else:
+        title = "This page cannot be shown right now"
+        text = "Try again in a moment."
+    page = web.Response(
+        status=response.status, content_type="text/html", charset="utf-8",
+        text=ERROR_PAGE.format(title=title, text=text, refresh=refresh),
+        headers={"Cache-Control": "no-store", **({"Retry-After": retry} if retry else {}),
+                 "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"},
+    )  # fmt: skip
+    return page
+
+
 def setup(app: web.Application) -> None:
     app.router.add_get("/sales/{sale}", waiting_room)

@@ -383,8 +383,9 @@ async def test_under_a_spike_joins_are_shed_first_and_admitted_buyers_still_find
         await release.wait()
         return web.json_response({})
 
-    app = web.Application(middlewares=[edge(Metrics(CollectorRegistry()), Budgets(4, 1, 2),
-                                            lambda _r: None)])  # fmt: skip
+    middleware = edge(Metrics(CollectorRegistry()), Budgets(4, 1, 2), lambda _r: None,
+                      lambda _r, answer: answer)  # fmt: skip
+    app = web.Application(middlewares=[middleware])
     app.router.add_post("/v1/sales/{sale}/queue", slow)
     app.router.add_get("/v1/sales/{sale}/queue/status", slow)
     app.router.add_post("/v1/sales/{sale}/reservations", slow)

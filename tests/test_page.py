@@ -15,14 +15,19 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+import pytest
 import requests
+from aiohttp.test_utils import TestClient, TestServer
 
+import gateway.page
 from allocator.hold_scripts import HoldScripts
 from flashsale.cli.devstack.processes import UP_PORTS, free_port, free_ports
 from flashsale.clients import redis_client
+from flashsale.errors import Unavailable
 from flashsale.keys import SkuKeys
 from flashsale.settings import Settings
 from flashsale.tokens import Signer
+from gateway.app import create_app
 from loadtest.processes import engine
 from tests.harness import (
     ADMIN,
@@ -128,6 +133,41 @@ def test_the_page_is_sent_compressed_and_revalidated_with_its_etag(stack: Settin
             assert time.monotonic() < deadline, "the page kept the old name"
             time.sleep(0.2)
         assert fresh.headers["ETag"] != plain.headers["ETag"]
+
+
+BROWSER = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
+
+
+def test_a_page_that_cannot_be_served_is_a_page_to_a_browser(
+    stack: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shop's link to a sale that is not there, or the page refused while the gateway was
+    at capacity or a server down, showed the buyer raw JSON and nothing more: a browser
+    gets a page saying so, which loads itself again after ``Retry-After``; an API client
+    still gets the JSON error."""
+
+    async def run() -> None:
+        async with TestClient(TestServer(create_app(stack))) as client:
+            missing = await client.get("/sales/sale-nope", headers=BROWSER)
+            text = await missing.text()
+            assert (missing.status, missing.content_type) == (404, "text/html"), text
+            assert "This sale does not exist" in text and "refresh" not in text, text
+            plain = await client.get("/sales/sale-nope")
+            assert (await plain.json())["error"]["code"] == "unknown_sale"
+
+            async def down(request: object, sale_id: str) -> None:
+                outage = Unavailable("Redis is restarting")
+                outage.retry_after_s = 3
+                raise outage
+
+            monkeypatch.setattr(gateway.page, "sale_summary", down)
+            busy = await client.get("/sales/sale-any", headers=BROWSER)
+            text = await busy.text()
+            assert (busy.status, busy.headers["Retry-After"]) == (503, "3"), text
+            assert '<meta http-equiv="refresh" content="3">' in text, text
+            assert "tries again by itself" in text and "Redis" not in text, text
+
+    asyncio.run(run())
 
 
 def test_the_page_rides_out_a_spike_and_resumes_after_a_reload(
