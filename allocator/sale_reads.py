@@ -244,6 +244,8 @@ class SaleReads:
                 "confirmed": sku["sold"],
                 "orders": orders.get(sku["sku"], {}),
                 "preloaded": count is not None,
+                # preloaded once, and Redis has it no more (the reconciler rebuilds it)
+                "lost": count is None and sku["preloaded_at"] is not None,
                 "buckets": sku["buckets"],
             }
             if sku["buckets"] > 1:

@@ -55,6 +55,7 @@ SALE_STATUS = obj(
                     "confirmed": {"type": "integer"},
                     "orders": {"type": "object", "additionalProperties": {"type": "integer"}},
                     "preloaded": {"type": "boolean"},
+                    "lost": {"type": "boolean"},
                     "buckets": {"type": "integer"},
                     "by_bucket": {"type": "array", "items": {"type": ["object", "null"]}},
                     "in_transit": {

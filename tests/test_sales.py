@@ -120,7 +120,7 @@ def test_round_trip_preload_status_add_stock_lifecycle(
     assert rows["SNK-42"] == {
         "sku": "SNK-42", "title": "Sneaker 42", "stock_total": 100, "available": 100,
         "held": 0, "active": 0, "paying": 0, "sold": 0, "confirmed": 0, "orders": {},
-        "preloaded": True, "buckets": 1,
+        "preloaded": True, "lost": False, "buckets": 1,
     }  # fmt: skip
     meta = rdb.hgetall(SkuKeys(sale_id, "SNK-42").meta)
     assert meta["per_buyer_limit"] == "1"
@@ -949,6 +949,27 @@ def test_the_status_of_a_sale_without_skus_says_how_to_add_them(cli: Cli) -> Non
         status.out
     ), status.out
     assert f"not preloaded (`flashsale sale preload {sale_id}`)" in status.out, status.out
+
+
+def test_the_status_says_why_a_sku_has_no_counts(
+    cli: Cli, rdb: redis.Redis, tmp_path: Path
+) -> None:
+    """A SKU without Redis counts showed dashes, whether it was imported after the preload
+    (preload it) or lost by Redis (the reconciler rebuilds it): two different things to do."""
+    sale_id = create(cli, tmp_path)
+    assert cli("sale", "preload", sale_id).code == 0
+    extra = write(tmp_path, "sku,stock,price,currency\nSNK-99,5,100,EUR\n", "extra.csv")
+    assert cli("sale", "import", extra, "--sale", sale_id).code == 0
+    rdb.delete(*SkuKeys(sale_id, "SNK-43").all())
+    shown = cli("sale", "status", sale_id)
+    assert shown.code == 0, shown.err
+    assert (f"  SNK-99: not preloaded yet (`flashsale sale preload {sale_id}`)\n" in shown.out
+            and "  SNK-43: preloaded, but Redis lost it (`flashsale reconcile --once` rebuilds "
+                "it from Postgres)\n" in shown.out), shown.out  # fmt: skip
+    assert "SNK-42:" not in shown.out, shown.out
+    rows = {row["sku"]: row for row in json.loads(cli("sale", "status", sale_id, "--json").out)
+            ["skus"]}  # fmt: skip
+    assert [rows[sku]["lost"] for sku in ("SNK-42", "SNK-43", "SNK-99")] == [False, True, False]
 
 
 def test_status_watch_refreshes_and_list_prints_json(cli: Cli, tmp_path: Path) -> None:

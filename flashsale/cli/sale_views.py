@@ -66,6 +66,12 @@ def print_status(status: dict[str, Any], *, as_json: bool, whole: bool = True) -
                     f" {b['sold']:>8}")  # fmt: skip
         if row.get("in_transit"):  # free, counted as available, and in no bucket yet
             out(f"  {'  in transit':{w}} {'':>10} {row['in_transit']:>10}")
+    for row in status["skus"]:  # why a SKU has no counts: two different things to do
+        if row["available"] is None and row.get("lost"):
+            out(f"  {row['sku']}: preloaded, but Redis lost it (`flashsale reconcile --once` "
+                "rebuilds it from Postgres)")  # fmt: skip
+        elif row["available"] is None:
+            out(f"  {row['sku']}: not preloaded yet (`flashsale sale preload {sale['id']}`)")
     if whole:
         taken = [f"{major(amount, currency)} {currency}"
                  for currency, amount in sorted(status["revenue"].items())]  # fmt: skip
