@@ -82,8 +82,14 @@ async def json_body(
     ``allowed``) an unknown field or (with ``unique``) a key named twice in one object is a 422
     naming the problem; an empty body is ``{}`` when ``optional``."""
     raw = await body_bytes(request, most)
-    if not raw.strip() and optional:
-        return {}
+    if not raw.strip():
+        if optional:
+            return {}
+        raise InvalidInput("body", "empty: send a JSON object", code="malformed_json")
+    kind = request.content_type
+    if kind in FORMS and not raw.lstrip().startswith((b"{", b"[")):  # curl -d name=x
+        raise InvalidInput("body", f"form-encoded ({kind}): send a JSON object, as curl "
+                           "--json '{...}' does", code="malformed_json")  # fmt: skip
     data = parse_json(raw, unique=unique)
     if not isinstance(data, dict):
         raise InvalidInput("body", "must be a JSON object")
@@ -92,6 +98,9 @@ async def json_body(
         if unknown:
             raise InvalidInput(unknown[0], "unknown field", code="unknown_field")
     return data
+
+
+FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 
 async def body_bytes(request: web.Request, most: int = MAX_BODY) -> bytes:

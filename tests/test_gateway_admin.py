@@ -601,6 +601,22 @@ async def test_bad_sale_bodies_are_422_and_write_nothing(
     assert await pool.fetchval("SELECT count(*) FROM sales") == before
 
 
+async def test_a_body_that_is_not_json_says_what_it_is(http: TestClient[Any, Any]) -> None:
+    """``curl -d name=Drop`` (form-encoded, curl's default) and an empty body were answered
+    with the JSON parser's own words: "invalid literal, expected 'null'"."""
+    said = {}
+    for body, kind in ((b"name=Drop&admission_rate=5", "application/x-www-form-urlencoded"),
+                       (b"", "application/json")):  # fmt: skip
+        answer = await http.post("/admin/v1/sales", data=body,
+                                 headers={**auth(), "Content-Type": kind})  # fmt: skip
+        assert answer.status == 422 and await error_code(answer) == "malformed_json"
+        said[kind] = (await answer.json())["error"]["message"]
+    assert said["application/x-www-form-urlencoded"] == (
+        "body: form-encoded (application/x-www-form-urlencoded): send a JSON object, as "
+        "curl --json '{...}' does"), said  # fmt: skip
+    assert said["application/json"] == "body: empty: send a JSON object", said
+
+
 async def test_a_refused_json_value_is_named_as_json_spells_it(http: TestClient[Any, Any]) -> None:
     sku = {"sku": "SNK-1", "stock": True, "price": 12000, "currency": "EUR"}
     body = {"name": "Gateway test drop", "skus": [sku]}
