@@ -90,7 +90,10 @@ async def ensure_topics(
         present = [name for name in wanted if name in existing]
         described = await admin.describe_topics(present) if present else []
         have = {d["topic"]: len(d["partitions"]) for d in described}
-        outcome = {name: f"exists ({partition_count(have.get(name))})" for name in present}
+        asked = (
+            {} if partitions is None else {n: wanted[n] for n in wanted if n != topics.dead_letter}
+        )
+        outcome = {name: _existing(have.get(name), asked.get(name)) for name in present}
         missing = [
             NewTopic(name, num_partitions=n, replication_factor=replication_factor)
             for name, n in wanted.items()
@@ -107,6 +110,17 @@ async def ensure_topics(
         if progress is not None:
             progress(f"topic {name}: {what}")
     return outcome
+
+
+def _existing(partitions: int | None, asked: int | None) -> str:
+    """What ``kafka init`` says of a topic that exists, with ``partitions`` (None: unknown),
+    when ``asked`` for that many (None: not asked)."""
+    said = partition_count(partitions)
+    if asked is not None and partitions is not None and partitions != asked:
+        said += (f", not the {asked} asked: an existing topic keeps its partitions, as "
+                 "adding some moves keys to others; add them with Kafka's own tools, between "
+                 "sales")  # fmt: skip
+    return f"exists ({said})"
 
 
 async def delete_topics(settings: Settings, names: Sequence[str]) -> None:
