@@ -16,6 +16,7 @@ import asyncio
 import errno
 import os
 import platform
+import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -232,6 +233,8 @@ async def listen(runner: web.AppRunner, host: str, port: int, **options: Any) ->
     ConfigError naming the address: nothing the service depends on is down."""
     try:
         await web.TCPSite(runner, host, port, **options).start()
+    except socket.gaierror:  # a name or number that is no address (a typo of --host)
+        raise ConfigError(f"cannot listen on {host}:{port}: no such address") from None
     except OSError as exc:
         if exc.errno not in _CANNOT_LISTEN:
             raise

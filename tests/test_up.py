@@ -313,6 +313,22 @@ def test_a_service_whose_port_is_taken_says_so(stack: Settings) -> None:
     assert "address already in use" in last, last
 
 
+@pytest.mark.parametrize("command", [("reconcile", "--ops-port"), ("gateway", "--port"),
+                                     ("up", "--port")])  # fmt: skip
+def test_a_host_that_is_no_address_is_named(stack: Settings, command: tuple[str, str]) -> None:
+    """``--host 999.1.1.1`` (a typo) was "a server is unavailable: gaierror": nothing the
+    service depends on is down, the address it was given names nothing."""
+    port = free_ports(UP_PORTS)
+    code, err = _refused(command[0], "--host", "999.1.1.1", command[1], str(port))
+    last = err.strip().splitlines()[-1]
+    if command[0] == "up":  # checked before anything starts, as its ports are
+        assert (code, last) == (2, "flashsale: error: --host: cannot listen on 999.1.1.1: no "
+                                   "such address"), err  # fmt: skip
+    else:
+        said = f"flashsale: error: cannot listen on 999.1.1.1:{port}: no such address"
+        assert (code, last) == (1, said), err
+
+
 def test_a_record_left_by_a_killed_engine_refuses_no_new_one(tmp_path: Path) -> None:
     """``kill -9`` of ``up`` leaves its record behind; its simulator died with it."""
     with socket.socket() as probe:

@@ -120,8 +120,12 @@ def free_to_listen(host: str, ports: dict[str, int]) -> None:
             raise InvalidInput(field, f"{port} is also the {seen[port]}")
         seen[port] = field
     for field, port in ports.items():
-        family, kind, proto, _name, address = socket.getaddrinfo(
-            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]  # fmt: skip
+        try:
+            family, kind, proto, _name, address = socket.getaddrinfo(
+                host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )[0]
+        except socket.gaierror:
+            raise InvalidInput("host", f"cannot listen on {host}: no such address") from None
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no owner
             try:
