@@ -9,7 +9,7 @@ import difflib
 import math
 import re
 from collections.abc import Mapping
-from ipaddress import IPv4Network, IPv6Network, ip_network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network, ip_network
 from urllib.parse import urlsplit
 
 from flashsale.errors import ConfigError
@@ -113,13 +113,17 @@ def http_url(value: str | None, name: str) -> str | None:
 
 
 def is_http_url(value: str) -> bool:
-    """``http(s)://host[:port][/path]``, the port within 1..65535."""
+    """``http(s)://host[:port][/path]``, the port within 1..65535, a host of digits and dots
+    a whole IPv4 address (aiohttp refuses ``127.1`` or ``999.1.1.1`` when it connects)."""
     try:
         parts = urlsplit(value)  # ValueError: a bracket not closed ("http://[::1")
         port_ok = parts.port is None or parts.port > 0  # ValueError: not a number, > 65535
+        host = parts.hostname or ""
+        if host and not host.strip("0123456789."):
+            IPv4Address(host)  # ValueError: no address
     except ValueError:
         return False
-    return parts.scheme in ("http", "https") and bool(parts.hostname) and port_ok
+    return parts.scheme in ("http", "https") and bool(host) and port_ok
 
 
 SHORTEST_SECRET = 16

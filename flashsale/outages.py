@@ -48,6 +48,7 @@ import logging
 import re
 import time
 
+import aiohttp
 import asyncpg
 import redis.asyncio.connection
 import redis.exceptions
@@ -212,6 +213,10 @@ def server_of(exc: BaseException) -> str | None:
             return "Postgres"
         if isinstance(seen, KafkaError):
             return "the Kafka broker"
+        if isinstance(
+            seen, aiohttp.ClientConnectorError
+        ):  # an HTTP server: the provider, a gateway
+            return f"the server at {seen.host}:{seen.port}"
         seen = seen.__cause__ or seen.__context__
     return None
 

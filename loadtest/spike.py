@@ -57,7 +57,7 @@ def _check(host: str, admin_token: str) -> None:
         check_engine(host, admin_token)
     except CannotStart as exc:
         if exc.unreachable:
-            raise ConfigError(f"host: {exc}: start the engine (flashsale up) or run the spike "
+            raise ConfigError(f"--host: {exc}: start the engine (flashsale up) or run the spike "
                               "with --embedded") from None  # fmt: skip
         raise ConfigError(str(exc)) from None
 

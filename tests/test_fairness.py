@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -275,7 +276,18 @@ async def test_a_record_not_complete_yet_is_read_once_for_many_requests(
 
 
 @pytest.mark.parametrize(
-    "url", ["notaurl", "ftp://gw.example", "http://", "http://127.0.0.1:99999", "http://[::1"]
+    "url",
+    [
+        "notaurl",
+        "ftp://gw.example",
+        "http://",
+        "http://127.0.0.1:99999",
+        "http://[::1",
+        # numbers that are no IPv4 address: aiohttp refuses them when it connects
+        "http://999.1.1.1:8080",
+        "http://127.1:8080",
+        "http://2130706433",
+    ],
 )
 def test_verify_refuses_a_url_that_is_not_one_in_a_line(run_cli: Cli, url: str) -> None:
     """aiohttp's own exception reached the terminal as a traceback."""
@@ -283,4 +295,16 @@ def test_verify_refuses_a_url_that_is_not_one_in_a_line(run_cli: Cli, url: str) 
     assert result.code == 2, result
     assert result.err.strip() == (
         f"flashsale: error: --url: must be an http(s)://host[:port] URL, got '{url}'"
+    ), result.err
+
+
+def test_verify_at_a_gateway_that_does_not_answer_names_it(run_cli: Cli) -> None:
+    """It said "a server is unavailable", leaving the operator to find which in the text."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens there once the socket is closed
+    result = run_cli("fairness", "verify", "sale-x", "--url", f"http://127.0.0.1:{port}")
+    assert result.code == 1, result
+    assert result.err.startswith(
+        f"flashsale: error: the server at 127.0.0.1:{port} is unavailable: "
     ), result.err

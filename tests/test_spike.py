@@ -173,7 +173,7 @@ def test_a_spike_at_an_engine_that_is_not_there_stops_at_once_saying_so(
                        env)  # fmt: skip
     assert code == 1, err
     assert err.strip().splitlines() == [
-        f"flashsale: error: host: nothing answers at {host}: start the engine (flashsale up) "
+        f"flashsale: error: --host: nothing answers at {host}: start the engine (flashsale up) "
         "or run the spike with --embedded"
     ], err
     code, err = _spike(["locust", "-f", LOCUSTFILE, "--headless", "--host", host], env)
