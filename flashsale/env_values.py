@@ -75,12 +75,24 @@ def origin(value: str, name: str, also: str = "") -> str | None:
         return None
     found = ORIGIN.match(text)
     port = found and found["port"]
-    if found is None or (port is not None and tcp_port(port) is None):
+    if found is None or (port is not None and tcp_port(port) is None) or not is_host(found["host"]):
         raise ConfigError(f"{name}: {text!r} is not an origin: scheme://host[:port] "
                           f"(no path, a port of 1..65535){also}")  # fmt: skip
     scheme = found["scheme"].lower()
     shown = "" if port is None or port == DEFAULT_PORTS[scheme] else f":{int(port)}"
     return f"{scheme}://{found['host'].lower()}{shown}"
+
+
+def is_host(host: str) -> bool:
+    """False for a host of digits and dots that is no whole IPv4 address (``999.1.1.1``,
+    ``127.1``): browsers and aiohttp refuse those, where the name of a host is looked up."""
+    if host.strip("0123456789."):
+        return True
+    try:
+        IPv4Address(host)
+    except ValueError:
+        return False
+    return True
 
 
 PORT = re.compile(r"[0-9]{1,5}")  # ASCII digits: "²" is isdigit() and not int()
@@ -119,11 +131,9 @@ def is_http_url(value: str) -> bool:
         parts = urlsplit(value)  # ValueError: a bracket not closed ("http://[::1")
         port_ok = parts.port is None or parts.port > 0  # ValueError: not a number, > 65535
         host = parts.hostname or ""
-        if host and not host.strip("0123456789."):
-            IPv4Address(host)  # ValueError: no address
     except ValueError:
         return False
-    return parts.scheme in ("http", "https") and bool(host) and port_ok
+    return parts.scheme in ("http", "https") and bool(host) and port_ok and is_host(host)
 
 
 SHORTEST_SECRET = 16

@@ -77,6 +77,8 @@ def test_secrets_are_masked_in_repr_and_logs(
      ("FLASHSALE_MAX_IN_FLIGHT", "-3"), ("FLASHSALE_PSP_URL", "psp.example:8080"),
      ("FLASHSALE_PSP_URL", "http://127.0.0.1:notaport"), ("FLASHSALE_PSP_URL", "http://[::1"),
      ("FLASHSALE_PSP_URL", "http://127.1:8083"),  # each charge refused by aiohttp, not the start
+     ("FLASHSALE_CORS_ORIGINS", "https://999.1.1.1"),
+     ("FLASHSALE_RESERVATIONS_URL", "http://127.1:8085"),
      ("FLASHSALE_PG_POOL_MODE", "statement"),
      # float() reads these: a traceback, or nan taken as a timeout
      ("FLASHSALE_MAX_IN_FLIGHT", "inf"), ("FLASHSALE_BODY_TIMEOUT", "nan"),
