@@ -7,6 +7,9 @@ triggers on ``sale_skus``: migration 0017). Reading every SKU at each discovery 
 ms of Postgres for a live sale of 100,000 SKUs, every 2 s and in each process. The lists kept
 stay the same objects while nothing changes, which the allocator's checks for "the same
 scope" rely on.
+
+Beside them, the sales about to open, or open, that were never preloaded: nothing else shows
+that their buyers are all told they are not open yet.
 """
 
 from __future__ import annotations
@@ -29,6 +32,17 @@ FROM sales s
 WHERE s.preloaded_at IS NOT NULL AND {HOLDS_END} + interval '1 minute' > now()
 ORDER BY s.id
 """  # noqa: S608 - only constants of this code go in
+# The sales that open within NOT_PRELOADED_WINDOW_S, or have opened, and were never preloaded:
+# every buyer is told they are not open yet (their waiting room is not in Redis), with nothing
+# else to show it. With the seconds until each opens (less than 0: it has).
+NOT_PRELOADED_WINDOW_S = 600
+NOT_PRELOADED = """
+SELECT id, extract(epoch FROM starts_at - now())::float8 AS opens_in
+FROM sales
+WHERE preloaded_at IS NULL AND status <> 'ended' AND ends_at > now()
+  AND starts_at < now() + make_interval(secs => $1)
+ORDER BY id
+"""
 # The SKUs of the sales $1, with the version of the set they are (one statement: the same
 # snapshot for both).
 SALE_SKUS = """
@@ -66,3 +80,10 @@ class SkuSets:
                              "status": h["status"], "past_end": h["past_end"],
                              "live": h["live"]})  # fmt: skip
         return rows
+
+
+async def not_preloaded(pool: asyncpg.Pool) -> dict[str, float]:
+    """The sales open, or opening within ``NOT_PRELOADED_WINDOW_S``, that were never preloaded:
+    the seconds until each opens (less than 0: it has)."""
+    rows = await fetch_in_play(pool, NOT_PRELOADED, float(NOT_PRELOADED_WINDOW_S))
+    return {row["id"]: row["opens_in"] for row in rows}

@@ -26,7 +26,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from allocator.discovery import SkuSets
+from allocator.discovery import SkuSets, not_preloaded
 from allocator.hold_scripts import HoldScripts
 from allocator.pacing import SaleRounds
 from allocator.pump import AdmissionPump, Count
@@ -229,6 +229,10 @@ class AllocatorService:
                 except Exception as exc:  # noqa: BLE001 - kept at the next discovery
                     log_failure(log, "cannot keep the live sales in Redis", exc)
         await self._holding(holding)
+        try:
+            self.metrics.note_not_preloaded(await not_preloaded(self.pool))
+        except Exception as exc:  # noqa: BLE001 - said again at the next discovery
+            log_failure(log, "cannot list the sales opening without a preload", exc)
         live = {row["id"]: list(row["skus"]) for row in rows}
         buckets = {row["id"]: dict(zip(row["skus"], row["buckets"], strict=True)) for row in rows}
         for sale_id in set(self.pumps) - set(live):

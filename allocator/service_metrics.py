@@ -55,6 +55,11 @@ class ServiceMetrics:
             "reached the cutoff and nobody in it is left to admit or within a turn", ["sale"],
             registry=registry,
         )  # fmt: skip
+        self.not_preloaded = Gauge(
+            "flashsale_sale_not_preloaded", "Seconds until a sale opens (less than 0: it has) "
+            "that was never preloaded, for a sale opening within 10 minutes or open: its buyers "
+            "are told it is not open yet", ["sale"], registry=registry,
+        )  # fmt: skip
         self.expired = Counter("flashsale_holds_expired", "Holds expired by the sweeper",
                                registry=registry)  # fmt: skip
         self.errors = Counter("flashsale_pump_errors", "Pump ticks that failed", ["sale"],
@@ -113,6 +118,12 @@ class ServiceMetrics:
                 with contextlib.suppress(KeyError):
                     self.stock.remove(sale_id, sku, state)
         self._skus[sale_id] = set(stock)
+
+    def note_not_preloaded(self, opens_in: dict[str, float]) -> None:
+        """The sales open or opening soon without a preload, and none other."""
+        self.not_preloaded.clear()
+        for sale_id, seconds in opens_in.items():
+            self.not_preloaded.labels(sale_id).set(seconds)
 
     def forget(self, sale_id: str) -> None:
         """Drop a sale's series once it leaves scope: a dashboard of past sales would

@@ -154,3 +154,21 @@ def test_the_stranded_stock_alert_fires_after_a_minute_of_units_nobody_can_buy(
         {"series": 'flashsale_stock_stranded{sale="s-1", instance="other"}', "values": "0x7"},
     ], [at(2, "FlashsaleStockStranded"), at(4, "FlashsaleStockStranded", fired),
         at(7, "FlashsaleStockStranded")])  # fmt: skip
+
+
+def test_the_preload_alert_fires_for_a_sale_opening_without_one(
+    prometheus: str,  # noqa: F811 - the fixture
+    tmp_path: Path,
+) -> None:
+    """Two allocators list the sale from 10 minutes before its opening: a minute of it fires
+    the alert; the preload (the series gone: stale at the next scrape) clears it."""
+    fired = firing("critical", "sale s-1 opens within 10 minutes, or has opened, and was never "
+                   "preloaded: every buyer is told it is not open yet",
+                   "flashsalesalenotpreloaded", sale="s-1")  # fmt: skip
+    promtool_test(tmp_path, [
+        {"series": 'flashsale_sale_not_preloaded{sale="s-1", instance="a"}',
+         "values": "_ 590 530 470 410 stale"},
+        {"series": 'flashsale_sale_not_preloaded{sale="s-1", instance="b"}',
+         "values": "_ 591 531 471 411 stale"},
+    ], [at(1, "FlashsaleSaleNotPreloaded"), at(3, "FlashsaleSaleNotPreloaded", fired),
+        at(6, "FlashsaleSaleNotPreloaded")])  # fmt: skip

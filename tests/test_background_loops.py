@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
@@ -31,7 +31,7 @@ from flashsale.keys import SkuKeys, bucket_keys
 from flashsale.migrate import migrate
 from flashsale.queue_marks import Mark, QueueMarks
 from flashsale.sales import fetch_in_play
-from flashsale.salespec import parse_csv
+from flashsale.salespec import parse_csv, parse_sale
 from flashsale.settings import Settings
 from reconciler.skus import SCOPE
 from tests.pipeline import pipeline
@@ -251,6 +251,44 @@ async def test_the_relay_and_the_sweeper_leave_an_ended_sales_settled_skus(
             await asyncio.sleep(0.02)
         assert await p.redis.xlen(every[0].outbox) == 0
         assert await holding() == []
+
+
+async def test_a_sale_opening_without_its_preload_is_shown_from_ten_minutes_before(
+    stack: Settings,
+) -> None:
+    """A sale never preloaded opened to buyers told it was not open yet, with no metric and
+    no alert. The allocators' discovery lists it from ten minutes before its opening, with
+    the seconds until then, until its preload (or its end)."""
+    async with pipeline(stack) as p:
+        admin = SaleAdmin.build(p.pool, p.redis)
+        now = datetime.now(UTC)
+
+        async def sale(opens_in: timedelta) -> str:
+            spec = parse_sale(
+                {
+                    "name": "Not preloaded",
+                    "starts_at": (now + opens_in).isoformat(),
+                    "skus": [{"sku": "A", "stock": 1, "price": 1, "currency": "EUR"}],
+                }
+            )
+            return str((await admin.create(spec))["id"])
+
+        soon, later, opened = (await sale(timedelta(minutes=5)), await sale(timedelta(hours=2)),
+                               await sale(timedelta(seconds=-30)))  # fmt: skip
+        listed = await discovery.not_preloaded(p.pool)
+        assert 290 < listed[soon] <= 300 and -40 < listed[opened] <= -30, listed
+        assert later not in listed
+        service = AllocatorService(p.settings)
+        service.metrics.note_not_preloaded(listed)
+        assert service.metrics.not_preloaded.labels(soon)._value.get() == listed[soon]
+        await admin.preload(soon)
+        await admin.set_status(opened, "end")
+        listed = await discovery.not_preloaded(p.pool)
+        assert soon not in listed and opened not in listed, listed
+        service.metrics.note_not_preloaded(listed)  # the series of a sale preloaded is gone
+        gone = [s for m in service.metrics.not_preloaded.collect() for s in m.samples
+                if s.labels["sale"] in (soon, opened)]  # fmt: skip
+        assert gone == [], gone
 
 
 OLD_SKUS, NEW_SKUS = 20_000, 500
