@@ -265,10 +265,14 @@ class SaleReads:
         self, sale_id: str
     ) -> tuple[dict[str, Any], dict[str, tuple[int, int] | None]]:
         """The sale as :meth:`get` gives it, and each SKU's (available, held) units in Redis
-        (None before its preload): what the public sale summary shows. Raises NotFound."""
+        (None before its preload): what the public sale summary shows. Once the sale was
+        preloaded, a SKU added since is left out until its own preload: the allocators do not
+        know it yet (a reservation of it is 404 ``unknown_sku``). Raises NotFound."""
         async with self.pool.acquire() as conn:
             sale = await self.sale_row(conn, sale_id)
             skus = await fetch_skus(conn, sale_id)
+        if sale["preloaded_at"] is not None:
+            skus = [sku for sku in skus if sku["preloaded_at"] is not None]
         stock: dict[str, tuple[int, int] | None] = {}
         async for sku, per_bucket, moving in self._counted(sale_id, skus):
             count = summed(per_bucket)

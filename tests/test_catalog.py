@@ -355,3 +355,35 @@ async def test_a_sale_summary_due_for_a_refresh_is_read_once_for_all_its_callers
         bodies = [await a.json() for a in answers]
         assert all(b == bodies[0] for b in bodies) and bodies[0]["skus"][0]["remaining"] == 3
         assert reads.count == 1
+
+
+async def test_a_sku_added_to_a_preloaded_sale_is_offered_once_it_is_preloaded(
+    stack: Settings,
+) -> None:
+    """The public summary listed a SKU imported into a preloaded sale before its preload, with
+    nothing remaining yet not sold out, so the page offered it; a reservation for it was 404
+    ``unknown_sku``. Before the sale's first preload every SKU is shown (the shop's link may
+    go out early)."""
+    async with gateway(stack) as gw:
+        sale = await gw.create_sale(stock=5)
+        added = await gw.http.post(
+            f"/admin/v1/sales/{sale}/skus", data="sku,stock,price,currency\nLATE,3,100,EUR\n",
+            headers={**auth(ADMIN), "Content-Type": "text/csv"},
+        )  # fmt: skip
+        assert added.status == 200, await added.text()
+
+        async def offered() -> list[str]:
+            gw.app[CATALOG].clear()
+            body = await (await gw.http.get(f"/v1/sales/{sale}")).json()
+            assert body["sku_count"] == len(body["skus"]), body
+            return [s["sku"] for s in body["skus"]]
+
+        assert await offered() == ["SKU-1"]
+        asked = await gw.http.get(f"/v1/sales/{sale}?sku=LATE")
+        assert asked.status == 404 and (await asked.json())["error"]["code"] == "unknown_sku"
+        loaded = await gw.http.post(f"/admin/v1/sales/{sale}/preload", headers=auth(ADMIN))
+        assert loaded.status == 200, await loaded.text()
+        assert await offered() == ["LATE", "SKU-1"]
+        early = await gw.create_sale(preload=False)
+        assert [s["sku"] for s in (await (await gw.http.get(f"/v1/sales/{early}")).json())
+                ["skus"]] == ["SKU-1"]  # fmt: skip
