@@ -213,9 +213,7 @@ def server_of(exc: BaseException) -> str | None:
             return "Postgres"
         if isinstance(seen, KafkaError):
             return "the Kafka broker"
-        if isinstance(
-            seen, aiohttp.ClientConnectorError
-        ):  # an HTTP server: the provider, a gateway
+        if isinstance(seen, aiohttp.ClientConnectorError):  # the provider, a gateway
             return f"the server at {seen.host}:{seen.port}"
         seen = seen.__cause__ or seen.__context__
     return None

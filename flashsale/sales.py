@@ -27,6 +27,12 @@ HOLDS_END = (
     f"{SALE_END} + make_interval(secs => (SELECT max(t.hold_ttl_seconds)"  # noqa: S608
     " FROM sale_skus t WHERE t.sale_id = s.id))"
 )
+# SQL, of a row of ``sales``: its state, by the rule of :func:`sale_state`.
+SALE_STATE = (
+    "CASE WHEN status = 'ended' OR ends_at <= now() THEN 'ended'"
+    " WHEN status = 'paused' THEN 'paused' WHEN now() < starts_at THEN 'scheduled'"
+    " ELSE 'live' END"
+)
 
 
 async def fetch_in_play(pool: asyncpg.Pool, sql: str, *args: Any) -> list[asyncpg.Record]:
@@ -65,7 +71,7 @@ async def fetch_sku(db: Db, sale_id: str, sku: str) -> asyncpg.Record | None:
 
 def sale_state(sale: asyncpg.Record, now: datetime | None = None) -> str:
     """What a buyer sees of a sale row: scheduled, live, paused or ended (its status plus the
-    clock, ``now`` by default)."""
+    clock, ``now`` by default). ``SALE_STATE`` is the same rule in SQL."""
     now = now or datetime.now(UTC)
     if sale["status"] == "ended" or now >= sale["ends_at"]:
         return "ended"
