@@ -227,8 +227,13 @@ async def _reach_postgres(dsn: str, connecting: Awaitable[T], connect_s: float) 
         raise ConfigError(f"DATABASE_URL: {said}") from exc
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         where = urlsplit(dsn)
+        server = f"Postgres at {where.hostname}:{where.port}"
+        if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):  # 28: the login
+            raise Unavailable(f"{server} refused the login of DATABASE_URL: {exc}") from exc
+        if isinstance(exc, asyncpg.InvalidCatalogNameError):
+            raise Unavailable(f"{server} has no such database (DATABASE_URL): {exc}") from exc
         why = f"no answer within {connect_s:g} s" if isinstance(exc, TimeoutError) else str(exc)
-        raise Unavailable(f"cannot reach Postgres at {where.hostname}:{where.port}: {why}") from exc
+        raise Unavailable(f"cannot reach {server}: {why}") from exc
 
 
 @dataclass(frozen=True, slots=True)

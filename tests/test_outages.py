@@ -326,6 +326,26 @@ def test_the_cli_names_the_server_it_cannot_reach(
     assert len(result.err.strip().splitlines()) == 1, result.err
 
 
+@pytest.mark.parametrize(("part", "said"), [
+    ("password", "Postgres at 127.0.0.1:{port} refused the login of DATABASE_URL: password "
+                 "authentication failed for user"),
+    ("database", "Postgres at 127.0.0.1:{port} has no such database (DATABASE_URL): "
+                 'database "nosuchdb" does not exist'),
+])  # fmt: skip
+def test_the_cli_says_postgres_refused_the_login_not_that_it_cannot_be_reached(
+    stack: Settings, cli: Cli, monkeypatch: pytest.MonkeyPatch, part: str, said: str
+) -> None:
+    """A wrong password or database name read "cannot reach Postgres at H:P: password
+    authentication failed": Postgres was reached, and refused what DATABASE_URL says."""
+    dsn = urlsplit(stack.require_database())
+    wrong = (dsn._replace(netloc=f"{dsn.username}:wrong-password@{dsn.hostname}:{dsn.port}")
+             if part == "password" else dsn._replace(path="/nosuchdb"))  # fmt: skip
+    monkeypatch.setenv("DATABASE_URL", urlunsplit(wrong))
+    result = cli("sale", "list")
+    assert result.code == 1, result
+    assert result.err.startswith("flashsale: error: " + said.format(port=dsn.port)), result.err
+
+
 def test_the_cli_says_a_postgres_that_answers_nothing_did_not_answer(
     stack: Settings, cli: Cli, monkeypatch: pytest.MonkeyPatch
 ) -> None:
