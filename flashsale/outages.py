@@ -111,7 +111,7 @@ def is_outage(exc: BaseException) -> bool:
     if isinstance(exc, asyncpg.InterfaceError):
         return not isinstance(exc, _CLIENT_MISCONFIGURED)
     if isinstance(exc, redis.exceptions.MovedError):
-        return True  # a cluster read as one server (wrong_redis_kind): no key here is safe
+        return True  # a cluster read as one server (settings_at_fault): no key here is safe
     if isinstance(exc, redis.exceptions.ResponseError):
         return _refused_for(exc) in _PASSING
     if isinstance(exc, redis.exceptions.RedisClusterException):
@@ -128,10 +128,13 @@ def schema_error(exc: BaseException) -> SchemaBehind | None:
     return None
 
 
-def wrong_redis_kind(exc: BaseException) -> ConfigError | None:
-    """What to tell an operator when ``exc`` says ``REDIS_URL`` leads to another kind of Redis
-    than ``FLASHSALE_REDIS_CLUSTER`` says; None for any other exception. The services still
-    count it as an outage (a 503, and not ready): the setting is fixed without a release."""
+def settings_at_fault(exc: BaseException) -> ConfigError | None:
+    """What to tell an operator when ``exc`` says the Redis settings are at fault: ``REDIS_URL``
+    leads to another kind of Redis than ``FLASHSALE_REDIS_CLUSTER`` says, or its login is
+    refused; None for any other exception. The services still count it as an outage (a 503,
+    and not ready): a setting is fixed without a release, a password on the server too."""
+    if isinstance(exc, redis.exceptions.AuthenticationError):
+        return ConfigError(f"Redis refused the login of REDIS_URL: {exc}")
     if isinstance(exc, redis.exceptions.RedisClusterException) and _NOT_A_CLUSTER in str(exc):
         return ConfigError("FLASHSALE_REDIS_CLUSTER=1, but the Redis at REDIS_URL is a single "
                            "server, not a node of a Redis Cluster: unset "
@@ -189,7 +192,7 @@ def _raised_in(exc: BaseException, where: tuple[str, str]) -> bool:
 def describe(exc: BaseException) -> str:
     """``Type: message``, for logs: redis-py's repr of its errors leaves the message out. A
     schema behind the engine is said in words, with what mends it."""
-    mend = schema_error(exc) or wrong_redis_kind(exc)
+    mend = schema_error(exc) or settings_at_fault(exc)
     if mend is not None:
         return mend.message
     if isinstance(exc, ConfigError):  # the setting to fix, in words

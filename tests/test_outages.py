@@ -346,6 +346,24 @@ def test_the_cli_says_postgres_refused_the_login_not_that_it_cannot_be_reached(
     assert result.err.startswith("flashsale: error: " + said.format(port=dsn.port)), result.err
 
 
+def test_the_cli_says_redis_refused_the_login(
+    stack: Settings, cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wrong password in REDIS_URL read "Redis is unavailable: AuthenticationError"."""
+    created = cli("sale", "create", "--name", "Login", "--sku", "A", "--stock", "5",
+                  "--price", "100", "--currency", "EUR")  # fmt: skip
+    assert created.code == 0, created.err
+    url = urlsplit(stack.require_redis())
+    netloc = f"{url.username or 'default'}:wrong-password@{url.hostname}:{url.port}"
+    monkeypatch.setenv("REDIS_URL", urlunsplit(url._replace(netloc=netloc)))
+    monkeypatch.setenv("FLASHSALE_REDIS_CLUSTER", "0")  # the login comes first on a node too
+    result = cli("sale", "status", created.out.strip())
+    assert result.code == 1, result
+    assert result.err.startswith(
+        "flashsale: error: Redis refused the login of REDIS_URL: invalid username-password"
+    ), result.err
+
+
 def test_the_cli_says_a_postgres_that_answers_nothing_did_not_answer(
     stack: Settings, cli: Cli, monkeypatch: pytest.MonkeyPatch
 ) -> None:

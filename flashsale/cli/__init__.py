@@ -31,7 +31,7 @@ from flashsale.cli.output import after_reader_gone, fail, reader_gone, warn
 from flashsale.env_values import unknown_settings
 from flashsale.errors import FlashsaleError, InvalidInput
 from flashsale.logs import configure_logging, one_shot
-from flashsale.outages import describe, is_outage, schema_error, server_of, wrong_redis_kind
+from flashsale.outages import describe, is_outage, schema_error, server_of, settings_at_fault
 from flashsale.parent import PARENT_PID, follow_parent
 from flashsale.settings import Settings
 
@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         if not is_outage(exc):
             raise
-        mend = schema_error(exc) or wrong_redis_kind(exc)
+        mend = schema_error(exc) or settings_at_fault(exc)
         server = server_of(exc) or "a server"
         fail(mend.message if mend else f"{server} is unavailable: {describe(exc)}")
         return 1
