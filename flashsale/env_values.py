@@ -111,7 +111,7 @@ def flag(value: str | None, name: str) -> bool:
         return False
     if word in ("1", "true", "yes"):
         return True
-    raise ConfigError(f"{name} must be 1 or 0 (got {value!r})")
+    raise ConfigError(f"{name} must be 1 or 0 (or true/false, yes/no), got {value!r}")
 
 
 def http_url(value: str | None, name: str) -> str | None:

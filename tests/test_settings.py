@@ -129,6 +129,15 @@ def test_a_bootstrap_list_of_hosts_and_ports_is_taken() -> None:
     assert bootstrap(servers) == servers
 
 
+def test_a_yes_or_no_setting_says_every_word_it_takes() -> None:
+    """It said "must be 1 or 0" while it also took true/false and yes/no."""
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({"FLASHSALE_TRUST_FORWARDED": "on"})
+    assert refused.value.message == (
+        "FLASHSALE_TRUST_FORWARDED must be 1 or 0 (or true/false, yes/no), got 'on'")  # fmt: skip
+    assert Settings.from_env({"FLASHSALE_TRUST_FORWARDED": " Yes "}).trust_forwarded
+
+
 def test_sales_are_archived_a_day_after_their_end_unless_told_otherwise() -> None:
     assert Settings.from_env({}).archive_after_s == 86_400
     assert Settings.from_env({"FLASHSALE_ARCHIVE_AFTER": " Never "}).archive_after_s is None
