@@ -133,8 +133,9 @@ def settings_at_fault(exc: BaseException) -> ConfigError | None:
     leads to another kind of Redis than ``FLASHSALE_REDIS_CLUSTER`` says, or its login is
     refused; None for any other exception. The services still count it as an outage (a 503,
     and not ready): a setting is fixed without a release, a password on the server too."""
-    if isinstance(exc, redis.exceptions.AuthenticationError):
-        return ConfigError(f"Redis refused the login of REDIS_URL: {exc}")
+    for refused in (exc, exc.__cause__):  # the cluster client raises it as the cause
+        if isinstance(refused, redis.exceptions.AuthenticationError):
+            return ConfigError(f"Redis refused the login of REDIS_URL: {refused}")
     if isinstance(exc, redis.exceptions.RedisClusterException) and _NOT_A_CLUSTER in str(exc):
         return ConfigError("FLASHSALE_REDIS_CLUSTER=1, but the Redis at REDIS_URL is a single "
                            "server, not a node of a Redis Cluster: unset "

@@ -184,6 +184,19 @@ def test_a_cluster_url_naming_another_database_is_one_line(
     ), result
 
 
+def test_a_cluster_refusing_the_login_says_so(
+    stack: Settings, cluster: aioredis.RedisCluster, cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cluster client wraps the refused login in "Redis Cluster cannot be connected"."""
+    monkeypatch.setenv("REDIS_URL", re.sub(r":[^:@/]+@", ":wrong-password@", stack.require_redis()))
+    created = cli("sale", "create", "--name", "Login", "--sku", "A", "--stock", "5",
+                  "--price", "100", "--currency", "EUR")  # fmt: skip
+    result = cli("sale", "status", created.out.strip())
+    assert result.code == 1, result
+    assert result.err.startswith("flashsale: error: Redis refused the login of REDIS_URL: "), (
+        result.err)  # fmt: skip
+
+
 async def _probe_redis(settings: Settings) -> str | None:
     client = redis_client(settings)
     try:
