@@ -86,11 +86,14 @@ async def json_body(
         if optional:
             return {}
         raise InvalidInput("body", "empty: send a JSON object", code="malformed_json")
-    kind = request.content_type
-    if kind in FORMS and not raw.lstrip().startswith((b"{", b"[")):  # curl -d name=x
-        raise InvalidInput("body", f"form-encoded ({kind}): send a JSON object, as curl "
-                           "--json '{...}' does", code="malformed_json")  # fmt: skip
-    data = parse_json(raw, unique=unique)
+    try:
+        data = parse_json(raw, unique=unique)
+    except InvalidInput:  # read the content type on this path only, not on every reservation
+        kind = request.content_type
+        if kind in FORMS and not raw.lstrip().startswith((b"{", b"[")):  # curl -d name=x
+            raise InvalidInput("body", f"form-encoded ({kind}): send a JSON object, as curl "
+                               "--json '{...}' does", code="malformed_json") from None  # fmt: skip
+        raise
     if not isinstance(data, dict):
         raise InvalidInput("body", "must be a JSON object")
     if allowed is not None:
