@@ -1,4 +1,5 @@
-"""Validation of merchandiser input: the sale file format, CLI flags and CSV rows.
+"""Validation of merchandiser input: the sale file format and CLI flags (CSV rows in
+:mod:`flashsale.sku_csv`).
 
 Every parser raises :class:`~flashsale.errors.InvalidInput` naming the first bad field
 (``skus[0].stock``, ``row 3.price``) before anything is written. Numbers may arrive as JSON
@@ -7,8 +8,6 @@ numbers or, from flags and CSV, as text; booleans and fractional values are neve
 
 from __future__ import annotations
 
-import csv
-import io
 import re
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -176,12 +175,12 @@ def parse_sku(data: Any, where: str) -> SkuSpec:
     """One SKU from a JSON object or a CSV row (``where`` prefixes field names in errors).
     Every bad field is named (:func:`refuse_all`), not only the first."""
     errors: list[InvalidInput] = []
-    spec = _sku(data, where, errors)
+    spec = collect_sku(data, where, errors)
     refuse_all(errors)
     return spec
 
 
-def _sku(data: Any, where: str, errors: list[InvalidInput]) -> SkuSpec:
+def collect_sku(data: Any, where: str, errors: list[InvalidInput]) -> SkuSpec:
     """The SKU in ``data``, with every problem appended to ``errors`` (the spec is then
     meaningless)."""
     if not isinstance(data, Mapping):
@@ -365,56 +364,3 @@ def reject_duplicates(batch: SkuImport) -> None:
         if spec.sku in seen:
             raise InvalidInput(where, f"duplicate SKU {shown(spec.sku)} in this sale")
         seen.add(spec.sku)
-
-
-def parse_csv(content: str) -> SkuImport:
-    """SKU rows from CSV with a header naming the SKU fields in any case (a UTF-8 byte-order
-    mark, as Excel writes, is ignored). Validates every row first; an error names each bad
-    cell by its line in the file (blank lines are skipped but counted) and its column."""
-    reader = csv.DictReader(io.StringIO(content.removeprefix("\ufeff"), newline=""))
-    header = reader.fieldnames
-    if not header:
-        raise InvalidInput("csv", "is empty: expected a header row " + ",".join(SKU_FIELDS))
-    header = [h.strip().lower() for h in header]  # "SKU", as a spreadsheet may title it
-    reader.fieldnames = header
-    _check_header(header)
-    specs: list[SkuSpec] = []
-    fields: list[str] = []
-    errors: list[InvalidInput] = []
-    try:
-        for row in reader:
-            line = reader.line_num
-            if None in row or any(v is None for v in row.values()):
-                errors.append(InvalidInput(f"row {line}",
-                                           f"must have exactly {len(header)} columns"))  # fmt: skip
-                continue
-            specs.append(_sku(row, f"row {line}", errors))
-            fields.append(f"row {line}.sku")
-    except csv.Error as exc:
-        errors.append(InvalidInput(f"row {reader.line_num}", f"malformed CSV: {exc}"))
-    refuse_all(errors)
-    if not specs:
-        raise InvalidInput("csv", "has a header but no rows")
-    batch = SkuImport(tuple(specs), tuple(fields))
-    reject_duplicates(batch)
-    return batch
-
-
-def _check_header(header: Sequence[str]) -> None:
-    """Every column known and given once, the required ones present."""
-    if len(header) == 1:
-        separator = next((c for c in ";\t|" if c in header[0]), None)
-        if separator:
-            raise InvalidInput("csv.header", "columns must be separated by commas, "
-                                             f"found {separator!r}")  # fmt: skip
-    seen: set[str] = set()
-    for name in header:
-        if name not in SKU_FIELDS:
-            known = ", ".join(SKU_FIELDS)
-            raise InvalidInput(f"csv.header.{name}", f"unknown column; the columns are {known}")
-        if name in seen:
-            raise InvalidInput(f"csv.header.{name}", "appears twice")
-        seen.add(name)
-    missing = sorted(SKU_REQUIRED - seen)
-    if missing:
-        raise InvalidInput(f"csv.header.{missing[0]}", "required column is missing")

@@ -17,7 +17,8 @@ from allocator.sale_reads import MAX_PAGE, order_state, page_size
 from flashsale.errors import InvalidInput, Unauthorized, shown
 from flashsale.http_protocol import EVERY_ANSWER
 from flashsale.records import body_fingerprint, idempotency_key
-from flashsale.salespec import parse_csv, parse_sale, parse_skus
+from flashsale.salespec import parse_sale, parse_skus
+from flashsale.sku_csv import parse_csv
 from gateway.console import OPEN_PATHS
 from gateway.http import (
     MAX_ADMIN_BODY,

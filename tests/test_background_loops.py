@@ -31,8 +31,9 @@ from flashsale.keys import SkuKeys, bucket_keys
 from flashsale.migrate import migrate
 from flashsale.queue_marks import Mark, QueueMarks
 from flashsale.sales import fetch_in_play
-from flashsale.salespec import parse_csv, parse_sale
+from flashsale.salespec import parse_sale
 from flashsale.settings import Settings
+from flashsale.sku_csv import parse_csv
 from reconciler.skus import SCOPE
 from tests.pipeline import pipeline
 from workers import order_events

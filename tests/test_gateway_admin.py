@@ -22,8 +22,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from flashsale.cli.sale_views import print_status
 from flashsale.keys import SaleKeys, SkuKeys
-from flashsale.salespec import parse_csv
 from flashsale.settings import Secret, Settings
+from flashsale.sku_csv import parse_csv
 from flashsale.tokens import Signer
 from gateway import console as gateway_console
 from gateway.app import create_app

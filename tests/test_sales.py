@@ -28,8 +28,9 @@ from flashsale.cli.sale_views import print_preload
 from flashsale.clients import pg_pool, redis_client
 from flashsale.errors import InvalidInput
 from flashsale.keys import SaleKeys, SkuKeys
-from flashsale.salespec import SALE_DEFAULTS, SKU_DEFAULTS, parse_csv, parse_sale, text
+from flashsale.salespec import SALE_DEFAULTS, SKU_DEFAULTS, parse_sale, text
 from flashsale.settings import Settings
+from flashsale.sku_csv import parse_csv
 from gateway.app import create_app
 
 from .conftest import Cli, Db
@@ -1219,6 +1220,23 @@ def test_a_spreadsheets_header_is_read_whatever_its_case() -> None:
         parse_csv("sku,stock,price,currency,colour\nA,1,1,EUR,red\n")
     assert unknown.value.field == "csv.header.colour"
     assert "sku, title, stock, price, currency, per_buyer_limit" in unknown.value.message
+
+
+def test_a_spreadsheets_empty_rows_and_columns_are_left_out() -> None:
+    """A spreadsheet exports the rows and columns its user once touched as empty cells:
+    `,,,,` lines below the SKUs, and `,,` after the header and each row. The rows were
+    refused as missing every field, the header as a column named ""."""
+    batch = parse_csv("sku,title,stock,price,currency,,\r\nA,Air,5,100,EUR,,\r\n,,,,,,\r\n"
+                      ",  ,,,,,\r\n")  # fmt: skip
+    assert [(s.sku, s.title, s.stock) for s in batch.skus] == [("A", "Air", 5)]
+    with pytest.raises(InvalidInput) as named:  # a value under no name is still a mistake
+        parse_csv("sku,stock,price,currency,\nA,1,1,EUR,red\n")
+    assert named.value.message == (
+        "row 2: has a value in column 5, which has no name in the header: 'red'"
+    )
+    with pytest.raises(InvalidInput) as empty:
+        parse_csv("sku,stock,price,currency\n,,,\n")
+    assert empty.value.message == "csv: has a header but no rows"
 
 
 @pytest.mark.parametrize(("case", "content", "field"), BAD_CSV, ids=[c[0] for c in BAD_CSV])

@@ -36,11 +36,11 @@ from flashsale.salespec import (
     SKU_DEFAULTS,
     SkuImport,
     as_sale_file,
-    parse_csv,
     parse_sale,
     unique_keys,
 )
 from flashsale.settings import Settings
+from flashsale.sku_csv import parse_csv
 from flashsale.wording import counted
 
 
