@@ -142,6 +142,34 @@ def test_a_bad_jwks_is_a_configuration_error(tmp_path: Path) -> None:
         load_jwks(str(bad))
 
 
+def test_a_providers_other_keys_are_left_out_not_the_whole_set(tmp_path: Path) -> None:
+    """An identity provider publishes more than its signing keys: Keycloak an RSA-OAEP key
+    for encryption, others an RS384, PS256 or EdDSA key beside RS256. Any one of them refused
+    the whole set, so no gateway could start; and a key marked for encryption (`use: enc`)
+    verified tokens."""
+    path = Path(jwks_file(tmp_path))
+    usable = json.loads(path.read_text())["keys"]
+    rsa_jwk = {k: v for k, v in usable[1].items() if k not in ("kid", "alg", "use")}
+    others = [
+        {**rsa_jwk, "kid": "enc-1", "alg": "RSA-OAEP", "use": "enc"},
+        {**rsa_jwk, "kid": "enc-2", "use": "enc"},  # no alg: its kind alone would say RS256
+        {**rsa_jwk, "kid": "rs384", "alg": "RS384"},
+        {**rsa_jwk, "kid": "ps256", "alg": "PS256"},
+        {"kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo",
+         "kid": "ed-1", "alg": "EdDSA"},
+    ]  # fmt: skip
+    path.write_text(json.dumps({"keys": usable + others}))
+    assert sorted(load_jwks(str(path))) == ["ec-1", "rsa-1"]
+    path.write_text(json.dumps({"keys": others}))
+    with pytest.raises(ConfigError) as refused:
+        load_jwks(str(path))
+    assert str(refused.value) == (
+        f"FLASHSALE_BUYER_JWKS: {path} has no key for verifying buyer tokens (ES256 or RS256, "
+        "with a kid, not marked for encryption); its keys: enc-1 (RSA-OAEP, use enc), enc-2 "
+        "(use enc), rs384 (RS384), ps256 (PS256), ed-1 (EdDSA)"
+    )
+
+
 async def test_storefront_jwts_join_through_the_gateway(stack: Settings, tmp_path: Path) -> None:
     async with gateway(stack, buyer_jwks=jwks_file(tmp_path)) as gw:
         sale = await gw.create_sale(stock=5)
