@@ -46,6 +46,18 @@ def test_every_argument_has_help_and_cites_nothing_unshipped() -> None:
     assert not citing, citing
 
 
+def test_every_commands_help_says_what_it_does() -> None:
+    """`flashsale sale preload --help` showed only its usage and options: what a command does
+    was in the list of its group's commands, not on its own page."""
+    silent = [path for path, parser in parsers(build_parser())
+              if not any(isinstance(a, argparse._SubParsersAction) for a in parser._actions)
+              and not (parser.description or "").strip()]  # fmt: skip
+    assert not silent, silent
+    commands = dict(parsers(build_parser()))
+    assert commands["dev down"].description == "Stop the stack cleanly."  # its line in the list
+    assert (commands["sale preload"].description or "").startswith("Copy the sale's")
+
+
 def test_no_help_shows_a_doubled_percent_sign() -> None:
     """argparse %-formats an argument's help but prints a description as written: a ``%%``
     meant for the one shows up doubled in the other."""

@@ -45,6 +45,18 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = re.compile(r"-\.?\d")
+        self.register("action", "parsers", _Commands)
+
+
+class _Commands(argparse._SubParsersAction):  # type: ignore[type-arg]
+    """A group's commands: each command's ``--help`` opens with what it does, its line in the
+    group's list where it has no longer description of its own."""
+
+    def add_parser(self, name: str, **kwargs: Any) -> Any:
+        line = kwargs.get("help")
+        if line and not kwargs.get("description"):
+            kwargs["description"] = f"{line[0].upper()}{line[1:]}."
+        return super().add_parser(name, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -141,7 +141,11 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
                                    "FLASHSALE_HOME (the stack's folder)")  # fmt: skip
 
     migrate_ = commands.add_parser(
-        "migrate", help="apply pending Postgres migrations (re-runnable)"
+        "migrate",
+        help="apply pending Postgres migrations (re-runnable)",
+        description="Apply the Postgres migrations DATABASE_URL's database does not have yet, "
+        "in order, each in its own transaction. Re-runnable, also by several processes at "
+        "once (they take turns); a migration edited after it was applied is refused.",
     )
     migrate_.set_defaults(handler=cmd_migrate)
 

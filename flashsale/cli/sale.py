@@ -225,6 +225,19 @@ async def _archive(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+# The switches of a sale's status: (the line in `sale --help`, the command's own description).
+SWITCHES = {
+    "pause": ("stop granting reservations", "Stop admitting buyers and granting reservations: "
+              "admitted buyers keep their turn, its countdown stopped, and buyers are told the "
+              "sale is paused. Idempotent."),
+    "resume": ("resume a paused sale", "Resume a paused sale: admissions and reservations go on "
+               "where they stopped. Idempotent."),
+    "end": ("end the sale for good", "End the sale for good (it cannot be resumed): nothing more "
+            "is admitted or reserved, buyers are told it ended, and every change but archive is "
+            "refused. Idempotent."),
+}  # fmt: skip
+
+
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sale = commands.add_parser("sale", help="create, preload and operate sales")
     sale.set_defaults(handler=cmd_sale)
@@ -315,7 +328,13 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="with --template, of an ended sale: each SKU's stock is its units still free, "
         "and a SKU with none is left out (a sale of what did not sell)",
     )  # fmt: skip
-    preload = sale_sub.add_parser("preload", help="copy configuration and stock into Redis")
+    preload = sale_sub.add_parser(
+        "preload", help="copy configuration and stock into Redis",
+        description="Copy the sale's configuration and each SKU's stock from Postgres into "
+        "Redis, where buyers are queued and served: run it after creating or importing, before "
+        "the start. Re-runnable: an unchanged SKU is left as it is. A SKU with held or sold "
+        "units whose configuration changed needs --force; held and sold units are never reset.",
+    )  # fmt: skip
     preload.add_argument("sale", help="sale id")
     preload.add_argument(
         "--force", action="store_true",
@@ -396,9 +415,6 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )  # fmt: skip
     archive.add_argument("sale", help="sale id")
     archive.add_argument("--json", action="store_true", help="print the outcome as JSON")
-    for action, text in (
-        ("pause", "stop granting reservations"),
-        ("resume", "resume a paused sale"),
-        ("end", "end the sale for good"),
-    ):
-        sale_sub.add_parser(action, help=text).add_argument("sale", help="sale id")
+    for action, (text, long) in SWITCHES.items():
+        switch = sale_sub.add_parser(action, help=text, description=long)
+        switch.add_argument("sale", help="sale id")
