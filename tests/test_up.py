@@ -313,6 +313,17 @@ def test_a_service_whose_port_is_taken_says_so(stack: Settings) -> None:
     assert "address already in use" in last, last
 
 
+def test_the_payment_simulator_says_where_it_listens_only_once_it_does() -> None:
+    """It printed "psp simulator on http://127.0.0.1:PORT" before it tried the port, then
+    that the port was taken."""
+    port = free_ports(1)
+    with _held(port):
+        ran = subprocess.run([sys.executable, "-m", "flashsale", "psp", "--port", str(port)],
+                             capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert ran.returncode == 1, ran.stderr
+    assert "address already in use" in ran.stderr and "psp simulator on" not in ran.stdout, ran
+
+
 @pytest.mark.parametrize("command", [("reconcile", "--ops-port"), ("gateway", "--port"),
                                      ("up", "--port")])  # fmt: skip
 def test_a_host_that_is_no_address_is_named(stack: Settings, command: tuple[str, str]) -> None:

@@ -334,12 +334,15 @@ class Simulator:
 
 
 async def serve(host: str, port: int, knobs: Knobs, stop: asyncio.Event,
-                journal: Path | None = None, *, keep_days: float = KEEP_DAYS) -> None:  # fmt: skip
+                journal: Path | None = None, *, keep_days: float = KEEP_DAYS,
+                listening: Callable[[], None] = lambda: None) -> None:  # fmt: skip
+    """Serve until ``stop``; ``listening`` is called once the port is taken."""
     simulator = Simulator(knobs, journal=journal, keep_days=keep_days)
     runner = web.AppRunner(simulator.app(), access_log=None, shutdown_timeout=1)
     await runner.setup()
     try:
         await listen(runner, host, port, backlog=4096)
+        listening()
         await stop.wait()
     finally:
         await runner.cleanup()

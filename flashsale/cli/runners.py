@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -73,7 +73,7 @@ async def serve_allocator(settings: Settings, host: str, ops_port: int | None) -
     from allocator.service import AllocatorService  # noqa: PLC0415
 
     stop = _stop_on_signals()
-    log.info("allocator service (pid %d) running", os.getpid())
+    log.info("allocator service (pid %d) starting", os.getpid())
     await AllocatorService(settings).run(stop, ops_port=ops_port, host=host)
     return 0
 
@@ -84,7 +84,7 @@ async def serve_workers(
     from workers.service import WorkerService  # noqa: PLC0415
 
     stop = _stop_on_signals()
-    log.info("order workers (pid %d) running", os.getpid())
+    log.info("order workers (pid %d) starting", os.getpid())
     await WorkerService(settings, concurrency=concurrency).run(stop, ops_port=ops_port, host=host)
     return 0
 
@@ -101,7 +101,7 @@ async def serve_reconciler(
     from reconciler.service import serve  # noqa: PLC0415
 
     stop = _stop_on_signals()
-    log.info("reconciler (pid %d) running, a pass every %gs over %s", os.getpid(), interval,
+    log.info("reconciler (pid %d) starting: a pass every %gs over %s", os.getpid(), interval,
              ", ".join(sales) if sales else "every sale in scope")  # fmt: skip
     await serve(settings, stop, interval=interval, stuck_after_s=stuck_after_s,
                 ops_port=ops_port, host=host, sales=sales)  # fmt: skip
@@ -109,10 +109,11 @@ async def serve_reconciler(
 
 
 async def serve_psp(host: str, port: int, knobs: Knobs, journal: Path | None,
-                    keep_days: float) -> int:  # fmt: skip
+                    keep_days: float, listening: Callable[[], None]) -> int:  # fmt: skip
     from workers.payment_simulator import serve  # noqa: PLC0415
 
-    await serve(host, port, knobs, _stop_on_signals(), journal, keep_days=keep_days)
+    await serve(host, port, knobs, _stop_on_signals(), journal, keep_days=keep_days,
+                listening=listening)  # fmt: skip
     return 0
 
 
