@@ -109,7 +109,7 @@ async def serve_reconciler(
 
 
 async def serve_psp(host: str, port: int, knobs: Knobs, journal: Path | None,
-                    keep_days: float, listening: Callable[[], None]) -> int:  # fmt: skip
+                    keep_days: float, *, listening: Callable[[], None]) -> int:  # fmt: skip
     from workers.payment_simulator import serve  # noqa: PLC0415
 
     await serve(host, port, knobs, _stop_on_signals(), journal, keep_days=keep_days,

@@ -144,7 +144,7 @@ def cmd_psp(args: argparse.Namespace, settings: Settings) -> int:
             + (f", charges journaled to {journal} for {keep_days:g} days" if journal
                else ", charges in memory only"))  # fmt: skip
     return int(event_loop.run(runners.serve_psp(args.host, port, knobs, journal, keep_days,
-                                                lambda: out(said))))  # fmt: skip
+                                                listening=lambda: out(said))))  # fmt: skip
 
 
 # `up`'s other ports by flag, in the order of their defaults: PORT+1, PORT+2, ...
