@@ -95,6 +95,12 @@ def test_up_reuse_env_status_down(scratch_home: Path, run_cli: Cli) -> None:
     down = run("dev", "down")
     assert down.code == 0
     assert not any(pid_alive(pid) for pid in pids.values() if pid)
+    # Run again, it printed nothing: had it stopped anything, was this the right folder?
+    twice = run("dev", "down")
+    assert (twice.code, twice.out.strip()) == (
+        0,
+        f"no embedded stack is running in {scratch_home}: nothing to stop",
+    ), twice.out
     after = run("dev", "status")
     assert after.code == 3
     assert after.out.count("stopped") == 3

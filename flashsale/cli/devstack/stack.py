@@ -348,7 +348,7 @@ class DevStack:
             if external := self.external(name):
                 if _kind(name) == "redis" and name != "redis":
                     continue
-                rows.append(ServerStatus(name, "external", _mask(external)))
+                rows.append(ServerStatus(name, "external", mask_url(external)))
                 continue
             server = state.get(name)
             if server is None:
@@ -370,7 +370,7 @@ class DevStack:
                 ServerStatus(
                     name,
                     "running" if alive else "stopped",
-                    _mask(self.url(name, server.port)),
+                    mask_url(self.url(name, server.port)),
                     server.pid if alive else None,
                     server.binary,
                     server.version,
@@ -383,6 +383,8 @@ class DevStack:
         """Stop every embedded server cleanly (Redis flushes its AOF, Postgres fast shutdown)."""
         with self._locked():
             state = self._load()
+            if not state:
+                progress(f"no embedded stack is running in {self.home}: nothing to stop")
             try:
                 names = self.names()
             except StackError:  # a damaged cluster layout: the state names every server started
@@ -414,7 +416,3 @@ _STOP_SIGNAL = {"redis": signal.SIGTERM, "postgres": signal.SIGINT, "kafka": sig
 def _kind(name: str) -> str:
     """``redis`` for every node of a cluster (``redis-2``…), else the name itself."""
     return "redis" if name.startswith("redis") else name
-
-
-def _mask(url: str) -> str:
-    return mask_url(url) or url
