@@ -338,7 +338,7 @@ def load_jwks(source: str) -> dict[str, Any]:
         else:
             with open(source, "rb") as handle:
                 raw = handle.read()
-        entries = orjson.loads(raw).get("keys")
+        entries = orjson.loads(raw.removeprefix("\ufeff".encode())).get("keys")
     except (OSError, ValueError, AttributeError) as exc:
         raise ConfigError(f"FLASHSALE_BUYER_JWKS: cannot load {source}: {exc}") from None
     if not isinstance(entries, list):

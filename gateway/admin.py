@@ -145,7 +145,7 @@ async def import_skus(request: web.Request) -> web.Response:
     sends a form type); no CSV header can."""
     raw = await body_bytes(request, MAX_ADMIN_BODY)
     try:
-        content = raw.decode("utf-8")
+        content = raw.decode("utf-8").removeprefix("\ufeff")  # as Windows writes UTF-8
     except UnicodeDecodeError:
         raise InvalidInput("body", "must be UTF-8 text (CSV or JSON)") from None
     sale = request.match_info["sale"]

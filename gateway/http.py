@@ -104,6 +104,7 @@ async def json_body(
 
 
 FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")
+BOM = "\ufeff".encode()
 
 
 async def body_bytes(request: web.Request, most: int = MAX_BODY) -> bytes:
@@ -130,7 +131,10 @@ def parse_json(raw: bytes | str, *, unique: bool = False) -> Any:
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise InvalidInput("body", f"malformed JSON: {exc}", code="malformed_json") from None
+        body = raw if isinstance(raw, bytes) else raw.encode()
+        if not body.startswith(BOM):  # a byte-order mark, as Windows writes UTF-8, looked for now
+            raise InvalidInput("body", f"malformed JSON: {exc}", code="malformed_json") from None
+        return parse_json(body.removeprefix(BOM), unique=unique)
     if unique:
         try:
             json.loads(raw, object_pairs_hook=unique_keys("body"))

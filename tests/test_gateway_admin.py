@@ -617,6 +617,23 @@ async def test_a_body_that_is_not_json_says_what_it_is(http: TestClient[Any, Any
     assert said["application/json"] == "body: empty: send a JSON object", said
 
 
+async def test_json_saved_with_a_byte_order_mark_is_read(http: TestClient[Any, Any]) -> None:
+    """Windows PowerShell's `Out-File -Encoding utf8` and Notepad write UTF-8 with a byte-order
+    mark: such a sale file was refused as "malformed JSON: unexpected character", and as SKUs
+    it was read as CSV (a body opening with "{" is JSON; this one opened with the mark)."""
+    bom = "\ufeff".encode()
+    created = await http.post("/admin/v1/sales", data=bom + json.dumps(SALE).encode(),
+                              headers={**auth(), "Content-Type": "application/json"})  # fmt: skip
+    assert created.status == 201, await created.text()
+    sale_id = (await created.json())["id"]
+    sku = {"sku": "SCARF", "stock": 3, "price": 2500, "currency": "EUR"}
+    form = {**auth(), "Content-Type": "application/x-www-form-urlencoded"}  # curl -d @file
+    body = bom + json.dumps({"skus": [sku]}).encode()
+    added = await http.post(f"/admin/v1/sales/{sale_id}/skus", data=body, headers=form)
+    assert added.status == 200, await added.text()
+    assert [s["sku"] for s in (await added.json())["skus"]] == ["SCARF", "SNK-1"]
+
+
 async def test_a_refused_json_value_is_named_as_json_spells_it(http: TestClient[Any, Any]) -> None:
     sku = {"sku": "SNK-1", "stock": True, "price": 12000, "currency": "EUR"}
     body = {"name": "Gateway test drop", "skus": [sku]}

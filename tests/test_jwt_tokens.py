@@ -133,6 +133,12 @@ def test_no_algorithm_confusion_and_the_audience_is_enforced(tmp_path: Path) -> 
     assert t.verify(jwt.encode(claims(aud="flashsale"), SECRET, algorithm="HS256"))
 
 
+def test_a_jwks_file_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    path = Path(jwks_file(tmp_path))
+    path.write_bytes(path.read_text().encode("utf-8-sig"))  # as Windows PowerShell saves it
+    assert sorted(load_jwks(str(path))) == ["ec-1", "rsa-1"]
+
+
 def test_a_bad_jwks_is_a_configuration_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="FLASHSALE_BUYER_JWKS"):
         load_jwks(str(tmp_path / "missing.json"))

@@ -455,6 +455,15 @@ def test_a_csv_saved_by_excel_imports(cli: Cli, db: Db, tmp_path: Path) -> None:
     assert db.rows("SELECT title FROM sale_skus WHERE sale_id=$1 AND sku='TEE-L'", sale_id)
 
 
+def test_a_sale_file_saved_with_a_byte_order_mark_is_read(cli: Cli, tmp_path: Path) -> None:
+    """As Windows PowerShell's `Out-File -Encoding utf8` writes it: refused as "malformed JSON
+    at line 1 column 1: Unexpected UTF-8 BOM"."""
+    path = tmp_path / "sale.json"
+    path.write_bytes(json.dumps(SALE).encode("utf-8-sig"))
+    result = cli("sale", "create", "--file", str(path), "--starts-in", "1h")
+    assert result.code == 0 and result.out.startswith("sale-"), result.err
+
+
 def test_a_bad_csv_names_every_bad_cell(cli: Cli, counts: Any, tmp_path: Path) -> None:
     sale_id = create(cli, tmp_path)
     before = counts()

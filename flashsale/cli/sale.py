@@ -67,7 +67,7 @@ def read_input(path: str) -> str:
 
 
 def read_json_file(path: str) -> Any:
-    raw = read_input(path)
+    raw = read_input(path).removeprefix("\ufeff")  # as Windows tools write UTF-8
     try:
         return json.loads(raw, object_pairs_hook=unique_keys("file"))
     except json.JSONDecodeError as exc:
