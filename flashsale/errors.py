@@ -67,6 +67,14 @@ def shown(value: object) -> str:
     return f"{text[:SHOWN_CHARACTERS]}… ({len(text)} characters as text)"
 
 
+def refused_value(value: object, rule: str) -> str:
+    """What an input of ``rule`` is told: "required: RULE" when it was not sent (absent, null
+    or empty), else "must be RULE, got VALUE"."""
+    if value is None or value == "":
+        return f"required: {rule}"
+    return f"must be {rule}, got {shown(value)}"
+
+
 class FlashsaleError(Exception):
     code = "error"
     http_status = 500

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import orjson
 
-from flashsale.errors import InvalidInput
+from flashsale.errors import InvalidInput, shown
 
 SEP = "\x1f"
 RS = "\x1e"
@@ -182,8 +182,9 @@ def idempotency_key(value: str | None, *, required: bool) -> str | None:
     if value is None and not required:
         return None
     if not value or not IDEMPOTENCY_KEY.match(value):
-        raise InvalidInput("Idempotency-Key", ("required header: " if required else "")
-                           + "1..100 of A-Z a-z 0-9 . _ : -")  # fmt: skip
+        rule = "1..100 of A-Z a-z 0-9 . _ : -"
+        raise InvalidInput("Idempotency-Key", f"must be {rule}, got {shown(value)}" if value
+                           else f"required header: {rule}")  # fmt: skip
     return value
 
 

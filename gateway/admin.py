@@ -178,7 +178,7 @@ async def preload(request: web.Request) -> web.Response:
     body = await json_body(request, allowed={"force"}, optional=True, unique=True)
     force = body.get("force", False)
     if not isinstance(force, bool):
-        raise InvalidInput("force", "must be true or false")
+        raise InvalidInput("force", f"must be true or false, got {shown(force)}")
     results = await request.app[SALES].preload(request.match_info["sale"], force=force)
     return json_response({
         "results": [

@@ -27,6 +27,7 @@ from flashsale.errors import (
     NotFound,
     RateLimited,
     Unavailable,
+    refused_value,
     shown,
 )
 from flashsale.keys import SaleKeys, SkuKeys
@@ -118,9 +119,10 @@ def _admission(request: web.Request, sale_id: str, buyer: str) -> tuple[int, int
 def _body(raw: dict[str, Any], limit: int) -> tuple[str, int, str]:
     sku, quantity, payment = raw.get("sku"), raw.get("quantity"), raw.get("payment_token")
     if not isinstance(sku, str) or not sku:
-        raise InvalidInput("sku", "required: a SKU id of this sale")
+        raise InvalidInput("sku", refused_value(sku, "a SKU id of this sale"))
     if type(quantity) is not int:
-        raise InvalidInput("quantity", "required: an integer", code="invalid_quantity")
+        raise InvalidInput("quantity", refused_value(quantity, "an integer"),
+                           code="invalid_quantity")  # fmt: skip
     if not 1 <= quantity <= limit:
         raise InvalidInput(
             "quantity", f"must be between 1 and the per-buyer limit {limit}",
@@ -130,7 +132,8 @@ def _body(raw: dict[str, Any], limit: int) -> tuple[str, int, str]:
         not isinstance(payment, str) or not payment or len(payment) > MAX_PAYMENT_TOKEN
         or not payment.isprintable() or any(c in payment for c in SEPARATORS)
     ):  # fmt: skip
-        raise InvalidInput("payment_token", f"required: printable text of 1..{MAX_PAYMENT_TOKEN}")
+        rule = f"printable text of 1..{MAX_PAYMENT_TOKEN}"  # the token itself is not echoed
+        raise InvalidInput("payment_token", f"must be {rule}" if payment else f"required: {rule}")
     return sku, quantity, payment
 
 

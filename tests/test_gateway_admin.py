@@ -634,6 +634,16 @@ async def test_json_saved_with_a_byte_order_mark_is_read(http: TestClient[Any, A
     assert [s["sku"] for s in (await added.json())["skus"]] == ["SCARF", "SNK-1"]
 
 
+async def test_a_preload_told_to_force_with_a_word_says_what_it_got(
+    http: TestClient[Any, Any],
+) -> None:
+    sale_id = (await (await http.post("/admin/v1/sales", json=SALE, headers=auth())).json())["id"]
+    refused = await http.post(f"/admin/v1/sales/{sale_id}/preload", json={"force": "yes"},
+                              headers=auth())  # fmt: skip
+    assert refused.status == 422
+    assert (await refused.json())["error"]["message"] == ("force: must be true or false, got 'yes'")
+
+
 async def test_a_refused_json_value_is_named_as_json_spells_it(http: TestClient[Any, Any]) -> None:
     sku = {"sku": "SNK-1", "stock": True, "price": 12000, "currency": "EUR"}
     body = {"name": "Gateway test drop", "skus": [sku]}

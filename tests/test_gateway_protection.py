@@ -91,6 +91,7 @@ async def test_bad_reservation_inputs_are_refused_and_change_nothing(gw: Gateway
          "invalid_token"),
         ("unknown sale", {"sale": "no-such-sale"}, 404, "unknown_sale"),
     ]  # fmt: skip
+    said: dict[str, str] = {}
     for name, case, status, code in cases:
         headers = {
             "Authorization": f"Bearer {case.get('buyer_token', gw.token('alice'))}",
@@ -114,7 +115,20 @@ async def test_bad_reservation_inputs_are_refused_and_change_nothing(gw: Gateway
             )
         body = await response.json()
         assert (response.status, body["error"]["code"]) == (status, code), name
-        assert body["error"]["message"], name
+        said[name] = body["error"]["message"]
+    # A value given and refused is not "required", and is named as sent.
+    key_rule = "1..100 of A-Z a-z 0-9 . _ : -"
+    assert {name: said[name] for name in (
+        "quantity as text", "quantity fraction", "quantity as bool", "sku wrong type",
+        "no idempotency key", "bad idempotency key", "no payment token")} == {
+        "quantity as text": "quantity: must be an integer, got '1'",
+        "quantity fraction": "quantity: must be an integer, got 1.5",
+        "quantity as bool": "quantity: must be an integer, got true",
+        "sku wrong type": "sku: must be a SKU id of this sale, got 7",
+        "no idempotency key": f"Idempotency-Key: required header: {key_rule}",
+        "bad idempotency key": f"Idempotency-Key: must be {key_rule}, got 'a b'",
+        "no payment token": "payment_token: required: printable text of 1..200",
+    }  # fmt: skip
 
     # Nothing was written: stock untouched, the admission never claimed.
     stock = await gw.app[CLIENTS].redis.hmget(SkuKeys(sale, "SKU-1").stock, "available", "active")
