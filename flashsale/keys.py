@@ -52,7 +52,8 @@ from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 PREFIX = "fs"
 # \Z, not $: with match(), $ would let a trailing newline through.
-ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+ID_CHARACTERS = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"  # a sale's or a SKU's id
+ID_PATTERN = re.compile(ID_CHARACTERS + r"\Z")
 MAX_BUCKETS = 64
 SPREAD_SLOTS = 8  # how far a bucket's slot may be from its place (see bucket_tag)
 DISCOVERED = f"{PREFIX}:allocator:discovered"

@@ -24,7 +24,7 @@ from flashsale.sales import sale_json
 from flashsale.timefmt import iso_ms
 from gateway.catalog import MAX_INFO_TTL_S, copy_of
 from gateway.documents import Document, document_response
-from gateway.http import json_response
+from gateway.http import json_response, moved_to
 from gateway.state import CATALOG_READS, CLIENTS, COUNTERS, LAG, LIVE, METRICS, SALES
 
 STATIC = importlib.resources.files("gateway").joinpath("static")
@@ -34,7 +34,7 @@ PAGE = importlib.resources.files("gateway").joinpath("console.html").read_text()
 # Framed by no other page: another site could show it under its own and invite a click on End.
 CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' "
        "'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'")  # fmt: skip
-OPEN_PATHS = frozenset({"/admin/", *(f"/admin/static/{name}" for name in FILES)})
+OPEN_PATHS = frozenset({"/admin", "/admin/", *(f"/admin/static/{name}" for name in FILES)})
 LATENCY = "flashsale_gateway_request_duration_seconds"
 LIVE_SKUS = 100  # SKU rows the live page gets: the busiest, beside the totals of them all
 CURVE_POINTS = 600  # points of a chart's history: a step a second over ten minutes
@@ -187,6 +187,7 @@ async def history(request: web.Request) -> web.Response:
 
 def setup(app: web.Application) -> None:
     app.router.add_get("/admin/", page)
+    app.router.add_get("/admin", moved_to("/admin/"))
     app.router.add_get("/admin/static/{name}", static)
     app.router.add_get("/admin/v1/sales/{sale}/live", live)
     app.router.add_get("/admin/v1/sales/{sale}/history", history)

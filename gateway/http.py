@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from functools import lru_cache
 from ipaddress import (
     IPv4Address,
@@ -68,6 +68,19 @@ def error_response(
     response = json_response({"error": error}, status, headers)
     response[ERROR_CODE] = code
     return response
+
+
+def moved_to(path: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """A handler answering 308 to ``path`` (formatted with the route's match info, which the
+    route holds to an id's characters) and the request's query: a link one slash off its
+    page. The browser keeps the fragment."""
+
+    async def handler(request: web.Request) -> web.Response:
+        location, query = path.format(**request.match_info), request.rel_url.raw_query_string
+        return web.Response(status=308, headers={"Location": f"{location}?{query}" if query
+                                                 else location})  # fmt: skip
+
+    return handler
 
 
 async def json_body(

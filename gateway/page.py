@@ -22,8 +22,10 @@ import importlib.resources
 
 from aiohttp import web
 
+from flashsale.keys import ID_CHARACTERS
 from gateway.catalog import sale_summary
 from gateway.documents import Document, document_response
+from gateway.http import moved_to
 from gateway.state import SETTINGS
 
 PAGE = importlib.resources.files("gateway").joinpath("waiting_room.html").read_text()
@@ -99,3 +101,4 @@ def error_page(request: web.Request, response: web.StreamResponse) -> web.Stream
 
 def setup(app: web.Application) -> None:
     app.router.add_get("/sales/{sale}", waiting_room)
+    app.router.add_get(f"/sales/{{sale:{ID_CHARACTERS}}}/", moved_to("/sales/{sale}"))

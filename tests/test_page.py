@@ -170,6 +170,25 @@ def test_a_page_that_cannot_be_served_is_a_page_to_a_browser(
     asyncio.run(run())
 
 
+def test_a_link_with_a_slash_more_or_less_reaches_its_page(stack: Settings) -> None:
+    """A shop's link written `/sales/<sale>/` (as link builders end a path), and an operator
+    typing `/admin`, got a JSON 404 and a JSON 401: each is sent on to its page, with its
+    query (the fragment, where the buyer's pass travels, is kept by the browser)."""
+
+    async def run() -> None:
+        async with TestClient(TestServer(create_app(stack))) as client:
+            for path, to in (
+                ("/sales/sale-1/?sku=A&sku=B", "/sales/sale-1?sku=A&sku=B"),
+                ("/sales/sale-1/", "/sales/sale-1"),
+                ("/admin", "/admin/"),
+            ):
+                moved = await client.get(path, headers=BROWSER, allow_redirects=False)
+                assert (moved.status, moved.headers.get("Location")) == (308, to), path
+            assert (await client.get("/admin/v1/sales/")).status == 401  # the API: not a page
+
+    asyncio.run(run())
+
+
 def test_the_page_rides_out_a_spike_and_resumes_after_a_reload(
     stack: Settings, chromium: str
 ) -> None:
