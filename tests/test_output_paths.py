@@ -48,13 +48,22 @@ def test_a_report_path_that_is_a_folder_is_refused(
 
 
 def test_a_spike_report_folder_that_cannot_be_made_is_refused(run_cli: Cli, tmp_path: Path) -> None:
+    """A path through a file was refused as "Not a directory", and a file itself as "File
+    exists": each says which file is in the way."""
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     result = run_cli("loadtest", "spike", "--buyers", "5", "--out", str(blocker / "spike"))
     assert result.code == 2, result
     assert result.err.strip() == (
-        f"flashsale: error: --out: cannot make the folder {blocker / 'spike'}: Not a directory"
+        f"flashsale: error: --out: cannot make the folder {blocker / 'spike'}: {blocker} is a file"
     )
+    for argv in (("loadtest", "spike", "--buyers", "5", "--out"),
+                 ("bench", "all", "--quick", "--json-dir")):  # fmt: skip
+        result = run_cli(*argv, str(blocker))
+        assert result.code == 2, result
+        assert result.err.strip() == (
+            f"flashsale: error: {argv[-1]}: {blocker} is a file, not a folder"
+        ), result
 
 
 def test_a_file_error_is_not_called_a_server_outage(

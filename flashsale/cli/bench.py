@@ -12,7 +12,14 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flashsale.cli.checks import output_file, positive, results_doc, service_settings, within
+from flashsale.cli.checks import (
+    output_file,
+    output_folder,
+    positive,
+    results_doc,
+    service_settings,
+    within,
+)
 from flashsale.cli.dev import apply_migrations
 from flashsale.cli.devstack.redis_cluster import Layout
 from flashsale.cli.devstack.stack import DevStack
@@ -163,10 +170,9 @@ async def _bench_all(args: argparse.Namespace, settings: Settings) -> int:
     from loadtest import bench_all  # noqa: PLC0415
 
     doc = results_doc(args.doc, None if args.quick else "docs/BENCHMARKS.md", "--quick")
+    folder = output_folder("json-dir", args.json_dir)
     service_settings(settings)
     settings.require_kafka()
-    folder = Path(args.json_dir)
-    await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
     await _migrated(settings)
     outcomes = await bench_all.run(settings, quick=args.quick, folder=folder, doc=doc,
                                    progress=out)  # fmt: skip

@@ -100,10 +100,14 @@ def output_file(field: str, value: str) -> Path:
 def output_folder(field: str, value: str) -> Path:
     """A folder a command writes its reports in, made now if it is not there."""
     path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise InvalidInput(field, f"{path} is a file, not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise InvalidInput(field, f"cannot make the folder {path}: {exc.strerror}") from None
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file" if blocker else exc.strerror
+        raise InvalidInput(field, f"cannot make the folder {path}: {why}") from None
     if not os.access(path, os.W_OK):
         raise InvalidInput(field, f"cannot write in {path}")
     return path
