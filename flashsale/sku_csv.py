@@ -39,13 +39,19 @@ def parse_csv(content: str) -> SkuImport:
     fields: list[str] = []
     errors: list[InvalidInput] = []
     try:
-        for cells in reader:
+        for given in reader:
             where = f"row {reader.line_num}"
-            if not any(cell.strip() for cell in cells):
+            if not any(cell.strip() for cell in given):
                 continue  # a blank line, or a row of empty cells
-            if len(cells) != len(header):
-                errors.append(InvalidInput(where, f"must have exactly {len(header)} columns"))
+            width = max((i + 1 for i, cell in enumerate(given) if cell.strip()), default=0)
+            if len(given) <= named[-1] or width > len(header):  # empty cells past the header go
+                said = (f"has {len(given)} columns: the header has {len(header)}"
+                        if width <= len(header) else
+                        f"has a value in column {width}, past the header's {len(header)}"
+                        )  # fmt: skip
+                errors.append(InvalidInput(where, said))
                 continue
+            cells = (given + [""] * len(header))[: len(header)]
             stray = next((i for i in range(len(cells)) if not header[i] and cells[i].strip()),
                          None)  # fmt: skip
             if stray is not None:

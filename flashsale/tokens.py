@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import codecs
 import hashlib
 import hmac
 import logging
@@ -338,7 +339,7 @@ def load_jwks(source: str) -> dict[str, Any]:
         else:
             with open(source, "rb") as handle:
                 raw = handle.read()
-        entries = orjson.loads(raw.removeprefix("\ufeff".encode())).get("keys")
+        entries = orjson.loads(raw.removeprefix(codecs.BOM_UTF8)).get("keys")
     except (OSError, ValueError, AttributeError) as exc:
         raise ConfigError(f"FLASHSALE_BUYER_JWKS: cannot load {source}: {exc}") from None
     if not isinstance(entries, list):

@@ -4,6 +4,7 @@ JSON request bodies, bearer credentials, the caller's buyer id and sale, rate li
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import re
 from collections.abc import Awaitable, Callable, Collection, Mapping
@@ -117,7 +118,6 @@ async def json_body(
 
 
 FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")
-BOM = "\ufeff".encode()
 
 
 async def body_bytes(request: web.Request, most: int = MAX_BODY) -> bytes:
@@ -144,10 +144,11 @@ def parse_json(raw: bytes | str, *, unique: bool = False) -> Any:
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        # A byte-order mark, as Windows tools write UTF-8: looked for only once parsing failed.
         body = raw if isinstance(raw, bytes) else raw.encode()
-        if not body.startswith(BOM):  # a byte-order mark, as Windows writes UTF-8, looked for now
+        if not body.startswith(codecs.BOM_UTF8):
             raise InvalidInput("body", f"malformed JSON: {exc}", code="malformed_json") from None
-        return parse_json(body.removeprefix(BOM), unique=unique)
+        return parse_json(body.removeprefix(codecs.BOM_UTF8), unique=unique)
     if unique:
         try:
             json.loads(raw, object_pairs_hook=unique_keys("body"))

@@ -1238,6 +1238,9 @@ def test_a_spreadsheets_empty_rows_and_columns_are_left_out() -> None:
     batch = parse_csv("sku,title,stock,price,currency,,\r\nA,Air,5,100,EUR,,\r\n,,,,,,\r\n"
                       ",  ,,,,,\r\n")  # fmt: skip
     assert [(s.sku, s.title, s.stock) for s in batch.skus] == [("A", "Air", 5)]
+    # A row may end before the header's empty columns, or run past it with empty cells.
+    ragged = parse_csv("sku,stock,price,currency,,\nA,5,100,EUR\nB,5,100,EUR,,,,\n")
+    assert [s.sku for s in ragged.skus] == ["A", "B"]
     with pytest.raises(InvalidInput) as named:  # a value under no name is still a mistake
         parse_csv("sku,stock,price,currency,\nA,1,1,EUR,red\n")
     assert named.value.message == (
