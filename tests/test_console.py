@@ -249,6 +249,18 @@ def test_the_live_page_says_why_the_sales_are_not_listed_and_tries_again(
     assert len(down) == 2
 
 
+def test_the_link_to_a_sale_leads_to_it_after_the_login(stack: Settings, chromium: str) -> None:
+    """`flashsale demo` prints where to watch its sale, `/admin/#sale=ID`: opened by someone
+    not yet logged in, the login led to the list of sales, and the sale was to be found."""
+    with live_page(stack, chromium, "Linked drop") as live:
+        page = live.page
+        page.goto(f"{live.gw.base_url}/admin/#sale={live.sale}")
+        page.fill("#token", ADMIN)
+        page.click("button[type=submit]")
+        page.wait_for_selector("#sale-title:has-text('Linked drop')", timeout=10_000)
+        assert not page.is_visible("#list")
+
+
 def test_a_request_of_the_live_page_that_hangs_is_given_up_and_said(
     stack: Settings, chromium: str
 ) -> None:
