@@ -63,6 +63,7 @@ logging.getLogger("locust.runners").addFilter(
 
 SKU = "SPIKE-1"
 TERMINAL = {"CONFIRMED", "PAYMENT_FAILED", "EXPIRED", "CANCELLED"}
+WAITED = "WAITED"  # the stats rows of the 429 and 503 answers waited out, by status
 
 
 class Spike:
@@ -275,13 +276,17 @@ class Buyer(FastHttpUser):
         self._answer("reserved")
         self._follow(reservation)
 
-    @staticmethod
-    def _backed_off(response: Any) -> bool:
-        """Whether ``response`` is backpressure (429, 503), as designed: counted as a success,
-        waited out at its Retry-After (at most 5 s), to be sent again, as the page does."""
+    def _backed_off(self, response: Any) -> bool:
+        """Whether ``response`` is backpressure (429, 503), as designed: counted as a success
+        (and in a ``WAITED`` row of its status, for the verdict), waited out at its Retry-After
+        (at most 5 s), to be sent again, as the page does."""
         if response.status_code not in (429, 503):
             return False
         response.success()
+        self.environment.events.request.fire(
+            request_type=WAITED, name=str(response.status_code), response_length=0,
+            exception=None, response_time=0, context={},
+        )  # fmt: skip
         time.sleep(min(5.0, float(response.headers.get("Retry-After") or 1)))
         return True
 
@@ -356,6 +361,8 @@ def _verdict(environment: Environment, sale_id: str) -> Verdict:
                           timeout=30).json()  # fmt: skip
     sku = next((s for s in status.get("skus", []) if s["sku"] == SKU), status["skus"][0])
     answers = [e for (_, kind), e in environment.stats.entries.items() if kind == "ANSWER"]
+    waited = {int(name): e.num_requests for (name, kind), e in environment.stats.entries.items()
+              if kind == WAITED}  # fmt: skip
     return judge(
         sale_id,
         audit,
@@ -364,4 +371,5 @@ def _verdict(environment: Environment, sale_id: str) -> Verdict:
         answered=sum(e.num_requests for e in answers),
         buyers=options.buyers,
         slowest_s=max((e.max_response_time for e in answers), default=0) / 1000,
+        waited=waited,
     )

@@ -3,6 +3,7 @@ the run stayed correct, from the post-sale audit, the SKU's status and the buyer
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,9 +18,11 @@ class Verdict:
 
 
 def judge(sale_id: str, audit: dict[str, Any], sold: int, stock: int, *, answered: int,
-          buyers: int, slowest_s: float) -> Verdict:  # fmt: skip
+          buyers: int, slowest_s: float,
+          waited: Mapping[int, int] | None = None) -> Verdict:  # fmt: skip
     """Correct means: the audit passed, nothing was oversold, and every buyer had a definitive
-    answer. Anything else fails the run."""
+    answer. Anything else fails the run. ``waited``: the 429 and 503 answers the buyers waited
+    out (counted as designed, not as failures), said so that a slow run says why."""
     failed = [i["name"] + "".join(f"; {what.replace('_', ' ')}: {detail_text(value)}"
                                   for what, value in i.get("details", {}).items())
               for i in audit.get("invariants", []) if not i.get("passed")]  # fmt: skip
@@ -37,5 +40,17 @@ def judge(sale_id: str, audit: dict[str, Any], sold: int, stock: int, *, answere
     ]
     if answered < buyers:
         lines.append(f"   {counted(buyers - answered, 'buyer')} got no definitive answer")
+    limited, busy = (waited or {}).get(429, 0), (waited or {}).get(503, 0)
+    if limited or busy:
+        lines.append(
+            f"   waited out at their Retry-After: {limited:,} answers 429 (rate limited), "
+            f"{busy:,} answers 503 (at capacity, or a server down)"
+        )
+    if limited:
+        lines.append(
+            "   the engine's per-IP limit paced these buyers, who all come from this "
+            "machine's address: to rehearse the crowd rather than the limit, run the "
+            "engine with FLASHSALE_RATE_PER_IP=off, or spread the load over machines"
+        )
     ok = bool(audit.get("passed")) and sold <= stock and answered >= buyers
     return Verdict(ok, lines)

@@ -103,6 +103,11 @@ def test_a_spike_rides_out_the_engines_rate_limits(stack: Settings, tmp_path: Pa
     assert int(rows["POST", "reserve"]["Failure Count"]) == 0, text
     assert result.returncode == 0, text
     assert "buyers answered: 60/60" in text and "audit: PASSED" in text, text
+    # A spike slowed by the limit says so: locust counts a 429 waited out as a success, and
+    # the verdict's "every answer within 20 s" did not say why.
+    waited = int(rows["WAITED", "429"]["Request Count"])
+    assert f"waited out at their Retry-After: {waited:,} answers 429 (rate limited)" in text
+    assert "FLASHSALE_RATE_PER_IP=off" in text, text
 
 
 def _healthy(url: str, patience: float = 60) -> None:
@@ -119,6 +124,21 @@ def _healthy(url: str, patience: float = 60) -> None:
             pass
         assert time.monotonic() < deadline, f"{url} never became healthy"
         time.sleep(0.2)
+
+
+def test_the_verdict_says_what_the_buyers_waited_out_and_why() -> None:
+    audit = {"passed": True, "invariants": []}
+    quiet = judge("sale-x", audit, 20, 20, answered=100, buyers=100, slowest_s=3.0)
+    assert not any("waited" in line for line in quiet.lines), quiet.lines
+    busy = judge("sale-x", audit, 20, 20, answered=100, buyers=100, slowest_s=3.0,
+                 waited={503: 7})  # fmt: skip
+    assert busy.ok and busy.lines[-1].endswith(
+        "0 answers 429 (rate limited), 7 answers 503 (at capacity, or a server down)"
+    ), busy.lines
+    limited = judge("sale-x", audit, 20, 20, answered=100, buyers=100, slowest_s=3.0,
+                    waited={429: 1234})  # fmt: skip
+    assert "1,234 answers 429" in limited.lines[-2], limited.lines
+    assert "FLASHSALE_RATE_PER_IP=off" in limited.lines[-1], limited.lines
 
 
 @pytest.mark.parametrize(("audit", "sold", "answered", "ok", "says"), [
