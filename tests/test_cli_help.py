@@ -165,6 +165,9 @@ TYPED = [
     (("kafka", "dead-letters", "--limit", "0"), "--limit"),
     (("demo", "--decline", "2"), "--decline"),
     (("gateway", "--port", "0"), "--port"),
+    # A flag of --once alone, given without it, started the reconciler service instead.
+    (("reconcile", "--json"), "--json"),
+    (("reconcile", "--once", "--ops-port", "9999"), "--ops-port"),
 ]
 
 

@@ -995,6 +995,18 @@ def test_status_watch_refreshes_and_list_prints_json(cli: Cli, tmp_path: Path) -
     assert shouted.code == 0 and sale_id in {s["id"] for s in json.loads(shouted.out)}, shouted.err
     bad = cli("sale", "status", sale_id, "--watch", "--interval", "soon")
     assert bad.code == 2 and bad.err.startswith("flashsale: error: --interval: ")
+    # --count and --interval without --watch were ignored: one status, and no word of it.
+    for flag in ("--count", "--interval"):
+        alone = cli("sale", "status", sale_id, flag, "2")
+        assert (alone.code, alone.err.strip()) == (
+            2,
+            f"flashsale: error: {flag}: goes with --watch",
+        ), alone
+    # With --json each refresh is one line of JSON, whole documents a program can read one by
+    # one: the indented JSON was followed by the "-- 12:00:00 UTC" line, no JSON at all.
+    lines = cli("sale", "status", sale_id, "--watch", "--json", "--interval", "0.1", "--count", "2")
+    assert lines.code == 0, lines.err
+    assert [json.loads(line)["sale"]["id"] for line in lines.out.splitlines()] == [sale_id] * 2
 
 
 # -- bad input: one line naming the field, non-zero exit, nothing written ---------------------

@@ -162,7 +162,7 @@ async def _sale(args: argparse.Namespace, settings: Settings) -> int:
             finally:
                 progress.close()
             print_preload(args.sale, results)
-        elif command == "status" and args.watch:
+        elif command == "status" and (args.watch or args.count or args.interval):
             await watch_status(sales, args)
         elif command == "status":
             print_status(await sales.status(args.sale, args.sku), as_json=args.json)
@@ -344,14 +344,12 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "status", help="the waiting room, then per SKU: stock, available, held, sold, confirmed"
     )
     status.add_argument("sale", help="sale id")
-    status.add_argument("--json", action="store_true", help="print it as JSON")
+    status.add_argument("--json", action="store_true",
+                        help="print it as JSON (with --watch: a line each time)")  # fmt: skip
     status.add_argument("--sku", help="this SKU alone (a sale may have thousands)")
-    status.add_argument(
-        "--watch",
-        action="store_true",
-        help="refresh in place every --interval seconds until Ctrl-C",
-    )
-    status.add_argument("--interval", default="1", help="seconds between refreshes (default 1)")
+    status.add_argument("--watch", action="store_true",
+                        help="refresh in place every --interval seconds until Ctrl-C")  # fmt: skip
+    status.add_argument("--interval", help="seconds between refreshes (default 1)")
     status.add_argument("--count", help="stop after this many refreshes (default: never)")
     add = sale_sub.add_parser("add-stock", help="add N units to a SKU (Postgres, then Redis)")
     add.add_argument("sale", help="sale id")

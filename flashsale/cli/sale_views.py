@@ -11,13 +11,15 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 from allocator.sale_admin import SaleAdmin
 from allocator.sale_reads import MAX_PAGE
 from allocator.sale_scripts import PreloadResult
 from flashsale.cli.checks import positive
 from flashsale.cli.output import dump_json, out, warn
 from flashsale.currencies import major
-from flashsale.errors import Conflict
+from flashsale.errors import Conflict, InvalidInput
 from flashsale.salespec import as_sale_file
 from flashsale.wording import counted
 
@@ -115,18 +117,23 @@ def print_preload(sale_id: str, results: Sequence[PreloadResult]) -> None:
 
 async def watch_status(sales: SaleAdmin, args: argparse.Namespace) -> None:
     """``sale status --watch``: the status again every interval, in place on a terminal (a
-    new block each time otherwise)."""
-    interval = positive(float, "interval", args.interval)
+    new block each time otherwise); with ``--json`` a line of JSON each time."""
+    if not args.watch:
+        raise InvalidInput("count" if args.count else "interval", "goes with --watch")
+    interval = positive(float, "interval", args.interval or "1")
     count = positive(int, "count", args.count) if args.count else None
     shown = 0
-    in_place = sys.stdout.isatty() and not args.json
+    in_place = sys.stdout.isatty()
     with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
         while count is None or shown < count:
             status = await sales.status(args.sale, args.sku)
-            if in_place:
-                sys.stdout.write("\x1b[H\x1b[2J")  # home, clear: the table is redrawn
-            print_status(status, as_json=args.json)
-            out(f"-- {datetime.now(UTC):%H:%M:%S} UTC, every {interval:g}s (Ctrl-C stops)")
+            if args.json:  # a line each: documents a program reads one by one (JSON Lines)
+                out(orjson.dumps(status).decode())
+            else:
+                if in_place:
+                    sys.stdout.write("\x1b[H\x1b[2J")  # home, clear: the table is redrawn
+                print_status(status, as_json=False)
+                out(f"-- {datetime.now(UTC):%H:%M:%S} UTC, every {interval:g}s (Ctrl-C stops)")
             sys.stdout.flush()
             shown += 1
             if count is None or shown < count:

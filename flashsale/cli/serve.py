@@ -62,6 +62,10 @@ SHOWN = 20  # repairs listed by `reconcile --once` before "... and N more"
 def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     from reconciler import service as reconciler_service  # noqa: PLC0415 - a light CLI start
 
+    if not args.once and args.json:  # else the service would start, and print no pass
+        raise InvalidInput("json", "goes with --once (one pass, printed as JSON)")
+    if args.once and args.ops_port:
+        raise InvalidInput("ops-port", "goes without --once: the service serves its probes")
     interval = positive(float, "interval", args.interval)
     stuck = positive(float, "stuck-after", args.stuck_after)
     for sale in args.sale or []:
