@@ -168,6 +168,8 @@ TYPED = [
     # A flag of --once alone, given without it, started the reconciler service instead.
     (("reconcile", "--json"), "--json"),
     (("reconcile", "--once", "--ops-port", "9999"), "--ops-port"),
+    # --embedded starts an engine of its own: the --host given was ignored.
+    (("loadtest", "spike", "--embedded", "--host", "http://127.0.0.1:9"), "--host"),
 ]
 
 

@@ -5,7 +5,6 @@ benchmarks are :mod:`flashsale.cli.bench`."""
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
 
 from flashsale import event_loop
 from flashsale.cli.checks import (
@@ -26,8 +25,7 @@ from flashsale.keys import MAX_BUCKETS
 from flashsale.salespec import MAX_ADMISSION_RATE
 from flashsale.settings import Settings
 
-if TYPE_CHECKING:
-    pass
+SPIKE_HOST = "http://127.0.0.1:8080"  # `flashsale up`'s gateway at its defaults
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -69,10 +67,12 @@ def _rate_change(value: str | None) -> tuple[float, int] | None:
 def cmd_loadtest(args: argparse.Namespace, settings: Settings) -> int:
     from loadtest import spike  # noqa: PLC0415
 
+    if args.embedded and args.host:
+        raise InvalidInput("host", "goes without --embedded, which starts an engine of its own")
     options = spike.Options(
         buyers=positive(int, "buyers", args.buyers), stock=positive(int, "stock", args.stock),
         ramp=positive(float, "ramp", args.ramp), hold=non_negative("hold", args.hold),
-        host=http_url("host", args.host), out=output_folder("out", args.out),
+        host=http_url("host", args.host or SPIKE_HOST), out=output_folder("out", args.out),
         embedded=args.embedded,
         buckets=within("buckets", args.buckets, 1, MAX_BUCKETS),
     )  # fmt: skip
@@ -206,8 +206,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     spike.add_argument("--ramp", default="10", help="seconds to bring every buyer in (default 10)")
     spike.add_argument("--hold", default="5", help="seconds held after the ramp (default 5)")
-    spike.add_argument("--host", default="http://127.0.0.1:8080",
-                       help="the gateway (default http://127.0.0.1:8080)")  # fmt: skip
+    spike.add_argument("--host", help=f"the gateway (default {SPIKE_HOST}; not with --embedded, "
+                                      "whose engine is its own)")  # fmt: skip
     spike.add_argument("--out", default=".flashsale/spike", help="report folder")
     spike.add_argument("--embedded", action="store_true",
                        help="start the embedded stack and the engine for the run")  # fmt: skip
