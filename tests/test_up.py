@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import requests
 
+from flashsale.cli.checks import AFTER_PORT
 from flashsale.cli.devstack.processes import UP_PORTS, free_ports
-from flashsale.cli.serve import AFTER_PORT, _cors_for, _reservation_listener
+from flashsale.cli.serve import _cors_for, _reservation_listener
 from flashsale.engine_record import refuse_a_second_simulator, running_simulator
 from flashsale.errors import Conflict
 from flashsale.settings import Settings
@@ -270,6 +271,22 @@ def test_up_refuses_a_port_another_process_listens_on(
     assert err.strip() == (
         f"flashsale: error: {field}: 127.0.0.1:{port + taken} is in use by another process"
     ), err
+
+
+def test_up_refuses_a_port_for_a_process_it_would_not_start(
+    stack: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A port given for the reservations listener with none asked for, or for the payment
+    simulator with FLASHSALE_PSP_URL naming the provider, was ignored without a word."""
+    port = free_ports(UP_PORTS)
+    code, err = _refused("up", "--port", str(port), "--reservation-workers", "0",
+                         "--reservation-port", str(port + 5))  # fmt: skip
+    assert (code, err.strip()) == (2, "flashsale: error: --reservation-port: goes with "
+                                      "--reservation-workers of 1 or more"), err  # fmt: skip
+    monkeypatch.setenv("FLASHSALE_PSP_URL", "http://127.0.0.1:9")
+    code, err = _refused("up", "--port", str(port), "--psp-port", str(port + 3))
+    said = "--psp-port: FLASHSALE_PSP_URL names the payment provider: no simulator is started"
+    assert (code, err.strip()) == (2, f"flashsale: error: {said}"), err
 
 
 def test_a_gateway_of_several_processes_refuses_a_taken_port(stack: Settings) -> None:

@@ -3,6 +3,7 @@ exit 2, nothing written) and the configuration a service needs before it forks."
 
 from __future__ import annotations
 
+import argparse
 import errno
 import os
 import re
@@ -180,3 +181,26 @@ def service_settings(settings: Settings) -> None:
     settings.require_redis()
     settings.require_database()
     Signers.from_settings(settings)
+
+
+# `up`'s other ports by flag, in the order of their defaults: PORT+1, PORT+2, ...
+AFTER_PORT = ("allocator-port", "workers-port", "psp-port", "reconciler-port", "reservation-port")
+
+
+def ports_after(port: int, args: argparse.Namespace, unused: dict[str, str]) -> dict[str, int]:
+    """Each port of AFTER_PORT, given or PORT+n; one for a process not started (``unused``:
+    why not) is refused. A --port too high for the defaults of the others is refused naming
+    --port (not a flag nobody typed, with PORT+n)."""
+    given = {flag: getattr(args, flag.replace("-", "_")) for flag in AFTER_PORT}
+    if given_unused := [flag for flag in unused if given[flag]]:
+        raise InvalidInput(given_unused[0], unused[given_unused[0]])
+    needed = set(AFTER_PORT) - set(unused)
+    ports = {flag: port_number(flag, value) for flag, value in given.items() if value}
+    short = [(offset, flag) for offset, flag in enumerate(AFTER_PORT, 1)
+             if flag in needed and not given[flag] and port + offset > 65535]  # fmt: skip
+    if short:
+        raise InvalidInput("port", (
+            f"{port} leaves no room for the ports after it (PORT+1 to PORT+{len(AFTER_PORT)}): "
+            f"give a port up to {65535 - short[-1][0]}, or each of "
+            + ", ".join(f"--{flag}" for _, flag in short)))  # fmt: skip
+    return {flag: ports.get(flag, port + offset) for offset, flag in enumerate(AFTER_PORT, 1)}

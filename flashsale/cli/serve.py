@@ -16,6 +16,7 @@ from flashsale.cli.checks import (
     free_to_listen,
     non_negative,
     port_number,
+    ports_after,
     positive,
     sale_id,
     service_settings,
@@ -151,25 +152,6 @@ def cmd_psp(args: argparse.Namespace, settings: Settings) -> int:
                                                 listening=lambda: out(said))))  # fmt: skip
 
 
-# `up`'s other ports by flag, in the order of their defaults: PORT+1, PORT+2, ...
-AFTER_PORT = ("allocator-port", "workers-port", "psp-port", "reconciler-port", "reservation-port")
-
-
-def _ports_after(port: int, args: argparse.Namespace, needed: set[str]) -> dict[str, int]:
-    """Each port of AFTER_PORT, given or PORT+n. A --port too high for the defaults of the
-    ``needed`` ones is refused naming --port (not a flag nobody typed, with PORT+n)."""
-    given = {flag: getattr(args, flag.replace("-", "_")) for flag in AFTER_PORT}
-    ports = {flag: port_number(flag, value) for flag, value in given.items() if value}
-    short = [(offset, flag) for offset, flag in enumerate(AFTER_PORT, 1)
-             if flag in needed and not given[flag] and port + offset > 65535]  # fmt: skip
-    if short:
-        raise InvalidInput("port", (
-            f"{port} leaves no room for the ports after it (PORT+1 to PORT+{len(AFTER_PORT)}): "
-            f"give a port up to {65535 - short[-1][0]}, or each of "
-            + ", ".join(f"--{flag}" for _, flag in short)))  # fmt: skip
-    return {flag: ports.get(flag, port + offset) for offset, flag in enumerate(AFTER_PORT, 1)}
-
-
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     port = port_number("port", args.port)
     workers = positive(int, "workers", args.workers)
@@ -182,9 +164,11 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     external = None if "FLASHSALE_PSP_URL" in settings.from_dev_env else settings.psp_url
     if not external:
         refuse_a_second_simulator(settings.home)
-    unused = {"psp-port"} if external else set()
-    needed = set(AFTER_PORT) - unused - (set() if listeners else {"reservation-port"})
-    ports = _ports_after(port, args, needed)
+    unused = {"psp-port": "FLASHSALE_PSP_URL names the payment provider: no simulator is "
+                          "started"} if external else {}  # fmt: skip
+    if not listeners:
+        unused["reservation-port"] = "goes with --reservation-workers of 1 or more"
+    ports = ports_after(port, args, unused)
     allocator_port, workers_port, psp_port, reconciler_port, listener_port = ports.values()
     free_to_listen(args.host, {
         "port": port, "allocator-port": allocator_port, "workers-port": workers_port,
