@@ -29,7 +29,7 @@ from flashsale.env_values import (
     origins,
     secret_setting,
 )
-from flashsale.errors import ConfigError
+from flashsale.errors import ConfigError, shown
 
 DEV_ENV_FILE = "dev.env"
 # What a running `flashsale up` tells other commands in the same state folder (the payment
@@ -150,15 +150,17 @@ class Topics:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Topics:
         prefix = env.get("FLASHSALE_TOPIC_PREFIX", "")
-        names = {}
+        names: dict[str, str] = {}
         for name, default in DEFAULT_TOPICS.items():
             variable = f"FLASHSALE_TOPIC_{name.upper()}"
             value = env.get(variable) or prefix + default
-            if not _TOPIC.match(value):
-                source = variable if env.get(variable) else "FLASHSALE_TOPIC_PREFIX"
-                raise ConfigError(
-                    f"{source} makes the topic name {value!r}: it must be 1-200 of [A-Za-z0-9._-]"
-                )
+            source = variable if env.get(variable) else "FLASHSALE_TOPIC_PREFIX"
+            if not _TOPIC.match(value) or value in (".", ".."):  # Kafka refuses those two
+                raise ConfigError(f"{source} makes the topic name {shown(value)}: it must be "
+                                  "1-200 of [A-Za-z0-9._-], not . or ..")  # fmt: skip
+            if same := next((n for n, topic in names.items() if topic == value), None):
+                raise ConfigError(f"{source} makes the topic {shown(value)} of FLASHSALE_TOPIC_"
+                                  f"{same.upper()} too: each needs its own")  # fmt: skip
             names[name] = value
         return cls(**names)
 

@@ -90,7 +90,9 @@ def test_secrets_are_masked_in_repr_and_logs(
      # logging's own check was a traceback; a yes/no taken as no behind a proxy counted
      # every buyer at the proxy's address
      ("FLASHSALE_LOG_LEVEL", "verbose"), ("FLASHSALE_TRUST_FORWARDED", "on"),
-     ("FLASHSALE_TOPIC_PREFIX", "flash sale/"), ("FLASHSALE_TOPIC_RESERVATIONS", "a b")],
+     ("FLASHSALE_TOPIC_PREFIX", "flash sale/"), ("FLASHSALE_TOPIC_RESERVATIONS", "a b"),
+     # Kafka refuses the topics "." and ".."; a topic named twice mixed two streams
+     ("FLASHSALE_TOPIC_RESERVATIONS", "."), ("FLASHSALE_TOPIC_DEAD_LETTER", "order-events")],
 )  # fmt: skip
 def test_a_bad_setting_is_one_line_naming_it_not_a_traceback(
     run_cli: Cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str, value: str
