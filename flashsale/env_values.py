@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from ipaddress import IPv4Address, IPv4Network, IPv6Network, ip_network
 from urllib.parse import urlsplit
 
@@ -154,6 +154,15 @@ def secret_setting(value: str | None, name: str, *, keys: bool = False) -> str:
             raise ConfigError(f"{name} must be at least {SHORTEST_SECRET} characters{each}, "
                               f"got {length}")  # fmt: skip
     return value
+
+
+def admin_apart(admin: Iterable[str], buyer: Iterable[str]) -> None:
+    """No key of the admin token is one of the buyer-token secret's, which the storefront
+    holds to sign buyer tokens: a shop with it would hold every admin operation too."""
+    if set(admin) & set(buyer):
+        raise ConfigError("FLASHSALE_ADMIN_TOKEN must differ from FLASHSALE_BUYER_TOKEN_SECRET: "
+                          "the storefront signs buyer tokens with that one, and would hold the "
+                          "admin token")  # fmt: skip
 
 
 # Every FLASHSALE_ variable some part of the engine reads (the servers' own are REDIS_URL,

@@ -20,6 +20,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from flashsale.env_values import (
+    admin_apart,
     choice,
     flag,
     http_url,
@@ -316,6 +317,9 @@ class Settings:
         def secret_of(name: str, *, keys: bool = False) -> Secret:
             return Secret(secret_setting(pick(name), name, keys=keys))
 
+        def rate(name: str, default: str) -> Rate:
+            return Rate.parse(env.get(name) or default, name)
+
         settings = cls(
             home=home,
             redis_url=pick("REDIS_URL"),
@@ -333,12 +337,8 @@ class Settings:
             buyer_token_secret=secret_of("FLASHSALE_BUYER_TOKEN_SECRET", keys=True),
             log_level=choice(env, "FLASHSALE_LOG_LEVEL", LOG_LEVELS, "info").upper(),
             log_format=choice(env, "FLASHSALE_LOG_FORMAT", ("auto", "json", "text"), "auto"),
-            rate_per_ip=Rate.parse(
-                env.get("FLASHSALE_RATE_PER_IP") or "100,200", "FLASHSALE_RATE_PER_IP"
-            ),
-            rate_per_buyer=Rate.parse(
-                env.get("FLASHSALE_RATE_PER_BUYER") or "5,10", "FLASHSALE_RATE_PER_BUYER"
-            ),
+            rate_per_ip=rate("FLASHSALE_RATE_PER_IP", "100,200"),
+            rate_per_buyer=rate("FLASHSALE_RATE_PER_BUYER", "5,10"),
             max_in_flight=int(number(env, "FLASHSALE_MAX_IN_FLIGHT", 2000, minimum=1)),
             max_joins_in_flight=int(number(env, "FLASHSALE_MAX_JOINS_IN_FLIGHT", 200, minimum=1)),
             max_polls_in_flight=int(number(env, "FLASHSALE_MAX_POLLS_IN_FLIGHT", 800, minimum=1)),
@@ -364,6 +364,7 @@ class Settings:
             ),
             from_dev_env=frozenset(used_dev),
         )
+        admin_apart(settings.admin_token.each_key(), settings.buyer_token_secret.each_key())
         return settings
 
     # -- accessors that fail with an actionable message -----------------------------------

@@ -105,6 +105,22 @@ def test_a_bad_setting_is_one_line_naming_it_not_a_traceback(
     assert len(lines) == 1 and lines[0].startswith(f"flashsale: error: {name}"), result.err
 
 
+def test_the_admin_token_is_no_key_of_the_storefronts(
+    run_cli: Cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The storefront holds FLASHSALE_BUYER_TOKEN_SECRET to sign buyer tokens: an admin token
+    set to the same text (one secret "for simplicity") gave the shop every admin operation."""
+    monkeypatch.setenv("FLASHSALE_HOME", str(tmp_path))
+    monkeypatch.setenv("FLASHSALE_BUYER_TOKEN_SECRET", "shared-secret-0123456789")
+    monkeypatch.setenv("FLASHSALE_ADMIN_TOKEN", "admin-token-0123456789, shared-secret-0123456789")
+    result = run_cli("sale", "list")
+    said = (
+        "FLASHSALE_ADMIN_TOKEN must differ from FLASHSALE_BUYER_TOKEN_SECRET: the storefront "
+        "signs buyer tokens with that one, and would hold the admin token"
+    )
+    assert (result.code, result.err.strip()) == (1, f"flashsale: error: {said}"), result
+
+
 @pytest.mark.parametrize("argv", [("sale", "list"), ("dev", "up"), ("dev", "env")])
 def test_a_state_folder_that_is_a_file_is_one_line_naming_it(
     run_cli: Cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, argv: tuple[str, ...]
