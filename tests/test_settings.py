@@ -217,7 +217,7 @@ def test_a_weak_secret_stops_a_service_with_one_line_naming_it(
     env = {**os.environ, "FLASHSALE_HOME": str(tmp_path),
            "REDIS_URL": "redis://127.0.0.1:9/0", "DATABASE_URL": "postgresql://u:p@127.0.0.1:9/x",
            "KAFKA_BOOTSTRAP": "127.0.0.1:9", "FLASHSALE_SECRET": GOOD_SECRET,
-           "FLASHSALE_BUYER_TOKEN_SECRET": GOOD_SECRET, "FLASHSALE_ADMIN_TOKEN": GOOD_SECRET,
+           "FLASHSALE_BUYER_TOKEN_SECRET": GOOD_SECRET, "FLASHSALE_ADMIN_TOKEN": GOOD_SECRET[::-1],
            name: value}  # fmt: skip
     port = str(free_ports(UP_PORTS))
     code, _out, err = run_bounded([sys.executable, "-m", "flashsale", *command, "--port", port],
