@@ -476,6 +476,26 @@ def test_a_bad_csv_names_every_bad_cell(cli: Cli, counts: Any, tmp_path: Path) -
     assert counts() == before
 
 
+def test_a_live_sale_is_extended_by_a_duration(cli: Cli, tmp_path: Path) -> None:
+    """Extending a sale that runs took an ISO 8601 time worked out by hand: `--ends-in 2h`
+    ends it that long from now, as `--starts-in` opens one."""
+    made = cli("sale", "create", "--name", "Live", "--sku", "A", "--stock", "1", "--price", "1",
+               "--currency", "EUR")  # fmt: skip
+    sale_id = made.out.strip()  # open now, for an hour
+    before = datetime.now(UTC)
+    result = cli("sale", "update", sale_id, "--ends-in", "2h")
+    assert result.code == 0, result.err
+    ends = datetime.fromisoformat(json.loads(result.out)["ends_at"].replace("Z", "+00:00"))
+    assert timedelta(hours=2) <= ends - before < timedelta(hours=2, minutes=1), ends
+    both = cli("sale", "update", sale_id, "--ends-in", "3h", "--ends-at", ends.isoformat())
+    assert (both.code, both.err.strip()) == (
+        2,
+        "flashsale: error: --ends-in: give either --ends-at or --ends-in, not both",
+    ), both
+    bad = cli("sale", "update", sale_id, "--ends-in", "soon")
+    assert bad.code == 2 and bad.err.startswith("flashsale: error: --ends-in: "), bad
+
+
 def test_a_scheduled_sale_is_edited_from_the_cli(cli: Cli, db: Db, counts: Any,
                                                   tmp_path: Path) -> None:  # fmt: skip
     made = cli("sale", "create", "--file", write(tmp_path, SALE), "--starts-in", "1h")

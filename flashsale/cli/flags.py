@@ -101,8 +101,9 @@ def _sale_names(args: argparse.Namespace) -> dict[str, str]:
         }
     if command == "update":
         typed = {field: _flag(attr) for attr, field in UPDATE_FLAGS.items()}
-        if args.starts_in is not None:  # sets starts_at too
-            typed["starts_at"] = "--starts-in"
+        for when in ("starts", "ends"):  # --starts-in sets starts_at, --ends-in ends_at
+            if getattr(args, f"{when}_in") is not None:
+                typed[f"{when}_at"] = f"--{when}-in"
         return typed
     if command == "update-sku":
         return {"title": "--title", "price": "--price"}

@@ -22,6 +22,7 @@ from flashsale.cli.checks import duration
 from flashsale.cli.flags import SALE_FLAGS, SKU_FLAGS, UPDATE_FLAGS, started_as_typed
 from flashsale.cli.output import Progress, Stages, dump_json, out
 from flashsale.cli.sale_views import (
+    no_sales,
     print_orders,
     print_preload,
     print_status,
@@ -88,14 +89,6 @@ def sale_from_flags(args: argparse.Namespace) -> dict[str, Any]:
     elif sku:
         raise InvalidInput("sku", "--sku is required with --stock/--price/--currency/...")
     return data
-
-
-def no_sales(status: str | None, offset: int) -> str:
-    """What ``sale list`` says when it lists none, rather than nothing at all."""
-    which = f"no {status} sales" if status else "no sales"
-    if offset:
-        return f"{which} past the newest {offset:,}"
-    return which if status else "no sales yet: `flashsale sale create` makes one"
 
 
 async def cmd_sale(args: argparse.Namespace, settings: Settings) -> int:
@@ -179,11 +172,13 @@ async def _sale(args: argparse.Namespace, settings: Settings) -> int:
         elif command == "update":
             changes = {field: getattr(args, attr) for attr, field in UPDATE_FLAGS.items()
                        if getattr(args, attr) is not None}  # fmt: skip
-            if args.starts_in and args.starts_at:
-                raise InvalidInput("starts-in", "give either --starts-at or --starts-in, not both")
-            if args.starts_in:
-                opens = datetime.now(UTC) + duration("starts-in", args.starts_in)
-                changes["starts_at"] = opens.isoformat()
+            for when in ("starts", "ends"):  # --starts-in, --ends-in: that long from now
+                if (given := getattr(args, f"{when}_in")) and getattr(args, f"{when}_at"):
+                    raise InvalidInput(f"{when}-in", f"give either --{when}-at or --{when}-in, "
+                                                     "not both")  # fmt: skip
+                if given:
+                    at = datetime.now(UTC) + duration(f"{when}-in", given)
+                    changes[f"{when}_at"] = at.isoformat()
             if not changes:
                 raise InvalidInput("update", "give at least one setting to change")
             dump_json(await sales.update(args.sale, changes, with_skus=False))
@@ -374,7 +369,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     update = sale_sub.add_parser(
         "update", help="change a sale's settings (anything before its start)",
         description="Change settings, Postgres first and then Redis. Before the start any of "
-        "them; once started only --name, a later --ends-at, --admission-rate and a higher "
+        "them; once started only --name, an end still to come, --admission-rate and a higher "
         "--max-queue (refused otherwise, nothing written). Prints the sale as JSON.",
     )  # fmt: skip
     update.add_argument("sale", help="sale id")
@@ -383,6 +378,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     update.add_argument("--starts-in", help="open this long from now, e.g. 10m (before the "
                                             "start only)")  # fmt: skip
     update.add_argument("--ends-at", help="ISO 8601 with timezone")
+    update.add_argument("--ends-in", help="end this long from now, e.g. 2h")
     update.add_argument("--admission-rate", help="buyers admitted per second")
     update.add_argument("--max-queue", help="queue cap (only higher once started)")
     update.add_argument("--window", help="admission window in seconds, 5..3600")

@@ -115,6 +115,14 @@ def print_preload(sale_id: str, results: Sequence[PreloadResult]) -> None:
         f"{held:,} held, {sold:,} sold){where}")  # fmt: skip
 
 
+def no_sales(status: str | None, offset: int) -> str:
+    """What ``sale list`` says when it lists none, rather than nothing at all."""
+    which = f"no {status} sales" if status else "no sales"
+    if offset:
+        return f"{which} past the newest {offset:,}"
+    return which if status else "no sales yet: `flashsale sale create` makes one"
+
+
 async def watch_status(sales: SaleAdmin, args: argparse.Namespace) -> None:
     """``sale status --watch``: the status again every interval, in place on a terminal (a
     new block each time otherwise); with ``--json`` a line of JSON each time."""
