@@ -123,6 +123,11 @@ def test_through_keeps_the_credentials() -> None:
 def test_the_command_lists_and_refuses_in_one_line(run_cli: Cli, tmp_path: Path) -> None:
     listed = run_cli("chaos", "--list")
     assert listed.code == 0 and all(s.name in listed.out for s in SCENARIOS)
+    # With --quick or --scenario it lists what that run would be: it listed every scenario.
+    quick = run_cli("chaos", "--list", "--quick").out.splitlines()
+    assert [line.split()[0] for line in quick] == [s.name for s in SCENARIOS if s.quick_times]
+    named = run_cli("chaos", "--list", "--scenario", SCENARIOS[-1].name).out.splitlines()
+    assert [line.split()[0] for line in named] == [SCENARIOS[-1].name], named
     for args, field in (
         (["--scenario", "nope"], "scenario"),
         (["--quick", "--doc", str(tmp_path / "missing.md")], "doc"),

@@ -24,6 +24,7 @@ from flashsale.errors import ConfigError, InvalidInput, shown
 from flashsale.keys import MAX_BUCKETS
 from flashsale.salespec import MAX_ADMISSION_RATE
 from flashsale.settings import Settings
+from flashsale.wording import counted
 
 SPIKE_HOST = "http://127.0.0.1:8080"  # `flashsale up`'s gateway at its defaults
 
@@ -89,20 +90,19 @@ def cmd_loadtest(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_chaos(args: argparse.Namespace, settings: Settings) -> int:
     from loadtest.chaos import suite  # noqa: PLC0415
-    from loadtest.chaos.scenarios import SCENARIOS  # noqa: PLC0415
 
+    dev = DevStack(settings.home)
+    try:  # --list: what a run would choose, those for a Redis Cluster too
+        chosen = suite.choose(args.scenario, quick=args.quick, cluster=args.list
+                              or settings.redis_cluster or dev.layout is not None)  # fmt: skip
+    except ValueError as exc:
+        raise InvalidInput("scenario", str(exc)) from exc
     if args.list:
-        for scenario in SCENARIOS:
-            count = f"{scenario.times} faults" if scenario.inject else "abuse"
+        for scenario in chosen:
+            count = counted(scenario.times, "fault") if scenario.inject else "abuse"
             quick = f", --quick: {scenario.quick_times}" if scenario.quick_times else ""
             out(f"{scenario.name:26} {scenario.group:9} {count}{quick}. {scenario.what}")
         return 0
-    dev = DevStack(settings.home)
-    try:
-        chosen = suite.choose(args.scenario, quick=args.quick,
-                              cluster=settings.redis_cluster or dev.layout is not None)  # fmt: skip
-    except ValueError as exc:
-        raise InvalidInput("scenario", str(exc)) from exc
     full = not args.scenario and not args.quick
     doc = results_doc(args.doc, "docs/RELIABILITY.md" if full else None,
                       "--quick or --scenario NAME")  # fmt: skip
