@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from flashsale.currencies import is_currency
-from flashsale.errors import InvalidInput, shown
+from flashsale.errors import InvalidInput, refused_value, shown
 from flashsale.keys import ID_PATTERN, MAX_BUCKETS
 
 T = TypeVar("T")
@@ -132,7 +132,8 @@ def text(value: Any, where: str, *, max_len: int = 200) -> str:
 
 def identifier(value: Any, where: str) -> str:
     if not isinstance(value, str) or not ID_PATTERN.match(value):
-        raise InvalidInput(where, "must be 1-64 characters of letters, digits, '.', '_' or '-'")
+        rule = "1-64 characters of letters, digits, '.', '_' or '-'"
+        raise InvalidInput(where, refused_value(value, rule))
     return value
 
 

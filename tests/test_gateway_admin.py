@@ -673,6 +673,13 @@ async def test_bad_stock_and_unknown_sale(http: TestClient[Any, Any]) -> None:
                         ({"sku": "SNK-1", "add": 1, "extra": True}, "extra")):  # fmt: skip
         response = await http.post(f"/admin/v1/sales/{sale_id}/stock", json=body, headers=auth())
         assert (await response.json())["error"]["field"] == field, body
+    # A SKU not sent is required; one sent and refused is named as sent.
+    rule = "1-64 characters of letters, digits"
+    for body, said in (({"add": 1}, f"sku: required: {rule}"),
+                       ({"sku": 5, "add": 1}, f"sku: must be {rule}")):  # fmt: skip
+        response = await http.post(f"/admin/v1/sales/{sale_id}/stock", json=body, headers=auth())
+        message = (await response.json())["error"]["message"]
+        assert message.startswith(said) and message.endswith("got 5") == ("sku" in body), message
     bad_sku = await http.post("/admin/v1/sales", json={**SALE, "skus": [{"sku": "A"}]},
                               headers=auth())  # fmt: skip
     assert (await bad_sku.json())["error"]["field"] == "skus[0].stock"
