@@ -81,8 +81,9 @@ class Archived:
     def text(self) -> str:
         when = iso(self.archived_at, "seconds")
         freed = f"{self.freed_bytes / 1024:,.1f} KB of per-buyer Redis state deleted"
-        if self.already:
-            return f"{self.sale_id}: archived at {when}; {freed}"
+        if self.already:  # this call finished a clearing cut short, or had nothing to do
+            done = freed if self.freed_bytes else "nothing left to delete"
+            return f"{self.sale_id}: already archived at {when}; {done}"
         return (
             f"{self.sale_id}: archived at {when}: audit passed and recorded; {freed} "
             f"({self.buckets:,} stock buckets, the waiting room)"

@@ -18,6 +18,7 @@ from flashsale.clients import RedisClient, open_clients
 from flashsale.errors import Conflict
 from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.settings import Settings
+from flashsale.timefmt import iso
 from gateway.state import CLIENTS
 from reconciler.archive import Archiver, archive_sale, due_sales
 from reconciler.audit import audit_sale
@@ -97,6 +98,9 @@ async def test_an_ended_sale_is_archived_and_still_answers_for_itself(stack: Set
             again = await archive_sale(p.pool, p.redis, psp, p.settings, sale)
             assert again.already and again.archived_at == archived.archived_at
             assert again.freed_bytes == 0
+            # Said as what it is: "archived at T; 0.0 KB of per-buyer Redis state deleted".
+            when = iso(archived.archived_at, "seconds")
+            assert again.text() == f"{sale}: already archived at {when}; nothing left to delete"
         # Without a payment provider: an archived sale needs no audit, an unknown one is named.
         env = {k: v for k, v in {**os.environ, **p.env()}.items() if k != "FLASHSALE_PSP_URL"}
         command = [sys.executable, "-m", "flashsale", "sale", "archive"]
