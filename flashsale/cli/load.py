@@ -232,8 +232,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     chaos.add_argument(
         "--quick",
         action="store_true",
-        help="the short set (a Postgres restart, a Redis SIGKILL with AOF "
-        "restart, a worker SIGKILL, the reconciler race), few faults each",
+        help="the short set (a Postgres restart, a Redis SIGKILL with AOF restart, SIGKILLs "
+        "of the reservations listener and of a worker, the reconciler race; on a Redis Cluster "
+        "also a primary's failover), few faults each: --list --quick names them",
     )
     chaos.add_argument(
         "--scenario",
