@@ -91,7 +91,7 @@ def one_of(value: str | None, allowed: Sequence[str], field: str) -> str | None:
         return None
     spelt = {name.casefold(): name for name in allowed}.get(value.casefold())
     if spelt is None:
-        raise InvalidInput(field, f"must be one of {', '.join(allowed)}, got {value!r}")
+        raise InvalidInput(field, f"must be one of {', '.join(allowed)}, got {shown(value)}")
     return spelt
 
 

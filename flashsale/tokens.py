@@ -40,7 +40,7 @@ import orjson
 from flashsale.env_values import secret_setting
 from flashsale.errors import ConfigError, InvalidToken, Unauthorized, shown
 from flashsale.inflight import InFlight
-from flashsale.settings import Settings
+from flashsale.settings import Secret, Settings
 
 VERSION = "v1"
 TokenKind = Literal["buyer", "ticket", "admission", "challenge"]
@@ -111,7 +111,7 @@ class Signer:
     @classmethod
     def from_setting(cls, value: str, kind: TokenKind, *, remember: int = 0) -> Signer:
         """From a setting holding one secret or several, comma-separated (first signs)."""
-        return cls([s.strip() for s in value.split(",") if s.strip()], kind, remember=remember)
+        return cls(list(Secret(value).each_key()), kind, remember=remember)
 
     def sign(self, claims: dict[str, Any], ttl_s: float, now: float | None = None) -> str:
         now = time.time() if now is None else now
@@ -403,7 +403,7 @@ class Signers:
             if not value.replace(",", "").strip():
                 raise ConfigError(f"{name} must be set to a secret of at least 16 characters")
             secret_setting(value, name, keys=True)  # also when the settings were not read
-        secrets = [s.strip() for s in buyer.split(",") if s.strip()]
+        secrets = list(settings.buyer_token_secret.each_key())
         public = load_jwks(settings.buyer_jwks) if settings.buyer_jwks else {}
         return cls(
             BuyerTokens(

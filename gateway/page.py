@@ -72,10 +72,10 @@ color:#222}}h1{{font-size:1.4rem}}</style></head>
 
 
 def error_page(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
-    """``response``, a refusal of the page, as a page when a browser asked for it; any other
-    answer as it is."""
+    """``response``, a refusal (the middleware passes only those), as a page when a browser
+    asked for the page; a refusal of anything else as it is."""
     resource = request.match_info.route.resource
-    if (response.status < 400 or resource is None or resource.canonical != "/sales/{sale}"
+    if (resource is None or resource.canonical != "/sales/{sale}"
             or "text/html" not in request.headers.get("Accept", "")):  # fmt: skip
         return response
     retry = response.headers.get("Retry-After")

@@ -155,7 +155,9 @@ async def _sale(args: argparse.Namespace, settings: Settings) -> int:
             finally:
                 progress.close()
             print_preload(args.sale, results)
-        elif command == "status" and (args.watch or args.count or args.interval):
+        elif command == "status" and not args.watch and (args.count or args.interval):
+            raise InvalidInput("count" if args.count else "interval", "goes with --watch")
+        elif command == "status" and args.watch:
             await watch_status(sales, args)
         elif command == "status":
             print_status(await sales.status(args.sale, args.sku), as_json=args.json)

@@ -19,7 +19,7 @@ from allocator.sale_scripts import PreloadResult
 from flashsale.cli.checks import positive
 from flashsale.cli.output import dump_json, out, warn
 from flashsale.currencies import major
-from flashsale.errors import Conflict, InvalidInput
+from flashsale.errors import Conflict
 from flashsale.salespec import as_sale_file
 from flashsale.wording import counted
 
@@ -126,8 +126,6 @@ def no_sales(status: str | None, offset: int) -> str:
 async def watch_status(sales: SaleAdmin, args: argparse.Namespace) -> None:
     """``sale status --watch``: the status again every interval, in place on a terminal (a
     new block each time otherwise); with ``--json`` a line of JSON each time."""
-    if not args.watch:
-        raise InvalidInput("count" if args.count else "interval", "goes with --watch")
     interval = positive(float, "interval", args.interval or "1")
     count = positive(int, "count", args.count) if args.count else None
     shown = 0
