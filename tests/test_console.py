@@ -363,6 +363,9 @@ def test_the_live_page_sets_the_admission_rate_after_asking(stack: Settings, chr
         page.wait_for_timeout(2_500)  # two refreshes of the page: the refusal stays said
         assert "has ended" in (page.text_content("#act-error") or "")
         assert rate() == 250
+        # Nothing more can be taken: it said "revenue none yet" of an ended sale.
+        note = page.text_content("#skus-note") or ""
+        assert note.endswith("revenue none"), note
 
 
 def test_the_live_page_counts_the_buyers_registered_for_the_draw(

@@ -1402,3 +1402,32 @@ def test_a_long_preload_says_how_far_it_has_got(
         f"preloading {sale_id}: {done:,} of 12,000 SKUs" for done in (5_000, 10_000, 12_000)
     ], preloaded.err
     assert preloaded.out.startswith(f"preloaded the 12,000 SKUs of {sale_id}"), preloaded.out
+
+
+def test_the_status_of_an_ended_sale_sends_nobody_to_a_command_it_refuses(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """Ended before its preload, its status said `not preloaded (flashsale sale preload …)`,
+    `no SKUs yet: add some with flashsale sale import …` and revenue `none yet`: the two
+    commands refuse an ended sale, and nothing more can be taken. Live, its line said
+    `0 registered for the draw` once the draw was long past."""
+    opened = cli("sale", "create", "--name", "Open", "--sku", "A", "--stock", "1", "--price",
+                 "100", "--currency", "EUR").out.strip()  # fmt: skip
+    assert cli("sale", "preload", opened).code == 0
+    live = cli("sale", "status", opened)
+    assert "  queue: nobody has joined yet\n" in live.out, live.out
+    assert "revenue of confirmed orders: none yet\n" in live.out, live.out
+    sale_id = create(cli, tmp_path)
+    empty = cli("sale", "create", "--name", "Never stocked", "--starts-in", "1h").out.strip()
+    for each in (sale_id, empty, opened):
+        assert cli("sale", "end", each).code == 0
+    ended = cli("sale", "status", sale_id)
+    assert ended.code == 0, ended.err
+    assert "  starts " in ended.out and "  never preloaded\n" in ended.out, ended.out
+    assert "  SNK-42: never preloaded\n" in ended.out, ended.out
+    assert "flashsale sale preload" not in ended.out, ended.out
+    assert "revenue of confirmed orders: none\n" in ended.out, ended.out
+    assert cli("sale", "preload", sale_id).code != 0  # what the old hint sent the reader to
+    assert "  queue: nobody joined\n" in cli("sale", "status", opened).out
+    bare = cli("sale", "status", empty)
+    assert "  no SKUs\n" in bare.out and "sale import" not in bare.out, bare.out

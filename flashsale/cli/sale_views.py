@@ -34,17 +34,20 @@ def print_status(status: dict[str, Any], *, as_json: bool, whole: bool = True) -
         return
     sale = status["sale"]
     out(f'sale {sale["id"]}  "{sale["name"]}"  state={sale["state"]}  status={sale["status"]}')
+    over = sale["state"] == "ended"  # preload and import refuse it: no command to suggest
+    hint = f"(`flashsale sale preload {sale['id']}`)"
     preloaded = sale["preloaded_at"]
-    loaded = (f"preloaded {preloaded}" if preloaded
-              else f"not preloaded (`flashsale sale preload {sale['id']}`)")  # fmt: skip
+    loaded = (f"preloaded {preloaded}" if preloaded else "never preloaded" if over
+              else f"not preloaded {hint}")  # fmt: skip
     out(f"  starts {sale['starts_at']}  ends {sale['ends_at']}  {loaded}")
     if sale.get("archived_at"):
         out(f"  archived {sale['archived_at']} (its per-buyer Redis state deleted)")
     queue = status.get("queue")
     if whole and queue and queue["live"]:
-        out(f"  queue: {queue_line(queue)}")
+        out(f"  queue: {queue_line(queue, sale['state'])}")
     if not status["skus"]:
-        out(f"  no SKUs yet: add some with `flashsale sale import FILE.csv --sale {sale['id']}`")
+        add = f"`flashsale sale import FILE.csv --sale {sale['id']}`"
+        out("  no SKUs" if over else f"  no SKUs yet: add some with {add}")
     w = max((len(row["sku"]) for row in status["skus"]), default=0)
     w = max(20, w)  # the SKU column, as wide as the longest
     if status["skus"]:
@@ -73,18 +76,21 @@ def print_status(status: dict[str, Any], *, as_json: bool, whole: bool = True) -
             out(f"  {row['sku']}: preloaded, but Redis lost it (`flashsale reconcile --once` "
                 "rebuilds it from Postgres)")  # fmt: skip
         elif row["available"] is None:
-            out(f"  {row['sku']}: not preloaded yet (`flashsale sale preload {sale['id']}`)")
+            out(f"  {row['sku']}: {'never preloaded' if over else f'not preloaded yet {hint}'}")
     if whole:
         taken = [f"{major(amount, currency)} {currency}"
                  for currency, amount in sorted(status["revenue"].items())]  # fmt: skip
-        out(f"  revenue of confirmed orders: {', '.join(taken) or 'none yet'}")
+        nothing = "none" if over else "none yet"
+        out(f"  revenue of confirmed orders: {', '.join(taken) or nothing}")
 
 
-def queue_line(q: dict[str, Any]) -> str:
+def queue_line(q: dict[str, Any], state: str) -> str:
     """The waiting room in a line: the draw's registrations before the start, then the line
     and how it ends for a newcomer."""
-    if not q["joined"]:  # nobody placed yet: before the start, or before its first join
-        return f"{q['pre_queue']:,} registered for the draw"
+    if not q["joined"]:  # nobody placed: before the start, or nobody came (yet)
+        if state == "scheduled" or q["pre_queue"]:  # registered, and the draw still to come
+            return f"{q['pre_queue']:,} registered for the draw"
+        return "nobody joined" if state == "ended" else "nobody has joined yet"
     line = f"{q['waiting']:,} waiting, {q['admitted']:,} admitted of {q['joined']:,} joined"
     if q["sold_out"]:
         return line + f"; sold out{' at ' + q['sold_out_at'] if q['sold_out_at'] else ''}"
