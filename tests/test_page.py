@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -722,6 +723,49 @@ def test_the_quantity_offered_is_what_the_buyer_may_take(stack: Settings, chromi
         other.wait_for_selector("#sku option", state="attached")
         assert other.get_attribute("#qty-label", "hidden") is not None  # nothing to ask
         assert "One per buyer" in (other.text_content("#qty-note") or "")
+
+
+PHONE = {"width": 360, "height": 740}
+
+
+def _laid_out(page: Any) -> dict[str, Any]:
+    """Where the buyer's turn puts things: the tops of Reserve and Leave, whether the item
+    picker shows, and what runs past its card or the screen."""
+    return dict(
+        page.evaluate("""() => {
+      const top = (id) => document.getElementById(id).getBoundingClientRect().top;
+      const card = document.getElementById("buy").getBoundingClientRect();
+      const pick = document.getElementById("sku");
+      return {reserve: top("reserve"), leave: top("leave"),
+              picker: !document.getElementById("sku-label").hidden,
+              picker_past_card: pick.getBoundingClientRect().right > card.right,
+              page_wider: document.documentElement.scrollWidth > window.innerWidth};
+    }""")
+    )
+
+
+def test_a_buyer_on_a_phone_sees_the_reservation_first(stack: Settings, chromium: str) -> None:
+    """At a phone's width, the turn showed "Leave the queue" above the reservation, a picker
+    of one item naming the product the card above names (cut off at the screen's edge), and
+    the Reserve button in the middle of the quantity's line."""
+    spec = sale_spec("Phone drop", "S1", 5, limit=2)
+    spec["skus"][0]["title"] = "Air Max 90 — Infrared, a long product title that goes on"
+    with live_page(stack, chromium, "Phone drop", spec=spec) as live:
+        gw, sale, page = live.gw, live.sale, live.page
+        page.set_viewport_size(PHONE)
+        gw.pump_forever(sale, ["S1"])
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'phone')}")
+        page.click("#join")
+        page.wait_for_selector("#state[data-state='admitted']", timeout=20_000)
+        one = _laid_out(page)
+        assert one["reserve"] < one["leave"], one  # the turn's action first
+        assert not one["picker"] and not one["page_wider"], one
+        assert "At most 2 per buyer" in (page.text_content("#qty-note") or "")
+    with _admitted_to_two_models(stack, chromium, "phone-two", first_stock=1) as live:
+        live.page.set_viewport_size(PHONE)
+        two = _laid_out(live.page)
+        assert two["picker"] and not two["picker_past_card"] and not two["page_wider"], two
+        assert two["reserve"] < two["leave"], two
 
 
 async def _sell(stack: Settings, sale: str, reservation_id: str | None) -> None:
