@@ -768,6 +768,36 @@ def test_a_buyer_on_a_phone_sees_the_reservation_first(stack: Settings, chromium
         assert two["reserve"] < two["leave"], two
 
 
+def test_a_buyer_on_a_phone_sees_the_turn_above_a_catalogue(stack: Settings, chromium: str) -> None:
+    """A catalogue's twelve products came first: on a phone, "It's your turn!" and Reserve
+    were screens down the page, and a turn of a minute could pass unseen. A wrapped price also sat
+    as close to the next product's name as to its own."""
+    spec = sale_spec("Phone catalogue", "S1", 5)
+    title = "Runner {} in colour number {}, wide fit"  # wraps its price at a phone's width
+    spec["skus"] = [{**spec["skus"][0], "sku": f"S{i}", "title": title.format(i, i)}
+                    for i in range(1, 21)]  # fmt: skip
+    with live_page(stack, chromium, "Phone catalogue", spec=spec) as live:
+        gw, sale, page = live.gw, live.sale, live.page
+        page.set_viewport_size(PHONE)
+        gw.pump_forever(sale, [f"S{i}" for i in range(1, 21)])
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'phone-list')}")
+        page.click("#join")
+        page.wait_for_selector("#state[data-state='admitted']", timeout=20_000)
+        seen = page.evaluate("""() => {
+          const box = (q) => document.querySelector(q).getBoundingClientRect();
+          const rows = [...document.querySelectorAll("#product .item")].map((row) => ({
+            name: row.querySelector("b").getBoundingClientRect(),
+            price: row.querySelector(".price").getBoundingClientRect()}));
+          return {screen: window.innerHeight, state: box("#state").bottom + window.scrollY,
+                  reserve: box("#reserve").bottom + window.scrollY, rows: rows.length,
+                  own: rows.slice(0, -1).map((r) => r.price.top - r.name.bottom),
+                  next: rows.slice(1).map((r, i) => r.name.top - rows[i].price.bottom)};
+        }""")
+        assert seen["rows"] == 12, seen
+        assert all(n > o for o, n in zip(seen["own"], seen["next"], strict=True)), seen
+        assert seen["state"] <= seen["screen"] and seen["reserve"] <= seen["screen"], seen
+
+
 async def _sell(stack: Settings, sale: str, reservation_id: str | None) -> None:
     """Move a hold to SOLD, as the workers do once its payment is captured."""
     assert reservation_id
