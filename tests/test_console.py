@@ -261,6 +261,26 @@ def test_the_link_to_a_sale_leads_to_it_after_the_login(stack: Settings, chromiu
         assert not page.is_visible("#list")
 
 
+def test_the_live_page_fits_a_phone(stack: Settings, chromium: str) -> None:
+    """An SRE paged away from a desk opens the live page on a phone: the page was 650 px wide
+    at 360 (the two charts side by side, each at least 300 px, and the tables), so every
+    figure was read by scrolling sideways."""
+    with live_page(stack, chromium, "Pocket drop") as live:
+        page = live.page
+        page.set_viewport_size({"width": 360, "height": 740})
+        page.goto(f"{live.gw.base_url}/admin/#sale={live.sale}")
+        wide = "document.documentElement.scrollWidth - window.innerWidth"
+        assert page.evaluate(wide) <= 0  # the login
+        page.fill("#token", ADMIN)
+        page.click("button[type=submit]")
+        page.wait_for_selector("#skus tr[data-sku='S1']", timeout=10_000)
+        page.wait_for_selector("#chart-sold canvas", timeout=10_000)
+        assert page.evaluate(wide) <= 0, page.evaluate("document.documentElement.scrollWidth")
+        page.click("#back")
+        page.wait_for_selector(f"#sales :text('{live.sale}')", timeout=10_000)
+        assert page.evaluate(wide) <= 0, page.evaluate("document.documentElement.scrollWidth")
+
+
 def test_a_request_of_the_live_page_that_hangs_is_given_up_and_said(
     stack: Settings, chromium: str
 ) -> None:
