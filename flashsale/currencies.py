@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
+_MAJOR = re.compile(r"(\d{1,15})\.(\d+)")
+
 _BY_EXPONENT = {
     0: "BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX UYI VND VUV XAF XOF XPF",
     3: "BHD IQD JOD KWD LYD OMR TND",
@@ -33,3 +37,15 @@ def major(amount: int, currency: str) -> str:
     sign, units = ("-" if amount < 0 else ""), abs(amount)
     whole, part = divmod(units, 10**places)
     return f"{sign}{whole:,}" + (f".{part:0{places}d}" if places else "")
+
+
+def in_minor_units(value: object, currency: str) -> int | None:
+    """A price written in the currency's major units, as a spreadsheet shows it ("149.99" or
+    149.99 of EUR), in minor units (14999); None when it is not one: no decimals, more
+    decimals than the currency has, or no number at all."""
+    places = MINOR_UNITS.get(currency, 0)
+    found = _MAJOR.fullmatch(str(value).strip()) if not isinstance(value, bool) else None
+    if not places or found is None or len(found[2]) > places:
+        return None
+    whole, part = found.groups()
+    return int(whole + part.ljust(places, "0"))

@@ -15,7 +15,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from flashsale.currencies import is_currency
+from flashsale.currencies import in_minor_units, is_currency
 from flashsale.errors import InvalidInput, refused_value, shown
 from flashsale.keys import ID_PATTERN, MAX_BUCKETS
 
@@ -215,13 +215,21 @@ def collect_sku(data: Any, where: str, errors: list[InvalidInput]) -> SkuSpec:
     def bounded(low: int, high: int, what: str) -> Callable[[Any, str], int]:
         return lambda value, field: integer(value, field, minimum=low, maximum=high, what=what)
 
+    def price(value: Any, field: str) -> int:
+        what = "a non-negative integer amount in minor units"
+        code = str(data.get("currency") or "").strip()
+        minor = in_minor_units(value, code)
+        if minor is not None:  # "149.99" of EUR: what was meant is known, so it is said
+            raise InvalidInput(field, f"must be {what}, got {shown(value)} (minor units: "
+                                      f"{str(value).strip()} {code} is {minor})")  # fmt: skip
+        return integer(value, field, minimum=0, maximum=MAX_PRICE, what=what)
+
     sku = take("sku", identifier, "")
     spec = SkuSpec(
         sku=sku,
         title=take("title", text, sku),
         stock=take("stock", bounded(1, MAX_STOCK, "a positive integer"), 1),
-        price=take("price", bounded(0, MAX_PRICE,
-                                    "a non-negative integer amount in minor units"), 0),
+        price=take("price", price, 0),
         currency=take("currency", currency, ""),
         per_buyer_limit=take("per_buyer_limit", bounded(1, MAX_LIMIT,
                                                         f"an integer from 1 to {MAX_LIMIT}"),

@@ -28,7 +28,7 @@ from flashsale.cli.sale_views import print_preload
 from flashsale.clients import pg_pool, redis_client
 from flashsale.errors import InvalidInput
 from flashsale.keys import SaleKeys, SkuKeys
-from flashsale.salespec import SALE_DEFAULTS, SKU_DEFAULTS, parse_sale, text
+from flashsale.salespec import SALE_DEFAULTS, SKU_DEFAULTS, parse_sale, parse_sku, text
 from flashsale.settings import Settings
 from flashsale.sku_csv import parse_csv
 from gateway.app import create_app
@@ -1431,3 +1431,26 @@ def test_the_status_of_an_ended_sale_sends_nobody_to_a_command_it_refuses(
     assert "  queue: nobody joined\n" in cli("sale", "status", opened).out
     bare = cli("sale", "status", empty)
     assert "  no SKUs\n" in bare.out and "sale import" not in bare.out, bare.out
+
+
+@pytest.mark.parametrize(
+    ("price", "currency", "said"),
+    [("149.99", "EUR", "149.99 EUR is 14999"), ("149.9", "EUR", "149.9 EUR is 14990"),
+     ("1500.0", "JPY", None), ("12.345", "KWD", "12.345 KWD is 12345"),
+     ("1,499", "EUR", None), ("149.999", "EUR", None)],
+)  # fmt: skip
+def test_a_price_written_in_major_units_is_refused_with_its_minor_units(
+    price: str, currency: str, said: str | None
+) -> None:
+    """A spreadsheet's price column reads 149.99: refused as "a non-negative integer amount
+    in minor units, got '149.99'", which left the merchandiser to work out what that is."""
+    row = {"sku": "A1", "stock": 5, "price": price, "currency": currency}
+    with pytest.raises(InvalidInput) as refused:
+        parse_sku(row, "skus[0]")
+    message = refused.value.message
+    assert message.startswith("skus[0].price: must be a non-negative integer"), message
+    assert (f"(minor units: {said})" in message) if said else "minor units:" not in message
+    if said:  # the same of a JSON number
+        with pytest.raises(InvalidInput) as as_number:
+            parse_sku({**row, "price": float(price)}, "skus[0]")
+        assert f"(minor units: {said})" in as_number.value.message, as_number.value.message
