@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-_MAJOR = re.compile(r"(\d{1,15})\.(\d+)")
+_MAJOR = re.compile(r"([0-9]{1,15})\.([0-9]+)")  # ASCII digits, as the prices read
 
 _BY_EXPONENT = {
     0: "BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX UYI VND VUV XAF XOF XPF",

@@ -13,11 +13,14 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+from hypothesis import given
+from hypothesis import strategies as st
 
 from allocator import sale_reads
 from allocator.sale_admin import SaleAdmin
@@ -26,6 +29,7 @@ from allocator.sale_scripts import PreloadResult, StockCounts
 from flashsale.cli import build_parser, output
 from flashsale.cli.sale_views import print_preload
 from flashsale.clients import pg_pool, redis_client
+from flashsale.currencies import MINOR_UNITS, in_minor_units
 from flashsale.errors import InvalidInput
 from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.salespec import SALE_DEFAULTS, SKU_DEFAULTS, parse_sale, parse_sku, text
@@ -1454,3 +1458,14 @@ def test_a_price_written_in_major_units_is_refused_with_its_minor_units(
         with pytest.raises(InvalidInput) as as_number:
             parse_sku({**row, "price": float(price)}, "skus[0]")
         assert f"(minor units: {said})" in as_number.value.message, as_number.value.message
+
+
+@given(st.one_of(st.text(), st.from_regex(r"\s*\d{1,18}\.\d{0,5}\s*", fullmatch=True),
+                 st.floats(), st.integers(), st.booleans()),
+       st.sampled_from(["EUR", "JPY", "KWD", "CLF", "XXX"]))  # fmt: skip
+def test_a_price_in_major_units_is_read_exactly_or_not_at_all(value: Any, currency: str) -> None:
+    """The hint never fails on any input, and what it says is the same amount."""
+    minor = in_minor_units(value, currency)
+    if minor is not None:
+        places = MINOR_UNITS[currency]
+        assert Decimal(str(value).strip()) * 10**places == minor, (value, minor)
