@@ -71,12 +71,17 @@ color:#222}}h1{{font-size:1.4rem}}</style></head>
 """
 
 
+# The pages a browser opens, and what each says while the gateway is too busy to serve it.
+PAGES = {"/sales/{sale}": "The waiting room is very busy",
+         "/admin/": "The gateway is at capacity"}  # fmt: skip
+
+
 def error_page(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
     """``response``, a refusal (the middleware passes only those), as a page when a browser
     asked for the page; a refusal of anything else as it is."""
     resource = request.match_info.route.resource
-    if (resource is None or resource.canonical != "/sales/{sale}"
-            or "text/html" not in request.headers.get("Accept", "")):  # fmt: skip
+    path = None if resource is None else resource.canonical
+    if path not in PAGES or "text/html" not in request.headers.get("Accept", ""):
         return response
     retry = response.headers.get("Retry-After")
     refresh = ""
@@ -84,7 +89,7 @@ def error_page(request: web.Request, response: web.StreamResponse) -> web.Stream
         title = "This sale does not exist"
         text = "Check the link the shop sent you: this address names no sale."
     elif retry is not None and retry.isdigit():
-        title = "The waiting room is very busy"
+        title = PAGES[path]
         text = f"This page tries again by itself in {retry} s. Keep it open."
         refresh = f'\n<meta http-equiv="refresh" content="{retry}">'
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import http.server
 import json
 import threading
@@ -167,6 +168,39 @@ def test_a_page_that_cannot_be_served_is_a_page_to_a_browser(
             assert (busy.status, busy.headers["Retry-After"]) == (503, "3"), text
             assert '<meta http-equiv="refresh" content="3">' in text, text
             assert "tries again by itself" in text and "Redis" not in text, text
+
+    asyncio.run(run())
+
+
+def test_the_operators_page_refused_at_capacity_is_a_page_to_a_browser(
+    stack: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An SRE opening the live page while a spike fills the gateway was shown
+    `{"error": {"code": "overloaded", ...}}` in the browser, with nothing to do but reload by
+    hand: a page, which loads itself again after Retry-After; the admin API keeps its JSON."""
+    held = asyncio.Event()
+    entered = asyncio.Event()
+
+    async def slow(request: object, sale_id: str) -> None:
+        entered.set()
+        await held.wait()  # the one request the gateway has room for
+
+    async def run() -> None:
+        one = dataclasses.replace(stack, max_in_flight=1)
+        async with TestClient(TestServer(create_app(one))) as client:
+            monkeypatch.setattr(gateway.page, "sale_summary", slow)
+            filling = asyncio.ensure_future(client.get("/sales/sale-any", headers=BROWSER))
+            await asyncio.wait_for(entered.wait(), 10)
+            busy = await client.get("/admin/", headers=BROWSER)
+            text = await busy.text()
+            assert (busy.status, busy.content_type) == (503, "text/html"), text
+            assert '<meta http-equiv="refresh" content="1">' in text, text
+            assert "tries again by itself" in text and "shop" not in text, text
+            admin = {**BROWSER, "Authorization": f"Bearer {ADMIN}"}
+            api = await client.get("/admin/v1/sales", headers=admin)
+            assert (await api.json())["error"]["code"] == "overloaded"
+            held.set()
+            (await filling).close()
 
     asyncio.run(run())
 
