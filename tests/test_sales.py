@@ -487,7 +487,7 @@ def test_a_live_sale_is_extended_by_a_duration(cli: Cli, tmp_path: Path) -> None
                "--currency", "EUR")  # fmt: skip
     sale_id = made.out.strip()  # open now, for an hour
     before = datetime.now(UTC)
-    result = cli("sale", "update", sale_id, "--ends-in", "2h")
+    result = cli("sale", "update", sale_id, "--ends-in", "2h", "--json")
     assert result.code == 0, result.err
     ends = datetime.fromisoformat(json.loads(result.out)["ends_at"].replace("Z", "+00:00"))
     assert timedelta(hours=2) <= ends - before < timedelta(hours=2, minutes=1), ends
@@ -507,12 +507,19 @@ def test_a_scheduled_sale_is_edited_from_the_cli(cli: Cli, db: Db, counts: Any,
     result = cli("sale", "update", sale_id, "--name", "Moved drop", "--starts-in", "2h",
                  "--window", "90")  # fmt: skip
     assert result.code == 0, result.err
-    edited = json.loads(result.out)
+    # What changed, as it now is, in a line (it printed 30 lines of JSON: --json does); a new
+    # start moves the end with it, so both are said.
+    [line] = result.out.splitlines()
+    assert re.fullmatch(rf'{sale_id}: name "Moved drop", starts_at \S+Z, ends_at \S+Z, '
+                        r"admission_window_seconds 90", line), line  # fmt: skip
+    edited = json.loads(cli("sale", "update", sale_id, "--window", "90", "--json").out)
     assert (edited["name"], edited["admission_window_seconds"]) == ("Moved drop", 90)
     # The settings, not every SKU (a 200,000-SKU sale printed 41 MB), and the SKU changed.
     assert "skus" not in edited
     priced = cli("sale", "update-sku", sale_id, "SNK-42", "--price", "9900")
     assert priced.code == 0, priced.err
+    assert priced.out == f"{sale_id} SNK-42: price 9900 (99.00 EUR)\n", priced.out
+    priced = cli("sale", "update-sku", sale_id, "SNK-42", "--title", "Low", "--json")
     assert json.loads(priced.out) == {**json.loads(priced.out), "sku": "SNK-42", "price": 9900}
     [row] = db.rows("SELECT price FROM sale_skus WHERE sale_id=$1 AND sku='SNK-42'", sale_id)
     assert row["price"] == 9900

@@ -23,6 +23,7 @@ from flashsale.cli.flags import SALE_FLAGS, SKU_FLAGS, UPDATE_FLAGS, started_as_
 from flashsale.cli.output import Progress, Stages, dump_json, out
 from flashsale.cli.sale_views import (
     no_sales,
+    print_changed,
     print_orders,
     print_preload,
     print_status,
@@ -183,13 +184,14 @@ async def _sale(args: argparse.Namespace, settings: Settings) -> int:
                     changes[f"{when}_at"] = at.isoformat()
             if not changes:
                 raise InvalidInput("update", "give at least one setting to change")
-            dump_json(await sales.update(args.sale, changes, with_skus=False))
+            print_changed(await sales.update(args.sale, changes, with_skus=False), changes,
+                          as_json=args.json)  # fmt: skip
         elif command == "update-sku":
             changes = {k: v for k, v in (("title", args.title), ("price", args.price)) if v}
             if not changes:
                 raise InvalidInput("update-sku", "give --title or --price")
             changed = await sales.update_sku(args.sale, args.sku, changes, with_skus=False)
-            dump_json(changed["skus"][0])
+            print_changed(changed["skus"][0], changes, as_json=args.json, sale=args.sale)
         elif command == "set-rate":
             sale = await sales.set_admission_rate(args.sale, args.rate)
             out(f"{sale['id']}: admitting {counted(sale['admission_rate'], 'buyer')} per second")
@@ -372,9 +374,10 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "update", help="change a sale's settings (anything before its start)",
         description="Change settings, Postgres first and then Redis. Before the start any of "
         "them; once started only --name, an end still to come, --admission-rate and a higher "
-        "--max-queue (refused otherwise, nothing written). Prints the sale as JSON.",
+        "--max-queue (refused otherwise, nothing written). Prints what changed, as it now is.",
     )  # fmt: skip
     update.add_argument("sale", help="sale id")
+    update.add_argument("--json", action="store_true", help="print the sale's settings as JSON")
     update.add_argument("--name", help="the sale's name")
     update.add_argument("--starts-at", help="ISO 8601 with timezone (before the start only)")
     update.add_argument("--starts-in", help="open this long from now, e.g. 10m (before the "
@@ -392,6 +395,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     update_sku.add_argument("sale", help="sale id")
     update_sku.add_argument("sku", help="SKU id")
+    update_sku.add_argument("--json", action="store_true", help="print the SKU as JSON")
     update_sku.add_argument("--title", help="the title buyers see")
     update_sku.add_argument("--price", help="integer minor units (before the start only)")
     rate = sale_sub.add_parser(

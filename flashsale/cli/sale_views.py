@@ -84,6 +84,29 @@ def print_status(status: dict[str, Any], *, as_json: bool, whole: bool = True) -
         out(f"  revenue of confirmed orders: {', '.join(taken) or nothing}")
 
 
+def print_changed(
+    now: dict[str, Any], changes: dict[str, Any], *, as_json: bool, sale: str | None = None
+) -> None:
+    """What ``sale update`` (``now``: the sale) or ``update-sku`` (a SKU of ``sale``)
+    changed, as it now is, in a line; the whole record with ``as_json``. A new start moves
+    the end with it, so either date shows both."""
+    if as_json:
+        dump_json(now)
+        return
+    asked = set(changes)
+    if asked & {"starts_at", "ends_at"}:
+        asked |= {"starts_at", "ends_at"}
+
+    def said(name: str, value: Any) -> str:
+        if name == "price":
+            return f"{value} ({major(value, now['currency'])} {now['currency']})"
+        return orjson.dumps(value).decode() if name in ("name", "title") else str(value)
+
+    where = f"{sale} {now['sku']}" if sale else now["id"]
+    out(f"{where}: " + ", ".join(f"{name} {said(name, value)}" for name, value in now.items()
+                                 if name in asked))  # fmt: skip
+
+
 def queue_line(q: dict[str, Any], state: str) -> str:
     """The waiting room in a line: the draw's registrations before the start, then the line
     and how it ends for a newcomer."""
