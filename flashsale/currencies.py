@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 
-_MAJOR = re.compile(r"([0-9]{1,15})\.([0-9]+)")  # ASCII digits, as the prices read
+# ASCII digits, as the prices read; a decimal comma as many spreadsheets show one ("149,99")
+_MAJOR = re.compile(r"([0-9]{1,15})[.,]([0-9]+)")
 
 _BY_EXPONENT = {
     0: "BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX UYI VND VUV XAF XOF XPF",
@@ -40,12 +41,14 @@ def major(amount: int, currency: str) -> str:
 
 
 def in_minor_units(value: object, currency: str) -> int | None:
-    """A price written in the currency's major units, as a spreadsheet shows it ("149.99" or
-    149.99 of EUR), in minor units (14999); None when it is not one: no decimals, more
-    decimals than the currency has, or no number at all."""
+    """A price written in the currency's major units, as a spreadsheet shows it ("149.99",
+    "149,99" or 149.99 of EUR), in minor units (14999); None when it is not one: no decimals,
+    more decimals than the currency has, or no number at all."""
     places = MINOR_UNITS.get(currency, 0)
     found = _MAJOR.fullmatch(str(value).strip()) if not isinstance(value, bool) else None
     if not places or found is None or len(found[2]) > places:
         return None
     whole, part = found.groups()
+    if "," in found[0] and len(part) == 3:
+        return None  # "1,499": as likely the thousands of a whole price as a decimal comma
     return int(whole + part.ljust(places, "0"))

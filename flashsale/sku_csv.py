@@ -1,9 +1,11 @@
 """SKU rows from CSV, as a merchandiser's spreadsheet exports them.
 
-The header names the SKU fields in any case; a UTF-8 byte-order mark (Excel's "CSV UTF-8")
-is ignored; rows and columns a spreadsheet exports as empty cells (``,,,,`` below the SKUs,
-``,,`` after each line) are left out. Every row is validated before the caller writes
-anything, and an error names each bad cell by its line in the file and its column.
+The header names the SKU fields in any case, its columns separated by commas, semicolons or
+tabs (as a spreadsheet in the user's language exports them); a UTF-8 byte-order mark (Excel's
+"CSV UTF-8") is ignored; rows and columns a spreadsheet exports as empty cells (``,,,,``
+below the SKUs, ``,,`` after each line) are left out. Every row is validated before the
+caller writes anything, and an error names each bad cell by its line in the file and its
+column.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from flashsale.salespec import (
 
 def parse_csv(content: str) -> SkuImport:
     """The SKUs of a CSV file's text (blank lines are skipped but counted in line numbers)."""
-    reader = csv.reader(io.StringIO(content.removeprefix("\ufeff"), newline=""))
+    content = content.removeprefix("\ufeff")
+    reader = csv.reader(io.StringIO(content, newline=""), delimiter=_separator(content))
     try:
         header = [h.strip().lower() for h in next(reader, [])]  # "SKU", as spreadsheets title
     except csv.Error as exc:
@@ -71,13 +74,23 @@ def parse_csv(content: str) -> SkuImport:
     return batch
 
 
+def _separator(content: str) -> str:
+    """What the header's columns are separated by: commas, or where it has none, semicolons
+    (Excel's "CSV" where the comma is the decimal mark: German, French, Italian…) or tabs (a
+    copy from a sheet)."""
+    header = content.split("\n", 1)[0]
+    if "," in header:
+        return ","
+    return next((c for c in ";\t" if c in header), ",")
+
+
 def _check_header(header: Sequence[str]) -> None:
     """Every named column known and given once, the required ones present."""
     if len(header) == 1:
         separator = next((c for c in ";\t|" if c in header[0]), None)
         if separator:
-            raise InvalidInput("csv.header", "columns must be separated by commas, "
-                                             f"found {separator!r}")  # fmt: skip
+            raise InvalidInput("csv.header", "columns must be separated by commas, semicolons "
+                                             f"or tabs, found {separator!r}")  # fmt: skip
     seen: set[str] = set()
     for name in header:
         if name not in SKU_FIELDS:

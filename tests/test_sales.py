@@ -459,6 +459,22 @@ def test_a_csv_saved_by_excel_imports(cli: Cli, db: Db, tmp_path: Path) -> None:
     assert db.rows("SELECT title FROM sale_skus WHERE sale_id=$1 AND sku='TEE-L'", sale_id)
 
 
+def test_a_csv_saved_by_a_european_excel_imports() -> None:
+    """Excel set to German, French or Italian saves "CSV" with semicolons between columns
+    (the comma is their decimal mark), and a copy from a sheet is tab-separated: both were
+    refused ("columns must be separated by commas, found ';'"), so the merchandiser
+    had to change the computer's region to export a file."""
+    semi = parse_csv("\ufeffSKU;Title;Stock;Price;Currency\r\nA1;Schuh, rot;5;14999;EUR\r\n"
+                     "B2;\"Stiefel; hoch\";3;19999;EUR\r\n;;;;\r\n")  # fmt: skip
+    assert [(s.sku, s.title, s.price) for s in semi.skus] == [
+        ("A1", "Schuh, rot", 14999), ("B2", "Stiefel; hoch", 19999)]  # fmt: skip
+    tabs = parse_csv("sku\ttitle\tstock\tprice\tcurrency\nA1\tShoe, red\t5\t100\tEUR\n")
+    assert [(s.sku, s.title) for s in tabs.skus] == [("A1", "Shoe, red")]
+    with pytest.raises(InvalidInput) as comma:  # their prices as they show them
+        parse_csv("sku;stock;price;currency\nA1;5;149,99;EUR\n")
+    assert comma.value.message.endswith("got '149,99' (minor units: 149,99 EUR is 14999)")
+
+
 def test_a_sale_file_saved_with_a_byte_order_mark_is_read(cli: Cli, tmp_path: Path) -> None:
     """As Windows PowerShell's `Out-File -Encoding utf8` writes it: refused as "malformed JSON
     at line 1 column 1: Unexpected UTF-8 BOM"."""
@@ -1246,9 +1262,9 @@ BAD_CSV = [
         "csv.header.stock: appears twice",
     ),
     (
-        "semicolons",
-        "sku;stock;price;currency\nA;1;1;EUR\n",
-        "csv.header: columns must be separated by commas, found ';'",
+        "pipes",
+        "sku|stock|price|currency\nA|1|1|EUR\n",
+        "csv.header: columns must be separated by commas, semicolons or tabs, found '|'",
     ),
     ("existing sku", "sku,stock,price,currency\nNEW,1,1,EUR\nSNK-42,2,1,EUR\n", "row 3.sku"),
     (
@@ -1467,7 +1483,7 @@ def test_a_price_written_in_major_units_is_refused_with_its_minor_units(
         assert f"(minor units: {said})" in as_number.value.message, as_number.value.message
 
 
-@given(st.one_of(st.text(), st.from_regex(r"\s*\d{1,18}\.\d{0,5}\s*", fullmatch=True),
+@given(st.one_of(st.text(), st.from_regex(r"\s*\d{1,18}[.,]\d{0,5}\s*", fullmatch=True),
                  st.floats(), st.integers(), st.booleans()),
        st.sampled_from(["EUR", "JPY", "KWD", "CLF", "XXX"]))  # fmt: skip
 def test_a_price_in_major_units_is_read_exactly_or_not_at_all(value: Any, currency: str) -> None:
@@ -1475,4 +1491,6 @@ def test_a_price_in_major_units_is_read_exactly_or_not_at_all(value: Any, curren
     minor = in_minor_units(value, currency)
     if minor is not None:
         places = MINOR_UNITS[currency]
-        assert Decimal(str(value).strip()) * 10**places == minor, (value, minor)
+        written = str(value).strip()
+        assert Decimal(written.replace(",", ".")) * 10**places == minor, (value, minor)
+        assert not ("," in written and len(written.split(",")[1]) == 3), (value, minor)
