@@ -14,6 +14,7 @@ import logging
 from aiohttp import web
 
 from allocator.sale_reads import MAX_PAGE, order_state, page_size
+from flashsale.encodings import as_text
 from flashsale.errors import InvalidInput, Unauthorized, shown
 from flashsale.http_protocol import EVERY_ANSWER
 from flashsale.records import body_fingerprint, idempotency_key
@@ -144,10 +145,7 @@ async def import_skus(request: web.Request) -> web.Response:
     written. A body that opens with ``{`` is JSON whatever its content type says (``curl -d``
     sends a form type); no CSV header can."""
     raw = await body_bytes(request, MAX_ADMIN_BODY)
-    try:
-        content = raw.decode("utf-8").removeprefix("\ufeff")  # as Windows writes UTF-8
-    except UnicodeDecodeError:
-        raise InvalidInput("body", "must be UTF-8 text (CSV or JSON)") from None
+    content = as_text(raw, "body")  # as Windows tools save it too
     sale = request.match_info["sale"]
     # Parsed and checked in a thread: 200,000 rows took 3.5 s, which on the event loop every
     # buyer of this process waited for.

@@ -4,7 +4,6 @@ JSON request bodies, bearer credentials, the caller's buyer id and sale, rate li
 from __future__ import annotations
 
 import asyncio
-import codecs
 import json
 import re
 from collections.abc import Awaitable, Callable, Collection, Mapping
@@ -23,6 +22,7 @@ import orjson
 from aiohttp import web
 
 from allocator.rate_limits import RateKeys
+from flashsale.encodings import as_text, has_mark
 from flashsale.errors import (
     Forbidden,
     InvalidInput,
@@ -144,11 +144,11 @@ def parse_json(raw: bytes | str, *, unique: bool = False) -> Any:
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        # A byte-order mark, as Windows tools write UTF-8: looked for only once parsing failed.
+        # A byte-order mark, as Windows tools save text: looked for only once parsing failed.
         body = raw if isinstance(raw, bytes) else raw.encode()
-        if not body.startswith(codecs.BOM_UTF8):
+        if not has_mark(body):
             raise InvalidInput("body", f"malformed JSON: {exc}", code="malformed_json") from None
-        return parse_json(body.removeprefix(codecs.BOM_UTF8), unique=unique)
+        return parse_json(as_text(body, "body").encode(), unique=unique)
     if unique:
         try:
             json.loads(raw, object_pairs_hook=unique_keys("body"))

@@ -634,6 +634,29 @@ async def test_json_saved_with_a_byte_order_mark_is_read(http: TestClient[Any, A
     assert [s["sku"] for s in (await added.json())["skus"]] == ["SCARF", "SNK-1"]
 
 
+async def test_a_body_saved_by_windows_in_utf_16_is_read(http: TestClient[Any, Any]) -> None:
+    """Windows PowerShell 5's `>` and `Out-File` write UTF-16 with a byte-order mark, and so
+    does Excel's "Unicode Text": a sale file so saved was "malformed JSON", SKUs so saved
+    "must be UTF-8 text". A file in a Windows code page (Excel's plain "CSV" in Western
+    Europe) stays refused, saying where and how to save it."""
+    created = await http.post("/admin/v1/sales", data=json.dumps(SALE).encode("utf-16"),
+                              headers={**auth(), "Content-Type": "application/json"})  # fmt: skip
+    assert created.status == 201, await created.text()
+    path = f"/admin/v1/sales/{(await created.json())['id']}/skus"
+    csv_type = {**auth(), "Content-Type": "text/csv"}
+    unicode_text = "sku\ttitle\tstock\tprice\tcurrency\r\nSCHAL\tSchal für Damen\t3\t2500\tEUR\r\n"
+    added = await http.post(path, data=unicode_text.encode("utf-16"), headers=csv_type)
+    assert added.status == 200, await added.text()
+    assert "Schal für Damen" in [s["title"] for s in (await added.json())["skus"]]
+    code_page = "sku;title;stock;price;currency\r\nHUT;Hut für Damen;3;2500;EUR\r\n"
+    refused = await http.post(path, data=code_page.encode("cp1252"), headers=csv_type)
+    error = (await refused.json())["error"]
+    assert (refused.status, error["field"]) == (422, "body"), error
+    assert error["message"] == (
+        'body: is not UTF-8 text (byte 0xfc on line 2): save it as UTF-8 (Excel: "CSV UTF-8")'
+    ), error
+
+
 async def test_a_preload_told_to_force_with_a_word_says_what_it_got(
     http: TestClient[Any, Any],
 ) -> None:

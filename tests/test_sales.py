@@ -475,6 +475,27 @@ def test_a_csv_saved_by_a_european_excel_imports() -> None:
     assert comma.value.message.endswith("got '149,99' (minor units: 149,99 EUR is 14999)")
 
 
+def test_files_saved_by_windows_in_utf_16_are_read(cli: Cli, db: Db, tmp_path: Path) -> None:
+    """`flashsale sale show ID --template > next.json` in Windows PowerShell 5 writes UTF-16
+    with a byte-order mark, as Excel's "Unicode Text" does: both were refused as "not UTF-8
+    text". A file in a Windows code page stays refused, saying where and how to save it."""
+    made = tmp_path / "next.json"
+    made.write_bytes(json.dumps(SALE).encode("utf-16"))
+    sale_id = cli("sale", "create", "--file", str(made), "--starts-in", "1h").out.strip()
+    assert sale_id.startswith("sale-"), sale_id
+    sheet = tmp_path / "unicode.txt"
+    sheet.write_bytes("sku\ttitle\tstock\tprice\tcurrency\r\nSCHAL\tSchal für Damen\t3\t2500\t"
+                      "EUR\r\n".encode("utf-16"))  # fmt: skip
+    assert cli("sale", "import", str(sheet), "--sale", sale_id).code == 0
+    assert db.rows("SELECT title FROM sale_skus WHERE sale_id=$1 AND sku='SCHAL'", sale_id)
+    old = tmp_path / "ansi.csv"
+    old.write_bytes("sku;title;stock;price;currency\r\nHUT;Hut für Damen;3;2500;EUR\r\n"
+                    .encode("cp1252"))  # fmt: skip
+    refused = cli("sale", "import", str(old), "--sale", sale_id)
+    assert (refused.code, refused.err) == (2, f"flashsale: error: file: {old} is not UTF-8 text "
+        "(byte 0xfc on line 2): save it as UTF-8 (Excel: \"CSV UTF-8\")\n"), refused  # fmt: skip
+
+
 def test_a_sale_file_saved_with_a_byte_order_mark_is_read(cli: Cli, tmp_path: Path) -> None:
     """As Windows PowerShell's `Out-File -Encoding utf8` writes it: refused as "malformed JSON
     at line 1 column 1: Unexpected UTF-8 BOM"."""

@@ -31,6 +31,7 @@ from flashsale.cli.sale_views import (
     watch_status,
 )
 from flashsale.clients import pg_pool, redis_client
+from flashsale.encodings import as_text
 from flashsale.errors import Conflict, InvalidInput
 from flashsale.records import body_fingerprint, idempotency_key
 from flashsale.salespec import (
@@ -61,15 +62,14 @@ async def admin(settings: Settings) -> AsyncIterator[SaleAdmin]:
 def read_input(path: str) -> str:
     """The text of ``path`` ('-' is stdin); an unreadable file is bad input."""
     try:
-        return sys.stdin.read() if path == "-" else Path(path).read_text()
+        raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
     except OSError as exc:
         raise InvalidInput("file", f"cannot read {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise InvalidInput("file", f"{path} is not UTF-8 text") from None
+    return as_text(raw, "file", path)  # as Windows tools save it too
 
 
 def read_json_file(path: str) -> Any:
-    raw = read_input(path).removeprefix("\ufeff")  # as Windows tools write UTF-8
+    raw = read_input(path)
     try:
         return json.loads(raw, object_pairs_hook=unique_keys("file"))
     except json.JSONDecodeError as exc:
