@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import csv
 import io
 import json
@@ -30,6 +31,7 @@ from flashsale.cli import build_parser, output
 from flashsale.cli.sale_views import print_preload
 from flashsale.clients import pg_pool, redis_client
 from flashsale.currencies import MINOR_UNITS, in_minor_units
+from flashsale.encodings import as_text
 from flashsale.errors import InvalidInput
 from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.salespec import SALE_DEFAULTS, SKU_DEFAULTS, parse_sale, parse_sku, text
@@ -1515,3 +1517,20 @@ def test_a_price_in_major_units_is_read_exactly_or_not_at_all(value: Any, curren
         written = str(value).strip()
         assert Decimal(written.replace(",", ".")) * 10**places == minor, (value, minor)
         assert not ("," in written and len(written.split(",")[1]) == 3), (value, minor)
+
+
+@given(st.binary(), st.text())
+def test_any_bytes_are_text_or_refused_and_any_text_survives_a_windows_save(
+    raw: bytes, text: str
+) -> None:
+    """The decoding of merchandisers' files never fails otherwise than by saying why, and
+    gives back whatever text was saved in UTF-8 (with or without its mark) or UTF-16."""
+    try:
+        assert isinstance(as_text(raw, "file"), str)
+    except InvalidInput as refused:
+        assert refused.field == "file" and "save it as UTF-8" in refused.message
+    # A text opening with U+FEFF saved without a mark reads as having one, as every tool does.
+    assert as_text(text.encode(), "file") == text.removeprefix("\ufeff")
+    for saved in (text.encode("utf-8-sig"), text.encode("utf-16"),
+                  codecs.BOM_UTF16_BE + text.encode("utf-16-be")):  # fmt: skip
+        assert as_text(saved, "file") == text
