@@ -153,8 +153,11 @@ def timestamp(value: Any, where: str) -> datetime:
         raise InvalidInput(
             where, f"must be an ISO 8601 timestamp, {like}, got {shown(value)}"
         ) from None
-    if parsed.tzinfo is None:
-        raise InvalidInput(where, f"must include a timezone, {like}")
+    if parsed.tzinfo is None:  # the clock on the wall: shown as it would be written right
+        given = value.strip()
+        given += "" if any(c in given for c in "T ") else "T00:00"  # a day: its midnight
+        raise InvalidInput(where, f"must include a timezone, got {shown(value)}: {given}Z for "
+                                  f"UTC, or its offset from UTC, as {given}+01:00")  # fmt: skip
     try:
         moment = parsed.astimezone(UTC)
     except OverflowError:  # past year 9999 (or before year 1) once in UTC

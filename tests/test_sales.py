@@ -1534,3 +1534,19 @@ def test_any_bytes_are_text_or_refused_and_any_text_survives_a_windows_save(
     for saved in (text.encode("utf-8-sig"), text.encode("utf-16"),
                   codecs.BOM_UTF16_BE + text.encode("utf-16-be")):  # fmt: skip
         assert as_text(saved, "file") == text
+
+
+def test_a_time_without_its_timezone_is_refused_with_the_time_given(cli: Cli, counts: Any) -> None:
+    """A merchandiser typed the opening as the clock on the wall reads it: refused with
+    "must include a timezone, e.g. <another day>", neither naming what was given nor showing
+    it written right."""
+    before = counts()
+    refused = cli("sale", "create", "--name", "Local", "--starts-at", "2031-12-24T10:00")
+    assert (refused.code, refused.err) == (2, (
+        "flashsale: error: --starts-at: must include a timezone, got '2031-12-24T10:00': "
+        "2031-12-24T10:00Z for UTC, or its offset from UTC, as 2031-12-24T10:00+01:00\n"
+    )), refused  # fmt: skip
+    day = cli("sale", "create", "--name", "Local", "--starts-at", "2031-12-24")
+    assert day.err.endswith(": 2031-12-24T00:00Z for UTC, or its offset from UTC, as "
+                            "2031-12-24T00:00+01:00\n"), day  # fmt: skip
+    assert counts() == before
