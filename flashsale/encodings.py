@@ -10,7 +10,7 @@ import codecs
 
 from flashsale.errors import InvalidInput
 
-# UTF-16 by its byte-order mark, little- or big-endian; the mark itself is dropped.
+# The byte-order marks read, UTF-8's and UTF-16's (either byte order); the mark is dropped.
 MARKS = ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"),
          (codecs.BOM_UTF16_BE, "utf-16-be"))  # fmt: skip
 
