@@ -255,3 +255,19 @@ def test_a_host_that_is_no_url_is_refused_before_anything_runs(run_cli: Cli, hos
     assert result.err.strip() == (
         f"flashsale: error: --host: must be an http(s)://host[:port] URL, got {host!r}"
     ), result.err
+
+
+def test_a_spikes_report_goes_to_the_stacks_folder_by_default(
+    run_cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its default folder was `.flashsale/spike` under wherever the command was run, whatever
+    FLASHSALE_HOME said: a `.flashsale` made in a folder that holds no stack."""
+    home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("FLASHSALE_HOME", str(home))
+    monkeypatch.setenv("FLASHSALE_ADMIN_TOKEN", "a" * 20)
+    monkeypatch.setenv("FLASHSALE_BUYER_TOKEN_SECRET", "b" * 20)
+    result = run_cli("loadtest", "spike", "--host", f"http://127.0.0.1:{_closed_port()}")
+    assert result.code == 1 and "nothing answers" in result.err, result
+    assert (home / "spike").is_dir() and not (elsewhere / ".flashsale").exists()

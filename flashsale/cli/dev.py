@@ -120,7 +120,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     dev = commands.add_parser("dev", help="embedded Redis + PostgreSQL + Kafka broker")
     dev.set_defaults(handler=cmd_dev)
     dev_sub = dev.add_subparsers(dest="dev_command", required=True, metavar="ACTION")
-    up = dev_sub.add_parser("up", help="start (or reuse) the stack; write .flashsale/dev.env")
+    up = dev_sub.add_parser("up", help="start (or reuse) the stack; write its dev.env (in "
+                                       "FLASHSALE_HOME, or ./.flashsale)")  # fmt: skip
     up.add_argument("--timeout", type=float, default=30.0, help="seconds to wait (default 30)")
     up.add_argument(
         "--redis-cluster", metavar="N",
@@ -137,7 +138,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     down = dev_sub.add_parser("down", help="stop the stack cleanly")
     down.add_argument("--purge", action="store_true", help="also delete its data and secrets")
     dev_sub.add_parser("status", help="what runs where (exit 3 if something is down)")
-    dev_sub.add_parser("env", help="print the export lines of .flashsale/dev.env, and "
+    dev_sub.add_parser("env", help="print the export lines of the stack's dev.env, and "
                                    "FLASHSALE_HOME (the stack's folder)")  # fmt: skip
 
     migrate_ = commands.add_parser(

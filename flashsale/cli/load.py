@@ -73,8 +73,8 @@ def cmd_loadtest(args: argparse.Namespace, settings: Settings) -> int:
     options = spike.Options(
         buyers=positive(int, "buyers", args.buyers), stock=positive(int, "stock", args.stock),
         ramp=positive(float, "ramp", args.ramp), hold=non_negative("hold", args.hold),
-        host=http_url("host", args.host or SPIKE_HOST), out=output_folder("out", args.out),
-        embedded=args.embedded,
+        host=http_url("host", args.host or SPIKE_HOST), embedded=args.embedded,
+        out=output_folder("out", args.out or str(settings.home / "spike")),
         buckets=within("buckets", args.buckets, 1, MAX_BUCKETS),
     )  # fmt: skip
     if args.embedded:
@@ -208,7 +208,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     spike.add_argument("--hold", default="5", help="seconds held after the ramp (default 5)")
     spike.add_argument("--host", help=f"the gateway (default {SPIKE_HOST}; not with --embedded, "
                                       "whose engine is its own)")  # fmt: skip
-    spike.add_argument("--out", default=".flashsale/spike", help="report folder")
+    spike.add_argument("--out", help="report folder (default: spike in the stack's folder, "
+                                     "FLASHSALE_HOME or ./.flashsale)")  # fmt: skip
     spike.add_argument("--embedded", action="store_true",
                        help="start the embedded stack and the engine for the run")  # fmt: skip
 
