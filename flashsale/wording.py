@@ -1,9 +1,13 @@
 """How a count reads in what the engine prints and answers: "1 SKU", "2 SKUs", "1,000 units";
-and how a value reads in a line of text."""
+how a value reads in a line of text; and a command to run next, as the reader's shell can."""
 
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import shutil
+import sys
 from typing import Any
 
 
@@ -21,3 +25,16 @@ def said(value: Any) -> str:
     if isinstance(value, dict | list | tuple):
         return json.dumps(value, ensure_ascii=False, default=str)
     return str(value)
+
+
+def rerun(*words: str) -> str:
+    """``flashsale WORDS`` as the shell this command ran from can run it: the program as it was
+    typed (``.venv/bin/flashsale`` from ``make``, ``flashsale`` from the PATH), after the
+    stack's folder when FLASHSALE_HOME named it."""
+    program = sys.argv[0] if os.path.basename(sys.argv[0]) == "flashsale" else "flashsale"
+    found = shutil.which("flashsale")
+    if os.path.isabs(program) and found and os.path.samefile(found, program):
+        program = "flashsale"
+    home = os.environ.get("FLASHSALE_HOME")
+    where = f"FLASHSALE_HOME={shlex.quote(home)} " if home else ""
+    return f"{where}{program} {shlex.join(words)}"

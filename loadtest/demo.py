@@ -47,7 +47,7 @@ from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.migrate import migrate
 from flashsale.settings import Settings
 from flashsale.tokens import Signer
-from flashsale.wording import counted
+from flashsale.wording import counted, rerun
 from loadtest import admin_api
 from loadtest.demo_report import (
     DemoReport,
@@ -156,7 +156,7 @@ async def run(settings: Settings, *, scenario: Scenario, progress: Progress,
             )
             progress(
                 f"   watch it on the operators' page: {base}/admin/#sale={report.sale} "
-                "(the admin token: FLASHSALE_ADMIN_TOKEN in `flashsale dev env`)"
+                f"(the admin token: FLASHSALE_ADMIN_TOKEN in `{rerun('dev', 'env')}`)"
             )
             people = scenario.people(tokens, opened, lead_s)
             code = await _drive(settings, session, base, people, scenario, opened=opened,

@@ -6,10 +6,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import sys
 from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
 
 from flashsale.cli import build_parser
 from flashsale.salespec import parse_sale
+from flashsale.wording import rerun
 from tests.conftest import Cli
 
 # The benchmark and fault-suite commands run from the repository and rewrite its result
@@ -211,3 +216,24 @@ def test_a_flag_given_an_empty_value_is_refused_not_ignored(cli: Cli) -> None:
         ):
             wrong.append((" ".join(argv), result.code, result.out.strip(), result.err.strip()))
     assert not wrong, wrong
+
+
+def test_a_command_to_run_next_is_said_as_this_shell_can_run_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The demo's last line said to stop the stack with `.venv/bin/flashsale dev down`: from
+    another folder that program is not there, and with the stack in FLASHSALE_HOME given for
+    that one command, `dev down` stopped the default stack, which was not running."""
+    monkeypatch.delenv("FLASHSALE_HOME", raising=False)
+    monkeypatch.setattr(sys, "argv", [".venv/bin/flashsale", "demo"])  # as make runs it
+    assert rerun("dev", "down") == ".venv/bin/flashsale dev down"
+    program = tmp_path / "bin" / "flashsale"
+    program.parent.mkdir()
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    monkeypatch.setattr(sys, "argv", [str(program), "demo"])  # found on the PATH
+    monkeypatch.setenv("PATH", str(program.parent))
+    assert rerun("dev", "down") == "flashsale dev down"
+    monkeypatch.setenv("PATH", "/nowhere")  # run by its whole path
+    monkeypatch.setenv("FLASHSALE_HOME", str(tmp_path / "my stack"))
+    assert rerun("dev", "down") == f"FLASHSALE_HOME='{tmp_path}/my stack' {program} dev down"

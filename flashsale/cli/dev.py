@@ -19,7 +19,7 @@ from flashsale.errors import InvalidInput, SchemaBehind
 from flashsale.kafka import ensure_topics
 from flashsale.migrate import migrate, require_current
 from flashsale.settings import Settings
-from flashsale.wording import counted
+from flashsale.wording import counted, rerun
 
 SHOWN_CHARS = 300  # of a parked message's value, in the text listing
 
@@ -35,7 +35,7 @@ def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
             raise InvalidInput("replicas", "needs --redis-cluster N")
         seconds = stack.up(timeout=args.timeout, cluster=layout)
         out(f"stack ready in {seconds:.1f}s; env in {stack.env_file}")
-        out('use it from a shell with: eval "$(flashsale dev env)"')
+        out(f'use it from a shell with: eval "$({rerun("dev", "env")})"')
         behind = asyncio.run(_schema_behind(Settings.from_env()))
         if behind:
             out(f"the database schema is not current: {behind}")

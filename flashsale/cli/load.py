@@ -24,7 +24,7 @@ from flashsale.errors import ConfigError, InvalidInput, shown
 from flashsale.keys import MAX_BUCKETS
 from flashsale.salespec import MAX_ADMISSION_RATE
 from flashsale.settings import Settings
-from flashsale.wording import counted
+from flashsale.wording import counted, rerun
 
 SPIKE_HOST = "http://127.0.0.1:8080"  # `flashsale up`'s gateway at its defaults
 
@@ -50,7 +50,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     out(f"   ready in {seconds:.1f}s")
     settings = Settings.from_env()  # pick up the freshly written dev.env
     code = event_loop.run(demo.run(settings, scenario=scenario, progress=out, json_path=json_path))
-    out("\nThe stack keeps running; stop it with `.venv/bin/flashsale dev down`.")
+    out(f"\nThe stack keeps running; stop it with `{rerun('dev', 'down')}`.")
     return code
 
 
