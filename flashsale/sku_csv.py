@@ -24,6 +24,7 @@ from flashsale.salespec import (
     refuse_all,
     reject_duplicates,
 )
+from flashsale.wording import counted
 
 
 def parse_csv(content: str) -> SkuImport:
@@ -48,7 +49,7 @@ def parse_csv(content: str) -> SkuImport:
                 continue  # a blank line, or a row of empty cells
             width = max((i + 1 for i, cell in enumerate(given) if cell.strip()), default=0)
             if len(given) <= named[-1] or width > len(header):  # empty cells past the header go
-                said = (f"has {len(given)} columns: the header has {len(header)}"
+                said = (f"has {counted(len(given), 'column')}: the header has {len(header)}"
                         if width <= len(header) else
                         f"has a value in column {width}, past the header's {len(header)}"
                         )  # fmt: skip

@@ -43,6 +43,7 @@ from flashsale.payments import PaymentProvider
 from flashsale.sales import SALE_END, fetch_sale, fetch_skus, sale_state
 from flashsale.settings import Settings
 from flashsale.timefmt import iso
+from flashsale.wording import counted
 from reconciler.audit import audit_sale
 from reconciler.report import ReconcileMetrics
 
@@ -86,7 +87,7 @@ class Archived:
             return f"{self.sale_id}: already archived at {when}; {done}"
         return (
             f"{self.sale_id}: archived at {when}: audit passed and recorded; {freed} "
-            f"({self.buckets:,} stock buckets, the waiting room)"
+            f"({counted(self.buckets, 'stock bucket')}, the waiting room)"
         )
 
 

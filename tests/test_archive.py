@@ -8,7 +8,7 @@ import dataclasses
 import os
 import re
 import sys
-from datetime import datetime
+from datetime import UTC, datetime
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -20,7 +20,7 @@ from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.settings import Settings
 from flashsale.timefmt import iso
 from gateway.state import CLIENTS
-from reconciler.archive import Archiver, archive_sale, due_sales
+from reconciler.archive import Archived, Archiver, archive_sale, due_sales
 from reconciler.audit import audit_sale
 from reconciler.reconcile import Reconciler
 from reconciler.report import ReconcileMetrics
@@ -252,3 +252,13 @@ async def test_a_reserve_at_an_ended_sale_redis_lost_is_told_it_ended(
                 **auth(gw.token("buyer")), "X-Queue-Ticket": joined["ticket"]})  # fmt: skip
             assert left.status == 409, await left.text()
             assert (await left.json())["error"]["code"] == "sale_ended"
+
+
+def test_an_archive_of_one_stock_bucket_says_it_in_the_singular() -> None:
+    """A one-SKU sale was archived "(1 stock buckets, the waiting room)"."""
+    at = datetime(2031, 12, 1, 12, 0, tzinfo=UTC)
+    one = Archived("sale-x", at, buckets=1, already=False, freed_bytes=2048)
+    assert one.text() == ("sale-x: archived at 2031-12-01T12:00:00Z: audit passed and recorded; "
+                          "2.0 KB of per-buyer Redis state deleted (1 stock bucket, the waiting "
+                          "room)")  # fmt: skip
+    assert "(3 stock buckets," in dataclasses.replace(one, buckets=3).text()

@@ -1330,6 +1330,9 @@ def test_a_spreadsheets_empty_rows_and_columns_are_left_out() -> None:
     assert named.value.message == (
         "row 2: has a value in column 5, which has no name in the header: 'red'"
     )
+    with pytest.raises(InvalidInput) as short:  # a row cut short, said in the singular too
+        parse_csv("sku,stock,price,currency\nA\n")
+    assert short.value.message == "row 2: has 1 column: the header has 4"
     with pytest.raises(InvalidInput) as empty:
         parse_csv("sku,stock,price,currency\n,,,\n")
     assert empty.value.message == "csv: has a header but no rows"

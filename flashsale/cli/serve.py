@@ -145,8 +145,9 @@ def cmd_psp(args: argparse.Namespace, settings: Settings) -> int:
     journal = Path(args.journal) if args.journal else None
     if journal is not None and not journal.parent.is_dir():
         raise InvalidInput("journal", f"no folder {journal.parent} to keep it in")
+    days = f"{keep_days:g} day{'' if keep_days == 1 else 's'}"
     said = (f"psp simulator on {origin(args.host, port)} ({knobs})"
-            + (f", charges journaled to {journal} for {keep_days:g} days" if journal
+            + (f", charges journaled to {journal} for {days}" if journal
                else ", charges in memory only"))  # fmt: skip
     return int(event_loop.run(runners.serve_psp(args.host, port, knobs, journal, keep_days,
                                                 listening=lambda: out(said))))  # fmt: skip
