@@ -114,6 +114,24 @@ def test_waiting_room_page_in_chromium(stack: Settings, chromium: str) -> None:
     assert (SCREENSHOTS / "waiting-room-reserved.png").stat().st_size > 1000
 
 
+OUTSIDE_MAIN = """() => ({mains: document.querySelectorAll("main").length,
+  outside: [...document.body.querySelectorAll("*")].filter((e) => !e.closest("main")
+    && !["SCRIPT", "NOSCRIPT", "STYLE"].includes(e.tagName) && e.getClientRects().length
+    && (e.textContent.trim() || e.tagName === "INPUT")).map((e) => e.id || e.tagName)})"""
+
+
+def test_the_page_keeps_what_it_shows_in_its_main_landmark(stack: Settings, chromium: str) -> None:
+    """A screen reader's user jumps to a page's main content: the waiting room had none (axe:
+    landmark-one-main, region), so the status, the products and the turn were found only by
+    reading the page from its top."""
+    with _admitted_to_two_models(stack, chromium, "landmarks", first_stock=3) as live:
+        shown = live.page.evaluate(OUTSIDE_MAIN)
+        assert shown == {"mains": 1, "outside": []}, shown
+        live.page.click("#reserve")
+        live.page.wait_for_selector("#result[data-reservation]", timeout=15_000)
+        assert live.page.evaluate(OUTSIDE_MAIN) == {"mains": 1, "outside": []}
+
+
 def test_the_page_is_sent_compressed_and_revalidated_with_its_etag(stack: Settings) -> None:
     """Every buyer of a spike loads the page (and reloads it): it went out as 21 KB of plain
     HTML each time, with nothing a browser or a proxy could revalidate."""
