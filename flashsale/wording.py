@@ -33,7 +33,7 @@ def rerun(*words: str) -> str:
     stack's folder when FLASHSALE_HOME named it."""
     program = sys.argv[0] if os.path.basename(sys.argv[0]) == "flashsale" else "flashsale"
     found = shutil.which("flashsale")
-    if os.path.isabs(program) and found and os.path.samefile(found, program):
+    if found and os.path.isabs(program) and os.path.realpath(found) == os.path.realpath(program):
         program = "flashsale"
     home = os.environ.get("FLASHSALE_HOME")
     where = f"FLASHSALE_HOME={shlex.quote(home)} " if home else ""
