@@ -31,9 +31,10 @@ async def set_status(sales: SaleReads, sale_id: str, action: str, *,
         sale = await sales.sale_row(conn, sale_id, lock=True)
         if sale_state(sale) == "ended" and target != "ended":  # by `sale end` or the clock
             raise Conflict(f"sale {sale_id} has ended and cannot {action}", code="sale_ended")
-        await conn.execute(
-            "UPDATE sales SET status = $2, updated_at = now() WHERE id = $1", sale_id, target
-        )
+        # Only a change of status is one: an end again keeps when the sale ended (its
+        # updated_at, which SALE_END and the reconciler's window over the sale read).
+        await conn.execute("UPDATE sales SET status = $2, updated_at = now()"
+                           " WHERE id = $1 AND status <> $2", sale_id, target)  # fmt: skip
         skus = await fetch_skus(conn, sale_id)
         # Redis under the sale's lock (the module says why); every step is idempotent.
         await sales.scripts.set_status(SaleKeys(sale_id), target)

@@ -80,6 +80,16 @@ def sale_state(sale: asyncpg.Record, now: datetime | None = None) -> str:
     return "scheduled" if now < sale["starts_at"] else "live"
 
 
+def ended_at(sale: asyncpg.Record, now: datetime) -> datetime | None:
+    """When the sale ended: when an operator ended it (its last change) if before its
+    ``ends_at``, else at that; None while it has not. ``SALE_END`` is the same rule in SQL."""
+    ends: datetime = sale["ends_at"]
+    changed: datetime = sale["updated_at"]
+    if sale["status"] == "ended":
+        return min(ends, changed)
+    return ends if now >= ends else None
+
+
 def commitment_of(sale: asyncpg.Record) -> str:
     """The seed commitment the sale published before its start, as recorded then."""
     return str(sale["shuffle_commitment"] or seed_commitment(sale["shuffle_seed"]))
@@ -149,6 +159,7 @@ def sale_json(sale: asyncpg.Record, skus: Sequence[asyncpg.Record] | None = None
         "status": sale["status"],
         "state": sale_state(sale, now),
         "preloaded_at": iso(sale["preloaded_at"]),
+        "ended_at": iso(ended_at(sale, now)),
         "archived_at": iso(sale["archived_at"]),
         # The seed is revealed only once the pre-queue is closed (the sale has started).
         "shuffle": {

@@ -51,7 +51,7 @@ SKU_FIELDS = (
 SKU_REQUIRED = {"sku", "stock", "price", "currency"}
 # What a sale as the engine shows it (`sale show`, GET /admin/v1/sales/{sale}) has beside a
 # sale file's fields: the engine's own, which a file cannot set.
-SHOWN_ONLY = {"id", "status", "state", "preloaded_at", "archived_at", "shuffle"}
+SHOWN_ONLY = {"id", "status", "state", "preloaded_at", "ended_at", "archived_at", "shuffle"}
 
 
 @dataclass(frozen=True, slots=True)

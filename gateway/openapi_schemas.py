@@ -88,6 +88,10 @@ SALE = obj(
         "starts_at": TIME,
         "ends_at": TIME,
         "preloaded_at": nullable_time("when the sale was last preloaded; null before"),
+        "ended_at": nullable_time(
+            "when the sale ended: when an operator ended it, if before ends_at, else at "
+            "ends_at; null while it has not"
+        ),
         "archived_at": nullable_time(
             "when the ended sale was archived: its audit recorded, its per-buyer Redis state "
             "deleted"

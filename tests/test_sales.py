@@ -1555,3 +1555,26 @@ def test_a_time_without_its_timezone_is_refused_with_the_time_given(cli: Cli, co
     assert day.err.endswith(": 2031-12-24T00:00Z for UTC, or its offset from UTC, as "
                             "2031-12-24T00:00+01:00\n"), day  # fmt: skip
     assert counts() == before
+
+
+def test_a_sale_ended_early_says_when_it_ended(cli: Cli) -> None:
+    """Ended at once, its status still read `ends <an hour later>`, the end it was made with:
+    an operator checking that `sale end` took saw a sale still to end."""
+    made = cli("sale", "create", "--name", "Short", "--sku", "A", "--stock", "1", "--price", "1",
+               "--currency", "EUR")  # fmt: skip
+    sale_id = made.out.strip()
+    running = json.loads(cli("sale", "status", sale_id, "--json").out)["sale"]
+    assert running["ended_at"] is None, running
+    before = datetime.now(UTC)
+    assert cli("sale", "end", sale_id).code == 0
+    ended = json.loads(cli("sale", "status", sale_id, "--json").out)["sale"]
+    when = datetime.fromisoformat(ended["ended_at"].replace("Z", "+00:00"))
+    assert before - timedelta(seconds=5) < when <= datetime.now(UTC), ended
+    line = cli("sale", "status", sale_id).out.splitlines()[1]
+    assert line.startswith(f"  starts {running['starts_at']}  ended {ended['ended_at']} "
+                           f"(planned for {running['ends_at']})  "), line  # fmt: skip
+    # Ended again (a script's retry, say): the end stays when it was. It moved to the retry,
+    # and the reconciler's window over the sale and its archiving moved with it.
+    assert cli("sale", "end", sale_id).code == 0
+    again = json.loads(cli("sale", "status", sale_id, "--json").out)["sale"]
+    assert again["ended_at"] == ended["ended_at"], (again, ended)

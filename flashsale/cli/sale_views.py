@@ -39,7 +39,10 @@ def print_status(status: dict[str, Any], *, as_json: bool, whole: bool = True) -
     preloaded = sale["preloaded_at"]
     loaded = (f"preloaded {preloaded}" if preloaded else "never preloaded" if over
               else f"not preloaded {hint}")  # fmt: skip
-    out(f"  starts {sale['starts_at']}  ends {sale['ends_at']}  {loaded}")
+    end = sale.get("ended_at")
+    ends = (f"ends {sale['ends_at']}" if not end else f"ended {end}" if end == sale["ends_at"]
+            else f"ended {end} (planned for {sale['ends_at']})")  # fmt: skip
+    out(f"  starts {sale['starts_at']}  {ends}  {loaded}")
     if sale.get("archived_at"):
         out(f"  archived {sale['archived_at']} (its per-buyer Redis state deleted)")
     queue = status.get("queue")
