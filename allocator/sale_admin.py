@@ -337,6 +337,9 @@ class SaleAdmin(SaleReads):
                          with_skus: bool = True) -> dict[str, Any]:  # fmt: skip
         return await sale_settings.set_status(self, sale_id, action, with_skus=with_skus)
 
+    async def delete(self, sale_id: str) -> dict[str, Any]:
+        return await sale_settings.delete(self, sale_id)
+
     async def set_admission_rate(self, sale_id: str, rate: Any) -> dict[str, Any]:
         return await sale_settings.set_admission_rate(self, sale_id, rate)
 

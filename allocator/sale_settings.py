@@ -46,6 +46,27 @@ async def set_status(sales: SaleReads, sale_id: str, action: str, *,
     return await sales.get(sale_id) if with_skus else sale_json(await sales.row(sale_id))
 
 
+async def delete(sales: SaleReads, sale_id: str) -> dict[str, Any]:
+    """Delete a sale that was never preloaded (made by mistake, a rehearsal): its rows are all
+    there is of it, as nothing reaches Redis, a buyer or an order before a preload. One
+    preloaded, or with a preload that stopped part way (some of its SKUs in Redis), keeps
+    its record for its audit: Conflict, naming ``sale end``. Returns what was deleted."""
+    async with sales.pool.acquire() as conn, conn.transaction():
+        sale = await sales.sale_row(conn, sale_id, lock=True)  # a preload waits, or is waited on
+        skus = await fetch_skus(conn, sale_id)
+        buckets = [keys for sku in skus
+                   for keys in bucket_keys(sale_id, sku["sku"], sku["buckets"])]  # fmt: skip
+        in_redis = bool(await sales.redis.exists(SaleKeys(sale_id).sale))
+        for part in in_parts(buckets):  # a preload that stopped part way left some SKUs
+            in_redis = in_redis or any(c is not None for c in await sales.scripts.stock(part))
+        if sale["preloaded_at"] is not None or in_redis:
+            raise Conflict(f"sale {sale_id} was preloaded: it keeps its record, for its audit; "
+                           f"end it instead (`flashsale sale end {sale_id}`)",
+                           code="sale_preloaded")  # fmt: skip
+        await conn.execute("DELETE FROM sales WHERE id = $1", sale_id)  # its SKUs cascade
+    return {"id": sale_id, "name": sale["name"], "skus": len(skus)}
+
+
 async def set_admission_rate(sales: SaleReads, sale_id: str, rate: Any) -> dict[str, Any]:
     """Change how many buyers per second the pump admits, at any time before the sale
     ends: the pump reads the rate each step, and the waiting room's ETAs follow it."""

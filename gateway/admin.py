@@ -205,6 +205,12 @@ async def remove_sku(request: web.Request) -> web.Response:
     return json_response(await sales.remove_sku(m["sale"], m["sku"], with_skus=with_skus(request)))
 
 
+async def delete_sale(request: web.Request) -> web.Response:
+    """``DELETE /admin/v1/sales/{sale}``: only a sale never preloaded (409 otherwise)."""
+    deleted = await request.app[SALES].delete(request.match_info["sale"])
+    return json_response({"id": deleted["id"], "deleted": True})
+
+
 async def audit(request: web.Request) -> web.Response:
     """The post-sale audit (``flashsale audit SALE --json``): 200 with the report whether it
     passed or not; ``passed`` says which."""
@@ -275,6 +281,7 @@ def setup(app: web.Application) -> None:
     r.add_post("/admin/v1/sales/{sale}/skus", logged(import_skus))
     r.add_get("/admin/v1/sales/{sale}", sale_status)
     r.add_patch("/admin/v1/sales/{sale}", logged(update_sale))
+    r.add_delete("/admin/v1/sales/{sale}", logged(delete_sale))
     r.add_patch("/admin/v1/sales/{sale}/skus/{sku}", logged(update_sku))
     r.add_delete("/admin/v1/sales/{sale}/skus/{sku}", logged(remove_sku))
     r.add_post("/admin/v1/sales/{sale}/preload", logged(preload))

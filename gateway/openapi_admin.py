@@ -6,7 +6,7 @@ from typing import Any
 
 from gateway.openapi_parts import IDEMPOTENCY_KEY, SALE_PATH, errors, ok, op, query
 from gateway.openapi_reports import ARCHIVED, AUDIT, ROOM, SALE_STATUS
-from gateway.openapi_schemas import NULLABLE_STRING, SALE, SALE_SPEC, SKU_SPEC, TIME, obj
+from gateway.openapi_schemas import ID, NULLABLE_STRING, SALE, SALE_SPEC, SKU_SPEC, TIME, obj
 
 CURVE = {
     "type": "array",
@@ -22,6 +22,9 @@ CREATE_KEY = {
     "required": False,
     "description": "a retry with the same key answers the same sale",
 }
+
+
+DELETED = obj({"id": ID, "deleted": {"const": True}}, ["id", "deleted"])
 
 
 def admin_paths() -> dict[str, Any]:
@@ -129,6 +132,15 @@ def admin_paths() -> dict[str, Any]:
                     {k: v for k, v in SALE_SPEC["properties"].items() if k != "skus"},
                     additionalProperties=False,
                 ),
+            ),
+            "delete": op(
+                "deleteSale",
+                "admin",
+                "Delete a sale never preloaded, with its SKUs (409 sale_preloaded once it was: "
+                "it keeps its record for its audit, end it instead)",
+                {**ok(200, "Deleted", DELETED), **errors(*admin_errors)},
+                security="admin",
+                params=SALE_PATH,
             ),
         },
         "/admin/v1/sales/{sale}/skus/{sku}": {

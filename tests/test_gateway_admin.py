@@ -842,3 +842,19 @@ def test_an_export_the_client_hung_up_on_is_no_dependency_outage(
         export = requests.get(f"{gw.base_url}/admin/v1/sales/{sale_id}/orders.csv",
                               headers=admin, timeout=30)  # fmt: skip
         assert export.status_code == 200 and len(export.text.splitlines()) == 40001
+
+
+async def test_a_sale_never_preloaded_is_deleted_over_the_admin_api(
+    http: TestClient[Any, Any],
+) -> None:
+    sale_id = (await (await http.post("/admin/v1/sales", json=SALE, headers=auth())).json())["id"]
+    deleted = await http.delete(f"/admin/v1/sales/{sale_id}", headers=auth())
+    assert deleted.status == 200, await deleted.text()
+    assert await deleted.json() == {"id": sale_id, "deleted": True}
+    again = await http.delete(f"/admin/v1/sales/{sale_id}", headers=auth())
+    assert (again.status, (await again.json())["error"]["code"]) == (404, "unknown_sale")
+    kept = (await (await http.post("/admin/v1/sales", json=SALE, headers=auth())).json())["id"]
+    assert (await http.post(f"/admin/v1/sales/{kept}/preload", headers=auth())).status == 200
+    refused = await http.delete(f"/admin/v1/sales/{kept}", headers=auth())
+    assert (refused.status, (await refused.json())["error"]["code"]) == (409, "sale_preloaded")
+    assert (await http.delete(f"/admin/v1/sales/{kept}")).status == 401

@@ -1578,3 +1578,32 @@ def test_a_sale_ended_early_says_when_it_ended(cli: Cli) -> None:
     assert cli("sale", "end", sale_id).code == 0
     again = json.loads(cli("sale", "status", sale_id, "--json").out)["sale"]
     assert again["ended_at"] == ended["ended_at"], (again, ended)
+
+
+def test_a_sale_never_preloaded_is_deleted_and_a_preloaded_one_is_not(
+    cli: Cli, db: Db, rdb: redis.Redis, tmp_path: Path
+) -> None:
+    """A sale made by mistake (a typo in its file, a rehearsal) stayed in `sale list` for good:
+    ending it was the only way out. One never preloaded has nothing anywhere but its rows, and
+    goes; one preloaded keeps its record, for its audit: it is ended instead."""
+    sale_id = create(cli, tmp_path)
+    deleted = cli("sale", "delete", sale_id)
+    assert (deleted.code, deleted.out) == (0, f'deleted {sale_id} ("Sneaker drop", 2 SKUs)\n')
+    assert not db.rows("SELECT 1 FROM sales WHERE id = $1", sale_id)
+    assert not db.rows("SELECT 1 FROM sale_skus WHERE sale_id = $1", sale_id)
+    gone = cli("sale", "delete", sale_id)
+    assert (gone.code, gone.err) == (1, f"flashsale: error: unknown sale '{sale_id}'\n"), gone
+    cut_short = create(cli, tmp_path)  # a preload that stopped after a SKU: Redis has it
+    rdb.hset(
+        SkuKeys(cut_short, "SNK-42").stock,
+        mapping={"total": 5, "available": 5, "active": 0, "paying": 0, "sold": 0},
+    )
+    assert cli("sale", "delete", cut_short).code == 1
+    assert db.rows("SELECT 1 FROM sales WHERE id = $1", cut_short)
+    kept = create(cli, tmp_path)
+    assert cli("sale", "preload", kept).code == 0
+    refused = cli("sale", "delete", kept)
+    assert (refused.code, refused.err) == (1, (
+        f"flashsale: error: sale {kept} was preloaded: it keeps its record, for its audit; "
+        f"end it instead (`flashsale sale end {kept}`)\n")), refused  # fmt: skip
+    assert db.rows("SELECT 1 FROM sales WHERE id = $1", kept)

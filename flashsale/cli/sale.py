@@ -10,17 +10,15 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import json
-import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from allocator.sale_admin import SaleAdmin
 from flashsale.cli.checks import duration
 from flashsale.cli.flags import SALE_FLAGS, SKU_FLAGS, UPDATE_FLAGS, started_as_typed
 from flashsale.cli.output import Progress, Stages, dump_json, out
+from flashsale.cli.sale_files import read_input, read_json_file
 from flashsale.cli.sale_views import (
     no_sales,
     print_changed,
@@ -31,7 +29,6 @@ from flashsale.cli.sale_views import (
     watch_status,
 )
 from flashsale.clients import pg_pool, redis_client
-from flashsale.encodings import as_text
 from flashsale.errors import Conflict, InvalidInput
 from flashsale.records import body_fingerprint, idempotency_key
 from flashsale.salespec import (
@@ -40,7 +37,6 @@ from flashsale.salespec import (
     SkuImport,
     as_sale_file,
     parse_sale,
-    unique_keys,
 )
 from flashsale.settings import Settings
 from flashsale.sku_csv import parse_csv
@@ -57,27 +53,6 @@ async def admin(settings: Settings) -> AsyncIterator[SaleAdmin]:
         pool = await pg_pool(settings, max_size=4)
         opened.push_async_callback(pool.close)
         yield SaleAdmin.build(pool, client)
-
-
-def read_input(path: str) -> str:
-    """The text of ``path`` ('-' is stdin); an unreadable file is bad input."""
-    try:
-        raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
-    except OSError as exc:
-        raise InvalidInput("file", f"cannot read {path}: {exc.strerror}") from None
-    return as_text(raw, "file", path)  # as Windows tools save it too
-
-
-def read_json_file(path: str) -> Any:
-    raw = read_input(path)
-    try:
-        return json.loads(raw, object_pairs_hook=unique_keys("file"))
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(
-            "file", f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
-        ) from None
-    except RecursionError:
-        raise InvalidInput("file", "malformed JSON: nested too deeply") from None
 
 
 def sale_from_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -168,6 +143,9 @@ async def _sale(args: argparse.Namespace, settings: Settings) -> int:
         elif command == "remove-stock":
             print_status(await sales.lower_stock(args.sale, args.sku, args.units), as_json=False,
                          whole=False)  # fmt: skip
+        elif command == "delete":
+            gone = await sales.delete(args.sale)
+            out(f'deleted {gone["id"]} ("{gone["name"]}", {counted(gone["skus"], "SKU")})')
         elif command == "remove-sku":
             sale = await sales.remove_sku(args.sale, args.sku)
             out(f"removed {args.sku} from {sale['id']}: "
@@ -363,6 +341,13 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     lower.add_argument("sale", help="sale id")
     lower.add_argument("sku", help="SKU id")
     lower.add_argument("units", metavar="N", help="units to take out (a positive integer)")
+    delete = sale_sub.add_parser(
+        "delete", help="delete a sale never preloaded (one made by mistake)",
+        description="Deletes the sale and its SKUs, if it was never preloaded: nothing of it "
+        "reached Redis, a buyer or an order. A sale preloaded keeps its record, for its audit: "
+        "end it instead.",
+    )  # fmt: skip
+    delete.add_argument("sale", help="sale id")
     drop = sale_sub.add_parser(
         "remove-sku", help="take a SKU out of a sale, if nobody reserved it",
         description="Deletes the SKU in Postgres and Redis together; refused, with nothing "
