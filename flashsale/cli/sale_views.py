@@ -39,10 +39,14 @@ def print_status(status: dict[str, Any], *, as_json: bool, whole: bool = True) -
     preloaded = sale["preloaded_at"]
     loaded = (f"preloaded {preloaded}" if preloaded else "never preloaded" if over
               else f"not preloaded {hint}")  # fmt: skip
-    end = sale.get("ended_at")
-    ends = (f"ends {sale['ends_at']}" if not end else f"ended {end}" if end == sale["ends_at"]
-            else f"ended {end} (planned for {sale['ends_at']})")  # fmt: skip
-    out(f"  starts {sale['starts_at']}  {ends}  {loaded}")
+    starts, ends, end = sale["starts_at"], sale["ends_at"], sale.get("ended_at")
+    if not end:
+        when = f"starts {starts}  ends {ends}"
+    elif datetime.fromisoformat(end) < datetime.fromisoformat(starts):  # called off
+        when = f"ended {end}, before its start (it was to run {starts} to {ends})"
+    else:
+        when = f"starts {starts}  ended {end}" + ("" if end == ends else f" (planned for {ends})")
+    out(f"  {when}  {loaded}")
     if sale.get("archived_at"):
         out(f"  archived {sale['archived_at']} (its per-buyer Redis state deleted)")
     queue = status.get("queue")
