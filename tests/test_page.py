@@ -777,6 +777,24 @@ def test_the_quantity_offered_is_what_the_buyer_may_take(stack: Settings, chromi
         assert "One per buyer" in (other.text_content("#qty-note") or "")
 
 
+def test_a_page_open_on_a_sale_deleted_since_says_it_is_gone(
+    stack: Settings, chromium: str
+) -> None:
+    """A sale deleted before its start (never preloaded) while a buyer had its page open: at
+    the start the page said "The sale is open" and offered Join, which failed "Could not
+    join" again and again."""
+    with live_page(stack, chromium, "Called off", starts_in=3, preload=False) as live:
+        gw, sale, page = live.gw, live.sale, live.page
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'too-early')}")
+        page.wait_for_selector("#state[data-state='scheduled']", timeout=10_000)
+        gone = requests.delete(f"{gw.base_url}/admin/v1/sales/{sale}", timeout=10,
+                               headers={"Authorization": f"Bearer {ADMIN}"})  # fmt: skip
+        assert gone.status_code == 200, gone.text
+        page.wait_for_selector("#state[data-state='gone']", timeout=15_000)
+        assert page.text_content("#state") == "This sale cannot be found"
+        assert page.is_hidden("#join")
+
+
 PHONE = {"width": 360, "height": 740}
 
 
