@@ -208,8 +208,9 @@ def sale_spec(scenario: Scenario, starts_at: datetime) -> dict[str, Any]:
 
 async def _watch(settings: Settings, sale_id: str, stats: DriverStats, *, total: int,
                  opened: float, progress: Progress, stop: asyncio.Event) -> None:  # fmt: skip
-    """Each second: the waiting room and the stock as Redis has them (the queue: buyers in line
-    who may still be admitted), and the answers."""
+    """Each second: the waiting room and the stock as Redis has them (registered: the buyers
+    who joined before the opening, for the draw; the queue: buyers in line who may still be
+    admitted), and the answers."""
     client = redis_client(settings)
     room, stock = QueueScripts(client), SkuKeys(sale_id, SKU).stock
     try:
@@ -223,7 +224,7 @@ async def _watch(settings: Settings, sale_id: str, stats: DriverStats, *, total:
             active, paying, sold = (int(v or 0) for v in k)
             answered = sum(stats.outcomes.values())
             v = snap.view
-            progress(f"   {time.monotonic() - opened:5.1f}s  pre-queue {v.pre:>6,}"
+            progress(f"   {time.monotonic() - opened:5.1f}s  registered {v.pre:>6,}"
                      f"  queue {v.waiting(snap.redis_ms):>6,}"
                      f"  admitted {v.serving:>5,}  held {active + paying:>4}  sold {sold:>4}  "
                      f"answers {answered:>6,}/{total:,} ({stats.outcomes['reserved']} "

@@ -44,8 +44,15 @@ def test_demo_runs_a_spike_to_orders_and_a_passing_audit(stack: Settings, tmp_pa
     # Where to watch it: the operators' page of the sale, on the engine the demo started.
     assert re.search(r"watch it on the operators' page: http://127\.0\.0\.1:\d+/admin/#sale="
                      r"sale-[0-9a-f]+ ", out), out  # fmt: skip
-    # Live progress each second: queue depth, admitted, held, sold, answers.
-    assert re.search(r"queue +[\d,]+  admitted +[\d,]+  held +\d+  sold +\d+  answers", out)
+    # Live progress each second: registered for the draw (it said "pre-queue", which read as
+    # buyers still waiting for the draw long after it), queue depth, admitted, held, sold,
+    # answers.
+    assert re.search(r"registered +[\d,]+  queue +[\d,]+  admitted +[\d,]+  held +\d+  "
+                     r"sold +\d+  answers", out), out  # fmt: skip
+    # How to stop the stack, as this shell can (the stack's folder named, as it was given).
+    home = os.environ.get("FLASHSALE_HOME")
+    stop = f"`FLASHSALE_HOME={home} flashsale dev down`" if home else "`flashsale dev down`"
+    assert out.rstrip().endswith(f"stop it with {stop}."), out[-300:]
     # Once every buyer has an answer, nobody is still in the queue (those placed beyond the
     # last unit were told it was sold out).
     last = re.findall(r"queue +([\d,]+)  admitted .* answers +2,000/2,000", out)
