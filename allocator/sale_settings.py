@@ -161,7 +161,8 @@ async def update_sku(sales: SaleReads, sale_id: str, sku: str, changes: Mapping[
             raise Conflict("price cannot change once the sale has started",
                            code="sale_started")  # fmt: skip
         merged = {"sku": sku, "title": row["title"], "stock": row["stock_total"],
-                  "price": row["price"], "currency": row["currency"], **changes}  # fmt: skip
+                  "price": row["price"], "currency": row["currency"],
+                  "per_buyer_limit": row["per_buyer_limit"], **changes}  # fmt: skip
         spec = parse_sku(merged, "")
         updated = await conn.fetchrow(
             "UPDATE sale_skus SET title = $3, price = $4 WHERE sale_id = $1 AND sku = $2"

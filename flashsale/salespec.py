@@ -25,6 +25,7 @@ DECIMAL = re.compile(r"-?[0-9]{1,30}")
 MAX_STOCK = 1_000_000_000
 MAX_ADMISSION_RATE = 1_000_000  # buyers per second
 MAX_PRICE = 10**15
+MAX_AMOUNT = 2**63 - 1  # the largest amount an order records (a Postgres bigint)
 MAX_TTL_SECONDS = 24 * 3600
 MAX_LIMIT = 10_000
 MAX_CHALLENGE_BITS = 24  # about 16 million hashes: seconds in a browser, microseconds to check
@@ -244,6 +245,12 @@ def collect_sku(data: Any, where: str, errors: list[InvalidInput]) -> SkuSpec:
             1, MAX_BUCKETS, f"an integer from 1 to {MAX_BUCKETS} (stock buckets)"),
             SKU_DEFAULTS["buckets"]),
     )  # fmt: skip
+    largest = spec.price * spec.per_buyer_limit  # a buyer's largest order
+    if largest > MAX_AMOUNT:
+        errors.append(InvalidInput(at("price"), (
+            f"with per_buyer_limit {spec.per_buyer_limit}, a buyer's largest order would be "
+            f"{largest:,} minor units, more than an order can record ({MAX_AMOUNT:,}): "
+            "lower the price or the limit")))  # fmt: skip
     return spec
 
 

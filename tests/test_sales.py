@@ -578,6 +578,24 @@ def test_a_scheduled_sale_is_edited_from_the_cli(cli: Cli, db: Db, counts: Any,
     assert (again["name"], again["admission_window_seconds"]) == ("Moved drop", 90)
 
 
+def test_a_price_is_refused_whose_largest_order_an_order_cannot_hold(
+    cli: Cli, db: Db, tmp_path: Path
+) -> None:
+    """A new price is checked against the SKU's own per-buyer limit, not the default of 1."""
+    made = cli("sale", "create", "--file", write(tmp_path, _sku(per_buyer_limit=10_000)),
+               "--starts-in", "1h")  # fmt: skip
+    sale_id = made.out.strip()
+    refused = cli("sale", "update-sku", sale_id, "SNK-42", "--price", str(10**15))
+    assert refused.code == 2, (refused.out, refused.err)
+    assert refused.err.startswith("flashsale: error: --price: "), refused.err
+    assert "per_buyer_limit 10000" in refused.err, refused.err
+    [row] = db.rows("SELECT price FROM sale_skus WHERE sale_id=$1 AND sku='SNK-42'", sale_id)
+    assert row["price"] == 12900
+    # At the line: the largest amount an order records, 9,223,372,036,854,775,807.
+    fits = cli("sale", "update-sku", sale_id, "SNK-42", "--price", str((2**63 - 1) // 10_000))
+    assert fits.code == 0, fits.err
+
+
 def test_create_with_a_key_is_once_and_orders_export_as_csv(
     cli: Cli, db: Db, counts: Any, tmp_path: Path
 ) -> None:
@@ -1098,6 +1116,10 @@ BAD_SALES = [
     ("unknown currency", _sku(currency="XYZ"), "skus[0].currency"),
     ("lowercase currency", _sku(currency="eur"), "skus[0].currency"),
     ("limit zero", _sku(per_buyer_limit=0), "skus[0].per_buyer_limit"),
+    # Each within its own range, the two made an order of 10**19 minor units: the buyer was
+    # answered 201, then the order could not be recorded (bigint) and went to dead letters.
+    ("a buyer's largest order past what an order holds",
+     _sku(price=10**15, per_buyer_limit=10_000), "skus[0].price"),
     ("ttl zero", _sku(hold_ttl_seconds=0), "skus[0].hold_ttl_seconds"),
     ("ttl negative", _sku(hold_ttl_seconds=-1), "skus[0].hold_ttl_seconds"),
     ("ends before starts", {**SALE, "ends_at": "2036-12-01T11:00:00Z"}, "ends_at"),
