@@ -3,16 +3,16 @@
 The header names the SKU fields in any case, its columns separated by commas, semicolons or
 tabs (as a spreadsheet in the user's language exports them); a UTF-8 byte-order mark (Excel's
 "CSV UTF-8") is ignored; rows and columns a spreadsheet exports as empty cells (``,,,,``
-below the SKUs, ``,,`` after each line) are left out. Every row is validated before the
-caller writes anything, and an error names each bad cell by its line in the file and its
-column.
+above the header or below the SKUs, ``,,`` after each line) are left out. Every row is
+validated before the caller writes anything, and an error names each bad cell by the line in
+the file its row starts on and its column.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from flashsale.errors import InvalidInput, shown
 from flashsale.salespec import (
@@ -30,11 +30,11 @@ from flashsale.wording import counted
 def parse_csv(content: str) -> SkuImport:
     """The SKUs of a CSV file's text (blank lines are skipped but counted in line numbers)."""
     content = content.removeprefix("\ufeff")
-    reader = csv.reader(io.StringIO(content, newline=""), delimiter=_separator(content))
-    try:
-        header = [h.strip().lower() for h in next(reader, [])]  # "SKU", as spreadsheets title
-    except csv.Error as exc:
-        raise InvalidInput("csv.header", f"malformed CSV: {exc}") from None
+    rows = _rows(content)
+    # The first row with a word in it: a table that starts a few rows down in its sheet comes
+    # with those rows as blank lines or empty cells, in whichever separator.
+    given = next((row for _, row in rows if any(c.strip(_EMPTY) for c in row)), [])
+    header = [h.strip().lower() for h in given]  # "SKU", as spreadsheets title it
     if not header:
         raise InvalidInput("csv", "is empty: expected a header row " + ",".join(SKU_FIELDS))
     named = [i for i, name in enumerate(header) if name]
@@ -43,8 +43,8 @@ def parse_csv(content: str) -> SkuImport:
     fields: list[str] = []
     errors: list[InvalidInput] = []
     try:
-        for given in reader:
-            where = f"row {reader.line_num}"
+        for line, given in rows:
+            where = f"row {line}"
             if not any(cell.strip() for cell in given):
                 continue  # a blank line, or a row of empty cells
             width = max((i + 1 for i, cell in enumerate(given) if cell.strip()), default=0)
@@ -65,8 +65,8 @@ def parse_csv(content: str) -> SkuImport:
                 continue
             specs.append(collect_sku({header[i]: cells[i] for i in named}, where, errors))
             fields.append(f"{where}.sku")
-    except csv.Error as exc:
-        errors.append(InvalidInput(f"row {reader.line_num}", f"malformed CSV: {exc}"))
+    except InvalidInput as exc:  # a malformed row: nothing after it can be read
+        errors.append(exc)
     refuse_all(errors)
     if not specs:
         raise InvalidInput("csv", "has a header but no rows")
@@ -75,11 +75,31 @@ def parse_csv(content: str) -> SkuImport:
     return batch
 
 
+_EMPTY = " \t\r\n,;"  # what a row of empty cells is made of, in any separator
+
+
+def _rows(content: str) -> Iterator[tuple[int, list[str]]]:
+    """The rows of ``content``, each with the line in the file it starts on (a quoted cell may
+    hold line breaks). A malformed row raises InvalidInput naming it: a quote never closed, or
+    text after a closing quote (which a lenient reader would run into the cell unsaid)."""
+    reader = csv.reader(io.StringIO(content, newline=""), delimiter=_separator(content),
+                        strict=True)  # fmt: skip
+    line = 1
+    try:
+        for row in reader:
+            yield line, row
+            line = reader.line_num + 1
+    except csv.Error as exc:
+        said = ('a quote (") opened in this row is never closed'
+                if str(exc) == "unexpected end of data" else f"malformed CSV: {exc}")  # fmt: skip
+        raise InvalidInput(f"row {line}", said) from None
+
+
 def _separator(content: str) -> str:
     """What the header's columns are separated by: commas, or where it has none, semicolons
     (Excel's "CSV" where the comma is the decimal mark: German, French, Italian…) or tabs (a
     copy from a sheet)."""
-    header = content.split("\n", 1)[0]
+    header = next((line for line in io.StringIO(content) if line.strip(_EMPTY)), "")
     if "," in header:
         return ","
     return next((c for c in ";\t" if c in header), ",")

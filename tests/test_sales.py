@@ -1360,6 +1360,42 @@ def test_a_spreadsheets_empty_rows_and_columns_are_left_out() -> None:
     assert empty.value.message == "csv: has a header but no rows"
 
 
+def test_empty_rows_above_the_header_are_left_out_too() -> None:
+    """A sheet whose table starts a few rows down exports those rows as blank lines or empty
+    cells: the file was refused as "empty", or its header as missing every column."""
+    for above in ("\n\n", "\r\n", ",,,,\n;;\n", "\ufeff\n ,\t\n"):
+        batch = parse_csv(above + "sku;stock;price;currency\nA;5;100;EUR\n")
+        assert [(s.sku, s.stock) for s in batch.skus] == [("A", 5)], repr(above)
+    with pytest.raises(InvalidInput) as wrong:  # rows keep their line in the file
+        parse_csv("\n,,\nsku,stock,price,currency\nA,5,0.5,EUR\n")
+    assert wrong.value.field == "row 4.price", wrong.value
+    with pytest.raises(InvalidInput) as empty:
+        parse_csv("\n,,,\n\n")
+    assert empty.value.message.startswith("csv: is empty: expected a header row"), empty.value
+
+
+def test_a_quote_never_closed_is_named_where_it_opened() -> None:
+    """An unclosed quote took every line after it as one cell: the file was refused as "row 2:
+    has 1 column" (a row with four), or, further down, by the last line's number."""
+    with pytest.raises(InvalidInput) as last:
+        parse_csv('sku,stock,price,currency\n"A,1,1,EUR\n')
+    assert last.value.message == 'row 2: a quote (") opened in this row is never closed'
+    with pytest.raises(InvalidInput) as early:
+        parse_csv('sku,title,stock,price,currency\nA,"Air,5,100,EUR\nB,Bee,5,100,EUR\n\n')
+    assert early.value.message.startswith('row 2: a quote (") opened'), early.value
+    with pytest.raises(InvalidInput) as stray:  # was read as "Ax", without a word
+        parse_csv('sku,stock,price,currency\n"A"x,1,1,EUR\n')
+    assert stray.value.field == "row 2", stray.value
+    # A quote inside a cell that is not quoted is the cell's, and a quoted cell may hold the
+    # separator or a line break (refused in a title, by the line its row starts on).
+    inches = parse_csv('sku,title,stock,price,currency\nA,"Air, 12"" wide",5,100,EUR\n'
+                       'B,Bee 9" wide,5,100,EUR\n')  # fmt: skip
+    assert [s.title for s in inches.skus] == ['Air, 12" wide', 'Bee 9" wide']
+    with pytest.raises(InvalidInput) as broken:
+        parse_csv('sku,title,stock,price,currency\nA,"two\nlines",5,100,EUR\n')
+    assert broken.value.field == "row 2.title", broken.value
+
+
 @pytest.mark.parametrize(("case", "content", "field"), BAD_CSV, ids=[c[0] for c in BAD_CSV])
 def test_bad_csv_writes_nothing(
     cli: Cli, counts: Any, tmp_path: Path, case: str, content: str, field: str
@@ -1641,3 +1677,23 @@ def test_a_sale_ended_before_its_start_says_it_never_opened(cli: Cli) -> None:
     line = cli("sale", "status", sale_id).out.splitlines()[1]
     assert line.startswith(f"  ended {ended['ended_at']}, before its start (it was to run "
                            f"{planned['starts_at']} to {planned['ends_at']})  "), line  # fmt: skip
+
+
+CSV_WORDS = ["sku", "stock", "price", "currency", "A", "5", "100", "EUR", ",", ";", "\t", '"',
+             "\n", "\r\n", " ", "x"]  # fmt: skip
+CSV_TEXT = st.lists(st.sampled_from(CSV_WORDS))
+
+
+@given(st.one_of(st.text(), CSV_TEXT.map("".join)))
+def test_any_csv_is_skus_or_refused_by_a_row_or_the_header(content: str) -> None:
+    """Whatever a file holds, reading it as SKUs gives them or says where it went wrong, with
+    every SKU at a row of the file (a field like ``row 3.price``)."""
+    lines = content.count("\n") + 1
+    try:
+        batch = parse_csv(content)
+    except InvalidInput as refused:
+        assert refused.field.split(".")[0] == "csv" or (
+            refused.field.startswith("row ") and 1 <= int(refused.field[4:].split(".")[0]) <= lines
+        ), refused
+    else:
+        assert batch.skus and all(1 < int(f[4:].split(".")[0]) <= lines for f in batch.fields)
