@@ -264,8 +264,9 @@ def test_the_link_to_a_sale_leads_to_it_after_the_login(stack: Settings, chromiu
 def test_the_live_page_fits_a_phone(stack: Settings, chromium: str) -> None:
     """An SRE paged away from a desk opens the live page on a phone: the page was 650 px wide
     at 360 (the two charts side by side, each at least 300 px, and the tables), so every
-    figure was read by scrolling sideways."""
-    with live_page(stack, chromium, "Pocket drop") as live:
+    figure was read by scrolling sideways. A sale's name with no space to break at (a
+    compound word, a model code) still ran past the screen."""
+    with live_page(stack, chromium, "Pocket-drop-" + "P" * 120) as live:
         page = live.page
         page.set_viewport_size({"width": 360, "height": 740})
         page.goto(f"{live.gw.base_url}/admin/#sale={live.sale}")
@@ -276,6 +277,10 @@ def test_the_live_page_fits_a_phone(stack: Settings, chromium: str) -> None:
         page.wait_for_selector("#skus tr[data-sku='S1']", timeout=10_000)
         page.wait_for_selector("#chart-sold canvas", timeout=10_000)
         assert page.evaluate(wide) <= 0, page.evaluate("document.documentElement.scrollWidth")
+        # The name wraps: its section scrolls, which hid most of it past the card's edge.
+        title = page.evaluate("(t => [t.scrollWidth, t.clientWidth])"
+                              "(document.getElementById('sale-title'))")  # fmt: skip
+        assert title[0] <= title[1], title
         page.click("#back")
         page.wait_for_selector(f"#sales :text('{live.sale}')", timeout=10_000)
         assert page.evaluate(wide) <= 0, page.evaluate("document.documentElement.scrollWidth")

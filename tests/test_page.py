@@ -838,6 +838,29 @@ def test_a_buyer_on_a_phone_sees_the_reservation_first(stack: Settings, chromium
         assert two["reserve"] < two["leave"], two
 
 
+def test_names_without_a_space_wrap_at_a_phones_width(stack: Settings, chromium: str) -> None:
+    """A title or a sale's name with no space to break at (a model code, a compound word, a
+    link) ran past the screen: the page was 4,252 px wide at 360."""
+    name = "Winter-drop-" + "W" * 120
+    spec = sale_spec(name, "S1", 5)
+    spec["skus"][0]["title"] = "Sneaker-" + "X" * 150
+    spec["skus"].append({**spec["skus"][0], "sku": "S2", "title": "Boot-" + "B" * 180})
+    with live_page(stack, chromium, name, spec=spec) as live:
+        gw, sale, page = live.gw, live.sale, live.page
+        page.set_viewport_size(PHONE)
+        gw.pump_forever(sale, ["S1", "S2"])
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'no-space')}")
+        page.wait_for_selector("#join:not([hidden])", timeout=10_000)
+        wider = "document.documentElement.scrollWidth - window.innerWidth"
+        assert page.evaluate(wider) <= 0, page.evaluate("document.documentElement.scrollWidth")
+        page.click("#join")
+        page.wait_for_selector("#state[data-state='admitted']", timeout=20_000)
+        assert page.evaluate(wider) <= 0, page.evaluate("document.documentElement.scrollWidth")
+        page.click("#reserve")
+        page.wait_for_selector("#result[data-outcome]", timeout=20_000)
+        assert page.evaluate(wider) <= 0, page.evaluate("document.documentElement.scrollWidth")
+
+
 def test_a_buyer_on_a_phone_sees_the_turn_above_a_catalogue(stack: Settings, chromium: str) -> None:
     """A catalogue's twelve products came first: on a phone, "It's your turn!" and Reserve
     were screens down the page, and a turn of a minute could pass unseen. A wrapped price also sat
