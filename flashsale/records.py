@@ -183,7 +183,9 @@ def idempotency_key(value: str | None, *, required: bool) -> str | None:
         return None
     if not value or not IDEMPOTENCY_KEY.match(value):
         rule = "1..100 of A-Z a-z 0-9 . _ : -"
-        raise InvalidInput("Idempotency-Key", f"must be {rule}, got {shown(value)}" if value
+        if value:
+            raise InvalidInput("Idempotency-Key", f"must be {rule}, got {shown(value)}")
+        raise InvalidInput("Idempotency-Key", f"is empty: give {rule}" if value == ""
                            else f"required header: {rule}")  # fmt: skip
     return value
 

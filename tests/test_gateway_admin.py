@@ -168,6 +168,10 @@ async def test_a_retried_create_gives_the_same_sale(http: TestClient[Any, Any]) 
                               headers={**auth(), "Idempotency-Key": value})  # fmt: skip
         assert bad.status == 422, (value, await bad.text())
         assert (await bad.json())["error"]["field"] == "Idempotency-Key"
+    # Said as what it is: this key is optional here, it was "required header".
+    assert (await bad.json())["error"]["message"].startswith(
+        "Idempotency-Key: is empty: give 1..100 of"
+    ), await bad.text()
     assert await pool.fetchval("SELECT count(*) FROM sales") == before  # nothing written
     plain = [await http.post("/admin/v1/sales", json=SALE, headers=auth()) for _ in range(2)]
     ids = {(await r.json())["id"] for r in plain}

@@ -76,7 +76,8 @@ async def test_bad_reservation_inputs_are_refused_and_change_nothing(gw: Gateway
         ("sku wrong type", {"body": {**GOOD, "sku": 7}}, 422, "invalid_input"),
         ("unknown sku", {"body": {**GOOD, "sku": "NOPE"}}, 404, "unknown_sku"),
         ("no payment token", {"body": {"sku": "SKU-1", "quantity": 1}}, 422, "invalid_input"),
-        ("no idempotency key", {"headers": {"Idempotency-Key": ""}}, 422, "invalid_input"),
+        ("no idempotency key", {"no_key": True}, 422, "invalid_input"),
+        ("empty idempotency key", {"headers": {"Idempotency-Key": ""}}, 422, "invalid_input"),
         ("bad idempotency key", {"headers": {"Idempotency-Key": "a b"}}, 422, "invalid_input"),
         ("no admission", {"admission": None}, 403, "not_admitted"),
         ("tampered admission", {"admission": tampered}, 403, "admission_invalid"),
@@ -99,6 +100,8 @@ async def test_bad_reservation_inputs_are_refused_and_change_nothing(gw: Gateway
         }
         if case.get("no_auth"):
             del headers["Authorization"]
+        if case.get("no_key"):
+            del headers["Idempotency-Key"]
         chosen = case.get("admission", admission)
         if chosen is not None:
             headers["X-Admission-Token"] = chosen
@@ -120,12 +123,14 @@ async def test_bad_reservation_inputs_are_refused_and_change_nothing(gw: Gateway
     key_rule = "1..100 of A-Z a-z 0-9 . _ : -"
     assert {name: said[name] for name in (
         "quantity as text", "quantity fraction", "quantity as bool", "sku wrong type",
-        "no idempotency key", "bad idempotency key", "no payment token")} == {
+        "no idempotency key", "empty idempotency key", "bad idempotency key",
+        "no payment token")} == {
         "quantity as text": "quantity: must be an integer, got '1'",
         "quantity fraction": "quantity: must be an integer, got 1.5",
         "quantity as bool": "quantity: must be an integer, got true",
         "sku wrong type": "sku: must be a SKU id of this sale, got 7",
         "no idempotency key": f"Idempotency-Key: required header: {key_rule}",
+        "empty idempotency key": f"Idempotency-Key: is empty: give {key_rule}",
         "bad idempotency key": f"Idempotency-Key: must be {key_rule}, got 'a b'",
         "no payment token": "payment_token: required: printable text of 1..200",
     }  # fmt: skip
