@@ -40,6 +40,7 @@ from gateway.metrics import ERROR_CODE
 from gateway.state import LIMITER, SETTINGS, SIGNERS
 
 MAX_BODY = 16 * 1024  # a buyer's request
+SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9-]{0,30}")  # an Authorization scheme, to be named
 # A merchandiser's: a sale file or CSV of 100,000 SKUs is about 3 MB. The admin token is
 # checked before any body is read (gateway.middleware.edge).
 MAX_ADMIN_BODY = 32 * 1024 * 1024
@@ -159,12 +160,20 @@ def parse_json(raw: bytes | str, *, unique: bool = False) -> Any:
 
 
 def bearer(request: web.Request) -> str:
-    """The token of ``Authorization: Bearer <token>``; 401 when absent or of another scheme."""
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthorized("missing bearer token", code="missing_token")
-    return token.strip()
+    """The token of ``Authorization: Bearer <token>``; 401 when absent, empty or of another
+    scheme, saying which."""
+    header = request.headers.get("Authorization")
+    scheme, _, token = (header or "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    if header is None:
+        said = "missing bearer token"
+    elif not header or scheme.lower() == "bearer":
+        said = "the bearer token is empty"
+    else:  # Basic credentials, a token without its scheme
+        kind = scheme if SCHEME.fullmatch(scheme) else "another"
+        said = f"Authorization must be 'Bearer <token>', got the {kind} scheme"
+    raise Unauthorized(said, code="missing_token")
 
 
 def client_ip(request: web.Request) -> str:
@@ -283,7 +292,9 @@ def queue_ticket(request: web.Request, sale_id: str) -> tuple[dict[str, Any], st
     """The request's queue ticket for ``sale_id``: (claims, buyer, position); 401 / 403."""
     raw = request.headers.get("X-Queue-Ticket")
     if not raw:
-        raise InvalidToken("missing", "missing X-Queue-Ticket header")
+        said = "missing X-Queue-Ticket header" if raw is None else "the X-Queue-Ticket header"
+        raise InvalidToken("missing", said if raw is None else f"{said} is empty: send the "
+                                                               "ticket of the join")  # fmt: skip
     claims = request.app[SIGNERS].ticket.verify(raw)
     buyer, position = buyer_subject(claims), claims.get("p")
     if claims.get("s") != sale_id:

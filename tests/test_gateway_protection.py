@@ -199,6 +199,41 @@ async def test_bad_queue_inputs(gw: Gateway) -> None:
     assert await gw.app[CLIENTS].redis.hlen(SaleKeys(other).members) == 0
 
 
+async def test_a_header_sent_empty_or_of_another_scheme_is_said_as_such(gw: Gateway) -> None:
+    """Every one of these said "missing …" or "… is required": a storefront whose variable was
+    empty, or that sent Basic credentials, looked for a header it had sent."""
+    sale = await gw.create_sale(stock=3)
+    join, status = f"/v1/sales/{sale}/queue", f"/v1/sales/{sale}/queue/status"
+    reserve = f"/v1/sales/{sale}/reservations"
+    buyer = {**auth(gw.token("alice")), "Idempotency-Key": "k-1"}
+    said = {}
+    for name, method, path, headers in (
+        ("no token", "POST", join, {}),
+        ("empty token", "POST", join, {"Authorization": "Bearer "}),
+        ("basic", "POST", join, {"Authorization": "Basic YWxpY2U6c2VjcmV0"}),
+        ("no ticket", "GET", status, {}),
+        ("empty ticket", "GET", status, {"X-Queue-Ticket": ""}),
+        ("no admission", "POST", reserve, buyer),
+        ("empty admission", "POST", reserve, {**buyer, "X-Admission-Token": " "}),
+    ):
+        response = await gw.http.request(method, path, headers=headers, json={})
+        body = await response.json()
+        said[name] = (response.status, body["error"]["code"], body["error"]["message"])
+    assert said == {
+        "no token": (401, "missing_token", "missing bearer token"),
+        "empty token": (401, "missing_token", "the bearer token is empty"),
+        "basic": (401, "missing_token",
+                  "Authorization must be 'Bearer <token>', got the Basic scheme"),
+        "no ticket": (401, "invalid_token", "missing X-Queue-Ticket header"),
+        "empty ticket": (401, "invalid_token",
+                         "the X-Queue-Ticket header is empty: send the ticket of the join"),
+        "no admission": (403, "not_admitted",
+                         "an X-Admission-Token is required: wait for admission"),
+        "empty admission": (403, "not_admitted", "the X-Admission-Token header is empty: "
+                            "send the admission_token of the admitted status answer"),
+    }, said  # fmt: skip
+
+
 async def test_rate_limits_are_429_with_retry_after(stack: Settings) -> None:
     async with gateway(stack, rate_per_buyer=Rate(1.0, 2)) as gw:
         sale = await gw.create_sale(stock=3)
