@@ -291,10 +291,11 @@ def sale_of(request: web.Request) -> str:
 def queue_ticket(request: web.Request, sale_id: str) -> tuple[dict[str, Any], str, int]:
     """The request's queue ticket for ``sale_id``: (claims, buyer, position); 401 / 403."""
     raw = request.headers.get("X-Queue-Ticket")
+    if raw is None:
+        raise InvalidToken("missing", "missing X-Queue-Ticket header")
     if not raw:
-        said = "missing X-Queue-Ticket header" if raw is None else "the X-Queue-Ticket header"
-        raise InvalidToken("missing", said if raw is None else f"{said} is empty: send the "
-                                                               "ticket of the join")  # fmt: skip
+        raise InvalidToken("missing", "the X-Queue-Ticket header is empty: "
+                                      "send the ticket of the join")  # fmt: skip
     claims = request.app[SIGNERS].ticket.verify(raw)
     buyer, position = buyer_subject(claims), claims.get("p")
     if claims.get("s") != sale_id:
