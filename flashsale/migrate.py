@@ -18,6 +18,7 @@ from functools import cache
 import asyncpg
 
 from flashsale.errors import ConfigError, SchemaBehind
+from flashsale.wording import counted
 
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 _LOCK_ID = 0x666C617368  # "flash": any constant shared by every runner
@@ -108,6 +109,24 @@ async def migrate(conn: asyncpg.Connection, progress: Callable[[str], None] = pr
             )
         progress(f"applied {migration.version:04d}_{migration.name}")
         applied_now.append(migration.version)
+    later = await _unknown(conn)
     if not applied_now:
-        progress("schema up to date")
+        progress("schema up to date" + (f" for this release; {later}" if later else ""))
+    elif later:
+        progress(later)
     return applied_now
+
+
+async def _unknown(conn: asyncpg.Connection) -> str:
+    """What the database has applied that this release does not ship (a newer release
+    migrated it, and this one was rolled back to), said in a line; "" when nothing."""
+    rows = await conn.fetch(
+        "SELECT version, name FROM schema_migrations WHERE NOT version = ANY($1::int[])"
+        " ORDER BY version", [m.version for m in _shipped()],
+    )  # fmt: skip
+    if not rows:
+        return ""
+    names = ", ".join(f"{r['version']:04d}_{r['name']}" for r in rows[:5])
+    more = ", …" if len(rows) > 5 else ""
+    return (f"the database also has {counted(len(rows), 'migration')} it does not know "
+            f"({names}{more}), applied by a newer release")  # fmt: skip

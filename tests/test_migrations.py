@@ -7,7 +7,7 @@ import asyncio
 import asyncpg
 import pytest
 
-from flashsale.migrate import available, migrate
+from flashsale.migrate import available, migrate, require_current
 
 from .conftest import Cli
 
@@ -33,6 +33,25 @@ async def test_migrations_apply_once_and_rerun_cleanly(fresh_dsn: str) -> None:
         assert {
             "sales", "sale_skus", "orders", "order_events", "payments", "inbox", "outbox",
         } <= tables  # fmt: skip
+    finally:
+        await conn.close()
+
+
+async def test_a_database_migrated_by_a_newer_release_is_said_to_be(fresh_dsn: str) -> None:
+    """After a rollback of the engine, `migrate` said "schema up to date" of a database with
+    migrations this release does not know; it still applies nothing, and the engine runs."""
+    conn = await asyncpg.connect(fresh_dsn)
+    try:
+        await migrate(conn, progress=lambda _: None)
+        await conn.execute("INSERT INTO schema_migrations (version, name, checksum) VALUES"
+                           " (9998, 'from_later', 'x'), (9999, 'and_another', 'y')")  # fmt: skip
+        lines: list[str] = []
+        assert await migrate(conn, progress=lines.append) == []
+        assert lines == [
+            "schema up to date for this release; the database also has 2 migrations it does "
+            "not know (9998_from_later, 9999_and_another), applied by a newer release"
+        ], lines
+        await require_current(conn)  # a rolling upgrade's older processes keep serving
     finally:
         await conn.close()
 
