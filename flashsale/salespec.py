@@ -367,9 +367,17 @@ class SkuImport:
 
 
 def parse_skus(data: Any) -> SkuImport:
-    """SKUs to add to a sale, as JSON: ``{"skus": [...]}`` in the sale file's form."""
+    """SKUs to add to a sale, as JSON: ``{"skus": [...]}`` in the sale file's form, or the
+    list alone. A whole sale file is refused, naming the command that makes a sale of it."""
+    if isinstance(data, list):
+        data = {"skus": data}
     if not isinstance(data, Mapping):
         raise InvalidInput("body", 'must be a JSON object {"skus": [...]} or a CSV')
+    setting = next((k for k in data if k in SALE_FILE_FIELDS and k != "skus"), None)
+    if setting is not None:
+        raise InvalidInput(setting, "is a sale's setting: SKUs are added from {\"skus\": [...]} "
+                                    "or a list of SKUs (a sale file makes a sale: `sale create "
+                                    "--file`)")  # fmt: skip
     _check_fields(data, ("skus",), "")
     batch = _sku_list(data.get("skus"))
     if not batch.skus:

@@ -1,4 +1,5 @@
-"""SKU rows from CSV, as a merchandiser's spreadsheet exports them.
+"""SKU rows from CSV, as a merchandiser's spreadsheet exports them (or, for an import, from
+JSON: :func:`parse_import`).
 
 The header names the SKU fields in any case, its columns separated by commas, semicolons or
 tabs (as a spreadsheet in the user's language exports them); a UTF-8 byte-order mark (Excel's
@@ -12,7 +13,8 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from flashsale.errors import InvalidInput, shown
 from flashsale.salespec import (
@@ -21,10 +23,19 @@ from flashsale.salespec import (
     SkuImport,
     SkuSpec,
     collect_sku,
+    parse_skus,
     refuse_all,
     reject_duplicates,
 )
 from flashsale.wording import counted
+
+
+def parse_import(content: str, read_json: Callable[[str], Any]) -> SkuImport:
+    """SKUs to add to a sale from a file or a body: JSON (``{"skus": [...]}`` or the list
+    alone, parsed by ``read_json``) when it opens as JSON, which no CSV header can, else CSV."""
+    if content.lstrip("\ufeff \t\r\n").startswith(("{", "[")):
+        return parse_skus(read_json(content))
+    return parse_csv(content)
 
 
 def parse_csv(content: str) -> SkuImport:

@@ -25,6 +25,7 @@ CREATE_KEY = {
 
 
 DELETED = obj({"id": ID, "deleted": {"const": True}}, ["id", "deleted"])
+SKU_LIST = {"type": "array", "items": SKU_SPEC, "minItems": 1}  # SKUs to import
 
 
 def admin_paths() -> dict[str, Any]:
@@ -260,8 +261,9 @@ def admin_paths() -> dict[str, Any]:
                 **op(
                     "importSkus",
                     "admin",
-                    'Add SKUs from CSV, or JSON {"skus": [...]} (all validated first; 409 '
-                    "sale_sold_out once the waiting room found the sale sold out)",
+                    'Add SKUs from CSV, or JSON {"skus": [...]} or the list alone (all '
+                    "validated first; 409 sale_sold_out once the waiting room found the sale "
+                    "sold out)",
                     {**ok(200, "The sale", SALE), **errors(*admin_errors)},
                     security="admin",
                     params=[*SALE_PATH, skus],
@@ -271,10 +273,7 @@ def admin_paths() -> dict[str, Any]:
                     "content": {
                         "text/csv": {"schema": {"type": "string"}},
                         "application/json": {
-                            "schema": obj(
-                                {"skus": {"type": "array", "items": SKU_SPEC, "minItems": 1}},
-                                ["skus"],
-                            )
+                            "schema": {"oneOf": [obj({"skus": SKU_LIST}, ["skus"]), SKU_LIST]}
                         },
                     },
                 },

@@ -416,7 +416,12 @@ async def test_csv_import_over_the_admin_api(http: TestClient[Any, Any]) -> None
     curl_d = await http.post(path, data=json.dumps({"skus": [{**sku, "sku": "GLOVE"}]}),
                              headers=form)  # fmt: skip
     assert curl_d.status == 200, await curl_d.text()
-    assert await pool.fetchval(count, sale_id) == 4
+    listed = await http.post(path, json=[{**sku, "sku": "BELT"}], headers=auth())  # the list
+    assert listed.status == 200, await listed.text()
+    assert await pool.fetchval(count, sale_id) == 5
+    whole = await http.post(path, json={**SALE, "skus": [{**sku, "sku": "SOCK"}]}, headers=auth())
+    said = (await whole.json())["error"]  # a sale file: its settings would be dropped unsaid
+    assert (whole.status, said["field"]) == (422, "name") and "sale create" in said["message"]
     for body, field in (({"skus": [{**sku, "sku": "X", "stock": 0}]}, "skus[0].stock"),
                         ({"skus": [sku]}, "skus[0].sku"),  # already in the sale
                         ({"skus": [{**sku, "sku": "Y"}, {**sku, "sku": "Y"}]}, "skus[1].sku"),
@@ -425,7 +430,7 @@ async def test_csv_import_over_the_admin_api(http: TestClient[Any, Any]) -> None
         bad_json = await http.post(path, json=body, headers=auth())
         assert bad_json.status == 422, (body, await bad_json.text())
         assert (await bad_json.json())["error"]["field"] == field, (body, await bad_json.text())
-    assert await pool.fetchval(count, sale_id) == 4
+    assert await pool.fetchval(count, sale_id) == 5
 
 
 async def test_a_catalogue_of_thousands_of_skus_imports_over_the_admin_api(

@@ -450,6 +450,30 @@ def test_import_csv_adds_skus(cli: Cli, db: Db, tmp_path: Path) -> None:
     assert (rows["CAP"]["title"], rows["CAP"]["per_buyer_limit"]) == ("CAP", 1)
 
 
+def test_skus_in_json_import_as_the_admin_api_takes_them(
+    cli: Cli, db: Db, counts: Any, tmp_path: Path
+) -> None:
+    """A JSON file of SKUs was read as CSV: "csv.header.{: unknown column", or (a list)
+    "malformed CSV". The admin API took {"skus": [...]}; both now take the list alone too."""
+    sale_id = create(cli, tmp_path)
+    sku = {"sku": "J1", "stock": 3, "price": 100, "currency": "EUR"}
+    for n, data in enumerate(({"skus": [sku]}, [{**sku, "sku": "J2"}])):
+        done = cli("sale", "import", write(tmp_path, data, f"skus{n}.json"), "--sale", sale_id)
+        assert done.code == 0, done.err
+    skus = {r["sku"] for r in db.rows("SELECT sku FROM sale_skus WHERE sale_id=$1", sale_id)}
+    assert {"J1", "J2"} <= skus, skus
+    before = counts()
+    whole = cli("sale", "import", write(tmp_path, {**SALE, "skus": [{**sku, "sku": "J3"}]}),
+                "--sale", sale_id)  # fmt: skip
+    assert whole.code == 2, whole.err
+    [line] = whole.err.strip().splitlines()
+    assert line.startswith("flashsale: error: ") and "sale create --file" in line, line
+    bad = cli("sale", "import", write(tmp_path, [{**sku, "stock": 0}], "bad.json"), "--sale",
+              sale_id)  # fmt: skip
+    assert bad.err.startswith("flashsale: error: skus[0].stock: "), bad.err
+    assert counts() == before
+
+
 def test_a_csv_saved_by_excel_imports(cli: Cli, db: Db, tmp_path: Path) -> None:
     # UTF-8 with a byte-order mark and CRLF line ends, as Excel writes "CSV UTF-8".
     sale_id = create(cli, tmp_path)

@@ -18,7 +18,7 @@ from allocator.sale_admin import SaleAdmin
 from flashsale.cli.checks import duration
 from flashsale.cli.flags import SALE_FLAGS, SKU_FLAGS, UPDATE_FLAGS, started_as_typed
 from flashsale.cli.output import Progress, Stages, dump_json, out
-from flashsale.cli.sale_files import read_input, read_json_file
+from flashsale.cli.sale_files import json_text, read_input, read_json_file
 from flashsale.cli.sale_views import (
     no_sales,
     print_changed,
@@ -39,7 +39,7 @@ from flashsale.salespec import (
     parse_sale,
 )
 from flashsale.settings import Settings
-from flashsale.sku_csv import parse_csv
+from flashsale.sku_csv import parse_import
 from flashsale.wording import counted
 
 
@@ -185,7 +185,7 @@ async def _import(settings: Settings, args: argparse.Namespace, stage: Stages) -
     stage(f"reading {args.file}")
     text = read_input(args.file)
     stage("checking every row")
-    batch = await asyncio.to_thread(parse_csv, text)
+    batch = await asyncio.to_thread(parse_import, text, json_text)
     stage(f"writing {counted(len(batch.skus), 'SKU')}")
     async with admin(settings) as sales:
         await sales.import_skus(args.sale, batch, with_skus=False)  # said in one line
@@ -263,8 +263,13 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
                         "separate Redis slots, for a SKU hotter than one Redis core (1..64, "
                         f"default {SKU_DEFAULTS['buckets']})")  # fmt: skip
 
-    imp = sale_sub.add_parser("import", help="add SKUs from a CSV file (all rows validated first)")
-    imp.add_argument("file", help="CSV with header sku,title,stock,price,currency,...")
+    imp = sale_sub.add_parser("import", help="add SKUs from a CSV or JSON file (all validated "
+                              "first)")  # fmt: skip
+    imp.add_argument(
+        "file",
+        help="CSV with header sku,title,stock,price,currency,...; or JSON: "
+        '{"skus": [...]} as in a sale file, or the list alone ("-": stdin)',
+    )
     imp.add_argument("--sale", required=True, help="sale id")
 
     listing = sale_sub.add_parser("list", help="list sales, newest first")

@@ -23,7 +23,11 @@ def read_input(path: str) -> str:
 
 
 def read_json_file(path: str) -> Any:
-    raw = read_input(path)
+    return json_text(read_input(path))
+
+
+def json_text(raw: str) -> Any:
+    """A file's text as JSON, each key once; bad input named ``file`` with where it fails."""
     try:
         return json.loads(raw, object_pairs_hook=unique_keys("file"))
     except json.JSONDecodeError as exc:
