@@ -52,10 +52,32 @@ BUSY = '{"error": {"code": "overloaded", "message": "busy"}}'
 
 
 def _buyer(gw: LiveGateway, buyer: str) -> str:
+    """What a shop's link carries after ``#token=``: the buyer's pass, and the payment method
+    the shop holds for them."""
+    return f"{_pass(gw, buyer)}&payment=tok_visa"
+
+
+def _pass(gw: LiveGateway, buyer: str) -> str:
     settings = gw.settings
     return Signer.from_setting(settings.buyer_token_secret.reveal(), "buyer").sign(
         {"sub": buyer}, 3600
     )
+
+
+def test_a_link_without_a_payment_method_takes_no_place(stack: Settings, chromium: str) -> None:
+    """A shop's link without `payment=` let the buyer queue, then reserved with a made-up
+    payment method ("tok_demo") that only the simulator takes: at a real provider every
+    such buyer's payment failed after their turn, and the unit was held for nothing."""
+    with live_page(stack, chromium, "Unpaid drop") as live:
+        gw, sale, page = live.gw, live.sale, live.page
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_pass(gw, 'no-card')}")
+        page.wait_for_selector("#state[data-state='no_payment']", timeout=15_000)
+        assert "payment method" in (page.text_content("#detail") or "")
+        assert page.is_hidden("#join")
+        # The shop's next link, with the payment method, carries on.
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'no-card')}")
+        page.reload()
+        page.wait_for_selector("#join:not([hidden])", timeout=15_000)
 
 
 def test_waiting_room_page_in_chromium(stack: Settings, chromium: str) -> None:
@@ -107,7 +129,7 @@ def test_waiting_room_page_in_chromium(stack: Settings, chromium: str) -> None:
             browser.close()
         held = requests.get(
             f"{gw.base_url}/v1/reservations/{rid}",
-            headers={"Authorization": f"Bearer {token}"},
+            headers={"Authorization": f"Bearer {_pass(gw, 'page-buyer')}"},
             timeout=10,
         )
         assert held.status_code == 200 and held.json()["state"] == "RELEASED"
@@ -449,7 +471,8 @@ def test_a_pass_from_the_shop_that_expired_is_explained_and_a_new_one_carries_on
     signer = Signer.from_setting(stack.buyer_token_secret.reveal(), "buyer")
     with live_page(stack, chromium, "Slow drop") as live:
         gw, sale, page = live.gw, live.sale, live.page
-        page.goto(f"{gw.base_url}/sales/{sale}#token={signer.sign({'sub': 'slow'}, 2)}")
+        card = "&payment=tok_visa"
+        page.goto(f"{gw.base_url}/sales/{sale}#token={signer.sign({'sub': 'slow'}, 2)}{card}")
         page.click("#join")
         page.wait_for_selector("#state[data-state='waiting']", timeout=10_000)
         time.sleep(2.5)  # the pass expires while the buyer waits
@@ -459,7 +482,7 @@ def test_a_pass_from_the_shop_that_expired_is_explained_and_a_new_one_carries_on
         page.wait_for_selector("#result:has-text('from the shop')", timeout=10_000)
         assert "invalid token" not in (page.text_content("#result") or "")
         page.goto("about:blank")  # back to the shop, whose link opens the page anew
-        page.goto(f"{gw.base_url}/sales/{sale}#token={signer.sign({'sub': 'slow'}, 600)}")
+        page.goto(f"{gw.base_url}/sales/{sale}#token={signer.sign({'sub': 'slow'}, 600)}{card}")
         page.wait_for_selector("#state[data-state='admitted']", timeout=20_000)
         page.click("#reserve")
         page.wait_for_selector("#result:has-text('Reserved')", timeout=20_000)
@@ -497,7 +520,7 @@ def test_an_admitted_buyer_is_told_the_sale_is_paused_and_keeps_the_turn(
 def _reserve_as(gw: LiveGateway, sale: str, buyer: str, sku: str) -> str:
     """``buyer`` joins, waits for admission and reserves ``sku``, over HTTP: the reservation's
     id."""
-    auth = {"Authorization": f"Bearer {_buyer(gw, buyer)}"}
+    auth = {"Authorization": f"Bearer {_pass(gw, buyer)}"}
     ticket = requests.post(f"{gw.base_url}/v1/sales/{sale}/queue", headers=auth,
                            timeout=10).json()["ticket"]  # fmt: skip
     deadline = time.monotonic() + 20
@@ -767,7 +790,7 @@ def test_the_quantity_offered_is_what_the_buyer_may_take(stack: Settings, chromi
         looked = requests.get(
             f"{gw.base_url}/v1/reservations/{reservation}",
             timeout=10,
-            headers={"Authorization": f"Bearer {_buyer(gw, 'pair')}"},
+            headers={"Authorization": f"Bearer {_pass(gw, 'pair')}"},
         )
         assert looked.json()["quantity"] == 2, looked.text
         other = page.context.browser.new_page()
@@ -920,7 +943,7 @@ def test_the_page_says_ended_or_sold_out_and_offers_no_join(stack: Settings, chr
             joined = requests.post(
                 f"{gw.base_url}/v1/sales/{full}/queue",
                 timeout=10,
-                headers={"Authorization": f"Bearer {_buyer(gw, f'q{i}')}"},
+                headers={"Authorization": f"Bearer {_pass(gw, f'q{i}')}"},
             )
             assert joined.status_code == 200, joined.text
             if joined.json()["state"] == "sold_out":
@@ -1162,7 +1185,7 @@ def test_a_storefront_on_another_origin_joins_polls_and_reserves(
         with live_gateway(stack, cors_origins=(origin,)) as gw:
             sale = create_live_sale(gw.base_url, stock=2, name="Cross-origin drop")
             gw.pump_forever(sale, ["S1"])
-            token = _buyer(gw, "shop-buyer")
+            token = _pass(gw, "shop-buyer")
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
                 page = browser.new_page()

@@ -31,8 +31,9 @@ PLAIN_HTTP = [*FLAGS, f"--host-resolver-rules=MAP {HOST} 127.0.0.1"]
 
 
 def _token(gw: LiveGateway, buyer: str) -> str:
+    """A shop's link after ``#token=``: the buyer's pass and the payment method held for them."""
     secret = gw.settings.buyer_token_secret.reveal()
-    return Signer.from_setting(secret, "buyer").sign({"sub": buyer}, 3600)
+    return f"{Signer.from_setting(secret, 'buyer').sign({'sub': buyer}, 3600)}&payment=tok_visa"
 
 
 def _plain_http(gw: LiveGateway) -> str:
