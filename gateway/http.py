@@ -40,7 +40,9 @@ from gateway.metrics import ERROR_CODE
 from gateway.state import LIMITER, SETTINGS, SIGNERS
 
 MAX_BODY = 16 * 1024  # a buyer's request
-SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9-]{0,30}")  # an Authorization scheme, to be named
+# The Authorization schemes named when one is sent instead of Bearer (anything else could be
+# part of a secret, and is not echoed).
+SCHEMES = {s.lower(): s for s in ("Basic", "Digest", "Negotiate", "NTLM", "Token", "JWT")}
 # A merchandiser's: a sale file or CSV of 100,000 SKUs is about 3 MB. The admin token is
 # checked before any body is read (gateway.middleware.edge).
 MAX_ADMIN_BODY = 32 * 1024 * 1024
@@ -170,9 +172,13 @@ def bearer(request: web.Request) -> str:
         said = "missing bearer token"
     elif not header or scheme.lower() == "bearer":
         said = "the bearer token is empty"
-    else:  # Basic credentials, a token without its scheme
-        kind = scheme if SCHEME.fullmatch(scheme) else "another"
-        said = f"Authorization must be 'Bearer <token>', got the {kind} scheme"
+    elif not token:  # a token alone: never echoed, it may be a secret
+        said = "Authorization must be 'Bearer <token>': the word Bearer is missing"
+    else:  # Basic credentials, say
+        kind = SCHEMES.get(scheme.lower())
+        said = "Authorization must be 'Bearer <token>', got " + (
+            f"the {kind} scheme" if kind else "another scheme"
+        )
     raise Unauthorized(said, code="missing_token")
 
 
