@@ -296,7 +296,12 @@ class SaleAdmin(SaleReads):
         SKU; should that commit fail, the reconciler rebuilds the SKU from Postgres."""
         sku = identifier(sku, "sku")
         async with self.pool.acquire() as conn, conn.transaction():
-            _, row = await self._sku_for_update(conn, sale_id, sku, lock_sale=True)
+            sale, row = await self._sku_for_update(conn, sale_id, sku, lock_sale=True)
+            others = [s for s in preloaded(await fetch_skus(conn, sale_id)) if s["sku"] != sku]
+            if sale["preloaded_at"] is not None and not others:  # buyers would queue for nothing
+                raise Conflict(f"{sku} is the last SKU of sale {sale_id} buyers can reserve: add "
+                               "and preload another first, or end the sale (`sale end`)",
+                               code="last_sku")  # fmt: skip
             if await conn.fetchval(
                 "SELECT EXISTS (SELECT 1 FROM orders WHERE sale_id = $1 AND sku = $2)",
                 sale_id, sku,
@@ -309,12 +314,11 @@ class SaleAdmin(SaleReads):
                 if outcome.startswith("refused"):
                     raise Conflict(f"{sku} was reserved ({outcome}): it stays in the sale",
                                    code="sku_has_holds")  # fmt: skip
-            left = preloaded(await fetch_skus(conn, sale_id))
             version = await conn.fetchval(SKUS_VERSION, sale_id)  # moved by the DELETE
             # Under the sale's lock: removals at once each wrote a list that kept the
             # other's SKU, written after their commits in any order.
             await self.scripts.set_fields(SaleKeys(sale_id).sale, {
-                "skus": ",".join(s["sku"] for s in left), "skus_version": str(version),
+                "skus": ",".join(s["sku"] for s in others), "skus_version": str(version),
             })  # fmt: skip
         return await self.get(sale_id) if with_skus else sale_json(await self.row(sale_id))
 

@@ -372,6 +372,19 @@ def test_a_sku_nobody_reserved_can_be_removed(
     assert cli("sale", "remove-sku", sale_id, "SNK-43").code == 1  # unknown now
 
 
+def test_the_last_sku_of_a_preloaded_sale_stays(cli: Cli, db: Db, tmp_path: Path) -> None:
+    """Removing it left a live sale with nothing to sell whose waiting room took buyers and
+    told them "waiting", about to be admitted, for good (the pump has no SKU to admit to)."""
+    sale_id = create(cli, tmp_path, _sku())
+    assert cli("sale", "preload", sale_id).code == 0
+    kept = cli("sale", "remove-sku", sale_id, "SNK-42")
+    assert kept.code == 1, kept.err
+    assert "last SKU" in kept.err and "sale end" in kept.err, kept.err
+    assert db.rows("SELECT 1 FROM sale_skus WHERE sale_id = $1", sale_id)
+    draft = create(cli, tmp_path, _sku())  # never preloaded: nothing reached buyers
+    assert cli("sale", "remove-sku", draft, "SNK-42").code == 0
+
+
 def test_preload_refuses_with_holds_and_force_keeps_them(
     cli: Cli, db: Db, rdb: redis.Redis, tmp_path: Path
 ) -> None:
