@@ -31,6 +31,7 @@ OPENING_P50_S = 0.2  # from the opening to the first admissions: about two pump 
 # to 0.5 s after the first in the 50,000-buyer demo)
 OPENING_P90_S = 0.7
 STEP_S = 0.2  # an admission waits for the pump's next step (0.1 s apart), plus rounding
+STALLED_MS = 5_000  # no pump step for this long since the opening: the allocator is down
 BURST_S = 0.5  # the pump's saved-up credit at the opening, in seconds of the rate
 PRIOR_SPREAD = 0.8  # until measured, the rate's 10th percentile is this share of the rate
 
@@ -52,6 +53,8 @@ def estimate(
     ``joining``: buyers joining the pre-queue per second now (they are drawn too)."""
     if v.status != "active":
         return None, None
+    if now_ms - max(v.beat_ms, v.starts_at_ms) > STALLED_MS:
+        return None, None  # no pump has stepped for a while: nobody can say when one will
     if v.serving == 0:  # nobody admitted yet: the opening and the configured rate
         until = max(0.0, (v.starts_at_ms - now_ms) / 1000)
         if position == 0:

@@ -65,6 +65,16 @@ def test_once_admitting_the_measured_rates_give_the_wait() -> None:
     assert estimate(dataclasses.replace(v, rate_p50=0.0, rate_p10=0.0), 600, 0) == (None, None)
 
 
+def test_no_wait_is_promised_while_no_pump_steps() -> None:
+    """With no allocator running (or a sale whose pump had nothing to admit to), the buyers
+    first in line were told "about 0 s" for good, as if the pump stepped."""
+    v = view(serving=500, beat_ms=START_MS + 5000, rate_p50=50.0, rate_p10=25.0)
+    assert estimate(v, 600, START_MS + 9000)[0] is not None  # a step 4 s ago: still running
+    assert estimate(v, 600, START_MS + 11_000) == (None, None)  # none for 6 s
+    assert estimate(view(), 30, START_MS + 3000)[0] is not None  # the opening's first steps
+    assert estimate(view(), 30, START_MS + 6000) == (None, None)  # no step since the opening
+
+
 def test_beyond_the_units_free_now_the_wait_is_unknown() -> None:
     # 10 units free, 8 admitted buyers expected to take them: 3 more places are reachable.
     v = view(serving=100, beat_ms=1, rate_p50=50.0, rate_p10=25.0, available=10,
