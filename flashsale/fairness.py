@@ -96,6 +96,7 @@ class Published:
     size: int | None = None  # as recorded with the root
     ended: bool = False  # the sale ended: a record still missing will never be made
     lost: bool = False  # Redis lost the drawn order before it was recorded: it never will be
+    unloaded: bool = False  # open, but never preloaded: nothing is drawn until it is
 
     @property
     def missing_why(self) -> str:
@@ -109,6 +110,11 @@ class Published:
             return (
                 "the sale ended before its pre-queue order was recorded: there is no order "
                 "to verify"
+            )
+        if self.unloaded:
+            return (
+                "the pre-queue is not drawn and recorded yet: the sale is open but was "
+                "never preloaded (`flashsale sale preload`), and its draw happens then"
             )
         return "the pre-queue is not drawn and recorded yet: that happens at the opening"
 
@@ -149,7 +155,8 @@ def problems(commitment: str, seed: str | None, members: list[str], root: str | 
 _SALE = """
 SELECT shuffle_seed, shuffle_commitment, starts_at <= now() AS started, prequeue_root,
        prequeue_size, (status = 'ended' OR ends_at <= now()) AS ended,
-       prequeue_lost_at IS NOT NULL AND prequeue_root IS NULL AS lost
+       prequeue_lost_at IS NOT NULL AND prequeue_root IS NULL AS lost,
+       starts_at <= now() AND preloaded_at IS NULL AS unloaded
 FROM sales WHERE id = $1
 """
 _MEMBERS = "SELECT member FROM prequeue_members WHERE sale_id = $1 ORDER BY position"
@@ -166,7 +173,7 @@ async def published(pool: asyncpg.Pool, sale_id: str) -> Published | None:
     commitment = row["shuffle_commitment"] or seed_commitment(row["shuffle_seed"])
     return Published(sale_id, commitment, row["shuffle_seed"] if row["started"] else None,
                      members, row["prequeue_root"], row["prequeue_size"],
-                     row["ended"], row["lost"])  # fmt: skip
+                     row["ended"], row["lost"], row["unloaded"])  # fmt: skip
 
 
 async def record_lost(pool: asyncpg.Pool, sale_id: str) -> None:

@@ -223,6 +223,18 @@ async def test_a_sale_ended_before_it_opened_says_it_has_no_order(gw: Gateway, c
         assert "not drawn and recorded yet" not in result.err
 
 
+async def test_a_sale_open_but_never_preloaded_says_what_its_draw_waits_for(
+    gw: Gateway, cli: Cli
+) -> None:
+    """Its opening past, verify said the draw "happens at the opening": it happens once the
+    sale is preloaded."""
+    sale = await gw.create_sale(stock=10, preload=False)
+    result = await asyncio.to_thread(cli, "fairness", "verify", sale)
+    assert result.code == 1, result.out + result.err
+    assert "never preloaded" in result.err and "sale preload" in result.err, result.err
+    assert "happens at the opening" not in result.err
+
+
 async def test_a_pre_queue_redis_lost_before_its_order_was_recorded_says_so(
     gw: Gateway, cli: Cli, monkeypatch: pytest.MonkeyPatch
 ) -> None:
