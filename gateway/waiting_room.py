@@ -146,6 +146,9 @@ async def join(request: web.Request) -> web.Response:
             raise Conflict(f"sale {sale_id} has ended", code="sale_ended")
         if sale["preloaded_at"] is not None:  # Redis lost the waiting room: being restored
             raise Unavailable("the waiting room is being restored; retry", code="unavailable")
+        if sale_state(sale) == "live":  # the merchant's to mend: FlashsaleSaleNotPreloaded
+            raise Conflict(f"sale {sale_id} is open but its waiting room is not ready yet (it "
+                           "was not preloaded); retry shortly", code="sale_not_open")  # fmt: skip
         raise Conflict(f"sale {sale_id} is not open for queueing yet", code="sale_not_open")
     if outcome == "ended":
         raise Conflict(f"sale {sale_id} has ended", code="sale_ended")

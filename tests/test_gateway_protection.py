@@ -183,6 +183,16 @@ async def test_bad_queue_inputs(gw: Gateway) -> None:
     unloaded = await gw.create_sale(stock=3, preload=False)
     not_open = await gw.http.post(f"/v1/sales/{unloaded}/queue", headers=auth(gw.token("a")))
     assert not_open.status == 409 and (await not_open.json())["error"]["code"] == "sale_not_open"
+    # Open, it was "not open for queueing yet", as one whose start is to come.
+    said = (await not_open.json())["error"]["message"]
+    assert (
+        said == f"sale {unloaded} is open but its waiting room is not ready yet (it was "
+        "not preloaded); retry shortly"
+    ), said
+    later = await gw.create_sale(stock=3, preload=False, starts_in=1800)
+    early = await gw.http.post(f"/v1/sales/{later}/queue", headers=auth(gw.token("a")))
+    said = (await early.json())["error"]["message"]
+    assert said == f"sale {later} is not open for queueing yet", said
 
     for headers, status, code in (
         ({}, 401, "invalid_token"),

@@ -645,6 +645,19 @@ def test_a_join_refused_before_the_start_is_said_and_not_overwritten_by_the_coun
         assert not page.text_content("#note"), page.text_content("#note")
 
 
+def test_a_join_refused_by_an_open_sale_not_preloaded_is_not_called_early(
+    stack: Settings, chromium: str
+) -> None:
+    """The page said "Registration has not opened yet" of a sale it showed as open."""
+    with live_page(stack, chromium, "Open, not ready", preload=False) as live:
+        gw, sale, page = live.gw, live.sale, live.page
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'on-time')}")
+        page.wait_for_selector("#state[data-state='live']", timeout=15_000)
+        page.click("#join")
+        page.wait_for_selector("#note:has-text('The waiting room is not ready yet')",
+                               timeout=5_000)  # fmt: skip
+
+
 def test_a_buyer_waiting_when_the_sale_is_ended_is_told_it_ended(
     stack: Settings, chromium: str
 ) -> None:
