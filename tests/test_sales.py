@@ -659,8 +659,9 @@ def test_create_with_a_key_is_once_and_orders_export_as_csv(
     assert "tok_secret" not in exported.out
     listed = cli("sale", "orders", sale_id, "--state", "confirmed")
     assert listed.code == 0 and "CONFIRMED" in listed.out
-    # The amount as a person reads it: the line said "12900 EUR" for a EUR 129 order.
-    assert "  129.00 EUR  " in listed.out, listed.out
+    # The amount as a person reads it: the line said "12900 EUR" for a EUR 129 order. And who
+    # bought it: only the CSV said, so a merchant shipping from the list had to export it.
+    assert "  129.00 EUR  buyer b1  " in listed.out, listed.out
     bad = cli("sale", "orders", sale_id, "--state", "shipped")
     assert bad.code == 2 and bad.err.startswith("flashsale: error: --state: ")
 

@@ -202,7 +202,7 @@ async def print_orders(sales: SaleAdmin, args: argparse.Namespace) -> None:
         for o in page:
             paid = f"{major(o['amount'], o['currency'])} {o['currency']}"
             out(f"{o['id']}  {o['state']:14}  {o['sku']}  x{o['quantity']}  {paid}  "
-                f"{o['created_at']}")  # fmt: skip
+                f"buyer {o['buyer_id']}  {o['created_at']}")  # fmt: skip
         if len(page) < MAX_PAGE:
             return
         after = page[-1]["id"]
