@@ -170,6 +170,10 @@ TYPED = [
     (("kafka", "dead-letters", "--limit", "0"), "--limit"),
     (("demo", "--decline", "2"), "--decline"),
     (("gateway", "--port", "0"), "--port"),
+    # Up to a billion processes were taken: a typo forked hundreds of gateways.
+    (("gateway", "--workers", "500"), "--workers"),
+    (("up", "--workers", "500"), "--workers"),
+    (("bench", "gateway", "--workers", "500"), "--workers"),
     # A flag of --once alone, given without it, started the reconciler service instead.
     (("reconcile", "--json"), "--json"),
     (("reconcile", "--once", "--ops-port", "9999"), "--ops-port"),

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flashsale.cli.checks import (
+    MAX_PROCESSES,
     output_file,
     output_folder,
     positive,
@@ -91,7 +92,7 @@ async def _gateway(args: argparse.Namespace, settings: Settings) -> int:
         seconds=positive(float, "seconds", args.seconds),
         rounds=positive(int, "rounds", args.rounds),
         concurrency=positive(int, "concurrency", args.concurrency),
-        workers=positive(int, "workers", args.workers),
+        workers=within("workers", args.workers, 1, MAX_PROCESSES),
     )
     json_path = output_file("json", args.json) if args.json else None
     service_settings(settings)
@@ -234,7 +235,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--rounds", default="5", help="interleaved rounds the seconds are split into (default 5)"
     )
     gw_bench.add_argument("--concurrency", default="64", help="requests in flight (default 64)")
-    gw_bench.add_argument("--workers", default="2", help="processes per server (default 2)")
+    gw_bench.add_argument("--workers", default="2", help="processes per server, 1..64 (default 2)")
 
     pl_bench = bench_sub.add_parser(
         "pipeline",

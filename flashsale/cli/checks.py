@@ -143,6 +143,9 @@ def free_to_listen(host: str, ports: dict[str, int]) -> None:
                 raise InvalidInput(field, f"cannot listen on {host}:{port}: {why}") from None
 
 
+MAX_PROCESSES = 64  # processes of one service a flag may ask for (a typo forked hundreds)
+
+
 def within(field: str, value: str, low: int, high: int) -> int:
     """A whole number within ``low..high``."""
     try:

@@ -12,6 +12,7 @@ from pathlib import Path
 from flashsale import event_loop
 from flashsale.cli import runners
 from flashsale.cli.checks import (
+    MAX_PROCESSES,
     fraction,
     free_to_listen,
     non_negative,
@@ -34,7 +35,7 @@ PSP_JOURNAL = "psp/charges.jsonl"  # the simulator's journal under `flashsale up
 
 def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
     port = port_number("port", args.port)
-    workers = positive(int, "workers", args.workers)
+    workers = within("workers", args.workers, 1, MAX_PROCESSES)
     service_settings(settings)
     only = args.reservations_only
     if workers == 1:
@@ -155,8 +156,8 @@ def cmd_psp(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     port = port_number("port", args.port)
-    workers = positive(int, "workers", args.workers)
-    listeners = within("reservation-workers", args.reservation_workers, 0, 64)
+    workers = within("workers", args.workers, 1, MAX_PROCESSES)
+    listeners = within("reservation-workers", args.reservation_workers, 0, MAX_PROCESSES)
     hung_after = within("hung-after", args.hung_after, 0, 3600)
     service_settings(settings)
     settings.require_kafka()
@@ -268,7 +269,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     gw.set_defaults(handler=cmd_gateway, serves=True)
     gw.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     gw.add_argument("--port", default="8080", help="TCP port (default 8080)")
-    gw.add_argument("--workers", default="1", help="processes (default 1)")
+    gw.add_argument("--workers", default="1", help="processes, 1..64 (default 1)")
     gw.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     gw.add_argument(
         "--reservations-only", action="store_true",
@@ -386,7 +387,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     up.set_defaults(handler=cmd_up, serves=True)
     up.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     up.add_argument("--port", default="8080", help="gateway port (default 8080)")
-    up.add_argument("--workers", default="2", help="gateway processes (default 2)")
+    up.add_argument("--workers", default="2", help="gateway processes, 1..64 (default 2)")
     up.add_argument("--allocator-port", help="allocator /healthz and /metrics (default PORT+1)")
     up.add_argument("--workers-port", help="workers /healthz and /metrics (default PORT+2)")
     up.add_argument("--psp-port", help="payment simulator port (default PORT+3)")
@@ -394,7 +395,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
                     help="reconciler /healthz and /metrics (default PORT+4)")  # fmt: skip
     up.add_argument("--reservation-workers", default="1",
                     help="gateway processes serving only admitted buyers' reservations, on "
-                    "their own port (default 1; 0: reserve on the gateway port)")  # fmt: skip
+                    "their own port, 0..64 (default 1; 0: reserve on the gateway "
+                    "port)")  # fmt: skip
     up.add_argument("--reservation-port",
                     help="port of those processes (default PORT+5)")  # fmt: skip
     up.add_argument("--hung-after", default=str(HUNG_AFTER_S), metavar="SECONDS",
