@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from flashsale.cli import build_parser
+from flashsale.cli import build_parser, main
 from flashsale.salespec import parse_sale
 from flashsale.wording import rerun
 from tests.conftest import Cli
@@ -241,3 +241,19 @@ def test_a_command_to_run_next_is_said_as_this_shell_can_run_it(
     monkeypatch.setenv("PATH", "/nowhere")  # run by its whole path
     monkeypatch.setenv("FLASHSALE_HOME", str(tmp_path / "my stack"))
     assert rerun("dev", "down") == f"FLASHSALE_HOME='{tmp_path}/my stack' {program} dev down"
+
+
+@pytest.mark.parametrize(
+    ("argv", "listed"),
+    [((), "sale"), (("sale",), "preload"), (("bench",), "allocate"), (("dev",), "status")],
+)
+def test_a_group_typed_alone_lists_its_commands(
+    capsys: pytest.CaptureFixture[str], argv: tuple[str, ...], listed: str
+) -> None:
+    """`flashsale sale` said only that an ACTION is required, not which there are."""
+    with pytest.raises(SystemExit) as exited:
+        main(list(argv))
+    assert exited.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert any(line.split()[:1] == [listed] for line in lines), lines  # its list
+    assert lines[-1].startswith("flashsale") and ": error: " in lines[-1], lines[-1]

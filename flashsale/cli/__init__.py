@@ -21,8 +21,9 @@ import argparse
 import asyncio
 import os
 import re
+import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from flashsale import __version__, event_loop
 from flashsale.cli import bench, buyers, dev, load, sale, serve
@@ -35,6 +36,8 @@ from flashsale.outages import describe, is_outage, schema_error, server_of, sett
 from flashsale.parent import PARENT_PID, follow_parent
 from flashsale.settings import Settings
 
+GROUP_WORDS = ("COMMAND", "ACTION", "BENCHMARK", "KIND")  # the metavars of the groups' commands
+
 
 class Parser(argparse.ArgumentParser):
     """argparse's parser (and its subcommands'), reading a word that starts with a minus and a
@@ -46,6 +49,14 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = re.compile(r"-\.?\d")
         self.register("action", "parsers", _Commands)
+
+    def error(self, message: str) -> NoReturn:
+        """A group typed without its command (``flashsale sale``) shows its list of commands
+        above the error, which said only that one is required."""
+        if message.rpartition(": ")[2] in GROUP_WORDS:
+            self.print_help(sys.stderr)
+            self.exit(2, f"{self.prog}: error: {message}\n")
+        super().error(message)
 
 
 class _Commands(argparse._SubParsersAction):  # type: ignore[type-arg]
