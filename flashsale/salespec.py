@@ -281,8 +281,12 @@ def as_sale_file(sale: Mapping[str, Any]) -> dict[str, Any]:
 
 def parse_sale(data: Any, *, now: datetime | None = None) -> SaleSpec:
     """A whole sale from the sale file format (see README). Optional fields get defaults."""
+    imported = "`sale import FILE --sale ID` adds SKUs to a sale"  # a file of SKUs alone
     if not isinstance(data, Mapping):
-        raise InvalidInput("sale", "must be a JSON object")
+        raise InvalidInput("sale", "must be a JSON object" + (
+            f", not a list: {imported}" if isinstance(data, list) else ""))  # fmt: skip
+    if set(data) == {"skus"}:
+        raise InvalidInput("name", f"is required: a sale file names its sale ({imported})")
     own = sorted(SHOWN_ONLY.intersection(data))
     if own:
         raise InvalidInput(own[0], "is the sale's own (as `sale show` prints it), not a sale "

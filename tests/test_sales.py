@@ -1222,6 +1222,16 @@ def test_an_end_before_the_start_is_told_both() -> None:
     ), refused.value
 
 
+def test_a_file_of_skus_given_as_a_sale_says_where_skus_go() -> None:
+    """A list of SKUs, or {"skus": [...]} alone, given to `sale create` was "must be a JSON
+    object" and "name: must be a non-empty string": nothing said they belong to an import."""
+    sku = SALE["skus"][1]
+    for data, field in (([sku], "sale"), ({"skus": [sku]}, "name")):
+        with pytest.raises(InvalidInput) as refused:
+            parse_sale(data)
+        assert refused.value.field == field and "sale import" in refused.value.message, refused
+
+
 def test_a_currency_in_lower_case_is_refused_with_the_code_that_would_be_accepted() -> None:
     # It said "unknown ISO 4217 currency 'eur'", as for a code that does not exist.
     with pytest.raises(InvalidInput) as refused:
