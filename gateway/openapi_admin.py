@@ -148,7 +148,8 @@ def admin_paths() -> dict[str, Any]:
             "delete": op(
                 "removeSku",
                 "admin",
-                "Take a SKU nobody reserved out of the sale (409 once it has orders or holds)",
+                "Take a SKU nobody reserved out of the sale (409 once it has orders or holds, "
+                "and 409 last_sku for the last SKU of a preloaded sale)",
                 {**ok(200, "The sale", SALE), **errors(*admin_errors)},
                 security="admin",
                 params=[
