@@ -235,7 +235,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--rounds", default="5", help="interleaved rounds the seconds are split into (default 5)"
     )
     gw_bench.add_argument("--concurrency", default="64", help="requests in flight (default 64)")
-    gw_bench.add_argument("--workers", default="2", help="processes per server, 1..64 (default 2)")
+    gw_bench.add_argument(
+        "--workers", default="2", help=f"processes per server, 1..{MAX_PROCESSES} (default 2)"
+    )
 
     pl_bench = bench_sub.add_parser(
         "pipeline",

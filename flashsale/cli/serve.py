@@ -269,7 +269,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     gw.set_defaults(handler=cmd_gateway, serves=True)
     gw.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     gw.add_argument("--port", default="8080", help="TCP port (default 8080)")
-    gw.add_argument("--workers", default="1", help="processes, 1..64 (default 1)")
+    gw.add_argument("--workers", default="1", help=f"processes, 1..{MAX_PROCESSES} (default 1)")
     gw.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     gw.add_argument(
         "--reservations-only", action="store_true",
@@ -387,7 +387,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     up.set_defaults(handler=cmd_up, serves=True)
     up.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     up.add_argument("--port", default="8080", help="gateway port (default 8080)")
-    up.add_argument("--workers", default="2", help="gateway processes, 1..64 (default 2)")
+    up.add_argument(
+        "--workers", default="2", help=f"gateway processes, 1..{MAX_PROCESSES} (default 2)"
+    )
     up.add_argument("--allocator-port", help="allocator /healthz and /metrics (default PORT+1)")
     up.add_argument("--workers-port", help="workers /healthz and /metrics (default PORT+2)")
     up.add_argument("--psp-port", help="payment simulator port (default PORT+3)")
@@ -395,8 +397,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
                     help="reconciler /healthz and /metrics (default PORT+4)")  # fmt: skip
     up.add_argument("--reservation-workers", default="1",
                     help="gateway processes serving only admitted buyers' reservations, on "
-                    "their own port, 0..64 (default 1; 0: reserve on the gateway "
-                    "port)")  # fmt: skip
+                    f"their own port, 0..{MAX_PROCESSES} (default 1; 0: reserve on the "
+                    "gateway port)")  # fmt: skip
     up.add_argument("--reservation-port",
                     help="port of those processes (default PORT+5)")  # fmt: skip
     up.add_argument("--hung-after", default=str(HUNG_AFTER_S), metavar="SECONDS",
