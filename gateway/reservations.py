@@ -97,10 +97,11 @@ STALE_ADMISSION = ("this admission token has expired: the queue status answers w
 def _admission(request: web.Request, sale_id: str, buyer: str) -> tuple[int, int]:
     """(position, deadline ms) of the request's admission token; 403 for any problem."""
     raw = request.headers.get("X-Admission-Token")
+    if raw is None:
+        raise Forbidden("an X-Admission-Token is required: wait for admission", code="not_admitted")
     if not raw:
-        raise Forbidden("an X-Admission-Token is required: wait for admission" if raw is None
-                        else "the X-Admission-Token header is empty: send the admission_token"
-                        " of the admitted status answer", code="not_admitted")  # fmt: skip
+        raise Forbidden("the X-Admission-Token header is empty: send the admission_token of the "
+                        "admitted status answer", code="not_admitted")  # fmt: skip
     try:
         claims = request.app[SIGNERS].admission.verify(raw)
     except InvalidToken as exc:
