@@ -1,5 +1,5 @@
 """A sale's settings and state: pause / resume / end, the admission rate, the sale file's
-fields and a SKU's title and price.
+fields and a SKU's title, price, currency, per-buyer limit and hold time.
 
 Postgres first (it is the truth), then the sale's Redis hashes, while the sale's row is still
 locked: changes at once reach Redis in the order Postgres took them (written after the commit,
@@ -141,12 +141,24 @@ async def update(sales: SaleReads, sale_id: str, changes: Mapping[str, Any], *,
     return await sales.get(sale_id) if with_skus else sale_json(row)
 
 
+# A SKU's fields a change may name: the title any time before the end, the others before the
+# start (a buyer never pays another price, nor meets another limit or hold time, than those
+# in force when the sale opened).
+SKU_EDITABLE = ("title", "price", "currency", "per_buyer_limit", "hold_ttl_seconds")
+SKU_LIVE_EDITABLE = ("title",)
+
+
 async def update_sku(sales: SaleReads, sale_id: str, sku: str, changes: Mapping[str, Any], *,
                      with_skus: bool = True) -> dict[str, Any]:  # fmt: skip
-    """Change a SKU's ``title`` (any time before the end) or ``price`` (before the start:
-    a buyer never pays another price than the one shown when the sale opened). Returns the
-    sale with its SKUs, or with the changed one alone unless ``with_skus``."""
-    _only(changes, ("title", "price"), "unknown field (title and price can change)")
+    """Change a SKU's ``title`` (any time before the end), or its ``price``, ``currency``,
+    ``per_buyer_limit`` or ``hold_ttl_seconds`` (before the start). Returns the sale with its
+    SKUs, or with the changed one alone unless ``with_skus``."""
+    _only(changes, SKU_EDITABLE, f"unknown field (can change: {', '.join(SKU_EDITABLE)})")
+    # A SKU's file reads an empty field as left out, so as its default; a change has no
+    # default to go back to: a null limit became 1, an empty title the SKU id.
+    empty = next((name for name, value in changes.items() if value in (None, "")), None)
+    if empty is not None:
+        raise InvalidInput(empty, "is empty: give the new value")
     async with sales.pool.acquire() as conn, conn.transaction():
         sale = await sales.sale_row(conn, sale_id, lock=True)
         row = await conn.fetchrow(
@@ -157,20 +169,23 @@ async def update_sku(sales: SaleReads, sale_id: str, sku: str, changes: Mapping[
         state = sale_state(sale)
         if state == "ended":
             raise Conflict(f"sale {sale_id} has ended", code="sale_ended")
-        if "price" in changes and state != "scheduled":
-            raise Conflict("price cannot change once the sale has started",
-                           code="sale_started")  # fmt: skip
-        merged = {"sku": sku, "title": row["title"], "stock": row["stock_total"],
-                  "price": row["price"], "currency": row["currency"],
-                  "per_buyer_limit": row["per_buyer_limit"], **changes}  # fmt: skip
+        fixed = sorted(set(changes) - set(SKU_LIVE_EDITABLE))
+        if fixed and state != "scheduled":
+            raise Conflict(f"{fixed[0]} cannot change once the sale has started (it can: "
+                           f"{', '.join(SKU_LIVE_EDITABLE)})", code="sale_started")  # fmt: skip
+        merged = {"sku": sku, "stock": row["stock_total"],
+                  **{field: row[field] for field in SKU_EDITABLE}, **changes}  # fmt: skip
         spec = parse_sku(merged, "")
         updated = await conn.fetchrow(
-            "UPDATE sale_skus SET title = $3, price = $4 WHERE sale_id = $1 AND sku = $2"
-            " RETURNING *", sale_id, sku, spec.title, spec.price,
+            "UPDATE sale_skus SET title = $3, price = $4, currency = $5, per_buyer_limit = $6,"
+            " hold_ttl_seconds = $7 WHERE sale_id = $1 AND sku = $2 RETURNING *",
+            sale_id, sku, spec.title, spec.price, spec.currency, spec.per_buyer_limit,
+            spec.hold_ttl_seconds,
         )  # fmt: skip
-        meta = sku_meta(sale, updated)
+        meta = sku_meta(sale, updated)  # the scripts' copy; the title is Postgres's alone
+        written = {k: meta[k] for k in ("price", "currency", "per_buyer_limit", "hold_ttl_ms")}
         for keys in bucket_keys(sale_id, sku, updated["buckets"]):
-            await sales.scripts.set_fields(keys.meta, {"price": meta["price"]})
+            await sales.scripts.set_fields(keys.meta, written)
     return await sales.get(sale_id) if with_skus else sale_json(sale, [updated])
 
 

@@ -241,8 +241,8 @@ async def update_sale(request: web.Request) -> web.Response:
 
 
 async def update_sku(request: web.Request) -> web.Response:
-    """``PATCH /admin/v1/sales/{sale}/skus/{sku}``: a SKU's title, or its price before the
-    start."""
+    """``PATCH /admin/v1/sales/{sale}/skus/{sku}``: a SKU's title, or before the start its
+    price, currency, per-buyer limit or hold time."""
     body = await json_body(request, unique=True)
     m = request.match_info
     sales, every = request.app[SALES], with_skus(request)

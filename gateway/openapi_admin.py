@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from allocator.sale_settings import SKU_EDITABLE
 from gateway.openapi_parts import IDEMPOTENCY_KEY, SALE_PATH, errors, ok, op, query
 from gateway.openapi_reports import ARCHIVED, AUDIT, ROOM, SALE_STATUS
 from gateway.openapi_schemas import ID, NULLABLE_STRING, SALE, SALE_SPEC, SKU_SPEC, TIME, obj
@@ -161,7 +162,8 @@ def admin_paths() -> dict[str, Any]:
             "patch": op(
                 "updateSku",
                 "admin",
-                "Change a SKU's title, or its price before the start",
+                "Change a SKU's title, or before the start its price, currency, per-buyer limit "
+                "or hold time",
                 {**ok(200, "The sale", SALE), **errors(*admin_errors)},
                 security="admin",
                 params=[
@@ -170,7 +172,7 @@ def admin_paths() -> dict[str, Any]:
                     skus,
                 ],
                 body=obj(
-                    {"title": {"type": "string"}, "price": {"type": ["integer", "string"]}},
+                    {field: SKU_SPEC["properties"][field] for field in SKU_EDITABLE},
                     additionalProperties=False,
                 ),
             ),

@@ -705,3 +705,40 @@ async def test_a_buyer_behind_units_all_held_is_told_only_returns_can_reach_them
     # offered no join while the unit was held and might come back.
     info = await (await gw.http.get(f"/v1/sales/{sale}")).json()
     assert (info["skus"][0]["remaining"], info["skus"][0]["sold_out"]) == (0, False), info
+
+
+async def test_a_skus_limit_and_hold_time_are_set_again_before_the_start(gw: Gateway) -> None:
+    """A merchandiser who made a sale with a limit of 1 could not make it 2 before the start:
+    only the title and price could change, and the last SKU of a preloaded sale cannot be
+    taken out and put back. Before the start the limit, the hold time and the currency change
+    with the price; the scripts decide by the new ones; once the sale runs they are fixed."""
+    sale = await gw.create_sale(stock=5, limit=1, starts_in=1.5)
+    sku = f"/admin/v1/sales/{sale}/skus/SKU-1"
+    changed = await gw.http.patch(sku, json={"per_buyer_limit": 3, "hold_ttl_seconds": 300},
+                                  headers=auth(ADMIN))  # fmt: skip
+    assert changed.status == 200, await changed.text()
+    [row] = (await changed.json())["skus"]
+    assert (row["per_buyer_limit"], row["hold_ttl_seconds"]) == (3, 300), row
+    meta = await gw.app[CLIENTS].redis.hmget(SkuKeys(sale, "SKU-1").meta, "per_buyer_limit",
+                                             "hold_ttl_ms")  # fmt: skip
+    assert meta == [b"3", b"300000"]
+    # Refused, not read as "left out" (the default: a limit of 1, the SKU id as the title).
+    for bad in ({"per_buyer_limit": 0}, {"per_buyer_limit": None}, {"title": ""},
+                {"hold_ttl_seconds": None}):  # fmt: skip
+        refused = await gw.http.patch(sku, json=bad, headers=auth(ADMIN))
+        assert refused.status == 422, bad
+        assert (await refused.json())["error"]["field"] == next(iter(bad)), bad
+    assert await gw.app[CLIENTS].redis.hget(SkuKeys(sale, "SKU-1").meta, "per_buyer_limit") == b"3"
+
+    await asyncio.sleep(1.6)  # the opening
+    gw.pump(sale)
+    _, joined = await gw.join(sale, "bulk")
+    admission = (await gw.admitted(sale, joined["ticket"]))["admission_token"]
+    three = {"sku": "SKU-1", "quantity": 3, "payment_token": "tok_ok"}
+    code, reserved = await gw.reserve(sale, "bulk", admission, body=three)
+    assert code == 201, reserved
+    held = datetime.fromisoformat(reserved["hold_expires_at"]) - datetime.now(UTC)
+    assert timedelta(seconds=280) < held <= timedelta(seconds=300), held
+
+    late = await gw.http.patch(sku, json={"per_buyer_limit": 5}, headers=auth(ADMIN))
+    assert late.status == 409 and (await late.json())["error"]["code"] == "sale_started"

@@ -615,6 +615,35 @@ def test_a_scheduled_sale_is_edited_from_the_cli(cli: Cli, db: Db, counts: Any,
     assert (again["name"], again["admission_window_seconds"]) == ("Moved drop", 90)
 
 
+def test_a_skus_limit_hold_time_and_currency_change_before_the_start(
+    cli: Cli, db: Db, rdb: redis.Redis, tmp_path: Path
+) -> None:
+    """`update-sku` took --title and --price only: a limit of 1 meant 2 needed a new sale."""
+    sale_id = create(cli, tmp_path)
+    assert cli("sale", "preload", sale_id).code == 0
+    changed = cli("sale", "update-sku", sale_id, "SNK-42", "--limit", "2", "--ttl", "300",
+                  "--currency", "USD")  # fmt: skip
+    assert changed.code == 0, changed.err
+    assert changed.out == (
+        f"{sale_id} SNK-42: currency USD, per_buyer_limit 2, hold_ttl_seconds 300\n"
+    ), changed.out
+    [row] = db.rows("SELECT currency, per_buyer_limit, hold_ttl_seconds FROM sale_skus"
+                    " WHERE sale_id=$1 AND sku='SNK-42'", sale_id)  # fmt: skip
+    assert tuple(row.values()) == ("USD", 2, 300)
+    meta = rdb.hmget(SkuKeys(sale_id, "SNK-42").meta, "currency", "per_buyer_limit",
+                     "hold_ttl_ms")  # fmt: skip
+    assert meta == ["USD", "2", "300000"]
+    for flag, value in (("--limit", "0"), ("--ttl", "0"), ("--currency", "euro")):
+        refused = cli("sale", "update-sku", sale_id, "SNK-42", flag, value)
+        assert refused.code == 2 and refused.err.startswith(f"flashsale: error: {flag}: "), (
+            refused.err
+        )
+    none = cli("sale", "update-sku", sale_id, "SNK-42")
+    assert none.err.strip() == (
+        "flashsale: error: update-sku: give --title, --price, --currency, --limit or --ttl"
+    ), none.err
+
+
 def test_a_price_is_refused_whose_largest_order_an_order_cannot_hold(
     cli: Cli, db: Db, tmp_path: Path
 ) -> None:
@@ -1337,6 +1366,11 @@ def test_a_started_sales_fixed_settings_are_named_by_their_flags(cli: Cli) -> No
     price = cli("sale", "update-sku", sale_id, "A", "--price", "2")
     assert price.code == 1, price.err
     assert price.err.startswith("flashsale: error: --price cannot change"), price.err
+    limit = cli("sale", "update-sku", sale_id, "A", "--limit", "2")
+    assert limit.code == 1, limit.err
+    assert limit.err.strip() == (
+        "flashsale: error: --limit cannot change once the sale has started (it can: --title)"
+    ), limit.err
 
 
 BAD_CSV = [

@@ -1,12 +1,15 @@
 """Refused input named as it was typed: `--limit`, `--starts-in`, `N`, not the program's own
 name for what it sets (`limit`, `starts-in`, or a sale field's path in a sale file or the admin
 API, `skus[0].per_buyer_limit`). Every command's flags and arguments come from its parser; the
-`flashsale sale` commands add the sale field each of theirs sets."""
+`flashsale sale` commands add the sale field each of theirs sets, and the sale or SKU change
+their flags make."""
 
 from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Mapping
+from typing import Any
 
 from flashsale.errors import Conflict, InvalidInput
 
@@ -34,12 +37,32 @@ UPDATE_FLAGS = {
     "window": "admission_window_seconds", "capacity": "admission_capacity",
     "challenge": "join_challenge", "challenge_max": "join_challenge_max",
 }  # fmt: skip
+# `sale update-sku` flags and the SKU field each sets.
+SKU_UPDATE_FLAGS = {
+    attr: SKU_FLAGS[attr] for attr in ("title", "price", "currency", "limit", "ttl")
+}
 # The positional N of the commands that take one, by the field it sets.
 ARGUMENTS = {
     "add-stock": {"add": "N"},
     "remove-stock": {"remove": "N"},
     "set-rate": {"admission_rate": "N"},
 }
+
+
+def given(args: argparse.Namespace, flags: Mapping[str, str]) -> dict[str, Any]:
+    """The field each of ``flags`` that was typed sets, with what was typed."""
+    return {field: getattr(args, attr) for attr, field in flags.items() if getattr(args, attr)}
+
+
+def sale_from_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """`sale create` without --file: the sale file its flags make."""
+    data = given(args, SALE_FLAGS)
+    sku = given(args, SKU_FLAGS)
+    if args.sku:
+        data["skus"] = [{"sku": args.sku, **sku}]
+    elif sku:
+        raise InvalidInput("sku", "--sku is required with --stock/--price/--currency/...")
+    return data
 
 
 def _flag(attribute: str) -> str:
@@ -106,7 +129,7 @@ def _sale_names(args: argparse.Namespace) -> dict[str, str]:
                 typed[f"{when}_at"] = f"--{when}-in"
         return typed
     if command == "update-sku":
-        return {"title": "--title", "price": "--price"}
+        return {field: _flag(attr) for attr, field in SKU_UPDATE_FLAGS.items()}
     return ARGUMENTS.get(command, {})
 
 

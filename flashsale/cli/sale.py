@@ -12,11 +12,18 @@ import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Any
 
 from allocator.sale_admin import SaleAdmin
 from flashsale.cli.checks import duration
-from flashsale.cli.flags import SALE_FLAGS, SKU_FLAGS, UPDATE_FLAGS, started_as_typed
+from flashsale.cli.flags import (
+    SALE_FLAGS,
+    SKU_FLAGS,
+    SKU_UPDATE_FLAGS,
+    UPDATE_FLAGS,
+    given,
+    sale_from_flags,
+    started_as_typed,
+)
 from flashsale.cli.output import Progress, Stages, dump_json, out
 from flashsale.cli.sale_files import json_text, read_input, read_json_file
 from flashsale.cli.sale_views import (
@@ -53,18 +60,6 @@ async def admin(settings: Settings) -> AsyncIterator[SaleAdmin]:
         pool = await pg_pool(settings, max_size=4)
         opened.push_async_callback(pool.close)
         yield SaleAdmin.build(pool, client)
-
-
-def sale_from_flags(args: argparse.Namespace) -> dict[str, Any]:
-    data: dict[str, Any] = {
-        key: getattr(args, flag) for flag, key in SALE_FLAGS.items() if getattr(args, flag)
-    }
-    sku = {key: getattr(args, flag) for flag, key in SKU_FLAGS.items() if getattr(args, flag)}
-    if args.sku:
-        data["skus"] = [{"sku": args.sku, **sku}]
-    elif sku:
-        raise InvalidInput("sku", "--sku is required with --stock/--price/--currency/...")
-    return data
 
 
 async def cmd_sale(args: argparse.Namespace, settings: Settings) -> int:
@@ -154,20 +149,21 @@ async def _sale(args: argparse.Namespace, settings: Settings) -> int:
             changes = {field: getattr(args, attr) for attr, field in UPDATE_FLAGS.items()
                        if getattr(args, attr) is not None}  # fmt: skip
             for when in ("starts", "ends"):  # --starts-in, --ends-in: that long from now
-                if (given := getattr(args, f"{when}_in")) and getattr(args, f"{when}_at"):
+                if (length := getattr(args, f"{when}_in")) and getattr(args, f"{when}_at"):
                     raise InvalidInput(f"{when}-in", f"give either --{when}-at or --{when}-in, "
                                                      "not both")  # fmt: skip
-                if given:
-                    at = datetime.now(UTC) + duration(f"{when}-in", given)
+                if length:
+                    at = datetime.now(UTC) + duration(f"{when}-in", length)
                     changes[f"{when}_at"] = at.isoformat()
             if not changes:
                 raise InvalidInput("update", "give at least one setting to change")
             print_changed(await sales.update(args.sale, changes, with_skus=False), changes,
                           as_json=args.json)  # fmt: skip
         elif command == "update-sku":
-            changes = {k: v for k, v in (("title", args.title), ("price", args.price)) if v}
+            changes = given(args, SKU_UPDATE_FLAGS)
             if not changes:
-                raise InvalidInput("update-sku", "give --title or --price")
+                raise InvalidInput("update-sku", "give --title, --price, --currency, --limit "
+                                                 "or --ttl")  # fmt: skip
             changed = await sales.update_sku(args.sale, args.sku, changes, with_skus=False)
             print_changed(changed["skus"][0], changes, as_json=args.json, sale=args.sale)
         elif command == "set-rate":
@@ -381,13 +377,17 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     update.add_argument("--challenge", help="proof-of-work bits asked at join, 0..24")
     update.add_argument("--challenge-max", help="most bits as the join rate rises (0: fixed)")
     update_sku = sale_sub.add_parser(
-        "update-sku", help="change a SKU's title, or its price before the start"
-    )
+        "update-sku", help="change a SKU's title, or before the start its price, currency, "
+        "per-buyer limit or hold time",
+    )  # fmt: skip
     update_sku.add_argument("sale", help="sale id")
     update_sku.add_argument("sku", help="SKU id")
     update_sku.add_argument("--json", action="store_true", help="print the SKU as JSON")
     update_sku.add_argument("--title", help="the title buyers see")
     update_sku.add_argument("--price", help="integer minor units (before the start only)")
+    update_sku.add_argument("--currency", help="ISO 4217 code (before the start only)")
+    update_sku.add_argument("--limit", help="per-buyer limit (before the start only)")
+    update_sku.add_argument("--ttl", help="hold TTL in seconds (before the start only)")
     rate = sale_sub.add_parser(
         "set-rate", help="change the admission rate, also while the sale runs",
         description="Change how many buyers per second the waiting room admits. The pump "
