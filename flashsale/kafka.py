@@ -24,7 +24,8 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from flashsale.env_values import tcp_port
 from flashsale.errors import ConfigError, Unavailable
 from flashsale.outages import describe, is_outage, log_failure
-from flashsale.settings import Settings, Topics
+from flashsale.settings import Settings
+from flashsale.topics import Topics
 from flashsale.wording import counted
 
 log = logging.getLogger("flashsale.kafka")

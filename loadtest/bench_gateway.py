@@ -57,8 +57,9 @@ from flashsale import event_loop
 from flashsale.cli.devstack.processes import free_port
 from flashsale.clients import redis_client
 from flashsale.kafka import delete_topics
-from flashsale.settings import Settings, Topics
+from flashsale.settings import Settings
 from flashsale.tokens import Signer
+from flashsale.topics import Topics
 from flashsale.wording import counted
 from loadtest.bench import Report, Row, ServerSample, Target, drive, machine, table
 from loadtest.bench_gateway_rig import (

@@ -39,7 +39,8 @@ from flashsale.kafka import client_options, delete_topics, ensure_topics, produc
 from flashsale.keys import SkuKeys
 from flashsale.records import HoldRecord
 from flashsale.salespec import parse_sale
-from flashsale.settings import Settings, Topics
+from flashsale.settings import Settings
+from flashsale.topics import Topics
 from loadtest.bench import Report, Row, Target, inconsistent, machine, table
 from loadtest.processes import Servers, wait_healthy
 

@@ -28,8 +28,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from allocator.pump import AdmissionPump
 from allocator.queue_scripts import QueueScripts
 from flashsale.http_protocol import answer_malformed_in_json
-from flashsale.settings import Rate, Secret, Settings, Topics
+from flashsale.settings import Rate, Secret, Settings
 from flashsale.tokens import Signer
+from flashsale.topics import Topics
 from gateway.app import create_app
 from gateway.state import CLIENTS, LANE
 

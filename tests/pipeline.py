@@ -40,7 +40,8 @@ from flashsale.keys import SaleKeys, SkuKeys, bucket_keys
 from flashsale.orders import TERMINAL, OrderStore
 from flashsale.payments import CircuitBreaker, HttpProvider
 from flashsale.salespec import parse_sale
-from flashsale.settings import Settings, Topics
+from flashsale.settings import Settings
+from flashsale.topics import Topics
 from loadtest.bench import ServerSample
 from loadtest.processes import stop_all
 from workers.payment_simulator import Knobs, Simulator

@@ -15,7 +15,8 @@ from flashsale.env_values import VARIABLES
 from flashsale.errors import ConfigError
 from flashsale.kafka import bootstrap
 from flashsale.logs import RedactSecrets
-from flashsale.settings import DEFAULT_TOPICS, Settings, mask_url
+from flashsale.settings import Settings, mask_url
+from flashsale.topics import DEFAULT_TOPICS
 from tests.conftest import Cli
 from tests.harness import run_bounded
 

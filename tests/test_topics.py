@@ -9,7 +9,8 @@ from dataclasses import replace
 import pytest
 
 from flashsale.kafka import LagReader, delete_topics, ensure_topics, producer
-from flashsale.settings import Settings, Topics
+from flashsale.settings import Settings
+from flashsale.topics import Topics
 from tests.conftest import Cli
 
 
