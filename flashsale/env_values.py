@@ -5,6 +5,7 @@ are set (a mistyped name)."""
 
 from __future__ import annotations
 
+import base64
 import difflib
 import math
 import re
@@ -156,6 +157,30 @@ def secret_setting(value: str | None, name: str, *, keys: bool = False) -> str:
     return value
 
 
+WEBHOOK_SECRET_BYTES = (24, 64)  # Standard Webhooks' range for a signing key
+
+
+def webhook_secret(value: str | None, url: str | None) -> str:
+    """``FLASHSALE_WEBHOOK_SECRET``: ``whsec_`` and the base64 of 24 to 64 random bytes, as
+    Standard Webhooks libraries take it; required with ``FLASHSALE_WEBHOOK_URL``. Its text
+    is never named."""
+    name, make = "FLASHSALE_WEBHOOK_SECRET", "`flashsale token webhook-secret` makes one"
+    if not value:
+        if url:
+            raise ConfigError(f"{name} is not set: FLASHSALE_WEBHOOK_URL needs it to sign the "
+                              f"webhooks ({make})")  # fmt: skip
+        return ""
+    try:
+        key = base64.b64decode(value.strip().removeprefix("whsec_"), validate=True)
+    except ValueError:
+        key = b""
+    least, most = WEBHOOK_SECRET_BYTES
+    if not value.strip().startswith("whsec_") or not least <= len(key) <= most:
+        raise ConfigError(f"{name} must be whsec_ and the base64 of {least} to {most} random "
+                          f"bytes ({make})")  # fmt: skip
+    return value.strip()
+
+
 def admin_apart(admin: Iterable[str], buyer: Iterable[str]) -> None:
     """No key of the admin token is one of the buyer-token secret's, which the storefront
     holds to sign buyer tokens: a shop with it would hold every admin operation too."""
@@ -178,6 +203,7 @@ VARIABLES = frozenset({
     "FLASHSALE_RESERVATIONS_URL", "FLASHSALE_SECRET", "FLASHSALE_TOPIC_DEAD_LETTER",
     "FLASHSALE_TOPIC_ORDER_EVENTS", "FLASHSALE_TOPIC_PREFIX", "FLASHSALE_TOPIC_RESERVATIONS",
     "FLASHSALE_TRUSTED_PROXIES", "FLASHSALE_TRUST_FORWARDED", "FLASHSALE_WORKER_SESSION_TIMEOUT",
+    "FLASHSALE_WEBHOOK_GROUP", "FLASHSALE_WEBHOOK_SECRET", "FLASHSALE_WEBHOOK_URL",
     # set by `flashsale up` and the dev stack for the processes they start
     "FLASHSALE_HEARTBEAT", "FLASHSALE_PARENT_PID", "FLASHSALE_SPAWN_LOG",
     # the spike test's options (loadtest/locustfile.py)

@@ -29,6 +29,7 @@ from flashsale.env_values import (
     origin,
     origins,
     secret_setting,
+    webhook_secret,
 )
 from flashsale.errors import ConfigError
 from flashsale.topics import Topics
@@ -255,6 +256,10 @@ class Settings:
     archive_after_s: float | None = 86_400.0
     # The payment provider: FLASHSALE_PSP_URL, or the simulator that `flashsale up` starts.
     psp_url: str | None = None
+    # Order webhooks to the storefront (workers/webhooks.py): off without a URL.
+    webhook_url: str | None = None
+    webhook_secret: Secret = Secret("")
+    webhook_group: str = "flashsale-webhooks"
     # Which values came from the state folder (dev.env, engine.env) rather than the environment.
     from_dev_env: frozenset[str] = frozenset()
 
@@ -284,6 +289,7 @@ class Settings:
         def rate(name: str, default: str) -> Rate:
             return Rate.parse(env.get(name) or default, name)
 
+        hook = http_url(env.get("FLASHSALE_WEBHOOK_URL"), "FLASHSALE_WEBHOOK_URL")
         settings = cls(
             home=home,
             redis_url=pick("REDIS_URL"),
@@ -326,6 +332,9 @@ class Settings:
             psp_url=http_url(
                 env.get("FLASHSALE_PSP_URL") or engine.get("FLASHSALE_PSP_URL"), "FLASHSALE_PSP_URL"
             ),
+            webhook_url=hook,
+            webhook_secret=Secret(webhook_secret(env.get("FLASHSALE_WEBHOOK_SECRET"), hook)),
+            webhook_group=env.get("FLASHSALE_WEBHOOK_GROUP") or "flashsale-webhooks",
             from_dev_env=frozenset(used_dev),
         )
         admin_apart(settings.admin_token.each_key(), settings.buyer_token_secret.each_key())
@@ -344,7 +353,8 @@ class Settings:
 
     def secrets(self) -> list[str]:
         """Every secret value in force, for the log redaction filter."""
-        values = [self.admin_token, self.secret, self.buyer_token_secret, self.kafka.password]
+        values = [self.admin_token, self.secret, self.buyer_token_secret, self.kafka.password,
+                  self.webhook_secret]  # fmt: skip
         found = [key for s in values if s for key in (s.reveal(), *s.each_key())]
         for url in (self.redis_url, self.database_url):
             password = urlsplit(url).password if url else None

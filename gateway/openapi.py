@@ -39,6 +39,7 @@ from gateway.openapi_schemas import (
     JOINED,
     LEFT,
     LIVE,
+    ORDER_WEBHOOK,
     PUBLIC_SALE,
     RESERVATION,
     RESERVE_BODY,
@@ -274,6 +275,7 @@ def document() -> dict[str, Any]:
             {"name": "operations", "description": "probes, metrics, this document"},
         ],
         "paths": paths,
+        "webhooks": {"orderEvent": ORDER_WEBHOOK},
         "components": {
             "schemas": {"Error": ERROR},
             "securitySchemes": {

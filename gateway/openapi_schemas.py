@@ -347,3 +347,35 @@ CHALLENGE = obj(
     },
     ["difficulty", "challenge", "rule"],
 )
+
+
+_STATES = ["PENDING", "PAYING", "CONFIRMED", "PAYMENT_FAILED", "EXPIRED", "CANCELLED"]
+# What the workers POST to FLASHSALE_WEBHOOK_URL (workers/webhooks.py): OpenAPI 3.1 webhooks.
+ORDER_WEBHOOK: dict[str, Any] = {
+    "post": {
+        "operationId": "orderEvent",
+        "summary": "An order event, sent to the storefront as it happens",
+        "description": "Signed as Standard Webhooks sign them (webhook-id, webhook-timestamp, "
+        "webhook-signature) with FLASHSALE_WEBHOOK_SECRET. Answer 2xx once stored; any other "
+        "answer, or none within 10 s, sends it again. webhook-id is <order id>.<version>, the "
+        "same at each delivery: drop a repeat.",
+        "parameters": [
+            {"name": name, "in": "header", "required": True, "schema": {"type": "string"}}
+            for name in ("webhook-id", "webhook-timestamp", "webhook-signature")
+        ],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": obj({
+            "type": {"type": "string", "examples": ["order.confirmed"]},
+            "timestamp": {"type": "string", "format": "date-time"},
+            "data": obj({
+                "order_id": {"type": "string"}, "version": {"type": "integer"},
+                "state": {"enum": _STATES}, "from_state": {"enum": [*_STATES, None]},
+                "cause": {"type": "string"}, "sale_id": {"type": "string"},
+                "sku": {"type": "string"}, "buyer_id": {"type": "string"},
+                "quantity": {"type": "integer"}, "amount": {"type": "integer"},
+                "currency": {"type": "string"},
+            }, ["order_id", "version", "state", "sale_id", "sku", "buyer_id", "quantity",
+                "amount", "currency"]),
+        }, ["type", "timestamp", "data"])}}},
+        "responses": {"2XX": {"description": "Stored: the event is not sent again"}},
+    }
+}  # fmt: skip

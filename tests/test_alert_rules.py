@@ -139,6 +139,25 @@ def test_the_lag_alert_fires_after_15_seconds_of_a_backlog(
     )  # fmt: skip
 
 
+def test_the_webhook_alert_fires_after_5_minutes_of_a_shop_taking_none(
+    prometheus: str,  # noqa: F811 - the fixture
+    tmp_path: Path,
+) -> None:
+    """The shop answers 2xx until minute 2, then only errors: the rule holds from minute 7
+    (no 2xx in its 5-minute window) and fires at 12; a 2xx again at minute 14 clears it."""
+    fired = firing("warning", "the storefront has taken no order webhook for 5 minutes: they "
+                   "are sent again until it answers 2xx", "flashsalewebhooksfailing",
+                   job="flashsale-workers")  # fmt: skip
+    name = "flashsale_webhook_request_duration_seconds_count"
+    promtool_test(tmp_path, [
+        {"series": f'{name}{{job="flashsale-workers", outcome="2xx"}}',
+         "values": "0 10 20 20 20 20 20 20 20 20 20 20 20 20 30 40"},
+        {"series": f'{name}{{job="flashsale-workers", outcome="5xx"}}',
+         "values": "0 0 5 10 15 20 25 30 35 40 45 50 55 60 60 60"},
+    ], [at(6, "FlashsaleWebhooksFailing"), at(11, "FlashsaleWebhooksFailing"),
+        at(12, "FlashsaleWebhooksFailing", fired), at(14, "FlashsaleWebhooksFailing")])  # fmt: skip
+
+
 def test_the_stranded_stock_alert_fires_after_a_minute_of_units_nobody_can_buy(
     prometheus: str,  # noqa: F811 - the fixture
     tmp_path: Path,

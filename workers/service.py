@@ -24,7 +24,7 @@ import socket
 from collections import Counter as Tally
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from functools import partial
 
 import asyncpg
 from aiohttp import web
@@ -43,7 +43,9 @@ from flashsale.outages import describe, is_outage
 from flashsale.payments import CircuitBreaker, HttpProvider, PaymentProvider
 from flashsale.settings import Settings
 from workers.order_events import publish_outbox
+from workers.parking import Parked, park
 from workers.saga import BatchResult, Saga
+from workers.webhooks import WebhookNotifier, WebhookSender
 
 log = logging.getLogger("flashsale.workers")
 
@@ -92,18 +94,24 @@ class WorkerMetrics:
             "trial in flight)", registry=registry,
         )  # fmt: skip
 
+        self.webhooks = Histogram(
+            "flashsale_webhook_request_duration_seconds",
+            "Order webhooks sent to the storefront, by outcome (2xx, 4xx, 5xx, no_answer)",
+            ["outcome"], buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=registry,
+        )  # fmt: skip
+
+    def parked(self, reason: str) -> None:
+        self.dead_letters.labels(reason).inc()
+
+    def observe_webhook(self, outcome: str, seconds: float) -> None:
+        self.webhooks.labels(outcome).observe(seconds)
+
     def observe_psp(self, route: str, outcome: str, seconds: float) -> None:
         self.psp_latency.labels(route, outcome).observe(seconds)
 
     def watch_breaker(self, breaker: CircuitBreaker) -> None:
         """The breaker's state, read at each scrape."""
         self.breaker_open.set_function(lambda: 0.0 if breaker.state == "closed" else 1.0)
-
-
-@dataclass
-class _Parked:
-    record: ConsumerRecord
-    reason: str
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -188,11 +196,13 @@ class WorkerService:
                 publisher = asyncio.create_task(
                     publish_outbox(pool, out, stop, on_published=self.metrics.published.inc)
                 )
+                webhooks = asyncio.create_task(self._webhooks(pool, out, stop))
                 try:
                     await self._consume(consumer, out, saga, stop)
                 finally:
                     stop.set()
                     await publisher
+                    await webhooks
         finally:
             with contextlib.suppress(KafkaError, OSError):
                 await consumer.stop()
@@ -243,12 +253,12 @@ class WorkerService:
                       stop: asyncio.Event) -> None:  # fmt: skip
         """Run the batch until every event is done or parked. Outages are waited out."""
         events: list[tuple[ConsumerRecord, ReservationEvent]] = []
-        parked: list[_Parked] = []
+        parked: list[Parked] = []
         for record in records:
             try:
                 events.append((record, decode_event(record.value)))
             except ValueError as exc:
-                parked.append(_Parked(record, f"unreadable: {exc}"))
+                parked.append(Parked(record, f"unreadable: {exc}"))
         failures: dict[str, int] = {}
         backoff = 0.1
         while events:
@@ -276,7 +286,7 @@ class WorkerService:
                 key = event_id(event)
                 failures[key] = failures.get(key, 0) + 1
                 if failures[key] >= self.attempts:
-                    parked.append(_Parked(record, f"failed {self.attempts} times: {exc!r}"))
+                    parked.append(Parked(record, f"failed {self.attempts} times: {exc!r}"))
                     events = []
                     break
                 await asyncio.sleep(backoff)
@@ -288,7 +298,7 @@ class WorkerService:
                 key = event_id(event)
                 failures[key] = failures.get(key, 0) + 1
                 if failures[key] >= self.attempts:
-                    parked.append(_Parked(record, retry[key]))
+                    parked.append(Parked(record, retry[key]))
             events = [(r, e) for r, e in unresolved if failures[event_id(e)] < self.attempts]
             if events:
                 await asyncio.sleep(backoff)
@@ -304,20 +314,19 @@ class WorkerService:
         m.orders.labels("PAYMENT_FAILED").inc(result.failed)
         m.orders.labels("CLOSED").inc(result.closed)
 
-    async def _dead_letter(self, parked: list[_Parked], out: AIOKafkaProducer) -> None:
-        """Park messages on the dead-letter topic, with the reason and where they came from;
-        acknowledged by the broker before the batch's offsets are committed."""
-        sends = []
-        for item in parked:
-            r = item.record
-            log.error("dead-lettering %s[%d]@%d: %s", r.topic, r.partition, r.offset, item.reason)
-            self.metrics.dead_letters.labels(item.reason.split(":")[0][:40]).inc()
-            sends.append(await out.send(
-                self.settings.topics.dead_letter, key=r.key, value=r.value,
-                headers=[("reason", item.reason.encode()[:1000]),
-                         ("source", f"{r.topic}/{r.partition}/{r.offset}".encode())],
-            ))  # fmt: skip
-        await asyncio.gather(*sends)
+    async def _webhooks(self, pool: asyncpg.Pool, out: AIOKafkaProducer,
+                        stop: asyncio.Event) -> None:  # fmt: skip
+        """The order webhooks, when the storefront asked for them (FLASHSALE_WEBHOOK_URL)."""
+        url = self.settings.webhook_url
+        if not url:
+            return
+        secret = self.settings.webhook_secret.reveal()
+        async with WebhookSender(url, secret, observe=self.metrics.observe_webhook) as sender:
+            park = partial(self._dead_letter, out=out)
+            await WebhookNotifier(self.settings, pool, sender, park=park).run(stop)
+
+    async def _dead_letter(self, parked: list[Parked], out: AIOKafkaProducer) -> None:
+        await park(out, self.settings.topics.dead_letter, parked, counted=self.metrics.parked)
 
     async def _serve_ops(self, host: str, port: int, redis: RedisClient, pool: asyncpg.Pool,
                          consumer: AIOKafkaConsumer) -> web.AppRunner:  # fmt: skip

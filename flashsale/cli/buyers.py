@@ -1,12 +1,15 @@
-"""``flashsale fairness verify`` and ``flashsale token buyers``: the buyers' side, checking a
-sale's published pre-queue order as anyone can, and minting buyer tokens as a storefront would.
+"""``flashsale fairness verify`` and ``flashsale token``: the buyers' and the storefront's side,
+checking a sale's published pre-queue order as anyone can, minting buyer tokens as a storefront
+would, and making the secret that signs the order webhooks to it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import re
+import secrets
 import sys
 from typing import Any
 
@@ -15,6 +18,7 @@ import aiohttp
 from flashsale.cli.checks import http_url, positive, sale_id
 from flashsale.cli.output import out
 from flashsale.clients import pg_pool
+from flashsale.env_values import WEBHOOK_SECRET_BYTES
 from flashsale.errors import ConfigError, Conflict, InvalidInput, NotFound, shown
 from flashsale.fairness import Published, problems, published
 from flashsale.settings import Settings
@@ -116,6 +120,13 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_webhook_secret(args: argparse.Namespace, settings: Settings) -> int:
+    """A new signing secret for the order webhooks, as Standard Webhooks libraries read it."""
+    least, _ = WEBHOOK_SECRET_BYTES
+    out("whsec_" + base64.b64encode(secrets.token_bytes(least + 8)).decode())
+    return 0
+
+
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     fair = commands.add_parser("fairness", help="check a sale's pre-queue order")
     fair.set_defaults(handler=cmd_fairness)
@@ -135,7 +146,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
                         "the published one against")  # fmt: skip
     verify.add_argument("--buyer", help="also show this buyer's member hash and position")
 
-    token = commands.add_parser("token", help="mint signed tokens for tests and load tools")
+    token = commands.add_parser("token", help="mint buyer tokens, or a webhook signing secret")
     token.set_defaults(handler=cmd_token)
     token_sub = token.add_subparsers(dest="token_command", required=True, metavar="KIND")
     buyers = token_sub.add_parser(
@@ -147,3 +158,11 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     buyers.add_argument("--count", default="1", help="how many buyers (default 1)")
     buyers.add_argument("--prefix", default="buyer-", help="buyer id prefix (default buyer-)")
     buyers.add_argument("--ttl", default="86400", help="validity in seconds (default 86400)")
+    hooks = token_sub.add_parser(
+        "webhook-secret",
+        help="print a new FLASHSALE_WEBHOOK_SECRET (whsec_...) for the order webhooks",
+        description="Print a new signing secret for the order webhooks: whsec_ and the base64 "
+        "of 32 random bytes. The engine signs with it (FLASHSALE_WEBHOOK_SECRET); the shop "
+        "checks each webhook's signature with the same secret.",
+    )
+    hooks.set_defaults(handler=cmd_webhook_secret)

@@ -1,0 +1,220 @@
+"""Order webhooks to the storefront, over the real stack: the workers' notifier sends every
+order event to a receiver on loopback, which checks each signature with the Standard Webhooks
+library a shop would use. Nothing is committed before the shop's 2xx, and an event the shop
+refuses for good is parked on the dead-letter topic while the others go on."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import jsonschema_rs
+import orjson
+import pytest
+from aiohttp import web
+from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
+
+from flashsale.cli.devstack.processes import free_port
+from flashsale.errors import ConfigError
+from flashsale.settings import Secret, Settings
+from gateway.openapi_schemas import ORDER_WEBHOOK
+from tests.conftest import Cli
+from tests.pipeline import Pipeline, pipeline
+from workers.parking import Parked, park
+from workers.service import WorkerService
+from workers.webhooks import WebhookNotifier, WebhookSender
+
+SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+@dataclass
+class Shop:
+    """A storefront's webhook endpoint: answers ``status(webhook-id)``; keeps every request,
+    and each event it accepted with its body, verified and parsed."""
+
+    url: str = ""
+    status: Callable[[str], int] = lambda _id: 200
+    requests: list[str] = field(default_factory=list)
+    accepted: dict[str, dict[str, Any]] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        data = Webhook(SECRET).verify(body, dict(request.headers))  # raises on a bad signature
+        hook_id = request.headers["webhook-id"]
+        self.requests.append(hook_id)
+        status = self.status(hook_id)
+        if 200 <= status < 300 and hook_id not in self.accepted:
+            self.accepted[hook_id] = data
+            self.order.append(hook_id)
+        return web.Response(status=status)
+
+
+@pytest.fixture
+async def shop() -> AsyncIterator[Shop]:
+    receiver = Shop()
+    app = web.Application()
+    app.router.add_post("/hooks", receiver.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    receiver.url = f"http://127.0.0.1:{port}/hooks"
+    yield receiver
+    await runner.cleanup()
+
+
+def with_webhooks(p: Pipeline, shop: Shop) -> Settings:
+    return dataclasses.replace(p.settings, webhook_url=shop.url, webhook_secret=Secret(SECRET),
+                               webhook_group=f"hooks-{uuid.uuid4().hex[:8]}",
+                               worker_session_timeout_s=2.0)  # fmt: skip
+
+
+async def expected_events(p: Pipeline, ids: list[str]) -> dict[str, int]:
+    """Every event of these orders, as its webhook-id, with its version."""
+    rows = await p.pool.fetch("SELECT order_id, seq FROM order_events WHERE order_id = ANY($1)",
+                              ids)  # fmt: skip
+    return {f"{r['order_id']}.{r['seq']}": r["seq"] for r in rows}
+
+
+async def wait_for(check: Callable[[], bool], what: str, patience: float = 30) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + patience
+    while not check():
+        assert loop.time() < deadline, what
+        await asyncio.sleep(0.1)
+
+
+async def test_every_order_event_reaches_the_shop_signed_and_once_it_answers(
+    stack: Settings, shop: Shop
+) -> None:
+    async with pipeline(stack) as p:
+        sale = await p.sale(stock=10)
+        ids = await p.reserve(sale, ["tok_visa"] * 3 + ["tok_decline"])
+        settings = with_webhooks(p, shop)
+        # The shop is down (503) while the orders are settled: the workers keep sending.
+        shop.status = lambda _id: 503
+        stop = asyncio.Event()
+        first = asyncio.create_task(WorkerService(settings).run(stop))
+        states = await p.wait_terminal(ids)
+        await wait_for(lambda: len(shop.requests) >= 2, "no webhook sent while the shop was down")
+        stop.set()
+        await asyncio.wait_for(first, 30)
+        assert not shop.accepted
+
+        # Back up: a new workers process sends everything again, nothing skipped.
+        shop.status = lambda _id: 200
+        stop = asyncio.Event()
+        service = WorkerService(settings)
+        second = asyncio.create_task(service.run(stop))
+        expected = await expected_events(p, ids)
+        await wait_for(
+            lambda: set(expected) <= set(shop.accepted),
+            f"not every event reached the shop: {set(expected) - set(shop.accepted)}",
+        )
+        stop.set()
+        await asyncio.wait_for(second, 30)
+
+    documented = jsonschema_rs.validator_for(
+        ORDER_WEBHOOK["post"]["requestBody"]["content"]["application/json"]["schema"]
+    )
+    for hook_id, data in shop.accepted.items():
+        documented.validate(data)  # as /openapi.json describes it to the shop
+        event = data["data"]
+        assert hook_id == f"{event['order_id']}.{event['version']}"
+        assert (event["sale_id"], event["sku"], event["quantity"]) == (sale, "SKU-1", 1)
+        assert (event["amount"], event["currency"]) == (1500, "EUR")
+        assert data["type"].startswith("order.") and data["timestamp"].endswith("Z")
+    for order in ids:
+        # An order's events reached the shop in the order of their versions, the last one
+        # saying the state Postgres has.
+        events = [shop.accepted[h]["data"] for h in shop.order if h.startswith(order + ".")]
+        versions = [e["version"] for e in events]
+        assert versions == list(range(1, len(versions) + 1)), (order, versions)
+        assert events[-1]["state"] == states[order], (order, events[-1])
+    sent = {sample.labels["outcome"]: sample.value
+            for metric in service.metrics.registry.collect()
+            if metric.name == "flashsale_webhook_request_duration_seconds"
+            for sample in metric.samples if sample.name.endswith("_count")}  # fmt: skip
+    assert sent.get("2xx", 0) >= len(expected), sent
+
+
+async def test_an_event_the_shop_refuses_for_good_is_parked_and_the_rest_go_on(
+    stack: Settings, shop: Shop
+) -> None:
+    async with pipeline(stack) as p:
+        sale = await p.sale(stock=10)
+        ids = await p.reserve(sale, ["tok_visa"] * 3)
+        workers = p.start_workers()
+        await p.wait_terminal(ids)
+        await workers.drain()
+        refused = ids[0]
+        shop.status = lambda hook_id: 422 if hook_id.startswith(refused + ".") else 200
+        settings = with_webhooks(p, shop)
+        parked: list[Parked] = []
+
+        async def to_dead_letters(items: list[Parked]) -> None:
+            parked.extend(items)
+            await park(
+                p.relay.producer, settings.topics.dead_letter, items, counted=lambda _r: None
+            )
+
+        stop = asyncio.Event()
+        async with WebhookSender(shop.url, SECRET, first_wait_s=0.01) as sender:
+            notifier = WebhookNotifier(settings, p.pool, sender, park=to_dead_letters)
+            task = asyncio.create_task(notifier.run(stop))
+            expected = await expected_events(p, ids)
+            others = {h for h in expected if not h.startswith(refused + ".")}
+            await wait_for(lambda: others <= set(shop.accepted) and bool(parked),
+                           "the other orders' events did not go on")  # fmt: skip
+            stop.set()
+            await asyncio.wait_for(task, 30)
+        dead = await p.topic_messages(settings.topics.dead_letter, at_least=1)
+    assert {h for h in shop.accepted if h.startswith(refused + ".")} == set()
+    assert shop.requests.count(f"{refused}.1") == 5  # five refusals, then parked
+    theirs = [m for m in dead if orjson.loads(m.value)["order_id"] == refused]
+    assert len(theirs) == len(expected) - len(others), theirs  # each of its events
+    assert {dict(m.headers)["reason"] for m in theirs} == {b"webhook refused: HTTP 422"}
+
+
+def test_the_webhook_secret_is_required_with_the_url_and_must_be_a_signing_key() -> None:
+    base = {"FLASHSALE_HOME": "/nonexistent-flashsale-home"}
+    url = {**base, "FLASHSALE_WEBHOOK_URL": "https://shop.example.com/hooks"}
+    with pytest.raises(ConfigError, match="FLASHSALE_WEBHOOK_SECRET is not set"):
+        Settings.from_env(url)
+    for bad in ("whsec_short", "a" * 40, "whsec_" + "!" * 40):
+        with pytest.raises(ConfigError, match="must be whsec_") as refused:
+            Settings.from_env({**url, "FLASHSALE_WEBHOOK_SECRET": bad})
+        assert bad not in str(refused.value)
+    with pytest.raises(ConfigError, match="FLASHSALE_WEBHOOK_URL"):
+        Settings.from_env({**base, "FLASHSALE_WEBHOOK_URL": "shop.example.com"})
+    settings = Settings.from_env({**url, "FLASHSALE_WEBHOOK_SECRET": SECRET})
+    assert settings.webhook_url == "https://shop.example.com/hooks"
+    assert SECRET in settings.secrets() and SECRET not in repr(settings)
+    assert Settings.from_env(base).webhook_url is None
+
+
+def test_a_new_webhook_secret_is_made_by_the_cli(run_cli: Cli) -> None:
+    made = [run_cli("token", "webhook-secret") for _ in range(2)]
+    assert all(m.code == 0 for m in made), made
+    first, second = (m.out.strip() for m in made)
+    assert first != second and first.startswith("whsec_")
+    env = {"FLASHSALE_HOME": "/nonexistent-flashsale-home",
+           "FLASHSALE_WEBHOOK_URL": "https://shop.example.com/hooks"}  # fmt: skip
+    assert Settings.from_env({**env, "FLASHSALE_WEBHOOK_SECRET": first}).webhook_secret
+    # What the engine signs with it, a shop's library checks with it; not with another.
+    now = datetime.now(UTC)
+    headers = {"webhook-id": "o.1", "webhook-timestamp": str(int(now.timestamp())),
+               "webhook-signature": WebhookSender("https://x.example", first).signer.sign(
+                   "o.1", now, b'{"a":1}')}  # fmt: skip
+    assert Webhook(first).verify(b'{"a":1}', headers) == {"a": 1}
+    with pytest.raises(WebhookVerificationError):
+        Webhook(second).verify(b'{"a":1}', headers)

@@ -1,0 +1,267 @@
+"""Order webhooks: every event of the ``order-events`` topic POSTed to the storefront's
+``FLASHSALE_WEBHOOK_URL``, signed as Standard Webhooks sign them, from the workers process.
+
+* A consumer group of its own (``FLASHSALE_WEBHOOK_GROUP``) on ``order-events``: the saga
+  never waits for the shop, and several workers processes share the partitions.
+* Each event is sent with the order it belongs to (sale, SKU, buyer, quantity, amount), read
+  from Postgres. ``webhook-id`` is ``<order id>.<version>``: the same for every delivery of
+  one event, so the shop can drop a repeat; an order's events go out one after another, in
+  the order of their versions.
+* Offsets are committed only once every event of the batch was answered 2xx (or parked):
+  nothing the engine recorded is skipped, and an event may come twice.
+* No answer, a timeout, 408, 429 or a 5xx: sent again after a wait that doubles up to a
+  minute, for as long as the shop needs (nothing later is sent meanwhile; the alert
+  ``FlashsaleWebhooksFailing`` says so). Another 4xx, five times in a row: the shop refuses
+  that event for good, and it is parked on the dead-letter topic with the status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import asyncpg
+import orjson
+from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaError
+from aiokafka.structs import ConsumerRecord
+from standardwebhooks import Webhook
+
+from flashsale.kafka import client_options
+from flashsale.outages import describe, is_outage
+from flashsale.settings import Settings
+from flashsale.timefmt import iso
+from workers.parking import Parked
+
+log = logging.getLogger("flashsale.webhooks")
+
+# A shop that does not answer within this is sent the event again.
+TIMEOUT_S = 10.0
+# Sent again after 0.5 s, doubling up to this.
+LONGEST_WAIT_S = 60.0
+# A 4xx but these, this many times in a row: the shop refuses the event for good.
+REFUSALS = 5
+AGAIN = frozenset({408, 425, 429})
+# Orders whose events are sent at once (an order's own events go one after another).
+CONCURRENCY = 16
+
+_ORDERS = """
+SELECT e.order_id, e.seq, e.created_at, o.sale_id, o.sku, o.buyer_id, o.quantity, o.amount,
+       o.currency
+FROM unnest($1::text[], $2::int[]) AS t(order_id, seq)
+JOIN order_events e ON e.order_id = t.order_id AND e.seq = t.seq
+JOIN orders o ON o.id = t.order_id
+"""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One event as the shop receives it."""
+
+    record: ConsumerRecord
+    id: str  # webhook-id: <order id>.<version>
+    order_id: str
+    body: bytes
+
+
+def event_body(event: dict[str, Any], row: asyncpg.Record) -> bytes:
+    """The JSON the shop receives: the event's type and time, and the order as it became."""
+    return orjson.dumps({
+        "type": event["type"],
+        "timestamp": iso(row["created_at"]),
+        "data": {
+            "order_id": event["order_id"], "version": event["version"],
+            "state": event["state"], "from_state": event["from_state"],
+            "cause": event["cause"], "sale_id": row["sale_id"], "sku": row["sku"],
+            "buyer_id": row["buyer_id"], "quantity": row["quantity"], "amount": row["amount"],
+            "currency": row["currency"].strip(),
+        },
+    })  # fmt: skip
+
+
+class WebhookSender:
+    """POSTs signed events to the shop; each answer is observed as 2xx, 4xx, 5xx or
+    no_answer with its duration."""
+
+    def __init__(self, url: str, secret: str, *,
+                 observe: Callable[[str, float], None] = lambda outcome, seconds: None,
+                 timeout_s: float = TIMEOUT_S, first_wait_s: float = 0.5) -> None:  # fmt: skip
+        self.url = url
+        self.first_wait_s = first_wait_s
+        self.signer = Webhook(secret)
+        self.observe = observe
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> WebhookSender:
+        self.session = aiohttp.ClientSession(timeout=self.timeout)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    async def send(self, delivery: Delivery) -> int | None:
+        """The status the shop answered, or None when it did not."""
+        assert self.session is not None, "use WebhookSender as an async context manager"
+        now = datetime.now(UTC)
+        headers = {
+            "Content-Type": "application/json",
+            "webhook-id": delivery.id,
+            "webhook-timestamp": str(int(now.timestamp())),
+            "webhook-signature": self.signer.sign(delivery.id, now, delivery.body),
+        }
+        began = time.monotonic()
+        try:
+            async with self.session.post(self.url, data=delivery.body, headers=headers) as answer:
+                await answer.read()
+                status = answer.status
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            self.observe("no_answer", time.monotonic() - began)
+            log.warning("webhook %s: no answer from the shop (%s)", delivery.id, describe(exc))
+            return None
+        self.observe(f"{status // 100}xx", time.monotonic() - began)
+        return status
+
+    async def deliver(self, delivery: Delivery, stop: asyncio.Event) -> Parked | None:
+        """Send until the shop answers 2xx (None) or refuses the event for good (it is to be
+        parked). Also None once ``stop`` is set, which the caller checks before committing."""
+        wait, refusals = self.first_wait_s, 0
+        while not stop.is_set():
+            status = await self.send(delivery)
+            if status is not None and 200 <= status < 300:
+                return None
+            if status is not None and 400 <= status < 500 and status not in AGAIN:
+                refusals += 1
+                if refusals >= REFUSALS:
+                    return Parked(delivery.record, f"webhook refused: HTTP {status}")
+            else:
+                refusals = 0
+            log.warning("webhook %s: answered %s, sending again in %.1fs", delivery.id,
+                        status or "nothing", wait)  # fmt: skip
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), wait)
+            wait = min(LONGEST_WAIT_S, wait * 2)
+        return None
+
+
+class WebhookNotifier:
+    """The consumer of ``order-events`` that hands each event to :class:`WebhookSender`."""
+
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, sender: WebhookSender, *,
+                 park: Callable[[list[Parked]], Awaitable[None]],
+                 max_batch: int = 500) -> None:  # fmt: skip
+        self.settings = settings
+        self.pool = pool
+        self.sender = sender
+        self.park = park
+        self.max_batch = max_batch
+
+    async def run(self, stop: asyncio.Event) -> None:
+        session_ms = round(self.settings.worker_session_timeout_s * 1000)  # as the saga's
+        consumer = AIOKafkaConsumer(
+            self.settings.topics.order_events, **client_options(self.settings),
+            group_id=self.settings.webhook_group, enable_auto_commit=False,
+            auto_offset_reset="earliest", max_poll_records=self.max_batch,
+            session_timeout_ms=session_ms, heartbeat_interval_ms=min(1_000, session_ms // 3),
+        )  # fmt: skip
+        await consumer.start()
+        log.info("order webhooks to %s (group %s)", self.sender.url, self.settings.webhook_group)
+        try:
+            while not stop.is_set():
+                batch = await consumer.getmany(timeout_ms=200, max_records=self.max_batch)
+                if not batch:
+                    continue
+                records = [r for tp in sorted(batch) for r in batch[tp]]
+                if not await self._settle(records, stop):
+                    return  # stopping: nothing committed; the next owner sends them again
+                await consumer.commit({tp: rs[-1].offset + 1 for tp, rs in batch.items()})
+        finally:
+            with contextlib.suppress(KafkaError, OSError):
+                await consumer.stop()
+
+    async def _settle(self, records: list[ConsumerRecord], stop: asyncio.Event) -> bool:
+        """Every record delivered or parked (True), or ``stop`` set first (False)."""
+        deliveries, refused = await self._deliveries(records, stop)
+        if deliveries is None:
+            return False
+        by_order: dict[str, list[Delivery]] = {}
+        for delivery in deliveries:
+            by_order.setdefault(delivery.order_id, []).append(delivery)
+        gate = asyncio.Semaphore(CONCURRENCY)
+
+        async def one_order(events: list[Delivery]) -> list[Parked]:
+            async with gate:
+                outcomes = [await self.sender.deliver(d, stop) for d in events]
+            return [o for o in outcomes if o is not None]
+
+        for outcome in await asyncio.gather(*map(one_order, by_order.values())):
+            refused += outcome
+        if stop.is_set():
+            return False
+        if refused:
+            await self.park(refused)
+        return True
+
+    async def _deliveries(self, records: list[ConsumerRecord], stop: asyncio.Event
+                          ) -> tuple[list[Delivery] | None, list[Parked]]:  # fmt: skip
+        """The records as deliveries, their orders read from Postgres (an outage waited out:
+        None when ``stop`` is set first); those that cannot be sent, as refused."""
+        events: list[tuple[ConsumerRecord, dict[str, Any]]] = []
+        refused: list[Parked] = []
+        for record in records:
+            try:
+                events.append((record, _event(record.value)))
+            except ValueError as exc:
+                refused.append(Parked(record, f"webhook: unreadable event: {exc}"))
+        if not events:
+            return [], refused
+        wait = 0.1
+        while True:
+            try:
+                rows = await self.pool.fetch(_ORDERS, [e["order_id"] for _, e in events],
+                                             [e["version"] for _, e in events])  # fmt: skip
+                break
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                log.warning("order webhooks wait for Postgres (%s)", describe(exc))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), wait)
+                if stop.is_set():
+                    return None, refused
+                wait = min(5.0, wait * 2)
+        found = {(r["order_id"], r["seq"]): r for r in rows}
+        deliveries = []
+        for record, event in events:
+            order_id, version = event["order_id"], event["version"]
+            row = found.get((order_id, version))
+            if row is None:
+                refused.append(Parked(record, f"webhook: no such order event {order_id} "
+                                               f"version {version}"))  # fmt: skip
+                continue
+            deliveries.append(Delivery(record, f"{order_id}.{version}", order_id,
+                                       event_body(event, row)))  # fmt: skip
+        return deliveries, refused
+
+
+def _event(value: bytes | None) -> dict[str, Any]:
+    """An order event as the workers publish it; ValueError naming what is wrong."""
+    try:
+        event = orjson.loads(value or b"")
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"not JSON ({exc})") from None
+    if not isinstance(event, dict):
+        raise ValueError("not a JSON object")
+    if not isinstance(event.get("order_id"), str) or type(event.get("version")) is not int:
+        raise ValueError("no order_id and version")
+    if not isinstance(event.get("type"), str):
+        raise ValueError("no type")
+    return event
