@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import jsonschema_rs
@@ -222,3 +223,25 @@ def test_a_new_webhook_secret_is_made_by_the_cli(run_cli: Cli) -> None:
     assert Webhook(first).verify(b'{"a":1}', headers) == {"a": 1}
     with pytest.raises(WebhookVerificationError):
         Webhook(second).verify(b'{"a":1}', headers)
+
+
+async def test_a_failed_round_of_the_webhooks_is_said_and_they_start_again(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round that raised (a commit after a rebalance took the partitions, a bug) ended the
+    webhooks' task while the saga went on, and no event reached the shop until a restart."""
+    stop, rounds = asyncio.Event(), []
+
+    async def one_round(_self: WebhookNotifier, _stop: asyncio.Event) -> None:
+        rounds.append(1)
+        if len(rounds) == 1:
+            raise RuntimeError("a commit the group refused")
+        stop.set()
+
+    monkeypatch.setattr(WebhookNotifier, "_consume", one_round)
+    async with WebhookSender("http://127.0.0.1:9/hooks", SECRET) as sender:
+        notifier = WebhookNotifier(Settings(home=Path("/nonexistent")), None, sender,
+                                   park=lambda _parked: asyncio.sleep(0))  # fmt: skip
+        await asyncio.wait_for(notifier.run(stop), 5)
+    assert len(rounds) == 2
+    assert "order webhooks: starting again in 0.2s" in caplog.text, caplog.text

@@ -35,7 +35,7 @@ from aiokafka.structs import ConsumerRecord
 from standardwebhooks import Webhook
 
 from flashsale.kafka import client_options
-from flashsale.outages import describe, is_outage
+from flashsale.outages import describe, is_outage, log_failure
 from flashsale.settings import Settings
 from flashsale.timefmt import iso
 from workers.parking import Parked
@@ -135,7 +135,14 @@ class WebhookSender:
         parked). Also None once ``stop`` is set, which the caller checks before committing."""
         wait, refusals = self.first_wait_s, 0
         while not stop.is_set():
-            status = await self.send(delivery)
+            sending = asyncio.ensure_future(self.send(delivery))
+            stopping = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({sending, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if not sending.done():  # stopping: the next owner sends it again
+                sending.cancel()
+                return None
+            status = sending.result()
             if status is not None and 200 <= status < 300:
                 return None
             if status is not None and 400 <= status < 500 and status not in AGAIN:
@@ -165,6 +172,22 @@ class WebhookNotifier:
         self.max_batch = max_batch
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Until ``stop``: a failed round (the broker, a rebalance that took the batch's
+        partitions, a bug) is logged and the consumer made again after a wait that doubles
+        up to 5 s; what it had not committed comes again."""
+        wait = 0.1
+        while not stop.is_set():
+            try:
+                await self._consume(stop)
+            except Exception as exc:  # noqa: BLE001 - the webhooks outlive any round
+                wait = min(5.0, wait * 2)
+                log_failure(log, f"order webhooks: starting again in {wait:.1f}s", exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), wait)
+            else:
+                wait = 0.1
+
+    async def _consume(self, stop: asyncio.Event) -> None:
         session_ms = round(self.settings.worker_session_timeout_s * 1000)  # as the saga's
         consumer = AIOKafkaConsumer(
             self.settings.topics.order_events, **client_options(self.settings),
@@ -172,9 +195,10 @@ class WebhookNotifier:
             auto_offset_reset="earliest", max_poll_records=self.max_batch,
             session_timeout_ms=session_ms, heartbeat_interval_ms=min(1_000, session_ms // 3),
         )  # fmt: skip
-        await consumer.start()
-        log.info("order webhooks to %s (group %s)", self.sender.url, self.settings.webhook_group)
         try:
+            await consumer.start()
+            log.info("order webhooks to %s (group %s)", self.sender.url,
+                     self.settings.webhook_group)  # fmt: skip
             while not stop.is_set():
                 batch = await consumer.getmany(timeout_ms=200, max_records=self.max_batch)
                 if not batch:
