@@ -48,6 +48,7 @@ from workers.payment_simulator import Knobs, Simulator
 from workers.service import BATCH_PLANNING, WorkerService
 
 SKU = "SKU-1"
+SESSION_S = 2.0
 
 
 @dataclass
@@ -157,9 +158,8 @@ class Pipeline:
     def spawn_workers(self, session_timeout_s: float | None = None) -> subprocess.Popen[bytes]:
         """A real ``flashsale workers`` process on this harness's topics and group;
         ``session_timeout_s``: how long the broker waits for it once it stops answering."""
-        env = {**os.environ, **self.env()}
-        if session_timeout_s is not None:
-            env["FLASHSALE_WORKER_SESSION_TIMEOUT"] = str(session_timeout_s)
+        env = {**os.environ, **self.env(),
+               "FLASHSALE_WORKER_SESSION_TIMEOUT": str(session_timeout_s or SESSION_S)}  # fmt: skip
         process = subprocess.Popen(
             [sys.executable, "-m", "flashsale", "workers", "--concurrency", "64"],
             env=env, stderr=subprocess.DEVNULL,
@@ -268,7 +268,10 @@ class Pipeline:
 async def pipeline(stack: Settings, knobs: Knobs | None = None) -> AsyncIterator[Pipeline]:
     run = uuid.uuid4().hex[:8]
     topics = Topics(f"t{run}-reservations", f"t{run}-order-events", f"t{run}-dead-letter")
-    settings = dataclasses.replace(stack, topics=topics, consumer_group=f"workers-{run}")
+    # A short session: the broker takes a group's first members in about a second, where
+    # the default 10 s made each test wait about 3 s for its workers to join.
+    settings = dataclasses.replace(stack, topics=topics, consumer_group=f"workers-{run}",
+                                   worker_session_timeout_s=SESSION_S)  # fmt: skip
     await ensure_topics(settings)
     psp = Simulator(knobs or Knobs())
     psp_runner = web.AppRunner(psp.app(), access_log=None, shutdown_timeout=0.5)
