@@ -48,7 +48,7 @@ TIMEOUT_S = 10.0
 LONGEST_WAIT_S = 60.0
 # A 4xx but these, this many times in a row: the shop refuses the event for good.
 REFUSALS = 5
-AGAIN = frozenset({408, 425, 429})
+AGAIN = frozenset({408, 429})
 # Orders whose events are sent at once (an order's own events go one after another).
 CONCURRENCY = 16
 
