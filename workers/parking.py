@@ -8,11 +8,14 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
 log = logging.getLogger("flashsale.workers")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -37,3 +40,17 @@ async def park(out: AIOKafkaProducer, topic: str, parked: Sequence[Parked], *,
                      ("source", f"{r.topic}/{r.partition}/{r.offset}".encode())],
         ))  # fmt: skip
     await asyncio.gather(*sends)
+
+
+def decoded(records: Sequence[ConsumerRecord], decode: Callable[[bytes], T],
+            unreadable: str) -> tuple[list[tuple[ConsumerRecord, T]], list[Parked]]:  # fmt: skip
+    """Each record with its value decoded, and those ``decode`` refused (ValueError), to park
+    as ``unreadable`` and the reason."""
+    read: list[tuple[ConsumerRecord, T]] = []
+    refused: list[Parked] = []
+    for record in records:
+        try:
+            read.append((record, decode(record.value)))
+        except ValueError as exc:
+            refused.append(Parked(record, f"{unreadable}: {exc}"))
+    return read, refused

@@ -43,7 +43,7 @@ from flashsale.outages import describe, is_outage
 from flashsale.payments import CircuitBreaker, HttpProvider, PaymentProvider
 from flashsale.settings import Settings
 from workers.order_events import publish_outbox
-from workers.parking import Parked, park
+from workers.parking import Parked, decoded, park
 from workers.saga import BatchResult, Saga
 from workers.webhooks import WebhookNotifier, WebhookSender
 
@@ -252,13 +252,7 @@ class WorkerService:
     async def _settle(self, records: list[ConsumerRecord], out: AIOKafkaProducer, saga: Saga,
                       stop: asyncio.Event) -> None:  # fmt: skip
         """Run the batch until every event is done or parked. Outages are waited out."""
-        events: list[tuple[ConsumerRecord, ReservationEvent]] = []
-        parked: list[Parked] = []
-        for record in records:
-            try:
-                events.append((record, decode_event(record.value)))
-            except ValueError as exc:
-                parked.append(Parked(record, f"unreadable: {exc}"))
+        events, parked = decoded(records, decode_event, "unreadable")
         failures: dict[str, int] = {}
         backoff = 0.1
         while events:

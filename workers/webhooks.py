@@ -38,7 +38,7 @@ from flashsale.kafka import client_options
 from flashsale.outages import describe, is_outage, log_failure
 from flashsale.settings import Settings
 from flashsale.timefmt import iso
-from workers.parking import Parked
+from workers.parking import Parked, decoded
 
 log = logging.getLogger("flashsale.webhooks")
 
@@ -238,13 +238,7 @@ class WebhookNotifier:
                           ) -> tuple[list[Delivery] | None, list[Parked]]:  # fmt: skip
         """The records as deliveries, their orders read from Postgres (an outage waited out:
         None when ``stop`` is set first); those that cannot be sent, as refused."""
-        events: list[tuple[ConsumerRecord, dict[str, Any]]] = []
-        refused: list[Parked] = []
-        for record in records:
-            try:
-                events.append((record, _event(record.value)))
-            except ValueError as exc:
-                refused.append(Parked(record, f"webhook: unreadable event: {exc}"))
+        events, refused = decoded(records, _event, "webhook: unreadable event")
         if not events:
             return [], refused
         wait = 0.1
@@ -276,7 +270,7 @@ class WebhookNotifier:
         return deliveries, refused
 
 
-def _event(value: bytes | None) -> dict[str, Any]:
+def _event(value: bytes) -> dict[str, Any]:
     """An order event as the workers publish it; ValueError naming what is wrong."""
     try:
         event = orjson.loads(value or b"")
