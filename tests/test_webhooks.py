@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import jsonschema_rs
 import orjson
 import pytest
@@ -71,6 +72,20 @@ async def shop() -> AsyncIterator[Shop]:
     receiver.url = f"http://127.0.0.1:{port}/hooks"
     yield receiver
     await runner.cleanup()
+
+
+@dataclass
+class FlakyPool:
+    """A pool whose first ``failures`` reads fail as a Postgres restart fails them."""
+
+    pool: Any
+    failures: int
+
+    async def fetch(self, *args: Any) -> Any:
+        if self.failures:
+            self.failures -= 1
+            raise asyncpg.AdminShutdownError("terminating connection due to administrator command")
+        return await self.pool.fetch(*args)
 
 
 def with_webhooks(p: Pipeline, shop: Shop) -> Settings:
@@ -149,7 +164,7 @@ async def test_every_order_event_reaches_the_shop_signed_and_once_it_answers(
 
 
 async def test_an_event_the_shop_refuses_for_good_is_parked_and_the_rest_go_on(
-    stack: Settings, shop: Shop
+    stack: Settings, shop: Shop, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with pipeline(stack) as p:
         sale = await p.sale(stock=10)
@@ -173,8 +188,9 @@ async def test_an_event_the_shop_refuses_for_good_is_parked_and_the_rest_go_on(
             )
 
         stop = asyncio.Event()
+        pool = FlakyPool(p.pool, failures=2)  # Postgres away as the orders are read: waited out
         async with WebhookSender(shop.url, SECRET, first_wait_s=0.01) as sender:
-            notifier = WebhookNotifier(settings, p.pool, sender, park=to_dead_letters)
+            notifier = WebhookNotifier(settings, pool, sender, park=to_dead_letters)
             task = asyncio.create_task(notifier.run(stop))
             expected = await expected_events(p, ids)
             others = {h for h in expected if not h.startswith(refused + ".")}
@@ -188,6 +204,9 @@ async def test_an_event_the_shop_refuses_for_good_is_parked_and_the_rest_go_on(
     theirs = [m for m in dead if orjson.loads(m.value)["order_id"] == refused]
     assert len(theirs) == len(expected) - len(others), theirs  # each of its events
     assert {dict(m.headers)["reason"] for m in theirs} == {b"webhook refused: HTTP 422"}
+    assert pool.failures == 0 and len(parked) == len(theirs)  # the outage parked nothing
+    assert "order webhooks wait for Postgres" in caplog.text
+    assert "order webhooks: starting again" not in caplog.text  # waited out where it was
 
 
 def test_the_webhook_secret_is_required_with_the_url_and_must_be_a_signing_key() -> None:
