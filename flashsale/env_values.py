@@ -215,12 +215,17 @@ OTHERS = "FLASHSALE_TEST_"  # the test suite's own
 
 
 def unknown_settings(env: Mapping[str, str]) -> list[str]:
-    """A line for each ``FLASHSALE_`` variable set that nothing reads: a mistyped name would
-    otherwise leave its default in force without a word."""
+    """A line for each ``FLASHSALE_`` variable set that nothing reads (a mistyped name would
+    otherwise leave its default in force without a word), or that does nothing alone."""
     lines = []
     for name in sorted(env):
         if name.startswith("FLASHSALE_") and name not in VARIABLES and not name.startswith(OTHERS):
             meant = difflib.get_close_matches(name, VARIABLES, n=1, cutoff=0.8)
             lines.append(f"{name} is set but is not a setting of this engine"
                          + (f" ({meant[0]}?)" if meant else "") + ": ignored")  # fmt: skip
+    # Settings of the order webhooks that do nothing without their URL.
+    if not env.get("FLASHSALE_WEBHOOK_URL"):
+        lines += [f"{name} is set but FLASHSALE_WEBHOOK_URL is not: no order webhooks are sent"
+                  for name in ("FLASHSALE_WEBHOOK_SECRET", "FLASHSALE_WEBHOOK_GROUP")
+                  if env.get(name)]  # fmt: skip
     return lines

@@ -264,3 +264,21 @@ async def test_a_failed_round_of_the_webhooks_is_said_and_they_start_again(
         await asyncio.wait_for(notifier.run(stop), 5)
     assert len(rounds) == 2
     assert "order webhooks: starting again in 0.2s" in caplog.text, caplog.text
+
+
+def test_a_webhook_secret_without_its_url_is_said_to_send_nothing(
+    run_cli: Cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """An operator who set the secret and forgot the URL (or mistyped its name) was told
+    nothing, and no shop heard of an order."""
+    monkeypatch.setenv("FLASHSALE_HOME", str(tmp_path))
+    monkeypatch.setenv("FLASHSALE_WEBHOOK_SECRET", SECRET)
+    monkeypatch.setenv("FLASHSALE_WEBHOOK_URI", "https://shop.example.com/hooks")
+    result = run_cli("sale", "list")  # no stack here: refused, after the warnings
+    warnings = [line for line in result.err.splitlines() if "warning" in line]
+    assert warnings == [
+        "flashsale: warning: FLASHSALE_WEBHOOK_URI is set but is not a setting of this engine "
+        "(FLASHSALE_WEBHOOK_URL?): ignored",
+        "flashsale: warning: FLASHSALE_WEBHOOK_SECRET is set but FLASHSALE_WEBHOOK_URL is not: "
+        "no order webhooks are sent",
+    ], result.err
