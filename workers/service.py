@@ -1,5 +1,6 @@
 """``flashsale workers``: the Kafka consumer that runs the order saga, with the publisher of
-the ``order-events`` outbox (:mod:`workers.order_events`) beside it.
+the ``order-events`` outbox (:mod:`workers.order_events`) beside it, and the order webhooks to
+the storefront (:mod:`workers.webhooks`) when ``FLASHSALE_WEBHOOK_URL`` is set.
 
 * One consumer group (``FLASHSALE_CONSUMER_GROUP``, default ``flashsale-workers``) on the
   ``reservations`` topic; scale by running more processes (up to the topic's partitions).
