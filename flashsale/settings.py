@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from flashsale.env_values import (
     admin_apart,
@@ -68,17 +68,33 @@ class Secret:
 
 
 def mask_url(url: str | None) -> str | None:
-    """Return ``url`` with any password replaced by ``***`` (for logs and ``repr``)."""
+    """``url`` with any password, and the value of each query parameter, replaced by ``***``
+    (for logs, ``repr`` and start lines): libpq takes ``?password=``, and a shop's webhook
+    URL may carry a token in its query."""
     if not url:
         return url
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    netloc = parts.netloc
+    if parts.password is not None:
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        netloc = f"{parts.username or ''}:***@{host}"
+    query = "&".join(
+        name + ("=***" if sep else "")
+        for name, sep, _ in (p.partition("=") for p in parts.query.split("&"))
+    )
+    return urlunsplit(parts._replace(netloc=netloc, query=query if parts.query else ""))
+
+
+SECRET_PARAMETERS = ("pass", "token", "secret", "key", "sig", "auth")
+
+
+def _query_values(url: str) -> list[str]:
+    """The values of ``url``'s query parameters named as secrets are (``password=``,
+    ``token=``...), for the log filter; not ``sslmode=require``, whose value is a word."""
+    return [value for name, value in parse_qsl(urlsplit(url).query)
+            if value and any(word in name.lower() for word in SECRET_PARAMETERS)]  # fmt: skip
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -356,10 +372,11 @@ class Settings:
         values = [self.admin_token, self.secret, self.buyer_token_secret, self.kafka.password,
                   self.webhook_secret]  # fmt: skip
         found = [key for s in values if s for key in (s.reveal(), *s.each_key())]
-        for url in (self.redis_url, self.database_url):
+        for url in (self.redis_url, self.database_url, self.webhook_url):
             password = urlsplit(url).password if url else None
             if password:
                 found.append(password)
+            found += _query_values(url) if url else []
         return found
 
     def __repr__(self) -> str:

@@ -71,6 +71,31 @@ def test_secrets_are_masked_in_repr_and_logs(
     assert "********" in caplog.text
 
 
+def test_a_secret_in_a_urls_query_is_masked_too(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """libpq takes a password in the query (`?password=`), and a shop's webhook URL may carry
+    a token there: both were shown whole, in `repr`, `dev status`, logs and `up`'s start line."""
+    settings = Settings.from_env({
+        "FLASHSALE_HOME": str(tmp_path),
+        "DATABASE_URL": "postgresql://app@db:5432/x?sslmode=require&password=pg-query-secret-1",
+        "FLASHSALE_WEBHOOK_URL": "https://shop.example/hooks?token=hook-query-secret-2",
+        "FLASHSALE_WEBHOOK_SECRET": "whsec_" + "A" * 44,
+    })  # fmt: skip
+    assert mask_url(settings.database_url) == (
+        "postgresql://app@db:5432/x?sslmode=***&password=***"
+    )
+    assert mask_url(settings.webhook_url) == "https://shop.example/hooks?token=***"
+    assert mask_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    assert "pg-query-secret-1" not in repr(settings)
+    logger = logging.getLogger("test.redact.query")
+    logger.addFilter(RedactSecrets(settings.secrets()))
+    with caplog.at_level(logging.INFO, logger="test.redact.query"):
+        logger.info("to %s and %s", settings.database_url, settings.webhook_url)
+    assert "pg-query-secret-1" not in caplog.text and "hook-query-secret-2" not in caplog.text
+    assert "sslmode=require" in caplog.text  # a word, not a secret: the log keeps it
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [("FLASHSALE_RATE_PER_IP", "bad"), ("FLASHSALE_CORS_ORIGINS", "shop.example"),
