@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import json
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +35,14 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
+# A shop that never answers (nothing listens on port 9): `up` only says where they go.
+WEBHOOKS = {
+    "FLASHSALE_WEBHOOK_URL": "http://127.0.0.1:9/hooks?token=in-the-query",
+    "FLASHSALE_WEBHOOK_SECRET": "whsec_" + base64.b64encode(bytes(range(32))).decode(),
+    "FLASHSALE_WEBHOOK_GROUP": f"hooks-{uuid.uuid4().hex[:8]}",
+}
+
+
 def test_up_supervises_and_stops_cleanly(stack: Settings, cli: Cli, tmp_path: Path) -> None:
     port = free_ports(UP_PORTS)
     # The services' INFO lines go to a file: a pipe nobody reads until the end fills at 64 KiB,
@@ -43,7 +53,7 @@ def test_up_supervises_and_stops_cleanly(stack: Settings, cli: Cli, tmp_path: Pa
         [sys.executable, "-m", "flashsale", *argv],
         stdout=written,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "FLASHSALE_LOG_LEVEL": "INFO"},
+        env={**os.environ, "FLASHSALE_LOG_LEVEL": "INFO", **WEBHOOKS},
     )
     try:
         healthy(f"http://127.0.0.1:{port}/healthz")
@@ -120,6 +130,9 @@ def test_up_supervises_and_stops_cleanly(stack: Settings, cli: Cli, tmp_path: Pa
         f"pages: operators' live sale page {base}/admin/ (the admin token), a sale's "
         f"waiting room {base}/sales/SALE" in log
     ), log[:2000]
+    # Where the order webhooks go, said too: without the token their URL's query may carry.
+    assert "; order webhooks to http://127.0.0.1:9/hooks?token=***; pages:" in log, log[:2000]
+    assert "in-the-query" not in log
     # the supervisor's own account, should it not have restarted the child
     assert restarted, f"the killed child {children[0]} was not restarted: {now}\n{log[-4000:]}"
     assert up.returncode == 0, log

@@ -36,7 +36,7 @@ from standardwebhooks import Webhook
 
 from flashsale.kafka import client_options
 from flashsale.outages import describe, is_outage, log_failure
-from flashsale.settings import Settings
+from flashsale.settings import Settings, mask_url
 from flashsale.timefmt import iso
 from workers.parking import Parked, decoded
 
@@ -197,7 +197,7 @@ class WebhookNotifier:
         )  # fmt: skip
         try:
             await consumer.start()
-            log.info("order webhooks to %s (group %s)", self.sender.url,
+            log.info("order webhooks to %s (group %s)", mask_url(self.sender.url),
                      self.settings.webhook_group)  # fmt: skip
             while not stop.is_set():
                 batch = await consumer.getmany(timeout_ms=200, max_records=self.max_batch)

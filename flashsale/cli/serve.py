@@ -27,7 +27,7 @@ from flashsale.cli.output import Stages, dump_json, out
 from flashsale.cli.supervisor import HUNG_AFTER_S
 from flashsale.engine_record import refuse_a_second_simulator
 from flashsale.errors import ConfigError, InvalidInput
-from flashsale.settings import Settings
+from flashsale.settings import Settings, mask_url
 from flashsale.wording import counted, said
 
 PSP_JOURNAL = "psp/charges.jsonl"  # the simulator's journal under `flashsale up`, in <home>
@@ -202,6 +202,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         f"reconciler :{reconciler_port}; "
         f"payments: {psp_url}"
         + ("" if external else " (simulator)")
+        + (f"; order webhooks to {mask_url(settings.webhook_url)}" if settings.webhook_url else "")
         + f"; pages: operators' live sale page {page_origin}/admin/ (the admin token), a "
         f"sale's waiting room {page_origin}/sales/SALE" + ". Ctrl-C or SIGTERM stops everything."
     )
