@@ -372,7 +372,7 @@ class Settings:
         values = [self.admin_token, self.secret, self.buyer_token_secret, self.kafka.password,
                   self.webhook_secret]  # fmt: skip
         found = [key for s in values if s for key in (s.reveal(), *s.each_key())]
-        for url in (self.redis_url, self.database_url, self.webhook_url):
+        for url in (self.redis_url, self.database_url, self.webhook_url, self.psp_url):
             password = urlsplit(url).password if url else None
             if password:
                 found.append(password)

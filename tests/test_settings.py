@@ -81,6 +81,7 @@ def test_a_secret_in_a_urls_query_is_masked_too(
         "DATABASE_URL": "postgresql://app@db:5432/x?sslmode=require&password=pg-query-secret-1",
         "FLASHSALE_WEBHOOK_URL": "https://shop.example/hooks?token=hook-query-secret-2",
         "FLASHSALE_WEBHOOK_SECRET": "whsec_" + "A" * 44,
+        "FLASHSALE_PSP_URL": "https://psp:psp-password-3@psp.example",
     })  # fmt: skip
     assert mask_url(settings.database_url) == (
         "postgresql://app@db:5432/x?sslmode=***&password=***"
@@ -91,8 +92,10 @@ def test_a_secret_in_a_urls_query_is_masked_too(
     logger = logging.getLogger("test.redact.query")
     logger.addFilter(RedactSecrets(settings.secrets()))
     with caplog.at_level(logging.INFO, logger="test.redact.query"):
-        logger.info("to %s and %s", settings.database_url, settings.webhook_url)
+        logger.info("to %s, %s and %s", settings.database_url, settings.webhook_url,
+                    settings.psp_url)  # fmt: skip
     assert "pg-query-secret-1" not in caplog.text and "hook-query-secret-2" not in caplog.text
+    assert "psp-password-3" not in caplog.text
     assert "sslmode=require" in caplog.text  # a word, not a secret: the log keeps it
 
 

@@ -200,7 +200,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         f"flashsale up: gateway x{workers} on {origin(args.host, port)}; {listener}; ops endpoints "
         f"(/healthz, /metrics): allocator :{allocator_port}, workers :{workers_port}, "
         f"reconciler :{reconciler_port}; "
-        f"payments: {psp_url}"
+        f"payments: {mask_url(psp_url)}"
         + ("" if external else " (simulator)")
         + (f"; order webhooks to {mask_url(settings.webhook_url)}" if settings.webhook_url else "")
         + f"; pages: operators' live sale page {page_origin}/admin/ (the admin token), a "
