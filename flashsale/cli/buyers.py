@@ -18,7 +18,6 @@ import aiohttp
 from flashsale.cli.checks import http_url, positive, sale_id
 from flashsale.cli.output import out
 from flashsale.clients import pg_pool
-from flashsale.env_values import WEBHOOK_SECRET_BYTES
 from flashsale.errors import ConfigError, Conflict, InvalidInput, NotFound, shown
 from flashsale.fairness import Published, problems, published
 from flashsale.settings import Settings
@@ -120,10 +119,12 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+NEW_WEBHOOK_SECRET_BYTES = 32
+
+
 def cmd_webhook_secret(args: argparse.Namespace, settings: Settings) -> int:
     """A new signing secret for the order webhooks, as Standard Webhooks libraries read it."""
-    least, _ = WEBHOOK_SECRET_BYTES
-    out("whsec_" + base64.b64encode(secrets.token_bytes(least + 8)).decode())
+    out("whsec_" + base64.b64encode(secrets.token_bytes(NEW_WEBHOOK_SECRET_BYTES)).decode())
     return 0
 
 
@@ -162,7 +163,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "webhook-secret",
         help="print a new FLASHSALE_WEBHOOK_SECRET (whsec_...) for the order webhooks",
         description="Print a new signing secret for the order webhooks: whsec_ and the base64 "
-        "of 32 random bytes. The engine signs with it (FLASHSALE_WEBHOOK_SECRET); the shop "
-        "checks each webhook's signature with the same secret.",
+        f"of {NEW_WEBHOOK_SECRET_BYTES} random bytes. The engine signs with it "
+        "(FLASHSALE_WEBHOOK_SECRET); the shop checks each webhook's signature with the same "
+        "secret.",
     )
     hooks.set_defaults(handler=cmd_webhook_secret)
