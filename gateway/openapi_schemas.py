@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from allocator.sale_reads import ORDER_STATES
 from flashsale.salespec import SKU_FIELDS
 from gateway.waiting_room import TICKET_GRACE_S
 
@@ -348,8 +349,6 @@ CHALLENGE = obj(
     ["difficulty", "challenge", "rule"],
 )
 
-
-_STATES = ["PENDING", "PAYING", "CONFIRMED", "PAYMENT_FAILED", "EXPIRED", "CANCELLED"]
 # What the workers POST to FLASHSALE_WEBHOOK_URL (workers/webhooks.py): OpenAPI 3.1 webhooks.
 ORDER_WEBHOOK: dict[str, Any] = {
     "post": {
@@ -368,7 +367,8 @@ ORDER_WEBHOOK: dict[str, Any] = {
             "timestamp": {"type": "string", "format": "date-time"},
             "data": obj({
                 "order_id": {"type": "string"}, "version": {"type": "integer"},
-                "state": {"enum": _STATES}, "from_state": {"enum": [*_STATES, None]},
+                "state": {"enum": list(ORDER_STATES)},
+                "from_state": {"enum": [*ORDER_STATES, None]},
                 "cause": {"type": "string"}, "sale_id": {"type": "string"},
                 "sku": {"type": "string"}, "buyer_id": {"type": "string"},
                 "quantity": {"type": "integer"}, "amount": {"type": "integer"},
