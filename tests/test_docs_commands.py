@@ -38,7 +38,8 @@ def _commands(line: str) -> list[str]:
     for start in PROGRAM.finditer(line):
         rest = line[start.end() :]
         end = END.search(rest)
-        found.append(rest[: end.start() if end else len(rest)])
+        assert end is not None  # END matches at the end of any text
+        found.append(rest[: end.start()])
     return found
 
 
@@ -52,10 +53,13 @@ def shown_commands() -> list[tuple[str, str, bool]]:
             if line.lstrip().startswith("```"):
                 in_block = not in_block
                 continue
-            shell, _, comment = line.partition(" #") if in_block else ("", "", line)
-            shown += [(where, command, True) for command in _commands(shell)]
-            for span in INLINE.findall(comment) if not in_block else [comment]:
-                shown += [(where, command, False) for command in _commands(span)]
+            if in_block:  # the shell line, and its comment as running text
+                shell, _, comment = line.partition(" #")
+                shown += [(where, command, True) for command in _commands(shell)]
+                spans = [comment]
+            else:
+                spans = INLINE.findall(line)
+            shown += [(where, command, False) for span in spans for command in _commands(span)]
     return shown
 
 
