@@ -126,6 +126,12 @@ class ReconcileMetrics:
             "reconciler, so it keeps counting when the workers are down)",
             ["topic", "group"], registry=registry,
         )  # fmt: skip
+        self.webhook_lag = Gauge(
+            "flashsale_webhook_lag_messages",
+            "Order events the storefront has not taken yet: the webhooks' consumer group's lag "
+            "on order-events (read by the reconciler when FLASHSALE_WEBHOOK_URL is set)",
+            ["group"], registry=registry,
+        )  # fmt: skip
         self.dead_letters = Gauge(
             "flashsale_dead_letter_messages",
             "Messages ever parked on the dead-letter topic (its end offsets: one more is one "

@@ -109,7 +109,7 @@ async def serve(settings: Settings, stop: asyncio.Event, *, interval: float,
             runner = await serve_ops(host, ops_port, checks, registry)
             log.info("reconciler ops endpoints on http://%s:%d/healthz and /metrics", host,
                      ops_port)  # fmt: skip
-        lag = LagReader(settings, settings.consumer_group)
+        broker = BrokerReadings(settings)
         archiver = None
         if settings.archive_after_s is not None:
             archiver = Archiver(c, settings, settings.archive_after_s, rec.metrics)
@@ -118,7 +118,7 @@ async def serve(settings: Settings, stop: asyncio.Event, *, interval: float,
         passes = Passes(rec, sales, turns, interval)
         try:
             while not stop.is_set():
-                await _read_lag(lag, settings, rec.metrics)
+                await broker.read(rec.metrics)
                 passes.check()
                 wait = interval
                 try:
@@ -140,7 +140,7 @@ async def serve(settings: Settings, stop: asyncio.Event, *, interval: float,
                     await asyncio.wait_for(stop.wait(), wait)
         finally:
             await passes.close()
-            await lag.aclose()
+            await broker.aclose()
             if runner is not None:
                 await runner.cleanup()
 
@@ -210,21 +210,40 @@ class Passes:
                 await asyncio.wait_for(self.task, STOP_WAIT_S)
 
 
-async def _read_lag(reader: LagReader, settings: Settings, metrics: ReconcileMetrics) -> None:
-    """The workers' lag on the reservations topic, into ``flashsale_consumer_lag_messages``,
-    and the messages ever parked on the dead-letter topic, into
-    ``flashsale_dead_letter_messages``; an unreachable broker is counted and logged, and the
-    last readings stay."""
-    topic, parked = settings.topics.reservations, settings.topics.dead_letter
-    try:
-        behind = await reader.read(topic)
-        written = await reader.written(parked)
-    except Exception as exc:  # noqa: BLE001 - read again next pass
-        metrics.lag_failures.inc()
-        log.warning("cannot read the consumer lag: %s", describe(exc))
-        return
-    metrics.lag.labels(topic, settings.consumer_group).set(behind)
-    metrics.dead_letters.labels(parked).set(written)
+class BrokerReadings:
+    """What the service reads from the broker before each pass: the workers' lag on the
+    reservations topic (``flashsale_consumer_lag_messages``), the messages ever parked on
+    the dead-letter topic (``flashsale_dead_letter_messages``) and, with order webhooks on,
+    the order events the storefront has not taken yet (``flashsale_webhook_lag_messages``:
+    a slow shop, not a failing one, is seen there). An unreachable broker is counted and
+    logged, and the last readings stay."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.workers = LagReader(settings, settings.consumer_group)
+        self.webhooks: LagReader | None = None
+        if settings.webhook_url:
+            self.webhooks = LagReader(settings, settings.webhook_group)
+
+    async def read(self, metrics: ReconcileMetrics) -> None:
+        topics = self.settings.topics
+        try:
+            behind = await self.workers.read(topics.reservations)
+            written = await self.workers.written(topics.dead_letter)
+            unsent = await self.webhooks.read(topics.order_events) if self.webhooks else None
+        except Exception as exc:  # noqa: BLE001 - read again next pass
+            metrics.lag_failures.inc()
+            log.warning("cannot read the consumer lag: %s", describe(exc))
+            return
+        metrics.lag.labels(topics.reservations, self.settings.consumer_group).set(behind)
+        metrics.dead_letters.labels(topics.dead_letter).set(written)
+        if unsent is not None:
+            metrics.webhook_lag.labels(self.settings.webhook_group).set(unsent)
+
+    async def aclose(self) -> None:
+        await self.workers.aclose()
+        if self.webhooks is not None:
+            await self.webhooks.aclose()
 
 
 def log_items(report: PassReport) -> None:

@@ -158,6 +158,24 @@ def test_the_webhook_alert_fires_after_5_minutes_of_a_shop_taking_none(
         at(12, "FlashsaleWebhooksFailing", fired), at(14, "FlashsaleWebhooksFailing")])  # fmt: skip
 
 
+def test_the_webhook_backlog_alert_fires_after_10_minutes_of_a_shop_behind(
+    prometheus: str,  # noqa: F811 - the fixture
+    tmp_path: Path,
+) -> None:
+    """Over 1,000 events behind from minute 2: fired at 12, not before; once the shop
+    catches up (800, then 0) it clears. A backlog that never passes 1,000 stays quiet."""
+    fired = firing("warning", "1500 order events wait for the storefront (flashsale-webhooks): "
+                   "it takes them slower than they come", "flashsalewebhookbacklog",
+                   group="flashsale-webhooks")  # fmt: skip
+    name = "flashsale_webhook_lag_messages"
+    promtool_test(tmp_path, [
+        {"series": f'{name}{{group="flashsale-webhooks", instance="reconciler"}}',
+         "values": "0 200 1500x12 800 0"},
+        {"series": f'{name}{{group="other", instance="reconciler"}}', "values": "900x16"},
+    ], [at(11, "FlashsaleWebhookBacklog"), at(12, "FlashsaleWebhookBacklog", fired),
+        at(15, "FlashsaleWebhookBacklog")])  # fmt: skip
+
+
 def test_the_stranded_stock_alert_fires_after_a_minute_of_units_nobody_can_buy(
     prometheus: str,  # noqa: F811 - the fixture
     tmp_path: Path,

@@ -11,10 +11,9 @@ import uuid
 import pytest
 from prometheus_client import CollectorRegistry
 
-from flashsale.kafka import LagReader
 from flashsale.settings import Settings
 from reconciler.report import ReconcileMetrics
-from reconciler.service import _read_lag
+from reconciler.service import BrokerReadings
 from tests.conftest import Cli
 from tests.pipeline import pipeline
 
@@ -64,19 +63,19 @@ async def test_parked_messages_are_listed_with_their_reasons_and_counted(
         # flashsale/dead_letters.py); it rises all the same.
         registry = CollectorRegistry()
         metrics = ReconcileMetrics(registry)
-        reader = LagReader(p.settings, p.settings.consumer_group)
+        broker = BrokerReadings(p.settings)
         name, labels = "flashsale_dead_letter_messages", {"topic": topic}
         try:
-            await _read_lag(reader, p.settings, metrics)
+            await broker.read(metrics)
             before = registry.get_sample_value(name, labels)
             assert before is not None and before >= 1, before
             await p.relay.producer.send_and_wait(p.settings.topics.reservations, value=b"{")
             await p.topic_messages(topic, at_least=len(POISON) + 1)
-            await _read_lag(reader, p.settings, metrics)
+            await broker.read(metrics)
             after = registry.get_sample_value(name, labels)
             assert after is not None and after > before, (before, after)
         finally:
-            await reader.aclose()
+            await broker.aclose()
             await workers.drain()
 
 
