@@ -146,6 +146,10 @@ TYPED = [
     (("sale", "list", "--offset", "-1"), "--offset"),
     (("sale", "orders", "sale-x", "--state", "SHIPPED"), "--state"),
     (("sale", "status", "sale-x", "--watch", "--interval", "0"), "--interval"),
+    # A thousand refreshes a second: each reads Redis and Postgres. So was a reconciler's pass
+    # (and the broker's offsets) every millisecond.
+    (("sale", "status", "sale-x", "--watch", "--interval", "0.001"), "--interval"),
+    (("reconcile", "--interval", "0.001"), "--interval"),
     (("sale", "status", "sale-x", "--watch", "--count", "0"), "--count"),
     (
         (

@@ -21,6 +21,9 @@ from flashsale.tokens import Signers
 # The largest number a flag takes: float() also reads "inf", "nan" and 1e300, which no
 # duration, rate or count here can be (a billion seconds is 31 years).
 LARGEST = 1e9
+# The shortest time between two reconciler passes (back to back, as a chaos fault races
+# them) or two refreshes of a watched status: each reads Redis and Postgres.
+SHORTEST_INTERVAL_S = 0.05
 
 
 def positive(kind: type[int] | type[float], field: str, value: str) -> Any:
@@ -32,6 +35,16 @@ def positive(kind: type[int] | type[float], field: str, value: str) -> Any:
         raise InvalidInput(field, f"must be a positive number up to {LARGEST:,.0f}, "
                                   f"got {shown(value)}")  # fmt: skip
     return parsed
+
+
+def seconds(field: str, value: str, shortest: float) -> float:
+    """A time between two rounds of work, from ``shortest`` (more often, a loop would only
+    keep its servers busy) up to ``LARGEST``."""
+    number = _number(field, value)
+    if not shortest <= number <= LARGEST:  # false for nan too
+        raise InvalidInput(field, f"must be from {shortest:g} to {LARGEST:,.0f} seconds, "
+                                  f"got {shown(value)}")  # fmt: skip
+    return number
 
 
 def _number(field: str, value: str) -> float:

@@ -327,7 +327,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     status.add_argument("--sku", help="this SKU alone (a sale may have thousands)")
     status.add_argument("--watch", action="store_true",
                         help="refresh in place every --interval seconds until Ctrl-C")  # fmt: skip
-    status.add_argument("--interval", help="seconds between refreshes (default 1)")
+    status.add_argument("--interval", help="seconds between refreshes (default 1, at least 0.05)")
     status.add_argument("--count", help="stop after this many refreshes (default: never)")
     add = sale_sub.add_parser("add-stock", help="add N units to a SKU (Postgres, then Redis)")
     add.add_argument("sale", help="sale id")

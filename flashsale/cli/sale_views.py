@@ -16,7 +16,7 @@ import orjson
 from allocator.sale_admin import SaleAdmin
 from allocator.sale_reads import MAX_PAGE
 from allocator.sale_scripts import PreloadResult
-from flashsale.cli.checks import positive
+from flashsale.cli.checks import SHORTEST_INTERVAL_S, positive, seconds
 from flashsale.cli.output import dump_json, out, warn
 from flashsale.currencies import major
 from flashsale.errors import Conflict
@@ -162,7 +162,7 @@ def no_sales(status: str | None, offset: int) -> str:
 async def watch_status(sales: SaleAdmin, args: argparse.Namespace) -> None:
     """``sale status --watch``: the status again every interval, in place on a terminal (a
     new block each time otherwise); with ``--json`` a line of JSON each time."""
-    interval = positive(float, "interval", args.interval or "1")
+    interval = seconds("interval", args.interval or "1", SHORTEST_INTERVAL_S)
     count = positive(int, "count", args.count) if args.count else None
     shown = 0
     in_place = sys.stdout.isatty()

@@ -13,6 +13,7 @@ from flashsale import event_loop
 from flashsale.cli import runners
 from flashsale.cli.checks import (
     MAX_PROCESSES,
+    SHORTEST_INTERVAL_S,
     fraction,
     free_to_listen,
     non_negative,
@@ -20,6 +21,7 @@ from flashsale.cli.checks import (
     ports_after,
     positive,
     sale_id,
+    seconds,
     service_settings,
     within,
 )
@@ -68,7 +70,7 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
         raise InvalidInput("json", "goes with --once (one pass, printed as JSON)")
     if args.once and args.ops_port:
         raise InvalidInput("ops-port", "goes without --once: the service serves its probes")
-    interval = positive(float, "interval", args.interval)
+    interval = seconds("interval", args.interval, SHORTEST_INTERVAL_S)
     stuck = positive(float, "stuck-after", args.stuck_after)
     for sale in args.sale or []:
         sale_id("sale", sale)
@@ -344,9 +346,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     rec.add_argument(
         "--interval",
         default="5",
-        help="seconds between two passes over a sale (default 5; the budget of 2,000 SKUs "
-        "a second is shared out sale by sale, and a sale with more SKUs than its share "
-        "is passed over less often)",
+        help="seconds between two passes over a sale (default 5, at least 0.05; the budget "
+        "of 2,000 SKUs a second is shared out sale by sale, and a sale with more SKUs than "
+        "its share is passed over less often)",
     )
     rec.add_argument("--sale", action="append", metavar="ID",
                      help="only this sale (repeatable; default: every live sale); an unknown "
