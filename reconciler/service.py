@@ -36,6 +36,10 @@ from reconciler.skus import REBUILDS_AT_ONCE
 
 log = logging.getLogger("flashsale.reconciler")
 
+# The broker's offsets (the lag gauges' input) are read at most this often, however often
+# passes run: Prometheus scrapes every 15 s.
+BROKER_EVERY_S = 1.0
+
 
 def reconciler(c: Clients, settings: Settings, *, stuck_after_s: float,
                registry: CollectorRegistry | None = None) -> Reconciler:  # fmt: skip
@@ -215,17 +219,22 @@ class BrokerReadings:
     reservations topic (``flashsale_consumer_lag_messages``), the messages ever parked on
     the dead-letter topic (``flashsale_dead_letter_messages``) and, with order webhooks on,
     the order events the storefront has not taken yet (``flashsale_webhook_lag_messages``:
-    a slow shop, not a failing one, is seen there). An unreachable broker is counted and
-    logged, and the last readings stay."""
+    a slow shop, not a failing one, is seen there). At most every ``BROKER_EVERY_S``. An
+    unreachable broker is counted and logged, and the last readings stay."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.last: float | None = None  # monotonic time of the last reading
         self.workers = LagReader(settings, settings.consumer_group)
         self.webhooks: LagReader | None = None
         if settings.webhook_url:
             self.webhooks = LagReader(settings, settings.webhook_group)
 
     async def read(self, metrics: ReconcileMetrics) -> None:
+        now = time.monotonic()
+        if self.last is not None and now - self.last < BROKER_EVERY_S:
+            return
+        self.last = now
         topics = self.settings.topics
         try:
             behind = await self.workers.read(topics.reservations)

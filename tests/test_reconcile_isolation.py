@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 
 from allocator.sale_admin import SaleAdmin
 from flashsale.errors import NotFound, PaymentError, PaymentUnknown
+from flashsale.kafka import LagReader
 from flashsale.keys import SkuKeys
 from flashsale.payments import Charge, ChargeRequest, PaymentProvider
 from flashsale.records import text
@@ -422,3 +424,32 @@ async def test_a_sales_list_of_skus_in_redis_is_put_back_in_line_with_postgres(
         assert text(await p.redis.hget(key, "skus")) == "SKU-1,SKU-2,SKU-3"
         version = await p.pool.fetchval("SELECT skus_version FROM sales WHERE id = $1", sale)
         assert text(await p.redis.hget(key, "skus_version")) == str(version)  # taken
+
+
+async def test_the_broker_is_read_once_a_second_however_often_the_passes_run(
+    stack: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The service read the workers' lag and the dead letters from the broker before each
+    turn of its loop: with passes every 50 ms (or many sales due one after another), twenty
+    readings a second of what Prometheus scrapes every 15 s."""
+    readings: list[float] = []
+    passes: list[float] = []
+    read, run_once = LagReader.read, Reconciler.run_once
+
+    async def counted_read(self: LagReader, topic: str) -> int:
+        readings.append(time.monotonic())
+        return await read(self, topic)
+
+    async def counted_pass(self: Reconciler, *args: Any, **kwargs: Any) -> Any:
+        passes.append(time.monotonic())
+        return await run_once(self, *args, **kwargs)
+
+    monkeypatch.setattr(LagReader, "read", counted_read)
+    monkeypatch.setattr(Reconciler, "run_once", counted_pass)
+    async with pipeline(stack) as p:
+        sale = await p.sale(stock=5)
+        async with serving(stack, [sale], lambda: len(passes) >= 30):
+            pass
+    assert len(passes) >= 30 and readings, (len(passes), readings)
+    gaps = [b - a for a, b in itertools.pairwise(readings)]
+    assert all(gap >= service.BROKER_EVERY_S * 0.99 for gap in gaps), gaps
