@@ -8,12 +8,14 @@ ms of Postgres for a live sale of 100,000 SKUs, every 2 s and in each process. T
 stay the same objects while nothing changes, which the allocator's checks for "the same
 scope" rely on.
 
-Beside them, the sales about to open, or open, that were never preloaded: nothing else shows
-that their buyers are all told they are not open yet.
+Beside them, the sales about to open, or open, that were never preloaded (nothing else shows
+that their buyers are all told they are not open yet), and those with SKUs added after their
+preload and not preloaded (which no buyer can see).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -32,15 +34,19 @@ FROM sales s
 WHERE s.preloaded_at IS NOT NULL AND {HOLDS_END} + interval '1 minute' > now()
 ORDER BY s.id
 """  # noqa: S608 - only constants of this code go in
-# The sales that open within NOT_PRELOADED_WINDOW_S, or have opened, and were never preloaded:
-# every buyer is told they are not open yet (their waiting room is not in Redis), with nothing
-# else to show it. With the seconds until each opens (less than 0: it has).
+# The sales that open within NOT_PRELOADED_WINDOW_S, or have opened, with what of them was not
+# preloaded. A sale never preloaded: every buyer is told it is not open yet (its waiting room
+# is not in Redis), with nothing else to show it; with the seconds until it opens (less than
+# 0: it has). A sale preloaded: the SKUs added since and not preloaded, which no buyer can see
+# or reserve (one index probe a sale: migration 0019).
 NOT_PRELOADED_WINDOW_S = 600
 NOT_PRELOADED = """
-SELECT id, extract(epoch FROM starts_at - now())::float8 AS opens_in
-FROM sales
-WHERE preloaded_at IS NULL AND status <> 'ended' AND ends_at > now()
-  AND starts_at < now() + make_interval(secs => $1)
+SELECT id, preloaded_at IS NULL AS never, extract(epoch FROM starts_at - now())::float8 AS opens_in,
+       CASE WHEN preloaded_at IS NULL THEN 0
+            ELSE (SELECT count(*) FROM sale_skus k
+                  WHERE k.sale_id = s.id AND k.preloaded_at IS NULL) END AS skus
+FROM sales s
+WHERE status <> 'ended' AND ends_at > now() AND starts_at < now() + make_interval(secs => $1)
 ORDER BY id
 """
 # The SKUs of the sales $1, with the version of the set they are (one statement: the same
@@ -82,8 +88,17 @@ class SkuSets:
         return rows
 
 
-async def not_preloaded(pool: asyncpg.Pool) -> dict[str, float]:
-    """The sales open, or opening within ``NOT_PRELOADED_WINDOW_S``, that were never preloaded:
-    the seconds until each opens (less than 0: it has)."""
+@dataclass(frozen=True)
+class NotPreloaded:
+    """Of the sales open, or opening within ``NOT_PRELOADED_WINDOW_S``: those never preloaded,
+    with the seconds until each opens (less than 0: it has), and those preloaded with SKUs
+    added since and not preloaded, with how many."""
+
+    sales: dict[str, float]
+    skus: dict[str, int]
+
+
+async def not_preloaded(pool: asyncpg.Pool) -> NotPreloaded:
     rows = await fetch_in_play(pool, NOT_PRELOADED, float(NOT_PRELOADED_WINDOW_S))
-    return {row["id"]: row["opens_in"] for row in rows}
+    return NotPreloaded(sales={row["id"]: row["opens_in"] for row in rows if row["never"]},
+                        skus={row["id"]: row["skus"] for row in rows if row["skus"]})  # fmt: skip

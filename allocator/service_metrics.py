@@ -9,6 +9,7 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from allocator.discovery import NotPreloaded
 from flashsale.ops_endpoints import build_info
 
 # A sale with more SKUs (or stock buckets) than this is shown in the per-SKU metrics as one
@@ -59,6 +60,11 @@ class ServiceMetrics:
             "flashsale_sale_not_preloaded", "Seconds until a sale opens (less than 0: it has) "
             "that was never preloaded, for a sale opening within 10 minutes or open: its buyers "
             "are told it is not open yet", ["sale"], registry=registry,
+        )  # fmt: skip
+        self.skus_not_preloaded = Gauge(
+            "flashsale_skus_not_preloaded", "SKUs added to a sale after its preload and not "
+            "preloaded (no buyer can see or reserve them), for a sale opening within 10 "
+            "minutes or open", ["sale"], registry=registry,
         )  # fmt: skip
         self.expired = Counter("flashsale_holds_expired", "Holds expired by the sweeper",
                                registry=registry)  # fmt: skip
@@ -119,11 +125,15 @@ class ServiceMetrics:
                     self.stock.remove(sale_id, sku, state)
         self._skus[sale_id] = set(stock)
 
-    def note_not_preloaded(self, opens_in: dict[str, float]) -> None:
-        """The sales open or opening soon without a preload, and none other."""
+    def note_not_preloaded(self, found: NotPreloaded) -> None:
+        """The sales open or opening soon without a preload, or with SKUs not preloaded, and
+        none other."""
         self.not_preloaded.clear()
-        for sale_id, seconds in opens_in.items():
+        for sale_id, seconds in found.sales.items():
             self.not_preloaded.labels(sale_id).set(seconds)
+        self.skus_not_preloaded.clear()
+        for sale_id, skus in found.skus.items():
+            self.skus_not_preloaded.labels(sale_id).set(skus)
 
     def forget(self, sale_id: str) -> None:
         """Drop a sale's series once it leaves scope: a dashboard of past sales would

@@ -139,6 +139,25 @@ def test_the_lag_alert_fires_after_15_seconds_of_a_backlog(
     )  # fmt: skip
 
 
+def test_the_skus_not_preloaded_alert_fires_after_5_minutes(
+    prometheus: str,  # noqa: F811 - the fixture
+    tmp_path: Path,
+) -> None:
+    """Two SKUs imported into an open sale at minute 1 and not preloaded: fired at 6, not
+    before; their preload (the series gone) clears it. A preload within 5 minutes says
+    nothing."""
+    fired = firing("warning", "2 SKUs of sale s-1 were added after its preload and not "
+                   "preloaded: no buyer can see or reserve them", "flashsaleskusnotpreloaded",
+                   sale="s-1")  # fmt: skip
+    promtool_test(tmp_path, [
+        {"series": 'flashsale_skus_not_preloaded{sale="s-1", instance="a"}',
+         "values": "_ 2x6 stale"},
+        {"series": 'flashsale_skus_not_preloaded{sale="s-2", instance="a"}',
+         "values": "_ 1x3 stale"},
+    ], [at(5, "FlashsaleSkusNotPreloaded"), at(6, "FlashsaleSkusNotPreloaded", fired),
+        at(8, "FlashsaleSkusNotPreloaded")])  # fmt: skip
+
+
 def test_the_webhook_alert_fires_after_5_minutes_of_a_shop_taking_none(
     prometheus: str,  # noqa: F811 - the fixture
     tmp_path: Path,
