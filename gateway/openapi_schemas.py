@@ -80,6 +80,15 @@ SHUFFLE = obj(
     {"algorithm": {"type": "string"}, "commitment": {"type": "string"}, "seed": NULLABLE_STRING},
     ["algorithm", "commitment", "seed"],
 )
+SALE_SOLD_OUT = {
+    "type": "boolean",
+    "description": "a buyer who joins now is told sold_out: every SKU is, or the line reaches "
+    "the last place ever admitted (the units remaining are promised to the buyers in it)",
+}
+SKU_COUNT = {
+    "type": "integer",
+    "description": "the SKUs the sale has (skus lists them all, or those asked for)",
+}
 SALE = obj(
     {
         "id": ID,
@@ -98,16 +107,8 @@ SALE = obj(
             "deleted"
         ),
         "shuffle": SHUFFLE,
-        "sold_out": {
-            "type": "boolean",
-            "description": "a buyer who joins now is told sold_out: every SKU is, or the line "
-            "reaches the last place ever admitted (the units remaining are promised to the "
-            "buyers in it)",
-        },
-        "sku_count": {
-            "type": "integer",
-            "description": "the SKUs the sale has (skus lists them all, or those asked for)",
-        },
+        "sold_out": SALE_SOLD_OUT,
+        "sku_count": SKU_COUNT,
         "skus": {
             "type": "array",
             "items": obj(
@@ -141,16 +142,8 @@ PUBLIC_SALE = obj(
             "description": "the most bits asked as the join rate rises (0: fixed)",
         },
         "shuffle": SHUFFLE,
-        "sold_out": {
-            "type": "boolean",
-            "description": "a buyer who joins now is told sold_out: every SKU is, or the line "
-            "reaches the last place ever admitted (the units remaining are promised to the "
-            "buyers in it)",
-        },
-        "sku_count": {
-            "type": "integer",
-            "description": "the SKUs the sale has (skus lists them all, or those asked for)",
-        },
+        "sold_out": SALE_SOLD_OUT,
+        "sku_count": SKU_COUNT,
         "skus": {
             "type": "array",
             "items": obj(
