@@ -266,7 +266,8 @@ def admin_paths() -> dict[str, Any]:
                     "admin",
                     'Add SKUs from CSV, or JSON {"skus": [...]} or the list alone (all '
                     "validated first; 409 sale_sold_out once the waiting room found the sale "
-                    "sold out)",
+                    "sold out). Into a preloaded sale, the new SKUs are on sale from the next "
+                    "preload on (POST /admin/v1/sales/{sale}/preload)",
                     {**ok(200, "The sale", SALE), **errors(*admin_errors)},
                     security="admin",
                     params=[*SALE_PATH, skus],
