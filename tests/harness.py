@@ -252,9 +252,18 @@ def live_gateway(stack: Settings, **overrides: Any) -> Iterator[LiveGateway]:
     try:
         yield LiveGateway(f"http://127.0.0.1:{port}", loop, runner.app, settings)
     finally:
-        for task in asyncio.all_tasks(loop):
-            loop.call_soon_threadsafe(task.cancel)
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(15)
+
+        async def ending() -> None:
+            # Cancelled and seen to end before the loop stops: a pump's task cancelled with
+            # the loop stopping before it ran again was "destroyed but pending" at exit.
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=5)
+            await runner.cleanup()
+
+        asyncio.run_coroutine_threadsafe(ending(), loop).result(20)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
         if not thread.is_alive():
