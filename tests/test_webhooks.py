@@ -21,6 +21,7 @@ import jsonschema_rs
 import orjson
 import pytest
 from aiohttp import web
+from aiokafka.structs import ConsumerRecord
 from prometheus_client import CollectorRegistry
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
@@ -35,7 +36,7 @@ from tests.conftest import Cli
 from tests.pipeline import Pipeline, pipeline
 from workers.parking import Parked, park
 from workers.service import WorkerService
-from workers.webhooks import WebhookNotifier, WebhookSender
+from workers.webhooks import Delivery, WebhookNotifier, WebhookSender
 
 SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
@@ -305,3 +306,46 @@ def test_a_webhook_secret_without_its_url_is_said_to_send_nothing(
         "flashsale: warning: FLASHSALE_WEBHOOK_SECRET is set but FLASHSALE_WEBHOOK_URL is not: "
         "no order webhooks are sent",
     ], result.err
+
+
+async def test_a_shop_answering_a_redirect_is_not_followed_and_its_events_wait(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A webhook URL that redirects (http:// to https://, a moved path) had its events
+    followed there: a 301 turned the POST into a GET, which the shop refused, and after five
+    tries each event was parked on the dead-letter topic; a 307 sent the signed order to
+    wherever the redirect pointed. A redirect is now an answer that takes nothing: the event
+    is sent again to the URL configured, and the log says where the redirect points."""
+    moved: list[str] = []
+    redirects = 3
+
+    async def hooks(request: web.Request) -> web.Response:
+        nonlocal redirects
+        await request.read()
+        if redirects:
+            redirects -= 1
+            raise web.HTTPMovedPermanently("/moved")
+        return web.Response(status=204)
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        moved.append(request.method)
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/hooks", hooks)
+    app.router.add_route("*", "/moved", elsewhere)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        record = ConsumerRecord("order-events", 0, 7, 0, 0, None, b"{}", None, 2, 2, [])
+        delivery = Delivery(record, "o-1.1", "o-1", b'{"type": "order.created"}')
+        url = f"http://127.0.0.1:{port}/hooks"
+        async with WebhookSender(url, SECRET, first_wait_s=0.01) as sender:
+            outcome = await asyncio.wait_for(sender.deliver(delivery, asyncio.Event()), 10)
+    finally:
+        await runner.cleanup()
+    assert outcome is None and redirects == 0, outcome  # taken at the 4th sending, not parked
+    assert moved == []
+    assert f"answered 301 (a redirect to http://127.0.0.1:{port}/moved" in caplog.text

@@ -9,10 +9,11 @@
   the order of their versions.
 * Offsets are committed only once every event of the batch was answered 2xx (or parked):
   nothing the engine recorded is skipped, and an event may come twice.
-* No answer, a timeout, 408, 429 or a 5xx: sent again after a wait that doubles up to a
-  minute, for as long as the shop needs (nothing later is sent meanwhile; the alert
-  ``FlashsaleWebhooksFailing`` says so). Another 4xx, five times in a row: the shop refuses
-  that event for good, and it is parked on the dead-letter topic with the status.
+* No answer, a timeout, 408, 429, a 5xx or a redirect (not followed: the log says where it
+  points): sent again after a wait that doubles up to a minute, for as long as the shop
+  needs (nothing later is sent meanwhile; the alert ``FlashsaleWebhooksFailing`` says so).
+  Another 4xx, five times in a row: the shop refuses that event for good, and it is parked
+  on the dead-letter topic with the status.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 from standardwebhooks import Webhook
+from yarl import URL
 
 from flashsale.kafka import client_options
 from flashsale.outages import describe, is_outage, log_failure
@@ -120,14 +122,23 @@ class WebhookSender:
         }
         began = time.monotonic()
         try:
-            async with self.session.post(self.url, data=delivery.body, headers=headers) as answer:
+            # A redirect is not followed: a 301 would turn the POST into a GET, and a 307
+            # would send the signed order wherever it points.
+            async with self.session.post(self.url, data=delivery.body, headers=headers,
+                                         allow_redirects=False) as answer:  # fmt: skip
                 await answer.read()
-                status = answer.status
+                status, location = answer.status, answer.headers.get("Location", "nowhere")
+                with contextlib.suppress(ValueError):  # a Location that is no URL: as it is
+                    location = str(answer.url.join(URL(location)))
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             self.observe("no_answer", time.monotonic() - began)
             log.warning("webhook %s: no answer from the shop (%s)", delivery.id, describe(exc))
             return None
         self.observe(f"{status // 100}xx", time.monotonic() - began)
+        if 300 <= status < 400:
+            log.warning("webhook %s: answered %d (a redirect to %s, not followed: "
+                        "FLASHSALE_WEBHOOK_URL should name the address it points to)",
+                        delivery.id, status, mask_url(location))  # fmt: skip
         return status
 
     async def deliver(self, delivery: Delivery, stop: asyncio.Event) -> Parked | None:
