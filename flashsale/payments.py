@@ -12,6 +12,7 @@ instead of piling requests onto it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,9 +20,11 @@ from typing import Any, Literal, Protocol
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from flashsale.errors import PaymentConflict, PaymentError, PaymentUnknown, ProviderDown
 from flashsale.outages import describe
+from flashsale.settings import mask_url
 
 ChargeStatus = Literal["captured", "declined", "refunded"]
 
@@ -178,14 +181,24 @@ class HttpProvider:
             raise
         began = time.perf_counter()
         try:
-            async with self._session.request(method, self.base_url + path, **kwargs) as response:
+            # A redirect is not followed: a 301 would turn a charge's POST into a GET, whose
+            # answer would be read as the charge's.
+            async with self._session.request(
+                method, self.base_url + path, allow_redirects=False, **kwargs
+            ) as response:
                 raw = await response.read()
-                status = response.status
+                status, where = response.status, response.headers.get("Location", "nowhere")
+                with contextlib.suppress(ValueError):  # a Location that is no URL: as it is
+                    where = str(response.url.join(URL(where)))
         except (TimeoutError, aiohttp.ClientError) as exc:
             self._observed(route, "no_answer", time.perf_counter() - began)
             self.breaker.failed()
             raise PaymentUnknown(f"{method} {path}: no definite answer ({describe(exc)})") from exc
         self._observed(route, f"{status // 100}xx", time.perf_counter() - began)
+        if 300 <= status < 400:
+            raise PaymentUnknown(f"{method} {path}: the provider answered {status}, a redirect "
+                                 f"to {mask_url(where)} (not followed: FLASHSALE_PSP_URL should "
+                                 "name the address it points to)")  # fmt: skip
         if status >= 500:
             self.breaker.failed()
             raise PaymentUnknown(f"{method} {path}: provider answered {status}")

@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -322,3 +323,42 @@ def test_the_simulators_knobs_read_as_words() -> None:
         "latency 40 ms ± 10 ms, 10% declined, 0% failing with 5xx, 0% answered "
         "after a timeout (30 s late), seed 7"
     ), said
+
+
+async def test_a_provider_answering_a_redirect_is_not_followed() -> None:
+    """A provider URL that redirects (http:// to https://, a moved path) was followed: a 301
+    turned a charge's POST into a GET, whose answer was read as the charge's, and the
+    error said "unexpected answer 405" or "unreadable provider answer". A redirect is now an
+    unknown outcome naming where it points, and nothing is sent there."""
+    followed: list[str] = []
+
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPMovedPermanently("/elsewhere" + request.path)
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        followed.append(f"{request.method} {request.path}")
+        return web.json_response({"data": [], "has_more": False})
+
+    app = web.Application()
+    app.router.add_route("*", "/elsewhere/{tail:.*}", elsewhere)
+    app.router.add_route("*", "/v1/{tail:.*}", moved)
+    server = TestServer(app)
+    await server.start_server()
+    base = str(server.make_url("")).rstrip("/")
+    try:
+        async with HttpProvider(base) as provider:
+            calls: list[Callable[[], Awaitable[Any]]] = [
+                lambda: provider.charge("k-1", 100, "EUR", "tok_visa"),
+                lambda: provider.refund("k-1"),
+                lambda: provider.lookup("k-1"),
+                lambda: provider.list_charges("k-"),
+            ]
+            for call in calls:
+                with pytest.raises(PaymentUnknown, match="answered 301, a redirect to ") as said:
+                    await call()
+                assert f"{base}/elsewhere/v1/charges" in str(said.value), said.value
+            with pytest.raises(PaymentUnknown, match="answered 301"):  # as a 5xx: the batch's
+                await provider.charge_many([ChargeRequest("k-2", 100, "EUR", "tok")])
+    finally:
+        await server.close()
+    assert followed == []
