@@ -160,25 +160,34 @@ def secret_setting(value: str | None, name: str, *, keys: bool = False) -> str:
 WEBHOOK_SECRET_BYTES = (24, 64)  # Standard Webhooks' range for a signing key
 
 
+def _ordinal(n: int) -> str:
+    """1st, 2nd, 3rd, 4th ... 11th, 12th, 13th ... 21st."""
+    suffix = "th" if n % 100 in (11, 12, 13) else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
 def webhook_secret(value: str | None, url: str | None) -> str:
     """``FLASHSALE_WEBHOOK_SECRET``: ``whsec_`` and the base64 of 24 to 64 random bytes, as
-    Standard Webhooks libraries take it; required with ``FLASHSALE_WEBHOOK_URL``. Its text
-    is never named."""
+    Standard Webhooks libraries take it; required with ``FLASHSALE_WEBHOOK_URL``. During a
+    rotation ``new,old``: each webhook is signed by both. Its text is never named."""
     name, make = "FLASHSALE_WEBHOOK_SECRET", "`flashsale token webhook-secret` makes one"
-    if not value:
+    keys = [key.strip() for key in (value or "").split(",") if key.strip()]
+    if not keys:
         if url:
             raise ConfigError(f"{name} is not set: FLASHSALE_WEBHOOK_URL needs it to sign the "
                               f"webhooks ({make})")  # fmt: skip
         return ""
-    try:
-        key = base64.b64decode(value.strip().removeprefix("whsec_"), validate=True)
-    except ValueError:
-        key = b""
     least, most = WEBHOOK_SECRET_BYTES
-    if not value.strip().startswith("whsec_") or not least <= len(key) <= most:
-        raise ConfigError(f"{name} must be whsec_ and the base64 of {least} to {most} random "
-                          f"bytes ({make})")  # fmt: skip
-    return value.strip()
+    for n, key in enumerate(keys, 1):
+        try:
+            raw = base64.b64decode(key.removeprefix("whsec_"), validate=True)
+        except ValueError:
+            raw = b""
+        if not key.startswith("whsec_") or not least <= len(raw) <= most:
+            which = f"{name}: its {_ordinal(n)} key" if len(keys) > 1 else name
+            raise ConfigError(f"{which} must be whsec_ and the base64 of {least} to {most} "
+                              f"random bytes ({make})")  # fmt: skip
+    return ",".join(keys)
 
 
 def admin_apart(admin: Iterable[str], buyer: Iterable[str]) -> None:

@@ -261,7 +261,7 @@ def test_a_new_webhook_secret_is_made_by_the_cli(run_cli: Cli) -> None:
     # What the engine signs with it, a shop's library checks with it; not with another.
     now = datetime.now(UTC)
     headers = {"webhook-id": "o.1", "webhook-timestamp": str(int(now.timestamp())),
-               "webhook-signature": WebhookSender("https://x.example", first).signer.sign(
+               "webhook-signature": WebhookSender("https://x.example", first).sign(
                    "o.1", now, b'{"a":1}')}  # fmt: skip
     assert Webhook(first).verify(b'{"a":1}', headers) == {"a": 1}
     with pytest.raises(WebhookVerificationError):
@@ -349,3 +349,32 @@ async def test_a_shop_answering_a_redirect_is_not_followed_and_its_events_wait(
     assert outcome is None and redirects == 0, outcome  # taken at the 4th sending, not parked
     assert moved == []
     assert f"answered 301 (a redirect to http://127.0.0.1:{port}/moved" in caplog.text
+
+
+def test_two_webhook_secrets_sign_each_webhook_twice_while_the_shop_moves_to_the_new_one() -> None:
+    """The webhook secret was one value: to rotate it, a shop had to check each webhook with
+    the new secret and then the old one, with its own code, for the while the workers took to
+    restart. As the engine's other secrets, it now takes ``new,old``: each webhook carries a
+    signature by each (Standard Webhooks' space-separated list), so the shop's library, given
+    either secret, verifies it, and the shop moves to the new one at its own pace."""
+    new, old = (f"whsec_{base64.b64encode(secrets.token_bytes(32)).decode()}" for _ in range(2))
+    base = {"FLASHSALE_HOME": "/nonexistent-flashsale-home",
+            "FLASHSALE_WEBHOOK_URL": "https://shop.example.com/hooks"}  # fmt: skip
+    both = Settings.from_env({**base, "FLASHSALE_WEBHOOK_SECRET": f"{new}, {old}"})
+    assert both.webhook_secret.each_key() == (new, old)
+    assert new in both.secrets() and old in both.secrets()
+    with pytest.raises(ConfigError, match="its 2nd key must be whsec_") as refused:
+        Settings.from_env({**base, "FLASHSALE_WEBHOOK_SECRET": f"{new},whsec_short"})
+    assert new not in str(refused.value)
+
+    now = datetime.now(UTC)
+    signed = WebhookSender("https://x.example", both.webhook_secret.reveal()).sign(
+        "o.1", now, b'{"a":1}'
+    )
+    headers = {"webhook-id": "o.1", "webhook-timestamp": str(int(now.timestamp())),
+               "webhook-signature": signed}  # fmt: skip
+    assert len(signed.split(" ")) == 2
+    for secret in (new, old):
+        assert Webhook(secret).verify(b'{"a":1}', headers) == {"a": 1}
+    with pytest.raises(WebhookVerificationError):
+        Webhook(SECRET).verify(b'{"a":1}', headers)

@@ -38,7 +38,7 @@ from yarl import URL
 
 from flashsale.kafka import client_options
 from flashsale.outages import describe, is_outage, log_failure
-from flashsale.settings import Settings, mask_url
+from flashsale.settings import Secret, Settings, mask_url
 from flashsale.timefmt import iso
 from workers.parking import Parked, decoded
 
@@ -95,9 +95,11 @@ class WebhookSender:
     def __init__(self, url: str, secret: str, *,
                  observe: Callable[[str, float], None] = lambda outcome, seconds: None,
                  timeout_s: float = TIMEOUT_S, first_wait_s: float = 0.5) -> None:  # fmt: skip
+        """``secret``: a signing key, or several comma-separated during a rotation, each of
+        which signs every webhook."""
         self.url = url
         self.first_wait_s = first_wait_s
-        self.signer = Webhook(secret)
+        self.signers = [Webhook(key) for key in Secret(secret).each_key()]
         self.observe = observe
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.session: aiohttp.ClientSession | None = None
@@ -110,6 +112,11 @@ class WebhookSender:
         if self.session is not None:
             await self.session.close()
 
+    def sign(self, hook_id: str, at: datetime, body: bytes) -> str:
+        """The ``webhook-signature`` header: a signature by each key, space-separated, of
+        which a shop's library accepts any."""
+        return " ".join(signer.sign(hook_id, at, body) for signer in self.signers)
+
     async def send(self, delivery: Delivery) -> int | None:
         """The status the shop answered, or None when it did not."""
         assert self.session is not None, "use WebhookSender as an async context manager"
@@ -118,7 +125,7 @@ class WebhookSender:
             "Content-Type": "application/json",
             "webhook-id": delivery.id,
             "webhook-timestamp": str(int(now.timestamp())),
-            "webhook-signature": self.signer.sign(delivery.id, now, delivery.body),
+            "webhook-signature": self.sign(delivery.id, now, delivery.body),
         }
         began = time.monotonic()
         try:
