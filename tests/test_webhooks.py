@@ -378,3 +378,34 @@ def test_two_webhook_secrets_sign_each_webhook_twice_while_the_shop_moves_to_the
         assert Webhook(secret).verify(b'{"a":1}', headers) == {"a": 1}
     with pytest.raises(WebhookVerificationError):
         Webhook(SECRET).verify(b'{"a":1}', headers)
+
+
+async def test_a_shop_answering_401_to_every_webhook_gets_them_once_mended() -> None:
+    """A shop with the wrong secret answers 401 (or 403; 404 at a wrong path) to every
+    webhook: each event was parked on the dead-letter topic after five tries, so a sale's
+    every order event went there, and nothing reads that topic again. Those answers say the
+    endpoint is not as configured, not that the event is refused: the event is sent again
+    until the shop takes it, as for a 5xx (the alert FlashsaleWebhooksFailing fires)."""
+    answers = iter([401, 403, 404, 401, 403, 404, 401, 200])
+    seen: list[int] = []
+
+    async def hooks(request: web.Request) -> web.Response:
+        await request.read()
+        seen.append(next(answers))
+        return web.Response(status=seen[-1])
+
+    app = web.Application()
+    app.router.add_post("/hooks", hooks)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        record = ConsumerRecord("order-events", 0, 7, 0, 0, None, b"{}", None, 2, 2, [])
+        delivery = Delivery(record, "o-1.1", "o-1", b'{"type": "order.created"}')
+        url = f"http://127.0.0.1:{port}/hooks"
+        async with WebhookSender(url, SECRET, first_wait_s=0.001) as sender:
+            outcome = await asyncio.wait_for(sender.deliver(delivery, asyncio.Event()), 10)
+    finally:
+        await runner.cleanup()
+    assert outcome is None and seen[-1] == 200, (outcome, seen)

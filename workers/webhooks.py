@@ -9,11 +9,13 @@
   the order of their versions.
 * Offsets are committed only once every event of the batch was answered 2xx (or parked):
   nothing the engine recorded is skipped, and an event may come twice.
-* No answer, a timeout, 408, 429, a 5xx or a redirect (not followed: the log says where it
-  points): sent again after a wait that doubles up to a minute, for as long as the shop
-  needs (nothing later is sent meanwhile; the alert ``FlashsaleWebhooksFailing`` says so).
-  Another 4xx, five times in a row: the shop refuses that event for good, and it is parked
-  on the dead-letter topic with the status.
+* No answer, a timeout, a 5xx, a redirect (not followed: the log says where it points) or a
+  4xx about the endpoint rather than the event (401, 403, 404, 405, 408, 410, 429: a wrong
+  secret or path, a busy shop): sent again after a wait that doubles up to a minute, for as
+  long as the shop needs (nothing later is sent meanwhile; the alert
+  ``FlashsaleWebhooksFailing`` says so). Another 4xx (400, 409, 422...), five times in a
+  row: the shop refuses that event for good, and it is parked on the dead-letter topic with
+  the status.
 """
 
 from __future__ import annotations
@@ -50,7 +52,9 @@ TIMEOUT_S = 10.0
 LONGEST_WAIT_S = 60.0
 # A 4xx but these, this many times in a row: the shop refuses the event for good.
 REFUSALS = 5
-AGAIN = frozenset({408, 429})
+# 4xx answers about the endpoint, not the event (busy; the wrong secret, path or method; gone):
+# sent again until the shop is mended, as for a 5xx. Parked, a sale's every event would go.
+AGAIN = frozenset({401, 403, 404, 405, 408, 410, 429})
 # Orders whose events are sent at once (an order's own events go one after another).
 CONCURRENCY = 16
 
