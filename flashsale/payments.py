@@ -195,14 +195,14 @@ class HttpProvider:
             self.breaker.failed()
             raise PaymentUnknown(f"{method} {path}: no definite answer ({describe(exc)})") from exc
         self._observed(route, f"{status // 100}xx", time.perf_counter() - began)
+        if status >= 500:
+            self.breaker.failed()
+            raise PaymentUnknown(f"{method} {path}: provider answered {status}")
+        self.breaker.succeeded()  # it answered (a redirect too: the breaker is for outages)
         if 300 <= status < 400:
             raise PaymentUnknown(f"{method} {path}: the provider answered {status}, a redirect "
                                  f"to {mask_url(where)} (not followed: FLASHSALE_PSP_URL should "
                                  "name the address it points to)")  # fmt: skip
-        if status >= 500:
-            self.breaker.failed()
-            raise PaymentUnknown(f"{method} {path}: provider answered {status}")
-        self.breaker.succeeded()
         try:
             body = orjson.loads(raw or b"null")
         except orjson.JSONDecodeError:

@@ -359,6 +359,15 @@ async def test_a_provider_answering_a_redirect_is_not_followed() -> None:
                 assert f"{base}/elsewhere/v1/charges" in str(said.value), said.value
             with pytest.raises(PaymentUnknown, match="answered 301"):  # as a 5xx: the batch's
                 await provider.charge_many([ChargeRequest("k-2", 100, "EUR", "tok")])
+        # A redirect is an answer: the circuit breaker's trial call that meets one closes it
+        # (left half-open, it failed every later call fast until a restart).
+        breaker = CircuitBreaker(threshold=1, cooldown_s=0.0)
+        breaker.failed()
+        async with HttpProvider(base, breaker=breaker) as provider:
+            for _ in range(2):
+                with pytest.raises(PaymentUnknown, match="answered 301"):
+                    await provider.lookup("k-1")
+        assert breaker.state == "closed"
     finally:
         await server.close()
     assert followed == []
