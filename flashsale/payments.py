@@ -12,7 +12,6 @@ instead of piling requests onto it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,11 +19,10 @@ from typing import Any, Literal, Protocol
 
 import aiohttp
 import orjson
-from yarl import URL
 
 from flashsale.errors import PaymentConflict, PaymentError, PaymentUnknown, ProviderDown
 from flashsale.outages import describe
-from flashsale.settings import mask_url
+from flashsale.settings import redirect_target
 
 ChargeStatus = Literal["captured", "declined", "refunded"]
 
@@ -187,9 +185,7 @@ class HttpProvider:
                 method, self.base_url + path, allow_redirects=False, **kwargs
             ) as response:
                 raw = await response.read()
-                status, where = response.status, response.headers.get("Location", "nowhere")
-                with contextlib.suppress(ValueError):  # a Location that is no URL: as it is
-                    where = str(response.url.join(URL(where)))
+                status, where = response.status, response.headers.get("Location")
         except (TimeoutError, aiohttp.ClientError) as exc:
             self._observed(route, "no_answer", time.perf_counter() - began)
             self.breaker.failed()
@@ -200,9 +196,10 @@ class HttpProvider:
             raise PaymentUnknown(f"{method} {path}: provider answered {status}")
         self.breaker.succeeded()  # it answered (a redirect too: the breaker is for outages)
         if 300 <= status < 400:
+            target = redirect_target(self.base_url + path, where)
             raise PaymentUnknown(f"{method} {path}: the provider answered {status}, a redirect "
-                                 f"to {mask_url(where)} (not followed: FLASHSALE_PSP_URL should "
-                                 "name the address it points to)")  # fmt: skip
+                                 f"to {target} (not followed: FLASHSALE_PSP_URL should name the "
+                                 "address it points to)")  # fmt: skip
         try:
             body = orjson.loads(raw or b"null")
         except orjson.JSONDecodeError:

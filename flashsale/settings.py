@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urljoin, urlsplit, urlunsplit
 
 from flashsale.env_values import (
     admin_apart,
@@ -85,6 +85,12 @@ def mask_url(url: str | None) -> str | None:
         for name, sep, _ in (p.partition("=") for p in parts.query.split("&"))
     )
     return urlunsplit(parts._replace(netloc=netloc, query=query if parts.query else ""))
+
+
+def redirect_target(asked: str, location: str | None) -> str:
+    """Where a redirect answered to ``asked`` points (its ``Location``, relative to ``asked``
+    or not), masked as :func:`mask_url` masks; "nowhere" without one."""
+    return str(mask_url(urljoin(asked, location))) if location else "nowhere"
 
 
 SECRET_PARAMETERS = ("pass", "token", "secret", "key", "sig", "auth")

@@ -36,11 +36,10 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 from standardwebhooks import Webhook
-from yarl import URL
 
 from flashsale.kafka import client_options
 from flashsale.outages import describe, is_outage, log_failure
-from flashsale.settings import Secret, Settings, mask_url
+from flashsale.settings import Secret, Settings, mask_url, redirect_target
 from flashsale.timefmt import iso
 from workers.parking import Parked, decoded
 
@@ -138,9 +137,7 @@ class WebhookSender:
             async with self.session.post(self.url, data=delivery.body, headers=headers,
                                          allow_redirects=False) as answer:  # fmt: skip
                 await answer.read()
-                status, location = answer.status, answer.headers.get("Location", "nowhere")
-                with contextlib.suppress(ValueError):  # a Location that is no URL: as it is
-                    location = str(answer.url.join(URL(location)))
+                status, location = answer.status, answer.headers.get("Location")
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             self.observe("no_answer", time.monotonic() - began)
             log.warning("webhook %s: no answer from the shop (%s)", delivery.id, describe(exc))
@@ -149,7 +146,7 @@ class WebhookSender:
         if 300 <= status < 400:
             log.warning("webhook %s: answered %d (a redirect to %s, not followed: "
                         "FLASHSALE_WEBHOOK_URL should name the address it points to)",
-                        delivery.id, status, mask_url(location))  # fmt: skip
+                        delivery.id, status, redirect_target(self.url, location))  # fmt: skip
         return status
 
     async def deliver(self, delivery: Delivery, stop: asyncio.Event) -> Parked | None:
