@@ -9,6 +9,7 @@ import asyncio
 import base64
 import dataclasses
 import secrets
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ import orjson
 import pytest
 from aiohttp import web
 from aiokafka.structs import ConsumerRecord
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
@@ -29,6 +32,7 @@ from standardwebhooks.webhooks import WebhookVerificationError
 from flashsale.cli.devstack.processes import free_port
 from flashsale.errors import ConfigError
 from flashsale.settings import Secret, Settings
+from flashsale.timefmt import retry_after
 from gateway.openapi_schemas import ORDER_WEBHOOK
 from reconciler.report import ReconcileMetrics
 from reconciler.service import BrokerReadings
@@ -409,3 +413,57 @@ async def test_a_shop_answering_401_to_every_webhook_gets_them_once_mended() -> 
     finally:
         await runner.cleanup()
     assert outcome is None and seen[-1] == 200, (outcome, seen)
+
+
+async def test_a_shop_asking_to_wait_is_given_the_time_it_asks() -> None:
+    """A shop answering 429 or 503 with ``Retry-After`` was sent the event again after 0.5 s,
+    then 1, 2...: what the engine asks of its own clients, it did not do for the shop. The
+    wait is now the longer of the two (an HTTP date too), and at most ten minutes."""
+    at: list[float] = []
+    answers = iter([(429, "1"), (503, "Thu, 01 Jan 1970 00:00:00 GMT"), (200, None)])
+
+    async def hooks(request: web.Request) -> web.Response:
+        await request.read()
+        at.append(time.monotonic())
+        status, wait = next(answers)
+        return web.Response(status=status, headers={"Retry-After": wait} if wait else {})
+
+    app = web.Application()
+    app.router.add_post("/hooks", hooks)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        record = ConsumerRecord("order-events", 0, 7, 0, 0, None, b"{}", None, 2, 2, [])
+        delivery = Delivery(record, "o-1.1", "o-1", b'{"type": "order.created"}')
+        url = f"http://127.0.0.1:{port}/hooks"
+        async with WebhookSender(url, SECRET, first_wait_s=0.01) as sender:
+            outcome = await asyncio.wait_for(sender.deliver(delivery, asyncio.Event()), 10)
+    finally:
+        await runner.cleanup()
+    assert outcome is None and len(at) == 3, (outcome, at)
+    assert at[1] - at[0] >= 1.0, at  # as asked, not the 0.01 s of the first wait
+    assert at[2] - at[1] < 1.0, at  # a date gone by asks for no wait beyond the backoff
+
+
+NOW = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(("header", "seconds"), [
+    ("120", 120.0), (" 7 ", 7.0), ("0", 0.0),
+    ("Sun, 06 Dec 2026 12:01:30 GMT", 90.0),  # IMF-fixdate
+    ("Sunday, 06-Dec-26 12:00:10 GMT", 10.0),  # RFC 850
+    ("Sun Dec  6 12:00:05 2026", 5.0),  # asctime
+    ("Thu, 01 Jan 1970 00:00:00 GMT", 0.0),  # gone by
+    (None, None), ("", None), ("-1", None), ("1.5", None), ("soon", None), ("\u0663", None),
+])  # fmt: skip
+def test_retry_after_reads_seconds_and_http_dates(header: str | None,
+                                                   seconds: float | None) -> None:  # fmt: skip
+    assert retry_after(header, NOW) == seconds
+
+
+@given(st.text(max_size=60))
+def test_retry_after_never_raises_and_never_asks_for_less_than_nothing(header: str) -> None:
+    asked = retry_after(header, NOW)
+    assert asked is None or asked >= 0

@@ -11,11 +11,11 @@
   nothing the engine recorded is skipped, and an event may come twice.
 * No answer, a timeout, a 5xx, a redirect (not followed: the log says where it points) or a
   4xx about the endpoint rather than the event (401, 403, 404, 405, 408, 410, 429: a wrong
-  secret or path, a busy shop): sent again after a wait that doubles up to a minute, for as
-  long as the shop needs (nothing later is sent meanwhile; the alert
-  ``FlashsaleWebhooksFailing`` says so). Another 4xx (400, 409, 422...), five times in a
-  row: the shop refuses that event for good, and it is parked on the dead-letter topic with
-  the status.
+  secret or path, a busy shop): sent again after a wait that doubles up to a minute (or the
+  shop's ``Retry-After``, if longer, up to ten minutes), for as long as the shop needs
+  (nothing later is sent meanwhile; the alert ``FlashsaleWebhooksFailing`` says so).
+  Another 4xx (400, 409, 422...), five times in a row: the shop refuses that event for
+  good, and it is parked on the dead-letter topic with the status.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 import asyncpg
@@ -40,15 +40,17 @@ from standardwebhooks import Webhook
 from flashsale.kafka import client_options
 from flashsale.outages import describe, is_outage, log_failure
 from flashsale.settings import Secret, Settings, mask_url, redirect_target
-from flashsale.timefmt import iso
+from flashsale.timefmt import iso, retry_after
 from workers.parking import Parked, decoded
 
 log = logging.getLogger("flashsale.webhooks")
 
 # A shop that does not answer within this is sent the event again.
 TIMEOUT_S = 10.0
-# Sent again after 0.5 s, doubling up to this.
+# Sent again after 0.5 s, doubling up to this, or after the shop's Retry-After if longer, up
+# to the second.
 LONGEST_WAIT_S = 60.0
+LONGEST_ASKED_WAIT_S = 600.0
 # A 4xx but these, this many times in a row: the shop refuses the event for good.
 REFUSALS = 5
 # 4xx answers about the endpoint, not the event (busy; the wrong secret, path or method; gone):
@@ -64,6 +66,11 @@ FROM unnest($1::text[], $2::int[]) AS t(order_id, seq)
 JOIN order_events e ON e.order_id = t.order_id AND e.seq = t.seq
 JOIN orders o ON o.id = t.order_id
 """
+
+
+class Answer(NamedTuple):
+    status: int | None  # None: no answer
+    retry_after_s: float | None
 
 
 @dataclass(frozen=True)
@@ -120,8 +127,9 @@ class WebhookSender:
         which a shop's library accepts any."""
         return " ".join(signer.sign(hook_id, at, body) for signer in self.signers)
 
-    async def send(self, delivery: Delivery) -> int | None:
-        """The status the shop answered, or None when it did not."""
+    async def send(self, delivery: Delivery) -> Answer:
+        """What the shop answered: its status (None when it did not) and the seconds its
+        ``Retry-After`` asked for."""
         assert self.session is not None, "use WebhookSender as an async context manager"
         now = datetime.now(UTC)
         headers = {
@@ -138,16 +146,17 @@ class WebhookSender:
                                          allow_redirects=False) as answer:  # fmt: skip
                 await answer.read()
                 status, location = answer.status, answer.headers.get("Location")
+                asked = retry_after(answer.headers.get("Retry-After"))
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             self.observe("no_answer", time.monotonic() - began)
             log.warning("webhook %s: no answer from the shop (%s)", delivery.id, describe(exc))
-            return None
+            return Answer(None, None)
         self.observe(f"{status // 100}xx", time.monotonic() - began)
         if 300 <= status < 400:
             log.warning("webhook %s: answered %d (a redirect to %s, not followed: "
                         "FLASHSALE_WEBHOOK_URL should name the address it points to)",
                         delivery.id, status, redirect_target(self.url, location))  # fmt: skip
-        return status
+        return Answer(status, asked)
 
     async def deliver(self, delivery: Delivery, stop: asyncio.Event) -> Parked | None:
         """Send until the shop answers 2xx (None) or refuses the event for good (it is to be
@@ -161,7 +170,7 @@ class WebhookSender:
             if not sending.done():  # stopping: the next owner sends it again
                 sending.cancel()
                 return None
-            status = sending.result()
+            status, asked = sending.result()
             if status is not None and 200 <= status < 300:
                 return None
             if status is not None and 400 <= status < 500 and status not in AGAIN:
@@ -170,10 +179,11 @@ class WebhookSender:
                     return Parked(delivery.record, f"webhook refused: HTTP {status}")
             else:
                 refusals = 0
+            pause = min(LONGEST_ASKED_WAIT_S, max(wait, asked or 0.0))
             log.warning("webhook %s: answered %s, sending again in %.1fs", delivery.id,
-                        status or "nothing", wait)  # fmt: skip
+                        status or "nothing", pause)  # fmt: skip
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), wait)
+                await asyncio.wait_for(stop.wait(), pause)
             wait = min(LONGEST_WAIT_S, wait * 2)
         return None
 
