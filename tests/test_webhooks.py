@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
+import flashsale
 from flashsale.cli.devstack.processes import free_port
 from flashsale.errors import ConfigError
 from flashsale.settings import Secret, Settings
@@ -392,9 +393,11 @@ async def test_a_shop_answering_401_to_every_webhook_gets_them_once_mended() -> 
     until the shop takes it, as for a 5xx (the alert FlashsaleWebhooksFailing fires)."""
     answers = iter([401, 403, 404, 401, 403, 404, 401, 200])
     seen: list[int] = []
+    agents: set[str] = set()
 
     async def hooks(request: web.Request) -> web.Response:
         await request.read()
+        agents.add(request.headers.get("User-Agent", ""))
         seen.append(next(answers))
         return web.Response(status=seen[-1])
 
@@ -413,6 +416,8 @@ async def test_a_shop_answering_401_to_every_webhook_gets_them_once_mended() -> 
     finally:
         await runner.cleanup()
     assert outcome is None and seen[-1] == 200, (outcome, seen)
+    # The shop's logs and firewall can tell the engine's requests: not aiohttp's default.
+    assert agents == {f"flashsale-webhooks/{flashsale.__version__}"}, agents
 
 
 async def test_a_shop_asking_to_wait_is_given_the_time_it_asks() -> None:

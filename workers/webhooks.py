@@ -37,6 +37,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 from standardwebhooks import Webhook
 
+from flashsale import __version__
 from flashsale.kafka import client_options
 from flashsale.outages import describe, is_outage, log_failure
 from flashsale.settings import Secret, Settings, mask_url, redirect_target
@@ -115,7 +116,9 @@ class WebhookSender:
         self.session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> WebhookSender:
-        self.session = aiohttp.ClientSession(timeout=self.timeout)
+        self.session = aiohttp.ClientSession(
+            timeout=self.timeout, headers={"User-Agent": f"flashsale-webhooks/{__version__}"}
+        )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
