@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import secrets
 import time
@@ -69,18 +70,35 @@ class Shop:
         return web.Response(status=status)
 
 
+@contextlib.asynccontextmanager
+async def served(app: web.Application) -> AsyncIterator[str]:
+    """``app`` on a loopback port: its base URL."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
 @pytest.fixture
 async def shop() -> AsyncIterator[Shop]:
     receiver = Shop()
     app = web.Application()
     app.router.add_post("/hooks", receiver.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    receiver.url = f"http://127.0.0.1:{port}/hooks"
-    yield receiver
-    await runner.cleanup()
+    async with served(app) as base:
+        receiver.url = f"{base}/hooks"
+        yield receiver
+
+
+async def deliver_one(url: str, first_wait_s: float = 0.01) -> Parked | None:
+    """One event sent to ``url`` until the shop takes it or refuses it for good."""
+    record = ConsumerRecord("order-events", 0, 7, 0, 0, None, b"{}", None, 2, 2, [])
+    delivery = Delivery(record, "o-1.1", "o-1", b'{"type": "order.created"}')
+    async with WebhookSender(url, SECRET, first_wait_s=first_wait_s) as sender:
+        return await asyncio.wait_for(sender.deliver(delivery, asyncio.Event()), 10)
 
 
 @dataclass
@@ -339,21 +357,11 @@ async def test_a_shop_answering_a_redirect_is_not_followed_and_its_events_wait(
     app = web.Application()
     app.router.add_post("/hooks", hooks)
     app.router.add_route("*", "/moved", elsewhere)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        record = ConsumerRecord("order-events", 0, 7, 0, 0, None, b"{}", None, 2, 2, [])
-        delivery = Delivery(record, "o-1.1", "o-1", b'{"type": "order.created"}')
-        url = f"http://127.0.0.1:{port}/hooks"
-        async with WebhookSender(url, SECRET, first_wait_s=0.01) as sender:
-            outcome = await asyncio.wait_for(sender.deliver(delivery, asyncio.Event()), 10)
-    finally:
-        await runner.cleanup()
+    async with served(app) as base:
+        outcome = await deliver_one(f"{base}/hooks")
     assert outcome is None and redirects == 0, outcome  # taken at the 4th sending, not parked
     assert moved == []
-    assert f"answered 301 (a redirect to http://127.0.0.1:{port}/moved" in caplog.text
+    assert f"answered 301 (a redirect to {base}/moved" in caplog.text
 
 
 def test_two_webhook_secrets_sign_each_webhook_twice_while_the_shop_moves_to_the_new_one() -> None:
@@ -403,18 +411,8 @@ async def test_a_shop_answering_401_to_every_webhook_gets_them_once_mended() -> 
 
     app = web.Application()
     app.router.add_post("/hooks", hooks)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        record = ConsumerRecord("order-events", 0, 7, 0, 0, None, b"{}", None, 2, 2, [])
-        delivery = Delivery(record, "o-1.1", "o-1", b'{"type": "order.created"}')
-        url = f"http://127.0.0.1:{port}/hooks"
-        async with WebhookSender(url, SECRET, first_wait_s=0.001) as sender:
-            outcome = await asyncio.wait_for(sender.deliver(delivery, asyncio.Event()), 10)
-    finally:
-        await runner.cleanup()
+    async with served(app) as base:
+        outcome = await deliver_one(f"{base}/hooks", first_wait_s=0.001)
     assert outcome is None and seen[-1] == 200, (outcome, seen)
     # The shop's logs and firewall can tell the engine's requests: not aiohttp's default.
     assert agents == {f"flashsale-webhooks/{flashsale.__version__}"}, agents
@@ -435,18 +433,8 @@ async def test_a_shop_asking_to_wait_is_given_the_time_it_asks() -> None:
 
     app = web.Application()
     app.router.add_post("/hooks", hooks)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        record = ConsumerRecord("order-events", 0, 7, 0, 0, None, b"{}", None, 2, 2, [])
-        delivery = Delivery(record, "o-1.1", "o-1", b'{"type": "order.created"}')
-        url = f"http://127.0.0.1:{port}/hooks"
-        async with WebhookSender(url, SECRET, first_wait_s=0.01) as sender:
-            outcome = await asyncio.wait_for(sender.deliver(delivery, asyncio.Event()), 10)
-    finally:
-        await runner.cleanup()
+    async with served(app) as base:
+        outcome = await deliver_one(f"{base}/hooks")
     assert outcome is None and len(at) == 3, (outcome, at)
     assert at[1] - at[0] >= 1.0, at  # as asked, not the 0.01 s of the first wait
     assert at[2] - at[1] < 1.0, at  # a date gone by asks for no wait beyond the backoff
