@@ -48,8 +48,8 @@ log = logging.getLogger("flashsale.webhooks")
 
 # A shop that does not answer within this is sent the event again.
 TIMEOUT_S = 10.0
-# Sent again after 0.5 s, doubling up to this, or after the shop's Retry-After if longer, up
-# to the second.
+# Sent again after 0.5 s, doubling up to LONGEST_WAIT_S; or after the shop's Retry-After when
+# that is longer, up to LONGEST_ASKED_WAIT_S.
 LONGEST_WAIT_S = 60.0
 LONGEST_ASKED_WAIT_S = 600.0
 # A 4xx but these, this many times in a row: the shop refuses the event for good.
@@ -70,6 +70,8 @@ JOIN orders o ON o.id = t.order_id
 
 
 class Answer(NamedTuple):
+    """What the shop answered to one sending."""
+
     status: int | None  # None: no answer
     retry_after_s: float | None
 
