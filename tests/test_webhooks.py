@@ -217,13 +217,14 @@ async def test_an_event_the_shop_refuses_for_good_is_parked_and_the_rest_go_on(
         sale = await p.sale(stock=10)
         ids = await p.reserve(sale, ["tok_visa"] * 3)
         settings = with_webhooks(p, shop)
-        stop = asyncio.Event()
-        # The orders, settled by workers that send no webhook of their own.
+        # The orders, settled by workers that send no webhook of their own. They run until the
+        # end: stopped once the orders were final, they could leave the last events in the
+        # outbox table, for the next workers to publish, and the webhooks never saw them
+        # (a `make test` run waited 30 s for them).
+        saga_stop = asyncio.Event()
         saga = dataclasses.replace(settings, webhook_url=None)
-        workers = asyncio.create_task(WorkerService(saga).run(stop))
+        workers = asyncio.create_task(WorkerService(saga).run(saga_stop))
         await p.wait_terminal(ids)
-        stop.set()
-        await asyncio.wait_for(workers, 30)
         refused = ids[0]
         shop.status = lambda hook_id: 422 if hook_id.startswith(refused + ".") else 200
         parked: list[Parked] = []
@@ -245,6 +246,8 @@ async def test_an_event_the_shop_refuses_for_good_is_parked_and_the_rest_go_on(
                            "the other orders' events did not go on")  # fmt: skip
             stop.set()
             await asyncio.wait_for(task, 30)
+        saga_stop.set()
+        await asyncio.wait_for(workers, 30)
         dead = await p.topic_messages(settings.topics.dead_letter, at_least=1)
     assert {h for h in shop.accepted if h.startswith(refused + ".")} == set()
     assert shop.requests.count(f"{refused}.1") == 5  # five refusals, then parked
