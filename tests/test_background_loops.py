@@ -279,7 +279,8 @@ async def test_a_sale_opening_without_its_preload_is_shown_from_ten_minutes_befo
         found = await discovery.not_preloaded(p.pool)
         listed = found.sales
         assert 290 < listed[soon] <= 300 and -40 < listed[opened] <= -30, listed
-        assert later not in listed and found.skus == {}, found
+        # (the shared stack may hold other tests' sales: only these three are looked at)
+        assert later not in listed and not {soon, later, opened} & set(found.skus), found
         service = AllocatorService(p.settings)
         service.metrics.note_not_preloaded(found)
         assert service.metrics.not_preloaded.labels(soon)._value.get() == listed[soon]
