@@ -32,6 +32,8 @@ log = logging.getLogger("flashsale.kafka")
 
 # Partitions bound how many worker processes can share the reservations topic.
 PARTITIONS = {"reservations": 8, "order_events": 4, "dead_letter": 1}
+# A consumer whose batch waits for a dependency polls this often (aiokafka's limit: 5 minutes).
+POLL_WHILE_WAITING_S = 1.0
 
 
 def client_options(settings: Settings) -> dict[str, Any]:
@@ -195,6 +197,30 @@ async def producer_when_up(settings: Settings, stop: asyncio.Event, who: str, *,
             await asyncio.wait_for(stop.wait(), delay)
         delay = min(5.0, delay * 2)
     return None
+
+
+async def poll_while(consumer: AIOKafkaConsumer, pending: asyncio.Future[Any]) -> None:
+    """Until ``pending`` is done (its outcome is the caller's), ``consumer`` polled each
+    POLL_WHILE_WAITING_S with its partitions paused, so that it fetches nothing more.
+
+    aiokafka takes a member that has not polled for ``max_poll_interval_ms`` (5 minutes) for
+    stuck, and leaves its group: a batch waiting that long for the shop, the provider or
+    Postgres would be run again by another member, and its own commit refused. A rebalance
+    meanwhile assigns partitions unpaused: what a poll gets from them is sought back, to come
+    again once the batch is settled."""
+    paused: set[TopicPartition] = set()
+    try:
+        while not pending.done():
+            await asyncio.wait({pending}, timeout=POLL_WHILE_WAITING_S)
+            if pending.done():
+                break
+            fresh = consumer.assignment() - consumer.paused()
+            consumer.pause(*fresh)
+            paused |= fresh
+            for tp, records in (await consumer.getmany(timeout_ms=0)).items():
+                consumer.seek(tp, records[0].offset)
+    finally:
+        consumer.resume(*(paused & consumer.assignment()))
 
 
 def partition_of(key: bytes, partitions: Sequence[int]) -> int:

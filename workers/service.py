@@ -37,7 +37,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from allocator.hold_scripts import HoldScripts
 from flashsale.clients import RedisClient, pg_pool, redis_client
 from flashsale.events import ReservationEvent, decode_event, event_id
-from flashsale.kafka import client_options, producer_when_up
+from flashsale.kafka import client_options, poll_while, producer_when_up
 from flashsale.ops_endpoints import build_info, dependency_probes, serve_ops
 from flashsale.orders import OrderStore
 from flashsale.outages import describe, is_outage
@@ -222,8 +222,8 @@ class WorkerService:
         try:
             while not stop.is_set():
                 await self._retire(consumer, finished_only=True)
-                if len(self.in_hand) >= self.depth:
-                    await asyncio.wait({self.in_hand[0][0]})
+                if len(self.in_hand) >= self.depth:  # an outage may last: still polled
+                    await poll_while(consumer, self.in_hand[0][0])
                     continue
                 batch = await consumer.getmany(timeout_ms=10 if self.in_hand else 100,
                                                max_records=self.max_batch)  # fmt: skip

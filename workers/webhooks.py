@@ -16,6 +16,8 @@
   (nothing later is sent meanwhile; the alert ``FlashsaleWebhooksFailing`` says so).
   Another 4xx (400, 409, 422...), five times in a row: the shop refuses that event for
   good, and it is parked on the dead-letter topic with the status.
+* While a batch waits for the shop, the consumer polls with its partitions paused, so it
+  stays in its group however long the shop is away (``flashsale.kafka.poll_while``).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from aiokafka.structs import ConsumerRecord
 from standardwebhooks import Webhook
 
 from flashsale import __version__
-from flashsale.kafka import client_options
+from flashsale.kafka import client_options, poll_while
 from flashsale.outages import describe, is_outage, log_failure
 from flashsale.settings import Secret, Settings, mask_url, redirect_target
 from flashsale.timefmt import iso, retry_after
@@ -238,7 +240,12 @@ class WebhookNotifier:
                 if not batch:
                     continue
                 records = [r for tp in sorted(batch) for r in batch[tp]]
-                if not await self._settle(records, stop):
+                settling = asyncio.ensure_future(self._settle(records, stop))
+                try:
+                    await poll_while(consumer, settling)  # the shop may be away for hours
+                finally:
+                    settling.cancel()  # only if the poll failed: the round starts again
+                if not settling.result():
                     return  # stopping: nothing committed; the next owner sends them again
                 await consumer.commit({tp: rs[-1].offset + 1 for tp, rs in batch.items()})
         finally:
