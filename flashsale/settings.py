@@ -32,7 +32,7 @@ from flashsale.env_values import (
     webhook_secret,
 )
 from flashsale.errors import ConfigError
-from flashsale.topics import Topics
+from flashsale.topics import Topics, consumer_groups
 
 DEV_ENV_FILE = "dev.env"
 # What a running `flashsale up` tells other commands in the same state folder (the payment
@@ -312,6 +312,7 @@ class Settings:
             return Rate.parse(env.get(name) or default, name)
 
         hook = http_url(env.get("FLASHSALE_WEBHOOK_URL"), "FLASHSALE_WEBHOOK_URL")
+        groups = consumer_groups(env, webhooks=bool(hook))
         settings = cls(
             home=home,
             redis_url=pick("REDIS_URL"),
@@ -346,7 +347,7 @@ class Settings:
             buyer_jwks=env.get("FLASHSALE_BUYER_JWKS") or None,
             buyer_jwt_audience=env.get("FLASHSALE_BUYER_JWT_AUDIENCE") or None,
             topics=Topics.from_env(env),
-            consumer_group=env.get("FLASHSALE_CONSUMER_GROUP") or "flashsale-workers",
+            consumer_group=groups[0],
             worker_session_timeout_s=number(
                 env, "FLASHSALE_WORKER_SESSION_TIMEOUT", 10.0, minimum=1.0, maximum=30.0
             ),
@@ -356,7 +357,7 @@ class Settings:
             ),
             webhook_url=hook,
             webhook_secret=Secret(webhook_secret(env.get("FLASHSALE_WEBHOOK_SECRET"), hook)),
-            webhook_group=env.get("FLASHSALE_WEBHOOK_GROUP") or "flashsale-webhooks",
+            webhook_group=groups[1],
             from_dev_env=frozenset(used_dev),
         )
         admin_apart(settings.admin_token.each_key(), settings.buyer_token_secret.each_key())

@@ -1,4 +1,4 @@
-"""The engine's Kafka topic names, from the environment."""
+"""The engine's Kafka topic and consumer group names, from the environment."""
 
 from __future__ import annotations
 
@@ -47,3 +47,29 @@ class Topics:
 
 DEFAULT_TOPICS = {"reservations": Topics.reservations, "order_events": Topics.order_events,
                   "dead_letter": Topics.dead_letter}  # fmt: skip
+
+
+def consumer_groups(env: Mapping[str, str], *, webhooks: bool) -> tuple[str, str]:
+    """``FLASHSALE_CONSUMER_GROUP`` (the workers') and ``FLASHSALE_WEBHOOK_GROUP``, the latter
+    checked only when the webhooks are on (alone it does nothing, and is said to). Neither is
+    blank or has spaces or control characters, and they differ: in the workers' group, each
+    webhooks consumer joining would rebalance every worker."""
+    workers = _group(env, "FLASHSALE_CONSUMER_GROUP", "flashsale-workers")
+    if not webhooks:
+        return workers, env.get("FLASHSALE_WEBHOOK_GROUP") or "flashsale-webhooks"
+    hooks = _group(env, "FLASHSALE_WEBHOOK_GROUP", "flashsale-webhooks")
+    if hooks == workers:
+        raise ConfigError(f"FLASHSALE_WEBHOOK_GROUP is {shown(hooks)}, the workers' group "
+                          "(FLASHSALE_CONSUMER_GROUP): the webhooks need their own")  # fmt: skip
+    return workers, hooks
+
+
+def _group(env: Mapping[str, str], name: str, default: str) -> str:
+    value = env.get(name) or default
+    if not value.strip():
+        raise ConfigError(f"{name} is blank: name the consumer group, or leave it unset for "
+                          f"{default}")  # fmt: skip
+    if value != value.strip() or not value.isprintable():
+        raise ConfigError(f"{name} is {shown(value)}: a consumer group name has no spaces "
+                          "or control characters at its ends, nor control characters")  # fmt: skip
+    return value

@@ -121,7 +121,10 @@ def test_a_secret_in_a_urls_query_is_masked_too(
      ("FLASHSALE_LOG_LEVEL", "verbose"), ("FLASHSALE_TRUST_FORWARDED", "on"),
      ("FLASHSALE_TOPIC_PREFIX", "flash sale/"), ("FLASHSALE_TOPIC_RESERVATIONS", "a b"),
      # Kafka refuses the topics "." and ".."; a topic named twice mixed two streams
-     ("FLASHSALE_TOPIC_RESERVATIONS", "."), ("FLASHSALE_TOPIC_DEAD_LETTER", "order-events")],
+     ("FLASHSALE_TOPIC_RESERVATIONS", "."), ("FLASHSALE_TOPIC_DEAD_LETTER", "order-events"),
+     # a group of blanks, or one a stray space made another's
+     ("FLASHSALE_CONSUMER_GROUP", " "), ("FLASHSALE_CONSUMER_GROUP", "workers "),
+     ("FLASHSALE_CONSUMER_GROUP", "work\ters")],
 )  # fmt: skip
 def test_a_bad_setting_is_one_line_naming_it_not_a_traceback(
     run_cli: Cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str, value: str
@@ -132,6 +135,24 @@ def test_a_bad_setting_is_one_line_naming_it_not_a_traceback(
     assert result.code == 1
     lines = result.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"flashsale: error: {name}"), result.err
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [(" ", "blank"), ("hooks\n", "spaces or control characters"),
+     # in the workers' group, each webhooks consumer joining rebalanced every worker
+     ("flashsale-workers", "the workers' group (FLASHSALE_CONSUMER_GROUP)")],
+)  # fmt: skip
+def test_the_webhooks_group_is_a_name_of_its_own(value: str, says: str) -> None:
+    env = {"FLASHSALE_HOME": "/nonexistent-flashsale-home",
+           "FLASHSALE_WEBHOOK_URL": "https://shop.example/hooks",
+           "FLASHSALE_WEBHOOK_SECRET": "whsec_" + "A" * 44}  # fmt: skip
+    assert Settings.from_env(env).webhook_group == "flashsale-webhooks"
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({**env, "FLASHSALE_WEBHOOK_GROUP": value})
+    assert str(refused.value).startswith("FLASHSALE_WEBHOOK_GROUP") and says in str(refused.value)
+    # Without the URL it does nothing, and is said to (unknown_settings), not refused.
+    Settings.from_env({"FLASHSALE_HOME": "/nonexistent", "FLASHSALE_WEBHOOK_GROUP": value})
 
 
 def test_the_admin_token_is_no_key_of_the_storefronts(
