@@ -8,7 +8,9 @@ import asyncio
 import json
 import uuid
 
+import orjson
 import pytest
+from aiokafka.structs import ConsumerRecord
 from prometheus_client import CollectorRegistry
 
 from flashsale.settings import Settings
@@ -16,6 +18,7 @@ from reconciler.report import ReconcileMetrics
 from reconciler.service import BrokerReadings
 from tests.conftest import Cli
 from tests.pipeline import pipeline
+from workers.parking import Parked, park
 
 POISON = [b"{not json", b"\xff\xfe binary", b"[1, 2]"]
 
@@ -92,3 +95,65 @@ def test_a_dead_letter_topic_not_made_yet_is_said_so(
     assert said.code == 0, said.err
     assert said.out.strip() == f"no topic {topic} on the broker yet: `flashsale kafka init` " \
         "or the services at their start make it", said.out  # fmt: skip
+
+
+def record(topic: str, offset: int, key: bytes, value: bytes) -> ConsumerRecord:
+    return ConsumerRecord(topic, 0, offset, 0, 0, key, value, None, len(key), len(value), [])
+
+
+async def test_parked_messages_are_resent_to_where_they_came_from_once_the_cause_is_mended(
+    stack: Settings, run_cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing read the dead-letter topic again: a shop that refused every order event for a
+    while (a schema change on its side) had them all parked, and the runbook could only say
+    to give it the orders by hand. ``kafka resend-dead-letters`` sends the chosen ones back
+    to the topic each came from, as they were."""
+    async with pipeline(stack) as p:
+        topics = p.settings.topics
+        for name, value in topics.env().items():
+            monkeypatch.setenv(name, value)
+        empty = await asyncio.to_thread(run_cli, "kafka", "resend-dead-letters")
+        assert empty.out == f"no message is parked on {topics.dead_letter}\n", empty
+        hook = [record(topics.order_events, 7 + n, b"o-%d" % n, b'{"order_id": "o-%d"}' % n)
+                for n in range(3)]  # fmt: skip
+        saga = record(topics.reservations, 3, b"r-1", b'{"type": "created"}')
+        stray = record("someone-elses-topic", 1, b"x", b"{}")
+        parked = [Parked(r, "webhook refused: HTTP 422") for r in hook]
+        parked += [Parked(saga, "failed 3 times: KeyError('sku')"), Parked(stray, "unreadable")]
+        await park(p.relay.producer, topics.dead_letter, parked, counted=lambda _r: None)
+        await p.topic_messages(topics.dead_letter, at_least=len(parked))
+
+        # Looked at first: --dry-run says what would go, and sends nothing.
+        dry = await asyncio.to_thread(run_cli, "kafka", "resend-dead-letters", "--reason",
+                                      "webhook refused", "--dry-run")  # fmt: skip
+        assert dry.code == 0, dry.err
+        assert f"would resend 3 messages to {topics.order_events}" in dry.out, dry.out
+        mended = await asyncio.to_thread(run_cli, "kafka", "resend-dead-letters", "--reason",
+                                         "WEBHOOK refused", "--within", "1h")  # fmt: skip
+        assert mended.code == 0, mended.err
+        assert f"resent 3 messages to {topics.order_events}" in mended.out, mended.out
+        assert topics.reservations not in mended.out  # not chosen
+        back = await p.topic_messages(topics.order_events, at_least=3)
+        assert sorted((m.key, m.value) for m in back) == [(r.key, r.value) for r in hook]
+        assert {dict(m.headers)["resent"].decode() for m in back} == \
+            {f"{topics.dead_letter}/0/{n}" for n in range(3)}  # fmt: skip
+
+        every = await asyncio.to_thread(run_cli, "kafka", "resend-dead-letters")
+        assert every.code == 0, every.err
+        assert f"resent 1 message to {topics.reservations}" in every.out, every.out
+        assert "1 not resent: from someone-elses-topic, not one of this engine's" in every.out
+        again = await p.topic_messages(topics.reservations, at_least=1)
+        assert [(m.key, orjson.loads(m.value)) for m in again] == [(b"r-1", {"type": "created"})]
+
+        none = await asyncio.to_thread(run_cli, "kafka", "resend-dead-letters", "--reason",
+                                       "no such reason")  # fmt: skip
+        assert none.code == 0, none.err
+        assert none.out.startswith("none of the 5 newest parked messages matches"), none.out
+        await asyncio.sleep(1.1)
+        earlier = await asyncio.to_thread(run_cli, "kafka", "resend-dead-letters", "--within",
+                                          "1s", "--dry-run")  # fmt: skip
+        assert earlier.code == 0 and "none of the 5" in earlier.out, earlier.out
+        for bad in (["--within", "soon"], ["--limit", "0"], ["--reason", " "]):
+            refused = await asyncio.to_thread(run_cli, "kafka", "resend-dead-letters", *bad)
+            assert refused.code == 2, refused
+            assert refused.err.startswith(f"flashsale: error: {bad[0]}"), refused.err

@@ -1,5 +1,6 @@
 """``flashsale dev`` (the embedded stack), ``flashsale migrate`` and ``flashsale kafka``
-(``init``, ``dead-letters``): the servers, the schema and the topics."""
+(``init``, ``dead-letters``, ``resend-dead-letters``): the servers, the schema and the
+topics."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ import shlex
 import sys
 from collections.abc import Callable
 
-from flashsale.cli.checks import within
+from flashsale.cli.checks import duration, within
 from flashsale.cli.devstack.redis_cluster import Layout
 from flashsale.cli.devstack.stack import DevStack
-from flashsale.cli.output import dump_json, out
+from flashsale.cli.output import Stages, dump_json, out
 from flashsale.clients import pg_connect
-from flashsale.dead_letters import DeadLetters, read_dead_letters
+from flashsale.dead_letters import DeadLetters, Resending, read_dead_letters, resend_dead_letters
 from flashsale.errors import InvalidInput, SchemaBehind
 from flashsale.kafka import ensure_topics
 from flashsale.migrate import migrate, require_current
@@ -92,6 +93,18 @@ async def cmd_kafka(args: argparse.Namespace, settings: Settings) -> int:
         else:
             show_dead_letters(letters)
         return 0
+    if args.kafka_command == "resend-dead-letters":
+        if args.reason is not None and not args.reason.strip():
+            raise InvalidInput("reason", "must name part of the reasons to resend, got blanks")
+        limit = within("limit", args.limit, 1, 1_000_000)
+        since = duration("within", args.within) if args.within is not None else None
+        stages = Stages("resending the dead letters")
+        plan = await stages.over(resend_dead_letters(
+            settings, limit=limit, reason=args.reason, within=since, dry_run=args.dry_run,
+            doing=stages,
+        ))  # fmt: skip
+        show_resent(plan, dry_run=args.dry_run)
+        return 0
     partitions = within("partitions", args.partitions, 1, 1024) if args.partitions else None
     factor = within("replication-factor", args.replication_factor, 1, 7)
     await ensure_topics(settings, progress=out, partitions=partitions, replication_factor=factor)
@@ -114,6 +127,25 @@ def show_dead_letters(letters: DeadLetters) -> None:
         value = m.value if len(m.value) <= SHOWN_CHARS else m.value[:SHOWN_CHARS] + "…"
         out(f"{m.at}  from {m.source or '?'}  {m.reason or '(no reason given)'}")
         out(f"    key {m.key!r}  value {value}")
+
+
+def show_resent(plan: Resending, *, dry_run: bool) -> None:
+    if not plan.read:
+        out(f"no message is parked on {plan.dead_letter}")
+        return
+    if not plan.matched:
+        which = "the one parked message does not match" if plan.read == 1 else \
+            f"none of the {counted(plan.read, 'newest parked message')} matches"  # fmt: skip
+        out(f"{which} (`flashsale kafka dead-letters` lists them)")
+        return
+    for topic, records in plan.topics.items():
+        out(f"{'would resend' if dry_run else 'resent'} {counted(len(records), 'message')} "
+            f"to {topic}")  # fmt: skip
+    for why, n in plan.left.items():
+        out(f"{n} not resent: {why}")
+    if plan.topics and not dry_run:
+        out("the workers and the webhooks take them as they come; one parked again is counted "
+            "by the alert FlashsaleDeadLetters")  # fmt: skip
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -150,7 +182,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     migrate_.set_defaults(handler=cmd_migrate)
 
-    kafka = commands.add_parser("kafka", help="create the Kafka topics; read the dead letters")
+    kafka = commands.add_parser(
+        "kafka", help="create the Kafka topics; read the dead letters and send them again"
+    )
     kafka.set_defaults(handler=cmd_kafka)
     kafka_sub = kafka.add_subparsers(dest="kafka_command", required=True, metavar="ACTION")
     init = kafka_sub.add_parser(
@@ -179,3 +213,25 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     dead.add_argument("--limit", metavar="N", default="20",
                       help="show the newest N, 1..10000 (default 20)")  # fmt: skip
     dead.add_argument("--json", action="store_true", help="the messages as JSON")
+    resend = kafka_sub.add_parser(
+        "resend-dead-letters", help="send parked messages again to the topic each came from, "
+        "once their cause is mended (a shop that refused webhooks, a fixed bug)",
+        description="Send the parked messages you choose among the newest --limit of the "
+        "dead-letter topic back to the topic each came from (its source: the reservations "
+        "topic for the saga's, order-events for the webhooks'), with the same key and value "
+        "and a header `resent` naming the dead letter. The workers and the webhooks take a "
+        "message twice without harm. The dead letters stay on their topic; the relay's outbox "
+        "entries cannot be sent again and are counted. Look first with --dry-run.",
+    )  # fmt: skip
+    resend.add_argument("--reason", metavar="TEXT",
+                        help="only those whose reason holds TEXT, in any case (e.g. "
+                        "'webhook refused', 'HTTP 422', 'failed 3 times')")  # fmt: skip
+    resend.add_argument(
+        "--within",
+        metavar="DURATION",
+        help="only those parked in the last DURATION (90s, 10m, 2h, 1d)",
+    )
+    resend.add_argument("--limit", metavar="N", default="10000",
+                        help="choose among the newest N, 1..1000000 (default 10000)")  # fmt: skip
+    resend.add_argument("--dry-run", action="store_true",
+                        help="say what would be sent, send nothing")  # fmt: skip
