@@ -155,7 +155,7 @@ async def resend_dead_letters(
     letter stays where it is (Kafka deletes nothing by hand)."""
     doing("reading the dead letters")
     read = await _newest(settings, limit)
-    records = read[0] if read is not None else []
+    records = read[0][-limit:] if read is not None else []
     since = (time.time() - within.total_seconds()) * 1000 if within is not None else None
     wanted = (reason or "").casefold()
     ours = {settings.topics.reservations, settings.topics.order_events}

@@ -52,8 +52,8 @@ DEFAULT_TOPICS = {"reservations": Topics.reservations, "order_events": Topics.or
 def consumer_groups(env: Mapping[str, str], *, webhooks: bool) -> tuple[str, str]:
     """``FLASHSALE_CONSUMER_GROUP`` (the workers') and ``FLASHSALE_WEBHOOK_GROUP``, the latter
     checked only when the webhooks are on (alone it does nothing, and is said to). Neither is
-    blank or has spaces or control characters, and they differ: in the workers' group, each
-    webhooks consumer joining would rebalance every worker."""
+    blank, begins or ends with a space, or holds a control character; and they differ: in
+    the workers' group, each webhooks consumer joining would rebalance every worker."""
     workers = _group(env, "FLASHSALE_CONSUMER_GROUP", "flashsale-workers")
     if not webhooks:
         return workers, env.get("FLASHSALE_WEBHOOK_GROUP") or "flashsale-webhooks"

@@ -1,9 +1,9 @@
 """A consumer whose batch waits longer than aiokafka's ``max_poll_interval_ms`` (5 minutes by
-default; a few seconds here) stays in its group: the shop, the payment provider or Postgres
+default; half a second here) stays in its group: the shop, the payment provider or Postgres
 may be away that long, and a member that does not poll meanwhile leaves the group. When the
 wait ended, its commit was refused: the webhooks sent the whole batch again, and the saga's
-workers ended with CommitFailedError. Both keep polling, their partitions paused, while a
-batch waits."""
+workers had their commits refused while their batches went to the next owner. Both keep
+polling, their partitions paused, while a batch waits."""
 
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ AWAY_S = 1.5  # the member would leave after 0.5 to 1.2 s
 
 
 def poll_limit(monkeypatch: pytest.MonkeyPatch, module: types.ModuleType) -> None:
-    """The consumers ``module`` makes leave their group after POLL_LIMIT_MS without a poll
-    (and a waiting one polls five times as often, as it polls 300 times within aiokafka's)."""
+    """The consumers ``module`` makes leave their group after POLL_LIMIT_MS without a poll, and
+    a waiting one polls five times within that (in production: 300 times in 5 minutes)."""
     monkeypatch.setattr(flashsale.kafka, "POLL_WHILE_WAITING_S", POLL_LIMIT_MS / 5000)
 
     class Limited(AIOKafkaConsumer):  # type: ignore[misc]
