@@ -1,6 +1,6 @@
 """What a reconcile pass reports: every repair and flag (as ``reconcile_events`` records
-them), what it could not decide, and the reconciler's metrics; and what the post-sale audit
-reports, invariant by invariant."""
+them, and how they are read back), what it could not decide, and the reconciler's metrics;
+and what the post-sale audit reports, invariant by invariant."""
 
 from __future__ import annotations
 
@@ -8,12 +8,16 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
+import asyncpg
+import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from flashsale.ops_endpoints import build_info
 from flashsale.outages import describe, is_outage
+from flashsale.timefmt import iso
 from flashsale.wording import said
 
 log = logging.getLogger("flashsale.reconciler")
@@ -36,6 +40,27 @@ class Repair:
     def json(self) -> dict[str, Any]:
         return {"sale_id": self.sale_id, "sku": self.sku, "kind": self.kind,
                 "subject": self.subject, "before": self.before, "after": self.after}  # fmt: skip
+
+
+_RECORDED = """
+SELECT id, created_at, sale_id, sku, kind, subject, before, after FROM reconcile_events
+WHERE ($1::text IS NULL OR sale_id = $1) AND ($2::text IS NULL OR kind = $2)
+  AND ($3::timestamptz IS NULL OR created_at >= $3)
+ORDER BY id DESC LIMIT $4
+"""
+
+
+async def recorded(
+    db: asyncpg.Connection, *, sale: str | None, kind: str | None, since: datetime | None,
+    limit: int,
+) -> tuple[list[dict[str, Any]], bool]:  # fmt: skip
+    """The newest ``limit`` repairs and flags recorded (of ``sale``, of ``kind``, ``since``),
+    oldest first, and whether older ones match too."""
+    rows = await db.fetch(_RECORDED, sale, kind, since, limit + 1)
+    return [{"id": r["id"], "at": iso(r["created_at"], "milliseconds"), "sale_id": r["sale_id"],
+             "sku": r["sku"], "kind": r["kind"], "subject": r["subject"],
+             "before": orjson.loads(r["before"]), "after": orjson.loads(r["after"])}
+            for r in reversed(rows[:limit])], len(rows) > limit  # fmt: skip
 
 
 @dataclass

@@ -15,6 +15,8 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 from aiohttp import web
@@ -22,7 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from allocator.ids import route_of
 from allocator.pacing import SaleTurns
-from flashsale.clients import Clients, open_clients
+from flashsale.clients import Clients, open_clients, pg_connect
 from flashsale.errors import NotFound, shown
 from flashsale.kafka import LagReader
 from flashsale.ops_endpoints import dependency_probes, serve_ops
@@ -31,7 +33,7 @@ from flashsale.settings import Settings
 from reconciler.archive import Archived, Archiver, archive_sale
 from reconciler.audit import audit_sale
 from reconciler.reconcile import Reconciler
-from reconciler.report import AuditReport, PassReport, ReconcileMetrics
+from reconciler.report import AuditReport, PassReport, ReconcileMetrics, recorded
 from reconciler.skus import REBUILDS_AT_ONCE
 
 log = logging.getLogger("flashsale.reconciler")
@@ -49,7 +51,8 @@ def reconciler(c: Clients, settings: Settings, *, stuck_after_s: float,
                       stuck_after_s=stuck_after_s, registry=registry)  # fmt: skip
 
 
-async def require_sales(pool: asyncpg.Pool, sales: Sequence[str] | None) -> None:
+async def require_sales(pool: asyncpg.Pool | asyncpg.Connection,
+                        sales: Sequence[str] | None) -> None:  # fmt: skip
     """NotFound naming the first of ``sales`` Postgres does not know: a mistyped id would
     otherwise make a pass over nothing, reported as done."""
     if not sales:
@@ -70,6 +73,20 @@ async def reconcile_once(
         return await reconciler(c, settings, stuck_after_s=stuck_after_s).run_once(
             sales, wait_for_grace=True, stage=stage
         )
+
+
+async def repairs_recorded(settings: Settings, *, sale: str | None, kind: str | None,
+                           within: timedelta | None, limit: int
+                           ) -> tuple[list[dict[str, Any]], bool]:  # fmt: skip
+    """:func:`reconciler.report.recorded`, ``within`` the last while; an unknown sale is
+    NotFound."""
+    db = await pg_connect(settings)
+    try:
+        await require_sales(db, [sale] if sale else None)
+        since = datetime.now(UTC) - within if within is not None else None
+        return await recorded(db, sale=sale, kind=kind, since=since, limit=limit)
+    finally:
+        await db.close()
 
 
 async def audit(settings: Settings, sale_id: str,

@@ -358,6 +358,28 @@ async def test_audit_and_reconcile_over_the_admin_api_and_the_cli(
         fixed = await cli("reconcile", "--once", "--sale", sale, "--json")
         assert fixed.code == 0, fixed.err
         assert [r["kind"] for r in json.loads(fixed.out)["repairs"]] == ["rebuild_sku"]
+        # What the reconciler recorded, read back without SQL (the runbook's alerts ask).
+        logged = await cli("repairs", "--sale", sale, "--json")
+        assert logged.code == 0, logged.err
+        rows = json.loads(logged.out)["repairs"]
+        assert [(r["kind"], r["sale_id"], r["sku"]) for r in rows] == [("rebuild_sku", sale, SKU)]
+        assert rows[0]["before"] != rows[0]["after"] and rows[0]["at"].endswith("Z"), rows
+        shown = await cli("repairs", "--sale", sale, "--kind", "rebuild_sku", "--within", "1h")
+        assert shown.code == 0, shown.err
+        head = f"1 repair or flag recorded for {sale} in the last 1h:"
+        assert shown.out.splitlines()[0] == head, shown.out
+        assert f"rebuild_sku  {sale} {SKU}" in shown.out and "before {" in shown.out, shown.out
+        nothing = await cli("repairs", "--sale", sale, "--kind", "flag_uncaptured")
+        assert nothing.out == f"no flag_uncaptured recorded for {sale}\n", nothing.out
+        for bad in (["--kind", "no such kind"], ["--within", "soon"], ["--sale", "a b"]):
+            refused = await cli("repairs", *bad)
+            assert refused.code == 2 and refused.err.startswith(f"flashsale: error: {bad[0]}")
+        assert (await cli("repairs", "--sale", "sale-nope")).code == 1  # an unknown sale
+        await p.redis.hincrby(SkuKeys(sale, SKU).stock, "available", 2)  # drift once more
+        assert (await cli("reconcile", "--once", "--sale", sale)).code == 0
+        newest = await cli("repairs", "--sale", sale, "--limit", "1", "--json")
+        assert json.loads(newest.out)["more"] is True, newest.out
+        assert json.loads(newest.out)["repairs"][0]["id"] > rows[0]["id"], newest.out
         after = await cli("audit", sale)
         assert after.code == 0, after.out
         assert "PASSED" in after.out.splitlines()[0]

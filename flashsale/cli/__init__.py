@@ -4,7 +4,8 @@ imports every floor (the services, the load tools) and the dev stack.
 Every command reads Settings once, here, and passes them down. Commands live by group:
 :mod:`~flashsale.cli.dev` (the stack, migrations, topics), :mod:`~flashsale.cli.sale`,
 :mod:`~flashsale.cli.buyers` (fairness, tokens), :mod:`~flashsale.cli.serve` (the services),
-:mod:`~flashsale.cli.load` (the demo, spike and chaos tests) and :mod:`~flashsale.cli.bench`.
+:mod:`~flashsale.cli.repairs` (what the reconciler recorded), :mod:`~flashsale.cli.load` (the
+demo, spike and chaos tests) and :mod:`~flashsale.cli.bench`.
 Errors are one line on stderr (``flashsale: error: skus[0].stock: must be a positive integer``)
 with a non-zero exit: 2 for bad input, 1 for anything else. Bad input names a flag or an
 argument as it was typed (``--limit``), a sale file's field by its path
@@ -26,7 +27,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from flashsale import __version__, event_loop
-from flashsale.cli import bench, buyers, dev, load, sale, serve
+from flashsale.cli import bench, buyers, dev, load, repairs, sale, serve
 from flashsale.cli.flags import as_typed, refuse_empty
 from flashsale.cli.output import after_reader_gone, fail, reader_gone, warn
 from flashsale.env_values import unknown_settings
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"flashsale {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (dev, buyers, sale, serve, load, bench):
+    for group in (dev, buyers, sale, serve, repairs, load, bench):
         group.add_commands(commands)
     return parser
 
