@@ -1,5 +1,5 @@
 """A consumer whose batch waits longer than aiokafka's ``max_poll_interval_ms`` (5 minutes by
-default; half a second here) stays in its group: the shop, the payment provider or Postgres
+default; a second here) stays in its group: the shop, the payment provider or Postgres
 may be away that long, and a member that does not poll meanwhile leaves the group. When the
 wait ended, its commit was refused: the webhooks sent the whole batch again, and the saga's
 workers had their commits refused while their batches went to the next owner. Both keep
@@ -39,8 +39,8 @@ from workers.payment_simulator import Knobs
 from workers.service import WorkerService
 from workers.webhooks import WebhookNotifier, WebhookSender
 
-POLL_LIMIT_MS = 500
-AWAY_S = 1.5  # the member would leave after 0.5 to 1.2 s
+POLL_LIMIT_MS = 1_000
+AWAY_S = 2.5  # the member would leave after 1 to 1.7 s
 
 
 def poll_limit(monkeypatch: pytest.MonkeyPatch, module: types.ModuleType) -> None:
