@@ -205,14 +205,20 @@ def test_starts_in_moves_the_sale_window_and_bad_durations_are_refused(
     assert timedelta(minutes=9) < starts - datetime.now(UTC) <= timedelta(minutes=10)
     assert ends - starts == timedelta(hours=1)  # the file's own length
     assert sale["state"] == "scheduled"
-    for bad in ("10", "-5m", "1w", "0s", "m"):
+    # A length in more than one unit, largest first, as a person writes it.
+    compound = cli("sale", "create", "--file", write(tmp_path, SALE), "--starts-in", "1h30m",
+                   "--json")  # fmt: skip
+    assert compound.code == 0, compound.err
+    starts = datetime.fromisoformat(json.loads(compound.out)["starts_at"])
+    assert timedelta(minutes=89) < starts - datetime.now(UTC) <= timedelta(minutes=90)
+    for bad in ("10", "-5m", "1w", "0s", "m", "0h0m", "30m1h", "1h1h", "1h 30m", "1.5h"):
         refused = cli("sale", "create", "--file", write(tmp_path, SALE), f"--starts-in={bad}")
         assert refused.code == 2 and "starts-in" in refused.err, (bad, refused.err)
     for bad in ("-5m", "-1.5h", "-10"):  # a value of its own that starts with a minus
         refused = cli("sale", "create", "--file", write(tmp_path, SALE), "--starts-in", bad)
         assert refused.code == 2, (bad, refused.err)
         assert refused.err.strip().splitlines() == [
-            "flashsale: error: --starts-in: must be a duration like 90s, 10m, 2h or 1d, "
+            "flashsale: error: --starts-in: must be a duration like 90s, 10m, 2h, 1d or 1h30m, "
             f"got {bad!r}"
         ]
     both = cli("sale", "create", "--name", "x", "--starts-at", "2030-01-01T00:00:00Z",

@@ -170,17 +170,23 @@ def within(field: str, value: str, low: int, high: int) -> int:
     return number
 
 
-_DURATION = re.compile(r"([1-9][0-9]{0,6})([smhd])\Z")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+# One to four parts, largest unit first, each at most once: 90s, 10m, 2h, 1d, 1h30m, 2d12h.
+_DURATION = re.compile(
+    r"(?:([0-9]{1,7})d)?(?:([0-9]{1,7})h)?(?:([0-9]{1,7})m)?(?:([0-9]{1,7})s)?\Z"
+)
 LONGEST = timedelta(days=3650)  # ten years
 
 
 def duration(field: str, value: str) -> timedelta:
-    """A positive duration written as a number and a unit: ``90s``, ``10m``, ``2h``, ``1d``."""
+    """A positive duration written as numbers with units, largest first: ``90s``, ``10m``,
+    ``2h``, ``1d``, ``1h30m``."""
     found = _DURATION.match(value.strip())
-    if not found:
-        raise InvalidInput(field, f"must be a duration like 90s, 10m, 2h or 1d, got {shown(value)}")
-    length = timedelta(**{_UNITS[found[2]]: int(found[1])})
+    parts = [int(part or 0) for part in found.groups()] if found else []
+    if not any(parts):
+        raise InvalidInput(field, f"must be a duration like 90s, 10m, 2h, 1d or 1h30m, "
+                           f"got {shown(value)}")  # fmt: skip
+    days, hours, minutes, seconds = parts
+    length = timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
     if length > LONGEST:
         raise InvalidInput(field, f"must be at most {LONGEST.days}d, got {shown(value)}")
     return length

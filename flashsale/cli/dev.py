@@ -229,7 +229,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     resend.add_argument(
         "--within",
         metavar="DURATION",
-        help="only those parked in the last DURATION (90s, 10m, 2h, 1d)",
+        help="only those parked in the last DURATION (90s, 10m, 2h, 1d, 1h30m)",
     )
     resend.add_argument("--limit", metavar="N", default="10000",
                         help="choose among the newest N, 1..1000000 (default 10000)")  # fmt: skip

@@ -70,7 +70,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     repairs.add_argument("--sale", metavar="ID", help="only this sale's")
     repairs.add_argument("--kind", help="only this kind (rebuild_sku, flag_uncaptured, ...)")
     repairs.add_argument("--within", metavar="DURATION",
-                         help="only those of the last DURATION (90s, 10m, 2h, 1d)")  # fmt: skip
+                         help="only those of the last DURATION (90s, 10m, 2h, 1d, "
+                              "1h30m)")  # fmt: skip
     repairs.add_argument("--limit", metavar="N", default="50",
                          help="the newest N, 1..10000 (default 50)")  # fmt: skip
     repairs.add_argument(

@@ -235,8 +235,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     create.add_argument("--starts-at", help="ISO 8601 with timezone (default: now)")
     create.add_argument(
         "--starts-in", metavar="DURATION",
-        help="open the sale this long from now (90s, 10m, 2h, 1d), keeping its length; with "
-        "--file it replaces the file's dates",
+        help="open the sale this long from now (90s, 10m, 2h, 1d, 1h30m), keeping its length; "
+        "with --file it replaces the file's dates",
     )  # fmt: skip
     create.add_argument("--ends-at", help="future ISO 8601 with timezone (default: starts + 1h)")
     create.add_argument(
@@ -369,7 +369,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     update.add_argument("--starts-in", help="open this long from now, e.g. 10m (before the "
                                             "start only)")  # fmt: skip
     update.add_argument("--ends-at", help="ISO 8601 with timezone")
-    update.add_argument("--ends-in", help="end this long from now, e.g. 2h")
+    update.add_argument("--ends-in", help="end this long from now, e.g. 2h or 1h30m")
     update.add_argument("--admission-rate", help="buyers admitted per second")
     update.add_argument("--max-queue", help="queue cap (only higher once started)")
     update.add_argument("--window", help="admission window in seconds, 5..3600")
