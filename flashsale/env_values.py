@@ -16,6 +16,14 @@ from urllib.parse import urlsplit
 from flashsale.errors import ConfigError
 
 
+def trimmed(env: Mapping[str, str]) -> dict[str, str]:
+    """Each value without the spaces and line ends around it, which no setting can mean: a
+    value read from a file keeps its last newline (a Kubernetes secret made ``--from-file``),
+    and kept it named a database "flashsale\\n" or an audience no token carries. A blank
+    value is then the empty string, so unset."""
+    return {name: value.strip() for name, value in env.items()}
+
+
 def networks(text: str, name: str) -> tuple[IPv4Network | IPv6Network, ...]:
     """Comma-separated CIDRs (a bare address is its own /32 or /128)."""
     found = []

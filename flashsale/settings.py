@@ -29,6 +29,7 @@ from flashsale.env_values import (
     origin,
     origins,
     secret_setting,
+    trimmed,
     webhook_secret,
 )
 from flashsale.errors import ConfigError
@@ -287,7 +288,7 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        env = os.environ if environ is None else environ
+        env = trimmed(os.environ if environ is None else environ)
         home = home_dir(env)
         dev = read_env_file(home / DEV_ENV_FILE)
         engine = read_env_file(home / ENGINE_ENV_FILE)

@@ -134,6 +134,11 @@ def test_external_servers_are_used_as_given(scratch_home: Path) -> None:
     assert rows["redis"].state == "external"
     assert rows["redis"].url == "redis://example.invalid:6379/0"
     assert rows["postgres"].state == "stopped"
+    # As the engine takes it: without the line end a file gave it; blank, as unset.
+    given = DevStack(scratch_home, environ={"REDIS_URL": "redis://example.invalid:6379/0\n",
+                                            "DATABASE_URL": " \n"})  # fmt: skip
+    assert given.external("redis") == "redis://example.invalid:6379/0"
+    assert given.external("postgres") is None
 
 
 def _ephemeral_range() -> range:

@@ -29,6 +29,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.core.result import Ok
 
+from flashsale.settings import Secret
 from flashsale.tokens import Signer
 
 
@@ -56,7 +57,7 @@ def run(base_url: str, sale: str, decoy: str, wanted: int) -> dict[str, Any]:
     schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()
                   if isinstance(result, Ok) and result.ok().path != "/metrics"]  # fmt: skip
-    admin = os.environ["FLASHSALE_ADMIN_TOKEN"]
+    admin = Secret(os.environ["FLASHSALE_ADMIN_TOKEN"]).current()  # the first, during a rotation
     buyer = Signer.from_setting(os.environ["FLASHSALE_BUYER_TOKEN_SECRET"], "buyer").sign(
         {"sub": "fuzzer"}, 3600
     )

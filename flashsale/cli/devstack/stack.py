@@ -59,6 +59,7 @@ from flashsale.cli.devstack.servers import (
     start_postgres,
     start_redis,
 )
+from flashsale.env_values import trimmed
 from flashsale.settings import DEV_ENV_FILE, mask_url
 
 SERVERS = ("redis", "postgres", "kafka")
@@ -85,7 +86,7 @@ class DevStack:
 
     def __init__(self, home: Path, environ: dict[str, str] | None = None) -> None:
         self.home = home
-        self.environ = dict(os.environ if environ is None else environ)
+        self.environ = trimmed(os.environ if environ is None else environ)  # as Settings
         self.state_file = home / "stack.json"
         self.secrets_file = home / "secrets.json"
         self.env_file = home / DEV_ENV_FILE
