@@ -34,6 +34,8 @@ primaries get one each (:func:`bucket_tag`). Each bucket is a whole allocator of
     fs:allocator:discovered      string the sales an allocator last read from Postgres (JSON:
                                         live and holding, each sale with its SKUs and buckets),
                                         for an allocator started while Postgres is down
+    fs:probe                     string written by each readiness check, kept for a second:
+                                        that the server takes writes (flashsale.ops_endpoints)
 
 Archiving an ended sale (``lua/archive.lua``) deletes members, steps, claims and each
 bucket's holds, deadlines, buyers, idem and received; the others stay.
@@ -57,6 +59,7 @@ ID_PATTERN = re.compile(ID_CHARACTERS + r"\Z")
 MAX_BUCKETS = 64
 SPREAD_SLOTS = 8  # how far a bucket's slot may be from its place (see bucket_tag)
 DISCOVERED = f"{PREFIX}:allocator:discovered"
+PROBE = f"{PREFIX}:probe"  # written by the readiness probes, for a second
 
 
 @dataclass(frozen=True, slots=True)

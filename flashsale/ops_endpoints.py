@@ -38,9 +38,10 @@ from redis.exceptions import NoPermissionError
 
 from flashsale import __version__
 from flashsale.clients import RedisClient
-from flashsale.errors import ConfigError
+from flashsale.errors import ConfigError, Unavailable
 from flashsale.http_protocol import EVERY_ANSWER, answer_malformed_in_json
 from flashsale.kafka import client_options
+from flashsale.keys import PROBE
 from flashsale.migrate import require_current
 from flashsale.outages import CLUSTER_READ_AS_ONE, describe
 from flashsale.settings import Settings
@@ -106,17 +107,36 @@ def dependency_probes(
 
 
 async def ping_redis(client: RedisClient) -> None:
-    """A PING; through a single server's client, also that the server is no node of a
-    cluster, whose every node answers a PING while most keys live on the others."""
+    """A PING, then whether the server takes writes: one at its ``maxmemory`` under
+    ``noeviction`` (said from INFO) and a primary a failover made a replica answer a PING
+    and refuse every write. The write probe (``fs:probe``, kept a second) goes as the
+    engine's own writes go: a connection still leading to a demoted primary is dropped at its
+    ``READONLY`` and the write sent again on a new one (:mod:`flashsale.redis_connection`),
+    so the probe follows a failover behind one endpoint as they do. On a cluster, each
+    primary's memory; through a single server's client, also that the server is no node
+    of a cluster, whose every node answers a PING while most keys live on the others."""
     await client.ping()
     if isinstance(client, RedisCluster):
+        memory = await client.info("memory", target_nodes=client.get_primaries())
+        for name, info in sorted(memory.items()):
+            _raise_if_full(info, f"the node {name}")
         return
     try:
-        info = await client.info("cluster")
+        info = await client.info()
     except NoPermissionError:  # an ACL user without INFO: the PING has answered
-        return
+        info = {}
     if info.get("cluster_enabled"):
         raise ConfigError(CLUSTER_READ_AS_ONE)
+    _raise_if_full(info, "the server")
+    await client.set(PROBE, b"1", px=1000)
+
+
+def _raise_if_full(info: Mapping[str, Any], server: str) -> None:
+    """Unavailable when ``info`` (INFO's memory section) says ``server`` is full."""
+    used, most = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
+    if most and used >= most and info.get("maxmemory_policy") == "noeviction":
+        raise Unavailable(f"Redis: {server} is full: used_memory {used:,} of maxmemory "
+                          f"{most:,} bytes (noeviction): it refuses every write")  # fmt: skip
 
 
 async def check(probe: Probe) -> str | None:

@@ -205,6 +205,24 @@ async def _probe_redis(settings: Settings) -> str | None:
         await client.aclose()
 
 
+async def test_a_full_node_makes_the_cluster_unready(
+    cluster: aioredis.RedisCluster, stack: Settings
+) -> None:
+    """One primary at its ``maxmemory`` refuses every write to the sales in its slots, while
+    each node answers a PING: the probe names it."""
+    node = cluster.get_primaries()[-1]
+    one = direct(cluster, node)
+    try:
+        assert await _probe_redis(stack) is None
+        await one.config_set("maxmemory", "1")
+        full = await _probe_redis(stack)
+        assert full is not None and "full" in full and node.name in full, full
+    finally:
+        await one.config_set("maxmemory", "0")
+        await one.aclose()
+    assert await _probe_redis(stack) is None
+
+
 async def test_a_node_that_forgot_its_scripts_is_taught_again(
     cluster: aioredis.RedisCluster,
 ) -> None:

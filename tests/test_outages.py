@@ -224,6 +224,28 @@ async def test_a_script_refused_a_write_by_a_passing_state_of_redis_is_an_outage
     assert not is_outage(bad.value), str(bad.value)
 
 
+async def test_a_redis_that_answers_but_refuses_every_write_is_not_ready(lone_redis: str) -> None:
+    """A full Redis (``maxmemory`` reached under ``noeviction``) and one demoted to a replica
+    answer a PING, and refuse every write: every buyer was answered 503 while ``/readyz``
+    said ready and ``flashsale_dependency_up`` 1, so no alert fired. Both pass, and the probe
+    says ready again."""
+    client = aioredis.Redis.from_url(lone_redis)
+    try:
+        assert await check(lambda: ping_redis(client)) is None
+        await client.config_set("maxmemory", "1")
+        full = await check(lambda: ping_redis(client))
+        assert full is not None and "full" in full and "maxmemory" in full, full
+        await client.config_set("maxmemory", "0")
+        assert await check(lambda: ping_redis(client)) is None
+        await client.replicaof("127.0.0.1", free_port())
+        demoted = await check(lambda: ping_redis(client))
+        assert demoted is not None and "replica" in demoted, demoted
+        await client.replicaof("NO", "ONE")
+        assert await check(lambda: ping_redis(client)) is None
+    finally:
+        await client.aclose()
+
+
 def test_the_cli_names_a_server_that_is_down_in_one_line(
     stack: Settings, lone_redis: str, cli: Cli, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -19,6 +19,7 @@ import uvloop
 
 from allocator.redis_calls import Script, call_packed, read_packed
 from flashsale.clients import RedisClient, redis_client
+from flashsale.ops_endpoints import check, ping_redis
 from flashsale.outages import is_outage
 from flashsale.settings import Settings
 from loadtest.fault_proxy import FaultProxy, through
@@ -121,6 +122,26 @@ def test_after_a_failover_behind_one_endpoint_writes_reach_the_new_primary(
 
             names = ["before", *(f"{p}-{i}" for p in "csp" for i in range(POOL))]
             assert await rig.new.mget(names) == [b"old"] + [b"new"] * (len(names) - 1)
+
+    uvloop.run(scenario())
+
+
+def test_after_a_failover_behind_one_endpoint_the_probe_says_ready_at_once(
+    old_and_new: tuple[str, str], tmp_path: Path
+) -> None:
+    """The readiness probe asks that the server take a write (a replica refuses every one),
+    and its connections follow the failover as the engine's do: were it kept on the old
+    primary, an idle service would stay unready, and a load balancer would send it none of
+    the requests whose writes would have moved it."""
+
+    async def scenario() -> None:
+        async with behind_one_endpoint(old_and_new, tmp_path, 1) as rig:
+            [client] = rig.clients
+            await asyncio.gather(*(client.set(f"warm-{i}", 1) for i in range(POOL)))
+            assert await check(lambda: ping_redis(client)) is None
+            await rig.fail_over()
+            for _ in range(POOL):  # each pooled connection led to the old primary
+                assert await check(lambda: ping_redis(client)) is None
 
     uvloop.run(scenario())
 
