@@ -100,7 +100,7 @@ def dependency_probes(
     """The probes of a service's long-lived clients, by dependency name. Postgres is ready
     when it answers and has every migration this version needs."""
     probes: dict[str, Probe] = {"redis": lambda: ping_redis(redis),
-                                "postgres": lambda: require_current(pool)}  # fmt: skip
+                                "postgres": lambda: ping_postgres(pool)}  # fmt: skip
     if kafka is not None:
         probes["kafka"] = kafka.ping
     return probes
@@ -137,6 +137,17 @@ def _raise_if_full(info: Mapping[str, Any], server: str) -> None:
     if most and used >= most and info.get("maxmemory_policy") == "noeviction":
         raise Unavailable(f"Redis: {server} is full: used_memory {used:,} of maxmemory "
                           f"{most:,} bytes (noeviction): it refuses every write")  # fmt: skip
+
+
+async def ping_postgres(db: asyncpg.Connection | asyncpg.Pool) -> None:
+    """Every migration of this version applied (:func:`~flashsale.migrate.require_current`),
+    and the server takes writes: a hot standby (``DATABASE_URL`` at a read replica, a failover
+    that left the endpoint on the old primary) or a database with writes turned off answers
+    every query and refuses every write, so no order would be written."""
+    await require_current(db)
+    if await db.fetchval("SHOW transaction_read_only") == "on":
+        raise Unavailable("Postgres is read-only (a hot standby, or default_transaction_read_"
+                          "only on): it refuses every write")  # fmt: skip
 
 
 async def check(probe: Probe) -> str | None:

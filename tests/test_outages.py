@@ -22,7 +22,7 @@ from aiokafka.errors import KafkaConnectionError
 from flashsale import outages
 from flashsale.cli.devstack.processes import free_port
 from flashsale.errors import ProviderDown, Unavailable
-from flashsale.ops_endpoints import check, ping_redis
+from flashsale.ops_endpoints import check, ping_postgres, ping_redis
 from flashsale.outages import is_demotion, is_outage
 from flashsale.settings import Settings
 from loadtest.fault_proxy import FaultProxy, through
@@ -244,6 +244,22 @@ async def test_a_redis_that_answers_but_refuses_every_write_is_not_ready(lone_re
         assert await check(lambda: ping_redis(client)) is None
     finally:
         await client.aclose()
+
+
+async def test_a_postgres_that_refuses_every_write_is_not_ready(stack: Settings) -> None:
+    """A hot standby (``DATABASE_URL`` at a read replica, a failover that left the endpoint on
+    the old primary) or a database with writes turned off answers every query: it was ready,
+    while the workers waited on every order and the admin API answered 503."""
+    conn = await asyncpg.connect(stack.require_database())
+    try:
+        assert await check(lambda: ping_postgres(conn)) is None
+        await conn.execute("SET default_transaction_read_only = on")
+        said = await check(lambda: ping_postgres(conn))
+        assert said is not None and "read-only" in said, said
+        await conn.execute("SET default_transaction_read_only = off")
+        assert await check(lambda: ping_postgres(conn)) is None
+    finally:
+        await conn.close()
 
 
 def test_the_cli_names_a_server_that_is_down_in_one_line(

@@ -25,6 +25,7 @@ import pytest
 from flashsale.cli.devstack.processes import free_port
 from flashsale.clients import pg_connect
 from flashsale.migrate import migrate
+from flashsale.ops_endpoints import check, ping_postgres
 from flashsale.settings import Settings
 from tests.conftest import REPO
 from tests.lone_redis import wait_listening
@@ -138,6 +139,7 @@ async def test_the_order_pipeline_and_migrations_run_behind_a_transaction_pooler
         said: list[str] = []
         assert await migrate(conn, progress=said.append) == []
         assert said == ["schema up to date"]
+        assert await check(lambda: ping_postgres(conn)) is None  # the readiness probe
     finally:
         await conn.close()
     async with pipeline(pooled) as p:  # the workers' pool asks for session settings
