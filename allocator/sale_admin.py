@@ -17,11 +17,12 @@ from typing import Any
 import asyncpg
 
 from allocator import sale_settings
-from allocator.sale_reads import SaleReads, in_parts
+from allocator.sale_reads import SaleReads, added_in_postgres, in_parts
 from allocator.sale_scripts import Preload, PreloadResult, SaleScripts, summed
 from flashsale.clients import COPY_TIMEOUT_S, RedisClient
 from flashsale.errors import Conflict, InvalidInput, NotFound, listed, shown
 from flashsale.keys import SaleKeys, SkuKeys, bucket_keys
+from flashsale.outages import is_outage
 from flashsale.sales import (
     SKUS_VERSION,
     fetch_skus,
@@ -249,11 +250,16 @@ class SaleAdmin(SaleReads):
             if delta < 0 and sale["preloaded_at"] is not None:
                 await self._sync_total(sale, row)
         if delta > 0 and sale["preloaded_at"] is not None:
-            async with self.pool.acquire() as conn, conn.transaction():
-                sale = await self.sale_row(conn, sale_id, lock=True)
-                row = await conn.fetchrow(SKU_ROW, sale_id, sku)
-                if row is not None and sale_state(sale) != "ended":  # else nothing to copy
-                    await self._sync_total(sale, row)
+            try:
+                async with self.pool.acquire() as conn, conn.transaction():
+                    sale = await self.sale_row(conn, sale_id, lock=True)
+                    row = await conn.fetchrow(SKU_ROW, sale_id, sku)
+                    if row is not None and sale_state(sale) != "ended":  # else nothing to copy
+                        await self._sync_total(sale, row)
+            except Exception as exc:  # Postgres has them: an outage now is no "retry"
+                if not is_outage(exc) or row is None:
+                    raise
+                return added_in_postgres(row, delta, exc)
         return await self.status(sale_id, sku)  # the SKU's: the sale may have 200,000
 
     async def _unless_sold_out(self, sale_id: str, what: str) -> None:

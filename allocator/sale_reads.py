@@ -19,6 +19,7 @@ from allocator.stock_buckets import BucketScripts, Snapshot
 from flashsale.clients import COPY_TIMEOUT_S, RedisClient
 from flashsale.errors import InvalidInput, NotFound, shown
 from flashsale.keys import ID_PATTERN, SaleKeys, bucket_keys
+from flashsale.outages import describe
 from flashsale.sales import SALE_STATE, fetch_sku, fetch_skus, sale_json
 from flashsale.salespec import integer, text
 from flashsale.timefmt import iso
@@ -310,3 +311,17 @@ class SaleReads:
                 many += len(group)
                 out.append(([b.counts for b in mine], Snapshot(mine).in_transfer))
         return out
+
+
+def added_in_postgres(row: asyncpg.Record, added: int, exc: BaseException) -> dict[str, Any]:
+    """The answer to units added in Postgres that Redis could not take then (an outage): they
+    are added, and a second add would add them again. The reconciler copies the new total
+    to Redis once it is back (a SKU whose total differs is rebuilt from Postgres)."""
+    why = describe(exc).rstrip(".")
+    return {"sku": row["sku"], "added": added, "stock_total": row["stock_total"],
+            "redis": "pending",
+            "message": f"{added} units added to {row['sku']} in Postgres (stock_total "
+                       f"{row['stock_total']}), not copied to Redis yet: {why}. Buyers get "
+                       "them once the reconciler has copied the new total, when Redis is back "
+                       "(`flashsale reconcile --once` does it then): do not add them "
+                       "again"}  # fmt: skip

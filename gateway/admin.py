@@ -197,7 +197,9 @@ async def change_stock(request: web.Request) -> web.Response:
         raise InvalidInput("add", "give either add or remove")
     if "remove" in body:
         return json_response(await sales.lower_stock(sale_id, body.get("sku"), body["remove"]))
-    return json_response(await sales.add_stock(sale_id, body.get("sku"), body["add"]))
+    added = await sales.add_stock(sale_id, body.get("sku"), body["add"])
+    # Added in Postgres, not in Redis yet (an outage): 202, as the reconciler finishes it.
+    return json_response(added, status=202 if added.get("redis") == "pending" else 200)
 
 
 async def remove_sku(request: web.Request) -> web.Response:

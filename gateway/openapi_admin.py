@@ -200,6 +200,22 @@ def admin_paths() -> dict[str, Any]:
                 "sold out: it stays so), or remove free units (never held or sold ones)",
                 {
                     **ok(200, "The status of that SKU (`skus` holds it alone)", SALE_STATUS),
+                    **ok(
+                        202,
+                        "The units are added in Postgres, and Redis could not take them then "
+                        "(an outage): the reconciler copies the new total once it is back. Do "
+                        "not add them again",
+                        obj(
+                            {
+                                "sku": {"type": "string"},
+                                "added": {"type": "integer"},
+                                "stock_total": {"type": "integer"},
+                                "redis": {"const": "pending"},
+                                "message": {"type": "string"},
+                            },
+                            ["sku", "added", "stock_total", "redis", "message"],
+                        ),
+                    ),
                     **errors(*admin_errors),
                 },
                 security="admin",

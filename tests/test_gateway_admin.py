@@ -28,7 +28,7 @@ from flashsale.tokens import Signer
 from gateway import console as gateway_console
 from gateway.app import create_app
 from gateway.state import CLIENTS, PROBES
-from tests.conftest import Db
+from tests.conftest import Cli, Db
 from tests.harness import is_utc_z, live_gateway, longest_stall
 
 ADMIN = "test-admin-token-0123456789"
@@ -268,6 +268,37 @@ async def test_stock_goes_down_and_a_sku_leaves_over_the_api(http: TestClient[An
     assert not await c.redis.exists(SkuKeys(sale_id, "SNK-2").stock)
     again = await http.delete(f"{path}/skus/SNK-2", headers=auth())
     assert again.status == 404
+
+
+async def test_units_added_while_redis_refuses_writes_are_not_added_twice(
+    http: TestClient[Any, Any], cli: Cli
+) -> None:
+    """Postgres takes added units first, then Redis. A Redis that refused that write (full,
+    a replica, gone) was answered 503 "retry shortly" over the units Postgres had committed:
+    the retry added them again, and the CLI's "Redis is unavailable" read as nothing done.
+    Now 202, saying they are added and Redis follows once the reconciler copies the total."""
+    app = http.app
+    assert app is not None
+    redis = app[CLIENTS].redis
+    sale_id = (await (await http.post("/admin/v1/sales", json=SALE, headers=auth())).json())["id"]
+    path = f"/admin/v1/sales/{sale_id}"
+    assert (await http.post(f"{path}/preload", headers=auth())).status == 200
+    await redis.config_set("maxmemory", "1")  # full: it answers reads, refuses every write
+    try:
+        added = await http.post(f"{path}/stock", json={"sku": "SNK-1", "add": 4}, headers=auth())
+        by_cli = await asyncio.to_thread(cli, "sale", "add-stock", sale_id, "SNK-1", "2")
+    finally:
+        await redis.config_set("maxmemory", "0")
+    assert added.status == 202, await added.text()
+    said = await added.json()
+    assert (said["sku"], said["added"], said["stock_total"], said["redis"]) == (
+        "SNK-1", 4, 9, "pending")  # fmt: skip
+    assert "reconcile" in said["message"] and "again" in said["message"], said
+    assert by_cli.code == 0, by_cli.err
+    assert "stock_total 11" in by_cli.err and "again" in by_cli.err, by_cli.err
+    assert await redis.hget(SkuKeys(sale_id, "SNK-1").stock, "total") == b"5"
+    assert (await asyncio.to_thread(cli, "reconcile", "--once", "--sale", sale_id)).code == 0
+    assert await redis.hget(SkuKeys(sale_id, "SNK-1").stock, "total") == b"11"
 
 
 async def test_a_change_can_be_answered_without_every_sku(http: TestClient[Any, Any]) -> None:

@@ -24,7 +24,7 @@ from flashsale.cli.flags import (
     sale_from_flags,
     started_as_typed,
 )
-from flashsale.cli.output import Progress, Stages, dump_json, out
+from flashsale.cli.output import Progress, Stages, dump_json, out, warn
 from flashsale.cli.sale_files import json_text, read_input, read_json_file
 from flashsale.cli.sale_views import (
     no_sales,
@@ -133,8 +133,11 @@ async def _sale(args: argparse.Namespace, settings: Settings) -> int:
         elif command == "status":
             print_status(await sales.status(args.sale, args.sku), as_json=args.json)
         elif command == "add-stock":
-            print_status(await sales.add_stock(args.sale, args.sku, args.units), as_json=False,
-                         whole=False)  # fmt: skip
+            added = await sales.add_stock(args.sale, args.sku, args.units)
+            if added.get("redis") == "pending":  # in Postgres, Redis to follow: no retry
+                warn(added["message"])
+            else:
+                print_status(added, as_json=False, whole=False)
         elif command == "remove-stock":
             print_status(await sales.lower_stock(args.sale, args.sku, args.units), as_json=False,
                          whole=False)  # fmt: skip
