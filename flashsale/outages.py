@@ -228,22 +228,25 @@ _clock = time.monotonic
 _quiet: dict[tuple[str, str], tuple[float, int]] = {}  # (logger, what) -> (last line, rounds)
 
 
-def log_failure(logger: logging.Logger, what: str, exc: BaseException) -> None:
+def log_failure(logger: logging.Logger, what: str, exc: BaseException, *,
+                key: str | None = None) -> None:  # fmt: skip
     """Log a failed round of a loop that goes on: one warning line for an outage, the traceback
     for anything else (a bug or bad data, which the next round may meet again). The same
-    outage met again by the same loop (``what``) within QUIET_S of its last line is counted
-    into the next line instead: an admission pump ticks ten times a second."""
+    outage met again by the same loop (``what``, or ``key`` when given: a request's route
+    rather than its path) within QUIET_S of its last line is counted into the next line
+    instead: an admission pump ticks ten times a second, and during an outage every request
+    of a spike meets it."""
     if not is_outage(exc):
         logger.error("%s: %s", what, describe(exc), exc_info=exc)
         return
-    key, now = (logger.name, what), _clock()
-    last, rounds = _quiet.get(key, (None, 0))
+    seen, now = (logger.name, key or what), _clock()
+    last, rounds = _quiet.get(seen, (None, 0))
     if last is not None and now - last < QUIET_S:
-        _quiet[key] = (last, rounds + 1)
+        _quiet[seen] = (last, rounds + 1)
         return
     if len(_quiet) >= 10_000:  # one key per loop and sale: only a long life gets here
         _quiet.clear()
-    _quiet[key] = (now, 0)
+    _quiet[seen] = (now, 0)
     if rounds and last is not None:  # rounds are only counted after a line
         logger.warning("%s: %s (%d more times in the last %.1fs)", what, describe(exc), rounds,
                        now - last)  # fmt: skip

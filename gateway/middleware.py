@@ -18,7 +18,7 @@ from flashsale.errors import FlashsaleError, InvalidInput, SchemaBehind
 from flashsale.http_protocol import EVERY_ANSWER
 from flashsale.logs import CONTEXT
 from flashsale.ops_endpoints import PROBE_PATHS
-from flashsale.outages import describe, is_outage, schema_error
+from flashsale.outages import is_outage, log_failure, schema_error
 from gateway.http import error_response
 from gateway.metrics import Metrics
 
@@ -55,7 +55,7 @@ def error_for(request: web.Request, exc: Exception) -> web.Response:
     are not errors."""
     behind = schema_error(exc)
     if behind is not None:  # the operator's to mend: said in the log, not to every caller
-        log.warning("%s %s: %s", request.method, request.path, behind.message)
+        log_failure(log, f"{request.method} {request.path}", exc, key=route_of(request))
         exc = SchemaBehind("the database schema is not up to date; retry shortly")
     if isinstance(exc, ConnectionError) and client_gone(request):
         # Writing to a client that hung up (a streamed export): nobody reads this answer, and
@@ -68,9 +68,9 @@ def error_for(request: web.Request, exc: Exception) -> web.Response:
             headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
         field = exc.field if isinstance(exc, InvalidInput) else None
         return error_response(exc.http_status, exc.code, exc.message, headers, field)
-    if is_outage(exc):
-        log.warning("dependency unavailable on %s %s: %s", request.method, request.path,
-                    describe(exc))  # fmt: skip
+    if is_outage(exc):  # one line per route now and then: every request of a spike meets it
+        log_failure(log, f"dependency unavailable on {request.method} {request.path}", exc,
+                    key=route_of(request))  # fmt: skip
         return error_response(503, "unavailable", "a dependency is unavailable; retry shortly",
                               {"Retry-After": "1"})  # fmt: skip
     if isinstance(exc, web.HTTPException) and exc.status == 403 and request.method == "OPTIONS":
@@ -119,6 +119,12 @@ class Budgets:
         if route_class == WAITING:
             return min(self.waiting, self.total)
         return self.total
+
+
+def route_of(request: web.Request) -> str:
+    """The request's method and route (``POST /v1/sales/{sale}/queue``), else its path."""
+    resource = request.match_info.route.resource
+    return f"{request.method} {request.path if resource is None else resource.canonical}"
 
 
 def route_class(request: web.Request) -> str:

@@ -20,6 +20,7 @@ import pytest
 import requests
 from aiohttp.test_utils import TestClient, TestServer
 
+from flashsale import outages
 from flashsale.cli.sale_views import print_status
 from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.settings import Secret, Settings
@@ -27,7 +28,7 @@ from flashsale.sku_csv import parse_csv
 from flashsale.tokens import Signer
 from gateway import console as gateway_console
 from gateway.app import create_app
-from gateway.state import CLIENTS, PROBES
+from gateway.state import CLIENTS, PROBES, SETTINGS
 from tests.conftest import Cli, Db
 from tests.harness import is_utc_z, live_gateway, longest_stall
 
@@ -299,6 +300,39 @@ async def test_units_added_while_redis_refuses_writes_are_not_added_twice(
     assert await redis.hget(SkuKeys(sale_id, "SNK-1").stock, "total") == b"5"
     assert (await asyncio.to_thread(cli, "reconcile", "--once", "--sale", sale_id)).code == 0
     assert await redis.hget(SkuKeys(sale_id, "SNK-1").stock, "total") == b"11"
+
+
+async def test_an_outage_met_by_every_request_is_logged_once_in_a_while(
+    http: TestClient[Any, Any], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """During an outage every request met it, and each wrote a warning line: at a spike's
+    thousands of requests a second, as many log lines, of one fact. One line per route a
+    few seconds, the next one saying how many it stood for."""
+    app = http.app
+    assert app is not None
+    redis = app[CLIENTS].redis
+    sale_id = (await (await http.post("/admin/v1/sales", json=SALE, headers=auth())).json())["id"]
+    assert (await http.post(f"/admin/v1/sales/{sale_id}/preload", headers=auth())).status == 200
+    buyer = Signer.from_setting(app[SETTINGS].buyer_token_secret.reveal(), "buyer")
+    now = [1000.0]
+    monkeypatch.setattr(outages, "_clock", lambda: now[0])
+    monkeypatch.setattr(outages, "_quiet", {})
+    await redis.config_set("maxmemory", "1")  # full: every join's write is refused
+    try:
+        with caplog.at_level(logging.WARNING, logger="flashsale.gateway"):
+            for i in range(21):
+                if i == 20:
+                    now[0] += outages.QUIET_S
+                token = buyer.sign({"sub": f"quiet-{sale_id}-{i}"}, 600)
+                joined = await http.post(f"/v1/sales/{sale_id}/queue",
+                                         headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+                assert joined.status == 503, await joined.text()
+    finally:
+        await redis.config_set("maxmemory", "0")
+    said = [r.getMessage() for r in caplog.records if "dependency unavailable" in r.getMessage()]
+    assert len(said) == 2, said
+    assert all(f"POST /v1/sales/{sale_id}/queue: " in line for line in said), said
+    assert "(19 more times in the last 5.0s)" in said[1], said
 
 
 async def test_a_change_can_be_answered_without_every_sku(http: TestClient[Any, Any]) -> None:
