@@ -18,7 +18,7 @@ import os
 import platform
 import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
 import asyncpg
@@ -67,8 +67,9 @@ Probe = Callable[[], Awaitable[object]]
 
 class KafkaProbe:
     """Asks the broker for its metadata over one client kept for the service's life (a client
-    per probe would cost a connection and a bootstrap each time). Without ``KAFKA_BOOTSTRAP``
-    every ping fails with the ConfigError saying what to set, so it shows as down."""
+    per probe would cost a connection and a bootstrap each time), and looks in it for the
+    engine's topics (:func:`require_topics`). Without ``KAFKA_BOOTSTRAP`` every ping fails
+    with the ConfigError saying what to set, so it shows as down."""
 
     def __init__(self, settings: Settings, timeout_s: float = PING_TIMEOUT_S) -> None:
         self.settings = settings
@@ -85,13 +86,25 @@ class KafkaProbe:
                 await client.close()
                 raise
             self._client = client
-            return
-        await self._client.fetch_all_metadata()
+            cluster = client.cluster
+        else:
+            cluster = await self._client.fetch_all_metadata()
+        require_topics(cluster.topics(), self.settings)
 
     async def aclose(self) -> None:
         if self._client is not None:
             await self._client.close()
             self._client = None
+
+
+def require_topics(present: Collection[str], settings: Settings) -> None:
+    """Unavailable unless the broker has every topic of the engine: one that answers without
+    them (its storage lost with a restart, or none made where the broker does not make them on
+    first use) refuses every event. The engine's producers make them when they start."""
+    missing = [topic for topic in settings.topics.all() if topic not in present]
+    if missing:
+        raise Unavailable(f"the broker has no topic {missing[0]}: `flashsale kafka init` makes "
+                          "the engine's topics")  # fmt: skip
 
 
 def dependency_probes(

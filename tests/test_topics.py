@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 
 from flashsale.kafka import LagReader, delete_topics, ensure_topics, producer
+from flashsale.ops_endpoints import KafkaProbe, check
 from flashsale.settings import Settings
 from flashsale.topics import Topics
 from tests.conftest import Cli
@@ -58,4 +59,21 @@ async def test_the_lag_of_a_topic_made_after_the_reader_started_is_read(stack: S
         assert await reader.read(name) == 7
     finally:
         await reader.aclose()
+        await delete_topics(settings, settings.topics.all())
+
+
+async def test_a_broker_without_the_engines_topics_is_not_ready(stack: Settings) -> None:
+    """A broker that answers and lacks a topic of the engine (one whose storage was lost with
+    a restart, or that does not make topics on first use) had every reservation's event
+    refused while the probe, a metadata request, said ready."""
+    name = f"probe{uuid.uuid4().hex[:8]}"
+    settings = replace(stack, topics=Topics(name, name + "-e", name + "-d"))
+    probe = KafkaProbe(settings)
+    try:
+        said = await check(probe.ping)
+        assert said is not None and name in said and "flashsale kafka init" in said, said
+        await ensure_topics(settings)
+        assert await check(probe.ping) is None
+    finally:
+        await probe.aclose()
         await delete_topics(settings, settings.topics.all())

@@ -38,7 +38,7 @@ from allocator.hold_scripts import HoldScripts
 from flashsale.clients import RedisClient, pg_pool, redis_client
 from flashsale.events import ReservationEvent, decode_event, event_id
 from flashsale.kafka import client_options, poll_while, producer_when_up
-from flashsale.ops_endpoints import build_info, dependency_probes, serve_ops
+from flashsale.ops_endpoints import build_info, dependency_probes, require_topics, serve_ops
 from flashsale.orders import OrderStore
 from flashsale.outages import describe, is_outage
 from flashsale.payments import CircuitBreaker, HttpProvider, PaymentProvider
@@ -325,8 +325,8 @@ class WorkerService:
 
     async def _serve_ops(self, host: str, port: int, redis: RedisClient, pool: asyncpg.Pool,
                          consumer: AIOKafkaConsumer) -> web.AppRunner:  # fmt: skip
-        async def broker() -> object:
-            return await consumer.topics()
+        async def broker() -> None:
+            require_topics(await consumer.topics(), self.settings)
 
         probes = {**dependency_probes(redis, pool), "kafka": broker}
         runner = await serve_ops(host, port, probes, self.metrics.registry)
