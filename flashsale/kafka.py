@@ -319,7 +319,12 @@ class LagReader:
             **client_options(self.settings), group_id=self.group, enable_auto_commit=False,
             request_timeout_ms=10_000, metadata_max_age_ms=METADATA_AGE_MS,
         )  # fmt: skip
-        await consumer.start()
+        try:
+            await consumer.start()
+        except BaseException:  # a broker down: the half-started client is stopped, not left
+            await asyncio.sleep(0)  # aiokafka's issue 647, as in dead_letters._newest
+            await consumer.stop()
+            raise
         self._consumer = consumer
         return consumer
 

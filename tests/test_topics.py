@@ -3,11 +3,15 @@ reading, on the real broker."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import uuid
 from dataclasses import replace
 
 import pytest
 
+from flashsale.cli.devstack.processes import free_port
+from flashsale.errors import Unavailable
 from flashsale.kafka import LagReader, delete_topics, ensure_topics, producer
 from flashsale.ops_endpoints import KafkaProbe, check
 from flashsale.settings import Settings
@@ -77,3 +81,20 @@ async def test_a_broker_without_the_engines_topics_is_not_ready(stack: Settings)
     finally:
         await probe.aclose()
         await delete_topics(settings, settings.topics.all())
+
+
+async def test_a_lag_reader_that_cannot_reach_the_broker_leaves_no_client_behind(
+    stack: Settings,
+) -> None:
+    """The audit and the reconciler's every pass read the lag; with the broker down, each
+    reading left a started client behind ("Unclosed AIOKafkaConsumer" in the log)."""
+    settings = replace(stack, kafka_bootstrap=f"127.0.0.1:{free_port()}")
+    said: list[str] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _l, c: said.append(c["message"]))
+    reader = LagReader(settings, "nobody")
+    for _ in range(2):
+        with pytest.raises(Unavailable, match="cannot read consumer lag"):
+            await reader.read("reservations")
+    gc.collect()
+    await asyncio.sleep(0)
+    assert not [m for m in said if "Unclosed" in m], said
