@@ -6,6 +6,7 @@ import logging
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -91,6 +92,16 @@ def test_up_reuse_env_status_down(scratch_home: Path, run_cli: Cli) -> None:
     assert status.out.count("running") == 3
     assert values["FLASHSALE_ADMIN_TOKEN"] not in status.out  # passwords masked
     assert "***" in status.out
+    # A server whose process runs and which does not answer is down too: it was exit 0.
+    redis_pid = pids["redis"]
+    assert redis_pid is not None
+    os.kill(redis_pid, signal.SIGSTOP)
+    try:
+        hung = run("dev", "status")
+    finally:
+        os.kill(redis_pid, signal.SIGCONT)
+    assert hung.code == 3, hung.out
+    assert "redis     no answer" in hung.out and "ping failed" in hung.out, hung.out
 
     down = run("dev", "down")
     assert down.code == 0

@@ -55,7 +55,7 @@ def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
         where = row.url or "-"
         pid = f"pid {row.pid}" if row.pid else ""
         version = f"v{row.version}" if row.version else ""
-        out(f"{row.name:9} {row.state:8} {where:{wide}} {pid:10} {version:8} {row.detail}")
+        out(f"{row.name:9} {row.state:9} {where:{wide}} {pid:10} {version:8} {row.detail}")
     return 0 if all(r.state in ("running", "external") for r in rows) else 3
 
 

@@ -73,7 +73,7 @@ FORM_S = 10.0  # a Redis Cluster's forming, after nodes that loaded for longer t
 @dataclass
 class ServerStatus:
     name: str
-    state: str  # running | stopped | external
+    state: str  # running | no answer (its process runs, its ping failed) | stopped | external
     url: str | None
     pid: int | None = None
     binary: str | None = None
@@ -356,7 +356,7 @@ class DevStack:
                 rows.append(ServerStatus(name, "stopped", None))
                 continue
             alive = pid_alive(server.pid, server.binary)
-            detail = ""
+            detail, shown = "", "running" if alive else "stopped"
             if alive:
                 try:
                     asyncio.run(PINGS[_kind(name)](self.url(name, server.port)))
@@ -366,11 +366,11 @@ class DevStack:
                             server.port, self._secrets()["redis_password"]))  # fmt: skip
                         detail += f"; {role}"
                 except Exception as exc:  # noqa: BLE001 - reported, not raised: this is status
-                    detail = f"ping failed: {exc!r}"
+                    detail, shown = f"ping failed: {exc!r}", "no answer"
             rows.append(
                 ServerStatus(
                     name,
-                    "running" if alive else "stopped",
+                    shown,
                     mask_url(self.url(name, server.port)),
                     server.pid if alive else None,
                     server.binary,
