@@ -18,7 +18,8 @@ outage: the same request can succeed later. Read from the libraries' own excepti
   ``InternalClientError``: the protocol surprised by a server going away), except those about
   the client's own configuration.
 * **Redis** (redis-py): connection errors (loading included), timeouts, ``READONLY`` (a
-  replica after a failover), ``OOM``, ``NOREPLICAS``, ``TRYAGAIN`` and a ``BUSY`` script,
+  replica after a failover), ``OOM``, ``MISCONF`` (writes stopped: its disk full or
+  failing), ``NOREPLICAS``, ``TRYAGAIN`` and a ``BUSY`` script,
   also when a command inside a script met them (Redis 6.2 wraps those in "Error running
   script", which redis-py raises as a plain ``ResponseError``); on a Redis Cluster also
   ``CLUSTERDOWN``, a slot no node serves (mid-failover), redirections that never settled,
@@ -82,11 +83,12 @@ _ALWAYS = (
 
 
 # Redis's answers that say "not now": a busy script, a replica, full memory, too few replicas
-# for a write, a dataset being loaded, a cluster mid-failover. Redis 6.2 wraps one met by a
+# for a write, a dataset being loaded, a cluster mid-failover, writes stopped because its
+# disk is full or failing (MISCONF: until a save succeeds again). Redis 6.2 wraps one met by a
 # command inside a script: "Error running script (call to f_…): @user_script:56:
 # @user_script: 56: -READONLY You can't write against a read only replica."
 _PASSING = ("BUSY", "READONLY", "OOM", "NOREPLICAS", "MASTERDOWN", "LOADING", "TRYAGAIN",
-            "CLUSTERDOWN")  # fmt: skip
+            "CLUSTERDOWN", "MISCONF")  # fmt: skip
 _SCRIPT_REFUSED = re.compile(r"(?:ERR )?Error running script .*?@user_script: \d+: -?([A-Z]+) ")
 _CLOSED_TRANSPORT = "the handler is closed"
 _REDIS_WRITE = (redis.asyncio.connection.__file__, "_send_packed_command")

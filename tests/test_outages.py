@@ -65,6 +65,15 @@ WAIT = [
         "Error running script (call to f_6b1e): @user_script:56: @user_script: 56: -OOM "
         "command not allowed when used memory > 'maxmemory'."
     ),
+    # its disk full or failing: writes stop until a save succeeds again
+    redis.exceptions.ResponseError(
+        "MISCONF Redis is configured to save RDB snapshots, but it is currently not able to "
+        "persist on disk."
+    ),
+    redis.exceptions.ResponseError(
+        "Error running script (call to f_6b1e): @user_script:1: @user_script: 1: -MISCONF "
+        "Errors writing to the AOF file: No space left on device"
+    ),
     # the network, the broker, the payment provider's open circuit
     ConnectionResetError("reset by peer"),
     TimeoutError(),
@@ -210,6 +219,18 @@ async def test_a_script_refused_a_write_by_a_passing_state_of_redis_is_an_outage
             await client.eval(WRITE, 1, "k2", "v")
         refused.append(oom.value)
         await client.config_set("maxmemory", "0")
+        await client.config_set("save", "3600 1")  # a snapshot that cannot be written: MISCONF
+        await client.config_set("dir", "/proc")
+        await client.bgsave()
+        for _ in range(100):
+            if (await client.info("persistence"))["rdb_last_bgsave_status"] == "err":
+                break
+            await asyncio.sleep(0.05)
+        with pytest.raises(redis.exceptions.ResponseError) as misconf:
+            await client.eval(WRITE, 1, "k3", "v")
+        refused.append(misconf.value)
+        await client.config_set("save", "")
+        await client.config_set("stop-writes-on-bgsave-error", "no")
         dead = free_port()
         await client.replicaof("127.0.0.1", dead)
         with pytest.raises(redis.exceptions.ResponseError) as readonly:
