@@ -110,8 +110,9 @@ def require_topics(present: Collection[str], settings: Settings) -> None:
 def dependency_probes(
     redis: RedisClient, pool: asyncpg.Pool, kafka: KafkaProbe | None = None
 ) -> dict[str, Probe]:
-    """The probes of a service's long-lived clients, by dependency name. Postgres is ready
-    when it answers and has every migration this version needs."""
+    """The probes of a service's long-lived clients, by dependency name: each server ready
+    when it answers and takes writes (:func:`ping_redis`, :func:`ping_postgres`), Postgres
+    also with every migration this version needs, the broker with the engine's topics."""
     probes: dict[str, Probe] = {"redis": lambda: ping_redis(redis),
                                 "postgres": lambda: ping_postgres(pool)}  # fmt: skip
     if kafka is not None:
