@@ -25,6 +25,7 @@ import asyncpg
 import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry
+from redis.exceptions import NoPermissionError
 
 from allocator.discovery import SkuSets, not_preloaded
 from allocator.hold_scripts import HoldScripts
@@ -40,7 +41,7 @@ from allocator.sweeper import run_sweeper
 from flashsale.clients import RedisClient, pg_pool, redis_client
 from flashsale.kafka import producer_when_up
 from flashsale.keys import DISCOVERED, SkuKeys, bucket_keys
-from flashsale.ops_endpoints import KafkaProbe, dependency_probes, serve_ops
+from flashsale.ops_endpoints import KafkaProbe, dependency_probes, memory_used, serve_ops
 from flashsale.outages import log_failure
 from flashsale.queue_marks import QueueMarks
 from flashsale.settings import Settings
@@ -108,10 +109,11 @@ class AllocatorService:
             relay = asyncio.create_task(self._relay(stop))
             checkpoints = asyncio.create_task(self.marks.run(self.pool, stop))
             backlog = asyncio.create_task(self._measure_backlog(stop))
+            memory = asyncio.create_task(self._measure_memory(stop))
             # Beside the ticks, not between them: a Postgres that hangs held the listing for
             # twice its statement timeout, and every pump of the process with it.
             discovering = asyncio.create_task(self._discover_until(queue, stop))
-            background += [sweeper, relay, checkpoints, backlog, discovering]
+            background += [sweeper, relay, checkpoints, backlog, memory, discovering]
             while not stop.is_set():
                 if discovering.done():
                     discovering.result()  # it raised: the service ends, and is restarted
@@ -170,6 +172,21 @@ class AllocatorService:
                 self.metrics.note_backlog(now, in_scope=rounds.sales)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), rounds.wait(time.monotonic()))
+
+    async def _measure_memory(self, stop: asyncio.Event, interval_s: float = 5.0) -> None:
+        """Every ``interval_s``, each Redis server's memory as a share of its ``maxmemory``:
+        the warning before it is full and refuses every write."""
+        while not stop.is_set():
+            try:
+                assert self.redis is not None
+                self.metrics.note_memory(await memory_used(self.redis))
+            except NoPermissionError:  # an ACL user without INFO: nothing to measure
+                log.info("Redis's memory is not measured: its user may not run INFO")
+                return
+            except Exception as exc:  # noqa: BLE001 - measured again next time
+                log_failure(log, "cannot read Redis's memory", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval_s)
 
     async def _holding_skus(self) -> list[SkuKeys]:
         return self.holding_skus

@@ -80,6 +80,11 @@ class ServiceMetrics:
                            "in holds or on their way between stock buckets), as the sale's pump "
                            "last read them", ["sale", "sku", "state"],
                            registry=registry)  # fmt: skip
+        self.memory = Gauge(
+            "flashsale_redis_memory_used_ratio", "Memory Redis uses, as a share of its "
+            "maxmemory (each primary of a cluster): full, it refuses every write", ["node"],
+            registry=registry,
+        )  # fmt: skip
         self.per_sale = (self.admitted, self.leader, self.serving, self.tail, self.cutoff,
                          self.pre_queue, self.waiting, self.outstanding, self.noshow, self.sold_out,
                          self.stranded, self.errors)  # fmt: skip
@@ -124,6 +129,12 @@ class ServiceMetrics:
                 with contextlib.suppress(KeyError):
                     self.stock.remove(sale_id, sku, state)
         self._skus[sale_id] = set(stock)
+
+    def note_memory(self, used: dict[str, float]) -> None:
+        """Each Redis server's share of its ``maxmemory`` in use, and no other node's."""
+        self.memory.clear()
+        for node, share in used.items():
+            self.memory.labels(node).set(share)
 
     def note_not_preloaded(self, found: NotPreloaded) -> None:
         """The sales open or opening soon without a preload, or with SKUs not preloaded, and

@@ -153,6 +153,20 @@ def _raise_if_full(info: Mapping[str, Any], server: str) -> None:
                           f"{most:,} bytes (noeviction): it refuses every write")  # fmt: skip
 
 
+async def memory_used(client: RedisClient) -> dict[str, float]:
+    """Each server's (on a cluster, each primary's) used memory as a share of its
+    ``maxmemory``, by address. A server without one is left out: it has no share to give,
+    and grows until its machine has no memory left."""
+    if isinstance(client, RedisCluster):
+        found = await client.info("memory", target_nodes=client.get_primaries())
+    else:
+        where = client.connection_pool.connection_kwargs
+        node = where.get("path") or f"{where.get('host')}:{where.get('port')}"
+        found = {node: await client.info("memory")}
+    return {node: int(info["used_memory"]) / int(info["maxmemory"])
+            for node, info in found.items() if int(info.get("maxmemory", 0))}  # fmt: skip
+
+
 async def ping_postgres(db: asyncpg.Connection | asyncpg.Pool) -> None:
     """Every migration of this version applied (:func:`~flashsale.migrate.require_current`),
     and the server takes writes: a hot standby (``DATABASE_URL`` at a read replica, a failover

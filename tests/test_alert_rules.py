@@ -228,3 +228,21 @@ def test_the_preload_alert_fires_for_a_sale_opening_without_one(
          "values": "_ 591 531 471 411 stale"},
     ], [at(1, "FlashsaleSaleNotPreloaded"), at(3, "FlashsaleSaleNotPreloaded", fired),
         at(6, "FlashsaleSaleNotPreloaded")])  # fmt: skip
+
+
+def test_the_redis_memory_alert_fires_before_it_is_full(
+    prometheus: str,  # noqa: F811 - the fixture
+    tmp_path: Path,
+) -> None:
+    """Full at its ``maxmemory``, Redis refuses every write (readiness then says so); the
+    warning comes while there is still room, and not for a moment's peak."""
+    fired = firing("warning", "Redis 10.0.0.7:6379 uses 95% of its maxmemory: full, it "
+                   "refuses every write", "flashsaleredismemoryhigh",
+                   node="10.0.0.7:6379")  # fmt: skip
+    promtool_test(tmp_path, [
+        {"series": 'flashsale_redis_memory_used_ratio{node="10.0.0.7:6379", instance="a"}',
+         "values": "0.5 0.95 0.5 0.95 0.95 0.95 0.95 0.95"},
+        {"series": 'flashsale_redis_memory_used_ratio{node="10.0.0.8:6379", instance="a"}',
+         "values": "0.5x7"},
+    ], [at(1, "FlashsaleRedisMemoryHigh"), at(3, "FlashsaleRedisMemoryHigh"),
+        at(5, "FlashsaleRedisMemoryHigh", fired)])  # fmt: skip

@@ -9,6 +9,7 @@ import asyncio
 import os
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -35,6 +36,7 @@ from flashsale.salespec import parse_sale, parse_skus
 from flashsale.settings import Settings
 from flashsale.sku_csv import parse_csv
 from reconciler.skus import SCOPE
+from tests.lone_redis import lone_redis
 from tests.pipeline import pipeline
 from workers import order_events
 
@@ -102,6 +104,28 @@ async def test_a_pump_tick_that_fails_is_counted_not_raised(exc: Exception) -> N
     [sample] = [s for m in service.metrics.errors.collect() for s in m.samples
                 if s.name.endswith("_total")]  # fmt: skip
     assert sample.value == 1
+
+
+async def test_the_allocator_exports_redis_memory_unless_its_user_may_not_read_it(
+    tmp_path: Path,
+) -> None:
+    """The share of ``maxmemory`` in use, for the alert that comes before a full Redis. A
+    user that may not run INFO ends the loop (said once), rather than a traceback each time."""
+    with lone_redis(tmp_path) as url:
+        service = AllocatorService(Settings.from_env({}))
+        service.redis = client = aioredis.Redis.from_url(url)
+        try:
+            await client.config_set("maxmemory", str(10 * 2**30))
+            stop = asyncio.Event()
+            asyncio.get_running_loop().call_later(0.2, stop.set)
+            await asyncio.wait_for(service._measure_memory(stop, interval_s=0.05), 5)
+            [sample] = [s for m in service.metrics.memory.collect() for s in m.samples]
+            assert sample.labels["node"].startswith("127.0.0.1:") and 0 < sample.value < 0.1
+            await client.acl_setuser("default", enabled=True, nopass=True,
+                                     commands=["+@all", "-info"])  # fmt: skip
+            await asyncio.wait_for(service._measure_memory(asyncio.Event()), 5)  # it returns
+        finally:
+            await client.aclose()
 
 
 async def test_only_the_leading_pump_counts_buyers_waiting() -> None:

@@ -25,7 +25,7 @@ from allocator.redis_calls import read_packed
 from flashsale.cli.devstack.processes import UP_PORTS, free_ports
 from flashsale.clients import pg_pool, redis_client
 from flashsale.keys import SaleKeys, SkuKeys, bucket_keys
-from flashsale.ops_endpoints import check, ping_redis
+from flashsale.ops_endpoints import check, memory_used, ping_redis
 from flashsale.outages import is_outage
 from flashsale.queue_marks import QueueMarks
 from flashsale.settings import Settings
@@ -217,6 +217,7 @@ async def test_a_full_node_makes_the_cluster_unready(
         await one.config_set("maxmemory", "1")
         full = await _probe_redis(stack)
         assert full is not None and "full" in full and node.name in full, full
+        assert (await memory_used(cluster))[node.name] >= 1  # what the alert before reads
     finally:
         await one.config_set("maxmemory", "0")
         await one.aclose()

@@ -22,7 +22,7 @@ from aiokafka.errors import KafkaConnectionError
 from flashsale import outages
 from flashsale.cli.devstack.processes import free_port
 from flashsale.errors import ProviderDown, Unavailable
-from flashsale.ops_endpoints import check, ping_postgres, ping_redis
+from flashsale.ops_endpoints import check, memory_used, ping_postgres, ping_redis
 from flashsale.outages import is_demotion, is_outage
 from flashsale.settings import Settings
 from loadtest.fault_proxy import FaultProxy, through
@@ -281,6 +281,21 @@ async def test_a_postgres_that_refuses_every_write_is_not_ready(stack: Settings)
         assert await check(lambda: ping_postgres(conn)) is None
     finally:
         await conn.close()
+
+
+async def test_redis_memory_is_read_as_a_share_of_its_maxmemory(lone_redis: str) -> None:
+    """What the allocator exports for the alert that comes before a full Redis: nothing for a
+    server without a ``maxmemory`` (no share to give), else used over most, by address."""
+    client = aioredis.Redis.from_url(lone_redis)
+    try:
+        assert await memory_used(client) == {}
+        await client.config_set("maxmemory", str(10 * 2**30))
+        [(node, share)] = (await memory_used(client)).items()
+        used = (await client.info("memory"))["used_memory"]
+        assert node == f"127.0.0.1:{urlsplit(lone_redis).port}"
+        assert 0 < share == pytest.approx(used / (10 * 2**30), rel=0.5), (share, used)
+    finally:
+        await client.aclose()
 
 
 def test_the_cli_names_a_server_that_is_down_in_one_line(
