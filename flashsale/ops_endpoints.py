@@ -13,6 +13,7 @@ aggregated across the processes of one service, so any worker answers for all of
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import platform
@@ -131,9 +132,10 @@ async def ping_redis(client: RedisClient) -> None:
     of a cluster, whose every node answers a PING while most keys live on the others."""
     await client.ping()
     if isinstance(client, RedisCluster):
-        memory = await client.info("memory", target_nodes=client.get_primaries())
-        for name, info in sorted(memory.items()):
-            _raise_if_full(info, f"the node {name}")
+        with contextlib.suppress(NoPermissionError):  # an ACL user without INFO: the PING
+            memory = await client.info("memory", target_nodes=client.get_primaries())
+            for name, info in sorted(memory.items()):
+                _raise_if_full(info, f"the node {name}")
         return
     try:
         info = await client.info()

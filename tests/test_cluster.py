@@ -11,6 +11,7 @@ import os
 import re
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -222,6 +223,23 @@ async def test_a_full_node_makes_the_cluster_unready(
         await one.config_set("maxmemory", "0")
         await one.aclose()
     assert await _probe_redis(stack) is None
+
+
+async def test_a_cluster_user_not_allowed_info_is_ready_on_its_ping(
+    cluster: aioredis.RedisCluster, stack: Settings
+) -> None:
+    """As on a single server: the memory is not read, rather than the probe failing for good."""
+    nodes = [direct(cluster, node) for node in cluster.get_nodes()]
+    try:
+        for node in nodes:
+            await node.acl_setuser("probe-user", enabled=True, passwords=["+probe-password-0123"],
+                                   keys=["*"], commands=["+@all", "-info"])  # fmt: skip
+        url = re.sub(r"//[^@]*@", "//probe-user:probe-password-0123@", stack.require_redis())
+        assert await _probe_redis(replace(stack, redis_url=url)) is None
+    finally:
+        for node in nodes:
+            await node.acl_deluser("probe-user")
+            await node.aclose()
 
 
 async def test_a_node_that_forgot_its_scripts_is_taught_again(
