@@ -133,8 +133,7 @@ async def ping_redis(client: RedisClient) -> None:
     await client.ping()
     if isinstance(client, RedisCluster):
         with contextlib.suppress(NoPermissionError):  # an ACL user without INFO: the PING
-            memory = await client.info("memory", target_nodes=client.get_primaries())
-            for name, info in sorted(memory.items()):
+            for name, info in sorted((await _memory_by_node(client)).items()):
                 _raise_if_full(info, f"the node {name}")
         return
     try:
@@ -159,14 +158,21 @@ async def memory_used(client: RedisClient) -> dict[str, float]:
     """Each server's (on a cluster, each primary's) used memory as a share of its
     ``maxmemory``, by address. A server without one is left out: it has no share to give,
     and grows until its machine has no memory left."""
-    if isinstance(client, RedisCluster):
-        found = await client.info("memory", target_nodes=client.get_primaries())
-    else:
-        where = client.connection_pool.connection_kwargs
-        node = where.get("path") or f"{where.get('host')}:{where.get('port')}"
-        found = {node: await client.info("memory")}
     return {node: int(info["used_memory"]) / int(info["maxmemory"])
-            for node, info in found.items() if int(info.get("maxmemory", 0))}  # fmt: skip
+            for node, info in (await _memory_by_node(client)).items()
+            if int(info.get("maxmemory", 0))}  # fmt: skip
+
+
+async def _memory_by_node(client: RedisClient) -> dict[str, Mapping[str, Any]]:
+    """INFO's memory section of the server, or of each primary of a cluster, by address."""
+    if isinstance(client, RedisCluster):
+        found: dict[str, Mapping[str, Any]] = await client.info(
+            "memory", target_nodes=client.get_primaries()
+        )
+        return found
+    where = client.connection_pool.connection_kwargs
+    node = where.get("path") or f"{where.get('host')}:{where.get('port')}"
+    return {node: await client.info("memory")}
 
 
 async def ping_postgres(db: asyncpg.Connection | asyncpg.Pool) -> None:
