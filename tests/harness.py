@@ -28,6 +28,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from allocator.pump import AdmissionPump
 from allocator.queue_scripts import QueueScripts
 from flashsale.http_protocol import answer_malformed_in_json
+from flashsale.kafka import ensure_topics
 from flashsale.settings import Rate, Secret, Settings
 from flashsale.tokens import Signer
 from flashsale.topics import Topics
@@ -238,6 +239,9 @@ def live_gateway(stack: Settings, **overrides: Any) -> Iterator[LiveGateway]:
 
     def serve() -> None:
         asyncio.set_event_loop(loop)
+        # As `kafka init` makes them for a real gateway: without them its /readyz is 503, and
+        # a test that reads it passed only after another that had published to them.
+        loop.run_until_complete(ensure_topics(settings))
         loop.run_until_complete(runner.setup())
         assert runner.server is not None
         runner.app[LANE].install(runner.server)
