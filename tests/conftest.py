@@ -29,6 +29,7 @@ from flashsale.cli import main
 from flashsale.cli.devstack.redis_cluster import Layout
 from flashsale.cli.devstack.stack import EXTERNAL_VAR, DevStack
 from flashsale.clients import RedisClient, pg_pool, redis_client
+from flashsale.kafka import ensure_topics
 from flashsale.migrate import migrate
 from flashsale.settings import Settings, home_dir, read_env_file
 
@@ -58,6 +59,9 @@ def stack() -> Iterator[Settings]:
             await migrate(conn, progress=lambda _line: None)
         finally:
             await conn.close()
+        # As a deployment's `kafka init`: a probe of the broker needs them, and a test of
+        # it passed only after another had made them.
+        await ensure_topics(settings)
 
     asyncio.run(prepare())
     began = datetime.now(UTC)
