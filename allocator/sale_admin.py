@@ -3,13 +3,14 @@
 One set of operations behind both the ``flashsale sale`` CLI and the admin API. Postgres is
 written first (it is the truth); Redis is then brought in line through the sale scripts, with
 operations that are idempotent, so re-running a command after a partial failure converges.
-The reads are :mod:`allocator.sale_reads`; the settings and state :mod:`allocator.sale_settings`.
+The reads are :mod:`allocator.sale_reads`, the preload :mod:`allocator.sale_preload`, the
+settings and state :mod:`allocator.sale_settings`.
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -17,21 +18,20 @@ from typing import Any
 import asyncpg
 
 from allocator import sale_settings
-from allocator.sale_reads import SaleReads, added_in_postgres, in_parts
-from allocator.sale_scripts import Preload, PreloadResult, SaleScripts, summed
+from allocator.sale_preload import SalePreloads
+from allocator.sale_reads import added_in_postgres
+from allocator.sale_scripts import SaleScripts
 from flashsale.clients import COPY_TIMEOUT_S, RedisClient
-from flashsale.errors import Conflict, InvalidInput, NotFound, listed, shown
-from flashsale.keys import SaleKeys, SkuKeys, bucket_keys
+from flashsale.errors import Conflict, InvalidInput, NotFound, shown
+from flashsale.keys import SaleKeys, bucket_keys
 from flashsale.outages import is_outage
 from flashsale.sales import (
     SKUS_VERSION,
     fetch_skus,
     new_sale_id,
     preloaded,
-    sale_hash,
     sale_json,
     sale_state,
-    sku_meta,
 )
 from flashsale.salespec import (
     MAX_STOCK,
@@ -46,7 +46,7 @@ from flashsale.wording import counted
 
 
 @dataclass
-class SaleAdmin(SaleReads):
+class SaleAdmin(SalePreloads):
     """Merchandiser operations over one Postgres pool and one Redis client."""
 
     @classmethod
@@ -109,119 +109,24 @@ class SaleAdmin(SaleReads):
             await _insert_skus(conn, sale_id, batch.skus)
         return await self.get(sale_id) if with_skus else sale_json(await self.row(sale_id))
 
-    # -- preload -------------------------------------------------------------------------
-
-    async def preload(self, sale_id: str, *, force: bool = False,
-                      progress: Callable[[int, int], None] | None = None,
-                      ) -> list[PreloadResult]:  # fmt: skip
-        """Copy configuration and stock into Redis, atomically per SKU; ``progress`` is told
-        (SKUs done, SKUs in all) after each part of them.
-
-        Unchanged SKUs are left alone. A SKU with held or sold units is refused unless
-        ``force``; even then held and sold units are kept. Raises Conflict when any SKU
-        was refused (the others are still brought in line).
-
-        The sale's row is held (``FOR UPDATE``) until the end: a change of the sale (a pause,
-        a SKU removed, new settings) waits for the preload, which writes the sale as it
-        read it, and a preload waits for a change under way. A sale paused during its first
-        preload of 12,000 SKUs was paused on the SKUs Redis had by then only, and the
-        preload wrote the others active after it. Two preloads take turns (held ``FOR
-        SHARE``, each then waited on the other to update the row: a deadlock).
-        """
-        async with self.pool.acquire() as conn, conn.transaction():
-            sale = await self.sale_row(conn, sale_id, lock=True)
-            skus = await fetch_skus(conn, sale_id)
-            if sale_state(sale) == "ended":
-                raise Conflict(f"sale {sale_id} has ended; nothing to preload", code="sale_ended")
-            if sale["preloaded_at"] is not None and any(s["preloaded_at"] is None for s in skus):
-                await self._unless_sold_out(sale_id, "SKUs loaded")
-            if not skus:
-                raise Conflict(
-                    f"sale {sale_id} has no SKUs; add some with `flashsale sale import`",
-                    code="no_skus",
-                )
-            # The SKUs in one piece (most) go in pipelined batches, a part of the sale at a
-            # time; each bucketed SKU on its own.
-            results: list[PreloadResult] = []
-            for part in in_parts(skus):
-                whole = [_preload(sale, sku) for sku in part if sku["buckets"] == 1]
-                batch = iter(await self.scripts.preload_many(whole, force=force))
-                results += [next(batch) if sku["buckets"] == 1 else await self._sync_sku(
-                            sale, sku, force=force) for sku in part]  # fmt: skip
-                if progress is not None:
-                    progress(len(results), len(skus))
-            await self.scripts.put_sale(
-                SaleKeys(sale_id), sale_hash(sale, skus), open_queue=sale["preloaded_at"] is None
-            )
-            loaded = [r.sku for r in results if not r.outcome.startswith("refused")]
-            await conn.execute(
-                "UPDATE sale_skus SET preloaded_at = coalesce(preloaded_at, now())"
-                " WHERE sale_id = $1 AND sku = ANY($2::text[])", sale_id, loaded,
-            )  # fmt: skip
-            refusal = _refusal(sale_id, results, force=force)
-            if refusal is None:
-                await conn.execute(
-                    "UPDATE sales SET preloaded_at = now(), updated_at = now() WHERE id = $1",
-                    sale_id,
-                )
-        if refusal is not None:
-            raise refusal
-        return results
-
-    async def _sync_sku(
-        self, sale: asyncpg.Record, sku: asyncpg.Record, *, force: bool
-    ) -> PreloadResult:
-        if sku["buckets"] == 1:
-            [result] = await self.scripts.preload_many([_preload(sale, sku)], force=force)
-            return result
-        return await self._sync_buckets(sale["id"], sku, sku_meta(sale, sku), force=force,
-                                        first=sku["preloaded_at"] is None)  # fmt: skip
-
-    async def _sync_buckets(self, sale_id: str, sku: asyncpg.Record, meta: dict[str, str], *,
-                            force: bool, first: bool) -> PreloadResult:  # fmt: skip
-        """A SKU split into stock buckets. The first preload spreads the stock evenly and
-        records the SKU's total on bucket 0; later ones write the configuration only (the
-        buckets' stock moves by transfers) and raise the total on bucket 0
-        (``lua/grow.lua``), from where dry buckets borrow the new units."""
-        total, count = sku["stock_total"], sku["buckets"]
-        keys = bucket_keys(sale_id, sku["sku"], count)
-        results = []
-        for k in keys:
-            share = total // count + (1 if k.bucket < total % count else 0)
-            config = {**meta, "stock_total": str(total)} if first and k.bucket == 0 else meta
-            results.append(
-                await self.scripts.preload(
-                    k, total=share if first else None, meta=config, force=force, first=first
-                )
-            )
-        outcomes = [r.outcome for r in results]
-        if not first and "refused_lost" not in outcomes:
-            grown, _ = await self.transfers.grow(keys, total)
-            if grown == "unavailable":
-                outcomes.append("refused_lost")
-            elif grown == "grown":
-                outcomes.append("loaded")
-        counts = summed(await self.scripts.stock(keys)) or summed([r.counts for r in results])
-        assert counts is not None
-        for worst in ("refused_lost", "refused_below_committed", "refused_committed", "loaded"):
-            if worst in outcomes:
-                return PreloadResult(sku["sku"], worst, counts)
-        return PreloadResult(sku["sku"], "unchanged", counts)
-
     # -- stock ---------------------------------------------------------------------------
 
-    async def add_stock(self, sale_id: str, sku: Any, add: Any) -> dict[str, Any]:
-        """Raise a SKU's stock by ``add`` units in Postgres, then in Redis if preloaded."""
+    async def add_stock(self, sale_id: str, sku: Any, add: Any, *,
+                        key: str | None = None) -> dict[str, Any]:  # fmt: skip
+        """Raise a SKU's stock by ``add`` units in Postgres, then in Redis if preloaded. With
+        an idempotency ``key``, a change already made with it is answered, not made again."""
         units = integer(add, "add", minimum=1, maximum=MAX_STOCK, what="a positive integer")
-        return await self._move_total(sale_id, sku, units, "add")
+        return await self._move_total(sale_id, sku, units, "add", key)
 
-    async def lower_stock(self, sale_id: str, sku: Any, remove: Any) -> dict[str, Any]:
-        """Lower a SKU's stock by ``remove`` units, never below what is held and sold."""
+    async def lower_stock(self, sale_id: str, sku: Any, remove: Any, *,
+                          key: str | None = None) -> dict[str, Any]:  # fmt: skip
+        """Lower a SKU's stock by ``remove`` units, never below what is held and sold; ``key``
+        as for :meth:`add_stock`."""
         units = integer(remove, "remove", minimum=1, maximum=MAX_STOCK, what="a positive integer")
-        return await self._move_total(sale_id, sku, -units, "remove")
+        return await self._move_total(sale_id, sku, -units, "remove", key)
 
-    async def _move_total(self, sale_id: str, sku: Any, delta: int, field: str
-                          ) -> dict[str, Any]:  # fmt: skip
+    async def _move_total(self, sale_id: str, sku: Any, delta: int, field: str,
+                          key: str | None) -> dict[str, Any]:  # fmt: skip
         """Change a SKU's total by ``delta`` so that Redis never holds more than Postgres: a
         rise is copied to Redis after Postgres committed it; a fall is made in Redis (which
         refuses to go below held + sold, ``lua/preload.lua``) inside the Postgres
@@ -229,26 +134,18 @@ class SaleAdmin(SaleReads):
         fell, Redis holds less than Postgres and the reconciler brings it back: units unsold
         for a moment, none oversold. Both hold the sale's row while they write Redis, and
         the rise copies the SKU as Postgres has it then: copied from its own row, a rise
-        late to Redis undid a fall committed meanwhile, and Redis held more than Postgres."""
+        late to Redis undid a fall committed meanwhile, and Redis held more than Postgres.
+        With a ``key``, the change is made once: a retry gets the SKU's status, marked
+        ``"replayed": true``."""
         sku = identifier(sku, "sku")
+        asked = f"{sku} {delta:+d}"  # what a key binds: a retry must ask the same
         async with self.pool.acquire() as conn, conn.transaction():
-            sale, row = await self._sku_for_update(conn, sale_id, sku, lock_sale=True)
-            total = row["stock_total"] + delta
-            if total > MAX_STOCK:
-                raise InvalidInput(field, f"stock would exceed {MAX_STOCK}")
-            if delta < 0 and row["buckets"] > 1:
-                raise Conflict(f"{sku} is split into stock buckets, whose stock only grows",
-                               code="bucketed_sku")  # fmt: skip
-            if total < max(1, row["sold"]):
-                raise InvalidInput(field, _too_few_left(sku, row["stock_total"], row["sold"]))
-            if delta > 0 and sale["preloaded_at"] is not None:
-                await self._unless_sold_out(sale_id, "units added")
-            row = await conn.fetchrow(
-                "UPDATE sale_skus SET stock_total = $3 WHERE sale_id = $1 AND sku = $2"
-                " RETURNING *", sale_id, sku, total,
-            )  # fmt: skip
-            if delta < 0 and sale["preloaded_at"] is not None:
-                await self._sync_total(sale, row)
+            await self.sale_row(conn, sale_id, lock=True)  # a retry waits for the first
+            replay = key is not None and await _claimed_before(conn, sale_id, key, asked)
+            if not replay:
+                sale, row = await self._write_total(conn, sale_id, sku, delta, field)
+        if replay:
+            return {**await self.status(sale_id, sku), "replayed": True}
         if delta > 0 and sale["preloaded_at"] is not None:
             try:
                 async with self.pool.acquire() as conn, conn.transaction():
@@ -262,20 +159,28 @@ class SaleAdmin(SaleReads):
                 return added_in_postgres(row, delta, exc)
         return await self.status(sale_id, sku)  # the SKU's: the sale may have 200,000
 
-    async def _unless_sold_out(self, sale_id: str, what: str) -> None:
-        """A Conflict when the sale's waiting room has told its buyers it is sold out, or
-        tells every new one so (its queue reached the cutoff): it stays so (a cutoff and a
-        verdict only move one way), and ``what`` could never be sold to them."""
-        sold_out, cutoff = await self.scripts.closed(SaleKeys(sale_id))
-        if sold_out:
-            raise Conflict(f"sale {sale_id} is sold out: its waiting room has told every buyer "
-                           f"so, and {what} now could never be sold; put them in a new sale",
-                           code="sale_sold_out")  # fmt: skip
-        if cutoff is not None:
-            raise Conflict(f"sale {sale_id} admits nobody after place {cutoff} of its queue, "
-                           "which is full up to it: every new buyer is told it is sold out, so "
-                           f"{what} now could never be sold to them; put them in a new sale",
-                           code="sale_cutoff_reached")  # fmt: skip
+    async def _write_total(self, conn: asyncpg.Connection, sale_id: str, sku: str, delta: int,
+                           field: str) -> tuple[asyncpg.Record, asyncpg.Record]:  # fmt: skip
+        """Postgres's part of :meth:`_move_total`, and Redis's of a fall: the sale and the
+        SKU's new row."""
+        sale, row = await self._sku_for_update(conn, sale_id, sku)
+        total = row["stock_total"] + delta
+        if total > MAX_STOCK:
+            raise InvalidInput(field, f"stock would exceed {MAX_STOCK}")
+        if delta < 0 and row["buckets"] > 1:
+            raise Conflict(f"{sku} is split into stock buckets, whose stock only grows",
+                           code="bucketed_sku")  # fmt: skip
+        if total < max(1, row["sold"]):
+            raise InvalidInput(field, _too_few_left(sku, row["stock_total"], row["sold"]))
+        if delta > 0 and sale["preloaded_at"] is not None:
+            await self._unless_sold_out(sale_id, "units added")
+        row = await conn.fetchrow(
+            "UPDATE sale_skus SET stock_total = $3 WHERE sale_id = $1 AND sku = $2"
+            " RETURNING *", sale_id, sku, total,
+        )  # fmt: skip
+        if delta < 0 and sale["preloaded_at"] is not None:
+            await self._sync_total(sale, row)
+        return sale, row
 
     async def _sync_total(self, sale: asyncpg.Record, row: asyncpg.Record) -> None:
         """Redis's total of the SKU set from ``row`` (absolute, idempotent, held and sold
@@ -382,32 +287,22 @@ async def _insert_skus(conn: asyncpg.Connection, sale_id: str, skus: Sequence[Sk
 SKU_ROW = "SELECT * FROM sale_skus WHERE sale_id = $1 AND sku = $2"
 
 
-def _preload(sale: asyncpg.Record, sku: asyncpg.Record) -> Preload:
-    """A SKU in one piece, as its preload sends it."""
-    return Preload(SkuKeys(sale["id"], sku["sku"]), sku["stock_total"], sku_meta(sale, sku),
-                   sku["preloaded_at"] is None)  # fmt: skip
-
-
-def _refusal(sale_id: str, results: Sequence[PreloadResult], *, force: bool) -> Conflict | None:
-    """What a preload refused, as the Conflict it raises: SKUs Redis lost, or SKUs whose
-    held and sold units the new configuration would not cover (None: nothing)."""
-    lost = [r.sku for r in results if r.outcome == "refused_lost"]
-    if lost:
-        return Conflict(
-            f"Redis no longer holds {listed(lost, what='SKUs')} of sale {sale_id} (or is "
-            "rebuilding it): run `flashsale reconcile --once` to rebuild it from Postgres",
-            code="rebuild_needed",
-        )  # fmt: skip
-    refused = [r for r in results if r.outcome.startswith("refused")]
-    if refused:
-        detail = listed([
-            f"{r.sku}: {r.counts.held} held and {r.counts.sold} sold units"
-            + (" exceed the new stock" if r.outcome == "refused_below_committed" else "")
-            for r in refused
-        ], what="SKUs refused", sep="; ")  # fmt: skip
-        hint = "" if force else " (re-run with --force; held and sold units are kept)"
-        return Conflict(f"preload refused for {detail}{hint}", code="preload_refused")
-    return None
+async def _claimed_before(conn: asyncpg.Connection, sale_id: str, key: str, asked: str
+                          ) -> bool:  # fmt: skip
+    """Whether stock change ``key`` of the sale was made before, as ``asked`` (InvalidInput
+    when it asked another change); if not, the key is claimed in the caller's transaction,
+    which a refusal of the change rolls back. Read under the sale's lock: a retry arriving
+    while the first is under way waits for its commit, then finds it."""
+    earlier = await conn.fetchval("SELECT fingerprint FROM stock_changes"
+                                  " WHERE sale_id = $1 AND key = $2", sale_id, key)  # fmt: skip
+    if earlier is None:
+        await conn.execute("INSERT INTO stock_changes (sale_id, key, fingerprint)"
+                           " VALUES ($1, $2, $3)", sale_id, key, asked)  # fmt: skip
+        return False
+    if earlier != asked:
+        raise InvalidInput("Idempotency-Key", f"this key changed the stock otherwise ({earlier})",
+                           code="idempotency_mismatch")  # fmt: skip
+    return True
 
 
 def _too_few_left(sku: str, stock: int, sold: int) -> str:

@@ -190,14 +190,17 @@ async def preload(request: web.Request) -> web.Response:
 
 
 async def change_stock(request: web.Request) -> web.Response:
-    """``POST /admin/v1/sales/{sale}/stock``: ``{"sku", "add": N}`` or ``{"sku", "remove": N}``."""
+    """``POST /admin/v1/sales/{sale}/stock``: ``{"sku", "add": N}`` or ``{"sku", "remove": N}``;
+    with an ``Idempotency-Key``, a retry answers what was done (``"replayed": true``)."""
+    key = idempotency_key(request.headers.get("Idempotency-Key"), required=False)
     body = await json_body(request, allowed={"sku", "add", "remove"}, unique=True)
     sales, sale_id = request.app[SALES], request.match_info["sale"]  # SaleAdmin validates
     if ("add" in body) == ("remove" in body):
         raise InvalidInput("add", "give either add or remove")
     if "remove" in body:
-        return json_response(await sales.lower_stock(sale_id, body.get("sku"), body["remove"]))
-    added = await sales.add_stock(sale_id, body.get("sku"), body["add"])
+        lowered = await sales.lower_stock(sale_id, body.get("sku"), body["remove"], key=key)
+        return json_response(lowered)
+    added = await sales.add_stock(sale_id, body.get("sku"), body["add"], key=key)
     # Added in Postgres, not in Redis yet (an outage): 202, as the reconciler finishes it.
     return json_response(added, status=202 if added.get("redis") == "pending" else 200)
 

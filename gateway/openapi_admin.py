@@ -24,6 +24,17 @@ CREATE_KEY = {
     "description": "a retry with the same key answers the same sale",
 }
 
+CHANGED_STOCK = {
+    **SALE_STATUS,
+    "properties": {**SALE_STATUS["properties"], "replayed": {"const": True}},
+}
+STOCK_KEY = {
+    **IDEMPOTENCY_KEY,
+    "required": False,
+    "description": "a retry with the same key changes the stock once; with another change, "
+    "422 idempotency_mismatch",
+}
+
 
 DELETED = obj({"id": ID, "deleted": {"const": True}}, ["id", "deleted"])
 SKU_LIST = {"type": "array", "items": SKU_SPEC, "minItems": 1}  # SKUs to import
@@ -199,7 +210,12 @@ def admin_paths() -> dict[str, Any]:
                 "Add stock to a SKU (409 sale_sold_out once the waiting room found the sale "
                 "sold out: it stays so), or remove free units (never held or sold ones)",
                 {
-                    **ok(200, "The status of that SKU (`skus` holds it alone)", SALE_STATUS),
+                    **ok(
+                        200,
+                        'The status of that SKU (`skus` holds it alone); `"replayed": true` '
+                        "when this Idempotency-Key made the change before, and nothing changed",
+                        CHANGED_STOCK,
+                    ),
                     **ok(
                         202,
                         "The units are added in Postgres, and Redis could not take them then "
@@ -219,7 +235,7 @@ def admin_paths() -> dict[str, Any]:
                     **errors(*admin_errors),
                 },
                 security="admin",
-                params=SALE_PATH,
+                params=[*SALE_PATH, STOCK_KEY],
                 body=obj(
                     {
                         "sku": {"type": "string"},

@@ -302,6 +302,59 @@ async def test_units_added_while_redis_refuses_writes_are_not_added_twice(
     assert await redis.hget(SkuKeys(sale_id, "SNK-1").stock, "total") == b"11"
 
 
+async def test_a_retried_stock_change_with_its_key_is_made_once(
+    http: TestClient[Any, Any], cli: Cli
+) -> None:
+    """A change whose answer was lost (a timeout, a dropped connection) and which was sent
+    again added or removed its units twice. With an ``Idempotency-Key``, as a create takes,
+    the retry answers what was done and changes nothing; the CLI takes the key too."""
+    app = http.app
+    assert app is not None
+    pool = app[CLIENTS].pool
+    sale_id = (await (await http.post("/admin/v1/sales", json=SALE, headers=auth())).json())["id"]
+    path = f"/admin/v1/sales/{sale_id}"
+    assert (await http.post(f"{path}/preload", headers=auth())).status == 200
+    total = "SELECT stock_total FROM sale_skus WHERE sale_id = $1 AND sku = 'SNK-1'"
+    key = {**auth(), "Idempotency-Key": "restock-1"}
+    for _ in range(2):
+        added = await http.post(f"{path}/stock", json={"sku": "SNK-1", "add": 4}, headers=key)
+        assert added.status == 200, await added.text()
+    assert (await added.json())["replayed"] is True
+    assert await pool.fetchval(total, sale_id) == 9
+    other = await http.post(f"{path}/stock", json={"sku": "SNK-1", "add": 5}, headers=key)
+    assert other.status == 422 and await error_code(other) == "idempotency_mismatch"
+    assert (await other.json())["error"]["field"] == "Idempotency-Key"
+    lower = {**auth(), "Idempotency-Key": "lower-1"}
+    for _ in range(2):
+        lowered = await http.post(f"{path}/stock", json={"sku": "SNK-1", "remove": 3},
+                                  headers=lower)  # fmt: skip
+        assert lowered.status == 200, await lowered.text()
+    assert await pool.fetchval(total, sale_id) == 6
+    bad = await http.post(f"{path}/stock", json={"sku": "SNK-1", "add": 1},
+                          headers={**auth(), "Idempotency-Key": "no spaces"})  # fmt: skip
+    assert bad.status == 422 and (await bad.json())["error"]["field"] == "Idempotency-Key"
+    runs = [await asyncio.to_thread(cli, "sale", "add-stock", sale_id, "SNK-1", "2",
+                                    "--idempotency-key", "cli-1") for _ in range(2)]  # fmt: skip
+    assert [r.code for r in runs] == [0, 0], runs[1].err
+    assert "made before" in runs[1].err, runs[1].err
+    assert await pool.fetchval(total, sale_id) == 8
+    # A retry sent while the first is still under way waits for it, then finds it made.
+    race = {**auth(), "Idempotency-Key": "race-1"}
+    both = await asyncio.gather(*(http.post(f"{path}/stock", json={"sku": "SNK-1", "add": 1},
+                                            headers=race) for _ in range(2)))  # fmt: skip
+    assert sorted([r.status for r in both]) == [200, 200]
+    assert await pool.fetchval(total, sale_id) == 9
+    # Another sale's key space is its own: the same key there is a change of its own.
+    other_sale = await (await http.post("/admin/v1/sales", json=SALE, headers=auth())).json()
+    elsewhere = await http.post(f"/admin/v1/sales/{other_sale['id']}/stock",
+                                json={"sku": "SNK-1", "add": 4}, headers=key)  # fmt: skip
+    assert elsewhere.status == 200 and "replayed" not in await elsewhere.json()
+    plain = [await http.post(f"{path}/stock", json={"sku": "SNK-1", "add": 1}, headers=auth())
+             for _ in range(2)]  # fmt: skip
+    assert [r.status for r in plain] == [200, 200]
+    assert await pool.fetchval(total, sale_id) == 11  # without a key, two changes are two
+
+
 async def test_an_outage_met_by_every_request_is_logged_once_in_a_while(
     http: TestClient[Any, Any], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

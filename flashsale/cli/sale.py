@@ -132,15 +132,16 @@ async def _sale(args: argparse.Namespace, settings: Settings) -> int:
             await watch_status(sales, args)
         elif command == "status":
             print_status(await sales.status(args.sale, args.sku), as_json=args.json)
-        elif command == "add-stock":
-            added = await sales.add_stock(args.sale, args.sku, args.units)
-            if added.get("redis") == "pending":  # in Postgres, Redis to follow: no retry
-                warn(added["message"])
+        elif command in ("add-stock", "remove-stock"):
+            key = idempotency_key(args.idempotency_key, required=False)
+            move = sales.add_stock if command == "add-stock" else sales.lower_stock
+            changed = await move(args.sale, args.sku, args.units, key=key)
+            if changed.get("redis") == "pending":  # in Postgres, Redis to follow: no retry
+                warn(changed["message"])
             else:
-                print_status(added, as_json=False, whole=False)
-        elif command == "remove-stock":
-            print_status(await sales.lower_stock(args.sale, args.sku, args.units), as_json=False,
-                         whole=False)  # fmt: skip
+                if changed.get("replayed"):
+                    warn("this key's change was made before: nothing changed now")
+                print_status(changed, as_json=False, whole=False)
         elif command == "delete":
             gone = await sales.delete(args.sale)
             out(f'deleted {gone["id"]} ("{gone["name"]}", {counted(gone["skus"], "SKU")})')
@@ -345,6 +346,10 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     lower.add_argument("sale", help="sale id")
     lower.add_argument("sku", help="SKU id")
     lower.add_argument("units", metavar="N", help="units to take out (a positive integer)")
+    for change in (add, lower):
+        change.add_argument("--idempotency-key", metavar="KEY",
+                            help="a retry with the same key changes the stock once, not twice "
+                                 "(1..100 of A-Z a-z 0-9 . _ : -)")  # fmt: skip
     delete = sale_sub.add_parser(
         "delete", help="delete a sale never preloaded (one made by mistake)",
         description="Deletes the sale and its SKUs, if it was never preloaded: nothing of it "
