@@ -40,6 +40,11 @@ def test_headless_spike_through_the_cli(stack: Settings, tmp_path: Path) -> None
     # read as a fault of the run.
     assert "spawn rate is very high" not in out + result.stderr, out + result.stderr
     assert "audit: PASSED" in out
+    # The engine stops with the run, the stack does not: said, as the demo says it (three
+    # servers were left running unsaid).
+    last = out.rstrip().splitlines()[-1]
+    assert last.startswith("The stack keeps running; stop it with `"), out
+    assert last.endswith("flashsale dev down`."), out
     with (tmp_path / "spike_stats.csv").open() as stats:
         rows = {(r["Type"], r["Name"]): r for r in csv.DictReader(stats)}
     answered = int(rows["ANSWER", "reserved"]["Request Count"]) + int(

@@ -85,7 +85,10 @@ def cmd_loadtest(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.admin_token.current() or not settings.buyer_token_secret.reveal():
         raise ConfigError("FLASHSALE_ADMIN_TOKEN and FLASHSALE_BUYER_TOKEN_SECRET must be set "
                           "(the spike makes its sale and signs its buyers' tokens)")  # fmt: skip
-    return int(event_loop.run(spike.run(settings, options, out)))
+    code = int(event_loop.run(spike.run(settings, options, out)))
+    if args.embedded:  # the engine stopped with the run; the sale's data stays to audit
+        out(f"\nThe stack keeps running; stop it with `{rerun('dev', 'down')}`.")
+    return code
 
 
 def cmd_chaos(args: argparse.Namespace, settings: Settings) -> int:
@@ -194,7 +197,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         description="Run loadtest/locustfile.py headless: make and preload a sale, ramp 0 -> "
         "--buyers in --ramp seconds, hold, let every buyer finish, then audit. Writes CSV and "
         "HTML reports to --out. Exit non-zero on any failed invariant. With --embedded, start "
-        "the embedded stack and flashsale up first; otherwise --host names a running gateway "
+        "the embedded stack and flashsale up first (the engine stops at the end, the stack "
+        "keeps running with the sale: `flashsale dev down` stops it); otherwise --host names a running gateway "
         "(and FLASHSALE_ADMIN_TOKEN, FLASHSALE_BUYER_TOKEN_SECRET must be its secrets).",
     )
     spike.add_argument("--buyers", default="1000", help="buyers in the spike (default 1000)")
