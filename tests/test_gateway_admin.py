@@ -52,6 +52,14 @@ def auth(token: str = ADMIN) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
+async def preloaded_sale(http: TestClient[Any, Any]) -> tuple[str, str]:
+    """A new sale of SALE, preloaded: its id and its admin path."""
+    sale_id = (await (await http.post("/admin/v1/sales", json=SALE, headers=auth())).json())["id"]
+    path = f"/admin/v1/sales/{sale_id}"
+    assert (await http.post(f"{path}/preload", headers=auth())).status == 200
+    return sale_id, path
+
+
 async def error_code(response: Any) -> str:
     body = await response.json()
     return str(body["error"]["code"])
@@ -281,9 +289,7 @@ async def test_units_added_while_redis_refuses_writes_are_not_added_twice(
     app = http.app
     assert app is not None
     redis = app[CLIENTS].redis
-    sale_id = (await (await http.post("/admin/v1/sales", json=SALE, headers=auth())).json())["id"]
-    path = f"/admin/v1/sales/{sale_id}"
-    assert (await http.post(f"{path}/preload", headers=auth())).status == 200
+    sale_id, path = await preloaded_sale(http)
     await redis.config_set("maxmemory", "1")  # full: it answers reads, refuses every write
     try:
         added = await http.post(f"{path}/stock", json={"sku": "SNK-1", "add": 4}, headers=auth())
@@ -311,9 +317,7 @@ async def test_a_retried_stock_change_with_its_key_is_made_once(
     app = http.app
     assert app is not None
     pool = app[CLIENTS].pool
-    sale_id = (await (await http.post("/admin/v1/sales", json=SALE, headers=auth())).json())["id"]
-    path = f"/admin/v1/sales/{sale_id}"
-    assert (await http.post(f"{path}/preload", headers=auth())).status == 200
+    sale_id, path = await preloaded_sale(http)
     total = "SELECT stock_total FROM sale_skus WHERE sale_id = $1 AND sku = 'SNK-1'"
     key = {**auth(), "Idempotency-Key": "restock-1"}
     for _ in range(2):
@@ -364,8 +368,7 @@ async def test_an_outage_met_by_every_request_is_logged_once_in_a_while(
     app = http.app
     assert app is not None
     redis = app[CLIENTS].redis
-    sale_id = (await (await http.post("/admin/v1/sales", json=SALE, headers=auth())).json())["id"]
-    assert (await http.post(f"/admin/v1/sales/{sale_id}/preload", headers=auth())).status == 200
+    sale_id, _ = await preloaded_sale(http)
     buyer = Signer.from_setting(app[SETTINGS].buyer_token_secret.reveal(), "buyer")
     now = [1000.0]
     monkeypatch.setattr(outages, "_clock", lambda: now[0])
@@ -667,9 +670,7 @@ async def test_the_admission_rate_changes_while_the_sale_runs(http: TestClient[A
     app = http.app
     assert app is not None
     c = app[CLIENTS]
-    sale_id = (await (await http.post("/admin/v1/sales", json=SALE, headers=auth())).json())["id"]
-    path = f"/admin/v1/sales/{sale_id}"
-    assert (await http.post(f"{path}/preload", headers=auth())).status == 200
+    sale_id, path = await preloaded_sale(http)
     changed = await http.patch(path, json={"admission_rate": 40}, headers=auth())
     assert changed.status == 200 and (await changed.json())["admission_rate"] == 40
     # Postgres (the truth), then the sale hash the pump reads each step.
