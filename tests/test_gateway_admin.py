@@ -341,6 +341,11 @@ async def test_a_retried_stock_change_with_its_key_is_made_once(
                                     "--idempotency-key", "cli-1") for _ in range(2)]  # fmt: skip
     assert [r.code for r in runs] == [0, 0], runs[1].err
     assert "made before" in runs[1].err, runs[1].err
+    other_cli = await asyncio.to_thread(cli, "sale", "remove-stock", sale_id, "SNK-1", "2",
+                                        "--idempotency-key", "cli-1")  # fmt: skip
+    assert other_cli.code == 2 and other_cli.err.startswith(
+        "flashsale: error: --idempotency-key: this key changed the stock otherwise (SNK-1 +2)"
+    ), other_cli.err
     assert await pool.fetchval(total, sale_id) == 8
     # A retry sent while the first is still under way waits for it, then finds it made.
     race = {**auth(), "Idempotency-Key": "race-1"}

@@ -680,7 +680,8 @@ def test_create_with_a_key_is_once_and_orders_export_as_csv(
     before = counts()
     other = cli("sale", "create", "--file", write(tmp_path, {**SALE, "name": "Other"}),
                 "--idempotency-key", key)  # fmt: skip
-    assert other.code == 2 and other.err.startswith("flashsale: error: Idempotency-Key")
+    # Named as typed: the API's header is this command's flag.
+    assert other.code == 2 and other.err.startswith("flashsale: error: --idempotency-key: ")
     assert counts() == before
     db.execute(
         "INSERT INTO orders (id, sale_id, sku, buyer_id, quantity, amount, currency,"

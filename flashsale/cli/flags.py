@@ -136,7 +136,9 @@ def _sale_names(args: argparse.Namespace) -> dict[str, str]:
 def as_typed(exc: InvalidInput, parser: argparse.ArgumentParser,
              args: argparse.Namespace) -> InvalidInput:  # fmt: skip
     """``exc`` naming the flag or argument typed for its field (itself when none was)."""
-    typed = {**_parsed_names(parser, args), **_sale_names(args)}.get(exc.field)
+    names = {**_parsed_names(parser, args), **_sale_names(args)}
+    # A header the API reads is a flag here: Idempotency-Key, --idempotency-key.
+    typed = names.get(exc.field) or names.get(exc.field.lower())
     if typed is None:
         return exc
     return InvalidInput(typed, exc.message.removeprefix(f"{exc.field}: "), code=exc.code)
