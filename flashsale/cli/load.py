@@ -198,7 +198,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--buyers in --ramp seconds, hold, let every buyer finish, then audit. Writes CSV and "
         "HTML reports to --out. Exit non-zero on any failed invariant. With --embedded, start "
         "the embedded stack and flashsale up first (the engine stops at the end, the stack "
-        "keeps running with the sale: `flashsale dev down` stops it); otherwise --host names a running gateway "
+        "keeps running with the sale: `flashsale dev down` stops it); otherwise --host names "
+        "a running gateway "
         "(and FLASHSALE_ADMIN_TOKEN, FLASHSALE_BUYER_TOKEN_SECRET must be its secrets).",
     )
     spike.add_argument("--buyers", default="1000", help="buyers in the spike (default 1000)")
