@@ -1718,8 +1718,11 @@ def test_a_sale_ended_early_says_when_it_ended(cli: Cli) -> None:
     when = datetime.fromisoformat(ended["ended_at"].replace("Z", "+00:00"))
     assert before - timedelta(seconds=5) < when <= datetime.now(UTC), ended
     line = cli("sale", "status", sale_id).out.splitlines()[1]
-    assert line.startswith(f"  starts {running['starts_at']}  ended {ended['ended_at']} "
-                           f"(planned for {running['ends_at']})  "), line  # fmt: skip
+    # To the second, as a person reads it (the JSON keeps Postgres's microseconds).
+    assert line.startswith(f"  starts {second(running['starts_at'])}  ended "
+                           f"{second(ended['ended_at'])} (planned for "
+                           f"{second(running['ends_at'])})  "), line  # fmt: skip
+    assert "." in ended["ended_at"], ended  # now() in Postgres: the trim above is seen
     # Ended again (a script's retry, say): the end stays when it was. It moved to the retry,
     # and the reconciler's window over the sale and its archiving moved with it.
     assert cli("sale", "end", sale_id).code == 0
@@ -1764,8 +1767,16 @@ def test_a_sale_ended_before_its_start_says_it_never_opened(cli: Cli) -> None:
     assert cli("sale", "end", sale_id).code == 0
     ended = json.loads(cli("sale", "status", sale_id, "--json").out)["sale"]
     line = cli("sale", "status", sale_id).out.splitlines()[1]
-    assert line.startswith(f"  ended {ended['ended_at']}, before its start (it was to run "
-                           f"{planned['starts_at']} to {planned['ends_at']})  "), line  # fmt: skip
+    assert line.startswith(f"  ended {second(ended['ended_at'])}, before its start (it was to "
+                           f"run {second(planned['starts_at'])} to "
+                           f"{second(planned['ends_at'])})  "), line  # fmt: skip
+    listed = [row for row in cli("sale", "list").out.splitlines() if row.startswith(sale_id)]
+    assert listed == [f"{sale_id}  ended      {second(planned['starts_at'])}  Called off"], listed
+
+
+def second(moment: str) -> str:
+    """An ISO 8601 time of the engine's JSON (``…T10:24:12.972452Z``) to the second."""
+    return moment[:19] + "Z"
 
 
 CSV_WORDS = ["sku", "stock", "price", "currency", "A", "5", "100", "EUR", ",", ";", "\t", '"',

@@ -27,10 +27,10 @@ from flashsale.cli.flags import (
 from flashsale.cli.output import Progress, Stages, dump_json, out, warn
 from flashsale.cli.sale_files import json_text, read_input, read_json_file
 from flashsale.cli.sale_views import (
-    no_sales,
     print_changed,
     print_orders,
     print_preload,
+    print_sales,
     print_status,
     units_left,
     watch_status,
@@ -103,12 +103,7 @@ async def _sale(args: argparse.Namespace, settings: Settings) -> int:
         if command == "list":
             listed = await sales.list_sales(status=args.status, state=args.state,
                                             limit=args.limit, offset=args.offset)  # fmt: skip
-            if args.json:
-                dump_json(listed)
-            for sale in [] if args.json else listed:
-                out(f"{sale['id']}  {sale['state']:9}  {sale['starts_at']}  {sale['name']}")
-            if not listed and not args.json:
-                out(no_sales(args.state or args.status, int(args.offset)))
+            print_sales(listed, args)
         elif command == "orders":
             await print_orders(sales, args)
         elif command == "show":

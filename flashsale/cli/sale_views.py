@@ -21,6 +21,7 @@ from flashsale.cli.output import dump_json, out, warn
 from flashsale.currencies import major
 from flashsale.errors import Conflict
 from flashsale.salespec import as_sale_file
+from flashsale.timefmt import iso
 from flashsale.wording import counted
 
 PRELOAD_LINES = 20  # SKUs a preload lists one by one; a larger sale gets the summary alone
@@ -37,18 +38,20 @@ def print_status(status: dict[str, Any], *, as_json: bool, whole: bool = True) -
     over = sale["state"] == "ended"  # preload and import refuse it: no command to suggest
     hint = f"(`flashsale sale preload {sale['id']}`)"
     preloaded = sale["preloaded_at"]
-    loaded = (f"preloaded {preloaded}" if preloaded else "never preloaded" if over
+    loaded = (f"preloaded {to_second(preloaded)}" if preloaded else "never preloaded" if over
               else f"not preloaded {hint}")  # fmt: skip
     starts, ends, end = sale["starts_at"], sale["ends_at"], sale.get("ended_at")
+    start, stop = to_second(starts), to_second(ends)
     if not end:
-        when = f"starts {starts}  ends {ends}"
+        when = f"starts {start}  ends {stop}"
     elif datetime.fromisoformat(end) < datetime.fromisoformat(starts):  # called off
-        when = f"ended {end}, before its start (it was to run {starts} to {ends})"
+        when = f"ended {to_second(end)}, before its start (it was to run {start} to {stop})"
     else:
-        when = f"starts {starts}  ended {end}" + ("" if end == ends else f" (planned for {ends})")
+        when = f"starts {start}  ended {to_second(end)}" + (
+            "" if end == ends else f" (planned for {stop})")  # fmt: skip
     out(f"  {when}  {loaded}")
     if sale.get("archived_at"):
-        out(f"  archived {sale['archived_at']} (its per-buyer Redis state deleted)")
+        out(f"  archived {to_second(sale['archived_at'])} (its per-buyer Redis state deleted)")
     queue = status.get("queue")
     if whole and queue and queue["live"]:
         out(f"  queue: {queue_line(queue, sale['state'])}")
@@ -114,6 +117,12 @@ def print_changed(
                                  if name in asked))  # fmt: skip
 
 
+def to_second(moment: str) -> str:
+    """A time of the engine's JSON as a person reads it: to the second (Postgres keeps
+    microseconds, which a table only widens)."""
+    return str(iso(datetime.fromisoformat(moment), "seconds"))
+
+
 def queue_line(q: dict[str, Any], state: str) -> str:
     """The waiting room in a line: the draw's registrations before the start, then the line
     and how it ends for a newcomer."""
@@ -149,6 +158,17 @@ def print_preload(sale_id: str, results: Sequence[PreloadResult]) -> None:
     out(f"preloaded the {counted(len(results), 'SKU')} of {sale_id}: {loaded:,} loaded, "
         f"{len(results) - loaded:,} unchanged; {counted(total, 'unit')} ({available:,} available, "
         f"{held:,} held, {sold:,} sold){where}")  # fmt: skip
+
+
+def print_sales(listed: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    """``sale list``: a line a sale (as JSON with ``--json``), or why there is none."""
+    if args.json:
+        dump_json(listed)
+        return
+    for sale in listed:
+        out(f"{sale['id']}  {sale['state']:9}  {to_second(sale['starts_at'])}  {sale['name']}")
+    if not listed:
+        out(no_sales(args.state or args.status, int(args.offset)))
 
 
 def no_sales(status: str | None, offset: int) -> str:
