@@ -71,8 +71,8 @@ ORDERS_EXPORT = (
     "SELECT id, sku, CASE WHEN left(buyer_id, 1) IN ('=', '+', '-', '@')"
     " THEN '''' || buyer_id ELSE buyer_id END AS buyer_id,"
     " quantity, amount, currency, state,"
-    """ to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS created_at,"""
-    """ to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS updated_at"""
+    """ to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') AS created_at,"""
+    """ to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') AS updated_at"""
     " FROM orders WHERE sale_id = $1 AND ($2::text IS NULL OR state = $2) ORDER BY id"
 )
 

@@ -13,9 +13,11 @@ def unix_ms(moment: datetime) -> str:
     return str(int(moment.timestamp() * 1000))
 
 
-def iso(moment: datetime | None, timespec: str = "auto") -> str | None:
-    """ISO 8601 in UTC (``2026-12-01T12:00:00Z``); None stays None. ``timespec`` as
-    :meth:`datetime.isoformat`'s (``"seconds"`` for a report a person reads)."""
+def iso(moment: datetime | None, timespec: str = "milliseconds") -> str | None:
+    """ISO 8601 in UTC, to the millisecond (``2026-12-01T12:00:00.000Z``: ECMAScript's date
+    format, which every browser's ``Date`` reads; Postgres's microseconds are not); None stays
+    None. ``timespec`` as :meth:`datetime.isoformat`'s (``"seconds"`` for a report a person
+    reads)."""
     if moment is None:
         return None
     return moment.astimezone(UTC).isoformat(timespec=timespec).replace("+00:00", "Z")

@@ -57,7 +57,7 @@ async def recorded(
     """The newest ``limit`` repairs and flags recorded (of ``sale``, of ``kind``, ``since``),
     oldest first, and whether older ones match too."""
     rows = await db.fetch(_RECORDED, sale, kind, since, limit + 1)
-    return [{"id": r["id"], "at": iso(r["created_at"], "milliseconds"), **Repair(
+    return [{"id": r["id"], "at": iso(r["created_at"]), **Repair(
                 r["sale_id"], r["sku"], r["kind"], r["subject"], orjson.loads(r["before"]),
                 orjson.loads(r["after"])).json()}
             for r in reversed(rows[:limit])], len(rows) > limit  # fmt: skip

@@ -10,6 +10,7 @@ import gc
 import gzip
 import os
 import pkgutil
+import re
 import signal
 import socket
 import subprocess
@@ -58,8 +59,9 @@ def calls_to(monkeypatch: pytest.MonkeyPatch, target: str) -> list[tuple[Any, ..
 
 
 def is_utc_z(text: str) -> bool:
-    """``text`` is a time as the engine writes them all: ISO 8601 in UTC with a ``Z``."""
-    return text.endswith("Z") and datetime.fromisoformat(text).utcoffset() == timedelta(0)
+    """``text`` is a time as the engine's answers write them all: ISO 8601 in UTC to the
+    millisecond with a ``Z`` (ECMAScript's date format)."""
+    return bool(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", text))
 
 
 def auth(token: str) -> dict[str, str]:

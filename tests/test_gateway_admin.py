@@ -991,3 +991,26 @@ async def test_a_sale_never_preloaded_is_deleted_over_the_admin_api(
     refused = await http.delete(f"/admin/v1/sales/{kept}", headers=auth())
     assert (refused.status, (await refused.json())["error"]["code"]) == (409, "sale_preloaded")
     assert (await http.delete(f"/admin/v1/sales/{kept}")).status == 401
+
+
+async def test_every_time_in_an_answer_is_in_the_format_javascript_reads(
+    http: TestClient[Any, Any],
+) -> None:
+    """A sale made to start "in 5 minutes" answered ``starts_at`` with microseconds
+    (``…T10:24:12.972452Z``) beside ``hold_expires_at`` in milliseconds: six digits are not
+    ECMAScript's date format, which a browser's ``new Date()`` is only sure to read with three,
+    and the waiting-room page reads ``starts_at`` so. Every time is now to the millisecond."""
+    opens = datetime.now(UTC).replace(microsecond=123456) + timedelta(minutes=5)
+    body = {**SALE, "starts_at": opens.isoformat(), "ends_at": (opens + timedelta(hours=1))
+            .isoformat()}  # fmt: skip
+    made = await http.post("/admin/v1/sales", json=body, headers=auth())
+    sale = await made.json()
+    path = f"/admin/v1/sales/{sale['id']}"
+    assert (await http.post(f"{path}/preload", headers=auth())).status == 200
+    answers = [sale, (await (await http.get(path, headers=auth())).json())["sale"],
+               (await (await http.get(f"/v1/sales/{sale['id']}")).json())]  # fmt: skip
+    for answer in answers:
+        times = {k: v for k, v in answer.items() if k.endswith("_at") and v is not None}
+        assert {"starts_at", "ends_at"} <= set(times), answer
+        assert all(is_utc_z(v) for v in times.values()), times
+    assert answers[2]["starts_at"] == opens.isoformat(timespec="milliseconds")[:-6] + "Z"

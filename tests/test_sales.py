@@ -87,7 +87,7 @@ def test_create_from_file_json_output_and_defaults(cli: Cli, tmp_path: Path) -> 
     sale = json.loads(result.out)
     assert sale["id"].startswith("sale-")
     assert sale["name"] == "Sneaker drop"
-    assert sale["starts_at"] == "2036-12-01T12:00:00Z"
+    assert sale["starts_at"] == "2036-12-01T12:00:00.000Z"  # as every answer: to the ms
     skus = {s["sku"]: s for s in sale["skus"]}
     assert skus["SNK-42"]["price"] == 12900
     # Optional fields got their defaults.
