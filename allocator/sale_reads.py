@@ -147,7 +147,9 @@ class SaleReads:
         async with self.pool.acquire() as conn:
             sale = await self.sale_row(conn, sale_id)
             rows = await conn.fetch(SOLD_OVER_TIME, sale_id, points)
-        curve, units = [(sale["starts_at"].timestamp(), 0)], 0
+        starts = sale["starts_at"]  # to the millisecond, as every answer gives its start
+        curve, units = [(starts.replace(microsecond=starts.microsecond // 1000 * 1000)
+                         .timestamp(), 0)], 0  # fmt: skip
         for row in rows:
             units += row["units"]
             curve.append((row["at"], units))
