@@ -118,8 +118,8 @@ def print_changed(
 
 
 def to_second(moment: str) -> str:
-    """A time of the engine's JSON as a person reads it: to the second (Postgres keeps
-    microseconds, which a table only widens)."""
+    """A time of the engine's JSON as a person reads it: to the second (the answers give
+    milliseconds, which a status line only widens)."""
     return str(iso(datetime.fromisoformat(moment), "seconds"))
 
 
