@@ -58,7 +58,7 @@ from aiokafka.errors import KafkaError
 from flashsale.errors import ConfigError, ProviderDown, SchemaBehind, Unavailable
 
 _SQLSTATE_CLASSES = ("08", "53", "57", "40")
-_SQLSTATES = ("55P03", "25006")
+_SQLSTATES = ("55P03", "25006", "42501")  # 42501: a privilege the user was not granted
 _SCHEMA_STATES = ("42P01", "42703", "42883")  # undefined table, column, function
 _CLIENT_MISCONFIGURED = (
     asyncpg.exceptions.ClientConfigurationError,
@@ -78,6 +78,7 @@ _ALWAYS = (
     redis.exceptions.ClusterDownError,
     redis.exceptions.SlotNotCoveredError,
     redis.exceptions.ClusterError,  # "TTL exhausted": redirected too many times
+    redis.exceptions.NoPermissionError,  # NOPERM: an ACL, mended without a release
     asyncpg.InternalClientError,
 )
 
@@ -88,7 +89,7 @@ _ALWAYS = (
 # command inside a script: "Error running script (call to f_…): @user_script:56:
 # @user_script: 56: -READONLY You can't write against a read only replica."
 _PASSING = ("BUSY", "READONLY", "OOM", "NOREPLICAS", "MASTERDOWN", "LOADING", "TRYAGAIN",
-            "CLUSTERDOWN", "MISCONF")  # fmt: skip
+            "CLUSTERDOWN", "MISCONF", "NOPERM")  # fmt: skip
 _SCRIPT_REFUSED = re.compile(r"(?:ERR )?Error running script .*?@user_script: \d+: -?([A-Z]+) ")
 _CLOSED_TRANSPORT = "the handler is closed"
 _REDIS_WRITE = (redis.asyncio.connection.__file__, "_send_packed_command")
@@ -131,13 +132,24 @@ def schema_error(exc: BaseException) -> SchemaBehind | None:
 
 
 def settings_at_fault(exc: BaseException) -> ConfigError | None:
-    """What to tell an operator when ``exc`` says the Redis settings are at fault: ``REDIS_URL``
+    """What to tell an operator when ``exc`` says the settings are at fault: ``REDIS_URL``
     leads to another kind of Redis than ``FLASHSALE_REDIS_CLUSTER`` says, or its login is
-    refused; None for any other exception. The services still count it as an outage (a 503,
-    and not ready): a setting is fixed without a release, a password on the server too."""
+    refused; the user of ``DATABASE_URL`` or ``REDIS_URL`` was not granted what the engine
+    does; None for any other exception. The services still count it as an outage (a 503,
+    and not ready): a setting is fixed without a release, a password or a grant on the
+    server too."""
     for refused in (exc, exc.__cause__):  # the cluster client raises it as the cause
         if isinstance(refused, redis.exceptions.AuthenticationError):
             return ConfigError(f"Redis refused the login of REDIS_URL: {refused}")
+    if isinstance(exc, asyncpg.InsufficientPrivilegeError):
+        return ConfigError(f"Postgres refused DATABASE_URL's user: {exc}: grant it what the "
+                           f"engine does ({_USERS})")  # fmt: skip
+    if isinstance(exc, redis.exceptions.NoPermissionError) or (
+        isinstance(exc, redis.exceptions.ResponseError) and _refused_for(exc) == "NOPERM"
+    ):
+        said = str(exc).split("-NOPERM ", 1)[-1]  # without a script's wrapping
+        return ConfigError(f"Redis refused REDIS_URL's user: {said}: allow it what the engine "
+                           f"does ({_USERS})")  # fmt: skip
     if isinstance(exc, redis.exceptions.RedisClusterException) and _NOT_A_CLUSTER in str(exc):
         return ConfigError("FLASHSALE_REDIS_CLUSTER=1, but the Redis at REDIS_URL is a single "
                            "server, not a node of a Redis Cluster: unset "
@@ -150,6 +162,7 @@ def settings_at_fault(exc: BaseException) -> ConfigError | None:
     return None
 
 
+_USERS = 'docs/PRODUCTION.md, "The engine\'s users"'
 CLUSTER_READ_AS_ONE = ("REDIS_URL leads to a node of a Redis Cluster, read as a single server: "
                        "set FLASHSALE_REDIS_CLUSTER=1")  # fmt: skip
 

@@ -48,6 +48,10 @@ WAIT = [
     asyncpg.UndefinedTableError('relation "orders" does not exist'),
     asyncpg.UndefinedColumnError('column "cause" does not exist'),
     asyncpg.UndefinedFunctionError("function flashsale_sold(text) does not exist"),
+    # a user not granted what it does (42501): the grant mends it without a release, as a
+    # password does a refused login; a reservation parked on the dead letters for it was not
+    # bad data
+    asyncpg.InsufficientPrivilegeError("permission denied for table orders"),
     # asyncpg's client state: a connection closed under it, a protocol surprise
     asyncpg.InterfaceError("connection is closed"),
     asyncpg.InternalClientError("unexpected connection_lost() call"),
@@ -73,6 +77,14 @@ WAIT = [
     redis.exceptions.ResponseError(
         "Error running script (call to f_6b1e): @user_script:1: @user_script: 1: -MISCONF "
         "Errors writing to the AOF file: No space left on device"
+    ),
+    # an ACL user not allowed a command or a key, as Redis 6.2 answers it in a script too
+    redis.exceptions.NoPermissionError(
+        "this user has no permissions to run the 'evalsha' command or its subcommand"
+    ),
+    redis.exceptions.ResponseError(
+        "Error running script (call to f_6b1e): @user_script:12: @user_script: 12: -NOPERM "
+        "this user has no permissions to access one of the keys used as arguments"
     ),
     # the network, the broker, the payment provider's open circuit
     ConnectionResetError("reset by peer"),
@@ -502,3 +514,72 @@ def test_a_loop_meeting_the_same_outage_logs_it_once_per_interval(
         for _ in range(3):
             outages.log_failure(logger, "pump for s-1 failed a tick", bug)
     assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 3
+
+
+def test_the_cli_says_which_grant_the_database_user_lacks(
+    stack: Settings, cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A DATABASE_URL whose user is not granted the engine's tables (or, to migrate, its
+    schema) printed asyncpg's traceback, and the services took it for bad data."""
+    dsn = urlsplit(stack.require_database())
+
+    async def limited_user() -> None:
+        conn = await asyncpg.connect(stack.require_database())
+        try:
+            await conn.execute("DROP ROLE IF EXISTS flashsale_limited")
+            await conn.execute("CREATE ROLE flashsale_limited LOGIN PASSWORD 'limited-pw-0123'")
+        finally:
+            await conn.close()
+
+    asyncio.run(limited_user())
+    netloc = f"flashsale_limited:limited-pw-0123@{dsn.hostname}:{dsn.port}"
+    monkeypatch.setenv("DATABASE_URL", urlunsplit(dsn._replace(netloc=netloc)))
+    for command in (("sale", "list"), ("migrate",)):
+        result = cli(*command)
+        assert (result.code, result.out) == (1, ""), result
+        assert (
+            result.err.startswith(
+                "flashsale: error: Postgres refused DATABASE_URL's user: permission denied for "
+            )
+            and result.err.count("\n") == 1
+        ), result.err
+        assert "docs/PRODUCTION.md" in result.err, result.err
+
+
+async def test_the_cli_says_which_command_the_redis_user_lacks(
+    lone_redis: str, cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A REDIS_URL whose ACL user may not run the engine's scripts printed redis-py's
+    traceback (NOPERM), and the gateway answered 500."""
+    admin = aioredis.Redis.from_url(lone_redis)
+    try:
+        await admin.acl_setuser("engine", enabled=True, passwords=["+engine-password-0123"],
+                                keys=["*"], commands=["+@all", "-evalsha", "-eval"])  # fmt: skip
+    finally:
+        await admin.aclose()
+    port = urlsplit(lone_redis).port
+    monkeypatch.setenv("REDIS_URL", f"redis://engine:engine-password-0123@127.0.0.1:{port}/0")
+    monkeypatch.setenv("FLASHSALE_REDIS_CLUSTER", "0")
+    created = await asyncio.to_thread(
+        cli,
+        "sale",
+        "create",
+        "--name",
+        "ACL",
+        "--sku",
+        "A",
+        "--stock",
+        "5",
+        "--price",
+        "100",
+        "--currency",
+        "EUR",
+    )
+    assert created.code == 0, created.err
+    result = await asyncio.to_thread(cli, "sale", "preload", created.out.strip())
+    assert (result.code, result.err.count("\n")) == (1, 1), result
+    assert result.err.startswith(
+        "flashsale: error: Redis refused REDIS_URL's user: this user has no permissions to run "
+        "the 'evalsha' command"
+    ), result.err
+    assert "docs/PRODUCTION.md" in result.err, result.err
