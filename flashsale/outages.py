@@ -10,7 +10,9 @@ outage: the same request can succeed later. Read from the libraries' own excepti
   intervention (admin or crash shutdown, cannot connect now, statement timeout), ``40``
   transaction rollback (serialization failure, deadlock), ``55P03`` lock not available, and
   ``25006`` a read-only transaction (a hot standby behind the endpoint, or writes turned off
-  for maintenance: the engine never asks for one itself). Also ``42P01``, ``42703`` and
+  for maintenance: the engine never asks for one itself), ``42501`` a privilege the user
+  was not granted (a grant mends it, as a password does a refused login; ``settings_at_fault``
+  says so in words). Also ``42P01``, ``42703`` and
   ``42883``, a table, column or function that does not exist: the schema is behind this
   version of the engine (``flashsale migrate`` not run yet, or a new version deployed before
   its migrations), which running them mends; :func:`schema_error` says so in words.
@@ -19,7 +21,8 @@ outage: the same request can succeed later. Read from the libraries' own excepti
   the client's own configuration.
 * **Redis** (redis-py): connection errors (loading included), timeouts, ``READONLY`` (a
   replica after a failover), ``OOM``, ``MISCONF`` (writes stopped: its disk full or
-  failing), ``NOREPLICAS``, ``TRYAGAIN`` and a ``BUSY`` script,
+  failing), ``NOREPLICAS``, ``TRYAGAIN``, a ``BUSY`` script and ``NOPERM`` (an ACL user not
+  allowed a command or key),
   also when a command inside a script met them (Redis 6.2 wraps those in "Error running
   script", which redis-py raises as a plain ``ResponseError``); on a Redis Cluster also
   ``CLUSTERDOWN``, a slot no node serves (mid-failover), redirections that never settled,

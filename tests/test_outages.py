@@ -4,11 +4,13 @@ succeed": one classification, shared by the gateway (503), the workers and the r
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import logging
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -17,6 +19,7 @@ import redis
 import redis.asyncio as aioredis
 import redis.exceptions
 import uvloop
+from aiohttp.test_utils import TestClient, TestServer
 from aiokafka.errors import KafkaConnectionError
 
 from flashsale import outages
@@ -24,7 +27,8 @@ from flashsale.cli.devstack.processes import free_port
 from flashsale.errors import ProviderDown, Unavailable
 from flashsale.ops_endpoints import check, memory_used, ping_postgres, ping_redis
 from flashsale.outages import is_demotion, is_outage
-from flashsale.settings import Settings
+from flashsale.settings import Secret, Settings
+from gateway.app import create_app
 from loadtest.fault_proxy import FaultProxy, through
 from tests.conftest import Cli
 from tests.lone_redis import lone_redis as lone
@@ -533,7 +537,8 @@ def test_the_cli_says_which_grant_the_database_user_lacks(
 
     asyncio.run(limited_user())
     netloc = f"flashsale_limited:limited-pw-0123@{dsn.hostname}:{dsn.port}"
-    monkeypatch.setenv("DATABASE_URL", urlunsplit(dsn._replace(netloc=netloc)))
+    limited = urlunsplit(dsn._replace(netloc=netloc))
+    monkeypatch.setenv("DATABASE_URL", limited)
     for command in (("sale", "list"), ("migrate",)):
         result = cli(*command)
         assert (result.code, result.out) == (1, ""), result
@@ -544,6 +549,20 @@ def test_the_cli_says_which_grant_the_database_user_lacks(
             and result.err.count("\n") == 1
         ), result.err
         assert "docs/PRODUCTION.md" in result.err, result.err
+
+    async def ask_the_admin_api() -> tuple[int, str | None, dict[str, Any]]:
+        settings = dataclasses.replace(stack, database_url=limited,
+                                       admin_token=Secret("admin-token-0123456789"))  # fmt: skip
+        async with TestClient(TestServer(create_app(settings))) as http:
+            listed = await http.get(
+                "/admin/v1/sales", headers={"Authorization": "Bearer admin-token-0123456789"}
+            )
+            return listed.status, listed.headers.get("Retry-After"), await listed.json()
+
+    # The gateway answered 500: a grant is a setting, waited out as a refused login is.
+    status, retry_after, body = asyncio.run(ask_the_admin_api())
+    assert (status, retry_after is not None) == (503, True), body
+    assert body["error"]["code"] == "unavailable", body  # what to grant is the log's
 
 
 async def test_the_cli_says_which_command_the_redis_user_lacks(
