@@ -20,6 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from flashsale.errors import ConfigError, Unavailable
 from flashsale.logs import REDACTED_LENGTH
+from flashsale.outages import BEHIND_A_POOLER
 from flashsale.payments import HttpProvider, PaymentProvider
 from flashsale.redis_connection import REPLACES
 from flashsale.settings import Settings
@@ -230,6 +231,9 @@ async def _reach_postgres(dsn: str, connecting: Awaitable[T], connect_s: float) 
         server = f"Postgres at {where.hostname}:{where.port}"
         if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):  # 28: the login
             raise Unavailable(f"{server} refused the login of DATABASE_URL: {exc}") from exc
+        if "unsupported startup parameter" in str(exc):  # PgBouncer's: a session setting
+            raise Unavailable(f"{server} refused a session setting ({exc}): "
+                              f"{BEHIND_A_POOLER}") from exc  # fmt: skip
         if isinstance(exc, asyncpg.InvalidCatalogNameError):
             raise Unavailable(f"{server} has no such database (DATABASE_URL): {exc}") from exc
         why = f"no answer within {connect_s:g} s" if isinstance(exc, TimeoutError) else str(exc)

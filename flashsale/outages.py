@@ -15,7 +15,9 @@ outage: the same request can succeed later. Read from the libraries' own excepti
   says so in words). Also ``42P01``, ``42703`` and
   ``42883``, a table, column or function that does not exist: the schema is behind this
   version of the engine (``flashsale migrate`` not run yet, or a new version deployed before
-  its migrations), which running them mends; :func:`schema_error` says so in words.
+  its migrations), which running them mends; :func:`schema_error` says so in words. And
+  ``42P05`` and ``26000``, a prepared statement named twice or missing: a transaction pooler
+  without ``FLASHSALE_PG_POOL_MODE=transaction``, which the setting mends.
   asyncpg's client-state errors too (``InterfaceError``: a connection closed under it;
   ``InternalClientError``: the protocol surprised by a server going away), except those about
   the client's own configuration.
@@ -63,6 +65,9 @@ from flashsale.errors import ConfigError, ProviderDown, SchemaBehind, Unavailabl
 _SQLSTATE_CLASSES = ("08", "53", "57", "40")
 _SQLSTATES = ("55P03", "25006", "42501")  # 42501: a privilege the user was not granted
 _SCHEMA_STATES = ("42P01", "42703", "42883")  # undefined table, column, function
+# A prepared statement named twice on, or missing from, a server connection: asyncpg's cache
+# behind a transaction pooler, which runs each transaction on any connection.
+_POOLER_STATES = ("42P05", "26000")
 _CLIENT_MISCONFIGURED = (
     asyncpg.exceptions.ClientConfigurationError,
     asyncpg.exceptions.UnsupportedClientFeatureError,
@@ -113,7 +118,8 @@ def is_outage(exc: BaseException) -> bool:
         return True
     if isinstance(exc, asyncpg.PostgresError):
         state = str(getattr(exc, "sqlstate", "") or "")
-        return state[:2] in _SQLSTATE_CLASSES or state in _SQLSTATES or state in _SCHEMA_STATES
+        return (state[:2] in _SQLSTATE_CLASSES or state in _SQLSTATES
+                or state in _SCHEMA_STATES or state in _POOLER_STATES)  # fmt: skip
     if isinstance(exc, asyncpg.InterfaceError):
         return not isinstance(exc, _CLIENT_MISCONFIGURED)
     if isinstance(exc, redis.exceptions.MovedError):
@@ -144,6 +150,9 @@ def settings_at_fault(exc: BaseException) -> ConfigError | None:
     for refused in (exc, exc.__cause__):  # the cluster client raises it as the cause
         if isinstance(refused, redis.exceptions.AuthenticationError):
             return ConfigError(f"Redis refused the login of REDIS_URL: {refused}")
+    if isinstance(exc, asyncpg.PostgresError) and getattr(exc, "sqlstate", "") in _POOLER_STATES:
+        said = str(exc).splitlines()[0]  # asyncpg adds a hint of its own below
+        return ConfigError(f"Postgres: {said}: {BEHIND_A_POOLER}")
     if isinstance(exc, asyncpg.InsufficientPrivilegeError):
         return ConfigError(f"Postgres refused DATABASE_URL's user: {exc}: grant it what the "
                            f"engine does ({_USERS})")  # fmt: skip
@@ -165,6 +174,9 @@ def settings_at_fault(exc: BaseException) -> ConfigError | None:
     return None
 
 
+BEHIND_A_POOLER = ("DATABASE_URL leads to a transaction pooler (PgBouncer's pool_mode = "
+                   "transaction, say): set FLASHSALE_PG_POOL_MODE=transaction (docs/PRODUCTION.md, "
+                   '"Behind a transaction pooler")')  # fmt: skip
 _USERS = 'docs/PRODUCTION.md, "The engine\'s users"'
 CLUSTER_READ_AS_ONE = ("REDIS_URL leads to a node of a Redis Cluster, read as a single server: "
                        "set FLASHSALE_REDIS_CLUSTER=1")  # fmt: skip

@@ -56,6 +56,10 @@ WAIT = [
     # password does a refused login; a reservation parked on the dead letters for it was not
     # bad data
     asyncpg.InsufficientPrivilegeError("permission denied for table orders"),
+    # a transaction pooler without FLASHSALE_PG_POOL_MODE=transaction: a statement of
+    # asyncpg's cache named twice on a server connection, or missing from it
+    asyncpg.DuplicatePreparedStatementError('prepared statement "__asyncpg_stmt_1__" exists'),
+    asyncpg.InvalidSQLStatementNameError('prepared statement "__asyncpg_stmt_2__" does not exist'),
     # asyncpg's client state: a connection closed under it, a protocol surprise
     asyncpg.InterfaceError("connection is closed"),
     asyncpg.InternalClientError("unexpected connection_lost() call"),
