@@ -23,8 +23,8 @@ outage: the same request can succeed later. Read from the libraries' own excepti
   the client's own configuration.
 * **Redis** (redis-py): connection errors (loading included), timeouts, ``READONLY`` (a
   replica after a failover), ``OOM``, ``MISCONF`` (writes stopped: its disk full or
-  failing), ``NOREPLICAS``, ``TRYAGAIN``, a ``BUSY`` script and ``NOPERM`` (an ACL user not
-  allowed a command or key),
+  failing), ``NOREPLICAS``, ``TRYAGAIN``, a ``BUSY`` script, ``NOPERM`` (an ACL user not
+  allowed a command or key) and a database ``REDIS_URL`` names that the server does not have,
   also when a command inside a script met them (Redis 6.2 wraps those in "Error running
   script", which redis-py raises as a plain ``ResponseError``); on a Redis Cluster also
   ``CLUSTERDOWN``, a slot no node serves (mid-failover), redirections that never settled,
@@ -103,6 +103,7 @@ _CLOSED_TRANSPORT = "the handler is closed"
 _REDIS_WRITE = (redis.asyncio.connection.__file__, "_send_packed_command")
 _NO_CLUSTER_NODE = "Redis Cluster cannot be connected"
 _NOT_A_CLUSTER = "Cluster mode is not enabled on this node"
+_NO_SUCH_DB = "DB index is out of range"  # SELECT, as a connection to REDIS_URL/N opens
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -124,8 +125,8 @@ def is_outage(exc: BaseException) -> bool:
         return not isinstance(exc, _CLIENT_MISCONFIGURED)
     if isinstance(exc, redis.exceptions.MovedError):
         return True  # a cluster read as one server (settings_at_fault): no key here is safe
-    if isinstance(exc, redis.exceptions.ResponseError):
-        return _refused_for(exc) in _PASSING
+    if isinstance(exc, redis.exceptions.ResponseError):  # a database REDIS_URL cannot have too
+        return _refused_for(exc) in _PASSING or _NO_SUCH_DB in str(exc)
     if isinstance(exc, redis.exceptions.RedisClusterException):
         return str(exc).startswith(_NO_CLUSTER_NODE)
     return False
@@ -143,10 +144,11 @@ def schema_error(exc: BaseException) -> SchemaBehind | None:
 def settings_at_fault(exc: BaseException) -> ConfigError | None:
     """What to tell an operator when ``exc`` says the settings are at fault: ``REDIS_URL``
     leads to another kind of Redis than ``FLASHSALE_REDIS_CLUSTER`` says, or its login is
-    refused; the user of ``DATABASE_URL`` or ``REDIS_URL`` was not granted what the engine
-    does; None for any other exception. The services still count it as an outage (a 503,
-    and not ready): a setting is fixed without a release, a password or a grant on the
-    server too."""
+    refused, or it names a database the server does not have; the user of ``DATABASE_URL``
+    or ``REDIS_URL`` was not granted what the engine does; ``DATABASE_URL`` leads to a
+    transaction pooler not set as one; None for any other exception. The services still
+    count it as an outage (a 503, and not ready): a setting is fixed without a release, a
+    password or a grant on the server too."""
     for refused in (exc, exc.__cause__):  # the cluster client raises it as the cause
         if isinstance(refused, redis.exceptions.AuthenticationError):
             return ConfigError(f"Redis refused the login of REDIS_URL: {refused}")
@@ -162,6 +164,9 @@ def settings_at_fault(exc: BaseException) -> ConfigError | None:
         said = str(exc).split("-NOPERM ", 1)[-1]  # without a script's wrapping
         return ConfigError(f"Redis refused REDIS_URL's user: {said}: allow it what the engine "
                            f"does ({_USERS})")  # fmt: skip
+    if isinstance(exc, redis.exceptions.ResponseError) and _NO_SUCH_DB in str(exc):
+        return ConfigError(f"REDIS_URL names a database this Redis does not have ({exc}): use "
+                           "one below its `databases` setting (16 by default), as /0")  # fmt: skip
     if isinstance(exc, redis.exceptions.RedisClusterException) and _NOT_A_CLUSTER in str(exc):
         return ConfigError("FLASHSALE_REDIS_CLUSTER=1, but the Redis at REDIS_URL is a single "
                            "server, not a node of a Redis Cluster: unset "

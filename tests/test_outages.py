@@ -458,6 +458,25 @@ def test_the_cli_says_redis_refused_the_login(
     ), result.err
 
 
+def test_the_cli_says_redis_has_no_such_database(
+    stack: Settings, cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A REDIS_URL naming a database the server does not have (``/99``; 16 by default)
+    printed redis-py's traceback, "DB index is out of range"."""
+    created = cli("sale", "create", "--name", "Index", "--sku", "A", "--stock", "5",
+                  "--price", "100", "--currency", "EUR")  # fmt: skip
+    assert created.code == 0, created.err
+    url = urlsplit(stack.require_redis())
+    monkeypatch.setenv("REDIS_URL", urlunsplit(url._replace(path="/99")))
+    monkeypatch.setenv("FLASHSALE_REDIS_CLUSTER", "0")
+    result = cli("sale", "status", created.out.strip())
+    assert (result.code, result.err.count("\n")) == (1, 1), result
+    assert result.err.startswith(
+        "flashsale: error: REDIS_URL names a database this Redis does not have (DB index is "
+        "out of range): use one below its `databases` setting (16 by default), as /0"
+    ), result.err
+
+
 def test_the_cli_says_a_postgres_that_answers_nothing_did_not_answer(
     stack: Settings, cli: Cli, monkeypatch: pytest.MonkeyPatch
 ) -> None:
