@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 
 # ASCII digits, as the prices read; a decimal comma as many spreadsheets show one ("149,99")
 _MAJOR = re.compile(r"([0-9]{1,15})[.,]([0-9]+)")
@@ -40,12 +41,29 @@ def major(amount: int, currency: str) -> str:
     return f"{sign}{whole:,}" + (f".{part:0{places}d}" if places else "")
 
 
+def bare_amount(value: object, currency: str) -> str:
+    """The number of a price as a spreadsheet or a person shows it, without the currency's
+    sign or code around it: "149.99" of "€149.99", "149,99 €" or "EUR 149.99"."""
+    text = str(value).strip()
+    if currency and text.upper().startswith(currency):
+        text = text[len(currency) :]
+    elif currency and text.upper().endswith(currency):
+        text = text[: -len(currency)]
+    text = text.strip()
+    while text and unicodedata.category(text[0]) == "Sc":  # a currency sign: € $ £ ¥ ...
+        text = text[1:].lstrip()
+    while text and unicodedata.category(text[-1]) == "Sc":
+        text = text[:-1].rstrip()
+    return text
+
+
 def in_minor_units(value: object, currency: str) -> int | None:
     """A price written in the currency's major units, as a spreadsheet shows it ("149.99",
-    "149,99" or 149.99 of EUR), in minor units (14999); None when it is not one: no decimals,
-    more decimals than the currency has, or no number at all."""
+    "149,99", "€149.99" or 149.99 of EUR), in minor units (14999); None when it is not one: no
+    decimals, more decimals than the currency has, or no number at all."""
     places = MINOR_UNITS.get(currency, 0)
-    found = _MAJOR.fullmatch(str(value).strip()) if not isinstance(value, bool) else None
+    bare = bare_amount(value, currency)
+    found = _MAJOR.fullmatch(bare) if not isinstance(value, bool) else None
     if not places or found is None or len(found[2]) > places:
         return None
     whole, part = found.groups()

@@ -15,7 +15,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from flashsale.currencies import in_minor_units, is_currency
+from flashsale.currencies import bare_amount, in_minor_units, is_currency
 from flashsale.errors import InvalidInput, refused_value, shown
 from flashsale.keys import ID_PATTERN, MAX_BUCKETS
 
@@ -225,7 +225,7 @@ def collect_sku(data: Any, where: str, errors: list[InvalidInput]) -> SkuSpec:
         minor = in_minor_units(value, code)
         if minor is not None:  # "149.99" of EUR: what was meant is known, so it is said
             raise InvalidInput(field, f"must be {what}, got {shown(value)} (minor units: "
-                                      f"{str(value).strip()} {code} is {minor})")  # fmt: skip
+                                      f"{bare_amount(value, code)} {code} is {minor})")  # fmt: skip
         return integer(value, field, minimum=0, maximum=MAX_PRICE, what=what)
 
     sku = take("sku", identifier, "")
