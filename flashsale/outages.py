@@ -23,10 +23,10 @@ outage: the same request can succeed later. Read from the libraries' own excepti
   the client's own configuration.
 * **Redis** (redis-py): connection errors (loading included), timeouts, ``READONLY`` (a
   replica after a failover), ``OOM``, ``MISCONF`` (writes stopped: its disk full or
-  failing), ``NOREPLICAS``, ``TRYAGAIN``, a ``BUSY`` script, ``NOPERM`` (an ACL user not
-  allowed a command or key) and a database ``REDIS_URL`` names that the server does not have,
-  also when a command inside a script met them (Redis 6.2 wraps those in "Error running
-  script", which redis-py raises as a plain ``ResponseError``); on a Redis Cluster also
+  failing), ``NOREPLICAS``, ``TRYAGAIN``, a ``BUSY`` script and ``NOPERM`` (an ACL user not
+  allowed a command or key), also when a command inside a script met them (Redis 6.2 wraps
+  those in "Error running script", which redis-py raises as a plain ``ResponseError``); a
+  database ``REDIS_URL`` names that the server does not have; on a Redis Cluster also
   ``CLUSTERDOWN``, a slot no node serves (mid-failover), redirections that never settled,
   and a cluster none of whose known nodes answers.
 * **The rest**: ``OSError`` (refused, reset, timed out, a name not resolved, out of sockets),
@@ -125,7 +125,7 @@ def is_outage(exc: BaseException) -> bool:
         return not isinstance(exc, _CLIENT_MISCONFIGURED)
     if isinstance(exc, redis.exceptions.MovedError):
         return True  # a cluster read as one server (settings_at_fault): no key here is safe
-    if isinstance(exc, redis.exceptions.ResponseError):  # a database REDIS_URL cannot have too
+    if isinstance(exc, redis.exceptions.ResponseError):  # a missing database is a setting too
         return _refused_for(exc) in _PASSING or _NO_SUCH_DB in str(exc)
     if isinstance(exc, redis.exceptions.RedisClusterException):
         return str(exc).startswith(_NO_CLUSTER_NODE)
