@@ -25,7 +25,8 @@ outage: the same request can succeed later. Read from the libraries' own excepti
   replica after a failover), ``OOM``, ``MISCONF`` (writes stopped: its disk full or
   failing), ``NOREPLICAS``, ``TRYAGAIN``, a ``BUSY`` script and ``NOPERM`` (an ACL user not
   allowed a command or key), also when a command inside a script met them (Redis 6.2 wraps
-  those in "Error running script", which redis-py raises as a plain ``ResponseError``); a
+  those in "Error running script", which redis-py raises as a plain ``ResponseError``; an
+  ACL's refusal there has no code in 6.2 or 7.0, only words, which are looked for); a
   database ``REDIS_URL`` names that the server does not have; on a Redis Cluster also
   ``CLUSTERDOWN``, a slot no node serves (mid-failover), redirections that never settled,
   and a cluster none of whose known nodes answers.
@@ -53,6 +54,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Iterator
 
 import aiohttp
 import asyncpg
@@ -99,6 +101,10 @@ _ALWAYS = (
 _PASSING = ("BUSY", "READONLY", "OOM", "NOREPLICAS", "MASTERDOWN", "LOADING", "TRYAGAIN",
             "CLUSTERDOWN", "MISCONF", "NOPERM")  # fmt: skip
 _SCRIPT_REFUSED = re.compile(r"(?:ERR )?Error running script .*?@user_script: \d+: -?([A-Z]+) ")
+# An ACL user's command or key refused inside a script: words without a code, in Redis 6.2
+# (wrapped as above) and 7.0 ("ERR The user executing the script can't run this command or
+# subcommand script: <sha>, on @user_script:1.").
+_SCRIPT_ACL = re.compile(r"The user executing the script can't [^.]*?(?= script: |$|\.)")
 _CLOSED_TRANSPORT = "the handler is closed"
 _REDIS_WRITE = (redis.asyncio.connection.__file__, "_send_packed_command")
 _NO_CLUSTER_NODE = "Redis Cluster cannot be connected"
@@ -149,21 +155,24 @@ def settings_at_fault(exc: BaseException) -> ConfigError | None:
     transaction pooler not set as one; None for any other exception. The services still
     count it as an outage (a 503, and not ready): a setting is fixed without a release, a
     password or a grant on the server too."""
-    for refused in (exc, exc.__cause__):  # the cluster client raises it as the cause
+    for refused in _redis_chain(exc):  # the cluster client wraps what a node answered
         if isinstance(refused, redis.exceptions.AuthenticationError):
             return ConfigError(f"Redis refused the login of REDIS_URL: {refused}")
+        if isinstance(refused, redis.exceptions.NoPermissionError) or (
+            isinstance(refused, redis.exceptions.ResponseError)
+            and _refused_for(refused) == "NOPERM"
+        ):
+            in_script = _SCRIPT_ACL.search(str(refused))
+            said = (str(refused) if in_script is None
+                    else f"t{in_script.group(0)[1:]} (ACL LOG names it)")  # fmt: skip
+            return ConfigError(f"Redis refused REDIS_URL's user: {said}: allow it what the "
+                               f"engine does ({_USERS})")  # fmt: skip
     if isinstance(exc, asyncpg.PostgresError) and getattr(exc, "sqlstate", "") in _POOLER_STATES:
         said = str(exc).splitlines()[0]  # asyncpg adds a hint of its own below
         return ConfigError(f"Postgres: {said}: {BEHIND_A_POOLER}")
     if isinstance(exc, asyncpg.InsufficientPrivilegeError):
         return ConfigError(f"Postgres refused DATABASE_URL's user: {exc}: grant it what the "
                            f"engine does ({_USERS})")  # fmt: skip
-    if isinstance(exc, redis.exceptions.NoPermissionError) or (
-        isinstance(exc, redis.exceptions.ResponseError) and _refused_for(exc) == "NOPERM"
-    ):
-        said = str(exc).split("-NOPERM ", 1)[-1]  # without a script's wrapping
-        return ConfigError(f"Redis refused REDIS_URL's user: {said}: allow it what the engine "
-                           f"does ({_USERS})")  # fmt: skip
     if isinstance(exc, redis.exceptions.ResponseError) and _NO_SUCH_DB in str(exc):
         return ConfigError(f"REDIS_URL names a database this Redis does not have ({exc}): use "
                            "one below its `databases` setting (16 by default), as /0")  # fmt: skip
@@ -177,6 +186,21 @@ def settings_at_fault(exc: BaseException) -> ConfigError | None:
     if isinstance(exc, redis.exceptions.MovedError):
         return ConfigError(CLUSTER_READ_AS_ONE)
     return None
+
+
+_FROM_REDIS = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException)
+
+
+def _redis_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, then what it was raised from or while handling, as long as Redis raised it:
+    redis-py's cluster client says "Cluster mode is not enabled on this node" of any refusal
+    of CLUSTER SLOTS, an ACL's included, and "cannot be connected" of a refused login."""
+    seen: BaseException | None = exc
+    for _ in range(4):
+        if seen is None or (seen is not exc and not isinstance(seen, _FROM_REDIS)):
+            return
+        yield seen
+        seen = seen.__cause__ or seen.__context__
 
 
 BEHIND_A_POOLER = ("DATABASE_URL leads to a transaction pooler (PgBouncer's pool_mode = "
@@ -205,8 +229,11 @@ def is_demotion(exc: BaseException) -> bool:
 def _refused_for(exc: redis.exceptions.ResponseError) -> str:
     """The error code of a Redis answer redis-py left in its text (``BUSY``, ``NOREPLICAS``,
     ``WRONGTYPE``...; it takes the code off those it has a class for), that of the command a
-    script ran when Redis 6.2 wrapped it; '' when there is none."""
+    script ran when Redis 6.2 wrapped it, ``NOPERM`` for an ACL's refusal inside a script
+    (worded without it); '' when there is none."""
     text = str(exc)
+    if _SCRIPT_ACL.search(text):
+        return "NOPERM"
     wrapped = _SCRIPT_REFUSED.match(text)
     if wrapped is not None:
         return wrapped.group(1)

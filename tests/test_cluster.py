@@ -198,6 +198,34 @@ def test_a_cluster_refusing_the_login_says_so(
         result.err)  # fmt: skip
 
 
+async def test_a_cluster_user_not_allowed_cluster_slots_is_told_so(
+    cluster: aioredis.RedisCluster, stack: Settings, cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """redis-py takes any refusal of CLUSTER SLOTS for "cluster mode is not enabled": an ACL
+    user without it was told to unset FLASHSALE_REDIS_CLUSTER, as if the server were single."""
+    nodes = [direct(cluster, node) for node in cluster.get_nodes()]
+    try:
+        for node in nodes:
+            await node.acl_setuser("slots-user", enabled=True, passwords=["+slots-password-0123"],
+                                   keys=["*"], commands=["+@all", "-cluster"])  # fmt: skip
+        create = ("sale", "create", "--name", "Slots", "--sku", "A", "--stock", "5",
+                  "--price", "100", "--currency", "EUR")  # fmt: skip
+        created = await asyncio.to_thread(cli, *create)
+        url = re.sub(r"//[^@]*@", "//slots-user:slots-password-0123@", stack.require_redis())
+        monkeypatch.setenv("REDIS_URL", url)
+        result = await asyncio.to_thread(cli, "sale", "status", created.out.strip())
+        said = ("Redis refused REDIS_URL's user: this user has no permissions to run the "
+                "'cluster' command")  # fmt: skip
+        assert (result.code, result.err.count("\n")) == (1, 1), result
+        assert result.err.startswith(f"flashsale: error: {said}"), result.err
+        probe = await _probe_redis(replace(stack, redis_url=url))
+        assert probe is not None and probe.startswith(said), probe
+    finally:
+        for node in nodes:
+            await node.acl_deluser("slots-user")
+            await node.aclose()
+
+
 async def _probe_redis(settings: Settings) -> str | None:
     client = redis_client(settings)
     try:
