@@ -86,6 +86,12 @@ def test_up_reuse_env_status_down(scratch_home: Path, run_cli: Cli) -> None:
     own.up(progress=lambda _line: None)
     assert read_env_file(scratch_home / "dev.env") == values
     assert all(row.state == "running" for row in own.status())
+    # One given another Redis (or another user of this one: `flashsale demo` as the engine's
+    # least-privileged user) while the stack runs: dev.env lost the stack's REDIS_URL, and a
+    # shell taking it later had no Redis at all.
+    elsewhere = {**values, "REDIS_URL": "redis://flashsale_app:pw@127.0.0.1:1/0"}
+    DevStack(scratch_home, environ=elsewhere).up(progress=lambda _line: None)
+    assert read_env_file(scratch_home / "dev.env") == values
 
     status = run("dev", "status")
     assert status.code == 0

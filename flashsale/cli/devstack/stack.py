@@ -289,12 +289,13 @@ class DevStack:
                                if n in names and not self.external(n)))  # fmt: skip
 
     def _write_env(self, state: dict[str, ServerState]) -> None:
+        """dev.env: each server this stack runs (also while given another's URL), the secrets."""
         keys = self._secrets()
-        lines = []
-        for name in SERVERS:
-            if name in state and not self.external(name):
-                lines.append(f"export {EXTERNAL_VAR[name]}={self.url(name, state[name].port)}")
-        if self.layout is not None and not self.external("redis"):
+        runs = {name for name, server in state.items()
+                if not self.external(name) or pid_alive(server.pid, server.binary)}  # fmt: skip
+        lines = [f"export {EXTERNAL_VAR[name]}={self.url(name, state[name].port)}"
+                 for name in SERVERS if name in runs]  # fmt: skip
+        if self.layout is not None and "redis" in runs:
             lines.append("export FLASHSALE_REDIS_CLUSTER=1")
         for var in ("FLASHSALE_ADMIN_TOKEN", "FLASHSALE_SECRET", "FLASHSALE_BUYER_TOKEN_SECRET"):
             lines.append(f"export {var}={keys[var]}")
