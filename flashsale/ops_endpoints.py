@@ -20,7 +20,7 @@ import platform
 import socket
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import orjson
@@ -163,16 +163,25 @@ async def memory_used(client: RedisClient) -> dict[str, float]:
             if int(info.get("maxmemory", 0))}  # fmt: skip
 
 
-async def _memory_by_node(client: RedisClient) -> dict[str, Mapping[str, Any]]:
+async def _memory_by_node(client: RedisClient) -> dict[str, dict[str, Any]]:
     """INFO's memory section of the server, or of each primary of a cluster, by address."""
     if isinstance(client, RedisCluster):
-        found: dict[str, Mapping[str, Any]] = await client.info(
-            "memory", target_nodes=client.get_primaries()
-        )
-        return found
+        return await info_of_primaries(client, "memory")
     where = client.connection_pool.connection_kwargs
     node = where.get("path") or f"{where.get('host')}:{where.get('port')}"
     return {node: await client.info("memory")}
+
+
+async def info_of_primaries(client: RedisCluster, section: str) -> dict[str, dict[str, Any]]:
+    """A section of INFO from each primary of the cluster, by address. The client learns the
+    primaries as it starts; redis-py answers a command sent to one node (a cluster of one
+    primary) as it came, not by node."""
+    await client.initialize()  # at once if it has started
+    primaries = client.get_primaries()
+    found = await client.info(section, target_nodes=primaries)
+    if len(primaries) == 1:
+        return {primaries[0].name: found}
+    return cast(dict[str, dict[str, Any]], found)
 
 
 async def ping_postgres(db: asyncpg.Connection | asyncpg.Pool) -> None:

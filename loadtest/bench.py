@@ -23,6 +23,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from flashsale.clients import RedisClient
+from flashsale.ops_endpoints import info_of_primaries
 
 
 @dataclass(slots=True)
@@ -206,10 +207,9 @@ class ServerSample:
     async def take(cls, client: RedisClient) -> ServerSample:
         """The server's counters; on a Redis Cluster, summed over the primaries."""
         if isinstance(client, aioredis.RedisCluster):
-            primaries = client.get_primaries()
-            stats = await client.info("commandstats", target_nodes=primaries)
-            cpu = await client.info("cpu", target_nodes=primaries)
-            nodes = [cls._parse(stats[n.name], cpu[n.name]) for n in primaries]
+            stats = await info_of_primaries(client, "commandstats")
+            cpu = await info_of_primaries(client, "cpu")
+            nodes = [cls._parse(stats[name], cpu[name]) for name in stats]
             return cls(_summed([n.calls for n in nodes]), _summed([n.usec for n in nodes]),
                        sum(n.cpu_seconds for n in nodes))  # fmt: skip
         return cls._parse(await client.info("commandstats"), await client.info("cpu"))

@@ -16,6 +16,7 @@ from allocator.ids import new_reservation_id
 from allocator.sku_allocator import SkuAllocator
 from flashsale.clients import redis_client
 from flashsale.keys import SkuKeys, bucket_for
+from flashsale.ops_endpoints import info_of_primaries
 from flashsale.settings import Settings
 from loadtest.bench import Row, cpu_seconds
 from loadtest.bench_allocate_rig import POOL, STOCK, Rig
@@ -80,12 +81,11 @@ async def _spread_row(
     async def active() -> int:
         return sum([await rig.active(client, k)() for k in skus])
 
-    primaries = client.get_primaries()
-    before = await client.info("cpu", target_nodes=primaries)
+    before = await info_of_primaries(client, "cpu")
     batches_before = sum(a.batches for a in allocators)
     row = await rig.measure(name, what, op, client=client, command="evalsha",
                              granted=active)  # fmt: skip
-    after = await client.info("cpu", target_nodes=primaries)
+    after = await info_of_primaries(client, "cpu")
     batches = sum(a.batches for a in allocators) - batches_before
     row.extra["mean_batch"] = round(row.decisions / max(batches, 1), 1)
     for allocator in allocators:
@@ -110,15 +110,14 @@ async def _bucket_rows(rig: Rig, client: aioredis.RedisCluster, n: int, buckets:
     async def active() -> int:
         return sum([await rig.active(client, k)() for k in keys])
 
-    primaries = client.get_primaries()
-    before = await client.info("cpu", target_nodes=primaries)
+    before = await info_of_primaries(client, "cpu")
     batches_before = allocator.batches
     row = await rig.measure(
         f"cluster{n}_one_sku_{buckets}_buckets",
         f"batched allocator, one hot SKU in {buckets} stock buckets", op,
         client=client, command="evalsha", granted=active,
     )  # fmt: skip
-    after = await client.info("cpu", target_nodes=primaries)
+    after = await info_of_primaries(client, "cpu")
     row.extra["mean_batch"] = round(row.decisions / max(allocator.batches - batches_before,
                                                         1), 1)  # fmt: skip
     await allocator.aclose()

@@ -253,6 +253,28 @@ async def test_a_full_node_makes_the_cluster_unready(
     assert await _probe_redis(stack) is None
 
 
+async def test_a_new_client_reads_the_memory_of_every_primary(
+    cluster: aioredis.RedisCluster, stack: Settings
+) -> None:
+    """Asked before its first command, the cluster client knew only the node REDIS_URL names,
+    and redis-py answers a command sent to one node unwrapped, not by node: the allocator
+    logged an AttributeError traceback as it started (and a cluster of one primary, as a
+    managed service's single shard, would never have been ready)."""
+    primaries = [direct(cluster, node) for node in cluster.get_primaries()]
+    client = redis_client(stack)
+    try:
+        for node in primaries:
+            await node.config_set("maxmemory", str(8 << 30))
+        used = await memory_used(client)
+        assert set(used) == {n.name for n in cluster.get_primaries()}, used
+        assert all(0 < share < 0.01 for share in used.values()), used
+    finally:
+        await client.aclose()
+        for node in primaries:
+            await node.config_set("maxmemory", "0")
+            await node.aclose()
+
+
 async def test_a_cluster_user_not_allowed_info_is_ready_on_its_ping(
     cluster: aioredis.RedisCluster, stack: Settings
 ) -> None:
