@@ -82,11 +82,13 @@ async def migrate(conn: asyncpg.Connection, progress: Callable[[str], None] = pr
     Each step is one transaction that first takes a transaction-level advisory lock, so
     concurrent runners take turns and each sees what the one before it applied. Nothing is
     held between transactions, which a transaction pooler (``FLASHSALE_PG_POOL_MODE``) may run
-    on different server connections."""
+    on different server connections. On a current schema nothing is created or written, so
+    the engine's own user, granted the tables and not the schema, is told it is up to date."""
     applied_now: list[int] = []
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_ID)
-        await conn.execute(_BOOTSTRAP)
+    if await conn.fetchval("SELECT to_regclass('schema_migrations')") is None:
+        async with conn.transaction():  # the owner's: a user granted the tables may not create
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_ID)
+            await conn.execute(_BOOTSTRAP)
     for migration in available():
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_ID)
@@ -100,7 +102,14 @@ async def migrate(conn: asyncpg.Connection, progress: Callable[[str], None] = pr
                         "was applied; add a new migration instead"
                     )
                 continue
-            await conn.execute(migration.sql)
+            try:
+                await conn.execute(migration.sql)
+            except asyncpg.InsufficientPrivilegeError as exc:
+                raise ConfigError(
+                    f"migration {migration.version:04d}_{migration.name} needs the owner of the "
+                    f"schema's tables, and DATABASE_URL's user was refused ({exc}): run `flashsale "
+                    'migrate` as the owner (docs/PRODUCTION.md, "The engine\'s users")'
+                ) from exc
             await conn.execute(
                 "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
                 migration.version,

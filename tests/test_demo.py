@@ -4,6 +4,7 @@ passes, and the report says so, on screen and as JSON."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -29,14 +30,20 @@ from loadtest.demo_report import (
 )
 from loadtest.driver import Eta
 from loadtest.processes import wait_consuming
+from tests.engine_users import postgres_user, redis_user
 
 
 def test_demo_runs_a_spike_to_orders_and_a_passing_audit(stack: Settings, tmp_path: Path) -> None:
+    """As the engine's least-privileged users of docs/PRODUCTION.md, so that what they are
+    granted is enough for every service and command of a sale, from its creation to its
+    archiving."""
     path = tmp_path / "demo.json"
+    users = {"DATABASE_URL": asyncio.run(postgres_user(stack.require_database())),
+             "REDIS_URL": asyncio.run(redis_user(stack))}  # fmt: skip
     result = subprocess.run(
         [sys.executable, "-m", "flashsale", "demo", "--buyers", "2000", "--stock", "100",
          "--json", str(path)],
-        capture_output=True, text=True, timeout=300, env=os.environ.copy(), check=False,
+        capture_output=True, text=True, timeout=300, env={**os.environ, **users}, check=False,
     )  # fmt: skip
     out = result.stdout
     assert result.returncode == 0, out + result.stderr

@@ -7,9 +7,11 @@ import asyncio
 import asyncpg
 import pytest
 
+from flashsale.errors import ConfigError
 from flashsale.migrate import available, migrate, require_current
 
 from .conftest import Cli
+from .engine_users import postgres_user
 
 
 async def test_migrations_apply_once_and_rerun_cleanly(fresh_dsn: str) -> None:
@@ -115,3 +117,30 @@ def test_migrate_command_is_rerunnable(cli: Cli) -> None:
     result = cli("migrate")
     assert result.code == 0
     assert "schema up to date" in result.out
+
+
+async def test_the_engines_user_is_told_a_current_schema_is_up_to_date(fresh_dsn: str) -> None:
+    """The documented user has no CREATE on the schema: `flashsale migrate` (the demo, a
+    deploy's step) failed on it with "permission denied for schema public" even with nothing
+    to apply; with something to apply, that is the owner's work and is said so."""
+    owner = await asyncpg.connect(fresh_dsn)
+    try:
+        await migrate(owner, progress=lambda _: None)
+        engine = await asyncpg.connect(await postgres_user(fresh_dsn))
+        try:
+            lines: list[str] = []
+            assert await migrate(engine, progress=lines.append) == []
+            assert lines == ["schema up to date"], lines
+            last = available()[-1].version
+            await owner.execute("DELETE FROM schema_migrations WHERE version = $1", last)
+            with pytest.raises(ConfigError) as refused:
+                await migrate(engine, progress=lines.append)
+            assert str(refused.value).startswith(
+                f"migration {last:04d}_{available()[-1].name} needs the owner of the schema's "
+                "tables, and DATABASE_URL's user was refused (permission denied for schema "
+                "public): run `flashsale migrate` as the owner"
+            ), refused.value
+        finally:
+            await engine.close()
+    finally:
+        await owner.close()
