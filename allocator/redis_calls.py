@@ -3,12 +3,13 @@ client and called by EVALSHA, and commands packed in C (hiredis) for the hot and
 
 A script is called by EVALSHA and, where the server answers NOSCRIPT (it restarted, its
 scripts were flushed, or a failover promoted a replica: Redis 7 does not replicate ``SCRIPT
-LOAD``), given to the server that runs the call: :class:`Script` sends the call again whole
-with EVAL, which cannot answer NOSCRIPT and leaves the script where it ran, and
-:func:`send_packed` loads it on the connection that answered before sending the commands
-again. redis-py's own fallback loads it through any pooled connection, which after a
-failover behind one endpoint may still lead to the old primary, and the call sent again to
-the new one hears NOSCRIPT once more: an error that is neither an outage nor the request's.
+LOAD``), given to the server that runs the call: :class:`~flashsale.redis_connection.Script`
+sends the call again whole with EVAL, which cannot answer NOSCRIPT and leaves the script
+where it ran, and :func:`send_packed` loads it on the connection that answered before
+sending the commands again. redis-py's own fallback loads it through any pooled
+connection, which after a failover behind one endpoint may still lead to the old primary,
+and the call sent again to the new one hears NOSCRIPT once more: an error that is neither an
+outage nor the request's.
 
 This is the one place that knows whether Redis is one server or a Redis Cluster. On a cluster,
 packed commands are grouped by the node that serves their key's slot and each node's group is
@@ -33,15 +34,14 @@ from typing import Any, cast
 import hiredis
 import redis.asyncio as aioredis
 import redis.exceptions
-from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.connection import Connection
 from redis.commands.core import AsyncScript
 from redis.crc import key_slot
-from redis.typing import EncodableT, KeyT
 
 from flashsale.clients import CLUSTER_POOL_FACTOR, RedisClient
 from flashsale.outages import describe, is_demotion
+from flashsale.redis_connection import Script
 
 # The parsers whose hiredis reader :func:`_read_replies` drains itself (redis-py's private
 # layout, so another layout falls back to redis-py's own ``read_response``).
@@ -65,27 +65,6 @@ WITH_LIB = frozenset({
 REDIRECTED = (redis.exceptions.AskError, redis.exceptions.TryAgainError)  # MovedError is an Ask
 
 Command = tuple[str | int | bytes, ...]
-
-
-class Script(AsyncScript):
-    """A script of ``lua/``, called by EVALSHA; a call answered NOSCRIPT is sent again whole
-    with EVAL, which runs the script wherever the call lands and leaves it there (see the
-    module's text)."""
-
-    async def __call__(
-        self,
-        keys: Sequence[KeyT] | None = None,
-        args: Iterable[EncodableT] | None = None,
-        client: RedisClient | None = None,
-    ) -> Any:
-        target = self.registered_client if client is None else client
-        if isinstance(target, Pipeline):  # the pipeline loads its scripts itself
-            return await super().__call__(keys, args, client)
-        keys, args = keys or (), tuple(args or ())
-        try:
-            return await target.evalsha(self.sha, len(keys), *keys, *args)
-        except redis.exceptions.NoScriptError:
-            return await target.eval(cast(str, self.script), len(keys), *keys, *args)
 
 
 def lua_script(client: RedisClient, name: str) -> Script:

@@ -45,6 +45,7 @@ from flashsale.kafka import client_options
 from flashsale.keys import PROBE
 from flashsale.migrate import require_current
 from flashsale.outages import CLUSTER_READ_AS_ONE, describe
+from flashsale.redis_connection import Script
 from flashsale.settings import Settings
 
 PING_TIMEOUT_S = 2.0
@@ -124,10 +125,12 @@ def dependency_probes(
 async def ping_redis(client: RedisClient) -> None:
     """A PING, then whether the server takes writes: one at its ``maxmemory`` under
     ``noeviction`` (said from INFO) and a primary a failover made a replica answer a PING
-    and refuse every write. The write probe (``fs:probe``, kept a second) goes as the
-    engine's own writes go: a connection still leading to a demoted primary is dropped at its
-    ``READONLY`` and the write sent again on a new one (:mod:`flashsale.redis_connection`),
-    so the probe follows a failover behind one endpoint as they do. On a cluster, each
+    and refuse every write. The write probe (``fs:probe``, kept a second, written by a
+    script as the engine's writes are, so that an ACL user who may not run them is not
+    ready) goes as the engine's own writes go: a connection still leading to a demoted
+    primary is dropped at its ``READONLY`` and the write sent again on a new one
+    (:mod:`flashsale.redis_connection`), so the probe follows a failover behind one
+    endpoint as they do. On a cluster, each
     primary's memory; through a single server's client, also that the server is no node
     of a cluster, whose every node answers a PING while most keys live on the others."""
     await client.ping()
@@ -143,7 +146,12 @@ async def ping_redis(client: RedisClient) -> None:
     if info.get("cluster_enabled"):
         raise ConfigError(CLUSTER_READ_AS_ONE)
     _raise_if_full(info, "the server")
-    await client.set(PROBE, b"1", px=1000)
+    await Script(client, PROBE_WRITE)(keys=[PROBE])
+
+
+# The probe's write, as the engine's scripts write: EVALSHA (EVAL where the server lost it),
+# TIME and a write inside, so that a user not allowed what they run is not ready either.
+PROBE_WRITE = "redis.call('TIME') return redis.call('SET', KEYS[1], '1', 'PX', 1000)"
 
 
 def _raise_if_full(info: Mapping[str, Any], server: str) -> None:

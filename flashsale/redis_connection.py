@@ -17,15 +17,23 @@ connection) carries the call instead of failing it.
 Both raise redis-py's ``ConnectionError``, which its retry takes and the engine's outage
 classification (:mod:`flashsale.outages`) counts as an outage where no retry carries it
 (``allocator.redis_calls``' packed calls).
+
+A :class:`Script` the server lost (NOSCRIPT) is sent again whole with EVAL, which runs
+wherever the call lands, instead of being loaded through any pooled connection, which may
+still lead to the old primary: see ``allocator.redis_calls``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.client import Pipeline
 from redis.asyncio.connection import AbstractConnection
+from redis.commands.core import AsyncScript
+from redis.typing import EncodableT, KeyT
 
 from flashsale.outages import describe, is_closed_transport, is_demotion
 
@@ -65,3 +73,23 @@ REPLACES: dict[type[AbstractConnection], type[AbstractConnection]] = {
     aioredis.Connection: Connection,
     aioredis.SSLConnection: SSLConnection,
 }
+
+
+class Script(AsyncScript):
+    """A Lua script called by EVALSHA; a call answered NOSCRIPT is sent again whole with EVAL
+    (see the module's text)."""
+
+    async def __call__(
+        self,
+        keys: Sequence[KeyT] | None = None,
+        args: Iterable[EncodableT] | None = None,
+        client: aioredis.Redis | aioredis.RedisCluster | None = None,
+    ) -> Any:
+        target = self.registered_client if client is None else client
+        if isinstance(target, Pipeline):  # the pipeline loads its scripts itself
+            return await super().__call__(keys, args, client)
+        keys, args = keys or (), tuple(args or ())
+        try:
+            return await target.evalsha(self.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            return await target.eval(cast(str, self.script), len(keys), *keys, *args)

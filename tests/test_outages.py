@@ -643,6 +643,13 @@ async def test_the_cli_says_which_command_the_redis_user_lacks(
         result.err
     )
     assert "docs/PRODUCTION.md" in result.err, result.err
+    # Readiness said ready: its write was a SET, which the user may send.
+    client = aioredis.Redis.from_url(limited)
+    try:
+        probe = await check(lambda: ping_redis(client))
+    finally:
+        await client.aclose()
+    assert probe is not None and probe.startswith(f"Redis refused REDIS_URL's user: {said}"), probe
     settings = dataclasses.replace(stack, redis_url=limited, redis_cluster=False,
                                    admin_token=Secret("admin-token-0123456789"))  # fmt: skip
     async with TestClient(TestServer(create_app(settings))) as http:

@@ -17,10 +17,11 @@ import pytest
 import redis.asyncio as aioredis
 import uvloop
 
-from allocator.redis_calls import Script, call_packed, read_packed
+from allocator.redis_calls import call_packed, read_packed
 from flashsale.clients import RedisClient, redis_client
 from flashsale.ops_endpoints import check, ping_redis
 from flashsale.outages import is_outage
+from flashsale.redis_connection import Script
 from flashsale.settings import Settings
 from loadtest.fault_proxy import FaultProxy, through
 from tests.lone_redis import lone_redis
