@@ -58,6 +58,7 @@ from loadtest.demo_report import (
     summary,
 )
 from loadtest.driver import Buyers, DriverStats, Person, Plan
+from loadtest.engine_log import EngineLog, Stalled
 from loadtest.processes import engine, histogram_buckets, wait_consuming, wait_healthy
 from reconciler.report import AuditReport
 
@@ -160,7 +161,8 @@ async def run(settings: Settings, *, scenario: Scenario, progress: Progress,
             )
             people = scenario.people(tokens, opened, lead_s)
             code = await _drive(settings, session, base, people, scenario, opened=opened,
-                                report=report, progress=progress)  # fmt: skip
+                                report=report, progress=progress,
+                                log=EngineLog(log_path))  # fmt: skip
             report.reserve_in_gateway = await _reserve_in_gateway(session, base)
             # The sale would run for its hour: ended, it stops costing this stack's services
             # anything (a pump, the sweeper, the relay), so a later demo meets the same engine,
@@ -207,10 +209,11 @@ def sale_spec(scenario: Scenario, starts_at: datetime) -> dict[str, Any]:
 
 
 async def _watch(settings: Settings, sale_id: str, stats: DriverStats, *, total: int,
-                 opened: float, progress: Progress, stop: asyncio.Event) -> None:  # fmt: skip
+                 opened: float, progress: Progress, stop: asyncio.Event,
+                 stalled: Stalled) -> None:  # fmt: skip
     """Each second: the waiting room and the stock as Redis has them (registered: the buyers
     who joined before the opening, for the draw; the queue: buyers in line who may still be
-    admitted), and the answers."""
+    admitted), and the answers; what the engine warned of once units stay held unsold."""
     client = redis_client(settings)
     room, stock = QueueScripts(client), SkuKeys(sale_id, SKU).stock
     try:
@@ -229,18 +232,21 @@ async def _watch(settings: Settings, sale_id: str, stats: DriverStats, *, total:
                      f"  admitted {v.serving:>5,}  held {active + paying:>4}  sold {sold:>4}  "
                      f"answers {answered:>6,}/{total:,} ({stats.outcomes['reserved']} "
                      f"reserved, {stats.outcomes['sold_out']:,} sold out)")  # fmt: skip
+            stalled.note(active + paying, sold, time.monotonic())
     finally:
         await client.aclose()
 
 
 async def _drive(settings: Settings, session: aiohttp.ClientSession, base: str,
                  people: list[Person], scenario: Scenario, *, opened: float,
-                 report: DemoReport, progress: Progress) -> int:  # fmt: skip
+                 report: DemoReport, progress: Progress, log: EngineLog) -> int:  # fmt: skip
     sale_id = report.sale
     driver = Buyers(base, sale_id, SKU, window_ms=scenario.window_s * 1000)
     stop = asyncio.Event()
-    watcher = asyncio.create_task(_watch(settings, sale_id, driver.stats, total=len(people),
-                                         opened=opened, progress=progress, stop=stop))  # fmt: skip
+    watcher = asyncio.create_task(_watch(
+        settings, sale_id, driver.stats, total=len(people), opened=opened, progress=progress,
+        stop=stop, stalled=Stalled(log, sale_id, progress, ("unit sold", "held")),
+    ))  # fmt: skip
     changer = asyncio.create_task(_change_rate(session, base, settings, sale_id,
                                                scenario=scenario, opened=opened,
                                                progress=progress))  # fmt: skip
@@ -280,7 +286,8 @@ async def _drive(settings: Settings, session: aiohttp.ClientSession, base: str,
     progress("== reservations becoming orders (payment saga over Kafka)")
     pool = await pg_pool(settings, min_size=1, max_size=2)
     try:
-        states = await _follow(pool, sale_id, len(stats.reservations), progress)
+        stalled = Stalled(log, sale_id, progress, ("order ended", "open"))
+        states = await _follow(pool, sale_id, len(stats.reservations), progress, stalled=stalled)
         sold, total = await pool.fetchrow(
             "SELECT sold, stock_total FROM sale_skus WHERE sale_id = $1 AND sku = $2",
             sale_id, SKU,
@@ -334,8 +341,8 @@ async def _audit(session: aiohttp.ClientSession, base: str, settings: Settings, 
     return report.passed
 
 
-async def _follow(pool: asyncpg.Pool, sale_id: str, reserved: int, progress: Progress,
-                  patience: float = 120) -> dict[str, int]:  # fmt: skip
+async def _follow(pool: asyncpg.Pool, sale_id: str, reserved: int, progress: Progress, *,
+                  stalled: Stalled, patience: float = 120) -> dict[str, int]:  # fmt: skip
     terminal = ("CONFIRMED", "PAYMENT_FAILED", "EXPIRED", "CANCELLED")
     deadline = time.monotonic() + patience
     shown: Any = None
@@ -345,8 +352,10 @@ async def _follow(pool: asyncpg.Pool, sale_id: str, reserved: int, progress: Pro
             shown = states
             parts = ", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "none yet"
             progress(f"   orders: {parts}")
-        if sum(states.get(s, 0) for s in terminal) >= reserved:
+        ended = sum(states.get(s, 0) for s in terminal)
+        if ended >= reserved:
             return states
+        stalled.note(reserved - ended, ended, time.monotonic())
         if time.monotonic() > deadline:
             progress(f"   not every order is final after {patience:g}s")
             return states

@@ -29,6 +29,7 @@ from loadtest.demo_report import (
     kendall_tau,
 )
 from loadtest.driver import Eta
+from loadtest.engine_log import EngineLog, Stalled
 from loadtest.processes import wait_consuming
 from tests.engine_users import postgres_user, redis_user
 
@@ -230,3 +231,42 @@ async def test_the_demo_waits_until_the_workers_consume() -> None:
                 await wait_consuming(session, f"http://127.0.0.1:{port}/metrics", patience=0.5)
     finally:
         await runner.cleanup()
+
+
+def test_a_stalled_demo_says_what_its_engine_warned_of(tmp_path: Path) -> None:
+    """A demo whose workers waited for a grant showed "held 100  sold 0" for minutes; the
+    reason was in the engine's log, which it did not name."""
+    path = tmp_path / "engine.log"
+
+    def logged(level: str, message: str) -> bytes:
+        return json.dumps({"ts": "t", "level": level, "logger": "l", "message": message}).encode()
+
+    said: list[str] = []
+    stalled = Stalled(EngineLog(path), "sale-ab12", said.append, ("unit sold", "held"), after_s=10)
+    path.write_bytes(b"\n".join([
+        b"a child's own line, not a record",
+        logged("INFO", "partitions assigned: [0, 1]"),
+        logged("WARNING", "reconcile: sale-ff00/SKU-1: rebuild failed"),  # another sale's
+        logged("WARNING", "batch of 23 waits for a dependency (Postgres refused DATABASE_URL's "
+                          "user: permission denied for sequence outbox_id_seq)"),
+        logged("WARNING", "batch of 177 waits for a dependency (Postgres refused DATABASE_URL's "
+                          "user: permission denied for sequence outbox_id_seq)"),  # the same kind
+        b'{"ts": "t", "level": "ERROR", "message": "the pump of sale-ab12 fa',  # being written
+    ]))  # fmt: skip
+    stalled.note(held=100, done=0, now=0.0)
+    stalled.note(held=100, done=3, now=9.0)  # sold some: not stalled
+    stalled.note(held=97, done=3, now=18.0)
+    assert said == [], said
+    stalled.note(held=97, done=3, now=19.0)
+    assert said == [
+        f"   no unit sold for 10s while 97 are held (the engine's log: {path})",
+        "   the engine: batch of 23 waits for a dependency (Postgres refused DATABASE_URL's "
+        "user: permission denied for sequence outbox_id_seq)",
+    ], said
+    with path.open("ab") as log:
+        log.write(b'iled: Unavailable"}\n')
+    stalled.note(held=97, done=3, now=20.0)  # the log named once; the new kind said
+    assert said[2:] == ["   the engine: the pump of sale-ab12 failed: Unavailable"], said
+    stalled.note(held=0, done=3, now=40.0)  # nothing held: nothing to wait for
+    stalled.note(held=1, done=3, now=45.0)
+    assert len(said) == 3, said
