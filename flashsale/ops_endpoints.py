@@ -155,11 +155,15 @@ PROBE_WRITE = "redis.call('TIME') return redis.call('SET', KEYS[1], '1', 'PX', 1
 
 
 def _raise_if_full(info: Mapping[str, Any], server: str) -> None:
-    """Unavailable when ``info`` (INFO's memory section) says ``server`` is full."""
+    """Unavailable when ``info`` (INFO's memory section) says ``server`` is full: at its
+    ``maxmemory`` under ``noeviction``, or under a ``volatile-*`` policy (a managed service's
+    default), which evicts only keys with an expiry: the stock, holds and queues have none,
+    so once the few others are gone the server answers every write OOM."""
     used, most = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
-    if most and used >= most and info.get("maxmemory_policy") == "noeviction":
+    policy = str(info.get("maxmemory_policy", ""))
+    if most and used >= most and (policy == "noeviction" or policy.startswith("volatile-")):
         raise Unavailable(f"Redis: {server} is full: used_memory {used:,} of maxmemory "
-                          f"{most:,} bytes (noeviction): it refuses every write")  # fmt: skip
+                          f"{most:,} bytes ({policy}): it refuses every write")  # fmt: skip
 
 
 async def memory_used(client: RedisClient) -> dict[str, float]:

@@ -234,21 +234,30 @@ async def _probe_redis(settings: Settings) -> str | None:
         await client.aclose()
 
 
+@pytest.mark.parametrize("policy", ["noeviction", "volatile-lru"])
 async def test_a_full_node_makes_the_cluster_unready(
-    cluster: aioredis.RedisCluster, stack: Settings
+    cluster: aioredis.RedisCluster, stack: Settings, policy: str
 ) -> None:
     """One primary at its ``maxmemory`` refuses every write to the sales in its slots, while
-    each node answers a PING: the probe names it."""
+    each node answers a PING: the probe names it. Under a volatile policy (a managed
+    service's default) too: the engine's stock, holds and queues have no expiry to evict by,
+    and the probe said ready while the node answered OOM."""
     node = cluster.get_primaries()[-1]
     one = direct(cluster, node)
     try:
         assert await _probe_redis(stack) is None
+        await one.config_set("maxmemory-policy", policy)
         await one.config_set("maxmemory", "1")
+        key = next(k for k in (f"fs:{{full-{i}}}:stock" for i in range(10_000))
+                   if node_of(cluster, k).name == node.name)  # fmt: skip
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            await one.hset(key, "probe", 1)
         full = await _probe_redis(stack)
         assert full is not None and "full" in full and node.name in full, full
         assert (await memory_used(cluster))[node.name] >= 1  # what the alert before reads
     finally:
         await one.config_set("maxmemory", "0")
+        await one.config_set("maxmemory-policy", "noeviction")
         await one.aclose()
     assert await _probe_redis(stack) is None
 
