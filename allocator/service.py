@@ -41,7 +41,7 @@ from allocator.sweeper import run_sweeper
 from flashsale.clients import RedisClient, pg_pool, redis_client
 from flashsale.kafka import producer_when_up
 from flashsale.keys import DISCOVERED, SkuKeys, bucket_keys
-from flashsale.ops_endpoints import KafkaProbe, dependency_probes, memory_used, serve_ops
+from flashsale.ops_endpoints import KafkaProbe, dependency_probes, memory_read, serve_ops
 from flashsale.outages import log_failure
 from flashsale.queue_marks import QueueMarks
 from flashsale.settings import Settings
@@ -175,11 +175,17 @@ class AllocatorService:
 
     async def _measure_memory(self, stop: asyncio.Event, interval_s: float = 5.0) -> None:
         """Every ``interval_s``, each Redis server's memory as a share of its ``maxmemory``:
-        the warning before it is full and refuses every write."""
+        the warning before it is full and refuses every write; and, each time it is first
+        seen, a server that evicts when full."""
+        warned: set[str] = set()
         while not stop.is_set():
             try:
                 assert self.redis is not None
-                self.metrics.note_memory(await memory_used(self.redis))
+                read = await memory_read(self.redis)
+                self.metrics.note_memory(read.shares)
+                for line in set(read.warnings()) - warned:
+                    log.warning(line)
+                warned = set(read.warnings())
             except NoPermissionError:  # an ACL user without INFO: nothing to measure
                 log.info("Redis's memory is not measured: its user may not run INFO")
                 return

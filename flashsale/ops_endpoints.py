@@ -20,6 +20,7 @@ import platform
 import socket
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
+from dataclasses import dataclass
 from typing import Any, cast
 
 import asyncpg
@@ -166,13 +167,47 @@ def _raise_if_full(info: Mapping[str, Any], server: str) -> None:
                           f"{most:,} bytes ({policy}): it refuses every write")  # fmt: skip
 
 
-async def memory_used(client: RedisClient) -> dict[str, float]:
+_EVICTS = {
+    "allkeys": "any key when full ({policy}): a stock hash it evicts is a lost SKU until the "
+               "reconciler rebuilds it",
+    "volatile": "keys with an expiry when full ({policy}): the pumps' leases, the rate limits "
+                "and the join challenges' nonces, then it refuses every write",
+}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryRead:
     """Each server's (on a cluster, each primary's) used memory as a share of its
-    ``maxmemory``, by address. A server without one is left out: it has no share to give,
-    and grows until its machine has no memory left."""
-    return {node: int(info["used_memory"]) / int(info["maxmemory"])
-            for node, info in (await _memory_by_node(client)).items()
-            if int(info.get("maxmemory", 0))}  # fmt: skip
+    ``maxmemory``, and its ``maxmemory-policy``, by address. A server without a
+    ``maxmemory`` has no share (it grows until its machine has no memory left) and never
+    evicts."""
+
+    shares: dict[str, float]
+    policies: dict[str, str]
+
+    def warnings(self) -> list[str]:
+        """A line for each server that evicts when full: the engine asks for ``noeviction``."""
+        return [f"Redis {node} evicts "
+                + _EVICTS[policy.split("-")[0]].format(policy=f"maxmemory-policy {policy}")
+                + "; set noeviction (docs/PRODUCTION.md, \"Redis: persistence and the "
+                  "durability window\")"
+                for node, policy in sorted(self.policies.items())
+                if node in self.shares and policy.split("-")[0] in _EVICTS]  # fmt: skip
+
+
+async def memory_read(client: RedisClient) -> MemoryRead:
+    """The memory of each server, or of each primary of a cluster (:class:`MemoryRead`)."""
+    found = await _memory_by_node(client)
+    return MemoryRead(
+        {node: int(info["used_memory"]) / int(info["maxmemory"])
+         for node, info in found.items() if int(info.get("maxmemory", 0))},
+        {node: str(info.get("maxmemory_policy", "")) for node, info in found.items()},
+    )  # fmt: skip
+
+
+async def memory_used(client: RedisClient) -> dict[str, float]:
+    """Each server's used memory as a share of its ``maxmemory`` (:class:`MemoryRead`)."""
+    return (await memory_read(client)).shares
 
 
 async def _memory_by_node(client: RedisClient) -> dict[str, dict[str, Any]]:

@@ -25,7 +25,7 @@ from aiokafka.errors import KafkaConnectionError
 from flashsale import outages
 from flashsale.cli.devstack.processes import free_port
 from flashsale.errors import ProviderDown, Unavailable
-from flashsale.ops_endpoints import check, memory_used, ping_postgres, ping_redis
+from flashsale.ops_endpoints import check, memory_read, memory_used, ping_postgres, ping_redis
 from flashsale.outages import is_demotion, is_outage
 from flashsale.settings import Secret, Settings
 from gateway.app import create_app
@@ -337,6 +337,35 @@ async def test_redis_memory_is_read_as_a_share_of_its_maxmemory(lone_redis: str)
         assert node == f"127.0.0.1:{urlsplit(lone_redis).port}"
         assert 0 < share == pytest.approx(used / (10 * 2**30), rel=0.5), (share, used)
     finally:
+        await client.aclose()
+
+
+async def test_a_redis_that_evicts_when_full_is_warned_of(lone_redis: str) -> None:
+    """The documents ask for ``noeviction``; a server under another policy was used unsaid:
+    ``allkeys-*`` evicts a stock hash (a lost SKU until rebuilt), ``volatile-*`` (a managed
+    service's default) the pumps' leases and the rate limits."""
+    client = aioredis.Redis.from_url(lone_redis)
+    node = f"127.0.0.1:{urlsplit(lone_redis).port}"
+    try:
+        await client.config_set("maxmemory-policy", "allkeys-lru")
+        assert (await memory_read(client)).warnings() == []  # no maxmemory: it never evicts
+        await client.config_set("maxmemory", str(10 * 2**30))
+        read = await memory_read(client)
+        assert list(read.shares) == [node]
+        assert read.warnings() == [
+            f"Redis {node} evicts any key when full (maxmemory-policy allkeys-lru): a stock "
+            "hash it evicts is a lost SKU until the reconciler rebuilds it; set noeviction "
+            '(docs/PRODUCTION.md, "Redis: persistence and the durability window")'
+        ], read.warnings()
+        await client.config_set("maxmemory-policy", "volatile-lfu")
+        [said] = (await memory_read(client)).warnings()
+        volatile = f"Redis {node} evicts keys with an expiry when full (maxmemory-policy "
+        assert said.startswith(volatile + "volatile-lfu): the pumps' leases"), said
+        await client.config_set("maxmemory-policy", "noeviction")
+        assert (await memory_read(client)).warnings() == []
+    finally:
+        await client.config_set("maxmemory", "0")
+        await client.config_set("maxmemory-policy", "noeviction")
         await client.aclose()
 
 
