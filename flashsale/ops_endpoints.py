@@ -124,16 +124,16 @@ def dependency_probes(
 
 
 async def ping_redis(client: RedisClient) -> None:
-    """A PING, then whether the server takes writes: one at its ``maxmemory`` under
-    ``noeviction`` (said from INFO) and a primary a failover made a replica answer a PING
+    """A PING, then whether the server takes writes: one full at its ``maxmemory`` (said
+    from INFO, :func:`_raise_if_full`) and a primary a failover made a replica answer a PING
     and refuse every write. The write probe (``fs:probe``, kept a second, written by a
     script as the engine's writes are, so that an ACL user who may not run them is not
     ready) goes as the engine's own writes go: a connection still leading to a demoted
     primary is dropped at its ``READONLY`` and the write sent again on a new one
     (:mod:`flashsale.redis_connection`), so the probe follows a failover behind one
-    endpoint as they do. On a cluster, each
-    primary's memory; through a single server's client, also that the server is no node
-    of a cluster, whose every node answers a PING while most keys live on the others."""
+    endpoint as they do. On a cluster, each primary's memory; through a single server's
+    client, also that the server is no node of a cluster, whose every node answers a PING
+    while most keys live on the others."""
     await client.ping()
     if isinstance(client, RedisCluster):
         with contextlib.suppress(NoPermissionError):  # an ACL user without INFO: the PING
