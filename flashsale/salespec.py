@@ -281,7 +281,7 @@ def as_sale_file(sale: Mapping[str, Any]) -> dict[str, Any]:
 
 def parse_sale(data: Any, *, now: datetime | None = None) -> SaleSpec:
     """A whole sale from the sale file format (see README). Optional fields get defaults."""
-    imported = "`sale import FILE --sale ID` adds SKUs to a sale"  # a file of SKUs alone
+    imported = "`sale import ID FILE` adds SKUs to a sale"  # a file of SKUs alone
     if not isinstance(data, Mapping):
         raise InvalidInput("sale", "must be a JSON object" + (
             f", not a list: {imported}" if isinstance(data, list) else ""))  # fmt: skip

@@ -454,6 +454,26 @@ def test_a_preload_of_one_unit_says_unit(capsys: pytest.CaptureFixture[str]) -> 
     )
 
 
+def test_import_takes_the_sale_first_as_every_sale_command_does(cli: Cli, tmp_path: Path) -> None:
+    """`sale preload SALE`, `sale add-stock SALE SKU N`: a merchandiser who wrote `sale import
+    SALE FILE` was told --sale is required."""
+    sale_id = create(cli, tmp_path)
+    path = write(tmp_path, "sku,title,stock,price,currency\nK1,Item,5,100,EUR\n", "k1.csv")
+    first = cli("sale", "import", sale_id, path)
+    assert (first.code, first.out.splitlines()[-1:]) == (
+        0,
+        [f"imported 1 SKU into {sale_id}; run `flashsale sale preload {sale_id}`"],
+    ), first
+    again = cli("sale", "import", write(tmp_path, "sku,stock,price,currency\nK2,5,100,EUR\n",
+                                        "k2.csv"), "--sale", sale_id)  # fmt: skip
+    assert again.code == 0, again.err  # as before
+    twice = cli("sale", "import", sale_id, path, "--sale", sale_id)
+    alone = cli("sale", "import", path)
+    for refused, said in ((twice, "the sale is given twice"), (alone, "which sale? ")):
+        assert (refused.code, refused.err.count("\n")) == (2, 1) and said in refused.err, refused
+        assert refused.err.startswith("flashsale: error: "), refused  # one line, naming it
+
+
 def test_import_csv_adds_skus(cli: Cli, db: Db, tmp_path: Path) -> None:
     sale_id = create(cli, tmp_path)
     csv_path = write(
@@ -1117,7 +1137,7 @@ def test_the_status_of_a_sale_without_skus_says_how_to_add_them(cli: Cli) -> Non
     status = cli("sale", "status", sale_id)
     assert status.code == 0, status.err
     assert "STOCK" not in status.out, status.out
-    assert f"no SKUs yet: add some with `flashsale sale import FILE.csv --sale {sale_id}`" in (
+    assert f"no SKUs yet: add some with `flashsale sale import {sale_id} FILE.csv`" in (
         status.out
     ), status.out
     assert f"not preloaded (`flashsale sale preload {sale_id}`)" in status.out, status.out

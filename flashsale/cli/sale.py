@@ -92,6 +92,11 @@ async def _sale(args: argparse.Namespace, settings: Settings) -> int:
         dump_json(created) if args.json else out(created["id"])
         return 0
     if command == "import":
+        if args.sale_id and args.sale:
+            raise InvalidInput("sale", "the sale is given twice: before the file and as --sale")
+        args.sale = args.sale_id or args.sale
+        if not args.sale:
+            raise InvalidInput("sale", "which sale? `flashsale sale import SALE FILE`")
         stages = Stages(f"importing into {args.sale}")
         batch = await stages.over(_import(settings, args, stages))
         imported = counted(len(batch.skus), "SKU")
@@ -260,12 +265,13 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
     imp = sale_sub.add_parser("import", help="add SKUs from a CSV or JSON file (all validated "
                               "first)")  # fmt: skip
+    imp.add_argument("sale_id", metavar="sale", nargs="?", help="sale id (or --sale)")
     imp.add_argument(
         "file",
         help="CSV with header sku,title,stock,price,currency,...; or JSON: "
         '{"skus": [...]} as in a sale file, or the list alone ("-": stdin)',
     )
-    imp.add_argument("--sale", required=True, help="sale id")
+    imp.add_argument("--sale", help="sale id, given after the file")
 
     listing = sale_sub.add_parser("list", help="list sales, newest first")
     listing.add_argument(

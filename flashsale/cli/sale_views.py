@@ -56,7 +56,7 @@ def print_status(status: dict[str, Any], *, as_json: bool, whole: bool = True) -
     if whole and queue and queue["live"]:
         out(f"  queue: {queue_line(queue, sale['state'])}")
     if not status["skus"]:
-        add = f"`flashsale sale import FILE.csv --sale {sale['id']}`"
+        add = f"`flashsale sale import {sale['id']} FILE.csv`"
         out("  no SKUs" if over else f"  no SKUs yet: add some with {add}")
     w = max((len(row["sku"]) for row in status["skus"]), default=0)
     w = max(20, w)  # the SKU column, as wide as the longest
