@@ -131,22 +131,22 @@ async def ping_redis(client: RedisClient) -> None:
     ready) goes as the engine's own writes go: a connection still leading to a demoted
     primary is dropped at its ``READONLY`` and the write sent again on a new one
     (:mod:`flashsale.redis_connection`), so the probe follows a failover behind one
-    endpoint as they do. On a cluster, each primary's memory; through a single server's
-    client, also that the server is no node of a cluster, whose every node answers a PING
-    while most keys live on the others."""
+    endpoint as they do. On a cluster, each primary's memory, and the write on the node of
+    its slot; through a single server's client, also that the server is no node of a
+    cluster, whose every node answers a PING while most keys live on the others."""
     await client.ping()
     if isinstance(client, RedisCluster):
         with contextlib.suppress(NoPermissionError):  # an ACL user without INFO: the PING
             for name, info in sorted((await _memory_by_node(client)).items()):
                 _raise_if_full(info, f"the node {name}")
-        return
-    try:
-        info = await client.info()
-    except NoPermissionError:  # an ACL user without INFO: the PING has answered
-        info = {}
-    if info.get("cluster_enabled"):
-        raise ConfigError(CLUSTER_READ_AS_ONE)
-    _raise_if_full(info, "the server")
+    else:
+        try:
+            info = await client.info()
+        except NoPermissionError:  # an ACL user without INFO: the PING has answered
+            info = {}
+        if info.get("cluster_enabled"):
+            raise ConfigError(CLUSTER_READ_AS_ONE)
+        _raise_if_full(info, "the server")
     await Script(client, PROBE_WRITE)(keys=[PROBE])
 
 

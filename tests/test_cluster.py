@@ -284,6 +284,28 @@ async def test_a_new_client_reads_the_memory_of_every_primary(
             await node.aclose()
 
 
+async def test_a_cluster_user_not_allowed_the_engines_scripts_is_not_ready(
+    cluster: aioredis.RedisCluster, stack: Settings
+) -> None:
+    """As on a single server: the probe read each primary's memory and wrote nothing, so a
+    user who may not run the engine's scripts was ready while every reservation was 503."""
+    nodes = [direct(cluster, node) for node in cluster.get_nodes()]
+    try:
+        for node in nodes:
+            await node.acl_setuser("noscript-user", enabled=True, keys=["*"],
+                                   passwords=["+noscript-password-0123"],
+                                   commands=["+@all", "-evalsha", "-eval"])  # fmt: skip
+        url = re.sub(r"//[^@]*@", "//noscript-user:noscript-password-0123@", stack.require_redis())
+        probe = await _probe_redis(replace(stack, redis_url=url))
+        assert probe is not None and probe.startswith(
+            "Redis refused REDIS_URL's user: this user has no permissions to run the 'evalsha'"
+        ), probe
+    finally:
+        for node in nodes:
+            await node.acl_deluser("noscript-user")
+            await node.aclose()
+
+
 async def test_a_cluster_user_not_allowed_info_is_ready_on_its_ping(
     cluster: aioredis.RedisCluster, stack: Settings
 ) -> None:
