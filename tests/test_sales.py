@@ -454,6 +454,25 @@ def test_a_preload_of_one_unit_says_unit(capsys: pytest.CaptureFixture[str]) -> 
     )
 
 
+def test_seconds_flags_take_a_duration_as_starts_in_does(cli: Cli, db: Db) -> None:
+    """`--starts-in 5m` takes a duration; `--ttl 10m` and `--window 2m` were refused as "a
+    positive number of seconds"."""
+    created = cli("sale", "create", "--name", "Durations", "--sku", "A", "--stock", "5",
+                  "--price", "100", "--currency", "EUR", "--ttl", "10m",
+                  "--starts-in", "1h")  # fmt: skip
+    assert created.code == 0, created.err
+    sale_id = created.out.strip()
+    for command in (("update", sale_id, "--window", "2m"),
+                    ("update-sku", sale_id, "A", "--ttl", "1m30s")):  # fmt: skip
+        changed = cli("sale", *command)
+        assert changed.code == 0, changed.err
+    row = db.rows("SELECT hold_ttl_seconds FROM sale_skus WHERE sale_id = $1", sale_id)[0]
+    sale = db.rows("SELECT admission_window_seconds FROM sales WHERE id = $1", sale_id)[0]
+    assert (row["hold_ttl_seconds"], sale["admission_window_seconds"]) == (90, 120)
+    refused = cli("sale", "update", sale_id, "--window", "2x")
+    assert refused.code == 2 and refused.err.startswith("flashsale: error: --window: "), refused
+
+
 def test_import_takes_the_sale_first_as_every_sale_command_does(cli: Cli, tmp_path: Path) -> None:
     """`sale preload SALE`, `sale add-stock SALE SKU N`: a merchandiser who wrote `sale import
     SALE FILE` was told --sale is required."""

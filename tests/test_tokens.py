@@ -102,6 +102,15 @@ def test_cli_mints_tokens_that_verify(run_cli: Cli, monkeypatch: pytest.MonkeyPa
     assert [signer.verify(token)["sub"] for _, token in lines] == ["load-0", "load-1", "load-2"]
 
 
+def test_cli_takes_a_lifetime_as_a_duration(run_cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--ttl 1h` was refused as "a positive number"; `sale create --starts-in 1h` takes it."""
+    monkeypatch.setenv("FLASHSALE_BUYER_TOKEN_SECRET", SECRET)
+    result = run_cli("token", "buyers", "--count", "1", "--ttl", "1h30m")
+    assert result.code == 0, result.err
+    claims = Signer([SECRET], "buyer").verify(result.out.split("\t")[1].strip())
+    assert claims["exp"] - time.time() == pytest.approx(5400, abs=5), claims
+
+
 def test_cli_mints_any_buyer_id_the_gateway_takes(
     run_cli: Cli, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 
-from flashsale.cli.checks import http_url, positive, sale_id
+from flashsale.cli.checks import http_url, in_seconds, positive, sale_id
 from flashsale.cli.output import out
 from flashsale.clients import pg_pool
 from flashsale.errors import ConfigError, Conflict, InvalidInput, NotFound, shown
@@ -102,7 +102,7 @@ async def _fetch_fairness(base: str, sale: str) -> dict[str, Any]:
 
 def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
     count = positive(int, "count", args.count)
-    ttl = positive(float, "ttl", args.ttl)
+    ttl = positive(float, "ttl", in_seconds("ttl", args.ttl))
     last = f"{args.prefix}{count - 1}"
     if not BUYER_ID.match(last):
         raise InvalidInput("prefix", f"a buyer id is 1 to 128 printable ASCII characters, no "
@@ -158,7 +158,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     buyers.add_argument("--count", default="1", help="how many buyers (default 1)")
     buyers.add_argument("--prefix", default="buyer-", help="buyer id prefix (default buyer-)")
-    buyers.add_argument("--ttl", default="86400", help="validity in seconds (default 86400)")
+    buyers.add_argument(
+        "--ttl", default="86400", help="validity, seconds or a duration as 1h (default 86400)"
+    )
     hooks = token_sub.add_parser(
         "webhook-secret",
         help="print a new FLASHSALE_WEBHOOK_SECRET (whsec_...) for the order webhooks",

@@ -192,6 +192,16 @@ def duration(field: str, value: str) -> timedelta:
     return length
 
 
+def in_seconds(field: str, value: str) -> str:
+    """A number of seconds as typed; one written with units (``90s``, ``10m``, ``1h30m``), as
+    ``--starts-in`` takes it, as its seconds. Anything else is left for the field's own check
+    to judge."""
+    text = str(value).strip()
+    if not text or text[-1].isdigit() or text[-1] == "." or not text[0].isdigit():
+        return value
+    return str(int(duration(field, text).total_seconds()))
+
+
 def sale_id(field: str, value: str) -> str:
     if not ID_PATTERN.match(value):
         raise InvalidInput(field, f"not a sale id: {shown(value)}")

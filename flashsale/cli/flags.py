@@ -11,6 +11,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from flashsale.cli.checks import in_seconds
 from flashsale.errors import Conflict, InvalidInput
 
 # `sale create` without --file: its flags (argparse attribute) and the field each sets.
@@ -49,9 +50,23 @@ ARGUMENTS = {
 }
 
 
+# The fields set in seconds, which their flags also take as a duration (90s, 10m, 1h30m), as
+# --starts-in does.
+IN_SECONDS = frozenset({"hold_ttl_seconds", "admission_window_seconds"})
+
+
 def given(args: argparse.Namespace, flags: Mapping[str, str]) -> dict[str, Any]:
-    """The field each of ``flags`` that was typed sets, with what was typed."""
-    return {field: getattr(args, attr) for attr, field in flags.items() if getattr(args, attr)}
+    """The field each of ``flags`` that was typed sets, with what was typed (a duration given
+    for seconds, as its seconds)."""
+    return {field: flag_value(args, attr, field) for attr, field in flags.items()
+            if getattr(args, attr)}  # fmt: skip
+
+
+def flag_value(args: argparse.Namespace, attr: str, field: str) -> Any:
+    """What flag ``attr`` gives field ``field``: as typed, a field in seconds also as a
+    duration (:func:`~flashsale.cli.checks.in_seconds`)."""
+    value = getattr(args, attr)
+    return in_seconds(attr.replace("_", "-"), value) if field in IN_SECONDS else value
 
 
 def sale_from_flags(args: argparse.Namespace) -> dict[str, Any]:

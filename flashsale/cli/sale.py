@@ -20,6 +20,7 @@ from flashsale.cli.flags import (
     SKU_FLAGS,
     SKU_UPDATE_FLAGS,
     UPDATE_FLAGS,
+    flag_value,
     given,
     sale_from_flags,
     started_as_typed,
@@ -150,8 +151,8 @@ async def _sale(args: argparse.Namespace, settings: Settings) -> int:
             out(f"removed {args.sku} from {sale['id']}: "
                 f"{counted(len(sale['skus']), 'SKU')} left")  # fmt: skip
         elif command == "update":
-            changes = {field: getattr(args, attr) for attr, field in UPDATE_FLAGS.items()
-                       if getattr(args, attr) is not None}  # fmt: skip
+            changes = {field: flag_value(args, attr, field) for attr, field in
+                       UPDATE_FLAGS.items() if getattr(args, attr) is not None}  # fmt: skip
             for when in ("starts", "ends"):  # --starts-in, --ends-in: that long from now
                 if (length := getattr(args, f"{when}_in")) and getattr(args, f"{when}_at"):
                     raise InvalidInput(f"{when}-in", f"give either --{when}-at or --{when}-in, "
@@ -256,9 +257,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     create.add_argument(
         "--limit", help=f"per-buyer limit (default {SKU_DEFAULTS['per_buyer_limit']})"
     )
-    create.add_argument(
-        "--ttl", help=f"hold TTL in seconds (default {SKU_DEFAULTS['hold_ttl_seconds']})"
-    )
+    ttl = SKU_DEFAULTS["hold_ttl_seconds"]
+    create.add_argument("--ttl", help=f"hold TTL, seconds or a duration as 10m (default {ttl})")
     create.add_argument("--buckets", help="split the SKU's stock into this many buckets on "
                         "separate Redis slots, for a SKU hotter than one Redis core (1..64, "
                         f"default {SKU_DEFAULTS['buckets']})")  # fmt: skip
@@ -381,7 +381,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     update.add_argument("--ends-in", help="end this long from now, e.g. 2h or 1h30m")
     update.add_argument("--admission-rate", help="buyers admitted per second")
     update.add_argument("--max-queue", help="queue cap (only higher once started)")
-    update.add_argument("--window", help="admission window in seconds, 5..3600")
+    update.add_argument("--window", help="admission window, 5..3600 seconds or a duration")
     update.add_argument("--capacity", help="admitted buyers who have not reserved yet, at most")
     update.add_argument("--challenge", help="proof-of-work bits asked at join, 0..24")
     update.add_argument("--challenge-max", help="most bits as the join rate rises (0: fixed)")
@@ -396,7 +396,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     update_sku.add_argument("--price", help="integer minor units (before the start only)")
     update_sku.add_argument("--currency", help="ISO 4217 code (before the start only)")
     update_sku.add_argument("--limit", help="per-buyer limit (before the start only)")
-    update_sku.add_argument("--ttl", help="hold TTL in seconds (before the start only)")
+    update_sku.add_argument("--ttl", help="hold TTL, seconds or 10m (before the start only)")
     rate = sale_sub.add_parser(
         "set-rate", help="change the admission rate, also while the sale runs",
         description="Change how many buyers per second the waiting room admits. The pump "
