@@ -183,9 +183,10 @@ class AllocatorService:
                 assert self.redis is not None
                 read = await memory_read(self.redis)
                 self.metrics.note_memory(read.shares)
-                for line in set(read.warnings()) - warned:
+                said = set(read.warnings())
+                for line in sorted(said - warned):
                     log.warning(line)
-                warned = set(read.warnings())
+                warned = said
             except NoPermissionError:  # an ACL user without INFO: nothing to measure
                 log.info("Redis's memory is not measured: its user may not run INFO")
                 return
