@@ -96,6 +96,8 @@ def test_a_port_out_of_range_is_told_the_range_of_a_port(run_cli: Cli) -> None:
 DEFAULT_SAID = re.compile(r"\(default:? (\d[\d.,]*)\b")
 # `sale create` flags whose default the sale file's parser gives (flashsale.salespec).
 SPEC_DEFAULTS = {"--admission-rate": "admission_rate", "--max-queue": "max_queue",
+                 "--window": "admission_window_seconds", "--capacity": "admission_capacity",
+                 "--challenge": "join_challenge", "--challenge-max": "join_challenge_max",
                  "--limit": "per_buyer_limit", "--ttl": "hold_ttl_seconds",
                  "--buckets": "buckets"}  # fmt: skip
 

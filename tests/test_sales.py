@@ -28,6 +28,7 @@ from allocator.sale_admin import SaleAdmin
 from allocator.sale_reads import SKUS_PER_PART
 from allocator.sale_scripts import PreloadResult, StockCounts
 from flashsale.cli import build_parser, output
+from flashsale.cli.flags import command_parser
 from flashsale.cli.sale_views import print_preload
 from flashsale.clients import pg_pool, redis_client
 from flashsale.currencies import MINOR_UNITS, bare_amount, in_minor_units
@@ -473,6 +474,27 @@ def test_seconds_flags_take_a_duration_as_starts_in_does(cli: Cli, db: Db) -> No
     assert refused.code == 2 and refused.err.startswith("flashsale: error: --window: "), refused
 
 
+def test_create_takes_every_setting_update_takes(cli: Cli) -> None:
+    """`sale update` set the admission window, the capacity and the proof of work; `sale
+    create` from flags had none of them (an unknown flag), so a sale made by flags took a
+    second command, or a sale file, for any of them."""
+    flags = ["--name", "Guarded", "--sku", "A", "--stock", "5", "--price", "100",
+             "--currency", "EUR", "--starts-in", "1h"]  # fmt: skip
+    made = cli("sale", "create", *flags, "--window", "2m", "--capacity", "50",
+               "--challenge", "8", "--challenge-max", "12", "--json")  # fmt: skip
+    assert made.code == 0, made.err
+    sale = json.loads(made.out)
+    assert (sale["admission_window_seconds"], sale["admission_capacity"], sale["join_challenge"],
+            sale["join_challenge_max"]) == (120, 50, 8, 12), sale  # fmt: skip
+    refused = cli("sale", "create", *flags, "--challenge", "30")
+    assert refused.code == 2 and refused.err.startswith("flashsale: error: --challenge: "), refused
+    parser = build_parser()
+    create, update = ({f for a in command_parser(parser, parser.parse_args(argv))._actions
+                       for f in a.option_strings}
+                      for argv in (["sale", "create"], ["sale", "update", "s"]))  # fmt: skip
+    assert update <= create, update - create
+
+
 def test_import_takes_the_sale_first_as_every_sale_command_does(cli: Cli, tmp_path: Path) -> None:
     """`sale preload SALE`, `sale add-stock SALE SKU N`: a merchandiser who wrote `sale import
     SALE FILE` was told --sale is required."""
@@ -619,6 +641,46 @@ def test_a_live_sale_is_extended_by_a_duration(cli: Cli, tmp_path: Path) -> None
     ), both
     bad = cli("sale", "update", sale_id, "--ends-in", "soon")
     assert bad.code == 2 and bad.err.startswith("flashsale: error: --ends-in: "), bad
+
+
+def test_a_sale_is_created_with_its_end_as_a_duration(cli: Cli, tmp_path: Path) -> None:
+    """`sale update` took `--ends-in 2h` and `sale create` did not (refused as an unknown
+    flag); and `--starts-in 10m` with `--ends-at T` moved the end given with the window, to
+    T + 10 minutes."""
+    sku = ["--sku", "A", "--stock", "1", "--price", "1", "--currency", "EUR"]
+
+    def window(*flags: str) -> tuple[timedelta, timedelta]:
+        before = datetime.now(UTC)
+        made = cli("sale", "create", "--name", "Drop", *sku, *flags, "--json")
+        assert made.code == 0, made.err
+        sale = json.loads(made.out)
+        return (datetime.fromisoformat(sale["starts_at"]) - before,
+                datetime.fromisoformat(sale["ends_at"]) - before)  # fmt: skip
+
+    starts, ends = window("--starts-in", "10m", "--ends-in", "40m")
+    assert timedelta(minutes=10) <= starts < timedelta(minutes=11), starts
+    assert timedelta(minutes=40) <= ends < timedelta(minutes=41), ends
+    starts, ends = window("--ends-in", "30m")  # open now, until then
+    assert starts < timedelta(minutes=1) and timedelta(minutes=30) <= ends < timedelta(minutes=31)
+    end = (datetime.now(UTC) + timedelta(hours=3)).replace(microsecond=0)
+    starts, ends = window("--starts-in", "10m", "--ends-at", end.isoformat())
+    assert datetime.now(UTC) + ends - end < timedelta(minutes=1), "the end given was moved"
+    # A sale file's end is replaced too, as --starts-in replaces its start.
+    made = cli("sale", "create", "--file", write(tmp_path, SALE), "--starts-in", "1h",
+               "--ends-in", "1h30m", "--json")  # fmt: skip
+    sale = json.loads(made.out)
+    length = datetime.fromisoformat(sale["ends_at"]) - datetime.fromisoformat(sale["starts_at"])
+    assert timedelta(minutes=29) < length <= timedelta(minutes=31), length
+    for flags, said in (
+        (("--ends-in", "10m", "--ends-at", end.isoformat()),
+         "--ends-in: give either --ends-at or --ends-in, not both"),
+        (("--starts-in", "1h", "--ends-in", "30m"),
+         "--ends-in: must end after the start, 1h from now, got 30m"),
+        (("--ends-in", "soon"),
+         "--ends-in: must be a duration like 90s, 10m, 2h, 1d or 1h30m, got 'soon'"),
+    ):  # fmt: skip
+        refused = cli("sale", "create", "--name", "Drop", *sku, *flags)
+        assert (refused.code, refused.err.strip()) == (2, f"flashsale: error: {said}"), flags
 
 
 def test_a_scheduled_sale_is_edited_from_the_cli(cli: Cli, db: Db, counts: Any,

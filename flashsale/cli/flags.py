@@ -7,12 +7,15 @@ their flags make."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
-from flashsale.cli.checks import in_seconds
+from flashsale.cli.checks import duration, in_seconds
 from flashsale.errors import Conflict, InvalidInput
+from flashsale.salespec import SaleSpec
 
 # `sale create` without --file: its flags (argparse attribute) and the field each sets.
 SKU_FLAGS = {
@@ -24,15 +27,8 @@ SKU_FLAGS = {
     "ttl": "hold_ttl_seconds",
     "buckets": "buckets",
 }
+# `sale create` and `sale update` flags and the sale field each sets.
 SALE_FLAGS = {
-    "name": "name",
-    "starts_at": "starts_at",
-    "ends_at": "ends_at",
-    "admission_rate": "admission_rate",
-    "max_queue": "max_queue",
-}
-# `sale update` flags and the sale field each sets.
-UPDATE_FLAGS = {
     "name": "name", "starts_at": "starts_at", "ends_at": "ends_at",
     "admission_rate": "admission_rate", "max_queue": "max_queue",
     "window": "admission_window_seconds", "capacity": "admission_capacity",
@@ -53,6 +49,34 @@ ARGUMENTS = {
 # The fields set in seconds, which their flags also take as a duration (90s, 10m, 1h30m), as
 # --starts-in does.
 IN_SECONDS = frozenset({"hold_ttl_seconds", "admission_window_seconds"})
+
+
+def from_now(args: argparse.Namespace) -> dict[str, datetime]:
+    """The moments ``--starts-in`` and ``--ends-in`` name, that long from now, by the field
+    each sets (``starts_at``, ``ends_at``); each is refused beside its ``--*-at``."""
+    now, moments = datetime.now(UTC), {}
+    for when in ("starts", "ends"):
+        length = getattr(args, f"{when}_in")
+        if length and getattr(args, f"{when}_at"):
+            raise InvalidInput(f"{when}-in", f"give either --{when}-at or --{when}-in, not both")
+        if length:
+            moments[f"{when}_at"] = now + duration(f"{when}-in", length)
+    return moments
+
+
+def dated(spec: SaleSpec, args: argparse.Namespace, moments: Mapping[str, datetime]) -> SaleSpec:
+    """`sale create`'s sale with the ``moments`` of ``--starts-in`` and ``--ends-in``
+    (:func:`from_now`): a new start moves the window, keeping its length, unless its end was
+    typed (``--ends-at``, ``--ends-in``)."""
+    starts = moments.get("starts_at", spec.starts_at)
+    kept = spec.ends_at if args.ends_at else starts + (spec.ends_at - spec.starts_at)
+    ends = moments.get("ends_at", kept)
+    if ends <= starts:
+        start = f"{args.starts_in} from now" if args.starts_in else f"{starts:%Y-%m-%dT%H:%M:%SZ}"
+        end = args.ends_in or args.ends_at
+        raise InvalidInput("ends-in" if args.ends_in else "ends-at",
+                           f"must end after the start, {start}, got {end}")  # fmt: skip
+    return dataclasses.replace(spec, starts_at=starts, ends_at=ends)
 
 
 def given(args: argparse.Namespace, flags: Mapping[str, str]) -> dict[str, Any]:
@@ -138,7 +162,7 @@ def _sale_names(args: argparse.Namespace) -> dict[str, str]:
             "skus[0].sku": "--sku",
         }
     if command == "update":
-        typed = {field: _flag(attr) for attr, field in UPDATE_FLAGS.items()}
+        typed = {field: _flag(attr) for attr, field in SALE_FLAGS.items()}
         for when in ("starts", "ends"):  # --starts-in sets starts_at, --ends-in ends_at
             if getattr(args, f"{when}_in") is not None:
                 typed[f"{when}_at"] = f"--{when}-in"

@@ -9,18 +9,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 
 from allocator.sale_admin import SaleAdmin
-from flashsale.cli.checks import duration
 from flashsale.cli.flags import (
     SALE_FLAGS,
     SKU_FLAGS,
     SKU_UPDATE_FLAGS,
-    UPDATE_FLAGS,
+    dated,
     flag_value,
+    from_now,
     given,
     sale_from_flags,
     started_as_typed,
@@ -77,17 +75,13 @@ async def _sale(args: argparse.Namespace, settings: Settings) -> int:
         given_flags = [f for f in (*SALE_FLAGS, *SKU_FLAGS, "sku") if getattr(args, f)]
         if args.file and given_flags:
             raise InvalidInput(given_flags[0], "give either --file or flags, not both")
-        if args.starts_in and args.starts_at:
-            raise InvalidInput("starts-in", "give either --starts-at or --starts-in, not both")
-        delay = duration("starts-in", args.starts_in) if args.starts_in else None
+        moments = from_now(args)  # a bad --starts-in or --ends-in before the file is read
         raw = read_json_file(args.file) if args.file else sale_from_flags(args)
-        spec = parse_sale(raw)
-        if delay is not None:  # the whole window moves, keeping its length
-            opens = datetime.now(UTC) + delay
-            spec = dataclasses.replace(spec, starts_at=opens,
-                                       ends_at=opens + (spec.ends_at - spec.starts_at))  # fmt: skip
+        spec = dated(parse_sale(raw), args, moments)
         key = idempotency_key(args.idempotency_key, required=False)
         asked = {"sale": raw, "starts_in": args.starts_in}
+        if args.ends_in:  # the same typed words, not the moments they named then
+            asked["ends_in"] = args.ends_in
         async with admin(settings) as sales:
             created = await sales.create(spec, key=key, fingerprint=body_fingerprint(asked))
         dump_json(created) if args.json else out(created["id"])
@@ -152,14 +146,8 @@ async def _sale(args: argparse.Namespace, settings: Settings) -> int:
                 f"{counted(len(sale['skus']), 'SKU')} left")  # fmt: skip
         elif command == "update":
             changes = {field: flag_value(args, attr, field) for attr, field in
-                       UPDATE_FLAGS.items() if getattr(args, attr) is not None}  # fmt: skip
-            for when in ("starts", "ends"):  # --starts-in, --ends-in: that long from now
-                if (length := getattr(args, f"{when}_in")) and getattr(args, f"{when}_at"):
-                    raise InvalidInput(f"{when}-in", f"give either --{when}-at or --{when}-in, "
-                                                     "not both")  # fmt: skip
-                if length:
-                    at = datetime.now(UTC) + duration(f"{when}-in", length)
-                    changes[f"{when}_at"] = at.isoformat()
+                       SALE_FLAGS.items() if getattr(args, attr) is not None}  # fmt: skip
+            changes |= {field: at.isoformat() for field, at in from_now(args).items()}
             if not changes:
                 raise InvalidInput("update", "give at least one setting to change")
             print_changed(await sales.update(args.sale, changes, with_skus=False), changes,
@@ -240,15 +228,18 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     create.add_argument("--starts-at", help="ISO 8601 with timezone (default: now)")
     create.add_argument(
         "--starts-in", metavar="DURATION",
-        help="open the sale this long from now (90s, 10m, 2h, 1d, 1h30m), keeping its length; "
-        "with --file it replaces the file's dates",
+        help="open the sale this long from now (90s, 10m, 2h, 1d, 1h30m), keeping its length "
+        "unless an end is given; with --file it replaces the file's dates",
     )  # fmt: skip
     create.add_argument("--ends-at", help="future ISO 8601 with timezone (default: starts + 1h)")
+    create.add_argument("--ends-in", metavar="DURATION",
+                        help="end the sale this long from now, e.g. 2h or 1h30m")  # fmt: skip
     create.add_argument(
         "--admission-rate",
         help=f"buyers admitted per second (default {SALE_DEFAULTS['admission_rate']})",
     )
     create.add_argument("--max-queue", help=f"queue cap (default {SALE_DEFAULTS['max_queue']})")
+    _admission_flags(create, defaults=True)
     create.add_argument("--sku", help="SKU id (letters, digits, . _ -)")
     create.add_argument("--title", help="SKU title (default: the SKU id)")
     create.add_argument("--stock", help="units (positive integer)")
@@ -381,10 +372,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     update.add_argument("--ends-in", help="end this long from now, e.g. 2h or 1h30m")
     update.add_argument("--admission-rate", help="buyers admitted per second")
     update.add_argument("--max-queue", help="queue cap (only higher once started)")
-    update.add_argument("--window", help="admission window, 5..3600 seconds or a duration")
-    update.add_argument("--capacity", help="admitted buyers who have not reserved yet, at most")
-    update.add_argument("--challenge", help="proof-of-work bits asked at join, 0..24")
-    update.add_argument("--challenge-max", help="most bits as the join rate rises (0: fixed)")
+    _admission_flags(update, defaults=False)
     update_sku = sale_sub.add_parser(
         "update-sku", help="change a SKU's title, or before the start its price, currency, "
         "per-buyer limit or hold time",
@@ -417,3 +405,16 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     for action, (text, long) in SWITCHES.items():
         switch = sale_sub.add_parser(action, help=text, description=long)
         switch.add_argument("sale", help="sale id")
+
+
+def _admission_flags(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """The admission flags of `sale update`, and of `sale create` with a sale's ``defaults``."""
+    said = {f: f" (default {SALE_DEFAULTS[f]})" if defaults else "" for f in SALE_DEFAULTS}
+    parser.add_argument("--window", help="admission window, 5..3600 seconds or a duration"
+                                         + said["admission_window_seconds"])  # fmt: skip
+    parser.add_argument("--capacity", help="admitted buyers who have not reserved yet, at most"
+                                           + said["admission_capacity"])  # fmt: skip
+    parser.add_argument("--challenge", help="proof-of-work bits asked at join, 0..24"
+                                            + said["join_challenge"])  # fmt: skip
+    parser.add_argument("--challenge-max", help="most bits as the join rate rises, 0 for fixed"
+                                                + said["join_challenge_max"])  # fmt: skip
