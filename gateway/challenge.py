@@ -18,7 +18,6 @@ solved one is turned away because the rate rose meanwhile.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import secrets
 from typing import Any
@@ -28,13 +27,11 @@ from aiohttp import web
 from allocator.queue_view import QueueView
 from flashsale.errors import Forbidden, InvalidToken
 from flashsale.keys import challenge_key
+from flashsale.proof_of_work import RULE, solves
 from gateway.http import buyer_of, json_response, sale_of
 from gateway.state import CLIENTS, COUNTERS, SIGNERS
 
 CHALLENGE_TTL_S = 120
-MAX_SOLUTION_DIGITS = 20
-RULE = ("find a decimal number S such that sha256(challenge + ':' + S) starts with "
-        "`difficulty` zero bits")  # fmt: skip
 
 
 def difficulty(view: QueueView, join_rate: float) -> int:
@@ -44,23 +41,6 @@ def difficulty(view: QueueView, join_rate: float) -> int:
     if not base or ceiling <= base or join_rate <= view.admission_rate:
         return base
     return min(ceiling, base + int(math.log2(join_rate / view.admission_rate)))
-
-
-def leading_zero_bits(digest: bytes) -> int:
-    bits = 0
-    for byte in digest:
-        if byte:
-            return bits + 8 - byte.bit_length()
-        bits += 8
-    return bits
-
-
-def solves(challenge: str, solution: str, difficulty: int) -> bool:
-    """Whether ``solution`` solves ``challenge`` at ``difficulty`` bits."""
-    if not (solution.isdigit() and len(solution) <= MAX_SOLUTION_DIGITS):
-        return False
-    digest = hashlib.sha256(f"{challenge}:{solution}".encode()).digest()
-    return leading_zero_bits(digest) >= difficulty
 
 
 async def issue(request: web.Request) -> web.Response:

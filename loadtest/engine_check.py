@@ -34,6 +34,15 @@ def call(method: str, host: str, path: str, **kwargs: Any) -> requests.Response:
         raise CannotStart(f"{host}: {exc}") from None
 
 
+def error_of(answer: Any) -> dict[str, str]:
+    """An error answer's ``{"code", "message"}``; empty for one that carries none."""
+    try:
+        error = answer.json()["error"]
+        return {"code": str(error["code"]), "message": str(error["message"])}
+    except (ValueError, KeyError, TypeError):
+        return {}
+
+
 def admin_headers(token: str) -> dict[str, str]:
     if not token:
         raise CannotStart("FLASHSALE_ADMIN_TOKEN is not set: the spike needs the admin API")

@@ -13,13 +13,16 @@ or distributed (the master creates the sale and tells its workers)::
     locust -f loadtest/locustfile.py --worker --master-host MASTER     # on each load machine
 
 * **test_start** (master or local run): checks that the engine answers at ``--host`` and
-  takes the admin token, makes and preloads a sale through the admin API (``--sale ID`` uses
-  an existing one), and tells the workers its id. Every process mints its buyers' tokens with
-  the buyer-token secret, as a storefront would. A run that cannot start logs one line (``the
-  spike cannot start: …``) and stops with exit code 1.
-* **Buyer** (``FastHttpUser``): joins, polls at the server's ``retry_after_ms``, reserves once
-  admitted (at the answer's ``reserve_url`` when it names the reservations listener),
-  follows the order to a final state, and stops: one journey per buyer. Each
+  takes the admin token, makes and preloads a sale through the admin API (``--sale ID``
+  rehearses an existing one, with its products, its opening and its proof of work), and
+  tells the workers the sale. Every process mints its buyers' tokens with the buyer-token
+  secret, as a storefront would. A run that cannot start logs one line (``the spike cannot
+  start: …``) and stops with exit code 1.
+* **Buyer** (``FastHttpUser``): joins (solving the sale's proof of work when it asks one),
+  polls at the server's ``retry_after_ms``, reserves once admitted (at the answer's
+  ``reserve_url`` when it names the reservations listener) one of the sale's products, another
+  in the same turn if that one sold out (up to three), follows the order to a final state,
+  and stops: one journey per buyer. Each
   definitive answer (``reserved`` or ``sold_out``) is recorded as a request of type ``ANSWER``
   whose time is the seconds since the sale opened, so the ``ANSWER`` rows' maximum (in the
   stats, the CSV and the HTML report, aggregated over workers) is the time until every buyer
@@ -40,7 +43,6 @@ import sys
 import threading
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
 import gevent  # type: ignore[import-untyped]
@@ -49,9 +51,11 @@ from locust import FastHttpUser, LoadTestShape, events, task
 from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
 
+from flashsale.proof_of_work import solution
 from flashsale.settings import Secret
 from flashsale.tokens import Signer
-from loadtest.engine_check import CannotStart, admin_headers, call, check_engine
+from loadtest.engine_check import CannotStart, admin_headers, check_engine, error_of
+from loadtest.spike_sale import SKU, existing_sale, make_sale
 from loadtest.verdict import Verdict, judge
 
 log = logging.getLogger("flashsale.locust")
@@ -61,7 +65,8 @@ logging.getLogger("locust.runners").addFilter(
     lambda record: "spawn rate is very high" not in record.getMessage()
 )
 
-SKU = "SPIKE-1"
+PICKS = 3  # the products a buyer tries in one turn, each after the last sold out
+CHALLENGED = {"challenge_required", "challenge_invalid", "challenge_expired", "challenge_used"}
 TERMINAL = {"CONFIRMED", "PAYMENT_FAILED", "EXPIRED", "CANCELLED"}
 WAITED = "WAITED"  # the stats rows of the 429 and 503 answers waited out, by status
 
@@ -70,7 +75,9 @@ class Spike:
     """What this process knows about the run: the sale, the clock, the buyers' tokens."""
 
     sale_id: str | None = None
-    opened_at: float = 0.0  # time.time() when the sale opened
+    opened_at: float = 0.0  # time.time() when the sale opened (or opens)
+    skus: ClassVar[list[str]] = [SKU]
+    challenge = 0  # the proof of work the sale asked at the start, in bits
     tokens: ClassVar[list[str]] = []
     lock = threading.Lock()
     started_at: float = 0.0
@@ -92,7 +99,9 @@ def _options(parser: Any) -> None:
     group.add_argument("--drain", type=float, default=120.0, env_var="FLASHSALE_SPIKE_DRAIN",
                        help="most seconds to wait for the last buyers (default 120)")  # fmt: skip
     group.add_argument("--sale", default="", env_var="FLASHSALE_SPIKE_SALE",
-                       help="use this preloaded sale instead of making one")  # fmt: skip
+                       help="rehearse this preloaded sale (its products, opening and proof of "
+                            "work) instead of making one; --stock and --buckets are then "
+                            "the sale's own")  # fmt: skip
 
 
 def opts(environment: Environment) -> Any:
@@ -119,27 +128,6 @@ def _host(environment: Environment) -> str:
     return environment.host
 
 
-def _make_sale(environment: Environment) -> str:
-    """Create and preload a sale opening now, through the admin API."""
-    options, host = opts(environment), _host(environment)
-    now = datetime.now(UTC)
-    spec = {
-        "name": f"locust spike {options.buyers} buyers", "starts_at": now.isoformat(),
-        "ends_at": (now + timedelta(hours=1)).isoformat(), "max_queue": 10_000_000,
-        "skus": [{"sku": SKU, "title": "Spike SKU", "stock": options.stock, "price": 1000,
-                  "currency": "EUR", "per_buyer_limit": 1, "hold_ttl_seconds": 120,
-                  "buckets": options.buckets}],
-    }  # fmt: skip
-    created = call("POST", host, "/admin/v1/sales", json=spec, headers=_admin())
-    if created.status_code != 201:
-        raise CannotStart(f"creating the sale failed: {created.status_code} {created.text}")
-    sale_id = str(created.json()["id"])
-    loaded = call("POST", host, f"/admin/v1/sales/{sale_id}/preload", headers=_admin())
-    if loaded.status_code != 200:
-        raise CannotStart(f"preloading {sale_id} failed: {loaded.status_code} {loaded.text}")
-    return sale_id
-
-
 NO_SECRET = "FLASHSALE_BUYER_TOKEN_SECRET is not set: buyers need signed tokens"  # noqa: S105
 
 
@@ -154,6 +142,7 @@ def _mint(count: int) -> list[str]:
 
 def _set_sale(data: dict[str, Any]) -> None:
     Spike.sale_id, Spike.opened_at = data["sale_id"], data["opened_at"]
+    Spike.skus, Spike.challenge = list(data["skus"]), int(data["challenge"])
 
 
 @events.init.add_listener  # type: ignore[untyped-decorator]
@@ -179,8 +168,11 @@ def _on_init(environment: Environment, **_kwargs: Any) -> None:
 def _on_test_start(environment: Environment, **_kwargs: Any) -> None:
     try:
         _start(environment)
-    except CannotStart as exc:  # one line and exit 1, not a wait for buyers who never come
-        log.error("the spike cannot start: %s", exc)
+    except Exception as exc:  # exit 1 at once, not a wait for buyers who never come
+        if isinstance(exc, CannotStart):  # one line
+            log.error("the spike cannot start: %s", exc)
+        else:  # an answer it did not expect: with where it failed
+            log.exception("the spike cannot start: %r", exc)
         environment.process_exit_code = 1
         assert environment.runner is not None
         gevent.spawn(environment.runner.quit)  # not from inside the runner's own start
@@ -191,12 +183,14 @@ def _start(environment: Environment) -> None:
     Spike.started_at = time.time()
     if not isinstance(environment.runner, WorkerRunner):
         check_engine(_host(environment), _admin_token())
-        sale_id = options.sale or _make_sale(environment)
-        _set_sale({"sale_id": sale_id, "opened_at": time.time()})
-        log.info("spike on sale %s: %d buyers, %d units", sale_id, options.buyers, options.stock)
+        host, token = _host(environment), _admin_token()
+        sale = (existing_sale(host, token, options.sale) if options.sale else
+                make_sale(host, token, options.buyers, options.stock, options.buckets))  # fmt: skip
+        _set_sale(sale)
+        log.info("spike on sale %s: %d buyers, %d units", sale["sale_id"], options.buyers,
+                 sale["units"])  # fmt: skip
         if isinstance(environment.runner, MasterRunner):
-            message = {"sale_id": sale_id, "opened_at": Spike.opened_at}
-            environment.runner.send_message("flashsale_sale", message)
+            environment.runner.send_message("flashsale_sale", sale)
     if not isinstance(environment.runner, MasterRunner):
         Spike.tokens = _mint(options.buyers)  # a worker mints enough for any share it gets
 
@@ -230,7 +224,7 @@ class Buyer(FastHttpUser):
         while Spike.sale_id is None:  # a worker waits for the master's sale
             time.sleep(0.05)
         sale = Spike.sale_id
-        joined = self._json("POST", f"/v1/sales/{sale}/queue", "join")
+        joined = self._join(sale)
         if joined is None:
             return
         body = joined
@@ -250,31 +244,74 @@ class Buyer(FastHttpUser):
         if body.get("state") != "admitted":
             self._answer("sold_out" if body.get("state") == "sold_out" else "other")
             return
-        payment = "tok_decline" if random.random() < 0.1 else "tok_visa"  # noqa: S311
         # Where the admitted answer says (the reservations listener), else this gateway.
         url = body.get("reserve_url") or f"/v1/sales/{sale}/reservations"
+        for sku in random.sample(Spike.skus, min(PICKS, len(Spike.skus))):
+            reservation = self._reserve(url, sku, str(body["admission_token"]))
+            if reservation is None:  # a failure, recorded
+                return
+            if reservation:
+                self._answer("reserved")
+                self._follow(reservation)
+                return
+        self._answer("sold_out")  # each product tried was
+
+    def _join(self, sale: str) -> dict[str, Any] | None:
+        """Join, with the sale's proof of work solved when it asks one (at the start, or since:
+        a refusal says so); None after a failure, recorded."""
+        solving, tries = Spike.challenge > 0, 0
+        while True:
+            headers = self._solved(sale) if solving else self.auth
+            if headers is None:
+                return None
+            with self.client.post(f"/v1/sales/{sale}/queue", name="join", catch_response=True,
+                                  headers=headers) as response:  # fmt: skip
+                if self._backed_off(response):
+                    continue
+                code = error_of(response).get("code")
+                if response.status_code == 403 and code in CHALLENGED and tries < 3:
+                    response.success()  # as the page does: a new challenge, solved
+                    solving, tries = True, tries + 1
+                    continue
+                if response.status_code != 200:
+                    response.failure(f"join answered {response.status_code}: {response.text}")
+                    return None
+                response.success()
+                return dict(response.json())
+
+    def _solved(self, sale: str) -> dict[str, str] | None:
+        """The buyer's join headers with a challenge solved, as a browser's page sends them."""
+        offer = self._json("GET", f"/v1/sales/{sale}/queue/challenge", "challenge")
+        if offer is None:
+            return None
+        if not offer.get("challenge"):  # the sale asks none (any more)
+            return self.auth
+        challenge = str(offer["challenge"])
+        return {**self.auth, "X-Challenge": challenge,
+                "X-Challenge-Solution": solution(challenge, int(offer["difficulty"]))}  # fmt: skip
+
+    def _reserve(self, url: str, sku: str, admission: str) -> str | None:
+        """One product reserved: its reservation id, "" when it sold out (the admission stays
+        the buyer's for another), None after a failure, recorded."""
+        payment = "tok_decline" if random.random() < 0.1 else "tok_visa"  # noqa: S311
         # One key for every try: a retry after an answer that was lost gets that answer.
-        headers = {**self.auth, "X-Admission-Token": body["admission_token"],
+        headers = {**self.auth, "X-Admission-Token": admission,
                    "Idempotency-Key": uuid.uuid4().hex}  # fmt: skip
         while True:
             with self.client.post(
                 url, name="reserve", catch_response=True, headers=headers,
-                json={"sku": SKU, "quantity": 1, "payment_token": payment},
+                json={"sku": sku, "quantity": 1, "payment_token": payment},
             ) as response:  # fmt: skip
                 if self._backed_off(response):
                     continue
                 if response.status_code == 201:
-                    reservation = response.json()["reservation_id"]
                     response.success()
-                    break
-                if response.status_code == 409 and response.json()["error"]["code"] == "sold_out":
+                    return str(response.json()["reservation_id"])
+                if response.status_code == 409 and error_of(response).get("code") == "sold_out":
                     response.success()
-                    self._answer("sold_out")
-                    return
+                    return ""
                 response.failure(f"reserve answered {response.status_code}: {response.text}")
-                return
-        self._answer("reserved")
-        self._follow(reservation)
+                return None
 
     def _backed_off(self, response: Any) -> bool:
         """Whether ``response`` is backpressure (429, 503), as designed: counted as a success
@@ -330,7 +367,9 @@ class SpikeShape(LoadTestShape):
             return buyers, buyers / ramp
         answered = sum(e.num_requests for (_, kind), e in runner.stats.entries.items()
                        if kind == "ANSWER")  # fmt: skip
-        if answered < buyers and elapsed < ramp + options.hold + options.drain:
+        # A sale that opens later: its buyers wait in the pre-queue until then.
+        opens_in = max(0.0, Spike.opened_at - time.time())
+        if answered < buyers and elapsed < ramp + options.hold + options.drain + opens_in:
             return buyers, buyers / ramp
         return None
 
@@ -359,15 +398,15 @@ def _verdict(environment: Environment, sale_id: str) -> Verdict:
         time.sleep(1)
     status = requests.get(f"{host}/admin/v1/sales/{sale_id}", headers=_admin(),
                           timeout=30).json()  # fmt: skip
-    sku = next((s for s in status.get("skus", []) if s["sku"] == SKU), status["skus"][0])
+    skus = status.get("skus", [])
     answers = [e for (_, kind), e in environment.stats.entries.items() if kind == "ANSWER"]
     waited = {int(name): e.num_requests for (name, kind), e in environment.stats.entries.items()
               if kind == WAITED}  # fmt: skip
     return judge(
         sale_id,
         audit,
-        sku["confirmed"],
-        sku["stock_total"],
+        sum(sku["confirmed"] for sku in skus),
+        sum(sku["stock_total"] for sku in skus),
         answered=sum(e.num_requests for e in answers),
         buyers=options.buyers,
         slowest_s=max((e.max_response_time for e in answers), default=0) / 1000,

@@ -36,6 +36,7 @@ class Options:
     out: Path
     embedded: bool
     buckets: int = 1
+    sale: str = ""  # an existing sale to rehearse, instead of one the spike makes
 
 
 def locust_command(options: Options, host: str) -> list[str]:
@@ -46,6 +47,7 @@ def locust_command(options: Options, host: str) -> list[str]:
         "--buyers", str(options.buyers), "--stock", str(options.stock),
         "--buckets", str(options.buckets),
         "--ramp", f"{options.ramp:g}", "--hold", f"{options.hold:g}",
+        *(["--sale", options.sale] if options.sale else []),
         "--csv", str(prefix), "--html", f"{prefix}.html", "--only-summary",
         "--loglevel", "WARNING",
     ]  # fmt: skip

@@ -5,6 +5,7 @@ and the verdict's judgement on its own."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import socket
 import subprocess
@@ -113,6 +114,39 @@ def test_a_spike_rides_out_the_engines_rate_limits(stack: Settings, tmp_path: Pa
     waited = int(rows["WAITED", "429"]["Request Count"])
     assert f"waited out at their Retry-After: {waited:,} answers 429 (rate limited)" in text
     assert "FLASHSALE_RATE_PER_IP=off" in text, text
+
+
+def test_a_spike_rehearses_a_sale_made_for_the_day(stack: Settings, cli: Cli,
+                                                  tmp_path: Path) -> None:  # fmt: skip
+    """`--sale ID` rehearses an existing sale, as it will run. Its buyers reserved the spike's
+    own SKU, SPIKE-1, which such a sale lacks (every reservation refused 404), and met its
+    proof of work unsolved (every join refused 403 challenge_required); the verdict counted
+    one of its products."""
+    products = [{"sku": sku, "stock": 6, "price": 12900, "currency": "EUR"}
+                for sku in ("SNK-41", "SNK-42")]  # fmt: skip
+    path = tmp_path / "sale.json"
+    path.write_text(json.dumps({"name": "Rehearsal", "join_challenge": 4, "skus": products}))
+    sale_id = cli("sale", "create", "--file", str(path)).out.strip()
+    assert cli("sale", "preload", sale_id).code == 0
+    port = free_ports(UP_PORTS)
+    with engine(stack, port, tmp_path / "engine.log", env={"FLASHSALE_RATE_PER_IP": "off"}):
+        for offset in range(UP_PORTS):
+            _healthy(f"http://127.0.0.1:{port + offset}/healthz")
+        result = subprocess.run(
+            [sys.executable, "-m", "flashsale", "loadtest", "spike", "--sale", sale_id,
+             "--buyers", "30", "--ramp", "1", "--hold", "0", "--host", f"http://127.0.0.1:{port}",
+             "--out", str(tmp_path)],
+            capture_output=True, text=True, timeout=240, env=os.environ.copy(), check=False,
+        )  # fmt: skip
+    text = result.stdout + result.stderr
+    with (tmp_path / "spike_stats.csv").open() as stats:
+        rows = {(r["Type"], r["Name"]): r for r in csv.DictReader(stats)}
+    failed = {row: int(r["Failure Count"]) for row, r in rows.items() if int(r["Failure Count"])}
+    assert not failed, text
+    assert int(rows["GET", "challenge"]["Request Count"]) >= 30, rows.keys()
+    assert result.returncode == 0, text
+    assert "buyers answered: 30/30" in text and "sold 12/12, oversold 0" in text, text
+    assert "audit: PASSED" in text, text
 
 
 def _healthy(url: str, patience: float = 60) -> None:
@@ -260,6 +294,17 @@ def test_a_host_that_is_no_url_is_refused_before_anything_runs(run_cli: Cli, hos
     assert result.err.strip() == (
         f"flashsale: error: --host: must be an http(s)://host[:port] URL, got {host!r}"
     ), result.err
+
+
+def test_a_rehearsal_takes_the_sales_own_stock(run_cli: Cli) -> None:
+    """`--stock` and `--buckets` shape the sale a spike makes; beside `--sale` they would be
+    ignored unsaid."""
+    for flag in ("--stock", "--buckets"):
+        result = run_cli("loadtest", "spike", "--sale", "sale-abc", flag, "5")
+        assert (result.code, result.err.strip()) == (2, f"flashsale: error: {flag}: goes "
+            "without --sale, whose sale is rehearsed with its own products"), result  # fmt: skip
+    refused = run_cli("loadtest", "spike", "--sale", "not a sale id")
+    assert refused.code == 2 and refused.err.startswith("flashsale: error: --sale: "), refused
 
 
 def test_a_spikes_report_goes_to_the_stacks_folder_by_default(

@@ -15,6 +15,7 @@ from flashsale.cli.checks import (
     output_folder,
     positive,
     results_doc,
+    sale_id,
     within,
 )
 from flashsale.cli.dev import apply_migrations
@@ -70,12 +71,19 @@ def cmd_loadtest(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.embedded and args.host:
         raise InvalidInput("host", "goes without --embedded, which starts an engine of its own")
+    if args.sale and (args.stock or args.buckets):
+        raise InvalidInput(
+            "stock" if args.stock else "buckets",
+            "goes without --sale, whose sale is rehearsed with its own products",
+        )
     options = spike.Options(
-        buyers=positive(int, "buyers", args.buyers), stock=positive(int, "stock", args.stock),
+        buyers=positive(int, "buyers", args.buyers),
+        stock=positive(int, "stock", args.stock or "100"),
+        sale=sale_id("sale", args.sale) if args.sale else "",
         ramp=positive(float, "ramp", args.ramp), hold=non_negative("hold", args.hold),
         host=http_url("host", args.host or SPIKE_HOST), embedded=args.embedded,
         out=output_folder("out", args.out or str(settings.home / "spike")),
-        buckets=within("buckets", args.buckets, 1, MAX_BUCKETS),
+        buckets=within("buckets", args.buckets or "1", 1, MAX_BUCKETS),
     )  # fmt: skip
     if args.embedded:
         out("== starting the embedded stack (servers given by env vars are used as they are)")
@@ -194,7 +202,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     spike = loadtest_sub.add_parser(
         "spike",
         help="a locust spike (headless) against the engine, judged by the post-sale audit",
-        description="Run loadtest/locustfile.py headless: make and preload a sale, ramp 0 -> "
+        description="Run loadtest/locustfile.py headless: make and preload a sale (or rehearse "
+        "the one --sale names), ramp 0 -> "
         "--buyers in --ramp seconds, hold, let every buyer finish, then audit. Writes CSV and "
         "HTML reports to --out. Exit non-zero on any failed invariant. With --embedded, start "
         "the embedded stack and flashsale up first (the engine stops at the end, the stack "
@@ -203,12 +212,13 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "(and FLASHSALE_ADMIN_TOKEN, FLASHSALE_BUYER_TOKEN_SECRET must be its secrets).",
     )
     spike.add_argument("--buyers", default="1000", help="buyers in the spike (default 1000)")
-    spike.add_argument("--stock", default="100", help="units of the SKU (default 100)")
-    spike.add_argument(
-        "--buckets",
-        default="1",
-        help=f"stock buckets of the spike's SKU, 1..{MAX_BUCKETS} (default 1)",
-    )
+    spike.add_argument("--stock", help="units of the SKU of the sale the spike makes "
+                                       "(default 100)")  # fmt: skip
+    spike.add_argument("--buckets", help=f"stock buckets of that SKU, 1..{MAX_BUCKETS} "
+                                         "(default 1)")  # fmt: skip
+    spike.add_argument("--sale", help="rehearse this preloaded sale instead, as its buyers "
+                                      "will meet it: its products, opening and proof of "
+                                      "work")  # fmt: skip
     spike.add_argument("--ramp", default="10", help="seconds to bring every buyer in (default 10)")
     spike.add_argument("--hold", default="5", help="seconds held after the ramp (default 5)")
     spike.add_argument("--host", help=f"the gateway (default {SPIKE_HOST}; not with --embedded, "

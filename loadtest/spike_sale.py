@@ -1,0 +1,54 @@
+"""The sale a spike runs on, through the admin API: one it makes (a product, ``SPIKE-1``, opening
+now), or the one ``--sale`` names, as its buyers will meet it. Either is a plain dict, as the
+locust master sends it to its workers. Plain ``requests``: the locustfile runs under gevent."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from loadtest.engine_check import CannotStart, admin_headers, call, error_of
+
+SKU = "SPIKE-1"  # the product of the sale the spike makes
+
+
+def make_sale(host: str, admin_token: str, buyers: int, stock: int, buckets: int) -> dict[str, Any]:
+    """Create and preload a sale of ``stock`` units opening now."""
+    now, admin = datetime.now(UTC), admin_headers(admin_token)
+    spec = {
+        "name": f"locust spike {buyers} buyers", "starts_at": now.isoformat(),
+        "ends_at": (now + timedelta(hours=1)).isoformat(), "max_queue": 10_000_000,
+        "skus": [{"sku": SKU, "title": "Spike SKU", "stock": stock, "price": 1000,
+                  "currency": "EUR", "per_buyer_limit": 1, "hold_ttl_seconds": 120,
+                  "buckets": buckets}],
+    }  # fmt: skip
+    created = call("POST", host, "/admin/v1/sales", json=spec, headers=admin)
+    if created.status_code != 201:
+        raise CannotStart(f"creating the sale failed: {created.status_code} {created.text}")
+    sale_id = str(created.json()["id"])
+    loaded = call("POST", host, f"/admin/v1/sales/{sale_id}/preload", headers=admin)
+    if loaded.status_code != 200:
+        raise CannotStart(f"preloading {sale_id} failed: {loaded.status_code} {loaded.text}")
+    return {"sale_id": sale_id, "opened_at": time.time(), "skus": [SKU], "challenge": 0,
+            "units": stock}  # fmt: skip
+
+
+def existing_sale(host: str, admin_token: str, sale_id: str) -> dict[str, Any]:
+    """The sale ``sale_id`` as its buyers will meet it: its products, its opening (now, or its
+    start) and the proof of work it asks at join."""
+    read = call("GET", host, f"/admin/v1/sales/{sale_id}", headers=admin_headers(admin_token))
+    if read.status_code != 200:
+        said = error_of(read).get("message", read.text)
+        raise CannotStart(f"--sale {sale_id}: {read.status_code} {said}")
+    status = read.json()
+    sale = status["sale"]
+    if sale["state"] == "ended":
+        raise CannotStart(f"--sale {sale_id}: the sale has ended; rehearse one still to come")
+    if not sale.get("preloaded_at"):
+        raise CannotStart(f"--sale {sale_id}: not preloaded, so nobody could join it: "
+                          f"`flashsale sale preload {sale_id}` first")  # fmt: skip
+    starts = datetime.fromisoformat(sale["starts_at"]).timestamp()
+    return {"sale_id": sale_id, "opened_at": max(time.time(), starts),
+            "skus": [s["sku"] for s in status["skus"]], "challenge": sale["join_challenge"],
+            "units": sum(s["stock_total"] for s in status["skus"])}  # fmt: skip
