@@ -44,10 +44,10 @@ def locust_command(options: Options, host: str) -> list[str]:
     prefix = options.out / "spike"
     return [
         sys.executable, "-m", "locust", "-f", str(locustfile), "--headless", "--host", host,
-        "--buyers", str(options.buyers), "--stock", str(options.stock),
-        "--buckets", str(options.buckets),
+        "--buyers", str(options.buyers),
+        *(["--sale", options.sale] if options.sale else
+          ["--stock", str(options.stock), "--buckets", str(options.buckets)]),
         "--ramp", f"{options.ramp:g}", "--hold", f"{options.hold:g}",
-        *(["--sale", options.sale] if options.sale else []),
         "--csv", str(prefix), "--html", f"{prefix}.html", "--only-summary",
         "--loglevel", "WARNING",
     ]  # fmt: skip

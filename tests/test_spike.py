@@ -142,11 +142,13 @@ def test_a_spike_rehearses_a_sale_made_for_the_day(stack: Settings, cli: Cli,
     with (tmp_path / "spike_stats.csv").open() as stats:
         rows = {(r["Type"], r["Name"]): r for r in csv.DictReader(stats)}
     failed = {row: int(r["Failure Count"]) for row, r in rows.items() if int(r["Failure Count"])}
-    assert not failed, text
+    assert not failed, (failed, (tmp_path / "spike_failures.csv").read_text())
     assert int(rows["GET", "challenge"]["Request Count"]) >= 30, rows.keys()
     assert result.returncode == 0, text
     assert "buyers answered: 30/30" in text and "sold 12/12, oversold 0" in text, text
     assert "audit: PASSED" in text, text
+    [run] = [line for line in text.splitlines() if line.startswith("== -m locust")]
+    assert "--stock" not in run and "--buckets" not in run, run  # shown as the run it was
 
 
 def _healthy(url: str, patience: float = 60) -> None:
