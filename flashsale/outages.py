@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import logging
 import re
+import ssl
 import time
 from collections.abc import Iterator
 
@@ -254,10 +255,13 @@ def _raised_in(exc: BaseException, where: tuple[str, str]) -> bool:
 
 def describe(exc: BaseException) -> str:
     """``Type: message``, for logs: redis-py's repr of its errors leaves the message out. A
-    schema behind the engine is said in words, with what mends it."""
+    schema behind the engine is said in words, with what mends it, and so is an HTTPS server's
+    certificate that is not trusted."""
     mend = schema_error(exc) or settings_at_fault(exc)
     if mend is not None:
         return mend.message
+    if (untrusted := untrusted_certificate(exc)) is not None:
+        return untrusted
     if isinstance(exc, ConfigError):  # the setting to fix, in words
         return exc.message
     text, name = str(exc), type(exc).__name__
@@ -314,3 +318,17 @@ def log_failure(logger: logging.Logger, what: str, exc: BaseException, *,
                        now - last)  # fmt: skip
     else:
         logger.warning("%s: %s", what, describe(exc))
+
+
+def untrusted_certificate(exc: BaseException) -> str | None:
+    """An HTTPS call's server certificate refused (aiohttp's error, or urllib's), in words: the
+    engine's HTTPS calls (the shop's webhooks, the payment provider, a JWKS URL) trust the
+    system's CAs, which OpenSSL's ``SSL_CERT_FILE`` replaces by a bundle. None for any other
+    exception; Redis, Postgres and Kafka name their CAs in their own settings."""
+    refused = getattr(exc, "certificate_error", None) or getattr(exc, "reason", None)
+    if not isinstance(refused, ssl.SSLCertVerificationError):
+        return None
+    host, port = getattr(exc, "host", None), getattr(exc, "port", None)
+    where = f"{host}:{port}" if host else "the server"
+    return (f"the certificate of {where} is not trusted: {refused.verify_message}; the engine "
+            f"trusts the system's CAs, or those of the bundle SSL_CERT_FILE names")  # fmt: skip

@@ -20,9 +20,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from flashsale.errors import ConfigError, InvalidToken
+from flashsale.jwks import load_jwks
 from flashsale.settings import Settings
-from flashsale.tokens import BuyerTokens, Signer, load_jwks
+from flashsale.tokens import BuyerTokens, Signer
 from tests.harness import gateway
+from tests.tls_authority import make_authority
 
 SECRET = "storefront-shared-secret-0123456789"
 EC_KEY = ec.generate_private_key(ec.SECP256R1())
@@ -146,6 +148,28 @@ def test_a_bad_jwks_is_a_configuration_error(tmp_path: Path) -> None:
     bad.write_text(json.dumps({"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}))
     with pytest.raises(ConfigError, match="FLASHSALE_BUYER_JWKS"):
         load_jwks(str(bad))
+
+
+def test_a_jwks_url_whose_certificate_is_not_trusted_is_said_so(tmp_path: Path) -> None:
+    """A JWKS URL on https with a certificate of the storefront's own CA stopped the gateway
+    with "<urlopen error [SSL: CERTIFICATE_VERIFY_FAILED] …>", and nothing said what the
+    engine trusts instead."""
+    authority = make_authority(tmp_path)
+    provider = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    provider.socket = authority.server.wrap_socket(provider.socket, server_side=True)
+    threading.Thread(target=provider.serve_forever, daemon=True).start()
+    url = f"https://127.0.0.1:{provider.server_address[1]}/jwks.json"
+    try:
+        with pytest.raises(ConfigError) as refused:
+            load_jwks(url)
+    finally:
+        provider.shutdown()
+        provider.server_close()
+    assert str(refused.value) == (
+        f"FLASHSALE_BUYER_JWKS: cannot load {url}: the certificate of the server is not "
+        "trusted: unable to get local issuer certificate; the engine trusts the system's CAs, "
+        "or those of the bundle SSL_CERT_FILE names"
+    )
 
 
 def test_a_providers_other_keys_are_left_out_not_the_whole_set(tmp_path: Path) -> None:

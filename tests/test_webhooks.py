@@ -9,7 +9,9 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import os
 import secrets
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -40,6 +42,7 @@ from reconciler.report import ReconcileMetrics
 from reconciler.service import BrokerReadings
 from tests.conftest import Cli
 from tests.pipeline import Pipeline, pipeline
+from tests.tls_authority import make_authority
 from workers.parking import Parked, park
 from workers.service import WorkerService
 from workers.webhooks import Delivery, WebhookNotifier, WebhookSender
@@ -385,6 +388,55 @@ async def test_a_shop_answering_a_redirect_is_not_followed_and_its_events_wait(
     assert outcome is None and redirects == 0, outcome  # taken at the 4th sending, not parked
     assert moved == []
     assert f"answered 301 (a redirect to {base}/moved" in caplog.text
+
+
+async def test_a_shop_whose_certificate_is_not_trusted_is_said_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A shop on https with a certificate of its own CA was logged as "no answer from the
+    shop (ClientConnectorCertificateError: Cannot connect to host …)" at every webhook, and
+    nothing said how to trust it. The line now says the certificate is not trusted, and what
+    the workers trust: the system's CAs, or the bundle SSL_CERT_FILE names; a workers process
+    given a bundle with the shop's CA has the webhook taken."""
+    authority = make_authority(tmp_path)
+    taken: list[bytes] = []
+
+    async def hooks(request: web.Request) -> web.Response:
+        taken.append(await request.read())
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hooks", hooks)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=authority.server).start()
+    url = f"https://127.0.0.1:{port}/hooks"
+    try:
+        async with WebhookSender(url, SECRET) as sender:
+            answer = await sender.send(Delivery(None, "o.1", "o", b"{}"))
+        assert answer.status is None and not taken
+        [line] = [r.getMessage() for r in caplog.records if "webhook o.1" in r.getMessage()]
+        assert line.startswith(f"webhook o.1: no answer from the shop (the certificate of "
+                               f"127.0.0.1:{port} is not trusted: "), line  # fmt: skip
+        assert line.endswith("the engine trusts the system's CAs, or those of the bundle "
+                             "SSL_CERT_FILE names)"), line  # fmt: skip
+        sending = (
+            "import asyncio, sys\n"
+            "from workers.webhooks import Delivery, WebhookSender\n"
+            "async def main():\n"
+            "    async with WebhookSender(sys.argv[1], sys.argv[2]) as sender:\n"
+            "        print((await sender.send(Delivery(None, 'o.2', 'o', b'{}'))).status)\n"
+            "asyncio.run(main())\n"
+        )
+        trusting = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", sending, url, SECRET, stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "SSL_CERT_FILE": str(authority.ca_file)},
+        )  # fmt: skip
+        out, _ = await trusting.communicate()
+        assert out.decode().strip() == "204" and len(taken) == 1, out
+    finally:
+        await runner.cleanup()
 
 
 def test_two_webhook_secrets_sign_each_webhook_twice_while_the_shop_moves_to_the_new_one() -> None:
