@@ -6,6 +6,7 @@ the locustfile runs under gevent, the CLI calls it from a thread."""
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 import requests
@@ -26,12 +27,32 @@ def call(method: str, host: str, path: str, **kwargs: Any) -> requests.Response:
     CannotStart naming the host, not requests' chain of exceptions."""
     try:
         return requests.request(method, f"{host}{path}", timeout=TIMEOUT_S, **kwargs)
+    except requests.exceptions.SSLError as exc:  # before ConnectionError, which it is too
+        raise CannotStart(f"{host}: {_tls_refusal(exc)}") from None
     except requests.ConnectionError:
         raise CannotStart(f"nothing answers at {host}", unreachable=True) from None
     except requests.Timeout:
         raise CannotStart(f"{host} did not answer within {TIMEOUT_S} s") from None
     except requests.RequestException as exc:  # a URL requests cannot use, a bad answer
         raise CannotStart(f"{host}: {exc}") from None
+
+
+def _tls_refusal(exc: BaseException) -> str:
+    """Why a TLS handshake failed: the certificate's fault in words (requests keeps it under
+    urllib3's errors), else the error as it was."""
+    seen: list[BaseException] = [exc]
+    for _ in range(20):  # a short chain of wrapped errors
+        if not seen:
+            break
+        error = seen.pop()
+        if isinstance(error, ssl.SSLCertVerificationError):
+            return (
+                f"its certificate is not trusted: {error.verify_message}; the spike's own "
+                "calls trust certifi's CAs, or those of the bundle REQUESTS_CA_BUNDLE names"
+            )
+        seen += [e for e in (*error.args, getattr(error, "reason", None), error.__cause__)
+                 if isinstance(e, BaseException)]  # fmt: skip
+    return f"TLS failed: {exc}"
 
 
 def error_of(answer: Any) -> dict[str, str]:

@@ -10,6 +10,8 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from loadtest.processes import engine
 from loadtest.verdict import judge
 from tests.conftest import Cli, Db
 from tests.harness import live_gateway, run_bounded
+from tests.tls_authority import make_authority
 
 # Not imported here: locust patches the interpreter with gevent, which the asyncio tests of
 # this process must not run under.
@@ -244,6 +247,35 @@ def test_a_spike_at_an_engine_that_is_not_there_stops_at_once_saying_so(
     assert code == 1, err
     assert f"the spike cannot start: nothing answers at {host}" in err, err
     assert "Traceback" not in err, err
+
+
+def test_a_spike_at_an_engine_whose_certificate_is_not_trusted_says_so(
+    stack: Settings, tmp_path: Path
+) -> None:
+    """A staging gateway on https with its own CA: "nothing answers at https://…", where the
+    TLS handshake had failed; the spike's own calls (requests) trust certifi's CAs, not the
+    system's, so the line says which bundle to give."""
+    authority = make_authority(tmp_path)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    server.socket = authority.server.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    host = f"https://127.0.0.1:{server.server_address[1]}"
+    env = _env(stack.admin_token.current(), stack.buyer_token_secret.reveal())
+    try:
+        code, err = _spike(["flashsale", "loadtest", "spike", "--host", host, "--out",
+                            str(tmp_path)], env)  # fmt: skip
+        assert (code, err.strip().splitlines()) == (1, [
+            f"flashsale: error: {host}: its certificate is not trusted: unable to get local "
+            "issuer certificate; the spike's own calls trust certifi's CAs, or those of the "
+            "bundle REQUESTS_CA_BUNDLE names"]), err  # fmt: skip
+        code, err = _spike(
+            ["flashsale", "loadtest", "spike", "--host", host, "--out", str(tmp_path)],
+            {**env, "REQUESTS_CA_BUNDLE": str(authority.ca_file)},
+        )
+        assert code == 1 and "certificate" not in err, err  # past TLS: not the engine's gateway
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_locust_run_without_a_host_says_so_in_one_line(stack: Settings) -> None:
