@@ -488,6 +488,12 @@ def test_create_takes_every_setting_update_takes(cli: Cli) -> None:
             sale["join_challenge_max"]) == (120, 50, 8, 12), sale  # fmt: skip
     refused = cli("sale", "create", *flags, "--challenge", "30")
     assert refused.code == 2 and refused.err.startswith("flashsale: error: --challenge: "), refused
+    # Another field a refusal names is named as typed too, not by the sale file's name for it.
+    for command in (("create", *flags), ("update", sale["id"])):
+        refused = cli("sale", *command, "--challenge", "8", "--challenge-max", "4")
+        assert (refused.code, refused.err.strip()) == (2, "flashsale: error: --challenge-max: "
+            "must be at least --challenge, which must be on (> 0); 0 keeps the difficulty "
+            "fixed"), refused  # fmt: skip
     parser = build_parser()
     create, update = ({f for a in command_parser(parser, parser.parse_args(argv))._actions
                        for f in a.option_strings}

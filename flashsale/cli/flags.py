@@ -180,7 +180,12 @@ def as_typed(exc: InvalidInput, parser: argparse.ArgumentParser,
     typed = names.get(exc.field) or names.get(exc.field.lower())
     if typed is None:
         return exc
-    return InvalidInput(typed, exc.message.removeprefix(f"{exc.field}: "), code=exc.code)
+    # Another field the message names that was typed too, as typed ("at least join_challenge":
+    # --challenge); only a name with an underscore, which prose never has ("name" may be a word).
+    others = {field: flag for field, flag in _sale_names(args).items() if "_" in field
+              and getattr(args, flag[2:].replace("-", "_"), None) is not None}  # fmt: skip
+    message = _named_as_typed(exc.message.removeprefix(f"{exc.field}: "), others)
+    return InvalidInput(typed, message, code=exc.code)
 
 
 def started_as_typed(exc: Conflict, args: argparse.Namespace) -> Conflict:
@@ -189,5 +194,12 @@ def started_as_typed(exc: Conflict, args: argparse.Namespace) -> Conflict:
     typed = _sale_names(args)
     if exc.code != "sale_started" or not typed:
         return exc
+    return Conflict(_named_as_typed(exc.message, typed), code=exc.code)
+
+
+def _named_as_typed(message: str, typed: Mapping[str, str]) -> str:
+    """``message`` with each field of ``typed`` it names replaced by what was typed for it."""
+    if not typed:
+        return message
     pattern = r"\b(" + "|".join(map(re.escape, sorted(typed, key=len, reverse=True))) + r")\b"
-    return Conflict(re.sub(pattern, lambda m: typed[m.group(1)], exc.message), code=exc.code)
+    return re.sub(pattern, lambda m: typed[m.group(1)], message)
