@@ -22,6 +22,7 @@ from flashsale.kafka import ensure_topics
 from flashsale.settings import Settings
 from loadtest.engine_check import CannotStart, check_engine
 from loadtest.processes import engine, wait_consuming, wait_healthy
+from loadtest.spike_sale import existing_sale
 
 Progress = Callable[[str], None]
 
@@ -53,10 +54,13 @@ def locust_command(options: Options, host: str) -> list[str]:
     ]  # fmt: skip
 
 
-def _check(host: str, admin_token: str) -> None:
-    """One line before locust starts when the engine is not there or refuses the token."""
+def _check(host: str, admin_token: str, sale: str) -> None:
+    """One line before locust starts when the engine is not there or refuses the token, or the
+    sale to rehearse cannot be."""
     try:
         check_engine(host, admin_token)
+        if sale:
+            existing_sale(host, admin_token, sale)
     except CannotStart as exc:
         if exc.unreachable:
             raise ConfigError(f"--host: {exc}: start the engine (flashsale up) or run the spike "
@@ -80,7 +84,8 @@ def _run_locust(settings: Settings, options: Options, host: str, progress: Progr
 
 async def run(settings: Settings, options: Options, progress: Progress) -> int:
     if not options.embedded:
-        await asyncio.to_thread(_check, options.host, settings.admin_token.current())
+        await asyncio.to_thread(_check, options.host, settings.admin_token.current(),
+                                options.sale)  # fmt: skip
         return await asyncio.to_thread(_run_locust, settings, options, options.host, progress)
     await ensure_topics(settings)
     port = free_ports(UP_PORTS)

@@ -45,6 +45,9 @@ def existing_sale(host: str, admin_token: str, sale_id: str) -> dict[str, Any]:
     sale = status["sale"]
     if sale["state"] == "ended":
         raise CannotStart(f"--sale {sale_id}: the sale has ended; rehearse one still to come")
+    if sale["state"] == "paused":  # its buyers would wait, unanswered, until the drain ends
+        raise CannotStart(f"--sale {sale_id}: the sale is paused: `flashsale sale resume "
+                          f"{sale_id}` first")  # fmt: skip
     if not sale.get("preloaded_at"):
         raise CannotStart(f"--sale {sale_id}: not preloaded, so nobody could join it: "
                           f"`flashsale sale preload {sale_id}` first")  # fmt: skip

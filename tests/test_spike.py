@@ -135,6 +135,15 @@ def test_a_spike_rehearses_a_sale_made_for_the_day(stack: Settings, cli: Cli,
     with engine(stack, port, tmp_path / "engine.log", env={"FLASHSALE_RATE_PER_IP": "off"}):
         for offset in range(UP_PORTS):
             _healthy(f"http://127.0.0.1:{port + offset}/healthz")
+        assert cli("sale", "pause", sale_id).code == 0  # its buyers would wait out the drain
+        paused = subprocess.run(
+            [sys.executable, "-m", "flashsale", "loadtest", "spike", "--sale", sale_id,
+             "--host", f"http://127.0.0.1:{port}", "--out", str(tmp_path)],
+            capture_output=True, text=True, timeout=60, env=os.environ.copy(), check=False,
+        )  # fmt: skip
+        said = f"--sale {sale_id}: the sale is paused: `flashsale sale resume {sale_id}` first"
+        assert (paused.returncode, paused.stderr.strip()) == (1, f"flashsale: error: {said}")
+        assert cli("sale", "resume", sale_id).code == 0
         result = subprocess.run(
             [sys.executable, "-m", "flashsale", "loadtest", "spike", "--sale", sale_id,
              "--buyers", "30", "--ramp", "1", "--hold", "0", "--host", f"http://127.0.0.1:{port}",
