@@ -66,7 +66,9 @@ logging.getLogger("locust.runners").addFilter(
 )
 
 PICKS = 3  # the products a buyer tries in one turn, each after the last sold out
-CHALLENGED = {"challenge_required", "challenge_invalid", "challenge_expired", "challenge_used"}
+CHALLENGED = frozenset(
+    {"challenge_required", "challenge_invalid", "challenge_expired", "challenge_used"}
+)
 TERMINAL = {"CONFIRMED", "PAYMENT_FAILED", "EXPIRED", "CANCELLED"}
 WAITED = "WAITED"  # the stats rows of the 429 and 503 answers waited out, by status
 
@@ -258,26 +260,18 @@ class Buyer(FastHttpUser):
 
     def _join(self, sale: str) -> dict[str, Any] | None:
         """Join, with the sale's proof of work solved when it asks one (at the start, or since:
-        a refusal says so); None after a failure, recorded."""
-        solving, tries = Spike.challenge > 0, 0
-        while True:
+        a refusal says so, and a new challenge is solved, as the page does, up to three
+        times); None after a failure, recorded."""
+        solving = Spike.challenge > 0
+        for _ in range(4):
             headers = self._solved(sale) if solving else self.auth
             if headers is None:
                 return None
-            with self.client.post(f"/v1/sales/{sale}/queue", name="join", catch_response=True,
-                                  headers=headers) as response:  # fmt: skip
-                if self._backed_off(response):
-                    continue
-                code = error_of(response).get("code")
-                if response.status_code == 403 and code in CHALLENGED and tries < 3:
-                    response.success()  # as the page does: a new challenge, solved
-                    solving, tries = True, tries + 1
-                    continue
-                if response.status_code != 200:
-                    response.failure(f"join answered {response.status_code}: {response.text}")
-                    return None
-                response.success()
-                return dict(response.json())
+            joined = self._json("POST", f"/v1/sales/{sale}/queue", "join", headers, CHALLENGED)
+            if joined is None or "refused" not in joined:
+                return joined
+            solving = True
+        return None
 
     def _solved(self, sale: str) -> dict[str, str] | None:
         """The buyer's join headers with a challenge solved, as a browser's page sends them."""
@@ -337,14 +331,19 @@ class Buyer(FastHttpUser):
                 return
             time.sleep(0.5)
 
-    def _json(self, method: str, path: str, name: str,
-              headers: dict[str, str] | None = None) -> dict[str, Any] | None:  # fmt: skip
-        """One call, retried after 429/503 as the server asks; None on another failure."""
+    def _json(self, method: str, path: str, name: str, headers: dict[str, str] | None = None,
+              expected: frozenset[str] = frozenset()) -> dict[str, Any] | None:  # fmt: skip
+        """One call, retried after 429/503 as the server asks; ``{"refused": code}`` for a
+        403 with one of the ``expected`` codes; None on another failure."""
         while True:
             with self.client.request(method, path, name=name, catch_response=True,
                                      headers=headers or self.auth) as response:  # fmt: skip
                 if self._backed_off(response):
                     continue
+                code = error_of(response).get("code", "") if response.status_code == 403 else ""
+                if code in expected:
+                    response.success()
+                    return {"refused": code}
                 if response.status_code != 200:
                     response.failure(f"{name} answered {response.status_code}: {response.text}")
                     return None
