@@ -76,10 +76,11 @@ async def set_admission_rate(sales: SaleReads, sale_id: str, rate: Any) -> dict[
 async def update(sales: SaleReads, sale_id: str, changes: Mapping[str, Any], *,
                  with_skus: bool = True) -> dict[str, Any]:  # fmt: skip
     """Change a sale's settings (the sale file's fields but ``skus``). Before the start
-    anything can change; once it started only ``LIVE_EDITABLE`` can (a later end, a
-    higher queue cap); an ended sale cannot. Validated as a whole, like a new sale;
-    Postgres first, then the sale's Redis hashes. Returns the sale, with its SKUs unless
-    ``with_skus`` is False (a change of rate mid-sale need not read 200,000 of them)."""
+    anything can change; once it started only ``LIVE_EDITABLE`` can (a later end, a higher
+    queue cap, the proof of work asked of the next joins); an ended sale cannot. Validated
+    as a whole, like a new sale; Postgres first, then the sale's Redis hashes. Returns the
+    sale, with its SKUs unless ``with_skus`` is False (a change of rate mid-sale need not
+    read 200,000 of them)."""
     _only(changes, EDITABLE, "unknown field")
     async with sales.pool.acquire() as conn, conn.transaction():
         sale = await sales.sale_row(conn, sale_id, lock=True)
@@ -204,7 +205,9 @@ EDITABLE = (
     "name", "starts_at", "ends_at", "admission_rate", "max_queue", "admission_window_seconds",
     "admission_capacity", "join_challenge", "join_challenge_max",
 )  # fmt: skip
-LIVE_EDITABLE = ("name", "ends_at", "admission_rate", "max_queue")  # safe once buyers are in
+LIVE_EDITABLE = (  # safe once buyers are in: none changes the rules for those in line
+    "name", "ends_at", "admission_rate", "max_queue", "join_challenge", "join_challenge_max",
+)  # fmt: skip
 SALE_HASH_EDITABLE = (
     "name", "starts_at_ms", "ends_at_ms", "admission_rate", "max_queue", "window_ms", "capacity",
     "challenge", "challenge_max",

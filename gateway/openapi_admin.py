@@ -137,7 +137,8 @@ def admin_paths() -> dict[str, Any]:
                 "updateSale",
                 "admin",
                 "Change settings: anything before the start; once started name, ends_at, "
-                "admission_rate and a higher max_queue (409 sale_started otherwise)",
+                "admission_rate, a higher max_queue, join_challenge and join_challenge_max "
+                "(409 sale_started otherwise)",
                 {**ok(200, "The sale", SALE), **errors(*admin_errors)},
                 security="admin",
                 params=[*SALE_PATH, skus],

@@ -15,7 +15,7 @@ from flashsale.proof_of_work import leading_zero_bits, solution, solves
 from flashsale.salespec import parse_sale
 from flashsale.settings import Settings
 from gateway.challenge import difficulty
-from tests.harness import Gateway, auth, gateway
+from tests.harness import ADMIN, Gateway, auth, gateway
 
 
 def test_the_rule_counts_leading_zero_bits() -> None:
@@ -67,6 +67,30 @@ async def test_a_join_needs_a_fresh_solution_of_its_own_challenge(gw: Gateway) -
     assert (await _challenge(gw, plain, "bob"))["challenge"] is None
     answer = await gw.http.post(f"/v1/sales/{plain}/queue", headers=auth(gw.token("bob")))
     assert answer.status == 200
+
+
+async def test_a_proof_of_work_is_turned_on_while_the_sale_runs(gw: Gateway) -> None:
+    """Bots flooding a live sale: the operator could not ask a proof of work of the next joins
+    (409 sale_started: "join_challenge cannot change once the sale has started"), although it
+    changes nothing for the buyers already in line. It now can, and off again."""
+    sale = await gw.create_sale(stock=5)
+    early = await gw.http.post(f"/v1/sales/{sale}/queue", headers=auth(gw.token("early")))
+    assert early.status == 200
+    changed = await gw.http.patch(f"/admin/v1/sales/{sale}", headers=auth(ADMIN),
+                                  json={"join_challenge": 6, "join_challenge_max": 10})  # fmt: skip
+    assert changed.status == 200, await changed.text()
+    await asyncio.sleep(0.25)  # the gateway reads the sale's counters every 100 ms
+    late = await gw.http.post(f"/v1/sales/{sale}/queue", headers=auth(gw.token("late")))
+    assert (late.status, (await late.json())["error"]["code"]) == (403, "challenge_required")
+    assert (await _challenge(gw, sale, "late"))["difficulty"] == 6
+    kept = await gw.http.post(f"/v1/sales/{sale}/queue", headers=auth(gw.token("early")))
+    assert kept.status == 403  # a join again pays too; the place it holds is unchanged
+    off = await gw.http.patch(f"/admin/v1/sales/{sale}", headers=auth(ADMIN),
+                              json={"join_challenge": 0, "join_challenge_max": 0})  # fmt: skip
+    assert off.status == 200, await off.text()
+    await asyncio.sleep(0.25)
+    again = await gw.http.post(f"/v1/sales/{sale}/queue", headers=auth(gw.token("late")))
+    assert again.status == 200, await again.text()
 
 
 def test_the_difficulty_rises_a_bit_per_doubling_of_the_join_rate_over_admission() -> None:

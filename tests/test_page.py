@@ -645,6 +645,26 @@ def test_a_join_refused_before_the_start_is_said_and_not_overwritten_by_the_coun
         assert not page.text_content("#note"), page.text_content("#note")
 
 
+def test_a_proof_of_work_asked_after_the_page_was_opened_is_solved(
+    stack: Settings, chromium: str
+) -> None:
+    """The merchandiser turned the sale's proof of work on (`sale update SALE --challenge 4`)
+    while buyers had its page open: the page had read the sale without one, so "Register for
+    the draw" was refused (403 challenge_required) and the page said "Something went wrong".
+    It now solves one when the join asks for it, as it does for a spent challenge."""
+    with live_page(stack, chromium, "Guarded since", starts_in=60) as live:
+        gw, sale, page = live.gw, live.sale, live.page
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'opened-early')}")
+        page.wait_for_selector("#state[data-state='scheduled']", timeout=15_000)
+        guarded = requests.patch(f"{gw.base_url}/admin/v1/sales/{sale}", timeout=10,
+                                 json={"join_challenge": 4},
+                                 headers={"Authorization": f"Bearer {ADMIN}"})  # fmt: skip
+        assert guarded.status_code == 200, guarded.text
+        page.click("#join")
+        page.wait_for_selector("#state[data-state='registered']", timeout=10_000)
+        assert not page.text_content("#note"), page.text_content("#note")
+
+
 def test_a_join_refused_by_an_open_sale_not_preloaded_is_not_called_early(
     stack: Settings, chromium: str
 ) -> None:

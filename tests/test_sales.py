@@ -1471,7 +1471,7 @@ def test_a_started_sales_fixed_settings_are_named_by_their_flags(cli: Cli) -> No
     window = cli("sale", "update", sale_id, "--window", "90")
     assert window.code == 1 and window.err.strip() == (
         "flashsale: error: --window cannot change once the sale has started (it can: --name, "
-        "--ends-at, --admission-rate, --max-queue)"
+        "--ends-at, --admission-rate, --max-queue, --challenge, --challenge-max)"
     ), window.err
     moved = cli("sale", "update", sale_id, "--starts-in", "10m")  # was named --starts-at
     assert moved.code == 1 and moved.err.startswith(

@@ -358,9 +358,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     drop.add_argument("sku", help="SKU id")
     update = sale_sub.add_parser(
         "update", help="change a sale's settings (anything before its start)",
-        description="Change settings, Postgres first and then Redis. Before the start any of "
-        "them; once started only --name, an end still to come, --admission-rate and a higher "
-        "--max-queue (refused otherwise, nothing written). Prints what changed, as it now is.",
+        description="Change settings, Postgres first and then Redis: any before the start; then "
+        "only --name, a later end, --admission-rate, a higher --max-queue and the --challenge "
+        "flags (refused otherwise, nothing written). Prints what changed, as it now is.",
     )  # fmt: skip
     update.add_argument("sale", help="sale id")
     update.add_argument("--json", action="store_true", help="print the sale's settings as JSON")
