@@ -324,6 +324,19 @@ def create_live_sale(
     return sale_id
 
 
+def ask_proof_of_work(base_url: str, sale_id: str, bits: int) -> None:
+    """Turn the sale's proof of work at join to ``bits`` through the admin API (as `sale update
+    SALE --challenge B` does), once the gateway has read it (it reads the sale's counters
+    every 100 ms)."""
+    import requests
+
+    changed = requests.patch(f"{base_url}/admin/v1/sales/{sale_id}", timeout=10,
+                             json={"join_challenge": bits},
+                             headers={"Authorization": f"Bearer {ADMIN}"})  # fmt: skip
+    assert changed.status_code == 200, changed.text
+    time.sleep(0.3)
+
+
 @dataclass
 class LivePage:
     """A gateway, a preloaded sale on it (one SKU, ``S1``, unless a whole sale file is given)

@@ -39,6 +39,7 @@ from tests.harness import (
     LivePage,
     answer_no_on_the_page,
     answer_yes_on_the_page,
+    ask_proof_of_work,
     create_live_sale,
     hang_the_first,
     join_and_reserve,
@@ -656,10 +657,7 @@ def test_a_proof_of_work_asked_after_the_page_was_opened_is_solved(
         gw, sale, page = live.gw, live.sale, live.page
         page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'opened-early')}")
         page.wait_for_selector("#state[data-state='scheduled']", timeout=15_000)
-        guarded = requests.patch(f"{gw.base_url}/admin/v1/sales/{sale}", timeout=10,
-                                 json={"join_challenge": 4},
-                                 headers={"Authorization": f"Bearer {ADMIN}"})  # fmt: skip
-        assert guarded.status_code == 200, guarded.text
+        ask_proof_of_work(gw.base_url, sale, 4)
         page.click("#join")
         page.wait_for_selector("#state[data-state='registered']", timeout=10_000)
         assert not page.text_content("#note"), page.text_content("#note")

@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import json
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-
-import requests
 
 from flashsale.settings import Settings
 from flashsale.tokens import Signer
@@ -23,6 +20,7 @@ from tests.harness import (
     SCREENSHOTS,
     LiveGateway,
     answer_no_on_the_page,
+    ask_proof_of_work,
     create_live_sale,
     join_and_reserve,
     live_gateway,
@@ -135,11 +133,7 @@ def test_a_join_challenge_on_a_plain_http_address_says_the_page_needs_https(
             page = context.new_page()
             page.goto(f"{_plain_http(gw)}/sales/{later}#token={_token(gw, 'plain-later')}")
             page.wait_for_selector("#join:not([hidden])", timeout=15_000)
-            guarded = requests.patch(f"{gw.base_url}/admin/v1/sales/{later}", timeout=10,
-                                     json={"join_challenge": 4},
-                                     headers={"Authorization": f"Bearer {ADMIN}"})  # fmt: skip
-            assert guarded.status_code == 200, guarded.text
-            time.sleep(0.3)  # the gateway reads the sale's counters every 100 ms
+            ask_proof_of_work(gw.base_url, later, 4)
             page.click("#join")
             page.wait_for_selector("#state[data-state='insecure']", timeout=15_000)
             refused = f"status of 403 (Forbidden) at {_plain_http(gw)}/v1/sales/{later}/queue"
