@@ -488,6 +488,9 @@ def test_create_takes_every_setting_update_takes(cli: Cli) -> None:
             sale["join_challenge_max"]) == (120, 50, 8, 12), sale  # fmt: skip
     refused = cli("sale", "create", *flags, "--challenge", "30")
     assert refused.code == 2 and refused.err.startswith("flashsale: error: --challenge: "), refused
+    # What joins are asked is in the status an operator reads, as the queue is.
+    status = cli("sale", "status", sale["id"]).out.splitlines()
+    assert "  proof of work at join: 8 bits, up to 12 as the joins outpace admissions" in status
     # Another field a refusal names is named as typed too, not by the sale file's name for it.
     for command in (("create", *flags), ("update", sale["id"])):
         refused = cli("sale", *command, "--challenge", "8", "--challenge-max", "4")

@@ -55,6 +55,10 @@ def print_status(status: dict[str, Any], *, as_json: bool, whole: bool = True) -
     queue = status.get("queue")
     if whole and queue and queue["live"]:
         out(f"  queue: {queue_line(queue, sale['state'])}")
+    if whole and sale.get("join_challenge") and not over:  # turned on against bots, say
+        rising = sale.get("join_challenge_max") or 0
+        out(f"  proof of work at join: {sale['join_challenge']} bits"
+            + (f", up to {rising} as the joins outpace admissions" if rising else ""))  # fmt: skip
     if not status["skus"]:
         add = f"`flashsale sale import {sale['id']} FILE.csv`"
         out("  no SKUs" if over else f"  no SKUs yet: add some with {add}")
