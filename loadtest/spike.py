@@ -97,7 +97,9 @@ async def run(settings: Settings, options: Options, progress: Progress) -> int:
                 await wait_healthy(session, f"http://127.0.0.1:{port + offset}/healthz")
             # Orders only flow once the broker has given the workers their partitions.
             await wait_consuming(session, f"http://127.0.0.1:{port + 2}/metrics")
-        code = await asyncio.to_thread(_run_locust, settings, options,
-                                       f"http://127.0.0.1:{port}", progress)  # fmt: skip
+        host = f"http://127.0.0.1:{port}"
+        if options.sale:  # in this stack, ready to rehearse: else one line, as without
+            await asyncio.to_thread(_check, host, settings.admin_token.current(), options.sale)
+        code = await asyncio.to_thread(_run_locust, settings, options, host, progress)
     progress("== engine stopped")
     return code
