@@ -129,7 +129,8 @@ def document() -> dict[str, Any]:
                         "name": "X-Challenge",
                         "in": "header",
                         "schema": {"type": "string"},
-                        "description": "when the sale asks a challenge (join_challenge > 0)",
+                        "description": "when the sale asks a challenge: join_challenge > 0, or "
+                        "a 403 challenge_required (it may be turned on while the sale runs)",
                     },
                     {
                         "name": "X-Challenge-Solution",
