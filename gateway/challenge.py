@@ -73,9 +73,12 @@ async def check(request: web.Request, sale_id: str, buyer: str, bits: int) -> No
         raise Forbidden(f"challenge refused ({exc.reason})", code=code) from None
     bound = claims.get("s") == sale_id and claims.get("sub") == buyer
     difficulty = claims.get("d")
-    if not bound or not isinstance(difficulty, int) or difficulty < bits:
+    if not bound or not isinstance(difficulty, int):
         raise Forbidden("this challenge is not this buyer's for this sale",
                         code="challenge_invalid")  # fmt: skip
+    if difficulty < bits:  # the sale's base was raised since it was issued
+        raise Forbidden(f"this challenge asks {difficulty} bits and the sale now asks at least "
+                        f"{bits}: ask for a new one", code="challenge_invalid")  # fmt: skip
     if not solves(raw, solution, difficulty):
         raise Forbidden("the solution does not solve the challenge", code="challenge_invalid")
     spent = await request.app[CLIENTS].redis.set(

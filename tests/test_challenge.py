@@ -85,6 +85,18 @@ async def test_a_proof_of_work_is_turned_on_while_the_sale_runs(gw: Gateway) -> 
     assert (await _challenge(gw, sale, "late"))["difficulty"] == 6
     kept = await gw.http.post(f"/v1/sales/{sale}/queue", headers=auth(gw.token("early")))
     assert kept.status == 403  # a join again pays too; the place it holds is unchanged
+    # Raised while a buyer solved the last price: said so, not "not this buyer's".
+    offer = await _challenge(gw, sale, "late")
+    raised = await gw.http.patch(f"/admin/v1/sales/{sale}", headers=auth(ADMIN),
+                                 json={"join_challenge": 8})  # fmt: skip
+    assert raised.status == 200, await raised.text()
+    await asyncio.sleep(0.25)
+    stale = str(offer["challenge"])
+    late = await gw.http.post(f"/v1/sales/{sale}/queue", headers={
+        **auth(gw.token("late")), "X-Challenge": stale,
+        "X-Challenge-Solution": solution(stale, 6)})  # fmt: skip
+    assert (await late.json())["error"] == {"code": "challenge_invalid", "message": "this "
+        "challenge asks 6 bits and the sale now asks at least 8: ask for a new one"}  # fmt: skip
     off = await gw.http.patch(f"/admin/v1/sales/{sale}", headers=auth(ADMIN),
                               json={"join_challenge": 0, "join_challenge_max": 0})  # fmt: skip
     assert off.status == 200, await off.text()

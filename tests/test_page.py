@@ -1152,6 +1152,38 @@ def test_a_join_whose_challenge_was_spent_by_a_busy_answer_solves_a_new_one(
         browser.close()
 
 
+def test_a_join_whose_challenge_was_raised_meanwhile_solves_the_new_price(
+    stack: Settings, chromium: str
+) -> None:
+    """The operator raised the proof of work (`--challenge 8`) while a buyer's page solved a
+    4-bit challenge: the join was refused `challenge_invalid` (below the sale's base now) and
+    the page said so, where a new challenge at the new price would have joined."""
+    from playwright.sync_api import Route, sync_playwright
+
+    spec = {**sale_spec("Guarded, raised", "S1", 5), "join_challenge": 4}
+    raised = {"done": False}
+    with live_gateway(stack) as gw, sync_playwright() as p:
+        sale = create_live_sale(gw.base_url, spec=spec)
+
+        def raise_after_the_offer(route: Route) -> None:
+            offer = route.fetch()  # a 4-bit challenge, then the price rises
+            if not raised["done"]:
+                raised["done"] = True
+                ask_proof_of_work(gw.base_url, sale, 8)
+            route.fulfill(response=offer)
+
+        browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
+        page = browser.new_page()
+        page.route(f"**/v1/sales/{sale}/queue/challenge", raise_after_the_offer)
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'caught-by-the-rise')}")
+        page.wait_for_selector("#join:not([hidden])")
+        page.click("#join")
+        joined = "#state[data-state='waiting'], #state[data-state='admitted']"
+        page.wait_for_selector(f"{joined}, #join:not([hidden])", timeout=20_000)
+        assert raised["done"] and page.is_visible(joined), page.text_content("#note")
+        browser.close()
+
+
 # A storefront of its own origin: it calls the gateway's API from the buyer's browser.
 STOREFRONT = b"""<!doctype html><meta charset="utf-8"><title>Shop</title>
 <p id="result" data-state="starting">starting</p>
