@@ -10,11 +10,11 @@ import http.server
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -48,6 +48,9 @@ from tests.harness import (
     packed_and_revalidated,
     sale_spec,
 )
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Route
 
 BUSY = '{"error": {"code": "overloaded", "message": "busy"}}'
 
@@ -270,7 +273,6 @@ def test_the_page_rides_out_a_spike_and_resumes_after_a_reload(
 ) -> None:
     """429 and 503 with Retry-After and a dropped connection, injected into the page's own
     requests: it keeps polling and gets its turn. A reload in the queue carries on."""
-    from playwright.sync_api import Route
 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     faults = ["503", "429", "drop", "503"]
@@ -329,7 +331,6 @@ def test_the_page_joins_again_when_its_ticket_has_expired(stack: Settings, chrom
     """A ticket refused as expired (kept in a closed tab past its sale's old end, the sale since
     moved later): the page joins again with the buyer's token, which gives the same place,
     instead of telling the buyer their place is gone."""
-    from playwright.sync_api import Route
 
     refused: list[str] = []
     joins: list[str] = []
@@ -1119,12 +1120,9 @@ def test_a_join_whose_challenge_was_spent_by_a_busy_answer_solves_a_new_one(
     """The gateway spent the buyer's solved challenge, then answered 503 (the queue full, Redis
     busy). The page tried the join again with the same solution at the Retry-After, and was
     refused for good: "this challenge was used already". It solves a new one."""
-    from playwright.sync_api import Route, sync_playwright
-
-    spec = {**sale_spec("Guarded busy drop", "S1", 5), "join_challenge": 4}
     busy = {"left": 1}
 
-    def first_join_busy(route: Route) -> None:
+    def first_join_busy(route: Route, _gw: LiveGateway, _sale: str) -> None:
         if route.request.method != "POST" or not busy["left"]:
             return route.continue_()
         busy["left"] -= 1
@@ -1136,20 +1134,10 @@ def test_a_join_whose_challenge_was_spent_by_a_busy_answer_solves_a_new_one(
         )
         return None
 
-    with live_gateway(stack) as gw, sync_playwright() as p:
-        sale = create_live_sale(gw.base_url, spec=spec)
-        browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
-        page = browser.new_page()
-        page.route(f"**/v1/sales/{sale}/queue", first_join_busy)
-        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'patient')}")
-        page.wait_for_selector("#join:not([hidden])")
-        page.click("#join")
-        joined = "#state[data-state='waiting'], #state[data-state='admitted']"
-        # or refused: the button is offered again (busy answers are retried meanwhile)
-        page.wait_for_selector(f"{joined}, #join:not([hidden])", timeout=20_000)
-        assert busy["left"] == 0
-        assert page.is_visible(joined), page.text_content("#note")
-        browser.close()
+    joined, note = _guarded_join(stack, chromium, "Guarded busy drop", "patient", "queue",
+                                 first_join_busy)  # fmt: skip
+    assert busy["left"] == 0
+    assert joined, note
 
 
 def test_a_join_whose_challenge_was_raised_meanwhile_solves_the_new_price(
@@ -1158,30 +1146,43 @@ def test_a_join_whose_challenge_was_raised_meanwhile_solves_the_new_price(
     """The operator raised the proof of work (`--challenge 8`) while a buyer's page solved a
     4-bit challenge: the join was refused `challenge_invalid` (below the sale's base now) and
     the page said so, where a new challenge at the new price would have joined."""
-    from playwright.sync_api import Route, sync_playwright
-
-    spec = {**sale_spec("Guarded, raised", "S1", 5), "join_challenge": 4}
     raised = {"done": False}
+
+    def raise_after_the_offer(route: Route, gw: LiveGateway, sale: str) -> None:
+        offer = route.fetch()  # a 4-bit challenge, then the price rises
+        if not raised["done"]:
+            raised["done"] = True
+            ask_proof_of_work(gw.base_url, sale, 8)
+        route.fulfill(response=offer)
+
+    joined, note = _guarded_join(stack, chromium, "Guarded, raised", "caught-by-the-rise",
+                                 "queue/challenge", raise_after_the_offer)  # fmt: skip
+    assert raised["done"] and joined, note
+
+
+def _guarded_join(
+    stack: Settings, chromium: str, name: str, buyer: str, path: str,
+    handler: Callable[[Route, LiveGateway, str], None],
+) -> tuple[bool, str]:  # fmt: skip
+    """A buyer's page joining a live sale that asks a 4-bit proof of work, its requests to
+    ``/v1/sales/{sale}/<path>`` passed through ``handler``: whether it joined (or was refused:
+    the button offered again, busy answers retried meanwhile), and the page's note."""
+    from playwright.sync_api import sync_playwright
+
+    spec = {**sale_spec(name, "S1", 5), "join_challenge": 4}
     with live_gateway(stack) as gw, sync_playwright() as p:
         sale = create_live_sale(gw.base_url, spec=spec)
-
-        def raise_after_the_offer(route: Route) -> None:
-            offer = route.fetch()  # a 4-bit challenge, then the price rises
-            if not raised["done"]:
-                raised["done"] = True
-                ask_proof_of_work(gw.base_url, sale, 8)
-            route.fulfill(response=offer)
-
         browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
         page = browser.new_page()
-        page.route(f"**/v1/sales/{sale}/queue/challenge", raise_after_the_offer)
-        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'caught-by-the-rise')}")
+        page.route(f"**/v1/sales/{sale}/{path}", lambda route: handler(route, gw, sale))
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, buyer)}")
         page.wait_for_selector("#join:not([hidden])")
         page.click("#join")
         joined = "#state[data-state='waiting'], #state[data-state='admitted']"
         page.wait_for_selector(f"{joined}, #join:not([hidden])", timeout=20_000)
-        assert raised["done"] and page.is_visible(joined), page.text_content("#note")
+        result = page.is_visible(joined), page.text_content("#note") or ""
         browser.close()
+    return result
 
 
 # A storefront of its own origin: it calls the gateway's API from the buyer's browser.
