@@ -184,8 +184,8 @@ def _start(environment: Environment) -> None:
     options = opts(environment)
     Spike.started_at = time.time()
     if not isinstance(environment.runner, WorkerRunner):
-        check_engine(_host(environment), _admin_token())
         host, token = _host(environment), _admin_token()
+        check_engine(host, token)
         sale = (existing_sale(host, token, options.sale) if options.sale else
                 make_sale(host, token, options.buyers, options.stock, options.buckets))  # fmt: skip
         _set_sale(sale)
