@@ -211,7 +211,10 @@ class LiveGateway:
         pump = AdmissionPump(QueueScripts(c.redis), c.pool, sale_id, skus, "live")
 
         async def run() -> None:
-            while True:
+            # Not `while True`: Python 3.11's asyncio.wait_for (redis-py's, around a write)
+            # drops a cancel that lands as its write ends, and the loop ran on for the 5 s
+            # the gateway's teardown waits.
+            while not asyncio.current_task().cancelling():  # type: ignore[union-attr]
                 await pump.tick()
                 await asyncio.sleep(0.02)
 
