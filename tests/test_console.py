@@ -10,6 +10,7 @@ import threading
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -348,17 +349,23 @@ def test_the_chart_library_is_sent_compressed_and_revalidated(stack: Settings) -
         assert plain.headers["Cache-Control"] == "public, max-age=86400"
 
 
-def test_the_live_page_sets_the_admission_rate_after_asking(stack: Settings, chromium: str) -> None:
+def test_the_live_page_sets_the_admission_rate_and_the_proof_of_work_after_asking(
+    stack: Settings, chromium: str
+) -> None:
     """An SRE watching a sale from the page, seeing the queue move too slowly or the payment
     pipeline fall behind, had to leave it for `sale set-rate`: the page paused, resumed and
-    ended, but could not change the pace."""
+    ended, but could not change the pace. Nor, facing a flood of bots, turn on the proof of
+    work asked at join, which may change while the sale runs."""
     with live_page(stack, chromium, "Paced drop") as live:
         page, base = live.page, live.gw.base_url
         admin = {"Authorization": f"Bearer {ADMIN}"}
 
-        def rate() -> int:
+        def setting(name: str) -> int:
             sale = requests.get(f"{base}/admin/v1/sales/{live.sale}", headers=admin, timeout=10)
-            return int(sale.json()["sale"]["admission_rate"])
+            return int(sale.json()["sale"][name])
+
+        def rate() -> int:
+            return setting("admission_rate")
 
         before = rate()
         page.goto(f"{base}/admin/")
@@ -377,6 +384,41 @@ def test_the_live_page_sets_the_admission_rate_after_asking(stack: Settings, chr
         while rate() != 250:
             assert time.monotonic() < deadline, rate()
             time.sleep(0.2)
+        tile = "#queue .kpi:has-text('proof of work at join')"
+        page.wait_for_selector(f"{tile}:has-text('off')", timeout=10_000)
+        page.fill("#challenge", "8")
+        asked: list[str] = []
+
+        def answer(dialog: Any, accept: bool) -> None:
+            asked.append(dialog.message)
+            dialog.accept() if accept else dialog.dismiss()
+
+        page.once("dialog", lambda dialog: answer(dialog, False))
+        page.click("#challenge-form button")
+        assert setting("join_challenge") == 0  # asked first: dismissed, nothing changed
+        assert asked == ["Ask every new join for a proof of work of 8 bits from now on? "
+                         "Buyers in line keep their places."], asked  # fmt: skip
+        page.once("dialog", lambda dialog: answer(dialog, True))
+        page.click("#challenge-form button")
+        page.wait_for_selector(f"{tile}:has-text('8 bits')", timeout=10_000)
+        assert setting("join_challenge") == 8
+        # A base above the most the sale may ask as joins rise is refused by the API, and said.
+        raised = requests.patch(f"{base}/admin/v1/sales/{live.sale}", headers=admin,
+                                json={"join_challenge_max": 12}, timeout=10)  # fmt: skip
+        assert raised.status_code == 200, raised.text
+        page.wait_for_selector(f"{tile}:has-text('8 to 12 bits')", timeout=10_000)
+        page.fill("#challenge", "14")
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.click("#challenge-form button")
+        page.wait_for_selector("#act-error:has-text('proof of work not set')", timeout=10_000)
+        assert "join_challenge_max" in (page.text_content("#act-error") or "")
+        assert setting("join_challenge") == 8
+        page.fill("#challenge", "0")
+        page.once("dialog", lambda dialog: answer(dialog, True))
+        page.click("#challenge-form button")
+        page.wait_for_selector(f"{tile}:has-text('off')", timeout=10_000)
+        assert asked[-1] == "Turn the proof of work at join off from now on?", asked
+        assert (setting("join_challenge"), setting("join_challenge_max")) == (0, 0)  # both off
         # Refused by the API (the sale ended meanwhile): said on the page, nothing written.
         ended = requests.post(f"{base}/admin/v1/sales/{live.sale}/end", headers=admin,
                               timeout=10)  # fmt: skip
