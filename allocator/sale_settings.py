@@ -103,7 +103,7 @@ async def update(sales: SaleReads, sale_id: str, changes: Mapping[str, Any], *,
             except OverflowError:
                 raise InvalidInput("starts_at", "would move the sale's end past "
                                    f"{LATEST:%Y-%m-%d}") from None  # fmt: skip
-        spec = parse_sale(merged, now=now)
+        spec = parse_sale(merged, now=now, changed=changes.keys())
         if state != "scheduled":
             if spec.max_queue < sale["max_queue"]:
                 raise Conflict("max_queue can only rise once the sale has started",
@@ -176,7 +176,7 @@ async def update_sku(sales: SaleReads, sale_id: str, sku: str, changes: Mapping[
                            f"{', '.join(SKU_LIVE_EDITABLE)})", code="sale_started")  # fmt: skip
         merged = {"sku": sku, "stock": row["stock_total"],
                   **{field: row[field] for field in SKU_EDITABLE}, **changes}  # fmt: skip
-        spec = parse_sku(merged, "")
+        spec = parse_sku(merged, "", changed=changes.keys())
         updated = await conn.fetchrow(
             "UPDATE sale_skus SET title = $3, price = $4, currency = $5, per_buyer_limit = $6,"
             " hold_ttl_seconds = $7 WHERE sale_id = $1 AND sku = $2 RETURNING *",

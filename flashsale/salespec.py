@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -176,18 +176,21 @@ def _check_fields(data: Mapping[str, Any], allowed: Iterable[str], where: str) -
         raise InvalidInput(f"{prefix}{unknown[0]}", "unknown field")
 
 
-def parse_sku(data: Any, where: str) -> SkuSpec:
+def parse_sku(data: Any, where: str, changed: Collection[str] = ()) -> SkuSpec:
     """One SKU from a JSON object or a CSV row (``where`` prefixes field names in errors).
-    Every bad field is named (:func:`refuse_all`), not only the first."""
+    Every bad field is named (:func:`refuse_all`), not only the first; ``changed`` as for
+    :func:`collect_sku`."""
     errors: list[InvalidInput] = []
-    spec = collect_sku(data, where, errors)
+    spec = collect_sku(data, where, errors, changed)
     refuse_all(errors)
     return spec
 
 
-def collect_sku(data: Any, where: str, errors: list[InvalidInput]) -> SkuSpec:
+def collect_sku(data: Any, where: str, errors: list[InvalidInput],
+                changed: Collection[str] = ()) -> SkuSpec:  # fmt: skip
     """The SKU in ``data``, with every problem appended to ``errors`` (the spec is then
-    meaningless)."""
+    meaningless). ``changed``: the fields a change of a SKU gave; a rule between two fields
+    names the one given."""
     if not isinstance(data, Mapping):
         raise InvalidInput(where, "must be an object")
     _check_fields(data, SKU_FIELDS, where)
@@ -247,10 +250,13 @@ def collect_sku(data: Any, where: str, errors: list[InvalidInput]) -> SkuSpec:
     )  # fmt: skip
     largest = spec.price * spec.per_buyer_limit  # a buyer's largest order
     if largest > MAX_AMOUNT:
-        errors.append(InvalidInput(at("price"), (
-            f"with per_buyer_limit {spec.per_buyer_limit}, a buyer's largest order would be "
-            f"{largest:,} minor units, more than an order can record ({MAX_AMOUNT:,}): "
-            "lower the price or the limit")))  # fmt: skip
+        # Named by the price, or by the limit when a change gave it alone.
+        named, other = ("per_buyer_limit", f"price {spec.price}") if (
+            "per_buyer_limit" in changed and "price" not in changed
+        ) else ("price", f"per_buyer_limit {spec.per_buyer_limit}")  # fmt: skip
+        errors.append(InvalidInput(at(named), (
+            f"with {other}, a buyer's largest order would be {largest:,} minor units, more "
+            f"than an order can record ({MAX_AMOUNT:,}): lower the price or the limit")))
     return spec
 
 
@@ -279,8 +285,11 @@ def as_sale_file(sale: Mapping[str, Any]) -> dict[str, Any]:
     return shown
 
 
-def parse_sale(data: Any, *, now: datetime | None = None) -> SaleSpec:
-    """A whole sale from the sale file format (see README). Optional fields get defaults."""
+def parse_sale(data: Any, *, now: datetime | None = None,
+               changed: Collection[str] = ()) -> SaleSpec:  # fmt: skip
+    """A whole sale from the sale file format (see README). Optional fields get defaults.
+    ``changed``: the fields a change of a sale gave (the others are the sale's own); a rule
+    between two fields names the one given."""
     imported = "`sale import ID FILE` adds SKUs to a sale"  # a file of SKUs alone
     if not isinstance(data, Mapping):
         raise InvalidInput("sale", "must be a JSON object" + (
@@ -326,12 +335,26 @@ def parse_sale(data: Any, *, now: datetime | None = None) -> SaleSpec:
         MAX_CHALLENGE_BITS,
         f"a number of leading zero bits up to {MAX_CHALLENGE_BITS} (0: fixed)",
     )
-    if challenge_max and (challenge_max < challenge or not challenge):
-        raise InvalidInput("join_challenge_max", "must be at least join_challenge, which must "
-                           "be on (> 0); 0 keeps the difficulty fixed")  # fmt: skip
+    _challenge_rule(challenge, challenge_max, changed)
     skus = _sku_list(data.get("skus", [])).skus
     return SaleSpec(name, starts_at, ends_at, admission_rate, max_queue, skus, window, capacity,
                     challenge, challenge_max)  # fmt: skip
+
+
+def _challenge_rule(challenge: int, most: int, changed: Collection[str]) -> None:
+    """The proof of work's rise (``join_challenge_max``) is 0 or at least its base, which is
+    on. Refused naming the base when a change gave it alone, else the rise."""
+    if not most or (challenge and most >= challenge):
+        return
+    if "join_challenge" in changed and "join_challenge_max" not in changed:
+        raise InvalidInput("join_challenge", (
+            f"0 (off) turns off its rise too: give join_challenge_max 0 with it (it is {most})"
+            if not challenge else f"must be at most join_challenge_max, {most} (the most the "
+            f"sale asks as the joins rise), got {challenge}"))  # fmt: skip
+    raise InvalidInput("join_challenge_max", (
+        f"must be 0 while join_challenge is 0 (off), got {most}" if not challenge else
+        f"must be at least join_challenge, {challenge}, or 0 to keep the difficulty fixed, "
+        f"got {most}"))  # fmt: skip
 
 
 def unique_keys(where: str) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:

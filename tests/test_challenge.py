@@ -105,6 +105,33 @@ async def test_a_proof_of_work_is_turned_on_while_the_sale_runs(gw: Gateway) -> 
     assert again.status == 200, await again.text()
 
 
+async def test_a_change_of_the_proof_of_work_refused_names_the_field_changed(gw: Gateway) -> None:
+    """A sale asking 8 bits, up to 12: `{"join_challenge": 14}` alone was refused as
+    "join_challenge_max: must be at least join_challenge", naming a field the request did not
+    send, and neither value."""
+    sale = await gw.create_sale(stock=5, join_challenge=8, join_challenge_max=12)
+    refusals = {
+        '{"join_challenge": 14}': ("join_challenge", "must be at most join_challenge_max, 12 "
+                                   "(the most the sale asks as the joins rise), got 14"),
+        '{"join_challenge": 0}': ("join_challenge", "0 (off) turns off its rise too: give "
+                                  "join_challenge_max 0 with it (it is 12)"),
+        '{"join_challenge_max": 4}': ("join_challenge_max", "must be at least join_challenge, "
+                                      "8, or 0 to keep the difficulty fixed, got 4"),
+        '{"join_challenge": 14, "join_challenge_max": 12}': (
+            "join_challenge_max", "must be at least join_challenge, 14, or 0 to keep the "
+            "difficulty fixed, got 12"),
+        '{"join_challenge": 0, "join_challenge_max": 12}': (
+            "join_challenge_max", "must be 0 while join_challenge is 0 (off), got 12"),
+    }  # fmt: skip
+    for body, (field, message) in refusals.items():
+        refused = await gw.http.patch(f"/admin/v1/sales/{sale}", headers=auth(ADMIN), data=body)
+        assert refused.status == 422, (body, await refused.text())
+        error = (await refused.json())["error"]
+        assert (error["field"], error["message"]) == (field, f"{field}: {message}"), body
+    unchanged = await (await gw.http.get(f"/admin/v1/sales/{sale}", headers=auth(ADMIN))).json()
+    assert (unchanged["sale"]["join_challenge"], unchanged["sale"]["join_challenge_max"]) == (8, 12)
+
+
 def test_the_difficulty_rises_a_bit_per_doubling_of_the_join_rate_over_admission() -> None:
     v = QueueView(
         preloaded=True, status="active", starts_at_ms=0, ends_at_ms=1, admission_rate=100,

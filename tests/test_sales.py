@@ -495,8 +495,13 @@ def test_create_takes_every_setting_update_takes(cli: Cli) -> None:
     for command in (("create", *flags), ("update", sale["id"])):
         refused = cli("sale", *command, "--challenge", "8", "--challenge-max", "4")
         assert (refused.code, refused.err.strip()) == (2, "flashsale: error: --challenge-max: "
-            "must be at least --challenge, which must be on (> 0); 0 keeps the difficulty "
-            "fixed"), refused  # fmt: skip
+            "must be at least --challenge, 8, or 0 to keep the difficulty fixed, got 4"
+        ), refused  # fmt: skip
+    # A setting the refusal names that was not typed is named by its flag too, with its value.
+    refused = cli("sale", "update", sale["id"], "--challenge", "14")
+    assert (refused.code, refused.err.strip()) == (2, "flashsale: error: --challenge: must be "
+        "at most --challenge-max, 12 (the most the sale asks as the joins rise), got 14"
+    ), refused  # fmt: skip
     parser = build_parser()
     create, update = ({f for a in command_parser(parser, parser.parse_args(argv))._actions
                        for f in a.option_strings}
@@ -770,12 +775,21 @@ def test_a_price_is_refused_whose_largest_order_an_order_cannot_hold(
     refused = cli("sale", "update-sku", sale_id, "SNK-42", "--price", str(10**15))
     assert refused.code == 2, (refused.out, refused.err)
     assert refused.err.startswith("flashsale: error: --price: "), refused.err
-    assert "per_buyer_limit 10000" in refused.err, refused.err
+    assert "with --limit 10000" in refused.err, refused.err  # the SKU's, by its flag
     [row] = db.rows("SELECT price FROM sale_skus WHERE sale_id=$1 AND sku='SNK-42'", sale_id)
     assert row["price"] == 12900
     # At the line: the largest amount an order records, 9,223,372,036,854,775,807.
     fits = cli("sale", "update-sku", sale_id, "SNK-42", "--price", str((2**63 - 1) // 10_000))
     assert fits.code == 0, fits.err
+    # The limit changed alone past the line: the refusal names the limit, the one typed (it
+    # named --price, which was not).
+    assert cli("sale", "update-sku", sale_id, "SNK-42", "--limit", "1").code == 0
+    assert cli("sale", "update-sku", sale_id, "SNK-42", "--price", str(10**15)).code == 0
+    refused = cli("sale", "update-sku", sale_id, "SNK-42", "--limit", "10000")
+    assert (refused.code, refused.err.strip()) == (2, "flashsale: error: --limit: with price "
+        "1000000000000000, a buyer's largest order would be 10,000,000,000,000,000,000 minor "
+        "units, more than an order can record (9,223,372,036,854,775,807): lower the price or "
+        "the limit"), refused  # fmt: skip
 
 
 def test_create_with_a_key_is_once_and_orders_export_as_csv(

@@ -180,10 +180,10 @@ def as_typed(exc: InvalidInput, parser: argparse.ArgumentParser,
     typed = names.get(exc.field) or names.get(exc.field.lower())
     if typed is None:
         return exc
-    # Another field the message names that was typed too, as typed ("at least join_challenge":
-    # --challenge); only a name with an underscore, which prose never has ("name" may be a word).
-    others = {field: flag for field, flag in _sale_names(args).items() if "_" in field
-              and getattr(args, flag[2:].replace("-", "_"), None) is not None}  # fmt: skip
+    # Another field the message names, by its flag ("at least join_challenge": --challenge),
+    # typed or not: the flag is how it is changed; only a name with an underscore, which prose
+    # never has ("name" may be a word).
+    others = {field: flag for field, flag in _sale_names(args).items() if "_" in field}
     message = _named_as_typed(exc.message.removeprefix(f"{exc.field}: "), others)
     return InvalidInput(typed, message, code=exc.code)
 
