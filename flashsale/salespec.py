@@ -250,13 +250,13 @@ def collect_sku(data: Any, where: str, errors: list[InvalidInput],
     )  # fmt: skip
     largest = spec.price * spec.per_buyer_limit  # a buyer's largest order
     if largest > MAX_AMOUNT:
-        # Named by the price, or by the limit when a change gave it alone.
-        named, other = ("per_buyer_limit", f"price {spec.price}") if (
-            "per_buyer_limit" in changed and "price" not in changed
-        ) else ("price", f"per_buyer_limit {spec.per_buyer_limit}")  # fmt: skip
+        alone = "per_buyer_limit" in changed and "price" not in changed  # the limit is named
+        named, other = ("per_buyer_limit", f"price {spec.price}") if alone else (
+            "price", f"per_buyer_limit {spec.per_buyer_limit}")  # fmt: skip
         errors.append(InvalidInput(at(named), (
             f"with {other}, a buyer's largest order would be {largest:,} minor units, more "
-            f"than an order can record ({MAX_AMOUNT:,}): lower the price or the limit")))
+            f"than an order can record ({MAX_AMOUNT:,}): lower the price or the limit"
+        )))  # fmt: skip
     return spec
 
 
