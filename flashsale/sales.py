@@ -58,8 +58,10 @@ async def fetch_sale(db: Db, sale_id: str) -> asyncpg.Record | None:
 
 
 async def fetch_skus(db: Db, sale_id: str) -> list[asyncpg.Record]:
-    """The sale's SKU rows, ordered by SKU."""
-    return list(await db.fetch("SELECT * FROM sale_skus WHERE sale_id = $1 ORDER BY sku", sale_id))
+    """The sale's SKU rows, in the order they were given (a sale made before that was kept:
+    by SKU)."""
+    return list(await db.fetch("SELECT * FROM sale_skus WHERE sale_id = $1"
+                               " ORDER BY position NULLS FIRST, sku", sale_id))  # fmt: skip
 
 
 async def fetch_sku(db: Db, sale_id: str, sku: str) -> asyncpg.Record | None:

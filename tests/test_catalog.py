@@ -135,6 +135,29 @@ async def test_a_storefront_asks_for_its_skus_only(stack: Settings) -> None:
         assert (await too_many.json())["error"]["field"] == "sku"
 
 
+async def test_a_sales_items_keep_the_order_they_were_given_in(stack: Settings) -> None:
+    """A sale of sizes 36 to 45.5 as SNK-0 to SNK-19 was listed by its SKU's spelling (SNK-0,
+    SNK-1, SNK-10, …, SNK-19, SNK-2): the waiting-room page, which shows the first twelve,
+    skipped sizes 37 to 40.5, and a `sale show --template` round trip reshuffled the file.
+    The items keep the order of the sale file, then of each import."""
+    given = [*(f"SNK-{i}" for i in range(20)), "Z-LAST", "A-FIRST"]
+    async with gateway(stack) as gw:
+        sale = await gw.create_sale(skus=[{**s, "sku": sku} for s, sku in
+                                          zip(_skus(len(given)), given, strict=True)])  # fmt: skip
+        added = await gw.http.post(
+            f"/admin/v1/sales/{sale}/skus",
+            headers=auth(ADMIN),
+            json=[{**_skus(1)[0], "sku": sku} for sku in ("M-2", "B-1")],
+        )
+        assert added.status == 200, await added.text()
+        expected = [*given, "M-2", "B-1"]
+        shown = await (await gw.http.get(f"/admin/v1/sales/{sale}", headers=auth(ADMIN))).json()
+        assert [s["sku"] for s in shown["skus"]] == expected
+        await gw.http.post(f"/admin/v1/sales/{sale}/preload", headers=auth(ADMIN))
+        public = await (await gw.http.get(f"/v1/sales/{sale}")).json()
+        assert [s["sku"] for s in public["skus"]] == expected
+
+
 async def test_a_small_summary_is_not_compressed(stack: Settings) -> None:
     async with gateway(stack) as gw:
         sale = await gw.create_sale()
@@ -383,7 +406,7 @@ async def test_a_sku_added_to_a_preloaded_sale_is_offered_once_it_is_preloaded(
         assert asked.status == 404 and (await asked.json())["error"]["code"] == "unknown_sku"
         loaded = await gw.http.post(f"/admin/v1/sales/{sale}/preload", headers=auth(ADMIN))
         assert loaded.status == 200, await loaded.text()
-        assert await offered() == ["LATE", "SKU-1"]
+        assert await offered() == ["SKU-1", "LATE"]  # in the order they were added
         early = await gw.create_sale(preload=False)
         assert [s["sku"] for s in (await (await gw.http.get(f"/v1/sales/{early}")).json())
                 ["skus"]] == ["SKU-1"]  # fmt: skip

@@ -764,7 +764,7 @@ async def test_json_saved_with_a_byte_order_mark_is_read(http: TestClient[Any, A
     body = bom + json.dumps({"skus": [sku]}).encode()
     added = await http.post(f"/admin/v1/sales/{sale_id}/skus", data=body, headers=form)
     assert added.status == 200, await added.text()
-    assert [s["sku"] for s in (await added.json())["skus"]] == ["SCARF", "SNK-1"]
+    assert [s["sku"] for s in (await added.json())["skus"]] == ["SNK-1", "SCARF"]
 
 
 async def test_a_body_saved_by_windows_in_utf_16_is_read(http: TestClient[Any, Any]) -> None:

@@ -135,11 +135,14 @@ async def test_the_engines_user_is_told_a_current_schema_is_up_to_date(fresh_dsn
             await owner.execute("DELETE FROM schema_migrations WHERE version = $1", last)
             with pytest.raises(ConfigError) as refused:
                 await migrate(engine, progress=lines.append)
-            assert str(refused.value).startswith(
-                f"migration {last:04d}_{available()[-1].name} needs the owner of the schema's "
-                "tables, and DATABASE_URL's user was refused (permission denied for schema "
-                "public): run `flashsale migrate` as the owner"
-            ), refused.value
+            said = str(refused.value)  # why Postgres refused depends on what the migration does
+            assert (
+                said.startswith(
+                    f"migration {last:04d}_{available()[-1].name} needs the owner of the schema's "
+                    "tables, and DATABASE_URL's user was refused ("
+                )
+                and "): run `flashsale migrate` as the owner" in said
+            ), said
         finally:
             await engine.close()
     finally:
