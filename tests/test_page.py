@@ -771,17 +771,24 @@ def test_a_catalogue_opened_without_a_product_finds_one_by_its_name(
 ) -> None:
     """A shop links to a catalogue sale as a whole (no ``?sku=``): the page listed every
     product in one endless list and a select of them all (50,000 took 6.3 s to show). It
-    shows a few, with a field that finds the rest by name or SKU, and reserves the one found."""
+    shows a few, with a field that finds the rest by name or SKU, and reserves the one found.
+    Those shown are products that can still be had: with its first twelve sold out, it showed
+    those twelve alone, and the buyer's turn a Reserve button that could not be pressed."""
     spec = sale_spec("Whole catalogue", "S1", 5)
     spec["skus"] = [{**spec["skus"][0], "sku": f"S{i}", "title": f"Model {i}"}
                     for i in range(1, 301)]  # fmt: skip
     with live_page(stack, chromium, "catalogue", spec=spec) as live:
         gw, sale, page = live.gw, live.sale, live.page
+        _sold_out(stack, sale, [f"S{i}" for i in range(1, 13)])
         page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'browsing')}")
         page.wait_for_selector("#find", timeout=15_000)
         rows = page.locator("#product .item")
-        assert 0 < rows.count() <= 12, rows.count()
+        assert rows.count() == 12 and page.locator("#product .sold-out").count() == 0
+        assert page.text_content("#product .item b") == "Model 13"  # then in the sale's order
         assert page.locator("#sku option").count() == rows.count()
+        page.fill("#find", "1")  # 138 of them, twelve sold out: those after the others
+        page.wait_for_selector("#more:has-text('12 of 138 shown')")
+        assert page.locator("#product .sold-out").count() == 0
         assert "300" in (page.text_content("#more") or "")  # how many there are to find
         page.fill("#find", "model 217")
         page.wait_for_function("document.querySelectorAll('#product .item').length === 1")
@@ -944,6 +951,20 @@ def test_a_buyer_on_a_phone_sees_the_turn_above_a_catalogue(stack: Settings, chr
         assert seen["rows"] == 12, seen
         assert all(n > o for o, n in zip(seen["own"], seen["next"], strict=True)), seen
         assert seen["state"] <= seen["screen"] and seen["reserve"] <= seen["screen"], seen
+
+
+def _sold_out(stack: Settings, sale: str, skus: list[str]) -> None:
+    """Each of ``skus`` sold to its last unit, as Redis counts it (what the page reads)."""
+    import redis
+
+    kind = redis.RedisCluster if stack.redis_cluster else redis.Redis
+    client = kind.from_url(stack.require_redis())
+    try:
+        for sku in skus:
+            stock = SkuKeys(sale, sku).stock
+            client.hset(stock, mapping={"available": 0, "sold": client.hget(stock, "total")})
+    finally:
+        client.close()
 
 
 async def _sell(stack: Settings, sale: str, reservation_id: str | None) -> None:
