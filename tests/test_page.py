@@ -962,7 +962,8 @@ def _sold_out(stack: Settings, sale: str, skus: list[str]) -> None:
     try:
         for sku in skus:
             stock = SkuKeys(sale, sku).stock
-            client.hset(stock, mapping={"available": 0, "sold": client.hget(stock, "total")})
+            total = int(client.hget(stock, "total") or 0)
+            client.hset(stock, mapping={"available": 0, "sold": total})
     finally:
         client.close()
 
