@@ -93,6 +93,43 @@ def test_a_port_out_of_range_is_told_the_range_of_a_port(run_cli: Cli) -> None:
         ), result.err
 
 
+@pytest.mark.parametrize("argv", [
+    ("token", "buyers", "--count"), ("demo", "--buyers"),
+    ("sale", "status", "s", "--watch", "--count"),
+])  # fmt: skip
+def test_a_count_given_a_fraction_is_told_it_takes_a_whole_number(
+    run_cli: Cli, argv: tuple[str, ...]
+) -> None:
+    """`token buyers --count 1.5` was told "must be a positive number, got '1.5'", which it
+    is; a count is a whole number."""
+    flag = argv[-1]
+    for value, said in (("1.5", "a positive whole number"), ("1e3", "a positive whole number"),
+                        ("0", "a positive whole number up to 1,000,000,000")):  # fmt: skip
+        result = run_cli(*argv, value)
+        assert (result.code, result.err.strip()) == (
+            2, f"flashsale: error: {flag}: must be {said}, got '{value}'"), result  # fmt: skip
+
+
+def test_bad_flags_are_refused_before_any_server_is_asked(
+    run_cli: Cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """With no stack running, `sale status S --watch --count 1.5` was told that REDIS_URL is
+    not set: its flags were read once connected, as were `--count` without `--watch` and
+    `show --left` without `--template`."""
+    for name in ("REDIS_URL", "DATABASE_URL", "KAFKA_BOOTSTRAP"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("FLASHSALE_HOME", str(tmp_path))  # no stack there
+    refusals = {
+        ("sale", "status", "s", "--watch", "--interval", "0"): "--interval: must be from 0.05 "
+        "to 1,000,000,000 seconds, got '0'",
+        ("sale", "status", "s", "--count", "2"): "--count: goes with --watch",
+        ("sale", "show", "s", "--left"): "--left: goes with --template (the file of a next sale)",
+    }  # fmt: skip
+    for argv, said in refusals.items():
+        result = run_cli(*argv)
+        assert (result.code, result.err.strip()) == (2, f"flashsale: error: {said}"), result
+
+
 DEFAULT_SAID = re.compile(r"\(default:? (\d[\d.,]*)\b")
 # `sale create` flags whose default the sale file's parser gives (flashsale.salespec).
 SPEC_DEFAULTS = {"--admission-rate": "admission_rate", "--max-queue": "max_queue",

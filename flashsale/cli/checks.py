@@ -27,13 +27,13 @@ SHORTEST_INTERVAL_S = 0.05
 
 
 def positive(kind: type[int] | type[float], field: str, value: str) -> Any:
+    what = "a positive whole number" if kind is int else "a positive number"  # a count: not 1.5
     try:
         parsed = kind(value)
     except ValueError:
-        raise InvalidInput(field, f"must be a positive number, got {shown(value)}") from None
+        raise InvalidInput(field, f"must be {what}, got {shown(value)}") from None
     if not 0 < parsed <= LARGEST:  # false for nan too
-        raise InvalidInput(field, f"must be a positive number up to {LARGEST:,.0f}, "
-                                  f"got {shown(value)}")  # fmt: skip
+        raise InvalidInput(field, f"must be {what} up to {LARGEST:,.0f}, got {shown(value)}")
     return parsed
 
 

@@ -33,6 +33,7 @@ from flashsale.cli.sale_views import (
     print_status,
     units_left,
     watch_status,
+    watching,
 )
 from flashsale.clients import pg_pool, redis_client
 from flashsale.errors import Conflict, InvalidInput
@@ -99,6 +100,9 @@ async def _sale(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if command == "archive":  # the reconciler's job, with the audit
         return await _archive(args, settings)
+    pace = watching(args) if command == "status" else None
+    if command == "show" and args.left and not args.template:
+        raise InvalidInput("left", "goes with --template (the file of a next sale)")
     async with admin(settings) as sales:
         if command == "list":
             listed = await sales.list_sales(status=args.status, state=args.state,
@@ -107,8 +111,6 @@ async def _sale(args: argparse.Namespace, settings: Settings) -> int:
         elif command == "orders":
             await print_orders(sales, args)
         elif command == "show":
-            if args.left and not args.template:
-                raise InvalidInput("left", "goes with --template (the file of a next sale)")
             sale = await sales.get(args.sale)
             if args.left:
                 dump_json(await units_left(sales, sale))
@@ -121,10 +123,8 @@ async def _sale(args: argparse.Namespace, settings: Settings) -> int:
             finally:
                 progress.close()
             print_preload(args.sale, results)
-        elif command == "status" and not args.watch and (args.count or args.interval):
-            raise InvalidInput("count" if args.count else "interval", "goes with --watch")
-        elif command == "status" and args.watch:
-            await watch_status(sales, args)
+        elif command == "status" and pace:
+            await watch_status(sales, args, *pace)
         elif command == "status":
             print_status(await sales.status(args.sale, args.sku), as_json=args.json)
         elif command in ("add-stock", "remove-stock"):

@@ -19,7 +19,7 @@ from allocator.sale_scripts import PreloadResult
 from flashsale.cli.checks import SHORTEST_INTERVAL_S, positive, seconds
 from flashsale.cli.output import dump_json, out, warn
 from flashsale.currencies import major
-from flashsale.errors import Conflict
+from flashsale.errors import Conflict, InvalidInput
 from flashsale.salespec import as_sale_file
 from flashsale.timefmt import iso
 from flashsale.wording import counted
@@ -183,11 +183,23 @@ def no_sales(status: str | None, offset: int) -> str:
     return which if status else "no sales yet: `flashsale sale create` makes one"
 
 
-async def watch_status(sales: SaleAdmin, args: argparse.Namespace) -> None:
-    """``sale status --watch``: the status again every interval, in place on a terminal (a
-    new block each time otherwise); with ``--json`` a line of JSON each time."""
+def watching(args: argparse.Namespace) -> tuple[float, int | None] | None:
+    """``sale status``'s ``--interval`` and ``--count``, read before anything is asked of a
+    server: with ``--watch``, (seconds, refreshes or None); without it, None (and either
+    given is refused)."""
+    if not args.watch:
+        if args.count or args.interval:
+            raise InvalidInput("count" if args.count else "interval", "goes with --watch")
+        return None
     interval = seconds("interval", args.interval or "1", SHORTEST_INTERVAL_S)
-    count = positive(int, "count", args.count) if args.count else None
+    return interval, positive(int, "count", args.count) if args.count else None
+
+
+async def watch_status(sales: SaleAdmin, args: argparse.Namespace, interval: float,
+                       count: int | None) -> None:  # fmt: skip
+    """``sale status --watch``: the status again every ``interval`` seconds (``count`` times,
+    or until Ctrl-C), in place on a terminal (a new block each time otherwise); with
+    ``--json`` a line of JSON each time."""
     shown = 0
     in_place = sys.stdout.isatty()
     with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
