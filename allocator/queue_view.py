@@ -14,7 +14,7 @@ from flashsale.timefmt import iso_ms
 # Fields of the sale hash (put there by preload) that the waiting room reads.
 ROOM_SALE_FIELDS = (
     "status", "starts_at_ms", "ends_at_ms", "admission_rate", "window_ms", "capacity",
-    "challenge", "challenge_max", "pauses", "paused_at_ms",
+    "challenge", "challenge_max", "pauses", "paused_at_ms", "max_queue",
 )  # fmt: skip
 QUEUE_FIELDS = (
     "serving", "cutoff", "tail", "pre", "sealed", "shuffled", "sold_out",
@@ -63,6 +63,7 @@ class QueueView:
     sold_out_ms: int = 0  # Redis time the pump found the sale sold out (0: not, or unknown)
     pauses: tuple[tuple[int, int], ...] = ()  # the sale's finished pauses (lua/lib.lua)
     paused_at_ms: int = 0  # the pause going on began then (0: none)
+    max_queue: int = 0  # buyers not yet admitted the line holds at most (0: not known)
 
     def paused_between(self, start_ms: int, end_ms: int) -> int:
         """How long the sale was paused between two Redis times."""
@@ -94,6 +95,20 @@ class QueueView:
             return 0
         return self.available or 0
 
+    def full(self, now_ms: int) -> bool:
+        """Whether a buyer joining at ``now_ms`` is turned away with 503 queue_full
+        (lua/join.lua): the line holds ``max_queue`` buyers not admitted yet (before the
+        start, the draw's registrations). Never once the line is closed to newcomers, who
+        are told it is sold out instead."""
+        if not self.max_queue or self.status == "ended" or now_ms >= self.ends_at_ms:
+            return False
+        if self.closed_to_newcomers:
+            return False
+        if not self.sealed and now_ms < self.starts_at_ms:
+            return self.pre >= self.max_queue
+        line = self.tail if self.sealed else self.pre  # the first join after the start seals
+        return line - self.serving >= self.max_queue
+
     @property
     def closed_to_newcomers(self) -> bool:
         """Whether a buyer joining now is told the sale is sold out (lua/join.lua): it sold
@@ -112,6 +127,7 @@ class QueueView:
             "sold_out_at": iso_ms(self.sold_out_ms) if self.sold_out_ms else None,
             "closed_to_newcomers": self.closed_to_newcomers,
             "stranded": self.stranded(now_ms),
+            "max_queue": self.max_queue, "full": self.full(now_ms),
         }  # fmt: skip
 
     def mark(self) -> Mark:
@@ -153,6 +169,7 @@ class QueueView:
             sold_out_ms=integer(q["sold_out_ms"]),
             pauses=_spans(s["pauses"]),
             paused_at_ms=integer(s["paused_at_ms"]),
+            max_queue=integer(s["max_queue"]),
         )
 
 

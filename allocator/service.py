@@ -325,6 +325,7 @@ class AllocatorService:
             m.waiting.labels(sale).set(0)
             m.pre_queue.labels(sale).set(0)
             m.stranded.labels(sale).set(0)
+            m.full.labels(sale).set(0)
             return
         if step.admitted:
             m.admitted.labels(sale).inc(step.admitted)
@@ -335,7 +336,9 @@ class AllocatorService:
                                                  step.sold_out))  # fmt: skip
         if pump.view is not None:
             m.pre_queue.labels(sale).set(pump.view.pre)
-            m.stranded.labels(sale).set(pump.view.stranded(int(time.time() * 1000)))
+            now_ms = int(time.time() * 1000)
+            m.stranded.labels(sale).set(pump.view.stranded(now_ms))
+            m.full.labels(sale).set(1 if pump.view.full(now_ms) else 0)
         m.outstanding.labels(sale).set(pump.outstanding)
         m.noshow.labels(sale).set(pump.noshow)
         if pump.count is not self.noted.get(sale):  # a sale slow to count is counted less often

@@ -56,6 +56,11 @@ class ServiceMetrics:
             "reached the cutoff and nobody in it is left to admit or within a turn", ["sale"],
             registry=registry,
         )  # fmt: skip
+        self.full = Gauge(
+            "flashsale_queue_full", "1 while the sale's waiting room holds its max_queue buyers "
+            "not admitted yet: a newcomer is turned away (503 queue_full)", ["sale"],
+            registry=registry,
+        )  # fmt: skip
         self.not_preloaded = Gauge(
             "flashsale_sale_not_preloaded", "Seconds until a sale opens (less than 0: it has) "
             "that was never preloaded, for a sale opening within 10 minutes or open: its buyers "

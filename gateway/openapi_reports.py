@@ -35,8 +35,27 @@ ROOM = obj(
             "description": "units free that nobody can buy any more: the line reached the "
             "cutoff and nobody in it is left to admit or within a turn",
         },
+        "max_queue": {
+            "type": "integer",
+            "description": "the sale's queue cap: buyers not admitted yet the line holds",
+        },
+        "full": {
+            "type": "boolean",
+            "description": "a buyer joining now is turned away with 503 queue_full: the line "
+            "holds max_queue buyers not admitted yet (a cap raised by PATCH lets more in)",
+        },
     },
-    ["live", "waiting", "admitted", "joined", "sold_out", "closed_to_newcomers", "stranded"],
+    [
+        "live",
+        "waiting",
+        "admitted",
+        "joined",
+        "sold_out",
+        "closed_to_newcomers",
+        "stranded",
+        "max_queue",
+        "full",
+    ],
 )
 SALE_STATUS = obj(
     {

@@ -212,6 +212,26 @@ def test_the_stranded_stock_alert_fires_after_a_minute_of_units_nobody_can_buy(
         at(7, "FlashsaleStockStranded")])  # fmt: skip
 
 
+def test_the_full_waiting_room_alert_fires_while_newcomers_are_turned_away(
+    prometheus: str,  # noqa: F811 - the fixture
+    tmp_path: Path,
+) -> None:
+    """A full line turns newcomers away (503 queue_full), and nothing said so. The leading
+    allocator reports it at each pump step: a line that fills again as admissions free
+    places reads full at one scrape and not at the next, and stays an alert; a minute with
+    room clears it."""
+    fired = firing("warning", "the waiting room of sale s-1 is full: new buyers are turned "
+                   "away (503 queue_full) until the line moves or its cap is raised",
+                   "flashsalequeuefull", sale="s-1")  # fmt: skip
+    promtool_test(tmp_path, [
+        {"series": 'flashsale_queue_full{sale="s-1", instance="leader"}',
+         "values": "0 0 1 0 1 0 1 0 0 0"},
+        {"series": 'flashsale_queue_full{sale="s-1", instance="other"}', "values": "0x9"},
+    ], [at(1, "FlashsaleQueueFull"), at(2, "FlashsaleQueueFull", fired),
+        at("210s", "FlashsaleQueueFull", fired), at("270s", "FlashsaleQueueFull")],
+       interval="30s")  # fmt: skip
+
+
 def test_the_preload_alert_fires_for_a_sale_opening_without_one(
     prometheus: str,  # noqa: F811 - the fixture
     tmp_path: Path,

@@ -132,29 +132,29 @@ async def test_only_the_leading_pump_counts_buyers_waiting() -> None:
     """Every allocator process exports its pumps' gauges and the dashboard takes the highest:
     a process that led a sale, then lost the lease (or saw the sale end), kept showing the
     buyers waiting when it last stepped, however many were left. So for the units nobody can
-    buy any more, which an alert watches."""
+    buy any more, and for a waiting room full, which alerts watch."""
     service = AllocatorService(Settings.from_env({}))
 
     class Pump:
         sale_id, token, busy, tail, outstanding, noshow, count = "S", 1, True, 50, 0, 0.0, None
         step: Plan | None = Plan(serving=10, cutoff=30, sold_out=False, admitted=5)
         # buyers who joined before the opening; units nobody in line can buy any more
-        view = SimpleNamespace(pre=7, stranded=lambda now_ms: 3)
+        view = SimpleNamespace(pre=7, stranded=lambda now_ms: 3, full=lambda now_ms: True)
 
         async def tick(self) -> Plan | None:
             return self.step
 
-    def waiting() -> tuple[float, float, float]:
+    def waiting() -> tuple[float, float, float, float]:
         m = service.metrics
         return (m.waiting.labels("S")._value.get(), m.pre_queue.labels("S")._value.get(),
-                m.stranded.labels("S")._value.get())  # fmt: skip
+                m.stranded.labels("S")._value.get(), m.full.labels("S")._value.get())  # fmt: skip
 
     pump = Pump()
     await service._tick(pump)  # type: ignore[arg-type]
-    assert waiting() == (20, 7, 3)  # placed up to the cutoff, past the last admitted; the draw's
+    assert waiting() == (20, 7, 3, 1)  # up to the cutoff, past the last admitted; the draw's
     pump.step, pump.token = None, 0  # another process took the lease
     await service._tick(pump)  # type: ignore[arg-type]
-    assert waiting() == (0, 0, 0)
+    assert waiting() == (0, 0, 0, 0)
 
 
 @pytest.mark.parametrize("exc", FAILURES, ids=lambda e: type(e).__name__)

@@ -6,6 +6,7 @@ waiting room's."""
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 from datetime import datetime
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from playwright.sync_api import expect
 
 from flashsale.cli.devstack.processes import UP_PORTS, free_ports
 from flashsale.settings import Settings
@@ -34,6 +36,11 @@ from tests.harness import (
 SKU = "LIVE-1"
 PAGE = 100  # sales a page of the list shows
 DASH = "\N{EN DASH}"
+
+
+def digits(shown: str) -> int:
+    """A number as the page shows it, in the browser's locale (200,000 or 200 000)."""
+    return int("".join(c for c in shown if c.isdigit()))
 
 
 def _spike(base: str, sale: str, settings: Settings, buyers: int) -> threading.Thread:
@@ -349,13 +356,14 @@ def test_the_chart_library_is_sent_compressed_and_revalidated(stack: Settings) -
         assert plain.headers["Cache-Control"] == "public, max-age=86400"
 
 
-def test_the_live_page_sets_the_admission_rate_and_the_proof_of_work_after_asking(
+def test_the_live_page_sets_the_rate_the_proof_of_work_and_the_queue_cap_after_asking(
     stack: Settings, chromium: str
 ) -> None:
     """An SRE watching a sale from the page, seeing the queue move too slowly or the payment
     pipeline fall behind, had to leave it for `sale set-rate`: the page paused, resumed and
     ended, but could not change the pace. Nor, facing a flood of bots, turn on the proof of
-    work asked at join, which may change while the sale runs."""
+    work asked at join, nor raise the cap of a full waiting room, which may change while the
+    sale runs."""
     with live_page(stack, chromium, "Paced drop") as live:
         page, base = live.page, live.gw.base_url
         admin = {"Authorization": f"Bearer {ADMIN}"}
@@ -419,6 +427,21 @@ def test_the_live_page_sets_the_admission_rate_and_the_proof_of_work_after_askin
         page.wait_for_selector(f"{tile}:has-text('off')", timeout=10_000)
         assert asked[-1] == "Turn the proof of work at join off from now on?", asked
         assert (setting("join_challenge"), setting("join_challenge_max")) == (0, 0)  # both off
+        # The queue cap, against a full waiting room: it can only rise once the sale started.
+        cap = "#queue .kpi:has-text('queue cap')"
+        assert digits(page.inner_text(f"{cap} b")) == setting("max_queue") == 200_000
+        page.fill("#queue-cap", "1000")
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.click("#queue-form button")
+        page.wait_for_selector("#act-error:has-text('queue cap not set')", timeout=10_000)
+        assert "can only rise" in (page.text_content("#act-error") or "")
+        page.fill("#queue-cap", "300000")
+        page.once("dialog", lambda dialog: answer(dialog, True))
+        page.click("#queue-form button")
+        expect(page.locator(f"{cap} b")).to_have_text(re.compile(r"^300\D?000$"))
+        assert asked[-1] == "Let up to 300000 buyers wait in line from now on? Once the sale has "\
+                            "started, the cap can only rise.", asked  # fmt: skip
+        assert setting("max_queue") == 300_000
         # Refused by the API (the sale ended meanwhile): said on the page, nothing written.
         ended = requests.post(f"{base}/admin/v1/sales/{live.sale}/end", headers=admin,
                               timeout=10)  # fmt: skip
@@ -440,8 +463,10 @@ def test_the_live_page_counts_the_buyers_registered_for_the_draw(
 ) -> None:
     """Before the opening, buyers join the pre-queue, whose places are drawn at the start: the
     page said "0 waiting, 0 joined" while they registered, the minutes an operator watches
-    most closely."""
-    with live_page(stack, chromium, "Drop to come", starts_in=600) as live:
+    most closely. Registrations up to the queue cap turn every next buyer away (503
+    queue_full): the page says the room is full, and raises its cap."""
+    spec = {**sale_spec("Drop to come", "S1", 3, starts_in=600), "max_queue": 3}
+    with live_page(stack, chromium, "Drop to come", spec=spec) as live:
         page, base = live.page, live.gw.base_url
         signer = Signer.from_setting(stack.buyer_token_secret.reveal(), "buyer")
         for n in range(3):
@@ -455,6 +480,16 @@ def test_the_live_page_counts_the_buyers_registered_for_the_draw(
         page.wait_for_selector("#queue .kpi:has-text('registered for the draw')", timeout=10_000)
         kpi = page.inner_text("#queue .kpi:has-text('registered for the draw') b")
         assert kpi == "3", kpi
+        # Registrations up to the queue cap: every next buyer is turned away, and it is said.
+        cap = "#queue .kpi:has-text('queue cap') b"
+        assert page.inner_text(cap).startswith("full at 3"), page.inner_text(cap)
+        page.fill("#queue-cap", "4")
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.click("#queue-form button")
+        expect(page.locator(cap)).to_have_text("4")
+        joined = requests.post(f"{base}/v1/sales/{live.sale}/queue", timeout=10, headers={
+            "Authorization": f"Bearer {signer.sign({'sub': 'early-3'}, 600)}"})  # fmt: skip
+        assert joined.status_code == 200, joined.text
 
 
 def test_the_live_page_says_new_buyers_are_turned_away_and_what_nobody_can_buy(

@@ -264,6 +264,35 @@ async def test_a_full_queue_is_503_queue_full(gw: Gateway) -> None:
     code, body = await gw.join(sale, "c")
     assert code == 503 and body["error"]["code"] == "queue_full"
     assert (await gw.join(sale, "a"))[0] == 200  # already queued: still answered
+    queue = await (await gw.http.get(f"/admin/v1/sales/{sale}", headers=auth(ADMIN))).json()
+    assert queue["queue"]["full"] is True and queue["queue"]["max_queue"] == 2, queue["queue"]
+
+
+async def test_a_full_waiting_room_is_told_to_operators_who_can_raise_its_cap_live(
+    gw: Gateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """New buyers turned away with 503 queue_full: `sale status` and the admin API's sale
+    showed the line and not its cap, so nothing said the waiting room was full, nor how to
+    let more in. A cap raised while the sale runs lets the next buyer in."""
+    from flashsale.cli.sale_views import print_status
+
+    sale = await gw.create_sale(stock=1000, max_queue=2)
+    path, admin = f"/admin/v1/sales/{sale}", auth(ADMIN)
+    assert (await gw.join(sale, "a"))[0] == 200
+    status = await (await gw.http.get(path, headers=admin)).json()
+    assert status["queue"]["full"] is False, status["queue"]  # a place left
+    assert (await gw.join(sale, "b"))[0] == 200
+    assert (await gw.join(sale, "c"))[1]["error"]["code"] == "queue_full"
+    status = await (await gw.http.get(path, headers=admin)).json()
+    assert status["queue"]["full"] is True and status["queue"]["max_queue"] == 2, status
+    print_status(status, as_json=False)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("  queue:"))
+    assert "the waiting room is full (its cap: 2)" in line, line
+    assert f"flashsale sale update {sale} --max-queue" in line, line
+    raised = await gw.http.patch(path, json={"max_queue": 3}, headers=admin)
+    assert raised.status == 200, await raised.text()
+    code, joined = await gw.join(sale, "c")
+    assert code == 200 and joined["position"] == 3, joined
 
 
 async def test_two_pumps_one_leader_and_the_old_one_is_fenced_out(gw: Gateway) -> None:

@@ -54,7 +54,7 @@ def print_status(status: dict[str, Any], *, as_json: bool, whole: bool = True) -
         out(f"  archived {to_second(sale['archived_at'])} (its per-buyer Redis state deleted)")
     queue = status.get("queue")
     if whole and queue and queue["live"]:
-        out(f"  queue: {queue_line(queue, sale['state'])}")
+        out(f"  queue: {queue_line(queue, sale['state'])}{full_line(queue, sale['id'])}")
     if whole and sale.get("join_challenge") and not over:  # turned on against bots, say
         rising = sale.get("join_challenge_max") or 0
         out(f"  proof of work at join: {sale['join_challenge']} bits"
@@ -144,6 +144,16 @@ def queue_line(q: dict[str, Any], state: str) -> str:
     if q["stranded"]:
         line += f"; {counted(q['stranded'], 'unit')} left that nobody can buy any more"
     return line
+
+
+def full_line(q: dict[str, Any], sale_id: str) -> str:
+    """What a full waiting room does to newcomers, and how to let more in (see the
+    runbook's FlashsaleQueueFull)."""
+    if not q.get("full"):
+        return ""
+    return (f"; the waiting room is full (its cap: {q['max_queue']:,}): new buyers are turned "
+            "away (503 queue_full) until the line moves or the cap is raised "
+            f"(`flashsale sale update {sale_id} --max-queue N`)")  # fmt: skip
 
 
 def print_preload(sale_id: str, results: Sequence[PreloadResult]) -> None:
