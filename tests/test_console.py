@@ -9,7 +9,7 @@ import asyncio
 import re
 import threading
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -442,6 +442,22 @@ def test_the_live_page_sets_the_rate_the_proof_of_work_and_the_queue_cap_after_a
         assert asked[-1] == "Let up to 300000 buyers wait in line from now on? Once the sale has "\
                             "started, the cap can only rise.", asked  # fmt: skip
         assert setting("max_queue") == 300_000
+
+        # A later end: a sale that ran through a pause or an outage is given its time back.
+        def ends() -> datetime:
+            sale = requests.get(f"{base}/admin/v1/sales/{live.sale}", headers=admin, timeout=10)
+            return datetime.fromisoformat(sale.json()["sale"]["ends_at"])
+
+        end = ends()
+        page.fill("#extend", "30")
+        page.once("dialog", lambda dialog: answer(dialog, True))
+        page.click("#extend-form button")
+        deadline = time.monotonic() + 10
+        while ends() == end:
+            assert time.monotonic() < deadline, asked
+            time.sleep(0.2)
+        assert ends() - end == timedelta(minutes=30)
+        assert asked[-1].startswith("Extend this sale by 30 minutes, to end at "), asked
         # Refused by the API (the sale ended meanwhile): said on the page, nothing written.
         ended = requests.post(f"{base}/admin/v1/sales/{live.sale}/end", headers=admin,
                               timeout=10)  # fmt: skip
