@@ -200,7 +200,7 @@ class QueueScripts:
         if claims_through is not None:
             snap.claimed, snap.claimed_through = int(next(replies)), integer(text(next(replies)))
         for row in replies:
-            lent = sum(units for _, units, _ in parse_journal(next(replies)).values())
+            lent = sum(loan.units for loan in parse_journal(next(replies)).values())
             snap.stock.append(
                 None if row[0] is None else (int(row[0]), int(row[1]) + int(row[2]) + lent)
             )

@@ -145,9 +145,9 @@ class SkuAllocator:
                 lender = self.bucket_keys[(bucket + step) % self.buckets]
                 tid, lent = await self.transfers.lend(lender, receiver, wanted)
                 if lent.units:
-                    landing = asyncio.ensure_future(
-                        self.transfers.complete(lender, receiver, tid, lent.units)
-                    )
+                    completing = self.transfers.complete(lender, receiver, tid, lent.units,
+                                                         lent.incarnation)  # fmt: skip
+                    landing = asyncio.ensure_future(completing)
                     self._landing.add(landing)
                     landing.add_done_callback(self._landing.discard)
                     await asyncio.shield(landing)

@@ -11,9 +11,16 @@ nodes), so a move cannot be one atomic script; it is a journaled two-step transf
 2. ``credit`` on the receiver, applied once per transfer id (``received`` hash);
 3. the journal entry is removed.
 
+A lender that lost its data (its node's) is rebuilt by the reconciler, which counts what its
+lost journal held back as the lender's own. A credit of a transfer lent before the loss may
+still be on its way (its retries, a paused process), so the rebuild gives the lender a new
+``incarnation`` and tells every other bucket so before it counts: each transfer carries the
+incarnation it was lent by, and a receiver refuses (``void``) a credit lent by another
+incarnation than the lender's newest it knows.
+
 Every step is idempotent by the transfer id, so a step whose outcome is unknown is repeated
 as it was. A transfer left half-done (the process died after step 1) is finished by the
-reconciler (:meth:`BucketScripts.finish_pending`). At any moment, the SKU's units are the
+reconciler (:meth:`BucketScripts.finish`). At any moment, the SKU's units are the
 buckets' totals plus the units journaled and not yet credited: :meth:`BucketScripts.snapshot`
 reads that sum consistently while transfers go on.
 """
@@ -23,9 +30,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from redis.commands.core import AsyncScript
+from redis.typing import EncodableT
 
 from allocator.batching import RETRYABLE
 from allocator.ids import new_transfer_id
@@ -44,11 +52,23 @@ SNAPSHOT_ATTEMPTS = 8
 @dataclass(frozen=True, slots=True)
 class Lent:
     """What a lender gave: ``units`` (0 when it had none), and its ``held`` units (active +
-    paying), which may still come back; ``outcome`` is lent, empty or unavailable."""
+    paying), which may still come back; ``outcome`` is lent, empty or unavailable;
+    ``incarnation``: the lender's (see the module's docstring), which its credit carries."""
 
     outcome: str
     units: int
     held: int
+    incarnation: str = ""
+
+
+class Loan(NamedTuple):
+    """A journal entry: ``units`` lent to bucket ``to`` at ``at_ms``, not finished yet (by
+    the lender's current incarnation: a rebuild after a loss starts a new one, and empties
+    the journal)."""
+
+    to: int
+    units: int
+    at_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,9 +80,10 @@ class BucketState:
     keys: SkuKeys
     counts: StockCounts | None
     moves: int
-    lent: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # (to, units, at ms)
+    lent: dict[str, Loan] = field(default_factory=dict)
     received: frozenset[str] = frozenset()
     granted: int | None = None  # bucket 0: the SKU's total as Redis was given it (meta)
+    incarnation: str = ""  # see the module's docstring
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +96,8 @@ class Snapshot:
     def in_transfer(self) -> int:
         """Units lent and not yet credited to their receiver: in no bucket's total."""
         received = {b.keys.bucket: b.received for b in self.buckets}
-        return sum(units for b in self.buckets for tid, (to, units, _) in b.lent.items()
-                   if tid not in received.get(to, frozenset()))  # fmt: skip
+        return sum(loan.units for b in self.buckets for tid, loan in b.lent.items()
+                   if tid not in received.get(loan.to, frozenset()))  # fmt: skip
 
     @property
     def units(self) -> int:
@@ -103,7 +124,7 @@ class BucketScripts:
         credits it."""
         tid, lent = await self.lend(lender, receiver, wanted, exact=exact)
         if lent.units:
-            await self.complete(lender, receiver, tid, lent.units)
+            await self.complete(lender, receiver, tid, lent.units, lent.incarnation)
         return lent
 
     async def lend(
@@ -114,22 +135,27 @@ class BucketScripts:
         raw = await _retried(lambda: self._lend(
             keys=[lender.meta, lender.stock, lender.transfers],
             args=[tid, receiver.bucket, wanted, "exact" if exact else ""]))  # fmt: skip
-        return tid, Lent(text(raw[0]), int(raw[1]), int(raw[2]))
+        return tid, Lent(text(raw[0]), int(raw[1]), int(raw[2]), text(raw[3]))
 
-    async def credit(self, receiver: SkuKeys, tid: str, units: int) -> str:
-        """Step 2 alone (``lua/credit.lua``): credited, already or unavailable."""
+    async def credit(self, receiver: SkuKeys, tid: str, units: int, lender: int,
+                     incarnation: str) -> str:  # fmt: skip
+        """Step 2 alone (``lua/credit.lua``) of a transfer from bucket ``lender`` in its
+        ``incarnation``: credited, already, unavailable or void."""
         keys = [receiver.meta, receiver.stock, receiver.received]
-        return text(await _retried(lambda: self._credit(keys=keys, args=[tid, units])))
+        args: list[EncodableT] = [tid, units, lender, incarnation]
+        return text(await _retried(lambda: self._credit(keys=keys, args=args)))
 
-    async def complete(self, lender: SkuKeys, receiver: SkuKeys, tid: str, units: int) -> str:
+    async def complete(self, lender: SkuKeys, receiver: SkuKeys, tid: str, units: int,
+                       incarnation: str) -> str:  # fmt: skip
         """Steps 2 and 3 of transfer ``tid``: credit the receiver, then close the journal
         entry. Returns the credit's outcome; on ``unavailable`` (the receiver is being
         rebuilt) the entry stays for a later pass; ``gone`` when the lender's journal no
-        longer has the entry (finished meanwhile, or lost with the lender, whose rebuild
-        then counted the units back: crediting them too would make units)."""
+        longer has the entry (finished meanwhile, or lost with the lender); ``void`` when
+        the lender was lost and rebuilt since, between that check and the credit: its
+        rebuild counted the units back, and crediting them too would make units."""
         if not await _retried(lambda: self.client.hexists(lender.transfers, tid)):
             return "gone"
-        outcome = await self.credit(receiver, tid, units)
+        outcome = await self.credit(receiver, tid, units, lender.bucket, incarnation)
         if outcome != "unavailable":
             await _retried(lambda: self.client.hdel(lender.transfers, tid))
         return outcome
@@ -155,15 +181,16 @@ class BucketScripts:
         for keys in buckets:
             commands += [("HMGET", keys.stock, *STOCK_FIELDS, "moves"),
                          ("HGETALL", keys.transfers), ("HKEYS", keys.received),
-                         ("HGET", keys.meta, "stock_total")]  # fmt: skip
+                         ("HMGET", keys.meta, "stock_total", "incarnation")]  # fmt: skip
         replies = await read_packed(self.client, commands)
         out = []
         for i, keys in enumerate(buckets):
-            row, journal, received, granted = replies[4 * i : 4 * i + 4]
+            row, journal, received, (granted, incarnation) = replies[4 * i : 4 * i + 4]
             counts = None if row[0] is None else StockCounts(*(integer(v) for v in row[:5]))
             out.append(BucketState(keys, counts, integer(row[5]), parse_journal(journal),
                                    frozenset(text(r) for r in received),
-                                   None if granted is None else int(granted)))  # fmt: skip
+                                   None if granted is None else int(granted),
+                                   "" if incarnation is None else text(incarnation)))  # fmt: skip
         return out
 
     async def snapshot(self, buckets: Sequence[SkuKeys]) -> Snapshot:
@@ -188,21 +215,21 @@ class BucketScripts:
         keys = {s.keys.bucket: s.keys for s in states}
         done = []
         for state in states:
-            for tid, (to, units, at_ms) in state.lent.items():
-                if at_ms < before_ms and to in keys:
-                    outcome = await self.complete(state.keys, keys[to], tid, units)
-                    done.append((tid, to, units, outcome))
+            for tid, loan in state.lent.items():
+                if loan.at_ms < before_ms and loan.to in keys:
+                    outcome = await self.complete(state.keys, keys[loan.to], tid, loan.units,
+                                                  state.incarnation)  # fmt: skip
+                    done.append((tid, loan.to, loan.units, outcome))
         return done
 
 
-def parse_journal(raw: Any) -> dict[str, tuple[int, int, int]]:
+def parse_journal(raw: Any) -> dict[str, Loan]:
     """A bucket's ``transfers`` hash as HGETALL answers it (a dict, or a flat list when packed):
-    transfer id -> (receiving bucket, units, lent at ms). The one reader of what
-    ``lua/lend.lua`` writes."""
+    transfer id -> its loan. The one reader of what ``lua/lend.lua`` writes."""
     journal = {}
     for tid, value in hash_pairs(raw):
         to, units, at_ms = text(value).split(SEP)
-        journal[text(tid)] = (int(to), int(units), int(at_ms))
+        journal[text(tid)] = Loan(int(to), int(units), int(at_ms))
     return journal
 
 

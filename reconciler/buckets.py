@@ -17,23 +17,28 @@ what the other buckets and the transfers in flight account for, read as one cons
 (:meth:`~allocator.stock_buckets.BucketScripts.snapshot`) while the lost buckets are closed.
 Transfers into a lost bucket are counted as in flight and credited once it is back. Several
 lost buckets: each gets what its holds commit, the last one also every free unit; dry buckets
-borrow from it.
+borrow from it. Before the cut is read, each lost bucket gets a new incarnation, written to
+every other bucket, so that a credit of a transfer it lent before the loss, landing late, is
+refused rather than counted a second time (:meth:`BucketChecks._fence`).
 """
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+from redis.typing import EncodableT
 
 from allocator.repair_scripts import RepairScripts
 from allocator.sale_scripts import STOCK_FIELDS
 from allocator.stock_buckets import BucketScripts, parse_journal
 from flashsale.clients import RedisClient
 from flashsale.keys import SkuKeys, bucket_keys
+from flashsale.records import text
 from flashsale.sales import fetch_sku
 from reconciler.rebuild import rebuild_sku
 from reconciler.report import PassReport, Repair
@@ -106,7 +111,7 @@ class BucketChecks:
         stale_ms = (time.time() - TRANSFER_GRACE_S) * 1000
         for b in read:
             lent = parse_journal(b.journal).items()
-            stale = [tid for tid, (_, _, at_ms) in lent if at_ms < stale_ms]
+            stale = [tid for tid, loan in lent if loan.at_ms < stale_ms]
             if stale:
                 found.append(SkuDrift(b.keys, "transfer_unfinished", {"transfers": stale}, pg))
         if sum(b.counts["sold"] or 0 for b in read) != row["sold"]:
@@ -178,6 +183,7 @@ class BucketChecks:
             await repair.begin(drift.keys)
         if lost:
             # Closed, the lost buckets neither lend nor receive: the cut is theirs to share.
+            incarnations = await self._fence(every, [d.keys for d in lost])
             snap = await self.transfers.snapshot(every)
             zero = snap.buckets[0]
             granted = row["stock_total"]
@@ -193,7 +199,9 @@ class BucketChecks:
                         f"{assigned}: no total is left for bucket {drift.keys.bucket}"
                     )  # fmt: skip
                 total: int | str = free - assigned if last else "+0"
-                meta = {"stock_total": str(granted)} if drift.keys.bucket == 0 else {}
+                meta = {"incarnation": incarnations[drift.keys.bucket]}
+                if drift.keys.bucket == 0:
+                    meta["stock_total"] = str(granted)
                 done = await rebuild_sku(self.pool, self.client, drift.keys, total=total,
                                          meta=meta, begun=True)  # fmt: skip
                 assigned += done.after.total
@@ -204,6 +212,30 @@ class BucketChecks:
                 self.pool, self.client, drift.keys, total="", release_unordered_sold=ahead
             )
             self._record(report, drift, done, {})
+
+    async def _fence(self, every: Sequence[SkuKeys], lost: Sequence[SkuKeys]) -> dict[int, str]:
+        """New incarnations of the ``lost`` buckets (closed), written to every other bucket
+        before the rebuild counts: from then on each refuses a credit lent by a lost
+        incarnation (``lua/credit.lua``), whose units the rebuild counts back as the
+        lender's. A lost bucket, having lost what it knew, is told the others' as well. What
+        is left of a lost bucket's journal goes: the rebuild counts its units back as well.
+        Returns {bucket: its new incarnation}."""
+        new = {keys.bucket: secrets.token_hex(8) for keys in lost}
+        current = dict(new)
+        for keys in every:
+            held = await self.client.hget(keys.meta, "incarnation")
+            if keys.bucket not in new and held is not None:
+                current[keys.bucket] = text(held)
+        for keys in lost:
+            await self.client.delete(keys.transfers)
+        for keys in every:
+            told = current if keys.bucket in new else new
+            fields: dict[EncodableT, EncodableT] = {
+                f"lender:{b}": i for b, i in told.items() if b != keys.bucket
+            }
+            if fields:
+                await self.client.hset(keys.meta, mapping=fields)
+        return new
 
     @staticmethod
     def _record(report: PassReport, drift: SkuDrift, done: Any, extra: dict[str, Any]) -> None:

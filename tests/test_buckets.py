@@ -256,8 +256,8 @@ async def test_a_transfer_cut_between_its_steps_is_finished_by_the_reconciler(
         # Crediting again by the same id changes nothing.
         [tid] = [r.subject for r in finished]
         assert tid is not None
-        assert await transfers.complete(lender, receiver, tid, 2) == "gone"
-        assert await transfers.credit(receiver, tid, 2) == "already"
+        assert await transfers.complete(lender, receiver, tid, 2, "") == "gone"
+        assert await transfers.credit(receiver, tid, 2, lender.bucket, "") == "already"
         await converged(rec, sale)
         workers = p.start_workers()
         assert await goes_on(p, rec, psp, sale, buyers=12) == 12
@@ -327,4 +327,44 @@ async def test_a_lost_bucket_is_rebuilt_from_its_orders_and_the_sale_goes_on(
             reconciler.buckets.TRANSFER_GRACE_S = grace
         assert [r.kind for r in again.repairs] == ["finish_transfer"], again.json()
         assert await goes_on(p, rec, psp, sale, buyers=18) == 27
+        await workers.drain()
+
+
+async def test_a_late_credit_from_a_lender_lost_and_rebuilt_meanwhile_makes_no_units(
+    stack: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Completing a transfer checks that the lender's journal still holds it, then credits
+    the receiver: two slots, so two calls. The lender's node lost its data between them,
+    and the reconciler rebuilt it, counting the lent units back as its own; the credit,
+    landing late (its retries outlasting the rebuild), counted them a second time: units
+    made, the SKU oversold."""
+    async with pipeline(stack) as p, checked(p) as (rec, psp):
+        sale = await p.sale(stock=12, limit=1, buckets=3)
+        lender, receiver = SkuKeys(sale, SKU, 1, 3), SkuKeys(sale, SKU)
+        every = bucket_keys(sale, SKU, 3)
+        transfers = BucketScripts(p.redis)
+        tid, lent = await transfers.lend(lender, receiver, 1)
+        assert (lent.outcome, lent.units) == ("lent", 2)
+        assert await p.redis.hexists(lender.transfers, tid)  # the completion's first step
+        await p.redis.delete(*lender.all(), lender.transfers, lender.received)
+        report = await rec.run_once([sale], wait_for_grace=True)
+        rebuilt = [r for r in report.repairs if r.kind == "rebuild_sku"]
+        assert [(r.subject, r.before["reason"]) for r in rebuilt] == [("bucket 1", "lost")]
+        assert (await transfers.snapshot(every)).units == 12  # the 2 units are bucket 1's again
+        late = await transfers.credit(receiver, tid, lent.units, lender.bucket, lent.incarnation)
+        assert late == "void"
+        assert (await transfers.snapshot(every)).units == 12
+        # The rebuilt lender lends again, and its new transfers are credited: one whole, one
+        # cut after its first step and finished by the reconciler.
+        assert (await transfers.transfer(lender, receiver, 1)).units == 2
+        _, cut = await transfers.lend(lender, receiver, 1)
+        assert cut.units == 1 and cut.incarnation not in ("", lent.incarnation), cut
+        monkeypatch.setattr(reconciler.buckets, "TRANSFER_GRACE_S", 0.0)
+        report = await rec.run_once([sale], wait_for_grace=True)
+        finished = [r.after for r in report.repairs if r.kind == "finish_transfer"]
+        assert finished == [{"credit": "credited"}], report.json()
+        assert [r["total"] for r in await stock_of(p, sale)] == [7, 1, 4]
+        await converged(rec, sale)
+        workers = p.start_workers()
+        assert await goes_on(p, rec, psp, sale, buyers=12) == 12
         await workers.drain()
