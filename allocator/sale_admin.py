@@ -117,15 +117,13 @@ class SaleAdmin(SalePreloads):
                         key: str | None = None) -> dict[str, Any]:  # fmt: skip
         """Raise a SKU's stock by ``add`` units in Postgres, then in Redis if preloaded. With
         an idempotency ``key``, a change already made with it is answered, not made again."""
-        units = integer(add, "add", minimum=1, maximum=MAX_STOCK, what="a positive integer")
-        return await self._move_total(sale_id, sku, units, "add", key)
+        return await self._move_total(sale_id, sku, stock_units(add, "add"), "add", key)
 
     async def lower_stock(self, sale_id: str, sku: Any, remove: Any, *,
                           key: str | None = None) -> dict[str, Any]:  # fmt: skip
         """Lower a SKU's stock by ``remove`` units, never below what is held and sold; ``key``
         as for :meth:`add_stock`."""
-        units = integer(remove, "remove", minimum=1, maximum=MAX_STOCK, what="a positive integer")
-        return await self._move_total(sale_id, sku, -units, "remove", key)
+        return await self._move_total(sale_id, sku, -stock_units(remove, "remove"), "remove", key)
 
     async def _move_total(self, sale_id: str, sku: Any, delta: int, field: str,
                           key: str | None) -> dict[str, Any]:  # fmt: skip
@@ -316,3 +314,8 @@ def _too_few_left(sku: str, stock: int, sold: int) -> str:
     why = (f"sold units stay ({sold:,} sold)" if sold else
            "a SKU keeps at least one (remove the SKU to take it out of the sale)")  # fmt: skip
     return f"at most {most:,} of {sku}'s {counted(stock, 'unit')} can come out: {why}"
+
+
+def stock_units(value: Any, field: str) -> int:
+    """The units a stock change names (``add`` or ``remove``)."""
+    return integer(value, field, minimum=1, maximum=MAX_STOCK, what="a positive integer")

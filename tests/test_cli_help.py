@@ -115,7 +115,8 @@ def test_bad_flags_are_refused_before_any_server_is_asked(
 ) -> None:
     """With no stack running, `sale status S --watch --count 1.5` was told that REDIS_URL is
     not set: its flags were read once connected, as were `--count` without `--watch` and
-    `show --left` without `--template`."""
+    `show --left` without `--template`; so were `sale list`'s page, the units of
+    `add-stock` and `remove-stock` and the rate of `set-rate`."""
     for name in ("REDIS_URL", "DATABASE_URL", "KAFKA_BOOTSTRAP"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("FLASHSALE_HOME", str(tmp_path))  # no stack there
@@ -124,6 +125,12 @@ def test_bad_flags_are_refused_before_any_server_is_asked(
         "to 1,000,000,000 seconds, got '0'",
         ("sale", "status", "s", "--count", "2"): "--count: goes with --watch",
         ("sale", "show", "s", "--left"): "--left: goes with --template (the file of a next sale)",
+        ("sale", "list", "--limit", "0"): "--limit: must be an integer from 1 to 1000, got 0",
+        ("sale", "list", "--offset", "-1"): "--offset: must be an integer >= 0, got -1",
+        ("sale", "add-stock", "s", "A", "0"): "N: must be a positive integer, got 0",
+        ("sale", "remove-stock", "s", "A", "x"): "N: must be a positive integer, got 'x'",
+        ("sale", "set-rate", "s", "0"): "N: must be a positive integer (buyers per second), "
+        "got 0",
     }  # fmt: skip
     for argv, said in refusals.items():
         result = run_cli(*argv)

@@ -1,7 +1,9 @@
 """``flashsale sale`` (create, import, list, show, preload, status, add-stock, pause, resume,
 end...): the merchandiser's commands, over :mod:`allocator.sale_admin`.
 
-Input is validated before any connection is opened, so bad input writes nothing.
+What a command is given that can be checked alone is checked before any connection is
+opened; a change of settings against the sale as it stands, once read. Bad input writes
+nothing either way.
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ from flashsale.cli.sale_views import (
     print_preload,
     print_sales,
     print_status,
+    read_first,
     units_left,
     watch_status,
-    watching,
 )
 from flashsale.clients import pg_pool, redis_client
 from flashsale.errors import Conflict, InvalidInput
@@ -100,9 +102,7 @@ async def _sale(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if command == "archive":  # the reconciler's job, with the audit
         return await _archive(args, settings)
-    pace = watching(args) if command == "status" else None
-    if command == "show" and args.left and not args.template:
-        raise InvalidInput("left", "goes with --template (the file of a next sale)")
+    pace = read_first(args)
     async with admin(settings) as sales:
         if command == "list":
             listed = await sales.list_sales(status=args.status, state=args.state,

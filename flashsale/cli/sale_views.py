@@ -13,14 +13,14 @@ from typing import Any
 
 import orjson
 
-from allocator.sale_admin import SaleAdmin
-from allocator.sale_reads import MAX_PAGE
+from allocator.sale_admin import SaleAdmin, stock_units
+from allocator.sale_reads import MAX_PAGE, offset_of, page_size
 from allocator.sale_scripts import PreloadResult
 from flashsale.cli.checks import SHORTEST_INTERVAL_S, positive, seconds
 from flashsale.cli.output import dump_json, out, warn
 from flashsale.currencies import major
 from flashsale.errors import Conflict, InvalidInput
-from flashsale.salespec import as_sale_file
+from flashsale.salespec import as_sale_file, parse_sale
 from flashsale.timefmt import iso
 from flashsale.wording import counted
 
@@ -191,6 +191,23 @@ def no_sales(status: str | None, offset: int) -> str:
     if offset:
         return f"{which} past the newest {offset:,}"
     return which if status else "no sales yet: `flashsale sale create` makes one"
+
+
+def read_first(args: argparse.Namespace) -> tuple[float, int | None] | None:
+    """What a ``sale`` command is given that can be checked alone, checked before any server
+    is asked, by the admin API's own checks; ``sale status``'s pace (:func:`watching`). A
+    change of settings is checked against the sale as it stands, once read."""
+    command = args.sale_command
+    if command == "show" and args.left and not args.template:
+        raise InvalidInput("left", "goes with --template (the file of a next sale)")
+    if command == "list":
+        page_size(args.limit)
+        offset_of(args.offset)
+    elif command in ("add-stock", "remove-stock"):
+        stock_units(args.units, command.removesuffix("-stock"))
+    elif command == "set-rate":  # as a sale file's: no other setting bounds it
+        parse_sale({"name": "the rate", "admission_rate": args.rate})
+    return watching(args) if command == "status" else None
 
 
 def watching(args: argparse.Namespace) -> tuple[float, int | None] | None:
