@@ -401,7 +401,7 @@ def test_the_page_counts_down_by_the_servers_clock(stack: Settings, chromium: st
     countdown follow the server's clock (its answers' Date header), not the phone's; at zero
     the page says the sale is open."""
     slow_ms = 600_000
-    with live_page(stack, chromium, "Clock drop", starts_in=5.0) as live:
+    with live_page(stack, chromium, "Clock drop", starts_in=3.0) as live:
         gw, sale, page = live.gw, live.sale, live.page
         page.clock.install(time=time.time() - slow_ms / 1000)
         page.clock.resume()  # the phone's clock runs, ten minutes behind
@@ -661,6 +661,31 @@ def test_a_proof_of_work_asked_after_the_page_was_opened_is_solved(
         ask_proof_of_work(gw.base_url, sale, 4)
         page.click("#join")
         page.wait_for_selector("#state[data-state='registered']", timeout=10_000)
+        assert not page.text_content("#note"), page.text_content("#note")
+
+
+def test_a_buyer_turned_away_by_a_full_waiting_room_is_told_so_and_gets_in_once_it_has_room(
+    stack: Settings, chromium: str
+) -> None:
+    """A waiting room at its cap turns newcomers away (503 queue_full): the page said "The
+    shop is very busy; retrying…", as of a slow shop, to a buyer who had no place at all. It
+    says the room is full and keeps trying, and joins once the operator raises the cap."""
+    spec = {**sale_spec("Full room", "S1", 3), "max_queue": 1}
+    with live_page(stack, chromium, "Full room", spec=spec) as live:
+        gw, sale, page = live.gw, live.sale, live.page
+        first_in = {"Authorization": f"Bearer {_pass(gw, 'first-in')}"}
+        first = requests.post(f"{gw.base_url}/v1/sales/{sale}/queue", headers=first_in, timeout=10)
+        assert first.status_code == 200, first.text
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'turned-away')}")
+        page.wait_for_selector("#state[data-state='live']", timeout=15_000)
+        page.click("#join")
+        page.wait_for_selector("#note:has-text('The waiting room is full for now')",
+                               timeout=10_000)  # fmt: skip
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        raised = requests.patch(f"{gw.base_url}/admin/v1/sales/{sale}", json={"max_queue": 2},
+                                headers=admin, timeout=10)  # fmt: skip
+        assert raised.status_code == 200, raised.text
+        page.wait_for_selector("#state[data-state='waiting']", timeout=15_000)
         assert not page.text_content("#note"), page.text_content("#note")
 
 
