@@ -160,6 +160,15 @@ class Overloaded(Unavailable):
     code = "overloaded"
 
 
+class QueueFull(Unavailable):
+    """A sale's waiting room holds its ``max_queue`` buyers not admitted yet: no place to give
+    now. One frees each time the pump admits a buyer, and the line ahead takes minutes to go,
+    so a newcomer asking again every second would only add load."""
+
+    code = "queue_full"
+    retry_after_s = 5.0
+
+
 class QueueLost(Unavailable):
     """A sale's waiting room is not live in Redis (lost, not yet restored by the reconciler):
     nothing may be queued or admitted until it is, or positions could be handed out twice."""

@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from allocator.queue_view import QueueView
-from flashsale.errors import Conflict, RateLimited, Unavailable
+from flashsale.errors import Conflict, QueueFull, RateLimited, Unavailable
 from flashsale.keys import SaleKeys
 from flashsale.sales import sale_state
 from flashsale.tokens import Signer
@@ -154,7 +154,7 @@ async def join(request: web.Request) -> web.Response:
         raise Conflict(f"sale {sale_id} has ended", code="sale_ended")
     if outcome == "full":
         metrics.count(metrics.joins, "full")
-        raise Unavailable("the waiting room is full; try again later", code="queue_full")
+        raise QueueFull("the waiting room is full; try again later")
     if outcome == "sold_out":
         metrics.count(metrics.joins, "sold_out")
         return json_response({"ticket": None, "position": None, "state": "sold_out"})

@@ -669,13 +669,16 @@ def test_a_buyer_turned_away_by_a_full_waiting_room_is_told_so_and_gets_in_once_
 ) -> None:
     """A waiting room at its cap turns newcomers away (503 queue_full): the page said "The
     shop is very busy; retrying…", as of a slow shop, to a buyer who had no place at all. It
-    says the room is full and keeps trying, and joins once the operator raises the cap."""
+    says the room is full and keeps trying, and joins once the operator raises the cap (at
+    the answer's Retry-After, 5 s: the test moves the page's clock on)."""
     spec = {**sale_spec("Full room", "S1", 3), "max_queue": 1}
     with live_page(stack, chromium, "Full room", spec=spec) as live:
         gw, sale, page = live.gw, live.sale, live.page
         first_in = {"Authorization": f"Bearer {_pass(gw, 'first-in')}"}
         first = requests.post(f"{gw.base_url}/v1/sales/{sale}/queue", headers=first_in, timeout=10)
         assert first.status_code == 200, first.text
+        page.clock.install()
+        page.clock.resume()
         page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'turned-away')}")
         page.wait_for_selector("#state[data-state='live']", timeout=15_000)
         page.click("#join")
@@ -685,6 +688,7 @@ def test_a_buyer_turned_away_by_a_full_waiting_room_is_told_so_and_gets_in_once_
         raised = requests.patch(f"{gw.base_url}/admin/v1/sales/{sale}", json={"max_queue": 2},
                                 headers=admin, timeout=10)  # fmt: skip
         assert raised.status_code == 200, raised.text
+        page.clock.fast_forward(7_000)  # past the Retry-After, jitter included
         page.wait_for_selector("#state[data-state='waiting']", timeout=15_000)
         assert not page.text_content("#note"), page.text_content("#note")
 
