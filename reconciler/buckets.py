@@ -38,7 +38,6 @@ from allocator.sale_scripts import STOCK_FIELDS
 from allocator.stock_buckets import BucketScripts, parse_journal
 from flashsale.clients import RedisClient
 from flashsale.keys import SkuKeys, bucket_keys
-from flashsale.records import text
 from flashsale.sales import fetch_sku
 from reconciler.rebuild import rebuild_sku
 from reconciler.report import PassReport, Repair
@@ -221,11 +220,9 @@ class BucketChecks:
         is left of a lost bucket's journal goes: the rebuild counts its units back as well.
         Returns {bucket: its new incarnation}."""
         new = {keys.bucket: secrets.token_hex(8) for keys in lost}
-        current = dict(new)
-        for keys in every:
-            held = await self.client.hget(keys.meta, "incarnation")
-            if keys.bucket not in new and held is not None:
-                current[keys.bucket] = text(held)
+        kept = {s.keys.bucket: s.incarnation for s in await self.transfers.states(every)
+                if s.incarnation and s.keys.bucket not in new}  # fmt: skip
+        current = kept | new
         for keys in lost:
             await self.client.delete(keys.transfers)
         for keys in every:
