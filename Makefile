@@ -108,10 +108,10 @@ define run_pytest
   if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 endef
 
-# `make test` leaves out the heaviest runs (marked heavy: every benchmark in its quick form,
-# the locust spikes (the headless one still runs on the cluster below), the 10,000-buyer
-# gateway spike, three workers sharing a hot SKU) to stay under about 15 minutes on 2 cores;
-# `make test-heavy` runs them.
+# `make test` leaves out the heaviest runs (marked heavy: every benchmark in its quick form
+# but the allocation and reconciler smokes, the locust spikes (the headless one still runs on
+# the cluster below), the 10,000-buyer gateway spike, three workers sharing a hot SKU) to stay
+# under about 15 minutes on 2 cores; `make test-heavy` runs them.
 PYTEST_ARGS ?= -m "not heavy"
 
 pytest: $(STAMP) browser prometheus pgbouncer

@@ -81,6 +81,7 @@ def test_bench_rejects_bad_options(run_cli: Cli) -> None:
         assert flag.lstrip("-") in result.err
 
 
+@pytest.mark.heavy
 def test_bench_gateway_smoke(cli: Cli, stack: Settings, tmp_path: Path) -> None:
     """A short run: real gateway and bare processes, every row served, JSON written; and
     nothing left for the engine afterwards."""
@@ -127,6 +128,7 @@ def test_bench_gateway_smoke(cli: Cli, stack: Settings, tmp_path: Path) -> None:
     }
 
 
+@pytest.mark.heavy
 def test_bench_pipeline_smoke(cli: Cli, stack: Settings, tmp_path: Path) -> None:
     """A short run: psp and worker processes, relay, broker; every hold confirmed once; its
     sale ended and its topics deleted afterwards."""
@@ -197,6 +199,7 @@ def test_bench_all_quick_runs_every_benchmark_and_fills_the_document(
     assert re.search(r"\| 2,000 \| [\d,]+ \| 100 \|", text)  # the quick demo's row
 
 
+@pytest.mark.heavy
 def test_bench_allocate_cluster_rows_spread_over_the_primaries(cli: Cli, tmp_path: Path) -> None:
     path = tmp_path / "bench.json"
     result = cli("bench", "allocate", "--seconds", "0.3", "--concurrency", "32", "--cluster", "3",
