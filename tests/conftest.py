@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -32,6 +32,10 @@ from flashsale.clients import RedisClient, pg_pool, redis_client
 from flashsale.kafka import ensure_topics
 from flashsale.migrate import migrate
 from flashsale.settings import Settings, home_dir, read_env_file
+from tests.harness import FLAGS
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -191,7 +195,7 @@ def cli(stack: Settings, run_cli: Cli) -> Cli:
     return run_cli
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def chromium() -> Iterator[str]:
     """Debian's chromium for the page tests: a failure under CI (`make test` installs it with
     apt), a skip elsewhere, saying how to install it."""
@@ -201,3 +205,30 @@ def chromium() -> Iterator[str]:
             pytest.fail("chromium is not installed: `make test` installs it (apt) when root")
         pytest.skip("chromium is not installed (apt install chromium)")
     yield found
+
+
+@pytest.fixture(scope="module")
+def _module_browser(chromium: str) -> Iterator[Browser]:
+    """One Chromium for a module's page tests. Starting Playwright's driver and the browser
+    takes about a second, which once per test came to most of a minute of `make test`.
+
+    While it runs, Playwright's event loop is this thread's: a module with page tests calls
+    ``asyncio.run`` only from another thread, and keeps its tests without a browser elsewhere.
+    """
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def browser(_module_browser: Browser) -> Iterator[Browser]:
+    """The module's Chromium; every page a test opened (each in a context of its own) is
+    closed after it, so that no test sees another's storage, routes or clock."""
+    yield _module_browser
+    for context in _module_browser.contexts:
+        context.close()

@@ -351,20 +351,14 @@ class LivePage:
 
 
 @contextlib.contextmanager
-def live_page(stack: Settings, chromium: str, name: str, *, stock: int = 3,
+def live_page(stack: Settings, browser: Any, name: str, *, stock: int = 3,
               starts_in: float = -1.0, spec: dict[str, Any] | None = None,
               preload: bool = True) -> Iterator[LivePage]:  # fmt: skip
-    from playwright.sync_api import sync_playwright
-
+    """``browser``: the ``browser`` fixture's (playwright's Browser)."""
     with live_gateway(stack) as gw:
         sale = create_live_sale(gw.base_url, stock=stock, name=name, starts_in=starts_in,
                                 spec=spec, preload=preload)  # fmt: skip
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
-            try:
-                yield LivePage(gw, sale, browser.new_page())
-            finally:
-                browser.close()
+        yield LivePage(gw, sale, browser.new_page())
 
 
 def answer_no_on_the_page(page: Any, button: str) -> str:

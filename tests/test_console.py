@@ -11,7 +11,7 @@ import threading
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import requests
 from playwright.sync_api import expect
@@ -23,7 +23,6 @@ from loadtest.driver import Buyers, Person
 from loadtest.processes import engine
 from tests.harness import (
     ADMIN,
-    FLAGS,
     SCREENSHOTS,
     hang_the_first,
     healthy,
@@ -32,6 +31,9 @@ from tests.harness import (
     packed_and_revalidated,
     sale_spec,
 )
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
 
 SKU = "LIVE-1"
 PAGE = 100  # sales a page of the list shows
@@ -71,11 +73,9 @@ def _row(page: object, sku: str) -> list[str]:
 
 def test_the_live_page_follows_a_spike_and_agrees_with_sale_status(
     stack: Settings,
-    chromium: str,
+    browser: Browser,
     tmp_path: Path,
 ) -> None:
-    from playwright.sync_api import sync_playwright
-
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     port = free_ports(UP_PORTS)
     base = f"http://127.0.0.1:{port}"
@@ -91,140 +91,135 @@ def test_the_live_page_follows_a_spike_and_agrees_with_sale_status(
         # Without the token the data stays shut; the page's shell does not hold any.
         assert requests.get(f"{base}/admin/v1/sales/{sale}/live", timeout=5).status_code == 401
         assert requests.get(f"{base}/admin/", timeout=5).status_code == 200
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
-            page = browser.new_page(viewport={"width": 1280, "height": 1400})
-            page.goto(f"{base}/admin/")
-            page.fill("#token", "wrong-token")
-            page.click("button[type=submit]")
-            page.wait_for_selector("#login-error:has-text('refused')")
-            page.fill("#token", token)
-            page.click("button[type=submit]")
-            page.wait_for_selector(f"text={sale}")
-            page.click(f"text={sale}")
-            page.wait_for_selector(f"#skus tr[data-sku='{SKU}']")
-            assert token not in page.url
+        page = browser.new_page(viewport={"width": 1280, "height": 1400})
+        page.goto(f"{base}/admin/")
+        page.fill("#token", "wrong-token")
+        page.click("button[type=submit]")
+        page.wait_for_selector("#login-error:has-text('refused')")
+        page.fill("#token", token)
+        page.click("button[type=submit]")
+        page.wait_for_selector(f"text={sale}")
+        page.click(f"text={sale}")
+        page.wait_for_selector(f"#skus tr[data-sku='{SKU}']")
+        assert token not in page.url
 
-            spike = _spike(base, sale, stack, buyers=220)
-            seen: set[tuple[str, ...]] = set()
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline and len(seen) < 3:
-                seen.add(tuple(_row(page, SKU)))
-                time.sleep(0.7)
-            assert len(seen) >= 3, seen  # the numbers moved while buyers arrived
-            page.screenshot(path=str(SCREENSHOTS / "live-sale-during-spike.png"), full_page=True)
-            spike.join(timeout=90)
-            assert not spike.is_alive()
+        spike = _spike(base, sale, stack, buyers=220)
+        seen: set[tuple[str, ...]] = set()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and len(seen) < 3:
+            seen.add(tuple(_row(page, SKU)))
+            time.sleep(0.7)
+        assert len(seen) >= 3, seen  # the numbers moved while buyers arrived
+        page.screenshot(path=str(SCREENSHOTS / "live-sale-during-spike.png"), full_page=True)
+        spike.join(timeout=90)
+        assert not spike.is_alive()
 
-            # Once every order is final, the page shows what `sale status` says (by its next
-            # refresh, once a second).
-            deadline = time.monotonic() + 60
-            while True:
-                status = requests.get(f"{base}/admin/v1/sales/{sale}", headers=admin,
-                                      timeout=10).json()  # fmt: skip
-                [row] = status["skus"]
-                expected = [f"{v:,}" if isinstance(v, int) else v for v in (
-                    SKU, row["stock_total"], row["available"], row["held"], row["paying"],
-                    row["sold"], row["confirmed"], row["orders"].get("PAYMENT_FAILED", 0),
-                )]  # fmt: skip
-                shown = _row(page, SKU)
-                if (row["held"] == 0 and shown == expected) or time.monotonic() > deadline:
-                    break
-                time.sleep(0.25)
-            assert row["held"] == 0 and shown == expected, (shown, expected)
-            # The answers by route, the busiest first (they came in the metrics' order: the
-            # admin's few page loads above the buyers' thousands).
-            counts = page.eval_on_selector_all(
-                "#routes tr",
-                "rows => rows.map(r => Number(r.cells[1].textContent.replaceAll(',', '')))",
-            )
-            assert len(counts) > 3 and counts == sorted(counts, reverse=True), counts
-            # The sale's totals over its SKUs (a large sale's table shows its busiest alone).
-            note = page.inner_text("#skus-note")
-            assert note.startswith(f"1 SKU: stock {row['stock_total']:,}, ") and (
-                f"sold {row['sold']:,}, confirmed {row['confirmed']:,}" in note
-            ), note
-            assert row["sold"] > 0 and row["orders"].get("PAYMENT_FAILED", 0) > 0
-            # Opened again (a reload, or an operator arriving now), the charts start at the
-            # sale's start with the units confirmed and the buyers admitted so far: they drew
-            # only what happened while the page was open.
-            curves = requests.get(f"{base}/admin/v1/sales/{sale}/history", headers=admin,
+        # Once every order is final, the page shows what `sale status` says (by its next
+        # refresh, once a second).
+        deadline = time.monotonic() + 60
+        while True:
+            status = requests.get(f"{base}/admin/v1/sales/{sale}", headers=admin,
                                   timeout=10).json()  # fmt: skip
-            opened = datetime.fromisoformat(status["sale"]["starts_at"]).timestamp()
-            assert curves["sold"][0] == [opened, 0], curves["sold"][:2]
-            assert curves["sold"][-1][1] == row["confirmed"], curves["sold"][-3:]
-            times = [t for t, _ in curves["sold"] + curves["admitted"]]
-            assert all(opened <= t < time.time() + 1 for t in times), times
-            page.reload()
-            page.wait_for_selector("#chart-note:has-text('from the sale')")
-            sold, admitted = page.evaluate("[charts.sold.data, charts.queue.data]")
-            assert (sold[0][0], sold[1][0]) == (opened, 0), sold
-            assert sold[1][len(curves["sold"]) - 1] == row["confirmed"], sold
-            assert admitted[0][0] == opened and admitted[1][0] == 0, admitted
-            assert max(admitted[1]) > 0 and admitted[2][0] is None, admitted  # no waiting known
-            # What it took, as `sale status` adds it up (Intl's format: "€12,900.00").
-            assert status["revenue"] == {"EUR": 12900 * row["confirmed"]}, status["revenue"]
-            assert f"revenue €{129 * row['confirmed']:,}.00" in note, note
+            [row] = status["skus"]
+            expected = [f"{v:,}" if isinstance(v, int) else v for v in (
+                SKU, row["stock_total"], row["available"], row["held"], row["paying"],
+                row["sold"], row["confirmed"], row["orders"].get("PAYMENT_FAILED", 0),
+            )]  # fmt: skip
+            shown = _row(page, SKU)
+            if (row["held"] == 0 and shown == expected) or time.monotonic() > deadline:
+                break
+            time.sleep(0.25)
+        assert row["held"] == 0 and shown == expected, (shown, expected)
+        # The answers by route, the busiest first (they came in the metrics' order: the
+        # admin's few page loads above the buyers' thousands).
+        counts = page.eval_on_selector_all(
+            "#routes tr",
+            "rows => rows.map(r => Number(r.cells[1].textContent.replaceAll(',', '')))",
+        )
+        assert len(counts) > 3 and counts == sorted(counts, reverse=True), counts
+        # The sale's totals over its SKUs (a large sale's table shows its busiest alone).
+        note = page.inner_text("#skus-note")
+        assert note.startswith(f"1 SKU: stock {row['stock_total']:,}, ") and (
+            f"sold {row['sold']:,}, confirmed {row['confirmed']:,}" in note
+        ), note
+        assert row["sold"] > 0 and row["orders"].get("PAYMENT_FAILED", 0) > 0
+        # Opened again (a reload, or an operator arriving now), the charts start at the
+        # sale's start with the units confirmed and the buyers admitted so far: they drew
+        # only what happened while the page was open.
+        curves = requests.get(f"{base}/admin/v1/sales/{sale}/history", headers=admin,
+                              timeout=10).json()  # fmt: skip
+        opened = datetime.fromisoformat(status["sale"]["starts_at"]).timestamp()
+        assert curves["sold"][0] == [opened, 0], curves["sold"][:2]
+        assert curves["sold"][-1][1] == row["confirmed"], curves["sold"][-3:]
+        times = [t for t, _ in curves["sold"] + curves["admitted"]]
+        assert all(opened <= t < time.time() + 1 for t in times), times
+        page.reload()
+        page.wait_for_selector("#chart-note:has-text('from the sale')")
+        sold, admitted = page.evaluate("[charts.sold.data, charts.queue.data]")
+        assert (sold[0][0], sold[1][0]) == (opened, 0), sold
+        assert sold[1][len(curves["sold"]) - 1] == row["confirmed"], sold
+        assert admitted[0][0] == opened and admitted[1][0] == 0, admitted
+        assert max(admitted[1]) > 0 and admitted[2][0] is None, admitted  # no waiting known
+        # What it took, as `sale status` adds it up (Intl's format: "€12,900.00").
+        assert status["revenue"] == {"EUR": 12900 * row["confirmed"]}, status["revenue"]
+        assert f"revenue €{129 * row['confirmed']:,}.00" in note, note
 
-            # The audit compares Redis with Postgres once nothing is in flight: on a busy
-            # machine the last payments may still be, and it says "not drained" (asked
-            # again, as its operator would).
-            deadline = time.monotonic() + 60
-            while True:
-                page.click("#audit")
-                page.wait_for_selector("#invariants li:nth-child(8)", timeout=60_000)
-                assert page.inner_text("#audit-state") in ("PASSED", "FAILED")
-                said = page.inner_text("#invariants")
-                passed = len(page.query_selector_all("#invariants li.pass"))
-                if passed == 8 or "not drained" not in said or time.monotonic() > deadline:
-                    break
-                time.sleep(2)
-            assert passed == 8, said
-            # A failed invariant says why: counts and ids, or a sentence.
-            failing = {
-                "sale_id": sale,
-                "passed": False,
-                "facts": {},
-                "invariants": [
-                    {
-                        "name": "2. conservation",
-                        "passed": False,
-                        "details": {
-                            "cannot_compare": "pipeline not drained: 3 open orders",
-                            "counters_do_not_add_up": {"count": 12, "ids": ["A", "B"]},
-                        },
-                    }
-                ],
-            }
-            page.route("**/audit", lambda route: route.fulfill(json=failing))
+        # The audit compares Redis with Postgres once nothing is in flight: on a busy
+        # machine the last payments may still be, and it says "not drained" (asked
+        # again, as its operator would).
+        deadline = time.monotonic() + 60
+        while True:
             page.click("#audit")
-            page.wait_for_selector("#invariants li.fail .why")
-            assert page.inner_text("#audit-state") == "FAILED"
-            # Numbered once, by the invariant's own number: "1. ✗ 2. conservation", it said.
-            marker = page.eval_on_selector(
-                "#invariants li", "e => getComputedStyle(e).listStyleType"
-            )
-            assert marker == "none", marker
-            assert [w.inner_text() for w in page.query_selector_all("#invariants .why")] == [
-                "cannot compare: pipeline not drained: 3 open orders",
-                "counters do not add up: 12: A, B, …",
-            ]
-            page.unroute("**/audit")
-            page.screenshot(path=str(SCREENSHOTS / "live-sale-after.png"), full_page=True)
+            page.wait_for_selector("#invariants li:nth-child(8)", timeout=60_000)
+            assert page.inner_text("#audit-state") in ("PASSED", "FAILED")
+            said = page.inner_text("#invariants")
+            passed = len(page.query_selector_all("#invariants li.pass"))
+            if passed == 8 or "not drained" not in said or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+        assert passed == 8, said
+        # A failed invariant says why: counts and ids, or a sentence.
+        failing = {
+            "sale_id": sale,
+            "passed": False,
+            "facts": {},
+            "invariants": [
+                {
+                    "name": "2. conservation",
+                    "passed": False,
+                    "details": {
+                        "cannot_compare": "pipeline not drained: 3 open orders",
+                        "counters_do_not_add_up": {"count": 12, "ids": ["A", "B"]},
+                    },
+                }
+            ],
+        }
+        page.route("**/audit", lambda route: route.fulfill(json=failing))
+        page.click("#audit")
+        page.wait_for_selector("#invariants li.fail .why")
+        assert page.inner_text("#audit-state") == "FAILED"
+        # Numbered once, by the invariant's own number: "1. ✗ 2. conservation", it said.
+        marker = page.eval_on_selector("#invariants li", "e => getComputedStyle(e).listStyleType")
+        assert marker == "none", marker
+        assert [w.inner_text() for w in page.query_selector_all("#invariants .why")] == [
+            "cannot compare: pipeline not drained: 3 open orders",
+            "counters do not add up: 12: A, B, …",
+        ]
+        page.unroute("**/audit")
+        page.screenshot(path=str(SCREENSHOTS / "live-sale-after.png"), full_page=True)
 
-            # Pause asks first: dismissed, nothing happens; accepted, the sale is paused.
-            page.once("dialog", lambda dialog: dialog.dismiss())
-            page.click("[data-action=pause]")
-            assert _sale_status(base, admin, sale) == "active"
-            page.once("dialog", lambda dialog: dialog.accept())
-            page.click("[data-action=pause]")
-            page.wait_for_selector("#sale-title:has-text('paused')")
-            assert _sale_status(base, admin, sale) == "paused"
-            browser.close()
+        # Pause asks first: dismissed, nothing happens; accepted, the sale is paused.
+        page.once("dialog", lambda dialog: dialog.dismiss())
+        page.click("[data-action=pause]")
+        assert _sale_status(base, admin, sale) == "active"
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.click("[data-action=pause]")
+        page.wait_for_selector("#sale-title:has-text('paused')")
+        assert _sale_status(base, admin, sale) == "paused"
 
 
 def test_the_live_page_says_why_the_sales_are_not_listed_and_tries_again(
-    stack: Settings, chromium: str
+    stack: Settings, browser: Browser
 ) -> None:
     """An operator opens the page while a dependency is down: the list of sales answers 503.
     The page says so and asks again, rather than showing an empty list of sales."""
@@ -244,7 +239,7 @@ def test_the_live_page_says_why_the_sales_are_not_listed_and_tries_again(
             return
         route.continue_()
 
-    with live_page(stack, chromium, "Listed drop") as live:
+    with live_page(stack, browser, "Listed drop") as live:
         page = live.page
         page.route("**/admin/v1/sales?*", outage)
         page.goto(f"{live.gw.base_url}/admin/")
@@ -257,10 +252,10 @@ def test_the_live_page_says_why_the_sales_are_not_listed_and_tries_again(
     assert len(down) == 2
 
 
-def test_the_link_to_a_sale_leads_to_it_after_the_login(stack: Settings, chromium: str) -> None:
+def test_the_link_to_a_sale_leads_to_it_after_the_login(stack: Settings, browser: Browser) -> None:
     """`flashsale demo` prints where to watch its sale, `/admin/#sale=ID`: opened by someone
     not yet logged in, the login led to the list of sales, and the sale was to be found."""
-    with live_page(stack, chromium, "Linked drop") as live:
+    with live_page(stack, browser, "Linked drop") as live:
         page = live.page
         page.goto(f"{live.gw.base_url}/admin/#sale={live.sale}")
         page.fill("#token", ADMIN)
@@ -269,12 +264,12 @@ def test_the_link_to_a_sale_leads_to_it_after_the_login(stack: Settings, chromiu
         assert not page.is_visible("#list")
 
 
-def test_the_live_page_fits_a_phone(stack: Settings, chromium: str) -> None:
+def test_the_live_page_fits_a_phone(stack: Settings, browser: Browser) -> None:
     """An SRE paged away from a desk opens the live page on a phone: the page was 650 px wide
     at 360 (the two charts side by side, each at least 300 px, and the tables), so every
     figure was read by scrolling sideways. A sale's name with no space to break at (a
     compound word, a model code) still ran past the screen."""
-    with live_page(stack, chromium, "Pocket-drop-" + "P" * 120) as live:
+    with live_page(stack, browser, "Pocket-drop-" + "P" * 120) as live:
         page = live.page
         page.set_viewport_size({"width": 360, "height": 740})
         page.goto(f"{live.gw.base_url}/admin/#sale={live.sale}")
@@ -295,12 +290,12 @@ def test_the_live_page_fits_a_phone(stack: Settings, chromium: str) -> None:
 
 
 def test_a_request_of_the_live_page_that_hangs_is_given_up_and_said(
-    stack: Settings, chromium: str
+    stack: Settings, browser: Browser
 ) -> None:
     """The list of sales is asked on a connection that answers nothing (a proxy holding it):
     the page showed an empty list, with no word, for as long as the browser waits (minutes).
     It gives up after 10 s, says so and asks again."""
-    with live_page(stack, chromium, "Held-up list") as live:
+    with live_page(stack, browser, "Held-up list") as live:
         page = live.page
         held = hang_the_first(page, "**/admin/v1/sales?*")
         page.goto(f"{live.gw.base_url}/admin/")
@@ -313,10 +308,10 @@ def test_a_request_of_the_live_page_that_hangs_is_given_up_and_said(
         page.wait_for_selector(f"#sales a:text('{live.sale}')", timeout=20_000)
 
 
-def test_the_live_page_pages_back_to_older_sales(stack: Settings, chromium: str) -> None:
+def test_the_live_page_pages_back_to_older_sales(stack: Settings, browser: Browser) -> None:
     """The list showed the newest 100 sales and no way to the older ones: a shop with a drop
     a day could not find last season's from the page."""
-    with live_page(stack, chromium, "Last season's drop") as live:
+    with live_page(stack, browser, "Last season's drop") as live:
         headers = {"Authorization": f"Bearer {ADMIN}"}
         for n in range(PAGE):  # newer sales push it off the first page
             made = requests.post(f"{live.gw.base_url}/admin/v1/sales", headers=headers,
@@ -357,14 +352,14 @@ def test_the_chart_library_is_sent_compressed_and_revalidated(stack: Settings) -
 
 
 def test_the_live_page_sets_the_rate_the_proof_of_work_and_the_queue_cap_after_asking(
-    stack: Settings, chromium: str
+    stack: Settings, browser: Browser
 ) -> None:
     """An SRE watching a sale from the page, seeing the queue move too slowly or the payment
     pipeline fall behind, had to leave it for `sale set-rate`: the page paused, resumed and
     ended, but could not change the pace. Nor, facing a flood of bots, turn on the proof of
     work asked at join, nor raise the cap of a full waiting room, which may change while the
     sale runs."""
-    with live_page(stack, chromium, "Paced drop") as live:
+    with live_page(stack, browser, "Paced drop") as live:
         page, base = live.page, live.gw.base_url
         admin = {"Authorization": f"Bearer {ADMIN}"}
 
@@ -476,14 +471,14 @@ def test_the_live_page_sets_the_rate_the_proof_of_work_and_the_queue_cap_after_a
 
 
 def test_the_live_page_counts_the_buyers_registered_for_the_draw(
-    stack: Settings, chromium: str
+    stack: Settings, browser: Browser
 ) -> None:
     """Before the opening, buyers join the pre-queue, whose places are drawn at the start: the
     page said "0 waiting, 0 joined" while they registered, the minutes an operator watches
     most closely. Registrations up to the queue cap turn every next buyer away (503
     queue_full): the page says the room is full, and raises its cap."""
     spec = {**sale_spec("Drop to come", "S1", 3, starts_in=600), "max_queue": 3}
-    with live_page(stack, chromium, "Drop to come", spec=spec) as live:
+    with live_page(stack, browser, "Drop to come", spec=spec) as live:
         page, base = live.page, live.gw.base_url
         signer = Signer.from_setting(stack.buyer_token_secret.reveal(), "buyer")
         for n in range(3):
@@ -510,12 +505,12 @@ def test_the_live_page_counts_the_buyers_registered_for_the_draw(
 
 
 def test_the_live_page_says_new_buyers_are_turned_away_and_what_nobody_can_buy(
-    stack: Settings, chromium: str
+    stack: Settings, browser: Browser
 ) -> None:
     """A line full up to its cutoff, everyone in it admitted and gone without buying: the
     page said "sold out: no" and "0 waiting" while every newcomer was told the sale is sold
     out and its 2 units could no longer sell."""
-    with live_page(stack, chromium, "Walked away", stock=2) as live:
+    with live_page(stack, browser, "Walked away", stock=2) as live:
         page, base = live.page, live.gw.base_url
         live.gw.pump_forever(live.sale, ["S1"])
         signer = Signer.from_setting(stack.buyer_token_secret.reveal(), "buyer")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import http.server
 import json
 import threading
@@ -17,23 +16,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
-import pytest
 import requests
-from aiohttp.test_utils import TestClient, TestServer
 
-import gateway.page
 from allocator.hold_scripts import HoldScripts
 from flashsale.cli.devstack.processes import UP_PORTS, free_port, free_ports
 from flashsale.clients import redis_client
-from flashsale.errors import Unavailable
 from flashsale.keys import SkuKeys
 from flashsale.settings import Settings
 from flashsale.tokens import Signer
-from gateway.app import create_app
 from loadtest.processes import engine
 from tests.harness import (
     ADMIN,
-    FLAGS,
     SCREENSHOTS,
     LiveGateway,
     LivePage,
@@ -45,12 +38,11 @@ from tests.harness import (
     join_and_reserve,
     live_gateway,
     live_page,
-    packed_and_revalidated,
     sale_spec,
 )
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Route
+    from playwright.sync_api import Browser, Route
 
 BUSY = '{"error": {"code": "overloaded", "message": "busy"}}'
 
@@ -68,11 +60,11 @@ def _pass(gw: LiveGateway, buyer: str) -> str:
     )
 
 
-def test_a_link_without_a_payment_method_takes_no_place(stack: Settings, chromium: str) -> None:
+def test_a_link_without_a_payment_method_takes_no_place(stack: Settings, browser: Browser) -> None:
     """A shop's link without `payment=` let the buyer queue, then reserved with a made-up
     payment method ("tok_demo") that only the simulator takes: at a real provider every
     such buyer's payment failed after their turn, and the unit was held for nothing."""
-    with live_page(stack, chromium, "Unpaid drop") as live:
+    with live_page(stack, browser, "Unpaid drop") as live:
         gw, sale, page = live.gw, live.sale, live.page
         page.goto(f"{gw.base_url}/sales/{sale}#token={_pass(gw, 'no-card')}")
         page.wait_for_selector("#state[data-state='no_payment']", timeout=15_000)
@@ -84,53 +76,48 @@ def test_a_link_without_a_payment_method_takes_no_place(stack: Settings, chromiu
         page.wait_for_selector("#join:not([hidden])", timeout=15_000)
 
 
-def test_waiting_room_page_in_chromium(stack: Settings, chromium: str) -> None:
-    from playwright.sync_api import sync_playwright
-
+def test_waiting_room_page_in_chromium(stack: Settings, browser: Browser) -> None:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     with live_gateway(stack) as gw:
         sale = create_live_sale(gw.base_url, stock=3, name="Sneaker drop")
         token = _buyer(gw, "page-buyer")
         unknown = requests.get(f"{gw.base_url}/sales/no-such-sale", timeout=10)
         assert unknown.status_code == 404
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
-            page = browser.new_page(viewport={"width": 390, "height": 844})  # a phone
-            page.goto(f"{gw.base_url}/sales/{sale}#token={token}")
-            assert page.title().startswith("Sneaker drop")
-            assert "#token" not in page.url  # the pass left the address bar
-            page.wait_for_selector("#sku option", state="attached")  # sale info loaded
-            assert "€" in (page.text_content(".price") or "")  # Intl currency format
-            page.click("#join")
-            page.wait_for_selector("#state[data-state='waiting'], #state[data-state='admitted']")
-            page.screenshot(path=str(SCREENSHOTS / "waiting-room-queued.png"))
-            assert "Position 1" in (page.text_content("#detail") or "") or (
-                page.get_attribute("#state", "data-state") == "admitted"
-            )
-            gw.pump_forever(sale, ["S1"])
-            page.wait_for_selector("#state[data-state='admitted']", timeout=20_000)
-            assert page.is_visible("#reserve")
-            page.click("#reserve")
-            page.wait_for_selector("#result[data-reservation]", timeout=20_000)
-            # The text follows the reservation's first status read (slower under load).
-            page.wait_for_selector("#result:has-text('Reserved')", timeout=20_000)
-            assert page.is_visible("#cancel")
-            page.screenshot(path=str(SCREENSHOTS / "waiting-room-reserved.png"))
-            rid = page.get_attribute("#result", "data-reservation")
-            # A reload finds the reservation again, without a second join or reserve.
-            page.reload()
-            page.wait_for_selector("#result[data-outcome='held']", timeout=20_000)
-            assert page.get_attribute("#result", "data-reservation") == rid
-            assert not page.is_visible("#join")
-            # Cancelling is final too (the turn bought once): asked first, and a No keeps it.
-            asked = answer_no_on_the_page(page, "#cancel")
-            assert "cannot" in asked, asked
-            page.wait_for_timeout(1_000)
-            assert page.get_attribute("#result", "data-outcome") == "held"
-            answer_yes_on_the_page(page, "#cancel")
-            page.wait_for_selector("#result[data-outcome='cancelled']", timeout=20_000)
-            page.screenshot(path=str(SCREENSHOTS / "waiting-room-cancelled.png"))
-            browser.close()
+        page = browser.new_page(viewport={"width": 390, "height": 844})  # a phone
+        page.goto(f"{gw.base_url}/sales/{sale}#token={token}")
+        assert page.title().startswith("Sneaker drop")
+        assert "#token" not in page.url  # the pass left the address bar
+        page.wait_for_selector("#sku option", state="attached")  # sale info loaded
+        assert "€" in (page.text_content(".price") or "")  # Intl currency format
+        page.click("#join")
+        page.wait_for_selector("#state[data-state='waiting'], #state[data-state='admitted']")
+        page.screenshot(path=str(SCREENSHOTS / "waiting-room-queued.png"))
+        assert "Position 1" in (page.text_content("#detail") or "") or (
+            page.get_attribute("#state", "data-state") == "admitted"
+        )
+        gw.pump_forever(sale, ["S1"])
+        page.wait_for_selector("#state[data-state='admitted']", timeout=20_000)
+        assert page.is_visible("#reserve")
+        page.click("#reserve")
+        page.wait_for_selector("#result[data-reservation]", timeout=20_000)
+        # The text follows the reservation's first status read (slower under load).
+        page.wait_for_selector("#result:has-text('Reserved')", timeout=20_000)
+        assert page.is_visible("#cancel")
+        page.screenshot(path=str(SCREENSHOTS / "waiting-room-reserved.png"))
+        rid = page.get_attribute("#result", "data-reservation")
+        # A reload finds the reservation again, without a second join or reserve.
+        page.reload()
+        page.wait_for_selector("#result[data-outcome='held']", timeout=20_000)
+        assert page.get_attribute("#result", "data-reservation") == rid
+        assert not page.is_visible("#join")
+        # Cancelling is final too (the turn bought once): asked first, and a No keeps it.
+        asked = answer_no_on_the_page(page, "#cancel")
+        assert "cannot" in asked, asked
+        page.wait_for_timeout(1_000)
+        assert page.get_attribute("#result", "data-outcome") == "held"
+        answer_yes_on_the_page(page, "#cancel")
+        page.wait_for_selector("#result[data-outcome='cancelled']", timeout=20_000)
+        page.screenshot(path=str(SCREENSHOTS / "waiting-room-cancelled.png"))
         held = requests.get(
             f"{gw.base_url}/v1/reservations/{rid}",
             headers={"Authorization": f"Bearer {_pass(gw, 'page-buyer')}"},
@@ -146,11 +133,13 @@ OUTSIDE_MAIN = """() => ({mains: document.querySelectorAll("main").length,
     && (e.textContent.trim() || e.tagName === "INPUT")).map((e) => e.id || e.tagName)})"""
 
 
-def test_the_page_keeps_what_it_shows_in_its_main_landmark(stack: Settings, chromium: str) -> None:
+def test_the_page_keeps_what_it_shows_in_its_main_landmark(
+    stack: Settings, browser: Browser
+) -> None:
     """A screen reader's user jumps to a page's main content: the waiting room had none (axe:
     landmark-one-main, region), so the status, the products and the turn were found only by
     reading the page from its top."""
-    with _admitted_to_two_models(stack, chromium, "landmarks", first_stock=3) as live:
+    with _admitted_to_two_models(stack, browser, "landmarks", first_stock=3) as live:
         shown = live.page.evaluate(OUTSIDE_MAIN)
         assert shown == {"mains": 1, "outside": []}, shown
         live.page.click("#reserve")
@@ -158,122 +147,11 @@ def test_the_page_keeps_what_it_shows_in_its_main_landmark(stack: Settings, chro
         assert live.page.evaluate(OUTSIDE_MAIN) == {"mains": 1, "outside": []}
 
 
-def test_the_page_is_sent_compressed_and_revalidated_with_its_etag(stack: Settings) -> None:
-    """Every buyer of a spike loads the page (and reloads it): it went out as 21 KB of plain
-    HTML each time, with nothing a browser or a proxy could revalidate."""
-    with live_gateway(stack) as gw:
-        sale = create_live_sale(gw.base_url, stock=1, name="Packed drop")
-        url = f"{gw.base_url}/sales/{sale}"
-        plain = packed_and_revalidated(url)
-        assert "no-cache" in plain.headers["Cache-Control"]  # always asked again: 304 or new
-        admin = {"Authorization": f"Bearer {ADMIN}"}
-        renamed = requests.patch(
-            f"{gw.base_url}/admin/v1/sales/{sale}",
-            headers=admin,
-            json={"name": "Renamed drop"},
-            timeout=10,
-        )
-        assert renamed.status_code == 200, renamed.text
-        deadline = time.monotonic() + 10  # the summary the page is made from, read again
-        while "Renamed drop" not in (fresh := requests.get(url, timeout=10)).text:
-            assert time.monotonic() < deadline, "the page kept the old name"
-            time.sleep(0.2)
-        assert fresh.headers["ETag"] != plain.headers["ETag"]
-
-
-BROWSER = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
-
-
-def test_a_page_that_cannot_be_served_is_a_page_to_a_browser(
-    stack: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A shop's link to a sale that is not there, or the page refused while the gateway was
-    at capacity or a server down, showed the buyer raw JSON and nothing more: a browser
-    gets a page saying so, which loads itself again after ``Retry-After``; an API client
-    still gets the JSON error."""
-
-    async def run() -> None:
-        async with TestClient(TestServer(create_app(stack))) as client:
-            missing = await client.get("/sales/sale-nope", headers=BROWSER)
-            text = await missing.text()
-            assert (missing.status, missing.content_type) == (404, "text/html"), text
-            assert "This sale does not exist" in text and "refresh" not in text, text
-            plain = await client.get("/sales/sale-nope")
-            assert (await plain.json())["error"]["code"] == "unknown_sale"
-
-            async def down(request: object, sale_id: str) -> None:
-                outage = Unavailable("Redis is restarting")
-                outage.retry_after_s = 3
-                raise outage
-
-            monkeypatch.setattr(gateway.page, "sale_summary", down)
-            busy = await client.get("/sales/sale-any", headers=BROWSER)
-            text = await busy.text()
-            assert (busy.status, busy.headers["Retry-After"]) == (503, "3"), text
-            assert '<meta http-equiv="refresh" content="3">' in text, text
-            assert "tries again by itself" in text and "Redis" not in text, text
-
-    asyncio.run(run())
-
-
-def test_the_operators_page_refused_at_capacity_is_a_page_to_a_browser(
-    stack: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """An SRE opening the live page while a spike fills the gateway was shown
-    `{"error": {"code": "overloaded", ...}}` in the browser, with nothing to do but reload by
-    hand: a page, which loads itself again after Retry-After; the admin API keeps its JSON."""
-    held = asyncio.Event()
-    entered = asyncio.Event()
-
-    async def slow(request: object, sale_id: str) -> None:
-        entered.set()
-        await held.wait()  # the one request the gateway has room for
-
-    async def run() -> None:
-        one = dataclasses.replace(stack, max_in_flight=1)
-        async with TestClient(TestServer(create_app(one))) as client:
-            monkeypatch.setattr(gateway.page, "sale_summary", slow)
-            filling = asyncio.ensure_future(client.get("/sales/sale-any", headers=BROWSER))
-            await asyncio.wait_for(entered.wait(), 10)
-            busy = await client.get("/admin/", headers=BROWSER)
-            text = await busy.text()
-            assert (busy.status, busy.content_type) == (503, "text/html"), text
-            assert '<meta http-equiv="refresh" content="1">' in text, text
-            assert "tries again by itself" in text and "shop" not in text, text
-            admin = {**BROWSER, "Authorization": f"Bearer {ADMIN}"}
-            api = await client.get("/admin/v1/sales", headers=admin)
-            assert (await api.json())["error"]["code"] == "overloaded"
-            held.set()
-            (await filling).close()
-
-    asyncio.run(run())
-
-
-def test_a_link_with_a_slash_more_or_less_reaches_its_page(stack: Settings) -> None:
-    """A shop's link written `/sales/<sale>/` (as link builders end a path), and an operator
-    typing `/admin`, got a JSON 404 and a JSON 401: each is sent on to its page, with its
-    query (the fragment, where the buyer's pass travels, is kept by the browser)."""
-
-    async def run() -> None:
-        async with TestClient(TestServer(create_app(stack))) as client:
-            for path, to in (
-                ("/sales/sale-1/?sku=A&sku=B", "/sales/sale-1?sku=A&sku=B"),
-                ("/sales/sale-1/", "/sales/sale-1"),
-                ("/admin", "/admin/"),
-            ):
-                moved = await client.get(path, headers=BROWSER, allow_redirects=False)
-                assert (moved.status, moved.headers.get("Location")) == (308, to), path
-            assert (await client.get("/admin/v1/sales/")).status == 401  # the API: not a page
-
-    asyncio.run(run())
-
-
 def test_the_page_rides_out_a_spike_and_resumes_after_a_reload(
-    stack: Settings, chromium: str
+    stack: Settings, browser: Browser
 ) -> None:
     """429 and 503 with Retry-After and a dropped connection, injected into the page's own
     requests: it keeps polling and gets its turn. A reload in the queue carries on."""
-
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     faults = ["503", "429", "drop", "503"]
     seen: list[str] = []
@@ -290,7 +168,7 @@ def test_the_page_rides_out_a_spike_and_resumes_after_a_reload(
             return
         route.continue_()
 
-    with live_page(stack, chromium, "Busy drop") as live:
+    with live_page(stack, browser, "Busy drop") as live:
         gw, sale, page = live.gw, live.sale, live.page
         page.route("**/queue/status", chaos)
         page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'patient')}")
@@ -306,12 +184,12 @@ def test_the_page_rides_out_a_spike_and_resumes_after_a_reload(
     assert seen == ["503", "429", "drop", "503"]
 
 
-def test_a_request_that_hangs_is_given_up_and_sent_again(stack: Settings, chromium: str) -> None:
+def test_a_request_that_hangs_is_given_up_and_sent_again(stack: Settings, browser: Browser) -> None:
     """A connection that answers nothing and is not reset (a mobile network that lost it, a
     proxy holding it): the page waited on its poll for as long as the browser keeps a request
     (minutes), showing nothing new. It gives a request up after 20 s and sends it again, as it
     does one whose connection dropped."""
-    with live_page(stack, chromium, "Hung line") as live:
+    with live_page(stack, browser, "Hung line") as live:
         gw, sale, page = live.gw, live.sale, live.page
         held = hang_the_first(page, "**/queue/status")
         page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'on-a-train')}")
@@ -327,7 +205,9 @@ def test_a_request_that_hangs_is_given_up_and_sent_again(stack: Settings, chromi
         page.wait_for_selector("#state[data-state='waiting']", timeout=10_000)
 
 
-def test_the_page_joins_again_when_its_ticket_has_expired(stack: Settings, chromium: str) -> None:
+def test_the_page_joins_again_when_its_ticket_has_expired(
+    stack: Settings, browser: Browser
+) -> None:
     """A ticket refused as expired (kept in a closed tab past its sale's old end, the sale since
     moved later): the page joins again with the buyer's token, which gives the same place,
     instead of telling the buyer their place is gone."""
@@ -351,7 +231,7 @@ def test_the_page_joins_again_when_its_ticket_has_expired(stack: Settings, chrom
             joins.append(route.request.url)
         route.continue_()
 
-    with live_page(stack, chromium, "Moved drop") as live:
+    with live_page(stack, browser, "Moved drop") as live:
         gw, sale, page = live.gw, live.sale, live.page
         page.route("**/queue/status", expired_once)
         page.route("**/queue", count_joins)
@@ -365,43 +245,37 @@ def test_the_page_joins_again_when_its_ticket_has_expired(stack: Settings, chrom
 
 
 def test_a_sale_starting_another_day_says_when_in_the_buyers_time(
-    stack: Settings, chromium: str
+    stack: Settings, browser: Browser
 ) -> None:
     """Two days ahead the page said only "Starts in 48 h 0 min": a buyer planning their day
     had to work the date out. It says the day and the hour, in the buyer's time zone."""
-    from playwright.sync_api import sync_playwright
-
-    with live_gateway(stack) as gw, sync_playwright() as p:
+    with live_gateway(stack) as gw:
         spec = sale_spec("Later drop", "S1", 1, starts_in=2 * 86400)
         spec["ends_at"] = (datetime.now(UTC) + timedelta(days=2, hours=1)).isoformat()
         sale = create_live_sale(gw.base_url, spec=spec)
         starts = datetime.fromisoformat(requests.get(f"{gw.base_url}/v1/sales/{sale}",
                                                      timeout=10).json()["starts_at"])  # fmt: skip
         berlin = starts.astimezone(ZoneInfo("Europe/Berlin"))
-        browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
-        try:
-            page = browser.new_page(timezone_id="Europe/Berlin", locale="en-GB")
-            page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'planner')}")
-            page.wait_for_selector("#state[data-state='scheduled']", timeout=15_000)
-            detail = page.text_content("#detail") or ""
-            assert f"{berlin:%H:%M}" in detail and str(berlin.day) in detail, (detail, berlin)
-            # Without a pass (a link passed on, a bookmark): sent to the shop, and told when
-            # it opens; it was told nothing of when.
-            visitor = browser.new_page(timezone_id="Europe/Berlin", locale="en-GB")
-            visitor.goto(f"{gw.base_url}/sales/{sale}")
-            visitor.wait_for_selector("#state[data-state='no_pass']", timeout=15_000)
-            detail = visitor.text_content("#detail") or ""
-            assert f"{berlin:%H:%M}" in detail and str(berlin.day) in detail, (detail, berlin)
-        finally:
-            browser.close()
+        page = browser.new_page(timezone_id="Europe/Berlin", locale="en-GB")
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'planner')}")
+        page.wait_for_selector("#state[data-state='scheduled']", timeout=15_000)
+        detail = page.text_content("#detail") or ""
+        assert f"{berlin:%H:%M}" in detail and str(berlin.day) in detail, (detail, berlin)
+        # Without a pass (a link passed on, a bookmark): sent to the shop, and told when
+        # it opens; it was told nothing of when.
+        visitor = browser.new_page(timezone_id="Europe/Berlin", locale="en-GB")
+        visitor.goto(f"{gw.base_url}/sales/{sale}")
+        visitor.wait_for_selector("#state[data-state='no_pass']", timeout=15_000)
+        detail = visitor.text_content("#detail") or ""
+        assert f"{berlin:%H:%M}" in detail and str(berlin.day) in detail, (detail, berlin)
 
 
-def test_the_page_counts_down_by_the_servers_clock(stack: Settings, chromium: str) -> None:
+def test_the_page_counts_down_by_the_servers_clock(stack: Settings, browser: Browser) -> None:
     """A phone whose clock is ten minutes slow: the countdown to the start and the hold's
     countdown follow the server's clock (its answers' Date header), not the phone's; at zero
     the page says the sale is open."""
     slow_ms = 600_000
-    with live_page(stack, chromium, "Clock drop", starts_in=3.0) as live:
+    with live_page(stack, browser, "Clock drop", starts_in=3.0) as live:
         gw, sale, page = live.gw, live.sale, live.page
         page.clock.install(time=time.time() - slow_ms / 1000)
         page.clock.resume()  # the phone's clock runs, ten minutes behind
@@ -417,12 +291,12 @@ def test_the_page_counts_down_by_the_servers_clock(stack: Settings, chromium: st
 
 
 def test_a_page_counting_down_to_a_postponed_start_reads_the_new_one(
-    stack: Settings, chromium: str
+    stack: Settings, browser: Browser
 ) -> None:
     """The drop is postponed by an hour, and its price changed, while a buyer's page counts
     down to the old start: at that moment the page reads the sale again, counts down to the
     new start rather than saying the sale is open, and shows the price that will be charged."""
-    with live_page(stack, chromium, "Postponed drop", starts_in=4.0) as live:
+    with live_page(stack, browser, "Postponed drop", starts_in=4.0) as live:
         gw, sale, page = live.gw, live.sale, live.page
         page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'patient')}")
         page.wait_for_selector("#state[data-state='scheduled']")
@@ -444,13 +318,13 @@ def test_a_page_counting_down_to_a_postponed_start_reads_the_new_one(
 
 
 def test_a_buyer_registered_early_sees_the_price_charged_when_admitted(
-    stack: Settings, chromium: str
+    stack: Settings, browser: Browser
 ) -> None:
     """A buyer registers for the draw, then the merchandiser changes the price before the start
     (the last moment it may change): once admitted, the page shows the price to be charged,
     not the one it read when it opened."""
     admin = {"Authorization": f"Bearer {ADMIN}"}
-    with live_page(stack, chromium, "Repriced drop", starts_in=4.0) as live:
+    with live_page(stack, browser, "Repriced drop", starts_in=4.0) as live:
         gw, sale, page = live.gw, live.sale, live.page
         page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'early-bird')}")
         page.click("#join")
@@ -465,13 +339,13 @@ def test_a_buyer_registered_early_sees_the_price_charged_when_admitted(
 
 
 def test_a_pass_from_the_shop_that_expired_is_explained_and_a_new_one_carries_on(
-    stack: Settings, chromium: str
+    stack: Settings, browser: Browser
 ) -> None:
     """The buyer's token from the storefront expires while they wait: the page says to open it
     again from the shop (not "invalid token (expired)"), and with a new link the buyer keeps
     their place and reserves."""
     signer = Signer.from_setting(stack.buyer_token_secret.reveal(), "buyer")
-    with live_page(stack, chromium, "Slow drop") as live:
+    with live_page(stack, browser, "Slow drop") as live:
         gw, sale, page = live.gw, live.sale, live.page
         card = "&payment=tok_visa"
         page.goto(f"{gw.base_url}/sales/{sale}#token={signer.sign({'sub': 'slow'}, 2)}{card}")
@@ -491,13 +365,13 @@ def test_a_pass_from_the_shop_that_expired_is_explained_and_a_new_one_carries_on
 
 
 def test_an_admitted_buyer_is_told_the_sale_is_paused_and_keeps_the_turn(
-    stack: Settings, chromium: str
+    stack: Settings, browser: Browser
 ) -> None:
     """The merchandiser pauses the sale while a buyer's turn is on: the page says the sale is
     paused and the turn is kept, offers no Reserve meanwhile, and after the resume the buyer
     reserves."""
     admin = {"Authorization": f"Bearer {ADMIN}"}
-    with live_page(stack, chromium, "Paused drop") as live:
+    with live_page(stack, browser, "Paused drop") as live:
         gw, sale, page = live.gw, live.sale, live.page
         gw.pump_forever(sale, ["S1"])
         page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'paused-buyer')}")
@@ -543,14 +417,14 @@ def _reserve_as(gw: LiveGateway, sale: str, buyer: str, sku: str) -> str:
 
 @contextlib.contextmanager
 def _admitted_to_two_models(
-    stack: Settings, chromium: str, buyer: str, *, first_stock: int
+    stack: Settings, browser: Browser, buyer: str, *, first_stock: int
 ) -> Iterator[LivePage]:
     """A running sale of Model 1 (``first_stock`` units, S1) and Model 2 (3 units, S2), and
     ``buyer``'s page on it, admitted."""
     spec = sale_spec("Two-model drop", "S1", first_stock)
     spec["skus"].append({**spec["skus"][0], "sku": "S2", "title": "Model 2", "stock": 3})
     spec["skus"][0]["title"] = "Model 1"
-    with live_page(stack, chromium, "Two-model drop", spec=spec) as live:
+    with live_page(stack, browser, "Two-model drop", spec=spec) as live:
         live.gw.pump_forever(live.sale, ["S1", "S2"])
         live.page.goto(f"{live.gw.base_url}/sales/{live.sale}#token={_buyer(live.gw, buyer)}")
         live.page.click("#join")
@@ -559,12 +433,12 @@ def _admitted_to_two_models(
 
 
 def test_a_buyer_whose_product_sold_out_takes_another_in_the_same_turn(
-    stack: Settings, chromium: str
+    stack: Settings, browser: Browser
 ) -> None:
     """The product a buyer chose sells out as their turn comes: the page says so and the buyer
     reserves another product. The refusal used to spend the admission (403 admission_used),
     and the page sent the next try with the refused request's key (422)."""
-    with _admitted_to_two_models(stack, chromium, "second-choice", first_stock=1) as live:
+    with _admitted_to_two_models(stack, browser, "second-choice", first_stock=1) as live:
         gw, sale, page = live.gw, live.sale, live.page
         assert page.is_hidden("#find")  # two products need no search field
         _reserve_as(gw, sale, "rival", "S1")  # the last Model 1 goes to another buyer
@@ -578,11 +452,11 @@ def test_a_buyer_whose_product_sold_out_takes_another_in_the_same_turn(
 
 
 def test_a_product_sold_out_for_good_is_marked_and_cannot_be_chosen(
-    stack: Settings, chromium: str
+    stack: Settings, browser: Browser
 ) -> None:
     """A sale of two products, one of them sold for good: the page listed it as any other,
     offered it first and let the buyer reserve it, to be told it was sold out."""
-    with _admitted_to_two_models(stack, chromium, "late", first_stock=1) as live:
+    with _admitted_to_two_models(stack, browser, "late", first_stock=1) as live:
         gw, sale, page = live.gw, live.sale, live.page
         assert page.input_value("#sku") == "S1"  # the page read both products in stock
         sold = _reserve_as(gw, sale, "rival", "S1")
@@ -604,11 +478,11 @@ def test_a_product_sold_out_for_good_is_marked_and_cannot_be_chosen(
 
 
 def test_a_buyer_who_left_on_another_device_is_told_so_when_reserving(
-    stack: Settings, chromium: str
+    stack: Settings, browser: Browser
 ) -> None:
     """The buyer gave the place up on their phone; the laptop's page, admitted, reserved and
     was told "this admission was already used for another request": nobody had used it."""
-    with _admitted_to_two_models(stack, chromium, "two-devices", first_stock=1) as live:
+    with _admitted_to_two_models(stack, browser, "two-devices", first_stock=1) as live:
         gw, sale, page = live.gw, live.sale, live.page
         ticket = page.evaluate(f"localStorage.getItem('flashsale:{sale}:ticket')")
         phone = requests.delete(f"{gw.base_url}/v1/sales/{sale}/queue", timeout=10,
@@ -623,12 +497,12 @@ def test_a_buyer_who_left_on_another_device_is_told_so_when_reserving(
 
 
 def test_a_join_refused_before_the_start_is_said_and_not_overwritten_by_the_countdown(
-    stack: Settings, chromium: str
+    stack: Settings, browser: Browser
 ) -> None:
     """The shop's link went out before the sale was preloaded: "Register for the draw" was
     refused (409 sale_not_open) and the page said so in the state card, which the countdown
     rewrote within the second: the button seemed to do nothing."""
-    with live_page(stack, chromium, "Early link", starts_in=60, preload=False) as live:
+    with live_page(stack, browser, "Early link", starts_in=60, preload=False) as live:
         gw, sale, page = live.gw, live.sale, live.page
         page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'early-bird')}")
         page.wait_for_selector("#state[data-state='scheduled']", timeout=15_000)
@@ -648,13 +522,13 @@ def test_a_join_refused_before_the_start_is_said_and_not_overwritten_by_the_coun
 
 
 def test_a_proof_of_work_asked_after_the_page_was_opened_is_solved(
-    stack: Settings, chromium: str
+    stack: Settings, browser: Browser
 ) -> None:
     """The merchandiser turned the sale's proof of work on (`sale update SALE --challenge 4`)
     while buyers had its page open: the page had read the sale without one, so "Register for
     the draw" was refused (403 challenge_required) and the page said "Something went wrong".
     It now solves one when the join asks for it, as it does for a spent challenge."""
-    with live_page(stack, chromium, "Guarded since", starts_in=60) as live:
+    with live_page(stack, browser, "Guarded since", starts_in=60) as live:
         gw, sale, page = live.gw, live.sale, live.page
         page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'opened-early')}")
         page.wait_for_selector("#state[data-state='scheduled']", timeout=15_000)
@@ -665,14 +539,14 @@ def test_a_proof_of_work_asked_after_the_page_was_opened_is_solved(
 
 
 def test_a_buyer_turned_away_by_a_full_waiting_room_is_told_so_and_gets_in_once_it_has_room(
-    stack: Settings, chromium: str
+    stack: Settings, browser: Browser
 ) -> None:
     """A waiting room at its cap turns newcomers away (503 queue_full): the page said "The
     shop is very busy; retrying…", as of a slow shop, to a buyer who had no place at all. It
     says the room is full and keeps trying, and joins once the operator raises the cap (at
     the answer's Retry-After, 5 s: the test moves the page's clock on)."""
     spec = {**sale_spec("Full room", "S1", 3), "max_queue": 1}
-    with live_page(stack, chromium, "Full room", spec=spec) as live:
+    with live_page(stack, browser, "Full room", spec=spec) as live:
         gw, sale, page = live.gw, live.sale, live.page
         first_in = {"Authorization": f"Bearer {_pass(gw, 'first-in')}"}
         first = requests.post(f"{gw.base_url}/v1/sales/{sale}/queue", headers=first_in, timeout=10)
@@ -694,10 +568,10 @@ def test_a_buyer_turned_away_by_a_full_waiting_room_is_told_so_and_gets_in_once_
 
 
 def test_a_join_refused_by_an_open_sale_not_preloaded_is_not_called_early(
-    stack: Settings, chromium: str
+    stack: Settings, browser: Browser
 ) -> None:
     """The page said "Registration has not opened yet" of a sale it showed as open."""
-    with live_page(stack, chromium, "Open, not ready", preload=False) as live:
+    with live_page(stack, browser, "Open, not ready", preload=False) as live:
         gw, sale, page = live.gw, live.sale, live.page
         page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'on-time')}")
         page.wait_for_selector("#state[data-state='live']", timeout=15_000)
@@ -707,12 +581,12 @@ def test_a_join_refused_by_an_open_sale_not_preloaded_is_not_called_early(
 
 
 def test_a_buyer_waiting_when_the_sale_is_ended_is_told_it_ended(
-    stack: Settings, chromium: str
+    stack: Settings, browser: Browser
 ) -> None:
     """The merchandiser ends the sale while buyers still wait in line: the page told them
     "Your turn has passed", though their turn never came."""
     admin = {"Authorization": f"Bearer {ADMIN}"}
-    with live_page(stack, chromium, "Cut-short drop") as live:
+    with live_page(stack, browser, "Cut-short drop") as live:
         gw, sale, page = live.gw, live.sale, live.page  # no pump: the buyer waits
         page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'still-waiting')}")
         page.click("#join")
@@ -725,12 +599,12 @@ def test_a_buyer_waiting_when_the_sale_is_ended_is_told_it_ended(
 
 
 def test_a_product_taken_out_of_the_sale_leaves_the_list_and_another_is_reserved(
-    stack: Settings, chromium: str
+    stack: Settings, browser: Browser
 ) -> None:
     """The merchandiser takes a product nobody reserved out of a running sale while a buyer
     has it chosen: Reserve answered "unknown SKU 'S2' in sale sale-…" and kept offering it."""
     admin = {"Authorization": f"Bearer {ADMIN}"}
-    with _admitted_to_two_models(stack, chromium, "recalled", first_stock=3) as live:
+    with _admitted_to_two_models(stack, browser, "recalled", first_stock=3) as live:
         gw, sale, page = live.gw, live.sale, live.page
         page.select_option("#sku", "S2")
         gone = requests.delete(f"{gw.base_url}/admin/v1/sales/{sale}/skus/S2", headers=admin,
@@ -745,12 +619,12 @@ def test_a_product_taken_out_of_the_sale_leaves_the_list_and_another_is_reserved
 
 
 def test_a_buyer_behind_units_all_held_is_told_why_there_is_no_eta(
-    stack: Settings, chromium: str
+    stack: Settings, browser: Browser
 ) -> None:
     """Every unit left is held by another buyer: the page said "Sold out, everything is gone"
     and offered no join, though the unit may come back; once in line, it showed the place
     and no ETA, without saying why."""
-    with live_page(stack, chromium, "Held drop", stock=1) as live:
+    with live_page(stack, browser, "Held drop", stock=1) as live:
         gw, sale, page = live.gw, live.sale, live.page
         gw.pump_forever(sale, ["S1"])
         _reserve_as(gw, sale, "holder", "S1")
@@ -760,11 +634,11 @@ def test_a_buyer_behind_units_all_held_is_told_why_there_is_no_eta(
         assert page.get_attribute("#state", "data-state") == "waiting"
 
 
-def test_a_page_for_one_product_reads_that_product_only(stack: Settings, chromium: str) -> None:
+def test_a_page_for_one_product_reads_that_product_only(stack: Settings, browser: Browser) -> None:
     """A storefront sends a buyer to one product of a catalogue sale (``?sku=``): the page
     read and listed every SKU of the sale (40 MB of JSON for 200,000). It asks for the
     product alone, and says so when the sale does not have it."""
-    from playwright.sync_api import Request, sync_playwright
+    from playwright.sync_api import Request
 
     spec = sale_spec("Catalogue drop", "S1", 5)
     spec["skus"] += [{**spec["skus"][0], "sku": f"S{i}", "title": f"Model {i}"} for i in (2, 3)]
@@ -776,27 +650,24 @@ def test_a_page_for_one_product_reads_that_product_only(stack: Settings, chromiu
             if f"/v1/sales/{sale}" in request.url and "/queue" not in request.url:
                 asked.append(request.url)
 
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
-            page = browser.new_page()
-            page.on("request", seen)
-            page.goto(f"{gw.base_url}/sales/{sale}?sku=S2#token={_buyer(gw, 'one-product')}")
-            page.wait_for_selector("#sku option", state="attached")
-            options = page.eval_on_selector_all("#sku option", "os => os.map(o => o.value)")
-            assert options == ["S2"], options
-            assert [u.split("?", 1)[1] for u in asked] == ["sku=S2"], asked
-            assert page.text_content(".item b") == "Model 2"
-            page.click("#join")
-            page.wait_for_selector("#state[data-state='waiting'], #state[data-state='admitted']")
-            other = browser.new_page()
-            other.goto(f"{gw.base_url}/sales/{sale}?sku=NOPE#token={_buyer(gw, 'lost')}")
-            other.wait_for_selector("#state[data-state='no_item']", timeout=20_000)
-            assert not other.is_visible("#join")
-            browser.close()
+        page = browser.new_page()
+        page.on("request", seen)
+        page.goto(f"{gw.base_url}/sales/{sale}?sku=S2#token={_buyer(gw, 'one-product')}")
+        page.wait_for_selector("#sku option", state="attached")
+        options = page.eval_on_selector_all("#sku option", "os => os.map(o => o.value)")
+        assert options == ["S2"], options
+        assert [u.split("?", 1)[1] for u in asked] == ["sku=S2"], asked
+        assert page.text_content(".item b") == "Model 2"
+        page.click("#join")
+        page.wait_for_selector("#state[data-state='waiting'], #state[data-state='admitted']")
+        other = browser.new_page()
+        other.goto(f"{gw.base_url}/sales/{sale}?sku=NOPE#token={_buyer(gw, 'lost')}")
+        other.wait_for_selector("#state[data-state='no_item']", timeout=20_000)
+        assert not other.is_visible("#join")
 
 
 def test_a_catalogue_opened_without_a_product_finds_one_by_its_name(
-    stack: Settings, chromium: str
+    stack: Settings, browser: Browser
 ) -> None:
     """A shop links to a catalogue sale as a whole (no ``?sku=``): the page listed every
     product in one endless list and a select of them all (50,000 took 6.3 s to show). It
@@ -806,7 +677,7 @@ def test_a_catalogue_opened_without_a_product_finds_one_by_its_name(
     spec = sale_spec("Whole catalogue", "S1", 5)
     spec["skus"] = [{**spec["skus"][0], "sku": f"S{i}", "title": f"Model {i}"}
                     for i in range(1, 301)]  # fmt: skip
-    with live_page(stack, chromium, "catalogue", spec=spec) as live:
+    with live_page(stack, browser, "catalogue", spec=spec) as live:
         gw, sale, page = live.gw, live.sale, live.page
         _sold_out(stack, sale, [f"S{i}" for i in range(1, 13)])
         page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'browsing')}")
@@ -836,13 +707,13 @@ def test_a_catalogue_opened_without_a_product_finds_one_by_its_name(
         page.wait_for_selector("#result[data-reservation]", timeout=15_000)
 
 
-def test_the_quantity_offered_is_what_the_buyer_may_take(stack: Settings, chromium: str) -> None:
+def test_the_quantity_offered_is_what_the_buyer_may_take(stack: Settings, browser: Browser) -> None:
     """The quantity field took any number: a buyer of a product limited to 2 asked for 3 and
     was refused with "per-buyer limit reached for this SKU", and a product limited to one
     still asked how many."""
     spec = sale_spec("Limited drop", "S1", 5, limit=2)
     spec["skus"].append({**spec["skus"][0], "sku": "S2", "title": "Model 2", "per_buyer_limit": 1})
-    with live_page(stack, chromium, "Limited drop", spec=spec) as live:
+    with live_page(stack, browser, "Limited drop", spec=spec) as live:
         gw, sale, page = live.gw, live.sale, live.page
         gw.pump_forever(sale, ["S1", "S2"])
         page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'pair')}")
@@ -869,12 +740,12 @@ def test_the_quantity_offered_is_what_the_buyer_may_take(stack: Settings, chromi
 
 
 def test_a_page_open_on_a_sale_deleted_since_says_it_is_gone(
-    stack: Settings, chromium: str
+    stack: Settings, browser: Browser
 ) -> None:
     """A sale deleted before its start (never preloaded) while a buyer had its page open: at
     the start the page said "The sale is open" and offered Join, which failed "Could not
     join" again and again."""
-    with live_page(stack, chromium, "Called off", starts_in=3, preload=False) as live:
+    with live_page(stack, browser, "Called off", starts_in=3, preload=False) as live:
         gw, sale, page = live.gw, live.sale, live.page
         page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'too-early')}")
         page.wait_for_selector("#state[data-state='scheduled']", timeout=10_000)
@@ -905,13 +776,13 @@ def _laid_out(page: Any) -> dict[str, Any]:
     )
 
 
-def test_a_buyer_on_a_phone_sees_the_reservation_first(stack: Settings, chromium: str) -> None:
+def test_a_buyer_on_a_phone_sees_the_reservation_first(stack: Settings, browser: Browser) -> None:
     """At a phone's width, the turn showed "Leave the queue" above the reservation, a picker
     of one item naming the product the card above names (cut off at the screen's edge), and
     the Reserve button in the middle of the quantity's line."""
     spec = sale_spec("Phone drop", "S1", 5, limit=2)
     spec["skus"][0]["title"] = "Air Max 90 — Infrared, a long product title that goes on"
-    with live_page(stack, chromium, "Phone drop", spec=spec) as live:
+    with live_page(stack, browser, "Phone drop", spec=spec) as live:
         gw, sale, page = live.gw, live.sale, live.page
         page.set_viewport_size(PHONE)
         gw.pump_forever(sale, ["S1"])
@@ -922,21 +793,21 @@ def test_a_buyer_on_a_phone_sees_the_reservation_first(stack: Settings, chromium
         assert one["reserve"] < one["leave"], one  # the turn's action first
         assert not one["picker"] and not one["page_wider"], one
         assert "At most 2 per buyer" in (page.text_content("#qty-note") or "")
-    with _admitted_to_two_models(stack, chromium, "phone-two", first_stock=1) as live:
+    with _admitted_to_two_models(stack, browser, "phone-two", first_stock=1) as live:
         live.page.set_viewport_size(PHONE)
         two = _laid_out(live.page)
         assert two["picker"] and not two["picker_past_card"] and not two["page_wider"], two
         assert two["reserve"] < two["leave"], two
 
 
-def test_names_without_a_space_wrap_at_a_phones_width(stack: Settings, chromium: str) -> None:
+def test_names_without_a_space_wrap_at_a_phones_width(stack: Settings, browser: Browser) -> None:
     """A title or a sale's name with no space to break at (a model code, a compound word, a
     link) ran past the screen: the page was 4,252 px wide at 360."""
     name = "Winter-drop-" + "W" * 120
     spec = sale_spec(name, "S1", 5)
     spec["skus"][0]["title"] = "Sneaker-" + "X" * 150
     spec["skus"].append({**spec["skus"][0], "sku": "S2", "title": "Boot-" + "B" * 180})
-    with live_page(stack, chromium, name, spec=spec) as live:
+    with live_page(stack, browser, name, spec=spec) as live:
         gw, sale, page = live.gw, live.sale, live.page
         page.set_viewport_size(PHONE)
         gw.pump_forever(sale, ["S1", "S2"])
@@ -952,7 +823,9 @@ def test_names_without_a_space_wrap_at_a_phones_width(stack: Settings, chromium:
         assert page.evaluate(wider) <= 0, page.evaluate("document.documentElement.scrollWidth")
 
 
-def test_a_buyer_on_a_phone_sees_the_turn_above_a_catalogue(stack: Settings, chromium: str) -> None:
+def test_a_buyer_on_a_phone_sees_the_turn_above_a_catalogue(
+    stack: Settings, browser: Browser
+) -> None:
     """A catalogue's twelve products came first: on a phone, "It's your turn!" and Reserve
     were screens down the page, and a turn of a minute could pass unseen. A wrapped price also sat
     as close to the next product's name as to its own."""
@@ -960,7 +833,7 @@ def test_a_buyer_on_a_phone_sees_the_turn_above_a_catalogue(stack: Settings, chr
     title = "Runner {} in colour number {}, wide fit"  # wraps its price at a phone's width
     spec["skus"] = [{**spec["skus"][0], "sku": f"S{i}", "title": title.format(i, i)}
                     for i in range(1, 21)]  # fmt: skip
-    with live_page(stack, chromium, "Phone catalogue", spec=spec) as live:
+    with live_page(stack, browser, "Phone catalogue", spec=spec) as live:
         gw, sale, page = live.gw, live.sale, live.page
         page.set_viewport_size(PHONE)
         gw.pump_forever(sale, [f"S{i}" for i in range(1, 21)])
@@ -1009,9 +882,9 @@ async def _sell(stack: Settings, sale: str, reservation_id: str | None) -> None:
         await client.aclose()
 
 
-def test_the_page_says_ended_or_sold_out_and_offers_no_join(stack: Settings, chromium: str) -> None:
-    from playwright.sync_api import sync_playwright
-
+def test_the_page_says_ended_or_sold_out_and_offers_no_join(
+    stack: Settings, browser: Browser
+) -> None:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     admin = {"Authorization": f"Bearer {ADMIN}"}
     with live_gateway(stack) as gw:
@@ -1034,48 +907,45 @@ def test_the_page_says_ended_or_sold_out_and_offers_no_join(stack: Settings, chr
             time.sleep(0.05)  # the pump publishes its cutoff soon after the start
         assert joined.json()["state"] == "sold_out", "the line never reached the cutoff"
         time.sleep(0.6)  # the public sale summary is cached for 0.5 s
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
-            first = browser.new_page()
-            first.goto(f"{gw.base_url}/sales/{sold}#token={_buyer(gw, 'lucky')}")
-            first.click("#join")
-            first.wait_for_selector("#state[data-state='admitted']", timeout=20_000)
-            first.click("#reserve")
-            first.wait_for_selector("#result[data-reservation]", timeout=20_000)
-            # Sold, not only held: a held unit may come back, and buyers still queue for it.
-            rid = first.get_attribute("#result", "data-reservation")
-            with ThreadPoolExecutor(1) as aside:  # Playwright's loop runs on this thread
-                aside.submit(asyncio.run, _sell(stack, sold, rid)).result()
-            time.sleep(0.6)  # the public sale summary is cached for 0.5 s
-            late = browser.new_page()
-            late.goto(f"{gw.base_url}/sales/{sold}#token={_buyer(gw, 'late')}")
-            late.wait_for_selector("#state[data-state='sold_out']", timeout=20_000)
-            assert not late.is_visible("#join")
-            late.screenshot(path=str(SCREENSHOTS / "waiting-room-sold-out.png"))
-            turned = browser.new_page()
-            turned.goto(f"{gw.base_url}/sales/{full}#token={_buyer(gw, 'newcomer')}")
-            turned.wait_for_selector("#state[data-state='sold_out']", timeout=20_000)
-            assert not turned.is_visible("#join")
-            assert "no more places in line" in turned.inner_text("body")
-            ended = browser.new_page()
-            ended.goto(f"{gw.base_url}/sales/{gone}#token={_buyer(gw, 'someone')}")
-            ended.wait_for_selector("#state[data-state='ended']", timeout=20_000)
-            assert not ended.is_visible("#join")
-            ended.screenshot(path=str(SCREENSHOTS / "waiting-room-ended.png"))
-            nopass = browser.new_page()
-            nopass.goto(f"{gw.base_url}/sales/{sold}")
-            nopass.wait_for_selector("#state[data-state='sold_out'], "
-                                     "#state[data-state='no_pass']", timeout=20_000)  # fmt: skip
-            browser.close()
+        first = browser.new_page()
+        first.goto(f"{gw.base_url}/sales/{sold}#token={_buyer(gw, 'lucky')}")
+        first.click("#join")
+        first.wait_for_selector("#state[data-state='admitted']", timeout=20_000)
+        first.click("#reserve")
+        first.wait_for_selector("#result[data-reservation]", timeout=20_000)
+        # Sold, not only held: a held unit may come back, and buyers still queue for it.
+        rid = first.get_attribute("#result", "data-reservation")
+        with ThreadPoolExecutor(1) as aside:  # Playwright's loop runs on this thread
+            aside.submit(asyncio.run, _sell(stack, sold, rid)).result()
+        time.sleep(0.6)  # the public sale summary is cached for 0.5 s
+        late = browser.new_page()
+        late.goto(f"{gw.base_url}/sales/{sold}#token={_buyer(gw, 'late')}")
+        late.wait_for_selector("#state[data-state='sold_out']", timeout=20_000)
+        assert not late.is_visible("#join")
+        late.screenshot(path=str(SCREENSHOTS / "waiting-room-sold-out.png"))
+        turned = browser.new_page()
+        turned.goto(f"{gw.base_url}/sales/{full}#token={_buyer(gw, 'newcomer')}")
+        turned.wait_for_selector("#state[data-state='sold_out']", timeout=20_000)
+        assert not turned.is_visible("#join")
+        assert "no more places in line" in turned.inner_text("body")
+        ended = browser.new_page()
+        ended.goto(f"{gw.base_url}/sales/{gone}#token={_buyer(gw, 'someone')}")
+        ended.wait_for_selector("#state[data-state='ended']", timeout=20_000)
+        assert not ended.is_visible("#join")
+        ended.screenshot(path=str(SCREENSHOTS / "waiting-room-ended.png"))
+        nopass = browser.new_page()
+        nopass.goto(f"{gw.base_url}/sales/{sold}")
+        nopass.wait_for_selector("#state[data-state='sold_out'], "
+                                 "#state[data-state='no_pass']", timeout=20_000)  # fmt: skip
 
 
 def test_the_page_follows_a_reservation_to_its_outcome(
-    stack: Settings, chromium: str, tmp_path: Path
+    stack: Settings, browser: Browser, tmp_path: Path
 ) -> None:
     """Through the whole engine (pump, workers, payment simulator): one buyer's payment goes
     through and the page says confirmed; another's card is declined and the page says the
     payment failed and the item went back on sale."""
-    from playwright.sync_api import Response, sync_playwright
+    from playwright.sync_api import Response
 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     port = free_ports(UP_PORTS)
@@ -1099,53 +969,47 @@ def test_the_page_follows_a_reservation_to_its_outcome(
         sale = created.json()["id"]
         loaded = requests.post(f"{base}/admin/v1/sales/{sale}/preload", headers=admin, timeout=10)
         assert loaded.status_code == 200, loaded.text
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
-            journeys = (("payer", "tok_visa", "confirmed"),
-                        ("decliner", "tok_decline", "payment_failed"))  # fmt: skip
-            pages = []  # the two buyers at once: each page looks at its order every 2 s
-            for buyer, payment, _ in journeys:
-                page = browser.new_page()
-                reserved: list[tuple[str, int]] = []  # (url, status) of each reservation sent
+        journeys = (("payer", "tok_visa", "confirmed"),
+                    ("decliner", "tok_decline", "payment_failed"))  # fmt: skip
+        pages = []  # the two buyers at once: each page looks at its order every 2 s
+        for buyer, payment, _ in journeys:
+            page = browser.new_page()
+            reserved: list[tuple[str, int]] = []  # (url, status) of each reservation sent
 
-                def seen(answer: Response, into: list[tuple[str, int]] = reserved) -> None:
-                    if answer.request.method == "POST" and "/reservations" in answer.url:
-                        into.append((answer.url, answer.status))
+            def seen(answer: Response, into: list[tuple[str, int]] = reserved) -> None:
+                if answer.request.method == "POST" and "/reservations" in answer.url:
+                    into.append((answer.url, answer.status))
 
-                page.on("response", seen)
-                token = signer.sign({"sub": buyer}, 3600)
-                page.goto(f"{base}/sales/{sale}#token={token}&payment={payment}")
-                page.click("#join")
-                pages.append((page, reserved))
-            for page, _ in pages:
-                page.wait_for_selector("#state[data-state='admitted']", timeout=30_000)
-                page.click("#reserve")
-            for (page, reserved), (_, _, outcome) in zip(pages, journeys, strict=True):
-                page.wait_for_selector(f"#result[data-outcome='{outcome}']", timeout=60_000)
-                # The page reserved at the listener the status answer named: another origin,
-                # allowed by the page's CSP and the listener's CORS.
-                assert reserved == [(f"{listener}/v1/sales/{sale}/reservations", 201)], reserved
-                page.screenshot(path=str(SCREENSHOTS / f"waiting-room-{outcome}.png"))
-                assert not page.is_visible("#cancel")
-                if outcome == "confirmed":  # what was bought, what it cost, what to quote
-                    said = page.inner_text("#result")
-                    rid = page.get_attribute("#result", "data-reservation")
-                    bought = "1 \N{MULTIPLICATION SIGN} Sneaker, €129.00"
-                    assert bought in said and f"Order reference: {rid}." in said, said
-            browser.close()
+            page.on("response", seen)
+            token = signer.sign({"sub": buyer}, 3600)
+            page.goto(f"{base}/sales/{sale}#token={token}&payment={payment}")
+            page.click("#join")
+            pages.append((page, reserved))
+        for page, _ in pages:
+            page.wait_for_selector("#state[data-state='admitted']", timeout=30_000)
+            page.click("#reserve")
+        for (page, reserved), (_, _, outcome) in zip(pages, journeys, strict=True):
+            page.wait_for_selector(f"#result[data-outcome='{outcome}']", timeout=60_000)
+            # The page reserved at the listener the status answer named: another origin,
+            # allowed by the page's CSP and the listener's CORS.
+            assert reserved == [(f"{listener}/v1/sales/{sale}/reservations", 201)], reserved
+            page.screenshot(path=str(SCREENSHOTS / f"waiting-room-{outcome}.png"))
+            assert not page.is_visible("#cancel")
+            if outcome == "confirmed":  # what was bought, what it cost, what to quote
+                said = page.inner_text("#result")
+                rid = page.get_attribute("#result", "data-reservation")
+                bought = "1 \N{MULTIPLICATION SIGN} Sneaker, €129.00"
+                assert bought in said and f"Order reference: {rid}." in said, said
 
 
 def test_the_page_solves_a_join_challenge_and_how_long_it_takes(
-    stack: Settings, chromium: str
+    stack: Settings, browser: Browser
 ) -> None:
     """A sale that asks a proof of work at join: the page solves it in a worker and joins.
     The solve times per difficulty are written beside the screenshots (docs/BENCHMARKS.md)."""
-    from playwright.sync_api import sync_playwright
-
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     times: dict[int, list[int]] = {}
-    with live_gateway(stack) as gw, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
+    with live_gateway(stack) as gw:
         for bits in (8, 12, 14):
             spec = {**sale_spec(f"Guarded drop {bits}", "S1", 50), "join_challenge": bits}
             sale = create_live_sale(gw.base_url, spec=spec)
@@ -1159,14 +1023,13 @@ def test_the_page_solves_a_join_challenge_and_how_long_it_takes(
                 solved = page.get_attribute("body", "data-solve-ms")
                 times.setdefault(bits, []).append(int(solved or -1))
                 page.close()
-        browser.close()
     assert all(t >= 0 for ts in times.values() for t in ts), times
     (SCREENSHOTS / "challenge-solve-ms.json").write_text(json.dumps(times))
     print("join challenge solve ms in Chromium:", times)
 
 
 def test_a_join_whose_challenge_was_spent_by_a_busy_answer_solves_a_new_one(
-    stack: Settings, chromium: str
+    stack: Settings, browser: Browser
 ) -> None:
     """The gateway spent the buyer's solved challenge, then answered 503 (the queue full, Redis
     busy). The page tried the join again with the same solution at the Retry-After, and was
@@ -1185,14 +1048,14 @@ def test_a_join_whose_challenge_was_spent_by_a_busy_answer_solves_a_new_one(
         )
         return None
 
-    joined, note = _guarded_join(stack, chromium, "Guarded busy drop", "patient", "queue",
+    joined, note = _guarded_join(stack, browser, "Guarded busy drop", "patient", "queue",
                                  first_join_busy)  # fmt: skip
     assert busy["left"] == 0
     assert joined, note
 
 
 def test_a_join_whose_challenge_was_raised_meanwhile_solves_the_new_price(
-    stack: Settings, chromium: str
+    stack: Settings, browser: Browser
 ) -> None:
     """The operator raised the proof of work (`--challenge 8`) while a buyer's page solved a
     4-bit challenge: the join was refused `challenge_invalid` (below the sale's base now) and
@@ -1206,24 +1069,21 @@ def test_a_join_whose_challenge_was_raised_meanwhile_solves_the_new_price(
             ask_proof_of_work(gw.base_url, sale, 8)
         route.fulfill(response=offer)
 
-    joined, note = _guarded_join(stack, chromium, "Guarded, raised", "caught-by-the-rise",
+    joined, note = _guarded_join(stack, browser, "Guarded, raised", "caught-by-the-rise",
                                  "queue/challenge", raise_after_the_offer)  # fmt: skip
     assert raised["done"] and joined, note
 
 
 def _guarded_join(
-    stack: Settings, chromium: str, name: str, buyer: str, path: str,
+    stack: Settings, browser: Browser, name: str, buyer: str, path: str,
     handler: Callable[[Route, LiveGateway, str], None],
 ) -> tuple[bool, str]:  # fmt: skip
     """A buyer's page joining a live sale that asks a 4-bit proof of work, its requests to
     ``/v1/sales/{sale}/<path>`` passed through ``handler``: whether it joined (or was refused:
     the button offered again, busy answers retried meanwhile), and the page's note."""
-    from playwright.sync_api import sync_playwright
-
     spec = {**sale_spec(name, "S1", 5), "join_challenge": 4}
-    with live_gateway(stack) as gw, sync_playwright() as p:
+    with live_gateway(stack) as gw:
         sale = create_live_sale(gw.base_url, spec=spec)
-        browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
         page = browser.new_page()
         page.route(f"**/v1/sales/{sale}/{path}", lambda route: handler(route, gw, sale))
         page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, buyer)}")
@@ -1232,7 +1092,6 @@ def _guarded_join(
         joined = "#state[data-state='waiting'], #state[data-state='admitted']"
         page.wait_for_selector(f"{joined}, #join:not([hidden])", timeout=20_000)
         result = page.is_visible(joined), page.text_content("#note") or ""
-        browser.close()
     return result
 
 
@@ -1286,12 +1145,10 @@ class _Shop(http.server.BaseHTTPRequestHandler):
 
 
 def test_a_storefront_on_another_origin_joins_polls_and_reserves(
-    stack: Settings, chromium: str
+    stack: Settings, browser: Browser
 ) -> None:
     """Chromium runs a storefront page served from another loopback port; its fetch calls
     (with preflights, for the custom headers) reach the gateway through CORS."""
-    from playwright.sync_api import sync_playwright
-
     shop_port = free_port()
     shop = http.server.ThreadingHTTPServer(("127.0.0.1", shop_port), _Shop)
     threading.Thread(target=shop.serve_forever, daemon=True).start()
@@ -1301,18 +1158,15 @@ def test_a_storefront_on_another_origin_joins_polls_and_reserves(
             sale = create_live_sale(gw.base_url, stock=2, name="Cross-origin drop")
             gw.pump_forever(sale, ["S1"])
             token = _pass(gw, "shop-buyer")
-            with sync_playwright() as p:
-                browser = p.chromium.launch(executable_path=chromium, args=FLAGS)
-                page = browser.new_page()
-                page.goto(f"{origin}/#gateway={gw.base_url}&sale={sale}&token={token}")
-                page.wait_for_selector("#result[data-state='reserved'], "
-                                       "#result[data-state='refused'], "
-                                       "#result[data-state='failed']", timeout=30_000)  # fmt: skip
-                outcome = page.get_attribute("#result", "data-state")
-                rid = page.text_content("#result")
-                SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-                page.screenshot(path=str(SCREENSHOTS / "storefront-cross-origin.png"))
-                browser.close()
+            page = browser.new_page()
+            page.goto(f"{origin}/#gateway={gw.base_url}&sale={sale}&token={token}")
+            page.wait_for_selector("#result[data-state='reserved'], "
+                                   "#result[data-state='refused'], "
+                                   "#result[data-state='failed']", timeout=30_000)  # fmt: skip
+            outcome = page.get_attribute("#result", "data-state")
+            rid = page.text_content("#result")
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOTS / "storefront-cross-origin.png"))
             assert outcome == "reserved", rid
             bearer = {"Authorization": f"Bearer {token}"}
             held = requests.get(f"{gw.base_url}/v1/reservations/{rid}", headers=bearer, timeout=10)
