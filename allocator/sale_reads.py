@@ -58,11 +58,17 @@ LIST_SALES = (
 )
 ORDER_STATES = ("PENDING", "PAYING", "CONFIRMED", "PAYMENT_FAILED", "EXPIRED", "CANCELLED")
 # An order as the admin API lists and exports it: never the payment method token.
+# In the order they were placed (ties by id): a reservation id is a process's prefix and a
+# counter, which tells a reader nothing of who bought first. A page goes on after the order
+# ``after`` names, as before.
 ORDERS_PAGE = (
     "SELECT id, sku, buyer_id, quantity, amount, currency, state, created_at, updated_at"
     " FROM orders WHERE sale_id = $1 AND ($2::text IS NULL OR state = $2)"
-    " AND ($3::text IS NULL OR id > $3) ORDER BY id LIMIT $4"
+    " AND ($3::text IS NULL OR (created_at, id) >"
+    " (SELECT created_at, id FROM orders WHERE id = $3 AND sale_id = $1))"
+    " ORDER BY created_at, id LIMIT $4"
 )
+AFTER_KNOWN = "SELECT true FROM orders WHERE id = $1 AND sale_id = $2"
 # The buyer id is the storefront's text (any printable ASCII): one that a spreadsheet would
 # run as a formula (=, +, - or @ first) is exported behind an apostrophe, as OWASP advises
 # against CSV injection. No other column can start so (ids and SKUs start alphanumeric).
@@ -73,7 +79,8 @@ ORDERS_EXPORT = (
     " quantity, amount, currency, state,"
     """ to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') AS created_at,"""
     """ to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') AS updated_at"""
-    " FROM orders WHERE sale_id = $1 AND ($2::text IS NULL OR state = $2) ORDER BY id"
+    " FROM orders WHERE sale_id = $1 AND ($2::text IS NULL OR state = $2)"
+    " ORDER BY orders.created_at, id"
 )
 
 
@@ -169,12 +176,16 @@ class SaleReads:
 
     async def orders(self, sale_id: str, *, state: str | None = None, limit: int | str = MAX_PAGE,
                      after: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
-        """A page of the sale's orders by id, after the order id ``after``; ``state`` filters."""
+        """A page of the sale's orders in the order they were placed, after the order whose id
+        is ``after``; ``state`` filters."""
         state = order_state(state)
         if after:  # an order id as a text Postgres can compare: no NUL, nothing of kilobytes
             after = text(after, "after", max_len=MAX_ORDER_ID)
         async with self.pool.acquire() as conn:
             await self.sale_row(conn, sale_id)  # NotFound for an unknown sale
+            if after and not await conn.fetchval(AFTER_KNOWN, after, sale_id):
+                raise InvalidInput("after", f"no order {shown(after)} in sale {sale_id}: give the "
+                                   "id of an order of a page read before (its `next`)")  # fmt: skip
             rows = await conn.fetch(ORDERS_PAGE, sale_id, state, after, page_size(limit))
         return [{**dict(r), "created_at": iso(r["created_at"]), "updated_at": iso(r["updated_at"])}
                 for r in rows]  # fmt: skip

@@ -252,7 +252,8 @@ def admin_paths() -> dict[str, Any]:
             "get": op(
                 "listOrders",
                 "admin",
-                "A page of the sale's orders by id (never their payment token)",
+                "A page of the sale's orders in the order they were placed (never their payment "
+                "token)",
                 {
                     **ok(
                         200,
@@ -269,7 +270,11 @@ def admin_paths() -> dict[str, Any]:
                     *SALE_PATH,
                     order_state,
                     page,
-                    query("after", {"type": "string"}, "the last order id seen"),
+                    query(
+                        "after",
+                        {"type": "string"},
+                        "the last order id seen (422 if not of this sale)",
+                    ),
                 ],
             )
         },

@@ -847,6 +847,48 @@ def test_an_export_opened_in_a_spreadsheet_runs_no_buyer_id_as_a_formula(
     assert [r["buyer_id"] for r in rows] == [f"'{b}" for b in ids[:4]] + ["b-1=2"], rows
 
 
+def test_a_sales_orders_are_listed_and_exported_in_the_order_they_were_placed(
+    cli: Cli, db: Db, stack: Settings, tmp_path: Path
+) -> None:
+    """``sale orders`` listed them by id: a reservation id is a process's random prefix and a
+    counter in hex, so a merchant reading who bought first saw the gateway processes' orders
+    apart and ``r-…-10`` before ``r-…-9``. They come in the order they were placed (ties by
+    id), in the list, in its pages (``after`` is still an order id) and in the CSV."""
+    sale_id = create(cli, tmp_path)
+    placed = datetime(2030, 6, 1, 12, 0, tzinfo=UTC)
+    # (id suffix, seconds after the first): placed r-b-9, then r-a-10 and r-a-2 at once.
+    for rid, at in (("r-b-9", 0), ("r-a-10", 1), ("r-a-2", 1), ("r-a-1", 3)):
+        db.execute(
+            "INSERT INTO orders (id, sale_id, sku, buyer_id, quantity, amount, currency,"
+            " admission_id, payment_token, state, created_at) VALUES ($1, $2, 'SNK-42', 'b',"
+            " 1, 12900, 'EUR', 'adm', 'tok', 'CONFIRMED', $3)",
+            f"{sale_id}~SNK-42~{rid}", sale_id, placed + timedelta(seconds=at),
+        )  # fmt: skip
+    expected = [f"{sale_id}~SNK-42~{rid}" for rid in ("r-b-9", "r-a-10", "r-a-2", "r-a-1")]
+    listed = cli("sale", "orders", sale_id)
+    assert listed.code == 0, listed.err
+    assert [line.split()[0] for line in listed.out.splitlines()] == expected, listed.out
+    exported = cli("sale", "orders", sale_id, "--csv")
+    assert [r["id"] for r in csv.DictReader(io.StringIO(exported.out))] == expected
+
+    async def pages() -> list[list[str]]:
+        pool, client = await pg_pool(stack, max_size=1), redis_client(stack)
+        try:
+            admin, after, found = SaleAdmin.build(pool, client), None, []
+            while page := await admin.orders(sale_id, limit=1, after=after):
+                found.append([o["id"] for o in page])
+                after = page[-1]["id"]
+            # An id that is no order of the sale would start nowhere: refused, naming it.
+            with pytest.raises(InvalidInput, match=r"^after: no order 'r-a-1' in sale"):
+                await admin.orders(sale_id, after="r-a-1")
+            return found
+        finally:
+            await client.aclose()
+            await pool.close()
+
+    assert asyncio.run(pages()) == [[rid] for rid in expected]
+
+
 def test_an_export_whose_reader_went_away_fails_and_gives_its_connection_back(
     cli: Cli, stack: Settings, tmp_path: Path
 ) -> None:
