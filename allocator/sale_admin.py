@@ -40,6 +40,7 @@ from flashsale.salespec import (
     SkuSpec,
     identifier,
     integer,
+    refuse_all,
 )
 from flashsale.shuffle import seed_commitment
 from flashsale.wording import counted
@@ -104,9 +105,9 @@ class SaleAdmin(SalePreloads):
                 await self._unless_sold_out(sale_id, "SKUs added")
             rows = await fetch_skus(conn, sale_id)
             existing = {row["sku"] for row in rows}
-            for spec, where in zip(batch.skus, batch.fields, strict=True):
-                if spec.sku in existing:
-                    raise InvalidInput(where, f"SKU {shown(spec.sku)} already exists in {sale_id}")
+            refuse_all([InvalidInput(where, f"SKU {shown(spec.sku)} already exists in {sale_id}")
+                        for spec, where in zip(batch.skus, batch.fields, strict=True)
+                        if spec.sku in existing])  # fmt: skip
             after = max((row["position"] or 0 for row in rows), default=0)
             await _insert_skus(conn, sale_id, batch.skus, after=after)
         return await self.get(sale_id) if with_skus else sale_json(await self.row(sale_id))

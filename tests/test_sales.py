@@ -542,6 +542,14 @@ def test_import_csv_adds_skus(cli: Cli, db: Db, tmp_path: Path) -> None:
     rows = {r["sku"]: r for r in db.rows("SELECT * FROM sale_skus WHERE sale_id=$1", sale_id)}
     assert set(rows) == {"SNK-42", "SNK-43", "HOOD-M", "CAP"}
     assert (rows["CAP"]["title"], rows["CAP"]["per_buyer_limit"]) == ("CAP", 1)
+    # The same file again (a second run of a script): every SKU it would add twice is named,
+    # as a file's bad cells are, not the first alone; and nothing is written.
+    again = cli("sale", "import", csv_path, "--sale", sale_id)
+    assert again.code == 2
+    assert again.err.strip() == (
+        f"flashsale: error: row 2.sku: SKU 'HOOD-M' already exists in {sale_id} (2 errors; "
+        f"also row 3.sku: SKU 'CAP' already exists in {sale_id})"
+    ), again.err
 
 
 def test_skus_in_json_import_as_the_admin_api_takes_them(
