@@ -58,9 +58,9 @@ LIST_SALES = (
 )
 ORDER_STATES = ("PENDING", "PAYING", "CONFIRMED", "PAYMENT_FAILED", "EXPIRED", "CANCELLED")
 # An order as the admin API lists and exports it: never the payment method token.
-# In the order they were placed (ties by id): a reservation id is a process's prefix and a
-# counter, which tells a reader nothing of who bought first. A page goes on after the order
-# ``after`` names, as before.
+# Oldest first, by created_at (when the workers recorded the order; ties by id): a reservation
+# id is a process's prefix and a counter, which tells a reader nothing of who bought first.
+# A page goes on after the order ``after`` names, as before.
 ORDERS_PAGE = (
     "SELECT id, sku, buyer_id, quantity, amount, currency, state, created_at, updated_at"
     " FROM orders WHERE sale_id = $1 AND ($2::text IS NULL OR state = $2)"
@@ -176,8 +176,8 @@ class SaleReads:
 
     async def orders(self, sale_id: str, *, state: str | None = None, limit: int | str = MAX_PAGE,
                      after: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
-        """A page of the sale's orders in the order they were placed, after the order whose id
-        is ``after``; ``state`` filters."""
+        """A page of the sale's orders, oldest first (by ``created_at``), after the order whose
+        id is ``after``; ``state`` filters."""
         state = order_state(state)
         if after:  # an order id as a text Postgres can compare: no NUL, nothing of kilobytes
             after = text(after, "after", max_len=MAX_ORDER_ID)

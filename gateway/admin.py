@@ -112,8 +112,8 @@ async def list_sales(request: web.Request) -> web.Response:
 
 
 async def list_orders(request: web.Request) -> web.Response:
-    """``GET /admin/v1/sales/{sale}/orders?state=&limit=&after=``: a page of orders in the order
-    they were placed; ``next`` is the ``after`` of the next page (null on the last)."""
+    """``GET /admin/v1/sales/{sale}/orders?state=&limit=&after=``: a page of orders, oldest
+    first (by ``created_at``); ``next`` is the ``after`` of the next page (null on the last)."""
     q = request.query
     limit = q.get("limit", str(MAX_PAGE))
     orders = await request.app[SALES].orders(request.match_info["sale"], state=q.get("state"),

@@ -252,8 +252,7 @@ def admin_paths() -> dict[str, Any]:
             "get": op(
                 "listOrders",
                 "admin",
-                "A page of the sale's orders in the order they were placed (never their payment "
-                "token)",
+                "A page of the sale's orders, oldest first (never their payment token)",
                 {
                     **ok(
                         200,

@@ -860,7 +860,7 @@ def test_a_sales_orders_are_listed_and_exported_in_the_order_they_were_placed(
 ) -> None:
     """``sale orders`` listed them by id: a reservation id is a process's random prefix and a
     counter in hex, so a merchant reading who bought first saw the gateway processes' orders
-    apart and ``r-…-10`` before ``r-…-9``. They come in the order they were placed (ties by
+    apart and ``r-…-10`` before ``r-…-9``. They come oldest first (by created_at, ties by
     id), in the list, in its pages (``after`` is still an order id) and in the CSV."""
     sale_id = create(cli, tmp_path)
     placed = datetime(2030, 6, 1, 12, 0, tzinfo=UTC)

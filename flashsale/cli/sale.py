@@ -280,7 +280,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     listing.add_argument("--json", action="store_true", help="print them as a JSON array")
     orders = sale_sub.add_parser(
         "orders", help="a sale's orders: one line each, or the whole list as CSV",
-        description="Prints the sale's orders in the order they were placed. --csv streams every "
+        description="Prints the sale's orders, oldest first (by created_at). --csv streams every "
         "order as CSV with a header (id, sku, buyer_id, quantity, amount, currency, state, "
         "created_at, updated_at, in UTC: 2026-12-01T12:00:00.000Z) through Postgres's COPY, "
         "however many there are; the payment token is never exported, and a buyer id a spreadsheet "
