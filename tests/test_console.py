@@ -207,6 +207,15 @@ def test_the_live_page_follows_a_spike_and_agrees_with_sale_status(
         ]
         page.unroute("**/audit")
         page.screenshot(path=str(SCREENSHOTS / "live-sale-after.png"), full_page=True)
+        # Asked again, it shows no report while the new one runs: the last one's invariants
+        # beside "running…" read as its answer (a check waiting for the eighth took them).
+        held: list[Any] = []
+        page.route("**/audit", lambda route: held.append(route))  # not answered meanwhile
+        page.click("#audit")
+        page.wait_for_selector("#audit-state:has-text('running')")
+        assert page.query_selector_all("#invariants li") == [], page.inner_text("#invariants")
+        assert len(held) == 1
+        page.unroute("**/audit")
 
         # Pause asks first: dismissed, nothing happens; accepted, the sale is paused.
         page.once("dialog", lambda dialog: dialog.dismiss())
