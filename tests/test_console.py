@@ -210,7 +210,11 @@ def test_the_live_page_follows_a_spike_and_agrees_with_sale_status(
         # Asked again, it shows no report while the new one runs: the last one's invariants
         # beside "running…" read as its answer (a check waiting for the eighth took them).
         held: list[Any] = []
-        page.route("**/audit", lambda route: held.append(route))  # not answered meanwhile
+
+        def hold(route: Any) -> None:  # not answered while the page is looked at
+            held.append(route)
+
+        page.route("**/audit", hold)
         page.click("#audit")
         page.wait_for_selector("#audit-state:has-text('running')")
         assert page.query_selector_all("#invariants li") == [], page.inner_text("#invariants")
