@@ -20,7 +20,7 @@ help:
 	@echo "make lint                 ruff: checks and formatting"
 	@echo "make contracts            the import contracts (the floors of docs/ARCHITECTURE.md)"
 	@echo "make types                mypy"
-	@echo "make pytest               the tests, against the embedded servers"
+	@echo "make pytest               the tests, against the embedded servers (two processes, a stack each)"
 	@echo "make pytest-cluster       the cluster's tests, on a Redis Cluster stack of their own"
 	@echo "make test-cluster         the whole suite on a Redis Cluster"
 	@echo "make test-heavy           the tests make test leaves out: spikes, bench all --quick"
@@ -112,10 +112,23 @@ endef
 # but the allocation and reconciler smokes, the locust spikes (the headless one still runs on
 # the cluster below), the 10,000-buyer gateway spike, three workers sharing a hot SKU) to stay
 # under about 15 minutes on 2 cores; `make test-heavy` runs them.
-PYTEST_ARGS ?= -m "not heavy"
+#
+# The tests run in PYTEST_WORKERS processes (pytest-xdist; a module's tests in one), each on an
+# embedded stack of its own (.flashsale, then .flashsale-gw1, ...: tests/conftest.py): most of
+# a test's time is spent waiting for servers and clocks, so two workers on 2 cores take about
+# half as long. Servers given by REDIS_URL, DATABASE_URL and KAFKA_BOOTSTRAP are one stack:
+# one worker then. PYTEST_WORKERS=0 runs them in the make process's own pytest. Tests marked
+# serial (schemathesis's, whose operations share one test id) run after, without xdist.
+ifneq ($(and $(REDIS_URL),$(DATABASE_URL),$(KAFKA_BOOTSTRAP)),)
+PYTEST_WORKERS ?= 0
+endif
+PYTEST_WORKERS ?= 2
+PYTEST_ARGS ?= -m "not heavy and not serial" -n $(PYTEST_WORKERS) --dist loadfile
+PYTEST_SERIAL ?= -m "serial and not heavy"
 
 pytest: $(STAMP) browser prometheus pgbouncer
 	$(call run_pytest,,$(PYTEST_ARGS))
+	$(call run_pytest,,$(PYTEST_SERIAL))
 
 test-heavy: $(STAMP) browser prometheus
 	$(call run_pytest,,-m heavy)
@@ -158,6 +171,7 @@ $(REDIS7)/usr/bin/redis-server: | $(VENV)/bin/python
 
 test-redis7: $(STAMP) $(REDIS7)/usr/bin/redis-server browser prometheus pgbouncer
 	$(call run_pytest,$(REDIS7_ENV) FLASHSALE_HOME=$(CURDIR)/.flashsale-redis7,$(PYTEST_ARGS))
+	$(call run_pytest,$(REDIS7_ENV) FLASHSALE_HOME=$(CURDIR)/.flashsale-redis7,$(PYTEST_SERIAL))
 	$(call run_pytest,$(REDIS7_ENV) $(REDIS7_CLUSTER),$(CLUSTER_CORE))
 	@$(REDIS7_ENV) FLASHSALE_HOME=$(CURDIR)/.flashsale-redis7-cluster $(BIN)/flashsale dev up \
 	  --redis-cluster 3 --replicas 1 >/dev/null
@@ -197,4 +211,7 @@ clean:
 	-FLASHSALE_HOME=$(CURDIR)/.flashsale-cluster $(BIN)/flashsale dev down
 	-FLASHSALE_HOME=$(CURDIR)/.flashsale-redis7 $(BIN)/flashsale dev down
 	-FLASHSALE_HOME=$(CURDIR)/.flashsale-redis7-cluster $(BIN)/flashsale dev down
+	-for home in .flashsale-gw* .flashsale-redis7-gw*; do [ ! -d "$$home" ] || \
+	  FLASHSALE_HOME=$(CURDIR)/$$home $(BIN)/flashsale dev down; done
 	rm -rf $(VENV) .flashsale .flashsale-cluster .flashsale-redis7 .flashsale-redis7-cluster .mypy_cache .pytest_cache .ruff_cache
+	rm -rf .flashsale-gw* .flashsale-redis7-gw*

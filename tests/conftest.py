@@ -13,6 +13,7 @@ import asyncio
 import os
 import shutil
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -38,6 +39,39 @@ if TYPE_CHECKING:
     from playwright.sync_api import Browser
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Under pytest-xdist each worker but the first has an embedded stack of its own, beside the
+# first's: the tests stop, flush and fill the servers they use.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+if _WORKER != "gw0" and not all(os.environ.get(var) for var in EXTERNAL_VAR.values()):
+    os.environ["FLASHSALE_HOME"] = f"{home_dir()}-{_WORKER}"
+
+
+_SHARED: dict[str, int] = {}  # test id -> how many tests share it, under pytest-xdist
+
+
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """pytest-xdist sends a worker each test by its id, and runs one of several sharing it
+    (schemathesis's operations do): the others were never run, and the run passed. Under
+    xdist such an id is one test, which fails saying so."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return
+    counts = Counter(item.nodeid for item in items)
+    _SHARED.update((nodeid, n) for nodeid, n in counts.items() if n > 1)
+    first: dict[str, pytest.Item] = {}
+    for item in items:
+        first.setdefault(item.nodeid, item)
+    items[:] = first.values()
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.nodeid in _SHARED:
+        pytest.fail(
+            f"{_SHARED[item.nodeid]} tests share this id, and pytest-xdist runs one of "
+            "them: mark it serial (make pytest runs those without xdist)",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(scope="session")

@@ -116,6 +116,7 @@ def test_the_sale_summary_says_how_long_a_copy_is_kept() -> None:
 schema = schemathesis.openapi.from_dict(document())
 
 
+@pytest.mark.serial  # its 35 operations are one test id: pytest-xdist would run one of them
 @schema.parametrize()
 @settings(
     max_examples=25,
