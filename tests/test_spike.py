@@ -88,7 +88,6 @@ def test_distributed_spike_master_and_worker(stack: Settings, tmp_path: Path) ->
     assert "buyers answered: 200/200" in text and "audit: PASSED" in text, text
 
 
-@pytest.mark.heavy
 def test_a_spike_rehearses_a_sale_made_for_the_day_through_the_engines_rate_limits(
     stack: Settings, cli: Cli, tmp_path: Path
 ) -> None:
