@@ -24,6 +24,7 @@ from loadtest.processes import engine
 from tests.harness import (
     ADMIN,
     SCREENSHOTS,
+    create_live_sale,
     hang_the_first,
     healthy,
     live_gateway,
@@ -275,6 +276,44 @@ def test_the_link_to_a_sale_leads_to_it_after_the_login(stack: Settings, browser
         page.click("button[type=submit]")
         page.wait_for_selector("#sale-title:has-text('Linked drop')", timeout=10_000)
         assert not page.is_visible("#list")
+
+
+def test_an_audit_answered_after_another_sale_was_opened_is_not_shown_on_it(
+    stack: Settings, browser: Browser
+) -> None:
+    """An operator ran the audit of one sale, and opened another while it ran: when the first
+    one's report came, the page showed it, PASSED, under the other sale's name."""
+    with live_page(stack, browser, "Audited drop") as live:
+        page, other = live.page, create_live_sale(live.gw.base_url, name="Other drop")
+        page.goto(f"{live.gw.base_url}/admin/#sale={live.sale}")
+        page.fill("#token", ADMIN)
+        page.click("button[type=submit]")
+        page.wait_for_selector("#sale-title:has-text('Audited drop')", timeout=10_000)
+        held: list[Any] = []
+
+        def hold(route: Any) -> None:  # answered once the other sale is open
+            held.append(route)
+
+        page.route("**/audit", hold)
+        page.click("#audit")
+        page.wait_for_selector("#audit-state:has-text('running')")
+        page.click("#back")
+        page.click(f"text={other}")
+        page.wait_for_selector("#sale-title:has-text('Other drop')", timeout=10_000)
+        [route] = held
+        route.fulfill(
+            json={
+                "sale_id": live.sale,
+                "passed": True,
+                "facts": {},
+                "invariants": [
+                    {"name": f"{n}. invariant", "passed": True, "details": {}} for n in range(1, 9)
+                ],
+            }
+        )
+        page.wait_for_timeout(500)  # the answer has been read
+        assert page.inner_text("#audit-state") == ""
+        assert page.query_selector_all("#invariants li") == []
 
 
 def test_the_live_page_fits_a_phone(stack: Settings, browser: Browser) -> None:
