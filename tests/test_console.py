@@ -316,6 +316,36 @@ def test_an_audit_answered_after_another_sale_was_opened_is_not_shown_on_it(
         assert page.query_selector_all("#invariants li") == []
 
 
+def test_a_sale_opened_while_anothers_read_hangs_is_read_and_shown_alone(
+    stack: Settings, browser: Browser
+) -> None:
+    """One read of a sale at a time, for the whole page: while the last sale's read hung, the
+    sale opened next was not read at all (for up to 10 s), and when the hung read came back,
+    the page showed the last sale under the new one's link, its end used by "Extend by"."""
+    with live_page(stack, browser, "Hung drop") as live:
+        page, other = live.page, create_live_sale(live.gw.base_url, name="Other drop")
+        page.goto(f"{live.gw.base_url}/admin/#sale={live.sale}")
+        page.fill("#token", ADMIN)
+        page.click("button[type=submit]")
+        page.wait_for_selector("#sale-title:has-text('Hung drop')", timeout=10_000)
+        held: list[Any] = []
+
+        def hold(route: Any) -> None:  # the next read of the first sale hangs
+            held.append(route)
+
+        page.route(f"**/admin/v1/sales/{live.sale}/live", hold)
+        deadline = time.monotonic() + 5
+        while not held and time.monotonic() < deadline:
+            page.wait_for_timeout(100)
+        assert held, "the page never read the first sale again"
+        page.click("#back")
+        page.click(f"text={other}")
+        page.wait_for_selector("#sale-title:has-text('Other drop')", timeout=5_000)
+        held[0].continue_()  # the first sale's answer, late
+        page.wait_for_timeout(500)
+        assert "Other drop" in page.inner_text("#sale-title")
+
+
 def test_the_live_page_fits_a_phone(stack: Settings, browser: Browser) -> None:
     """An SRE paged away from a desk opens the live page on a phone: the page was 650 px wide
     at 360 (the two charts side by side, each at least 300 px, and the tables), so every
