@@ -24,6 +24,7 @@ from loadtest.processes import engine
 from tests.harness import (
     ADMIN,
     SCREENSHOTS,
+    LivePage,
     create_live_sale,
     hang_the_first,
     healthy,
@@ -278,23 +279,24 @@ def test_the_link_to_a_sale_leads_to_it_after_the_login(stack: Settings, browser
         assert not page.is_visible("#list")
 
 
+def _open_with_another(live: LivePage) -> tuple[Any, str]:
+    """The live page, logged in, showing ``live``'s sale; and another sale, to open next."""
+    page, other = live.page, create_live_sale(live.gw.base_url, name="Other drop")
+    page.goto(f"{live.gw.base_url}/admin/#sale={live.sale}")
+    page.fill("#token", ADMIN)
+    page.click("button[type=submit]")
+    page.wait_for_selector(f"#sale-title:has-text('{live.sale}')", timeout=10_000)
+    return page, other
+
+
 def test_an_audit_answered_after_another_sale_was_opened_is_not_shown_on_it(
     stack: Settings, browser: Browser
 ) -> None:
     """An operator ran the audit of one sale, and opened another while it ran: when the first
     one's report came, the page showed it, PASSED, under the other sale's name."""
     with live_page(stack, browser, "Audited drop") as live:
-        page, other = live.page, create_live_sale(live.gw.base_url, name="Other drop")
-        page.goto(f"{live.gw.base_url}/admin/#sale={live.sale}")
-        page.fill("#token", ADMIN)
-        page.click("button[type=submit]")
-        page.wait_for_selector("#sale-title:has-text('Audited drop')", timeout=10_000)
-        held: list[Any] = []
-
-        def hold(route: Any) -> None:  # answered once the other sale is open
-            held.append(route)
-
-        page.route("**/audit", hold)
+        page, other = _open_with_another(live)
+        held = hang_the_first(page, "**/audit")  # answered once the other sale is open
         page.click("#audit")
         page.wait_for_selector("#audit-state:has-text('running')")
         page.click("#back")
@@ -323,17 +325,8 @@ def test_a_sale_opened_while_anothers_read_hangs_is_read_and_shown_alone(
     sale opened next was not read at all (for up to 10 s), and when the hung read came back,
     the page showed the last sale under the new one's link, its end used by "Extend by"."""
     with live_page(stack, browser, "Hung drop") as live:
-        page, other = live.page, create_live_sale(live.gw.base_url, name="Other drop")
-        page.goto(f"{live.gw.base_url}/admin/#sale={live.sale}")
-        page.fill("#token", ADMIN)
-        page.click("button[type=submit]")
-        page.wait_for_selector("#sale-title:has-text('Hung drop')", timeout=10_000)
-        held: list[Any] = []
-
-        def hold(route: Any) -> None:  # the next read of the first sale hangs
-            held.append(route)
-
-        page.route(f"**/admin/v1/sales/{live.sale}/live", hold)
+        page, other = _open_with_another(live)
+        held = hang_the_first(page, f"**/admin/v1/sales/{live.sale}/live")  # the next read
         deadline = time.monotonic() + 5
         while not held and time.monotonic() < deadline:
             page.wait_for_timeout(100)
