@@ -64,11 +64,10 @@ ORDER_STATES = ("PENDING", "PAYING", "CONFIRMED", "PAYMENT_FAILED", "EXPIRED", "
 ORDERS_PAGE = (
     "SELECT id, sku, buyer_id, quantity, amount, currency, state, created_at, updated_at"
     " FROM orders WHERE sale_id = $1 AND ($2::text IS NULL OR state = $2)"
-    " AND ($3::text IS NULL OR (created_at, id) >"
-    " (SELECT created_at, id FROM orders WHERE id = $3 AND sale_id = $1))"
-    " ORDER BY created_at, id LIMIT $4"
+    " AND ($3::timestamptz IS NULL OR (created_at, id) > ($3, $4::text))"
+    " ORDER BY created_at, id LIMIT $5"
 )
-AFTER_KNOWN = "SELECT true FROM orders WHERE id = $1 AND sale_id = $2"
+PLACED = "SELECT created_at FROM orders WHERE id = $1 AND sale_id = $2"
 # The buyer id is the storefront's text (any printable ASCII): one that a spreadsheet would
 # run as a formula (=, +, - or @ first) is exported behind an apostrophe, as OWASP advises
 # against CSV injection. No other column can start so (ids and SKUs start alphanumeric).
@@ -183,10 +182,11 @@ class SaleReads:
             after = text(after, "after", max_len=MAX_ORDER_ID)
         async with self.pool.acquire() as conn:
             await self.sale_row(conn, sale_id)  # NotFound for an unknown sale
-            if after and not await conn.fetchval(AFTER_KNOWN, after, sale_id):
+            placed = await conn.fetchval(PLACED, after, sale_id) if after else None
+            if after and placed is None:
                 raise InvalidInput("after", f"no order {shown(after)} in sale {sale_id}: give the "
                                    "id of an order of a page read before (its `next`)")  # fmt: skip
-            rows = await conn.fetch(ORDERS_PAGE, sale_id, state, after, page_size(limit))
+            rows = await conn.fetch(ORDERS_PAGE, sale_id, state, placed, after, page_size(limit))
         return [{**dict(r), "created_at": iso(r["created_at"]), "updated_at": iso(r["updated_at"])}
                 for r in rows]  # fmt: skip
 

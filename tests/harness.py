@@ -354,7 +354,8 @@ class LivePage:
 def live_page(stack: Settings, browser: Any, name: str, *, stock: int = 3,
               starts_in: float = -1.0, spec: dict[str, Any] | None = None,
               preload: bool = True) -> Iterator[LivePage]:  # fmt: skip
-    """``browser``: the ``browser`` fixture's (playwright's Browser)."""
+    """A live gateway, a sale on it and a page of ``browser`` (the ``browser`` fixture, a
+    Playwright Browser)."""
     with live_gateway(stack) as gw:
         sale = create_live_sale(gw.base_url, stock=stock, name=name, starts_in=starts_in,
                                 spec=spec, preload=preload)  # fmt: skip
