@@ -550,6 +550,7 @@ def test_import_csv_adds_skus(cli: Cli, db: Db, tmp_path: Path) -> None:
         f"flashsale: error: row 2.sku: SKU 'HOOD-M' already exists in {sale_id} (2 errors; "
         f"also row 3.sku: SKU 'CAP' already exists in {sale_id})"
     ), again.err
+    assert len(db.rows("SELECT sku FROM sale_skus WHERE sale_id=$1", sale_id)) == 4
 
 
 def test_skus_in_json_import_as_the_admin_api_takes_them(
