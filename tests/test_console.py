@@ -339,6 +339,34 @@ def test_a_sale_opened_while_anothers_read_hangs_is_read_and_shown_alone(
         assert "Other drop" in page.inner_text("#sale-title")
 
 
+def test_a_list_that_fails_after_a_sale_was_opened_leaves_the_sale_shown(
+    stack: Settings, browser: Browser
+) -> None:
+    """Back at the list, its read hung; the operator opened a sale from the rows still shown.
+    When the read failed, the page asked again two seconds later, and took them from the
+    sale back to the list, its refresh left running."""
+    with live_page(stack, browser, "Listed again") as live:
+        page, other = live.page, create_live_sale(live.gw.base_url, name="Other drop")
+        page.goto(f"{live.gw.base_url}/admin/")
+        page.fill("#token", ADMIN)
+        page.click("button[type=submit]")
+        page.click(f"text={live.sale}")
+        page.wait_for_selector("#sale-title:has-text('Listed again')", timeout=10_000)
+        held = hang_the_first(page, re.compile(r"/admin/v1/sales\?"))  # the list's next read
+        page.click("#back")
+        page.click(f"text={other}")
+        page.wait_for_selector("#sale-title:has-text('Other drop')", timeout=10_000)
+        [route] = held
+        route.fulfill(
+            status=503,
+            headers={"Retry-After": "1"},
+            json={"error": {"code": "unavailable", "message": "Postgres is down"}},
+        )
+        page.wait_for_timeout(3_000)  # past the list's next try, were it made
+        assert page.is_visible("#sale-title") and not page.is_visible("#list")
+        assert "Other drop" in page.inner_text("#sale-title")
+
+
 def test_the_live_page_fits_a_phone(stack: Settings, browser: Browser) -> None:
     """An SRE paged away from a desk opens the live page on a phone: the page was 650 px wide
     at 360 (the two charts side by side, each at least 300 px, and the tables), so every
