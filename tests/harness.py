@@ -383,7 +383,7 @@ def answer_yes_on_the_page(page: Any, button: str) -> None:
     page.click("#ask-yes")
 
 
-def hang_the_first(page: Any, pattern: str) -> list[Any]:
+def hang_the_first(page: Any, pattern: str | re.Pattern[str]) -> list[Any]:
     """The first request of ``page`` matching ``pattern`` is never answered (a connection
     that hangs), the others go through; the page's clock is Playwright's, so that a test can
     move it past the page's patience (``page.clock.fast_forward``). The held requests."""
