@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import http.server
 import json
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -315,6 +316,20 @@ def test_a_page_counting_down_to_a_postponed_start_reads_the_new_one(
         assert shown.startswith(("Starts in 59:", "Starts in 1 h 0 min")), shown
         assert "159.00" in (page.text_content(".price") or "")
         assert page.locator("#sku option").count() == 1
+
+
+def test_a_long_wait_is_told_in_minutes_and_hours(stack: Settings, browser: Browser) -> None:
+    """A buyer registered 90 minutes before the start was told "about 5391 s (at most 5391 s, 9
+    times in 10)": a wait is now said as a person would, in minutes, or hours and minutes."""
+    spec = sale_spec("Early drop", "S1", 3, starts_in=90 * 60)
+    spec["ends_at"] = (datetime.now(UTC) + timedelta(hours=3)).isoformat()
+    with live_page(stack, browser, "Early drop", spec=spec) as live:
+        gw, sale, page = live.gw, live.sale, live.page
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'very-early')}")
+        page.click("#join")
+        page.wait_for_selector("#state[data-state='registered']", timeout=10_000)
+        detail = page.text_content("#detail") or ""
+        assert re.search(r"about 1 h 30 min \(at most 1 h 30 min, 9 times in 10\)", detail), detail
 
 
 def test_a_buyer_registered_early_sees_the_price_charged_when_admitted(
