@@ -379,6 +379,74 @@ def test_a_pass_from_the_shop_that_expired_is_explained_and_a_new_one_carries_on
         page.wait_for_selector("#result:has-text('Reserved')", timeout=20_000)
 
 
+def test_two_buyers_on_one_browser_each_see_their_own_place(
+    stack: Settings, browser: Browser
+) -> None:
+    """A family computer: one buyer reserved, then another opened the shop's link on the same
+    browser. The page kept its place per sale, not per buyer: the second buyer was shown the
+    first one's order, could cancel it, and would have paid with the first one's card (their
+    link carried none). Each buyer now has a place of their own on the page."""
+    with live_page(stack, browser, "Family drop", stock=5) as live:
+        gw, sale, page = live.gw, live.sale, live.page
+        gw.pump_forever(sale, ["S1"])
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'parent')}")
+        page.click("#join")
+        page.wait_for_selector("#state[data-state='admitted']", timeout=20_000)
+        page.click("#reserve")
+        page.wait_for_selector("#result:has-text('Reserved')", timeout=20_000)
+        page.goto("about:blank")
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_pass(gw, 'child')}")  # no card in it
+        page.wait_for_selector("#state[data-state='no_payment']", timeout=15_000)
+        assert page.is_hidden("#cancel") and "Reserved" not in page.inner_text("body")
+        page.goto("about:blank")
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'child')}")
+        page.wait_for_selector("#join:not([hidden])", timeout=15_000)
+        page.click("#join")
+        page.wait_for_selector("#state[data-state='admitted']", timeout=20_000)
+        page.click("#reserve")
+        page.wait_for_selector("#result:has-text('Reserved')", timeout=20_000)
+        page.goto("about:blank")
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'parent')}")
+        page.wait_for_selector("#result:has-text('Reserved')", timeout=15_000)
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        skus = requests.get(f"{gw.base_url}/admin/v1/sales/{sale}", headers=admin, timeout=10)
+        assert skus.json()["skus"][0]["available"] == 3, skus.text  # two holds, one each
+
+
+def test_a_place_kept_per_sale_by_an_older_page_is_its_buyers(
+    stack: Settings, browser: Browser
+) -> None:
+    """A buyer whose page was served before places were kept per buyer reloads it after the
+    gateway was upgraded: their reservation, kept under the sale alone, is still shown to
+    them, and to nobody else."""
+    with live_page(stack, browser, "Upgraded drop", stock=5) as live:
+        gw, sale, page = live.gw, live.sale, live.page
+        gw.pump_forever(sale, ["S1"])
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'before')}")
+        page.click("#join")
+        page.wait_for_selector("#state[data-state='admitted']", timeout=20_000)
+        page.click("#reserve")
+        page.wait_for_selector("#result:has-text('Reserved')", timeout=20_000)
+        moved = page.evaluate("""(sale) => {
+            const mine = `flashsale:${sale}:buyer:before:`;
+            let n = 0;
+            for (const k of Object.keys(localStorage).filter((k) => k.startsWith(mine))) {
+              localStorage.setItem(`flashsale:${sale}:${k.slice(mine.length)}`,
+                                   localStorage.getItem(k));
+              localStorage.removeItem(k);
+              n += 1;
+            }
+            return n;
+        }""", sale)  # fmt: skip
+        assert moved >= 2, moved  # at least the ticket and the reservation
+        page.reload()
+        page.wait_for_selector("#result:has-text('Reserved')", timeout=15_000)
+        page.goto("about:blank")
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'after')}")
+        page.wait_for_selector("#join:not([hidden])", timeout=15_000)
+        assert "Reserved" not in page.inner_text("body")
+
+
 def test_an_admitted_buyer_is_told_the_sale_is_paused_and_keeps_the_turn(
     stack: Settings, browser: Browser
 ) -> None:
@@ -499,7 +567,7 @@ def test_a_buyer_who_left_on_another_device_is_told_so_when_reserving(
     was told "this admission was already used for another request": nobody had used it."""
     with _admitted_to_two_models(stack, browser, "two-devices", first_stock=1) as live:
         gw, sale, page = live.gw, live.sale, live.page
-        ticket = page.evaluate(f"localStorage.getItem('flashsale:{sale}:ticket')")
+        ticket = page.evaluate(f"localStorage.getItem('flashsale:{sale}:buyer:two-devices:ticket')")
         phone = requests.delete(f"{gw.base_url}/v1/sales/{sale}/queue", timeout=10,
                                 headers={"X-Queue-Ticket": ticket})  # fmt: skip
         assert phone.json()["state"] == "left", phone.text
