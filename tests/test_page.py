@@ -332,6 +332,33 @@ def test_a_long_wait_is_told_in_minutes_and_hours(stack: Settings, browser: Brow
         assert re.search(r"about 1 h 30 min \(at most 1 h 30 min, 9 times in 10\)", detail), detail
 
 
+def test_a_place_far_back_is_written_as_a_number_is_read(stack: Settings, browser: Browser) -> None:
+    """Behind 1,234 buyers the page said "Position 1235, 1234 ahead of you": the numbers are
+    written in the buyer's locale, as the page's prices and counts are."""
+    import aiohttp
+
+    with live_page(stack, browser, "Crowded drop", stock=5_000) as live:
+        gw, sale, page = live.gw, live.sale, live.page
+
+        async def crowd() -> list[int]:
+            async with aiohttp.ClientSession() as http:
+
+                async def join(n: int) -> int:
+                    headers = {"Authorization": f"Bearer {_pass(gw, f'crowd-{n}')}"}
+                    async with http.post(f"{gw.base_url}/v1/sales/{sale}/queue",
+                                         headers=headers) as answer:  # fmt: skip
+                        return answer.status
+
+                return await asyncio.gather(*(join(n) for n in range(1_234)))
+
+        assert set(gw.run(crowd(), timeout=60)) == {200}
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'at-the-back')}")
+        page.click("#join")
+        page.wait_for_selector("#state[data-state='waiting']", timeout=10_000)
+        detail = page.text_content("#detail") or ""
+        assert detail.startswith("Position 1,235, 1,234 ahead of you"), detail
+
+
 def test_a_buyer_registered_early_sees_the_price_charged_when_admitted(
     stack: Settings, browser: Browser
 ) -> None:
