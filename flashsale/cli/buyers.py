@@ -54,12 +54,12 @@ async def cmd_fairness(args: argparse.Namespace, settings: Settings) -> int:
     if args.commitment is not None and args.commitment != record.commitment:
         found_problems.insert(0, "the commitment served now is not the one given (the one "
                                  "published before the start)")  # fmt: skip
-    out(f"sale {sale}: {len(record.members)} pre-queue members, root {record.root}")
+    out(f"sale {sale}: {len(record.members):,} pre-queue members, root {record.root}")
     if args.buyer:
         member = member_of(sale, args.buyer)
         place = record.members.index(member) + 1 if member in record.members else None
         out(f"  buyer {args.buyer}: member {member}, "
-            + (f"position {place}" if place else "not in the pre-queue"))  # fmt: skip
+            + (f"position {place:,}" if place else "not in the pre-queue"))  # fmt: skip
     for problem in found_problems:
         out(f"  FAILED: {problem}")
     out("  fairness: " + ("FAILED" if found_problems else
