@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import http.server
 import json
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -319,8 +318,9 @@ def test_a_page_counting_down_to_a_postponed_start_reads_the_new_one(
 
 
 def test_a_long_wait_is_told_in_minutes_and_hours(stack: Settings, browser: Browser) -> None:
-    """A buyer registered 90 minutes before the start was told "about 5391 s (at most 5391 s, 9
-    times in 10)": a wait is now said as a person would, in minutes, or hours and minutes."""
+    """A buyer registered 90 minutes before the start was told "about 5400 s (at most 5400 s, 9
+    times in 10)": a wait is said as a person would, in minutes, or hours and minutes, and its
+    "at most" only when it says more."""
     spec = sale_spec("Early drop", "S1", 3, starts_in=90 * 60)
     spec["ends_at"] = (datetime.now(UTC) + timedelta(hours=3)).isoformat()
     with live_page(stack, browser, "Early drop", spec=spec) as live:
@@ -329,7 +329,7 @@ def test_a_long_wait_is_told_in_minutes_and_hours(stack: Settings, browser: Brow
         page.click("#join")
         page.wait_for_selector("#state[data-state='registered']", timeout=10_000)
         detail = page.text_content("#detail") or ""
-        assert re.search(r"about 1 h 30 min \(at most 1 h 30 min, 9 times in 10\)", detail), detail
+        assert detail.endswith(" · about 1 h 30 min."), detail  # as likely as at most
 
 
 def test_a_place_far_back_is_written_as_a_number_is_read(stack: Settings, browser: Browser) -> None:
