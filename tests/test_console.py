@@ -607,6 +607,30 @@ def test_the_live_page_counts_the_buyers_registered_for_the_draw(
         assert joined.status_code == 200, joined.text
 
 
+def test_after_the_opening_the_live_page_says_the_draw_is_done(
+    stack: Settings, browser: Browser
+) -> None:
+    """Once the sale opened, the live page still said "2 registered for the draw", read as two
+    buyers still waiting for a draw that had been made: it now says how many were drawn."""
+    with live_page(stack, browser, "Drop opening", starts_in=3) as live:
+        page, base = live.page, live.gw.base_url
+        signer = Signer.from_setting(stack.buyer_token_secret.reveal(), "buyer")
+        for n in range(2):
+            joined = requests.post(f"{base}/v1/sales/{live.sale}/queue", timeout=10, headers={
+                "Authorization": f"Bearer {signer.sign({'sub': f'early-{n}'}, 600)}"})  # fmt: skip
+            assert joined.status_code == 200 and joined.json()["position"] is None, joined.text
+        page.goto(f"{base}/admin/")
+        page.fill("#token", ADMIN)
+        page.click("button[type=submit]")
+        page.click(f"text={live.sale}")
+        page.wait_for_selector("#queue .kpi:has-text('registered for the draw')", timeout=10_000)
+        live.gw.pump_forever(live.sale, ["S1"])
+        drawn = "#queue .kpi:has-text('drawn at the opening')"
+        page.wait_for_selector(drawn, timeout=15_000)
+        assert page.inner_text(f"{drawn} b") == "2"
+        assert page.locator("#queue .kpi:has-text('registered for the draw')").count() == 0
+
+
 def test_the_live_page_says_new_buyers_are_turned_away_and_what_nobody_can_buy(
     stack: Settings, browser: Browser
 ) -> None:
