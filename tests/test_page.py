@@ -606,6 +606,23 @@ def test_a_buyer_who_left_on_another_device_is_told_so_when_reserving(
         assert page.get_attribute("#state", "data-state") == "left"
 
 
+def test_a_buyer_who_reserved_on_another_device_is_told_so_when_reserving(
+    stack: Settings, browser: Browser
+) -> None:
+    """The buyer reserved on their phone; the laptop's page, still showing the turn, reserved
+    and was told "this admission was already used for another request" under "It's your
+    turn!", with Reserve still offered, for as long as the turn lasted."""
+    with _admitted_to_two_models(stack, browser, "phone-buyer", first_stock=3) as live:
+        gw, sale, page = live.gw, live.sale, live.page
+        _reserve_as(gw, sale, "phone-buyer", "S2")  # the same place: a join again finds it
+        page.click("#reserve")
+        page.wait_for_selector("#state[data-state='reserved']", timeout=10_000)
+        assert "another device" in (page.text_content("#detail") or "")
+        assert page.is_hidden("#reserve") and page.is_hidden("#leave")
+        time.sleep(1.0)  # the page polls every 250 ms while admitted: it no longer does
+        assert page.get_attribute("#state", "data-state") == "reserved"
+
+
 def test_a_join_refused_before_the_start_is_said_and_not_overwritten_by_the_countdown(
     stack: Settings, browser: Browser
 ) -> None:
