@@ -616,11 +616,27 @@ def test_a_buyer_who_reserved_on_another_device_is_told_so_when_reserving(
         gw, sale, page = live.gw, live.sale, live.page
         _reserve_as(gw, sale, "phone-buyer", "S2")  # the same place: a join again finds it
         page.click("#reserve")
-        page.wait_for_selector("#state[data-state='reserved']", timeout=10_000)
-        assert "another device" in (page.text_content("#detail") or "")
-        assert page.is_hidden("#reserve") and page.is_hidden("#leave")
-        time.sleep(1.0)  # the page polls every 250 ms while admitted: it no longer does
-        assert page.get_attribute("#state", "data-state") == "reserved"
+        _told_reserved_elsewhere(page)
+
+
+def test_a_buyer_who_reserved_on_another_device_is_told_so_when_leaving(
+    stack: Settings, browser: Browser
+) -> None:
+    """The same, leaving on the laptop: the page said "this place was already used for a
+    reservation: cancel that instead" beside a turn it went on offering."""
+    with _admitted_to_two_models(stack, browser, "phone-leaver", first_stock=3) as live:
+        gw, sale, page = live.gw, live.sale, live.page
+        _reserve_as(gw, sale, "phone-leaver", "S2")
+        answer_yes_on_the_page(page, "#leave")
+        _told_reserved_elsewhere(page)
+
+
+def _told_reserved_elsewhere(page: Any) -> None:
+    page.wait_for_selector("#state[data-state='reserved']", timeout=10_000)
+    assert "another device" in (page.text_content("#detail") or "")
+    assert page.is_hidden("#reserve") and page.is_hidden("#leave")
+    time.sleep(1.0)  # the page polls every 250 ms while admitted: it no longer does
+    assert page.get_attribute("#state", "data-state") == "reserved"
 
 
 def test_a_join_refused_before_the_start_is_said_and_not_overwritten_by_the_countdown(
