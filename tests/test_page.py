@@ -412,7 +412,12 @@ def test_two_buyers_on_one_browser_each_see_their_own_place(
     """A family computer: one buyer reserved, then another opened the shop's link on the same
     browser. The page kept its place per sale, not per buyer: the second buyer was shown the
     first one's order, could cancel it, and would have paid with the first one's card (their
-    link carried none). Each buyer now has a place of their own on the page."""
+    link carried none). Each buyer now has a place of their own on the page; the second one's
+    pass is a storefront's JWT, which names its buyer where the engine's own token does."""
+    import jwt
+
+    child = jwt.encode({"sub": "child", "exp": int(time.time()) + 600},
+                       stack.buyer_token_secret.reveal(), algorithm="HS256")  # fmt: skip
     with live_page(stack, browser, "Family drop", stock=5) as live:
         gw, sale, page = live.gw, live.sale, live.page
         gw.pump_forever(sale, ["S1"])
@@ -422,11 +427,11 @@ def test_two_buyers_on_one_browser_each_see_their_own_place(
         page.click("#reserve")
         page.wait_for_selector("#result:has-text('Reserved')", timeout=20_000)
         page.goto("about:blank")
-        page.goto(f"{gw.base_url}/sales/{sale}#token={_pass(gw, 'child')}")  # no card in it
+        page.goto(f"{gw.base_url}/sales/{sale}#token={child}")  # no card in it
         page.wait_for_selector("#state[data-state='no_payment']", timeout=15_000)
         assert page.is_hidden("#cancel") and "Reserved" not in page.inner_text("body")
         page.goto("about:blank")
-        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'child')}")
+        page.goto(f"{gw.base_url}/sales/{sale}#token={child}&payment=tok_visa")
         page.wait_for_selector("#join:not([hidden])", timeout=15_000)
         page.click("#join")
         page.wait_for_selector("#state[data-state='admitted']", timeout=20_000)
@@ -435,6 +440,8 @@ def test_two_buyers_on_one_browser_each_see_their_own_place(
         page.goto("about:blank")
         page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'parent')}")
         page.wait_for_selector("#result:has-text('Reserved')", timeout=15_000)
+        kept = page.evaluate("Object.keys(localStorage)")
+        assert f"flashsale:{sale}:buyer:child:ticket" in kept, kept  # the JWT's sub
         admin = {"Authorization": f"Bearer {ADMIN}"}
         skus = requests.get(f"{gw.base_url}/admin/v1/sales/{sale}", headers=admin, timeout=10)
         assert skus.json()["skus"][0]["available"] == 3, skus.text  # two holds, one each
