@@ -25,6 +25,27 @@ log = logging.getLogger("flashsale.reconciler")
 SHOWN = 20  # offending ids an audit lists per invariant
 
 
+# Every kind of repair (and, ``flag_…``, of flag for a person) a pass records, with what it
+# means: what `flashsale repairs --kind` accepts and the runbook's table explains.
+KINDS = {
+    "rebuild_sku": "a SKU's (or stock bucket's) Redis counts and holds, lost or drifted, "
+                   "rebuilt from Postgres",
+    "status": "a SKU's status in Redis (active, paused, ended) set back to Postgres's",
+    "restore_sale": "the sale's record, lost from Redis, written again from Postgres",
+    "relist_skus": "the sale's list of SKUs in Redis written again from Postgres's",
+    "restore_queue": "a waiting room lost from Redis restored from its marks",
+    "grant_stock": "units added in Postgres to a SKU in stock buckets, granted in Redis",
+    "finish_transfer": "a move of units between stock buckets left half done, finished",
+    "expire_overdue": "holds past their deadline no sweeper expired, expired",
+    "release_orderless": "a paying hold with no order, released (a capture refunded)",
+    "resolve_stuck": "an order stuck paying settled as the provider says",
+    "record_payment": "a payment recorded as the provider has it (declined, refunded, none)",
+    "refund_orphan": "a capture with no confirmed order, refunded",
+    "flag_uncaptured": "a confirmed order the provider has no capture of",
+    "flag_sold_uncaptured": "a hold sold whose payment the provider never captured",
+}  # fmt: skip
+
+
 @dataclass(frozen=True, slots=True)
 class Repair:
     """One change the reconciler made (or a flag it raised), as recorded in

@@ -4,7 +4,6 @@ records it, read back without SQL (the runbook's alerts ask for it)."""
 from __future__ import annotations
 
 import argparse
-import re
 from typing import Any
 
 import orjson
@@ -16,17 +15,17 @@ from flashsale.errors import InvalidInput, shown
 from flashsale.settings import Settings
 from flashsale.wording import counted
 
-KIND = re.compile(r"[a-z][a-z_]{0,59}\Z")  # rebuild_sku, flag_uncaptured, ...
 SHOWN_CHARS = 300  # of a repair's values before and after, in the text listing
 
 
 def cmd_repairs(args: argparse.Namespace, settings: Settings) -> int:
     from reconciler import service  # noqa: PLC0415 - a light CLI start
+    from reconciler.report import KINDS  # noqa: PLC0415
 
     sale = sale_id("sale", args.sale) if args.sale is not None else None
-    if args.kind is not None and not KIND.match(args.kind):
-        raise InvalidInput("kind", "must be a kind the reconciler records, like rebuild_sku "
-                           f"or flag_uncaptured, got {shown(args.kind)}")  # fmt: skip
+    if args.kind is not None and args.kind not in KINDS:
+        raise InvalidInput("kind", f"must be a kind the reconciler records ({', '.join(KINDS)}),"
+                                   f" got {shown(args.kind)}")  # fmt: skip
     since = duration("within", args.within) if args.within is not None else None
     limit = within("limit", args.limit, 1, 10_000)
     rows, more = event_loop.run(service.repairs_recorded(
@@ -68,7 +67,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )  # fmt: skip
     repairs.set_defaults(handler=cmd_repairs)
     repairs.add_argument("--sale", metavar="ID", help="only this sale's")
-    repairs.add_argument("--kind", help="only this kind (rebuild_sku, flag_uncaptured, ...)")
+    repairs.add_argument("--kind", help="only this kind (rebuild_sku, restore_queue, "
+                         "flag_uncaptured, ...; one it does not know lists them all)")  # fmt: skip
     repairs.add_argument("--within", metavar="DURATION",
                          help="only those of the last DURATION (90s, 10m, 2h, 1d, "
                               "1h30m)")  # fmt: skip
