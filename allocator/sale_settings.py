@@ -76,7 +76,7 @@ async def set_admission_rate(sales: SaleReads, sale_id: str, rate: Any) -> dict[
 async def update(sales: SaleReads, sale_id: str, changes: Mapping[str, Any], *,
                  with_skus: bool = True) -> dict[str, Any]:  # fmt: skip
     """Change a sale's settings (the sale file's fields but ``skus``). Before the start
-    anything can change; once it started only ``LIVE_EDITABLE`` can (a later end, a higher
+    anything can change; once it started only ``LIVE_EDITABLE`` can (an end still to come, a higher
     queue cap, the proof of work asked of the next joins); an ended sale cannot. Validated
     as a whole, like a new sale; Postgres first, then the sale's Redis hashes. Returns the
     sale, with its SKUs unless ``with_skus`` is False (a change of rate mid-sale need not

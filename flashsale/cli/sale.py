@@ -359,8 +359,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     update = sale_sub.add_parser(
         "update", help="change a sale's settings (anything before its start)",
         description="Change settings, Postgres first and then Redis: any before the start; then "
-        "only --name, a later end, --admission-rate, a higher --max-queue and the --challenge "
-        "flags (refused otherwise, nothing written). Prints what changed, as it now is.",
+        "only --name, an end still to come, --admission-rate, a higher --max-queue and the "
+        "--challenge flags (refused otherwise, nothing written). Prints what changed, as it is.",
     )  # fmt: skip
     update.add_argument("sale", help="sale id")
     update.add_argument("--json", action="store_true", help="print the sale's settings as JSON")
