@@ -98,11 +98,15 @@ def test_waiting_room_page_in_chromium(stack: Settings, browser: Browser) -> Non
         gw.pump_forever(sale, ["S1"])
         page.wait_for_selector("#state[data-state='admitted']", timeout=20_000)
         assert page.is_visible("#reserve")
+        # The turn shows in the tab's title too: a buyer who waited in another tab sees it
+        # in the tab strip.
+        assert page.title().startswith("It's your turn! · Sneaker drop"), page.title()
         page.click("#reserve")
         page.wait_for_selector("#result[data-reservation]", timeout=20_000)
         # The text follows the reservation's first status read (slower under load).
         page.wait_for_selector("#result:has-text('Reserved')", timeout=20_000)
         assert page.is_visible("#cancel")
+        assert page.title().startswith("Sneaker drop"), page.title()
         page.screenshot(path=str(SCREENSHOTS / "waiting-room-reserved.png"))
         rid = page.get_attribute("#result", "data-reservation")
         # A reload finds the reservation again, without a second join or reserve.
