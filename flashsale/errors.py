@@ -10,6 +10,7 @@
     ├── Forbidden                  valid credentials, not allowed here (``forbidden``, 403)
     ├── NotFound                   unknown sale / SKU / reservation (``not_found``)
     ├── Conflict                   a legal request refused by current state (``conflict``)
+    │   └── NotEnoughLeft          fewer units left than asked (``not_enough_left``, ``left``)
     ├── RateLimited                a client went over its rate (``rate_limited``, 429)
     ├── RequestTimeout             a request body arrived too slowly (``body_timeout``, 408)
     ├── Unavailable                a dependency is down or a SKU is being rebuilt
@@ -87,6 +88,10 @@ class FlashsaleError(Exception):
         if code is not None:
             self.code = code
 
+    def details(self) -> dict[str, object]:
+        """What an HTTP answer's error carries beside its code and message."""
+        return {}
+
 
 class ConfigError(FlashsaleError):
     code = "config_error"
@@ -102,6 +107,9 @@ class InvalidInput(FlashsaleError):
     def __init__(self, field: str, message: str, *, code: str | None = None) -> None:
         super().__init__(f"{field}: {message}", code=code)
         self.field = field
+
+    def details(self) -> dict[str, object]:
+        return {"field": self.field}
 
 
 class Unauthorized(FlashsaleError):
@@ -132,6 +140,22 @@ class NotFound(FlashsaleError):
 class Conflict(FlashsaleError):
     code = "conflict"
     http_status = 409
+
+
+class NotEnoughLeft(Conflict):
+    """Fewer units left than a reservation asked for: a smaller request may be granted.
+    ``left`` is how many the decision found."""
+
+    code = "not_enough_left"
+
+    def __init__(self, left: int, holds_pending: bool) -> None:
+        back = " (more may come back from other buyers' holds)" if holds_pending else ""
+        super().__init__(f"only {left} left: ask for {left} or fewer, with a new "
+                         f"Idempotency-Key, while your turn lasts{back}")  # fmt: skip
+        self.left = left
+
+    def details(self) -> dict[str, object]:
+        return {"field": "quantity", "left": self.left}
 
 
 class RateLimited(FlashsaleError):

@@ -105,6 +105,7 @@ class ReserveResult:
     reservation_id: str | None = None
     hold_expires_at_ms: int | None = None
     holds_pending: bool = False  # sold_out: active or paying holds may still return stock
+    left: int | None = None  # sold_out: the units free, fewer than asked (None: none)
     counted: int | None = None  # limit_exceeded: units already counted for this buyer
     wait_us: int | None = None  # rate_limited: microseconds until a request would be allowed
     # reserved, through the admission gate: the hold record as it stands now (empty if Redis
@@ -128,7 +129,8 @@ class ReserveResult:
         if outcome == "rate_limited":
             return cls(outcome, wait_us=int(parts[1]))
         if outcome == "sold_out":
-            result = cls(outcome, holds_pending=parts[1] == "1")
+            left = int(parts[2]) if len(parts) > 2 else None
+            result = cls(outcome, holds_pending=parts[1] == "1", left=left)
         elif outcome == "limit_exceeded":
             result = cls(outcome, counted=int(parts[1]))
         else:
@@ -141,7 +143,8 @@ class ReserveResult:
         if self.outcome == "reserved":
             return f"reserved{SEP}{self.reservation_id}{SEP}{self.hold_expires_at_ms}"
         if self.outcome == "sold_out":
-            return f"sold_out{SEP}{1 if self.holds_pending else 0}"
+            left = "" if self.left is None else f"{SEP}{self.left}"
+            return f"sold_out{SEP}{1 if self.holds_pending else 0}{left}"
         if self.outcome == "limit_exceeded":
             return f"limit_exceeded{SEP}{self.counted}"
         return self.outcome

@@ -61,14 +61,12 @@ def error_response(
     code: str,
     message: str,
     headers: Mapping[str, str] | None = None,
-    field: str | None = None,
+    details: Mapping[str, object] | None = None,
 ) -> web.Response:
-    """The one error body, ``{"error": {"code", "message"}}``, with ``"field"`` (a dotted path,
-    or a header's name) when one input is at fault; the code is kept on the response for the
-    refusal metrics."""
-    error = {"code": code, "message": message}
-    if field is not None:
-        error["field"] = field
+    """The one error body, ``{"error": {"code", "message"}}``, with the error's ``details``:
+    ``"field"`` (a dotted path, or a header's name) when one input is at fault, ``"left"``
+    for ``not_enough_left``; the code is kept on the response for the refusal metrics."""
+    error = {"code": code, "message": message, **(details or {})}
     response = json_response({"error": error}, status, headers)
     response[ERROR_CODE] = code
     return response

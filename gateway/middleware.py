@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from flashsale.errors import FlashsaleError, InvalidInput, SchemaBehind
+from flashsale.errors import FlashsaleError, SchemaBehind
 from flashsale.http_protocol import EVERY_ANSWER
 from flashsale.logs import CONTEXT
 from flashsale.ops_endpoints import PROBE_PATHS
@@ -66,8 +66,7 @@ def error_for(request: web.Request, exc: Exception) -> web.Response:
         headers = None
         if exc.retry_after_s is not None:
             headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
-        field = exc.field if isinstance(exc, InvalidInput) else None
-        return error_response(exc.http_status, exc.code, exc.message, headers, field)
+        return error_response(exc.http_status, exc.code, exc.message, headers, exc.details())
     if is_outage(exc):  # one line per route now and then: every request of a spike meets it
         log_failure(log, f"dependency unavailable on {request.method} {request.path}", exc,
                     key=route_of(request))  # fmt: skip

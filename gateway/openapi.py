@@ -169,8 +169,8 @@ def document() -> dict[str, Any]:
                 "Reserve units with an admission (idempotent per Idempotency-Key). An admission "
                 "buys once: a grant uses it up (403 admission_used for another key; "
                 "admission_left once its buyer left the queue), a refusal "
-                "(409 sold_out, limit_exceeded) leaves it to a request with another key while "
-                "the turn lasts",
+                "(409 sold_out, not_enough_left with the units left, limit_exceeded) leaves it "
+                "to a request with another key while the turn lasts",
                 {
                     **ok(201, "Held; the order is processing", RESERVED),
                     **errors(401, 403, 404, 408, 409, 422, 429),

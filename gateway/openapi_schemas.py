@@ -29,6 +29,10 @@ ERROR: dict[str, Any] = {
                 "code": {"type": "string"},
                 "message": {"type": "string"},
                 "field": {"type": "string", "description": "the input at fault, when one is"},
+                "left": {
+                    "type": "integer",
+                    "description": "not_enough_left: the units left, fewer than asked",
+                },
             },
         }
     },

@@ -24,6 +24,7 @@ from flashsale.errors import (
     Forbidden,
     InvalidInput,
     InvalidToken,
+    NotEnoughLeft,
     NotFound,
     RateLimited,
     Unavailable,
@@ -78,7 +79,9 @@ SOLD_OUT_FOR_NOW = ("sold out for now: units other buyers hold may come back; tr
                     "a new Idempotency-Key while your turn lasts")  # fmt: skip
 
 
-def _refuse(outcome: str, holds_pending: bool = False) -> FlashsaleError:
+def _refuse(outcome: str, holds_pending: bool = False, left: int | None = None) -> FlashsaleError:
+    if outcome == "sold_out" and left:  # fewer than asked: a smaller request may be granted
+        return NotEnoughLeft(left, holds_pending)
     if outcome == "sold_out" and holds_pending:
         return Conflict(SOLD_OUT_FOR_NOW, code="sold_out")
     kind, code, message = REFUSALS.get(outcome, (Unavailable, "unavailable", outcome))
@@ -242,7 +245,9 @@ async def reserve(request: web.Request) -> web.Response:
             # the reserve script marks the claim itself). A bucket's sold_out is not
             # remembered: the same request asked again may be granted, so its claim stays.
             await app[QUEUE].refused(SaleKeys(sale_id), position, key, claim.fingerprint)
-        raise await _unless_ended(request, sale_id, _refuse(outcome, result.holds_pending))
+        raise await _unless_ended(
+            request, sale_id, _refuse(outcome, result.holds_pending, result.left)
+        )
     rid, expires_ms = result.reservation_id, result.hold_expires_at_ms
     assert rid is not None and expires_ms is not None
     # The hold as it stands now (a replay's may have moved on since it was granted), and its

@@ -6,7 +6,8 @@
 --   admission_id, idem_field (buyer_id \31 idempotency_key: the request's idempotency scope)
 -- Returns N strings "outcome\31a\31b":
 --   reserved\31<id>\31<deadline_ms>       granted (or replayed: same key, same answer)
---   sold_out\31<0|1>                      1 = active or paying holds may still return stock
+--   sold_out\31<0|1>[\31<left>]            1 = active or paying holds may still return stock;
+--                                         left: the units free, fewer than asked (none: 0)
 --   limit_exceeded\31<units already counted>
 --   idempotency_mismatch                  same key, different quantity or payment
 --   not_started | paused | ended | invalid_quantity
@@ -197,7 +198,8 @@ for i = 1, n do
       if have + qty > limit then
         answer = 'limit_exceeded' .. SEP .. have
       elseif available < qty then
-        answer = sold_out
+        -- fewer than asked: how many (a bucket's own count says nothing of the SKU's)
+        answer = (available > 0 and not bucketed) and (sold_out .. SEP .. available) or sold_out
       else
         local id = ARGV[ID + i]
         available = available - qty

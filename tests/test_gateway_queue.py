@@ -710,6 +710,32 @@ async def test_a_refused_request_leaves_the_admission_to_another_one(gw: Gateway
     assert replay[0] == 201 and replay[1]["reservation_id"] == granted["reservation_id"], replay
 
 
+async def test_a_buyer_asking_for_more_than_is_left_is_told_how_many_are(gw: Gateway) -> None:
+    """Two per buyer, one unit left: a buyer asking for two was told 409 sold_out, and the
+    page marked the product sold out for good while a unit was there for them. The answer
+    now says how many are left, and the turn takes a request for that many."""
+    skus = [{"sku": "SKU-1", "title": "Pair", "stock": 3, "price": 12900, "currency": "EUR",
+             "per_buyer_limit": 2}]  # fmt: skip
+    sale = await gw.create_sale(skus=skus)
+    gw.pump(sale)
+    tickets = {}
+    for buyer in ("first", "second"):
+        code, body = await gw.join(sale, buyer)
+        assert code == 200, body
+        tickets[buyer] = body["ticket"]
+    two = {"sku": "SKU-1", "quantity": 2, "payment_token": "tok_ok"}
+    first = await gw.admitted(sale, tickets["first"])
+    assert (await gw.reserve(sale, "first", first["admission_token"], body=two))[0] == 201
+    token = (await gw.admitted(sale, tickets["second"]))["admission_token"]
+    code, refused = await gw.reserve(sale, "second", token, key="a", body=two)
+    assert (code, refused["error"]["code"]) == (409, "not_enough_left"), refused
+    assert refused["error"]["message"].startswith("only 1 left: ask for 1"), refused
+    assert (refused["error"]["left"], refused["error"]["field"]) == (1, "quantity"), refused
+    assert await gw.reserve(sale, "second", token, key="a", body=two) == (409, refused)
+    code, granted = await gw.reserve(sale, "second", token, key="b", body={**two, "quantity": 1})
+    assert code == 201 and granted["quantity"] == 1, granted
+
+
 async def test_a_buyer_behind_units_all_held_is_told_only_returns_can_reach_them(
     gw: Gateway,
 ) -> None:

@@ -363,6 +363,27 @@ def test_a_place_far_back_is_written_as_a_number_is_read(stack: Settings, browse
         assert detail.startswith("Position 1,235, 1,234 ahead of you"), detail
 
 
+def test_a_buyer_asking_for_more_than_is_left_is_offered_what_is(
+    stack: Settings, browser: Browser
+) -> None:
+    """Two per buyer and one unit left: a buyer asking for two was told "This product is sold
+    out." and the product was marked sold out, while its last unit waited for them."""
+    spec = sale_spec("Last pair", "S1", 1, limit=2)
+    with live_page(stack, browser, "Last pair", spec=spec) as live:
+        gw, sale, page = live.gw, live.sale, live.page
+        gw.pump_forever(sale, ["S1"])
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'wants-two')}")
+        page.click("#join")
+        page.wait_for_selector("#state[data-state='admitted']", timeout=20_000)
+        page.fill("#qty", "2")
+        page.click("#reserve")
+        page.wait_for_selector("#result:has-text('Only 1 left')", timeout=10_000)
+        assert page.input_value("#qty") == "1"
+        assert "sold out" not in page.inner_text("body").lower()
+        page.click("#reserve")
+        page.wait_for_selector("#result:has-text('Reserved')", timeout=10_000)
+
+
 def test_a_buyer_registered_early_sees_the_price_charged_when_admitted(
     stack: Settings, browser: Browser
 ) -> None:

@@ -62,7 +62,7 @@ async def test_remembered_refusals_round_trip(client: RedisClient) -> None:
     granted, limited = await sku.scripts.reserve(sku.keys, [first, over])
     [sold_out] = await sku.scripts.reserve(sku.keys, [late])
     assert (limited.outcome, limited.counted) == ("limit_exceeded", 2)
-    assert (sold_out.outcome, sold_out.holds_pending) == ("sold_out", True)
+    assert (sold_out.outcome, sold_out.holds_pending, sold_out.left) == ("sold_out", True, 1)
     for req, answer in ((over, limited), (late, sold_out)):
         raw = await client.hget(sku.keys.idem, idem_field(req.buyer_id, req.idempotency_key))
         assert raw is not None

@@ -120,6 +120,17 @@ async def test_sold_out_says_whether_holds_may_return(client: aioredis.Redis) ->
     assert too_many.outcome == "invalid_quantity"
 
 
+async def test_sold_out_for_a_quantity_says_how_many_are_left(client: aioredis.Redis) -> None:
+    sku = await make_sku(client, stock=3, limit=5)
+    ask = request("ivy", 5)
+    fewer = await reserve(sku, ask)
+    assert (fewer.outcome, fewer.left, fewer.holds_pending) == ("sold_out", 3, False)
+    assert await reserve(sku, ask) == fewer  # remembered, as every refusal of the kind
+    assert (await reserve(sku, request("ivy", 3))).outcome == "reserved"
+    none = await reserve(sku, request("jo", 1))
+    assert (none.outcome, none.left, none.holds_pending) == ("sold_out", None, True)
+
+
 async def test_batch_requests_are_decided_independently_in_order(client: aioredis.Redis) -> None:
     sku = await make_sku(client, stock=3, limit=2)
     reqs = [request("a", 2), request("a", 1), request("b", 2), request("c", 1), request("d", 1)]
