@@ -53,6 +53,23 @@ def number(env: Mapping[str, str], name: str, default: float, *, minimum: float,
     return value
 
 
+def in_flight_ceilings(env: Mapping[str, str]) -> dict[str, int]:
+    """A gateway process's in-flight cap, and within it the joins' and the polls' ceilings
+    (by default a tenth and two fifths of the cap), which must leave room under it for
+    admitted buyers' reservations: that room is what they are for."""
+    total = int(number(env, "FLASHSALE_MAX_IN_FLIGHT", 2000, minimum=1))
+    joins = int(number(env, "FLASHSALE_MAX_JOINS_IN_FLIGHT", max(1, total // 10), minimum=1))
+    polls = int(number(env, "FLASHSALE_MAX_POLLS_IN_FLIGHT", max(1, total * 2 // 5), minimum=1))
+    given = env.get("FLASHSALE_MAX_JOINS_IN_FLIGHT") or env.get("FLASHSALE_MAX_POLLS_IN_FLIGHT")
+    if given and joins + polls >= total:  # unset, they leave half of any cap but 1 or 2
+        raise ConfigError(
+            f"FLASHSALE_MAX_JOINS_IN_FLIGHT ({joins}) and FLASHSALE_MAX_POLLS_IN_FLIGHT ({polls}) "
+            f"leave no room under FLASHSALE_MAX_IN_FLIGHT ({total}) for admitted buyers' "
+            "reservations: lower them, or raise the cap"
+        )
+    return {"max_in_flight": total, "max_joins_in_flight": joins, "max_polls_in_flight": polls}
+
+
 def choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...], default: str) -> str:
     value = (env.get(name) or default).strip().lower()
     if value not in allowed:

@@ -24,6 +24,7 @@ from flashsale.env_values import (
     choice,
     flag,
     http_url,
+    in_flight_ceilings,
     networks,
     number,
     origin,
@@ -333,9 +334,7 @@ class Settings:
             log_format=choice(env, "FLASHSALE_LOG_FORMAT", ("auto", "json", "text"), "auto"),
             rate_per_ip=rate("FLASHSALE_RATE_PER_IP", "100,200"),
             rate_per_buyer=rate("FLASHSALE_RATE_PER_BUYER", "5,10"),
-            max_in_flight=int(number(env, "FLASHSALE_MAX_IN_FLIGHT", 2000, minimum=1)),
-            max_joins_in_flight=int(number(env, "FLASHSALE_MAX_JOINS_IN_FLIGHT", 200, minimum=1)),
-            max_polls_in_flight=int(number(env, "FLASHSALE_MAX_POLLS_IN_FLIGHT", 800, minimum=1)),
+            **in_flight_ceilings(env),
             body_timeout_s=number(env, "FLASHSALE_BODY_TIMEOUT", 5.0, minimum=0.1),
             trust_forwarded=flag(env.get("FLASHSALE_TRUST_FORWARDED"), "FLASHSALE_TRUST_FORWARDED"),
             trusted_proxies=networks(

@@ -237,6 +237,27 @@ def test_sales_are_archived_a_day_after_their_end_unless_told_otherwise() -> Non
     assert Settings.from_env({"FLASHSALE_ARCHIVE_AFTER": "0"}).archive_after_s == 0
 
 
+def test_joins_and_polls_leave_room_for_admitted_buyers_under_the_in_flight_cap() -> None:
+    """FLASHSALE_MAX_IN_FLIGHT lowered to 500 kept the joins' and polls' ceilings at 200 and
+    800: polls alone could take every slot, and an admitted buyer's reservation was refused
+    503 overloaded, the very request the ceilings are there to keep room for. Unset, the two
+    follow the cap (a tenth and two fifths of it); set so that they would fill it, the start
+    is refused, naming the three."""
+    assert Settings.from_env({}).max_joins_in_flight == 200
+    assert Settings.from_env({}).max_polls_in_flight == 800
+    lowered = Settings.from_env({"FLASHSALE_MAX_IN_FLIGHT": "500"})
+    assert (lowered.max_joins_in_flight, lowered.max_polls_in_flight) == (50, 200)
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({"FLASHSALE_MAX_POLLS_IN_FLIGHT": "1900"})
+    said = str(refused.value)
+    assert said.startswith(
+        "FLASHSALE_MAX_JOINS_IN_FLIGHT (200) and FLASHSALE_MAX_POLLS_IN_FLIGHT"
+        " (1900) leave no room under FLASHSALE_MAX_IN_FLIGHT (2000)"
+    ), said
+    taken = Settings.from_env({"FLASHSALE_MAX_POLLS_IN_FLIGHT": "1700"})  # 100 left
+    assert taken.max_polls_in_flight == 1700
+
+
 @pytest.mark.parametrize(
     ("name", "url", "option"),
     [("REDIS_URL", "redis://default:pw@127.0.0.1:9/0?ssl_ca_certs=/etc/ca.pem", "ssl_ca_certs"),
