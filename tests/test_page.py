@@ -535,6 +535,29 @@ def test_an_admitted_buyer_is_told_the_sale_is_paused_and_keeps_the_turn(
         page.wait_for_selector("#result:has-text('Reserved')", timeout=20_000)
 
 
+def test_a_page_opened_while_the_sale_is_paused_says_so(stack: Settings, browser: Browser) -> None:
+    """Opened during a pause, the page said "The sale is open: join the queue to get your
+    turn", and the buyer who joined learned of the pause only from their place in line."""
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    with live_page(stack, browser, "Paused early") as live:
+        gw, sale, page = live.gw, live.sale, live.page
+        paused = requests.post(f"{gw.base_url}/admin/v1/sales/{sale}/pause", headers=admin,
+                               timeout=10)  # fmt: skip
+        assert paused.status_code == 200, paused.text
+        deadline = time.monotonic() + 10  # the sale as buyers read it (a copy of 0.5 s or more)
+        while requests.get(f"{gw.base_url}/v1/sales/{sale}", timeout=10).json()["state"] != (
+            "paused"
+        ):  # fmt: skip
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'early-in-pause')}")
+        page.wait_for_selector("#state[data-state='paused']", timeout=10_000)
+        assert "paused" in (page.text_content("#state") or "")
+        assert "keep" in (page.text_content("#detail") or ""), page.text_content("#detail")
+        page.click("#join")  # a place may be taken meanwhile
+        page.wait_for_selector("#detail:has-text('Position 1')", timeout=10_000)
+
+
 def _reserve_as(gw: LiveGateway, sale: str, buyer: str, sku: str) -> str:
     """``buyer`` joins, waits for admission and reserves ``sku``, over HTTP: the reservation's
     id."""
