@@ -558,6 +558,22 @@ def test_a_page_opened_while_the_sale_is_paused_says_so(stack: Settings, browser
         page.wait_for_selector("#detail:has-text('Position 1')", timeout=10_000)
 
 
+def test_a_join_after_the_sale_ended_says_it_ended(stack: Settings, browser: Browser) -> None:
+    """The page was open when the sale ended: Join answered "sale … has ended" in small
+    print under "The sale is open", with the Join button still offered."""
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    with live_page(stack, browser, "Ended meanwhile") as live:
+        gw, sale, page = live.gw, live.sale, live.page
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'too-late')}")
+        page.wait_for_selector("#state[data-state='live']", timeout=10_000)
+        ended = requests.post(f"{gw.base_url}/admin/v1/sales/{sale}/end", headers=admin,
+                              timeout=10)  # fmt: skip
+        assert ended.status_code == 200, ended.text
+        page.click("#join")
+        page.wait_for_selector("#state[data-state='ended']", timeout=10_000)
+        assert page.is_hidden("#join")
+
+
 def _reserve_as(gw: LiveGateway, sale: str, buyer: str, sku: str) -> str:
     """``buyer`` joins, waits for admission and reserves ``sku``, over HTTP: the reservation's
     id."""
