@@ -233,6 +233,32 @@ def test_the_live_page_follows_a_spike_and_agrees_with_sale_status(
         assert _sale_status(base, admin, sale) == "paused"
 
 
+def test_the_live_page_offers_only_what_can_still_be_done(
+    stack: Settings, browser: Browser
+) -> None:
+    """An ended sale's page offered Pause, Resume, End the sale, the rate, the proof of work,
+    the queue cap and Extend, each refused once tried; a paused one offered Pause again."""
+    with live_page(stack, browser, "Drop to end") as live:
+        page, base = live.page, live.gw.base_url
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        page.goto(f"{base}/admin/")
+        page.fill("#token", ADMIN)
+        page.click("button[type=submit]")
+        page.click(f"text={live.sale}")
+        page.wait_for_selector("[data-action=pause]", state="visible", timeout=10_000)
+        assert page.is_hidden("[data-action=resume]")
+        paused = requests.post(f"{base}/admin/v1/sales/{live.sale}/pause", headers=admin,
+                               timeout=10)  # fmt: skip
+        assert paused.status_code == 200, paused.text
+        page.wait_for_selector("[data-action=resume]", state="visible", timeout=10_000)
+        assert page.is_hidden("[data-action=pause]")
+        ended = requests.post(f"{base}/admin/v1/sales/{live.sale}/end", headers=admin,
+                              timeout=10)  # fmt: skip
+        assert ended.status_code == 200, ended.text
+        page.wait_for_selector("#controls", state="hidden", timeout=10_000)
+        assert page.is_visible("#ended-note") and page.is_visible("#audit")
+
+
 def test_the_live_page_says_why_the_sales_are_not_listed_and_tries_again(
     stack: Settings, browser: Browser
 ) -> None:
@@ -557,7 +583,13 @@ def test_the_live_page_sets_the_rate_the_proof_of_work_and_the_queue_cap_after_a
             time.sleep(0.2)
         assert ends() - end == timedelta(minutes=30)
         assert asked[-1].startswith("Extend this sale by 30 minutes, to end at "), asked
-        # Refused by the API (the sale ended meanwhile): said on the page, nothing written.
+        # Refused by the API (the sale ended before the page read it again): said on the
+        # page, nothing written. The page's next read is held until then.
+        held = hang_the_first(page, f"**/admin/v1/sales/{live.sale}/live")
+        deadline = time.monotonic() + 5
+        while not held and time.monotonic() < deadline:
+            page.wait_for_timeout(100)
+        assert held, "the page never read the sale again"
         ended = requests.post(f"{base}/admin/v1/sales/{live.sale}/end", headers=admin,
                               timeout=10)  # fmt: skip
         assert ended.status_code == 200, ended.text
@@ -565,9 +597,10 @@ def test_the_live_page_sets_the_rate_the_proof_of_work_and_the_queue_cap_after_a
         page.once("dialog", lambda dialog: dialog.accept())
         page.click("#rate-form button")
         page.wait_for_selector("#act-error:has-text('has ended')", timeout=10_000)
-        page.wait_for_timeout(2_500)  # two refreshes of the page: the refusal stays said
-        assert "has ended" in (page.text_content("#act-error") or "")
         assert rate() == 250
+        held[0].continue_()  # the page's read, answered now: the sale has ended
+        page.wait_for_selector("#controls", state="hidden", timeout=10_000)
+        assert "has ended" in (page.text_content("#act-error") or "")  # the refusal stays said
         # Nothing more can be taken: it said "revenue none yet" of an ended sale.
         note = page.text_content("#skus-note") or ""
         assert note.endswith("revenue none"), note
