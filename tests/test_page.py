@@ -334,6 +334,9 @@ def test_a_long_wait_is_told_in_minutes_and_hours(stack: Settings, browser: Brow
         page.wait_for_selector("#state[data-state='registered']", timeout=10_000)
         detail = page.text_content("#detail") or ""
         assert detail.endswith(" · about 1 h 30 min."), detail  # as likely as at most
+        # Nor is Leave offered before the draw: it was, asked "Leave the queue? Your place is
+        # given up for good", and a Yes was refused (409 not_placed_yet).
+        assert page.is_hidden("#leave")
 
 
 def test_a_place_far_back_is_written_as_a_number_is_read(stack: Settings, browser: Browser) -> None:
@@ -401,6 +404,7 @@ def test_a_buyer_registered_early_sees_the_price_charged_when_admitted(
         assert priced.status_code == 200, priced.text
         gw.pump_forever(sale, ["S1"])
         page.wait_for_selector("#state[data-state='admitted']", timeout=20_000)
+        assert page.is_visible("#leave")  # placed by the draw: the place can be given up
         page.wait_for_selector(".price:has-text('159.00')", timeout=5_000)
         assert page.locator("#sku option").count() == 1 and page.is_visible("#reserve")
 
