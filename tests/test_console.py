@@ -241,12 +241,10 @@ def test_the_live_page_offers_only_what_can_still_be_done(
     with live_page(stack, browser, "Drop to end") as live:
         page, base = live.page, live.gw.base_url
         admin = {"Authorization": f"Bearer {ADMIN}"}
-        page.goto(f"{base}/admin/")
-        page.fill("#token", ADMIN)
-        page.click("button[type=submit]")
-        page.click(f"text={live.sale}")
-        page.wait_for_selector("[data-action=pause]", state="visible", timeout=10_000)
-        assert page.is_hidden("[data-action=resume]")
+        _open(live)
+        # The title and the buttons are set by the same read of the sale.
+        page.wait_for_selector("#sale-title:has-text('Drop to end')", timeout=10_000)
+        assert page.is_visible("[data-action=pause]") and page.is_hidden("[data-action=resume]")
         paused = requests.post(f"{base}/admin/v1/sales/{live.sale}/pause", headers=admin,
                                timeout=10)  # fmt: skip
         assert paused.status_code == 200, paused.text
@@ -303,6 +301,26 @@ def test_the_link_to_a_sale_leads_to_it_after_the_login(stack: Settings, browser
         page.click("button[type=submit]")
         page.wait_for_selector("#sale-title:has-text('Linked drop')", timeout=10_000)
         assert not page.is_visible("#list")
+
+
+def _open(live: LivePage) -> None:
+    """Log in to the live page and open ``live``'s sale from the list, as an operator does."""
+    live.page.goto(f"{live.gw.base_url}/admin/")
+    live.page.fill("#token", ADMIN)
+    live.page.click("button[type=submit]")
+    live.page.click(f"text={live.sale}")
+
+
+def _register_early(live: LivePage, stack: Settings, buyers: int) -> Signer:
+    """``buyers`` buyers join the pre-queue of ``live``'s sale (before its start); the
+    storefront's signer, for more."""
+    signer = Signer.from_setting(stack.buyer_token_secret.reveal(), "buyer")
+    for n in range(buyers):
+        token = signer.sign({"sub": f"early-{n}"}, 600)
+        joined = requests.post(f"{live.gw.base_url}/v1/sales/{live.sale}/queue", timeout=10,
+                               headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+        assert joined.status_code == 200 and joined.json()["position"] is None, joined.text
+    return signer
 
 
 def _open_with_another(live: LivePage) -> tuple[Any, str]:
@@ -373,10 +391,7 @@ def test_a_list_that_fails_after_a_sale_was_opened_leaves_the_sale_shown(
     sale back to the list, its refresh left running."""
     with live_page(stack, browser, "Listed again") as live:
         page, other = live.page, create_live_sale(live.gw.base_url, name="Other drop")
-        page.goto(f"{live.gw.base_url}/admin/")
-        page.fill("#token", ADMIN)
-        page.click("button[type=submit]")
-        page.click(f"text={live.sale}")
+        _open(live)
         page.wait_for_selector("#sale-title:has-text('Listed again')", timeout=10_000)
         held = hang_the_first(page, re.compile(r"/admin/v1/sales\?"))  # the list's next read
         page.click("#back")
@@ -500,10 +515,7 @@ def test_the_live_page_sets_the_rate_the_proof_of_work_and_the_queue_cap_after_a
             return setting("admission_rate")
 
         before = rate()
-        page.goto(f"{base}/admin/")
-        page.fill("#token", ADMIN)
-        page.click("button[type=submit]")
-        page.click(f"text={live.sale}")
+        _open(live)
         page.wait_for_selector("#rate", timeout=10_000)
         page.fill("#rate", "250")
         page.once("dialog", lambda dialog: dialog.dismiss())
@@ -616,15 +628,8 @@ def test_the_live_page_counts_the_buyers_registered_for_the_draw(
     spec = {**sale_spec("Drop to come", "S1", 3, starts_in=600), "max_queue": 3}
     with live_page(stack, browser, "Drop to come", spec=spec) as live:
         page, base = live.page, live.gw.base_url
-        signer = Signer.from_setting(stack.buyer_token_secret.reveal(), "buyer")
-        for n in range(3):
-            joined = requests.post(f"{base}/v1/sales/{live.sale}/queue", timeout=10, headers={
-                "Authorization": f"Bearer {signer.sign({'sub': f'early-{n}'}, 600)}"})  # fmt: skip
-            assert joined.status_code == 200 and joined.json()["position"] is None, joined.text
-        page.goto(f"{base}/admin/")
-        page.fill("#token", ADMIN)
-        page.click("button[type=submit]")
-        page.click(f"text={live.sale}")
+        signer = _register_early(live, stack, 3)
+        _open(live)
         page.wait_for_selector("#queue .kpi:has-text('registered for the draw')", timeout=10_000)
         kpi = page.inner_text("#queue .kpi:has-text('registered for the draw') b")
         assert kpi == "3", kpi
@@ -646,16 +651,9 @@ def test_after_the_opening_the_live_page_says_the_draw_is_done(
     """Once the sale opened, the live page still said "2 registered for the draw", read as two
     buyers still waiting for a draw that had been made: it now says how many were drawn."""
     with live_page(stack, browser, "Drop opening", starts_in=3) as live:
-        page, base = live.page, live.gw.base_url
-        signer = Signer.from_setting(stack.buyer_token_secret.reveal(), "buyer")
-        for n in range(2):
-            joined = requests.post(f"{base}/v1/sales/{live.sale}/queue", timeout=10, headers={
-                "Authorization": f"Bearer {signer.sign({'sub': f'early-{n}'}, 600)}"})  # fmt: skip
-            assert joined.status_code == 200 and joined.json()["position"] is None, joined.text
-        page.goto(f"{base}/admin/")
-        page.fill("#token", ADMIN)
-        page.click("button[type=submit]")
-        page.click(f"text={live.sale}")
+        page = live.page
+        _register_early(live, stack, 2)
+        _open(live)
         page.wait_for_selector("#queue .kpi:has-text('registered for the draw')", timeout=10_000)
         live.gw.pump_forever(live.sale, ["S1"])
         drawn = "#queue .kpi:has-text('drawn at the opening')"
@@ -694,10 +692,7 @@ def test_the_live_page_says_new_buyers_are_turned_away_and_what_nobody_can_buy(
             if state == "admitted":
                 left = requests.delete(queue, timeout=10, headers={"X-Queue-Ticket": ticket})
                 assert left.status_code == 200, left.text
-        page.goto(f"{base}/admin/")
-        page.fill("#token", ADMIN)
-        page.click("button[type=submit]")
-        page.click(f"text={live.sale}")
+        _open(live)
         kpi = "#queue .kpi:has-text('sold out')"
         page.wait_for_selector(f"{kpi}:has-text('nobody can buy')", timeout=10_000)
         said = (page.inner_text(f"{kpi} b"), page.inner_text(kpi))

@@ -659,13 +659,11 @@ async def _seen_paused(gw: Gateway, sale: str, ticket: str, paused: bool) -> Non
     raise AssertionError(f"the gateway never saw the sale {'paused' if paused else 'resumed'}")
 
 
-async def test_a_refused_request_leaves_the_admission_to_another_one(gw: Gateway) -> None:
-    """A buyer admitted to a sale of two products asked for the one that had just sold out:
-    409 sold_out, and their admission counted as used. The other product, in stock, then
-    answered admission_used: the buyer went away with nothing while units were left. A
-    refusal while the sale was paused used the admission up as well."""
-    skus = [{"sku": sku, "title": sku, "stock": stock, "price": 12900, "currency": "EUR"}
-            for sku, stock in (("SKU-1", 1), ("SKU-2", 3))]  # fmt: skip
+async def _second_in_line(
+    gw: Gateway, skus: list[dict[str, Any]], first_takes: dict[str, Any] | None = None
+) -> tuple[str, dict[str, str], str]:
+    """A running sale of ``skus`` where "first" and "second" joined and "first" reserved
+    ``first_takes`` (one SKU-1 by default): the sale, their tickets, second's admission."""
     sale = await gw.create_sale(skus=skus)
     gw.pump(sale)
     tickets = {}
@@ -674,8 +672,19 @@ async def test_a_refused_request_leaves_the_admission_to_another_one(gw: Gateway
         assert code == 200, body
         tickets[buyer] = body["ticket"]
     first = await gw.admitted(sale, tickets["first"])
-    assert (await gw.reserve(sale, "first", first["admission_token"]))[0] == 201
-    token = (await gw.admitted(sale, tickets["second"]))["admission_token"]
+    reserved = await gw.reserve(sale, "first", first["admission_token"], body=first_takes)
+    assert reserved[0] == 201, reserved
+    return sale, tickets, (await gw.admitted(sale, tickets["second"]))["admission_token"]
+
+
+async def test_a_refused_request_leaves_the_admission_to_another_one(gw: Gateway) -> None:
+    """A buyer admitted to a sale of two products asked for the one that had just sold out:
+    409 sold_out, and their admission counted as used. The other product, in stock, then
+    answered admission_used: the buyer went away with nothing while units were left. A
+    refusal while the sale was paused used the admission up as well."""
+    skus = [{"sku": sku, "title": sku, "stock": stock, "price": 12900, "currency": "EUR"}
+            for sku, stock in (("SKU-1", 1), ("SKU-2", 3))]  # fmt: skip
+    sale, tickets, token = await _second_in_line(gw, skus)
     one = {"sku": "SKU-1", "quantity": 1, "payment_token": "tok_ok"}
     two = {**one, "sku": "SKU-2"}
     code, refused = await gw.reserve(sale, "second", token, key="a", body=one)
@@ -716,17 +725,8 @@ async def test_a_buyer_asking_for_more_than_is_left_is_told_how_many_are(gw: Gat
     now says how many are left, and the turn takes a request for that many."""
     skus = [{"sku": "SKU-1", "title": "Pair", "stock": 3, "price": 12900, "currency": "EUR",
              "per_buyer_limit": 2}]  # fmt: skip
-    sale = await gw.create_sale(skus=skus)
-    gw.pump(sale)
-    tickets = {}
-    for buyer in ("first", "second"):
-        code, body = await gw.join(sale, buyer)
-        assert code == 200, body
-        tickets[buyer] = body["ticket"]
     two = {"sku": "SKU-1", "quantity": 2, "payment_token": "tok_ok"}
-    first = await gw.admitted(sale, tickets["first"])
-    assert (await gw.reserve(sale, "first", first["admission_token"], body=two))[0] == 201
-    token = (await gw.admitted(sale, tickets["second"]))["admission_token"]
+    sale, _, token = await _second_in_line(gw, skus, first_takes=two)
     code, refused = await gw.reserve(sale, "second", token, key="a", body=two)
     assert (code, refused["error"]["code"]) == (409, "not_enough_left"), refused
     assert refused["error"]["message"].startswith("only 1 left: ask for 1"), refused

@@ -449,11 +449,8 @@ def test_two_buyers_on_one_browser_each_see_their_own_place(
                        stack.buyer_token_secret.reveal(), algorithm="HS256")  # fmt: skip
     with live_page(stack, browser, "Family drop", stock=5) as live:
         gw, sale, page = live.gw, live.sale, live.page
-        gw.pump_forever(sale, ["S1"])
         page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'parent')}")
-        page.click("#join")
-        page.wait_for_selector("#state[data-state='admitted']", timeout=20_000)
-        page.click("#reserve")
+        join_and_reserve(page, gw, sale)
         page.wait_for_selector("#result:has-text('Reserved')", timeout=20_000)
         page.goto("about:blank")
         page.goto(f"{gw.base_url}/sales/{sale}#token={child}")  # no card in it
@@ -484,11 +481,8 @@ def test_a_place_kept_per_sale_by_an_older_page_is_its_buyers(
     them, and to nobody else."""
     with live_page(stack, browser, "Upgraded drop", stock=5) as live:
         gw, sale, page = live.gw, live.sale, live.page
-        gw.pump_forever(sale, ["S1"])
         page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'before')}")
-        page.click("#join")
-        page.wait_for_selector("#state[data-state='admitted']", timeout=20_000)
-        page.click("#reserve")
+        join_and_reserve(page, gw, sale)
         page.wait_for_selector("#result:has-text('Reserved')", timeout=20_000)
         moved = page.evaluate("""(sale) => {
             const mine = `flashsale:${sale}:buyer:before:`;
