@@ -7,7 +7,8 @@
 -- Returns N strings "outcome\31a\31b":
 --   reserved\31<id>\31<deadline_ms>       granted (or replayed: same key, same answer)
 --   sold_out\31<0|1>[\31<left>]            1 = active or paying holds may still return stock;
---                                         left: the units free, fewer than asked (none: 0)
+--                                         left: the units free, fewer than asked (left out
+--                                         when none is, and in a SKU of stock buckets)
 --   limit_exceeded\31<units already counted>
 --   idempotency_mismatch                  same key, different quantity or payment
 --   not_started | paused | ended | invalid_quantity
