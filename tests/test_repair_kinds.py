@@ -43,7 +43,8 @@ def test_every_kind_recorded_is_listed_and_every_listed_kind_is_recorded() -> No
 
 
 def test_the_runbook_explains_every_kind_and_names_no_other() -> None:
-    table = re.findall(r"^\| `([a-z_]+)` \|", RUNBOOK, flags=re.MULTILINE)
+    section = RUNBOOK.split("## FlashsaleReconcileRepairs\n")[1].split("\n## ")[0]
+    table = re.findall(r"^\| `([a-z_]+)` \|", section, flags=re.MULTILINE)
     assert sorted(table) == sorted(KINDS), table
     named = set(re.findall(r"FlashsaleReconcileRepairs \(([^)]*)\)", RUNBOOK))
     for words in named:
