@@ -19,7 +19,7 @@ from allocator.sale_scripts import PreloadResult
 from flashsale.cli.checks import SHORTEST_INTERVAL_S, positive, seconds
 from flashsale.cli.output import dump_json, out, warn
 from flashsale.currencies import major
-from flashsale.errors import Conflict, InvalidInput
+from flashsale.errors import Conflict, InvalidInput, listed
 from flashsale.salespec import as_sale_file, parse_sale
 from flashsale.timefmt import iso
 from flashsale.wording import counted
@@ -85,12 +85,22 @@ def print_status(status: dict[str, Any], *, as_json: bool, whole: bool = True) -
                     f" {b['sold']:>8}")  # fmt: skip
         if row.get("in_transit"):  # free, counted as available, and in no bucket yet
             out(f"  {'  in transit':{w}} {'':>10} {row['in_transit']:>10}")
-    for row in status["skus"]:  # why a SKU has no counts: two different things to do
-        if row["available"] is None and row.get("lost"):
-            out(f"  {row['sku']}: preloaded, but Redis lost it (`flashsale reconcile --once` "
-                "rebuilds it from Postgres)")  # fmt: skip
-        elif row["available"] is None:
-            out(f"  {row['sku']}: {'never preloaded' if over else f'not preloaded yet {hint}'}")
+    # Why a SKU has no counts, two different things to do: said once for the SKUs of each
+    # (a sale never preloaded has said so above), naming the first few of them.
+    uncounted = [row for row in status["skus"] if row["available"] is None]
+    lost = [row["sku"] for row in uncounted if row.get("lost")]
+    unloaded = [row["sku"] for row in uncounted if not row.get("lost")] if preloaded else []
+    rebuild = "(`flashsale reconcile --once` rebuilds {} from Postgres)"
+    later = "never preloaded" if over else f"not preloaded yet {hint}"
+    for skus, one, several in (
+        (lost, f"preloaded, but Redis lost it {rebuild.format('it')}",
+         f"preloaded, but Redis lost them {rebuild.format('them')}"),
+        (unloaded, later, later),
+    ):  # fmt: skip
+        if len(skus) == 1:
+            out(f"  {skus[0]}: {one}")
+        elif skus:
+            out(f"  {counted(len(skus), 'SKU')} {several}: {listed(skus)}")
     if whole:
         taken = [f"{major(amount, currency)} {currency}"
                  for currency, amount in sorted(status["revenue"].items())]  # fmt: skip
