@@ -37,6 +37,7 @@ CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 
 OPEN_PATHS = frozenset({"/admin", "/admin/", *(f"/admin/static/{name}" for name in FILES)})
 LATENCY = "flashsale_gateway_request_duration_seconds"
 LIVE_SKUS = 100  # SKU rows the live page gets: the busiest, beside the totals of them all
+NAMED = 5  # SKUs named of those without counts, beside how many there are
 CURVE_POINTS = 600  # points of a chart's history: a step a second over ten minutes
 
 
@@ -99,18 +100,30 @@ async def static(request: web.Request) -> web.Response:
 
 
 def busiest(rows: list[dict[str, Any]], most: int = LIVE_SKUS
-            ) -> tuple[list[dict[str, Any]], dict[str, int]]:  # fmt: skip
+            ) -> tuple[list[dict[str, Any]], dict[str, int | None]]:  # fmt: skip
     """The ``most`` SKU rows of a status with the most units held, then sold (then by SKU),
-    and the sale's totals over every row."""
-    totals = dict.fromkeys(("stock_total", "available", "held", "paying", "sold", "confirmed",
-                            "failed"), 0)  # fmt: skip
-    for row in rows:
-        for name in ("stock_total", "available", "held", "paying", "sold", "confirmed"):
-            totals[name] += row[name] or 0
-        totals["failed"] += row["orders"].get("PAYMENT_FAILED", 0)
+    and the sale's totals over every row: a Redis count null when no SKU has one (a sale not
+    preloaded has none free, none held: it has no counts yet)."""
+    totals: dict[str, int | None] = dict.fromkeys(("stock_total", "confirmed", "failed"), 0)
+    for name in ("available", "held", "paying", "sold"):
+        counted = [row[name] for row in rows if row[name] is not None]
+        totals[name] = sum(counted) if counted else None
+    totals["stock_total"] = sum(row["stock_total"] for row in rows)
+    totals["confirmed"] = sum(row["confirmed"] for row in rows)
+    totals["failed"] = sum(row["orders"].get("PAYMENT_FAILED", 0) for row in rows)
     shown = heapq.nsmallest(most, rows, key=lambda r: (-(r["held"] or 0), -(r["sold"] or 0),
                                                        r["sku"]))  # fmt: skip
     return shown, totals
+
+
+def uncounted(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The SKUs Redis has no counts of, by why, each as ``{"count", "skus"}`` (the first
+    ``NAMED``): ``not_preloaded`` (the whole sale, or those added since its preload: preload
+    it) and ``lost`` (preloaded, then lost by Redis: the reconciler rebuilds them)."""
+    lost = [row["sku"] for row in rows if row["available"] is None and row.get("lost")]
+    unloaded = [row["sku"] for row in rows if row["available"] is None and not row.get("lost")]
+    return {why: {"count": len(skus), "skus": skus[:NAMED]}
+            for why, skus in (("not_preloaded", unloaded), ("lost", lost))}  # fmt: skip
 
 
 async def _skus(app: web.Application, sale_id: str) -> dict[str, Any]:
@@ -128,7 +141,8 @@ async def _skus(app: web.Application, sale_id: str) -> dict[str, Any]:
         status = await app[SALES].status(sale_id)  # 404 for an unknown sale
         shown, totals = busiest(status["skus"])
         value = {"skus": shown, "skus_total": len(status["skus"]), "totals": totals,
-                 "revenue": status["revenue"], "at": at}  # fmt: skip
+                 "uncounted": uncounted(status["skus"]), "revenue": status["revenue"],
+                 "at": at}  # fmt: skip
         if len(app[LIVE]) > 64:
             app[LIVE].clear()
         app[LIVE][sale_id] = copy_of(value, began, 0.0, MAX_INFO_TTL_S)
@@ -156,10 +170,13 @@ async def live(request: web.Request) -> web.Response:
         "skus": skus["skus"],
         "skus_total": skus["skus_total"],
         "totals": skus["totals"],
+        **skus["uncounted"],
         "revenue": skus["revenue"],
         "queue": {
             **view.summary(counters.redis_now_ms()),
-            "admission_rate": view.admission_rate, "admitted_per_s": view.rate_p50,
+            # The pump's rate once the sale is preloaded (Redis has no other until then).
+            "admission_rate": view.admission_rate if view.preloaded else sale["admission_rate"],
+            "admitted_per_s": view.rate_p50,
             "noshow_ratio": view.noshow,
         },
         "routes": route_figures(metrics_text(app[METRICS].registry).decode()),

@@ -38,6 +38,10 @@ STOCK_KEY = {
 
 DELETED = obj({"id": ID, "deleted": {"const": True}}, ["id", "deleted"])
 SKU_LIST = {"type": "array", "items": SKU_SPEC, "minItems": 1}  # SKUs to import
+# The live page's SKUs without Redis counts, for one reason: how many, the first few named.
+UNCOUNTED = obj({"count": {"type": "integer", "minimum": 0},
+                 "skus": {"type": "array", "items": ID, "maxItems": 5}},
+                ["count", "skus"])  # fmt: skip
 
 
 def admin_paths() -> dict[str, Any]:
@@ -336,6 +340,8 @@ def admin_paths() -> dict[str, Any]:
                                 "skus": SALE_STATUS["properties"]["skus"],
                                 "skus_total": {"type": "integer"},
                                 "totals": {"type": "object"},
+                                "not_preloaded": UNCOUNTED,
+                                "lost": UNCOUNTED,
                                 "revenue": SALE_STATUS["properties"]["revenue"],
                                 "skus_read_at": TIME,
                                 "queue": ROOM,
@@ -349,6 +355,8 @@ def admin_paths() -> dict[str, Any]:
                                 "skus",
                                 "skus_total",
                                 "totals",
+                                "not_preloaded",
+                                "lost",
                                 "revenue",
                                 "skus_read_at",
                                 "queue",

@@ -13,10 +13,12 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import redis
 import requests
 from playwright.sync_api import expect
 
 from flashsale.cli.devstack.processes import UP_PORTS, free_ports
+from flashsale.keys import SkuKeys
 from flashsale.settings import Settings
 from flashsale.tokens import Signer
 from loadtest.driver import Buyers, Person
@@ -699,3 +701,43 @@ def test_the_live_page_says_new_buyers_are_turned_away_and_what_nobody_can_buy(
         assert said[0] == "to new buyers" and said[1].endswith(  # the figure short, then why
             "sold out: the line reaches the cutoff; 2 units nobody can buy any more"
         ), said
+
+
+def test_the_live_page_says_a_sale_is_not_preloaded_and_preloads_it(
+    stack: Settings, browser: Browser, rdb: redis.Redis
+) -> None:
+    """A sale not preloaded, which no buyer can join, showed dashes in its stock table,
+    "available 0" in its totals and an admission rate of 1 (the sale's was 37), and said
+    nothing of why: `sale status` says "not preloaded" and names the command. The page says
+    it and preloads the sale after asking; SKUs added after a preload are said the same way."""
+    spec = {**sale_spec("Drop not loaded", "S1", 5, starts_in=600), "admission_rate": 37}
+    with live_page(stack, browser, "Drop not loaded", spec=spec, preload=False) as live:
+        page, base = live.page, live.gw.base_url
+        _open(live)
+        page.wait_for_selector("#sale-title:has-text('Drop not loaded')", timeout=10_000)
+        assert page.is_visible("#preload-note"), page.inner_text("#sale")
+        assert "not preloaded" in page.inner_text("#preload-note")
+        assert f"available {DASH}," in page.inner_text("#skus-note"), page.inner_text("#skus-note")
+        assert page.inner_text("#queue .kpi:has-text('admission rate') b") == "37"
+        page.once("dialog", lambda dialog: dialog.dismiss())
+        page.click("#preload")
+        assert page.is_visible("#preload-note")  # asked first: dismissed, nothing done
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.click("#preload")
+        page.wait_for_selector("#preload-note", state="hidden", timeout=10_000)
+        expect(page.locator("#skus tr[data-sku='S1'] td").nth(2)).to_have_text("5")
+        added = requests.post(f"{base}/admin/v1/sales/{live.sale}/skus", timeout=10,
+                              headers={"Authorization": f"Bearer {ADMIN}"},
+                              json={"skus": [{"sku": "S2", "stock": 2, "price": 100,
+                                              "currency": "EUR"}]})  # fmt: skip
+        assert added.status_code == 200, added.text
+        page.wait_for_selector("#preload-note:has-text('S2')", timeout=10_000)
+        assert "1 SKU added since the preload" in page.inner_text("#preload-note")
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.click("#preload")
+        page.wait_for_selector("#preload-note", state="hidden", timeout=10_000)
+        expect(page.locator("#skus tr[data-sku='S2'] td").nth(2)).to_have_text("2")
+        # Preloaded, then lost by Redis: not a preload to make, the reconciler's rebuild.
+        rdb.delete(*SkuKeys(live.sale, "S1").all())
+        page.wait_for_selector("#lost-note:has-text('1 SKU lost by Redis: S1.')", timeout=10_000)
+        assert page.is_hidden("#preload-note")

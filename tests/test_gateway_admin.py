@@ -647,6 +647,24 @@ async def test_the_live_page_of_a_large_sale_gets_its_busiest_skus_and_the_total
     assert is_utc_z(body["at"]) and is_utc_z(body["skus_read_at"]), body["at"]
 
 
+async def test_the_live_page_of_a_sale_not_preloaded_gets_no_counts_and_why(
+    http: TestClient[Any, Any],
+) -> None:
+    """Its totals read "available 0" (none free: sold out, to an operator), and nothing said
+    that the sale was not preloaded; nor which SKUs of a large one were added since."""
+    sale_id = (await (await http.post("/admin/v1/sales", json=SALE, headers=auth())).json())["id"]
+    path = f"/admin/v1/sales/{sale_id}"
+    rows = "".join(f"K{n:03},Sneaker {n},5,1999,EUR\n" for n in range(150))
+    added = await http.post(f"{path}/skus", data=f"sku,title,stock,price,currency\n{rows}",
+                            headers={**auth(), "Content-Type": "text/csv"})  # fmt: skip
+    assert added.status == 200, await added.text()
+    body = await (await http.get(f"{path}/live", headers=auth())).json()
+    assert body["not_preloaded"]["count"] == 151 and len(body["not_preloaded"]["skus"]) == 5
+    assert (body["totals"]["available"], body["totals"]["stock_total"]) == (None, 755)
+    assert body["lost"] == {"count": 0, "skus": []}
+    assert body["queue"]["admission_rate"] == body["sale"]["admission_rate"] > 1
+
+
 async def test_an_import_over_the_admin_api_leaves_the_event_loop_to_others(
     http: TestClient[Any, Any],
 ) -> None:
