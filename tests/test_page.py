@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 import requests
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from allocator.hold_scripts import HoldScripts
 from flashsale.cli.devstack.processes import UP_PORTS, free_port, free_ports
@@ -542,12 +543,7 @@ def test_a_page_opened_while_the_sale_is_paused_says_so(stack: Settings, browser
         paused = requests.post(f"{gw.base_url}/admin/v1/sales/{sale}/pause", headers=admin,
                                timeout=10)  # fmt: skip
         assert paused.status_code == 200, paused.text
-        deadline = time.monotonic() + 10  # the sale as buyers read it (a copy of 0.5 s or more)
-        while requests.get(f"{gw.base_url}/v1/sales/{sale}", timeout=10).json()["state"] != (
-            "paused"
-        ):  # fmt: skip
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        _as_buyers_read_it(gw, sale, "paused")
         page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'early-in-pause')}")
         page.wait_for_selector("#state[data-state='paused']", timeout=10_000)
         assert "paused" in (page.text_content("#state") or "")
@@ -569,6 +565,43 @@ def test_a_join_after_the_sale_ended_says_it_ended(stack: Settings, browser: Bro
         assert ended.status_code == 200, ended.text
         page.click("#join")
         page.wait_for_selector("#state[data-state='ended']", timeout=10_000)
+        assert page.is_hidden("#join")
+
+
+def _as_buyers_read_it(gw: LiveGateway, sale: str, state: str) -> None:
+    """Wait until the sale as buyers read it (a copy of 0.5 s or more) is in ``state``."""
+    deadline = time.monotonic() + 10
+    while requests.get(f"{gw.base_url}/v1/sales/{sale}", timeout=10).json()["state"] != state:
+        assert time.monotonic() < deadline, state
+        time.sleep(0.1)
+
+
+def test_a_page_not_in_line_yet_learns_of_a_pause_a_resume_and_the_end(
+    stack: Settings, browser: Browser
+) -> None:
+    """Open and not joined yet, the page learned nothing of the sale after its first read: it
+    said "The sale is open" through a pause, and offered Join long after the sale had ended.
+    It reads the sale again about every 10 s while it offers Join."""
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    with live_page(stack, browser, "Watched drop") as live:
+        gw, sale, page = live.gw, live.sale, live.page
+        page.clock.install()
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'looking')}")
+        page.wait_for_selector("#state[data-state='live']", timeout=10_000)
+        for action, state, shown in (("pause", "paused", "paused"), ("resume", "live", "live"),
+                                     ("end", "ended", "ended")):  # fmt: skip
+            done = requests.post(f"{gw.base_url}/admin/v1/sales/{sale}/{action}",
+                                 headers=admin, timeout=10)  # fmt: skip
+            assert done.status_code == 200, done.text
+            _as_buyers_read_it(gw, sale, state)
+            # The page's next read, and another should the browser answer it from its cache
+            # (the sale's copy may be kept a second: this test's seconds go by in a moment).
+            for _ in range(5):
+                page.clock.fast_forward(13_000)
+                with contextlib.suppress(PlaywrightTimeout):
+                    page.wait_for_selector(f"#state[data-state='{shown}']", timeout=1_500)
+                    break
+            assert page.get_attribute("#state", "data-state") == shown, page.inner_text("#state")
         assert page.is_hidden("#join")
 
 
