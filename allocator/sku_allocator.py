@@ -9,7 +9,8 @@ decremented twice.
 A SKU split into stock buckets has one coalescer per bucket; a buyer's requests go to their
 bucket. When that bucket answers ``sold_out`` while others may have stock, the allocator
 borrows units for it (:mod:`allocator.stock_buckets`) and asks again, so the SKU answers
-``sold_out`` only once no bucket had a unit to lend.
+``sold_out`` only once no bucket had a unit to lend (with the units it has, when fewer than
+asked: by then they are all the SKU has free).
 """
 
 from __future__ import annotations
@@ -108,7 +109,10 @@ class SkuAllocator:
             lent = await self._borrow(bucket, request.quantity)
             if not lent.units:
                 pending = result.holds_pending or lent.held > 0 or lent.outcome == "unavailable"
-                return ReserveResult("sold_out", holds_pending=pending)
+                # No other bucket had a unit: this one's are all the SKU has free (units of
+                # another process's borrow still on their way aside), fewer than asked.
+                left = result.left if lent.outcome == "empty" else None
+                return ReserveResult("sold_out", holds_pending=pending, left=left)
             result = await coalescer.submit(request)
         if result.outcome == "sold_out":
             return ReserveResult("sold_out", holds_pending=True)

@@ -8,7 +8,9 @@
 --   reserved\31<id>\31<deadline_ms>       granted (or replayed: same key, same answer)
 --   sold_out\31<0|1>[\31<left>]            1 = active or paying holds may still return stock;
 --                                         left: the units free, fewer than asked (left out
---                                         when none is, and in a SKU of stock buckets)
+--                                         when none is; in a SKU of stock buckets, this
+--                                         bucket's: the allocator says it once no other
+--                                         bucket has a unit to lend)
 --   limit_exceeded\31<units already counted>
 --   idempotency_mismatch                  same key, different quantity or payment
 --   not_started | paused | ended | invalid_quantity
@@ -199,8 +201,8 @@ for i = 1, n do
       if have + qty > limit then
         answer = 'limit_exceeded' .. SEP .. have
       elseif available < qty then
-        -- fewer than asked: how many (a bucket's own count says nothing of the SKU's)
-        answer = (available > 0 and not bucketed) and (sold_out .. SEP .. available) or sold_out
+        -- fewer than asked: how many
+        answer = available > 0 and (sold_out .. SEP .. available) or sold_out
       else
         local id = ARGV[ID + i]
         available = available - qty
@@ -214,7 +216,7 @@ for i = 1, n do
         answer = 'reserved' .. SEP .. id .. granted_tail
       end
     end
-    if not (bucketed and answer == sold_out) then
+    if not (bucketed and string.sub(answer, 1, 8) == 'sold_out') then
       local value = qty_raw .. SEP .. payref .. '\30' .. answer
       decided[idem_field] = value
       answered = answered + 1

@@ -368,3 +368,28 @@ async def test_a_late_credit_from_a_lender_lost_and_rebuilt_meanwhile_makes_no_u
         workers = p.start_workers()
         assert await goes_on(p, rec, psp, sale, buyers=12) == 12
         await workers.drain()
+
+
+async def test_a_request_for_more_than_a_bucketed_sku_has_left_is_told_how_many(
+    stack: Settings,
+) -> None:
+    """Three per buyer, one unit left in a SKU of three buckets: a buyer asking for two was
+    told a plain sold_out (a bucket's count says nothing of the SKU's), and the page marked
+    the product sold out for good. Once no other bucket has a unit to lend, the units this
+    bucket has are all the SKU has free: the answer says how many, as for any SKU."""
+    async with pipeline(stack) as p:
+        sale = await p.sale(stock=3, limit=3, buckets=3)
+        allocator = Allocators(p.holds).for_sku(sale, SKU, 3)
+        first, second = buyers_of_bucket(0, 3, 1)[0], buyers_of_bucket(1, 3, 1)[0]
+
+        def asking(buyer: str, quantity: int) -> ReserveRequest:
+            return ReserveRequest(allocator.new_id(buyer), buyer, quantity, uuid.uuid4().hex,
+                                  "tok_visa", "1")  # fmt: skip
+
+        assert (await allocator.reserve(asking(first, 2))).outcome == "reserved"
+        refused = await allocator.reserve(asking(second, 2))
+        assert (refused.outcome, refused.left, refused.holds_pending) == ("sold_out", 1, True)
+        assert (await allocator.reserve(asking(second, 1))).outcome == "reserved"
+        none_left = await allocator.reserve(asking(second, 1))
+        assert (none_left.outcome, none_left.left) == ("sold_out", None), none_left
+        await allocator.aclose()
