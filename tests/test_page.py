@@ -605,6 +605,27 @@ def test_a_page_not_in_line_yet_learns_of_a_pause_a_resume_and_the_end(
         assert page.is_hidden("#join")
 
 
+def test_a_visitor_without_a_pass_is_told_when_the_sale_has_opened(
+    stack: Settings, browser: Browser
+) -> None:
+    """Opened without a pass (a link passed on), the page said "The sale opens 05:11" and
+    went on saying it after 05:11: it read the sale once. It says the sale is open now."""
+    with live_page(stack, browser, "Opening soon", starts_in=3) as live:
+        gw, sale, page = live.gw, live.sale, live.page
+        page.clock.install()
+        page.goto(f"{gw.base_url}/sales/{sale}")
+        page.wait_for_selector("#state[data-state='no_pass']", timeout=10_000)
+        assert "opens" in (page.text_content("#detail") or ""), page.text_content("#detail")
+        _as_buyers_read_it(gw, sale, "live")
+        for _ in range(5):
+            page.clock.fast_forward(13_000)
+            with contextlib.suppress(PlaywrightTimeout):
+                page.wait_for_selector("#detail:has-text('The sale is open')", timeout=1_500)
+                break
+        assert "The sale is open" in (page.text_content("#detail") or "")
+        assert page.get_attribute("#state", "data-state") == "no_pass" and page.is_hidden("#join")
+
+
 def _reserve_as(gw: LiveGateway, sale: str, buyer: str, sku: str) -> str:
     """``buyer`` joins, waits for admission and reserves ``sku``, over HTTP: the reservation's
     id."""
