@@ -713,7 +713,12 @@ def test_the_live_page_says_a_sale_is_not_preloaded_and_preloads_it(
     spec = {**sale_spec("Drop not loaded", "S1", 5, starts_in=600), "admission_rate": 37}
     with live_page(stack, browser, "Drop not loaded", spec=spec, preload=False) as live:
         page, base = live.page, live.gw.base_url
-        _open(live)
+        page.goto(f"{base}/admin/")
+        page.fill("#token", ADMIN)
+        page.click("button[type=submit]")
+        listed = page.locator(f"#sales tr:has-text('{live.sale}')")
+        expect(listed).to_contain_text("scheduled · not preloaded")  # in the list already
+        page.click(f"text={live.sale}")
         page.wait_for_selector("#sale-title:has-text('Drop not loaded')", timeout=10_000)
         assert page.is_visible("#preload-note"), page.inner_text("#sale")
         assert "not preloaded" in page.inner_text("#preload-note")

@@ -1298,6 +1298,17 @@ def test_the_status_of_a_sale_without_skus_says_how_to_add_them(cli: Cli) -> Non
     assert f"not preloaded (`flashsale sale preload {sale_id}`)" in status.out, status.out
 
 
+def test_the_list_of_sales_names_those_not_preloaded(cli: Cli, tmp_path: Path) -> None:
+    """`sale list` showed a sale about to open that no buyer could join (never preloaded) as
+    any other scheduled sale."""
+    sale_id = create(cli, tmp_path)
+    line = next(x for x in cli("sale", "list").out.splitlines() if x.startswith(sale_id))
+    assert line.endswith("  (not preloaded)"), line
+    assert cli("sale", "preload", sale_id).code == 0
+    line = next(x for x in cli("sale", "list").out.splitlines() if x.startswith(sale_id))
+    assert "preloaded" not in line, line
+
+
 def test_the_status_says_why_a_sku_has_no_counts(
     cli: Cli, rdb: redis.Redis, tmp_path: Path
 ) -> None:

@@ -189,8 +189,10 @@ def print_sales(listed: list[dict[str, Any]], args: argparse.Namespace) -> None:
     if args.json:
         dump_json(listed)
         return
-    for sale in listed:
-        out(f"{sale['id']}  {sale['state']:9}  {to_second(sale['starts_at'])}  {sale['name']}")
+    for sale in listed:  # one nobody can join yet, until `sale preload`, says so
+        unready = not sale["preloaded_at"] and sale["state"] != "ended"
+        out(f"{sale['id']}  {sale['state']:9}  {to_second(sale['starts_at'])}  {sale['name']}"
+            + ("  (not preloaded)" if unready else ""))  # fmt: skip
     if not listed:
         out(no_sales(args.state or args.status, int(args.offset)))
 
