@@ -45,7 +45,7 @@ from tests.pipeline import Pipeline, pipeline
 from tests.tls_authority import make_authority
 from workers.parking import Parked, park
 from workers.service import WorkerService
-from workers.webhooks import Delivery, WebhookNotifier, WebhookSender
+from workers.webhooks import Abandoned, Delivery, WebhookNotifier, WebhookSender
 
 SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
@@ -60,12 +60,15 @@ class Shop:
     requests: list[str] = field(default_factory=list)
     accepted: dict[str, dict[str, Any]] = field(default_factory=dict)
     order: list[str] = field(default_factory=list)
+    hold: asyncio.Event | None = None  # set: answers wait for it (a slow shop)
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
         data = Webhook(SECRET).verify(body, dict(request.headers))  # raises on a bad signature
         hook_id = request.headers["webhook-id"]
         self.requests.append(hook_id)
+        if self.hold is not None:
+            await self.hold.wait()
         status = self.status(hook_id)
         if 200 <= status < 300 and hook_id not in self.accepted:
             self.accepted[hook_id] = data
@@ -101,7 +104,9 @@ async def deliver_one(url: str, first_wait_s: float = 0.01) -> Parked | None:
     record = ConsumerRecord("order-events", 0, 7, 0, 0, None, b"{}", None, 2, 2, [])
     delivery = Delivery(record, "o-1.1", "o-1", b'{"type": "order.created"}')
     async with WebhookSender(url, SECRET, first_wait_s=first_wait_s) as sender:
-        return await asyncio.wait_for(sender.deliver(delivery, asyncio.Event()), 10)
+        outcome = await asyncio.wait_for(sender.deliver(delivery, asyncio.Event()), 10)
+    assert not isinstance(outcome, Abandoned)  # never stopped
+    return outcome
 
 
 @dataclass
@@ -287,6 +292,55 @@ async def test_an_event_the_shop_refuses_for_good_is_parked_and_the_rest_go_on(
     assert pool.failures == 0 and len(parked) == len(theirs)  # the outage parked nothing
     assert "order webhooks wait for Postgres" in caplog.text
     assert "order webhooks: starting again" not in caplog.text  # waited out where it was
+
+
+async def test_a_stop_takes_the_answers_of_the_next_seconds_and_sends_nothing_twice(
+    stack: Settings, shop: Shop
+) -> None:
+    """Stopped while the shop was answering, the webhooks gave up their batch at once,
+    uncommitted, and the next owner sent every event of it again (a rolling restart sent a
+    batch twice). The batch in hand is given a few seconds to finish, and committed."""
+    async with pipeline(stack) as p:
+        sale = await p.sale(stock=10)
+        ids = await p.reserve(sale, ["tok_visa"] * 3)
+        settings = with_webhooks(p, shop)
+        saga_stop = asyncio.Event()  # the orders settled by workers that send no webhook
+        workers = asyncio.create_task(
+            WorkerService(dataclasses.replace(settings, webhook_url=None)).run(saga_stop)
+        )
+        await p.wait_terminal(ids)
+        expected = await expected_events(p, ids)
+
+        async def nowhere(_items: list[Parked]) -> None:
+            raise AssertionError("nothing is refused here")
+
+        shop.hold = asyncio.Event()
+        async with WebhookSender(shop.url, SECRET, first_wait_s=0.01) as sender:
+            stop = asyncio.Event()
+            task = asyncio.create_task(
+                WebhookNotifier(settings, p.pool, sender, park=nowhere).run(stop)
+            )
+            await wait_for(lambda: len(shop.requests) >= len(ids), "no webhook on its way")
+            stop.set()  # the shop still answering
+            shop.hold.set()
+            await asyncio.wait_for(task, 30)
+            sent_before = set(shop.requests)
+            stop = asyncio.Event()
+            task = asyncio.create_task(
+                WebhookNotifier(settings, p.pool, sender, park=nowhere).run(stop)
+            )
+            await wait_for(lambda: set(expected) <= set(shop.accepted),
+                           "the next owner did not send the rest")  # fmt: skip
+            deadline = time.monotonic() + 30
+            while (lag := await webhook_lag(settings)) != 0:
+                assert time.monotonic() < deadline, f"the webhooks' lag stays at {lag}"
+                await asyncio.sleep(0.2)
+            stop.set()
+            await asyncio.wait_for(task, 30)
+        saga_stop.set()
+        await asyncio.wait_for(workers, 30)
+    twice = {h for h in shop.requests if shop.requests.count(h) > 1}
+    assert not twice, f"sent again after the stop: {sorted(twice)} of {sorted(sent_before)}"
 
 
 def test_the_webhook_secret_is_required_with_the_url_and_must_be_a_signing_key() -> None:

@@ -8,7 +8,9 @@
   one event, so the shop can drop a repeat; an order's events go out one after another, in
   the order of their versions.
 * Offsets are committed only once every event of the batch was answered 2xx (or parked):
-  nothing the engine recorded is skipped, and an event may come twice.
+  nothing the engine recorded is skipped, and an event may come twice. Stopped, the workers
+  give the batch in hand ``DRAIN_S`` to finish (no failed send repeated) before leaving it
+  uncommitted to the next owner, who sends it all again.
 * No answer, a timeout, a 5xx, a redirect (not followed: the log says where it points) or a
   4xx about the endpoint rather than the event (401, 403, 404, 405, 408, 410, 429: a wrong
   secret or path, a busy shop): sent again after a wait that doubles up to a minute (or the
@@ -61,6 +63,17 @@ REFUSALS = 5
 AGAIN = frozenset({401, 403, 404, 405, 408, 410, 429})
 # Orders whose events are sent at once (an order's own events go one after another).
 CONCURRENCY = 16
+# Stopped, the batch in hand has this long to finish (sends answered, none repeated after a
+# failure) and is committed if it did: given up at once, the next owner sent it all again.
+DRAIN_S = 5.0
+
+
+class Abandoned:
+    """What :meth:`WebhookSender.deliver` gives for an event it stopped sending before the
+    shop took it: the batch is not committed, and the next owner sends it."""
+
+
+ABANDONED = Abandoned()
 
 _ORDERS = """
 SELECT e.order_id, e.seq, e.created_at, o.sale_id, o.sku, o.buyer_id, o.quantity, o.amount,
@@ -165,18 +178,23 @@ class WebhookSender:
                         delivery.id, status, redirect_target(self.url, location))  # fmt: skip
         return Answer(status, asked)
 
-    async def deliver(self, delivery: Delivery, stop: asyncio.Event) -> Parked | None:
+    async def deliver(
+        self, delivery: Delivery, stop: asyncio.Event, given_up: asyncio.Event | None = None
+    ) -> Parked | Abandoned | None:
         """Send until the shop answers 2xx (None) or refuses the event for good (it is to be
-        parked). Also None once ``stop`` is set, which the caller checks before committing."""
+        parked). Once ``stop`` is set, a failed try is not repeated; once ``given_up`` is set
+        (the stop's grace over; ``stop`` itself by default), nothing more is sent and a send
+        on its way is dropped: ABANDONED either way."""
+        given_up = given_up or stop
         wait, refusals = self.first_wait_s, 0
-        while not stop.is_set():
+        while not given_up.is_set():
             sending = asyncio.ensure_future(self.send(delivery))
-            stopping = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({sending, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            stopping.cancel()
-            if not sending.done():  # stopping: the next owner sends it again
+            giving_up = asyncio.ensure_future(given_up.wait())
+            await asyncio.wait({sending, giving_up}, return_when=asyncio.FIRST_COMPLETED)
+            giving_up.cancel()
+            if not sending.done():  # given up: the next owner sends it again
                 sending.cancel()
-                return None
+                return ABANDONED
             status, asked = sending.result()
             if status is not None and 200 <= status < 300:
                 return None
@@ -186,13 +204,17 @@ class WebhookSender:
                     return Parked(delivery.record, f"webhook refused: HTTP {status}")
             else:
                 refusals = 0
+            if stop.is_set():
+                break
             pause = min(LONGEST_ASKED_WAIT_S, max(wait, asked or 0.0))
             log.warning("webhook %s: answered %s, sending again in %.1fs", delivery.id,
                         status or "nothing", pause)  # fmt: skip
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), pause)
+            if stop.is_set():
+                break
             wait = min(LONGEST_WAIT_S, wait * 2)
-        return None
+        return ABANDONED
 
 
 class WebhookNotifier:
@@ -253,23 +275,41 @@ class WebhookNotifier:
                 await consumer.stop()
 
     async def _settle(self, records: list[ConsumerRecord], stop: asyncio.Event) -> bool:
-        """Every record delivered or parked (True), or ``stop`` set first (False)."""
+        """Every record delivered or parked (True), or not, ``stop`` set and its DRAIN_S
+        over first (False)."""
         deliveries, refused = await self._deliveries(records, stop)
         if deliveries is None:
             return False
         by_order: dict[str, list[Delivery]] = {}
         for delivery in deliveries:
             by_order.setdefault(delivery.order_id, []).append(delivery)
-        gate = asyncio.Semaphore(CONCURRENCY)
+        gate, given_up, abandoned = asyncio.Semaphore(CONCURRENCY), asyncio.Event(), []
 
         async def one_order(events: list[Delivery]) -> list[Parked]:
+            parked = []
             async with gate:
-                outcomes = [await self.sender.deliver(d, stop) for d in events]
-            return [o for o in outcomes if o is not None]
+                for delivery in events:  # in the order of their versions: none after a gap
+                    outcome = await self.sender.deliver(delivery, stop, given_up)
+                    if isinstance(outcome, Abandoned):  # the batch stays uncommitted: the
+                        abandoned.append(delivery)  # others would only be sent twice
+                        given_up.set()
+                        break
+                    if outcome is not None:
+                        parked.append(outcome)
+            return parked
 
-        for outcome in await asyncio.gather(*map(one_order, by_order.values())):
-            refused += outcome
-        if stop.is_set():
+        async def grace() -> None:
+            await stop.wait()
+            await asyncio.sleep(DRAIN_S)
+            given_up.set()
+
+        timer = asyncio.ensure_future(grace())
+        try:
+            for outcome in await asyncio.gather(*map(one_order, by_order.values())):
+                refused += outcome
+        finally:
+            timer.cancel()
+        if abandoned:
             return False
         if refused:
             await self.park(refused)
