@@ -490,6 +490,31 @@ def test_the_live_page_pages_back_to_older_sales(stack: Settings, browser: Brows
         page.wait_for_selector(f"#sales td:text('Newer drop {PAGE - 1}')", timeout=10_000)
 
 
+def test_the_list_of_sales_follows_new_sales_and_their_states(
+    stack: Settings, browser: Browser
+) -> None:
+    """The list was read once: a sale a colleague made meanwhile never showed, and a sale
+    went on reading "scheduled · not preloaded" after its preload and its opening."""
+    with live_page(stack, browser, "Listed early", starts_in=2, preload=False) as live:
+        page, base = live.page, live.gw.base_url
+        page.clock.install()
+        page.goto(f"{base}/admin/")
+        page.fill("#token", ADMIN)
+        page.click("button[type=submit]")
+        row = page.locator(f"#sales tr:has-text('{live.sale}')")
+        expect(row).to_contain_text("scheduled · not preloaded")
+        headers = {"Authorization": f"Bearer {ADMIN}"}
+        other = create_live_sale(base, name="Made meanwhile")
+        assert requests.post(f"{base}/admin/v1/sales/{live.sale}/preload", headers=headers,
+                             timeout=10).status_code == 200  # fmt: skip
+        deadline = time.monotonic() + 20
+        while "live" not in (row.text_content() or "") or not page.is_visible(f"text={other}"):
+            assert time.monotonic() < deadline, page.inner_text("#sales")
+            page.clock.fast_forward(6_000)
+            time.sleep(0.3)  # the read the fast-forward started
+        assert "not preloaded" not in (row.text_content() or "")
+
+
 def test_the_chart_library_is_sent_compressed_and_revalidated(stack: Settings) -> None:
     """51 KB of script went out whole at each page load, read from disk each time."""
     with live_gateway(stack) as gw:
