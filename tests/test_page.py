@@ -605,6 +605,31 @@ def test_a_page_not_in_line_yet_learns_of_a_pause_a_resume_and_the_end(
         assert page.is_hidden("#join")
 
 
+def test_a_page_counting_down_to_a_sale_called_off_says_it_ended_and_stays_so(
+    stack: Settings, browser: Browser
+) -> None:
+    """The countdown to the start went on rewriting the card each second, "Starts in 9:58",
+    over the news that the sale had ended before it opened."""
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    with live_page(stack, browser, "Called off later", starts_in=600) as live:
+        gw, sale, page = live.gw, live.sale, live.page
+        page.clock.install()
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'counting-down')}")
+        page.wait_for_selector("#state[data-state='scheduled']", timeout=10_000)
+        ended = requests.post(f"{gw.base_url}/admin/v1/sales/{sale}/end", headers=admin,
+                              timeout=10)  # fmt: skip
+        assert ended.status_code == 200, ended.text
+        _as_buyers_read_it(gw, sale, "ended")
+        for _ in range(5):
+            page.clock.fast_forward(13_000)
+            with contextlib.suppress(PlaywrightTimeout):
+                page.wait_for_selector("#state[data-state='ended']", timeout=1_500)
+                break
+        page.clock.run_for(3_000)  # three ticks of the countdown
+        assert page.get_attribute("#state", "data-state") == "ended", page.inner_text("#state")
+        assert page.is_hidden("#join")
+
+
 def test_a_visitor_without_a_pass_is_told_when_the_sale_has_opened(
     stack: Settings, browser: Browser
 ) -> None:
