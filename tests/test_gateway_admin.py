@@ -620,18 +620,24 @@ async def test_a_query_parameter_a_route_does_not_take_is_refused(
     assert paused.status == 200 and "skus" not in (await paused.json()), await paused.text()
 
 
-async def test_the_live_page_of_a_large_sale_gets_its_busiest_skus_and_the_totals(
-    http: TestClient[Any, Any],
-) -> None:
-    """The live page asked for every SKU each second: a 200,000-SKU sale's answer was 26 MB,
-    read by the gateway and drawn by the browser as as many rows. It gets the busiest SKUs, the
-    count and the sale's totals."""
+async def _with_150_more_skus(http: TestClient[Any, Any]) -> tuple[str, str]:
+    """A sale of 151 SKUs of 5 units (not preloaded): its id and its admin path."""
     sale_id = (await (await http.post("/admin/v1/sales", json=SALE, headers=auth())).json())["id"]
     path = f"/admin/v1/sales/{sale_id}"
     rows = "".join(f"K{n:03},Sneaker {n},5,1999,EUR\n" for n in range(150))
     added = await http.post(f"{path}/skus", data=f"sku,title,stock,price,currency\n{rows}",
                             headers={**auth(), "Content-Type": "text/csv"})  # fmt: skip
     assert added.status == 200, await added.text()
+    return sale_id, path
+
+
+async def test_the_live_page_of_a_large_sale_gets_its_busiest_skus_and_the_totals(
+    http: TestClient[Any, Any],
+) -> None:
+    """The live page asked for every SKU each second: a 200,000-SKU sale's answer was 26 MB,
+    read by the gateway and drawn by the browser as as many rows. It gets the busiest SKUs, the
+    count and the sale's totals."""
+    sale_id, path = await _with_150_more_skus(http)
     assert (await http.post(f"{path}/preload", headers=auth())).status == 200
     app = http.app
     assert app is not None
@@ -652,12 +658,7 @@ async def test_the_live_page_of_a_sale_not_preloaded_gets_no_counts_and_why(
 ) -> None:
     """Its totals read "available 0" (none free: sold out, to an operator), and nothing said
     that the sale was not preloaded; nor which SKUs of a large one were added since."""
-    sale_id = (await (await http.post("/admin/v1/sales", json=SALE, headers=auth())).json())["id"]
-    path = f"/admin/v1/sales/{sale_id}"
-    rows = "".join(f"K{n:03},Sneaker {n},5,1999,EUR\n" for n in range(150))
-    added = await http.post(f"{path}/skus", data=f"sku,title,stock,price,currency\n{rows}",
-                            headers={**auth(), "Content-Type": "text/csv"})  # fmt: skip
-    assert added.status == 200, await added.text()
+    _, path = await _with_150_more_skus(http)
     body = await (await http.get(f"{path}/live", headers=auth())).json()
     assert body["not_preloaded"]["count"] == 151 and len(body["not_preloaded"]["skus"]) == 5
     assert (body["totals"]["available"], body["totals"]["stock_total"]) == (None, 755)

@@ -576,6 +576,18 @@ def _as_buyers_read_it(gw: LiveGateway, sale: str, state: str) -> None:
         time.sleep(0.1)
 
 
+def _read_again_until(page: Any, selector: str) -> None:
+    """Move the page's clock past its next reading of the sale until ``selector`` shows: a
+    reading the browser answers from its cache (the sale's copy may be kept a second, and
+    this test's seconds go by in a moment) is followed by another."""
+    for _ in range(5):
+        page.clock.fast_forward(13_000)
+        with contextlib.suppress(PlaywrightTimeout):
+            page.wait_for_selector(selector, timeout=1_500)
+            return
+    raise AssertionError(f"{selector} not shown: {page.inner_text('#state')}")
+
+
 def test_a_page_not_in_line_yet_learns_of_a_pause_a_resume_and_the_end(
     stack: Settings, browser: Browser
 ) -> None:
@@ -594,14 +606,7 @@ def test_a_page_not_in_line_yet_learns_of_a_pause_a_resume_and_the_end(
                                  headers=admin, timeout=10)  # fmt: skip
             assert done.status_code == 200, done.text
             _as_buyers_read_it(gw, sale, state)
-            # The page's next read, and another should the browser answer it from its cache
-            # (the sale's copy may be kept a second: this test's seconds go by in a moment).
-            for _ in range(5):
-                page.clock.fast_forward(13_000)
-                with contextlib.suppress(PlaywrightTimeout):
-                    page.wait_for_selector(f"#state[data-state='{shown}']", timeout=1_500)
-                    break
-            assert page.get_attribute("#state", "data-state") == shown, page.inner_text("#state")
+            _read_again_until(page, f"#state[data-state='{shown}']")
         assert page.is_hidden("#join")
 
 
@@ -620,11 +625,7 @@ def test_a_page_counting_down_to_a_sale_called_off_says_it_ended_and_stays_so(
                               timeout=10)  # fmt: skip
         assert ended.status_code == 200, ended.text
         _as_buyers_read_it(gw, sale, "ended")
-        for _ in range(5):
-            page.clock.fast_forward(13_000)
-            with contextlib.suppress(PlaywrightTimeout):
-                page.wait_for_selector("#state[data-state='ended']", timeout=1_500)
-                break
+        _read_again_until(page, "#state[data-state='ended']")
         page.clock.run_for(3_000)  # three ticks of the countdown
         assert page.get_attribute("#state", "data-state") == "ended", page.inner_text("#state")
         assert page.is_hidden("#join")
@@ -642,12 +643,7 @@ def test_a_visitor_without_a_pass_is_told_when_the_sale_has_opened(
         page.wait_for_selector("#state[data-state='no_pass']", timeout=10_000)
         assert "opens" in (page.text_content("#detail") or ""), page.text_content("#detail")
         _as_buyers_read_it(gw, sale, "live")
-        for _ in range(5):
-            page.clock.fast_forward(13_000)
-            with contextlib.suppress(PlaywrightTimeout):
-                page.wait_for_selector("#detail:has-text('The sale is open')", timeout=1_500)
-                break
-        assert "The sale is open" in (page.text_content("#detail") or "")
+        _read_again_until(page, "#detail:has-text('The sale is open')")
         assert page.get_attribute("#state", "data-state") == "no_pass" and page.is_hidden("#join")
 
 

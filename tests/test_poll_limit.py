@@ -8,7 +8,6 @@ polling, their partitions paused, while a batch waits."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import types
 from dataclasses import dataclass, field
@@ -28,15 +27,14 @@ from tests.pipeline import pipeline, provider
 from tests.test_webhooks import (
     SECRET,
     Shop,
-    expected_events,
+    lag_reaches_zero,
+    nowhere,
     served,
+    settled_orders,
     wait_for,
-    webhook_lag,
     with_webhooks,
 )
-from workers.parking import Parked
 from workers.payment_simulator import Knobs
-from workers.service import WorkerService
 from workers.webhooks import WebhookNotifier, WebhookSender
 
 POLL_LIMIT_MS = 1_000
@@ -73,37 +71,22 @@ async def test_webhooks_waiting_for_a_shop_longer_than_the_poll_limit_send_each_
     app.router.add_post("/hooks", shop.handle)
     async with served(app) as base, pipeline(stack) as p:
         shop.url = f"{base}/hooks"
-        sale = await p.sale(stock=10)
-        ids = await p.reserve(sale, ["tok_visa"] * 3)
         settings = with_webhooks(p, shop)
-        saga_stop = asyncio.Event()  # the orders, by workers sending no webhook of their own
-        saga = asyncio.create_task(
-            WorkerService(dataclasses.replace(settings, webhook_url=None)).run(saga_stop)
-        )
-        await p.wait_terminal(ids)
-        expected = await expected_events(p, ids)
-
-        async def nowhere(_parked: list[Parked]) -> None:
-            raise AssertionError("nothing is to be parked")
-
-        stop = asyncio.Event()
-        async with WebhookSender(shop.url, SECRET, first_wait_s=0.05) as sender:
-            notifier = WebhookNotifier(settings, p.pool, sender, park=nowhere)
-            task = asyncio.create_task(notifier.run(stop))
-            await wait_for(lambda: bool(shop.requests), "no webhook sent")
-            await asyncio.sleep(AWAY_S)  # the shop away, the batch waiting for it
-            back = len(shop.requests)
-            shop.status = lambda _id: 200
-            await wait_for(lambda: set(expected) <= set(shop.accepted), "not every event sent")
-            for _ in range(50):  # committed: the group has nothing left for the shop
-                if await webhook_lag(settings) == 0:
-                    break
-                await asyncio.sleep(0.1)
-            left = left_a_group(caplog)
-            stop.set()
-            await asyncio.wait_for(task, 30)
-        saga_stop.set()
-        await asyncio.wait_for(saga, 30)
+        async with settled_orders(p, settings) as (_, expected):
+            stop = asyncio.Event()
+            async with WebhookSender(shop.url, SECRET, first_wait_s=0.05) as sender:
+                notifier = WebhookNotifier(settings, p.pool, sender, park=nowhere)
+                task = asyncio.create_task(notifier.run(stop))
+                await wait_for(lambda: bool(shop.requests), "no webhook sent")
+                await asyncio.sleep(AWAY_S)  # the shop away, the batch waiting for it
+                back = len(shop.requests)
+                shop.status = lambda _id: 200
+                await wait_for(lambda: set(expected) <= set(shop.accepted),
+                               "not every event sent")  # fmt: skip
+                await lag_reaches_zero(settings)  # committed: nothing left for the shop
+                left = left_a_group(caplog)
+                stop.set()
+                await asyncio.wait_for(task, 30)
     answered = shop.requests[back:]
     assert sorted(answered) == sorted(set(answered)), "events sent again after the shop took them"
     assert left == []

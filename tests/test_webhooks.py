@@ -157,6 +157,41 @@ async def webhook_lag(settings: Settings) -> float | None:
                                      {"group": settings.webhook_group})  # fmt: skip
 
 
+@contextlib.asynccontextmanager
+async def settled_orders(
+    p: Pipeline, settings: Settings, count: int = 3
+) -> AsyncIterator[tuple[list[str], dict[str, int]]]:
+    """``count`` orders of a new sale, settled by workers that send no webhook of their own:
+    their ids, and the events the shop is to get. The workers run until the end: stopped once
+    the orders were final, they could leave the last events in the outbox table."""
+    sale = await p.sale(stock=10)
+    ids = await p.reserve(sale, ["tok_visa"] * count)
+    stop = asyncio.Event()
+    saga = asyncio.create_task(
+        WorkerService(dataclasses.replace(settings, webhook_url=None)).run(stop)
+    )
+    try:
+        await p.wait_terminal(ids)
+        yield ids, await expected_events(p, ids)
+    finally:
+        stop.set()
+        await asyncio.wait_for(saga, 30)
+
+
+async def nowhere(_parked: list[Parked]) -> None:
+    """Where events would be parked in a test where none is refused."""
+    raise AssertionError("nothing is to be parked")
+
+
+async def lag_reaches_zero(settings: Settings) -> None:
+    """Wait until the webhooks have committed every event (the shop records an event before
+    its answer reaches the workers)."""
+    deadline = time.monotonic() + 30
+    while (lag := await webhook_lag(settings)) != 0:
+        assert time.monotonic() < deadline, f"the webhooks' lag stays at {lag}"
+        await asyncio.sleep(0.2)
+
+
 async def test_every_order_event_reaches_the_shop_signed_and_once_it_answers(
     stack: Settings, shop: Shop
 ) -> None:
@@ -193,10 +228,7 @@ async def test_every_order_event_reaches_the_shop_signed_and_once_it_answers(
         # ... and commits them: the shop records an event before its answer reaches the
         # workers, and a stop in between leaves the batch to the next owner (sent again), as
         # a clean-clone run on two busy workers showed (lag 8 after the stop).
-        deadline = time.monotonic() + 30
-        while (lag := await webhook_lag(settings)) != 0:
-            assert time.monotonic() < deadline, f"the webhooks' lag stays at {lag}"
-            await asyncio.sleep(0.2)
+        await lag_reaches_zero(settings)
         stop.set()
         await asyncio.wait_for(second, 30)
         assert await webhook_lag(settings) == 0
@@ -301,44 +333,28 @@ async def test_a_stop_takes_the_answers_of_the_next_seconds_and_sends_nothing_tw
     uncommitted, and the next owner sent every event of it again (a rolling restart sent a
     batch twice). The batch in hand is given a few seconds to finish, and committed."""
     async with pipeline(stack) as p:
-        sale = await p.sale(stock=10)
-        ids = await p.reserve(sale, ["tok_visa"] * 3)
         settings = with_webhooks(p, shop)
-        saga_stop = asyncio.Event()  # the orders settled by workers that send no webhook
-        workers = asyncio.create_task(
-            WorkerService(dataclasses.replace(settings, webhook_url=None)).run(saga_stop)
-        )
-        await p.wait_terminal(ids)
-        expected = await expected_events(p, ids)
-
-        async def nowhere(_items: list[Parked]) -> None:
-            raise AssertionError("nothing is refused here")
-
-        shop.hold = asyncio.Event()
-        async with WebhookSender(shop.url, SECRET, first_wait_s=0.01) as sender:
-            stop = asyncio.Event()
-            task = asyncio.create_task(
-                WebhookNotifier(settings, p.pool, sender, park=nowhere).run(stop)
-            )
-            await wait_for(lambda: len(shop.requests) >= len(ids), "no webhook on its way")
-            stop.set()  # the shop still answering
-            shop.hold.set()
-            await asyncio.wait_for(task, 30)
-            sent_before = set(shop.requests)
-            stop = asyncio.Event()
-            task = asyncio.create_task(
-                WebhookNotifier(settings, p.pool, sender, park=nowhere).run(stop)
-            )
-            await wait_for(lambda: set(expected) <= set(shop.accepted),
-                           "the next owner did not send the rest")  # fmt: skip
-            deadline = time.monotonic() + 30
-            while (lag := await webhook_lag(settings)) != 0:
-                assert time.monotonic() < deadline, f"the webhooks' lag stays at {lag}"
-                await asyncio.sleep(0.2)
-            stop.set()
-            await asyncio.wait_for(task, 30)
-        saga_stop.set()
-        await asyncio.wait_for(workers, 30)
+        async with settled_orders(p, settings) as (ids, expected):
+            shop.hold = asyncio.Event()
+            async with WebhookSender(shop.url, SECRET, first_wait_s=0.01) as sender:
+                stop = asyncio.Event()
+                task = asyncio.create_task(
+                    WebhookNotifier(settings, p.pool, sender, park=nowhere).run(stop)
+                )
+                await wait_for(lambda: len(shop.requests) >= len(ids), "no webhook on its way")
+                stop.set()  # the shop still answering
+                shop.hold.set()
+                await asyncio.wait_for(task, 30)
+                sent_before = set(shop.requests)
+                stop = asyncio.Event()
+                task = asyncio.create_task(
+                    WebhookNotifier(settings, p.pool, sender, park=nowhere).run(stop)
+                )
+                await wait_for(lambda: set(expected) <= set(shop.accepted),
+                               "the next owner did not send the rest")  # fmt: skip
+                await lag_reaches_zero(settings)
+                stop.set()
+                await asyncio.wait_for(task, 30)
     twice = {h for h in shop.requests if shop.requests.count(h) > 1}
     assert not twice, f"sent again after the stop: {sorted(twice)} of {sorted(sent_before)}"
 
