@@ -9,6 +9,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import logging
 import os
 import secrets
 import sys
@@ -193,8 +194,9 @@ async def lag_reaches_zero(settings: Settings) -> None:
 
 
 async def test_every_order_event_reaches_the_shop_signed_and_once_it_answers(
-    stack: Settings, shop: Shop
+    stack: Settings, shop: Shop, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, "flashsale.webhooks")
     async with pipeline(stack) as p:
         sale = await p.sale(stock=10)
         ids = await p.reserve(sale, ["tok_visa"] * 3 + ["tok_decline"])
@@ -208,6 +210,9 @@ async def test_every_order_event_reaches_the_shop_signed_and_once_it_answers(
         stop.set()
         await asyncio.wait_for(first, 30)
         assert not shop.accepted
+        assert "not answered within 5s of the stop; the next owner sends the batch again" in (
+            caplog.text
+        )  # what the stop left, said
         # The reconciler counts the events the shop has not taken yet (tansu reports end
         # offsets short of a batch's last message, so some are not counted: module docstring
         # of flashsale/dead_letters.py).

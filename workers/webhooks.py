@@ -283,17 +283,19 @@ class WebhookNotifier:
         by_order: dict[str, list[Delivery]] = {}
         for delivery in deliveries:
             by_order.setdefault(delivery.order_id, []).append(delivery)
-        gate, given_up, abandoned = asyncio.Semaphore(CONCURRENCY), asyncio.Event(), []
+        gate, given_up = asyncio.Semaphore(CONCURRENCY), asyncio.Event()
+        answered = 0  # events the shop took, or refused for good
 
         async def one_order(events: list[Delivery]) -> list[Parked]:
+            nonlocal answered
             parked = []
             async with gate:
                 for delivery in events:  # in the order of their versions: none after a gap
                     outcome = await self.sender.deliver(delivery, stop, given_up)
                     if isinstance(outcome, Abandoned):  # the batch stays uncommitted: the
-                        abandoned.append(delivery)  # others would only be sent twice
-                        given_up.set()
+                        given_up.set()  # others would only be sent twice
                         break
+                    answered += 1
                     if outcome is not None:
                         parked.append(outcome)
             return parked
@@ -309,7 +311,10 @@ class WebhookNotifier:
                 refused += outcome
         finally:
             timer.cancel()
-        if abandoned:
+        if answered < len(deliveries):
+            log.info("order webhooks stopping: %d of the batch's %d events not answered within "
+                     "%gs of the stop; the next owner sends the batch again",
+                     len(deliveries) - answered, len(deliveries), DRAIN_S)  # fmt: skip
             return False
         if refused:
             await self.park(refused)
