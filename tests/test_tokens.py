@@ -102,6 +102,34 @@ def test_cli_mints_tokens_that_verify(run_cli: Cli, monkeypatch: pytest.MonkeyPa
     assert [signer.verify(token)["sub"] for _, token in lines] == ["load-0", "load-1", "load-2"]
 
 
+def test_cli_prints_each_buyers_link_to_the_waiting_room(
+    run_cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`flashsale up` names a sale's waiting room, and opened as it is the page says "Open this
+    page from the shop": someone trying their sale had to put the link together by hand from
+    the README. With --page, each line ends with the buyer's own link."""
+    monkeypatch.setenv("FLASHSALE_BUYER_TOKEN_SECRET", SECRET)
+    page = "http://127.0.0.1:8080/sales/sale-1?sku=A"
+    result = run_cli("token", "buyers", "--count", "2", "--prefix", "try-", "--page", page,
+                     "--payment", "tok_decline")  # fmt: skip
+    assert result.code == 0, result.err
+    for n, line in enumerate(result.out.splitlines()):
+        buyer, token, link = line.split("\t")
+        assert buyer == f"try-{n}" and link == f"{page}#token={token}&payment=tok_decline", line
+    plain = run_cli("token", "buyers", "--page", "http://127.0.0.1:8080/sales/sale-1")
+    assert plain.out.strip().endswith("&payment=tok_visa"), plain.out  # the simulator captures it
+    for bad in (
+        "127.0.0.1:8080/sales/sale-1",
+        "http://127.0.0.1:8080/admin/",
+        "http://127.0.0.1:8080/sales/sale-1#token=x",
+        "ftp://h/sales/s",
+    ):
+        refused = run_cli("token", "buyers", "--page", bad)
+        assert refused.code == 2 and refused.err.startswith("flashsale: error: --page: "), (
+            bad, refused.err)  # fmt: skip
+    assert run_cli("token", "buyers", "--payment", "tok_visa").code == 2  # without --page
+
+
 def test_cli_takes_a_lifetime_as_a_duration(run_cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
     """`--ttl 1h` was refused as "a positive number"; `sale create --starts-in 1h` takes it."""
     monkeypatch.setenv("FLASHSALE_BUYER_TOKEN_SECRET", SECRET)

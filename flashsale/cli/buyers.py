@@ -12,14 +12,17 @@ import re
 import secrets
 import sys
 from typing import Any
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 
 from flashsale.cli.checks import http_url, in_seconds, positive, sale_id
 from flashsale.cli.output import out
 from flashsale.clients import pg_pool
+from flashsale.env_values import is_http_url
 from flashsale.errors import ConfigError, Conflict, InvalidInput, NotFound, shown
 from flashsale.fairness import Published, problems, published
+from flashsale.keys import ID_PATTERN
 from flashsale.settings import Settings
 from flashsale.shuffle import member_of
 from flashsale.tokens import BUYER_ID, Signer
@@ -112,11 +115,30 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError(
             "FLASHSALE_BUYER_TOKEN_SECRET is not set: run `flashsale dev up` or export it"
         )
+    page = args.page and waiting_room_page(args.page)
+    if args.payment is not None and not page:
+        raise InvalidInput("payment", "goes with --page: it is the link's payment method")
     signer = Signer.from_setting(secret, "buyer")
-    lines = (f"{args.prefix}{i}\t{signer.sign({'sub': f'{args.prefix}{i}'}, ttl)}\n"
-             for i in range(count))  # fmt: skip
-    sys.stdout.writelines(lines)
+    payment = quote(args.payment or "tok_visa", safe="")
+    for i in range(count):
+        token = signer.sign({"sub": f"{args.prefix}{i}"}, ttl)
+        link = f"\t{page}#token={token}&payment={payment}" if page else ""
+        sys.stdout.write(f"{args.prefix}{i}\t{token}{link}\n")
     return 0
+
+
+def waiting_room_page(value: str) -> str:
+    """``--page``: a sale's waiting-room page, ``http(s)://HOST[:PORT]/sales/SALE`` (with the
+    ``?sku=`` of a product's own link, if any), to which a buyer's pass is added."""
+    url = urlsplit(value)
+    sale = re.fullmatch(r"/sales/([^/]+)/?", url.path)
+    if not (is_http_url(value) and sale and ID_PATTERN.match(sale[1]) and not url.fragment):
+        raise InvalidInput(
+            "page",
+            "must be a sale's waiting-room page, http(s)://HOST"
+            f"[:PORT]/sales/SALE (as `flashsale up` names it), got {shown(value)}",
+        )
+    return value
 
 
 NEW_WEBHOOK_SECRET_BYTES = 32
@@ -154,13 +176,22 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "buyers",
         help="print 'buyer_id<TAB>token' lines signed with FLASHSALE_BUYER_TOKEN_SECRET",
         description="Mint buyer tokens as the storefront would: one 'buyer_id<TAB>token' line "
-        "per buyer, ids PREFIX0, PREFIX1, ... Send a token as 'Authorization: Bearer TOKEN'.",
+        "per buyer, ids PREFIX0, PREFIX1, ... Send a token as 'Authorization: Bearer TOKEN'. "
+        "With --page, each line ends with the buyer's link to the waiting-room page, as a shop "
+        "sends it (the pass and a payment method after #).",
     )
     buyers.add_argument("--count", default="1", help="how many buyers (default 1)")
     buyers.add_argument("--prefix", default="buyer-", help="buyer id prefix (default buyer-)")
     buyers.add_argument(
         "--ttl", default="86400", help="validity, seconds or a duration as 1h (default 86400)"
     )
+    buyers.add_argument("--page", metavar="URL",
+                        help="a sale's waiting-room page, http://HOST:PORT/sales/SALE: each line "
+                        "then ends with the buyer's link to it, to open in a browser")  # fmt: skip
+    buyers.add_argument("--payment", metavar="TOKEN",
+                        help="with --page, the payment method the links carry (default "
+                        "tok_visa, which the payment simulator captures; tok_decline it "
+                        "declines)")  # fmt: skip
     hooks = token_sub.add_parser(
         "webhook-secret",
         help="print a new FLASHSALE_WEBHOOK_SECRET (whsec_...) for the order webhooks",

@@ -206,7 +206,8 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         + ("" if external else " (simulator)")
         + (f"; order webhooks to {mask_url(settings.webhook_url)}" if settings.webhook_url else "")
         + f"; pages: operators' live sale page {page_origin}/admin/ (the admin token), a "
-        f"sale's waiting room {page_origin}/sales/SALE" + ". Ctrl-C or SIGTERM stops everything."
+        f"sale's waiting room {page_origin}/sales/SALE (a buyer's link to it: `flashsale token "
+        f"buyers --page {page_origin}/sales/SALE`). Ctrl-C or SIGTERM stops everything."
     )
     if external:  # the record names the simulator this engine runs: none here
         return runners.supervise(children, metrics_dir, hung_after_s=hung_after)
