@@ -570,16 +570,17 @@ def test_a_join_after_the_sale_ended_says_it_ended(stack: Settings, browser: Bro
 
 def _as_buyers_read_it(gw: LiveGateway, sale: str, state: str) -> None:
     """Wait until the sale as buyers read it (a copy of 0.5 s or more) is in ``state``."""
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 15
     while requests.get(f"{gw.base_url}/v1/sales/{sale}", timeout=10).json()["state"] != state:
         assert time.monotonic() < deadline, state
         time.sleep(0.1)
 
 
 def _read_again_until(page: Any, selector: str) -> None:
-    """Move the page's clock past its next reading of the sale until ``selector`` shows: a
-    reading the browser answers from its cache (the sale's copy may be kept a second, and
-    this test's seconds go by in a moment) is followed by another."""
+    """Move the page's clock past its next timed step (a reading of the sale, a join tried
+    again) until ``selector`` shows: a reading the browser answers from its cache (the sale's
+    copy may be kept a second, and this test's seconds go by in a moment) is followed by
+    another."""
     for _ in range(5):
         page.clock.fast_forward(13_000)
         with contextlib.suppress(PlaywrightTimeout):
@@ -636,7 +637,7 @@ def test_a_visitor_without_a_pass_is_told_when_the_sale_has_opened(
 ) -> None:
     """Opened without a pass (a link passed on), the page said "The sale opens 05:11" and
     went on saying it after 05:11: it read the sale once. It says the sale is open now."""
-    with live_page(stack, browser, "Opening soon", starts_in=3) as live:
+    with live_page(stack, browser, "Opening soon", starts_in=6) as live:
         gw, sale, page = live.gw, live.sale, live.page
         page.clock.install()
         page.goto(f"{gw.base_url}/sales/{sale}")
