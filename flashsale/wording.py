@@ -17,6 +17,14 @@ def counted(n: int, noun: str, plural: str | None = None) -> str:
     return f"{n:,} {noun}" if n == 1 else f"{n:,} {plural or noun + 's'}"
 
 
+def span(seconds: float) -> str:
+    """A length of time as a person says it, rounded: "45 s", "10 min", "5 h", "3 days"."""
+    for unit, size, past in (("s", 1, 120), ("min", 60, 120), ("h", 3600, 48)):
+        if seconds < past * size:
+            return f"{round(seconds / size)} {unit}"
+    return counted(round(seconds / 86400), "day")
+
+
 def said(value: Any) -> str:
     """``value`` in a line of text: a mapping or a list as JSON (not Python's notation), None
     as "-", anything else as itself."""

@@ -1298,6 +1298,25 @@ def test_the_status_of_a_sale_without_skus_says_how_to_add_them(cli: Cli) -> Non
     assert f"not preloaded (`flashsale sale preload {sale_id}`)" in status.out, status.out
 
 
+def test_a_sale_made_with_a_start_long_past_says_it_is_open_already(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """`sale show OLD --template > next.json`, then `sale create --file next.json` without
+    `--starts-in` (or a year mistyped): the sale was made open already, its start an hour or
+    a year ago, and nothing said so; `sale update` refuses to move the start of a sale that
+    has started. It says so, and what can be done."""
+    past = (datetime.now(UTC) - timedelta(days=3)).isoformat()
+    made = cli("sale", "create", "--name", "Next drop", "--starts-at", past, "--ends-in", "1h",
+               "--sku", "A", "--stock", "1", "--price", "100", "--currency", "EUR")  # fmt: skip
+    assert made.code == 0, made.err
+    sale_id = made.out.strip()
+    assert made.err.startswith(f"flashsale: warning: {sale_id} started 3 days ago ("), made.err
+    assert f"`flashsale sale delete {sale_id}`" in made.err, made.err
+    soon = cli("sale", "create", "--name", "Now", "--sku", "A", "--stock", "1", "--price", "100",
+               "--currency", "EUR")  # fmt: skip
+    assert soon.code == 0 and soon.err == "", soon.err  # a start of now is what it asks
+
+
 def test_the_list_of_sales_names_those_not_preloaded(cli: Cli, tmp_path: Path) -> None:
     """`sale list` showed a sale about to open that no buyer could join (never preloaded) as
     any other scheduled sale."""

@@ -7,7 +7,7 @@ import pytest
 
 from flashsale.currencies import major
 from flashsale.kafka import partition_count
-from flashsale.wording import counted, said
+from flashsale.wording import counted, said, span
 from reconciler.report import SHOWN, AuditReport, Invariant
 
 
@@ -58,3 +58,9 @@ def test_a_failed_audit_and_a_repair_read_as_text_not_python() -> None:
         '{"reason": "lost", "redis": {"total": 10}}'
     )
     assert said(None) == "-" and said("x") == "x" and said(3) == "3"
+
+
+def test_a_span_of_time_reads_in_the_unit_a_person_would_use() -> None:
+    spans = [45, 119, 120, 600, 7199, 7200, 5 * 3600, 47 * 3600, 48 * 3600, 3 * 86400 + 5]
+    assert [span(s) for s in spans] == ["45 s", "119 s", "2 min", "10 min", "120 min", "2 h",
+                                        "5 h", "47 h", "2 days", "3 days"]  # fmt: skip

@@ -29,6 +29,7 @@ from flashsale.cli.output import Progress, Stages, dump_json, out, warn
 from flashsale.cli.sale_files import json_text, read_input, read_json_file
 from flashsale.cli.sale_views import (
     print_changed,
+    print_created,
     print_orders,
     print_preload,
     print_sales,
@@ -87,7 +88,7 @@ async def _sale(args: argparse.Namespace, settings: Settings) -> int:
             asked["ends_in"] = args.ends_in
         async with admin(settings) as sales:
             created = await sales.create(spec, key=key, fingerprint=body_fingerprint(asked))
-        dump_json(created) if args.json else out(created["id"])
+        print_created(created, as_json=args.json)
         return 0
     if command == "import":
         if args.sale_id and args.sale:
@@ -112,10 +113,8 @@ async def _sale(args: argparse.Namespace, settings: Settings) -> int:
             await print_orders(sales, args)
         elif command == "show":
             sale = await sales.get(args.sale)
-            if args.left:
-                dump_json(await units_left(sales, sale))
-            else:
-                dump_json(as_sale_file(sale) if args.template else sale)
+            shown = as_sale_file(sale) if args.template else sale
+            dump_json(await units_left(sales, sale) if args.left else shown)
         elif command == "preload":
             progress = Progress(f"preloading {args.sale}", "SKUs")
             try:

@@ -22,9 +22,10 @@ from flashsale.currencies import major
 from flashsale.errors import Conflict, InvalidInput, listed
 from flashsale.salespec import as_sale_file, parse_sale
 from flashsale.timefmt import iso
-from flashsale.wording import counted
+from flashsale.wording import counted, span
 
 PRELOAD_LINES = 20  # SKUs a preload lists one by one; a larger sale gets the summary alone
+STARTED_LONG_AGO_S = 300  # a new sale's start this far past is said (not a script's "now")
 
 
 def print_status(status: dict[str, Any], *, as_json: bool, whole: bool = True) -> None:
@@ -106,6 +107,19 @@ def print_status(status: dict[str, Any], *, as_json: bool, whole: bool = True) -
                  for currency, amount in sorted(status["revenue"].items())]  # fmt: skip
         nothing = "none" if over else "none yet"
         out(f"  revenue of confirmed orders: {', '.join(taken) or nothing}")
+
+
+def print_created(sale: dict[str, Any], *, as_json: bool) -> None:
+    """`sale create`'s answer: the id, or the sale as JSON; and on stderr a start long past
+    (a template's dates kept, a year mistyped): the sale is open already, and `sale update`
+    moves no start once it has come."""
+    dump_json(sale) if as_json else out(sale["id"])
+    ago = (datetime.now(UTC) - datetime.fromisoformat(sale["starts_at"])).total_seconds()
+    if ago > STARTED_LONG_AGO_S:
+        sale_id = sale["id"]
+        warn(f"{sale_id} started {span(ago)} ago ({to_second(sale['starts_at'])}): it is open "
+             "as soon as it is preloaded. If that is not what you meant, `flashsale sale delete "
+             f"{sale_id}` and create it again with --starts-in or --starts-at")  # fmt: skip
 
 
 def print_changed(
