@@ -70,7 +70,7 @@ def test_demo_runs_a_spike_to_orders_and_a_passing_audit(stack: Settings, tmp_pa
     assert match, out
     confirmed, declined, sold = (int(g) for g in match.groups())
     # Declined buyers (one in ten, wherever they queued) gave their units to later buyers.
-    assert confirmed == sold == 100
+    assert confirmed == sold == 100, out  # a local run once saw 99: its output says why
     # The audit is of the ended sale, printed as `flashsale audit` prints it: its facts one per
     # line, not a Python dict.
     sale = re.search(r"== sale ([a-z0-9-]+) ended", out)
