@@ -326,6 +326,16 @@ class SaleReads:
         return out
 
 
+def without_counts(rows: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
+    """The SKUs of a status (:meth:`SaleReads.status`'s ``skus``) Redis has no counts of, by
+    why, two different things to do: ``not_preloaded`` (the sale's preload is to make, or
+    one since they were added) and ``lost`` (preloaded, then lost by Redis: the reconciler
+    rebuilds them from Postgres)."""
+    uncounted = [row for row in rows if row["available"] is None]
+    return {"not_preloaded": [row["sku"] for row in uncounted if not row.get("lost")],
+            "lost": [row["sku"] for row in uncounted if row.get("lost")]}  # fmt: skip
+
+
 def added_in_postgres(row: asyncpg.Record, added: int, exc: BaseException) -> dict[str, Any]:
     """The answer to units added in Postgres that Redis could not take then (an outage): they
     are added, and a second add would add them again. The reconciler copies the new total

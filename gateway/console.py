@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from allocator.sale_reads import without_counts
 from flashsale.ops_endpoints import metrics_text
 from flashsale.sales import sale_json
 from flashsale.timefmt import iso_ms
@@ -117,13 +118,10 @@ def busiest(rows: list[dict[str, Any]], most: int = LIVE_SKUS
 
 
 def uncounted(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The SKUs Redis has no counts of, by why, each as ``{"count", "skus"}`` (the first
-    ``NAMED``): ``not_preloaded`` (the whole sale, or those added since its preload: preload
-    it) and ``lost`` (preloaded, then lost by Redis: the reconciler rebuilds them)."""
-    lost = [row["sku"] for row in rows if row["available"] is None and row.get("lost")]
-    unloaded = [row["sku"] for row in rows if row["available"] is None and not row.get("lost")]
+    """The SKUs Redis has no counts of, by why (:func:`~allocator.sale_reads.without_counts`),
+    each as ``{"count", "skus"}``, the first ``NAMED`` of them."""
     return {why: {"count": len(skus), "skus": skus[:NAMED]}
-            for why, skus in (("not_preloaded", unloaded), ("lost", lost))}  # fmt: skip
+            for why, skus in without_counts(rows).items()}  # fmt: skip
 
 
 async def _skus(app: web.Application, sale_id: str) -> dict[str, Any]:

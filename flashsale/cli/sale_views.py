@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from allocator.sale_admin import SaleAdmin, stock_units
-from allocator.sale_reads import MAX_PAGE, offset_of, page_size
+from allocator.sale_reads import MAX_PAGE, offset_of, page_size, without_counts
 from allocator.sale_scripts import PreloadResult
 from flashsale.cli.checks import SHORTEST_INTERVAL_S, positive, seconds
 from flashsale.cli.output import dump_json, out, warn
@@ -88,9 +88,8 @@ def print_status(status: dict[str, Any], *, as_json: bool, whole: bool = True) -
             out(f"  {'  in transit':{w}} {'':>10} {row['in_transit']:>10}")
     # Why a SKU has no counts, two different things to do: said once for the SKUs of each
     # (a sale never preloaded has said so above), naming the first few of them.
-    uncounted = [row for row in status["skus"] if row["available"] is None]
-    lost = [row["sku"] for row in uncounted if row.get("lost")]
-    unloaded = [row["sku"] for row in uncounted if not row.get("lost")] if preloaded else []
+    uncounted = without_counts(status["skus"])
+    lost, unloaded = uncounted["lost"], (uncounted["not_preloaded"] if preloaded else [])
     rebuild = "(`flashsale reconcile --once` rebuilds {} from Postgres)"
     later = "never preloaded" if over else f"not preloaded yet {hint}"
     for skus, one, several in (
