@@ -172,6 +172,19 @@ class Gateway:
         await self.http.close()
 
 
+_MADE: set[tuple[str | None, Topics]] = set()
+
+
+async def _with_topics(settings: Settings) -> None:
+    """As `kafka init` makes them for a real gateway (once per process and broker): without
+    them its /healthz is 503, and a test that reads it passed only after another one on the
+    same xdist worker had made them."""
+    made = (settings.kafka_bootstrap, settings.topics)
+    if made not in _MADE:
+        await ensure_topics(settings)
+        _MADE.add(made)
+
+
 @contextlib.asynccontextmanager
 async def gateway(stack: Settings, **overrides: Any) -> AsyncIterator[Gateway]:
     """A gateway with the admin token set and rate limits off unless ``overrides`` say so."""
@@ -180,6 +193,7 @@ async def gateway(stack: Settings, **overrides: Any) -> AsyncIterator[Gateway]:
         "topics": TOPICS, **overrides,
     }  # fmt: skip
     settings = dataclasses.replace(stack, **options)
+    await _with_topics(settings)
     app = create_app(settings)
     client: TestClient[Any, Any] = TestClient(TestServer(app))
     await client.start_server()
@@ -244,9 +258,7 @@ def live_gateway(stack: Settings, **overrides: Any) -> Iterator[LiveGateway]:
 
     def serve() -> None:
         asyncio.set_event_loop(loop)
-        # As `kafka init` makes them for a real gateway: without them its /readyz is 503, and
-        # a test that reads it passed only after another that had published to them.
-        loop.run_until_complete(ensure_topics(settings))
+        loop.run_until_complete(_with_topics(settings))
         loop.run_until_complete(runner.setup())
         assert runner.server is not None
         runner.app[LANE].install(runner.server)
