@@ -35,6 +35,7 @@ non-zero exit.
 from __future__ import annotations
 
 import contextlib
+import difflib
 from collections.abc import Sequence
 
 import orjson
@@ -74,6 +75,29 @@ def refused_value(value: object, rule: str) -> str:
     if value is None or value == "":
         return f"required: {rule}"
     return f"must be {rule}, got {shown(value)}"
+
+
+def meant(name: str, known: Sequence[str]) -> str | None:
+    """The one of ``known`` an unknown ``name`` probably stands for: the same with ``-`` for
+    ``_`` (a flag's spelling), the shortest that has it as a word (``limit`` for
+    ``per_buyer_limit``, as ``--limit`` says it), else one spelled alike (``titel``)."""
+    spelled = name.strip().lower().replace("-", "_")
+    if spelled in known:
+        return spelled
+    worded = [k for k in known if len(spelled) > 2 and spelled in k.split("_")]
+    if worded:
+        return min(worded, key=len)
+    alike = difflib.get_close_matches(spelled, known, n=1, cutoff=0.6)
+    return alike[0] if alike else None
+
+
+def unknown_name(name: str, known: Sequence[str], what: str = "field") -> str:
+    """What an unknown field (or column, ...) ``name`` is told: the one it probably stands
+    for, then every one there is. "skus[0].limit: unknown field" said nothing of what a sale
+    file calls the limit."""
+    guess = meant(name, known)
+    hint = f" (did you mean {guess}?)" if guess else ""
+    return f"unknown {what}{hint}; the {what}s are {', '.join(known)}"
 
 
 class FlashsaleError(Exception):

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from flashsale.currencies import bare_amount, in_minor_units, is_currency
-from flashsale.errors import InvalidInput, refused_value, shown
+from flashsale.errors import InvalidInput, refused_value, shown, unknown_name
 from flashsale.keys import ID_PATTERN, MAX_BUCKETS
 
 T = TypeVar("T")
@@ -35,10 +35,10 @@ DEFAULT_DURATION = timedelta(hours=1)
 EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 LATEST = datetime(9000, 1, 1, tzinfo=UTC)
 
-SALE_FILE_FIELDS = {
+SALE_FILE_FIELDS = (
     "name", "starts_at", "ends_at", "admission_rate", "max_queue", "admission_window_seconds",
     "admission_capacity", "join_challenge", "join_challenge_max", "skus",
-}  # fmt: skip
+)  # fmt: skip
 SKU_FIELDS = (
     "sku",
     "title",
@@ -169,11 +169,11 @@ def timestamp(value: Any, where: str) -> datetime:
     return moment
 
 
-def _check_fields(data: Mapping[str, Any], allowed: Iterable[str], where: str) -> None:
+def _check_fields(data: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
     unknown = sorted(set(data) - set(allowed))
     if unknown:
         prefix = f"{where}." if where else ""
-        raise InvalidInput(f"{prefix}{unknown[0]}", "unknown field")
+        raise InvalidInput(f"{prefix}{unknown[0]}", unknown_name(unknown[0], allowed))
 
 
 def parse_sku(data: Any, where: str, changed: Collection[str] = ()) -> SkuSpec:

@@ -16,7 +16,7 @@ import io
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from flashsale.errors import InvalidInput, shown
+from flashsale.errors import InvalidInput, shown, unknown_name
 from flashsale.salespec import (
     SKU_FIELDS,
     SKU_REQUIRED,
@@ -126,8 +126,7 @@ def _check_header(header: Sequence[str]) -> None:
     seen: set[str] = set()
     for name in header:
         if name not in SKU_FIELDS:
-            known = ", ".join(SKU_FIELDS)
-            raise InvalidInput(f"csv.header.{name}", f"unknown column; the columns are {known}")
+            raise InvalidInput(f"csv.header.{name}", unknown_name(name, SKU_FIELDS, "column"))
         if name in seen:
             raise InvalidInput(f"csv.header.{name}", "appears twice")
         seen.add(name)

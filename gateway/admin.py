@@ -16,7 +16,7 @@ from aiohttp import web
 
 from allocator.sale_reads import MAX_PAGE, order_state, page_size
 from flashsale.encodings import as_text
-from flashsale.errors import InvalidInput, Unauthorized, shown
+from flashsale.errors import InvalidInput, Unauthorized, meant, shown
 from flashsale.http_protocol import EVERY_ANSWER
 from flashsale.records import body_fingerprint, idempotency_key
 from flashsale.salespec import parse_sale, parse_skus
@@ -82,8 +82,10 @@ def check_query(request: web.Request) -> None:
         return  # not an admin operation: its 404 or 405 follows
     for key in dict.fromkeys(request.query):
         if key not in names:
-            raise InvalidInput(key, f"not a parameter of {request.method} {path}, which takes "
-                                    f"{', '.join(names) or 'none'}")  # fmt: skip
+            guess = meant(key, names)
+            hint = f" (did you mean {guess}?)" if guess else ""
+            raise InvalidInput(key, f"not a parameter of {request.method} {path}{hint}, which "
+                                    f"takes {', '.join(names) or 'none'}")  # fmt: skip
         given = len(request.query.getall(key))
         if given > 1:
             raise InvalidInput(key, f"given {given} times; give it once")

@@ -31,6 +31,7 @@ from flashsale.errors import (
     RequestTimeout,
     Unauthorized,
     shown,
+    unknown_name,
 )
 from flashsale.keys import ID_PATTERN, rate_limit_key
 from flashsale.salespec import unique_keys
@@ -114,7 +115,8 @@ async def json_body(
     if allowed is not None:
         unknown = sorted(set(data) - set(allowed))
         if unknown:
-            raise InvalidInput(unknown[0], "unknown field", code="unknown_field")
+            message = unknown_name(unknown[0], sorted(allowed))
+            raise InvalidInput(unknown[0], message, code="unknown_field")
     return data
 
 

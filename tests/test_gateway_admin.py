@@ -591,7 +591,7 @@ async def test_a_query_parameter_a_route_does_not_take_is_refused(
     sale_id = (await (await http.post("/admin/v1/sales", json=SALE, headers=auth())).json())["id"]
     sale = f"/admin/v1/sales/{sale_id}"
     refused = [
-        ("GET", "/admin/v1/sales?stauts=ended", "stauts", "takes status, state, limit, offset"),
+        ("GET", "/admin/v1/sales?stauts=ended", "stauts", "(did you mean status?), which takes"),
         ("GET", "/admin/v1/sales?state=over", "state", "scheduled, live, paused, ended, got"),
         ("GET", "/admin/v1/sales?status=active&status=ended", "status", "given 2 times"),
         ("GET", f"{sale}/orders?sate=CONFIRMED", "sate", "takes state, limit, after"),

@@ -68,6 +68,7 @@ async def test_bad_reservation_inputs_are_refused_and_change_nothing(gw: Gateway
          "body_too_large"),
         ("not an object", {"raw": b"[1]"}, 422, "invalid_input"),
         ("unknown field", {"body": {**GOOD, "coupon": "x"}}, 422, "unknown_field"),
+        ("misspelled field", {"body": {**GOOD, "quantiy": 1}}, 422, "unknown_field"),
         ("quantity zero", {"body": {**GOOD, "quantity": 0}}, 422, "invalid_quantity"),
         ("quantity over limit", {"body": {**GOOD, "quantity": 3}}, 422, "invalid_quantity"),
         ("quantity as text", {"body": {**GOOD, "quantity": "1"}}, 422, "invalid_quantity"),
@@ -124,7 +125,7 @@ async def test_bad_reservation_inputs_are_refused_and_change_nothing(gw: Gateway
     assert {name: said[name] for name in (
         "quantity as text", "quantity fraction", "quantity as bool", "sku wrong type",
         "no idempotency key", "empty idempotency key", "bad idempotency key",
-        "no payment token")} == {
+        "no payment token", "unknown field", "misspelled field")} == {
         "quantity as text": "quantity: must be an integer, got '1'",
         "quantity fraction": "quantity: must be an integer, got 1.5",
         "quantity as bool": "quantity: must be an integer, got true",
@@ -133,6 +134,9 @@ async def test_bad_reservation_inputs_are_refused_and_change_nothing(gw: Gateway
         "empty idempotency key": f"Idempotency-Key: is empty: give {key_rule}",
         "bad idempotency key": f"Idempotency-Key: must be {key_rule}, got 'a b'",
         "no payment token": "payment_token: required: printable text of 1..200",
+        "unknown field": "coupon: unknown field; the fields are payment_token, quantity, sku",
+        "misspelled field": "quantiy: unknown field (did you mean quantity?); the fields are "
+                            "payment_token, quantity, sku",
     }  # fmt: skip
 
     # Nothing was written: stock untouched, the admission never claimed.

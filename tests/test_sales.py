@@ -1455,6 +1455,31 @@ BAD_SALES = [
 ]  # fmt: skip
 
 
+@pytest.mark.parametrize(("given", "where", "meant"), [
+    (_sku(limit=2), "skus[0].limit", "per_buyer_limit"),  # `sale create --limit`
+    (_sku(ttl=60), "skus[0].ttl", "hold_ttl_seconds"),  # --ttl (not "title")
+    (_sku(titel="Boot"), "skus[0].titel", "title"),
+    ({**SALE, "window": 30}, "window", "admission_window_seconds"),
+    ({**SALE, "rate": 50}, "rate", "admission_rate"),  # (not "name")
+    ({**SALE, "max-queue": 10}, "max-queue", "max_queue"),  # --max-queue
+    ({**SALE, "challenge": 8}, "challenge", "join_challenge"),
+    ({**SALE, "colour": "red"}, "colour", None),
+])  # fmt: skip
+def test_an_unknown_field_names_the_one_meant_and_every_field(
+    given: dict[str, Any], where: str, meant: str | None
+) -> None:
+    # `sale create --help` teaches --limit, --ttl and --window: written so in a sale file, the
+    # refusal was "skus[0].limit: unknown field", with nothing to say what the file calls it.
+    with pytest.raises(InvalidInput) as refused:
+        parse_sale(given)
+    said = refused.value.message
+    assert refused.value.field == where, said
+    assert ("did you mean" in said) is (meant is not None), said
+    assert meant is None or f"(did you mean {meant}?)" in said, said
+    every = "sku, title, stock, price, currency, per_buyer_limit, hold_ttl_seconds, buckets"
+    assert said.endswith(every if "[0]" in where else "join_challenge_max, skus"), said
+
+
 @pytest.mark.parametrize("value", ["tomorrow", "2036-12-01T12:00:00", 20361201])
 def test_a_timestamp_refused_shows_an_example_that_would_be_accepted(value: Any) -> None:
     # The example was a fixed date: once past, copying it for ends_at was refused again.
@@ -1652,6 +1677,11 @@ def test_a_spreadsheets_header_is_read_whatever_its_case() -> None:
         parse_csv("sku,stock,price,currency,colour\nA,1,1,EUR,red\n")
     assert unknown.value.field == "csv.header.colour"
     assert "sku, title, stock, price, currency, per_buyer_limit" in unknown.value.message
+    with pytest.raises(InvalidInput) as flag:  # named as `sale create --limit` names it
+        parse_csv("sku,stock,price,currency,limit\nA,1,1,EUR,2\n")
+    assert flag.value.message.startswith(
+        "csv.header.limit: unknown column (did you mean per_buyer_limit?); the columns are sku,"
+    ), flag.value.message
 
 
 def test_a_spreadsheets_empty_rows_and_columns_are_left_out() -> None:
