@@ -42,6 +42,9 @@ from gateway.state import (
 TICKET_GRACE_S = 3600  # tickets outlive the sale's end by this much
 TICKET_RENEW_SLACK_S = 60  # a ticket is signed again once the sale's end moved later by more
 MIN_RETRY_MS, MAX_RETRY_MS = 250, 10_000
+# A buyer whose turn came polls once a second while choosing: enough to learn of a pause, a
+# sell-out or the turn passing, without four status requests a second beside the reserves.
+ADMITTED_RETRY_MS = 1000
 
 
 # -- answers --------------------------------------------------------------------------------
@@ -86,7 +89,7 @@ def status_of(c: Counters, position: int, now_ms: int) -> Status:
         deadline = None if at is None else v.window_closes_ms(at, now_ms)
         if deadline is None or deadline <= now_ms:
             return Status("expired", position, 0, None, None, MAX_RETRY_MS, check_claim=True)
-        return Status("admitted", position, 0, 0.0, 0.0, MIN_RETRY_MS, deadline)
+        return Status("admitted", position, 0, 0.0, 0.0, ADMITTED_RETRY_MS, deadline)
     ahead = position - v.serving - 1
     p50, p90 = estimate(v, position, now_ms)
     # A quarter of the wait; when it is unknown (held units must come back, a paused sale),

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from allocator.queue_view import QueueView
+from allocator.queue_view import QueueView, Step
 from gateway.counters import Counters
 from gateway.eta import OPENING_P50_S, OPENING_P90_S, STEP_S, estimate
-from gateway.waiting_room import MAX_RETRY_MS, MIN_RETRY_MS, status_of
+from gateway.waiting_room import ADMITTED_RETRY_MS, MAX_RETRY_MS, MIN_RETRY_MS, status_of
 
 START_MS = 1_000_000
 
@@ -98,3 +98,14 @@ def test_a_buyer_near_the_front_polls_soon_even_when_the_wait_is_unknown() -> No
         assert front.retry_after_ms == MIN_RETRY_MS
         assert later.ahead == 50 and later.retry_after_ms == 500  # 50 places at 100 a second
         assert far.retry_after_ms == MAX_RETRY_MS
+
+
+def test_an_admitted_buyer_polls_once_a_second_not_four_times() -> None:
+    """A buyer whose turn came was told to poll every 250 ms, as the first in line is: four
+    status requests a second while choosing (240 in a minute's turn; 4,000 a second from
+    1,000 admitted buyers), beside the reservations the gateway serves first. Once a second
+    still tells of a pause, a sell-out, a turn passing or a reservation made elsewhere."""
+    v = view(serving=100, beat_ms=1, available=10)
+    turn = status_of(Counters(v, steps=[Step(100, START_MS)]), 100, START_MS + 5000)
+    assert turn.state == "admitted" and turn.retry_after_ms == ADMITTED_RETRY_MS == 1000
+    assert status_of(Counters(v), 101, START_MS).retry_after_ms == MIN_RETRY_MS  # the front
