@@ -45,6 +45,16 @@ def reason(exc: BaseException | None) -> str:
     return "the request cannot be read"
 
 
+def unrouted(request: web.BaseRequest, exc: web.HTTPException, serves: str) -> str:
+    """What a request no route took is told (aiohttp's "Not Found" named nothing): a path
+    not served, what the address serves (``serves``); a method not taken, those that are."""
+    path = request.path if len(request.path) <= 80 else f"{request.path[:79]}…"
+    if exc.status == 405:
+        allowed = exc.headers.get("Allow", "").replace(",", ", ")
+        return f"{request.method} {path}: this address takes {allowed}"
+    return f"nothing at {path}: {serves}"
+
+
 class _JsonErrors(RequestHandler):
     __slots__ = ()  # the same layout as aiohttp's handler, whose class it takes (below)
 

@@ -26,6 +26,7 @@ from typing import Any, cast
 import asyncpg
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from aiokafka.client import AIOKafkaClient
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -41,7 +42,7 @@ from redis.exceptions import NoPermissionError
 from flashsale import __version__
 from flashsale.clients import RedisClient
 from flashsale.errors import ConfigError, Unavailable
-from flashsale.http_protocol import EVERY_ANSWER, answer_malformed_in_json
+from flashsale.http_protocol import EVERY_ANSWER, answer_malformed_in_json, unrouted
 from flashsale.kafka import client_options
 from flashsale.keys import PROBE
 from flashsale.migrate import require_current
@@ -322,6 +323,23 @@ async def name_the_server(_request: web.Request, response: web.StreamResponse) -
     response.headers.update(EVERY_ANSWER)
 
 
+OPS_SERVES = "this address serves the probes /livez, /readyz (also /healthz) and /metrics"
+
+
+@web.middleware
+async def _unrouted_in_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A path the ops port does not serve, or a method it does not take, answered in JSON
+    naming what it serves: it was aiohttp's "404: Not Found", as text."""
+    try:
+        return await handler(request)
+    except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:
+        code = "not_found" if exc.status == 404 else "method_not_allowed"
+        error = {"code": code, "message": unrouted(request, exc, OPS_SERVES)}
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else {}
+        return web.Response(body=orjson.dumps({"error": error}), status=exc.status,
+                            content_type="application/json", headers=allow)  # fmt: skip
+
+
 def ops_app(readiness: Readiness, registry: CollectorRegistry) -> web.Application:
     """A small app with only the probes and ``/metrics``, for services without an API."""
 
@@ -338,7 +356,7 @@ def ops_app(readiness: Readiness, registry: CollectorRegistry) -> web.Applicatio
             body=metrics_text(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
 
-    app = web.Application()
+    app = web.Application(middlewares=[_unrouted_in_json])
     app.on_response_prepare.append(name_the_server)
     app.router.add_get("/livez", livez)
     app.router.add_get("/readyz", readyz)

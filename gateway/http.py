@@ -57,6 +57,20 @@ def json_response(
     )
 
 
+# What the gateway serves, as a request for anything else is told (JSON, or a page of links).
+SERVES = (
+    ("/sales/SALE", "a sale's waiting-room page, as the shop links it"),
+    ("/admin/", "the operators' page"),
+    ("/v1/", "the buyer API"),
+    ("/admin/v1/", "the admin API"),
+    ("/openapi.json", "both APIs described"),
+    ("/readyz", "readiness, also /healthz"),
+    ("/livez", "liveness"),
+    ("/metrics", "Prometheus metrics"),
+)
+GATEWAY_SERVES = "this gateway serves " + ", ".join(f"{path} ({what})" for path, what in SERVES)
+
+
 def error_response(
     status: int,
     code: str,

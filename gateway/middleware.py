@@ -15,11 +15,11 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from flashsale.errors import FlashsaleError, SchemaBehind
-from flashsale.http_protocol import EVERY_ANSWER
+from flashsale.http_protocol import EVERY_ANSWER, unrouted
 from flashsale.logs import CONTEXT
 from flashsale.ops_endpoints import PROBE_PATHS
 from flashsale.outages import is_outage, log_failure, schema_error
-from gateway.http import error_response
+from gateway.http import GATEWAY_SERVES, error_response
 from gateway.metrics import Metrics
 
 log = logging.getLogger("flashsale.gateway")
@@ -81,7 +81,10 @@ def error_for(request: web.Request, exc: Exception) -> web.Response:
         )
         kept = ("allow", "retry-after")
         headers = {k: v for k, v in exc.headers.items() if k.lower() in kept}
-        return error_response(exc.status, code, exc.reason, headers)
+        said = exc.reason
+        if request.match_info.route.resource is None and exc.status in (404, 405):
+            said = unrouted(request, exc, GATEWAY_SERVES)  # no route took it
+        return error_response(exc.status, code, said, headers)
     if isinstance(exc, web.HTTPException):
         raise exc
     log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)

@@ -25,7 +25,7 @@ from aiohttp import web
 from flashsale.keys import ID_CHARACTERS
 from gateway.catalog import sale_summary
 from gateway.documents import Document, document_response
-from gateway.http import moved_to
+from gateway.http import SERVES, moved_to
 from gateway.state import SETTINGS
 
 PAGE = importlib.resources.files("gateway").joinpath("waiting_room.html").read_text()
@@ -81,7 +81,11 @@ def error_page(request: web.Request, response: web.StreamResponse) -> web.Stream
     asked for the page; a refusal of anything else as it is."""
     resource = request.match_info.route.resource
     path = None if resource is None else resource.canonical
-    if path not in PAGES or "text/html" not in request.headers.get("Accept", ""):
+    if "text/html" not in request.headers.get("Accept", ""):
+        return response
+    if resource is None and response.status == 404:  # no route: what there is, linked
+        return _page(404, "Nothing here", _SERVED, "")
+    if path not in PAGES:
         return response
     retry = response.headers.get("Retry-After")
     refresh = ""
@@ -95,13 +99,31 @@ def error_page(request: web.Request, response: web.StreamResponse) -> web.Stream
     else:
         title = "This page cannot be shown right now"
         text = "Try again in a moment."
-    page = web.Response(
-        status=response.status, content_type="text/html", charset="utf-8",
+    return _page(response.status, title, html.escape(text), refresh, retry)
+
+
+def _page(status: int, title: str, text: str, refresh: str,
+          retry: str | None = None) -> web.Response:  # fmt: skip
+    """An error page (``text``: HTML)."""
+    return web.Response(
+        status=status, content_type="text/html", charset="utf-8",
         text=ERROR_PAGE.format(title=title, text=text, refresh=refresh),
         headers={"Cache-Control": "no-store", **({"Retry-After": retry} if retry else {}),
                  "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"},
     )  # fmt: skip
-    return page
+
+
+def _served() -> str:
+    """What the gateway serves, as a page lists it: what a browser can open, linked."""
+    items = []
+    for path, what in SERVES:
+        opened = "SALE" not in path and "/v1/" not in path
+        shown = f'<a href="{path}">{path}</a>' if opened else f"<code>{path}</code>"
+        items.append(f"<li>{shown}: {html.escape(what)}</li>")
+    return f"This gateway serves:</p><ul>{''.join(items)}</ul><p>"
+
+
+_SERVED = _served()
 
 
 def setup(app: web.Application) -> None:

@@ -588,6 +588,14 @@ async def test_answers_do_not_name_the_servers_software_and_pages_are_not_framed
             answer = await ops.get(path)
             assert answer.headers["Server"] == "flashsale", path
             assert answer.headers["X-Content-Type-Options"] == "nosniff", path
+        for path in ("/", "/nope"):  # was "404: Not Found", as text
+            answer = await ops.get(path)
+            error = (await answer.json())["error"]
+            assert (answer.status, error["code"]) == (404, "not_found"), path
+            assert error["message"] == (
+                f"nothing at {path}: this address serves the probes /livez, /readyz (also "
+                "/healthz) and /metrics"
+            ), error
     finally:
         await ops.close()
 

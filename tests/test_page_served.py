@@ -128,3 +128,35 @@ def test_a_link_with_a_slash_more_or_less_reaches_its_page(stack: Settings) -> N
             assert (await client.get("/admin/v1/sales/")).status == 401  # the API: not a page
 
     asyncio.run(run())
+
+
+def test_an_address_the_gateway_does_not_serve_says_what_it_serves(stack: Settings) -> None:
+    """`flashsale up` names the gateway's address: opened as it is, or with a path guessed
+    (`/docs`), it answered `{"error": {"code": "not_found", "message": "Not Found"}}` and
+    named nothing. The 404 names the pages, the APIs and the probes, and a browser gets it as
+    a page of links. It stays a 404: a load balancer's default check of `/` must not pass
+    for a gateway whose dependencies are down (its check is /readyz)."""
+
+    async def run() -> None:
+        async with TestClient(TestServer(create_app(stack))) as client:
+            for path in ("/", "/docs", "/v1/nope"):  # (/admin/...: 401 first, without the token)
+                answer = await client.get(path)
+                error = (await answer.json())["error"]
+                assert (answer.status, error["code"]) == (404, "not_found"), path
+                assert error["message"].startswith(f"nothing at {path}: "), error
+                for named in ("/sales/SALE", "/admin/", "/v1/", "/openapi.json", "/readyz"):
+                    assert named in error["message"], (path, error)
+            page = await client.get("/", headers=BROWSER)
+            text = await page.text()
+            assert (page.status, page.content_type) == (404, "text/html"), text
+            for link in ("/admin/", "/openapi.json", "/readyz", "/metrics"):
+                assert f'<a href="{link}">' in text, text
+            # What is there keeps its own answer.
+            unknown = await (await client.get("/v1/sales/sale-nope")).json()
+            assert unknown["error"]["code"] == "unknown_sale"
+            wrong = await client.delete("/openapi.json")
+            assert (wrong.status, wrong.headers["Allow"]) == (405, "GET,HEAD"), wrong.headers
+            said = (await wrong.json())["error"]["message"]
+            assert said == "DELETE /openapi.json: this address takes GET, HEAD", said
+
+    asyncio.run(run())
