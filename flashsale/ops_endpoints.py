@@ -323,7 +323,8 @@ async def name_the_server(_request: web.Request, response: web.StreamResponse) -
     response.headers.update(EVERY_ANSWER)
 
 
-OPS_SERVES = "this address serves the probes /livez, /readyz (also /healthz) and /metrics"
+PROBES = "the probes /livez, /readyz (also /healthz) and /metrics"
+SERVES = web.AppKey("serves", str)  # what the address serves, said of an address it does not
 
 
 @web.middleware
@@ -334,14 +335,16 @@ async def _unrouted_in_json(request: web.Request, handler: Handler) -> web.Strea
         return await handler(request)
     except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:
         code = "not_found" if exc.status == 404 else "method_not_allowed"
-        error = {"code": code, "message": unrouted(request, exc, OPS_SERVES)}
+        error = {"code": code, "message": unrouted(request, exc, request.app[SERVES])}
         allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else {}
         return web.Response(body=orjson.dumps({"error": error}), status=exc.status,
                             content_type="application/json", headers=allow)  # fmt: skip
 
 
-def ops_app(readiness: Readiness, registry: CollectorRegistry) -> web.Application:
-    """A small app with only the probes and ``/metrics``, for services without an API."""
+def ops_app(readiness: Readiness, registry: CollectorRegistry,
+            serves: str = f"this address serves {PROBES}") -> web.Application:  # fmt: skip
+    """A small app with only the probes and ``/metrics``, for services without an API
+    (``serves``: what it serves, if routes are added)."""
 
     async def livez(_request: web.Request) -> web.Response:
         return web.Response(body=orjson.dumps(LIVE), content_type="application/json")
@@ -357,6 +360,7 @@ def ops_app(readiness: Readiness, registry: CollectorRegistry) -> web.Applicatio
         )
 
     app = web.Application(middlewares=[_unrouted_in_json])
+    app[SERVES] = serves
     app.on_response_prepare.append(name_the_server)
     app.router.add_get("/livez", livez)
     app.router.add_get("/readyz", readyz)

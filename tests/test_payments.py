@@ -50,6 +50,20 @@ async def test_same_key_same_charge_other_parameters_refused(psp: tuple[Simulato
     assert simulator.captures["r-1"] == 1 and simulator.refunds == 1
 
 
+async def test_an_address_the_simulator_does_not_serve_names_those_it_does(
+    psp: tuple[Simulator, str],
+) -> None:
+    """Its port answered "404: Not Found" as text; an ops port's message would name only the
+    probes, and this one serves the charges too."""
+    _, url = psp
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/v1/charge") as answer:
+        error = (await answer.json())["error"]
+    assert (answer.status, error["code"]) == (404, "not_found")
+    assert error["message"].startswith("nothing at /v1/charge: this payment simulator serves "
+                                       "/v1/charges (POST a charge; GET lists them)"), error
+    assert error["message"].endswith("/metrics"), error
+
+
 async def test_unknown_outcomes_are_reported_never_guessed(psp: tuple[Simulator, str]) -> None:
     simulator, url = psp
     async with HttpProvider(url, timeout_s=0.3) as provider:

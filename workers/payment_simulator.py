@@ -53,7 +53,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client import Counter as PromCounter
 
-from flashsale.ops_endpoints import Readiness, listen, ops_app
+from flashsale.ops_endpoints import PROBES, Readiness, listen, ops_app
 from workers.psp_journal import KEEP_DAYS, Journal, Loaded, load
 
 
@@ -93,6 +93,13 @@ class Knobs:
 
 def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+SERVES = (
+    "this payment simulator serves /v1/charges (POST a charge; GET lists them), "
+    "/v1/charges/batch, /v1/charges/{key} (GET), /v1/charges/{key}/refund (POST), /v1/stats, "
+    f"/v1/knobs (GET, PUT) and {PROBES}"
+)
 
 
 def _problem(code: str, message: str) -> dict[str, Any]:
@@ -321,7 +328,7 @@ class Simulator:
         return _json(dataclasses.asdict(self.knobs))
 
     def app(self) -> web.Application:
-        app = ops_app(Readiness({}), self.registry)
+        app = ops_app(Readiness({}), self.registry, SERVES)
         app.router.add_post("/v1/charges", self.charge)
         app.router.add_post("/v1/charges/batch", self.charge_batch)
         app.router.add_get("/v1/charges", self.list_charges)
