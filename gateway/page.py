@@ -120,8 +120,9 @@ def _served() -> str:
         opened = "SALE" not in path and "/v1/" not in path
         shown = f'<a href="{path}">{path}</a>' if opened else f"<code>{path}</code>"
         items.append(f"<li>{shown}: {html.escape(what)}</li>")
-    return (f"This gateway serves:</p><ul>{''.join(items)}</ul><p>A buyer opens the link "
-            "the shop sent.")
+    return (
+        f"This gateway serves:</p><ul>{''.join(items)}</ul><p>A buyer opens the link the shop sent."
+    )
 
 
 _SERVED = _served()

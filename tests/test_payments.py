@@ -59,8 +59,10 @@ async def test_an_address_the_simulator_does_not_serve_names_those_it_does(
     async with aiohttp.ClientSession() as session, session.get(f"{url}/v1/charge") as answer:
         error = (await answer.json())["error"]
     assert (answer.status, error["code"]) == (404, "not_found")
-    assert error["message"].startswith("nothing at /v1/charge: this payment simulator serves "
-                                       "/v1/charges (POST a charge; GET lists them)"), error
+    assert error["message"].startswith(
+        "nothing at /v1/charge: this payment simulator serves "
+        "/v1/charges (POST a charge; GET lists them)"
+    ), error
     assert error["message"].endswith("/metrics"), error
 
 
