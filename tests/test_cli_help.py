@@ -307,3 +307,31 @@ def test_a_group_typed_alone_lists_its_commands(
     lines = capsys.readouterr().err.strip().splitlines()
     assert any(line.split()[:1] == [listed] for line in lines), lines  # its list
     assert lines[-1].startswith("flashsale") and ": error: " in lines[-1], lines[-1]
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (("up", "--prot", "8000"),
+     "flashsale up: error: unrecognized arguments: --prot 8000 (did you mean --port?)"),
+    (("sale", "create", "--rate", "5"),
+     "flashsale sale create: error: unrecognized arguments: --rate 5 "
+     "(did you mean --admission-rate?)"),
+    (("sale", "create", "--max_queue", "5"),
+     "flashsale sale create: error: unrecognized arguments: --max_queue 5 "
+     "(did you mean --max-queue?)"),
+    (("sale", "status", "S", "--bogus"),
+     "flashsale sale status: error: unrecognized arguments: --bogus"),
+    (("sale", "pause", "S", "T"), "flashsale sale pause: error: unrecognized arguments: T"),
+])  # fmt: skip
+def test_an_unknown_flag_is_refused_by_its_command_naming_the_one_meant(
+    capsys: pytest.CaptureFixture[str], argv: tuple[str, ...], said: str
+) -> None:
+    """`flashsale up --prot 8000` showed flashsale's own usage (`COMMAND ...`) and "unrecognized
+    arguments", nothing of `up`'s flags: the command refuses it, with its usage and the flag
+    probably meant."""
+    with pytest.raises(SystemExit) as exited:
+        main(list(argv))
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    command = " ".join(argv[: 2 if argv[0] == "sale" else 1])
+    assert err.startswith(f"usage: flashsale {command} "), err
+    assert err.strip().splitlines()[-1] == said, err

@@ -28,7 +28,7 @@ from typing import Any, NoReturn
 
 from flashsale import __version__, event_loop
 from flashsale.cli import bench, buyers, dev, load, repairs, sale, serve
-from flashsale.cli.flags import as_typed, refuse_empty
+from flashsale.cli.flags import as_typed, command_parser, flag_meant, refuse_empty
 from flashsale.cli.output import after_reader_gone, fail, reader_gone, warn
 from flashsale.env_values import unknown_settings
 from flashsale.errors import FlashsaleError, InvalidInput
@@ -50,6 +50,16 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = re.compile(r"-\.?\d")
         self.register("action", "parsers", _Commands)
+
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:  # fmt: skip
+        """argparse's, but words no flag of the command takes are refused by the command (its
+        usage, not flashsale's ``COMMAND ...``), naming the flag probably meant."""
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            command = command_parser(self, parsed)
+            command.error(f"unrecognized arguments: {' '.join(extra)}{flag_meant(command, extra)}")
+        return parsed
 
     def error(self, message: str) -> NoReturn:
         """A group typed without its command (``flashsale sale``) shows its list of commands

@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from flashsale.cli.checks import duration, in_seconds
-from flashsale.errors import Conflict, InvalidInput
+from flashsale.errors import Conflict, InvalidInput, meant
 from flashsale.salespec import SaleSpec
 
 # `sale create` without --file: its flags (argparse attribute) and the field each sets.
@@ -117,6 +117,18 @@ def command_parser(parser: argparse.ArgumentParser,
             if chosen in action.choices:
                 return command_parser(action.choices[chosen], args)
     return parser
+
+
+def flag_meant(command: argparse.ArgumentParser, words: Sequence[str]) -> str:
+    """What follows "unrecognized arguments": the flag probably meant by the first of
+    ``words`` the command does not take (`` (did you mean --port?)`` for ``--prot``; also
+    ``--rate`` for ``--admission-rate``, ``--max_queue``), or nothing."""
+    typed = next((w.partition("=")[0] for w in words if w.startswith("--")), None)
+    if typed is None:
+        return ""
+    flags = [o for a in command._actions for o in a.option_strings if o.startswith("--")]
+    guess = meant(typed[2:], [f[2:].replace("-", "_") for f in flags])
+    return f" (did you mean --{guess.replace('_', '-')}?)" if guess else ""
 
 
 def refuse_empty(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
