@@ -22,7 +22,7 @@ from allocator.sale_preload import SalePreloads
 from allocator.sale_reads import added_in_postgres
 from allocator.sale_scripts import SaleScripts
 from flashsale.clients import COPY_TIMEOUT_S, RedisClient
-from flashsale.errors import Conflict, InvalidInput, NotFound, shown
+from flashsale.errors import Conflict, InvalidInput, shown
 from flashsale.keys import SaleKeys, bucket_keys
 from flashsale.outages import is_outage
 from flashsale.sales import (
@@ -32,6 +32,7 @@ from flashsale.sales import (
     preloaded,
     sale_json,
     sale_state,
+    unknown_sku,
 )
 from flashsale.salespec import (
     MAX_STOCK,
@@ -244,7 +245,7 @@ class SaleAdmin(SalePreloads):
             raise Conflict(f"sale {sale_id} has ended", code="sale_ended")
         row = await conn.fetchrow(SKU_ROW + " FOR UPDATE", sale_id, sku)
         if row is None:
-            raise NotFound(f"unknown SKU {shown(sku)} in sale {sale_id}", code="unknown_sku")
+            raise await unknown_sku(conn, sale_id, sku)
         return sale, row
 
     # -- settings and state (allocator.sale_settings) ------------------------------------

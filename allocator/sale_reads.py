@@ -20,7 +20,7 @@ from flashsale.clients import COPY_TIMEOUT_S, RedisClient
 from flashsale.errors import InvalidInput, NotFound, shown
 from flashsale.keys import ID_PATTERN, SaleKeys, bucket_keys
 from flashsale.outages import describe
-from flashsale.sales import SALE_STATE, fetch_sku, fetch_skus, sale_json
+from flashsale.sales import SALE_STATE, fetch_sku, fetch_skus, sale_json, unknown_sku
 from flashsale.salespec import integer, text
 from flashsale.timefmt import iso
 
@@ -227,8 +227,7 @@ class SaleReads:
             else:
                 row = await fetch_sku(conn, sale_id, only)
                 if row is None:
-                    raise NotFound(f"unknown SKU {shown(only)} in sale {sale_id}",
-                                   code="unknown_sku")  # fmt: skip
+                    raise await unknown_sku(conn, sale_id, only)
                 skus = [row]
             counted = await conn.fetch(
                 "SELECT sku, state, currency, count(*) AS n, sum(amount) AS amount FROM orders"

@@ -16,9 +16,17 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from allocator.sale_reads import SaleReads, in_parts
-from flashsale.errors import Conflict, InvalidInput, NotFound, shown
+from flashsale.errors import Conflict, InvalidInput
 from flashsale.keys import SaleKeys, bucket_keys
-from flashsale.sales import STATUS_BY_ACTION, fetch_skus, sale_hash, sale_json, sale_state, sku_meta
+from flashsale.sales import (
+    STATUS_BY_ACTION,
+    fetch_skus,
+    sale_hash,
+    sale_json,
+    sale_state,
+    sku_meta,
+    unknown_sku,
+)
 from flashsale.salespec import LATEST, parse_sale, parse_sku, timestamp
 
 
@@ -166,7 +174,7 @@ async def update_sku(sales: SaleReads, sale_id: str, sku: str, changes: Mapping[
             "SELECT * FROM sale_skus WHERE sale_id = $1 AND sku = $2", sale_id, sku
         )
         if row is None:
-            raise NotFound(f"unknown SKU {shown(sku)} in sale {sale_id}", code="unknown_sku")
+            raise await unknown_sku(conn, sale_id, sku)
         state = sale_state(sale)
         if state == "ended":
             raise Conflict(f"sale {sale_id} has ended", code="sale_ended")

@@ -14,6 +14,7 @@ from typing import Any, TypeAlias
 
 import asyncpg
 
+from flashsale.errors import NotFound, shown
 from flashsale.shuffle import SHUFFLE_ALGORITHM, seed_commitment
 from flashsale.timefmt import iso, unix_ms
 
@@ -46,6 +47,7 @@ async def fetch_in_play(pool: asyncpg.Pool, sql: str, *args: Any) -> list[asyncp
 
 
 Db: TypeAlias = "asyncpg.Pool | asyncpg.Connection"  # either can fetch
+SKUS_NAMED = 5  # the SKUs a refusal of an unknown one names
 
 
 def new_sale_id() -> str:
@@ -69,6 +71,23 @@ async def fetch_sku(db: Db, sale_id: str, sku: str) -> asyncpg.Record | None:
         "SELECT * FROM sale_skus WHERE sale_id = $1 AND sku = $2", sale_id, sku
     )
     return row
+
+
+async def unknown_sku(db: Db, sale_id: str, sku: str) -> NotFound:
+    """The refusal of ``sku``, which the sale lacks: naming the SKU it is in another case
+    (a shop's lower case), else the sale's first SKUs (an operator's typo named nothing)."""
+    rows = await db.fetch(
+        "SELECT sku, lower(sku) = lower($2) AS alike, count(*) OVER () AS n FROM sale_skus"
+        " WHERE sale_id = $1 ORDER BY lower(sku) = lower($2) DESC, position NULLS FIRST, sku"
+        " LIMIT $3", sale_id, sku, SKUS_NAMED)  # fmt: skip
+    said = f"unknown SKU {shown(sku)} in sale {sale_id}"
+    if rows and rows[0]["alike"]:
+        said += f" (did you mean {rows[0]['sku']}?)"
+    elif rows:
+        more = rows[0]["n"] - len(rows)
+        said += f": its SKUs are {', '.join(r['sku'] for r in rows)}"
+        said += f" and {more:,} more" if more else ""
+    return NotFound(said, code="unknown_sku")
 
 
 def sale_state(sale: asyncpg.Record, now: datetime | None = None) -> str:

@@ -145,6 +145,10 @@ def test_round_trip_preload_status_add_stock_lifecycle(
     assert [row["sku"] for row in json.loads(one.out)["skus"]] == ["SNK-43"], one.out
     unknown = cli("sale", "status", sale_id, "--sku", "NOPE")
     assert unknown.code == 1 and "unknown SKU 'NOPE'" in unknown.err, unknown.err
+    # ... naming the sale's SKUs, or the one typed in another case (a shop's lower case)
+    assert unknown.err.strip().endswith(": its SKUs are SNK-42, SNK-43"), unknown.err
+    cased = cli("sale", "status", sale_id, "--sku", "snk-43")
+    assert cased.err.strip().endswith("'snk-43' in sale " + sale_id + " (did you mean SNK-43?)")
     rows = by_sku(status(cli, sale_id))
     assert (rows["SNK-42"]["stock_total"], rows["SNK-42"]["available"]) == (125, 125)
     assert (
@@ -1799,7 +1803,9 @@ def test_bad_add_stock(
     assert rdb.hget(SkuKeys(sale_id, "SNK-42").stock, "total") == "100"
     unknown = cli("sale", "add-stock", sale_id, "NOPE", "5")
     assert unknown.code == 1
-    assert "unknown SKU" in unknown.err
+    assert "unknown SKU" in unknown.err and "its SKUs are SNK-42, SNK-43" in unknown.err
+    cased = cli("sale", "update-sku", sale_id, "snk-42", "--title", "x")
+    assert cased.code == 1 and "(did you mean SNK-42?)" in cased.err, cased.err
 
 
 def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
