@@ -17,10 +17,10 @@ from allocator.queue_scripts import QueueScripts
 from allocator.sale_scripts import SaleScripts, StockCounts, summed
 from allocator.stock_buckets import BucketScripts, Snapshot
 from flashsale.clients import COPY_TIMEOUT_S, RedisClient
-from flashsale.errors import InvalidInput, NotFound, shown
+from flashsale.errors import InvalidInput, shown
 from flashsale.keys import ID_PATTERN, SaleKeys, bucket_keys
 from flashsale.outages import describe
-from flashsale.sales import SALE_STATE, fetch_sku, fetch_skus, sale_json, unknown_sku
+from flashsale.sales import SALE_STATE, fetch_sku, fetch_skus, sale_json, unknown_sale, unknown_sku
 from flashsale.salespec import integer, text
 from flashsale.timefmt import iso
 
@@ -129,10 +129,10 @@ class SaleReads:
         change of the sale holds it while it writes Redis too, so that changes reach Redis
         in the order Postgres took them."""
         if not isinstance(sale_id, str) or not ID_PATTERN.match(sale_id):
-            raise NotFound(f"unknown sale {shown(sale_id)}", code="unknown_sale")
+            raise await unknown_sale(conn, sale_id)  # a name typed for the id, say
         row = await conn.fetchrow(SALE_LOCKED if lock else SALE, sale_id)
         if row is None:
-            raise NotFound(f"unknown sale {shown(sale_id)}", code="unknown_sale")
+            raise await unknown_sale(conn, sale_id)
         return row
 
     async def row(self, sale_id: str) -> asyncpg.Record:

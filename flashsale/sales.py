@@ -48,6 +48,7 @@ async def fetch_in_play(pool: asyncpg.Pool, sql: str, *args: Any) -> list[asyncp
 
 Db: TypeAlias = "asyncpg.Pool | asyncpg.Connection"  # either can fetch
 SKUS_NAMED = 5  # the SKUs a refusal of an unknown one names
+CUT_ID_MIN = 9  # an id cut short is looked for from "sale-" and 4 of its 12 hex digits on
 
 
 def new_sale_id() -> str:
@@ -71,6 +72,22 @@ async def fetch_sku(db: Db, sale_id: str, sku: str) -> asyncpg.Record | None:
         "SELECT * FROM sale_skus WHERE sale_id = $1 AND sku = $2", sale_id, sku
     )
     return row
+
+
+async def unknown_sale(db: Db, sale_id: object) -> NotFound:
+    """The refusal of ``sale_id``, which names no sale: naming the sales it is the start of
+    the id of (copied a character short), or the name of (the name typed for the id)."""
+    said = f"unknown sale {shown(sale_id)}"
+    if not isinstance(sale_id, str) or not sale_id or len(sale_id) > 200:
+        return NotFound(said, code="unknown_sale")
+    rows = await db.fetch(
+        "SELECT id, name FROM sales WHERE (starts_with(id, $1) AND length($1) >= $2)"
+        " OR lower(name) = lower($1) ORDER BY created_at DESC LIMIT 3",
+        sale_id, CUT_ID_MIN)  # fmt: skip
+    if rows:
+        meant = " or ".join(f'{r["id"]}, "{r["name"]}"' for r in rows)
+        said += f" (did you mean {meant}?)"
+    return NotFound(said, code="unknown_sale")
 
 
 async def unknown_sku(db: Db, sale_id: str, sku: str) -> NotFound:

@@ -36,11 +36,11 @@ import orjson
 from allocator.redis_calls import read_packed
 from allocator.sale_scripts import SaleScripts, archived_keys
 from flashsale.clients import Clients, RedisClient
-from flashsale.errors import Conflict, FlashsaleError, NotFound, listed, shown
+from flashsale.errors import Conflict, FlashsaleError, listed
 from flashsale.keys import SaleKeys, SkuKeys, bucket_keys
 from flashsale.outages import is_outage
 from flashsale.payments import PaymentProvider
-from flashsale.sales import SALE_END, fetch_sale, fetch_skus, sale_state
+from flashsale.sales import SALE_END, fetch_sale, fetch_skus, sale_state, unknown_sale
 from flashsale.settings import Settings
 from flashsale.timefmt import iso
 from flashsale.wording import counted
@@ -99,7 +99,7 @@ async def archive_sale(pool: asyncpg.Pool, client: RedisClient, provider: Paymen
     or its audit fails. An archived sale is answered without an audit."""
     sale = await fetch_sale(pool, sale_id)
     if sale is None:
-        raise NotFound(f"unknown sale {shown(sale_id)}", code="unknown_sale")
+        raise await unknown_sale(pool, sale_id)
     scripts = SaleScripts(client)
     buckets = [k for r in await fetch_skus(pool, sale_id)
                for k in bucket_keys(sale_id, r["sku"], r["buckets"])]  # fmt: skip

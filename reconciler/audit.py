@@ -21,14 +21,14 @@ from allocator.ids import hold_keys
 from allocator.redis_calls import Command, hash_pairs, read_packed
 from allocator.stock_buckets import BucketScripts
 from flashsale.clients import RedisClient
-from flashsale.errors import NotFound, PaymentError, Unavailable, shown
+from flashsale.errors import PaymentError, Unavailable
 from flashsale.kafka import consumer_lag
 from flashsale.keys import SaleKeys, bucket_keys
 from flashsale.orders import HOLD_FOR, TERMINAL
 from flashsale.payments import Charge, PaymentProvider
 from flashsale.queue_marks import highest
 from flashsale.records import ClaimMember, HoldRecord, text
-from flashsale.sales import fetch_sale, fetch_skus, sale_state
+from flashsale.sales import fetch_sale, fetch_skus, sale_state, unknown_sale
 from flashsale.settings import ENGINE_ENV_FILE, Settings
 from flashsale.timefmt import iso
 from flashsale.wording import counted
@@ -69,7 +69,7 @@ async def audit_sale(
     sale."""
     sale = await fetch_sale(pool, sale_id)
     if sale is None:
-        raise NotFound(f"unknown sale {shown(sale_id)}", code="unknown_sale")
+        raise await unknown_sale(pool, sale_id)
     if sale["archived_at"] is not None:
         report = AuditReport.parse(orjson.loads(sale["archive_audit"]))
         report.facts["archived_at"] = iso(sale["archived_at"], "seconds")

@@ -25,10 +25,11 @@ from prometheus_client import CollectorRegistry
 from allocator.ids import route_of
 from allocator.pacing import SaleTurns
 from flashsale.clients import Clients, open_clients, pg_connect
-from flashsale.errors import NotFound, shown
+from flashsale.errors import NotFound
 from flashsale.kafka import LagReader
 from flashsale.ops_endpoints import dependency_probes, serve_ops
 from flashsale.outages import describe, is_outage
+from flashsale.sales import unknown_sale
 from flashsale.settings import Settings
 from reconciler.archive import Archived, Archiver, archive_sale
 from reconciler.audit import audit_sale
@@ -61,7 +62,7 @@ async def require_sales(pool: asyncpg.Pool | asyncpg.Connection,
                                                list(sales))}  # fmt: skip
     for sale in sales:
         if sale not in known:
-            raise NotFound(f"unknown sale {shown(sale)}", code="unknown_sale")
+            raise await unknown_sale(pool, sale)
 
 
 async def reconcile_once(

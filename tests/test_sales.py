@@ -1781,6 +1781,21 @@ def test_unknown_sale(cli: Cli, counts: Any, argv: tuple[str, ...]) -> None:
     assert counts() == before
 
 
+def test_an_unknown_sale_names_the_one_its_id_was_cut_from_or_its_name_names(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """An id copied a character short, or the sale's name typed for its id, was "unknown
+    sale" and nothing more, though Postgres could tell which sale was meant."""
+    name = f"Drop {uuid.uuid4().hex[:8]}"
+    sale_id = create(cli, tmp_path, {**SALE, "name": name})
+    for typed in (sale_id[:-1], name.upper()):
+        result = cli("sale", "status", typed)
+        assert (result.code, result.err) == (
+            1, f"flashsale: error: unknown sale {typed!r} (did you mean {sale_id}, "
+               f'"{name}"?)\n'), result.err  # fmt: skip
+    assert cli("sale", "status", "sale-").err == "flashsale: error: unknown sale 'sale-'\n"
+
+
 def test_a_long_unknown_sale_id_is_named_not_echoed(cli: Cli) -> None:
     result = cli("sale", "status", "sale-" + "a" * 5000)
     assert result.code == 1 and "unknown sale 'sale-aaa" in result.err, result.err

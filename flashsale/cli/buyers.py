@@ -23,6 +23,7 @@ from flashsale.env_values import is_http_url
 from flashsale.errors import ConfigError, Conflict, InvalidInput, NotFound, shown
 from flashsale.fairness import Published, problems, published
 from flashsale.keys import ID_PATTERN
+from flashsale.sales import unknown_sale
 from flashsale.settings import Settings
 from flashsale.shuffle import member_of
 from flashsale.tokens import BUYER_ID, Signer
@@ -45,10 +46,10 @@ async def cmd_fairness(args: argparse.Namespace, settings: Settings) -> int:
         pool = await pg_pool(settings, max_size=2)
         try:
             found = await published(pool, sale)
+            if found is None:
+                raise await unknown_sale(pool, sale)
         finally:
             await pool.close()
-        if found is None:
-            raise NotFound(f"unknown sale {shown(sale)}", code="unknown_sale")
         record = found
     if record.members is None:
         raise Conflict(f"sale {sale}: {record.missing_why}")
