@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import http.server
 import json
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -266,6 +267,9 @@ def test_a_sale_starting_another_day_says_when_in_the_buyers_time(
         page.wait_for_selector("#state[data-state='scheduled']", timeout=15_000)
         detail = page.text_content("#detail") or ""
         assert f"{berlin:%H:%M}" in detail and str(berlin.day) in detail, (detail, berlin)
+        # ... and counts down in days and hours: "Starts in 47 h 59 min" was to be divided
+        heading = page.text_content("#state") or ""
+        assert re.fullmatch(r"Starts in (1 day 23 h|2 days 0 h)", heading), heading
         # Without a pass (a link passed on, a bookmark): sent to the shop, and told when
         # it opens; it was told nothing of when.
         visitor = browser.new_page(timezone_id="Europe/Berlin", locale="en-GB")
