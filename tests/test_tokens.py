@@ -10,9 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from flashsale.cli.devstack.processes import free_port
 from flashsale.errors import InvalidToken
+from flashsale.settings import Settings
 from flashsale.tokens import Signer, _Key, buyer_subject
 from tests.conftest import Cli
+from tests.harness import create_live_sale, live_gateway
 
 SECRET = "s" * 32
 OLD = "o" * 32
@@ -109,15 +112,18 @@ def test_cli_prints_each_buyers_link_to_the_waiting_room(
     page from the shop": someone trying their sale had to put the link together by hand from
     the README. With --page, each line ends with the buyer's own link."""
     monkeypatch.setenv("FLASHSALE_BUYER_TOKEN_SECRET", SECRET)
-    page = "http://127.0.0.1:8080/sales/sale-1?sku=A"
+    nowhere = f"http://127.0.0.1:{free_port()}"  # no gateway to check the sale with
+    page = f"{nowhere}/sales/sale-1?sku=A"
     result = run_cli("token", "buyers", "--count", "2", "--prefix", "try-", "--page", page,
                      "--payment", "tok_decline")  # fmt: skip
     assert result.code == 0, result.err
     for n, line in enumerate(result.out.splitlines()):
         buyer, token, link = line.split("\t")
         assert buyer == f"try-{n}" and link == f"{page}#token={token}&payment=tok_decline", line
-    plain = run_cli("token", "buyers", "--page", "http://127.0.0.1:8080/sales/sale-1")
+    plain = run_cli("token", "buyers", "--page", f"{nowhere}/sales/sale-1")
     assert plain.out.strip().endswith("&payment=tok_visa"), plain.out  # the simulator captures it
+    assert plain.err.startswith(f"flashsale: warning: could not ask {nowhere} whether it has "
+                                "sale sale-1"), plain.err  # fmt: skip
     for bad in (
         "127.0.0.1:8080/sales/sale-1",
         "http://127.0.0.1:8080/admin/",
@@ -128,6 +134,26 @@ def test_cli_prints_each_buyers_link_to_the_waiting_room(
         assert refused.code == 2 and refused.err.startswith("flashsale: error: --page: "), (
             bad, refused.err)  # fmt: skip
     assert run_cli("token", "buyers", "--payment", "tok_visa").code == 2  # without --page
+
+
+def test_cli_links_no_buyer_to_a_sale_the_gateway_does_not_have(
+    stack: Settings, run_cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`flashsale up` names the page `/sales/SALE`, and `--page` took that (or an id mistyped)
+    as it was: every link opened "This sale does not exist". The gateway the link names is
+    asked first."""
+    monkeypatch.setenv("FLASHSALE_BUYER_TOKEN_SECRET", SECRET)
+    with live_gateway(stack) as gw:
+        sale = create_live_sale(gw.base_url, stock=1)
+        good = run_cli("token", "buyers", "--page", f"{gw.base_url}/sales/{sale}")
+        assert (good.code, good.err) == (0, ""), good.err
+        assert good.out.count(f"/sales/{sale}#token=") == 1, good.out
+        placeholder = run_cli("token", "buyers", "--page", f"{gw.base_url}/sales/SALE")
+        assert (placeholder.code, placeholder.out) == (2, ""), placeholder
+        assert placeholder.err == (
+            f"flashsale: error: --page: {gw.base_url} has no sale 'SALE': the links would open "
+            '"This sale does not exist" (`flashsale sale list` names the sales)\n'
+        ), placeholder.err
 
 
 def test_cli_takes_a_lifetime_as_a_duration(run_cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,7 +17,7 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 
 from flashsale.cli.checks import http_url, in_seconds, positive, sale_id
-from flashsale.cli.output import out
+from flashsale.cli.output import out, warn
 from flashsale.clients import pg_pool
 from flashsale.env_values import is_http_url
 from flashsale.errors import ConfigError, Conflict, InvalidInput, NotFound, shown
@@ -104,7 +104,7 @@ async def _fetch_fairness(base: str, sale: str) -> dict[str, Any]:
     return doc
 
 
-def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
+async def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
     count = positive(int, "count", args.count)
     ttl = positive(float, "ttl", in_seconds("ttl", args.ttl))
     last = f"{args.prefix}{count - 1}"
@@ -119,6 +119,8 @@ def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
     page = args.page and waiting_room_page(args.page)
     if args.payment is not None and not page:
         raise InvalidInput("payment", "goes with --page: it is the link's payment method")
+    if page:
+        await _sale_at(page)
     signer = Signer.from_setting(secret, "buyer")
     payment = quote(args.payment or "tok_visa", safe="")
     for i in range(count):
@@ -140,6 +142,35 @@ def waiting_room_page(value: str) -> str:
             f"[:PORT]/sales/SALE (as `flashsale up` names it), got {shown(value)}",
         )
     return value
+
+
+PAGE_CHECK_S = 5.0  # how long the gateway a --page names is given to say it has the sale
+
+
+async def _sale_at(page: str) -> None:
+    """Ask the gateway ``page`` names whether it has the sale, as the page will: a link to a
+    sale it lacks (`/sales/SALE` as `flashsale up` writes it, an id mistyped) is refused; one
+    that cannot be checked (a gateway not up yet) is printed, with a warning."""
+    url = urlsplit(page)
+    origin, sale = f"{url.scheme}://{url.netloc}", url.path.rstrip("/").rpartition("/")[2]
+    timeout = aiohttp.ClientTimeout(total=PAGE_CHECK_S)
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.head(f"{origin}/v1/sales/{quote(sale, safe='')}") as answer,
+        ):
+            status = answer.status
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        warn(f"could not ask {origin} whether it has sale {sale} ({type(exc).__name__}): "
+             "the links are printed all the same")  # fmt: skip
+        return
+    if status == 404:
+        raise InvalidInput("page", f"{origin} has no sale {shown(sale)}: the links would open "
+                                   '"This sale does not exist" (`flashsale sale list` names the '
+                                   "sales)")  # fmt: skip
+    if status != 200:
+        warn(f"{origin} answered {status} when asked for sale {sale}: the links are printed all "
+             "the same")  # fmt: skip
 
 
 NEW_WEBHOOK_SECRET_BYTES = 32
@@ -187,8 +218,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--ttl", default="86400", help="validity, seconds or a duration as 1h (default 86400)"
     )
     buyers.add_argument("--page", metavar="URL",
-                        help="a sale's waiting-room page, http://HOST:PORT/sales/SALE: each line "
-                        "then ends with the buyer's link to it, to open in a browser")  # fmt: skip
+                        help="a sale's waiting-room page, http://HOST:PORT/sales/SALE (SALE: the "
+                        "sale's id, which that gateway is asked about first): each line then "
+                        "ends with the buyer's link to it, to open in a browser")  # fmt: skip
     buyers.add_argument("--payment", metavar="TOKEN",
                         help="with --page, the payment method the links carry (default "
                         "tok_visa, which the payment simulator captures; tok_decline it "
