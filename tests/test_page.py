@@ -371,6 +371,29 @@ def test_a_place_far_back_is_written_as_a_number_is_read(stack: Settings, browse
         assert detail.startswith("Position 1,235, 1,234 ahead of you"), detail
 
 
+def test_the_front_of_the_line_is_told_its_turn_is_coming_not_about_0_s(
+    stack: Settings, browser: Browser
+) -> None:
+    """First in line, the page said "Position 2, 0 ahead of you · about 0 s (at most 1 s, 9
+    times in 10)": nobody is ahead, and the turn is due any moment now."""
+    near = {"state": "waiting", "position": 2, "ahead": 0, "retry_after_ms": 60_000,
+            "eta_seconds": {"p50": 0.3, "p90": 1.2}}  # fmt: skip
+
+    def at_the_front(route: Route) -> None:
+        route.fulfill(status=200, content_type="application/json", body=json.dumps(near))
+
+    with live_page(stack, browser, "Front drop") as live:
+        gw, sale, page = live.gw, live.sale, live.page
+        page.route("**/queue/status", at_the_front)
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'front')}")
+        page.click("#join")
+        page.wait_for_selector("#state[data-state='waiting']", timeout=20_000)
+        detail = page.text_content("#detail") or ""
+        assert detail == (
+            "Position 2, nobody ahead of you · any moment now (at most 1 s, 9 times in 10)"
+        ), detail
+
+
 def test_a_buyer_asking_for_more_than_is_left_is_offered_what_is(
     stack: Settings, browser: Browser
 ) -> None:
