@@ -28,6 +28,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from allocator.pump import AdmissionPump
 from allocator.queue_scripts import QueueScripts
+from flashsale.errors import Unavailable
 from flashsale.http_protocol import answer_malformed_in_json
 from flashsale.kafka import ensure_topics
 from flashsale.settings import Rate, Secret, Settings
@@ -181,8 +182,9 @@ async def _with_topics(settings: Settings) -> None:
     same xdist worker had made them."""
     made = (settings.kafka_bootstrap, settings.topics)
     if made not in _MADE:
-        await ensure_topics(settings)
-        _MADE.add(made)
+        with contextlib.suppress(Unavailable):  # a gateway a test cuts off from the broker
+            await ensure_topics(settings)
+            _MADE.add(made)
 
 
 @contextlib.asynccontextmanager
