@@ -16,7 +16,7 @@ import asyncpg
 
 from flashsale.errors import NotFound, shown
 from flashsale.shuffle import SHUFFLE_ALGORITHM, seed_commitment
-from flashsale.timefmt import iso, unix_ms
+from flashsale.timefmt import iso, iso_ms, unix_ms
 
 STATUS_BY_ACTION = {"pause": "paused", "resume": "active", "end": "ended"}
 # SQL, of the sale ``s``: when it ends, or ended (an ended sale ended when it was ended); and
@@ -126,6 +126,16 @@ def ended_at(sale: asyncpg.Record, now: datetime) -> datetime | None:
     if sale["status"] == "ended":
         return min(ends, changed)
     return ends if now >= ends else None
+
+
+def archive_due(sale: asyncpg.Record, after_s: float | None) -> str | None:
+    """When the reconciler archives the sale, ``after_s`` (``FLASHSALE_ARCHIVE_AFTER``) after
+    its end, as the archive's ``DUE`` rule has it; None before its end, once archived, or
+    with no ``after_s`` (never)."""
+    ended = ended_at(sale, datetime.now(UTC))
+    if after_s is None or ended is None or sale["archived_at"] is not None:
+        return None
+    return iso_ms(int((ended.timestamp() + after_s) * 1000))
 
 
 def commitment_of(sale: asyncpg.Record) -> str:

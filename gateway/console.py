@@ -21,12 +21,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from allocator.sale_reads import without_counts
 from flashsale.ops_endpoints import metrics_text
-from flashsale.sales import sale_json
+from flashsale.sales import archive_due, sale_json
 from flashsale.timefmt import iso_ms
 from gateway.catalog import MAX_INFO_TTL_S, copy_of
 from gateway.documents import Document, document_response
 from gateway.http import json_response, moved_to
-from gateway.state import CATALOG_READS, CLIENTS, COUNTERS, LAG, LIVE, METRICS, SALES
+from gateway.state import CATALOG_READS, CLIENTS, COUNTERS, LAG, LIVE, METRICS, SALES, SETTINGS
 
 STATIC = importlib.resources.files("gateway").joinpath("static")
 FILES = {"uPlot.iife.min.js": "application/javascript", "uPlot.min.css": "text/css",
@@ -154,7 +154,8 @@ async def live(request: web.Request) -> web.Response:
     """Everything the live page shows of one sale, in one answer."""
     app, sale_id = request.app, request.match_info["sale"]
     skus = await _skus(app, sale_id)
-    sale = sale_json(await app[SALES].row(sale_id))  # as it is now: paused a moment ago
+    row = await app[SALES].row(sale_id)
+    sale = sale_json(row)  # as it is now: paused a moment ago
     counters = await app[COUNTERS].get(sale_id)
     view = counters.view
     repairs = await app[CLIENTS].pool.fetch(
@@ -180,6 +181,7 @@ async def live(request: web.Request) -> web.Response:
         "routes": route_figures(metrics_text(app[METRICS].registry).decode()),
         "consumer_lag": await app[LAG].read(),
         "repairs": {r["kind"]: int(r["n"]) for r in repairs},
+        "archive_due_at": archive_due(row, app[SETTINGS].archive_after_s),
     }  # fmt: skip
     return json_response(body)
 

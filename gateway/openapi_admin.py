@@ -348,6 +348,9 @@ def admin_paths() -> dict[str, Any]:
                                 "routes": {"type": "object"},
                                 "consumer_lag": {"type": ["integer", "null"]},
                                 "repairs": {"type": "object"},
+                                # when the reconciler archives the ended sale (null: not
+                                # ended, archived, or FLASHSALE_ARCHIVE_AFTER=never)
+                                "archive_due_at": {"oneOf": [TIME, {"type": "null"}]},
                             },
                             [
                                 "at",
@@ -363,6 +366,7 @@ def admin_paths() -> dict[str, Any]:
                                 "routes",
                                 "consumer_lag",
                                 "repairs",
+                                "archive_due_at",
                             ],
                         ),
                     ),

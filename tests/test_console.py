@@ -21,6 +21,7 @@ from flashsale.cli.devstack.processes import UP_PORTS, free_ports
 from flashsale.keys import SkuKeys
 from flashsale.settings import Settings
 from flashsale.tokens import Signer
+from gateway.state import CLIENTS
 from loadtest.driver import Buyers, Person
 from loadtest.processes import engine
 from tests.harness import (
@@ -771,3 +772,26 @@ def test_the_live_page_says_a_sale_is_not_preloaded_and_preloads_it(
         rdb.delete(*SkuKeys(live.sale, "S1").all())
         page.wait_for_selector("#lost-note:has-text('1 SKU lost by Redis: S1.')", timeout=10_000)
         assert page.is_hidden("#preload-note")
+
+
+def test_the_live_page_says_when_an_ended_sale_is_archived_and_when_it_was(
+    stack: Settings, browser: Browser
+) -> None:
+    """An ended sale's page said only that nothing could change it: not that the reconciler
+    archives it a day after its end (its audit recorded, its buyers' Redis state deleted) nor
+    how to do it sooner, nor, once it was archived, that it had been."""
+    with live_page(stack, browser, "Drop to archive") as live:
+        page, base = live.page, live.gw.base_url
+        _open(live)
+        page.wait_for_selector("#sale-title:has-text('Drop to archive')", timeout=10_000)
+        ended = requests.post(f"{base}/admin/v1/sales/{live.sale}/end", timeout=10,
+                              headers={"Authorization": f"Bearer {ADMIN}"})  # fmt: skip
+        assert ended.status_code == 200, ended.text
+        page.wait_for_selector("#ended-note", state="visible", timeout=10_000)
+        note = page.inner_text("#ended-note")
+        assert "The reconciler archives it " in note and "1 day after its end" in note, note
+        assert f"`flashsale sale archive {live.sale}` does it sooner" in note, note
+        pool = live.gw.app[CLIENTS].pool  # as `sale archive` marks it (tested with it)
+        live.gw.run(pool.execute("UPDATE sales SET archived_at = now() WHERE id = $1", live.sale))
+        expect(page.locator("#ended-note")).to_contain_text("It was archived ", timeout=10_000)
+        assert "reconciler" not in page.inner_text("#ended-note")
