@@ -43,6 +43,7 @@ from flashsale.salespec import (
     integer,
     refuse_all,
 )
+from flashsale.settings import ARCHIVE_AFTER_S
 from flashsale.shuffle import seed_commitment
 from flashsale.wording import counted
 
@@ -52,8 +53,9 @@ class SaleAdmin(SalePreloads):
     """Merchandiser operations over one Postgres pool and one Redis client."""
 
     @classmethod
-    def build(cls, pool: asyncpg.Pool, client: RedisClient) -> SaleAdmin:
-        return cls(pool, client, SaleScripts(client))
+    def build(cls, pool: asyncpg.Pool, client: RedisClient,
+              archive_after_s: float | None = ARCHIVE_AFTER_S) -> SaleAdmin:  # fmt: skip
+        return cls(pool, client, SaleScripts(client), archive_after_s)
 
     # -- create / import -----------------------------------------------------------------
 

@@ -20,8 +20,17 @@ from flashsale.clients import COPY_TIMEOUT_S, RedisClient
 from flashsale.errors import InvalidInput, shown
 from flashsale.keys import ID_PATTERN, SaleKeys, bucket_keys
 from flashsale.outages import describe
-from flashsale.sales import SALE_STATE, fetch_sku, fetch_skus, sale_json, unknown_sale, unknown_sku
+from flashsale.sales import (
+    SALE_STATE,
+    archive_due,
+    fetch_sku,
+    fetch_skus,
+    sale_json,
+    unknown_sale,
+    unknown_sku,
+)
 from flashsale.salespec import integer, text
+from flashsale.settings import ARCHIVE_AFTER_S
 from flashsale.timefmt import iso
 
 MAX_PAGE = 1000
@@ -119,6 +128,8 @@ class SaleReads:
     pool: asyncpg.Pool
     redis: RedisClient
     scripts: SaleScripts
+    # FLASHSALE_ARCHIVE_AFTER, for when an ended sale is archived (None: never by itself)
+    archive_after_s: float | None = ARCHIVE_AFTER_S
 
     def __post_init__(self) -> None:
         self.transfers = BucketScripts(self.redis)  # a bucketed SKU's buckets, its stock grown
@@ -271,7 +282,8 @@ class SaleReads:
             rows.append(row)
         room = await QueueScripts(self.redis).snapshot(SaleKeys(sale_id), redis_time=True)
         return {"sale": sale_json(sale), "skus": rows, "revenue": revenue,
-                "queue": room.view.summary(room.redis_ms)}  # fmt: skip
+                "queue": room.view.summary(room.redis_ms),
+                "archive_due_at": archive_due(sale, self.archive_after_s)}  # fmt: skip
 
     async def with_stock(
         self, sale_id: str

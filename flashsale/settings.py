@@ -166,6 +166,7 @@ class Rate:
 
 
 LOG_LEVELS = ("debug", "info", "warning", "warn", "error", "critical")
+ARCHIVE_AFTER_S = 86_400.0  # FLASHSALE_ARCHIVE_AFTER's default: a day after a sale's end
 
 
 KAFKA_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
@@ -277,7 +278,7 @@ class Settings:
     # How long the broker waits for a silent worker before its partitions go to another one.
     worker_session_timeout_s: float = 10.0
     # How long after its end the reconciler archives a sale (reconciler/archive.py); None: never.
-    archive_after_s: float | None = 86_400.0
+    archive_after_s: float | None = ARCHIVE_AFTER_S
     # The payment provider: FLASHSALE_PSP_URL, or the simulator that `flashsale up` starts.
     psp_url: str | None = None
     # Order webhooks to the storefront (workers/webhooks.py): off without a URL.
@@ -413,6 +414,6 @@ def _archive_after(env: Mapping[str, str]) -> float | None:
     if (env.get(name) or "").strip().lower() == "never":
         return None
     try:
-        return number(env, name, 86_400.0, minimum=0.0)
+        return number(env, name, ARCHIVE_AFTER_S, minimum=0.0)
     except ConfigError as exc:
         raise ConfigError(f"{exc}: give seconds after a sale's end, or never") from None

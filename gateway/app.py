@@ -80,7 +80,7 @@ async def clients(app: web.Application) -> AsyncIterator[None]:
         app[PROBES] = probes = dependency_probes(c.redis, c.pool, kafka)
         app[READINESS] = Readiness(probes, registry=app[METRICS].registry)
         app[LAG] = LagCache(settings)
-        app[SALES] = SaleAdmin.build(c.pool, c.redis)
+        app[SALES] = SaleAdmin.build(c.pool, c.redis, settings.archive_after_s)
         app[QUEUE] = queue = QueueScripts(c.redis)
         app[HOLDS] = holds = HoldScripts(c.redis)
         # Grants come back with their holds: the event is published without a read back.

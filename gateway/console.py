@@ -26,7 +26,7 @@ from flashsale.timefmt import iso_ms
 from gateway.catalog import MAX_INFO_TTL_S, copy_of
 from gateway.documents import Document, document_response
 from gateway.http import json_response, moved_to
-from gateway.state import CATALOG_READS, CLIENTS, COUNTERS, LAG, LIVE, METRICS, SALES, SETTINGS
+from gateway.state import CATALOG_READS, CLIENTS, COUNTERS, LAG, LIVE, METRICS, SALES
 
 STATIC = importlib.resources.files("gateway").joinpath("static")
 FILES = {"uPlot.iife.min.js": "application/javascript", "uPlot.min.css": "text/css",
@@ -181,7 +181,7 @@ async def live(request: web.Request) -> web.Response:
         "routes": route_figures(metrics_text(app[METRICS].registry).decode()),
         "consumer_lag": await app[LAG].read(),
         "repairs": {r["kind"]: int(r["n"]) for r in repairs},
-        "archive_due_at": archive_due(row, app[SETTINGS].archive_after_s),
+        "archive_due_at": archive_due(row, app[SALES].archive_after_s),
     }  # fmt: skip
     return json_response(body)
 

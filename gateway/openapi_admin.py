@@ -6,7 +6,7 @@ from typing import Any
 
 from allocator.sale_settings import SKU_EDITABLE
 from gateway.openapi_parts import IDEMPOTENCY_KEY, SALE_PATH, errors, ok, op, query
-from gateway.openapi_reports import ARCHIVED, AUDIT, ROOM, SALE_STATUS
+from gateway.openapi_reports import ARCHIVE_DUE, ARCHIVED, AUDIT, ROOM, SALE_STATUS
 from gateway.openapi_schemas import ID, NULLABLE_STRING, SALE, SALE_SPEC, SKU_SPEC, TIME, obj
 
 CURVE = {
@@ -348,9 +348,7 @@ def admin_paths() -> dict[str, Any]:
                                 "routes": {"type": "object"},
                                 "consumer_lag": {"type": ["integer", "null"]},
                                 "repairs": {"type": "object"},
-                                # when the reconciler archives the ended sale (null: not
-                                # ended, archived, or FLASHSALE_ARCHIVE_AFTER=never)
-                                "archive_due_at": {"oneOf": [TIME, {"type": "null"}]},
+                                "archive_due_at": ARCHIVE_DUE,
                             },
                             [
                                 "at",

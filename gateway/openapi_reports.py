@@ -57,6 +57,11 @@ ROOM = obj(
         "full",
     ],
 )
+ARCHIVE_DUE = {
+    "oneOf": [TIME, {"type": "null"}],
+    "description": "when the reconciler archives the ended sale (FLASHSALE_ARCHIVE_AFTER after "
+    "its end); null before its end, once archived, or never",
+}
 SALE_STATUS = obj(
     {
         "sale": SALE,
@@ -93,8 +98,9 @@ SALE_STATUS = obj(
             "the SKU asked alone, with ?sku=)",
         },
         "queue": ROOM,
+        "archive_due_at": ARCHIVE_DUE,
     },
-    ["sale", "skus", "revenue", "queue"],
+    ["sale", "skus", "revenue", "queue", "archive_due_at"],
 )
 ARCHIVED = obj(
     {

@@ -1796,6 +1796,26 @@ def test_an_unknown_sale_names_the_one_its_id_was_cut_from_or_its_name_names(
     assert cli("sale", "status", "sale-").err == "flashsale: error: unknown sale 'sale-'\n"
 
 
+def test_an_ended_sales_status_says_when_it_is_archived(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`sale status` of an ended sale said nothing of its archiving: that the reconciler
+    deletes its buyers' Redis state a day after its end, and the command that does it now."""
+    sale_id = create(cli, tmp_path)
+    assert cli("sale", "preload", sale_id).code == 0
+    assert cli("sale", "end", sale_id).code == 0
+    ended = json.loads(cli("sale", "show", sale_id).out)["ended_at"]
+    due = datetime.fromisoformat(ended) + timedelta(days=1)
+    lines = cli("sale", "status", sale_id).out.splitlines()
+    assert lines[2] == (
+        f"  the reconciler archives it at {due:%Y-%m-%dT%H:%M:%SZ}, 24 h after its end "
+        f"(`flashsale sale archive {sale_id}` does it now)"
+    ), lines
+    monkeypatch.setenv("FLASHSALE_ARCHIVE_AFTER", "never")
+    lines = cli("sale", "status", sale_id).out.splitlines()
+    assert lines[2] == f"  not archived yet (`flashsale sale archive {sale_id}` does it)", lines
+
+
 def test_a_long_unknown_sale_id_is_named_not_echoed(cli: Cli) -> None:
     result = cli("sale", "status", "sale-" + "a" * 5000)
     assert result.code == 1 and "unknown sale 'sale-aaa" in result.err, result.err

@@ -62,7 +62,7 @@ async def admin(settings: Settings) -> AsyncIterator[SaleAdmin]:
         opened.push_async_callback(client.aclose)
         pool = await pg_pool(settings, max_size=4)
         opened.push_async_callback(pool.close)
-        yield SaleAdmin.build(pool, client)
+        yield SaleAdmin.build(pool, client, settings.archive_after_s)
 
 
 async def cmd_sale(args: argparse.Namespace, settings: Settings) -> int:

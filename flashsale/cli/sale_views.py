@@ -53,6 +53,8 @@ def print_status(status: dict[str, Any], *, as_json: bool, whole: bool = True) -
     out(f"  {when}  {loaded}")
     if sale.get("archived_at"):
         out(f"  archived {to_second(sale['archived_at'])} (its per-buyer Redis state deleted)")
+    elif over and whole:  # what becomes of its buyers' Redis state, and when
+        out(f"  {archiving(sale, status.get('archive_due_at'))}")
     queue = status.get("queue")
     if whole and queue and queue["live"]:
         out(f"  queue: {queue_line(queue, sale['state'])}{full_line(queue, sale['id'])}")
@@ -245,6 +247,17 @@ def watching(args: argparse.Namespace) -> tuple[float, int | None] | None:
         return None
     interval = seconds("interval", args.interval or "1", SHORTEST_INTERVAL_S)
     return interval, positive(int, "count", args.count) if args.count else None
+
+
+def archiving(sale: dict[str, Any], due: str | None) -> str:
+    """When an ended sale not archived yet will be (``due``: by the reconciler, None: not
+    by itself), and the command that archives it."""
+    command = f"`flashsale sale archive {sale['id']}`"
+    if due is None or not sale.get("ended_at"):
+        return f"not archived yet ({command} does it)"
+    after = (datetime.fromisoformat(due) - datetime.fromisoformat(sale["ended_at"])).total_seconds()
+    when = "right after its end" if after < 60 else f"{span(after)} after its end"
+    return f"the reconciler archives it at {to_second(due)}, {when} ({command} does it now)"
 
 
 async def watch_status(sales: SaleAdmin, args: argparse.Namespace, interval: float,
