@@ -176,10 +176,7 @@ def test_the_page_rides_out_a_spike_and_resumes_after_a_reload(
 
     with live_page(stack, browser, "Busy drop") as live:
         gw, sale, page = live.gw, live.sale, live.page
-        page.route("**/queue/status", chaos)
-        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'patient')}")
-        page.click("#join")
-        page.wait_for_selector("#state[data-state='waiting']", timeout=20_000)
+        _in_line(live, "patient", chaos)
         page.screenshot(path=str(SCREENSHOTS / "waiting-room-retrying.png"))
         page.reload()  # the ticket is kept: no second join
         page.wait_for_selector("#state[data-state='waiting']", timeout=20_000)
@@ -371,6 +368,15 @@ def test_a_place_far_back_is_written_as_a_number_is_read(stack: Settings, browse
         assert detail.startswith("Position 1,235, 1,234 ahead of you"), detail
 
 
+def _in_line(live: LivePage, buyer: str, status: Callable[[Route], None]) -> None:
+    """Open ``live``'s page as ``buyer``, its status polls answered by ``status``, and join:
+    back once the page says the buyer is in line."""
+    live.page.route("**/queue/status", status)
+    live.page.goto(f"{live.gw.base_url}/sales/{live.sale}#token={_buyer(live.gw, buyer)}")
+    live.page.click("#join")
+    live.page.wait_for_selector("#state[data-state='waiting']", timeout=20_000)
+
+
 def test_the_front_of_the_line_is_told_its_turn_is_coming_not_about_0_s(
     stack: Settings, browser: Browser
 ) -> None:
@@ -383,12 +389,8 @@ def test_the_front_of_the_line_is_told_its_turn_is_coming_not_about_0_s(
         route.fulfill(status=200, content_type="application/json", body=json.dumps(near))
 
     with live_page(stack, browser, "Front drop") as live:
-        gw, sale, page = live.gw, live.sale, live.page
-        page.route("**/queue/status", at_the_front)
-        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'front')}")
-        page.click("#join")
-        page.wait_for_selector("#state[data-state='waiting']", timeout=20_000)
-        detail = page.text_content("#detail") or ""
+        _in_line(live, "front", at_the_front)
+        detail = live.page.text_content("#detail") or ""
         assert detail == (
             "Position 2, nobody ahead of you · any moment now (at most 1 s, 9 times in 10)"
         ), detail
