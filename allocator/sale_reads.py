@@ -17,7 +17,7 @@ from allocator.queue_scripts import QueueScripts
 from allocator.sale_scripts import SaleScripts, StockCounts, summed
 from allocator.stock_buckets import BucketScripts, Snapshot
 from flashsale.clients import COPY_TIMEOUT_S, RedisClient
-from flashsale.errors import InvalidInput, shown
+from flashsale.errors import InvalidInput, NotFound, shown
 from flashsale.keys import ID_PATTERN, SaleKeys, bucket_keys
 from flashsale.outages import describe
 from flashsale.sales import (
@@ -134,22 +134,26 @@ class SaleReads:
     def __post_init__(self) -> None:
         self.transfers = BucketScripts(self.redis)  # a bucketed SKU's buckets, its stock grown
 
-    async def sale_row(self, conn: asyncpg.Connection, sale_id: str, *,
-                        lock: bool = False) -> asyncpg.Record:  # fmt: skip
-        """The sale's row (``lock``: FOR UPDATE, for the transaction); NotFound otherwise. A
-        change of the sale holds it while it writes Redis too, so that changes reach Redis
-        in the order Postgres took them."""
-        if not isinstance(sale_id, str) or not ID_PATTERN.match(sale_id):
-            raise await unknown_sale(conn, sale_id)  # a name typed for the id, say
-        row = await conn.fetchrow(SALE_LOCKED if lock else SALE, sale_id)
+    async def sale_row(self, conn: asyncpg.Connection, sale_id: str, *, lock: bool = False,
+                       named: bool = True) -> asyncpg.Record:  # fmt: skip
+        """The sale's row (``lock``: FOR UPDATE, for the transaction); NotFound otherwise,
+        naming the sale probably meant (``named``: an operator's; never a buyer's, whom it
+        would tell of other sales). A change of the sale holds it while it writes Redis
+        too, so that changes reach Redis in the order Postgres took them."""
+        row = None
+        if isinstance(sale_id, str) and ID_PATTERN.match(sale_id):
+            row = await conn.fetchrow(SALE_LOCKED if lock else SALE, sale_id)
         if row is None:
-            raise await unknown_sale(conn, sale_id)
+            if named:
+                raise await unknown_sale(conn, sale_id)  # a name typed for the id, say
+            raise NotFound(f"unknown sale {shown(sale_id)}", code="unknown_sale")
         return row
 
-    async def row(self, sale_id: str) -> asyncpg.Record:
-        """The sale's row alone, without its SKUs. Raises NotFound."""
+    async def row(self, sale_id: str, *, named: bool = True) -> asyncpg.Record:
+        """The sale's row alone, without its SKUs. Raises NotFound (``named``: as
+        :meth:`sale_row`)."""
         async with self.pool.acquire() as conn:
-            return await self.sale_row(conn, sale_id)
+            return await self.sale_row(conn, sale_id, named=named)
 
     async def get(self, sale_id: str) -> dict[str, Any]:
         """The sale as JSON-ready data, with its SKUs. Raises NotFound."""
@@ -291,9 +295,10 @@ class SaleReads:
         """The sale as :meth:`get` gives it, and each SKU's (available, held) units in Redis
         (None before its preload): what the public sale summary shows. Once the sale was
         preloaded, a SKU added since is left out until its own preload: the allocators do not
-        know it yet (a reservation of it is 404 ``unknown_sku``). Raises NotFound."""
+        know it yet (a reservation of it is 404 ``unknown_sku``). Raises NotFound, naming no
+        other sale (a buyer's)."""
         async with self.pool.acquire() as conn:
-            sale = await self.sale_row(conn, sale_id)
+            sale = await self.sale_row(conn, sale_id, named=False)
             skus = await fetch_skus(conn, sale_id)
         if sale["preloaded_at"] is not None:
             skus = [sku for sku in skus if sku["preloaded_at"] is not None]

@@ -58,7 +58,7 @@ async def ended_by_postgres(app: web.Application, sale_id: str) -> bool:
     """Whether Postgres says the sale ended (NotFound for an unknown sale): the answer where
     Redis lost the sale's state (its room, its SKU), since no restore would change it, and
     none comes for a sale the reconciler is done with."""
-    return sale_state(await app[SALES].row(sale_id)) == "ended"
+    return sale_state(await app[SALES].row(sale_id, named=False)) == "ended"
 
 
 async def sale_summary(request: web.Request, sale_id: str) -> Summary:

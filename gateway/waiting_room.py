@@ -144,7 +144,7 @@ async def join(request: web.Request) -> web.Response:
     if outcome == "rate_limited":
         raise RateLimited("too many requests; slow down", retry_after_s=result.position / 1e6)
     if outcome == "unavailable":
-        sale = await app[SALES].row(sale_id)  # NotFound for an unknown sale
+        sale = await app[SALES].row(sale_id, named=False)  # NotFound for an unknown sale
         if sale_state(sale) == "ended":  # no restore changes that (none comes for an old sale)
             raise Conflict(f"sale {sale_id} has ended", code="sale_ended")
         if sale["preloaded_at"] is not None:  # Redis lost the waiting room: being restored

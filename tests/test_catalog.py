@@ -135,6 +135,24 @@ async def test_a_storefront_asks_for_its_skus_only(stack: Settings) -> None:
         assert (await too_many.json())["error"]["field"] == "sku"
 
 
+async def test_a_buyers_unknown_sale_names_no_other_sale(stack: Settings) -> None:
+    """An operator's unknown sale id is answered with the sale it was probably cut from, or
+    whose name it is; anyone's is not: the public API would otherwise list sales (their ids
+    and names, not yet announced ones too) to whoever asks with a prefix."""
+    async with gateway(stack) as gw:
+        sale = await gw.create_sale(name="Unannounced drop")
+        for typed in (sale[:-1], "Unannounced drop"):
+            for method, path in (("GET", f"/v1/sales/{typed}"),
+                                 ("POST", f"/v1/sales/{typed}/queue")):  # fmt: skip
+                answer = await gw.http.request(method, path, headers=auth(gw.token("nosy")))
+                error = (await answer.json())["error"]
+                assert (answer.status, error["code"]) == (404, "unknown_sale"), (path, error)
+                assert sale not in error["message"] and "Unannounced" not in error["message"][
+                    len(f"unknown sale {typed!r}"):], error  # fmt: skip
+        admin = await gw.http.get(f"/admin/v1/sales/{sale[:-1]}", headers=auth(ADMIN))
+        assert f"(did you mean {sale}, " in (await admin.json())["error"]["message"]
+
+
 async def test_a_sales_items_keep_the_order_they_were_given_in(stack: Settings) -> None:
     """A sale of sizes 36 to 45.5 as SNK-0 to SNK-19 was listed by its SKU's spelling (SNK-0,
     SNK-1, SNK-10, …, SNK-19, SNK-2): the waiting-room page, which shows the first twelve,
