@@ -789,7 +789,7 @@ def test_the_live_page_says_when_an_ended_sale_is_archived_and_when_it_was(
         assert ended.status_code == 200, ended.text
         page.wait_for_selector("#ended-note", state="visible", timeout=10_000)
         note = page.inner_text("#ended-note")
-        assert "The reconciler archives it on " in note and "1 day after its end" in note, note
+        assert "The reconciler archives it on " in note and "24 h after its end" in note, note
         assert f"`flashsale sale archive {live.sale}` does it sooner" in note, note
         pool = live.gw.app[CLIENTS].pool  # as `sale archive` marks it (tested with it)
         live.gw.run(pool.execute("UPDATE sales SET archived_at = now() WHERE id = $1", live.sale))
