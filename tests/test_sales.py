@@ -705,9 +705,19 @@ def test_a_sale_is_created_with_its_end_as_a_duration(cli: Cli, tmp_path: Path) 
          "--ends-in: must end after the start, 1h from now, got 30m"),
         (("--ends-in", "soon"),
          "--ends-in: must be a duration like 90s, 10m, 2h, 1d or 1h30m, got 'soon'"),
+        # a duration of nothing is one: it is refused as such, not as not being one
+        (("--starts-in", "0s"), "--starts-in: must be longer than 0s, got '0s'"),
     ):  # fmt: skip
         refused = cli("sale", "create", "--name", "Drop", *sku, *flags)
         assert (refused.code, refused.err.strip()) == (2, f"flashsale: error: {said}"), flags
+    # The start an --ends-at before it is judged against is the one --starts-in put, not now.
+    refused = cli("sale", "create", "--name", "Drop", *sku, "--starts-in", "1h",
+                  "--ends-at", "2020-01-01T00:00:00Z")  # fmt: skip
+    found = re.fullmatch(r"flashsale: error: --ends-at: must be after the start, (\S+), "
+                         r"got 2020-01-01T00:00:00Z", refused.err.strip())  # fmt: skip
+    assert refused.code == 2 and found, refused.err
+    ahead = datetime.fromisoformat(found[1]) - datetime.now(UTC)
+    assert timedelta(minutes=59) < ahead <= timedelta(hours=1), found[1]
 
 
 def test_a_scheduled_sale_is_edited_from_the_cli(cli: Cli, db: Db, counts: Any,

@@ -181,7 +181,10 @@ def duration(field: str, value: str) -> timedelta:
     """A positive duration written as numbers with units, largest first: ``90s``, ``10m``,
     ``2h``, ``1d``, ``1h30m``."""
     found = _DURATION.match(value.strip())
-    parts = [int(part or 0) for part in found.groups()] if found else []
+    written = found.groups() if found else ()
+    parts = [int(part or 0) for part in written]
+    if any(part is not None for part in written) and not any(parts):  # "0s", "0h0m"
+        raise InvalidInput(field, f"must be longer than 0s, got {shown(value)}")
     if not any(parts):
         raise InvalidInput(field, f"must be a duration like 90s, 10m, 2h, 1d or 1h30m, "
                            f"got {shown(value)}")  # fmt: skip

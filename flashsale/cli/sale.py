@@ -81,7 +81,8 @@ async def _sale(args: argparse.Namespace, settings: Settings) -> int:
             raise InvalidInput(given_flags[0], "give either --file or flags, not both")
         moments = from_now(args)  # a bad --starts-in or --ends-in before the file is read
         raw = read_json_file(args.file) if args.file else sale_from_flags(args)
-        spec = dated(parse_sale(raw), args, moments)
+        start = None if args.file else moments.get("starts_at")  # flags: --ends-at vs it
+        spec = dated(parse_sale(raw, now=start), args, moments)
         key = idempotency_key(args.idempotency_key, required=False)
         asked = {"sale": raw, "starts_in": args.starts_in}
         if args.ends_in:  # the same typed words, not the moments they named then
