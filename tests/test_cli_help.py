@@ -320,6 +320,14 @@ def test_a_group_typed_alone_lists_its_commands(
      "(did you mean --max-queue?)"),
     (("sale", "status", "S", "--bogus"),
      "flashsale sale status: error: unrecognized arguments: --bogus"),
+    # a flag of another command of the group: the SKU's settings are update-sku's
+    (("sale", "update", "S", "--ttl", "30"),
+     "flashsale sale update: error: unrecognized arguments: --ttl 30 "
+     "(--ttl is a flag of `flashsale sale create` and `flashsale sale update-sku`)"),
+    (("migrate", "--json"), "flashsale migrate: error: unrecognized arguments: --json"),
+    (("sale", "status", "S", "--state=live"),
+     "flashsale sale status: error: unrecognized arguments: --state=live "
+     "(--state is a flag of `flashsale sale list` and `flashsale sale orders`)"),
     (("sale", "pause", "S", "T"), "flashsale sale pause: error: unrecognized arguments: T"),
 ])  # fmt: skip
 def test_an_unknown_flag_is_refused_by_its_command_naming_the_one_meant(

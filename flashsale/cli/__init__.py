@@ -28,7 +28,7 @@ from typing import Any, NoReturn
 
 from flashsale import __version__, event_loop
 from flashsale.cli import bench, buyers, dev, load, repairs, sale, serve
-from flashsale.cli.flags import as_typed, command_parser, flag_meant, refuse_empty
+from flashsale.cli.flags import as_typed, command_path, flag_meant, refuse_empty
 from flashsale.cli.output import after_reader_gone, fail, reader_gone, warn
 from flashsale.env_values import unknown_settings
 from flashsale.errors import FlashsaleError, InvalidInput
@@ -57,8 +57,8 @@ class Parser(argparse.ArgumentParser):
         usage, not flashsale's ``COMMAND ...``), naming the flag probably meant."""
         parsed, extra = self.parse_known_args(args, namespace)
         if extra:
-            command = command_parser(self, parsed)
-            command.error(f"unrecognized arguments: {' '.join(extra)}{flag_meant(command, extra)}")
+            path = command_path(self, parsed)
+            path[-1].error(f"unrecognized arguments: {' '.join(extra)}{flag_meant(path, extra)}")
         return parsed
 
     def error(self, message: str) -> NoReturn:

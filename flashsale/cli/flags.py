@@ -111,24 +111,43 @@ def _flag(attribute: str) -> str:
 def command_parser(parser: argparse.ArgumentParser,
                    args: argparse.Namespace) -> argparse.ArgumentParser:  # fmt: skip
     """The parser of the command ``args`` holds (``sale list``'s, not ``flashsale``'s)."""
+    return command_path(parser, args)[-1]
+
+
+def command_path(parser: argparse.ArgumentParser,
+                 args: argparse.Namespace) -> list[argparse.ArgumentParser]:  # fmt: skip
+    """The parsers from ``parser`` down to the command ``args`` holds: flashsale's, the
+    group's (``sale``), the command's (``sale list``)."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             chosen = getattr(args, action.dest, None)
             if chosen in action.choices:
-                return command_parser(action.choices[chosen], args)
-    return parser
+                return [parser, *command_path(action.choices[chosen], args)]
+    return [parser]
 
 
-def flag_meant(command: argparse.ArgumentParser, words: Sequence[str]) -> str:
+def flag_meant(path: Sequence[argparse.ArgumentParser], words: Sequence[str]) -> str:
     """What follows "unrecognized arguments": the flag probably meant by the first of
-    ``words`` the command does not take (`` (did you mean --port?)`` for ``--prot``; also
-    ``--rate`` for ``--admission-rate``, ``--max_queue``), or nothing."""
+    ``words`` the command (the last of ``path``) does not take (`` (did you mean --port?)``
+    for ``--prot``; also ``--rate`` for ``--admission-rate``, ``--max_queue``); else the
+    commands of its group that take it (``sale update --ttl``: `sale update-sku`'s; not
+    flashsale's own commands, which share little), or nothing."""
     typed = next((w.partition("=")[0] for w in words if w.startswith("--")), None)
     if typed is None:
         return ""
-    flags = [o for a in command._actions for o in a.option_strings if o.startswith("--")]
-    guess = meant(typed[2:], [f[2:].replace("-", "_") for f in flags])
-    return f" (did you mean --{guess.replace('_', '-')}?)" if guess else ""
+    guess = meant(typed[2:], [f[2:].replace("-", "_") for f in _long_flags(path[-1])])
+    if guess:
+        return f" (did you mean --{guess.replace('_', '-')}?)"
+    group = path[-2] if len(path) > 2 else None
+    beside = [command.prog for action in (group._actions if group else ())
+              if isinstance(action, argparse._SubParsersAction)
+              for command in dict.fromkeys(action.choices.values())
+              if command is not path[-1] and typed in _long_flags(command)]  # fmt: skip
+    return f" ({typed} is a flag of {' and '.join(f'`{p}`' for p in beside)})" if beside else ""
+
+
+def _long_flags(command: argparse.ArgumentParser) -> list[str]:
+    return [o for a in command._actions for o in a.option_strings if o.startswith("--")]
 
 
 def refuse_empty(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
