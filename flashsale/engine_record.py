@@ -1,6 +1,7 @@
-"""The record a running ``flashsale up`` keeps in the state folder (``<home>/engine.env``): the
+"""The records a running ``flashsale up`` keeps in the state folder. ``<home>/engine.env``: the
 payment simulator it started. Commands run from another shell (``flashsale audit``) read it
 through Settings; an engine about to start its own simulator checks it first.
+``<home>/engines/<port>.json``: where its services listen, which ``dev status`` shows.
 
 Two simulators on one stack would each know only the payments their own engine's workers made
 (the workers of both share one consumer group), so the audit and the reconciler, asking one of
@@ -10,25 +11,57 @@ from __future__ import annotations
 
 import urllib.request
 from pathlib import Path
+from typing import Any
+
+import orjson
 
 from flashsale.errors import Conflict
 from flashsale.settings import ENGINE_ENV_FILE, read_env_file
 
 PROBE_TIMEOUT_S = 1.0  # a simulator on loopback answers its probe in milliseconds
+ENGINES_DIR = "engines"  # <home>/engines/<port>.json: each running `up`, by its gateway port
 
 
 def running_simulator(home: Path) -> str | None:
     """The URL of the payment simulator an engine on this stack runs, when the record names
     one that answers its health probe; None for no record, or one a killed ``up`` left."""
     url = read_env_file(home / ENGINE_ENV_FILE).get("FLASHSALE_PSP_URL")
-    if not url:
-        return None
-    probe = f"{url}/healthz"
+    return url if url and answers(f"{url}/healthz") else None
+
+
+def answers(probe: str) -> bool:
+    """``probe`` (a service's health URL) answers 200 within PROBE_TIMEOUT_S."""
     try:
         with urllib.request.urlopen(probe, timeout=PROBE_TIMEOUT_S) as answer:  # noqa: S310
-            return url if answer.status == 200 else None
+            return bool(answer.status == 200)
     except (OSError, ValueError):  # refused, timed out (URLError is an OSError), or no URL
-        return None
+        return False
+
+
+def running_engines(home: Path) -> list[dict[str, Any]]:
+    """The records of the engines running on this stack, by gateway port: ``pid`` (the
+    supervisor's), ``gateway``, ``admin_page``, ``reservations`` (or None), ``ops`` (each
+    service's port by name), ``started_at``. One a killed ``up`` left behind is skipped."""
+    found = []
+    for path in sorted((home / ENGINES_DIR).glob("*.json"), key=lambda p: p.stem.zfill(5)):
+        try:
+            record = orjson.loads(path.read_bytes())
+            alive = _runs_flashsale(int(record["pid"]))
+        except (OSError, ValueError, KeyError, TypeError):  # gone meanwhile, or half written
+            continue
+        if alive:
+            found.append(record)
+    return found
+
+
+def _runs_flashsale(pid: int) -> bool:
+    """``pid`` is a live flashsale process (not a pid a killed ``up`` left, reused since)."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except OSError:
+        return False
+    return b"flashsale" in command and state not in ("Z", "X")
 
 
 def refuse_a_second_simulator(home: Path) -> None:

@@ -55,7 +55,9 @@ def test_up_reuse_env_status_down(scratch_home: Path, run_cli: Cli) -> None:
     shown = run("dev", "status")
     assert shown.code == 0, shown.err
     # In columns: Postgres's URL, longer than the column was, pushed its row's pid out of line.
-    assert len({line.index(" pid ") for line in shown.out.splitlines()}) == 1, shown.out
+    *servers, engine = shown.out.splitlines()
+    assert len({line.index(" pid ") for line in servers}) == 1, shown.out
+    assert engine == "no engine runs on this stack: `flashsale up` starts one", shown.out
 
     assert run("migrate").code == 0
     again = run("dev", "up")

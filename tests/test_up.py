@@ -22,7 +22,12 @@ import requests
 from flashsale.cli.checks import AFTER_PORT
 from flashsale.cli.devstack.processes import UP_PORTS, free_ports
 from flashsale.cli.serve import _cors_for, _reservation_listener
-from flashsale.engine_record import refuse_a_second_simulator, running_simulator
+from flashsale.engine_record import (
+    ENGINES_DIR,
+    refuse_a_second_simulator,
+    running_engines,
+    running_simulator,
+)
 from flashsale.errors import Conflict
 from flashsale.settings import Settings
 from loadtest.processes import engine
@@ -90,6 +95,15 @@ def test_up_supervises_and_stops_cleanly(stack: Settings, cli: Cli, tmp_path: Pa
         audited = cli("audit", created.out.strip(), "--json")
         payments = json.loads(audited.out)["invariants"][3]
         assert payments["passed"] and "provider" not in payments["details"], payments
+        # Where the engine runs, from another shell: `dev status` named the servers only,
+        # and its address was in the terminal `up` ran in.
+        base = f"http://127.0.0.1:{port}"
+        shown = cli("dev", "status")
+        [row] = [line for line in shown.out.splitlines() if f" {base} " in line]
+        assert row.startswith("engine    running   "), shown.out
+        assert f"pid {up.pid} " in row and f"live page {base}/admin/" in row, row
+        assert f"reservations http://127.0.0.1:{port + 5}" in row, row
+        assert f"allocator :{port + 1}" in row and f"payments :{port + 3}" in row, row
         # The gateway processes' shared metrics files, while they run...
         metrics = stack.home / "metrics" / f"gateway-{port}"
         assert any(metrics.iterdir())
@@ -125,7 +139,6 @@ def test_up_supervises_and_stops_cleanly(stack: Settings, cli: Cli, tmp_path: Pa
         written.close()
     log = (tmp_path / "up.log").read_text()
     # Where the pages are, said at the start: an operator had to find /admin/ in the README.
-    base = f"http://127.0.0.1:{port}"
     assert (
         f"pages: operators' live sale page {base}/admin/ (the admin token), a sale's "
         f"waiting room {base}/sales/SALE" in log
@@ -141,6 +154,7 @@ def test_up_supervises_and_stops_cleanly(stack: Settings, cli: Cli, tmp_path: Pa
     assert f"(pid {paused}) has not answered for" in log, log[-4000:]
     for pid in survivors:
         assert not os.path.exists(f"/proc/{pid}"), f"child {pid} outlived the supervisor"
+    assert f" {base} " not in cli("dev", "status").out  # its record goes with it
     # ... and not after: a folder left by every run on another port piled up (221 of them on
     # a dev stack that had served a day of demos and tests).
     assert not metrics.exists()
@@ -378,3 +392,23 @@ def test_a_record_left_by_a_killed_engine_refuses_no_new_one(tmp_path: Path) -> 
     (tmp_path / "engine.env").write_text(f"export FLASHSALE_PSP_URL=http://127.0.0.1:{closed}\n")
     assert running_simulator(tmp_path) is None
     refuse_a_second_simulator(tmp_path)  # no Conflict
+    # Nor is it shown as running: its pid is gone, or another program's since.
+    engines = tmp_path / ENGINES_DIR
+    engines.mkdir()
+    no_pid = int(Path("/proc/sys/kernel/pid_max").read_text())  # pids stay below it
+    with subprocess.Popen(["sleep", "30"]) as other:
+        try:
+            for port, pid in ((8000, other.pid), (8100, no_pid)):
+                (engines / f"{port}.json").write_text(json.dumps({
+                    "pid": pid, "gateway": f"http://127.0.0.1:{port}", "ops": {},
+                }))  # fmt: skip
+            (engines / "8200.json").write_text('{"pid": ')  # cut short by a full disk
+            assert running_engines(tmp_path) == []
+            shown = subprocess.run(
+                [sys.executable, "-m", "flashsale", "dev", "status"], capture_output=True,
+                text=True, timeout=30, check=False,
+                env={**os.environ, "FLASHSALE_HOME": str(tmp_path)},
+            )  # fmt: skip
+        finally:
+            other.kill()
+    assert "no engine runs on this stack: `flashsale up` starts one" in shown.stdout, shown

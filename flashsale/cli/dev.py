@@ -9,13 +9,15 @@ import asyncio
 import shlex
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from flashsale.cli.checks import duration, within
 from flashsale.cli.devstack.redis_cluster import Layout
-from flashsale.cli.devstack.stack import DevStack
+from flashsale.cli.devstack.stack import DevStack, ServerStatus
 from flashsale.cli.output import Stages, dump_json, out
 from flashsale.clients import pg_connect
 from flashsale.dead_letters import DeadLetters, Resending, read_dead_letters, resend_dead_letters
+from flashsale.engine_record import answers, running_engines
 from flashsale.errors import InvalidInput, SchemaBehind
 from flashsale.kafka import ensure_topics
 from flashsale.migrate import migrate, require_current
@@ -49,14 +51,33 @@ def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
             stack.env_lines() + f"export FLASHSALE_HOME={shlex.quote(str(stack.home))}\n"
         )
         return 0
-    rows = stack.status()
+    rows = [*stack.status(), *_engines(stack.home)]
     wide = max((len(row.url or "-") for row in rows), default=1)
     for row in rows:
         where = row.url or "-"
         pid = f"pid {row.pid}" if row.pid else ""
         version = f"v{row.version}" if row.version else ""
         out(f"{row.name:9} {row.state:9} {where:{wide}} {pid:10} {version:8} {row.detail}")
+    if not any(row.name == "engine" for row in rows):
+        out("no engine runs on this stack: `flashsale up` starts one")
     return 0 if all(r.state in ("running", "external") for r in rows) else 3
+
+
+def _engines(home: Path) -> list[ServerStatus]:
+    """A row for each ``flashsale up`` running on the stack: its gateway, whether it
+    answers, its pages and the ports of its other services."""
+    rows = []
+    for engine in running_engines(home):
+        gateway = engine["gateway"]
+        parts = [f"live page {engine['admin_page']}"]
+        if engine.get("reservations"):
+            parts.append(f"reservations {engine['reservations']}")
+        ports = ", ".join(f"{name} :{port}" for name, port in engine["ops"].items())
+        parts.append(f"ops: {ports}")
+        state = "running" if answers(f"{gateway}/livez") else "no answer"
+        rows.append(ServerStatus("engine", state, gateway, engine["pid"], None,
+                                 engine.get("version"), "; ".join(parts)))  # fmt: skip
+    return rows
 
 
 async def _schema_behind(settings: Settings) -> str | None:

@@ -17,13 +17,15 @@ import shutil
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import orjson
 from aiohttp import web
 from prometheus_client import multiprocess
 
 from flashsale.cli.devstack.files import write_whole
 from flashsale.cli.supervisor import HUNG_AFTER_S, Child, Supervisor
+from flashsale.engine_record import ENGINES_DIR
 from flashsale.ops_endpoints import listen
 from flashsale.settings import ENGINE_ENV_FILE, Settings
 
@@ -124,6 +126,19 @@ def recorded_psp(home: Path, psp_url: str) -> Iterator[None]:
     path = home / ENGINE_ENV_FILE
     home.mkdir(parents=True, exist_ok=True)
     write_whole(path, f"export FLASHSALE_PSP_URL={psp_url}\n")
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def recorded_engine(home: Path, port: int, record: dict[str, Any]) -> Iterator[None]:
+    """Record where this ``up``'s services listen in the state folder while it runs, so
+    ``dev status``, run from another shell, names them; removed when ``up`` stops."""
+    path = home / ENGINES_DIR / f"{port}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_whole(path, orjson.dumps({"pid": os.getpid(), **record}).decode())
     try:
         yield
     finally:

@@ -6,10 +6,12 @@ configuration before it starts anything (:mod:`flashsale.cli.checks`), then runs
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
+from datetime import UTC, datetime
 from pathlib import Path
 
-from flashsale import event_loop
+from flashsale import __version__, event_loop
 from flashsale.cli import runners
 from flashsale.cli.checks import (
     MAX_PROCESSES,
@@ -209,9 +211,16 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         f"sale's waiting room {page_origin}/sales/SALE (a buyer's link to it: `flashsale token "
         f"buyers --page {page_origin}/sales/SALE`). Ctrl-C or SIGTERM stops everything."
     )
-    if external:  # the record names the simulator this engine runs: none here
-        return runners.supervise(children, metrics_dir, hung_after_s=hung_after)
-    with runners.recorded_psp(settings.home, psp_url):
+    ops = {"allocator": allocator_port, "workers": workers_port, "reconciler": reconciler_port,
+           **({} if external else {"payments": psp_port})}  # fmt: skip
+    where = {"gateway": page_origin, "admin_page": f"{page_origin}/admin/", "ops": ops,
+             "reservations": origin(_callable(args.host), listener_port) if listeners else None,
+             "version": __version__,
+             "started_at": datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
+    with contextlib.ExitStack() as records:
+        records.enter_context(runners.recorded_engine(settings.home, port, where))
+        if not external:  # the record names the simulator this engine runs: none here
+            records.enter_context(runners.recorded_psp(settings.home, psp_url))
         return runners.supervise(children, metrics_dir, hung_after_s=hung_after)
 
 
