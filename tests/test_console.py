@@ -306,12 +306,44 @@ def test_the_link_to_a_sale_leads_to_it_after_the_login(stack: Settings, browser
         assert not page.is_visible("#list")
 
 
-def _open(live: LivePage) -> None:
+FOCUSED = "a => { a.focus(); return document.activeElement === a; }"
+
+
+def test_a_keyboard_opens_a_sale_and_back_returns_to_the_list(
+    stack: Settings, browser: Browser
+) -> None:
+    """The list's sales and the sale's "all sales" were links without an address: a keyboard
+    never reached them (no Tab stop), one could not be opened in a new tab, and the browser's
+    Back left the live page instead of going back to the list. A link pasted into the tab
+    showing the list did nothing either."""
+    with live_page(stack, browser, "Keyed drop") as live:
+        page, link = live.page, f"#sales a:text('{live.sale}')"
+        _open(live, click=False)
+        assert page.eval_on_selector(link, FOCUSED), "the sale's link takes no focus"
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#sale-title:has-text('Keyed drop')", timeout=10_000)
+        assert page.eval_on_selector("#back", FOCUSED), "'all sales' takes no focus"
+        page.go_back()
+        page.wait_for_selector(link, timeout=10_000)
+        assert page.is_visible("#list") and not page.is_visible("#sale")
+        page.go_forward()
+        page.wait_for_selector("#sale-title:has-text('Keyed drop')", timeout=10_000)
+        page.click("#back")
+        page.wait_for_selector(link, timeout=10_000)
+        page.goto(f"{live.gw.base_url}/admin/#sale={live.sale}")  # pasted into this tab
+        page.wait_for_selector("#sale-title:has-text('Keyed drop')", timeout=10_000)
+        assert not page.is_visible("#list") and not page.is_visible("#login")
+
+
+def _open(live: LivePage, *, click: bool = True) -> None:
     """Log in to the live page and open ``live``'s sale from the list, as an operator does."""
     live.page.goto(f"{live.gw.base_url}/admin/")
     live.page.fill("#token", ADMIN)
     live.page.click("button[type=submit]")
-    live.page.click(f"text={live.sale}")
+    if click:
+        live.page.click(f"text={live.sale}")
+    else:
+        live.page.wait_for_selector(f"#sales a:text('{live.sale}')", timeout=10_000)
 
 
 def _register_early(live: LivePage, stack: Settings, buyers: int) -> Signer:
