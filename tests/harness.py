@@ -19,6 +19,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -374,6 +375,22 @@ def live_page(stack: Settings, browser: Any, name: str, *, stock: int = 3,
         sale = create_live_sale(gw.base_url, stock=stock, name=name, starts_in=starts_in,
                                 spec=spec, preload=preload)  # fmt: skip
         yield LivePage(gw, sale, browser.new_page())
+
+
+# axe-core (the rules of WCAG 2.x A and AA, and its best practices), as the PyPI package that
+# bundles it ships it: read once, run in a page as it is at the moment of the check.
+AXE_CORE = (resources.files("axe_playwright_python") / "axe.min.js").read_text()
+
+
+def accessibility_violations(page: Any) -> list[str]:
+    """What axe-core finds wrong in ``page`` as it is shown now, a line per rule broken: its
+    id, impact, what it asks and the first elements that break it; [] for none."""
+    if not page.evaluate("() => typeof window.axe === 'object'"):
+        page.evaluate(AXE_CORE)
+    found = page.evaluate("() => axe.run(document, {resultTypes: ['violations']})")
+    return [f"{rule['id']} ({rule['impact']}): {rule['help']}: "
+            f"{[node['target'] for node in rule['nodes'][:3]]}"
+            for rule in found["violations"]]  # fmt: skip
 
 
 def answer_no_on_the_page(page: Any, button: str) -> str:

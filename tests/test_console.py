@@ -28,6 +28,7 @@ from tests.harness import (
     ADMIN,
     SCREENSHOTS,
     LivePage,
+    accessibility_violations,
     create_live_sale,
     hang_the_first,
     healthy,
@@ -307,6 +308,26 @@ def test_the_link_to_a_sale_leads_to_it_after_the_login(stack: Settings, browser
 
 
 FOCUSED = "a => { a.focus(); return document.activeElement === a; }"
+
+
+def test_the_live_page_meets_the_accessibility_rules(stack: Settings, browser: Browser) -> None:
+    """axe-core's rules (WCAG 2.x A and AA, its best practices) on the login, the list of
+    sales and a sale, its audit answered: checked by hand once, not on each change."""
+    with live_page(stack, browser, "Checked drop") as live:
+        page = live.page
+        page.goto(f"{live.gw.base_url}/admin/")
+        page.wait_for_selector("#token")
+        broken = {"login": accessibility_violations(page)}
+        _open(live, click=False)
+        broken["sales"] = accessibility_violations(page)
+        page.click(f"#sales a:text('{live.sale}')")
+        page.wait_for_selector("#sale-title:has-text('Checked drop')", timeout=10_000)
+        page.wait_for_selector("#skus tr", timeout=10_000)
+        broken["a sale"] = accessibility_violations(page)
+        page.click("#audit")
+        page.wait_for_selector("#invariants li", timeout=30_000)
+        broken["its audit"] = accessibility_violations(page)
+    assert not any(broken.values()), broken
 
 
 def test_a_keyboard_opens_a_sale_and_back_returns_to_the_list(

@@ -32,6 +32,7 @@ from tests.harness import (
     SCREENSHOTS,
     LiveGateway,
     LivePage,
+    accessibility_violations,
     answer_no_on_the_page,
     answer_yes_on_the_page,
     ask_proof_of_work,
@@ -151,6 +152,46 @@ def test_the_page_keeps_what_it_shows_in_its_main_landmark(
         live.page.click("#reserve")
         live.page.wait_for_selector("#result[data-reservation]", timeout=15_000)
         assert live.page.evaluate(OUTSIDE_MAIN) == {"mains": 1, "outside": []}
+
+
+def test_the_page_meets_the_accessibility_rules_in_each_state(
+    stack: Settings, browser: Browser
+) -> None:
+    """axe-core's rules (WCAG 2.x A and AA, its best practices) on each state a buyer sees:
+    the page was checked by hand, once, and what a later change broke would have gone out."""
+    spec = sale_spec("Checked drop", "S1", 1)
+    spec["skus"].append({**spec["skus"][0], "sku": "S2", "title": "Model 2", "stock": 3})
+    spec["skus"][0]["title"] = "Model 1"
+    with live_page(stack, browser, "Checked drop", spec=spec) as live:
+        gw, sale, page = live.gw, live.sale, live.page
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'checked')}")
+        page.wait_for_selector("#join:not([disabled])")
+        broken = {"before joining": accessibility_violations(page)}
+        page.click("#join")
+        page.wait_for_selector("#state[data-state='waiting']", timeout=20_000)
+        broken["in line"] = accessibility_violations(page)
+        page.click("#leave")
+        page.wait_for_selector("#ask:not([hidden])", timeout=5_000)
+        broken["asked to confirm leaving"] = accessibility_violations(page)
+        page.click("#ask-no")
+        gw.pump_forever(sale, ["S1", "S2"])
+        page.wait_for_selector("#state[data-state='admitted']", timeout=20_000)
+        broken["admitted"] = accessibility_violations(page)
+        _reserve_as(gw, sale, "rival", "S1")  # the last Model 1
+        page.select_option("#sku", "S1")
+        page.click("#reserve")
+        page.wait_for_selector("#result:has-text('Model 1 is sold out')", timeout=10_000)
+        broken["refused: sold out"] = accessibility_violations(page)
+        page.select_option("#sku", "S2")
+        page.click("#reserve")
+        page.wait_for_selector("#result[data-reservation]", timeout=10_000)
+        broken["reserved"] = accessibility_violations(page)
+        page.goto(f"{gw.base_url}/sales/sale-nope")  # a page of its own, from the server
+        assert "This sale does not exist" in page.inner_text("body")
+        broken["a sale that does not exist"] = accessibility_violations(page)
+        page.goto(f"{gw.base_url}/")  # the page of what the gateway serves
+        broken["an address not served"] = accessibility_violations(page)
+    assert not any(broken.values()), broken
 
 
 def test_the_page_rides_out_a_spike_and_resumes_after_a_reload(
