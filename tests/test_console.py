@@ -308,6 +308,8 @@ def test_the_link_to_a_sale_leads_to_it_after_the_login(stack: Settings, browser
 
 
 FOCUSED = "a => { a.focus(); return document.activeElement === a; }"
+FOCUSED_ID = """() => { const at = document.activeElement;
+  return at === document.body ? "BODY" : at.id || at.dataset.action; }"""
 
 
 def test_the_live_page_meets_the_accessibility_rules(stack: Settings, browser: Browser) -> None:
@@ -343,10 +345,18 @@ def test_a_keyboard_opens_a_sale_and_back_returns_to_the_list(
         assert page.eval_on_selector(link, FOCUSED), "the sale's link takes no focus"
         page.keyboard.press("Enter")
         page.wait_for_selector("#sale-title:has-text('Keyed drop')", timeout=10_000)
+        # The link's focus went to the top with the list; a keyboard goes on from the sale.
+        assert page.evaluate(FOCUSED_ID) == "sale-title"
+        page.on("dialog", lambda dialog: dialog.accept())
+        page.focus("[data-action=pause]")
+        page.keyboard.press("Enter")  # Pause hides, Resume takes its place and its focus
+        page.wait_for_selector("[data-action=resume]:visible", timeout=10_000)
+        assert page.evaluate(FOCUSED_ID) == "resume"
         assert page.eval_on_selector("#back", FOCUSED), "'all sales' takes no focus"
         page.go_back()
         page.wait_for_selector(link, timeout=10_000)
         assert page.is_visible("#list") and not page.is_visible("#sale")
+        assert page.evaluate(FOCUSED_ID) == "sales-title"
         page.go_forward()
         page.wait_for_selector("#sale-title:has-text('Keyed drop')", timeout=10_000)
         page.click("#back")

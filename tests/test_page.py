@@ -154,6 +154,9 @@ def test_the_page_keeps_what_it_shows_in_its_main_landmark(
         assert live.page.evaluate(OUTSIDE_MAIN) == {"mains": 1, "outside": []}
 
 
+FOCUSED_ID = "() => document.activeElement === document.body ? 'BODY' : document.activeElement.id"
+
+
 def test_the_page_meets_the_accessibility_rules_in_each_state(
     stack: Settings, browser: Browser
 ) -> None:
@@ -182,6 +185,7 @@ def test_the_page_meets_the_accessibility_rules_in_each_state(
         page.click("#reserve")
         page.wait_for_selector("#result:has-text('Model 1 is sold out')", timeout=10_000)
         broken["refused: sold out"] = accessibility_violations(page)
+        assert page.evaluate(FOCUSED_ID) == "reserve"  # the next try is from there
         page.select_option("#sku", "S2")
         page.click("#reserve")
         page.wait_for_selector("#result[data-reservation]", timeout=10_000)
@@ -192,6 +196,40 @@ def test_the_page_meets_the_accessibility_rules_in_each_state(
         page.goto(f"{gw.base_url}/")  # the page of what the gateway serves
         broken["an address not served"] = accessibility_violations(page)
     assert not any(broken.values()), broken
+
+
+def test_a_keyboard_keeps_its_place_as_the_buttons_come_and_go(
+    stack: Settings, browser: Browser
+) -> None:
+    """Join, once pressed, hides; so do Reserve once granted and Leave once left. The focus
+    they had went with them to the page's top: a keyboard's user Tabbed from the start again,
+    and a screen reader's was left on nothing. It goes to the status card, whose controls
+    follow it; a question answered No gives it back to the button that asked."""
+    with live_page(stack, browser, "Keyed drop") as live:
+        gw, sale, page = live.gw, live.sale, live.page
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'keyed')}")
+        page.wait_for_selector("#join:not([hidden])")
+        page.focus("#join")
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#state[data-state='waiting']", timeout=20_000)
+        assert page.evaluate(FOCUSED_ID) == "status"
+        page.focus("#leave")
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#ask:not([hidden])", timeout=5_000)
+        assert page.evaluate(FOCUSED_ID) == "ask-no"
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#ask", state="hidden", timeout=5_000)
+        assert page.evaluate(FOCUSED_ID) == "leave"
+        page.click("h1")  # a tap beside the controls: the focus on nothing, and left there
+        gw.pump_forever(sale, ["S1"])
+        page.wait_for_selector("#state[data-state='admitted']", timeout=20_000)
+        assert page.evaluate(FOCUSED_ID) == "BODY"
+        page.focus("#status")
+        page.keyboard.press("Tab")  # the turn's control comes next
+        assert page.evaluate(FOCUSED_ID) == "reserve"
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#result[data-reservation]", timeout=10_000)
+        assert page.evaluate(FOCUSED_ID) == "status"
 
 
 def test_the_page_rides_out_a_spike_and_resumes_after_a_reload(
