@@ -234,13 +234,15 @@ class AdmissionPump:
         )  # fmt: skip
         decided = plan(inputs) if started else Plan(view.serving, None, False, 0)
         # Nothing measured (no buyer waited long enough): the configured rate, as at the start.
-        p50, p10 = self._rates() or (rate, rate / 2)
+        measured = self._rates()
+        p50, p10 = measured or (rate, rate / 2)
         try:
             result = await self.queue.advance(
                 self.keys, self.token, serving=decided.serving, cutoff=decided.cutoff,
                 sold_out=decided.sold_out,
                 published={
                     "rate_p50": f"{p50:.3f}", "rate_p10": f"{p10:.3f}",
+                    "rate_measured": "1" if measured else "0",
                     "noshow": f"{self.noshow:.4f}", "outstanding": str(self.outstanding),
                     "available": str(snap.available), "held": str(snap.held),
                 },

@@ -19,7 +19,7 @@ ROOM_SALE_FIELDS = (
 QUEUE_FIELDS = (
     "serving", "cutoff", "tail", "pre", "sealed", "shuffled", "sold_out",
     "rate_p50", "rate_p10", "noshow", "outstanding", "beat_ms", "live", "restored_ms",
-    "available", "held", "sold_out_ms",
+    "available", "held", "sold_out_ms", "rate_measured",
 )  # fmt: skip
 
 
@@ -49,8 +49,8 @@ class QueueView:
     sealed: bool
     shuffled: bool
     sold_out: bool
-    rate_p50: float  # measured admissions per second (median, and 10th percentile)
-    rate_p10: float
+    rate_p50: float  # measured admissions per second (median, and 10th percentile) ...
+    rate_p10: float  # ... or, while nobody has waited long enough, the configured rate
     noshow: float
     outstanding: int
     beat_ms: int  # Redis time of the pump's last step (0: no pump has run)
@@ -64,6 +64,7 @@ class QueueView:
     pauses: tuple[tuple[int, int], ...] = ()  # the sale's finished pauses (lua/lib.lua)
     paused_at_ms: int = 0  # the pause going on began then (0: none)
     max_queue: int = 0  # buyers not yet admitted the line holds at most (0: not known)
+    rate_measured: bool = False  # rate_p50 is measured (buyers waited), not the configured rate
 
     def paused_between(self, start_ms: int, end_ms: int) -> int:
         """How long the sale was paused between two Redis times."""
@@ -170,6 +171,7 @@ class QueueView:
             pauses=_spans(s["pauses"]),
             paused_at_ms=integer(s["paused_at_ms"]),
             max_queue=integer(s["max_queue"]),
+            rate_measured=integer(q["rate_measured"]) == 1,
         )
 
 

@@ -175,7 +175,8 @@ async def live(request: web.Request) -> web.Response:
             **view.summary(counters.redis_now_ms()),
             # The pump's rate once the sale is preloaded (Redis has no other until then).
             "admission_rate": view.admission_rate if view.preloaded else sale["admission_rate"],
-            "admitted_per_s": view.rate_p50,
+            # Measured while buyers wait; null before (the pump quotes the configured rate)
+            "admitted_per_s": view.rate_p50 if view.rate_measured else None,
             "noshow_ratio": view.noshow,
         },
         "routes": route_figures(metrics_text(app[METRICS].registry).decode()),

@@ -6,7 +6,7 @@ from typing import Any
 
 from allocator.sale_settings import SKU_EDITABLE
 from gateway.openapi_parts import IDEMPOTENCY_KEY, SALE_PATH, errors, ok, op, query
-from gateway.openapi_reports import ARCHIVE_DUE, ARCHIVED, AUDIT, ROOM, SALE_STATUS
+from gateway.openapi_reports import ARCHIVE_DUE, ARCHIVED, AUDIT, LIVE_ROOM, SALE_STATUS
 from gateway.openapi_schemas import ID, NULLABLE_STRING, SALE, SALE_SPEC, SKU_SPEC, TIME, obj
 
 CURVE = {
@@ -344,7 +344,7 @@ def admin_paths() -> dict[str, Any]:
                                 "lost": UNCOUNTED,
                                 "revenue": SALE_STATUS["properties"]["revenue"],
                                 "skus_read_at": TIME,
-                                "queue": ROOM,
+                                "queue": LIVE_ROOM,
                                 "routes": {"type": "object"},
                                 "consumer_lag": {"type": ["integer", "null"]},
                                 "repairs": {"type": "object"},

@@ -57,6 +57,24 @@ ROOM = obj(
         "full",
     ],
 )
+# ... and as the live sale page reads it, with the pump's figures.
+LIVE_ROOM = {
+    **ROOM,
+    "properties": {
+        **ROOM["properties"],
+        "admission_rate": {"type": "integer", "description": "buyers admitted per second"},
+        "admitted_per_s": {
+            "type": ["number", "null"],
+            "description": "admissions per second the pump measured while buyers waited (the "
+            "median of its 1 s windows), which the ETAs quote; null while nobody has waited",
+        },
+        "noshow_ratio": {
+            "type": "number",
+            "description": "the share of admitted buyers the pump expects not to reserve, "
+            "learned from the turns that ended, from 0.2 before any has",
+        },
+    },
+}
 ARCHIVE_DUE = {
     "oneOf": [TIME, {"type": "null"}],
     "description": "when the reconciler archives the ended sale (FLASHSALE_ARCHIVE_AFTER after "

@@ -20,6 +20,8 @@ import pytest
 import requests
 from aiohttp.test_utils import TestClient, TestServer
 
+from allocator.pump import AdmissionPump
+from allocator.queue_scripts import QueueScripts
 from flashsale import outages
 from flashsale.cli.sale_views import print_status
 from flashsale.keys import SaleKeys, SkuKeys
@@ -664,6 +666,36 @@ async def test_the_live_page_of_a_sale_not_preloaded_gets_no_counts_and_why(
     assert (body["totals"]["available"], body["totals"]["stock_total"]) == (None, 755)
     assert body["lost"] == {"count": 0, "skus": []}
     assert body["queue"]["admission_rate"] == body["sale"]["admission_rate"] > 1
+
+
+async def test_the_live_page_says_admissions_per_second_only_once_measured(
+    http: TestClient[Any, Any],
+) -> None:
+    """The live page's "admitted /s (measured)" read 500, the configured rate, for a sale
+    nobody had joined: the pump quotes that rate to the ETAs until buyers have waited, and the
+    page showed it as measured. It is measured only while buyers wait, and null before."""
+    app = http.app
+    assert app is not None
+    c = app[CLIENTS]
+    sale_id, path = await preloaded_sale(http)
+    await http.patch(path, json={"admission_rate": 4}, headers=auth())
+    pump = AdmissionPump(QueueScripts(c.redis), c.pool, sale_id, ["SNK-1"], "live")
+    await pump.tick()
+    idle = (await (await http.get(f"{path}/live", headers=auth())).json())["queue"]
+    assert idle["admitted_per_s"] is None and idle["admission_rate"] == 4, idle
+    buyer = Signer.from_setting(app[SETTINGS].buyer_token_secret.reveal(), "buyer")
+    for n in range(20):  # five seconds of line at 4 a second
+        token = buyer.sign({"sub": f"waiting-{n}"}, 600)
+        joined = await http.post(f"/v1/sales/{sale_id}/queue",
+                                 headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+        assert joined.status == 200, await joined.text()
+    deadline = time.monotonic() + 10
+    while (measured := (await (await http.get(f"{path}/live", headers=auth())).json())["queue"]
+           )["admitted_per_s"] is None:  # fmt: skip
+        assert time.monotonic() < deadline, measured
+        await pump.tick()
+        await asyncio.sleep(0.1)
+    assert 2 <= measured["admitted_per_s"] <= 6, measured
 
 
 async def test_an_import_over_the_admin_api_leaves_the_event_loop_to_others(
