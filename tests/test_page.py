@@ -1129,6 +1129,11 @@ def test_the_quantity_offered_is_what_the_buyer_may_take(stack: Settings, browse
             headers={"Authorization": f"Bearer {_pass(gw, 'pair')}"},
         )
         assert looked.json()["quantity"] == 2, looked.text
+        # ... and says what it holds: it read "Reserved! Order processing", of how many not a
+        # word, to a buyer who had typed 3 (it says which product, too)
+        title = spec["skus"][0]["title"]
+        said = f"Reserved: 2 \N{MULTIPLICATION SIGN} {title}"
+        page.wait_for_selector(f"#result:has-text('{said}')", timeout=10_000)
         other = page.context.browser.new_page()
         other.goto(f"{gw.base_url}/sales/{sale}?sku=S2#token={_buyer(gw, 'single')}")
         other.wait_for_selector("#sku option", state="attached")
