@@ -295,6 +295,27 @@ def test_the_live_page_says_why_the_sales_are_not_listed_and_tries_again(
     assert len(down) == 2
 
 
+def test_a_login_without_a_token_is_not_sent(stack: Settings, browser: Browser) -> None:
+    """Log in pressed with the field empty sent an empty token, and said "the token was
+    refused", as of a wrong one: the field asks for it instead."""
+    with live_page(stack, browser, "Unsent drop") as live:
+        page, sent = live.page, []
+        page.on("request", lambda request: sent.append(request.url))
+        page.goto(f"{live.gw.base_url}/admin/")
+        page.wait_for_selector("#token")
+        sent.clear()
+        page.click("button[type=submit]")
+        assert page.evaluate("document.activeElement.id") == "token"
+        assert page.evaluate("$('token').validity.valueMissing")
+        page.fill("#token", "   ")  # spaces alone are no token either
+        page.click("button[type=submit]")
+        page.wait_for_timeout(300)
+        assert sent == [] and page.text_content("#login-error") == "", sent
+        page.fill("#token", ADMIN)
+        page.click("button[type=submit]")
+        page.wait_for_selector(f"#sales a:text('{live.sale}')", timeout=10_000)
+
+
 def test_the_link_to_a_sale_leads_to_it_after_the_login(stack: Settings, browser: Browser) -> None:
     """`flashsale demo` prints where to watch its sale, `/admin/#sale=ID`: opened by someone
     not yet logged in, the login led to the list of sales, and the sale was to be found."""
