@@ -959,14 +959,18 @@ async def test_a_flood_of_probes_pings_the_dependencies_once_a_second(
             return await postgres()
 
         monkeypatch.setitem(probes, "postgres", counted)
+        began = time.monotonic()
         answers = await asyncio.gather(
             *(client.get("/readyz" if i % 2 else "/healthz") for i in range(300))
         )
+        # About once a second: on a busy machine the 300 answers can take more than one
+        # (beside another test run they pinged 3 times)
+        most = 2 + int(time.monotonic() - began)
         assert {a.status for a in answers} == {200}
-        assert pings["postgres"] <= 2
+        assert pings["postgres"] <= most, (pings, most)
         live = await client.get("/livez")
         assert live.status == 200 and (await live.json())["status"] == "ok"
-        assert pings["postgres"] <= 2
+        assert pings["postgres"] <= most
     finally:
         await client.close()
 
