@@ -213,6 +213,9 @@ def test_a_keyboard_keeps_its_place_as_the_buttons_come_and_go(
         page.keyboard.press("Enter")
         page.wait_for_selector("#state[data-state='waiting']", timeout=20_000)
         assert page.evaluate(FOCUSED_ID) == "status"
+        # Said as two sentences: it was "You are in line Position 1, …", read on in one breath
+        said = page.text_content("#announce") or ""
+        assert said.startswith("You are in line. Position 1, "), said
         page.focus("#leave")
         page.keyboard.press("Enter")
         page.wait_for_selector("#ask:not([hidden])", timeout=5_000)
@@ -1412,6 +1415,9 @@ def test_the_page_follows_a_reservation_to_its_outcome(
                 rid = page.get_attribute("#result", "data-reservation")
                 bought = "1 \N{MULTIPLICATION SIGN} Sneaker, €129.00"
                 assert bought in said and f"Order reference: {rid}." in said, said
+            # ... and what a screen reader says last: the state's title, "Order confirmed",
+            # said after the card, had taken its place, and with it what was bought
+            assert page.text_content("#announce") == page.inner_text("#result")
 
 
 def test_the_page_solves_a_join_challenge_and_how_long_it_takes(
