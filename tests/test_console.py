@@ -350,7 +350,14 @@ def test_the_live_page_meets_the_accessibility_rules(stack: Settings, browser: B
         page.click("#audit")
         page.wait_for_selector("#invariants li", timeout=30_000)
         broken["its audit"] = accessibility_violations(page)
+        # What an action's answer or a failed read says is read out as it appears: it was
+        # only shown, so a screen reader's user heard nothing of "pause failed: …"
+        unsaid = page.evaluate(
+            """["login-error", "list-error", "sale-error", "act-error", "audit-state"].filter(
+                 (id) => !$(id).closest("[role=alert], [role=status], [aria-live]"))"""
+        )
     assert not any(broken.values()), broken
+    assert unsaid == [], unsaid
 
 
 def test_a_keyboard_opens_a_sale_and_back_returns_to_the_list(

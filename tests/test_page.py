@@ -198,6 +198,24 @@ def test_the_page_meets_the_accessibility_rules_in_each_state(
     assert not any(broken.values()), broken
 
 
+def test_what_the_page_says_of_a_failed_step_is_read_out(stack: Settings, browser: Browser) -> None:
+    """ "Could not join: try again in a moment", "Could not cancel" and the like were only
+    shown, under the status: a screen reader's user pressed Join and heard nothing."""
+    with live_page(stack, browser, "Said drop") as live:
+        gw, sale, page = live.gw, live.sale, live.page
+        page.route("**/queue", lambda route: route.fulfill(
+            status=503, headers={"Retry-After": "1"}, content_type="application/json",
+            body=BUSY))  # fmt: skip
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'unheard')}")
+        page.click("#join")
+        page.wait_for_function("document.getElementById('note').textContent !== ''")
+        live_region = page.evaluate(
+            "document.getElementById('note').closest('[role=status], [role=alert], [aria-live]')"
+            " !== null"
+        )
+        assert live_region, page.text_content("#note")
+
+
 def test_a_keyboard_keeps_its_place_as_the_buttons_come_and_go(
     stack: Settings, browser: Browser
 ) -> None:
