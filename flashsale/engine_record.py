@@ -41,7 +41,8 @@ def answers(probe: str) -> bool:
 def running_engines(home: Path) -> list[dict[str, Any]]:
     """The records of the engines running on this stack, by gateway port: ``pid`` (the
     supervisor's), ``gateway``, ``admin_page``, ``reservations`` (or None), ``ops`` (each
-    service's port by name), ``started_at``. One a killed ``up`` left behind is skipped."""
+    service's port by name), ``version``, ``started_at``. One a killed ``up`` left behind is
+    skipped."""
     found = []
     for path in sorted((home / ENGINES_DIR).glob("*.json"), key=lambda p: p.stem.zfill(5)):
         try:
