@@ -476,6 +476,12 @@ def test_seconds_flags_take_a_duration_as_starts_in_does(cli: Cli, db: Db) -> No
     assert (row["hold_ttl_seconds"], sale["admission_window_seconds"]) == (90, 120)
     refused = cli("sale", "update", sale_id, "--window", "2x")
     assert refused.code == 2 and refused.err.startswith("flashsale: error: --window: "), refused
+    # A duration of nothing is judged by the field's own rule, as 0 is: it was "must be
+    # longer than 0s" of a window whose least is 5 s
+    for typed in ("0", "0s"):
+        refused = cli("sale", "update", sale_id, "--window", typed)
+        said = "flashsale: error: --window: must be a number of seconds from 5 to 3600, got 0"
+        assert (refused.code, refused.err.strip()) == (2, said), refused
 
 
 def test_create_takes_every_setting_update_takes(cli: Cli) -> None:

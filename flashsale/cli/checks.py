@@ -177,13 +177,15 @@ _DURATION = re.compile(
 LONGEST = timedelta(days=3650)  # ten years
 
 
-def duration(field: str, value: str) -> timedelta:
+def duration(field: str, value: str, *, zero: bool = False) -> timedelta:
     """A positive duration written as numbers with units, largest first: ``90s``, ``10m``,
-    ``2h``, ``1d``, ``1h30m``."""
+    ``2h``, ``1d``, ``1h30m``; with ``zero``, also one of nothing (``0s``)."""
     found = _DURATION.match(value.strip())
     written = found.groups() if found else ()
     parts = [int(part or 0) for part in written]
     if any(part is not None for part in written) and not any(parts):  # "0s", "0h0m"
+        if zero:
+            return timedelta(0)
         raise InvalidInput(field, f"must be longer than 0s, got {shown(value)}")
     if not any(parts):
         raise InvalidInput(field, f"must be a duration like 90s, 10m, 2h, 1d or 1h30m, "
@@ -202,7 +204,7 @@ def in_seconds(field: str, value: str) -> str:
     text = str(value).strip()
     if not text or text[-1].isdigit() or text[-1] == "." or not text[0].isdigit():
         return value
-    return str(int(duration(field, text).total_seconds()))
+    return str(int(duration(field, text, zero=True).total_seconds()))  # 0: the field judges
 
 
 def sale_id(field: str, value: str) -> str:
