@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -111,8 +112,26 @@ def test_up_reuse_env_status_down(scratch_home: Path, run_cli: Cli) -> None:
     assert hung.code == 3, hung.out
     assert "redis     no answer" in hung.out and "ping failed" in hung.out, hung.out
 
-    down = run("dev", "down")
+    # An engine running on the stack loses its servers: `dev down` stopped them without a
+    # word of it, and the engine's services went on failing in another terminal.
+    up_process = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", "flashsale"]
+    )
+    try:
+        (scratch_home / "engines").mkdir(exist_ok=True)
+        (scratch_home / "engines" / "9999.json").write_text(
+            f'{{"pid": {up_process.pid}, "gateway": "http://127.0.0.1:9999", "ops": {{}}}}'
+        )
+        down = run("dev", "down")
+    finally:
+        up_process.kill()
+        up_process.wait()
     assert down.code == 0
+    assert (
+        f"flashsale: warning: an engine runs on this stack (flashsale up, pid {up_process.pid}, "
+        "http://127.0.0.1:9999): its services lose their servers now; stop it (Ctrl-C in its "
+        f"terminal, or kill -TERM {up_process.pid})"
+    ) in down.err, down.err
     assert not any(pid_alive(pid) for pid in pids.values() if pid)
     # Run again, it printed nothing: had it stopped anything, was this the right folder?
     twice = run("dev", "down")

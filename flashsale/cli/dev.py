@@ -14,7 +14,7 @@ from pathlib import Path
 from flashsale.cli.checks import duration, within
 from flashsale.cli.devstack.redis_cluster import Layout
 from flashsale.cli.devstack.stack import DevStack, ServerStatus
-from flashsale.cli.output import Stages, dump_json, out
+from flashsale.cli.output import Stages, dump_json, out, warn
 from flashsale.clients import pg_connect
 from flashsale.dead_letters import DeadLetters, Resending, read_dead_letters, resend_dead_letters
 from flashsale.engine_record import answers, running_engines
@@ -44,6 +44,11 @@ def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
             out(f"the database schema is not current: {behind}")
         return 0
     if args.dev_command == "down":
+        for engine in running_engines(stack.home):  # said, not stopped: it is not the stack's
+            pid = engine["pid"]
+            warn(f"an engine runs on this stack (flashsale up, pid {pid}, {engine['gateway']}): "
+                 f"its services lose their servers now; stop it (Ctrl-C in its terminal, or "
+                 f"kill -TERM {pid})")  # fmt: skip
         stack.down(purge=args.purge)
         return 0
     if args.dev_command == "env":  # and the stack's folder: later commands find it from anywhere
