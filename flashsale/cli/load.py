@@ -21,6 +21,7 @@ from flashsale.cli.checks import (
 from flashsale.cli.dev import apply_migrations
 from flashsale.cli.devstack.stack import DevStack
 from flashsale.cli.output import out
+from flashsale.engine_record import running_engines
 from flashsale.errors import ConfigError, InvalidInput, shown
 from flashsale.keys import MAX_BUCKETS
 from flashsale.salespec import MAX_ADMISSION_RATE
@@ -66,6 +67,16 @@ def _rate_change(value: str | None) -> tuple[float, int] | None:
             within("rate-change", rate, 1, MAX_ADMISSION_RATE))  # fmt: skip
 
 
+def _running_gateway(settings: Settings) -> str:
+    """The gateway of the engine running on the stack (``flashsale up`` records it), else
+    ``up``'s at its defaults; refused when several run, as which one is meant is not known."""
+    running = [engine["gateway"] for engine in running_engines(settings.home)]
+    if len(running) > 1:
+        raise InvalidInput("--host", f"{len(running)} engines run on this stack "
+                                   f"({', '.join(running)}): name one")  # fmt: skip
+    return running[0] if running else SPIKE_HOST
+
+
 def cmd_loadtest(args: argparse.Namespace, settings: Settings) -> int:
     from loadtest import spike  # noqa: PLC0415
 
@@ -81,7 +92,7 @@ def cmd_loadtest(args: argparse.Namespace, settings: Settings) -> int:
         stock=positive(int, "stock", args.stock or "100"),
         sale=sale_id("sale", args.sale) if args.sale else "",
         ramp=positive(float, "ramp", args.ramp), hold=non_negative("hold", args.hold),
-        host=http_url("host", args.host or SPIKE_HOST), embedded=args.embedded,
+        host=http_url("host", args.host or _running_gateway(settings)), embedded=args.embedded,
         out=output_folder("out", args.out or str(settings.home / "spike")),
         buckets=within("buckets", args.buckets or "1", 1, MAX_BUCKETS),
     )  # fmt: skip
@@ -221,7 +232,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
                                       "work")  # fmt: skip
     spike.add_argument("--ramp", default="10", help="seconds to bring every buyer in (default 10)")
     spike.add_argument("--hold", default="5", help="seconds held after the ramp (default 5)")
-    spike.add_argument("--host", help=f"the gateway (default {SPIKE_HOST}; not with --embedded, "
+    spike.add_argument("--host", help="the gateway (default: that of the flashsale up running "
+                                      f"on the stack, else {SPIKE_HOST}; not with --embedded, "
                                       "whose engine is its own)")  # fmt: skip
     spike.add_argument("--out", help="report folder (default: spike in the stack's folder, "
                                      "FLASHSALE_HOME or ./.flashsale)")  # fmt: skip
