@@ -118,9 +118,10 @@ class QueueView:
         reached = self.sealed and self.cutoff is not None and self.tail >= self.cutoff
         return self.sold_out or reached
 
-    def summary(self, now_ms: int) -> dict[str, Any]:
+    def summary(self, now_ms: int, cap: int) -> dict[str, Any]:
         """The waiting room as operators read it at ``now_ms`` (Redis time): `sale status`,
-        the admin API's sale and the live page."""
+        the admin API's sale and the live page. ``cap``: the sale's own queue cap (Postgres),
+        said while Redis has none (before the preload)."""
         return {
             "live": self.live, "pre_queue": self.pre, "waiting": self.waiting(now_ms),
             "admitted": self.serving, "joined": self.tail, "cutoff": self.cutoff,
@@ -128,7 +129,7 @@ class QueueView:
             "sold_out_at": iso_ms(self.sold_out_ms) if self.sold_out_ms else None,
             "closed_to_newcomers": self.closed_to_newcomers,
             "stranded": self.stranded(now_ms),
-            "max_queue": self.max_queue, "full": self.full(now_ms),
+            "max_queue": self.max_queue or cap, "full": self.full(now_ms),
         }  # fmt: skip
 
     def mark(self) -> Mark:

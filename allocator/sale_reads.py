@@ -286,7 +286,7 @@ class SaleReads:
             rows.append(row)
         room = await QueueScripts(self.redis).snapshot(SaleKeys(sale_id), redis_time=True)
         return {"sale": sale_json(sale), "skus": rows, "revenue": revenue,
-                "queue": room.view.summary(room.redis_ms),
+                "queue": room.view.summary(room.redis_ms, sale["max_queue"]),
                 "archive_due_at": archive_due(sale, self.archive_after_s)}  # fmt: skip
 
     async def with_stock(

@@ -172,7 +172,7 @@ async def live(request: web.Request) -> web.Response:
         **skus["uncounted"],
         "revenue": skus["revenue"],
         "queue": {
-            **view.summary(counters.redis_now_ms()),
+            **view.summary(counters.redis_now_ms(), sale["max_queue"]),
             # The pump's rate once the sale is preloaded (Redis has no other until then).
             "admission_rate": view.admission_rate if view.preloaded else sale["admission_rate"],
             # Measured while buyers wait; null before (the pump quotes the configured rate)

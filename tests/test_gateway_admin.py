@@ -666,6 +666,10 @@ async def test_the_live_page_of_a_sale_not_preloaded_gets_no_counts_and_why(
     assert (body["totals"]["available"], body["totals"]["stock_total"]) == (None, 755)
     assert body["lost"] == {"count": 0, "skus": []}
     assert body["queue"]["admission_rate"] == body["sale"]["admission_rate"] > 1
+    # The sale's own queue cap, as its admission rate: it read 0 until the preload
+    status = await (await http.get(path, headers=auth())).json()
+    caps = (body["queue"]["max_queue"], status["queue"]["max_queue"])
+    assert caps == (body["sale"]["max_queue"],) * 2 and caps[0] > 0, caps
 
 
 async def test_the_live_page_says_admissions_per_second_only_once_measured(
