@@ -251,6 +251,14 @@ def test_a_keyboard_keeps_its_place_as_the_buttons_come_and_go(
         page.keyboard.press("Enter")
         page.wait_for_selector("#result[data-reservation]", timeout=10_000)
         assert page.evaluate(FOCUSED_ID) == "status"
+        page.focus("#cancel")  # no workers here: the hold stays ACTIVE until cancelled
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#ask:not([hidden])", timeout=5_000)
+        page.keyboard.press("Shift+Tab")  # from "No, keep it" to "Yes, cancel it"
+        assert page.evaluate(FOCUSED_ID) == "ask-yes"
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#state[data-state='cancelled']", timeout=10_000)
+        assert page.evaluate(FOCUSED_ID) == "status"
 
 
 def test_the_page_rides_out_a_spike_and_resumes_after_a_reload(
