@@ -8,12 +8,14 @@ import contextlib
 import dataclasses
 import gc
 import gzip
+import json
 import os
 import pkgutil
 import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterator
@@ -29,6 +31,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from allocator.pump import AdmissionPump
 from allocator.queue_scripts import QueueScripts
+from flashsale.engine_record import ENGINES_DIR
 from flashsale.errors import Unavailable
 from flashsale.http_protocol import answer_malformed_in_json
 from flashsale.kafka import ensure_topics
@@ -375,6 +378,27 @@ def live_page(stack: Settings, browser: Any, name: str, *, stock: int = 3,
         sale = create_live_sale(gw.base_url, stock=stock, name=name, starts_in=starts_in,
                                 spec=spec, preload=preload)  # fmt: skip
         yield LivePage(gw, sale, browser.new_page())
+
+
+def record_engine(home: Path, port: int, pid: int, gateway: str) -> None:
+    """The record a running ``flashsale up`` keeps on its stack (flashsale.engine_record),
+    naming ``pid`` as its supervisor and ``gateway`` as its gateway."""
+    folder = home / ENGINES_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"pid": pid, "gateway": gateway, "ops": {}}
+    (folder / f"{port}.json").write_text(json.dumps(record))
+
+
+@contextlib.contextmanager
+def flashsale_named_process() -> Iterator[int]:
+    """A process whose command line names flashsale (it sleeps), as ``running_engines`` asks
+    of an engine's supervisor: its pid, for :func:`record_engine`; killed after."""
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "flashsale"])
+    try:
+        yield process.pid
+    finally:
+        process.kill()
+        process.wait()
 
 
 # axe-core (the rules of WCAG 2.x A and AA, and its best practices), as the PyPI package that

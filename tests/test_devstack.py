@@ -9,7 +9,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from flashsale.cli.devstack.pings import ping_kafka
 from flashsale.cli.devstack.processes import free_port, free_ports, pid_alive
 from flashsale.cli.devstack.stack import EXTERNAL_VAR, DevStack
 from flashsale.settings import Settings, home_dir, read_env_file
+from tests.harness import flashsale_named_process, record_engine
 
 from .conftest import REPO, Cli
 
@@ -114,23 +114,14 @@ def test_up_reuse_env_status_down(scratch_home: Path, run_cli: Cli) -> None:
 
     # An engine running on the stack loses its servers: `dev down` stopped them without a
     # word of it, and the engine's services went on failing in another terminal.
-    up_process = subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(60)", "flashsale"]
-    )
-    try:
-        (scratch_home / "engines").mkdir(exist_ok=True)
-        (scratch_home / "engines" / "9999.json").write_text(
-            f'{{"pid": {up_process.pid}, "gateway": "http://127.0.0.1:9999", "ops": {{}}}}'
-        )
+    with flashsale_named_process() as up_pid:
+        record_engine(scratch_home, 9999, up_pid, "http://127.0.0.1:9999")
         down = run("dev", "down")
-    finally:
-        up_process.kill()
-        up_process.wait()
     assert down.code == 0
     assert (
-        f"flashsale: warning: an engine runs on this stack (flashsale up, pid {up_process.pid}, "
+        f"flashsale: warning: an engine runs on this stack (flashsale up, pid {up_pid}, "
         "http://127.0.0.1:9999): its services lose their servers now; stop it (Ctrl-C in its "
-        f"terminal, or kill -TERM {up_process.pid})"
+        f"terminal, or kill -TERM {up_pid})"
     ) in down.err, down.err
     assert not any(pid_alive(pid) for pid in pids.values() if pid)
     # Run again, it printed nothing: had it stopped anything, was this the right folder?

@@ -22,7 +22,7 @@ from flashsale.settings import Settings
 from loadtest.processes import engine
 from loadtest.verdict import judge
 from tests.conftest import Cli, Db
-from tests.harness import live_gateway, run_bounded
+from tests.harness import flashsale_named_process, live_gateway, record_engine, run_bounded
 from tests.tls_authority import make_authority
 
 # Not imported here: locust patches the interpreter with gevent, which the asyncio tests of
@@ -244,22 +244,16 @@ def test_a_spike_without_host_goes_to_the_engine_running_on_the_stack(
     answers at http://127.0.0.1:8080: start the engine": the engine the stack records is the
     default (here one whose gateway has just gone: its address is the one named)."""
     host = f"http://127.0.0.1:{_closed_port()}"
-    engines = tmp_path / "engines"
-    engines.mkdir()
     env = {**_env(stack.admin_token.current(), stack.buyer_token_secret.reveal()),
            "FLASHSALE_HOME": str(tmp_path)}  # fmt: skip
-    up = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "flashsale"])
-    try:
-        (engines / "8280.json").write_text(json.dumps({"pid": up.pid, "gateway": host}))
+    with flashsale_named_process() as pid:
+        record_engine(tmp_path, 8280, pid, host)
         code, err = _spike(["flashsale", "loadtest", "spike", "--out", str(tmp_path)], env)
         assert (code, err.strip().splitlines()[-1]) == (1, (
             f"flashsale: error: --host: nothing answers at {host}: start the engine "
             "(flashsale up) or run the spike with --embedded")), err  # fmt: skip
-        (engines / "8380.json").write_text(json.dumps({"pid": up.pid, "gateway": host + "0"}))
+        record_engine(tmp_path, 8380, pid, host + "0")
         code, err = _spike(["flashsale", "loadtest", "spike", "--out", str(tmp_path)], env)
-    finally:
-        up.kill()
-        up.wait()
     assert (code, err.strip().splitlines()[-1]) == (2, (
         f"flashsale: error: --host: 2 engines run on this stack ({host}, {host}0): "
         "name one")), err  # fmt: skip

@@ -32,7 +32,7 @@ from flashsale.errors import Conflict
 from flashsale.settings import Settings
 from loadtest.processes import engine
 from tests.conftest import Cli
-from tests.harness import healthy
+from tests.harness import healthy, record_engine
 
 
 def _children(pid: int) -> list[int]:
@@ -393,16 +393,12 @@ def test_a_record_left_by_a_killed_engine_refuses_no_new_one(tmp_path: Path) -> 
     assert running_simulator(tmp_path) is None
     refuse_a_second_simulator(tmp_path)  # no Conflict
     # Nor is it shown as running: its pid is gone, or another program's since.
-    engines = tmp_path / ENGINES_DIR
-    engines.mkdir()
     no_pid = int(Path("/proc/sys/kernel/pid_max").read_text())  # pids stay below it
     with subprocess.Popen(["sleep", "30"]) as other:
         try:
             for port, pid in ((8000, other.pid), (8100, no_pid)):
-                (engines / f"{port}.json").write_text(json.dumps({
-                    "pid": pid, "gateway": f"http://127.0.0.1:{port}", "ops": {},
-                }))  # fmt: skip
-            (engines / "8200.json").write_text('{"pid": ')  # cut short by a full disk
+                record_engine(tmp_path, port, pid, f"http://127.0.0.1:{port}")
+            (tmp_path / ENGINES_DIR / "8200.json").write_text('{"pid": ')  # a full disk's
             assert running_engines(tmp_path) == []
             shown = subprocess.run(
                 [sys.executable, "-m", "flashsale", "dev", "status"], capture_output=True,
