@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from flashsale.cli import build_parser, main
+from flashsale.cli.checks import seconds
+from flashsale.errors import InvalidInput
 from flashsale.salespec import parse_sale
 from flashsale.wording import rerun
 from tests.conftest import Cli
@@ -343,3 +345,67 @@ def test_an_unknown_flag_is_refused_by_its_command_naming_the_one_meant(
     command = " ".join(argv[: 2 if argv[0] == "sale" else 1])
     assert err.startswith(f"usage: flashsale {command} "), err
     assert err.strip().splitlines()[-1] == said, err
+
+
+# Every flag that takes a time in seconds, and whether 0 is one it takes.
+SECONDS_FLAGS = [
+    (("sale", "status", "s", "--watch", "--interval"), False),
+    (("reconcile", "--once", "--interval"), False),
+    (("reconcile", "--once", "--stuck-after"), False),
+    (("token", "buyers", "--ttl"), False),
+    (("bench", "allocate", "--seconds"), False),
+    (("bench", "gateway", "--seconds"), False),
+    (("bench", "pipeline", "--paced-seconds"), False),
+    (("loadtest", "spike", "--ramp"), False),
+    (("loadtest", "spike", "--hold"), True),
+    (("demo", "--arrival-seconds"), True),
+    (("dev", "up", "--timeout"), False),
+    (("up", "--hung-after"), True),
+    (("psp", "--hang-s"), True),
+    (("demo", "--window-seconds"), False),
+]
+
+
+@pytest.mark.parametrize(("argv", "zero"), SECONDS_FLAGS, ids=lambda v: " ".join(v)
+                         if isinstance(v, tuple) else None)  # fmt: skip
+def test_a_flag_in_seconds_takes_a_duration_as_sale_create_does(
+    run_cli: Cli, argv: tuple[str, ...], zero: bool
+) -> None:
+    """`reconcile --stuck-after 2m` was told "must be a positive number, got '2m'" and
+    `reconcile --interval 5s` "must be a number", where `sale create --ttl 10m` and
+    `--starts-in 1h30m` take a duration; `dev up --timeout 30s` got argparse's "invalid float
+    value", and `dev up --timeout -5` waited no time at all and reported the stack's running
+    servers as not ready. Each is judged as a duration, and told what was typed."""
+    flag = argv[-1]
+
+    def said(value: str) -> str:
+        result = run_cli(*argv, value)
+        assert result.code == 2, (value, result)
+        return result.err.strip().removeprefix(f"flashsale: error: {flag}: ")
+
+    assert said("4000d") == "must be at most 3650d, got '4000d'"  # read as a duration
+    assert said("10 minutes") == (
+        "must be seconds or a duration like 90s, 10m or 1h30m, got '10 minutes'")  # fmt: skip
+    assert said("-5").endswith("seconds, got '-5'")
+    if not zero:  # told the range, with the duration as typed
+        assert said("0s").endswith("seconds, got '0s'")
+
+
+def test_durations_are_read_as_their_seconds() -> None:
+    assert [seconds("interval", typed) for typed in ("90", "0.5", "90s", "0.5s", "10m",
+                                                     "1h30m", " 2d ")] == [
+        90, 0.5, 90, 0.5, 600, 5400, 172_800]  # fmt: skip
+    assert seconds("hold", "0s", zero=True) == 0
+    for typed, shortest, why in (
+        ("0", 0, "more than 0"),
+        ("0.01s", 0.05, "from 0.05"),
+        ("nan", 0, "more than 0"),
+        ("inf", 0.05, "from 0.05"),
+    ):
+        with pytest.raises(InvalidInput, match=why):
+            seconds("interval", typed, shortest)
+
+
+def test_the_reconciler_runs_with_its_times_given_as_durations(cli: Cli) -> None:
+    result = cli("reconcile", "--once", "--interval", "5s", "--stuck-after", "2m")
+    assert result.code == 0, result

@@ -18,6 +18,7 @@ from flashsale.cli.checks import (
     output_folder,
     positive,
     results_doc,
+    seconds,
     service_settings,
     within,
 )
@@ -44,7 +45,7 @@ async def _allocate(args: argparse.Namespace, settings: Settings) -> int:
     from loadtest import bench_allocate as bench  # noqa: PLC0415
 
     options = bench.Options(
-        seconds=positive(float, "seconds", args.seconds),
+        seconds=seconds("seconds", args.seconds),
         concurrency=positive(int, "concurrency", args.concurrency),
         max_batch=positive(int, "max-batch", args.max_batch),
     )
@@ -89,7 +90,7 @@ async def _gateway(args: argparse.Namespace, settings: Settings) -> int:
     from loadtest import bench_gateway as bench  # noqa: PLC0415
 
     options = bench.Options(
-        seconds=positive(float, "seconds", args.seconds),
+        seconds=seconds("seconds", args.seconds),
         rounds=positive(int, "rounds", args.rounds),
         concurrency=positive(int, "concurrency", args.concurrency),
         workers=within("workers", args.workers, 1, MAX_PROCESSES),
@@ -116,7 +117,7 @@ async def _pipeline(args: argparse.Namespace, settings: Settings) -> int:
         reservations=positive(int, "reservations", args.reservations),
         latencies=_latencies(args.latencies),
         concurrency=positive(int, "concurrency", args.concurrency),
-        paced_seconds=positive(float, "paced-seconds", args.paced_seconds),
+        paced_seconds=seconds("paced-seconds", args.paced_seconds),
     )
     json_path = output_file("json", args.json) if args.json else None
     settings.require_redis()
@@ -202,7 +203,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "amount than the decisions it made.",
     )
     allocate.add_argument("--json", metavar="PATH", help="also write the report as JSON")
-    allocate.add_argument("--seconds", default="3", help="seconds per row (default 3)")
+    allocate.add_argument(
+        "--seconds", default="3", help="seconds per row, or a duration as 1m (default 3)"
+    )
     allocate.add_argument("--concurrency", default="512", help="concurrent callers (default 512)")
     allocate.add_argument("--max-batch", default="256", help="SkuAllocator max batch (default 256)")
     allocate.add_argument(
@@ -230,7 +233,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "at the listener). Exit 1 only if a request failed.",
     )
     gw_bench.add_argument("--json", metavar="PATH", help="also write the report as JSON")
-    gw_bench.add_argument("--seconds", default="10", help="seconds per row (default 10)")
+    gw_bench.add_argument(
+        "--seconds", default="10", help="seconds per row, or a duration as 1m (default 10)"
+    )
     gw_bench.add_argument(
         "--rounds", default="5", help="interleaved rounds the seconds are split into (default 5)"
     )
@@ -255,7 +260,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     pl_bench.add_argument("--concurrency", default="1000",
                           help="worker charges in flight (default 1000)")  # fmt: skip
     pl_bench.add_argument("--paced-seconds", default="5",
-                          help="length of the latency run (default 5)")  # fmt: skip
+                          help="length of the latency run, seconds or a duration as 1m "
+                               "(default 5)")  # fmt: skip
 
     all_bench = bench_sub.add_parser(
         "all",

@@ -16,7 +16,7 @@ from urllib.parse import quote, urlsplit
 
 import aiohttp
 
-from flashsale.cli.checks import http_url, in_seconds, positive, sale_id
+from flashsale.cli.checks import http_url, positive, sale_id, seconds
 from flashsale.cli.output import out, warn
 from flashsale.clients import pg_pool
 from flashsale.env_values import is_http_url
@@ -106,7 +106,7 @@ async def _fetch_fairness(base: str, sale: str) -> dict[str, Any]:
 
 async def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
     count = positive(int, "count", args.count)
-    ttl = positive(float, "ttl", in_seconds("ttl", args.ttl))
+    ttl = seconds("ttl", args.ttl)
     last = f"{args.prefix}{count - 1}"
     if not BUYER_ID.match(last):
         raise InvalidInput("prefix", f"a buyer id is 1 to 128 printable ASCII characters, no "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import math
 import os
 import re
 import socket
@@ -37,14 +38,40 @@ def positive(kind: type[int] | type[float], field: str, value: str) -> Any:
     return parsed
 
 
-def seconds(field: str, value: str, shortest: float) -> float:
-    """A time between two rounds of work, from ``shortest`` (more often, a loop would only
-    keep its servers busy) up to ``LARGEST``."""
-    number = _number(field, value)
-    if not shortest <= number <= LARGEST:  # false for nan too
-        raise InvalidInput(field, f"must be from {shortest:g} to {LARGEST:,.0f} seconds, "
-                                  f"got {shown(value)}")  # fmt: skip
+def seconds(
+    field: str,
+    value: str,
+    shortest: float = 0.0,
+    longest: float = LARGEST,
+    *,
+    zero: bool = False,
+    whole: bool = False,
+) -> float:
+    """A length of time typed as seconds (``30``, ``0.5``) or with units (``90s``, ``10m``,
+    ``1h30m``, ``0.5s``), as ``--starts-in`` takes it: more than 0 (with ``zero``, 0 too), at
+    least ``shortest`` (more often, a loop would only keep its servers busy), at most
+    ``longest`` and, with ``whole``, a whole number of seconds."""
+    number = _seconds(field, value)
+    if whole and not number.is_integer() and math.isfinite(number):
+        raise InvalidInput(field, f"must be a whole number of seconds, got {shown(value)}")
+    if not (number > 0 or (zero and number == 0)) or not shortest <= number <= longest:  # nan
+        low = f"from {shortest:g} to" if shortest or zero else "more than 0 and at most"
+        raise InvalidInput(field, f"must be {low} {longest:,.0f} seconds, got {shown(value)}")
     return number
+
+
+def _seconds(field: str, value: str) -> float:
+    text = value.strip()
+    for number in (text, text.removesuffix("s")):  # 30, 0.5s
+        try:
+            return float(number)
+        except ValueError:
+            pass
+    found = _DURATION.match(text)
+    if not found or not any(found.groups()):
+        raise InvalidInput(field, f"must be seconds or a duration like 90s, 10m or 1h30m, "
+                                  f"got {shown(value)}")  # fmt: skip
+    return duration(field, text, zero=True).total_seconds()
 
 
 def _number(field: str, value: str) -> float:

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from flashsale.cli.checks import duration, within
+from flashsale.cli.checks import duration, seconds, within
 from flashsale.cli.devstack.redis_cluster import Layout
 from flashsale.cli.devstack.stack import DevStack, ServerStatus
 from flashsale.cli.output import Stages, dump_json, out, warn
@@ -36,8 +36,8 @@ def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
                             within("replicas", args.replicas, 0, 2))  # fmt: skip
         elif args.replicas != "0":
             raise InvalidInput("replicas", "needs --redis-cluster N")
-        seconds = stack.up(timeout=args.timeout, cluster=layout)
-        out(f"stack ready in {seconds:.1f}s; env in {stack.env_file}")
+        took = stack.up(timeout=seconds("timeout", args.timeout), cluster=layout)
+        out(f"stack ready in {took:.1f}s; env in {stack.env_file}")
         out(f'use it from a shell with: eval "$({rerun("dev", "env")})"')
         behind = asyncio.run(_schema_behind(Settings.from_env()))
         if behind:
@@ -180,7 +180,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     dev_sub = dev.add_subparsers(dest="dev_command", required=True, metavar="ACTION")
     up = dev_sub.add_parser("up", help="start (or reuse) the stack; write its dev.env (in "
                                        "FLASHSALE_HOME, or ./.flashsale)")  # fmt: skip
-    up.add_argument("--timeout", type=float, default=30.0, help="seconds to wait (default 30)")
+    up.add_argument(
+        "--timeout", default="30", help="seconds to wait, or a duration as 2m (default 30)"
+    )
     up.add_argument(
         "--redis-cluster", metavar="N",
         help="run Redis as a Redis Cluster of N primaries (3..16) on loopback; kept for this "

@@ -10,12 +10,12 @@ from flashsale import event_loop
 from flashsale.cli.checks import (
     fraction,
     http_url,
-    non_negative,
     output_file,
     output_folder,
     positive,
     results_doc,
     sale_id,
+    seconds,
     within,
 )
 from flashsale.cli.dev import apply_migrations
@@ -37,19 +37,19 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     scenario = demo.Scenario(
         buyers=positive(int, "buyers", args.buyers), stock=positive(int, "stock", args.stock),
         pre_queue=fraction("pre-queue", args.pre_queue),
-        arrival_s=non_negative("arrival-seconds", args.arrival_seconds),
+        arrival_s=seconds("arrival-seconds", args.arrival_seconds, zero=True),
         admission_rate=within("admission-rate", args.admission_rate, 1, MAX_ADMISSION_RATE),
         rate_change=_rate_change(args.rate_change),
         decline=fraction("decline", args.decline), no_show=fraction("no-show", args.no_show),
         abandon=fraction("abandon", args.abandon),
-        window_s=within("window-seconds", args.window_seconds, 5, 3600),
+        window_s=int(seconds("window-seconds", args.window_seconds, 5, 3600, whole=True)),
     )  # fmt: skip
     if scenario.no_show + scenario.abandon > 1:
         raise InvalidInput("abandon", "--abandon and --no-show add up to more than 1")
     json_path = str(output_file("json", args.json)) if args.json else None
     out("== starting the embedded stack (servers given by env vars are used as they are)")
-    seconds = DevStack(settings.home).up()
-    out(f"   ready in {seconds:.1f}s")
+    took = DevStack(settings.home).up()
+    out(f"   ready in {took:.1f}s")
     settings = Settings.from_env()  # pick up the freshly written dev.env
     code = event_loop.run(demo.run(settings, scenario=scenario, progress=out, json_path=json_path))
     out(f"\nThe stack keeps running; stop it with `{rerun('dev', 'down')}`.")
@@ -63,7 +63,7 @@ def _rate_change(value: str | None) -> tuple[float, int] | None:
     at, sep, rate = value.partition(":")
     if not sep:
         raise InvalidInput("rate-change", f"must be SECONDS:RATE (e.g. 5:250), got {shown(value)}")
-    return (non_negative("rate-change", at),
+    return (seconds("rate-change", at, zero=True),
             within("rate-change", rate, 1, MAX_ADMISSION_RATE))  # fmt: skip
 
 
@@ -91,7 +91,7 @@ def cmd_loadtest(args: argparse.Namespace, settings: Settings) -> int:
         buyers=positive(int, "buyers", args.buyers),
         stock=positive(int, "stock", args.stock or "100"),
         sale=sale_id("sale", args.sale) if args.sale else "",
-        ramp=positive(float, "ramp", args.ramp), hold=non_negative("hold", args.hold),
+        ramp=seconds("ramp", args.ramp), hold=seconds("hold", args.hold, zero=True),
         host=http_url("host", args.host or _running_gateway(settings)), embedded=args.embedded,
         out=output_folder("out", args.out or str(settings.home / "spike")),
         buckets=within("buckets", args.buckets or "1", 1, MAX_BUCKETS),
@@ -169,8 +169,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
                       help="share of the buyers joining before the opening, whose places are "
                            "drawn at random (default 0.2)")  # fmt: skip
     demo.add_argument("--arrival-seconds", default="5", metavar="S",
-                      help="the other buyers arrive evenly over this long after the opening "
-                           "(default 5)")  # fmt: skip
+                      help="the other buyers arrive evenly over this long after the opening, "
+                           "seconds or a duration as 1m (default 5)")  # fmt: skip
     demo.add_argument(
         "--admission-rate",
         default="500",
@@ -202,7 +202,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--window-seconds",
         default="60",
         metavar="S",
-        help="the sale's admission window (default 60)",
+        help="the sale's admission window, 5..3600 seconds or a duration as 2m (default 60)",
     )
     demo.add_argument("--json", metavar="PATH", help="also write the final report as JSON")
 
@@ -230,8 +230,10 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     spike.add_argument("--sale", help="rehearse this preloaded sale instead, as its buyers "
                                       "will meet it: its products, opening and proof of "
                                       "work")  # fmt: skip
-    spike.add_argument("--ramp", default="10", help="seconds to bring every buyer in (default 10)")
-    spike.add_argument("--hold", default="5", help="seconds held after the ramp (default 5)")
+    spike.add_argument("--ramp", default="10", help="seconds (or a duration as 1m) to bring "
+                       "every buyer in (default 10)")  # fmt: skip
+    spike.add_argument("--hold", default="5", help="seconds (or a duration as 1m) held after "
+                       "the ramp (default 5)")  # fmt: skip
     spike.add_argument("--host", help="the gateway (default: that of the flashsale up running "
                                       f"on the stack, else {SPIKE_HOST}; not with --embedded, "
                                       "whose engine is its own)")  # fmt: skip

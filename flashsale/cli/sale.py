@@ -245,10 +245,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     create.add_argument("--stock", help="units (positive integer)")
     create.add_argument("--price", help="price in integer minor units (cents)")
     create.add_argument("--currency", help="ISO 4217 code, e.g. EUR")
-    create.add_argument(
-        "--limit", help=f"per-buyer limit (default {SKU_DEFAULTS['per_buyer_limit']})"
-    )
-    ttl = SKU_DEFAULTS["hold_ttl_seconds"]
+    limit, ttl = SKU_DEFAULTS["per_buyer_limit"], SKU_DEFAULTS["hold_ttl_seconds"]
+    create.add_argument("--limit", help=f"per-buyer limit (default {limit})")
     create.add_argument("--ttl", help=f"hold TTL, seconds or a duration as 10m (default {ttl})")
     create.add_argument("--buckets", help="split the SKU's stock into this many buckets on "
                         "separate Redis slots, for a SKU hotter than one Redis core (1..64, "
@@ -323,7 +321,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     status.add_argument("--sku", help="this SKU alone (a sale may have thousands)")
     status.add_argument("--watch", action="store_true",
                         help="refresh in place every --interval seconds until Ctrl-C")  # fmt: skip
-    status.add_argument("--interval", help="seconds between refreshes (default 1, at least 0.05)")
+    status.add_argument("--interval", help="seconds between refreshes, or a duration as 1m "
+                        "(default 1, at least 0.05)")  # fmt: skip
     status.add_argument("--count", help="stop after this many refreshes (default: never)")
     add = sale_sub.add_parser("add-stock", help="add N units to a SKU (Postgres, then Redis)")
     add.add_argument("sale", help="sale id")

@@ -73,7 +73,7 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     if args.once and args.ops_port:
         raise InvalidInput("ops-port", "goes without --once: the service serves its probes")
     interval = seconds("interval", args.interval, SHORTEST_INTERVAL_S)
-    stuck = positive(float, "stuck-after", args.stuck_after)
+    stuck = seconds("stuck-after", args.stuck_after)
     for sale in args.sale or []:
         sale_id("sale", sale)
     ops_port = port_number("ops-port", args.ops_port) if args.ops_port else None
@@ -143,7 +143,7 @@ def cmd_psp(args: argparse.Namespace, settings: Settings) -> int:
         decline_rate=fraction("decline-rate", args.decline_rate),
         error_rate=fraction("error-rate", args.error_rate),
         timeout_rate=fraction("timeout-rate", args.timeout_rate),
-        hang_s=non_negative("hang-s", args.hang_s),
+        hang_s=seconds("hang-s", args.hang_s, zero=True),
         seed=int(non_negative("seed", args.seed)),
     )
     keep_days = positive(float, "keep-days", args.keep_days)
@@ -162,7 +162,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     port = port_number("port", args.port)
     workers = within("workers", args.workers, 1, MAX_PROCESSES)
     listeners = within("reservation-workers", args.reservation_workers, 0, MAX_PROCESSES)
-    hung_after = within("hung-after", args.hung_after, 0, 3600)
+    hung_after = seconds("hung-after", args.hung_after, longest=3600, zero=True)
     service_settings(settings)
     settings.require_kafka()
     # A provider named in the environment is used as it is; one that a previous `up` recorded
@@ -332,7 +332,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     psp.add_argument("--error-rate", default="0", help="share of calls failing 500 (0..1)")
     psp.add_argument("--timeout-rate", default="0",
                      help="share of charges that capture, then answer too late (0..1)")  # fmt: skip
-    psp.add_argument("--hang-s", default="30", help="how late those answer (default 30)")
+    psp.add_argument("--hang-s", default="30", help="how late those answer, seconds or a "
+                     "duration as 1m (default 30)")  # fmt: skip
     psp.add_argument("--seed", default="0", help="seed of the random knobs (default 0)")
     psp.add_argument("--journal", help="append every charge and refund to this file and read "
                      "it back at start, so a restart forgets nothing (default: memory only; "
@@ -356,17 +357,15 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     rec.add_argument(
         "--interval",
         default="5",
-        help="seconds between two passes over a sale (default 5, at least 0.05; the budget "
-        "of 2,000 SKUs a second is shared out sale by sale, and a sale with more SKUs than "
-        "its share is passed over less often)",
+        help="seconds (or a duration as 1m) between two passes over a sale (default 5, at "
+        "least 0.05; the budget of 2,000 SKUs a second is shared out sale by sale, and a sale "
+        "with more SKUs than its share is passed over less often)",
     )
     rec.add_argument("--sale", action="append", metavar="ID",
                      help="only this sale (repeatable; default: every live sale); an unknown "
                           "id is refused")  # fmt: skip
-    rec.add_argument(
-        "--stuck-after", default="60",
-        help="seconds after which a PENDING/PAYING order is stuck (default 60)",
-    )  # fmt: skip
+    rec.add_argument("--stuck-after", default="60", help="seconds (or a duration as 2m) after "
+                     "which a PENDING/PAYING order is stuck (default 60)")  # fmt: skip
     rec.add_argument("--json", action="store_true", help="with --once: print the pass as JSON")
     rec.add_argument("--host", default="127.0.0.1", help="address of the ops endpoints")
     rec.add_argument("--ops-port", help="serve /healthz and /metrics on this port")
@@ -416,4 +415,5 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
                     help="port of those processes (default PORT+5)")  # fmt: skip
     up.add_argument("--hung-after", default=str(HUNG_AFTER_S), metavar="SECONDS",
                     help="kill and start again a process whose event loop has not turned for "
-                    f"this many seconds (default {HUNG_AFTER_S}; 0: never)")  # fmt: skip
+                    f"this many seconds or a duration as 1m (default {HUNG_AFTER_S}; 0: "
+                    "never)")  # fmt: skip
