@@ -53,6 +53,50 @@ def number(env: Mapping[str, str], name: str, default: float, *, minimum: float,
     return value
 
 
+def seconds(env: Mapping[str, str], name: str, default: float, *, minimum: float,
+            maximum: float = math.inf) -> float:  # fmt: skip
+    """A setting in seconds, written as a number or as a duration (``90s``, ``10m``, ``7d``)."""
+    raw = env.get(name)
+    if not raw:
+        return default
+    value = seconds_of(raw)
+    if value is None:
+        raise ConfigError(f"{name} must be {SECONDS_TAKEN}, got {raw!r}")
+    if not minimum <= value < math.inf:  # false for nan too
+        raise ConfigError(f"{name} must be a finite number of at least {minimum:g} seconds, "
+                          f"got {raw!r}")  # fmt: skip
+    if value > maximum:
+        raise ConfigError(f"{name} must be at most {maximum:g} seconds, got {raw!r}")
+    return value
+
+
+# One to four parts, largest unit first, each at most once: 90s, 10m, 2h, 1d, 1h30m, 2d12h.
+DURATION = re.compile(r"(?:([0-9]{1,7})d)?(?:([0-9]{1,7})h)?(?:([0-9]{1,7})m)?(?:([0-9]{1,7})s)?\Z")
+SECONDS_TAKEN = "seconds or a duration like 90s, 10m or 1h30m"
+
+
+def duration_seconds(text: str) -> int | None:
+    """The seconds of ``text`` written with units, largest first (``90s``, ``10m``, ``2h``,
+    ``1d``, ``1h30m``), or None when it is not written so."""
+    found = DURATION.match(text.strip())
+    if not found or all(part is None for part in found.groups()):
+        return None
+    days, hours, minutes, secs = (int(part or 0) for part in found.groups())
+    return ((days * 24 + hours) * 60 + minutes) * 60 + secs
+
+
+def seconds_of(text: str) -> float | None:
+    """``text`` as seconds: a number (``30``, ``0.5``, ``0.5s``) or a duration (``10m``,
+    ``1h30m``); None when it is neither."""
+    for number in (text.strip(), text.strip().removesuffix("s")):
+        try:
+            return float(number)
+        except ValueError:
+            pass
+    found = duration_seconds(text)
+    return None if found is None else float(found)
+
+
 def in_flight_ceilings(env: Mapping[str, str]) -> dict[str, int]:
     """A gateway process's in-flight cap, and within it the joins' and the polls' ceilings
     (by default a tenth and two fifths of the cap), which must leave room under it for

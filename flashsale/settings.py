@@ -26,9 +26,9 @@ from flashsale.env_values import (
     http_url,
     in_flight_ceilings,
     networks,
-    number,
     origin,
     origins,
+    seconds,
     secret_setting,
     trimmed,
     webhook_secret,
@@ -324,8 +324,8 @@ class Settings:
             pg_pool_mode=choice(
                 env, "FLASHSALE_PG_POOL_MODE", ("session", "transaction"), "session"
             ),
-            redis_timeout_s=number(env, "FLASHSALE_REDIS_TIMEOUT", 5.0, minimum=0.1),
-            pg_timeout_s=number(env, "FLASHSALE_PG_TIMEOUT", 10.0, minimum=0.1),
+            redis_timeout_s=seconds(env, "FLASHSALE_REDIS_TIMEOUT", 5.0, minimum=0.1),
+            pg_timeout_s=seconds(env, "FLASHSALE_PG_TIMEOUT", 10.0, minimum=0.1),
             kafka_bootstrap=pick("KAFKA_BOOTSTRAP"),
             kafka=KafkaAccess.from_env(env),
             admin_token=secret_of("FLASHSALE_ADMIN_TOKEN", keys=True),
@@ -336,7 +336,7 @@ class Settings:
             rate_per_ip=rate("FLASHSALE_RATE_PER_IP", "100,200"),
             rate_per_buyer=rate("FLASHSALE_RATE_PER_BUYER", "5,10"),
             **in_flight_ceilings(env),
-            body_timeout_s=number(env, "FLASHSALE_BODY_TIMEOUT", 5.0, minimum=0.1),
+            body_timeout_s=seconds(env, "FLASHSALE_BODY_TIMEOUT", 5.0, minimum=0.1),
             trust_forwarded=flag(env.get("FLASHSALE_TRUST_FORWARDED"), "FLASHSALE_TRUST_FORWARDED"),
             trusted_proxies=networks(
                 env.get("FLASHSALE_TRUSTED_PROXIES") or "", "FLASHSALE_TRUSTED_PROXIES"
@@ -349,7 +349,7 @@ class Settings:
             buyer_jwt_audience=env.get("FLASHSALE_BUYER_JWT_AUDIENCE") or None,
             topics=Topics.from_env(env),
             consumer_group=groups[0],
-            worker_session_timeout_s=number(
+            worker_session_timeout_s=seconds(
                 env, "FLASHSALE_WORKER_SESSION_TIMEOUT", 10.0, minimum=1.0, maximum=30.0
             ),
             archive_after_s=_archive_after(env),
@@ -409,11 +409,11 @@ def _require(value: str | None, name: str, home: Path) -> str:
 
 
 def _archive_after(env: Mapping[str, str]) -> float | None:
-    """FLASHSALE_ARCHIVE_AFTER: seconds (default a day), or ``never``."""
+    """FLASHSALE_ARCHIVE_AFTER: seconds or a duration (default a day), or ``never``."""
     name = "FLASHSALE_ARCHIVE_AFTER"
     if (env.get(name) or "").strip().lower() == "never":
         return None
     try:
-        return number(env, name, ARCHIVE_AFTER_S, minimum=0.0)
+        return seconds(env, name, ARCHIVE_AFTER_S, minimum=0.0)
     except ConfigError as exc:
-        raise ConfigError(f"{exc}: give seconds after a sale's end, or never") from None
+        raise ConfigError(f"{exc}: the time after a sale's end (7d), or never") from None

@@ -237,6 +237,25 @@ def test_sales_are_archived_a_day_after_their_end_unless_told_otherwise() -> Non
     assert Settings.from_env({"FLASHSALE_ARCHIVE_AFTER": "0"}).archive_after_s == 0
 
 
+def test_a_setting_in_seconds_takes_a_duration_as_the_cli_does() -> None:
+    """`FLASHSALE_ARCHIVE_AFTER=7d` stopped every service with "must be a number", where the
+    CLI's flags in seconds take `7d`."""
+    settings = Settings.from_env({
+        "FLASHSALE_ARCHIVE_AFTER": "7d", "FLASHSALE_REDIS_TIMEOUT": "0.5s",
+        "FLASHSALE_PG_TIMEOUT": "1m", "FLASHSALE_BODY_TIMEOUT": "10s",
+        "FLASHSALE_WORKER_SESSION_TIMEOUT": "20s"})  # fmt: skip
+    assert (settings.archive_after_s, settings.redis_timeout_s, settings.pg_timeout_s,
+            settings.body_timeout_s, settings.worker_session_timeout_s) == (
+        604_800, 0.5, 60, 10, 20)  # fmt: skip
+    with pytest.raises(ConfigError, match=(
+            r"^FLASHSALE_PG_TIMEOUT must be seconds or a duration like 90s, 10m or 1h30m, "
+            r"got '10 minutes'$")):  # fmt: skip
+        Settings.from_env({"FLASHSALE_PG_TIMEOUT": "10 minutes"})
+    with pytest.raises(ConfigError, match=r"^FLASHSALE_WORKER_SESSION_TIMEOUT must be at most "
+                                          r"30 seconds, got '1m'$"):  # fmt: skip
+        Settings.from_env({"FLASHSALE_WORKER_SESSION_TIMEOUT": "1m"})
+
+
 def test_joins_and_polls_leave_room_for_admitted_buyers_under_the_in_flight_cap() -> None:
     """FLASHSALE_MAX_IN_FLIGHT lowered to 500 kept the joins' and polls' ceilings at 200 and
     800: polls alone could take every slot, and an admitted buyer's reservation was refused

@@ -7,13 +7,12 @@ import argparse
 import errno
 import math
 import os
-import re
 import socket
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from flashsale.env_values import is_http_url, tcp_port
+from flashsale.env_values import SECONDS_TAKEN, duration_seconds, is_http_url, seconds_of, tcp_port
 from flashsale.errors import InvalidInput, shown
 from flashsale.keys import ID_PATTERN
 from flashsale.settings import Settings
@@ -61,17 +60,10 @@ def seconds(
 
 
 def _seconds(field: str, value: str) -> float:
-    text = value.strip()
-    for number in (text, text.removesuffix("s")):  # 30, 0.5s
-        try:
-            return float(number)
-        except ValueError:
-            pass
-    found = _DURATION.match(text)
-    if not found or not any(found.groups()):
-        raise InvalidInput(field, f"must be seconds or a duration like 90s, 10m or 1h30m, "
-                                  f"got {shown(value)}")  # fmt: skip
-    return duration(field, text, zero=True).total_seconds()
+    number = seconds_of(value)
+    if number is None:
+        raise InvalidInput(field, f"must be {SECONDS_TAKEN}, got {shown(value)}")
+    return number
 
 
 def _number(field: str, value: str) -> float:
@@ -197,31 +189,23 @@ def within(field: str, value: str, low: int, high: int) -> int:
     return number
 
 
-# One to four parts, largest unit first, each at most once: 90s, 10m, 2h, 1d, 1h30m, 2d12h.
-_DURATION = re.compile(
-    r"(?:([0-9]{1,7})d)?(?:([0-9]{1,7})h)?(?:([0-9]{1,7})m)?(?:([0-9]{1,7})s)?\Z"
-)
 LONGEST = timedelta(days=3650)  # ten years
 
 
 def duration(field: str, value: str, *, zero: bool = False) -> timedelta:
     """A positive duration written as numbers with units, largest first: ``90s``, ``10m``,
     ``2h``, ``1d``, ``1h30m``; with ``zero``, also one of nothing (``0s``)."""
-    found = _DURATION.match(value.strip())
-    written = found.groups() if found else ()
-    parts = [int(part or 0) for part in written]
-    if any(part is not None for part in written) and not any(parts):  # "0s", "0h0m"
+    length = duration_seconds(value)
+    if length is None:
+        raise InvalidInput(field, f"must be a duration like 90s, 10m, 2h, 1d or 1h30m, "
+                           f"got {shown(value)}")  # fmt: skip
+    if not length:  # "0s", "0h0m"
         if zero:
             return timedelta(0)
         raise InvalidInput(field, f"must be longer than 0s, got {shown(value)}")
-    if not any(parts):
-        raise InvalidInput(field, f"must be a duration like 90s, 10m, 2h, 1d or 1h30m, "
-                           f"got {shown(value)}")  # fmt: skip
-    days, hours, minutes, seconds = parts
-    length = timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
-    if length > LONGEST:
+    if length > LONGEST.total_seconds():
         raise InvalidInput(field, f"must be at most {LONGEST.days}d, got {shown(value)}")
-    return length
+    return timedelta(seconds=length)
 
 
 def in_seconds(field: str, value: str) -> str:
