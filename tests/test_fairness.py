@@ -140,6 +140,33 @@ async def test_a_shuffled_pre_queue_is_published_and_proven_per_buyer(
     assert "VERIFIED" in busy.out
 
 
+async def test_verify_takes_the_address_of_the_sales_page(gw: Gateway, cli: Cli) -> None:
+    """A buyer has the waiting room's address, http://HOST/sales/SALE: given as --url, it was
+    told "unknown sale" of a sale the gateway serves (the record was asked for under the
+    page's path), as was any address that is not a gateway's."""
+    sale, _ = await _shuffled(gw, ["early-0", "early-1"])
+    base = str(gw.http.make_url("")).rstrip("/")
+
+    def verify(url: str) -> Any:
+        return cli("fairness", "verify", sale, "--url", url)
+
+    page = await asyncio.to_thread(verify, f"{base}/sales/{sale}")
+    assert page.code == 0 and "VERIFIED" in page.out, page.out + page.err
+    other = await asyncio.to_thread(verify, f"{base}/sales/sale-other")
+    assert (other.code, other.err.strip()) == (
+        2,
+        f"flashsale: error: --url: is the page of 'sale-other', not of {sale}",
+    ), other.err
+    elsewhere = await asyncio.to_thread(verify, f"{base}/shop")
+    assert (elsewhere.code, elsewhere.err.strip().splitlines()[-1]) == (
+        1,
+        (
+            f"flashsale: error: {base}/shop answered 404 to /v1/sales/{sale}/fairness: give a "
+            "flashsale gateway's address, http://HOST:PORT, or a sale's page on it"
+        ),
+    ), elsewhere.err
+
+
 @contextlib.asynccontextmanager
 async def busy_front(base: str, statuses: list[int]) -> AsyncIterator[tuple[str, list[int]]]:
     """An HTTP front to ``base`` answering its first requests with ``statuses`` (Retry-After

@@ -38,7 +38,7 @@ async def cmd_fairness(args: argparse.Namespace, settings: Settings) -> int:
     if args.commitment is not None and not re.fullmatch(r"[0-9a-f]{64}", args.commitment):
         raise InvalidInput("commitment", "must be the 64 hex digits published before the start")
     if args.url:
-        doc = await _fetch_fairness(http_url("url", args.url).rstrip("/"), sale)
+        doc = await _fetch_fairness(gateway_base(args.url, sale), sale)
         listed = doc["members"] if doc["recorded"] else None
         record = Published(sale, doc["commitment"], doc["seed"], listed, doc["root"], doc["size"],
                            doc.get("ended", False), doc.get("lost", False))  # fmt: skip
@@ -72,6 +72,18 @@ async def cmd_fairness(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if found_problems else 0
 
 
+def gateway_base(value: str, sale: str) -> str:
+    """``--url``: a gateway's address, or the sale's page on it as a buyer has it
+    (``.../sales/SALE``, its query and ``#`` part dropped): where the buyer API is."""
+    url = urlsplit(http_url("url", value))
+    head, page, page_sale = url.path.rstrip("/").rpartition("/sales/")
+    if page and "/" not in page_sale:
+        if page_sale != sale:
+            raise InvalidInput("url", f"is the page of {shown(page_sale)}, not of {sale}")
+        return f"{url.scheme}://{url.netloc}{head}"
+    return value.rstrip("/")
+
+
 async def _fetch_fairness(base: str, sale: str) -> dict[str, Any]:
     """Every page of a gateway's ``/v1/sales/{sale}/fairness``, members joined. A busy
     gateway's 429 and 503 are waited out at their ``Retry-After`` (at most ``BUSY_WAIT_S``),
@@ -90,8 +102,7 @@ async def _fetch_fairness(base: str, sale: str) -> dict[str, Any]:
                                             else BUSY_WAIT_S)  # fmt: skip
                         continue
                     if response.status == 404:
-                        raise NotFound(f"unknown sale {shown(sale)} at {base}",
-                                       code="unknown_sale")  # fmt: skip
+                        raise await _not_found(response, base, sale)
                     if response.status != 200:
                         raise Conflict(f"{base} answered {response.status}: "
                                        f"{await response.text()}")  # fmt: skip
@@ -128,6 +139,19 @@ async def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
         link = f"\t{page}#token={token}&payment={payment}" if page else ""
         sys.stdout.write(f"{args.prefix}{i}\t{token}{link}\n")
     return 0
+
+
+async def _not_found(response: aiohttp.ClientResponse, base: str, sale: str) -> NotFound:
+    """A 404 to the record: the gateway's ``unknown_sale``, or an address that is none of a
+    gateway's (a shop's page, a path under the gateway)."""
+    try:
+        code = (await response.json(content_type=None))["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        code = None
+    if code == "unknown_sale":
+        return NotFound(f"unknown sale {shown(sale)} at {base}", code="unknown_sale")
+    return NotFound(f"{base} answered 404 to /v1/sales/{sale}/fairness: give a flashsale "
+                    "gateway's address, http://HOST:PORT, or a sale's page on it")  # fmt: skip
 
 
 def waiting_room_page(value: str) -> str:
@@ -195,8 +219,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "members hash to the root. Exit 0 when all hold, 1 naming what does not.",
     )
     verify.add_argument("sale", help="sale id")
-    verify.add_argument("--url", help="a gateway's base URL: check what it publishes, as anyone "
-                        "would (default: this engine's database)")  # fmt: skip
+    verify.add_argument("--url", help="a gateway's base URL, or the sale's page on it "
+                        "(http://HOST/sales/SALE): check what it publishes, as anyone would "
+                        "(default: this engine's database)")  # fmt: skip
     verify.add_argument("--commitment", help="the commitment you saw before the start, to check "
                         "the published one against")  # fmt: skip
     verify.add_argument("--buyer", help="also show this buyer's member hash and position")
