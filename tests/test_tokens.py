@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hmac
+import http.server
+import threading
 import time
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -154,6 +158,33 @@ def test_cli_links_no_buyer_to_a_sale_the_gateway_does_not_have(
             f"flashsale: error: --page: {gw.base_url} has no sale 'SALE': the links would open "
             '"This sale does not exist" (`flashsale sale list` names the sales)\n'
         ), placeholder.err
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_cli_links_no_buyer_to_an_address_that_is_no_gateway(
+    run_cli: Cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A page at another server (a port mistyped: the reconciler's probes, a shop) was told
+    "has no sale 'S': the links would open \"This sale does not exist\"", which that server
+    does not serve: any 404 was taken for the gateway's."""
+    monkeypatch.setenv("FLASHSALE_BUYER_TOKEN_SECRET", SECRET)
+    handler = functools.partial(_Quiet, directory=str(tmp_path))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as other:
+        threading.Thread(target=other.serve_forever, daemon=True).start()
+        base = f"http://127.0.0.1:{other.server_address[1]}"
+        try:
+            refused = run_cli("token", "buyers", "--page", f"{base}/sales/sale-1")
+        finally:
+            other.shutdown()
+    assert (refused.code, refused.out) == (2, ""), refused
+    assert refused.err == (
+        f"flashsale: error: --page: {base} answered 404 to /v1/sales/sale-1: no flashsale "
+        "gateway is there, and the links would not open its waiting room\n"
+    ), refused.err
 
 
 def test_cli_takes_a_lifetime_as_a_duration(run_cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -144,14 +144,18 @@ async def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
 async def _not_found(response: aiohttp.ClientResponse, base: str, sale: str) -> NotFound:
     """A 404 to the record: the gateway's ``unknown_sale``, or an address that is none of a
     gateway's (a shop's page, a path under the gateway)."""
-    try:
-        code = (await response.json(content_type=None))["error"]["code"]
-    except (ValueError, KeyError, TypeError):
-        code = None
-    if code == "unknown_sale":
+    if await _error_code(response) == "unknown_sale":
         return NotFound(f"unknown sale {shown(sale)} at {base}", code="unknown_sale")
     return NotFound(f"{base} answered 404 to /v1/sales/{sale}/fairness: give a flashsale "
                     "gateway's address, http://HOST:PORT, or a sale's page on it")  # fmt: skip
+
+
+async def _error_code(response: aiohttp.ClientResponse) -> str | None:
+    """The ``error.code`` of a gateway's error answer; None from a server that is none."""
+    try:
+        return str((await response.json(content_type=None))["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def waiting_room_page(value: str) -> str:
@@ -181,13 +185,17 @@ async def _sale_at(page: str) -> None:
     try:
         async with (
             aiohttp.ClientSession(timeout=timeout) as session,
-            session.head(f"{origin}/v1/sales/{quote(sale, safe='')}") as answer,
+            session.get(f"{origin}/v1/sales/{quote(sale, safe='')}") as answer,
         ):
-            status = answer.status
+            status, code = answer.status, await _error_code(answer)
     except (aiohttp.ClientError, TimeoutError) as exc:
         warn(f"could not ask {origin} whether it has sale {sale} ({type(exc).__name__}): "
              "the links are printed all the same")  # fmt: skip
         return
+    if status == 404 and code != "unknown_sale":
+        raise InvalidInput("page", f"{origin} answered 404 to /v1/sales/{sale}: no flashsale "
+                                   "gateway is there, and the links would not open its waiting "
+                                   "room")  # fmt: skip
     if status == 404:
         raise InvalidInput("page", f"{origin} has no sale {shown(sale)}: the links would open "
                                    '"This sale does not exist" (`flashsale sale list` names the '
