@@ -29,6 +29,9 @@ from flashsale.salespec import (
 )
 from flashsale.wording import counted
 
+# What an import takes, for a file or a body with nothing in it.
+SKUS_TEXT = 'CSV with a header row sku,title,stock,price,currency,... or JSON {"skus": [...]}'
+
 
 def parse_import(content: str, read_json: Callable[[str], Any]) -> SkuImport:
     """SKUs to add to a sale from a file or a body: JSON (``{"skus": [...]}`` or the list

@@ -20,7 +20,7 @@ from flashsale.errors import InvalidInput, Unauthorized, meant, shown
 from flashsale.http_protocol import EVERY_ANSWER
 from flashsale.records import body_fingerprint, idempotency_key
 from flashsale.salespec import parse_sale, parse_skus
-from flashsale.sku_csv import parse_import
+from flashsale.sku_csv import SKUS_TEXT, parse_import
 from gateway.console import OPEN_PATHS
 from gateway.http import (
     MAX_ADMIN_BODY,
@@ -150,6 +150,8 @@ async def import_skus(request: web.Request) -> web.Response:
     raw = await body_bytes(request, MAX_ADMIN_BODY)
     content = as_text(raw, "body")  # as Windows tools save it too
     sale = request.match_info["sale"]
+    if not content.strip(" \t\r\n\ufeff"):
+        raise InvalidInput("body", f"empty: send {SKUS_TEXT}")
     # Parsed and checked in a thread: 200,000 rows took 3.5 s, which on the event loop every
     # buyer of this process waited for.
     read_json = partial(parse_json, unique=True)

@@ -805,6 +805,22 @@ async def test_a_body_that_is_not_json_says_what_it_is(http: TestClient[Any, Any
     assert said["application/json"] == "body: empty: send a JSON object", said
 
 
+async def test_an_empty_import_says_what_it_takes(http: TestClient[Any, Any]) -> None:
+    """SKUs posted as an empty body were told "csv: is empty: expected a header row", naming a
+    field the request does not have, where a sale's empty body is told "body: empty"."""
+    sale_id = (await (await http.post("/admin/v1/sales", json=SALE, headers=auth())).json())["id"]
+    for kind in ("text/csv", "application/json", "application/octet-stream"):
+        answer = await http.post(f"/admin/v1/sales/{sale_id}/skus", data=b" \r\n",
+                                 headers={**auth(), "Content-Type": kind})  # fmt: skip
+        assert answer.status == 422, kind
+        assert (await answer.json())["error"] == {
+            "code": "invalid_input",
+            "field": "body",
+            "message": "body: empty: send CSV with a "
+            'header row sku,title,stock,price,currency,... or JSON {"skus": [...]}',
+        }, kind
+
+
 async def test_json_saved_with_a_byte_order_mark_is_read(http: TestClient[Any, Any]) -> None:
     """Windows PowerShell's `Out-File -Encoding utf8` and Notepad write UTF-8 with a byte-order
     mark: such a sale file was refused as "malformed JSON: unexpected character", and as SKUs

@@ -539,6 +539,24 @@ def test_import_takes_the_sale_first_as_every_sale_command_does(cli: Cli, tmp_pa
         assert refused.err.startswith("flashsale: error: "), refused  # one line, naming it
 
 
+def test_an_empty_file_is_said_to_be_empty(cli: Cli, tmp_path: Path) -> None:
+    """`sale create --file F` of an empty file (a command's output sent there after it failed)
+    was told "malformed JSON at line 1 column 1: Expecting value", and `sale import S F` of
+    an empty F, even F.json, "csv: is empty: expected a header row", naming a field nobody
+    typed."""
+    sale_id = create(cli, tmp_path)
+    for blank in ("", "\n\n", "\ufeff \r\n"):
+        path = write(tmp_path, blank, "next.json")
+        made = cli("sale", "create", "--file", path)
+        assert (made.code, made.err) == (2, (
+            f"flashsale: error: --file: {path} is empty: expected a sale file, JSON like "
+            '{"name": ..., "skus": [...]}\n')), made  # fmt: skip
+        added = cli("sale", "import", sale_id, path)
+        assert (added.code, added.err) == (2, (
+            f"flashsale: error: file: {path} is empty: expected CSV with a header row "
+            'sku,title,stock,price,currency,... or JSON {"skus": [...]}\n')), added  # fmt: skip
+
+
 def test_import_csv_adds_skus(cli: Cli, db: Db, tmp_path: Path) -> None:
     sale_id = create(cli, tmp_path)
     csv_path = write(
@@ -1681,7 +1699,7 @@ BAD_CSV = [
         "sku,stock,price,currency\n\nNEW,1,1,EUR\nSNK-42,2,1,EUR\n",
         "row 4.sku",
     ),
-    ("empty", "", "csv"),
+    ("empty", "", "file"),
     ("NUL in a title", "sku,title,stock,price,currency\nA,x\u0000y,1,1,EUR\n", "row 2.title"),
 ]
 

@@ -49,7 +49,7 @@ from flashsale.salespec import (
     parse_sale,
 )
 from flashsale.settings import Settings
-from flashsale.sku_csv import parse_import
+from flashsale.sku_csv import SKUS_TEXT, parse_import
 from flashsale.wording import counted
 
 
@@ -172,7 +172,7 @@ async def _import(settings: Settings, args: argparse.Namespace, stage: Stages) -
     """``sale import``: the file checked whole (in a thread, so that its stage is said), then
     written."""
     stage(f"reading {args.file}")
-    text = read_input(args.file)
+    text = read_input(args.file, SKUS_TEXT)
     stage("checking every row")
     batch = await asyncio.to_thread(parse_import, text, json_text)
     stage(f"writing {counted(len(batch.skus), 'SKU')}")

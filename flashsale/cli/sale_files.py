@@ -12,18 +12,25 @@ from flashsale.encodings import as_text
 from flashsale.errors import InvalidInput
 from flashsale.salespec import unique_keys
 
+SALE_FILE = 'a sale file, JSON like {"name": ..., "skus": [...]}'
 
-def read_input(path: str) -> str:
-    """The text of ``path`` ('-' is stdin); an unreadable file is bad input."""
+
+def read_input(path: str, expected: str) -> str:
+    """The text of ``path`` ('-' is stdin); an unreadable file is bad input, and so is an
+    empty one (said with what was ``expected``)."""
     try:
         raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
     except OSError as exc:
         raise InvalidInput("file", f"cannot read {path}: {exc.strerror}") from None
-    return as_text(raw, "file", path)  # as Windows tools save it too
+    text = as_text(raw, "file", path)  # as Windows tools save it too
+    if not text.strip(" \t\r\n\ufeff"):
+        where = "stdin" if path == "-" else path
+        raise InvalidInput("file", f"{where} is empty: expected {expected}")
+    return text
 
 
 def read_json_file(path: str) -> Any:
-    return json_text(read_input(path))
+    return json_text(read_input(path, SALE_FILE))
 
 
 def json_text(raw: str) -> Any:
