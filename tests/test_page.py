@@ -1231,6 +1231,30 @@ def test_a_buyer_on_a_phone_sees_the_reservation_first(stack: Settings, browser:
         assert two["reserve"] < two["leave"], two
 
 
+def test_a_buyer_on_a_phone_sees_the_price_of_the_product_chosen(
+    stack: Settings, browser: Browser
+) -> None:
+    """At a phone's width the picker cut "Limited edition running sneaker Aurora Borealis
+    glow-in-the-dark, size 42 EU (€129.00)" at "Aurora": beside Reserve, the price of the
+    product chosen was nowhere."""
+    spec = sale_spec("Price drop", "S1", 5, limit=2)
+    spec["skus"][0]["title"] = ("Limited edition running sneaker Aurora Borealis "
+                                "glow-in-the-dark, size 42 EU")  # fmt: skip
+    spec["skus"].append({**spec["skus"][0], "sku": "S2", "title": "Hoodie", "price": 4900,
+                         "per_buyer_limit": 1})  # fmt: skip
+    with live_page(stack, browser, "Price drop", spec=spec) as live:
+        gw, sale, page = live.gw, live.sale, live.page
+        page.set_viewport_size(PHONE)
+        gw.pump_forever(sale, ["S1", "S2"])
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'priced')}")
+        page.click("#join")
+        page.wait_for_selector("#state[data-state='admitted']", timeout=20_000)
+        assert page.evaluate("(s => s.scrollWidth > s.clientWidth)(document.getElementById('sku'))")
+        assert page.text_content("#qty-note") == "€129.00 each. At most 2 per buyer."
+        page.select_option("#sku", "S2")
+        assert page.text_content("#qty-note") == "€49.00. One per buyer."
+
+
 def test_names_without_a_space_wrap_at_a_phones_width(stack: Settings, browser: Browser) -> None:
     """A title or a sale's name with no space to break at (a model code, a compound word, a
     link) ran past the screen: the page was 4,252 px wide at 360."""
