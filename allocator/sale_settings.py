@@ -114,7 +114,8 @@ async def update(sales: SaleReads, sale_id: str, changes: Mapping[str, Any], *,
         spec = parse_sale(merged, now=now, changed=changes.keys())
         if state != "scheduled":
             if spec.max_queue < sale["max_queue"]:
-                raise Conflict("max_queue can only rise once the sale has started",
+                raise Conflict("max_queue can only rise once the sale has started: it is "
+                               f"{sale['max_queue']:,}, got {spec.max_queue:,}",
                                code="sale_started")  # fmt: skip
             if spec.ends_at <= now:
                 raise InvalidInput("ends_at", "must be in the future")

@@ -1669,6 +1669,10 @@ def test_a_started_sales_fixed_settings_are_named_by_their_flags(cli: Cli) -> No
     assert limit.err.strip() == (
         "flashsale: error: --limit cannot change once the sale has started (it can: --title)"
     ), limit.err
+    lower = cli("sale", "update", sale_id, "--max-queue", "10")  # it said "can only rise": from?
+    assert (lower.code, lower.err.strip()) == (1, (
+        "flashsale: error: --max-queue can only rise once the sale has started: it is "
+        "200,000, got 10")), lower.err  # fmt: skip
 
 
 BAD_CSV = [
