@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from aiohttp import web
 
 from flashsale.cli.checks import AFTER_PORT
 from flashsale.cli.devstack.processes import UP_PORTS, free_ports
@@ -28,7 +29,8 @@ from flashsale.engine_record import (
     running_engines,
     running_simulator,
 )
-from flashsale.errors import Conflict
+from flashsale.errors import ConfigError, Conflict
+from flashsale.ops_endpoints import listen
 from flashsale.settings import Settings
 from loadtest.processes import engine
 from tests.conftest import Cli
@@ -324,6 +326,34 @@ def test_a_gateway_of_several_processes_refuses_a_taken_port(stack: Settings) ->
     assert err.strip() == f"flashsale: error: --port: 127.0.0.1:{port} is in use by another process"
 
 
+@pytest.mark.parametrize(("argv", "flag"), [
+    (("gateway", "--port"), "--port"), (("psp", "--port"), "--port"),
+    (("allocator", "--ops-port"), "--ops-port"), (("workers", "--ops-port"), "--ops-port"),
+    (("reconcile", "--ops-port"), "--ops-port"),
+])  # fmt: skip
+def test_a_service_refuses_a_taken_port_before_it_starts(
+    stack: Settings, argv: tuple[str, ...], flag: str
+) -> None:
+    """`flashsale allocator --ops-port P` with P taken said "allocator service starting",
+    then "cannot listen on 127.0.0.1:P: address already in use" with exit 1, as did the
+    gateway of one process, the workers, the reconciler and the simulator: a flag's bad value,
+    said late and not by the flag, where `up` and a gateway of several processes check their
+    ports first."""
+    port = free_ports(1)
+    with _held(port):
+        code, err = _refused(*argv, str(port))
+    assert (code, err.strip()) == (
+        2,
+        f"flashsale: error: {flag}: 127.0.0.1:{port} is in use by another process",
+    ), err
+
+
+def test_the_simulators_journal_must_be_a_file(stack: Settings, tmp_path: Path) -> None:
+    """`psp --journal /tmp` answered "/tmp: Is a directory", exit 1, naming no flag."""
+    code, err = _refused("psp", "--port", str(free_ports(1)), "--journal", str(tmp_path))
+    assert (code, err.strip()) == (2, f"flashsale: error: --journal: {tmp_path} is a folder"), err
+
+
 def test_up_refuses_two_services_on_one_port(stack: Settings) -> None:
     port = free_ports(UP_PORTS)
     code, err = _refused("up", "--port", str(port), "--workers-port", str(port + 1))
@@ -346,15 +376,18 @@ def test_up_on_a_port_too_high_for_the_ports_after_it_names_the_flag_given(
     ), err
 
 
-def test_a_service_whose_port_is_taken_says_so(stack: Settings) -> None:
-    """Not "a server is unavailable": nothing the service depends on is down."""
+async def test_a_port_taken_after_the_check_is_said_as_such() -> None:
+    """Not "a server is unavailable": nothing the service depends on is down. (The flags'
+    check comes first; a port taken between it and the listen is said here.)"""
     port = free_ports(1)
-    with _held(port):
-        code, err = _refused("reconcile", "--ops-port", str(port))
-    assert code == 1, err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("flashsale: error: cannot listen on 127.0.0.1:"), last
-    assert "address already in use" in last, last
+    runner = web.AppRunner(web.Application())
+    await runner.setup()
+    try:
+        with _held(port), pytest.raises(ConfigError) as taken:
+            await listen(runner, "127.0.0.1", port)
+    finally:
+        await runner.cleanup()
+    assert str(taken.value) == f"cannot listen on 127.0.0.1:{port}: address already in use"
 
 
 def test_the_payment_simulator_says_where_it_listens_only_once_it_does() -> None:
@@ -364,8 +397,9 @@ def test_the_payment_simulator_says_where_it_listens_only_once_it_does() -> None
     with _held(port):
         ran = subprocess.run([sys.executable, "-m", "flashsale", "psp", "--port", str(port)],
                              check=False, capture_output=True, text=True, timeout=30)  # fmt: skip
-    assert ran.returncode == 1, ran.stderr
-    assert "address already in use" in ran.stderr and "psp simulator on" not in ran.stdout, ran
+    assert ran.returncode == 2, ran.stderr
+    assert "is in use by another process" in ran.stderr, ran
+    assert "psp simulator on" not in ran.stdout, ran
 
 
 @pytest.mark.parametrize("command", [("reconcile", "--ops-port"), ("gateway", "--port"),
@@ -375,13 +409,9 @@ def test_a_host_that_is_no_address_is_named(stack: Settings, command: tuple[str,
     service depends on is down, the address it was given names nothing."""
     port = free_ports(UP_PORTS)
     code, err = _refused(command[0], "--host", "999.1.1.1", command[1], str(port))
-    last = err.strip().splitlines()[-1]
-    if command[0] == "up":  # checked before anything starts, as its ports are
-        assert (code, last) == (2, "flashsale: error: --host: cannot listen on 999.1.1.1: no "
-                                   "such address"), err  # fmt: skip
-    else:
-        said = f"flashsale: error: cannot listen on 999.1.1.1:{port}: no such address"
-        assert (code, last) == (1, said), err
+    # checked before anything starts, as the ports are
+    assert (code, err.strip()) == (2, "flashsale: error: --host: cannot listen on 999.1.1.1: "
+                                      "no such address"), err  # fmt: skip
 
 
 def test_a_record_left_by_a_killed_engine_refuses_no_new_one(tmp_path: Path) -> None:

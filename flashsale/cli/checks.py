@@ -175,6 +175,15 @@ def free_to_listen(host: str, ports: dict[str, int]) -> None:
                 raise InvalidInput(field, f"cannot listen on {host}:{port}: {why}") from None
 
 
+def free_ops_port(args: argparse.Namespace) -> int | None:
+    """A service's ``--ops-port``, if given: a port, and free to listen on ``--host``."""
+    if not args.ops_port:
+        return None
+    port = port_number("ops-port", args.ops_port)
+    free_to_listen(args.host, {"ops-port": port})
+    return port
+
+
 MAX_PROCESSES = 64  # processes of one service a flag may ask for (a typo forked hundreds)
 
 

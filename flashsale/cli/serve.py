@@ -9,7 +9,6 @@ import argparse
 import contextlib
 import ipaddress
 from datetime import UTC, datetime
-from pathlib import Path
 
 from flashsale import __version__, event_loop
 from flashsale.cli import runners
@@ -17,8 +16,10 @@ from flashsale.cli.checks import (
     MAX_PROCESSES,
     SHORTEST_INTERVAL_S,
     fraction,
+    free_ops_port,
     free_to_listen,
     non_negative,
+    output_file,
     port_number,
     ports_after,
     positive,
@@ -42,11 +43,12 @@ def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
     workers = within("workers", args.workers, 1, MAX_PROCESSES)
     service_settings(settings)
     only = args.reservations_only
+    if not (workers == 1 and args.reuse_port):  # else shared on purpose, with another
+        free_to_listen(args.host, {"port": port})  # its processes share it (SO_REUSEPORT)
     if workers == 1:
         return int(event_loop.run(runners.serve_gateway(
             settings, args.host, port, reuse_port=args.reuse_port, reservations_only=only
         )))  # fmt: skip
-    free_to_listen(args.host, {"port": port})  # its processes share it (SO_REUSEPORT)
     metrics_dir = runners.fresh_metrics_dir(settings.home, f"gateway-{port}")
     out(f"gateway: {counted(workers, 'process', 'processes')} on {origin(args.host, port)}"
         f"{' (reservations only)' if only else ''} (Ctrl-C stops them)")  # fmt: skip
@@ -56,7 +58,7 @@ def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_allocator(args: argparse.Namespace, settings: Settings) -> int:
-    ops_port = port_number("ops-port", args.ops_port) if args.ops_port else None
+    ops_port = free_ops_port(args)
     settings.require_redis()
     settings.require_database()
     return int(event_loop.run(runners.serve_allocator(settings, args.host, ops_port)))
@@ -76,7 +78,7 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     stuck = seconds("stuck-after", args.stuck_after)
     for sale in args.sale or []:
         sale_id("sale", sale)
-    ops_port = port_number("ops-port", args.ops_port) if args.ops_port else None
+    ops_port = free_ops_port(args)
     settings.require_redis()
     settings.require_database()
     if not args.once:
@@ -123,7 +125,7 @@ def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_workers(args: argparse.Namespace, settings: Settings) -> int:
     concurrency = positive(int, "concurrency", args.concurrency)
-    ops_port = port_number("ops-port", args.ops_port) if args.ops_port else None
+    ops_port = free_ops_port(args)
     settings.require_redis()
     settings.require_database()
     settings.require_kafka()
@@ -147,9 +149,8 @@ def cmd_psp(args: argparse.Namespace, settings: Settings) -> int:
         seed=int(non_negative("seed", args.seed)),
     )
     keep_days = positive(float, "keep-days", args.keep_days)
-    journal = Path(args.journal) if args.journal else None
-    if journal is not None and not journal.parent.is_dir():
-        raise InvalidInput("journal", f"no folder {journal.parent} to keep it in")
+    journal = output_file("journal", args.journal) if args.journal else None
+    free_to_listen(args.host, {"port": port})
     days = f"{keep_days:g} day{'' if keep_days == 1 else 's'}"
     said = (f"psp simulator on {origin(args.host, port)} ({knobs})"
             + (f", charges journaled to {journal} for {days}" if journal
