@@ -6,9 +6,12 @@ block, and the command's refusals. (The suite itself runs against the real stack
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import requests
@@ -22,8 +25,8 @@ from loadtest.chaos import report, suite
 from loadtest.chaos.faults import Timing, Window
 from loadtest.chaos.fuzz import has_retry_after, sale_for
 from loadtest.chaos.report import Result
-from loadtest.chaos.rig import compact_aof
-from loadtest.chaos.scenarios import SCENARIOS
+from loadtest.chaos.rig import FaultFailed, compact_aof
+from loadtest.chaos.scenarios import SCENARIOS, Scenario
 from loadtest.chaos.spike import during, recovery
 from loadtest.chaos.suite import choose
 from loadtest.fault_proxy import through
@@ -97,6 +100,39 @@ def test_the_table_and_the_document_block() -> None:
     assert report.in_words(one) == (  # a quick cluster run said "in 1 scenarios"
         "3 faults injected, 0 racing reconcile passes and 0 abuse requests in 1 scenario"
     )
+
+
+async def test_an_engine_that_does_not_start_fails_what_is_left_and_keeps_what_ran(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The proxied engine exited at its start after five scenarios had run clean: the
+    command ended in a traceback, with no table and no JSON of the five."""
+    ran: list[str] = []
+
+    async def clean(rig: Any, scenario: Scenario, **_: Any) -> Result:
+        ran.append(scenario.name)
+        return Result(scenario.name, scenario.group, scenario.what)
+
+    @contextlib.asynccontextmanager
+    async def rigged(*_: Any, proxied: bool, **__: Any) -> AsyncIterator[object]:
+        if proxied:
+            raise FaultFailed("the engine stopped (exit 1); see engine.log")
+        yield object()
+
+    monkeypatch.setattr(suite, "rigged", rigged)
+    monkeypatch.setattr(suite.spike, "run", clean)
+    direct = next(s for s in SCENARIOS if not s.proxied)
+    proxied = [s for s in SCENARIOS if s.proxied][:2]
+    said: list[str] = []
+    results = await suite.run(Settings.from_env({}), cast(Any, None), [direct, *proxied],
+                              quick=True, progress=said.append)  # fmt: skip
+    assert ran == [direct.name]
+    assert [(r.name, r.clean) for r in results] == [
+        (direct.name, True), *((s.name, False) for s in proxied)]  # fmt: skip
+    assert results[1].problems == [
+        "the engine did not start: the engine stopped (exit 1); see engine.log"
+    ]
+    assert any("the engine did not start" in line for line in said), said
 
 
 def test_the_catalogue_meets_the_suite_it_promises() -> None:

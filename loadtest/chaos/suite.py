@@ -17,7 +17,7 @@ from loadtest.bench import machine
 from loadtest.bench_all import rewrite
 from loadtest.chaos import report, spike
 from loadtest.chaos.report import Result
-from loadtest.chaos.rig import Servers, compact_aof, rigged
+from loadtest.chaos.rig import FaultFailed, Servers, compact_aof, rigged
 from loadtest.chaos.scenarios import BY_NAME, SCENARIOS, Scenario
 
 Progress = Callable[[str], None]
@@ -41,23 +41,39 @@ async def run(settings: Settings, servers: Servers, scenarios: list[Scenario], *
     for proxied in (False, True):
         todo = [s for s in scenarios if s.proxied == proxied]
         while todo:
-            async with rigged(settings, servers, proxied=proxied, progress=progress) as rig:
-                while todo:
-                    scenario = todo.pop(0)
-                    number = len(results) + 1
-                    progress(f"\n===== chaos {scenario.name} ({number}/{len(scenarios)}): "
-                             f"{scenario.what}")  # fmt: skip
-                    try:
-                        result = await spike.run(rig, scenario, quick=quick, progress=progress)
-                    except Exception as exc:  # noqa: BLE001 - recorded; the engine starts afresh
-                        result = Result(scenario.name, scenario.group, scenario.what)
-                        result.problems.append(f"the scenario broke off: {exc!r}")
-                        results[scenario.name] = result
-                        progress(f"   FAILED: {exc!r}; starting the engine afresh")
-                        break
-                    results[scenario.name] = result
-                    _said(result, progress)
+            try:
+                await _some(settings, servers, todo, results, len(scenarios), proxied=proxied,
+                            quick=quick, progress=progress)  # fmt: skip
+            except FaultFailed as exc:  # the engine did not start: what is left cannot run
+                progress(f"\n== the engine did not start: {exc}; not run: "
+                         f"{', '.join(s.name for s in todo)}")  # fmt: skip
+                why = f"the engine did not start: {exc}"
+                for s in todo:
+                    results[s.name] = Result(s.name, s.group, s.what, problems=[why])
+                todo.clear()
     return [results[s.name] for s in scenarios if s.name in results]
+
+
+async def _some(settings: Settings, servers: Servers, todo: list[Scenario],
+                results: dict[str, Result], total: int, *, proxied: bool, quick: bool,
+                progress: Progress) -> None:  # fmt: skip
+    """Scenarios of ``todo`` on one engine, until a scenario breaks off (the engine is then
+    started afresh) or none is left. FaultFailed when the engine does not start."""
+    async with rigged(settings, servers, proxied=proxied, progress=progress) as rig:
+        while todo:
+            scenario = todo.pop(0)
+            progress(f"\n===== chaos {scenario.name} ({len(results) + 1}/{total}): "
+                     f"{scenario.what}")  # fmt: skip
+            try:
+                result = await spike.run(rig, scenario, quick=quick, progress=progress)
+            except Exception as exc:  # noqa: BLE001 - recorded; the engine starts afresh
+                result = Result(scenario.name, scenario.group, scenario.what)
+                result.problems.append(f"the scenario broke off: {exc!r}")
+                results[scenario.name] = result
+                progress(f"   FAILED: {exc!r}; starting the engine afresh")
+                return
+            results[scenario.name] = result
+            _said(result, progress)
 
 
 def _said(result: Result, progress: Progress) -> None:
