@@ -22,6 +22,7 @@ from flashsale.clients import redis_client
 from flashsale.settings import Settings, home_dir
 from loadtest.bench_all import rewrite
 from loadtest.chaos import report, suite
+from loadtest.chaos import spike as chaos_spike
 from loadtest.chaos.faults import Timing, Window
 from loadtest.chaos.fuzz import has_retry_after, sale_for
 from loadtest.chaos.report import Result
@@ -120,7 +121,7 @@ async def test_an_engine_that_does_not_start_fails_what_is_left_and_keeps_what_r
         yield object()
 
     monkeypatch.setattr(suite, "rigged", rigged)
-    monkeypatch.setattr(suite.spike, "run", clean)
+    monkeypatch.setattr(chaos_spike, "run", clean)
     direct = next(s for s in SCENARIOS if not s.proxied)
     proxied = [s for s in SCENARIOS if s.proxied][:2]
     said: list[str] = []
