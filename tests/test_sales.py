@@ -29,7 +29,7 @@ from allocator.sale_reads import SKUS_PER_PART
 from allocator.sale_scripts import PreloadResult, StockCounts
 from flashsale.cli import build_parser, output
 from flashsale.cli.flags import command_parser
-from flashsale.cli.sale_views import print_preload
+from flashsale.cli.sale_views import print_preload, print_status
 from flashsale.clients import pg_pool, redis_client
 from flashsale.currencies import MINOR_UNITS, bare_amount, in_minor_units
 from flashsale.encodings import as_text
@@ -1408,6 +1408,38 @@ def test_the_status_of_a_sale_not_preloaded_says_so_once(cli: Cli, tmp_path: Pat
     assert again.out.count(hint) == 1, again.out
     assert (f"  25 SKUs not preloaded yet {hint}: NEW-00, NEW-01, NEW-02, NEW-03, NEW-04 and "
             "20 more\n") in again.out, again.out  # fmt: skip
+
+
+def test_the_status_of_several_skus_ends_with_their_totals(cli: Cli, tmp_path: Path) -> None:
+    """A sale of several products had no line for the whole sale: "sold 50 of 110" was a sum
+    the operator did in their head, over 60,000 lines for a catalogue."""
+    sale_id = create(cli, tmp_path)
+    before = cli("sale", "status", sale_id).out.splitlines()
+    assert before[-2].split() == ["all", "2", "SKUs", "110", "-", "-", "-", "0"], before
+    assert cli("sale", "preload", sale_id).code == 0
+    assert cli("sale", "add-stock", sale_id, "SNK-43", "5").code == 0
+    after = cli("sale", "status", sale_id).out.splitlines()
+    assert after[-2].split() == ["all", "2", "SKUs", "115", "115", "0", "0", "0"], after
+    one = cli("sale", "status", sale_id, "--sku", "SNK-43").out
+    assert "all 1 SKU" not in one and "all 2" not in one, one  # a total of one is that row
+
+
+def test_a_watched_status_fits_the_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    """`sale status --watch` of a catalogue redrew its 60,000 rows each second: a terminal
+    showed the last few, the queue line and the totals scrolled off."""
+    skus = [{"sku": f"K{n}", "stock_total": 5, "available": 5, "held": 0, "sold": 0,
+             "confirmed": 0} for n in range(500)]  # fmt: skip
+    status = {"sale": {"id": "sale-x", "name": "Big", "state": "live", "status": "active",
+                       "preloaded_at": "2026-12-07T09:00:00+00:00",
+                       "starts_at": "2026-12-07T09:00:00+00:00",
+                       "ends_at": "2026-12-07T10:00:00+00:00"},
+              "skus": skus, "revenue": {}}  # fmt: skip
+    print_status(status, as_json=False, rows=10)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) <= 10, lines
+    assert [line.split()[0] for line in lines[3:6]] == ["K0", "K1", "K2"], lines
+    assert lines[-3].strip() == "... and 496 more SKUs (--sku SKU shows one)", lines
+    assert lines[-2].split()[:4] == ["all", "500", "SKUs", "2500"], lines
 
 
 def test_status_watch_refreshes_and_list_prints_json(cli: Cli, tmp_path: Path) -> None:

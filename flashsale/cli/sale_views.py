@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import shutil
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -28,14 +29,19 @@ PRELOAD_LINES = 20  # SKUs a preload lists one by one; a larger sale gets the su
 STARTED_LONG_AGO_S = 300  # a new sale's start this far past is said (not a script's "now")
 
 
-def print_status(status: dict[str, Any], *, as_json: bool, whole: bool = True) -> None:
+def print_status(status: dict[str, Any], *, as_json: bool, whole: bool = True,
+                 rows: int | None = None) -> None:  # fmt: skip
     """The status table; ``whole``: with the waiting room's line first and, last, what the
-    confirmed orders took (not after a stock change, which shows the SKU changed)."""
+    confirmed orders took (not after a stock change, which shows the SKU changed). ``rows``:
+    the most lines to print (a terminal's height, the table redrawn in it), the SKUs cut to
+    fit."""
     if as_json:
         dump_json(status)
         return
+    lines: list[str] = []
+    say = lines.append  # printed at the end, once the SKU rows are cut to ``rows``
     sale = status["sale"]
-    out(f'sale {sale["id"]}  "{sale["name"]}"  state={sale["state"]}  status={sale["status"]}')
+    say(f'sale {sale["id"]}  "{sale["name"]}"  state={sale["state"]}  status={sale["status"]}')
     over = sale["state"] == "ended"  # preload and import refuse it: no command to suggest
     hint = f"(`flashsale sale preload {sale['id']}`)"
     preloaded = sale["preloaded_at"]
@@ -50,44 +56,53 @@ def print_status(status: dict[str, Any], *, as_json: bool, whole: bool = True) -
     else:
         when = f"starts {start}  ended {to_second(end)}" + (
             "" if end == ends else f" (planned for {stop})")  # fmt: skip
-    out(f"  {when}  {loaded}")
+    say(f"  {when}  {loaded}")
     if sale.get("archived_at"):
-        out(f"  archived {to_second(sale['archived_at'])} (its per-buyer Redis state deleted)")
+        say(f"  archived {to_second(sale['archived_at'])} (its per-buyer Redis state deleted)")
     elif over and whole:  # what becomes of its buyers' Redis state, and when
-        out(f"  {archiving(sale, status.get('archive_due_at'))}")
+        say(f"  {archiving(sale, status.get('archive_due_at'))}")
     queue = status.get("queue")
     if whole and queue and queue["live"]:
-        out(f"  queue: {queue_line(queue, sale['state'])}{full_line(queue, sale['id'])}")
+        say(f"  queue: {queue_line(queue, sale['state'])}{full_line(queue, sale['id'])}")
     if whole and sale.get("join_challenge") and not over:  # turned on against bots, say
         rising = sale.get("join_challenge_max") or 0
-        out(f"  proof of work at join: {sale['join_challenge']} bits"
+        say(f"  proof of work at join: {sale['join_challenge']} bits"
             + (f", up to {rising} as the joins outpace admissions" if rising else ""))  # fmt: skip
     if not status["skus"]:
         add = f"`flashsale sale import {sale['id']} FILE.csv`"
-        out("  no SKUs" if over else f"  no SKUs yet: add some with {add}")
+        say("  no SKUs" if over else f"  no SKUs yet: add some with {add}")
     w = max((len(row["sku"]) for row in status["skus"]), default=0)
     w = max(20, w)  # the SKU column, as wide as the longest
     if status["skus"]:
-        out(f"  {'SKU':{w}} {'STOCK':>10} {'AVAILABLE':>10} {'HELD':>8} {'SOLD':>8} "
+        say(f"  {'SKU':{w}} {'STOCK':>10} {'AVAILABLE':>10} {'HELD':>8} {'SOLD':>8} "
             f"{'CONFIRMED':>10}")  # fmt: skip
 
     def cell(value: int | None) -> str:
         return "-" if value is None else str(value)
 
-    for row in status["skus"]:
-        out(
-            f"  {row['sku']:{w}} {row['stock_total']:>10} {cell(row['available']):>10}"
+    def line(name: str, row: dict[str, Any]) -> str:
+        return (
+            f"  {name:{w}} {row['stock_total']:>10} {cell(row['available']):>10}"
             f" {cell(row['held']):>8} {cell(row['sold']):>8} {row['confirmed']:>10}"
         )
+
+    head, blocks = len(lines), []  # each SKU's lines (a bucket's, in transit) start a block
+    for row in status["skus"]:
+        blocks.append(len(lines))
+        say(line(row["sku"], row))
         for index, b in enumerate(row.get("by_bucket") or []):
             name = f"  bucket {index}"
             if b is None:
-                out(f"  {name:{w}} {'-':>10} {'-':>10} {'-':>8} {'-':>8}")
+                say(f"  {name:{w}} {'-':>10} {'-':>10} {'-':>8} {'-':>8}")
             else:
-                out(f"  {name:{w}} {b['total']:>10} {b['available']:>10} {b['held']:>8}"
+                say(f"  {name:{w}} {b['total']:>10} {b['available']:>10} {b['held']:>8}"
                     f" {b['sold']:>8}")  # fmt: skip
         if row.get("in_transit"):  # free, counted as available, and in no bucket yet
-            out(f"  {'  in transit':{w}} {'':>10} {row['in_transit']:>10}")
+            say(f"  {'  in transit':{w}} {'':>10} {row['in_transit']:>10}")
+    table = lines[head:]
+    del lines[head:]
+    if len(status["skus"]) > 1:  # the whole sale's line, where a column is known for all
+        say(line(f"all {counted(len(status['skus']), 'SKU')}", totals(status["skus"])))
     # Why a SKU has no counts, two different things to do: said once for the SKUs of each
     # (a sale never preloaded has said so above), naming the first few of them.
     uncounted = without_counts(status["skus"])
@@ -100,14 +115,32 @@ def print_status(status: dict[str, Any], *, as_json: bool, whole: bool = True) -
         (unloaded, later, later),
     ):  # fmt: skip
         if len(skus) == 1:
-            out(f"  {skus[0]}: {one}")
+            say(f"  {skus[0]}: {one}")
         elif skus:
-            out(f"  {counted(len(skus), 'SKU')} {several}: {listed(skus)}")
+            say(f"  {counted(len(skus), 'SKU')} {several}: {listed(skus)}")
     if whole:
         taken = [f"{major(amount, currency)} {currency}"
                  for currency, amount in sorted(status["revenue"].items())]  # fmt: skip
         nothing = "none" if over else "none yet"
-        out(f"  revenue of confirmed orders: {', '.join(taken) or nothing}")
+        say(f"  revenue of confirmed orders: {', '.join(taken) or nothing}")
+    room = None if rows is None else rows - len(lines) - 1  # the line of those left out
+    if room is not None and len(table) > room + 1:
+        ends = [start - head for start in blocks[1:]] + [len(table)]  # where each SKU's end
+        shown = max(1, sum(end <= room for end in ends))
+        table = [*table[: ends[shown - 1]], f"  ... and {len(blocks) - shown:,} more SKUs "
+                                            "(--sku SKU shows one)"]  # fmt: skip
+    for text in lines[:head] + table + lines[head:]:
+        out(text)
+
+
+def totals(skus: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The columns of ``skus`` added up; one that a SKU lacks (not counted in Redis) is
+    unknown for the whole sale."""
+    summed: dict[str, Any] = {}
+    for column in ("stock_total", "available", "held", "sold", "confirmed"):
+        values = [row[column] for row in skus]
+        summed[column] = None if None in values else sum(values)
+    return summed
 
 
 def print_created(sale: dict[str, Any], *, as_json: bool) -> None:
@@ -275,7 +308,8 @@ async def watch_status(sales: SaleAdmin, args: argparse.Namespace, interval: flo
             else:
                 if in_place:
                     sys.stdout.write("\x1b[H\x1b[2J")  # home, clear: the table is redrawn
-                print_status(status, as_json=False)
+                height = shutil.get_terminal_size().lines - 2  # the time's line, the cursor's
+                print_status(status, as_json=False, rows=height if in_place else None)
                 out(f"-- {datetime.now(UTC):%H:%M:%S} UTC, every {interval:g}s (Ctrl-C stops)")
             sys.stdout.flush()
             shown += 1
