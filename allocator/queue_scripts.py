@@ -25,6 +25,8 @@ from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.records import ClaimMember, integer, text
 
 MAX_JOIN_BATCH = 256  # Lua's unpack() of ARGV stays far below its stack limit
+# SKUs a snapshot reads and parses in one stretch of the loop (see QueueScripts.snapshot).
+SKUS_AT_ONCE = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +174,9 @@ class QueueScripts:
         """One packed read of the sale's configuration and waiting-room counters, plus
         what the caller asks for: the admission steps beyond ``steps_after``, Redis ``TIME``,
         the used admissions (all, and those at positions up to ``claims_through``) and the
-        counters of ``skus``."""
+        counters of ``skus``: ``SKUS_AT_ONCE`` of them with the rest, then the next ones a
+        packed read each, the loop's other tasks let run between (60,000 SKUs read and parsed
+        in one stretch kept the allocator's other pumps from renewing their leases)."""
         commands: list[Command] = [("HMGET", keys.sale, *ROOM_SALE_FIELDS),
                                    ("HMGET", keys.queue, *QUEUE_FIELDS)]  # fmt: skip
         if steps_after is not None:
@@ -186,11 +190,7 @@ class QueueScripts:
             commands.append(("EVAL", _CLAIMED_SO_FAR, 2, keys.claims, keys.queue))
             commands.append(("ZCOUNT", keys.claims, 1, claims_through) if claims_through > 0
                             else ("ECHO", "0"))  # fmt: skip
-        for sku in skus:
-            # Units lent by a stock bucket and not yet credited count as held: they come back.
-            commands += [("HMGET", sku.stock, "available", "active", "paying"),
-                         ("HGETALL", sku.transfers)]  # fmt: skip
-        replies = iter(await read_packed(self.client, commands))
+        replies = iter(await read_packed(self.client, commands + _counters(skus[:SKUS_AT_ONCE])))
         snap = RoomSnapshot(QueueView.parse(next(replies), next(replies)))
         if steps_after is not None:
             snap.steps = [Step.parse(member) for member in next(replies)]
@@ -199,11 +199,15 @@ class QueueScripts:
             snap.redis_ms = int(seconds) * 1000 + int(micros) // 1000
         if claims_through is not None:
             snap.claimed, snap.claimed_through = int(next(replies)), integer(text(next(replies)))
-        for row in replies:
-            lent = sum(loan.units for loan in parse_journal(next(replies)).values())
-            snap.stock.append(
-                None if row[0] is None else (int(row[0]), int(row[1]) + int(row[2]) + lent)
-            )
+        for start in range(0, len(skus), SKUS_AT_ONCE):
+            if start:
+                part = skus[start : start + SKUS_AT_ONCE]
+                replies = iter(await read_packed(self.client, _counters(part)))
+            for row in replies:
+                lent = sum(loan.units for loan in parse_journal(next(replies)).values())
+                snap.stock.append(
+                    None if row[0] is None else (int(row[0]), int(row[1]) + int(row[2]) + lent)
+                )
         return snap
 
     async def view(self, keys: SaleKeys) -> QueueView:
@@ -277,3 +281,16 @@ class Places(PerKey[SaleKeys, "Coalescer[str, int | None]"]):
 
     async def position_of(self, keys: SaleKeys, buyer_id: str) -> int | None:
         return await self.get(keys).submit(buyer_id)
+
+
+def _counters(skus: Sequence[SkuKeys]) -> list[Command]:
+    """The reads of the stock counters of ``skus``: units lent by a stock bucket and not yet
+    credited count as held (they come back)."""
+    return [
+        command
+        for sku in skus
+        for command in (
+            ("HMGET", sku.stock, "available", "active", "paying"),
+            ("HGETALL", sku.transfers),
+        )
+    ]

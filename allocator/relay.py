@@ -177,6 +177,7 @@ class OutboxRelay:
             due = self._own_left[: self.per_round]
             del self._own_left[: self.per_round]
         else:
+            await self._reads.look(skus, now)  # a large scope, in parts
             due = self._reads.due(skus, now, self.per_round)
         if not due and not claims:
             return 0

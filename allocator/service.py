@@ -36,11 +36,11 @@ from allocator.queue_view import still_waiting
 from allocator.redis_calls import Command, read_packed
 from allocator.relay import OutboxRelay, run_relay
 from allocator.service_metrics import ServiceMetrics
-from allocator.settled import SettledSkus
+from allocator.settled import ScopeKeys, SettledSkus
 from allocator.sweeper import run_sweeper
 from flashsale.clients import RedisClient, pg_pool, redis_client
 from flashsale.kafka import producer_when_up
-from flashsale.keys import DISCOVERED, SkuKeys, bucket_keys
+from flashsale.keys import DISCOVERED, SkuKeys
 from flashsale.ops_endpoints import KafkaProbe, dependency_probes, memory_read, serve_ops
 from flashsale.outages import log_failure
 from flashsale.queue_marks import QueueMarks
@@ -79,6 +79,7 @@ class AllocatorService:
         self.sku_sets = SkuSets()  # allocator/discovery.py
         self.in_scope: list[SkuKeys] = []  # ... with the settled ones
         self.settled = SettledSkus()
+        self.scope = ScopeKeys()  # the keys of each holding sale, made once
         self.holding: list[dict[str, Any]] = []  # ... as listed, to tell a change
         self.kept: dict[str, Any] | None = None  # what was last kept in Redis, and when
         self.kept_at = 0.0
@@ -204,8 +205,7 @@ class AllocatorService:
         changed = holding != self.holding
         if changed:
             self.holding = holding
-            self.in_scope = [keys for r in holding for sku, n in zip(r["skus"], r["buckets"],
-                             strict=True) for keys in bucket_keys(r["id"], sku, n)]  # fmt: skip
+            self.in_scope = await self.scope.of(holding)
             self.settled.keep(r["id"] for r in holding)
         if self.redis is not None:
             try:
@@ -213,7 +213,9 @@ class AllocatorService:
             except Exception as exc:  # noqa: BLE001 - they are visited meanwhile
                 log_failure(log, "cannot read which SKUs of ended sales are settled", exc)
         if changed:
-            self.holding_skus = [k for k in self.in_scope if k not in self.settled.keys]
+            settled = self.settled.keys
+            self.holding_skus = ([k for k in self.in_scope if k not in settled] if settled
+                                 else list(self.in_scope))  # fmt: skip
 
     async def _discover_until(self, queue: QueueScripts, stop: asyncio.Event) -> None:
         """Discovery every ``discover_s`` until ``stop``."""

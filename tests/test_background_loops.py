@@ -236,7 +236,7 @@ async def test_discovery_of_an_unchanged_scope_builds_nothing_again(
         built += 1
         return bucket_keys(*args)
 
-    monkeypatch.setattr("allocator.service.bucket_keys", counted)
+    monkeypatch.setattr("allocator.settled.bucket_keys", counted)
     monkeypatch.setattr(service.sku_sets, "holding", holding)
     service.pool, service.redis = object(), Redis()  # type: ignore[assignment]
     queue = QueueScripts(aioredis.Redis())  # never connects: the pumps do not tick here
