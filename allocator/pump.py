@@ -189,7 +189,14 @@ class AdmissionPump:
         if token == 0:
             self.token = 0
             return None
-        if token != self.token:  # newly elected: start from what Redis says
+        if self.token and token == self.token + 1:
+            # Its own lease, taken again once lapsed: the next token is this one's, so nobody
+            # led between, and what it measured (the rate the ETAs quote, its steps) holds.
+            log.warning("pump for %s renewed its lease late, past %d ms (the allocator's "
+                        "loop was busy): fencing token %d", self.sale_id, self.lease_ms,
+                        token)  # fmt: skip
+            self.token = token
+        elif token != self.token:  # newly elected: start from what Redis says
             log.info("pump for %s is leader (fencing token %d)", self.sale_id, token)
             self.token = token
             self.steps = await self.queue.steps_after(self.keys, 0)

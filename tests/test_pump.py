@@ -303,3 +303,34 @@ async def test_a_wide_count_lets_the_loop_serve_others_while_it_reads(
         assert len(snap.stock) == len(seen) == 6000
         stretch = 2000  # SKUs parsed with nothing else let run
         assert all(seen[i + stretch] > seen[i] for i in range(len(seen) - stretch)), seen[::500]
+
+
+async def test_a_lease_renewed_late_by_its_own_leader_keeps_what_the_pump_measured(
+    stack: Settings,
+) -> None:
+    """A pump whose loop was busy past its 2 s lease took the lease again with the next token,
+    and started over as a new leader: the admission rate it had measured for the ETAs, the
+    steps and its credit were thrown away, and the log said "is leader" of a pump that had
+    been all along. Nobody led between (the next token is its own), so it goes on; after
+    another owner's turn, it starts over."""
+    async with gateway(stack) as gw:
+        sale = await gw.create_sale(stock=1000, admission_rate=50)
+        for n in range(20):
+            assert (await gw.join(sale, f"b{n}"))[0] == 200
+        c = gw.app[CLIENTS]
+        pump = AdmissionPump(QueueScripts(c.redis), c.pool, sale, ["SKU-1"], "busy")
+        for _ in range(5):
+            await pump.tick()
+            await asyncio.sleep(0.05)
+        elected, measured = pump.token, list(pump.history)
+        assert elected and measured
+        keys = SaleKeys(sale)
+        await c.redis.delete(keys.lease)  # it lapsed: the loop was busy past the lease
+        await pump.tick()
+        assert pump.token == elected + 1
+        assert list(pump.history)[: len(measured)] == measured  # kept
+        await c.redis.delete(keys.lease)
+        assert await pump.queue.acquire(keys, "another", 2000) == elected + 2
+        await pump.queue.release(keys, "another")
+        await pump.tick()
+        assert pump.token == elected + 3 and len(pump.history) <= 1  # a new leader's start
