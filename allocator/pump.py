@@ -15,8 +15,10 @@ admissions) and admits the next buyers, bounded by
 Counting the stock of a sale of many SKUs is slow (about 1.5 s for 100,000 SKUs here: two
 reads per SKU, each answer parsed here). Once a count takes ``INLINE_COUNT_S`` or more, the
 next ones run beside the ticks, each starting ``COUNT_SHARE`` times its duration after the
-last began, and the ticks go on at their pace with the last count: the stock they plan with
-is that much older, and admission keeps the sale's rate. A sale of more than
+last began (``IDLE_COUNT_SHARE`` times while nobody waits and the opening is not near: a
+catalogue an hour before its opening was counted for nobody, a third of the time), and the
+ticks go on at their pace with the last count: the stock they plan with is that much older,
+and admission keeps the sale's rate. A sale of more than
 ``INLINE_COUNT_KEYS`` SKUs (and buckets) is counted beside from its first count, which the
 ticks wait for, keeping the lease, before they admit anyone: inside a tick, a first count
 longer than the lease let it lapse.
@@ -61,6 +63,7 @@ ASSIGN_CHUNK = 1000
 INLINE_COUNT_S = 0.05  # a stock count that took longer runs beside the ticks from then on
 INLINE_COUNT_KEYS = 5000  # a sale of more stock keys is counted beside the ticks from the first
 COUNT_SHARE = 3  # ... starting at most once per this many times its duration
+IDLE_COUNT_SHARE = 30  # ... or this many, while nobody waits and the opening is not near
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +172,7 @@ class AdmissionPump:
     tail: int = 0  # the last position handed out, as of the last step
     count: Count | None = None  # the last stock count
     counting: asyncio.Task[None] | None = None  # a count beside the ticks (a slow one)
-    count_due: float = 0.0  # time.monotonic() from which the next count beside may start
+    count_began: float = 0.0  # time.monotonic() at which the last count beside began
     # The SKUs' stock keys, and the SKUs and buckets they were made of: 60,000 made afresh
     # took 0.1 to 0.2 s of the loop at each count.
     keys_made: tuple[list[str], dict[str, int], list[SkuKeys]] | None = None
@@ -305,7 +308,10 @@ class AdmissionPump:
             snap = await self.queue.snapshot(self.keys, claims_through=lapsed, skus=stock)
             self.count = _counted(stock, snap.stock, time.monotonic() - began)
         else:
-            if self.counting is None and time.monotonic() >= self.count_due:
+            count = self.count
+            share = COUNT_SHARE if self.busy else IDLE_COUNT_SHARE
+            took = count.took if count is not None else 0.0  # a first one that failed
+            if self.counting is None and time.monotonic() >= self.count_began + share * took:
                 self.counting = asyncio.create_task(self._count(stock))
             snap = await self.queue.snapshot(self.keys, claims_through=lapsed)
         count = self.count or Count(0, 0, False, {}, 0.0)
@@ -323,14 +329,13 @@ class AdmissionPump:
 
     async def _count(self, stock: list[SkuKeys]) -> None:
         """A count of a sale slow to count, beside the ticks; a failed one is made again."""
-        began = time.monotonic()
+        self.count_began = time.monotonic()
         try:
             snap = await self.queue.snapshot(self.keys, skus=stock)
-            self.count = _counted(stock, snap.stock, time.monotonic() - began)
+            self.count = _counted(stock, snap.stock, time.monotonic() - self.count_began)
         except Exception as exc:  # noqa: BLE001 - the ticks go on with the last count
             log_failure(log, f"could not count the stock of {self.sale_id}", exc)
         finally:
-            self.count_due = began + COUNT_SHARE * (time.monotonic() - began)
             self.counting = None
 
     def _lapsed_through(self) -> int:

@@ -334,3 +334,41 @@ async def test_a_lease_renewed_late_by_its_own_leader_keeps_what_the_pump_measur
         await pump.queue.release(keys, "another")
         await pump.tick()
         assert pump.token == elected + 3 and len(pump.history) <= 1  # a new leader's start
+
+
+@pytest.mark.parametrize("waiting", [0, 50])
+async def test_a_catalogue_nobody_waits_for_is_counted_seldom(
+    stack: Settings, monkeypatch: pytest.MonkeyPatch, waiting: int
+) -> None:
+    """Two catalogue sales of 60,000 SKUs an hour before their opening kept the allocator at
+    half a core: their stock was counted every 1.8 s, a third of the time, for nobody. A sale
+    nobody waits in, away from its opening, is counted a tenth as often; one with buyers in
+    line at the pace its admissions need."""
+    async with gateway(stack) as gw:
+        sale = await gw.create_sale(stock=1000, admission_rate=1,
+                                    starts_in=-1 if waiting else 600)  # fmt: skip
+        for n in range(waiting):
+            assert (await gw.join(sale, f"b{n}"))[0] == 200
+        c = gw.app[CLIENTS]
+        skus = ["SKU-1", *(f"K{n}" for n in range(INLINE_COUNT_KEYS))]
+        pump = AdmissionPump(QueueScripts(c.redis), c.pool, sale, skus, "catalogue")
+        read, counts = pump.queue.snapshot, 0
+
+        async def slow(keys: SaleKeys, **options: Any) -> Any:
+            nonlocal counts
+            if options.get("skus"):
+                counts += 1
+                await asyncio.sleep(0.2)
+            return await read(keys, **options)
+
+        monkeypatch.setattr(pump.queue, "snapshot", slow)
+        loop = asyncio.get_running_loop()
+        ends = loop.time() + 3.0
+        while loop.time() < ends:
+            await pump.tick()
+            await asyncio.sleep(0.05)
+        assert pump.busy == bool(waiting)
+        if waiting:  # one every 3 times its 0.2 s
+            assert counts >= 4, counts
+        else:  # the first, then one every 30 times its 0.2 s
+            assert counts == 1, counts
