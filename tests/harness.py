@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from importlib import resources
@@ -530,3 +530,23 @@ async def longest_stall(work: Awaitable[Any]) -> float:
         await watcher
         gc.enable()
     return worst
+
+
+@contextlib.asynccontextmanager
+async def loop_turns() -> AsyncIterator[Callable[[], int]]:
+    """How many turns the event loop has given a task beside, so far: a stretch of work that
+    never lets the loop's other tasks run (other sales' pumps, say) leaves it where it was."""
+    turns = 0
+
+    async def beside() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(beside())
+    await asyncio.sleep(0)
+    try:
+        yield lambda: turns
+    finally:
+        task.cancel()

@@ -10,6 +10,7 @@ from allocator.pacing import LOOKED_AT_ONCE, SaleTurns, Schedule, period, sale_p
 from allocator.settled import KEYS_AT_ONCE, ScopeKeys
 from allocator.sweeper import SLICE, run_sweeper, sweep_once
 from flashsale.keys import SkuKeys
+from tests.harness import loop_turns
 
 
 def test_the_period_grows_with_the_scope_past_the_budget() -> None:
@@ -203,22 +204,10 @@ async def test_a_schedule_looks_at_a_large_scope_in_parts() -> None:
     missed the renewal of its lease (2 s) and was elected again."""
     scope = [SkuKeys("s", str(i)) for i in range(25_000)]
     schedule = Schedule(rescan_s=5.0)
-    turns = 0
-
-    async def others() -> None:
-        nonlocal turns
-        while True:
-            turns += 1
-            await asyncio.sleep(0)
-
-    beside = asyncio.create_task(others())
-    try:
-        await asyncio.sleep(0)
-        before = turns
+    async with loop_turns() as turns:
+        before = turns()
         await schedule.look(scope, 0.0)
-        assert turns - before >= len(scope) // LOOKED_AT_ONCE, turns - before
-    finally:
-        beside.cancel()
+        assert turns() - before >= len(scope) // LOOKED_AT_ONCE, turns() - before
     assert len(schedule.due(scope, 0.0)) == len(scope)  # new to the scope: due at once
     taken = schedule.due(scope, 0.0)
     assert taken == []  # looked at: not taken twice
@@ -230,22 +219,10 @@ async def test_the_scope_makes_each_sales_keys_once_and_in_parts() -> None:
     big = {"id": "big", "skus": [f"K{n}" for n in range(12_000)], "buckets": [1] * 12_000}
     hot = {"id": "hot", "skus": ["A"], "buckets": [3]}
     scope = ScopeKeys()
-    turns = 0
-
-    async def others() -> None:
-        nonlocal turns
-        while True:
-            turns += 1
-            await asyncio.sleep(0)
-
-    beside = asyncio.create_task(others())
-    try:
-        await asyncio.sleep(0)
-        before = turns
+    async with loop_turns() as turns:
+        before = turns()
         first = await scope.of([big, hot])
-        assert turns - before >= 12_000 // KEYS_AT_ONCE, turns - before
-    finally:
-        beside.cancel()
+        assert turns() - before >= 12_000 // KEYS_AT_ONCE, turns() - before
     assert len(first) == 12_003 and first[0] == SkuKeys("big", "K0")
     assert [k.bucket for k in first[-3:]] == [0, 1, 2] and first[-1].sale_id == "hot"
     again = await scope.of([big, {**hot, "buckets": [2]}])  # hot split otherwise

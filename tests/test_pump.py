@@ -21,7 +21,7 @@ from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.settings import Settings
 from gateway.state import CLIENTS
 from loadtest.fault_proxy import FaultProxy, through
-from tests.harness import gateway
+from tests.harness import gateway, loop_turns
 
 BASE = Inputs(
     serving=0, tail=10_000, cutoff=None, available=100, held=0, outstanding=0, noshow=0.2,
@@ -281,25 +281,16 @@ async def test_a_wide_count_lets_the_loop_serve_others_while_it_reads(
     async with gateway(stack) as gw:
         sale = await gw.create_sale(stock=5)
         queue = QueueScripts(gw.app[CLIENTS].redis)
-        turns, seen = 0, []
+        seen: list[int] = []
+        async with loop_turns() as turns:
 
-        async def others() -> None:
-            nonlocal turns
-            while True:
-                turns += 1
-                await asyncio.sleep(0)
+            def noted(raw: Any) -> Any:
+                seen.append(turns())
+                return parse_journal(raw)
 
-        def noted(raw: Any) -> Any:
-            seen.append(turns)
-            return parse_journal(raw)
-
-        monkeypatch.setattr(queue_scripts, "parse_journal", noted)
-        beside = asyncio.create_task(others())
-        try:
+            monkeypatch.setattr(queue_scripts, "parse_journal", noted)
             skus = [SkuKeys(sale, f"K{n}") for n in range(6000)]
             snap = await queue.snapshot(SaleKeys(sale), skus=skus)
-        finally:
-            beside.cancel()
         assert len(snap.stock) == len(seen) == 6000
         stretch = 2000  # SKUs parsed with nothing else let run
         assert all(seen[i + stretch] > seen[i] for i in range(len(seen) - stretch)), seen[::500]

@@ -43,8 +43,8 @@ def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
     workers = within("workers", args.workers, 1, MAX_PROCESSES)
     service_settings(settings)
     only = args.reservations_only
-    if not (workers == 1 and args.reuse_port):  # else shared on purpose, with another
-        free_to_listen(args.host, {"port": port})  # its processes share it (SO_REUSEPORT)
+    if not (workers == 1 and args.reuse_port):  # with --reuse-port, shared on purpose
+        free_to_listen(args.host, {"port": port})  # taken: refused, not shared unawares
     if workers == 1:
         return int(event_loop.run(runners.serve_gateway(
             settings, args.host, port, reuse_port=args.reuse_port, reservations_only=only
