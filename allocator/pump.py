@@ -12,16 +12,8 @@ admissions) and admits the next buyers, bounded by
   beyond it ``sold_out`` at once, so the pump promises never to pass it, and it only moves
   back. It assumes at most ``noshow_ceiling`` of the admitted buyers do not show up.
 
-Counting the stock of a sale of many SKUs is slow (about 1.5 s for 100,000 SKUs here: two
-reads per SKU, each answer parsed here). Once a count takes ``INLINE_COUNT_S`` or more, the
-next ones run beside the ticks, each starting ``COUNT_SHARE`` times its duration after the
-last began (``IDLE_COUNT_SHARE`` times while nobody waits and the opening is not near: a
-catalogue an hour before its opening was counted for nobody, a third of the time), and the
-ticks go on at their pace with the last count: the stock they plan with is that much older,
-and admission keeps the sale's rate. A sale of more than
-``INLINE_COUNT_KEYS`` SKUs (and buckets) is counted beside from its first count, which the
-ticks wait for, keeping the lease, before they admit anyone: inside a tick, a first count
-longer than the lease let it lapse.
+The stock it plans with is counted by :class:`~allocator.stock_count.StockCounter`: in the
+tick's own read while that is quick, beside the ticks for a sale of many SKUs.
 
 A buyer who lets the admission window lapse stops counting against capacity and inventory, so
 the next ticks admit someone else in their place (compensation). With no units left, available
@@ -46,9 +38,10 @@ import asyncpg
 
 from allocator.queue_scripts import QueueScripts
 from allocator.queue_view import QueueView, Step, still_waiting
+from allocator.stock_count import Count, StockCounter
 from flashsale.errors import QueueLost
 from flashsale.fairness import record, record_lost
-from flashsale.keys import SaleKeys, SkuKeys, bucket_keys
+from flashsale.keys import SaleKeys
 from flashsale.outages import log_failure
 from flashsale.queue_marks import Mark, QueueMarks
 from flashsale.records import text
@@ -60,10 +53,6 @@ NOSHOW_PRIOR = 0.2  # assumed before any admission window has closed
 PRIOR_WEIGHT = 20  # ... with the weight of this many observed admissions
 RATE_HISTORY_MS = 5_000  # short enough for the ETAs to follow a change of the rate
 ASSIGN_CHUNK = 1000
-INLINE_COUNT_S = 0.05  # a stock count that took longer runs beside the ticks from then on
-INLINE_COUNT_KEYS = 5000  # a sale of more stock keys is counted beside the ticks from the first
-COUNT_SHARE = 3  # ... starting at most once per this many times its duration
-IDLE_COUNT_SHARE = 30  # ... or this many, while nobody waits and the opening is not near
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,17 +116,6 @@ class SaleSnapshot:
     lapsed_through: int
 
 
-@dataclass(frozen=True, slots=True)
-class Count:
-    """The stock of a sale, summed over its SKUs and their buckets."""
-
-    available: int
-    held: int
-    preloaded: bool  # every SKU (bucket) of the sale is in Redis
-    by_sku: dict[str, tuple[int, int]]  # SKU: (available, held)
-    took: float  # seconds the count took
-
-
 @dataclass
 class AdmissionPump:
     """The pump of one sale. Call :meth:`tick` periodically; it is a no-op unless this
@@ -170,12 +148,15 @@ class AdmissionPump:
     recording: asyncio.Task[None] | None = None  # the record being written
     seeding: asyncio.Task[None] | None = None  # the seed being read ahead of the opening
     tail: int = 0  # the last position handed out, as of the last step
-    count: Count | None = None  # the last stock count
-    counting: asyncio.Task[None] | None = None  # a count beside the ticks (a slow one)
-    count_began: float = 0.0  # time.monotonic() at which the last count beside began
-    # The SKUs' stock keys, and the SKUs and buckets they were made of: 60,000 made afresh
-    # took 0.1 to 0.2 s of the loop at each count.
-    keys_made: tuple[list[str], dict[str, int], list[SkuKeys]] | None = None
+    counter: StockCounter = field(default_factory=StockCounter)  # its stock, as last counted
+
+    @property
+    def count(self) -> Count | None:
+        return self.counter.count
+
+    @property
+    def counting(self) -> asyncio.Task[None] | None:
+        return self.counter.counting
 
     @property
     def stock(self) -> dict[str, tuple[int, int]]:
@@ -296,47 +277,15 @@ class AdmissionPump:
         return self.last
 
     async def _read(self) -> SaleSnapshot:
-        """The sale as it is, with the last stock count: made in this read while counts are
-        quick, else beside the ticks (its stock is then that count's, and none before the
-        first one lands: ``count`` stays None)."""
+        """The sale as it is, with the last stock count (none before the first one of a sale
+        counted beside its ticks lands: ``count`` stays None)."""
         lapsed = self._lapsed_through()
-        stock = self._stock_keys()
-        quick = (len(stock) <= INLINE_COUNT_KEYS if self.count is None
-                 else self.count.took < INLINE_COUNT_S)  # fmt: skip
-        if quick:
-            began = time.monotonic()
-            snap = await self.queue.snapshot(self.keys, claims_through=lapsed, skus=stock)
-            self.count = _counted(stock, snap.stock, time.monotonic() - began)
-        else:
-            count = self.count
-            share = COUNT_SHARE if self.busy else IDLE_COUNT_SHARE
-            took = count.took if count is not None else 0.0  # a first one that failed
-            if self.counting is None and time.monotonic() >= self.count_began + share * took:
-                self.counting = asyncio.create_task(self._count(stock))
-            snap = await self.queue.snapshot(self.keys, claims_through=lapsed)
+        snap = await self.counter.read(self.queue, self.keys, self.skus, self.buckets,
+                                       claims_through=lapsed, busy=self.busy)  # fmt: skip
         count = self.count or Count(0, 0, False, {}, 0.0)
         return SaleSnapshot(snap.view, count.available, count.held,
                             bool(self.skus) and count.preloaded, snap.claimed,
                             snap.claimed_through, lapsed)  # fmt: skip
-
-    def _stock_keys(self) -> list[SkuKeys]:
-        made = self.keys_made
-        if made is None or made[0] != self.skus or made[1] != self.buckets:
-            keys = [k for s in self.skus
-                    for k in bucket_keys(self.sale_id, s, self.buckets.get(s, 1))]  # fmt: skip
-            made = self.keys_made = (list(self.skus), dict(self.buckets), keys)
-        return made[2]
-
-    async def _count(self, stock: list[SkuKeys]) -> None:
-        """A count of a sale slow to count, beside the ticks; a failed one is made again."""
-        self.count_began = time.monotonic()
-        try:
-            snap = await self.queue.snapshot(self.keys, skus=stock)
-            self.count = _counted(stock, snap.stock, time.monotonic() - self.count_began)
-        except Exception as exc:  # noqa: BLE001 - the ticks go on with the last count
-            log_failure(log, f"could not count the stock of {self.sale_id}", exc)
-        finally:
-            self.counting = None
 
     def _lapsed_through(self) -> int:
         """The last position whose admission window has closed, judged on Redis's clock (the
@@ -435,13 +384,3 @@ class AdmissionPump:
         if self.token:
             await self.queue.release(self.keys, self.owner)
             self.token = 0
-
-
-def _counted(stock: list[SkuKeys], counts: list[tuple[int, int] | None], took: float) -> Count:
-    by_sku: dict[str, tuple[int, int]] = {}
-    for keys, units in zip(stock, counts, strict=True):
-        if units is not None:
-            available, held = by_sku.get(keys.sku, (0, 0))
-            by_sku[keys.sku] = (available + units[0], held + units[1])
-    return Count(sum(a for a, _ in by_sku.values()), sum(h for _, h in by_sku.values()),
-                 all(units is not None for units in counts), by_sku, took)  # fmt: skip

@@ -30,13 +30,14 @@ from redis.exceptions import NoPermissionError
 from allocator.discovery import SkuSets, not_preloaded
 from allocator.hold_scripts import HoldScripts
 from allocator.pacing import SaleRounds
-from allocator.pump import AdmissionPump, Count
+from allocator.pump import AdmissionPump
 from allocator.queue_scripts import QueueScripts
 from allocator.queue_view import still_waiting
 from allocator.redis_calls import Command, read_packed
 from allocator.relay import OutboxRelay, run_relay
 from allocator.service_metrics import ServiceMetrics
 from allocator.settled import ScopeKeys, SettledSkus
+from allocator.stock_count import Count
 from allocator.sweeper import run_sweeper
 from flashsale.clients import RedisClient, pg_pool, redis_client
 from flashsale.kafka import producer_when_up

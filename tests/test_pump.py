@@ -13,10 +13,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from allocator import queue_scripts
-from allocator.pump import INLINE_COUNT_KEYS, AdmissionPump, Inputs, plan
+from allocator.pump import AdmissionPump, Inputs, plan
 from allocator.queue_scripts import QueueScripts
 from allocator.queue_view import Step
 from allocator.stock_buckets import parse_journal
+from allocator.stock_count import INLINE_COUNT_KEYS
 from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.settings import Settings
 from gateway.state import CLIENTS
