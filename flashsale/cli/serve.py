@@ -416,5 +416,5 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
                     help="port of those processes (default PORT+5)")  # fmt: skip
     up.add_argument("--hung-after", default=str(HUNG_AFTER_S), metavar="SECONDS",
                     help="kill and start again a process whose event loop has not turned for "
-                    f"this many seconds or a duration as 1m (default {HUNG_AFTER_S}; 0: "
+                    f"this long: seconds, or a duration as 1m (default {HUNG_AFTER_S}; 0: "
                     "never)")  # fmt: skip
