@@ -394,6 +394,23 @@ def test_a_keyboard_opens_a_sale_and_back_returns_to_the_list(
         assert not page.is_visible("#list") and not page.is_visible("#login")
 
 
+def test_the_lists_refresh_keeps_a_keyboards_place(stack: Settings, browser: Browser) -> None:
+    """The list of sales is read again every 5 s, and each read put new links in place of the
+    old ones: a keyboard on a sale's link was sent back to the top of the page, on nothing,
+    and an Enter pressed then opened nothing."""
+    with live_page(stack, browser, "Refreshed drop") as live:
+        page, link = live.page, f"#sales a:text('{live.sale}')"
+        _open(live, click=False)
+        assert page.eval_on_selector(link, FOCUSED)
+        focused = page.query_selector(link)
+        assert focused is not None
+        page.wait_for_function("a => !a.isConnected", arg=focused, timeout=15_000)  # read again
+        assert page.evaluate("() => document.activeElement.getAttribute('href')") == (
+            f"#sale={live.sale}")  # fmt: skip
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#sale-title:has-text('Refreshed drop')", timeout=10_000)
+
+
 def _open(live: LivePage, *, click: bool = True) -> None:
     """Log in to the live page and open ``live``'s sale from the list, as an operator does."""
     live.page.goto(f"{live.gw.base_url}/admin/")
