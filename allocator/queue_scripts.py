@@ -18,7 +18,7 @@ from allocator.batching import Coalescer, PerKey
 from allocator.queue_view import QUEUE_FIELDS, ROOM_SALE_FIELDS, QueueView, Step
 from allocator.rate_limits import NO_LIMITS, RateKeys, rate_columns
 from allocator.redis_calls import Command, call_packed, lua_script, read_packed
-from allocator.stock_buckets import parse_journal
+from allocator.stock_buckets import BucketScripts
 from flashsale.clients import RedisClient
 from flashsale.errors import QueueLost
 from flashsale.keys import SaleKeys, SkuKeys
@@ -70,6 +70,7 @@ class QueueScripts:
         self._lease: AsyncScript = lua_script(client, "lease")
         self._advance: AsyncScript = lua_script(client, "advance")
         self._assign: AsyncScript = lua_script(client, "assign")
+        self.buckets = BucketScripts(client)  # the reads of SKUs in stock buckets
 
     async def join(
         self, keys: SaleKeys, buyer_ids: list[str], limits: Sequence[RateKeys] | None = None
@@ -190,7 +191,8 @@ class QueueScripts:
             commands.append(("EVAL", _CLAIMED_SO_FAR, 2, keys.claims, keys.queue))
             commands.append(("ZCOUNT", keys.claims, 1, claims_through) if claims_through > 0
                             else ("ECHO", "0"))  # fmt: skip
-        replies = iter(await read_packed(self.client, commands + _counters(skus[:SKUS_AT_ONCE])))
+        plain = [sku for sku in skus if sku.buckets == 1]
+        replies = iter(await read_packed(self.client, commands + _counters(plain[:SKUS_AT_ONCE])))
         snap = RoomSnapshot(QueueView.parse(next(replies), next(replies)))
         if steps_after is not None:
             snap.steps = [Step.parse(member) for member in next(replies)]
@@ -199,16 +201,29 @@ class QueueScripts:
             snap.redis_ms = int(seconds) * 1000 + int(micros) // 1000
         if claims_through is not None:
             snap.claimed, snap.claimed_through = int(next(replies)), integer(text(next(replies)))
-        for start in range(0, len(skus), SKUS_AT_ONCE):
+        for start in range(0, len(plain), SKUS_AT_ONCE):
             if start:
-                part = skus[start : start + SKUS_AT_ONCE]
+                part = plain[start : start + SKUS_AT_ONCE]
                 replies = iter(await read_packed(self.client, _counters(part)))
             for row in replies:
-                lent = sum(loan.units for loan in parse_journal(next(replies)).values())
                 snap.stock.append(
-                    None if row[0] is None else (int(row[0]), int(row[1]) + int(row[2]) + lent)
+                    None if row[0] is None else (int(row[0]), int(row[1]) + int(row[2]))
                 )
+        if len(plain) < len(skus):
+            snap.stock = await self._with_buckets(skus, snap.stock)
         return snap
+
+    async def _with_buckets(self, skus: Sequence[SkuKeys], plain: list[tuple[int, int] | None]
+                            ) -> list[tuple[int, int] | None]:  # fmt: skip
+        """The counts of ``skus``: ``plain``'s (those in one bucket, in order), and those of
+        the SKUs in stock buckets as of one moment. Their buckets live in other slots, on a
+        cluster on other nodes, each read at its own moment: a transfer made whole between
+        the read of its receiver and that of its lender would be in neither, and a SKU whose
+        last free units moved then would count none (the pump would mark its sale sold out
+        for good)."""
+        cut = iter((await self.buckets.snapshot([k for k in skus if k.buckets > 1])).stock())
+        rest = iter(plain)
+        return [next(cut) if k.buckets > 1 else next(rest) for k in skus]
 
     async def view(self, keys: SaleKeys) -> QueueView:
         return (await self.snapshot(keys)).view
@@ -284,13 +299,5 @@ class Places(PerKey[SaleKeys, "Coalescer[str, int | None]"]):
 
 
 def _counters(skus: Sequence[SkuKeys]) -> list[Command]:
-    """The reads of the stock counters of ``skus``: units lent by a stock bucket and not yet
-    credited count as held (they come back)."""
-    return [
-        command
-        for sku in skus
-        for command in (
-            ("HMGET", sku.stock, "available", "active", "paying"),
-            ("HGETALL", sku.transfers),
-        )
-    ]
+    """The reads of the stock counters of ``skus``, SKUs in one bucket each."""
+    return [("HMGET", sku.stock, "available", "active", "paying") for sku in skus]

@@ -320,15 +320,18 @@ class SaleReads:
     async def _buckets(self, sale_id: str, skus: Sequence[asyncpg.Record]) -> list[
             tuple[list[StockCounts | None], int]]:  # fmt: skip
         """Each SKU's counters per stock bucket, and its units in transit, in one round trip.
-        A SKU in stock buckets is read with the buckets' transfer journals: units lent and
-        not yet credited are in no bucket's counters (a SKU whose free units were all on their
-        way read as sold out), and one read sees a credit either in its receiver's counters
-        or as still on its way, not in neither."""
+        A SKU in stock buckets is read with the buckets' transfer journals, as of one moment
+        (:meth:`~allocator.stock_buckets.BucketScripts.snapshot`): units lent and not yet
+        credited are in no bucket's counters (a SKU whose free units were all on their way
+        read as sold out), and the buckets, in other slots (on a cluster, other nodes), are
+        each read at their own moment: a transfer made whole between two of those reads
+        would be in neither."""
         groups = [bucket_keys(sale_id, sku["sku"], sku["buckets"]) for sku in skus]
         spread = [g for g in groups if len(g) > 1]
         single = [g[0] for g in groups if len(g) == 1]
         flat = await self.scripts.stock(single) if single else []
-        states = await self.transfers.states([k for g in spread for k in g]) if spread else []
+        cut = await self.transfers.snapshot([k for g in spread for k in g]) if spread else None
+        states = cut.buckets if cut is not None else []
         out: list[tuple[list[StockCounts | None], int]] = []
         one = many = 0  # where the next SKU starts in flat / states (re-slicing is quadratic)
         for group in groups:

@@ -95,9 +95,21 @@ class Snapshot:
     @property
     def in_transfer(self) -> int:
         """Units lent and not yet credited to their receiver: in no bucket's total."""
+        return sum(self._moving())
+
+    def _moving(self) -> list[int]:
+        """Per bucket, the units it lent that their receiver has not credited yet."""
         received = {b.keys.bucket: b.received for b in self.buckets}
-        return sum(loan.units for b in self.buckets for tid, loan in b.lent.items()
-                   if tid not in received.get(loan.to, frozenset()))  # fmt: skip
+        return [sum(loan.units for tid, loan in b.lent.items()
+                    if tid not in received.get(loan.to, frozenset()))
+                for b in self.buckets]  # fmt: skip
+
+    def stock(self) -> list[tuple[int, int] | None]:
+        """Per bucket, (available, held) as the admission pump plans with them (None: not in
+        Redis): the units it lent and nobody credited yet count as held, coming back."""
+        return [None if b.counts is None
+                else (b.counts.available, b.counts.held + moving)
+                for b, moving in zip(self.buckets, self._moving(), strict=True)]  # fmt: skip
 
     @property
     def units(self) -> int:

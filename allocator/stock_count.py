@@ -1,15 +1,14 @@
 """A sale's stock, summed over its SKUs and their buckets, as the admission pump plans with it.
 
-Counting the stock of a sale of many SKUs is slow (about 1.5 s for 100,000 SKUs here: two
-reads per SKU, each answer parsed here). Once a count takes ``INLINE_COUNT_S`` or more, the
-next ones run beside the pump's ticks, each starting ``COUNT_SHARE`` times its duration after
-the last began (``IDLE_COUNT_SHARE`` times while nobody waits and the opening is not near: a
-catalogue an hour before its opening was counted for nobody, a third of the time), and the
-ticks go on at their pace with the last count: the stock they plan with is that much older,
-and admission keeps the sale's rate. A sale of more than ``INLINE_COUNT_KEYS`` SKUs (and
-buckets) is counted beside from its first count, which the ticks wait for, keeping the
-lease, before they admit anyone: inside a tick, a first count longer than the lease let it
-lapse.
+Counting the stock of a sale of many SKUs is slow (about 0.5 s for 100,000 SKUs here, more on a
+busy machine: a read per SKU, each answer parsed here). Once a count takes ``INLINE_COUNT_S``
+or more, the next ones run beside the pump's ticks, each starting ``COUNT_SHARE`` times its
+duration after the last began (``IDLE_COUNT_SHARE`` times while nobody waits and the opening is
+not near: a catalogue an hour before its opening was counted for nobody, a third of the time),
+and the ticks go on at their pace with the last count: the stock they plan with is that much
+older, and admission keeps the sale's rate. A sale of more than ``INLINE_COUNT_KEYS`` SKUs (and
+buckets) is counted beside from its first count, which the ticks wait for, keeping the lease,
+before they admit anyone: inside a tick, a first count longer than the lease let it lapse.
 """
 
 from __future__ import annotations

@@ -125,9 +125,12 @@ async def audit_sale(
 async def _redis_state(client: RedisClient, sale_id: str,
                        skus: list[asyncpg.Record]) -> dict[str, Any]:  # fmt: skip
     """Every SKU's Redis state, its stock buckets merged (``skus``) and one by one
-    (``buckets``: counters; ``in_transfer``: units lent and not yet credited)."""
+    (``buckets``: counters), and for a SKU in buckets its buckets' totals and the units lent
+    and not yet credited, read as of one moment (``moving``). The buckets, in other slots (on
+    a cluster, other nodes), are each read at their own moment: a transfer made whole
+    between the reads of its two buckets would be in neither, or in both."""
     groups = {r["sku"]: bucket_keys(sale_id, r["sku"], r["buckets"]) for r in skus}
-    out: dict[str, Any] = {"skus": {}, "buckets": {}, "in_transfer": {}}
+    out: dict[str, Any] = {"skus": {}, "buckets": {}, "moving": {}}
     listed = list(groups.items())
     # Packed in C (through redis-py's pipeline, parsing the answers was most of the 14 s of
     # CPU an audit of a 100,000-SKU sale took), a few thousand SKUs at a time: the raw
@@ -152,7 +155,9 @@ async def _redis_state(client: RedisClient, sale_id: str,
     transfers = BucketScripts(client)
     for sku, group in groups.items():
         if len(group) > 1:
-            out["in_transfer"][sku] = (await transfers.snapshot(group)).in_transfer
+            cut = await transfers.snapshot(group)
+            totals = sum(b.counts.total for b in cut.buckets if b.counts is not None)
+            out["moving"][sku] = (totals, cut.in_transfer)
     return out
 
 
@@ -248,9 +253,8 @@ def _conservation(skus: dict[str, Any], by_sku: dict[str, list[Any]], redis: dic
             lost.append(sku)
             continue
         parts = [stock.get(n, 0) for n in ("available", "active", "paying", "sold")]
-        in_transfer = redis["in_transfer"].get(sku, 0)
-        if (stock.get("total") != sum(parts)
-                or stock.get("total", 0) + in_transfer != row["stock_total"]):  # fmt: skip
+        total, in_transfer = redis["moving"].get(sku, (stock.get("total", 0), 0))
+        if stock.get("total") != sum(parts) or total + in_transfer != row["stock_total"]:
             broken.append(f"{sku} {stock}" + (f" + {in_transfer} in transfer" if in_transfer
                                               else ""))  # fmt: skip
         confirmed = sum(o["quantity"] for o in by_sku[sku] if o["state"] == "CONFIRMED")

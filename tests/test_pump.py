@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -16,7 +17,7 @@ from allocator import queue_scripts
 from allocator.pump import AdmissionPump, Inputs, plan
 from allocator.queue_scripts import QueueScripts
 from allocator.queue_view import Step
-from allocator.stock_buckets import parse_journal
+from allocator.redis_calls import read_packed
 from allocator.stock_count import INLINE_COUNT_KEYS
 from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.settings import Settings
@@ -282,19 +283,20 @@ async def test_a_wide_count_lets_the_loop_serve_others_while_it_reads(
     async with gateway(stack) as gw:
         sale = await gw.create_sale(stock=5)
         queue = QueueScripts(gw.app[CLIENTS].redis)
-        seen: list[int] = []
+        seen: list[tuple[int, int]] = []  # (the loop's turns so far, SKUs read) per read
         async with loop_turns() as turns:
 
-            def noted(raw: Any) -> Any:
-                seen.append(turns())
-                return parse_journal(raw)
+            async def noted(client: Any, commands: Any, **options: Any) -> Any:
+                seen.append((turns(), sum(c[0] == "HMGET" and ":stock" in c[1] for c in commands)))
+                return await read_packed(client, commands, **options)
 
-            monkeypatch.setattr(queue_scripts, "parse_journal", noted)
+            monkeypatch.setattr(queue_scripts, "read_packed", noted)
             skus = [SkuKeys(sale, f"K{n}") for n in range(6000)]
             snap = await queue.snapshot(SaleKeys(sale), skus=skus)
-        assert len(snap.stock) == len(seen) == 6000
-        stretch = 2000  # SKUs parsed with nothing else let run
-        assert all(seen[i + stretch] > seen[i] for i in range(len(seen) - stretch)), seen[::500]
+        assert len(snap.stock) == sum(n for _, n in seen) == 6000, seen
+        # Each read's answers are parsed before the next read, with nothing else let run.
+        assert max(n for _, n in seen) <= 2000, seen
+        assert all(b[0] > a[0] for a, b in itertools.pairwise(seen)), seen
 
 
 async def test_a_lease_renewed_late_by_its_own_leader_keeps_what_the_pump_measured(
