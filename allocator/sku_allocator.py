@@ -107,7 +107,7 @@ class SkuAllocator:
             if result.outcome != "sold_out":
                 return result
             lent = await self._borrow(bucket, request.quantity)
-            if not lent.units:
+            if not lent.units and lent.outcome != "moved":
                 pending = result.holds_pending or lent.held > 0 or lent.outcome == "unavailable"
                 # No other bucket had a unit: this one's are all the SKU has free (units of
                 # another process's borrow still on their way aside), fewer than asked.
@@ -161,10 +161,25 @@ class SkuAllocator:
                     return lent
                 held += lent.held
                 unavailable = unavailable or lent.outcome == "unavailable"
-            if not self._landing:
+            if self._landing:
+                await asyncio.wait(list(self._landing))  # credits only: they wait on nothing
+                continue
+            if held or unavailable:
                 break
-            await asyncio.wait(list(self._landing))  # credits only: they wait on nothing else
+            return await self._settled(held)
         return Lent("unavailable" if unavailable else "empty", 0, held)
+
+    async def _settled(self, held: int) -> Lent:
+        """Every other bucket said it had nothing, and nothing held: the SKU is sold out for
+        good, unless a transfer made whole between two of those asks (another process's,
+        perhaps into this very bucket) was seen by none. A consistent cut of every bucket
+        says: ``moved`` when a unit is free or on its way somewhere (ask again), else what
+        is held."""
+        cut = await self.transfers.snapshot(self.bucket_keys)
+        stock = [units for units in cut.stock() if units is not None]
+        if any(available for available, _ in stock) or cut.in_transfer:
+            return Lent("moved", 0, held)
+        return Lent("empty", 0, held + sum(h for _, h in stock))
 
     async def aclose(self) -> None:
         """Stop taking requests, decide what is waiting, and wait for batches in flight."""

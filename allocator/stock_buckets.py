@@ -52,7 +52,8 @@ SNAPSHOT_ATTEMPTS = 8
 @dataclass(frozen=True, slots=True)
 class Lent:
     """What a lender gave: ``units`` (0 when it had none), and its ``held`` units (active +
-    paying), which may still come back; ``outcome`` is lent, empty or unavailable;
+    paying), which may still come back; ``outcome`` is lent, empty or unavailable (or, from an
+    allocator's borrow, moved: units free or on their way somewhere, to ask again for);
     ``incarnation``: the lender's (see the module's docstring), which its credit carries."""
 
     outcome: str

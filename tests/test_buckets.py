@@ -170,6 +170,35 @@ async def test_units_on_their_way_between_buckets_are_waited_for_not_refused(
         await allocator.aclose()
 
 
+async def test_a_unit_moved_while_the_buckets_are_asked_is_not_told_sold_out(
+    stack: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dry bucket asks the others in turn to lend, each at its own moment. A transfer that
+    another process made whole meanwhile, into this very bucket, was seen by no ask: the
+    buyer was told the SKU was sold out for good (the waiting room then marks the product
+    sold out and offers it no more), with a unit free in the buyer's own bucket."""
+    async with pipeline(stack) as p:
+        sale = await p.sale(stock=1, limit=1, buckets=2)
+        first, second = bucket_keys(sale, SKU, 2)
+        assert [r["available"] for r in await stock_of(p, sale)] == [1, 0]
+        allocator = Allocators(p.holds).for_sku(sale, SKU, 2)
+        other = BucketScripts(p.redis)  # another process's allocator
+        lend = allocator.transfers.lend
+
+        async def after_another(lender: SkuKeys, receiver: SkuKeys, wanted: int,
+                                **options: Any) -> Any:  # fmt: skip
+            if not moved:
+                moved.append((await other.transfer(first, second, 1)).units)
+            return await lend(lender, receiver, wanted, **options)
+
+        moved: list[int] = []
+        monkeypatch.setattr(allocator.transfers, "lend", after_another)
+        [buyer] = buyers_of_bucket(1, 2, 1)
+        result = await allocator.reserve(request(sale, allocator, buyer))
+        assert moved == [1] and result.outcome == "reserved", result
+        await allocator.aclose()
+
+
 async def test_units_on_their_way_between_buckets_are_not_sold_out_in_the_sales_summary(
     stack: Settings, capsys: pytest.CaptureFixture[str]
 ) -> None:
