@@ -4,7 +4,12 @@ uvloop is faster.
 
 A process given ``FLASHSALE_HEARTBEAT`` (a file; the supervisor of ``flashsale up`` gives one
 to each of its processes) touches it from its loop every ``BEAT_S``: a file that grows old
-tells the supervisor the loop no longer turns (blocked, or the process paused)."""
+tells the supervisor the loop no longer turns (blocked, or the process paused).
+
+Every loop :func:`run` runs sets a timer every ``WATCH_S`` and measures how late it runs
+(:func:`lag`, the histogram ``flashsale_event_loop_lag_seconds`` of every service's
+metrics): a stretch of work that holds the loop delays every request, renewal and read the
+process has in hand."""
 
 from __future__ import annotations
 
@@ -13,9 +18,12 @@ import contextlib
 import os
 import threading
 from collections.abc import Coroutine
+from functools import cache
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
+
+from prometheus_client import Histogram
 
 T = TypeVar("T")
 
@@ -28,33 +36,60 @@ except ImportError:  # a platform without uvloop: asyncio's loop does the same w
 
 HEARTBEAT_ENV = "FLASHSALE_HEARTBEAT"
 BEAT_S = 1.0
+WATCH_S = 0.25  # the loop's timer, whose lateness is its lag
+# Up to a pump's lease (2 s) and beyond: a lag that long lets leases lapse.
+LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
+
+
+@cache
+def lag() -> Histogram:
+    """This process's histogram of how late its loop ran the timers it set (registered on
+    each service's registry by :func:`flashsale.ops_endpoints.build_info`; in a gateway of
+    several processes, summed over them)."""
+    return Histogram(
+        "flashsale_event_loop_lag_seconds",
+        "How late the process's event loop ran a timer set every 0.25 s: the time every "
+        "request, lease renewal and read in hand waited for a stretch of work to end",
+        buckets=LAG_BUCKETS, registry=None,
+    )  # fmt: skip
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
-    """``main`` to completion on a new event loop (uvloop's when available), beating the
-    heartbeat file ``FLASHSALE_HEARTBEAT`` names, if it names one."""
+    """``main`` to completion on a new event loop (uvloop's when available), measuring its
+    lag, and beating the heartbeat file ``FLASHSALE_HEARTBEAT`` names, if it names one."""
     beat = os.environ.get(HEARTBEAT_ENV)
-    if beat:
-        main = _beating(main, Path(beat))
+    main = _watched(main, Path(beat) if beat else None)
     if _uvloop is None:
         return asyncio.run(main)
     result: T = _uvloop.run(main)
     return result
 
 
-async def _beating(main: Coroutine[Any, Any, T], path: Path) -> T:
-    async def beat() -> None:
-        while True:
-            # On the loop itself, on purpose (a microsecond's syscall): a blocked loop misses it.
-            with contextlib.suppress(OSError):  # the supervisor's folder gone: it is stopping
-                path.touch()  # noqa: ASYNC240
-            await asyncio.sleep(BEAT_S)
-
-    beating = asyncio.create_task(beat())
+async def _watched(main: Coroutine[Any, Any, T], beat: Path | None) -> T:
+    watches = [asyncio.create_task(_lagging(lag()))]
+    if beat is not None:
+        watches.append(asyncio.create_task(_beating(beat)))
     try:
         return await main
     finally:
-        beating.cancel()
+        for watch in watches:
+            watch.cancel()
+
+
+async def _lagging(histogram: Histogram) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        began = loop.time()
+        await asyncio.sleep(WATCH_S)
+        histogram.observe(max(0.0, loop.time() - began - WATCH_S))
+
+
+async def _beating(path: Path) -> None:
+    while True:
+        # On the loop itself, on purpose (a microsecond's syscall): a blocked loop misses it.
+        with contextlib.suppress(OSError):  # the supervisor's folder gone: it is stopping
+            path.touch()  # noqa: ASYNC240
+        await asyncio.sleep(BEAT_S)
 
 
 def name() -> str:

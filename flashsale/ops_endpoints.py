@@ -39,7 +39,7 @@ from prometheus_client import (
 from redis.asyncio import RedisCluster
 from redis.exceptions import NoPermissionError
 
-from flashsale import __version__
+from flashsale import __version__, event_loop
 from flashsale.clients import RedisClient
 from flashsale.errors import ConfigError, Unavailable
 from flashsale.http_protocol import EVERY_ANSWER, answer_malformed_in_json, unrouted
@@ -55,11 +55,13 @@ PING_TIMEOUT_S = 2.0
 
 def build_info(registry: CollectorRegistry, service: str) -> None:
     """``flashsale_build_info{service, version, python} 1``: which build answers, for
-    dashboards and for spotting a half-finished rollout; and the process's CPU and memory
-    (``process_*``) where one process answers for itself (not across the processes of a
-    multiprocess gateway)."""
+    dashboards and for spotting a half-finished rollout; the lag of the process's event loop
+    (:func:`flashsale.event_loop.lag`); and the process's CPU and memory (``process_*``)
+    where one process answers for itself (not across the processes of a multiprocess
+    gateway)."""
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         ProcessCollector(registry=registry)
+    registry.register(event_loop.lag())
     Gauge(
         "flashsale_build_info", "The running build (always 1)", ["service", "version", "python"],
         registry=registry, multiprocess_mode="max",

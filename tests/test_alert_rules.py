@@ -266,3 +266,24 @@ def test_the_redis_memory_alert_fires_before_it_is_full(
          "values": "0.5x7"},
     ], [at(1, "FlashsaleRedisMemoryHigh"), at(3, "FlashsaleRedisMemoryHigh"),
         at(5, "FlashsaleRedisMemoryHigh", fired)])  # fmt: skip
+
+
+def test_the_event_loop_alert_fires_on_a_stall_of_a_second(
+    prometheus: str,  # noqa: F811 - the fixture
+    tmp_path: Path,
+) -> None:
+    """A loop held a second or more delays everything its process has in hand (a pump's
+    lease lapses in 2 s). One such stall fires the alert; five minutes without one clear it,
+    and stalls shorter than a second are not one."""
+    fired = firing("warning", "the event loop of flashsale-allocator on a:9101 was held 1 s "
+                   "or more in the last 5 minutes: everything it had in hand waited",
+                   "flashsaleeventloopstalled", job="flashsale-allocator",
+                   instance="a:9101")  # fmt: skip
+    labels = 'job="flashsale-allocator", instance="a:9101"'
+    promtool_test(tmp_path, [
+        {"series": f"flashsale_event_loop_lag_seconds_count{{{labels}}}",
+         "values": "0+240x5 1441+240x9"},
+        {"series": f'flashsale_event_loop_lag_seconds_bucket{{{labels}, le="1.0"}}',
+         "values": "0+240x15"},
+    ], [at(3, "FlashsaleEventLoopStalled"), at(6, "FlashsaleEventLoopStalled", fired),
+        at(13, "FlashsaleEventLoopStalled")])  # fmt: skip

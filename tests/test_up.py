@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -69,6 +70,16 @@ def test_up_supervises_and_stops_cleanly(stack: Settings, cli: Cli, tmp_path: Pa
         healthy(f"http://127.0.0.1:{port + 3}/healthz")  # the payment simulator
         healthy(f"http://127.0.0.1:{port + 4}/healthz")  # the reconciler
         healthy(f"http://127.0.0.1:{port + 5}/healthz")  # the reservations listener
+        for service in (port, port + 1, port + 2, port + 4):  # its loop's lag, measured
+            deadline = time.monotonic() + 10
+            while True:  # a first timer is 0.25 s after the start of the loop
+                text = requests.get(f"http://127.0.0.1:{service}/metrics", timeout=5).text
+                found = re.search(r"^flashsale_event_loop_lag_seconds_count (\S+)$", text, re.M)
+                assert found, (service, text[-1500:])
+                if float(found.group(1)) > 0 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            assert float(found.group(1)) > 0, (service, text[-1500:])
         # ... which serves reservations only: the waiting room is on the gateway port.
         queue = f"http://127.0.0.1:{port + 5}/v1/sales/any/queue"
         assert requests.post(queue, timeout=5).status_code == 404
