@@ -10,7 +10,7 @@ from typing import Literal, cast
 from redis.commands.core import AsyncScript
 
 from allocator.rate_limits import NO_LIMITS, RateKeys, rate_columns
-from allocator.redis_calls import Command, call_packed, lua_script, send_packed
+from allocator.redis_calls import Command, call_packed, lua_script, read_packed, send_packed
 from flashsale.clients import RedisClient
 from flashsale.errors import InvalidInput
 from flashsale.events import ReservationEvent, created_event
@@ -225,12 +225,22 @@ class HoldScripts:
 
     async def expire(self, keys: SkuKeys, limit: int = 500) -> ExpireResult:
         """Look at up to ``limit`` overdue holds and expire those still ACTIVE."""
-        [result] = await self.expire_many([keys], limit)
+        [result] = await self._expire_calls([keys], limit)
         return result
 
     async def expire_many(self, skus: Sequence[SkuKeys], limit: int = 500) -> list[ExpireResult]:
-        """:meth:`expire` for each of ``skus``, every call pipelined (one script call per SKU,
-        each in its SKU's slot); the first error is raised after every answer was read."""
+        """:meth:`expire` for each of ``skus`` that has a deadline index, every call pipelined
+        (one script call per SKU, each in its SKU's slot); the first error is raised after
+        every answer was read. Redis drops an index once its last member is swept, so a SKU
+        without one has no hold to expire: a pipelined EXISTS passes it over (a catalogue's
+        SKUs, nearly none of them reserved, each cost a script call that found nothing). A
+        hold made after its EXISTS is the next sweep's, as one made after its call would be."""
+        indexed = await read_packed(self.client, [("EXISTS", k.deadlines) for k in skus])
+        asked = [keys for keys, found in zip(skus, indexed, strict=True) if found]
+        answers = iter(await self._expire_calls(asked, limit) if asked else [])
+        return [next(answers) if found else ExpireResult([], more=False) for found in indexed]
+
+    async def _expire_calls(self, skus: Sequence[SkuKeys], limit: int) -> list[ExpireResult]:
         commands: list[Command] = []
         for keys in skus:
             sku_keys = keys.all()
