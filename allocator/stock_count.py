@@ -71,10 +71,14 @@ class StockCounter:
         return await queue.snapshot(keys, claims_through=claims_through)
 
     def _keys(self, sale_id: str, skus: list[str], buckets: dict[str, int]) -> list[SkuKeys]:
+        """The stock keys of ``skus``, made again only when they or their ``buckets`` changed:
+        each is the same object while they do not (the allocator's discovery keeps them, and
+        replaces them rather than change them)."""
         made = self._made
-        if made is None or made[0] != skus or made[1] != buckets:
+        if made is None or not (made[0] is skus or made[0] == skus) \
+                or not (made[1] is buckets or made[1] == buckets):  # fmt: skip
             stock = [k for s in skus for k in bucket_keys(sale_id, s, buckets.get(s, 1))]
-            made = self._made = (list(skus), dict(buckets), stock)
+            made = self._made = (skus, buckets, stock)
         return made[2]
 
     async def _count(self, queue: QueueScripts, keys: SaleKeys, stock: list[SkuKeys]) -> None:
