@@ -221,7 +221,14 @@ class QueueScripts:
         the read of its receiver and that of its lender would be in neither, and a SKU whose
         last free units moved then would count none (the pump would mark its sale sold out
         for good)."""
-        cut = iter((await self.buckets.snapshot([k for k in skus if k.buckets > 1])).stock())
+        groups: list[list[SkuKeys]] = []
+        for keys in skus:
+            if keys.buckets > 1:
+                if keys.bucket == 0 or not groups or groups[-1][0].sku != keys.sku:
+                    groups.append([])
+                groups[-1].append(keys)
+        cut = iter([units for snap in await self.buckets.snapshots(groups)
+                    for units in snap.stock()])  # fmt: skip
         rest = iter(plain)
         return [next(cut) if k.buckets > 1 else next(rest) for k in skus]
 

@@ -15,7 +15,7 @@ import asyncpg
 
 from allocator.queue_scripts import QueueScripts
 from allocator.sale_scripts import SaleScripts, StockCounts, summed
-from allocator.stock_buckets import BucketScripts, Snapshot
+from allocator.stock_buckets import BucketScripts
 from flashsale.clients import COPY_TIMEOUT_S, RedisClient
 from flashsale.errors import InvalidInput, NotFound, shown
 from flashsale.keys import ID_PATTERN, SaleKeys, bucket_keys
@@ -330,18 +330,16 @@ class SaleReads:
         spread = [g for g in groups if len(g) > 1]
         single = [g[0] for g in groups if len(g) == 1]
         flat = await self.scripts.stock(single) if single else []
-        cut = await self.transfers.snapshot([k for g in spread for k in g]) if spread else None
-        states = cut.buckets if cut is not None else []
+        cuts = iter(await self.transfers.snapshots(spread) if spread else [])
         out: list[tuple[list[StockCounts | None], int]] = []
-        one = many = 0  # where the next SKU starts in flat / states (re-slicing is quadratic)
+        one = 0  # where the next SKU starts in flat (re-slicing is quadratic)
         for group in groups:
             if len(group) == 1:
                 out.append(([flat[one]], 0))
                 one += 1
             else:
-                mine = states[many : many + len(group)]
-                many += len(group)
-                out.append(([b.counts for b in mine], Snapshot(mine).in_transfer))
+                cut = next(cuts)
+                out.append(([b.counts for b in cut.buckets], cut.in_transfer))
         return out
 
 

@@ -47,6 +47,7 @@ from flashsale.records import SEP, integer, text
 T = TypeVar("T")
 STEP_ATTEMPTS = 3
 SNAPSHOT_ATTEMPTS = 8
+CUT_KEYS = 1000  # buckets a consistent read takes at once (see BucketScripts.snapshots)
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,18 +208,51 @@ class BucketScripts:
         return out
 
     async def snapshot(self, buckets: Sequence[SkuKeys]) -> Snapshot:
-        """All buckets as of one moment, while transfers go on: read twice, and taken when no
-        bucket's ``moves`` changed between the two reads (every step of a transfer bumps it,
-        so no step fell between them, and the first read is a consistent cut). Raises
-        Unavailable when transfers never paused long enough."""
-        first = await self.states(buckets)
-        for _ in range(SNAPSHOT_ATTEMPTS):
-            second = await self.states(buckets)
-            if [b.moves for b in first] == [b.moves for b in second]:
-                return Snapshot(first)
-            first = second
-            await asyncio.sleep(0.01)
-        raise Unavailable(f"stock of {buckets[0].sku} kept moving between buckets; retry")
+        """All ``buckets`` as of one moment, while transfers go on (:meth:`snapshots`, the
+        buckets taken as one group). Raises Unavailable when transfers never paused long
+        enough."""
+        [cut] = await self.snapshots([buckets])
+        return cut
+
+    async def snapshots(self, groups: Sequence[Sequence[SkuKeys]]) -> list[Snapshot]:
+        """Each group of buckets (a SKU's) as of one moment, while transfers go on: its states
+        read, then its buckets' ``moves``; when none changed between the two reads (every
+        step of a transfer bumps it) no step fell between them, and the states are a
+        consistent cut. The groups still moving are read again, up to ``SNAPSHOT_ATTEMPTS``
+        times; the groups go ``CUT_KEYS`` buckets a read, the loop's other tasks let run
+        between. Raises Unavailable when a group never paused long enough."""
+        cuts: list[Snapshot] = []
+        start = 0
+        while start < len(groups):
+            part: list[Sequence[SkuKeys]] = []
+            keys = 0
+            while start < len(groups) and (not part or keys + len(groups[start]) <= CUT_KEYS):
+                part.append(groups[start])
+                keys += len(groups[start])
+                start += 1
+            cuts += await self._cuts(part)
+        return cuts
+
+    async def _cuts(self, groups: Sequence[Sequence[SkuKeys]]) -> list[Snapshot]:
+        found: dict[int, Snapshot] = {}
+        pending = list(range(len(groups)))
+        for attempt in range(SNAPSHOT_ATTEMPTS):
+            keys = [k for i in pending for k in groups[i]]
+            states = iter(await self.states(keys))
+            read = [[next(states) for _ in groups[i]] for i in pending]
+            moves = iter(await read_packed(self.client, [("HGET", k.stock, "moves") for k in keys]))
+            still = []
+            for i, group in zip(pending, read, strict=True):
+                if [b.moves for b in group] == [integer(next(moves)) for _ in group]:
+                    found[i] = Snapshot(group)
+                else:
+                    still.append(i)
+            pending = still
+            if not pending:
+                return [found[i] for i in range(len(groups))]
+            await asyncio.sleep(0.01 * (attempt + 1))
+        raise Unavailable(f"stock of {groups[pending[0]][0].sku} kept moving between buckets; "
+                          "retry")  # fmt: skip
 
     async def finish(self, states: Sequence[BucketState], *, before_ms: int
                      ) -> list[tuple[str, int, int, str]]:  # fmt: skip

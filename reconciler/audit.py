@@ -152,12 +152,11 @@ async def _redis_state(client: RedisClient, sale_id: str,
     out["serving"] = int(serving or 0)
     out["live"] = live is not None
     out["claims"] = {text(m) for m in claims}
-    transfers = BucketScripts(client)
-    for sku, group in groups.items():
-        if len(group) > 1:
-            cut = await transfers.snapshot(group)
-            totals = sum(b.counts.total for b in cut.buckets if b.counts is not None)
-            out["moving"][sku] = (totals, cut.in_transfer)
+    spread = {sku: group for sku, group in groups.items() if len(group) > 1}
+    cuts = await BucketScripts(client).snapshots(list(spread.values())) if spread else []
+    for sku, cut in zip(spread, cuts, strict=True):
+        totals = sum(b.counts.total for b in cut.buckets if b.counts is not None)
+        out["moving"][sku] = (totals, cut.in_transfer)
     return out
 
 

@@ -308,6 +308,39 @@ async def test_a_transfer_between_the_reads_of_two_buckets_is_in_the_count(
         assert between.split == 3 and row["available"] == 2, row
 
 
+async def test_many_skus_in_buckets_are_read_in_parts_and_only_what_moved_again(
+    stack: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each SKU in buckets is read as of its own moment: a catalogue of them read as one
+    group was one packed read of them all, the loop held meanwhile, and a transfer anywhere
+    read them all again. They go a part at a time, and only a SKU whose units moved between
+    the two reads is read again."""
+    async with pipeline(stack) as p:
+        sale = await p.sale(stock=4, limit=1, buckets=2, skus=3)
+        groups = [bucket_keys(sale, f"SKU-{i}", 2) for i in (1, 2, 3)]
+        transfers = BucketScripts(p.redis)
+        monkeypatch.setattr(stock_buckets, "CUT_KEYS", 4)  # two SKUs a read
+        reads: list[list[str]] = []
+        states = transfers.states
+
+        async def noted(keys: Sequence[SkuKeys]) -> Any:
+            reads.append([k.sku for k in keys if k.bucket == 0])
+            return await states(keys)
+
+        async def move() -> None:
+            lent = await BucketScripts(p.redis).transfer(groups[0][0], groups[0][1], 1)
+            assert lent.units == 1
+
+        monkeypatch.setattr(transfers, "states", noted)
+        between = Between(monkeypatch, groups[0][1].stock, move, stock_buckets)
+        between.armed = True
+        cuts = await transfers.snapshots(groups)
+        assert between.split == 1 and [c.units for c in cuts] == [4, 4, 4]
+        assert reads == [["SKU-1", "SKU-2"], ["SKU-1"], ["SKU-3"]], reads
+        assert [[b.counts.available for b in c.buckets if b.counts] for c in cuts] == [
+            [1, 3], [2, 2], [2, 2]]  # fmt: skip
+
+
 async def test_an_audit_while_units_move_between_buckets_finds_the_stock_conserved(
     stack: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
