@@ -70,6 +70,26 @@ SERVES = (
 )
 GATEWAY_SERVES = "this gateway serves " + ", ".join(f"{path} ({what})" for path, what in SERVES)
 
+# Where a request an address does not take (405) was likely meant to go: a buyer's place is
+# read at the queue's status, a reservation at its own address.
+MEANT: tuple[tuple[str, re.Pattern[str], str], ...] = (
+    ("GET", re.compile(r"/v1/sales/([\w.-]{1,64})/queue"),
+     "a place in the queue is read at GET /v1/sales/{sale}/queue/status, with its ticket"),
+    ("GET", re.compile(r"/v1/sales/[\w.-]{1,64}/reservations"),
+     "a reservation is read at GET /v1/reservations/{id}"),
+    ("DELETE", re.compile(r"/v1/sales/[\w.-]{1,64}/reservations"),
+     "a hold is cancelled at DELETE /v1/reservations/{id}"),
+)  # fmt: skip
+
+
+def meant(method: str, path: str) -> str | None:
+    """The address a ``method`` request to ``path`` was likely meant for, said; None if none."""
+    for takes, pattern, said in MEANT:
+        found = pattern.fullmatch(path) if takes == method else None
+        if found is not None:
+            return said.replace("{sale}", found.group(1)) if found.groups() else said
+    return None
+
 
 def error_response(
     status: int,

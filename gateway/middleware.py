@@ -19,7 +19,7 @@ from flashsale.http_protocol import EVERY_ANSWER, unrouted
 from flashsale.logs import CONTEXT
 from flashsale.ops_endpoints import PROBE_PATHS
 from flashsale.outages import is_outage, log_failure, schema_error
-from gateway.http import GATEWAY_SERVES, error_response
+from gateway.http import GATEWAY_SERVES, error_response, meant
 from gateway.metrics import Metrics
 
 log = logging.getLogger("flashsale.gateway")
@@ -84,6 +84,8 @@ def error_for(request: web.Request, exc: Exception) -> web.Response:
         said = exc.reason
         if request.match_info.route.resource is None and exc.status in (404, 405):
             said = unrouted(request, exc, GATEWAY_SERVES)  # no route took it
+            hint = meant(request.method, request.path) if exc.status == 405 else None
+            said += f"; {hint}" if hint else ""
         return error_response(exc.status, code, said, headers)
     if isinstance(exc, web.HTTPException):
         raise exc

@@ -160,3 +160,24 @@ def test_an_address_the_gateway_does_not_serve_says_what_it_serves(stack: Settin
             assert said == "DELETE /openapi.json: this address takes GET, HEAD", said
 
     asyncio.run(run())
+
+
+def test_a_method_an_address_does_not_take_names_the_one_meant(stack: Settings) -> None:
+    """A storefront developer reading a buyer's place with GET on the queue's address (where
+    POST joins) was told only "this address takes DELETE, OPTIONS, POST", and the
+    reservations' address likewise: the answer names the address that reads it."""
+
+    async def run() -> None:
+        async with TestClient(TestServer(create_app(stack))) as client:
+            for method, path, meant in (
+                ("GET", "/v1/sales/s-1/queue", "GET /v1/sales/s-1/queue/status"),
+                ("GET", "/v1/sales/s-1/reservations", "GET /v1/reservations/{id}"),
+                ("DELETE", "/v1/sales/s-1/reservations", "DELETE /v1/reservations/{id}"),
+            ):
+                answer = await client.request(method, path)
+                error = (await answer.json())["error"]
+                assert (answer.status, error["code"]) == (405, "method_not_allowed"), path
+                assert error["message"].startswith(f"{method} {path}: this address takes "), error
+                assert meant in error["message"], error
+
+    asyncio.run(run())
