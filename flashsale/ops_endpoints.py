@@ -33,6 +33,7 @@ from prometheus_client import (
     CollectorRegistry,
     Gauge,
     ProcessCollector,
+    disable_created_metrics,
     generate_latest,
     multiprocess,
 )
@@ -59,6 +60,9 @@ def build_info(registry: CollectorRegistry, service: str) -> None:
     (:func:`flashsale.event_loop.lag`); and the process's CPU and memory (``process_*``)
     where one process answers for itself (not across the processes of a multiprocess
     gateway)."""
+    # No ``_created`` series beside each counter and histogram: the gateway's processes (one
+    # folder of metrics) have none, and Prometheus would store them for nothing.
+    disable_created_metrics()  # type: ignore[no-untyped-call]
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         ProcessCollector(registry=registry)
     registry.register(event_loop.lag())

@@ -32,6 +32,20 @@ def test_a_sale_that_leaves_scope_takes_its_series_with_it() -> None:
     assert "flashsale_event_loop_lag_seconds_count" in text
 
 
+def test_no_service_says_when_each_series_was_created() -> None:
+    """The allocator, the workers and the reconciler showed a ``_created`` series beside each
+    counter and histogram (9 to 15 of them), the gateway (several processes, one folder of
+    metrics) none: the same counter read differently by service, and series Prometheus
+    stores for nothing."""
+    registry = CollectorRegistry()
+    m = ServiceMetrics(registry)
+    m.note_stock("sale-a", {"SKU-1": (5, 2)})
+    reconcile = CollectorRegistry()
+    ReconcileMetrics(reconcile)
+    for text in (generate_latest(registry).decode(), generate_latest(reconcile).decode()):
+        assert "_created" not in text, [line for line in text.splitlines() if "_created" in line]
+
+
 def _late(text: str, seconds: str) -> float:
     """The samples of the lag histogram in ``text`` later than ``seconds``."""
     pattern = r'^flashsale_event_loop_lag_seconds_bucket\{le="([^"]+)"\} (\S+)$'
