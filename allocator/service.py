@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 import os
 import socket
@@ -40,6 +41,7 @@ from allocator.settled import ScopeKeys, SettledSkus
 from allocator.stock_count import Count
 from allocator.sweeper import run_sweeper
 from flashsale.clients import RedisClient, pg_pool, redis_client
+from flashsale.heap import settle_heap
 from flashsale.kafka import producer_when_up
 from flashsale.keys import DISCOVERED, SkuKeys
 from flashsale.ops_endpoints import KafkaProbe, dependency_probes, memory_read, serve_ops
@@ -52,6 +54,9 @@ log = logging.getLogger("flashsale.allocator")
 # How long the sales an allocator last listed stay in Redis for one started while Postgres is
 # down: a day, longer than any outage worth riding out this way.
 DISCOVERED_KEPT_S = 86_400
+# After a change of the sales served: long enough for the keys, counts and schedules a new
+# sale brings to be made, before the heap is settled (flashsale/heap.py).
+SETTLE_AFTER_S = 10.0
 
 
 class AllocatorService:
@@ -79,6 +84,7 @@ class AllocatorService:
         self.holding_skus: list[SkuKeys] = []  # of the holding sales: swept and relayed
         self.sku_sets = SkuSets()  # allocator/discovery.py
         self.in_scope: list[SkuKeys] = []  # ... with the settled ones
+        self.settle_at: float | None = None  # time.monotonic() at which to settle the heap
         self.settled = SettledSkus()
         self.scope = ScopeKeys()  # the keys of each holding sale, made once
         self.holding: list[dict[str, Any]] = []  # ... as listed, to tell a change
@@ -228,7 +234,22 @@ class AllocatorService:
     async def _discover(self, queue: QueueScripts) -> None:
         """The live sales (a pump each) and the holding ones (swept and relayed), from
         Postgres. They are kept in Redis for an allocator that starts while Postgres is down:
-        it takes them from there (what it has goes on otherwise)."""
+        it takes them from there (what it has goes on otherwise). ``SETTLE_AFTER_S`` after a
+        change of either, once the keys and schedules it brings are made, the heap is settled
+        (flashsale/heap.py)."""
+        assert self.pool is not None
+        if self.settle_at is not None and time.monotonic() >= self.settle_at:
+            self.settle_at = None
+            took = settle_heap()
+            log.info("the heap settled after a change of scope: %d objects kept out of the "
+                     "garbage collector's walks (%.0f ms)", gc.get_freeze_count(),
+                     took * 1000)  # fmt: skip
+        scope, pumps = self.in_scope, set(self.pumps)
+        await self._listed(queue)
+        if self.in_scope is not scope or set(self.pumps) != pumps:
+            self.settle_at = time.monotonic() + SETTLE_AFTER_S
+
+    async def _listed(self, queue: QueueScripts) -> None:
         assert self.pool is not None
         try:
             holding = await self.sku_sets.holding(self.pool)
