@@ -7,7 +7,9 @@ collecting nothing, with the event loop held throughout. :func:`settle_heap`, ca
 the data kept has settled after a change, collects once and then freezes what survives
 (``gc.freeze``): later collections walk only what was made since. Objects frozen are still
 freed when nothing refers to them; only a cycle among them waits for the next settle, which
-unfreezes everything before it collects.
+unfreezes everything before it collects. A gateway process settles its heap once, with its
+app made and before it listens: a full walk of what it made held a spike's answers for up to
+141 ms, about half that once settled.
 """
 
 from __future__ import annotations
