@@ -478,10 +478,32 @@ def test_seconds_flags_take_a_duration_as_starts_in_does(cli: Cli, db: Db) -> No
     assert refused.code == 2 and refused.err.startswith("flashsale: error: --window: "), refused
     # A duration of nothing is judged by the field's own rule, as 0 is: it was "must be
     # longer than 0s" of a window whose least is 5 s
-    for typed in ("0", "0s"):
+    for typed, got in (("0", "0"), ("0s", "0s (0 seconds)")):
         refused = cli("sale", "update", sale_id, "--window", typed)
-        said = "flashsale: error: --window: must be a number of seconds from 5 to 3600, got 0"
+        said = f"flashsale: error: --window: must be a number of seconds from 5 to 3600, got {got}"
         assert (refused.code, refused.err.strip()) == (2, said), refused
+
+
+def test_a_duration_refused_is_shown_as_typed(cli: Cli) -> None:
+    """`--window 3h` was refused with "got 10800", and `sale update --ends-in 1m` with a moment:
+    figures nobody typed. Each flag that takes a duration, on each command that has it, shows
+    what was typed and what it came to."""
+    flags = ["--name", "Long", "--sku", "A", "--stock", "5", "--price", "100",
+             "--currency", "EUR", "--starts-in", "1h"]  # fmt: skip
+    made = cli("sale", "create", *flags)
+    assert made.code == 0, made.err
+    sale_id = made.out.strip()
+    for command, flag, got in (
+        (("create", *flags, "--window", "3h"), "--window", r"3h \(10800 seconds\)"),
+        (("update", sale_id, "--window", "3h"), "--window", r"3h \(10800 seconds\)"),
+        (("create", *flags, "--ttl", "2d"), "--ttl", r"2d \(172800 seconds\)"),
+        (("update-sku", sale_id, "A", "--ttl", "2d"), "--ttl", r"2d \(172800 seconds\)"),
+        # the end a duration names, refused for being before the start
+        (("update", sale_id, "--ends-in", "1m"), "--ends-in", r"1m \(\d{4}-[\d-]+T[\d:]+Z\)"),
+    ):
+        refused = cli("sale", *command)
+        assert refused.code == 2 and refused.err.startswith(f"flashsale: error: {flag}: "), refused
+        assert re.search(f"got {got}$", refused.err.strip()), refused.err
 
 
 def test_create_takes_every_setting_update_takes(cli: Cli) -> None:

@@ -216,7 +216,24 @@ def as_typed(exc: InvalidInput, parser: argparse.ArgumentParser,
     # never has ("name" may be a word).
     others = {field: flag for field, flag in _sale_names(args).items() if "_" in field}
     message = _named_as_typed(exc.message.removeprefix(f"{exc.field}: "), others)
-    return InvalidInput(typed, message, code=exc.code)
+    return InvalidInput(typed, _duration_as_typed(message, exc.field, args), code=exc.code)
+
+
+def _duration_as_typed(message: str, field: str, args: argparse.Namespace) -> str:
+    """``message`` of a field set from a duration as typed (``--window 3h``, ``--ends-in
+    1m``), the "got" the field judged said with what was typed: "got 3h (10800 seconds)",
+    "got 1m (2026-12-07T13:05:23Z)"."""
+    flag = _sale_names(args).get(field, "")
+    value = getattr(args, flag[2:].replace("-", "_"), None) if flag else None
+    if not isinstance(value, str):
+        return message
+    if flag in ("--starts-in", "--ends-in"):
+        unit = ""
+    elif field.rpartition(".")[2] in IN_SECONDS and in_seconds(flag, value) != value:
+        unit = " seconds"
+    else:
+        return message
+    return re.sub(r"got '?([^' ]+)'?\Z", lambda m: f"got {value} ({m[1]}{unit})", message)
 
 
 def started_as_typed(exc: Conflict, args: argparse.Namespace) -> Conflict:
