@@ -166,9 +166,28 @@ class Conflict(FlashsaleError):
     http_status = 409
 
 
+SOLD_OUT_FOR_NOW = ("sold out for now: units other buyers hold may come back; try again with "
+                    "a new Idempotency-Key while your turn lasts")  # fmt: skip
+
+
+class SoldOut(Conflict):
+    """No unit for a reservation. ``holds_pending``: other buyers hold units, which come back
+    when a hold expires, is cancelled or fails its payment, so a request with a new
+    Idempotency-Key may yet be granted while the turn lasts; without, sold out for good."""
+
+    code = "sold_out"
+
+    def __init__(self, holds_pending: bool) -> None:
+        super().__init__(SOLD_OUT_FOR_NOW if holds_pending else "sold out")
+        self.holds_pending = holds_pending
+
+    def details(self) -> dict[str, object]:
+        return {"holds_pending": self.holds_pending}
+
+
 class NotEnoughLeft(Conflict):
     """Fewer units left than a reservation asked for: a smaller request may be granted.
-    ``left`` is how many the decision found."""
+    ``left`` is how many the decision found; ``holds_pending`` as for :class:`SoldOut`."""
 
     code = "not_enough_left"
 
@@ -177,9 +196,10 @@ class NotEnoughLeft(Conflict):
         super().__init__(f"only {left} left: ask for {left} or fewer, with a new "
                          f"Idempotency-Key, while your turn lasts{back}")  # fmt: skip
         self.left = left
+        self.holds_pending = holds_pending
 
     def details(self) -> dict[str, object]:
-        return {"field": "quantity", "left": self.left}
+        return {"field": "quantity", "left": self.left, "holds_pending": self.holds_pending}
 
 
 class RateLimited(FlashsaleError):

@@ -33,6 +33,12 @@ ERROR: dict[str, Any] = {
                     "type": "integer",
                     "description": "not_enough_left: the units left, fewer than asked",
                 },
+                "holds_pending": {
+                    "type": "boolean",
+                    "description": "sold_out, not_enough_left: true while units other buyers "
+                    "hold may come back (ask again with a new Idempotency-Key while the turn "
+                    "lasts); false: none can",
+                },
             },
         }
     },

@@ -27,6 +27,7 @@ from flashsale.errors import (
     NotEnoughLeft,
     NotFound,
     RateLimited,
+    SoldOut,
     Unavailable,
     refused_value,
     shown,
@@ -55,7 +56,6 @@ MAX_PAYMENT_TOKEN = 200
 
 # Refusals of the reserve script, as HTTP answers.
 REFUSALS: dict[str, tuple[type[FlashsaleError], str, str]] = {
-    "sold_out": (Conflict, "sold_out", "sold out"),
     "limit_exceeded": (Conflict, "limit_exceeded", "per-buyer limit reached for this SKU"),
     "idempotency_mismatch": (
         InvalidInput, "idempotency_mismatch", "this Idempotency-Key was used for another request"
@@ -73,17 +73,11 @@ REFUSALS: dict[str, tuple[type[FlashsaleError], str, str]] = {
 REMEMBERED = frozenset({"sold_out", "limit_exceeded", "invalid_quantity"})
 
 
-# A SKU sold out while other buyers hold units: a hold that expires, is cancelled or fails its
-# payment gives its units back, and a refusal leaves the admission to another request.
-SOLD_OUT_FOR_NOW = ("sold out for now: units other buyers hold may come back; try again with "
-                    "a new Idempotency-Key while your turn lasts")  # fmt: skip
-
-
 def _refuse(outcome: str, holds_pending: bool = False, left: int | None = None) -> FlashsaleError:
     if outcome == "sold_out" and left:  # fewer than asked: a smaller request may be granted
         return NotEnoughLeft(left, holds_pending)
-    if outcome == "sold_out" and holds_pending:
-        return Conflict(SOLD_OUT_FOR_NOW, code="sold_out")
+    if outcome == "sold_out":
+        return SoldOut(holds_pending)
     kind, code, message = REFUSALS.get(outcome, (Unavailable, "unavailable", outcome))
     if kind is InvalidInput:
         field = "Idempotency-Key" if code == "idempotency_mismatch" else "quantity"

@@ -3,11 +3,13 @@ would send them.
 
 Each buyer joins the queue, polls its status at the server's ``retry_after_ms`` (capped, so
 a demo does not idle), reserves once admitted, and ends with a definitive answer: a
-reservation or ``sold_out`` (or an error, counted). 429 and 503 answers are retried after
-their ``Retry-After``, and a request whose connection failed is sent again after a short,
-growing pause, as a storefront would (a join and a status read are safe to repeat, a
-reservation carries its ``Idempotency-Key``), until the buyer's patience runs out. Latencies
-are kept per route. Requests go through the small
+reservation or ``sold_out`` (or an error, counted). A reservation refused sold out for now
+(``holds_pending``: units other buyers hold may come back) is asked again each second while
+the turn lasts, as the page offers: ``sold_out`` is definitive once for good or the turn
+over. 429 and 503 answers are retried after their ``Retry-After``, and a request whose
+connection failed is sent again after a short, growing pause, as a storefront would (a join
+and a status read are safe to repeat, a reservation carries its ``Idempotency-Key``), until
+the buyer's patience runs out. Latencies are kept per route. Requests go through the small
 keep-alive client of :mod:`loadtest.http_client`: the driver shares the machine with the engine.
 
 An admitted buyer reserves where the status answer's ``reserve_url`` says (the gateway's
@@ -37,6 +39,8 @@ from flashsale.tokens import unverified_claims
 from loadtest.http_client import Client, HttpError, Response
 
 Plan = Literal["buy", "no_show", "abandon"]
+# An admitted buyer told "sold out for now" tries again this long after, while the turn lasts.
+AGAIN_S = 1.0
 
 
 class Person(NamedTuple):
@@ -214,20 +218,28 @@ class Buyers:
         url = body.get("reserve_url")
         target, path = self._reserve_at(url)
         self.stats.reserved_via["listener" if url else "gateway"] += 1
-        status, body = await self._call(
-            target, "reserve", "POST", path, fallback=self._reserve_at(None) if url else None,
-            headers={**auth, "X-Admission-Token": body["admission_token"],
-                     "Idempotency-Key": uuid.uuid4().hex},
-            body={"sku": self.sku, "quantity": 1, "payment_token": payment_token},
-            deadline=deadline,
-        )  # fmt: skip
-        if status == 201:
-            self.stats.reservations.append(body["reservation_id"])
-            self.stats.reserved_at.append(time.monotonic())
-            return "reserved"
-        if status == 409 and body["error"]["code"] == "sold_out":
-            return "sold_out"
-        return f"error:reserve:{status}:{body.get('error', {}).get('code')}"
+        admission = body["admission_token"]
+        turn_ends = time.monotonic() + body.get("admission_expires_in_ms", 0) / 1000
+        while True:
+            status, body = await self._call(
+                target, "reserve", "POST", path, fallback=self._reserve_at(None) if url else None,
+                headers={**auth, "X-Admission-Token": admission,
+                         "Idempotency-Key": uuid.uuid4().hex},
+                body={"sku": self.sku, "quantity": 1, "payment_token": payment_token},
+                deadline=deadline,
+            )  # fmt: skip
+            if status == 201:
+                self.stats.reservations.append(body["reservation_id"])
+                self.stats.reserved_at.append(time.monotonic())
+                return "reserved"
+            if status != 409 or body["error"]["code"] != "sold_out":
+                return f"error:reserve:{status}:{body.get('error', {}).get('code')}"
+            # Sold out for now (units others hold may come back): tried again while the turn
+            # lasts, as the page offers; the answer is definitive once for good, or the turn over.
+            if not body["error"].get("holds_pending") or \
+                    time.monotonic() + AGAIN_S + 0.5 > min(turn_ends, deadline):  # fmt: skip
+                return "sold_out"
+            await asyncio.sleep(AGAIN_S)
 
     def _reserve_at(self, url: str | None) -> tuple[Client, str]:
         """The client (used on the reservations loop only) and path of a reservation:

@@ -1,15 +1,21 @@
 """What a spike needs of the engine before any buyer is sent: that something answers at the
-host, and that it takes the admin token (the spike makes its sale and reads its audit through
-the admin API). Each failure is one line, :class:`CannotStart`, which the CLI prints as its
-error and the locustfile logs before it stops the run with exit code 1. Plain ``requests``:
-the locustfile runs under gevent, the CLI calls it from a thread."""
+host, that it takes the admin token (the spike makes its sale and reads its audit through
+the admin API), and its buyers' tokens, signed with the buyer-token secret. Each failure is
+one line, :class:`CannotStart`, which the CLI prints as its error and the locustfile logs
+before it stops the run with exit code 1. Plain ``requests``: the locustfile runs under
+gevent, the CLI calls it from a thread."""
 
 from __future__ import annotations
 
+import os
 import ssl
+import uuid
 from typing import Any
 
 import requests
+
+from flashsale.settings import Secret
+from flashsale.tokens import Signer
 
 TIMEOUT_S = 30
 
@@ -55,13 +61,19 @@ def _tls_refusal(exc: BaseException) -> str:
     return f"TLS failed: {exc}"
 
 
-def error_of(answer: Any) -> dict[str, str]:
-    """An error answer's ``{"code", "message"}``; empty for one that carries none."""
+def error_of(answer: Any) -> dict[str, Any]:
+    """An error answer's ``{"code", "message", ...}`` (``holds_pending``, ``field``, ... as it
+    carries them); empty for one that carries none."""
     try:
         error = answer.json()["error"]
-        return {"code": str(error["code"]), "message": str(error["message"])}
+        return {**error, "code": str(error["code"]), "message": str(error["message"])}
     except (ValueError, KeyError, TypeError):
         return {}
+
+
+def admin_token() -> str:
+    """The admin token to send: the first of a rotation's (as the engine's own tools)."""
+    return Secret(os.environ.get("FLASHSALE_ADMIN_TOKEN", "")).current()
 
 
 def admin_headers(token: str) -> dict[str, str]:
@@ -78,3 +90,16 @@ def check_engine(host: str, admin_token: str) -> None:
         raise CannotStart(f"the engine at {host} refuses FLASHSALE_ADMIN_TOKEN (401)")
     if answer.status_code == 404:
         raise CannotStart(f"{host} is not the engine's gateway: GET /admin/v1/sales answered 404")
+
+
+NO_SECRET = "FLASHSALE_BUYER_TOKEN_SECRET is not set: buyers need signed tokens"  # noqa: S105
+
+
+def mint_buyers(count: int) -> list[str]:
+    """``count`` buyer tokens of new buyers, signed as a storefront signs them (2 h)."""
+    secret = os.environ.get("FLASHSALE_BUYER_TOKEN_SECRET", "")
+    if not secret:
+        raise CannotStart(NO_SECRET)
+    signer = Signer.from_setting(secret, "buyer")
+    run = uuid.uuid4().hex[:8]
+    return [signer.sign({"sub": f"spike-{run}-{i}"}, 7200) for i in range(count)]

@@ -21,12 +21,13 @@ or distributed (the master creates the sale and tells its workers)::
 * **Buyer** (``FastHttpUser``): joins (solving the sale's proof of work when it asks one),
   polls at the server's ``retry_after_ms``, reserves once admitted (at the answer's
   ``reserve_url`` when it names the reservations listener) one of the sale's products, another
-  in the same turn if that one sold out (up to three), follows the order to a final state,
-  and stops: one journey per buyer. Each
-  definitive answer (``reserved`` or ``sold_out``) is recorded as a request of type ``ANSWER``
-  whose time is the seconds since the sale opened, so the ``ANSWER`` rows' maximum (in the
-  stats, the CSV and the HTML report, aggregated over workers) is the time until every buyer
-  had an answer.
+  in the same turn if that one sold out (up to three; those sold out *for now*, while units
+  other buyers hold may come back, are tried again each second until the turn ends, as the
+  page offers), follows the order to a final state, and stops: one journey per buyer. Each
+  definitive answer (``reserved``, or ``sold_out`` for good or for the whole turn) is
+  recorded as a request of type ``ANSWER`` whose time is the seconds since the sale opened,
+  so the ``ANSWER`` rows' maximum (in the stats, the CSV and the HTML report, aggregated over
+  workers) is the time until every buyer had an answer.
 * **SpikeShape**: ramps from 0 to ``--buyers`` in ``--ramp`` seconds, holds ``--hold`` more,
   then lets the last buyers finish (at most ``--drain`` seconds) and stops.
 * **test_stop** (master or local run): waits for the pipeline to drain, runs the post-sale
@@ -52,9 +53,15 @@ from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
 
 from flashsale.proof_of_work import solution
-from flashsale.settings import Secret
-from flashsale.tokens import Signer
-from loadtest.engine_check import CannotStart, admin_headers, check_engine, error_of
+from loadtest.engine_check import (
+    NO_SECRET,
+    CannotStart,
+    admin_headers,
+    admin_token,
+    check_engine,
+    error_of,
+    mint_buyers,
+)
 from loadtest.spike_sale import SKU, existing_sale, make_sale
 from loadtest.verdict import Verdict, judge
 
@@ -66,6 +73,8 @@ logging.getLogger("locust.runners").addFilter(
 )
 
 PICKS = 3  # the products a buyer tries in one turn, each after the last sold out
+FOR_NOW = "for now"  # a product sold out while units others hold may come back (no id has a space)
+AGAIN_S = 1.0  # how long after a buyer tries again those sold out for now, while the turn lasts
 CHALLENGED = frozenset(
     {"challenge_required", "challenge_invalid", "challenge_expired", "challenge_used"}
 )
@@ -112,15 +121,6 @@ def opts(environment: Environment) -> Any:
     return environment.parsed_options
 
 
-def _admin_token() -> str:
-    """The admin token to send: the first of a rotation's (as the engine's own tools)."""
-    return Secret(os.environ.get("FLASHSALE_ADMIN_TOKEN", "")).current()
-
-
-def _admin() -> dict[str, str]:
-    return admin_headers(_admin_token())
-
-
 NO_HOST = "--host is not given: the engine's gateway, e.g. http://127.0.0.1:8080"
 
 
@@ -128,18 +128,6 @@ def _host(environment: Environment) -> str:
     if not environment.host:
         raise CannotStart(NO_HOST)
     return environment.host
-
-
-NO_SECRET = "FLASHSALE_BUYER_TOKEN_SECRET is not set: buyers need signed tokens"  # noqa: S105
-
-
-def _mint(count: int) -> list[str]:
-    secret = os.environ.get("FLASHSALE_BUYER_TOKEN_SECRET", "")
-    if not secret:
-        raise CannotStart(NO_SECRET)
-    signer = Signer.from_setting(secret, "buyer")
-    run = uuid.uuid4().hex[:8]
-    return [signer.sign({"sub": f"spike-{run}-{i}"}, 7200) for i in range(count)]
 
 
 def _set_sale(data: dict[str, Any]) -> None:
@@ -184,7 +172,7 @@ def _start(environment: Environment) -> None:
     options = opts(environment)
     Spike.started_at = time.time()
     if not isinstance(environment.runner, WorkerRunner):
-        host, token = _host(environment), _admin_token()
+        host, token = _host(environment), admin_token()
         check_engine(host, token)
         sale = (existing_sale(host, token, options.sale) if options.sale else
                 make_sale(host, token, options.buyers, options.stock, options.buckets))  # fmt: skip
@@ -194,7 +182,7 @@ def _start(environment: Environment) -> None:
         if isinstance(environment.runner, MasterRunner):
             environment.runner.send_message("flashsale_sale", sale)
     if not isinstance(environment.runner, MasterRunner):
-        Spike.tokens = _mint(options.buyers)  # a worker mints enough for any share it gets
+        Spike.tokens = mint_buyers(options.buyers)  # a worker mints enough for any share it gets
 
 
 class Buyer(FastHttpUser):
@@ -207,7 +195,7 @@ class Buyer(FastHttpUser):
 
     def on_start(self) -> None:
         with Spike.lock:
-            self.token = Spike.tokens.pop() if Spike.tokens else _mint(1)[0]
+            self.token = Spike.tokens.pop() if Spike.tokens else mint_buyers(1)[0]
         self.auth: dict[str, str] = {"Authorization": f"Bearer {self.token}"}
 
     def _answer(self, outcome: str) -> None:
@@ -248,15 +236,28 @@ class Buyer(FastHttpUser):
             return
         # Where the admitted answer says (the reservations listener), else this gateway.
         url = body.get("reserve_url") or f"/v1/sales/{sale}/reservations"
-        for sku in random.sample(Spike.skus, min(PICKS, len(Spike.skus))):
-            reservation = self._reserve(url, sku, str(body["admission_token"]))
-            if reservation is None:  # a failure, recorded
-                return
-            if reservation:
-                self._answer("reserved")
-                self._follow(reservation)
-                return
-        self._answer("sold_out")  # each product tried was
+        admission = str(body["admission_token"])
+        turn_ends = time.time() + body.get("admission_expires_in_ms", 0) / 1000
+        picks = random.sample(Spike.skus, min(PICKS, len(Spike.skus)))
+        while picks:
+            later = []
+            for sku in picks:
+                reservation = self._reserve(url, sku, admission)
+                if reservation is None:  # a failure, recorded
+                    return
+                if reservation == FOR_NOW:
+                    later.append(sku)
+                elif reservation:
+                    self._answer("reserved")
+                    self._follow(reservation)
+                    return
+            # Those sold out for now are tried again while the turn lasts, as the page offers.
+            if time.time() + AGAIN_S + 0.5 > turn_ends:
+                break
+            picks = later
+            if picks:
+                time.sleep(AGAIN_S)
+        self._answer("sold_out")  # each product tried was, for good or for the whole turn
 
     def _join(self, sale: str) -> dict[str, Any] | None:
         """Join, with the sale's proof of work solved when it asks one (at the start, or since:
@@ -285,8 +286,9 @@ class Buyer(FastHttpUser):
                 "X-Challenge-Solution": solution(challenge, int(offer["difficulty"]))}  # fmt: skip
 
     def _reserve(self, url: str, sku: str, admission: str) -> str | None:
-        """One product reserved: its reservation id, "" when it sold out (the admission stays
-        the buyer's for another), None after a failure, recorded."""
+        """One product reserved: its reservation id, "" when it sold out, FOR_NOW when for now
+        (units others hold may come back; the admission stays the buyer's either way), None
+        after a failure, recorded."""
         payment = "tok_decline" if random.random() < 0.1 else "tok_visa"  # noqa: S311
         # One key for every try: a retry after an answer that was lost gets that answer.
         headers = {**self.auth, "X-Admission-Token": admission,
@@ -301,9 +303,10 @@ class Buyer(FastHttpUser):
                 if response.status_code == 201:
                     response.success()
                     return str(response.json()["reservation_id"])
-                if response.status_code == 409 and error_of(response).get("code") == "sold_out":
+                refused = error_of(response) if response.status_code == 409 else {}
+                if refused.get("code") == "sold_out":
                     response.success()
-                    return ""
+                    return FOR_NOW if refused.get("holds_pending") else ""
                 response.failure(f"reserve answered {response.status_code}: {response.text}")
                 return None
 
@@ -386,16 +389,16 @@ def _on_test_stop(environment: Environment, **_kwargs: Any) -> None:
 
 def _verdict(environment: Environment, sale_id: str) -> Verdict:
     """Drain, audit, and judge the run (:func:`loadtest.verdict.judge`)."""
-    host, options = environment.host, opts(environment)
+    host, options, admin = environment.host, opts(environment), admin_headers(admin_token())
     deadline = time.time() + 120
     while True:  # the audit needs the pipeline drained; until then it says so
         response = requests.get(f"{host}/admin/v1/sales/{sale_id}/audit",
-                                headers=_admin(), timeout=60)  # fmt: skip
+                                headers=admin, timeout=60)  # fmt: skip
         audit = response.json() if response.status_code == 200 else {}
         if audit.get("passed") or audit.get("facts", {}).get("drained") or time.time() > deadline:
             break
         time.sleep(1)
-    status = requests.get(f"{host}/admin/v1/sales/{sale_id}", headers=_admin(),
+    status = requests.get(f"{host}/admin/v1/sales/{sale_id}", headers=admin,
                           timeout=30).json()  # fmt: skip
     skus = status.get("skus", [])
     answers = [e for (_, kind), e in environment.stats.entries.items() if kind == "ANSWER"]

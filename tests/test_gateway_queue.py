@@ -445,6 +445,37 @@ async def test_the_driver_reserves_for_a_buyer_whose_join_is_already_admitted(
         await driver.aclose()
 
 
+async def test_the_driver_tries_again_while_units_may_come_back(gw: Gateway) -> None:
+    """An admitted buyer told "sold out for now" (another buyer's hold may give its unit back)
+    was counted as answered, sold out, though the page offers them a retry for the rest of
+    their turn: the demo's "every buyer had a definitive answer" included answers that were
+    not. The driver's buyer tries again, as a person would, and gets the unit that came back."""
+    skus = [{"sku": "SKU-1", "title": "One", "stock": 1, "price": 12900, "currency": "EUR"}]
+    sale, _, _ = await _second_in_line(gw, skus)
+    [held] = await gw.app[CLIENTS].redis.hkeys(SkuKeys(sale, "SKU-1").holds)
+    host, port = gw.http.server.host, gw.http.server.port
+    assert port is not None
+    driver = Buyers(f"http://{host}:{port}", sale, "SKU-1")
+    client = Client(host, port)
+
+    async def give_back() -> None:  # once the buyer was refused: the rival cancels
+        async with asyncio.timeout(30):
+            while not driver.stats.latencies.get("reserve"):  # noqa: ASYNC110 (the driver's)
+                await asyncio.sleep(0.02)
+        cancelled = await gw.http.delete(f"/v1/reservations/{held.decode()}",
+                                         headers=auth(gw.token("first")))  # fmt: skip
+        assert cancelled.status == 200, await cancelled.text()
+
+    try:
+        rival = asyncio.ensure_future(give_back())
+        assert await driver.journey(client, gw.token("second"), "tok_visa") == "reserved"
+        await rival
+        assert len(driver.stats.latencies["reserve"]) >= 2  # refused, then granted
+    finally:
+        await client.aclose()
+        await driver.aclose()
+
+
 async def test_a_replayed_reservation_answers_with_its_state_now(gw: Gateway) -> None:
     """The buyer cancelled, then their client sent the original request again (same
     admission, key and body): the answer is the same reservation, as it stands now."""
@@ -680,6 +711,26 @@ async def _second_in_line(
     return sale, tickets, (await gw.admitted(sale, tickets["second"]))["admission_token"]
 
 
+async def test_a_sold_out_refusal_says_whether_units_may_come_back(gw: Gateway) -> None:
+    """A storefront could tell "sold out for now" (units held by other buyers may come back
+    while the turn lasts: try again) from "sold out" for good only by the English of the
+    message. The refusal says it as ``holds_pending``, as the allocator decided it."""
+    skus = [{"sku": "SKU-1", "title": "One", "stock": 1, "price": 12900, "currency": "EUR"}]
+    sale, _, token = await _second_in_line(gw, skus)
+    one = {"sku": "SKU-1", "quantity": 1, "payment_token": "tok_ok"}
+    code, refused = await gw.reserve(sale, "second", token, key="a", body=one)
+    assert (code, refused["error"]["code"]) == (409, "sold_out"), refused
+    assert refused["error"]["holds_pending"] is True, refused
+    scripts, keys = HoldScripts(gw.app[CLIENTS].redis), SkuKeys(sale, "SKU-1")
+    [held] = [key for key in await gw.app[CLIENTS].redis.hkeys(keys.holds)]
+    await scripts.begin_payment(keys, held)
+    await scripts.confirm(keys, held)
+    code, refused = await gw.reserve(sale, "second", token, key="b", body=one)
+    assert (code, refused["error"]["code"]) == (409, "sold_out"), refused
+    assert refused["error"]["holds_pending"] is False, refused
+    assert "may come back" not in refused["error"]["message"]
+
+
 async def test_a_refused_request_leaves_the_admission_to_another_one(gw: Gateway) -> None:
     """A buyer admitted to a sale of two products asked for the one that had just sold out:
     409 sold_out, and their admission counted as used. The other product, in stock, then
@@ -693,6 +744,7 @@ async def test_a_refused_request_leaves_the_admission_to_another_one(gw: Gateway
     code, refused = await gw.reserve(sale, "second", token, key="a", body=one)
     assert (code, refused["error"]["code"]) == (409, "sold_out"), refused
     assert "may come back" in refused["error"]["message"]  # the first buyer's hold is live
+    assert refused["error"]["holds_pending"] is True  # said for a program, too
     code, status = await gw.status(sale, tickets["second"])
     assert status["state"] == "admitted" and "reserved" not in status, status
     assert status["admission_token"]  # the turn goes on
