@@ -394,6 +394,30 @@ def test_a_keyboard_opens_a_sale_and_back_returns_to_the_list(
         assert not page.is_visible("#list") and not page.is_visible("#login")
 
 
+def test_a_keyboard_hides_and_shows_a_charts_line(stack: Settings, browser: Browser) -> None:
+    """The queue chart's legend hides a line ("admitted", "waiting") when clicked; a keyboard
+    could not reach its entries (no Tab stop) and a screen reader heard nothing of them being
+    switches, or of their state."""
+    with live_page(stack, browser, "Charted drop") as live:
+        page = live.page
+        _open(live)
+        page.wait_for_selector("#sale-title:has-text('Charted drop')", timeout=10_000)
+        entry = "#chart-queue .u-legend .u-series:has-text('waiting')"
+        page.wait_for_selector(entry, timeout=10_000)
+        assert page.eval_on_selector(entry, FOCUSED), "the legend's entry takes no focus"
+        said = "e => [e.getAttribute('role'), e.getAttribute('aria-pressed')]"
+        assert page.eval_on_selector(entry, said) == ["button", "true"]
+        page.keyboard.press("Enter")
+        expect(page.locator(entry)).to_have_class(re.compile(r"\bu-off\b"))
+        assert page.eval_on_selector(entry, said) == ["button", "false"]
+        page.keyboard.press("Space")
+        expect(page.locator(entry)).not_to_have_class(re.compile(r"\bu-off\b"))
+        assert page.eval_on_selector(entry, said) == ["button", "true"]
+        # the x row (the time under the cursor) is no switch
+        time_row = "#chart-queue .u-legend .u-series >> nth=0"
+        assert page.eval_on_selector(time_row, "e => e.tabIndex") == -1
+
+
 def test_the_lists_refresh_keeps_a_keyboards_place(stack: Settings, browser: Browser) -> None:
     """The list of sales is read again every 5 s, and each read put new links in place of the
     old ones: a keyboard on a sale's link was sent back to the top of the page, on nothing,
