@@ -10,17 +10,23 @@ A Redis timeout or lost connection leaves the outcome unknown: the whole batch i
 the same items. Only batched calls that are idempotent per item may use this (``reserve`` by
 idempotency key, ``join`` by buyer), so an item decided before the timeout is replayed, never
 applied twice.
+
+:class:`PackedCalls` sends the packed commands of the callers of one turn of the loop together,
+each call its own replies: nothing is retried there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Hashable, Iterable
-from typing import Generic, Protocol, TypeVar
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
+from typing import Any, Generic, Protocol, TypeVar
 
 import redis.exceptions
+from redis.commands.core import AsyncScript
 
+from allocator.redis_calls import Command, send_packed
+from flashsale.clients import RedisClient
 from flashsale.errors import Overloaded, Unavailable
 
 log = logging.getLogger("flashsale.allocator")
@@ -165,3 +171,51 @@ class PerKey(Generic[Key, Member]):
 
     async def aclose(self) -> None:
         await asyncio.gather(*(member.aclose() for member in self._members.values()))
+
+
+class PackedCalls:
+    """Packed commands of concurrent callers sent together: every call made in one turn of the
+    loop goes in one write per node and comes back in one read. The admission pumps of many
+    sales tick at the same moments; each tick's three round trips (lease, read, step) cost the
+    allocator more in redis-py's machinery than in what they carry, about 0.8 ms of CPU per
+    idle sale a second. A call's replies are its own; an error answer among them is raised
+    to it alone, a failed connection to every call of the turn (as it would have been)."""
+
+    def __init__(self, client: RedisClient, script: AsyncScript | None = None) -> None:
+        self.client, self.script = client, script
+        self._waiting: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]] = []
+        self._sending: set[asyncio.Task[None]] = set()
+
+    async def send(self, commands: Sequence[Command]) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Any]] = loop.create_future()
+        if not self._waiting:
+            loop.call_soon(self._flush)
+        self._waiting.append((commands, future))
+        replies = await future
+        for reply in replies:
+            if isinstance(reply, redis.exceptions.ResponseError):
+                raise reply
+        return replies
+
+    def _flush(self) -> None:
+        batch, self._waiting = self._waiting, []
+        task = asyncio.get_running_loop().create_task(self._send(batch))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]]) -> None:
+        flat = [command for commands, _ in batch for command in commands]
+        try:
+            replies = await send_packed(self.client, flat, script=self.script,
+                                        raise_on_error=False)  # fmt: skip
+        except BaseException as exc:
+            _fail((future for _, future in batch), exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        at = 0
+        for commands, future in batch:
+            if not future.done():
+                future.set_result(replies[at : at + len(commands)])
+            at += len(commands)

@@ -14,7 +14,7 @@ from typing import Literal
 
 from redis.commands.core import AsyncScript
 
-from allocator.batching import Coalescer, PerKey
+from allocator.batching import Coalescer, PackedCalls, PerKey
 from allocator.queue_view import QUEUE_FIELDS, ROOM_SALE_FIELDS, QueueView, Step
 from allocator.rate_limits import NO_LIMITS, RateKeys, rate_columns
 from allocator.redis_calls import Command, call_packed, lua_script, read_packed
@@ -27,6 +27,7 @@ from flashsale.records import ClaimMember, integer, text
 MAX_JOIN_BATCH = 256  # Lua's unpack() of ARGV stays far below its stack limit
 # SKUs a snapshot reads and parses in one stretch of the loop (see QueueScripts.snapshot).
 SKUS_AT_ONCE = 1000
+SHARED_READ = 64  # commands of a snapshot read sent with those of the same turn of the loop
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +72,10 @@ class QueueScripts:
         self._advance: AsyncScript = lua_script(client, "advance")
         self._assign: AsyncScript = lua_script(client, "assign")
         self.buckets = BucketScripts(client)  # the reads of SKUs in stock buckets
+        # The pumps' leases, reads and steps: those of the sales ticking at once go together.
+        self._leases = PackedCalls(client, self._lease)
+        self._steps = PackedCalls(client, self._advance)
+        self._reads = PackedCalls(client)
 
     async def join(
         self, keys: SaleKeys, buyer_ids: list[str], limits: Sequence[RateKeys] | None = None
@@ -123,9 +128,9 @@ class QueueScripts:
 
     async def acquire(self, keys: SaleKeys, owner: str, ttl_ms: int) -> int:
         """The fencing token of ``owner``'s lease (acquired or renewed); 0 if held by another."""
-        return int(
-            await self._lease(keys=[keys.lease, keys.fence], args=[owner, ttl_ms, "acquire"])
-        )
+        command = ("EVALSHA", self._lease.sha, 2, keys.lease, keys.fence, owner, ttl_ms, "acquire")
+        [token] = await self._leases.send([command])
+        return int(token)
 
     async def release(self, keys: SaleKeys, owner: str) -> bool:
         return bool(await self._lease(keys=[keys.lease, keys.fence], args=[owner, 0, "release"]))
@@ -145,7 +150,8 @@ class QueueScripts:
         args: list[str | int] = [token, serving, -1 if cutoff is None else cutoff, int(sold_out)]
         for name, value in published.items():
             args += [name, value]
-        raw = await self._advance(keys=[keys.sale, keys.queue, keys.steps, keys.fence], args=args)
+        [raw] = await self._steps.send([("EVALSHA", self._advance.sha, 4, keys.sale, keys.queue,
+                                         keys.steps, keys.fence, *args)])  # fmt: skip
         if int(raw[0]) == -2:
             raise QueueLost(f"the waiting room of {keys.sale_id} is not live in Redis")
         if int(raw[0]) < 0:
@@ -192,7 +198,11 @@ class QueueScripts:
             commands.append(("ZCOUNT", keys.claims, 1, claims_through) if claims_through > 0
                             else ("ECHO", "0"))  # fmt: skip
         plain = [sku for sku in skus if sku.buckets == 1]
-        replies = iter(await read_packed(self.client, commands + _counters(plain[:SKUS_AT_ONCE])))
+        commands += _counters(plain[:SKUS_AT_ONCE])
+        # A small read goes with the other sales' of the same moment (the pumps' ticks).
+        small = len(commands) <= SHARED_READ
+        replies = iter(await (self._reads.send(commands) if small else
+                              read_packed(self.client, commands)))  # fmt: skip
         snap = RoomSnapshot(QueueView.parse(next(replies), next(replies)))
         if steps_after is not None:
             snap.steps = [Step.parse(member) for member in next(replies)]
