@@ -339,42 +339,40 @@ class AllocatorService:
 
     async def _tick(self, pump: AdmissionPump) -> None:
         m, sale = self.metrics, pump.sale_id
+        s = m.of(sale)
         try:
             step = await pump.tick()
         except Exception as exc:  # noqa: BLE001 - the next tick tries again
-            m.errors.labels(sale).inc()
+            s.errors.inc()
             log_failure(log, f"pump for {sale} failed a tick", exc)
             return
-        m.leader.labels(sale).set(1 if pump.token else 0)
+        s.leader.set(1 if pump.token else 0)
         # A sold-out sale has nothing left to admit or give back (no unit is held), and a sale
         # nobody waits in, away from its opening, has nobody to admit: their pumps only keep
         # their leases, every ``idle_tick_s`` (under the lease's TTL).
         quiet = (step is not None and step.sold_out) or not pump.busy
         pump.next_tick = time.monotonic() + (self.idle_tick_s if quiet else 0.0)
         if step is None:  # not the leader, or the sale ended: the leader says who waits, if any
-            m.waiting.labels(sale).set(0)
-            m.pre_queue.labels(sale).set(0)
-            m.stranded.labels(sale).set(0)
-            m.full.labels(sale).set(0)
+            for gauge in (s.waiting, s.pre_queue, s.stranded, s.full):
+                gauge.set(0)
             return
         if step.admitted:
-            m.admitted.labels(sale).inc(step.admitted)
-        m.serving.labels(sale).set(step.serving)
-        m.tail.labels(sale).set(pump.tail)
-        m.cutoff.labels(sale).set(step.cutoff if step.cutoff is not None else -1)
-        m.waiting.labels(sale).set(still_waiting(pump.tail, step.serving, step.cutoff,
-                                                 step.sold_out))  # fmt: skip
+            s.admitted.inc(step.admitted)
+        s.serving.set(step.serving)
+        s.tail.set(pump.tail)
+        s.cutoff.set(step.cutoff if step.cutoff is not None else -1)
+        s.waiting.set(still_waiting(pump.tail, step.serving, step.cutoff, step.sold_out))
         if pump.view is not None:
-            m.pre_queue.labels(sale).set(pump.view.pre)
+            s.pre_queue.set(pump.view.pre)
             now_ms = int(time.time() * 1000)
-            m.stranded.labels(sale).set(pump.view.stranded(now_ms))
-            m.full.labels(sale).set(1 if pump.view.full(now_ms) else 0)
-        m.outstanding.labels(sale).set(pump.outstanding)
-        m.noshow.labels(sale).set(pump.noshow)
+            s.stranded.set(pump.view.stranded(now_ms))
+            s.full.set(1 if pump.view.full(now_ms) else 0)
+        s.outstanding.set(pump.outstanding)
+        s.noshow.set(pump.noshow)
         if pump.count is not self.noted.get(sale):  # a sale slow to count is counted less often
             self.noted[sale] = pump.count
             m.note_stock(sale, pump.stock)
-        m.sold_out.labels(sale).set(1 if step.sold_out else 0)
+        s.sold_out.set(1 if step.sold_out else 0)
 
     async def _serve_ops(self, host: str, port: int, kafka: KafkaProbe) -> web.AppRunner:
         redis, pool = self.redis, self.pool

@@ -7,7 +7,7 @@ import asyncio
 import re
 import time
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from allocator.service_metrics import MAX_SKU_SERIES, ServiceMetrics
 from flashsale import __version__, event_loop
@@ -30,6 +30,24 @@ def test_a_sale_that_leaves_scope_takes_its_series_with_it() -> None:
     assert 'flashsale_build_info{python="' in text and f'version="{__version__}"' in text
     assert "process_resident_memory_bytes" in text
     assert "flashsale_event_loop_lag_seconds_count" in text
+
+
+def test_every_series_of_a_sale_leaves_with_it() -> None:
+    """``flashsale_queue_full{sale}`` stayed after its sale left scope, one more series for
+    every sale the allocator ever served: each per-sale series the pumps set leaves."""
+    registry = CollectorRegistry()
+    m = ServiceMetrics(registry)
+    per_sale = [metric for metric in vars(m).values()
+                if isinstance(metric, Counter | Gauge)
+                and metric._labelnames == ("sale",)]  # fmt: skip
+    assert len(per_sale) >= 13, per_sale  # what the pumps set, and their errors
+    for metric in per_sale:
+        if isinstance(metric, Counter):
+            metric.labels("sale-a").inc()
+        else:
+            metric.labels("sale-a").set(1)
+    m.forget("sale-a")
+    assert 'sale="sale-a"' not in generate_latest(registry).decode()
 
 
 def test_no_service_says_when_each_series_was_created() -> None:
