@@ -144,7 +144,8 @@ CLUSTER_CORE := tests/test_cluster.py tests/test_reserve.py tests/test_buckets.p
 	tests/test_pipeline.py::test_reservations_become_confirmed_or_failed_orders \
 	tests/test_reconcile.py::test_audit_and_reconcile_over_the_admin_api_and_the_cli \
 	tests/test_archive.py::test_an_ended_sale_is_archived_and_still_answers_for_itself \
-	tests/test_gateway_queue.py::test_a_refused_request_leaves_the_admission_to_another_one
+	tests/test_gateway_queue.py::test_a_refused_request_leaves_the_admission_to_another_one \
+	tests/test_gateway_queue.py::test_a_hot_skus_refusal_for_now_leaves_the_admission_to_another_key
 
 pytest-cluster: $(STAMP)
 	$(call run_pytest,$(CLUSTER_ENV),$(CLUSTER_CORE))

@@ -138,6 +138,16 @@ class HoldScripts:
                        for r in results]  # fmt: skip
         return results
 
+    async def remember(self, keys: SkuKeys, request: ReserveRequest, result: ReserveResult
+                       ) -> bool:  # fmt: skip
+        """Remember the refusal ``result`` as the answer to ``request``'s key in ``keys``, as
+        the reserve script remembers a refusal in a SKU of one bucket: a replay of the request
+        is refused again, never granted. False when the key has an answer already (a replay
+        of the request was decided meanwhile, perhaps granted): nothing is written."""
+        value = f"{request.quantity}{SEP}{request.payment_ref}{RS}{result.encode()}"
+        field = idem_field(request.buyer_id, request.idempotency_key)
+        return bool(await self.client.hsetnx(keys.idem, field, value))
+
     def created(self, keys: SkuKeys, result: ReserveResult
                 ) -> tuple[HoldRecord, ReservationEvent] | None:  # fmt: skip
         """A grant's hold as it stands now and its ``reservation.created`` event as the relay

@@ -106,6 +106,8 @@ class SkuAllocator:
         for _ in range(MAX_BORROWS):
             if result.outcome != "sold_out":
                 return result
+            if result.left == 0:  # a final refusal remembered for the key (see remember)
+                return result
             lent = await self._borrow(bucket, request.quantity)
             if not lent.units and lent.outcome != "moved":
                 pending = result.holds_pending or lent.held > 0 or lent.outcome == "unavailable"
@@ -117,6 +119,16 @@ class SkuAllocator:
         if result.outcome == "sold_out":
             return ReserveResult("sold_out", holds_pending=True)
         return result
+
+    async def remember(self, request: ReserveRequest, result: ReserveResult) -> bool:
+        """Remember a final ``sold_out`` of a SKU in buckets under the request's key, in the
+        buyer's bucket, which does not remember a refusal (it says only that the bucket is
+        empty): a replay of the request is then refused again, without a borrow. A cluster
+        gateway, whose claim is made apart from the decision, frees the admission for
+        another key only then (see gateway.reservations). A replay of it is answered with
+        ``left`` 0. False when a replay of the request was decided first."""
+        keys = self.bucket_keys[self.bucket_of(request.buyer_id)]
+        return await self.scripts.remember(keys, request, replace(result, left=0))
 
     async def _borrow(self, bucket: int, wanted: int) -> Lent:
         """Units for ``bucket`` from the others, one borrow in flight per bucket: requests that

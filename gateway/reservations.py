@@ -221,9 +221,8 @@ async def reserve(request: web.Request) -> web.Response:
         await _claim(request, sale_id, claim, deadline_ms)
     allocator = app[ALLOCATORS].for_sku(sale_id, sku, limits[sku].buckets)
     fresh = allocator.new_id(buyer)
-    result = await allocator.reserve(
-        ReserveRequest(fresh, buyer, quantity, key, payment, str(position), admit)
-    )
+    asked = ReserveRequest(fresh, buyer, quantity, key, payment, str(position), admit)
+    result = await allocator.reserve(asked)
     outcome = result.outcome
     metrics.count(metrics.reservations, outcome)
     if outcome == "rate_limited":
@@ -234,10 +233,20 @@ async def reserve(request: web.Request) -> web.Response:
             request, sale_id, _claim_refused(outcome.removeprefix("admission_"))
         )
     if outcome != "reserved":
-        if not gated and outcome in REMEMBERED and limits[sku].buckets == 1:
-            # A refusal the request would be given again uses no admission up (with the gate
-            # the reserve script marks the claim itself). A bucket's sold_out is not
-            # remembered: the same request asked again may be granted, so its claim stays.
+        # A hot SKU's buckets do not remember a sold_out (it says only that one is empty): a
+        # final one is remembered for the key, as any SKU's (a replay of it has left 0),
+        # unless a replay of the request was decided meanwhile (and may hold a grant).
+        remembered = (
+            limits[sku].buckets == 1
+            or outcome != "sold_out"
+            or result.left == 0
+            or (result.left is None and await allocator.remember(asked, result))
+        )
+        if not gated and outcome in REMEMBERED and remembered:
+            # A refusal the request would be given again uses no admission up: its claim is
+            # marked refused, so another key may claim the admission while the turn lasts
+            # (with the gate the reserve script marks it itself). Marked while a replay could
+            # still be granted, the admission could buy twice.
             await app[QUEUE].refused(SaleKeys(sale_id), position, key, claim.fingerprint)
         raise await _unless_ended(
             request, sale_id, _refuse(outcome, result.holds_pending, result.left)

@@ -116,10 +116,13 @@ class Gateway:
             assert loaded.status == 200, await loaded.text()
         return sale_id
 
-    def pump(self, sale_id: str, *, interval: float = 0.02, owner: str = "test") -> AdmissionPump:
-        """Start ticking an admission pump for ``sale_id`` until the harness closes."""
+    def pump(self, sale_id: str, *, interval: float = 0.02, owner: str = "test",
+             buckets: dict[str, int] | None = None) -> AdmissionPump:  # fmt: skip
+        """Start ticking an admission pump for ``sale_id`` (its SKU-1 in ``buckets``, if
+        given) until the harness closes."""
         c = self.app[CLIENTS]
-        pump = AdmissionPump(QueueScripts(c.redis), c.pool, sale_id, ["SKU-1"], owner)
+        pump = AdmissionPump(QueueScripts(c.redis), c.pool, sale_id, ["SKU-1"], owner,
+                             buckets=buckets or {})  # fmt: skip
 
         async def run() -> None:
             while not self.stopping:

@@ -26,7 +26,7 @@ from allocator.stock_buckets import BucketScripts
 from flashsale.cli.sale_views import print_status
 from flashsale.errors import InvalidInput
 from flashsale.keys import SPREAD_SLOTS, SaleKeys, SkuKeys, bucket_for, bucket_keys
-from flashsale.records import integer
+from flashsale.records import ReserveResult, integer
 from flashsale.salespec import parse_sku
 from flashsale.settings import Settings
 from tests.harness import gateway
@@ -545,4 +545,40 @@ async def test_a_request_for_more_than_a_bucketed_sku_has_left_is_told_how_many(
         assert (await allocator.reserve(asking(second, 1))).outcome == "reserved"
         none_left = await allocator.reserve(asking(second, 1))
         assert (none_left.outcome, none_left.left) == ("sold_out", None), none_left
+        await allocator.aclose()
+
+
+async def test_a_final_sold_out_remembered_for_its_key_is_never_granted_on_a_replay(
+    stack: Settings,
+) -> None:
+    """A cluster gateway claims the admission apart from the decision, so it may free the
+    admission for another key after a refusal only once a replay of the refused request can
+    no longer be granted: a SKU in buckets did not remember its sold_out, and a retry of the
+    same request in flight could be granted after the admission was freed, which a second
+    key could then spend again. A final sold_out is remembered for the key, unless a replay
+    decided it first; remembered, it is replayed without a borrow."""
+    async with pipeline(stack) as p:
+        sale = await p.sale(stock=1, limit=1, buckets=2)
+        allocator = Allocators(p.holds).for_sku(sale, SKU, 2)
+        first, second = buyers_of_bucket(0, 2, 1)[0], buyers_of_bucket(1, 2, 1)[0]
+
+        def asking(buyer: str, key: str) -> ReserveRequest:
+            return ReserveRequest(allocator.new_id(buyer), buyer, 1, key, "tok_visa", "1")
+
+        granted = await allocator.reserve(asking(first, "f"))
+        assert granted.outcome == "reserved" and granted.reservation_id
+        # A replay that was granted first: nothing is remembered over its answer.
+        assert not await allocator.remember(asking(first, "f"), ReserveResult("sold_out"))
+        assert (await allocator.reserve(asking(first, "f"))).outcome == "reserved"
+        refused = await allocator.reserve(asking(second, "s"))
+        assert (refused.outcome, refused.holds_pending) == ("sold_out", True), refused
+        assert await allocator.remember(asking(second, "s"), refused)
+        rid = granted.reservation_id
+        assert (await p.holds.cancel(hold_keys(sale, SKU, rid), rid)).ok  # the unit is back
+        borrowed = allocator.borrowed
+        replayed = await allocator.reserve(asking(second, "s"))
+        said = (replayed.outcome, replayed.left, replayed.holds_pending)
+        assert said == ("sold_out", 0, True), replayed  # left 0: remembered
+        assert allocator.borrowed == borrowed  # a remembered refusal borrows nothing
+        assert (await allocator.reserve(asking(second, "t"))).outcome == "reserved"
         await allocator.aclose()
