@@ -451,8 +451,7 @@ async def test_the_driver_tries_again_while_units_may_come_back(gw: Gateway) -> 
     their turn: the demo's "every buyer had a definitive answer" included answers that were
     not. The driver's buyer tries again, as a person would, and gets the unit that came back."""
     skus = [{"sku": "SKU-1", "title": "One", "stock": 1, "price": 12900, "currency": "EUR"}]
-    sale, _, _ = await _second_in_line(gw, skus)
-    [held] = await gw.app[CLIENTS].redis.hkeys(SkuKeys(sale, "SKU-1").holds)
+    sale, _, _, held = await _second_in_line(gw, skus)
     host, port = gw.http.server.host, gw.http.server.port
     assert port is not None
     driver = Buyers(f"http://{host}:{port}", sale, "SKU-1")
@@ -462,7 +461,7 @@ async def test_the_driver_tries_again_while_units_may_come_back(gw: Gateway) -> 
         async with asyncio.timeout(30):
             while not driver.stats.latencies.get("reserve"):  # noqa: ASYNC110 (the driver's)
                 await asyncio.sleep(0.02)
-        cancelled = await gw.http.delete(f"/v1/reservations/{held.decode()}",
+        cancelled = await gw.http.delete(f"/v1/reservations/{held}",
                                          headers=auth(gw.token("first")))  # fmt: skip
         assert cancelled.status == 200, await cancelled.text()
 
@@ -694,12 +693,14 @@ async def _seen_paused(gw: Gateway, sale: str, ticket: str, paused: bool) -> Non
 
 
 async def _second_in_line(
-    gw: Gateway, skus: list[dict[str, Any]], first_takes: dict[str, Any] | None = None
-) -> tuple[str, dict[str, str], str]:
-    """A running sale of ``skus`` where "first" and "second" joined and "first" reserved
-    ``first_takes`` (one SKU-1 by default): the sale, their tickets, second's admission."""
+    gw: Gateway, skus: list[dict[str, Any]], first_takes: dict[str, Any] | None = None,
+    buckets: dict[str, int] | None = None,
+) -> tuple[str, dict[str, str], str, str]:  # fmt: skip
+    """A running sale of ``skus`` (in ``buckets``) where "first" and "second" joined and
+    "first" reserved ``first_takes`` (one SKU-1 by default): the sale, their tickets,
+    second's admission and first's reservation."""
     sale = await gw.create_sale(skus=skus)
-    gw.pump(sale)
+    gw.pump(sale, buckets=buckets)
     tickets = {}
     for buyer in ("first", "second"):
         code, body = await gw.join(sale, buyer)
@@ -708,7 +709,8 @@ async def _second_in_line(
     first = await gw.admitted(sale, tickets["first"])
     reserved = await gw.reserve(sale, "first", first["admission_token"], body=first_takes)
     assert reserved[0] == 201, reserved
-    return sale, tickets, (await gw.admitted(sale, tickets["second"]))["admission_token"]
+    token = (await gw.admitted(sale, tickets["second"]))["admission_token"]
+    return sale, tickets, token, reserved[1]["reservation_id"]
 
 
 async def test_a_sold_out_refusal_says_whether_units_may_come_back(gw: Gateway) -> None:
@@ -716,13 +718,12 @@ async def test_a_sold_out_refusal_says_whether_units_may_come_back(gw: Gateway) 
     while the turn lasts: try again) from "sold out" for good only by the English of the
     message. The refusal says it as ``holds_pending``, as the allocator decided it."""
     skus = [{"sku": "SKU-1", "title": "One", "stock": 1, "price": 12900, "currency": "EUR"}]
-    sale, _, token = await _second_in_line(gw, skus)
+    sale, _, token, held = await _second_in_line(gw, skus)
     one = {"sku": "SKU-1", "quantity": 1, "payment_token": "tok_ok"}
     code, refused = await gw.reserve(sale, "second", token, key="a", body=one)
     assert (code, refused["error"]["code"]) == (409, "sold_out"), refused
     assert refused["error"]["holds_pending"] is True, refused
     scripts, keys = HoldScripts(gw.app[CLIENTS].redis), SkuKeys(sale, "SKU-1")
-    [held] = [key for key in await gw.app[CLIENTS].redis.hkeys(keys.holds)]
     await scripts.begin_payment(keys, held)
     await scripts.confirm(keys, held)
     code, refused = await gw.reserve(sale, "second", token, key="b", body=one)
@@ -741,23 +742,13 @@ async def test_a_hot_skus_refusal_for_now_leaves_the_admission_to_another_key(
     in 3,000."""
     skus = [{"sku": "SKU-1", "title": "Hot", "stock": 2, "price": 12900, "currency": "EUR",
              "buckets": 2, "per_buyer_limit": 2}]  # fmt: skip
-    sale = await gw.create_sale(skus=skus)
-    gw.pump(sale, buckets={"SKU-1": 2})
-    tickets = {}
-    for buyer in ("first", "second"):
-        code, body = await gw.join(sale, buyer)
-        assert code == 200, body
-        tickets[buyer] = body["ticket"]
-    first = await gw.admitted(sale, tickets["first"])
     both = {"sku": "SKU-1", "quantity": 2, "payment_token": "tok_ok"}
-    code, held = await gw.reserve(sale, "first", first["admission_token"], body=both)
-    assert code == 201, held
-    token = (await gw.admitted(sale, tickets["second"]))["admission_token"]
+    sale, _, token, held = await _second_in_line(gw, skus, both, buckets={"SKU-1": 2})
     one = {"sku": "SKU-1", "quantity": 1, "payment_token": "tok_ok"}
     code, refused = await gw.reserve(sale, "second", token, key="a", body=one)
     assert (code, refused["error"]["code"], refused["error"]["holds_pending"]) == (
         409, "sold_out", True), refused  # fmt: skip
-    cancelled = await gw.http.delete(f"/v1/reservations/{held['reservation_id']}",
+    cancelled = await gw.http.delete(f"/v1/reservations/{held}",
                                      headers=auth(gw.token("first")))  # fmt: skip
     assert cancelled.status == 200, await cancelled.text()
     # The refused request asked again is refused again (remembered), and its claim still
@@ -776,7 +767,7 @@ async def test_a_refused_request_leaves_the_admission_to_another_one(gw: Gateway
     refusal while the sale was paused used the admission up as well."""
     skus = [{"sku": sku, "title": sku, "stock": stock, "price": 12900, "currency": "EUR"}
             for sku, stock in (("SKU-1", 1), ("SKU-2", 3))]  # fmt: skip
-    sale, tickets, token = await _second_in_line(gw, skus)
+    sale, tickets, token, _ = await _second_in_line(gw, skus)
     one = {"sku": "SKU-1", "quantity": 1, "payment_token": "tok_ok"}
     two = {**one, "sku": "SKU-2"}
     code, refused = await gw.reserve(sale, "second", token, key="a", body=one)
@@ -819,7 +810,7 @@ async def test_a_buyer_asking_for_more_than_is_left_is_told_how_many_are(gw: Gat
     skus = [{"sku": "SKU-1", "title": "Pair", "stock": 3, "price": 12900, "currency": "EUR",
              "per_buyer_limit": 2}]  # fmt: skip
     two = {"sku": "SKU-1", "quantity": 2, "payment_token": "tok_ok"}
-    sale, _, token = await _second_in_line(gw, skus, first_takes=two)
+    sale, _, token, _ = await _second_in_line(gw, skus, first_takes=two)
     code, refused = await gw.reserve(sale, "second", token, key="a", body=two)
     assert (code, refused["error"]["code"]) == (409, "not_enough_left"), refused
     assert refused["error"]["message"].startswith("only 1 left: ask for 1"), refused
