@@ -110,10 +110,10 @@ class ServiceMetrics:
             "maxmemory (each primary of a cluster): full, it refuses every write", ["node"],
             registry=registry,
         )  # fmt: skip
-        self.per_sale = (self.admitted, self.leader, self.serving, self.tail, self.cutoff,
-                         self.pre_queue, self.waiting, self.outstanding, self.noshow, self.sold_out,
-                         self.stranded, self.full, self.errors, self.not_preloaded,
-                         self.skus_not_preloaded)  # fmt: skip
+        # Every series labelled by sale alone, dropped together (forget): the pumps' and the
+        # discovery's, from one list so that none is left out.
+        self.per_sale = (*(getattr(self, name) for name in SaleSeries.__slots__),
+                         self.not_preloaded, self.skus_not_preloaded)  # fmt: skip
         self._series: dict[str, SaleSeries] = {}
         self._skus: dict[str, set[str]] = {}  # SKUs with stock series, by sale
         self._backlog_shown: dict[str, set[tuple[str, str, str]]] = {}  # by sale
