@@ -1255,6 +1255,22 @@ def test_a_buyer_on_a_phone_sees_the_price_of_the_product_chosen(
         assert page.text_content("#qty-note") == "€49.00. One per buyer."
 
 
+def test_the_products_say_their_limit_per_buyer_before_the_queue(
+    stack: Settings, browser: Browser
+) -> None:
+    """A buyer learnt how many of a product one buyer may have only once admitted, a minute
+    of a turn to decide in; the list they read while waiting showed the prices alone."""
+    spec = sale_spec("Limits drop", "S1", 5, limit=2)
+    spec["skus"].append({**spec["skus"][0], "sku": "S2", "title": "Hoodie", "price": 4900,
+                         "per_buyer_limit": 1})  # fmt: skip
+    with live_page(stack, browser, "Limits drop", spec=spec) as live:
+        gw, sale, page = live.gw, live.sale, live.page
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'limits')}")
+        page.wait_for_selector("#product .item")
+        said = page.eval_on_selector_all("#product .price", "ps => ps.map(p => p.textContent)")
+        assert said == ["€129.00 · at most 2 per buyer", "€49.00 · one per buyer"], said
+
+
 def test_names_without_a_space_wrap_at_a_phones_width(stack: Settings, browser: Browser) -> None:
     """A title or a sale's name with no space to break at (a model code, a compound word, a
     link) ran past the screen: the page was 4,252 px wide at 360."""
