@@ -1271,6 +1271,26 @@ def test_the_products_say_their_limit_per_buyer_before_the_queue(
         assert said == ["€129.00 · at most 2 per buyer", "€49.00 · one per buyer"], said
 
 
+def test_a_buyer_in_line_is_told_how_long_the_turn_will_last(
+    stack: Settings, browser: Browser
+) -> None:
+    """The length of a turn, the time a buyer has to reserve once admitted, was said only once
+    the turn had begun: a buyer in line had no reason to stay by the page."""
+    spec = sale_spec("Turn drop", "S1", 5)
+    spec["admission_window_seconds"] = 90
+    with live_page(stack, browser, "Turn drop", spec=spec) as live:
+        gw, sale, page = live.gw, live.sale, live.page
+        page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'turn-told')}")
+        page.click("#join")
+        page.wait_for_selector("#state[data-state='waiting']", timeout=20_000)
+        assert page.text_content("#turn") == (
+            "Your turn will last 90 s: keep this page open, its tab's title says when it comes."
+        )
+        gw.pump_forever(sale, ["S1"])
+        page.wait_for_selector("#state[data-state='admitted']", timeout=20_000)
+        assert not page.is_visible("#turn")
+
+
 def test_names_without_a_space_wrap_at_a_phones_width(stack: Settings, browser: Browser) -> None:
     """A title or a sale's name with no space to break at (a model code, a compound word, a
     link) ran past the screen: the page was 4,252 px wide at 360."""
