@@ -21,9 +21,11 @@ from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.proof_of_work import solution
 from flashsale.settings import Settings
 from flashsale.tokens import Signer, Signers
+from gateway.waiting_room import TICKET_GRACE_S
 from loadtest import admin_api
 
 SKU = "B1"  # the one SKU of every bench sale
+SALE_S = 3600  # each bench sale ends this long after it is made
 
 
 async def _live_sale(session: aiohttp.ClientSession, base: str, settings: Settings, name: str,
@@ -33,7 +35,7 @@ async def _live_sale(session: aiohttp.ClientSession, base: str, settings: Settin
     now = datetime.now(UTC)
     spec = {
         "name": name, "starts_at": (now - timedelta(seconds=1)).isoformat(),
-        "ends_at": (now + timedelta(hours=1)).isoformat(), "max_queue": 100_000_000,
+        "ends_at": (now + timedelta(seconds=SALE_S)).isoformat(), "max_queue": 100_000_000,
         "skus": [{"sku": SKU, "stock": 1_000_000, "price": 100, "currency": "EUR"}], **options,
     }  # fmt: skip
     return await admin_api.create_sale(session, base, settings.admin_token.current(), spec)
@@ -127,8 +129,10 @@ async def admitted_buyers(settings: Settings, sale_id: str, count: int
 async def waiting_tickets(settings: Settings, sale_id: str, count: int) -> Iterator[str]:
     """The tickets of ``count`` buyers queued behind the admitted ones (still waiting: a poll
     is answered with a position and an ETA, no admission token), polled in turn. They join
-    through the waiting room's script and their tickets are signed as the gateway signs them
-    (what a poll costs does not depend on whether the join went through this client)."""
+    through the waiting room's script and their tickets are signed as the gateway signs them,
+    lasting until the sale's end and its grace (what a poll costs does not depend on whether
+    the join went through this client; a ticket that ends sooner is signed again at each
+    poll, as only a sale moved later makes a buyer's poll)."""
     client = redis_client(settings)
     queue = QueueScripts(client)
     try:
@@ -142,7 +146,7 @@ async def waiting_tickets(settings: Settings, sale_id: str, count: int) -> Itera
     signer = Signer.from_setting(settings.secret.reveal(), "ticket")
     claims = [{"s": sale_id, "sub": buyer, "p": position}
               for buyer, position in zip(buyers, positions, strict=True)]  # fmt: skip
-    return itertools.cycle([signer.sign(c, 3600) for c in claims])
+    return itertools.cycle([signer.sign(c, SALE_S + TICKET_GRACE_S) for c in claims])
 
 
 async def discard_sales(settings: Settings, sale_ids: list[str], sku: str = SKU) -> None:

@@ -1,0 +1,35 @@
+"""What ``flashsale bench gateway`` drives its rows with must be what buyers send: a row that
+makes the gateway do work a buyer's request would not measures the wrong thing."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import aiohttp
+
+from flashsale.settings import Secret, Settings
+from loadtest.bench_gateway_rig import discard_sales, prepare_sale, waiting_tickets
+
+from .harness import ADMIN, gateway
+
+
+async def test_the_status_row_polls_with_tickets_the_gateway_keeps(stack: Settings) -> None:
+    """The row's tickets lasted an hour, the gateway's last until the sale's end and an hour
+    more: every poll of the row was answered a ticket signed afresh, as only a sale moved later
+    makes a buyer's poll, and the row's CPU per request counted that signing."""
+    async with gateway(stack) as gw, aiohttp.ClientSession() as session:
+        base = str(gw.http.make_url("")).rstrip("/")
+        admin = dataclasses.replace(stack, admin_token=Secret(ADMIN))  # the harness gateway's
+        sale = await prepare_sale(session, base, admin)
+        try:
+            tickets = await waiting_tickets(stack, sale, 3)
+            for _ in range(3):
+                polled = await gw.http.get(
+                    f"/v1/sales/{sale}/queue/status", headers={"X-Queue-Ticket": next(tickets)}
+                )
+                assert polled.status == 200, await polled.text()
+                body = await polled.json()
+                assert body["state"] == "waiting", body
+                assert "ticket" not in body, body
+        finally:
+            await discard_sales(stack, [sale])
