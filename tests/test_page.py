@@ -1283,8 +1283,11 @@ def test_a_buyer_in_line_is_told_how_long_the_turn_will_last(
         page.goto(f"{gw.base_url}/sales/{sale}#token={_buyer(gw, 'turn-told')}")
         page.click("#join")
         page.wait_for_selector("#state[data-state='waiting']", timeout=20_000)
-        assert page.text_content("#turn") == (
-            "Your turn will last 90 s: keep this page open, its tab's title says when it comes."
+        lasts = "Your turn will last 90 s: keep this page open, its tab's title says when it comes."
+        assert page.text_content("#turn") == lasts
+        said = page.text_content("#announce") or ""  # a screen reader is told it too, once
+        assert said.startswith("You are in line. Position 1, ") and said.endswith(f". {lasts}"), (
+            said
         )
         gw.pump_forever(sale, ["S1"])
         page.wait_for_selector("#state[data-state='admitted']", timeout=20_000)
