@@ -26,12 +26,15 @@ from flashsale.sales import HOLDS_END, fetch_in_play
 # at the end can live (its SKUs' longest hold TTL) and a minute more. Holds expire and late
 # cancels happen after the end too, so the sweeper and the relay keep covering them. An
 # ended sale ends when it was ended. The live ones among them (not ended, before their end)
-# get a pump each.
+# get a pump each. A sale whose Redis state was deleted on purpose (``redis_cleared_at``: an
+# archive, whose audit found nothing in flight, or a benchmark's discarded sale) is not one:
+# its relay's visits made its SKUs' outbox streams again.
 HOLDING_SALES = f"""
 SELECT s.id, s.skus_version, s.status, s.ends_at < now() - interval '1 minute' AS past_end,
        s.status <> 'ended' AND s.ends_at > now() AS live
 FROM sales s
-WHERE s.preloaded_at IS NOT NULL AND {HOLDS_END} + interval '1 minute' > now()
+WHERE s.preloaded_at IS NOT NULL AND s.redis_cleared_at IS NULL
+  AND {HOLDS_END} + interval '1 minute' > now()
 ORDER BY s.id
 """  # noqa: S608 - only constants of this code go in
 # The sales that open within NOT_PRELOADED_WINDOW_S, or have opened, with what of them was not

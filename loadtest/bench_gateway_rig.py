@@ -26,6 +26,7 @@ from loadtest import admin_api
 
 SKU = "B1"  # the one SKU of every bench sale
 SALE_S = 3600  # each bench sale ends this long after it is made
+_CLEARED = "UPDATE sales SET redis_cleared_at = now() WHERE id = $1"
 
 
 async def _live_sale(session: aiohttp.ClientSession, base: str, settings: Settings, name: str,
@@ -153,7 +154,9 @@ async def discard_sales(settings: Settings, sale_ids: list[str], sku: str = SKU)
     """End the benchmark's sales and delete their state in Redis (waiting room, stock, holds,
     outbox): the engine's next pumps, sweeper, relay and workers have nothing of them to do.
     Left live, the reserve row's tens of thousands of holds were swept, relayed and turned into
-    orders by the next engine, during the first seconds of whatever it ran."""
+    orders by the next engine, during the first seconds of whatever it ran. The deletion is
+    recorded (``redis_cleared_at``, as an archive does), so that no reconciler takes the state
+    for lost and writes it back."""
     pool = await pg_pool(settings, max_size=1)
     client = redis_client(settings)
     try:
@@ -161,6 +164,7 @@ async def discard_sales(settings: Settings, sale_ids: list[str], sku: str = SKU)
         for sale_id in sale_ids:
             await admin.set_status(sale_id, "end")
             await client.unlink(*SaleKeys(sale_id).all(), *SkuKeys(sale_id, sku).all())
+            await pool.execute(_CLEARED, sale_id)
     finally:
         await client.aclose()
         await pool.close()

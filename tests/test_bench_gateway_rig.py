@@ -7,8 +7,11 @@ import dataclasses
 
 import aiohttp
 
+from allocator.discovery import HOLDING_SALES
+from flashsale.clients import pg_pool, redis_client
 from flashsale.settings import Secret, Settings
 from loadtest.bench_gateway_rig import discard_sales, prepare_sale, waiting_tickets
+from reconciler.reconcile import Reconciler
 
 from .harness import ADMIN, gateway
 
@@ -33,3 +36,26 @@ async def test_the_status_row_polls_with_tickets_the_gateway_keeps(stack: Settin
                 assert "ticket" not in body, body
         finally:
             await discard_sales(stack, [sale])
+
+
+async def test_the_sales_a_run_discarded_stay_discarded(stack: Settings) -> None:
+    """A run ends its sales and deletes their Redis state, so that no engine on the stack takes
+    up their tens of thousands of holds. The reconciler of an engine running then, or started
+    within a quarter of an hour (`make demo` after a benchmark), found that state lost and
+    wrote the sales and their SKUs back: a repair recorded for each, and a
+    FlashsaleReconcileRepairs alert for a benchmark. An allocator's relay, in the minutes its
+    scope kept an ended sale, made their outbox streams again."""
+    async with gateway(stack) as gw, aiohttp.ClientSession() as session:
+        base = str(gw.http.make_url("")).rstrip("/")
+        admin = dataclasses.replace(stack, admin_token=Secret(ADMIN))
+        sale = await prepare_sale(session, base, admin)
+    await discard_sales(stack, [sale])
+    pool, client = await pg_pool(stack, max_size=2), redis_client(stack)
+    try:
+        report = await Reconciler(pool, client, None, "unused").run_once(only=[sale])
+        assert [(r.kind, r.sku) for r in report.repairs] == [], report.json()
+        assert [k async for k in client.scan_iter(match=f"*{sale}*")] == []
+        assert sale not in {row["id"] for row in await pool.fetch(HOLDING_SALES)}
+    finally:
+        await client.aclose()
+        await pool.close()
