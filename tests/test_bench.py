@@ -19,6 +19,7 @@ from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.settings import Settings
 from loadtest import bench_all
 from tests.conftest import REPO, Cli
+from tests.harness import flashsale_named_process, record_engine
 from tests.pipeline import end_offsets
 
 ROWS = [
@@ -72,6 +73,28 @@ def test_bench_allocate_reports_all_rows(cli: Cli, tmp_path: Path) -> None:
     assert {"cpu", "cores", "python", "redis", "postgres"} <= set(report["machine"])
     for name in ROWS:
         assert name in result.out  # the printed table names every row
+
+
+@pytest.mark.parametrize("bench", ["gateway", "pipeline", "reconcile", "all"])
+def test_a_bench_that_makes_sales_refuses_to_run_beside_an_engine(
+    bench: str, run_cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`flashsale up` ran on the stack: the benchmark's sales were live sales to it. Its relay
+    published the reserve row's reservations to its own topic, its workers charged and
+    ordered them, its reconciler wrote a discarded sale back; and it shared the two cores
+    being measured. The benchmark says so and what to do, before it makes anything."""
+    monkeypatch.setenv("FLASHSALE_HOME", str(tmp_path))
+    gateway = "http://127.0.0.1:8280"
+    with flashsale_named_process() as pid:
+        record_engine(tmp_path, 8280, pid, gateway)
+        result = run_cli("bench", bench)
+    assert result.code == 1, result
+    assert result.err == (
+        f"flashsale: error: an engine runs on this stack (`flashsale up`, gateway {gateway}): "
+        "it would take the benchmark's sales up as its own (reservations relayed and charged, "
+        "state written back), and share the cores the benchmark measures; stop it first\n"
+    ), result.err
+    assert not list(tmp_path.glob("*.json")), "nothing written"
 
 
 def test_bench_rejects_bad_options(run_cli: Cli) -> None:

@@ -26,7 +26,8 @@ from flashsale.cli.dev import apply_migrations
 from flashsale.cli.devstack.redis_cluster import Layout
 from flashsale.cli.devstack.stack import DevStack
 from flashsale.cli.output import fail, out
-from flashsale.errors import ConfigError, InvalidInput, shown
+from flashsale.engine_record import running_engines
+from flashsale.errors import ConfigError, Conflict, InvalidInput, shown
 from flashsale.keys import MAX_BUCKETS
 from flashsale.settings import Settings, read_env_file
 
@@ -37,7 +38,24 @@ if TYPE_CHECKING:
 async def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     run = {"allocate": _allocate, "gateway": _gateway, "pipeline": _pipeline,
            "reconcile": _reconcile, "all": _bench_all}[args.bench_command]  # fmt: skip
+    if args.bench_command != "allocate":  # its SKUs are Redis's alone: no engine sees them
+        _alone_on_the_stack(settings)
     return await run(args, settings)
+
+
+def _alone_on_the_stack(settings: Settings) -> None:
+    """Raise Conflict when an engine runs on the stack: to it, the sales a benchmark makes are
+    live sales like any other (its relay publishes their reservations to its own topic and
+    its workers charge them; its reconciler writes back the state the run discards)."""
+    engines = running_engines(settings.home)
+    if engines:
+        gateways = ", ".join(engine["gateway"] for engine in engines)
+        raise Conflict(
+            f"an engine runs on this stack (`flashsale up`, gateway {gateways}): it would take "
+            "the benchmark's sales up as its own (reservations relayed and charged, state "
+            "written back), and share the cores the benchmark measures; stop it first",
+            code="engine_running",
+        )
 
 
 async def _allocate(args: argparse.Namespace, settings: Settings) -> int:
@@ -190,7 +208,9 @@ async def _bench_all(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    bench = commands.add_parser("bench", help="benchmarks (need a running stack)")
+    bench = commands.add_parser(
+        "bench", help="benchmarks (need a running stack, and no engine on it but for allocate)"
+    )
     bench.set_defaults(handler=cmd_bench)
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     allocate = bench_sub.add_parser(
