@@ -323,6 +323,7 @@ async def run(settings: Settings, options: Options, progress: Progress, command:
             "tickets": options.tickets,
             "concurrency": options.concurrency,
             "workers": options.workers,
+            "sales": sales,  # made for the run, and gone after it
         },
     )
 

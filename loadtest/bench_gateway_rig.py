@@ -26,7 +26,16 @@ from loadtest import admin_api
 
 SKU = "B1"  # the one SKU of every bench sale
 SALE_S = 3600  # each bench sale ends this long after it is made
-_CLEARED = "UPDATE sales SET redis_cleared_at = now() WHERE id = $1"
+# A discarded sale's rows: what refers to it without a foreign key, then the sale (its SKUs
+# and stock change keys go with it), unless an engine made orders of it; the deletion of its
+# Redis state is recorded on the sale that stays, as an archive records it.
+_UNORDERED = "NOT EXISTS (SELECT 1 FROM orders WHERE sale_id = $1)"
+_FORGET = (
+    *(f"DELETE FROM {table} WHERE sale_id = $1 AND {_UNORDERED}"  # noqa: S608 - constants
+      for table in ("queue_marks", "reconcile_events", "prequeue_members")),
+    f"DELETE FROM sales WHERE id = $1 AND {_UNORDERED}",  # noqa: S608 - constants
+    "UPDATE sales SET redis_cleared_at = now() WHERE id = $1",
+)  # fmt: skip
 
 
 async def _live_sale(session: aiohttp.ClientSession, base: str, settings: Settings, name: str,
@@ -151,12 +160,14 @@ async def waiting_tickets(settings: Settings, sale_id: str, count: int) -> Itera
 
 
 async def discard_sales(settings: Settings, sale_ids: list[str], sku: str = SKU) -> None:
-    """End the benchmark's sales and delete their state in Redis (waiting room, stock, holds,
-    outbox): the engine's next pumps, sweeper, relay and workers have nothing of them to do.
-    Left live, the reserve row's tens of thousands of holds were swept, relayed and turned into
-    orders by the next engine, during the first seconds of whatever it ran. The deletion is
-    recorded (``redis_cleared_at``, as an archive does), so that no reconciler takes the state
-    for lost and writes it back."""
+    """End the benchmark's sales, delete their state in Redis (waiting room, stock, holds,
+    outbox), then their rows: the engine's next pumps, sweeper, relay and workers have nothing
+    of them to do, and `sale list` does not show them. Left live, the reserve row's tens of
+    thousands of holds were swept, relayed and turned into orders by the next engine, during
+    the first seconds of whatever it ran; left ended, a reconciler took their state for lost
+    and wrote it back, and the archive tried them again and again. A sale an engine made
+    orders of stays, its Redis state recorded as deleted (``redis_cleared_at``), which keeps
+    the services off it."""
     pool = await pg_pool(settings, max_size=1)
     client = redis_client(settings)
     try:
@@ -164,7 +175,9 @@ async def discard_sales(settings: Settings, sale_ids: list[str], sku: str = SKU)
         for sale_id in sale_ids:
             await admin.set_status(sale_id, "end")
             await client.unlink(*SaleKeys(sale_id).all(), *SkuKeys(sale_id, sku).all())
-            await pool.execute(_CLEARED, sale_id)
+            async with pool.acquire() as conn, conn.transaction():
+                for statement in _FORGET:
+                    await conn.execute(statement, sale_id)
     finally:
         await client.aclose()
         await pool.close()
