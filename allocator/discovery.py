@@ -27,8 +27,8 @@ from flashsale.sales import HOLDS_END, fetch_in_play
 # cancels happen after the end too, so the sweeper and the relay keep covering them. An
 # ended sale ends when it was ended. The live ones among them (not ended, before their end)
 # get a pump each. A sale whose Redis state was deleted on purpose (``redis_cleared_at``: an
-# archive, whose audit found nothing in flight, or a benchmark's discarded sale) is not one:
-# its relay's visits made its SKUs' outbox streams again.
+# archive, whose audit found nothing in flight, or a benchmark's sale an engine made orders
+# of, discarded after the run) is not one: the relay's visits made its outbox streams again.
 HOLDING_SALES = f"""
 SELECT s.id, s.skus_version, s.status, s.ends_at < now() - interval '1 minute' AS past_end,
        s.status <> 'ended' AND s.ends_at > now() AS live

@@ -43,9 +43,10 @@ REBUILDS_AT_ONCE = 8
 LOST_AT_ONCE = 500  # lost SKUs of a sale rebuilt together
 
 # Sales in scope: preloaded, not archived (reconciler/archive.py), their Redis state not
-# deleted on purpose (``redis_cleared_at``: an archive, or a benchmark's discarded sale, which
-# a pass found lost and wrote back), and not ended more than 15 minutes before their longest
-# hold could have lived (an ended sale ends when it was ended); or named explicitly.
+# deleted on purpose (``redis_cleared_at``: an archive, or a benchmark's discarded sale an
+# engine made orders of, which a pass found lost and wrote back), even when named; and not
+# ended more than 15 minutes before their longest hold could have lived (an ended sale ends
+# when it was ended), or named explicitly.
 _IN_SCOPE = f"""
 WHERE s.archived_at IS NULL AND s.redis_cleared_at IS NULL
   AND CASE WHEN $1::text[] IS NULL THEN {HOLDS_END} + interval '15 minutes' > now()
