@@ -2,6 +2,8 @@
 payment simulator it started. Commands run from another shell (``flashsale audit``) read it
 through Settings; an engine about to start its own simulator checks it first.
 ``<home>/engines/<port>.json``: where its services listen, which ``dev status`` shows.
+``<home>/benches/<pid>.json``: a running benchmark that makes sales, which an engine would take
+up as its own: neither starts beside the other.
 
 Two simulators on one stack would each know only the payments their own engine's workers made
 (the workers of both share one consumer group), so the audit and the reconciler, asking one of
@@ -9,6 +11,7 @@ them, would miss the others' charges."""
 
 from __future__ import annotations
 
+import os
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ from flashsale.settings import ENGINE_ENV_FILE, read_env_file
 
 PROBE_TIMEOUT_S = 1.0  # a simulator on loopback answers its probe in milliseconds
 ENGINES_DIR = "engines"  # <home>/engines/<port>.json: each running `up`, by its gateway port
+BENCHES_DIR = "benches"  # <home>/benches/<pid>.json: each running bench that makes sales
 
 
 def running_simulator(home: Path) -> str | None:
@@ -43,8 +47,20 @@ def running_engines(home: Path) -> list[dict[str, Any]]:
     supervisor's), ``gateway``, ``admin_page``, ``reservations`` (or None), ``ops`` (each
     service's port by name), ``version``, ``started_at``. One a killed ``up`` left behind is
     skipped."""
+    return _live_records(home / ENGINES_DIR)
+
+
+def running_benches(home: Path) -> list[dict[str, Any]]:
+    """The records of the benchmarks that make sales running on this stack: ``pid`` and
+    ``bench`` (its name, as ``flashsale bench`` takes it). One a killed run left is skipped."""
+    return _live_records(home / BENCHES_DIR)
+
+
+def _live_records(folder: Path) -> list[dict[str, Any]]:
+    """The JSON records in ``folder`` whose ``pid`` is a live flashsale process, by file name
+    (numbers in their order)."""
     found = []
-    for path in sorted((home / ENGINES_DIR).glob("*.json"), key=lambda p: p.stem.zfill(5)):
+    for path in sorted(folder.glob("*.json"), key=lambda p: p.stem.zfill(10)):
         try:
             record = orjson.loads(path.read_bytes())
             alive = _runs_flashsale(int(record["pid"]))
@@ -65,9 +81,23 @@ def _runs_flashsale(pid: int) -> bool:
     return b"flashsale" in command and state not in ("Z", "X")
 
 
-def refuse_a_second_simulator(home: Path) -> None:
-    """Raise Conflict when an engine on this stack already runs a payment simulator."""
-    url = running_simulator(home)
+def refuse_to_start_an_engine(home: Path, *, own_simulator: bool) -> None:
+    """Raise Conflict when a benchmark that makes sales runs on this stack: the engine would
+    take its sales up as live ones. With ``own_simulator`` (the engine would start its own
+    payment simulator), also when an engine on this stack already runs one. The engine a
+    benchmark starts itself (``bench all``'s demo, ``flashsale up`` as its child process) is
+    its own, not one beside it."""
+    ours = (os.getpid(), os.getppid())
+    benches = [bench for bench in running_benches(home) if bench["pid"] not in ours]
+    if benches:
+        bench = benches[0]
+        raise Conflict(
+            f"a benchmark runs on this stack (`flashsale bench {bench['bench']}`, pid "
+            f"{bench['pid']}): an engine would take its sales up as its own (reservations "
+            "relayed and charged, state written back); start the engine once it is done",
+            code="bench_running",
+        )
+    url = running_simulator(home) if own_simulator else None
     if url is not None:
         raise Conflict(
             f"an engine is running on this stack: its payment simulator answers at {url} "

@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from flashsale.engine_record import refuse_a_second_simulator
+from flashsale.engine_record import refuse_to_start_an_engine
 from flashsale.errors import Unavailable
 from flashsale.parent import followed
 from flashsale.settings import Settings
@@ -83,12 +83,12 @@ def engine(settings: Settings, port: int, log_path: Path, env: dict[str, str] | 
            *, append: bool = False) -> Iterator[subprocess.Popen[bytes]]:  # fmt: skip
     """``flashsale up`` in the background (``env`` added to this process's environment), its
     output in ``log_path`` (appended to with ``append``); stopped with SIGTERM (and waited
-    for) on exit, or when this process dies. Refused (Conflict) before it starts when an
-    engine already runs a payment simulator on this stack, as ``up`` itself would be."""
+    for) on exit, or when this process dies. Refused (Conflict) before it starts where ``up``
+    itself would refuse: a benchmark that makes sales runs on this stack, or an engine already
+    runs a payment simulator there."""
     env = {**os.environ, "FLASHSALE_RATE_PER_IP": "off", "FLASHSALE_LOG_LEVEL": "WARNING",
            **(env or {}), **followed()}  # fmt: skip
-    if not env.get("FLASHSALE_PSP_URL"):
-        refuse_a_second_simulator(settings.home)
+    refuse_to_start_an_engine(settings.home, own_simulator=not env.get("FLASHSALE_PSP_URL"))
     with log_path.open("ab" if append else "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "flashsale", "up", "--port", str(port), "--workers", "2"],

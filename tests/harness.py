@@ -31,7 +31,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from allocator.pump import AdmissionPump
 from allocator.queue_scripts import QueueScripts
-from flashsale.engine_record import ENGINES_DIR
+from flashsale.engine_record import BENCHES_DIR, ENGINES_DIR
 from flashsale.errors import Unavailable
 from flashsale.http_protocol import answer_malformed_in_json
 from flashsale.kafka import ensure_topics
@@ -390,6 +390,14 @@ def record_engine(home: Path, port: int, pid: int, gateway: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     record = {"pid": pid, "gateway": gateway, "ops": {}}
     (folder / f"{port}.json").write_text(json.dumps(record))
+
+
+def record_bench(home: Path, pid: int, bench: str) -> None:
+    """The record a running ``flashsale bench`` that makes sales keeps on its stack
+    (flashsale.engine_record), naming ``pid`` as its process."""
+    folder = home / BENCHES_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{pid}.json").write_text(json.dumps({"pid": pid, "bench": bench}))
 
 
 @contextlib.contextmanager

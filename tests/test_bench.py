@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import subprocess
+import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -14,12 +17,13 @@ from aiokafka import AIOKafkaConsumer
 
 from allocator.pump import quantile
 from flashsale.clients import pg_pool, redis_client
+from flashsale.engine_record import running_benches
 from flashsale.kafka import client_options, ensure_topics
 from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.settings import Settings
 from loadtest import bench_all
 from tests.conftest import REPO, Cli
-from tests.harness import flashsale_named_process, record_engine
+from tests.harness import flashsale_named_process, record_bench, record_engine
 from tests.pipeline import end_offsets
 
 ROWS = [
@@ -94,6 +98,70 @@ def test_a_bench_that_makes_sales_refuses_to_run_beside_an_engine(
         "it would take the benchmark's sales up as its own (reservations relayed and charged, "
         "state written back), and share the cores the benchmark measures; stop it first\n"
     ), result.err
+
+
+@pytest.mark.parametrize("starts", ["up", "demo", "loadtest spike --embedded", "chaos --quick"])
+def test_an_engine_refuses_to_start_beside_a_bench_that_makes_sales(
+    starts: str, run_cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other order: `flashsale bench gateway` ran, and an engine was started on its stack
+    (`up`, or a command that starts one). The benchmark's sales were live sales to it, as
+    above: the command says so before it starts anything, the stack included."""
+    monkeypatch.setenv("FLASHSALE_HOME", str(tmp_path))
+    monkeypatch.delenv("FLASHSALE_PSP_URL", raising=False)
+    with flashsale_named_process() as pid:
+        record_bench(tmp_path, pid, "gateway")
+        result = run_cli(*starts.split())
+    assert result.code == 1, result
+    assert result.err == (
+        f"flashsale: error: a benchmark runs on this stack (`flashsale bench gateway`, pid "
+        f"{pid}): an engine would take its sales up as its own (reservations relayed and "
+        "charged, state written back); start the engine once it is done\n"
+    ), result.err
+    started = {"stack.json", "dev.env", "redis", "postgres", "kafka"}  # what `dev up` makes
+    assert not started & {path.name for path in tmp_path.iterdir()}
+
+
+def test_bench_all_starts_the_engine_of_its_own_demo(tmp_path: Path) -> None:
+    """`bench all` runs the demo, which starts `flashsale up` as a child process of the run
+    that is recorded: that engine is the run's own, not one beside it. Both the recorded
+    process and its child may start one."""
+    check = (
+        "import sys, pathlib; from flashsale.engine_record import "
+        "refuse_to_start_an_engine; "
+        "refuse_to_start_an_engine(pathlib.Path(sys.argv[1]), own_simulator=True)"
+    )
+    run = (  # in a process named flashsale, as a live record's must be
+        "import os, subprocess, sys, pathlib; from flashsale.engine_record import "
+        "BENCHES_DIR, running_benches; home = pathlib.Path(sys.argv[1]); "
+        "(home / BENCHES_DIR).mkdir(); (home / BENCHES_DIR / 'own.json').write_text("
+        "'{\"pid\": %d, \"bench\": \"all\"}' % os.getpid()); "
+        "print([r['bench'] for r in running_benches(home)]); "
+        f"exec({check!r}); "
+        f"sys.exit(subprocess.run([sys.executable, '-c', {check!r}, str(home)]).returncode)"
+    )  # fmt: skip
+    shown = subprocess.run([sys.executable, "-c", run, str(tmp_path), "flashsale"],
+                           capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert (shown.returncode, shown.stdout) == (0, "['all']\n"), shown.stderr
+
+
+def test_a_bench_that_makes_sales_is_recorded_on_its_stack_while_it_runs(stack: Settings) -> None:
+    """What the engine's refusal above reads: the record is there while the benchmark runs,
+    names it, and is gone when it ends."""
+    argv = [sys.executable, "-m", "flashsale", "bench", "reconcile", "--skus", "2000",
+            "--passes", "3"]  # fmt: skip
+    with subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as bench:
+        try:
+            deadline = time.monotonic() + 30
+            while not (seen := running_benches(stack.home)) and bench.poll() is None:
+                assert time.monotonic() < deadline, "no record of the running benchmark"
+                time.sleep(0.05)
+            assert [(r["pid"], r["bench"]) for r in seen] == [(bench.pid, "reconcile")]
+            _, err = bench.communicate(timeout=120)
+            assert bench.returncode == 0, err
+        finally:
+            bench.kill()
+    assert running_benches(stack.home) == []
 
 
 def test_bench_rejects_bad_options(run_cli: Cli) -> None:

@@ -26,7 +26,8 @@ from flashsale.cli.devstack.processes import UP_PORTS, free_ports
 from flashsale.cli.serve import _cors_for, _reservation_listener
 from flashsale.engine_record import (
     ENGINES_DIR,
-    refuse_a_second_simulator,
+    refuse_to_start_an_engine,
+    running_benches,
     running_engines,
     running_simulator,
 )
@@ -35,7 +36,7 @@ from flashsale.ops_endpoints import listen
 from flashsale.settings import Settings
 from loadtest.processes import engine
 from tests.conftest import Cli
-from tests.harness import healthy, record_engine
+from tests.harness import healthy, record_bench, record_engine
 
 
 def _children(pid: int) -> list[int]:
@@ -431,21 +432,23 @@ def test_a_host_that_is_no_address_is_named(stack: Settings, command: tuple[str,
 
 
 def test_a_record_left_by_a_killed_engine_refuses_no_new_one(tmp_path: Path) -> None:
-    """``kill -9`` of ``up`` leaves its record behind; its simulator died with it."""
+    """``kill -9`` of ``up`` leaves its record behind; its simulator died with it. So does one
+    of a benchmark that makes sales."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         closed = probe.getsockname()[1]  # nothing listens there once the socket is closed
     (tmp_path / "engine.env").write_text(f"export FLASHSALE_PSP_URL=http://127.0.0.1:{closed}\n")
     assert running_simulator(tmp_path) is None
-    refuse_a_second_simulator(tmp_path)  # no Conflict
     # Nor is it shown as running: its pid is gone, or another program's since.
     no_pid = int(Path("/proc/sys/kernel/pid_max").read_text())  # pids stay below it
     with subprocess.Popen(["sleep", "30"]) as other:
         try:
             for port, pid in ((8000, other.pid), (8100, no_pid)):
                 record_engine(tmp_path, port, pid, f"http://127.0.0.1:{port}")
+                record_bench(tmp_path, pid, "gateway")
             (tmp_path / ENGINES_DIR / "8200.json").write_text('{"pid": ')  # a full disk's
-            assert running_engines(tmp_path) == []
+            assert running_engines(tmp_path) == running_benches(tmp_path) == []
+            refuse_to_start_an_engine(tmp_path, own_simulator=True)  # no Conflict
             shown = subprocess.run(
                 [sys.executable, "-m", "flashsale", "dev", "status"], capture_output=True,
                 text=True, timeout=30, check=False,

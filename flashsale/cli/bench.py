@@ -8,9 +8,12 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import orjson
 
 from flashsale.cli.checks import (
     MAX_PROCESSES,
@@ -26,7 +29,8 @@ from flashsale.cli.dev import apply_migrations
 from flashsale.cli.devstack.redis_cluster import Layout
 from flashsale.cli.devstack.stack import DevStack
 from flashsale.cli.output import fail, out
-from flashsale.engine_record import running_engines
+from flashsale.cli.runners import recorded
+from flashsale.engine_record import BENCHES_DIR, running_engines
 from flashsale.errors import ConfigError, Conflict, InvalidInput, shown
 from flashsale.keys import MAX_BUCKETS
 from flashsale.settings import Settings, read_env_file
@@ -38,9 +42,11 @@ if TYPE_CHECKING:
 async def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     run = {"allocate": _allocate, "gateway": _gateway, "pipeline": _pipeline,
            "reconcile": _reconcile, "all": _bench_all}[args.bench_command]  # fmt: skip
-    if args.bench_command != "allocate":  # its SKUs are Redis's alone: no engine sees them
-        _alone_on_the_stack(settings)
-    return await run(args, settings)
+    if args.bench_command == "allocate":  # its SKUs are Redis's alone: no engine sees them
+        return await run(args, settings)
+    _alone_on_the_stack(settings)
+    with _recorded_bench(settings.home, args.bench_command):
+        return await run(args, settings)
 
 
 def _alone_on_the_stack(settings: Settings) -> None:
@@ -56,6 +62,13 @@ def _alone_on_the_stack(settings: Settings) -> None:
             "written back), and share the cores the benchmark measures; stop it first",
             code="engine_running",
         )
+
+
+def _recorded_bench(home: Path, bench: str) -> contextlib.AbstractContextManager[None]:
+    """Record this benchmark in the state folder while it runs: an engine asked to start on
+    the stack meanwhile refuses (flashsale.engine_record), as this one refused beside it."""
+    text = orjson.dumps({"pid": os.getpid(), "bench": bench}).decode()
+    return recorded(home / BENCHES_DIR / f"{os.getpid()}.json", text)
 
 
 async def _allocate(args: argparse.Namespace, settings: Settings) -> int:

@@ -5,6 +5,7 @@ benchmarks are :mod:`flashsale.cli.bench`."""
 from __future__ import annotations
 
 import argparse
+import os
 
 from flashsale import event_loop
 from flashsale.cli.checks import (
@@ -21,7 +22,7 @@ from flashsale.cli.checks import (
 from flashsale.cli.dev import apply_migrations
 from flashsale.cli.devstack.stack import DevStack
 from flashsale.cli.output import out
-from flashsale.engine_record import running_engines
+from flashsale.engine_record import refuse_to_start_an_engine, running_engines
 from flashsale.errors import ConfigError, InvalidInput, shown
 from flashsale.keys import MAX_BUCKETS
 from flashsale.salespec import MAX_ADMISSION_RATE
@@ -47,6 +48,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     if scenario.no_show + scenario.abandon > 1:
         raise InvalidInput("abandon", "--abandon and --no-show add up to more than 1")
     json_path = str(output_file("json", args.json)) if args.json else None
+    _engine_may_start(settings)
     out("== starting the embedded stack (servers given by env vars are used as they are)")
     took = DevStack(settings.home).up()
     out(f"   ready in {took:.1f}s")
@@ -54,6 +56,13 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     code = event_loop.run(demo.run(settings, scenario=scenario, progress=out, json_path=json_path))
     out(f"\nThe stack keeps running; stop it with `{rerun('dev', 'down')}`.")
     return code
+
+
+def _engine_may_start(settings: Settings) -> None:
+    """Refuse before the stack starts what the engine the run starts (loadtest.processes'
+    ``engine``) would refuse once it had: a benchmark that makes sales runs on the stack, or
+    another engine's payment simulator where this one would start its own."""
+    refuse_to_start_an_engine(settings.home, own_simulator=not os.environ.get("FLASHSALE_PSP_URL"))
 
 
 def _rate_change(value: str | None) -> tuple[float, int] | None:
@@ -97,6 +106,7 @@ def cmd_loadtest(args: argparse.Namespace, settings: Settings) -> int:
         buckets=within("buckets", args.buckets or "1", 1, MAX_BUCKETS),
     )  # fmt: skip
     if args.embedded:
+        _engine_may_start(settings)
         out("== starting the embedded stack (servers given by env vars are used as they are)")
         DevStack(settings.home).up()
         settings = Settings.from_env()
@@ -129,6 +139,7 @@ def cmd_chaos(args: argparse.Namespace, settings: Settings) -> int:
     doc = results_doc(args.doc, "docs/RELIABILITY.md" if full else None,
                       "--quick or --scenario NAME")  # fmt: skip
     json_path = output_file("json", args.json) if args.json else None
+    _engine_may_start(settings)
     was_stopped = all(row.state == "stopped" for row in dev.status())
     out("== starting the embedded stack (servers given by env vars are used as they are; the "
         "suite kills, pauses and flushes those it started itself)")  # fmt: skip

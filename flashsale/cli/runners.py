@@ -125,26 +125,26 @@ async def serve_psp(host: str, port: int, knobs: Knobs, journal: Path | None,
     return 0
 
 
-@contextlib.contextmanager
-def recorded_psp(home: Path, psp_url: str) -> Iterator[None]:
+def recorded_psp(home: Path, psp_url: str) -> contextlib.AbstractContextManager[None]:
     """Record the payment provider ``up`` uses in the state folder while it runs, so commands
     run from another shell (``flashsale audit``) find it; removed when ``up`` stops."""
-    path = home / ENGINE_ENV_FILE
-    home.mkdir(parents=True, exist_ok=True)
-    write_whole(path, f"export FLASHSALE_PSP_URL={psp_url}\n")
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
+    return recorded(home / ENGINE_ENV_FILE, f"export FLASHSALE_PSP_URL={psp_url}\n")
+
+
+def recorded_engine(home: Path, port: int,
+                    record: dict[str, Any]) -> contextlib.AbstractContextManager[None]:  # fmt: skip
+    """Record where this ``up``'s services listen in the state folder while it runs, so
+    ``dev status``, run from another shell, names them; removed when ``up`` stops."""
+    text = orjson.dumps({"pid": os.getpid(), **record}).decode()
+    return recorded(home / ENGINES_DIR / f"{port}.json", text)
 
 
 @contextlib.contextmanager
-def recorded_engine(home: Path, port: int, record: dict[str, Any]) -> Iterator[None]:
-    """Record where this ``up``'s services listen in the state folder while it runs, so
-    ``dev status``, run from another shell, names them; removed when ``up`` stops."""
-    path = home / ENGINES_DIR / f"{port}.json"
+def recorded(path: Path, text: str) -> Iterator[None]:
+    """``text`` in the file ``path`` (its folders made) while the block runs, removed after:
+    what this process is doing, for commands run from another shell."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_whole(path, orjson.dumps({"pid": os.getpid(), **record}).decode())
+    write_whole(path, text)
     try:
         yield
     finally:

@@ -30,7 +30,7 @@ from flashsale.cli.checks import (
 )
 from flashsale.cli.output import Stages, dump_json, out
 from flashsale.cli.supervisor import HUNG_AFTER_S
-from flashsale.engine_record import refuse_a_second_simulator
+from flashsale.engine_record import refuse_to_start_an_engine
 from flashsale.errors import ConfigError, InvalidInput
 from flashsale.settings import Settings, mask_url
 from flashsale.wording import counted, said
@@ -164,13 +164,12 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     workers = within("workers", args.workers, 1, MAX_PROCESSES)
     listeners = within("reservation-workers", args.reservation_workers, 0, MAX_PROCESSES)
     hung_after = seconds("hung-after", args.hung_after, longest=3600, zero=True)
-    service_settings(settings)
-    settings.require_kafka()
     # A provider named in the environment is used as it is; one that a previous `up` recorded
     # in the state folder is not: this `up` starts its own simulator.
     external = None if "FLASHSALE_PSP_URL" in settings.from_dev_env else settings.psp_url
-    if not external:
-        refuse_a_second_simulator(settings.home)
+    refuse_to_start_an_engine(settings.home, own_simulator=not external)
+    service_settings(settings)
+    settings.require_kafka()
     unused = {"psp-port": "FLASHSALE_PSP_URL names the payment provider: no simulator is "
                           "started"} if external else {}  # fmt: skip
     if not listeners:
@@ -394,8 +393,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "listener (gateway --reservations-only, named to admitted buyers), the allocator "
         "service (pumps, sweeper, outbox relay), the order workers, the reconciler, and the "
         "payment simulator unless FLASHSALE_PSP_URL names a provider (refused while another "
-        "engine's simulator runs on the stack). Crashed processes are restarted with "
-        "backoff; SIGTERM or Ctrl-C stops all.",
+        "engine's simulator runs on the stack). Refused while a benchmark that makes sales "
+        "runs on the stack. Crashed processes are restarted with backoff; SIGTERM or Ctrl-C "
+        "stops all.",
     )
     up.set_defaults(handler=cmd_up, serves=True)
     up.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
