@@ -388,7 +388,7 @@ def record_engine(home: Path, port: int, pid: int, gateway: str) -> None:
     naming ``pid`` as its supervisor and ``gateway`` as its gateway."""
     folder = home / ENGINES_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    record = {"pid": pid, "gateway": gateway, "ops": {}}
+    record = {"pid": pid, "gateway": gateway, "admin_page": f"{gateway}/", "ops": {}}
     (folder / f"{port}.json").write_text(json.dumps(record))
 
 

@@ -23,7 +23,7 @@ from flashsale.cli.devstack.pings import ping_kafka
 from flashsale.cli.devstack.processes import free_port, free_ports, pid_alive
 from flashsale.cli.devstack.stack import EXTERNAL_VAR, DevStack
 from flashsale.settings import Settings, home_dir, read_env_file
-from tests.harness import flashsale_named_process, record_engine
+from tests.harness import flashsale_named_process, record_bench, record_engine
 
 from .conftest import REPO, Cli
 
@@ -114,14 +114,44 @@ def test_up_reuse_env_status_down(scratch_home: Path, run_cli: Cli) -> None:
 
     # An engine running on the stack loses its servers: `dev down` stopped them without a
     # word of it, and the engine's services went on failing in another terminal.
-    with flashsale_named_process() as up_pid:
+    # So does a benchmark; and while one runs, `dev status` says so: an engine is refused
+    # until it ends, and that refusal named a benchmark that nothing else showed.
+    with flashsale_named_process() as up_pid, flashsale_named_process() as bench_pid:
+        record_bench(scratch_home, bench_pid, "gateway")
+        busy = run("dev", "status")
         record_engine(scratch_home, 9999, up_pid, "http://127.0.0.1:9999")
         down = run("dev", "down")
+    bench_row = [line.split() for line in busy.out.splitlines() if line.startswith("bench ")]
+    assert busy.out.endswith("no engine runs on this stack: `flashsale up` starts one once the "
+                             "benchmark ends\n"), busy.out  # fmt: skip
+    assert bench_row == [
+        [
+            "bench",
+            "running",
+            "-",
+            "pid",
+            str(bench_pid),
+            "flashsale",
+            "bench",
+            "gateway:",
+            "an",
+            "engine",
+            "starts",
+            "here",
+            "once",
+            "it",
+            "ends",
+        ]
+    ]
     assert down.code == 0
     assert (
         f"flashsale: warning: an engine runs on this stack (flashsale up, pid {up_pid}, "
         "http://127.0.0.1:9999): its services lose their servers now; stop it (Ctrl-C in its "
         f"terminal, or kill -TERM {up_pid})"
+    ) in down.err, down.err
+    assert (
+        f"flashsale: warning: a benchmark runs on this stack (flashsale bench gateway, pid "
+        f"{bench_pid}): it loses its servers now and fails"
     ) in down.err, down.err
     assert not any(pid_alive(pid) for pid in pids.values() if pid)
     # Run again, it printed nothing: had it stopped anything, was this the right folder?

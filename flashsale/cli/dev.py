@@ -17,7 +17,7 @@ from flashsale.cli.devstack.stack import DevStack, ServerStatus
 from flashsale.cli.output import Stages, dump_json, out, warn
 from flashsale.clients import pg_connect
 from flashsale.dead_letters import DeadLetters, Resending, read_dead_letters, resend_dead_letters
-from flashsale.engine_record import answers, running_engines
+from flashsale.engine_record import answers, running_benches, running_engines
 from flashsale.errors import InvalidInput, SchemaBehind
 from flashsale.kafka import ensure_topics
 from flashsale.migrate import migrate, require_current
@@ -49,6 +49,9 @@ def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
             warn(f"an engine runs on this stack (flashsale up, pid {pid}, {engine['gateway']}): "
                  f"its services lose their servers now; stop it (Ctrl-C in its terminal, or "
                  f"kill -TERM {pid})")  # fmt: skip
+        for bench in running_benches(stack.home):
+            warn(f"a benchmark runs on this stack (flashsale bench {bench['bench']}, pid "
+                 f"{bench['pid']}): it loses its servers now and fails")  # fmt: skip
         stack.down(purge=args.purge)
         return 0
     if args.dev_command == "env":  # and the stack's folder: later commands find it from anywhere
@@ -56,15 +59,17 @@ def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
             stack.env_lines() + f"export FLASHSALE_HOME={shlex.quote(str(stack.home))}\n"
         )
         return 0
-    rows = [*stack.status(), *_engines(stack.home)]
+    rows = [*stack.status(), *_engines(stack.home), *_benches(stack.home)]
     wide = max((len(row.url or "-") for row in rows), default=1)
     for row in rows:
         where = row.url or "-"
         pid = f"pid {row.pid}" if row.pid else ""
         version = f"v{row.version}" if row.version else ""
         out(f"{row.name:9} {row.state:9} {where:{wide}} {pid:10} {version:8} {row.detail}")
-    if not any(row.name == "engine" for row in rows):
-        out("no engine runs on this stack: `flashsale up` starts one")
+    names = {row.name for row in rows}
+    if "engine" not in names:
+        out("no engine runs on this stack: `flashsale up` starts one"
+            + (" once the benchmark ends" if "bench" in names else ""))  # fmt: skip
     return 0 if all(r.state in ("running", "external") for r in rows) else 3
 
 
@@ -83,6 +88,15 @@ def _engines(home: Path) -> list[ServerStatus]:
         rows.append(ServerStatus("engine", state, gateway, engine["pid"], None,
                                  engine.get("version"), "; ".join(parts)))  # fmt: skip
     return rows
+
+
+def _benches(home: Path) -> list[ServerStatus]:
+    """A row for each benchmark that makes sales running on the stack: an engine is refused
+    there until it ends."""
+    return [ServerStatus("bench", "running", None, bench["pid"],
+                         detail=f"flashsale bench {bench['bench']}: an engine starts here "
+                                "once it ends")
+            for bench in running_benches(home)]  # fmt: skip
 
 
 async def _schema_behind(settings: Settings) -> str | None:
