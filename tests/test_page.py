@@ -444,6 +444,12 @@ def test_a_long_wait_is_told_in_minutes_and_hours(stack: Settings, browser: Brow
         page.wait_for_selector("#state[data-state='registered']", timeout=10_000)
         detail = page.text_content("#detail") or ""
         assert detail.endswith(" · about 1 h 30 min."), detail  # as likely as at most
+        # Told to keep the page open for the hour and a half: the turn cannot come before
+        # the start, and a page closed and opened again finds the buyer still registered.
+        assert page.text_content("#turn") == (
+            "Your turn will last 60 s and may come as soon as the sale starts: have this page "
+            "open then. Closing it until then keeps your registration."
+        )
         # Nor is Leave offered before the draw: it was, asked "Leave the queue? Your place is
         # given up for good", and a Yes was refused (409 not_placed_yet).
         assert page.is_hidden("#leave")
