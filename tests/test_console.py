@@ -793,6 +793,12 @@ def test_the_live_page_counts_the_buyers_registered_for_the_draw(
         page.wait_for_selector("#queue .kpi:has-text('registered for the draw')", timeout=10_000)
         kpi = page.inner_text("#queue .kpi:has-text('registered for the draw') b")
         assert kpi == "3", kpi
+        # When it opens, what an operator watches for before it: the page said only its end.
+        starts = page.evaluate("at => new Date(at).toLocaleString()", spec["starts_at"])
+        ends = page.evaluate("at => new Date(at).toLocaleString()", spec["ends_at"])
+        assert page.inner_text("#updated").startswith(f"opens {starts} · ends {ends} · "), (
+            page.inner_text("#updated")
+        )
         # Registrations up to the queue cap: every next buyer is turned away, and it is said.
         cap = "#queue .kpi:has-text('queue cap') b"
         assert page.inner_text(cap).startswith("full at 3"), page.inner_text(cap)
