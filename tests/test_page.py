@@ -453,6 +453,16 @@ def test_a_long_wait_is_told_in_minutes_and_hours(stack: Settings, browser: Brow
         # Nor is Leave offered before the draw: it was, asked "Leave the queue? Your place is
         # given up for good", and a Yes was refused (409 not_placed_yet).
         assert page.is_hidden("#leave")
+        kept, link = page.context.storage_state(), page.url
+        page.close()  # and opened again later in the same browser, which kept the site's data
+        context = browser.new_context(storage_state=kept)
+        try:
+            again = context.new_page()
+            again.goto(link)
+            again.wait_for_selector("#state[data-state='registered']", timeout=10_000)
+            assert again.is_hidden("#join")  # no second registration asked
+        finally:
+            context.close()
 
 
 def test_a_place_far_back_is_written_as_a_number_is_read(stack: Settings, browser: Browser) -> None:
