@@ -110,9 +110,9 @@ def _options(parser: Any) -> None:
     group.add_argument("--drain", type=float, default=120.0, env_var="FLASHSALE_SPIKE_DRAIN",
                        help="most seconds to wait for the last buyers (default 120)")  # fmt: skip
     group.add_argument("--sale", default="", env_var="FLASHSALE_SPIKE_SALE",
-                       help="rehearse this preloaded sale (its products, opening and proof of "
-                            "work) instead of making one; --stock and --buckets are then "
-                            "the sale's own")  # fmt: skip
+                       help="rehearse this preloaded sale (its products, opening, at most "
+                            "15 min away, and proof of work) instead of making one; --stock "
+                            "and --buckets are then the sale's own")  # fmt: skip
 
 
 def opts(environment: Environment) -> Any:

@@ -10,6 +10,7 @@ import importlib.resources
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from flashsale.cli.devstack.processes import UP_PORTS, free_ports
 from flashsale.errors import ConfigError
 from flashsale.kafka import ensure_topics
 from flashsale.settings import Settings
+from flashsale.wording import span
 from loadtest.engine_check import CannotStart, check_engine
 from loadtest.processes import engine, wait_consuming, wait_healthy
 from loadtest.spike_sale import existing_sale
@@ -54,13 +56,16 @@ def locust_command(options: Options, host: str) -> list[str]:
     ]  # fmt: skip
 
 
-def _check(host: str, admin_token: str, sale: str) -> None:
+def _check(host: str, admin_token: str, sale: str, progress: Progress) -> None:
     """One line before locust starts when the engine is not there or refuses the token, or the
-    sale to rehearse cannot be."""
+    sale to rehearse cannot be; and one when that sale opens later, which the run waits for."""
     try:
         check_engine(host, admin_token)
         if sale:
-            existing_sale(host, admin_token, sale)
+            wait = existing_sale(host, admin_token, sale)["opened_at"] - time.time()
+            if wait >= 1:
+                progress(f"== {sale} opens in {span(wait)}: its buyers wait in its pre-queue "
+                         "until then, and their answers are timed from the opening")  # fmt: skip
     except CannotStart as exc:
         if exc.unreachable:
             raise ConfigError(f"--host: {exc}: start the engine (flashsale up) or run the spike "
@@ -85,7 +90,7 @@ def _run_locust(settings: Settings, options: Options, host: str, progress: Progr
 async def run(settings: Settings, options: Options, progress: Progress) -> int:
     if not options.embedded:
         await asyncio.to_thread(_check, options.host, settings.admin_token.current(),
-                                options.sale)  # fmt: skip
+                                options.sale, progress)  # fmt: skip
         return await asyncio.to_thread(_run_locust, settings, options, options.host, progress)
     await ensure_topics(settings)
     port = free_ports(UP_PORTS)
@@ -99,7 +104,8 @@ async def run(settings: Settings, options: Options, progress: Progress) -> int:
             await wait_consuming(session, f"http://127.0.0.1:{port + 2}/metrics")
         host = f"http://127.0.0.1:{port}"
         if options.sale:  # in this stack, ready to rehearse: else one line, as without
-            await asyncio.to_thread(_check, host, settings.admin_token.current(), options.sale)
+            await asyncio.to_thread(_check, host, settings.admin_token.current(), options.sale,
+                                    progress)  # fmt: skip
         code = await asyncio.to_thread(_run_locust, settings, options, host, progress)
     progress("== engine stopped")
     return code

@@ -8,9 +8,13 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from flashsale.wording import span
 from loadtest.engine_check import CannotStart, admin_headers, call, error_of
 
 SKU = "SPIKE-1"  # the product of the sale the spike makes
+# A rehearsal's buyers wait in the pre-queue for a sale that opens later, and its answers are
+# timed from the opening: one further off than this is refused, for a copy that opens sooner.
+MAX_WAIT_FOR_OPENING_S = 15 * 60
 
 
 def make_sale(host: str, admin_token: str, buyers: int, stock: int, buckets: int) -> dict[str, Any]:
@@ -52,6 +56,15 @@ def existing_sale(host: str, admin_token: str, sale_id: str) -> dict[str, Any]:
         raise CannotStart(f"--sale {sale_id}: not preloaded, so nobody could join it: "
                           f"`flashsale sale preload {sale_id}` first")  # fmt: skip
     starts = datetime.fromisoformat(sale["starts_at"]).timestamp()
+    if starts - time.time() > MAX_WAIT_FOR_OPENING_S:
+        at = datetime.fromtimestamp(starts, UTC)
+        raise CannotStart(
+            f"--sale {sale_id}: it opens in {span(starts - time.time())} ({at:%Y-%m-%d %H:%M} "
+            "UTC), and its buyers would wait in its pre-queue until then: rehearse a copy that "
+            f"opens sooner (`flashsale sale show {sale_id} --template > copy.json`, then "
+            "`flashsale sale create --file copy.json --starts-in 2m` and `flashsale sale "
+            "preload` of the copy)"
+        )
     return {"sale_id": sale_id, "opened_at": max(time.time(), starts),
             "skus": [s["sku"] for s in status["skus"]], "challenge": sale["join_challenge"],
             "units": sum(s["stock_total"] for s in status["skus"])}  # fmt: skip

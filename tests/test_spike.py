@@ -11,18 +11,28 @@ import socket
 import subprocess
 import sys
 import threading
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from flashsale.cli.devstack.processes import UP_PORTS, free_ports
 from flashsale.settings import Settings
 from loadtest.processes import engine
 from loadtest.verdict import judge
 from tests.conftest import Cli, Db
-from tests.harness import flashsale_named_process, live_gateway, record_engine, run_bounded
+from tests.harness import (
+    ADMIN,
+    create_live_sale,
+    flashsale_named_process,
+    live_gateway,
+    record_engine,
+    run_bounded,
+    sale_spec,
+)
 from tests.tls_authority import make_authority
 
 # Not imported here: locust patches the interpreter with gevent, which the asyncio tests of
@@ -296,6 +306,51 @@ def test_locust_run_without_a_host_says_so_in_one_line(stack: Settings) -> None:
     assert code == 1, err
     assert "the spike cannot start: --host is not given" in err, err
     assert "Traceback" not in err and "StopTest" not in err, err
+
+
+def test_a_rehearsal_of_a_sale_that_opens_days_later_is_refused_at_once(
+    stack: Settings, tmp_path: Path
+) -> None:
+    """`--sale` of a sale opening in three days: its buyers registered in its pre-queue and
+    polled it for as long as the spike ran, which printed nothing after its command line (the
+    answers are timed from the opening). A copy made as the README said (`sale create --file`
+    of the sale's template) kept its dates, and so its opening."""
+    spec = sale_spec("Later drop", "S1", 3, starts_in=3 * 86400)
+    spec["ends_at"] = (datetime.now(UTC) + timedelta(days=3, hours=1)).isoformat()
+    env = _env(ADMIN, stack.buyer_token_secret.reveal())
+    with live_gateway(stack) as gw:
+        sale = create_live_sale(gw.base_url, spec=spec)
+        cli = _spike(["flashsale", "loadtest", "spike", "--sale", sale, "--host", gw.base_url,
+                      "--out", str(tmp_path)], env)  # fmt: skip
+        direct = _spike(["locust", "-f", LOCUSTFILE, "--headless", "--host", gw.base_url,
+                         "--sale", sale], env)  # fmt: skip
+        status = requests.get(f"{gw.base_url}/admin/v1/sales/{sale}", timeout=10,
+                              headers={"Authorization": f"Bearer {ADMIN}"})  # fmt: skip
+    starts = datetime.fromisoformat(spec["starts_at"]).astimezone(UTC)
+    says = (
+        f"--sale {sale}: it opens in 3 days ({starts:%Y-%m-%d %H:%M} UTC), and its buyers "
+        "would wait in its pre-queue until then: rehearse a copy that opens sooner "
+        f"(`flashsale sale show {sale} --template > copy.json`, then `flashsale sale "
+        "create --file copy.json --starts-in 2m` and `flashsale sale preload` of the copy)"
+    )
+    assert cli[0] == 1, cli[1]
+    assert cli[1].strip().splitlines() == [f"flashsale: error: {says}"], cli[1]
+    assert direct[0] == 1, direct[1]
+    assert f"the spike cannot start: {says}" in direct[1], direct[1]
+    assert status.json()["queue"]["pre_queue"] == 0  # nobody registered in the sale's draw
+
+
+def test_a_rehearsal_says_that_its_buyers_wait_for_the_opening(stack: Settings) -> None:
+    """A sale opening in five minutes: the run waited for it without a word after locust's
+    command line, its answers being timed from the opening."""
+    from loadtest.spike import _check
+
+    said: list[str] = []
+    with live_gateway(stack) as gw:
+        sale = create_live_sale(gw.base_url, starts_in=300)
+        _check(gw.base_url, ADMIN, sale, said.append)
+    assert said == [f"== {sale} opens in 5 min: its buyers wait in its pre-queue until then, "
+                    "and their answers are timed from the opening"], said  # fmt: skip
 
 
 def test_a_spike_without_the_buyer_token_secret_stops_before_making_a_sale(

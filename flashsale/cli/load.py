@@ -239,8 +239,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     spike.add_argument("--buckets", help=f"stock buckets of that SKU, 1..{MAX_BUCKETS} "
                                          "(default 1)")  # fmt: skip
     spike.add_argument("--sale", help="rehearse this preloaded sale instead, as its buyers "
-                                      "will meet it: its products, opening and proof of "
-                                      "work")  # fmt: skip
+                                      "will meet it: its products, opening (at most 15 min "
+                                      "away) and proof of work")  # fmt: skip
     spike.add_argument("--ramp", default="10", help="seconds (or a duration as 1m) to bring "
                        "every buyer in (default 10)")  # fmt: skip
     spike.add_argument("--hold", default="5", help="seconds (or a duration as 1m) held after "
