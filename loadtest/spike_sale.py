@@ -56,10 +56,10 @@ def existing_sale(host: str, admin_token: str, sale_id: str) -> dict[str, Any]:
         raise CannotStart(f"--sale {sale_id}: not preloaded, so nobody could join it: "
                           f"`flashsale sale preload {sale_id}` first")  # fmt: skip
     starts = datetime.fromisoformat(sale["starts_at"]).timestamp()
-    if starts - time.time() > MAX_WAIT_FOR_OPENING_S:
+    if (lead := starts - time.time()) > MAX_WAIT_FOR_OPENING_S:
         at = datetime.fromtimestamp(starts, UTC)
         raise CannotStart(
-            f"--sale {sale_id}: it opens in {span(starts - time.time())} ({at:%Y-%m-%d %H:%M} "
+            f"--sale {sale_id}: it opens in {span(lead)} ({at:%Y-%m-%d %H:%M} "
             "UTC), and its buyers would wait in its pre-queue until then: rehearse a copy that "
             f"opens sooner (`flashsale sale show {sale_id} --template > copy.json`, then "
             "`flashsale sale create --file copy.json --starts-in 2m` and `flashsale sale "
