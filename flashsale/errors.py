@@ -69,6 +69,15 @@ def shown(value: object) -> str:
     return f"{text[:SHOWN_CHARACTERS]}… ({len(text)} characters as text)"
 
 
+def out_of_range(value: object, low: float, high: float) -> bool:
+    """Whether ``value`` is a whole number outside ``[low, high]``, a float among them: the
+    JSON parser reads an integer past 64 bits as a float (10**23 as 1e+23), and such a
+    number is told the range a rule on integers has, not that it is no integer."""
+    if isinstance(value, float) and value.is_integer():
+        return not low <= value <= high
+    return False
+
+
 def refused_value(value: object, rule: str) -> str:
     """What an input of ``rule`` is told: "required: RULE" when it was not sent (absent, null
     or empty), else "must be RULE, got VALUE"."""

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from flashsale.currencies import bare_amount, in_minor_units, is_currency
-from flashsale.errors import InvalidInput, refused_value, shown, unknown_name
+from flashsale.errors import InvalidInput, out_of_range, refused_value, shown, unknown_name
 from flashsale.keys import ID_PATTERN, MAX_BUCKETS
 
 T = TypeVar("T")
@@ -92,16 +92,14 @@ def integer(value: Any, where: str, *, minimum: int, maximum: int, what: str) ->
         if not DECIMAL.fullmatch(text):
             raise InvalidInput(where, f"must be {what}, got {shown(value)}")
         value = int(text)
-    elif isinstance(value, float):
+    if isinstance(value, int) and minimum <= value <= maximum:
+        return int(value)
+    if not (isinstance(value, int) or out_of_range(value, minimum, maximum)):
         raise InvalidInput(where, f"must be {what}, got {shown(value)}")
-    if not isinstance(value, int):
-        raise InvalidInput(where, f"must be {what}, got {shown(value)}")
-    if value < minimum or value > maximum:
-        # every ``what`` says its floor ("positive", "from 5 to 3600"), not all their ceiling
-        said = value < minimum or str(maximum) in what or f"{maximum:,}" in what
-        told = "" if said else f" of at most {maximum:,}"
-        raise InvalidInput(where, f"must be {what}{told}, got {value}")
-    return value
+    # every ``what`` says its floor ("positive", "from 5 to 3600"), not all their ceiling
+    said = value < minimum or str(maximum) in what or f"{maximum:,}" in what
+    told = "" if said else f" of at most {maximum:,}"
+    raise InvalidInput(where, f"must be {what}{told}, got {shown(value)}")
 
 
 # What a sale file (or a SKU row) that leaves a field out gets: the specs' own defaults.

@@ -29,6 +29,7 @@ from flashsale.errors import (
     RateLimited,
     SoldOut,
     Unavailable,
+    out_of_range,
     refused_value,
     shown,
 )
@@ -120,14 +121,12 @@ def _body(raw: dict[str, Any], limit: int) -> tuple[str, int, str]:
     sku, quantity, payment = raw.get("sku"), raw.get("quantity"), raw.get("payment_token")
     if not isinstance(sku, str) or not sku:
         raise InvalidInput("sku", refused_value(sku, "a SKU id of this sale"))
-    if type(quantity) is not int:
+    if type(quantity) is not int and not out_of_range(quantity, 1, limit):
         raise InvalidInput("quantity", refused_value(quantity, "an integer"),
                            code="invalid_quantity")  # fmt: skip
-    if not 1 <= quantity <= limit:
-        raise InvalidInput(
-            "quantity", f"must be between 1 and the per-buyer limit {limit}",
-            code="invalid_quantity",
-        )  # fmt: skip
+    if type(quantity) is not int or not 1 <= quantity <= limit:
+        rule = f"must be between 1 and the per-buyer limit {limit}"
+        raise InvalidInput("quantity", f"{rule}, got {shown(quantity)}", code="invalid_quantity")
     if (
         not isinstance(payment, str) or not payment or len(payment) > MAX_PAYMENT_TOKEN
         or not payment.isprintable() or any(c in payment for c in SEPARATORS)

@@ -879,6 +879,33 @@ async def test_a_refused_json_value_is_named_as_json_spells_it(http: TestClient[
     assert (await response.json())["error"]["message"].endswith(", got true")
 
 
+async def test_a_number_too_long_for_64_bits_is_told_its_maximum(
+    http: TestClient[Any, Any],
+) -> None:
+    """The JSON parser reads an integer past 64 bits as a float: a stock of 10**23 was told
+    "must be a positive integer, got 1e+23", refusing an integer for not being one."""
+    huge = b"100000000000000000000000"
+    said: dict[str, str] = {}
+    for field, sku in (("stock", b'"stock": ' + huge + b', "price": 1'),
+                       ("price", b'"stock": 1, "price": ' + huge)):  # fmt: skip
+        body = b'{"name": "x", "skus": [{"sku": "A", "currency": "EUR", ' + sku + b"}]}"
+        json_type = {**auth(), "Content-Type": "application/json"}
+        answer = await http.post("/admin/v1/sales", data=body, headers=json_type)
+        assert answer.status == 422, field
+        said[field] = (await answer.json())["error"]["message"]
+    sale_id = (await (await http.post("/admin/v1/sales", json=SALE, headers=auth())).json())["id"]
+    add = b'{"sku": "SNK-1", "add": ' + huge + b"}"
+    added = await http.post(f"/admin/v1/sales/{sale_id}/stock", data=add, headers=json_type)
+    assert added.status == 422
+    said["add"] = (await added.json())["error"]["message"]
+    assert said == {
+        "stock": "skus[0].stock: must be a positive integer of at most 1,000,000,000, got 1e+23",
+        "price": "skus[0].price: must be a non-negative integer amount in minor units of at "
+                 "most 1,000,000,000,000,000, got 1e+23",
+        "add": "add: must be a positive integer of at most 1,000,000,000, got 1e+23",
+    }, said  # fmt: skip
+
+
 async def test_bad_stock_and_unknown_sale(http: TestClient[Any, Any]) -> None:
     sale_id = (await (await http.post("/admin/v1/sales", json=SALE, headers=auth())).json())["id"]
     cases = [

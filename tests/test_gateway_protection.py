@@ -74,6 +74,9 @@ async def test_bad_reservation_inputs_are_refused_and_change_nothing(gw: Gateway
         ("quantity as text", {"body": {**GOOD, "quantity": "1"}}, 422, "invalid_quantity"),
         ("quantity as bool", {"body": {**GOOD, "quantity": True}}, 422, "invalid_quantity"),
         ("quantity fraction", {"body": {**GOOD, "quantity": 1.5}}, 422, "invalid_quantity"),
+        # the JSON parser reads an integer past 64 bits as a float (1e+23)
+        ("quantity of 24 digits", {"raw": b'{"sku": "SKU-1", "quantity": 1' + b"0" * 23
+                                   + b', "payment_token": "tok"}'}, 422, "invalid_quantity"),
         ("sku wrong type", {"body": {**GOOD, "sku": 7}}, 422, "invalid_input"),
         ("unknown sku", {"body": {**GOOD, "sku": "NOPE"}}, 404, "unknown_sku"),
         ("no payment token", {"body": {"sku": "SKU-1", "quantity": 1}}, 422, "invalid_input"),
@@ -123,11 +126,15 @@ async def test_bad_reservation_inputs_are_refused_and_change_nothing(gw: Gateway
     # A value given and refused is not "required", and is named as sent.
     key_rule = "1..100 of A-Z a-z 0-9 . _ : -"
     assert {name: said[name] for name in (
-        "quantity as text", "quantity fraction", "quantity as bool", "sku wrong type",
+        "quantity as text", "quantity fraction", "quantity as bool", "quantity of 24 digits",
+        "quantity over limit", "sku wrong type",
         "no idempotency key", "empty idempotency key", "bad idempotency key",
         "no payment token", "unknown field", "misspelled field")} == {
         "quantity as text": "quantity: must be an integer, got '1'",
         "quantity fraction": "quantity: must be an integer, got 1.5",
+        "quantity of 24 digits": "quantity: must be between 1 and the per-buyer limit 2, got "
+                                 "1e+23",
+        "quantity over limit": "quantity: must be between 1 and the per-buyer limit 2, got 3",
         "quantity as bool": "quantity: must be an integer, got true",
         "sku wrong type": "sku: must be a SKU id of this sale, got 7",
         "no idempotency key": f"Idempotency-Key: required header: {key_rule}",
