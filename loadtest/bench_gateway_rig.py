@@ -1,13 +1,14 @@
 """What ``flashsale bench gateway`` drives its rows with: the sales (a plain one and one
 with a join challenge), buyers queued and admitted through the waiting room's scripts, waiting
-buyers' tickets, solved challenges and a storefront's ES256 tokens."""
+buyers' tickets, solved challenges and a storefront's ES256 tokens; and the discarding of a
+benchmark's sales, which ``bench reconcile`` does too."""
 
 from __future__ import annotations
 
 import itertools
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,6 +16,7 @@ import aiohttp
 
 from allocator.queue_scripts import MAX_JOIN_BATCH, QueueScripts
 from allocator.sale_admin import SaleAdmin
+from allocator.sale_reads import in_parts
 from flashsale.clients import pg_pool, redis_client
 from flashsale.errors import FlashsaleError
 from flashsale.keys import SaleKeys, SkuKeys
@@ -159,7 +161,8 @@ async def waiting_tickets(settings: Settings, sale_id: str, count: int) -> Itera
     return itertools.cycle([signer.sign(c, SALE_S + TICKET_GRACE_S) for c in claims])
 
 
-async def discard_sales(settings: Settings, sale_ids: list[str], sku: str = SKU) -> None:
+async def discard_sales(settings: Settings, sale_ids: list[str],
+                        skus: Sequence[str] = (SKU,)) -> None:  # fmt: skip
     """End the benchmark's sales, delete their state in Redis (waiting room, stock, holds,
     outbox), then their rows: the engine's next pumps, sweeper, relay and workers have nothing
     of them to do, and `sale list` does not show them. Left live, the reserve row's tens of
@@ -174,7 +177,9 @@ async def discard_sales(settings: Settings, sale_ids: list[str], sku: str = SKU)
         admin = SaleAdmin.build(pool, client)
         for sale_id in sale_ids:
             await admin.set_status(sale_id, "end")
-            await client.unlink(*SaleKeys(sale_id).all(), *SkuKeys(sale_id, sku).all())
+            await client.unlink(*SaleKeys(sale_id).all())
+            for part in in_parts(skus):  # a catalogue's keys a part at a time
+                await client.unlink(*(k for sku in part for k in SkuKeys(sale_id, sku).all()))
             async with pool.acquire() as conn, conn.transaction():
                 for statement in _FORGET:
                     await conn.execute(statement, sale_id)

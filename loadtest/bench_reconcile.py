@@ -35,6 +35,7 @@ from flashsale.sales import fetch_in_play
 from flashsale.salespec import parse_sale
 from flashsale.settings import Settings
 from loadtest.bench import Report, Row, Target, inconsistent, machine, table
+from loadtest.bench_gateway_rig import discard_sales
 from reconciler.reconcile import Reconciler
 from reconciler.skus import SCOPE, sku_reads
 
@@ -75,19 +76,19 @@ async def run(settings: Settings, options: Options, progress: Progress, command:
     described = machine()
     pool = await pg_pool(settings, min_size=1, max_size=4)
     client = redis_client(settings)
+    made: list[str] = []
+    now, skus = datetime.now(UTC), [f"B{i:05d}" for i in range(options.skus)]
+    spec = {
+        "name": f"bench reconcile {options.skus} SKUs",
+        "starts_at": (now - timedelta(seconds=1)).isoformat(),
+        "ends_at": (now + timedelta(hours=1)).isoformat(),
+        "skus": [{"sku": sku, "stock": 100, "price": 100, "currency": "EUR"} for sku in skus],
+    }  # fmt: skip
     try:
-        now = datetime.now(UTC)
-        spec = {
-            "name": f"bench reconcile {options.skus} SKUs",
-            "starts_at": (now - timedelta(seconds=1)).isoformat(),
-            "ends_at": (now + timedelta(hours=1)).isoformat(),
-            # A one-second hold TTL: once ended, the sale leaves the relay's scope in minutes.
-            "skus": [{"sku": f"B{i:05d}", "stock": 100, "price": 100, "currency": "EUR",
-                      "hold_ttl_seconds": 1} for i in range(options.skus)],
-        }  # fmt: skip
         admin = SaleAdmin.build(pool, client)
         progress(f"bench reconcile: creating and preloading a sale of {options.skus:,} SKUs")
         sale_id = str((await admin.create(parse_sale(spec)))["id"])
+        made.append(sale_id)
         began = time.perf_counter()
         await admin.preload(sale_id)
         progress(f"  preloaded in {time.perf_counter() - began:.1f}s")
@@ -132,10 +133,12 @@ async def run(settings: Settings, options: Options, progress: Progress, command:
         progress(f"  drift: {results['drift'] * 1000:,.0f} ms to rebuild {drift.changed} of "
                  f"{corrupt} corrupted SKUs; the next pass changed {after.changed}")  # fmt: skip
         consistent = drift.changed == corrupt and after.changed == 0
-        await admin.set_status(sale_id, "end")  # out of every service's scope soon
     finally:
         await client.aclose()
         await pool.close()
+        if made:  # also after a failed pass: nothing of the run stays on the stack
+            progress("  discarding the sale: its rows, its repairs and its Redis state")
+            await discard_sales(settings, made, skus)
 
     ceiling_s = results["ceiling"]
     rows = [

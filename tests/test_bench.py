@@ -239,12 +239,15 @@ def test_bench_pipeline_smoke(cli: Cli, stack: Settings, tmp_path: Path) -> None
     assert [t["name"] for t in report["targets"]] == ["orders/s at 0 ms"]
 
 
-def test_bench_reconcile_smoke(cli: Cli, tmp_path: Path) -> None:
-    """A small run: every row, and the drift pass repairs exactly the corrupted SKUs."""
+def test_bench_reconcile_smoke(cli: Cli, stack: Settings, tmp_path: Path) -> None:
+    """A small run: every row, and the drift pass repairs exactly the corrupted SKUs. Its sale
+    is gone afterwards: it stayed in `sale list` and on the live page, its repairs in
+    `flashsale repairs`, and the state of 10,000 SKUs in Redis until archived a day later."""
     path = tmp_path / "reconcile.json"
     result = cli("bench", "reconcile", "--skus", "300", "--passes", "1", "--json", str(path))
     assert result.code == 0, result.err
     report = json.loads(path.read_text())
+    assert asyncio.run(_left_of(stack, report["config"]["sale_id"])) == (0, 0, 0)
     rows = {row["name"]: row for row in report["results"]}
     assert set(rows) == {"ceiling", "clean", "full", "status", "drift"}
     drift = rows["drift"]
@@ -253,6 +256,21 @@ def test_bench_reconcile_smoke(cli: Cli, tmp_path: Path) -> None:
     assert [t["name"] for t in report["targets"]] == ["clean pass over 10,000 SKUs",
                                                       "status read vs the ceiling"]  # fmt: skip
     assert run_skus_ok(rows)
+
+
+async def _left_of(settings: Settings, sale_id: str) -> tuple[int, int, int]:
+    """What a stack keeps of a sale: its rows, its repairs and its Redis keys."""
+    pool, client = await pg_pool(settings, max_size=1), redis_client(settings)
+    try:
+        rows = await pool.fetchval("SELECT count(*) FROM sales WHERE id = $1", sale_id)
+        repairs = await pool.fetchval(
+            "SELECT count(*) FROM reconcile_events WHERE sale_id = $1", sale_id
+        )
+        keys = [k async for k in client.scan_iter(match=f"*{sale_id}*", count=1000)]
+        return rows, repairs, len(keys)
+    finally:
+        await client.aclose()
+        await pool.close()
 
 
 def run_skus_ok(rows: dict[str, dict[str, object]]) -> bool:

@@ -314,8 +314,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="seconds per reconcile pass over many SKUs (target: 10,000 SKUs in <= 1 s)",
         description="Create and preload a sale of --skus SKUs, then time reconcile passes: "
         "the bare reads (ceiling), a clean service pass, a full --once pass, and a pass "
-        "rebuilding 1 % of the SKUs after corrupting them. Medians of --passes. Exit 1 if "
-        "the drift pass repairs anything but the corrupted SKUs.",
+        "rebuilding 1 % of the SKUs after corrupting them. Medians of --passes. The sale is "
+        "deleted afterwards, with its repairs and its Redis state. Exit 1 if the drift pass "
+        "repairs anything but the corrupted SKUs.",
     )
     rc_bench.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     rc_bench.add_argument("--skus", default="10000", help="SKUs in the sale (default 10000)")
