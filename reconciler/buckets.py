@@ -45,11 +45,16 @@ from reconciler.report import PassReport, Repair
 TRANSFER_GRACE_S = 5.0  # a transfer is finished by its own allocator within a few round trips
 KEEP_OUTCOMES = ("stock_not_granted", "total_ahead", "transfer_unfinished")
 
+# By bucket, and in the same statement the SKU's sold counter (see reconciler.sold_counter):
+# a row with no bucket when the SKU has no order.
 _SOLD_BY_BUCKET = """
-SELECT order_bucket(id) AS bucket,
-       coalesce(sum(quantity) FILTER (WHERE state = 'CONFIRMED'), 0) AS sold,
-       count(*) FILTER (WHERE state IN ('PENDING', 'PAYING')) AS open
-FROM orders WHERE sale_id = $1 AND sku = $2 GROUP BY 1
+SELECT k.sold AS counter, o.bucket, coalesce(o.sold, 0) AS sold, coalesce(o.open, 0) AS open
+FROM sale_skus k LEFT JOIN (
+  SELECT order_bucket(id) AS bucket,
+         coalesce(sum(quantity) FILTER (WHERE state = 'CONFIRMED'), 0) AS sold,
+         count(*) FILTER (WHERE state IN ('PENDING', 'PAYING')) AS open
+  FROM orders WHERE sale_id = $1 AND sku = $2 GROUP BY 1) o ON true
+WHERE k.sale_id = $1 AND k.sku = $2
 """
 
 
@@ -118,12 +123,18 @@ class BucketChecks:
         return found
 
     async def _sold(self, read: Sequence[BucketRead], pg: dict[str, Any]) -> list[SkuDrift]:
-        """Buckets whose sold count disagrees with their confirmed orders. Postgres is read
-        after Redis (see reconciler.skus.SkuChecks._ahead)."""
+        """Buckets whose sold count disagrees with their confirmed orders, and the SKU's
+        sold counter when it does. Postgres is read after Redis (see
+        reconciler.skus.SkuChecks._drift)."""
         keys = read[0].keys
         rows = await self.pool.fetch(_SOLD_BY_BUCKET, keys.sale_id, keys.sku)
-        by_bucket = {r["bucket"]: r for r in rows}
+        by_bucket = {r["bucket"]: r for r in rows if r["bucket"] is not None}
+        confirmed = sum(r["sold"] for r in by_bucket.values())
         found = []
+        if rows and rows[0]["counter"] != confirmed:
+            found.append(SkuDrift(keys, "sold_counter", {"sold": sum(b.counts["sold"] or 0
+                                                                     for b in read)},
+                                  {**pg, "confirmed": confirmed}))  # fmt: skip
         for b in read:
             row = by_bucket.get(b.keys.bucket)
             sold, open_ = (row["sold"], row["open"]) if row else (0, 0)

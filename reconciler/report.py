@@ -31,6 +31,8 @@ KINDS = {
     "rebuild_sku": "a SKU's (or stock bucket's) Redis counts and holds, lost or drifted, "
                    "rebuilt from Postgres",
     "status": "a SKU's status in Redis (active, paused, ended) set back to Postgres's",
+    "recount_sold": "a SKU's sold counter in Postgres, apart from its confirmed orders, "
+                    "counted again from them",
     "restore_sale": "the sale's record, lost from Redis, written again from Postgres",
     "relist_skus": "the sale's list of SKUs in Redis written again from Postgres's",
     "restore_queue": "a waiting room lost from Redis restored from its marks",

@@ -4,8 +4,10 @@ put back).
 
 Detection is one pipelined read of every SKU in scope (:func:`sku_reads`) and one query; a
 SKU needs a rebuild when Redis lost it, a rebuild was interrupted, its counters are corrupt or
-break conservation, its total differs from Postgres, its sold counter is behind Postgres, or
-it is ahead of Postgres once nothing of the SKU is in flight.
+break conservation, its total differs from Postgres, its sold count is behind the confirmed
+orders, or ahead of them once nothing of the SKU is in flight. Where Postgres's own sold
+counter is the one apart from the orders, that counter is counted again instead
+(:mod:`reconciler.sold_counter`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from flashsale.sales import (
 from reconciler.buckets import BucketChecks, BucketRead, SkuDrift, bucket_reason
 from reconciler.rebuild import SALE_HELD, SkuRebuild, rebuild_lost, rebuild_sku
 from reconciler.report import PassReport, Repair, isolated, log, several_at_a_time
+from reconciler.sold_counter import recount_sold
 
 REBUILDS_AT_ONCE = 8
 LOST_AT_ONCE = 500  # lost SKUs of a sale rebuilt together
@@ -73,10 +76,13 @@ FROM sales s
 {_IN_SCOPE}
 """  # noqa: S608 - only constants of this code go in
 _VERSIONS = "SELECT id, skus_version FROM sales WHERE id = ANY($1::text[])"
-# Read after the Redis counters, in one statement: the sold count now and the open orders.
+# Read after the Redis counters, in one statement: the sold counter now, the units of the
+# confirmed orders (the two agree unless the counter was changed by hand) and the open orders.
 _SOLD_AND_OPEN = """
-SELECT k.sold, (SELECT count(*) FROM orders o WHERE o.sale_id = $1 AND o.sku = $2
-                AND o.state IN ('PENDING', 'PAYING')) AS open
+SELECT k.sold, (SELECT coalesce(sum(quantity), 0) FROM orders o WHERE o.sale_id = $1
+                AND o.sku = $2 AND o.state = 'CONFIRMED') AS confirmed,
+       (SELECT count(*) FROM orders o WHERE o.sale_id = $1 AND o.sku = $2
+        AND o.state IN ('PENDING', 'PAYING')) AS open
 FROM sale_skus k WHERE k.sale_id = $1 AND k.sku = $2
 """
 
@@ -195,9 +201,7 @@ class SkuChecks:
             found = [SkuDrift(b.keys, reason, {**b.counts, "status": b.status}, pg)
                      for b in read if (reason := bucket_reason(b)) is not None]  # fmt: skip
             if not found and row["buckets"] == 1:
-                reason = await self._reason(read[0].keys, read[0].counts, pg)
-                if reason is not None:
-                    found = [SkuDrift(read[0].keys, reason, read[0].counts, pg)]
+                found = await self._drift(read[0].keys, read[0].counts, pg)
             elif not found:
                 found = await self.buckets.find(row, read)
             drift += found
@@ -210,26 +214,31 @@ class SkuChecks:
                 self._settled.add((row["sale_id"], row["sku"]))
         return drift, statuses
 
-    async def _reason(self, keys: SkuKeys, r: dict[str, Any],
-                      pg: dict[str, Any]) -> str | None:  # fmt: skip
-        """Why a SKU in one bucket, sound as a bucket, disagrees with Postgres (or None)."""
+    async def _drift(self, keys: SkuKeys, r: dict[str, Any],
+                     pg: dict[str, Any]) -> list[SkuDrift]:  # fmt: skip
+        """Why a SKU in one bucket, sound as a bucket, disagrees with Postgres: its total, or
+        its sold count against the confirmed orders (its counter in Postgres too, when that
+        is the one apart: :mod:`reconciler.sold_counter`)."""
         if r["total"] != pg["stock_total"]:
-            return "total_differs"
-        if r["sold"] < pg["sold"]:
-            return "sold_behind"
-        if r["sold"] > pg["sold"] and await self._ahead(keys, r):
-            return "sold_ahead"
-        return None
-
-    async def _ahead(self, keys: SkuKeys, r: dict[str, Any]) -> bool:
-        """Redis's sold count (as read) is ahead of Postgres with nothing of the SKU in flight:
-        no PAYING hold, no outbox entry, no open order. Postgres is read after Redis, so a
-        capture confirmed meanwhile counts on both sides: a hold SOLD when Redis was read has
-        had its order since before then, and that order is open or counted now."""
-        if r["paying"] or await self.client.xlen(keys.outbox):
-            return False
-        row = await self.pool.fetchrow(_SOLD_AND_OPEN, keys.sale_id, keys.sku)
-        return row is not None and not row["open"] and r["sold"] > row["sold"]
+            return [SkuDrift(keys, "total_differs", r, pg)]
+        if r["sold"] == pg["sold"]:
+            return []
+        # Postgres read after Redis: a hold SOLD when Redis was read has had its order since
+        # before then, and that order is open or confirmed now.
+        now = await self.pool.fetchrow(_SOLD_AND_OPEN, keys.sale_id, keys.sku)
+        if now is None:
+            return []
+        confirmed = int(now["confirmed"])
+        found = []
+        if now["sold"] != confirmed:
+            found.append(SkuDrift(keys, "sold_counter", r, {**pg, "confirmed": confirmed}))
+        if r["sold"] < confirmed:
+            found.append(SkuDrift(keys, "sold_behind", r, pg))
+        elif r["sold"] > confirmed and not (
+            now["open"] or r["paying"] or await self.client.xlen(keys.outbox)
+        ):  # ahead with nothing of the SKU in flight
+            found.append(SkuDrift(keys, "sold_ahead", r, pg))
+        return found
 
     # -- repairs --------------------------------------------------------------------------
 
@@ -287,11 +296,14 @@ class SkuChecks:
         """Rebuild each SKU of ``drifts``; one that cannot be rebuilt stays closed (it answers
         ``unavailable``) and is reported, and the next pass takes it up again first. The
         stock buckets of one SKU are repaired together (:mod:`reconciler.buckets`)."""
+        for drift in (d for d in drifts if d.reason == "sold_counter"):  # Postgres's own
+            named = f"{drift.keys.sale_id}/{drift.keys.sku}: recount its sold counter"
+            await isolated(report, named, partial(self._recount, drift.keys, report))
         bucketed: dict[tuple[str, str], list[SkuDrift]] = {}
         single: list[SkuDrift] = []
         lost: dict[str, list[SkuDrift]] = {}  # by sale
         order: dict[tuple[str, str | None], int] = {}
-        for drift in drifts:
+        for drift in (d for d in drifts if d.reason != "sold_counter"):
             count = self._counts.get((drift.keys.sale_id, drift.keys.sku), 1)
             if count > 1:
                 bucketed.setdefault((drift.keys.sale_id, drift.keys.sku), []).append(drift)
@@ -351,6 +363,11 @@ class SkuChecks:
         for sku, rebuilt in done.items():
             self._report(by_sku[sku], rebuilt, report)
         return [by_sku[sku] for sku in left]
+
+    async def _recount(self, keys: SkuKeys, report: PassReport) -> None:
+        repair = await recount_sold(self.pool, keys.sale_id, keys.sku)
+        if repair is not None:
+            report.repairs.append(repair)
 
     async def rebuild(self, drift: SkuDrift, report: PassReport) -> None:
         """Rebuild the SKU from Postgres (:func:`reconciler.rebuild.rebuild_sku`)."""

@@ -483,6 +483,31 @@ async def test_a_lost_bucket_is_rebuilt_from_its_orders_and_the_sale_goes_on(
         await workers.drain()
 
 
+async def test_a_sold_counter_changed_by_hand_is_recounted_for_a_sku_in_buckets(
+    stack: Settings,
+) -> None:
+    """As for a SKU in one bucket (tests/test_reconcile.py): the counter in Postgres, apart
+    from the confirmed orders, is counted again from them, and no bucket is rebuilt. Left
+    apart, every pass read the SKU's orders again and changed nothing."""
+    async with pipeline(stack) as p, checked(p) as (rec, psp):
+        sale = await p.sale(stock=12, limit=1, buckets=3)
+        granted = await p.reserve(sale, ["tok_visa"] * 4)
+        workers = p.start_workers()
+        await p.wait_terminal(granted)
+        await drained(p)
+        for wrong in (9, 0):
+            await p.pool.execute("UPDATE sale_skus SET sold = $2 WHERE sale_id = $1", sale, wrong)
+            assert "1" in failing(await audit(p, psp, sale))
+            report = await rec.run_once([sale])
+            assert [(r.kind, r.before, r.after) for r in report.repairs] == [
+                ("recount_sold", {"sold": wrong}, {"sold": 4})
+            ], report.json()
+            assert (await p.counts(sale))["sold"] == 4
+            assert (await audit(p, psp, sale)).passed
+            await converged(rec, sale)
+        await workers.drain()
+
+
 async def test_a_late_credit_from_a_lender_lost_and_rebuilt_meanwhile_makes_no_units(
     stack: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
