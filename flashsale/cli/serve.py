@@ -345,12 +345,12 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     rec = commands.add_parser(
         "reconcile",
         help="find where Redis drifted from Postgres and repair it (once, or as a service)",
-        description="Compare every live SKU's Redis state with Postgres (the truth) and "
-        "repair drift: rebuild lost or corrupted SKUs, restore lost waiting rooms, resolve "
-        "orders stuck PENDING/PAYING through the payment provider (FLASHSALE_PSP_URL), refund "
-        "captures with no confirmed order, flag confirmed orders with no capture. Every repair "
-        "is recorded in reconcile_events. Without --once it passes over each sale every "
-        "--interval seconds. Exit (with --once): 0 done, 3 something left unresolved, 1 error.",
+        description="Compare every live SKU's Redis state with Postgres (the truth) and repair "
+        "drift: rebuild lost or corrupted SKUs, recount sold counters from the orders, restore "
+        "lost waiting rooms, settle stuck orders through the payment provider "
+        "(FLASHSALE_PSP_URL), refund captures with no confirmed order, flag confirmed orders with "
+        "no capture; each repair is kept in reconcile_events. Without --once, each sale is passed "
+        "over every --interval seconds. Exit (--once): 0 done, 3 something unresolved, 1 error.",
     )
     rec.set_defaults(handler=cmd_reconcile, serves=True)
     rec.add_argument("--once", action="store_true", help="one pass, then exit")
