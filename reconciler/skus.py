@@ -223,8 +223,9 @@ class SkuChecks:
             return [SkuDrift(keys, "total_differs", r, pg)]
         if r["sold"] == pg["sold"]:
             return []
-        # Postgres read after Redis: a hold SOLD when Redis was read has had its order since
-        # before then, and that order is open or confirmed now.
+        # What is in flight, then Postgres, read after Redis: a hold SOLD when Redis was read
+        # has had its order since before then, and that order is open or confirmed now.
+        moving = bool(r["paying"] or await self.client.xlen(keys.outbox))
         now = await self.pool.fetchrow(_SOLD_AND_OPEN, keys.sale_id, keys.sku)
         if now is None:
             return []
@@ -234,9 +235,7 @@ class SkuChecks:
             found.append(SkuDrift(keys, "sold_counter", r, {**pg, "confirmed": confirmed}))
         if r["sold"] < confirmed:
             found.append(SkuDrift(keys, "sold_behind", r, pg))
-        elif r["sold"] > confirmed and not (
-            now["open"] or r["paying"] or await self.client.xlen(keys.outbox)
-        ):  # ahead with nothing of the SKU in flight
+        elif r["sold"] > confirmed and not (moving or now["open"]):  # nothing in flight
             found.append(SkuDrift(keys, "sold_ahead", r, pg))
         return found
 
