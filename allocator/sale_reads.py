@@ -256,7 +256,7 @@ class SaleReads:
             by_state[r["state"]] = by_state.get(r["state"], 0) + int(r["n"])
             if r["state"] == "CONFIRMED":
                 revenue[r["currency"]] = revenue.get(r["currency"], 0) + int(r["amount"])
-        rows = []
+        rows, cleared = [], sale["redis_cleared_at"] is not None
         async for sku, per_bucket, moving in self._counted(sale_id, skus):
             count = summed(per_bucket)
             row = {
@@ -271,8 +271,9 @@ class SaleReads:
                 "confirmed": sku["sold"],
                 "orders": orders.get(sku["sku"], {}),
                 "preloaded": count is not None,
-                # preloaded once, and Redis has it no more (the reconciler rebuilds it)
-                "lost": count is None and sku["preloaded_at"] is not None,
+                # preloaded once, and Redis has it no more (the reconciler rebuilds it),
+                # but for a sale whose Redis state was deleted on purpose
+                "lost": count is None and sku["preloaded_at"] is not None and not cleared,
                 "buckets": sku["buckets"],
             }
             if sku["buckets"] > 1:

@@ -130,10 +130,12 @@ def ended_at(sale: asyncpg.Record, now: datetime) -> datetime | None:
 
 def archive_due(sale: asyncpg.Record, after_s: float | None) -> str | None:
     """When the reconciler archives the sale, ``after_s`` (``FLASHSALE_ARCHIVE_AFTER``) after
-    its end, as the archive's ``DUE`` rule has it; None before its end, once archived, or
-    with no ``after_s`` (never)."""
+    its end, as the archive's ``DUE`` rule has it; None before its end, once archived, with
+    no ``after_s`` (never), or once its Redis state was deleted (the archive takes no such
+    sale: its audit needs that state)."""
     ended = ended_at(sale, datetime.now(UTC))
-    if after_s is None or ended is None or sale["archived_at"] is not None:
+    gone = sale["archived_at"] is not None or sale.get("redis_cleared_at") is not None
+    if after_s is None or ended is None or gone:
         return None
     return iso_ms(int((ended.timestamp() + after_s) * 1000))
 
@@ -209,6 +211,8 @@ def sale_json(sale: asyncpg.Record, skus: Sequence[asyncpg.Record] | None = None
         "preloaded_at": iso(sale["preloaded_at"]),
         "ended_at": iso(ended_at(sale, now)),
         "archived_at": iso(sale["archived_at"]),
+        # deleted on purpose: by its archive, or by a benchmark keeping a sale it ordered from
+        "redis_cleared_at": iso(sale.get("redis_cleared_at")),
         # The seed is revealed only once the pre-queue is closed (the sale has started).
         "shuffle": {
             "algorithm": SHUFFLE_ALGORITHM,

@@ -408,7 +408,8 @@ def admin_paths() -> dict[str, Any]:
                 "admin",
                 "Archive an ended sale: its audit must pass; the report is recorded, then its "
                 "per-buyer Redis state deleted (README, 'After the sale'). 409 sale_not_ended, "
-                "no_payment_provider, audit_failed or archive_refused, with nothing deleted. "
+                "no_payment_provider, audit_failed, archive_refused or redis_cleared (a "
+                "benchmark's sale kept for its orders), with nothing deleted. "
                 "Re-runnable; an archived sale is answered without an audit",
                 {**ok(200, "The sale is archived", ARCHIVED), **errors(*admin_errors)},
                 security="admin",

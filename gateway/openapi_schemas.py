@@ -116,6 +116,11 @@ SALE = obj(
             "when the ended sale was archived: its audit recorded, its per-buyer Redis state "
             "deleted"
         ),
+        "redis_cleared_at": nullable_time(
+            "when the sale's Redis state was deleted on purpose, after which no service writes "
+            "it back: by its archive, or by a benchmark keeping a sale it made orders of (such "
+            "a sale cannot be archived)"
+        ),
         "shuffle": SHUFFLE,
         "sold_out": SALE_SOLD_OUT,
         "sku_count": SKU_COUNT,

@@ -170,7 +170,8 @@ async def discard_sales(settings: Settings, sale_ids: list[str],
     the first seconds of whatever it ran; left ended, a reconciler took their state for lost
     and wrote it back, and the archive tried them again and again. A sale an engine made
     orders of stays, its Redis state recorded as deleted (``redis_cleared_at``), which keeps
-    the services off it."""
+    the services off it, and the archive (whose audit needs that state): ``bench pipeline``
+    keeps each of its sales so, the order log being append-only."""
     pool = await pg_pool(settings, max_size=1)
     client = redis_client(settings)
     try:

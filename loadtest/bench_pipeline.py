@@ -42,6 +42,7 @@ from flashsale.salespec import parse_sale
 from flashsale.settings import Settings
 from flashsale.topics import Topics
 from loadtest.bench import Report, Row, Target, inconsistent, machine, table
+from loadtest.bench_gateway_rig import discard_sales
 from loadtest.processes import Servers, wait_healthy
 
 TARGETS = {0.0: 5_000.0, 50.0: 2_000.0}  # orders/s on this 2-core machine
@@ -222,6 +223,7 @@ async def _one_latency(settings: Settings, latency_ms: float, options: Options,
                   capacity, options.reservations, ended - began)  # fmt: skip
         row.extra.update(
             provider_latency_ms=latency_ms,
+            sale_id=sale_id,
             p50_ms=round(quantile(latencies, 0.5), 1),
             p99_ms=round(quantile(latencies, 0.99), 1),
             paced_per_second=round(rate, 1),
@@ -238,12 +240,14 @@ async def _one_latency(settings: Settings, latency_ms: float, options: Options,
         stop.set()
         servers.stop()
         await out.stop()
-        # Ended, the sale leaves the pumps' and the reconciler's scope (its orders are final),
-        # and the run's topics go: nothing of it is left for the engine to do or keep.
-        for sale_id in made:
-            await SaleAdmin.build(pool, redis).set_status(sale_id, "end")
+        # Nothing of the run is left for an engine to do: the sale ended, its Redis state
+        # deleted (kept for its orders, recorded as cleared: no service visits it, and the
+        # archive, whose audit it could never pass, leaves it), the order events its workers
+        # left unpublished (to its own topics), and its topics.
+        await pool.execute("DELETE FROM outbox WHERE topic = ANY($1::text[])", topics.all())
         await pool.close()
         await redis.aclose()
+        await discard_sales(settings, made, [SKU])
         await delete_topics(settings, topics.all())
 
 

@@ -109,6 +109,12 @@ async def archive_sale(pool: asyncpg.Pool, client: RedisClient, provider: Paymen
         if state != "ended":
             raise Conflict(f"sale {sale_id} is {state}: archive it once it has ended",
                            code="sale_not_ended")  # fmt: skip
+        if sale["redis_cleared_at"] is not None:  # a benchmark's, kept for its orders
+            raise Conflict(
+                f"sale {sale_id} cannot be archived: its Redis state was deleted on purpose "
+                f"at {iso(sale['redis_cleared_at'])} (a benchmark's sale, kept for its "
+                "orders), and its audit needs that state", code="redis_cleared",
+            )  # fmt: skip
         if provider is None:
             raise Conflict(
                 f"sale {sale_id} cannot be archived here: its audit asks the payment provider "

@@ -221,7 +221,10 @@ def test_bench_gateway_smoke(cli: Cli, stack: Settings, tmp_path: Path) -> None:
 @pytest.mark.heavy
 def test_bench_pipeline_smoke(cli: Cli, stack: Settings, tmp_path: Path) -> None:
     """A short run: psp and worker processes, relay, broker; every hold confirmed once; its
-    sale ended and its topics deleted afterwards."""
+    sale ended, its Redis state deleted and its topics too afterwards. Its sale stayed ended
+    with its Redis state: a day later the archive tried it again and again, its audit unable
+    to pass (no admission, the captures at the run's own provider). Kept for its orders, it is
+    recorded as cleared, which no service and no archive takes up."""
     path = tmp_path / "pipeline.json"
     began = datetime.now(UTC)
     topics = asyncio.run(_topics(stack, "bench"))
@@ -237,6 +240,10 @@ def test_bench_pipeline_smoke(cli: Cli, stack: Settings, tmp_path: Path) -> None
     assert run["per_second"] > 0 and run["consistent"] is True and run["oversold"] == 0
     assert run["paced_orders"] > 0 and run["p50_ms"] > 0
     assert [t["name"] for t in report["targets"]] == ["orders/s at 0 ms"]
+    kept, orders, _, keys = asyncio.run(_left_of(stack, run["sale_id"]))
+    # kept for its orders: the warm-up's 100, the burst's and the paced ones
+    assert (kept, keys, orders) == (1, 0, 100 + run["decisions"] + run["paced_orders"]), run
+    assert asyncio.run(_cleared(stack, run["sale_id"]))
 
 
 def test_bench_reconcile_smoke(cli: Cli, stack: Settings, tmp_path: Path) -> None:
@@ -247,7 +254,7 @@ def test_bench_reconcile_smoke(cli: Cli, stack: Settings, tmp_path: Path) -> Non
     result = cli("bench", "reconcile", "--skus", "300", "--passes", "1", "--json", str(path))
     assert result.code == 0, result.err
     report = json.loads(path.read_text())
-    assert asyncio.run(_left_of(stack, report["config"]["sale_id"])) == (0, 0, 0)
+    assert asyncio.run(_left_of(stack, report["config"]["sale_id"])) == (0, 0, 0, 0)
     rows = {row["name"]: row for row in report["results"]}
     assert set(rows) == {"ceiling", "clean", "full", "status", "drift"}
     drift = rows["drift"]
@@ -258,18 +265,28 @@ def test_bench_reconcile_smoke(cli: Cli, stack: Settings, tmp_path: Path) -> Non
     assert run_skus_ok(rows)
 
 
-async def _left_of(settings: Settings, sale_id: str) -> tuple[int, int, int]:
-    """What a stack keeps of a sale: its rows, its repairs and its Redis keys."""
+async def _left_of(settings: Settings, sale_id: str) -> tuple[int, int, int, int]:
+    """What a stack keeps of a sale: its rows, its orders, its repairs and its Redis keys."""
     pool, client = await pg_pool(settings, max_size=1), redis_client(settings)
     try:
         rows = await pool.fetchval("SELECT count(*) FROM sales WHERE id = $1", sale_id)
+        orders = await pool.fetchval("SELECT count(*) FROM orders WHERE sale_id = $1", sale_id)
         repairs = await pool.fetchval(
             "SELECT count(*) FROM reconcile_events WHERE sale_id = $1", sale_id
         )
         keys = [k async for k in client.scan_iter(match=f"*{sale_id}*", count=1000)]
-        return rows, repairs, len(keys)
+        return rows, orders, repairs, len(keys)
     finally:
         await client.aclose()
+        await pool.close()
+
+
+async def _cleared(settings: Settings, sale_id: str) -> bool:
+    pool = await pg_pool(settings, max_size=1)
+    try:
+        return bool(await pool.fetchval(
+            "SELECT redis_cleared_at IS NOT NULL FROM sales WHERE id = $1", sale_id))  # fmt: skip
+    finally:
         await pool.close()
 
 

@@ -39,6 +39,7 @@ from flashsale.salespec import SALE_DEFAULTS, SKU_DEFAULTS, parse_sale, parse_sk
 from flashsale.settings import Settings
 from flashsale.sku_csv import parse_csv
 from gateway.app import create_app
+from loadtest.bench_gateway_rig import discard_sales
 
 from .conftest import Cli, Db
 from .harness import longest_stall
@@ -1906,6 +1907,34 @@ def test_an_ended_sales_status_says_when_it_is_archived(
     monkeypatch.setenv("FLASHSALE_ARCHIVE_AFTER", "never")
     lines = cli("sale", "status", sale_id).out.splitlines()
     assert lines[2] == f"  not archived yet (`flashsale sale archive {sale_id}` does it)", lines
+
+
+def test_a_sale_kept_with_its_redis_state_deleted_says_so(
+    cli: Cli, db: Db, stack: Settings, tmp_path: Path
+) -> None:
+    """A benchmark's sale that has orders is kept, its Redis state deleted on purpose
+    (``redis_cleared_at``), as `bench pipeline` leaves each of its sales. `sale status` said
+    Redis had lost its SKUs and that `reconcile --once` rebuilds them, and that the reconciler
+    archives it a day after its end: neither service visits such a sale, and an archive's
+    audit, lacking that state, could not pass."""
+    sale_id = create(cli, tmp_path)
+    assert cli("sale", "preload", sale_id).code == 0
+    db.execute("INSERT INTO orders (id, sale_id, sku, buyer_id, quantity, amount, currency, "
+               "admission_id, payment_token, state) VALUES ($1, $2, 'SNK-42', 'b', 1, 100, "
+               "'EUR', 'a', 'tok', 'EXPIRED')", f"r-{sale_id}", sale_id)  # fmt: skip
+    asyncio.run(discard_sales(stack, [sale_id], ["SNK-42", "SNK-43"]))
+    cleared = db.val("SELECT redis_cleared_at FROM sales WHERE id = $1", sale_id)
+    lines = cli("sale", "status", sale_id).out.splitlines()
+    assert lines[2] == (
+        f"  its Redis state deleted {cleared:%Y-%m-%dT%H:%M:%SZ}, on purpose (a benchmark's "
+        "sale): no service visits it, and it cannot be archived (its audit needs that state)"
+    ), lines
+    assert not [line for line in lines if "lost" in line or "preloaded yet" in line], lines
+    shown = json.loads(cli("sale", "status", sale_id, "--json").out)
+    assert shown["sale"]["redis_cleared_at"] is not None and shown["archive_due_at"] is None
+    assert [sku["lost"] for sku in shown["skus"]] == [False, False], shown["skus"]
+    archived = cli("sale", "archive", sale_id)  # was refused as "its audit fails (2)"
+    assert archived.code == 1 and "its Redis state was deleted on purpose at " in archived.err
 
 
 def test_a_long_unknown_sale_id_is_named_not_echoed(cli: Cli) -> None:

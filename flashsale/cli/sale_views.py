@@ -57,8 +57,13 @@ def print_status(status: dict[str, Any], *, as_json: bool, whole: bool = True,
         when = f"starts {start}  ended {to_second(end)}" + (
             "" if end == ends else f" (planned for {stop})")  # fmt: skip
     say(f"  {when}  {loaded}")
+    cleared = sale.get("redis_cleared_at")
     if sale.get("archived_at"):
         say(f"  archived {to_second(sale['archived_at'])} (its per-buyer Redis state deleted)")
+    elif cleared:  # a benchmark's sale kept for its orders (loadtest.bench_gateway_rig)
+        why = "no service visits it, and it cannot be archived (its audit needs that state)"
+        say(f"  its Redis state deleted {to_second(cleared)}, on purpose (a benchmark's "
+            f"sale): {why}")  # fmt: skip
     elif over and whole:  # what becomes of its buyers' Redis state, and when
         say(f"  {archiving(sale, status.get('archive_due_at'))}")
     queue = status.get("queue")
@@ -106,7 +111,8 @@ def print_status(status: dict[str, Any], *, as_json: bool, whole: bool = True,
     # Why a SKU has no counts, two different things to do: said once for the SKUs of each
     # (a sale never preloaded has said so above), naming the first few of them.
     uncounted = without_counts(status["skus"])
-    lost, unloaded = uncounted["lost"], (uncounted["not_preloaded"] if preloaded else [])
+    lost, unloaded = uncounted["lost"], (uncounted["not_preloaded"]
+                                         if preloaded and not cleared else [])  # fmt: skip
     rebuild = "(`flashsale reconcile --once` rebuilds {} from Postgres)"
     later = "never preloaded" if over else f"not preloaded yet {hint}"
     for skus, one, several in (
