@@ -251,7 +251,10 @@ def test_a_keyboard_keeps_its_place_as_the_buttons_come_and_go(
         page.keyboard.press("Enter")
         page.wait_for_selector("#result[data-reservation]", timeout=10_000)
         assert page.evaluate(FOCUSED_ID) == "status"
-        page.focus("#cancel")  # no workers here: the hold stays ACTIVE until cancelled
+        # no workers here: the hold stays ACTIVE until cancelled; the button shows once the
+        # reservation is read back, after the result is marked (a race on a loaded machine)
+        page.wait_for_selector("#cancel:not([hidden])", timeout=10_000)
+        page.focus("#cancel")
         page.keyboard.press("Enter")
         page.wait_for_selector("#ask:not([hidden])", timeout=5_000)
         page.keyboard.press("Shift+Tab")  # from "No, keep it" to "Yes, cancel it"
