@@ -22,7 +22,7 @@ from reconciler.report import Repair
 # Under the SKU's row: a confirmation waits for this recount, or this recount for it, and
 # the count (a statement of its own, so read once the row is held) sees it either way.
 _HELD = "SELECT sold, stock_total FROM sale_skus WHERE sale_id = $1 AND sku = $2 FOR UPDATE"
-CONFIRMED_UNITS = """
+_CONFIRMED_UNITS = """
 SELECT coalesce(sum(quantity), 0)::bigint FROM orders
 WHERE sale_id = $1 AND sku = $2 AND state = 'CONFIRMED'
 """
@@ -37,7 +37,7 @@ async def recount_sold(pool: asyncpg.Pool, sale_id: str, sku: str) -> Repair | N
         row = await conn.fetchrow(_HELD, sale_id, sku)
         if row is None:
             return None
-        confirmed = int(await conn.fetchval(CONFIRMED_UNITS, sale_id, sku))
+        confirmed = int(await conn.fetchval(_CONFIRMED_UNITS, sale_id, sku))
         if confirmed == row["sold"]:
             return None
         if confirmed > row["stock_total"]:
