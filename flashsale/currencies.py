@@ -70,3 +70,16 @@ def in_minor_units(value: object, currency: str) -> int | None:
     if "," in found[0] and len(part) == 3:
         return None  # "1,499": as likely the thousands of a whole price as a decimal comma
     return int(whole + part.ljust(places, "0"))
+
+
+# Digits grouped by thousands as a spreadsheet shows them: "1,000", "1 000", "1'000" (Swiss),
+# with a (narrow) no-break space (French). Not "1.000": as a decimal point, that is 1.
+_GROUPED = re.compile(r"[0-9]{1,3}([,' \u00a0\u202f])[0-9]{3}(?:\1[0-9]{3}){0,8}")
+
+
+def ungrouped(text: str) -> str:
+    """What an error says of a count written with thousands separators ("1,000"): the count
+    without them; "" for any other text. Not for an amount: "1,499" of EUR is 149900 cents."""
+    if not _GROUPED.fullmatch(text):
+        return ""
+    return f" (without its thousands separators: {re.sub('[^0-9]', '', text)})"

@@ -15,7 +15,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from flashsale.currencies import bare_amount, in_minor_units, is_currency
+from flashsale.currencies import bare_amount, in_minor_units, is_currency, ungrouped
 from flashsale.errors import InvalidInput, out_of_range, refused_value, shown, unknown_name
 from flashsale.keys import ID_PATTERN, MAX_BUCKETS
 
@@ -81,8 +81,9 @@ class SaleSpec:
     join_challenge_max: int = 0  # the most it rises to with the join rate; 0: fixed
 
 
-def integer(value: Any, where: str, *, minimum: int, maximum: int, what: str) -> int:
-    """An integer in ``[minimum, maximum]`` from a JSON number or decimal text."""
+def integer(value: Any, where: str, *, minimum: int, maximum: int, what: str,
+            grouped: bool = True) -> int:  # fmt: skip
+    """An integer in ``[minimum, maximum]`` from a JSON number or text (``grouped``: a count)."""
     if isinstance(value, bool):
         raise InvalidInput(where, f"must be {what}, got {shown(value)}")
     if isinstance(value, str):
@@ -90,7 +91,8 @@ def integer(value: Any, where: str, *, minimum: int, maximum: int, what: str) ->
         # 4,300 digits it raises, and no bound here has more than 19
         text = value.strip()
         if not DECIMAL.fullmatch(text):
-            raise InvalidInput(where, f"must be {what}, got {shown(value)}")
+            hint = ungrouped(text) if grouped else ""
+            raise InvalidInput(where, f"must be {what}, got {shown(value)}{hint}")
         value = int(text)
     if isinstance(value, int) and minimum <= value <= maximum:
         return int(value)
@@ -227,7 +229,7 @@ def collect_sku(data: Any, where: str, errors: list[InvalidInput],
         if minor is not None:  # "149.99" of EUR: what was meant is known, so it is said
             raise InvalidInput(field, f"must be {what}, got {shown(value)} (minor units: "
                                       f"{bare_amount(value, code)} {code} is {minor})")  # fmt: skip
-        return integer(value, field, minimum=0, maximum=MAX_PRICE, what=what)
+        return integer(value, field, minimum=0, maximum=MAX_PRICE, what=what, grouped=False)
 
     sku = take("sku", identifier, "")
     spec = SkuSpec(

@@ -1672,6 +1672,21 @@ def test_a_number_past_its_maximum_is_told_the_maximum(data: Any, field: str, ma
     assert maximum in refused.value.message, refused.value.message
 
 
+@pytest.mark.parametrize("written", ["1,000", "1 000", "1\u202f000", "1'000", "1,000,000"])
+def test_a_count_written_with_thousands_separators_is_told_it_without(written: str) -> None:
+    """A spreadsheet saves a number as it shows it ("1,000" where the cell groups digits):
+    a stock so written was told "must be a positive integer, got '1,000'", and nothing more.
+    A price is not told so: "1,499" of EUR is 149900 in minor units, not 1499."""
+    with pytest.raises(InvalidInput) as refused:
+        parse_sku({"sku": "A", "stock": written, "price": 100, "currency": "EUR"}, "")
+    digits = written.replace(",", "").replace(" ", "").replace("\u202f", "").replace("'", "")
+    said = refused.value.message
+    assert said.endswith(f"got {written!r} (without its thousands separators: {digits})"), said
+    with pytest.raises(InvalidInput) as price:
+        parse_sku({"sku": "A", "stock": 1, "price": "1,499", "currency": "EUR"}, "")
+    assert "separators" not in price.value.message, price.value.message
+
+
 def test_bad_flags(cli: Cli, counts: Any) -> None:
     """A refused flag is named as it was typed: `--limit 0` was refused as
     "skus[0].per_buyer_limit", the sale file's path of what the flag sets."""
