@@ -1,5 +1,5 @@
 """Benchmark harness: a closed-loop driver, the machine's description, Redis server samples,
-tables and JSON reports.
+tables and JSON reports, and the discarding of a run's sales.
 
 Benchmarks compare rows measured in the same run (this machine is shared and noisy, so only
 ratios within one run mean anything). Every report carries the machine it ran on and the
@@ -22,8 +22,12 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from flashsale.clients import RedisClient
+from allocator.sale_admin import SaleAdmin
+from allocator.sale_reads import in_parts
+from flashsale.clients import RedisClient, pg_pool, redis_client
+from flashsale.keys import SaleKeys, SkuKeys
 from flashsale.ops_endpoints import info_of_primaries
+from flashsale.settings import Settings
 
 
 @dataclass(slots=True)
@@ -229,3 +233,42 @@ class ServerSample:
             "server_us_per_decision": round(usec / max(decisions, 1), 3),
             "server_cpu_us_per_decision": round(cpu * 1e6 / max(decisions, 1), 3),
         }
+
+
+# A discarded sale's rows: what refers to it without a foreign key, then the sale (its SKUs
+# and stock change keys go with it), unless an engine made orders of it; the deletion of its
+# Redis state is recorded on the sale that stays, as an archive records it.
+_UNORDERED = "NOT EXISTS (SELECT 1 FROM orders WHERE sale_id = $1)"
+_FORGET = (
+    *(f"DELETE FROM {table} WHERE sale_id = $1 AND {_UNORDERED}"  # noqa: S608 - constants
+      for table in ("queue_marks", "reconcile_events", "prequeue_members")),
+    f"DELETE FROM sales WHERE id = $1 AND {_UNORDERED}",  # noqa: S608 - constants
+    "UPDATE sales SET redis_cleared_at = now() WHERE id = $1",
+)  # fmt: skip
+
+
+async def discard_sales(settings: Settings, sale_ids: list[str], skus: Sequence[str]) -> None:
+    """End a benchmark's sales (of the SKUs ``skus``), delete their state in Redis (waiting
+    room, stock, holds, outbox), then their rows: the engine's next pumps, sweeper, relay and
+    workers have nothing of them to do, and `sale list` does not show them. Left live, the
+    reserve row's tens of thousands of holds were swept, relayed and turned into orders by the
+    next engine, during the first seconds of whatever it ran; left ended, a reconciler took
+    their state for lost and wrote it back, and the archive tried them again and again. A sale
+    an engine made orders of stays, its Redis state recorded as deleted (``redis_cleared_at``),
+    which keeps the services off it, and the archive (whose audit needs that state): ``bench
+    pipeline`` keeps each of its sales so, the order log being append-only."""
+    pool = await pg_pool(settings, max_size=1)
+    client = redis_client(settings)
+    try:
+        admin = SaleAdmin.build(pool, client)
+        for sale_id in sale_ids:
+            await admin.set_status(sale_id, "end")
+            await client.unlink(*SaleKeys(sale_id).all())
+            for part in in_parts(skus):  # a catalogue's keys a part at a time
+                await client.unlink(*(k for sku in part for k in SkuKeys(sale_id, sku).all()))
+            async with pool.acquire() as conn, conn.transaction():
+                for statement in _FORGET:
+                    await conn.execute(statement, sale_id)
+    finally:
+        await client.aclose()
+        await pool.close()

@@ -61,11 +61,11 @@ from flashsale.settings import Settings
 from flashsale.tokens import Signer
 from flashsale.topics import Topics
 from flashsale.wording import counted
-from loadtest.bench import Report, Row, ServerSample, Target, drive, machine, table
+from loadtest.bench import Report, Row, ServerSample, Target, discard_sales, drive, machine, table
 from loadtest.bench_gateway_rig import (
     CHALLENGE_BITS,
+    SKU,
     admitted_buyers,
-    discard_sales,
     guarded_sale,
     prepare_sale,
     solved_join,
@@ -296,7 +296,7 @@ async def run(settings: Settings, options: Options, progress: Progress, command:
         servers.stop()
         await redis.aclose()
         os.unlink(jwks)
-        await discard_sales(settings, sales)
+        await discard_sales(settings, sales, [SKU])
         await delete_topics(settings, topics.all())
     rows = [meter.row(meters[0]) for meter in meters]
     by = {row.name: row for row in rows}

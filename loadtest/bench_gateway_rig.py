@@ -1,25 +1,22 @@
 """What ``flashsale bench gateway`` drives its rows with: the sales (a plain one and one
 with a join challenge), buyers queued and admitted through the waiting room's scripts, waiting
-buyers' tickets, solved challenges and a storefront's ES256 tokens; and the discarding of a
-benchmark's sales, which ``bench reconcile`` does too."""
+buyers' tickets, solved challenges and a storefront's ES256 tokens."""
 
 from __future__ import annotations
 
 import itertools
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
 
 from allocator.queue_scripts import MAX_JOIN_BATCH, QueueScripts
-from allocator.sale_admin import SaleAdmin
-from allocator.sale_reads import in_parts
-from flashsale.clients import pg_pool, redis_client
+from flashsale.clients import redis_client
 from flashsale.errors import FlashsaleError
-from flashsale.keys import SaleKeys, SkuKeys
+from flashsale.keys import SaleKeys
 from flashsale.proof_of_work import solution
 from flashsale.settings import Settings
 from flashsale.tokens import Signer, Signers
@@ -28,16 +25,6 @@ from loadtest import admin_api
 
 SKU = "B1"  # the one SKU of every bench sale
 SALE_S = 3600  # each bench sale ends this long after it is made
-# A discarded sale's rows: what refers to it without a foreign key, then the sale (its SKUs
-# and stock change keys go with it), unless an engine made orders of it; the deletion of its
-# Redis state is recorded on the sale that stays, as an archive records it.
-_UNORDERED = "NOT EXISTS (SELECT 1 FROM orders WHERE sale_id = $1)"
-_FORGET = (
-    *(f"DELETE FROM {table} WHERE sale_id = $1 AND {_UNORDERED}"  # noqa: S608 - constants
-      for table in ("queue_marks", "reconcile_events", "prequeue_members")),
-    f"DELETE FROM sales WHERE id = $1 AND {_UNORDERED}",  # noqa: S608 - constants
-    "UPDATE sales SET redis_cleared_at = now() WHERE id = $1",
-)  # fmt: skip
 
 
 async def _live_sale(session: aiohttp.ClientSession, base: str, settings: Settings, name: str,
@@ -159,31 +146,3 @@ async def waiting_tickets(settings: Settings, sale_id: str, count: int) -> Itera
     claims = [{"s": sale_id, "sub": buyer, "p": position}
               for buyer, position in zip(buyers, positions, strict=True)]  # fmt: skip
     return itertools.cycle([signer.sign(c, SALE_S + TICKET_GRACE_S) for c in claims])
-
-
-async def discard_sales(settings: Settings, sale_ids: list[str],
-                        skus: Sequence[str] = (SKU,)) -> None:  # fmt: skip
-    """End the benchmark's sales, delete their state in Redis (waiting room, stock, holds,
-    outbox), then their rows: the engine's next pumps, sweeper, relay and workers have nothing
-    of them to do, and `sale list` does not show them. Left live, the reserve row's tens of
-    thousands of holds were swept, relayed and turned into orders by the next engine, during
-    the first seconds of whatever it ran; left ended, a reconciler took their state for lost
-    and wrote it back, and the archive tried them again and again. A sale an engine made
-    orders of stays, its Redis state recorded as deleted (``redis_cleared_at``), which keeps
-    the services off it, and the archive (whose audit needs that state): ``bench pipeline``
-    keeps each of its sales so, the order log being append-only."""
-    pool = await pg_pool(settings, max_size=1)
-    client = redis_client(settings)
-    try:
-        admin = SaleAdmin.build(pool, client)
-        for sale_id in sale_ids:
-            await admin.set_status(sale_id, "end")
-            await client.unlink(*SaleKeys(sale_id).all())
-            for part in in_parts(skus):  # a catalogue's keys a part at a time
-                await client.unlink(*(k for sku in part for k in SkuKeys(sale_id, sku).all()))
-            async with pool.acquire() as conn, conn.transaction():
-                for statement in _FORGET:
-                    await conn.execute(statement, sale_id)
-    finally:
-        await client.aclose()
-        await pool.close()

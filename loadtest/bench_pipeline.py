@@ -43,8 +43,7 @@ from flashsale.records import HoldRecord
 from flashsale.salespec import parse_sale
 from flashsale.settings import Settings
 from flashsale.topics import Topics
-from loadtest.bench import Report, Row, Target, inconsistent, machine, table
-from loadtest.bench_gateway_rig import discard_sales
+from loadtest.bench import Report, Row, Target, discard_sales, inconsistent, machine, table
 from loadtest.processes import Servers, wait_healthy
 
 TARGETS = {0.0: 5_000.0, 50.0: 2_000.0}  # orders/s on this 2-core machine

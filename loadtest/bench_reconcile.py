@@ -34,8 +34,7 @@ from flashsale.keys import SkuKeys
 from flashsale.sales import fetch_in_play
 from flashsale.salespec import parse_sale
 from flashsale.settings import Settings
-from loadtest.bench import Report, Row, Target, inconsistent, machine, table
-from loadtest.bench_gateway_rig import discard_sales
+from loadtest.bench import Report, Row, Target, discard_sales, inconsistent, machine, table
 from reconciler.reconcile import Reconciler
 from reconciler.skus import SCOPE, sku_reads
 

@@ -10,7 +10,8 @@ import aiohttp
 from allocator.discovery import HOLDING_SALES
 from flashsale.clients import pg_pool, redis_client
 from flashsale.settings import Secret, Settings
-from loadtest.bench_gateway_rig import SKU, discard_sales, prepare_sale, waiting_tickets
+from loadtest.bench import discard_sales
+from loadtest.bench_gateway_rig import SKU, prepare_sale, waiting_tickets
 from reconciler.reconcile import Reconciler
 
 from .harness import ADMIN, gateway
@@ -35,7 +36,7 @@ async def test_the_status_row_polls_with_tickets_the_gateway_keeps(stack: Settin
                 assert body["state"] == "waiting", body
                 assert "ticket" not in body, body
         finally:
-            await discard_sales(stack, [sale])
+            await discard_sales(stack, [sale], [SKU])
 
 
 async def test_the_sales_a_run_discarded_are_gone(stack: Settings) -> None:
@@ -57,7 +58,7 @@ async def test_the_sales_a_run_discarded_are_gone(stack: Settings) -> None:
             "INSERT INTO orders (id, sale_id, sku, buyer_id, quantity, amount, currency, "
             "admission_id, payment_token, state) VALUES ($1, $2, $3, 'b', 1, 100, 'EUR', 'a', "
             "'tok', 'CONFIRMED')", f"r-{kept}", kept, SKU)  # fmt: skip
-        await discard_sales(stack, [gone, kept])
+        await discard_sales(stack, [gone, kept], [SKU])
         rows = await pool.fetch("SELECT id, redis_cleared_at FROM sales WHERE id = ANY($1)",
                                 [gone, kept])  # fmt: skip
         assert [(r["id"], r["redis_cleared_at"] is not None) for r in rows] == [(kept, True)]

@@ -39,7 +39,7 @@ from flashsale.salespec import SALE_DEFAULTS, SKU_DEFAULTS, parse_sale, parse_sk
 from flashsale.settings import Settings
 from flashsale.sku_csv import parse_csv
 from gateway.app import create_app
-from loadtest.bench_gateway_rig import discard_sales
+from loadtest.bench import discard_sales
 
 from .conftest import Cli, Db
 from .harness import longest_stall
