@@ -15,7 +15,7 @@ The pass runs the checks, each of which detects without writing and then repairs
 
 Every repair is written to ``reconcile_events`` with its before and after values and counted in
 metrics; a second pass over a repaired state finds nothing to do. The post-sale audit runs the
-same checks' detection (:mod:`reconciler.audit`), not this driver.
+same checks' detection (:func:`would_repair`), not this driver.
 """
 
 from __future__ import annotations
@@ -32,14 +32,17 @@ from allocator.hold_scripts import HoldScripts
 from flashsale.clients import RedisClient
 from flashsale.orders import OrderStore
 from flashsale.payments import PaymentProvider
-from reconciler.captures import Captures
+from reconciler.captures import Captures, recorded_orphans
 from reconciler.orphan_holds import ORDERLESS_AFTER_S, OrphanHolds
 from reconciler.report import PassReport, ReconcileMetrics
 from reconciler.skus import SkuChecks, every_bucket
-from reconciler.stuck_orders import StuckOrders
+from reconciler.stuck_orders import StuckOrders, find_stuck
 from reconciler.waiting_rooms import WaitingRooms
 
 log = logging.getLogger("flashsale.reconciler")
+
+# An order in its payment longer than this is stuck (the default; would_repair's, the audit's)
+STUCK_AFTER_S = 60.0
 
 _RECORD = """
 INSERT INTO reconcile_events (sale_id, sku, kind, subject, before, after)
@@ -58,7 +61,7 @@ class Reconciler:
         provider: PaymentProvider | None,
         order_events_topic: str,
         *,
-        stuck_after_s: float = 60.0,
+        stuck_after_s: float = STUCK_AFTER_S,
         queue_grace_s: float = 2.0,
         orderless_after_s: float = ORDERLESS_AFTER_S,
         slow_every_s: float = 30.0,
@@ -161,3 +164,28 @@ class Reconciler:
         for item in items:
             log.debug("reconcile %s %s/%s %s: %s -> %s", item.kind, item.sale_id,
                       item.sku or "-", item.subject or "", item.before, item.after)  # fmt: skip
+
+
+async def would_repair(pool: asyncpg.Pool, client: RedisClient,
+                       sales: Sequence[str]) -> list[str]:  # fmt: skip
+    """What a reconcile pass would repair now, described, from the checks' detection alone
+    (nothing is written). The provider's side is left out: it needs the provider."""
+    skus = SkuChecks(pool, client)
+    rows = await skus.scope(sales)
+    in_scope = sorted({r["sale_id"] for r in rows})
+    drift, statuses = await skus.find(rows)
+    found = [f"{d.keys.sale_id}/{d.keys.sku}: {d.reason}" for d in drift]
+    found += [f"{r.sale_id}/{r.sku}: status {r.before['status']} -> {r.after['status']}"
+              for r in statuses]  # fmt: skip
+    rooms = await WaitingRooms(pool, client, grace_s=0.0).find(in_scope)
+    found += [f"{sale}: waiting room {why}" for sale, why, _, _ in rooms]
+    if in_scope:
+        found += [f"{r['id']}: stuck {r['state']}"
+                  for r in await find_stuck(pool, in_scope, STUCK_AFTER_S)]  # fmt: skip
+        found += [f"{r['key']}: payment recorded for an order {r['state']}"
+                  for r in await recorded_orphans(pool, in_scope)]  # fmt: skip
+    held = every_bucket(skus.unsettled(rows))  # settled: nothing active or paying there
+    orphans = OrphanHolds(pool, client, None, grace_s=ORDERLESS_AFTER_S)
+    found += [f"{rid}: ACTIVE past its deadline" for _, rid in await orphans.overdue(held)]
+    found += [f"{rid}: PAYING with no order" for _, rid in await orphans.orderless(held)]
+    return found

@@ -1952,6 +1952,39 @@ def test_a_sale_kept_with_its_redis_state_deleted_says_so(
     assert archived.code == 1 and "its Redis state was deleted on purpose at " in archived.err
 
 
+def test_the_audit_of_a_sale_kept_with_its_redis_state_deleted_says_why_it_fails(
+    cli: Cli, db: Db, stack: Settings, tmp_path: Path
+) -> None:
+    """Such a sale's audit failed invariant 2 with "skus_missing_in_redis" and invariant 7
+    with every order "without claim", as if Redis had lost them: it was deleted on purpose.
+    The audit still fails (what only Redis held cannot be checked), and says why."""
+    sale_id = create(cli, tmp_path)
+    assert cli("sale", "preload", sale_id).code == 0
+    db.execute("INSERT INTO orders (id, sale_id, sku, buyer_id, quantity, amount, currency, "
+               "admission_id, idempotency_key, payment_token, state) VALUES ($1, $2, 'SNK-42', "
+               "'b', 1, 100, 'EUR', '1', 'k', 'tok', 'EXPIRED')",
+               f"r-{sale_id}", sale_id)  # fmt: skip
+    db.execute("INSERT INTO order_events (order_id, seq, type, from_state, to_state, cause) "
+               "VALUES ($1, 1, 'expired', 'PENDING', 'EXPIRED', 'hold_expired')",
+               f"r-{sale_id}")  # fmt: skip
+    asyncio.run(discard_sales(stack, [sale_id], ["SNK-42", "SNK-43"]))
+    cleared = db.val("SELECT redis_cleared_at FROM sales WHERE id = $1", sale_id)
+    audited = cli("audit", sale_id, "--json")
+    assert audited.code == 1, audited.err
+    report = json.loads(audited.out)
+    assert report["facts"]["redis_cleared_at"] == f"{cleared:%Y-%m-%dT%H:%M:%SZ}"
+    assert report["facts"]["audited"].startswith("without its Redis state, deleted on purpose")
+    failed = {
+        i["name"][:2]: i["details"]
+        for i in report["invariants"]
+        if not i["passed"] and i["name"][:2] != "4."
+    }  # 4 asks a payment provider
+    why = f"its Redis state was deleted on purpose at {cleared:%Y-%m-%dT%H:%M:%SZ}"
+    assert failed == {"2.": {"not_checked": why}, "7.": {"not_checked": why}}, failed
+    text = cli("audit", sale_id).out
+    assert f"not_checked: {why}" in text and "missing_in_redis" not in text, text
+
+
 def test_a_long_unknown_sale_id_is_named_not_echoed(cli: Cli) -> None:
     result = cli("sale", "status", "sale-" + "a" * 5000)
     assert result.code == 1 and "unknown sale 'sale-aaa" in result.err, result.err
