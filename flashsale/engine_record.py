@@ -3,7 +3,8 @@ payment simulator it started. Commands run from another shell (``flashsale audit
 through Settings; an engine about to start its own simulator checks it first.
 ``<home>/engines/<port>.json``: where its services listen, which ``dev status`` shows.
 ``<home>/benches/<pid>.json``: a running benchmark that makes sales, which an engine would take
-up as its own: neither starts beside the other.
+up as its own: neither starts beside the other. Each names its process by pid and by
+:func:`process_identity`, as the embedded stack's ``stack.json`` names its servers.
 
 Two simulators on one stack would each know only the payments their own engine's workers made
 (the workers of both share one consumer group), so the audit and the reconciler, asking one of
@@ -56,15 +57,42 @@ def running_benches(home: Path) -> list[dict[str, Any]]:
     return _live_records(home / BENCHES_DIR)
 
 
+def process_identity(pid: int) -> str | None:
+    """What tells the process ``pid`` runs now from any other that had or will have the same
+    pid: the boot, and the moment of it the process started (in clock ticks: not moved by
+    changes of the wall clock). None when no such process runs (or not on Linux). A pid
+    recorded with this is the recorded process only while this is the same: after a reboot,
+    or pids wrapping around, it can be another process of the same program."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+    except OSError:
+        return None
+    return f"{boot}:{fields[19]}"  # the 22nd field, starttime (the 3rd is fields[0])
+
+
+def this_process() -> dict[str, Any]:
+    """What a record of this process names it by: ``pid`` and ``identity``."""
+    return {"pid": os.getpid(), "identity": process_identity(os.getpid())}
+
+
+def is_recorded_process(pid: int, identity: str | None) -> bool:
+    """``pid`` is the process a record made with ``identity`` (:func:`process_identity`)
+    names, as far as its process still runs; a record without one (made before records had
+    it) is taken at its pid's word."""
+    return identity is None or process_identity(pid) == identity
+
+
 def _live_records(folder: Path) -> list[dict[str, Any]]:
-    """The JSON records in ``folder`` whose ``pid`` is a live flashsale process, by file name
-    (numbers in their order)."""
+    """The JSON records in ``folder`` whose ``pid`` is a live flashsale process, the one
+    recorded, by file name (numbers in their order)."""
     found = []
     for path in sorted(folder.glob("*.json"), key=lambda p: p.stem.zfill(10)):
         try:
             record = orjson.loads(path.read_bytes())
-            alive = _runs_flashsale(int(record["pid"]))
-        except (OSError, ValueError, KeyError, TypeError):  # gone meanwhile, or half written
+            pid = int(record["pid"])
+            alive = _runs_flashsale(pid) and is_recorded_process(pid, record.get("identity"))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # gone, half written
             continue
         if alive:
             found.append(record)

@@ -383,21 +383,30 @@ def live_page(stack: Settings, browser: Any, name: str, *, stock: int = 3,
         yield LivePage(gw, sale, browser.new_page())
 
 
-def record_engine(home: Path, port: int, pid: int, gateway: str) -> None:
+def record_engine(
+    home: Path, port: int, pid: int, gateway: str, identity: str | None = None
+) -> None:
     """The record a running ``flashsale up`` keeps on its stack (flashsale.engine_record),
-    naming ``pid`` as its supervisor and ``gateway`` as its gateway."""
+    naming ``pid`` as its supervisor and ``gateway`` as its gateway; with ``identity``, as
+    the process it recorded was (a record without one is an older engine's)."""
     folder = home / ENGINES_DIR
     folder.mkdir(parents=True, exist_ok=True)
     record = {"pid": pid, "gateway": gateway, "admin_page": f"{gateway}/", "ops": {}}
+    if identity is not None:
+        record["identity"] = identity
     (folder / f"{port}.json").write_text(json.dumps(record))
 
 
-def record_bench(home: Path, pid: int, bench: str) -> None:
+def record_bench(home: Path, pid: int, bench: str, identity: str | None = None) -> None:
     """The record a running ``flashsale bench`` that makes sales keeps on its stack
-    (flashsale.engine_record), naming ``pid`` as its process."""
+    (flashsale.engine_record), naming ``pid`` as its process (and ``identity``, as
+    :func:`record_engine`)."""
     folder = home / BENCHES_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{pid}.json").write_text(json.dumps({"pid": pid, "bench": bench}))
+    record: dict[str, Any] = {"pid": pid, "bench": bench}
+    if identity is not None:
+        record["identity"] = identity
+    (folder / f"{pid}.json").write_text(json.dumps(record))
 
 
 @contextlib.contextmanager

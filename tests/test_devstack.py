@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -354,6 +355,33 @@ def test_a_redis_server_that_is_a_link_to_another_name_is_known_as_ours(
     finally:
         stack.down(progress=lambda _l: None)
     assert not pid_alive(redis.pid)
+
+
+def test_a_recorded_pid_another_server_took_since_is_not_the_stacks(
+    scratch_home: Path, tmp_path: Path
+) -> None:
+    """After a reboot (or pids wrapping around), a recorded server's pid can be another
+    process of the same program: another stack's redis-server or postgres. The stack took
+    it for its own: `dev status` said it ran, `dev up` reused it, and `dev down` stopped it."""
+    binary, version = find_redis()
+    port = free_port()
+    other = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path)], stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        scratch_home.mkdir(parents=True)
+        record = {"pid": other.pid, "port": port, "binary": binary, "version": version,
+                  "log": str(tmp_path / "redis.log"), "identity": "another-boot:1"}  # fmt: skip
+        (scratch_home / "stack.json").write_text(json.dumps({"redis": record}))
+        stack = DevStack(scratch_home, environ={})
+        [redis] = [row for row in stack.status() if row.name == "redis"]
+        assert (redis.state, redis.pid) == ("stopped", None), redis
+        stack.down(progress=lambda _l: None)
+        assert other.poll() is None, "dev down stopped another program's server"
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_a_server_whose_binary_was_replaced_while_it_runs_is_still_known(tmp_path: Path) -> None:

@@ -36,7 +36,7 @@ from flashsale.ops_endpoints import listen
 from flashsale.settings import Settings
 from loadtest.processes import engine
 from tests.conftest import Cli
-from tests.harness import healthy, record_bench, record_engine
+from tests.harness import flashsale_named_process, healthy, record_bench, record_engine
 
 
 def _children(pid: int) -> list[int]:
@@ -441,12 +441,17 @@ def test_a_record_left_by_a_killed_engine_refuses_no_new_one(tmp_path: Path) -> 
     assert running_simulator(tmp_path) is None
     # Nor is it shown as running: its pid is gone, or another program's since.
     no_pid = int(Path("/proc/sys/kernel/pid_max").read_text())  # pids stay below it
-    with subprocess.Popen(["sleep", "30"]) as other:
+    with subprocess.Popen(["sleep", "30"]) as other, contextlib.ExitStack() as stack:
         try:
             for port, pid in ((8000, other.pid), (8100, no_pid)):
                 record_engine(tmp_path, port, pid, f"http://127.0.0.1:{port}")
                 record_bench(tmp_path, pid, "gateway")
             (tmp_path / ENGINES_DIR / "8200.json").write_text('{"pid": ')  # a full disk's
+            # After a reboot (or pids wrapping around) the pid is another flashsale process's
+            # now: taken for the engine, it refused every benchmark and was shown as running.
+            reused = stack.enter_context(flashsale_named_process())
+            record_engine(tmp_path, 8300, reused, "http://127.0.0.1:8300", "another-boot:1")
+            record_bench(tmp_path, reused, "gateway", "another-boot:1")
             assert running_engines(tmp_path) == running_benches(tmp_path) == []
             refuse_to_start_an_engine(tmp_path, own_simulator=True)  # no Conflict
             shown = subprocess.run(

@@ -30,7 +30,7 @@ from flashsale.cli.devstack.redis_cluster import Layout
 from flashsale.cli.devstack.stack import DevStack
 from flashsale.cli.output import fail, out
 from flashsale.cli.runners import recorded
-from flashsale.engine_record import BENCHES_DIR, running_engines
+from flashsale.engine_record import BENCHES_DIR, running_engines, this_process
 from flashsale.errors import ConfigError, Conflict, InvalidInput, shown
 from flashsale.keys import MAX_BUCKETS
 from flashsale.settings import Settings, read_env_file
@@ -67,7 +67,7 @@ def _alone_on_the_stack(settings: Settings) -> None:
 def _recorded_bench(home: Path, bench: str) -> contextlib.AbstractContextManager[None]:
     """Record this benchmark in the state folder while it runs: an engine asked to start on
     the stack meanwhile refuses (flashsale.engine_record), as this one refused beside it."""
-    text = orjson.dumps({"pid": os.getpid(), "bench": bench}).decode()
+    text = orjson.dumps({**this_process(), "bench": bench}).decode()
     return recorded(home / BENCHES_DIR / f"{os.getpid()}.json", text)
 
 

@@ -26,7 +26,7 @@ from prometheus_client import multiprocess
 
 from flashsale.cli.devstack.files import write_whole
 from flashsale.cli.supervisor import HUNG_AFTER_S, Child, Supervisor
-from flashsale.engine_record import ENGINES_DIR
+from flashsale.engine_record import ENGINES_DIR, this_process
 from flashsale.heap import settle_heap
 from flashsale.ops_endpoints import listen
 from flashsale.settings import ENGINE_ENV_FILE, Settings
@@ -135,7 +135,7 @@ def recorded_engine(home: Path, port: int,
                     record: dict[str, Any]) -> contextlib.AbstractContextManager[None]:  # fmt: skip
     """Record where this ``up``'s services listen in the state folder while it runs, so
     ``dev status``, run from another shell, names them; removed when ``up`` stops."""
-    text = orjson.dumps({"pid": os.getpid(), **record}).decode()
+    text = orjson.dumps({**this_process(), **record}).decode()
     return recorded(home / ENGINES_DIR / f"{port}.json", text)
 
 

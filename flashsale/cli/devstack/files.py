@@ -58,7 +58,7 @@ def write_json(path: Path, data: Any, mode: int = 0o644) -> None:
 
 
 def parse_state(raw: Any) -> dict[str, ServerState]:
-    """``stack.json``: each server's pid, port and binary, by name."""
+    """``stack.json``: each server's pid, port, binary and process identity, by name."""
     return {str(name): ServerState(**value) for name, value in raw.items()}
 
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from flashsale.cli.devstack.errors import StackError
+from flashsale.engine_record import is_recorded_process
 
 # Ports handed out for servers: below the kernel's ephemeral range, which outgoing connections
 # draw from. A server on an ephemeral port can find it taken when it restarts (any connection
@@ -100,8 +101,10 @@ def free_ports(count: int) -> int:
     raise OSError(f"no {count} consecutive free ports outside the ephemeral range")
 
 
-def pid_alive(pid: int, binary: str | None = None) -> bool:
-    """True if ``pid`` runs (not a zombie) and, when given, runs ``binary``."""
+def pid_alive(pid: int, binary: str | None = None, identity: str | None = None) -> bool:
+    """True if ``pid`` runs (not a zombie) and, when given, runs ``binary`` and is the
+    process of that ``identity`` (flashsale.engine_record.process_identity), not another
+    that took its pid since."""
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)  # reap it if it is our own exited child
     try:
@@ -109,6 +112,8 @@ def pid_alive(pid: int, binary: str | None = None) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     if stat_line.rsplit(")", 1)[-1].split()[0] in ("Z", "X"):
+        return False
+    if not is_recorded_process(pid, identity):
         return False
     if binary is None:
         return True

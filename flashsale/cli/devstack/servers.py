@@ -12,7 +12,14 @@ import asyncpg
 
 from flashsale.cli.devstack.binaries import find_postgres, find_redis, find_tansu
 from flashsale.cli.devstack.errors import StackError
-from flashsale.cli.devstack.processes import chown, grant_traversal, run_as, spawn_detached
+from flashsale.cli.devstack.processes import (
+    chown,
+    grant_traversal,
+    pid_alive,
+    run_as,
+    spawn_detached,
+)
+from flashsale.engine_record import process_identity
 
 DATABASE = "flashsale"
 # Postgres refuses to run as root; a root caller runs it as this unprivileged user instead.
@@ -27,6 +34,21 @@ class ServerState:
     version: str
     log: str
     started_at: float = field(default_factory=time.time)
+    # the process started (process_identity): None in a record made before records had it
+    identity: str | None = None
+
+    def running(self) -> bool:
+        """The recorded server's process runs: this pid, running this binary, and the same
+        process (not another that took its pid since, after a reboot say)."""
+        return pid_alive(self.pid, self.binary, self.identity)
+
+
+def spawned(argv: list[str], log: Path, *, port: int, version: str,
+            user: str | None = None) -> ServerState:  # fmt: skip
+    """The server ``argv`` started detached (as ``user``), its output in ``log``, recorded."""
+    pid = spawn_detached(argv, log, user=user)
+    return ServerState(pid=pid, port=port, binary=argv[0], version=version, log=str(log),
+                       identity=process_identity(pid))  # fmt: skip
 
 
 def start_redis(data: Path, port: int, password: str, cluster: str) -> ServerState:
@@ -45,8 +67,7 @@ def start_redis(data: Path, port: int, password: str, cluster: str) -> ServerSta
             "maxmemory-policy noeviction\n" + cluster
         )
     log = data / "redis.log"
-    pid = spawn_detached([binary, str(conf)], log)
-    return ServerState(pid=pid, port=port, binary=binary, version=version, log=str(log))
+    return spawned([binary, str(conf)], log, port=port, version=version)
 
 
 def aof_bytes(data: Path) -> int:
@@ -105,8 +126,7 @@ def start_postgres(root: Path, port: int, password: str) -> ServerState:
         "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=",
         "-c", "max_connections=300", "-c", "shared_buffers=256MB",
     ]  # fmt: skip
-    pid = spawn_detached(argv, log, user=user)
-    return ServerState(pid=pid, port=port, binary=argv[0], version=version, log=str(log))
+    return spawned(argv, log, port=port, version=version, user=user)
 
 
 def start_kafka(root: Path, port: int) -> ServerState:
@@ -119,8 +139,7 @@ def start_kafka(root: Path, port: int) -> ServerState:
         binary, "broker", "--listener-url", listener,
         "--advertised-listener-url", listener, "--storage-engine", "memory://tansu/",
     ]  # fmt: skip
-    pid = spawn_detached(argv, log)
-    return ServerState(pid=pid, port=port, binary=binary, version=version, log=str(log))
+    return spawned(argv, log, port=port, version=version)
 
 
 async def ensure_database(port: int, password: str) -> None:

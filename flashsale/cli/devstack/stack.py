@@ -8,7 +8,8 @@ reuses what is already running.
 
 Binaries come from :mod:`flashsale.cli.devstack.binaries`. Servers are started detached
 (:mod:`flashsale.cli.devstack.processes`) so they outlive the command that started them;
-``stack.json`` records pid, port and binary of each.
+``stack.json`` records pid, port and binary of each, and which process it was (the boot and
+the moment it started), so that a pid another server took since is not taken for it.
 
 ``dev up --redis-cluster N [--replicas R]`` makes Redis a Redis Cluster of N primaries with R
 replicas each (:mod:`flashsale.cli.devstack.redis_cluster`); the layout is kept in the home, so
@@ -178,7 +179,7 @@ class DevStack:
                         progress(f"{name:9} external ({EXTERNAL_VAR[_kind(name)]})")
                         continue
                     current = state.get(name)
-                    if current and pid_alive(current.pid, current.binary):
+                    if current and current.running():
                         progress(f"{name:9} reusing pid {current.pid} on port {current.port}")
                         continue
                     state[name] = self._start(name, current.port if current else None)
@@ -292,7 +293,7 @@ class DevStack:
         """dev.env: each server this stack runs (also while given another's URL), the secrets."""
         keys = self._secrets()
         runs = {name for name, server in state.items()
-                if not self.external(name) or pid_alive(server.pid, server.binary)}  # fmt: skip
+                if not self.external(name) or server.running()}  # fmt: skip
         lines = [f"export {EXTERNAL_VAR[name]}={self.url(name, state[name].port)}"
                  for name in SERVERS if name in runs]  # fmt: skip
         if self.layout is not None and "redis" in runs:
@@ -309,13 +310,13 @@ class DevStack:
         if self.external(name):
             return None
         server = self._load().get(name)
-        return server.pid if server and pid_alive(server.pid, server.binary) else None
+        return server.pid if server and server.running() else None
 
     def redis_pid_on(self, port: int) -> int | None:
         """The pid of the embedded Redis server or cluster node on ``port`` while it runs."""
         for name, server in self._load().items():
             if _kind(name) == "redis" and server.port == port:
-                return server.pid if pid_alive(server.pid, server.binary) else None
+                return server.pid if server.running() else None
         return None
 
     def start_stopped(self) -> None:
@@ -356,7 +357,7 @@ class DevStack:
             if server is None:
                 rows.append(ServerStatus(name, "stopped", None))
                 continue
-            alive = pid_alive(server.pid, server.binary)
+            alive = server.running()
             detail, shown = "", "running" if alive else "stopped"
             if alive:
                 try:
@@ -395,7 +396,7 @@ class DevStack:
                 server = state.pop(name, None)
                 if server is None:
                     continue
-                if pid_alive(server.pid, server.binary):
+                if server.running():
                     stop_pid(server.pid, _STOP_SIGNAL[_kind(name)])
                     progress(f"{name:9} stopped (pid {server.pid})")
                 else:
