@@ -8,8 +8,7 @@ reuses what is already running.
 
 Binaries come from :mod:`flashsale.cli.devstack.binaries`. Servers are started detached
 (:mod:`flashsale.cli.devstack.processes`) so they outlive the command that started them;
-``stack.json`` records pid, port and binary of each, and which process it was (the boot and
-the moment it started), so that a pid another server took since is not taken for it.
+``stack.json`` records each one's pid, port, binary and process (a pid reused is not it).
 
 ``dev up --redis-cluster N [--replicas R]`` makes Redis a Redis Cluster of N primaries with R
 replicas each (:mod:`flashsale.cli.devstack.redis_cluster`); the layout is kept in the home, so
