@@ -41,7 +41,8 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parent.parent
 
 # Under pytest-xdist each worker but the first has an embedded stack of its own, beside the
-# first's: the tests stop, flush and fill the servers they use.
+# first's: the tests stop and fill the servers they use (and delete only what they made:
+# the first's is the developer's own dev stack, whose sales stay).
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
 if _WORKER != "gw0" and not all(os.environ.get(var) for var in EXTERNAL_VAR.values()):
     os.environ["FLASHSALE_HOME"] = f"{home_dir()}-{_WORKER}"
@@ -103,8 +104,17 @@ def stack() -> Iterator[Settings]:
 
     asyncio.run(prepare())
     began = datetime.now(UTC)
+    sentinel = f"fs:test-sentinel:{uuid.uuid4().hex}"  # what this stack held before the tests
+    asyncio.run(_redis_call(settings, "set", sentinel, "kept"))
     yield settings
     asyncio.run(_end_sales_since(settings, began))
+    kept = asyncio.run(_redis_call(settings, "delete", sentinel))
+    # The stack may be the developer's own (./.flashsale, as `flashsale dev up` makes it):
+    # a test that emptied its Redis (FLUSHALL) took the state of every sale on it, theirs too.
+    assert kept == 1, (
+        "a test deleted keys it did not make from the stack's Redis (FLUSHALL, a restart "
+        "without its data): delete only what the test made"
+    )
     if started:
         DevStack(home).down(progress=lambda _line: None)
 
@@ -115,6 +125,14 @@ def _cluster_layout() -> Layout | None:
         return None
     primaries, _, replicas = wanted.partition(",")
     return Layout(int(primaries), int(replicas or 0))
+
+
+async def _redis_call(settings: Settings, command: str, *args: str) -> Any:
+    client = redis_client(settings)
+    try:
+        return await getattr(client, command)(*args)
+    finally:
+        await client.aclose()
 
 
 async def _end_sales_since(settings: Settings, began: datetime) -> None:
