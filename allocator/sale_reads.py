@@ -178,15 +178,19 @@ class SaleReads:
 
     async def list_sales(self, *, status: str | None = None, state: str | None = None,
                          limit: int | str = MAX_PAGE,
-                         offset: int | str = 0) -> list[dict[str, Any]]:  # fmt: skip
-        """Sales, newest first; ``status`` (active, paused, ended: as pause, resume and end
-        set it) and ``state`` (scheduled, live, paused, ended: the status and the clock, as
-        the list shows it; a sale past its end is ended whatever its status) filter."""
+                         offset: int | str = 0) -> dict[str, Any]:  # fmt: skip
+        """A page of sales, newest first (``sales``), and the ``next_offset`` of the page
+        after it (None on the last); ``status`` (active, paused, ended: as pause, resume and
+        end set it) and ``state`` (scheduled, live, paused, ended: the status and the clock,
+        as the list shows it; a sale past its end is ended whatever its status) filter."""
         status = one_of(status, SALE_STATUSES, "status")
         state = one_of(state, SALE_STATES, "state")
-        async with self.pool.acquire() as conn:
-            rows = await conn.fetch(LIST_SALES, status, page_size(limit), offset_of(offset), state)
-        return [sale_json(row) for row in rows]
+        size, skipped = page_size(limit), offset_of(offset)
+        async with self.pool.acquire() as conn:  # one more: whether a next page has any
+            rows = await conn.fetch(LIST_SALES, status, size + 1, skipped, state)
+        more = len(rows) > size
+        return {"sales": [sale_json(row) for row in rows[:size]],
+                "next_offset": skipped + size if more else None}  # fmt: skip
 
     async def orders(self, sale_id: str, *, state: str | None = None, limit: int | str = MAX_PAGE,
                      after: str | None = None) -> list[dict[str, Any]]:  # fmt: skip

@@ -102,15 +102,16 @@ async def create_sale(request: web.Request) -> web.Response:
 
 
 async def list_sales(request: web.Request) -> web.Response:
-    """``GET /admin/v1/sales?status=&state=&limit=&offset=``: newest first."""
+    """``GET /admin/v1/sales?status=&state=&limit=&offset=``: newest first; ``next_offset``
+    is the ``offset`` of the next page (null on the last)."""
     q = request.query
-    sales = await request.app[SALES].list_sales(
+    page = await request.app[SALES].list_sales(
         status=q.get("status"),
         state=q.get("state"),
         limit=q.get("limit", MAX_PAGE),
         offset=q.get("offset", 0),
     )
-    return json_response({"sales": sales})
+    return json_response(page)
 
 
 async def list_orders(request: web.Request) -> web.Response:

@@ -7,7 +7,7 @@ from typing import Any
 from allocator.sale_settings import SKU_EDITABLE
 from gateway.openapi_parts import IDEMPOTENCY_KEY, SALE_PATH, errors, ok, op, query
 from gateway.openapi_reports import ARCHIVE_DUE, ARCHIVED, AUDIT, LIVE_ROOM, SALE_STATUS
-from gateway.openapi_schemas import ID, NULLABLE_STRING, SALE, SALE_SPEC, SKU_SPEC, TIME, obj
+from gateway.openapi_schemas import ID, NULLABLE_STRING, SALE, SALE_SPEC, SALES, SKU_SPEC, TIME, obj
 
 CURVE = {
     "type": "array",
@@ -93,9 +93,7 @@ def admin_paths() -> dict[str, Any]:
                 "admin",
                 "Sales, newest first",
                 {
-                    **ok(
-                        200, "A page", obj({"sales": {"type": "array", "items": SALE}}, ["sales"])
-                    ),
+                    **ok(200, "A page; next_offset is the offset of the next one", SALES),
                     **errors(401, 422),
                 },
                 security="admin",

@@ -143,6 +143,17 @@ SALE = obj(
     },
     ["id", "name", "status", "state", "starts_at", "ends_at", "shuffle"],
 )
+# A page of ``GET /admin/v1/sales``: newest first.
+SALES = obj(
+    {
+        "sales": {"type": "array", "items": SALE},
+        "next_offset": {
+            "type": ["integer", "null"],
+            "description": "the offset of the next page; null on the last",
+        },
+    },
+    ["sales", "next_offset"],
+)
 PUBLIC_SALE = obj(
     {
         "id": ID,

@@ -450,6 +450,15 @@ async def test_lists_orders_and_the_csv_export(
         )  # fmt: skip
     listed = await (await http.get("/admin/v1/sales?status=active&limit=5", headers=auth())).json()
     assert sale_id in {sale["id"] for sale in listed["sales"]} and len(listed["sales"]) <= 5
+    # A full page says where the next one starts, the last says there is none: a page of
+    # exactly the limit left a client asking again to find out.
+    await http.post("/admin/v1/sales", json=SALE, headers=auth())  # two sales at least
+    first = await (await http.get("/admin/v1/sales?limit=1", headers=auth())).json()
+    assert (len(first["sales"]), first["next_offset"]) == (1, 1), first
+    second = await (await http.get("/admin/v1/sales?limit=1&offset=1", headers=auth())).json()
+    assert second["next_offset"] in (2, None) and second["sales"], second
+    past = await (await http.get("/admin/v1/sales?offset=100000000", headers=auth())).json()
+    assert past == {"sales": [], "next_offset": None}, past
     # In any case, as the orders' state below: "ACTIVE" was 422 "must be one of active, …".
     shouted = await (await http.get("/admin/v1/sales?status=ACTIVE", headers=auth())).json()
     assert sale_id in {sale["id"] for sale in shouted["sales"]}, shouted

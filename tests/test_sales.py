@@ -1275,6 +1275,13 @@ def test_the_list_pages_past_its_newest_thousand_sales(cli: Cli, tmp_path: Path)
     assert newest.code == 0 and older.code == 0, older.err
     assert [s["id"] for s in json.loads(newest.out)] == [made[2], made[1]]
     assert [s["id"] for s in json.loads(older.out)] == [made[1], made[0]]
+    # A page that stops short of the older sales says how to reach them; it said nothing,
+    # and the default 1,000 looked like all of them.
+    shown = cli("sale", "list", "--limit", "2", "--state", "scheduled")
+    assert [line.split()[0] for line in shown.out.splitlines()] == [made[2], made[1]], shown.out
+    assert shown.err == ("2 sales shown (older ones: `flashsale sale list --limit 2 --state "
+                         "scheduled --offset 2`)\n"), shown.err  # fmt: skip
+    assert cli("sale", "list", "--offset", "100000000").err == ""
     bad = cli("sale", "list", "--offset", "-1")
     assert bad.code == 2 and bad.err.startswith("flashsale: error: --offset: "), bad.err
 

@@ -107,9 +107,9 @@ async def _sale(args: argparse.Namespace, settings: Settings) -> int:
     pace = read_first(args)
     async with admin(settings) as sales:
         if command == "list":
-            listed = await sales.list_sales(status=args.status, state=args.state,
-                                            limit=args.limit, offset=args.offset)  # fmt: skip
-            print_sales(listed, args)
+            page = await sales.list_sales(status=args.status, state=args.state,
+                                          limit=args.limit, offset=args.offset)  # fmt: skip
+            print_sales(page, args)
         elif command == "orders":
             await print_orders(sales, args)
         elif command == "show":

@@ -238,17 +238,24 @@ def print_preload(sale_id: str, results: Sequence[PreloadResult]) -> None:
         f"{held:,} held, {sold:,} sold){where}")  # fmt: skip
 
 
-def print_sales(listed: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    """``sale list``: a line a sale (as JSON with ``--json``), or why there is none."""
+def print_sales(page: dict[str, Any], args: argparse.Namespace) -> None:
+    """``sale list``: a line a sale (as JSON with ``--json``), or why there is none; on
+    stderr, when older sales did not fit, the command that lists them."""
+    listed, more = page["sales"], page["next_offset"]
     if args.json:
         dump_json(listed)
-        return
-    for sale in listed:  # one nobody can join yet, until `sale preload`, says so
-        unready = not sale["preloaded_at"] and sale["state"] != "ended"
-        out(f"{sale['id']}  {sale['state']:9}  {to_second(sale['starts_at'])}  {sale['name']}"
-            + ("  (not preloaded)" if unready else ""))  # fmt: skip
-    if not listed:
-        out(no_sales(args.state or args.status, int(args.offset)))
+    else:
+        for sale in listed:  # one nobody can join yet, until `sale preload`, says so
+            unready = not sale["preloaded_at"] and sale["state"] != "ended"
+            out(f"{sale['id']}  {sale['state']:9}  {to_second(sale['starts_at'])}  "
+                f"{sale['name']}" + ("  (not preloaded)" if unready else ""))  # fmt: skip
+        if not listed:
+            out(no_sales(args.state or args.status, int(args.offset)))
+    if more is not None:
+        given = [f"--{name} {getattr(args, name)}" for name in ("limit", "state", "status")
+                 if getattr(args, name) is not None]  # fmt: skip
+        print(f"{counted(len(listed), 'sale')} shown (older ones: `flashsale sale list "
+              f"{' '.join(given)} --offset {more}`)", file=sys.stderr)  # fmt: skip
 
 
 def no_sales(status: str | None, offset: int) -> str:
