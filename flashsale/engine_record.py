@@ -92,7 +92,7 @@ def _live_records(folder: Path) -> list[dict[str, Any]]:
             record = orjson.loads(path.read_bytes())
             pid = int(record["pid"])
             alive = _runs_flashsale(pid) and is_recorded_process(pid, record.get("identity"))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # gone, half written
+        except (OSError, ValueError, KeyError, TypeError):  # gone meanwhile, or half written
             continue
         if alive:
             found.append(record)
