@@ -5,8 +5,18 @@ from __future__ import annotations
 import re
 import unicodedata
 
-# ASCII digits, as the prices read; a decimal comma as many spreadsheets show one ("149,99")
-_MAJOR = re.compile(r"([0-9]{1,15})[.,]([0-9]+)")
+# Digits grouped by thousands as a spreadsheet shows them: "1,000", "1 000", "1'000" (Swiss),
+# with a (narrow) no-break space (French). Not "1.000": as a decimal point, that is 1.
+_GROUPED = re.compile(r"[0-9]{1,3}([,' \u00a0\u202f])[0-9]{3}(?:\1[0-9]{3}){0,8}")
+
+# A price in major units as spreadsheets show it, in ASCII digits: the whole part alone or
+# grouped by thousands ("1,299.00", "1.299,00", "1 299,00"), then its decimals after a point
+# or a comma ("149.99", "149,99"), which must not be the mark that groups.
+_MAJOR = re.compile(
+    r"(?P<whole>[0-9]{1,15}"
+    r"|[0-9]{1,3}(?P<group>[,.' \u00a0\u202f])[0-9]{3}(?:(?P=group)[0-9]{3}){0,4})"
+    r"(?P<point>[.,])(?P<part>[0-9]+)"
+)
 
 _BY_EXPONENT = {
     0: "BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX UYI VND VUV XAF XOF XPF",
@@ -59,22 +69,36 @@ def bare_amount(value: object, currency: str) -> str:
 
 def in_minor_units(value: object, currency: str) -> int | None:
     """A price written in the currency's major units, as a spreadsheet shows it ("149.99",
-    "149,99", "€149.99" or 149.99 of EUR), in minor units (14999); None when it is not one: no
-    decimals, more decimals than the currency has, or no number at all."""
+    "149,99", "€149.99", "1.299,00" or 149.99 of EUR; "1,500" of JPY), in minor units (14999);
+    None when it is not one: no decimals, more decimals than the currency has, one mark both
+    grouping and separating the decimals, or no number at all."""
+    if isinstance(value, bool):
+        return None
     places = MINOR_UNITS.get(currency, 0)
     bare = bare_amount(value, currency)
-    found = _MAJOR.fullmatch(bare) if not isinstance(value, bool) else None
-    if not places or found is None or len(found[2]) > places:
+    if not places:  # a yen is its own minor unit: only its thousands marks are in the way
+        return int(re.sub("[^0-9]", "", bare)) if _GROUPED.fullmatch(bare) else None
+    found = _MAJOR.fullmatch(bare)
+    if found is None or len(found["part"]) > places or found["group"] == found["point"]:
         return None
-    whole, part = found.groups()
-    if "," in found[0] and len(part) == 3:
+    if not found["group"] and found["point"] == "," and len(found["part"]) == 3:
         return None  # "1,499": as likely the thousands of a whole price as a decimal comma
-    return int(whole + part.ljust(places, "0"))
+    return int(re.sub("[^0-9]", "", found["whole"]) + found["part"].ljust(places, "0"))
 
 
-# Digits grouped by thousands as a spreadsheet shows them: "1,000", "1 000", "1'000" (Swiss),
-# with a (narrow) no-break space (French). Not "1.000": as a decimal point, that is 1.
-_GROUPED = re.compile(r"[0-9]{1,3}([,' \u00a0\u202f])[0-9]{3}(?:\1[0-9]{3}){0,8}")
+def price_hint(value: object, currency: str) -> str:
+    """What an error refusing ``value`` as a price in ``currency``'s minor units can add:
+    the amount in minor units of a price written in major units ("minor units: 149.99 EUR is
+    14999"), or that a currency without decimals has no minor unit; "" when neither is known."""
+    minor = in_minor_units(value, currency)
+    if minor is not None:
+        return f"minor units: {bare_amount(value, currency)} {currency} is {minor}"
+    written = "" if isinstance(value, bool) else bare_amount(value, currency)
+    if MINOR_UNITS.get(currency) == 0 and _MAJOR.fullmatch(written):  # "12.99" of JPY
+        return (
+            f"{currency} has no minor unit: a price in {currency} is a whole number of {currency}"
+        )
+    return ""
 
 
 def ungrouped(text: str) -> str:

@@ -15,7 +15,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from flashsale.currencies import bare_amount, in_minor_units, is_currency, ungrouped
+from flashsale.currencies import is_currency, price_hint, ungrouped
 from flashsale.errors import InvalidInput, out_of_range, refused_value, shown, unknown_name
 from flashsale.keys import ID_PATTERN, MAX_BUCKETS
 
@@ -225,10 +225,9 @@ def collect_sku(data: Any, where: str, errors: list[InvalidInput],
     def price(value: Any, field: str) -> int:
         what = "a non-negative integer amount in minor units"
         code = str(data.get("currency") or "").strip()
-        minor = in_minor_units(value, code)
-        if minor is not None:  # "149.99" of EUR: what was meant is known, so it is said
-            raise InvalidInput(field, f"must be {what}, got {shown(value)} (minor units: "
-                                      f"{bare_amount(value, code)} {code} is {minor})")  # fmt: skip
+        hint = price_hint(value, code)
+        if hint:  # "149.99" of EUR: what was meant is known, so it is said
+            raise InvalidInput(field, f"must be {what}, got {shown(value)} ({hint})")
         return integer(value, field, minimum=0, maximum=MAX_PRICE, what=what, grouped=False)
 
     sku = take("sku", identifier, "")

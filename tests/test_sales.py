@@ -14,7 +14,6 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -2118,7 +2117,17 @@ def test_the_status_of_an_ended_sale_sends_nobody_to_a_command_it_refuses(
      # as a price is shown, with its currency's sign or code: the number alone is said
      ("€149.99", "EUR", "149.99 EUR is 14999"), ("149,99 €", "EUR", "149,99 EUR is 14999"),
      ("EUR 149.99", "EUR", "149.99 EUR is 14999"), ("$12.50", "USD", "12.50 USD is 1250"),
-     ("€1,499", "EUR", None), ("€", "EUR", None)],
+     ("€1,499", "EUR", None), ("€", "EUR", None),
+     # grouped by thousands as a spreadsheet shows a large price, in any locale's way
+     ("1,299.00", "EUR", "1,299.00 EUR is 129900"), ("1.299,00", "EUR", "1.299,00 EUR is 129900"),
+     ("1 299,50 €", "EUR", "1 299,50 EUR is 129950"), ("1'299.95", "CHF", "1'299.95 CHF is 129995"),
+     ("1\u202f299,50", "EUR", "1\u202f299,50 EUR is 129950"),
+     ("$12,345,678.90", "USD", "12,345,678.90 USD is 1234567890"),
+     ("1,299.500", "KWD", "1,299.500 KWD is 1299500"), ("1,500", "JPY", "1,500 JPY is 1500"),
+     ("¥1 500", "JPY", "1 500 JPY is 1500"),
+     # not one amount: groups of other sizes, one mark for both, no decimals after groups
+     ("1,29.00", "EUR", None), ("1,299,00", "EUR", None), ("1.299.00", "EUR", None),
+     ("1 299", "EUR", None), ("12,99.99", "USD", None), ("1,5000", "JPY", None)],
 )  # fmt: skip
 def test_a_price_written_in_major_units_is_refused_with_its_minor_units(
     price: str, currency: str, said: str | None
@@ -2131,23 +2140,62 @@ def test_a_price_written_in_major_units_is_refused_with_its_minor_units(
     message = refused.value.message
     assert message.startswith("skus[0].price: must be a non-negative integer"), message
     assert (f"(minor units: {said})" in message) if said else "minor units:" not in message
-    if said and price[0].isdigit() and price[-1].isdigit():  # the same of a JSON number
+    if said and re.fullmatch(r"[0-9]+\.[0-9]+", price):  # the same of a JSON number
         with pytest.raises(InvalidInput) as as_number:
             parse_sku({**row, "price": float(price)}, "skus[0]")
         assert f"(minor units: {said})" in as_number.value.message, as_number.value.message
 
 
 @given(st.one_of(st.text(), st.from_regex(r"\s*\d{1,18}[.,]\d{0,5}\s*", fullmatch=True),
+                 st.from_regex(r"\d{1,3}([,.' ]\d{3}){0,3}([.,]\d{0,5})?", fullmatch=True),
                  st.floats(), st.integers(), st.booleans()),
        st.sampled_from(["EUR", "JPY", "KWD", "CLF", "XXX"]))  # fmt: skip
 def test_a_price_in_major_units_is_read_exactly_or_not_at_all(value: Any, currency: str) -> None:
-    """The hint never fails on any input, and what it says is the same amount."""
+    """The hint never fails on any input, and what it says is the same amount: its digits,
+    with the decimals the currency lacks added as zeros."""
     minor = in_minor_units(value, currency)
     if minor is not None:
         places = MINOR_UNITS[currency]
         written = bare_amount(value, currency)
-        assert Decimal(written.replace(",", ".")) * 10**places == minor, (value, minor)
-        assert not ("," in written and len(written.split(",")[1]) == 3), (value, minor)
+        given_places = len(re.split("[.,]", written)[-1]) if places else 0  # it ends in them
+        digits = re.sub("[^0-9]", "", written)
+        assert int(digits) * 10 ** (places - given_places) == minor, (value, minor)
+        assert not re.fullmatch(r"[0-9]+,[0-9]{3}", written) or not places, (value, minor)
+
+
+@given(st.integers(0, 10**12), st.integers(1, 4), st.sampled_from(["", ",", ".", "'", " "]),
+       st.sampled_from([".", ","]), st.sampled_from(["EUR", "KWD", "CLF", "JPY"]),
+       st.data())  # fmt: skip
+def test_a_grouped_price_in_major_units_reads_as_its_amount(
+    whole: int, width: int, group: str, point: str, currency: str, data: st.DataObject
+) -> None:
+    """Whatever marks a locale uses for thousands and decimals, a price written with them is
+    told in minor units as the same amount; with one mark for both it is not told at all."""
+    places = MINOR_UNITS[currency]
+    width = min(width, places)  # a yen price has no decimals to give
+    part = data.draw(st.text("0123456789", min_size=width, max_size=width))
+    shown = f"{whole:,}".replace(",", group) + (point + part if part else "")
+    minor = in_minor_units(shown, currency)
+    grouped = bool(group) and whole >= 1000
+    if not places:
+        assert minor == (whole if grouped and group != "." else None), shown
+    elif grouped and group == point:
+        assert minor is None, shown
+    elif not grouped and point == "," and len(part) == 3:
+        assert minor is None, shown  # "1,499": as likely the thousands of a whole price
+    else:
+        assert minor == whole * 10**places + int(part.ljust(places, "0")), shown
+
+
+@pytest.mark.parametrize("price", ["12.99", "1500.0", "1.500", "€12,5"])
+def test_a_price_with_decimals_in_a_currency_without_them_is_told_so(price: str) -> None:
+    """A yen price of 12.99 was refused as "must be a non-negative integer amount in minor
+    units", which a merchandiser reads as "write 1299": a yen has no minor unit."""
+    with pytest.raises(InvalidInput) as refused:
+        parse_sku({"sku": "A1", "stock": 5, "price": price, "currency": "JPY"}, "skus[0]")
+    message = refused.value.message
+    assert message.endswith(f"got {price!r} (JPY has no minor unit: a price in JPY is a whole "
+                            "number of JPY)"), message  # fmt: skip
 
 
 @given(st.binary(), st.text())
