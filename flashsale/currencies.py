@@ -91,6 +91,9 @@ def price_hint(value: object, currency: str) -> str:
     the amount in minor units of a price written in major units ("minor units: 149.99 EUR is
     14999"), or that a currency without decimals has no minor unit; "" when neither is known."""
     minor = in_minor_units(value, currency)
+    if minor is not None and isinstance(value, float) and value.is_integer():
+        # a program's float, as likely cents (12.99 * 100 is 1299.0) as a price in euros
+        return f"an integer: {int(value)}, or {minor} if {value} {currency} was meant"
     if minor is not None:
         return f"minor units: {bare_amount(value, currency)} {currency} is {minor}"
     written = "" if isinstance(value, bool) else bare_amount(value, currency)

@@ -2187,6 +2187,16 @@ def test_a_grouped_price_in_major_units_reads_as_its_amount(
         assert minor == whole * 10**places + int(part.ljust(places, "0")), shown
 
 
+def test_a_whole_json_number_with_a_fraction_is_not_told_as_major_units_alone() -> None:
+    """A program's price in cents as a float (12.99 * 100 is sent as 1299.0) was told
+    "minor units: 1299.0 EUR is 129900": a price a hundred times the one meant."""
+    with pytest.raises(InvalidInput) as refused:
+        parse_sku({"sku": "A1", "stock": 5, "price": 1299.0, "currency": "EUR"}, "skus[0]")
+    assert refused.value.message.endswith(
+        "got 1299.0 (an integer: 1299, or 129900 if 1299.0 EUR was meant)"
+    ), refused.value.message
+
+
 @pytest.mark.parametrize("price", ["12.99", "1500.0", "1.500", "€12,5"])
 def test_a_price_with_decimals_in_a_currency_without_them_is_told_so(price: str) -> None:
     """A yen price of 12.99 was refused as "must be a non-negative integer amount in minor
