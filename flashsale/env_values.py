@@ -174,6 +174,21 @@ def tcp_port(text: str) -> int | None:
     return port if 0 < port < 65536 else None
 
 
+def bootstrap(servers: str | None) -> str | None:
+    """``KAFKA_BOOTSTRAP`` checked (None: unset): comma-separated ``host[:port]``. Checked when
+    the settings are read, as every other setting: a port aiokafka could not read failed the
+    first client with a ValueError and its traceback, and found later than the start, it was
+    taken for a broker that is down (a gateway served, its readiness saying Kafka was down)."""
+    for server in servers.split(",") if servers else ():
+        host, colon, port = server.strip().rpartition(":")
+        if not colon:
+            host, port = port, "9092"  # aiokafka's default
+        if not host.strip("[]") or "/" in host or tcp_port(port) is None:  # no scheme
+            raise ConfigError(f"KAFKA_BOOTSTRAP: {server.strip()!r} is not host:port "
+                              "(several are separated by commas)")  # fmt: skip
+    return servers
+
+
 def flag(value: str | None, name: str) -> bool:
     """A yes/no setting: unset, ``0``, ``false`` or ``no`` is off; ``1``, ``true``, ``yes`` on."""
     word = (value or "").strip().lower()

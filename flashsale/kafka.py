@@ -21,8 +21,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from flashsale.env_values import tcp_port
-from flashsale.errors import ConfigError, Unavailable
+from flashsale.errors import Unavailable
 from flashsale.outages import describe, is_outage, log_failure
 from flashsale.settings import Settings
 from flashsale.topics import Topics
@@ -40,7 +39,7 @@ def client_options(settings: Settings) -> dict[str, Any]:
     """The brokers and how to reach them (TLS, SASL login: ``settings.kafka``), for every
     aiokafka client the engine makes: producers, consumers, the admin and the probes."""
     access = settings.kafka
-    options: dict[str, Any] = {"bootstrap_servers": bootstrap(settings.require_kafka()),
+    options: dict[str, Any] = {"bootstrap_servers": settings.require_kafka(),
                                "security_protocol": access.protocol}  # fmt: skip
     if access.tls:  # the system's CAs, or only the given one; host names checked
         options["ssl_context"] = ssl.create_default_context(cafile=access.ca_file)
@@ -48,19 +47,6 @@ def client_options(settings: Settings) -> dict[str, Any]:
         options.update(sasl_mechanism=access.mechanism, sasl_plain_username=access.username,
                        sasl_plain_password=access.password.reveal())  # fmt: skip
     return options
-
-
-def bootstrap(servers: str) -> str:
-    """``KAFKA_BOOTSTRAP`` checked: comma-separated ``host[:port]`` (a port aiokafka could not
-    read failed the first client with a ValueError and its traceback)."""
-    for server in servers.split(","):
-        host, colon, port = server.strip().rpartition(":")
-        if not colon:
-            host, port = port, "9092"  # aiokafka's default
-        if not host.strip("[]") or "/" in host or tcp_port(port) is None:  # no scheme
-            raise ConfigError(f"KAFKA_BOOTSTRAP: {server.strip()!r} is not host:port "
-                              "(several are separated by commas)")  # fmt: skip
-    return servers
 
 
 def partition_count(n: int | None) -> str:

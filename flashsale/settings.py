@@ -21,6 +21,7 @@ from urllib.parse import parse_qsl, urljoin, urlsplit, urlunsplit
 
 from flashsale.env_values import (
     admin_apart,
+    bootstrap,
     choice,
     flag,
     http_url,
@@ -326,7 +327,7 @@ class Settings:
             ),
             redis_timeout_s=seconds(env, "FLASHSALE_REDIS_TIMEOUT", 5.0, minimum=0.1),
             pg_timeout_s=seconds(env, "FLASHSALE_PG_TIMEOUT", 10.0, minimum=0.1),
-            kafka_bootstrap=pick("KAFKA_BOOTSTRAP"),
+            kafka_bootstrap=bootstrap(pick("KAFKA_BOOTSTRAP")),
             kafka=KafkaAccess.from_env(env),
             admin_token=secret_of("FLASHSALE_ADMIN_TOKEN", keys=True),
             secret=secret_of("FLASHSALE_SECRET", keys=True),

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 
 from flashsale.cli.devstack.processes import UP_PORTS, free_ports
-from flashsale.env_values import VARIABLES
+from flashsale.env_values import VARIABLES, bootstrap
 from flashsale.errors import ConfigError
-from flashsale.kafka import bootstrap
 from flashsale.logs import RedactSecrets
 from flashsale.settings import Settings, mask_url
 from flashsale.topics import DEFAULT_TOPICS
@@ -189,6 +188,32 @@ def test_a_state_folder_that_is_a_file_is_one_line_naming_it(
 def test_a_bootstrap_list_that_is_not_host_and_port_is_refused(servers: str) -> None:
     with pytest.raises(ConfigError, match=r"^KAFKA_BOOTSTRAP: .* is not host:port"):
         bootstrap(servers)
+    if servers.strip():  # refused with the other settings, not at a first Kafka client
+        with pytest.raises(ConfigError, match=r"^KAFKA_BOOTSTRAP: .* is not host:port"):
+            Settings.from_env({"FLASHSALE_HOME": "/nonexistent", "KAFKA_BOOTSTRAP": servers})
+
+
+def test_a_service_given_a_bootstrap_list_that_is_not_host_and_port_does_not_start(
+    tmp_path: Path,
+) -> None:
+    """The gateway served with it, its readiness saying Kafka was down, and the allocator and
+    the reconciler ran on, the reconciler warning every pass: a setting that cannot work was
+    taken for a broker that is down, whereas a REDIS_URL of the same kind stops the start."""
+    env = {
+        **os.environ,
+        "FLASHSALE_HOME": str(tmp_path),
+        "KAFKA_BOOTSTRAP": "127.0.0.1:abc",
+        "REDIS_URL": "redis://127.0.0.1:1",
+        "DATABASE_URL": "postgresql://127.0.0.1:1/x",
+        **{name: f"{name.lower()}-0123456789abcdef" for name in (
+            "FLASHSALE_ADMIN_TOKEN", "FLASHSALE_SECRET", "FLASHSALE_BUYER_TOKEN_SECRET")},
+    }  # fmt: skip
+    said = "KAFKA_BOOTSTRAP: '127.0.0.1:abc' is not host:port (several are separated by commas)"
+    port = str(free_ports(1))
+    for service in (["gateway", "--port", port], ["allocator", "--ops-port", port],
+                    ["reconcile", "--ops-port", port]):  # fmt: skip
+        code, _, err = run_bounded([sys.executable, "-m", "flashsale", *service], env, 60)
+        assert (code, err.strip()) == (1, f"flashsale: error: {said}"), (service, err[-2000:])
 
 
 def test_a_bootstrap_list_of_hosts_and_ports_is_taken() -> None:
