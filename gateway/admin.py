@@ -19,7 +19,7 @@ from flashsale.encodings import as_text
 from flashsale.errors import InvalidInput, Unauthorized, meant, shown
 from flashsale.http_protocol import EVERY_ANSWER
 from flashsale.records import body_fingerprint, idempotency_key
-from flashsale.salespec import parse_sale, parse_skus
+from flashsale.salespec import as_sale_file, parse_sale, parse_skus
 from flashsale.sku_csv import SKUS_TEXT, parse_import
 from gateway.console import OPEN_PATHS
 from gateway.http import (
@@ -179,6 +179,12 @@ async def sale_status(request: web.Request) -> web.Response:
     return json_response(await request.app[SALES].status(request.match_info["sale"], only))
 
 
+async def sale_template(request: web.Request) -> web.Response:
+    """``GET /admin/v1/sales/{sale}/template``: the sale as a sale file (``sale show
+    --template``), the body of a copy."""
+    return json_response(as_sale_file(await request.app[SALES].get(request.match_info["sale"])))
+
+
 async def preload(request: web.Request) -> web.Response:
     body = await json_body(request, allowed={"force"}, optional=True, unique=True)
     force = body.get("force", False)
@@ -292,6 +298,7 @@ def setup(app: web.Application) -> None:
     r.add_get("/admin/v1/sales/{sale}/orders.csv", export_orders)
     r.add_post("/admin/v1/sales/{sale}/skus", logged(import_skus))
     r.add_get("/admin/v1/sales/{sale}", sale_status)
+    r.add_get("/admin/v1/sales/{sale}/template", sale_template)
     r.add_patch("/admin/v1/sales/{sale}", logged(update_sale))
     r.add_delete("/admin/v1/sales/{sale}", logged(delete_sale))
     r.add_patch("/admin/v1/sales/{sale}/skus/{sku}", logged(update_sku))

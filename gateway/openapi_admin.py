@@ -6,18 +6,17 @@ from typing import Any
 
 from allocator.sale_settings import SKU_EDITABLE
 from gateway.openapi_parts import IDEMPOTENCY_KEY, SALE_PATH, errors, ok, op, query
-from gateway.openapi_reports import ARCHIVE_DUE, ARCHIVED, AUDIT, LIVE_ROOM, SALE_STATUS
+from gateway.openapi_reports import (
+    ARCHIVE_DUE,
+    ARCHIVED,
+    AUDIT,
+    CURVE,
+    LIVE_ROOM,
+    SALE_STATUS,
+    UNCOUNTED,
+)
 from gateway.openapi_schemas import ID, NULLABLE_STRING, SALE, SALE_SPEC, SALES, SKU_SPEC, TIME, obj
 
-CURVE = {
-    "type": "array",
-    "items": {
-        "type": "array",
-        "items": {"type": "number"},
-        "minItems": 2,
-        "maxItems": 2,
-    },
-}
 CREATE_KEY = {
     **IDEMPOTENCY_KEY,
     "required": False,
@@ -38,10 +37,6 @@ STOCK_KEY = {
 
 DELETED = obj({"id": ID, "deleted": {"const": True}}, ["id", "deleted"])
 SKU_LIST = {"type": "array", "items": SKU_SPEC, "minItems": 1}  # SKUs to import
-# The live page's SKUs without Redis counts, for one reason: how many, the first few named.
-UNCOUNTED = obj({"count": {"type": "integer", "minimum": 0},
-                 "skus": {"type": "array", "items": ID, "maxItems": 5}},
-                ["count", "skus"])  # fmt: skip
 
 
 def admin_paths() -> dict[str, Any]:
@@ -51,22 +46,9 @@ def admin_paths() -> dict[str, Any]:
         "CONFIRMED, PAYMENT_FAILED, PENDING, PAYING, EXPIRED or CANCELLED (any case)",
     )
     page = query("limit", {"type": "integer", "minimum": 1, "maximum": 1000}, "page size")
-    order = obj(
-        {
-            k: {"type": ["string", "integer"]}
-            for k in (
-                "id",
-                "sku",
-                "buyer_id",
-                "quantity",
-                "amount",
-                "currency",
-                "state",
-                "created_at",
-                "updated_at",
-            )
-        }
-    )
+    order = obj({k: {"type": ["string", "integer"]} for k in (
+        "id", "sku", "buyer_id", "quantity", "amount", "currency", "state", "created_at",
+        "updated_at")})  # fmt: skip
     admin_errors = (401, 404, 408, 409, 422)
     skus = query(
         "skus", {"enum": ["all", "none"], "default": "all"},
@@ -158,6 +140,17 @@ def admin_paths() -> dict[str, Any]:
                 security="admin",
                 params=SALE_PATH,
             ),
+        },
+        "/admin/v1/sales/{sale}/template": {
+            "get": op(
+                "saleTemplate",
+                "admin",
+                "The sale as a sale file, without the engine's own fields (as `sale show "
+                "--template`): the body that makes a copy of it",
+                {**ok(200, "A sale file", SALE_SPEC), **errors(401, 404)},
+                security="admin",
+                params=SALE_PATH,
+            )
         },
         "/admin/v1/sales/{sale}/skus/{sku}": {
             "delete": op(

@@ -5,6 +5,21 @@ from __future__ import annotations
 
 from gateway.openapi_schemas import ID, NULLABLE_INT, SALE, TIME, obj
 
+# Points of the live page's curves: [unix seconds, count].
+CURVE = {
+    "type": "array",
+    "items": {
+        "type": "array",
+        "items": {"type": "number"},
+        "minItems": 2,
+        "maxItems": 2,
+    },
+}
+# The live page's SKUs without Redis counts, for one reason: how many, the first few named.
+UNCOUNTED = obj({"count": {"type": "integer", "minimum": 0},
+                 "skus": {"type": "array", "items": ID, "maxItems": 5}},
+                ["count", "skus"])  # fmt: skip
+
 # The waiting room as operators read it (allocator.queue_view.QueueView.summary).
 ROOM = obj(
     {

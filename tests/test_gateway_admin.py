@@ -132,6 +132,42 @@ async def test_create_preload_stock_and_lifecycle(http: TestClient[Any, Any]) ->
     assert (await final.json())["sale"]["status"] == "ended"
 
 
+async def test_a_sale_is_read_as_a_sale_file_that_makes_its_copy(
+    http: TestClient[Any, Any],
+) -> None:
+    """`sale show --template` had no counterpart in the admin API: a tool with the API alone
+    (a rehearsal's copy, a storefront's next drop) could not read a sale's prices, limits and
+    hold times, which the status leaves out."""
+    spec = {**SALE, "join_challenge": 3, "admission_rate": 250,
+            "skus": [{**SALE["skus"][0], "title": "Sneaker", "hold_ttl_seconds": 300},
+                     {"sku": "SNK-2", "stock": 2, "price": 500, "currency": "JPY"}]}  # fmt: skip
+    sale_id = (await (await http.post("/admin/v1/sales", json=spec, headers=auth())).json())["id"]
+    path = f"/admin/v1/sales/{sale_id}/template"
+    assert (await http.get(path)).status == 401
+    read = await http.get(path, headers=auth())
+    assert read.status == 200, await read.text()
+    template = await read.json()
+    assert set(template) & {"id", "status", "state", "preloaded_at", "shuffle"} == set()
+    assert (template["name"], template["join_challenge"], template["admission_rate"]) == (
+        SALE["name"], 3, 250)  # fmt: skip
+    assert [
+        (
+            s["sku"],
+            s["title"],
+            s["stock"],
+            s["price"],
+            s["currency"],
+            s["per_buyer_limit"],
+            s["hold_ttl_seconds"],
+        )
+        for s in template["skus"]
+    ] == [("SNK-1", "Sneaker", 5, 12000, "EUR", 2, 300), ("SNK-2", "SNK-2", 2, 500, "JPY", 1, 120)]
+    copy = await http.post("/admin/v1/sales", json={**template, "name": "Copy"}, headers=auth())
+    assert copy.status == 201, await copy.text()
+    unknown = await http.get("/admin/v1/sales/sale-000000000000/template", headers=auth())
+    assert unknown.status == 404 and await error_code(unknown) == "unknown_sale"
+
+
 async def test_every_sale_change_over_the_api_is_logged_and_reads_are_not(
     http: TestClient[Any, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
