@@ -14,7 +14,7 @@ or distributed (the master creates the sale and tells its workers)::
 
 * **test_start** (master or local run): checks that the engine answers at ``--host`` and
   takes the admin token, makes and preloads a sale through the admin API (``--sale ID``
-  rehearses an existing one, with its products, its opening and its proof of work), and
+  rehearses that one itself, in place; ``flashsale loadtest spike`` gives it a copy), and
   tells the workers the sale. Every process mints its buyers' tokens with the buyer-token
   secret, as a storefront would. A run that cannot start logs one line (``the spike cannot
   start: …``) and stops with exit code 1.
@@ -110,9 +110,9 @@ def _options(parser: Any) -> None:
     group.add_argument("--drain", type=float, default=120.0, env_var="FLASHSALE_SPIKE_DRAIN",
                        help="most seconds to wait for the last buyers (default 120)")  # fmt: skip
     group.add_argument("--sale", default="", env_var="FLASHSALE_SPIKE_SALE",
-                       help="rehearse this preloaded sale (its products, opening, at most "
-                            "15 min away, and proof of work) instead of making one; --stock "
-                            "and --buckets are then the sale's own")  # fmt: skip
+                       help="rehearse this preloaded sale itself, its buyers and orders "
+                            "staying in it (opening at most 15 min away) instead of making "
+                            "one; --stock and --buckets are then the sale's own")  # fmt: skip
 
 
 def opts(environment: Environment) -> Any:

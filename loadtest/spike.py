@@ -6,6 +6,7 @@ the locustfile sets non-zero on any failed invariant."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.resources
 import os
 import subprocess
@@ -24,7 +25,7 @@ from flashsale.settings import Settings
 from flashsale.wording import span
 from loadtest.engine_check import CannotStart, check_engine
 from loadtest.processes import engine, wait_consuming, wait_healthy
-from loadtest.spike_sale import existing_sale
+from loadtest.spike_sale import copy_sale, existing_sale
 
 Progress = Callable[[str], None]
 
@@ -40,6 +41,8 @@ class Options:
     embedded: bool
     buckets: int = 1
     sale: str = ""  # an existing sale to rehearse, instead of one the spike makes
+    in_place: bool = False  # rehearse that sale itself, not a copy made for the run
+    opens_in: float = 0.0  # seconds from now to the copy's opening
 
 
 def locust_command(options: Options, host: str) -> list[str]:
@@ -67,10 +70,31 @@ def _check(host: str, admin_token: str, sale: str, progress: Progress) -> None:
                 progress(f"== {sale} opens in {span(wait)}: its buyers wait in its pre-queue "
                          "until then, and their answers are timed from the opening")  # fmt: skip
     except CannotStart as exc:
-        if exc.unreachable:
-            raise ConfigError(f"--host: {exc}: start the engine (flashsale up) or run the spike "
-                              "with --embedded") from None  # fmt: skip
-        raise ConfigError(str(exc)) from None
+        raise _said(exc) from None
+
+
+def _said(exc: CannotStart) -> ConfigError:
+    if exc.unreachable:
+        return ConfigError(f"--host: {exc}: start the engine (flashsale up) or run the spike "
+                           "with --embedded")  # fmt: skip
+    return ConfigError(str(exc))
+
+
+def _rehearsed(host: str, admin_token: str, options: Options, progress: Progress) -> Options:
+    """``options`` with the sale locust rehearses: a copy of ``options.sale`` made now, so that
+    its buyers and orders land in the copy, unless the sale itself is asked for (in place)."""
+    if not options.sale or options.in_place:
+        return options
+    try:
+        check_engine(host, admin_token)
+        copy = copy_sale(host, admin_token, options.sale, opens_in_s=options.opens_in)
+    except CannotStart as exc:
+        raise _said(exc) from None
+    progress(
+        f"== rehearsing {copy}, a copy of {options.sale} made for the run (its products, "
+        f"stock, limits and proof of work; {options.sale} itself is left as it is)"
+    )
+    return dataclasses.replace(options, sale=copy)
 
 
 def _run_locust(settings: Settings, options: Options, host: str, progress: Progress) -> int:
@@ -88,9 +112,10 @@ def _run_locust(settings: Settings, options: Options, host: str, progress: Progr
 
 
 async def run(settings: Settings, options: Options, progress: Progress) -> int:
+    token = settings.admin_token.current()
     if not options.embedded:
-        await asyncio.to_thread(_check, options.host, settings.admin_token.current(),
-                                options.sale, progress)  # fmt: skip
+        options = await asyncio.to_thread(_rehearsed, options.host, token, options, progress)
+        await asyncio.to_thread(_check, options.host, token, options.sale, progress)
         return await asyncio.to_thread(_run_locust, settings, options, options.host, progress)
     await ensure_topics(settings)
     port = free_ports(UP_PORTS)
@@ -104,8 +129,8 @@ async def run(settings: Settings, options: Options, progress: Progress) -> int:
             await wait_consuming(session, f"http://127.0.0.1:{port + 2}/metrics")
         host = f"http://127.0.0.1:{port}"
         if options.sale:  # in this stack, ready to rehearse: else one line, as without
-            await asyncio.to_thread(_check, host, settings.admin_token.current(), options.sale,
-                                    progress)  # fmt: skip
+            options = await asyncio.to_thread(_rehearsed, host, token, options, progress)
+            await asyncio.to_thread(_check, host, token, options.sale, progress)
         code = await asyncio.to_thread(_run_locust, settings, options, host, progress)
     progress("== engine stopped")
     return code

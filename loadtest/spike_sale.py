@@ -15,6 +15,7 @@ SKU = "SPIKE-1"  # the product of the sale the spike makes
 # A rehearsal's buyers wait in the pre-queue for a sale that opens later, and its answers are
 # timed from the opening: one further off than this is refused, for a copy that opens sooner.
 MAX_WAIT_FOR_OPENING_S = 15 * 60
+MAX_NAME = 200  # characters of a sale's name (flashsale.salespec.text)
 
 
 def make_sale(host: str, admin_token: str, buyers: int, stock: int, buckets: int) -> dict[str, Any]:
@@ -61,10 +62,37 @@ def existing_sale(host: str, admin_token: str, sale_id: str) -> dict[str, Any]:
         raise CannotStart(
             f"--sale {sale_id}: it opens in {span(lead)} ({at:%Y-%m-%d %H:%M} "
             "UTC), and its buyers would wait in its pre-queue until then: rehearse a copy that "
-            f"opens sooner (`flashsale sale show {sale_id} --template > copy.json`, then "
-            "`flashsale sale create --file copy.json --starts-in 2m` and `flashsale sale "
-            "preload` of the copy)"
+            "opens sooner (`flashsale loadtest spike --sale ID` without --in-place makes one)"
         )
     return {"sale_id": sale_id, "opened_at": max(time.time(), starts),
             "skus": [s["sku"] for s in status["skus"]], "challenge": sale["join_challenge"],
             "units": sum(s["stock_total"] for s in status["skus"])}  # fmt: skip
+
+
+def copy_sale(host: str, admin_token: str, sale_id: str, *, opens_in_s: float) -> str:
+    """A copy of ``sale_id`` for a rehearsal, preloaded: its products, stock, limits, hold
+    times, admission settings and proof of work, opening ``opens_in_s`` from now for an hour.
+    Its id; the sale itself is only read."""
+    admin = admin_headers(admin_token)
+    read = call("GET", host, f"/admin/v1/sales/{sale_id}/template", headers=admin)
+    if read.status_code != 200:
+        said = error_of(read).get("message", read.text)
+        raise CannotStart(f"--sale {sale_id}: {read.status_code} {said}")
+    spec = read.json()
+    if not spec["skus"]:
+        raise CannotStart(f"--sale {sale_id}: it has no SKUs, so there is nothing to rehearse")
+    starts = datetime.now(UTC) + timedelta(seconds=opens_in_s)
+    copy = {
+        **spec,
+        "name": f"rehearsal of {spec['name']}"[:MAX_NAME],
+        "starts_at": starts.isoformat(),
+        "ends_at": (starts + timedelta(hours=1)).isoformat(),
+    }
+    created = call("POST", host, "/admin/v1/sales", json=copy, headers=admin)
+    if created.status_code != 201:
+        raise CannotStart(f"copying {sale_id} failed: {created.status_code} {created.text}")
+    copy_id = str(created.json()["id"])
+    loaded = call("POST", host, f"/admin/v1/sales/{copy_id}/preload", headers=admin)
+    if loaded.status_code != 200:
+        raise CannotStart(f"preloading {copy_id} failed: {loaded.status_code} {loaded.text}")
+    return copy_id

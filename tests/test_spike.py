@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import requests
 from flashsale.cli.devstack.processes import UP_PORTS, free_ports
 from flashsale.settings import Settings
 from loadtest.processes import engine
+from loadtest.spike_sale import copy_sale
 from loadtest.verdict import judge
 from tests.conftest import Cli, Db
 from tests.harness import (
@@ -101,13 +103,16 @@ def test_distributed_spike_master_and_worker(stack: Settings, tmp_path: Path) ->
 def test_a_spike_rehearses_a_sale_made_for_the_day_through_the_engines_rate_limits(
     stack: Settings, cli: Cli, tmp_path: Path
 ) -> None:
-    """`--sale ID` rehearses an existing sale, as it will run: on an engine run as in
-    production, its per-IP limit on. Its buyers reserved the spike's own SKU, SPIKE-1, which
-    such a sale lacks (every reservation refused 404), and met its proof of work unsolved
-    (every join refused 403 challenge_required); the verdict counted one of its products. Every
-    buyer of one load machine comes from one address, so joins and reservations meet 429: a
-    buyer retries them at the Retry-After, as the waiting-room page does, and the spike still
-    passes, saying what it waited out."""
+    """`--sale ID` rehearses a copy of an existing sale made for the run, as the sale will
+    run: on an engine run as in production, its per-IP limit on. It rehearsed the sale itself,
+    leaving its buyers and orders in it (run against the day's real sale, it would sell the
+    stock to the load machines): the sale is now left as it was, and `--in-place` rehearses
+    it. Its buyers reserved the spike's own SKU, SPIKE-1, which such a sale lacks (every
+    reservation refused 404), and met its proof of work unsolved (every join refused 403
+    challenge_required); the verdict counted one of its products. Every buyer of one load
+    machine comes from one address, so joins and reservations meet 429: a buyer retries them
+    at the Retry-After, as the waiting-room page does, and the spike still passes, saying what
+    it waited out."""
     products = [{"sku": sku, "stock": 10, "price": 12900, "currency": "EUR"}
                 for sku in ("SNK-41", "SNK-42")]  # fmt: skip
     path = tmp_path / "sale.json"
@@ -121,7 +126,7 @@ def test_a_spike_rehearses_a_sale_made_for_the_day_through_the_engines_rate_limi
         assert cli("sale", "pause", sale_id).code == 0  # its buyers would wait out the drain
         paused = subprocess.run(
             [sys.executable, "-m", "flashsale", "loadtest", "spike", "--sale", sale_id,
-             "--host", f"http://127.0.0.1:{port}", "--out", str(tmp_path)],
+             "--in-place", "--host", f"http://127.0.0.1:{port}", "--out", str(tmp_path)],
             capture_output=True, text=True, timeout=60, env=os.environ.copy(), check=False,
         )  # fmt: skip
         said = f"--sale {sale_id}: the sale is paused: `flashsale sale resume {sale_id}` first"
@@ -143,6 +148,12 @@ def test_a_spike_rehearses_a_sale_made_for_the_day_through_the_engines_rate_limi
     assert result.returncode == 0, text
     assert "buyers answered: 60/60" in text and "sold 20/20, oversold 0" in text, text
     assert "audit: PASSED" in text, text
+    [copy] = re.findall(r"^== rehearsing (sale-\w+), a copy of " + sale_id, text, re.M)
+    assert f"spike verdict for sale {copy}" in text, text
+    original = cli("sale", "status", sale_id, "--json")
+    status = json.loads(original.out)
+    assert status["queue"]["joined"] == 0 and status["revenue"] == {}, status
+    assert [(s["available"], s["held"], s["sold"]) for s in status["skus"]] == [(10, 0, 0)] * 2
     [run] = [line for line in text.splitlines() if line.startswith("== -m locust")]
     assert "--stock" not in run and "--buckets" not in run, run  # shown as the run it was
     # A spike slowed by the limit says so: locust counts a 429 waited out as a success, and
@@ -320,18 +331,25 @@ def test_a_rehearsal_of_a_sale_that_opens_days_later_is_refused_at_once(
     env = _env(ADMIN, stack.buyer_token_secret.reveal())
     with live_gateway(stack) as gw:
         sale = create_live_sale(gw.base_url, spec=spec)
-        cli = _spike(["flashsale", "loadtest", "spike", "--sale", sale, "--host", gw.base_url,
-                      "--out", str(tmp_path)], env)  # fmt: skip
+        cli = _spike(["flashsale", "loadtest", "spike", "--sale", sale, "--in-place",
+                      "--host", gw.base_url, "--out", str(tmp_path)], env)  # fmt: skip
         direct = _spike(["locust", "-f", LOCUSTFILE, "--headless", "--host", gw.base_url,
                          "--sale", sale], env)  # fmt: skip
         status = requests.get(f"{gw.base_url}/admin/v1/sales/{sale}", timeout=10,
                               headers={"Authorization": f"Bearer {ADMIN}"})  # fmt: skip
+        # Without --in-place the rehearsal is of a copy that opens when asked, now by default
+        copy = copy_sale(gw.base_url, ADMIN, sale, opens_in_s=0)
+        copied = requests.get(f"{gw.base_url}/admin/v1/sales/{copy}", timeout=10,
+                              headers={"Authorization": f"Bearer {ADMIN}"}).json()  # fmt: skip
+    assert copy != sale and copied["sale"]["name"] == "rehearsal of Later drop", copied
+    assert copied["sale"]["state"] == "live" and copied["sale"]["preloaded_at"], copied
+    assert [(s["sku"], s["stock_total"], s["available"]) for s in copied["skus"]] == [
+        ("S1", 3, 3)], copied  # fmt: skip
     starts = datetime.fromisoformat(spec["starts_at"]).astimezone(UTC)
     says = (
         f"--sale {sale}: it opens in 3 days ({starts:%Y-%m-%d %H:%M} UTC), and its buyers "
         "would wait in its pre-queue until then: rehearse a copy that opens sooner "
-        f"(`flashsale sale show {sale} --template > copy.json`, then `flashsale sale "
-        "create --file copy.json --starts-in 2m` and `flashsale sale preload` of the copy)"
+        "(`flashsale loadtest spike --sale ID` without --in-place makes one)"
     )
     assert cli[0] == 1, cli[1]
     assert cli[1].strip().splitlines() == [f"flashsale: error: {says}"], cli[1]
@@ -404,6 +422,18 @@ def test_a_rehearsal_takes_the_sales_own_stock(run_cli: Cli) -> None:
             "without --sale, whose sale is rehearsed with its own products"), result  # fmt: skip
     refused = run_cli("loadtest", "spike", "--sale", "not a sale id")
     assert refused.code == 2 and refused.err.startswith("flashsale: error: --sale: "), refused
+    for argv, said in (
+        (("--in-place",), "--in-place: goes with --sale (the sale to rehearse itself)"),
+        (("--opens-in", "2m"), "--opens-in: goes with --sale (when the copy it rehearses "
+                               "opens)"),
+        (("--sale", "sale-abc", "--in-place", "--opens-in", "2m"),
+         "--opens-in: goes without --in-place: the sale opens when it was made to"),
+        (("--sale", "sale-abc", "--opens-in", "16m"),
+         "--opens-in: must be at most 15 min (its buyers wait in the copy's pre-queue until "
+         "then), got '16m'"),
+    ):  # fmt: skip
+        result = run_cli("loadtest", "spike", *argv)
+        assert (result.code, result.err.strip()) == (2, f"flashsale: error: {said}"), result
 
 
 def test_a_spikes_report_goes_to_the_stacks_folder_by_default(

@@ -27,7 +27,7 @@ from flashsale.errors import ConfigError, InvalidInput, shown
 from flashsale.keys import MAX_BUCKETS
 from flashsale.salespec import MAX_ADMISSION_RATE
 from flashsale.settings import Settings
-from flashsale.wording import counted, rerun
+from flashsale.wording import counted, rerun, span
 
 SPIKE_HOST = "http://127.0.0.1:8080"  # `flashsale up`'s gateway at its defaults
 
@@ -86,6 +86,27 @@ def _running_gateway(settings: Settings) -> str:
     return running[0] if running else SPIKE_HOST
 
 
+def _opens_in(args: argparse.Namespace) -> float:
+    """``--opens-in``: when the copy a rehearsal makes opens (0, at once, when not given)."""
+    from loadtest.spike_sale import MAX_WAIT_FOR_OPENING_S  # noqa: PLC0415 - a light CLI start
+
+    if args.in_place and not args.sale:
+        raise InvalidInput("in-place", "goes with --sale (the sale to rehearse itself)")
+    if args.opens_in is None:
+        return 0.0
+    if not args.sale:
+        raise InvalidInput("opens-in", "goes with --sale (when the copy it rehearses opens)")
+    if args.in_place:
+        raise InvalidInput("opens-in", "goes without --in-place: the sale opens when it was "
+                                       "made to")  # fmt: skip
+    wait = seconds("opens-in", args.opens_in, zero=True)
+    if wait > MAX_WAIT_FOR_OPENING_S:
+        raise InvalidInput("opens-in", f"must be at most {span(MAX_WAIT_FOR_OPENING_S)} (its "
+                           "buyers wait in the copy's pre-queue until then), got "
+                           f"{shown(args.opens_in)}")  # fmt: skip
+    return wait
+
+
 def cmd_loadtest(args: argparse.Namespace, settings: Settings) -> int:
     from loadtest import spike  # noqa: PLC0415
 
@@ -96,10 +117,12 @@ def cmd_loadtest(args: argparse.Namespace, settings: Settings) -> int:
             "stock" if args.stock else "buckets",
             "goes without --sale, whose sale is rehearsed with its own products",
         )
+    opens_in = _opens_in(args)
     options = spike.Options(
         buyers=positive(int, "buyers", args.buyers),
         stock=positive(int, "stock", args.stock or "100"),
-        sale=sale_id("sale", args.sale) if args.sale else "",
+        sale=sale_id("sale", args.sale) if args.sale else "", in_place=args.in_place,
+        opens_in=opens_in,
         ramp=seconds("ramp", args.ramp), hold=seconds("hold", args.hold, zero=True),
         host=http_url("host", args.host or _running_gateway(settings)), embedded=args.embedded,
         out=output_folder("out", args.out or str(settings.home / "spike")),
@@ -224,8 +247,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     spike = loadtest_sub.add_parser(
         "spike",
         help="a locust spike (headless) against the engine, judged by the post-sale audit",
-        description="Run loadtest/locustfile.py headless: make and preload a sale (or rehearse "
-        "the one --sale names), ramp 0 -> "
+        description="Run loadtest/locustfile.py headless: make and preload a sale (or a copy of "
+        "the one --sale names, to rehearse it), ramp 0 -> "
         "--buyers in --ramp seconds, hold, let every buyer finish, then audit. Writes CSV and "
         "HTML reports to --out. Exit non-zero on any failed invariant. With --embedded, start "
         "the embedded stack and flashsale up first (the engine stops at the end, the stack "
@@ -238,9 +261,17 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
                                        "(default 100)")  # fmt: skip
     spike.add_argument("--buckets", help=f"stock buckets of that SKU, 1..{MAX_BUCKETS} "
                                          "(default 1)")  # fmt: skip
-    spike.add_argument("--sale", help="rehearse this preloaded sale instead, as its buyers "
-                                      "will meet it: its products, opening (at most 15 min "
-                                      "away) and proof of work")  # fmt: skip
+    spike.add_argument("--sale", help="rehearse this sale instead, as its buyers will meet "
+                                      "it, on a copy made for the run: its products, stock, "
+                                      "limits and proof of work (the sale itself is only "
+                                      "read)")  # fmt: skip
+    spike.add_argument("--opens-in", metavar="DURATION",
+                       help="with --sale, when the copy opens: 0 (default) at once, or up to "
+                       "15m later, its buyers waiting in its pre-queue for the draw")  # fmt: skip
+    spike.add_argument("--in-place", action="store_true",
+                       help="with --sale, rehearse the sale itself (a copy made by hand, a "
+                       "staging engine's): preloaded, opening at most 15 min away; its buyers "
+                       "and orders stay in it")  # fmt: skip
     spike.add_argument("--ramp", default="10", help="seconds (or a duration as 1m) to bring "
                        "every buyer in (default 10)")  # fmt: skip
     spike.add_argument("--hold", default="5", help="seconds (or a duration as 1m) held after "
