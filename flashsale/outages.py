@@ -111,6 +111,7 @@ _REDIS_WRITE = (redis.asyncio.connection.__file__, "_send_packed_command")
 _NO_CLUSTER_NODE = "Redis Cluster cannot be connected"
 _NOT_A_CLUSTER = "Cluster mode is not enabled on this node"
 _NO_SUCH_DB = "DB index is out of range"  # SELECT, as a connection to REDIS_URL/N opens
+_SELECT_IN_A_CLUSTER = "SELECT is not allowed in cluster mode"  # a node, asked for /1
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -133,7 +134,8 @@ def is_outage(exc: BaseException) -> bool:
     if isinstance(exc, redis.exceptions.MovedError):
         return True  # a cluster read as one server (settings_at_fault): no key here is safe
     if isinstance(exc, redis.exceptions.ResponseError):  # a missing database is a setting too
-        return _refused_for(exc) in _PASSING or _NO_SUCH_DB in str(exc)
+        said = str(exc)
+        return _refused_for(exc) in _PASSING or _NO_SUCH_DB in said or _SELECT_IN_A_CLUSTER in said
     if isinstance(exc, redis.exceptions.RedisClusterException):
         return str(exc).startswith(_NO_CLUSTER_NODE)
     return False
@@ -174,6 +176,9 @@ def settings_at_fault(exc: BaseException) -> ConfigError | None:
     if isinstance(exc, asyncpg.InsufficientPrivilegeError):
         return ConfigError(f"Postgres refused DATABASE_URL's user: {exc}: grant it what the "
                            f"engine does ({_USERS})")  # fmt: skip
+    if isinstance(exc, redis.exceptions.ResponseError) and _SELECT_IN_A_CLUSTER in str(exc):
+        return ConfigError(f"{CLUSTER_READ_AS_ONE}, and name database 0 (/0), a cluster's "
+                           "only one")  # fmt: skip
     if isinstance(exc, redis.exceptions.ResponseError) and _NO_SUCH_DB in str(exc):
         return ConfigError(f"REDIS_URL names a database this Redis does not have ({exc}): use "
                            "one below its `databases` setting (16 by default), as /0")  # fmt: skip

@@ -193,6 +193,26 @@ def test_a_cluster_url_naming_another_database_is_one_line(
     ), result
 
 
+def test_a_cluster_node_read_as_a_single_server_of_another_database_is_one_line(
+    stack: Settings, cluster: aioredis.RedisCluster, cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``REDIS_URL`` at a node with ``/1`` and ``FLASHSALE_REDIS_CLUSTER`` unset: the node
+    refused the SELECT ("SELECT is not allowed in cluster mode"), which ended every command
+    that read Redis in redis-py's traceback, where ``/99`` of a single server is one line."""
+    created = cli("sale", "create", "--name", "Kind", "--sku", "A", "--stock", "5",
+                  "--price", "100", "--currency", "EUR")  # fmt: skip
+    monkeypatch.setenv("REDIS_URL", re.sub(r"/0$", "/1", stack.require_redis()))
+    monkeypatch.setenv("FLASHSALE_REDIS_CLUSTER", "0")
+    said = (
+        "REDIS_URL leads to a node of a Redis Cluster, read as a single server: set "
+        "FLASHSALE_REDIS_CLUSTER=1, and name database 0 (/0), a cluster's only one"
+    )
+    result = cli("sale", "status", created.out.strip())
+    assert (result.code, result.err) == (1, f"flashsale: error: {said}\n"), result
+    probe = asyncio.run(_probe_redis(Settings.from_env()))
+    assert probe == said, probe
+
+
 def test_a_cluster_refusing_the_login_says_so(
     stack: Settings, cluster: aioredis.RedisCluster, cli: Cli, monkeypatch: pytest.MonkeyPatch
 ) -> None:
