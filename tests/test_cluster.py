@@ -270,23 +270,42 @@ async def test_a_full_node_makes_the_cluster_unready(
     """One primary at its ``maxmemory`` refuses every write to the sales in its slots, while
     each node answers a PING: the probe names it. Under a volatile policy (a managed
     service's default) too: the engine's stock, holds and queues have no expiry to evict by,
-    and the probe said ready while the node answered OOM."""
+    and the probe said ready while the node answered OOM. The node holds keys with an expiry
+    (rate limits, leases), which such a policy evicts first, a slice at a time, taking writes
+    meanwhile: the test expected the first write refused, and failed after a whole suite had
+    left many such keys there."""
     node = cluster.get_primaries()[-1]
     one = direct(cluster, node)
+    mine = [k for k in (f"fs:{{full-{i}}}:expiring" for i in range(120_000))
+            if node_of(cluster, k).name == node.name]  # fmt: skip
+    key = mine[0].replace(":expiring", ":stock")
     try:
         assert await _probe_redis(stack) is None
+        async with one.pipeline(transaction=False) as expiring:
+            for name in mine:
+                expiring.set(name, "x" * 64, px=600_000)
+            await expiring.execute()
         await one.config_set("maxmemory-policy", policy)
         await one.config_set("maxmemory", "1")
-        key = next(k for k in (f"fs:{{full-{i}}}:stock" for i in range(10_000))
-                   if node_of(cluster, k).name == node.name)  # fmt: skip
-        with pytest.raises(redis.exceptions.OutOfMemoryError):
-            await one.hset(key, "probe", 1)
+        for _ in range(200):  # each refused write evicts a slice of the keys with an expiry
+            try:
+                await one.hset(key, "probe", 1)
+            except redis.exceptions.OutOfMemoryError:
+                break
+            assert policy != "noeviction", f"{node.name} took a write past its maxmemory"
+            await asyncio.sleep(0.01)
+        else:
+            pytest.fail(f"{node.name} under {policy} still took writes at a maxmemory of 1")
         full = await _probe_redis(stack)
         assert full is not None and "full" in full and node.name in full, full
         assert (await memory_used(cluster))[node.name] >= 1  # what the alert before reads
     finally:
         await one.config_set("maxmemory", "0")
         await one.config_set("maxmemory-policy", "noeviction")
+        async with one.pipeline(transaction=False) as made:  # a key a slot: one by one
+            for name in [*mine, key]:
+                made.unlink(name)
+            await made.execute()
         await one.aclose()
     assert await _probe_redis(stack) is None
 
