@@ -375,7 +375,8 @@ async def test_the_pumps_of_sales_ticking_together_share_their_round_trips(
     """300 live sales nobody queued for kept an allocator at a quarter of a core: each pump's
     tick, once a second, made three round trips of its own (its lease, its read, its step),
     and redis-py's machinery per round trip cost more than what they carried. Those of the
-    sales ticking at once now go together: one write and one read for all of them."""
+    sales ticking at once now go together: one write and one read for all of them, on each
+    node of a Redis Cluster that holds some of them."""
     async with gateway(stack) as gw:
         sales = [await gw.create_sale(stock=5) for _ in range(20)]
         c = gw.app[CLIENTS]
@@ -394,4 +395,6 @@ async def test_the_pumps_of_sales_ticking_together_share_their_round_trips(
         monkeypatch.setattr(Connection, "send_packed_command", counted)
         steps = await asyncio.gather(*(pump.tick() for pump in pumps))
         assert all(step is not None for step in steps)  # each led and stepped
-        assert writes <= 3, f"{writes} writes for the ticks of {len(pumps)} sales"
+        nodes = len({c.redis.get_node_from_key(SaleKeys(sale).queue).name for sale in sales}
+                    if stack.redis_cluster else {"one"})  # fmt: skip
+        assert writes <= 3 * nodes, f"{writes} writes for the ticks of {len(pumps)} sales"
