@@ -28,15 +28,21 @@ def make_sale(host: str, admin_token: str, buyers: int, stock: int, buckets: int
                   "currency": "EUR", "per_buyer_limit": 1, "hold_ttl_seconds": 120,
                   "buckets": buckets}],
     }  # fmt: skip
+    sale_id = _preloaded(host, admin, spec, "creating the sale")
+    return {"sale_id": sale_id, "opened_at": time.time(), "skus": [SKU], "challenge": 0,
+            "units": stock}  # fmt: skip
+
+
+def _preloaded(host: str, admin: dict[str, str], spec: dict[str, Any], doing: str) -> str:
+    """The id of the sale ``spec`` makes, preloaded; CannotStart saying what failed."""
     created = call("POST", host, "/admin/v1/sales", json=spec, headers=admin)
     if created.status_code != 201:
-        raise CannotStart(f"creating the sale failed: {created.status_code} {created.text}")
+        raise CannotStart(f"{doing} failed: {created.status_code} {created.text}")
     sale_id = str(created.json()["id"])
     loaded = call("POST", host, f"/admin/v1/sales/{sale_id}/preload", headers=admin)
     if loaded.status_code != 200:
         raise CannotStart(f"preloading {sale_id} failed: {loaded.status_code} {loaded.text}")
-    return {"sale_id": sale_id, "opened_at": time.time(), "skus": [SKU], "challenge": 0,
-            "units": stock}  # fmt: skip
+    return sale_id
 
 
 def existing_sale(host: str, admin_token: str, sale_id: str) -> dict[str, Any]:
@@ -62,7 +68,8 @@ def existing_sale(host: str, admin_token: str, sale_id: str) -> dict[str, Any]:
         raise CannotStart(
             f"--sale {sale_id}: it opens in {span(lead)} ({at:%Y-%m-%d %H:%M} "
             "UTC), and its buyers would wait in its pre-queue until then: rehearse a copy that "
-            "opens sooner (`flashsale loadtest spike --sale ID` without --in-place makes one)"
+            f"opens sooner (`flashsale loadtest spike --sale {sale_id}`, without --in-place, "
+            "makes one)"
         )
     return {"sale_id": sale_id, "opened_at": max(time.time(), starts),
             "skus": [s["sku"] for s in status["skus"]], "challenge": sale["join_challenge"],
@@ -88,11 +95,4 @@ def copy_sale(host: str, admin_token: str, sale_id: str, *, opens_in_s: float) -
         "starts_at": starts.isoformat(),
         "ends_at": (starts + timedelta(hours=1)).isoformat(),
     }
-    created = call("POST", host, "/admin/v1/sales", json=copy, headers=admin)
-    if created.status_code != 201:
-        raise CannotStart(f"copying {sale_id} failed: {created.status_code} {created.text}")
-    copy_id = str(created.json()["id"])
-    loaded = call("POST", host, f"/admin/v1/sales/{copy_id}/preload", headers=admin)
-    if loaded.status_code != 200:
-        raise CannotStart(f"preloading {copy_id} failed: {loaded.status_code} {loaded.text}")
-    return copy_id
+    return _preloaded(host, admin, copy, f"copying {sale_id}")

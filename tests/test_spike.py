@@ -349,7 +349,7 @@ def test_a_rehearsal_of_a_sale_that_opens_days_later_is_refused_at_once(
     says = (
         f"--sale {sale}: it opens in 3 days ({starts:%Y-%m-%d %H:%M} UTC), and its buyers "
         "would wait in its pre-queue until then: rehearse a copy that opens sooner "
-        "(`flashsale loadtest spike --sale ID` without --in-place makes one)"
+        f"(`flashsale loadtest spike --sale {sale}`, without --in-place, makes one)"
     )
     assert cli[0] == 1, cli[1]
     assert cli[1].strip().splitlines() == [f"flashsale: error: {says}"], cli[1]
