@@ -87,13 +87,12 @@ def _rehearsed(host: str, admin_token: str, options: Options, progress: Progress
         return options
     try:
         check_engine(host, admin_token)
+        progress(f"== copying {options.sale} for the run: its products, stock, limits and "
+                 f"proof of work ({options.sale} itself is only read)")  # fmt: skip
         copy = copy_sale(host, admin_token, options.sale, opens_in_s=options.opens_in)
     except CannotStart as exc:
         raise _said(exc) from None
-    progress(
-        f"== rehearsing {copy}, a copy of {options.sale} made for the run (its products, "
-        f"stock, limits and proof of work; {options.sale} itself is left as it is)"
-    )
+    progress(f"== rehearsing {copy}, a copy of {options.sale} made for the run")
     return dataclasses.replace(options, sale=copy)
 
 
