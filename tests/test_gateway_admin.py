@@ -139,7 +139,8 @@ async def test_a_sale_is_read_as_a_sale_file_that_makes_its_copy(
     (a rehearsal's copy, a storefront's next drop) could not read a sale's prices, limits and
     hold times, which the status leaves out."""
     spec = {**SALE, "join_challenge": 3, "admission_rate": 250,
-            "skus": [{**SALE["skus"][0], "title": "Sneaker", "hold_ttl_seconds": 300},
+            "skus": [{"sku": "SNK-1", "stock": 5, "price": 12000, "currency": "EUR",
+                      "per_buyer_limit": 2, "title": "Sneaker", "hold_ttl_seconds": 300},
                      {"sku": "SNK-2", "stock": 2, "price": 500, "currency": "JPY"}]}  # fmt: skip
     sale_id = (await (await http.post("/admin/v1/sales", json=spec, headers=auth())).json())["id"]
     path = f"/admin/v1/sales/{sale_id}/template"
