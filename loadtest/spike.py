@@ -59,41 +59,38 @@ def locust_command(options: Options, host: str) -> list[str]:
     ]  # fmt: skip
 
 
-def _check(host: str, admin_token: str, sale: str, progress: Progress) -> None:
-    """One line before locust starts when the engine is not there or refuses the token, or the
-    sale to rehearse cannot be; and one when that sale opens later, which the run waits for."""
+def _check(host: str, admin_token: str, sale: str, progress: Progress, *,
+           copy_opening_in: float | None = None) -> str:  # fmt: skip
+    """The sale locust rehearses: ``sale`` itself, or with ``copy_opening_in`` (seconds to its
+    opening) a copy of it made now, so that its buyers and orders land in the copy. One line
+    before locust starts when the engine is not there or refuses the token, or the sale to
+    rehearse cannot be; and one when that sale opens later, which the run waits for."""
     try:
         check_engine(host, admin_token)
+        if sale and copy_opening_in is not None:
+            progress(f"== copying {sale} for the run: its products, stock, limits and proof of "
+                     f"work ({sale} itself is only read)")  # fmt: skip
+            copy = copy_sale(host, admin_token, sale, opens_in_s=copy_opening_in)
+            progress(f"== rehearsing {copy}, a copy of {sale} made for the run")
+            sale = copy
         if sale:
             wait = existing_sale(host, admin_token, sale)["opened_at"] - time.time()
             if wait >= 1:
                 progress(f"== {sale} opens in {span(wait)}: its buyers wait in its pre-queue "
                          "until then, and their answers are timed from the opening")  # fmt: skip
     except CannotStart as exc:
-        raise _said(exc) from None
+        if exc.unreachable:
+            raise ConfigError(f"--host: {exc}: start the engine (flashsale up) or run the spike "
+                              "with --embedded") from None  # fmt: skip
+        raise ConfigError(str(exc)) from None
+    return sale
 
 
-def _said(exc: CannotStart) -> ConfigError:
-    if exc.unreachable:
-        return ConfigError(f"--host: {exc}: start the engine (flashsale up) or run the spike "
-                           "with --embedded")  # fmt: skip
-    return ConfigError(str(exc))
-
-
-def _rehearsed(host: str, admin_token: str, options: Options, progress: Progress) -> Options:
-    """``options`` with the sale locust rehearses: a copy of ``options.sale`` made now, so that
-    its buyers and orders land in the copy, unless the sale itself is asked for (in place)."""
-    if not options.sale or options.in_place:
-        return options
-    try:
-        check_engine(host, admin_token)
-        progress(f"== copying {options.sale} for the run: its products, stock, limits and "
-                 f"proof of work ({options.sale} itself is only read)")  # fmt: skip
-        copy = copy_sale(host, admin_token, options.sale, opens_in_s=options.opens_in)
-    except CannotStart as exc:
-        raise _said(exc) from None
-    progress(f"== rehearsing {copy}, a copy of {options.sale} made for the run")
-    return dataclasses.replace(options, sale=copy)
+def _checked(host: str, admin_token: str, options: Options, progress: Progress) -> Options:
+    """``options`` with the sale :func:`_check` found for locust to rehearse."""
+    sale = _check(host, admin_token, options.sale, progress,
+                  copy_opening_in=None if options.in_place else options.opens_in)  # fmt: skip
+    return dataclasses.replace(options, sale=sale)
 
 
 def _run_locust(settings: Settings, options: Options, host: str, progress: Progress) -> int:
@@ -113,8 +110,7 @@ def _run_locust(settings: Settings, options: Options, host: str, progress: Progr
 async def run(settings: Settings, options: Options, progress: Progress) -> int:
     token = settings.admin_token.current()
     if not options.embedded:
-        options = await asyncio.to_thread(_rehearsed, options.host, token, options, progress)
-        await asyncio.to_thread(_check, options.host, token, options.sale, progress)
+        options = await asyncio.to_thread(_checked, options.host, token, options, progress)
         return await asyncio.to_thread(_run_locust, settings, options, options.host, progress)
     await ensure_topics(settings)
     port = free_ports(UP_PORTS)
@@ -128,8 +124,7 @@ async def run(settings: Settings, options: Options, progress: Progress) -> int:
             await wait_consuming(session, f"http://127.0.0.1:{port + 2}/metrics")
         host = f"http://127.0.0.1:{port}"
         if options.sale:  # in this stack, ready to rehearse: else one line, as without
-            options = await asyncio.to_thread(_rehearsed, host, token, options, progress)
-            await asyncio.to_thread(_check, host, token, options.sale, progress)
+            options = await asyncio.to_thread(_checked, host, token, options, progress)
         code = await asyncio.to_thread(_run_locust, settings, options, host, progress)
     progress("== engine stopped")
     return code
